@@ -1,0 +1,262 @@
+"""``modelfleet-agent``: build bundles, serve them, inspect and roll back a running agent."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protos.errors import EXIT_CODES, InvalidRequestError, ModelfleetError, Status
+
+
+def _add_admin_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--admin-socket", help="agent admin socket (default: MODELS/.modelfleet-admin.sock)"
+    )
+    p.add_argument(
+        "--models", type=Path, default=Path("models"), help="the agent's model repository"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelfleet-agent", description="Serve verified ONNX model bundles."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bundle = sub.add_parser("bundle", help="create or inspect model bundles")
+    bsub = bundle.add_subparsers(dest="bundle_command", required=True)
+    create = bsub.add_parser("create", help="build NAME/VERSION/ from an ONNX model")
+    create.add_argument("model", type=Path, help="MODEL.onnx")
+    create.add_argument("--name", required=True)
+    create.add_argument("--version", type=int, required=True)
+    create.add_argument(
+        "--samples", type=Path, required=True, help="SAMPLES.npz: one array per model input"
+    )
+    create.add_argument("--out", type=Path, required=True, help="repository directory")
+    create.add_argument("--expected", type=Path,
+                        help="EXPECTED.npz: golden outputs keyed by output name "
+                        "(default: computed from the model)")  # fmt: skip
+    create.add_argument("--latency-budget-ms", type=float, default=None)
+    create.add_argument("--tolerance", type=float, default=None,
+                        help="sets both --rtol and --atol")  # fmt: skip
+    create.add_argument("--rtol", type=float, default=None)
+    create.add_argument("--atol", type=float, default=None)
+    create.add_argument(
+        "--max-batch-size", type=int, default=None,
+        help="0: no batch dimension (default: 32 when dimension 0 is dynamic)",
+    )  # fmt: skip
+    create.add_argument("--max-queue-delay-us", type=int, default=0)
+    create.add_argument("--warmup-runs", type=int, default=None)
+    create.add_argument("--feature-names", default="", help="comma-separated feature names")
+    inspect = bsub.add_parser("inspect", help="verify a bundle and print its manifest")
+    inspect.add_argument("bundle_dir", type=Path)
+
+    serve = sub.add_parser("serve", help="serve every bundle under --models (standalone mode)")
+    serve.add_argument("--config", type=Path, help="TOML config file")
+    serve.add_argument("--models", type=Path)
+    serve.add_argument("--listen", help="HOST:PORT for the Open Inference Protocol (gRPC)")
+    serve.add_argument("--metrics-listen", help="HOST:PORT for Prometheus /metrics")
+    serve.add_argument("--admin-socket")
+    serve.add_argument("--poll-interval-s", type=float)
+    serve.add_argument("--serving-threads", type=int)
+    serve.add_argument("--intra-op-threads", type=int)
+    serve.add_argument("--inter-op-threads", type=int)
+    serve.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    serve.add_argument("--batching", choices=["on", "off"])
+    serve.add_argument("--max-queue-delay-us", type=int)
+    serve.add_argument("--batch-inflight", type=int)
+    serve.add_argument("--max-message-bytes", type=int)
+    serve.add_argument("--drain-timeout-s", type=float)
+    serve.add_argument("--log-level")
+    serve.add_argument("--log-json", action="store_true", default=None)
+
+    status = sub.add_parser("status", help="what a running agent serves, and gate results")
+    _add_admin_args(status)
+    status.add_argument("--json", action="store_true")
+
+    rollback = sub.add_parser("rollback", help="switch MODEL back to its previous version now")
+    rollback.add_argument("model")
+    _add_admin_args(rollback)
+    return parser
+
+
+def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise InvalidRequestError(f"{what} {path}: cannot read: {exc}") from None
+
+
+def cmd_bundle_create(args: argparse.Namespace) -> int:
+    from protos import bundle as b
+
+    kwargs: dict[str, Any] = {}
+    if args.tolerance is not None:
+        kwargs["rtol"] = kwargs["atol"] = args.tolerance
+    if args.rtol is not None:
+        kwargs["rtol"] = args.rtol
+    if args.atol is not None:
+        kwargs["atol"] = args.atol
+    if args.latency_budget_ms is not None:
+        kwargs["latency_budget_ms"] = args.latency_budget_ms
+    if args.warmup_runs is not None:
+        kwargs["warmup_runs"] = args.warmup_runs
+    created = b.create_bundle(
+        args.model,
+        name=args.name,
+        version=args.version,
+        samples=_load_npz(args.samples, "samples"),
+        expected=_load_npz(args.expected, "expected outputs") if args.expected else None,
+        out_dir=args.out,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
+        feature_names=tuple(f for f in args.feature_names.split(",") if f),
+        **kwargs,
+    )
+    print(f"created {created.path} ({created.manifest.model_size} bytes, "
+          f"sha256 {created.manifest.model_sha256[:12]})")  # fmt: skip
+    return 0
+
+
+def cmd_bundle_inspect(args: argparse.Namespace) -> int:
+    from protos.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle_dir)
+    print(json.dumps(bundle.manifest.to_json(), indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from agent.app import serve
+    from agent.config import load_config
+    from agent.logs import setup_logging
+
+    overrides = {
+        "models": args.models,
+        "listen": args.listen,
+        "metrics_listen": args.metrics_listen,
+        "admin_socket": args.admin_socket,
+        "poll_interval_s": args.poll_interval_s,
+        "serving_threads": args.serving_threads,
+        "intra_op_threads": args.intra_op_threads,
+        "inter_op_threads": args.inter_op_threads,
+        "device": args.device,
+        "batching": args.batching,
+        "max_queue_delay_us": args.max_queue_delay_us,
+        "batch_inflight": args.batch_inflight,
+        "max_message_bytes": args.max_message_bytes,
+        "drain_timeout_s": args.drain_timeout_s,
+        "log_level": args.log_level,
+        "log_json": args.log_json,
+    }
+    cfg = load_config(args.config, overrides)
+    setup_logging(cfg.log_level, cfg.log_json)
+    asyncio.run(serve(cfg))
+    return 0
+
+
+def _admin_stub(args: argparse.Namespace) -> Any:
+    import grpc
+
+    from protos import agent_pb2_grpc
+
+    path = args.admin_socket or str(args.models / ".modelfleet-admin.sock")
+    if not Path(path).exists():
+        raise _Unavailable(f"no agent admin socket at {path} (is the agent running?)")
+    channel = grpc.insecure_channel(f"unix:{path}")
+    return agent_pb2_grpc.AgentAdminStub(channel)
+
+
+class _Unavailable(ModelfleetError):
+    status = Status.UNAVAILABLE
+
+
+def _call(fn: Any, request: Any) -> Any:
+    import grpc
+
+    from protos.errors import ModelNotFoundError
+
+    try:
+        return fn(request, timeout=10)
+    except grpc.RpcError as exc:
+        code = exc.code()
+        err = {
+            grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
+            grpc.StatusCode.UNAVAILABLE: _Unavailable,
+        }.get(code, _Failed)
+        raise err(exc.details() or str(code)) from None
+
+
+class _Failed(ModelfleetError):
+    status = Status.FAILED_PRECONDITION
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from protos import agent_pb2
+
+    resp = _call(_admin_stub(args).Status, agent_pb2.StatusRequest())
+    if args.json:
+        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        return 0
+    print(f"agent on {resp.listen}: {'READY' if resp.ready else 'NOT READY'}")
+    header = f"{'MODEL':<20} {'ACTIVE':>6} {'PREVIOUS':>8} {'LOADING':>7}  LAST GATE"
+    print(header)
+    for m in resp.models:
+        gate = "-"
+        if m.HasField("last_gate"):
+            g = m.last_gate
+            p99 = f"p99 {g.p99_ms:.2f} ms" if g.p99_ms >= 0 else ""
+            gate = (
+                f"v{g.version} passed {p99}"
+                if g.passed
+                else f"v{g.version} REFUSED ({g.kind}): {g.reason}"
+            )
+        print(f"{m.name:<20} {m.active_version or '-':>6} {m.previous_version or '-':>8} "
+              f"{m.loading_version or '-':>7}  {gate}")  # fmt: skip
+        for f in m.failed:
+            if not (m.HasField("last_gate") and f.version == m.last_gate.version):
+                print(f"{'':<20} refused v{f.version} ({f.kind}): {f.reason}")
+        if m.held_at_or_below:
+            print(f"{'':<20} held after rollback: versions <= {m.held_at_or_below} not re-deployed")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from protos import agent_pb2
+
+    resp = _call(_admin_stub(args).Rollback, agent_pb2.RollbackRequest(model=args.model))
+    print(f"{args.model}: rolled back from version {resp.from_version} to {resp.to_version}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {
+        "serve": cmd_serve,
+        "status": cmd_status,
+        "rollback": cmd_rollback,
+    }
+    if args.command == "bundle":
+        handler = cmd_bundle_create if args.bundle_command == "create" else cmd_bundle_inspect
+    else:
+        handler = handlers[args.command]
+    try:
+        return handler(args)
+    except ModelfleetError as exc:
+        print(f"modelfleet-agent: error: {exc}", file=sys.stderr)
+        return EXIT_CODES[exc.status]
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Agent settings: one dataclass, loaded from TOML, then environment, then command line.
+
+Every key is documented in docs/configuration.md; the defaults are the documented limits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protos.errors import InvalidRequestError
+
+ENV_PREFIX = "MODELFLEET_AGENT_"
+
+
+@dataclass
+class ServeConfig:
+    # Local model repository: DIR/<name>/<version>/ bundles.
+    models: Path = Path("models")
+    # Open Inference Protocol gRPC endpoint.
+    listen: str = "127.0.0.1:8001"
+    # Prometheus /metrics over HTTP; empty disables it.
+    metrics_listen: str = ""
+    # Local admin API (status, rollback); empty means <models>/.modelfleet-admin.sock.
+    admin_socket: str = ""
+    # Seconds between repository scans.
+    poll_interval_s: float = 1.0
+    # Threads that run inference (onnxruntime releases the GIL while computing).
+    serving_threads: int = 2
+    # onnxruntime threads per session; 0 lets onnxruntime choose.
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    # cpu, cuda or auto.
+    device: str = "auto"
+    # Dynamic batching for models whose bundle allows a batch dimension.
+    batching: bool = True
+    # Overrides the bundles' max_queue_delay_us when >= 0.
+    max_queue_delay_us: int = -1
+    # Batches computing at once per model version.
+    batch_inflight: int = 1
+    # gRPC message size limit, both directions.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Seconds to let in-flight requests finish on shutdown.
+    drain_timeout_s: float = 10.0
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    def admin_socket_path(self) -> Path:
+        return (
+            Path(self.admin_socket) if self.admin_socket else self.models / ".modelfleet-admin.sock"
+        )
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    try:
+        if kind is bool or kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind in (int, "int"):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind in (float, "float"):
+            return float(value)
+        if kind in (Path, "Path"):
+            return Path(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise InvalidRequestError(f"config: {name} has invalid value {value!r}") from None
+
+
+def load_config(
+    path: Path | None = None, overrides: dict[str, Any] | None = None, env: dict | None = None
+) -> ServeConfig:
+    """TOML file (``[agent]`` table or top level), then MODELFLEET_AGENT_* env, then overrides."""
+    cfg = ServeConfig()
+    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise InvalidRequestError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidRequestError(f"config file {path}: {exc}") from None
+        table = data.get("agent", data)
+        unknown = sorted(set(table) - set(fields))
+        if unknown:
+            raise InvalidRequestError(f"config file {path}: unknown key(s) {', '.join(unknown)}")
+        values.update(table)
+    env = os.environ if env is None else env
+    for name in fields:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            values[name] = env[key]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    for name, value in values.items():
+        setattr(cfg, name, _coerce(name, value, fields[name].type))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ServeConfig) -> None:
+    if cfg.device not in ("cpu", "cuda", "auto"):
+        raise InvalidRequestError(f"config: device must be cpu, cuda or auto, not {cfg.device!r}")
+    for name in ("serving_threads", "batch_inflight"):
+        if getattr(cfg, name) < 1:
+            raise InvalidRequestError(f"config: {name} must be >= 1")
+    if cfg.max_message_bytes < 1024:
+        raise InvalidRequestError("config: max_message_bytes must be at least 1024")
+    if cfg.poll_interval_s <= 0:
+        raise InvalidRequestError("config: poll_interval_s must be > 0")
+    split_hostport(cfg.listen, "listen")
+    if cfg.metrics_listen:
+        split_hostport(cfg.metrics_listen, "metrics_listen")
+
+
+def split_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise InvalidRequestError(f"config: {what} must be HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)

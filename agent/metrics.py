@@ -1,0 +1,82 @@
+"""Prometheus metrics of the agent, labelled by model and version."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Buckets in seconds: 50 us .. 10 s, dense where low-latency serving lives.
+_LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+)  # fmt: skip
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class AgentMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "modelfleet_requests_total",
+            "Inference requests by outcome; failures carry their reason.",
+            ["model", "version", "outcome", "reason"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "modelfleet_request_duration_seconds",
+            "Time from request decoded to response ready.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "modelfleet_queue_duration_seconds",
+            "Time a request waited for its batch to start computing.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "modelfleet_compute_duration_seconds",
+            "onnxruntime run time per executed batch.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "modelfleet_batch_size",
+            "Rows per executed batch.",
+            ["model", "version"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.loaded = Gauge(
+            "modelfleet_loaded_versions",
+            "1 for each loaded version, by role (active or previous).",
+            ["model", "version", "role"],
+            registry=r,
+        )
+        self.swaps = Counter(
+            "modelfleet_swaps_total", "Switches of the active version.", ["model"], registry=r
+        )
+        self.rollbacks = Counter(
+            "modelfleet_rollbacks_total",
+            "Switches back to the previous version.",
+            ["model"],
+            registry=r,
+        )
+        self.gate_results = Counter(
+            "modelfleet_gate_results_total",
+            "Health gate outcomes by kind (ok, non_finite, mismatch, latency, ...).",
+            ["model", "version", "result"],
+            registry=r,
+        )
+        self.gate_failures = Counter(
+            "modelfleet_gate_failures_total",
+            "Candidate versions refused by the health gate or at load.",
+            ["model", "version", "reason"],
+            registry=r,
+        )
+
+    def serve_http(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)

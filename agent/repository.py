@@ -1,0 +1,151 @@
+"""The local model repository: ``DIR/<name>/<version>/`` directories, watched by polling.
+
+Writers create a version under a temporary name and rename it into place, so a directory whose
+name is a plain integer is complete. :func:`plan` is pure (what is on disk + what is loaded ->
+actions) and :class:`RepositoryWatcher` applies it; a missed change is repaired on the next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.slots import ModelStatus, SlotManager
+from protos.bundle import MANIFEST_FILE, NAME_RE
+from protos.errors import ModelfleetError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VersionOnDisk:
+    version: int
+    path: Path
+    # Changes whenever the directory is replaced, so a fixed bundle under the same number is
+    # tried again while an unchanged failing one is not.
+    fingerprint: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Deploy:
+    name: str
+    version: VersionOnDisk
+
+
+@dataclass(frozen=True)
+class Unload:
+    name: str
+    version: int | None  # None: the whole model
+
+
+Action = Deploy | Unload
+
+
+def scan(root: Path) -> dict[str, dict[int, VersionOnDisk]]:
+    found: dict[str, dict[int, VersionOnDisk]] = {}
+    try:
+        model_dirs = list(os.scandir(root))
+    except FileNotFoundError:
+        return found
+    for mdir in model_dirs:
+        if not mdir.is_dir() or not NAME_RE.match(mdir.name):
+            continue
+        versions: dict[int, VersionOnDisk] = {}
+        try:
+            entries = list(os.scandir(mdir.path))
+        except OSError:
+            continue
+        for vdir in entries:
+            if not vdir.name.isdigit() or not vdir.is_dir():
+                continue
+            try:
+                st_dir = vdir.stat()
+                st = os.stat(os.path.join(vdir.path, MANIFEST_FILE))
+            except OSError:
+                # No manifest (yet): not a bundle; a failing load would only be noise.
+                continue
+            version = int(vdir.name)
+            versions[version] = VersionOnDisk(
+                version, Path(vdir.path), (st_dir.st_ino, st.st_mtime_ns, st.st_size)
+            )
+        if versions:
+            found[mdir.name] = versions
+    return found
+
+
+def plan(
+    on_disk: dict[str, dict[int, VersionOnDisk]],
+    loaded: dict[str, ModelStatus],
+    failed: dict[tuple[str, int], object],
+) -> list[Action]:
+    """Actions that bring the loaded models in line with the repository.
+
+    Policy: serve the highest version that has not failed the gate with the same bytes; after a
+    rollback, versions up to the one rolled back from stay put until a newer one appears.
+    """
+    actions: list[Action] = []
+    for name in sorted(set(on_disk) | set(loaded)):
+        versions = on_disk.get(name, {})
+        status = loaded.get(name)
+        if not versions:
+            if status is not None:
+                actions.append(Unload(name, None))
+            continue
+        active = status.active if status else None
+        if status is not None:
+            if status.previous is not None and status.previous not in versions:
+                actions.append(Unload(name, status.previous))
+            if active is not None and active not in versions:
+                actions.append(Unload(name, active))
+                active = status.previous if status.previous in versions else None
+        good = [v for v, d in versions.items() if failed.get((name, v)) != d.fingerprint]
+        hold = status.held_at_or_below if status else None
+        eligible = [v for v in good if hold is None or v > hold] if active is not None else good
+        if status is not None and status.loading is not None:
+            continue
+        if eligible:
+            target = max(eligible)
+            if target != active:
+                actions.append(Deploy(name, versions[target]))
+    return actions
+
+
+class RepositoryWatcher:
+    def __init__(self, root: Path, slots: SlotManager, interval_s: float = 1.0) -> None:
+        self.root = Path(root)
+        self.slots = slots
+        self.interval_s = interval_s
+
+    async def sync_once(self) -> None:
+        on_disk = await asyncio.to_thread(scan, self.root)
+        loaded = {s.name: s for s in self.slots.status()}
+        failed = {
+            (name, v): fp
+            for name, slot in self.slots.slots.items()
+            for v, (fp, _) in slot.failed.items()
+        }
+        for action in plan(on_disk, loaded, failed):
+            if isinstance(action, Unload):
+                await self.slots.unload(action.name, action.version)
+                continue
+            # A refusal is already logged, counted and recorded by the slot manager; the active
+            # version keeps serving and this version is not retried until its bytes change.
+            with contextlib.suppress(ModelfleetError):
+                await self.slots.deploy(
+                    action.version.path,
+                    action.version.fingerprint,
+                    expect=(action.name, action.version.version),
+                )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.sync_once()
+            except Exception:
+                log.exception("repository sync failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval_s)

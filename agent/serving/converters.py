@@ -1,0 +1,163 @@
+"""Open Inference Protocol messages <-> domain types. Protobuf stops here.
+
+Inputs are accepted as ``raw_input_contents`` or typed ``contents``; outputs always go back as
+``raw_output_contents`` (tritonclient decodes only raw outputs).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+
+from agent.serving.dataplane import InferInput, InferRequest, InferResponse
+from protos import inference_pb2 as pb
+from protos.datatypes import numpy_dtype
+from protos.errors import InvalidRequestError
+
+# Which InferTensorContents field carries each datatype when inputs are typed.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_LEN = struct.Struct("<I")
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def decode_bytes_tensor(raw: bytes, name: str, count: int) -> np.ndarray:
+    """BYTES raw layout: each element is a 4-byte little-endian length, then that many bytes."""
+    items: list[bytes] = []
+    offset, end = 0, len(raw)
+    view = memoryview(raw)
+    while offset < end:
+        if offset + 4 > end:
+            raise InvalidRequestError(
+                f"input {name!r}: BYTES raw content ends inside a length prefix", reason="raw"
+            )
+        (length,) = _LEN.unpack_from(raw, offset)
+        offset += 4
+        if offset + length > end:
+            raise InvalidRequestError(
+                f"input {name!r}: BYTES element {len(items)} claims {length} bytes but only "
+                f"{end - offset} remain",
+                reason="raw",
+            )
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    if len(items) != count:
+        raise InvalidRequestError(
+            f"input {name!r}: shape needs {count} BYTES elements, raw content holds {len(items)}",
+            reason="raw",
+        )
+    arr = np.empty(count, dtype=object)
+    arr[:] = items
+    return arr
+
+
+def encode_bytes_tensor(arr: np.ndarray) -> bytes:
+    parts = []
+    for item in arr.reshape(-1):
+        b = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(_LEN.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def _decode_input(tensor: Any, raw: bytes | None) -> InferInput:
+    name, datatype = tensor.name, tensor.datatype
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidRequestError(
+            f"input {name!r}: shape {list(shape)} has a negative dimension", reason="shape"
+        )
+    dtype = numpy_dtype(datatype)
+    count = _count(shape)
+    if raw is not None:
+        if datatype == "BYTES":
+            data = decode_bytes_tensor(raw, name, count)
+        else:
+            need = count * dtype.itemsize
+            if len(raw) != need:
+                raise InvalidRequestError(
+                    f"input {name!r}: raw content is {len(raw)} bytes, but shape {list(shape)} "
+                    f"x {datatype} needs {need} bytes",
+                    reason="raw",
+                )
+            data = np.frombuffer(raw, dtype=dtype)
+    else:
+        field = _CONTENTS_FIELD.get(datatype)
+        if field is None:
+            raise InvalidRequestError(
+                f"input {name!r}: datatype {datatype} must be sent as raw_input_contents",
+                reason="datatype",
+            )
+        values = getattr(tensor.contents, field)
+        if len(values) != count:
+            raise InvalidRequestError(
+                f"input {name!r}: shape {list(shape)} needs {count} values, "
+                f"contents.{field} holds {len(values)}",
+                reason="contents",
+            )
+        if datatype == "BYTES":
+            data = np.empty(count, dtype=object)
+            data[:] = list(values)
+        else:
+            data = np.array(values, dtype=dtype)
+    return InferInput(name, datatype, shape, data.reshape(shape))
+
+
+def request_from_proto(msg: pb.ModelInferRequest) -> InferRequest:
+    raws = msg.raw_input_contents
+    if raws and len(raws) != len(msg.inputs):
+        raise InvalidRequestError(
+            f"raw_input_contents has {len(raws)} entries for {len(msg.inputs)} inputs; "
+            "send all inputs raw or none",
+            reason="raw",
+        )
+    inputs = [
+        _decode_input(tensor, raws[i] if raws else None) for i, tensor in enumerate(msg.inputs)
+    ]
+    return InferRequest(
+        model_name=msg.model_name,
+        model_version=msg.model_version,
+        id=msg.id,
+        inputs=inputs,
+        outputs=[o.name for o in msg.outputs],
+    )
+
+
+def response_to_proto(resp: InferResponse) -> pb.ModelInferResponse:
+    msg = pb.ModelInferResponse(
+        model_name=resp.model_name, model_version=resp.model_version, id=resp.id
+    )
+    raws = []
+    for out in resp.outputs:
+        tensor = msg.outputs.add()
+        tensor.name = out.name
+        tensor.datatype = out.datatype
+        tensor.shape.extend(out.shape)
+        if out.datatype == "BYTES":
+            raws.append(encode_bytes_tensor(out.data))
+        else:
+            # The protocol is little-endian; tobytes() of a native array is on x86 and ARM.
+            raws.append(np.ascontiguousarray(out.data).tobytes())
+    msg.raw_output_contents.extend(raws)
+    return msg

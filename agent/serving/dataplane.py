@@ -1,0 +1,169 @@
+"""The inference core, shared by every transport: validate, run, account.
+
+Transports convert their messages into :class:`InferRequest` (numpy arrays, no protobuf) and
+call :meth:`DataPlane.infer`; errors are :mod:`protos.errors` types that each edge maps once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.metrics import AgentMetrics
+from agent.slots import LoadedVersion, SlotManager
+from protos.bundle import TensorSpec
+from protos.datatypes import datatype_of
+from protos.errors import InvalidRequestError, ModelfleetError
+
+
+@dataclass
+class InferInput:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+@dataclass
+class InferRequest:
+    model_name: str
+    model_version: str
+    id: str
+    inputs: list[InferInput]
+    # Requested output names; empty means all of them.
+    outputs: list[str] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InferOutput:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+@dataclass
+class InferResponse:
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[InferOutput]
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def validate_inputs(
+    version: LoadedVersion, inputs: list[InferInput]
+) -> tuple[dict[str, np.ndarray], int]:
+    """Check inputs against the signature; return the feed and the batch size in rows."""
+    manifest = version.manifest
+    specs: dict[str, TensorSpec] = {t.name: t for t in manifest.inputs}
+    where = f"model {manifest.name!r} version {manifest.version}"
+    seen: dict[str, np.ndarray] = {}
+    for inp in inputs:
+        spec = specs.get(inp.name)
+        if spec is None:
+            raise InvalidRequestError(
+                f"{where} has no input {inp.name!r} (inputs: {', '.join(specs)})",
+                reason="unknown_input",
+            )
+        if inp.name in seen:
+            raise InvalidRequestError(f"input {inp.name!r} is given twice", reason="duplicate")
+        if inp.datatype != spec.datatype:
+            raise InvalidRequestError(
+                f"input {inp.name!r}: expected datatype {spec.datatype}, got {inp.datatype}",
+                reason="datatype",
+            )
+        shape = inp.shape
+        if len(shape) != len(spec.shape) or any(
+            d != -1 and d != s for d, s in zip(spec.shape, shape, strict=False)
+        ):
+            raise InvalidRequestError(
+                f"input {inp.name!r}: expected shape {_fmt_shape(spec.shape)}, "
+                f"got {_fmt_shape(shape)}",
+                reason="shape",
+            )
+        seen[inp.name] = inp.data
+    missing = [name for name in specs if name not in seen]
+    if missing:
+        raise InvalidRequestError(
+            f"{where}: missing input(s) {', '.join(repr(m) for m in missing)}",
+            reason="missing_input",
+        )
+    rows = 1
+    if manifest.max_batch_size > 0:
+        batch_dims = {arr.shape[0] for arr in seen.values()}
+        if len(batch_dims) != 1:
+            raise InvalidRequestError(
+                f"inputs disagree on the batch dimension: {sorted(batch_dims)}", reason="shape"
+            )
+        rows = batch_dims.pop()
+        if rows > manifest.max_batch_size:
+            raise InvalidRequestError(
+                f"batch of {rows} exceeds the max batch size {manifest.max_batch_size} of {where}",
+                reason="batch_size",
+            )
+        if rows < 1:
+            raise InvalidRequestError("batch dimension must be at least 1", reason="shape")
+    return seen, rows
+
+
+class DataPlane:
+    def __init__(self, slots: SlotManager, metrics: AgentMetrics) -> None:
+        self.slots = slots
+        self.metrics = metrics
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        start = time.perf_counter()
+        version = None
+        try:
+            version = self.slots.resolve(request.model_name, request.model_version)
+            feed, rows = validate_inputs(version, request.inputs)
+            wanted = request.outputs or version.model.output_names
+            unknown = [o for o in wanted if o not in version.model.output_names]
+            if unknown:
+                raise InvalidRequestError(
+                    f"model {request.model_name!r} has no output(s) {unknown} "
+                    f"(outputs: {', '.join(version.model.output_names)})",
+                    reason="unknown_output",
+                )
+            results, timing = await version.infer(feed, rows)
+            outputs = []
+            for name in wanted:
+                arr = results[name]
+                outputs.append(InferOutput(name, datatype_of(arr), tuple(arr.shape), arr))
+        except ModelfleetError as exc:
+            elapsed = time.perf_counter() - start
+            self._account_failure(request, version, exc, elapsed)
+            raise
+        elapsed = time.perf_counter() - start
+        labels = (version.name, str(version.version))
+        self.metrics.requests.labels(*labels, "success", "").inc()
+        self.metrics.request_seconds.labels(*labels).observe(elapsed)
+        self.metrics.queue_seconds.labels(*labels).observe(timing.queue_s)
+        s = version.stats
+        s.success_count += 1
+        s.success_ns += int(elapsed * 1e9)
+        s.queue_ns += int(timing.queue_s * 1e9)
+        s.last_inference_ms = int(time.time() * 1000)
+        return InferResponse(version.name, str(version.version), request.id, outputs)
+
+    def _account_failure(
+        self,
+        request: InferRequest,
+        version: LoadedVersion | None,
+        exc: ModelfleetError,
+        elapsed: float,
+    ) -> None:
+        model = version.name if version else request.model_name
+        ver = str(version.version) if version else (request.model_version or "")
+        self.metrics.requests.labels(model, ver, "failure", exc.reason).inc()
+        if version is not None:
+            version.stats.fail_count += 1
+            version.stats.fail_ns += int(elapsed * 1e9)

@@ -1,0 +1,352 @@
+"""gRPC edge of the agent: the Open Inference Protocol, grpc.health.v1, and the local admin API.
+
+Each handler converts, calls the core and converts back; errors from :mod:`protos.errors` are
+mapped to gRPC status codes in one place (:func:`_grpc_errors`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from agent import __version__
+from agent.serving.converters import request_from_proto, response_to_proto
+from agent.serving.dataplane import DataPlane
+from agent.slots import LoadedVersion, SlotManager
+from protos import agent_pb2, agent_pb2_grpc
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from protos.errors import ModelfleetError, ModelNotFoundError, Status
+
+log = logging.getLogger(__name__)
+
+GRPC_CODES: dict[Status, grpc.StatusCode] = {
+    Status.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Status.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Status.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Status.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Status.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Status.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Status.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+# Triton's model-config enum names for our datatypes (BYTES is TYPE_STRING there).
+_CONFIG_TYPE = {
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FP16": "TYPE_FP16",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+    "BYTES": "TYPE_STRING",
+}
+
+T = TypeVar("T")
+
+
+def _grpc_errors(
+    fn: Callable[..., Awaitable[T]],
+) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await fn(self, request, context)
+        except ModelfleetError as exc:
+            await context.abort(GRPC_CODES[exc.status], str(exc))
+            raise  # unreachable: abort raises
+        except Exception as exc:
+            log.exception("unexpected error in %s", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+            raise
+
+    return wrapper
+
+
+def _version_arg(version: str) -> str:
+    return version.strip()
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, slots: SlotManager, dataplane: DataPlane) -> None:
+        self.slots = slots
+        self.dataplane = dataplane
+
+    @_grpc_errors
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @_grpc_errors
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.slots.all_ready())
+
+    @_grpc_errors
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(
+            ready=self.slots.is_ready(request.name, _version_arg(request.version))
+        )
+
+    @_grpc_errors
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(
+            name="modelfleet",
+            version=__version__,
+            extensions=["model_configuration", "statistics", "model_repository"],
+        )
+
+    @_grpc_errors
+    async def ModelMetadata(self, request, context):
+        v = self.slots.resolve(request.name, _version_arg(request.version))
+        slot = self.slots.slots[v.name]
+        m = v.manifest
+        return pb.ModelMetadataResponse(
+            name=m.name,
+            versions=[str(x.version) for x in slot.loaded()],
+            platform="onnxruntime_onnx",
+            inputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=t.name, datatype=t.datatype, shape=list(t.shape)
+                )
+                for t in m.inputs
+            ],
+            outputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=t.name, datatype=t.datatype, shape=list(t.shape)
+                )
+                for t in m.outputs
+            ],
+        )
+
+    @_grpc_errors
+    async def ModelConfig(self, request, context):
+        v = self.slots.resolve(request.name, _version_arg(request.version))
+        return pb.ModelConfigResponse(config=model_config(v))
+
+    @_grpc_errors
+    async def ModelStatistics(self, request, context):
+        versions: list[LoadedVersion] = []
+        if request.name:
+            slot = self.slots.slots.get(request.name)
+            if slot is None:
+                raise ModelNotFoundError(f"model {request.name!r} is not loaded")
+            if request.version:
+                versions = [self.slots.resolve(request.name, request.version)]
+            else:
+                versions = slot.loaded()
+        else:
+            for slot in self.slots.slots.values():
+                versions.extend(slot.loaded())
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(v) for v in versions])
+
+    @_grpc_errors
+    async def RepositoryIndex(self, request, context):
+        models = []
+        for st in self.slots.status():
+            if st.active is not None:
+                models.append(pb.RepositoryIndexResponse.ModelIndex(
+                    name=st.name, version=str(st.active), state="READY"))  # fmt: skip
+            if st.previous is not None:
+                models.append(pb.RepositoryIndexResponse.ModelIndex(
+                    name=st.name, version=str(st.previous), state="READY",
+                    reason="previous version, kept for rollback"))  # fmt: skip
+            if st.loading is not None:
+                models.append(pb.RepositoryIndexResponse.ModelIndex(
+                    name=st.name, version=str(st.loading), state="LOADING"))  # fmt: skip
+            if not request.ready:
+                for version, result in sorted(st.failed.items()):
+                    models.append(pb.RepositoryIndexResponse.ModelIndex(
+                        name=st.name, version=str(version), state="UNAVAILABLE",
+                        reason=result.reason))  # fmt: skip
+        return pb.RepositoryIndexResponse(models=models)
+
+    @_grpc_errors
+    async def ModelInfer(self, request, context):
+        return response_to_proto(await self.dataplane.infer(request_from_proto(request)))
+
+
+def model_config(v: LoadedVersion) -> pb.ModelConfig:
+    m = v.manifest
+    batched = m.max_batch_size > 0
+
+    def dims(shape: tuple[int, ...]) -> list[int]:
+        # Triton's config leaves the batch dimension out when max_batch_size > 0.
+        return list(shape[1:] if batched else shape)
+
+    cfg = pb.ModelConfig(
+        name=m.name,
+        platform="onnxruntime_onnx",
+        backend="onnxruntime",
+        max_batch_size=m.max_batch_size,
+        input=[
+            pb.ModelInput(
+                name=t.name,
+                data_type=pb.DataType.Value(_CONFIG_TYPE[t.datatype]),
+                dims=dims(t.shape),
+            )
+            for t in m.inputs
+        ],
+        output=[
+            pb.ModelOutput(
+                name=t.name,
+                data_type=pb.DataType.Value(_CONFIG_TYPE[t.datatype]),
+                dims=dims(t.shape),
+            )
+            for t in m.outputs
+        ],
+    )
+    if v.batching:
+        delay = v.runner.max_queue_delay_us if hasattr(v.runner, "max_queue_delay_us") else 0
+        cfg.dynamic_batching.max_queue_delay_microseconds = delay
+    return cfg
+
+
+def model_statistics(v: LoadedVersion) -> pb.ModelStatistics:
+    s = v.stats
+
+    def dur(count: int, ns: int) -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=count, ns=ns)
+
+    return pb.ModelStatistics(
+        name=v.name,
+        version=str(v.version),
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=dur(s.success_count, s.success_ns),
+            fail=dur(s.fail_count, s.fail_ns),
+            queue=dur(s.success_count, s.queue_ns),
+            compute_input=dur(s.execution_count, 0),
+            compute_infer=dur(s.execution_count, s.compute_ns),
+            compute_output=dur(s.execution_count, 0),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=rows,
+                compute_input=dur(n, 0),
+                compute_infer=dur(n, ns),
+                compute_output=dur(n, 0),
+            )
+            for rows, (n, ns) in sorted(s.batches.items())
+        ],
+    )
+
+
+class AdminServicer(agent_pb2_grpc.AgentAdminServicer):
+    def __init__(self, slots: SlotManager, listen: str) -> None:
+        self.slots = slots
+        self.listen = listen
+
+    @_grpc_errors
+    async def Status(self, request, context):
+        return agent_pb2.StatusResponse(
+            models=[_status_to_proto(s) for s in self.slots.status()],
+            ready=self.slots.all_ready(),
+            listen=self.listen,
+        )
+
+    @_grpc_errors
+    async def Rollback(self, request, context):
+        frm, to = self.slots.rollback(request.model)
+        return agent_pb2.RollbackResponse(from_version=frm, to_version=to)
+
+
+def _gate_to_proto(g: Any) -> agent_pb2.GateResult:
+    return agent_pb2.GateResult(
+        version=g.version,
+        passed=g.passed,
+        reason=g.reason,
+        kind=g.kind,
+        p99_ms=g.p99_ms if g.p99_ms is not None else -1.0,
+        at_unix=g.at,
+    )
+
+
+def _status_to_proto(s: Any) -> agent_pb2.ModelStatus:
+    msg = agent_pb2.ModelStatus(
+        name=s.name,
+        active_version=s.active or 0,
+        previous_version=s.previous or 0,
+        loading_version=s.loading or 0,
+        ready=s.ready,
+        failed=[_gate_to_proto(r) for _, r in sorted(s.failed.items())],
+        held_at_or_below=s.held_at_or_below or 0,
+    )
+    if s.last_gate is not None:
+        msg.last_gate.CopyFrom(_gate_to_proto(s.last_gate))
+    return msg
+
+
+class HealthReporter:
+    """Keeps grpc.health.v1 in step with readiness: overall ("") and one entry per model."""
+
+    def __init__(self, slots: SlotManager) -> None:
+        self.slots = slots
+        self.servicer = health.aio.HealthServicer()
+        self._known: set[str] = set()
+        self.draining = False
+
+    async def refresh(self) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        overall = self.slots.all_ready() and not self.draining
+        await self.servicer.set("", serving if overall else not_serving)
+        names = set(self.slots.slots)
+        for name in names:
+            ok = self.slots.is_ready(name) and not self.draining
+            await self.servicer.set(name, serving if ok else not_serving)
+        for gone in self._known - names:
+            await self.servicer.set(gone, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        self._known = names
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def build_server(
+    slots: SlotManager,
+    dataplane: DataPlane,
+    health_reporter: HealthReporter,
+    listen: str,
+    max_message_bytes: int,
+) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=grpc_options(max_message_bytes))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(slots, dataplane), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_reporter.servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return server, port
+
+
+def build_admin_server(slots: SlotManager, socket_path: Path, listen: str) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentAdminServicer_to_server(AdminServicer(slots, listen), server)
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    if socket_path.exists():
+        socket_path.unlink()
+    # Creating the socket under a 0077 umask makes it 0600 from the first instant.
+    old = os.umask(0o077)
+    try:
+        server.add_insecure_port(f"unix:{socket_path}")
+    finally:
+        os.umask(old)
+    return server

@@ -1,0 +1,438 @@
+"""Blue/green slots: per model, an active version that serves and a previous one kept for rollback.
+
+A candidate is verified, loaded and put through the health gate on the loader thread while the
+active version keeps serving on the serving threads; only a candidate that passes becomes active,
+in one assignment on the event loop. A request holds a reference to the version it started on, so
+a switch never cuts it short. At most two versions of a model are loaded at any time: the
+previous version is let go before a candidate loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent.gate import GateResult, evaluate
+from agent.metrics import AgentMetrics
+from agent.runtime import OnnxModel, RuntimeOptions
+from agent.serving.batcher import DirectRunner, DynamicBatcher, Timing
+from protos.bundle import Bundle, load_bundle
+from protos.errors import (
+    BundleError,
+    GateFailedError,
+    ModelfleetError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    Status,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    enabled: bool = True
+    # None: take the bundle's hint (manifest execution.max_queue_delay_us).
+    max_queue_delay_us: int | None = None
+    # Batches computing at once per model version; more overlaps splitting with computing.
+    max_inflight: int = 1
+
+
+@dataclass
+class VersionStats:
+    """Counters behind Triton's ModelStatistics, kept per loaded version."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_ns: int = 0
+    compute_ns: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    # batch rows -> [executions, compute ns]
+    batches: dict[int, list[int]] = field(default_factory=dict)
+
+
+class LoadedVersion:
+    def __init__(
+        self,
+        bundle: Bundle,
+        model: OnnxModel,
+        executor: ThreadPoolExecutor,
+        batching: BatchingConfig,
+        metrics: AgentMetrics,
+    ) -> None:
+        self.bundle = bundle
+        self.model = model
+        self.name = bundle.name
+        self.version = bundle.version
+        self.loaded_at = time.time()
+        self.stats = VersionStats()
+        self._metrics_labels = (self.name, str(self.version))
+        self._batch_hist = metrics.batch_size.labels(*self._metrics_labels)
+        self._compute_hist = metrics.compute_seconds.labels(*self._metrics_labels)
+        max_batch = bundle.manifest.max_batch_size
+        delay = batching.max_queue_delay_us
+        if delay is None:
+            delay = bundle.manifest.max_queue_delay_us
+        self.batching = batching.enabled and max_batch > 1
+        if self.batching:
+            self.runner: DirectRunner | DynamicBatcher = DynamicBatcher(
+                model.run,
+                executor,
+                self._observe_batch,
+                max_batch_size=max_batch,
+                max_queue_delay_us=delay,
+                max_inflight=batching.max_inflight,
+            )
+        else:
+            self.runner = DirectRunner(model.run, executor, self._observe_batch)
+
+    def _observe_batch(self, rows: int, compute_s: float) -> None:
+        # Runs on the event loop (after the executor future resolves), so no lock is needed.
+        s = self.stats
+        s.execution_count += 1
+        s.inference_count += rows
+        ns = int(compute_s * 1e9)
+        s.compute_ns += ns
+        entry = s.batches.setdefault(rows, [0, 0])
+        entry[0] += 1
+        entry[1] += ns
+        self._batch_hist.observe(rows)
+        self._compute_hist.observe(compute_s)
+
+    async def infer(self, inputs: dict[str, np.ndarray], rows: int) -> tuple[dict, Timing]:
+        return await self.runner.infer(inputs, rows)
+
+    @property
+    def manifest(self):
+        return self.bundle.manifest
+
+
+@dataclass
+class ModelSlot:
+    name: str
+    active: LoadedVersion | None = None
+    previous: LoadedVersion | None = None
+    loading: int | None = None
+    last_gate: GateResult | None = None
+    # version -> (fingerprint of what failed, result); the same bytes are not retried.
+    failed: dict[int, tuple[object, GateResult]] = field(default_factory=dict)
+    # After a rollback, versions up to this one are not re-deployed automatically.
+    hold_at_or_below: int | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def loaded(self) -> list[LoadedVersion]:
+        return [v for v in (self.active, self.previous) if v is not None]
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    active: int | None
+    previous: int | None
+    loading: int | None
+    ready: bool
+    last_gate: GateResult | None
+    failed: dict[int, GateResult]
+    held_at_or_below: int | None
+
+
+ChangeListener = Callable[[str], None]
+
+
+class SlotManager:
+    """All models the agent knows, and the only place that changes what serves."""
+
+    def __init__(
+        self,
+        *,
+        runtime: RuntimeOptions,
+        batching: BatchingConfig,
+        metrics: AgentMetrics,
+        serving_threads: int = 2,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.runtime = runtime
+        self.batching = batching
+        self.metrics = metrics
+        self.clock = clock
+        self.serving_executor = ThreadPoolExecutor(serving_threads, thread_name_prefix="serve")
+        # One loader thread: loads never compete with each other, only with nothing on the
+        # serving threads.
+        self.loader_executor = ThreadPoolExecutor(1, thread_name_prefix="load")
+        self.slots: dict[str, ModelSlot] = {}
+        self.listeners: list[ChangeListener] = []
+
+    # -- lookups on the request path ------------------------------------------------------------
+
+    def resolve(self, name: str, version: str = "") -> LoadedVersion:
+        slot = self.slots.get(name)
+        if slot is None or (slot.active is None and slot.previous is None):
+            if slot is not None and slot.loading is not None:
+                raise ModelNotReadyError(f"model {name!r} is still loading")
+            raise ModelNotFoundError(f"model {name!r} is not loaded")
+        if not version:
+            if slot.active is None:
+                raise ModelNotReadyError(f"model {name!r} has no active version")
+            return slot.active
+        for v in slot.loaded():
+            if str(v.version) == version:
+                return v
+        loaded = ", ".join(str(v.version) for v in slot.loaded())
+        raise ModelNotFoundError(
+            f"model {name!r} version {version!r} is not loaded (loaded: {loaded or 'none'})"
+        )
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.resolve(name, version)
+        except ModelfleetError:
+            return False
+        return True
+
+    def all_ready(self) -> bool:
+        """Every known model has an active version (and at least one model is known)."""
+        return bool(self.slots) and all(s.active is not None for s in self.slots.values())
+
+    # -- the update path ------------------------------------------------------------------------
+
+    def slot(self, name: str) -> ModelSlot:
+        if name not in self.slots:
+            self.slots[name] = ModelSlot(name)
+        return self.slots[name]
+
+    async def deploy(
+        self,
+        bundle_dir: Path,
+        fingerprint: object = None,
+        expect: tuple[str, int] | None = None,
+    ) -> GateResult:
+        """Verify, load and gate ``bundle_dir``, then make it active. Raises on refusal.
+
+        ``expect`` is the (name, version) the caller found the bundle under; a manifest that
+        claims otherwise is refused. Whatever goes wrong, the active version keeps serving.
+        """
+        bundle_dir = Path(bundle_dir)
+        loop = asyncio.get_running_loop()
+        try:
+            bundle = await loop.run_in_executor(self.loader_executor, load_bundle, bundle_dir)
+            if expect is not None and (bundle.name, bundle.version) != expect:
+                raise BundleError(
+                    f"{bundle_dir}: manifest says {bundle.name!r} version {bundle.version}, "
+                    f"but the bundle sits at {expect[0]!r} version {expect[1]}"
+                )
+        except BundleError as exc:
+            name, version = expect or _name_version_from_path(bundle_dir)
+            result = GateResult(version, False, str(exc), "bundle", None, self.clock())
+            self._record_failure(self.slot(name), result, fingerprint)
+            raise
+        slot = self.slot(bundle.name)
+        async with slot.lock:
+            if slot.active is not None and slot.active.version == bundle.version:
+                return slot.last_gate or GateResult(bundle.version, True, "", "ok")
+            if slot.previous is not None and slot.previous.version == bundle.version:
+                self._switch(slot, slot.previous, rollback=False)
+                return GateResult(bundle.version, True, "", "ok", None, self.clock())
+            if slot.previous is not None:
+                self._drop(slot, slot.previous)
+                slot.previous = None
+                self._publish_roles(slot)
+            slot.loading = bundle.version
+            self._notify(slot.name)
+            try:
+                candidate, result = await loop.run_in_executor(
+                    self.loader_executor, self._load_and_gate, bundle
+                )
+            except ModelfleetError as exc:
+                kind = "load" if isinstance(exc, BundleError) else "runtime"
+                result = GateResult(bundle.version, False, str(exc), kind, None, self.clock())
+                candidate = None
+            finally:
+                slot.loading = None
+            slot.last_gate = result
+            labels = (slot.name, str(bundle.version))
+            self.metrics.gate_results.labels(*labels, result.kind).inc()
+            if candidate is None or not result.passed:
+                self._record_failure(slot, result, fingerprint)
+                raise GateFailedError(
+                    f"model {slot.name!r} version {bundle.version} refused by the health gate: "
+                    f"{result.reason}"
+                )
+            slot.failed.pop(bundle.version, None)
+            self._switch(slot, candidate, rollback=False)
+            log.info(
+                "model %s version %d passed the gate (p99 %.3f ms) and is active",
+                slot.name, bundle.version, result.p99_ms or 0.0,
+            )  # fmt: skip
+            return result
+
+    def _load_and_gate(self, bundle: Bundle) -> tuple[LoadedVersion | None, GateResult]:
+        """Runs on the loader thread."""
+        model = OnnxModel(bundle, self.runtime)
+        samples = bundle.health_samples()
+        missing = [t.name for t in bundle.manifest.inputs if t.name not in samples.inputs]
+        if missing:
+            raise BundleError(f"health samples lack input(s) {missing}")
+        runs = bundle.manifest.health.warmup_runs
+        # The first run pays for lazy initialisation; it warms up and is not measured.
+        observed = model.run(samples.inputs)
+        latencies = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            model.run(samples.inputs)
+            latencies.append(time.perf_counter() - start)
+        result = evaluate(bundle.manifest, samples.expected, observed, latencies, at=self.clock())
+        if not result.passed:
+            return None, result
+        loaded = LoadedVersion(bundle, model, self.serving_executor, self.batching, self.metrics)
+        return loaded, result
+
+    def _record_failure(self, slot: ModelSlot, result: GateResult, fingerprint: object) -> None:
+        slot.failed[result.version] = (fingerprint, result)
+        slot.last_gate = result
+        self.metrics.gate_failures.labels(slot.name, str(result.version), result.kind).inc()
+        log.warning(
+            "model %s version %d refused (%s): %s",
+            slot.name, result.version, result.kind, result.reason,
+        )  # fmt: skip
+        self._notify(slot.name)
+
+    def has_failed(self, name: str, version: int, fingerprint: object) -> bool:
+        slot = self.slots.get(name)
+        if slot is None or version not in slot.failed:
+            return False
+        return slot.failed[version][0] == fingerprint
+
+    def _switch(self, slot: ModelSlot, to: LoadedVersion, *, rollback: bool) -> None:
+        old = slot.active
+        if old is to:
+            return
+        if slot.previous is to:
+            slot.previous = None
+        if old is not None:
+            slot.previous = old
+        slot.active = to
+        counter = self.metrics.rollbacks if rollback else self.metrics.swaps
+        counter.labels(slot.name).inc()
+        self._publish_roles(slot)
+        why = " (rollback)" if rollback else ""
+        log.info("model %s: version %s -> %d%s", slot.name, old.version if old else "none",
+                 to.version, why)  # fmt: skip
+        self._notify(slot.name)
+
+    def _drop(self, slot: ModelSlot, version: LoadedVersion) -> None:
+        # In-flight requests still hold a reference; the session is freed when they finish.
+        log.info("model %s: unloaded version %d", slot.name, version.version)
+
+    def _publish_roles(self, slot: ModelSlot) -> None:
+        for labels in list(_label_sets(self.metrics)):
+            if labels[0] == slot.name:
+                self.metrics.loaded.remove(*labels)
+        if slot.active is not None:
+            self.metrics.loaded.labels(slot.name, str(slot.active.version), "active").set(1)
+        if slot.previous is not None:
+            self.metrics.loaded.labels(slot.name, str(slot.previous.version), "previous").set(1)
+
+    def rollback(self, name: str) -> tuple[int, int]:
+        """Switch back to the previous version at once. Returns (from, to)."""
+        slot = self.slots.get(name)
+        if slot is None or slot.active is None:
+            raise ModelNotFoundError(f"model {name!r} is not loaded")
+        if slot.previous is None:
+            raise _NoPrevious(f"model {name!r} has no previous version loaded to roll back to")
+        frm, to = slot.active, slot.previous
+        self._switch(slot, to, rollback=True)
+        slot.hold_at_or_below = max(frm.version, slot.hold_at_or_below or 0)
+        return frm.version, to.version
+
+    async def unload(self, name: str, version: int | None = None) -> None:
+        """Unload one version, or the whole model when ``version`` is None."""
+        slot = self.slots.get(name)
+        if slot is None:
+            return
+        async with slot.lock:
+            if version is None:
+                for v in slot.loaded():
+                    self._drop(slot, v)
+                del self.slots[name]
+                self._publish_roles(slot)
+                log.info("model %s removed", name)
+                self._notify(name)
+                return
+            if slot.previous is not None and slot.previous.version == version:
+                self._drop(slot, slot.previous)
+                slot.previous = None
+            elif slot.active is not None and slot.active.version == version:
+                self._drop(slot, slot.active)
+                slot.active, slot.previous = slot.previous, None
+            slot.failed.pop(version, None)
+            self._publish_roles(slot)
+            self._notify(name)
+
+    def status(self) -> list[ModelStatus]:
+        out = []
+        for slot in sorted(self.slots.values(), key=lambda s: s.name):
+            out.append(
+                ModelStatus(
+                    name=slot.name,
+                    active=slot.active.version if slot.active else None,
+                    previous=slot.previous.version if slot.previous else None,
+                    loading=slot.loading,
+                    ready=slot.active is not None,
+                    last_gate=slot.last_gate,
+                    failed={v: r for v, (_, r) in slot.failed.items()},
+                    held_at_or_below=slot.hold_at_or_below,
+                )
+            )
+        return out
+
+    def _notify(self, name: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener(name)
+            except Exception:  # a broken listener must not break a swap
+                log.exception("state listener failed")
+
+    def close(self) -> None:
+        self.loader_executor.shutdown(wait=False, cancel_futures=True)
+        self.serving_executor.shutdown(wait=True)
+
+
+class _NoPrevious(ModelfleetError):
+    status = Status.FAILED_PRECONDITION
+    reason = "no_previous"
+
+
+def _label_sets(metrics: AgentMetrics) -> set[tuple[str, ...]]:
+    return {
+        (s.labels["model"], s.labels["version"], s.labels["role"])
+        for fam in metrics.loaded.collect()
+        for s in fam.samples
+    }
+
+
+def _name_version_from_path(bundle_dir: Path) -> tuple[str, int]:
+    try:
+        version = int(bundle_dir.name)
+    except ValueError:
+        version = 0
+    return bundle_dir.parent.name, version
+
+
+__all__ = [
+    "BatchingConfig",
+    "LoadedVersion",
+    "ModelSlot",
+    "ModelStatus",
+    "SlotManager",
+]

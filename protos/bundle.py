@@ -1,0 +1,527 @@
+"""The model bundle: the unit that is signed, shipped, verified, cached and served.
+
+A bundle is a directory ``<name>/<version>/`` holding
+
+- ``model.onnx``: the model,
+- ``health.npz``: health-check samples (``input:<name>``) and expected outputs (``output:<name>``),
+- ``manifest.json``: name, version, signature, execution hints, health-check settings, the
+  SHA-256 and size of the two files above, and provenance.
+
+The format is documented in docs/bundle-format.md. This module is shared by hub, agent and batch,
+so it depends only on numpy, onnx (when creating) and the standard library.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protos.datatypes import DATATYPE_BY_ONNX_ELEM, NUMPY_BY_DATATYPE
+from protos.errors import BundleError, BundleExistsError
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+HEALTH_FILE = "health.npz"
+
+# Model names become directory names, topic segments and metric labels: keep them boring.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-5
+DEFAULT_WARMUP_RUNS = 20
+DEFAULT_LATENCY_BUDGET_MS = 1000.0
+DEFAULT_MAX_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    # Full shape including the batch dimension; -1 marks a dynamic dimension.
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class HealthSpec:
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
+    latency_budget_ms: float = DEFAULT_LATENCY_BUDGET_MS
+    warmup_runs: int = DEFAULT_WARMUP_RUNS
+    sha256: str = ""
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    model_sha256: str
+    model_size: int
+    health: HealthSpec
+    # 0: the model has no batch dimension; N > 0: dimension 0 is the batch, at most N rows.
+    max_batch_size: int = 0
+    # Dynamic batching hint: how long a request may wait for others to join its batch.
+    max_queue_delay_us: int = 0
+    feature_names: tuple[str, ...] = ()
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "name": self.name,
+            "version": self.version,
+            "model": {"path": MODEL_FILE, "sha256": self.model_sha256, "size": self.model_size},
+            "signature": {
+                "inputs": [t.to_json() for t in self.inputs],
+                "outputs": [t.to_json() for t in self.outputs],
+            },
+            "execution": {
+                "max_batch_size": self.max_batch_size,
+                "max_queue_delay_us": self.max_queue_delay_us,
+            },
+            "health": {"path": HEALTH_FILE, **asdict(self.health)},
+            "feature_names": list(self.feature_names),
+            "provenance": dict(self.provenance),
+        }
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+
+@dataclass(frozen=True)
+class HealthSamples:
+    inputs: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: Manifest
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    def health_samples(self) -> HealthSamples:
+        return _read_health(self.path / HEALTH_FILE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and verifying
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def _require(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in obj:
+        raise BundleError(f"manifest: missing key {where}{key}")
+    value = obj[key]
+    # bool is an int in Python; a manifest saying "version": true is still wrong.
+    if isinstance(value, bool) and kind is not bool:
+        raise BundleError(f"manifest: {where}{key} must be {_kind_name(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise BundleError(f"manifest: {where}{key} must be {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
+
+
+def _parse_tensors(raw: Any, where: str) -> tuple[TensorSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise BundleError(f"manifest: {where} must be a non-empty list")
+    specs = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise BundleError(f"manifest: {where}[{i}] must be an object")
+        name = _require(item, "name", str, f"{where}[{i}].")
+        datatype = _require(item, "datatype", str, f"{where}[{i}].")
+        if datatype not in NUMPY_BY_DATATYPE:
+            raise BundleError(f"manifest: {where}[{i}] ({name}) has unknown datatype {datatype!r}")
+        shape = _require(item, "shape", list, f"{where}[{i}].")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape):
+            raise BundleError(f"manifest: {where}[{i}] ({name}) has invalid shape {shape!r}")
+        specs.append(TensorSpec(name, datatype, tuple(shape)))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise BundleError(f"manifest: {where} has duplicate tensor names {names}")
+    return tuple(specs)
+
+
+def parse_manifest(data: Mapping[str, Any]) -> Manifest:
+    """Validate a decoded manifest; every problem names the key that is wrong."""
+    if not isinstance(data, Mapping):
+        raise BundleError("manifest: top level must be a JSON object")
+    fmt = _require(data, "format", int, "")
+    if fmt != FORMAT_VERSION:
+        raise BundleError(f"manifest: unsupported format {fmt} (this build reads {FORMAT_VERSION})")
+    name = _require(data, "name", str, "")
+    if not NAME_RE.match(name):
+        raise BundleError(f"manifest: invalid model name {name!r}")
+    version = _require(data, "version", int, "")
+    if version < 1:
+        raise BundleError(f"manifest: version must be a positive integer, got {version}")
+    model = _require(data, "model", dict, "")
+    sig = _require(data, "signature", dict, "")
+    execution = _require(data, "execution", dict, "")
+    health = _require(data, "health", dict, "")
+    max_batch = _require(execution, "max_batch_size", int, "execution.")
+    delay = _require(execution, "max_queue_delay_us", int, "execution.")
+    if max_batch < 0 or delay < 0:
+        raise BundleError("manifest: execution.max_batch_size and max_queue_delay_us must be >= 0")
+    health_spec = HealthSpec(
+        rtol=float(_require(health, "rtol", (int, float), "health.")),
+        atol=float(_require(health, "atol", (int, float), "health.")),
+        latency_budget_ms=float(_require(health, "latency_budget_ms", (int, float), "health.")),
+        warmup_runs=_require(health, "warmup_runs", int, "health."),
+        sha256=_require(health, "sha256", str, "health."),
+        size=_require(health, "size", int, "health."),
+    )
+    if health_spec.warmup_runs < 1:
+        raise BundleError("manifest: health.warmup_runs must be >= 1")
+    feature_names = data.get("feature_names", [])
+    if not isinstance(feature_names, list) or not all(isinstance(f, str) for f in feature_names):
+        raise BundleError("manifest: feature_names must be a list of strings")
+    provenance = data.get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise BundleError("manifest: provenance must be an object")
+    return Manifest(
+        name=name,
+        version=version,
+        inputs=_parse_tensors(sig.get("inputs"), "signature.inputs"),
+        outputs=_parse_tensors(sig.get("outputs"), "signature.outputs"),
+        model_sha256=_require(model, "sha256", str, "model."),
+        model_size=_require(model, "size", int, "model."),
+        health=health_spec,
+        max_batch_size=max_batch,
+        max_queue_delay_us=delay,
+        feature_names=tuple(feature_names),
+        provenance=provenance,
+    )
+
+
+def read_manifest(bundle_dir: Path) -> Manifest:
+    path = Path(bundle_dir) / MANIFEST_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise BundleError(f"{path}: manifest is missing") from None
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: manifest is not valid JSON: {exc}") from None
+    return parse_manifest(data)
+
+
+def load_bundle(bundle_dir: Path | str, *, verify_hashes: bool = True) -> Bundle:
+    """Read and check a bundle directory. Raises :class:`BundleError` naming what is wrong."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    checks = [
+        (MODEL_FILE, manifest.model_sha256, manifest.model_size),
+        (HEALTH_FILE, manifest.health.sha256, manifest.health.size),
+    ]
+    for filename, want_sha, want_size in checks:
+        path = bundle_dir / filename
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise BundleError(f"{bundle_dir}: {filename} is missing") from None
+        if size != want_size:
+            raise BundleError(
+                f"{bundle_dir}: {filename} is {size} bytes, manifest says {want_size}"
+            )
+        if verify_hashes:
+            got_sha, _ = sha256_file(path)
+            if got_sha != want_sha:
+                raise BundleError(
+                    f"{bundle_dir}: {filename} sha256 {got_sha[:16]}... does not match the "
+                    f"manifest's {want_sha[:16]}..."
+                )
+    return Bundle(bundle_dir, manifest)
+
+
+def _read_health(path: Path) -> HealthSamples:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: cannot read health samples: {exc}") from None
+    inputs = {k[len("input:") :]: v for k, v in arrays.items() if k.startswith("input:")}
+    expected = {k[len("output:") :]: v for k, v in arrays.items() if k.startswith("output:")}
+    return HealthSamples(_unstring(inputs), _unstring(expected))
+
+
+def _unstring(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # Strings are stored as fixed-width unicode (npz cannot hold object arrays without pickle).
+    return {k: (v.astype(object) if v.dtype.kind == "U" else v) for k, v in arrays.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Creating
+
+
+def signature_from_onnx(
+    model_bytes: bytes,
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Inputs and outputs of an ONNX model, as OIP tensor specs (initializers excluded)."""
+    import onnx
+
+    try:
+        model = onnx.load_from_string(model_bytes)
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise BundleError(f"not a valid ONNX model: {exc}") from None
+    initializers = {init.name for init in model.graph.initializer}
+
+    def spec(value_info: Any) -> TensorSpec:
+        ttype = value_info.type.tensor_type
+        datatype = DATATYPE_BY_ONNX_ELEM.get(ttype.elem_type)
+        if datatype is None:
+            raise BundleError(
+                f"tensor {value_info.name!r} has ONNX element type {ttype.elem_type}, "
+                "which the Open Inference Protocol cannot carry"
+            )
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim)
+        return TensorSpec(value_info.name, datatype, dims)
+
+    inputs = tuple(spec(i) for i in model.graph.input if i.name not in initializers)
+    outputs = tuple(spec(o) for o in model.graph.output)
+    return inputs, outputs
+
+
+def _default_max_batch(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> int:
+    batchable = all(t.shape and t.shape[0] == -1 for t in (*inputs, *outputs))
+    return DEFAULT_MAX_BATCH_SIZE if batchable else 0
+
+
+def _write_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    stored = {k: (v.astype(str) if v.dtype.kind in ("O", "S") else v) for k, v in arrays.items()}
+    np.savez(buf, **stored)
+    return buf.getvalue()
+
+
+def _check_samples(
+    samples: Mapping[str, np.ndarray], inputs: tuple[TensorSpec, ...]
+) -> dict[str, np.ndarray]:
+    checked: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        if spec.name not in samples:
+            raise BundleError(
+                f"samples: no array for model input {spec.name!r} "
+                f"(have {sorted(samples) or 'none'})"
+            )
+        arr = np.asarray(samples[spec.name])
+        want = NUMPY_BY_DATATYPE[spec.datatype]
+        if spec.datatype == "BYTES":
+            if arr.dtype.kind not in ("U", "S", "O"):
+                raise BundleError(f"samples: {spec.name!r} must hold strings, got {arr.dtype}")
+            arr = arr.astype(object)
+        elif arr.dtype != want:
+            raise BundleError(
+                f"samples: {spec.name!r} has dtype {arr.dtype}, the model expects "
+                f"{spec.datatype} ({want})"
+            )
+        if len(arr.shape) != len(spec.shape) or any(
+            d != -1 and d != a for d, a in zip(spec.shape, arr.shape, strict=False)
+        ):
+            raise BundleError(
+                f"samples: {spec.name!r} has shape {list(arr.shape)}, "
+                f"the model expects {list(spec.shape)}"
+            )
+        checked[spec.name] = arr
+    extra = set(samples) - {s.name for s in inputs}
+    if extra:
+        raise BundleError(f"samples: arrays {sorted(extra)} match no model input")
+    return checked
+
+
+def create_bundle(
+    model_path: Path | str,
+    *,
+    name: str,
+    version: int,
+    samples: Mapping[str, np.ndarray],
+    out_dir: Path | str,
+    expected: Mapping[str, np.ndarray] | None = None,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    latency_budget_ms: float = DEFAULT_LATENCY_BUDGET_MS,
+    warmup_runs: int = DEFAULT_WARMUP_RUNS,
+    max_batch_size: int | None = None,
+    max_queue_delay_us: int = 0,
+    feature_names: tuple[str, ...] = (),
+    provenance: Mapping[str, Any] | None = None,
+) -> Bundle:
+    """Build ``out_dir/name/version/`` atomically and return it.
+
+    Expected outputs are computed with onnxruntime on the CPU unless given (for example golden
+    outputs from a reference implementation).
+    """
+    if not NAME_RE.match(name):
+        raise BundleError(f"invalid model name {name!r}: use letters, digits, '_', '.', '-'")
+    if version < 1:
+        raise BundleError(f"version must be a positive integer, got {version}")
+    if warmup_runs < 1:
+        raise BundleError("warmup_runs must be >= 1")
+    model_path = Path(model_path)
+    try:
+        model_bytes = model_path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"cannot read model {model_path}: {exc}") from None
+    inputs, outputs = signature_from_onnx(model_bytes)
+    if max_batch_size is None:
+        max_batch_size = _default_max_batch(inputs, outputs)
+    if max_batch_size > 0:
+        for t in (*inputs, *outputs):
+            if not t.shape or t.shape[0] not in (-1, max_batch_size):
+                raise BundleError(
+                    f"max_batch_size {max_batch_size} needs a dynamic first dimension, "
+                    f"but {t.name!r} has shape {list(t.shape)}"
+                )
+    checked = _check_samples(samples, inputs)
+
+    if expected is None:
+        import onnxruntime as ort
+
+        try:
+            session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+            results = session.run([o.name for o in outputs], checked)
+        except Exception as exc:
+            raise BundleError(f"onnxruntime cannot run the model on the samples: {exc}") from None
+        expected = dict(zip([o.name for o in outputs], results, strict=True))
+    else:
+        missing = [o.name for o in outputs if o.name not in expected]
+        if missing:
+            raise BundleError(f"expected outputs: no array for model output(s) {missing}")
+    health_arrays = {f"input:{k}": v for k, v in checked.items()}
+    health_arrays.update({f"output:{k}": np.asarray(v) for k, v in expected.items()})
+    health_bytes = _write_npz(health_arrays)
+
+    prov: dict[str, Any] = {
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "created_by": f"{_user()}@{socket.gethostname()}",
+        "source_file": model_path.name,
+        "tool": "modelfleet",
+    }
+    prov.update(provenance or {})
+    manifest = Manifest(
+        name=name,
+        version=version,
+        inputs=inputs,
+        outputs=outputs,
+        model_sha256=hashlib.sha256(model_bytes).hexdigest(),
+        model_size=len(model_bytes),
+        health=HealthSpec(
+            rtol=rtol,
+            atol=atol,
+            latency_budget_ms=latency_budget_ms,
+            warmup_runs=warmup_runs,
+            sha256=hashlib.sha256(health_bytes).hexdigest(),
+            size=len(health_bytes),
+        ),
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us,
+        feature_names=tuple(feature_names),
+        provenance=prov,
+    )
+    files = {
+        MODEL_FILE: model_bytes,
+        HEALTH_FILE: health_bytes,
+        MANIFEST_FILE: (json.dumps(manifest.to_json(), indent=2) + "\n").encode(),
+    }
+    final = write_bundle_dir(Path(out_dir) / name, str(version), files)
+    return Bundle(final, manifest)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def write_bundle_dir(parent: Path, leaf: str, files: Mapping[str, bytes]) -> Path:
+    """Write files into ``parent/leaf`` so that readers see all of it or nothing.
+
+    Files are written and fsynced under a hidden temporary name in the same directory, which is
+    then renamed into place; a watcher never sees a half-written bundle.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / leaf
+    if final.exists():
+        raise BundleExistsError(f"{final} already exists; bundle versions are immutable")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{leaf}.tmp-", dir=parent))
+    try:
+        for filename, data in files.items():
+            with open(tmp / filename, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755)
+        try:
+            # rename() onto an existing non-empty directory fails, so a concurrent writer of the
+            # same version loses cleanly instead of overwriting.
+            os.rename(tmp, final)
+        except OSError:
+            raise BundleExistsError(
+                f"{final} already exists; bundle versions are immutable"
+            ) from None
+        _fsync_dir(parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

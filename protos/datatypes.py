@@ -1,0 +1,89 @@
+"""Open Inference Protocol datatypes and their numpy / ONNX counterparts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from protos.errors import InvalidRequestError
+
+# OIP datatype -> numpy dtype. BYTES is an object array of ``bytes`` (or ``str``).
+NUMPY_BY_DATATYPE: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+
+# ONNX TensorProto element types (onnx.TensorProto.DataType numbers) -> OIP datatype.
+DATATYPE_BY_ONNX_ELEM: dict[int, str] = {
+    1: "FP32",
+    2: "UINT8",
+    3: "INT8",
+    4: "UINT16",
+    5: "INT16",
+    6: "INT32",
+    7: "INT64",
+    8: "BYTES",
+    9: "BOOL",
+    10: "FP16",
+    11: "FP64",
+    12: "UINT32",
+    13: "UINT64",
+}
+
+# onnxruntime's NodeArg.type strings -> OIP datatype.
+DATATYPE_BY_ORT_TYPE: dict[str, str] = {
+    "tensor(float)": "FP32",
+    "tensor(uint8)": "UINT8",
+    "tensor(int8)": "INT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(string)": "BYTES",
+    "tensor(bool)": "BOOL",
+    "tensor(float16)": "FP16",
+    "tensor(double)": "FP64",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+}
+
+_DATATYPE_BY_NUMPY: dict[np.dtype, str] = {v: k for k, v in NUMPY_BY_DATATYPE.items()}
+
+
+def numpy_dtype(datatype: str) -> np.dtype:
+    try:
+        return NUMPY_BY_DATATYPE[datatype]
+    except KeyError:
+        raise InvalidRequestError(
+            f"unknown datatype {datatype!r}; expected one of {', '.join(NUMPY_BY_DATATYPE)}",
+            reason="datatype",
+        ) from None
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """OIP datatype of a numpy array; unicode and bytes arrays are BYTES."""
+    if array.dtype.kind in ("U", "S", "O"):
+        return "BYTES"
+    try:
+        return _DATATYPE_BY_NUMPY[array.dtype]
+    except KeyError:
+        raise InvalidRequestError(
+            f"numpy dtype {array.dtype} has no Open Inference Protocol datatype", reason="datatype"
+        ) from None
+
+
+def element_size(datatype: str) -> int:
+    """Bytes per element for fixed-size datatypes (BYTES has no fixed size: 0)."""
+    if datatype == "BYTES":
+        return 0
+    return numpy_dtype(datatype).itemsize

@@ -1,0 +1,106 @@
+"""One error family for the whole project.
+
+Every error carries a transport-neutral :class:`Status`. Each edge maps the status exactly once:
+gRPC servicers to a status code, the CLIs to an exit code. Core code raises these and never
+imports grpc.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Status(enum.Enum):
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    UNAVAILABLE = "unavailable"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    FAILED_PRECONDITION = "failed_precondition"
+    ALREADY_EXISTS = "already_exists"
+    PERMISSION_DENIED = "permission_denied"
+    INTERNAL = "internal"
+
+
+# CLI exit codes, stable so scripts can branch on them (2 is argparse's usage error).
+EXIT_CODES: dict[Status, int] = {
+    Status.INVALID_ARGUMENT: 3,
+    Status.NOT_FOUND: 4,
+    Status.UNAVAILABLE: 5,
+    Status.RESOURCE_EXHAUSTED: 6,
+    Status.FAILED_PRECONDITION: 7,
+    Status.ALREADY_EXISTS: 8,
+    Status.PERMISSION_DENIED: 9,
+    Status.INTERNAL: 10,
+}
+
+
+class ModelfleetError(Exception):
+    """Base of every error the project raises on purpose."""
+
+    status: Status = Status.INTERNAL
+    # Short machine-readable reason used as a metrics label ("shape", "datatype", ...).
+    reason: str = "internal"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequestError(ModelfleetError):
+    status = Status.INVALID_ARGUMENT
+    reason = "invalid_request"
+
+
+class ModelNotFoundError(ModelfleetError):
+    status = Status.NOT_FOUND
+    reason = "model_not_found"
+
+
+class ModelNotReadyError(ModelfleetError):
+    status = Status.UNAVAILABLE
+    reason = "model_not_ready"
+
+
+class ResourceExhaustedError(ModelfleetError):
+    status = Status.RESOURCE_EXHAUSTED
+    reason = "resource_exhausted"
+
+
+class InferenceError(ModelfleetError):
+    """The model itself failed while running a valid request."""
+
+    status = Status.INTERNAL
+    reason = "runtime"
+
+
+class BundleError(ModelfleetError):
+    """A bundle on disk is malformed, incomplete or does not match its manifest."""
+
+    status = Status.INVALID_ARGUMENT
+    reason = "bundle"
+
+
+class BundleExistsError(ModelfleetError):
+    """Bundle versions are immutable: the same name and version cannot be written twice."""
+
+    status = Status.ALREADY_EXISTS
+    reason = "bundle_exists"
+
+
+class GateFailedError(ModelfleetError):
+    """A candidate version did not pass the health gate and will not serve."""
+
+    status = Status.FAILED_PRECONDITION
+    reason = "gate"
+
+
+class VerificationError(ModelfleetError):
+    """Signature or hash verification failed; nothing unverified is ever loaded."""
+
+    status = Status.PERMISSION_DENIED
+    reason = "verification"

@@ -1,0 +1,137 @@
+"""Real agent processes for tests, demo and benchmarks: bounded waits, always cleaned up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except Exception:
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+class AgentProcess:
+    """``modelfleet-agent serve`` as a subprocess on free loopback ports."""
+
+    def __init__(self, models: Path, *extra: str, log_path: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.models = Path(models)
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.log_path = log_path or (self.models.parent / f"agent-{self.port}.log")
+        self.admin_socket = self.models.parent / f"agent-{self.port}.sock"
+        self.args = [
+            sys.executable, "-m", "agent.cli", "serve",
+            "--models", str(self.models),
+            "--listen", self.url,
+            "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+            "--admin-socket", str(self.admin_socket),
+            "--poll-interval-s", "0.2",
+            *extra,
+        ]  # fmt: skip
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self) -> AgentProcess:
+        self.models.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        return self
+
+    def client(self):
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(self.url)
+
+    def wait_live(self, timeout: float = 30.0) -> None:
+        client = self.client()
+        try:
+            wait_for(lambda: self._alive() and client.is_server_live(), timeout, "agent live")
+        finally:
+            client.close()
+
+    def wait_model(self, name: str, version: str = "", timeout: float = 30.0) -> None:
+        client = self.client()
+        try:
+            wait_for(
+                lambda: self._alive() and client.is_model_ready(name, version),
+                timeout,
+                f"model {name} {version or '(active)'} ready",
+            )
+        finally:
+            client.close()
+
+    def wait_log(self, text: str, timeout: float = 30.0) -> None:
+        wait_for(lambda: text in self.logs(), timeout, f"{text!r} in agent log")
+
+    def _alive(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"agent exited early:\n{self.logs()[-4000:]}")
+        return True
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "agent.cli", *args, "--admin-socket", str(self.admin_socket)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=check,
+        )  # fmt: skip
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as r:
+            return r.read().decode()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._log:
+            self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
