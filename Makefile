@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/*.proto)
 
-.PHONY: all demo test lint format protos protos-check bench clean sysdeps
+.PHONY: all demo test lint format protos protos-check bench clean sysdeps perf-analyzer
 
 all: test
 
@@ -24,7 +24,8 @@ sysdeps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
-DEB_PACKAGES ?=
+# libb64-0d: perf_analyzer's one missing shared library on Debian.
+DEB_PACKAGES ?= libb64-0d
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
@@ -38,6 +39,21 @@ protos-check: $(STAMP)
 	    echo "protos/$$(basename $$f) is stale: run 'make protos' and commit"; rm -rf $$tmp; exit 1; fi; \
 	done; rm -rf $$tmp; echo "generated protobuf code is current"
 
+# Triton's perf_analyzer, to prove unmodified Triton tooling drives the agent. The newest build
+# that runs on glibc 2.36 ships inside the tritonclient 2.51.0 wheel; only the binary is taken
+# (that wheel's own pins would downgrade numpy/protobuf). It loads libcudart without a GPU.
+PERF_ANALYZER := $(VENV)/bin/perf_analyzer
+$(PERF_ANALYZER): | $(STAMP)
+	$(PY) -m pip install -q nvidia-cuda-runtime-cu12
+	@tmp=$$(mktemp -d); \
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --platform manylinux1_x86_64 \
+	  -d $$tmp tritonclient==2.51.0 && \
+	$(PY) -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); \
+	open(sys.argv[2],'wb').write(z.read('tritonclient-2.51.0.data/data/bin/perf_analyzer'))" \
+	  $$tmp/tritonclient-2.51.0-py3-none-manylinux1_x86_64.whl $@.tmp && \
+	chmod +x $@.tmp && mv $@.tmp $@; rc=$$?; rm -rf $$tmp; exit $$rc
+perf-analyzer: sysdeps $(PERF_ANALYZER)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -46,7 +62,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: $(STAMP) sysdeps protos-check lint
+test: $(STAMP) sysdeps protos-check lint perf-analyzer
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP) sysdeps

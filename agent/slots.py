@@ -243,8 +243,11 @@ class SlotManager:
             if slot.previous is not None and slot.previous.version == bundle.version:
                 self._switch(slot, slot.previous, rollback=False)
                 return GateResult(bundle.version, True, "", "ok", None, self.clock())
-            if slot.previous is not None:
-                self._drop(slot, slot.previous)
+            # At most two versions loaded: the rollback target makes room for the candidate,
+            # and is loaded back (from its bundle, through the gate) if the candidate fails.
+            dropped = slot.previous
+            if dropped is not None:
+                self._drop(slot, dropped)
                 slot.previous = None
                 self._publish_roles(slot)
             slot.loading = bundle.version
@@ -264,6 +267,8 @@ class SlotManager:
             self.metrics.gate_results.labels(*labels, result.kind).inc()
             if candidate is None or not result.passed:
                 self._record_failure(slot, result, fingerprint)
+                if dropped is not None:
+                    await self._restore_previous(slot, dropped.bundle)
                 raise GateFailedError(
                     f"model {slot.name!r} version {bundle.version} refused by the health gate: "
                     f"{result.reason}"
@@ -275,6 +280,26 @@ class SlotManager:
                 slot.name, bundle.version, result.p99_ms or 0.0,
             )  # fmt: skip
             return result
+
+    async def _restore_previous(self, slot: ModelSlot, bundle: Bundle) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            fresh = await loop.run_in_executor(self.loader_executor, load_bundle, bundle.path)
+            restored, result = await loop.run_in_executor(
+                self.loader_executor, self._load_and_gate, fresh
+            )
+        except ModelfleetError as exc:
+            log.warning("model %s: cannot reload version %d for rollback: %s",
+                        slot.name, bundle.version, exc)  # fmt: skip
+            return
+        if restored is None:
+            log.warning("model %s: version %d no longer passes the gate (%s); no rollback target",
+                        slot.name, bundle.version, result.reason)  # fmt: skip
+            return
+        if slot.active is None or slot.active.version != bundle.version:
+            slot.previous = restored
+            self._publish_roles(slot)
+            log.info("model %s: version %d reloaded as rollback target", slot.name, bundle.version)
 
     def _load_and_gate(self, bundle: Bundle) -> tuple[LoadedVersion | None, GateResult]:
         """Runs on the loader thread."""

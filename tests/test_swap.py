@@ -229,6 +229,26 @@ def test_rollback_is_instant_and_sticks(repo: Path, staging: Path, agent_factory
     client.close()
 
 
+def test_refused_candidate_keeps_the_rollback_target(
+    repo: Path, staging: Path, agent_factory
+) -> None:
+    make_mlp_bundle(repo, 1, seed=0)
+    agent = agent_factory(repo)
+    agent.wait_model("mlp", "1")
+    client = agent.client()
+    publish(staging, repo, 2, lambda out, v: make_mlp_bundle(out, v, seed=1))
+    wait_for(lambda: active_version(client) == "2", 30, "v2 active")
+    publish(staging, repo, 3, lambda out, v: create_bundle(
+        models.nan_model(out / "nan.onnx"), name="mlp", version=v, out_dir=out,
+        samples=mlp_samples()))  # fmt: skip
+    wait_for(lambda: status(agent)["mlp"].get("previous_version") == "1"
+             and status(agent)["mlp"].get("failed"), 30, "v3 refused, v1 restored")  # fmt: skip
+    assert active_version(client) == "2"
+    assert agent.cli("rollback", "mlp").returncode == 0
+    assert active_version(client) == "1"
+    client.close()
+
+
 def test_readiness_follows_what_can_serve(repo: Path, staging: Path, agent_factory) -> None:
     agent = agent_factory(repo)
     agent.wait_live()

@@ -1,0 +1,148 @@
+"""`make demo`: the whole story so far, on embedded defaults, in about half a minute.
+
+Builds model versions, serves v1 with a real agent process, keeps clients busy, drops v2 into
+the repository (gated hot swap, no failed request), drops a broken v3 (refused by the gate, v2
+keeps serving), rolls back, and prints what the agent reports at each step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from protos.bundle import create_bundle
+from tests import models
+from tests.procs import AgentProcess, wait_for
+
+
+def step(text: str) -> None:
+    print(f"\n=== {text}", flush=True)
+
+
+def show(cmd: list[str], agent: AgentProcess) -> None:
+    out = agent.cli(*cmd)
+    print(out.stdout.rstrip() or out.stderr.rstrip(), flush=True)
+
+
+class Traffic:
+    def __init__(self, url: str, threads: int = 4) -> None:
+        self.url = url
+        self.ok = 0
+        self.failed = 0
+        self.by_version: dict[str, int] = {}
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(threads)]
+
+    def run(self) -> None:
+        client = grpcclient.InferenceServerClient(self.url)
+        x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
+        while not self.stop.is_set():
+            inp = grpcclient.InferInput("x", [1, 4], "FP32")
+            inp.set_data_from_numpy(x)
+            try:
+                v = client.infer("fraud", [inp]).get_response().model_version
+            except Exception:
+                with self.lock:
+                    self.failed += 1
+                continue
+            with self.lock:
+                self.ok += 1
+                self.by_version[v] = self.by_version.get(v, 0) + 1
+        client.close()
+
+    def report(self) -> str:
+        with self.lock:
+            per = ", ".join(f"v{v}: {n}" for v, n in sorted(self.by_version.items()))
+            return f"{self.ok} ok ({per}), {self.failed} failed"
+
+
+def publish(staging: Path, repo: Path, bundle_path: Path, name: str, version: int) -> None:
+    dest = repo / name / str(version)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(bundle_path, dest)  # atomic: the agent sees all of the bundle or none of it
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="modelfleet-demo-"))
+    repo, staging, src = work / "repo", work / "staging", work / "src"
+    samples = {"x": np.random.default_rng(1).standard_normal((8, 4)).astype(np.float32)}
+    step("1. Build three versions of model 'fraud' (v3 is broken: it outputs NaN)")
+    v1 = create_bundle(models.mlp(src / "v1.onnx", seed=0), name="fraud", version=1,
+                       samples=samples, out_dir=repo, latency_budget_ms=50)  # fmt: skip
+    v2 = create_bundle(models.mlp(src / "v2.onnx", seed=1), name="fraud", version=2,
+                       samples=samples, out_dir=staging, latency_budget_ms=50)  # fmt: skip
+    v3 = create_bundle(models.nan_model(src / "v3.onnx"), name="fraud", version=3,
+                       samples=samples, out_dir=staging, latency_budget_ms=50)  # fmt: skip
+    for b in (v1, v2, v3):
+        print(f"  {b.path.relative_to(work)}  sha256 {b.manifest.model_sha256[:12]}")
+
+    agent = AgentProcess(repo, log_path=work / "agent.log")
+    traffic = None
+    try:
+        step("2. Start the agent on the repository (standalone mode) and wait for READY")
+        t0 = time.monotonic()
+        agent.start()
+        agent.wait_model("fraud", timeout=60)
+        print(f"  ready in {time.monotonic() - t0:.2f}s on {agent.url}")
+        show(["status"], agent)
+
+        step("3. Four clients send requests continuously (tritonclient over gRPC)")
+        traffic = Traffic(agent.url)
+        for t in traffic.threads:
+            t.start()
+        time.sleep(2)
+        print(f"  {traffic.report()}")
+
+        step("4. Drop v2 into the repository: it loads beside v1, passes the gate, then swaps")
+        publish(staging, repo, v2.path, "fraud", 2)
+        client = agent.client()
+        wait_for(lambda: client.get_model_metadata("fraud").versions[0] == "2", 30, "v2")
+        time.sleep(2)
+        print(f"  {traffic.report()}")
+        show(["status"], agent)
+
+        step("5. Drop broken v3: the health gate refuses it and v2 keeps serving")
+        publish(staging, repo, v3.path, "fraud", 3)
+        wait_for(lambda: "v3 REFUSED" in agent.cli("status").stdout, 30, "v3 verdict")
+        time.sleep(1)
+        print(f"  {traffic.report()}")
+        show(["status"], agent)
+
+        step("6. Roll back to v1 at once (previous version stays loaded)")
+        show(["rollback", "fraud"], agent)
+        time.sleep(1)
+        print(f"  {traffic.report()}")
+
+        traffic.stop.set()
+        for t in traffic.threads:
+            t.join(10)
+        step("7. Prometheus metrics (excerpt)")
+        for line in agent.metrics().splitlines():
+            if line.startswith(("modelfleet_swaps", "modelfleet_rollbacks", "modelfleet_gate_f",
+                                "modelfleet_loaded")) or (
+                line.startswith("modelfleet_requests_total") and "success" in line
+            ):  # fmt: skip
+                print(f"  {line}")
+        client.close()
+        failed = traffic.failed
+        print(f"\nDone: {traffic.report()}. Work dir: {work}")
+        return 0 if failed == 0 else 1
+    finally:
+        if traffic is not None:
+            traffic.stop.set()
+        agent.stop()
+        if os.environ.get("MODELFLEET_DEMO_KEEP") != "1":
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
