@@ -81,6 +81,7 @@ class DynamicBatcher:
         self._executor = executor
         self._observer = observer
         self.max_batch_size = max_batch_size
+        self.max_queue_delay_us = max_queue_delay_us
         self._delay_s = max_queue_delay_us / 1e6
         self._slots = asyncio.Semaphore(max(1, max_inflight))
         self._pending: deque[_Item] = deque()

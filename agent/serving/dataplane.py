@@ -161,8 +161,12 @@ class DataPlane:
         exc: ModelfleetError,
         elapsed: float,
     ) -> None:
-        model = version.name if version else request.model_name
-        ver = str(version.version) if version else (request.model_version or "")
+        if version is not None:
+            model, ver = version.name, str(version.version)
+        else:
+            # Names from clients are unbounded; only known models get their own series.
+            known = request.model_name in self.slots.slots
+            model, ver = (request.model_name if known else "_unknown"), ""
         self.metrics.requests.labels(model, ver, "failure", exc.reason).inc()
         if version is not None:
             version.stats.fail_count += 1

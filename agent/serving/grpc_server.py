@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent import __version__
+from agent.serving.batcher import DynamicBatcher
 from agent.serving.converters import request_from_proto, response_to_proto
 from agent.serving.dataplane import DataPlane
 from agent.slots import LoadedVersion, SlotManager
@@ -207,9 +208,8 @@ def model_config(v: LoadedVersion) -> pb.ModelConfig:
             for t in m.outputs
         ],
     )
-    if v.batching:
-        delay = v.runner.max_queue_delay_us if hasattr(v.runner, "max_queue_delay_us") else 0
-        cfg.dynamic_batching.max_queue_delay_microseconds = delay
+    if isinstance(v.runner, DynamicBatcher):
+        cfg.dynamic_batching.max_queue_delay_microseconds = v.runner.max_queue_delay_us
     return cfg
 
 
