@@ -8,13 +8,14 @@ import logging
 import os
 import signal
 
-from agent.config import ServeConfig, split_hostport
+from agent.config import ServeConfig
 from agent.metrics import AgentMetrics
 from agent.repository import RepositoryWatcher
 from agent.runtime import RuntimeOptions
 from agent.serving.dataplane import DataPlane
 from agent.serving.grpc_server import HealthReporter, build_admin_server, build_server
 from agent.slots import BatchingConfig, SlotManager
+from protos.settings import split_hostport
 
 log = logging.getLogger("agent")
 

@@ -5,14 +5,13 @@ Every key is documented in docs/configuration.md; the defaults are the documente
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from protos.errors import InvalidRequestError
+from protos.settings import load_settings, split_hostport
 
 ENV_PREFIX = "MODELFLEET_AGENT_"
 
@@ -55,59 +54,15 @@ class ServeConfig:
         )
 
 
-def _coerce(name: str, value: Any, kind: Any) -> Any:
-    try:
-        if kind is bool or kind == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if kind in (int, "int"):
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return int(value)
-        if kind in (float, "float"):
-            return float(value)
-        if kind in (Path, "Path"):
-            return Path(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise InvalidRequestError(f"config: {name} has invalid value {value!r}") from None
-
-
 def load_config(
-    path: Path | None = None, overrides: dict[str, Any] | None = None, env: dict | None = None
+    path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> ServeConfig:
     """TOML file (``[agent]`` table or top level), then MODELFLEET_AGENT_* env, then overrides."""
-    cfg = ServeConfig()
-    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise InvalidRequestError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise InvalidRequestError(f"config file {path}: {exc}") from None
-        table = data.get("agent", data)
-        unknown = sorted(set(table) - set(fields))
-        if unknown:
-            raise InvalidRequestError(f"config file {path}: unknown key(s) {', '.join(unknown)}")
-        values.update(table)
-    env = os.environ if env is None else env
-    for name in fields:
-        key = ENV_PREFIX + name.upper()
-        if key in env:
-            values[name] = env[key]
-    for name, value in (overrides or {}).items():
-        if value is not None:
-            values[name] = value
-    for name, value in values.items():
-        setattr(cfg, name, _coerce(name, value, fields[name].type))
+    cfg = load_settings(
+        ServeConfig, path, table="agent", env_prefix=ENV_PREFIX, overrides=overrides, env=env
+    )
     validate(cfg)
     return cfg
 
@@ -125,10 +80,3 @@ def validate(cfg: ServeConfig) -> None:
     split_hostport(cfg.listen, "listen")
     if cfg.metrics_listen:
         split_hostport(cfg.metrics_listen, "metrics_listen")
-
-
-def split_hostport(value: str, what: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise InvalidRequestError(f"config: {what} must be HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)

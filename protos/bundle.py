@@ -525,3 +525,85 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipping: one uncompressed tar per bundle (the TUF target). ONNX weights barely compress, and
+# an uncompressed archive can be streamed, resumed at any byte offset and hashed as it arrives.
+
+BUNDLE_FILES = (MANIFEST_FILE, MODEL_FILE, HEALTH_FILE)
+
+
+def pack_bundle(bundle_dir: Path | str, out_path: Path | str) -> tuple[str, int]:
+    """Write a deterministic tar of the bundle; return its (sha256, size).
+
+    Deterministic (fixed order, mtime, owner, mode) so the same bundle always has the same hash.
+    """
+    import tarfile
+
+    bundle_dir, out_path = Path(bundle_dir), Path(out_path)
+    load_bundle(bundle_dir)  # never ship something the agent would refuse
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for filename in BUNDLE_FILES:
+            info = tar.gettarinfo(str(bundle_dir / filename), arcname=filename)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            info.mode = 0o644
+            with open(bundle_dir / filename, "rb") as fh:
+                tar.addfile(info, fh)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, out_path)
+    return sha256_file(out_path)
+
+
+def unpack_bundle(
+    archive: Path | str, parent: Path | str, *, expect: tuple[str, int] | None = None
+) -> Bundle:
+    """Extract a bundle archive into ``parent/<version>`` atomically and verify it.
+
+    Only the three bundle files are accepted, as regular files at the top level: no links, no
+    paths, no devices, nothing else. ``expect`` is the (name, version) the archive was fetched as.
+    """
+    import tarfile
+
+    archive, parent = Path(archive), Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=parent))
+    try:
+        try:
+            with tarfile.open(archive, "r:") as tar:
+                seen = set()
+                for member in tar:
+                    if member.name not in BUNDLE_FILES or not member.isfile():
+                        raise BundleError(
+                            f"{archive}: unexpected archive member {member.name!r} "
+                            f"(a bundle holds only {', '.join(BUNDLE_FILES)})"
+                        )
+                    if member.name in seen:
+                        raise BundleError(f"{archive}: {member.name} appears twice")
+                    seen.add(member.name)
+                    src = tar.extractfile(member)
+                    assert src is not None
+                    with open(tmp / member.name, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                        out.flush()
+                        os.fsync(out.fileno())
+        except tarfile.TarError as exc:
+            raise BundleError(f"{archive}: not a bundle archive: {exc}") from None
+        bundle = load_bundle(tmp)
+        if expect is not None and (bundle.name, bundle.version) != expect:
+            raise BundleError(
+                f"{archive}: manifest says {bundle.name!r} version {bundle.version}, "
+                f"expected {expect[0]!r} version {expect[1]}"
+            )
+        final = parent / str(bundle.version)
+        if final.exists():
+            shutil.rmtree(final)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, final)
+        _fsync_dir(parent)
+        return Bundle(final, bundle.manifest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

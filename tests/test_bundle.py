@@ -99,3 +99,45 @@ def test_string_samples_round_trip(repo: Path, tmp_path: Path) -> None:
     loaded = load_bundle(b.path).health_samples()
     assert loaded.inputs["x"].dtype == object
     assert list(loaded.expected["y"].ravel()) == list(samples["x"].ravel())
+
+
+def test_pack_is_deterministic_and_unpack_round_trips(repo: Path, tmp_path: Path) -> None:
+    from protos.bundle import pack_bundle, unpack_bundle
+
+    b = make_mlp_bundle(repo, 4)
+    sha1, size1 = pack_bundle(b.path, tmp_path / "a.tar")
+    sha2, size2 = pack_bundle(b.path, tmp_path / "b.tar")
+    assert (sha1, size1) == (sha2, size2)
+    out = unpack_bundle(tmp_path / "a.tar", tmp_path / "cache" / "mlp", expect=("mlp", 4))
+    assert out.path == tmp_path / "cache" / "mlp" / "4"
+    assert (out.path / "model.onnx").read_bytes() == (b.path / "model.onnx").read_bytes()
+    with pytest.raises(BundleError, match="expected 'mlp' version 5"):
+        unpack_bundle(tmp_path / "a.tar", tmp_path / "cache2", expect=("mlp", 5))
+
+
+def test_unpack_refuses_hostile_archives(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from protos.bundle import unpack_bundle
+
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        data = b"owned"
+        info = tarfile.TarInfo("../../etc/cron.d/x")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(BundleError, match="unexpected archive member '../../etc/cron.d/x'"):
+        unpack_bundle(evil, tmp_path / "out")
+    link = tmp_path / "link.tar"
+    with tarfile.open(link, "w") as tar:
+        info = tarfile.TarInfo("model.onnx")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(BundleError, match="unexpected archive member 'model.onnx'"):
+        unpack_bundle(link, tmp_path / "out")
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(BundleError, match="not a bundle archive"):
+        unpack_bundle(tmp_path / "junk.tar", tmp_path / "out")
+    assert not any(p.name.startswith(".unpack-") for p in (tmp_path / "out").iterdir())

@@ -1,0 +1,371 @@
+"""Registry and fleet state in SQLite (WAL): models, versions, agents, tokens, deployments.
+
+Every write is one transaction. The hub is the only writer; sqlite3 calls are short enough to
+run on the event loop. A PostgreSQL implementation would replace this class behind the same
+methods.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protos.errors import (
+    BundleExistsError,
+    InvalidRequestError,
+    ModelfleetError,
+    ModelNotFoundError,
+    Status,
+)
+
+STAGES = ("staged", "production", "deprecated", "retired")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    stage TEXT NOT NULL DEFAULT 'staged',
+    notes TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    target_path TEXT NOT NULL,
+    signed INTEGER NOT NULL,
+    manifest TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id TEXT PRIMARY KEY,
+    hostname TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    enrolled_at REAL NOT NULL,
+    last_seen REAL NOT NULL DEFAULT 0,
+    status TEXT NOT NULL DEFAULT 'active',
+    cert_fingerprint TEXT NOT NULL,
+    report TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL,
+    used_by TEXT
+);
+CREATE TABLE IF NOT EXISTS deployments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    selector TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+class PermissionDeniedError(ModelfleetError):
+    status = Status.PERMISSION_DENIED
+    reason = "permission_denied"
+
+
+class FailedPreconditionError(ModelfleetError):
+    status = Status.FAILED_PRECONDITION
+    reason = "failed_precondition"
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    name: str
+    version: int
+    sha256: str
+    size: int
+    stage: str
+    notes: str
+    created_at: float
+    target_path: str
+    signed: bool
+    same_content_as: int = 0
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    agent_id: str
+    hostname: str
+    labels: dict[str, str]
+    enrolled_at: float
+    last_seen: float
+    status: str
+    cert_fingerprint: str
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Desired:
+    name: str
+    version: int
+    target_path: str
+    sha256: str
+    size: int
+
+
+def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+class Registry:
+    def __init__(self, path: Path, clock: Any = time.time) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        # Autocommit mode, so every transaction is an explicit BEGIN IMMEDIATE ... COMMIT.
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(_SCHEMA)
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- versions -------------------------------------------------------------------------------
+
+    def latest_version(self, name: str) -> int:
+        row = self.db.execute("SELECT MAX(version) FROM versions WHERE name = ?", (name,))
+        return int(row.fetchone()[0] or 0)
+
+    def check_new_version(self, name: str, version: int) -> None:
+        if self.get_version(name, version, missing_ok=True) is not None:
+            raise BundleExistsError(
+                f"{name} version {version} is already published; versions are immutable"
+            )
+        latest = self.latest_version(name)
+        if version <= latest:
+            raise InvalidRequestError(
+                f"{name} version {version} must be greater than the latest published "
+                f"version {latest}"
+            )
+
+    def add_version(
+        self,
+        *,
+        name: str,
+        version: int,
+        sha256: str,
+        size: int,
+        notes: str,
+        target_path: str,
+        signed: bool,
+        manifest: Mapping[str, Any],
+    ) -> VersionRow:
+        with self.tx():
+            self.check_new_version(name, version)
+            self.db.execute(
+                "INSERT INTO versions (name, version, sha256, size, notes, created_at, "
+                "target_path, signed, manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, version, sha256, size, notes, self.clock(), target_path, int(signed),
+                 json.dumps(manifest)),
+            )  # fmt: skip
+        row = self.get_version(name, version)
+        assert row is not None
+        return row
+
+    def mark_signed(self, name: str, version: int) -> None:
+        with self.tx():
+            self.db.execute(
+                "UPDATE versions SET signed = 1 WHERE name = ? AND version = ?", (name, version)
+            )
+
+    def _row(self, r: sqlite3.Row) -> VersionRow:
+        same = self.db.execute(
+            "SELECT MIN(version) FROM versions WHERE name = ? AND sha256 = ? AND version < ?",
+            (r["name"], r["sha256"], r["version"]),
+        ).fetchone()[0]
+        return VersionRow(
+            r["name"], r["version"], r["sha256"], r["size"], r["stage"], r["notes"],
+            r["created_at"], r["target_path"], bool(r["signed"]), int(same or 0),
+        )  # fmt: skip
+
+    def get_version(self, name: str, version: int, missing_ok: bool = False) -> VersionRow | None:
+        r = self.db.execute(
+            "SELECT * FROM versions WHERE name = ? AND version = ?", (name, version)
+        ).fetchone()
+        if r is None:
+            if missing_ok:
+                return None
+            raise ModelNotFoundError(f"model {name!r} has no version {version}")
+        return self._row(r)
+
+    def versions(self, name: str) -> list[VersionRow]:
+        rows = self.db.execute(
+            "SELECT * FROM versions WHERE name = ? ORDER BY version", (name,)
+        ).fetchall()
+        if not rows:
+            raise ModelNotFoundError(f"no model named {name!r}")
+        return [self._row(r) for r in rows]
+
+    def models(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT name, MAX(version) AS latest, COUNT(*) AS n, "
+            "MAX(CASE WHEN stage = 'production' THEN version END) AS prod "
+            "FROM versions GROUP BY name ORDER BY name"
+        ).fetchall()
+        return [
+            {
+                "name": r["name"],
+                "latest": r["latest"],
+                "count": r["n"],
+                "production": r["prod"] or 0,
+            }
+            for r in rows
+        ]
+
+    def set_stage(self, name: str, version: int, stage: str) -> VersionRow:
+        if stage not in STAGES:
+            raise InvalidRequestError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")
+        row = self.get_version(name, version)
+        assert row is not None
+        if row.stage == "retired" and stage != "retired":
+            raise FailedPreconditionError(f"{name} version {version} is retired for good")
+        with self.tx():
+            if stage == "production":
+                # One production version per model: the previous one steps down.
+                self.db.execute(
+                    "UPDATE versions SET stage = 'deprecated' WHERE name = ? AND "
+                    "stage = 'production' AND version != ?",
+                    (name, version),
+                )
+            self.db.execute(
+                "UPDATE versions SET stage = ? WHERE name = ? AND version = ?",
+                (stage, name, version),
+            )
+        out = self.get_version(name, version)
+        assert out is not None
+        return out
+
+    # -- tokens and agents ----------------------------------------------------------------------
+
+    def add_token(
+        self, token_id: str, secret_hash: str, labels: Mapping[str, str], expires_at: float
+    ) -> None:
+        with self.tx():
+            self.db.execute(
+                "INSERT INTO tokens (token_id, secret_hash, labels, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (token_id, secret_hash, json.dumps(dict(labels)), self.clock(), expires_at),
+            )
+
+    def consume_token(self, token_id: str, secret_hash: str, agent_id: str) -> dict[str, str]:
+        """Mark the token used by ``agent_id`` and return its labels; refuse any reuse."""
+        now = self.clock()
+        with self.tx():
+            r = self.db.execute("SELECT * FROM tokens WHERE token_id = ?", (token_id,)).fetchone()
+            if r is None or r["secret_hash"] != secret_hash:
+                raise PermissionDeniedError("enrollment token is not valid")
+            if r["used_at"] is not None:
+                raise PermissionDeniedError(
+                    f"enrollment token {token_id} was already used (by {r['used_by']})"
+                )
+            if r["expires_at"] <= now:
+                raise PermissionDeniedError(f"enrollment token {token_id} has expired")
+            self.db.execute(
+                "UPDATE tokens SET used_at = ?, used_by = ? WHERE token_id = ?",
+                (now, agent_id, token_id),
+            )
+        return json.loads(r["labels"])
+
+    def add_agent(
+        self, agent_id: str, hostname: str, labels: Mapping[str, str], fingerprint: str
+    ) -> None:
+        with self.tx():
+            self.db.execute(
+                "INSERT INTO agents (agent_id, hostname, labels, enrolled_at, cert_fingerprint) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (agent_id, hostname, json.dumps(dict(labels)), self.clock(), fingerprint),
+            )
+
+    def agent(self, agent_id: str) -> AgentRow:
+        r = self.db.execute("SELECT * FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
+        if r is None:
+            raise PermissionDeniedError(f"unknown agent {agent_id!r}")
+        return self._agent(r)
+
+    def _agent(self, r: sqlite3.Row) -> AgentRow:
+        return AgentRow(
+            r["agent_id"], r["hostname"], json.loads(r["labels"]), r["enrolled_at"],
+            r["last_seen"], r["status"], r["cert_fingerprint"], json.loads(r["report"]),
+        )  # fmt: skip
+
+    def agents(self) -> list[AgentRow]:
+        return [
+            self._agent(r)
+            for r in self.db.execute("SELECT * FROM agents ORDER BY agent_id").fetchall()
+        ]
+
+    def revoke(self, agent_id: str) -> None:
+        self.agent(agent_id)
+        with self.tx():
+            self.db.execute("UPDATE agents SET status = 'revoked' WHERE agent_id = ?", (agent_id,))
+
+    def touch(self, agent_id: str, report: Mapping[str, Any] | None = None) -> None:
+        with self.tx():
+            if report is None:
+                self.db.execute(
+                    "UPDATE agents SET last_seen = ? WHERE agent_id = ?", (self.clock(), agent_id)
+                )
+            else:
+                self.db.execute(
+                    "UPDATE agents SET last_seen = ?, report = ? WHERE agent_id = ?",
+                    (self.clock(), json.dumps(report), agent_id),
+                )
+
+    # -- desired state --------------------------------------------------------------------------
+
+    def deploy(self, name: str, version: int, selector: Mapping[str, str]) -> int:
+        row = self.get_version(name, version)
+        assert row is not None
+        if row.stage == "retired":
+            raise FailedPreconditionError(f"{name} version {version} is retired: not deployable")
+        if not row.signed:
+            raise FailedPreconditionError(
+                f"{name} version {version} is not signed yet: finish publishing with --targets-key"
+            )
+        with self.tx():
+            cur = self.db.execute(
+                "INSERT INTO deployments (name, version, selector, created_at) VALUES (?, ?, ?, ?)",
+                (name, version, json.dumps(dict(selector), sort_keys=True), self.clock()),
+            )
+        return int(cur.lastrowid or 0)
+
+    def revision(self) -> int:
+        row = self.db.execute("SELECT MAX(id) FROM deployments").fetchone()
+        return int(row[0] or 0)
+
+    def desired_for(self, labels: Mapping[str, str]) -> list[Desired]:
+        """Per model, the newest deployment whose selector matches these labels."""
+        chosen: dict[str, int] = {}
+        for r in self.db.execute("SELECT name, version, selector FROM deployments ORDER BY id"):
+            if selector_matches(json.loads(r["selector"]), labels):
+                chosen[r["name"]] = r["version"]
+        out = []
+        for name, version in sorted(chosen.items()):
+            v = self.get_version(name, version)
+            assert v is not None
+            out.append(Desired(name, version, v.target_path, v.sha256, v.size))
+        return out
