@@ -13,7 +13,12 @@ from agent.metrics import AgentMetrics
 from agent.repository import RepositoryWatcher
 from agent.runtime import RuntimeOptions
 from agent.serving.dataplane import DataPlane
-from agent.serving.grpc_server import HealthReporter, build_admin_server, build_server
+from agent.serving.grpc_server import (
+    HealthReporter,
+    ListenError,
+    build_admin_server,
+    build_server,
+)
 from agent.slots import BatchingConfig, SlotManager
 from protos.settings import split_hostport
 
@@ -67,12 +72,19 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     server, port = build_server(slots, dataplane, health, cfg.listen, cfg.max_message_bytes)
     await server.start()
     admin_path = cfg.admin_socket_path()
-    admin = build_admin_server(slots, admin_path, cfg.listen)
+    bound = f"{cfg.listen.rpartition(':')[0]}:{port}"
+    admin = build_admin_server(slots, admin_path, bound)
     await admin.start()
     os.chmod(admin_path, 0o600)
     if cfg.metrics_listen:
         host, mport = split_hostport(cfg.metrics_listen, "metrics_listen")
-        metrics.serve_http(host, mport)
+        try:
+            metrics.serve_http(host, mport)
+        except OSError as exc:
+            await server.stop(0)
+            await admin.stop(0)
+            admin_path.unlink(missing_ok=True)
+            raise ListenError(f"cannot serve metrics on {cfg.metrics_listen}: {exc}") from None
         log.info("metrics on http://%s/metrics", cfg.metrics_listen)
     log.info("listening on %s (port %d); admin socket %s", cfg.listen, port, admin_path)
 
@@ -80,8 +92,10 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     # Load what is on disk before declaring readiness; readiness means "can serve now".
     await watcher.sync_once()
     await health.refresh()
-    loaded = {s.name: s.active for s in slots.status()}
-    log.info("READY: serving %s", ", ".join(f"{n} v{v}" for n, v in loaded.items()) or "nothing")
+    serving = [f"{s.name} v{s.active}" for s in slots.status() if s.active is not None]
+    refused = [s.name for s in slots.status() if s.active is None]
+    log.info("READY: serving %s%s", ", ".join(serving) or "nothing",
+             f"; not ready: {', '.join(refused)}" if refused else "")  # fmt: skip
     watch_task = loop.create_task(watcher.run(stop))
     try:
         await stop.wait()

@@ -190,12 +190,18 @@ def _call(fn: Any, request: Any) -> Any:
         err = {
             grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
             grpc.StatusCode.UNAVAILABLE: _Unavailable,
-        }.get(code, _Failed)
+            grpc.StatusCode.DEADLINE_EXCEEDED: _Unavailable,
+            grpc.StatusCode.FAILED_PRECONDITION: _Failed,
+        }.get(code, _Internal)
         raise err(exc.details() or str(code)) from None
 
 
 class _Failed(ModelfleetError):
     status = Status.FAILED_PRECONDITION
+
+
+class _Internal(ModelfleetError):
+    status = Status.INTERNAL
 
 
 def cmd_status(args: argparse.Namespace) -> int:

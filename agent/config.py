@@ -75,6 +75,10 @@ def validate(cfg: ServeConfig) -> None:
             raise InvalidRequestError(f"config: {name} must be >= 1")
     if cfg.max_message_bytes < 1024:
         raise InvalidRequestError("config: max_message_bytes must be at least 1024")
+    if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise InvalidRequestError(f"config: unknown log_level {cfg.log_level!r}")
+    if cfg.drain_timeout_s < 0 or cfg.intra_op_threads < 0 or cfg.inter_op_threads < 0:
+        raise InvalidRequestError("config: drain_timeout_s and thread counts must be >= 0")
     if cfg.poll_interval_s <= 0:
         raise InvalidRequestError("config: poll_interval_s must be > 0")
     split_hostport(cfg.listen, "listen")

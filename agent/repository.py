@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.slots import ModelStatus, SlotManager
-from protos.bundle import MANIFEST_FILE, NAME_RE
+from protos.bundle import BUNDLE_FILES, NAME_RE
 from protos.errors import ModelfleetError
 
 log = logging.getLogger(__name__)
@@ -60,18 +60,23 @@ def scan(root: Path) -> dict[str, dict[int, VersionOnDisk]]:
         except OSError:
             continue
         for vdir in entries:
-            if not vdir.name.isdigit() or not vdir.is_dir():
+            if not (vdir.name.isascii() and vdir.name.isdigit()) or not vdir.is_dir():
                 continue
             try:
                 st_dir = vdir.stat()
-                st = os.stat(os.path.join(vdir.path, MANIFEST_FILE))
+                stats = [os.stat(os.path.join(vdir.path, f)) for f in BUNDLE_FILES]
             except OSError:
-                # No manifest (yet): not a bundle; a failing load would only be noise.
+                # Not complete (yet): a failing load would only be noise.
                 continue
             version = int(vdir.name)
-            versions[version] = VersionOnDisk(
-                version, Path(vdir.path), (st_dir.st_ino, st.st_mtime_ns, st.st_size)
+            # Covers every file, so a bundle copied in place non-atomically is tried again
+            # once the copy has finished.
+            fingerprint = (
+                st_dir.st_ino,
+                max(st.st_mtime_ns for st in stats),
+                sum(st.st_size for st in stats),
             )
+            versions[version] = VersionOnDisk(version, Path(vdir.path), fingerprint)
         if versions:
             found[mdir.name] = versions
     return found

@@ -7,6 +7,7 @@ methods.
 
 from __future__ import annotations
 
+import hmac
 import json
 import sqlite3
 import time
@@ -276,7 +277,7 @@ class Registry:
         now = self.clock()
         with self.tx():
             r = self.db.execute("SELECT * FROM tokens WHERE token_id = ?", (token_id,)).fetchone()
-            if r is None or r["secret_hash"] != secret_hash:
+            if r is None or not hmac.compare_digest(r["secret_hash"], secret_hash):
                 raise PermissionDeniedError("enrollment token is not valid")
             if r["used_at"] is not None:
                 raise PermissionDeniedError(

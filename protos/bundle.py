@@ -341,9 +341,18 @@ def _default_max_batch(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec
 
 def _write_npz(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    stored = {k: (v.astype(str) if v.dtype.kind in ("O", "S") else v) for k, v in arrays.items()}
+    stored = {k: (_to_unicode(v) if v.dtype.kind in ("O", "S") else v) for k, v in arrays.items()}
     np.savez(buf, **stored)
     return buf.getvalue()
+
+
+def _to_unicode(arr: np.ndarray) -> np.ndarray:
+    # npz cannot hold object arrays without pickle; strings are stored as unicode, bytes decoded
+    # as UTF-8 (with surrogate escapes so arbitrary bytes survive the round trip).
+    def text(v: object) -> str:
+        return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
+
+    return np.vectorize(text, otypes=[str])(arr) if arr.size else arr.astype(str)
 
 
 def _check_samples(
@@ -409,6 +418,11 @@ def create_bundle(
         raise BundleError(f"version must be a positive integer, got {version}")
     if warmup_runs < 1:
         raise BundleError("warmup_runs must be >= 1")
+    for label, value in (("rtol", rtol), ("atol", atol), ("latency_budget_ms", latency_budget_ms),
+                         ("max_queue_delay_us", max_queue_delay_us),
+                         ("max_batch_size", max_batch_size or 0)):  # fmt: skip
+        if value < 0:
+            raise BundleError(f"{label} must be >= 0, got {value}")
     model_path = Path(model_path)
     try:
         model_bytes = model_path.read_bytes()
@@ -598,10 +612,13 @@ def unpack_bundle(
                 f"expected {expect[0]!r} version {expect[1]}"
             )
         final = parent / str(bundle.version)
-        if final.exists():
-            shutil.rmtree(final)
         os.chmod(tmp, 0o755)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            raise BundleExistsError(
+                f"{final} already exists; bundle versions are immutable"
+            ) from None
         _fsync_dir(parent)
         return Bundle(final, bundle.manifest)
     finally:

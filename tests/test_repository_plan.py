@@ -56,7 +56,11 @@ def test_no_second_deploy_while_one_is_loading() -> None:
 
 def test_scan_ignores_temporary_and_incomplete_directories(tmp_path: Path) -> None:
     (tmp_path / "m" / "1").mkdir(parents=True)
-    (tmp_path / "m" / "1" / "manifest.json").write_text("{}")
+    for f in ("manifest.json", "model.onnx", "health.npz"):
+        (tmp_path / "m" / "1" / f).write_text("{}")
+    (tmp_path / "m" / "2").mkdir()
+    (tmp_path / "m" / "2" / "manifest.json").write_text("{}")  # copy still in progress
+    (tmp_path / "m" / "²").mkdir()  # isdigit() but not a number
     (tmp_path / "m" / ".2.tmp-abc").mkdir()
     (tmp_path / "m" / "3").mkdir()  # no manifest yet
     (tmp_path / ".hidden" / "1").mkdir(parents=True)

@@ -313,6 +313,11 @@ class HealthReporter:
         self._known = names
 
 
+class ListenError(ModelfleetError):
+    status = Status.UNAVAILABLE
+    reason = "listen"
+
+
 def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -331,9 +336,12 @@ def build_server(
     server = grpc.aio.server(options=grpc_options(max_message_bytes))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(slots, dataplane), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_reporter.servicer, server)
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+        raise ListenError(f"cannot listen on {listen} (address in use or not local?)")
     return server, port
 
 
