@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+from typing import Any
 
 from agent.config import ServeConfig
 from agent.metrics import AgentMetrics
@@ -88,15 +89,24 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         log.info("metrics on http://%s/metrics", cfg.metrics_listen)
     log.info("listening on %s (port %d); admin socket %s", cfg.listen, port, admin_path)
 
-    watcher = RepositoryWatcher(cfg.models, slots, cfg.poll_interval_s)
-    # Load what is on disk before declaring readiness; readiness means "can serve now".
-    await watcher.sync_once()
+    if cfg.hub:
+        from agent.fleet.sync import FleetSync
+
+        source: Any = FleetSync(cfg, slots, bound)
+        # Serve what was cached and verified before, whether or not the hub answers.
+        await source.restore()
+        mode = f"fleet mode, hub {cfg.hub}"
+    else:
+        source = RepositoryWatcher(cfg.models, slots, cfg.poll_interval_s)
+        # Load what is on disk before declaring readiness; readiness means "can serve now".
+        await source.sync_once()
+        mode = f"standalone, repository {cfg.models}"
     await health.refresh()
     serving = [f"{s.name} v{s.active}" for s in slots.status() if s.active is not None]
     refused = [s.name for s in slots.status() if s.active is None]
-    log.info("READY: serving %s%s", ", ".join(serving) or "nothing",
+    log.info("READY (%s): serving %s%s", mode, ", ".join(serving) or "nothing",
              f"; not ready: {', '.join(refused)}" if refused else "")  # fmt: skip
-    watch_task = loop.create_task(watcher.run(stop))
+    watch_task = loop.create_task(source.run(stop))
     try:
         await stop.wait()
     finally:

@@ -21,6 +21,7 @@ def _add_admin_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--models", type=Path, default=Path("models"), help="the agent's model repository"
     )
+    p.add_argument("--data", type=Path, help="fleet mode: the agent's data directory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout-s", type=float)
     serve.add_argument("--log-level")
     serve.add_argument("--log-json", action="store_true", default=None)
+
+    run = sub.add_parser("run", help="fleet mode: follow the hub (config written by enroll)")
+    run.add_argument("--config", type=Path, required=True, help="agent.toml from enroll")
+    run.add_argument("--listen")
+    run.add_argument("--metrics-listen")
+    run.add_argument("--log-level")
+    run.add_argument("--log-json", action="store_true", default=None)
+
+    enroll = sub.add_parser("enroll", help="join a hub's fleet with a one-time token")
+    enroll.add_argument("--token", required=True, help="from `modelfleet-hub agents token`")
+    enroll.add_argument("--data", type=Path, required=True, help="agent state directory")
+    enroll.add_argument("--listen", default="127.0.0.1:8001",
+                        help="where this agent will serve inference")  # fmt: skip
+    enroll.add_argument("--metrics-listen", default="")
+    enroll.add_argument("--hostname", help="name reported to the hub (default: this host's)")
+    enroll.add_argument("--force", action="store_true", help="enroll again, replacing identity")
 
     status = sub.add_parser("status", help="what a running agent serves, and gate results")
     _add_admin_args(status)
@@ -162,12 +179,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.app import serve
+    from agent.config import load_config
+    from agent.logs import setup_logging
+
+    overrides = {"listen": args.listen, "metrics_listen": args.metrics_listen,
+                 "log_level": args.log_level, "log_json": args.log_json}  # fmt: skip
+    cfg = load_config(args.config, overrides)
+    if not cfg.hub:
+        raise InvalidRequestError(f"{args.config} names no hub: enroll first, or use `serve`")
+    setup_logging(cfg.log_level, cfg.log_json)
+    asyncio.run(serve(cfg))
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from agent.fleet.enroll import enroll
+
+    agent_id, config = enroll(
+        args.token, args.data, listen=args.listen, metrics_listen=args.metrics_listen,
+        hostname=args.hostname, force=args.force,
+    )  # fmt: skip
+    print(f"enrolled as {agent_id}; start with: modelfleet-agent run --config {config}")
+    return 0
+
+
 def _admin_stub(args: argparse.Namespace) -> Any:
     import grpc
 
     from protos import agent_pb2_grpc
 
-    path = args.admin_socket or str(args.models / ".modelfleet-admin.sock")
+    if args.admin_socket:
+        path = args.admin_socket
+    elif args.data:
+        path = str(args.data / "admin.sock")
+    else:
+        path = str(args.models / ".modelfleet-admin.sock")
     if not Path(path).exists():
         raise _Unavailable(f"no agent admin socket at {path} (is the agent running?)")
     channel = grpc.insecure_channel(f"unix:{path}")
@@ -248,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "serve": cmd_serve,
+        "run": cmd_run,
+        "enroll": cmd_enroll,
         "status": cmd_status,
         "rollback": cmd_rollback,
     }

@@ -47,11 +47,29 @@ class ServeConfig:
     drain_timeout_s: float = 10.0
     log_level: str = "INFO"
     log_json: bool = False
+    # -- fleet mode (`modelfleet-agent run`); written by `modelfleet-agent enroll` ---------------
+    # The hub's mTLS address; empty means standalone mode.
+    hub: str = ""
+    agent_id: str = ""
+    # Agent state: identity, TUF metadata, bundle cache, last desired state.
+    data: Path = Path("agent-data")
+    # A fresh watch stream (and so a full resync) at least this often, in seconds.
+    resync_interval_s: float = 30.0
+    # Heartbeat: state report to the hub at least this often, in seconds.
+    report_interval_s: float = 10.0
+    # Bundle cache size cap; versions neither desired nor loaded are collected first.
+    cache_max_bytes: int = 10 * 1024**3
+    # Free disk space that downloads must leave untouched.
+    disk_reserve_bytes: int = 64 * 1024 * 1024
+    # Upper bound of the reconnect backoff (full jitter), in seconds.
+    backoff_max_s: float = 30.0
 
     def admin_socket_path(self) -> Path:
-        return (
-            Path(self.admin_socket) if self.admin_socket else self.models / ".modelfleet-admin.sock"
-        )
+        if self.admin_socket:
+            return Path(self.admin_socket)
+        if self.hub:
+            return self.data / "admin.sock"
+        return self.models / ".modelfleet-admin.sock"
 
 
 def load_config(

@@ -1,21 +1,428 @@
-"""``modelfleet-hub``: the fleet hub's command line (registry, signing, rollouts)."""
+"""``modelfleet-hub``: run the hub, publish and deploy models, manage the fleet."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
+import re
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from protos.errors import EXIT_CODES, InvalidRequestError, ModelfleetError, Status
+
+DEFAULT_DATA = os.environ.get("MODELFLEET_HUB_DATA", "hub-data")
+
+
+def _duration(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 90s, 10m, 1h, 7d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _labels(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, sep, v = part.partition("=")
+        if not sep or not k:
+            raise argparse.ArgumentTypeError(f"invalid label {part!r}: use key=value")
+        out[k] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelfleet-hub", description="modelfleet hub")
+    p.add_argument(
+        "--data", type=Path, default=Path(DEFAULT_DATA),
+        help="hub state directory (default: $MODELFLEET_HUB_DATA or ./hub-data)",
+    )  # fmt: skip
+    p.add_argument("--hub", help="hub address HOST:PORT (default: from DATA/admin/hub.json)")
+    p.add_argument("--admin-dir", type=Path, help="admin identity (default: DATA/admin)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the hub")
+    s.add_argument("--config", type=Path)
+    s.add_argument("--listen")
+    s.add_argument("--enroll-listen")
+    s.add_argument("--advertise")
+    s.add_argument("--advertise-enroll")
+    s.add_argument("--hostnames")
+    s.add_argument("--refresh-interval-s", type=float)
+    s.add_argument("--timestamp-expiry-s", type=float)
+    s.add_argument("--snapshot-expiry-s", type=float)
+    s.add_argument("--transfer-rate-limit-mbps", type=float)
+    s.add_argument("--log-level")
+    s.add_argument("--log-json", action="store_true", default=None)
+
+    keys = sub.add_parser("keys", help="TUF signing keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    ki = ksub.add_parser("init", help="create the four role keys (before the first start)")
+    ki.add_argument(
+        "--offline", type=Path, help="write the root and targets private keys here, not on the hub"
+    )
+
+    pub = sub.add_parser("publish", help="build, upload and sign a new model version")
+    pub.add_argument("name")
+    pub.add_argument("model", type=Path)
+    pub.add_argument("--version", type=int, default=0, help="default: latest + 1")
+    pub.add_argument("--samples", type=Path, help="SAMPLES.npz (default: synthetic samples)")
+    pub.add_argument("--expected", type=Path, help="golden outputs EXPECTED.npz")
+    pub.add_argument("--notes", default="")
+    pub.add_argument("--targets-key", type=Path, help="offline targets private key (PEM)")
+    pub.add_argument("--latency-budget-ms", type=float)
+    pub.add_argument("--tolerance", type=float)
+    pub.add_argument("--max-batch-size", type=int)
+    pub.add_argument("--max-queue-delay-us", type=int, default=0)
+
+    models = sub.add_parser("models", help="the registry")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("ls")
+    show = msub.add_parser("show")
+    show.add_argument("name")
+    vers = msub.add_parser("versions")
+    vers.add_argument("name")
+    stage = msub.add_parser("stage", help="set a version's lifecycle stage")
+    stage.add_argument("name")
+    stage.add_argument("version", type=int)
+    stage.add_argument("stage", choices=["staged", "production", "deprecated", "retired"])
+
+    dep = sub.add_parser("deploy", help="set the desired version for matching agents")
+    dep.add_argument("name")
+    dep.add_argument("version", type=int)
+    dep.add_argument("--selector", type=_labels, default={}, help="k=v[,k=v] (default: all)")
+
+    agents = sub.add_parser("agents", help="the fleet")
+    asub = agents.add_subparsers(dest="agents_command", required=True)
+    tok = asub.add_parser("token", help="print a one-time enrollment token")
+    tok.add_argument("--labels", type=_labels, default={})
+    tok.add_argument("--ttl", type=_duration, default=3600.0)
+    als = asub.add_parser("ls")
+    als.add_argument("--json", action="store_true")
+    rev = asub.add_parser("revoke")
+    rev.add_argument("agent_id")
+    return p
+
+
+# -- admin client ------------------------------------------------------------------------------
+
+
+def admin_stub(args: argparse.Namespace) -> Any:
+    import grpc
+
+    from protos import fleet_pb2_grpc
+
+    admin = args.admin_dir or args.data / "admin"
+    address = args.hub
+    if not address:
+        try:
+            address = json.loads((admin / "hub.json").read_text())["address"]
+        except (OSError, ValueError, KeyError):
+            raise _Unavailable(
+                f"no hub address: pass --hub or start the hub with --data {args.data}"
+            ) from None
+    try:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=(admin / "ca.crt").read_bytes(),
+            private_key=(admin / "admin.key").read_bytes(),
+            certificate_chain=(admin / "admin.crt").read_bytes(),
+        )
+    except OSError as exc:
+        raise _Unavailable(f"cannot read the admin identity in {admin}: {exc}") from None
+    channel = grpc.secure_channel(
+        address, creds,
+        options=[("grpc.max_send_message_length", 64 << 20),
+                 ("grpc.max_receive_message_length", 64 << 20)],
+    )  # fmt: skip
+    return fleet_pb2_grpc.HubAdminStub(channel)
+
+
+class _Unavailable(ModelfleetError):
+    status = Status.UNAVAILABLE
+
+
+def call(fn: Any, request: Any, timeout: float = 60) -> Any:
+    import grpc
+
+    from hub.server import STATUS_BY_CODE
+
+    try:
+        return fn(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        status = STATUS_BY_CODE.get(exc.code(), Status.INTERNAL)
+        err = ModelfleetError(exc.details() or str(exc.code()))
+        err.status = status
+        raise err from None
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.logs import setup_logging
+    from hub.app import serve
+    from hub.config import load_hub_config
+
+    overrides = {k: getattr(args, k) for k in (
+        "listen", "enroll_listen", "advertise", "advertise_enroll", "hostnames",
+        "refresh_interval_s", "timestamp_expiry_s", "snapshot_expiry_s",
+        "transfer_rate_limit_mbps", "log_level", "log_json")}  # fmt: skip
+    overrides["data"] = args.data
+    cfg = load_hub_config(args.config, overrides)
+    setup_logging(cfg.log_level, cfg.log_json)
+    asyncio.run(serve(cfg))
+    return 0
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    from hub.core import HubPaths
+    from hub.signing import TufRepository, init_keys, load_signer
+
+    paths = HubPaths(args.data)
+    keys_dir = paths.keys
+    if (paths.metadata / "root.json").exists():
+        raise ModelfleetError(f"{paths.metadata} already holds a TUF repository")
+    args.data.mkdir(parents=True, exist_ok=True)
+    args.data.chmod(0o700)
+    ids = init_keys(keys_dir, args.offline)
+    # Root and targets metadata are signed now, while this machine holds those keys.
+    extra = {}
+    if args.offline:
+        extra = {"root_signer": load_signer(args.offline / "root.pem"),
+                 "targets_signer": load_signer(args.offline / "targets.pem")}  # fmt: skip
+    TufRepository.create(paths.metadata, keys_dir, **extra)
+    for role, keyid in ids.items():
+        print(f"{role:<10} {keyid}")
+    if args.offline:
+        print(f"root and targets private keys are in {args.offline}: move them off this machine;"
+              f" publishing will need --targets-key {args.offline}/targets.pem")  # fmt: skip
+    return 0
+
+
+def _progress(total: int) -> Iterator[None]:
+    """A progress bar on stderr for uploads (only when stderr is a terminal or forced)."""
+    start = time.monotonic()
+    sent = 0
+    show = sys.stderr.isatty() or os.environ.get("MODELFLEET_PROGRESS") == "1"
+    while True:
+        n = yield
+        sent += n or 0
+        if show:
+            frac = sent / total if total else 1.0
+            rate = sent / max(time.monotonic() - start, 1e-6) / 1e6
+            bar = "#" * int(frac * 30)
+            sys.stderr.write(f"\r  [{bar:<30}] {frac:6.1%} {sent / 1e6:8.1f} MB {rate:7.1f} MB/s")
+            if sent >= total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from protos import fleet_pb2 as pb
+    from protos.bundle import create_bundle, pack_bundle, synthetic_samples
+
+    stub = admin_stub(args)
+    version = args.version
+    if version <= 0:
+        try:
+            versions = call(stub.ListVersions, pb.ListVersionsRequest(name=args.name)).versions
+            version = max((v.version for v in versions), default=0) + 1
+        except ModelfleetError as exc:
+            if exc.status != Status.NOT_FOUND:
+                raise
+            version = 1
+    with tempfile.TemporaryDirectory(prefix="modelfleet-publish-") as tmp:
+        if args.samples:
+            with np.load(args.samples, allow_pickle=False) as npz:
+                samples = {k: npz[k] for k in npz.files}
+        else:
+            samples = synthetic_samples(args.model)
+        expected = None
+        if args.expected:
+            with np.load(args.expected, allow_pickle=False) as npz:
+                expected = {k: npz[k] for k in npz.files}
+        kwargs: dict[str, Any] = {}
+        if args.latency_budget_ms is not None:
+            kwargs["latency_budget_ms"] = args.latency_budget_ms
+        if args.tolerance is not None:
+            kwargs["rtol"] = kwargs["atol"] = args.tolerance
+        bundle = create_bundle(
+            args.model, name=args.name, version=version, samples=samples, expected=expected,
+            out_dir=Path(tmp) / "b", max_batch_size=args.max_batch_size,
+            max_queue_delay_us=args.max_queue_delay_us, **kwargs,
+        )  # fmt: skip
+        archive = Path(tmp) / "bundle.tar"
+        digest, size = pack_bundle(bundle.path, archive)
+        bar = _progress(size)
+        next(bar)
+
+        def chunks() -> Iterator[Any]:
+            header = pb.PublishHeader(
+                name=args.name, version=version, notes=args.notes, size=size, sha256=digest
+            )
+            yield pb.PublishChunk(header=header)
+            with open(archive, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    bar.send(len(block))
+                    yield pb.PublishChunk(data=block)
+
+        resp = call(stub.Publish, chunks(), timeout=3600)
+    v = resp.version
+    if resp.staged_payload:
+        if not args.targets_key:
+            print(f"{args.name} v{v.version} uploaded but NOT signed: the targets key is offline."
+                  " Re-run with --targets-key FILE to sign it.", file=sys.stderr)  # fmt: skip
+            return EXIT_CODES[Status.FAILED_PRECONDITION]
+        from hub.signing import sign_staged
+
+        sig = sign_staged(resp.staged_payload, args.targets_key)
+        commit = pb.CommitTargetsRequest(
+            name=args.name, version=v.version, keyid=sig["keyid"], signature=sig["sig"]
+        )
+        resp = call(stub.CommitTargets, commit)
+        v = resp.version
+    same = f" (same content as v{v.same_content_as})" if v.same_content_as else ""
+    print(f"published {v.name} v{v.version}: {v.size} bytes, sha256 {v.sha256[:12]}, "
+          f"stage {v.stage}, {'signed' if v.signed else 'unsigned'}{same}")  # fmt: skip
+    return 0
+
+
+def _print_versions(versions: Any) -> None:
+    print(f"{'VERSION':>7}  {'STAGE':<11} {'SIGNED':<6} {'SIZE':>10}  {'SHA256':<12}  CREATED"
+          "               NOTES")  # fmt: skip
+    for v in versions:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v.created_at))
+        same = f" (= v{v.same_content_as})" if v.same_content_as else ""
+        print(f"{v.version:>7}  {v.stage:<11} {'yes' if v.signed else 'NO':<6} {v.size:>10}  "
+              f"{v.sha256[:12]}  {created}   {v.notes}{same}")  # fmt: skip
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from protos import fleet_pb2 as pb
+
+    stub = admin_stub(args)
+    if args.models_command == "ls":
+        resp = call(stub.ListModels, pb.ListModelsRequest())
+        print(f"{'MODEL':<24} {'LATEST':>6} {'VERSIONS':>8} {'PRODUCTION':>10}")
+        for m in resp.models:
+            print(f"{m.name:<24} {m.latest_version:>6} {m.version_count:>8} "
+                  f"{m.production_version or '-':>10}")  # fmt: skip
+    elif args.models_command in ("show", "versions"):
+        resp = call(stub.ListVersions, pb.ListVersionsRequest(name=args.name))
+        if args.models_command == "show":
+            latest = resp.versions[-1]
+            prod = [v.version for v in resp.versions if v.stage == "production"]
+            print(f"model {args.name}: {len(resp.versions)} version(s), latest v{latest.version},"
+                  f" production {('v' + str(prod[0])) if prod else 'none'}")  # fmt: skip
+        _print_versions(resp.versions)
+    else:
+        v = call(stub.SetStage, pb.SetStageRequest(name=args.name, version=args.version,
+                                                   stage=args.stage))  # fmt: skip
+        print(f"{v.name} v{v.version} is now {v.stage}")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from protos import fleet_pb2 as pb
+
+    resp = call(admin_stub(args).Deploy, pb.DeployRequest(
+        name=args.name, version=args.version, selector=args.selector))  # fmt: skip
+    sel = ",".join(f"{k}={v}" for k, v in args.selector.items()) or "(all agents)"
+    print(f"{args.name} v{args.version} desired on {len(resp.agents)} agent(s) matching {sel}: "
+          f"{', '.join(resp.agents) or '-'} (revision {resp.revision})")  # fmt: skip
+    return 0
+
+
+def _ago(ts: float) -> str:
+    if not ts:
+        return "never"
+    d = max(0.0, time.time() - ts)
+    return (
+        f"{d:.0f}s ago" if d < 120 else f"{d / 60:.0f}m ago" if d < 7200 else f"{d / 3600:.0f}h ago"
+    )
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from protos import fleet_pb2 as pb
+
+    stub = admin_stub(args)
+    if args.agents_command == "token":
+        resp = call(stub.CreateToken, pb.CreateTokenRequest(labels=args.labels,
+                                                            ttl_seconds=int(args.ttl)))  # fmt: skip
+        print(resp.token)
+        return 0
+    if args.agents_command == "revoke":
+        call(stub.RevokeAgent, pb.RevokeAgentRequest(agent_id=args.agent_id))
+        print(f"agent {args.agent_id} revoked: the hub refuses it from now on")
+        return 0
+    resp = call(stub.ListAgents, pb.ListAgentsRequest())
+    if args.json:
+        print(json.dumps([MessageToDict(a, preserving_proto_field_name=True)
+                          for a in resp.agents], indent=2))  # fmt: skip
+        return 0
+    print(f"{'AGENT':<22} {'STATUS':<8} {'LAST SEEN':<10} {'LABELS':<24} {'MODEL':<12} "
+          f"{'DESIRED':>7} {'ACTIVE':>6}  GATE / ERROR")  # fmt: skip
+    for a in resp.agents:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(a.labels.items())) or "-"
+        reports = {m.name: m for m in a.report.models}
+        desired = {d.name: d.version for d in a.desired}
+        names = sorted(set(reports) | set(desired)) or ["-"]
+        for i, name in enumerate(names):
+            m = reports.get(name)
+            gate = "-"
+            if m is not None and m.gate_version:
+                gate = (f"v{m.gate_version} passed" if m.gate_passed
+                        else f"v{m.gate_version} {m.gate_kind}: {m.gate_reason}")  # fmt: skip
+            if m is not None and m.error:
+                gate = m.error
+            head = (f"{a.agent_id:<22} {a.status:<8} {_ago(a.last_seen):<10} {labels:<24}"
+                    if i == 0 else " " * 66)  # fmt: skip
+            print(f"{head} {name:<12} {desired.get(name, '-')!s:>7} "
+                  f"{(m.active_version or '-') if m else '-'!s:>6}  {gate}")  # fmt: skip
+        if a.report.last_error:
+            print(f"{'':<66} last error: {a.report.last_error}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="modelfleet-hub",
-        description="modelfleet hub. This build has no hub commands yet: run agents standalone "
-        "with `modelfleet-agent serve` (see docs/operations.md).",
-    )
-    parser.parse_args(argv)
-    parser.print_help()
-    return 2
+    args = build_parser().parse_args(argv)
+    handlers = {
+        "serve": cmd_serve,
+        "keys": cmd_keys_init,
+        "publish": cmd_publish,
+        "models": cmd_models,
+        "deploy": cmd_deploy,
+        "agents": cmd_agents,
+    }
+    try:
+        return handlers[args.command](args)
+    except ModelfleetError as exc:
+        print(f"modelfleet-hub: error: {exc}", file=sys.stderr)
+        return EXIT_CODES[exc.status]
+    except KeyboardInterrupt:
+        return 130
 
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+__all__ = ["InvalidRequestError", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

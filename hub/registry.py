@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS versions (
     target_path TEXT NOT NULL,
     signed INTEGER NOT NULL,
     manifest TEXT NOT NULL,
+    -- sha256 of model.onnx: the same model republished under a new version is recognised.
+    model_sha256 TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (name, version)
 );
 CREATE TABLE IF NOT EXISTS agents (
@@ -179,9 +181,10 @@ class Registry:
             self.check_new_version(name, version)
             self.db.execute(
                 "INSERT INTO versions (name, version, sha256, size, notes, created_at, "
-                "target_path, signed, manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "target_path, signed, manifest, model_sha256) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, version, sha256, size, notes, self.clock(), target_path, int(signed),
-                 json.dumps(manifest)),
+                 json.dumps(manifest), manifest.get("model", {}).get("sha256", "")),
             )  # fmt: skip
         row = self.get_version(name, version)
         assert row is not None
@@ -195,8 +198,8 @@ class Registry:
 
     def _row(self, r: sqlite3.Row) -> VersionRow:
         same = self.db.execute(
-            "SELECT MIN(version) FROM versions WHERE name = ? AND sha256 = ? AND version < ?",
-            (r["name"], r["sha256"], r["version"]),
+            "SELECT MIN(version) FROM versions WHERE name = ? AND model_sha256 = ? AND version < ?",
+            (r["name"], r["model_sha256"], r["version"]),
         ).fetchone()[0]
         return VersionRow(
             r["name"], r["version"], r["sha256"], r["size"], r["stage"], r["notes"],

@@ -334,6 +334,32 @@ def signature_from_onnx(
     return inputs, outputs
 
 
+def synthetic_samples(
+    model_path: Path | str, rows: int = 4, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Deterministic random health samples for a model published without --samples.
+
+    They still exercise the gate's shape, dtype, finiteness, determinism and latency checks;
+    real samples with golden outputs are better and should be used for production models.
+    """
+    inputs, _ = signature_from_onnx(Path(model_path).read_bytes())
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        shape = tuple(rows if (i == 0 and d == -1) else (1 if d == -1 else d)
+                      for i, d in enumerate(spec.shape))  # fmt: skip
+        dtype = NUMPY_BY_DATATYPE[spec.datatype]
+        if spec.datatype == "BYTES":
+            out[spec.name] = np.full(shape, "sample", dtype=object)
+        elif spec.datatype == "BOOL":
+            out[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        elif dtype.kind == "f":
+            out[spec.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            out[spec.name] = rng.integers(0, 10, shape).astype(dtype)
+    return out
+
+
 def _default_max_batch(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> int:
     batchable = all(t.shape and t.shape[0] == -1 for t in (*inputs, *outputs))
     return DEFAULT_MAX_BATCH_SIZE if batchable else 0

@@ -35,23 +35,37 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str, interval: floa
 class AgentProcess:
     """``modelfleet-agent serve`` as a subprocess on free loopback ports."""
 
-    def __init__(self, models: Path, *extra: str, log_path: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        models: Path,
+        *extra: str,
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+        fleet_config: Path | None = None,
+    ) -> None:
         self.models = Path(models)
         self.port = free_port()
         self.metrics_port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log_path = log_path or (self.models.parent / f"agent-{self.port}.log")
         self.admin_socket = self.models.parent / f"agent-{self.port}.sock"
-        self.args = [
-            sys.executable, "-m", "agent.cli", "serve",
-            "--models", str(self.models),
+        common = [
             "--listen", self.url,
             "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
-            "--admin-socket", str(self.admin_socket),
-            "--poll-interval-s", "0.2",
-            *extra,
         ]  # fmt: skip
+        if fleet_config is not None:
+            # Fleet mode: models come from the hub; the admin socket sits in the data dir.
+            self.admin_socket = self.models / "admin.sock"
+            self.args = [sys.executable, "-m", "agent.cli", "run", "--config", str(fleet_config),
+                         *common, *extra]  # fmt: skip
+        else:
+            self.args = [
+                sys.executable, "-m", "agent.cli", "serve",
+                "--models", str(self.models),
+                "--admin-socket", str(self.admin_socket),
+                "--poll-interval-s", "0.2",
+                *common, *extra,
+            ]  # fmt: skip
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
         self._log = None
@@ -116,6 +130,12 @@ class AgentProcess:
         ) as r:
             return r.read().decode()
 
+    def kill(self) -> None:
+        """kill -9: no cleanup, no flush; what survives is what was on disk."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.proc is None:
             return None
@@ -135,3 +155,113 @@ class AgentProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class HubProcess:
+    """``modelfleet-hub serve`` as a subprocess; its CLI runs against it with --data."""
+
+    def __init__(self, data: Path, *extra: str, log_path: Path | None = None) -> None:
+        self.data = Path(data)
+        self.port = free_port()
+        self.enroll_port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.log_path = log_path or (self.data.parent / f"hub-{self.port}.log")
+        self.extra = extra
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self) -> HubProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hub.cli", "--data", str(self.data), "serve",
+             "--listen", self.url, "--enroll-listen", f"127.0.0.1:{self.enroll_port}",
+             *self.extra],
+            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_for(lambda: self._ready(), 30, "hub READY")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"hub exited early:\n{self.logs()[-4000:]}")
+        return "READY: hub on" in self.logs().split("shutting down")[-1]
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> str:
+        r = subprocess.run(
+            [sys.executable, "-m", "hub.cli", "--data", str(self.data), *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        if check and r.returncode != 0:
+            raise AssertionError(f"modelfleet-hub {' '.join(args)} failed ({r.returncode}):\n"
+                                 f"{r.stdout}{r.stderr}")  # fmt: skip
+        return r.stdout if check else r  # type: ignore[return-value]
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._log:
+            self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def enroll_agent(hub: HubProcess, data: Path, labels: str, hostname: str) -> Path:
+    """Enroll a new agent directory with a fresh token; returns its agent.toml."""
+    token = hub.cli("agents", "token", "--labels", labels, "--ttl", "10m").strip()
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "enroll", "--token", token, "--data", str(data),
+         "--hostname", hostname],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if r.returncode != 0:
+        raise AssertionError(f"enroll failed: {r.stdout}{r.stderr}")
+    return data / "agent.toml"
+
+
+def agent_status(admin_socket: Path) -> dict[str, dict]:
+    """Model name -> status, from a running agent's admin socket (no CLI start-up cost)."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from protos import agent_pb2, agent_pb2_grpc
+
+    with grpc.insecure_channel(f"unix:{admin_socket}") as channel:
+        resp = agent_pb2_grpc.AgentAdminStub(channel).Status(agent_pb2.StatusRequest(), timeout=5)
+    return {
+        m.name: MessageToDict(
+            m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        for m in resp.models
+    }
+
+
+def hub_admin(hub: HubProcess):
+    import grpc
+
+    from protos import fleet_pb2_grpc
+
+    admin = hub.data / "admin"
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(admin / "ca.crt").read_bytes(),
+        private_key=(admin / "admin.key").read_bytes(),
+        certificate_chain=(admin / "admin.crt").read_bytes(),
+    )
+    return fleet_pb2_grpc.HubAdminStub(grpc.secure_channel(hub.url, creds))

@@ -305,7 +305,7 @@ def test_start_with_bundles_on_disk_serves_latest(repo: Path, agent_factory) -> 
     agent.wait_model("mlp")
     client = agent.client()
     assert active_version(client) == "3"
-    assert "READY: serving mlp v3" in agent.logs()
+    assert "): serving mlp v3" in agent.logs()
     client.close()
     assert agent.stop() == 0
     assert "stopped" in agent.logs()

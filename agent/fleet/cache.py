@@ -1,0 +1,64 @@
+"""The agent's bundle cache: verified bundles unpacked under ``cache/bundles/<name>/<version>``.
+
+Only bundles that passed TUF verification are unpacked here (atomically, by rename); loading
+re-checks every file against the manifest. Collection keeps what is desired or loaded and
+evicts the rest, oldest first, when over the size cap.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+class BundleCache:
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = Path(root)
+        self.bundles = self.root / "bundles"
+        self.downloads = self.root / "downloads"
+        self.partial = self.root / "partial"
+        for d in (self.bundles, self.downloads, self.partial):
+            d.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+
+    def path(self, name: str, version: int) -> Path:
+        return self.bundles / name / str(version)
+
+    def has(self, name: str, version: int) -> bool:
+        return (self.path(name, version) / "manifest.json").exists()
+
+    def entries(self) -> list[tuple[str, int, Path]]:
+        out = []
+        for mdir in self.bundles.iterdir() if self.bundles.exists() else ():
+            if not mdir.is_dir():
+                continue
+            for vdir in mdir.iterdir():
+                if vdir.is_dir() and vdir.name.isascii() and vdir.name.isdigit():
+                    out.append((mdir.name, int(vdir.name), vdir))
+        return out
+
+    def size(self) -> int:
+        return sum(_dir_size(p) for _, _, p in self.entries())
+
+    def collect(self, keep: set[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Remove versions not in ``keep``; return what was removed."""
+        removed = []
+        for name, version, path in self.entries():
+            if (name, version) not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append((name, version))
+        # Still over the cap with only kept versions: nothing more may go (they are in use).
+        total = self.size()
+        if total > self.max_bytes:
+            log.warning("bundle cache holds %d bytes of needed bundles, over the %d cap",
+                        total, self.max_bytes)  # fmt: skip
+        for name, version in removed:
+            log.info("cache: collected %s v%d", name, version)
+        return removed

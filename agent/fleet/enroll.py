@@ -1,0 +1,87 @@
+"""``modelfleet-agent enroll``: trust the hub's CA by fingerprint, get a certificate for a key
+generated here (it never leaves this node), store the TUF root, write the agent's config."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import grpc
+
+from agent.fleet.transport import IDENTITY_DIR, channel_options, rpc_error
+from protos import fleet_pb2 as pb
+from protos import fleet_pb2_grpc as pb_grpc
+from protos.errors import BundleExistsError
+from protos.identity import (
+    EnrollToken,
+    TokenError,
+    fetch_ca_certificate,
+    generate_key,
+    make_csr,
+    split_host_port,
+    write_pem,
+    write_private_key,
+)
+
+TUF_DIR = "tuf"
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def enroll(
+    token_text: str,
+    data_dir: Path,
+    *,
+    listen: str = "127.0.0.1:8001",
+    metrics_listen: str = "",
+    hostname: str | None = None,
+    force: bool = False,
+) -> tuple[str, Path]:
+    """Returns (agent id, path of the written config file)."""
+    data_dir = Path(data_dir).resolve()
+    ident = data_dir / IDENTITY_DIR
+    if (ident / "agent.crt").exists() and not force:
+        raise BundleExistsError(f"{data_dir} is already enrolled (use --force to enroll again)")
+    token = EnrollToken.decode(token_text.strip())
+    if token.expired():
+        raise TokenError(f"enrollment token {token.token_id} has expired")
+    host, port = split_host_port(token.hub_address)
+    ca_pem = fetch_ca_certificate(host, port, token.ca_fingerprint)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    ident.mkdir(mode=0o700, exist_ok=True)
+    key = generate_key()
+    write_private_key(ident / "agent.key", key)
+    node = hostname or socket.gethostname()
+    # The hub ignores the subject and names the agent itself; this one is only a placeholder.
+    csr = make_csr(key, "agent:pending")
+    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    with grpc.secure_channel(token.hub_address, creds, options=channel_options()) as channel:
+        try:
+            resp = pb_grpc.FleetStub(channel).Enroll(
+                pb.EnrollRequest(token_id=token.token_id, secret=token.secret, csr_pem=csr,
+                                 hostname=node),
+                timeout=30,
+            )  # fmt: skip
+        except grpc.RpcError as exc:
+            raise rpc_error(exc, "enrollment") from None
+    write_pem(ident / "agent.crt", resp.certificate_pem)
+    write_pem(ident / "ca.crt", resp.ca_pem)
+    (data_dir / TUF_DIR).mkdir(mode=0o700, exist_ok=True)
+    write_pem(data_dir / TUF_DIR / "root.json", resp.tuf_root)
+    config = data_dir / "agent.toml"
+    lines = [
+        "# Written by `modelfleet-agent enroll`; see docs/configuration.md for every key.",
+        "[agent]",
+        f"agent_id = {_toml_str(resp.agent_id)}",
+        f"hub = {_toml_str(resp.hub_address)}",
+        f"data = {_toml_str(str(data_dir))}",
+        f"listen = {_toml_str(listen)}",
+    ]
+    if metrics_listen:
+        lines.append(f"metrics_listen = {_toml_str(metrics_listen)}")
+    write_pem(config, ("\n".join(lines) + "\n").encode())
+    return resp.agent_id, config

@@ -1,0 +1,294 @@
+"""Fleet mode: follow the hub's desired state, fetch and verify bundles, feed the slot manager.
+
+Level-triggered: every desired state received (and every periodic resync) is compared in full
+with what is loaded, so a missed event is repaired by the next one. The last desired state is
+kept on disk, so an agent restarted while the hub is down serves its cached, verified bundles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from agent import __version__
+from agent.config import ServeConfig
+from agent.fleet.cache import BundleCache
+from agent.fleet.enroll import TUF_DIR
+from agent.fleet.transport import GrpcTransport, channel_options, credentials, rpc_error
+from agent.fleet.verify import BundleVerifier
+from agent.slots import SlotManager
+from protos import fleet_pb2 as pb
+from protos import fleet_pb2_grpc as pb_grpc
+from protos.bundle import unpack_bundle
+from protos.errors import BundleExistsError, ModelfleetError, ResourceExhaustedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DesiredModel:
+    name: str
+    version: int
+    target_path: str = ""
+    sha256: str = ""
+    size: int = 0
+
+
+class Backoff:
+    """Exponential backoff with full jitter, bounded: a restarted hub is not stampeded."""
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None):
+        self.base, self.cap, self.attempt = base, cap, 0
+        self.rng = rng or random.Random()
+
+    def next(self) -> float:
+        delay = self.rng.uniform(0, min(self.cap, self.base * 2**self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def _write_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class FleetSync:
+    def __init__(self, cfg: ServeConfig, slots: SlotManager, inference_address: str) -> None:
+        self.cfg = cfg
+        self.slots = slots
+        self.inference_address = inference_address
+        self.data = Path(cfg.data)
+        self.cache = BundleCache(self.data / "cache", cfg.cache_max_bytes)
+        self.state_file = self.data / "desired.json"
+        self.desired: list[DesiredModel] = self._load_desired()
+        self.revision = 0
+        self.errors: dict[str, str] = {}
+        self.last_error = ""
+        self.wakeup = asyncio.Event()
+        self.report_now = asyncio.Event()
+        creds = credentials(self.data)
+        self.channel = grpc.aio.secure_channel(cfg.hub, creds, options=channel_options())
+        self.stub = pb_grpc.FleetStub(self.channel)
+        self.transport = GrpcTransport(cfg.hub, creds)
+        self.verifier = BundleVerifier(
+            self.data / TUF_DIR,
+            self.cache.downloads,
+            self.transport,
+            partial_dir=self.cache.partial,
+            reserve_bytes=cfg.disk_reserve_bytes,
+        )
+        slots.listeners.append(lambda _name: self.report_now.set())
+
+    # -- state on disk --------------------------------------------------------------------------
+
+    def _load_desired(self) -> list[DesiredModel]:
+        try:
+            raw = json.loads(self.state_file.read_text())
+            return [DesiredModel(**d) for d in raw["models"]]
+        except FileNotFoundError:
+            return []
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable %s: %s", self.state_file, exc)
+            return []
+
+    def _save_desired(self) -> None:
+        _write_json(self.state_file, {"models": [asdict(d) for d in self.desired]})
+
+    # -- reconciling ----------------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Before the hub answers: serve what the last desired state asked for, from cache."""
+        if self.desired:
+            log.info("restoring %d model(s) from the local cache", len(self.desired))
+            await self.reconcile(offline=True)
+
+    async def reconcile(self, *, offline: bool = False) -> None:
+        desired = list(self.desired)
+        for d in desired:
+            slot = self.slots.slots.get(d.name)
+            if slot is not None and slot.active is not None and slot.active.version == d.version:
+                self.errors.pop(d.name, None)
+                continue
+            if self.slots.has_failed(d.name, d.version, d.sha256):
+                continue  # the gate refused these exact bytes; a new version will come
+            try:
+                if not self.cache.has(d.name, d.version):
+                    if offline:
+                        log.warning("%s v%d is desired but not cached; waiting for the hub",
+                                    d.name, d.version)  # fmt: skip
+                        continue
+                    await asyncio.to_thread(self._fetch, d)
+                await self.slots.deploy(
+                    self.cache.path(d.name, d.version), d.sha256, expect=(d.name, d.version)
+                )
+                self.errors.pop(d.name, None)
+            except (ModelfleetError, OSError) as exc:
+                self.errors[d.name] = str(exc)
+                self.last_error = f"{d.name} v{d.version}: {exc}"
+                log.warning("cannot deploy %s v%d: %s", d.name, d.version, exc)
+        wanted = {d.name for d in desired}
+        for name in list(self.slots.slots):
+            if name not in wanted and not offline:
+                await self.slots.unload(name)
+        keep = {(d.name, d.version) for d in desired}
+        for slot in self.slots.slots.values():
+            keep.update((slot.name, v.version) for v in slot.loaded())
+        await asyncio.to_thread(self.cache.collect, keep)
+        self.report_now.set()
+
+    def _fetch(self, d: DesiredModel) -> None:
+        """Download through TUF verification, then unpack into the cache (worker thread)."""
+        need = 2 * d.size + self.cfg.disk_reserve_bytes  # the archive and its unpacked copy
+        free = shutil.disk_usage(self.cache.root).free
+        if d.size and free < need:
+            raise ResourceExhaustedError(
+                f"not enough disk space for {d.name} v{d.version}: need {need / 1e6:.1f} MB "
+                f"(archive, unpacked copy and reserve), {free / 1e6:.1f} MB free"
+            )
+        archive = self.verifier.fetch_bundle(d.name, d.version)
+        try:
+            unpack_bundle(archive, self.cache.bundles / d.name, expect=(d.name, d.version))
+        except BundleExistsError:
+            pass
+        finally:
+            Path(archive).unlink(missing_ok=True)
+        log.info("fetched and verified %s v%d", d.name, d.version)
+
+    async def reconcile_loop(self, stop: asyncio.Event) -> None:
+        retry = Backoff(base=2.0, cap=self.cfg.backoff_max_s)
+        while not stop.is_set():
+            await self.reconcile()
+            if self.errors:
+                # Failed fetches are retried on their own; new desired states wake us sooner.
+                delay = retry.next()
+            else:
+                retry.reset()
+                delay = None
+            self.wakeup.clear()
+            waiter = asyncio.ensure_future(self.wakeup.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({waiter, stopper}, timeout=delay,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            waiter.cancel()
+            stopper.cancel()
+
+    # -- talking to the hub ---------------------------------------------------------------------
+
+    async def watch_loop(self, stop: asyncio.Event) -> None:
+        backoff = Backoff(cap=self.cfg.backoff_max_s)
+        while not stop.is_set():
+            try:
+                # The deadline ends the stream now and then: reconnecting gets the full state
+                # again, a resync that repairs anything a broken stream might have missed.
+                call = self.stub.WatchDesired(
+                    pb.WatchDesiredRequest(), timeout=self.cfg.resync_interval_s
+                )
+                async for state in call:
+                    backoff.reset()
+                    self.last_error = "" if self.last_error.startswith("hub:") else self.last_error
+                    self._on_desired(state)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue
+                err = rpc_error(exc, "hub")
+                self.last_error = f"hub: {err}"
+                delay = backoff.next()
+                log.warning("%s; retrying in %.1fs", err, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+
+    def _on_desired(self, state: pb.DesiredState) -> None:
+        desired = [
+            DesiredModel(m.name, m.version, m.target_path, m.sha256, m.size) for m in state.models
+        ]
+        self.revision = state.revision
+        if desired != self.desired:
+            log.info("desired state (revision %d): %s", state.revision,
+                     ", ".join(f"{d.name} v{d.version}" for d in desired) or "nothing")  # fmt: skip
+            self.desired = desired
+            self._save_desired()
+        self.wakeup.set()
+
+    def build_report(self) -> pb.AgentReport:
+        desired = {d.name: d.version for d in self.desired}
+        models = []
+        for st in self.slots.status():
+            m = pb.ModelReport(
+                name=st.name,
+                active_version=st.active or 0,
+                previous_version=st.previous or 0,
+                loading_version=st.loading or 0,
+                desired_version=desired.get(st.name, 0),
+                error=self.errors.get(st.name, ""),
+            )
+            if st.last_gate is not None:
+                m.gate_version = st.last_gate.version
+                m.gate_passed = st.last_gate.passed
+                m.gate_kind = st.last_gate.kind
+                m.gate_reason = st.last_gate.reason
+            models.append(m)
+        reported = {m.name for m in models}
+        for name, version in desired.items():
+            if name not in reported:
+                models.append(pb.ModelReport(name=name, desired_version=version,
+                                             error=self.errors.get(name, "")))  # fmt: skip
+        return pb.AgentReport(
+            models=models,
+            last_error=self.last_error,
+            desired_revision=self.revision,
+            cache_bytes=self.cache.size(),
+            disk_free_bytes=shutil.disk_usage(self.cache.root).free,
+            agent_version=__version__,
+            inference_address=self.inference_address,
+        )
+
+    async def report_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.report_now.clear()
+            try:
+                await self.stub.ReportState(self.build_report(), timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                log.debug("report failed: %s", exc.details())
+            waiters = {asyncio.ensure_future(self.report_now.wait()),
+                       asyncio.ensure_future(stop.wait())}  # fmt: skip
+            await asyncio.wait(waiters, timeout=self.cfg.report_interval_s,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            for w in waiters:
+                w.cancel()
+            # Coalesce bursts of changes (a swap touches several fields) into one report.
+            await asyncio.sleep(0.05)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [
+            asyncio.ensure_future(self.watch_loop(stop)),
+            asyncio.ensure_future(self.reconcile_loop(stop)),
+            asyncio.ensure_future(self.report_loop(stop)),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.stub.ReportState(self.build_report(), timeout=2)
+            await self.channel.close()
+            self.transport.close()

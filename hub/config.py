@@ -1,0 +1,83 @@
+"""Hub settings: TOML (``[hub]`` table), then MODELFLEET_HUB_* environment, then flags.
+
+Every key is documented in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protos.errors import InvalidRequestError
+from protos.settings import load_settings, split_hostport
+
+ENV_PREFIX = "MODELFLEET_HUB_"
+
+
+@dataclass
+class HubConfig:
+    # State directory: registry (SQLite), blobs, TUF metadata, keys, CA, admin identity.
+    data: Path = Path("hub-data")
+    # mTLS endpoint for agents and the admin CLI.
+    listen: str = "127.0.0.1:7443"
+    # Server-authenticated TLS endpoint for enrollment only; empty: listen's port + 1.
+    enroll_listen: str = ""
+    # Addresses handed to agents (tokens, enrollment); empty: the listen addresses.
+    advertise: str = ""
+    advertise_enroll: str = ""
+    # Extra names for the hub's server certificate, comma-separated (localhost and the
+    # listen host are always included).
+    hostnames: str = ""
+    # Seconds between checks that re-sign timestamp/snapshot before they expire.
+    refresh_interval_s: float = 60.0
+    # TUF metadata lifetimes in seconds.
+    root_expiry_s: float = 365 * 86400
+    targets_expiry_s: float = 365 * 86400
+    snapshot_expiry_s: float = 7 * 86400
+    timestamp_expiry_s: float = 86400
+    # Largest bundle archive accepted by publish.
+    max_bundle_bytes: int = 4 * 1024**3
+    # Per-download rate limit in MB/s for constrained links; 0 means unlimited.
+    transfer_rate_limit_mbps: float = 0.0
+    # gRPC message limit, both directions.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # An agent not heard from for this long is shown as offline.
+    offline_after_s: float = 60.0
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    def enroll_address(self) -> str:
+        if self.enroll_listen:
+            return self.enroll_listen
+        host, port = split_hostport(self.listen, "listen")
+        return f"{host}:{port + 1 if port else 0}"
+
+    def advertised(self, bound_port: int) -> str:
+        if self.advertise:
+            return self.advertise
+        host, _ = split_hostport(self.listen, "listen")
+        return f"{host}:{bound_port}"
+
+    def advertised_enroll(self, bound_port: int) -> str:
+        if self.advertise_enroll:
+            return self.advertise_enroll
+        host, _ = split_hostport(self.enroll_address(), "enroll_listen")
+        return f"{host}:{bound_port}"
+
+
+def load_hub_config(
+    path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> HubConfig:
+    cfg = load_settings(HubConfig, path, table="hub", env_prefix=ENV_PREFIX,
+                        overrides=overrides, env=env)  # fmt: skip
+    split_hostport(cfg.listen, "listen")
+    split_hostport(cfg.enroll_address(), "enroll_listen")
+    if cfg.timestamp_expiry_s <= 0 or cfg.snapshot_expiry_s <= 0:
+        raise InvalidRequestError("config: metadata expiries must be positive")
+    if cfg.refresh_interval_s <= 0:
+        raise InvalidRequestError("config: refresh_interval_s must be > 0")
+    return cfg

@@ -1,0 +1,296 @@
+"""The hub's core: publishing, signing, enrollment, desired state. No gRPC in here.
+
+Transports (the gRPC servicers today, MQTT later) authenticate the caller, convert messages and
+call these methods; errors are :mod:`protos.errors` types mapped once at each edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hub.blobs import BlobStore
+from hub.ca import CertificateAuthority
+from hub.config import HubConfig
+from hub.registry import AgentRow, Desired, PermissionDeniedError, Registry, VersionRow
+from hub.signing import ExpiryPolicy, TargetsKeyRequiredError, TufRepository, init_keys
+from protos.bundle import NAME_RE, unpack_bundle
+from protos.errors import InvalidRequestError, ModelNotFoundError, ResourceExhaustedError
+from protos.identity import EnrollToken, cert_fingerprint, token_secret_hash
+
+log = logging.getLogger(__name__)
+
+
+def target_path(name: str, version: int) -> str:
+    return f"{name}/{version}/bundle.tar"
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    version: VersionRow
+    staged_payload: bytes = b""
+    targets_keyid: str = ""
+
+
+@dataclass(frozen=True)
+class HubPaths:
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "registry.db"
+
+    @property
+    def blobs(self) -> Path:
+        return self.root / "blobs"
+
+    @property
+    def metadata(self) -> Path:
+        return self.root / "tuf"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def admin(self) -> Path:
+        return self.root / "admin"
+
+    @property
+    def uploads(self) -> Path:
+        return self.root / "uploads"
+
+    @property
+    def server_tls(self) -> Path:
+        return self.root / "tls"
+
+
+def expiry_policy(cfg: HubConfig) -> ExpiryPolicy:
+    return ExpiryPolicy(
+        root=cfg.root_expiry_s,
+        targets=cfg.targets_expiry_s,
+        snapshot=cfg.snapshot_expiry_s,
+        timestamp=cfg.timestamp_expiry_s,
+    )
+
+
+def open_tuf(paths: HubPaths, cfg: HubConfig, clock: Callable[[], float]) -> TufRepository:
+    """Open the TUF repository; on first start create it (and online keys unless some exist)."""
+    policy = expiry_policy(cfg)
+    if (paths.metadata / "root.json").exists():
+        return TufRepository.open(paths.metadata, paths.keys, clock=clock, expiry=policy)
+    if not paths.keys.exists() or not any(paths.keys.iterdir()):
+        # Embedded default: all four keys online. `modelfleet-hub keys init --offline DIR`
+        # before the first start keeps root and targets off the hub.
+        init_keys(paths.keys)
+        log.warning(
+            "created TUF keys with root and targets ONLINE in %s; for production, run "
+            "`modelfleet-hub keys init --offline DIR` before the first start",
+            paths.keys,
+        )
+    return TufRepository.create(paths.metadata, paths.keys, clock=clock, expiry=policy)
+
+
+class HubCore:
+    def __init__(self, cfg: HubConfig, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.paths = HubPaths(Path(cfg.data))
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.paths.root.chmod(0o700)
+        self.paths.uploads.mkdir(exist_ok=True)
+        self.registry = Registry(self.paths.db, clock=clock)
+        self.blobs = BlobStore(self.paths.blobs)
+        self.ca = CertificateAuthority.load_or_create(self.paths.ca)
+        self.tuf = open_tuf(self.paths, cfg, clock)
+        self.changed = asyncio.Condition()
+        # Set once the servers are bound: what tokens and enrollments hand out.
+        self.advertise = cfg.listen
+        self.advertise_enroll = cfg.enroll_address()
+
+    # -- publishing -----------------------------------------------------------------------------
+
+    def new_upload(self) -> Path:
+        return Path(tempfile.mkstemp(prefix="upload-", suffix=".tar", dir=self.paths.uploads)[1])
+
+    def verify_upload(self, header: Mapping[str, Any], archive: Path) -> dict[str, Any]:
+        """Check an uploaded archive (hash, size, a bundle the agent would accept) and move it
+        into the blob store. Thread-safe: touches no registry state."""
+        name, version = header["name"], int(header["version"])
+        if not NAME_RE.match(name):
+            raise InvalidRequestError(f"invalid model name {name!r}")
+        if version < 1:
+            raise InvalidRequestError("version must be a positive integer")
+        digest, size = _sha256(archive)
+        if header.get("size") and size != int(header["size"]):
+            raise InvalidRequestError(
+                f"upload is {size} bytes, the header announced {header['size']}"
+            )
+        if header.get("sha256") and digest != header["sha256"]:
+            raise InvalidRequestError("upload sha256 does not match the header's")
+        unpack_dir = Path(tempfile.mkdtemp(prefix="verify-", dir=self.paths.uploads))
+        try:
+            bundle = unpack_bundle(archive, unpack_dir, expect=(name, version))
+            manifest = bundle.manifest.to_json()
+        finally:
+            shutil.rmtree(unpack_dir, ignore_errors=True)
+        self.blobs.put_file(archive, digest)
+        return {"sha256": digest, "size": size, "manifest": manifest}
+
+    def register_upload(
+        self, header: Mapping[str, Any], verified: Mapping[str, Any]
+    ) -> PublishResult:
+        """Record and sign a verified upload (on the event loop: registry and TUF writes)."""
+        name, version = header["name"], int(header["version"])
+        self.registry.check_new_version(name, version)
+        digest, size, manifest = verified["sha256"], verified["size"], verified["manifest"]
+        path = target_path(name, version)
+        custom = {"name": name, "version": version, "manifest_sha256": manifest["model"]["sha256"]}
+        staged, keyid, signed = b"", "", True
+        try:
+            self.tuf.add_target(path, size, digest, custom)
+        except TargetsKeyRequiredError:
+            staged = self.tuf.stage_target(path, size, digest, custom)
+            root = json.loads(self.tuf.root_bytes())
+            keyid, signed = root["signed"]["roles"]["targets"]["keyids"][0], False
+        row = self.registry.add_version(
+            name=name, version=version, sha256=digest, size=size,
+            notes=str(header.get("notes", "")), target_path=path, signed=signed,
+            manifest=manifest,
+        )  # fmt: skip
+        log.info("published %s v%d (%d bytes, sha256 %s, %s)", name, version, size, digest[:12],
+                 "signed" if signed else "awaiting targets signature")  # fmt: skip
+        return PublishResult(row, staged, keyid)
+
+    def commit_targets(self, name: str, version: int, keyid: str, signature: str) -> VersionRow:
+        row = self.registry.get_version(name, version)
+        assert row is not None
+        if row.signed:
+            return row
+        self.tuf.commit_staged_targets({"keyid": keyid, "sig": signature})
+        self.registry.mark_signed(name, version)
+        log.info("targets signed offline: %s v%d", name, version)
+        out = self.registry.get_version(name, version)
+        assert out is not None
+        return out
+
+    # -- fleet ----------------------------------------------------------------------------------
+
+    def create_token(self, labels: Mapping[str, str], ttl_s: float) -> EnrollToken:
+        if ttl_s <= 0:
+            raise InvalidRequestError("token ttl must be positive")
+        for k, v in labels.items():
+            if not k or "=" in k or "," in k or "," in v:
+                raise InvalidRequestError(f"invalid label {k}={v}")
+        token = EnrollToken.create(
+            self.advertise_enroll, self.ca.fingerprint, ttl_s, now=self.clock()
+        )
+        self.registry.add_token(
+            token.token_id, token_secret_hash(token.secret), labels, token.expires_at
+        )
+        return token
+
+    def enroll(
+        self, token_id: str, secret: str, csr_pem: bytes, hostname: str
+    ) -> tuple[str, bytes, dict[str, str]]:
+        # Readable ids ("edge-berlin-1-3fa2c1") that are also valid identity names.
+        host = re.sub(r"[^a-z0-9.-]+", "-", hostname.lower()).strip("-.")[:40] or "agent"
+        agent_id = f"{host}-{secrets.token_hex(3)}"
+        labels = self.registry.consume_token(token_id, token_secret_hash(secret), agent_id)
+        cert = self.ca.sign_csr(csr_pem, f"agent:{agent_id}")
+        self.registry.add_agent(agent_id, hostname, labels, cert_fingerprint(cert))
+        log.info("enrolled agent %s (%s) with labels %s", agent_id, hostname, labels)
+        return agent_id, cert, labels
+
+    def authorize_agent(self, agent_id: str) -> AgentRow:
+        agent = self.registry.agent(agent_id)
+        if agent.status != "active":
+            raise PermissionDeniedError(f"agent {agent_id} is {agent.status}")
+        return agent
+
+    def desired(self, agent: AgentRow) -> tuple[int, list[Desired]]:
+        return self.registry.revision(), self.registry.desired_for(agent.labels)
+
+    async def deploy(
+        self, name: str, version: int, selector: Mapping[str, str]
+    ) -> tuple[list[str], int]:
+        revision = self.registry.deploy(name, version, selector)
+        from hub.registry import selector_matches
+
+        matched = [
+            a.agent_id
+            for a in self.registry.agents()
+            if a.status == "active" and selector_matches(selector, a.labels)
+        ]
+        log.info("deploy %s v%d to %s: %d agent(s)", name, version, dict(selector), len(matched))
+        async with self.changed:
+            self.changed.notify_all()
+        return matched, revision
+
+    async def revoke(self, agent_id: str) -> None:
+        self.registry.revoke(agent_id)
+        log.warning("agent %s revoked", agent_id)
+        async with self.changed:
+            self.changed.notify_all()
+
+    def report(self, agent_id: str, report: Mapping[str, Any]) -> None:
+        self.registry.touch(agent_id, report)
+
+    # -- distribution ---------------------------------------------------------------------------
+
+    def metadata(self, filename: str) -> bytes:
+        return self.tuf.read(filename)
+
+    def target_chunks(self, path: str, offset: int) -> tuple[int, Iterator[bytes]]:
+        """``<name>/<version>/<sha256>.bundle.tar`` (consistent snapshot naming)."""
+        leaf = path.rsplit("/", 1)[-1]
+        digest = leaf.split(".", 1)[0]
+        if not leaf.endswith(".bundle.tar") or len(digest) != 64:
+            raise ModelNotFoundError(f"no such target {path!r}")
+        size = self.blobs.size(digest)
+        if offset < 0 or offset > size:
+            raise InvalidRequestError(f"offset {offset} outside of {path} ({size} bytes)")
+        return size, self.blobs.read(digest, offset)
+
+    def check_upload_size(self, size: int) -> None:
+        if size > self.cfg.max_bundle_bytes:
+            raise ResourceExhaustedError(
+                f"bundle of {size} bytes exceeds max_bundle_bytes {self.cfg.max_bundle_bytes}"
+            )
+
+    def server_hostnames(self) -> list[str]:
+        names = ["localhost", "127.0.0.1", "::1", socket.gethostname()]
+        for addr in (self.cfg.listen, self.cfg.enroll_address(), self.cfg.advertise,
+                     self.cfg.advertise_enroll):  # fmt: skip
+            if addr:
+                names.append(addr.rpartition(":")[0].strip("[]"))
+        names += [h.strip() for h in self.cfg.hostnames.split(",") if h.strip()]
+        return [n for n in dict.fromkeys(names) if n and n not in ("0.0.0.0", "::")]
+
+    def refresh_signatures(self) -> bool:
+        return self.tuf.refresh_online()
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size

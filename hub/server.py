@@ -1,0 +1,309 @@
+"""gRPC edge of the hub: identity from the client certificate, conversion, one error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from hub.core import HubCore
+from hub.registry import AgentRow, Desired, PermissionDeniedError, VersionRow
+from protos import fleet_pb2 as pb
+from protos import fleet_pb2_grpc as pb_grpc
+from protos.errors import EXIT_CODES, InvalidRequestError, ModelfleetError, Status
+from protos.identity import IdentityError, parse_identity
+
+log = logging.getLogger(__name__)
+
+GRPC_CODES: dict[Status, grpc.StatusCode] = {
+    Status.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Status.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Status.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Status.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Status.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Status.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Status.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+STATUS_BY_CODE = {code: status for status, code in GRPC_CODES.items()}
+assert set(EXIT_CODES) == set(GRPC_CODES)
+
+CHUNK = 1 << 20
+
+
+def caller(context: grpc.aio.ServicerContext, kind: str) -> str:
+    """The authenticated identity of the peer, which must be of ``kind`` (agent or admin)."""
+    names = context.auth_context().get("x509_common_name") or []
+    if not names:
+        raise PermissionDeniedError("a client certificate issued by the hub's CA is required")
+    try:
+        got_kind, name = parse_identity(names[0].decode())
+    except IdentityError as exc:
+        raise PermissionDeniedError(str(exc)) from None
+    if got_kind != kind:
+        raise PermissionDeniedError(f"{got_kind} identities may not call this method")
+    return name
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, ModelfleetError):
+        await context.abort(GRPC_CODES[exc.status], str(exc))
+    log.exception("unexpected error", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+
+def unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return wrapper
+
+
+def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return wrapper
+
+
+def desired_to_proto(revision: int, desired: list[Desired]) -> pb.DesiredState:
+    return pb.DesiredState(
+        revision=revision,
+        models=[
+            pb.DesiredModel(name=d.name, version=d.version, target_path=d.target_path,
+                            sha256=d.sha256, size=d.size)
+            for d in desired
+        ],
+    )  # fmt: skip
+
+
+def version_to_proto(v: VersionRow) -> pb.ModelVersion:
+    return pb.ModelVersion(
+        name=v.name, version=v.version, stage=v.stage, sha256=v.sha256, size=v.size,
+        notes=v.notes, created_at=v.created_at, same_content_as=v.same_content_as,
+        signed=v.signed, target_path=v.target_path,
+    )  # fmt: skip
+
+
+class FleetServicer(pb_grpc.FleetServicer):
+    def __init__(self, core: HubCore) -> None:
+        self.core = core
+
+    @unary
+    async def Enroll(self, request, context):
+        agent_id, cert, labels = self.core.enroll(
+            request.token_id, request.secret, request.csr_pem, request.hostname
+        )
+        return pb.EnrollResponse(
+            agent_id=agent_id,
+            certificate_pem=cert,
+            ca_pem=self.core.ca.cert_pem,
+            tuf_root=self.core.tuf.root_bytes(),
+            hub_address=self.core.advertise,
+            labels=labels,
+        )
+
+    @streaming
+    async def WatchDesired(self, request, context):
+        agent_id = caller(context, "agent")
+        last: pb.DesiredState | None = None
+        while True:
+            agent = self.core.authorize_agent(agent_id)
+            self.core.registry.touch(agent_id)
+            revision, desired = self.core.desired(agent)
+            state = desired_to_proto(revision, desired)
+            if last is None or list(state.models) != list(last.models):
+                yield state
+                last = state
+            # Wake up on any deployment; otherwise re-check now and then so a revoked agent's
+            # stream ends and last_seen stays fresh.
+            async with self.core.changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.core.changed.wait(), 10)
+
+    @unary
+    async def ReportState(self, request, context):
+        agent_id = caller(context, "agent")
+        self.core.authorize_agent(agent_id)
+        from google.protobuf.json_format import MessageToDict
+
+        self.core.report(agent_id, MessageToDict(request, preserving_proto_field_name=True))
+        return pb.ReportAck()
+
+    @streaming
+    async def FetchMetadata(self, request, context):
+        self.core.authorize_agent(caller(context, "agent"))
+        data = self.core.metadata(request.path)
+        yield pb.Chunk(data=data, total_size=len(data))
+
+    @streaming
+    async def FetchTarget(self, request, context):
+        self.core.authorize_agent(caller(context, "agent"))
+        size, chunks = self.core.target_chunks(request.path, request.offset)
+        rate = self.core.cfg.transfer_rate_limit_mbps * 1e6
+        started, sent, first = time.monotonic(), 0, True
+        it = iter(chunks)
+        while True:
+            block = await asyncio.to_thread(next, it, None)
+            if block is None:
+                return
+            yield pb.Chunk(data=block, total_size=size if first else 0)
+            first = False
+            sent += len(block)
+            if rate > 0:
+                ahead = sent / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+
+
+class AdminServicer(pb_grpc.HubAdminServicer):
+    def __init__(self, core: HubCore) -> None:
+        self.core = core
+
+    @unary
+    async def Publish(self, request_iterator, context):
+        caller(context, "admin")
+        header = None
+        path = self.core.new_upload()
+        received = 0
+        try:
+            with open(path, "wb") as out:
+                async for chunk in request_iterator:
+                    if chunk.HasField("header"):
+                        header = chunk.header
+                        self.core.check_upload_size(header.size)
+                        continue
+                    if header is None:
+                        raise InvalidRequestError("publish must start with a header")
+                    received += len(chunk.data)
+                    self.core.check_upload_size(received)
+                    out.write(chunk.data)
+                out.flush()
+                import os
+
+                os.fsync(out.fileno())
+            if header is None:
+                raise InvalidRequestError("publish sent no header")
+            hdr = {"name": header.name, "version": header.version, "notes": header.notes,
+                   "size": header.size, "sha256": header.sha256}  # fmt: skip
+            verified = await asyncio.to_thread(self.core.verify_upload, hdr, path)
+            result = self.core.register_upload(hdr, verified)
+        finally:
+            Path(path).unlink(missing_ok=True)
+        return pb.PublishResponse(
+            version=version_to_proto(result.version),
+            staged_payload=result.staged_payload,
+            targets_keyid=result.targets_keyid,
+        )
+
+    @unary
+    async def CommitTargets(self, request, context):
+        caller(context, "admin")
+        row = self.core.commit_targets(request.name, request.version, request.keyid,
+                                       request.signature)  # fmt: skip
+        return pb.PublishResponse(version=version_to_proto(row))
+
+    @unary
+    async def ListModels(self, request, context):
+        caller(context, "admin")
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelSummary(name=m["name"], latest_version=m["latest"],
+                                version_count=m["count"], production_version=m["production"])
+                for m in self.core.registry.models()
+            ]
+        )  # fmt: skip
+
+    @unary
+    async def ListVersions(self, request, context):
+        caller(context, "admin")
+        rows = self.core.registry.versions(request.name)
+        return pb.ListVersionsResponse(versions=[version_to_proto(v) for v in rows])
+
+    @unary
+    async def SetStage(self, request, context):
+        caller(context, "admin")
+        row = self.core.registry.set_stage(request.name, request.version, request.stage)
+        return version_to_proto(row)
+
+    @unary
+    async def Deploy(self, request, context):
+        caller(context, "admin")
+        agents, revision = await self.core.deploy(
+            request.name, request.version, dict(request.selector)
+        )
+        return pb.DeployResponse(agents=agents, revision=revision)
+
+    @unary
+    async def CreateToken(self, request, context):
+        caller(context, "admin")
+        token = self.core.create_token(dict(request.labels), request.ttl_seconds or 3600)
+        return pb.CreateTokenResponse(
+            token=token.encode(), token_id=token.token_id, expires_at=token.expires_at
+        )
+
+    @unary
+    async def ListAgents(self, request, context):
+        caller(context, "admin")
+        return pb.ListAgentsResponse(agents=[self._agent(a) for a in self.core.registry.agents()])
+
+    def _agent(self, a: AgentRow) -> pb.AgentInfo:
+        from google.protobuf.json_format import ParseDict
+
+        report = pb.AgentReport()
+        if a.report:
+            ParseDict(a.report, report, ignore_unknown_fields=True)
+        _, desired = self.core.desired(a)
+        return pb.AgentInfo(
+            agent_id=a.agent_id, hostname=a.hostname, labels=a.labels,
+            enrolled_at=a.enrolled_at, last_seen=a.last_seen, status=a.status,
+            report=report, desired=desired_to_proto(0, desired).models,
+        )  # fmt: skip
+
+    @unary
+    async def RevokeAgent(self, request, context):
+        caller(context, "admin")
+        await self.core.revoke(request.agent_id)
+        return pb.RevokeAgentResponse()
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        # Notice dead agents' watch streams without waiting for TCP timeouts.
+        ("grpc.keepalive_time_ms", 20000),
+        ("grpc.keepalive_timeout_ms", 10000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def dump_json(path: Path, data: Any) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,833 @@
+"""The hub's TUF repository: signing keys, signed metadata on disk, the offline targets-key flow.
+
+Every published bundle is one TUF target, an uncompressed tar of the bundle directory, at the
+target path ``<name>/<version>/bundle.tar`` with ``custom = {"name", "version",
+"manifest_sha256", ...}``. Agents verify it with python-tuf's ngclient (see
+``agent/fleet/verify.py``) before anything is unpacked or loaded.
+
+Layout of ``metadata_dir`` (consistent snapshots, so nothing a client may still be reading is
+ever overwritten):
+
+- ``N.root.json`` for every root version and ``root.json``, a copy of the latest;
+- ``N.targets.json``, ``N.snapshot.json`` for every version; ``timestamp.json``, the latest;
+- ``staged/targets.json``: targets metadata waiting for the offline targets key (see
+  :meth:`TufRepository.stage_target`);
+- ``.lock``: taken with ``flock`` around every write.
+
+When publishing, ``timestamp.json`` is written last and is the commit point: it names the
+snapshot, which names the targets version. A crash in between leaves an unreferenced newer file
+that the next write overwrites. (``create`` writes ``root.json`` last instead: it marks a
+complete repository.)
+
+Keys are Ed25519, one per role, stored as unencrypted PEM PKCS#8 files ``<role>.pem`` with mode
+0600. Snapshot and timestamp keys are online (the hub re-signs them on its own, see
+:meth:`TufRepository.refresh_online`). Root and targets keys may be kept offline: then publishing
+is two-step (stage, sign elsewhere with :func:`sign_staged`, commit).
+
+Concurrency: the hub is one process, but an operator CLI may commit a staged targets file while
+it runs. So writes hold a thread lock and an exclusive ``flock`` on ``metadata_dir/.lock``, and
+every operation first reloads the in-memory state if ``timestamp.json`` or ``root.json`` changed
+on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from securesystemslib.signer import CryptoSigner, Key, Signature, Signer
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import (
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+
+from protos.errors import (
+    BundleExistsError,
+    InvalidRequestError,
+    ModelfleetError,
+    ModelNotFoundError,
+    Status,
+    VerificationError,
+)
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("root", "targets", "snapshot", "timestamp")
+# Roles whose private key may live off the hub; the other two must be online.
+OFFLINE_CAPABLE_ROLES = ("root", "targets")
+PUBLIC_KEYS_FILE = "public.json"
+TARGET_FILE_NAME = "bundle.tar"
+STAGED_DIR = "staged"
+_LOCK_FILE = ".lock"
+_DAY = 86400.0
+
+# The only metadata names ngclient asks for with consistent snapshots (and root.json for
+# enrollment). Anything else is not ours to serve.
+_SERVED_NAME = re.compile(r"(?:root|timestamp)\.json|[1-9][0-9]*\.(?:root|snapshot|targets)\.json")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class TufSetupError(ModelfleetError):
+    """The repository or its keys are missing, mismatched or in the wrong state."""
+
+    status = Status.FAILED_PRECONDITION
+    reason = "tuf_setup"
+
+
+class TargetsKeyRequiredError(TufSetupError):
+    """The targets key is offline: use stage_target() + sign_staged() + commit_staged_targets()."""
+
+    reason = "targets_key_offline"
+
+
+class AlreadyInitializedError(ModelfleetError):
+    """Keys or metadata already exist; we never overwrite key material or a repository."""
+
+    status = Status.ALREADY_EXISTS
+    reason = "tuf_exists"
+
+
+@dataclass(frozen=True)
+class ExpiryPolicy:
+    """Lifetime of each role's metadata, in seconds.
+
+    Defaults: root 365 days, targets 365 days (both may be signed offline, so they must last),
+    snapshot 7 days, timestamp 1 day. The timestamp lifetime bounds how long an attacker can
+    freeze an agent on old metadata; the hub re-signs timestamp and snapshot when less than half
+    of their lifetime remains (:meth:`TufRepository.refresh_online`), so schedule that at least
+    every ``timestamp / 4`` seconds.
+    """
+
+    root: float = 365 * _DAY
+    targets: float = 365 * _DAY
+    snapshot: float = 7 * _DAY
+    timestamp: float = 1 * _DAY
+
+    def __post_init__(self) -> None:
+        for role in ROLES:
+            seconds = self.seconds(role)
+            if not seconds > 0:
+                raise InvalidRequestError(f"expiry for {role} must be > 0 s, got {seconds}")
+
+    def seconds(self, role: str) -> float:
+        return float(getattr(self, role))
+
+
+def bundle_target_path(name: str, version: int) -> str:
+    """The TUF target path of a bundle (a contract shared with the agent)."""
+    return f"{name}/{version}/{TARGET_FILE_NAME}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so readers see the old or the new file, never a torn one.
+
+    The temporary file is created with its final mode (0600 for keys) so a private key is never
+    readable by others, not even for a moment.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have removed bits we want (0644 for metadata)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _mkdir_private(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys
+
+
+def init_keys(keys_dir: Path, offline_dir: Path | None = None) -> dict[str, str]:
+    """Create one Ed25519 key per role; return ``{role: keyid}``.
+
+    Private keys go to ``<dir>/<role>.pem`` (mode 0600). With ``offline_dir``, the root and
+    targets private keys are written there instead of ``keys_dir``, for the operator to move off
+    the hub. ``keys_dir/public.json`` always holds all four public keys, which is what
+    :meth:`TufRepository.create` needs when the root and targets keys are not on the hub.
+
+    Refuses (``AlreadyInitializedError``) if any of the files already exists: overwriting a key
+    would orphan every agent that trusts it.
+    """
+    keys_dir = Path(keys_dir)
+    offline = Path(offline_dir) if offline_dir is not None else None
+    destinations = {
+        role: (offline if offline is not None and role in OFFLINE_CAPABLE_ROLES else keys_dir)
+        / f"{role}.pem"
+        for role in ROLES
+    }
+    candidates = [*destinations.values(), keys_dir / PUBLIC_KEYS_FILE]
+    if offline is not None:
+        # A stale online copy of an offline-capable key would defeat the point of moving it.
+        candidates += [keys_dir / f"{role}.pem" for role in OFFLINE_CAPABLE_ROLES]
+    existing = sorted({str(p) for p in candidates if p.exists()})
+    if existing:
+        raise AlreadyInitializedError(
+            f"refusing to overwrite existing key material: {', '.join(existing)}"
+        )
+    _mkdir_private(keys_dir)
+    if offline is not None:
+        _mkdir_private(offline)
+    signers = {role: CryptoSigner.generate_ed25519() for role in ROLES}
+    for role, path in destinations.items():
+        _atomic_write(path, signers[role].private_bytes, 0o600)
+    public = {
+        role: {"keyid": s.public_key.keyid, "key": s.public_key.to_dict()}
+        for role, s in signers.items()
+    }
+    _atomic_write(
+        keys_dir / PUBLIC_KEYS_FILE, (json.dumps(public, indent=2, sort_keys=True) + "\n").encode()
+    )
+    return {role: s.public_key.keyid for role, s in signers.items()}
+
+
+def load_signer(key_path: Path) -> CryptoSigner:
+    """Load an Ed25519 PEM PKCS#8 private key file as a signer."""
+    key_path = Path(key_path)
+    try:
+        pem = key_path.read_bytes()
+        mode = key_path.stat().st_mode
+    except FileNotFoundError:
+        raise TufSetupError(f"signing key {key_path} does not exist") from None
+    except OSError as exc:
+        raise TufSetupError(f"cannot read signing key {key_path}: {exc}") from None
+    if mode & 0o077:
+        logger.warning("signing key %s is readable by group/others (mode %o)", key_path, mode)
+    try:
+        private = load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise TufSetupError(f"{key_path} is not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(private, Ed25519PrivateKey):
+        raise TufSetupError(f"{key_path} is not an Ed25519 key")
+    return CryptoSigner(private)
+
+
+def load_public_keys(keys_dir: Path) -> dict[str, Key]:
+    """The four public keys written by :func:`init_keys` (``{}`` when public.json is absent)."""
+    path = Path(keys_dir) / PUBLIC_KEYS_FILE
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise TufSetupError(f"cannot read {path}: {exc}") from None
+    try:
+        # from_dict consumes its argument: hand it a copy.
+        return {role: Key.from_dict(raw[role]["keyid"], dict(raw[role]["key"])) for role in raw}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TufSetupError(f"{path} is malformed: {exc}") from None
+
+
+def sign_staged(payload: bytes, key_path: Path) -> dict[str, str]:
+    """Sign a staged targets payload with the (offline) targets key; the CLI's half of the flow.
+
+    Returns the securesystemslib signature dict ``{"keyid": ..., "sig": ...}`` that
+    :meth:`TufRepository.commit_staged_targets` expects.
+    """
+    return load_signer(key_path).sign(payload).to_dict()
+
+
+def _optional_signer(path: Path) -> CryptoSigner | None:
+    return load_signer(path) if path.exists() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Repository
+
+
+def _validate_target(path: str, length: int, sha256: str, custom: Mapping[str, Any]) -> TargetFile:
+    parts = path.split("/")
+    if (
+        not path
+        or "\\" in path
+        or any(p in ("", ".", "..") for p in parts)
+        or any(ch.isspace() for ch in path)
+    ):
+        raise InvalidRequestError(f"invalid TUF target path {path!r}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise InvalidRequestError(f"target length must be a non-negative integer, got {length!r}")
+    if not isinstance(sha256, str) or not _SHA256_HEX.fullmatch(sha256):
+        raise InvalidRequestError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    if not isinstance(custom, Mapping):
+        raise InvalidRequestError("custom must be a mapping")
+    custom = dict(custom)
+    # For bundle paths the signed custom fields must agree with the path agents look up.
+    if len(parts) == 3 and parts[2] == TARGET_FILE_NAME:
+        if "name" in custom and custom["name"] != parts[0]:
+            raise InvalidRequestError(f"custom name {custom['name']!r} does not match {path!r}")
+        if "version" in custom and str(custom["version"]) != parts[1]:
+            raise InvalidRequestError(
+                f"custom version {custom['version']!r} does not match {path!r}"
+            )
+    try:
+        json.dumps(custom)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"custom is not JSON-serializable: {exc}") from None
+    return TargetFile(length, {"sha256": sha256}, path, {"custom": custom})
+
+
+def _meta_for(version: int, data: bytes) -> MetaFile:
+    # Length and hash let clients reject oversized or swapped files before parsing them.
+    return MetaFile(version, length=len(data), hashes={"sha256": _sha256(data)})
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class TufRepository:
+    """The hub's TUF metadata on disk. Use :meth:`create` or :meth:`open`.
+
+    Thread-safe; writes are also serialized across processes with ``flock``.
+    """
+
+    def __init__(
+        self,
+        metadata_dir: Path,
+        keys_dir: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        expiry: ExpiryPolicy | None = None,
+    ) -> None:
+        self.metadata_dir = Path(metadata_dir)
+        self.keys_dir = Path(keys_dir)
+        self._clock = clock
+        self._expiry = expiry or ExpiryPolicy()
+        self._lock = threading.RLock()
+        self._state_key: tuple[Any, ...] | None = None
+        self._root: Metadata[Root]
+        self._targets: Metadata[Targets]
+        self._snapshot: Metadata[Snapshot]
+        self._timestamp: Metadata[Timestamp]
+        with self._lock:
+            self._sync()
+        self._snapshot_signer = load_signer(self.keys_dir / "snapshot.pem")
+        self._timestamp_signer = load_signer(self.keys_dir / "timestamp.pem")
+        self._targets_signer = _optional_signer(self.keys_dir / "targets.pem")
+        self._check_signer(self._snapshot_signer, "snapshot")
+        self._check_signer(self._timestamp_signer, "timestamp")
+        if self._targets_signer is not None:
+            self._check_signer(self._targets_signer, "targets")
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        metadata_dir: Path,
+        keys_dir: Path,
+        *,
+        root_signer: Signer | None = None,
+        targets_signer: Signer | None = None,
+        clock: Callable[[], float] = time.time,
+        expiry: ExpiryPolicy | None = None,
+    ) -> TufRepository:
+        """Write root v1, an empty targets v1, snapshot v1 and timestamp v1.
+
+        Root and targets signers are read from ``keys_dir`` when their files are there, else
+        they must be passed (the CLI loads them from the offline location). Passed signers are
+        used for this call only and are not kept.
+        """
+        metadata_dir = Path(metadata_dir)
+        keys_dir = Path(keys_dir)
+        expiry = expiry or ExpiryPolicy()
+        # root.json is written last, so it marks a complete repository; leftovers of a create()
+        # that crashed half-way are simply overwritten.
+        if (metadata_dir / "root.json").exists():
+            raise AlreadyInitializedError(f"{metadata_dir} already holds a TUF repository")
+        root_signer = root_signer or _optional_signer(keys_dir / "root.pem")
+        targets_signer = targets_signer or _optional_signer(keys_dir / "targets.pem")
+        if root_signer is None or targets_signer is None:
+            missing = [
+                r for r, s in (("root", root_signer), ("targets", targets_signer)) if s is None
+            ]
+            raise TufSetupError(
+                f"creating the repository needs the {' and '.join(missing)} private key(s): "
+                f"they are not in {keys_dir}, pass them (loaded from the offline copy)"
+            )
+        signers: dict[str, Signer] = {
+            "root": root_signer,
+            "targets": targets_signer,
+            "snapshot": load_signer(keys_dir / "snapshot.pem"),
+            "timestamp": load_signer(keys_dir / "timestamp.pem"),
+        }
+        published = load_public_keys(keys_dir)
+        for role, signer in signers.items():
+            if role in published and published[role].keyid != signer.public_key.keyid:
+                raise TufSetupError(
+                    f"the {role} private key (keyid {signer.public_key.keyid[:16]}) does not "
+                    f"match {keys_dir / PUBLIC_KEYS_FILE} ({published[role].keyid[:16]})"
+                )
+        metadata_dir.mkdir(parents=True, exist_ok=True)
+        now = clock()
+
+        def expires(role: str) -> _dt.datetime:
+            return _dt.datetime.fromtimestamp(now + expiry.seconds(role), tz=_dt.UTC)
+
+        root = Root(version=1, expires=expires("root"), consistent_snapshot=True)
+        for role, signer in signers.items():
+            root.add_key(signer.public_key, role)
+        root_md = Metadata(root)
+        root_md.sign(signers["root"])
+        targets_md = Metadata(Targets(version=1, expires=expires("targets")))
+        targets_md.sign(signers["targets"])
+        targets_bytes = targets_md.to_bytes()
+        snapshot_md = Metadata(
+            Snapshot(
+                version=1,
+                expires=expires("snapshot"),
+                meta={"targets.json": _meta_for(1, targets_bytes)},
+            )
+        )
+        snapshot_md.sign(signers["snapshot"])
+        snapshot_bytes = snapshot_md.to_bytes()
+        timestamp_md = Metadata(
+            Timestamp(
+                version=1,
+                expires=expires("timestamp"),
+                snapshot_meta=_meta_for(1, snapshot_bytes),
+            )
+        )
+        timestamp_md.sign(signers["timestamp"])
+        with _flock(metadata_dir):
+            root_bytes = root_md.to_bytes()
+            _atomic_write(metadata_dir / "1.targets.json", targets_bytes)
+            _atomic_write(metadata_dir / "1.snapshot.json", snapshot_bytes)
+            _atomic_write(metadata_dir / "1.root.json", root_bytes)
+            _atomic_write(metadata_dir / "timestamp.json", timestamp_md.to_bytes())
+            # Last: root.json is what callers (and the check above) take as "initialized".
+            _atomic_write(metadata_dir / "root.json", root_bytes)
+        return cls(metadata_dir, keys_dir, clock=clock, expiry=expiry)
+
+    @classmethod
+    def open(
+        cls,
+        metadata_dir: Path,
+        keys_dir: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        expiry: ExpiryPolicy | None = None,
+    ) -> TufRepository:
+        """Open an existing repository; the snapshot and timestamp keys must be in keys_dir."""
+        return cls(metadata_dir, keys_dir, clock=clock, expiry=expiry)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read(self, filename: str) -> bytes:
+        """A metadata file by the name ngclient asks for (``root.json``, ``3.snapshot.json``...).
+
+        Raises ``InvalidRequestError`` for names that try to leave the directory and
+        ``ModelNotFoundError`` for anything that is not (or not yet) published metadata.
+        """
+        if not filename or "/" in filename or "\\" in filename or ".." in filename:
+            raise InvalidRequestError(f"invalid metadata file name {filename!r}")
+        if not _SERVED_NAME.fullmatch(filename):
+            raise ModelNotFoundError(f"no TUF metadata named {filename!r}")
+        try:
+            return (self.metadata_dir / filename).read_bytes()
+        except FileNotFoundError:
+            raise ModelNotFoundError(f"no TUF metadata named {filename!r} on this hub") from None
+
+    def root_bytes(self) -> bytes:
+        """The latest signed root: the trust anchor handed to agents at enrollment."""
+        return self.read("root.json")
+
+    def target(self, path: str) -> TargetFile | None:
+        with self._lock:
+            self._sync()
+            return self._targets.signed.targets.get(path)
+
+    def targets(self) -> dict[str, TargetFile]:
+        with self._lock:
+            self._sync()
+            return dict(self._targets.signed.targets)
+
+    def versions(self) -> dict[str, int]:
+        """Current version of each role's metadata (for status pages and logs)."""
+        with self._lock:
+            self._sync()
+            return {
+                "root": self._root.signed.version,
+                "targets": self._targets.signed.version,
+                "snapshot": self._snapshot.signed.version,
+                "timestamp": self._timestamp.signed.version,
+            }
+
+    def expires(self) -> dict[str, _dt.datetime]:
+        with self._lock:
+            self._sync()
+            return {
+                "root": self._root.signed.expires,
+                "targets": self._targets.signed.expires,
+                "snapshot": self._snapshot.signed.expires,
+                "timestamp": self._timestamp.signed.expires,
+            }
+
+    @property
+    def has_online_targets_key(self) -> bool:
+        return self._targets_signer is not None
+
+    def targets_keyid(self) -> str:
+        """The keyid root trusts for targets (what an offline signature must carry)."""
+        with self._lock:
+            self._sync()
+            return self._root.signed.roles["targets"].keyids[0]
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def add_target(
+        self,
+        path: str,
+        length: int,
+        sha256: str,
+        custom: Mapping[str, Any],
+        targets_signer: Signer | None = None,
+    ) -> None:
+        """Publish a target: new targets, snapshot and timestamp versions.
+
+        Re-adding a path with the same length and hash is a no-op; with different ones it is
+        refused (``BundleExistsError``): published bundles are immutable. Without a targets key
+        (not in keys_dir, not passed) raises ``TargetsKeyRequiredError``.
+        """
+        target = _validate_target(path, length, sha256, custom)
+        with self._write_lock():
+            signer = targets_signer or self._targets_signer
+            if signer is None:
+                raise TargetsKeyRequiredError(
+                    f"cannot publish {path}: the targets key is not on the hub. Stage it "
+                    "(stage_target), sign the payload with the offline targets key "
+                    "(sign_staged) and commit the signature (commit_staged_targets)"
+                )
+            self._check_signer(signer, "targets")
+            if self._unchanged(self._targets.signed, target):
+                return
+            new = Metadata(self._next_targets(self._targets.signed, target))
+            new.sign(signer)
+            self._publish_targets(new)
+
+    def stage_target(self, path: str, length: int, sha256: str, custom: Mapping[str, Any]) -> bytes:
+        """Stage a target for offline signing; return the bytes the targets key must sign.
+
+        Stagings accumulate (several bundles can be signed in one offline session); each call
+        returns the payload covering all of them, and only a signature over the latest payload
+        commits. The payload is the canonical JSON of the new targets "signed" part.
+        """
+        target = _validate_target(path, length, sha256, custom)
+        with self._write_lock():
+            if self._unchanged(self._targets.signed, target):
+                raise BundleExistsError(f"{path} is already published as is: nothing to sign")
+            base = self._targets.signed
+            staged = self._load_staged()
+            if staged is not None:
+                if staged.signed.version == base.version + 1:
+                    base = staged.signed
+                else:
+                    logger.warning(
+                        "discarding stale staged targets v%d (published targets is v%d)",
+                        staged.signed.version,
+                        base.version,
+                    )
+            if self._unchanged(base, target):
+                return Metadata(base).signed_bytes  # already staged as is: same payload
+            new = Targets(
+                version=self._targets.signed.version + 1,
+                expires=self._expires_at("targets"),
+                targets={**base.targets, path: target},
+            )
+            md = Metadata(new)
+            staged_dir = self.metadata_dir / STAGED_DIR
+            staged_dir.mkdir(exist_ok=True)
+            _atomic_write(staged_dir / "targets.json", md.to_bytes())
+            return md.signed_bytes
+
+    def staged_payload(self) -> bytes | None:
+        """The payload currently waiting for the offline targets key, if any."""
+        with self._lock:
+            staged = self._load_staged()
+            return staged.signed_bytes if staged is not None else None
+
+    def discard_staged(self) -> bool:
+        with self._write_lock():
+            try:
+                (self.metadata_dir / STAGED_DIR / "targets.json").unlink()
+            except FileNotFoundError:
+                return False
+            return True
+
+    def commit_staged_targets(self, signature: Mapping[str, Any]) -> None:
+        """Publish the staged targets with ``signature`` (``{"keyid": ..., "sig": ...}``).
+
+        The signature is verified with the targets public key from the current root before
+        anything is written; a wrong key or a signature over another payload is refused with
+        ``VerificationError`` and the staged file is kept.
+        """
+        try:
+            sig = Signature.from_dict(dict(signature))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise InvalidRequestError(f"malformed signature {signature!r}: {exc}") from None
+        with self._write_lock():
+            staged = self._load_staged()
+            if staged is None:
+                raise TufSetupError("nothing is staged: call stage_target first")
+            current = self._targets.signed.version
+            if staged.signed.version != current + 1:
+                raise TufSetupError(
+                    f"staged targets v{staged.signed.version} is stale: targets v{current} was "
+                    "published since; stage again"
+                )
+            for path, old in self._targets.signed.targets.items():
+                new = staged.signed.targets.get(path)
+                if new is None or new.length != old.length or new.hashes != old.hashes:
+                    raise TufSetupError(f"staged targets drops or changes published {path}")
+            if staged.signed.is_expired(_dt.datetime.fromtimestamp(self._clock(), tz=_dt.UTC)):
+                raise TufSetupError(
+                    f"staged targets expired at {staged.signed.expires.isoformat()}: stage again"
+                )
+            expected = ", ".join(k[:16] for k in self._root.signed.roles["targets"].keyids)
+            try:
+                self._root.signed.verify_delegate("targets", staged.signed_bytes, {sig.keyid: sig})
+            except UnsignedMetadataError as exc:
+                raise VerificationError(
+                    f"refusing staged targets v{staged.signed.version}: the signature (keyid "
+                    f"{sig.keyid[:16]}) does not verify with the targets key in root "
+                    f"({expected}): wrong key, or signed over another payload ({exc})",
+                    reason="signature",
+                ) from None
+            staged.signatures = {sig.keyid: sig}
+            self._publish_targets(staged)
+            with contextlib.suppress(FileNotFoundError):
+                (self.metadata_dir / STAGED_DIR / "targets.json").unlink()
+
+    def refresh_online(self, now: float | None = None) -> bool:
+        """Re-sign online roles that have less than half of their lifetime left.
+
+        Timestamp is re-signed when half-expired; snapshot likewise (which also means a new
+        timestamp). Targets is re-signed too when its key is online; when it is offline, a
+        warning is logged so the operator renews it in time. Returns whether anything was
+        written. Call it periodically (more often than a quarter of the timestamp lifetime).
+        """
+        with self._write_lock():
+            t = self._clock() if now is None else now
+            wrote = False
+            if self._half_expired(self._targets.signed, "targets", t):
+                if self._targets_signer is not None:
+                    new = Metadata(self._next_targets(self._targets.signed, None, t))
+                    new.sign(self._targets_signer)
+                    self._publish_targets(new, t)
+                    return True
+                logger.warning(
+                    "targets metadata expires at %s and its key is offline: stage and sign a "
+                    "renewal", self._targets.signed.expires.isoformat()
+                )  # fmt: skip
+            if self._half_expired(self._snapshot.signed, "snapshot", t):
+                self._publish_snapshot(dict(self._snapshot.signed.meta), t)
+                wrote = True
+            elif self._half_expired(self._timestamp.signed, "timestamp", t):
+                snapshot_bytes = self._read_file(f"{self._snapshot.signed.version}.snapshot.json")
+                self._publish_timestamp(self._snapshot.signed.version, snapshot_bytes, t)
+                wrote = True
+            return wrote
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        with self._lock, _flock(self.metadata_dir):
+            self._sync()
+            yield
+
+    def _read_file(self, name: str) -> bytes:
+        try:
+            return (self.metadata_dir / name).read_bytes()
+        except FileNotFoundError:
+            raise TufSetupError(
+                f"{self.metadata_dir / name} is missing: the repository is damaged or not "
+                "initialized (TufRepository.create)"
+            ) from None
+
+    def _stat_key(self) -> tuple[Any, ...]:
+        key: list[Any] = []
+        for name in ("timestamp.json", "root.json"):
+            try:
+                st = (self.metadata_dir / name).stat()
+            except FileNotFoundError:
+                raise TufSetupError(
+                    f"{self.metadata_dir} has no {name}: not a TUF repository (create it first)"
+                ) from None
+            # os.replace gives every new version a new inode, so this changes on every write.
+            key.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(key)
+
+    def _sync(self) -> None:
+        """Reload from disk when another writer (process) published since we last looked."""
+        key = self._stat_key()
+        if key == self._state_key:
+            return
+        timestamp: Metadata[Timestamp] = Metadata.from_bytes(self._read_file("timestamp.json"))
+        snapshot_version = timestamp.signed.snapshot_meta.version
+        snapshot: Metadata[Snapshot] = Metadata.from_bytes(
+            self._read_file(f"{snapshot_version}.snapshot.json")
+        )
+        targets_version = snapshot.signed.meta["targets.json"].version
+        targets: Metadata[Targets] = Metadata.from_bytes(
+            self._read_file(f"{targets_version}.targets.json")
+        )
+        root: Metadata[Root] = Metadata.from_bytes(self._read_file("root.json"))
+        self._root, self._targets, self._snapshot, self._timestamp = (
+            root,
+            targets,
+            snapshot,
+            timestamp,
+        )
+        self._state_key = key
+
+    def _check_signer(self, signer: Signer, role: str) -> None:
+        keyids = self._root.signed.roles[role].keyids
+        if signer.public_key.keyid not in keyids:
+            raise TufSetupError(
+                f"the {role} key given (keyid {signer.public_key.keyid[:16]}) is not a {role} "
+                f"key of root v{self._root.signed.version} "
+                f"({', '.join(k[:16] for k in keyids)})"
+            )
+
+    def _expires_at(self, role: str, now: float | None = None) -> _dt.datetime:
+        t = self._clock() if now is None else now
+        return _dt.datetime.fromtimestamp(t + self._expiry.seconds(role), tz=_dt.UTC)
+
+    def _half_expired(self, signed: Targets | Snapshot | Timestamp, role: str, now: float) -> bool:
+        remaining = signed.expires.timestamp() - now
+        return remaining < self._expiry.seconds(role) / 2
+
+    @staticmethod
+    def _unchanged(base: Targets, target: TargetFile) -> bool:
+        """True if ``target`` is already published identically; raise if it would change."""
+        existing = base.targets.get(target.path)
+        if existing is None:
+            return False
+        if existing.length == target.length and existing.hashes == target.hashes:
+            return True
+        raise BundleExistsError(
+            f"{target.path} is already signed with sha256 "
+            f"{existing.hashes.get('sha256', '?')[:16]}... ({existing.length} bytes); published "
+            "bundles are immutable, publish a new version instead"
+        )
+
+    def _next_targets(
+        self, base: Targets, target: TargetFile | None, now: float | None = None
+    ) -> Targets:
+        targets = dict(base.targets)
+        if target is not None:
+            targets[target.path] = target
+        return Targets(
+            version=self._targets.signed.version + 1,
+            expires=self._expires_at("targets", now),
+            targets=targets,
+        )
+
+    def _load_staged(self) -> Metadata[Targets] | None:
+        try:
+            data = (self.metadata_dir / STAGED_DIR / "targets.json").read_bytes()
+        except FileNotFoundError:
+            return None
+        return Metadata.from_bytes(data)
+
+    def _publish_targets(self, targets_md: Metadata[Targets], now: float | None = None) -> None:
+        # Until the new timestamp is written, what is on disk is the truth: a failure half-way
+        # must make the next operation reload instead of trusting half-updated memory.
+        self._state_key = None
+        version = targets_md.signed.version
+        data = targets_md.to_bytes()
+        _atomic_write(self.metadata_dir / f"{version}.targets.json", data)
+        self._targets = targets_md
+        meta = dict(self._snapshot.signed.meta)
+        meta["targets.json"] = _meta_for(version, data)
+        self._publish_snapshot(meta, now)
+
+    def _publish_snapshot(self, meta: dict[str, MetaFile], now: float | None = None) -> None:
+        self._state_key = None
+        snapshot = Metadata(
+            Snapshot(
+                version=self._snapshot.signed.version + 1,
+                expires=self._expires_at("snapshot", now),
+                meta=meta,
+            )
+        )
+        snapshot.sign(self._snapshot_signer)
+        data = snapshot.to_bytes()
+        _atomic_write(self.metadata_dir / f"{snapshot.signed.version}.snapshot.json", data)
+        self._snapshot = snapshot
+        self._publish_timestamp(snapshot.signed.version, data, now)
+
+    def _publish_timestamp(
+        self, snapshot_version: int, snapshot_bytes: bytes, now: float | None = None
+    ) -> None:
+        timestamp = Metadata(
+            Timestamp(
+                version=self._timestamp.signed.version + 1,
+                expires=self._expires_at("timestamp", now),
+                snapshot_meta=_meta_for(snapshot_version, snapshot_bytes),
+            )
+        )
+        self._state_key = None
+        timestamp.sign(self._timestamp_signer)
+        _atomic_write(self.metadata_dir / "timestamp.json", timestamp.to_bytes())
+        self._timestamp = timestamp
+        # Memory now matches disk again (we hold the flock, nobody else wrote meanwhile).
+        self._state_key = self._stat_key()
+
+
+@contextlib.contextmanager
+def _flock(metadata_dir: Path) -> Iterator[None]:
+    metadata_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(metadata_dir / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

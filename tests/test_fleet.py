@@ -1,0 +1,368 @@
+"""Hub and agents as real processes: enrollment, signed distribution, refusals, restarts."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from google.protobuf.json_format import MessageToDict
+
+from protos import fleet_pb2 as pb
+from tests import models
+from tests.procs import (
+    ROOT,
+    AgentProcess,
+    HubProcess,
+    agent_status,
+    enroll_agent,
+    hub_admin,
+    wait_for,
+)
+
+# Tests restart hubs on purpose; agents should come back within seconds, not the default 30.
+FAST_BACKOFF = {"MODELFLEET_AGENT_BACKOFF_MAX_S": "1", "MODELFLEET_AGENT_REPORT_INTERVAL_S": "1"}
+
+
+@pytest.fixture
+def fleet(tmp_path: Path):
+    class Fleet:
+        def __init__(self) -> None:
+            self.hubs: list[HubProcess] = []
+            self.agents: list[AgentProcess] = []
+            self.onnx: dict[int, Path] = {}
+
+        def hub(self, *extra: str) -> HubProcess:
+            h = HubProcess(tmp_path / "hub", *extra, log_path=tmp_path / f"hub{len(self.hubs)}.log")
+            self.hubs.append(h)
+            return h.start()
+
+        def restart_hub(self, old: HubProcess, *extra: str) -> HubProcess:
+            old.stop()
+            h = HubProcess(old.data, *extra, log_path=tmp_path / f"hub{len(self.hubs)}.log")
+            h.port, h.enroll_port, h.url = old.port, old.enroll_port, old.url
+            self.hubs.append(h)
+            return h.start()
+
+        def agent(self, hub: HubProcess, name: str, labels: str, *extra: str) -> AgentProcess:
+            data = tmp_path / name
+            config = enroll_agent(hub, data, labels, hostname=name)
+            return self.start_agent(data, config, *extra)
+
+        def start_agent(self, data: Path, config: Path, *extra: str) -> AgentProcess:
+            a = AgentProcess(data, *extra, fleet_config=config, env=FAST_BACKOFF,
+                             log_path=tmp_path / f"{data.name}-{len(self.agents)}.log")  # fmt: skip
+            self.agents.append(a)
+            return a.start()
+
+        def model(self, seed: int, hidden: int = 16) -> Path:
+            return models.mlp(tmp_path / "onnx" / f"m{seed}-{hidden}.onnx", seed=seed,
+                              hidden=hidden)  # fmt: skip
+
+    f = Fleet()
+    yield f
+    for a in f.agents:
+        a.stop()
+    for h in f.hubs:
+        h.stop()
+
+
+def active(agent: AgentProcess, model: str = "mlp") -> int:
+    try:
+        return int(agent_status(agent.admin_socket).get(model, {}).get("active_version", 0))
+    except grpc.RpcError:
+        return -1
+
+
+def agents_ls(hub: HubProcess) -> dict[str, dict]:
+    resp = hub_admin(hub).ListAgents(pb.ListAgentsRequest(), timeout=10)
+    return {a.hostname: MessageToDict(a, preserving_proto_field_name=True) for a in resp.agents}
+
+
+def model_error(hub: HubProcess, host: str, model: str = "mlp") -> str:
+    report = agents_ls(hub)[host].get("report", {})
+    for m in report.get("models", []):
+        if m["name"] == model:
+            return m.get("error", "")
+    return ""
+
+
+def infer_version(agent: AgentProcess) -> str:
+    with grpcclient.InferenceServerClient(agent.url) as c:
+        inp = grpcclient.InferInput("x", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+        return c.infer("mlp", [inp]).get_response().model_version
+
+
+def test_enroll_deploy_by_selector_verify_swap_and_report(fleet) -> None:
+    hub = fleet.hub()
+    berlin = fleet.agent(hub, "berlin-1", "site=berlin,hw=cpu")
+    paris = fleet.agent(hub, "paris-1", "site=paris,hw=cpu")
+    for a in (berlin, paris):
+        a.wait_live()
+    assert "published mlp v1" in hub.cli("publish", "mlp", str(fleet.model(0)), "--notes", "one")
+    assert "published mlp v2" in hub.cli("publish", "mlp", str(fleet.model(1)))
+    out = hub.cli("deploy", "mlp", "1")
+    assert "on 2 agent(s)" in out
+    wait_for(lambda: active(berlin) == 1 and active(paris) == 1, 60, "v1 everywhere")
+    out = hub.cli("deploy", "mlp", "2", "--selector", "site=berlin")
+    assert "on 1 agent(s) matching site=berlin" in out
+    wait_for(lambda: active(berlin) == 2, 60, "v2 in berlin")
+    assert active(paris) == 1
+    assert infer_version(berlin) == "2" and infer_version(paris) == "1"
+    # Reported back: desired and active per agent, gate verdicts, last seen.
+    wait_for(lambda: agents_ls(hub)["berlin-1"]["report"]["models"][0]["active_version"] == "2",
+             30, "berlin report")  # fmt: skip
+    ls = agents_ls(hub)
+    b = ls["berlin-1"]
+    assert b["labels"] == {"site": "berlin", "hw": "cpu"} and b["status"] == "active"
+    assert b["desired"][0]["version"] == "2"
+    assert b["report"]["models"][0]["gate_passed"] is True
+    assert time.time() - b["last_seen"] < 60
+    table = hub.cli("agents", "ls")
+    assert "berlin-1" in table and "v2 passed" in table
+    # Keys never leave the node; the agent's private key is 0600.
+    key = fleet.agents[0].models / "identity" / "agent.key"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert "BEGIN" not in berlin.logs()
+
+
+def test_registry_rules_and_lifecycle(fleet) -> None:
+    hub = fleet.hub()
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    again = hub.cli("publish", "mlp", str(fleet.model(0)), "--version", "1", check=False)
+    assert again.returncode == 8 and "already published" in again.stderr
+    older = hub.cli("publish", "mlp", str(fleet.model(2)), "--version", "5")
+    assert "v5" in older
+    low = hub.cli("publish", "mlp", str(fleet.model(3)), "--version", "3", check=False)
+    assert low.returncode == 3 and "must be greater than the latest" in low.stderr
+    same = hub.cli("publish", "mlp", str(fleet.model(0)))
+    assert "v6" in same and "same content as v1" in same
+    hub.cli("models", "stage", "mlp", "5", "production")
+    hub.cli("models", "stage", "mlp", "1", "retired")
+    show = hub.cli("models", "show", "mlp")
+    assert "production v5" in show and "retired" in show
+    refused = hub.cli("deploy", "mlp", "1", check=False)
+    assert refused.returncode == 7 and "retired" in refused.stderr
+    missing = hub.cli("deploy", "mlp", "42", check=False)
+    assert missing.returncode == 4 and "no version 42" in missing.stderr
+    assert "mlp" in hub.cli("models", "ls")
+
+
+def test_tokens_are_one_time_and_expire(fleet, tmp_path: Path) -> None:
+    hub = fleet.hub()
+    token = hub.cli("agents", "token", "--labels", "site=x", "--ttl", "10m").strip()
+
+    def enroll(data: str, tok: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "agent.cli", "enroll", "--token", tok,
+             "--data", str(tmp_path / data)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    assert enroll("a", token).returncode == 0
+    reused = enroll("b", token)
+    assert reused.returncode == 9 and "already used" in reused.stderr
+    short = hub.cli("agents", "token", "--ttl", "1s").strip()
+    time.sleep(1.5)
+    expired = enroll("c", short)
+    assert expired.returncode != 0 and "expired" in expired.stderr
+    garbage = enroll("d", "mft1.bm90LWpzb24")
+    assert garbage.returncode == 3
+    # A wrong CA fingerprint (a man in the middle's CA) is refused before any secret is sent.
+    from protos.identity import EnrollToken
+
+    tok = EnrollToken.decode(hub.cli("agents", "token").strip())
+    forged = EnrollToken(tok.token_id, tok.secret, tok.hub_address, "sha256:" + "0" * 64,
+                         tok.expires_at).encode()  # fmt: skip
+    mitm = enroll("e", forged)
+    assert mitm.returncode == 9 and "fingerprint" in mitm.stderr
+
+
+def test_revoked_agent_is_refused_and_keeps_serving(fleet) -> None:
+    hub = fleet.hub()
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    hub.cli("publish", "mlp", str(fleet.model(1)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1")
+    agent_id = next(iter(agents_ls(hub).values()))["agent_id"]
+    assert "revoked" in hub.cli("agents", "revoke", agent_id)
+    hub.cli("deploy", "mlp", "2")
+    wait_for(lambda: "is revoked" in agent.logs(), 30, "agent told it is revoked")
+    time.sleep(1)
+    assert active(agent) == 1 and infer_version(agent) == "1"
+    assert agents_ls(hub)["edge-1"]["status"] == "revoked"
+
+
+def tamper_blob(hub: HubProcess, version: int, how: str) -> None:
+    con = sqlite3.connect(hub.data / "registry.db")
+    (sha,) = con.execute("SELECT sha256 FROM versions WHERE version = ?", (version,)).fetchone()
+    con.close()
+    blob = hub.data / "blobs" / "sha256" / sha[:2] / sha
+    data = bytearray(blob.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) - 512]
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_tampered_bundle_is_refused(fleet, how: str) -> None:
+    hub = fleet.hub()
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    hub.cli("publish", "mlp", str(fleet.model(1)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1")
+    tamper_blob(hub, 2, how)
+    hub.cli("deploy", "mlp", "2")
+    words = "hash" if how == "flip" else "length"
+    wait_for(lambda: words in model_error(hub, "edge-1").lower(), 60, "refusal reported")
+    assert active(agent) == 1 and infer_version(agent) == "1"
+    assert not list((agent.models / "cache" / "bundles" / "mlp").glob("2"))
+
+
+def test_metadata_rollback_is_refused(fleet) -> None:
+    hub = fleet.hub()
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    old_timestamp = (hub.data / "tuf" / "timestamp.json").read_bytes()
+    hub.cli("publish", "mlp", str(fleet.model(1)))
+    hub.cli("deploy", "mlp", "2")
+    wait_for(lambda: active(agent) == 2, 60, "v2 (agent has seen the newer timestamp)")
+    hub.cli("publish", "mlp", str(fleet.model(2)))
+    # A compromised mirror replays the older timestamp.
+    (hub.data / "tuf" / "timestamp.json").write_bytes(old_timestamp)
+    hub.cli("deploy", "mlp", "3")
+    wait_for(lambda: "rollback" in model_error(hub, "edge-1").lower(), 60, "rollback refused")
+    assert active(agent) == 2
+
+
+def test_expired_metadata_is_refused(fleet) -> None:
+    hub = fleet.hub("--timestamp-expiry-s", "3", "--refresh-interval-s", "3600")
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1")
+    hub.cli("publish", "mlp", str(fleet.model(1)))
+    time.sleep(3.5)  # the timestamp expires; this hub never refreshes it (a freeze attack)
+    hub.cli("deploy", "mlp", "2")
+    wait_for(lambda: "expired" in model_error(hub, "edge-1").lower(), 60, "freeze refused")
+    assert active(agent) == 1
+
+
+def test_metadata_signed_by_the_wrong_key_is_refused(fleet) -> None:
+    hub = fleet.hub()
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1")
+    hub.cli("publish", "mlp", str(fleet.model(1)))
+    # An attacker without the timestamp key signs a newer timestamp with a key of their own.
+    from securesystemslib.signer import CryptoSigner
+    from tuf.api.metadata import Metadata
+
+    path = hub.data / "tuf" / "timestamp.json"
+    md = Metadata.from_bytes(path.read_bytes())
+    md.signed.version += 1
+    md.sign(CryptoSigner.generate_ed25519(), append=False)
+    path.write_bytes(md.to_bytes())
+    hub.cli("deploy", "mlp", "2")
+    wait_for(lambda: "signature" in model_error(hub, "edge-1").lower(), 60, "bad signature")
+    assert active(agent) == 1
+
+
+def test_unsigned_model_is_refused(fleet) -> None:
+    hub = fleet.hub()
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1")
+    # A compromised registry invents version 9 (pointing at v1's bytes) and deploys it; the
+    # targets metadata, signed by a key the database cannot touch, knows nothing of it.
+    con = sqlite3.connect(hub.data / "registry.db")
+    con.execute(
+        "INSERT INTO versions (name, version, sha256, size, stage, notes, created_at, "
+        "target_path, signed, manifest) SELECT name, 9, sha256, size, stage, notes, created_at, "
+        "'mlp/9/bundle.tar', 1, manifest FROM versions WHERE version = 1"
+    )
+    con.execute("INSERT INTO deployments (name, version, selector, created_at) "
+                "VALUES ('mlp', 9, '{}', 0)")  # fmt: skip
+    con.commit()
+    con.close()
+    hub = fleet.restart_hub(hub)  # a restart makes the hub's watchers see the new revision
+    wait_for(lambda: "not signed" in model_error(hub, "edge-1").lower(), 60, "unsigned refused")
+    assert active(agent) == 1
+
+
+def test_offline_targets_key(fleet, tmp_path: Path) -> None:
+    offline = tmp_path / "offline-keys"
+    cmd = ["keys", "init", "--offline", str(offline)]
+    subprocess.run([sys.executable, "-m", "hub.cli", "--data", str(tmp_path / "hub"), *cmd],
+                   cwd=ROOT, check=True, timeout=60)  # fmt: skip
+    assert not (tmp_path / "hub" / "keys" / "targets.pem").exists()
+    assert oct((offline / "targets.pem").stat().st_mode & 0o777) == "0o600"
+    hub = fleet.hub()
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    unsigned = hub.cli("publish", "mlp", str(fleet.model(0)), check=False)
+    assert unsigned.returncode == 7 and "NOT signed" in unsigned.stderr
+    refused = hub.cli("deploy", "mlp", "1", check=False)
+    assert refused.returncode == 7 and "not signed" in refused.stderr
+    hub.cli("publish", "mlp", str(fleet.model(1)), "--targets-key", str(offline / "targets.pem"))
+    hub.cli("deploy", "mlp", "2")
+    wait_for(lambda: active(agent) == 2, 60, "v2 signed offline, deployed")
+
+
+def test_kill_mid_download_then_resume(fleet) -> None:
+    # ~16 MB bundle at 4 MB/s: several seconds of download to interrupt.
+    hub = fleet.hub("--transfer-rate-limit-mbps", "4")
+    data = fleet.model(0, hidden=2000)
+    hub.cli("publish", "mlp", str(models.mlp(data.with_name("big.onnx"), inputs=4, hidden=2000,
+                                             layers=2, seed=5)))  # fmt: skip
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    partial = agent.models / "cache" / "partial"
+    hub.cli("deploy", "mlp", "1")
+
+    def part_size() -> int:
+        return sum(p.stat().st_size for p in partial.glob("*.part"))
+
+    wait_for(lambda: part_size() > 3_000_000, 60, "download under way")
+    agent.kill()
+    had = part_size()
+    assert had > 0
+    again = fleet.start_agent(agent.models, agent.models / "agent.toml")
+    wait_for(lambda: active(again) == 1, 120, "v1 after resume")
+    assert "resuming" in again.logs()
+    assert not list(partial.glob("*.part"))
+
+
+def test_hub_restart_keeps_state_and_agent_restart_offline(fleet) -> None:
+    hub = fleet.hub()
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    hub.cli("publish", "mlp", str(fleet.model(1)))
+    hub.cli("deploy", "mlp", "2", "--selector", "site=berlin")
+    wait_for(lambda: active(agent) == 2, 60, "v2")
+    hub = fleet.restart_hub(hub)
+    assert "2" in hub.cli("models", "ls")
+    ls = agents_ls(hub)
+    assert ls["edge-1"]["desired"][0]["version"] == "2"
+    # The agent reconnects on its own (backoff) and stays on v2.
+    wait_for(lambda: time.time() - agents_ls(hub)["edge-1"]["last_seen"] < 5, 60, "reconnected")
+    assert active(agent) == 2
+    # Hub down, agent restarted: it serves its cached, verified bundle.
+    hub.stop()
+    agent.stop()
+    again = fleet.start_agent(agent.models, agent.models / "agent.toml")
+    again.wait_model("mlp", timeout=60)
+    assert infer_version(again) == "2"
+    wait_for(lambda: "retrying" in again.logs(), 30, "reconnect attempts logged")
