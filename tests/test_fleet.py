@@ -366,3 +366,13 @@ def test_hub_restart_keeps_state_and_agent_restart_offline(fleet) -> None:
     again.wait_model("mlp", timeout=60)
     assert infer_version(again) == "2"
     wait_for(lambda: "retrying" in again.logs(), 30, "reconnect attempts logged")
+
+
+def test_hub_refreshes_timestamp_before_it_expires(fleet) -> None:
+    hub = fleet.hub("--timestamp-expiry-s", "4", "--refresh-interval-s", "0.5")
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    time.sleep(5)  # longer than the timestamp's lifetime: only re-signing keeps it valid
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1 with a refreshed timestamp")
+    assert "re-signed timestamp" in hub.logs()

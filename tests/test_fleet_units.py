@@ -1,0 +1,108 @@
+"""Fleet pieces without processes: backoff, cache collection, registry rules, desired state."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from agent.fleet.cache import BundleCache
+from agent.fleet.sync import Backoff
+from hub.registry import FailedPreconditionError, PermissionDeniedError, Registry
+from protos.errors import BundleExistsError, InvalidRequestError
+
+
+def test_backoff_is_bounded_jittered_and_resets() -> None:
+    b = Backoff(base=0.5, cap=4.0, rng=random.Random(1))
+    delays = [b.next() for _ in range(50)]
+    assert all(0 <= d <= 4.0 for d in delays)
+    assert len({round(d, 6) for d in delays}) > 40  # jitter: agents do not retry in lockstep
+    assert max(delays[:2]) <= 1.0  # starts small
+    b.reset()
+    assert b.next() <= 0.5
+
+
+def test_cache_collects_what_is_neither_desired_nor_loaded(tmp_path: Path) -> None:
+    cache = BundleCache(tmp_path, max_bytes=10_000)
+    for name, version in (("a", 1), ("a", 2), ("a", 3), ("b", 1)):
+        p = cache.path(name, version)
+        p.mkdir(parents=True)
+        (p / "manifest.json").write_text("{}")
+        (p / "model.onnx").write_bytes(b"x" * 1000)
+    removed = cache.collect({("a", 3), ("a", 2)})
+    assert sorted(removed) == [("a", 1), ("b", 1)]
+    assert cache.has("a", 3) and cache.has("a", 2) and not cache.has("b", 1)
+    assert cache.size() == 2 * (1000 + 2)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    now = [1000.0]
+    reg = Registry(tmp_path / "r.db", clock=lambda: now[0])
+    reg.now = now  # type: ignore[attr-defined]
+    return reg
+
+
+def add(reg: Registry, name: str, version: int, signed: bool = True, model: str = "m") -> None:
+    reg.add_version(name=name, version=version, sha256=f"{version:064x}", size=10, notes="",
+                    target_path=f"{name}/{version}/bundle.tar", signed=signed,
+                    manifest={"model": {"sha256": model}})  # fmt: skip
+
+
+def test_versions_increase_and_are_immutable(registry: Registry) -> None:
+    add(registry, "m", 1)
+    add(registry, "m", 3)
+    with pytest.raises(BundleExistsError):
+        add(registry, "m", 3)
+    with pytest.raises(InvalidRequestError, match="greater than the latest published version 3"):
+        add(registry, "m", 2)
+    add(registry, "m", 4, model="m")
+    assert registry.get_version("m", 4).same_content_as == 1  # type: ignore[union-attr]
+
+
+def test_stages(registry: Registry) -> None:
+    add(registry, "m", 1)
+    add(registry, "m", 2)
+    registry.set_stage("m", 1, "production")
+    registry.set_stage("m", 2, "production")
+    assert registry.get_version("m", 1).stage == "deprecated"  # type: ignore[union-attr]
+    registry.set_stage("m", 1, "retired")
+    with pytest.raises(FailedPreconditionError, match="retired for good"):
+        registry.set_stage("m", 1, "staged")
+    with pytest.raises(FailedPreconditionError, match="not deployable"):
+        registry.deploy("m", 1, {})
+    with pytest.raises(InvalidRequestError, match="unknown stage"):
+        registry.set_stage("m", 2, "golden")
+
+
+def test_desired_is_the_latest_matching_deployment_per_model(registry: Registry) -> None:
+    for v in (1, 2, 3):
+        add(registry, "m", v)
+    add(registry, "other", 1)
+    add(registry, "unsigned", 1, signed=False)
+    registry.deploy("m", 1, {})
+    registry.deploy("m", 2, {"site": "berlin"})
+    registry.deploy("other", 1, {"hw": "gpu"})
+    berlin_gpu = {"site": "berlin", "hw": "gpu"}
+    assert [(d.name, d.version) for d in registry.desired_for(berlin_gpu)] == [
+        ("m", 2), ("other", 1)]  # fmt: skip
+    assert [(d.name, d.version) for d in registry.desired_for({"site": "paris"})] == [("m", 1)]
+    registry.deploy("m", 3, {})  # a later fleet-wide deployment overrides the site one
+    assert registry.desired_for(berlin_gpu)[0].version == 3
+    with pytest.raises(FailedPreconditionError, match="not signed yet"):
+        registry.deploy("unsigned", 1, {})
+    assert registry.revision() == 4
+
+
+def test_tokens_are_one_time_and_expire(registry: Registry) -> None:
+    registry.add_token("t1", "h1", {"site": "x"}, expires_at=2000.0)
+    with pytest.raises(PermissionDeniedError, match="not valid"):
+        registry.consume_token("t1", "wrong", "a1")
+    assert registry.consume_token("t1", "h1", "a1") == {"site": "x"}
+    with pytest.raises(PermissionDeniedError, match="already used"):
+        registry.consume_token("t1", "h1", "a2")
+    registry.add_token("t2", "h2", {}, expires_at=1500.0)
+    registry.now[0] = 1600.0  # type: ignore[attr-defined]
+    with pytest.raises(PermissionDeniedError, match="expired"):
+        registry.consume_token("t2", "h2", "a3")
