@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--metrics-listen", default="")
     enroll.add_argument("--hostname", help="name reported to the hub (default: this host's)")
     enroll.add_argument("--force", action="store_true", help="enroll again, replacing identity")
+    enroll.add_argument("--transport", choices=["grpc", "mqtt", "both"], default="grpc",
+                        help="how this agent reaches the hub (default: grpc)")  # fmt: skip
 
     status = sub.add_parser("status", help="what a running agent serves, and gate results")
     _add_admin_args(status)
@@ -199,7 +201,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
     agent_id, config = enroll(
         args.token, args.data, listen=args.listen, metrics_listen=args.metrics_listen,
-        hostname=args.hostname, force=args.force,
+        hostname=args.hostname, force=args.force, transport=args.transport,
     )  # fmt: skip
     print(f"enrolled as {agent_id}; start with: modelfleet-agent run --config {config}")
     return 0

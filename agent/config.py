@@ -63,6 +63,11 @@ class ServeConfig:
     disk_reserve_bytes: int = 64 * 1024 * 1024
     # Upper bound of the reconnect backoff (full jitter), in seconds.
     backoff_max_s: float = 30.0
+    # grpc (everything over gRPC), mqtt (everything through the broker) or both (desired state
+    # through the broker, bytes and reports over gRPC).
+    transport: str = "grpc"
+    # MQTT broker HOST:PORT (from enrollment when the hub has one).
+    mqtt: str = ""
 
     def admin_socket_path(self) -> Path:
         if self.admin_socket:
@@ -97,6 +102,12 @@ def validate(cfg: ServeConfig) -> None:
         raise InvalidRequestError(f"config: unknown log_level {cfg.log_level!r}")
     if cfg.drain_timeout_s < 0 or cfg.intra_op_threads < 0 or cfg.inter_op_threads < 0:
         raise InvalidRequestError("config: drain_timeout_s and thread counts must be >= 0")
+    if cfg.transport not in ("grpc", "mqtt", "both"):
+        raise InvalidRequestError(
+            f"config: transport must be grpc, mqtt or both, not {cfg.transport!r}"
+        )
+    if cfg.hub and cfg.transport != "grpc" and not cfg.mqtt:
+        raise InvalidRequestError(f"config: transport {cfg.transport} needs an mqtt address")
     if cfg.poll_interval_s <= 0:
         raise InvalidRequestError("config: poll_interval_s must be > 0")
     split_hostport(cfg.listen, "listen")

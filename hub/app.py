@@ -84,12 +84,21 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
             except Exception:
                 log.exception("refreshing TUF metadata failed; will retry")
 
-    task = loop.create_task(refresher())
+    tasks = [loop.create_task(refresher())]
+    bridge = None
+    if cfg.mqtt:
+        from hub.mqtt import MqttBridge
+
+        bridge = MqttBridge(core, cfg.mqtt, loop)
+        bridge.start()
+        tasks.append(loop.create_task(bridge.run(stop)))
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
         await server.stop(grace=5)
-        await task
+        await asyncio.gather(*tasks)
+        if bridge is not None:
+            bridge.stop()
         core.registry.close()
         log.info("stopped")

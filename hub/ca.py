@@ -255,6 +255,20 @@ class CertificateAuthority:
             key_public, HUB_CN, days, ExtendedKeyUsageOID.SERVER_AUTH, hostnames=hostnames
         )
 
+    def issue_for_key(
+        self,
+        key_public: PublicKeyTypes,
+        common_name: str,
+        *,
+        server: bool,
+        hostnames: Sequence[str] = (),
+        days: int = DEFAULT_SERVER_DAYS,
+    ) -> bytes:
+        """A certificate for a key held by the hub itself (the MQTT broker's server certificate,
+        the hub's own MQTT client identity): serverAuth or clientAuth."""
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        return self._issue(key_public, common_name, days, usage, hostnames=hostnames)
+
     def sign_csr(
         self,
         csr_pem: bytes,

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timestamp-expiry-s", type=float)
     s.add_argument("--snapshot-expiry-s", type=float)
     s.add_argument("--transfer-rate-limit-mbps", type=float)
+    s.add_argument("--mqtt", help="MQTT broker HOST:PORT to bridge to")
+    s.add_argument("--advertise-mqtt")
     s.add_argument("--log-level")
     s.add_argument("--log-json", action="store_true", default=None)
 
@@ -66,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     ki.add_argument(
         "--offline", type=Path, help="write the root and targets private keys here, not on the hub"
     )
+
+    mq = sub.add_parser("mqtt-config", help="write mosquitto.conf, ACL and certificates")
+    mq.add_argument("--out", type=Path, required=True)
+    mq.add_argument("--listen", default="127.0.0.1:8883", help="broker listener HOST:PORT")
+    mq.add_argument("--hostnames", default="", help="extra broker names, comma-separated")
 
     pub = sub.add_parser("publish", help="build, upload and sign a new model version")
     pub.add_argument("name")
@@ -173,7 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in (
         "listen", "enroll_listen", "advertise", "advertise_enroll", "hostnames",
         "refresh_interval_s", "timestamp_expiry_s", "snapshot_expiry_s",
-        "transfer_rate_limit_mbps", "log_level", "log_json")}  # fmt: skip
+        "transfer_rate_limit_mbps", "log_level", "log_json", "mqtt", "advertise_mqtt")}  # fmt: skip
     overrides["data"] = args.data
     cfg = load_hub_config(args.config, overrides)
     setup_logging(cfg.log_level, cfg.log_json)
@@ -203,6 +210,21 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     if args.offline:
         print(f"root and targets private keys are in {args.offline}: move them off this machine;"
               f" publishing will need --targets-key {args.offline}/targets.pem")  # fmt: skip
+    return 0
+
+
+def cmd_mqtt_config(args: argparse.Namespace) -> int:
+    from hub.ca import CertificateAuthority
+    from hub.core import HubPaths
+    from hub.mqtt import write_broker_config
+
+    paths = HubPaths(args.data)
+    args.data.mkdir(parents=True, exist_ok=True)
+    ca = CertificateAuthority.load_or_create(paths.ca)
+    hostnames = [h.strip() for h in args.hostnames.split(",") if h.strip()]
+    conf = write_broker_config(ca, args.out.resolve(), args.listen, paths.root / "mqtt", hostnames)
+    print(f"wrote {conf}; start the broker with: mosquitto -c {conf}")
+    print(f"then run the hub with: modelfleet-hub --data {args.data} serve --mqtt {args.listen}")
     return 0
 
 
@@ -371,8 +393,8 @@ def cmd_agents(args: argparse.Namespace) -> int:
         print(json.dumps([MessageToDict(a, preserving_proto_field_name=True)
                           for a in resp.agents], indent=2))  # fmt: skip
         return 0
-    print(f"{'AGENT':<22} {'STATUS':<8} {'LAST SEEN':<10} {'LABELS':<24} {'MODEL':<12} "
-          f"{'DESIRED':>7} {'ACTIVE':>6}  GATE / ERROR")  # fmt: skip
+    print(f"{'AGENT':<22} {'STATUS':<8} {'ONLINE':<7} {'LAST SEEN':<10} {'LABELS':<24} "
+          f"{'MODEL':<12} {'DESIRED':>7} {'ACTIVE':>6}  GATE / ERROR")  # fmt: skip
     for a in resp.agents:
         labels = ",".join(f"{k}={v}" for k, v in sorted(a.labels.items())) or "-"
         reports = {m.name: m for m in a.report.models}
@@ -386,12 +408,13 @@ def cmd_agents(args: argparse.Namespace) -> int:
                         else f"v{m.gate_version} {m.gate_kind}: {m.gate_reason}")  # fmt: skip
             if m is not None and m.error:
                 gate = m.error
-            head = (f"{a.agent_id:<22} {a.status:<8} {_ago(a.last_seen):<10} {labels:<24}"
-                    if i == 0 else " " * 66)  # fmt: skip
+            online = a.presence or ("yes" if time.time() - a.last_seen < 60 else "no")
+            head = (f"{a.agent_id:<22} {a.status:<8} {online:<7} {_ago(a.last_seen):<10} "
+                    f"{labels:<24}" if i == 0 else " " * 74)  # fmt: skip
             print(f"{head} {name:<12} {desired.get(name, '-')!s:>7} "
                   f"{(m.active_version or '-') if m else '-'!s:>6}  {gate}")  # fmt: skip
         if a.report.last_error:
-            print(f"{'':<66} last error: {a.report.last_error}")
+            print(f"{'':<74} last error: {a.report.last_error}")
     return 0
 
 
@@ -400,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "serve": cmd_serve,
         "keys": cmd_keys_init,
+        "mqtt-config": cmd_mqtt_config,
         "publish": cmd_publish,
         "models": cmd_models,
         "deploy": cmd_deploy,

@@ -27,6 +27,11 @@ class HubConfig:
     # Addresses handed to agents (tokens, enrollment); empty: the listen addresses.
     advertise: str = ""
     advertise_enroll: str = ""
+    # MQTT broker (HOST:PORT) the hub bridges to; empty: no MQTT. `modelfleet-hub mqtt-config`
+    # writes the broker's configuration and the hub's MQTT identity.
+    mqtt: str = ""
+    # Broker address handed to agents at enrollment; empty: the mqtt value.
+    advertise_mqtt: str = ""
     # Extra names for the hub's server certificate, comma-separated (localhost and the
     # listen host are always included).
     hostnames: str = ""

@@ -51,7 +51,9 @@ CREATE TABLE IF NOT EXISTS agents (
     last_seen REAL NOT NULL DEFAULT 0,
     status TEXT NOT NULL DEFAULT 'active',
     cert_fingerprint TEXT NOT NULL,
-    report TEXT NOT NULL DEFAULT '{}'
+    report TEXT NOT NULL DEFAULT '{}',
+    presence TEXT NOT NULL DEFAULT '',
+    presence_at REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS tokens (
     token_id TEXT PRIMARY KEY,
@@ -106,6 +108,7 @@ class AgentRow:
     status: str
     cert_fingerprint: str
     report: dict[str, Any]
+    presence: str = ""
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,20 @@ class Registry:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after a table first shipped; ALTER is a no-op-safe, one-time step."""
+        added = {
+            "versions": [("model_sha256", "TEXT NOT NULL DEFAULT ''")],
+            "agents": [("presence", "TEXT NOT NULL DEFAULT ''"),
+                       ("presence_at", "REAL NOT NULL DEFAULT 0")],
+        }  # fmt: skip
+        for table, columns in added.items():
+            have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, decl in columns:
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -314,6 +331,7 @@ class Registry:
         return AgentRow(
             r["agent_id"], r["hostname"], json.loads(r["labels"]), r["enrolled_at"],
             r["last_seen"], r["status"], r["cert_fingerprint"], json.loads(r["report"]),
+            r["presence"],
         )  # fmt: skip
 
     def agents(self) -> list[AgentRow]:
@@ -321,6 +339,14 @@ class Registry:
             self._agent(r)
             for r in self.db.execute("SELECT * FROM agents ORDER BY agent_id").fetchall()
         ]
+
+    def set_presence(self, agent_id: str, online: bool) -> None:
+        self.agent(agent_id)
+        with self.tx():
+            self.db.execute(
+                "UPDATE agents SET presence = ?, presence_at = ? WHERE agent_id = ?",
+                ("online" if online else "offline", self.clock(), agent_id),
+            )
 
     def revoke(self, agent_id: str) -> None:
         self.agent(agent_id)

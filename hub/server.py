@@ -118,6 +118,7 @@ class FleetServicer(pb_grpc.FleetServicer):
             tuf_root=self.core.tuf.root_bytes(),
             hub_address=self.core.advertise,
             labels=labels,
+            mqtt_address=self.core.cfg.advertise_mqtt or self.core.cfg.mqtt,
         )
 
     @streaming
@@ -274,7 +275,7 @@ class AdminServicer(pb_grpc.HubAdminServicer):
         return pb.AgentInfo(
             agent_id=a.agent_id, hostname=a.hostname, labels=a.labels,
             enrolled_at=a.enrolled_at, last_seen=a.last_seen, status=a.status,
-            report=report, desired=desired_to_proto(0, desired).models,
+            report=report, desired=desired_to_proto(0, desired).models, presence=a.presence,
         )  # fmt: skip
 
     @unary

@@ -19,7 +19,7 @@ class EnrollRequest(_message.Message):
     def __init__(self, token_id: _Optional[str] = ..., secret: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("agent_id", "certificate_pem", "ca_pem", "tuf_root", "hub_address", "labels")
+    __slots__ = ("agent_id", "certificate_pem", "ca_pem", "tuf_root", "hub_address", "labels", "mqtt_address")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,13 +33,15 @@ class EnrollResponse(_message.Message):
     TUF_ROOT_FIELD_NUMBER: _ClassVar[int]
     HUB_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    MQTT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     certificate_pem: bytes
     ca_pem: bytes
     tuf_root: bytes
     hub_address: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, agent_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., tuf_root: _Optional[bytes] = ..., hub_address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    mqtt_address: str
+    def __init__(self, agent_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., tuf_root: _Optional[bytes] = ..., hub_address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., mqtt_address: _Optional[str] = ...) -> None: ...
 
 class WatchDesiredRequest(_message.Message):
     __slots__ = ()
@@ -296,7 +298,7 @@ class ListAgentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_id", "hostname", "labels", "enrolled_at", "last_seen", "status", "report", "desired")
+    __slots__ = ("agent_id", "hostname", "labels", "enrolled_at", "last_seen", "status", "report", "desired", "presence")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +314,7 @@ class AgentInfo(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     DESIRED_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     hostname: str
     labels: _containers.ScalarMap[str, str]
@@ -320,7 +323,8 @@ class AgentInfo(_message.Message):
     status: str
     report: AgentReport
     desired: _containers.RepeatedCompositeFieldContainer[DesiredModel]
-    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., enrolled_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., status: _Optional[str] = ..., report: _Optional[_Union[AgentReport, _Mapping]] = ..., desired: _Optional[_Iterable[_Union[DesiredModel, _Mapping]]] = ...) -> None: ...
+    presence: str
+    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., enrolled_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., status: _Optional[str] = ..., report: _Optional[_Union[AgentReport, _Mapping]] = ..., desired: _Optional[_Iterable[_Union[DesiredModel, _Mapping]]] = ..., presence: _Optional[str] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents",)

@@ -223,12 +223,14 @@ class HubProcess:
             self.proc.wait(10)
 
 
-def enroll_agent(hub: HubProcess, data: Path, labels: str, hostname: str) -> Path:
+def enroll_agent(
+    hub: HubProcess, data: Path, labels: str, hostname: str, transport: str = "grpc"
+) -> Path:
     """Enroll a new agent directory with a fresh token; returns its agent.toml."""
     token = hub.cli("agents", "token", "--labels", labels, "--ttl", "10m").strip()
     r = subprocess.run(
         [sys.executable, "-m", "agent.cli", "enroll", "--token", token, "--data", str(data),
-         "--hostname", hostname],
+         "--hostname", hostname, "--transport", transport],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     if r.returncode != 0:
@@ -265,3 +267,63 @@ def hub_admin(hub: HubProcess):
         certificate_chain=(admin / "admin.crt").read_bytes(),
     )
     return fleet_pb2_grpc.HubAdminStub(grpc.secure_channel(hub.url, creds))
+
+
+class BrokerProcess:
+    """A real Mosquitto on a free loopback port, configured by `modelfleet-hub mqtt-config`."""
+
+    def __init__(self, hub_data: Path, out: Path) -> None:
+        self.hub_data = Path(hub_data)
+        self.out = Path(out)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def configure(self) -> BrokerProcess:
+        subprocess.run(
+            [sys.executable, "-m", "hub.cli", "--data", str(self.hub_data), "mqtt-config",
+             "--out", str(self.out), "--listen", self.address],
+            cwd=ROOT, check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        return self
+
+    def start(self) -> BrokerProcess:
+        self._log = open(self.out / "broker.log", "ab")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(self.out / "mosquitto.conf")],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+        def listening() -> bool:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited:\n{self.logs()[-2000:]}")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+
+        wait_for(listening, 20, "mosquitto listening")
+        return self
+
+    def logs(self) -> str:
+        try:
+            return (self.out / "broker.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self._log:
+            self._log.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._log:
+            self._log.close()

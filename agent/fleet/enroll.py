@@ -39,6 +39,7 @@ def enroll(
     metrics_listen: str = "",
     hostname: str | None = None,
     force: bool = False,
+    transport: str = "grpc",
 ) -> tuple[str, Path]:
     """Returns (agent id, path of the written config file)."""
     data_dir = Path(data_dir).resolve()
@@ -83,5 +84,10 @@ def enroll(
     ]
     if metrics_listen:
         lines.append(f"metrics_listen = {_toml_str(metrics_listen)}")
+    if transport != "grpc" and not resp.mqtt_address:
+        raise TokenError(f"transport {transport} asked for, but the hub has no MQTT broker")
+    if resp.mqtt_address:
+        lines.append(f"mqtt = {_toml_str(resp.mqtt_address)}")
+    lines.append(f"transport = {_toml_str(transport)}")
     write_pem(config, ("\n".join(lines) + "\n").encode())
     return resp.agent_id, config

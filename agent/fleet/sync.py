@@ -25,6 +25,7 @@ from agent import __version__
 from agent.config import ServeConfig
 from agent.fleet.cache import BundleCache
 from agent.fleet.enroll import TUF_DIR
+from agent.fleet.mqtt import MqttLink, MqttTransport
 from agent.fleet.transport import GrpcTransport, channel_options, credentials, rpc_error
 from agent.fleet.verify import BundleVerifier
 from agent.slots import SlotManager
@@ -84,10 +85,19 @@ class FleetSync:
         self.last_error = ""
         self.wakeup = asyncio.Event()
         self.report_now = asyncio.Event()
-        creds = credentials(self.data)
-        self.channel = grpc.aio.secure_channel(cfg.hub, creds, options=channel_options())
-        self.stub = pb_grpc.FleetStub(self.channel)
-        self.transport = GrpcTransport(cfg.hub, creds)
+        self.loop = asyncio.get_running_loop()
+        self.mqtt: MqttLink | None = None
+        self.channel = None
+        if cfg.transport in ("mqtt", "both"):
+            self.mqtt = MqttLink(cfg.mqtt, self.data, cfg.agent_id, self._desired_from_mqtt)
+        if cfg.transport in ("grpc", "both"):
+            creds = credentials(self.data)
+            self.channel = grpc.aio.secure_channel(cfg.hub, creds, options=channel_options())
+            self.stub = pb_grpc.FleetStub(self.channel)
+            self.transport: GrpcTransport | MqttTransport = GrpcTransport(cfg.hub, creds)
+        else:
+            assert self.mqtt is not None
+            self.transport = MqttTransport(self.mqtt)
         self.verifier = BundleVerifier(
             self.data / TUF_DIR,
             self.cache.downloads,
@@ -215,6 +225,26 @@ class FleetSync:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
 
+    def _desired_from_mqtt(self, payload: bytes) -> None:
+        """paho's thread -> the event loop. An empty retained message means "revoked"."""
+        try:
+            state = pb.DesiredState.FromString(payload)
+        except Exception:
+            log.warning("ignoring an undecodable desired state from the broker")
+            return
+        if not payload:
+            log.warning("the hub cleared this agent's desired state (revoked?); keeping what runs")
+            return
+        self.loop.call_soon_threadsafe(self._on_desired, state)
+
+    async def mqtt_resync_loop(self, stop: asyncio.Event) -> None:
+        assert self.mqtt is not None
+        self.mqtt.start()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.cfg.resync_interval_s)
+            self.mqtt.resync()
+
     def _on_desired(self, state: pb.DesiredState) -> None:
         desired = [
             DesiredModel(m.name, m.version, m.target_path, m.sha256, m.size) for m in state.models
@@ -264,7 +294,11 @@ class FleetSync:
         while not stop.is_set():
             self.report_now.clear()
             try:
-                await self.stub.ReportState(self.build_report(), timeout=10)
+                if self.channel is not None:
+                    await self.stub.ReportState(self.build_report(), timeout=10)
+                elif self.mqtt is not None:
+                    # QoS 1: paho keeps it while the broker is away; the next one supersedes.
+                    self.mqtt.publish_report(self.build_report())
             except grpc.aio.AioRpcError as exc:
                 log.debug("report failed: %s", exc.details())
             waiters = {asyncio.ensure_future(self.report_now.wait()),
@@ -278,17 +312,25 @@ class FleetSync:
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [
-            asyncio.ensure_future(self.watch_loop(stop)),
             asyncio.ensure_future(self.reconcile_loop(stop)),
             asyncio.ensure_future(self.report_loop(stop)),
         ]
+        if self.mqtt is not None:
+            tasks.append(asyncio.ensure_future(self.mqtt_resync_loop(stop)))
+        else:
+            tasks.append(asyncio.ensure_future(self.watch_loop(stop)))
         try:
             await stop.wait()
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await self.stub.ReportState(self.build_report(), timeout=2)
-            await self.channel.close()
+            if self.channel is not None:
+                with contextlib.suppress(Exception):
+                    await self.stub.ReportState(self.build_report(), timeout=2)
+                await self.channel.close()
+            if self.mqtt is not None:
+                with contextlib.suppress(Exception):
+                    self.mqtt.publish_report(self.build_report())
+                self.mqtt.stop()
             self.transport.close()

@@ -1,0 +1,228 @@
+"""MQTT transport through a real Mosquitto started with the generated configuration."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from google.protobuf.json_format import MessageToDict
+from paho.mqtt.enums import CallbackAPIVersion
+
+from protos import fleet_pb2 as pb
+from protos import mqtt_topics as t
+from protos.mqtt_client import make_client
+from tests import models
+from tests.procs import (
+    AgentProcess,
+    BrokerProcess,
+    HubProcess,
+    agent_status,
+    enroll_agent,
+    hub_admin,
+    wait_for,
+)
+
+FAST = {"MODELFLEET_AGENT_REPORT_INTERVAL_S": "1", "MODELFLEET_AGENT_RESYNC_INTERVAL_S": "5"}
+
+
+@pytest.fixture
+def mqtt_fleet(tmp_path: Path):
+    class Fleet:
+        def __init__(self) -> None:
+            self.broker = BrokerProcess(tmp_path / "hub", tmp_path / "broker")
+            self.hub: HubProcess | None = None
+            self.agents: list[AgentProcess] = []
+
+        def start(self) -> Fleet:
+            (tmp_path / "hub").mkdir()
+            self.broker.configure().start()
+            self.hub = HubProcess(tmp_path / "hub", "--mqtt", self.broker.address,
+                                  log_path=tmp_path / "hub.log").start()  # fmt: skip
+            wait_for(lambda: "connected to MQTT broker" in self.hub.logs(), 30, "hub on MQTT")
+            return self
+
+        def agent(self, name: str, transport: str = "mqtt") -> AgentProcess:
+            assert self.hub is not None
+            data = tmp_path / name
+            enroll_agent(self.hub, data, "site=berlin", hostname=name, transport=transport)
+            return self.start_agent(data)
+
+        def start_agent(self, data: Path) -> AgentProcess:
+            a = AgentProcess(data, fleet_config=data / "agent.toml", env=FAST,
+                             log_path=tmp_path / f"{data.name}-{len(self.agents)}.log")  # fmt: skip
+            self.agents.append(a.start())
+            return a
+
+        def model(self, seed: int) -> Path:
+            return models.mlp(tmp_path / "onnx" / f"m{seed}.onnx", seed=seed)
+
+    f = Fleet()
+    yield f.start()
+    for a in f.agents:
+        a.stop()
+    if f.hub is not None:
+        f.hub.stop()
+    f.broker.stop()
+
+
+def active(agent: AgentProcess) -> int:
+    try:
+        return int(agent_status(agent.admin_socket).get("mlp", {}).get("active_version", 0))
+    except Exception:
+        return -1
+
+
+def agent_info(hub: HubProcess, host: str) -> dict:
+    resp = hub_admin(hub).ListAgents(pb.ListAgentsRequest(), timeout=10)
+    for a in resp.agents:
+        if a.hostname == host:
+            return MessageToDict(a, preserving_proto_field_name=True)
+    raise KeyError(host)
+
+
+def agent_id(hub: HubProcess, host: str) -> str:
+    return agent_info(hub, host)["agent_id"]
+
+
+def test_deploy_and_download_over_mqtt_only(mqtt_fleet) -> None:
+    hub = mqtt_fleet.hub
+    agent = mqtt_fleet.agent("edge-1", transport="mqtt")
+    assert 'transport = "mqtt"' in (agent.models / "agent.toml").read_text()
+    hub.cli("publish", "mlp", str(mqtt_fleet.model(0)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1 over MQTT")
+    hub.cli("publish", "mlp", str(mqtt_fleet.model(1)))
+    hub.cli("deploy", "mlp", "2")
+    wait_for(lambda: active(agent) == 2, 60, "v2 over MQTT")
+    # Reports travel over MQTT too; presence comes from the retained online message.
+    wait_for(lambda: agent_info(hub, "edge-1").get("report", {}).get("models", [{}])[0]
+             .get("active_version") == "2", 30, "report over MQTT")  # fmt: skip
+    assert agent_info(hub, "edge-1")["presence"] == "online"
+    assert "connected to MQTT broker" in agent.logs()
+    assert "fetched and verified mlp v2" in agent.logs()
+
+
+def test_both_mqtt_notifications_and_grpc_bytes(mqtt_fleet) -> None:
+    hub = mqtt_fleet.hub
+    agent = mqtt_fleet.agent("edge-2", transport="both")
+    hub.cli("publish", "mlp", str(mqtt_fleet.model(0)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1 (MQTT notification, gRPC bytes)")
+
+
+def _client(ident: Path, client_id: str) -> mqtt.Client:
+    return make_client(client_id, ident / "ca.crt", ident / "agent.crt", ident / "agent.key")
+
+
+def test_acl_confines_each_agent_to_its_subtree(mqtt_fleet) -> None:
+    hub = mqtt_fleet.hub
+    a = mqtt_fleet.agent("agent-a")
+    b = mqtt_fleet.agent("agent-b")
+    hub.cli("publish", "mlp", str(mqtt_fleet.model(0)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(a) == 1 and active(b) == 1, 60, "both on v1")
+    b_ident = f"agent:{agent_id(hub, 'agent-b')}"
+    # Agent A's own certificate, in a second connection.
+    client = _client(a.models / "identity", "intruder-test")
+    results: dict[str, object] = {}
+    got_messages: list[str] = []
+    done = threading.Event()
+
+    a_ident = f"agent:{agent_id(hub, 'agent-a')}"
+
+    def on_connect(c, _u, _f, reason, _p):
+        results["connect"] = reason
+        # B's retained desired state exists; a control subscription to A's own proves that
+        # retained messages do reach this connection.
+        c.subscribe([(t.topic(b_ident, t.DESIRED), 1), (t.topic(a_ident, t.DESIRED), 1)])
+
+    def on_subscribe(c, _u, _mid, reasons, _p):
+        results["suback"] = reasons
+        info = c.publish(t.topic(b_ident, t.STATE), b"forged", qos=1)
+        results["pub_mid"] = info.mid
+
+    def on_publish(c, _u, mid, reason, _p):
+        results["puback"] = reason
+        done.set()
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_publish = on_publish
+    client.on_message = lambda _c, _u, msg: got_messages.append(msg.topic)
+    host, port = mqtt_fleet.broker.address.split(":")
+    client.connect(host, int(port))
+    client.loop_start()
+    try:
+        assert done.wait(20), results
+        time.sleep(1.0)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert not results["connect"].is_failure
+    # Reading B's subtree: Mosquitto checks read access per message, so B's retained desired
+    # state never arrives, while A's own does.
+    assert got_messages == [t.topic(a_ident, t.DESIRED)], got_messages
+    # Writing into B's subtree: refused with "Not authorized" (0x87) in the PUBACK.
+    assert results["puback"].value == 0x87, results["puback"]
+    assert "report from" not in hub.logs() and "undecodable" not in hub.logs()
+    # B was not disturbed.
+    assert active(b) == 1
+
+
+def test_client_without_certificate_is_refused(mqtt_fleet) -> None:
+    hub = mqtt_fleet.hub
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                         client_id="anonymous", protocol=mqtt.MQTTv5)  # fmt: skip
+    client.tls_set(ca_certs=str(hub.data / "mqtt" / "ca.crt"))
+    host, port = mqtt_fleet.broker.address.split(":")
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        client.connect(host, int(port))
+        # TLS 1.3 may only report the refusal when the first packet is read.
+        for _ in range(20):
+            rc = client.loop(timeout=0.2)
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                raise ConnectionError(f"refused: {rc}")
+    # Plain TCP without TLS is refused too.
+    plain = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="plain",
+                        protocol=mqtt.MQTTv5)  # fmt: skip
+    connected = threading.Event()
+    plain.on_connect = lambda *a: connected.set()
+    try:
+        plain.connect(host, int(port))
+        for _ in range(10):
+            plain.loop(timeout=0.2)
+    except OSError:
+        pass
+    assert not connected.is_set()
+
+
+def test_broker_restart_mid_deploy_converges(mqtt_fleet) -> None:
+    hub = mqtt_fleet.hub
+    agent = mqtt_fleet.agent("edge-1")
+    hub.cli("publish", "mlp", str(mqtt_fleet.model(0)))
+    hub.cli("publish", "mlp", str(mqtt_fleet.model(1)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1")
+    mqtt_fleet.broker.kill()
+    hub.cli("deploy", "mlp", "2")  # the desired change happens while the broker is down
+    time.sleep(1)
+    assert active(agent) == 1
+    mqtt_fleet.broker.start()
+    wait_for(lambda: active(agent) == 2, 90, "v2 after the broker is back")
+    wait_for(lambda: agent_info(hub, "edge-1").get("report", {}).get("models", [{}])[0]
+             .get("active_version") == "2", 60, "report after restart")  # fmt: skip
+
+
+def test_last_will_marks_agent_offline_then_online(mqtt_fleet) -> None:
+    hub = mqtt_fleet.hub
+    agent = mqtt_fleet.agent("edge-1")
+    wait_for(lambda: agent_info(hub, "edge-1")["presence"] == "online", 30, "online")
+    agent.kill()  # no goodbye: the broker publishes the last will after the keepalive lapses
+    wait_for(lambda: agent_info(hub, "edge-1")["presence"] == "offline", 90, "offline")
+    assert "OFFLINE (last will)" in hub.logs()
+    mqtt_fleet.start_agent(agent.models)
+    wait_for(lambda: agent_info(hub, "edge-1")["presence"] == "online", 30, "online again")
