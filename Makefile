@@ -68,8 +68,10 @@ format: $(STAMP)
 test: $(STAMP) sysdeps protos-check lint perf-analyzer
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# make demo TRANSPORT=mqtt runs the fleet part through Mosquitto.
+TRANSPORT ?= grpc
 demo: $(STAMP) sysdeps
-	$(PY) -m tests.demo
+	MODELFLEET_DEMO_TRANSPORT=$(TRANSPORT) $(PY) -m tests.demo
 
 bench: $(STAMP) sysdeps
 	$(PY) -m tests.benchmarks.run

@@ -24,7 +24,14 @@ import tritonclient.grpc as grpcclient
 
 from protos.bundle import create_bundle
 from tests import models
-from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, wait_for
+from tests.procs import (
+    AgentProcess,
+    BrokerProcess,
+    HubProcess,
+    agent_status,
+    enroll_agent,
+    wait_for,
+)
 
 
 def step(text: str) -> None:
@@ -161,18 +168,29 @@ def run_hub(hub: HubProcess, *args: str) -> str:
 
 def fleet(work: Path) -> bool:
     src = work / "src"
-    hub = HubProcess(work / "hub", log_path=work / "hub.log")
+    transport = os.environ.get("MODELFLEET_DEMO_TRANSPORT", "grpc")
+    broker = None
+    hub_args: list[str] = []
     agents: list[AgentProcess] = []
+    if transport == "mqtt":
+        step("8a. Configure and start Mosquitto for the fleet (TLS client certs, per-agent ACL)")
+        (work / "hub").mkdir(parents=True, exist_ok=True)
+        broker = BrokerProcess(work / "hub", work / "broker").configure().start()
+        print(f"  mosquitto on {broker.address} with {work / 'broker' / 'mosquitto.conf'}")
+        hub_args = ["--mqtt", broker.address]
+    hub = HubProcess(work / "hub", *hub_args, log_path=work / "hub.log")
     try:
         step("8. Start a hub: registry in SQLite, bundles on disk, TUF signing keys, its own CA")
         hub.start()
         print(f"  hub on {hub.url} (mTLS), enrollment on 127.0.0.1:{hub.enroll_port}")
+        if broker is not None:
+            wait_for(lambda: "connected to MQTT broker" in hub.logs(), 30, "hub on MQTT")
 
-        step("9. Enroll three agents with one-time tokens (keys are generated on each node)")
+        step(f"9. Enroll three agents with one-time tokens (transport: {transport})")
         sites = [("berlin-gpu-1", "site=berlin,hw=gpu"), ("berlin-cpu-1", "site=berlin,hw=cpu"),
                  ("paris-cpu-1", "site=paris,hw=cpu")]  # fmt: skip
         for host, labels in sites:
-            config = enroll_agent(hub, work / host, labels, hostname=host)
+            config = enroll_agent(hub, work / host, labels, hostname=host, transport=transport)
             a = AgentProcess(work / host, fleet_config=config, log_path=work / f"{host}.log",
                              env={"MODELFLEET_AGENT_REPORT_INTERVAL_S": "1"})  # fmt: skip
             agents.append(a.start())
@@ -205,6 +223,8 @@ def fleet(work: Path) -> bool:
         for a in agents:
             a.stop()
         hub.stop()
+        if broker is not None:
+            broker.stop()
 
 
 def _active(agent: AgentProcess) -> int:
