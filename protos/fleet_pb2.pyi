@@ -341,3 +341,210 @@ class RevokeAgentRequest(_message.Message):
 class RevokeAgentResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class Histogram(_message.Message):
+    __slots__ = ("bounds", "counts", "sum", "count")
+    BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    bounds: _containers.RepeatedScalarFieldContainer[float]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    sum: float
+    count: int
+    def __init__(self, bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
+
+class VersionTelemetry(_message.Message):
+    __slots__ = ("model", "version", "requests", "failures", "failures_by_reason", "request_latency", "queue_latency", "compute_latency", "batch_size", "gate_passed", "gate_failed", "swaps", "rollbacks")
+    class FailuresByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_BY_REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GATE_PASSED_FIELD_NUMBER: _ClassVar[int]
+    GATE_FAILED_FIELD_NUMBER: _ClassVar[int]
+    SWAPS_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    requests: int
+    failures: int
+    failures_by_reason: _containers.ScalarMap[str, int]
+    request_latency: Histogram
+    queue_latency: Histogram
+    compute_latency: Histogram
+    batch_size: Histogram
+    gate_passed: int
+    gate_failed: int
+    swaps: int
+    rollbacks: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., failures_by_reason: _Optional[_Mapping[str, int]] = ..., request_latency: _Optional[_Union[Histogram, _Mapping]] = ..., queue_latency: _Optional[_Union[Histogram, _Mapping]] = ..., compute_latency: _Optional[_Union[Histogram, _Mapping]] = ..., batch_size: _Optional[_Union[Histogram, _Mapping]] = ..., gate_passed: _Optional[int] = ..., gate_failed: _Optional[int] = ..., swaps: _Optional[int] = ..., rollbacks: _Optional[int] = ...) -> None: ...
+
+class TelemetryReport(_message.Message):
+    __slots__ = ("seq", "start_unix", "end_unix", "versions", "rss_bytes", "cpu_seconds", "dropped_reports")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    start_unix: float
+    end_unix: float
+    versions: _containers.RepeatedCompositeFieldContainer[VersionTelemetry]
+    rss_bytes: int
+    cpu_seconds: float
+    dropped_reports: int
+    def __init__(self, seq: _Optional[int] = ..., start_unix: _Optional[float] = ..., end_unix: _Optional[float] = ..., versions: _Optional[_Iterable[_Union[VersionTelemetry, _Mapping]]] = ..., rss_bytes: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., dropped_reports: _Optional[int] = ...) -> None: ...
+
+class TelemetryBatch(_message.Message):
+    __slots__ = ("reports",)
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    reports: _containers.RepeatedCompositeFieldContainer[TelemetryReport]
+    def __init__(self, reports: _Optional[_Iterable[_Union[TelemetryReport, _Mapping]]] = ...) -> None: ...
+
+class TelemetryAck(_message.Message):
+    __slots__ = ("acked",)
+    ACKED_FIELD_NUMBER: _ClassVar[int]
+    acked: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, acked: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MetricsRequest(_message.Message):
+    __slots__ = ("model", "version", "agent_id", "since_s")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SINCE_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    agent_id: str
+    since_s: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., agent_id: _Optional[str] = ..., since_s: _Optional[float] = ...) -> None: ...
+
+class VersionMetrics(_message.Message):
+    __slots__ = ("model", "version", "requests", "failures", "request_rate", "error_rate", "p50_ms", "p95_ms", "p99_ms", "failures_by_reason", "agents")
+    class FailuresByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_RATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_BY_REASON_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    requests: int
+    failures: int
+    request_rate: float
+    error_rate: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    failures_by_reason: _containers.ScalarMap[str, int]
+    agents: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., request_rate: _Optional[float] = ..., error_rate: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., failures_by_reason: _Optional[_Mapping[str, int]] = ..., agents: _Optional[int] = ...) -> None: ...
+
+class MetricsResponse(_message.Message):
+    __slots__ = ("versions", "window_s")
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[VersionMetrics]
+    window_s: float
+    def __init__(self, versions: _Optional[_Iterable[_Union[VersionMetrics, _Mapping]]] = ..., window_s: _Optional[float] = ...) -> None: ...
+
+class StartRolloutRequest(_message.Message):
+    __slots__ = ("model", "version", "selector", "waves", "bake_s", "gates", "min_requests", "max_failed_agents", "agent_timeout_s", "strategy", "auto_switch")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    WAVES_FIELD_NUMBER: _ClassVar[int]
+    BAKE_S_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FAILED_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    AUTO_SWITCH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    selector: _containers.ScalarMap[str, str]
+    waves: _containers.RepeatedScalarFieldContainer[str]
+    bake_s: float
+    gates: _containers.RepeatedScalarFieldContainer[str]
+    min_requests: int
+    max_failed_agents: int
+    agent_timeout_s: float
+    strategy: str
+    auto_switch: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[str]] = ..., bake_s: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., strategy: _Optional[str] = ..., auto_switch: _Optional[bool] = ...) -> None: ...
+
+class GetRolloutRequest(_message.Message):
+    __slots__ = ("model", "id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    id: int
+    def __init__(self, model: _Optional[str] = ..., id: _Optional[int] = ...) -> None: ...
+
+class ControlRolloutRequest(_message.Message):
+    __slots__ = ("model", "action")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    action: str
+    def __init__(self, model: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
+
+class RolloutStatus(_message.Message):
+    __slots__ = ("id", "model", "version", "state", "detail_json")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model: str
+    version: int
+    state: str
+    detail_json: str
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., detail_json: _Optional[str] = ...) -> None: ...
+
+class RolloutHistoryRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class RolloutHistoryResponse(_message.Message):
+    __slots__ = ("rollouts",)
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    rollouts: _containers.RepeatedCompositeFieldContainer[RolloutStatus]
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[RolloutStatus, _Mapping]]] = ...) -> None: ...

@@ -59,6 +59,11 @@ class FleetStub:
                 request_serializer=protos_dot_fleet__pb2.FetchRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.ReportTelemetry = channel.unary_unary(
+                '/modelfleet.fleet.v1.Fleet/ReportTelemetry',
+                request_serializer=protos_dot_fleet__pb2.TelemetryBatch.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.TelemetryAck.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -98,6 +103,13 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportTelemetry(self, request, context):
+        """Telemetry from the agent's on-disk outbox; the ack says what may leave the outbox.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +137,11 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.FetchTarget,
                     request_deserializer=protos_dot_fleet__pb2.FetchRequest.FromString,
                     response_serializer=protos_dot_fleet__pb2.Chunk.SerializeToString,
+            ),
+            'ReportTelemetry': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportTelemetry,
+                    request_deserializer=protos_dot_fleet__pb2.TelemetryBatch.FromString,
+                    response_serializer=protos_dot_fleet__pb2.TelemetryAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,6 +289,33 @@ class Fleet:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ReportTelemetry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.Fleet/ReportTelemetry',
+            protos_dot_fleet__pb2.TelemetryBatch.SerializeToString,
+            protos_dot_fleet__pb2.TelemetryAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class HubAdminStub:
     """Missing associated documentation comment in .proto file."""
@@ -326,6 +370,31 @@ class HubAdminStub:
                 '/modelfleet.fleet.v1.HubAdmin/RevokeAgent',
                 request_serializer=protos_dot_fleet__pb2.RevokeAgentRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet__pb2.RevokeAgentResponse.FromString,
+                _registered_method=True)
+        self.Metrics = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/Metrics',
+                request_serializer=protos_dot_fleet__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.MetricsResponse.FromString,
+                _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/StartRollout',
+                request_serializer=protos_dot_fleet__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/GetRollout',
+                request_serializer=protos_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.ControlRollout = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ControlRollout',
+                request_serializer=protos_dot_fleet__pb2.ControlRolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.RolloutHistory = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/RolloutHistory',
+                request_serializer=protos_dot_fleet__pb2.RolloutHistoryRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.RolloutHistoryResponse.FromString,
                 _registered_method=True)
 
 
@@ -389,6 +458,37 @@ class HubAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Metrics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControlRollout(self, request, context):
+        """pause, resume, abort, promote, rollback.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RolloutHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -436,6 +536,31 @@ def add_HubAdminServicer_to_server(servicer, server):
                     servicer.RevokeAgent,
                     request_deserializer=protos_dot_fleet__pb2.RevokeAgentRequest.FromString,
                     response_serializer=protos_dot_fleet__pb2.RevokeAgentResponse.SerializeToString,
+            ),
+            'Metrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.Metrics,
+                    request_deserializer=protos_dot_fleet__pb2.MetricsRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.MetricsResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=protos_dot_fleet__pb2.StartRolloutRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.RolloutStatus.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=protos_dot_fleet__pb2.GetRolloutRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.RolloutStatus.SerializeToString,
+            ),
+            'ControlRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControlRollout,
+                    request_deserializer=protos_dot_fleet__pb2.ControlRolloutRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.RolloutStatus.SerializeToString,
+            ),
+            'RolloutHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RolloutHistory,
+                    request_deserializer=protos_dot_fleet__pb2.RolloutHistoryRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.RolloutHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -681,6 +806,141 @@ class HubAdmin:
             '/modelfleet.fleet.v1.HubAdmin/RevokeAgent',
             protos_dot_fleet__pb2.RevokeAgentRequest.SerializeToString,
             protos_dot_fleet__pb2.RevokeAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Metrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/Metrics',
+            protos_dot_fleet__pb2.MetricsRequest.SerializeToString,
+            protos_dot_fleet__pb2.MetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/StartRollout',
+            protos_dot_fleet__pb2.StartRolloutRequest.SerializeToString,
+            protos_dot_fleet__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/GetRollout',
+            protos_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+            protos_dot_fleet__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControlRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ControlRollout',
+            protos_dot_fleet__pb2.ControlRolloutRequest.SerializeToString,
+            protos_dot_fleet__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RolloutHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/RolloutHistory',
+            protos_dot_fleet__pb2.RolloutHistoryRequest.SerializeToString,
+            protos_dot_fleet__pb2.RolloutHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
