@@ -1,0 +1,209 @@
+"""The rollout state machine with a fake fleet: every transition, timeouts, inconclusive bake."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+import pytest
+
+from hub.rollouts import Gate, Rollout, Spec, Stats, stable_order, wave_sizes
+from protos.errors import InvalidRequestError
+
+
+@dataclass
+class FakeFleet:
+    """Agents switch when assigned (unless told otherwise); telemetry per version is scripted."""
+
+    active: dict[str, int]
+    refuse: dict[str, str] = field(default_factory=dict)
+    silent: set[str] = field(default_factory=set)
+    per_version: dict[int, Stats] = field(default_factory=dict)
+    asked: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)
+
+    def apply(self, assignments: list[tuple[str, int]]) -> None:
+        for agent, version in assignments:
+            if agent not in self.refuse and agent not in self.silent:
+                self.active[agent] = version
+
+    def active_version(self, agent_id: str) -> int | None:
+        return self.active.get(agent_id)
+
+    def refusal(self, agent_id: str, version: int) -> str | None:
+        return self.refuse.get(agent_id)
+
+    def stats(self, version: int, agents: Collection[str], since: float, until: float) -> Stats:
+        self.asked.append((version, tuple(sorted(agents))))
+        return self.per_version.get(version, Stats())
+
+
+def spec(**kw: object) -> Spec:
+    base = dict(model="m", version=2, selector={}, waves=["10%", "50%", "100%"], bake_s=60,
+                gates=["error_rate<0.01", "p99_ms<100", "p99_vs_baseline<1.2"],
+                min_requests=100, max_failed_agents=0, agent_timeout_s=300)  # fmt: skip
+    base.update(kw)
+    return Spec(**base)  # type: ignore[arg-type]
+
+
+AGENTS = [f"a{i}" for i in range(10)]
+GOOD = Stats(requests=1000, failures=2, p50_ms=5, p95_ms=8, p99_ms=10)
+BASE = Stats(requests=5000, failures=10, p50_ms=5, p95_ms=8, p99_ms=10)
+
+
+def run(r: Rollout, fleet: FakeFleet, now: float) -> None:
+    fleet.apply(r.step(now, fleet))
+
+
+def test_wave_sizes_and_stable_order() -> None:
+    assert wave_sizes(["1%", "10%", "50%", "100%"], 10) == [1, 1, 5, 10]
+    assert wave_sizes(["2", "5"], 10) == [2, 5, 10]  # the last wave always takes everyone
+    assert stable_order(AGENTS, "m", 2) == stable_order(list(reversed(AGENTS)), "m", 2)
+    assert stable_order(AGENTS, "m", 2) != stable_order(AGENTS, "m", 3)
+
+
+def test_healthy_version_goes_through_every_wave() -> None:
+    fleet = FakeFleet({a: 1 for a in AGENTS}, per_version={2: GOOD, 1: BASE})
+    r = Rollout.new(1, spec(), AGENTS, {a: 1 for a in AGENTS}, now=0)
+    run(r, fleet, 0)
+    assert r.state == "switching" and len(r.assigned) == 1
+    run(r, fleet, 1)
+    assert r.state == "baking"
+    run(r, fleet, 30)
+    assert r.state == "baking"  # bake not over
+    run(r, fleet, 61)
+    assert r.wave == 1 and len(r.assigned) == 5
+    run(r, fleet, 62)
+    run(r, fleet, 123)
+    assert r.wave == 2 and len(r.assigned) == 10
+    run(r, fleet, 124)
+    run(r, fleet, 185)
+    assert r.state == "done" and sorted(r.switched) == sorted(AGENTS)
+    assert all(v == 2 for v in fleet.active.values())
+    # The baseline is the agents still on the previous version.
+    assert fleet.asked[1][0] == 1 and len(fleet.asked[1][1]) == 9
+    assert r.gate_values[0]["gates"][0] == {"gate": "error_rate<0.01", "value": 0.002, "ok": True}
+
+
+def test_bad_error_rate_is_rolled_back_in_the_first_wave() -> None:
+    bad = Stats(requests=500, failures=50, p99_ms=10)
+    fleet = FakeFleet({a: 1 for a in AGENTS}, per_version={2: bad, 1: BASE})
+    r = Rollout.new(1, spec(), AGENTS, {a: 1 for a in AGENTS}, now=0)
+    run(r, fleet, 0)
+    run(r, fleet, 1)
+    run(r, fleet, 61)
+    assert r.state == "rolling_back" and "error_rate=0.1" in r.reason
+    canary = r.assigned[0]
+    assert fleet.active[canary] == 1  # assigned back to its previous version
+    run(r, fleet, 62)
+    assert r.state == "rolled_back" and r.finished_at == 62
+    assert len(r.assigned) == 1  # never went past the first wave
+
+
+def test_latency_relative_to_baseline() -> None:
+    slow = Stats(requests=1000, failures=0, p99_ms=30)  # 3x the baseline, under 100 ms
+    fleet = FakeFleet({a: 1 for a in AGENTS}, per_version={2: slow, 1: BASE})
+    r = Rollout.new(1, spec(), AGENTS, {a: 1 for a in AGENTS}, now=0)
+    for t in (0, 1, 61):
+        run(r, fleet, t)
+    assert r.state == "rolling_back" and "p99_vs_baseline=3" in r.reason
+
+
+def test_too_few_requests_pauses_as_inconclusive_then_resume_bakes_again() -> None:
+    quiet = Stats(requests=20, failures=0, p99_ms=5)
+    fleet = FakeFleet({a: 1 for a in AGENTS}, per_version={2: quiet, 1: BASE})
+    r = Rollout.new(1, spec(), AGENTS, {a: 1 for a in AGENTS}, now=0)
+    for t in (0, 1, 61):
+        run(r, fleet, t)
+    assert r.state == "paused" and r.reason.startswith("inconclusive")
+    run(r, fleet, 500)
+    assert r.state == "paused"  # waits for the operator, never guesses
+    fleet.per_version[2] = GOOD
+    r.resume(600)
+    assert r.state == "baking" and r.bake_started == 600
+    run(r, fleet, 661)
+    assert r.wave == 1
+
+
+def test_agent_refusal_and_timeout_count_against_the_budget() -> None:
+    first = stable_order(AGENTS, "m", 2)[0]
+    fleet = FakeFleet({a: 1 for a in AGENTS}, refuse={first: "gate: non_finite"},
+                      per_version={2: GOOD, 1: BASE})  # fmt: skip
+    r = Rollout.new(1, spec(), AGENTS, {a: 1 for a in AGENTS}, now=0)
+    run(r, fleet, 0)
+    run(r, fleet, 1)
+    # Nobody switched, so there is nothing to wait for: rolled back at once.
+    assert r.state == "rolled_back" and "non_finite" in r.reason
+    # A silent agent: nothing for agent_timeout_s, then it counts as failed.
+    fleet = FakeFleet({a: 1 for a in AGENTS}, silent={first}, per_version={2: GOOD, 1: BASE})
+    r = Rollout.new(2, spec(max_failed_agents=0, agent_timeout_s=100), AGENTS,
+                    {a: 1 for a in AGENTS}, now=0)  # fmt: skip
+    run(r, fleet, 0)
+    run(r, fleet, 50)
+    assert r.state == "switching"
+    run(r, fleet, 101)
+    assert r.state == "rolled_back" and "no switch within 100s" in r.reason
+    # Within budget: the wave goes on without the silent agent.
+    fleet = FakeFleet({a: 1 for a in AGENTS}, silent={first}, per_version={2: GOOD, 1: BASE})
+    r = Rollout.new(3, spec(max_failed_agents=1, agent_timeout_s=100), AGENTS,
+                    {a: 1 for a in AGENTS}, now=0)  # fmt: skip
+    for t in (0, 101, 161):
+        run(r, fleet, t)
+    assert r.wave == 1 and r.failed == {first: "no switch within 100s"}
+
+
+def test_rollback_completes_even_if_an_agent_never_switches_back() -> None:
+    fleet = FakeFleet({a: 1 for a in AGENTS}, per_version={2: Stats(1000, 500, 1, 1, 1)})
+    r = Rollout.new(1, spec(agent_timeout_s=50), AGENTS, {a: 1 for a in AGENTS}, now=0)
+    for t in (0, 1, 61):
+        run(r, fleet, t)
+    assert r.state == "rolling_back"
+    fleet.active[r.assigned[0]] = 2  # offline agent stuck on v2
+    run(r, fleet, 70)
+    assert r.state == "rolling_back"
+    run(r, fleet, 112)
+    assert r.state == "rolled_back" and "had not switched back" in r.events[-1]["text"]
+
+
+def test_operator_commands() -> None:
+    fleet = FakeFleet({a: 1 for a in AGENTS}, per_version={2: GOOD, 1: BASE})
+    r = Rollout.new(1, spec(), AGENTS, {a: 1 for a in AGENTS}, now=0)
+    run(r, fleet, 0)
+    r.pause(5)
+    run(r, fleet, 1000)
+    assert r.state == "paused"
+    r.resume(1000)
+    run(r, fleet, 1001)
+    assert r.state == "baking"
+    fleet.apply(r.promote(1002))
+    assert len(r.assigned) == 10 and r.state == "switching"
+    run(r, fleet, 1003)
+    run(r, fleet, 1064)
+    assert r.state == "done"
+    with pytest.raises(InvalidRequestError):
+        r.abort(1065)
+    r2 = Rollout.new(2, spec(), AGENTS, {a: 1 for a in AGENTS}, now=0)
+    run(r2, fleet, 0)
+    assignments = r2.abort(3)
+    assert assignments == [(r2.assigned[0], 1)] and r2.state == "rolling_back"
+
+
+def test_state_round_trips_through_json() -> None:
+    import json
+
+    fleet = FakeFleet({a: 1 for a in AGENTS}, per_version={2: GOOD, 1: BASE})
+    r = Rollout.new(1, spec(), AGENTS, {a: 1 for a in AGENTS}, now=0)
+    run(r, fleet, 0)
+    run(r, fleet, 1)
+    again = Rollout.from_json(json.loads(json.dumps(r.to_json())))
+    assert again == r
+    run(again, fleet, 61)  # a restarted hub continues where it was
+    assert again.wave == 1
+
+
+def test_invalid_specs() -> None:
+    with pytest.raises(InvalidRequestError, match="invalid gate"):
+        Gate.parse("accuracy>0.9")
+    with pytest.raises(InvalidRequestError, match="invalid wave"):
+        Rollout.new(1, spec(waves=["ten"]), AGENTS, {}, now=0)
+    with pytest.raises(InvalidRequestError, match="no enrolled agent"):
+        Rollout.new(1, spec(), [], {}, now=0)
