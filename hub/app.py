@@ -84,7 +84,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
             except Exception:
                 log.exception("refreshing TUF metadata failed; will retry")
 
-    tasks = [loop.create_task(refresher())]
+    tasks = [loop.create_task(refresher()), loop.create_task(core.rollouts.run(stop))]
     bridge = None
     if cfg.mqtt:
         from hub.mqtt import MqttBridge

@@ -104,6 +104,31 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("version", type=int)
     dep.add_argument("--selector", type=_labels, default={}, help="k=v[,k=v] (default: all)")
 
+    ro = sub.add_parser("rollout", help="canary waves with automatic rollback")
+    rsub = ro.add_subparsers(dest="rollout_command", required=True)
+    rs = rsub.add_parser("start", help="start a rollout of NAME VERSION")
+    rs.add_argument("name")
+    rs.add_argument("version", type=int)
+    rs.add_argument("--selector", type=_labels, default={})
+    rs.add_argument("--waves", default="10,50,100",
+                    help="percentages of the selected agents, e.g. 1,10,50,100")  # fmt: skip
+    rs.add_argument("--waves-are-counts", action="store_true",
+                    help="read --waves as agent counts instead of percentages")  # fmt: skip
+    rs.add_argument("--bake", type=_duration, default=300.0)
+    rs.add_argument("--gate", action="append", default=[],
+                    help="e.g. 'error_rate<0.01', 'p99_ms<100', 'p99_vs_baseline<1.2'")  # fmt: skip
+    rs.add_argument("--min-requests", type=int, default=0)
+    rs.add_argument("--max-failed-agents", type=int, default=0)
+    rs.add_argument("--agent-timeout", type=_duration, default=600.0)
+    rs.add_argument("--strategy", default="canary", choices=["canary"])
+    st = rsub.add_parser("status", help="waves, agents, gate values, time left in bake")
+    st.add_argument("name")
+    st.add_argument("--watch", action="store_true", help="refresh until the rollout ends")
+    st.add_argument("--json", action="store_true")
+    for action in ("pause", "resume", "abort", "promote", "rollback"):
+        rsub.add_parser(action).add_argument("name")
+    rsub.add_parser("history").add_argument("name")
+
     agents = sub.add_parser("agents", help="the fleet")
     asub = agents.add_subparsers(dest="agents_command", required=True)
     tok = asub.add_parser("token", help="print a one-time enrollment token")
@@ -418,6 +443,79 @@ def cmd_agents(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render_rollout(status: Any) -> str:
+    d = json.loads(status.detail_json)
+    lines = [
+        f"rollout {d['id']}: {d['model']} v{d['version']}  state {d['state'].upper()}"
+        + (f"  ({d['reason']})" if d["reason"] else ""),
+        f"  wave {d['wave']}/{len(d['waves'])} (cumulative agents {d['waves']}); "
+        f"assigned {d['assigned']}/{d['agents']}, switched {d['switched']}, "
+        f"failed {len(d['failed'])}",
+    ]
+    if d["state"] == "baking":
+        lines.append(f"  bake: {d['bake_left_s']:.0f}s left")
+    ev = d.get("last_evaluation")
+    if ev:
+        lines.append(f"  last evaluation (wave {ev['wave']}): canary {ev['canary_requests']} "
+                     f"request(s), baseline {ev['baseline_requests']}")  # fmt: skip
+        for g in ev["gates"]:
+            value = "n/a" if g["value"] is None else f"{g['value']:.4g}"
+            verdict = {True: "ok", False: "FAILED", None: g.get("note", "-")}[g["ok"]]
+            lines.append(f"    {g['gate']:<24} value {value:<10} {verdict}")
+    elif d["gates"]:
+        lines.append(f"  gates: {', '.join(d['gates'])}")
+    for agent, why in d["failed"].items():
+        lines.append(f"  failed agent {agent}: {why}")
+    for e in d["events"][-6:]:
+        lines.append(f"  {time.strftime('%H:%M:%S', time.gmtime(e['at']))}  {e['text']}")
+    return "\n".join(lines)
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from protos import fleet_pb2 as pb
+
+    stub = admin_stub(args)
+    cmd = args.rollout_command
+    if cmd == "start":
+        waves = [w.strip() for w in args.waves.split(",") if w.strip()]
+        if not args.waves_are_counts:
+            waves = [w if w.endswith("%") else f"{w}%" for w in waves]
+        req = pb.StartRolloutRequest(
+            model=args.name, version=args.version, selector=args.selector, waves=waves,
+            bake_s=args.bake, gates=args.gate, min_requests=args.min_requests,
+            max_failed_agents=args.max_failed_agents, agent_timeout_s=args.agent_timeout,
+            strategy=args.strategy,
+        )  # fmt: skip
+        print(_render_rollout(call(stub.StartRollout, req)))
+        return 0
+    if cmd == "status":
+        final = ("done", "rolled_back")
+        while True:
+            status = call(stub.GetRollout, pb.GetRolloutRequest(model=args.name))
+            if args.json:
+                print(status.detail_json)
+                return 0
+            text = _render_rollout(status)
+            if args.watch and sys.stdout.isatty():
+                sys.stdout.write("\x1b[2J\x1b[H")
+            print(text, flush=True)
+            if not args.watch or status.state in final:
+                return 0
+            time.sleep(1)
+            if not sys.stdout.isatty():
+                print()
+    if cmd == "history":
+        resp = call(stub.RolloutHistory, pb.RolloutHistoryRequest(model=args.name))
+        for r in resp.rollouts:
+            d = json.loads(r.detail_json)
+            print(f"{r.id:>4}  v{r.version:<5} {r.state:<12} agents {d['agents']:<4} "
+                  f"{d['reason']}")  # fmt: skip
+        return 0
+    status = call(stub.ControlRollout, pb.ControlRolloutRequest(model=args.name, action=cmd))
+    print(_render_rollout(status))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
@@ -428,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": cmd_models,
         "deploy": cmd_deploy,
         "agents": cmd_agents,
+        "rollout": cmd_rollout,
     }
     try:
         return handlers[args.command](args)

@@ -120,6 +120,10 @@ class HubCore:
         self.ca = CertificateAuthority.load_or_create(self.paths.ca)
         self.tuf = open_tuf(self.paths, cfg, clock)
         self.changed = asyncio.Condition()
+        from hub.rollout_manager import RolloutManager
+
+        # Durable: rollouts in flight when the hub stopped continue from their saved state.
+        self.rollouts = RolloutManager(self, clock=clock)
         # Set once the servers are bound: what tokens and enrollments hand out.
         self.advertise = cfg.listen
         self.advertise_enroll = cfg.enroll_address()
@@ -225,7 +229,7 @@ class HubCore:
         return agent
 
     def desired(self, agent: AgentRow) -> tuple[int, list[Desired]]:
-        return self.registry.revision(), self.registry.desired_for(agent.labels)
+        return self.registry.revision(), self.registry.desired_for(agent.labels, agent.agent_id)
 
     async def deploy(
         self, name: str, version: int, selector: Mapping[str, str]

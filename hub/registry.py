@@ -11,7 +11,7 @@ import hmac
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +63,15 @@ CREATE TABLE IF NOT EXISTS tokens (
     expires_at REAL NOT NULL,
     used_at REAL,
     used_by TEXT
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    data TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS deployments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -120,6 +129,10 @@ class Desired:
     size: int
 
 
+# Selector key that names one agent: used by rollouts for per-agent assignments.
+AGENT_KEY = "_agent"
+
+
 def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
@@ -136,6 +149,7 @@ class Registry:
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(_SCHEMA)
         self._migrate()
+        self._deployments_cache: tuple[int, list[tuple[str, int, dict[str, str]]]] = (-1, [])
 
     def _migrate(self) -> None:
         """Columns added after a table first shipped; ALTER is a no-op-safe, one-time step."""
@@ -383,18 +397,81 @@ class Registry:
             )
         return int(cur.lastrowid or 0)
 
+    def deploy_many(self, name: str, assignments: Sequence[tuple[str, int]]) -> int:
+        """Per-agent desired versions (a rollout's wave, or its rollback) in one transaction.
+
+        Version 0 means "this model is not desired on that agent"."""
+        for version in {v for _, v in assignments if v}:
+            row = self.get_version(name, version)
+            assert row is not None
+            if not row.signed:
+                raise FailedPreconditionError(f"{name} version {version} is not signed yet")
+        now = self.clock()
+        with self.tx():
+            self.db.executemany(
+                "INSERT INTO deployments (name, version, selector, created_at) VALUES (?, ?, ?, ?)",
+                [(name, v, json.dumps({AGENT_KEY: a}), now) for a, v in assignments],
+            )
+        return self.revision()
+
+    # -- rollouts ------------------------------------------------------------------------------
+
+    def create_rollout(self, model: str, version: int) -> int:
+        now = self.clock()
+        with self.tx():
+            cur = self.db.execute(
+                "INSERT INTO rollouts (model, version, state, data, created_at, updated_at) "
+                "VALUES (?, ?, 'pending', '{}', ?, ?)",
+                (model, version, now, now),
+            )
+        return int(cur.lastrowid or 0)
+
+    def save_rollout(self, rollout_id: int, state: str, data: Mapping[str, Any]) -> None:
+        with self.tx():
+            self.db.execute(
+                "UPDATE rollouts SET state = ?, data = ?, updated_at = ? WHERE id = ?",
+                (state, json.dumps(data), self.clock(), rollout_id),
+            )
+
+    def rollouts(self, model: str | None = None, states: Sequence[str] = ()) -> list[dict]:
+        sql, args = "SELECT * FROM rollouts WHERE 1=1", []
+        if model is not None:
+            sql += " AND model = ?"
+            args.append(model)
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args += list(states)
+        rows = self.db.execute(sql + " ORDER BY id", args).fetchall()
+        return [{"id": r["id"], "model": r["model"], "version": r["version"],
+                 "state": r["state"], "data": json.loads(r["data"])} for r in rows]  # fmt: skip
+
     def revision(self) -> int:
         row = self.db.execute("SELECT MAX(id) FROM deployments").fetchone()
         return int(row[0] or 0)
 
-    def desired_for(self, labels: Mapping[str, str]) -> list[Desired]:
-        """Per model, the newest deployment whose selector matches these labels."""
+    def _deployments(self) -> list[tuple[str, int, dict[str, str]]]:
+        # Parsed once per revision: every agent's desired state is computed from the same list.
+        revision = self.revision()
+        if self._deployments_cache[0] != revision:
+            rows = self.db.execute("SELECT name, version, selector FROM deployments ORDER BY id")
+            parsed = [(r["name"], r["version"], json.loads(r["selector"])) for r in rows]
+            self._deployments_cache = (revision, parsed)
+        return self._deployments_cache[1]
+
+    def desired_for(self, labels: Mapping[str, str], agent_id: str = "") -> list[Desired]:
+        """Per model, the newest deployment whose selector matches this agent.
+
+        Fleet deployments select by labels; a rollout's per-agent assignments select by the
+        reserved key ``_agent``. Version 0 means "not desired"."""
+        match = {**labels, AGENT_KEY: agent_id} if agent_id else dict(labels)
         chosen: dict[str, int] = {}
-        for r in self.db.execute("SELECT name, version, selector FROM deployments ORDER BY id"):
-            if selector_matches(json.loads(r["selector"]), labels):
-                chosen[r["name"]] = r["version"]
+        for name, version, selector in self._deployments():
+            if selector_matches(selector, match):
+                chosen[name] = version
         out = []
         for name, version in sorted(chosen.items()):
+            if version == 0:
+                continue
             v = self.get_version(name, version)
             assert v is not None
             out.append(Desired(name, version, v.target_path, v.sha256, v.size))

@@ -174,7 +174,55 @@ class FleetServicer(pb_grpc.FleetServicer):
                     await asyncio.sleep(ahead)
 
 
-class AdminServicer(pb_grpc.HubAdminServicer):
+def rollout_to_proto(r: Any, now: float) -> pb.RolloutStatus:
+    return pb.RolloutStatus(
+        id=r.id, model=r.spec.model, version=r.spec.version, state=r.state,
+        detail_json=json.dumps(r.summary(now)),
+    )  # fmt: skip
+
+
+class RolloutServicerMixin:
+    """HubAdmin's rollout methods; the engine lives in hub.rollouts / hub.rollout_manager."""
+
+    core: HubCore
+
+    @unary
+    async def StartRollout(self, request, context):
+        from hub.rollouts import Spec
+
+        caller(context, "admin")
+        spec = Spec(
+            model=request.model, version=request.version, selector=dict(request.selector),
+            waves=list(request.waves) or ["100%"], bake_s=request.bake_s,
+            gates=list(request.gates), min_requests=request.min_requests,
+            max_failed_agents=request.max_failed_agents,
+            agent_timeout_s=request.agent_timeout_s or 600.0,
+            strategy=request.strategy or "canary",
+        )  # fmt: skip
+        r = await self.core.rollouts.start(spec)
+        return rollout_to_proto(r, time.time())
+
+    @unary
+    async def GetRollout(self, request, context):
+        caller(context, "admin")
+        return rollout_to_proto(self.core.rollouts.get(request.model, request.id), time.time())
+
+    @unary
+    async def ControlRollout(self, request, context):
+        caller(context, "admin")
+        r = await self.core.rollouts.control(request.model, request.action)
+        return rollout_to_proto(r, time.time())
+
+    @unary
+    async def RolloutHistory(self, request, context):
+        caller(context, "admin")
+        now = time.time()
+        return pb.RolloutHistoryResponse(
+            rollouts=[rollout_to_proto(r, now) for r in self.core.rollouts.history(request.model)]
+        )
+
+
+class AdminServicer(RolloutServicerMixin, pb_grpc.HubAdminServicer):
     def __init__(self, core: HubCore) -> None:
         self.core = core
 

@@ -1,0 +1,173 @@
+"""The I/O shell around :mod:`hub.rollouts`: observations from the registry and telemetry,
+assignments into desired state, durable state in SQLite, a timer that drives it all."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+from hub.registry import selector_matches
+from hub.rollouts import ACTIVE_STATES, Rollout, Spec, Stats
+from protos.errors import InvalidRequestError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+class FleetObserver:
+    """What the fleet says right now, read once per tick."""
+
+    def __init__(self, core: Any, model: str) -> None:
+        self.core = core
+        self.model = model
+        self.reports: dict[str, dict[str, Any]] = {}
+        for agent in core.registry.agents():
+            for m in agent.report.get("models", []):
+                if m.get("name") == model:
+                    self.reports[agent.agent_id] = m
+
+    def active_version(self, agent_id: str) -> int | None:
+        m = self.reports.get(agent_id)
+        return _int(m.get("active_version")) or None if m else None
+
+    def refusal(self, agent_id: str, version: int) -> str | None:
+        m = self.reports.get(agent_id)
+        if not m:
+            return None
+        if _int(m.get("gate_version")) == version and not m.get("gate_passed", False):
+            return f"health gate ({m.get('gate_kind', '?')}): {m.get('gate_reason', '')}"
+        error = m.get("error", "")
+        # Transport trouble is not a verdict on the version; time will tell (agent timeout).
+        if error and _int(m.get("desired_version")) == version and "unreachable" not in error:
+            return error
+        return None
+
+    def stats(self, version: int, agents: Collection[str], since: float, until: float) -> Stats:
+        store = getattr(self.core, "telemetry", None)
+        if store is None or not agents:
+            return Stats()
+        rows = store.window(self.model, version, list(agents), since, until)
+        if not rows:
+            return Stats()
+        s = rows[0]
+        return Stats(s.requests, s.failures, s.p50_ms, s.p95_ms, s.p99_ms)
+
+
+class RolloutManager:
+    def __init__(self, core: Any, clock: Callable[[], float] = time.time) -> None:
+        self.core = core
+        self.clock = clock
+        self.lock = asyncio.Lock()
+
+    def _load(self, row: dict[str, Any]) -> Rollout:
+        return Rollout.from_json(row["data"])
+
+    def get(self, model: str, rollout_id: int = 0) -> Rollout:
+        rows = self.core.registry.rollouts(model)
+        if rollout_id:
+            rows = [r for r in rows if r["id"] == rollout_id]
+        if not rows:
+            raise ModelNotFoundError(f"no rollout of {model!r}")
+        active = [r for r in rows if r["state"] in ACTIVE_STATES]
+        return self._load((active or rows)[-1])
+
+    def history(self, model: str) -> list[Rollout]:
+        return [self._load(r) for r in self.core.registry.rollouts(model)]
+
+    async def start(self, spec: Spec) -> Rollout:
+        async with self.lock:
+            reg = self.core.registry
+            if reg.rollouts(spec.model, ACTIVE_STATES):
+                raise InvalidRequestError(
+                    f"{spec.model} already has an active rollout: finish, abort or roll it back"
+                )
+            row = reg.get_version(spec.model, spec.version)
+            if row.stage == "retired":
+                raise InvalidRequestError(f"{spec.model} v{spec.version} is retired")
+            if not row.signed:
+                raise InvalidRequestError(f"{spec.model} v{spec.version} is not signed yet")
+            for key in spec.selector:
+                if key.startswith("_"):
+                    raise InvalidRequestError(f"selector key {key!r} is reserved")
+            agents = [
+                a
+                for a in reg.agents()
+                if a.status == "active" and selector_matches(spec.selector, a.labels)
+            ]
+            previous = {}
+            for a in agents:
+                desired = {d.name: d.version for d in reg.desired_for(a.labels, a.agent_id)}
+                previous[a.agent_id] = desired.get(spec.model, 0)
+            spec.validate()
+            rollout_id = reg.create_rollout(spec.model, spec.version)
+            try:
+                r = Rollout.new(rollout_id, spec, [a.agent_id for a in agents], previous,
+                                self.clock())  # fmt: skip
+            except InvalidRequestError:
+                reg.save_rollout(rollout_id, "rolled_back", {})
+                raise
+            await self._advance(r)
+            log.info("rollout %d of %s v%d started on %d agent(s)", r.id, spec.model,
+                     spec.version, len(r.agents))  # fmt: skip
+            return r
+
+    async def control(self, model: str, action: str) -> Rollout:
+        async with self.lock:
+            r = self.get(model)
+            now = self.clock()
+            if action == "pause":
+                r.pause(now)
+                assignments: list[tuple[str, int]] = []
+            elif action == "resume":
+                r.resume(now)
+                assignments = []
+            elif action in ("abort", "rollback"):
+                assignments = r.abort(now, f"{action} by operator")
+            elif action == "promote":
+                assignments = r.promote(now)
+            else:
+                raise InvalidRequestError(f"unknown rollout action {action!r}")
+            await self._apply(r, assignments)
+            await self._advance(r)
+            log.info("rollout %d of %s: %s -> %s", r.id, model, action, r.state)
+            return r
+
+    async def _apply(self, r: Rollout, assignments: list[tuple[str, int]]) -> None:
+        if assignments:
+            self.core.registry.deploy_many(r.spec.model, assignments)
+            async with self.core.changed:
+                self.core.changed.notify_all()
+
+    async def _advance(self, r: Rollout) -> None:
+        before = json.dumps(r.to_json(), sort_keys=True)
+        assignments = r.step(self.clock(), FleetObserver(self.core, r.spec.model))
+        await self._apply(r, assignments)
+        if json.dumps(r.to_json(), sort_keys=True) != before or r.state == "pending":
+            self.core.registry.save_rollout(r.id, r.state, r.to_json())
+            if r.events:
+                log.info("rollout %d of %s: %s", r.id, r.spec.model, r.events[-1]["text"])
+
+    async def tick(self) -> None:
+        async with self.lock:
+            for row in self.core.registry.rollouts(states=ACTIVE_STATES):
+                try:
+                    await self._advance(self._load(row))
+                except Exception:
+                    log.exception("rollout %d: step failed; will retry", row["id"])
+
+    async def run(self, stop: asyncio.Event, interval_s: float = 1.0) -> None:
+        while not stop.is_set():
+            await self.tick()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
