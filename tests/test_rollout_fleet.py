@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from protos.bundle import synthetic_samples  # noqa: F401 - keeps the import graph honest
 from tests import models
 from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, wait_for
 
