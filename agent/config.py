@@ -5,8 +5,11 @@ Every key is documented in docs/configuration.md; the defaults are the documente
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import dataclasses
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,26 @@ from protos.errors import InvalidRequestError
 from protos.settings import load_settings, split_hostport
 
 ENV_PREFIX = "MODELFLEET_AGENT_"
+
+# Keys a SIGHUP applies to the running agent. They are read where they are used (logging set-up,
+# the repository poll, the shutdown path, the fleet report and watch loops), so changing them in
+# place is enough. Every other key is fixed at start (sockets, thread pools, sessions, the hub
+# identity): a changed one is reported as needing a restart and keeps its running value.
+RELOADABLE = frozenset(
+    {"log_level", "log_json", "poll_interval_s", "drain_timeout_s", "report_interval_s",
+     "resync_interval_s"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ConfigOrigin:
+    """Where a config came from, so a reload (SIGHUP) reads the same sources the same way."""
+
+    path: Path | None
+    # Command-line values: they keep overriding the file after a reload, as at start.
+    overrides: Mapping[str, Any]
+    # None: the process environment (read again at reload; it does not change under us).
+    env: Mapping[str, str] | None = None
 
 
 @dataclass
@@ -68,6 +91,16 @@ class ServeConfig:
     transport: str = "grpc"
     # MQTT broker HOST:PORT (from enrollment when the hub has one).
     mqtt: str = ""
+    # The agent.toml that `modelfleet-agent enroll` wrote (agent_id, hub, data, listen, mqtt,
+    # transport). When set and present, it is read before this file, and this file's own keys
+    # win: an operator-owned /etc/modelfleet/agent.toml then needs no copy of enrollment keys.
+    enrollment: str = ""
+    # Not a setting (refused in the file and the environment): set by load_config.
+    origin: ConfigOrigin | None = field(default=None, repr=False, compare=False)
+    # Fleet telemetry (docs/telemetry.md): seconds per report, and how many unacknowledged
+    # reports the on-disk outbox keeps (the oldest are dropped and counted beyond that).
+    telemetry_interval_s: float = 5.0
+    telemetry_outbox_max_reports: int = 10_000
 
     def admin_socket_path(self) -> Path:
         if self.admin_socket:
@@ -82,12 +115,82 @@ def load_config(
     overrides: dict[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> ServeConfig:
-    """TOML file (``[agent]`` table or top level), then MODELFLEET_AGENT_* env, then overrides."""
+    """TOML file (``[agent]`` table or top level), then MODELFLEET_AGENT_* env, then overrides.
+
+    With ``enrollment`` set, that file comes first: enrollment < file < environment < overrides.
+    """
     cfg = load_settings(
         ServeConfig, path, table="agent", env_prefix=ENV_PREFIX, overrides=overrides, env=env
     )
+    if cfg.origin is not None:
+        raise InvalidRequestError("config: unknown key(s) origin")
+    if cfg.enrollment:
+        _apply_enrollment(cfg, Path(cfg.enrollment), path, overrides, env)
+    cfg.origin = ConfigOrigin(path, dict(overrides or {}), env)
     validate(cfg)
     return cfg
+
+
+def _table_keys(path: Path, table: str) -> set[str]:
+    """The keys a TOML settings file sets (load_settings has already parsed and checked it)."""
+    data = tomllib.loads(path.read_text())
+    return set(data.get(table, data))
+
+
+def _apply_enrollment(
+    cfg: ServeConfig,
+    enrolled: Path,
+    path: Path | None,
+    overrides: Mapping[str, Any] | None,
+    env: Mapping[str, str] | None,
+) -> None:
+    """Fill in what the enrollment file sets and no later source (file, env, flag) does."""
+    if not enrolled.exists():
+        # Not enrolled yet: `run` refuses to start without a hub, which says what to do.
+        return
+    base = load_settings(ServeConfig, enrolled, table="agent", env_prefix=ENV_PREFIX, env={})
+    environ = os.environ if env is None else env
+    explicit = _table_keys(path, "agent") if path is not None else set()
+    explicit |= {n for n in _setting_names() if ENV_PREFIX + n.upper() in environ}
+    explicit |= {k for k, v in (overrides or {}).items() if v is not None}
+    for name in _table_keys(enrolled, "agent") - explicit - {"enrollment", "origin"}:
+        setattr(cfg, name, getattr(base, name))
+
+
+def _setting_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(ServeConfig) if f.name != "origin"]
+
+
+def apply_reloadable(
+    current: Any, fresh: Any, reloadable: Iterable[str]
+) -> tuple[list[str], list[str]]:
+    """Copy changed reloadable settings from ``fresh`` into ``current``; returns (applied,
+    changed but needing a restart). In place, so every holder of the running config sees them.
+    """
+    applied: list[str] = []
+    restart: list[str] = []
+    allowed = set(reloadable)
+    for f in dataclasses.fields(current):
+        if f.name == "origin" or getattr(current, f.name) == getattr(fresh, f.name):
+            continue
+        if f.name in allowed:
+            setattr(current, f.name, getattr(fresh, f.name))
+            applied.append(f.name)
+        else:
+            restart.append(f.name)
+    return applied, restart
+
+
+def reload_config(cfg: ServeConfig) -> tuple[list[str], list[str]]:
+    """Read cfg's sources again and apply what can change at run time (see RELOADABLE).
+
+    Returns (applied keys, keys that changed but need a restart). A config that no longer
+    loads raises, and the running one stays as it was.
+    """
+    if cfg.origin is None:
+        raise InvalidRequestError("config: not loaded by load_config, nothing to reload")
+    fresh = load_config(cfg.origin.path, dict(cfg.origin.overrides), cfg.origin.env)
+    return apply_reloadable(cfg, fresh, RELOADABLE)
 
 
 def validate(cfg: ServeConfig) -> None:
@@ -110,6 +213,10 @@ def validate(cfg: ServeConfig) -> None:
         raise InvalidRequestError(f"config: transport {cfg.transport} needs an mqtt address")
     if cfg.poll_interval_s <= 0:
         raise InvalidRequestError("config: poll_interval_s must be > 0")
+    if cfg.telemetry_interval_s <= 0 or cfg.telemetry_outbox_max_reports < 1:
+        raise InvalidRequestError(
+            "config: telemetry_interval_s must be > 0 and telemetry_outbox_max_reports >= 1"
+        )
     split_hostport(cfg.listen, "listen")
     if cfg.metrics_listen:
         split_hostport(cfg.metrics_listen, "metrics_listen")

@@ -36,11 +36,39 @@ class JournalFormatter(logging.Formatter):
         return text
 
 
+class JournalJsonFormatter(JsonFormatter):
+    """JSON lines with journald's ``<priority>`` prefix: journald strips it and keeps the level,
+    so the journal holds plain JSON messages with the right priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_SYSLOG_PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+
+
+def stderr_is_journal(stream: object = None) -> bool:
+    """True when stderr is connected to journald itself.
+
+    ``$JOURNAL_STREAM`` is ``DEVICE:INODE`` of the journal stream systemd connected; it is also
+    inherited by anything started from a service, so it only counts when stderr really is that
+    stream (the check sd_journal_stream_fd(3) recommends), not e.g. a file it was redirected to.
+    """
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat((stream or sys.stderr).fileno())  # type: ignore[attr-defined]
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
+    """(Re)configure the root logger; called again on SIGHUP when log_level/log_json change."""
     handler = logging.StreamHandler(sys.stderr)
+    journal = stderr_is_journal()
     if json_lines:
-        handler.setFormatter(JsonFormatter())
-    elif os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalJsonFormatter() if journal else JsonFormatter())
+    elif journal:
         # journald stamps every line itself; a second timestamp is noise.
         handler.setFormatter(JournalFormatter())
     else:

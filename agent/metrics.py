@@ -20,11 +20,18 @@ _LATENCY_BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 )  # fmt: skip
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# The fleet telemetry (agent/telemetry.py) reports with the same bounds.
+LATENCY_BUCKETS = _LATENCY_BUCKETS
+BATCH_BUCKETS = _BATCH_BUCKETS
 
 
 class AgentMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        from agent.telemetry import TelemetryAggregator  # imports this module's bucket bounds
+
         self.registry = registry or CollectorRegistry()
+        # Per version counters for the hub (fleet mode reports them; standalone just counts).
+        self.telemetry = TelemetryAggregator()
         r = self.registry
         self.requests = Counter(
             "modelfleet_requests_total",

@@ -80,6 +80,7 @@ class LoadedVersion:
         self._metrics_labels = (self.name, str(self.version))
         self._batch_hist = metrics.batch_size.labels(*self._metrics_labels)
         self._compute_hist = metrics.compute_seconds.labels(*self._metrics_labels)
+        self.telemetry = metrics.telemetry.version(self.name, self.version)
         max_batch = bundle.manifest.max_batch_size
         delay = batching.max_queue_delay_us
         if delay is None:
@@ -109,6 +110,7 @@ class LoadedVersion:
         entry[1] += ns
         self._batch_hist.observe(rows)
         self._compute_hist.observe(compute_s)
+        self.telemetry.batch_done(rows, compute_s)
 
     async def infer(self, inputs: dict[str, np.ndarray], rows: int) -> tuple[dict, Timing]:
         return await self.runner.infer(inputs, rows)
@@ -235,6 +237,7 @@ class SlotManager:
             name, version = expect or _name_version_from_path(bundle_dir)
             result = GateResult(version, False, str(exc), "bundle", None, self.clock())
             self._record_failure(self.slot(name), result, fingerprint)
+            self.metrics.telemetry.gate(name, version, False)
             raise
         slot = self.slot(bundle.name)
         async with slot.lock:
@@ -265,6 +268,8 @@ class SlotManager:
             slot.last_gate = result
             labels = (slot.name, str(bundle.version))
             self.metrics.gate_results.labels(*labels, result.kind).inc()
+            self.metrics.telemetry.gate(slot.name, bundle.version, candidate is not None
+                                        and result.passed)  # fmt: skip
             if candidate is None or not result.passed:
                 self._record_failure(slot, result, fingerprint)
                 if dropped is not None:
@@ -349,6 +354,7 @@ class SlotManager:
         slot.active = to
         counter = self.metrics.rollbacks if rollback else self.metrics.swaps
         counter.labels(slot.name).inc()
+        self.metrics.telemetry.switched(slot.name, to.version, rollback=rollback)
         self._publish_roles(slot)
         why = " (rollback)" if rollback else ""
         log.info("model %s: version %s -> %d%s", slot.name, old.version if old else "none",

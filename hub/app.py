@@ -9,11 +9,13 @@ import signal
 
 import grpc
 
-from hub.config import HubConfig
+from agent.logs import setup_logging
+from hub.config import RELOADABLE, HubConfig, reload_hub_config
 from hub.core import HubCore
 from hub.server import AdminServicer, FleetServicer, dump_json, server_options
 from protos import fleet_pb2_grpc as pb_grpc
 from protos.identity import generate_key, write_pem, write_private_key
+from protos.sdnotify import Notifier
 
 log = logging.getLogger("hub")
 
@@ -44,10 +46,53 @@ def ensure_admin_identity(core: HubCore) -> None:
 
 
 async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``); SIGHUP reloads the config.
+
+    Under systemd (``Type=notify``): READY=1 once both ports listen and the TUF metadata is
+    fresh, STATUS=, WATCHDOG=1 from this event loop, RELOADING=1/READY=1 around a reload,
+    STOPPING=1 when the drain begins.
+    """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    notifier = Notifier()
+    watchdog = loop.create_task(notifier.run_watchdog())
+    notifier.status("starting")
+    ready = False
+    stopping = False
+    # Set by a reload, so a changed refresh_interval_s applies now, not after the old one.
+    refresh_wakeup = asyncio.Event()
+
+    def status_text() -> str:
+        return f"serving on {core.advertise} (enrollment {core.advertise_enroll})"
+
+    def reload() -> None:
+        """SIGHUP, on the loop: no request sees a half-applied config."""
+        if stopping:
+            log.info("SIGHUP while shutting down: ignored")
+            return
+        where = cfg.origin.path if cfg.origin and cfg.origin.path else "(no config file)"
+        log.info("SIGHUP: reloading configuration from %s", where)
+        if ready:
+            notifier.reloading("reloading configuration")
+        try:
+            old = {k: getattr(cfg, k) for k in RELOADABLE}
+            applied, restart = reload_hub_config(cfg)
+            if "log_level" in applied or "log_json" in applied:
+                setup_logging(cfg.log_level, cfg.log_json)
+            if "refresh_interval_s" in applied:
+                refresh_wakeup.set()
+            changes = ", ".join(f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in applied)
+            log.info("configuration reloaded: %s", changes or "no run-time setting changed")
+            if restart:
+                log.warning("configuration changed, needs a restart: %s", ", ".join(restart))
+        except Exception as exc:  # a bad edit must not take the hub down
+            log.error("configuration reload failed, keeping the running configuration: %s", exc)
+        if ready:
+            notifier.ready(status_text())
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
 
     core = HubCore(cfg)
     ensure_admin_identity(core)
@@ -67,24 +112,42 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
         raise OSError(f"cannot listen on {cfg.listen} / {cfg.enroll_address()}")
     core.advertise = cfg.advertised(port)
     core.advertise_enroll = cfg.advertised_enroll(enroll_port)
+    if cfg.metrics_listen:
+        from hub.telemetry import serve_metrics
+
+        serve_metrics(core.telemetry, cfg.metrics_listen)
+        log.info("fleet metrics on http://%s/metrics", cfg.metrics_listen)
     await server.start()
     dump_json(core.paths.admin / "hub.json",
               {"address": core.advertise, "enroll_address": core.advertise_enroll})  # fmt: skip
     core.refresh_signatures()
     log.info("READY: hub on %s (enrollment %s), data %s", core.advertise, core.advertise_enroll,
              cfg.data)  # fmt: skip
+    ready = True
+    notifier.ready(status_text())
 
     async def refresher() -> None:
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), cfg.refresh_interval_s)
+            refresh_wakeup.clear()
+            waiters = {asyncio.ensure_future(stop.wait()),
+                       asyncio.ensure_future(refresh_wakeup.wait())}  # fmt: skip
+            # The interval is read each round, so a reload changes it.
+            await asyncio.wait(waiters, timeout=cfg.refresh_interval_s,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            for w in waiters:
+                w.cancel()
+            if stop.is_set():
+                return
             try:
                 if core.refresh_signatures():
                     log.info("re-signed timestamp/snapshot metadata")
             except Exception:
                 log.exception("refreshing TUF metadata failed; will retry")
 
-    tasks = [loop.create_task(refresher()), loop.create_task(core.rollouts.run(stop))]
+    tasks = [loop.create_task(refresher())]
+    # Rollouts in flight when the hub last stopped continue from their saved state.
+    tasks.append(loop.create_task(core.rollouts.run(stop)))
+    tasks.append(loop.create_task(core.telemetry_ingest.prune_loop(stop)))
     bridge = None
     if cfg.mqtt:
         from hub.mqtt import MqttBridge
@@ -95,10 +158,16 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     try:
         await stop.wait()
     finally:
-        log.info("shutting down")
-        await server.stop(grace=5)
+        stopping = True
+        log.info("shutting down: draining in-flight calls (up to %gs)", cfg.drain_timeout_s)
+        notifier.stopping(f"stopping: draining in-flight calls (up to {cfg.drain_timeout_s:g}s)")
+        await server.stop(grace=cfg.drain_timeout_s)
         await asyncio.gather(*tasks)
         if bridge is not None:
             bridge.stop()
+        core.telemetry_ingest.close()
         core.registry.close()
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
         log.info("stopped")

@@ -39,7 +39,7 @@ def _labels(text: str) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelfleet-hub", description="modelfleet hub")
     p.add_argument(
-        "--data", type=Path, default=Path(DEFAULT_DATA),
+        "--data", type=Path, default=None,
         help="hub state directory (default: $MODELFLEET_HUB_DATA or ./hub-data)",
     )  # fmt: skip
     p.add_argument("--hub", help="hub address HOST:PORT (default: from DATA/admin/hub.json)")
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--advertise-mqtt")
     s.add_argument("--log-level")
     s.add_argument("--log-json", action="store_true", default=None)
+    s.add_argument("--metrics-listen", help="HOST:PORT for the hub's Prometheus /metrics")
 
     keys = sub.add_parser("keys", help="TUF signing keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
@@ -86,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--tolerance", type=float)
     pub.add_argument("--max-batch-size", type=int)
     pub.add_argument("--max-queue-delay-us", type=int, default=0)
+
+    sign = sub.add_parser("sign", help="sign a published version with the offline targets key")
+    sign.add_argument("name")
+    sign.add_argument("version", type=int)
+    sign.add_argument("--targets-key", type=Path, required=True)
 
     models = sub.add_parser("models", help="the registry")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -138,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     als.add_argument("--json", action="store_true")
     rev = asub.add_parser("revoke")
     rev.add_argument("agent_id")
+
+    met = sub.add_parser("metrics", help="request rate, error rate, latency per version")
+    met.add_argument("name")
+    met.add_argument("--version", type=int, default=0, help="default: every version")
+    met.add_argument("--agent", default="", help="an agent id or hostname (default: the fleet)")
+    met.add_argument("--since", type=_duration, default=600.0, help="window ending now (10m)")
+    met.add_argument("--json", action="store_true")
     return p
 
 
@@ -205,7 +218,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in (
         "listen", "enroll_listen", "advertise", "advertise_enroll", "hostnames",
         "refresh_interval_s", "timestamp_expiry_s", "snapshot_expiry_s",
-        "transfer_rate_limit_mbps", "log_level", "log_json", "mqtt", "advertise_mqtt")}  # fmt: skip
+        "transfer_rate_limit_mbps", "log_level", "log_json", "mqtt", "advertise_mqtt",
+        "metrics_listen")}  # fmt: skip
+    # An explicit --data wins; otherwise the config file's data (or the default) applies.
     overrides["data"] = args.data
     cfg = load_hub_config(args.config, overrides)
     setup_logging(cfg.log_level, cfg.log_json)
@@ -277,6 +292,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from protos import fleet_pb2 as pb
     from protos.bundle import create_bundle, pack_bundle, synthetic_samples
 
+    if not args.model.is_file():
+        raise InvalidRequestError(f"model file {args.model} does not exist")
     stub = admin_stub(args)
     version = args.version
     if version <= 0:
@@ -327,19 +344,36 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if resp.staged_payload:
         if not args.targets_key:
             print(f"{args.name} v{v.version} uploaded but NOT signed: the targets key is offline."
-                  " Re-run with --targets-key FILE to sign it.", file=sys.stderr)  # fmt: skip
+                  f" Sign it with: modelfleet-hub sign {args.name} {v.version} --targets-key FILE",
+                  file=sys.stderr)  # fmt: skip
             return EXIT_CODES[Status.FAILED_PRECONDITION]
-        from hub.signing import sign_staged
-
-        sig = sign_staged(resp.staged_payload, args.targets_key)
-        commit = pb.CommitTargetsRequest(
-            name=args.name, version=v.version, keyid=sig["keyid"], signature=sig["sig"]
-        )
-        resp = call(stub.CommitTargets, commit)
-        v = resp.version
+        v = _sign(stub, args.name, v.version, resp.staged_payload, args.targets_key)
     same = f" (same content as v{v.same_content_as})" if v.same_content_as else ""
     print(f"published {v.name} v{v.version}: {v.size} bytes, sha256 {v.sha256[:12]}, "
           f"stage {v.stage}, {'signed' if v.signed else 'unsigned'}{same}")  # fmt: skip
+    return 0
+
+
+def _sign(stub: Any, name: str, version: int, payload: bytes, key: Path) -> Any:
+    from hub.signing import sign_staged
+    from protos import fleet_pb2 as pb
+
+    sig = sign_staged(payload, key)
+    commit = pb.CommitTargetsRequest(name=name, version=version, keyid=sig["keyid"],
+                                     signature=sig["sig"])  # fmt: skip
+    return call(stub.CommitTargets, commit).version
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from protos import fleet_pb2 as pb
+
+    stub = admin_stub(args)
+    resp = call(stub.CommitTargets, pb.CommitTargetsRequest(name=args.name, version=args.version))
+    if not resp.staged_payload:
+        print(f"{args.name} v{args.version} is already signed")
+        return 0
+    v = _sign(stub, args.name, args.version, resp.staged_payload, args.targets_key)
+    print(f"signed {v.name} v{v.version}")
     return 0
 
 
@@ -405,6 +439,8 @@ def cmd_agents(args: argparse.Namespace) -> int:
 
     stub = admin_stub(args)
     if args.agents_command == "token":
+        if args.ttl < 1:
+            raise InvalidRequestError("--ttl must be at least 1s")
         resp = call(stub.CreateToken, pb.CreateTokenRequest(labels=args.labels,
                                                             ttl_seconds=int(args.ttl)))  # fmt: skip
         print(resp.token)
@@ -433,7 +469,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
                         else f"v{m.gate_version} {m.gate_kind}: {m.gate_reason}")  # fmt: skip
             if m is not None and m.error:
                 gate = m.error
-            online = a.presence or ("yes" if time.time() - a.last_seen < 60 else "no")
+            online = a.presence or "-"
             head = (f"{a.agent_id:<22} {a.status:<8} {online:<7} {_ago(a.last_seen):<10} "
                     f"{labels:<24}" if i == 0 else " " * 74)  # fmt: skip
             print(f"{head} {name:<12} {desired.get(name, '-')!s:>7} "
@@ -516,17 +552,54 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ms(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}"  # NaN: no successful request to measure
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from protos import fleet_pb2 as pb
+
+    request = pb.MetricsRequest(
+        model=args.name, version=args.version, agent_id=args.agent, since_s=args.since
+    )
+    resp = call(admin_stub(args).Metrics, request)
+    if args.json:
+        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        return 0
+    who = f"agent {args.agent}" if args.agent else "the fleet"
+    print(f"{args.name} over the last {resp.window_s:g}s, {who} (telemetry intervals ending in "
+          f"the window)")  # fmt: skip
+    if not resp.versions:
+        print("no telemetry in this window")
+        return 0
+    print(f"{'VERSION':>7} {'AGENTS':>6} {'REQUESTS':>9} {'REQ/S':>8} {'FAILURES':>8} "
+          f"{'ERROR RATE':>10} {'P50 MS':>8} {'P95 MS':>8} {'P99 MS':>8}  "
+          "FAILURES BY REASON")  # fmt: skip
+    for v in resp.versions:
+        reasons = ", ".join(f"{k}={n}" for k, n in sorted(v.failures_by_reason.items())) or "-"
+        print(f"{v.version:>7} {v.agents:>6} {v.requests:>9} {v.request_rate:>8.3f} "
+              f"{v.failures:>8} {v.error_rate:>10.3%} {_ms(v.p50_ms):>8} {_ms(v.p95_ms):>8} "
+              f"{_ms(v.p99_ms):>8}  {reasons}")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve" and args.data is None:
+        args.data = Path(DEFAULT_DATA)
     handlers = {
         "serve": cmd_serve,
         "keys": cmd_keys_init,
+        "sign": cmd_sign,
         "mqtt-config": cmd_mqtt_config,
         "publish": cmd_publish,
         "models": cmd_models,
         "deploy": cmd_deploy,
         "agents": cmd_agents,
         "rollout": cmd_rollout,
+        "metrics": cmd_metrics,
     }
     try:
         return handlers[args.command](args)

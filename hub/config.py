@@ -6,14 +6,23 @@ Every key is documented in docs/configuration.md.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.config import ConfigOrigin, apply_reloadable
 from protos.errors import InvalidRequestError
 from protos.settings import load_settings, split_hostport
 
 ENV_PREFIX = "MODELFLEET_HUB_"
+
+# Keys a SIGHUP applies to the running hub; each is read where it is used (logging set-up, the
+# TUF refresher, every upload and every download). The rest (sockets, certificates, metadata
+# expiry policy, MQTT bridge) is fixed at start and reported as needing a restart.
+RELOADABLE = frozenset(
+    {"log_level", "log_json", "refresh_interval_s", "transfer_rate_limit_mbps",
+     "max_bundle_bytes", "drain_timeout_s"}
+)  # fmt: skip
 
 
 @dataclass
@@ -50,8 +59,16 @@ class HubConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     # An agent not heard from for this long is shown as offline.
     offline_after_s: float = 60.0
+    # The hub's own Prometheus /metrics (fleet aggregates) on HOST:PORT; empty: off.
+    metrics_listen: str = ""
+    # Telemetry older than this (seconds) is deleted, and not stored when it arrives; 0 keeps all.
+    telemetry_retention_s: float = 7 * 86400
+    # Seconds that in-flight calls (uploads, downloads, watch streams) get on SIGTERM.
+    drain_timeout_s: float = 5.0
     log_level: str = "INFO"
     log_json: bool = False
+    # Not a setting (refused in the file and the environment): set by load_hub_config.
+    origin: ConfigOrigin | None = field(default=None, repr=False, compare=False)
 
     def enroll_address(self) -> str:
         if self.enroll_listen:
@@ -79,10 +96,29 @@ def load_hub_config(
 ) -> HubConfig:
     cfg = load_settings(HubConfig, path, table="hub", env_prefix=ENV_PREFIX,
                         overrides=overrides, env=env)  # fmt: skip
+    if cfg.origin is not None:
+        raise InvalidRequestError("config: unknown key(s) origin")
+    cfg.origin = ConfigOrigin(path, dict(overrides or {}), env)
     split_hostport(cfg.listen, "listen")
     split_hostport(cfg.enroll_address(), "enroll_listen")
     if cfg.timestamp_expiry_s <= 0 or cfg.snapshot_expiry_s <= 0:
         raise InvalidRequestError("config: metadata expiries must be positive")
     if cfg.refresh_interval_s <= 0:
         raise InvalidRequestError("config: refresh_interval_s must be > 0")
+    if cfg.drain_timeout_s < 0:
+        raise InvalidRequestError("config: drain_timeout_s must be >= 0")
+    if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise InvalidRequestError(f"config: unknown log_level {cfg.log_level!r}")
     return cfg
+
+
+def reload_hub_config(cfg: HubConfig) -> tuple[list[str], list[str]]:
+    """Read cfg's sources again and apply what can change at run time (see RELOADABLE).
+
+    Returns (applied keys, keys that changed but need a restart); raises if the config no
+    longer loads, leaving the running one as it was.
+    """
+    if cfg.origin is None:
+        raise InvalidRequestError("config: not loaded by load_hub_config, nothing to reload")
+    fresh = load_hub_config(cfg.origin.path, dict(cfg.origin.overrides), cfg.origin.env)
+    return apply_reloadable(cfg, fresh, RELOADABLE)

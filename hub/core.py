@@ -120,6 +120,14 @@ class HubCore:
         self.ca = CertificateAuthority.load_or_create(self.paths.ca)
         self.tuf = open_tuf(self.paths, cfg, clock)
         self.changed = asyncio.Condition()
+        from hub.telemetry import TELEMETRY_FILE, TelemetryIngestor, TelemetryStore
+
+        # Fleet telemetry (DuckDB, docs/telemetry.md): ingested through telemetry_ingest by the
+        # gRPC servicer and the MQTT bridge; window() queries serve rollouts and `metrics`.
+        self.telemetry = TelemetryStore(
+            self.paths.root / TELEMETRY_FILE, retention_s=cfg.telemetry_retention_s, clock=clock
+        )
+        self.telemetry_ingest = TelemetryIngestor(self.telemetry)
         from hub.rollout_manager import RolloutManager
 
         # Durable: rollouts in flight when the hub stopped continue from their saved state.
@@ -182,14 +190,31 @@ class HubCore:
                  "signed" if signed else "awaiting targets signature")  # fmt: skip
         return PublishResult(row, staged, keyid)
 
+    def staged_for_signing(self, name: str, version: int) -> tuple[bytes, str]:
+        """What an offline targets key must sign so that ``version`` becomes signed."""
+        row = self.registry.get_version(name, version)
+        assert row is not None
+        if row.signed:
+            return b"", ""
+        payload = self.tuf.staged_payload()
+        if not payload:
+            payload = self.tuf.stage_target(row.target_path, row.size, row.sha256,
+                                            {"name": name, "version": version})  # fmt: skip
+        root = json.loads(self.tuf.root_bytes())
+        return payload, root["signed"]["roles"]["targets"]["keyids"][0]
+
     def commit_targets(self, name: str, version: int, keyid: str, signature: str) -> VersionRow:
         row = self.registry.get_version(name, version)
         assert row is not None
         if row.signed:
             return row
         self.tuf.commit_staged_targets({"keyid": keyid, "sig": signature})
-        self.registry.mark_signed(name, version)
-        log.info("targets signed offline: %s v%d", name, version)
+        # Staged targets accumulate: everything the signed metadata now lists is signed.
+        signed_paths = set(self.tuf.targets())
+        for v in self.registry.versions(name):
+            if not v.signed and v.target_path in signed_paths:
+                self.registry.mark_signed(name, v.version)
+                log.info("targets signed offline: %s v%d", name, v.version)
         out = self.registry.get_version(name, version)
         assert out is not None
         return out

@@ -158,6 +158,10 @@ class MqttBridge:
             self.loop.call_soon_threadsafe(self._presence, agent_id, online)
         elif leaf == t.STATE:
             self.loop.call_soon_threadsafe(self._report, agent_id, bytes(msg.payload))
+        elif leaf == t.TELEMETRY:
+            asyncio.run_coroutine_threadsafe(
+                self._telemetry(identity, agent_id, bytes(msg.payload)), self.loop
+            )
         elif leaf == t.FETCH_REQUEST:
             self.fetchers.submit(self._serve_fetch, identity, agent_id, msg)
 
@@ -183,6 +187,25 @@ class MqttBridge:
             log.warning("undecodable report from %s", agent_id)
             return
         self.core.report(agent_id, MessageToDict(report, preserving_proto_field_name=True))
+
+    async def _telemetry(self, identity: str, agent_id: str, payload: bytes) -> None:
+        """Store a batch, then ack it on the agent's telemetry/ack (QoS 1). No ack on failure:
+        the agent sends the batch again, and ingestion is idempotent."""
+        try:
+            self.core.authorize_agent(agent_id)
+            batch = pb.TelemetryBatch.FromString(payload)
+        except ModelfleetError as exc:
+            log.warning("telemetry from %s refused: %s", agent_id, exc)
+            return
+        except Exception:
+            log.warning("undecodable telemetry from %s", agent_id)
+            return
+        try:
+            acked = await self.core.telemetry_ingest.ingest(agent_id, batch.reports)
+        except Exception:
+            return  # logged by the ingestor
+        ack = pb.TelemetryAck(acked=acked).SerializeToString()
+        self.client.publish(t.topic(identity, t.TELEMETRY_ACK), ack, qos=1)
 
     async def publish_desired(self) -> None:
         """Retained desired state per agent; revoked agents get an empty one."""

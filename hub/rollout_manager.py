@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Collection
 from typing import Any
@@ -61,7 +62,12 @@ class FleetObserver:
         if not rows:
             return Stats()
         s = rows[0]
-        return Stats(s.requests, s.failures, s.p50_ms, s.p95_ms, s.p99_ms)
+
+        def ms(v: float) -> float:
+            # No successful request means no latency sample: the error-rate gate judges that.
+            return 0.0 if math.isnan(v) else v
+
+        return Stats(s.requests, s.failures, ms(s.p50_ms), ms(s.p95_ms), ms(s.p99_ms))
 
 
 class RolloutManager:

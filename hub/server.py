@@ -173,6 +173,14 @@ class FleetServicer(pb_grpc.FleetServicer):
                 if ahead > 0:
                     await asyncio.sleep(ahead)
 
+    @unary
+    async def ReportTelemetry(self, request, context):
+        agent_id = caller(context, "agent")
+        self.core.authorize_agent(agent_id)
+        # Acked only once stored (a replay is acked without being stored again).
+        acked = await self.core.telemetry_ingest.ingest(agent_id, request.reports)
+        return pb.TelemetryAck(acked=acked)
+
 
 def rollout_to_proto(r: Any, now: float) -> pb.RolloutStatus:
     return pb.RolloutStatus(
@@ -238,6 +246,8 @@ class AdminServicer(RolloutServicerMixin, pb_grpc.HubAdminServicer):
                     if chunk.HasField("header"):
                         header = chunk.header
                         self.core.check_upload_size(header.size)
+                        # Refuse a duplicate or stale version before taking its bytes.
+                        self.core.registry.check_new_version(header.name, header.version)
                         continue
                     if header is None:
                         raise InvalidRequestError("publish must start with a header")
@@ -265,6 +275,12 @@ class AdminServicer(RolloutServicerMixin, pb_grpc.HubAdminServicer):
     @unary
     async def CommitTargets(self, request, context):
         caller(context, "admin")
+        if not request.signature:
+            # No signature yet: answer with what has to be signed (publish, then sign later).
+            payload, keyid = self.core.staged_for_signing(request.name, request.version)
+            row = self.core.registry.get_version(request.name, request.version)
+            return pb.PublishResponse(version=version_to_proto(row), staged_payload=payload,
+                                      targets_keyid=keyid)  # fmt: skip
         row = self.core.commit_targets(request.name, request.version, request.keyid,
                                        request.signature)  # fmt: skip
         return pb.PublishResponse(version=version_to_proto(row))
@@ -323,7 +339,9 @@ class AdminServicer(RolloutServicerMixin, pb_grpc.HubAdminServicer):
         return pb.AgentInfo(
             agent_id=a.agent_id, hostname=a.hostname, labels=a.labels,
             enrolled_at=a.enrolled_at, last_seen=a.last_seen, status=a.status,
-            report=report, desired=desired_to_proto(0, desired).models, presence=a.presence,
+            report=report, desired=desired_to_proto(0, desired).models,
+            presence=a.presence or ("online" if time.time() - a.last_seen
+                                    < self.core.cfg.offline_after_s else "offline"),
         )  # fmt: skip
 
     @unary
@@ -331,6 +349,41 @@ class AdminServicer(RolloutServicerMixin, pb_grpc.HubAdminServicer):
         caller(context, "admin")
         await self.core.revoke(request.agent_id)
         return pb.RevokeAgentResponse()
+
+    @unary
+    async def Metrics(self, request, context):
+        caller(context, "admin")
+        if not request.model:
+            raise InvalidRequestError("metrics needs a model name")
+        window = request.since_s or 600.0
+        if window <= 0:
+            raise InvalidRequestError("the window (since) must be positive")
+        agents = None
+        if request.agent_id:
+            # An agent id, or a hostname (which may name several agents).
+            rows = self.core.registry.agents()
+            agents = [a.agent_id for a in rows if a.agent_id == request.agent_id] or [
+                a.agent_id for a in rows if a.hostname == request.agent_id
+            ]
+            if not agents:
+                raise InvalidRequestError(f"no agent with id or hostname {request.agent_id!r}")
+        now = time.time()
+        stats = await self.core.telemetry_ingest.query(
+            self.core.telemetry.window, request.model, request.version or None, agents,
+            now - window, now,
+        )  # fmt: skip
+        return pb.MetricsResponse(
+            versions=[
+                pb.VersionMetrics(
+                    model=s.model, version=s.version, requests=s.requests, failures=s.failures,
+                    request_rate=s.request_rate, error_rate=s.error_rate, p50_ms=s.p50_ms,
+                    p95_ms=s.p95_ms, p99_ms=s.p99_ms, failures_by_reason=s.failures_by_reason,
+                    agents=s.agents,
+                )
+                for s in stats
+            ],
+            window_s=window,
+        )  # fmt: skip
 
 
 def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:

@@ -598,7 +598,11 @@ def pack_bundle(bundle_dir: Path | str, out_path: Path | str) -> tuple[str, int]
 
 
 def unpack_bundle(
-    archive: Path | str, parent: Path | str, *, expect: tuple[str, int] | None = None
+    archive: Path | str,
+    parent: Path | str,
+    *,
+    expect: tuple[str, int] | None = None,
+    verify_hashes: bool = True,
 ) -> Bundle:
     """Extract a bundle archive into ``parent/<version>`` atomically and verify it.
 
@@ -631,7 +635,7 @@ def unpack_bundle(
                         os.fsync(out.fileno())
         except tarfile.TarError as exc:
             raise BundleError(f"{archive}: not a bundle archive: {exc}") from None
-        bundle = load_bundle(tmp)
+        bundle = load_bundle(tmp, verify_hashes=verify_hashes)
         if expect is not None and (bundle.name, bundle.version) != expect:
             raise BundleError(
                 f"{archive}: manifest says {bundle.name!r} version {bundle.version}, "

@@ -6,7 +6,8 @@ ACL can confine each agent to its own subtree with a single ``%u`` pattern per t
 
     mf/v1/<identity>/desired          hub -> agent   retained, QoS 1 (fleet_pb2.DesiredState)
     mf/v1/<identity>/state            agent -> hub   QoS 1 (fleet_pb2.AgentReport)
-    mf/v1/<identity>/telemetry        agent -> hub   QoS 1
+    mf/v1/<identity>/telemetry        agent -> hub   QoS 1 (fleet_pb2.TelemetryBatch)
+    mf/v1/<identity>/telemetry/ack    hub -> agent   QoS 1 (fleet_pb2.TelemetryAck)
     mf/v1/<identity>/presence         agent -> hub   retained "online"; last will "offline"
     mf/v1/<identity>/fetch/request    agent -> hub   QoS 1 (fleet_pb2.FetchRequest + properties)
     mf/v1/<identity>/fetch/response   hub -> agent   QoS 1 (fleet_pb2.Chunk + properties)
@@ -19,12 +20,13 @@ PREFIX = "mf/v1"
 DESIRED = "desired"
 STATE = "state"
 TELEMETRY = "telemetry"
+TELEMETRY_ACK = "telemetry/ack"
 PRESENCE = "presence"
 FETCH_REQUEST = "fetch/request"
 FETCH_RESPONSE = "fetch/response"
 
 # Leaves an agent may read and write; the ACL file is generated from these.
-AGENT_READS = (DESIRED, FETCH_RESPONSE)
+AGENT_READS = (DESIRED, FETCH_RESPONSE, TELEMETRY_ACK)
 AGENT_WRITES = (STATE, TELEMETRY, PRESENCE, FETCH_REQUEST)
 
 ONLINE = b"online"

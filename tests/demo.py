@@ -218,6 +218,23 @@ def fleet(work: Path) -> bool:
             r = c.infer("fraud", [inp])
             print(f"  inference on berlin-gpu-1: version {r.get_response().model_version}, "
                   f"y = {', '.join(f'{v:.4f}' for v in r.as_numpy('y').ravel())}")  # fmt: skip
+
+        step("13. Canary rollout of a good v3: wave by wave (33%, 66%, 100%), baking between")
+        run_hub(hub, "publish", "fraud", str(models.mlp(src / "v3.onnx", seed=3)))
+        run_hub(hub, "rollout", "start", "fraud", "3", "--waves", "33,66,100", "--bake", "2s",
+                "--agent-timeout", "60s")  # fmt: skip
+        watch_rollout(hub, "fraud")
+
+        step("14. Canary rollout of a broken v4 (NaN outputs): stopped in the first wave, "
+             "rolled back without a command")  # fmt: skip
+        run_hub(hub, "publish", "fraud", str(models.nan_model(src / "v4.onnx")),
+                "--max-batch-size", "0")  # fmt: skip
+        run_hub(hub, "rollout", "start", "fraud", "4", "--waves", "33,66,100", "--bake", "2s",
+                "--agent-timeout", "60s")  # fmt: skip
+        watch_rollout(hub, "fraud")
+        wait_for(lambda: all(_active(a) == 3 for a in agents), 60, "all back on v3")
+        print(f"  active versions now: {[_active(a) for a in agents]}")
+        run_hub(hub, "rollout", "history", "fraud")
         return True
     finally:
         for a in agents:
@@ -225,6 +242,26 @@ def fleet(work: Path) -> bool:
         hub.stop()
         if broker is not None:
             broker.stop()
+
+
+def watch_rollout(hub: HubProcess, model: str, timeout: float = 90) -> None:
+    """A live view: print the rollout status whenever it changes, until it ends."""
+    import json
+
+    deadline, last = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        raw = json.loads(hub.cli("rollout", "status", model, "--json"))
+        line = (f"  [{raw['state']:<12}] wave {raw['wave']}/{len(raw['waves'])}, "
+                f"{raw['switched']}/{raw['agents']} agent(s) switched"
+                + (f", bake {raw['bake_left_s']:.0f}s left" if raw["state"] == "baking" else "")
+                + (f" -- {raw['reason']}" if raw["reason"] else ""))  # fmt: skip
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if raw["state"] in ("done", "rolled_back"):
+            return
+        time.sleep(0.3)
+    raise TimeoutError("rollout did not finish")
 
 
 def _active(agent: AgentProcess) -> int:

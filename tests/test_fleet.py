@@ -320,6 +320,13 @@ def test_offline_targets_key(fleet, tmp_path: Path) -> None:
     hub.cli("publish", "mlp", str(fleet.model(1)), "--targets-key", str(offline / "targets.pem"))
     hub.cli("deploy", "mlp", "2")
     wait_for(lambda: active(agent) == 2, 60, "v2 signed offline, deployed")
+    # Staged targets accumulate: signing v2 signed v1 too; a later version is signed on its own.
+    assert "yes" in hub.cli("models", "versions", "mlp").splitlines()[1]
+    hub.cli("publish", "mlp", str(fleet.model(2)), check=False)
+    assert "signed mlp v3" in hub.cli("sign", "mlp", "3", "--targets-key",
+                                      str(offline / "targets.pem"))  # fmt: skip
+    hub.cli("deploy", "mlp", "3")
+    wait_for(lambda: active(agent) == 3, 60, "v3 signed later with `sign`")
 
 
 def test_kill_mid_download_then_resume(fleet) -> None:
@@ -376,3 +383,21 @@ def test_hub_refreshes_timestamp_before_it_expires(fleet) -> None:
     hub.cli("deploy", "mlp", "1")
     wait_for(lambda: active(agent) == 1, 60, "v1 with a refreshed timestamp")
     assert "re-signed timestamp" in hub.logs()
+
+
+def test_restart_offline_keeps_serving_when_the_desired_version_never_arrived(fleet) -> None:
+    hub = fleet.hub()
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    hub.cli("publish", "mlp", str(fleet.model(1)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1")
+    tamper_blob(hub, 2, "flip")
+    hub.cli("deploy", "mlp", "2")
+    wait_for(lambda: "hash" in model_error(hub, "edge-1").lower(), 60, "v2 refused")
+    hub.stop()
+    agent.stop()
+    again = fleet.start_agent(agent.models, agent.models / "agent.toml")
+    again.wait_model("mlp", timeout=60)
+    assert infer_version(again) == "1"
+    assert "serving cached v1 until it arrives" in again.logs()

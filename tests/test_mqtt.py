@@ -226,3 +226,34 @@ def test_last_will_marks_agent_offline_then_online(mqtt_fleet) -> None:
     assert "OFFLINE (last will)" in hub.logs()
     mqtt_fleet.start_agent(agent.models)
     wait_for(lambda: agent_info(hub, "edge-1")["presence"] == "online", 30, "online again")
+
+
+def test_telemetry_over_mqtt_exact_through_a_hub_restart(mqtt_fleet, tmp_path: Path) -> None:
+    from tests.test_telemetry import fleet_metrics, infer, outbox_requests
+
+    hub = mqtt_fleet.hub
+    data = tmp_path / "edge-t"
+    enroll_agent(hub, data, "site=berlin", hostname="edge-t", transport="mqtt")
+    env = {**FAST, "MODELFLEET_AGENT_TELEMETRY_INTERVAL_S": "0.5"}
+    agent = AgentProcess(data, fleet_config=data / "agent.toml", env=env,
+                         log_path=tmp_path / "edge-t.log")  # fmt: skip
+    mqtt_fleet.agents.append(agent.start())
+    hub.cli("publish", "mlp", str(mqtt_fleet.model(0)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1 over MQTT")
+    infer(agent, 40, 4)
+    wait_for(lambda: fleet_metrics(hub)[:2] == (44, 4), 60, "44 requests over MQTT")
+    # Acks come back on telemetry/ack (the ACL lets the agent read it): the outbox drains.
+    wait_for(lambda: outbox_requests(data) == 0, 30, "outbox drained by MQTT acks")
+    # The hub goes away; the broker keeps its persistent session's messages meanwhile, the agent
+    # resends what stays unacked, and the restarted hub stores each report once.
+    hub.stop()
+    infer(agent, 20, 2)
+    time.sleep(2)
+    again = HubProcess(hub.data, "--mqtt", mqtt_fleet.broker.address,
+                       log_path=tmp_path / "hub-again.log")  # fmt: skip
+    again.port, again.enroll_port, again.url = hub.port, hub.enroll_port, hub.url
+    mqtt_fleet.hub = again.start()
+    wait_for(lambda: fleet_metrics(again)[:2] == (66, 6), 60, "66 after the hub restart")
+    time.sleep(2)
+    assert fleet_metrics(again)[:2] == (66, 6)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +75,100 @@ def test_refused_version_is_stopped_in_the_first_wave_and_rolled_back(fleet) -> 
     assert "health gate (non_finite)" in s["reason"]
     assert s["assigned"] == 1  # stopped in the first wave
     wait_for(lambda: all(active(a) == 2 for a in agents), 60, "everyone back on v2")
+
+
+def agent_ids(hub: HubProcess) -> dict[str, str]:
+    """agent id -> hostname."""
+    return {a["agent_id"]: a["hostname"] for a in json.loads(hub.cli("agents", "ls", "--json"))}
+
+
+def test_hub_killed_mid_bake_then_restarted_continues(fleet) -> None:
+    hub, agents = fleet
+    hub.cli("publish", "mlp", str(models.mlp(hub.data.parent / "onnx" / "v4.onnx", seed=4)))
+    hub.cli("rollout", "start", "mlp", "4", "--waves", "10,100", "--bake", "6s",
+            "--agent-timeout", "60s")  # fmt: skip
+    wait_for(lambda: status(hub)["state"] == "baking", 60, "baking")
+    hub.kill()
+    restarted = HubProcess(hub.data, log_path=hub.log_path.with_name("hub-restarted.log"))
+    restarted.port, restarted.enroll_port, restarted.url = hub.port, hub.enroll_port, hub.url
+    fleet[0].proc = restarted.start().proc  # the fixture stops whatever runs at the end
+    fleet[0]._log = restarted._log
+    wait_for(lambda: status(restarted)["state"] == "done", 120, "done after the restart")
+    wait_for(lambda: all(active(a) == 4 for a in agents), 60, "everyone on v4")
+    events = [e["text"] for e in status(restarted)["events"]]
+    assert sum("wave 1/2" in t for t in events) == 1  # resumed, not restarted
+
+
+def test_agent_killed_during_a_wave_times_out(fleet) -> None:
+    hub, agents = fleet
+    from hub.rollouts import stable_order
+
+    hub.cli("publish", "mlp", str(models.mlp(hub.data.parent / "onnx" / "v5.onnx", seed=5)))
+    ids = agent_ids(hub)
+    first = stable_order(list(ids), "mlp", 5)[0]
+    victim = next(a for a in agents if a.models.name == "a" + ids[first].split("-")[1])
+    victim.kill()
+    try:
+        hub.cli("rollout", "start", "mlp", "5", "--waves", "10,100", "--bake", "1s",
+                "--agent-timeout", "4s")  # fmt: skip
+        wait_for(lambda: status(hub)["state"] == "rolled_back", 60, "timeout -> rollback")
+        assert "no switch within 4s" in status(hub)["reason"]
+    finally:
+        restarted = AgentProcess(
+            victim.models, fleet_config=victim.models / "agent.toml", env=FAST,
+            log_path=victim.log_path.with_name("victim.log"),
+        )  # fmt: skip
+        victim.proc = restarted.start().proc
+        victim._log = restarted._log
+        victim.admin_socket = restarted.admin_socket
+    wait_for(lambda: active(victim) == 4, 60, "the victim converges to the outcome (v4)")
+
+
+def test_worse_error_rate_is_stopped_in_the_first_wave_without_a_command(fleet) -> None:
+    import threading
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    hub, agents = fleet
+    # v6 passes its health gate (3-row samples) but fails every single-row request at run time.
+    v6 = models.reshape_model(hub.data.parent / "onnx" / "v6.onnx")
+    hub.cli("publish", "mlp", str(v6), "--max-batch-size", "0",
+            "--samples", str(_reshape_samples(hub.data.parent)))  # fmt: skip
+    stop = threading.Event()
+
+    def load(agent: AgentProcess) -> None:
+        with grpcclient.InferenceServerClient(agent.url) as c:
+            inp = grpcclient.InferInput("x", [1, 4], "FP32")
+            inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+            while not stop.is_set():
+                # Failures are the point: the canary's runtime errors feed its telemetry.
+                with contextlib.suppress(Exception):
+                    c.infer("mlp", [inp])
+                time.sleep(0.02)
+
+    threads = [threading.Thread(target=load, args=(a,), daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    try:
+        hub.cli("rollout", "start", "mlp", "6", "--waves", "10,100", "--bake", "4s",
+                "--gate", "error_rate<0.05", "--gate", "p99_vs_baseline<5",
+                "--min-requests", "20", "--agent-timeout", "60s")  # fmt: skip
+        wait_for(lambda: status(hub)["state"] == "rolled_back", 120, "automatic rollback")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    s = status(hub)
+    assert "error_rate=1" in s["reason"] and s["assigned"] == 1
+    gates = {g["gate"]: g for g in s["last_evaluation"]["gates"]}
+    assert gates["error_rate<0.05"]["ok"] is False
+    wait_for(lambda: all(active(a) == 4 for a in agents), 60, "everyone back on v4")
+
+
+def _reshape_samples(root: Path) -> Path:
+    import numpy as np
+
+    path = root / "reshape-samples.npz"
+    np.savez(path, x=np.ones((3, 4), np.float32))
+    return path

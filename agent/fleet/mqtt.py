@@ -53,6 +53,8 @@ class MqttLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.connected = threading.Event()
+        # Called on paho's thread with each TelemetryAck payload (set by the telemetry shipper).
+        self.on_telemetry_ack: Callable[[bytes], None] | None = None
         self._pending: dict[bytes, queue.Queue] = {}
         self._lock = threading.Lock()
 
@@ -83,6 +85,7 @@ class MqttLink:
         log.info("connected to MQTT broker %s as %s", self.address, self.identity)
         client.subscribe(t.topic(self.identity, t.FETCH_RESPONSE), qos=1)
         client.subscribe(t.topic(self.identity, t.DESIRED), qos=1)
+        client.subscribe(t.topic(self.identity, t.TELEMETRY_ACK), qos=1)
         client.publish(self.presence_topic, t.ONLINE, qos=1, retain=True)
         self.connected.set()
 
@@ -98,6 +101,9 @@ class MqttLink:
             return
         if leaf == t.DESIRED:
             self.on_desired(bytes(msg.payload))
+        elif leaf == t.TELEMETRY_ACK:
+            if self.on_telemetry_ack is not None:
+                self.on_telemetry_ack(bytes(msg.payload))
         elif leaf == t.FETCH_RESPONSE:
             props = msg.properties
             corr = bytes(getattr(props, "CorrelationData", b"") or b"") if props else b""
@@ -111,6 +117,10 @@ class MqttLink:
 
     def publish_report(self, report: pb.AgentReport) -> None:
         self.client.publish(t.topic(self.identity, t.STATE), report.SerializeToString(), qos=1)
+
+    def publish_telemetry(self, batch: pb.TelemetryBatch) -> None:
+        # QoS 1; the hub answers on telemetry/ack once stored. Resends are safe (idempotent).
+        self.client.publish(t.topic(self.identity, t.TELEMETRY), batch.SerializeToString(), qos=1)
 
     def request(self, kind: str, path: str, offset: int = 0, length: int = 0) -> Iterator[bytes]:
         """Chunks of one window (or one metadata file), in order."""

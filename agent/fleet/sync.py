@@ -26,6 +26,14 @@ from agent.config import ServeConfig
 from agent.fleet.cache import BundleCache
 from agent.fleet.enroll import TUF_DIR
 from agent.fleet.mqtt import MqttLink, MqttTransport
+from agent.fleet.outbox import (
+    OUTBOX_FILE,
+    MqttSender,
+    Outbox,
+    Sender,
+    TelemetryShipper,
+    grpc_sender,
+)
 from agent.fleet.transport import GrpcTransport, channel_options, credentials, rpc_error
 from agent.fleet.verify import BundleVerifier
 from agent.slots import SlotManager
@@ -106,6 +114,16 @@ class FleetSync:
             reserve_bytes=cfg.disk_reserve_bytes,
         )
         slots.listeners.append(lambda _name: self.report_now.set())
+        # Telemetry (docs/telemetry.md): through the outbox, over gRPC when there is a channel.
+        outbox = Outbox(self.data / OUTBOX_FILE, cfg.telemetry_outbox_max_reports)
+        if self.channel is not None:
+            send: Sender = grpc_sender(self.stub)
+        else:
+            send = MqttSender(self.mqtt, outbox, self.loop)
+        self.telemetry = TelemetryShipper(
+            slots.metrics.telemetry, outbox, send, interval_s=cfg.telemetry_interval_s,
+            serving=self._serving_versions, backoff_max_s=cfg.backoff_max_s,
+        )  # fmt: skip
 
     # -- state on disk --------------------------------------------------------------------------
 
@@ -142,8 +160,7 @@ class FleetSync:
             try:
                 if not self.cache.has(d.name, d.version):
                     if offline:
-                        log.warning("%s v%d is desired but not cached; waiting for the hub",
-                                    d.name, d.version)  # fmt: skip
+                        await self._serve_best_cached(d)
                         continue
                     await asyncio.to_thread(self._fetch, d)
                 await self.slots.deploy(
@@ -154,15 +171,32 @@ class FleetSync:
                 self.errors[d.name] = str(exc)
                 self.last_error = f"{d.name} v{d.version}: {exc}"
                 log.warning("cannot deploy %s v%d: %s", d.name, d.version, exc)
+        if not self.errors and self.last_error and not self.last_error.startswith("hub:"):
+            self.last_error = ""  # recovered: an old error must not linger in `agents ls`
+        if offline:
+            # Nothing is removed before the hub has spoken: the cache is all we may serve.
+            self.report_now.set()
+            return
         wanted = {d.name for d in desired}
         for name in list(self.slots.slots):
-            if name not in wanted and not offline:
+            if name not in wanted:
                 await self.slots.unload(name)
         keep = {(d.name, d.version) for d in desired}
         for slot in self.slots.slots.values():
             keep.update((slot.name, v.version) for v in slot.loaded())
         await asyncio.to_thread(self.cache.collect, keep)
         self.report_now.set()
+
+    async def _serve_best_cached(self, d: DesiredModel) -> None:
+        """Hub down, desired version not here yet: keep serving the newest cached version."""
+        cached = sorted(v for name, v, _ in self.cache.entries() if name == d.name)
+        if not cached:
+            log.warning("%s v%d is desired but not cached; waiting for the hub", d.name, d.version)
+            return
+        best = cached[-1]
+        log.warning("%s v%d is desired but not cached; serving cached v%d until it arrives",
+                    d.name, d.version, best)  # fmt: skip
+        await self.slots.deploy(self.cache.path(d.name, best), None, expect=(d.name, best))
 
     def _fetch(self, d: DesiredModel) -> None:
         """Download through TUF verification, then unpack into the cache (worker thread)."""
@@ -175,7 +209,10 @@ class FleetSync:
             )
         archive = self.verifier.fetch_bundle(d.name, d.version)
         try:
-            unpack_bundle(archive, self.cache.bundles / d.name, expect=(d.name, d.version))
+            # TUF has just verified the archive's hash; the files' own hashes are checked once
+            # more when the bundle loads, so a pass over them here would only cost time.
+            unpack_bundle(archive, self.cache.bundles / d.name, expect=(d.name, d.version),
+                          verify_hashes=False)  # fmt: skip
         except BundleExistsError:
             pass
         finally:
@@ -213,13 +250,14 @@ class FleetSync:
                 )
                 async for state in call:
                     backoff.reset()
-                    self.last_error = "" if self.last_error.startswith("hub:") else self.last_error
+                    if self.last_error.startswith("hub:"):
+                        self.last_error = ""
                     self._on_desired(state)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     continue
                 err = rpc_error(exc, "hub")
-                self.last_error = f"hub: {err}"
+                self.last_error = str(err)  # already reads "hub: ..."
                 delay = backoff.next()
                 log.warning("%s; retrying in %.1fs", err, delay)
                 with contextlib.suppress(TimeoutError):
@@ -310,10 +348,29 @@ class FleetSync:
             # Coalesce bursts of changes (a swap touches several fields) into one report.
             await asyncio.sleep(0.05)
 
+    def _serving_versions(self) -> list[tuple[str, int]]:
+        return [(st.name, st.active) for st in self.slots.status() if st.active is not None]
+
+    async def _final_telemetry(self) -> None:
+        """The partial interval goes to the outbox (the app stops us after the drain, so it
+        includes the drained requests); one quick try to send it, then the outbox closes."""
+        try:
+            await self.telemetry.cut(only_if_active=True)
+        except Exception as exc:
+            log.error("cannot write the last telemetry interval: %s", exc)
+        try:
+            if self.channel is not None:
+                await asyncio.wait_for(self.telemetry.send_once(), 2)
+        except Exception as exc:  # best effort: whatever is not acked waits in the outbox
+            log.debug("final telemetry send: %s", exc)
+        self.telemetry.outbox.close()
+
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [
             asyncio.ensure_future(self.reconcile_loop(stop)),
             asyncio.ensure_future(self.report_loop(stop)),
+            asyncio.ensure_future(self.telemetry.collect_loop(stop)),
+            asyncio.ensure_future(self.telemetry.send_loop(stop)),
         ]
         if self.mqtt is not None:
             tasks.append(asyncio.ensure_future(self.mqtt_resync_loop(stop)))
@@ -325,6 +382,7 @@ class FleetSync:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self._final_telemetry()
             if self.channel is not None:
                 with contextlib.suppress(Exception):
                     await self.stub.ReportState(self.build_report(), timeout=2)

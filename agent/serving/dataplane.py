@@ -152,6 +152,7 @@ class DataPlane:
         s.success_ns += int(elapsed * 1e9)
         s.queue_ns += int(timing.queue_s * 1e9)
         s.last_inference_ms = int(time.time() * 1000)
+        version.telemetry.ok(elapsed, timing.queue_s)
         return InferResponse(version.name, str(version.version), request.id, outputs)
 
     def _account_failure(
@@ -171,3 +172,6 @@ class DataPlane:
         if version is not None:
             version.stats.fail_count += 1
             version.stats.fail_ns += int(elapsed * 1e9)
+            version.telemetry.failed(exc.reason)
+        else:
+            self.metrics.telemetry.failed(model, 0, exc.reason)

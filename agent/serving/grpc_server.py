@@ -246,9 +246,10 @@ def model_statistics(v: LoadedVersion) -> pb.ModelStatistics:
 
 
 class AdminServicer(agent_pb2_grpc.AgentAdminServicer):
-    def __init__(self, slots: SlotManager, listen: str) -> None:
+    def __init__(self, slots: SlotManager, listen: str, fleet_hub: str = "") -> None:
         self.slots = slots
         self.listen = listen
+        self.fleet_hub = fleet_hub
 
     @_grpc_errors
     async def Status(self, request, context):
@@ -260,6 +261,13 @@ class AdminServicer(agent_pb2_grpc.AgentAdminServicer):
 
     @_grpc_errors
     async def Rollback(self, request, context):
+        if self.fleet_hub:
+            # The hub owns desired state in fleet mode; a local switch would be undone at the
+            # next resync, so say where rollbacks are made instead.
+            raise _FleetOwned(
+                f"this agent follows the hub at {self.fleet_hub}: roll back with "
+                "`modelfleet-hub rollout rollback MODEL` or `modelfleet-hub deploy MODEL VERSION`"
+            )
         frm, to = self.slots.rollback(request.model)
         return agent_pb2.RollbackResponse(from_version=frm, to_version=to)
 
@@ -345,9 +353,16 @@ def build_server(
     return server, port
 
 
-def build_admin_server(slots: SlotManager, socket_path: Path, listen: str) -> grpc.aio.Server:
+class _FleetOwned(ModelfleetError):
+    status = Status.FAILED_PRECONDITION
+    reason = "fleet_mode"
+
+
+def build_admin_server(
+    slots: SlotManager, socket_path: Path, listen: str, fleet_hub: str = ""
+) -> grpc.aio.Server:
     server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentAdminServicer_to_server(AdminServicer(slots, listen), server)
+    agent_pb2_grpc.add_AgentAdminServicer_to_server(AdminServicer(slots, listen, fleet_hub), server)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     if socket_path.exists():
         socket_path.unlink()

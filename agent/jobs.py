@@ -1,0 +1,184 @@
+"""Scheduled batch jobs on the agent: APScheduler triggers, batch.engine does the scoring.
+
+Jobs come with the desired state (so they survive restarts with it) and score with the model
+version this agent has verified and loaded: the job's pinned version, or the active one for
+``--deployed`` jobs. One instance per job at a time; missed runs are coalesced into one run
+within the misfire grace time. Scoring threads are capped so online serving keeps its cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from agent.slots import SlotManager
+from protos.errors import InvalidRequestError, ModelfleetError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    model: str
+    # 0: whatever version is deployed (active) on this agent when the job fires.
+    version: int
+    # A crontab line, or "every <seconds>s" for short intervals.
+    schedule: str
+    input: str
+    output: str
+    sql: str = ""
+    paused: bool = False
+    # Bumped by `modelfleet-hub jobs run-now`: a new value means "run once now".
+    run_now: int = 0
+
+
+@dataclass
+class RunResult:
+    job: str
+    run_id: str
+    model: str
+    version: int
+    status: str  # succeeded | failed
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_rejected: int = 0
+    duration_s: float = 0.0
+    error: str = ""
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+
+Reporter = Callable[[RunResult], Awaitable[None]]
+
+
+def trigger_for(schedule: str) -> Any:
+    text = schedule.strip()
+    if text.startswith("every "):
+        seconds = text[len("every ") :].rstrip("s")
+        try:
+            return IntervalTrigger(seconds=float(seconds))
+        except ValueError:
+            raise InvalidRequestError(f"invalid schedule {schedule!r}") from None
+    try:
+        return CronTrigger.from_crontab(text)
+    except ValueError as exc:
+        raise InvalidRequestError(f"invalid cron schedule {schedule!r}: {exc}") from None
+
+
+class JobRunner:
+    def __init__(
+        self, slots: SlotManager, report: Reporter, *, threads: int = 1, misfire_s: int = 300
+    ) -> None:
+        self.slots = slots
+        self.report = report
+        self.threads = threads
+        self.misfire_s = misfire_s
+        self.scheduler = AsyncIOScheduler()
+        self.specs: dict[str, JobSpec] = {}
+        self.running: set[str] = set()
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def shutdown(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+
+    def apply(self, jobs: list[JobSpec]) -> None:
+        """Level-triggered: make the scheduler hold exactly these jobs."""
+        wanted = {j.name: j for j in jobs}
+        for name in list(self.specs):
+            if name not in wanted:
+                self._remove(name)
+        for name, spec in wanted.items():
+            old = self.specs.get(name)
+            if old == spec:
+                continue
+            run_now = old is not None and spec.run_now != old.run_now
+            self._remove(name)
+            self.specs[name] = spec
+            if not spec.paused:
+                try:
+                    self.scheduler.add_job(
+                        self._fire, trigger_for(spec.schedule), args=[name], id=name,
+                        coalesce=True, max_instances=1, misfire_grace_time=self.misfire_s,
+                    )  # fmt: skip
+                except ModelfleetError as exc:
+                    log.warning("job %s not scheduled: %s", name, exc)
+                    continue
+            log.info("job %s scheduled (%s)%s", name, spec.schedule, " [paused]" if spec.paused else "")
+            if run_now:
+                asyncio.get_running_loop().create_task(self._fire(name))
+
+    def _remove(self, name: str) -> None:
+        self.specs.pop(name, None)
+        if self.scheduler.get_job(name) is not None:
+            self.scheduler.remove_job(name)
+
+    def _bundle_for(self, spec: JobSpec) -> tuple[str, int]:
+        slot = self.slots.slots.get(spec.model)
+        if slot is None or not slot.loaded():
+            raise ModelNotFoundError(f"model {spec.model!r} is not loaded on this agent")
+        if spec.version == 0:
+            if slot.active is None:
+                raise ModelNotFoundError(f"model {spec.model!r} has no active version")
+            chosen = slot.active
+        else:
+            match = [v for v in slot.loaded() if v.version == spec.version]
+            if not match:
+                raise ModelNotFoundError(
+                    f"model {spec.model!r} version {spec.version} is not loaded here"
+                )
+            chosen = match[0]
+        return str(chosen.bundle.path), chosen.version
+
+    async def _fire(self, name: str) -> None:
+        spec = self.specs.get(name)
+        if spec is None or name in self.running:
+            return  # one instance at a time, also for run-now during a scheduled run
+        self.running.add(name)
+        started = time.time()
+        result = RunResult(name, uuid.uuid4().hex[:12], spec.model, spec.version, "failed",
+                           started_at=started)  # fmt: skip
+        try:
+            bundle, version = self._bundle_for(spec)
+            result.version = version
+            summary = await asyncio.to_thread(self._score, spec, bundle, result.run_id)
+            result.status = "succeeded"
+            result.rows_in = summary.rows_in
+            result.rows_out = summary.rows_out
+            result.rows_rejected = summary.rows_rejected
+        except ModelfleetError as exc:
+            result.error = str(exc)
+        except Exception as exc:  # the scheduler must survive any job failure
+            log.exception("job %s crashed", name)
+            result.error = f"internal: {exc}"
+        finally:
+            self.running.discard(name)
+        result.finished_at = time.time()
+        result.duration_s = result.finished_at - started
+        log.info("job %s run %s %s: %d rows in, %d out (%.2fs)%s", name, result.run_id,
+                 result.status, result.rows_in, result.rows_out, result.duration_s,
+                 f": {result.error}" if result.error else "")  # fmt: skip
+        try:
+            await self.report(result)
+        except Exception:
+            log.warning("job %s: run report not delivered", name)
+
+    def _score(self, spec: JobSpec, bundle: str, run_id: str) -> Any:
+        from batch.engine import ScoreConfig, score
+
+        return score(ScoreConfig(
+            model=bundle, input=spec.input, output=spec.output, sql=spec.sql or None,
+            threads=self.threads, run_id=run_id, progress=False,
+        ))  # fmt: skip

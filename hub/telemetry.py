@@ -1,0 +1,583 @@
+"""Fleet telemetry at the hub: idempotent ingestion into DuckDB, window queries, /metrics.
+
+Storage: ``DATA/telemetry.duckdb``, two tables (docs/telemetry.md has the full schema):
+
+- ``reports``: one row per stored report, ``(agent_id, seq)`` unique, with its interval
+  (``start_unix``, ``end_unix``), the agent's RSS and CPU seconds, and ``dropped_reports``.
+- ``version_stats``: one row per (agent_id, seq, model, version): counters, failures by reason
+  (two parallel lists), and the request / queue / compute latency and batch size histograms as
+  lists of bucket counts in the bounds of :data:`agent.telemetry.LATENCY_BOUNDS` /
+  :data:`BATCH_BOUNDS` (a histogram sent with other bounds is re-bucketed on the way in).
+
+Ingestion is idempotent per (agent_id, seq): a replayed report is acknowledged but not stored
+again. Dedup looks the batch's seqs up among stored reports with the same ``end_unix`` range (a
+replay is the same bytes, so the same ``end_unix``), which lets DuckDB's zone maps skip all but
+the row groups of that time range instead of keeping an index of every key in memory. One
+transaction per batch (several agents' batches are grouped into one by
+:class:`TelemetryIngestor`), rows inserted from Arrow.
+
+Query API (used by the rollout engine and ``modelfleet-hub metrics``)::
+
+    store = TelemetryStore(path, retention_s=7 * 86400)
+    store.ingest(agent_id: str, reports: Sequence[pb.TelemetryReport]) -> list[int]
+        # the acknowledged seqs: every seq in the batch once it is stored (now or before)
+    store.ingest_many(batches: Sequence[tuple[str, Sequence[pb.TelemetryReport]]])
+        -> list[list[int]]                       # several agents, one transaction
+    store.window(model: str, version: int | None, agents: Collection[str] | None,
+                 since: float, until: float) -> list[WindowStats]
+        # one per version with data, ordered by version; version None: every version;
+        # agents None: the whole fleet (an empty collection matches nobody).
+    store.close()
+
+Window semantics: a report interval counts when its ``end_unix`` lies in ``(since, until]``
+(intervals are a few seconds long; counting whole intervals by their end keeps every request in
+exactly one of two adjacent windows). ``request_rate`` is requests per second over
+``until - since``; ``error_rate`` failures / requests (0 without requests). Percentiles come
+from the summed request-latency histogram of *successful* requests, interpolated linearly inside
+the bucket (the first bucket starts at 0); a rank in the +Inf bucket reports the largest finite
+bound; without any successful request they are NaN. ``agents`` counts distinct agents with a
+row for the version in the window (an agent reports its active versions every interval, even
+idle ones).
+
+Reports whose interval ended more than ``retention_s`` ago are acknowledged but not stored, and
+stored rows older than that are deleted by :meth:`TelemetryStore.prune` (the hub runs it hourly):
+so a very late replay of a pruned report cannot be counted twice.
+
+Threading: one DuckDB connection guarded by one lock; callers may come from any thread.
+:class:`TelemetryIngestor` runs ingestion on a dedicated thread so the event loop never waits
+for a commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Collection, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from agent.telemetry import BATCH_BOUNDS, LATENCY_BOUNDS
+from protos import fleet_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+TELEMETRY_FILE = "telemetry.duckdb"
+# "Agents reporting" on /metrics: distinct agents with a report that ended this recently.
+REPORTING_WINDOW_S = 60.0
+QUANTILES = (0.5, 0.95, 0.99)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS reports (
+    agent_id VARCHAR NOT NULL,
+    seq UBIGINT NOT NULL,
+    start_unix DOUBLE NOT NULL,
+    end_unix DOUBLE NOT NULL,
+    received_unix DOUBLE NOT NULL,
+    rss_bytes UBIGINT NOT NULL,
+    cpu_seconds DOUBLE NOT NULL,
+    dropped_reports UBIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS version_stats (
+    agent_id VARCHAR NOT NULL,
+    seq UBIGINT NOT NULL,
+    model VARCHAR NOT NULL,
+    version BIGINT NOT NULL,
+    start_unix DOUBLE NOT NULL,
+    end_unix DOUBLE NOT NULL,
+    requests UBIGINT NOT NULL,
+    failures UBIGINT NOT NULL,
+    failure_reasons VARCHAR[] NOT NULL,
+    failure_counts UBIGINT[] NOT NULL,
+    request_counts UBIGINT[] NOT NULL,
+    request_sum DOUBLE NOT NULL,
+    queue_counts UBIGINT[] NOT NULL,
+    queue_sum DOUBLE NOT NULL,
+    compute_counts UBIGINT[] NOT NULL,
+    compute_sum DOUBLE NOT NULL,
+    batch_counts UBIGINT[] NOT NULL,
+    batch_sum DOUBLE NOT NULL,
+    gate_passed UBIGINT NOT NULL,
+    gate_failed UBIGINT NOT NULL,
+    swaps UBIGINT NOT NULL,
+    rollbacks UBIGINT NOT NULL
+);
+"""
+
+_U64_LIST = pa.list_(pa.uint64())
+_REPORT_SCHEMA = pa.schema([
+    ("agent_id", pa.string()), ("seq", pa.uint64()), ("start_unix", pa.float64()),
+    ("end_unix", pa.float64()), ("received_unix", pa.float64()), ("rss_bytes", pa.uint64()),
+    ("cpu_seconds", pa.float64()), ("dropped_reports", pa.uint64()),
+])  # fmt: skip
+_VERSION_SCHEMA = pa.schema([
+    ("agent_id", pa.string()), ("seq", pa.uint64()), ("model", pa.string()),
+    ("version", pa.int64()), ("start_unix", pa.float64()), ("end_unix", pa.float64()),
+    ("requests", pa.uint64()), ("failures", pa.uint64()),
+    ("failure_reasons", pa.list_(pa.string())), ("failure_counts", _U64_LIST),
+    ("request_counts", _U64_LIST), ("request_sum", pa.float64()),
+    ("queue_counts", _U64_LIST), ("queue_sum", pa.float64()),
+    ("compute_counts", _U64_LIST), ("compute_sum", pa.float64()),
+    ("batch_counts", _U64_LIST), ("batch_sum", pa.float64()),
+    ("gate_passed", pa.uint64()), ("gate_failed", pa.uint64()),
+    ("swaps", pa.uint64()), ("rollbacks", pa.uint64()),
+])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    model: str
+    version: int
+    requests: int
+    failures: int
+    failures_by_reason: dict[str, int]
+    error_rate: float
+    # Requests per second over the whole window (until - since).
+    request_rate: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    # Distinct agents with telemetry for this version in the window.
+    agents: int
+
+
+@dataclass
+class IngestCounters:
+    """Since the hub started; exported on /metrics."""
+
+    reports: int = 0
+    duplicates: int = 0
+    expired: int = 0
+    dropped_by_agents: int = 0
+    # (model, version) -> [requests, failures]
+    versions: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+
+
+def rebucket(hist: pb.Histogram, bounds: Sequence[float]) -> list[int]:
+    """Counts in ``bounds`` (+Inf last) from a histogram sent with any bounds.
+
+    The usual case (same bounds) is a copy. Otherwise each source bucket lands in the first
+    target bucket whose bound is >= the source bucket's upper bound: a conservative mapping
+    (latencies never appear lower than they were).
+    """
+    n = len(bounds) + 1
+    if not hist.counts:
+        return [0] * n
+    if len(hist.counts) == n and tuple(hist.bounds) == tuple(bounds):
+        return list(hist.counts)
+    out = [0] * n
+    src = list(hist.bounds)
+    for i, c in enumerate(hist.counts):
+        upper = src[i] if i < len(src) else math.inf
+        out[bisect_left(bounds, upper) if upper != math.inf else n - 1] += c
+    return out
+
+
+def percentile(counts: Sequence[int], bounds: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) of a bucketed distribution, linear inside the bucket."""
+    total = sum(counts)
+    if total <= 0:
+        return math.nan
+    rank = q * total
+    cum = 0
+    for i, c in enumerate(counts):
+        if c and cum + c >= rank:
+            if i >= len(bounds):  # +Inf bucket: nothing to interpolate towards
+                return float(bounds[-1])
+            lower = bounds[i - 1] if i > 0 else 0.0
+            return lower + (bounds[i] - lower) * ((rank - cum) / c)
+        cum += c
+    return float(bounds[-1])
+
+
+class TelemetryStore:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        retention_s: float = 7 * 86400,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = str(path)
+        self.retention_s = retention_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._db = duckdb.connect(self.path)
+        self._db.execute(_SCHEMA)
+        self.counters = IngestCounters()
+
+    # -- ingestion -------------------------------------------------------------------------------
+
+    def ingest(self, agent_id: str, reports: Sequence[pb.TelemetryReport]) -> list[int]:
+        return self.ingest_many([(agent_id, reports)])[0]
+
+    def ingest_many(
+        self, batches: Sequence[tuple[str, Sequence[pb.TelemetryReport]]]
+    ) -> list[list[int]]:
+        """Store every new report of every batch in one transaction; return the acked seqs."""
+        now = self.clock()
+        horizon = now - self.retention_s if self.retention_s > 0 else -math.inf
+        candidates: dict[tuple[str, int], pb.TelemetryReport] = {}
+        per_version: dict[tuple[str, int], tuple[int, int]] = {}
+        expired = submitted = 0
+        for agent_id, reports in batches:
+            for r in reports:
+                if r.end_unix < horizon:
+                    expired += 1  # would be pruned at once; acked so the agent lets go of it
+                    continue
+                submitted += 1
+                candidates.setdefault((agent_id, r.seq), r)
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN TRANSACTION")
+            try:
+                stored = self._already_stored(candidates)
+                new = [(k, r) for k, r in candidates.items() if k not in stored]
+                if new:
+                    rep_tbl, ver_tbl, per_version = self._tables(new, now)
+                    # Arrow in one call per table: per-statement overhead dominates small batches.
+                    db.from_arrow(rep_tbl).insert_into("reports")
+                    if ver_tbl.num_rows:
+                        db.from_arrow(ver_tbl).insert_into("version_stats")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            c = self.counters
+            c.reports += len(new)
+            c.duplicates += submitted - len(new)
+            c.expired += expired
+            for _, r in new:
+                c.dropped_by_agents += r.dropped_reports
+            for key, (req, fail) in per_version.items():
+                tot = c.versions.setdefault(key, [0, 0])
+                tot[0] += req
+                tot[1] += fail
+        return [[r.seq for r in reports] for _, reports in batches]
+
+    def _already_stored(
+        self, candidates: dict[tuple[str, int], pb.TelemetryReport]
+    ) -> set[tuple[str, int]]:
+        if not candidates:
+            return set()
+        ends = [r.end_unix for r in candidates.values()]
+        # The end_unix range lets zone maps skip row groups of other times (a replay carries the
+        # very end_unix of the stored original); agent and seq narrow it to a superset of the
+        # candidates, checked exactly below.
+        rows = self._db.execute(
+            "SELECT agent_id, seq FROM reports WHERE end_unix BETWEEN ? AND ? "
+            "AND agent_id IN (SELECT unnest(?::VARCHAR[])) "
+            "AND seq IN (SELECT unnest(?::UBIGINT[]))",
+            [min(ends), max(ends), sorted({a for a, _ in candidates}),
+             sorted({q for _, q in candidates})],
+        ).fetchall()  # fmt: skip
+        return {(a, int(q)) for a, q in rows} & candidates.keys()
+
+    @staticmethod
+    def _tables(
+        new: list[tuple[tuple[str, int], pb.TelemetryReport]], now: float
+    ) -> tuple[pa.Table, pa.Table, dict[tuple[str, int], tuple[int, int]]]:
+        rep: dict[str, list[Any]] = {name: [] for name in _REPORT_SCHEMA.names}
+        ver: dict[str, list[Any]] = {name: [] for name in _VERSION_SCHEMA.names}
+        per_version: dict[tuple[str, int], tuple[int, int]] = {}
+        for (agent_id, seq), r in new:
+            for name, value in (
+                ("agent_id", agent_id), ("seq", seq), ("start_unix", r.start_unix),
+                ("end_unix", r.end_unix), ("received_unix", now), ("rss_bytes", r.rss_bytes),
+                ("cpu_seconds", r.cpu_seconds), ("dropped_reports", r.dropped_reports),
+            ):  # fmt: skip
+                rep[name].append(value)
+            for v in r.versions:
+                reasons = sorted(v.failures_by_reason.items())
+                for name, value in (
+                    ("agent_id", agent_id), ("seq", seq), ("model", v.model),
+                    ("version", v.version), ("start_unix", r.start_unix),
+                    ("end_unix", r.end_unix), ("requests", v.requests), ("failures", v.failures),
+                    ("failure_reasons", [k for k, _ in reasons]),
+                    ("failure_counts", [n for _, n in reasons]),
+                    ("request_counts", rebucket(v.request_latency, LATENCY_BOUNDS)),
+                    ("request_sum", v.request_latency.sum),
+                    ("queue_counts", rebucket(v.queue_latency, LATENCY_BOUNDS)),
+                    ("queue_sum", v.queue_latency.sum),
+                    ("compute_counts", rebucket(v.compute_latency, LATENCY_BOUNDS)),
+                    ("compute_sum", v.compute_latency.sum),
+                    ("batch_counts", rebucket(v.batch_size, BATCH_BOUNDS)),
+                    ("batch_sum", v.batch_size.sum),
+                    ("gate_passed", v.gate_passed), ("gate_failed", v.gate_failed),
+                    ("swaps", v.swaps), ("rollbacks", v.rollbacks),
+                ):  # fmt: skip
+                    ver[name].append(value)
+                key = (v.model, v.version)
+                req, fail = per_version.get(key, (0, 0))
+                per_version[key] = (req + v.requests, fail + v.failures)
+        return (
+            pa.table(rep, schema=_REPORT_SCHEMA),
+            pa.table(ver, schema=_VERSION_SCHEMA),
+            per_version,
+        )
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def window(
+        self,
+        model: str,
+        version: int | None,
+        agents: Collection[str] | None,
+        since: float,
+        until: float,
+    ) -> list[WindowStats]:
+        where = ["model = $model", "end_unix > $since", "end_unix <= $until"]
+        params: dict[str, Any] = {"model": model, "since": since, "until": until}
+        if version is not None:
+            where.append("version = $version")
+            params["version"] = int(version)
+        if agents is not None:
+            if not agents:
+                return []
+            where.append("agent_id IN (SELECT unnest($agents::VARCHAR[]))")
+            params["agents"] = list(agents)
+        rows = f"SELECT * FROM version_stats WHERE {' AND '.join(where)}"
+        with self._lock:
+            db = self._db
+            totals = db.execute(
+                f"SELECT version, sum(requests), sum(failures), count(DISTINCT agent_id) "
+                f"FROM ({rows}) GROUP BY version ORDER BY version",
+                params,
+            ).fetchall()
+            if not totals:
+                return []
+            buckets = db.execute(
+                f"SELECT version, i, sum(c) FROM (SELECT version, unnest(request_counts) AS c, "
+                f"generate_subscripts(request_counts, 1) AS i FROM ({rows})) GROUP BY ALL",
+                params,
+            ).fetchall()
+            reasons = db.execute(
+                f"SELECT version, r, sum(c) FROM (SELECT version, unnest(failure_reasons) AS r, "
+                f"unnest(failure_counts) AS c FROM ({rows})) GROUP BY ALL",
+                params,
+            ).fetchall()
+        hists: dict[int, list[int]] = {}
+        for ver, i, c in buckets:
+            hists.setdefault(ver, [0] * (len(LATENCY_BOUNDS) + 1))[i - 1] += int(c)
+        by_reason: dict[int, dict[str, int]] = {}
+        for ver, r, c in reasons:
+            by_reason.setdefault(ver, {})[r] = int(c)
+        span = max(until - since, 1e-9)
+        out = []
+        for ver, requests, failures, n_agents in totals:
+            requests, failures = int(requests or 0), int(failures or 0)
+            counts = hists.get(ver, [])
+            p50, p95, p99 = (percentile(counts, LATENCY_BOUNDS, q) * 1000 for q in QUANTILES)
+            out.append(
+                WindowStats(
+                    model=model, version=int(ver), requests=requests, failures=failures,
+                    failures_by_reason=dict(sorted(by_reason.get(ver, {}).items())),
+                    error_rate=failures / requests if requests else 0.0,
+                    request_rate=requests / span, p50_ms=p50, p95_ms=p95, p99_ms=p99,
+                    agents=int(n_agents),
+                )
+            )  # fmt: skip
+        return out
+
+    def reporting_agents(self, within_s: float = REPORTING_WINDOW_S) -> dict[tuple[str, int], int]:
+        """(model, version) -> distinct agents with a report that ended in the last ``within_s``."""
+        since = self.clock() - within_s
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model, version, count(DISTINCT agent_id) FROM version_stats "
+                "WHERE end_unix > ? GROUP BY ALL",
+                [since],
+            ).fetchall()
+        return {(m, int(v)): int(n) for m, v, n in rows}
+
+    def stored_reports(self, agent_id: str | None = None) -> int:
+        with self._lock:
+            if agent_id is None:
+                return int(self._db.execute("SELECT count(*) FROM reports").fetchone()[0])
+            return int(
+                self._db.execute(
+                    "SELECT count(*) FROM reports WHERE agent_id = ?", [agent_id]
+                ).fetchone()[0]
+            )
+
+    def prune(self) -> int:
+        """Delete rows past the retention; returns the reports deleted."""
+        if self.retention_s <= 0:
+            return 0
+        horizon = self.clock() - self.retention_s
+        with self._lock:
+            self._db.execute("BEGIN TRANSACTION")
+            try:
+                (n,) = self._db.execute(
+                    "SELECT count(*) FROM reports WHERE end_unix < ?", [horizon]
+                ).fetchone()
+                self._db.execute("DELETE FROM version_stats WHERE end_unix < ?", [horizon])
+                self._db.execute("DELETE FROM reports WHERE end_unix < ?", [horizon])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return int(n)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class TelemetryIngestor:
+    """Async front of the store for the gRPC and MQTT handlers: group commit off the loop.
+
+    Batches arriving while a transaction runs are written together in the next one, so the
+    per-transaction cost is shared by every agent that reported meanwhile.
+    """
+
+    def __init__(self, store: TelemetryStore) -> None:
+        self.store = store
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="telemetry-db")
+        self._queue: list[tuple[str, list[pb.TelemetryReport], asyncio.Future]] = []
+        self._draining = False
+        self._tasks: set[asyncio.Task] = set()
+
+    async def ingest(self, agent_id: str, reports: Iterable[pb.TelemetryReport]) -> list[int]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        self._queue.append((agent_id, list(reports), fut))
+        if not self._draining:
+            self._draining = True
+            task = loop.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await fut
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                items, self._queue = self._queue, []
+                batches = [(agent_id, reports) for agent_id, reports, _ in items]
+                try:
+                    acked = await loop.run_in_executor(
+                        self.executor, self.store.ingest_many, batches
+                    )
+                except Exception as exc:
+                    log.exception("storing telemetry failed")
+                    for _, _, fut in items:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, _, fut), seqs in zip(items, acked, strict=True):
+                    if not fut.done():
+                        fut.set_result(seqs)
+        finally:
+            self._draining = False
+
+    async def query(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a store query on the store's thread (keeps DuckDB work off the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def prune_loop(self, stop: asyncio.Event, every_s: float = 3600.0) -> None:
+        """Retention: delete old rows at start and then hourly."""
+        while not stop.is_set():
+            try:
+                n = await self.query(self.store.prune)
+                if n:
+                    log.info("telemetry retention: deleted %d old report(s)", n)
+            except Exception:
+                log.exception("pruning telemetry failed; will retry")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.store.close()
+
+
+class FleetCollector:
+    """prometheus_client collector: fleet aggregates from the store, read at scrape time."""
+
+    def __init__(self, store: TelemetryStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        c = self.store.counters
+        yield CounterMetricFamily(
+            "modelfleet_hub_telemetry_reports", "Telemetry reports stored.", value=c.reports
+        )
+        yield CounterMetricFamily(
+            "modelfleet_hub_telemetry_duplicates",
+            "Replayed telemetry reports acknowledged but not stored again.",
+            value=c.duplicates,
+        )
+        yield CounterMetricFamily(
+            "modelfleet_hub_telemetry_expired",
+            "Telemetry reports older than the retention, acknowledged and not stored.",
+            value=c.expired,
+        )
+        yield CounterMetricFamily(
+            "modelfleet_hub_telemetry_agent_dropped_reports",
+            "Reports agents dropped from full outboxes (as they reported).",
+            value=c.dropped_by_agents,
+        )
+        requests = CounterMetricFamily(
+            "modelfleet_hub_fleet_requests",
+            "Inference requests reported by agents, per model version.",
+            labels=["model", "version"],
+        )
+        failures = CounterMetricFamily(
+            "modelfleet_hub_fleet_failures",
+            "Failed inference requests reported by agents, per model version.",
+            labels=["model", "version"],
+        )
+        for (model, version), (req, fail) in sorted(c.versions.items()):
+            requests.add_metric([model, str(version)], req)
+            failures.add_metric([model, str(version)], fail)
+        yield requests
+        yield failures
+        agents = GaugeMetricFamily(
+            "modelfleet_hub_fleet_agents_reporting",
+            f"Agents whose telemetry for the version ended in the last {REPORTING_WINDOW_S:g}s.",
+            labels=["model", "version"],
+        )
+        try:
+            reporting = self.store.reporting_agents()
+        except duckdb.Error:  # closed during shutdown
+            reporting = {}
+        for (model, version), n in sorted(reporting.items()):
+            agents.add_metric([model, str(version)], n)
+        yield agents
+
+
+def serve_metrics(store: TelemetryStore, listen: str) -> Any:
+    """The hub's Prometheus /metrics on ``listen`` (HOST:PORT); returns the HTTP server."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from protos.settings import split_hostport
+
+    host, port = split_hostport(listen, "metrics_listen")
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(store))  # type: ignore[arg-type]
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server
+
+
+__all__ = [
+    "TELEMETRY_FILE",
+    "FleetCollector",
+    "TelemetryIngestor",
+    "TelemetryStore",
+    "WindowStats",
+    "percentile",
+    "rebucket",
+    "serve_metrics",
+]

@@ -1,0 +1,110 @@
+"""A bare grpc.aio Open Inference Protocol server: the round-trip baseline for the agent.
+
+It speaks the same generated service as the agent, on the same kind of event loop with the same
+channel options, and answers ModelInfer with a prebuilt response of the same size as the agent's.
+What remains between this and the agent is the agent's own work: decoding, validation, the hop to
+the serving thread, onnxruntime, accounting and encoding.
+
+Run as ``python -m tests.benchmarks.echo_server --listen HOST:PORT --spec JSON`` where the spec
+maps model names to ``{"model_version": "1", "outputs": [{"name", "datatype", "shape"}]}``.
+
+Only ever import this module in the server's own process: ``protos.inference_pb2`` and
+tritonclient's generated code both define the ``inference`` protobuf package, and one process's
+descriptor pool cannot hold both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from protos.datatypes import NUMPY_BY_DATATYPE
+
+
+def build_response(name: str, spec: dict[str, Any]) -> pb.ModelInferResponse:
+    """The response the agent would send for one request, filled with zeros."""
+    msg = pb.ModelInferResponse(model_name=name, model_version=spec["model_version"], id="")
+    raws = []
+    for out in spec["outputs"]:
+        tensor = msg.outputs.add()
+        tensor.name = out["name"]
+        tensor.datatype = out["datatype"]
+        tensor.shape.extend(out["shape"])
+        count = 1
+        for d in out["shape"]:
+            count *= d
+        raws.append(bytes(count * NUMPY_BY_DATATYPE[out["datatype"]].itemsize))
+    msg.raw_output_contents.extend(raws)
+    return msg
+
+
+def _nothing() -> None:
+    return None
+
+
+class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(
+        self, responses: dict[str, pb.ModelInferResponse], hop: ThreadPoolExecutor | None = None
+    ) -> None:
+        self.responses = responses
+        self.hop = hop
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ModelInfer(self, request, context):
+        # The request is still parsed and the response still serialised by grpc: only the
+        # agent's work is left out.
+        if self.hop is not None:
+            # Diagnostic variant: the agent's round trip to a serving thread and back, alone.
+            await asyncio.get_running_loop().run_in_executor(self.hop, _nothing)
+        return self.responses[request.model_name]
+
+
+async def serve(listen: str, spec: dict[str, dict[str, Any]], hop_threads: int = 0) -> None:
+    responses = {name: build_response(name, s) for name, s in spec.items()}
+    # Same options as the agent's server (agent.serving.grpc_server.grpc_options).
+    limit = 64 * 1024 * 1024
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    hop = ThreadPoolExecutor(hop_threads) if hop_threads else None
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(responses, hop), server)
+    if server.add_insecure_port(listen) == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--spec", required=True, help="JSON: model name -> response layout")
+    parser.add_argument("--hop-threads", type=int, default=0,
+                        help="> 0: pass each request through a thread pool of this size, "
+                        "as the agent does for inference")  # fmt: skip
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.listen, json.loads(args.spec), args.hop_threads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
