@@ -91,7 +91,7 @@ demo: $(STAMP) sysdeps
 	MODELFLEET_DEMO_TRANSPORT=$(TRANSPORT) $(PY) -m tests.demo
 
 bench: $(STAMP) sysdeps
-	$(PY) -m tests.benchmarks.run
+	$(PY) -m tests.benchmarks.all
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -35,6 +35,7 @@ def build_slots(cfg: ServeConfig, metrics: AgentMetrics) -> SlotManager:
             enabled=cfg.batching,
             max_queue_delay_us=cfg.max_queue_delay_us if cfg.max_queue_delay_us >= 0 else None,
             max_inflight=cfg.batch_inflight,
+            inline_max_us=cfg.inline_max_us,
         ),
         metrics=metrics,
         serving_threads=cfg.serving_threads,

@@ -64,6 +64,9 @@ class ServeConfig:
     max_queue_delay_us: int = -1
     # Batches computing at once per model version.
     batch_inflight: int = 1
+    # Models whose health-gate p99 is under this many microseconds run on the event loop,
+    # unbatched: for them the thread hop costs more than the model. 0 disables.
+    inline_max_us: int = 200
     # gRPC message size limit, both directions.
     max_message_bytes: int = 64 * 1024 * 1024
     # Seconds to let in-flight requests finish on shutdown.

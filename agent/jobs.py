@@ -116,7 +116,9 @@ class JobRunner:
                 except ModelfleetError as exc:
                     log.warning("job %s not scheduled: %s", name, exc)
                     continue
-            log.info("job %s scheduled (%s)%s", name, spec.schedule, " [paused]" if spec.paused else "")
+            log.info(
+                "job %s scheduled (%s)%s", name, spec.schedule, " [paused]" if spec.paused else ""
+            )
             if run_now:
                 asyncio.get_running_loop().create_task(self._fire(name))
 

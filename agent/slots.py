@@ -43,6 +43,8 @@ class BatchingConfig:
     max_queue_delay_us: int | None = None
     # Batches computing at once per model version; more overlaps splitting with computing.
     max_inflight: int = 1
+    # Models whose health-gate p99 is below this run on the event loop, unbatched (0: never).
+    inline_max_us: int = 200
 
 
 @dataclass
@@ -70,6 +72,7 @@ class LoadedVersion:
         executor: ThreadPoolExecutor,
         batching: BatchingConfig,
         metrics: AgentMetrics,
+        gate_p99_ms: float | None = None,
     ) -> None:
         self.bundle = bundle
         self.model = model
@@ -85,7 +88,8 @@ class LoadedVersion:
         delay = batching.max_queue_delay_us
         if delay is None:
             delay = bundle.manifest.max_queue_delay_us
-        self.batching = batching.enabled and max_batch > 1
+        inline = gate_p99_ms is not None and gate_p99_ms * 1000 < batching.inline_max_us
+        self.batching = batching.enabled and max_batch > 1 and not inline
         if self.batching:
             self.runner: DirectRunner | DynamicBatcher = DynamicBatcher(
                 model.run,
@@ -96,7 +100,7 @@ class LoadedVersion:
                 max_inflight=batching.max_inflight,
             )
         else:
-            self.runner = DirectRunner(model.run, executor, self._observe_batch)
+            self.runner = DirectRunner(model.run, executor, self._observe_batch, inline=inline)
 
     def _observe_batch(self, rows: int, compute_s: float) -> None:
         # Runs on the event loop (after the executor future resolves), so no lock is needed.
@@ -324,7 +328,8 @@ class SlotManager:
         result = evaluate(bundle.manifest, samples.expected, observed, latencies, at=self.clock())
         if not result.passed:
             return None, result
-        loaded = LoadedVersion(bundle, model, self.serving_executor, self.batching, self.metrics)
+        loaded = LoadedVersion(bundle, model, self.serving_executor, self.batching, self.metrics,
+                               gate_p99_ms=result.p99_ms)  # fmt: skip
         return loaded, result
 
     def _record_failure(self, slot: ModelSlot, result: GateResult, fingerprint: object) -> None:
@@ -363,6 +368,7 @@ class SlotManager:
 
     def _drop(self, slot: ModelSlot, version: LoadedVersion) -> None:
         # In-flight requests still hold a reference; the session is freed when they finish.
+        self.metrics.forget_version(slot.name, str(version.version))
         log.info("model %s: unloaded version %d", slot.name, version.version)
 
     def _publish_roles(self, slot: ModelSlot) -> None:

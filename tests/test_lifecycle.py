@@ -16,7 +16,9 @@ from tests.conftest import make_mlp_bundle
 def test_sigterm_finishes_in_flight_requests(repo: Path, agent_factory) -> None:
     make_mlp_bundle(repo, 1)
     # A long queue delay keeps requests in flight (queued in the batcher) for ~0.8 s.
-    agent = agent_factory(repo, "--max-queue-delay-us", "800000", "--drain-timeout-s", "10")
+    agent = agent_factory(
+        repo, "--max-queue-delay-us", "800000", "--drain-timeout-s", "10", "--inline-max-us", "0"
+    )
     agent.wait_model("mlp")
     results: list[object] = []
     lock = threading.Lock()

@@ -41,7 +41,9 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
     for dt in DATATYPES:
         create_bundle(models.identity(src / f"id-{dt}.onnx", dt), name=f"id_{dt.lower()}",
                       version=1, out_dir=repo, samples={"x": models.sample_array(dt)})  # fmt: skip
-    proc = AgentProcess(repo, "--max-message-bytes", str(MAX_MESSAGE), log_path=root / "agent.log")
+    # Batching stays on for tiny models here, so ModelConfig reports dynamic batching.
+    proc = AgentProcess(repo, "--max-message-bytes", str(MAX_MESSAGE), "--inline-max-us", "0",
+                        log_path=root / "agent.log")  # fmt: skip
     proc.start()
     try:
         proc.wait_model("mlp", timeout=60)

@@ -309,7 +309,7 @@ def test_sigterm_under_load_drains_in_flight_requests_under_wx_lock(
     make_mlp_bundle(repo, 1)
     # Each request waits up to 0.3 s in the batcher: at any moment ~8 requests are in flight.
     agent = AgentProcess(repo, "--max-queue-delay-us", "300000", "--drain-timeout-s", "10",
-                         log_path=tmp_path / "agent.log",
+                         "--inline-max-us", "0", log_path=tmp_path / "agent.log",
                          env=clean_env(NOTIFY_SOCKET=listener.address))  # fmt: skip
     agent.args = [sys.executable, "-c", MDWE_EXEC, *agent.args]
     agent.start()
