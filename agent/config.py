@@ -64,6 +64,8 @@ class ServeConfig:
     max_queue_delay_us: int = -1
     # Batches computing at once per model version.
     batch_inflight: int = 1
+    # Cores a scheduled batch job may use (onnxruntime and DuckDB), so serving keeps the rest.
+    batch_threads: int = 1
     # Models whose health-gate p99 is under this many microseconds run on the event loop,
     # unbatched: for them the thread hop costs more than the model. 0 disables.
     inline_max_us: int = 200
@@ -199,7 +201,7 @@ def reload_config(cfg: ServeConfig) -> tuple[list[str], list[str]]:
 def validate(cfg: ServeConfig) -> None:
     if cfg.device not in ("cpu", "cuda", "auto"):
         raise InvalidRequestError(f"config: device must be cpu, cuda or auto, not {cfg.device!r}")
-    for name in ("serving_threads", "batch_inflight"):
+    for name in ("serving_threads", "batch_inflight", "batch_threads"):
         if getattr(cfg, name) < 1:
             raise InvalidRequestError(f"config: {name} must be >= 1")
     if cfg.max_message_bytes < 1024:

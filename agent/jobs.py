@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 
 from agent.slots import SlotManager
-from protos.errors import InvalidRequestError, ModelfleetError, ModelNotFoundError
+from protos.errors import ModelfleetError, ModelNotFoundError
+from protos.schedule import trigger_for
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,8 @@ class JobSpec:
     paused: bool = False
     # Bumped by `modelfleet-hub jobs run-now`: a new value means "run once now".
     run_now: int = 0
+    # Input columns copied to the output, comma-separated.
+    keys: str = ""
 
 
 @dataclass
@@ -59,20 +60,6 @@ class RunResult:
 
 
 Reporter = Callable[[RunResult], Awaitable[None]]
-
-
-def trigger_for(schedule: str) -> Any:
-    text = schedule.strip()
-    if text.startswith("every "):
-        seconds = text[len("every ") :].rstrip("s")
-        try:
-            return IntervalTrigger(seconds=float(seconds))
-        except ValueError:
-            raise InvalidRequestError(f"invalid schedule {schedule!r}") from None
-    try:
-        return CronTrigger.from_crontab(text)
-    except ValueError as exc:
-        raise InvalidRequestError(f"invalid cron schedule {schedule!r}: {exc}") from None
 
 
 class JobRunner:
@@ -183,4 +170,5 @@ class JobRunner:
         return score(ScoreConfig(
             model=bundle, input=spec.input, output=spec.output, sql=spec.sql or None,
             threads=self.threads, run_id=run_id, progress=False,
+            keys=tuple(k for k in spec.keys.split(",") if k),
         ))  # fmt: skip

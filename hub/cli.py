@@ -135,6 +135,31 @@ def build_parser() -> argparse.ArgumentParser:
         rsub.add_parser(action).add_argument("name")
     rsub.add_parser("history").add_argument("name")
 
+    jobs = sub.add_parser("jobs", help="scheduled batch scoring on agents")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    jc = jsub.add_parser("create", help="score Parquet on matching agents on a schedule")
+    jc.add_argument("name")
+    jc.add_argument("--model", required=True)
+    pick = jc.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--version", type=int, help="always this version")
+    pick.add_argument(
+        "--deployed", action="store_true", help="the version active on the agent when it fires"
+    )
+    when = jc.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='crontab line, e.g. "0 2 * * *"')
+    when.add_argument("--every", type=_duration, help="an interval, e.g. 30s or 1h")
+    jc.add_argument("--input", required=True, help="Parquet file, folder or glob on the agent")
+    jc.add_argument("--output", required=True, help="output folder on the agent")
+    jc.add_argument("--sql", default="", help="DuckDB SELECT over the view `input`")
+    jc.add_argument("--keys", default="", help="input columns copied to the output, e.g. id")
+    jc.add_argument("--selector", type=_labels, default={})
+    jsub.add_parser("ls")
+    jr = jsub.add_parser("runs")
+    jr.add_argument("name")
+    jr.add_argument("--json", action="store_true")
+    for action in ("pause", "resume", "delete", "run-now"):
+        jsub.add_parser(action).add_argument("name")
+
     agents = sub.add_parser("agents", help="the fleet")
     asub = agents.add_subparsers(dest="agents_command", required=True)
     tok = asub.add_parser("token", help="print a one-time enrollment token")
@@ -479,6 +504,54 @@ def cmd_agents(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from protos import fleet_pb2 as pb
+
+    stub = admin_stub(args)
+    cmd = args.jobs_command
+    if cmd == "create":
+        schedule = args.cron or f"every {args.every:g}s"
+        spec = pb.JobSpec(
+            name=args.name, model=args.model, version=args.version or 0, schedule=schedule,
+            input=args.input, output=args.output, sql=args.sql, keys=args.keys,
+        )  # fmt: skip
+        info = call(stub.CreateJob, pb.CreateJobRequest(spec=spec, selector=args.selector))
+        which = f"v{info.spec.version}" if info.spec.version else "the deployed version"
+        print(f"job {info.spec.name}: {info.spec.model} ({which}) {schedule} on "
+              f"{info.agents} agent(s)")  # fmt: skip
+        return 0
+    if cmd == "ls":
+        resp = call(stub.ListJobs, pb.ListJobsRequest())
+        print(f"{'JOB':<20} {'MODEL':<14} {'VERSION':<9} {'SCHEDULE':<16} {'AGENTS':>6}  STATE")
+        for j in resp.jobs:
+            s = j.spec
+            version = f"v{s.version}" if s.version else "deployed"
+            state = "paused" if s.paused else "active"
+            print(f"{s.name:<20} {s.model:<14} {version:<9} {s.schedule:<16} {j.agents:>6}  "
+                  f"{state}")  # fmt: skip
+        return 0
+    if cmd == "runs":
+        resp = call(stub.JobRuns, pb.JobRunsRequest(name=args.name))
+        if args.json:
+            print(json.dumps([MessageToDict(r, preserving_proto_field_name=True)
+                              for r in resp.runs], indent=2))  # fmt: skip
+            return 0
+        print(f"{'FINISHED':<20} {'AGENT':<22} {'RUN':<13} {'VERSION':>7} {'STATUS':<10} "
+              f"{'ROWS IN':>9} {'ROWS OUT':>9} {'REJECTED':>8} {'SECONDS':>8}  ERROR")  # fmt: skip
+        for r in resp.runs:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.finished_at))
+            print(f"{when:<20} {r.agent_id:<22} {r.run_id:<13} {r.version:>7} {r.status:<10} "
+                  f"{r.rows_in:>9} {r.rows_out:>9} {r.rows_rejected:>8} {r.duration_s:>8.2f}  "
+                  f"{r.error}")  # fmt: skip
+        return 0
+    info = call(stub.ControlJob, pb.ControlJobRequest(name=args.name, action=cmd))
+    print(f"job {args.name}: {cmd} done")
+    del info
+    return 0
+
+
 def _render_rollout(status: Any) -> str:
     d = json.loads(status.detail_json)
     lines = [
@@ -599,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         "deploy": cmd_deploy,
         "agents": cmd_agents,
         "rollout": cmd_rollout,
+        "jobs": cmd_jobs,
         "metrics": cmd_metrics,
     }
     try:

@@ -217,7 +217,8 @@ class MqttBridge:
                 payload = b""
             else:
                 revision, desired = self.core.desired(agent)
-                payload = desired_to_proto(revision, desired).SerializeToString()
+                jobs = self.core.registry.jobs_for(agent.labels)
+                payload = desired_to_proto(revision, desired, jobs).SerializeToString()
             if self.published.get(topic) != payload:
                 self.client.publish(topic, payload, qos=1, retain=True)
                 self.published[topic] = payload

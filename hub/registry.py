@@ -64,6 +64,20 @@ CREATE TABLE IF NOT EXISTS tokens (
     used_at REAL,
     used_by TEXT
 );
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    selector TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS job_runs (
+    agent_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    job TEXT NOT NULL,
+    data TEXT NOT NULL,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (agent_id, run_id)
+);
 CREATE TABLE IF NOT EXISTS rollouts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     model TEXT NOT NULL,
@@ -150,6 +164,8 @@ class Registry:
         self.db.executescript(_SCHEMA)
         self._migrate()
         self._deployments_cache: tuple[int, list[tuple[str, int, dict[str, str]]]] = (-1, [])
+        # Bumped on every job change, so watchers know to resend desired state.
+        self._jobs_version = 0
 
     def _migrate(self) -> None:
         """Columns added after a table first shipped; ALTER is a no-op-safe, one-time step."""
@@ -413,6 +429,60 @@ class Registry:
                 [(name, v, json.dumps({AGENT_KEY: a}), now) for a, v in assignments],
             )
         return self.revision()
+
+    # -- scheduled jobs ------------------------------------------------------------------------
+
+    def put_job(self, name: str, spec: Mapping[str, Any], selector: Mapping[str, str],
+                *, create: bool = False) -> None:  # fmt: skip
+        with self.tx():
+            exists = self.db.execute("SELECT 1 FROM jobs WHERE name = ?", (name,)).fetchone()
+            if create and exists:
+                raise BundleExistsError(f"job {name!r} already exists")
+            if not create and not exists:
+                raise ModelNotFoundError(f"no job named {name!r}")
+            self.db.execute(
+                "INSERT OR REPLACE INTO jobs (name, spec, selector, created_at) VALUES (?, ?, ?, "
+                "COALESCE((SELECT created_at FROM jobs WHERE name = ?), ?))",
+                (name, json.dumps(dict(spec)), json.dumps(dict(selector)), name, self.clock()),
+            )
+        self._jobs_version += 1
+
+    def delete_job(self, name: str) -> None:
+        with self.tx():
+            if self.db.execute("DELETE FROM jobs WHERE name = ?", (name,)).rowcount == 0:
+                raise ModelNotFoundError(f"no job named {name!r}")
+        self._jobs_version += 1
+
+    def jobs(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM jobs ORDER BY name").fetchall()
+        return [{"name": r["name"], "spec": json.loads(r["spec"]),
+                 "selector": json.loads(r["selector"]), "created_at": r["created_at"]}
+                for r in rows]  # fmt: skip
+
+    def job(self, name: str) -> dict[str, Any]:
+        for j in self.jobs():
+            if j["name"] == name:
+                return j
+        raise ModelNotFoundError(f"no job named {name!r}")
+
+    def jobs_for(self, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        return [j["spec"] for j in self.jobs() if selector_matches(j["selector"], labels)]
+
+    def add_job_run(self, agent_id: str, run: Mapping[str, Any]) -> None:
+        """Idempotent by (agent, run id): a report sent twice is stored once."""
+        with self.tx():
+            self.db.execute(
+                "INSERT OR IGNORE INTO job_runs (agent_id, run_id, job, data, finished_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (agent_id, run["run_id"], run["job"], json.dumps(dict(run)),
+                 float(run.get("finished_at", 0) or 0)),
+            )  # fmt: skip
+
+    def job_runs(self, job: str) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT data FROM job_runs WHERE job = ? ORDER BY finished_at", (job,)
+        ).fetchall()
+        return [json.loads(r["data"]) for r in rows]
 
     # -- rollouts ------------------------------------------------------------------------------
 

@@ -83,7 +83,9 @@ def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncItera
     return wrapper
 
 
-def desired_to_proto(revision: int, desired: list[Desired]) -> pb.DesiredState:
+def desired_to_proto(
+    revision: int, desired: list[Desired], jobs: list[dict[str, Any]] | None = None
+) -> pb.DesiredState:
     return pb.DesiredState(
         revision=revision,
         models=[
@@ -91,6 +93,7 @@ def desired_to_proto(revision: int, desired: list[Desired]) -> pb.DesiredState:
                             sha256=d.sha256, size=d.size)
             for d in desired
         ],
+        jobs=[pb.JobSpec(**spec) for spec in (jobs or [])],
     )  # fmt: skip
 
 
@@ -129,8 +132,12 @@ class FleetServicer(pb_grpc.FleetServicer):
             agent = self.core.authorize_agent(agent_id)
             self.core.registry.touch(agent_id)
             revision, desired = self.core.desired(agent)
-            state = desired_to_proto(revision, desired)
-            if last is None or list(state.models) != list(last.models):
+            state = desired_to_proto(revision, desired, self.core.registry.jobs_for(agent.labels))
+            if (
+                last is None
+                or list(state.models) != list(last.models)
+                or list(state.jobs) != list(last.jobs)
+            ):
                 yield state
                 last = state
             # Wake up on any deployment; otherwise re-check now and then so a revoked agent's
@@ -146,6 +153,17 @@ class FleetServicer(pb_grpc.FleetServicer):
         from google.protobuf.json_format import MessageToDict
 
         self.core.report(agent_id, MessageToDict(request, preserving_proto_field_name=True))
+        return pb.ReportAck()
+
+    @unary
+    async def ReportJobRun(self, request, context):
+        from google.protobuf.json_format import MessageToDict
+
+        agent_id = caller(context, "agent")
+        self.core.authorize_agent(agent_id)
+        run = MessageToDict(request, preserving_proto_field_name=True)
+        run["agent_id"] = agent_id
+        self.core.registry.add_job_run(agent_id, run)
         return pb.ReportAck()
 
     @streaming
@@ -180,6 +198,84 @@ class FleetServicer(pb_grpc.FleetServicer):
         # Acked only once stored (a replay is acked without being stored again).
         acked = await self.core.telemetry_ingest.ingest(agent_id, request.reports)
         return pb.TelemetryAck(acked=acked)
+
+
+JOB_SPEC_FIELDS = ("name", "model", "version", "schedule", "input", "output", "sql", "paused",
+                   "run_now", "keys")  # fmt: skip
+
+
+def job_to_proto(core: HubCore, job: dict[str, Any]) -> pb.JobInfo:
+    from hub.registry import selector_matches
+
+    agents = sum(
+        1
+        for a in core.registry.agents()
+        if a.status == "active" and selector_matches(job["selector"], a.labels)
+    )
+    return pb.JobInfo(spec=pb.JobSpec(**job["spec"]), selector=job["selector"],
+                      created_at=job["created_at"], agents=agents)  # fmt: skip
+
+
+class JobServicerMixin:
+    """HubAdmin's scheduled-job methods: jobs travel to agents inside their desired state."""
+
+    core: HubCore
+
+    async def _changed(self) -> None:
+        async with self.core.changed:
+            self.core.changed.notify_all()
+
+    @unary
+    async def CreateJob(self, request, context):
+        from protos.schedule import trigger_for
+
+        caller(context, "admin")
+        spec = {f: getattr(request.spec, f) for f in JOB_SPEC_FIELDS}
+        if not spec["name"] or not spec["model"] or not spec["input"] or not spec["output"]:
+            raise InvalidRequestError("a job needs a name, a model, an input and an output")
+        trigger_for(spec["schedule"])  # a bad schedule is refused here, not on every agent
+        if spec["version"]:
+            self.core.registry.get_version(spec["model"], spec["version"])
+        self.core.registry.put_job(spec["name"], spec, dict(request.selector), create=True)
+        await self._changed()
+        return job_to_proto(self.core, self.core.registry.job(spec["name"]))
+
+    @unary
+    async def ListJobs(self, request, context):
+        caller(context, "admin")
+        return pb.ListJobsResponse(jobs=[job_to_proto(self.core, j)
+                                         for j in self.core.registry.jobs()])  # fmt: skip
+
+    @unary
+    async def JobRuns(self, request, context):
+        from google.protobuf.json_format import ParseDict
+
+        caller(context, "admin")
+        self.core.registry.job(request.name)
+        runs = [ParseDict(r, pb.JobRun(), ignore_unknown_fields=True)
+                for r in self.core.registry.job_runs(request.name)]  # fmt: skip
+        return pb.JobRunsResponse(runs=runs)
+
+    @unary
+    async def ControlJob(self, request, context):
+        caller(context, "admin")
+        job = self.core.registry.job(request.name)
+        spec = job["spec"]
+        if request.action == "delete":
+            self.core.registry.delete_job(request.name)
+            await self._changed()
+            return job_to_proto(self.core, job)
+        if request.action == "pause":
+            spec["paused"] = True
+        elif request.action == "resume":
+            spec["paused"] = False
+        elif request.action == "run-now":
+            spec["run_now"] = int(spec.get("run_now", 0)) + 1
+        else:
+            raise InvalidRequestError(f"unknown job action {request.action!r}")
+        self.core.registry.put_job(request.name, spec, job["selector"])
+        await self._changed()
+        return job_to_proto(self.core, self.core.registry.job(request.name))
 
 
 def rollout_to_proto(r: Any, now: float) -> pb.RolloutStatus:
@@ -230,7 +326,7 @@ class RolloutServicerMixin:
         )
 
 
-class AdminServicer(RolloutServicerMixin, pb_grpc.HubAdminServicer):
+class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServicer):
     def __init__(self, core: HubCore) -> None:
         self.core = core
 

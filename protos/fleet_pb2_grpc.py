@@ -64,6 +64,11 @@ class FleetStub:
                 request_serializer=protos_dot_fleet__pb2.TelemetryBatch.SerializeToString,
                 response_deserializer=protos_dot_fleet__pb2.TelemetryAck.FromString,
                 _registered_method=True)
+        self.ReportJobRun = channel.unary_unary(
+                '/modelfleet.fleet.v1.Fleet/ReportJobRun',
+                request_serializer=protos_dot_fleet__pb2.JobRun.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.ReportAck.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -110,6 +115,12 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportJobRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +153,11 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.ReportTelemetry,
                     request_deserializer=protos_dot_fleet__pb2.TelemetryBatch.FromString,
                     response_serializer=protos_dot_fleet__pb2.TelemetryAck.SerializeToString,
+            ),
+            'ReportJobRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportJobRun,
+                    request_deserializer=protos_dot_fleet__pb2.JobRun.FromString,
+                    response_serializer=protos_dot_fleet__pb2.ReportAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +332,33 @@ class Fleet:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ReportJobRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.Fleet/ReportJobRun',
+            protos_dot_fleet__pb2.JobRun.SerializeToString,
+            protos_dot_fleet__pb2.ReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class HubAdminStub:
     """Missing associated documentation comment in .proto file."""
@@ -395,6 +438,26 @@ class HubAdminStub:
                 '/modelfleet.fleet.v1.HubAdmin/RolloutHistory',
                 request_serializer=protos_dot_fleet__pb2.RolloutHistoryRequest.SerializeToString,
                 response_deserializer=protos_dot_fleet__pb2.RolloutHistoryResponse.FromString,
+                _registered_method=True)
+        self.CreateJob = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/CreateJob',
+                request_serializer=protos_dot_fleet__pb2.CreateJobRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ListJobs',
+                request_serializer=protos_dot_fleet__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.JobRuns = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/JobRuns',
+                request_serializer=protos_dot_fleet__pb2.JobRunsRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.JobRunsResponse.FromString,
+                _registered_method=True)
+        self.ControlJob = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ControlJob',
+                request_serializer=protos_dot_fleet__pb2.ControlJobRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.JobInfo.FromString,
                 _registered_method=True)
 
 
@@ -489,6 +552,31 @@ class HubAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JobRuns(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControlJob(self, request, context):
+        """pause, resume, delete, run-now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -561,6 +649,26 @@ def add_HubAdminServicer_to_server(servicer, server):
                     servicer.RolloutHistory,
                     request_deserializer=protos_dot_fleet__pb2.RolloutHistoryRequest.FromString,
                     response_serializer=protos_dot_fleet__pb2.RolloutHistoryResponse.SerializeToString,
+            ),
+            'CreateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJob,
+                    request_deserializer=protos_dot_fleet__pb2.CreateJobRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.JobInfo.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=protos_dot_fleet__pb2.ListJobsRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'JobRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.JobRuns,
+                    request_deserializer=protos_dot_fleet__pb2.JobRunsRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.JobRunsResponse.SerializeToString,
+            ),
+            'ControlJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControlJob,
+                    request_deserializer=protos_dot_fleet__pb2.ControlJobRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.JobInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -941,6 +1049,114 @@ class HubAdmin:
             '/modelfleet.fleet.v1.HubAdmin/RolloutHistory',
             protos_dot_fleet__pb2.RolloutHistoryRequest.SerializeToString,
             protos_dot_fleet__pb2.RolloutHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/CreateJob',
+            protos_dot_fleet__pb2.CreateJobRequest.SerializeToString,
+            protos_dot_fleet__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ListJobs',
+            protos_dot_fleet__pb2.ListJobsRequest.SerializeToString,
+            protos_dot_fleet__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JobRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/JobRuns',
+            protos_dot_fleet__pb2.JobRunsRequest.SerializeToString,
+            protos_dot_fleet__pb2.JobRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControlJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ControlJob',
+            protos_dot_fleet__pb2.ControlJobRequest.SerializeToString,
+            protos_dot_fleet__pb2.JobInfo.FromString,
             options,
             channel_credentials,
             insecure,

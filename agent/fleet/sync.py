@@ -36,6 +36,7 @@ from agent.fleet.outbox import (
 )
 from agent.fleet.transport import GrpcTransport, channel_options, credentials, rpc_error
 from agent.fleet.verify import BundleVerifier
+from agent.jobs import JobRunner, JobSpec, RunResult
 from agent.slots import SlotManager
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
@@ -86,6 +87,8 @@ class FleetSync:
         self.inference_address = inference_address
         self.data = Path(cfg.data)
         self.cache = BundleCache(self.data / "cache", cfg.cache_max_bytes)
+        # Batch threads are capped so a job never starves online serving.
+        self.jobs = JobRunner(slots, self._report_job_run, threads=cfg.batch_threads)
         self.state_file = self.data / "desired.json"
         self.desired: list[DesiredModel] = self._load_desired()
         self.revision = 0
@@ -128,8 +131,10 @@ class FleetSync:
     # -- state on disk --------------------------------------------------------------------------
 
     def _load_desired(self) -> list[DesiredModel]:
+        self.job_specs: list[JobSpec] = []
         try:
             raw = json.loads(self.state_file.read_text())
+            self.job_specs = [JobSpec(**j) for j in raw.get("jobs", [])]
             return [DesiredModel(**d) for d in raw["models"]]
         except FileNotFoundError:
             return []
@@ -138,7 +143,8 @@ class FleetSync:
             return []
 
     def _save_desired(self) -> None:
-        _write_json(self.state_file, {"models": [asdict(d) for d in self.desired]})
+        _write_json(self.state_file, {"models": [asdict(d) for d in self.desired],
+                                      "jobs": [asdict(j) for j in self.job_specs]})  # fmt: skip
 
     # -- reconciling ----------------------------------------------------------------------------
 
@@ -287,7 +293,16 @@ class FleetSync:
         desired = [
             DesiredModel(m.name, m.version, m.target_path, m.sha256, m.size) for m in state.models
         ]
+        jobs = [
+            JobSpec(j.name, j.model, j.version, j.schedule, j.input, j.output, j.sql, j.paused,
+                    j.run_now, j.keys)
+            for j in state.jobs
+        ]  # fmt: skip
         self.revision = state.revision
+        if jobs != self.job_specs:
+            self.job_specs = jobs
+            self._save_desired()
+            self.jobs.apply(jobs)
         if desired != self.desired:
             log.info("desired state (revision %d): %s", state.revision,
                      ", ".join(f"{d.name} v{d.version}" for d in desired) or "nothing")  # fmt: skip
@@ -365,7 +380,18 @@ class FleetSync:
             log.debug("final telemetry send: %s", exc)
         self.telemetry.outbox.close()
 
+    async def _report_job_run(self, run: RunResult) -> None:
+        msg = pb.JobRun(**{k: v for k, v in asdict(run).items()})
+        if self.channel is not None:
+            await self.stub.ReportJobRun(msg, timeout=10)
+        else:
+            log.warning("job run %s not reported: job reports need gRPC (transport %s)",
+                        run.run_id, self.cfg.transport)  # fmt: skip
+
     async def run(self, stop: asyncio.Event) -> None:
+        # Jobs restored with the desired state keep their schedules across restarts.
+        self.jobs.start()
+        self.jobs.apply(self.job_specs)
         tasks = [
             asyncio.ensure_future(self.reconcile_loop(stop)),
             asyncio.ensure_future(self.report_loop(stop)),
@@ -382,6 +408,7 @@ class FleetSync:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.jobs.shutdown()
             await self._final_telemetry()
             if self.channel is not None:
                 with contextlib.suppress(Exception):
