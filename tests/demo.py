@@ -235,6 +235,27 @@ def fleet(work: Path) -> bool:
         wait_for(lambda: all(_active(a) == 3 for a in agents), 60, "all back on v3")
         print(f"  active versions now: {[_active(a) for a in agents]}")
         run_hub(hub, "rollout", "history", "fraud")
+
+        step("15. A scheduled batch job: score a Parquet dataset on the paris agent")
+        data = work / "transactions"
+        data.mkdir()
+        rows = 20_000
+        rng = np.random.default_rng(7)
+        x = rng.standard_normal((rows, 4)).astype(np.float32)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([("id", pa.int64()), ("x", pa.list_(pa.float32(), 4))])
+        pq.write_table(pa.table({"id": np.arange(rows), "x": list(x)}).cast(schema),
+                       data / "day-1.parquet")  # fmt: skip
+        print(f"  generated {rows} rows in {data / 'day-1.parquet'}")
+        run_hub(hub, "jobs", "create", "nightly-scores", "--model", "fraud", "--deployed",
+                "--every", "3s", "--input", str(data), "--output", str(work / "scores"),
+                "--keys", "id", "--selector", "site=paris")  # fmt: skip
+        wait_for(lambda: "succeeded" in hub.cli("jobs", "runs", "nightly-scores"), 60,
+                 "a job run")  # fmt: skip
+        run_hub(hub, "jobs", "pause", "nightly-scores")
+        run_hub(hub, "jobs", "runs", "nightly-scores")
         return True
     finally:
         for a in agents:
