@@ -35,6 +35,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from protos.atomic import fsync_dir as _fsync_dir
 from protos.errors import ModelfleetError, Status
 
 CHECKPOINT_FILE = "_checkpoint.jsonl"
@@ -65,14 +66,6 @@ class UnitRecord:
     rows_out: int
     rows_rejected: int
     rejected_part: str | None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:

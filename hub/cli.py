@@ -219,7 +219,7 @@ class _Unavailable(ModelfleetError):
 def call(fn: Any, request: Any, timeout: float = 60) -> Any:
     import grpc
 
-    from hub.server import STATUS_BY_CODE
+    from protos.grpc_status import STATUS_BY_CODE
 
     try:
         return fn(request, timeout=timeout)

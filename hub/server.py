@@ -18,22 +18,12 @@ from hub.core import HubCore
 from hub.registry import AgentRow, Desired, PermissionDeniedError, VersionRow
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
-from protos.errors import EXIT_CODES, InvalidRequestError, ModelfleetError, Status
+from protos.errors import EXIT_CODES, InvalidRequestError, ModelfleetError
+from protos.grpc_status import GRPC_CODES
 from protos.identity import IdentityError, parse_identity
 
 log = logging.getLogger(__name__)
 
-GRPC_CODES: dict[Status, grpc.StatusCode] = {
-    Status.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    Status.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    Status.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Status.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    Status.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
-    Status.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
-    Status.INTERNAL: grpc.StatusCode.INTERNAL,
-}
-STATUS_BY_CODE = {code: status for status, code in GRPC_CODES.items()}
 assert set(EXIT_CODES) == set(GRPC_CODES)
 
 CHUNK = 1 << 20

@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -62,6 +61,7 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
+from protos.atomic import atomic_write as _atomic_write
 from protos.errors import (
     BundleExistsError,
     InvalidRequestError,
@@ -141,39 +141,6 @@ def bundle_target_path(name: str, version: int) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so readers see the old or the new file, never a torn one.
-
-    The temporary file is created with its final mode (0600 for keys) so a private key is never
-    readable by others, not even for a moment.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have removed bits we want (0644 for metadata)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _mkdir_private(path: Path) -> None:

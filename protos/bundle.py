@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from protos.atomic import fsync_dir as _fsync_dir
 from protos.datatypes import DATATYPE_BY_ONNX_ELEM, NUMPY_BY_DATATYPE
 from protos.errors import BundleError, BundleExistsError
 
@@ -557,14 +558,6 @@ def write_bundle_dir(parent: Path, leaf: str, files: Mapping[str, bytes]) -> Pat
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import NameOID
 
+from protos.atomic import atomic_write as _atomic_write
 from protos.errors import InvalidRequestError, ModelfleetError, Status
 
 
@@ -154,43 +155,6 @@ def generate_key() -> ec.EllipticCurvePrivateKey:
     accepted by every TLS stack yet.
     """
     return ec.generate_private_key(ec.SECP256R1())
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; a crash right after os.replace otherwise may lose it.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str | os.PathLike[str], data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never a mix.
-
-    The temporary file lives in the same directory (``os.replace`` is atomic only within one
-    filesystem) and is created with ``mode`` from the first instant, so a private key is never
-    readable by others, not even between create and chmod. ``fchmod`` then sets the exact mode,
-    because the process umask may have removed bits the caller asked for (for example 0644 certs
-    under umask 077).
-    """
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
 
 
 def write_private_key(path: str | os.PathLike[str], key: PrivateKeyTypes) -> None:

@@ -43,6 +43,8 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
+from protos.atomic import atomic_write as _atomic_write
+from protos.atomic import fsync_dir as _fsync_dir
 from protos.bundle import NAME_RE
 from protos.errors import (
     InvalidRequestError,
@@ -535,28 +537,6 @@ def _rollback_message(text: str) -> str:
 
 def _mb(n: int) -> str:
     return f"{n / _MB:.1f}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 __all__ = [

@@ -25,19 +25,10 @@ from protos import agent_pb2, agent_pb2_grpc
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from protos.errors import ModelfleetError, ModelNotFoundError, Status
+from protos.grpc_status import GRPC_CODES
 
 log = logging.getLogger(__name__)
 
-GRPC_CODES: dict[Status, grpc.StatusCode] = {
-    Status.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    Status.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    Status.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Status.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    Status.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
-    Status.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
-    Status.INTERNAL: grpc.StatusCode.INTERNAL,
-}
 
 # Triton's model-config enum names for our datatypes (BYTES is TYPE_STRING there).
 _CONFIG_TYPE = {

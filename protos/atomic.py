@@ -1,0 +1,43 @@
+"""Crash-safe file writes shared by every component: temp file + fsync + rename + dir fsync."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Makes a rename durable: after a crash right after os.replace it could otherwise be lost."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never a mix.
+
+    The temporary file lives in the same directory (``os.replace`` is atomic only within one
+    filesystem) and is created with ``mode`` from the first instant, so a private key is never
+    readable by others, not even between create and chmod. ``fchmod`` then sets the exact mode,
+    because the process umask may have removed bits the caller asked for (0644 under umask 077).
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
