@@ -222,11 +222,15 @@ class SlotManager:
         bundle_dir: Path,
         fingerprint: object = None,
         expect: tuple[str, int] | None = None,
+        *,
+        switch: bool = True,
     ) -> GateResult:
         """Verify, load and gate ``bundle_dir``, then make it active. Raises on refusal.
 
         ``expect`` is the (name, version) the caller found the bundle under; a manifest that
-        claims otherwise is refused. Whatever goes wrong, the active version keeps serving.
+        claims otherwise is refused. With ``switch=False`` (blue/green preparation) the gated
+        version is kept loaded beside the active one, as the instant-switch target, instead of
+        taking over. Whatever goes wrong, the active version keeps serving.
         """
         bundle_dir = Path(bundle_dir)
         loop = asyncio.get_running_loop()
@@ -248,7 +252,8 @@ class SlotManager:
             if slot.active is not None and slot.active.version == bundle.version:
                 return slot.last_gate or GateResult(bundle.version, True, "", "ok")
             if slot.previous is not None and slot.previous.version == bundle.version:
-                self._switch(slot, slot.previous, rollback=False)
+                if switch:
+                    self._switch(slot, slot.previous, rollback=False)
                 return GateResult(bundle.version, True, "", "ok", None, self.clock())
             # At most two versions loaded: the rollback target makes room for the candidate,
             # and is loaded back (from its bundle, through the gate) if the candidate fails.
@@ -283,6 +288,14 @@ class SlotManager:
                     f"{result.reason}"
                 )
             slot.failed.pop(bundle.version, None)
+            if not switch and slot.active is not None:
+                slot.previous = candidate
+                self._publish_roles(slot)
+                log.info("model %s version %d passed the gate (p99 %.3f ms) and is ready "
+                         "beside v%d", slot.name, bundle.version, result.p99_ms or 0.0,
+                         slot.active.version)  # fmt: skip
+                self._notify(slot.name)
+                return result
             self._switch(slot, candidate, rollback=False)
             log.info(
                 "model %s version %d passed the gate (p99 %.3f ms) and is active",

@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--min-requests", type=int, default=0)
     rs.add_argument("--max-failed-agents", type=int, default=0)
     rs.add_argument("--agent-timeout", type=_duration, default=600.0)
-    rs.add_argument("--strategy", default="canary", choices=["canary"])
+    rs.add_argument("--strategy", default="canary", choices=["canary", "blue-green"])
+    rs.add_argument(
+        "--auto-switch", action="store_true", help="blue-green: switch once all are ready"
+    )
     st = rsub.add_parser("status", help="waves, agents, gate values, time left in bake")
     st.add_argument("name")
     st.add_argument("--watch", action="store_true", help="refresh until the rollout ends")
@@ -593,7 +596,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             model=args.name, version=args.version, selector=args.selector, waves=waves,
             bake_s=args.bake, gates=args.gate, min_requests=args.min_requests,
             max_failed_agents=args.max_failed_agents, agent_timeout_s=args.agent_timeout,
-            strategy=args.strategy,
+            strategy=args.strategy, auto_switch=args.auto_switch,
         )  # fmt: skip
         print(_render_rollout(call(stub.StartRollout, req)))
         return 0

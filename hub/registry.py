@@ -92,7 +92,9 @@ CREATE TABLE IF NOT EXISTS deployments (
     name TEXT NOT NULL,
     version INTEGER NOT NULL,
     selector TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    -- serve: the version to run; prepare: load and gate it beside the running one (blue/green).
+    kind TEXT NOT NULL DEFAULT 'serve'
 );
 """
 
@@ -141,6 +143,8 @@ class Desired:
     target_path: str
     sha256: str
     size: int
+    prepare_version: int = 0
+    prepare_size: int = 0
 
 
 # Selector key that names one agent: used by rollouts for per-agent assignments.
@@ -163,7 +167,7 @@ class Registry:
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(_SCHEMA)
         self._migrate()
-        self._deployments_cache: tuple[int, list[tuple[str, int, dict[str, str]]]] = (-1, [])
+        self._deployments_cache: tuple[int, list] = (-1, [])
         # Bumped on every job change, so watchers know to resend desired state.
         self._jobs_version = 0
 
@@ -173,6 +177,7 @@ class Registry:
             "versions": [("model_sha256", "TEXT NOT NULL DEFAULT ''")],
             "agents": [("presence", "TEXT NOT NULL DEFAULT ''"),
                        ("presence_at", "REAL NOT NULL DEFAULT 0")],
+            "deployments": [("kind", "TEXT NOT NULL DEFAULT 'serve'")],
         }  # fmt: skip
         for table, columns in added.items():
             have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
@@ -413,7 +418,9 @@ class Registry:
             )
         return int(cur.lastrowid or 0)
 
-    def deploy_many(self, name: str, assignments: Sequence[tuple[str, int]]) -> int:
+    def deploy_many(
+        self, name: str, assignments: Sequence[tuple[str, int]], kind: str = "serve"
+    ) -> int:
         """Per-agent desired versions (a rollout's wave, or its rollback) in one transaction.
 
         Version 0 means "this model is not desired on that agent"."""
@@ -425,8 +432,9 @@ class Registry:
         now = self.clock()
         with self.tx():
             self.db.executemany(
-                "INSERT INTO deployments (name, version, selector, created_at) VALUES (?, ?, ?, ?)",
-                [(name, v, json.dumps({AGENT_KEY: a}), now) for a, v in assignments],
+                "INSERT INTO deployments (name, version, selector, created_at, kind) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(name, v, json.dumps({AGENT_KEY: a}), now, kind) for a, v in assignments],
             )
         return self.revision()
 
@@ -519,12 +527,15 @@ class Registry:
         row = self.db.execute("SELECT MAX(id) FROM deployments").fetchone()
         return int(row[0] or 0)
 
-    def _deployments(self) -> list[tuple[str, int, dict[str, str]]]:
+    def _deployments(self) -> list[tuple[str, int, dict[str, str], str]]:
         # Parsed once per revision: every agent's desired state is computed from the same list.
         revision = self.revision()
         if self._deployments_cache[0] != revision:
-            rows = self.db.execute("SELECT name, version, selector FROM deployments ORDER BY id")
-            parsed = [(r["name"], r["version"], json.loads(r["selector"])) for r in rows]
+            rows = self.db.execute(
+                "SELECT name, version, selector, kind FROM deployments ORDER BY id"
+            )
+            parsed = [(r["name"], r["version"], json.loads(r["selector"]), r["kind"])
+                      for r in rows]  # fmt: skip
             self._deployments_cache = (revision, parsed)
         return self._deployments_cache[1]
 
@@ -535,14 +546,22 @@ class Registry:
         reserved key ``_agent``. Version 0 means "not desired"."""
         match = {**labels, AGENT_KEY: agent_id} if agent_id else dict(labels)
         chosen: dict[str, int] = {}
-        for name, version, selector in self._deployments():
+        prepare: dict[str, int] = {}
+        for name, version, selector, kind in self._deployments():
             if selector_matches(selector, match):
-                chosen[name] = version
+                if kind == "prepare":
+                    prepare[name] = version
+                else:
+                    chosen[name] = version
+                    # A newer serve decision supersedes any earlier preparation.
+                    prepare.pop(name, None)
         out = []
         for name, version in sorted(chosen.items()):
             if version == 0:
                 continue
             v = self.get_version(name, version)
             assert v is not None
-            out.append(Desired(name, version, v.target_path, v.sha256, v.size))
+            p_version = prepare.get(name, 0)
+            p_size = self.get_version(name, p_version).size if p_version else 0  # type: ignore[union-attr]
+            out.append(Desired(name, version, v.target_path, v.sha256, v.size, p_version, p_size))
         return out

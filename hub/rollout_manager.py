@@ -54,6 +54,10 @@ class FleetObserver:
             return error
         return None
 
+    def prepared(self, agent_id: str, version: int) -> bool:
+        m = self.reports.get(agent_id)
+        return bool(m) and _int(m.get("previous_version")) == version
+
     def stats(self, version: int, agents: Collection[str], since: float, until: float) -> Stats:
         store = getattr(self.core, "telemetry", None)
         if store is None or not agents:
@@ -145,21 +149,28 @@ class RolloutManager:
             else:
                 raise InvalidRequestError(f"unknown rollout action {action!r}")
             await self._apply(r, assignments)
-            await self._advance(r)
+            # The command itself changed the state: save it even if the step changes nothing.
+            await self._advance(r, force_save=True)
             log.info("rollout %d of %s: %s -> %s", r.id, model, action, r.state)
             return r
 
     async def _apply(self, r: Rollout, assignments: list[tuple[str, int]]) -> None:
+        prepare, r.prepare_out = r.prepare_out, []
+        if prepare:
+            self.core.registry.deploy_many(r.spec.model, prepare, kind="prepare")
         if assignments:
             self.core.registry.deploy_many(r.spec.model, assignments)
+        if prepare or assignments:
             async with self.core.changed:
                 self.core.changed.notify_all()
 
-    async def _advance(self, r: Rollout) -> None:
+    async def _advance(self, r: Rollout, force_save: bool = False) -> None:
         before = json.dumps(r.to_json(), sort_keys=True)
         assignments = r.step(self.clock(), FleetObserver(self.core, r.spec.model))
+        changed = bool(r.prepare_out)
         await self._apply(r, assignments)
-        if json.dumps(r.to_json(), sort_keys=True) != before or r.state == "pending":
+        after = json.dumps(r.to_json(), sort_keys=True)
+        if force_save or changed or after != before or r.state == "pending":
             self.core.registry.save_rollout(r.id, r.state, r.to_json())
             if r.events:
                 log.info("rollout %d of %s: %s", r.id, r.spec.model, r.events[-1]["text"])

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from protos.errors import InvalidRequestError
 
-ACTIVE_STATES = ("pending", "switching", "baking", "paused", "rolling_back")
+ACTIVE_STATES = ("pending", "preparing", "ready", "switching", "baking", "paused", "rolling_back")
 FINAL_STATES = ("done", "rolled_back")
 
 _GATE_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|<|>)\s*([0-9.eE+-]+)\s*$")
@@ -88,6 +88,9 @@ class Observer(Protocol):
 
     def stats(self, version: int, agents: Collection[str], since: float, until: float) -> Stats: ...
 
+    def prepared(self, agent_id: str, version: int) -> bool:
+        """Blue/green: the agent holds ``version`` loaded and gated beside the active one."""
+
 
 @dataclass
 class Spec:
@@ -101,6 +104,8 @@ class Spec:
     max_failed_agents: int = 0
     agent_timeout_s: float = 600.0
     strategy: str = "canary"
+    # blue-green: switch as soon as every agent is prepared, instead of waiting for promote.
+    auto_switch: bool = False
 
     def validate(self) -> None:
         if not self.waves:
@@ -110,8 +115,8 @@ class Spec:
                 raise InvalidRequestError(f"invalid wave {w!r}: use a percentage or a count")
         if self.bake_s < 0 or self.agent_timeout_s <= 0:
             raise InvalidRequestError("bake must be >= 0 and agent timeout > 0")
-        if self.strategy not in ("canary",):
-            raise InvalidRequestError(f"unknown strategy {self.strategy!r} (canary)")
+        if self.strategy not in ("canary", "blue-green"):
+            raise InvalidRequestError(f"unknown strategy {self.strategy!r} (canary or blue-green)")
         for g in self.gates:
             Gate.parse(g)
 
@@ -149,6 +154,10 @@ class Rollout:
     sizes: list[int] = field(default_factory=list)
     assigned: list[str] = field(default_factory=list)
     switched: list[str] = field(default_factory=list)
+    # Blue/green: agents holding the new version ready beside the old one.
+    prepared: list[str] = field(default_factory=list)
+    # Preparation requests for the manager (agent, version; 0 clears), taken after each call.
+    prepare_out: list[tuple[str, int]] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     wave_started: float = 0.0
     bake_started: float = 0.0
@@ -168,7 +177,9 @@ class Rollout:
             raise InvalidRequestError(f"no enrolled agent matches the selector {spec.selector}")
         order = stable_order(agents, spec.model, spec.version)
         r = cls(rollout_id, spec, order, dict(previous), created_at=now, updated_at=now)
-        r.sizes = wave_sizes(spec.waves, len(order))
+        # Blue/green switches everyone at once: one wave of all agents.
+        waves = ["100%"] if spec.strategy == "blue-green" else spec.waves
+        r.sizes = wave_sizes(waves, len(order))
         r._event(now, f"created for {len(order)} agent(s), waves {r.sizes}")
         return r
 
@@ -219,8 +230,8 @@ class Rollout:
         return self._rollback(now, why)
 
     def promote(self, now: float) -> list[tuple[str, int]]:
-        """Skip the remaining waves: everyone gets the new version now."""
-        if not self.active or self.state == "rolling_back":
+        """Skip the remaining waves: everyone gets the new version now (blue/green: switch)."""
+        if not self.active or self.state in ("rolling_back", "preparing"):
             raise InvalidRequestError(f"rollout {self.id} is {self.state}")
         self.wave = len(self.sizes) - 1
         self._event(now, "promoted by operator: all remaining agents now")
@@ -239,6 +250,16 @@ class Rollout:
         return out
 
     def _step_once(self, now: float, obs: Observer) -> list[tuple[str, int]]:
+        if self.state == "pending" and self.spec.strategy == "blue-green":
+            self.state, self.wave_started = "preparing", now
+            self.prepare_out += [(a, self.spec.version) for a in self.agents]
+            self._event(now, f"preparing v{self.spec.version} beside the serving version on "
+                             f"{len(self.agents)} agent(s)")  # fmt: skip
+            return []
+        if self.state == "preparing":
+            return self._check_prepared(now, obs)
+        if self.state == "ready":
+            return []  # waits for promote
         if self.state == "pending":
             return self._start_wave(now)
         if self.state == "switching":
@@ -264,6 +285,33 @@ class Rollout:
         self._event(now, f"wave {self.wave + 1}/{len(self.sizes)}: assigned {len(new)} "
                          f"agent(s), {len(self.assigned)}/{len(self.agents)} in total")  # fmt: skip
         return [(a, self.spec.version) for a in new]
+
+    def _check_prepared(self, now: float, obs: Observer) -> list[tuple[str, int]]:
+        version = self.spec.version
+        for a in self.agents:
+            if a in self.prepared or a in self.failed:
+                continue
+            if obs.prepared(a, version) or obs.active_version(a) == version:
+                self.prepared.append(a)
+                continue
+            why = obs.refusal(a, version)
+            if why:
+                self.failed[a] = why
+                self._event(now, f"agent {a} refused v{version}: {why}")
+            elif now - self.wave_started > self.spec.agent_timeout_s:
+                self.failed[a] = f"not prepared within {self.spec.agent_timeout_s:g}s"
+                self._event(now, f"agent {a} timed out preparing")
+        if len(self.failed) > self.spec.max_failed_agents:
+            detail = "; ".join(f"{a}: {w}" for a, w in self.failed.items())
+            return self._rollback(now, f"{len(self.failed)} agent(s) failed to prepare: {detail}")
+        if all(a in self.prepared or a in self.failed for a in self.agents):
+            self.state = "ready"
+            self._event(now, f"v{version} ready on {len(self.prepared)} agent(s)"
+                             + ("; switching" if self.spec.auto_switch else
+                                "; `rollout promote` switches them all at once"))  # fmt: skip
+            if self.spec.auto_switch:
+                return self._start_wave(now)
+        return []
 
     def _check_switching(self, now: float, obs: Observer) -> list[tuple[str, int]]:
         version = self.spec.version
@@ -340,6 +388,8 @@ class Rollout:
     def _rollback(self, now: float, why: str) -> list[tuple[str, int]]:
         self.state, self.reason, self.wave_started = "rolling_back", why, now
         self._event(now, f"rolling back: {why}")
+        if self.spec.strategy == "blue-green":
+            self.prepare_out += [(a, 0) for a in self.agents]  # drop the prepared version
         return [(a, self.previous.get(a, 0)) for a in self.assigned if self.previous.get(a, 0)]
 
     # -- views ------------------------------------------------------------------------------------
@@ -358,6 +408,8 @@ class Rollout:
             "agents": len(self.agents),
             "assigned": len(self.assigned),
             "switched": len(self.switched),
+            "prepared": len(self.prepared),
+            "strategy": self.spec.strategy,
             "failed": self.failed,
             "bake_left_s": bake_left,
             "reason": self.reason,

@@ -80,7 +80,8 @@ def desired_to_proto(
         revision=revision,
         models=[
             pb.DesiredModel(name=d.name, version=d.version, target_path=d.target_path,
-                            sha256=d.sha256, size=d.size)
+                            sha256=d.sha256, size=d.size, prepare_version=d.prepare_version,
+                            prepare_size=d.prepare_size)
             for d in desired
         ],
         jobs=[pb.JobSpec(**spec) for spec in (jobs or [])],
@@ -291,7 +292,7 @@ class RolloutServicerMixin:
             gates=list(request.gates), min_requests=request.min_requests,
             max_failed_agents=request.max_failed_agents,
             agent_timeout_s=request.agent_timeout_s or 600.0,
-            strategy=request.strategy or "canary",
+            strategy=request.strategy or "canary", auto_switch=request.auto_switch,
         )  # fmt: skip
         r = await self.core.rollouts.start(spec)
         return rollout_to_proto(r, time.time())

@@ -48,18 +48,22 @@ class WatchDesiredRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DesiredModel(_message.Message):
-    __slots__ = ("name", "version", "target_path", "sha256", "size")
+    __slots__ = ("name", "version", "target_path", "sha256", "size", "prepare_version", "prepare_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     target_path: str
     sha256: str
     size: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., target_path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+    prepare_version: int
+    prepare_size: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., target_path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., prepare_version: _Optional[int] = ..., prepare_size: _Optional[int] = ...) -> None: ...
 
 class DesiredState(_message.Message):
     __slots__ = ("revision", "models", "jobs")

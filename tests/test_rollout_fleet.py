@@ -172,3 +172,19 @@ def _reshape_samples(root: Path) -> Path:
     path = root / "reshape-samples.npz"
     np.savez(path, x=np.ones((3, 4), np.float32))
     return path
+
+
+def test_blue_green_prepares_all_then_switches_on_one_command(fleet) -> None:
+    hub, agents = fleet
+    hub.cli("publish", "mlp", str(models.mlp(hub.data.parent / "onnx" / "v7.onnx", seed=7)))
+    hub.cli("rollout", "start", "mlp", "7", "--strategy", "blue-green", "--bake", "1s",
+            "--agent-timeout", "60s")  # fmt: skip
+    wait_for(lambda: status(hub)["state"] == "ready", 120, "every agent prepared")
+    # Prepared beside the serving version: v4 still answers everywhere, v7 is loaded and gated.
+    assert all(active(a) == 4 for a in agents)
+    st = agent_status(agents[0].admin_socket)["mlp"]
+    assert st["previous_version"] == "7" and st["active_version"] == "4"
+    assert status(hub)["prepared"] == len(agents)
+    hub.cli("rollout", "promote", "mlp")
+    wait_for(lambda: status(hub)["state"] == "done", 120, "switched and baked")
+    assert all(active(a) == 7 for a in agents)

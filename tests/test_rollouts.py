@@ -20,6 +20,15 @@ class FakeFleet:
     silent: set[str] = field(default_factory=set)
     per_version: dict[int, Stats] = field(default_factory=dict)
     asked: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)
+    ready: dict[str, int] = field(default_factory=dict)
+
+    def apply_prepare(self, requests: list[tuple[str, int]]) -> None:
+        for agent, version in requests:
+            if agent not in self.refuse and agent not in self.silent:
+                self.ready[agent] = version
+
+    def prepared(self, agent_id: str, version: int) -> bool:
+        return self.ready.get(agent_id) == version
 
     def apply(self, assignments: list[tuple[str, int]]) -> None:
         for agent, version in assignments:
@@ -207,3 +216,38 @@ def test_invalid_specs() -> None:
         Rollout.new(1, spec(waves=["ten"]), AGENTS, {}, now=0)
     with pytest.raises(InvalidRequestError, match="no enrolled agent"):
         Rollout.new(1, spec(), [], {}, now=0)
+
+
+def test_blue_green_prepares_everyone_then_switches_on_promote() -> None:
+    fleet = FakeFleet({a: 1 for a in AGENTS}, per_version={2: GOOD, 1: BASE})
+    r = Rollout.new(1, spec(strategy="blue-green", gates=["error_rate<0.01"]), AGENTS,
+                    {a: 1 for a in AGENTS}, now=0)  # fmt: skip
+
+    def tick(t: float) -> None:
+        fleet.apply(r.step(t, fleet))
+        fleet.apply_prepare(r.prepare_out)
+        r.prepare_out = []
+
+    tick(0)
+    assert r.state == "preparing" and all(v == 1 for v in fleet.active.values())
+    tick(1)
+    assert r.state == "ready" and len(r.prepared) == 10
+    tick(100)
+    assert r.state == "ready"  # waits for the operator
+    fleet.apply(r.promote(101))
+    assert all(v == 2 for v in fleet.active.values())  # all at once
+    tick(102)
+    tick(163)
+    assert r.state == "done"
+
+
+def test_blue_green_refused_preparation_rolls_back_without_switching() -> None:
+    first = AGENTS[3]
+    fleet = FakeFleet({a: 1 for a in AGENTS}, refuse={first: "gate: mismatch"})
+    r = Rollout.new(1, spec(strategy="blue-green", auto_switch=True), AGENTS,
+                    {a: 1 for a in AGENTS}, now=0)  # fmt: skip
+    fleet.apply(r.step(0, fleet))
+    assert r.state == "rolled_back" and "failed to prepare" in r.reason
+    # Preparation was asked for, then withdrawn: the prepared copies are dropped again.
+    assert r.prepare_out == [(a, 2) for a in r.agents] + [(a, 0) for a in r.agents]
+    assert all(v == 1 for v in fleet.active.values())

@@ -7,6 +7,7 @@ evicts the rest, oldest first, when over the size cap.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -15,7 +16,16 @@ log = logging.getLogger(__name__)
 
 
 def _dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    # Collection may remove a bundle while a report sums the cache: a vanished file counts 0.
+    total = 0
+    try:
+        entries = list(path.iterdir())
+    except FileNotFoundError:
+        return 0
+    for f in entries:
+        with contextlib.suppress(FileNotFoundError):
+            total += f.stat().st_size
+    return total
 
 
 class BundleCache:
@@ -39,7 +49,11 @@ class BundleCache:
         for mdir in self.bundles.iterdir() if self.bundles.exists() else ():
             if not mdir.is_dir():
                 continue
-            for vdir in mdir.iterdir():
+            try:
+                versions = list(mdir.iterdir())
+            except FileNotFoundError:
+                continue
+            for vdir in versions:
                 if vdir.is_dir() and vdir.name.isascii() and vdir.name.isdigit():
                     out.append((mdir.name, int(vdir.name), vdir))
         return out

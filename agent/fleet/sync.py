@@ -53,6 +53,9 @@ class DesiredModel:
     target_path: str = ""
     sha256: str = ""
     size: int = 0
+    # Blue/green: a version to load and gate beside the active one, without switching.
+    prepare_version: int = 0
+    prepare_size: int = 0
 
 
 class Backoff:
@@ -160,6 +163,8 @@ class FleetSync:
             slot = self.slots.slots.get(d.name)
             if slot is not None and slot.active is not None and slot.active.version == d.version:
                 self.errors.pop(d.name, None)
+                if d.prepare_version and d.prepare_version != d.version and not offline:
+                    await self._prepare(d)
                 continue
             if self.slots.has_failed(d.name, d.version, d.sha256):
                 continue  # the gate refused these exact bytes; a new version will come
@@ -188,10 +193,28 @@ class FleetSync:
             if name not in wanted:
                 await self.slots.unload(name)
         keep = {(d.name, d.version) for d in desired}
+        keep |= {(d.name, d.prepare_version) for d in desired if d.prepare_version}
         for slot in self.slots.slots.values():
             keep.update((slot.name, v.version) for v in slot.loaded())
         await asyncio.to_thread(self.cache.collect, keep)
         self.report_now.set()
+
+    async def _prepare(self, d: DesiredModel) -> None:
+        """Blue/green: fetch, verify, load and gate the next version; keep serving this one."""
+        slot = self.slots.slots.get(d.name)
+        if slot is not None and any(v.version == d.prepare_version for v in slot.loaded()):
+            return
+        target = DesiredModel(d.name, d.prepare_version, size=d.prepare_size)
+        if self.slots.has_failed(d.name, d.prepare_version, None):
+            return
+        try:
+            if not self.cache.has(d.name, d.prepare_version):
+                await asyncio.to_thread(self._fetch, target)
+            await self.slots.deploy(self.cache.path(d.name, d.prepare_version), None,
+                                    expect=(d.name, d.prepare_version), switch=False)  # fmt: skip
+        except (ModelfleetError, OSError) as exc:
+            self.errors[d.name] = str(exc)
+            log.warning("cannot prepare %s v%d: %s", d.name, d.prepare_version, exc)
 
     async def _serve_best_cached(self, d: DesiredModel) -> None:
         """Hub down, desired version not here yet: keep serving the newest cached version."""
@@ -291,8 +314,10 @@ class FleetSync:
 
     def _on_desired(self, state: pb.DesiredState) -> None:
         desired = [
-            DesiredModel(m.name, m.version, m.target_path, m.sha256, m.size) for m in state.models
-        ]
+            DesiredModel(m.name, m.version, m.target_path, m.sha256, m.size, m.prepare_version,
+                         m.prepare_size)
+            for m in state.models
+        ]  # fmt: skip
         jobs = [
             JobSpec(j.name, j.model, j.version, j.schedule, j.input, j.output, j.sql, j.paused,
                     j.run_now, j.keys)
@@ -354,6 +379,9 @@ class FleetSync:
                     self.mqtt.publish_report(self.build_report())
             except grpc.aio.AioRpcError as exc:
                 log.debug("report failed: %s", exc.details())
+            except Exception:
+                # The heartbeat must outlive any one bad report: rollouts time agents out on it.
+                log.exception("building or sending the state report failed; will retry")
             waiters = {asyncio.ensure_future(self.report_now.wait()),
                        asyncio.ensure_future(stop.wait())}  # fmt: skip
             await asyncio.wait(waiters, timeout=self.cfg.report_interval_s,
