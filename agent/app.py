@@ -30,7 +30,9 @@ log = logging.getLogger("agent")
 
 def build_slots(cfg: ServeConfig, metrics: AgentMetrics) -> SlotManager:
     return SlotManager(
-        runtime=RuntimeOptions(cfg.intra_op_threads, cfg.inter_op_threads, cfg.device),
+        runtime=RuntimeOptions(
+            cfg.intra_op_threads, cfg.inter_op_threads, cfg.device, spinning=cfg.ort_spinning
+        ),
         batching=BatchingConfig(
             enabled=cfg.batching,
             max_queue_delay_us=cfg.max_queue_delay_us if cfg.max_queue_delay_us >= 0 else None,

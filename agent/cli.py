@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batching", choices=["on", "off"])
     serve.add_argument("--max-queue-delay-us", type=int)
     serve.add_argument("--batch-inflight", type=int)
+    serve.add_argument("--ort-spinning", choices=["on", "off"])
     serve.add_argument("--inline-max-us", type=int,
                        help="run models faster than this (gate p99) on the event loop")  # fmt: skip
     serve.add_argument("--max-message-bytes", type=int)
@@ -173,6 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_queue_delay_us": args.max_queue_delay_us,
         "batch_inflight": args.batch_inflight,
         "inline_max_us": args.inline_max_us,
+        "ort_spinning": args.ort_spinning,
         "max_message_bytes": args.max_message_bytes,
         "drain_timeout_s": args.drain_timeout_s,
         "log_level": args.log_level,

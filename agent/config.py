@@ -64,6 +64,9 @@ class ServeConfig:
     max_queue_delay_us: int = -1
     # Batches computing at once per model version.
     batch_inflight: int = 1
+    # Let onnxruntime's worker threads spin between operators (lower latency when the machine is
+    # otherwise idle; set false where sessions share few cores).
+    ort_spinning: bool = True
     # Cores a scheduled batch job may use (onnxruntime and DuckDB), so serving keeps the rest.
     batch_threads: int = 1
     # Models whose health-gate p99 is under this many microseconds run on the event loop,

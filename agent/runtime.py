@@ -22,6 +22,9 @@ class RuntimeOptions:
     inter_op_threads: int = 0
     # "cpu", "cuda" (fail if unavailable) or "auto" (CUDA when onnxruntime has it, else CPU).
     device: str = "auto"
+    # onnxruntime's worker threads spin between operators: lower latency on an idle machine,
+    # burnt cores when several sessions (or batch jobs) share few cores.
+    spinning: bool = True
 
     def providers(self) -> list[str]:
         available = ort.get_available_providers()
@@ -46,6 +49,9 @@ class OnnxModel:
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
         so.log_severity_level = 3
+        if not options.spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(bundle.model_path), sess_options=so, providers=options.providers()
