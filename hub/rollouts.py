@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -286,21 +286,32 @@ class Rollout:
                          f"agent(s), {len(self.assigned)}/{len(self.agents)} in total")  # fmt: skip
         return [(a, self.spec.version) for a in new]
 
-    def _check_prepared(self, now: float, obs: Observer) -> list[tuple[str, int]]:
+    def _resolve(self, now: float, obs: Observer, agents: list[str], done: list[str],
+                 lateness: str, reached: Callable[[str], bool]) -> None:  # fmt: skip
+        """Move each pending agent to ``done`` (it reached the state) or to ``failed`` (it
+        refused the version, or stayed silent past the agent timeout)."""
         version = self.spec.version
-        for a in self.agents:
-            if a in self.prepared or a in self.failed:
+        for a in agents:
+            if a in done or a in self.failed:
                 continue
-            if obs.prepared(a, version) or obs.active_version(a) == version:
-                self.prepared.append(a)
+            if reached(a):
+                done.append(a)
                 continue
             why = obs.refusal(a, version)
             if why:
                 self.failed[a] = why
                 self._event(now, f"agent {a} refused v{version}: {why}")
             elif now - self.wave_started > self.spec.agent_timeout_s:
-                self.failed[a] = f"not prepared within {self.spec.agent_timeout_s:g}s"
-                self._event(now, f"agent {a} timed out preparing")
+                self.failed[a] = f"{lateness} within {self.spec.agent_timeout_s:g}s"
+                self._event(now, f"agent {a} timed out ({lateness})")
+
+    def _check_prepared(self, now: float, obs: Observer) -> list[tuple[str, int]]:
+        version = self.spec.version
+
+        def ready(a: str) -> bool:
+            return obs.prepared(a, version) or obs.active_version(a) == version
+
+        self._resolve(now, obs, self.agents, self.prepared, "not prepared", ready)
         if len(self.failed) > self.spec.max_failed_agents:
             detail = "; ".join(f"{a}: {w}" for a, w in self.failed.items())
             return self._rollback(now, f"{len(self.failed)} agent(s) failed to prepare: {detail}")
@@ -315,19 +326,8 @@ class Rollout:
 
     def _check_switching(self, now: float, obs: Observer) -> list[tuple[str, int]]:
         version = self.spec.version
-        for a in self.assigned:
-            if a in self.switched or a in self.failed:
-                continue
-            if obs.active_version(a) == version:
-                self.switched.append(a)
-                continue
-            why = obs.refusal(a, version)
-            if why:
-                self.failed[a] = why
-                self._event(now, f"agent {a} refused v{version}: {why}")
-            elif now - self.wave_started > self.spec.agent_timeout_s:
-                self.failed[a] = f"no switch within {self.spec.agent_timeout_s:g}s"
-                self._event(now, f"agent {a} timed out")
+        self._resolve(now, obs, self.assigned, self.switched, "no switch",
+                      lambda a: obs.active_version(a) == version)  # fmt: skip
         if len(self.failed) > self.spec.max_failed_agents:
             detail = "; ".join(f"{a}: {w}" for a, w in self.failed.items())
             return self._rollback(now, f"{len(self.failed)} agent(s) failed (budget "

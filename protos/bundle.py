@@ -527,6 +527,20 @@ def _user() -> str:
         return "unknown"
 
 
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a fully written (fsynced) temporary directory into place, durably.
+
+    rename() onto an existing non-empty directory fails, so a concurrent writer of the same
+    version loses cleanly instead of overwriting: bundle versions are immutable.
+    """
+    os.chmod(tmp, 0o755)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        raise BundleExistsError(f"{final} already exists; bundle versions are immutable") from None
+    _fsync_dir(final.parent)
+
+
 def write_bundle_dir(parent: Path, leaf: str, files: Mapping[str, bytes]) -> Path:
     """Write files into ``parent/leaf`` so that readers see all of it or nothing.
 
@@ -544,16 +558,7 @@ def write_bundle_dir(parent: Path, leaf: str, files: Mapping[str, bytes]) -> Pat
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-        os.chmod(tmp, 0o755)
-        try:
-            # rename() onto an existing non-empty directory fails, so a concurrent writer of the
-            # same version loses cleanly instead of overwriting.
-            os.rename(tmp, final)
-        except OSError:
-            raise BundleExistsError(
-                f"{final} already exists; bundle versions are immutable"
-            ) from None
-        _fsync_dir(parent)
+        _publish_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -635,14 +640,7 @@ def unpack_bundle(
                 f"expected {expect[0]!r} version {expect[1]}"
             )
         final = parent / str(bundle.version)
-        os.chmod(tmp, 0o755)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            raise BundleExistsError(
-                f"{final} already exists; bundle versions are immutable"
-            ) from None
-        _fsync_dir(parent)
+        _publish_dir(tmp, final)
         return Bundle(final, bundle.manifest)
     finally:
         if tmp.exists():
