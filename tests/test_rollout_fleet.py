@@ -118,10 +118,9 @@ def test_agent_killed_during_a_wave_times_out(fleet) -> None:
             victim.models, fleet_config=victim.models / "agent.toml", env=FAST,
             log_path=victim.log_path.with_name("victim.log"),
         )  # fmt: skip
-        victim.proc = restarted.start().proc
-        victim._log = restarted._log
-        victim.admin_socket = restarted.admin_socket
-    wait_for(lambda: active(victim) == 4, 60, "the victim converges to the outcome (v4)")
+        # The restarted agent listens on new ports: later tests must reach it, not the old one.
+        agents[agents.index(victim)] = restarted.start()
+    wait_for(lambda: active(restarted) == 4, 60, "the victim converges to the outcome (v4)")
 
 
 def test_worse_error_rate_is_stopped_in_the_first_wave_without_a_command(fleet) -> None:
