@@ -16,7 +16,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from hub.ca import CertificateAuthority
 from hub.config import HubConfig
 from hub.registry import AgentRow, Desired, PermissionDeniedError, Registry, VersionRow
 from hub.signing import ExpiryPolicy, TargetsKeyRequiredError, TufRepository, init_keys
+from protos import fleet_pb2
 from protos.bundle import NAME_RE, unpack_bundle
 from protos.errors import InvalidRequestError, ModelNotFoundError, ResourceExhaustedError
 from protos.identity import EnrollToken, cert_fingerprint, token_secret_hash
@@ -252,6 +253,23 @@ class HubCore:
         if agent.status != "active":
             raise PermissionDeniedError(f"agent {agent_id} is {agent.status}")
         return agent
+
+    async def ingest_telemetry(
+        self, agent_id: str, reports: Sequence[fleet_pb2.TelemetryReport]
+    ) -> list[int]:
+        """Store an agent's telemetry batch (both transports); return the seqs to acknowledge.
+
+        Job runs riding in the reports go to the registry first: both stores are idempotent
+        (job runs by run id, reports by seq), so a batch that fails halfway is simply resent.
+        """
+        from google.protobuf.json_format import MessageToDict
+
+        runs = [run for report in reports for run in report.job_runs]
+        for run in runs:
+            data = MessageToDict(run, preserving_proto_field_name=True)
+            data["agent_id"] = agent_id
+            self.registry.add_job_run(agent_id, data)  # rare and small: on the loop, like the rest
+        return await self.telemetry_ingest.ingest(agent_id, reports)
 
     def desired(self, agent: AgentRow) -> tuple[int, list[Desired]]:
         return self.registry.revision(), self.registry.desired_for(agent.labels, agent.agent_id)

@@ -201,7 +201,7 @@ class MqttBridge:
             log.warning("undecodable telemetry from %s", agent_id)
             return
         try:
-            acked = await self.core.telemetry_ingest.ingest(agent_id, batch.reports)
+            acked = await self.core.ingest_telemetry(agent_id, batch.reports)
         except Exception:
             return  # logged by the ingestor
         ack = pb.TelemetryAck(acked=acked).SerializeToString()

@@ -146,17 +146,6 @@ class FleetServicer(pb_grpc.FleetServicer):
         self.core.report(agent_id, MessageToDict(request, preserving_proto_field_name=True))
         return pb.ReportAck()
 
-    @unary
-    async def ReportJobRun(self, request, context):
-        from google.protobuf.json_format import MessageToDict
-
-        agent_id = caller(context, "agent")
-        self.core.authorize_agent(agent_id)
-        run = MessageToDict(request, preserving_proto_field_name=True)
-        run["agent_id"] = agent_id
-        self.core.registry.add_job_run(agent_id, run)
-        return pb.ReportAck()
-
     @streaming
     async def FetchMetadata(self, request, context):
         self.core.authorize_agent(caller(context, "agent"))
@@ -187,7 +176,7 @@ class FleetServicer(pb_grpc.FleetServicer):
         agent_id = caller(context, "agent")
         self.core.authorize_agent(agent_id)
         # Acked only once stored (a replay is acked without being stored again).
-        acked = await self.core.telemetry_ingest.ingest(agent_id, request.reports)
+        acked = await self.core.ingest_telemetry(agent_id, request.reports)
         return pb.TelemetryAck(acked=acked)
 
 

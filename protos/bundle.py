@@ -607,41 +607,43 @@ def unpack_bundle(
     Only the three bundle files are accepted, as regular files at the top level: no links, no
     paths, no devices, nothing else. ``expect`` is the (name, version) the archive was fetched as.
     """
-    import tarfile
+    from protos.bundle_stream import StreamUnpacker
 
     archive, parent = Path(archive), Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=parent))
+    unpacker = StreamUnpacker(
+        Path(tempfile.mkdtemp(prefix=".unpack-", dir=parent)), where=str(archive)
+    )
     try:
-        try:
-            with tarfile.open(archive, "r:") as tar:
-                seen = set()
-                for member in tar:
-                    if member.name not in BUNDLE_FILES or not member.isfile():
-                        raise BundleError(
-                            f"{archive}: unexpected archive member {member.name!r} "
-                            f"(a bundle holds only {', '.join(BUNDLE_FILES)})"
-                        )
-                    if member.name in seen:
-                        raise BundleError(f"{archive}: {member.name} appears twice")
-                    seen.add(member.name)
-                    src = tar.extractfile(member)
-                    assert src is not None
-                    with open(tmp / member.name, "wb") as out:
-                        shutil.copyfileobj(src, out, 1 << 20)
-                        out.flush()
-                        os.fsync(out.fileno())
-        except tarfile.TarError as exc:
-            raise BundleError(f"{archive}: not a bundle archive: {exc}") from None
-        bundle = load_bundle(tmp, verify_hashes=verify_hashes)
-        if expect is not None and (bundle.name, bundle.version) != expect:
-            raise BundleError(
-                f"{archive}: manifest says {bundle.name!r} version {bundle.version}, "
-                f"expected {expect[0]!r} version {expect[1]}"
-            )
-        final = parent / str(bundle.version)
-        _publish_dir(tmp, final)
-        return Bundle(final, bundle.manifest)
+        with open(archive, "rb") as fh:
+            while block := fh.read(1 << 20):
+                unpacker.write(block)
+        files = unpacker.finish()
+        return publish_unpacked(files, parent, expect=expect, verify_hashes=verify_hashes,
+                                where=str(archive))  # fmt: skip
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        unpacker.discard()
+
+
+def publish_unpacked(
+    files: Path,
+    parent: Path,
+    *,
+    expect: tuple[str, int] | None = None,
+    verify_hashes: bool = True,
+    where: str = "bundle",
+) -> Bundle:
+    """Check the unpacked bundle files in ``files`` and rename them to ``parent/<version>``.
+
+    ``expect`` is the (name, version) the archive was fetched as; a manifest naming another
+    model or version is refused. Raises ``BundleExistsError`` when that version is there already.
+    """
+    bundle = load_bundle(files, verify_hashes=verify_hashes)
+    if expect is not None and (bundle.name, bundle.version) != expect:
+        raise BundleError(
+            f"{where}: manifest says {bundle.name!r} version {bundle.version}, "
+            f"expected {expect[0]!r} version {expect[1]}"
+        )
+    final = parent / str(bundle.version)
+    _publish_dir(files, final)
+    return Bundle(final, bundle.manifest)

@@ -452,7 +452,7 @@ class VersionTelemetry(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., failures_by_reason: _Optional[_Mapping[str, int]] = ..., request_latency: _Optional[_Union[Histogram, _Mapping]] = ..., queue_latency: _Optional[_Union[Histogram, _Mapping]] = ..., compute_latency: _Optional[_Union[Histogram, _Mapping]] = ..., batch_size: _Optional[_Union[Histogram, _Mapping]] = ..., gate_passed: _Optional[int] = ..., gate_failed: _Optional[int] = ..., swaps: _Optional[int] = ..., rollbacks: _Optional[int] = ...) -> None: ...
 
 class TelemetryReport(_message.Message):
-    __slots__ = ("seq", "start_unix", "end_unix", "versions", "rss_bytes", "cpu_seconds", "dropped_reports")
+    __slots__ = ("seq", "start_unix", "end_unix", "versions", "rss_bytes", "cpu_seconds", "dropped_reports", "job_runs")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     START_UNIX_FIELD_NUMBER: _ClassVar[int]
     END_UNIX_FIELD_NUMBER: _ClassVar[int]
@@ -460,6 +460,7 @@ class TelemetryReport(_message.Message):
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    JOB_RUNS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     start_unix: float
     end_unix: float
@@ -467,7 +468,8 @@ class TelemetryReport(_message.Message):
     rss_bytes: int
     cpu_seconds: float
     dropped_reports: int
-    def __init__(self, seq: _Optional[int] = ..., start_unix: _Optional[float] = ..., end_unix: _Optional[float] = ..., versions: _Optional[_Iterable[_Union[VersionTelemetry, _Mapping]]] = ..., rss_bytes: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., dropped_reports: _Optional[int] = ...) -> None: ...
+    job_runs: _containers.RepeatedCompositeFieldContainer[JobRun]
+    def __init__(self, seq: _Optional[int] = ..., start_unix: _Optional[float] = ..., end_unix: _Optional[float] = ..., versions: _Optional[_Iterable[_Union[VersionTelemetry, _Mapping]]] = ..., rss_bytes: _Optional[int] = ..., cpu_seconds: _Optional[float] = ..., dropped_reports: _Optional[int] = ..., job_runs: _Optional[_Iterable[_Union[JobRun, _Mapping]]] = ...) -> None: ...
 
 class TelemetryBatch(_message.Message):
     __slots__ = ("reports",)

@@ -64,11 +64,6 @@ class FleetStub:
                 request_serializer=protos_dot_fleet__pb2.TelemetryBatch.SerializeToString,
                 response_deserializer=protos_dot_fleet__pb2.TelemetryAck.FromString,
                 _registered_method=True)
-        self.ReportJobRun = channel.unary_unary(
-                '/modelfleet.fleet.v1.Fleet/ReportJobRun',
-                request_serializer=protos_dot_fleet__pb2.JobRun.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.ReportAck.FromString,
-                _registered_method=True)
 
 
 class FleetServicer:
@@ -115,12 +110,6 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReportJobRun(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,11 +142,6 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.ReportTelemetry,
                     request_deserializer=protos_dot_fleet__pb2.TelemetryBatch.FromString,
                     response_serializer=protos_dot_fleet__pb2.TelemetryAck.SerializeToString,
-            ),
-            'ReportJobRun': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReportJobRun,
-                    request_deserializer=protos_dot_fleet__pb2.JobRun.FromString,
-                    response_serializer=protos_dot_fleet__pb2.ReportAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -322,33 +306,6 @@ class Fleet:
             '/modelfleet.fleet.v1.Fleet/ReportTelemetry',
             protos_dot_fleet__pb2.TelemetryBatch.SerializeToString,
             protos_dot_fleet__pb2.TelemetryAck.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReportJobRun(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/modelfleet.fleet.v1.Fleet/ReportJobRun',
-            protos_dot_fleet__pb2.JobRun.SerializeToString,
-            protos_dot_fleet__pb2.ReportAck.FromString,
             options,
             channel_credentials,
             insecure,

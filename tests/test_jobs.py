@@ -21,6 +21,16 @@ def runs(hub: HubProcess, job: str) -> list[dict]:
     return json.loads(hub.cli("jobs", "runs", job, "--json"))
 
 
+def write_input(data: Path, rows: int) -> np.ndarray:
+    """One Parquet file of ``rows`` (id, x: 4 floats) rows in ``data``; returns x."""
+    x = np.random.default_rng(0).standard_normal((rows, 4)).astype(np.float32)
+    data.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": np.arange(rows), "x": list(x)}).cast(
+        pa.schema([("id", pa.int64()), ("x", pa.list_(pa.float32(), 4))])),
+        data / "part-0.parquet")  # fmt: skip
+    return x
+
+
 def test_scheduled_job_fires_on_an_agent_and_reports_its_run(tmp_path: Path) -> None:
     hub = HubProcess(tmp_path / "hub", log_path=tmp_path / "hub.log").start()
     agent = None
@@ -34,12 +44,8 @@ def test_scheduled_job_fires_on_an_agent_and_reports_its_run(tmp_path: Path) -> 
         wait_for(lambda: agent_status(agent.admin_socket).get("mlp", {}).get("active_version")
                  == "1", 60, "v1 active")  # fmt: skip
         rows = 500
-        x = np.random.default_rng(0).standard_normal((rows, 4)).astype(np.float32)
         data = tmp_path / "data"
-        data.mkdir()
-        pq.write_table(pa.table({"id": np.arange(rows), "x": list(x)}).cast(
-            pa.schema([("id", pa.int64()), ("x", pa.list_(pa.float32(), 4))])),
-            data / "part-0.parquet")  # fmt: skip
+        x = write_input(data, rows)
         out = tmp_path / "scores"
         bad = hub.cli("jobs", "create", "nightly", "--model", "mlp", "--deployed",
                       "--cron", "not a cron", "--input", str(data), "--output", str(out),

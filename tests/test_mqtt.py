@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 import threading
 import time
@@ -257,3 +258,41 @@ def test_telemetry_over_mqtt_exact_through_a_hub_restart(mqtt_fleet, tmp_path: P
     wait_for(lambda: fleet_metrics(again)[:2] == (66, 6), 60, "66 after the hub restart")
     time.sleep(2)
     assert fleet_metrics(again)[:2] == (66, 6)
+
+
+def test_job_runs_from_an_mqtt_agent_reach_the_hub_also_after_its_outage(
+    mqtt_fleet, tmp_path: Path
+) -> None:
+    """Job runs ride the durable telemetry outbox: MQTT-only agents report them, and runs that
+    end while the hub is down arrive once it is back."""
+    from tests.test_jobs import runs, write_input
+
+    hub = mqtt_fleet.hub
+    agent = mqtt_fleet.agent("edge-j", transport="mqtt")
+    hub.cli("publish", "mlp", str(mqtt_fleet.model(0)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1 over MQTT")
+    data = tmp_path / "data"
+    write_input(data, 200)
+    hub.cli("jobs", "create", "nightly", "--model", "mlp", "--deployed", "--every", "2s",
+            "--input", str(data), "--output", str(tmp_path / "scores"), "--keys", "id")  # fmt: skip
+    wait_for(lambda: any(r["status"] == "succeeded" for r in runs(hub, "nightly")), 60,
+             "a run reported over MQTT")  # fmt: skip
+    run = next(r for r in runs(hub, "nightly") if r["status"] == "succeeded")
+    assert run["rows_out"] == "200" and run["agent_id"].startswith("edge-j")
+
+    def finished() -> list[str]:
+        return re.findall(r"job nightly run (\w+) succeeded", agent.logs())
+
+    hub.stop()
+    before = len(finished())
+    wait_for(lambda: len(finished()) >= before + 2, 30, "runs while the hub is down")
+    offline = set(finished()[before:])
+    again = HubProcess(hub.data, "--mqtt", mqtt_fleet.broker.address,
+                       log_path=tmp_path / "hub-again.log")  # fmt: skip
+    again.port, again.enroll_port, again.url = hub.port, hub.enroll_port, hub.url
+    mqtt_fleet.hub = again.start()
+    wait_for(lambda: offline <= {r["run_id"] for r in runs(again, "nightly")}, 60,
+             "the runs from the outage at the hub")  # fmt: skip
+    stored = [r["run_id"] for r in runs(again, "nightly")]
+    assert len(stored) == len(set(stored))  # resent batches are stored once

@@ -8,8 +8,10 @@ metadata files and ngclient's real checks; attacks are simulated by changing wha
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +35,9 @@ from hub.signing import (
     load_signer,
     sign_staged,
 )
+from protos.bundle import create_bundle, load_bundle, pack_bundle
 from protos.errors import (
+    BundleError,
     BundleExistsError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -41,6 +45,21 @@ from protos.errors import (
     Status,
     VerificationError,
 )
+from tests import models
+from tests.conftest import mlp_samples
+
+_ARCHIVES: dict[tuple[str, int], bytes] = {}
+
+
+def bundle_archive(name: str, version: int, tmp: Path) -> bytes:
+    """A real bundle archive (pack_bundle of a small MLP bundle), built once per test session."""
+    if (name, version) not in _ARCHIVES:
+        model = models.mlp(tmp / f"{name}-{version}.onnx", hidden=40 + version, seed=version)
+        bundle = create_bundle(model, name=name, version=version, samples=mlp_samples(),
+                               out_dir=tmp / "bundles")  # fmt: skip
+        pack_bundle(bundle.path, tmp / f"{name}-{version}.tar")
+        _ARCHIVES[name, version] = (tmp / f"{name}-{version}.tar").read_bytes()
+    return _ARCHIVES[name, version]
 
 
 class FakeHub(InMemoryTransport):
@@ -71,7 +90,8 @@ class FakeHub(InMemoryTransport):
             yield chunk
 
     def publish(self, name: str, version: int, data: bytes | None = None) -> bytes:
-        data = os.urandom(5000 + 997 * version) if data is None else data
+        if data is None:
+            data = bundle_archive(name, version, self.repo.metadata_dir.parent / "archives")
         sha = hashlib.sha256(data).hexdigest()
         custom = {"name": name, "version": version, "manifest_sha256": "ab" * 32}
         self.repo.add_target(bundle_target_path(name, version), len(data), sha, custom)
@@ -105,8 +125,16 @@ def make_verifier(tmp_path: Path, hub: FakeHub, **kwargs: object) -> BundleVerif
     )
 
 
-def part_file(verifier: BundleVerifier, data: bytes) -> Path:
-    return verifier.fetcher.partial_dir / f"{hashlib.sha256(data).hexdigest()}.part"
+def partial(verifier: BundleVerifier, data: bytes) -> Path:
+    """Where a download in progress is unpacked (content-addressed by the archive's sha256)."""
+    return verifier.partial_dir / hashlib.sha256(data).hexdigest()
+
+
+def model_bytes(archive: bytes) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        member = tar.extractfile("model.onnx")
+        assert member is not None
+        return member.read()
 
 
 def hashed_name(name: str, version: int, data: bytes) -> str:
@@ -124,15 +152,17 @@ def test_fetch_two_bundles_and_reuse_verified_copies(tmp_path: Path, hub: FakeHu
 
     path1 = verifier.fetch_bundle("mlp", 1)
     path2 = verifier.fetch_bundle("resnet", 3)
-    assert path1.read_bytes() == first
-    assert path2.read_bytes() == second
-    assert path1 == tmp_path / "agent" / "downloads" / "mlp" / "1" / "bundle.tar"
-    # consistent snapshot: ngclient asked for the hash-prefixed name
+    # Unpacked as it arrived: the bundle directory itself, every file checked against its hash.
+    assert path1 == tmp_path / "agent" / "downloads" / "mlp" / "1"
+    assert (load_bundle(path1).name, load_bundle(path2).version) == ("mlp", 3)
+    assert (path1 / "model.onnx").read_bytes() == model_bytes(first)
+    assert (path2 / "model.onnx").read_bytes() == model_bytes(second)
+    # consistent snapshot: the hash-prefixed name was asked for
     assert [p for p, _ in hub.target_calls] == [
         hashed_name("mlp", 1, first),
         hashed_name("resnet", 3, second),
     ]
-    assert not part_file(verifier, first).exists()  # partials go once verified
+    assert not partial(verifier, first).exists()  # partials go once verified
 
     # A verified copy on disk is reused (metadata is still refreshed).
     assert verifier.fetch_bundle("mlp", 1) == path1
@@ -146,44 +176,96 @@ def test_fetch_two_bundles_and_reuse_verified_copies(tmp_path: Path, hub: FakeHu
 # Resumable downloads
 
 
-def test_interrupted_download_resumes_at_the_offset_reached(tmp_path: Path, hub: FakeHub) -> None:
-    data = hub.publish("mlp", 1, os.urandom(10_000))
+def _regions(archive: bytes) -> dict[str, int]:
+    """An offset inside each kind of region of the archive: header, content, padding, end."""
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        members = tar.getmembers()
+    model = next(m for m in members if m.name == "model.onnx")
+    last = members[-1]
+    end_of_data = last.offset_data + last.size
+    # The cuts below must land where their names say: padding after the model, end blocks.
+    assert 0 < model.size % 512 < 509 and (end_of_data + 511) // 512 * 512 + 700 < len(archive)
+    return {
+        "in a header": model.offset + 100,
+        "at a header's end": model.offset_data,
+        "inside content": model.offset_data + model.size // 2,
+        "inside padding": model.offset_data + model.size + 3,
+        "in the end blocks": (end_of_data + 511) // 512 * 512 + 700,
+    }
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["in a header", "at a header's end", "inside content", "inside padding", "in the end blocks"],
+)
+def test_interrupted_download_resumes_at_the_offset_reached(
+    tmp_path: Path, hub: FakeHub, where: str
+) -> None:
+    data = hub.publish("mlp", 1)
+    cut = _regions(data)[where]
     verifier = make_verifier(tmp_path, hub)
-    hub.fail_after = 3500
+    hub.fail_after = cut
 
     with pytest.raises(TransportUnavailableError) as info:
         verifier.fetch_bundle("mlp", 1)
     assert info.value.status is Status.UNAVAILABLE
-    assert part_file(verifier, data).stat().st_size == 3500
+    assert partial(verifier, data).is_dir()
 
-    # A new verifier, as after a restart (kill -9): the part file is all that survived.
+    # A new verifier, as after a restart (kill -9): the unpacked pieces are all that survived.
     restarted = make_verifier(tmp_path, hub)
     path = restarted.fetch_bundle("mlp", 1)
-    assert path.read_bytes() == data
-    assert hub.target_calls[-1] == (hashed_name("mlp", 1, data), 3500)
-    assert not part_file(restarted, data).exists()
+    assert (path / "model.onnx").read_bytes() == model_bytes(data)
+    load_bundle(path)
+    assert hub.target_calls[-1] == (hashed_name("mlp", 1, data), cut)
+    assert not partial(restarted, data).exists()
+
+
+def test_torn_tail_after_a_crash_is_fetched_again(tmp_path: Path, hub: FakeHub) -> None:
+    """A power cut can lose the last writes of a file: resume from what really is there."""
+    data = hub.publish("mlp", 1)
+    cut = _regions(data)["inside content"]
+    verifier = make_verifier(tmp_path, hub)
+    hub.fail_after = cut
+    with pytest.raises(TransportUnavailableError):
+        verifier.fetch_bundle("mlp", 1)
+    model = partial(verifier, data) / "files" / "model.onnx"
+    size = model.stat().st_size
+    with open(model, "r+b") as fh:
+        fh.truncate(size - 300)
+
+    path = make_verifier(tmp_path, hub).fetch_bundle("mlp", 1)
+    assert hub.target_calls[-1][1] == cut - 300
+    assert (path / "model.onnx").read_bytes() == model_bytes(data)
 
 
 # ---------------------------------------------------------------------------------------------
 # Integrity attacks on the bundle
 
 
-def test_tampered_bundle_is_refused_and_its_partial_discarded(tmp_path: Path, hub: FakeHub) -> None:
+@pytest.mark.parametrize("where", ["first byte", "model weights", "last byte"])
+def test_tampered_bundle_is_refused_and_its_partial_discarded(
+    tmp_path: Path, hub: FakeHub, where: str
+) -> None:
     data = hub.publish("mlp", 3)
     sha = hashlib.sha256(data).hexdigest()
-    hub.blobs[sha] = bytes([data[0] ^ 0xFF]) + data[1:]
+    at = {"first byte": 0, "model weights": _regions(data)["inside content"], "last byte": -1}
+    tampered = bytearray(data)
+    tampered[at[where]] ^= 0xFF
+    hub.blobs[sha] = bytes(tampered)
     verifier = make_verifier(tmp_path, hub)
 
     with pytest.raises(VerificationError) as info:
         verifier.fetch_bundle("mlp", 3)
+    # A broken header is noticed at once, but the stream is hashed to its end all the same:
+    # the report says what happened (not what the hub signed), not just "malformed".
     assert "hash mismatch for mlp/3" in str(info.value)
     assert info.value.reason == "hash"
-    assert not part_file(verifier, data).exists()
-    assert not (tmp_path / "agent" / "downloads" / "mlp" / "3" / "bundle.tar").exists()
+    assert not partial(verifier, data).exists()
+    assert not (tmp_path / "agent" / "downloads" / "mlp" / "3").exists()
 
     # The next attempt starts clean (offset 0) and succeeds once the right bytes are served.
     hub.blobs[sha] = data
-    assert verifier.fetch_bundle("mlp", 3).read_bytes() == data
+    load_bundle(verifier.fetch_bundle("mlp", 3))
     assert hub.target_calls[-1][1] == 0
 
 
@@ -197,7 +279,22 @@ def test_bundle_with_wrong_length_is_refused(tmp_path: Path, hub: FakeHub, chang
     with pytest.raises(VerificationError) as info:
         verifier.fetch_bundle("mlp", 2)
     assert "length mismatch for mlp/2" in str(info.value)
-    assert not part_file(verifier, data).exists()
+    assert info.value.reason == "length"
+    assert not partial(verifier, data).exists()
+
+
+def test_signed_archive_that_is_not_a_bundle_is_refused(tmp_path: Path, hub: FakeHub) -> None:
+    """Correctly signed bytes that are no bundle (a broken publisher): refused, named, dropped."""
+    junk = hub.publish("mlp", 5, os.urandom(5000))
+    renamed = hub.publish("other", 6, bundle_archive("mlp", 1, tmp_path))
+    verifier = make_verifier(tmp_path, hub)
+    with pytest.raises(BundleError, match="bundle mlp/5: not a bundle archive"):
+        verifier.fetch_bundle("mlp", 5)
+    with pytest.raises(BundleError, match="manifest says 'mlp' version 1, expected 'other' ver"):
+        verifier.fetch_bundle("other", 6)
+    for data in (junk, renamed):
+        assert not partial(verifier, data).exists()
+    assert not (tmp_path / "agent" / "downloads" / "other" / "6").exists()
 
 
 def test_unsigned_model_is_refused_without_download(tmp_path: Path, hub: FakeHub) -> None:
@@ -336,7 +433,7 @@ def test_offline_targets_key_flow(tmp_path: Path) -> None:
         hub.publish("mlp", 1)
     assert info.value.status is Status.FAILED_PRECONDITION
 
-    data = os.urandom(4000)
+    data = bundle_archive("mlp", 1, tmp_path)
     sha = hashlib.sha256(data).hexdigest()
     hub.blobs[sha] = data
     path = bundle_target_path("mlp", 1)
@@ -354,7 +451,8 @@ def test_offline_targets_key_flow(tmp_path: Path) -> None:
     assert repo.target(path) is not None
     assert repo.versions() == {"root": 1, "targets": 2, "snapshot": 2, "timestamp": 2}
     assert repo.staged_payload() is None
-    assert make_verifier(tmp_path, hub).fetch_bundle("mlp", 1).read_bytes() == data
+    fetched = make_verifier(tmp_path, hub).fetch_bundle("mlp", 1)
+    assert (fetched / "model.onnx").read_bytes() == model_bytes(data)
 
 
 def test_refresh_online_resigns_only_when_half_expired(tmp_path: Path, keys: Path) -> None:

@@ -32,9 +32,8 @@ class BundleCache:
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root = Path(root)
         self.bundles = self.root / "bundles"
-        self.downloads = self.root / "downloads"
         self.partial = self.root / "partial"
-        for d in (self.bundles, self.downloads, self.partial):
+        for d in (self.bundles, self.partial):
             d.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
 

@@ -181,11 +181,17 @@ class TelemetryShipper:
         self.sent = 0
         self.last_error = ""
 
-    async def cut(self, *, only_if_active: bool = False) -> int | None:
-        """The interval so far becomes a report in the outbox; returns its seq."""
-        if only_if_active and not self.aggregator.pending():
+    async def cut(
+        self, *, only_if_active: bool = False, job_runs: Sequence[pb.JobRun] = ()
+    ) -> int | None:
+        """The interval so far becomes a report in the outbox; returns its seq.
+
+        ``job_runs`` ride along: once this returns they are on disk and will reach the hub.
+        """
+        if only_if_active and not job_runs and not self.aggregator.pending():
             return None
         report = self.aggregator.snapshot(self.serving())
+        report.job_runs.extend(job_runs)
         seq = await asyncio.to_thread(self.outbox.append, report)
         self.new_report.set()
         return seq

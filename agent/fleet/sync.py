@@ -40,8 +40,7 @@ from agent.jobs import JobRunner, JobSpec, RunResult
 from agent.slots import SlotManager
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
-from protos.bundle import unpack_bundle
-from protos.errors import BundleExistsError, ModelfleetError, ResourceExhaustedError
+from protos.errors import ModelfleetError, ResourceExhaustedError
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ class FleetSync:
             self.transport = MqttTransport(self.mqtt)
         self.verifier = BundleVerifier(
             self.data / TUF_DIR,
-            self.cache.downloads,
+            self.cache.bundles,
             self.transport,
             partial_dir=self.cache.partial,
             reserve_bytes=cfg.disk_reserve_bytes,
@@ -228,24 +227,15 @@ class FleetSync:
         await self.slots.deploy(self.cache.path(d.name, best), None, expect=(d.name, best))
 
     def _fetch(self, d: DesiredModel) -> None:
-        """Download through TUF verification, then unpack into the cache (worker thread)."""
-        need = 2 * d.size + self.cfg.disk_reserve_bytes  # the archive and its unpacked copy
+        """Download, verify and unpack (one pass, see agent/fleet/verify.py) into the cache."""
+        need = d.size + self.cfg.disk_reserve_bytes
         free = shutil.disk_usage(self.cache.root).free
         if d.size and free < need:
             raise ResourceExhaustedError(
                 f"not enough disk space for {d.name} v{d.version}: need {need / 1e6:.1f} MB "
-                f"(archive, unpacked copy and reserve), {free / 1e6:.1f} MB free"
+                f"(bundle and reserve), {free / 1e6:.1f} MB free"
             )
-        archive = self.verifier.fetch_bundle(d.name, d.version)
-        try:
-            # TUF has just verified the archive's hash; the files' own hashes are checked once
-            # more when the bundle loads, so a pass over them here would only cost time.
-            unpack_bundle(archive, self.cache.bundles / d.name, expect=(d.name, d.version),
-                          verify_hashes=False)  # fmt: skip
-        except BundleExistsError:
-            pass
-        finally:
-            Path(archive).unlink(missing_ok=True)
+        self.verifier.fetch_bundle(d.name, d.version)
         log.info("fetched and verified %s v%d", d.name, d.version)
 
     async def reconcile_loop(self, stop: asyncio.Event) -> None:
@@ -409,12 +399,9 @@ class FleetSync:
         self.telemetry.outbox.close()
 
     async def _report_job_run(self, run: RunResult) -> None:
-        msg = pb.JobRun(**{k: v for k, v in asdict(run).items()})
-        if self.channel is not None:
-            await self.stub.ReportJobRun(msg, timeout=10)
-        else:
-            log.warning("job run %s not reported: job reports need gRPC (transport %s)",
-                        run.run_id, self.cfg.transport)  # fmt: skip
+        # Through the telemetry outbox: on disk at once, delivered over gRPC or MQTT, resent
+        # until the hub acknowledges it (so a run that ends while the hub is down is not lost).
+        await self.telemetry.cut(job_runs=[pb.JobRun(**asdict(run))])
 
     async def run(self, stop: asyncio.Event) -> None:
         # Jobs restored with the desired state keep their schedules across restarts.

@@ -14,6 +14,7 @@ from protos.errors import ModelfleetError, ModelNotFoundError, Status
 from protos.identity import CredentialsError
 
 IDENTITY_DIR = "identity"
+FETCH_TARGET_METHOD = "/modelfleet.fleet.v1.Fleet/FetchTarget"
 
 
 class HubError(ModelfleetError):
@@ -34,6 +35,9 @@ def channel_options() -> list[tuple[str, Any]]:
         # Our own loop does the backing off, with jitter; keep gRPC's reconnects quick.
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 5000),
+        # Bundles arrive as 1 MiB messages: read the socket in large pieces from the start
+        # instead of growing from 8 KiB (measured: about 1.5x the bytes per CPU-second).
+        ("grpc.experimental.tcp_min_read_chunk_size", 256 << 10),
     ]
 
 
@@ -68,26 +72,76 @@ def rpc_error(exc: grpc.RpcError, what: str) -> Exception:
     return HubError(f"{what}: {exc.details()}", status)
 
 
+def chunk_data(raw: bytes) -> memoryview:
+    """The ``data`` field of a serialized ``Chunk``, as a view into ``raw`` (no copy).
+
+    Bundles are hundreds of MB: parsing each 1 MiB message into a ``Chunk`` and reading
+    ``.data`` would copy every byte twice more on a path that is CPU-bound on small nodes.
+    """
+    view, pos, data = memoryview(raw), 0, memoryview(b"")
+    while pos < len(view):
+        key, pos = _varint(view, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 2:
+            size, pos = _varint(view, pos)
+            if pos + size > len(view):
+                raise ValueError("truncated Chunk message")
+            if field == 1:
+                data = view[pos : pos + size]
+            pos += size
+        elif wire == 0:
+            _, pos = _varint(view, pos)
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unexpected wire type {wire} in a Chunk message")
+    return data
+
+
+def _varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(view) or shift > 63:
+            raise ValueError("bad varint in a Chunk message")
+        byte = view[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
 class GrpcTransport:
     """Blocking fetches for the TUF verifier, which runs on a worker thread."""
 
     def __init__(self, address: str, creds: grpc.ChannelCredentials, timeout_s: float = 3600):
         self.channel = grpc.secure_channel(address, creds, options=channel_options())
         self.stub = pb_grpc.FleetStub(self.channel)
+        # FetchTarget with the raw message bytes: chunk_data() takes the payload without a copy.
+        self._fetch_target_raw = self.channel.unary_stream(
+            FETCH_TARGET_METHOD, request_serializer=pb.FetchRequest.SerializeToString
+        )
         self.timeout_s = timeout_s
 
-    def _stream(self, method: Any, path: str, offset: int) -> Iterator[bytes]:
+    def fetch_metadata(self, filename: str) -> Iterator[bytes]:
         try:
-            for chunk in method(pb.FetchRequest(path=path, offset=offset), timeout=self.timeout_s):
+            request = pb.FetchRequest(path=filename)
+            for chunk in self.stub.FetchMetadata(request, timeout=self.timeout_s):
                 yield chunk.data
         except grpc.RpcError as exc:
+            raise rpc_error(exc, f"fetching {filename}") from None
+
+    def fetch_target(self, path: str, offset: int) -> Iterator[memoryview]:
+        try:
+            request = pb.FetchRequest(path=path, offset=offset)
+            for raw in self._fetch_target_raw(request, timeout=self.timeout_s):
+                yield chunk_data(raw)
+        except grpc.RpcError as exc:
             raise rpc_error(exc, f"fetching {path}") from None
-
-    def fetch_metadata(self, filename: str) -> Iterator[bytes]:
-        return self._stream(self.stub.FetchMetadata, filename, 0)
-
-    def fetch_target(self, path: str, offset: int) -> Iterator[bytes]:
-        return self._stream(self.stub.FetchTarget, path, offset)
+        except ValueError as exc:
+            raise ConnectionError(
+                f"fetching {path}: malformed message from the hub: {exc}"
+            ) from None
 
     def close(self) -> None:
         self.channel.close()

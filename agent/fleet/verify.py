@@ -1,34 +1,40 @@
-"""Verify bundles from the hub with python-tuf's ngclient before anything is unpacked or loaded.
+"""Verify bundles from the hub with python-tuf's ngclient; unpack them in the same pass.
 
 ``BundleVerifier.fetch_bundle(name, version)``: a fresh ngclient ``Updater`` refreshes the
 metadata (root -> timestamp -> snapshot -> targets, each checked for signatures, versions and
-expiry), looks up the target ``<name>/<version>/bundle.tar``, reuses a local copy whose length and
-sha256 match, or downloads it (resumably) and verifies it, and returns the local path.
+expiry) and looks up the signed target ``<name>/<version>/bundle.tar``. The archive's bytes
+are then streamed from the hub, hashed as they arrive and unpacked as they arrive
+(``protos.bundle_stream``): every byte is written once, and the file that lands on disk is the
+bundle file itself, not an archive to be copied out later. Only when the archive's length and
+every signed hash match (TUF's target check, done here instead of by ``download_target``,
+which would re-read the file) is the manifest checked and the directory renamed to
+``download_dir/<name>/<version>``. Nothing is loaded before that.
 
-URL scheme. ngclient addresses everything by URL; ours never reach HTTP. The Updater gets
+URL scheme. ngclient addresses metadata by URL; ours never reach HTTP. The Updater gets the
+metadata base URL ``mf:metadata/``: ``mf:metadata/<file>`` -> ``Transport.fetch_metadata(file)``
+with file one of ``N.root.json``, ``timestamp.json``, ``N.snapshot.json``, ``N.targets.json``.
+Targets are fetched with ``Transport.fetch_target(path, offset)`` where path is the
+consistent-snapshot name ``<name>/<version>/<sha256>.bundle.tar``.
 
-- metadata base URL ``mf:metadata/``: ``mf:metadata/<file>`` -> ``Transport.fetch_metadata(file)``
-  with file one of ``N.root.json``, ``timestamp.json``, ``N.snapshot.json``, ``N.targets.json``;
-- targets base URL ``mf:targets/``: ``mf:targets/<path>`` -> ``Transport.fetch_target(path,
-  offset)`` with path the consistent-snapshot name ``<name>/<version>/<sha256>.bundle.tar``.
-
-Resumable downloads. Target bytes are appended to ``partial_dir/<sha256>.part`` as they arrive
-(flushed per chunk, fsynced every few MiB), so an interrupted download (lost link, kill -9)
-resumes from the part file's size. The part file is content-addressed, so it can only ever be a
-prefix of that one file: if the final bytes do not verify it is deleted and the next attempt
-starts clean. Power loss can leave a torn tail; that shows up as a hash mismatch and is handled
-the same way.
+Resumable downloads. The unpacked pieces live in ``partial_dir/<sha256>/`` while they arrive
+(flushed per chunk, fsynced every few MiB). After an interruption (lost link, kill -9, power
+cut) the next attempt replays them through the hash and the parser, truncates a torn tail and
+asks the hub for the rest. The directory is content-addressed, so it can only ever hold a
+prefix of that one archive: if the final bytes do not verify it is deleted and the next
+attempt starts clean.
 
 Errors: everything that means "do not trust this" becomes ``VerificationError`` naming the
 attack class (rollback, freeze, bad signature, hash mismatch, ...) plus ngclient's own text;
 transport failures become ``TransportUnavailableError`` (retry later, partial bytes kept) or the
-``protos.errors`` error the transport raised; a full disk is ``ResourceExhaustedError``.
+``protos.errors`` error the transport raised; a full disk is ``ResourceExhaustedError``; a
+signed archive that is not a well-formed bundle is ``BundleError``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -36,7 +42,8 @@ import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Protocol
+from queue import Queue
+from typing import Any, Protocol
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, TargetFile, Targets
@@ -44,9 +51,11 @@ from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from protos.atomic import atomic_write as _atomic_write
-from protos.atomic import fsync_dir as _fsync_dir
-from protos.bundle import NAME_RE
+from protos.bundle import MANIFEST_FILE, NAME_RE, publish_unpacked
+from protos.bundle_stream import Buffer, StreamUnpacker
 from protos.errors import (
+    BundleError,
+    BundleExistsError,
     InvalidRequestError,
     ModelfleetError,
     ModelNotFoundError,
@@ -61,10 +70,9 @@ METADATA_URL = "mf:metadata/"
 TARGETS_URL = "mf:targets/"
 TARGET_FILE_NAME = "bundle.tar"
 DEFAULT_RESERVE_BYTES = 64 << 20
-# Every few MiB the part file is fsynced: bounds what a power cut can lose without paying for a
-# sync per chunk. (A killed process loses nothing: chunks are flushed to the OS as they arrive.)
-FSYNC_EVERY_BYTES = 4 << 20
-_READ_CHUNK = 1 << 20
+# Chunks in flight between the receiving and the writing thread (1 MiB each from the hub): enough
+# to ride out a slow fsync, small enough to bound memory.
+WRITE_QUEUE_CHUNKS = 16
 _MB = 1 << 20
 
 # "<sha256>.<basename>": how ngclient names targets under consistent snapshots.
@@ -151,20 +159,14 @@ def _role_of_file(filename: str) -> str:
 
 
 class TransportFetcher(FetcherInterface):
-    """ngclient fetcher over a :class:`Transport`, with resumable target downloads.
+    """ngclient fetcher over a :class:`Transport`: metadata only (``mf:metadata/<file>``).
 
-    Maps ``mf:metadata/<file>`` and ``mf:targets/<path>`` (see the module docstring). Target
-    names carrying a sha256 (always, with the hub's consistent snapshots) are downloaded through
-    ``partial_dir/<sha256>.part``: a later fetch first yields the bytes already there, then asks
-    the transport for the rest from ``offset = part size``.
+    Targets do not go through ngclient's download path: ``BundleVerifier`` streams them itself
+    (hash and unpack as the bytes arrive) with :meth:`guarded` for the same error mapping.
     """
 
-    def __init__(
-        self, transport: Transport, partial_dir: Path, *, fsync_every: int = FSYNC_EVERY_BYTES
-    ) -> None:
+    def __init__(self, transport: Transport) -> None:
         self.transport = transport
-        self.partial_dir = Path(partial_dir)
-        self.fsync_every = fsync_every
         # The last metadata file requested and the verified-or-not bytes of each role fetched
         # during this refresh: ngclient's errors do not say which file failed or when it
         # expired, so error messages are completed from these.
@@ -175,53 +177,15 @@ class TransportFetcher(FetcherInterface):
         self.last_metadata = None
         self.fetched.clear()
 
-    def part_path(self, target_path: str) -> Path | None:
-        sha = target_sha256(target_path)
-        return self.partial_dir / f"{sha}.part" if sha else None
-
     def _fetch(self, url: str) -> Iterator[bytes]:
         if url.startswith(METADATA_URL):
             return self._metadata(url, url[len(METADATA_URL) :])
-        if url.startswith(TARGETS_URL):
-            return self._target(url, url[len(TARGETS_URL) :])
-        raise tuf_exc.DownloadError(
-            f"unsupported URL {url!r}: expected {METADATA_URL}<file> or {TARGETS_URL}<path>"
-        )
+        raise tuf_exc.DownloadError(f"unsupported URL {url!r}: expected {METADATA_URL}<file>")
 
-    @contextlib.contextmanager
-    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
-        """Like the base class, but a resumable target is handed over as its part file.
-
-        The base class copies every download into a temporary file (often a RAM-backed /tmp on
-        devices); the part file already holds the bytes, so ngclient verifies that instead.
-        """
-        part = self.part_path(url[len(TARGETS_URL) :]) if url.startswith(TARGETS_URL) else None
-        if part is None:
-            with super().download_file(url, max_length) as fh:
-                yield fh
-            return
-        received = 0
-        chunks = self.fetch(url)
-        try:
-            for chunk in chunks:
-                received += len(chunk)
-                if received > max_length:
-                    raise tuf_exc.DownloadLengthMismatchError(
-                        f"Downloaded {received} bytes exceeding the maximum allowed length of "
-                        f"{max_length}"
-                    )
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()  # stop the transport stream now, not at garbage collection
-        with open(part, "rb") as fh:
-            yield fh
-
-    def _guarded(self, url: str, open_stream: Callable[[], Iterable[bytes]]) -> Iterator[bytes]:
+    def guarded(self, url: str, open_stream: Callable[[], Iterable[Buffer]]) -> Iterator[Buffer]:
         """Transport errors -> ngclient's download errors (the original kept as __cause__)."""
         try:
-            for chunk in open_stream():
-                yield bytes(chunk)
+            yield from open_stream()
         except ModelNotFoundError as exc:
             # ngclient treats 404 as "no newer root"; anything else is a failed download.
             raise tuf_exc.DownloadHTTPError(f"{url}: {exc}", 404) from exc
@@ -231,37 +195,10 @@ class TransportFetcher(FetcherInterface):
     def _metadata(self, url: str, filename: str) -> Iterator[bytes]:
         self.last_metadata = filename
         parts: list[bytes] = []
-        for chunk in self._guarded(url, lambda: self.transport.fetch_metadata(filename)):
-            parts.append(chunk)
-            yield chunk
+        for chunk in self.guarded(url, lambda: self.transport.fetch_metadata(filename)):
+            parts.append(bytes(chunk))
+            yield parts[-1]
         self.fetched[_role_of_file(filename)] = b"".join(parts)
-
-    def _target(self, url: str, path: str) -> Iterator[bytes]:
-        part = self.part_path(path)
-        if part is None:
-            yield from self._guarded(url, lambda: self.transport.fetch_target(path, 0))
-            return
-        self.partial_dir.mkdir(parents=True, exist_ok=True)
-        # Local I/O stays outside _guarded: a full disk must not look like a network failure.
-        with open(part, "ab") as out:
-            have = os.fstat(out.fileno()).st_size
-            if have:
-                logger.info("resuming %s at byte %d", path, have)
-                with open(part, "rb") as existing:
-                    remaining = have
-                    while remaining > 0 and (block := existing.read(min(_READ_CHUNK, remaining))):
-                        remaining -= len(block)
-                        yield block
-            unsynced = 0
-            for chunk in self._guarded(url, lambda: self.transport.fetch_target(path, have)):
-                out.write(chunk)
-                out.flush()
-                unsynced += len(chunk)
-                if unsynced >= self.fsync_every:
-                    os.fsync(out.fileno())
-                    unsynced = 0
-                yield chunk
-            os.fsync(out.fileno())
 
 
 class BundleVerifier:
@@ -270,9 +207,11 @@ class BundleVerifier:
     ``metadata_dir`` holds ngclient's trusted metadata (rollback protection lives there: keep it
     across restarts). ``trusted_root`` is the root from enrollment; it is written as
     ``metadata_dir/root.json`` when that is missing and ignored otherwise, because the cached
-    root may since have been rotated forward through verified root updates. Downloads land in
-    ``download_dir/<name>/<version>/bundle.tar``; partial downloads in ``partial_dir`` (default
-    ``download_dir/.partial``). One instance per metadata_dir; its methods are serialized.
+    root may since have been rotated forward through verified root updates. Verified bundles
+    are unpacked to ``download_dir/<name>/<version>/``; downloads in progress live in
+    ``partial_dir/<sha256>/`` (default ``download_dir/.partial``), which must be on the same
+    file system so the finished directory can be renamed into place. One instance per
+    metadata_dir; its methods are serialized.
     """
 
     def __init__(
@@ -292,9 +231,9 @@ class BundleVerifier:
         self.config = config or UpdaterConfig()
         if not self.config.prefix_targets_with_hash:
             raise ValueError("the hub serves targets by hash-prefixed name: keep it enabled")
-        self._fetcher = TransportFetcher(
-            transport, Path(partial_dir) if partial_dir else self.download_dir / ".partial"
-        )
+        self.transport = transport
+        self.partial_dir = Path(partial_dir) if partial_dir else self.download_dir / ".partial"
+        self._fetcher = TransportFetcher(transport)
         self._lock = threading.Lock()
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         self.download_dir.mkdir(parents=True, exist_ok=True)
@@ -331,9 +270,10 @@ class BundleVerifier:
         return dict(targets.signed.targets)
 
     def fetch_bundle(self, name: str, version: int) -> Path:
-        """Return the local path of the verified bundle tar for ``name`` ``version``.
+        """Return the verified, unpacked bundle directory for ``name`` ``version``.
 
         Raises ``VerificationError`` (unsigned, tampered, rollback, expired, bad signature...),
+        ``BundleError`` (signed but not a well-formed bundle of that name and version),
         ``ResourceExhaustedError`` (disk), ``TransportUnavailableError`` or the transport's
         own ``protos.errors`` error.
         """
@@ -353,25 +293,152 @@ class BundleVerifier:
                     f"(no TUF target {path}); refusing to download it",
                     reason="unsigned",
                 )
-            dest = self.download_dir / name / str(version) / TARGET_FILE_NAME
-            cached = updater.find_cached_target(info, str(dest))
-            if cached is not None:
-                return Path(cached)
+            final = self.download_dir / name / str(version)
+            if (final / MANIFEST_FILE).exists():
+                return final  # verified and unpacked before; loading re-checks its files
             self._check_disk(info, name, version)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            # ngclient writes the destination in place; go through a temporary name so dest
-            # only ever holds a verified file.
-            tmp = dest.with_name(f".{dest.name}.tmp")
+            with self._translated(label, target=info):
+                files = self._download(info, label)
             try:
-                with self._translated(label, target=info):
-                    updater.download_target(info, str(tmp))
-                os.replace(tmp, dest)
-                _fsync_dir(dest.parent)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-            self._discard_part(info)  # verified and copied: the partial is no longer needed
-            return dest
+                final.parent.mkdir(parents=True, exist_ok=True)
+                publish_unpacked(files, final.parent, expect=(name, version),
+                                 verify_hashes=False, where=f"bundle {label}")  # fmt: skip
+            except BundleExistsError:
+                pass  # the same signed bytes, unpacked by an earlier attempt
+            except BundleError:
+                self._discard_partial(info)
+                raise
+            self._discard_partial(info)
+            return final
+
+    def _download(self, info: TargetFile, label: str) -> Path:
+        """Stream, hash and unpack the target; return the unpacked files once they verify.
+
+        The hashes are TUF's target check (length and every signed hash). They are computed
+        here, as the bytes arrive, so the archive is never read back. A stream that is not a
+        bundle archive is drained to the end anyway: whether its hash matches tells a tampered
+        transfer (``VerificationError``) from a signed but malformed bundle (``BundleError``).
+        """
+        hashers = {}
+        for algorithm in info.hashes:
+            try:
+                hashers[algorithm] = hashlib.new(algorithm)
+            except ValueError:
+                raise VerificationError(
+                    f"bundle {label} is signed with hash algorithm {algorithm!r}, which this "
+                    f"agent cannot compute; refusing it",
+                    reason="hash",
+                ) from None
+        staging = self._staging(info)
+        unpacker = StreamUnpacker(staging, where=f"bundle {label}")
+        try:
+            offset = unpacker.resume(lambda data: [h.update(data) for h in hashers.values()])
+        except BundleError:
+            offset = info.length + 1  # unusable pieces: start again below
+        if offset > info.length:
+            unpacker.discard()
+            hashers = {alg: hashlib.new(alg) for alg in info.hashes}
+            unpacker = StreamUnpacker(staging, where=f"bundle {label}")
+            offset = unpacker.resume()
+        try:
+            malformed = None
+            received = offset
+            if offset < info.length:
+                if offset:
+                    logger.info("resuming %s at byte %d of %d", label, offset, info.length)
+                try:
+                    received, malformed = self._receive(info, label, offset, unpacker, hashers)
+                except VerificationError:
+                    self._discard_partial(info)
+                    raise
+            if received != info.length:
+                self._discard_partial(info)
+                raise VerificationError(
+                    f"bundle length mismatch for {label}: the hub sent {received} bytes, the "
+                    f"signed length is {info.length}; partial download discarded",
+                    reason="length",
+                )
+            for algorithm, hasher in hashers.items():
+                if hasher.hexdigest() != info.hashes[algorithm]:
+                    self._discard_partial(info)
+                    raise VerificationError(
+                        f"bundle hash mismatch for {label}: the downloaded file is not the one "
+                        f"the hub signed (tampered or corrupted); partial download discarded "
+                        f"({algorithm} {hasher.hexdigest()[:16]}..., signed "
+                        f"{info.hashes[algorithm][:16]}...)",
+                        reason="hash",
+                    )
+            if malformed is not None:
+                self._discard_partial(info)
+                raise malformed
+            return unpacker.finish()
+        finally:
+            unpacker.close()
+
+    def _receive(
+        self,
+        info: TargetFile,
+        label: str,
+        offset: int,
+        unpacker: StreamUnpacker,
+        hashers: Mapping[str, Any],
+    ) -> tuple[int, BundleError | None]:
+        """Stream the target from ``offset``: hash on this thread, unpack on a writer thread.
+
+        Two threads so that receiving (mostly in gRPC's C core), hashing and writing (both
+        release the GIL) overlap. Returns the bytes received in all and the first structural
+        error, if the stream is not a bundle archive. Everything received is written (or the
+        error recorded) before this returns, so an interruption leaves a resumable prefix.
+        """
+        # Consistent snapshots: the hub serves the target under "<dir>/<hash>.<basename>", with
+        # the first hash listed (as ngclient's own download_target names it).
+        digest = next(iter(info.hashes.values()))
+        directory, _, basename = info.path.rpartition("/")
+        hashed = f"{directory}/{digest}.{basename}" if directory else f"{digest}.{basename}"
+        url = f"{TARGETS_URL}{hashed}"
+        queue: Queue[Buffer | None] = Queue(maxsize=WRITE_QUEUE_CHUNKS)
+        failed: list[BaseException] = []
+
+        def write() -> None:
+            while (chunk := queue.get()) is not None:
+                if failed:
+                    continue  # keep draining: the receiver must never block on a full queue
+                try:
+                    unpacker.write(chunk)
+                except BaseException as exc:  # handed to the receiving thread
+                    failed.append(exc)
+            if not failed:
+                try:
+                    unpacker.flush()
+                except BaseException as exc:  # handed to the receiving thread
+                    failed.append(exc)
+
+        writer = threading.Thread(target=write, name="bundle-writer", daemon=True)
+        writer.start()
+        received = offset
+        chunks = self._fetcher.guarded(url, lambda: self.transport.fetch_target(hashed, offset))
+        try:
+            for chunk in chunks:
+                received += len(chunk)
+                if received > info.length:
+                    raise VerificationError(
+                        f"bundle length mismatch for {label}: the hub sent "
+                        f"more than the signed {info.length} bytes (endless data attack?); "
+                        f"partial download discarded",
+                        reason="length",
+                    )
+                for hasher in hashers.values():
+                    hasher.update(chunk)
+                if failed and not isinstance(failed[0], BundleError):
+                    break  # a local failure (disk full...): no point receiving more
+                queue.put(chunk)
+        finally:
+            chunks.close()  # stop the transport stream now, not at garbage collection
+            queue.put(None)
+            writer.join()
+        if failed and not isinstance(failed[0], BundleError):
+            raise failed[0]
+        return received, failed[0] if failed else None
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -397,29 +464,22 @@ class BundleVerifier:
             updater.refresh()
         return updater
 
-    def _part(self, info: TargetFile) -> Path | None:
-        sha = info.hashes.get("sha256")
-        return self._fetcher.partial_dir / f"{sha}.part" if sha else None
+    def _staging(self, info: TargetFile) -> Path:
+        return self.partial_dir / next(iter(info.hashes.values()))
 
-    def _discard_part(self, info: TargetFile) -> None:
-        part = self._part(info)
-        if part is not None:
-            with contextlib.suppress(FileNotFoundError):
-                part.unlink()
+    def _discard_partial(self, info: TargetFile) -> None:
+        shutil.rmtree(self._staging(info), ignore_errors=True)
 
     def _check_disk(self, info: TargetFile, name: str, version: int) -> None:
-        part = self._part(info)
-        try:
-            have = part.stat().st_size if part is not None else 0
-        except FileNotFoundError:
-            have = 0
+        have = _tree_size(self._staging(info))
         if have > info.length:
-            self._discard_part(info)  # cannot be a prefix of this file
+            self._discard_partial(info)  # cannot be a prefix of this archive
             have = 0
-        # Peak use in download_dir: the part file grows to the full length, then the verified
-        # copy is written next to it before the part is removed.
-        need = (info.length - have) + info.length + self.reserve_bytes
-        free = shutil.disk_usage(self.download_dir).free
+        # The archive is unpacked as it arrives: the bundle files take about its length (less
+        # the headers) and nothing is copied afterwards.
+        need = (info.length - have) + self.reserve_bytes
+        free = shutil.disk_usage(self.partial_dir if self.partial_dir.exists()
+                                 else self.download_dir).free  # fmt: skip
         if free < need:
             raise ResourceExhaustedError(
                 f"not enough disk space to download {name} v{version}: need "
@@ -453,7 +513,7 @@ class BundleVerifier:
             yield
         except tuf_exc.DownloadLengthMismatchError as exc:
             if target is not None:
-                self._discard_part(target)
+                self._discard_partial(target)
                 raise VerificationError(
                     f"bundle length mismatch for {what}: the hub sent more than the signed "
                     f"{target.length} bytes (endless data attack?); partial download discarded "
@@ -478,7 +538,7 @@ class BundleVerifier:
             text = str(exc)
             kind = "length" if "length" in text.lower() else "hash"
             if target is not None:
-                self._discard_part(target)
+                self._discard_partial(target)
                 raise VerificationError(
                     f"bundle {kind} mismatch for {what}: the downloaded file is not the one the "
                     f"hub signed (tampered or corrupted); partial download discarded (tuf: {text})",
@@ -533,6 +593,15 @@ def _rollback_message(text: str) -> str:
     else:
         return f"rollback or mix-and-match attack: inconsistent metadata versions (tuf: {text})"
     return f"rollback attack: {role} version {got} is lower than trusted {trusted} (tuf: {text})"
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(root, f)).st_size
+    return total
 
 
 def _mb(n: int) -> str:

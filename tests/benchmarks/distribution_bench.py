@@ -7,7 +7,7 @@ blob store), because the machine is small and shared and absolute figures drift 
 
 - baseline: the archive sent over a plain TCP socket on 127.0.0.1 from this process (sendfile)
   to a receiver process that writes it to a file with 1 MiB writes and fsyncs every 4 MiB, as
-  the agent does with its part file;
+  the agent does with what it receives;
 - one agent (three runs, three fresh agents, medians): deploy (the admin ``Deploy`` RPC the CLI
   calls, so the CLI's Python start-up is not counted) -> bundle fetched, TUF-verified and
   unpacked into the agent's cache (what the agent logs as "fetched and verified"), and -> active
@@ -15,10 +15,10 @@ blob store), because the machine is small and shared and absolute figures drift 
 - eight agents at once, all real processes with gRPC transport on 2 cores (they contend: that
   is the point): time to the last one, aggregate and per-agent MB/s, beside eight plain copies
   at once;
-- where the time goes: the agents' paths split by file-system milestones (part file appears,
-  reaches full size, disappears after hashing and copying, unpacked bundle appears); each stage
-  re-run alone in this process on the same bytes (with a part-file writer that fsyncs only at
-  the end, and eight FetchTarget streams at once, as diagnostics); CPU seconds of hub and agents
+- where the time goes: the agents' paths split by file-system milestones (the download's
+  staging directory appears, holds every byte, the verified bundle appears in the cache); the
+  stages re-run alone in this process on the same bytes (the stream with bytes discarded, the
+  agent's whole fetch, eight FetchTarget streams at once); CPU seconds of hub and agents
   (/proc); disk and pressure-stall counters; and a bare grpc.aio server streaming the same
   bytes the way FetchTarget does (1 MiB ``Chunk`` messages through ``asyncio.to_thread``, TLS)
   without the hub around it.
@@ -61,7 +61,7 @@ FAN_OUT = 8
 SOLO_RUNS = 3
 REPEATS = 3  # for the baseline and every stage measured alone: medians, the machine is shared
 RATIO_TARGET = 0.5
-FSYNC_EVERY = 4 << 20  # the agent's part-file fsync interval (agent/fleet/verify.py)
+FSYNC_EVERY = 4 << 20  # the agent's fsync interval (protos/bundle_stream.py)
 IO_CHUNK = 1 << 20  # the hub's blob read size and FetchTarget message size
 POLL_S = 0.02
 # Generated once and reused between runs: building and checking 200 MB of weights takes a while.
@@ -231,7 +231,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _receive(dest: str) -> None:
-    """Plain-copy receiver: one connection, 1 MiB reads, written and fsynced like the part file."""
+    """Plain-copy receiver: one connection, 1 MiB reads, written and fsynced as the agent does."""
     with socket.create_server(("127.0.0.1", 0)) as srv:
         print(srv.getsockname()[1], flush=True)
         srv.settimeout(60)
@@ -361,26 +361,20 @@ class Milestones:
     """Seconds after deploy at which each stage of one agent's pipeline became visible."""
 
     agent: AgentProcess
-    part: Path
+    part: Path  # the download's staging directory, partial/<sha256>/
     size: int
-    part_seen: float | None = None  # part file opened (desired state seen, metadata refreshed)
-    part_full: float | None = None  # every byte received and written
-    part_gone: float | None = None  # hashed by ngclient and copied into downloads/
-    verified: float | None = None  # unpacked into the cache: "fetched and verified"
+    part_seen: float | None = None  # staging created (desired state seen, metadata refreshed)
+    part_full: float | None = None  # every byte received, hashed and unpacked
+    verified: float | None = None  # hashes compared, renamed into the cache
     active: float | None = None  # loaded and gate passed
     _last_status: float = field(default=0.0, repr=False)
 
     def poll(self, now: float) -> None:
-        try:
-            have = self.part.stat().st_size
-        except FileNotFoundError:
-            have = -1
+        have = _tree_size(self.part) if self.part.is_dir() else -1
         if have >= 0 and self.part_seen is None:
             self.part_seen = now
         if have >= self.size and self.part_full is None:
             self.part_full = now
-        if have < 0 and self.part_seen is not None and self.part_gone is None:
-            self.part_gone = now
         if self.verified is None:
             manifest = self.agent.models / "cache" / "bundles" / MODEL / "1" / "manifest.json"
             if manifest.exists():
@@ -388,7 +382,6 @@ class Milestones:
                 # A stage shorter than the poll interval is credited to the next one.
                 self.part_seen = self.part_seen or now
                 self.part_full = self.part_full or now
-                self.part_gone = self.part_gone or now
         elif self.active is None and now - self._last_status >= 0.1:
             # The admin socket is a gRPC call: ask only once the bundle is in, and not too often.
             self._last_status = now
@@ -399,18 +392,26 @@ class Milestones:
 
     def stages(self) -> dict[str, float]:
         """Seconds spent in each of STAGES (0 for a stage not reached)."""
-        marks = [0.0, self.part_seen, self.part_full, self.part_gone, self.verified, self.active]
+        marks = [0.0, self.part_seen, self.part_full, self.verified, self.active]
         gaps = [max((b or 0.0) - (a or 0.0), 0.0) for a, b in itertools.pairwise(marks)]
         return dict(zip(STAGES, gaps, strict=True))
 
 
 STAGES = (
-    "deploy -> part file opened (watch stream, TUF metadata refresh)",
-    "part opened -> last byte written (FetchTarget stream into the part file)",
-    "last byte -> part file gone (ngclient sha256, copy to downloads/)",
-    "part gone -> unpacked in cache (tar extract + fsync, sha256 again)",
-    "unpacked -> active (sha256 again, onnxruntime load, gate)",
+    "deploy -> download started (watch stream, TUF metadata refresh)",
+    "started -> last byte written (FetchTarget stream, hashed and unpacked as it arrives)",
+    "last byte -> verified in cache (hash check, fsync, manifest, rename)",
+    "verified -> active (sha256 of the files, onnxruntime load, gate)",
 )
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(root, f)).st_size
+    return total
 
 
 def watch(
@@ -475,20 +476,18 @@ def profile_stages(
 ) -> dict[str, float]:
     """Median seconds (and CPU seconds) of each stage of the agent's path, run in-process.
 
-    Files left by the previous repetition are removed outside the clock: deleting or truncating
-    200 MB is not part of any stage.
+    Files left by the previous repetition are removed outside the clock: deleting 200 MB is
+    not part of any stage.
     """
+    from agent.fleet.enroll import TUF_DIR
     from agent.fleet.transport import GrpcTransport, credentials
-    from agent.fleet.verify import TARGETS_URL, TransportFetcher
-    from protos.bundle import load_bundle, unpack_bundle
+    from agent.fleet.verify import BundleVerifier
+    from protos.bundle import load_bundle
 
     assert hub.proc is not None
     out: dict[str, float] = {}
     scratch = work / "profile"
-    partial = scratch / "partial"
-
-    def clear_partial() -> None:
-        shutil.rmtree(partial, ignore_errors=True)
+    bundles = scratch / "bundles"
 
     transport = GrpcTransport(hub.url, credentials(agent_data))
     try:
@@ -498,44 +497,26 @@ def profile_stages(
         out["hub_cpu"] = (cpu_seconds(hub.proc.pid) - hub0) / REPEATS
         out["client_cpu"] = (time.process_time() - me0) / REPEATS
 
-        def fetch_to_part(fsync_every: int) -> Callable[[], None]:
-            def run() -> None:
-                # The agent's own writer: flush per chunk, fsync every ``fsync_every`` bytes.
-                fetcher = TransportFetcher(transport, partial, fsync_every=fsync_every)
-                for _ in fetcher.fetch(TARGETS_URL + target):
-                    pass
+        def fresh() -> None:
+            shutil.rmtree(scratch, ignore_errors=True)
+            # The enrolled agent's trusted metadata, copied: the agent itself is not touched.
+            shutil.copytree(agent_data / TUF_DIR, scratch / "tuf")
 
-            return run
+        def fetch() -> None:
+            verifier = BundleVerifier(scratch / "tuf", bundles, transport,
+                                      partial_dir=scratch / "partial")  # fmt: skip
+            verifier.fetch_bundle(MODEL, 1)
 
-        # Diagnostic first: fsync only at the end. The agent's cadence last, so its part file
-        # is the one the next stages work on.
-        out["part_file_fsync_at_end"] = timed(fetch_to_part(1 << 62), setup=clear_partial)
-        out["grpc_stream_and_part_file"] = timed(fetch_to_part(FSYNC_EVERY), setup=clear_partial)
+        hub0, me0 = cpu_seconds(hub.proc.pid), time.process_time()
+        out["fetch_bundle"] = timed(fetch, setup=fresh)
+        out["fetch_hub_cpu"] = (cpu_seconds(hub.proc.pid) - hub0) / REPEATS
+        out["fetch_client_cpu"] = (time.process_time() - me0) / REPEATS
     finally:
         transport.close()
     out["concurrent_streams"] = concurrent_streams(hub, agent_data, target, FAN_OUT)
-    part = next(partial.glob("*.part"))
-
-    def sha256() -> None:
-        # What ngclient's verify_length_and_hashes does with the part file.
-        with open(part, "rb") as fh:
-            hashlib.file_digest(fh, "sha256")
-
-    out["sha256"] = timed(sha256)
-    archive = scratch / "bundle.tar"
-
-    def copy() -> None:
-        # ngclient then copies the verified part file to its destination.
-        with open(part, "rb") as src, open(archive, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-
-    out["copy_to_downloads"] = timed(copy, setup=lambda: archive.unlink(missing_ok=True))
-    bundles = scratch / "bundles"
-    out["unpack"] = timed(
-        lambda: unpack_bundle(archive, bundles, expect=(MODEL, 1)),
-        setup=lambda: shutil.rmtree(bundles, ignore_errors=True),
-    )
-    out["load_bundle"] = timed(lambda: load_bundle(bundles / "1"))
+    model = bundles / MODEL / "1" / "model.onnx"
+    out["sha256"] = timed(lambda: hashlib.file_digest(open(model, "rb"), "sha256"))  # noqa: SIM115
+    out["load_bundle"] = timed(lambda: load_bundle(bundles / MODEL / "1"))
     out["hub_read_to_thread"] = timed(lambda: asyncio.run(_read_via_to_thread(blob)))
     shutil.rmtree(scratch, ignore_errors=True)
     return out
@@ -629,7 +610,7 @@ def main() -> list[dict]:
             host = f"solo-{i}"
             (agent,) = start_agents(hub, work, {host: configs[host]}, agents)
             assert agent.proc is not None
-            m = Milestones(agent, agent.models / "cache" / "partial" / f"{sha}.part", size)
+            m = Milestones(agent, agent.models / "cache" / "partial" / sha, size)
             hub0, agent0 = cpu_seconds(hub.proc.pid), cpu_seconds(agent.proc.pid)
             sys0 = SystemSample.take(work)
             t0 = deploy(stub, {"group": host})
@@ -655,7 +636,7 @@ def main() -> list[dict]:
             rows.append(row(f"1 agent stage: {what}",
                             statistics.median(m.stages()[what] for m in solo), "s"))  # fmt: skip
         wire = statistics.median(m.stages()[STAGES[1]] for m in solo)
-        rows.append(row("1 agent: rate while the part file grows", mb / wire, "MB/s", plain))
+        rows.append(row("1 agent: rate while the bytes arrive", mb / wire, "MB/s", plain))
         rows.append(row("1 agent: hub CPU, deploy -> verified",
                         statistics.median(c[0] for c in solo_cpu), "s"))  # fmt: skip
         rows.append(row("1 agent: agent CPU, deploy -> verified",
@@ -668,12 +649,9 @@ def main() -> list[dict]:
         prof = profile_stages(hub, work / "solo-0", target, blob, work)
         labels = {
             "grpc_stream": "alone: hub FetchTarget over gRPC+TLS, bytes discarded",
-            "grpc_stream_and_part_file": "alone: FetchTarget into the part file (agent writer)",
-            "part_file_fsync_at_end": "alone: same, fsync only at the end (diagnostic)",
-            "sha256": "alone: sha256 of 200 MB (done 3x: TUF, unpack, load)",
-            "copy_to_downloads": "alone: ngclient copy part file -> downloads/",
-            "unpack": "alone: unpack_bundle (extract + fsync + sha256)",
-            "load_bundle": "alone: load_bundle (sha256 of model.onnx)",
+            "fetch_bundle": "alone: the agent's fetch_bundle (refresh, stream, hash, unpack)",
+            "sha256": "alone: sha256 of model.onnx from the page cache",
+            "load_bundle": "alone: load_bundle (sha256 of the bundle files)",
             "hub_read_to_thread": "alone: blob read, to_thread per 1 MiB (no gRPC)",
         }
         for key, what in labels.items():
@@ -682,6 +660,8 @@ def main() -> list[dict]:
                         FAN_OUT * mb / prof["concurrent_streams"], "MB/s", plain))  # fmt: skip
         rows.append(row("alone: FetchTarget, hub CPU per stream", prof["hub_cpu"], "s"))
         rows.append(row("alone: FetchTarget, client CPU per stream", prof["client_cpu"], "s"))
+        rows.append(row("alone: fetch_bundle, hub CPU", prof["fetch_hub_cpu"], "s"))
+        rows.append(row("alone: fetch_bundle, agent CPU", prof["fetch_client_cpu"], "s"))
         bare_s, bare_server, bare_client = bare_grpc_stream(hub, blob)
         rows.append(row("reference: bare grpc.aio stream, same bytes/chunks/TLS", mb / bare_s,
                         "MB/s", plain))  # fmt: skip
@@ -692,7 +672,7 @@ def main() -> list[dict]:
         many_plain = plain_copy(blob, work / "plain-copy.bin", FAN_OUT)
         fan = start_agents(hub, work, {h: c for h, c in configs.items() if h.startswith("fan")},
                            agents)  # fmt: skip
-        many = [Milestones(a, a.models / "cache" / "partial" / f"{sha}.part", size) for a in fan]
+        many = [Milestones(a, a.models / "cache" / "partial" / sha, size) for a in fan]
         pids = [a.proc.pid for a in fan if a.proc is not None]
         hub0, agents0 = cpu_seconds(hub.proc.pid), sum(cpu_seconds(p) for p in pids)
         sys0 = SystemSample.take(work)
