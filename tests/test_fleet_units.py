@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,20 @@ def test_cache_collects_what_is_neither_desired_nor_loaded(tmp_path: Path) -> No
     assert sorted(removed) == [("a", 1), ("b", 1)]
     assert cache.has("a", 3) and cache.has("a", 2) and not cache.has("b", 1)
     assert cache.size() == 2 * (1000 + 2)
+
+
+def test_cache_removes_abandoned_partial_downloads_only(tmp_path: Path) -> None:
+    cache = BundleCache(tmp_path, max_bytes=10_000)
+    hour_ago = time.time() - 3601
+    for sha, age in (("desired", hour_ago), ("abandoned", hour_ago), ("in-progress", None)):
+        files = cache.partial / sha / "files"
+        files.mkdir(parents=True)
+        (files / "model.onnx").write_bytes(b"x" * 100)
+        if age is not None:
+            for path in (files / "model.onnx", files, cache.partial / sha):
+                os.utime(path, (age, age))
+    assert cache.collect_partials({"desired"}) == ["abandoned"]
+    assert sorted(p.name for p in cache.partial.iterdir()) == ["desired", "in-progress"]
 
 
 @pytest.fixture

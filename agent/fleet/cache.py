@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+# An hour without a byte: a download nobody wants any more, not one that is slow.
+PARTIAL_IDLE_S = 3600.0
 
 
 def _dir_size(path: Path) -> int:
@@ -75,3 +80,35 @@ class BundleCache:
         for name, version in removed:
             log.info("cache: collected %s v%d", name, version)
         return removed
+
+    def collect_partials(self, keep: set[str], idle_s: float = PARTIAL_IDLE_S) -> list[str]:
+        """Remove abandoned downloads: not in ``keep`` (sha256s) and untouched for ``idle_s``.
+
+        A download stops being desired when the fleet moves on mid-transfer; its pieces would
+        otherwise stay forever. The idle time spares one still in progress (a blue/green
+        prepare the desired state does not name by hash) and one a new version may yet resume.
+        """
+        removed = []
+        now = time.time()
+        for path in self.partial.iterdir() if self.partial.exists() else ():
+            if path.name in keep:
+                continue
+            if now - _last_change(path) >= idle_s:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path.name)
+                log.info("cache: removed abandoned partial download %s", path.name)
+        return removed
+
+
+def _last_change(path: Path) -> float:
+    newest = 0.0
+    with contextlib.suppress(FileNotFoundError):
+        newest = path.stat().st_mtime
+        for root, _dirs, files in os.walk(path):
+            for f in files:
+                with contextlib.suppress(FileNotFoundError):
+                    newest = max(newest, os.stat(os.path.join(root, f)).st_mtime)
+    return newest

@@ -196,6 +196,7 @@ class FleetSync:
         for slot in self.slots.slots.values():
             keep.update((slot.name, v.version) for v in slot.loaded())
         await asyncio.to_thread(self.cache.collect, keep)
+        await asyncio.to_thread(self.cache.collect_partials, {d.sha256 for d in desired})
         self.report_now.set()
 
     async def _prepare(self, d: DesiredModel) -> None:
