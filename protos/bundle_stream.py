@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from protos.atomic import fsync_dir
 from protos.bundle import BUNDLE_FILES
 from protos.errors import BundleError
 
@@ -40,18 +43,21 @@ _REGULAR = (b"0", b"\0")
 _USTAR_MAGIC = (b"ustar\x0000", b"ustar  \0")
 
 Buffer = bytes | bytearray | memoryview
+_OCTAL = re.compile(rb"[0-7]+")
+# Where the pieces are opened: never through a symlink someone planted in the staging directory.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def _octal(field: bytes, what: str, where: str) -> int:
     text = field.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
+    # Digits only: int(x, 8) would also take a sign or underscores ("-1" as a size).
+    if not _OCTAL.fullmatch(text):
         raise BundleError(
             f"{where}: not a bundle archive (bad {what} field {field[:16]!r} in a tar header)"
-        ) from None
+        )
+    return int(text, 8)
 
 
 def _parse_header(block: bytes, where: str) -> tuple[str, int]:
@@ -66,6 +72,11 @@ def _parse_header(block: bytes, where: str) -> tuple[str, int]:
         name = block[345:500].split(b"\0", 1)[0] + b"/" + name
     text = name.decode("utf-8", "replace")
     kind = block[156:157]
+    if kind in (b"x", b"g"):
+        raise BundleError(
+            f"{where}: the archive has a pax extended header; the bundle format uses plain ustar "
+            f"headers only (pack_bundle writes them for files under 8 GiB)"
+        )
     if text not in BUNDLE_FILES or kind not in _REGULAR:
         what = "a regular file" if kind in _REGULAR else f"tar type {kind.decode('latin-1')!r}"
         raise BundleError(
@@ -105,6 +116,7 @@ class StreamUnpacker:
         self._replaying = False
         self._member_size = 0
         self._content = 0  # member content bytes so far; the rest of offset is in headers
+        self._sizes: dict[str, int] = {}  # completed members
 
     # -- parsing (shared by replay and write) -----------------------------------------------------
 
@@ -122,6 +134,11 @@ class StreamUnpacker:
                 return
             block, self._header = bytes(self._header), bytearray()
             if not any(block):
+                # Also what a power cut can leave of a header: refusing it makes a resume start
+                # over instead of routing the rest of the download into the headers file.
+                missing = [name for name in BUNDLE_FILES if name not in self.seen]
+                if missing:
+                    raise BundleError(f"{self.where}: the archive lacks {', '.join(missing)}")
                 self._mode, self._left = "end", 0
                 return
             name, size = _parse_header(block, self.where)
@@ -131,7 +148,9 @@ class StreamUnpacker:
             self._member, self._mode, self._left = name, "data", size
             self._open_member(name)
         if self._mode == "data" and self._left == 0:
+            assert self._member is not None
             self._close_member()
+            self._sizes[self._member] = self._member_size
             self._mode, self._left = "pad", -self._member_size % BLOCK
         if self._mode == "pad" and self._left == 0:
             self._mode, self._left = "header", BLOCK
@@ -145,7 +164,7 @@ class StreamUnpacker:
     def _open_member(self, name: str) -> None:
         self._member_size = self._left
         if not self._replaying:
-            self._out = open(self.files / name, "wb")  # noqa: SIM115 -- closed by _close_member
+            self._out = _open(self.files / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "wb")
             self._unsynced = 0
 
     def _close_member(self) -> None:
@@ -162,23 +181,25 @@ class StreamUnpacker:
 
         Every replayed byte goes to ``consume`` in archive order (so a hash can be rebuilt).
         A torn tail (a crash between writes) is truncated; a header the parser refuses means
-        the pieces are unusable: ``BundleError``, and the caller starts again from zero.
+        the pieces are unusable: ``BundleError``, and the caller starts again from zero. So is
+        anything in ``staging`` that is not what this class writes (a directory where a piece
+        belongs, a symlink).
         """
-        self.files.mkdir(parents=True, exist_ok=True)
         meta_path = self.staging / HEADERS_FILE
         self._replaying = True
         readers: dict[str, BinaryIO] = {}
         try:
-            meta = open(meta_path, "a+b")  # noqa: SIM115 -- closed below
+            self._make_dirs()
+            meta = _open(meta_path, os.O_RDWR | os.O_CREAT, "r+b")
             readers[HEADERS_FILE] = meta
-            meta.seek(0)
             while True:
                 content, want = self._segment()
                 if content:
                     assert self._member is not None
                     if self._member not in readers:
                         try:
-                            readers[self._member] = open(self.files / self._member, "rb")  # noqa: SIM115
+                            readers[self._member] = _open(self.files / self._member, os.O_RDONLY,
+                                                          "rb")  # fmt: skip
                         except FileNotFoundError:
                             break
                     reader = readers[self._member]
@@ -190,35 +211,51 @@ class StreamUnpacker:
                 if consume is not None:
                     consume(data)
                 self._consumed(len(data), data)
+        except OSError as exc:
+            raise BundleError(f"{self.where}: unusable partial download: {exc}") from None
         finally:
             for reader in readers.values():
                 reader.close()
             self._replaying = False
-        self._truncate_to_replayed()
+        try:
+            self._truncate_to_replayed()
+        except OSError as exc:
+            raise BundleError(f"{self.where}: unusable partial download: {exc}") from None
         return self.offset
 
     def _truncate_to_replayed(self) -> None:
-        meta_used = self.offset - self._content
-        with open(self.staging / HEADERS_FILE, "r+b") as meta:
-            meta.truncate(meta_used)
+        """Cut every piece to what the replay consumed: torn or extra bytes are not kept."""
+        with _open(self.staging / HEADERS_FILE, os.O_RDWR, "r+b") as meta:
+            meta.truncate(self.offset - self._content)
         for path in self.files.iterdir():
             if path.name not in self.seen:
                 path.unlink()  # written after a header that did not survive
+        for name, size in self._sizes.items():
+            # Completed members: bytes beyond their size are no part of the hashed archive.
+            with _open(self.files / name, os.O_RDWR | os.O_CREAT, "r+b") as fh:
+                fh.truncate(size)
         if self._mode == "data":
             assert self._member is not None
-            have = self._member_size - self._left
             path = self.files / self._member
-            with open(path, "a+b") as out:
-                out.truncate(have)
-            self._out = open(path, "ab")  # noqa: SIM115 -- closed by _close_member / close
+            with _open(path, os.O_RDWR | os.O_CREAT, "r+b") as out:
+                out.truncate(self._member_size - self._left)
+            self._out = _open(path, os.O_WRONLY | os.O_APPEND, "ab")
+
+    def _make_dirs(self) -> None:
+        for d in (self.staging, self.files):
+            d.mkdir(parents=True, exist_ok=True)
+            if not stat.S_ISDIR(os.lstat(d).st_mode):
+                raise BundleError(f"{self.where}: {d} is not a directory")
 
     # -- writing ----------------------------------------------------------------------------------
 
     def write(self, data: Buffer) -> None:
         """Route the next bytes of the archive; BundleError as soon as they are not a bundle."""
         if self._meta is None:
-            self.files.mkdir(parents=True, exist_ok=True)
-            self._meta = open(self.staging / HEADERS_FILE, "ab")  # noqa: SIM115 -- see close
+            self._make_dirs()
+            self._meta = _open(
+                self.staging / HEADERS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, "ab"
+            )
         view = memoryview(data).cast("B")
         while view:
             content, want = self._segment()
@@ -255,6 +292,7 @@ class StreamUnpacker:
             self._meta.flush()
             os.fsync(self._meta.fileno())
         self.close()
+        fsync_dir(self.files)  # the entries, before the directory is renamed into place
         return self.files
 
     def close(self) -> None:
@@ -267,6 +305,16 @@ class StreamUnpacker:
     def discard(self) -> None:
         self.close()
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _open(path: Path, flags: int, mode: str) -> BinaryIO:
+    """A file object for ``path`` that refuses to follow a symlink (ELOOP -> OSError)."""
+    fd = os.open(path, flags | _NOFOLLOW, 0o644)
+    try:
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 __all__ = ["FILES_DIR", "HEADERS_FILE", "StreamUnpacker"]

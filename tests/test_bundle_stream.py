@@ -138,7 +138,16 @@ def test_bad_checksum_truncation_and_missing_members(tmp_path: Path, archive: by
     with pytest.raises(BundleError, match="the archive is truncated"):
         short.finish()
 
+    # Refused at the end-of-archive block, as soon as it is clear members are missing.
     lacking = StreamUnpacker(tmp_path / "c")
-    feed(lacking, _tar([("model.onnx", b"x", tarfile.REGTYPE)]), 1000)
     with pytest.raises(BundleError, match=r"lacks manifest\.json, health\.npz"):
-        lacking.finish()
+        feed(lacking, _tar([("model.onnx", b"x", tarfile.REGTYPE)]), 1000)
+
+
+def test_chunk_data_refuses_truncated_messages() -> None:
+    from agent.fleet.transport import chunk_data
+
+    assert bytes(chunk_data(b"\x0a\x03abc\x10\x07")) == b"abc"
+    for bad in (b"\x0a\x05abc", b"\x0a\x01A\x11\x00", b"\x0a\x01A\x15\x00\x00", b"\x0a\x80"):
+        with pytest.raises(ValueError, match="Chunk message"):
+            chunk_data(bad)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import stat
 import tarfile
 import time
@@ -501,3 +502,102 @@ def test_read_serves_only_metadata_names(tmp_path: Path, hub: FakeHub, keys: Pat
     other = TufRepository.open(tmp_path / "metadata", keys)
     hub.publish("mlp", 2)
     assert other.target("mlp/2/bundle.tar") is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# What a hostile hub or a damaged staging directory can do to a download (review findings)
+
+
+def _retar(archive: bytes, drop: str = "", size_of: str = "", size: bytes = b"") -> bytes:
+    """The archive rebuilt without ``drop``, or with ``size_of``'s size field set to ``size``."""
+    buf = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(archive)) as src,
+        tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as out,
+    ):
+        for m in src.getmembers():
+            if m.name != drop:
+                out.addfile(m, src.extractfile(m))
+    data = bytearray(buf.getvalue())
+    if size_of:
+        with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+            at = tar.getmember(size_of).offset
+        data[at + 124 : at + 136] = size.ljust(11, b" ") + b"\0"
+        data[at + 148 : at + 156] = b" " * 8
+        data[at + 148 : at + 155] = f"{sum(data[at : at + 512]):06o}\0".encode()
+    return bytes(data)
+
+
+def test_a_negative_member_size_is_refused_not_looped_on(tmp_path: Path, hub: FakeHub) -> None:
+    """int('-1', 8) is valid Python: a size field must be octal digits only."""
+    evil = _retar(bundle_archive("mlp", 1, tmp_path), size_of="model.onnx", size=b"-1")
+    hub.publish("mlp", 7, evil)
+    verifier = make_verifier(tmp_path, hub)
+    started = time.monotonic()
+    with pytest.raises(BundleError, match="bad size field"):
+        verifier.fetch_bundle("mlp", 7)
+    assert time.monotonic() - started < 10
+    assert not partial(verifier, evil).exists()
+
+
+def test_a_signed_incomplete_archive_is_refused_and_dropped(tmp_path: Path, hub: FakeHub) -> None:
+    data = hub.publish("mlp", 5, _retar(bundle_archive("mlp", 1, tmp_path), drop="health.npz"))
+    verifier = make_verifier(tmp_path, hub)
+    for _ in range(2):  # the same clear error each time, from a clean start
+        with pytest.raises(BundleError, match=r"the archive lacks health\.npz"):
+            verifier.fetch_bundle("mlp", 5)
+        assert not partial(verifier, data).exists()
+    assert [offset for _, offset in hub.target_calls] == [0, 0]
+
+
+def _interrupted(tmp_path: Path, hub: FakeHub, data: bytes, cut: int) -> Path:
+    verifier = make_verifier(tmp_path, hub)
+    hub.fail_after = cut
+    with pytest.raises(TransportUnavailableError):
+        verifier.fetch_bundle("mlp", 1)
+    return partial(verifier, data)
+
+
+def test_damaged_staging_directories_are_started_over(tmp_path: Path, hub: FakeHub) -> None:
+    """A power cut that zeroes a header, a stray directory, bytes appended to a finished
+    file: each is noticed while resuming, and the download still completes at once."""
+    data = hub.publish("mlp", 1)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        health = tar.getmember("health.npz")
+        model = tar.getmember("model.onnx")
+
+    staging = _interrupted(tmp_path, hub, data, health.offset_data + 10)
+    headers = staging / "headers"
+    torn = bytearray(headers.read_bytes())
+    torn[-512:] = bytes(512)  # the last header's block came back as zeros
+    headers.write_bytes(bytes(torn))
+    path = make_verifier(tmp_path, hub).fetch_bundle("mlp", 1)
+    assert load_bundle(path).name == "mlp"
+    assert hub.target_calls[-1][1] == 0  # not routed into the headers file: started over
+    shutil.rmtree(path)
+
+    staging = _interrupted(tmp_path, hub, data, health.offset_data + 10)
+    (staging / "files" / "stray").mkdir()
+    load_bundle(make_verifier(tmp_path, hub).fetch_bundle("mlp", 1))
+    shutil.rmtree(path)
+
+    staging = _interrupted(tmp_path, hub, data, health.offset_data + 10)
+    with open(staging / "files" / "model.onnx", "ab") as fh:
+        fh.write(b"not part of the archive")
+    load_bundle(make_verifier(tmp_path, hub).fetch_bundle("mlp", 1))
+    assert hub.target_calls[-1][1] == health.offset_data + 10
+    assert (path / "model.onnx").stat().st_size == model.size
+
+
+def test_a_symlink_planted_in_staging_is_not_followed(tmp_path: Path, hub: FakeHub) -> None:
+    data = hub.publish("mlp", 1)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        model = tar.getmember("model.onnx")
+    staging = _interrupted(tmp_path, hub, data, model.offset_data + 100)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    target = staging / "files" / "model.onnx"
+    target.unlink()
+    target.symlink_to(victim)
+    load_bundle(make_verifier(tmp_path, hub).fetch_bundle("mlp", 1))
+    assert victim.read_bytes() == b"precious"

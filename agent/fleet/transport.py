@@ -93,6 +93,8 @@ def chunk_data(raw: bytes) -> memoryview:
             _, pos = _varint(view, pos)
         elif wire in (1, 5):
             pos += 8 if wire == 1 else 4
+            if pos > len(view):
+                raise ValueError("truncated Chunk message")
         else:
             raise ValueError(f"unexpected wire type {wire} in a Chunk message")
     return data
@@ -132,9 +134,10 @@ class GrpcTransport:
             raise rpc_error(exc, f"fetching {filename}") from None
 
     def fetch_target(self, path: str, offset: int) -> Iterator[memoryview]:
+        request = pb.FetchRequest(path=path, offset=offset)
+        call = self._fetch_target_raw(request, timeout=self.timeout_s)
         try:
-            request = pb.FetchRequest(path=path, offset=offset)
-            for raw in self._fetch_target_raw(request, timeout=self.timeout_s):
+            for raw in call:
                 yield chunk_data(raw)
         except grpc.RpcError as exc:
             raise rpc_error(exc, f"fetching {path}") from None
@@ -142,6 +145,8 @@ class GrpcTransport:
             raise ConnectionError(
                 f"fetching {path}: malformed message from the hub: {exc}"
             ) from None
+        finally:
+            call.cancel()  # a consumer that stops early ends the stream now (no-op once done)
 
     def close(self) -> None:
         self.channel.close()

@@ -73,6 +73,7 @@ DEFAULT_RESERVE_BYTES = 64 << 20
 # Chunks in flight between the receiving and the writing thread (1 MiB each from the hub): enough
 # to ride out a slow fsync, small enough to bound memory.
 WRITE_QUEUE_CHUNKS = 16
+WRITE_SLICE_BYTES = 1 << 20
 _MB = 1 << 20
 
 # "<sha256>.<basename>": how ngclient names targets under consistent snapshots.
@@ -333,7 +334,8 @@ class BundleVerifier:
         unpacker = StreamUnpacker(staging, where=f"bundle {label}")
         try:
             offset = unpacker.resume(lambda data: [h.update(data) for h in hashers.values()])
-        except BundleError:
+        except BundleError as exc:
+            logger.warning("%s; starting the download again", exc)
             offset = info.length + 1  # unusable pieces: start again below
         if offset > info.length:
             unpacker.discard()
@@ -371,7 +373,11 @@ class BundleVerifier:
             if malformed is not None:
                 self._discard_partial(info)
                 raise malformed
-            return unpacker.finish()
+            try:
+                return unpacker.finish()
+            except BundleError:
+                self._discard_partial(info)  # signed but incomplete: retrying cannot help
+                raise
         finally:
             unpacker.close()
 
@@ -431,11 +437,17 @@ class BundleVerifier:
                     hasher.update(chunk)
                 if failed and not isinstance(failed[0], BundleError):
                     break  # a local failure (disk full...): no point receiving more
-                queue.put(chunk)
+                # Slices (views, no copies) keep the queue's bound in bytes whatever size of
+                # message the hub chooses to send.
+                view = memoryview(chunk)
+                for start in range(0, len(view), WRITE_SLICE_BYTES):
+                    queue.put(view[start : start + WRITE_SLICE_BYTES])
         finally:
-            chunks.close()  # stop the transport stream now, not at garbage collection
-            queue.put(None)
-            writer.join()
+            try:
+                chunks.close()  # stop the transport stream now, not at garbage collection
+            finally:
+                queue.put(None)
+                writer.join()
         if failed and not isinstance(failed[0], BundleError):
             raise failed[0]
         return received, failed[0] if failed else None
