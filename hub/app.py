@@ -144,7 +144,18 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
             except Exception:
                 log.exception("refreshing TUF metadata failed; will retry")
 
-    tasks = [loop.create_task(refresher())]
+    async def flush_seen() -> None:
+        from hub.registry import SEEN_FLUSH_S
+
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SEEN_FLUSH_S)
+            try:
+                core.registry.flush_seen()
+            except Exception:
+                log.exception("writing agents' last-seen times failed; will retry")
+
+    tasks = [loop.create_task(refresher()), loop.create_task(flush_seen())]
     # Rollouts in flight when the hub last stopped continue from their saved state.
     tasks.append(loop.create_task(core.rollouts.run(stop)))
     tasks.append(loop.create_task(core.telemetry_ingest.prune_loop(stop)))

@@ -155,6 +155,10 @@ def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> 
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+# How often buffered last-seen times and reports are written (see Registry.touch).
+SEEN_FLUSH_S = 1.0
+
+
 class Registry:
     def __init__(self, path: Path, clock: Any = time.time) -> None:
         self.path = Path(path)
@@ -170,6 +174,8 @@ class Registry:
         self._deployments_cache: tuple[int, list] = (-1, [])
         # Bumped on every job change, so watchers know to resend desired state.
         self._jobs_version = 0
+        # agent id -> (last seen, latest report or None): written by flush_seen(), see touch().
+        self._seen: dict[str, tuple[float, dict[str, Any] | None]] = {}
 
     def _migrate(self) -> None:
         """Columns added after a table first shipped; ALTER is a no-op-safe, one-time step."""
@@ -197,6 +203,7 @@ class Registry:
             self.db.execute("COMMIT")
 
     def close(self) -> None:
+        self.flush_seen()
         self.db.close()
 
     # -- versions -------------------------------------------------------------------------------
@@ -363,10 +370,13 @@ class Registry:
         return self._agent(r)
 
     def _agent(self, r: sqlite3.Row) -> AgentRow:
+        last_seen, report = r["last_seen"], None
+        if (pending := self._seen.get(r["agent_id"])) is not None:
+            last_seen, report = pending
         return AgentRow(
             r["agent_id"], r["hostname"], json.loads(r["labels"]), r["enrolled_at"],
-            r["last_seen"], r["status"], r["cert_fingerprint"], json.loads(r["report"]),
-            r["presence"],
+            last_seen, r["status"], r["cert_fingerprint"],
+            report if report is not None else json.loads(r["report"]), r["presence"],
         )  # fmt: skip
 
     def agents(self) -> list[AgentRow]:
@@ -389,16 +399,40 @@ class Registry:
             self.db.execute("UPDATE agents SET status = 'revoked' WHERE agent_id = ?", (agent_id,))
 
     def touch(self, agent_id: str, report: Mapping[str, Any] | None = None) -> None:
-        with self.tx():
-            if report is None:
-                self.db.execute(
-                    "UPDATE agents SET last_seen = ? WHERE agent_id = ?", (self.clock(), agent_id)
-                )
-            else:
-                self.db.execute(
-                    "UPDATE agents SET last_seen = ?, report = ? WHERE agent_id = ?",
-                    (self.clock(), json.dumps(report), agent_id),
-                )
+        """Record that an agent was seen (with its latest report): in memory, at once.
+
+        Agents report every few seconds. A transaction, and so an fsync, per report on the
+        hub's event loop would cap the fleet at what the disk can sync (an SD card or a network
+        volume: a few dozen per second). Reads here see the new values at once; flush_seen()
+        writes all of them in one transaction, which the hub does every SEEN_FLUSH_S. A crash
+        loses at most that interval of liveness data, which the agents' next reports restore.
+        """
+        previous = self._seen.get(agent_id)
+        if report is None and previous is not None:
+            report = previous[1]
+        self._seen[agent_id] = (self.clock(), dict(report) if report is not None else None)
+
+    def flush_seen(self) -> int:
+        """Write the buffered last-seen times and reports; return how many agents."""
+        if not self._seen:
+            return 0
+        pending, self._seen = self._seen, {}
+        try:
+            with self.tx():
+                for agent_id, (seen, report) in pending.items():
+                    if report is None:
+                        self.db.execute("UPDATE agents SET last_seen = ? WHERE agent_id = ?",
+                                        (seen, agent_id))  # fmt: skip
+                    else:
+                        self.db.execute(
+                            "UPDATE agents SET last_seen = ?, report = ? WHERE agent_id = ?",
+                            (seen, json.dumps(report), agent_id),
+                        )
+        except BaseException:
+            for agent_id, entry in pending.items():
+                self._seen.setdefault(agent_id, entry)  # newer touches win; retried next time
+            raise
+        return len(pending)
 
     # -- desired state --------------------------------------------------------------------------
 

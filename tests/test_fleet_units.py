@@ -122,3 +122,42 @@ def test_tokens_are_one_time_and_expire(registry: Registry) -> None:
     registry.now[0] = 1600.0  # type: ignore[attr-defined]
     with pytest.raises(PermissionDeniedError, match="expired"):
         registry.consume_token("t2", "h2", "a3")
+
+
+def test_agent_reports_are_buffered_and_written_together(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """One transaction per flush, not per report; reads see the buffered values at once."""
+    import sqlite3
+
+    for i in range(3):
+        registry.add_agent(f"a{i}", f"h{i}", {"site": "x"}, "fp")
+    registry.now[0] = 2000.0  # type: ignore[attr-defined]
+    registry.touch("a0", {"models": [{"name": "m", "active_version": "2"}]})
+    registry.touch("a1")
+    registry.now[0] = 2001.0  # type: ignore[attr-defined]
+    registry.touch("a0")  # a keepalive keeps the last report
+    seen = {a.agent_id: a for a in registry.agents()}
+    assert (seen["a0"].last_seen, seen["a0"].report["models"][0]["active_version"]) == (2001, "2")
+    assert registry.agent("a1").last_seen == 2000 and registry.agent("a2").last_seen == 0
+
+    def on_disk() -> dict[str, float]:
+        con = sqlite3.connect(tmp_path / "r.db")
+        try:
+            return dict(con.execute("SELECT agent_id, last_seen FROM agents").fetchall())
+        finally:
+            con.close()
+
+    assert on_disk() == {"a0": 0, "a1": 0, "a2": 0}
+    assert registry.flush_seen() == 2
+    assert on_disk() == {"a0": 2001, "a1": 2000, "a2": 0}
+    assert registry.agent("a0").report["models"][0]["active_version"] == "2"
+    assert registry.flush_seen() == 0  # nothing new: no transaction at all
+
+    # A failed write keeps what it could not store for the next flush; newer touches win.
+    registry.touch("a2")
+    registry.db.execute("BEGIN IMMEDIATE")  # the flush's own BEGIN now fails
+    with pytest.raises(sqlite3.OperationalError):
+        registry.flush_seen()
+    registry.db.execute("ROLLBACK")
+    assert registry.flush_seen() == 1 and on_disk()["a2"] == 2001
