@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from protos.errors import EXIT_CODES, InvalidRequestError, ModelfleetError, Status
+from protos.malloc import tune_malloc
 
 
 def _add_admin_args(p: argparse.ArgumentParser) -> None:
@@ -182,6 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }
     cfg = load_config(args.config, overrides)
     setup_logging(cfg.log_level, cfg.log_json)
+    tune_malloc()
     asyncio.run(serve(cfg))
     return 0
 
@@ -197,6 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cfg.hub:
         raise InvalidRequestError(f"{args.config} names no hub: enroll first, or use `serve`")
     setup_logging(cfg.log_level, cfg.log_json)
+    tune_malloc()
     asyncio.run(serve(cfg))
     return 0
 

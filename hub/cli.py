@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from protos.errors import EXIT_CODES, InvalidRequestError, ModelfleetError, Status
+from protos.malloc import tune_malloc
 
 DEFAULT_DATA = os.environ.get("MODELFLEET_HUB_DATA", "hub-data")
 
@@ -252,6 +253,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides["data"] = args.data
     cfg = load_hub_config(args.config, overrides)
     setup_logging(cfg.log_level, cfg.log_json)
+    tune_malloc()
     asyncio.run(serve(cfg))
     return 0
 
