@@ -11,6 +11,7 @@ import json
 import sys
 
 from protos.errors import EXIT_CODES, ModelfleetError
+from protos.malloc import tune_malloc
 
 PROG = "modelfleet-batch"
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_malloc()  # batches of a few MiB are allocated and freed all run long
     # Imported after parsing so that --help stays fast.
     import pyarrow as pa
 
