@@ -20,16 +20,17 @@ log = logging.getLogger(__name__)
 PARTIAL_IDLE_S = 3600.0
 
 
-def _dir_size(path: Path) -> int:
-    # Collection may remove a bundle while a report sums the cache: a vanished file counts 0.
+def tree_size(path: Path) -> int:
+    """Bytes in the files under ``path`` (0 if it is gone).
+
+    Collection may remove a bundle, or a download finish, while this walks: a file that
+    vanishes counts 0.
+    """
     total = 0
-    try:
-        entries = list(path.iterdir())
-    except FileNotFoundError:
-        return 0
-    for f in entries:
-        with contextlib.suppress(FileNotFoundError):
-            total += f.stat().st_size
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(root, f)).st_size
     return total
 
 
@@ -63,7 +64,7 @@ class BundleCache:
         return out
 
     def size(self) -> int:
-        return sum(_dir_size(p) for _, _, p in self.entries())
+        return sum(tree_size(p) for _, _, p in self.entries())
 
     def collect(self, keep: set[tuple[str, int]]) -> list[tuple[str, int]]:
         """Remove versions not in ``keep``; return what was removed."""

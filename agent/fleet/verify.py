@@ -36,7 +36,6 @@ import contextlib
 import errno
 import hashlib
 import logging
-import os
 import re
 import shutil
 import threading
@@ -50,6 +49,7 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
+from agent.fleet.cache import tree_size
 from protos.atomic import atomic_write as _atomic_write
 from protos.bundle import MANIFEST_FILE, NAME_RE, publish_unpacked
 from protos.bundle_stream import Buffer, StreamUnpacker
@@ -483,7 +483,7 @@ class BundleVerifier:
         shutil.rmtree(self._staging(info), ignore_errors=True)
 
     def _check_disk(self, info: TargetFile, name: str, version: int) -> None:
-        have = _tree_size(self._staging(info))
+        have = tree_size(self._staging(info))
         if have > info.length:
             self._discard_partial(info)  # cannot be a prefix of this archive
             have = 0
@@ -605,15 +605,6 @@ def _rollback_message(text: str) -> str:
     else:
         return f"rollback or mix-and-match attack: inconsistent metadata versions (tuf: {text})"
     return f"rollback attack: {role} version {got} is lower than trusted {trusted} (tuf: {text})"
-
-
-def _tree_size(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(os.path.join(root, f)).st_size
-    return total
 
 
 def _mb(n: int) -> str:

@@ -46,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.fleet.cache import tree_size
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
 from tests import models
@@ -370,7 +371,7 @@ class Milestones:
     _last_status: float = field(default=0.0, repr=False)
 
     def poll(self, now: float) -> None:
-        have = _tree_size(self.part) if self.part.is_dir() else -1
+        have = tree_size(self.part) if self.part.is_dir() else -1
         if have >= 0 and self.part_seen is None:
             self.part_seen = now
         if have >= self.size and self.part_full is None:
@@ -403,15 +404,6 @@ STAGES = (
     "last byte -> verified in cache (hash check, fsync, manifest, rename)",
     "verified -> active (sha256 of the files, onnxruntime load, gate)",
 )
-
-
-def _tree_size(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(os.path.join(root, f)).st_size
-    return total
 
 
 def watch(
