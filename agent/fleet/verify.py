@@ -298,7 +298,7 @@ class BundleVerifier:
             if (final / MANIFEST_FILE).exists():
                 return final  # verified and unpacked before; loading re-checks its files
             self._check_disk(info, name, version)
-            with self._translated(label, target=info):
+            with self._translated(label):
                 files = self._download(info, label)
             try:
                 final.parent.mkdir(parents=True, exist_ok=True)
@@ -519,19 +519,15 @@ class BundleVerifier:
         return _role_of_file(last) if last else "metadata"
 
     @contextlib.contextmanager
-    def _translated(self, what: str, target: TargetFile | None = None) -> Iterator[None]:
-        """Turn ngclient's exceptions into ours, with the attack class in plain words."""
+    def _translated(self, what: str) -> Iterator[None]:
+        """Turn ngclient's and the transport's exceptions into ours, in plain words.
+
+        Bundle bytes are checked by ``_download`` itself, which raises ``VerificationError``
+        directly; what arrives here about lengths and hashes concerns metadata.
+        """
         try:
             yield
         except tuf_exc.DownloadLengthMismatchError as exc:
-            if target is not None:
-                self._discard_partial(target)
-                raise VerificationError(
-                    f"bundle length mismatch for {what}: the hub sent more than the signed "
-                    f"{target.length} bytes (endless data attack?); partial download discarded "
-                    f"(tuf: {exc})",
-                    reason="length",
-                ) from exc
             raise VerificationError(
                 f"metadata {self._fetcher.last_metadata} is longer than allowed (endless data "
                 f"attack?) (tuf: {exc})",
@@ -549,13 +545,6 @@ class BundleVerifier:
         except tuf_exc.LengthOrHashMismatchError as exc:
             text = str(exc)
             kind = "length" if "length" in text.lower() else "hash"
-            if target is not None:
-                self._discard_partial(target)
-                raise VerificationError(
-                    f"bundle {kind} mismatch for {what}: the downloaded file is not the one the "
-                    f"hub signed (tampered or corrupted); partial download discarded (tuf: {text})",
-                    reason=kind,
-                ) from exc
             role = self._role_in(self._fetcher.last_metadata or text)
             raise VerificationError(
                 f"metadata {kind} mismatch for {role}: it is not the file its parent role "
