@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+from pathlib import Path
 
 import grpc
 
 from agent.logs import setup_logging
 from hub.config import RELOADABLE, HubConfig, reload_hub_config
-from hub.core import HubCore
+from hub.core import HubCore, lock_data_dir
 from hub.server import AdminServicer, FleetServicer, dump_json, server_options
 from protos import fleet_pb2_grpc as pb_grpc
 from protos.identity import generate_key, write_pem, write_private_key
@@ -94,6 +96,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, reload)
 
+    data_lock = lock_data_dir(Path(cfg.data), "start the hub")
     core = HubCore(cfg)
     ensure_admin_identity(core)
     key_pem, chain_pem, ca_pem = tls_material(core)
@@ -178,6 +181,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
             bridge.stop()
         core.telemetry_ingest.close()
         core.registry.close()
+        os.close(data_lock)
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog

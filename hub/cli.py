@@ -71,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--offline", type=Path, help="write the root and targets private keys here, not on the hub"
     )
 
+    kr = ksub.add_parser(
+        "rotate", help="give a role a new key (root N+1), with the hub stopped; see security.md"
+    )
+    kr.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
+    kr.add_argument("--root-key", type=Path,
+                    help="the current root private key (default: DATA/keys/root.pem)")  # fmt: skip
+    kr.add_argument("--new-key", type=Path,
+                    help="the new private key (default: generate one; required for a key kept "
+                         "offline)")  # fmt: skip
+    kr.add_argument("--renew", action="store_true",
+                    help="root only: keep its key, re-sign root with a new expiry")  # fmt: skip
+
     mq = sub.add_parser("mqtt-config", help="write mosquitto.conf, ACL and certificates")
     mq.add_argument("--out", type=Path, required=True)
     mq.add_argument("--listen", default="127.0.0.1:8883", help="broker listener HOST:PORT")
@@ -280,6 +292,61 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     if args.offline:
         print(f"root and targets private keys are in {args.offline}: move them off this machine;"
               f" publishing will need --targets-key {args.offline}/targets.pem")  # fmt: skip
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    return cmd_keys_rotate(args) if args.keys_command == "rotate" else cmd_keys_init(args)
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from securesystemslib.signer import CryptoSigner
+
+    from hub.core import HubPaths, lock_data_dir
+    from hub.signing import TufRepository, load_signer, set_public_key
+    from protos.atomic import atomic_write
+
+    paths = HubPaths(args.data)
+    role = args.role
+    lock = lock_data_dir(paths.root, f"rotate the {role} key")
+    try:
+        root_signer = load_signer(args.root_key or paths.keys / "root.pem")
+        online = paths.keys / f"{role}.pem"
+        if args.renew:
+            if role != "root" or args.new_key:
+                raise InvalidRequestError("--renew re-signs root with its own key: role root, "
+                                          "no --new-key")  # fmt: skip
+            new = root_signer
+        elif args.new_key:
+            new = load_signer(args.new_key)
+        elif online.exists() or role in ("snapshot", "timestamp"):
+            new = CryptoSigner.generate_ed25519()
+        else:
+            raise InvalidRequestError(
+                f"the {role} key is kept offline: create the new key there and pass --new-key"
+            )
+        repo = TufRepository.open(paths.metadata, paths.keys)
+        # The hub signs with what is in keys/: an online key is replaced there, written aside
+        # first so a failed rotation leaves the old one in place.
+        aside = None
+        if online.exists() or role in ("snapshot", "timestamp"):
+            aside = online.with_name(f".{online.name}.new")
+            atomic_write(aside, new.private_bytes, 0o600)
+        try:
+            version = repo.rotate_key(role, new, root_signer)
+        except BaseException:
+            if aside is not None:
+                aside.unlink(missing_ok=True)
+            raise
+        if aside is not None:
+            os.replace(aside, online)
+        set_public_key(paths.keys, role, new.public_key)
+    finally:
+        os.close(lock)
+    what = "renewed" if args.renew else f"now {new.public_key.keyid}"
+    print(f"root v{version}: the {role} key is {what}; agents follow at their next refresh")
+    if args.new_key is None and not args.renew:
+        print(f"the new private key is {online} (mode 0600)")
     return 0
 
 
@@ -669,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         args.data = Path(DEFAULT_DATA)
     handlers = {
         "serve": cmd_serve,
-        "keys": cmd_keys_init,
+        "keys": cmd_keys,
         "sign": cmd_sign,
         "mqtt-config": cmd_mqtt_config,
         "publish": cmd_publish,

@@ -7,9 +7,11 @@ call these methods; errors are :mod:`protos.errors` types mapped once at each ed
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -28,7 +30,13 @@ from hub.registry import AgentRow, Desired, PermissionDeniedError, Registry, Ver
 from hub.signing import ExpiryPolicy, TargetsKeyRequiredError, TufRepository, init_keys
 from protos import fleet_pb2
 from protos.bundle import NAME_RE, unpack_bundle
-from protos.errors import InvalidRequestError, ModelNotFoundError, ResourceExhaustedError
+from protos.errors import (
+    InvalidRequestError,
+    ModelfleetError,
+    ModelNotFoundError,
+    ResourceExhaustedError,
+    Status,
+)
 from protos.identity import EnrollToken, cert_fingerprint, token_secret_hash
 
 log = logging.getLogger(__name__)
@@ -106,6 +114,36 @@ def open_tuf(paths: HubPaths, cfg: HubConfig, clock: Callable[[], float]) -> Tuf
             paths.keys,
         )
     return TufRepository.create(paths.metadata, paths.keys, clock=clock, expiry=policy)
+
+
+class HubRunningError(ModelfleetError):
+    """Another process serves this data directory (or an offline command meets a live hub)."""
+
+    status = Status.FAILED_PRECONDITION
+    reason = "hub_running"
+
+
+LOCK_FILE = "hub.lock"
+
+
+def lock_data_dir(root: Path, doing: str) -> int:
+    """Take ``root/hub.lock`` exclusively; return the descriptor (closing it releases the lock).
+
+    The hub holds it while it serves, so a second hub on the same data refuses to start, and
+    offline commands that rewrite what a running hub keeps in memory (key rotation) refuse to
+    run next to one. The kernel drops the lock when the process dies, so nothing goes stale.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise HubRunningError(
+            f"cannot {doing}: a hub is running on {root} ({root / LOCK_FILE} is held); "
+            f"stop it first"
+        ) from None
+    return fd
 
 
 class HubCore:

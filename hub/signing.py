@@ -231,6 +231,19 @@ def load_public_keys(keys_dir: Path) -> dict[str, Key]:
         raise TufSetupError(f"{path} is malformed: {exc}") from None
 
 
+def set_public_key(keys_dir: Path, role: str, key: Key) -> None:
+    """Record ``role``'s new public key in ``keys_dir/public.json`` (after a rotation)."""
+    path = Path(keys_dir) / PUBLIC_KEYS_FILE
+    try:
+        public = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        public = {}
+    except (OSError, ValueError) as exc:
+        raise TufSetupError(f"cannot read {path}: {exc}") from None
+    public[role] = {"keyid": key.keyid, "key": key.to_dict()}
+    _atomic_write(path, (json.dumps(public, indent=2, sort_keys=True) + "\n").encode())
+
+
 def sign_staged(payload: bytes, key_path: Path) -> dict[str, str]:
     """Sign a staged targets payload with the (offline) targets key; the CLI's half of the flow.
 
@@ -640,6 +653,63 @@ class TufRepository:
                 self._publish_timestamp(self._snapshot.signed.version, snapshot_bytes, t)
                 wrote = True
             return wrote
+
+    def rotate_key(
+        self, role: str, new_signer: Signer, root_signer: Signer, now: float | None = None
+    ) -> int:
+        """Give ``role`` the key of ``new_signer``; return the new root version.
+
+        TUF's rule: root N+1 lists the new key and is signed by a root key of root N (and, when
+        root's own key changes, by the new root key too), so agents walk from the root they
+        trust to the new one. Then what the new key covers is re-signed with higher versions
+        (targets for a targets key), and snapshot and timestamp always. Handing the key that
+        ``role`` already has renews: only root's version and expiry change (``root`` before it
+        expires). The hub must not be running: it keeps its online signers in memory.
+        """
+        if role not in ROLES:
+            raise InvalidRequestError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+        with self._write_lock():
+            current = self._root.signed
+            if root_signer.public_key.keyid not in current.roles["root"].keyids:
+                raise TufSetupError(
+                    f"the root key given (keyid {root_signer.public_key.keyid[:16]}...) is not a "
+                    f"root key of root v{current.version}: it cannot sign the next root"
+                )
+            root: Metadata[Root] = Metadata.from_bytes(self._root.to_bytes())
+            new_keyid = new_signer.public_key.keyid
+            if new_keyid not in root.signed.roles[role].keyids:
+                for keyid in list(root.signed.roles[role].keyids):
+                    root.signed.revoke_key(keyid, role)
+                root.signed.add_key(new_signer.public_key, role)
+            root.signed.version += 1
+            root.signed.expires = self._expires_at("root", now)
+            root.sign(root_signer)
+            if role == "root" and new_keyid != root_signer.public_key.keyid:
+                root.sign(new_signer, append=True)
+            data = root.to_bytes()
+            self._state_key = None
+            # N.root.json first: agents find the chain by version; root.json marks the latest.
+            _atomic_write(self.metadata_dir / f"{root.signed.version}.root.json", data)
+            _atomic_write(self.metadata_dir / "root.json", data)
+            self._root = root
+            if role == "snapshot":
+                self._snapshot_signer = new_signer
+            elif role == "timestamp":
+                self._timestamp_signer = new_signer
+            if role == "targets":
+                with contextlib.suppress(FileNotFoundError):
+                    (self.metadata_dir / STAGED_DIR / "targets.json").unlink()
+                    logger.warning("discarded the staged targets: they were for the old key")
+                targets: Metadata[Targets] = Metadata.from_bytes(self._targets.to_bytes())
+                targets.signed.version += 1
+                targets.signed.expires = self._expires_at("targets", now)
+                targets.sign(new_signer)
+                if self._targets_signer is not None:
+                    self._targets_signer = new_signer
+                self._publish_targets(targets, now)
+            else:
+                self._publish_snapshot(dict(self._snapshot.signed.meta), now)
+            return root.signed.version
 
     # -- internals ----------------------------------------------------------------------------
 

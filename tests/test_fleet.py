@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -351,6 +352,37 @@ def test_kill_mid_download_then_resume(fleet) -> None:
     wait_for(lambda: active(again) == 1, 120, "v1 after resume")
     assert "resuming mlp/1 at byte" in again.logs()
     assert not list(partial.iterdir())
+
+
+def test_key_rotation_with_the_hub_stopped_and_agents_following(fleet) -> None:
+    hub = fleet.hub()
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1")
+    # A running hub keeps its signers in memory: rotating under it is refused, and so is a
+    # second hub on the same data.
+    running = hub.cli("keys", "rotate", "timestamp", check=False)
+    assert running.returncode != 0 and "a hub is running on" in running.stderr
+    second = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "--data", str(hub.data), "serve", "--listen",
+         "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert second.returncode != 0 and "cannot start the hub: a hub is running" in second.stderr
+    hub.stop()
+    assert "root v2: the timestamp key is now" in hub.cli("keys", "rotate", "timestamp")
+    assert "root v3: the targets key is now" in hub.cli("keys", "rotate", "targets")
+    assert "root v4: the root key is renewed" in hub.cli("keys", "rotate", "root", "--renew")
+    wrong = hub.cli("keys", "rotate", "snapshot", "--root-key",
+                    str(hub.data / "keys" / "snapshot.pem"), check=False)  # fmt: skip
+    assert wrong.returncode != 0 and "is not a root key of root v4" in wrong.stderr
+    assert oct((hub.data / "keys" / "timestamp.pem").stat().st_mode & 0o777) == "0o600"
+    hub = fleet.restart_hub(hub)
+    hub.cli("publish", "mlp", str(fleet.model(1)))
+    hub.cli("deploy", "mlp", "2")
+    wait_for(lambda: active(agent) == 2, 60, "v2 through the rotated keys")
+    trusted = json.loads((agent.models / "tuf" / "root.json").read_text())
+    assert trusted["signed"]["version"] == 4
 
 
 def test_hub_restart_keeps_state_and_agent_restart_offline(fleet) -> None:

@@ -601,3 +601,56 @@ def test_a_symlink_planted_in_staging_is_not_followed(tmp_path: Path, hub: FakeH
     target.symlink_to(victim)
     load_bundle(make_verifier(tmp_path, hub).fetch_bundle("mlp", 1))
     assert victim.read_bytes() == b"precious"
+
+
+# ---------------------------------------------------------------------------------------------
+# Key rotation (TufRepository.rotate_key): agents follow the chain of roots
+
+
+@pytest.mark.parametrize("role", ["timestamp", "snapshot", "targets", "root"])
+def test_agents_follow_a_key_rotation_and_refuse_the_old_key(
+    tmp_path: Path, hub: FakeHub, keys: Path, role: str
+) -> None:
+    hub.publish("mlp", 1)
+    verifier = make_verifier(tmp_path, hub)
+    verifier.fetch_bundle("mlp", 1)  # the agent trusts root v1
+    old = load_signer(keys / f"{role}.pem")
+    new = CryptoSigner.generate_ed25519()
+
+    assert hub.repo.rotate_key(role, new, load_signer(keys / "root.pem")) == 2
+    assert hub.repo.read("2.root.json") == hub.repo.root_bytes()
+    if role == "targets":
+        (keys / "targets.pem").write_bytes(new.private_bytes)  # where publishing finds it
+        hub.repo = TufRepository.open(tmp_path / "metadata", keys)
+    hub.publish("mlp", 2)
+    load_bundle(verifier.fetch_bundle("mlp", 2))  # walked root v1 -> v2 and verified v2
+    trusted = Metadata.from_bytes((tmp_path / "agent" / "tuf" / "root.json").read_bytes())
+    assert trusted.signed.version == 2
+    assert trusted.signed.roles[role].keyids == [new.public_key.keyid]
+
+    if role == "timestamp":
+        # A timestamp the old key signs (a thief of the old key) is refused from now on.
+        forged: Metadata = Metadata.from_bytes(hub.repo.read("timestamp.json"))
+        forged.signed.version += 1
+        forged.sign(old)
+        hub.overrides["timestamp.json"] = forged.to_bytes()
+        with pytest.raises(VerificationError, match="bad signature on timestamp"):
+            verifier.fetch_bundle("mlp", 2)
+
+
+def test_root_renewal_and_a_wrong_root_key(tmp_path: Path, hub: FakeHub, keys: Path) -> None:
+    hub.publish("mlp", 1)
+    verifier = make_verifier(tmp_path, hub)
+    verifier.fetch_bundle("mlp", 1)
+    before = hub.repo.expires()["root"]
+    with pytest.raises(Exception, match="is not a root key of root v1"):
+        hub.repo.rotate_key("timestamp", CryptoSigner.generate_ed25519(),
+                            load_signer(keys / "timestamp.pem"))  # fmt: skip
+    assert hub.repo.versions()["root"] == 1  # nothing written
+    root_key = load_signer(keys / "root.pem")
+    time.sleep(1.1)  # expiries have second resolution
+    assert hub.repo.rotate_key("root", root_key, root_key) == 2  # same key: a renewal
+    assert hub.repo.expires()["root"] > before
+    verifier.fetch_bundle("mlp", 1)
+    trusted = Metadata.from_bytes((tmp_path / "agent" / "tuf" / "root.json").read_bytes())
+    assert trusted.signed.version == 2
