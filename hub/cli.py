@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "offline)")  # fmt: skip
     kr.add_argument("--renew", action="store_true",
                     help="root only: keep its key, re-sign root with a new expiry")  # fmt: skip
+    kr.add_argument("--config", type=Path,
+                    help="the hub's TOML config, for its metadata lifetimes")  # fmt: skip
 
     mq = sub.add_parser("mqtt-config", help="write mosquitto.conf, ACL and certificates")
     mq.add_argument("--out", type=Path, required=True)
@@ -302,7 +304,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from securesystemslib.signer import CryptoSigner
 
-    from hub.core import HubPaths, lock_data_dir
+    from hub.config import load_hub_config
+    from hub.core import HubPaths, expiry_policy, lock_data_dir
     from hub.signing import TufRepository, load_signer, set_public_key
     from protos.atomic import atomic_write
 
@@ -325,7 +328,9 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
             raise InvalidRequestError(
                 f"the {role} key is kept offline: create the new key there and pass --new-key"
             )
-        repo = TufRepository.open(paths.metadata, paths.keys)
+        # The lifetimes the hub is configured with (root_expiry_s, ...), not the defaults.
+        policy = expiry_policy(load_hub_config(args.config, {"data": args.data}))
+        repo = TufRepository.open(paths.metadata, paths.keys, expiry=policy)
         # The hub signs with what is in keys/: an online key is replaced there, written aside
         # first so a failed rotation leaves the old one in place.
         aside = None
