@@ -24,7 +24,6 @@ list; resume deletes it and scores the unit again, so every unit is in the outpu
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from protos.atomic import fsync_dir as _fsync_dir
+from protos.atomic import try_lock
 from protos.errors import ModelfleetError, Status
 
 CHECKPOINT_FILE = "_checkpoint.jsonl"
@@ -113,16 +113,12 @@ class RunDir:
         """
         self.output.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(exist_ok=True)
-        fd = os.open(self.work / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            # flock, not a pid file: the kernel releases it when the holder dies, even on kill -9.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_lock(self.work / LOCK_FILE)
+        if fd is None:
             raise RunConflictError(
                 f"run {self.run_id} is being written by another process (lock on "
                 f"{self.work / LOCK_FILE})"
-            ) from None
+            )
         self._lock_fd = fd
         done = self._read_checkpoint(header)
         self._clean(done)

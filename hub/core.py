@@ -7,11 +7,9 @@ call these methods; errors are :mod:`protos.errors` types mapped once at each ed
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
 import shutil
@@ -29,6 +27,7 @@ from hub.config import HubConfig
 from hub.registry import AgentRow, Desired, PermissionDeniedError, Registry, VersionRow
 from hub.signing import ExpiryPolicy, TargetsKeyRequiredError, TufRepository, init_keys
 from protos import fleet_pb2
+from protos.atomic import try_lock
 from protos.bundle import NAME_RE, unpack_bundle
 from protos.errors import (
     InvalidRequestError,
@@ -134,15 +133,12 @@ def lock_data_dir(root: Path, doing: str) -> int:
     run next to one. The kernel drops the lock when the process dies, so nothing goes stale.
     """
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = try_lock(root / LOCK_FILE, 0o600)
+    if fd is None:
         raise HubRunningError(
             f"cannot {doing}: a hub is running on {root} ({root / LOCK_FILE} is held); "
             f"stop it first"
-        ) from None
+        )
     return fd
 
 

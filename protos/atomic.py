@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 from pathlib import Path
@@ -41,3 +42,21 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def try_lock(path: str | os.PathLike[str], mode: int = 0o644) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created if need be), or None if another holds it.
+
+    Returns the descriptor; closing it releases the lock. A lock, not a pid file: the kernel
+    releases it when the holder dies, even on kill -9, so nothing goes stale.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -161,3 +161,24 @@ def test_agent_reports_are_buffered_and_written_together(
         registry.flush_seen()
     registry.db.execute("ROLLBACK")
     assert registry.flush_seen() == 1 and on_disk()["a2"] == 2001
+
+
+def test_try_lock_is_exclusive_and_released_on_close(tmp_path: Path) -> None:
+    from protos.atomic import try_lock
+
+    first = try_lock(tmp_path / "x.lock")
+    assert first is not None
+    assert try_lock(tmp_path / "x.lock") is None  # another open file description: refused
+    os.close(first)
+    again = try_lock(tmp_path / "x.lock")
+    assert again is not None
+    os.close(again)
+
+
+def test_a_batch_run_being_written_is_not_opened_twice(tmp_path: Path) -> None:
+    from batch.checkpoint import RunConflictError, RunDir
+
+    first = RunDir(tmp_path / "out", "r1")
+    first.open({"fingerprint": "f"})
+    with pytest.raises(RunConflictError, match="being written by another process"):
+        RunDir(tmp_path / "out", "r1").open({"fingerprint": "f"})
