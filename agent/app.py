@@ -10,7 +10,7 @@ import signal
 from typing import Any
 
 from agent.config import RELOADABLE, ServeConfig, reload_config
-from agent.logs import setup_logging
+from agent.logs import reload_logged
 from agent.metrics import AgentMetrics
 from agent.repository import RepositoryWatcher
 from agent.runtime import RuntimeOptions
@@ -114,23 +114,14 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         if stopping:
             log.info("SIGHUP while shutting down: ignored")
             return
-        where = cfg.origin.path if cfg.origin and cfg.origin.path else "(no config file)"
-        log.info("SIGHUP: reloading configuration from %s", where)
         if ready:
             notifier.reloading("reloading configuration")
-        try:
-            old = {k: getattr(cfg, k) for k in RELOADABLE}
-            applied, restart = reload_config(cfg)
-            if "log_level" in applied or "log_json" in applied:
-                setup_logging(cfg.log_level, cfg.log_json)
+
+        def applied(_changed: list[str]) -> None:
             if isinstance(source, RepositoryWatcher):
                 source.interval_s = cfg.poll_interval_s
-            changes = ", ".join(f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in applied)
-            log.info("configuration reloaded: %s", changes or "no run-time setting changed")
-            if restart:
-                log.warning("configuration changed, needs a restart: %s", ", ".join(restart))
-        except Exception as exc:  # a bad edit must not take a serving agent down
-            log.error("configuration reload failed, keeping the running configuration: %s", exc)
+
+        reload_logged(cfg, reload_config, RELOADABLE, log, applied)
         if ready:
             notifier.ready(shown)
 

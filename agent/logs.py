@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 
 class JsonFormatter(logging.Formatter):
@@ -79,3 +81,31 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def reload_logged(
+    cfg: Any,
+    reload_config: Callable[[Any], tuple[list[str], list[str]]],
+    reloadable: Iterable[str],
+    log: logging.Logger,
+    on_applied: Callable[[list[str]], None] = lambda applied: None,
+) -> None:
+    """SIGHUP's common part for hub and agent: reload ``cfg`` in place and say what changed.
+
+    ``reload_config(cfg)`` returns (settings applied now, settings that need a restart). A bad
+    edit is logged and the running configuration kept: a reload must not take a server down.
+    """
+    where = cfg.origin.path if cfg.origin and cfg.origin.path else "(no config file)"
+    log.info("SIGHUP: reloading configuration from %s", where)
+    try:
+        old = {k: getattr(cfg, k) for k in reloadable}
+        applied, restart = reload_config(cfg)
+        if "log_level" in applied or "log_json" in applied:
+            setup_logging(cfg.log_level, cfg.log_json)
+        on_applied(applied)
+        changes = ", ".join(f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in applied)
+        log.info("configuration reloaded: %s", changes or "no run-time setting changed")
+        if restart:
+            log.warning("configuration changed, needs a restart: %s", ", ".join(restart))
+    except Exception as exc:
+        log.error("configuration reload failed, keeping the running configuration: %s", exc)

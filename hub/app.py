@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from agent.logs import setup_logging
+from agent.logs import reload_logged
 from hub.config import RELOADABLE, HubConfig, reload_hub_config
 from hub.core import HubCore, lock_data_dir
 from hub.server import AdminServicer, FleetServicer, dump_json, server_options
@@ -74,23 +74,14 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
         if stopping:
             log.info("SIGHUP while shutting down: ignored")
             return
-        where = cfg.origin.path if cfg.origin and cfg.origin.path else "(no config file)"
-        log.info("SIGHUP: reloading configuration from %s", where)
         if ready:
             notifier.reloading("reloading configuration")
-        try:
-            old = {k: getattr(cfg, k) for k in RELOADABLE}
-            applied, restart = reload_hub_config(cfg)
-            if "log_level" in applied or "log_json" in applied:
-                setup_logging(cfg.log_level, cfg.log_json)
-            if "refresh_interval_s" in applied:
+
+        def applied(changed: list[str]) -> None:
+            if "refresh_interval_s" in changed:
                 refresh_wakeup.set()
-            changes = ", ".join(f"{k} {old[k]!r} -> {getattr(cfg, k)!r}" for k in applied)
-            log.info("configuration reloaded: %s", changes or "no run-time setting changed")
-            if restart:
-                log.warning("configuration changed, needs a restart: %s", ", ".join(restart))
-        except Exception as exc:  # a bad edit must not take the hub down
-            log.error("configuration reload failed, keeping the running configuration: %s", exc)
+
+        reload_logged(cfg, reload_hub_config, RELOADABLE, log, applied)
         if ready:
             notifier.ready(status_text())
 
