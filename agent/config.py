@@ -94,6 +94,9 @@ class ServeConfig:
     disk_reserve_bytes: int = 64 * 1024 * 1024
     # Upper bound of the reconnect backoff (full jitter), in seconds.
     backoff_max_s: float = 30.0
+    # Renew the agent's certificate (new key) this many seconds before it expires, or at half
+    # its lifetime if that comes sooner.
+    cert_renew_before_s: float = 30 * 86400
     # grpc (everything over gRPC), mqtt (everything through the broker) or both (desired state
     # through the broker, bytes and reports over gRPC).
     transport: str = "grpc"
@@ -221,6 +224,8 @@ def validate(cfg: ServeConfig) -> None:
         raise InvalidRequestError(f"config: transport {cfg.transport} needs an mqtt address")
     if cfg.poll_interval_s <= 0:
         raise InvalidRequestError("config: poll_interval_s must be > 0")
+    if cfg.cert_renew_before_s <= 0:
+        raise InvalidRequestError("config: cert_renew_before_s must be > 0")
     if cfg.telemetry_interval_s <= 0 or cfg.telemetry_outbox_max_reports < 1:
         raise InvalidRequestError(
             "config: telemetry_interval_s must be > 0 and telemetry_outbox_max_reports >= 1"

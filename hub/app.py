@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,13 @@ from hub.config import RELOADABLE, HubConfig, reload_hub_config
 from hub.core import HubCore, lock_data_dir
 from hub.server import AdminServicer, FleetServicer, dump_json, server_options
 from protos import fleet_pb2_grpc as pb_grpc
-from protos.identity import generate_key, write_pem, write_private_key
+from protos.identity import (
+    generate_key,
+    load_certificate,
+    renewal_time,
+    write_pem,
+    write_private_key,
+)
 from protos.sdnotify import Notifier
 
 log = logging.getLogger("hub")
@@ -41,10 +48,23 @@ def tls_material(core: HubCore) -> tuple[bytes, bytes, bytes]:
     return key_pem, cert + core.ca.cert_pem, core.ca.cert_pem
 
 
-def ensure_admin_identity(core: HubCore) -> None:
-    if not (core.paths.admin / "admin.crt").exists():
-        core.ca.issue_admin(core.paths.admin)
+def ensure_admin_identity(core: HubCore, now: float | None = None) -> None:
+    """Issue the admin identity if there is none; renew its certificate (same key) when due.
+
+    Called at start and with every metadata refresh, so a hub that runs for a year keeps a
+    working CLI without a restart.
+    """
+    cert_path = core.paths.admin / "admin.crt"
+    days = core.cfg.agent_cert_lifetime_s / 86400
+    if not cert_path.exists():
+        core.ca.issue_admin(core.paths.admin, days=days)
         log.info("admin identity written to %s", core.paths.admin)
+        return
+    cert = load_certificate(cert_path.read_bytes())
+    if (time.time() if now is None else now) >= renewal_time(cert):
+        core.ca.renew_admin(core.paths.admin, days)
+        log.info("renewed the admin certificate in %s (it expired on %s)", core.paths.admin,
+                 cert.not_valid_after_utc.isoformat(timespec="seconds"))  # fmt: skip
 
 
 async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
@@ -137,6 +157,10 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
                     log.info("re-signed timestamp/snapshot metadata")
             except Exception:
                 log.exception("refreshing TUF metadata failed; will retry")
+            try:
+                ensure_admin_identity(core)
+            except Exception:
+                log.exception("renewing the admin certificate failed; will retry")
 
     async def flush_seen() -> None:
         from hub.registry import SEEN_FLUSH_S

@@ -32,6 +32,7 @@ from protos.identity import (
     IdentityError,
     admin_common_name,
     cert_fingerprint,
+    certificate_common_name,
     generate_key,
     load_certificate,
     load_private_key,
@@ -204,7 +205,7 @@ class CertificateAuthority:
         self,
         public_key: PublicKeyTypes,
         common_name: str,
-        days: int,
+        days: float,
         usage: x509.ObjectIdentifier,
         hostnames: Sequence[str] = (),
     ) -> bytes:
@@ -273,7 +274,7 @@ class CertificateAuthority:
         self,
         csr_pem: bytes,
         common_name: str,
-        days: int = DEFAULT_CLIENT_DAYS,
+        days: float = DEFAULT_CLIENT_DAYS,
         client: bool = True,
         *,
         hostnames: Sequence[str] = (),
@@ -306,7 +307,12 @@ class CertificateAuthority:
             usage = ExtendedKeyUsageOID.SERVER_AUTH
         return self._issue(csr.public_key(), common_name, days, usage, hostnames=hostnames)
 
-    def issue_admin(self, directory: str | os.PathLike[str], name: str = "admin") -> AdminPaths:
+    def issue_admin(
+        self,
+        directory: str | os.PathLike[str],
+        name: str = "admin",
+        days: float = DEFAULT_CLIENT_DAYS,
+    ) -> AdminPaths:
         """Create admin credentials for the hub CLI in ``directory``.
 
         The key is generated here because the admin runs on the hub machine; ``ca.crt`` is copied
@@ -319,10 +325,25 @@ class CertificateAuthority:
         cert_pem = self._issue(
             key.public_key(),
             admin_common_name(name),
-            DEFAULT_CLIENT_DAYS,
+            days,
             ExtendedKeyUsageOID.CLIENT_AUTH,
         )
         write_private_key(paths.key, key)
         write_pem(paths.cert, cert_pem)
         write_pem(paths.ca, self.cert_pem)
         return paths
+
+    def renew_admin(self, directory: str | os.PathLike[str], days: float) -> bytes:
+        """A new admin certificate for the key already in ``directory`` (same name), written
+        atomically over the old one: CLI calls in progress keep the file they read."""
+        path = Path(directory)
+        old = load_certificate((path / "admin.crt").read_bytes())
+        key = load_private_key(path / "admin.key")
+        cert_pem = self._issue(
+            key.public_key(),
+            certificate_common_name(old),
+            days,
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+        )
+        write_pem(path / "admin.crt", cert_pem)
+        return cert_pem

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timestamp-expiry-s", type=float)
     s.add_argument("--snapshot-expiry-s", type=float)
     s.add_argument("--transfer-rate-limit-mbps", type=float)
+    s.add_argument(
+        "--agent-cert-lifetime-s",
+        type=float,
+        help="lifetime of agent and admin certificates (default: 365 days)",
+    )
     s.add_argument("--mqtt", help="MQTT broker HOST:PORT to bridge to")
     s.add_argument("--advertise-mqtt")
     s.add_argument("--log-level")
@@ -261,7 +266,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in (
         "listen", "enroll_listen", "advertise", "advertise_enroll", "hostnames",
         "refresh_interval_s", "timestamp_expiry_s", "snapshot_expiry_s",
-        "transfer_rate_limit_mbps", "log_level", "log_json", "mqtt", "advertise_mqtt",
+        "transfer_rate_limit_mbps", "agent_cert_lifetime_s", "log_level", "log_json", "mqtt",
+        "advertise_mqtt",
         "metrics_listen")}  # fmt: skip
     # An explicit --data wins; otherwise the config file's data (or the default) applies.
     overrides["data"] = args.data
@@ -578,7 +584,26 @@ def cmd_agents(args: argparse.Namespace) -> int:
                   f"{(m.active_version or '-') if m else '-'!s:>6}  {gate}")  # fmt: skip
         if a.report.last_error:
             print(f"{'':<74} last error: {a.report.last_error}")
+        if a.status == "active" and (warning := _cert_warning(a.cert_expires_at)):
+            print(f"{'':<74} {warning}")
     return 0
+
+
+# Agents renew 30 days ahead (agent cert_renew_before_s): a certificate this close to its end
+# means renewals are failing.
+CERT_WARN_S = 14 * 86400
+
+
+def _cert_warning(expires_at: float, now: float | None = None) -> str:
+    if not expires_at:
+        return ""
+    left = expires_at - (time.time() if now is None else now)
+    if left <= 0:
+        return "certificate EXPIRED: the hub refuses this agent; enroll it again"
+    if left < CERT_WARN_S:
+        return (f"certificate expires in {left / 86400:.1f} days and was not renewed "
+                f"(see the agent's log)")  # fmt: skip
+    return ""
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:

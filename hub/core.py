@@ -36,7 +36,7 @@ from protos.errors import (
     ResourceExhaustedError,
     Status,
 )
-from protos.identity import EnrollToken, cert_fingerprint, token_secret_hash
+from protos.identity import EnrollToken, cert_fingerprint, load_certificate, token_secret_hash
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +277,26 @@ class HubCore:
         host = re.sub(r"[^a-z0-9.-]+", "-", hostname.lower()).strip("-.")[:40] or "agent"
         agent_id = f"{host}-{secrets.token_hex(3)}"
         labels = self.registry.consume_token(token_id, token_secret_hash(secret), agent_id)
-        cert = self.ca.sign_csr(csr_pem, f"agent:{agent_id}")
-        self.registry.add_agent(agent_id, hostname, labels, cert_fingerprint(cert))
+        cert = self.ca.sign_csr(csr_pem, f"agent:{agent_id}", self._agent_cert_days())
+        self.registry.add_agent(agent_id, hostname, labels, cert_fingerprint(cert),
+                                _not_after(cert))  # fmt: skip
         log.info("enrolled agent %s (%s) with labels %s", agent_id, hostname, labels)
         return agent_id, cert, labels
+
+    def renew_certificate(self, agent_id: str, csr_pem: bytes) -> bytes:
+        """A new certificate for an enrolled, not revoked agent, asked for over mTLS with its
+        current one: same agent id (labels, desired state, revocation all carry over), the
+        CSR's key (a new one, generated on the node), a full lifetime from now."""
+        self.authorize_agent(agent_id)
+        cert = self.ca.sign_csr(csr_pem, f"agent:{agent_id}", self._agent_cert_days())
+        expires = _not_after(cert)
+        self.registry.set_certificate(agent_id, cert_fingerprint(cert), expires)
+        log.info("renewed the certificate of agent %s (valid until %s)", agent_id,
+                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)))  # fmt: skip
+        return cert
+
+    def _agent_cert_days(self) -> float:
+        return self.cfg.agent_cert_lifetime_s / 86400
 
     def authorize_agent(self, agent_id: str) -> AgentRow:
         agent = self.registry.agent(agent_id)
@@ -366,6 +382,10 @@ class HubCore:
 
     def refresh_signatures(self) -> bool:
         return self.tuf.refresh_online()
+
+
+def _not_after(cert_pem: bytes) -> float:
+    return load_certificate(cert_pem).not_valid_after_utc.timestamp()
 
 
 def _sha256(path: Path) -> tuple[str, int]:

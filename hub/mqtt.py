@@ -250,10 +250,24 @@ class MqttBridge:
             info.wait_for_publish(timeout=60)
 
         try:
+            kind = user.get(t.PROP_KIND, "target")
+            if kind == "certificate":
+                # Certificate renewal for agents that reach the hub only through the broker:
+                # the payload is a RenewCertificateRequest, the answer one Chunk holding the
+                # RenewCertificateResponse. The broker authenticated the agent by its current
+                # certificate; the hub checks it is still enrolled and not revoked.
+                renew = pb.RenewCertificateRequest.FromString(msg.payload)
+                fut = asyncio.run_coroutine_threadsafe(
+                    self._renew(agent_id, renew.csr_pem), self.loop
+                )
+                answer = pb.RenewCertificateResponse(certificate_pem=fut.result(timeout=30),
+                                                     ca_pem=self.core.ca.cert_pem)  # fmt: skip
+                data = answer.SerializeToString()
+                send(pb.Chunk(data=data, total_size=len(data)), eof="1")
+                return
             req = pb.FetchRequest.FromString(msg.payload)
             fut = asyncio.run_coroutine_threadsafe(self._authorize(agent_id), self.loop)
             fut.result(timeout=10)
-            kind = user.get(t.PROP_KIND, "target")
             length = int(user.get(t.PROP_LENGTH, "0") or 0)
             if kind == "metadata":
                 data = self.core.metadata(req.path)
@@ -283,3 +297,7 @@ class MqttBridge:
 
     async def _authorize(self, agent_id: str) -> None:
         self.core.authorize_agent(agent_id)
+
+    async def _renew(self, agent_id: str, csr_pem: bytes) -> bytes:
+        # On the event loop, like every other registry write.
+        return self.core.renew_certificate(agent_id, csr_pem)

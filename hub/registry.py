@@ -53,7 +53,9 @@ CREATE TABLE IF NOT EXISTS agents (
     cert_fingerprint TEXT NOT NULL,
     report TEXT NOT NULL DEFAULT '{}',
     presence TEXT NOT NULL DEFAULT '',
-    presence_at REAL NOT NULL DEFAULT 0
+    presence_at REAL NOT NULL DEFAULT 0,
+    -- not_valid_after of the agent's current certificate (enrolment or latest renewal).
+    cert_expires_at REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS tokens (
     token_id TEXT PRIMARY KEY,
@@ -134,6 +136,7 @@ class AgentRow:
     cert_fingerprint: str
     report: dict[str, Any]
     presence: str = ""
+    cert_expires_at: float = 0.0  # 0: enrolled before the hub recorded it
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,8 @@ class Registry:
         added = {
             "versions": [("model_sha256", "TEXT NOT NULL DEFAULT ''")],
             "agents": [("presence", "TEXT NOT NULL DEFAULT ''"),
-                       ("presence_at", "REAL NOT NULL DEFAULT 0")],
+                       ("presence_at", "REAL NOT NULL DEFAULT 0"),
+                       ("cert_expires_at", "REAL NOT NULL DEFAULT 0")],
             "deployments": [("kind", "TEXT NOT NULL DEFAULT 'serve'")],
         }  # fmt: skip
         for table, columns in added.items():
@@ -354,13 +358,27 @@ class Registry:
         return json.loads(r["labels"])
 
     def add_agent(
-        self, agent_id: str, hostname: str, labels: Mapping[str, str], fingerprint: str
+        self,
+        agent_id: str,
+        hostname: str,
+        labels: Mapping[str, str],
+        fingerprint: str,
+        cert_expires_at: float = 0.0,
     ) -> None:
         with self.tx():
             self.db.execute(
-                "INSERT INTO agents (agent_id, hostname, labels, enrolled_at, cert_fingerprint) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (agent_id, hostname, json.dumps(dict(labels)), self.clock(), fingerprint),
+                "INSERT INTO agents (agent_id, hostname, labels, enrolled_at, cert_fingerprint, "
+                "cert_expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (agent_id, hostname, json.dumps(dict(labels)), self.clock(), fingerprint,
+                 cert_expires_at),
+            )  # fmt: skip
+
+    def set_certificate(self, agent_id: str, fingerprint: str, expires_at: float) -> None:
+        """Record a renewed certificate (the agent id, and so its standing, stay the same)."""
+        with self.tx():
+            self.db.execute(
+                "UPDATE agents SET cert_fingerprint = ?, cert_expires_at = ? WHERE agent_id = ?",
+                (fingerprint, expires_at, agent_id),
             )
 
     def agent(self, agent_id: str) -> AgentRow:
@@ -377,6 +395,7 @@ class Registry:
             r["agent_id"], r["hostname"], json.loads(r["labels"]), r["enrolled_at"],
             last_seen, r["status"], r["cert_fingerprint"],
             report if report is not None else json.loads(r["report"]), r["presence"],
+            r["cert_expires_at"],
         )  # fmt: skip
 
     def agents(self) -> list[AgentRow]:

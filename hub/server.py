@@ -172,6 +172,12 @@ class FleetServicer(pb_grpc.FleetServicer):
                     await asyncio.sleep(ahead)
 
     @unary
+    async def RenewCertificate(self, request, context):
+        agent_id = caller(context, "agent")
+        cert = self.core.renew_certificate(agent_id, request.csr_pem)
+        return pb.RenewCertificateResponse(certificate_pem=cert, ca_pem=self.core.ca.cert_pem)
+
+    @unary
     async def ReportTelemetry(self, request, context):
         agent_id = caller(context, "agent")
         self.core.authorize_agent(agent_id)
@@ -418,6 +424,7 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
             report=report, desired=desired_to_proto(0, desired).models,
             presence=a.presence or ("online" if time.time() - a.last_seen
                                     < self.core.cfg.offline_after_s else "offline"),
+            cert_expires_at=a.cert_expires_at,
         )  # fmt: skip
 
     @unary

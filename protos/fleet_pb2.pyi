@@ -43,6 +43,20 @@ class EnrollResponse(_message.Message):
     mqtt_address: str
     def __init__(self, agent_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., tuf_root: _Optional[bytes] = ..., hub_address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., mqtt_address: _Optional[str] = ...) -> None: ...
 
+class RenewCertificateRequest(_message.Message):
+    __slots__ = ("csr_pem",)
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: bytes
+    def __init__(self, csr_pem: _Optional[bytes] = ...) -> None: ...
+
+class RenewCertificateResponse(_message.Message):
+    __slots__ = ("certificate_pem", "ca_pem")
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: bytes
+    ca_pem: bytes
+    def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ...) -> None: ...
+
 class WatchDesiredRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -358,7 +372,7 @@ class ListAgentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_id", "hostname", "labels", "enrolled_at", "last_seen", "status", "report", "desired", "presence")
+    __slots__ = ("agent_id", "hostname", "labels", "enrolled_at", "last_seen", "status", "report", "desired", "presence", "cert_expires_at")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -375,6 +389,7 @@ class AgentInfo(_message.Message):
     REPORT_FIELD_NUMBER: _ClassVar[int]
     DESIRED_FIELD_NUMBER: _ClassVar[int]
     PRESENCE_FIELD_NUMBER: _ClassVar[int]
+    CERT_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     hostname: str
     labels: _containers.ScalarMap[str, str]
@@ -384,7 +399,8 @@ class AgentInfo(_message.Message):
     report: AgentReport
     desired: _containers.RepeatedCompositeFieldContainer[DesiredModel]
     presence: str
-    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., enrolled_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., status: _Optional[str] = ..., report: _Optional[_Union[AgentReport, _Mapping]] = ..., desired: _Optional[_Iterable[_Union[DesiredModel, _Mapping]]] = ..., presence: _Optional[str] = ...) -> None: ...
+    cert_expires_at: float
+    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., enrolled_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., status: _Optional[str] = ..., report: _Optional[_Union[AgentReport, _Mapping]] = ..., desired: _Optional[_Iterable[_Union[DesiredModel, _Mapping]]] = ..., presence: _Optional[str] = ..., cert_expires_at: _Optional[float] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents",)

@@ -64,6 +64,11 @@ class FleetStub:
                 request_serializer=protos_dot_fleet__pb2.TelemetryBatch.SerializeToString,
                 response_deserializer=protos_dot_fleet__pb2.TelemetryAck.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/modelfleet.fleet.v1.Fleet/RenewCertificate',
+                request_serializer=protos_dot_fleet__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=protos_dot_fleet__pb2.RenewCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -110,6 +115,14 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewCertificate(self, request, context):
+        """A new certificate for the calling agent (same agent id) for a key generated on the node,
+        asked for with the current, still valid one before it expires.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +155,11 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.ReportTelemetry,
                     request_deserializer=protos_dot_fleet__pb2.TelemetryBatch.FromString,
                     response_serializer=protos_dot_fleet__pb2.TelemetryAck.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=protos_dot_fleet__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=protos_dot_fleet__pb2.RenewCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +324,33 @@ class Fleet:
             '/modelfleet.fleet.v1.Fleet/ReportTelemetry',
             protos_dot_fleet__pb2.TelemetryBatch.SerializeToString,
             protos_dot_fleet__pb2.TelemetryAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.Fleet/RenewCertificate',
+            protos_dot_fleet__pb2.RenewCertificateRequest.SerializeToString,
+            protos_dot_fleet__pb2.RenewCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -196,6 +196,19 @@ def load_certificate(data: bytes | str) -> x509.Certificate:
         raise CredentialsError(f"not a valid X.509 certificate: {exc}") from exc
 
 
+# Renew this long before a certificate expires (certbot's 30 days for its 90-day certificates;
+# a year-long certificate gets the same month to find its hub reachable).
+RENEW_BEFORE_S = 30 * 86400
+
+
+def renewal_time(cert: x509.Certificate, before_s: float = RENEW_BEFORE_S) -> float:
+    """When (epoch seconds) ``cert`` should be renewed: ``before_s`` ahead of its expiry, or at
+    half its lifetime if that is sooner, so a short-lived certificate is not renewed at once."""
+    not_before = cert.not_valid_before_utc.timestamp()
+    not_after = cert.not_valid_after_utc.timestamp()
+    return not_after - min(before_s, (not_after - not_before) / 2)
+
+
 def certificate_common_name(cert: x509.Certificate) -> str:
     """The subject CN of ``cert``; certificates without exactly one CN are refused."""
     attributes = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

@@ -15,6 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from protos import fleet_pb2 as pb
 from protos import mqtt_topics as t
+from protos.identity import load_certificate
 from protos.mqtt_client import make_client
 from tests import models
 from tests.procs import (
@@ -46,14 +47,27 @@ def mqtt_fleet(tmp_path: Path):
             wait_for(lambda: "connected to MQTT broker" in self.hub.logs(), 30, "hub on MQTT")
             return self
 
-        def agent(self, name: str, transport: str = "mqtt") -> AgentProcess:
+        def restart_hub(self, *extra: str) -> HubProcess:
+            assert self.hub is not None
+            old = self.hub
+            old.stop()
+            self.hub = HubProcess(old.data, "--mqtt", self.broker.address, *extra,
+                                  log_path=tmp_path / "hub-again.log")  # fmt: skip
+            self.hub.port, self.hub.enroll_port, self.hub.url = old.port, old.enroll_port, old.url
+            self.hub.start()
+            wait_for(lambda: "connected to MQTT broker" in self.hub.logs(), 30, "hub on MQTT")
+            return self.hub
+
+        def agent(
+            self, name: str, transport: str = "mqtt", env: dict | None = None
+        ) -> AgentProcess:
             assert self.hub is not None
             data = tmp_path / name
             enroll_agent(self.hub, data, "site=berlin", hostname=name, transport=transport)
-            return self.start_agent(data)
+            return self.start_agent(data, env)
 
-        def start_agent(self, data: Path) -> AgentProcess:
-            a = AgentProcess(data, fleet_config=data / "agent.toml", env=FAST,
+        def start_agent(self, data: Path, env: dict | None = None) -> AgentProcess:
+            a = AgentProcess(data, fleet_config=data / "agent.toml", env={**FAST, **(env or {})},
                              log_path=tmp_path / f"{data.name}-{len(self.agents)}.log")  # fmt: skip
             self.agents.append(a.start())
             return a
@@ -216,6 +230,31 @@ def test_broker_restart_mid_deploy_converges(mqtt_fleet) -> None:
     wait_for(lambda: active(agent) == 2, 90, "v2 after the broker is back")
     wait_for(lambda: agent_info(hub, "edge-1").get("report", {}).get("models", [{}])[0]
              .get("active_version") == "2", 60, "report after restart")  # fmt: skip
+
+
+def test_mqtt_agent_renews_its_certificate_through_the_broker(mqtt_fleet) -> None:
+    # Agent certificates live 20 s; renewal 12 s ahead (see test_fleet.py for the gRPC path).
+    hub = mqtt_fleet.restart_hub("--agent-cert-lifetime-s", "20")
+    agent = mqtt_fleet.agent("edge-1", env={"MODELFLEET_AGENT_CERT_RENEW_BEFORE_S": "12"})
+    ident = agent.models / "identity"
+    first = load_certificate((ident / "agent.crt").read_bytes())
+    hub.cli("publish", "mlp", str(mqtt_fleet.model(0)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1")
+    wait_for(lambda: "renewed the agent certificate" in agent.logs(), 30, "a renewal over MQTT")
+    assert load_certificate((ident / "agent.crt").read_bytes()).serial_number != first.serial_number
+    expires = float(agent_info(hub, "edge-1")["cert_expires_at"])
+    assert expires > first.not_valid_after_utc.timestamp()
+    # Past the first certificate's end, the broker restarts: the agent must connect again, and
+    # can only with the renewed certificate.
+    deadline = first.not_valid_after_utc.timestamp() + 1
+    wait_for(lambda: time.time() > deadline, 30, "the first certificate to expire")
+    mqtt_fleet.broker.kill()
+    mqtt_fleet.broker.start()
+    hub.cli("publish", "mlp", str(mqtt_fleet.model(1)))
+    hub.cli("deploy", "mlp", "2")
+    wait_for(lambda: active(agent) == 2, 90, "v2 after the broker restart")
+    assert agent.logs().count("connected to MQTT broker") >= 2
 
 
 def test_last_will_marks_agent_offline_then_online(mqtt_fleet) -> None:

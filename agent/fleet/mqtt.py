@@ -22,7 +22,7 @@ from agent.fleet.transport import IDENTITY_DIR, HubError
 from protos import fleet_pb2 as pb
 from protos import mqtt_topics as t
 from protos.errors import ModelNotFoundError, Status
-from protos.mqtt_client import make_client, publish_properties, session_properties
+from protos.mqtt_client import make_client, publish_properties, session_properties, tls_context
 from protos.settings import split_hostport
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,11 @@ class MqttLink:
         self.on_desired = on_desired
         ident = Path(data_dir) / IDENTITY_DIR
         self.presence_topic = t.topic(self.identity, t.PRESENCE)
+        self.ident = ident
+        self.tls = tls_context(ident / "ca.crt", ident / "agent.crt", ident / "agent.key")
         self.client = make_client(
             self.identity, ident / "ca.crt", ident / "agent.crt", ident / "agent.key",
-            will=(self.presence_topic, t.OFFLINE),
+            will=(self.presence_topic, t.OFFLINE), context=self.tls,
         )  # fmt: skip
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -70,6 +72,20 @@ class MqttLink:
             self.client.publish(self.presence_topic, t.OFFLINE, qos=1, retain=True)
         self.client.disconnect()
         self.client.loop_stop()
+
+    def reload_identity(self) -> None:
+        """Use the (renewed) certificate on disk for every later connection to the broker.
+
+        The session in progress stays up: the broker checked the old certificate when it
+        connected, and MQTT does not ask again.
+        """
+        self.tls.load_cert_chain(self.ident / "agent.crt", self.ident / "agent.key")
+
+    def renew_certificate(self, csr_pem: bytes) -> pb.RenewCertificateResponse:
+        """Fleet.RenewCertificate through the broker, for agents without a gRPC route."""
+        payload = pb.RenewCertificateRequest(csr_pem=csr_pem).SerializeToString()
+        data = b"".join(self.request("certificate", "", payload=payload))
+        return pb.RenewCertificateResponse.FromString(data)
 
     def resync(self) -> None:
         """Subscribing again makes the broker deliver the retained desired state again."""
@@ -122,8 +138,14 @@ class MqttLink:
         # QoS 1; the hub answers on telemetry/ack once stored. Resends are safe (idempotent).
         self.client.publish(t.topic(self.identity, t.TELEMETRY), batch.SerializeToString(), qos=1)
 
-    def request(self, kind: str, path: str, offset: int = 0, length: int = 0) -> Iterator[bytes]:
-        """Chunks of one window (or one metadata file), in order."""
+    def request(
+        self, kind: str, path: str, offset: int = 0, length: int = 0, payload: bytes | None = None
+    ) -> Iterator[bytes]:
+        """Chunks of one window (or one metadata file, or one answer), in order.
+
+        The request body is a FetchRequest for ``path`` and ``offset`` unless ``payload``
+        gives another message (the hub reads it according to ``kind``).
+        """
         if not self.connected.wait(CHUNK_TIMEOUT_S):
             raise ConnectionError(f"MQTT broker {self.address} not connected")
         corr = secrets.token_bytes(12)
@@ -135,7 +157,9 @@ class MqttLink:
                 corr, t.topic(self.identity, t.FETCH_RESPONSE),
                 **{t.PROP_KIND: kind, t.PROP_LENGTH: str(length)},
             )  # fmt: skip
-            req = pb.FetchRequest(path=path, offset=offset).SerializeToString()
+            req = payload
+            if req is None:
+                req = pb.FetchRequest(path=path, offset=offset).SerializeToString()
             self.client.publish(t.topic(self.identity, t.FETCH_REQUEST), req, qos=1,
                                 properties=props)  # fmt: skip
             while True:

@@ -262,15 +262,19 @@ class TelemetryShipper:
                 w.cancel()
 
 
-def grpc_sender(stub: Any, timeout_s: float = 10.0) -> Sender:
-    """Fleet.ReportTelemetry: the hub answers once the batch is stored."""
+def grpc_sender(stub: Callable[[], Any], timeout_s: float = 10.0) -> Sender:
+    """Fleet.ReportTelemetry: the hub answers once the batch is stored.
+
+    ``stub`` returns the FleetStub to use for each send (it changes when the agent's
+    certificate is renewed).
+    """
     import grpc
 
     from agent.fleet.transport import rpc_error
 
     async def send(batch: pb.TelemetryBatch) -> Sequence[int]:
         try:
-            ack = await stub.ReportTelemetry(batch, timeout=timeout_s)
+            ack = await stub().ReportTelemetry(batch, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc, "telemetry") from None
         return list(ack.acked)

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import grpc
 
 from agent import __version__
 from agent.config import ServeConfig
+from agent.fleet import renew as renewal
 from agent.fleet.cache import BundleCache
 from agent.fleet.enroll import TUF_DIR
 from agent.fleet.mqtt import MqttLink, MqttTransport
@@ -34,7 +36,13 @@ from agent.fleet.outbox import (
     TelemetryShipper,
     grpc_sender,
 )
-from agent.fleet.transport import GrpcTransport, channel_options, credentials, rpc_error
+from agent.fleet.transport import (
+    IDENTITY_DIR,
+    GrpcTransport,
+    channel_options,
+    credentials,
+    rpc_error,
+)
 from agent.fleet.verify import BundleVerifier
 from agent.jobs import JobRunner, JobSpec, RunResult
 from agent.slots import SlotManager
@@ -101,6 +109,11 @@ class FleetSync:
         self.loop = asyncio.get_running_loop()
         self.mqtt: MqttLink | None = None
         self.channel = None
+        self.ident = self.data / IDENTITY_DIR
+        # Before the identity is read: a renewal cut short by a crash is completed or undone.
+        if done := renewal.finish_pending(self.ident):
+            log.warning("certificate renewal interrupted by a restart: %s", done)
+        self._retired_channels: list[tuple[float, grpc.aio.Channel]] = []
         if cfg.transport in ("mqtt", "both"):
             self.mqtt = MqttLink(cfg.mqtt, self.data, cfg.agent_id, self._desired_from_mqtt)
         if cfg.transport in ("grpc", "both"):
@@ -122,7 +135,7 @@ class FleetSync:
         # Telemetry (docs/telemetry.md): through the outbox, over gRPC when there is a channel.
         outbox = Outbox(self.data / OUTBOX_FILE, cfg.telemetry_outbox_max_reports)
         if self.channel is not None:
-            send: Sender = grpc_sender(self.stub)
+            send: Sender = grpc_sender(lambda: self.stub)
         else:
             send = MqttSender(self.mqtt, outbox, self.loop)
         self.telemetry = TelemetryShipper(
@@ -283,6 +296,80 @@ class FleetSync:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
 
+    # -- certificate renewal --------------------------------------------------------------------
+
+    async def renew_loop(self, stop: asyncio.Event) -> None:
+        """Renew the agent's certificate when due (agent/fleet/renew.py), retrying with backoff.
+
+        Sleeps until the renewal time (re-checked at least hourly, so a clock that jumps is
+        noticed); a failure is retried while the current certificate still works.
+        """
+        backoff = Backoff(base=5.0, cap=max(self.cfg.backoff_max_s, 60.0))
+        while not stop.is_set():
+            delay = 0.0
+            try:
+                due = renewal.due_at(self.ident, self.cfg.cert_renew_before_s)
+                delay = min(due - time.time(), 3600.0)
+                if delay <= 0:
+                    await self.renew_certificate()
+                    backoff.reset()
+                    continue
+            except Exception as exc:
+                hint = ""
+                with contextlib.suppress(Exception):
+                    expires = renewal.current_certificate(self.ident).not_valid_after_utc
+                    if expires.timestamp() <= time.time():
+                        hint = (f" The certificate expired on {expires:%Y-%m-%d %H:%M} UTC: "
+                                f"the hub refuses it now; enroll again (modelfleet-agent enroll "
+                                f"--force) unless this node's clock is wrong.")  # fmt: skip
+                delay = backoff.next()
+                self.last_error = f"certificate renewal: {exc}"
+                log.warning("renewing the agent certificate failed: %s; retrying in %.0fs.%s",
+                            exc, delay, hint)  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    async def renew_certificate(self) -> None:
+        """One renewal now, then every connection made from here on uses the new certificate."""
+
+        async def ask(csr: bytes) -> pb.RenewCertificateResponse:
+            if self.channel is not None:
+                try:
+                    return await self.stub.RenewCertificate(
+                        pb.RenewCertificateRequest(csr_pem=csr), timeout=30
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    raise rpc_error(exc, "hub") from None
+            assert self.mqtt is not None
+            return await asyncio.to_thread(self.mqtt.renew_certificate, csr)
+
+        cert = await renewal.renew(self.ident, ask)
+        await self._use_identity()
+        if self.last_error.startswith("certificate renewal"):
+            self.last_error = ""
+        log.info("renewed the agent certificate (new key); valid until %s",
+                 cert.not_valid_after_utc.isoformat(timespec="seconds"))  # fmt: skip
+
+    async def _use_identity(self) -> None:
+        """New channels with the identity on disk; calls in flight finish on the old ones."""
+        if self.mqtt is not None:
+            self.mqtt.reload_identity()
+        if self.channel is None:
+            return
+        creds = credentials(self.data)
+        # Closing a channel cancels its calls: the old one stays open until the longest call
+        # started on it (a watch stream lasts up to resync_interval_s) must have ended.
+        now, grace = time.monotonic(), self.cfg.resync_interval_s + 60.0
+        for retired_at, old in self._retired_channels:
+            if now - retired_at > grace:
+                await old.close()
+        self._retired_channels = [(t, c) for t, c in self._retired_channels if now - t <= grace]
+        self._retired_channels.append((now, self.channel))
+        self.channel = grpc.aio.secure_channel(self.cfg.hub, creds, options=channel_options())
+        self.stub = pb_grpc.FleetStub(self.channel)
+        if isinstance(self.transport, GrpcTransport):
+            self.transport.reconnect(creds)
+
     def _desired_from_mqtt(self, payload: bytes) -> None:
         """paho's thread -> the event loop. An empty retained message means "revoked"."""
         try:
@@ -414,6 +501,7 @@ class FleetSync:
             asyncio.ensure_future(self.telemetry.collect_loop(stop)),
             asyncio.ensure_future(self.telemetry.send_loop(stop)),
         ]
+        tasks.append(asyncio.ensure_future(self.renew_loop(stop)))
         if self.mqtt is not None:
             tasks.append(asyncio.ensure_future(self.mqtt_resync_loop(stop)))
         else:
@@ -430,6 +518,8 @@ class FleetSync:
                 with contextlib.suppress(Exception):
                     await self.stub.ReportState(self.build_report(), timeout=2)
                 await self.channel.close()
+                for _, old in self._retired_channels:
+                    await old.close()
             if self.mqtt is not None:
                 with contextlib.suppress(Exception):
                     self.mqtt.publish_report(self.build_report())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,25 +118,50 @@ class GrpcTransport:
     """Blocking fetches for the TUF verifier, which runs on a worker thread."""
 
     def __init__(self, address: str, creds: grpc.ChannelCredentials, timeout_s: float = 3600):
-        self.channel = grpc.secure_channel(address, creds, options=channel_options())
-        self.stub = pb_grpc.FleetStub(self.channel)
+        self.address = address
+        self.timeout_s = timeout_s
+        self._retired: list[tuple[float, grpc.Channel]] = []
+        self._connect(creds)
+
+    def _connect(self, creds: grpc.ChannelCredentials) -> None:
+        channel = grpc.secure_channel(self.address, creds, options=channel_options())
         # FetchTarget with the raw message bytes: chunk_data() takes the payload without a copy.
-        self._fetch_target_raw = self.channel.unary_stream(
+        raw = channel.unary_stream(
             FETCH_TARGET_METHOD, request_serializer=pb.FetchRequest.SerializeToString
         )
-        self.timeout_s = timeout_s
+        # One assignment, so a fetch starting on another thread sees the old trio or the new.
+        self._conn = (channel, pb_grpc.FleetStub(channel), raw)
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._conn[0]
+
+    def reconnect(self, creds: grpc.ChannelCredentials) -> None:
+        """New calls use ``creds`` (a renewed certificate) from now on.
+
+        Closing a channel cancels its calls, so the previous one stays open for as long as a
+        download on it may last (``timeout_s``), then is closed at a later reconnect or at
+        close().
+        """
+        now = time.monotonic()
+        for retired_at, old in self._retired:
+            if now - retired_at > self.timeout_s:
+                old.close()
+        self._retired = [(t, c) for t, c in self._retired if now - t <= self.timeout_s]
+        self._retired.append((now, self._conn[0]))
+        self._connect(creds)
 
     def fetch_metadata(self, filename: str) -> Iterator[bytes]:
         try:
             request = pb.FetchRequest(path=filename)
-            for chunk in self.stub.FetchMetadata(request, timeout=self.timeout_s):
+            for chunk in self._conn[1].FetchMetadata(request, timeout=self.timeout_s):
                 yield chunk.data
         except grpc.RpcError as exc:
             raise rpc_error(exc, f"fetching {filename}") from None
 
     def fetch_target(self, path: str, offset: int) -> Iterator[memoryview]:
         request = pb.FetchRequest(path=path, offset=offset)
-        call = self._fetch_target_raw(request, timeout=self.timeout_s)
+        call = self._conn[2](request, timeout=self.timeout_s)
         try:
             for raw in call:
                 yield chunk_data(raw)
@@ -149,4 +175,5 @@ class GrpcTransport:
             call.cancel()  # a consumer that stops early ends the stream now (no-op once done)
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in [*(c for _, c in self._retired), self._conn[0]]:
+            channel.close()

@@ -1,0 +1,141 @@
+"""Certificate renewal: before its certificate expires, the agent generates a new key on the node
+and asks the hub, authenticated by the current certificate, for a certificate for it.
+
+The agent id stays the same, so labels, desired state and revocation carry over. Files in
+``identity/``::
+
+    agent.key, agent.crt         the identity in use
+    agent.next.key               a renewal in progress: the new key, written before asking
+    agent.next.crt               the hub's answer, checked, written before either is moved in
+
+The two are moved in key first, then certificate. A crash anywhere leaves either the old pair,
+or files that :func:`finish_pending` (called before the identity is read at start-up) completes
+or discards: an agent never starts with a key and a certificate that do not match.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from protos import fleet_pb2 as pb
+from protos.atomic import fsync_dir
+from protos.identity import (
+    RENEW_BEFORE_S,
+    CredentialsError,
+    certificate_common_name,
+    generate_key,
+    load_certificate,
+    load_private_key,
+    make_csr,
+    renewal_time,
+    write_pem,
+    write_private_key,
+)
+
+log = logging.getLogger(__name__)
+
+KEY, CERT, CA = "agent.key", "agent.crt", "ca.crt"
+NEXT_KEY, NEXT_CERT = "agent.next.key", "agent.next.crt"
+
+# Asks the hub: CSR (PEM) in, the hub's answer out (gRPC or MQTT).
+Ask = Callable[[bytes], Awaitable[pb.RenewCertificateResponse]]
+
+
+def _public_der(key: object) -> bytes:
+    return key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def current_certificate(ident: Path) -> x509.Certificate:
+    try:
+        return load_certificate((ident / CERT).read_bytes())
+    except OSError as exc:
+        raise CredentialsError(f"cannot read {ident / CERT} (enrolled?): {exc}") from None
+
+
+def due_at(ident: Path, before_s: float = RENEW_BEFORE_S) -> float:
+    """When (epoch seconds) the certificate in use should be renewed."""
+    return renewal_time(current_certificate(ident), before_s)
+
+
+def finish_pending(ident: Path) -> str:
+    """Complete or discard a renewal that a crash interrupted; returns what was done.
+
+    ``"completed"``: the checked new certificate (and its key, if not yet moved) moved in.
+    ``"discarded"``: a new key without a certificate, or a certificate for a key we lack.
+    ``""``: nothing was pending.
+    """
+    next_key, next_cert = ident / NEXT_KEY, ident / NEXT_CERT
+    done = ""
+    if next_cert.exists():
+        wanted = _public_der(load_certificate(next_cert.read_bytes()).public_key())
+        if next_key.exists() and _public_der(load_private_key(next_key).public_key()) == wanted:
+            os.replace(next_key, ident / KEY)
+        if _public_der(load_private_key(ident / KEY).public_key()) == wanted:
+            os.replace(next_cert, ident / CERT)
+            done = "completed"
+        else:
+            next_cert.unlink()
+            done = "discarded"
+    if next_key.exists():
+        next_key.unlink()  # the hub never answered: the next attempt makes a new key
+        done = done or "discarded"
+    if done:
+        fsync_dir(ident)
+    return done
+
+
+def check_answer(ident: Path, name: str, key: object, cert_pem: bytes) -> x509.Certificate:
+    """The hub's certificate must be for our new key and our name (the CN ``agent:<id>`` of
+    the certificate in use), issued by our CA, and valid now.
+
+    Anything else is refused before it can replace a working identity.
+    """
+    cert = load_certificate(cert_pem)
+    if _public_der(cert.public_key()) != _public_der(key.public_key()):  # type: ignore[attr-defined]
+        raise CredentialsError("the renewed certificate is not for the key this agent sent")
+    got = certificate_common_name(cert)
+    if got != name:
+        raise CredentialsError(f"the renewed certificate names {got!r}, not this agent ({name})")
+    ca = load_certificate((ident / CA).read_bytes())
+    try:
+        cert.verify_directly_issued_by(ca)
+    except Exception as exc:
+        raise CredentialsError(
+            f"the renewed certificate is not issued by the hub's CA this agent trusts: {exc}"
+        ) from None
+    now = time.time()
+    if not cert.not_valid_before_utc.timestamp() <= now < cert.not_valid_after_utc.timestamp():
+        raise CredentialsError(
+            f"the renewed certificate is not valid now (valid {cert.not_valid_before_utc} to "
+            f"{cert.not_valid_after_utc})"
+        )
+    return cert
+
+
+async def renew(ident: Path, ask: Ask) -> x509.Certificate:
+    """One renewal: new key, CSR, the hub's certificate checked, both moved in. Returns it.
+
+    The agent's name comes from the certificate in use, which is what the hub goes by too.
+    """
+    finish_pending(ident)
+    name = certificate_common_name(current_certificate(ident))
+    key = generate_key()
+    write_private_key(ident / NEXT_KEY, key)
+    try:
+        answer = await ask(make_csr(key, name))
+        cert = check_answer(ident, name, key, answer.certificate_pem)
+    except BaseException:
+        (ident / NEXT_KEY).unlink(missing_ok=True)
+        raise
+    write_pem(ident / NEXT_CERT, answer.certificate_pem)
+    finish_pending(ident)
+    return cert
