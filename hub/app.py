@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from agent.logs import reload_logged
+from hub.ca import DEFAULT_CLIENT_DAYS
 from hub.config import RELOADABLE, HubConfig, reload_hub_config
 from hub.core import HubCore, lock_data_dir
 from hub.server import AdminServicer, FleetServicer, dump_json, server_options
@@ -55,16 +56,16 @@ def ensure_admin_identity(core: HubCore, now: float | None = None) -> None:
     working CLI without a restart.
     """
     cert_path = core.paths.admin / "admin.crt"
-    days = core.cfg.agent_cert_lifetime_s / 86400
     if not cert_path.exists():
-        core.ca.issue_admin(core.paths.admin, days=days)
+        core.ca.issue_admin(core.paths.admin)
         log.info("admin identity written to %s", core.paths.admin)
         return
     cert = load_certificate(cert_path.read_bytes())
     if (time.time() if now is None else now) >= renewal_time(cert):
-        core.ca.renew_admin(core.paths.admin, days)
-        log.info("renewed the admin certificate in %s (it expired on %s)", core.paths.admin,
-                 cert.not_valid_after_utc.isoformat(timespec="seconds"))  # fmt: skip
+        core.ca.renew_admin(core.paths.admin, DEFAULT_CLIENT_DAYS)
+        until = cert.not_valid_after_utc.isoformat(timespec="seconds")
+        log.info("renewed the admin certificate in %s (it was valid until %s)", core.paths.admin,
+                 until)  # fmt: skip
 
 
 async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:

@@ -52,7 +52,7 @@ class HubConfig:
     snapshot_expiry_s: float = 7 * 86400
     timestamp_expiry_s: float = 86400
     # Lifetime of the certificates issued to agents (at enrollment and at each renewal, which
-    # agents ask for on their own before expiry) and of the admin certificate.
+    # agents ask for on their own before expiry).
     agent_cert_lifetime_s: float = 365 * 86400
     # Largest bundle archive accepted by publish.
     max_bundle_bytes: int = 4 * 1024**3
@@ -106,8 +106,8 @@ def load_hub_config(
     split_hostport(cfg.enroll_address(), "enroll_listen")
     if cfg.timestamp_expiry_s <= 0 or cfg.snapshot_expiry_s <= 0:
         raise InvalidRequestError("config: metadata expiries must be positive")
-    if cfg.agent_cert_lifetime_s <= 0:
-        raise InvalidRequestError("config: agent_cert_lifetime_s must be > 0")
+    if cfg.agent_cert_lifetime_s < 10:
+        raise InvalidRequestError("config: agent_cert_lifetime_s must be at least 10 seconds")
     if cfg.refresh_interval_s <= 0:
         raise InvalidRequestError("config: refresh_interval_s must be > 0")
     if cfg.drain_timeout_s < 0:

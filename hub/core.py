@@ -36,7 +36,13 @@ from protos.errors import (
     ResourceExhaustedError,
     Status,
 )
-from protos.identity import EnrollToken, cert_fingerprint, load_certificate, token_secret_hash
+from protos.identity import (
+    EnrollToken,
+    cert_fingerprint,
+    certificate_common_name,
+    load_certificate,
+    token_secret_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -283,17 +289,68 @@ class HubCore:
         log.info("enrolled agent %s (%s) with labels %s", agent_id, hostname, labels)
         return agent_id, cert, labels
 
-    def renew_certificate(self, agent_id: str, csr_pem: bytes) -> bytes:
-        """A new certificate for an enrolled, not revoked agent, asked for over mTLS with its
-        current one: same agent id (labels, desired state, revocation all carry over), the
-        CSR's key (a new one, generated on the node), a full lifetime from now."""
-        self.authorize_agent(agent_id)
+    def renew_certificate(
+        self, agent_id: str, csr_pem: bytes, presented_pem: bytes, signature: bytes | None = None
+    ) -> bytes:
+        """A new certificate for an enrolled, not revoked agent: same agent id (labels, desired
+        state, revocation all carry over), the CSR's key (new, generated on the node), a full
+        lifetime from now.
+
+        ``presented_pem`` is the certificate the agent asks with: the peer certificate over
+        gRPC (the handshake proved the key: ``signature`` None); through MQTT, where the
+        broker ends TLS, the certificate in the request with ``signature`` over the CSR by
+        its key. Only the agent's confirmed certificate or the one the last renewal issued may
+        renew (the latter then becomes the confirmed one): once the agent has renewed, a copy
+        of its old key stops working at that certificate's expiry, and if a copy renews
+        first, the real agent's renewals fail loudly instead.
+        """
+        agent = self.authorize_agent(agent_id)
+        presented = self._presented_certificate(agent_id, presented_pem, csr_pem, signature)
+        if presented not in (agent.cert_fingerprint, agent.cert_pending):
+            log.warning("agent %s asked for a renewal with a certificate that an earlier "
+                        "renewal replaced (%s...); refused", agent_id, presented[:23])  # fmt: skip
+            raise PermissionDeniedError(
+                f"agent {agent_id}: this certificate was replaced by an earlier renewal and "
+                f"cannot renew (is a copy of the agent's key in use elsewhere? revoke the agent "
+                f"and enroll the node again)"
+            )
         cert = self.ca.sign_csr(csr_pem, f"agent:{agent_id}", self._agent_cert_days())
-        expires = _not_after(cert)
-        self.registry.set_certificate(agent_id, cert_fingerprint(cert), expires)
+        self.registry.renewed(agent_id, presented, cert_fingerprint(cert))
         log.info("renewed the certificate of agent %s (valid until %s)", agent_id,
-                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)))  # fmt: skip
+                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(_not_after(cert))))  # fmt: skip
         return cert
+
+    def _presented_certificate(
+        self, agent_id: str, cert_pem: bytes, csr_pem: bytes, signature: bytes | None
+    ) -> str:
+        """Fingerprint of the certificate a renewal was asked with, after checking it."""
+        if not cert_pem:
+            raise InvalidRequestError("a renewal must come with the certificate in use")
+        cert = load_certificate(cert_pem)
+        if certificate_common_name(cert) != f"agent:{agent_id}":
+            raise PermissionDeniedError(f"the certificate presented is not agent {agent_id}'s")
+        try:
+            cert.verify_directly_issued_by(self.ca.certificate)
+        except Exception:
+            raise PermissionDeniedError(
+                "the certificate presented is not from this hub's CA"
+            ) from None
+        if cert.not_valid_after_utc.timestamp() <= time.time():
+            raise PermissionDeniedError("the certificate presented has expired")
+        if signature is not None:
+            from cryptography.hazmat.primitives import hashes
+            from cryptography.hazmat.primitives.asymmetric import ec
+
+            key = cert.public_key()
+            try:
+                if not isinstance(key, ec.EllipticCurvePublicKey):
+                    raise TypeError(type(key).__name__)
+                key.verify(signature, csr_pem, ec.ECDSA(hashes.SHA256()))
+            except Exception:
+                raise PermissionDeniedError(
+                    "the renewal request is not signed by the key of the certificate presented"
+                ) from None
+        return cert_fingerprint(cert)
 
     def _agent_cert_days(self) -> float:
         return self.cfg.agent_cert_lifetime_s / 86400

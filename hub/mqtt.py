@@ -254,12 +254,10 @@ class MqttBridge:
             if kind == "certificate":
                 # Certificate renewal for agents that reach the hub only through the broker:
                 # the payload is a RenewCertificateRequest, the answer one Chunk holding the
-                # RenewCertificateResponse. The broker authenticated the agent by its current
-                # certificate; the hub checks it is still enrolled and not revoked.
+                # RenewCertificateResponse. The topic is the agent's own (the broker's ACL);
+                # the hub checks the proof, and that the agent is enrolled and not revoked.
                 renew = pb.RenewCertificateRequest.FromString(msg.payload)
-                fut = asyncio.run_coroutine_threadsafe(
-                    self._renew(agent_id, renew.csr_pem), self.loop
-                )
+                fut = asyncio.run_coroutine_threadsafe(self._renew(agent_id, renew), self.loop)
                 answer = pb.RenewCertificateResponse(certificate_pem=fut.result(timeout=30),
                                                      ca_pem=self.core.ca.cert_pem)  # fmt: skip
                 data = answer.SerializeToString()
@@ -298,6 +296,9 @@ class MqttBridge:
     async def _authorize(self, agent_id: str) -> None:
         self.core.authorize_agent(agent_id)
 
-    async def _renew(self, agent_id: str, csr_pem: bytes) -> bytes:
-        # On the event loop, like every other registry write.
-        return self.core.renew_certificate(agent_id, csr_pem)
+    async def _renew(self, agent_id: str, req: pb.RenewCertificateRequest) -> bytes:
+        # On the event loop, like every other registry write. The broker ended TLS, so the
+        # request itself must prove the key: the certificate in use and a signature.
+        return self.core.renew_certificate(
+            agent_id, req.csr_pem, req.certificate_pem, req.signature
+        )

@@ -54,8 +54,10 @@ CREATE TABLE IF NOT EXISTS agents (
     report TEXT NOT NULL DEFAULT '{}',
     presence TEXT NOT NULL DEFAULT '',
     presence_at REAL NOT NULL DEFAULT 0,
-    -- not_valid_after of the agent's current certificate (enrolment or latest renewal).
-    cert_expires_at REAL NOT NULL DEFAULT 0
+    -- not_valid_after of the certificate issued at enrollment (agents report later ones).
+    cert_expires_at REAL NOT NULL DEFAULT 0,
+    -- fingerprint of the certificate the last renewal issued, until the agent renews with it.
+    cert_pending TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS tokens (
     token_id TEXT PRIMARY KEY,
@@ -136,7 +138,8 @@ class AgentRow:
     cert_fingerprint: str
     report: dict[str, Any]
     presence: str = ""
-    cert_expires_at: float = 0.0  # 0: enrolled before the hub recorded it
+    cert_expires_at: float = 0.0  # at enrollment; 0: enrolled before the hub recorded it
+    cert_pending: str = ""  # fingerprint issued by the last renewal, not yet used to renew
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,8 @@ class Registry:
             "versions": [("model_sha256", "TEXT NOT NULL DEFAULT ''")],
             "agents": [("presence", "TEXT NOT NULL DEFAULT ''"),
                        ("presence_at", "REAL NOT NULL DEFAULT 0"),
-                       ("cert_expires_at", "REAL NOT NULL DEFAULT 0")],
+                       ("cert_expires_at", "REAL NOT NULL DEFAULT 0"),
+                       ("cert_pending", "TEXT NOT NULL DEFAULT ''")],
             "deployments": [("kind", "TEXT NOT NULL DEFAULT 'serve'")],
         }  # fmt: skip
         for table, columns in added.items():
@@ -373,12 +377,14 @@ class Registry:
                  cert_expires_at),
             )  # fmt: skip
 
-    def set_certificate(self, agent_id: str, fingerprint: str, expires_at: float) -> None:
-        """Record a renewed certificate (the agent id, and so its standing, stay the same)."""
+    def renewed(self, agent_id: str, presented: str, issued: str) -> None:
+        """Record a renewal: the certificate that asked is the agent's confirmed one from now
+        on, the one just issued is pending until the agent asks with it (see
+        HubCore.renew_certificate). The agent id, and so its standing, stay the same."""
         with self.tx():
             self.db.execute(
-                "UPDATE agents SET cert_fingerprint = ?, cert_expires_at = ? WHERE agent_id = ?",
-                (fingerprint, expires_at, agent_id),
+                "UPDATE agents SET cert_fingerprint = ?, cert_pending = ? WHERE agent_id = ?",
+                (presented, issued, agent_id),
             )
 
     def agent(self, agent_id: str) -> AgentRow:
@@ -395,7 +401,7 @@ class Registry:
             r["agent_id"], r["hostname"], json.loads(r["labels"]), r["enrolled_at"],
             last_seen, r["status"], r["cert_fingerprint"],
             report if report is not None else json.loads(r["report"]), r["presence"],
-            r["cert_expires_at"],
+            r["cert_expires_at"], r["cert_pending"],
         )  # fmt: skip
 
     def agents(self) -> list[AgentRow]:

@@ -174,7 +174,8 @@ class FleetServicer(pb_grpc.FleetServicer):
     @unary
     async def RenewCertificate(self, request, context):
         agent_id = caller(context, "agent")
-        cert = self.core.renew_certificate(agent_id, request.csr_pem)
+        (peer,) = context.auth_context().get("x509_pem_cert") or [b""]
+        cert = self.core.renew_certificate(agent_id, request.csr_pem, peer)
         return pb.RenewCertificateResponse(certificate_pem=cert, ca_pem=self.core.ca.cert_pem)
 
     @unary
@@ -424,7 +425,8 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
             report=report, desired=desired_to_proto(0, desired).models,
             presence=a.presence or ("online" if time.time() - a.last_seen
                                     < self.core.cfg.offline_after_s else "offline"),
-            cert_expires_at=a.cert_expires_at,
+            # What the agent reports it uses; before its first report, what enrollment issued.
+            cert_expires_at=report.cert_expires_at or a.cert_expires_at,
         )  # fmt: skip
 
     @unary

@@ -44,10 +44,14 @@ class EnrollResponse(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., tuf_root: _Optional[bytes] = ..., hub_address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., mqtt_address: _Optional[str] = ...) -> None: ...
 
 class RenewCertificateRequest(_message.Message):
-    __slots__ = ("csr_pem",)
+    __slots__ = ("csr_pem", "certificate_pem", "signature")
     CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     csr_pem: bytes
-    def __init__(self, csr_pem: _Optional[bytes] = ...) -> None: ...
+    certificate_pem: bytes
+    signature: bytes
+    def __init__(self, csr_pem: _Optional[bytes] = ..., certificate_pem: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class RenewCertificateResponse(_message.Message):
     __slots__ = ("certificate_pem", "ca_pem")
@@ -168,7 +172,7 @@ class ModelReport(_message.Message):
     def __init__(self, name: _Optional[str] = ..., active_version: _Optional[int] = ..., previous_version: _Optional[int] = ..., loading_version: _Optional[int] = ..., desired_version: _Optional[int] = ..., gate_version: _Optional[int] = ..., gate_passed: _Optional[bool] = ..., gate_kind: _Optional[str] = ..., gate_reason: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class AgentReport(_message.Message):
-    __slots__ = ("models", "last_error", "desired_revision", "cache_bytes", "disk_free_bytes", "agent_version", "inference_address")
+    __slots__ = ("models", "last_error", "desired_revision", "cache_bytes", "disk_free_bytes", "agent_version", "inference_address", "cert_expires_at")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     DESIRED_REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +180,7 @@ class AgentReport(_message.Message):
     DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CERT_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelReport]
     last_error: str
     desired_revision: int
@@ -183,7 +188,8 @@ class AgentReport(_message.Message):
     disk_free_bytes: int
     agent_version: str
     inference_address: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelReport, _Mapping]]] = ..., last_error: _Optional[str] = ..., desired_revision: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., agent_version: _Optional[str] = ..., inference_address: _Optional[str] = ...) -> None: ...
+    cert_expires_at: float
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelReport, _Mapping]]] = ..., last_error: _Optional[str] = ..., desired_revision: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., agent_version: _Optional[str] = ..., inference_address: _Optional[str] = ..., cert_expires_at: _Optional[float] = ...) -> None: ...
 
 class ReportAck(_message.Message):
     __slots__ = ()

@@ -11,6 +11,7 @@ one site, and shows what the fleet reports.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -212,6 +213,11 @@ def fleet(work: Path) -> bool:
 
         step("12. What the fleet reports (desired and active versions, gate verdicts)")
         run_hub(hub, "agents", "ls")
+        # Certificates: each agent renews its own (new key, made on the node) 30 days ahead.
+        for info in json.loads(hub.cli("agents", "ls", "--json")):
+            expires = info.get("cert_expires_at", 0)
+            print(f"  {info['hostname']:<14} certificate valid until {_day(expires)}, renewed "
+                  f"by the agent itself from {_day(expires - 30 * 86400)}")  # fmt: skip
         with grpcclient.InferenceServerClient(agents[0].url) as c:
             inp = grpcclient.InferInput("x", [1, 4], "FP32")
             inp.set_data_from_numpy(np.ones((1, 4), np.float32))
@@ -283,6 +289,10 @@ def watch_rollout(hub: HubProcess, model: str, timeout: float = 90) -> None:
             return
         time.sleep(0.3)
     raise TimeoutError("rollout did not finish")
+
+
+def _day(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(epoch))
 
 
 def _active(agent: AgentProcess) -> int:

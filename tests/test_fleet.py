@@ -18,7 +18,7 @@ from google.protobuf.json_format import MessageToDict
 
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
-from protos.identity import load_certificate
+from protos.identity import generate_key, load_certificate, make_csr
 from tests import models
 from tests.procs import (
     ROOT,
@@ -243,8 +243,17 @@ def test_agent_renews_its_certificate_and_outlives_the_first_one(fleet) -> None:
     wait_for(lambda: "renewed the agent certificate" in agent.logs(), 30, "a renewal")
     assert (ident / "agent.key").read_bytes() != first_key  # a new key, made on the node
     assert stat.S_IMODE((ident / "agent.key").stat().st_mode) == 0o600
-    assert agents_ls(hub)["edge-1"]["cert_expires_at"] > first_expiry  # the hub recorded it
+    wait_for(lambda: agents_ls(hub)["edge-1"]["cert_expires_at"] > first_expiry, 10,
+             "the new expiry in agents ls")  # fmt: skip
     assert "renewed the certificate of agent" in hub.logs()
+    # Once the agent has renewed twice, the enrollment certificate (still valid) can no longer
+    # renew: a copy of that key would die with it.
+    wait_for(lambda: agent.logs().count("renewed the agent certificate") >= 2, 30, "2 renewals")
+    csr = make_csr(generate_key(), "x")
+    with grpc.secure_channel(hub.url, old_creds) as ch, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.FleetStub(ch).RenewCertificate(pb.RenewCertificateRequest(csr_pem=csr), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "replaced by an earlier renewal" in refused.value.details()
 
     # Past the first certificate's end: the hub refuses it. Restarting the hub drops every
     # connection, so the agent must handshake again, with the renewed certificate.

@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import os
 import stat
+import time
 import types
 from pathlib import Path
 
@@ -194,3 +195,65 @@ def test_agents_ls_warns_only_when_renewal_is_overdue() -> None:
     assert _cert_warning(now + 20 * 86400, now) == ""  # renewal window, not overdue yet
     assert "expires in 3.0 days" in _cert_warning(now + 3 * 86400, now)
     assert "EXPIRED" in _cert_warning(now - 1, now)
+
+
+def test_leftovers_of_another_identity_or_unreadable_files_are_not_installed(
+    ident: Path, ca: CertificateAuthority
+) -> None:
+    kept = snapshot(ident)
+    # A complete renewal of an earlier identity (another agent id), e.g. left behind before an
+    # `enroll --force`: it must not replace the identity in use.
+    key = generate_key()
+    write_private_key(ident / renew.NEXT_KEY, key)
+    write_pem(ident / renew.NEXT_CERT, ca.sign_csr(make_csr(key, "x"), "agent:old-id-000000"))
+    assert renew.finish_pending(ident) == "discarded"
+    assert snapshot(ident) == kept
+    # A truncated pending certificate: set aside, the agent still starts with its identity.
+    write_private_key(ident / renew.NEXT_KEY, generate_key())
+    (ident / renew.NEXT_CERT).write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB")
+    assert renew.finish_pending(ident) == "discarded"
+    assert (ident / "agent.crt").read_bytes() == kept["agent.crt"]
+    assert (ident / "agent.key").read_bytes() == kept["agent.key"]
+    assert (ident / (renew.NEXT_CERT + ".bad")).exists()
+    assert not (ident / renew.NEXT_CERT).exists() and not (ident / renew.NEXT_KEY).exists()
+    # enroll --force starts by forgetting any renewal in progress.
+    write_private_key(ident / renew.NEXT_KEY, generate_key())
+    renew.discard_pending(ident)
+    assert not (ident / renew.NEXT_KEY).exists()
+
+
+def test_a_node_clock_behind_the_hub_still_accepts_its_new_certificate(
+    ident: Path, ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Certificates are valid from 5 minutes before issue; this node's clock is 10 minutes late.
+    late = time.time() - 600
+    monkeypatch.setattr(renew.time, "time", lambda: late)
+    cert = asyncio.run(renew.renew(ident, hub(ca)))
+    assert cert.not_valid_before_utc.timestamp() > late
+    assert (ident / "agent.crt").read_bytes() == cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_hub_checks_the_proof_of_a_renewal_sent_through_the_broker(
+    ident: Path, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    from hub.core import HubCore
+    from hub.registry import PermissionDeniedError
+
+    core = types.SimpleNamespace(ca=ca)
+    csr = make_csr(generate_key(), "x")
+    cert_pem, signature = renew.proof(ident, csr)
+
+    def check(cert: bytes, sig: bytes | None, agent: str = AGENT) -> str:
+        return HubCore._presented_certificate(core, agent, cert, csr, sig)  # type: ignore[arg-type]
+
+    assert check(cert_pem, signature).startswith("sha256:")
+    with pytest.raises(PermissionDeniedError, match="not signed by the key"):
+        check(cert_pem, b"")  # no signature
+    with pytest.raises(PermissionDeniedError, match="not signed by the key"):
+        check(cert_pem, renew.proof(ident, b"another CSR")[1])  # a signature over other bytes
+    with pytest.raises(PermissionDeniedError, match="not agent other-agent's"):
+        check(cert_pem, signature, agent="other-agent")
+    evil = CertificateAuthority.load_or_create(tmp_path / "evil")
+    forged = evil.sign_csr(make_csr(generate_key(), "x"), agent_common_name(AGENT))
+    with pytest.raises(PermissionDeniedError, match="not from this hub's CA"):
+        check(forged, None)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 
+from agent.fleet.renew import discard_pending
 from agent.fleet.transport import IDENTITY_DIR, channel_options, rpc_error
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
@@ -54,6 +55,8 @@ def enroll(
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     ident.mkdir(mode=0o700, exist_ok=True)
+    # A renewal of the identity being replaced must not be completed later over the new one.
+    discard_pending(ident)
     key = generate_key()
     write_private_key(ident / "agent.key", key)
     node = hostname or socket.gethostname()

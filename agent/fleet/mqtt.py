@@ -81,10 +81,9 @@ class MqttLink:
         """
         self.tls.load_cert_chain(self.ident / "agent.crt", self.ident / "agent.key")
 
-    def renew_certificate(self, csr_pem: bytes) -> pb.RenewCertificateResponse:
+    def renew_certificate(self, req: pb.RenewCertificateRequest) -> pb.RenewCertificateResponse:
         """Fleet.RenewCertificate through the broker, for agents without a gRPC route."""
-        payload = pb.RenewCertificateRequest(csr_pem=csr_pem).SerializeToString()
-        data = b"".join(self.request("certificate", "", payload=payload))
+        data = b"".join(self.request("certificate", "", payload=req.SerializeToString()))
         return pb.RenewCertificateResponse.FromString(data)
 
     def resync(self) -> None:

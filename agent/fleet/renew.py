@@ -22,7 +22,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from protos import fleet_pb2 as pb
 from protos.atomic import fsync_dir
@@ -70,20 +71,35 @@ def finish_pending(ident: Path) -> str:
     """Complete or discard a renewal that a crash interrupted; returns what was done.
 
     ``"completed"``: the checked new certificate (and its key, if not yet moved) moved in.
-    ``"discarded"``: a new key without a certificate, or a certificate for a key we lack.
+    ``"discarded"``: a new key without a certificate, a certificate for a key we lack or for
+    another name (left over from before an ``enroll --force``), or a file that does not parse
+    (kept aside as ``*.bad``): the identity in use stays.
     ``""``: nothing was pending.
     """
     next_key, next_cert = ident / NEXT_KEY, ident / NEXT_CERT
     done = ""
     if next_cert.exists():
-        wanted = _public_der(load_certificate(next_cert.read_bytes()).public_key())
-        if next_key.exists() and _public_der(load_private_key(next_key).public_key()) == wanted:
+        try:
+            pending = load_certificate(next_cert.read_bytes())
+            wanted = _public_der(pending.public_key())
+            same_name = certificate_common_name(pending) == certificate_common_name(
+                current_certificate(ident)
+            )
+            new_key = (
+                next_key.exists() and _public_der(load_private_key(next_key).public_key()) == wanted
+            )
+        except (CredentialsError, ValueError) as exc:
+            log.warning("setting aside an unreadable renewal file in %s: %s", ident, exc)
+            _set_aside(next_cert)
+            _set_aside(next_key)
+            same_name = new_key = False
+        if same_name and new_key:
             os.replace(next_key, ident / KEY)
-        if _public_der(load_private_key(ident / KEY).public_key()) == wanted:
+        if same_name and _public_der(load_private_key(ident / KEY).public_key()) == wanted:
             os.replace(next_cert, ident / CERT)
             done = "completed"
         else:
-            next_cert.unlink()
+            next_cert.unlink(missing_ok=True)
             done = "discarded"
     if next_key.exists():
         next_key.unlink()  # the hub never answered: the next attempt makes a new key
@@ -91,6 +107,26 @@ def finish_pending(ident: Path) -> str:
     if done:
         fsync_dir(ident)
     return done
+
+
+def discard_pending(ident: Path) -> None:
+    """Forget any renewal in progress (a new enrollment replaces the identity)."""
+    for name in (NEXT_KEY, NEXT_CERT):
+        (ident / name).unlink(missing_ok=True)
+
+
+def _set_aside(path: Path) -> None:
+    if path.exists():
+        os.replace(path, path.with_name(path.name + ".bad"))
+
+
+def proof(ident: Path, csr_pem: bytes) -> tuple[bytes, bytes]:
+    """(certificate in use, signature over the CSR with its key), for a renewal sent through
+    the MQTT broker, which ends TLS before the hub could see who holds the key."""
+    key = load_private_key(ident / KEY)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CredentialsError(f"{ident / KEY} is not an ECDSA key; cannot sign a renewal")
+    return (ident / CERT).read_bytes(), key.sign(csr_pem, ec.ECDSA(hashes.SHA256()))
 
 
 def check_answer(ident: Path, name: str, key: object, cert_pem: bytes) -> x509.Certificate:
@@ -112,11 +148,12 @@ def check_answer(ident: Path, name: str, key: object, cert_pem: bytes) -> x509.C
         raise CredentialsError(
             f"the renewed certificate is not issued by the hub's CA this agent trusts: {exc}"
         ) from None
-    now = time.time()
-    if not cert.not_valid_before_utc.timestamp() <= now < cert.not_valid_after_utc.timestamp():
+    # Only the end is checked: a node whose clock lags the hub's by more than the 5 minutes
+    # certificates are backdated would otherwise refuse every answer.
+    if cert.not_valid_after_utc.timestamp() <= time.time():
         raise CredentialsError(
-            f"the renewed certificate is not valid now (valid {cert.not_valid_before_utc} to "
-            f"{cert.not_valid_after_utc})"
+            f"the renewed certificate has already expired ({cert.not_valid_after_utc}); is "
+            f"this node's clock right?"
         )
     return cert
 

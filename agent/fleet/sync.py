@@ -52,6 +52,9 @@ from protos.errors import ModelfleetError, ResourceExhaustedError
 
 log = logging.getLogger(__name__)
 
+# Shortest wait between two renewals when a new certificate is due at once (misconfiguration).
+MIN_RENEW_GAP_S = 60.0
+
 
 @dataclass(frozen=True)
 class DesiredModel:
@@ -114,6 +117,12 @@ class FleetSync:
         if done := renewal.finish_pending(self.ident):
             log.warning("certificate renewal interrupted by a restart: %s", done)
         self._retired_channels: list[tuple[float, grpc.aio.Channel]] = []
+        self.cert_expires_at = renewal.current_certificate(
+            self.ident
+        ).not_valid_after_utc.timestamp()
+        self.renew_error = ""
+        # Set between a renewal written to disk and the connections that use it: retried.
+        self._identity_stale = False
         if cfg.transport in ("mqtt", "both"):
             self.mqtt = MqttLink(cfg.mqtt, self.data, cfg.agent_id, self._desired_from_mqtt)
         if cfg.transport in ("grpc", "both"):
@@ -306,14 +315,23 @@ class FleetSync:
         """
         backoff = Backoff(base=5.0, cap=max(self.cfg.backoff_max_s, 60.0))
         while not stop.is_set():
-            delay = 0.0
             try:
+                if self._identity_stale:
+                    await self._use_identity()
                 due = renewal.due_at(self.ident, self.cfg.cert_renew_before_s)
                 delay = min(due - time.time(), 3600.0)
                 if delay <= 0:
                     await self.renew_certificate()
                     backoff.reset()
-                    continue
+                    delay = renewal.due_at(self.ident, self.cfg.cert_renew_before_s) - time.time()
+                    if delay <= 0:
+                        # The new certificate is due at once: the hub's lifetime is shorter than
+                        # cert_renew_before_s allows for. Renew now and then, not in a loop.
+                        log.warning("the renewed certificate is due for renewal at once "
+                                    "(agent_cert_lifetime_s on the hub is too short for "
+                                    "cert_renew_before_s); next renewal in %.0fs",
+                                    MIN_RENEW_GAP_S)  # fmt: skip
+                        delay = MIN_RENEW_GAP_S
             except Exception as exc:
                 hint = ""
                 with contextlib.suppress(Exception):
@@ -323,7 +341,7 @@ class FleetSync:
                                 f"the hub refuses it now; enroll again (modelfleet-agent enroll "
                                 f"--force) unless this node's clock is wrong.")  # fmt: skip
                 delay = backoff.next()
-                self.last_error = f"certificate renewal: {exc}"
+                self.renew_error = f"certificate renewal: {exc}"
                 log.warning("renewing the agent certificate failed: %s; retrying in %.0fs.%s",
                             exc, delay, hint)  # fmt: skip
             with contextlib.suppress(TimeoutError):
@@ -341,20 +359,28 @@ class FleetSync:
                 except grpc.aio.AioRpcError as exc:
                     raise rpc_error(exc, "hub") from None
             assert self.mqtt is not None
-            return await asyncio.to_thread(self.mqtt.renew_certificate, csr)
+            # The broker ends TLS: the request carries the certificate in use and a signature.
+            cert_pem, signature = renewal.proof(self.ident, csr)
+            request = pb.RenewCertificateRequest(
+                csr_pem=csr, certificate_pem=cert_pem, signature=signature
+            )
+            return await asyncio.to_thread(self.mqtt.renew_certificate, request)
 
         cert = await renewal.renew(self.ident, ask)
-        await self._use_identity()
-        if self.last_error.startswith("certificate renewal"):
-            self.last_error = ""
+        self._identity_stale = True
+        self.cert_expires_at = cert.not_valid_after_utc.timestamp()
+        self.renew_error = ""
         log.info("renewed the agent certificate (new key); valid until %s",
                  cert.not_valid_after_utc.isoformat(timespec="seconds"))  # fmt: skip
+        await self._use_identity()
+        self.report_now.set()
 
     async def _use_identity(self) -> None:
         """New channels with the identity on disk; calls in flight finish on the old ones."""
         if self.mqtt is not None:
             self.mqtt.reload_identity()
         if self.channel is None:
+            self._identity_stale = False
             return
         creds = credentials(self.data)
         # Closing a channel cancels its calls: the old one stays open until the longest call
@@ -369,6 +395,7 @@ class FleetSync:
         self.stub = pb_grpc.FleetStub(self.channel)
         if isinstance(self.transport, GrpcTransport):
             self.transport.reconnect(creds)
+        self._identity_stale = False
 
     def _desired_from_mqtt(self, payload: bytes) -> None:
         """paho's thread -> the event loop. An empty retained message means "revoked"."""
@@ -438,12 +465,14 @@ class FleetSync:
                                              error=self.errors.get(name, "")))  # fmt: skip
         return pb.AgentReport(
             models=models,
-            last_error=self.last_error,
+            # A failing renewal stays visible until one succeeds, whatever else clears.
+            last_error=self.last_error or self.renew_error,
             desired_revision=self.revision,
             cache_bytes=self.cache.size(),
             disk_free_bytes=shutil.disk_usage(self.cache.root).free,
             agent_version=__version__,
             inference_address=self.inference_address,
+            cert_expires_at=self.cert_expires_at,
         )
 
     async def report_loop(self, stop: asyncio.Event) -> None:
