@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from protos import fleet_pb2 as pb
@@ -47,12 +47,6 @@ NEXT_KEY, NEXT_CERT = "agent.next.key", "agent.next.crt"
 
 # Asks the hub: CSR (PEM) in, the hub's answer out (gRPC or MQTT).
 Ask = Callable[[bytes], Awaitable[pb.RenewCertificateResponse]]
-
-
-def _public_der(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def current_certificate(ident: Path) -> x509.Certificate:
@@ -81,13 +75,11 @@ def finish_pending(ident: Path) -> str:
     if next_cert.exists():
         try:
             pending = load_certificate(next_cert.read_bytes())
-            wanted = _public_der(pending.public_key())
+            wanted = pending.public_key()
             same_name = certificate_common_name(pending) == certificate_common_name(
                 current_certificate(ident)
             )
-            new_key = (
-                next_key.exists() and _public_der(load_private_key(next_key).public_key()) == wanted
-            )
+            new_key = next_key.exists() and load_private_key(next_key).public_key() == wanted
         except (CredentialsError, ValueError) as exc:
             log.warning("setting aside an unreadable renewal file in %s: %s", ident, exc)
             _set_aside(next_cert)
@@ -95,7 +87,7 @@ def finish_pending(ident: Path) -> str:
             same_name = new_key = False
         if same_name and new_key:
             os.replace(next_key, ident / KEY)
-        if same_name and _public_der(load_private_key(ident / KEY).public_key()) == wanted:
+        if same_name and load_private_key(ident / KEY).public_key() == wanted:
             os.replace(next_cert, ident / CERT)
             done = "completed"
         else:
@@ -136,7 +128,7 @@ def check_answer(ident: Path, name: str, key: object, cert_pem: bytes) -> x509.C
     Anything else is refused before it can replace a working identity.
     """
     cert = load_certificate(cert_pem)
-    if _public_der(cert.public_key()) != _public_der(key.public_key()):  # type: ignore[attr-defined]
+    if cert.public_key() != key.public_key():  # type: ignore[attr-defined]
         raise CredentialsError("the renewed certificate is not for the key this agent sent")
     got = certificate_common_name(cert)
     if got != name:
