@@ -123,7 +123,7 @@ def proof(ident: Path, csr_pem: bytes) -> tuple[bytes, bytes]:
 
 def check_answer(ident: Path, name: str, key: object, cert_pem: bytes) -> x509.Certificate:
     """The hub's certificate must be for our new key and our name (the CN ``agent:<id>`` of
-    the certificate in use), issued by our CA, and valid now.
+    the certificate in use), issued by our CA, and not expired.
 
     Anything else is refused before it can replace a working identity.
     """
