@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from agent.serving import batcher
 from agent.serving.batcher import DirectRunner, DynamicBatcher
 from protos.errors import InferenceError
 
@@ -73,6 +74,41 @@ def test_queue_delay_gathers_a_lone_trickle() -> None:
 
     run(main())
     assert model.batches == [4]
+
+
+def test_sub_millisecond_delays_are_waited_on_the_fine_timer() -> None:
+    """A lone request waits its whole delay (not less), also below the event loop's 1 ms timer
+    granularity. (How close to the deadline the wait ends is a benchmark figure.)"""
+    model = FakeModel()
+
+    async def main() -> float:
+        with ThreadPoolExecutor(1) as pool:
+            lone = DynamicBatcher(model.run, pool, lambda r, s: None,
+                                  max_batch_size=4, max_queue_delay_us=300)  # fmt: skip
+            _, timing = await lone.infer({"x": np.ones((1, 2), np.float32)}, 1)
+            return timing.queue_s
+
+    assert 300e-6 <= run(main()) < 0.5  # honoured, and nothing hung
+    assert model.batches == [1]
+
+
+def test_an_arrival_ends_a_fine_timer_wait_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The whole 5 s delay on the fine timer: only the wake-up can end it early.
+    monkeypatch.setattr(batcher, "FINE_WAIT_S", 10.0)
+    model = FakeModel()
+
+    async def main() -> float:
+        with ThreadPoolExecutor(1) as pool:
+            b = DynamicBatcher(model.run, pool, lambda r, s: None,
+                               max_batch_size=2, max_queue_delay_us=5_000_000)  # fmt: skip
+            first = asyncio.ensure_future(b.infer({"x": np.ones((1, 2), np.float32)}, 1))
+            await asyncio.sleep(0.05)  # the first request is waiting for company
+            await b.infer({"x": np.ones((1, 2), np.float32)}, 1)
+            _, timing = await first
+            return timing.queue_s
+
+    assert run(main()) < 2.5
+    assert model.batches == [2]
 
 
 def test_different_inner_shapes_never_merge() -> None:
