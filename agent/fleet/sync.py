@@ -39,6 +39,7 @@ from agent.fleet.outbox import (
 from agent.fleet.transport import (
     IDENTITY_DIR,
     GrpcTransport,
+    RetiredChannels,
     channel_options,
     credentials,
     rpc_error,
@@ -116,7 +117,8 @@ class FleetSync:
         # Before the identity is read: a renewal cut short by a crash is completed or undone.
         if done := renewal.finish_pending(self.ident):
             log.warning("certificate renewal interrupted by a restart: %s", done)
-        self._retired_channels: list[tuple[float, grpc.aio.Channel]] = []
+        # A watch stream on a replaced channel lasts up to resync_interval_s.
+        self._retired_channels = RetiredChannels(cfg.resync_interval_s + 60.0)
         self.cert_expires_at = renewal.current_certificate(
             self.ident
         ).not_valid_after_utc.timestamp()
@@ -383,14 +385,8 @@ class FleetSync:
             self._identity_stale = False
             return
         creds = credentials(self.data)
-        # Closing a channel cancels its calls: the old one stays open until the longest call
-        # started on it (a watch stream lasts up to resync_interval_s) must have ended.
-        now, grace = time.monotonic(), self.cfg.resync_interval_s + 60.0
-        for retired_at, old in self._retired_channels:
-            if now - retired_at > grace:
-                await old.close()
-        self._retired_channels = [(t, c) for t, c in self._retired_channels if now - t <= grace]
-        self._retired_channels.append((now, self.channel))
+        for old in self._retired_channels.retire(self.channel):
+            await old.close()
         self.channel = grpc.aio.secure_channel(self.cfg.hub, creds, options=channel_options())
         self.stub = pb_grpc.FleetStub(self.channel)
         if isinstance(self.transport, GrpcTransport):
@@ -547,7 +543,7 @@ class FleetSync:
                 with contextlib.suppress(Exception):
                     await self.stub.ReportState(self.build_report(), timeout=2)
                 await self.channel.close()
-                for _, old in self._retired_channels:
+                for old in self._retired_channels.all():
                     await old.close()
             if self.mqtt is not None:
                 with contextlib.suppress(Exception):

@@ -114,13 +114,35 @@ def _varint(view: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+class RetiredChannels:
+    """Channels replaced after a certificate renewal, kept open while calls started on them may
+    still run (closing a channel cancels its calls), then handed back to be closed."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self._held: list[tuple[float, Any]] = []
+
+    def retire(self, channel: Any) -> list[Any]:
+        """Hold ``channel``; return the held channels whose grace has passed (to close now)."""
+        now = time.monotonic()
+        due = [c for t, c in self._held if now - t > self.grace_s]
+        self._held = [(t, c) for t, c in self._held if now - t <= self.grace_s]
+        self._held.append((now, channel))
+        return due
+
+    def all(self) -> list[Any]:
+        """Every held channel, for shutdown."""
+        return [c for _, c in self._held]
+
+
 class GrpcTransport:
     """Blocking fetches for the TUF verifier, which runs on a worker thread."""
 
     def __init__(self, address: str, creds: grpc.ChannelCredentials, timeout_s: float = 3600):
         self.address = address
         self.timeout_s = timeout_s
-        self._retired: list[tuple[float, grpc.Channel]] = []
+        # A download on a replaced channel may last as long as its call's deadline.
+        self._retired = RetiredChannels(timeout_s)
         self._connect(creds)
 
     def _connect(self, creds: grpc.ChannelCredentials) -> None:
@@ -139,16 +161,11 @@ class GrpcTransport:
     def reconnect(self, creds: grpc.ChannelCredentials) -> None:
         """New calls use ``creds`` (a renewed certificate) from now on.
 
-        Closing a channel cancels its calls, so the previous one stays open for as long as a
-        download on it may last (``timeout_s``), then is closed at a later reconnect or at
-        close().
+        The previous channel stays open while a download on it may run (``timeout_s``), then is
+        closed at a later reconnect or at close().
         """
-        now = time.monotonic()
-        for retired_at, old in self._retired:
-            if now - retired_at > self.timeout_s:
-                old.close()
-        self._retired = [(t, c) for t, c in self._retired if now - t <= self.timeout_s]
-        self._retired.append((now, self._conn[0]))
+        for old in self._retired.retire(self._conn[0]):
+            old.close()
         self._connect(creds)
 
     def fetch_metadata(self, filename: str) -> Iterator[bytes]:
@@ -175,5 +192,5 @@ class GrpcTransport:
             call.cancel()  # a consumer that stops early ends the stream now (no-op once done)
 
     def close(self) -> None:
-        for channel in [*(c for _, c in self._retired), self._conn[0]]:
+        for channel in [*self._retired.all(), self._conn[0]]:
             channel.close()
