@@ -17,6 +17,7 @@ from hub.ca import DEFAULT_CLIENT_DAYS
 from hub.config import RELOADABLE, HubConfig, reload_hub_config
 from hub.core import HubCore, lock_data_dir
 from hub.server import AdminServicer, FleetServicer, dump_json, server_options
+from hub.signing import RepositoryIntegrityError
 from protos import fleet_pb2_grpc as pb_grpc
 from protos.identity import (
     generate_key,
@@ -156,6 +157,8 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
             try:
                 if core.refresh_signatures():
                     log.info("re-signed timestamp/snapshot metadata")
+            except RepositoryIntegrityError as exc:
+                log.error("not re-signing TUF metadata that does not verify: %s", exc)
             except Exception:
                 log.exception("refreshing TUF metadata failed; will retry")
             try:

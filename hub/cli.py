@@ -12,10 +12,19 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from protos.errors import EXIT_CODES, InvalidRequestError, ModelfleetError, Status
+from protos.errors import (
+    EXIT_CODES,
+    InvalidRequestError,
+    ModelfleetError,
+    Status,
+    VerificationError,
+)
 from protos.malloc import tune_malloc
+
+if TYPE_CHECKING:
+    from hub.signing import ExpectedTarget
 
 DEFAULT_DATA = os.environ.get("MODELFLEET_HUB_DATA", "hub-data")
 
@@ -103,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--expected", type=Path, help="golden outputs EXPECTED.npz")
     pub.add_argument("--notes", default="")
     pub.add_argument("--targets-key", type=Path, help="offline targets private key (PEM)")
+    pub.add_argument(
+        "--allow-extra", action="append", default=[], metavar="TARGET_PATH",
+        help="also sign this other staged target (repeat; docs/security.md)",
+    )  # fmt: skip
     pub.add_argument("--latency-budget-ms", type=float)
     pub.add_argument("--tolerance", type=float)
     pub.add_argument("--max-batch-size", type=int)
@@ -112,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("name")
     sign.add_argument("version", type=int)
     sign.add_argument("--targets-key", type=Path, required=True)
+    sign.add_argument(
+        "--sha256", required=True, metavar="HEX",
+        help="the bundle sha256 that publish printed: what you mean to sign",
+    )  # fmt: skip
+    sign.add_argument(
+        "--allow-extra", action="append", default=[], metavar="TARGET_PATH",
+        help="also sign this other staged target (repeat; docs/security.md)",
+    )  # fmt: skip
 
     models = sub.add_parser("models", help="the registry")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -452,24 +473,52 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if resp.staged_payload:
         if not args.targets_key:
             print(f"{args.name} v{v.version} uploaded but NOT signed: the targets key is offline."
-                  f" Sign it with: modelfleet-hub sign {args.name} {v.version} --targets-key FILE",
-                  file=sys.stderr)  # fmt: skip
+                  f" Sign it with: modelfleet-hub sign {args.name} {v.version} --sha256 {digest}"
+                  " --targets-key FILE", file=sys.stderr)  # fmt: skip
             return EXIT_CODES[Status.FAILED_PRECONDITION]
-        v = _sign(stub, args.name, v.version, resp.staged_payload, args.targets_key)
+        from hub.signing import ExpectedTarget, bundle_target_path
+
+        expected = ExpectedTarget(bundle_target_path(args.name, version), digest, size,
+                                  bundle.manifest.model_sha256)  # fmt: skip
+        v = _sign(stub, args.name, v.version, resp, args.targets_key, expected, args.allow_extra)
     same = f" (same content as v{v.same_content_as})" if v.same_content_as else ""
     print(f"published {v.name} v{v.version}: {v.size} bytes, sha256 {v.sha256[:12]}, "
           f"stage {v.stage}, {'signed' if v.signed else 'unsigned'}{same}")  # fmt: skip
     return 0
 
 
-def _sign(stub: Any, name: str, version: int, payload: bytes, key: Path) -> Any:
-    from hub.signing import sign_staged
+def _sign(
+    stub: Any,
+    name: str,
+    version: int,
+    staged: Any,
+    key: Path,
+    expected: ExpectedTarget,
+    allow_extra: list[str],
+) -> Any:
+    """Sign what the hub staged only if it is what the key holder means (the hub is not trusted).
+
+    ``check_signing_request`` verifies the hub's published targets with this key's own
+    signature and refuses any difference beyond ``expected`` (and ``--allow-extra`` paths).
+    """
+    from hub.signing import check_signing_request, load_signer
     from protos import fleet_pb2 as pb
 
-    sig = sign_staged(payload, key)
-    commit = pb.CommitTargetsRequest(name=name, version=version, keyid=sig["keyid"],
-                                     signature=sig["sig"])  # fmt: skip
-    return call(stub.CommitTargets, commit).version
+    signer = load_signer(key)
+    targets, extras = check_signing_request(
+        staged.staged_payload, staged.base_targets, signer.public_key, expected,
+        allow_extra=allow_extra,
+    )  # fmt: skip
+    for line in extras:
+        print(f"also signing (--allow-extra): {line}", file=sys.stderr)
+    sig = signer.sign(staged.staged_payload)
+    commit = pb.CommitTargetsRequest(name=name, version=version, keyid=sig.keyid,
+                                     signature=sig.signature,
+                                     signed_payload=staged.staged_payload)  # fmt: skip
+    v = call(stub.CommitTargets, commit).version
+    print(f"signed targets v{targets.signed.version}: adds {expected.path} "
+          f"(sha256 {expected.sha256[:16]})", file=sys.stderr)  # fmt: skip
+    return v
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
@@ -478,9 +527,17 @@ def cmd_sign(args: argparse.Namespace) -> int:
     stub = admin_stub(args)
     resp = call(stub.CommitTargets, pb.CommitTargetsRequest(name=args.name, version=args.version))
     if not resp.staged_payload:
+        if resp.version.sha256 != args.sha256:
+            raise VerificationError(
+                f"{args.name} v{args.version} is signed with sha256 {resp.version.sha256}, not "
+                f"{args.sha256}", reason="signing_diff"
+            )  # fmt: skip
         print(f"{args.name} v{args.version} is already signed")
         return 0
-    v = _sign(stub, args.name, args.version, resp.staged_payload, args.targets_key)
+    from hub.signing import ExpectedTarget, bundle_target_path
+
+    expected = ExpectedTarget(bundle_target_path(args.name, args.version), args.sha256.lower())
+    v = _sign(stub, args.name, args.version, resp, args.targets_key, expected, args.allow_extra)
     print(f"signed {v.name} v{v.version}")
     return 0
 

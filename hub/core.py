@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import re
 import secrets
@@ -25,7 +24,13 @@ from hub.blobs import BlobStore
 from hub.ca import CertificateAuthority
 from hub.config import HubConfig
 from hub.registry import AgentRow, Desired, PermissionDeniedError, Registry, VersionRow
-from hub.signing import ExpiryPolicy, TargetsKeyRequiredError, TufRepository, init_keys
+from hub.signing import (
+    ExpiryPolicy,
+    RepositoryIntegrityError,
+    TargetsKeyRequiredError,
+    TufRepository,
+    init_keys,
+)
 from protos import fleet_pb2
 from protos.atomic import try_lock
 from protos.bundle import NAME_RE, unpack_bundle
@@ -35,6 +40,7 @@ from protos.errors import (
     ModelNotFoundError,
     ResourceExhaustedError,
     Status,
+    VerificationError,
 )
 from protos.identity import (
     EnrollToken,
@@ -56,6 +62,7 @@ class PublishResult:
     version: VersionRow
     staged_payload: bytes = b""
     targets_keyid: str = ""
+    base_targets: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,9 @@ class HubCore:
         self.blobs = BlobStore(self.paths.blobs)
         self.ca = CertificateAuthority.load_or_create(self.paths.ca)
         self.tuf = open_tuf(self.paths, cfg, clock)
+        # A crash between committing signed targets and marking the rows leaves rows unsigned.
+        self.mark_signed_targets()
+        self.check_registry_against_targets()
         self.changed = asyncio.Condition()
         from hub.telemetry import TELEMETRY_FILE, TelemetryIngestor, TelemetryStore
 
@@ -215,13 +225,13 @@ class HubCore:
         digest, size, manifest = verified["sha256"], verified["size"], verified["manifest"]
         path = target_path(name, version)
         custom = {"name": name, "version": version, "manifest_sha256": manifest["model"]["sha256"]}
-        staged, keyid, signed = b"", "", True
+        staged, keyid, base, signed = b"", "", b"", True
         try:
             self.tuf.add_target(path, size, digest, custom)
         except TargetsKeyRequiredError:
             staged = self.tuf.stage_target(path, size, digest, custom)
-            root = json.loads(self.tuf.root_bytes())
-            keyid, signed = root["signed"]["roles"]["targets"]["keyids"][0], False
+            base = self.tuf.published_targets_bytes()
+            keyid, signed = self.tuf.targets_keyid(), False
         row = self.registry.add_version(
             name=name, version=version, sha256=digest, size=size,
             notes=str(header.get("notes", "")), target_path=path, signed=signed,
@@ -229,36 +239,86 @@ class HubCore:
         )  # fmt: skip
         log.info("published %s v%d (%d bytes, sha256 %s, %s)", name, version, size, digest[:12],
                  "signed" if signed else "awaiting targets signature")  # fmt: skip
-        return PublishResult(row, staged, keyid)
+        return PublishResult(row, staged, keyid, base)
 
-    def staged_for_signing(self, name: str, version: int) -> tuple[bytes, str]:
-        """What an offline targets key must sign so that ``version`` becomes signed."""
+    def staged_for_signing(self, name: str, version: int) -> PublishResult:
+        """Stage exactly ``version`` on the published targets for the offline targets key.
+
+        Each request stages afresh (never on top of an earlier staging), so what the key
+        holder is asked to sign is the published targets plus this one version.
+        """
         row = self.registry.get_version(name, version)
         assert row is not None
         if row.signed:
-            return b"", ""
-        payload = self.tuf.staged_payload()
-        if not payload:
-            payload = self.tuf.stage_target(row.target_path, row.size, row.sha256,
-                                            {"name": name, "version": version})  # fmt: skip
-        root = json.loads(self.tuf.root_bytes())
-        return payload, root["signed"]["roles"]["targets"]["keyids"][0]
+            return PublishResult(row)
+        custom = {"name": name, "version": version,
+                  "manifest_sha256": self.registry.model_sha256(name, version)}  # fmt: skip
+        payload = self.tuf.stage_target(row.target_path, row.size, row.sha256, custom)
+        base = self.tuf.published_targets_bytes()
+        return PublishResult(row, payload, self.tuf.targets_keyid(), base)
 
-    def commit_targets(self, name: str, version: int, keyid: str, signature: str) -> VersionRow:
+    def commit_targets(
+        self, name: str, version: int, keyid: str, signature: str, payload: bytes = b""
+    ) -> VersionRow:
         row = self.registry.get_version(name, version)
         assert row is not None
         if row.signed:
             return row
-        self.tuf.commit_staged_targets({"keyid": keyid, "sig": signature})
-        # Staged targets accumulate: everything the signed metadata now lists is signed.
-        signed_paths = set(self.tuf.targets())
-        for v in self.registry.versions(name):
-            if not v.signed and v.target_path in signed_paths:
-                self.registry.mark_signed(name, v.version)
-                log.info("targets signed offline: %s v%d", name, v.version)
+        self.tuf.commit_staged_targets({"keyid": keyid, "sig": signature}, payload or None)
+        self.mark_signed_targets()
         out = self.registry.get_version(name, version)
         assert out is not None
+        if not out.signed:
+            raise VerificationError(
+                f"the signed targets do not list {name} v{version} with its sha256: sign it "
+                f"with `modelfleet-hub sign {name} {version}`"
+            )
         return out
+
+    def mark_signed_targets(self) -> None:
+        """Mark signed every registry version the signed targets list with its exact hash."""
+        signed = self.tuf.targets()
+        for v in self.registry.all_versions():
+            target = signed.get(v.target_path)
+            if (
+                not v.signed
+                and target is not None
+                and target.hashes.get("sha256") == v.sha256
+                and target.length == v.size
+            ):
+                self.registry.mark_signed(v.name, v.version)
+                log.info("targets signed: %s v%d", v.name, v.version)
+
+    def check_registry_against_targets(self) -> None:
+        """Refuse to run when a version the registry holds as signed is signed with other bytes.
+
+        Guards the other direction of immutability: metadata that verifies (the targets key
+        signed it) but points a published version at other bytes than were published.
+        """
+        signed = self.tuf.targets()
+        problems = []
+        for v in self.registry.all_versions():
+            if not v.signed:
+                continue
+            target = signed.get(v.target_path)
+            if target is None:
+                # The database claims more than the signatures do (a restored metadata backup,
+                # or a tampered database): believe the signatures, agents will too.
+                log.error("%s v%d is marked signed but the signed targets do not list it: "
+                          "marked unsigned; publish it again", v.name, v.version)  # fmt: skip
+                self.registry.mark_signed(v.name, v.version, signed=False)
+            elif target.hashes.get("sha256") != v.sha256 or target.length != v.size:
+                problems.append(
+                    f"{v.name} v{v.version} was published as sha256 {v.sha256[:16]} "
+                    f"({v.size} bytes), the signed targets say sha256 "
+                    f"{target.hashes.get('sha256', '?')[:16]} ({target.length} bytes)"
+                )
+        if problems:
+            raise RepositoryIntegrityError(
+                "the signed targets disagree with the registry: "
+                + "; ".join(problems)
+                + ". Restore HUB_DATA/metadata from a backup, or find out who signed this"
+            )
 
     # -- fleet ----------------------------------------------------------------------------------
 

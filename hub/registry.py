@@ -257,10 +257,11 @@ class Registry:
         assert row is not None
         return row
 
-    def mark_signed(self, name: str, version: int) -> None:
+    def mark_signed(self, name: str, version: int, signed: bool = True) -> None:
         with self.tx():
             self.db.execute(
-                "UPDATE versions SET signed = 1 WHERE name = ? AND version = ?", (name, version)
+                "UPDATE versions SET signed = ? WHERE name = ? AND version = ?",
+                (int(signed), name, version),
             )
 
     def _row(self, r: sqlite3.Row) -> VersionRow:
@@ -290,6 +291,19 @@ class Registry:
         if not rows:
             raise ModelNotFoundError(f"no model named {name!r}")
         return [self._row(r) for r in rows]
+
+    def all_versions(self) -> list[VersionRow]:
+        rows = self.db.execute("SELECT * FROM versions ORDER BY name, version").fetchall()
+        return [self._row(r) for r in rows]
+
+    def model_sha256(self, name: str, version: int) -> str:
+        """The sha256 of the version's model.onnx (signed into the target's custom fields)."""
+        r = self.db.execute(
+            "SELECT model_sha256 FROM versions WHERE name = ? AND version = ?", (name, version)
+        ).fetchone()
+        if r is None:
+            raise ModelNotFoundError(f"model {name!r} has no version {version}")
+        return str(r[0])
 
     def models(self) -> list[dict[str, Any]]:
         rows = self.db.execute(

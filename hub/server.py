@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from hub.core import HubCore
+from hub.core import HubCore, PublishResult
 from hub.registry import AgentRow, Desired, PermissionDeniedError, VersionRow
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
@@ -313,6 +313,15 @@ class RolloutServicerMixin:
         )
 
 
+def _publish_response(result: PublishResult) -> pb.PublishResponse:
+    return pb.PublishResponse(
+        version=version_to_proto(result.version),
+        staged_payload=result.staged_payload,
+        targets_keyid=result.targets_keyid,
+        base_targets=result.base_targets,
+    )
+
+
 class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServicer):
     def __init__(self, core: HubCore) -> None:
         self.core = core
@@ -349,23 +358,16 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
             result = self.core.register_upload(hdr, verified)
         finally:
             Path(path).unlink(missing_ok=True)
-        return pb.PublishResponse(
-            version=version_to_proto(result.version),
-            staged_payload=result.staged_payload,
-            targets_keyid=result.targets_keyid,
-        )
+        return _publish_response(result)
 
     @unary
     async def CommitTargets(self, request, context):
         caller(context, "admin")
         if not request.signature:
             # No signature yet: answer with what has to be signed (publish, then sign later).
-            payload, keyid = self.core.staged_for_signing(request.name, request.version)
-            row = self.core.registry.get_version(request.name, request.version)
-            return pb.PublishResponse(version=version_to_proto(row), staged_payload=payload,
-                                      targets_keyid=keyid)  # fmt: skip
+            return _publish_response(self.core.staged_for_signing(request.name, request.version))
         row = self.core.commit_targets(request.name, request.version, request.keyid,
-                                       request.signature)  # fmt: skip
+                                       request.signature, request.signed_payload)  # fmt: skip
         return pb.PublishResponse(version=version_to_proto(row))
 
     @unary

@@ -42,7 +42,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,6 +301,276 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class RepositoryIntegrityError(ModelfleetError):
+    """The metadata on the hub's disk does not verify: it was tampered with or damaged.
+
+    The hub refuses to serve it or to sign anything on top of it; an operator must restore the
+    metadata directory from a backup (docs/operations.md) or find out who wrote it.
+    """
+
+    status = Status.FAILED_PRECONDITION
+    reason = "repository_integrity"
+
+
+# Bounds the root-chain walk: each root version is one signed rotation, far below this.
+_MAX_ROOT_VERSIONS = 100_000
+
+
+def _read_metadata(metadata_dir: Path, name: str) -> bytes:
+    try:
+        return (metadata_dir / name).read_bytes()
+    except FileNotFoundError:
+        raise RepositoryIntegrityError(f"{metadata_dir / name} is missing") from None
+    except OSError as exc:
+        raise RepositoryIntegrityError(f"cannot read {metadata_dir / name}: {exc}") from None
+
+
+def _parse(data: bytes, name: str) -> Metadata[Any]:
+    try:
+        return Metadata.from_bytes(data)
+    except Exception as exc:  # python-tuf raises several families for malformed input
+        raise RepositoryIntegrityError(f"{name} is not valid TUF metadata: {exc}") from None
+
+
+def _verify_role(delegator: Root, role: str, md: Metadata[Any], name: str) -> None:
+    if md.signed.type != role:
+        raise RepositoryIntegrityError(f"{name} holds {md.signed.type} metadata, not {role}")
+    try:
+        delegator.verify_delegate(role, md.signed_bytes, md.signatures)
+    except UnsignedMetadataError as exc:
+        raise RepositoryIntegrityError(
+            f"{name} is not signed by the {role} key(s) that root v{delegator.version} trusts "
+            f"({exc})"
+        ) from None
+
+
+def _verify_meta(meta: MetaFile, data: bytes, name: str, referrer: str) -> None:
+    try:
+        meta.verify_length_and_hashes(data)
+    except Exception as exc:
+        raise RepositoryIntegrityError(
+            f"{name} does not match the length/hashes {referrer} signed for it ({exc})"
+        ) from None
+
+
+def verify_repository(
+    metadata_dir: Path,
+) -> tuple[Metadata[Root], Metadata[Timestamp], Metadata[Snapshot], Metadata[Targets]]:
+    """Verify the metadata on disk the way an agent does; return root, timestamp, snapshot, targets.
+
+    The root chain is walked from ``1.root.json`` (each root signed by the previous root's keys
+    and its own), ``root.json`` must be the last of it, and timestamp -> snapshot -> targets
+    must each be signed by the keys root names and match the version, length and hashes the
+    role above signed for it. Expiry is not checked: the hub re-signs what expires. Raises
+    :class:`RepositoryIntegrityError` naming the first file that does not verify.
+    """
+    metadata_dir = Path(metadata_dir)
+    root_bytes = _read_metadata(metadata_dir, "1.root.json")
+    root: Metadata[Root] = _parse(root_bytes, "1.root.json")
+    _verify_role(root.signed, "root", root, "1.root.json")
+    if root.signed.version != 1:
+        raise RepositoryIntegrityError(f"1.root.json holds root v{root.signed.version}")
+    for n in range(2, _MAX_ROOT_VERSIONS):
+        name = f"{n}.root.json"
+        if not (metadata_dir / name).exists():
+            break
+        data = _read_metadata(metadata_dir, name)
+        new: Metadata[Root] = _parse(data, name)
+        _verify_role(root.signed, "root", new, name)
+        _verify_role(new.signed, "root", new, name)
+        if new.signed.version != n:
+            raise RepositoryIntegrityError(f"{name} holds root v{new.signed.version}")
+        root, root_bytes = new, data
+    if _read_metadata(metadata_dir, "root.json") != root_bytes:
+        raise RepositoryIntegrityError(
+            f"root.json is not the last root of the verified chain (v{root.signed.version})"
+        )
+    timestamp: Metadata[Timestamp] = _parse(
+        _read_metadata(metadata_dir, "timestamp.json"), "timestamp.json"
+    )
+    _verify_role(root.signed, "timestamp", timestamp, "timestamp.json")
+    snapshot_meta = timestamp.signed.snapshot_meta
+    name = f"{snapshot_meta.version}.snapshot.json"
+    data = _read_metadata(metadata_dir, name)
+    _verify_meta(snapshot_meta, data, name, "timestamp.json")
+    snapshot: Metadata[Snapshot] = _parse(data, name)
+    _verify_role(root.signed, "snapshot", snapshot, name)
+    if snapshot.signed.version != snapshot_meta.version:
+        raise RepositoryIntegrityError(f"{name} holds snapshot v{snapshot.signed.version}")
+    targets_meta = snapshot.signed.meta.get("targets.json")
+    if targets_meta is None:
+        raise RepositoryIntegrityError(f"{name} does not list targets.json")
+    tname = f"{targets_meta.version}.targets.json"
+    data = _read_metadata(metadata_dir, tname)
+    _verify_meta(targets_meta, data, tname, name)
+    targets: Metadata[Targets] = _parse(data, tname)
+    _verify_role(root.signed, "targets", targets, tname)
+    if targets.signed.version != targets_meta.version:
+        raise RepositoryIntegrityError(f"{tname} holds targets v{targets.signed.version}")
+    return root, timestamp, snapshot, targets
+
+
+def target_differences(old: Targets, new: Targets) -> list[str]:
+    """What ``new`` removes from or changes in ``old``'s targets, one line each."""
+    problems = []
+    for path, before in sorted(old.targets.items()):
+        after = new.targets.get(path)
+        if after is None:
+            problems.append(f"{path} is removed")
+        elif after.length != before.length or after.hashes != before.hashes:
+            problems.append(
+                f"{path} changes from sha256 {before.hashes.get('sha256', '?')[:16]} "
+                f"({before.length} bytes) to sha256 {after.hashes.get('sha256', '?')[:16]} "
+                f"({after.length} bytes)"
+            )
+    return problems
+
+
+def _check_successor(old: Targets, new: Targets, what: str) -> None:
+    """Published targets are immutable and versions never go back."""
+    if new.version < old.version:
+        raise RepositoryIntegrityError(
+            f"{what} (targets v{new.version}) is older than the targets v{old.version} already "
+            "verified: a rollback"
+        )
+    problems = target_differences(old, new)
+    if problems:
+        raise RepositoryIntegrityError(
+            f"{what} (targets v{new.version}) changes published targets: {'; '.join(problems)}"
+        )
+
+
+def _targets_from_payload(payload: bytes) -> Metadata[Targets]:
+    """Targets metadata (unsigned) from the canonical bytes of its "signed" part."""
+    try:
+        md: Metadata[Targets] = Metadata.from_dict(
+            {"signed": json.loads(payload), "signatures": []}
+        )
+    except Exception as exc:  # malformed JSON or metadata: python-tuf raises several kinds
+        raise InvalidRequestError(f"the signed payload is not targets metadata: {exc}") from None
+    if md.signed.type != "targets":
+        raise InvalidRequestError(f"the signed payload is {md.signed.type}, not targets")
+    if md.signed_bytes != payload:
+        raise InvalidRequestError("the signed payload is not canonical JSON: sign what was staged")
+    return md
+
+
+@dataclass(frozen=True)
+class ExpectedTarget:
+    """The one target a key holder means to sign: what they built, not what the hub says."""
+
+    path: str
+    sha256: str
+    length: int | None = None  # None: `sign` without the archive; the hash pins the content
+    manifest_sha256: str | None = None
+
+
+# Targets metadata signed for longer than this is refused at signing: a hub asking for a
+# far-future expiry would be asking for a signature that outlives key rotation.
+MAX_SIGNED_TARGETS_LIFETIME_S = 2 * 366 * _DAY
+
+
+def check_signing_request(
+    payload: bytes,
+    base: bytes,
+    key: Key,
+    expected: ExpectedTarget,
+    *,
+    allow_extra: Iterable[str] = (),
+    now: float | None = None,
+) -> tuple[Metadata[Targets], list[str]]:
+    """Decide, on the key holder's machine, whether ``payload`` may be signed with ``key``.
+
+    The hub is not trusted here. ``base`` must be targets metadata that carries a valid
+    signature by ``key`` itself (the last targets this key signed, as far as we can know), and
+    ``payload`` must be exactly ``base`` plus ``expected``, as the next version: no published
+    target removed or changed (never allowed), no other new target unless its path is in
+    ``allow_extra``, no other field changed. Returns the parsed targets and one line per
+    accepted extra target; raises ``VerificationError`` listing every difference otherwise.
+    """
+    try:
+        base_md: Metadata[Any] = Metadata.from_bytes(base)
+    except Exception as exc:
+        raise VerificationError(
+            f"the hub sent no valid published targets to check against: {exc}",
+            reason="signing_base",
+        ) from None
+    if base_md.signed.type != "targets":
+        raise VerificationError("the hub sent no targets metadata to check against")
+    sig = base_md.signatures.get(key.keyid)
+    valid = sig is not None
+    if sig is not None:
+        try:
+            key.verify_signature(sig, base_md.signed_bytes)
+        except Exception:
+            valid = False
+    if not valid:
+        raise VerificationError(
+            f"the hub's published targets v{base_md.signed.version} is not signed by this targets "
+            f"key (keyid {key.keyid[:16]}): the hub's metadata may have been forged, or this "
+            "is not the key root trusts. Nothing was signed; check the hub "
+            "(docs/security.md, 'What attacks look like')",
+            reason="signing_base",
+        )
+    old: Targets = base_md.signed
+    new = _targets_from_payload(payload)
+    problems: list[str] = []
+    if new.signed.version != old.version + 1:
+        problems.append(
+            f"it is targets v{new.signed.version}, the next version after v{old.version} "
+            f"is v{old.version + 1}"
+        )
+    problems += target_differences(old, new.signed)
+    mine = new.signed.targets.get(expected.path)
+    if mine is None:
+        problems.append(f"it does not contain {expected.path}")
+    else:
+        if mine.hashes != {"sha256": expected.sha256}:
+            problems.append(
+                f"{expected.path} has hashes {mine.hashes}, you built sha256 {expected.sha256}"
+            )
+        if expected.length is not None and mine.length != expected.length:
+            problems.append(
+                f"{expected.path} is {mine.length} bytes, you built {expected.length} bytes"
+            )
+        custom = mine.custom
+        name, _, rest = expected.path.partition("/")
+        version = rest.partition("/")[0]
+        if custom.get("name", name) != name or str(custom.get("version", version)) != version:
+            problems.append(f"{expected.path} carries custom fields for another model: {custom}")
+        if (
+            expected.manifest_sha256 is not None
+            and custom.get("manifest_sha256", expected.manifest_sha256) != expected.manifest_sha256
+        ):
+            problems.append(f"{expected.path} carries another manifest_sha256: {custom}")
+    allowed = set(allow_extra)
+    extras: list[str] = []
+    for path, target in sorted(new.signed.targets.items()):
+        if path in old.targets or path == expected.path:
+            continue
+        line = (
+            f"{path}: sha256 {target.hashes.get('sha256', '?')}, {target.length} bytes, "
+            f"custom {target.custom}"
+        )
+        if path in allowed:
+            extras.append(line)
+        else:
+            problems.append(f"it also adds {line} (pass --allow-extra {path} to sign it too)")
+    before, after = old.to_dict(), new.signed.to_dict()
+    for field in sorted((set(before) | set(after)) - {"version", "expires", "targets"}):
+        if before.get(field) != after.get(field):
+            problems.append(f"it changes the field {field!r}")
+    t = time.time() if now is None else now
+    lifetime = new.signed.expires.timestamp() - t
+    if not 0 < lifetime <= MAX_SIGNED_TARGETS_LIFETIME_S:
+        problems.append(f"it expires at {new.signed.expires.isoformat()}, outside now..now+2y")
+    if problems:
+        raise VerificationError(
+            "refusing to sign what the hub staged: " + "; ".join(problems), reason="signing_diff"
+        )
+    return new, extras
+
+
 class TufRepository:
     """The hub's TUF metadata on disk. Use :meth:`create` or :meth:`open`.
 
@@ -321,6 +591,8 @@ class TufRepository:
         self._expiry = expiry or ExpiryPolicy()
         self._lock = threading.RLock()
         self._state_key: tuple[Any, ...] | None = None
+        self._refused: tuple[Any, ...] | None = None
+        self._refused_error: RepositoryIntegrityError | None = None
         self._root: Metadata[Root]
         self._targets: Metadata[Targets]
         self._snapshot: Metadata[Snapshot]
@@ -449,6 +721,10 @@ class TufRepository:
             raise InvalidRequestError(f"invalid metadata file name {filename!r}")
         if not _SERVED_NAME.fullmatch(filename):
             raise ModelNotFoundError(f"no TUF metadata named {filename!r}")
+        with self._lock:
+            # A repository that stopped verifying is not served (agents would refuse it too,
+            # but an operator should see the hub say so, not a fleet of verification errors).
+            self._sync()
         try:
             return (self.metadata_dir / filename).read_bytes()
         except FileNotFoundError:
@@ -488,6 +764,12 @@ class TufRepository:
                 "snapshot": self._snapshot.signed.expires,
                 "timestamp": self._timestamp.signed.expires,
             }
+
+    def published_targets_bytes(self) -> bytes:
+        """The signed targets metadata agents get now (what a staged payload builds on)."""
+        with self._lock:
+            self._sync()
+            return self._read_file(f"{self._targets.signed.version}.targets.json")
 
     @property
     def has_online_targets_key(self) -> bool:
@@ -532,35 +814,18 @@ class TufRepository:
             self._publish_targets(new)
 
     def stage_target(self, path: str, length: int, sha256: str, custom: Mapping[str, Any]) -> bytes:
-        """Stage a target for offline signing; return the bytes the targets key must sign.
+        """Stage one target for offline signing; return the bytes the targets key must sign.
 
-        Stagings accumulate (several bundles can be signed in one offline session); each call
-        returns the payload covering all of them, and only a signature over the latest payload
-        commits. The payload is the canonical JSON of the new targets "signed" part.
+        The payload is always the published targets plus exactly this one target, never an
+        earlier staging: whoever holds the admin identity can stage, and the key holder must
+        be asked to sign only what they publish (the CLI checks that too, see
+        :func:`check_signing_request`). A new staging replaces the previous one.
         """
         target = _validate_target(path, length, sha256, custom)
         with self._write_lock():
             if self._unchanged(self._targets.signed, target):
                 raise BundleExistsError(f"{path} is already published as is: nothing to sign")
-            base = self._targets.signed
-            staged = self._load_staged()
-            if staged is not None:
-                if staged.signed.version == base.version + 1:
-                    base = staged.signed
-                else:
-                    logger.warning(
-                        "discarding stale staged targets v%d (published targets is v%d)",
-                        staged.signed.version,
-                        base.version,
-                    )
-            if self._unchanged(base, target):
-                return Metadata(base).signed_bytes  # already staged as is: same payload
-            new = Targets(
-                version=self._targets.signed.version + 1,
-                expires=self._expires_at("targets"),
-                targets={**base.targets, path: target},
-            )
-            md = Metadata(new)
+            md = Metadata(self._next_targets(self._targets.signed, target))
             staged_dir = self.metadata_dir / STAGED_DIR
             staged_dir.mkdir(exist_ok=True)
             _atomic_write(staged_dir / "targets.json", md.to_bytes())
@@ -580,43 +845,50 @@ class TufRepository:
                 return False
             return True
 
-    def commit_staged_targets(self, signature: Mapping[str, Any]) -> None:
-        """Publish the staged targets with ``signature`` (``{"keyid": ..., "sig": ...}``).
+    def commit_staged_targets(
+        self, signature: Mapping[str, Any], payload: bytes | None = None
+    ) -> None:
+        """Publish signed targets: ``payload`` (the exact bytes signed) or the staged file.
 
-        The signature is verified with the targets public key from the current root before
-        anything is written; a wrong key or a signature over another payload is refused with
-        ``VerificationError`` and the staged file is kept.
+        The signature (``{"keyid": ..., "sig": ...}``) is verified with the targets key of the
+        current root before anything is written; the new targets must be the next version and
+        keep every published target unchanged. A wrong key, a signature over other bytes or a
+        change to a published target is refused and nothing is written.
         """
         try:
             sig = Signature.from_dict(dict(signature))
         except (KeyError, TypeError, AttributeError) as exc:
             raise InvalidRequestError(f"malformed signature {signature!r}: {exc}") from None
         with self._write_lock():
-            staged = self._load_staged()
+            staged = self._load_staged() if payload is None else _targets_from_payload(payload)
             if staged is None:
                 raise TufSetupError("nothing is staged: call stage_target first")
             current = self._targets.signed.version
             if staged.signed.version != current + 1:
                 raise TufSetupError(
-                    f"staged targets v{staged.signed.version} is stale: targets v{current} was "
-                    "published since; stage again"
+                    f"the targets to commit are v{staged.signed.version} but published targets "
+                    f"is v{current}: they are stale, sign again"
                 )
-            for path, old in self._targets.signed.targets.items():
-                new = staged.signed.targets.get(path)
-                if new is None or new.length != old.length or new.hashes != old.hashes:
-                    raise TufSetupError(f"staged targets drops or changes published {path}")
+            problems = target_differences(self._targets.signed, staged.signed)
+            if problems:
+                raise VerificationError(
+                    "refusing targets that change published bundles (published bundles are "
+                    f"immutable): {'; '.join(problems)}",
+                    reason="immutable",
+                )
             if staged.signed.is_expired(_dt.datetime.fromtimestamp(self._clock(), tz=_dt.UTC)):
                 raise TufSetupError(
-                    f"staged targets expired at {staged.signed.expires.isoformat()}: stage again"
+                    f"the targets to commit expired at {staged.signed.expires.isoformat()}: "
+                    "stage and sign again"
                 )
             expected = ", ".join(k[:16] for k in self._root.signed.roles["targets"].keyids)
             try:
                 self._root.signed.verify_delegate("targets", staged.signed_bytes, {sig.keyid: sig})
             except UnsignedMetadataError as exc:
                 raise VerificationError(
-                    f"refusing staged targets v{staged.signed.version}: the signature (keyid "
+                    f"refusing targets v{staged.signed.version}: the signature (keyid "
                     f"{sig.keyid[:16]}) does not verify with the targets key in root "
-                    f"({expected}): wrong key, or signed over another payload ({exc})",
+                    f"({expected}): wrong key, or signed over other bytes ({exc})",
                     reason="signature",
                 ) from None
             staged.signatures = {sig.keyid: sig}
@@ -742,20 +1014,29 @@ class TufRepository:
         return tuple(key)
 
     def _sync(self) -> None:
-        """Reload from disk when another writer (process) published since we last looked."""
+        """Reload from disk when another writer (process) published since we last looked.
+
+        What is on disk is not trusted: anyone who can write the metadata directory (or holds
+        only the online keys) could plant files. So the state is adopted only if it verifies
+        the way an agent would verify it (see :func:`verify_repository`) and keeps every
+        target published before unchanged; otherwise ``RepositoryIntegrityError`` is raised,
+        every read and write fails with it, and nothing is re-signed over the bad files.
+        """
         key = self._stat_key()
         if key == self._state_key:
             return
-        timestamp: Metadata[Timestamp] = Metadata.from_bytes(self._read_file("timestamp.json"))
-        snapshot_version = timestamp.signed.snapshot_meta.version
-        snapshot: Metadata[Snapshot] = Metadata.from_bytes(
-            self._read_file(f"{snapshot_version}.snapshot.json")
-        )
-        targets_version = snapshot.signed.meta["targets.json"].version
-        targets: Metadata[Targets] = Metadata.from_bytes(
-            self._read_file(f"{targets_version}.targets.json")
-        )
-        root: Metadata[Root] = Metadata.from_bytes(self._read_file("root.json"))
+        if key == self._refused and self._refused_error is not None:
+            # The same files as last time: no need to verify (and log) again.
+            raise RepositoryIntegrityError(str(self._refused_error))
+        try:
+            root, timestamp, snapshot, targets = verify_repository(self.metadata_dir)
+            previous = getattr(self, "_targets", None)
+            if previous is not None:
+                _check_successor(previous.signed, targets.signed, "the targets on disk")
+        except RepositoryIntegrityError as exc:
+            self._refused, self._refused_error = key, exc
+            logger.error("REFUSING the TUF metadata in %s: %s", self.metadata_dir, exc)
+            raise
         self._root, self._targets, self._snapshot, self._timestamp = (
             root,
             targets,
@@ -763,6 +1044,7 @@ class TufRepository:
             timestamp,
         )
         self._state_key = key
+        self._refused, self._refused_error = None, None
 
     def _check_signer(self, signer: Signer, role: str) -> None:
         keyids = self._root.signed.roles[role].keyids

@@ -258,26 +258,30 @@ class ModelVersion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., stage: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., notes: _Optional[str] = ..., created_at: _Optional[float] = ..., same_content_as: _Optional[int] = ..., signed: _Optional[bool] = ..., target_path: _Optional[str] = ...) -> None: ...
 
 class PublishResponse(_message.Message):
-    __slots__ = ("version", "staged_payload", "targets_keyid")
+    __slots__ = ("version", "staged_payload", "targets_keyid", "base_targets")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGED_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     TARGETS_KEYID_FIELD_NUMBER: _ClassVar[int]
+    BASE_TARGETS_FIELD_NUMBER: _ClassVar[int]
     version: ModelVersion
     staged_payload: bytes
     targets_keyid: str
-    def __init__(self, version: _Optional[_Union[ModelVersion, _Mapping]] = ..., staged_payload: _Optional[bytes] = ..., targets_keyid: _Optional[str] = ...) -> None: ...
+    base_targets: bytes
+    def __init__(self, version: _Optional[_Union[ModelVersion, _Mapping]] = ..., staged_payload: _Optional[bytes] = ..., targets_keyid: _Optional[str] = ..., base_targets: _Optional[bytes] = ...) -> None: ...
 
 class CommitTargetsRequest(_message.Message):
-    __slots__ = ("name", "version", "keyid", "signature")
+    __slots__ = ("name", "version", "keyid", "signature", "signed_payload")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KEYID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     keyid: str
     signature: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., keyid: _Optional[str] = ..., signature: _Optional[str] = ...) -> None: ...
+    signed_payload: bytes
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., keyid: _Optional[str] = ..., signature: _Optional[str] = ..., signed_payload: _Optional[bytes] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
