@@ -355,6 +355,25 @@ class SlotManager:
         )  # fmt: skip
         self._notify(slot.name)
 
+    def remember_failure(
+        self, name: str, version: int, fingerprint: object, result: GateResult
+    ) -> None:
+        """A refusal from before a restart: not retried, like one seen in this process."""
+        self.slot(name).failed[version] = (fingerprint, result)
+
+    def forget_failures(self, name: str, version: int | None = None) -> None:
+        """Allow a refused version (or every refused version of ``name``) to be tried again."""
+        slot = self.slots.get(name)
+        if slot is None:
+            return
+        if version is None:
+            if not slot.failed:
+                return
+            slot.failed.clear()
+        elif slot.failed.pop(version, None) is None:
+            return
+        self._notify(name)
+
     def has_failed(self, name: str, version: int, fingerprint: object) -> bool:
         slot = self.slots.get(name)
         if slot is None or version not in slot.failed:

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 # An hour without a byte: a download nobody wants any more, not one that is slow.
 PARTIAL_IDLE_S = 3600.0
+# Damaged bundles kept under cache/quarantine for a post-mortem.
+QUARANTINE_KEEP = 3
 
 
 def tree_size(path: Path) -> int:
@@ -81,6 +83,23 @@ class BundleCache:
         for name, version in removed:
             log.info("cache: collected %s v%d", name, version)
         return removed
+
+    def quarantine(self, name: str, version: int) -> Path:
+        """Move a damaged bundle out of the cache (for a post-mortem); return where it went.
+
+        Only the newest few are kept: a disk that keeps corrupting must not fill up with them.
+        """
+        qdir = self.root / "quarantine"
+        qdir.mkdir(exist_ok=True)
+        dest = qdir / f"{name}-{version}-{time.time_ns()}"
+        try:
+            os.replace(self.path(name, version), dest)
+        except FileNotFoundError:
+            return dest
+        kept = sorted(qdir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[QUARANTINE_KEEP:]:
+            shutil.rmtree(old, ignore_errors=True)
+        return dest
 
     def collect_partials(self, keep: set[str], idle_s: float = PARTIAL_IDLE_S) -> list[str]:
         """Remove abandoned downloads: not in ``keep`` (sha256s) and untouched for ``idle_s``.

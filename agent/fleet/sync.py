@@ -45,13 +45,24 @@ from agent.fleet.transport import (
     rpc_error,
 )
 from agent.fleet.verify import BundleVerifier
+from agent.gate import GateResult
 from agent.jobs import JobRunner, JobSpec, RunResult
 from agent.slots import SlotManager
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
-from protos.errors import ModelfleetError, ResourceExhaustedError
+from protos.errors import BundleError, ModelfleetError, ResourceExhaustedError, Status
 
 log = logging.getLogger(__name__)
+
+SERVED_FILE = "served.json"
+
+
+class CacheDamagedError(ModelfleetError):
+    """A cached bundle is missing or no longer matches its manifest; the hub must resend it."""
+
+    status = Status.UNAVAILABLE
+    reason = "cache_damaged"
+
 
 # Shortest wait between two renewals when a new certificate is due at once (misconfiguration).
 MIN_RENEW_GAP_S = 60.0
@@ -105,6 +116,13 @@ class FleetSync:
         self.jobs = JobRunner(slots, self._report_job_run, threads=cfg.batch_threads)
         self.state_file = self.data / "desired.json"
         self.desired: list[DesiredModel] = self._load_desired()
+        # What each model last served (it passed its gate) and what the gate refused, so that
+        # a restart serves the last good version first and does not retry a refused one.
+        self.served_file = self.data / SERVED_FILE
+        self.last_good: dict[str, int] = {}
+        self._load_served(slots)
+        # (name, version) fetched again after its cached copy failed its hashes: once per run.
+        self._refetched: set[tuple[str, int]] = set()
         self.revision = 0
         self.errors: dict[str, str] = {}
         self.last_error = ""
@@ -143,6 +161,7 @@ class FleetSync:
             reserve_bytes=cfg.disk_reserve_bytes,
         )
         slots.listeners.append(lambda _name: self.report_now.set())
+        slots.listeners.append(self._on_slot_change)
         # Telemetry (docs/telemetry.md): through the outbox, over gRPC when there is a channel.
         outbox = Outbox(self.data / OUTBOX_FILE, cfg.telemetry_outbox_max_reports)
         if self.channel is not None:
@@ -172,13 +191,110 @@ class FleetSync:
         _write_json(self.state_file, {"models": [asdict(d) for d in self.desired],
                                       "jobs": [asdict(j) for j in self.job_specs]})  # fmt: skip
 
+    def _load_served(self, slots: SlotManager) -> None:
+        try:
+            raw = json.loads(self.served_file.read_text())
+            self.last_good = {str(k): int(v) for k, v in raw.get("last_good", {}).items()}
+            for name, refused in raw.get("refused", {}).items():
+                for version, r in refused.items():
+                    result = GateResult(int(version), False, str(r["reason"]), str(r["kind"]),
+                                        None, float(r.get("at", 0.0)))  # fmt: skip
+                    slots.remember_failure(str(name), int(version), r.get("fingerprint"), result)
+        except FileNotFoundError:
+            return
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Written atomically, so this is damage: start without it (the hub's desired state
+            # still decides), and say so.
+            log.warning("ignoring unreadable %s: %s", self.served_file, exc)
+            self.last_good = {}
+
+    def _served_state(self) -> dict[str, Any]:
+        refused: dict[str, dict[str, Any]] = {}
+        for name, slot in self.slots.slots.items():
+            for version, (fingerprint, r) in slot.failed.items():
+                if isinstance(fingerprint, str | None):
+                    refused.setdefault(name, {})[str(version)] = {
+                        "fingerprint": fingerprint,
+                        "reason": r.reason,
+                        "kind": r.kind,
+                        "at": r.at,
+                    }
+        return {"last_good": dict(sorted(self.last_good.items())), "refused": refused}
+
+    def _on_slot_change(self, name: str) -> None:
+        slot = self.slots.slots.get(name)
+        if slot is not None and slot.active is not None:
+            self.last_good[name] = slot.active.version
+        state = self._served_state()
+        if state != getattr(self, "_served_written", None):
+            _write_json(self.served_file, state)
+            self._served_written = state
+
     # -- reconciling ----------------------------------------------------------------------------
 
     async def restore(self) -> None:
-        """Before the hub answers: serve what the last desired state asked for, from cache."""
-        if self.desired:
-            log.info("restoring %d model(s) from the local cache", len(self.desired))
-            await self.reconcile(offline=True)
+        """Before the hub answers: serve the last good version of each model, then reconcile.
+
+        The last version that passed its gate serves first (never a candidate that was being
+        swapped in when the agent died); the desired version is then gated beside it from the
+        cache, unless the gate already refused those exact bytes before the restart.
+        """
+        if not self.desired:
+            return
+        log.info("restoring %d model(s) from the local cache", len(self.desired))
+        for d in self.desired:
+            good = self.last_good.get(d.name)
+            order = [good] if good is not None else []
+            # A damaged last-good copy: the newest other cached version serves meanwhile.
+            order += sorted((v for n, v, _ in self.cache.entries() if n == d.name
+                             and v not in (good, d.version)), reverse=True)  # fmt: skip
+            for version in order:
+                if self.slots.has_failed(d.name, version, None) or not self.cache.has(
+                    d.name, version
+                ):
+                    continue
+                try:
+                    await self._deploy(d.name, version, None, offline=True)
+                    break
+                except (ModelfleetError, OSError) as exc:
+                    log.warning("cannot restore %s v%d: %s", d.name, version, exc)
+        await self.reconcile(offline=True)
+
+    async def _deploy(
+        self, name: str, version: int, fingerprint: object, *, offline: bool,
+        size: int = 0, switch: bool = True,
+    ) -> None:  # fmt: skip
+        """Fetch if missing, then load, gate and switch; a damaged cached copy is quarantined.
+
+        A cached bundle whose files no longer match its manifest (bit rot, a bad disk, an
+        edit) is moved aside and fetched again from the hub, verified, once per run; offline,
+        the error says it waits for the hub. What serves keeps serving throughout.
+        """
+        for attempt in (1, 2):
+            if not self.cache.has(name, version):
+                if offline:
+                    raise CacheDamagedError(
+                        f"{name} v{version} is not in the cache; waiting for the hub to fetch it"
+                    )
+                await asyncio.to_thread(self._fetch, DesiredModel(name, version, size=size))
+            try:
+                await self.slots.deploy(self.cache.path(name, version), fingerprint,
+                                        expect=(name, version), switch=switch)  # fmt: skip
+                return
+            except BundleError as exc:
+                if attempt == 2 or (name, version) in self._refetched:
+                    raise  # fetched and verified just now, still bad: the bundle itself is
+                where = await asyncio.to_thread(self.cache.quarantine, name, version)
+                # Not the bundle's fault: the copy on disk broke. Try the bytes again.
+                self.slots.forget_failures(name, version)
+                log.error("cached %s v%d is damaged (%s); moved to %s and fetching it again "
+                          "from the hub", name, version, exc, where)  # fmt: skip
+                if offline:
+                    raise CacheDamagedError(
+                        f"cached {name} v{version} is damaged ({exc}); quarantined to {where}, "
+                        "it is fetched again when the hub answers"
+                    ) from None
+                self._refetched.add((name, version))
 
     async def reconcile(self, *, offline: bool = False) -> None:
         desired = list(self.desired)
@@ -190,16 +306,20 @@ class FleetSync:
                     await self._prepare(d)
                 continue
             if self.slots.has_failed(d.name, d.version, d.sha256):
+                refused = slot.failed[d.version][1] if slot is not None else None
+                serving = slot.active.version if slot and slot.active else None
+                self.errors[d.name] = (
+                    f"v{d.version} was refused by the health gate"
+                    f"{f' ({refused.reason})' if refused else ''}; not retried until the desired "
+                    f"version changes; serving {f'v{serving}' if serving else 'nothing'}"
+                )
                 continue  # the gate refused these exact bytes; a new version will come
             try:
-                if not self.cache.has(d.name, d.version):
-                    if offline:
+                if offline and not self.cache.has(d.name, d.version):
+                    if slot is None or slot.active is None:
                         await self._serve_best_cached(d)
-                        continue
-                    await asyncio.to_thread(self._fetch, d)
-                await self.slots.deploy(
-                    self.cache.path(d.name, d.version), d.sha256, expect=(d.name, d.version)
-                )
+                    continue
+                await self._deploy(d.name, d.version, d.sha256, offline=offline, size=d.size)
                 self.errors.pop(d.name, None)
             except (ModelfleetError, OSError) as exc:
                 self.errors[d.name] = str(exc)
@@ -217,6 +337,8 @@ class FleetSync:
                 await self.slots.unload(name)
         keep = {(d.name, d.version) for d in desired}
         keep |= {(d.name, d.prepare_version) for d in desired if d.prepare_version}
+        # The last good version stays until something newer serves (then that is last good).
+        keep |= {(name, v) for name, v in self.last_good.items() if name in wanted}
         for slot in self.slots.slots.values():
             keep.update((slot.name, v.version) for v in slot.loaded())
         await asyncio.to_thread(self.cache.collect, keep)
@@ -228,28 +350,29 @@ class FleetSync:
         slot = self.slots.slots.get(d.name)
         if slot is not None and any(v.version == d.prepare_version for v in slot.loaded()):
             return
-        target = DesiredModel(d.name, d.prepare_version, size=d.prepare_size)
         if self.slots.has_failed(d.name, d.prepare_version, None):
             return
         try:
-            if not self.cache.has(d.name, d.prepare_version):
-                await asyncio.to_thread(self._fetch, target)
-            await self.slots.deploy(self.cache.path(d.name, d.prepare_version), None,
-                                    expect=(d.name, d.prepare_version), switch=False)  # fmt: skip
+            await self._deploy(d.name, d.prepare_version, None, offline=False,
+                               size=d.prepare_size, switch=False)  # fmt: skip
         except (ModelfleetError, OSError) as exc:
             self.errors[d.name] = str(exc)
             log.warning("cannot prepare %s v%d: %s", d.name, d.prepare_version, exc)
 
     async def _serve_best_cached(self, d: DesiredModel) -> None:
-        """Hub down, desired version not here yet: keep serving the newest cached version."""
-        cached = sorted(v for name, v, _ in self.cache.entries() if name == d.name)
-        if not cached:
-            log.warning("%s v%d is desired but not cached; waiting for the hub", d.name, d.version)
-            return
-        best = cached[-1]
-        log.warning("%s v%d is desired but not cached; serving cached v%d until it arrives",
-                    d.name, d.version, best)  # fmt: skip
-        await self.slots.deploy(self.cache.path(d.name, best), None, expect=(d.name, best))
+        """Hub down, desired version not here yet: serve the newest cached version that loads."""
+        cached = sorted((v for name, v, _ in self.cache.entries() if name == d.name), reverse=True)
+        for best in cached:
+            if self.slots.has_failed(d.name, best, None):
+                continue
+            log.warning("%s v%d is desired but not cached; serving cached v%d until it arrives",
+                        d.name, d.version, best)  # fmt: skip
+            try:
+                await self._deploy(d.name, best, None, offline=True)
+                return
+            except (ModelfleetError, OSError) as exc:
+                log.warning("cannot serve cached %s v%d: %s", d.name, best, exc)
+        log.warning("%s v%d is desired but not cached; waiting for the hub", d.name, d.version)
 
     def _fetch(self, d: DesiredModel) -> None:
         """Download, verify and unpack (one pass, see agent/fleet/verify.py) into the cache."""
@@ -430,6 +553,14 @@ class FleetSync:
             self._save_desired()
             self.jobs.apply(jobs)
         if desired != self.desired:
+            before = {d.name: (d.version, d.prepare_version) for d in self.desired}
+            for d in desired:
+                if before.get(d.name, (d.version, d.prepare_version)) != (
+                    d.version,
+                    d.prepare_version,
+                ):
+                    # A new desired version is a new decision: earlier refusals may be retried.
+                    self.slots.forget_failures(d.name)
             log.info("desired state (revision %d): %s", state.revision,
                      ", ".join(f"{d.name} v{d.version}" for d in desired) or "nothing")  # fmt: skip
             self.desired = desired
