@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,6 +25,8 @@ from protos.errors import (
     ModelNotFoundError,
     Status,
 )
+
+log = logging.getLogger(__name__)
 
 STAGES = ("staged", "production", "deprecated", "retired")
 
@@ -178,6 +181,7 @@ class Registry:
         self.db.executescript(_SCHEMA)
         self._migrate()
         self._deployments_cache: tuple[int, list] = (-1, [])
+        self._retired_warned: set[tuple[str, str, int]] = set()
         # Bumped on every job change, so watchers know to resend desired state.
         self._jobs_version = 0
         # agent id -> (last seen, latest report or None): written by flush_seen(), see touch().
@@ -634,6 +638,14 @@ class Registry:
                 continue
             v = self.get_version(name, version)
             assert v is not None
+            if v.stage == "retired":
+                # Retired is for good: never installed again, even by an old deployment.
+                if (agent_id, name, version) not in self._retired_warned:
+                    self._retired_warned.add((agent_id, name, version))
+                    log.warning("agent %s: %s v%d is retired; dropped from its desired state "
+                                "(deploy a current version to this agent's selector)",
+                                agent_id or dict(labels), name, version)  # fmt: skip
+                continue
             p_version = prepare.get(name, 0)
             p_size = self.get_version(name, p_version).size if p_version else 0  # type: ignore[union-attr]
             out.append(Desired(name, version, v.target_path, v.sha256, v.size, p_version, p_size))

@@ -14,7 +14,7 @@ from typing import Any
 
 from hub.registry import selector_matches
 from hub.rollouts import ACTIVE_STATES, Rollout, Spec, Stats
-from protos.errors import InvalidRequestError, ModelNotFoundError
+from protos.errors import InvalidRequestError, ModelfleetError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ class RolloutManager:
     async def control(self, model: str, action: str) -> Rollout:
         async with self.lock:
             r = self.get(model)
+            state_before = r.state
             now = self.clock()
             if action == "pause":
                 r.pause(now)
@@ -150,7 +151,7 @@ class RolloutManager:
                 raise InvalidRequestError(f"unknown rollout action {action!r}")
             await self._apply(r, assignments)
             # The command itself changed the state: save it even if the step changes nothing.
-            await self._advance(r, force_save=True)
+            await self._advance(r, force_save=True, state_before=state_before)
             log.info("rollout %d of %s: %s -> %s", r.id, model, action, r.state)
             return r
 
@@ -164,16 +165,42 @@ class RolloutManager:
             async with self.core.changed:
                 self.core.changed.notify_all()
 
-    async def _advance(self, r: Rollout, force_save: bool = False) -> None:
+    async def _advance(
+        self, r: Rollout, force_save: bool = False, state_before: str | None = None
+    ) -> None:
         before = json.dumps(r.to_json(), sort_keys=True)
+        state_before = state_before or r.state
         assignments = r.step(self.clock(), FleetObserver(self.core, r.spec.model))
         changed = bool(r.prepare_out)
         await self._apply(r, assignments)
+        if r.state == "done" and state_before != "done":
+            # Before the state is saved: a crash in between deploys again on restart (harmless)
+            # instead of never.
+            await self._make_fleet_default(r)
         after = json.dumps(r.to_json(), sort_keys=True)
         if force_save or changed or after != before or r.state == "pending":
             self.core.registry.save_rollout(r.id, r.state, r.to_json())
             if r.events:
                 log.info("rollout %d of %s: %s", r.id, r.spec.model, r.events[-1]["text"])
+
+    async def _make_fleet_default(self, r: Rollout) -> None:
+        """A completed rollout's version becomes the desired version of its selector.
+
+        The waves assigned agents one by one; without this, the last fleet-wide ``deploy``
+        would still decide what an agent enrolled later gets (an older, maybe retired, one).
+        """
+        try:
+            self.core.registry.deploy(r.spec.model, r.spec.version, r.spec.selector)
+        except ModelfleetError as exc:
+            log.error("rollout %d of %s v%d is done but could not become the desired version "
+                      "of its selector %s: %s", r.id, r.spec.model, r.spec.version,
+                      r.spec.selector, exc)  # fmt: skip
+            return
+        where = r.spec.selector or "(whole fleet)"
+        log.info("rollout %d: %s v%d is now the desired version for selector %s",
+                 r.id, r.spec.model, r.spec.version, where)  # fmt: skip
+        async with self.core.changed:
+            self.core.changed.notify_all()
 
     async def tick(self) -> None:
         async with self.lock:
