@@ -195,7 +195,10 @@ class FleetSync:
         try:
             raw = json.loads(self.served_file.read_text())
             self.last_good = {str(k): int(v) for k, v in raw.get("last_good", {}).items()}
+            desired = {d.name for d in self.desired}
             for name, refused in raw.get("refused", {}).items():
+                if name not in desired:
+                    continue  # no longer wanted: nothing to remember it against
                 for version, r in refused.items():
                     result = GateResult(int(version), False, str(r["reason"]), str(r["kind"]),
                                         None, float(r.get("at", 0.0)))  # fmt: skip
@@ -244,10 +247,12 @@ class FleetSync:
         log.info("restoring %d model(s) from the local cache", len(self.desired))
         for d in self.desired:
             good = self.last_good.get(d.name)
-            order = [good] if good is not None else []
+            if good is None:
+                continue  # nothing has passed here yet: reconcile gates the desired version
             # A damaged last-good copy: the newest other cached version serves meanwhile.
-            order += sorted((v for n, v, _ in self.cache.entries() if n == d.name
+            others = sorted((v for n, v, _ in self.cache.entries() if n == d.name
                              and v not in (good, d.version)), reverse=True)  # fmt: skip
+            order = [good, *others]
             for version in order:
                 if self.slots.has_failed(d.name, version, None) or not self.cache.has(
                     d.name, version
