@@ -25,6 +25,18 @@ def _add_admin_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help="fleet mode: the agent's data directory")
 
 
+def _add_security_args(p: argparse.ArgumentParser) -> None:
+    """The inference port's TLS and token settings (docs/security.md#the-inference-port)."""
+    p.add_argument("--tls-cert", help="server certificate chain (PEM): serve TLS")
+    p.add_argument("--tls-key", help="the server certificate's private key (PEM, mode 0600)")
+    p.add_argument("--tls-client-ca", help="CA bundle (PEM): require client certificates")
+    p.add_argument("--auth-token-file",
+                   help="file holding the bearer token inference calls must send")  # fmt: skip
+
+
+_SECURITY_KEYS = ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelfleet-agent", description="Serve verified ONNX model bundles."
@@ -76,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ort-spinning", choices=["on", "off"])
     serve.add_argument("--inline-max-us", type=int,
                        help="run models faster than this (gate p99) on the event loop")  # fmt: skip
+    _add_security_args(serve)
     serve.add_argument("--max-message-bytes", type=int)
     serve.add_argument("--drain-timeout-s", type=float)
     serve.add_argument("--log-level")
@@ -85,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, required=True, help="agent.toml from enroll")
     run.add_argument("--listen")
     run.add_argument("--metrics-listen")
+    _add_security_args(run)
+    run.add_argument("--tls-agent-identity", action="store_true", default=None,
+                     help="serve TLS with this agent's enrolled certificate")  # fmt: skip
+    run.add_argument("--tls-client-ca-hub", action="store_true", default=None,
+                     help="require client certificates issued by the hub's CA")  # fmt: skip
     run.add_argument("--log-level")
     run.add_argument("--log-json", action="store_true", default=None)
 
@@ -180,6 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "drain_timeout_s": args.drain_timeout_s,
         "log_level": args.log_level,
         "log_json": args.log_json,
+        **{k: getattr(args, k) for k in _SECURITY_KEYS},
     }
     cfg = load_config(args.config, overrides)
     setup_logging(cfg.log_level, cfg.log_json)
@@ -194,7 +213,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.logs import setup_logging
 
     overrides = {"listen": args.listen, "metrics_listen": args.metrics_listen,
-                 "log_level": args.log_level, "log_json": args.log_json}  # fmt: skip
+                 "log_level": args.log_level, "log_json": args.log_json,
+                 "tls_agent_identity": args.tls_agent_identity,
+                 "tls_client_ca_hub": args.tls_client_ca_hub,
+                 **{k: getattr(args, k) for k in _SECURITY_KEYS}}  # fmt: skip
     cfg = load_config(args.config, overrides)
     if not cfg.hub:
         raise InvalidRequestError(f"{args.config} names no hub: enroll first, or use `serve`")
