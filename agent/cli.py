@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-json", action="store_true", default=None)
 
     enroll = sub.add_parser("enroll", help="join a hub's fleet with a one-time token")
-    enroll.add_argument("--token", required=True, help="from `modelfleet-hub agents token`")
+    source = enroll.add_mutually_exclusive_group()
+    source.add_argument("--token-file", metavar="PATH",
+                        help="file holding the token from `modelfleet-hub agents token`; "
+                        "'-' reads standard input")  # fmt: skip
+    source.add_argument("--token", help="the token itself (discouraged: other local users "
+                        "can read it in the process list and redeem it first)")  # fmt: skip
     enroll.add_argument("--data", type=Path, required=True, help="agent state directory")
     enroll.add_argument("--listen", default="127.0.0.1:8001",
                         help="where this agent will serve inference")  # fmt: skip
@@ -227,10 +233,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from agent.fleet.enroll import enroll
+    from agent.fleet.enroll import TOKEN_ENV, enroll, read_token_file
 
+    if args.token_file is not None:
+        token = read_token_file(args.token_file)
+    elif args.token is not None:
+        print("modelfleet-agent: warning: --token is visible to every local user in the process "
+              "list until enrollment ends; use --token-file PATH or --token-file - (stdin)",
+              file=sys.stderr)  # fmt: skip
+        token = args.token
+    elif os.environ.get(TOKEN_ENV, "").strip():
+        token = os.environ[TOKEN_ENV]
+    else:
+        raise InvalidRequestError(
+            "no enrollment token: pass --token-file PATH (or --token-file - to read standard "
+            f"input), or set {TOKEN_ENV}"
+        )
     agent_id, config = enroll(
-        args.token, args.data, listen=args.listen, metrics_listen=args.metrics_listen,
+        token, args.data, listen=args.listen, metrics_listen=args.metrics_listen,
         hostname=args.hostname, force=args.force, transport=args.transport,
     )  # fmt: skip
     print(f"enrolled as {agent_id}; start with: modelfleet-agent run --config {config}")
