@@ -8,6 +8,7 @@ alter traffic, without client authentication they use (and see the metadata of) 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,8 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -25,7 +28,7 @@ from hub.ca import CertificateAuthority
 from protos.errors import InvalidRequestError
 from protos.identity import generate_key, write_pem, write_private_key
 from tests.conftest import make_mlp_bundle
-from tests.procs import ROOT, AgentProcess, HubProcess, enroll_agent
+from tests.procs import ROOT, AgentProcess, HubProcess, enroll_agent, wait_for
 
 TOKEN = "s3cret-inference-token-0123456789abcdef"
 
@@ -38,13 +41,13 @@ class Pki:
         root.mkdir(parents=True, exist_ok=True)
         self.ca = CertificateAuthority.load_or_create(root / "ca1", name="test inference CA")
         self.other = CertificateAuthority.load_or_create(root / "ca2", name="someone else's CA")
-        self.server_cert, self.server_key = self._pair(
+        self.server_cert, self.server_key = self.pair(
             "server", self.ca, "inference-server", server=True, hostnames=["127.0.0.1"]
         )
-        self.client_cert, self.client_key = self._pair("client", self.ca, "app", server=False)
-        self.foreign_cert, self.foreign_key = self._pair("foreign", self.other, "app", server=False)
+        self.client_cert, self.client_key = self.pair("client", self.ca, "app", server=False)
+        self.foreign_cert, self.foreign_key = self.pair("foreign", self.other, "app", server=False)
 
-    def _pair(
+    def pair(
         self, stem: str, ca: CertificateAuthority, cn: str, *, server: bool,
         hostnames: tuple[str, ...] | list[str] = (),
     ) -> tuple[Path, Path]:  # fmt: skip
@@ -327,3 +330,66 @@ def test_key_file_readable_by_others_is_warned_about(start, pki: Pki, tmp_path: 
     assert f"{loose} is readable by group/others" in agent.logs()
     with client(agent, root=pki.ca_pem) as c:
         assert c.is_server_live(client_timeout=5)
+
+
+def served_certificate(agent: AgentProcess) -> bytes:
+    """The DER certificate a new TLS connection to the agent gets (gRPC insists on ALPN h2)."""
+    import socket
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only looking at what is served
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", agent.port), timeout=5) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        return tls.getpeercert(binary_form=True)
+
+
+def test_rotated_certificate_is_served_without_a_restart_once_the_pair_matches(
+    start, pki: Pki, tmp_path: Path
+) -> None:
+    cert, key = tmp_path / "live.crt", tmp_path / "live.key"
+    cert.write_bytes(pki.server_cert.read_bytes())
+    key.write_bytes(pki.server_key.read_bytes())
+    key.chmod(0o600)
+    agent = start("--tls-cert", str(cert), "--tls-key", str(key))
+    old = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(Encoding.DER)
+    assert served_certificate(agent) == old
+    new_cert, new_key = pki.pair("rotated", pki.ca, "inference-server", server=True,
+                                  hostnames=["127.0.0.1"])  # fmt: skip
+    # Half-way through a rotation (new certificate, old key) the old pair keeps serving.
+    os.replace(new_cert, cert)
+    assert served_certificate(agent) == old
+    wait_for(lambda: "keeping the certificate in use" in agent.logs(), 10, "mismatch logged")
+    os.replace(new_key, key)
+    new = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(Encoding.DER)
+    assert served_certificate(agent) == new
+    with client(agent, root=pki.ca_pem) as c:
+        infer_ok(c)
+    assert "certificate reloaded" in agent.logs()
+
+
+def test_token_file_is_read_again_on_sighup(start, tmp_path: Path) -> None:
+    token_file = tmp_path / "inference.token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    agent = start("--auth-token-file", str(token_file))
+    rotated = TOKEN[::-1]
+    token_file.write_text(rotated + "\n")
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_log("inference token reloaded", timeout=10)
+    with client(agent) as c:
+        err = refused(c.is_server_live, headers={"authorization": f"Bearer {TOKEN}"})
+        assert err.status() == "StatusCode.UNAUTHENTICATED"
+        assert c.is_server_live(headers={"authorization": f"Bearer {rotated}"}, client_timeout=5)
+    # A token file broken later keeps the token in use.
+    token_file.write_text("")
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_log("inference token not reloaded", timeout=10)
+    with client(agent) as c:
+        assert c.is_server_live(headers={"authorization": f"Bearer {rotated}"}, client_timeout=5)
+    assert TOKEN not in agent.logs() and rotated not in agent.logs()
