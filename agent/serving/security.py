@@ -162,9 +162,11 @@ class _ReloadingTls:
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     """TLS credentials that follow changes to ``files``; raises if they are unusable now."""
     warn_if_exposed(files.key, "inference TLS key")
+    # The fetcher notes the files' state before they are read: a change in between is not missed.
+    fetcher = _ReloadingTls(files)
     initial = load_tls(files)
     return grpc.dynamic_ssl_server_credentials(
-        initial, _ReloadingTls(files), require_client_authentication=files.client_ca is not None
+        initial, fetcher, require_client_authentication=files.client_ca is not None
     )
 
 

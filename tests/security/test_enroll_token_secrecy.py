@@ -39,6 +39,13 @@ def proc_text(pid: int, what: str) -> str:
     return Path(f"/proc/{pid}/{what}").read_bytes().replace(b"\0", b" ").decode(errors="replace")
 
 
+def exec_view(proc: subprocess.Popen) -> tuple[str, str]:
+    """(argv, environment) as the process shows them once it runs `agent.cli` (right after the
+    fork, /proc still shows the parent's or nothing)."""
+    wait_for(lambda: "agent.cli" in proc_text(proc.pid, "cmdline"), 10, "enroll to start")
+    return proc_text(proc.pid, "cmdline"), proc_text(proc.pid, "environ")
+
+
 def start_enroll(data: Path, *args: str, **popen: object) -> subprocess.Popen:
     return subprocess.Popen(
         [*ENROLL, "--data", str(data), "--hostname", data.name, *args], cwd=ROOT,
@@ -63,9 +70,9 @@ def test_enroll_with_token_file_keeps_the_token_out_of_argv(hub: HubProcess, tmp
     os.mkfifo(fifo, 0o600)
     proc = start_enroll(tmp_path / "node-file", "--token-file", str(fifo))
     try:
-        argv = proc_text(proc.pid, "cmdline")
+        argv, environ = exec_view(proc)
         assert "--token-file" in argv
-        assert_nowhere(secret, token, argv, proc_text(proc.pid, "environ"))
+        assert_nowhere(secret, token, argv, environ)
 
         def writer() -> int:
             try:
@@ -102,8 +109,7 @@ def test_enroll_with_token_on_stdin_and_the_agent_logs_no_secret(
     proc = start_enroll(data, "--token-file", "-", stdin=subprocess.PIPE)
     try:
         # The process waits for standard input: look at it before the token exists anywhere.
-        assert_nowhere(secret, token, proc_text(proc.pid, "cmdline"),
-                       proc_text(proc.pid, "environ"))  # fmt: skip
+        assert_nowhere(secret, token, *exec_view(proc))
         out, err = proc.communicate(token + "\n", timeout=60)
     finally:
         if proc.poll() is None:
@@ -128,7 +134,7 @@ def test_enroll_with_token_in_the_environment(hub: HubProcess, tmp_path: Path) -
     proc = start_enroll(tmp_path / "node-env",
                         env={**os.environ, "MODELFLEET_AGENT_ENROLL_TOKEN": token})  # fmt: skip
     try:
-        assert_nowhere(secret, token, proc_text(proc.pid, "cmdline"))
+        assert_nowhere(secret, token, exec_view(proc)[0])
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

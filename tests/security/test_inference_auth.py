@@ -290,13 +290,13 @@ def test_inconsistent_tls_settings_are_refused(env: dict[str, str], message: str
         load(env)
 
 
-def serve_fails(repo: Path, tmp_path: Path, *extra: str) -> str:
+def serve_fails(repo: Path, tmp_path: Path, *extra: str, code: int = 7) -> str:
     r = subprocess.run(
         [sys.executable, "-m", "agent.cli", "serve", "--models", str(repo), "--listen",
          "127.0.0.1:0", "--admin-socket", str(tmp_path / "a.sock"), *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert r.returncode != 0, r.stdout + r.stderr
+    assert r.returncode == code, r.stdout + r.stderr
     return r.stderr
 
 
@@ -315,11 +315,13 @@ def test_unusable_tls_files_stop_the_agent_with_a_clear_error(
     assert "serverAuth" in err
     empty = tmp_path / "empty.token"
     empty.write_text("\n")
-    err = serve_fails(repo, tmp_path, "--auth-token-file", str(empty))
+    err = serve_fails(repo, tmp_path, "--auth-token-file", str(empty), code=3)
     assert "empty" in err and str(empty) in err
     short = tmp_path / "short.token"
     short.write_text("abc")
-    assert "at least" in serve_fails(repo, tmp_path, "--auth-token-file", str(short))
+    assert "at least" in serve_fails(repo, tmp_path, "--auth-token-file", str(short), code=3)
+    err = serve_fails(repo, tmp_path, "--auth-token-file", str(tmp_path / "nope.token"))
+    assert "nope.token" in err and "auth_token_file" in err
 
 
 def test_key_file_readable_by_others_is_warned_about(start, pki: Pki, tmp_path: Path) -> None:
