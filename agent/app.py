@@ -7,7 +7,10 @@ import contextlib
 import logging
 import os
 import signal
+from pathlib import Path
 from typing import Any
+
+import grpc
 
 from agent.config import RELOADABLE, ServeConfig, reload_config
 from agent.logs import reload_logged
@@ -21,11 +24,61 @@ from agent.serving.grpc_server import (
     build_admin_server,
     build_server,
 )
+from agent.serving.security import BearerTokenInterceptor, TlsFiles, server_credentials
 from agent.slots import BatchingConfig, SlotManager
 from protos.sdnotify import Notifier
 from protos.settings import split_hostport
 
 log = logging.getLogger("agent")
+
+# Hubs before agent certificates carried serverAuth issued them for clients only.
+_RENEW_FOR_SERVER_AUTH = (
+    "this enrolled certificate is for TLS clients only (issued by an older hub); the agent gets "
+    "one that also serves TLS at its next certificate renewal, or at once with "
+    "`modelfleet-agent enroll --force` (a new agent id)"
+)
+
+
+def inference_security(
+    cfg: ServeConfig,
+) -> tuple[grpc.ServerCredentials | None, BearerTokenInterceptor | None, str]:
+    """(TLS credentials, token check, words for the log) for the inference port, from cfg."""
+    from agent.fleet.renew import CA, CERT, KEY, finish_pending
+    from agent.fleet.transport import IDENTITY_DIR
+
+    files: TlsFiles | None = None
+    ident = cfg.data / IDENTITY_DIR
+    if cfg.tls_agent_identity:
+        # A renewal a crash interrupted is completed first: its key and certificate match.
+        finish_pending(ident)
+    client_ca = None
+    ca_setting = "tls_client_ca"
+    if cfg.tls_client_ca:
+        client_ca = Path(cfg.tls_client_ca)
+    elif cfg.tls_client_ca_hub:
+        client_ca, ca_setting = ident / CA, "tls_client_ca_hub"
+    if cfg.tls_agent_identity:
+        files = TlsFiles(ident / CERT, ident / KEY, client_ca, cert_setting="tls_agent_identity",
+                         key_setting="tls_agent_identity", ca_setting=ca_setting,
+                         server_auth_fix=_RENEW_FOR_SERVER_AUTH)  # fmt: skip
+    elif cfg.tls_cert:
+        files = TlsFiles(Path(cfg.tls_cert), Path(cfg.tls_key), client_ca, ca_setting=ca_setting)
+    words = []
+    credentials = None
+    if files is not None:
+        credentials = server_credentials(files)
+        words.append(f"TLS with {files.cert}")
+        if files.client_ca is not None:
+            words.append(f"client certificates from {files.client_ca}")
+    token = None
+    if cfg.auth_token_file:
+        token = BearerTokenInterceptor(Path(cfg.auth_token_file))
+        words.append(f"bearer token from {cfg.auth_token_file}")
+        if files is None:
+            log.warning("inference bearer token without TLS: anyone who can watch traffic to %s "
+                        "can read and replay it; set tls_cert and tls_key unless the port is "
+                        "loopback only", cfg.listen)  # fmt: skip
+    return credentials, token, ", ".join(words) or "plaintext, no authentication"
 
 
 def build_slots(cfg: ServeConfig, metrics: AgentMetrics) -> SlotManager:
@@ -73,6 +126,8 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     watchdog = loop.create_task(notifier.run_watchdog())
     notifier.status("starting")
 
+    # Before anything is loaded: unusable TLS or token files stop the agent at once.
+    credentials, token_check, security = inference_security(cfg)
     metrics = AgentMetrics()
     slots = build_slots(cfg, metrics)
     dataplane = DataPlane(slots, metrics)
@@ -122,6 +177,8 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
                 source.interval_s = cfg.poll_interval_s
 
         reload_logged(cfg, reload_config, RELOADABLE, log, applied)
+        if token_check is not None:
+            token_check.reload()
         if ready:
             notifier.ready(shown)
 
@@ -129,7 +186,8 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     slots.listeners.append(on_change)
     await health.refresh()
 
-    server, port = build_server(slots, dataplane, health, cfg.listen, cfg.max_message_bytes)
+    server, port = build_server(slots, dataplane, health, cfg.listen, cfg.max_message_bytes,
+                                credentials, [token_check] if token_check else [])  # fmt: skip
     await server.start()
     admin_path = cfg.admin_socket_path()
     bound = f"{cfg.listen.rpartition(':')[0]}:{port}"
@@ -146,7 +204,8 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
             admin_path.unlink(missing_ok=True)
             raise ListenError(f"cannot serve metrics on {cfg.metrics_listen}: {exc}") from None
         log.info("metrics on http://%s/metrics", cfg.metrics_listen)
-    log.info("listening on %s (port %d); admin socket %s", cfg.listen, port, admin_path)
+    log.info("listening on %s (port %d; %s); admin socket %s", cfg.listen, port, security,
+             admin_path)  # fmt: skip
 
     if cfg.hub:
         from agent.fleet.sync import FleetSync

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,18 @@ def _add_admin_args(p: argparse.ArgumentParser) -> None:
         "--models", type=Path, default=Path("models"), help="the agent's model repository"
     )
     p.add_argument("--data", type=Path, help="fleet mode: the agent's data directory")
+
+
+def _add_security_args(p: argparse.ArgumentParser) -> None:
+    """The inference port's TLS and token settings (docs/security.md#the-inference-port)."""
+    p.add_argument("--tls-cert", help="server certificate chain (PEM): serve TLS")
+    p.add_argument("--tls-key", help="the server certificate's private key (PEM, mode 0600)")
+    p.add_argument("--tls-client-ca", help="CA bundle (PEM): require client certificates")
+    p.add_argument("--auth-token-file",
+                   help="file holding the bearer token inference calls must send")  # fmt: skip
+
+
+_SECURITY_KEYS = ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ort-spinning", choices=["on", "off"])
     serve.add_argument("--inline-max-us", type=int,
                        help="run models faster than this (gate p99) on the event loop")  # fmt: skip
+    _add_security_args(serve)
     serve.add_argument("--max-message-bytes", type=int)
     serve.add_argument("--drain-timeout-s", type=float)
     serve.add_argument("--log-level")
@@ -85,11 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, required=True, help="agent.toml from enroll")
     run.add_argument("--listen")
     run.add_argument("--metrics-listen")
+    _add_security_args(run)
+    run.add_argument("--tls-agent-identity", action="store_true", default=None,
+                     help="serve TLS with this agent's enrolled certificate")  # fmt: skip
+    run.add_argument("--tls-client-ca-hub", action="store_true", default=None,
+                     help="require client certificates issued by the hub's CA")  # fmt: skip
     run.add_argument("--log-level")
     run.add_argument("--log-json", action="store_true", default=None)
 
     enroll = sub.add_parser("enroll", help="join a hub's fleet with a one-time token")
-    enroll.add_argument("--token", required=True, help="from `modelfleet-hub agents token`")
+    source = enroll.add_mutually_exclusive_group()
+    source.add_argument("--token-file", metavar="PATH",
+                        help="file holding the token from `modelfleet-hub agents token`; "
+                        "'-' reads standard input")  # fmt: skip
+    source.add_argument("--token", help="the token itself (discouraged: other local users "
+                        "can read it in the process list and redeem it first)")  # fmt: skip
     enroll.add_argument("--data", type=Path, required=True, help="agent state directory")
     enroll.add_argument("--listen", default="127.0.0.1:8001",
                         help="where this agent will serve inference")  # fmt: skip
@@ -180,6 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "drain_timeout_s": args.drain_timeout_s,
         "log_level": args.log_level,
         "log_json": args.log_json,
+        **{k: getattr(args, k) for k in _SECURITY_KEYS},
     }
     cfg = load_config(args.config, overrides)
     setup_logging(cfg.log_level, cfg.log_json)
@@ -194,7 +219,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.logs import setup_logging
 
     overrides = {"listen": args.listen, "metrics_listen": args.metrics_listen,
-                 "log_level": args.log_level, "log_json": args.log_json}  # fmt: skip
+                 "log_level": args.log_level, "log_json": args.log_json,
+                 "tls_agent_identity": args.tls_agent_identity,
+                 "tls_client_ca_hub": args.tls_client_ca_hub,
+                 **{k: getattr(args, k) for k in _SECURITY_KEYS}}  # fmt: skip
     cfg = load_config(args.config, overrides)
     if not cfg.hub:
         raise InvalidRequestError(f"{args.config} names no hub: enroll first, or use `serve`")
@@ -205,10 +233,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from agent.fleet.enroll import enroll
+    from agent.fleet.enroll import TOKEN_ENV, enroll, read_token_file
 
+    if args.token_file is not None:
+        token = read_token_file(args.token_file)
+    elif args.token is not None:
+        print("modelfleet-agent: warning: --token is visible to every local user in the process "
+              "list until enrollment ends; use --token-file PATH or --token-file - (stdin)",
+              file=sys.stderr)  # fmt: skip
+        token = args.token
+    elif os.environ.get(TOKEN_ENV, "").strip():
+        token = os.environ[TOKEN_ENV]
+    else:
+        raise InvalidRequestError(
+            "no enrollment token: pass --token-file PATH (or --token-file - to read standard "
+            f"input), or set {TOKEN_ENV}"
+        )
     agent_id, config = enroll(
-        args.token, args.data, listen=args.listen, metrics_listen=args.metrics_listen,
+        token, args.data, listen=args.listen, metrics_listen=args.metrics_listen,
         hostname=args.hostname, force=args.force, transport=args.transport,
     )  # fmt: skip
     print(f"enrolled as {agent_id}; start with: modelfleet-agent run --config {config}")

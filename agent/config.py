@@ -72,6 +72,18 @@ class ServeConfig:
     # Models whose health-gate p99 is under this many microseconds run on the event loop,
     # unbatched: for them the thread hop costs more than the model. 0 disables.
     inline_max_us: int = 200
+    # -- inference port security (docs/security.md#the-inference-port); default: plaintext, open
+    # Server certificate chain and its private key (PEM files): both set, `listen` speaks TLS.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # CA bundle (PEM): clients must present a certificate it issued (mutual TLS).
+    tls_client_ca: str = ""
+    # Fleet mode: serve with the agent's enrolled certificate and key (renewals picked up).
+    tls_agent_identity: bool = False
+    # Fleet mode: clients must present a certificate issued by the hub's CA (mutual TLS).
+    tls_client_ca_hub: bool = False
+    # File holding the bearer token every inference/metadata RPC must carry; empty: none.
+    auth_token_file: str = ""
     # gRPC message size limit, both directions.
     max_message_bytes: int = 64 * 1024 * 1024
     # Seconds to let in-flight requests finish on shutdown.
@@ -231,5 +243,38 @@ def validate(cfg: ServeConfig) -> None:
             "config: telemetry_interval_s must be > 0 and telemetry_outbox_max_reports >= 1"
         )
     split_hostport(cfg.listen, "listen")
+    _validate_tls(cfg)
     if cfg.metrics_listen:
         split_hostport(cfg.metrics_listen, "metrics_listen")
+
+
+def _validate_tls(cfg: ServeConfig) -> None:
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise InvalidRequestError(
+            "config: tls_cert and tls_key go together: set both (server certificate chain and "
+            "its private key, PEM) or neither"
+        )
+    if not cfg.hub:
+        for name in ("tls_agent_identity", "tls_client_ca_hub"):
+            if getattr(cfg, name):
+                raise InvalidRequestError(
+                    f"config: {name} uses the identity an enrolled agent holds, so it works in "
+                    "fleet mode only (`modelfleet-agent run`); standalone, name files with "
+                    "tls_cert, tls_key and tls_client_ca"
+                )
+    if cfg.tls_agent_identity and cfg.tls_cert:
+        raise InvalidRequestError(
+            "config: set either tls_agent_identity or tls_cert/tls_key (the server certificate "
+            "comes from one of them), not both"
+        )
+    if cfg.tls_client_ca_hub and cfg.tls_client_ca:
+        raise InvalidRequestError(
+            "config: set either tls_client_ca_hub or tls_client_ca, not both (to accept both, "
+            "put the hub's CA certificate into the tls_client_ca bundle)"
+        )
+    serves_tls = cfg.tls_cert or cfg.tls_agent_identity
+    if (cfg.tls_client_ca or cfg.tls_client_ca_hub) and not serves_tls:
+        raise InvalidRequestError(
+            "config: client certificates (tls_client_ca, tls_client_ca_hub) need TLS: set "
+            "tls_cert and tls_key, or tls_agent_identity in fleet mode"
+        )

@@ -31,6 +31,7 @@ from protos.identity import (
     CredentialsError,
     IdentityError,
     admin_common_name,
+    agent_server_name,
     cert_fingerprint,
     certificate_common_name,
     generate_key,
@@ -206,7 +207,7 @@ class CertificateAuthority:
         public_key: PublicKeyTypes,
         common_name: str,
         days: float,
-        usage: x509.ObjectIdentifier,
+        usage: x509.ObjectIdentifier | Sequence[x509.ObjectIdentifier],
         hostnames: Sequence[str] = (),
     ) -> bytes:
         _check_key_type(public_key)
@@ -225,7 +226,12 @@ class CertificateAuthority:
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(public_key), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [usage] if isinstance(usage, x509.ObjectIdentifier) else list(usage)
+                ),
+                critical=False,
+            )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
@@ -294,11 +300,18 @@ class CertificateAuthority:
             ) from exc
         if not csr.is_signature_valid:
             raise IdentityError("certificate signing request signature does not verify")
-        kind, _ = parse_identity(common_name)
+        kind, name = parse_identity(common_name)
+        usage: x509.ObjectIdentifier | list[x509.ObjectIdentifier]
         if client:
             if kind == "hub":
                 raise IdentityError("a client certificate cannot carry the hub's name")
             usage = ExtendedKeyUsageOID.CLIENT_AUTH
+            if kind == "agent":
+                # An agent may serve its inference port with this certificate
+                # (tls_agent_identity): serverAuth, for one name only the hub assigns, so no
+                # agent can pass for another, for the hub or for the broker.
+                usage = [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+                hostnames = [agent_server_name(name)]
         else:
             if kind != "hub":
                 raise IdentityError(f"a server certificate must be named {HUB_CN!r}")

@@ -105,6 +105,20 @@ def agent_common_name(agent_id: str) -> str:
     return AGENT_PREFIX + _check_name("agent", agent_id)
 
 
+# The DNS name an agent's certificate carries for its inference port: derived from the id the
+# hub assigned, under a reserved private suffix (.internal), so it never names a real host.
+AGENT_SERVER_SUFFIX = ".agent.modelfleet.internal"
+
+
+def agent_server_name(agent_id: str) -> str:
+    """The TLS server name of agent ``agent_id``: ``<agent_id>.agent.modelfleet.internal``.
+
+    Inference clients that trust the hub's CA verify an agent by this name (gRPC channel option
+    ``grpc.ssl_target_name_override``), since the hub cannot vouch for the addresses agents use.
+    """
+    return _check_name("agent", agent_id).lower() + AGENT_SERVER_SUFFIX
+
+
 def admin_common_name(name: str) -> str:
     """The certificate CN of admin ``name``: ``admin:<name>``."""
     return ADMIN_PREFIX + _check_name("admin", name)

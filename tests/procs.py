@@ -228,10 +228,11 @@ def enroll_agent(
 ) -> Path:
     """Enroll a new agent directory with a fresh token; returns its agent.toml."""
     token = hub.cli("agents", "token", "--labels", labels, "--ttl", "10m").strip()
+    # On standard input, as the docs advise: never in argv, where other local users see it.
     r = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "enroll", "--token", token, "--data", str(data),
+        [sys.executable, "-m", "agent.cli", "enroll", "--token-file", "-", "--data", str(data),
          "--hostname", hostname, "--transport", transport],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, input=token, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     if r.returncode != 0:
         raise AssertionError(f"enroll failed: {r.stdout}{r.stderr}")

@@ -174,9 +174,11 @@ def test_csr_with_forged_subject_gets_the_cn_the_hub_chooses(ca: CertificateAuth
     cert.verify_directly_issued_by(ca.certificate)
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
-    with pytest.raises(x509.ExtensionNotFound):
-        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    # serverAuth for the agent's inference port, under the one name the hub derives from its id.
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["node-7.agent.modelfleet.internal"]
+    assert san.get_values_for_type(x509.IPAddress) == []
 
 
 def test_sign_csr_accepts_strong_keys_of_each_supported_type(ca: CertificateAuthority) -> None:

@@ -3,8 +3,11 @@ generated here (it never leaves this node), store the TUF root, write the agent'
 
 from __future__ import annotations
 
+import getpass
 import os
 import socket
+import stat
+import sys
 from pathlib import Path
 
 import grpc
@@ -26,6 +29,44 @@ from protos.identity import (
 )
 
 TUF_DIR = "tuf"
+# The token in the environment: for containers and orchestrators that hand secrets over that
+# way. Unlike the command line, /proc/PID/environ is readable by the same user and root only.
+TOKEN_ENV = "MODELFLEET_AGENT_ENROLL_TOKEN"
+# Tokens are about 200 characters; anything much larger is the wrong file.
+MAX_TOKEN_FILE_BYTES = 16 * 1024
+
+
+def read_token_file(path: str) -> str:
+    """The enrollment token in file ``path``, or on standard input for ``-`` (a terminal is
+    asked without echo). The token never passes through the command line."""
+    if path == "-":
+        if sys.stdin.isatty():
+            return getpass.getpass("enrollment token: ")
+        raw = sys.stdin.read(MAX_TOKEN_FILE_BYTES + 1)
+        where = "standard input"
+    else:
+        file = Path(path)
+        try:
+            with file.open("rb") as f:
+                data = f.read(MAX_TOKEN_FILE_BYTES + 1)
+                mode = os.fstat(f.fileno()).st_mode
+        except OSError as exc:
+            raise TokenError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+        raw = data.decode("utf-8", errors="replace")
+        where = f"token file {path}"
+        if stat.S_ISREG(mode) and mode & 0o077:
+            print(f"modelfleet-agent: warning: {where} is readable by group/others (mode "
+                  f"{mode & 0o777:o}); until the token is used, they could redeem it first",
+                  file=sys.stderr)  # fmt: skip
+    if len(raw) > MAX_TOKEN_FILE_BYTES:
+        raise TokenError(f"{where} holds more than {MAX_TOKEN_FILE_BYTES} bytes: not a token")
+    token = raw.strip()
+    if not token:
+        raise TokenError(f"{where} is empty: put the token from `modelfleet-hub agents token` "
+                         "there")  # fmt: skip
+    if len(token.split()) > 1:
+        raise TokenError(f"{where} must hold one token and nothing else")
+    return token
 
 
 def _toml_str(value: str) -> str:

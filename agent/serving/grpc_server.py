@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -331,12 +331,18 @@ def build_server(
     health_reporter: HealthReporter,
     listen: str,
     max_message_bytes: int,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=grpc_options(max_message_bytes))
+    """The inference server; plaintext unless ``credentials`` (see agent.serving.security)."""
+    server = grpc.aio.server(options=grpc_options(max_message_bytes), interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(slots, dataplane), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_reporter.servicer, server)
     try:
-        port = server.add_insecure_port(listen)
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
     except RuntimeError:
         port = 0
     if port == 0:
