@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from protos.bundle import Bundle
 from protos.datatypes import DATATYPE_BY_ORT_TYPE
-from protos.errors import BundleError, InferenceError
+from protos.errors import BundleError, InferenceError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,40 @@ class OnnxModel:
                     f"manifest {kind}s {declared_types} do not match the model's {actual_types}"
                 )
 
+    def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The feed for :meth:`run_prepared`: string inputs in a form onnxruntime copies byte
+        for byte (see :func:`string_feed`). Done per request, before batching, so that requests
+        whose strings need different forms get different dtypes and are never merged."""
+        if not self._string_inputs:
+            return inputs
+        feed = dict(inputs)
+        for name in self._string_inputs:
+            if name in feed:
+                feed[name] = string_feed(feed[name], name)
+        return feed
+
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feed = inputs
-        if self._string_inputs:
-            feed = dict(inputs)
-            for name in self._string_inputs:
-                feed[name] = _as_str_array(feed[name])
+        return self.run_prepared(self.prepare(inputs))
+
+    def run_prepared(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             results = self.session.run(self.output_names, feed)
+        except UnicodeDecodeError:
+            # onnxruntime hands string outputs back as Python str, decoded strictly: bytes that
+            # are not UTF-8 in a string output cannot be returned at all, only refused.
+            where = f"model {self.bundle.name} v{self.bundle.version}"
+            if any(feed[n].dtype.kind in ("S", "V") for n in self._string_inputs if n in feed):
+                raise InvalidRequestError(
+                    f"{where}: a string output holds bytes that are not UTF-8 (from a BYTES "
+                    "input that is not UTF-8); onnxruntime returns string outputs only as UTF-8 "
+                    "text, so they cannot come back unchanged. Send UTF-8, or use a model whose "
+                    "string outputs are text",
+                    reason="bytes",
+                ) from None
+            raise InferenceError(
+                f"{where}: a string output holds bytes that are not UTF-8, which onnxruntime "
+                "cannot return"
+            ) from None
         except Exception as exc:
             raise InferenceError(
                 f"model {self.bundle.name} v{self.bundle.version}: {exc}"
@@ -92,8 +118,58 @@ class OnnxModel:
         return dict(zip(self.output_names, results, strict=True))
 
 
-def _as_str_array(arr: np.ndarray) -> np.ndarray:
-    # onnxruntime wants str objects for string tensors; the wire carries bytes.
-    if arr.dtype == object and arr.size and isinstance(arr.flat[0], bytes):
-        return np.vectorize(lambda b: b.decode("utf-8", "replace"), otypes=[object])(arr)
-    return arr
+def _item_bytes(item: object, name: str) -> bytes:
+    if isinstance(item, bytes | bytearray | np.bytes_):
+        return bytes(item)
+    if isinstance(item, str):
+        try:
+            return item.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequestError(
+                f"input {name!r}: a string element holds lone surrogates, which are not text",
+                reason="bytes",
+            ) from None
+    raise InvalidRequestError(
+        f"input {name!r}: string elements must be bytes or str, got {type(item).__name__}",
+        reason="bytes",
+    )
+
+
+def string_feed(arr: np.ndarray, name: str) -> np.ndarray:
+    """``arr`` (bytes or str elements) as an array onnxruntime copies into a string tensor
+    unchanged, or InvalidRequestError when its Python binding has no such form.
+
+    The binding (onnxruntime_pybind_mlvalue.cc, CopyDataToTensor) reads an object array through
+    str(), which turns a bytes element into its repr ``b'...'``; so UTF-8 goes as str (encoded
+    back to the same bytes). Bytes that are not UTF-8 go as a fixed-width numpy array, which it
+    copies without decoding: an 'S' element is read as a C string, exact when no element holds
+    a NUL (one spare column of padding ends every element); a 'V' element is copied whole, exact
+    when all elements have the same length. Nothing else reaches onnxruntime unchanged.
+    """
+    if arr.dtype.kind not in ("O", "S"):
+        return arr  # 'U' is text already; anything else is refused by onnxruntime itself
+    items = [_item_bytes(v, name) for v in arr.reshape(-1).tolist()]
+    try:
+        texts = [b.decode("utf-8") for b in items]
+    except UnicodeDecodeError:
+        pass
+    else:
+        out = np.empty(len(texts), dtype=object)
+        out[:] = texts
+        return out.reshape(arr.shape)
+    with_nul = next((i for i, b in enumerate(items) if b"\x00" in b), None)
+    if with_nul is None:
+        width = max(len(b) for b in items) + 1
+        return np.array(items, dtype=f"S{width}").reshape(arr.shape)
+    lengths = {len(b) for b in items}
+    if len(lengths) == 1:
+        return np.array(items, dtype=f"V{lengths.pop()}").reshape(arr.shape)
+    other = next(i for i, b in enumerate(items) if len(b) != len(items[with_nul]))
+    raise InvalidRequestError(
+        f"input {name!r}: BYTES elements that are not UTF-8 reach the model unchanged only when "
+        f"no element holds a NUL byte or all elements have the same length (onnxruntime's "
+        f"Python binding has no other form for them); element {with_nul} holds a NUL and is "
+        f"{len(items[with_nul])} bytes, element {other} is {len(items[other])} bytes. "
+        "Send UTF-8 text, or elements of equal length",
+        reason="bytes",
+    )

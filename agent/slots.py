@@ -92,7 +92,7 @@ class LoadedVersion:
         self.batching = batching.enabled and max_batch > 1 and not inline
         if self.batching:
             self.runner: DirectRunner | DynamicBatcher = DynamicBatcher(
-                model.run,
+                model.run_prepared,
                 executor,
                 self._observe_batch,
                 max_batch_size=max_batch,
@@ -100,7 +100,9 @@ class LoadedVersion:
                 max_inflight=batching.max_inflight,
             )
         else:
-            self.runner = DirectRunner(model.run, executor, self._observe_batch, inline=inline)
+            self.runner = DirectRunner(
+                model.run_prepared, executor, self._observe_batch, inline=inline
+            )
 
     def _observe_batch(self, rows: int, compute_s: float) -> None:
         # Runs on the event loop (after the executor future resolves), so no lock is needed.
@@ -117,7 +119,7 @@ class LoadedVersion:
         self.telemetry.batch_done(rows, compute_s)
 
     async def infer(self, inputs: dict[str, np.ndarray], rows: int) -> tuple[dict, Timing]:
-        return await self.runner.infer(inputs, rows)
+        return await self.runner.infer(self.model.prepare(inputs), rows)
 
     @property
     def manifest(self):

@@ -46,6 +46,31 @@ def _labels(text: str) -> dict[str, str]:
     return out
 
 
+def _version(text: str) -> int:
+    from protos.bundle import MAX_VERSION, VERSION_RANGE
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= MAX_VERSION:
+        raise argparse.ArgumentTypeError(
+            f"invalid version {text!r}: versions are integers in {VERSION_RANGE}"
+        )
+    return value
+
+
+def _notes(text: str) -> str:
+    from hub.registry import MAX_NOTES_BYTES
+
+    size = len(text.encode("utf-8", "surrogateescape"))
+    if size > MAX_NOTES_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"notes are {size} bytes (UTF-8); at most {MAX_NOTES_BYTES} bytes are allowed"
+        )
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelfleet-hub", description="modelfleet hub")
     p.add_argument(
@@ -107,10 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     pub = sub.add_parser("publish", help="build, upload and sign a new model version")
     pub.add_argument("name")
     pub.add_argument("model", type=Path)
-    pub.add_argument("--version", type=int, default=0, help="default: latest + 1")
+    pub.add_argument("--version", type=_version, help="1..2^63-1 (default: latest + 1)")
     pub.add_argument("--samples", type=Path, help="SAMPLES.npz (default: synthetic samples)")
     pub.add_argument("--expected", type=Path, help="golden outputs EXPECTED.npz")
-    pub.add_argument("--notes", default="")
+    pub.add_argument("--notes", type=_notes, default="", help="at most 4096 bytes (UTF-8)")
     pub.add_argument("--targets-key", type=Path, help="offline targets private key (PEM)")
     pub.add_argument(
         "--allow-extra", action="append", default=[], metavar="TARGET_PATH",
@@ -143,12 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     vers.add_argument("name")
     stage = msub.add_parser("stage", help="set a version's lifecycle stage")
     stage.add_argument("name")
-    stage.add_argument("version", type=int)
+    stage.add_argument("version", type=_version)
     stage.add_argument("stage", choices=["staged", "production", "deprecated", "retired"])
 
     dep = sub.add_parser("deploy", help="set the desired version for matching agents")
     dep.add_argument("name")
-    dep.add_argument("version", type=int)
+    dep.add_argument("version", type=_version)
     dep.add_argument("--selector", type=_labels, default={}, help="k=v[,k=v] (default: all)")
 
     ro = sub.add_parser("rollout", help="canary waves with automatic rollback")
@@ -425,7 +450,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"model file {args.model} does not exist")
     stub = admin_stub(args)
     version = args.version
-    if version <= 0:
+    if version is None:
         try:
             versions = call(stub.ListVersions, pb.ListVersionsRequest(name=args.name)).versions
             version = max((v.version for v in versions), default=0) + 1

@@ -110,11 +110,29 @@ def load_hub_config(
         raise InvalidRequestError("config: agent_cert_lifetime_s must be at least 10 seconds")
     if cfg.refresh_interval_s <= 0:
         raise InvalidRequestError("config: refresh_interval_s must be > 0")
+    _check_refresh_interval(cfg)
     if cfg.drain_timeout_s < 0:
         raise InvalidRequestError("config: drain_timeout_s must be >= 0")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise InvalidRequestError(f"config: unknown log_level {cfg.log_level!r}")
     return cfg
+
+
+def _check_refresh_interval(cfg: HubConfig) -> None:
+    """Timestamp and snapshot are re-signed once less than half their lifetime is left, at the
+    next refresh: an interval over a quarter of the shorter lifetime lets them expire between
+    two refreshes (or leaves no margin for a slow one), and every agent freezes on them."""
+    lifetimes = {"timestamp_expiry_s": cfg.timestamp_expiry_s,
+                 "snapshot_expiry_s": cfg.snapshot_expiry_s}  # fmt: skip
+    key = min(lifetimes, key=lambda k: lifetimes[k])
+    limit = lifetimes[key] / 4
+    if cfg.refresh_interval_s > limit:
+        raise InvalidRequestError(
+            f"config: refresh_interval_s ({cfg.refresh_interval_s:g} s) must be at most a quarter "
+            f"of {key} ({lifetimes[key]:g} s), or that metadata can expire between two "
+            f"refreshes and freeze every agent: allowed 0 < refresh_interval_s <= {limit:g}; "
+            f"lower refresh_interval_s or raise {key}"
+        )
 
 
 def reload_hub_config(cfg: HubConfig) -> tuple[list[str], list[str]]:

@@ -23,7 +23,16 @@ from typing import Any
 from hub.blobs import BlobStore
 from hub.ca import CertificateAuthority
 from hub.config import HubConfig
-from hub.registry import AgentRow, Desired, PermissionDeniedError, Registry, VersionRow
+from hub.registry import (
+    AgentRow,
+    Desired,
+    PermissionDeniedError,
+    Registry,
+    VersionRow,
+    check_labels,
+    check_notes,
+    check_version,
+)
 from hub.signing import (
     ExpiryPolicy,
     RepositoryIntegrityError,
@@ -33,7 +42,7 @@ from hub.signing import (
 )
 from protos import fleet_pb2
 from protos.atomic import try_lock
-from protos.bundle import NAME_RE, unpack_bundle
+from protos.bundle import NAME_RE, NAME_RULE, unpack_bundle
 from protos.errors import (
     InvalidRequestError,
     ModelfleetError,
@@ -192,14 +201,20 @@ class HubCore:
     def new_upload(self) -> Path:
         return Path(tempfile.mkstemp(prefix="upload-", suffix=".tar", dir=self.paths.uploads)[1])
 
+    def check_publish_header(self, header: Mapping[str, Any]) -> None:
+        """Refuse a header before any of its bytes are taken: name, version, notes, size."""
+        name = header["name"]
+        if not NAME_RE.match(name):
+            raise InvalidRequestError(f"invalid model name {name!r}: use {NAME_RULE}")
+        check_version(int(header["version"]), name)
+        check_notes(str(header.get("notes", "")))
+        self.check_upload_size(int(header.get("size") or 0))
+
     def verify_upload(self, header: Mapping[str, Any], archive: Path) -> dict[str, Any]:
         """Check an uploaded archive (hash, size, a bundle the agent would accept) and move it
         into the blob store. Thread-safe: touches no registry state."""
+        self.check_publish_header(header)
         name, version = header["name"], int(header["version"])
-        if not NAME_RE.match(name):
-            raise InvalidRequestError(f"invalid model name {name!r}")
-        if version < 1:
-            raise InvalidRequestError("version must be a positive integer")
         digest, size = _sha256(archive)
         if header.get("size") and size != int(header["size"]):
             raise InvalidRequestError(
@@ -325,9 +340,7 @@ class HubCore:
     def create_token(self, labels: Mapping[str, str], ttl_s: float) -> EnrollToken:
         if ttl_s <= 0:
             raise InvalidRequestError("token ttl must be positive")
-        for k, v in labels.items():
-            if not k or "=" in k or "," in k or "," in v:
-                raise InvalidRequestError(f"invalid label {k}={v}")
+        check_labels(labels)
         token = EnrollToken.create(
             self.advertise_enroll, self.ca.fingerprint, ttl_s, now=self.clock()
         )
@@ -444,6 +457,8 @@ class HubCore:
     async def deploy(
         self, name: str, version: int, selector: Mapping[str, str]
     ) -> tuple[list[str], int]:
+        check_version(version, name)
+        check_labels(selector, "selector")
         revision = self.registry.deploy(name, version, selector)
         from hub.registry import selector_matches
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protos.bundle import MAX_VERSION, VERSION_RANGE
 from protos.errors import (
     BundleExistsError,
     InvalidRequestError,
@@ -164,6 +165,52 @@ def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> 
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+# Release notes are printed by every `models show`; the cap keeps rows and answers small.
+MAX_NOTES_BYTES = 4096
+# Labels and selectors are compared for every agent on every desired-state computation and
+# printed as "k=v,k=v": bounded, printable, and free of the two separators.
+MAX_LABEL_KEY = 63
+MAX_LABEL_VALUE = 253
+MAX_LABELS = 32
+
+
+def check_version(version: int, name: str = "") -> None:
+    if not 1 <= version <= MAX_VERSION:
+        what = f"{name} version" if name else "version"
+        raise InvalidRequestError(
+            f"{what} {version} is out of range: versions are integers in {VERSION_RANGE}"
+        )
+
+
+def check_notes(notes: str) -> None:
+    size = len(notes.encode("utf-8", "surrogatepass"))
+    if size > MAX_NOTES_BYTES:
+        raise InvalidRequestError(
+            f"notes are {size} bytes (UTF-8); at most {MAX_NOTES_BYTES} bytes are allowed"
+        )
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def check_labels(labels: Mapping[str, str], what: str = "label") -> None:
+    """Refuse label sets (token labels, deploy selectors) that cannot be written as k=v,k=v."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidRequestError(f"{len(labels)} {what}s given; at most {MAX_LABELS} are allowed")
+    for k, v in labels.items():
+        if not 1 <= len(k) <= MAX_LABEL_KEY or any(c in "=," or not c.isprintable() for c in k):
+            raise InvalidRequestError(
+                f"{what} key {_short(k)!r} is invalid: a key is 1 to {MAX_LABEL_KEY} printable "
+                "characters, none of them '=' or ','"
+            )
+        if len(v) > MAX_LABEL_VALUE or any(c == "," or not c.isprintable() for c in v):
+            raise InvalidRequestError(
+                f"{what} value {_short(v)!r} of {k!r} is invalid: a value is at most "
+                f"{MAX_LABEL_VALUE} printable characters, none of them ','"
+            )
+
+
 # How often buffered last-seen times and reports are written (see Registry.touch).
 SEEN_FLUSH_S = 1.0
 
@@ -225,6 +272,7 @@ class Registry:
         return int(row.fetchone()[0] or 0)
 
     def check_new_version(self, name: str, version: int) -> None:
+        check_version(version, name)
         if self.get_version(name, version, missing_ok=True) is not None:
             raise BundleExistsError(
                 f"{name} version {version} is already published; versions are immutable"

@@ -336,9 +336,14 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
             with open(path, "wb") as out:
                 async for chunk in request_iterator:
                     if chunk.HasField("header"):
+                        if header is not None:
+                            raise InvalidRequestError("publish sent a second header")
                         header = chunk.header
-                        self.core.check_upload_size(header.size)
-                        # Refuse a duplicate or stale version before taking its bytes.
+                        # Refuse nonsense, a duplicate or a stale version before taking bytes.
+                        self.core.check_publish_header(
+                            {"name": header.name, "version": header.version,
+                             "notes": header.notes, "size": header.size}
+                        )  # fmt: skip
                         self.core.registry.check_new_version(header.name, header.version)
                         continue
                     if header is None:

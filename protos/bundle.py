@@ -41,6 +41,10 @@ HEALTH_FILE = "health.npz"
 
 # Model names become directory names, topic segments and metric labels: keep them boring.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME_RULE = "1-128 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit"
+# Versions travel as protobuf int64 and are stored as SQLite INTEGER (signed 64 bits).
+MAX_VERSION = 2**63 - 1
+VERSION_RANGE = f"1..{MAX_VERSION}"
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5
@@ -202,10 +206,10 @@ def parse_manifest(data: Mapping[str, Any]) -> Manifest:
         raise BundleError(f"manifest: unsupported format {fmt} (this build reads {FORMAT_VERSION})")
     name = _require(data, "name", str, "")
     if not NAME_RE.match(name):
-        raise BundleError(f"manifest: invalid model name {name!r}")
+        raise BundleError(f"manifest: invalid model name {name!r}: use {NAME_RULE}")
     version = _require(data, "version", int, "")
-    if version < 1:
-        raise BundleError(f"manifest: version must be a positive integer, got {version}")
+    if not 1 <= version <= MAX_VERSION:
+        raise BundleError(f"manifest: version {version} is outside {VERSION_RANGE}")
     model = _require(data, "model", dict, "")
     sig = _require(data, "signature", dict, "")
     execution = _require(data, "execution", dict, "")
@@ -440,9 +444,9 @@ def create_bundle(
     outputs from a reference implementation).
     """
     if not NAME_RE.match(name):
-        raise BundleError(f"invalid model name {name!r}: use letters, digits, '_', '.', '-'")
-    if version < 1:
-        raise BundleError(f"version must be a positive integer, got {version}")
+        raise BundleError(f"invalid model name {name!r}: use {NAME_RULE}")
+    if not 1 <= version <= MAX_VERSION:
+        raise BundleError(f"version {version} is outside {VERSION_RANGE}")
     if warmup_runs < 1:
         raise BundleError("warmup_runs must be >= 1")
     for label, value in (("rtol", rtol), ("atol", atol), ("latency_budget_ms", latency_budget_ms),

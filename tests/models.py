@@ -61,6 +61,9 @@ def heavy(path: Path, *, width: int = 1024, layers: int = 4, seed: int = 1) -> P
 ONNX_TYPES = {
     "BOOL": TensorProto.BOOL,
     "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
     "INT8": TensorProto.INT8,
     "INT16": TensorProto.INT16,
     "INT32": TensorProto.INT32,

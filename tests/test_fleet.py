@@ -326,13 +326,26 @@ def test_metadata_rollback_is_refused(fleet) -> None:
 
 
 def test_expired_metadata_is_refused(fleet) -> None:
-    hub = fleet.hub("--timestamp-expiry-s", "3", "--refresh-interval-s", "3600")
+    hub = fleet.hub()
     agent = fleet.agent(hub, "edge-1", "site=berlin")
     hub.cli("publish", "mlp", str(fleet.model(0)))
     hub.cli("deploy", "mlp", "1")
     wait_for(lambda: active(agent) == 1, 60, "v1")
     hub.cli("publish", "mlp", str(fleet.model(1)))
-    time.sleep(3.5)  # the timestamp expires; this hub never refreshes it (a freeze attack)
+    # A freeze attack: whoever holds the online timestamp key (the hub refuses settings that
+    # would let its own timestamp lapse) serves a newer timestamp that has already expired.
+    from datetime import UTC, datetime, timedelta
+
+    from tuf.api.metadata import Metadata
+
+    from hub.signing import load_signer
+
+    path = hub.data / "tuf" / "timestamp.json"
+    md = Metadata.from_bytes(path.read_bytes())
+    md.signed.version += 1
+    md.signed.expires = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+    md.sign(load_signer(hub.data / "keys" / "timestamp.pem"), append=False)
+    path.write_bytes(md.to_bytes())
     hub.cli("deploy", "mlp", "2")
     wait_for(lambda: "expired" in model_error(hub, "edge-1").lower(), 60, "freeze refused")
     assert active(agent) == 1

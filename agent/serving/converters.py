@@ -81,6 +81,51 @@ def encode_bytes_tensor(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+# Typed integer fields are wider than the datatypes they carry (int_contents is int32 for INT8
+# and INT16, uint_contents is uint32 for UINT8 and UINT16): values are range-checked, never
+# wrapped (numpy would turn an INT8 300 into 44 without a word).
+_WIDE = {"int_contents": np.int64, "uint_contents": np.uint64}
+
+
+def _typed_values(name: str, datatype: str, field: str, values: Any, dtype: np.dtype) -> np.ndarray:
+    if datatype == "BYTES":
+        data = np.empty(len(values), dtype=object)
+        data[:] = list(values)
+        return data
+    wide = _WIDE.get(field)
+    if wide is None or np.dtype(wide) == dtype:
+        return np.array(values, dtype=dtype)
+    arr = np.array(values, dtype=wide)
+    info = np.iinfo(dtype)
+    bad = np.flatnonzero((arr < info.min) | (arr > info.max))
+    if bad.size:
+        i = int(bad[0])
+        raise InvalidRequestError(
+            f"input {name!r}: {datatype} value {int(arr[i])} at index {i} is out of range "
+            f"({info.min}..{info.max})",
+            reason="contents",
+        )
+    return arr.astype(dtype)
+
+
+def _check_typed_fields(name: str, datatype: str, contents: Any) -> str:
+    """The one contents field that carries ``datatype``; values in any other field are refused."""
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidRequestError(
+            f"input {name!r}: datatype {datatype} must be sent as raw_input_contents",
+            reason="datatype",
+        )
+    for fd, _ in contents.ListFields():
+        if fd.name != field:
+            raise InvalidRequestError(
+                f"input {name!r}: contents.{fd.name} is set, but {datatype} goes in "
+                f"contents.{field}",
+                reason="contents",
+            )
+    return field
+
+
 def _decode_input(tensor: Any, raw: bytes | None) -> InferInput:
     name, datatype = tensor.name, tensor.datatype
     shape = tuple(tensor.shape)
@@ -91,6 +136,14 @@ def _decode_input(tensor: Any, raw: bytes | None) -> InferInput:
     dtype = numpy_dtype(datatype)
     count = _count(shape)
     if raw is not None:
+        if tensor.contents.ByteSize():
+            # The protocol gives a request one form or the other; taking either one silently
+            # would run the model on data the client may not have meant.
+            raise InvalidRequestError(
+                f"input {name!r}: has typed contents while the request also carries "
+                "raw_input_contents; send every input raw or every input typed, not both",
+                reason="contents",
+            )
         if datatype == "BYTES":
             data = decode_bytes_tensor(raw, name, count)
         else:
@@ -103,12 +156,7 @@ def _decode_input(tensor: Any, raw: bytes | None) -> InferInput:
                 )
             data = np.frombuffer(raw, dtype=dtype)
     else:
-        field = _CONTENTS_FIELD.get(datatype)
-        if field is None:
-            raise InvalidRequestError(
-                f"input {name!r}: datatype {datatype} must be sent as raw_input_contents",
-                reason="datatype",
-            )
+        field = _check_typed_fields(name, datatype, tensor.contents)
         values = getattr(tensor.contents, field)
         if len(values) != count:
             raise InvalidRequestError(
@@ -116,11 +164,7 @@ def _decode_input(tensor: Any, raw: bytes | None) -> InferInput:
                 f"contents.{field} holds {len(values)}",
                 reason="contents",
             )
-        if datatype == "BYTES":
-            data = np.empty(count, dtype=object)
-            data[:] = list(values)
-        else:
-            data = np.array(values, dtype=dtype)
+        data = _typed_values(name, datatype, field, values, dtype)
     return InferInput(name, datatype, shape, data.reshape(shape))
 
 
