@@ -239,10 +239,13 @@ class MqttBridge:
                 revision, desired = self.core.desired(agent)
                 jobs = self.core.registry.jobs_for(agent.labels)
                 payload = desired_to_proto(revision, desired, jobs).SerializeToString()
-            if self.published.get(topic) != payload:
+            before = self.published.get(topic)
+            if before != payload:
                 self.client.publish(topic, payload, qos=1, retain=True)
                 self.published[topic] = payload
-                if agent.status == "revoked":
+                # Only on the change from active to revoked, not for every revoked agent each
+                # time the hub (re)connects: revoking runs in the hub, which sees the change.
+                if agent.status == "revoked" and before:
                     await asyncio.to_thread(self._end_session, f"agent:{agent.agent_id}")
 
     def _end_session(self, identity: str) -> None:
