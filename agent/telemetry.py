@@ -14,135 +14,320 @@ What the agent counts for every (model, version) between two reports (see docs/t
 - health-gate verdicts (passed / failed), switches to the version (swaps) and rollbacks to it.
 - per report: the process's resident memory and the CPU seconds it used during the interval.
 
+Where the numbers live: a :class:`CounterStore`, int64 cells that only ever grow. In fleet mode
+the store is a shared file mapping, ``DATA/telemetry-journal`` (the *journal*): a count is in
+the kernel's page cache the moment the request is accounted, which is before its response is
+handed to gRPC, so a ``kill -9`` (or any crash of the process) cannot lose it, and no system call
+is made per request. A report is the difference between the cells now and the cells as of the
+previous report; the outbox stores those "reported" cells (the *mark*) in the same transaction
+as the report, so at start-up ``journal - mark`` is exactly what no report holds yet
+(:func:`recovered_report`). Standalone agents use the same code over anonymous memory.
+
 Cost on the request path: a dict lookup is done once per loaded version (the :class:`LoadedVersion`
-keeps its :class:`VersionCounters`); a request adds a few integers and two ``bisect`` calls.
+keeps its :class:`VersionCounters`); a request adds to five cells and does two ``bisect`` calls.
 Every hook runs on the event loop (the data plane, the batcher's completion callback and the slot
-switches all do), and so does :meth:`TelemetryAggregator.snapshot`, so the counters need no
-lock. The only call from another thread is :meth:`TelemetryAggregator.version` (a candidate
-version is built on the loader thread), which takes a small lock shared with the snapshot.
+switches all do), and so does :meth:`TelemetryAggregator.cut`, so the cells need no lock. The
+only call from another thread is :meth:`TelemetryAggregator.version` (a candidate version is
+built on the loader thread), which takes a small lock shared with the cut.
 """
 
 from __future__ import annotations
 
+import logging
+import mmap
 import os
 import resource
+import secrets
+import struct
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from agent.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 from protos import fleet_pb2 as pb
+from protos.atomic import atomic_write
+
+log = logging.getLogger(__name__)
 
 LATENCY_BOUNDS: tuple[float, ...] = tuple(float(b) for b in LATENCY_BUCKETS)
 BATCH_BOUNDS: tuple[float, ...] = tuple(float(b) for b in BATCH_BUCKETS)
 # Client-supplied model names are unbounded; only models the agent knows get their own entry.
 UNKNOWN_MODEL = "_unknown"
+JOURNAL_FILE = "telemetry-journal"
+
+# -- the layout of a store: slots of 128 int64 cells (1 KiB); slot 0 is the header -------------
+SLOT_CELLS = 128
+_NAME_CELLS = 16  # 128 bytes: model names are at most 128 ASCII characters (protos.bundle)
+_VERSION = 16
+REASON_SLOTS = 8  # distinct failure reasons per version; further ones count as "other"
+_REASON_BYTES = 32
+_REASON_NAMES = 17  # 8 x 32 bytes
+COUNTERS = 49  # first counter cell; cells [COUNTERS, SLOT_CELLS) only ever grow
+_REQUESTS, _FAILURES, _GATE_PASSED, _GATE_FAILED, _SWAPS, _ROLLBACKS = range(49, 55)
+_REASONS = 55
+_REQUEST_H = _REASONS + REASON_SLOTS  # 63: 17 buckets, then the sum in nanoseconds
+_QUEUE_H = _REQUEST_H + len(LATENCY_BOUNDS) + 2
+_COMPUTE_H = _QUEUE_H + len(LATENCY_BOUNDS) + 2
+_BATCH_H = _COMPUTE_H + len(LATENCY_BOUNDS) + 2  # 10 buckets, then the sum in rows
+assert _BATCH_H + len(BATCH_BOUNDS) + 2 == SLOT_CELLS
+_REQUEST_SUM = _REQUEST_H + len(LATENCY_BOUNDS) + 1
+_QUEUE_SUM = _QUEUE_H + len(LATENCY_BOUNDS) + 1
+_COMPUTE_SUM = _COMPUTE_H + len(LATENCY_BOUNDS) + 1
+_BATCH_SUM = _BATCH_H + len(BATCH_BOUNDS) + 1
+OTHER_REASON = "other"
+
+# Header cells (slot 0).
+_MAGIC = int.from_bytes(b"MFTJRNL1", "little", signed=True)
+_H_MAGIC, _H_IDENT, _H_CREATED_MS, _H_ALIVE_MS, _H_USED, _H_CAPACITY = range(6)
+# 4096 versions per process lifetime (a fresh journal at every start); 4 MiB, sparse on disk.
+JOURNAL_SLOTS = 4096
 
 
-class HistogramAcc:
-    """Non-cumulative bucket counts: counts[i] observations <= bounds[i]; the last is +Inf."""
+class CounterStore:
+    """Slots of int64 cells in a buffer: a file mapping (the journal) or anonymous memory."""
 
-    __slots__ = ("bounds", "count", "counts", "sum")
+    def __init__(self, mm: mmap.mmap, path: Path | None) -> None:
+        self.mm = mm
+        self.path = path
+        self.cells = memoryview(mm).cast("q")
+        # The counter cells as of the last committed report, one row per used slot.
+        self.reported = np.zeros((0, SLOT_CELLS - COUNTERS), np.int64)
 
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
+    # -- opening ------------------------------------------------------------------------------
 
-    def observe(self, value: float) -> None:
-        # bisect_left: a value equal to a bound belongs to that bound's bucket (le semantics).
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
+    @classmethod
+    def memory(cls, slots: int = JOURNAL_SLOTS) -> CounterStore:
+        store = cls(mmap.mmap(-1, (slots + 1) * SLOT_CELLS * 8), None)
+        store._init_header(slots)
+        return store
 
-    def take(self) -> pb.Histogram:
-        out = pb.Histogram(bounds=self.bounds, counts=self.counts, sum=self.sum, count=self.count)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
-        return out
+    @classmethod
+    def create(cls, path: Path, slots: int = JOURNAL_SLOTS) -> CounterStore:
+        """A fresh journal with a new random identity, replacing any file at ``path``.
+
+        The header reaches the disk (fsync, atomic rename) before anything is counted, so after
+        any crash the file there is either the old journal or this one, never a mix.
+        """
+        header = struct.pack(
+            "<6q", _MAGIC, secrets.randbits(62) + 1, int(time.time() * 1000), 0, 1, slots + 1
+        )
+        atomic_write(path, header, mode=0o600)
+        store = cls.open(path)
+        if store is None:  # pragma: no cover - we just wrote it
+            raise OSError(f"cannot open the new telemetry journal {path}")
+        return store
+
+    @classmethod
+    def open(cls, path: Path) -> CounterStore | None:
+        """The journal at ``path``, or None if there is none or it is not one (set aside)."""
+        try:
+            fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+        try:
+            head = os.pread(fd, 48, 0)
+            magic, _ident, _created, _alive, used, capacity = (
+                struct.unpack("<6q", head) if len(head) == 48 else (0,) * 6
+            )
+            valid = magic == _MAGIC and 1 <= used <= capacity <= 1_000_000
+            if valid:
+                size = capacity * SLOT_CELLS * 8
+                # A journal cut short by a crash right after its header was written: extend it.
+                if os.fstat(fd).st_size < size:
+                    os.ftruncate(fd, size)
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)  # the mapping keeps its own reference to the file
+        if not valid:
+            aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+            os.replace(path, aside)
+            log.error("%s is not a telemetry journal; moved it to %s and started a new one",
+                      path, aside)  # fmt: skip
+            return None
+        return cls(mm, path)
+
+    def _init_header(self, slots: int) -> None:
+        c = self.cells
+        c[_H_MAGIC], c[_H_IDENT] = _MAGIC, secrets.randbits(62) + 1
+        c[_H_CREATED_MS] = int(time.time() * 1000)
+        c[_H_USED], c[_H_CAPACITY] = 1, slots + 1
+
+    # -- header -------------------------------------------------------------------------------
+
+    @property
+    def ident(self) -> int:
+        return self.cells[_H_IDENT]
+
+    @property
+    def created_unix(self) -> float:
+        return self.cells[_H_CREATED_MS] / 1000
+
+    @property
+    def alive_unix(self) -> float:
+        """When the agent last stamped it (every second, and at every report)."""
+        return max(self.cells[_H_ALIVE_MS], self.cells[_H_CREATED_MS]) / 1000
+
+    def stamp(self, now: float) -> None:
+        self.cells[_H_ALIVE_MS] = int(now * 1000)
+
+    @property
+    def used(self) -> int:
+        return self.cells[_H_USED]
+
+    # -- slots --------------------------------------------------------------------------------
+
+    def allocate(self, model: str, version: int) -> int | None:
+        """A new slot for (model, version); its first cell, or None when the store is full."""
+        c = self.cells
+        slot = c[_H_USED]
+        if slot >= c[_H_CAPACITY]:
+            return None
+        base = slot * SLOT_CELLS
+        name = model.encode()[: _NAME_CELLS * 8]
+        self.mm[base * 8 : base * 8 + len(name)] = name
+        c[base + _VERSION] = version
+        # Published last: recovery reads only slots below `used`, each complete.
+        c[_H_USED] = slot + 1
+        return base
+
+    def name_reason(self, base: int, index: int, reason: str) -> None:
+        at = (base + _REASON_NAMES) * 8 + index * _REASON_BYTES
+        raw = reason.encode()[:_REASON_BYTES]
+        self.mm[at : at + _REASON_BYTES] = raw.ljust(_REASON_BYTES, b"\0")
+
+    def describe(self, slot: int) -> tuple[str, int, list[str]]:
+        base = slot * SLOT_CELLS
+        name = bytes(self.mm[base * 8 : (base + _NAME_CELLS) * 8]).rstrip(b"\0")
+        reasons = []
+        for i in range(REASON_SLOTS):
+            at = (base + _REASON_NAMES) * 8 + i * _REASON_BYTES
+            reasons.append(bytes(self.mm[at : at + _REASON_BYTES]).rstrip(b"\0").decode(
+                errors="replace"))  # fmt: skip
+        return name.decode(errors="replace"), self.cells[base + _VERSION], reasons
+
+    def counters(self) -> np.ndarray:
+        """A copy of every used slot's counter cells, one row per slot (slot 1 is row 0)."""
+        used = self.used
+        flat = np.frombuffer(self.mm, np.int64, count=used * SLOT_CELLS)
+        return flat.reshape(used, SLOT_CELLS)[1:, COUNTERS:].copy()
+
+    def unreported(self, now: np.ndarray) -> np.ndarray:
+        done = np.zeros_like(now)
+        rows = min(len(self.reported), len(now))
+        done[:rows] = self.reported[:rows]
+        return now - done
+
+    def flush(self) -> None:
+        """Onto the disk (msync): only power loss needs this; a killed process loses nothing."""
+        if self.path is not None:
+            self.mm.flush()
+
+    def close(self) -> None:
+        self.cells.release()
+        self.mm.close()
+
+
+def _histogram(row: np.ndarray, at: int, bounds: tuple[float, ...], scale: float) -> pb.Histogram:
+    i = at - COUNTERS
+    counts = row[i : i + len(bounds) + 1].tolist()
+    return pb.Histogram(bounds=bounds, counts=counts, sum=int(row[i + len(bounds) + 1]) * scale,
+                        count=sum(counts))  # fmt: skip
+
+
+def version_telemetry(model: str, version: int, reasons: list[str], row: np.ndarray
+                      ) -> pb.VersionTelemetry:  # fmt: skip
+    """One slot's counter cells (deltas) as the message the hub stores."""
+    by_reason: dict[str, int] = {}
+    for i, name in enumerate(reasons):
+        n = int(row[_REASONS - COUNTERS + i])
+        if n and name:
+            by_reason[name] = by_reason.get(name, 0) + n
+    return pb.VersionTelemetry(
+        model=model,
+        version=version,
+        requests=int(row[_REQUESTS - COUNTERS]),
+        failures=int(row[_FAILURES - COUNTERS]),
+        failures_by_reason=by_reason,
+        request_latency=_histogram(row, _REQUEST_H, LATENCY_BOUNDS, 1e-9),
+        queue_latency=_histogram(row, _QUEUE_H, LATENCY_BOUNDS, 1e-9),
+        compute_latency=_histogram(row, _COMPUTE_H, LATENCY_BOUNDS, 1e-9),
+        batch_size=_histogram(row, _BATCH_H, BATCH_BOUNDS, 1.0),
+        gate_passed=int(row[_GATE_PASSED - COUNTERS]),
+        gate_failed=int(row[_GATE_FAILED - COUNTERS]),
+        swaps=int(row[_SWAPS - COUNTERS]),
+        rollbacks=int(row[_ROLLBACKS - COUNTERS]),
+    )
 
 
 class VersionCounters:
-    """One model version's counters since the last report."""
+    """One model version's cells in a :class:`CounterStore`."""
 
-    __slots__ = (
-        "batch",
-        "compute",
-        "failures",
-        "gate_failed",
-        "gate_passed",
-        "model",
-        "queue",
-        "reasons",
-        "request",
-        "requests",
-        "rollbacks",
-        "swaps",
-        "version",
-    )
+    __slots__ = ("base", "cells", "model", "reasons", "store", "version")
 
-    def __init__(self, model: str, version: int) -> None:
+    def __init__(self, model: str, version: int, store: CounterStore, base: int) -> None:
         self.model = model
         self.version = version
-        self.requests = 0
-        self.failures = 0
+        self.place(store, base)
         self.reasons: dict[str, int] = {}
-        self.request = HistogramAcc(LATENCY_BOUNDS)
-        self.queue = HistogramAcc(LATENCY_BOUNDS)
-        self.compute = HistogramAcc(LATENCY_BOUNDS)
-        self.batch = HistogramAcc(BATCH_BOUNDS)
-        self.gate_passed = 0
-        self.gate_failed = 0
-        self.swaps = 0
-        self.rollbacks = 0
+
+    def place(self, store: CounterStore, base: int) -> None:
+        self.store = store
+        self.cells = store.cells
+        self.base = base
 
     # -- hooks (event loop) ---------------------------------------------------------------------
 
     def ok(self, request_s: float, queue_s: float) -> None:
-        self.requests += 1
-        self.request.observe(request_s)
-        self.queue.observe(queue_s)
+        c, b = self.cells, self.base
+        c[b + _REQUESTS] += 1
+        # bisect_left: a value equal to a bound belongs to that bound's bucket (le semantics).
+        c[b + _REQUEST_H + bisect_left(LATENCY_BOUNDS, request_s)] += 1
+        c[b + _REQUEST_SUM] += int(request_s * 1e9)
+        c[b + _QUEUE_H + bisect_left(LATENCY_BOUNDS, queue_s)] += 1
+        c[b + _QUEUE_SUM] += int(queue_s * 1e9)
 
     def failed(self, reason: str) -> None:
-        self.requests += 1
-        self.failures += 1
-        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        c, b = self.cells, self.base
+        index = self.reasons.get(reason)
+        if index is None:
+            index = self._new_reason(reason)
+        c[b + _REASONS + index] += 1
+        c[b + _FAILURES] += 1
+        c[b + _REQUESTS] += 1
+
+    def _new_reason(self, reason: str) -> int:
+        index = len(self.reasons)
+        last = REASON_SLOTS - 1
+        if index < last:
+            self.store.name_reason(self.base, index, reason)
+        else:
+            # The last cell is shared by every further reason, so none of them goes uncounted.
+            if index == last:
+                self.store.name_reason(self.base, last, OTHER_REASON)
+            index = last
+        self.reasons[reason] = index
+        return index
 
     def batch_done(self, rows: int, compute_s: float) -> None:
-        self.batch.observe(rows)
-        self.compute.observe(compute_s)
+        c, b = self.cells, self.base
+        c[b + _BATCH_H + bisect_left(BATCH_BOUNDS, rows)] += 1
+        c[b + _BATCH_SUM] += rows
+        c[b + _COMPUTE_H + bisect_left(LATENCY_BOUNDS, compute_s)] += 1
+        c[b + _COMPUTE_SUM] += int(compute_s * 1e9)
 
-    # -- reporting ------------------------------------------------------------------------------
+    def count(self, cell: int) -> None:
+        self.cells[self.base + cell] += 1
 
-    def idle(self) -> bool:
-        return not (
-            self.requests or self.batch.count or self.gate_passed or self.gate_failed
-            or self.swaps or self.rollbacks
-        )  # fmt: skip
-
-    def take(self) -> pb.VersionTelemetry:
-        out = pb.VersionTelemetry(
-            model=self.model,
-            version=self.version,
-            requests=self.requests,
-            failures=self.failures,
-            failures_by_reason=self.reasons,
-            request_latency=self.request.take(),
-            queue_latency=self.queue.take(),
-            compute_latency=self.compute.take(),
-            batch_size=self.batch.take(),
-            gate_passed=self.gate_passed,
-            gate_failed=self.gate_failed,
-            swaps=self.swaps,
-            rollbacks=self.rollbacks,
-        )
-        self.requests = self.failures = 0
-        self.reasons = {}
-        self.gate_passed = self.gate_failed = self.swaps = self.rollbacks = 0
-        return out
+    def reason_names(self) -> list[str]:
+        names = [""] * REASON_SLOTS
+        for name, i in self.reasons.items():
+            names[i] = OTHER_REASON if i == REASON_SLOTS - 1 else name
+        return names
 
 
 class ProcessSampler:
@@ -172,16 +357,71 @@ class ProcessSampler:
         return delta
 
 
-class TelemetryAggregator:
-    """All versions' counters; :meth:`snapshot` cuts them into one report's worth (no seq yet).
+@dataclass
+class JournalMark:
+    """What the reports committed so far hold of a journal: its counter cells at the last cut."""
 
-    Entries live as long as the process: a loaded version (or a request still in flight on an
-    unloaded one) keeps adding to its entry, so dropping entries could lose counts, and one small
-    entry per version ever loaded costs nothing.
+    ident: int
+    counters: bytes  # int64 rows, one per slot, of cells [COUNTERS, SLOT_CELLS)
+    end_unix: float
+
+    def rows(self) -> np.ndarray:
+        return np.frombuffer(self.counters, np.int64).reshape(-1, SLOT_CELLS - COUNTERS).copy()
+
+
+@dataclass
+class Cut:
+    """A report cut from the counters; :meth:`commit` once it is safely in the outbox.
+
+    Until then nothing is forgotten: a cut that is never committed (the write failed) leaves its
+    counts to the next one.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    report: pb.TelemetryReport
+    mark: JournalMark | None
+    commit: Callable[[], None]
+
+
+def recovered_report(store: CounterStore, mark: JournalMark | None) -> pb.TelemetryReport | None:
+    """What ``store`` (a journal found at start-up) counted that no committed report holds.
+
+    ``mark`` is the outbox's record of the last committed cut; one of another journal means
+    this one was created after it, so all of it is unreported. Cells below the mark (possible
+    only after power loss, when the journal's pages had not reached the disk) count nothing.
+    """
+    same = mark is not None and mark.ident == store.ident
+    store.reported = mark.rows() if same and mark is not None else store.reported[:0]
+    now = store.counters()
+    delta = store.unreported(now)
+    if (delta < 0).any():
+        log.warning("the telemetry journal is older than the outbox (power loss?); counts "
+                    "since its last flush to disk are lost")  # fmt: skip
+        delta = np.maximum(delta, 0)
+    versions = [
+        version_telemetry(*store.describe(slot + 1), delta[slot])
+        for slot in range(len(delta)) if delta[slot].any()
+    ]  # fmt: skip
+    if not versions:
+        return None
+    start = mark.end_unix if same and mark is not None else store.created_unix
+    return pb.TelemetryReport(start_unix=start, end_unix=max(start, store.alive_unix),
+                              versions=versions)  # fmt: skip
+
+
+class TelemetryAggregator:
+    """All versions' counters; :meth:`cut` turns them into one report's worth (no seq yet).
+
+    Entries live as long as the process: a loaded version (or a request still in flight on an
+    unloaded one) keeps adding to its entry, so dropping entries could lose counts, and one
+    small slot per version ever loaded costs little (1 KiB).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time,
+                 store: CounterStore | None = None) -> None:  # fmt: skip
         self.clock = clock
+        self.store = store or CounterStore.memory()
+        # Versions beyond the store's capacity: counted, but only in memory.
+        self._overflow: CounterStore | None = None
         self._versions: dict[tuple[str, int], VersionCounters] = {}
         self._lock = threading.Lock()
         self.started = clock()
@@ -192,8 +432,64 @@ class TelemetryAggregator:
         counters = self._versions.get(key)
         if counters is None:
             with self._lock:
-                counters = self._versions.setdefault(key, VersionCounters(model, version))
+                counters = self._versions.get(key)
+                if counters is None:
+                    store, base = self._allocate(model, version)
+                    counters = self._versions[key] = VersionCounters(model, version, store, base)
         return counters
+
+    def _allocate(self, model: str, version: int) -> tuple[CounterStore, int]:
+        base = self.store.allocate(model, version)
+        if base is not None:
+            return self.store, base
+        if self._overflow is None:
+            log.warning("telemetry journal full (%d versions since the agent started): "
+                        "counts of further versions are kept in memory only until the next "
+                        "restart, and a kill -9 can lose their open interval",
+                        self.store.used - 1)  # fmt: skip
+            self._overflow = CounterStore.memory()
+        base = self._overflow.allocate(model, version)
+        if base is None:
+            raise RuntimeError("more than 8192 model versions in one agent process")
+        return self._overflow, base
+
+    def attach(self, store: CounterStore) -> None:
+        """Count into ``store`` from now on (fleet mode: the journal).
+
+        Its slots are adopted as they are (``store.reported`` says how much of them is
+        reported), and what the current entries counted and have not reported yet moves into
+        it, so nothing is lost or counted twice by the move.
+        """
+        with self._lock:
+            old = {id(s): (s, s.unreported(s.counters())) for s in self._stores()}
+            adopted: dict[tuple[str, int], VersionCounters] = {}
+            for slot in range(1, store.used):
+                model, version, names = store.describe(slot)
+                c = VersionCounters(model, version, store, slot * SLOT_CELLS)
+                c.reasons = {n: i for i, n in enumerate(names) if n}
+                adopted.setdefault((model, version), c)
+            moving = list(self._versions.items())
+            self.store, self._overflow = store, None
+            self._versions = adopted
+            for key, c in moving:
+                delta = old[id(c.store)][1]
+                row = delta[c.base // SLOT_CELLS - 1]
+                names = c.reason_names()
+                target = self._versions.get(key)
+                if target is None:
+                    target_store, base = self._allocate(*key)
+                    target = self._versions[key] = VersionCounters(*key, target_store, base)
+                c.place(target.store, target.base)
+                c.reasons = target.reasons
+                # The LoadedVersion holding `c` keeps it: make it the entry, not a copy.
+                self._versions[key] = c
+                _add(c, row, names)
+            for s, _ in old.values():
+                if s is not store and s.path is None:
+                    s.close()
+
+    def _stores(self) -> list[CounterStore]:
+        return [s for s in (self.store, self._overflow) if s is not None]
 
     # -- hooks that have no LoadedVersion at hand (event loop) ----------------------------------
 
@@ -201,57 +497,94 @@ class TelemetryAggregator:
         self.version(model, version).failed(reason)
 
     def gate(self, model: str, version: int, passed: bool) -> None:
-        counters = self.version(model, version)
-        if passed:
-            counters.gate_passed += 1
-        else:
-            counters.gate_failed += 1
+        self.version(model, version).count(_GATE_PASSED if passed else _GATE_FAILED)
 
     def switched(self, model: str, version: int, *, rollback: bool) -> None:
-        counters = self.version(model, version)
-        if rollback:
-            counters.rollbacks += 1
-        else:
-            counters.swaps += 1
+        self.version(model, version).count(_ROLLBACKS if rollback else _SWAPS)
 
     # -- reporting (event loop) -----------------------------------------------------------------
 
     def pending(self) -> bool:
-        """Anything counted since the last snapshot?"""
+        """Anything counted since the last committed cut?"""
         with self._lock:
-            return any(not c.idle() for c in self._versions.values())
+            return any(s.unreported(s.counters()).any() for s in self._stores())
 
-    def snapshot(self, serving: Iterable[tuple[str, int]] = ()) -> pb.TelemetryReport:
-        """The interval since the previous snapshot as a report (``seq`` is the outbox's job).
+    def stamp(self) -> None:
+        """Record in the journal that the agent is alive now (a recovered report ends here)."""
+        self.store.stamp(self.clock())
+
+    def cut(self, serving: Iterable[tuple[str, int]] = ()) -> Cut:
+        """The interval since the last committed cut as a report (``seq`` is the outbox's job).
 
         Versions in ``serving`` (the active ones) are included even when idle, so the hub sees
         which agents are on a version while it gets no traffic; other idle versions are left out.
         """
         now = self.clock()
-        start, self.started = self.started, now
         serving = set(serving)
         for model, version in serving:
             self.version(model, version)
         with self._lock:
-            entries = list(self._versions.items())
-        versions = [
-            c.take() for key, c in sorted(entries) if key in serving or not c.idle()
-        ]  # fmt: skip
-        return pb.TelemetryReport(
-            start_unix=start,
+            entries = sorted(self._versions.items())
+            stores = self._stores()
+            current = [s.counters() for s in stores]
+        deltas = {id(s): s.unreported(cur) for s, cur in zip(stores, current, strict=True)}
+        versions = []
+        for key, c in entries:
+            row = deltas[id(c.store)][c.base // SLOT_CELLS - 1]
+            if key in serving or row.any():
+                versions.append(version_telemetry(c.model, c.version, c.reason_names(), row))
+        report = pb.TelemetryReport(
+            start_unix=self.started,
             end_unix=now,
             versions=versions,
             rss_bytes=self.process.rss_bytes(),
             cpu_seconds=self.process.cpu_delta(),
         )
+        journal = self.store
+        mark = (JournalMark(journal.ident, current[0].tobytes(), now)
+                if journal.path is not None else None)  # fmt: skip
+        journal.stamp(now)
+
+        def commit() -> None:
+            for s, cur in zip(stores, current, strict=True):
+                s.reported = cur
+            self.started = now
+
+        return Cut(report, mark, commit)
+
+    def snapshot(self, serving: Iterable[tuple[str, int]] = ()) -> pb.TelemetryReport:
+        """:meth:`cut` and commit at once (nothing to keep durable: standalone, tests)."""
+        cut = self.cut(serving)
+        cut.commit()
+        return cut.report
+
+
+def _add(c: VersionCounters, row: np.ndarray, names: list[str]) -> None:
+    """Add ``row`` (counter cells of an entry whose reasons were ``names``) to ``c``'s cells."""
+    cells, base = c.cells, c.base
+    reason_cells = range(_REASONS - COUNTERS, _REASONS - COUNTERS + REASON_SLOTS)
+    for i, n in enumerate(row.tolist()):
+        if n and i not in reason_cells:
+            cells[base + COUNTERS + i] += n
+    for i, name in enumerate(names):
+        n = int(row[_REASONS - COUNTERS + i])
+        if n and name:
+            index = c.reasons.get(name)
+            if index is None:
+                index = c._new_reason(name)
+            cells[base + _REASONS + index] += n
 
 
 __all__ = [
     "BATCH_BOUNDS",
+    "JOURNAL_FILE",
     "LATENCY_BOUNDS",
     "UNKNOWN_MODEL",
-    "HistogramAcc",
+    "CounterStore",
+    "Cut",
+    "JournalMark",
     "ProcessSampler",
     "TelemetryAggregator",
     "VersionCounters",
+    "recovered_report",
 ]

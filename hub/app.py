@@ -137,6 +137,11 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     dump_json(core.paths.admin / "hub.json",
               {"address": core.advertise, "enroll_address": core.advertise_enroll})  # fmt: skip
     core.refresh_signatures()
+    try:
+        # Revocations recorded while the hub was down, or a CRL close to lapsing: current now.
+        core.crl.publish()
+    except Exception:
+        log.exception("writing the broker's CRL failed; will retry")
     log.info("READY: hub on %s (enrollment %s), data %s", core.advertise, core.advertise_enroll,
              cfg.data)  # fmt: skip
     ready = True
@@ -165,6 +170,10 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
                 ensure_admin_identity(core)
             except Exception:
                 log.exception("renewing the admin certificate failed; will retry")
+            try:
+                core.crl.publish(force=False)
+            except Exception:
+                log.exception("re-issuing the broker's CRL failed; will retry")
 
     async def flush_seen() -> None:
         from hub.registry import SEEN_FLUSH_S

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -319,6 +319,35 @@ class CertificateAuthority:
                 raise InvalidRequestError("a server certificate needs at least one hostname or IP")
             usage = ExtendedKeyUsageOID.SERVER_AUTH
         return self._issue(csr.public_key(), common_name, days, usage, hostnames=hostnames)
+
+    def issue_crl(self, revoked: Iterable[tuple[int, float]], lifetime_s: float) -> bytes:
+        """A CRL (PEM) listing ``revoked`` (serial, revoked at, Unix time), valid ``lifetime_s``.
+
+        OpenSSL refuses every client certificate once the CRL's nextUpdate has passed, so the
+        hub issues a new one well before (HubCore.refresh_crl).
+        """
+        if lifetime_s <= 0:
+            raise InvalidRequestError(f"CRL lifetime must be positive, got {lifetime_s} s")
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certificate.subject)
+            .last_update(now - CLOCK_SKEW)
+            .next_update(now + _dt.timedelta(seconds=lifetime_s))
+            # Increasing across hub restarts without any state: the issue time in ms.
+            .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+        )
+        for serial, at in revoked:
+            when = _dt.datetime.fromtimestamp(at or now.timestamp(), _dt.UTC)
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+            )
+        crl = builder.sign(self._key, hashes.SHA256())
+        return crl.public_bytes(serialization.Encoding.PEM)
 
     def issue_admin(
         self,

@@ -409,14 +409,22 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 def cmd_mqtt_config(args: argparse.Namespace) -> int:
     from hub.ca import CertificateAuthority
+    from hub.config import HubConfig
     from hub.core import HubPaths
     from hub.mqtt import write_broker_config
+    from hub.registry import Registry
 
     paths = HubPaths(args.data)
     args.data.mkdir(parents=True, exist_ok=True)
     ca = CertificateAuthority.load_or_create(paths.ca)
     hostnames = [h.strip() for h in args.hostnames.split(",") if h.strip()]
-    conf = write_broker_config(ca, args.out.resolve(), args.listen, paths.root / "mqtt", hostnames)
+    # The CRL starts with the agents already revoked; a running hub keeps it current.
+    registry = Registry(paths.db)
+    try:
+        conf = write_broker_config(ca, args.out.resolve(), args.listen, paths.root / "mqtt",
+                                   hostnames, registry, HubConfig().crl_lifetime_s)  # fmt: skip
+    finally:
+        registry.close()
     print(f"wrote {conf}; start the broker with: mosquitto -c {conf}")
     print(f"then run the hub with: modelfleet-hub --data {args.data} serve --mqtt {args.listen}")
     return 0

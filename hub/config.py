@@ -41,6 +41,9 @@ class HubConfig:
     mqtt: str = ""
     # Broker address handed to agents at enrollment; empty: the mqtt value.
     advertise_mqtt: str = ""
+    # Validity (nextUpdate) of the CRL the hub writes for the broker (docs/mqtt.md); it is
+    # issued again when half of it has passed. The broker refuses every client once it lapses.
+    crl_lifetime_s: float = 7 * 86400
     # Extra names for the hub's server certificate, comma-separated (localhost and the
     # listen host are always included).
     hostnames: str = ""
@@ -108,6 +111,11 @@ def load_hub_config(
         raise InvalidRequestError("config: metadata expiries must be positive")
     if cfg.agent_cert_lifetime_s < 10:
         raise InvalidRequestError("config: agent_cert_lifetime_s must be at least 10 seconds")
+    if cfg.crl_lifetime_s < 2:
+        raise InvalidRequestError(
+            f"config: crl_lifetime_s must be at least 2 seconds, got {cfg.crl_lifetime_s:g} "
+            "(it should be days: the broker refuses every client once the CRL lapses)"
+        )
     if cfg.refresh_interval_s <= 0:
         raise InvalidRequestError("config: refresh_interval_s must be > 0")
     _check_refresh_interval(cfg)

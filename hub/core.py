@@ -175,6 +175,11 @@ class HubCore:
         self.registry = Registry(self.paths.db, clock=clock)
         self.blobs = BlobStore(self.paths.blobs)
         self.ca = CertificateAuthority.load_or_create(self.paths.ca)
+        from hub.crl import CrlPublisher
+
+        # The broker's CRL, where `mqtt-config` put the broker (docs/mqtt.md); nothing without.
+        self.crl = CrlPublisher(self.ca, self.registry, self.paths.root / "mqtt",
+                                cfg.crl_lifetime_s)  # fmt: skip
         self.tuf = open_tuf(self.paths, cfg, clock)
         # A crash between committing signed targets and marking the rows leaves rows unsigned.
         self.mark_signed_targets()
@@ -358,7 +363,7 @@ class HubCore:
         labels = self.registry.consume_token(token_id, token_secret_hash(secret), agent_id)
         cert = self.ca.sign_csr(csr_pem, f"agent:{agent_id}", self._agent_cert_days())
         self.registry.add_agent(agent_id, hostname, labels, cert_fingerprint(cert),
-                                _not_after(cert))  # fmt: skip
+                                _not_after(cert), serial=_serial(cert))  # fmt: skip
         log.info("enrolled agent %s (%s) with labels %s", agent_id, hostname, labels)
         return agent_id, cert, labels
 
@@ -388,7 +393,8 @@ class HubCore:
                 f"and enroll the node again)"
             )
         cert = self.ca.sign_csr(csr_pem, f"agent:{agent_id}", self._agent_cert_days())
-        self.registry.renewed(agent_id, presented, cert_fingerprint(cert))
+        self.registry.renewed(agent_id, presented, cert_fingerprint(cert), _serial(cert),
+                              _not_after(cert))  # fmt: skip
         log.info("renewed the certificate of agent %s (valid until %s)", agent_id,
                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(_not_after(cert))))  # fmt: skip
         return cert
@@ -475,6 +481,13 @@ class HubCore:
     async def revoke(self, agent_id: str) -> None:
         self.registry.revoke(agent_id)
         log.warning("agent %s revoked", agent_id)
+        try:
+            # The broker refuses the agent's TLS handshakes from its reload on.
+            self.crl.publish()
+        except Exception:
+            log.exception("writing the broker's CRL failed; the hub still refuses agent %s, and "
+                          "tries the CRL again at its next refresh", agent_id)  # fmt: skip
+            self.crl.due = 0.0
         async with self.changed:
             self.changed.notify_all()
 
@@ -514,6 +527,10 @@ class HubCore:
 
     def refresh_signatures(self) -> bool:
         return self.tuf.refresh_online()
+
+
+def _serial(cert_pem: bytes) -> int:
+    return load_certificate(cert_pem).serial_number
 
 
 def _not_after(cert_pem: bytes) -> float:

@@ -63,6 +63,13 @@ CREATE TABLE IF NOT EXISTS agents (
     -- fingerprint of the certificate the last renewal issued, until the agent renews with it.
     cert_pending TEXT NOT NULL DEFAULT ''
 );
+-- every agent certificate the CA issued (enrollment, renewal): the CRL lists those of revoked
+-- agents until they expire. Serials are up to 159 bits: hex text.
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    not_after REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tokens (
     token_id TEXT PRIMARY KEY,
     secret_hash TEXT NOT NULL,
@@ -241,7 +248,8 @@ class Registry:
             "agents": [("presence", "TEXT NOT NULL DEFAULT ''"),
                        ("presence_at", "REAL NOT NULL DEFAULT 0"),
                        ("cert_expires_at", "REAL NOT NULL DEFAULT 0"),
-                       ("cert_pending", "TEXT NOT NULL DEFAULT ''")],
+                       ("cert_pending", "TEXT NOT NULL DEFAULT ''"),
+                       ("revoked_at", "REAL NOT NULL DEFAULT 0")],
             "deployments": [("kind", "TEXT NOT NULL DEFAULT 'serve'")],
         }  # fmt: skip
         for table, columns in added.items():
@@ -434,6 +442,7 @@ class Registry:
         labels: Mapping[str, str],
         fingerprint: str,
         cert_expires_at: float = 0.0,
+        serial: int | None = None,
     ) -> None:
         with self.tx():
             self.db.execute(
@@ -442,8 +451,13 @@ class Registry:
                 (agent_id, hostname, json.dumps(dict(labels)), self.clock(), fingerprint,
                  cert_expires_at),
             )  # fmt: skip
+            if serial is not None:
+                self._add_certificate(agent_id, serial, cert_expires_at)
 
-    def renewed(self, agent_id: str, presented: str, issued: str) -> None:
+    def renewed(
+        self, agent_id: str, presented: str, issued: str, serial: int | None = None,
+        not_after: float = 0.0,
+    ) -> None:  # fmt: skip
         """Record a renewal: the certificate that asked is the agent's confirmed one from now
         on, the one just issued is pending until the agent asks with it (see
         HubCore.renew_certificate). The agent id, and so its standing, stay the same."""
@@ -452,6 +466,25 @@ class Registry:
                 "UPDATE agents SET cert_fingerprint = ?, cert_pending = ? WHERE agent_id = ?",
                 (presented, issued, agent_id),
             )
+            if serial is not None:
+                self._add_certificate(agent_id, serial, not_after)
+
+    def _add_certificate(self, agent_id: str, serial: int, not_after: float) -> None:
+        # In the transaction that records the agent or renewal: no certificate is issued and
+        # recorded there without being known to the CRL.
+        self.db.execute(
+            "INSERT OR IGNORE INTO certificates (serial, agent_id, not_after) VALUES (?, ?, ?)",
+            (format(serial, "x"), agent_id, not_after),
+        )
+
+    def revoked_certificates(self, now: float) -> list[tuple[int, float]]:
+        """(serial, revoked at) of every unexpired certificate of a revoked agent: the CRL."""
+        rows = self.db.execute(
+            "SELECT c.serial, a.revoked_at FROM certificates c JOIN agents a USING (agent_id) "
+            "WHERE a.status = 'revoked' AND c.not_after > ? ORDER BY c.serial",
+            (now,),
+        ).fetchall()
+        return [(int(r[0], 16), float(r[1])) for r in rows]
 
     def agent(self, agent_id: str) -> AgentRow:
         r = self.db.execute("SELECT * FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
@@ -487,7 +520,10 @@ class Registry:
     def revoke(self, agent_id: str) -> None:
         self.agent(agent_id)
         with self.tx():
-            self.db.execute("UPDATE agents SET status = 'revoked' WHERE agent_id = ?", (agent_id,))
+            self.db.execute(
+                "UPDATE agents SET status = 'revoked', revoked_at = ? WHERE agent_id = ?",
+                (self.clock(), agent_id),
+            )
 
     def touch(self, agent_id: str, report: Mapping[str, Any] | None = None) -> None:
         """Record that an agent was seen (with its latest report): in memory, at once.

@@ -7,7 +7,9 @@ hub sends only after storing it (idempotently: a replay is acked, not counted ag
 
 - ``kill -9`` at any instant loses nothing already committed and never reuses a seq: the report
   and the next seq are written in one transaction (WAL, ``synchronous=FULL``), so after a crash
-  either both are there or neither is.
+  either both are there or neither is. Nor does it lose what was counted since the last report:
+  the counters live in the journal (:mod:`agent.telemetry`), and the same transaction records
+  how much of the journal the report holds, so :func:`open_journal` recovers exactly the rest.
 - a lost ack, a hub or broker restart or a partition only means the same reports are sent again.
 - a fresh outbox starts its seqs at the current time in milliseconds, not at 1: an agent whose
   outbox file was lost (disk replaced, file deleted) must not reuse seqs the hub already stored,
@@ -34,7 +36,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.telemetry import TelemetryAggregator
+from agent.telemetry import (
+    CounterStore,
+    JournalMark,
+    TelemetryAggregator,
+    recovered_report,
+)
 from protos import fleet_pb2 as pb
 from protos.errors import ModelfleetError
 
@@ -52,6 +59,13 @@ CREATE TABLE IF NOT EXISTS reports (
     dropped INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- the telemetry journal's counter cells as the committed reports hold them (agent/telemetry.py)
+CREATE TABLE IF NOT EXISTS journal_mark (
+    one INTEGER PRIMARY KEY CHECK (one = 0),
+    ident INTEGER NOT NULL,
+    counters BLOB NOT NULL,
+    end_unix REAL NOT NULL
+);
 """
 
 
@@ -79,8 +93,12 @@ class Outbox:
         # Dropped since this process started (for logs and tests; the hub gets the real count).
         self.dropped_total = 0
 
-    def append(self, report: pb.TelemetryReport) -> int:
-        """Give ``report`` the next seq (and the pending drop count), commit it; return the seq."""
+    def append(self, report: pb.TelemetryReport, mark: JournalMark | None = None) -> int:
+        """Give ``report`` the next seq (and the pending drop count), commit it; return the seq.
+
+        ``mark`` (the journal cells the report accounts for) is committed in the same
+        transaction: after any crash, the outbox holds the report and its mark, or neither.
+        """
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
@@ -105,6 +123,12 @@ class Outbox:
                 )
                 db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (seq + 1,))
                 db.execute("UPDATE meta SET value = 0 WHERE key = 'dropped'")
+                if mark is not None:
+                    db.execute(
+                        "INSERT OR REPLACE INTO journal_mark (one, ident, counters, end_unix) "
+                        "VALUES (0, ?, ?, ?)",
+                        (mark.ident, mark.counters, mark.end_unix),
+                    )
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -135,6 +159,11 @@ class Outbox:
             self._db.execute("COMMIT")
             return self._db.total_changes - before
 
+    def journal_mark(self) -> JournalMark | None:
+        with self._lock:
+            row = self._db.execute("SELECT ident, counters, end_unix FROM journal_mark").fetchone()
+        return JournalMark(int(row[0]), bytes(row[1]), float(row[2])) if row else None
+
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT count(*) FROM reports").fetchone()[0])
@@ -147,6 +176,35 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def open_journal(path: Path, outbox: Outbox) -> CounterStore:
+    """The journal to count into from now on, after what a crash left in it is in the outbox.
+
+    What the journal at ``path`` holds beyond the outbox's mark (counts of a process killed
+    before its next report) becomes one report, committed with the new mark; then a fresh
+    journal replaces it, so slots never pile up across restarts. If that report cannot be
+    written (disk full), the old journal stays in use and its counts go with the next report.
+    """
+    mark = outbox.journal_mark()
+    old = CounterStore.open(path)
+    if old is not None:
+        report = recovered_report(old, mark)
+        if report is not None:
+            try:
+                outbox.append(report, JournalMark(old.ident, old.counters().tobytes(),
+                                                  report.end_unix))  # fmt: skip
+            except Exception as exc:
+                log.error("cannot write the telemetry recovered from %s: %s; it goes with "
+                          "the next report", path, exc)  # fmt: skip
+                return old
+            log.warning(
+                "telemetry: %d request(s) counted before the agent stopped without reporting "
+                "them (kill -9, crash) recovered from %s",
+                sum(v.requests for v in report.versions), path,
+            )  # fmt: skip
+        old.close()
+    return CounterStore.create(path)
 
 
 # Sends a batch and returns the seqs the hub acknowledged; raises OSError (ConnectionError) or a
@@ -178,6 +236,8 @@ class TelemetryShipper:
         self.batch_max = batch_max
         self.backoff = Backoff(base=1.0, cap=backoff_max_s)
         self.new_report = asyncio.Event()
+        # One cut at a time: two cuts before either commits would both hold the same counts.
+        self._cutting = asyncio.Lock()
         self.sent = 0
         self.last_error = ""
 
@@ -188,22 +248,36 @@ class TelemetryShipper:
 
         ``job_runs`` ride along: once this returns they are on disk and will reach the hub.
         """
-        if only_if_active and not job_runs and not self.aggregator.pending():
-            return None
-        report = self.aggregator.snapshot(self.serving())
-        report.job_runs.extend(job_runs)
-        seq = await asyncio.to_thread(self.outbox.append, report)
+        async with self._cutting:
+            if only_if_active and not job_runs and not self.aggregator.pending():
+                return None
+            cut = self.aggregator.cut(self.serving())
+            cut.report.job_runs.extend(job_runs)
+            seq = await asyncio.to_thread(self._commit, cut.report, cut.mark)
+            cut.commit()
         self.new_report.set()
+        return seq
+
+    def _commit(self, report: pb.TelemetryReport, mark: JournalMark | None) -> int:
+        seq = self.outbox.append(report, mark)
+        # Power loss only (a killed process loses nothing): the journal on disk is then at
+        # most one interval behind.
+        self.aggregator.store.flush()
         return seq
 
     async def collect_loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         due = loop.time() + self.interval_s
         while not stop.is_set():
+            # Wakes at least every second to stamp the journal: a report recovered after a
+            # crash ends at the last stamp.
+            self.aggregator.stamp()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(0.0, due - loop.time()))
+                await asyncio.wait_for(stop.wait(), min(1.0, max(0.0, due - loop.time())))
             if stop.is_set():
                 return  # the shutdown path cuts the partial interval (after draining)
+            if loop.time() < due:
+                continue
             # A fixed schedule, not sleep(interval) after the work: intervals do not drift.
             due += self.interval_s
             if due < loop.time():  # the loop was stalled for more than an interval
@@ -211,8 +285,8 @@ class TelemetryShipper:
             try:
                 await self.cut()
             except Exception as exc:
-                # The counters of this interval are lost with the failed write; the next
-                # interval starts afresh, and the loop goes on. Disk full is the usual cause.
+                # Nothing is lost: an uncommitted cut leaves its counts to the next one (which
+                # then covers both intervals). Disk full is the usual cause.
                 log.error("cannot write telemetry to %s: %s", self.outbox.path, exc)
 
     async def send_once(self) -> int:
@@ -346,4 +420,5 @@ __all__ = [
     "Sender",
     "TelemetryShipper",
     "grpc_sender",
+    "open_journal",
 ]

@@ -35,6 +35,7 @@ from agent.fleet.outbox import (
     Sender,
     TelemetryShipper,
     grpc_sender,
+    open_journal,
 )
 from agent.fleet.transport import (
     IDENTITY_DIR,
@@ -48,6 +49,7 @@ from agent.fleet.verify import BundleVerifier
 from agent.gate import GateResult
 from agent.jobs import JobRunner, JobSpec, RunResult
 from agent.slots import SlotManager
+from agent.telemetry import JOURNAL_FILE
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
 from protos.errors import BundleError, ModelfleetError, ResourceExhaustedError, Status
@@ -164,6 +166,8 @@ class FleetSync:
         slots.listeners.append(self._on_slot_change)
         # Telemetry (docs/telemetry.md): through the outbox, over gRPC when there is a channel.
         outbox = Outbox(self.data / OUTBOX_FILE, cfg.telemetry_outbox_max_reports)
+        # From here on every count is in the crash-safe journal (docs/telemetry.md).
+        slots.metrics.telemetry.attach(open_journal(self.data / JOURNAL_FILE, outbox))
         if self.channel is not None:
             send: Sender = grpc_sender(lambda: self.stub)
         else:
