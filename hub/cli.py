@@ -534,13 +534,23 @@ def _sign(
     ``check_signing_request`` verifies the hub's published targets with this key's own
     signature and refuses any difference beyond ``expected`` (and ``--allow-extra`` paths).
     """
-    from hub.signing import check_signing_request, load_signer
+    from hub.signing import (
+        check_signing_request,
+        last_signed_path,
+        load_last_signed,
+        load_signer,
+        save_last_signed,
+    )
     from protos import fleet_pb2 as pb
 
     signer = load_signer(key)
+    last = load_last_signed(key)
+    if last is None:
+        print(f"note: no record of what this key signed before ({last_signed_path(key)}); "
+              "trusting the hub's targets that carry its signature", file=sys.stderr)  # fmt: skip
     targets, extras = check_signing_request(
         staged.staged_payload, staged.base_targets, signer.public_key, expected,
-        allow_extra=allow_extra,
+        allow_extra=allow_extra, last_signed=last,
     )  # fmt: skip
     for line in extras:
         print(f"also signing (--allow-extra): {line}", file=sys.stderr)
@@ -549,6 +559,11 @@ def _sign(
                                      signature=sig.signature,
                                      signed_payload=staged.staged_payload)  # fmt: skip
     v = call(stub.CommitTargets, commit).version
+    try:
+        save_last_signed(key, targets.signed.version, staged.staged_payload)
+    except OSError as exc:  # a read-only key medium: the check above still ran
+        print(f"warning: cannot record the signed targets in {last_signed_path(key)}: {exc}",
+              file=sys.stderr)  # fmt: skip
     print(f"signed targets v{targets.signed.version}: adds {expected.path} "
           f"(sha256 {expected.sha256[:16]})", file=sys.stderr)  # fmt: skip
     return v
@@ -560,7 +575,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     stub = admin_stub(args)
     resp = call(stub.CommitTargets, pb.CommitTargetsRequest(name=args.name, version=args.version))
     if not resp.staged_payload:
-        if resp.version.sha256 != args.sha256:
+        if resp.version.sha256 != args.sha256.lower():
             raise VerificationError(
                 f"{args.name} v{args.version} is signed with sha256 {resp.version.sha256}, not "
                 f"{args.sha256}", reason="signing_diff"

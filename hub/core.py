@@ -145,6 +145,8 @@ class HubRunningError(ModelfleetError):
 
 
 LOCK_FILE = "hub.lock"
+# registry meta key: "<version>:<sha256>" of the newest signed targets this hub served.
+TARGETS_HIGH_WATER = "tuf_targets_high_water"
 
 
 def lock_data_dir(root: Path, doing: str) -> int:
@@ -181,6 +183,7 @@ class HubCore:
         self.crl = CrlPublisher(self.ca, self.registry, self.paths.root / "mqtt",
                                 cfg.crl_lifetime_s)  # fmt: skip
         self.tuf = open_tuf(self.paths, cfg, clock)
+        self.check_targets_high_water()
         # A crash between committing signed targets and marking the rows leaves rows unsigned.
         self.mark_signed_targets()
         self.check_registry_against_targets()
@@ -257,6 +260,7 @@ class HubCore:
             notes=str(header.get("notes", "")), target_path=path, signed=signed,
             manifest=manifest,
         )  # fmt: skip
+        self.note_targets_version()
         log.info("published %s v%d (%d bytes, sha256 %s, %s)", name, version, size, digest[:12],
                  "signed" if signed else "awaiting targets signature")  # fmt: skip
         return PublishResult(row, staged, keyid, base)
@@ -285,6 +289,7 @@ class HubCore:
         if row.signed:
             return row
         self.tuf.commit_staged_targets({"keyid": keyid, "sig": signature}, payload or None)
+        self.note_targets_version()
         self.mark_signed_targets()
         out = self.registry.get_version(name, version)
         assert out is not None
@@ -308,6 +313,40 @@ class HubCore:
             ):
                 self.registry.mark_signed(v.name, v.version)
                 log.info("targets signed: %s v%d", v.name, v.version)
+
+    def check_targets_high_water(self) -> None:
+        """Refuse targets older than the newest this hub served, or another file of that version.
+
+        The metadata directory alone cannot tell a rollback (snapshot pointed back at an older,
+        validly signed targets) from the truth after a restart; the registry remembers.
+        """
+        versions = self.tuf.versions()
+        current = versions["targets"]
+        digest = hashlib.sha256(self.tuf.published_targets_bytes()).hexdigest()
+        seen = self.registry.get_meta(TARGETS_HIGH_WATER)
+        if seen is not None:
+            version, _, seen_digest = seen.partition(":")
+            if current < int(version):
+                raise RepositoryIntegrityError(
+                    f"the signed targets are v{current}, but this hub already served targets "
+                    f"v{version}: a rollback of HUB_DATA/tuf (or a restored old backup). "
+                    "Restore the newest metadata; see docs/operations.md"
+                )
+            if current == int(version) and digest != seen_digest:
+                raise RepositoryIntegrityError(
+                    f"targets v{current} on disk is not the targets v{current} this hub served "
+                    f"(sha256 {digest[:16]}, served {seen_digest[:16]}): two different files "
+                    "carry one version (a fork)"
+                )
+        self.note_targets_version()
+
+    def note_targets_version(self) -> None:
+        """Record the targets now published as the newest this hub has served."""
+        versions = self.tuf.versions()
+        digest = hashlib.sha256(self.tuf.published_targets_bytes()).hexdigest()
+        value = f"{versions['targets']}:{digest}"
+        if self.registry.get_meta(TARGETS_HIGH_WATER) != value:
+            self.registry.set_meta(TARGETS_HIGH_WATER, value)
 
     def check_registry_against_targets(self) -> None:
         """Refuse to run when a version the registry holds as signed is signed with other bytes.
@@ -526,7 +565,10 @@ class HubCore:
         return [n for n in dict.fromkeys(names) if n and n not in ("0.0.0.0", "::")]
 
     def refresh_signatures(self) -> bool:
-        return self.tuf.refresh_online()
+        wrote = self.tuf.refresh_online()
+        if wrote:
+            self.note_targets_version()  # an online targets key re-signs targets too
+        return wrote
 
 
 def _serial(cert_pem: bytes) -> int:

@@ -111,6 +111,11 @@ CREATE TABLE IF NOT EXISTS deployments (
     -- serve: the version to run; prepare: load and gate it beside the running one (blue/green).
     kind TEXT NOT NULL DEFAULT 'serve'
 );
+-- Small facts the hub must remember across restarts (e.g. the newest signed targets seen).
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 
@@ -351,6 +356,14 @@ class Registry:
         if not rows:
             raise ModelNotFoundError(f"no model named {name!r}")
         return [self._row(r) for r in rows]
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.tx():
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def all_versions(self) -> list[VersionRow]:
         rows = self.db.execute("SELECT * FROM versions ORDER BY name, version").fetchall()

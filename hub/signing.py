@@ -77,6 +77,9 @@ ROLES = ("root", "targets", "snapshot", "timestamp")
 # Roles whose private key may live off the hub; the other two must be online.
 OFFLINE_CAPABLE_ROLES = ("root", "targets")
 PUBLIC_KEYS_FILE = "public.json"
+# keys/root-anchor.json: the SHA-256 of 1.root.json, written when the repository is created (or
+# first opened by this version): the hub's own trust anchor, outside the metadata directory.
+ROOT_ANCHOR_FILE = "root-anchor.json"
 TARGET_FILE_NAME = "bundle.tar"
 STAGED_DIR = "staged"
 _LOCK_FILE = ".lock"
@@ -301,6 +304,33 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def last_signed_path(key_path: Path) -> Path:
+    """Where the signing CLI remembers what this targets key signed last (beside the key)."""
+    key_path = Path(key_path)
+    return key_path.with_name(key_path.name + ".last-signed.json")
+
+
+def load_last_signed(key_path: Path) -> tuple[int, str] | None:
+    path = last_signed_path(key_path)
+    try:
+        raw = json.loads(path.read_bytes())
+        return int(raw["version"]), str(raw["sha256"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VerificationError(
+            f"cannot read {path} ({exc}): it records the last targets this key signed; restore "
+            "it, or delete it to trust the hub's current targets once",
+            reason="signing_state",
+        ) from None
+
+
+def save_last_signed(key_path: Path, version: int, payload: bytes) -> None:
+    digest = hashlib.sha256(payload).hexdigest()
+    data = json.dumps({"version": version, "sha256": digest}) + "\n"
+    _atomic_write(last_signed_path(key_path), data.encode(), 0o600)
+
+
 class RepositoryIntegrityError(ModelfleetError):
     """The metadata on the hub's disk does not verify: it was tampered with or damaged.
 
@@ -353,24 +383,56 @@ def _verify_meta(meta: MetaFile, data: bytes, name: str, referrer: str) -> None:
         ) from None
 
 
+@dataclass
+class VerifiedRepository:
+    root: Metadata[Root]
+    timestamp: Metadata[Timestamp]
+    snapshot: Metadata[Snapshot]
+    targets: Metadata[Targets]
+    # Every file that was verified, by the name agents ask for: what the hub serves and signs
+    # on top of, so that a file replaced on disk after verification is never used.
+    files: dict[str, bytes]
+
+
 def verify_repository(
     metadata_dir: Path,
-) -> tuple[Metadata[Root], Metadata[Timestamp], Metadata[Snapshot], Metadata[Targets]]:
-    """Verify the metadata on disk the way an agent does; return root, timestamp, snapshot, targets.
+    *,
+    trusted_root: bytes | None = None,
+    anchor_sha256: str | None = None,
+) -> VerifiedRepository:
+    """Verify the metadata on disk the way an agent does.
 
-    The root chain is walked from ``1.root.json`` (each root signed by the previous root's keys
-    and its own), ``root.json`` must be the last of it, and timestamp -> snapshot -> targets
-    must each be signed by the keys root names and match the version, length and hashes the
-    role above signed for it. Expiry is not checked: the hub re-signs what expires. Raises
+    The root chain starts from ``trusted_root`` (the root the caller already trusts; its
+    ``N.root.json`` on disk must be unchanged) or else from ``1.root.json``, whose SHA-256 must
+    be ``anchor_sha256`` when given: a whole chain swapped on disk, signed by other keys, does
+    not verify. Each newer root must be signed by the previous root's keys and its own;
+    ``root.json`` must be the last of them (or, after a key rotation cut short, an earlier
+    one: the chain's tail wins). Then timestamp -> snapshot -> targets must each be signed by
+    the keys root names and match the version, length and hashes the role above signed for it.
+    Expiry is not checked: the hub re-signs what expires. Raises
     :class:`RepositoryIntegrityError` naming the first file that does not verify.
     """
     metadata_dir = Path(metadata_dir)
-    root_bytes = _read_metadata(metadata_dir, "1.root.json")
-    root: Metadata[Root] = _parse(root_bytes, "1.root.json")
-    _verify_role(root.signed, "root", root, "1.root.json")
-    if root.signed.version != 1:
-        raise RepositoryIntegrityError(f"1.root.json holds root v{root.signed.version}")
-    for n in range(2, _MAX_ROOT_VERSIONS):
+    files: dict[str, bytes] = {}
+    if trusted_root is not None:
+        root: Metadata[Root] = _parse(trusted_root, "the trusted root")
+        name = f"{root.signed.version}.root.json"
+        if _read_metadata(metadata_dir, name) != trusted_root:
+            raise RepositoryIntegrityError(f"{name} was changed on disk after it was verified")
+        root_bytes = trusted_root
+    else:
+        root_bytes = _read_metadata(metadata_dir, "1.root.json")
+        if anchor_sha256 is not None and hashlib.sha256(root_bytes).hexdigest() != anchor_sha256:
+            raise RepositoryIntegrityError(
+                "1.root.json is not the root this hub was created with (its sha256 differs from "
+                f"the one recorded in keys/{ROOT_ANCHOR_FILE}): the metadata was replaced"
+            )
+        root = _parse(root_bytes, "1.root.json")
+        _verify_role(root.signed, "root", root, "1.root.json")
+        if root.signed.version != 1:
+            raise RepositoryIntegrityError(f"1.root.json holds root v{root.signed.version}")
+    files[f"{root.signed.version}.root.json"] = root_bytes
+    for n in range(root.signed.version + 1, _MAX_ROOT_VERSIONS):
         name = f"{n}.root.json"
         if not (metadata_dir / name).exists():
             break
@@ -381,14 +443,20 @@ def verify_repository(
         if new.signed.version != n:
             raise RepositoryIntegrityError(f"{name} holds root v{new.signed.version}")
         root, root_bytes = new, data
-    if _read_metadata(metadata_dir, "root.json") != root_bytes:
+        files[name] = data
+    latest = _read_metadata(metadata_dir, "root.json")
+    if latest != root_bytes and latest not in files.values():
         raise RepositoryIntegrityError(
-            f"root.json is not the last root of the verified chain (v{root.signed.version})"
+            f"root.json is not a root of the verified chain (v1..v{root.signed.version})"
         )
-    timestamp: Metadata[Timestamp] = _parse(
-        _read_metadata(metadata_dir, "timestamp.json"), "timestamp.json"
-    )
+    if latest != root_bytes:
+        logger.warning("root.json lags %d.root.json (a key rotation cut short?); using root v%d",
+                       root.signed.version, root.signed.version)  # fmt: skip
+    files["root.json"] = root_bytes
+    ts_bytes = _read_metadata(metadata_dir, "timestamp.json")
+    timestamp: Metadata[Timestamp] = _parse(ts_bytes, "timestamp.json")
     _verify_role(root.signed, "timestamp", timestamp, "timestamp.json")
+    files["timestamp.json"] = ts_bytes
     snapshot_meta = timestamp.signed.snapshot_meta
     name = f"{snapshot_meta.version}.snapshot.json"
     data = _read_metadata(metadata_dir, name)
@@ -397,6 +465,7 @@ def verify_repository(
     _verify_role(root.signed, "snapshot", snapshot, name)
     if snapshot.signed.version != snapshot_meta.version:
         raise RepositoryIntegrityError(f"{name} holds snapshot v{snapshot.signed.version}")
+    files[name] = data
     targets_meta = snapshot.signed.meta.get("targets.json")
     if targets_meta is None:
         raise RepositoryIntegrityError(f"{name} does not list targets.json")
@@ -407,7 +476,8 @@ def verify_repository(
     _verify_role(root.signed, "targets", targets, tname)
     if targets.signed.version != targets_meta.version:
         raise RepositoryIntegrityError(f"{tname} holds targets v{targets.signed.version}")
-    return root, timestamp, snapshot, targets
+    files[tname] = data
+    return VerifiedRepository(root, timestamp, snapshot, targets, files)
 
 
 def target_differences(old: Targets, new: Targets) -> list[str]:
@@ -423,6 +493,9 @@ def target_differences(old: Targets, new: Targets) -> list[str]:
                 f"({before.length} bytes) to sha256 {after.hashes.get('sha256', '?')[:16]} "
                 f"({after.length} bytes)"
             )
+        elif after.to_dict() != before.to_dict():
+            problems.append(f"{path} changes its custom fields from {before.custom} to "
+                            f"{after.custom}")  # fmt: skip
     return problems
 
 
@@ -478,6 +551,7 @@ def check_signing_request(
     *,
     allow_extra: Iterable[str] = (),
     now: float | None = None,
+    last_signed: tuple[int, str] | None = None,
 ) -> tuple[Metadata[Targets], list[str]]:
     """Decide, on the key holder's machine, whether ``payload`` may be signed with ``key``.
 
@@ -485,8 +559,11 @@ def check_signing_request(
     signature by ``key`` itself (the last targets this key signed, as far as we can know), and
     ``payload`` must be exactly ``base`` plus ``expected``, as the next version: no published
     target removed or changed (never allowed), no other new target unless its path is in
-    ``allow_extra``, no other field changed. Returns the parsed targets and one line per
-    accepted extra target; raises ``VerificationError`` listing every difference otherwise.
+    ``allow_extra``, no other field changed. ``last_signed`` is (version, sha256 of the signed
+    part) of the targets this key holder signed last, kept beside the key: a base older than
+    that, or another file of that version, is a fork the hub offers and is refused. Returns
+    the parsed targets and one line per accepted extra target; raises ``VerificationError``
+    listing every difference otherwise.
     """
     try:
         base_md: Metadata[Any] = Metadata.from_bytes(base)
@@ -513,6 +590,17 @@ def check_signing_request(
             reason="signing_base",
         )
     old: Targets = base_md.signed
+    if last_signed is not None:
+        version, digest = last_signed
+        if old.version < version or (
+            old.version == version and hashlib.sha256(base_md.signed_bytes).hexdigest() != digest
+        ):
+            raise VerificationError(
+                f"the hub offers targets v{old.version} as the published targets, but this key "
+                f"last signed targets v{version} (sha256 {digest[:16]}): the hub's metadata was "
+                "rolled back or forked. Nothing was signed; check the hub (docs/security.md)",
+                reason="signing_base",
+            )
     new = _targets_from_payload(payload)
     problems: list[str] = []
     if new.signed.version != old.version + 1:
@@ -593,12 +681,25 @@ class TufRepository:
         self._state_key: tuple[Any, ...] | None = None
         self._refused: tuple[Any, ...] | None = None
         self._refused_error: RepositoryIntegrityError | None = None
+        # The bytes of every verified file agents may ask for: served and signed over from
+        # here, never re-read from disk.
+        self._files: dict[str, bytes] = {}
+        self._anchor = _load_anchor(self.keys_dir)
         self._root: Metadata[Root]
         self._targets: Metadata[Targets]
         self._snapshot: Metadata[Snapshot]
         self._timestamp: Metadata[Timestamp]
         with self._lock:
             self._sync()
+        if self._anchor is None:
+            # First open (a repository from before the anchor, or just created): what verified
+            # now becomes the anchor.
+            self._anchor = hashlib.sha256(self._files["1.root.json"]).hexdigest() if (
+                "1.root.json" in self._files) else None  # fmt: skip
+            if self._anchor is not None:
+                _atomic_write(self.keys_dir / ROOT_ANCHOR_FILE,
+                              (json.dumps({"1.root.json": {"sha256": self._anchor}}) + "\n")
+                              .encode())  # fmt: skip
         self._snapshot_signer = load_signer(self.keys_dir / "snapshot.pem")
         self._timestamp_signer = load_signer(self.keys_dir / "timestamp.pem")
         self._targets_signer = _optional_signer(self.keys_dir / "targets.pem")
@@ -725,6 +826,9 @@ class TufRepository:
             # A repository that stopped verifying is not served (agents would refuse it too,
             # but an operator should see the hub say so, not a fleet of verification errors).
             self._sync()
+            verified = self._files.get(filename)
+        if verified is not None:
+            return verified
         try:
             return (self.metadata_dir / filename).read_bytes()
         except FileNotFoundError:
@@ -769,7 +873,7 @@ class TufRepository:
         """The signed targets metadata agents get now (what a staged payload builds on)."""
         with self._lock:
             self._sync()
-            return self._read_file(f"{self._targets.signed.version}.targets.json")
+            return self._files[f"{self._targets.signed.version}.targets.json"]
 
     @property
     def has_online_targets_key(self) -> bool:
@@ -921,7 +1025,7 @@ class TufRepository:
                 self._publish_snapshot(dict(self._snapshot.signed.meta), t)
                 wrote = True
             elif self._half_expired(self._timestamp.signed, "timestamp", t):
-                snapshot_bytes = self._read_file(f"{self._snapshot.signed.version}.snapshot.json")
+                snapshot_bytes = self._files[f"{self._snapshot.signed.version}.snapshot.json"]
                 self._publish_timestamp(self._snapshot.signed.version, snapshot_bytes, t)
                 wrote = True
             return wrote
@@ -964,6 +1068,8 @@ class TufRepository:
             _atomic_write(self.metadata_dir / f"{root.signed.version}.root.json", data)
             _atomic_write(self.metadata_dir / "root.json", data)
             self._root = root
+            self._files[f"{root.signed.version}.root.json"] = data
+            self._files["root.json"] = data
             if role == "snapshot":
                 self._snapshot_signer = new_signer
             elif role == "timestamp":
@@ -1029,22 +1135,39 @@ class TufRepository:
             # The same files as last time: no need to verify (and log) again.
             raise RepositoryIntegrityError(str(self._refused_error))
         try:
-            root, timestamp, snapshot, targets = verify_repository(self.metadata_dir)
+            # Once a root is trusted, newer ones must chain from it; before, from the anchor.
+            trusted = self._files.get(f"{self._root.signed.version}.root.json") if (
+                hasattr(self, "_root")) else None  # fmt: skip
+            v = verify_repository(self.metadata_dir, trusted_root=trusted,
+                                  anchor_sha256=self._anchor)  # fmt: skip
             previous = getattr(self, "_targets", None)
             if previous is not None:
-                _check_successor(previous.signed, targets.signed, "the targets on disk")
+                _check_successor(previous.signed, v.targets.signed, "the targets on disk")
+            for role in ("snapshot", "timestamp"):
+                signer = getattr(self, f"_{role}_signer", None)
+                if signer is not None and signer.public_key.keyid not in (
+                    v.root.signed.roles[role].keyids
+                ):
+                    raise RepositoryIntegrityError(
+                        f"root v{v.root.signed.version} on disk no longer names this hub's "
+                        f"{role} key: the root was replaced (or rotated while the hub ran)"
+                    )
         except RepositoryIntegrityError as exc:
             self._refused, self._refused_error = key, exc
             logger.error("REFUSING the TUF metadata in %s: %s", self.metadata_dir, exc)
             raise
         self._root, self._targets, self._snapshot, self._timestamp = (
-            root,
-            targets,
-            snapshot,
-            timestamp,
-        )
+            v.root, v.targets, v.snapshot, v.timestamp,
+        )  # fmt: skip
+        self._files = v.files
         self._state_key = key
         self._refused, self._refused_error = None, None
+
+    def _remember(self, name: str, data: bytes, suffix: str) -> None:
+        """Keep ``name`` as the verified current file of its kind (only the current one)."""
+        for old in [n for n in self._files if n.endswith(suffix)]:
+            del self._files[old]
+        self._files[name] = data
 
     def _check_signer(self, signer: Signer, role: str) -> None:
         keyids = self._root.signed.roles[role].keyids
@@ -1104,6 +1227,7 @@ class TufRepository:
         data = targets_md.to_bytes()
         _atomic_write(self.metadata_dir / f"{version}.targets.json", data)
         self._targets = targets_md
+        self._remember(f"{version}.targets.json", data, ".targets.json")
         meta = dict(self._snapshot.signed.meta)
         meta["targets.json"] = _meta_for(version, data)
         self._publish_snapshot(meta, now)
@@ -1121,6 +1245,7 @@ class TufRepository:
         data = snapshot.to_bytes()
         _atomic_write(self.metadata_dir / f"{snapshot.signed.version}.snapshot.json", data)
         self._snapshot = snapshot
+        self._remember(f"{snapshot.signed.version}.snapshot.json", data, ".snapshot.json")
         self._publish_timestamp(snapshot.signed.version, data, now)
 
     def _publish_timestamp(
@@ -1135,10 +1260,22 @@ class TufRepository:
         )
         self._state_key = None
         timestamp.sign(self._timestamp_signer)
-        _atomic_write(self.metadata_dir / "timestamp.json", timestamp.to_bytes())
+        data = timestamp.to_bytes()
+        _atomic_write(self.metadata_dir / "timestamp.json", data)
         self._timestamp = timestamp
+        self._files["timestamp.json"] = data
         # Memory now matches disk again (we hold the flock, nobody else wrote meanwhile).
         self._state_key = self._stat_key()
+
+
+def _load_anchor(keys_dir: Path) -> str | None:
+    path = Path(keys_dir) / ROOT_ANCHOR_FILE
+    try:
+        return str(json.loads(path.read_bytes())["1.root.json"]["sha256"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TufSetupError(f"cannot read {path}: {exc}; restore it from a backup") from None
 
 
 @contextlib.contextmanager

@@ -159,3 +159,42 @@ def test_hub_refuses_forged_metadata_on_its_disk(fleet, tmp_path: Path, layout: 
     assert r.returncode != 0
     assert "targets.json is not signed by the targets key" in r.stdout + r.stderr
     assert published != "66" * 32
+
+
+def test_a_rolled_back_targets_is_refused_after_a_hub_restart(fleet, tmp_path: Path) -> None:  # noqa: F811
+    """With only the online keys, point the snapshot back at an older (validly signed) targets:
+    a running hub refuses it at once, a restarted one refuses to start (the registry remembers
+    the newest targets it served), so the key holder is never offered the old base."""
+    targets_key = _keys_init_offline(tmp_path)
+    hub = fleet.hub()
+    hub.cli("publish", "mlp", str(fleet.model(0)), "--targets-key", str(targets_key))
+    hub.cli("publish", "mlp", str(fleet.model(1)), "--targets-key", str(targets_key))
+    tuf = hub.data / "tuf"
+    ts = Metadata.from_bytes((tuf / "timestamp.json").read_bytes())
+    snap = Metadata.from_bytes(
+        (tuf / f"{ts.signed.snapshot_meta.version}.snapshot.json").read_bytes()
+    )
+    current = snap.signed.meta["targets.json"].version
+    old = (tuf / f"{current - 1}.targets.json").read_bytes()
+    snap.signed.version += 1
+    old_meta = MetaFile(current - 1, len(old), {"sha256": hashlib.sha256(old).hexdigest()})
+    snap.signed.meta["targets.json"] = old_meta
+    snap.sign(load_signer(hub.data / "keys" / "snapshot.pem"), append=False)
+    sbytes = snap.to_bytes()
+    (tuf / f"{snap.signed.version}.snapshot.json").write_bytes(sbytes)
+    ts.signed.version += 1
+    ts.signed.snapshot_meta = MetaFile(snap.signed.version, len(sbytes),
+                                       {"sha256": hashlib.sha256(sbytes).hexdigest()})  # fmt: skip
+    ts.sign(load_signer(hub.data / "keys" / "timestamp.pem"), append=False)
+    (tuf / "timestamp.json").write_bytes(ts.to_bytes())
+    refused = hub.cli("publish", "mlp", str(fleet.model(2)), "--targets-key", str(targets_key),
+                      check=False)  # fmt: skip
+    assert refused.returncode == 7 and "rollback" in refused.stderr
+    hub.stop()
+    r = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "--data", str(hub.data), "serve", "--listen",
+         "127.0.0.1:0", "--enroll-listen", "127.0.0.1:0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert f"this hub already served targets v{current}" in r.stdout + r.stderr

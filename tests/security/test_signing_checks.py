@@ -161,5 +161,60 @@ def test_hub_reload_refuses_a_root_json_outside_the_chain(repo: TufRepository, t
     root = json.loads((tmp_path / "tuf" / "root.json").read_bytes())
     root["signed"]["expires"] = "2099-01-01T00:00:00Z"  # signature no longer matches
     (tmp_path / "tuf" / "root.json").write_text(json.dumps(root))
-    with pytest.raises(RepositoryIntegrityError, match=r"root\.json is not the last root"):
+    with pytest.raises(RepositoryIntegrityError, match=r"root\.json is not a root of the"):
         repo.targets()
+
+
+def test_a_root_chain_swapped_on_disk_is_refused(repo: TufRepository, tmp_path: Path) -> None:
+    # The attacker writes a complete repository of their own (own root, own keys) over the
+    # hub's metadata directory: valid on its own, but not chained to the root the hub trusts.
+    init_keys(tmp_path / "evil-keys")
+    evil = TufRepository.create(tmp_path / "evil", tmp_path / "evil-keys")
+    evil.add_target("m/2/bundle.tar", 200, EVIL, {"name": "m", "version": 2})
+    for f in (tmp_path / "evil").glob("*.json"):
+        (tmp_path / "tuf" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(RepositoryIntegrityError, match=r"changed on disk|not signed"):
+        repo.targets()
+    with pytest.raises(RepositoryIntegrityError):
+        repo.root_bytes()
+    # A restarted hub checks 1.root.json against the anchor it recorded in its keys directory.
+    with pytest.raises(RepositoryIntegrityError, match="not the root this hub was created with"):
+        TufRepository.open(tmp_path / "tuf", tmp_path / "keys")
+
+
+def test_a_base_older_than_what_this_key_signed_last_is_refused(
+    repo: TufRepository, tmp_path: Path
+) -> None:
+    key = _key(tmp_path)
+    old_base = repo.published_targets_bytes()
+    repo.add_target("m/2/bundle.tar", 200, B, {"name": "m", "version": 2}, targets_signer=key)
+    signed_now = Metadata.from_bytes(repo.published_targets_bytes())
+    last = (signed_now.signed.version, hashlib.sha256(signed_now.signed_bytes).hexdigest())
+    # A hub whose snapshot was pointed back at the older targets offers it as the base: the
+    # payload would be a fork that re-uses version numbers.
+    forked = Targets(version=Metadata.from_bytes(old_base).signed.version + 1,
+                     targets={**Metadata.from_bytes(old_base).signed.targets,
+                              "m/2/bundle.tar": _t("m/2/bundle.tar", EVIL)})  # fmt: skip
+    with pytest.raises(VerificationError, match="rolled back or forked"):
+        check_signing_request(Metadata(forked).signed_bytes, old_base, key.public_key,
+                              _expected(sha=EVIL), last_signed=last)  # fmt: skip
+    # The same version with other content (a second file for one version) too.
+    other = Metadata.from_bytes(repo.published_targets_bytes())
+    other.signed.targets["m/9/bundle.tar"] = _t("m/9/bundle.tar", EVIL)
+    other.sign(key, append=False)
+    with pytest.raises(VerificationError, match="rolled back or forked"):
+        check_signing_request(_payload(repo, a=_t("m/3/bundle.tar", B)), other.to_bytes(),
+                              key.public_key, _expected(3), last_signed=last)  # fmt: skip
+
+
+def test_changed_custom_fields_of_a_published_target_are_refused(
+    repo: TufRepository, tmp_path: Path
+) -> None:
+    changed = TargetFile(100, {"sha256": A}, "m/1/bundle.tar",
+                         {"custom": {"name": "other", "version": 99}})  # fmt: skip
+    payload = _payload(repo, a=_t("m/2/bundle.tar", B), b=changed)
+    with pytest.raises(VerificationError, match="changes its custom fields"):
+        check_signing_request(payload, repo.published_targets_bytes(),
+                              _key(tmp_path).public_key, _expected())  # fmt: skip
+    with pytest.raises(VerificationError, match="changes its custom fields"):
+        repo.commit_staged_targets(_key(tmp_path).sign(payload).to_dict(), payload)
