@@ -96,7 +96,8 @@ class BundleCache:
             os.replace(self.path(name, version), dest)
         except FileNotFoundError:
             return dest
-        kept = sorted(qdir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+        # Newest first by the time in the name (a rename keeps the directory's old mtime).
+        kept = sorted(qdir.iterdir(), key=lambda p: p.name.rsplit("-", 1)[-1], reverse=True)
         for old in kept[QUARANTINE_KEEP:]:
             shutil.rmtree(old, ignore_errors=True)
         return dest

@@ -123,8 +123,6 @@ class FleetSync:
         self.served_file = self.data / SERVED_FILE
         self.last_good: dict[str, int] = {}
         self._load_served(slots)
-        # (name, version) fetched again after its cached copy failed its hashes: once per run.
-        self._refetched: set[tuple[str, int]] = set()
         self.revision = 0
         self.errors: dict[str, str] = {}
         self.last_error = ""
@@ -209,7 +207,7 @@ class FleetSync:
                     slots.remember_failure(str(name), int(version), r.get("fingerprint"), result)
         except FileNotFoundError:
             return
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except Exception as exc:  # any damage (bad JSON, wrong types, huge numbers)
             # Written atomically, so this is damage: start without it (the hub's desired state
             # still decides), and say so.
             log.warning("ignoring unreadable %s: %s", self.served_file, exc)
@@ -291,19 +289,21 @@ class FleetSync:
                                         expect=(name, version), switch=switch)  # fmt: skip
                 return
             except BundleError as exc:
-                if attempt == 2 or (name, version) in self._refetched:
-                    raise  # fetched and verified just now, still bad: the bundle itself is
-                where = await asyncio.to_thread(self.cache.quarantine, name, version)
-                # Not the bundle's fault: the copy on disk broke. Try the bytes again.
+                # The bytes were verified when they arrived (and by the hub at publish), so a
+                # mismatch now is damage on this disk, not the bundle's fault: not a refusal.
                 self.slots.forget_failures(name, version)
+                where = await asyncio.to_thread(self.cache.quarantine, name, version)
                 log.error("cached %s v%d is damaged (%s); moved to %s and fetching it again "
                           "from the hub", name, version, exc, where)  # fmt: skip
-                if offline:
+                if offline or attempt == 2:
                     raise CacheDamagedError(
-                        f"cached {name} v{version} is damaged ({exc}); quarantined to {where}, "
-                        "it is fetched again when the hub answers"
+                        f"cached {name} v{version} is damaged ({exc}); quarantined to {where}; "
+                        + (
+                            "it is fetched again when the hub answers"
+                            if offline
+                            else "a fresh copy was damaged too: check this node's disk; retrying"
+                        )
                     ) from None
-                self._refetched.add((name, version))
 
     async def reconcile(self, *, offline: bool = False) -> None:
         desired = list(self.desired)
@@ -322,6 +322,8 @@ class FleetSync:
                     f"{f' ({refused.reason})' if refused else ''}; not retried until the desired "
                     f"version changes; serving {f'v{serving}' if serving else 'nothing'}"
                 )
+                if serving is None:
+                    await self._serve_best_cached(d)
                 continue  # the gate refused these exact bytes; a new version will come
             try:
                 if offline and not self.cache.has(d.name, d.version):
@@ -334,6 +336,11 @@ class FleetSync:
                 self.errors[d.name] = str(exc)
                 self.last_error = f"{d.name} v{d.version}: {exc}"
                 log.warning("cannot deploy %s v%d: %s", d.name, d.version, exc)
+                slot = self.slots.slots.get(d.name)
+                if slot is None or slot.active is None:
+                    # Nothing serves this model (a first start, a lost served.json): the newest
+                    # cached version that passes its gate serves until the desired one can.
+                    await self._serve_best_cached(d)
         if not self.errors and self.last_error and not self.last_error.startswith("hub:"):
             self.last_error = ""  # recovered: an old error must not linger in `agents ls`
         if offline:
@@ -372,16 +379,18 @@ class FleetSync:
         """Hub down, desired version not here yet: serve the newest cached version that loads."""
         cached = sorted((v for name, v, _ in self.cache.entries() if name == d.name), reverse=True)
         for best in cached:
-            if self.slots.has_failed(d.name, best, None):
+            slot = self.slots.slots.get(d.name)
+            if best == d.version or (slot is not None and best in slot.failed):
                 continue
-            log.warning("%s v%d is desired but not cached; serving cached v%d until it arrives",
+            log.warning("%s v%d cannot serve yet; serving cached v%d meanwhile",
                         d.name, d.version, best)  # fmt: skip
             try:
                 await self._deploy(d.name, best, None, offline=True)
                 return
             except (ModelfleetError, OSError) as exc:
                 log.warning("cannot serve cached %s v%d: %s", d.name, best, exc)
-        log.warning("%s v%d is desired but not cached; waiting for the hub", d.name, d.version)
+        log.warning("%s v%d cannot serve yet and no other cached version can; waiting for the "
+                    "hub", d.name, d.version)  # fmt: skip
 
     def _fetch(self, d: DesiredModel) -> None:
         """Download, verify and unpack (one pass, see agent/fleet/verify.py) into the cache."""

@@ -144,3 +144,40 @@ def test_corrupted_previous_bundle_is_fetched_again_when_needed(fleet) -> None: 
     manifest = json.loads((_cached(again, 1) / "manifest.json").read_text())
     digest = hashlib.sha256((_cached(again, 1) / "model.onnx").read_bytes()).hexdigest()
     assert digest == manifest["model"]["sha256"]
+
+
+@pytest.mark.parametrize(("served_json", "hub_state"), [("corrupt", "hub_down"),
+                                                        ("missing", "hub_up")])  # fmt: skip
+def test_restart_without_a_usable_served_json_still_serves(
+    fleet,  # noqa: F811
+    tmp_path: Path,
+    served_json: str,
+    hub_state: str,
+) -> None:
+    """An agent upgraded from before served.json, or with it damaged: the refused v2 is gated
+    again (its refusal was lost) and refused again, and a cached version that passes serves."""
+    hub = fleet.hub()
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    hub.cli("publish", "mlp", str(models.nan_model(tmp_path / "nan.onnx")))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1")
+    hub.cli("deploy", "mlp", "2")
+    wait_for(lambda: "refused" in model_error(hub, "edge-1"), 60, "v2 refused by the gate")
+    agent.stop()
+    if hub_state == "hub_down":
+        hub.stop()
+    served = agent.models / "served.json"
+    if served_json == "missing":
+        served.unlink()
+    else:
+        served.write_text('{"last_good": {"mlp": 1e400}, "refused": [')
+    again = _restart(fleet, agent)
+    again.wait_model("mlp", timeout=60)
+    assert infer_version(again) == "1"
+    if hub_state == "hub_up":
+        wait_for(lambda: "not retried" in model_error(hub, "edge-1"), 30, "refusal reported")
+        time.sleep(2)  # reconcile rounds with the hub: v1 must stay cached and serving
+    assert infer_version(again) == "1"
+    assert _cached(again, 1).is_dir()
+    assert _served(again)["last_good"] == {"mlp": 1}
