@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name")
     stage.add_argument("version", type=_version)
     stage.add_argument("stage", choices=["staged", "production", "deprecated", "retired"])
+    stage.add_argument("--force", action="store_true",
+                       help="retire a version agents still want (they fall back)")  # fmt: skip
 
     dep = sub.add_parser("deploy", help="set the desired version for matching agents")
     dep.add_argument("name")
@@ -620,7 +622,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         _print_versions(resp.versions)
     else:
         v = call(stub.SetStage, pb.SetStageRequest(name=args.name, version=args.version,
-                                                   stage=args.stage))  # fmt: skip
+                                                   stage=args.stage, force=args.force))  # fmt: skip
         print(f"{v.name} v{v.version} is now {v.stage}")
     return 0
 

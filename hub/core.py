@@ -26,6 +26,7 @@ from hub.config import HubConfig
 from hub.registry import (
     AgentRow,
     Desired,
+    FailedPreconditionError,
     PermissionDeniedError,
     Registry,
     VersionRow,
@@ -498,6 +499,32 @@ class HubCore:
 
     def desired(self, agent: AgentRow) -> tuple[int, list[Desired]]:
         return self.registry.revision(), self.registry.desired_for(agent.labels, agent.agent_id)
+
+    async def set_stage(
+        self, name: str, version: int, stage: str, force: bool = False
+    ) -> VersionRow:
+        """Set a version's stage; retiring one that agents still want needs ``force``."""
+        if stage == "retired" and not force:
+            wanting = [
+                a.hostname or a.agent_id
+                for a in self.registry.agents()
+                if a.status == "active"
+                and any(d.name == name and version in (d.version, d.prepare_version)
+                        for d in self.registry.desired_for(a.labels, a.agent_id))
+            ]  # fmt: skip
+            if wanting:
+                shown = ", ".join(sorted(wanting)[:10]) + (" ..." if len(wanting) > 10 else "")
+                raise FailedPreconditionError(
+                    f"{name} v{version} is still the desired version of {len(wanting)} agent(s) "
+                    f"({shown}): deploy or roll out a newer version first, or pass --force to "
+                    "retire it now (those agents then follow the deployment before it, or drop "
+                    "the model)"
+                )
+        row = self.registry.set_stage(name, version, stage)
+        if stage == "retired":
+            async with self.changed:
+                self.changed.notify_all()
+        return row
 
     async def deploy(
         self, name: str, version: int, selector: Mapping[str, str]

@@ -357,6 +357,10 @@ class Registry:
             raise ModelNotFoundError(f"no model named {name!r}")
         return [self._row(r) for r in rows]
 
+    def retired_versions(self) -> set[tuple[str, int]]:
+        rows = self.db.execute("SELECT name, version FROM versions WHERE stage = 'retired'")
+        return {(r[0], int(r[1])) for r in rows}
+
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
@@ -721,8 +725,17 @@ class Registry:
         match = {**labels, AGENT_KEY: agent_id} if agent_id else dict(labels)
         chosen: dict[str, int] = {}
         prepare: dict[str, int] = {}
+        retired = self.retired_versions()
         for name, version, selector, kind in self._deployments():
             if selector_matches(selector, match):
+                if (name, version) in retired:
+                    # Retired is for good: never installed again. The deployment before it
+                    # decides (or none: the model is not desired).
+                    if (agent_id, name, version) not in self._retired_warned:
+                        self._retired_warned.add((agent_id, name, version))
+                        log.warning("agent %s: %s v%d is retired; dropped from its desired "
+                                    "state", agent_id or dict(labels), name, version)  # fmt: skip
+                    continue
                 if kind == "prepare":
                     prepare[name] = version
                 else:
@@ -735,14 +748,6 @@ class Registry:
                 continue
             v = self.get_version(name, version)
             assert v is not None
-            if v.stage == "retired":
-                # Retired is for good: never installed again, even by an old deployment.
-                if (agent_id, name, version) not in self._retired_warned:
-                    self._retired_warned.add((agent_id, name, version))
-                    log.warning("agent %s: %s v%d is retired; dropped from its desired state "
-                                "(deploy a current version to this agent's selector)",
-                                agent_id or dict(labels), name, version)  # fmt: skip
-                continue
             p_version = prepare.get(name, 0)
             p_size = self.get_version(name, p_version).size if p_version else 0  # type: ignore[union-attr]
             out.append(Desired(name, version, v.target_path, v.sha256, v.size, p_version, p_size))

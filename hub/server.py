@@ -395,7 +395,8 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
     @unary
     async def SetStage(self, request, context):
         caller(context, "admin")
-        row = self.core.registry.set_stage(request.name, request.version, request.stage)
+        row = await self.core.set_stage(request.name, request.version, request.stage,
+                                        request.force)  # fmt: skip
         return version_to_proto(row)
 
     @unary

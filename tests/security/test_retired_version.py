@@ -56,3 +56,21 @@ def test_a_retired_version_is_dropped_from_desired_state(fleet, tmp_path: Path) 
     assert active(agent) == 0
     assert not (agent.models / "cache" / "bundles" / "mlp" / "1").exists()
     wait_for(lambda: "is retired; dropped from its desired state" in hub.logs(), 10, "hub says so")
+
+
+def test_retiring_a_version_agents_still_want_needs_force(fleet) -> None:  # noqa: F811
+    hub = fleet.hub()
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    hub.cli("publish", "mlp", str(fleet.model(1)))
+    hub.cli("deploy", "mlp", "1")
+    hub.cli("deploy", "mlp", "2")
+    wait_for(lambda: active(agent) == 2, 60, "v2")
+    refused = hub.cli("models", "stage", "mlp", "2", "retired", check=False)
+    assert refused.returncode == 7 and "still the desired version of 1 agent(s) (edge-1)" in (
+        refused.stderr
+    )
+    assert "staged" in hub.cli("models", "versions", "mlp").splitlines()[2]
+    # Forced: the agent follows the deployment before it (v1), never keeps installing v2.
+    hub.cli("models", "stage", "mlp", "2", "retired", "--force")
+    wait_for(lambda: active(agent) == 1, 60, "back to v1, the deployment before the retired one")
