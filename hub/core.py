@@ -161,6 +161,9 @@ class HubCore:
         self.ca = CertificateAuthority.load_or_create(self.paths.ca)
         self.tuf = open_tuf(self.paths, cfg, clock)
         self.changed = asyncio.Condition()
+        # Set at shutdown: watch streams never end on their own, so they end here instead of
+        # holding the drain for its whole timeout (agents reconnect to the next hub).
+        self.closing = False
         from hub.telemetry import TELEMETRY_FILE, TelemetryIngestor, TelemetryStore
 
         # Fleet telemetry (DuckDB, docs/telemetry.md): ingested through telemetry_ingest by the
@@ -396,6 +399,12 @@ class HubCore:
         async with self.changed:
             self.changed.notify_all()
         return matched, revision
+
+    async def close_watches(self) -> None:
+        """End every WatchDesired stream (the hub is stopping)."""
+        self.closing = True
+        async with self.changed:
+            self.changed.notify_all()
 
     async def revoke(self, agent_id: str) -> None:
         self.registry.revoke(agent_id)

@@ -485,6 +485,25 @@ def test_hub_restart_keeps_state_and_agent_restart_offline(fleet) -> None:
     wait_for(lambda: "retrying" in again.logs(), 30, "reconnect attempts logged")
 
 
+def test_hub_stops_at_once_while_agents_watch(fleet, tmp_path: Path) -> None:
+    # Found by the soak (make soak): every hub restart took the whole drain timeout, because an
+    # agent's WatchDesired stream never ends on its own. A drain far longer than the test's
+    # patience makes a stream that holds it impossible to miss.
+    config = tmp_path / "hub.toml"
+    config.write_text("[hub]\ndrain_timeout_s = 30.0\n")
+    hub = fleet.hub("--config", str(config))
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1, through the watch stream")
+    started = time.monotonic()
+    assert hub.stop(timeout=25) == 0
+    assert time.monotonic() - started < 10
+    assert "stopped" in hub.logs()
+    # The agent lost its hub, not its model.
+    assert infer_version(agent) == "1"
+
+
 def test_hub_refreshes_timestamp_before_it_expires(fleet) -> None:
     hub = fleet.hub("--timestamp-expiry-s", "4", "--refresh-interval-s", "0.5")
     agent = fleet.agent(hub, "edge-1", "site=berlin")
