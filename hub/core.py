@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -183,7 +184,11 @@ class HubCore:
     # -- publishing -----------------------------------------------------------------------------
 
     def new_upload(self) -> Path:
-        return Path(tempfile.mkstemp(prefix="upload-", suffix=".tar", dir=self.paths.uploads)[1])
+        fd, path = tempfile.mkstemp(prefix="upload-", suffix=".tar", dir=self.paths.uploads)
+        # Only the name is wanted (Publish opens it again): an open descriptor would outlive
+        # the upload, held on the blob it becomes or on a refused upload's deleted bytes.
+        os.close(fd)
+        return Path(path)
 
     def verify_upload(self, header: Mapping[str, Any], archive: Path) -> dict[str, Any]:
         """Check an uploaded archive (hash, size, a bundle the agent would accept) and move it

@@ -351,6 +351,10 @@ class OpenLoad:
         self._threads: list[threading.Thread] = []
         self._clients: list[grpcclient.InferenceServerClient] = []
 
+    def scheduled_ns(self, i: np.ndarray) -> np.ndarray:
+        """perf_counter_ns at which requests ``i`` were due."""
+        return self.t0 + np.round(i * self.period_ns).astype(np.int64)
+
     def __enter__(self) -> OpenLoad:
         for _ in range(self.senders):
             client = grpcclient.InferenceServerClient(self.target.url)
