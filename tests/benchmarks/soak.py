@@ -428,7 +428,8 @@ class Run:
                            + "".join(f"; v{sw.version}: {sw.error}" for sw in self.swaps
                                      if sw.error)),
                   bool(self.swaps) and len(done) == len(self.swaps))  # fmt: skip
-        after = [sw for sw in self.swaps if not np.isnan(r.at_s) and sw.due_s >= r.at_s]
+        # The swap due at the midpoint itself waits for the restart: it is the first after it.
+        after = [sw for sw in self.swaps if sw.due_s >= s.seconds / 2]
         if not np.isnan(r.at_s):
             rep.check(Row("hub restart", "SIGTERM -> exit, start -> READY",
                           f"{r.stop_s:.2f} s, {r.ready_s:.2f} s", target="restarted",
