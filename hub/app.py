@@ -203,7 +203,12 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
         stopping = True
         log.info("shutting down: draining in-flight calls (up to %gs)", cfg.drain_timeout_s)
         notifier.stopping(f"stopping: draining in-flight calls (up to {cfg.drain_timeout_s:g}s)")
-        await server.stop(grace=cfg.drain_timeout_s)
+        # New calls are refused first, then the watch streams end: they would otherwise hold
+        # the drain for its whole timeout, and their agents reconnect with backoff anyway.
+        draining = asyncio.ensure_future(server.stop(grace=cfg.drain_timeout_s))
+        await asyncio.sleep(0)
+        await core.close_watches()
+        await draining
         await asyncio.gather(*tasks)
         if bridge is not None:
             bridge.stop()

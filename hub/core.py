@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -189,6 +190,9 @@ class HubCore:
         self.mark_signed_targets()
         self.check_registry_against_targets()
         self.changed = asyncio.Condition()
+        # Set at shutdown: watch streams never end on their own, so they end here instead of
+        # holding the drain for its whole timeout (agents reconnect to the next hub).
+        self.closing = False
         from hub.telemetry import TELEMETRY_FILE, TelemetryIngestor, TelemetryStore
 
         # Fleet telemetry (DuckDB, docs/telemetry.md): ingested through telemetry_ingest by the
@@ -208,7 +212,11 @@ class HubCore:
     # -- publishing -----------------------------------------------------------------------------
 
     def new_upload(self) -> Path:
-        return Path(tempfile.mkstemp(prefix="upload-", suffix=".tar", dir=self.paths.uploads)[1])
+        fd, path = tempfile.mkstemp(prefix="upload-", suffix=".tar", dir=self.paths.uploads)
+        # Only the name is wanted (Publish opens it again): an open descriptor would outlive
+        # the upload, held on the blob it becomes or on a refused upload's deleted bytes.
+        os.close(fd)
+        return Path(path)
 
     def check_publish_header(self, header: Mapping[str, Any]) -> None:
         """Refuse a header before any of its bytes are taken: name, version, notes, size."""
@@ -543,6 +551,12 @@ class HubCore:
         async with self.changed:
             self.changed.notify_all()
         return matched, revision
+
+    async def close_watches(self) -> None:
+        """End every WatchDesired stream (the hub is stopping)."""
+        self.closing = True
+        async with self.changed:
+            self.changed.notify_all()
 
     async def revoke(self, agent_id: str) -> None:
         self.registry.revoke(agent_id)

@@ -119,7 +119,7 @@ class FleetServicer(pb_grpc.FleetServicer):
     async def WatchDesired(self, request, context):
         agent_id = caller(context, "agent")
         last: pb.DesiredState | None = None
-        while True:
+        while not self.core.closing:
             agent = self.core.authorize_agent(agent_id)
             self.core.registry.touch(agent_id)
             revision, desired = self.core.desired(agent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import stat
 import subprocess
@@ -501,6 +502,52 @@ def test_hub_restart_keeps_state_and_agent_restart_offline(fleet) -> None:
     again.wait_model("mlp", timeout=60)
     assert infer_version(again) == "2"
     wait_for(lambda: "retrying" in again.logs(), 30, "reconnect attempts logged")
+
+
+def test_hub_stops_at_once_while_agents_watch(fleet, tmp_path: Path) -> None:
+    # Found by the soak (make soak): every hub restart took the whole drain timeout, because an
+    # agent's WatchDesired stream never ends on its own. A drain far longer than the test's
+    # patience makes a stream that holds it impossible to miss.
+    config = tmp_path / "hub.toml"
+    config.write_text("[hub]\ndrain_timeout_s = 30.0\n")
+    hub = fleet.hub("--config", str(config))
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1, through the watch stream")
+    started = time.monotonic()
+    assert hub.stop(timeout=25) == 0
+    assert time.monotonic() - started < 10
+    assert "stopped" in hub.logs()
+    # The agent lost its hub, not its model.
+    assert infer_version(agent) == "1"
+
+
+def open_under(pid: int, root: Path) -> list[str]:
+    """What a process holds open under ``root`` (a deleted file ends in " (deleted)")."""
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue  # closed while listing
+        if target.startswith(str(root)):
+            held.append(target)
+    return sorted(held)
+
+
+def test_publishing_leaves_no_file_open_in_the_hub(fleet) -> None:
+    # Found by the soak (make soak): the hub kept one descriptor per upload, on the blob it
+    # became (or on the deleted upload of a refused one), so its descriptors grew by one with
+    # every publish until it ran out.
+    hub = fleet.hub()
+    assert hub.proc is not None
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    before = open_under(hub.proc.pid, hub.data)
+    hub.cli("publish", "mlp", str(fleet.model(1)))
+    refused = hub.cli("publish", "mlp", str(fleet.model(2)), "--version", "1", check=False)
+    assert refused.returncode != 0
+    assert open_under(hub.proc.pid, hub.data) == before
 
 
 def test_hub_refreshes_timestamp_before_it_expires(fleet) -> None:

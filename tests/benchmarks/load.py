@@ -7,6 +7,7 @@ the echo baseline carries too.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -292,3 +293,154 @@ def run_concurrent(
         failed=len(rec.errors_in(t0, t1)),
         cpu_s=cpu1 - cpu0 if server_pid else None,
     )
+
+
+class OpenLoad:
+    """Request ``i`` is due at ``t0 + i / rate``, whether or not earlier ones have returned.
+
+    A closed loop slows down with the server and so hides a stall; here the offered rate stays
+    fixed and latency counts from each request's *due* time, so a stalled server or a sender
+    that fell behind shows in the figures instead of thinning the sample (no coordinated
+    omission). ``senders`` threads, each with its own client (own channel), own every
+    ``senders``-th request and send it with a blocking ``infer`` at its due time, as wrk2 does
+    per connection: at most ``senders`` requests are in flight, and when all are busy the next
+    ones leave late, which their latency shows. Blocking calls, not ``async_infer``: on two
+    shared cores a future per request and a callback on gRPC's thread cost the client about a
+    third more CPU per request, taken from the server being measured.
+
+    Every scheduled request ends in exactly one of: answered (``OK``), failed (``FAILED``: an
+    error from the server or the client, or the client's deadline), or never sent (``UNSENT``:
+    the load was stopped early). ``counts()`` adds them up.
+    """
+
+    UNSENT, PENDING, OK, FAILED = 0, 1, 2, 3
+    # Error messages kept verbatim (the first ones); the rest are only counted by kind.
+    KEEP_ERRORS = 20
+
+    def __init__(
+        self,
+        target: Target,
+        x: np.ndarray,
+        *,
+        rate: float,
+        duration_s: float,
+        senders: int = 16,
+        timeout_s: float = CLIENT_TIMEOUT_S,
+    ) -> None:
+        if rate <= 0 or duration_s <= 0 or senders < 1:
+            raise ValueError(f"rate, duration and senders must be positive, got {rate}, "
+                             f"{duration_s} and {senders}")  # fmt: skip
+        self.target = target
+        self.x = x
+        self.rate = rate
+        self.n = max(1, int(rate * duration_s))
+        self.period_ns = 1e9 / rate
+        self.senders = senders
+        self.timeout_s = timeout_s
+        self.t0 = 0
+        self.state = np.zeros(self.n, dtype=np.int8)
+        # From the due time to the answer (or the error), ns; -1 while unanswered.
+        self.latency = np.full(self.n, -1, dtype=np.int64)
+        # How late the request actually left, ns: the sender was busy or descheduled.
+        self.send_lag = np.zeros(self.n, dtype=np.int64)
+        self.version = np.zeros(self.n, dtype=np.int32)
+        self.error_kinds: dict[str, int] = {}
+        self.first_errors: list[tuple[int, str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._clients: list[grpcclient.InferenceServerClient] = []
+
+    def scheduled_ns(self, i: np.ndarray) -> np.ndarray:
+        """perf_counter_ns at which requests ``i`` were due."""
+        return self.t0 + np.round(i * self.period_ns).astype(np.int64)
+
+    def __enter__(self) -> OpenLoad:
+        for _ in range(self.senders):
+            client = grpcclient.InferenceServerClient(self.target.url)
+            self._clients.append(client)
+            client.is_server_live(client_timeout=self.timeout_s)  # connected before the clock
+        # A little head room so every sender is waiting for its first slot when it comes.
+        self.t0 = time.perf_counter_ns() + 50_000_000
+        for k, client in enumerate(self._clients):
+            t = threading.Thread(target=self._send, args=(k, client), name=f"open-{k}",
+                                 daemon=True)  # fmt: skip
+            self._threads.append(t)
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the whole schedule to be sent and answered (at most ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def stop(self) -> None:
+        """Stop sending; what is in flight ends within the client's deadline. Closes the clients."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout_s + 5)
+        for c in self._clients:
+            c.close()
+        self._clients = []
+
+    def _send(self, k: int, client: grpcclient.InferenceServerClient) -> None:
+        inputs = make_inputs(self.x)
+        model = self.target.model
+        for i in range(k, self.n, self.senders):
+            due = self.t0 + round(i * self.period_ns)
+            wait_ns = due - time.perf_counter_ns()
+            # Sleep in slices so stop() is honoured within 50 ms even between slow slots.
+            while wait_ns > 0:
+                if self._stop.wait(min(wait_ns, 50_000_000) / 1e9):
+                    return
+                wait_ns = due - time.perf_counter_ns()
+            if self._stop.is_set():
+                return
+            self.send_lag[i] = -wait_ns
+            self.state[i] = self.PENDING
+            try:
+                res = client.infer(model, inputs, client_timeout=self.timeout_s)
+                version = res.get_response().model_version
+            except Exception as exc:  # every failure counts, whatever its kind
+                self.latency[i] = time.perf_counter_ns() - due
+                self._fail(i, f"{type(exc).__name__}: {exc}")
+                continue
+            self.latency[i] = time.perf_counter_ns() - due
+            self.version[i] = int(version) if version.isdigit() else -1
+            self.state[i] = self.OK
+
+    def _fail(self, i: int, message: str) -> None:
+        with self._lock:
+            self.state[i] = self.FAILED
+            # Grouped by the exception and the start of its message (status code and detail).
+            kind = message[:90]
+            self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+            if len(self.first_errors) < self.KEEP_ERRORS:
+                self.first_errors.append((i, message[:300]))
+
+    def counts(self) -> dict[str, int]:
+        s = self.state
+        return {
+            "scheduled": self.n,
+            "ok": int(np.count_nonzero(s == self.OK)),
+            "failed": int(np.count_nonzero(s == self.FAILED)),
+            # In flight when counted: only while the load runs (stop() waits for them).
+            "pending": int(np.count_nonzero(s == self.PENDING)),
+            "unsent": int(np.count_nonzero(s == self.UNSENT)),
+        }
+
+    def window(self, t0_ns: int, t1_ns: int) -> np.ndarray:
+        """Indices of the requests due in [t0_ns, t1_ns)."""
+        lo = max(0, math.ceil((t0_ns - self.t0) / self.period_ns))
+        hi = min(self.n, max(0, math.ceil((t1_ns - self.t0) / self.period_ns)))
+        return np.arange(lo, hi) if hi > lo else np.empty(0, dtype=np.int64)
+
+    def ok_latencies(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """Latencies (ns) of the answered requests among ``idx`` (all when None)."""
+        state = self.state if idx is None else self.state[idx]
+        lat = self.latency if idx is None else self.latency[idx]
+        return lat[state == self.OK]
