@@ -57,6 +57,8 @@ from protos.errors import BundleError, ModelfleetError, ResourceExhaustedError, 
 log = logging.getLogger(__name__)
 
 SERVED_FILE = "served.json"
+# Deaths of the agent while one version was being loaded and gated before it is refused.
+MAX_GATE_CRASHES = 3
 
 
 class CacheDamagedError(ModelfleetError):
@@ -122,6 +124,7 @@ class FleetSync:
         # a restart serves the last good version first and does not retry a refused one.
         self.served_file = self.data / SERVED_FILE
         self.last_good: dict[str, int] = {}
+        self._gate_crashes: dict[tuple[str, int], int] = {}
         self._load_served(slots)
         self.revision = 0
         self.errors: dict[str, str] = {}
@@ -205,6 +208,24 @@ class FleetSync:
                     result = GateResult(int(version), False, str(r["reason"]), str(r["kind"]),
                                         None, float(r.get("at", 0.0)))  # fmt: skip
                     slots.remember_failure(str(name), int(version), r.get("fingerprint"), result)
+            # A gate that was running when the agent died: count it, and after
+            # MAX_GATE_CRASHES refuse the version (it takes the process down: OOM, a crash in
+            # onnxruntime), instead of crash-looping on every start.
+            for name, (version, crashes) in raw.get("gating", {}).items():
+                name, version, crashes = str(name), int(version), int(crashes)
+                if name not in desired:
+                    continue
+                self._gate_crashes[name, version] = crashes
+                if crashes >= MAX_GATE_CRASHES:
+                    sha = next((d.sha256 for d in self.desired
+                                if d.name == name and d.version == version), None)  # fmt: skip
+                    reason = (f"the agent died {crashes} times while loading and gating this "
+                              "version (out of memory? a crash in onnxruntime?); see the system "
+                              "log")  # fmt: skip
+                    log.error("%s v%d: %s; not retried", name, version, reason)
+                    slots.remember_failure(name, version, sha,
+                                           GateResult(version, False, reason, "crash", None,
+                                                      time.time()))  # fmt: skip
         except FileNotFoundError:
             return
         except Exception as exc:  # any damage (bad JSON, wrong types, huge numbers)
@@ -224,12 +245,28 @@ class FleetSync:
                         "kind": r.kind,
                         "at": r.at,
                     }
-        return {"last_good": dict(sorted(self.last_good.items())), "refused": refused}
+        # Written before a load starts, cleared when it ends either way: present at start-up
+        # means the process died while gating (counted per version).
+        gating = {
+            name: [slot.loading, self._gate_crashes.get((name, slot.loading), 0) + 1]
+            for name, slot in self.slots.slots.items()
+            if slot.loading is not None
+        }
+        state: dict[str, Any] = {"last_good": dict(sorted(self.last_good.items())),
+                                 "refused": refused}  # fmt: skip
+        if gating:
+            state["gating"] = gating
+        return state
 
     def _on_slot_change(self, name: str) -> None:
         slot = self.slots.slots.get(name)
         if slot is not None and slot.active is not None:
             self.last_good[name] = slot.active.version
+        if slot is not None and slot.loading is None:
+            # This load ended without taking the process down: its crash count is history.
+            for key in [k for k in self._gate_crashes if k[0] == name]:
+                if slot.last_gate is not None and slot.last_gate.version == key[1]:
+                    del self._gate_crashes[key]
         state = self._served_state()
         if state != getattr(self, "_served_written", None):
             _write_json(self.served_file, state)

@@ -181,3 +181,34 @@ def test_restart_without_a_usable_served_json_still_serves(
     assert infer_version(again) == "1"
     assert _cached(again, 1).is_dir()
     assert _served(again)["last_good"] == {"mlp": 1}
+
+
+@pytest.mark.parametrize("crashes", [2, 3])
+def test_a_version_whose_gate_kills_the_agent_is_not_retried_forever(
+    fleet,  # noqa: F811
+    crashes: int,
+) -> None:
+    """served.json as the agent leaves it when it dies while gating v2 (OOM, a crash in
+    onnxruntime), two or three times: two deaths are retried, the third refuses the version."""
+    hub = fleet.hub()
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    hub.cli("publish", "mlp", str(fleet.model(0)))
+    hub.cli("publish", "mlp", str(fleet.model(1)))
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1")
+    hub.cli("deploy", "mlp", "2")
+    wait_for(lambda: active(agent) == 2, 60, "v2 cached")
+    agent.stop()
+    hub.stop()
+    state = {"last_good": {"mlp": 1}, "refused": {}, "gating": {"mlp": [2, crashes]}}
+    (agent.models / "served.json").write_text(json.dumps(state))
+    again = _restart(fleet, agent)
+    again.wait_model("mlp", timeout=60)
+    if crashes == 2:
+        wait_for(lambda: active(again) == 2, 60, "v2 gated again after two deaths")
+        assert "gating" not in _served(again)
+    else:
+        again.wait_log("died 3 times while loading and gating", timeout=30)
+        time.sleep(1)
+        assert infer_version(again) == "1"
+        assert _served(again)["refused"]["mlp"]["2"]["kind"] == "crash"
