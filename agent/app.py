@@ -13,10 +13,8 @@ from typing import Any
 import grpc
 
 from agent.config import RELOADABLE, ServeConfig, reload_config
-from agent.logs import reload_logged
 from agent.metrics import AgentMetrics
 from agent.repository import RepositoryWatcher
-from agent.runtime import RuntimeOptions
 from agent.serving.dataplane import DataPlane
 from agent.serving.grpc_server import (
     HealthReporter,
@@ -26,8 +24,10 @@ from agent.serving.grpc_server import (
 )
 from agent.serving.security import BearerTokenInterceptor, TlsFiles, server_credentials
 from agent.slots import BatchingConfig, SlotManager
-from protos.sdnotify import Notifier
-from protos.settings import split_hostport
+from kernel.logs import reload_logged
+from kernel.runtime import RuntimeOptions
+from kernel.sdnotify import Notifier
+from kernel.settings import split_hostport
 
 log = logging.getLogger("agent")
 

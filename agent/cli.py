@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from protos.errors import EXIT_CODES, InvalidRequestError, ModelfleetError, Status
-from protos.malloc import tune_malloc
+from kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError, Status
+from kernel.malloc import tune_malloc
 
 
 def _add_admin_args(p: argparse.ArgumentParser) -> None:
@@ -142,7 +142,7 @@ def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
 
 
 def cmd_bundle_create(args: argparse.Namespace) -> int:
-    from protos import bundle as b
+    from kernel import bundle as b
 
     kwargs: dict[str, Any] = {}
     if args.tolerance is not None:
@@ -173,7 +173,7 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle_inspect(args: argparse.Namespace) -> int:
-    from protos.bundle import load_bundle
+    from kernel.bundle import load_bundle
 
     bundle = load_bundle(args.bundle_dir)
     print(json.dumps(bundle.manifest.to_json(), indent=2))
@@ -183,7 +183,7 @@ def cmd_bundle_inspect(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from agent.app import serve
     from agent.config import load_config
-    from agent.logs import setup_logging
+    from kernel.logs import setup_logging
 
     overrides = {
         "models": args.models,
@@ -216,7 +216,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.app import serve
     from agent.config import load_config
-    from agent.logs import setup_logging
+    from kernel.logs import setup_logging
 
     overrides = {"listen": args.listen, "metrics_listen": args.metrics_listen,
                  "log_level": args.log_level, "log_json": args.log_json,
@@ -281,7 +281,7 @@ class _Unavailable(ModelfleetError):
 def _call(fn: Any, request: Any) -> Any:
     import grpc
 
-    from protos.errors import ModelNotFoundError
+    from kernel.errors import ModelNotFoundError
 
     try:
         return fn(request, timeout=10)

@@ -8,13 +8,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protos.errors import InvalidRequestError
-from protos.settings import load_settings, split_hostport
+from kernel.errors import InvalidRequestError
+from kernel.settings import ConfigOrigin, apply_reloadable, load_settings, split_hostport
 
 ENV_PREFIX = "MODELFLEET_AGENT_"
 
@@ -26,17 +26,6 @@ RELOADABLE = frozenset(
     {"log_level", "log_json", "poll_interval_s", "drain_timeout_s", "report_interval_s",
      "resync_interval_s"}
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ConfigOrigin:
-    """Where a config came from, so a reload (SIGHUP) reads the same sources the same way."""
-
-    path: Path | None
-    # Command-line values: they keep overriding the file after a reload, as at start.
-    overrides: Mapping[str, Any]
-    # None: the process environment (read again at reload; it does not change under us).
-    env: Mapping[str, str] | None = None
 
 
 @dataclass
@@ -182,26 +171,6 @@ def _apply_enrollment(
 
 def _setting_names() -> list[str]:
     return [f.name for f in dataclasses.fields(ServeConfig) if f.name != "origin"]
-
-
-def apply_reloadable(
-    current: Any, fresh: Any, reloadable: Iterable[str]
-) -> tuple[list[str], list[str]]:
-    """Copy changed reloadable settings from ``fresh`` into ``current``; returns (applied,
-    changed but needing a restart). In place, so every holder of the running config sees them.
-    """
-    applied: list[str] = []
-    restart: list[str] = []
-    allowed = set(reloadable)
-    for f in dataclasses.fields(current):
-        if f.name == "origin" or getattr(current, f.name) == getattr(fresh, f.name):
-            continue
-        if f.name in allowed:
-            setattr(current, f.name, getattr(fresh, f.name))
-            applied.append(f.name)
-        else:
-            restart.append(f.name)
-    return applied, restart
 
 
 def reload_config(cfg: ServeConfig) -> tuple[list[str], list[str]]:

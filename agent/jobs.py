@@ -19,8 +19,8 @@ from typing import Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from agent.slots import SlotManager
-from protos.errors import ModelfleetError, ModelNotFoundError
-from protos.schedule import trigger_for
+from kernel.errors import ModelfleetError, ModelNotFoundError
+from kernel.schedule import trigger_for
 
 log = logging.getLogger(__name__)
 

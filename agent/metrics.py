@@ -11,24 +11,19 @@ from prometheus_client import (
     start_http_server,
 )
 
+from agent.telemetry import TelemetryAggregator
+from kernel.telemetry_bounds import BATCH_BUCKETS, LATENCY_BUCKETS
+
 # The *_created series double the exposition size and nobody alerts on them.
 disable_created_metrics()
 
-# Buckets in seconds: 50 us .. 10 s, dense where low-latency serving lives.
-_LATENCY_BUCKETS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
-)  # fmt: skip
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# The fleet telemetry (agent/telemetry.py) reports with the same bounds.
-LATENCY_BUCKETS = _LATENCY_BUCKETS
-BATCH_BUCKETS = _BATCH_BUCKETS
+# Buckets in seconds: 50 us .. 10 s, dense where low-latency serving lives. The fleet telemetry
+# (agent/telemetry.py) and the hub use the same bounds (kernel/telemetry_bounds.py).
+_LATENCY_BUCKETS, _BATCH_BUCKETS = LATENCY_BUCKETS, BATCH_BUCKETS
 
 
 class AgentMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        from agent.telemetry import TelemetryAggregator  # imports this module's bucket bounds
-
         self.registry = registry or CollectorRegistry()
         # Per version counters for the hub (fleet mode reports them; standalone just counts).
         self.telemetry = TelemetryAggregator()

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.slots import ModelStatus, SlotManager
-from protos.bundle import BUNDLE_FILES, NAME_RE
-from protos.errors import ModelfleetError
+from kernel.bundle import BUNDLE_FILES, NAME_RE
+from kernel.errors import ModelfleetError
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,9 @@ import numpy as np
 
 from agent.gate import GateResult, evaluate
 from agent.metrics import AgentMetrics
-from agent.runtime import OnnxModel, RuntimeOptions
 from agent.serving.batcher import DirectRunner, DynamicBatcher, Timing
-from protos.bundle import Bundle, load_bundle
-from protos.errors import (
+from kernel.bundle import Bundle, load_bundle
+from kernel.errors import (
     BundleError,
     GateFailedError,
     ModelfleetError,
@@ -32,6 +31,7 @@ from protos.errors import (
     ModelNotReadyError,
     Status,
 )
+from kernel.runtime import OnnxModel, RuntimeOptions
 
 log = logging.getLogger(__name__)
 

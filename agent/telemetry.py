@@ -48,21 +48,19 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
+from kernel.atomic import atomic_write
+from kernel.telemetry_bounds import BATCH_BOUNDS, LATENCY_BOUNDS
 from protos import fleet_pb2 as pb
-from protos.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
-LATENCY_BOUNDS: tuple[float, ...] = tuple(float(b) for b in LATENCY_BUCKETS)
-BATCH_BOUNDS: tuple[float, ...] = tuple(float(b) for b in BATCH_BUCKETS)
 # Client-supplied model names are unbounded; only models the agent knows get their own entry.
 UNKNOWN_MODEL = "_unknown"
 JOURNAL_FILE = "telemetry-journal"
 
 # -- the layout of a store: slots of 128 int64 cells (1 KiB); slot 0 is the header -------------
 SLOT_CELLS = 128
-_NAME_CELLS = 16  # 128 bytes: model names are at most 128 ASCII characters (protos.bundle)
+_NAME_CELLS = 16  # 128 bytes: model names are at most 128 ASCII characters (kernel.bundle)
 _VERSION = 16
 REASON_SLOTS = 8  # distinct failure reasons per version; further ones count as "other"
 _REASON_BYTES = 32

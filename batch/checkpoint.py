@@ -34,9 +34,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from protos.atomic import fsync_dir as _fsync_dir
-from protos.atomic import try_lock
-from protos.errors import ModelfleetError, Status
+from kernel.atomic import fsync_dir as _fsync_dir
+from kernel.atomic import try_lock
+from kernel.errors import ModelfleetError, Status
 
 CHECKPOINT_FILE = "_checkpoint.jsonl"
 LOCK_FILE = "_lock"

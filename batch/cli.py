@@ -1,7 +1,7 @@
 """``modelfleet-batch``: batch scoring of Parquet data (a thin edge over :mod:`batch.engine`).
 
 Errors are printed once as ``modelfleet-batch: error: <message>`` and mapped to the project's
-exit codes (``protos.errors.EXIT_CODES``); the summary goes to stdout as JSON.
+exit codes (``kernel.errors.EXIT_CODES``); the summary goes to stdout as JSON.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
-from protos.errors import EXIT_CODES, ModelfleetError
-from protos.malloc import tune_malloc
+from kernel.errors import EXIT_CODES, ModelfleetError
+from kernel.malloc import tune_malloc
 
 PROG = "modelfleet-batch"
 

@@ -2,7 +2,7 @@
 
 The CLI (``batch/cli.py``) is a thin edge over this module, and the agent can call
 :func:`score` in-process (scheduled jobs): nothing here prints except the optional progress
-line, and every failure is a :mod:`protos.errors` type.
+line, and every failure is a :mod:`kernel.errors` type.
 
 The pipeline overlaps the three costs of a run on separate threads joined by bounded queues::
 
@@ -41,7 +41,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from agent.runtime import OnnxModel, RuntimeOptions
 from batch import source as src
 from batch.checkpoint import DUCKDB_TMP_DIR, RunConflictError, RunDir, UnitRecord, part_name
 from batch.mapping import (
@@ -56,8 +55,9 @@ from batch.mapping import (
     rejected_schema,
 )
 from batch.progress import Progress, wanted
-from protos.bundle import Bundle, load_bundle
-from protos.errors import InvalidRequestError, ModelfleetError
+from kernel.bundle import Bundle, load_bundle
+from kernel.errors import InvalidRequestError, ModelfleetError
+from kernel.runtime import OnnxModel, RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +197,9 @@ def new_run_id() -> str:
 def score(config: ScoreConfig) -> ScoreSummary:
     """Score ``config.input`` with the bundle into ``config.output``; see the module docstring.
 
-    Raises :class:`protos.errors.InvalidRequestError` (bad arguments or, with
-    ``on_error="fail"``, bad data), :class:`protos.errors.BundleError`,
-    :class:`protos.errors.InferenceError` and :class:`RunConflictError`.
+    Raises :class:`kernel.errors.InvalidRequestError` (bad arguments or, with
+    ``on_error="fail"``, bad data), :class:`kernel.errors.BundleError`,
+    :class:`kernel.errors.InferenceError` and :class:`RunConflictError`.
     """
     config.validate()
     started = time.monotonic()

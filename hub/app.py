@@ -12,21 +12,21 @@ from pathlib import Path
 
 import grpc
 
-from agent.logs import reload_logged
 from hub.ca import DEFAULT_CLIENT_DAYS
 from hub.config import RELOADABLE, HubConfig, reload_hub_config
 from hub.core import HubCore, lock_data_dir
 from hub.server import AdminServicer, FleetServicer, dump_json, server_options
 from hub.signing import RepositoryIntegrityError
-from protos import fleet_pb2_grpc as pb_grpc
-from protos.identity import (
+from kernel.identity import (
     generate_key,
     load_certificate,
     renewal_time,
     write_pem,
     write_private_key,
 )
-from protos.sdnotify import Notifier
+from kernel.logs import reload_logged
+from kernel.sdnotify import Notifier
+from protos import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger("hub")
 

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protos.errors import InvalidRequestError
-from protos.identity import (
+from kernel.errors import InvalidRequestError
+from kernel.identity import (
     HUB_CN,
     CredentialsError,
     IdentityError,

@@ -14,14 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protos.errors import (
+from kernel.errors import (
     EXIT_CODES,
     InvalidRequestError,
     ModelfleetError,
     Status,
     VerificationError,
 )
-from protos.malloc import tune_malloc
+from kernel.malloc import tune_malloc
 
 if TYPE_CHECKING:
     from hub.signing import ExpectedTarget
@@ -47,7 +47,7 @@ def _labels(text: str) -> dict[str, str]:
 
 
 def _version(text: str) -> int:
-    from protos.bundle import MAX_VERSION, VERSION_RANGE
+    from kernel.bundle import MAX_VERSION, VERSION_RANGE
 
     try:
         value = int(text)
@@ -290,7 +290,7 @@ class _Unavailable(ModelfleetError):
 def call(fn: Any, request: Any, timeout: float = 60) -> Any:
     import grpc
 
-    from protos.grpc_status import STATUS_BY_CODE
+    from kernel.grpc_status import STATUS_BY_CODE
 
     try:
         return fn(request, timeout=timeout)
@@ -307,9 +307,9 @@ def call(fn: Any, request: Any, timeout: float = 60) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from agent.logs import setup_logging
     from hub.app import serve
     from hub.config import load_hub_config
+    from kernel.logs import setup_logging
 
     overrides = {k: getattr(args, k) for k in (
         "listen", "enroll_listen", "advertise", "advertise_enroll", "hostnames",
@@ -361,7 +361,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from hub.config import load_hub_config
     from hub.core import HubPaths, expiry_policy, lock_data_dir
     from hub.signing import TufRepository, load_signer, set_public_key
-    from protos.atomic import atomic_write
+    from kernel.atomic import atomic_write
 
     paths = HubPaths(args.data)
     role = args.role
@@ -453,8 +453,8 @@ def _progress(total: int) -> Iterator[None]:
 def cmd_publish(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from kernel.bundle import create_bundle, pack_bundle, synthetic_samples
     from protos import fleet_pb2 as pb
-    from protos.bundle import create_bundle, pack_bundle, synthetic_samples
 
     if not args.model.is_file():
         raise InvalidRequestError(f"model file {args.model} does not exist")

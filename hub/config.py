@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.config import ConfigOrigin, apply_reloadable
-from protos.errors import InvalidRequestError
-from protos.settings import load_settings, split_hostport
+from kernel.errors import InvalidRequestError
+from kernel.settings import ConfigOrigin, apply_reloadable, load_settings, split_hostport
 
 ENV_PREFIX = "MODELFLEET_HUB_"
 

@@ -1,7 +1,7 @@
 """The hub's core: publishing, signing, enrollment, desired state. No gRPC in here.
 
 Transports (the gRPC servicers today, MQTT later) authenticate the caller, convert messages and
-call these methods; errors are :mod:`protos.errors` types mapped once at each edge.
+call these methods; errors are :mod:`kernel.errors` types mapped once at each edge.
 """
 
 from __future__ import annotations
@@ -42,10 +42,9 @@ from hub.signing import (
     TufRepository,
     init_keys,
 )
-from protos import fleet_pb2
-from protos.atomic import try_lock
-from protos.bundle import NAME_RE, NAME_RULE, unpack_bundle
-from protos.errors import (
+from kernel.atomic import try_lock
+from kernel.bundle import NAME_RE, NAME_RULE, unpack_bundle
+from kernel.errors import (
     InvalidRequestError,
     ModelfleetError,
     ModelNotFoundError,
@@ -53,13 +52,14 @@ from protos.errors import (
     Status,
     VerificationError,
 )
-from protos.identity import (
+from kernel.identity import (
     EnrollToken,
     cert_fingerprint,
     certificate_common_name,
     load_certificate,
     token_secret_hash,
 )
+from protos import fleet_pb2
 
 log = logging.getLogger(__name__)
 

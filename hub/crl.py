@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hub.ca import CertificateAuthority
 from hub.registry import Registry
-from protos.atomic import atomic_write
+from kernel.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from hub.core import HubCore
 from hub.crl import CRL_FILE, PID_FILE, BrokerFiles, write_crl
 from hub.registry import Registry
 from hub.server import desired_to_proto
+from kernel import mqtt_topics as t
+from kernel.errors import ModelfleetError
+from kernel.identity import generate_key, parse_identity, write_pem, write_private_key
+from kernel.mqtt_client import make_client, publish_properties, session_properties
+from kernel.settings import split_hostport
 from protos import fleet_pb2 as pb
-from protos import mqtt_topics as t
-from protos.errors import ModelfleetError
-from protos.identity import generate_key, parse_identity, write_pem, write_private_key
-from protos.mqtt_client import make_client, publish_properties, session_properties
-from protos.settings import split_hostport
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protos.bundle import MAX_VERSION, VERSION_RANGE
-from protos.errors import (
+from kernel.bundle import MAX_VERSION, VERSION_RANGE
+from kernel.errors import (
     BundleExistsError,
     InvalidRequestError,
     ModelfleetError,

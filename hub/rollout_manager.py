@@ -14,7 +14,7 @@ from typing import Any
 
 from hub.registry import selector_matches
 from hub.rollouts import ACTIVE_STATES, Rollout, Spec, Stats
-from protos.errors import InvalidRequestError, ModelfleetError, ModelNotFoundError
+from kernel.errors import InvalidRequestError, ModelfleetError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 

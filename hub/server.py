@@ -16,11 +16,11 @@ import grpc
 
 from hub.core import HubCore, PublishResult
 from hub.registry import AgentRow, Desired, PermissionDeniedError, VersionRow
+from kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError
+from kernel.grpc_status import GRPC_CODES
+from kernel.identity import IdentityError, parse_identity
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
-from protos.errors import EXIT_CODES, InvalidRequestError, ModelfleetError
-from protos.grpc_status import GRPC_CODES
-from protos.identity import IdentityError, parse_identity
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class JobServicerMixin:
 
     @unary
     async def CreateJob(self, request, context):
-        from protos.schedule import trigger_for
+        from kernel.schedule import trigger_for
 
         caller(context, "admin")
         spec = {f: getattr(request.spec, f) for f in JOB_SPEC_FIELDS}

@@ -61,8 +61,8 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
-from protos.atomic import atomic_write as _atomic_write
-from protos.errors import (
+from kernel.atomic import atomic_write as _atomic_write
+from kernel.errors import (
     BundleExistsError,
     InvalidRequestError,
     ModelfleetError,

@@ -66,7 +66,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from agent.telemetry import BATCH_BOUNDS, LATENCY_BOUNDS
+from kernel.telemetry_bounds import BATCH_BOUNDS, LATENCY_BOUNDS
 from protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -562,7 +562,7 @@ def serve_metrics(store: TelemetryStore, listen: str) -> Any:
     """The hub's Prometheus /metrics on ``listen`` (HOST:PORT); returns the HTTP server."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from protos.settings import split_hostport
+    from kernel.settings import split_hostport
 
     host, port = split_hostport(listen, "metrics_listen")
     registry = CollectorRegistry()

@@ -1,5 +1,4 @@
-"""Contracts shared by hub, agent and batch: wire protocols, the bundle format, the error family.
+"""Contracts on the wire: the .proto files and the code grpc_tools generates from them, only.
 
-Nothing here imports from ``agent``, ``hub`` or ``batch``, so each of them can depend on it
-without depending on each other.
+Hand-written code shared by hub, agent and batch lives in ``kernel``.
 """

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protos.bundle import Bundle, create_bundle
+from kernel.bundle import Bundle, create_bundle
 from tests import models
 from tests.procs import AgentProcess
 

@@ -25,8 +25,8 @@ from onnx import helper, numpy_helper
 from batch import cli
 from batch.checkpoint import RunConflictError, RunDir
 from batch.engine import ScoreConfig, ScoreSummary, score
-from protos.bundle import Bundle, create_bundle
-from protos.errors import EXIT_CODES, InferenceError, InvalidRequestError, Status
+from kernel.bundle import Bundle, create_bundle
+from kernel.errors import EXIT_CODES, InferenceError, InvalidRequestError, Status
 from tests import models
 from tests.procs import ROOT
 

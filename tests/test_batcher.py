@@ -12,7 +12,7 @@ import pytest
 
 from agent.serving import batcher
 from agent.serving.batcher import DirectRunner, DynamicBatcher
-from protos.errors import InferenceError
+from kernel.errors import InferenceError
 
 
 class FakeModel:

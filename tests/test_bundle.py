@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from protos.bundle import create_bundle, load_bundle
-from protos.errors import BundleError, BundleExistsError
+from kernel.bundle import create_bundle, load_bundle
+from kernel.errors import BundleError, BundleExistsError
 from tests import models
 from tests.conftest import make_mlp_bundle, mlp_samples
 
@@ -102,7 +102,7 @@ def test_string_samples_round_trip(repo: Path, tmp_path: Path) -> None:
 
 
 def test_pack_is_deterministic_and_unpack_round_trips(repo: Path, tmp_path: Path) -> None:
-    from protos.bundle import pack_bundle, unpack_bundle
+    from kernel.bundle import pack_bundle, unpack_bundle
 
     b = make_mlp_bundle(repo, 4)
     sha1, size1 = pack_bundle(b.path, tmp_path / "a.tar")
@@ -119,7 +119,7 @@ def test_unpack_refuses_hostile_archives(tmp_path: Path) -> None:
     import io
     import tarfile
 
-    from protos.bundle import unpack_bundle
+    from kernel.bundle import unpack_bundle
 
     evil = tmp_path / "evil.tar"
     with tarfile.open(evil, "w") as tar:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from protos.bundle import BUNDLE_FILES, pack_bundle
-from protos.bundle_stream import HEADERS_FILE, StreamUnpacker
-from protos.errors import BundleError
+from kernel.bundle import BUNDLE_FILES, pack_bundle
+from kernel.bundle_stream import HEADERS_FILE, StreamUnpacker
+from kernel.errors import BundleError
 from tests.conftest import make_mlp_bundle
 
 

@@ -17,9 +17,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from google.protobuf.json_format import MessageToDict
 
+from kernel.identity import generate_key, load_certificate, make_csr
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
-from protos.identity import generate_key, load_certificate, make_csr
 from tests import models
 from tests.procs import (
     ROOT,
@@ -185,7 +185,7 @@ def test_tokens_are_one_time_and_expire(fleet, tmp_path: Path) -> None:
     garbage = enroll("d", "mft1.bm90LWpzb24")
     assert garbage.returncode == 3
     # A wrong CA fingerprint (a man in the middle's CA) is refused before any secret is sent.
-    from protos.identity import EnrollToken
+    from kernel.identity import EnrollToken
 
     tok = EnrollToken.decode(hub.cli("agents", "token").strip())
     forged = EnrollToken(tok.token_id, tok.secret, tok.hub_address, "sha256:" + "0" * 64,

@@ -12,7 +12,7 @@ import pytest
 from agent.fleet.cache import BundleCache
 from agent.fleet.sync import Backoff
 from hub.registry import FailedPreconditionError, PermissionDeniedError, Registry
-from protos.errors import BundleExistsError, InvalidRequestError
+from kernel.errors import BundleExistsError, InvalidRequestError
 
 
 def test_backoff_is_bounded_jittered_and_resets() -> None:
@@ -164,7 +164,7 @@ def test_agent_reports_are_buffered_and_written_together(
 
 
 def test_try_lock_is_exclusive_and_released_on_close(tmp_path: Path) -> None:
-    from protos.atomic import try_lock
+    from kernel.atomic import try_lock
 
     first = try_lock(tmp_path / "x.lock")
     assert first is not None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from agent.gate import evaluate
-from protos.bundle import HealthSpec, Manifest, TensorSpec
+from kernel.bundle import HealthSpec, Manifest, TensorSpec
 
 
 def manifest(budget_ms: float = 10.0, datatype: str = "FP32") -> Manifest:

@@ -24,9 +24,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hub.ca import CertificateAuthority
-from protos import identity
-from protos.errors import InvalidRequestError, Status
-from protos.identity import (
+from kernel import identity
+from kernel.errors import InvalidRequestError, Status
+from kernel.identity import (
     CredentialsError,
     EnrollToken,
     HubUnreachableError,

@@ -18,8 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from agent.fleet import renew
 from hub.app import ensure_admin_identity
 from hub.ca import CertificateAuthority
-from protos import fleet_pb2 as pb
-from protos.identity import (
+from kernel.identity import (
     CredentialsError,
     agent_common_name,
     generate_key,
@@ -29,6 +28,7 @@ from protos.identity import (
     write_pem,
     write_private_key,
 )
+from protos import fleet_pb2 as pb
 
 AGENT = "edge-1-abc123"
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from hub.rollouts import Gate, Rollout, Spec, Stats, stable_order, wave_sizes
-from protos.errors import InvalidRequestError
+from kernel.errors import InvalidRequestError
 
 
 @dataclass

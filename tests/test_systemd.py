@@ -34,8 +34,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.config import ServeConfig, load_config, reload_config
 from hub.config import HubConfig, load_hub_config, reload_hub_config
-from protos.errors import InvalidRequestError
-from protos.sdnotify import Notifier
+from kernel.errors import InvalidRequestError
+from kernel.sdnotify import Notifier
 from tests import models
 from tests.conftest import make_mlp_bundle, mlp_samples
 from tests.procs import ROOT, AgentProcess, HubProcess, enroll_agent, free_port, wait_for
@@ -201,7 +201,7 @@ def test_journal_format_only_when_stderr_is_the_journal_stream(
     import json
     import logging
 
-    from agent.logs import setup_logging
+    from kernel.logs import setup_logging
 
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
@@ -619,7 +619,7 @@ def test_deb_holds_the_venv_units_and_configs(built: Built) -> None:
         "/opt/modelfleet/venv/pyvenv.cfg",
         f"{site}/agent/app.py",
         f"{site}/agent/__pycache__/app.cpython-311.pyc",
-        f"{site}/protos/sdnotify.py",
+        f"{site}/kernel/sdnotify.py",
         f"{site}/onnxruntime/__init__.py",
         "/usr/bin/modelfleet-agent",
         "/usr/lib/systemd/system/modelfleet-agent.service",

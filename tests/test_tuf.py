@@ -36,8 +36,8 @@ from hub.signing import (
     load_signer,
     sign_staged,
 )
-from protos.bundle import create_bundle, load_bundle, pack_bundle
-from protos.errors import (
+from kernel.bundle import create_bundle, load_bundle, pack_bundle
+from kernel.errors import (
     BundleError,
     BundleExistsError,
     InvalidRequestError,

@@ -14,10 +14,8 @@ import grpc
 
 from agent.fleet.renew import discard_pending
 from agent.fleet.transport import IDENTITY_DIR, channel_options, rpc_error
-from protos import fleet_pb2 as pb
-from protos import fleet_pb2_grpc as pb_grpc
-from protos.errors import BundleExistsError
-from protos.identity import (
+from kernel.errors import BundleExistsError
+from kernel.identity import (
     EnrollToken,
     TokenError,
     fetch_ca_certificate,
@@ -27,6 +25,8 @@ from protos.identity import (
     write_pem,
     write_private_key,
 )
+from protos import fleet_pb2 as pb
+from protos import fleet_pb2_grpc as pb_grpc
 
 TUF_DIR = "tuf"
 # The token in the environment: for containers and orchestrators that hand secrets over that

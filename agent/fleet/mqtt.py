@@ -19,11 +19,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent.fleet.transport import IDENTITY_DIR, HubError
+from kernel import mqtt_topics as t
+from kernel.errors import ModelNotFoundError, Status
+from kernel.mqtt_client import make_client, publish_properties, session_properties, tls_context
+from kernel.settings import split_hostport
 from protos import fleet_pb2 as pb
-from protos import mqtt_topics as t
-from protos.errors import ModelNotFoundError, Status
-from protos.mqtt_client import make_client, publish_properties, session_properties, tls_context
-from protos.settings import split_hostport
 
 log = logging.getLogger(__name__)
 

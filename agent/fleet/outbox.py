@@ -42,8 +42,8 @@ from agent.telemetry import (
     TelemetryAggregator,
     recovered_report,
 )
+from kernel.errors import ModelfleetError
 from protos import fleet_pb2 as pb
-from protos.errors import ModelfleetError
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protos import fleet_pb2 as pb
-from protos.atomic import fsync_dir
-from protos.identity import (
+from kernel.atomic import fsync_dir
+from kernel.identity import (
     RENEW_BEFORE_S,
     CredentialsError,
     certificate_common_name,
@@ -39,6 +38,7 @@ from protos.identity import (
     write_pem,
     write_private_key,
 )
+from protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 

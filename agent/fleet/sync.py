@@ -50,9 +50,9 @@ from agent.gate import GateResult
 from agent.jobs import JobRunner, JobSpec, RunResult
 from agent.slots import SlotManager
 from agent.telemetry import JOURNAL_FILE
+from kernel.errors import BundleError, ModelfleetError, ResourceExhaustedError, Status
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
-from protos.errors import BundleError, ModelfleetError, ResourceExhaustedError, Status
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import grpc
 
+from kernel.errors import ModelfleetError, ModelNotFoundError, Status
+from kernel.identity import CredentialsError
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
-from protos.errors import ModelfleetError, ModelNotFoundError, Status
-from protos.identity import CredentialsError
 
 IDENTITY_DIR = "identity"
 FETCH_TARGET_METHOD = "/modelfleet.fleet.v1.Fleet/FetchTarget"

@@ -4,7 +4,7 @@
 metadata (root -> timestamp -> snapshot -> targets, each checked for signatures, versions and
 expiry) and looks up the signed target ``<name>/<version>/bundle.tar``. The archive's bytes
 are then streamed from the hub, hashed as they arrive and unpacked as they arrive
-(``protos.bundle_stream``): every byte is written once, and the file that lands on disk is the
+(``kernel.bundle_stream``): every byte is written once, and the file that lands on disk is the
 bundle file itself, not an archive to be copied out later. Only when the archive's length and
 every signed hash match (TUF's target check, done here instead of by ``download_target``,
 which would re-read the file) is the manifest checked and the directory renamed to
@@ -26,7 +26,7 @@ attempt starts clean.
 Errors: everything that means "do not trust this" becomes ``VerificationError`` naming the
 attack class (rollback, freeze, bad signature, hash mismatch, ...) plus ngclient's own text;
 transport failures become ``TransportUnavailableError`` (retry later, partial bytes kept) or the
-``protos.errors`` error the transport raised; a full disk is ``ResourceExhaustedError``; a
+``kernel.errors`` error the transport raised; a full disk is ``ResourceExhaustedError``; a
 signed archive that is not a well-formed bundle is ``BundleError``.
 """
 
@@ -50,10 +50,10 @@ from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from agent.fleet.cache import tree_size
-from protos.atomic import atomic_write as _atomic_write
-from protos.bundle import MANIFEST_FILE, NAME_RE, publish_unpacked
-from protos.bundle_stream import Buffer, StreamUnpacker
-from protos.errors import (
+from kernel.atomic import atomic_write as _atomic_write
+from kernel.bundle import MANIFEST_FILE, NAME_RE, publish_unpacked
+from kernel.bundle_stream import Buffer, StreamUnpacker
+from kernel.errors import (
     BundleError,
     BundleExistsError,
     InvalidRequestError,
@@ -98,9 +98,9 @@ class Transport(Protocol):
     """How the agent gets bytes from the hub (gRPC, MQTT, or in memory for tests).
 
     Both methods return an iterator of chunks; failures may be raised when called or while
-    iterating. Raise ``protos.errors.ModelNotFoundError`` when the hub does not have the file:
+    iterating. Raise ``kernel.errors.ModelNotFoundError`` when the hub does not have the file:
     ngclient probes for ``N+1.root.json`` and must see "not found" to know the root is current.
-    Raise other ``protos.errors`` errors or ``OSError`` for transport failures.
+    Raise other ``kernel.errors`` errors or ``OSError`` for transport failures.
     """
 
     def fetch_metadata(self, filename: str) -> Iterator[bytes]:
@@ -276,7 +276,7 @@ class BundleVerifier:
         Raises ``VerificationError`` (unsigned, tampered, rollback, expired, bad signature...),
         ``BundleError`` (signed but not a well-formed bundle of that name and version),
         ``ResourceExhaustedError`` (disk), ``TransportUnavailableError`` or the transport's
-        own ``protos.errors`` error.
+        own ``kernel.errors`` error.
         """
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise InvalidRequestError(f"invalid model name {name!r}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protos.errors import InferenceError
+from kernel.errors import InferenceError
 
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 # Called once per executed batch: (batch size in rows, compute seconds).

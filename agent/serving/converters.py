@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from agent.serving.dataplane import InferInput, InferRequest, InferResponse
+from kernel.datatypes import numpy_dtype
+from kernel.errors import InvalidRequestError
 from protos import inference_pb2 as pb
-from protos.datatypes import numpy_dtype
-from protos.errors import InvalidRequestError
 
 # Which InferTensorContents field carries each datatype when inputs are typed.
 _CONTENTS_FIELD = {

@@ -1,7 +1,7 @@
 """The inference core, shared by every transport: validate, run, account.
 
 Transports convert their messages into :class:`InferRequest` (numpy arrays, no protobuf) and
-call :meth:`DataPlane.infer`; errors are :mod:`protos.errors` types that each edge maps once.
+call :meth:`DataPlane.infer`; errors are :mod:`kernel.errors` types that each edge maps once.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 
 from agent.metrics import AgentMetrics
 from agent.slots import LoadedVersion, SlotManager
-from protos.bundle import TensorSpec
-from protos.datatypes import datatype_of
-from protos.errors import InvalidRequestError, ModelfleetError
+from kernel.bundle import TensorSpec
+from kernel.datatypes import datatype_of
+from kernel.errors import InvalidRequestError, ModelfleetError
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """gRPC edge of the agent: the Open Inference Protocol, grpc.health.v1, and the local admin API.
 
-Each handler converts, calls the core and converts back; errors from :mod:`protos.errors` are
+Each handler converts, calls the core and converts back; errors from :mod:`kernel.errors` are
 mapped to gRPC status codes in one place (:func:`_grpc_errors`).
 """
 
@@ -21,11 +21,11 @@ from agent.serving.batcher import DynamicBatcher
 from agent.serving.converters import request_from_proto, response_to_proto
 from agent.serving.dataplane import DataPlane
 from agent.slots import LoadedVersion, SlotManager
+from kernel.errors import ModelfleetError, ModelNotFoundError, Status
+from kernel.grpc_status import GRPC_CODES
 from protos import agent_pb2, agent_pb2_grpc
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from protos.errors import ModelfleetError, ModelNotFoundError, Status
-from protos.grpc_status import GRPC_CODES
 
 log = logging.getLogger(__name__)
 

@@ -50,8 +50,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.engine import available_cpus
-from protos.bundle import create_bundle
-from protos.malloc import tune_malloc
+from kernel.bundle import create_bundle
+from kernel.malloc import tune_malloc
 from tests import models
 from tests.procs import ROOT
 
@@ -213,7 +213,7 @@ def _verdict(ok: bool) -> str:
 
 
 def main() -> dict[str, Any]:
-    # The engine's CLI tunes glibc malloc (protos/malloc.py); the baselines run in this process
+    # The engine's CLI tunes glibc malloc (kernel/malloc.py); the baselines run in this process
     # and get the same, so the ratios compare pipelines, not allocators.
     tune_malloc()
     figures: dict[str, Any] = {

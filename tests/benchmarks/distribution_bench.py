@@ -62,7 +62,7 @@ FAN_OUT = 8
 SOLO_RUNS = 5
 REPEATS = 3  # for the baseline and every stage measured alone: medians, the machine is shared
 RATIO_TARGET = 0.5
-FSYNC_EVERY = 4 << 20  # the agent's fsync interval (protos/bundle_stream.py)
+FSYNC_EVERY = 4 << 20  # the agent's fsync interval (kernel/bundle_stream.py)
 IO_CHUNK = 1 << 20  # the hub's blob read size and FetchTarget message size
 POLL_S = 0.02
 # Generated once and reused between runs: building and checking 200 MB of weights takes a while.
@@ -474,7 +474,7 @@ def profile_stages(
     from agent.fleet.enroll import TUF_DIR
     from agent.fleet.transport import GrpcTransport, credentials
     from agent.fleet.verify import BundleVerifier
-    from protos.bundle import load_bundle
+    from kernel.bundle import load_bundle
 
     assert hub.proc is not None
     out: dict[str, float] = {}

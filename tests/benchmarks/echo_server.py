@@ -25,9 +25,9 @@ from typing import Any
 
 import grpc
 
+from kernel.datatypes import NUMPY_BY_DATATYPE
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
-from protos.datatypes import NUMPY_BY_DATATYPE
 
 
 def build_response(name: str, spec: dict[str, Any]) -> pb.ModelInferResponse:

@@ -58,9 +58,9 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives import serialization
 
 from agent.fleet.mqtt import MqttLink
+from kernel import mqtt_topics as t
+from kernel.mqtt_client import make_client, session_properties
 from protos import fleet_pb2 as pb
-from protos import mqtt_topics as t
-from protos.mqtt_client import make_client, session_properties
 from tests import models
 from tests.benchmarks.distribution_bench import SystemSample, cpu_seconds, format_table, row
 from tests.procs import BrokerProcess, HubProcess, hub_admin
@@ -310,7 +310,7 @@ def issue_identities(hub_data: Path, work: Path, n: int) -> list[tuple[str, Path
     """n agents: key + CSR + certificate from the hub's CA, registered while the hub is down."""
     from hub.ca import CertificateAuthority
     from hub.registry import Registry
-    from protos.identity import cert_fingerprint, generate_key, make_csr
+    from kernel.identity import cert_fingerprint, generate_key, make_csr
 
     ca = CertificateAuthority.load_or_create(hub_data / "ca")
     registry = Registry(hub_data / "registry.db")

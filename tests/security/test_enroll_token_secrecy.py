@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from protos.identity import EnrollToken
+from kernel.identity import EnrollToken
 from tests.procs import ROOT, AgentProcess, HubProcess, wait_for
 
 ENROLL = [sys.executable, "-m", "agent.cli", "enroll"]

@@ -25,8 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from hub.ca import CertificateAuthority
-from protos.errors import InvalidRequestError
-from protos.identity import generate_key, write_pem, write_private_key
+from kernel.errors import InvalidRequestError
+from kernel.identity import generate_key, write_pem, write_private_key
 from tests.conftest import make_mlp_bundle
 from tests.procs import ROOT, AgentProcess, HubProcess, enroll_agent, wait_for
 

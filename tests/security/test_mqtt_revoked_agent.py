@@ -89,7 +89,8 @@ def test_revoked_agent_cannot_connect_to_the_broker(
         # Refused for its revoked certificate (the client sees the broker's "certificate
         # revoked" alert, or only the closed connection when the broker closes first).
         assert revoked_serials(broker) == {serial(ident_a)}
-        assert "certificate verify failed" in broker.logs()
+        # The broker writes its log line when it gets to it: wait for it, boundedly.
+        wait_for(lambda: "certificate verify failed" in broker.logs(), 10, "the broker's refusal")
         assert handshake(broker, ident_b) == "ok"
         assert "reloaded" in hub.logs() and "1 revoked certificate(s)" in hub.logs()
         # Its connection from before the revocation is closed too, and it cannot come back.

@@ -25,7 +25,7 @@ from hub.signing import (
     init_keys,
     load_signer,
 )
-from protos.errors import VerificationError
+from kernel.errors import VerificationError
 
 A, B, EVIL = "aa" * 32, "bb" * 32, "ee" * 32
 

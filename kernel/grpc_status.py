@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from protos.errors import Status
+from kernel.errors import Status
 
 GRPC_CODES: dict[Status, grpc.StatusCode] = {
     Status.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,

@@ -44,8 +44,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import NameOID
 
-from protos.atomic import atomic_write as _atomic_write
-from protos.errors import InvalidRequestError, ModelfleetError, Status
+from kernel.atomic import atomic_write as _atomic_write
+from kernel.errors import InvalidRequestError, ModelfleetError, Status
 
 
 class IdentityError(ModelfleetError):

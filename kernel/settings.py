@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from protos.errors import InvalidRequestError
+from kernel.errors import InvalidRequestError
 
 T = TypeVar("T")
 
@@ -86,3 +87,34 @@ def split_hostport(value: str, what: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host:
         raise InvalidRequestError(f"config: {what} must be HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class ConfigOrigin:
+    """Where a config came from, so a reload (SIGHUP) reads the same sources the same way."""
+
+    path: Path | None
+    # Command-line values: they keep overriding the file after a reload, as at start.
+    overrides: Mapping[str, Any]
+    # None: the process environment (read again at reload; it does not change under us).
+    env: Mapping[str, str] | None = None
+
+
+def apply_reloadable(
+    current: Any, fresh: Any, reloadable: Iterable[str]
+) -> tuple[list[str], list[str]]:
+    """Copy changed reloadable settings from ``fresh`` into ``current``; returns (applied,
+    changed but needing a restart). In place, so every holder of the running config sees them.
+    """
+    applied: list[str] = []
+    restart: list[str] = []
+    allowed = set(reloadable)
+    for f in dataclasses.fields(current):
+        if f.name == "origin" or getattr(current, f.name) == getattr(fresh, f.name):
+            continue
+        if f.name in allowed:
+            setattr(current, f.name, getattr(fresh, f.name))
+            applied.append(f.name)
+        else:
+            restart.append(f.name)
+    return applied, restart

@@ -1,6 +1,6 @@
 """Unpack a bundle archive while its bytes arrive, resumably: one write of every byte, no copy.
 
-The archive is the uncompressed tar that ``protos.bundle.pack_bundle`` writes: for each of the
+The archive is the uncompressed tar that ``kernel.bundle.pack_bundle`` writes: for each of the
 bundle files a 512-byte ustar header, the file's bytes and zero padding to the next 512-byte
 boundary, then the end-of-archive zero blocks. :class:`StreamUnpacker` routes every incoming
 byte to one of two places in a staging directory:
@@ -30,9 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from protos.atomic import fsync_dir
-from protos.bundle import BUNDLE_FILES
-from protos.errors import BundleError
+from kernel.atomic import fsync_dir
+from kernel.bundle import BUNDLE_FILES
+from kernel.errors import BundleError
 
 BLOCK = 512
 HEADERS_FILE = "headers"
