@@ -333,7 +333,7 @@ class _Attempt:
         cfg = self.config
         units: list[src.Unit] = []
         reader: pa.RecordBatchReader | None = None
-        con = None
+        con: Any = None  # a DuckDB connection when cfg.sql is set
         try:
             if cfg.sql is None:
                 schema = src.first_schema(self.files)

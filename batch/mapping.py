@@ -25,6 +25,9 @@ from kernel.errors import InferenceError, InvalidRequestError
 META_COLUMNS = ("model_name", "model_version", "run_id")
 # Columns of the rejected-rows file besides the key columns.
 REJECT_COLUMNS = ("source", "row", "reason")
+# None as a 0-d object array: elementwise "is this reason unset" with np.equal (numpy's stubs do
+# not take a bare None there; the result is the same).
+_NONE = np.array(None, dtype=object)
 
 _STRING_TYPES = (
     pa.string(),
@@ -319,7 +322,7 @@ def _row_problems(batch: pa.RecordBatch, bindings: Sequence[InputBinding]) -> np
         if reasons is None:
             reasons = np.full(n, None, dtype=object)
         # The first problem found for a row is the one reported.
-        reasons[mask & np.equal(reasons, None)] = reason
+        reasons[mask & np.equal(reasons, _NONE)] = reason
 
     for b in bindings:
         for col in b.columns:
@@ -403,10 +406,11 @@ def extract(
         reasons = np.full(n, reason, dtype=object)
         rejected = _rejected(batch, keys, np.arange(n), reasons, source, first_row)
         return Extracted(n, {}, [], 0, rejected)
-    reasons = _row_problems(batch, bindings)
+    problems = _row_problems(batch, bindings)
     rejected = None
-    if reasons is not None:
-        bad = np.flatnonzero(np.not_equal(reasons, None))
+    if problems is not None:
+        reasons = problems
+        bad = np.flatnonzero(np.not_equal(reasons, _NONE))
         if not skip:
             row = int(bad[0])
             more = f" (and {len(bad) - 1} more rows in this batch)" if len(bad) > 1 else ""
@@ -414,7 +418,7 @@ def extract(
                 f"{locate(first_row + row)}: {reasons[row]}{more}", reason="null"
             )
         rejected = _rejected(batch, keys, bad, reasons[bad], source, first_row)
-        batch = batch.filter(pa.array(np.equal(reasons, None)))
+        batch = batch.filter(pa.array(np.equal(reasons, _NONE)))
     inputs = {b.name: _tensor(batch, b) for b in bindings}
     key_arrays = [batch.column(k.name) for k in keys]
     return Extracted(n, inputs, key_arrays, batch.num_rows, rejected)

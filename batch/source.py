@@ -209,7 +209,7 @@ def open_sql(
     """
     import duckdb
 
-    config: dict[str, str | int | bool] = {
+    config: dict[str, str | bool | int | float | list[str]] = {
         "memory_limit": memory_limit,
         "temp_directory": str(temp_dir),
         # Keep the stream in the order DuckDB scanned it: a plain SELECT ... WHERE then yields

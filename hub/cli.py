@@ -10,7 +10,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -342,7 +342,8 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     if args.offline:
         extra = {"root_signer": load_signer(args.offline / "root.pem"),
                  "targets_signer": load_signer(args.offline / "targets.pem")}  # fmt: skip
-    TufRepository.create(paths.metadata, keys_dir, **extra)
+    TufRepository.create(paths.metadata, keys_dir, root_signer=extra.get("root_signer"),
+                         targets_signer=extra.get("targets_signer"))  # fmt: skip
     for role, keyid in ids.items():
         print(f"{role:<10} {keyid}")
     if args.offline:
@@ -432,7 +433,7 @@ def cmd_mqtt_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(total: int) -> Iterator[None]:
+def _progress(total: int) -> Generator[None, int, None]:
     """A progress bar on stderr for uploads (only when stderr is a terminal or forced)."""
     start = time.monotonic()
     sent = 0
@@ -513,9 +514,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
             return EXIT_CODES[Status.FAILED_PRECONDITION]
         from hub.signing import ExpectedTarget, bundle_target_path
 
-        expected = ExpectedTarget(bundle_target_path(args.name, version), digest, size,
-                                  bundle.manifest.model_sha256)  # fmt: skip
-        v = _sign(stub, args.name, v.version, resp, args.targets_key, expected, args.allow_extra)
+        built = ExpectedTarget(bundle_target_path(args.name, version), digest, size,
+                               bundle.manifest.model_sha256)  # fmt: skip
+        v = _sign(stub, args.name, v.version, resp, args.targets_key, built, args.allow_extra)
     same = f" (same content as v{v.same_content_as})" if v.same_content_as else ""
     print(f"published {v.name} v{v.version}: {v.size} bytes, sha256 {v.sha256[:12]}, "
           f"stage {v.stage}, {'signed' if v.signed else 'unsigned'}{same}")  # fmt: skip

@@ -314,8 +314,8 @@ class MqttBridge:
                 send(pb.Chunk(data=data, total_size=len(data)), eof="1")
                 return
             req = pb.FetchRequest.FromString(msg.payload)
-            fut = asyncio.run_coroutine_threadsafe(self._authorize(agent_id), self.loop)
-            fut.result(timeout=10)
+            authorized = asyncio.run_coroutine_threadsafe(self._authorize(agent_id), self.loop)
+            authorized.result(timeout=10)
             length = int(user.get(t.PROP_LENGTH, "0") or 0)
             if kind == "metadata":
                 data = self.core.metadata(req.path)

@@ -56,7 +56,7 @@ class FleetObserver:
 
     def prepared(self, agent_id: str, version: int) -> bool:
         m = self.reports.get(agent_id)
-        return bool(m) and _int(m.get("previous_version")) == version
+        return m is not None and _int(m.get("previous_version")) == version
 
     def stats(self, version: int, agents: Collection[str], since: float, until: float) -> Stats:
         store = getattr(self.core, "telemetry", None)

@@ -132,7 +132,7 @@ def stable_order(agents: Collection[str], model: str, version: int) -> list[str]
 
 def wave_sizes(waves: Sequence[str], total: int) -> list[int]:
     """Cumulative agent counts per wave; percentages round up so a wave is never empty."""
-    sizes = []
+    sizes: list[int] = []
     for w in waves:
         w = w.strip()
         n = math.ceil(total * float(w[:-1]) / 100) if w.endswith("%") else int(w)

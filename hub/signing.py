@@ -623,8 +623,10 @@ def check_signing_request(
             )
         custom = mine.custom
         name, _, rest = expected.path.partition("/")
-        version = rest.partition("/")[0]
-        if custom.get("name", name) != name or str(custom.get("version", version)) != version:
+        version_text = rest.partition("/")[0]
+        if custom.get("name", name) != name or (
+            str(custom.get("version", version_text)) != version_text
+        ):
             problems.append(f"{expected.path} carries custom fields for another model: {custom}")
         if (
             expected.manifest_sha256 is not None
@@ -700,9 +702,9 @@ class TufRepository:
                 _atomic_write(self.keys_dir / ROOT_ANCHOR_FILE,
                               (json.dumps({"1.root.json": {"sha256": self._anchor}}) + "\n")
                               .encode())  # fmt: skip
-        self._snapshot_signer = load_signer(self.keys_dir / "snapshot.pem")
-        self._timestamp_signer = load_signer(self.keys_dir / "timestamp.pem")
-        self._targets_signer = _optional_signer(self.keys_dir / "targets.pem")
+        self._snapshot_signer: Signer = load_signer(self.keys_dir / "snapshot.pem")
+        self._timestamp_signer: Signer = load_signer(self.keys_dir / "timestamp.pem")
+        self._targets_signer: Signer | None = _optional_signer(self.keys_dir / "targets.pem")
         self._check_signer(self._snapshot_signer, "snapshot")
         self._check_signer(self._timestamp_signer, "timestamp")
         if self._targets_signer is not None:

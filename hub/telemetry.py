@@ -298,7 +298,7 @@ class TelemetryStore:
                 rep[name].append(value)
             for v in r.versions:
                 reasons = sorted(v.failures_by_reason.items())
-                for name, value in (
+                for name, cell in (
                     ("agent_id", agent_id), ("seq", seq), ("model", v.model),
                     ("version", v.version), ("start_unix", r.start_unix),
                     ("end_unix", r.end_unix), ("requests", v.requests), ("failures", v.failures),
@@ -315,7 +315,7 @@ class TelemetryStore:
                     ("gate_passed", v.gate_passed), ("gate_failed", v.gate_failed),
                     ("swaps", v.swaps), ("rollbacks", v.rollbacks),
                 ):  # fmt: skip
-                    ver[name].append(value)
+                    ver[name].append(cell)
                 key = (v.model, v.version)
                 req, fail = per_version.get(key, (0, 0))
                 per_version[key] = (req + v.requests, fail + v.failures)
@@ -402,11 +402,11 @@ class TelemetryStore:
     def stored_reports(self, agent_id: str | None = None) -> int:
         with self._lock:
             if agent_id is None:
-                return int(self._db.execute("SELECT count(*) FROM reports").fetchone()[0])
-            return int(
+                return _count(self._db.execute("SELECT count(*) FROM reports").fetchone())
+            return _count(
                 self._db.execute(
                     "SELECT count(*) FROM reports WHERE agent_id = ?", [agent_id]
-                ).fetchone()[0]
+                ).fetchone()
             )
 
     def prune(self) -> int:
@@ -417,9 +417,9 @@ class TelemetryStore:
         with self._lock:
             self._db.execute("BEGIN TRANSACTION")
             try:
-                (n,) = self._db.execute(
+                n = _count(self._db.execute(
                     "SELECT count(*) FROM reports WHERE end_unix < ?", [horizon]
-                ).fetchone()
+                ).fetchone())  # fmt: skip
                 self._db.execute("DELETE FROM version_stats WHERE end_unix < ?", [horizon])
                 self._db.execute("DELETE FROM reports WHERE end_unix < ?", [horizon])
                 self._db.execute("COMMIT")
@@ -566,7 +566,7 @@ def serve_metrics(store: TelemetryStore, listen: str) -> Any:
 
     host, port = split_hostport(listen, "metrics_listen")
     registry = CollectorRegistry()
-    registry.register(FleetCollector(store))  # type: ignore[arg-type]
+    registry.register(FleetCollector(store))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server
 
@@ -581,3 +581,8 @@ __all__ = [
     "rebucket",
     "serve_metrics",
 ]
+
+
+def _count(row: tuple[Any, ...] | None) -> int:
+    """The value of a ``SELECT count(*)`` row (DuckDB types fetchone() as optional)."""
+    return int(row[0]) if row is not None else 0

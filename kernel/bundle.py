@@ -373,7 +373,7 @@ def _default_max_batch(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec
 def _write_npz(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     stored = {k: (_to_unicode(v) if v.dtype.kind in ("O", "S") else v) for k, v in arrays.items()}
-    np.savez(buf, **stored)
+    np.savez(buf, **stored)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     return buf.getvalue()
 
 

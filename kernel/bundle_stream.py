@@ -28,7 +28,7 @@ import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from kernel.atomic import fsync_dir
 from kernel.bundle import BUNDLE_FILES
@@ -311,7 +311,7 @@ def _open(path: Path, flags: int, mode: str) -> BinaryIO:
     """A file object for ``path`` that refuses to follow a symlink (ELOOP -> OSError)."""
     fd = os.open(path, flags | _NOFOLLOW, 0o644)
     try:
-        return os.fdopen(fd, mode)
+        return cast(BinaryIO, os.fdopen(fd, mode))
     except BaseException:
         os.close(fd)
         raise

@@ -428,7 +428,7 @@ def _unverified_chain_der(sock: ssl.SSLSocket) -> list[bytes]:
         return list(public() or [])
     # Python 3.11/3.12 have no public API for the unverified chain, but the C object behind the
     # socket has had get_unverified_chain() since 3.10; it returns _ssl.Certificate objects.
-    chain = sock._sslobj.get_unverified_chain()
+    chain = sock._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
     return [item.public_bytes(_ssl.ENCODING_DER) for item in chain or []]
 
 

@@ -58,7 +58,7 @@ def stderr_is_journal(stream: object = None) -> bool:
     if not (dev.isdigit() and ino.isdigit()):
         return False
     try:
-        st = os.fstat((stream or sys.stderr).fileno())  # type: ignore[attr-defined]
+        st = os.fstat((stream or sys.stderr).fileno())  # type: ignore[union-attr]
     except (OSError, ValueError, AttributeError):
         return False
     return (st.st_dev, st.st_ino) == (int(dev), int(ino))

@@ -107,7 +107,7 @@ class Transport(Protocol):
         """The whole metadata file ``filename`` (e.g. ``"3.snapshot.json"``)."""
         ...
 
-    def fetch_target(self, path: str, offset: int) -> Iterator[bytes]:
+    def fetch_target(self, path: str, offset: int) -> Iterator[bytes | memoryview]:
         """Bytes of target ``path`` (``"mlp/3/<sha256>.bundle.tar"``) from ``offset`` to the end.
 
         ``offset`` equal to the file's length yields nothing.
@@ -333,7 +333,12 @@ class BundleVerifier:
         staging = self._staging(info)
         unpacker = StreamUnpacker(staging, where=f"bundle {label}")
         try:
-            offset = unpacker.resume(lambda data: [h.update(data) for h in hashers.values()])
+
+            def rehash(data: bytes) -> None:
+                for h in hashers.values():
+                    h.update(data)
+
+            offset = unpacker.resume(rehash)
         except BundleError as exc:
             logger.warning("%s; starting the download again", exc)
             offset = info.length + 1  # unusable pieces: start again below
@@ -444,13 +449,16 @@ class BundleVerifier:
                     queue.put(view[start : start + WRITE_SLICE_BYTES])
         finally:
             try:
-                chunks.close()  # stop the transport stream now, not at garbage collection
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()  # stop the transport stream now, not at garbage collection
             finally:
                 queue.put(None)
                 writer.join()
-        if failed and not isinstance(failed[0], BundleError):
-            raise failed[0]
-        return received, failed[0] if failed else None
+        error = failed[0] if failed else None
+        if error is not None and not isinstance(error, BundleError):
+            raise error
+        return received, error
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -133,7 +133,7 @@ class _ReloadingTls:
         self._seen = self._stamp()
 
     def _stamp(self) -> tuple:
-        stamp = []
+        stamp: list[tuple[int, int, int] | None] = []
         for path in self.files.paths():
             try:
                 st = path.stat()
@@ -216,12 +216,12 @@ def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMeth
         "response_serializer": handler.response_serializer,
     }
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny, **serde)  # type: ignore[arg-type]
+        return grpc.stream_stream_rpc_method_handler(deny, **serde)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny, **serde)  # type: ignore[arg-type]
+        return grpc.stream_unary_rpc_method_handler(deny, **serde)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny, **serde)  # type: ignore[arg-type]
-    return grpc.unary_unary_rpc_method_handler(deny, **serde)  # type: ignore[arg-type]
+        return grpc.unary_stream_rpc_method_handler(deny, **serde)
+    return grpc.unary_unary_rpc_method_handler(deny, **serde)
 
 
 MISSING = (
