@@ -87,10 +87,11 @@ def check_outputs(
 
 def _normalise_strings(arr: np.ndarray) -> np.ndarray:
     if arr.dtype.kind in ("O", "S", "U"):
-        return np.vectorize(
+        normalised: np.ndarray = np.vectorize(
             lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v),
             otypes=[object],
         )(arr)
+        return normalised
     return arr
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from agent.gate import GateResult, evaluate
 from agent.metrics import AgentMetrics
 from agent.serving.batcher import DirectRunner, DynamicBatcher, Timing
-from kernel.bundle import Bundle, load_bundle
+from kernel.bundle import Bundle, Manifest, load_bundle
 from kernel.errors import (
     BundleError,
     GateFailedError,
@@ -118,11 +118,13 @@ class LoadedVersion:
         self._compute_hist.observe(compute_s)
         self.telemetry.batch_done(rows, compute_s)
 
-    async def infer(self, inputs: dict[str, np.ndarray], rows: int) -> tuple[dict, Timing]:
+    async def infer(
+        self, inputs: dict[str, np.ndarray], rows: int
+    ) -> tuple[dict[str, np.ndarray], Timing]:
         return await self.runner.infer(self.model.prepare(inputs), rows)
 
     @property
-    def manifest(self):
+    def manifest(self) -> Manifest:
         return self.bundle.manifest
 
 

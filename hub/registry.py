@@ -239,7 +239,7 @@ class Registry:
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(_SCHEMA)
         self._migrate()
-        self._deployments_cache: tuple[int, list] = (-1, [])
+        self._deployments_cache: tuple[int, list[tuple[str, int, dict[str, str], str]]] = (-1, [])
         self._retired_warned: set[tuple[str, str, int]] = set()
         # Bumped on every job change, so watchers know to resend desired state.
         self._jobs_version = 0
@@ -450,7 +450,8 @@ class Registry:
                 "UPDATE tokens SET used_at = ?, used_by = ? WHERE token_id = ?",
                 (now, agent_id, token_id),
             )
-        return json.loads(r["labels"])
+        labels: dict[str, str] = json.loads(r["labels"])
+        return labels
 
     def add_agent(
         self,
@@ -689,7 +690,9 @@ class Registry:
                 (state, json.dumps(data), self.clock(), rollout_id),
             )
 
-    def rollouts(self, model: str | None = None, states: Sequence[str] = ()) -> list[dict]:
+    def rollouts(
+        self, model: str | None = None, states: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
         sql, args = "SELECT * FROM rollouts WHERE 1=1", []
         if model is not None:
             sql += " AND model = ?"

@@ -48,7 +48,7 @@ class FleetObserver:
             return None
         if _int(m.get("gate_version")) == version and not m.get("gate_passed", False):
             return f"health gate ({m.get('gate_kind', '?')}): {m.get('gate_reason', '')}"
-        error = m.get("error", "")
+        error = str(m.get("error", ""))
         # Transport trouble is not a verdict on the version; time will tell (agent timeout).
         if error and _int(m.get("desired_version")) == version and "unreachable" not in error:
             return error
