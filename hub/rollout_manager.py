@@ -14,7 +14,12 @@ from typing import Any
 
 from hub.registry import selector_matches
 from hub.rollouts import ACTIVE_STATES, Rollout, Spec, Stats
-from kernel.errors import InvalidRequestError, ModelfleetError, ModelNotFoundError
+from kernel.errors import (
+    TRANSIENT_REASONS,
+    InvalidRequestError,
+    ModelfleetError,
+    ModelNotFoundError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +54,14 @@ class FleetObserver:
         if _int(m.get("gate_version")) == version and not m.get("gate_passed", False):
             return f"health gate ({m.get('gate_kind', '?')}): {m.get('gate_reason', '')}"
         error = str(m.get("error", ""))
-        # Transport trouble is not a verdict on the version; time will tell (agent timeout).
-        if error and _int(m.get("desired_version")) == version and "unreachable" not in error:
+        # Transport or local-disk trouble is not a verdict on the version; time will tell
+        # (agent timeout). Classified by the reported reason, never by the words.
+        reason = str(m.get("error_reason", ""))
+        if (
+            error
+            and _int(m.get("desired_version")) == version
+            and (reason not in TRANSIENT_REASONS)
+        ):
             return error
         return None
 

@@ -34,6 +34,12 @@ EXIT_CODES: dict[Status, int] = {
 }
 
 
+# Reasons (ModelfleetError.reason, reported as ModelReport.error_reason) that say nothing about
+# a version itself: the hub or the node's disk was in the way. Rollouts wait these out (agent
+# timeout) instead of judging the version on them.
+TRANSIENT_REASONS = frozenset({"unreachable", "transport", "cache_damaged"})
+
+
 class ModelfleetError(Exception):
     """Base of every error the project raises on purpose."""
 

@@ -251,3 +251,25 @@ def test_blue_green_refused_preparation_rolls_back_without_switching() -> None:
     # Preparation was asked for, then withdrawn: the prepared copies are dropped again.
     assert r.prepare_out == [(a, 2) for a in r.agents] + [(a, 0) for a in r.agents]
     assert all(v == 1 for v in fleet.active.values())
+
+
+def test_refusals_are_classified_by_reported_reason_not_by_text() -> None:
+    """An agent's error counts against the version unless its reason is transient (hub
+    unreachable, transfer broken, local cache damaged): the words are never read."""
+    from types import SimpleNamespace
+
+    from hub.rollout_manager import FleetObserver
+    from kernel.errors import TRANSIENT_REASONS
+
+    def observer(error: str, reason: str) -> FleetObserver:
+        report = {"models": [{"name": "m", "desired_version": "2", "error": error,
+                              "error_reason": reason}]}  # fmt: skip
+        agent = SimpleNamespace(agent_id="a1", report=report)
+        core = SimpleNamespace(registry=SimpleNamespace(agents=lambda: [agent]))
+        return FleetObserver(core, "m")
+
+    for reason in TRANSIENT_REASONS:
+        assert observer("anything at all", reason).refusal("a1", 2) is None
+    # Text that mentions "unreachable" but is a verification failure still counts.
+    assert observer("signature unreachable?", "verification").refusal("a1", 2)
+    assert observer("disk full", "resource_exhausted").refusal("a1", 2) == "disk full"

@@ -61,6 +61,15 @@ SERVED_FILE = "served.json"
 MAX_GATE_CRASHES = 3
 
 
+def error_reason(exc: BaseException) -> str:
+    """The reason reported beside an error's text (ModelReport.error_reason)."""
+    if isinstance(exc, ModelfleetError):
+        return exc.reason
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return "unreachable"
+    return "os"
+
+
 class CacheDamagedError(ModelfleetError):
     """A cached bundle is missing or no longer matches its manifest; the hub must resend it."""
 
@@ -128,6 +137,8 @@ class FleetSync:
         self._load_served(slots)
         self.revision = 0
         self.errors: dict[str, str] = {}
+        # Per model, why (a machine-readable reason beside the words): see error_reason().
+        self.error_reasons: dict[str, str] = {}
         self.last_error = ""
         self.wakeup = asyncio.Event()
         self.report_now = asyncio.Event()
@@ -354,6 +365,7 @@ class FleetSync:
             if self.slots.has_failed(d.name, d.version, d.sha256):
                 refused = slot.failed[d.version][1] if slot is not None else None
                 serving = slot.active.version if slot and slot.active else None
+                self.error_reasons[d.name] = "gate"
                 self.errors[d.name] = (
                     f"v{d.version} was refused by the health gate"
                     f"{f' ({refused.reason})' if refused else ''}; not retried until the desired "
@@ -371,6 +383,7 @@ class FleetSync:
                 self.errors.pop(d.name, None)
             except (ModelfleetError, OSError) as exc:
                 self.errors[d.name] = str(exc)
+                self.error_reasons[d.name] = error_reason(exc)
                 self.last_error = f"{d.name} v{d.version}: {exc}"
                 log.warning("cannot deploy %s v%d: %s", d.name, d.version, exc)
                 slot = self.slots.slots.get(d.name)
@@ -410,6 +423,7 @@ class FleetSync:
                                size=d.prepare_size, switch=False)  # fmt: skip
         except (ModelfleetError, OSError) as exc:
             self.errors[d.name] = str(exc)
+            self.error_reasons[d.name] = error_reason(exc)
             log.warning("cannot prepare %s v%d: %s", d.name, d.prepare_version, exc)
 
     async def _serve_best_cached(self, d: DesiredModel) -> None:
@@ -633,6 +647,7 @@ class FleetSync:
                 loading_version=st.loading or 0,
                 desired_version=desired.get(st.name, 0),
                 error=self.errors.get(st.name, ""),
+                error_reason=self.error_reasons.get(st.name, "") if st.name in self.errors else "",
             )
             if st.last_gate is not None:
                 m.gate_version = st.last_gate.version
@@ -644,7 +659,9 @@ class FleetSync:
         for name, version in desired.items():
             if name not in reported:
                 models.append(pb.ModelReport(name=name, desired_version=version,
-                                             error=self.errors.get(name, "")))  # fmt: skip
+                                             error=self.errors.get(name, ""),
+                                             error_reason=self.error_reasons.get(name, "")
+                                             if name in self.errors else ""))  # fmt: skip
         return pb.AgentReport(
             models=models,
             # A failing renewal stays visible until one succeeds, whatever else clears.
