@@ -762,8 +762,33 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def rollout_dict(status: Any) -> dict[str, Any]:
+    """A RolloutStatus as the plain data `rollout status --json` prints (one conversion)."""
+    ev = None
+    if status.HasField("last_evaluation"):
+        e = status.last_evaluation
+        ev = {
+            "wave": e.wave, "at": e.at, "canary_requests": e.canary_requests,
+            "baseline_requests": e.baseline_requests,
+            "gates": [
+                {"gate": g.gate, "value": g.value if g.HasField("value") else None,
+                 "ok": g.ok if g.HasField("ok") else None, **({"note": g.note} if g.note else {})}
+                for g in e.gates
+            ],
+        }  # fmt: skip
+    return {
+        "id": status.id, "model": status.model, "version": status.version,
+        "state": status.state, "wave": status.wave, "waves": list(status.waves),
+        "agents": status.agents, "assigned": status.assigned, "switched": status.switched,
+        "prepared": status.prepared, "strategy": status.strategy,
+        "failed": dict(status.failed), "bake_left_s": status.bake_left_s,
+        "reason": status.reason, "gates": list(status.gates), "last_evaluation": ev,
+        "events": [{"at": x.at, "text": x.text} for x in status.events],
+    }  # fmt: skip
+
+
 def _render_rollout(status: Any) -> str:
-    d = json.loads(status.detail_json)
+    d = rollout_dict(status)
     lines = [
         f"rollout {d['id']}: {d['model']} v{d['version']}  state {d['state'].upper()}"
         + (f"  ({d['reason']})" if d["reason"] else ""),
@@ -812,7 +837,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         while True:
             status = call(stub.GetRollout, pb.GetRolloutRequest(model=args.name))
             if args.json:
-                print(status.detail_json)
+                print(json.dumps(rollout_dict(status)))
                 return 0
             text = _render_rollout(status)
             if args.watch and sys.stdout.isatty():
@@ -826,7 +851,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     if cmd == "history":
         resp = call(stub.RolloutHistory, pb.RolloutHistoryRequest(model=args.name))
         for r in resp.rollouts:
-            d = json.loads(r.detail_json)
+            d = rollout_dict(r)
             print(f"{r.id:>4}  v{r.version:<5} {r.state:<12} agents {d['agents']:<4} "
                   f"{d['reason']}")  # fmt: skip
         return 0

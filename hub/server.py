@@ -266,10 +266,23 @@ class JobServicerMixin:
 
 
 def rollout_to_proto(r: Any, now: float) -> pb.RolloutStatus:
-    return pb.RolloutStatus(
-        id=r.id, model=r.spec.model, version=r.spec.version, state=r.state,
-        detail_json=json.dumps(r.summary(now)),
+    d = r.summary(now)
+    status = pb.RolloutStatus(
+        id=d["id"], model=d["model"], version=d["version"], state=d["state"], wave=d["wave"],
+        waves=d["waves"], agents=d["agents"], assigned=d["assigned"], switched=d["switched"],
+        prepared=d["prepared"], strategy=d["strategy"], failed=d["failed"],
+        bake_left_s=d["bake_left_s"], reason=d["reason"], gates=d["gates"],
+        events=[pb.RolloutEvent(at=e["at"], text=e["text"]) for e in d["events"]],
     )  # fmt: skip
+    ev = d["last_evaluation"]
+    if ev:
+        status.last_evaluation.CopyFrom(pb.GateEvaluation(
+            wave=ev["wave"], at=ev["at"], canary_requests=ev["canary_requests"],
+            baseline_requests=ev["baseline_requests"],
+            gates=[pb.GateValue(gate=g["gate"], value=g.get("value"), ok=g.get("ok"),
+                                note=g.get("note", "")) for g in ev["gates"]],
+        ))  # fmt: skip
+    return status
 
 
 class RolloutServicerMixin:

@@ -615,19 +615,84 @@ class ControlRolloutRequest(_message.Message):
     action: str
     def __init__(self, model: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
 
+class RolloutEvent(_message.Message):
+    __slots__ = ("at", "text")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    at: float
+    text: str
+    def __init__(self, at: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+
+class GateValue(_message.Message):
+    __slots__ = ("gate", "value", "ok", "note")
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    gate: str
+    value: float
+    ok: bool
+    note: str
+    def __init__(self, gate: _Optional[str] = ..., value: _Optional[float] = ..., ok: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
+
+class GateEvaluation(_message.Message):
+    __slots__ = ("wave", "at", "canary_requests", "baseline_requests", "gates")
+    WAVE_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    CANARY_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    wave: int
+    at: float
+    canary_requests: int
+    baseline_requests: int
+    gates: _containers.RepeatedCompositeFieldContainer[GateValue]
+    def __init__(self, wave: _Optional[int] = ..., at: _Optional[float] = ..., canary_requests: _Optional[int] = ..., baseline_requests: _Optional[int] = ..., gates: _Optional[_Iterable[_Union[GateValue, _Mapping]]] = ...) -> None: ...
+
 class RolloutStatus(_message.Message):
-    __slots__ = ("id", "model", "version", "state", "detail_json")
+    __slots__ = ("id", "model", "version", "state", "wave", "waves", "agents", "assigned", "switched", "prepared", "strategy", "failed", "bake_left_s", "reason", "gates", "last_evaluation", "events")
+    class FailedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
-    DETAIL_JSON_FIELD_NUMBER: _ClassVar[int]
+    WAVE_FIELD_NUMBER: _ClassVar[int]
+    WAVES_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    SWITCHED_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    BAKE_LEFT_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     id: int
     model: str
     version: int
     state: str
-    detail_json: str
-    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., detail_json: _Optional[str] = ...) -> None: ...
+    wave: int
+    waves: _containers.RepeatedScalarFieldContainer[int]
+    agents: int
+    assigned: int
+    switched: int
+    prepared: int
+    strategy: str
+    failed: _containers.ScalarMap[str, str]
+    bake_left_s: float
+    reason: str
+    gates: _containers.RepeatedScalarFieldContainer[str]
+    last_evaluation: GateEvaluation
+    events: _containers.RepeatedCompositeFieldContainer[RolloutEvent]
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., wave: _Optional[int] = ..., waves: _Optional[_Iterable[int]] = ..., agents: _Optional[int] = ..., assigned: _Optional[int] = ..., switched: _Optional[int] = ..., prepared: _Optional[int] = ..., strategy: _Optional[str] = ..., failed: _Optional[_Mapping[str, str]] = ..., bake_left_s: _Optional[float] = ..., reason: _Optional[str] = ..., gates: _Optional[_Iterable[str]] = ..., last_evaluation: _Optional[_Union[GateEvaluation, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ...) -> None: ...
 
 class RolloutHistoryRequest(_message.Message):
     __slots__ = ("model",)

@@ -273,3 +273,35 @@ def test_refusals_are_classified_by_reported_reason_not_by_text() -> None:
     # Text that mentions "unreachable" but is a verification failure still counts.
     assert observer("signature unreachable?", "verification").refusal("a1", 2)
     assert observer("disk full", "resource_exhausted").refusal("a1", 2) == "disk full"
+
+
+def test_rollout_status_is_typed_on_the_wire_and_round_trips() -> None:
+    """The admin API carries the rollout state as typed fields (no JSON inside protobuf); the
+    CLI's one conversion gives back exactly what the engine summarised."""
+    from types import SimpleNamespace
+
+    from hub.cli import rollout_dict
+    from hub.server import rollout_to_proto
+    from protos import fleet_pb2 as pb
+
+    summary = {
+        "id": 3, "model": "m", "version": 2, "state": "baking", "wave": 2, "waves": [1, 5, 10],
+        "agents": 10, "assigned": 5, "switched": 4, "prepared": 0, "strategy": "canary",
+        "failed": {"edge-9": "did not switch within 600s"}, "bake_left_s": 12.5, "reason": "",
+        "gates": ["error_rate<0.01", "p99_vs_baseline<2"],
+        "last_evaluation": {
+            "wave": 1, "at": 1000.0, "canary_requests": 40, "baseline_requests": 0,
+            "gates": [{"gate": "error_rate<0.01", "value": 0.0, "ok": True},
+                      {"gate": "p99_vs_baseline<2", "value": None, "ok": None,
+                       "note": "no baseline traffic"}],
+        },
+        "events": [{"at": 990.0, "text": "wave 1/3: 1 agent(s)"}],
+    }  # fmt: skip
+    status = rollout_to_proto(SimpleNamespace(summary=lambda now: summary), 0.0)
+    wire = pb.RolloutStatus.FromString(status.SerializeToString())
+    assert rollout_dict(wire) == summary
+    fresh = dict(summary, last_evaluation=None, events=[], failed={})
+    wire = pb.RolloutStatus.FromString(
+        rollout_to_proto(SimpleNamespace(summary=lambda now: fresh), 0.0).SerializeToString()
+    )
+    assert rollout_dict(wire) == fresh
