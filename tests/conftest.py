@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from kernel.bundle import Bundle, create_bundle
-from tests import models
+from tests import models, process_guard
 from tests.procs import AgentProcess
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    process_guard.register(config)
 
 
 @pytest.fixture
