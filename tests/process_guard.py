@@ -1,34 +1,53 @@
-"""Unit tests cannot start processes: a test not marked ``process`` fails when it tries.
+"""The ``process`` marker: set by reading the tests, enforced by refusing process starts.
 
-`make test-unit` (``pytest -m "not process"``) is the inner loop and must stay fast and
-independent of Mosquitto, perf_analyzer and the packaging tools. A marker someone forgot would
-silently put a real-process test into that lane, so instead of trusting the markers this plugin
-refuses every process start (subprocess, fork, posix_spawn, multiprocessing, os.system) while an
-unmarked test's setup, call or teardown runs, in every lane. The refusal is also recorded, so a
-test that swallows the exception still fails.
+`make test-unit` (``pytest -m "not process"``) is the inner loop: it must stay fast and must not
+need Mosquitto, perf_analyzer or the packaging tools. So
 
-tests/conftest.py registers it; tests/test_process_guard.py proves it.
+- every test whose function or fixtures (all the way up, through the helpers and classes of the
+  test tree they name, tests/procs.py included) refer to a way of starting a process is marked
+  ``process`` at collection, and
+- while an unmarked test's setup, call or teardown runs, every process start (subprocess, fork,
+  posix_spawn, multiprocessing, os.system) raises ProcessInUnitTestError, in every lane. The
+  refusal is also recorded, so a test that swallows the exception still fails.
+
+The reading is static and can miss a start it cannot see (a method called on an object the test
+was handed, a name built at run time); the guard turns such a miss into a failing test that names
+itself, to be fixed with ``@pytest.mark.process`` or a module's ``pytestmark``.
+
+tests/conftest.py registers this plugin; tests/test_process_guard.py proves it.
 """
 
 from __future__ import annotations
 
+import _posixsubprocess
+import functools
 import inspect
 import os
 import subprocess
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-import _posixsubprocess
 import pytest
 
 MARKER = "process"
 
 HINT = (
-    "mark it `@pytest.mark.process` (or `pytestmark = pytest.mark.process` for the whole module) "
-    "so it runs in `make test` and stays out of `make test-unit`"
+    "the automatic rule in tests/process_guard.py could not see it; mark the test "
+    "`@pytest.mark.process` (or the module `pytestmark = pytest.mark.process`) so it runs in "
+    "`make test` and stays out of `make test-unit`"
 )
+
+# Names that start a process when code refers to them. Helpers of the test tree are followed
+# rather than listed, so tests.procs.AgentProcess counts because its start() names subprocess.
+STARTERS = frozenset(
+    {"subprocess", "Popen", "multiprocessing", "fork", "forkpty", "posix_spawn", "posix_spawnp",
+     "spawnv", "spawnvp", "execv", "execvp"}
+)  # fmt: skip
+
+TESTS_DIR = Path(__file__).resolve().parent
 
 
 class ProcessInUnitTestError(RuntimeError):
@@ -38,14 +57,9 @@ class ProcessInUnitTestError(RuntimeError):
 class ProcessGuard:
     """Wraps the process-starting primitives once; they refuse only while ``active`` is set."""
 
-    def __init__(self) -> None:
-        self.active: str | None = None  # node id of the unmarked test now running
-        self.attempts: list[str] = []
-        self._originals: list[tuple[Any, str, Any]] = []
-
     # Every way CPython starts a process ends in one of these: subprocess (run, Popen, asyncio's
-    # subprocesses) goes through Popen._execute_child, multiprocessing through os.fork or
-    # _posixsubprocess.fork_exec, and the rest are the os functions themselves.
+    # subprocesses) in Popen._execute_child, multiprocessing in os.fork or
+    # _posixsubprocess.fork_exec, the rest in the os functions themselves.
     TARGETS: tuple[tuple[Any, str], ...] = (
         (subprocess.Popen, "_execute_child"),
         (_posixsubprocess, "fork_exec"),
@@ -56,14 +70,19 @@ class ProcessGuard:
         (os, "system"),
     )
 
+    def __init__(self) -> None:
+        self.active: str | None = None  # node id of the unmarked test now running
+        self.attempts: list[str] = []
+        self._originals: list[tuple[Any, str, Any]] = []
+
     def install(self) -> None:
         for owner, name in self.TARGETS:
             original = getattr(owner, name, None)
             if original is None:
                 continue
             self._originals.append((owner, name, original))
-            setattr(owner, name, self._refusing(f"{getattr(owner, '__name__', owner)}.{name}",
-                                                original))  # fmt: skip
+            what = f"{getattr(owner, '__name__', owner)}.{name}"
+            setattr(owner, name, self._refusing(what, original))
 
     def uninstall(self) -> None:
         for owner, name, original in reversed(self._originals):
@@ -99,7 +118,6 @@ class ProcessGuard:
         finally:
             self.active = None
 
-    # pytest hooks: every phase of an unmarked test runs under the guard, fixtures included.
     def _phase(self, item: pytest.Item) -> Iterator[None]:
         with self.watching(item):
             try:
@@ -109,10 +127,11 @@ class ProcessGuard:
                     raise ProcessInUnitTestError(self.attempts[0]) from exc
                 raise
         if self.attempts:
-            # The test caught the refusal and went on; it still started (tried to) a process.
+            # The test caught the refusal and went on: it still tried to start a process.
             raise ProcessInUnitTestError(self.attempts[0])
         return result
 
+    # Fixtures run in setup and teardown, so all three phases are watched.
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Iterator[None]:
         return (yield from self._phase(item))
@@ -132,72 +151,6 @@ class ProcessGuard:
         self.uninstall()
 
 
-# Names that start a process when code refers to them: the stdlib ways in, plus the helpers in
-# tests/ reached from them are followed (below), so tests.procs.AgentProcess counts by its code.
-STARTERS = frozenset(
-    {"subprocess", "Popen", "multiprocessing", "fork", "forkpty", "posix_spawn", "posix_spawnp"}
-)
-
-
-def starts_processes(obj: object, seen: set[int] | None = None) -> bool:
-    """Whether a test, fixture or helper refers to a way of starting a process, following the
-    functions and classes of tests/ it names. A static reading: code it cannot see (a method
-    called on an object it was handed, an eval) is what the module's own marker and the guard
-    are for."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return False
-    seen.add(id(obj))
-    if inspect.isclass(obj):
-        return any(starts_processes(member, seen) for member in vars(obj).values()
-                   if _ours(member))  # fmt: skip
-    func = inspect.unwrap(obj.__func__ if inspect.ismethod(obj) else obj)  # type: ignore[arg-type]
-    if isinstance(func, (staticmethod, classmethod)):
-        func = func.__func__
-    if isinstance(func, property):
-        return any(starts_processes(f, seen) for f in (func.fget, func.fset) if f is not None)
-    if not isinstance(func, types.FunctionType):
-        return False
-    return _code_starts(func.__code__, func.__globals__, seen)
-
-
-def _code_starts(code: types.CodeType, globals_: dict[str, Any], seen: set[int]) -> bool:
-    for name in code.co_names:
-        if name in STARTERS:
-            return True
-        target = globals_.get(name)
-        if target is not None and _ours(target) and starts_processes(target, seen):
-            return True
-    # Nested functions, lambdas and comprehensions are separate code objects.
-    return any(_code_starts(const, globals_, seen) for const in code.co_consts
-               if isinstance(const, types.CodeType))  # fmt: skip
-
-
-def _ours(obj: object) -> bool:
-    """Functions and classes defined in tests/: the only code worth following (the product's
-    own modules start no processes, and the stdlib's are named by STARTERS)."""
-    if isinstance(obj, (staticmethod, classmethod, property)):
-        return True
-    module = getattr(obj, "__module__", None) or ""
-    return (inspect.isfunction(obj) or inspect.isclass(obj)) and (
-        module == "tests" or module.startswith("tests.")
-    )
-
-
-def mark_process_tests(items: list[pytest.Item]) -> None:
-    """Marks ``process`` every test whose function or fixtures (all the way up) start one."""
-    for item in items:
-        if item.get_closest_marker(MARKER) is not None or not isinstance(item, pytest.Function):
-            continue
-        fixtures = [
-            fixturedef.func
-            for defs in item._fixtureinfo.name2fixturedefs.values()
-            for fixturedef in defs
-        ]
-        if any(starts_processes(f) for f in [item.function, *fixtures]):
-            item.add_marker(MARKER)
-
-
 GUARD = ProcessGuard()
 
 
@@ -206,3 +159,67 @@ def register(config: pytest.Config) -> None:
         return
     GUARD.install()
     config.pluginmanager.register(GUARD, "process-guard")
+
+
+def mark_process_tests(items: list[pytest.Item]) -> None:
+    """Marks ``process`` every test whose function or fixtures start one, as far as reading
+    them shows."""
+    roots = (TESTS_DIR, *{item.path.parent.resolve() for item in items})
+    for item in items:
+        if item.get_closest_marker(MARKER) is not None or not isinstance(item, pytest.Function):
+            continue
+        # The fixture closure: every fixture the test needs, directly or through others.
+        fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        if any(starts_processes(f, roots) for f in [item.function, *fixtures]):
+            item.add_marker(MARKER)
+
+
+def starts_processes(obj: object, roots: Iterable[Path], seen: set[int] | None = None) -> bool:
+    """Whether a function or class refers to one of STARTERS, following the functions and classes
+    it names that are defined under ``roots`` (the test tree; the product starts no processes and
+    the stdlib's ways in are STARTERS)."""
+    roots = tuple(roots)
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if inspect.isclass(obj):
+        try:
+            ours = _under(inspect.getfile(obj), roots)
+        except TypeError:  # a built-in class
+            ours = False
+        return ours and any(starts_processes(m, roots, seen) for m in vars(obj).values())
+    if isinstance(obj, (staticmethod, classmethod)):
+        return starts_processes(obj.__func__, roots, seen)
+    if isinstance(obj, property):
+        return any(starts_processes(f, roots, seen) for f in (obj.fget, obj.fset) if f)
+    func = inspect.unwrap(obj) if callable(obj) else obj
+    if not isinstance(func, types.FunctionType) or not _under(func.__code__.co_filename, roots):
+        return False
+    return _code_starts(func.__code__, func.__globals__, roots, seen)
+
+
+def _code_starts(
+    code: types.CodeType, globals_: dict[str, Any], roots: tuple[Path, ...], seen: set[int]
+) -> bool:
+    for name in code.co_names:
+        if name in STARTERS:
+            return True
+        target = globals_.get(name)
+        if (inspect.isfunction(target) or inspect.isclass(target)) and starts_processes(
+            target, roots, seen
+        ):
+            return True
+    # Nested functions, lambdas and comprehensions are code objects of their own.
+    return any(_code_starts(const, globals_, roots, seen) for const in code.co_consts
+               if isinstance(const, types.CodeType))  # fmt: skip
+
+
+def _under(filename: str, roots: tuple[Path, ...]) -> bool:
+    path = _resolved(filename)
+    return path is not None and any(path.is_relative_to(root) for root in roots)
+
+
+@functools.cache
+def _resolved(filename: str) -> Path | None:
+    return Path(filename).resolve() if filename and not filename.startswith("<") else None
