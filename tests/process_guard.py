@@ -73,6 +73,7 @@ class ProcessGuard:
     def __init__(self) -> None:
         self.active: str | None = None  # node id of the unmarked test now running
         self.attempts: list[str] = []
+        self._suspended: list[str | None] = []
         self._originals: list[tuple[Any, str, Any]] = []
 
     def install(self) -> None:
@@ -143,6 +144,27 @@ class ProcessGuard:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item) -> Iterator[None]:
         return (yield from self._phase(item))
+
+    # A module or session fixture set up by a marked test is torn down by whichever test comes
+    # last, marked or not; its teardown may start processes (a CLI that cleans up), so it runs
+    # unwatched. Finalizers run last-in first-out: the one added after setup runs just before
+    # the fixture's own teardown, the one added before setup just after it.
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef) -> Iterator[object]:
+        if self.active is not None:
+            return (yield)
+        fixturedef.addfinalizer(self._resume)
+        try:
+            return (yield)
+        finally:
+            fixturedef.addfinalizer(self._suspend)
+
+    def _suspend(self) -> None:
+        self._suspended.append(self.active)
+        self.active = None
+
+    def _resume(self) -> None:
+        self.active = self._suspended.pop()
 
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         mark_process_tests(items)

@@ -156,6 +156,20 @@ def test_hidden_and_swallowed():
 
 def test_pure():
     assert sum([1, 1]) == 2
+
+
+@pytest.fixture(scope="module")
+def cleaned_up_by_a_process():
+    yield
+    subprocess.run(["true"], check=True, timeout=30)
+
+
+def test_sets_up_a_fixture_that_starts_at_teardown(cleaned_up_by_a_process):
+    pass
+
+
+def test_last_and_pure_tears_it_down():
+    assert sum([2, 2]) == 4
 """
 
 INNER_TYPO = """
@@ -196,6 +210,11 @@ def test_a_real_run_marks_refuses_and_rejects_typos(tmp_path: Path) -> None:
     out = full.stdout + full.stderr
     assert "PASSED test_inner.py::test_helper_starts" in out, out
     assert "PASSED test_inner.py::test_pure" in out, out
+    # A fixture of a marked test may start a process as it is torn down, even when the last
+    # test of the module, unmarked, is the one whose teardown runs it.
+    assert "PASSED test_inner.py::test_sets_up_a_fixture_that_starts_at_teardown" in out, out
+    assert "PASSED test_inner.py::test_last_and_pure_tears_it_down" in out, out
+    assert "ERROR at teardown" not in out, out
     assert "ERROR test_inner.py::test_hidden_in_a_fixture" in out, out
     # The refusal was caught by the test; the guard fails it all the same.
     assert "FAILED test_inner.py::test_hidden_and_swallowed" in out, out
@@ -204,7 +223,7 @@ def test_a_real_run_marks_refuses_and_rejects_typos(tmp_path: Path) -> None:
 
     unit = _pytest(project, "-m", "not process", "test_inner.py")
     out = unit.stdout + unit.stderr
-    assert "1 deselected" in out and "test_helper_starts" not in out, out
+    assert "2 deselected" in out and "test_helper_starts" not in out, out
 
     typo = _pytest(project, "test_typo.py")
     out = typo.stdout + typo.stderr
