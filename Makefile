@@ -70,12 +70,10 @@ format: $(STAMP)
 test: $(STAMP) sysdeps protos-check lint perf-analyzer package-tools
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-# The inner loop, under a minute: lint and every test not marked `process`. No hub, agent,
-# Mosquitto, perf_analyzer or package build; tests/process_guard.py fails any test here that
-# starts a process. Needs only the venv (no Debian packages).
-test-unit: $(STAMP)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+# The inner loop, under a minute: lint (ruff, mypy) and every test not marked `process`. No hub,
+# agent, Mosquitto, perf_analyzer or package build; tests/process_guard.py fails any test here
+# that starts a process. Needs only the venv (no Debian packages).
+test-unit: lint
 	$(PY) -m pytest -q -p no:cacheprovider -m "not process" tests
 
 # .deb and .rpm in dist/ (packaging/build.py): a self-contained venv under /opt/modelfleet, the
