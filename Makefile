@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/*.proto)
 
-.PHONY: all demo test test-unit lint format protos protos-check bench soak clean sysdeps perf-analyzer \
-	package package-tools
+.PHONY: all demo test test-unit lint format protos protos-check bench soak clean sysdeps \
+	perf-analyzer package package-tools
 
 all: test
 
