@@ -15,8 +15,9 @@ import grpc
 from hub.ca import DEFAULT_CLIENT_DAYS
 from hub.config import RELOADABLE, HubConfig, reload_hub_config
 from hub.core import HubCore, lock_data_dir
-from hub.server import AdminServicer, FleetServicer, dump_json, server_options
+from hub.server import AdminServicer, FleetServicer, server_options
 from hub.signing import RepositoryIntegrityError
+from kernel.atomic import atomic_write_json
 from kernel.identity import (
     generate_key,
     load_certificate,
@@ -134,8 +135,9 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
         serve_metrics(core.telemetry, cfg.metrics_listen)
         log.info("fleet metrics on http://%s/metrics", cfg.metrics_listen)
     await server.start()
-    dump_json(core.paths.admin / "hub.json",
-              {"address": core.advertise, "enroll_address": core.advertise_enroll})  # fmt: skip
+    atomic_write_json(core.paths.admin / "hub.json",
+                      {"address": core.advertise, "enroll_address": core.advertise_enroll},
+                      indent=2, mode=0o600)  # fmt: skip
     core.refresh_signatures()
     try:
         # Revocations recorded while the hub was down, or a CRL close to lapsing: current now.
