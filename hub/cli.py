@@ -511,7 +511,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
                   f" Sign it with: modelfleet-hub sign {args.name} {v.version} --sha256 {digest}"
                   " --targets-key FILE", file=sys.stderr)  # fmt: skip
             return EXIT_CODES[Status.FAILED_PRECONDITION]
-        from hub.signing import ExpectedTarget, bundle_target_path
+        from hub.signing import ExpectedTarget
+        from kernel.bundle import bundle_target_path
 
         expected = ExpectedTarget(bundle_target_path(args.name, version), digest, size,
                                   bundle.manifest.model_sha256)  # fmt: skip
@@ -584,7 +585,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
             )  # fmt: skip
         print(f"{args.name} v{args.version} is already signed")
         return 0
-    from hub.signing import ExpectedTarget, bundle_target_path
+    from hub.signing import ExpectedTarget
+    from kernel.bundle import bundle_target_path
 
     expected = ExpectedTarget(bundle_target_path(args.name, args.version), args.sha256.lower())
     v = _sign(stub, args.name, args.version, resp, args.targets_key, expected, args.allow_extra)
