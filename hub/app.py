@@ -15,9 +15,10 @@ import grpc
 from hub.ca import DEFAULT_CLIENT_DAYS
 from hub.config import RELOADABLE, HubConfig, reload_hub_config
 from hub.core import HubCore, lock_data_dir
-from hub.server import AdminServicer, FleetServicer, server_options
+from hub.server import AdminServicer, FleetServicer
 from hub.signing import RepositoryIntegrityError
 from kernel.atomic import atomic_write_json
+from kernel.grpc_options import server_options
 from kernel.identity import (
     generate_key,
     load_certificate,
@@ -114,7 +115,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     core = HubCore(cfg)
     ensure_admin_identity(core)
     key_pem, chain_pem, ca_pem = tls_material(core)
-    server = grpc.aio.server(options=server_options(cfg.max_message_bytes))
+    server = grpc.aio.server(options=server_options(cfg.max_message_bytes, keepalive=True))
     pb_grpc.add_FleetServicer_to_server(FleetServicer(core), server)
     pb_grpc.add_HubAdminServicer_to_server(AdminServicer(core), server)
     mtls = grpc.ssl_server_credentials(

@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 def admin_stub(args: argparse.Namespace) -> Any:
     import grpc
 
+    from kernel.grpc_options import FLEET_MESSAGE_BYTES, message_size_options
     from protos import fleet_pb2_grpc
 
     admin = args.admin_dir or args.data / "admin"
@@ -276,9 +277,7 @@ def admin_stub(args: argparse.Namespace) -> Any:
     except OSError as exc:
         raise _Unavailable(f"cannot read the admin identity in {admin}: {exc}") from None
     channel = grpc.secure_channel(
-        address, creds,
-        options=[("grpc.max_send_message_length", 64 << 20),
-                 ("grpc.max_receive_message_length", 64 << 20)],
+        address, creds, options=message_size_options(FLEET_MESSAGE_BYTES)
     )  # fmt: skip
     return fleet_pb2_grpc.HubAdminStub(channel)
 

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from kernel.errors import ModelfleetError, ModelNotFoundError, Status
+from kernel.grpc_options import FLEET_MESSAGE_BYTES, keepalive_options, message_size_options
 from kernel.identity import CredentialsError
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
@@ -28,11 +29,8 @@ class HubError(ModelfleetError):
 
 def channel_options() -> list[tuple[str, Any]]:
     return [
-        ("grpc.max_receive_message_length", 64 << 20),
-        ("grpc.max_send_message_length", 64 << 20),
-        ("grpc.keepalive_time_ms", 20000),
-        ("grpc.keepalive_timeout_ms", 10000),
-        ("grpc.keepalive_permit_without_calls", 1),
+        *message_size_options(FLEET_MESSAGE_BYTES),
+        *keepalive_options(),
         # Our own loop does the backing off, with jitter; keep gRPC's reconnects quick.
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 5000),
