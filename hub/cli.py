@@ -289,15 +289,12 @@ class _Unavailable(ModelfleetError):
 def call(fn: Any, request: Any, timeout: float = 60) -> Any:
     import grpc
 
-    from kernel.grpc_status import STATUS_BY_CODE
+    from kernel.grpc_status import error_from_rpc
 
     try:
         return fn(request, timeout=timeout)
     except grpc.RpcError as exc:
-        status = STATUS_BY_CODE.get(exc.code(), Status.INTERNAL)
-        err = ModelfleetError(exc.details() or str(exc.code()))
-        err.status = status
-        raise err from None
+        raise error_from_rpc(exc) from None
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -452,7 +449,7 @@ def _progress(total: int) -> Iterator[None]:
 def cmd_publish(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from kernel.bundle import create_bundle, pack_bundle, synthetic_samples
+    from kernel.bundle import TARGET_FILE_NAME, create_bundle, pack_bundle, synthetic_samples
     from protos import fleet_pb2 as pb
 
     if not args.model.is_file():
@@ -487,7 +484,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             out_dir=Path(tmp) / "b", max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us, **kwargs,
         )  # fmt: skip
-        archive = Path(tmp) / "bundle.tar"
+        archive = Path(tmp) / TARGET_FILE_NAME
         digest, size = pack_bundle(bundle.path, archive)
         bar = _progress(size)
         next(bar)
