@@ -281,27 +281,12 @@ class _Unavailable(ModelfleetError):
 def _call(fn: Any, request: Any) -> Any:
     import grpc
 
-    from kernel.errors import ModelNotFoundError
+    from kernel.grpc_status import error_from_rpc
 
     try:
         return fn(request, timeout=10)
     except grpc.RpcError as exc:
-        code = exc.code()
-        err = {
-            grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
-            grpc.StatusCode.UNAVAILABLE: _Unavailable,
-            grpc.StatusCode.DEADLINE_EXCEEDED: _Unavailable,
-            grpc.StatusCode.FAILED_PRECONDITION: _Failed,
-        }.get(code, _Internal)
-        raise err(exc.details() or str(code)) from None
-
-
-class _Failed(ModelfleetError):
-    status = Status.FAILED_PRECONDITION
-
-
-class _Internal(ModelfleetError):
-    status = Status.INTERNAL
+        raise error_from_rpc(exc) from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -34,8 +34,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from kernel.atomic import atomic_write_json, try_lock
 from kernel.atomic import fsync_dir as _fsync_dir
-from kernel.atomic import try_lock
 from kernel.errors import ModelfleetError, Status
 
 CHECKPOINT_FILE = "_checkpoint.jsonl"
@@ -153,12 +153,9 @@ class RunDir:
         return done
 
     def _write_header(self, header: dict[str, Any]) -> None:
-        path = self.work / CHECKPOINT_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"format": CHECKPOINT_FORMAT, **header}) + "\n")
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(self.work)
+        # mode=None: the umask decides, as for the parquet files beside it.
+        atomic_write_json(self.work / CHECKPOINT_FILE, {"format": CHECKPOINT_FORMAT, **header},
+                          mode=None)  # fmt: skip
 
     def restart(self, header: dict[str, Any]) -> None:
         """Forget every committed unit (a run whose units cannot be reproduced)."""

@@ -15,8 +15,10 @@ import grpc
 from hub.ca import DEFAULT_CLIENT_DAYS
 from hub.config import RELOADABLE, HubConfig, reload_hub_config
 from hub.core import HubCore, lock_data_dir
-from hub.server import AdminServicer, FleetServicer, dump_json, server_options
+from hub.server import AdminServicer, FleetServicer
 from hub.signing import RepositoryIntegrityError
+from kernel.atomic import atomic_write_json
+from kernel.grpc_options import server_options
 from kernel.identity import (
     generate_key,
     load_certificate,
@@ -113,7 +115,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     core = HubCore(cfg)
     ensure_admin_identity(core)
     key_pem, chain_pem, ca_pem = tls_material(core)
-    server = grpc.aio.server(options=server_options(cfg.max_message_bytes))
+    server = grpc.aio.server(options=server_options(cfg.max_message_bytes, keepalive=True))
     pb_grpc.add_FleetServicer_to_server(FleetServicer(core), server)
     pb_grpc.add_HubAdminServicer_to_server(AdminServicer(core), server)
     mtls = grpc.ssl_server_credentials(
@@ -134,8 +136,9 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
         serve_metrics(core.telemetry, cfg.metrics_listen)
         log.info("fleet metrics on http://%s/metrics", cfg.metrics_listen)
     await server.start()
-    dump_json(core.paths.admin / "hub.json",
-              {"address": core.advertise, "enroll_address": core.advertise_enroll})  # fmt: skip
+    atomic_write_json(core.paths.admin / "hub.json",
+                      {"address": core.advertise, "enroll_address": core.advertise_enroll},
+                      indent=2, mode=0o600)  # fmt: skip
     core.refresh_signatures()
     try:
         # Revocations recorded while the hub was down, or a CRL close to lapsing: current now.

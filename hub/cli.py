@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 def admin_stub(args: argparse.Namespace) -> Any:
     import grpc
 
+    from kernel.grpc_options import FLEET_MESSAGE_BYTES, message_size_options
     from protos import fleet_pb2_grpc
 
     admin = args.admin_dir or args.data / "admin"
@@ -276,9 +277,7 @@ def admin_stub(args: argparse.Namespace) -> Any:
     except OSError as exc:
         raise _Unavailable(f"cannot read the admin identity in {admin}: {exc}") from None
     channel = grpc.secure_channel(
-        address, creds,
-        options=[("grpc.max_send_message_length", 64 << 20),
-                 ("grpc.max_receive_message_length", 64 << 20)],
+        address, creds, options=message_size_options(FLEET_MESSAGE_BYTES)
     )  # fmt: skip
     return fleet_pb2_grpc.HubAdminStub(channel)
 
@@ -290,15 +289,12 @@ class _Unavailable(ModelfleetError):
 def call(fn: Any, request: Any, timeout: float = 60) -> Any:
     import grpc
 
-    from kernel.grpc_status import STATUS_BY_CODE
+    from kernel.grpc_status import error_from_rpc
 
     try:
         return fn(request, timeout=timeout)
     except grpc.RpcError as exc:
-        status = STATUS_BY_CODE.get(exc.code(), Status.INTERNAL)
-        err = ModelfleetError(exc.details() or str(exc.code()))
-        err.status = status
-        raise err from None
+        raise error_from_rpc(exc) from None
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -454,7 +450,7 @@ def _progress(total: int) -> Generator[None, int, None]:
 def cmd_publish(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from kernel.bundle import create_bundle, pack_bundle, synthetic_samples
+    from kernel.bundle import TARGET_FILE_NAME, create_bundle, pack_bundle, synthetic_samples
     from protos import fleet_pb2 as pb
 
     if not args.model.is_file():
@@ -489,7 +485,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             out_dir=Path(tmp) / "b", max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us, **kwargs,
         )  # fmt: skip
-        archive = Path(tmp) / "bundle.tar"
+        archive = Path(tmp) / TARGET_FILE_NAME
         digest, size = pack_bundle(bundle.path, archive)
         bar = _progress(size)
         next(bar)
@@ -512,7 +508,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
                   f" Sign it with: modelfleet-hub sign {args.name} {v.version} --sha256 {digest}"
                   " --targets-key FILE", file=sys.stderr)  # fmt: skip
             return EXIT_CODES[Status.FAILED_PRECONDITION]
-        from hub.signing import ExpectedTarget, bundle_target_path
+        from hub.signing import ExpectedTarget
+        from kernel.bundle import bundle_target_path
 
         built = ExpectedTarget(bundle_target_path(args.name, version), digest, size,
                                bundle.manifest.model_sha256)  # fmt: skip
@@ -585,7 +582,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
             )  # fmt: skip
         print(f"{args.name} v{args.version} is already signed")
         return 0
-    from hub.signing import ExpectedTarget, bundle_target_path
+    from hub.signing import ExpectedTarget
+    from kernel.bundle import bundle_target_path
 
     expected = ExpectedTarget(bundle_target_path(args.name, args.version), args.sha256.lower())
     v = _sign(stub, args.name, args.version, resp, args.targets_key, expected, args.allow_extra)

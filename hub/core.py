@@ -43,7 +43,7 @@ from hub.signing import (
     init_keys,
 )
 from kernel.atomic import try_lock
-from kernel.bundle import NAME_RE, NAME_RULE, unpack_bundle
+from kernel.bundle import NAME_RE, NAME_RULE, TARGET_FILE_NAME, bundle_target_path, unpack_bundle
 from kernel.errors import (
     InvalidRequestError,
     ModelfleetError,
@@ -62,10 +62,6 @@ from kernel.identity import (
 from protos import fleet_pb2
 
 log = logging.getLogger(__name__)
-
-
-def target_path(name: str, version: int) -> str:
-    return f"{name}/{version}/bundle.tar"
 
 
 @dataclass(frozen=True)
@@ -255,7 +251,7 @@ class HubCore:
         name, version = header["name"], int(header["version"])
         self.registry.check_new_version(name, version)
         digest, size, manifest = verified["sha256"], verified["size"], verified["manifest"]
-        path = target_path(name, version)
+        path = bundle_target_path(name, version)
         custom = {"name": name, "version": version, "manifest_sha256": manifest["model"]["sha256"]}
         staged, keyid, base, signed = b"", "", b"", True
         try:
@@ -583,7 +579,7 @@ class HubCore:
         """``<name>/<version>/<sha256>.bundle.tar`` (consistent snapshot naming)."""
         leaf = path.rsplit("/", 1)[-1]
         digest = leaf.split(".", 1)[0]
-        if not leaf.endswith(".bundle.tar") or len(digest) != 64:
+        if not leaf.endswith(f".{TARGET_FILE_NAME}") or len(digest) != 64:
             raise ModelNotFoundError(f"no such target {path!r}")
         size = self.blobs.size(digest)
         if offset < 0 or offset > size:

@@ -62,6 +62,7 @@ from tuf.api.metadata import (
 )
 
 from kernel.atomic import atomic_write as _atomic_write
+from kernel.bundle import TARGET_FILE_NAME
 from kernel.errors import (
     BundleExistsError,
     InvalidRequestError,
@@ -80,7 +81,6 @@ PUBLIC_KEYS_FILE = "public.json"
 # keys/root-anchor.json: the SHA-256 of 1.root.json, written when the repository is created (or
 # first opened by this version): the hub's own trust anchor, outside the metadata directory.
 ROOT_ANCHOR_FILE = "root-anchor.json"
-TARGET_FILE_NAME = "bundle.tar"
 STAGED_DIR = "staged"
 _LOCK_FILE = ".lock"
 _DAY = 86400.0
@@ -135,11 +135,6 @@ class ExpiryPolicy:
 
     def seconds(self, role: str) -> float:
         return float(getattr(self, role))
-
-
-def bundle_target_path(name: str, version: int) -> str:
-    """The TUF target path of a bundle (a contract shared with the agent)."""
-    return f"{name}/{version}/{TARGET_FILE_NAME}"
 
 
 # ---------------------------------------------------------------------------------------------

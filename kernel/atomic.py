@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import secrets
 from pathlib import Path
@@ -17,20 +18,24 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int | None = 0o644) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a mix.
 
     The temporary file lives in the same directory (``os.replace`` is atomic only within one
     filesystem) and is created with ``mode`` from the first instant, so a private key is never
     readable by others, not even between create and chmod. ``fchmod`` then sets the exact mode,
     because the process umask may have removed bits the caller asked for (0644 under umask 077).
+    ``mode=None`` leaves the mode to the umask, as ``open()`` would (0666 minus the umask), for
+    files whose privacy the user decides, like a batch run's output.
     """
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o666 if mode is None else mode)
     try:
         try:
-            os.fchmod(fd, mode)
+            if mode is not None:
+                os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -42,6 +47,22 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def atomic_write_json(
+    path: str | os.PathLike[str],
+    data: object,
+    *,
+    indent: int | None = None,
+    mode: int | None = 0o644,
+) -> None:
+    """:func:`atomic_write` of ``data`` as JSON, one line per file unless ``indent`` is given.
+
+    The text ends with a newline, so a JSON-lines file (a batch checkpoint) can take its first
+    line from here and be appended to.
+    """
+    text = json.dumps(data, indent=indent) + "\n"
+    atomic_write(path, text.encode(), mode)
 
 
 def try_lock(path: str | os.PathLike[str], mode: int = 0o644) -> int | None:

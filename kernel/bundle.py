@@ -38,6 +38,8 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 HEALTH_FILE = "health.npz"
+# The packed bundle's leaf name in the TUF repository (see bundle_target_path).
+TARGET_FILE_NAME = "bundle.tar"
 
 # Model names become directory names, topic segments and metric labels: keep them boring.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -45,6 +47,16 @@ NAME_RULE = "1-128 characters from A-Z a-z 0-9 _ . -, starting with a letter or 
 # Versions travel as protobuf int64 and are stored as SQLite INTEGER (signed 64 bits).
 MAX_VERSION = 2**63 - 1
 VERSION_RANGE = f"1..{MAX_VERSION}"
+
+
+def bundle_target_path(name: str, version: int) -> str:
+    """The TUF target path of a bundle, ``<name>/<version>/bundle.tar``.
+
+    A contract between the hub, which signs bundles under this path, and the agent, which looks
+    them up by it: a change here is a change of the wire format.
+    """
+    return f"{name}/{version}/{TARGET_FILE_NAME}"
+
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5

@@ -110,3 +110,23 @@ class VerificationError(ModelfleetError):
 
     status = Status.PERMISSION_DENIED
     reason = "verification"
+
+
+class RemoteError(ModelfleetError):
+    """The other side of a call (hub, agent) refused it; carries the status it answered with."""
+
+    def __init__(self, message: str, status: Status) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def remote_error(message: str, status: Status) -> ModelfleetError:
+    """The error a caller raises for a refusal that arrived as ``status``, over any transport.
+
+    NOT_FOUND becomes :class:`ModelNotFoundError`, which callers catch (the TUF fetcher turns it
+    into "no such target"); every other status a :class:`RemoteError` that keeps it, and with it
+    the CLI's exit code.
+    """
+    if status is Status.NOT_FOUND:
+        return ModelNotFoundError(message)
+    return RemoteError(message, status)

@@ -25,7 +25,6 @@ from agent.fleet.verify import (
     BundleVerifier,
     InMemoryTransport,
     TransportUnavailableError,
-    bundle_target_path,
 )
 from hub.signing import (
     AlreadyInitializedError,
@@ -36,7 +35,7 @@ from hub.signing import (
     load_signer,
     sign_staged,
 )
-from kernel.bundle import create_bundle, load_bundle, pack_bundle
+from kernel.bundle import bundle_target_path, create_bundle, load_bundle, pack_bundle
 from kernel.errors import (
     BundleError,
     BundleExistsError,

@@ -18,9 +18,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent.fleet.transport import IDENTITY_DIR, HubError
+from agent.fleet.transport import IDENTITY_DIR
 from kernel import mqtt_topics as t
-from kernel.errors import ModelNotFoundError, Status
+from kernel.errors import Status, remote_error
 from kernel.mqtt_client import make_client, publish_properties, session_properties, tls_context
 from kernel.settings import split_hostport
 from protos import fleet_pb2 as pb
@@ -170,12 +170,11 @@ class MqttLink:
                     ) from None
                 if t.PROP_ERROR in user:
                     status, _, message = user[t.PROP_ERROR].partition(":")
-                    if status == Status.NOT_FOUND.value:
-                        raise ModelNotFoundError(message)
                     try:
-                        raise HubError(message, Status(status))
+                        known = Status(status)
                     except ValueError:
-                        raise HubError(message, Status.INTERNAL) from None
+                        known = Status.INTERNAL  # a status this agent does not know of
+                    raise remote_error(message, known)
                 chunk = pb.Chunk.FromString(payload)
                 if chunk.data:
                     yield chunk.data

@@ -11,10 +11,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +48,7 @@ from agent.gate import GateResult
 from agent.jobs import JobRunner, JobSpec, RunResult
 from agent.slots import SlotManager
 from agent.telemetry import JOURNAL_FILE
+from kernel.atomic import atomic_write_json
 from kernel.errors import BundleError, ModelfleetError, ResourceExhaustedError, Status
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
@@ -107,15 +106,6 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
-
-
-def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class FleetSync:
@@ -204,8 +194,9 @@ class FleetSync:
             return []
 
     def _save_desired(self) -> None:
-        _write_json(self.state_file, {"models": [asdict(d) for d in self.desired],
-                                      "jobs": [asdict(j) for j in self.job_specs]})  # fmt: skip
+        atomic_write_json(self.state_file, {"models": [asdict(d) for d in self.desired],
+                                            "jobs": [asdict(j) for j in self.job_specs]},
+                          mode=0o600)  # fmt: skip
 
     def _load_served(self, slots: SlotManager) -> None:
         try:
@@ -280,7 +271,7 @@ class FleetSync:
                     del self._gate_crashes[key]
         state = self._served_state()
         if state != getattr(self, "_served_written", None):
-            _write_json(self.served_file, state)
+            atomic_write_json(self.served_file, state, mode=0o600)
             self._served_written = state
 
     # -- reconciling ----------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from typing import Any
 
 import grpc
 
-from kernel.errors import ModelfleetError, ModelNotFoundError, Status
+from kernel.grpc_options import FLEET_MESSAGE_BYTES, keepalive_options, message_size_options
+from kernel.grpc_status import error_from_rpc
 from kernel.identity import CredentialsError
 from protos import fleet_pb2 as pb
 from protos import fleet_pb2_grpc as pb_grpc
@@ -18,21 +19,10 @@ IDENTITY_DIR = "identity"
 FETCH_TARGET_METHOD = "/modelfleet.fleet.v1.Fleet/FetchTarget"
 
 
-class HubError(ModelfleetError):
-    """The hub refused a call; carries the hub's status."""
-
-    def __init__(self, message: str, status: Status) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def channel_options() -> list[tuple[str, Any]]:
     return [
-        ("grpc.max_receive_message_length", 64 << 20),
-        ("grpc.max_send_message_length", 64 << 20),
-        ("grpc.keepalive_time_ms", 20000),
-        ("grpc.keepalive_timeout_ms", 10000),
-        ("grpc.keepalive_permit_without_calls", 1),
+        *message_size_options(FLEET_MESSAGE_BYTES),
+        *keepalive_options(),
         # Our own loop does the backing off, with jitter; keep gRPC's reconnects quick.
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 5000),
@@ -57,20 +47,12 @@ def credentials(data_dir: Path) -> grpc.ChannelCredentials:
 
 
 def rpc_error(exc: grpc.RpcError, what: str) -> Exception:
-    """Transport trouble becomes OSError (retry later); a refusal becomes a HubError."""
+    """Transport trouble becomes OSError (retry later); a refusal, the error family's member."""
     code = exc.code()
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                 grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):  # fmt: skip
         return ConnectionError(f"{what}: hub unreachable ({code.name}: {exc.details()})")
-    if code == grpc.StatusCode.NOT_FOUND:
-        return ModelNotFoundError(f"{what}: {exc.details()}")
-    status = {
-        grpc.StatusCode.PERMISSION_DENIED: Status.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED: Status.PERMISSION_DENIED,
-        grpc.StatusCode.INVALID_ARGUMENT: Status.INVALID_ARGUMENT,
-        grpc.StatusCode.RESOURCE_EXHAUSTED: Status.RESOURCE_EXHAUSTED,
-    }.get(code, Status.INTERNAL)
-    return HubError(f"{what}: {exc.details()}", status)
+    return error_from_rpc(exc, what)
 
 
 def chunk_data(raw: bytes) -> memoryview:

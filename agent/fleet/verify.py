@@ -51,7 +51,7 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from agent.fleet.cache import tree_size
 from kernel.atomic import atomic_write as _atomic_write
-from kernel.bundle import MANIFEST_FILE, NAME_RE, publish_unpacked
+from kernel.bundle import MANIFEST_FILE, NAME_RE, bundle_target_path, publish_unpacked
 from kernel.bundle_stream import Buffer, StreamUnpacker
 from kernel.errors import (
     BundleError,
@@ -68,7 +68,6 @@ logger = logging.getLogger(__name__)
 
 METADATA_URL = "mf:metadata/"
 TARGETS_URL = "mf:targets/"
-TARGET_FILE_NAME = "bundle.tar"
 DEFAULT_RESERVE_BYTES = 64 << 20
 # Chunks in flight between the receiving and the writing thread (1 MiB each from the hub): enough
 # to ride out a slow fsync, small enough to bound memory.
@@ -80,11 +79,6 @@ _MB = 1 << 20
 _HASHED_NAME = re.compile(r"([0-9a-f]{64})\.[^/]+")
 _ROLE_NAMES = ("root", "timestamp", "snapshot", "targets")
 _ROLE_IN_TEXT = re.compile(r"\b(root|timestamp|snapshot|targets)\b")
-
-
-def bundle_target_path(name: str, version: int) -> str:
-    """The TUF target path of a bundle; the same contract as ``hub.signing``."""
-    return f"{name}/{version}/{TARGET_FILE_NAME}"
 
 
 class TransportUnavailableError(ModelfleetError):
@@ -617,6 +611,5 @@ __all__ = [
     "Transport",
     "TransportFetcher",
     "TransportUnavailableError",
-    "bundle_target_path",
     "target_sha256",
 ]

@@ -22,6 +22,7 @@ from agent.serving.converters import request_from_proto, response_to_proto
 from agent.serving.dataplane import DataPlane
 from agent.slots import LoadedVersion, SlotManager
 from kernel.errors import ModelfleetError, ModelNotFoundError, Status
+from kernel.grpc_options import server_options
 from kernel.grpc_status import GRPC_CODES
 from protos import agent_pb2, agent_pb2_grpc
 from protos import inference_pb2 as pb
@@ -317,14 +318,6 @@ class ListenError(ModelfleetError):
     reason = "listen"
 
 
-def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
-
-
 def build_server(
     slots: SlotManager,
     dataplane: DataPlane,
@@ -335,7 +328,7 @@ def build_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, int]:
     """The inference server; plaintext unless ``credentials`` (see agent.serving.security)."""
-    server = grpc.aio.server(options=grpc_options(max_message_bytes), interceptors=interceptors)
+    server = grpc.aio.server(options=server_options(max_message_bytes), interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(slots, dataplane), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_reporter.servicer, server)
     try:

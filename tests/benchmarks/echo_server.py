@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 
 from kernel.datatypes import NUMPY_BY_DATATYPE
+from kernel.grpc_options import server_options
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 
@@ -72,15 +73,8 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 async def serve(listen: str, spec: dict[str, dict[str, Any]], hop_threads: int = 0) -> None:
     responses = {name: build_response(name, s) for name, s in spec.items()}
-    # Same options as the agent's server (agent.serving.grpc_server.grpc_options).
-    limit = 64 * 1024 * 1024
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
+    # Same options as the agent's server, at its default max_message_bytes.
+    server = grpc.aio.server(options=server_options(64 * 1024 * 1024))
     hop = ThreadPoolExecutor(hop_threads) if hop_threads else None
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(responses, hop), server)
     if server.add_insecure_port(listen) == 0:
