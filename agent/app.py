@@ -58,9 +58,15 @@ def inference_security(
     elif cfg.tls_client_ca_hub:
         client_ca, ca_setting = ident / CA, "tls_client_ca_hub"
     if cfg.tls_agent_identity:
-        files = TlsFiles(ident / CERT, ident / KEY, client_ca, cert_setting="tls_agent_identity",
-                         key_setting="tls_agent_identity", ca_setting=ca_setting,
-                         server_auth_fix=_RENEW_FOR_SERVER_AUTH)  # fmt: skip
+        files = TlsFiles(
+            ident / CERT,
+            ident / KEY,
+            client_ca,
+            cert_setting="tls_agent_identity",
+            key_setting="tls_agent_identity",
+            ca_setting=ca_setting,
+            server_auth_fix=_RENEW_FOR_SERVER_AUTH,
+        )
     elif cfg.tls_cert:
         files = TlsFiles(Path(cfg.tls_cert), Path(cfg.tls_key), client_ca, ca_setting=ca_setting)
     words = []
@@ -75,9 +81,12 @@ def inference_security(
         token = BearerTokenInterceptor(Path(cfg.auth_token_file))
         words.append(f"bearer token from {cfg.auth_token_file}")
         if files is None:
-            log.warning("inference bearer token without TLS: anyone who can watch traffic to %s "
-                        "can read and replay it; set tls_cert and tls_key unless the port is "
-                        "loopback only", cfg.listen)  # fmt: skip
+            log.warning(
+                "inference bearer token without TLS: anyone who can watch traffic to %s "
+                "can read and replay it; set tls_cert and tls_key unless the port is "
+                "loopback only",
+                cfg.listen,
+            )
     return credentials, token, ", ".join(words) or "plaintext, no authentication"
 
 
@@ -186,8 +195,15 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     slots.listeners.append(on_change)
     await health.refresh()
 
-    server, port = build_server(slots, dataplane, health, cfg.listen, cfg.max_message_bytes,
-                                credentials, [token_check] if token_check else [])  # fmt: skip
+    server, port = build_server(
+        slots,
+        dataplane,
+        health,
+        cfg.listen,
+        cfg.max_message_bytes,
+        credentials,
+        [token_check] if token_check else [],
+    )
     await server.start()
     admin_path = cfg.admin_socket_path()
     bound = f"{cfg.listen.rpartition(':')[0]}:{port}"
@@ -204,8 +220,9 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
             admin_path.unlink(missing_ok=True)
             raise ListenError(f"cannot serve metrics on {cfg.metrics_listen}: {exc}") from None
         log.info("metrics on http://%s/metrics", cfg.metrics_listen)
-    log.info("listening on %s (port %d; %s); admin socket %s", cfg.listen, port, security,
-             admin_path)  # fmt: skip
+    log.info(
+        "listening on %s (port %d; %s); admin socket %s", cfg.listen, port, security, admin_path
+    )
 
     if cfg.hub:
         from agent.fleet.sync import FleetSync
@@ -224,8 +241,12 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     await health.refresh()
     serving = [f"{s.name} v{s.active}" for s in slots.status() if s.active is not None]
     refused = [s.name for s in slots.status() if s.active is None]
-    log.info("READY (%s): serving %s%s", mode, ", ".join(serving) or "nothing",
-             f"; not ready: {', '.join(refused)}" if refused else "")  # fmt: skip
+    log.info(
+        "READY (%s): serving %s%s",
+        mode,
+        ", ".join(serving) or "nothing",
+        f"; not ready: {', '.join(refused)}" if refused else "",
+    )
     ready = True
     shown = status_line(slots)
     notifier.ready(shown)

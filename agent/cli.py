@@ -31,8 +31,9 @@ def _add_security_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", help="server certificate chain (PEM): serve TLS")
     p.add_argument("--tls-key", help="the server certificate's private key (PEM, mode 0600)")
     p.add_argument("--tls-client-ca", help="CA bundle (PEM): require client certificates")
-    p.add_argument("--auth-token-file",
-                   help="file holding the bearer token inference calls must send")  # fmt: skip
+    p.add_argument(
+        "--auth-token-file", help="file holding the bearer token inference calls must send"
+    )
 
 
 _SECURITY_KEYS = ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file")
@@ -54,18 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", type=Path, required=True, help="SAMPLES.npz: one array per model input"
     )
     create.add_argument("--out", type=Path, required=True, help="repository directory")
-    create.add_argument("--expected", type=Path,
-                        help="EXPECTED.npz: golden outputs keyed by output name "
-                        "(default: computed from the model)")  # fmt: skip
+    create.add_argument(
+        "--expected",
+        type=Path,
+        help="EXPECTED.npz: golden outputs keyed by output name (default: computed from the model)",
+    )
     create.add_argument("--latency-budget-ms", type=float, default=None)
-    create.add_argument("--tolerance", type=float, default=None,
-                        help="sets both --rtol and --atol")  # fmt: skip
+    create.add_argument("--tolerance", type=float, default=None, help="sets both --rtol and --atol")
     create.add_argument("--rtol", type=float, default=None)
     create.add_argument("--atol", type=float, default=None)
     create.add_argument(
-        "--max-batch-size", type=int, default=None,
+        "--max-batch-size",
+        type=int,
+        default=None,
         help="0: no batch dimension (default: 32 when dimension 0 is dynamic)",
-    )  # fmt: skip
+    )
     create.add_argument("--max-queue-delay-us", type=int, default=0)
     create.add_argument("--warmup-runs", type=int, default=None)
     create.add_argument("--feature-names", default="", help="comma-separated feature names")
@@ -87,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue-delay-us", type=int)
     serve.add_argument("--batch-inflight", type=int)
     serve.add_argument("--ort-spinning", choices=["on", "off"])
-    serve.add_argument("--inline-max-us", type=int,
-                       help="run models faster than this (gate p99) on the event loop")  # fmt: skip
+    serve.add_argument(
+        "--inline-max-us", type=int, help="run models faster than this (gate p99) on the event loop"
+    )
     _add_security_args(serve)
     serve.add_argument("--max-message-bytes", type=int)
     serve.add_argument("--drain-timeout-s", type=float)
@@ -100,28 +105,46 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen")
     run.add_argument("--metrics-listen")
     _add_security_args(run)
-    run.add_argument("--tls-agent-identity", action="store_true", default=None,
-                     help="serve TLS with this agent's enrolled certificate")  # fmt: skip
-    run.add_argument("--tls-client-ca-hub", action="store_true", default=None,
-                     help="require client certificates issued by the hub's CA")  # fmt: skip
+    run.add_argument(
+        "--tls-agent-identity",
+        action="store_true",
+        default=None,
+        help="serve TLS with this agent's enrolled certificate",
+    )
+    run.add_argument(
+        "--tls-client-ca-hub",
+        action="store_true",
+        default=None,
+        help="require client certificates issued by the hub's CA",
+    )
     run.add_argument("--log-level")
     run.add_argument("--log-json", action="store_true", default=None)
 
     enroll = sub.add_parser("enroll", help="join a hub's fleet with a one-time token")
     source = enroll.add_mutually_exclusive_group()
-    source.add_argument("--token-file", metavar="PATH",
-                        help="file holding the token from `modelfleet-hub agents token`; "
-                        "'-' reads standard input")  # fmt: skip
-    source.add_argument("--token", help="the token itself (discouraged: other local users "
-                        "can read it in the process list and redeem it first)")  # fmt: skip
+    source.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="file holding the token from `modelfleet-hub agents token`; '-' reads standard input",
+    )
+    source.add_argument(
+        "--token",
+        help="the token itself (discouraged: other local users "
+        "can read it in the process list and redeem it first)",
+    )
     enroll.add_argument("--data", type=Path, required=True, help="agent state directory")
-    enroll.add_argument("--listen", default="127.0.0.1:8001",
-                        help="where this agent will serve inference")  # fmt: skip
+    enroll.add_argument(
+        "--listen", default="127.0.0.1:8001", help="where this agent will serve inference"
+    )
     enroll.add_argument("--metrics-listen", default="")
     enroll.add_argument("--hostname", help="name reported to the hub (default: this host's)")
     enroll.add_argument("--force", action="store_true", help="enroll again, replacing identity")
-    enroll.add_argument("--transport", choices=["grpc", "mqtt", "both"], default="grpc",
-                        help="how this agent reaches the hub (default: grpc)")  # fmt: skip
+    enroll.add_argument(
+        "--transport",
+        choices=["grpc", "mqtt", "both"],
+        default="grpc",
+        help="how this agent reaches the hub (default: grpc)",
+    )
 
     status = sub.add_parser("status", help="what a running agent serves, and gate results")
     _add_admin_args(status)
@@ -167,8 +190,10 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
         feature_names=tuple(f for f in args.feature_names.split(",") if f),
         **kwargs,
     )
-    print(f"created {created.path} ({created.manifest.model_size} bytes, "
-          f"sha256 {created.manifest.model_sha256[:12]})")  # fmt: skip
+    print(
+        f"created {created.path} ({created.manifest.model_size} bytes, "
+        f"sha256 {created.manifest.model_sha256[:12]})"
+    )
     return 0
 
 
@@ -218,11 +243,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.config import load_config
     from kernel.logs import setup_logging
 
-    overrides = {"listen": args.listen, "metrics_listen": args.metrics_listen,
-                 "log_level": args.log_level, "log_json": args.log_json,
-                 "tls_agent_identity": args.tls_agent_identity,
-                 "tls_client_ca_hub": args.tls_client_ca_hub,
-                 **{k: getattr(args, k) for k in _SECURITY_KEYS}}  # fmt: skip
+    overrides = {
+        "listen": args.listen,
+        "metrics_listen": args.metrics_listen,
+        "log_level": args.log_level,
+        "log_json": args.log_json,
+        "tls_agent_identity": args.tls_agent_identity,
+        "tls_client_ca_hub": args.tls_client_ca_hub,
+        **{k: getattr(args, k) for k in _SECURITY_KEYS},
+    }
     cfg = load_config(args.config, overrides)
     if not cfg.hub:
         raise InvalidRequestError(f"{args.config} names no hub: enroll first, or use `serve`")
@@ -238,9 +267,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if args.token_file is not None:
         token = read_token_file(args.token_file)
     elif args.token is not None:
-        print("modelfleet-agent: warning: --token is visible to every local user in the process "
-              "list until enrollment ends; use --token-file PATH or --token-file - (stdin)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "modelfleet-agent: warning: --token is visible to every local user in the process "
+            "list until enrollment ends; use --token-file PATH or --token-file - (stdin)",
+            file=sys.stderr,
+        )
         token = args.token
     elif os.environ.get(TOKEN_ENV, "").strip():
         token = os.environ[TOKEN_ENV]
@@ -250,9 +281,14 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             f"input), or set {TOKEN_ENV}"
         )
     agent_id, config = enroll(
-        token, args.data, listen=args.listen, metrics_listen=args.metrics_listen,
-        hostname=args.hostname, force=args.force, transport=args.transport,
-    )  # fmt: skip
+        token,
+        args.data,
+        listen=args.listen,
+        metrics_listen=args.metrics_listen,
+        hostname=args.hostname,
+        force=args.force,
+        transport=args.transport,
+    )
     print(f"enrolled as {agent_id}; start with: modelfleet-agent run --config {config}")
     return 0
 
@@ -311,8 +347,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if g.passed
                 else f"v{g.version} REFUSED ({g.kind}): {g.reason}"
             )
-        print(f"{m.name:<20} {m.active_version or '-':>6} {m.previous_version or '-':>8} "
-              f"{m.loading_version or '-':>7}  {gate}")  # fmt: skip
+        print(
+            f"{m.name:<20} {m.active_version or '-':>6} {m.previous_version or '-':>8} "
+            f"{m.loading_version or '-':>7}  {gate}"
+        )
         for f in m.failed:
             if not (m.HasField("last_gate") and f.version == m.last_gate.version):
                 print(f"{'':<20} refused v{f.version} ({f.kind}): {f.reason}")

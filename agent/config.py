@@ -23,9 +23,15 @@ ENV_PREFIX = "MODELFLEET_AGENT_"
 # place is enough. Every other key is fixed at start (sockets, thread pools, sessions, the hub
 # identity): a changed one is reported as needing a restart and keeps its running value.
 RELOADABLE = frozenset(
-    {"log_level", "log_json", "poll_interval_s", "drain_timeout_s", "report_interval_s",
-     "resync_interval_s"}
-)  # fmt: skip
+    {
+        "log_level",
+        "log_json",
+        "poll_interval_s",
+        "drain_timeout_s",
+        "report_interval_s",
+        "resync_interval_s",
+    }
+)
 
 
 @dataclass

@@ -97,9 +97,14 @@ class JobRunner:
             if not spec.paused:
                 try:
                     self.scheduler.add_job(
-                        self._fire, trigger_for(spec.schedule), args=[name], id=name,
-                        coalesce=True, max_instances=1, misfire_grace_time=self.misfire_s,
-                    )  # fmt: skip
+                        self._fire,
+                        trigger_for(spec.schedule),
+                        args=[name],
+                        id=name,
+                        coalesce=True,
+                        max_instances=1,
+                        misfire_grace_time=self.misfire_s,
+                    )
                 except ModelfleetError as exc:
                     log.warning("job %s not scheduled: %s", name, exc)
                     continue
@@ -137,8 +142,9 @@ class JobRunner:
             return  # one instance at a time, also for run-now during a scheduled run
         self.running.add(name)
         started = time.time()
-        result = RunResult(name, uuid.uuid4().hex[:12], spec.model, spec.version, "failed",
-                           started_at=started)  # fmt: skip
+        result = RunResult(
+            name, uuid.uuid4().hex[:12], spec.model, spec.version, "failed", started_at=started
+        )
         try:
             bundle, version = self._bundle_for(spec)
             result.version = version
@@ -156,9 +162,16 @@ class JobRunner:
             self.running.discard(name)
         result.finished_at = time.time()
         result.duration_s = result.finished_at - started
-        log.info("job %s run %s %s: %d rows in, %d out (%.2fs)%s", name, result.run_id,
-                 result.status, result.rows_in, result.rows_out, result.duration_s,
-                 f": {result.error}" if result.error else "")  # fmt: skip
+        log.info(
+            "job %s run %s %s: %d rows in, %d out (%.2fs)%s",
+            name,
+            result.run_id,
+            result.status,
+            result.rows_in,
+            result.rows_out,
+            result.duration_s,
+            f": {result.error}" if result.error else "",
+        )
         try:
             await self.report(result)
         except Exception:
@@ -167,8 +180,15 @@ class JobRunner:
     def _score(self, spec: JobSpec, bundle: str, run_id: str) -> Any:
         from batch.engine import ScoreConfig, score
 
-        return score(ScoreConfig(
-            model=bundle, input=spec.input, output=spec.output, sql=spec.sql or None,
-            threads=self.threads, run_id=run_id, progress=False,
-            keys=tuple(k for k in spec.keys.split(",") if k),
-        ))  # fmt: skip
+        return score(
+            ScoreConfig(
+                model=bundle,
+                input=spec.input,
+                output=spec.output,
+                sql=spec.sql or None,
+                threads=self.threads,
+                run_id=run_id,
+                progress=False,
+                keys=tuple(k for k in spec.keys.split(",") if k),
+            )
+        )

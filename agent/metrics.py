@@ -93,8 +93,14 @@ class AgentMetrics:
     def forget_version(self, model: str, version: str) -> None:
         """Drop every series of an unloaded version, so a fleet that swaps often does not
         grow its exposition (and the agent's memory) without bound."""
-        for metric in (self.requests, self.request_seconds, self.queue_seconds,
-                       self.compute_seconds, self.batch_size, self.gate_results):  # fmt: skip
+        for metric in (
+            self.requests,
+            self.request_seconds,
+            self.queue_seconds,
+            self.compute_seconds,
+            self.batch_size,
+            self.gate_results,
+        ):
             names = metric._labelnames  # prometheus_client keeps children by label values
             m_i, v_i = names.index("model"), names.index("version")
             for values in list(metric._metrics):

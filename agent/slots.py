@@ -281,8 +281,9 @@ class SlotManager:
             slot.last_gate = result
             labels = (slot.name, str(bundle.version))
             self.metrics.gate_results.labels(*labels, result.kind).inc()
-            self.metrics.telemetry.gate(slot.name, bundle.version, candidate is not None
-                                        and result.passed)  # fmt: skip
+            self.metrics.telemetry.gate(
+                slot.name, bundle.version, candidate is not None and result.passed
+            )
             if candidate is None or not result.passed:
                 self._record_failure(slot, result, fingerprint)
                 if dropped is not None:
@@ -295,16 +296,22 @@ class SlotManager:
             if not switch and slot.active is not None:
                 slot.previous = candidate
                 self._publish_roles(slot)
-                log.info("model %s version %d passed the gate (p99 %.3f ms) and is ready "
-                         "beside v%d", slot.name, bundle.version, result.p99_ms or 0.0,
-                         slot.active.version)  # fmt: skip
+                log.info(
+                    "model %s version %d passed the gate (p99 %.3f ms) and is ready beside v%d",
+                    slot.name,
+                    bundle.version,
+                    result.p99_ms or 0.0,
+                    slot.active.version,
+                )
                 self._notify(slot.name)
                 return result
             self._switch(slot, candidate, rollback=False)
             log.info(
                 "model %s version %d passed the gate (p99 %.3f ms) and is active",
-                slot.name, bundle.version, result.p99_ms or 0.0,
-            )  # fmt: skip
+                slot.name,
+                bundle.version,
+                result.p99_ms or 0.0,
+            )
             return result
 
     async def _restore_previous(self, slot: ModelSlot, bundle: Bundle) -> None:
@@ -315,12 +322,20 @@ class SlotManager:
                 self.loader_executor, self._load_and_gate, fresh
             )
         except ModelfleetError as exc:
-            log.warning("model %s: cannot reload version %d for rollback: %s",
-                        slot.name, bundle.version, exc)  # fmt: skip
+            log.warning(
+                "model %s: cannot reload version %d for rollback: %s",
+                slot.name,
+                bundle.version,
+                exc,
+            )
             return
         if restored is None:
-            log.warning("model %s: version %d no longer passes the gate (%s); no rollback target",
-                        slot.name, bundle.version, result.reason)  # fmt: skip
+            log.warning(
+                "model %s: version %d no longer passes the gate (%s); no rollback target",
+                slot.name,
+                bundle.version,
+                result.reason,
+            )
             return
         if slot.active is None or slot.active.version != bundle.version:
             slot.previous = restored
@@ -345,8 +360,14 @@ class SlotManager:
         result = evaluate(bundle.manifest, samples.expected, observed, latencies, at=self.clock())
         if not result.passed:
             return None, result
-        loaded = LoadedVersion(bundle, model, self.serving_executor, self.batching, self.metrics,
-                               gate_p99_ms=result.p99_ms)  # fmt: skip
+        loaded = LoadedVersion(
+            bundle,
+            model,
+            self.serving_executor,
+            self.batching,
+            self.metrics,
+            gate_p99_ms=result.p99_ms,
+        )
         return loaded, result
 
     def _record_failure(self, slot: ModelSlot, result: GateResult, fingerprint: object) -> None:
@@ -355,8 +376,11 @@ class SlotManager:
         self.metrics.gate_failures.labels(slot.name, str(result.version), result.kind).inc()
         log.warning(
             "model %s version %d refused (%s): %s",
-            slot.name, result.version, result.kind, result.reason,
-        )  # fmt: skip
+            slot.name,
+            result.version,
+            result.kind,
+            result.reason,
+        )
         self._notify(slot.name)
 
     def remember_failure(
@@ -398,8 +422,13 @@ class SlotManager:
         self.metrics.telemetry.switched(slot.name, to.version, rollback=rollback)
         self._publish_roles(slot)
         why = " (rollback)" if rollback else ""
-        log.info("model %s: version %s -> %d%s", slot.name, old.version if old else "none",
-                 to.version, why)  # fmt: skip
+        log.info(
+            "model %s: version %s -> %d%s",
+            slot.name,
+            old.version if old else "none",
+            to.version,
+            why,
+        )
         self._notify(slot.name)
 
     def _drop(self, slot: ModelSlot, version: LoadedVersion) -> None:

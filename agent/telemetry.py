@@ -144,8 +144,9 @@ class CounterStore:
         if not valid:
             aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
             os.replace(path, aside)
-            log.error("%s is not a telemetry journal; moved it to %s and started a new one",
-                      path, aside)  # fmt: skip
+            log.error(
+                "%s is not a telemetry journal; moved it to %s and started a new one", path, aside
+            )
             return None
         return cls(mm, path)
 
@@ -204,8 +205,9 @@ class CounterStore:
         reasons = []
         for i in range(REASON_SLOTS):
             at = (base + _REASON_NAMES) * 8 + i * _REASON_BYTES
-            reasons.append(bytes(self.mm[at : at + _REASON_BYTES]).rstrip(b"\0").decode(
-                errors="replace"))  # fmt: skip
+            reasons.append(
+                bytes(self.mm[at : at + _REASON_BYTES]).rstrip(b"\0").decode(errors="replace")
+            )
         return name.decode(errors="replace"), self.cells[base + _VERSION], reasons
 
     def counters(self) -> np.ndarray:
@@ -233,12 +235,14 @@ class CounterStore:
 def _histogram(row: np.ndarray, at: int, bounds: tuple[float, ...], scale: float) -> pb.Histogram:
     i = at - COUNTERS
     counts = row[i : i + len(bounds) + 1].tolist()
-    return pb.Histogram(bounds=bounds, counts=counts, sum=int(row[i + len(bounds) + 1]) * scale,
-                        count=sum(counts))  # fmt: skip
+    return pb.Histogram(
+        bounds=bounds, counts=counts, sum=int(row[i + len(bounds) + 1]) * scale, count=sum(counts)
+    )
 
 
-def version_telemetry(model: str, version: int, reasons: list[str], row: np.ndarray
-                      ) -> pb.VersionTelemetry:  # fmt: skip
+def version_telemetry(
+    model: str, version: int, reasons: list[str], row: np.ndarray
+) -> pb.VersionTelemetry:
     """One slot's counter cells (deltas) as the message the hub stores."""
     by_reason: dict[str, int] = {}
     for i, name in enumerate(reasons):
@@ -392,18 +396,22 @@ def recovered_report(store: CounterStore, mark: JournalMark | None) -> pb.Teleme
     now = store.counters()
     delta = store.unreported(now)
     if (delta < 0).any():
-        log.warning("the telemetry journal is older than the outbox (power loss?); counts "
-                    "since its last flush to disk are lost")  # fmt: skip
+        log.warning(
+            "the telemetry journal is older than the outbox (power loss?); counts "
+            "since its last flush to disk are lost"
+        )
         delta = np.maximum(delta, 0)
     versions = [
         version_telemetry(*store.describe(slot + 1), delta[slot])
-        for slot in range(len(delta)) if delta[slot].any()
-    ]  # fmt: skip
+        for slot in range(len(delta))
+        if delta[slot].any()
+    ]
     if not versions:
         return None
     start = mark.end_unix if same and mark is not None else store.created_unix
-    return pb.TelemetryReport(start_unix=start, end_unix=max(start, store.alive_unix),
-                              versions=versions)  # fmt: skip
+    return pb.TelemetryReport(
+        start_unix=start, end_unix=max(start, store.alive_unix), versions=versions
+    )
 
 
 class TelemetryAggregator:
@@ -414,8 +422,9 @@ class TelemetryAggregator:
     small slot per version ever loaded costs little (1 KiB).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time,
-                 store: CounterStore | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, clock: Callable[[], float] = time.time, store: CounterStore | None = None
+    ) -> None:
         self.clock = clock
         self.store = store or CounterStore.memory()
         # Versions beyond the store's capacity: counted, but only in memory.
@@ -441,10 +450,12 @@ class TelemetryAggregator:
         if base is not None:
             return self.store, base
         if self._overflow is None:
-            log.warning("telemetry journal full (%d versions since the agent started): "
-                        "counts of further versions are kept in memory only until the next "
-                        "restart, and a kill -9 can lose their open interval",
-                        self.store.used - 1)  # fmt: skip
+            log.warning(
+                "telemetry journal full (%d versions since the agent started): "
+                "counts of further versions are kept in memory only until the next "
+                "restart, and a kill -9 can lose their open interval",
+                self.store.used - 1,
+            )
             self._overflow = CounterStore.memory()
         base = self._overflow.allocate(model, version)
         if base is None:
@@ -539,8 +550,11 @@ class TelemetryAggregator:
             cpu_seconds=self.process.cpu_delta(),
         )
         journal = self.store
-        mark = (JournalMark(journal.ident, current[0].tobytes(), now)
-                if journal.path is not None else None)  # fmt: skip
+        mark = (
+            JournalMark(journal.ident, current[0].tobytes(), now)
+            if journal.path is not None
+            else None
+        )
         journal.stamp(now)
 
         def commit() -> None:

@@ -154,8 +154,9 @@ class RunDir:
 
     def _write_header(self, header: dict[str, Any]) -> None:
         # mode=None: the umask decides, as for the parquet files beside it.
-        atomic_write_json(self.work / CHECKPOINT_FILE, {"format": CHECKPOINT_FORMAT, **header},
-                          mode=None)  # fmt: skip
+        atomic_write_json(
+            self.work / CHECKPOINT_FILE, {"format": CHECKPOINT_FORMAT, **header}, mode=None
+        )
 
     def restart(self, header: dict[str, Any]) -> None:
         """Forget every committed unit (a run whose units cannot be reproduced)."""

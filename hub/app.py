@@ -67,8 +67,9 @@ def ensure_admin_identity(core: HubCore, now: float | None = None) -> None:
     if (time.time() if now is None else now) >= renewal_time(cert):
         core.ca.renew_admin(core.paths.admin, DEFAULT_CLIENT_DAYS)
         until = cert.not_valid_after_utc.isoformat(timespec="seconds")
-        log.info("renewed the admin certificate in %s (it was valid until %s)", core.paths.admin,
-                 until)  # fmt: skip
+        log.info(
+            "renewed the admin certificate in %s (it was valid until %s)", core.paths.admin, until
+        )
 
 
 async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
@@ -136,28 +137,35 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
         serve_metrics(core.telemetry, cfg.metrics_listen)
         log.info("fleet metrics on http://%s/metrics", cfg.metrics_listen)
     await server.start()
-    atomic_write_json(core.paths.admin / "hub.json",
-                      {"address": core.advertise, "enroll_address": core.advertise_enroll},
-                      indent=2, mode=0o600)  # fmt: skip
+    atomic_write_json(
+        core.paths.admin / "hub.json",
+        {"address": core.advertise, "enroll_address": core.advertise_enroll},
+        indent=2,
+        mode=0o600,
+    )
     core.refresh_signatures()
     try:
         # Revocations recorded while the hub was down, or a CRL close to lapsing: current now.
         core.crl.publish()
     except Exception:
         log.exception("writing the broker's CRL failed; will retry")
-    log.info("READY: hub on %s (enrollment %s), data %s", core.advertise, core.advertise_enroll,
-             cfg.data)  # fmt: skip
+    log.info(
+        "READY: hub on %s (enrollment %s), data %s", core.advertise, core.advertise_enroll, cfg.data
+    )
     ready = True
     notifier.ready(status_text())
 
     async def refresher() -> None:
         while not stop.is_set():
             refresh_wakeup.clear()
-            waiters = {asyncio.ensure_future(stop.wait()),
-                       asyncio.ensure_future(refresh_wakeup.wait())}  # fmt: skip
+            waiters = {
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(refresh_wakeup.wait()),
+            }
             # The interval is read each round, so a reload changes it.
-            await asyncio.wait(waiters, timeout=cfg.refresh_interval_s,
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            await asyncio.wait(
+                waiters, timeout=cfg.refresh_interval_s, return_when=asyncio.FIRST_COMPLETED
+            )
             for w in waiters:
                 w.cancel()
             if stop.is_set():

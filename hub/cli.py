@@ -74,9 +74,11 @@ def _notes(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelfleet-hub", description="modelfleet hub")
     p.add_argument(
-        "--data", type=Path, default=None,
+        "--data",
+        type=Path,
+        default=None,
         help="hub state directory (default: $MODELFLEET_HUB_DATA or ./hub-data)",
-    )  # fmt: skip
+    )
     p.add_argument("--hub", help="hub address HOST:PORT (default: from DATA/admin/hub.json)")
     p.add_argument("--admin-dir", type=Path, help="admin identity (default: DATA/admin)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,15 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
         "rotate", help="give a role a new key (root N+1), with the hub stopped; see security.md"
     )
     kr.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
-    kr.add_argument("--root-key", type=Path,
-                    help="the current root private key (default: DATA/keys/root.pem)")  # fmt: skip
-    kr.add_argument("--new-key", type=Path,
-                    help="the new private key (default: generate one; required for a key kept "
-                         "offline)")  # fmt: skip
-    kr.add_argument("--renew", action="store_true",
-                    help="root only: keep its key, re-sign root with a new expiry")  # fmt: skip
-    kr.add_argument("--config", type=Path,
-                    help="the hub's TOML config, for its metadata lifetimes")  # fmt: skip
+    kr.add_argument(
+        "--root-key", type=Path, help="the current root private key (default: DATA/keys/root.pem)"
+    )
+    kr.add_argument(
+        "--new-key",
+        type=Path,
+        help="the new private key (default: generate one; required for a key kept offline)",
+    )
+    kr.add_argument(
+        "--renew",
+        action="store_true",
+        help="root only: keep its key, re-sign root with a new expiry",
+    )
+    kr.add_argument("--config", type=Path, help="the hub's TOML config, for its metadata lifetimes")
 
     mq = sub.add_parser("mqtt-config", help="write mosquitto.conf, ACL and certificates")
     mq.add_argument("--out", type=Path, required=True)
@@ -138,9 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--notes", type=_notes, default="", help="at most 4096 bytes (UTF-8)")
     pub.add_argument("--targets-key", type=Path, help="offline targets private key (PEM)")
     pub.add_argument(
-        "--allow-extra", action="append", default=[], metavar="TARGET_PATH",
+        "--allow-extra",
+        action="append",
+        default=[],
+        metavar="TARGET_PATH",
         help="also sign this other staged target (repeat; docs/security.md)",
-    )  # fmt: skip
+    )
     pub.add_argument("--latency-budget-ms", type=float)
     pub.add_argument("--tolerance", type=float)
     pub.add_argument("--max-batch-size", type=int)
@@ -151,13 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("version", type=int)
     sign.add_argument("--targets-key", type=Path, required=True)
     sign.add_argument(
-        "--sha256", required=True, metavar="HEX",
+        "--sha256",
+        required=True,
+        metavar="HEX",
         help="the bundle sha256 that publish printed: what you mean to sign",
-    )  # fmt: skip
+    )
     sign.add_argument(
-        "--allow-extra", action="append", default=[], metavar="TARGET_PATH",
+        "--allow-extra",
+        action="append",
+        default=[],
+        metavar="TARGET_PATH",
         help="also sign this other staged target (repeat; docs/security.md)",
-    )  # fmt: skip
+    )
 
     models = sub.add_parser("models", help="the registry")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -170,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name")
     stage.add_argument("version", type=_version)
     stage.add_argument("stage", choices=["staged", "production", "deprecated", "retired"])
-    stage.add_argument("--force", action="store_true",
-                       help="retire a version agents still want (they fall back)")  # fmt: skip
+    stage.add_argument(
+        "--force", action="store_true", help="retire a version agents still want (they fall back)"
+    )
 
     dep = sub.add_parser("deploy", help="set the desired version for matching agents")
     dep.add_argument("name")
@@ -184,13 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("name")
     rs.add_argument("version", type=int)
     rs.add_argument("--selector", type=_labels, default={})
-    rs.add_argument("--waves", default="10,50,100",
-                    help="percentages of the selected agents, e.g. 1,10,50,100")  # fmt: skip
-    rs.add_argument("--waves-are-counts", action="store_true",
-                    help="read --waves as agent counts instead of percentages")  # fmt: skip
+    rs.add_argument(
+        "--waves", default="10,50,100", help="percentages of the selected agents, e.g. 1,10,50,100"
+    )
+    rs.add_argument(
+        "--waves-are-counts",
+        action="store_true",
+        help="read --waves as agent counts instead of percentages",
+    )
     rs.add_argument("--bake", type=_duration, default=300.0)
-    rs.add_argument("--gate", action="append", default=[],
-                    help="e.g. 'error_rate<0.01', 'p99_ms<100', 'p99_vs_baseline<1.2'")  # fmt: skip
+    rs.add_argument(
+        "--gate",
+        action="append",
+        default=[],
+        help="e.g. 'error_rate<0.01', 'p99_ms<100', 'p99_vs_baseline<1.2'",
+    )
     rs.add_argument("--min-requests", type=int, default=0)
     rs.add_argument("--max-failed-agents", type=int, default=0)
     rs.add_argument("--agent-timeout", type=_duration, default=600.0)
@@ -276,9 +300,7 @@ def admin_stub(args: argparse.Namespace) -> Any:
         )
     except OSError as exc:
         raise _Unavailable(f"cannot read the admin identity in {admin}: {exc}") from None
-    channel = grpc.secure_channel(
-        address, creds, options=message_size_options(FLEET_MESSAGE_BYTES)
-    )  # fmt: skip
+    channel = grpc.secure_channel(address, creds, options=message_size_options(FLEET_MESSAGE_BYTES))
     return fleet_pb2_grpc.HubAdminStub(channel)
 
 
@@ -307,12 +329,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from hub.config import load_hub_config
     from kernel.logs import setup_logging
 
-    overrides = {k: getattr(args, k) for k in (
-        "listen", "enroll_listen", "advertise", "advertise_enroll", "hostnames",
-        "refresh_interval_s", "timestamp_expiry_s", "snapshot_expiry_s",
-        "transfer_rate_limit_mbps", "agent_cert_lifetime_s", "log_level", "log_json", "mqtt",
-        "advertise_mqtt",
-        "metrics_listen")}  # fmt: skip
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "listen",
+            "enroll_listen",
+            "advertise",
+            "advertise_enroll",
+            "hostnames",
+            "refresh_interval_s",
+            "timestamp_expiry_s",
+            "snapshot_expiry_s",
+            "transfer_rate_limit_mbps",
+            "agent_cert_lifetime_s",
+            "log_level",
+            "log_json",
+            "mqtt",
+            "advertise_mqtt",
+            "metrics_listen",
+        )
+    }
     # An explicit --data wins; otherwise the config file's data (or the default) applies.
     overrides["data"] = args.data
     cfg = load_hub_config(args.config, overrides)
@@ -336,15 +372,23 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     # Root and targets metadata are signed now, while this machine holds those keys.
     extra = {}
     if args.offline:
-        extra = {"root_signer": load_signer(args.offline / "root.pem"),
-                 "targets_signer": load_signer(args.offline / "targets.pem")}  # fmt: skip
-    TufRepository.create(paths.metadata, keys_dir, root_signer=extra.get("root_signer"),
-                         targets_signer=extra.get("targets_signer"))  # fmt: skip
+        extra = {
+            "root_signer": load_signer(args.offline / "root.pem"),
+            "targets_signer": load_signer(args.offline / "targets.pem"),
+        }
+    TufRepository.create(
+        paths.metadata,
+        keys_dir,
+        root_signer=extra.get("root_signer"),
+        targets_signer=extra.get("targets_signer"),
+    )
     for role, keyid in ids.items():
         print(f"{role:<10} {keyid}")
     if args.offline:
-        print(f"root and targets private keys are in {args.offline}: move them off this machine;"
-              f" publishing will need --targets-key {args.offline}/targets.pem")  # fmt: skip
+        print(
+            f"root and targets private keys are in {args.offline}: move them off this machine;"
+            f" publishing will need --targets-key {args.offline}/targets.pem"
+        )
     return 0
 
 
@@ -368,8 +412,9 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         online = paths.keys / f"{role}.pem"
         if args.renew:
             if role != "root" or args.new_key:
-                raise InvalidRequestError("--renew re-signs root with its own key: role root, "
-                                          "no --new-key")  # fmt: skip
+                raise InvalidRequestError(
+                    "--renew re-signs root with its own key: role root, no --new-key"
+                )
             new = root_signer
         elif args.new_key:
             new = load_signer(args.new_key)
@@ -420,8 +465,15 @@ def cmd_mqtt_config(args: argparse.Namespace) -> int:
     # The CRL starts with the agents already revoked; a running hub keeps it current.
     registry = Registry(paths.db)
     try:
-        conf = write_broker_config(ca, args.out.resolve(), args.listen, paths.root / "mqtt",
-                                   hostnames, registry, HubConfig().crl_lifetime_s)  # fmt: skip
+        conf = write_broker_config(
+            ca,
+            args.out.resolve(),
+            args.listen,
+            paths.root / "mqtt",
+            hostnames,
+            registry,
+            HubConfig().crl_lifetime_s,
+        )
     finally:
         registry.close()
     print(f"wrote {conf}; start the broker with: mosquitto -c {conf}")
@@ -481,10 +533,16 @@ def cmd_publish(args: argparse.Namespace) -> int:
         if args.tolerance is not None:
             kwargs["rtol"] = kwargs["atol"] = args.tolerance
         bundle = create_bundle(
-            args.model, name=args.name, version=version, samples=samples, expected=expected,
-            out_dir=Path(tmp) / "b", max_batch_size=args.max_batch_size,
-            max_queue_delay_us=args.max_queue_delay_us, **kwargs,
-        )  # fmt: skip
+            args.model,
+            name=args.name,
+            version=version,
+            samples=samples,
+            expected=expected,
+            out_dir=Path(tmp) / "b",
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_us=args.max_queue_delay_us,
+            **kwargs,
+        )
         archive = Path(tmp) / TARGET_FILE_NAME
         digest, size = pack_bundle(bundle.path, archive)
         bar = _progress(size)
@@ -504,19 +562,25 @@ def cmd_publish(args: argparse.Namespace) -> int:
     v = resp.version
     if resp.staged_payload:
         if not args.targets_key:
-            print(f"{args.name} v{v.version} uploaded but NOT signed: the targets key is offline."
-                  f" Sign it with: modelfleet-hub sign {args.name} {v.version} --sha256 {digest}"
-                  " --targets-key FILE", file=sys.stderr)  # fmt: skip
+            print(
+                f"{args.name} v{v.version} uploaded but NOT signed: the targets key is offline."
+                f" Sign it with: modelfleet-hub sign {args.name} {v.version} --sha256 {digest}"
+                " --targets-key FILE",
+                file=sys.stderr,
+            )
             return EXIT_CODES[Status.FAILED_PRECONDITION]
         from hub.signing import ExpectedTarget
         from kernel.bundle import bundle_target_path
 
-        built = ExpectedTarget(bundle_target_path(args.name, version), digest, size,
-                               bundle.manifest.model_sha256)  # fmt: skip
+        built = ExpectedTarget(
+            bundle_target_path(args.name, version), digest, size, bundle.manifest.model_sha256
+        )
         v = _sign(stub, args.name, v.version, resp, args.targets_key, built, args.allow_extra)
     same = f" (same content as v{v.same_content_as})" if v.same_content_as else ""
-    print(f"published {v.name} v{v.version}: {v.size} bytes, sha256 {v.sha256[:12]}, "
-          f"stage {v.stage}, {'signed' if v.signed else 'unsigned'}{same}")  # fmt: skip
+    print(
+        f"published {v.name} v{v.version}: {v.size} bytes, sha256 {v.sha256[:12]}, "
+        f"stage {v.stage}, {'signed' if v.signed else 'unsigned'}{same}"
+    )
     return 0
 
 
@@ -546,26 +610,42 @@ def _sign(
     signer = load_signer(key)
     last = load_last_signed(key)
     if last is None:
-        print(f"note: no record of what this key signed before ({last_signed_path(key)}); "
-              "trusting the hub's targets that carry its signature", file=sys.stderr)  # fmt: skip
+        print(
+            f"note: no record of what this key signed before ({last_signed_path(key)}); "
+            "trusting the hub's targets that carry its signature",
+            file=sys.stderr,
+        )
     targets, extras = check_signing_request(
-        staged.staged_payload, staged.base_targets, signer.public_key, expected,
-        allow_extra=allow_extra, last_signed=last,
-    )  # fmt: skip
+        staged.staged_payload,
+        staged.base_targets,
+        signer.public_key,
+        expected,
+        allow_extra=allow_extra,
+        last_signed=last,
+    )
     for line in extras:
         print(f"also signing (--allow-extra): {line}", file=sys.stderr)
     sig = signer.sign(staged.staged_payload)
-    commit = pb.CommitTargetsRequest(name=name, version=version, keyid=sig.keyid,
-                                     signature=sig.signature,
-                                     signed_payload=staged.staged_payload)  # fmt: skip
+    commit = pb.CommitTargetsRequest(
+        name=name,
+        version=version,
+        keyid=sig.keyid,
+        signature=sig.signature,
+        signed_payload=staged.staged_payload,
+    )
     v = call(stub.CommitTargets, commit).version
     try:
         save_last_signed(key, targets.signed.version, staged.staged_payload)
     except OSError as exc:  # a read-only key medium: the check above still ran
-        print(f"warning: cannot record the signed targets in {last_signed_path(key)}: {exc}",
-              file=sys.stderr)  # fmt: skip
-    print(f"signed targets v{targets.signed.version}: adds {expected.path} "
-          f"(sha256 {expected.sha256[:16]})", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: cannot record the signed targets in {last_signed_path(key)}: {exc}",
+            file=sys.stderr,
+        )
+    print(
+        f"signed targets v{targets.signed.version}: adds {expected.path} "
+        f"(sha256 {expected.sha256[:16]})",
+        file=sys.stderr,
+    )
     return v
 
 
@@ -578,8 +658,9 @@ def cmd_sign(args: argparse.Namespace) -> int:
         if resp.version.sha256 != args.sha256.lower():
             raise VerificationError(
                 f"{args.name} v{args.version} is signed with sha256 {resp.version.sha256}, not "
-                f"{args.sha256}", reason="signing_diff"
-            )  # fmt: skip
+                f"{args.sha256}",
+                reason="signing_diff",
+            )
         print(f"{args.name} v{args.version} is already signed")
         return 0
     from hub.signing import ExpectedTarget
@@ -592,13 +673,17 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def _print_versions(versions: Any) -> None:
-    print(f"{'VERSION':>7}  {'STAGE':<11} {'SIGNED':<6} {'SIZE':>10}  {'SHA256':<12}  CREATED"
-          "               NOTES")  # fmt: skip
+    print(
+        f"{'VERSION':>7}  {'STAGE':<11} {'SIGNED':<6} {'SIZE':>10}  {'SHA256':<12}  CREATED"
+        "               NOTES"
+    )
     for v in versions:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v.created_at))
         same = f" (= v{v.same_content_as})" if v.same_content_as else ""
-        print(f"{v.version:>7}  {v.stage:<11} {'yes' if v.signed else 'NO':<6} {v.size:>10}  "
-              f"{v.sha256[:12]}  {created}   {v.notes}{same}")  # fmt: skip
+        print(
+            f"{v.version:>7}  {v.stage:<11} {'yes' if v.signed else 'NO':<6} {v.size:>10}  "
+            f"{v.sha256[:12]}  {created}   {v.notes}{same}"
+        )
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -609,19 +694,27 @@ def cmd_models(args: argparse.Namespace) -> int:
         resp = call(stub.ListModels, pb.ListModelsRequest())
         print(f"{'MODEL':<24} {'LATEST':>6} {'VERSIONS':>8} {'PRODUCTION':>10}")
         for m in resp.models:
-            print(f"{m.name:<24} {m.latest_version:>6} {m.version_count:>8} "
-                  f"{m.production_version or '-':>10}")  # fmt: skip
+            print(
+                f"{m.name:<24} {m.latest_version:>6} {m.version_count:>8} "
+                f"{m.production_version or '-':>10}"
+            )
     elif args.models_command in ("show", "versions"):
         resp = call(stub.ListVersions, pb.ListVersionsRequest(name=args.name))
         if args.models_command == "show":
             latest = resp.versions[-1]
             prod = [v.version for v in resp.versions if v.stage == "production"]
-            print(f"model {args.name}: {len(resp.versions)} version(s), latest v{latest.version},"
-                  f" production {('v' + str(prod[0])) if prod else 'none'}")  # fmt: skip
+            print(
+                f"model {args.name}: {len(resp.versions)} version(s), latest v{latest.version},"
+                f" production {('v' + str(prod[0])) if prod else 'none'}"
+            )
         _print_versions(resp.versions)
     else:
-        v = call(stub.SetStage, pb.SetStageRequest(name=args.name, version=args.version,
-                                                   stage=args.stage, force=args.force))  # fmt: skip
+        v = call(
+            stub.SetStage,
+            pb.SetStageRequest(
+                name=args.name, version=args.version, stage=args.stage, force=args.force
+            ),
+        )
         print(f"{v.name} v{v.version} is now {v.stage}")
     return 0
 
@@ -629,11 +722,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from protos import fleet_pb2 as pb
 
-    resp = call(admin_stub(args).Deploy, pb.DeployRequest(
-        name=args.name, version=args.version, selector=args.selector))  # fmt: skip
+    resp = call(
+        admin_stub(args).Deploy,
+        pb.DeployRequest(name=args.name, version=args.version, selector=args.selector),
+    )
     sel = ",".join(f"{k}={v}" for k, v in args.selector.items()) or "(all agents)"
-    print(f"{args.name} v{args.version} desired on {len(resp.agents)} agent(s) matching {sel}: "
-          f"{', '.join(resp.agents) or '-'} (revision {resp.revision})")  # fmt: skip
+    print(
+        f"{args.name} v{args.version} desired on {len(resp.agents)} agent(s) matching {sel}: "
+        f"{', '.join(resp.agents) or '-'} (revision {resp.revision})"
+    )
     return 0
 
 
@@ -655,8 +752,9 @@ def cmd_agents(args: argparse.Namespace) -> int:
     if args.agents_command == "token":
         if args.ttl < 1:
             raise InvalidRequestError("--ttl must be at least 1s")
-        resp = call(stub.CreateToken, pb.CreateTokenRequest(labels=args.labels,
-                                                            ttl_seconds=int(args.ttl)))  # fmt: skip
+        resp = call(
+            stub.CreateToken, pb.CreateTokenRequest(labels=args.labels, ttl_seconds=int(args.ttl))
+        )
         print(resp.token)
         return 0
     if args.agents_command == "revoke":
@@ -665,11 +763,16 @@ def cmd_agents(args: argparse.Namespace) -> int:
         return 0
     resp = call(stub.ListAgents, pb.ListAgentsRequest())
     if args.json:
-        print(json.dumps([MessageToDict(a, preserving_proto_field_name=True)
-                          for a in resp.agents], indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                [MessageToDict(a, preserving_proto_field_name=True) for a in resp.agents], indent=2
+            )
+        )
         return 0
-    print(f"{'AGENT':<22} {'STATUS':<8} {'ONLINE':<7} {'LAST SEEN':<10} {'LABELS':<24} "
-          f"{'MODEL':<12} {'DESIRED':>7} {'ACTIVE':>6}  GATE / ERROR")  # fmt: skip
+    print(
+        f"{'AGENT':<22} {'STATUS':<8} {'ONLINE':<7} {'LAST SEEN':<10} {'LABELS':<24} "
+        f"{'MODEL':<12} {'DESIRED':>7} {'ACTIVE':>6}  GATE / ERROR"
+    )
     for a in resp.agents:
         labels = ",".join(f"{k}={v}" for k, v in sorted(a.labels.items())) or "-"
         reports = {m.name: m for m in a.report.models}
@@ -679,15 +782,23 @@ def cmd_agents(args: argparse.Namespace) -> int:
             m = reports.get(name)
             gate = "-"
             if m is not None and m.gate_version:
-                gate = (f"v{m.gate_version} passed" if m.gate_passed
-                        else f"v{m.gate_version} {m.gate_kind}: {m.gate_reason}")  # fmt: skip
+                gate = (
+                    f"v{m.gate_version} passed"
+                    if m.gate_passed
+                    else f"v{m.gate_version} {m.gate_kind}: {m.gate_reason}"
+                )
             if m is not None and m.error:
                 gate = m.error
             online = a.presence or "-"
-            head = (f"{a.agent_id:<22} {a.status:<8} {online:<7} {_ago(a.last_seen):<10} "
-                    f"{labels:<24}" if i == 0 else " " * 74)  # fmt: skip
-            print(f"{head} {name:<12} {desired.get(name, '-')!s:>7} "
-                  f"{(m.active_version or '-') if m else '-'!s:>6}  {gate}")  # fmt: skip
+            head = (
+                f"{a.agent_id:<22} {a.status:<8} {online:<7} {_ago(a.last_seen):<10} {labels:<24}"
+                if i == 0
+                else " " * 74
+            )
+            print(
+                f"{head} {name:<12} {desired.get(name, '-')!s:>7} "
+                f"{(m.active_version or '-') if m else '-'!s:>6}  {gate}"
+            )
         if a.report.last_error:
             print(f"{'':<74} last error: {a.report.last_error}")
         if a.status == "active" and (warning := _cert_warning(a.cert_expires_at)):
@@ -707,8 +818,10 @@ def _cert_warning(expires_at: float, now: float | None = None) -> str:
     if left <= 0:
         return "certificate EXPIRED: the hub refuses this agent; enroll it again"
     if left < CERT_WARN_S:
-        return (f"certificate expires in {left / 86400:.1f} days and was not renewed "
-                f"(see the agent's log)")  # fmt: skip
+        return (
+            f"certificate expires in {left / 86400:.1f} days and was not renewed "
+            f"(see the agent's log)"
+        )
     return ""
 
 
@@ -722,13 +835,21 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if cmd == "create":
         schedule = args.cron or f"every {args.every:g}s"
         spec = pb.JobSpec(
-            name=args.name, model=args.model, version=args.version or 0, schedule=schedule,
-            input=args.input, output=args.output, sql=args.sql, keys=args.keys,
-        )  # fmt: skip
+            name=args.name,
+            model=args.model,
+            version=args.version or 0,
+            schedule=schedule,
+            input=args.input,
+            output=args.output,
+            sql=args.sql,
+            keys=args.keys,
+        )
         info = call(stub.CreateJob, pb.CreateJobRequest(spec=spec, selector=args.selector))
         which = f"v{info.spec.version}" if info.spec.version else "the deployed version"
-        print(f"job {info.spec.name}: {info.spec.model} ({which}) {schedule} on "
-              f"{info.agents} agent(s)")  # fmt: skip
+        print(
+            f"job {info.spec.name}: {info.spec.model} ({which}) {schedule} on "
+            f"{info.agents} agent(s)"
+        )
         return 0
     if cmd == "ls":
         resp = call(stub.ListJobs, pb.ListJobsRequest())
@@ -737,22 +858,31 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             s = j.spec
             version = f"v{s.version}" if s.version else "deployed"
             state = "paused" if s.paused else "active"
-            print(f"{s.name:<20} {s.model:<14} {version:<9} {s.schedule:<16} {j.agents:>6}  "
-                  f"{state}")  # fmt: skip
+            print(
+                f"{s.name:<20} {s.model:<14} {version:<9} {s.schedule:<16} {j.agents:>6}  {state}"
+            )
         return 0
     if cmd == "runs":
         resp = call(stub.JobRuns, pb.JobRunsRequest(name=args.name))
         if args.json:
-            print(json.dumps([MessageToDict(r, preserving_proto_field_name=True)
-                              for r in resp.runs], indent=2))  # fmt: skip
+            print(
+                json.dumps(
+                    [MessageToDict(r, preserving_proto_field_name=True) for r in resp.runs],
+                    indent=2,
+                )
+            )
             return 0
-        print(f"{'FINISHED':<20} {'AGENT':<22} {'RUN':<13} {'VERSION':>7} {'STATUS':<10} "
-              f"{'ROWS IN':>9} {'ROWS OUT':>9} {'REJECTED':>8} {'SECONDS':>8}  ERROR")  # fmt: skip
+        print(
+            f"{'FINISHED':<20} {'AGENT':<22} {'RUN':<13} {'VERSION':>7} {'STATUS':<10} "
+            f"{'ROWS IN':>9} {'ROWS OUT':>9} {'REJECTED':>8} {'SECONDS':>8}  ERROR"
+        )
         for r in resp.runs:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.finished_at))
-            print(f"{when:<20} {r.agent_id:<22} {r.run_id:<13} {r.version:>7} {r.status:<10} "
-                  f"{r.rows_in:>9} {r.rows_out:>9} {r.rows_rejected:>8} {r.duration_s:>8.2f}  "
-                  f"{r.error}")  # fmt: skip
+            print(
+                f"{when:<20} {r.agent_id:<22} {r.run_id:<13} {r.version:>7} {r.status:<10} "
+                f"{r.rows_in:>9} {r.rows_out:>9} {r.rows_rejected:>8} {r.duration_s:>8.2f}  "
+                f"{r.error}"
+            )
         return 0
     info = call(stub.ControlJob, pb.ControlJobRequest(name=args.name, action=cmd))
     print(f"job {args.name}: {cmd} done")
@@ -766,23 +896,39 @@ def rollout_dict(status: Any) -> dict[str, Any]:
     if status.HasField("last_evaluation"):
         e = status.last_evaluation
         ev = {
-            "wave": e.wave, "at": e.at, "canary_requests": e.canary_requests,
+            "wave": e.wave,
+            "at": e.at,
+            "canary_requests": e.canary_requests,
             "baseline_requests": e.baseline_requests,
             "gates": [
-                {"gate": g.gate, "value": g.value if g.HasField("value") else None,
-                 "ok": g.ok if g.HasField("ok") else None, **({"note": g.note} if g.note else {})}
+                {
+                    "gate": g.gate,
+                    "value": g.value if g.HasField("value") else None,
+                    "ok": g.ok if g.HasField("ok") else None,
+                    **({"note": g.note} if g.note else {}),
+                }
                 for g in e.gates
             ],
-        }  # fmt: skip
+        }
     return {
-        "id": status.id, "model": status.model, "version": status.version,
-        "state": status.state, "wave": status.wave, "waves": list(status.waves),
-        "agents": status.agents, "assigned": status.assigned, "switched": status.switched,
-        "prepared": status.prepared, "strategy": status.strategy,
-        "failed": dict(status.failed), "bake_left_s": status.bake_left_s,
-        "reason": status.reason, "gates": list(status.gates), "last_evaluation": ev,
+        "id": status.id,
+        "model": status.model,
+        "version": status.version,
+        "state": status.state,
+        "wave": status.wave,
+        "waves": list(status.waves),
+        "agents": status.agents,
+        "assigned": status.assigned,
+        "switched": status.switched,
+        "prepared": status.prepared,
+        "strategy": status.strategy,
+        "failed": dict(status.failed),
+        "bake_left_s": status.bake_left_s,
+        "reason": status.reason,
+        "gates": list(status.gates),
+        "last_evaluation": ev,
         "events": [{"at": x.at, "text": x.text} for x in status.events],
-    }  # fmt: skip
+    }
 
 
 def _render_rollout(status: Any) -> str:
@@ -798,8 +944,10 @@ def _render_rollout(status: Any) -> str:
         lines.append(f"  bake: {d['bake_left_s']:.0f}s left")
     ev = d.get("last_evaluation")
     if ev:
-        lines.append(f"  last evaluation (wave {ev['wave']}): canary {ev['canary_requests']} "
-                     f"request(s), baseline {ev['baseline_requests']}")  # fmt: skip
+        lines.append(
+            f"  last evaluation (wave {ev['wave']}): canary {ev['canary_requests']} "
+            f"request(s), baseline {ev['baseline_requests']}"
+        )
         for g in ev["gates"]:
             value = "n/a" if g["value"] is None else f"{g['value']:.4g}"
             verdict = {True: "ok", False: "FAILED", None: g.get("note", "-")}[g["ok"]]
@@ -823,11 +971,18 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         if not args.waves_are_counts:
             waves = [w if w.endswith("%") else f"{w}%" for w in waves]
         req = pb.StartRolloutRequest(
-            model=args.name, version=args.version, selector=args.selector, waves=waves,
-            bake_s=args.bake, gates=args.gate, min_requests=args.min_requests,
-            max_failed_agents=args.max_failed_agents, agent_timeout_s=args.agent_timeout,
-            strategy=args.strategy, auto_switch=args.auto_switch,
-        )  # fmt: skip
+            model=args.name,
+            version=args.version,
+            selector=args.selector,
+            waves=waves,
+            bake_s=args.bake,
+            gates=args.gate,
+            min_requests=args.min_requests,
+            max_failed_agents=args.max_failed_agents,
+            agent_timeout_s=args.agent_timeout,
+            strategy=args.strategy,
+            auto_switch=args.auto_switch,
+        )
         print(_render_rollout(call(stub.StartRollout, req)))
         return 0
     if cmd == "status":
@@ -850,8 +1005,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         resp = call(stub.RolloutHistory, pb.RolloutHistoryRequest(model=args.name))
         for r in resp.rollouts:
             d = rollout_dict(r)
-            print(f"{r.id:>4}  v{r.version:<5} {r.state:<12} agents {d['agents']:<4} "
-                  f"{d['reason']}")  # fmt: skip
+            print(f"{r.id:>4}  v{r.version:<5} {r.state:<12} agents {d['agents']:<4} {d['reason']}")
         return 0
     status = call(stub.ControlRollout, pb.ControlRolloutRequest(model=args.name, action=cmd))
     print(_render_rollout(status))
@@ -875,19 +1029,25 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
         return 0
     who = f"agent {args.agent}" if args.agent else "the fleet"
-    print(f"{args.name} over the last {resp.window_s:g}s, {who} (telemetry intervals ending in "
-          f"the window)")  # fmt: skip
+    print(
+        f"{args.name} over the last {resp.window_s:g}s, {who} (telemetry intervals ending in "
+        f"the window)"
+    )
     if not resp.versions:
         print("no telemetry in this window")
         return 0
-    print(f"{'VERSION':>7} {'AGENTS':>6} {'REQUESTS':>9} {'REQ/S':>8} {'FAILURES':>8} "
-          f"{'ERROR RATE':>10} {'P50 MS':>8} {'P95 MS':>8} {'P99 MS':>8}  "
-          "FAILURES BY REASON")  # fmt: skip
+    print(
+        f"{'VERSION':>7} {'AGENTS':>6} {'REQUESTS':>9} {'REQ/S':>8} {'FAILURES':>8} "
+        f"{'ERROR RATE':>10} {'P50 MS':>8} {'P95 MS':>8} {'P99 MS':>8}  "
+        "FAILURES BY REASON"
+    )
     for v in resp.versions:
         reasons = ", ".join(f"{k}={n}" for k, n in sorted(v.failures_by_reason.items())) or "-"
-        print(f"{v.version:>7} {v.agents:>6} {v.requests:>9} {v.request_rate:>8.3f} "
-              f"{v.failures:>8} {v.error_rate:>10.3%} {_ms(v.p50_ms):>8} {_ms(v.p95_ms):>8} "
-              f"{_ms(v.p99_ms):>8}  {reasons}")  # fmt: skip
+        print(
+            f"{v.version:>7} {v.agents:>6} {v.requests:>9} {v.request_rate:>8.3f} "
+            f"{v.failures:>8} {v.error_rate:>10.3%} {_ms(v.p50_ms):>8} {_ms(v.p95_ms):>8} "
+            f"{_ms(v.p99_ms):>8}  {reasons}"
+        )
     return 0
 
 

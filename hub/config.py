@@ -19,9 +19,15 @@ ENV_PREFIX = "MODELFLEET_HUB_"
 # TUF refresher, every upload and every download). The rest (sockets, certificates, metadata
 # expiry policy, MQTT bridge) is fixed at start and reported as needing a restart.
 RELOADABLE = frozenset(
-    {"log_level", "log_json", "refresh_interval_s", "transfer_rate_limit_mbps",
-     "max_bundle_bytes", "drain_timeout_s"}
-)  # fmt: skip
+    {
+        "log_level",
+        "log_json",
+        "refresh_interval_s",
+        "transfer_rate_limit_mbps",
+        "max_bundle_bytes",
+        "drain_timeout_s",
+    }
+)
 
 
 @dataclass
@@ -99,8 +105,9 @@ def load_hub_config(
     overrides: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> HubConfig:
-    cfg = load_settings(HubConfig, path, table="hub", env_prefix=ENV_PREFIX,
-                        overrides=overrides, env=env)  # fmt: skip
+    cfg = load_settings(
+        HubConfig, path, table="hub", env_prefix=ENV_PREFIX, overrides=overrides, env=env
+    )
     if cfg.origin is not None:
         raise InvalidRequestError("config: unknown key(s) origin")
     cfg.origin = ConfigOrigin(path, dict(overrides or {}), env)
@@ -129,8 +136,10 @@ def _check_refresh_interval(cfg: HubConfig) -> None:
     """Timestamp and snapshot are re-signed once less than half their lifetime is left, at the
     next refresh: an interval over a quarter of the shorter lifetime lets them expire between
     two refreshes (or leaves no margin for a slow one), and every agent freezes on them."""
-    lifetimes = {"timestamp_expiry_s": cfg.timestamp_expiry_s,
-                 "snapshot_expiry_s": cfg.snapshot_expiry_s}  # fmt: skip
+    lifetimes = {
+        "timestamp_expiry_s": cfg.timestamp_expiry_s,
+        "snapshot_expiry_s": cfg.snapshot_expiry_s,
+    }
     key = min(lifetimes, key=lambda k: lifetimes[k])
     limit = lifetimes[key] / 4
     if cfg.refresh_interval_s > limit:

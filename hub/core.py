@@ -178,8 +178,9 @@ class HubCore:
         from hub.crl import CrlPublisher
 
         # The broker's CRL, where `mqtt-config` put the broker (docs/mqtt.md); nothing without.
-        self.crl = CrlPublisher(self.ca, self.registry, self.paths.root / "mqtt",
-                                cfg.crl_lifetime_s)  # fmt: skip
+        self.crl = CrlPublisher(
+            self.ca, self.registry, self.paths.root / "mqtt", cfg.crl_lifetime_s
+        )
         self.tuf = open_tuf(self.paths, cfg, clock)
         self.check_targets_high_water()
         # A crash between committing signed targets and marking the rows leaves rows unsigned.
@@ -261,13 +262,24 @@ class HubCore:
             base = self.tuf.published_targets_bytes()
             keyid, signed = self.tuf.targets_keyid(), False
         row = self.registry.add_version(
-            name=name, version=version, sha256=digest, size=size,
-            notes=str(header.get("notes", "")), target_path=path, signed=signed,
+            name=name,
+            version=version,
+            sha256=digest,
+            size=size,
+            notes=str(header.get("notes", "")),
+            target_path=path,
+            signed=signed,
             manifest=manifest,
-        )  # fmt: skip
+        )
         self.note_targets_version()
-        log.info("published %s v%d (%d bytes, sha256 %s, %s)", name, version, size, digest[:12],
-                 "signed" if signed else "awaiting targets signature")  # fmt: skip
+        log.info(
+            "published %s v%d (%d bytes, sha256 %s, %s)",
+            name,
+            version,
+            size,
+            digest[:12],
+            "signed" if signed else "awaiting targets signature",
+        )
         return PublishResult(row, staged, keyid, base)
 
     def staged_for_signing(self, name: str, version: int) -> PublishResult:
@@ -280,8 +292,11 @@ class HubCore:
         assert row is not None
         if row.signed:
             return PublishResult(row)
-        custom = {"name": name, "version": version,
-                  "manifest_sha256": self.registry.model_sha256(name, version)}  # fmt: skip
+        custom = {
+            "name": name,
+            "version": version,
+            "manifest_sha256": self.registry.model_sha256(name, version),
+        }
         payload = self.tuf.stage_target(row.target_path, row.size, row.sha256, custom)
         base = self.tuf.published_targets_bytes()
         return PublishResult(row, payload, self.tuf.targets_keyid(), base)
@@ -368,8 +383,12 @@ class HubCore:
             if target is None:
                 # The database claims more than the signatures do (a restored metadata backup,
                 # or a tampered database): believe the signatures, agents will too.
-                log.error("%s v%d is marked signed but the signed targets do not list it: "
-                          "marked unsigned; publish it again", v.name, v.version)  # fmt: skip
+                log.error(
+                    "%s v%d is marked signed but the signed targets do not list it: "
+                    "marked unsigned; publish it again",
+                    v.name,
+                    v.version,
+                )
                 self.registry.mark_signed(v.name, v.version, signed=False)
             elif target.hashes.get("sha256") != v.sha256 or target.length != v.size:
                 problems.append(
@@ -406,8 +425,14 @@ class HubCore:
         agent_id = f"{host}-{secrets.token_hex(3)}"
         labels = self.registry.consume_token(token_id, token_secret_hash(secret), agent_id)
         cert = self.ca.sign_csr(csr_pem, f"agent:{agent_id}", self._agent_cert_days())
-        self.registry.add_agent(agent_id, hostname, labels, cert_fingerprint(cert),
-                                _not_after(cert), serial=_serial(cert))  # fmt: skip
+        self.registry.add_agent(
+            agent_id,
+            hostname,
+            labels,
+            cert_fingerprint(cert),
+            _not_after(cert),
+            serial=_serial(cert),
+        )
         log.info("enrolled agent %s (%s) with labels %s", agent_id, hostname, labels)
         return agent_id, cert, labels
 
@@ -429,18 +454,26 @@ class HubCore:
         agent = self.authorize_agent(agent_id)
         presented = self._presented_certificate(agent_id, presented_pem, csr_pem, signature)
         if presented not in (agent.cert_fingerprint, agent.cert_pending):
-            log.warning("agent %s asked for a renewal with a certificate that an earlier "
-                        "renewal replaced (%s...); refused", agent_id, presented[:23])  # fmt: skip
+            log.warning(
+                "agent %s asked for a renewal with a certificate that an earlier "
+                "renewal replaced (%s...); refused",
+                agent_id,
+                presented[:23],
+            )
             raise PermissionDeniedError(
                 f"agent {agent_id}: this certificate was replaced by an earlier renewal and "
                 f"cannot renew (is a copy of the agent's key in use elsewhere? revoke the agent "
                 f"and enroll the node again)"
             )
         cert = self.ca.sign_csr(csr_pem, f"agent:{agent_id}", self._agent_cert_days())
-        self.registry.renewed(agent_id, presented, cert_fingerprint(cert), _serial(cert),
-                              _not_after(cert))  # fmt: skip
-        log.info("renewed the certificate of agent %s (valid until %s)", agent_id,
-                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(_not_after(cert))))  # fmt: skip
+        self.registry.renewed(
+            agent_id, presented, cert_fingerprint(cert), _serial(cert), _not_after(cert)
+        )
+        log.info(
+            "renewed the certificate of agent %s (valid until %s)",
+            agent_id,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(_not_after(cert))),
+        )
         return cert
 
     def _presented_certificate(
@@ -513,9 +546,11 @@ class HubCore:
                 a.hostname or a.agent_id
                 for a in self.registry.agents()
                 if a.status == "active"
-                and any(d.name == name and version in (d.version, d.prepare_version)
-                        for d in self.registry.desired_for(a.labels, a.agent_id))
-            ]  # fmt: skip
+                and any(
+                    d.name == name and version in (d.version, d.prepare_version)
+                    for d in self.registry.desired_for(a.labels, a.agent_id)
+                )
+            ]
             if wanting:
                 shown = ", ".join(sorted(wanting)[:10]) + (" ..." if len(wanting) > 10 else "")
                 raise FailedPreconditionError(
@@ -561,8 +596,11 @@ class HubCore:
             # The broker refuses the agent's TLS handshakes from its reload on.
             self.crl.publish()
         except Exception:
-            log.exception("writing the broker's CRL failed; the hub still refuses agent %s, and "
-                          "tries the CRL again at its next refresh", agent_id)  # fmt: skip
+            log.exception(
+                "writing the broker's CRL failed; the hub still refuses agent %s, and "
+                "tries the CRL again at its next refresh",
+                agent_id,
+            )
             self.crl.due = 0.0
         async with self.changed:
             self.changed.notify_all()
@@ -594,8 +632,12 @@ class HubCore:
 
     def server_hostnames(self) -> list[str]:
         names = ["localhost", "127.0.0.1", "::1", socket.gethostname()]
-        for addr in (self.cfg.listen, self.cfg.enroll_address(), self.cfg.advertise,
-                     self.cfg.advertise_enroll):  # fmt: skip
+        for addr in (
+            self.cfg.listen,
+            self.cfg.enroll_address(),
+            self.cfg.advertise,
+            self.cfg.advertise_enroll,
+        ):
             if addr:
                 names.append(addr.rpartition(":")[0].strip("[]"))
         names += [h.strip() for h in self.cfg.hostnames.split(",") if h.strip()]

@@ -44,8 +44,10 @@ class BrokerFiles:
         except (ValueError, KeyError, TypeError) as exc:
             log.error(
                 "%s is unreadable (%s): run `modelfleet-hub mqtt-config` again, or the "
-                "broker's CRL is not kept up to date", mqtt_dir / BROKER_FILE, exc,
-            )  # fmt: skip
+                "broker's CRL is not kept up to date",
+                mqtt_dir / BROKER_FILE,
+                exc,
+            )
             return None
 
     def save(self, mqtt_dir: Path) -> None:
@@ -88,8 +90,9 @@ def reload_broker(pid_file: Path) -> str:
 class CrlPublisher:
     """Keeps the broker's CRL current: now, on every revocation, and before it lapses."""
 
-    def __init__(self, ca: CertificateAuthority, registry: Registry, mqtt_dir: Path,
-                 lifetime_s: float) -> None:  # fmt: skip
+    def __init__(
+        self, ca: CertificateAuthority, registry: Registry, mqtt_dir: Path, lifetime_s: float
+    ) -> None:
         self.ca = ca
         self.registry = registry
         self.mqtt_dir = mqtt_dir
@@ -109,12 +112,26 @@ class CrlPublisher:
         self.due = time.monotonic() + self.lifetime_s / 2
         how = reload_broker(files.pid)
         level = logging.INFO if how.endswith("reloaded") else logging.WARNING
-        log.log(level, "wrote the broker's CRL %s (%d revoked certificate(s), valid %gs): %s%s",
-                files.crl, count, self.lifetime_s, how,
-                "" if level == logging.INFO else "; the broker reads the new CRL when it next "
-                "starts or reloads (docs/mqtt.md)")  # fmt: skip
+        log.log(
+            level,
+            "wrote the broker's CRL %s (%d revoked certificate(s), valid %gs): %s%s",
+            files.crl,
+            count,
+            self.lifetime_s,
+            how,
+            ""
+            if level == logging.INFO
+            else "; the broker reads the new CRL when it next starts or reloads (docs/mqtt.md)",
+        )
         return True
 
 
-__all__ = ["BROKER_FILE", "CRL_FILE", "PID_FILE", "BrokerFiles", "CrlPublisher", "reload_broker",
-           "write_crl"]  # fmt: skip
+__all__ = [
+    "BROKER_FILE",
+    "CRL_FILE",
+    "PID_FILE",
+    "BrokerFiles",
+    "CrlPublisher",
+    "reload_broker",
+    "write_crl",
+]

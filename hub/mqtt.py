@@ -106,8 +106,7 @@ crlfile {files.crl}
     hub_mqtt_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     hub_key = generate_key()
     write_private_key(hub_mqtt_dir / "hub.key", hub_key)
-    write_pem(hub_mqtt_dir / "hub.crt",
-              ca.issue_for_key(hub_key.public_key(), "hub", server=False))  # fmt: skip
+    write_pem(hub_mqtt_dir / "hub.crt", ca.issue_for_key(hub_key.public_key(), "hub", server=False))
     write_pem(hub_mqtt_dir / "ca.crt", ca.cert_pem)
     files.save(hub_mqtt_dir)
     return out / "mosquitto.conf"
@@ -126,8 +125,9 @@ class MqttBridge:
         self.loop = loop
         self.address = address
         mdir = core.paths.root / "mqtt"
-        self.client = make_client("modelfleet-hub", mdir / "ca.crt", mdir / "hub.crt",
-                                  mdir / "hub.key")  # fmt: skip
+        self.client = make_client(
+            "modelfleet-hub", mdir / "ca.crt", mdir / "hub.crt", mdir / "hub.key"
+        )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
@@ -137,8 +137,9 @@ class MqttBridge:
 
     def start(self) -> None:
         host, port = split_hostport(self.address, "mqtt")
-        self.client.connect_async(host, port, keepalive=20, clean_start=False,
-                                  properties=session_properties())  # fmt: skip
+        self.client.connect_async(
+            host, port, keepalive=20, clean_start=False, properties=session_properties()
+        )
         self.client.loop_start()
 
     def stop(self) -> None:
@@ -278,8 +279,9 @@ class MqttBridge:
             async with self.core.changed:
                 waiter = asyncio.ensure_future(self.core.changed.wait())
                 stopper = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({waiter, stopper}, timeout=30,
-                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                await asyncio.wait(
+                    {waiter, stopper}, timeout=30, return_when=asyncio.FIRST_COMPLETED
+                )
                 waiter.cancel()
                 stopper.cancel()
             await self.publish_desired()
@@ -294,8 +296,9 @@ class MqttBridge:
 
         def send(chunk: pb.Chunk, **extra: str) -> None:
             out = publish_properties(correlation, **extra)
-            info = self.client.publish(response_topic, chunk.SerializeToString(), qos=1,
-                                       properties=out)  # fmt: skip
+            info = self.client.publish(
+                response_topic, chunk.SerializeToString(), qos=1, properties=out
+            )
             # Back-pressure: never run ahead of the network by more than what paho queued.
             info.wait_for_publish(timeout=60)
 
@@ -308,8 +311,9 @@ class MqttBridge:
                 # the hub checks the proof, and that the agent is enrolled and not revoked.
                 renew = pb.RenewCertificateRequest.FromString(msg.payload)
                 fut = asyncio.run_coroutine_threadsafe(self._renew(agent_id, renew), self.loop)
-                answer = pb.RenewCertificateResponse(certificate_pem=fut.result(timeout=30),
-                                                     ca_pem=self.core.ca.cert_pem)  # fmt: skip
+                answer = pb.RenewCertificateResponse(
+                    certificate_pem=fut.result(timeout=30), ca_pem=self.core.ca.cert_pem
+                )
                 data = answer.SerializeToString()
                 send(pb.Chunk(data=data, total_size=len(data)), eof="1")
                 return
@@ -330,8 +334,11 @@ class MqttBridge:
                 for i in range(0, len(block), CHUNK):
                     piece = block[i : i + CHUNK]
                     end = i + CHUNK >= len(block)
-                    send(pb.Chunk(data=piece, total_size=size), offset=str(offset),
-                         eof="1" if (last and end) else "0")  # fmt: skip
+                    send(
+                        pb.Chunk(data=piece, total_size=size),
+                        offset=str(offset),
+                        eof="1" if (last and end) else "0",
+                    )
                     offset += len(piece)
                 sent += len(block)
                 if last:

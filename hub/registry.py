@@ -250,13 +250,15 @@ class Registry:
         """Columns added after a table first shipped; ALTER is a no-op-safe, one-time step."""
         added = {
             "versions": [("model_sha256", "TEXT NOT NULL DEFAULT ''")],
-            "agents": [("presence", "TEXT NOT NULL DEFAULT ''"),
-                       ("presence_at", "REAL NOT NULL DEFAULT 0"),
-                       ("cert_expires_at", "REAL NOT NULL DEFAULT 0"),
-                       ("cert_pending", "TEXT NOT NULL DEFAULT ''"),
-                       ("revoked_at", "REAL NOT NULL DEFAULT 0")],
+            "agents": [
+                ("presence", "TEXT NOT NULL DEFAULT ''"),
+                ("presence_at", "REAL NOT NULL DEFAULT 0"),
+                ("cert_expires_at", "REAL NOT NULL DEFAULT 0"),
+                ("cert_pending", "TEXT NOT NULL DEFAULT ''"),
+                ("revoked_at", "REAL NOT NULL DEFAULT 0"),
+            ],
             "deployments": [("kind", "TEXT NOT NULL DEFAULT 'serve'")],
-        }  # fmt: skip
+        }
         for table, columns in added.items():
             have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
             for name, decl in columns:
@@ -315,9 +317,19 @@ class Registry:
                 "INSERT INTO versions (name, version, sha256, size, notes, created_at, "
                 "target_path, signed, manifest, model_sha256) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, version, sha256, size, notes, self.clock(), target_path, int(signed),
-                 json.dumps(manifest), manifest.get("model", {}).get("sha256", "")),
-            )  # fmt: skip
+                (
+                    name,
+                    version,
+                    sha256,
+                    size,
+                    notes,
+                    self.clock(),
+                    target_path,
+                    int(signed),
+                    json.dumps(manifest),
+                    manifest.get("model", {}).get("sha256", ""),
+                ),
+            )
         row = self.get_version(name, version)
         assert row is not None
         return row
@@ -335,9 +347,17 @@ class Registry:
             (r["name"], r["model_sha256"], r["version"]),
         ).fetchone()[0]
         return VersionRow(
-            r["name"], r["version"], r["sha256"], r["size"], r["stage"], r["notes"],
-            r["created_at"], r["target_path"], bool(r["signed"]), int(same or 0),
-        )  # fmt: skip
+            r["name"],
+            r["version"],
+            r["sha256"],
+            r["size"],
+            r["stage"],
+            r["notes"],
+            r["created_at"],
+            r["target_path"],
+            bool(r["signed"]),
+            int(same or 0),
+        )
 
     def get_version(self, name: str, version: int, missing_ok: bool = False) -> VersionRow | None:
         r = self.db.execute(
@@ -466,16 +486,26 @@ class Registry:
             self.db.execute(
                 "INSERT INTO agents (agent_id, hostname, labels, enrolled_at, cert_fingerprint, "
                 "cert_expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (agent_id, hostname, json.dumps(dict(labels)), self.clock(), fingerprint,
-                 cert_expires_at),
-            )  # fmt: skip
+                (
+                    agent_id,
+                    hostname,
+                    json.dumps(dict(labels)),
+                    self.clock(),
+                    fingerprint,
+                    cert_expires_at,
+                ),
+            )
             if serial is not None:
                 self._add_certificate(agent_id, serial, cert_expires_at)
 
     def renewed(
-        self, agent_id: str, presented: str, issued: str, serial: int | None = None,
+        self,
+        agent_id: str,
+        presented: str,
+        issued: str,
+        serial: int | None = None,
         not_after: float = 0.0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Record a renewal: the certificate that asked is the agent's confirmed one from now
         on, the one just issued is pending until the agent asks with it (see
         HubCore.renew_certificate). The agent id, and so its standing, stay the same."""
@@ -515,11 +545,18 @@ class Registry:
         if (pending := self._seen.get(r["agent_id"])) is not None:
             last_seen, report = pending
         return AgentRow(
-            r["agent_id"], r["hostname"], json.loads(r["labels"]), r["enrolled_at"],
-            last_seen, r["status"], r["cert_fingerprint"],
-            report if report is not None else json.loads(r["report"]), r["presence"],
-            r["cert_expires_at"], r["cert_pending"],
-        )  # fmt: skip
+            r["agent_id"],
+            r["hostname"],
+            json.loads(r["labels"]),
+            r["enrolled_at"],
+            last_seen,
+            r["status"],
+            r["cert_fingerprint"],
+            report if report is not None else json.loads(r["report"]),
+            r["presence"],
+            r["cert_expires_at"],
+            r["cert_pending"],
+        )
 
     def agents(self) -> list[AgentRow]:
         return [
@@ -566,8 +603,9 @@ class Registry:
             with self.tx():
                 for agent_id, (seen, report) in pending.items():
                     if report is None:
-                        self.db.execute("UPDATE agents SET last_seen = ? WHERE agent_id = ?",
-                                        (seen, agent_id))  # fmt: skip
+                        self.db.execute(
+                            "UPDATE agents SET last_seen = ? WHERE agent_id = ?", (seen, agent_id)
+                        )
                     else:
                         self.db.execute(
                             "UPDATE agents SET last_seen = ?, report = ? WHERE agent_id = ?",
@@ -619,8 +657,14 @@ class Registry:
 
     # -- scheduled jobs ------------------------------------------------------------------------
 
-    def put_job(self, name: str, spec: Mapping[str, Any], selector: Mapping[str, str],
-                *, create: bool = False) -> None:  # fmt: skip
+    def put_job(
+        self,
+        name: str,
+        spec: Mapping[str, Any],
+        selector: Mapping[str, str],
+        *,
+        create: bool = False,
+    ) -> None:
         with self.tx():
             exists = self.db.execute("SELECT 1 FROM jobs WHERE name = ?", (name,)).fetchone()
             if create and exists:
@@ -642,9 +686,15 @@ class Registry:
 
     def jobs(self) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM jobs ORDER BY name").fetchall()
-        return [{"name": r["name"], "spec": json.loads(r["spec"]),
-                 "selector": json.loads(r["selector"]), "created_at": r["created_at"]}
-                for r in rows]  # fmt: skip
+        return [
+            {
+                "name": r["name"],
+                "spec": json.loads(r["spec"]),
+                "selector": json.loads(r["selector"]),
+                "created_at": r["created_at"],
+            }
+            for r in rows
+        ]
 
     def job(self, name: str) -> dict[str, Any]:
         for j in self.jobs():
@@ -661,9 +711,14 @@ class Registry:
             self.db.execute(
                 "INSERT OR IGNORE INTO job_runs (agent_id, run_id, job, data, finished_at) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (agent_id, run["run_id"], run["job"], json.dumps(dict(run)),
-                 float(run.get("finished_at", 0) or 0)),
-            )  # fmt: skip
+                (
+                    agent_id,
+                    run["run_id"],
+                    run["job"],
+                    json.dumps(dict(run)),
+                    float(run.get("finished_at", 0) or 0),
+                ),
+            )
 
     def job_runs(self, job: str) -> list[dict[str, Any]]:
         rows = self.db.execute(
@@ -701,8 +756,16 @@ class Registry:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args += list(states)
         rows = self.db.execute(sql + " ORDER BY id", args).fetchall()
-        return [{"id": r["id"], "model": r["model"], "version": r["version"],
-                 "state": r["state"], "data": json.loads(r["data"])} for r in rows]  # fmt: skip
+        return [
+            {
+                "id": r["id"],
+                "model": r["model"],
+                "version": r["version"],
+                "state": r["state"],
+                "data": json.loads(r["data"]),
+            }
+            for r in rows
+        ]
 
     def revision(self) -> int:
         row = self.db.execute("SELECT MAX(id) FROM deployments").fetchone()
@@ -715,8 +778,7 @@ class Registry:
             rows = self.db.execute(
                 "SELECT name, version, selector, kind FROM deployments ORDER BY id"
             )
-            parsed = [(r["name"], r["version"], json.loads(r["selector"]), r["kind"])
-                      for r in rows]  # fmt: skip
+            parsed = [(r["name"], r["version"], json.loads(r["selector"]), r["kind"]) for r in rows]
             self._deployments_cache = (revision, parsed)
         return self._deployments_cache[1]
 
@@ -736,8 +798,12 @@ class Registry:
                     # decides (or none: the model is not desired).
                     if (agent_id, name, version) not in self._retired_warned:
                         self._retired_warned.add((agent_id, name, version))
-                        log.warning("agent %s: %s v%d is retired; dropped from its desired "
-                                    "state", agent_id or dict(labels), name, version)  # fmt: skip
+                        log.warning(
+                            "agent %s: %s v%d is retired; dropped from its desired state",
+                            agent_id or dict(labels),
+                            name,
+                            version,
+                        )
                     continue
                 if kind == "prepare":
                     prepare[name] = version

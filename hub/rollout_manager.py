@@ -133,14 +133,20 @@ class RolloutManager:
             spec.validate()
             rollout_id = reg.create_rollout(spec.model, spec.version)
             try:
-                r = Rollout.new(rollout_id, spec, [a.agent_id for a in agents], previous,
-                                self.clock())  # fmt: skip
+                r = Rollout.new(
+                    rollout_id, spec, [a.agent_id for a in agents], previous, self.clock()
+                )
             except InvalidRequestError:
                 reg.save_rollout(rollout_id, "rolled_back", {})
                 raise
             await self._advance(r)
-            log.info("rollout %d of %s v%d started on %d agent(s)", r.id, spec.model,
-                     spec.version, len(r.agents))  # fmt: skip
+            log.info(
+                "rollout %d of %s v%d started on %d agent(s)",
+                r.id,
+                spec.model,
+                spec.version,
+                len(r.agents),
+            )
             return r
 
     async def control(self, model: str, action: str) -> Rollout:
@@ -203,13 +209,24 @@ class RolloutManager:
         try:
             self.core.registry.deploy(r.spec.model, r.spec.version, r.spec.selector)
         except ModelfleetError as exc:
-            log.error("rollout %d of %s v%d is done but could not become the desired version "
-                      "of its selector %s: %s", r.id, r.spec.model, r.spec.version,
-                      r.spec.selector, exc)  # fmt: skip
+            log.error(
+                "rollout %d of %s v%d is done but could not become the desired version "
+                "of its selector %s: %s",
+                r.id,
+                r.spec.model,
+                r.spec.version,
+                r.spec.selector,
+                exc,
+            )
             return
         where = r.spec.selector or "(whole fleet)"
-        log.info("rollout %d: %s v%d is now the desired version for selector %s",
-                 r.id, r.spec.model, r.spec.version, where)  # fmt: skip
+        log.info(
+            "rollout %d: %s v%d is now the desired version for selector %s",
+            r.id,
+            r.spec.model,
+            r.spec.version,
+            where,
+        )
         async with self.core.changed:
             self.core.changed.notify_all()
 

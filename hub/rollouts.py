@@ -30,8 +30,12 @@ FINAL_STATES = ("done", "rolled_back")
 
 _GATE_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|<|>)\s*([0-9.eE+-]+)\s*$")
 ABSOLUTE_METRICS = ("error_rate", "p50_ms", "p95_ms", "p99_ms")
-RELATIVE_METRICS = ("error_rate_vs_baseline", "p50_vs_baseline", "p95_vs_baseline",
-                    "p99_vs_baseline")  # fmt: skip
+RELATIVE_METRICS = (
+    "error_rate_vs_baseline",
+    "p50_vs_baseline",
+    "p95_vs_baseline",
+    "p99_vs_baseline",
+)
 
 
 @dataclass(frozen=True)
@@ -170,8 +174,14 @@ class Rollout:
     finished_at: float = 0.0
 
     @classmethod
-    def new(cls, rollout_id: int, spec: Spec, agents: Collection[str],
-            previous: Mapping[str, int], now: float) -> Rollout:  # fmt: skip
+    def new(
+        cls,
+        rollout_id: int,
+        spec: Spec,
+        agents: Collection[str],
+        previous: Mapping[str, int],
+        now: float,
+    ) -> Rollout:
         spec.validate()
         if not agents:
             raise InvalidRequestError(f"no enrolled agent matches the selector {spec.selector}")
@@ -253,8 +263,11 @@ class Rollout:
         if self.state == "pending" and self.spec.strategy == "blue-green":
             self.state, self.wave_started = "preparing", now
             self.prepare_out += [(a, self.spec.version) for a in self.agents]
-            self._event(now, f"preparing v{self.spec.version} beside the serving version on "
-                             f"{len(self.agents)} agent(s)")  # fmt: skip
+            self._event(
+                now,
+                f"preparing v{self.spec.version} beside the serving version on "
+                f"{len(self.agents)} agent(s)",
+            )
             return []
         if self.state == "preparing":
             return self._check_prepared(now, obs)
@@ -282,12 +295,22 @@ class Rollout:
         new = [a for a in self.agents[:target] if a not in self.assigned]
         self.assigned += new
         self.state, self.wave_started = "switching", now
-        self._event(now, f"wave {self.wave + 1}/{len(self.sizes)}: assigned {len(new)} "
-                         f"agent(s), {len(self.assigned)}/{len(self.agents)} in total")  # fmt: skip
+        self._event(
+            now,
+            f"wave {self.wave + 1}/{len(self.sizes)}: assigned {len(new)} "
+            f"agent(s), {len(self.assigned)}/{len(self.agents)} in total",
+        )
         return [(a, self.spec.version) for a in new]
 
-    def _resolve(self, now: float, obs: Observer, agents: list[str], done: list[str],
-                 lateness: str, reached: Callable[[str], bool]) -> None:  # fmt: skip
+    def _resolve(
+        self,
+        now: float,
+        obs: Observer,
+        agents: list[str],
+        done: list[str],
+        lateness: str,
+        reached: Callable[[str], bool],
+    ) -> None:
         """Move each pending agent to ``done`` (it reached the state) or to ``failed`` (it
         refused the version, or stayed silent past the agent timeout)."""
         version = self.spec.version
@@ -317,25 +340,43 @@ class Rollout:
             return self._rollback(now, f"{len(self.failed)} agent(s) failed to prepare: {detail}")
         if all(a in self.prepared or a in self.failed for a in self.agents):
             self.state = "ready"
-            self._event(now, f"v{version} ready on {len(self.prepared)} agent(s)"
-                             + ("; switching" if self.spec.auto_switch else
-                                "; `rollout promote` switches them all at once"))  # fmt: skip
+            self._event(
+                now,
+                f"v{version} ready on {len(self.prepared)} agent(s)"
+                + (
+                    "; switching"
+                    if self.spec.auto_switch
+                    else "; `rollout promote` switches them all at once"
+                ),
+            )
             if self.spec.auto_switch:
                 return self._start_wave(now)
         return []
 
     def _check_switching(self, now: float, obs: Observer) -> list[tuple[str, int]]:
         version = self.spec.version
-        self._resolve(now, obs, self.assigned, self.switched, "no switch",
-                      lambda a: obs.active_version(a) == version)  # fmt: skip
+        self._resolve(
+            now,
+            obs,
+            self.assigned,
+            self.switched,
+            "no switch",
+            lambda a: obs.active_version(a) == version,
+        )
         if len(self.failed) > self.spec.max_failed_agents:
             detail = "; ".join(f"{a}: {w}" for a, w in self.failed.items())
-            return self._rollback(now, f"{len(self.failed)} agent(s) failed (budget "
-                                       f"{self.spec.max_failed_agents}): {detail}")  # fmt: skip
+            return self._rollback(
+                now,
+                f"{len(self.failed)} agent(s) failed (budget "
+                f"{self.spec.max_failed_agents}): {detail}",
+            )
         if all(a in self.switched or a in self.failed for a in self.assigned):
             self.state, self.bake_started = "baking", now
-            self._event(now, f"wave {self.wave + 1}: {len(self.switched)} agent(s) on "
-                             f"v{version}; baking {self.spec.bake_s:g}s")  # fmt: skip
+            self._event(
+                now,
+                f"wave {self.wave + 1}: {len(self.switched)} agent(s) on "
+                f"v{version}; baking {self.spec.bake_s:g}s",
+            )
         return []
 
     def _evaluate(self, now: float, obs: Observer) -> list[tuple[str, int]]:
@@ -346,15 +387,22 @@ class Rollout:
         baseline = Stats()
         if baseline_agents and len(baseline_versions) == 1:
             baseline = obs.stats(baseline_versions.pop(), baseline_agents, since, now)
-        values: dict[str, Any] = {"wave": self.wave + 1, "at": now,
-                                  "canary_requests": canary.requests,
-                                  "baseline_requests": baseline.requests, "gates": []}  # fmt: skip
+        values: dict[str, Any] = {
+            "wave": self.wave + 1,
+            "at": now,
+            "canary_requests": canary.requests,
+            "baseline_requests": baseline.requests,
+            "gates": [],
+        }
         self.gate_values.append(values)
         if canary.requests < self.spec.min_requests:
-            self.pause(now, f"inconclusive: wave {self.wave + 1} saw {canary.requests} "
-                            f"request(s) in {now - since:.0f}s of bake, fewer than "
-                            f"--min-requests {self.spec.min_requests}; resume to bake again "
-                            "or promote")  # fmt: skip
+            self.pause(
+                now,
+                f"inconclusive: wave {self.wave + 1} saw {canary.requests} "
+                f"request(s) in {now - since:.0f}s of bake, fewer than "
+                f"--min-requests {self.spec.min_requests}; resume to bake again "
+                "or promote",
+            )
             self.paused_from = "baking"
             return []
         failures = []
@@ -368,8 +416,14 @@ class Rollout:
                     base_metric += "_ms"  # p99_vs_baseline compares p99_ms
                 base = baseline.value(base_metric)
                 if baseline.requests < max(1, self.spec.min_requests) or base <= 0:
-                    values["gates"].append({"gate": str(gate), "value": None,
-                                            "ok": None, "note": "no baseline traffic"})  # fmt: skip
+                    values["gates"].append(
+                        {
+                            "gate": str(gate),
+                            "value": None,
+                            "ok": None,
+                            "note": "no baseline traffic",
+                        }
+                    )
                     continue
                 value = canary.value(base_metric) / base
             ok = gate.holds(value)

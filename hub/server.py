@@ -78,21 +78,34 @@ def desired_to_proto(
     return pb.DesiredState(
         revision=revision,
         models=[
-            pb.DesiredModel(name=d.name, version=d.version, target_path=d.target_path,
-                            sha256=d.sha256, size=d.size, prepare_version=d.prepare_version,
-                            prepare_size=d.prepare_size)
+            pb.DesiredModel(
+                name=d.name,
+                version=d.version,
+                target_path=d.target_path,
+                sha256=d.sha256,
+                size=d.size,
+                prepare_version=d.prepare_version,
+                prepare_size=d.prepare_size,
+            )
             for d in desired
         ],
         jobs=[pb.JobSpec(**spec) for spec in (jobs or [])],
-    )  # fmt: skip
+    )
 
 
 def version_to_proto(v: VersionRow) -> pb.ModelVersion:
     return pb.ModelVersion(
-        name=v.name, version=v.version, stage=v.stage, sha256=v.sha256, size=v.size,
-        notes=v.notes, created_at=v.created_at, same_content_as=v.same_content_as,
-        signed=v.signed, target_path=v.target_path,
-    )  # fmt: skip
+        name=v.name,
+        version=v.version,
+        stage=v.stage,
+        sha256=v.sha256,
+        size=v.size,
+        notes=v.notes,
+        created_at=v.created_at,
+        same_content_as=v.same_content_as,
+        signed=v.signed,
+        target_path=v.target_path,
+    )
 
 
 class FleetServicer(pb_grpc.FleetServicer):
@@ -186,8 +199,18 @@ class FleetServicer(pb_grpc.FleetServicer):
         return pb.TelemetryAck(acked=acked)
 
 
-JOB_SPEC_FIELDS = ("name", "model", "version", "schedule", "input", "output", "sql", "paused",
-                   "run_now", "keys")  # fmt: skip
+JOB_SPEC_FIELDS = (
+    "name",
+    "model",
+    "version",
+    "schedule",
+    "input",
+    "output",
+    "sql",
+    "paused",
+    "run_now",
+    "keys",
+)
 
 
 def job_to_proto(core: HubCore, job: dict[str, Any]) -> pb.JobInfo:
@@ -198,8 +221,12 @@ def job_to_proto(core: HubCore, job: dict[str, Any]) -> pb.JobInfo:
         for a in core.registry.agents()
         if a.status == "active" and selector_matches(job["selector"], a.labels)
     )
-    return pb.JobInfo(spec=pb.JobSpec(**job["spec"]), selector=job["selector"],
-                      created_at=job["created_at"], agents=agents)  # fmt: skip
+    return pb.JobInfo(
+        spec=pb.JobSpec(**job["spec"]),
+        selector=job["selector"],
+        created_at=job["created_at"],
+        agents=agents,
+    )
 
 
 class JobServicerMixin:
@@ -229,8 +256,9 @@ class JobServicerMixin:
     @unary
     async def ListJobs(self, request, context):
         caller(context, "admin")
-        return pb.ListJobsResponse(jobs=[job_to_proto(self.core, j)
-                                         for j in self.core.registry.jobs()])  # fmt: skip
+        return pb.ListJobsResponse(
+            jobs=[job_to_proto(self.core, j) for j in self.core.registry.jobs()]
+        )
 
     @unary
     async def JobRuns(self, request, context):
@@ -238,8 +266,10 @@ class JobServicerMixin:
 
         caller(context, "admin")
         self.core.registry.job(request.name)
-        runs = [ParseDict(r, pb.JobRun(), ignore_unknown_fields=True)
-                for r in self.core.registry.job_runs(request.name)]  # fmt: skip
+        runs = [
+            ParseDict(r, pb.JobRun(), ignore_unknown_fields=True)
+            for r in self.core.registry.job_runs(request.name)
+        ]
         return pb.JobRunsResponse(runs=runs)
 
     @unary
@@ -267,20 +297,39 @@ class JobServicerMixin:
 def rollout_to_proto(r: Any, now: float) -> pb.RolloutStatus:
     d = r.summary(now)
     status = pb.RolloutStatus(
-        id=d["id"], model=d["model"], version=d["version"], state=d["state"], wave=d["wave"],
-        waves=d["waves"], agents=d["agents"], assigned=d["assigned"], switched=d["switched"],
-        prepared=d["prepared"], strategy=d["strategy"], failed=d["failed"],
-        bake_left_s=d["bake_left_s"], reason=d["reason"], gates=d["gates"],
+        id=d["id"],
+        model=d["model"],
+        version=d["version"],
+        state=d["state"],
+        wave=d["wave"],
+        waves=d["waves"],
+        agents=d["agents"],
+        assigned=d["assigned"],
+        switched=d["switched"],
+        prepared=d["prepared"],
+        strategy=d["strategy"],
+        failed=d["failed"],
+        bake_left_s=d["bake_left_s"],
+        reason=d["reason"],
+        gates=d["gates"],
         events=[pb.RolloutEvent(at=e["at"], text=e["text"]) for e in d["events"]],
-    )  # fmt: skip
+    )
     ev = d["last_evaluation"]
     if ev:
-        status.last_evaluation.CopyFrom(pb.GateEvaluation(
-            wave=ev["wave"], at=ev["at"], canary_requests=ev["canary_requests"],
-            baseline_requests=ev["baseline_requests"],
-            gates=[pb.GateValue(gate=g["gate"], value=g.get("value"), ok=g.get("ok"),
-                                note=g.get("note", "")) for g in ev["gates"]],
-        ))  # fmt: skip
+        status.last_evaluation.CopyFrom(
+            pb.GateEvaluation(
+                wave=ev["wave"],
+                at=ev["at"],
+                canary_requests=ev["canary_requests"],
+                baseline_requests=ev["baseline_requests"],
+                gates=[
+                    pb.GateValue(
+                        gate=g["gate"], value=g.get("value"), ok=g.get("ok"), note=g.get("note", "")
+                    )
+                    for g in ev["gates"]
+                ],
+            )
+        )
     return status
 
 
@@ -295,13 +344,18 @@ class RolloutServicerMixin:
 
         caller(context, "admin")
         spec = Spec(
-            model=request.model, version=request.version, selector=dict(request.selector),
-            waves=list(request.waves) or ["100%"], bake_s=request.bake_s,
-            gates=list(request.gates), min_requests=request.min_requests,
+            model=request.model,
+            version=request.version,
+            selector=dict(request.selector),
+            waves=list(request.waves) or ["100%"],
+            bake_s=request.bake_s,
+            gates=list(request.gates),
+            min_requests=request.min_requests,
             max_failed_agents=request.max_failed_agents,
             agent_timeout_s=request.agent_timeout_s or 600.0,
-            strategy=request.strategy or "canary", auto_switch=request.auto_switch,
-        )  # fmt: skip
+            strategy=request.strategy or "canary",
+            auto_switch=request.auto_switch,
+        )
         r = await self.core.rollouts.start(spec)
         return rollout_to_proto(r, time.time())
 
@@ -353,9 +407,13 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
                         header = chunk.header
                         # Refuse nonsense, a duplicate or a stale version before taking bytes.
                         self.core.check_publish_header(
-                            {"name": header.name, "version": header.version,
-                             "notes": header.notes, "size": header.size}
-                        )  # fmt: skip
+                            {
+                                "name": header.name,
+                                "version": header.version,
+                                "notes": header.notes,
+                                "size": header.size,
+                            }
+                        )
                         self.core.registry.check_new_version(header.name, header.version)
                         continue
                     if header is None:
@@ -369,8 +427,13 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
                 os.fsync(out.fileno())
             if header is None:
                 raise InvalidRequestError("publish sent no header")
-            hdr = {"name": header.name, "version": header.version, "notes": header.notes,
-                   "size": header.size, "sha256": header.sha256}  # fmt: skip
+            hdr = {
+                "name": header.name,
+                "version": header.version,
+                "notes": header.notes,
+                "size": header.size,
+                "sha256": header.sha256,
+            }
             verified = await asyncio.to_thread(self.core.verify_upload, hdr, path)
             result = self.core.register_upload(hdr, verified)
         finally:
@@ -383,8 +446,9 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
         if not request.signature:
             # No signature yet: answer with what has to be signed (publish, then sign later).
             return _publish_response(self.core.staged_for_signing(request.name, request.version))
-        row = self.core.commit_targets(request.name, request.version, request.keyid,
-                                       request.signature, request.signed_payload)  # fmt: skip
+        row = self.core.commit_targets(
+            request.name, request.version, request.keyid, request.signature, request.signed_payload
+        )
         return pb.PublishResponse(version=version_to_proto(row))
 
     @unary
@@ -392,11 +456,15 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
         caller(context, "admin")
         return pb.ListModelsResponse(
             models=[
-                pb.ModelSummary(name=m["name"], latest_version=m["latest"],
-                                version_count=m["count"], production_version=m["production"])
+                pb.ModelSummary(
+                    name=m["name"],
+                    latest_version=m["latest"],
+                    version_count=m["count"],
+                    production_version=m["production"],
+                )
                 for m in self.core.registry.models()
             ]
-        )  # fmt: skip
+        )
 
     @unary
     async def ListVersions(self, request, context):
@@ -407,8 +475,7 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
     @unary
     async def SetStage(self, request, context):
         caller(context, "admin")
-        row = await self.core.set_stage(request.name, request.version, request.stage,
-                                        request.force)  # fmt: skip
+        row = await self.core.set_stage(request.name, request.version, request.stage, request.force)
         return version_to_proto(row)
 
     @unary
@@ -440,14 +507,21 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
             ParseDict(a.report, report, ignore_unknown_fields=True)
         _, desired = self.core.desired(a)
         return pb.AgentInfo(
-            agent_id=a.agent_id, hostname=a.hostname, labels=a.labels,
-            enrolled_at=a.enrolled_at, last_seen=a.last_seen, status=a.status,
-            report=report, desired=desired_to_proto(0, desired).models,
-            presence=a.presence or ("online" if time.time() - a.last_seen
-                                    < self.core.cfg.offline_after_s else "offline"),
+            agent_id=a.agent_id,
+            hostname=a.hostname,
+            labels=a.labels,
+            enrolled_at=a.enrolled_at,
+            last_seen=a.last_seen,
+            status=a.status,
+            report=report,
+            desired=desired_to_proto(0, desired).models,
+            presence=a.presence
+            or (
+                "online" if time.time() - a.last_seen < self.core.cfg.offline_after_s else "offline"
+            ),
             # What the agent reports it uses; before its first report, what enrollment issued.
             cert_expires_at=report.cert_expires_at or a.cert_expires_at,
-        )  # fmt: skip
+        )
 
     @unary
     async def RevokeAgent(self, request, context):
@@ -474,18 +548,29 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
                 raise InvalidRequestError(f"no agent with id or hostname {request.agent_id!r}")
         now = time.time()
         stats = await self.core.telemetry_ingest.query(
-            self.core.telemetry.window, request.model, request.version or None, agents,
-            now - window, now,
-        )  # fmt: skip
+            self.core.telemetry.window,
+            request.model,
+            request.version or None,
+            agents,
+            now - window,
+            now,
+        )
         return pb.MetricsResponse(
             versions=[
                 pb.VersionMetrics(
-                    model=s.model, version=s.version, requests=s.requests, failures=s.failures,
-                    request_rate=s.request_rate, error_rate=s.error_rate, p50_ms=s.p50_ms,
-                    p95_ms=s.p95_ms, p99_ms=s.p99_ms, failures_by_reason=s.failures_by_reason,
+                    model=s.model,
+                    version=s.version,
+                    requests=s.requests,
+                    failures=s.failures,
+                    request_rate=s.request_rate,
+                    error_rate=s.error_rate,
+                    p50_ms=s.p50_ms,
+                    p95_ms=s.p95_ms,
+                    p99_ms=s.p99_ms,
+                    failures_by_reason=s.failures_by_reason,
                     agents=s.agents,
                 )
                 for s in stats
             ],
             window_s=window,
-        )  # fmt: skip
+        )

@@ -445,8 +445,11 @@ def verify_repository(
             f"root.json is not a root of the verified chain (v1..v{root.signed.version})"
         )
     if latest != root_bytes:
-        logger.warning("root.json lags %d.root.json (a key rotation cut short?); using root v%d",
-                       root.signed.version, root.signed.version)  # fmt: skip
+        logger.warning(
+            "root.json lags %d.root.json (a key rotation cut short?); using root v%d",
+            root.signed.version,
+            root.signed.version,
+        )
     files["root.json"] = root_bytes
     ts_bytes = _read_metadata(metadata_dir, "timestamp.json")
     timestamp: Metadata[Timestamp] = _parse(ts_bytes, "timestamp.json")
@@ -489,8 +492,9 @@ def target_differences(old: Targets, new: Targets) -> list[str]:
                 f"({after.length} bytes)"
             )
         elif after.to_dict() != before.to_dict():
-            problems.append(f"{path} changes its custom fields from {before.custom} to "
-                            f"{after.custom}")  # fmt: skip
+            problems.append(
+                f"{path} changes its custom fields from {before.custom} to {after.custom}"
+            )
     return problems
 
 
@@ -691,12 +695,16 @@ class TufRepository:
         if self._anchor is None:
             # First open (a repository from before the anchor, or just created): what verified
             # now becomes the anchor.
-            self._anchor = hashlib.sha256(self._files["1.root.json"]).hexdigest() if (
-                "1.root.json" in self._files) else None  # fmt: skip
+            self._anchor = (
+                hashlib.sha256(self._files["1.root.json"]).hexdigest()
+                if ("1.root.json" in self._files)
+                else None
+            )
             if self._anchor is not None:
-                _atomic_write(self.keys_dir / ROOT_ANCHOR_FILE,
-                              (json.dumps({"1.root.json": {"sha256": self._anchor}}) + "\n")
-                              .encode())  # fmt: skip
+                _atomic_write(
+                    self.keys_dir / ROOT_ANCHOR_FILE,
+                    (json.dumps({"1.root.json": {"sha256": self._anchor}}) + "\n").encode(),
+                )
         self._snapshot_signer: Signer = load_signer(self.keys_dir / "snapshot.pem")
         self._timestamp_signer: Signer = load_signer(self.keys_dir / "timestamp.pem")
         self._targets_signer: Signer | None = _optional_signer(self.keys_dir / "targets.pem")
@@ -1016,8 +1024,9 @@ class TufRepository:
                     return True
                 logger.warning(
                     "targets metadata expires at %s and its key is offline: stage and sign a "
-                    "renewal", self._targets.signed.expires.isoformat()
-                )  # fmt: skip
+                    "renewal",
+                    self._targets.signed.expires.isoformat(),
+                )
             if self._half_expired(self._snapshot.signed, "snapshot", t):
                 self._publish_snapshot(dict(self._snapshot.signed.meta), t)
                 wrote = True
@@ -1133,10 +1142,14 @@ class TufRepository:
             raise RepositoryIntegrityError(str(self._refused_error))
         try:
             # Once a root is trusted, newer ones must chain from it; before, from the anchor.
-            trusted = self._files.get(f"{self._root.signed.version}.root.json") if (
-                hasattr(self, "_root")) else None  # fmt: skip
-            v = verify_repository(self.metadata_dir, trusted_root=trusted,
-                                  anchor_sha256=self._anchor)  # fmt: skip
+            trusted = (
+                self._files.get(f"{self._root.signed.version}.root.json")
+                if (hasattr(self, "_root"))
+                else None
+            )
+            v = verify_repository(
+                self.metadata_dir, trusted_root=trusted, anchor_sha256=self._anchor
+            )
             previous = getattr(self, "_targets", None)
             if previous is not None:
                 _check_successor(previous.signed, v.targets.signed, "the targets on disk")
@@ -1154,8 +1167,11 @@ class TufRepository:
             logger.error("REFUSING the TUF metadata in %s: %s", self.metadata_dir, exc)
             raise
         self._root, self._targets, self._snapshot, self._timestamp = (
-            v.root, v.targets, v.snapshot, v.timestamp,
-        )  # fmt: skip
+            v.root,
+            v.targets,
+            v.snapshot,
+            v.timestamp,
+        )
         self._files = v.files
         self._state_key = key
         self._refused, self._refused_error = None, None

@@ -114,23 +114,44 @@ CREATE TABLE IF NOT EXISTS version_stats (
 """
 
 _U64_LIST = pa.list_(pa.uint64())
-_REPORT_SCHEMA = pa.schema([
-    ("agent_id", pa.string()), ("seq", pa.uint64()), ("start_unix", pa.float64()),
-    ("end_unix", pa.float64()), ("received_unix", pa.float64()), ("rss_bytes", pa.uint64()),
-    ("cpu_seconds", pa.float64()), ("dropped_reports", pa.uint64()),
-])  # fmt: skip
-_VERSION_SCHEMA = pa.schema([
-    ("agent_id", pa.string()), ("seq", pa.uint64()), ("model", pa.string()),
-    ("version", pa.int64()), ("start_unix", pa.float64()), ("end_unix", pa.float64()),
-    ("requests", pa.uint64()), ("failures", pa.uint64()),
-    ("failure_reasons", pa.list_(pa.string())), ("failure_counts", _U64_LIST),
-    ("request_counts", _U64_LIST), ("request_sum", pa.float64()),
-    ("queue_counts", _U64_LIST), ("queue_sum", pa.float64()),
-    ("compute_counts", _U64_LIST), ("compute_sum", pa.float64()),
-    ("batch_counts", _U64_LIST), ("batch_sum", pa.float64()),
-    ("gate_passed", pa.uint64()), ("gate_failed", pa.uint64()),
-    ("swaps", pa.uint64()), ("rollbacks", pa.uint64()),
-])  # fmt: skip
+_REPORT_SCHEMA = pa.schema(
+    [
+        ("agent_id", pa.string()),
+        ("seq", pa.uint64()),
+        ("start_unix", pa.float64()),
+        ("end_unix", pa.float64()),
+        ("received_unix", pa.float64()),
+        ("rss_bytes", pa.uint64()),
+        ("cpu_seconds", pa.float64()),
+        ("dropped_reports", pa.uint64()),
+    ]
+)
+_VERSION_SCHEMA = pa.schema(
+    [
+        ("agent_id", pa.string()),
+        ("seq", pa.uint64()),
+        ("model", pa.string()),
+        ("version", pa.int64()),
+        ("start_unix", pa.float64()),
+        ("end_unix", pa.float64()),
+        ("requests", pa.uint64()),
+        ("failures", pa.uint64()),
+        ("failure_reasons", pa.list_(pa.string())),
+        ("failure_counts", _U64_LIST),
+        ("request_counts", _U64_LIST),
+        ("request_sum", pa.float64()),
+        ("queue_counts", _U64_LIST),
+        ("queue_sum", pa.float64()),
+        ("compute_counts", _U64_LIST),
+        ("compute_sum", pa.float64()),
+        ("batch_counts", _U64_LIST),
+        ("batch_sum", pa.float64()),
+        ("gate_passed", pa.uint64()),
+        ("gate_failed", pa.uint64()),
+        ("swaps", pa.uint64()),
+        ("rollbacks", pa.uint64()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -277,9 +298,13 @@ class TelemetryStore:
             "SELECT agent_id, seq FROM reports WHERE end_unix BETWEEN ? AND ? "
             "AND agent_id IN (SELECT unnest(?::VARCHAR[])) "
             "AND seq IN (SELECT unnest(?::UBIGINT[]))",
-            [min(ends), max(ends), sorted({a for a, _ in candidates}),
-             sorted({q for _, q in candidates})],
-        ).fetchall()  # fmt: skip
+            [
+                min(ends),
+                max(ends),
+                sorted({a for a, _ in candidates}),
+                sorted({q for _, q in candidates}),
+            ],
+        ).fetchall()
         return {(a, int(q)) for a, q in rows} & candidates.keys()
 
     @staticmethod
@@ -291,17 +316,27 @@ class TelemetryStore:
         per_version: dict[tuple[str, int], tuple[int, int]] = {}
         for (agent_id, seq), r in new:
             for name, value in (
-                ("agent_id", agent_id), ("seq", seq), ("start_unix", r.start_unix),
-                ("end_unix", r.end_unix), ("received_unix", now), ("rss_bytes", r.rss_bytes),
-                ("cpu_seconds", r.cpu_seconds), ("dropped_reports", r.dropped_reports),
-            ):  # fmt: skip
+                ("agent_id", agent_id),
+                ("seq", seq),
+                ("start_unix", r.start_unix),
+                ("end_unix", r.end_unix),
+                ("received_unix", now),
+                ("rss_bytes", r.rss_bytes),
+                ("cpu_seconds", r.cpu_seconds),
+                ("dropped_reports", r.dropped_reports),
+            ):
                 rep[name].append(value)
             for v in r.versions:
                 reasons = sorted(v.failures_by_reason.items())
                 for name, cell in (
-                    ("agent_id", agent_id), ("seq", seq), ("model", v.model),
-                    ("version", v.version), ("start_unix", r.start_unix),
-                    ("end_unix", r.end_unix), ("requests", v.requests), ("failures", v.failures),
+                    ("agent_id", agent_id),
+                    ("seq", seq),
+                    ("model", v.model),
+                    ("version", v.version),
+                    ("start_unix", r.start_unix),
+                    ("end_unix", r.end_unix),
+                    ("requests", v.requests),
+                    ("failures", v.failures),
                     ("failure_reasons", [k for k, _ in reasons]),
                     ("failure_counts", [n for _, n in reasons]),
                     ("request_counts", rebucket(v.request_latency, LATENCY_BOUNDS)),
@@ -312,9 +347,11 @@ class TelemetryStore:
                     ("compute_sum", v.compute_latency.sum),
                     ("batch_counts", rebucket(v.batch_size, BATCH_BOUNDS)),
                     ("batch_sum", v.batch_size.sum),
-                    ("gate_passed", v.gate_passed), ("gate_failed", v.gate_failed),
-                    ("swaps", v.swaps), ("rollbacks", v.rollbacks),
-                ):  # fmt: skip
+                    ("gate_passed", v.gate_passed),
+                    ("gate_failed", v.gate_failed),
+                    ("swaps", v.swaps),
+                    ("rollbacks", v.rollbacks),
+                ):
                     ver[name].append(cell)
                 key = (v.model, v.version)
                 req, fail = per_version.get(key, (0, 0))
@@ -379,13 +416,19 @@ class TelemetryStore:
             p50, p95, p99 = (percentile(counts, LATENCY_BOUNDS, q) * 1000 for q in QUANTILES)
             out.append(
                 WindowStats(
-                    model=model, version=int(ver), requests=requests, failures=failures,
+                    model=model,
+                    version=int(ver),
+                    requests=requests,
+                    failures=failures,
                     failures_by_reason=dict(sorted(by_reason.get(ver, {}).items())),
                     error_rate=failures / requests if requests else 0.0,
-                    request_rate=requests / span, p50_ms=p50, p95_ms=p95, p99_ms=p99,
+                    request_rate=requests / span,
+                    p50_ms=p50,
+                    p95_ms=p95,
+                    p99_ms=p99,
                     agents=int(n_agents),
                 )
-            )  # fmt: skip
+            )
         return out
 
     def reporting_agents(self, within_s: float = REPORTING_WINDOW_S) -> dict[tuple[str, int], int]:
@@ -417,9 +460,11 @@ class TelemetryStore:
         with self._lock:
             self._db.execute("BEGIN TRANSACTION")
             try:
-                n = _count(self._db.execute(
-                    "SELECT count(*) FROM reports WHERE end_unix < ?", [horizon]
-                ).fetchone())  # fmt: skip
+                n = _count(
+                    self._db.execute(
+                        "SELECT count(*) FROM reports WHERE end_unix < ?", [horizon]
+                    ).fetchone()
+                )
                 self._db.execute("DELETE FROM version_stats WHERE end_unix < ?", [horizon])
                 self._db.execute("DELETE FROM reports WHERE end_unix < ?", [horizon])
                 self._db.execute("COMMIT")

@@ -363,8 +363,10 @@ def synthetic_samples(
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for spec in inputs:
-        shape = tuple(rows if (i == 0 and d == -1) else (1 if d == -1 else d)
-                      for i, d in enumerate(spec.shape))  # fmt: skip
+        shape = tuple(
+            rows if (i == 0 and d == -1) else (1 if d == -1 else d)
+            for i, d in enumerate(spec.shape)
+        )
         dtype = NUMPY_BY_DATATYPE[spec.datatype]
         if spec.datatype == "BYTES":
             out[spec.name] = np.full(shape, "sample", dtype=object)
@@ -461,9 +463,13 @@ def create_bundle(
         raise BundleError(f"version {version} is outside {VERSION_RANGE}")
     if warmup_runs < 1:
         raise BundleError("warmup_runs must be >= 1")
-    for label, value in (("rtol", rtol), ("atol", atol), ("latency_budget_ms", latency_budget_ms),
-                         ("max_queue_delay_us", max_queue_delay_us),
-                         ("max_batch_size", max_batch_size or 0)):  # fmt: skip
+    for label, value in (
+        ("rtol", rtol),
+        ("atol", atol),
+        ("latency_budget_ms", latency_budget_ms),
+        ("max_queue_delay_us", max_queue_delay_us),
+        ("max_batch_size", max_batch_size or 0),
+    ):
         if value < 0:
             raise BundleError(f"{label} must be >= 0, got {value}")
     model_path = Path(model_path)
@@ -635,8 +641,9 @@ def unpack_bundle(
             while block := fh.read(1 << 20):
                 unpacker.write(block)
         files = unpacker.finish()
-        return publish_unpacked(files, parent, expect=expect, verify_hashes=verify_hashes,
-                                where=str(archive))  # fmt: skip
+        return publish_unpacked(
+            files, parent, expect=expect, verify_hashes=verify_hashes, where=str(archive)
+        )
     finally:
         unpacker.discard()
 

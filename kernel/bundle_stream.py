@@ -198,8 +198,9 @@ class StreamUnpacker:
                     assert self._member is not None
                     if self._member not in readers:
                         try:
-                            readers[self._member] = _open(self.files / self._member, os.O_RDONLY,
-                                                          "rb")  # fmt: skip
+                            readers[self._member] = _open(
+                                self.files / self._member, os.O_RDONLY, "rb"
+                            )
                         except FileNotFoundError:
                             break
                     reader = readers[self._member]

@@ -74,8 +74,9 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
         # journald stamps every line itself; a second timestamp is noise.
         handler.setFormatter(JournalFormatter())
     else:
-        fmt = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
-                                "%Y-%m-%dT%H:%M:%S")  # fmt: skip
+        fmt = logging.Formatter(
+            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
         fmt.converter = time.gmtime
         handler.setFormatter(fmt)
     root = logging.getLogger()

@@ -69,8 +69,18 @@ def build_wheel(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("modelfleet-*.whl"):
         old.unlink()
-    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-        "-w", out, ROOT)  # fmt: skip
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        out,
+        ROOT,
+    )
     return next(out.glob("modelfleet-*.whl"))
 
 
@@ -78,8 +88,10 @@ def constraints(path: Path) -> Path:
     """Pin the package's dependencies to the versions installed where the tests run."""
     frozen = subprocess.run(
         [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     pins = [ln for ln in frozen.splitlines() if "==" in ln and not ln.startswith("-")]
     path.write_text("\n".join(pins) + "\n")
     return path
@@ -91,13 +103,37 @@ def build_venv(stage_venv: Path, wheel: Path, target_python: str, work: Path) ->
     stage_venv.parent.mkdir(parents=True, exist_ok=True)
     # The build interpreter only runs pip here; the result runs on target_python.
     run(sys.executable, "-m", "venv", "--without-pip", stage_venv)
-    run(sys.executable, "-m", "pip", "--python", stage_venv / "bin" / "python", "install", "-q",
-        "--no-compile", "--only-binary=:all:", "--no-warn-script-location",
-        "-c", constraints(work / "constraints.txt"), wheel)  # fmt: skip
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        stage_venv / "bin" / "python",
+        "install",
+        "-q",
+        "--no-compile",
+        "--only-binary=:all:",
+        "--no-warn-script-location",
+        "-c",
+        constraints(work / "constraints.txt"),
+        wheel,
+    )
     relocate(stage_venv, target_python)
     log("compiling byte code")
-    run(sys.executable, "-m", "compileall", "-q", "-j0", "--invalidation-mode", "checked-hash",
-        "-s", stage_venv, "-p", VENV, stage_venv / "lib")  # fmt: skip
+    run(
+        sys.executable,
+        "-m",
+        "compileall",
+        "-q",
+        "-j0",
+        "--invalidation-mode",
+        "checked-hash",
+        "-s",
+        stage_venv,
+        "-p",
+        VENV,
+        stage_venv / "lib",
+    )
 
 
 def relocate(stage_venv: Path, target_python: str) -> None:
@@ -122,8 +158,11 @@ def relocate(stage_venv: Path, target_python: str) -> None:
         data = path.read_bytes()
         if staged in data and b"\0" not in data:  # text only (scripts, activate*)
             path.write_bytes(data.replace(staged, str(VENV).encode()))
-    leftovers = [p.name for p in bindir.iterdir() if p.is_file() and not p.is_symlink()
-                 and staged in p.read_bytes()]  # fmt: skip
+    leftovers = [
+        p.name
+        for p in bindir.iterdir()
+        if p.is_file() and not p.is_symlink() and staged in p.read_bytes()
+    ]
     if leftovers:
         raise SystemExit(f"staging path left in {', '.join(leftovers)}")
 
@@ -140,8 +179,11 @@ def snapshot() -> None:
     """Copy what nfpm packs besides the venv, so edits during the build cannot tear a file."""
     if SNAPSHOT.exists():
         shutil.rmtree(SNAPSHOT)
-    shutil.copytree(ROOT / "packaging", SNAPSHOT / "packaging",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.py"))  # fmt: skip
+    shutil.copytree(
+        ROOT / "packaging",
+        SNAPSHOT / "packaging",
+        ignore=shutil.ignore_patterns("__pycache__", "*.py"),
+    )
     (SNAPSHOT / "docs").mkdir()
     for doc in ("install.md", "configuration.md"):
         shutil.copy2(ROOT / "docs" / doc, SNAPSHOT / "docs" / doc)
@@ -154,8 +196,18 @@ def package(formats: list[str], out: Path, version: str, arch: str) -> list[Path
     built = []
     for fmt in formats:
         before = set(out.iterdir())
-        run(nfpm_binary(), "package", "--config", ROOT / "packaging" / "nfpm.yaml",
-            "--packager", fmt, "--target", out, env=env, cwd=WORK)  # fmt: skip
+        run(
+            nfpm_binary(),
+            "package",
+            "--config",
+            ROOT / "packaging" / "nfpm.yaml",
+            "--packager",
+            fmt,
+            "--target",
+            out,
+            env=env,
+            cwd=WORK,
+        )
         new = sorted(set(out.iterdir()) - before) or sorted(out.glob(f"*.{fmt}"))
         built += [p for p in new if p.suffix == f".{fmt}"]
     return built
@@ -165,10 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "dist", help="where the packages go")
     p.add_argument("--formats", default="deb,rpm", help="comma-separated: deb, rpm")
-    p.add_argument("--target-python", default="/usr/bin/python3.11",
-                   help="interpreter of the installed venv (a package dependency)")  # fmt: skip
-    p.add_argument("--reuse-venv", action="store_true",
-                   help="package the staged venv as it is (it must exist)")  # fmt: skip
+    p.add_argument(
+        "--target-python",
+        default="/usr/bin/python3.11",
+        help="interpreter of the installed venv (a package dependency)",
+    )
+    p.add_argument(
+        "--reuse-venv", action="store_true", help="package the staged venv as it is (it must exist)"
+    )
     args = p.parse_args(argv)
     minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
     if not re.fullmatch(rf".*/{re.escape(minor)}", args.target_python):

@@ -38,8 +38,9 @@ def mlp_samples(rows: int = 4, width: int = 4, seed: int = 7) -> dict[str, np.nd
 
 def make_mlp_bundle(out: Path, version: int, seed: int = 0, **kwargs: object) -> Bundle:
     model = models.mlp(out.parent / f"onnx-src/mlp-s{seed}-v{version}.onnx", seed=seed)
-    return create_bundle(model, name="mlp", version=version, samples=mlp_samples(), out_dir=out,
-                         **kwargs)  # fmt: skip
+    return create_bundle(
+        model, name="mlp", version=version, samples=mlp_samples(), out_dir=out, **kwargs
+    )
 
 
 @pytest.fixture

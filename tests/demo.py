@@ -88,12 +88,30 @@ def main() -> int:
     repo, staging, src = work / "repo", work / "staging", work / "src"
     samples = {"x": np.random.default_rng(1).standard_normal((8, 4)).astype(np.float32)}
     step("1. Build three versions of model 'fraud' (v3 is broken: it outputs NaN)")
-    v1 = create_bundle(models.mlp(src / "v1.onnx", seed=0), name="fraud", version=1,
-                       samples=samples, out_dir=repo, latency_budget_ms=50)  # fmt: skip
-    v2 = create_bundle(models.mlp(src / "v2.onnx", seed=1), name="fraud", version=2,
-                       samples=samples, out_dir=staging, latency_budget_ms=50)  # fmt: skip
-    v3 = create_bundle(models.nan_model(src / "v3.onnx"), name="fraud", version=3,
-                       samples=samples, out_dir=staging, latency_budget_ms=50)  # fmt: skip
+    v1 = create_bundle(
+        models.mlp(src / "v1.onnx", seed=0),
+        name="fraud",
+        version=1,
+        samples=samples,
+        out_dir=repo,
+        latency_budget_ms=50,
+    )
+    v2 = create_bundle(
+        models.mlp(src / "v2.onnx", seed=1),
+        name="fraud",
+        version=2,
+        samples=samples,
+        out_dir=staging,
+        latency_budget_ms=50,
+    )
+    v3 = create_bundle(
+        models.nan_model(src / "v3.onnx"),
+        name="fraud",
+        version=3,
+        samples=samples,
+        out_dir=staging,
+        latency_budget_ms=50,
+    )
     for b in (v1, v2, v3):
         print(f"  {b.path.relative_to(work)}  sha256 {b.manifest.model_sha256[:12]}")
 
@@ -139,10 +157,14 @@ def main() -> int:
             t.join(10)
         step("7. Prometheus metrics (excerpt)")
         for line in agent.metrics().splitlines():
-            if line.startswith(("modelfleet_swaps", "modelfleet_rollbacks", "modelfleet_gate_f",
-                                "modelfleet_loaded")) or (
-                line.startswith("modelfleet_requests_total") and "success" in line
-            ):  # fmt: skip
+            if line.startswith(
+                (
+                    "modelfleet_swaps",
+                    "modelfleet_rollbacks",
+                    "modelfleet_gate_f",
+                    "modelfleet_loaded",
+                )
+            ) or (line.startswith("modelfleet_requests_total") and "success" in line):
                 print(f"  {line}")
         client.close()
         failed = traffic.failed
@@ -188,12 +210,19 @@ def fleet(work: Path) -> bool:
             wait_for(lambda: "connected to MQTT broker" in hub.logs(), 30, "hub on MQTT")
 
         step(f"9. Enroll three agents with one-time tokens (transport: {transport})")
-        sites = [("berlin-gpu-1", "site=berlin,hw=gpu"), ("berlin-cpu-1", "site=berlin,hw=cpu"),
-                 ("paris-cpu-1", "site=paris,hw=cpu")]  # fmt: skip
+        sites = [
+            ("berlin-gpu-1", "site=berlin,hw=gpu"),
+            ("berlin-cpu-1", "site=berlin,hw=cpu"),
+            ("paris-cpu-1", "site=paris,hw=cpu"),
+        ]
         for host, labels in sites:
             config = enroll_agent(hub, work / host, labels, hostname=host, transport=transport)
-            a = AgentProcess(work / host, fleet_config=config, log_path=work / f"{host}.log",
-                             env={"MODELFLEET_AGENT_REPORT_INTERVAL_S": "1"})  # fmt: skip
+            a = AgentProcess(
+                work / host,
+                fleet_config=config,
+                log_path=work / f"{host}.log",
+                env={"MODELFLEET_AGENT_REPORT_INTERVAL_S": "1"},
+            )
             agents.append(a.start())
             print(f"  {host:<14} labels {labels:<22} inference on {a.url}")
         for a in agents:
@@ -216,27 +245,56 @@ def fleet(work: Path) -> bool:
         # Certificates: each agent renews its own (new key, made on the node) 30 days ahead.
         for info in json.loads(hub.cli("agents", "ls", "--json")):
             expires = info.get("cert_expires_at", 0)
-            print(f"  {info['hostname']:<14} certificate valid until {_day(expires)}, renewed "
-                  f"by the agent itself from {_day(expires - 30 * 86400)}")  # fmt: skip
+            print(
+                f"  {info['hostname']:<14} certificate valid until {_day(expires)}, renewed "
+                f"by the agent itself from {_day(expires - 30 * 86400)}"
+            )
         with grpcclient.InferenceServerClient(agents[0].url) as c:
             inp = grpcclient.InferInput("x", [1, 4], "FP32")
             inp.set_data_from_numpy(np.ones((1, 4), np.float32))
             r = c.infer("fraud", [inp])
-            print(f"  inference on berlin-gpu-1: version {r.get_response().model_version}, "
-                  f"y = {', '.join(f'{v:.4f}' for v in r.as_numpy('y').ravel())}")  # fmt: skip
+            print(
+                f"  inference on berlin-gpu-1: version {r.get_response().model_version}, "
+                f"y = {', '.join(f'{v:.4f}' for v in r.as_numpy('y').ravel())}"
+            )
 
         step("13. Canary rollout of a good v3: wave by wave (33%, 66%, 100%), baking between")
         run_hub(hub, "publish", "fraud", str(models.mlp(src / "v3.onnx", seed=3)))
-        run_hub(hub, "rollout", "start", "fraud", "3", "--waves", "33,66,100", "--bake", "2s",
-                "--agent-timeout", "60s")  # fmt: skip
+        run_hub(
+            hub,
+            "rollout",
+            "start",
+            "fraud",
+            "3",
+            "--waves",
+            "33,66,100",
+            "--bake",
+            "2s",
+            "--agent-timeout",
+            "60s",
+        )
         watch_rollout(hub, "fraud")
 
-        step("14. Canary rollout of a broken v4 (NaN outputs): stopped in the first wave, "
-             "rolled back without a command")  # fmt: skip
-        run_hub(hub, "publish", "fraud", str(models.nan_model(src / "v4.onnx")),
-                "--max-batch-size", "0")  # fmt: skip
-        run_hub(hub, "rollout", "start", "fraud", "4", "--waves", "33,66,100", "--bake", "2s",
-                "--agent-timeout", "60s")  # fmt: skip
+        step(
+            "14. Canary rollout of a broken v4 (NaN outputs): stopped in the first wave, "
+            "rolled back without a command"
+        )
+        run_hub(
+            hub, "publish", "fraud", str(models.nan_model(src / "v4.onnx")), "--max-batch-size", "0"
+        )
+        run_hub(
+            hub,
+            "rollout",
+            "start",
+            "fraud",
+            "4",
+            "--waves",
+            "33,66,100",
+            "--bake",
+            "2s",
+            "--agent-timeout",
+            "60s",
+        )
         watch_rollout(hub, "fraud")
         wait_for(lambda: all(_active(a) == 3 for a in agents), 60, "all back on v3")
         print(f"  active versions now: {[_active(a) for a in agents]}")
@@ -252,14 +310,30 @@ def fleet(work: Path) -> bool:
         import pyarrow.parquet as pq
 
         schema = pa.schema([("id", pa.int64()), ("x", pa.list_(pa.float32(), 4))])
-        pq.write_table(pa.table({"id": np.arange(rows), "x": list(x)}).cast(schema),
-                       data / "day-1.parquet")  # fmt: skip
+        pq.write_table(
+            pa.table({"id": np.arange(rows), "x": list(x)}).cast(schema), data / "day-1.parquet"
+        )
         print(f"  generated {rows} rows in {data / 'day-1.parquet'}")
-        run_hub(hub, "jobs", "create", "nightly-scores", "--model", "fraud", "--deployed",
-                "--every", "3s", "--input", str(data), "--output", str(work / "scores"),
-                "--keys", "id", "--selector", "site=paris")  # fmt: skip
-        wait_for(lambda: "succeeded" in hub.cli("jobs", "runs", "nightly-scores"), 60,
-                 "a job run")  # fmt: skip
+        run_hub(
+            hub,
+            "jobs",
+            "create",
+            "nightly-scores",
+            "--model",
+            "fraud",
+            "--deployed",
+            "--every",
+            "3s",
+            "--input",
+            str(data),
+            "--output",
+            str(work / "scores"),
+            "--keys",
+            "id",
+            "--selector",
+            "site=paris",
+        )
+        wait_for(lambda: "succeeded" in hub.cli("jobs", "runs", "nightly-scores"), 60, "a job run")
         run_hub(hub, "jobs", "pause", "nightly-scores")
         run_hub(hub, "jobs", "runs", "nightly-scores")
         return True
@@ -278,10 +352,12 @@ def watch_rollout(hub: HubProcess, model: str, timeout: float = 90) -> None:
     deadline, last = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
         raw = json.loads(hub.cli("rollout", "status", model, "--json"))
-        line = (f"  [{raw['state']:<12}] wave {raw['wave']}/{len(raw['waves'])}, "
-                f"{raw['switched']}/{raw['agents']} agent(s) switched"
-                + (f", bake {raw['bake_left_s']:.0f}s left" if raw["state"] == "baking" else "")
-                + (f" -- {raw['reason']}" if raw["reason"] else ""))  # fmt: skip
+        line = (
+            f"  [{raw['state']:<12}] wave {raw['wave']}/{len(raw['waves'])}, "
+            f"{raw['switched']}/{raw['agents']} agent(s) switched"
+            + (f", bake {raw['bake_left_s']:.0f}s left" if raw["state"] == "baking" else "")
+            + (f" -- {raw['reason']}" if raw["reason"] else "")
+        )
         if line != last:
             print(line, flush=True)
             last = line

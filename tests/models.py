@@ -20,8 +20,16 @@ def _save(graph: onnx.GraphProto, path: Path) -> Path:
     return path
 
 
-def mlp(path: Path, *, inputs: int = 4, hidden: int = 16, outputs: int = 3, seed: int = 0,
-        layers: int = 1, batch: int | str = "N") -> Path:  # fmt: skip
+def mlp(
+    path: Path,
+    *,
+    inputs: int = 4,
+    hidden: int = 16,
+    outputs: int = 3,
+    seed: int = 0,
+    layers: int = 1,
+    batch: int | str = "N",
+) -> Path:
     """x[N, inputs] -> (MatMul+Add+Relu) x layers -> MatMul+Add -> y[N, outputs]."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []

@@ -43,9 +43,20 @@ HINT = (
 # Names that start a process when code refers to them. Helpers of the test tree are followed
 # rather than listed, so tests.procs.AgentProcess counts because its start() names subprocess.
 STARTERS = frozenset(
-    {"subprocess", "Popen", "multiprocessing", "fork", "forkpty", "posix_spawn", "posix_spawnp",
-     "spawnv", "spawnvp", "execv", "execvp"}
-)  # fmt: skip
+    {
+        "subprocess",
+        "Popen",
+        "multiprocessing",
+        "fork",
+        "forkpty",
+        "posix_spawn",
+        "posix_spawnp",
+        "spawnv",
+        "spawnvp",
+        "execv",
+        "execvp",
+    }
+)
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -233,8 +244,11 @@ def _code_starts(
         ):
             return True
     # Nested functions, lambdas and comprehensions are code objects of their own.
-    return any(_code_starts(const, globals_, roots, seen) for const in code.co_consts
-               if isinstance(const, types.CodeType))  # fmt: skip
+    return any(
+        _code_starts(const, globals_, roots, seen)
+        for const in code.co_consts
+        if isinstance(const, types.CodeType)
+    )
 
 
 def _under(filename: str, roots: tuple[Path, ...]) -> bool:

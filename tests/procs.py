@@ -50,22 +50,39 @@ class AgentProcess:
         self.log_path = log_path or (self.models.parent / f"agent-{self.port}.log")
         self.admin_socket = self.models.parent / f"agent-{self.port}.sock"
         common = [
-            "--listen", self.url,
-            "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
-        ]  # fmt: skip
+            "--listen",
+            self.url,
+            "--metrics-listen",
+            f"127.0.0.1:{self.metrics_port}",
+        ]
         if fleet_config is not None:
             # Fleet mode: models come from the hub; the admin socket sits in the data dir.
             self.admin_socket = self.models / "admin.sock"
-            self.args = [sys.executable, "-m", "agent.cli", "run", "--config", str(fleet_config),
-                         *common, *extra]  # fmt: skip
+            self.args = [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "run",
+                "--config",
+                str(fleet_config),
+                *common,
+                *extra,
+            ]
         else:
             self.args = [
-                sys.executable, "-m", "agent.cli", "serve",
-                "--models", str(self.models),
-                "--admin-socket", str(self.admin_socket),
-                "--poll-interval-s", "0.2",
-                *common, *extra,
-            ]  # fmt: skip
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "serve",
+                "--models",
+                str(self.models),
+                "--admin-socket",
+                str(self.admin_socket),
+                "--poll-interval-s",
+                "0.2",
+                *common,
+                *extra,
+            ]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
         self._log = None
@@ -119,8 +136,12 @@ class AgentProcess:
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "agent.cli", *args, "--admin-socket", str(self.admin_socket)],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, check=check,
-        )  # fmt: skip
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=check,
+        )
 
     def metrics(self) -> str:
         import urllib.request
@@ -173,12 +194,24 @@ class HubProcess:
     def start(self) -> HubProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hub.cli", "--data", str(self.data), "serve",
-             "--listen", self.url, "--enroll-listen", f"127.0.0.1:{self.enroll_port}",
-             *self.extra],
-            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "hub.cli",
+                "--data",
+                str(self.data),
+                "serve",
+                "--listen",
+                self.url,
+                "--enroll-listen",
+                f"127.0.0.1:{self.enroll_port}",
+                *self.extra,
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         wait_for(lambda: self._ready(), 30, "hub READY")
         return self
 
@@ -196,11 +229,15 @@ class HubProcess:
     def cli(self, *args: str, check: bool = True, timeout: float = 120) -> str:
         r = subprocess.run(
             [sys.executable, "-m", "hub.cli", "--data", str(self.data), *args],
-            cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and r.returncode != 0:
-            raise AssertionError(f"modelfleet-hub {' '.join(args)} failed ({r.returncode}):\n"
-                                 f"{r.stdout}{r.stderr}")  # fmt: skip
+            raise AssertionError(
+                f"modelfleet-hub {' '.join(args)} failed ({r.returncode}):\n{r.stdout}{r.stderr}"
+            )
         return r.stdout if check else r  # type: ignore[return-value]
 
     def stop(self, timeout: float = 15.0) -> int | None:
@@ -230,10 +267,26 @@ def enroll_agent(
     token = hub.cli("agents", "token", "--labels", labels, "--ttl", "10m").strip()
     # On standard input, as the docs advise: never in argv, where other local users see it.
     r = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "enroll", "--token-file", "-", "--data", str(data),
-         "--hostname", hostname, "--transport", transport],
-        cwd=ROOT, input=token, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "enroll",
+            "--token-file",
+            "-",
+            "--data",
+            str(data),
+            "--hostname",
+            hostname,
+            "--transport",
+            transport,
+        ],
+        cwd=ROOT,
+        input=token,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if r.returncode != 0:
         raise AssertionError(f"enroll failed: {r.stdout}{r.stderr}")
     return data / "agent.toml"
@@ -283,18 +336,32 @@ class BrokerProcess:
 
     def configure(self) -> BrokerProcess:
         subprocess.run(
-            [sys.executable, "-m", "hub.cli", "--data", str(self.hub_data), "mqtt-config",
-             "--out", str(self.out), "--listen", self.address],
-            cwd=ROOT, check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "hub.cli",
+                "--data",
+                str(self.hub_data),
+                "mqtt-config",
+                "--out",
+                str(self.out),
+                "--listen",
+                self.address,
+            ],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         return self
 
     def start(self) -> BrokerProcess:
         self._log = open(self.out / "broker.log", "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(
             ["mosquitto", "-c", str(self.out / "mosquitto.conf")],
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
         def listening() -> bool:
             if self.proc is None or self.proc.poll() is not None:

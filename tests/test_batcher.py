@@ -44,8 +44,13 @@ def test_concurrent_requests_merge_and_split_back() -> None:
 
     async def main() -> None:
         with ThreadPoolExecutor(2) as pool:
-            b = DynamicBatcher(model.run, pool, lambda r, s: observed.append(r),
-                               max_batch_size=8, max_queue_delay_us=0)  # fmt: skip
+            b = DynamicBatcher(
+                model.run,
+                pool,
+                lambda r, s: observed.append(r),
+                max_batch_size=8,
+                max_queue_delay_us=0,
+            )
             reqs = [np.full((1, 2), i, np.float32) for i in range(17)]
             results = await asyncio.gather(*(b.infer({"x": x}, 1) for x in reqs))
             for x, (out, timing) in zip(reqs, results, strict=True):
@@ -63,8 +68,9 @@ def test_queue_delay_gathers_a_lone_trickle() -> None:
 
     async def main() -> None:
         with ThreadPoolExecutor(1) as pool:
-            b = DynamicBatcher(model.run, pool, lambda r, s: None,
-                               max_batch_size=4, max_queue_delay_us=200_000)  # fmt: skip
+            b = DynamicBatcher(
+                model.run, pool, lambda r, s: None, max_batch_size=4, max_queue_delay_us=200_000
+            )
 
             async def later(i: int):
                 await asyncio.sleep(0.01 * i)
@@ -83,8 +89,9 @@ def test_sub_millisecond_delays_are_waited_on_the_fine_timer() -> None:
 
     async def main() -> float:
         with ThreadPoolExecutor(1) as pool:
-            lone = DynamicBatcher(model.run, pool, lambda r, s: None,
-                                  max_batch_size=4, max_queue_delay_us=300)  # fmt: skip
+            lone = DynamicBatcher(
+                model.run, pool, lambda r, s: None, max_batch_size=4, max_queue_delay_us=300
+            )
             _, timing = await lone.infer({"x": np.ones((1, 2), np.float32)}, 1)
             return timing.queue_s
 
@@ -99,8 +106,9 @@ def test_an_arrival_ends_a_fine_timer_wait_at_once(monkeypatch: pytest.MonkeyPat
 
     async def main() -> float:
         with ThreadPoolExecutor(1) as pool:
-            b = DynamicBatcher(model.run, pool, lambda r, s: None,
-                               max_batch_size=2, max_queue_delay_us=5_000_000)  # fmt: skip
+            b = DynamicBatcher(
+                model.run, pool, lambda r, s: None, max_batch_size=2, max_queue_delay_us=5_000_000
+            )
             first = asyncio.ensure_future(b.infer({"x": np.ones((1, 2), np.float32)}, 1))
             await asyncio.sleep(0.05)  # the first request is waiting for company
             await b.infer({"x": np.ones((1, 2), np.float32)}, 1)
@@ -116,8 +124,9 @@ def test_different_inner_shapes_never_merge() -> None:
 
     async def main() -> None:
         with ThreadPoolExecutor(1) as pool:
-            b = DynamicBatcher(model.run, pool, lambda r, s: None,
-                               max_batch_size=16, max_queue_delay_us=50_000)  # fmt: skip
+            b = DynamicBatcher(
+                model.run, pool, lambda r, s: None, max_batch_size=16, max_queue_delay_us=50_000
+            )
             a = [b.infer({"x": np.ones((1, 2), np.float32)}, 1) for _ in range(3)]
             c = [b.infer({"x": np.ones((1, 5), np.float32)}, 1) for _ in range(3)]
             outs = await asyncio.gather(*a, *c)
@@ -146,8 +155,9 @@ def test_a_model_that_does_not_batch_fails_every_request_clearly() -> None:
 
     async def main() -> None:
         with ThreadPoolExecutor(1) as pool:
-            b = DynamicBatcher(model.run, pool, lambda r, s: None,
-                               max_batch_size=8, max_queue_delay_us=50_000)  # fmt: skip
+            b = DynamicBatcher(
+                model.run, pool, lambda r, s: None, max_batch_size=8, max_queue_delay_us=50_000
+            )
             results = await asyncio.gather(
                 *(b.infer({"x": np.ones((1, 2), np.float32)}, 1) for _ in range(3)),
                 return_exceptions=True,

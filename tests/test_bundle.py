@@ -79,9 +79,12 @@ def test_samples_must_match_the_model(repo: Path, tmp_path: Path) -> None:
         create_bundle(onnx_path, name="m", version=1, samples={"x": np.zeros((1, 4))}, out_dir=repo)
     with pytest.raises(BundleError, match=r"'x' has shape \[1, 5\], the model expects \[-1, 4\]"):
         create_bundle(
-            onnx_path, name="m", version=1,
-            samples={"x": np.zeros((1, 5), np.float32)}, out_dir=repo,
-        )  # fmt: skip
+            onnx_path,
+            name="m",
+            version=1,
+            samples={"x": np.zeros((1, 5), np.float32)},
+            out_dir=repo,
+        )
     assert not (repo / "m").exists() or not any((repo / "m").iterdir())
 
 

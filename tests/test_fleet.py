@@ -65,14 +65,20 @@ def fleet(tmp_path: Path):
         def start_agent(
             self, data: Path, config: Path, *extra: str, env: dict | None = None
         ) -> AgentProcess:
-            a = AgentProcess(data, *extra, fleet_config=config, env={**FAST_BACKOFF, **(env or {})},
-                             log_path=tmp_path / f"{data.name}-{len(self.agents)}.log")  # fmt: skip
+            a = AgentProcess(
+                data,
+                *extra,
+                fleet_config=config,
+                env={**FAST_BACKOFF, **(env or {})},
+                log_path=tmp_path / f"{data.name}-{len(self.agents)}.log",
+            )
             self.agents.append(a)
             return a.start()
 
         def model(self, seed: int, hidden: int = 16) -> Path:
-            return models.mlp(tmp_path / "onnx" / f"m{seed}-{hidden}.onnx", seed=seed,
-                              hidden=hidden)  # fmt: skip
+            return models.mlp(
+                tmp_path / "onnx" / f"m{seed}-{hidden}.onnx", seed=seed, hidden=hidden
+            )
 
     f = Fleet()
     yield f
@@ -126,8 +132,11 @@ def test_enroll_deploy_by_selector_verify_swap_and_report(fleet) -> None:
     assert active(paris) == 1
     assert infer_version(berlin) == "2" and infer_version(paris) == "1"
     # Reported back: desired and active per agent, gate verdicts, last seen.
-    wait_for(lambda: agents_ls(hub)["berlin-1"]["report"]["models"][0]["active_version"] == "2",
-             30, "berlin report")  # fmt: skip
+    wait_for(
+        lambda: agents_ls(hub)["berlin-1"]["report"]["models"][0]["active_version"] == "2",
+        30,
+        "berlin report",
+    )
     ls = agents_ls(hub)
     b = ls["berlin-1"]
     assert b["labels"] == {"site": "berlin", "hw": "cpu"} and b["status"] == "active"
@@ -170,10 +179,21 @@ def test_tokens_are_one_time_and_expire(fleet, tmp_path: Path) -> None:
 
     def enroll(data: str, tok: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "agent.cli", "enroll", "--token", tok,
-             "--data", str(tmp_path / data)],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "enroll",
+                "--token",
+                tok,
+                "--data",
+                str(tmp_path / data),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     assert enroll("a", token).returncode == 0
     reused = enroll("b", token)
@@ -188,8 +208,9 @@ def test_tokens_are_one_time_and_expire(fleet, tmp_path: Path) -> None:
     from kernel.identity import EnrollToken
 
     tok = EnrollToken.decode(hub.cli("agents", "token").strip())
-    forged = EnrollToken(tok.token_id, tok.secret, tok.hub_address, "sha256:" + "0" * 64,
-                         tok.expires_at).encode()  # fmt: skip
+    forged = EnrollToken(
+        tok.token_id, tok.secret, tok.hub_address, "sha256:" + "0" * 64, tok.expires_at
+    ).encode()
     mitm = enroll("e", forged)
     assert mitm.returncode == 9 and "fingerprint" in mitm.stderr
 
@@ -214,19 +235,22 @@ def test_agent_renews_its_certificate_and_outlives_the_first_one(fleet) -> None:
     # Agent certificates live 20 s here (and, like all of them, from 5 minutes before issue for
     # clock skew); the agent renews 12 s before expiry, so every ~8 s.
     hub = fleet.hub("--agent-cert-lifetime-s", "20")
-    agent = fleet.agent(hub, "edge-1", "site=berlin",
-                        env={"MODELFLEET_AGENT_CERT_RENEW_BEFORE_S": "12"})  # fmt: skip
+    agent = fleet.agent(
+        hub, "edge-1", "site=berlin", env={"MODELFLEET_AGENT_CERT_RENEW_BEFORE_S": "12"}
+    )
     ident = agent.models / "identity"
     first_key, first_cert = (ident / "agent.key").read_bytes(), (ident / "agent.crt").read_bytes()
     first_expiry = load_certificate(first_cert).not_valid_after_utc.timestamp()
-    old_creds = grpc.ssl_channel_credentials((ident / "ca.crt").read_bytes(), first_key,
-                                             first_cert)  # fmt: skip
+    old_creds = grpc.ssl_channel_credentials((ident / "ca.crt").read_bytes(), first_key, first_cert)
 
     def hub_accepts(creds: grpc.ChannelCredentials) -> bool:
         with grpc.secure_channel(hub.url, creds) as channel:
             try:
-                list(pb_grpc.FleetStub(channel).FetchMetadata(
-                    pb.FetchRequest(path="timestamp.json"), timeout=5))  # fmt: skip
+                list(
+                    pb_grpc.FleetStub(channel).FetchMetadata(
+                        pb.FetchRequest(path="timestamp.json"), timeout=5
+                    )
+                )
                 return True
             except grpc.RpcError:
                 return False
@@ -244,8 +268,11 @@ def test_agent_renews_its_certificate_and_outlives_the_first_one(fleet) -> None:
     wait_for(lambda: "renewed the agent certificate" in agent.logs(), 30, "a renewal")
     assert (ident / "agent.key").read_bytes() != first_key  # a new key, made on the node
     assert stat.S_IMODE((ident / "agent.key").stat().st_mode) == 0o600
-    wait_for(lambda: agents_ls(hub)["edge-1"]["cert_expires_at"] > first_expiry, 10,
-             "the new expiry in agents ls")  # fmt: skip
+    wait_for(
+        lambda: agents_ls(hub)["edge-1"]["cert_expires_at"] > first_expiry,
+        10,
+        "the new expiry in agents ls",
+    )
     assert "renewed the certificate of agent" in hub.logs()
     # Once the agent has renewed twice, the enrollment certificate (still valid) can no longer
     # renew: a copy of that key would die with it.
@@ -266,8 +293,11 @@ def test_agent_renews_its_certificate_and_outlives_the_first_one(fleet) -> None:
     wait_for(lambda: active(agent) == 2, 60, "v2 after the restart, on a renewed certificate")
 
     def failed_renewals() -> list[str]:
-        return [line for line in agent.logs().splitlines()
-                if "renewing the agent certificate failed" in line]  # fmt: skip
+        return [
+            line
+            for line in agent.logs().splitlines()
+            if "renewing the agent certificate failed" in line
+        ]
 
     # Only while the hub was restarting, and retried.
     assert all("hub unreachable" in line for line in failed_renewals()), failed_renewals()
@@ -370,8 +400,9 @@ def test_metadata_signed_by_the_wrong_key_is_refused(fleet) -> None:
     path.write_bytes(md.to_bytes())
     hub.cli("deploy", "mlp", "2")
     # The hub verifies what it serves and refuses it; the agent reports the hub's reason.
-    wait_for(lambda: "not signed by the timestamp key" in model_error(hub, "edge-1"), 60,
-             "bad signature")  # fmt: skip
+    wait_for(
+        lambda: "not signed by the timestamp key" in model_error(hub, "edge-1"), 60, "bad signature"
+    )
     assert "REFUSING the TUF metadata" in hub.logs()
     assert active(agent) == 1
 
@@ -390,8 +421,9 @@ def test_unsigned_model_is_refused(fleet) -> None:
         "target_path, signed, manifest) SELECT name, 9, sha256, size, stage, notes, created_at, "
         "'mlp/9/bundle.tar', 1, manifest FROM versions WHERE version = 1"
     )
-    con.execute("INSERT INTO deployments (name, version, selector, created_at) "
-                "VALUES ('mlp', 9, '{}', 0)")  # fmt: skip
+    con.execute(
+        "INSERT INTO deployments (name, version, selector, created_at) VALUES ('mlp', 9, '{}', 0)"
+    )
     con.commit()
     con.close()
     hub = fleet.restart_hub(hub)  # a restart makes the hub's watchers see the new revision
@@ -402,8 +434,12 @@ def test_unsigned_model_is_refused(fleet) -> None:
 def test_offline_targets_key(fleet, tmp_path: Path) -> None:
     offline = tmp_path / "offline-keys"
     cmd = ["keys", "init", "--offline", str(offline)]
-    subprocess.run([sys.executable, "-m", "hub.cli", "--data", str(tmp_path / "hub"), *cmd],
-                   cwd=ROOT, check=True, timeout=60)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "hub.cli", "--data", str(tmp_path / "hub"), *cmd],
+        cwd=ROOT,
+        check=True,
+        timeout=60,
+    )
     assert not (tmp_path / "hub" / "keys" / "targets.pem").exists()
     assert oct((offline / "targets.pem").stat().st_mode & 0o777) == "0o600"
     hub = fleet.hub()
@@ -420,8 +456,9 @@ def test_offline_targets_key(fleet, tmp_path: Path) -> None:
     assert "NO" in hub.cli("models", "versions", "mlp").splitlines()[1]
     later = hub.cli("publish", "mlp", str(fleet.model(2)), check=False)
     digest = later.stderr.split("--sha256 ")[1].split()[0]
-    assert "signed mlp v3" in hub.cli("sign", "mlp", "3", "--targets-key",
-                                      str(offline / "targets.pem"), "--sha256", digest)  # fmt: skip
+    assert "signed mlp v3" in hub.cli(
+        "sign", "mlp", "3", "--targets-key", str(offline / "targets.pem"), "--sha256", digest
+    )
     hub.cli("deploy", "mlp", "3")
     wait_for(lambda: active(agent) == 3, 60, "v3 signed later with `sign`")
 
@@ -430,8 +467,11 @@ def test_kill_mid_download_then_resume(fleet) -> None:
     # ~16 MB bundle at 4 MB/s: several seconds of download to interrupt.
     hub = fleet.hub("--transfer-rate-limit-mbps", "4")
     data = fleet.model(0, hidden=2000)
-    hub.cli("publish", "mlp", str(models.mlp(data.with_name("big.onnx"), inputs=4, hidden=2000,
-                                             layers=2, seed=5)))  # fmt: skip
+    hub.cli(
+        "publish",
+        "mlp",
+        str(models.mlp(data.with_name("big.onnx"), inputs=4, hidden=2000, layers=2, seed=5)),
+    )
     agent = fleet.agent(hub, "edge-1", "site=berlin")
     partial = agent.models / "cache" / "partial"
     hub.cli("deploy", "mlp", "1")
@@ -461,16 +501,34 @@ def test_key_rotation_with_the_hub_stopped_and_agents_following(fleet) -> None:
     running = hub.cli("keys", "rotate", "timestamp", check=False)
     assert running.returncode != 0 and "a hub is running on" in running.stderr
     second = subprocess.run(
-        [sys.executable, "-m", "hub.cli", "--data", str(hub.data), "serve", "--listen",
-         "127.0.0.1:0"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hub.cli",
+            "--data",
+            str(hub.data),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert second.returncode != 0 and "cannot start the hub: a hub is running" in second.stderr
     hub.stop()
     assert "root v2: the timestamp key is now" in hub.cli("keys", "rotate", "timestamp")
     assert "root v3: the targets key is now" in hub.cli("keys", "rotate", "targets")
     assert "root v4: the root key is renewed" in hub.cli("keys", "rotate", "root", "--renew")
-    wrong = hub.cli("keys", "rotate", "snapshot", "--root-key",
-                    str(hub.data / "keys" / "snapshot.pem"), check=False)  # fmt: skip
+    wrong = hub.cli(
+        "keys",
+        "rotate",
+        "snapshot",
+        "--root-key",
+        str(hub.data / "keys" / "snapshot.pem"),
+        check=False,
+    )
     assert wrong.returncode != 0 and "is not a root key of root v4" in wrong.stderr
     assert oct((hub.data / "keys" / "timestamp.pem").stat().st_mode & 0o777) == "0o600"
     hub = fleet.restart_hub(hub)

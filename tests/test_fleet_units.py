@@ -61,9 +61,16 @@ def registry(tmp_path: Path) -> Registry:
 
 
 def add(reg: Registry, name: str, version: int, signed: bool = True, model: str = "m") -> None:
-    reg.add_version(name=name, version=version, sha256=f"{version:064x}", size=10, notes="",
-                    target_path=f"{name}/{version}/bundle.tar", signed=signed,
-                    manifest={"model": {"sha256": model}})  # fmt: skip
+    reg.add_version(
+        name=name,
+        version=version,
+        sha256=f"{version:064x}",
+        size=10,
+        notes="",
+        target_path=f"{name}/{version}/bundle.tar",
+        signed=signed,
+        manifest={"model": {"sha256": model}},
+    )
 
 
 def test_versions_increase_and_are_immutable(registry: Registry) -> None:
@@ -102,7 +109,9 @@ def test_desired_is_the_latest_matching_deployment_per_model(registry: Registry)
     registry.deploy("other", 1, {"hw": "gpu"})
     berlin_gpu = {"site": "berlin", "hw": "gpu"}
     assert [(d.name, d.version) for d in registry.desired_for(berlin_gpu)] == [
-        ("m", 2), ("other", 1)]  # fmt: skip
+        ("m", 2),
+        ("other", 1),
+    ]
     assert [(d.name, d.version) for d in registry.desired_for({"site": "paris"})] == [("m", 1)]
     registry.deploy("m", 3, {})  # a later fleet-wide deployment overrides the site one
     assert registry.desired_for(berlin_gpu)[0].version == 3

@@ -11,13 +11,15 @@ from kernel.bundle import HealthSpec, Manifest, TensorSpec
 
 def manifest(budget_ms: float = 10.0, datatype: str = "FP32") -> Manifest:
     return Manifest(
-        name="m", version=2,
+        name="m",
+        version=2,
         inputs=(TensorSpec("x", datatype, (-1, 3)),),
         outputs=(TensorSpec("y", datatype, (-1, 3)),),
-        model_sha256="", model_size=0,
+        model_sha256="",
+        model_size=0,
         health=HealthSpec(rtol=1e-3, atol=1e-4, latency_budget_ms=budget_ms),
         max_batch_size=8,
-    )  # fmt: skip
+    )
 
 
 GOOD = np.array([[1.0, 2.0, 3.0]], np.float32)

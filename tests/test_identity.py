@@ -182,8 +182,11 @@ def test_csr_with_forged_subject_gets_the_cn_the_hub_chooses(ca: CertificateAuth
 
 
 def test_sign_csr_accepts_strong_keys_of_each_supported_type(ca: CertificateAuthority) -> None:
-    for key in (generate_key(), ed25519.Ed25519PrivateKey.generate(),
-                rsa.generate_private_key(public_exponent=65537, key_size=2048)):  # fmt: skip
+    for key in (
+        generate_key(),
+        ed25519.Ed25519PrivateKey.generate(),
+        rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    ):
         cert = x509.load_pem_x509_certificate(ca.sign_csr(make_csr(key, "x"), "agent:a1"))
         assert cert.public_key() == key.public_key()
 
@@ -443,9 +446,22 @@ def test_parse_identity_accepts_the_three_forms(cn: str, expected: tuple[str, st
 
 @pytest.mark.parametrize(
     "cn",
-    ["", "agent:", "agent", "admin:", "Hub", "hub ", "agent:a/b", "agent:a:b", "agent:-x",
-     "agent:" + "a" * 129, "user:bob", "modelfleet hub CA", " agent:x"],
-)  # fmt: skip
+    [
+        "",
+        "agent:",
+        "agent",
+        "admin:",
+        "Hub",
+        "hub ",
+        "agent:a/b",
+        "agent:a:b",
+        "agent:-x",
+        "agent:" + "a" * 129,
+        "user:bob",
+        "modelfleet hub CA",
+        " agent:x",
+    ],
+)
 def test_parse_identity_refuses_everything_else(cn: str) -> None:
     with pytest.raises(IdentityError) as info:
         parse_identity(cn)
@@ -612,8 +628,10 @@ def test_mtls_admits_only_clients_with_a_certificate_from_the_ca(
 
     # (c) No client certificate, or one from another CA: the handshake is refused.
     impostor = Node(other_ca, "agent:node-1")
-    for credentials in (grpc.ssl_channel_credentials(root_certificates=root),
-                        impostor.credentials(root)):  # fmt: skip
+    for credentials in (
+        grpc.ssl_channel_credentials(root_certificates=root),
+        impostor.credentials(root),
+    ):
         with pytest.raises(grpc.RpcError) as info:
             health_check(port, credentials)
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE

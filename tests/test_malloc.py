@@ -36,8 +36,15 @@ print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def churn(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", _CHURN, mode], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60, check=True, env=env)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _CHURN, mode],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=env,
+    )
     tuned, faults = out.stdout.split()
     return tuned, int(faults)
 

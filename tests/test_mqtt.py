@@ -42,8 +42,9 @@ def mqtt_fleet(tmp_path: Path):
         def start(self) -> Fleet:
             (tmp_path / "hub").mkdir()
             self.broker.configure().start()
-            self.hub = HubProcess(tmp_path / "hub", "--mqtt", self.broker.address,
-                                  log_path=tmp_path / "hub.log").start()  # fmt: skip
+            self.hub = HubProcess(
+                tmp_path / "hub", "--mqtt", self.broker.address, log_path=tmp_path / "hub.log"
+            ).start()
             wait_for(lambda: "connected to MQTT broker" in self.hub.logs(), 30, "hub on MQTT")
             return self
 
@@ -51,8 +52,9 @@ def mqtt_fleet(tmp_path: Path):
             assert self.hub is not None
             old = self.hub
             old.stop()
-            self.hub = HubProcess(old.data, "--mqtt", self.broker.address, *extra,
-                                  log_path=tmp_path / "hub-again.log")  # fmt: skip
+            self.hub = HubProcess(
+                old.data, "--mqtt", self.broker.address, *extra, log_path=tmp_path / "hub-again.log"
+            )
             self.hub.port, self.hub.enroll_port, self.hub.url = old.port, old.enroll_port, old.url
             self.hub.start()
             wait_for(lambda: "connected to MQTT broker" in self.hub.logs(), 30, "hub on MQTT")
@@ -67,8 +69,12 @@ def mqtt_fleet(tmp_path: Path):
             return self.start_agent(data, env)
 
         def start_agent(self, data: Path, env: dict | None = None) -> AgentProcess:
-            a = AgentProcess(data, fleet_config=data / "agent.toml", env={**FAST, **(env or {})},
-                             log_path=tmp_path / f"{data.name}-{len(self.agents)}.log")  # fmt: skip
+            a = AgentProcess(
+                data,
+                fleet_config=data / "agent.toml",
+                env={**FAST, **(env or {})},
+                log_path=tmp_path / f"{data.name}-{len(self.agents)}.log",
+            )
             self.agents.append(a.start())
             return a
 
@@ -114,8 +120,14 @@ def test_deploy_and_download_over_mqtt_only(mqtt_fleet) -> None:
     hub.cli("deploy", "mlp", "2")
     wait_for(lambda: active(agent) == 2, 60, "v2 over MQTT")
     # Reports travel over MQTT too; presence comes from the retained online message.
-    wait_for(lambda: agent_info(hub, "edge-1").get("report", {}).get("models", [{}])[0]
-             .get("active_version") == "2", 30, "report over MQTT")  # fmt: skip
+    wait_for(
+        lambda: (
+            agent_info(hub, "edge-1").get("report", {}).get("models", [{}])[0].get("active_version")
+            == "2"
+        ),
+        30,
+        "report over MQTT",
+    )
     assert agent_info(hub, "edge-1")["presence"] == "online"
     assert "connected to MQTT broker" in agent.logs()
     assert "fetched and verified mlp v2" in agent.logs()
@@ -190,8 +202,11 @@ def test_acl_confines_each_agent_to_its_subtree(mqtt_fleet) -> None:
 
 def test_client_without_certificate_is_refused(mqtt_fleet) -> None:
     hub = mqtt_fleet.hub
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                         client_id="anonymous", protocol=mqtt.MQTTv5)  # fmt: skip
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id="anonymous",
+        protocol=mqtt.MQTTv5,
+    )
     client.tls_set(ca_certs=str(hub.data / "mqtt" / "ca.crt"))
     host, port = mqtt_fleet.broker.address.split(":")
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
@@ -202,8 +217,9 @@ def test_client_without_certificate_is_refused(mqtt_fleet) -> None:
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 raise ConnectionError(f"refused: {rc}")
     # Plain TCP without TLS is refused too.
-    plain = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="plain",
-                        protocol=mqtt.MQTTv5)  # fmt: skip
+    plain = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id="plain", protocol=mqtt.MQTTv5
+    )
     connected = threading.Event()
     plain.on_connect = lambda *a: connected.set()
     try:
@@ -228,8 +244,14 @@ def test_broker_restart_mid_deploy_converges(mqtt_fleet) -> None:
     assert active(agent) == 1
     mqtt_fleet.broker.start()
     wait_for(lambda: active(agent) == 2, 90, "v2 after the broker is back")
-    wait_for(lambda: agent_info(hub, "edge-1").get("report", {}).get("models", [{}])[0]
-             .get("active_version") == "2", 60, "report after restart")  # fmt: skip
+    wait_for(
+        lambda: (
+            agent_info(hub, "edge-1").get("report", {}).get("models", [{}])[0].get("active_version")
+            == "2"
+        ),
+        60,
+        "report after restart",
+    )
 
 
 def test_mqtt_agent_renews_its_certificate_through_the_broker(mqtt_fleet) -> None:
@@ -244,8 +266,11 @@ def test_mqtt_agent_renews_its_certificate_through_the_broker(mqtt_fleet) -> Non
     wait_for(lambda: "renewed the agent certificate" in agent.logs(), 30, "a renewal over MQTT")
     assert load_certificate((ident / "agent.crt").read_bytes()).serial_number != first.serial_number
     first_end = first.not_valid_after_utc.timestamp()
-    wait_for(lambda: float(agent_info(hub, "edge-1")["cert_expires_at"]) > first_end, 10,
-             "the new expiry reported over MQTT")  # fmt: skip
+    wait_for(
+        lambda: float(agent_info(hub, "edge-1")["cert_expires_at"]) > first_end,
+        10,
+        "the new expiry reported over MQTT",
+    )
     # Past the first certificate's end, the broker restarts: the agent must connect again, and
     # can only with the renewed certificate.
     deadline = first.not_valid_after_utc.timestamp() + 1
@@ -276,8 +301,9 @@ def test_telemetry_over_mqtt_exact_through_a_hub_restart(mqtt_fleet, tmp_path: P
     data = tmp_path / "edge-t"
     enroll_agent(hub, data, "site=berlin", hostname="edge-t", transport="mqtt")
     env = {**FAST, "MODELFLEET_AGENT_TELEMETRY_INTERVAL_S": "0.5"}
-    agent = AgentProcess(data, fleet_config=data / "agent.toml", env=env,
-                         log_path=tmp_path / "edge-t.log")  # fmt: skip
+    agent = AgentProcess(
+        data, fleet_config=data / "agent.toml", env=env, log_path=tmp_path / "edge-t.log"
+    )
     mqtt_fleet.agents.append(agent.start())
     hub.cli("publish", "mlp", str(mqtt_fleet.model(0)))
     hub.cli("deploy", "mlp", "1")
@@ -291,8 +317,9 @@ def test_telemetry_over_mqtt_exact_through_a_hub_restart(mqtt_fleet, tmp_path: P
     hub.stop()
     infer(agent, 20, 2)
     time.sleep(2)
-    again = HubProcess(hub.data, "--mqtt", mqtt_fleet.broker.address,
-                       log_path=tmp_path / "hub-again.log")  # fmt: skip
+    again = HubProcess(
+        hub.data, "--mqtt", mqtt_fleet.broker.address, log_path=tmp_path / "hub-again.log"
+    )
     again.port, again.enroll_port, again.url = hub.port, hub.enroll_port, hub.url
     mqtt_fleet.hub = again.start()
     wait_for(lambda: fleet_metrics(again)[:2] == (66, 6), 60, "66 after the hub restart")
@@ -314,10 +341,27 @@ def test_job_runs_from_an_mqtt_agent_reach_the_hub_also_after_its_outage(
     wait_for(lambda: active(agent) == 1, 60, "v1 over MQTT")
     data = tmp_path / "data"
     write_input(data, 200)
-    hub.cli("jobs", "create", "nightly", "--model", "mlp", "--deployed", "--every", "2s",
-            "--input", str(data), "--output", str(tmp_path / "scores"), "--keys", "id")  # fmt: skip
-    wait_for(lambda: any(r["status"] == "succeeded" for r in runs(hub, "nightly")), 60,
-             "a run reported over MQTT")  # fmt: skip
+    hub.cli(
+        "jobs",
+        "create",
+        "nightly",
+        "--model",
+        "mlp",
+        "--deployed",
+        "--every",
+        "2s",
+        "--input",
+        str(data),
+        "--output",
+        str(tmp_path / "scores"),
+        "--keys",
+        "id",
+    )
+    wait_for(
+        lambda: any(r["status"] == "succeeded" for r in runs(hub, "nightly")),
+        60,
+        "a run reported over MQTT",
+    )
     run = next(r for r in runs(hub, "nightly") if r["status"] == "succeeded")
     assert run["rows_out"] == "200" and run["agent_id"].startswith("edge-j")
 
@@ -328,11 +372,15 @@ def test_job_runs_from_an_mqtt_agent_reach_the_hub_also_after_its_outage(
     before = len(finished())
     wait_for(lambda: len(finished()) >= before + 2, 30, "runs while the hub is down")
     offline = set(finished()[before:])
-    again = HubProcess(hub.data, "--mqtt", mqtt_fleet.broker.address,
-                       log_path=tmp_path / "hub-again.log")  # fmt: skip
+    again = HubProcess(
+        hub.data, "--mqtt", mqtt_fleet.broker.address, log_path=tmp_path / "hub-again.log"
+    )
     again.port, again.enroll_port, again.url = hub.port, hub.enroll_port, hub.url
     mqtt_fleet.hub = again.start()
-    wait_for(lambda: offline <= {r["run_id"] for r in runs(again, "nightly")}, 60,
-             "the runs from the outage at the hub")  # fmt: skip
+    wait_for(
+        lambda: offline <= {r["run_id"] for r in runs(again, "nightly")},
+        60,
+        "the runs from the outage at the hub",
+    )
     stored = [r["run_id"] for r in runs(again, "nightly")]
     assert len(stored) == len(set(stored))  # resent batches are stored once

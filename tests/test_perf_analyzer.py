@@ -23,11 +23,34 @@ def test_perf_analyzer_drives_the_agent(repo: Path, agent_factory, tmp_path: Pat
     env = {**os.environ, "LD_LIBRARY_PATH": ":".join(libs)}
     out = tmp_path / "pa.csv"
     r = subprocess.run(
-        [str(PERF_ANALYZER), "-i", "grpc", "-u", agent.url, "-m", "mlp", "--shape", "x:4",
-         "-b", "2", "--concurrency-range", "2", "-p", "1000", "--max-trials", "5",
-         "-s", "50", "-f", str(out)],
-        capture_output=True, text=True, timeout=180, env=env,
-    )  # fmt: skip
+        [
+            str(PERF_ANALYZER),
+            "-i",
+            "grpc",
+            "-u",
+            agent.url,
+            "-m",
+            "mlp",
+            "--shape",
+            "x:4",
+            "-b",
+            "2",
+            "--concurrency-range",
+            "2",
+            "-p",
+            "1000",
+            "--max-trials",
+            "5",
+            "-s",
+            "50",
+            "-f",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 1

@@ -200,8 +200,12 @@ def _pytest(project: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *args],
-        cwd=project, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_a_real_run_marks_refuses_and_rejects_typos(tmp_path: Path) -> None:

@@ -12,8 +12,12 @@ def disk(*versions: int, fp: int = 0) -> dict[int, VersionOnDisk]:
     return {v: VersionOnDisk(v, Path(f"/r/m/{v}"), (v, fp, 0)) for v in versions}
 
 
-def loaded(active: int | None, previous: int | None = None, hold: int | None = None,
-           loading: int | None = None) -> ModelStatus:  # fmt: skip
+def loaded(
+    active: int | None,
+    previous: int | None = None,
+    hold: int | None = None,
+    loading: int | None = None,
+) -> ModelStatus:
     return ModelStatus("m", active, previous, loading, active is not None, None, {}, hold)
 
 

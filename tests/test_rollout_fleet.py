@@ -13,8 +13,11 @@ from tests import models
 from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, wait_for
 
 N_AGENTS = 10
-FAST = {"MODELFLEET_AGENT_REPORT_INTERVAL_S": "0.5", "MODELFLEET_AGENT_BACKOFF_MAX_S": "1",
-        "MODELFLEET_AGENT_TELEMETRY_INTERVAL_S": "1"}  # fmt: skip
+FAST = {
+    "MODELFLEET_AGENT_REPORT_INTERVAL_S": "0.5",
+    "MODELFLEET_AGENT_BACKOFF_MAX_S": "1",
+    "MODELFLEET_AGENT_TELEMETRY_INTERVAL_S": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +27,24 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
     agents: list[AgentProcess] = []
     try:
         for i in range(N_AGENTS):
-            config = enroll_agent(hub, root / f"a{i}", f"site={'berlin' if i < 5 else 'paris'}",
-                                  hostname=f"edge-{i}")  # fmt: skip
-            agents.append(AgentProcess(root / f"a{i}", fleet_config=config, env=FAST,
-                                       log_path=root / f"a{i}.log").start())  # fmt: skip
+            config = enroll_agent(
+                hub, root / f"a{i}", f"site={'berlin' if i < 5 else 'paris'}", hostname=f"edge-{i}"
+            )
+            agents.append(
+                AgentProcess(
+                    root / f"a{i}", fleet_config=config, env=FAST, log_path=root / f"a{i}.log"
+                ).start()
+            )
         src = root / "onnx"
         hub.cli("publish", "mlp", str(models.mlp(src / "v1.onnx", seed=0)))
         hub.cli("publish", "mlp", str(models.mlp(src / "v2.onnx", seed=1)))
-        hub.cli("publish", "mlp", str(models.nan_model(src / "v3.onnx", width=4)),
-                "--max-batch-size", "0")  # fmt: skip
+        hub.cli(
+            "publish",
+            "mlp",
+            str(models.nan_model(src / "v3.onnx", width=4)),
+            "--max-batch-size",
+            "0",
+        )
         hub.cli("deploy", "mlp", "1")
         wait_for(lambda: all(active(a) == 1 for a in agents), 120, "v1 everywhere")
         yield hub, agents
@@ -55,8 +67,18 @@ def status(hub: HubProcess) -> dict:
 
 def test_healthy_version_goes_through_all_waves(fleet) -> None:
     hub, agents = fleet
-    out = hub.cli("rollout", "start", "mlp", "2", "--waves", "10,50,100", "--bake", "1s",
-                  "--agent-timeout", "60s")  # fmt: skip
+    out = hub.cli(
+        "rollout",
+        "start",
+        "mlp",
+        "2",
+        "--waves",
+        "10,50,100",
+        "--bake",
+        "1s",
+        "--agent-timeout",
+        "60s",
+    )
     assert "wave 1/3" in out
     wait_for(lambda: status(hub)["state"] == "done", 120, "rollout done")
     assert all(active(a) == 2 for a in agents)
@@ -68,8 +90,18 @@ def test_healthy_version_goes_through_all_waves(fleet) -> None:
 
 def test_refused_version_is_stopped_in_the_first_wave_and_rolled_back(fleet) -> None:
     hub, agents = fleet
-    hub.cli("rollout", "start", "mlp", "3", "--waves", "10,50,100", "--bake", "1s",
-            "--agent-timeout", "60s")  # fmt: skip
+    hub.cli(
+        "rollout",
+        "start",
+        "mlp",
+        "3",
+        "--waves",
+        "10,50,100",
+        "--bake",
+        "1s",
+        "--agent-timeout",
+        "60s",
+    )
     wait_for(lambda: status(hub)["state"] == "rolled_back", 120, "automatic rollback")
     s = status(hub)
     assert "health gate (non_finite)" in s["reason"]
@@ -85,8 +117,18 @@ def agent_ids(hub: HubProcess) -> dict[str, str]:
 def test_hub_killed_mid_bake_then_restarted_continues(fleet) -> None:
     hub, agents = fleet
     hub.cli("publish", "mlp", str(models.mlp(hub.data.parent / "onnx" / "v4.onnx", seed=4)))
-    hub.cli("rollout", "start", "mlp", "4", "--waves", "10,100", "--bake", "6s",
-            "--agent-timeout", "60s")  # fmt: skip
+    hub.cli(
+        "rollout",
+        "start",
+        "mlp",
+        "4",
+        "--waves",
+        "10,100",
+        "--bake",
+        "6s",
+        "--agent-timeout",
+        "60s",
+    )
     wait_for(lambda: status(hub)["state"] == "baking", 60, "baking")
     hub.kill()
     restarted = HubProcess(hub.data, log_path=hub.log_path.with_name("hub-restarted.log"))
@@ -109,15 +151,27 @@ def test_agent_killed_during_a_wave_times_out(fleet) -> None:
     victim = next(a for a in agents if a.models.name == "a" + ids[first].split("-")[1])
     victim.kill()
     try:
-        hub.cli("rollout", "start", "mlp", "5", "--waves", "10,100", "--bake", "1s",
-                "--agent-timeout", "4s")  # fmt: skip
+        hub.cli(
+            "rollout",
+            "start",
+            "mlp",
+            "5",
+            "--waves",
+            "10,100",
+            "--bake",
+            "1s",
+            "--agent-timeout",
+            "4s",
+        )
         wait_for(lambda: status(hub)["state"] == "rolled_back", 60, "timeout -> rollback")
         assert "no switch within 4s" in status(hub)["reason"]
     finally:
         restarted = AgentProcess(
-            victim.models, fleet_config=victim.models / "agent.toml", env=FAST,
+            victim.models,
+            fleet_config=victim.models / "agent.toml",
+            env=FAST,
             log_path=victim.log_path.with_name("victim.log"),
-        )  # fmt: skip
+        )
         # The restarted agent listens on new ports: later tests must reach it, not the old one.
         agents[agents.index(victim)] = restarted.start()
     wait_for(lambda: active(restarted) == 4, 60, "the victim converges to the outcome (v4)")
@@ -132,8 +186,15 @@ def test_worse_error_rate_is_stopped_in_the_first_wave_without_a_command(fleet) 
     hub, agents = fleet
     # v6 passes its health gate (3-row samples) but fails every single-row request at run time.
     v6 = models.reshape_model(hub.data.parent / "onnx" / "v6.onnx")
-    hub.cli("publish", "mlp", str(v6), "--max-batch-size", "0",
-            "--samples", str(_reshape_samples(hub.data.parent)))  # fmt: skip
+    hub.cli(
+        "publish",
+        "mlp",
+        str(v6),
+        "--max-batch-size",
+        "0",
+        "--samples",
+        str(_reshape_samples(hub.data.parent)),
+    )
     stop = threading.Event()
 
     def load(agent: AgentProcess) -> None:
@@ -150,9 +211,24 @@ def test_worse_error_rate_is_stopped_in_the_first_wave_without_a_command(fleet) 
     for t in threads:
         t.start()
     try:
-        hub.cli("rollout", "start", "mlp", "6", "--waves", "10,100", "--bake", "4s",
-                "--gate", "error_rate<0.05", "--gate", "p99_vs_baseline<5",
-                "--min-requests", "20", "--agent-timeout", "60s")  # fmt: skip
+        hub.cli(
+            "rollout",
+            "start",
+            "mlp",
+            "6",
+            "--waves",
+            "10,100",
+            "--bake",
+            "4s",
+            "--gate",
+            "error_rate<0.05",
+            "--gate",
+            "p99_vs_baseline<5",
+            "--min-requests",
+            "20",
+            "--agent-timeout",
+            "60s",
+        )
         wait_for(lambda: status(hub)["state"] == "rolled_back", 120, "automatic rollback")
     finally:
         stop.set()
@@ -176,8 +252,18 @@ def _reshape_samples(root: Path) -> Path:
 def test_blue_green_prepares_all_then_switches_on_one_command(fleet) -> None:
     hub, agents = fleet
     hub.cli("publish", "mlp", str(models.mlp(hub.data.parent / "onnx" / "v7.onnx", seed=7)))
-    hub.cli("rollout", "start", "mlp", "7", "--strategy", "blue-green", "--bake", "1s",
-            "--agent-timeout", "60s")  # fmt: skip
+    hub.cli(
+        "rollout",
+        "start",
+        "mlp",
+        "7",
+        "--strategy",
+        "blue-green",
+        "--bake",
+        "1s",
+        "--agent-timeout",
+        "60s",
+    )
     wait_for(lambda: status(hub)["state"] == "ready", 120, "every agent prepared")
     # Prepared beside the serving version: v4 still answers everywhere, v7 is loaded and gated.
     assert all(active(a) == 4 for a in agents)

@@ -47,9 +47,17 @@ class FakeFleet:
 
 
 def spec(**kw: object) -> Spec:
-    base = dict(model="m", version=2, selector={}, waves=["10%", "50%", "100%"], bake_s=60,
-                gates=["error_rate<0.01", "p99_ms<100", "p99_vs_baseline<1.2"],
-                min_requests=100, max_failed_agents=0, agent_timeout_s=300)  # fmt: skip
+    base = dict(
+        model="m",
+        version=2,
+        selector={},
+        waves=["10%", "50%", "100%"],
+        bake_s=60,
+        gates=["error_rate<0.01", "p99_ms<100", "p99_vs_baseline<1.2"],
+        min_requests=100,
+        max_failed_agents=0,
+        agent_timeout_s=300,
+    )
     base.update(kw)
     return Spec(**base)  # type: ignore[arg-type]
 
@@ -135,8 +143,9 @@ def test_too_few_requests_pauses_as_inconclusive_then_resume_bakes_again() -> No
 
 def test_agent_refusal_and_timeout_count_against_the_budget() -> None:
     first = stable_order(AGENTS, "m", 2)[0]
-    fleet = FakeFleet({a: 1 for a in AGENTS}, refuse={first: "gate: non_finite"},
-                      per_version={2: GOOD, 1: BASE})  # fmt: skip
+    fleet = FakeFleet(
+        {a: 1 for a in AGENTS}, refuse={first: "gate: non_finite"}, per_version={2: GOOD, 1: BASE}
+    )
     r = Rollout.new(1, spec(), AGENTS, {a: 1 for a in AGENTS}, now=0)
     run(r, fleet, 0)
     run(r, fleet, 1)
@@ -144,8 +153,9 @@ def test_agent_refusal_and_timeout_count_against_the_budget() -> None:
     assert r.state == "rolled_back" and "non_finite" in r.reason
     # A silent agent: nothing for agent_timeout_s, then it counts as failed.
     fleet = FakeFleet({a: 1 for a in AGENTS}, silent={first}, per_version={2: GOOD, 1: BASE})
-    r = Rollout.new(2, spec(max_failed_agents=0, agent_timeout_s=100), AGENTS,
-                    {a: 1 for a in AGENTS}, now=0)  # fmt: skip
+    r = Rollout.new(
+        2, spec(max_failed_agents=0, agent_timeout_s=100), AGENTS, {a: 1 for a in AGENTS}, now=0
+    )
     run(r, fleet, 0)
     run(r, fleet, 50)
     assert r.state == "switching"
@@ -153,8 +163,9 @@ def test_agent_refusal_and_timeout_count_against_the_budget() -> None:
     assert r.state == "rolled_back" and "no switch within 100s" in r.reason
     # Within budget: the wave goes on without the silent agent.
     fleet = FakeFleet({a: 1 for a in AGENTS}, silent={first}, per_version={2: GOOD, 1: BASE})
-    r = Rollout.new(3, spec(max_failed_agents=1, agent_timeout_s=100), AGENTS,
-                    {a: 1 for a in AGENTS}, now=0)  # fmt: skip
+    r = Rollout.new(
+        3, spec(max_failed_agents=1, agent_timeout_s=100), AGENTS, {a: 1 for a in AGENTS}, now=0
+    )
     for t in (0, 101, 161):
         run(r, fleet, t)
     assert r.wave == 1 and r.failed == {first: "no switch within 100s"}
@@ -220,8 +231,13 @@ def test_invalid_specs() -> None:
 
 def test_blue_green_prepares_everyone_then_switches_on_promote() -> None:
     fleet = FakeFleet({a: 1 for a in AGENTS}, per_version={2: GOOD, 1: BASE})
-    r = Rollout.new(1, spec(strategy="blue-green", gates=["error_rate<0.01"]), AGENTS,
-                    {a: 1 for a in AGENTS}, now=0)  # fmt: skip
+    r = Rollout.new(
+        1,
+        spec(strategy="blue-green", gates=["error_rate<0.01"]),
+        AGENTS,
+        {a: 1 for a in AGENTS},
+        now=0,
+    )
 
     def tick(t: float) -> None:
         fleet.apply(r.step(t, fleet))
@@ -244,8 +260,9 @@ def test_blue_green_prepares_everyone_then_switches_on_promote() -> None:
 def test_blue_green_refused_preparation_rolls_back_without_switching() -> None:
     first = AGENTS[3]
     fleet = FakeFleet({a: 1 for a in AGENTS}, refuse={first: "gate: mismatch"})
-    r = Rollout.new(1, spec(strategy="blue-green", auto_switch=True), AGENTS,
-                    {a: 1 for a in AGENTS}, now=0)  # fmt: skip
+    r = Rollout.new(
+        1, spec(strategy="blue-green", auto_switch=True), AGENTS, {a: 1 for a in AGENTS}, now=0
+    )
     fleet.apply(r.step(0, fleet))
     assert r.state == "rolled_back" and "failed to prepare" in r.reason
     # Preparation was asked for, then withdrawn: the prepared copies are dropped again.
@@ -262,8 +279,11 @@ def test_refusals_are_classified_by_reported_reason_not_by_text() -> None:
     from kernel.errors import TRANSIENT_REASONS
 
     def observer(error: str, reason: str) -> FleetObserver:
-        report = {"models": [{"name": "m", "desired_version": "2", "error": error,
-                              "error_reason": reason}]}  # fmt: skip
+        report = {
+            "models": [
+                {"name": "m", "desired_version": "2", "error": error, "error_reason": reason}
+            ]
+        }
         agent = SimpleNamespace(agent_id="a1", report=report)
         core = SimpleNamespace(registry=SimpleNamespace(agents=lambda: [agent]))
         return FleetObserver(core, "m")
@@ -285,18 +305,38 @@ def test_rollout_status_is_typed_on_the_wire_and_round_trips() -> None:
     from protos import fleet_pb2 as pb
 
     summary = {
-        "id": 3, "model": "m", "version": 2, "state": "baking", "wave": 2, "waves": [1, 5, 10],
-        "agents": 10, "assigned": 5, "switched": 4, "prepared": 0, "strategy": "canary",
-        "failed": {"edge-9": "did not switch within 600s"}, "bake_left_s": 12.5, "reason": "",
+        "id": 3,
+        "model": "m",
+        "version": 2,
+        "state": "baking",
+        "wave": 2,
+        "waves": [1, 5, 10],
+        "agents": 10,
+        "assigned": 5,
+        "switched": 4,
+        "prepared": 0,
+        "strategy": "canary",
+        "failed": {"edge-9": "did not switch within 600s"},
+        "bake_left_s": 12.5,
+        "reason": "",
         "gates": ["error_rate<0.01", "p99_vs_baseline<2"],
         "last_evaluation": {
-            "wave": 1, "at": 1000.0, "canary_requests": 40, "baseline_requests": 0,
-            "gates": [{"gate": "error_rate<0.01", "value": 0.0, "ok": True},
-                      {"gate": "p99_vs_baseline<2", "value": None, "ok": None,
-                       "note": "no baseline traffic"}],
+            "wave": 1,
+            "at": 1000.0,
+            "canary_requests": 40,
+            "baseline_requests": 0,
+            "gates": [
+                {"gate": "error_rate<0.01", "value": 0.0, "ok": True},
+                {
+                    "gate": "p99_vs_baseline<2",
+                    "value": None,
+                    "ok": None,
+                    "note": "no baseline traffic",
+                },
+            ],
         },
         "events": [{"at": 990.0, "text": "wave 1/3: 1 agent(s)"}],
-    }  # fmt: skip
+    }
     status = rollout_to_proto(SimpleNamespace(summary=lambda now: summary), 0.0)
     wire = pb.RolloutStatus.FromString(status.SerializeToString())
     assert rollout_dict(wire) == summary

@@ -33,17 +33,38 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
     make_mlp_bundle(repo, 1)
     src = root / "src"
     ones = np.ones((2, 2), np.float32)
-    create_bundle(models.two_inputs(src / "two.onnx"), name="two", version=1, out_dir=repo,
-                  samples={"a": ones, "b": ones})  # fmt: skip
-    create_bundle(models.reshape_model(src / "reshape.onnx"), name="reshape", version=1,
-                  out_dir=repo, max_batch_size=0,
-                  samples={"x": np.ones((3, 4), np.float32)})  # fmt: skip
+    create_bundle(
+        models.two_inputs(src / "two.onnx"),
+        name="two",
+        version=1,
+        out_dir=repo,
+        samples={"a": ones, "b": ones},
+    )
+    create_bundle(
+        models.reshape_model(src / "reshape.onnx"),
+        name="reshape",
+        version=1,
+        out_dir=repo,
+        max_batch_size=0,
+        samples={"x": np.ones((3, 4), np.float32)},
+    )
     for dt in DATATYPES:
-        create_bundle(models.identity(src / f"id-{dt}.onnx", dt), name=f"id_{dt.lower()}",
-                      version=1, out_dir=repo, samples={"x": models.sample_array(dt)})  # fmt: skip
+        create_bundle(
+            models.identity(src / f"id-{dt}.onnx", dt),
+            name=f"id_{dt.lower()}",
+            version=1,
+            out_dir=repo,
+            samples={"x": models.sample_array(dt)},
+        )
     # Batching stays on for tiny models here, so ModelConfig reports dynamic batching.
-    proc = AgentProcess(repo, "--max-message-bytes", str(MAX_MESSAGE), "--inline-max-us", "0",
-                        log_path=root / "agent.log")  # fmt: skip
+    proc = AgentProcess(
+        repo,
+        "--max-message-bytes",
+        str(MAX_MESSAGE),
+        "--inline-max-us",
+        "0",
+        log_path=root / "agent.log",
+    )
     proc.start()
     try:
         proc.wait_model("mlp", timeout=60)
@@ -77,8 +98,11 @@ def infer(
 ):
     inputs = []
     for name, arr in arrays.items():
-        dt = datatype or ("BYTES" if arr.dtype == object else
-                          {np.dtype(np.float32): "FP32"}.get(arr.dtype, "FP32"))  # fmt: skip
+        dt = datatype or (
+            "BYTES"
+            if arr.dtype == object
+            else {np.dtype(np.float32): "FP32"}.get(arr.dtype, "FP32")
+        )
         inp = grpcclient.InferInput(name, list(arr.shape), dt)
         inp.set_data_from_numpy(arr)
         inputs.append(inp)
@@ -209,17 +233,34 @@ def test_wrong_input_name_missing_input_datatype_shape(client) -> None:
     expect_error("INVALID_ARGUMENT", "missing input(s) 'b'", infer, client, "two", {"a": a})
     inp = grpcclient.InferInput("x", [1, 4], "FP64")
     inp.set_data_from_numpy(x.astype(np.float64))
-    expect_error("INVALID_ARGUMENT", "input 'x': expected datatype FP32, got FP64",
-                 client.infer, "mlp", [inp])  # fmt: skip
+    expect_error(
+        "INVALID_ARGUMENT",
+        "input 'x': expected datatype FP32, got FP64",
+        client.infer,
+        "mlp",
+        [inp],
+    )
     bad = np.ones((1, 5), np.float32)
-    expect_error("INVALID_ARGUMENT", "input 'x': expected shape [-1,4], got [1,5]",
-                 infer, client, "mlp", {"x": bad})  # fmt: skip
+    expect_error(
+        "INVALID_ARGUMENT",
+        "input 'x': expected shape [-1,4], got [1,5]",
+        infer,
+        client,
+        "mlp",
+        {"x": bad},
+    )
 
 
 def test_batch_larger_than_allowed(client) -> None:
     x = np.ones((33, 4), np.float32)
-    expect_error("INVALID_ARGUMENT", "batch of 33 exceeds the max batch size 32",
-                 infer, client, "mlp", {"x": x})  # fmt: skip
+    expect_error(
+        "INVALID_ARGUMENT",
+        "batch of 33 exceeds the max batch size 32",
+        infer,
+        client,
+        "mlp",
+        {"x": x},
+    )
 
 
 def test_raw_bytes_that_do_not_match_shape(stub) -> None:
@@ -253,8 +294,9 @@ def test_oversized_message(client) -> None:
 def test_runtime_failure_is_internal_and_counted(client, agent: AgentProcess) -> None:
     ok = infer(client, "reshape", {"x": np.ones((3, 4), np.float32)})
     assert ok.as_numpy("y").shape == (4, 3)
-    expect_error("INTERNAL", "model reshape v1", infer, client, "reshape",
-                 {"x": np.ones((1, 4), np.float32)})  # fmt: skip
+    expect_error(
+        "INTERNAL", "model reshape v1", infer, client, "reshape", {"x": np.ones((1, 4), np.float32)}
+    )
     metrics = agent.metrics()
     assert (
         'modelfleet_requests_total{model="reshape",outcome="failure",reason="runtime",version="1"}'
@@ -296,6 +338,10 @@ def test_unknown_config_key_is_refused(tmp_path: Path) -> None:
 
     cfg = tmp_path / "agent.toml"
     cfg.write_text('[agent]\nlisten = "127.0.0.1:1"\nlisten_port = 3\n')
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "serve", "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 3 and "unknown key(s) listen_port" in r.stderr

@@ -23,10 +23,21 @@ from tests.procs import ROOT
 
 
 def test_short_soak_swaps_restarts_the_hub_and_reports_every_goal(tmp_path: Path) -> None:
-    env = {**os.environ, "SOAK_SECONDS": "20", "SOAK_SWAP_EVERY_S": "5", "SOAK_PROBE_S": "3",
-           "SOAK_OUT": str(tmp_path)}  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.soak"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=150)  # fmt: skip
+    env = {
+        **os.environ,
+        "SOAK_SECONDS": "20",
+        "SOAK_SWAP_EVERY_S": "5",
+        "SOAK_PROBE_S": "3",
+        "SOAK_OUT": str(tmp_path),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.soak"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     out = proc.stdout + proc.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert not results["errors"], out
@@ -66,8 +77,9 @@ def x() -> np.ndarray:
 
 
 def test_open_load_counts_a_dead_server_as_failures_from_the_moment_it_dies(agent) -> None:
-    load = OpenLoad(Target("agent", agent.url, "mlp"), x(), rate=200, duration_s=3, senders=4,
-                    timeout_s=2)  # fmt: skip
+    load = OpenLoad(
+        Target("agent", agent.url, "mlp"), x(), rate=200, duration_s=3, senders=4, timeout_s=2
+    )
     with load:
         time.sleep(1.5)
         killed = time.perf_counter_ns()
@@ -90,8 +102,14 @@ def test_open_load_counts_a_dead_server_as_failures_from_the_moment_it_dies(agen
 
 
 def test_open_load_counts_refused_requests_and_keeps_the_schedule(agent) -> None:
-    load = OpenLoad(Target("agent", agent.url, "no-such-model"), x(), rate=100, duration_s=1,
-                    senders=2, timeout_s=2)  # fmt: skip
+    load = OpenLoad(
+        Target("agent", agent.url, "no-such-model"),
+        x(),
+        rate=100,
+        duration_s=1,
+        senders=2,
+        timeout_s=2,
+    )
     started = time.monotonic()
     with load:
         load.wait(15)
@@ -121,9 +139,13 @@ def test_exit_status_is_a_gate() -> None:
 
 @pytest.mark.parametrize(
     ("name", "value", "says"),
-    [("SOAK_SECONDS", "ten", "is not a number"), ("SOAK_SECONDS", "5", "use 10 to 86400"),
-     ("SOAK_LOAD", "3", "use 0.05 to 1.5"), ("SOAK_SWAP_EVERY_S", "0", "out of range")],
-)  # fmt: skip
+    [
+        ("SOAK_SECONDS", "ten", "is not a number"),
+        ("SOAK_SECONDS", "5", "use 10 to 86400"),
+        ("SOAK_LOAD", "3", "use 0.05 to 1.5"),
+        ("SOAK_SWAP_EVERY_S", "0", "out of range"),
+    ],
+)
 def test_bad_settings_are_refused_by_name(name: str, value: str, says: str) -> None:
     with pytest.raises(SystemExit, match=name) as err:
         Settings.from_env({name: value})

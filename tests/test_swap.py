@@ -96,8 +96,10 @@ class Load:
 def test_hot_swap_under_load_fails_no_request(repo: Path, staging: Path, agent_factory) -> None:
     v1 = make_mlp_bundle(repo, 1, seed=0)
     v2 = make_mlp_bundle(staging, 2, seed=1)
-    sessions = {"1": ort.InferenceSession(str(v1.model_path)),
-                "2": ort.InferenceSession(str(v2.model_path))}  # fmt: skip
+    sessions = {
+        "1": ort.InferenceSession(str(v1.model_path)),
+        "2": ort.InferenceSession(str(v2.model_path)),
+    }
     agent = agent_factory(repo)
     agent.wait_model("mlp", "1")
     with Load(agent.url, sessions) as load:
@@ -122,17 +124,27 @@ def test_hot_swap_under_load_fails_no_request(repo: Path, staging: Path, agent_f
     [
         (
             lambda out, v: create_bundle(
-                models.nan_model(out / "nan.onnx"), name="mlp", version=v, out_dir=out,
-                samples=mlp_samples()),
+                models.nan_model(out / "nan.onnx"),
+                name="mlp",
+                version=v,
+                out_dir=out,
+                samples=mlp_samples(),
+            ),
             "non_finite",
             "non-finite value",
         ),
         (
             # Golden outputs from v1's model; v2's weights drifted: the outputs must not match.
             lambda out, v: make_mlp_bundle(
-                out, v, seed=9,
-                expected={"y": ort.InferenceSession(str(models.mlp(out / "ref.onnx", seed=0)))
-                          .run(None, mlp_samples())[0]}),
+                out,
+                v,
+                seed=9,
+                expected={
+                    "y": ort.InferenceSession(str(models.mlp(out / "ref.onnx", seed=0))).run(
+                        None, mlp_samples()
+                    )[0]
+                },
+            ),
             "mismatch",
             "differs from the expected output",
         ),
@@ -143,7 +155,7 @@ def test_hot_swap_under_load_fails_no_request(repo: Path, staging: Path, agent_f
         ),
     ],
     ids=["nan", "wrong-outputs", "too-slow"],
-)  # fmt: skip
+)
 def test_gate_refuses_bad_versions_and_old_keeps_serving(
     repo: Path, staging: Path, agent_factory, build, kind: str, words: str
 ) -> None:
@@ -185,8 +197,13 @@ def test_corrupt_and_mislabelled_bundles_are_refused(
     model.write_bytes(bytes(data))
     os.rename(v2.path, repo / "mlp" / "2")
     # A bundle whose manifest claims to be another model.
-    other = create_bundle(models.mlp(staging / "o.onnx"), name="other", version=3,
-                          samples=mlp_samples(), out_dir=staging)  # fmt: skip
+    other = create_bundle(
+        models.mlp(staging / "o.onnx"),
+        name="other",
+        version=3,
+        samples=mlp_samples(),
+        out_dir=staging,
+    )
     os.rename(other.path, repo / "mlp" / "3")
     wait_for(lambda: len(status(agent)["mlp"].get("failed", [])) == 2, 30, "both refused")
     failed = {f["version"]: f for f in status(agent)["mlp"]["failed"]}
@@ -238,11 +255,26 @@ def test_refused_candidate_keeps_the_rollback_target(
     client = agent.client()
     publish(staging, repo, 2, lambda out, v: make_mlp_bundle(out, v, seed=1))
     wait_for(lambda: active_version(client) == "2", 30, "v2 active")
-    publish(staging, repo, 3, lambda out, v: create_bundle(
-        models.nan_model(out / "nan.onnx"), name="mlp", version=v, out_dir=out,
-        samples=mlp_samples()))  # fmt: skip
-    wait_for(lambda: status(agent)["mlp"].get("previous_version") == "1"
-             and status(agent)["mlp"].get("failed"), 30, "v3 refused, v1 restored")  # fmt: skip
+    publish(
+        staging,
+        repo,
+        3,
+        lambda out, v: create_bundle(
+            models.nan_model(out / "nan.onnx"),
+            name="mlp",
+            version=v,
+            out_dir=out,
+            samples=mlp_samples(),
+        ),
+    )
+    wait_for(
+        lambda: (
+            status(agent)["mlp"].get("previous_version") == "1"
+            and status(agent)["mlp"].get("failed")
+        ),
+        30,
+        "v3 refused, v1 restored",
+    )
     assert active_version(client) == "2"
     assert agent.cli("rollback", "mlp").returncode == 0
     assert active_version(client) == "1"
@@ -270,9 +302,18 @@ def test_readiness_follows_what_can_serve(repo: Path, staging: Path, agent_facto
     wait_for(lambda: client.is_server_ready(), 30, "ready")
     wait_for(lambda: overall() == health_pb2.HealthCheckResponse.SERVING, 10, "SERVING")
     # A model whose only version fails the gate makes the server not ready.
-    publish(staging, repo, 1, lambda out, v: create_bundle(
-        models.nan_model(out / "nan.onnx"), name="broken", version=v, out_dir=out,
-        samples=mlp_samples()))  # fmt: skip
+    publish(
+        staging,
+        repo,
+        1,
+        lambda out, v: create_bundle(
+            models.nan_model(out / "nan.onnx"),
+            name="broken",
+            version=v,
+            out_dir=out,
+            samples=mlp_samples(),
+        ),
+    )
     wait_for(lambda: not client.is_server_ready(), 30, "not ready with a broken model")
     assert overall() == health_pb2.HealthCheckResponse.NOT_SERVING
     assert client.is_model_ready("mlp")

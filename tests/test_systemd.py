@@ -238,8 +238,11 @@ def test_agent_notifies_ready_status_and_watchdog(
     log_path.touch()
     st = log_path.stat()
     # stderr is this file, and JOURNAL_STREAM names it: journald format, no timestamps.
-    env = clean_env(NOTIFY_SOCKET=listener.address, WATCHDOG_USEC="400000",
-                    JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")  # fmt: skip
+    env = clean_env(
+        NOTIFY_SOCKET=listener.address,
+        WATCHDOG_USEC="400000",
+        JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}",
+    )
     agent = AgentProcess(repo, log_path=log_path, env=env).start()
     try:
         ready_at = listener.wait(
@@ -254,8 +257,11 @@ def test_agent_notifies_ready_status_and_watchdog(
 
         # WATCHDOG=1 every WATCHDOG_USEC/2 = 0.2 s, counted over a bounded window.
         time.sleep(2.0)
-        window = [t for t, m in listener.find(lambda m: m.get("WATCHDOG") == "1")
-                  if ready_at <= t <= ready_at + 2.0]  # fmt: skip
+        window = [
+            t
+            for t, m in listener.find(lambda m: m.get("WATCHDOG") == "1")
+            if ready_at <= t <= ready_at + 2.0
+        ]
         # 10 expected; a busy machine may delay a ping or two, never add any.
         assert 6 <= len(window) <= 11, len(window)
         gaps = [b - a for a, b in itertools.pairwise(window)]
@@ -308,17 +314,26 @@ def test_sigterm_under_load_drains_in_flight_requests_under_wx_lock(
     """Also runs the agent as MemoryDenyWriteExecute=yes would: onnxruntime needs no JIT."""
     make_mlp_bundle(repo, 1)
     # Each request waits up to 0.3 s in the batcher: at any moment ~8 requests are in flight.
-    agent = AgentProcess(repo, "--max-queue-delay-us", "300000", "--drain-timeout-s", "10",
-                         "--inline-max-us", "0", log_path=tmp_path / "agent.log",
-                         env=clean_env(NOTIFY_SOCKET=listener.address))  # fmt: skip
+    agent = AgentProcess(
+        repo,
+        "--max-queue-delay-us",
+        "300000",
+        "--drain-timeout-s",
+        "10",
+        "--inline-max-us",
+        "0",
+        log_path=tmp_path / "agent.log",
+        env=clean_env(NOTIFY_SOCKET=listener.address),
+    )
     agent.args = [sys.executable, "-c", MDWE_EXEC, *agent.args]
     agent.start()
     try:
         listener.wait(lambda m: m.get("READY") == "1", 60, "READY=1", agent.proc, agent.log_path)
         health: list[tuple[float, int]] = []
         health_done = threading.Event()
-        threading.Thread(target=_watch_health, args=(agent.url, health, health_done),
-                         daemon=True).start()  # fmt: skip
+        threading.Thread(
+            target=_watch_health, args=(agent.url, health, health_done), daemon=True
+        ).start()
         wait_for(lambda: bool(health), 10, "health SERVING")
         assert health[0][1] == health_pb2.HealthCheckResponse.SERVING
 
@@ -381,8 +396,13 @@ def test_sighup_reloads_agent_config(
     make_mlp_bundle(repo, 1)
     config = tmp_path / "agent.toml"
     config.write_text('[agent]\nlog_level = "INFO"\nserving_threads = 2\n')
-    agent = AgentProcess(repo, "--config", str(config), log_path=tmp_path / "agent.log",
-                         env=clean_env(NOTIFY_SOCKET=listener.address))  # fmt: skip
+    agent = AgentProcess(
+        repo,
+        "--config",
+        str(config),
+        log_path=tmp_path / "agent.log",
+        env=clean_env(NOTIFY_SOCKET=listener.address),
+    )
     agent.start()
     try:
         listener.wait(lambda m: m.get("READY") == "1", 60, "READY=1", agent.proc, agent.log_path)
@@ -448,13 +468,25 @@ def test_hub_notifies_reloads_and_stops(tmp_path: Path) -> None:
     log_path = tmp_path / "hub.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hub.cli", "--data", str(tmp_path / "hub"), "serve",
-             "--config", str(config), "--listen", f"127.0.0.1:{port}",
-             "--enroll-listen", f"127.0.0.1:{enroll_port}"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env=clean_env(NOTIFY_SOCKET=lst.address, WATCHDOG_USEC="1000000",
-                          PYTHONUNBUFFERED="1"),
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "hub.cli",
+                "--data",
+                str(tmp_path / "hub"),
+                "serve",
+                "--config",
+                str(config),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--enroll-listen",
+                f"127.0.0.1:{enroll_port}",
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=clean_env(NOTIFY_SOCKET=lst.address, WATCHDOG_USEC="1000000", PYTHONUNBUFFERED="1"),
+        )
     logs = log_path.read_text
     try:
         ready_at = lst.wait(lambda m: m.get("READY") == "1", 60, "hub READY=1", proc, log_path)
@@ -473,8 +505,11 @@ def test_hub_notifies_reloads_and_stops(tmp_path: Path) -> None:
             '[hub]\nrefresh_interval_s = 0.5\nlog_level = "DEBUG"\nhostnames = "x.example"\n'
         )
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "configuration reloaded: refresh_interval_s 60.0 -> 0.5" in logs(), 10,
-                 "hub reload")  # fmt: skip
+        wait_for(
+            lambda: "configuration reloaded: refresh_interval_s 60.0 -> 0.5" in logs(),
+            10,
+            "hub reload",
+        )
         assert "needs a restart: hostnames" in logs()
         lst.wait(lambda m: m.get("RELOADING") == "1" and "MONOTONIC_USEC" in m, 10, "RELOADING")
         assert len(lst.find(lambda m: m.get("READY") == "1")) == 2
@@ -507,15 +542,21 @@ def test_fleet_agent_from_packaged_config_is_ready_from_cache(tmp_path: Path) ->
         def start(name: str, lst: NotifyListener) -> AgentProcess:
             # The data dir (admin socket) comes from the enrollment file, not from this file.
             env = clean_env(NOTIFY_SOCKET=lst.address, MODELFLEET_AGENT_BACKOFF_MAX_S="1")
-            return AgentProcess(data, fleet_config=etc, log_path=tmp_path / f"{name}.log",
-                                env=env).start()  # fmt: skip
+            return AgentProcess(
+                data, fleet_config=etc, log_path=tmp_path / f"{name}.log", env=env
+            ).start()
 
         lst = NotifyListener(tmp_path / "n1.sock")
         agent = start("agent1", lst)
         try:
             lst.wait(lambda m: m.get("READY") == "1", 60, "READY=1", agent.proc, agent.log_path)
-            lst.wait(lambda m: m.get("STATUS") == "serving mlp v1; 0 loading", 60, "mlp v1",
-                     agent.proc, agent.log_path)  # fmt: skip
+            lst.wait(
+                lambda m: m.get("STATUS") == "serving mlp v1; 0 loading",
+                60,
+                "mlp v1",
+                agent.proc,
+                agent.log_path,
+            )
             assert f"READY (fleet mode, hub {hub.url})" in agent.logs()
         finally:
             code = agent.stop()
@@ -561,8 +602,13 @@ def test_default_agent_config_runs_once_enrolled(tmp_path: Path) -> None:
     etc.write_text(shipped.replace("/var/lib/modelfleet/agent/agent.toml", str(enrolled)))
     # Before enrollment: valid, but no hub, and `run` refuses (exit 3, "enroll first").
     assert load_config(etc, env={}).hub == ""
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(etc)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(etc)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 3 and "enroll first" in r.stderr
 
     enrolled.parent.mkdir()
@@ -572,8 +618,9 @@ def test_default_agent_config_runs_once_enrolled(tmp_path: Path) -> None:
     )
     cfg = load_config(etc, env={})
     assert (cfg.agent_id, cfg.hub, cfg.data) == ("edge-1", "hub.example:7443", enrolled.parent)
-    etc.write_text(etc.read_text().replace('# listen = "127.0.0.1:8001"',
-                                           'listen = "0.0.0.0:8001"'))  # fmt: skip
+    etc.write_text(
+        etc.read_text().replace('# listen = "127.0.0.1:8001"', 'listen = "0.0.0.0:8001"')
+    )
     assert load_config(etc, env={}).listen == "0.0.0.0:8001"
     env = {"MODELFLEET_AGENT_LISTEN": "127.0.0.1:8101"}
     assert load_config(etc, env=env).listen == "127.0.0.1:8101"
@@ -596,8 +643,13 @@ class Built:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     out = tmp_path_factory.mktemp("dist")
     started = time.monotonic()
-    r = subprocess.run([sys.executable, str(PACKAGING / "build.py"), "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(PACKAGING / "build.py"), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (deb,) = out.glob("modelfleet_*_amd64.deb")
     (rpm,) = out.glob("modelfleet-*.x86_64.rpm")
@@ -607,8 +659,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 
 def test_deb_holds_the_venv_units_and_configs(built: Built) -> None:
-    listing = subprocess.run(["dpkg-deb", "-c", str(built.deb)], check=True,
-                             capture_output=True, text=True).stdout  # fmt: skip
+    listing = subprocess.run(
+        ["dpkg-deb", "-c", str(built.deb)], check=True, capture_output=True, text=True
+    ).stdout
     paths = {line.split()[5].removeprefix(".") for line in listing.splitlines()}
     site = "/opt/modelfleet/venv/lib/python3.11/site-packages"
     for expected in (
@@ -635,26 +688,38 @@ def test_deb_holds_the_venv_units_and_configs(built: Built) -> None:
     assert not any(p.startswith(f"{site}/tests/") for p in paths)
 
     def field(name: str) -> str:
-        return subprocess.run(["dpkg-deb", "-f", str(built.deb), name], check=True,
-                              capture_output=True, text=True).stdout.strip()  # fmt: skip
+        return subprocess.run(
+            ["dpkg-deb", "-f", str(built.deb), name], check=True, capture_output=True, text=True
+        ).stdout.strip()
 
     assert field("Package") == "modelfleet" and field("Depends") == "python3.11"
-    conffiles = subprocess.run(["dpkg-deb", "--info", str(built.deb), "conffiles"], check=True,
-                               capture_output=True, text=True).stdout.split()  # fmt: skip
+    conffiles = subprocess.run(
+        ["dpkg-deb", "--info", str(built.deb), "conffiles"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert sorted(conffiles) == ["/etc/modelfleet/agent.toml", "/etc/modelfleet/hub.toml"]
     for script in ("postinst", "prerm", "postrm"):
-        assert subprocess.run(["dpkg-deb", "--info", str(built.deb), script],
-                              capture_output=True).returncode == 0, script  # fmt: skip
+        assert (
+            subprocess.run(
+                ["dpkg-deb", "--info", str(built.deb), script], capture_output=True
+            ).returncode
+            == 0
+        ), script
     # Shipped files are the repository's.
-    for rel, src in (("usr/lib/systemd/system/modelfleet-agent.service",
-                      "systemd/modelfleet-agent.service"),
-                     ("etc/modelfleet/agent.toml", "etc/agent.toml")):  # fmt: skip
+    for rel, src in (
+        ("usr/lib/systemd/system/modelfleet-agent.service", "systemd/modelfleet-agent.service"),
+        ("etc/modelfleet/agent.toml", "etc/agent.toml"),
+    ):
         assert (built.root / rel).read_bytes() == (PACKAGING / src).read_bytes()
     # An RPM lead (magic ed ab ee db), built from the same tree.
     assert built.rpm.read_bytes()[:4] == b"\xed\xab\xee\xdb"
     assert built.rpm.stat().st_size > 50e6
-    print(f"\npackages built in {built.seconds:.0f}s: {built.deb.name} "
-          f"{built.deb.stat().st_size / 1e6:.0f} MB, {built.rpm.name}")  # fmt: skip
+    print(
+        f"\npackages built in {built.seconds:.0f}s: {built.deb.name} "
+        f"{built.deb.stat().st_size / 1e6:.0f} MB, {built.rpm.name}"
+    )
 
 
 def test_venv_is_relocated_to_opt(built: Built) -> None:
@@ -695,11 +760,27 @@ def test_agent_runs_from_the_unpacked_deb(built: Built, tmp_path: Path) -> None:
     model = models.mlp(tmp_path / "mlp.onnx")
     np.savez(tmp_path / "samples.npz", **mlp_samples())
     r = subprocess.run(
-        _installed(built.root, "/opt/modelfleet/venv/bin/modelfleet-agent", "bundle", "create",
-                   str(model), "--name", "mlp", "--version", "1",
-                   "--samples", str(tmp_path / "samples.npz"), "--out", str(tmp_path / "repo")),
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        _installed(
+            built.root,
+            "/opt/modelfleet/venv/bin/modelfleet-agent",
+            "bundle",
+            "create",
+            str(model),
+            "--name",
+            "mlp",
+            "--version",
+            "1",
+            "--samples",
+            str(tmp_path / "samples.npz"),
+            "--out",
+            str(tmp_path / "repo"),
+        ),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "created" in r.stdout
     cmd = _installed(built.root, "/opt/modelfleet/venv/bin/modelfleet-hub", "--help")
@@ -711,12 +792,22 @@ def test_agent_runs_from_the_unpacked_deb(built: Built, tmp_path: Path) -> None:
     log_path = tmp_path / "packaged-agent.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            _installed(built.root, "/opt/modelfleet/venv/bin/modelfleet-agent", "serve",
-                       "--models", str(tmp_path / "repo"), "--listen", f"127.0.0.1:{port}",
-                       "--admin-socket", str(tmp_path / "admin.sock")),
-            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+            _installed(
+                built.root,
+                "/opt/modelfleet/venv/bin/modelfleet-agent",
+                "serve",
+                "--models",
+                str(tmp_path / "repo"),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--admin-socket",
+                str(tmp_path / "admin.sock"),
+            ),
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             env={**env, "NOTIFY_SOCKET": lst.address},
-        )  # fmt: skip
+        )
     try:
         lst.wait(lambda m: m.get("READY") == "1", 60, "READY=1", proc, log_path)
         y = infer(f"127.0.0.1:{port}")
@@ -737,8 +828,11 @@ def _verify_root(built: Built) -> Path:
     units (targets the services hang off) and /bin/kill (ExecReload)."""
     root = built.root
     units = root / "usr/lib/systemd/system"
-    host_units = next(p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
-                      if (p / "sysinit.target").exists())  # fmt: skip
+    host_units = next(
+        p
+        for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
+        if (p / "sysinit.target").exists()
+    )
     for unit in host_units.iterdir():
         if not (units / unit.name).exists() and not unit.is_dir():
             shutil.copy(unit, units / unit.name, follow_symlinks=True)
@@ -749,8 +843,9 @@ def _verify_root(built: Built) -> Path:
 
 
 def _analyze(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["systemd-analyze", *args, f"--root={root}"], capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        ["systemd-analyze", *args, f"--root={root}"], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_units_pass_systemd_analyze_verify(built: Built) -> None:
@@ -778,16 +873,28 @@ def test_units_pass_systemd_analyze_verify(built: Built) -> None:
 def test_sysusers_and_tmpfiles_create_users_and_state_dirs(tmp_path: Path) -> None:
     """Applied for real to an empty root: the users exist and own 0700 state directories."""
     (tmp_path / "etc").mkdir()
-    subprocess.run(["systemd-sysusers", f"--root={tmp_path}",
-                    str(PACKAGING / "sysusers.d/modelfleet.conf")],
-                   check=True, capture_output=True, timeout=60)  # fmt: skip
-    passwd = {ln.split(":")[0]: ln.split(":") for ln in (tmp_path / "etc/passwd").read_text()
-              .splitlines()}  # fmt: skip
+    subprocess.run(
+        ["systemd-sysusers", f"--root={tmp_path}", str(PACKAGING / "sysusers.d/modelfleet.conf")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    passwd = {
+        ln.split(":")[0]: ln.split(":") for ln in (tmp_path / "etc/passwd").read_text().splitlines()
+    }
     assert passwd["modelfleet"][5] == "/var/lib/modelfleet/agent"
     assert passwd["modelfleet-hub"][5] == "/var/lib/modelfleet/hub"
-    subprocess.run(["systemd-tmpfiles", "--create", f"--root={tmp_path}",
-                    str(PACKAGING / "tmpfiles.d/modelfleet.conf")],
-                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    subprocess.run(
+        [
+            "systemd-tmpfiles",
+            "--create",
+            f"--root={tmp_path}",
+            str(PACKAGING / "tmpfiles.d/modelfleet.conf"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     for name, user in (("agent", "modelfleet"), ("hub", "modelfleet-hub")):
         st = (tmp_path / "var/lib/modelfleet" / name).stat()
         assert (st.st_mode & 0o777, st.st_uid) == (0o700, int(passwd[user][2]))
@@ -808,11 +915,28 @@ def test_maintainer_scripts_never_start_or_enable_anything(tmp_path: Path) -> No
 
     def run(script: str, *args: str) -> list[str]:
         calls.write_text("")
-        sh = ("set -e; mount -t tmpfs tmpfs /run; mkdir -p /run/systemd/system; "
-              "mount -t tmpfs tmpfs /opt; exec sh \"$@\"")  # fmt: skip
-        r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", sh,
-                            "sh", str(PACKAGING / "scripts" / script), *args],
-                           env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+        sh = (
+            "set -e; mount -t tmpfs tmpfs /run; mkdir -p /run/systemd/system; "
+            'mount -t tmpfs tmpfs /opt; exec sh "$@"'
+        )
+        r = subprocess.run(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                sh,
+                "sh",
+                str(PACKAGING / "scripts" / script),
+                *args,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0, r.stderr
         return calls.read_text().splitlines()
 
@@ -827,8 +951,10 @@ def test_maintainer_scripts_never_start_or_enable_anything(tmp_path: Path) -> No
     assert upgrade[-1] == "systemctl try-restart modelfleet-agent.service modelfleet-hub.service"
     assert run("postinstall.sh", "2") == upgrade  # rpm upgrade
     for args in (("configure", ""), ("configure", "0.0.9-1"), ("1",), ("2",)):
-        assert not any(re.search(r"\b(enable|start|restart)\b", c.replace("try-restart", ""))
-                       for c in run("postinstall.sh", *args)), args  # fmt: skip
+        assert not any(
+            re.search(r"\b(enable|start|restart)\b", c.replace("try-restart", ""))
+            for c in run("postinstall.sh", *args)
+        ), args
     assert run("preremove.sh", "upgrade", "0.2.0-1") == [] and run("preremove.sh", "1") == []
     assert run("preremove.sh", "remove") == [
         "systemctl --no-reload disable --now modelfleet-agent.service modelfleet-hub.service"

@@ -199,8 +199,9 @@ while True:
 def test_kill_9_loses_no_count_that_was_answered(tmp_path: Path) -> None:
     answered = 0
     for round_ in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", _KILLED_COUNTER, str(tmp_path)],
-                                cwd=ROOT, stdout=subprocess.PIPE)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_COUNTER, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE
+        )
         assert proc.stdout is not None
         deadline = time.monotonic() + 30
         last = 0
@@ -237,9 +238,10 @@ def test_journal_hot_path_micro_benchmark(tmp_path: Path) -> None:
 
 def report(requests: int = 1, end: float = 0.0) -> pb.TelemetryReport:
     return pb.TelemetryReport(
-        start_unix=end - 1, end_unix=end or time.time(),
+        start_unix=end - 1,
+        end_unix=end or time.time(),
         versions=[pb.VersionTelemetry(model="mlp", version=1, requests=requests)],
-    )  # fmt: skip
+    )
 
 
 def test_outbox_seq_survives_restart_and_acks_remove(tmp_path: Path) -> None:
@@ -290,8 +292,9 @@ while True:
 def test_outbox_kill_9_loses_nothing_written_and_never_reuses_a_seq(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     for round_ in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", _CRASH_WRITER, str(path)], cwd=ROOT,
-                                stdout=subprocess.PIPE)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CRASH_WRITER, str(path)], cwd=ROOT, stdout=subprocess.PIPE
+        )
         assert proc.stdout is not None and proc.stdout.readline() == b"open\n"
         time.sleep(0.3 + 0.1 * round_)
         proc.send_signal(signal.SIGKILL)
@@ -320,11 +323,12 @@ def test_shipper_retries_with_backoff_and_drains_in_order(tmp_path: Path) -> Non
         return [r.seq for r in batch.reports]
 
     async def scenario() -> None:
-        shipper = TelemetryShipper(agg, box, send, interval_s=0.05, backoff_max_s=0.2,
-                                   batch_max=4)  # fmt: skip
+        shipper = TelemetryShipper(agg, box, send, interval_s=0.05, backoff_max_s=0.2, batch_max=4)
         stop = asyncio.Event()
-        tasks = [asyncio.ensure_future(shipper.collect_loop(stop)),
-                 asyncio.ensure_future(shipper.send_loop(stop))]  # fmt: skip
+        tasks = [
+            asyncio.ensure_future(shipper.collect_loop(stop)),
+            asyncio.ensure_future(shipper.send_loop(stop)),
+        ]
         for _ in range(40):
             agg.version("mlp", 1).ok(0.001, 0.0)
             await asyncio.sleep(0.01)
@@ -347,8 +351,9 @@ def test_shipper_retries_with_backoff_and_drains_in_order(tmp_path: Path) -> Non
 # -- the hub's store --------------------------------------------------------------------------
 
 
-def synthetic(agent: str, seq: int, end: float, latencies: np.ndarray, failures: int = 0,
-              version: int = 1) -> pb.TelemetryReport:  # fmt: skip
+def synthetic(
+    agent: str, seq: int, end: float, latencies: np.ndarray, failures: int = 0, version: int = 1
+) -> pb.TelemetryReport:
     agg = TelemetryAggregator(clock=lambda: end)
     c = agg.version("mlp", version)
     for x in latencies:
@@ -390,8 +395,10 @@ def test_window_percentiles_match_numpy(tmp_path: Path) -> None:
         for seq in range(1, 11):
             lat = rng.lognormal(mean=np.log(0.004), sigma=0.6, size=250)
             all_lat.append(lat)
-            store.ingest(f"agent-{agent}", [synthetic(f"agent-{agent}", seq, now - 100 + seq,
-                                                      lat, failures=seq % 3)])  # fmt: skip
+            store.ingest(
+                f"agent-{agent}",
+                [synthetic(f"agent-{agent}", seq, now - 100 + seq, lat, failures=seq % 3)],
+            )
     lat = np.concatenate(all_lat)
     assert lat.max() < LATENCY_BOUNDS[-1]
     (w,) = store.window("mlp", None, None, now - 200, now)
@@ -416,8 +423,13 @@ def test_window_percentiles_match_numpy(tmp_path: Path) -> None:
 def test_window_filters_and_edges(tmp_path: Path) -> None:
     store = TelemetryStore(tmp_path / "t.duckdb")
     now = time.time()
-    store.ingest("a", [synthetic("a", 1, now - 30, np.full(5, 0.001), version=1),
-                       synthetic("a", 2, now - 10, np.full(7, 0.001), version=2)])  # fmt: skip
+    store.ingest(
+        "a",
+        [
+            synthetic("a", 1, now - 30, np.full(5, 0.001), version=1),
+            synthetic("a", 2, now - 10, np.full(7, 0.001), version=2),
+        ],
+    )
     store.ingest("b", [synthetic("b", 1, now - 10, np.full(3, 0.001), version=2)])
     # Intervals count by their end: (since, until].
     assert [w.requests for w in store.window("mlp", 2, None, now - 10, now)] == []
@@ -535,8 +547,12 @@ def test_exact_counts_through_hub_outage_and_agent_kill(tmp_path: Path) -> None:
         config = enroll_agent(hub, data, "site=berlin", hostname="edge-1")
 
         def start_agent(**env: str) -> AgentProcess:
-            a = AgentProcess(data, fleet_config=config, env={**TELEMETRY_ENV, **env},
-                             log_path=tmp_path / f"agent{len(agents)}.log")  # fmt: skip
+            a = AgentProcess(
+                data,
+                fleet_config=config,
+                env={**TELEMETRY_ENV, **env},
+                log_path=tmp_path / f"agent{len(agents)}.log",
+            )
             agents.append(a)
             return a.start()
 

@@ -55,8 +55,9 @@ def bundle_archive(name: str, version: int, tmp: Path) -> bytes:
     """A real bundle archive (pack_bundle of a small MLP bundle), built once per test session."""
     if (name, version) not in _ARCHIVES:
         model = models.mlp(tmp / f"{name}-{version}.onnx", hidden=40 + version, seed=version)
-        bundle = create_bundle(model, name=name, version=version, samples=mlp_samples(),
-                               out_dir=tmp / "bundles")  # fmt: skip
+        bundle = create_bundle(
+            model, name=name, version=version, samples=mlp_samples(), out_dir=tmp / "bundles"
+        )
         pack_bundle(bundle.path, tmp / f"{name}-{version}.tar")
         _ARCHIVES[name, version] = (tmp / f"{name}-{version}.tar").read_bytes()
     return _ARCHIVES[name, version]
@@ -643,8 +644,9 @@ def test_root_renewal_and_a_wrong_root_key(tmp_path: Path, hub: FakeHub, keys: P
     verifier.fetch_bundle("mlp", 1)
     before = hub.repo.expires()["root"]
     with pytest.raises(Exception, match="is not a root key of root v1"):
-        hub.repo.rotate_key("timestamp", CryptoSigner.generate_ed25519(),
-                            load_signer(keys / "timestamp.pem"))  # fmt: skip
+        hub.repo.rotate_key(
+            "timestamp", CryptoSigner.generate_ed25519(), load_signer(keys / "timestamp.pem")
+        )
     assert hub.repo.versions()["root"] == 1  # nothing written
     root_key = load_signer(keys / "root.pem")
     time.sleep(1.1)  # expiries have second resolution

@@ -78,8 +78,11 @@ class BundleCache:
         # Still over the cap with only kept versions: nothing more may go (they are in use).
         total = self.size()
         if total > self.max_bytes:
-            log.warning("bundle cache holds %d bytes of needed bundles, over the %d cap",
-                        total, self.max_bytes)  # fmt: skip
+            log.warning(
+                "bundle cache holds %d bytes of needed bundles, over the %d cap",
+                total,
+                self.max_bytes,
+            )
         for name, version in removed:
             log.info("cache: collected %s v%d", name, version)
         return removed

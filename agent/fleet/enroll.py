@@ -55,15 +55,18 @@ def read_token_file(path: str) -> str:
         raw = data.decode("utf-8", errors="replace")
         where = f"token file {path}"
         if stat.S_ISREG(mode) and mode & 0o077:
-            print(f"modelfleet-agent: warning: {where} is readable by group/others (mode "
-                  f"{mode & 0o777:o}); until the token is used, they could redeem it first",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"modelfleet-agent: warning: {where} is readable by group/others (mode "
+                f"{mode & 0o777:o}); until the token is used, they could redeem it first",
+                file=sys.stderr,
+            )
     if len(raw) > MAX_TOKEN_FILE_BYTES:
         raise TokenError(f"{where} holds more than {MAX_TOKEN_FILE_BYTES} bytes: not a token")
     token = raw.strip()
     if not token:
-        raise TokenError(f"{where} is empty: put the token from `modelfleet-hub agents token` "
-                         "there")  # fmt: skip
+        raise TokenError(
+            f"{where} is empty: put the token from `modelfleet-hub agents token` there"
+        )
     if len(token.split()) > 1:
         raise TokenError(f"{where} must hold one token and nothing else")
     return token
@@ -107,10 +110,11 @@ def enroll(
     with grpc.secure_channel(token.hub_address, creds, options=channel_options()) as channel:
         try:
             resp = pb_grpc.FleetStub(channel).Enroll(
-                pb.EnrollRequest(token_id=token.token_id, secret=token.secret, csr_pem=csr,
-                                 hostname=node),
+                pb.EnrollRequest(
+                    token_id=token.token_id, secret=token.secret, csr_pem=csr, hostname=node
+                ),
                 timeout=30,
-            )  # fmt: skip
+            )
         except grpc.RpcError as exc:
             raise rpc_error(exc, "enrollment") from None
     write_pem(ident / "agent.crt", resp.certificate_pem)

@@ -48,9 +48,13 @@ class MqttLink:
         self.ident = ident
         self.tls = tls_context(ident / "ca.crt", ident / "agent.crt", ident / "agent.key")
         self.client = make_client(
-            self.identity, ident / "ca.crt", ident / "agent.crt", ident / "agent.key",
-            will=(self.presence_topic, t.OFFLINE), context=self.tls,
-        )  # fmt: skip
+            self.identity,
+            ident / "ca.crt",
+            ident / "agent.crt",
+            ident / "agent.key",
+            will=(self.presence_topic, t.OFFLINE),
+            context=self.tls,
+        )
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -62,8 +66,9 @@ class MqttLink:
 
     def start(self) -> None:
         host, port = split_hostport(self.address, "mqtt")
-        self.client.connect_async(host, port, keepalive=20, clean_start=False,
-                                  properties=session_properties())  # fmt: skip
+        self.client.connect_async(
+            host, port, keepalive=20, clean_start=False, properties=session_properties()
+        )
         self.client.loop_start()
 
     def stop(self) -> None:
@@ -153,14 +158,16 @@ class MqttLink:
             self._pending[corr] = q
         try:
             props = publish_properties(
-                corr, t.topic(self.identity, t.FETCH_RESPONSE),
+                corr,
+                t.topic(self.identity, t.FETCH_RESPONSE),
                 **{t.PROP_KIND: kind, t.PROP_LENGTH: str(length)},
-            )  # fmt: skip
+            )
             req = payload
             if req is None:
                 req = pb.FetchRequest(path=path, offset=offset).SerializeToString()
-            self.client.publish(t.topic(self.identity, t.FETCH_REQUEST), req, qos=1,
-                                properties=props)  # fmt: skip
+            self.client.publish(
+                t.topic(self.identity, t.FETCH_REQUEST), req, qos=1, properties=props
+            )
             while True:
                 try:
                     payload, user = q.get(timeout=CHUNK_TIMEOUT_S)

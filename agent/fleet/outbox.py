@@ -135,8 +135,11 @@ class Outbox:
                 raise
         if excess > 0:
             self.dropped_total += excess
-            log.warning("telemetry outbox full (%d reports): dropped the %d oldest",
-                        self.max_reports, excess)  # fmt: skip
+            log.warning(
+                "telemetry outbox full (%d reports): dropped the %d oldest",
+                self.max_reports,
+                excess,
+            )
         return seq
 
     def pending(self, limit: int = BATCH_MAX) -> list[pb.TelemetryReport]:
@@ -192,17 +195,23 @@ def open_journal(path: Path, outbox: Outbox) -> CounterStore:
         report = recovered_report(old, mark)
         if report is not None:
             try:
-                outbox.append(report, JournalMark(old.ident, old.counters().tobytes(),
-                                                  report.end_unix))  # fmt: skip
+                outbox.append(
+                    report, JournalMark(old.ident, old.counters().tobytes(), report.end_unix)
+                )
             except Exception as exc:
-                log.error("cannot write the telemetry recovered from %s: %s; it goes with "
-                          "the next report", path, exc)  # fmt: skip
+                log.error(
+                    "cannot write the telemetry recovered from %s: %s; it goes with "
+                    "the next report",
+                    path,
+                    exc,
+                )
                 return old
             log.warning(
                 "telemetry: %d request(s) counted before the agent stopped without reporting "
                 "them (kill -9, crash) recovered from %s",
-                sum(v.requests for v in report.versions), path,
-            )  # fmt: skip
+                sum(v.requests for v in report.versions),
+                path,
+            )
         old.close()
     return CounterStore.create(path)
 
@@ -327,11 +336,14 @@ class TelemetryShipper:
             self.backoff.reset()
             if acked:
                 continue  # more may be waiting (a backlog after an outage goes out at once)
-            waiters = {asyncio.ensure_future(self.new_report.wait()),
-                       asyncio.ensure_future(stop.wait())}  # fmt: skip
+            waiters = {
+                asyncio.ensure_future(self.new_report.wait()),
+                asyncio.ensure_future(stop.wait()),
+            }
             # The timeout re-checks the outbox now and then even if no event arrives.
-            await asyncio.wait(waiters, timeout=max(self.interval_s, 1.0) * 4,
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            await asyncio.wait(
+                waiters, timeout=max(self.interval_s, 1.0) * 4, return_when=asyncio.FIRST_COMPLETED
+            )
             for w in waiters:
                 w.cancel()
 

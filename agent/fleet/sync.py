@@ -175,9 +175,13 @@ class FleetSync:
         else:
             send = MqttSender(self.mqtt, outbox, self.loop)
         self.telemetry = TelemetryShipper(
-            slots.metrics.telemetry, outbox, send, interval_s=cfg.telemetry_interval_s,
-            serving=self._serving_versions, backoff_max_s=cfg.backoff_max_s,
-        )  # fmt: skip
+            slots.metrics.telemetry,
+            outbox,
+            send,
+            interval_s=cfg.telemetry_interval_s,
+            serving=self._serving_versions,
+            backoff_max_s=cfg.backoff_max_s,
+        )
 
     # -- state on disk --------------------------------------------------------------------------
 
@@ -194,9 +198,14 @@ class FleetSync:
             return []
 
     def _save_desired(self) -> None:
-        atomic_write_json(self.state_file, {"models": [asdict(d) for d in self.desired],
-                                            "jobs": [asdict(j) for j in self.job_specs]},
-                          mode=0o600)  # fmt: skip
+        atomic_write_json(
+            self.state_file,
+            {
+                "models": [asdict(d) for d in self.desired],
+                "jobs": [asdict(j) for j in self.job_specs],
+            },
+            mode=0o600,
+        )
 
     def _load_served(self, slots: SlotManager) -> None:
         try:
@@ -207,8 +216,14 @@ class FleetSync:
                 if name not in desired:
                     continue  # no longer wanted: nothing to remember it against
                 for version, r in refused.items():
-                    result = GateResult(int(version), False, str(r["reason"]), str(r["kind"]),
-                                        None, float(r.get("at", 0.0)))  # fmt: skip
+                    result = GateResult(
+                        int(version),
+                        False,
+                        str(r["reason"]),
+                        str(r["kind"]),
+                        None,
+                        float(r.get("at", 0.0)),
+                    )
                     slots.remember_failure(str(name), int(version), r.get("fingerprint"), result)
             # A gate that was running when the agent died: count it, and after
             # MAX_GATE_CRASHES refuse the version (it takes the process down: OOM, a crash in
@@ -219,15 +234,22 @@ class FleetSync:
                     continue
                 self._gate_crashes[name, version] = crashes
                 if crashes >= MAX_GATE_CRASHES:
-                    sha = next((d.sha256 for d in self.desired
-                                if d.name == name and d.version == version), None)  # fmt: skip
-                    reason = (f"the agent died {crashes} times while loading and gating this "
-                              "version (out of memory? a crash in onnxruntime?); see the system "
-                              "log")  # fmt: skip
+                    sha = next(
+                        (d.sha256 for d in self.desired if d.name == name and d.version == version),
+                        None,
+                    )
+                    reason = (
+                        f"the agent died {crashes} times while loading and gating this "
+                        "version (out of memory? a crash in onnxruntime?); see the system "
+                        "log"
+                    )
                     log.error("%s v%d: %s; not retried", name, version, reason)
-                    slots.remember_failure(name, version, sha,
-                                           GateResult(version, False, reason, "crash", None,
-                                                      time.time()))  # fmt: skip
+                    slots.remember_failure(
+                        name,
+                        version,
+                        sha,
+                        GateResult(version, False, reason, "crash", None, time.time()),
+                    )
         except FileNotFoundError:
             return
         except Exception as exc:  # any damage (bad JSON, wrong types, huge numbers)
@@ -254,8 +276,10 @@ class FleetSync:
             for name, slot in self.slots.slots.items()
             if slot.loading is not None
         }
-        state: dict[str, Any] = {"last_good": dict(sorted(self.last_good.items())),
-                                 "refused": refused}  # fmt: skip
+        state: dict[str, Any] = {
+            "last_good": dict(sorted(self.last_good.items())),
+            "refused": refused,
+        }
         if gating:
             state["gating"] = gating
         return state
@@ -291,8 +315,14 @@ class FleetSync:
             if good is None:
                 continue  # nothing has passed here yet: reconcile gates the desired version
             # A damaged last-good copy: the newest other cached version serves meanwhile.
-            others = sorted((v for n, v, _ in self.cache.entries() if n == d.name
-                             and v not in (good, d.version)), reverse=True)  # fmt: skip
+            others = sorted(
+                (
+                    v
+                    for n, v, _ in self.cache.entries()
+                    if n == d.name and v not in (good, d.version)
+                ),
+                reverse=True,
+            )
             order = [good, *others]
             for version in order:
                 if self.slots.has_failed(d.name, version, None) or not self.cache.has(
@@ -307,9 +337,15 @@ class FleetSync:
         await self.reconcile(offline=True)
 
     async def _deploy(
-        self, name: str, version: int, fingerprint: object, *, offline: bool,
-        size: int = 0, switch: bool = True,
-    ) -> None:  # fmt: skip
+        self,
+        name: str,
+        version: int,
+        fingerprint: object,
+        *,
+        offline: bool,
+        size: int = 0,
+        switch: bool = True,
+    ) -> None:
         """Fetch if missing, then load, gate and switch; a damaged cached copy is quarantined.
 
         A cached bundle whose files no longer match its manifest (bit rot, a bad disk, an
@@ -324,16 +360,25 @@ class FleetSync:
                     )
                 await asyncio.to_thread(self._fetch, DesiredModel(name, version, size=size))
             try:
-                await self.slots.deploy(self.cache.path(name, version), fingerprint,
-                                        expect=(name, version), switch=switch)  # fmt: skip
+                await self.slots.deploy(
+                    self.cache.path(name, version),
+                    fingerprint,
+                    expect=(name, version),
+                    switch=switch,
+                )
                 return
             except BundleError as exc:
                 # The bytes were verified when they arrived (and by the hub at publish), so a
                 # mismatch now is damage on this disk, not the bundle's fault: not a refusal.
                 self.slots.forget_failures(name, version)
                 where = await asyncio.to_thread(self.cache.quarantine, name, version)
-                log.error("cached %s v%d is damaged (%s); moved to %s and fetching it again "
-                          "from the hub", name, version, exc, where)  # fmt: skip
+                log.error(
+                    "cached %s v%d is damaged (%s); moved to %s and fetching it again from the hub",
+                    name,
+                    version,
+                    exc,
+                    where,
+                )
                 if offline or attempt == 2:
                     raise CacheDamagedError(
                         f"cached {name} v{version} is damaged ({exc}); quarantined to {where}; "
@@ -410,8 +455,9 @@ class FleetSync:
         if self.slots.has_failed(d.name, d.prepare_version, None):
             return
         try:
-            await self._deploy(d.name, d.prepare_version, None, offline=False,
-                               size=d.prepare_size, switch=False)  # fmt: skip
+            await self._deploy(
+                d.name, d.prepare_version, None, offline=False, size=d.prepare_size, switch=False
+            )
         except (ModelfleetError, OSError) as exc:
             self.errors[d.name] = str(exc)
             self.error_reasons[d.name] = error_reason(exc)
@@ -424,15 +470,19 @@ class FleetSync:
             slot = self.slots.slots.get(d.name)
             if best == d.version or (slot is not None and best in slot.failed):
                 continue
-            log.warning("%s v%d cannot serve yet; serving cached v%d meanwhile",
-                        d.name, d.version, best)  # fmt: skip
+            log.warning(
+                "%s v%d cannot serve yet; serving cached v%d meanwhile", d.name, d.version, best
+            )
             try:
                 await self._deploy(d.name, best, None, offline=True)
                 return
             except (ModelfleetError, OSError) as exc:
                 log.warning("cannot serve cached %s v%d: %s", d.name, best, exc)
-        log.warning("%s v%d cannot serve yet and no other cached version can; waiting for the "
-                    "hub", d.name, d.version)  # fmt: skip
+        log.warning(
+            "%s v%d cannot serve yet and no other cached version can; waiting for the hub",
+            d.name,
+            d.version,
+        )
 
     def _fetch(self, d: DesiredModel) -> None:
         """Download, verify and unpack (one pass, see agent/fleet/verify.py) into the cache."""
@@ -459,8 +509,9 @@ class FleetSync:
             self.wakeup.clear()
             waiter = asyncio.ensure_future(self.wakeup.wait())
             stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiter, stopper}, timeout=delay,
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            await asyncio.wait(
+                {waiter, stopper}, timeout=delay, return_when=asyncio.FIRST_COMPLETED
+            )
             waiter.cancel()
             stopper.cancel()
 
@@ -512,23 +563,31 @@ class FleetSync:
                     if delay <= 0:
                         # The new certificate is due at once: the hub's lifetime is shorter than
                         # cert_renew_before_s allows for. Renew now and then, not in a loop.
-                        log.warning("the renewed certificate is due for renewal at once "
-                                    "(agent_cert_lifetime_s on the hub is too short for "
-                                    "cert_renew_before_s); next renewal in %.0fs",
-                                    MIN_RENEW_GAP_S)  # fmt: skip
+                        log.warning(
+                            "the renewed certificate is due for renewal at once "
+                            "(agent_cert_lifetime_s on the hub is too short for "
+                            "cert_renew_before_s); next renewal in %.0fs",
+                            MIN_RENEW_GAP_S,
+                        )
                         delay = MIN_RENEW_GAP_S
             except Exception as exc:
                 hint = ""
                 with contextlib.suppress(Exception):
                     expires = renewal.current_certificate(self.ident).not_valid_after_utc
                     if expires.timestamp() <= time.time():
-                        hint = (f" The certificate expired on {expires:%Y-%m-%d %H:%M} UTC: "
-                                f"the hub refuses it now; enroll again (modelfleet-agent enroll "
-                                f"--force) unless this node's clock is wrong.")  # fmt: skip
+                        hint = (
+                            f" The certificate expired on {expires:%Y-%m-%d %H:%M} UTC: "
+                            f"the hub refuses it now; enroll again (modelfleet-agent enroll "
+                            f"--force) unless this node's clock is wrong."
+                        )
                 delay = backoff.next()
                 self.renew_error = f"certificate renewal: {exc}"
-                log.warning("renewing the agent certificate failed: %s; retrying in %.0fs.%s",
-                            exc, delay, hint)  # fmt: skip
+                log.warning(
+                    "renewing the agent certificate failed: %s; retrying in %.0fs.%s",
+                    exc,
+                    delay,
+                    hint,
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
 
@@ -555,8 +614,10 @@ class FleetSync:
         self._identity_stale = True
         self.cert_expires_at = cert.not_valid_after_utc.timestamp()
         self.renew_error = ""
-        log.info("renewed the agent certificate (new key); valid until %s",
-                 cert.not_valid_after_utc.isoformat(timespec="seconds"))  # fmt: skip
+        log.info(
+            "renewed the agent certificate (new key); valid until %s",
+            cert.not_valid_after_utc.isoformat(timespec="seconds"),
+        )
         await self._use_identity()
         self.report_now.set()
 
@@ -598,15 +659,32 @@ class FleetSync:
 
     def _on_desired(self, state: pb.DesiredState) -> None:
         desired = [
-            DesiredModel(m.name, m.version, m.target_path, m.sha256, m.size, m.prepare_version,
-                         m.prepare_size)
+            DesiredModel(
+                m.name,
+                m.version,
+                m.target_path,
+                m.sha256,
+                m.size,
+                m.prepare_version,
+                m.prepare_size,
+            )
             for m in state.models
-        ]  # fmt: skip
+        ]
         jobs = [
-            JobSpec(j.name, j.model, j.version, j.schedule, j.input, j.output, j.sql, j.paused,
-                    j.run_now, j.keys)
+            JobSpec(
+                j.name,
+                j.model,
+                j.version,
+                j.schedule,
+                j.input,
+                j.output,
+                j.sql,
+                j.paused,
+                j.run_now,
+                j.keys,
+            )
             for j in state.jobs
-        ]  # fmt: skip
+        ]
         self.revision = state.revision
         if jobs != self.job_specs:
             self.job_specs = jobs
@@ -621,8 +699,11 @@ class FleetSync:
                 ):
                     # A new desired version is a new decision: earlier refusals may be retried.
                     self.slots.forget_failures(d.name)
-            log.info("desired state (revision %d): %s", state.revision,
-                     ", ".join(f"{d.name} v{d.version}" for d in desired) or "nothing")  # fmt: skip
+            log.info(
+                "desired state (revision %d): %s",
+                state.revision,
+                ", ".join(f"{d.name} v{d.version}" for d in desired) or "nothing",
+            )
             self.desired = desired
             self._save_desired()
         self.wakeup.set()
@@ -649,10 +730,16 @@ class FleetSync:
         reported = {m.name for m in models}
         for name, version in desired.items():
             if name not in reported:
-                models.append(pb.ModelReport(name=name, desired_version=version,
-                                             error=self.errors.get(name, ""),
-                                             error_reason=self.error_reasons.get(name, "")
-                                             if name in self.errors else ""))  # fmt: skip
+                models.append(
+                    pb.ModelReport(
+                        name=name,
+                        desired_version=version,
+                        error=self.errors.get(name, ""),
+                        error_reason=self.error_reasons.get(name, "")
+                        if name in self.errors
+                        else "",
+                    )
+                )
         return pb.AgentReport(
             models=models,
             # A failing renewal stays visible until one succeeds, whatever else clears.
@@ -679,10 +766,13 @@ class FleetSync:
             except Exception:
                 # The heartbeat must outlive any one bad report: rollouts time agents out on it.
                 log.exception("building or sending the state report failed; will retry")
-            waiters = {asyncio.ensure_future(self.report_now.wait()),
-                       asyncio.ensure_future(stop.wait())}  # fmt: skip
-            await asyncio.wait(waiters, timeout=self.cfg.report_interval_s,
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            waiters = {
+                asyncio.ensure_future(self.report_now.wait()),
+                asyncio.ensure_future(stop.wait()),
+            }
+            await asyncio.wait(
+                waiters, timeout=self.cfg.report_interval_s, return_when=asyncio.FIRST_COMPLETED
+            )
             for w in waiters:
                 w.cancel()
             # Coalesce bursts of changes (a swap touches several fields) into one report.

@@ -49,8 +49,12 @@ def credentials(data_dir: Path) -> grpc.ChannelCredentials:
 def rpc_error(exc: grpc.RpcError, what: str) -> Exception:
     """Transport trouble becomes OSError (retry later); a refusal, the error family's member."""
     code = exc.code()
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):  # fmt: skip
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+    ):
         return ConnectionError(f"{what}: hub unreachable ({code.name}: {exc.details()})")
     return error_from_rpc(exc, what)
 

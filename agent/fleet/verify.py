@@ -296,8 +296,13 @@ class BundleVerifier:
                 files = self._download(info, label)
             try:
                 final.parent.mkdir(parents=True, exist_ok=True)
-                publish_unpacked(files, final.parent, expect=(name, version),
-                                 verify_hashes=False, where=f"bundle {label}")  # fmt: skip
+                publish_unpacked(
+                    files,
+                    final.parent,
+                    expect=(name, version),
+                    verify_hashes=False,
+                    where=f"bundle {label}",
+                )
             except BundleExistsError:
                 pass  # the same signed bytes, unpacked by an earlier attempt
             except BundleError:
@@ -492,8 +497,9 @@ class BundleVerifier:
         # The archive is unpacked as it arrives: the bundle files take about its length (less
         # the headers) and nothing is copied afterwards.
         need = (info.length - have) + self.reserve_bytes
-        free = shutil.disk_usage(self.partial_dir if self.partial_dir.exists()
-                                 else self.download_dir).free  # fmt: skip
+        free = shutil.disk_usage(
+            self.partial_dir if self.partial_dir.exists() else self.download_dir
+        ).free
         if free < need:
             raise ResourceExhaustedError(
                 f"not enough disk space to download {name} v{version}: need "

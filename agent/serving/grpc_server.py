@@ -149,20 +149,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         models = []
         for st in self.slots.status():
             if st.active is not None:
-                models.append(pb.RepositoryIndexResponse.ModelIndex(
-                    name=st.name, version=str(st.active), state="READY"))  # fmt: skip
+                models.append(
+                    pb.RepositoryIndexResponse.ModelIndex(
+                        name=st.name, version=str(st.active), state="READY"
+                    )
+                )
             if st.previous is not None:
-                models.append(pb.RepositoryIndexResponse.ModelIndex(
-                    name=st.name, version=str(st.previous), state="READY",
-                    reason="previous version, kept for rollback"))  # fmt: skip
+                models.append(
+                    pb.RepositoryIndexResponse.ModelIndex(
+                        name=st.name,
+                        version=str(st.previous),
+                        state="READY",
+                        reason="previous version, kept for rollback",
+                    )
+                )
             if st.loading is not None:
-                models.append(pb.RepositoryIndexResponse.ModelIndex(
-                    name=st.name, version=str(st.loading), state="LOADING"))  # fmt: skip
+                models.append(
+                    pb.RepositoryIndexResponse.ModelIndex(
+                        name=st.name, version=str(st.loading), state="LOADING"
+                    )
+                )
             if not request.ready:
                 for version, result in sorted(st.failed.items()):
-                    models.append(pb.RepositoryIndexResponse.ModelIndex(
-                        name=st.name, version=str(version), state="UNAVAILABLE",
-                        reason=result.reason))  # fmt: skip
+                    models.append(
+                        pb.RepositoryIndexResponse.ModelIndex(
+                            name=st.name,
+                            version=str(version),
+                            state="UNAVAILABLE",
+                            reason=result.reason,
+                        )
+                    )
         return pb.RepositoryIndexResponse(models=models)
 
     @_grpc_errors

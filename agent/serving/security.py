@@ -46,8 +46,9 @@ def warn_if_exposed(path: Path, what: str) -> None:
     except OSError:
         return
     if mode & 0o077:
-        log.warning("%s %s is readable by group/others (mode %o): chmod 600 it", what, path,
-                    mode & 0o777)  # fmt: skip
+        log.warning(
+            "%s %s is readable by group/others (mode %o): chmod 600 it", what, path, mode & 0o777
+        )
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,11 @@ def load_tls(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
             f"{files.server_auth_fix}"
         )
     if leaf.not_valid_after_utc.timestamp() <= time.time():
-        log.warning("inference TLS certificate %s expired at %s: clients will refuse it",
-                    files.cert, leaf.not_valid_after_utc)  # fmt: skip
+        log.warning(
+            "inference TLS certificate %s expired at %s: clients will refuse it",
+            files.cert,
+            leaf.not_valid_after_utc,
+        )
     ca_pem = None
     if files.client_ca is not None:
         ca_pem = _read(files.client_ca, files.ca_setting)
@@ -284,7 +288,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._refused += 1
         now = time.monotonic()
         if now - self._logged_at >= REFUSAL_LOG_INTERVAL_S:
-            log.warning("refused %d inference call(s) without a valid bearer token (last: %s, %s)",
-                        self._refused, details.method, why.split(":")[0])  # fmt: skip
+            log.warning(
+                "refused %d inference call(s) without a valid bearer token (last: %s, %s)",
+                self._refused,
+                details.method,
+                why.split(":")[0],
+            )
             self._refused, self._logged_at = 0, now
         return _abort_handler(handler, why)

@@ -495,8 +495,9 @@ def profile_stages(
             shutil.copytree(agent_data / TUF_DIR, scratch / "tuf")
 
         def fetch() -> None:
-            verifier = BundleVerifier(scratch / "tuf", bundles, transport,
-                                      partial_dir=scratch / "partial")  # fmt: skip
+            verifier = BundleVerifier(
+                scratch / "tuf", bundles, transport, partial_dir=scratch / "partial"
+            )
             verifier.fetch_bundle(MODEL, 1)
 
         hub0, me0 = cpu_seconds(hub.proc.pid), time.process_time()
@@ -528,8 +529,9 @@ def concurrent_streams(hub: HubProcess, agent_data: Path, target: str, n: int) -
             list(tr.fetch_metadata("timestamp.json"))  # connect outside the clock
         with ThreadPoolExecutor(n) as pool:
             start = time.monotonic()
-            got = list(pool.map(lambda tr: sum(len(c) for c in tr.fetch_target(target, 0)),
-                                transports))  # fmt: skip
+            got = list(
+                pool.map(lambda tr: sum(len(c) for c in tr.fetch_target(target, 0)), transports)
+            )
             elapsed = time.monotonic() - start
         if len(set(got)) != 1:
             raise RuntimeError(f"concurrent streams returned different sizes: {got}")
@@ -557,8 +559,10 @@ async def _read_via_to_thread(blob: Path) -> None:
 
 def main() -> list[dict]:
     began = time.monotonic()
-    print(f"distribution benchmark (load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} cores)", flush=True)  # fmt: skip
+    print(
+        f"distribution benchmark (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
+        flush=True,
+    )
     rows: list[dict] = []
     work = Path(tempfile.mkdtemp(prefix="modelfleet-dist-bench-"))
     hub: HubProcess | None = None
@@ -570,8 +574,7 @@ def main() -> list[dict]:
         t = time.monotonic()
         # A generous latency budget: the gate's latency rule is not what is measured here, and a
         # busy shared machine must not turn a distribution benchmark into a gate refusal.
-        out = hub.cli("publish", MODEL, str(onnx_path), "--latency-budget-ms", "30000",
-                      timeout=180)  # fmt: skip
+        out = hub.cli("publish", MODEL, str(onnx_path), "--latency-budget-ms", "30000", timeout=180)
         print(f"  {out.strip()} ({time.monotonic() - t:.1f}s)", flush=True)
         stub = hub_admin(hub)
         (v,) = stub.ListVersions(pb.ListVersionsRequest(name=MODEL), timeout=10).versions
@@ -584,8 +587,10 @@ def main() -> list[dict]:
         hosts = {f"solo-{i}": f"group=solo-{i}" for i in range(SOLO_RUNS)}
         hosts |= {f"fan-{i}": "group=fan" for i in range(FAN_OUT)}
         with ThreadPoolExecutor(4) as pool:
-            futures = {h: pool.submit(enroll_agent, hub, work / h, labels, h)
-                       for h, labels in hosts.items()}  # fmt: skip
+            futures = {
+                h: pool.submit(enroll_agent, hub, work / h, labels, h)
+                for h, labels in hosts.items()
+            }
             configs = {h: f.result() for h, f in futures.items()}
 
         # -- one agent, SOLO_RUNS times (a fresh agent each time, nothing else running), each
@@ -605,40 +610,71 @@ def main() -> list[dict]:
             sys0 = SystemSample.take(work)
             t0 = deploy(stub, {"group": host})
             watch([m], t0, lambda m: m.verified is not None, timeout=120)
-            solo_cpu.append((cpu_seconds(hub.proc.pid) - hub0,
-                             cpu_seconds(agent.proc.pid) - agent0))  # fmt: skip
+            solo_cpu.append(
+                (cpu_seconds(hub.proc.pid) - hub0, cpu_seconds(agent.proc.pid) - agent0)
+            )
             if sys0 is not None:
                 solo_sys.append(sys0.rows(SystemSample.take(work), "1 agent, deploy -> verified"))
             watch([m], t0, lambda m: m.active is not None, timeout=120)
             if "fetched and verified" not in agent.logs():
                 raise RuntimeError("the agent did not log 'fetched and verified'")
             solo.append(m)
-            print(f"  run {i + 1}: plain copy {copies[-1]:.2f}s; 1 agent: verified "
-                  f"{m.verified:.2f}s, active {m.active:.2f}s", flush=True)  # fmt: skip
+            print(
+                f"  run {i + 1}: plain copy {copies[-1]:.2f}s; 1 agent: verified "
+                f"{m.verified:.2f}s, active {m.active:.2f}s",
+                flush=True,
+            )
             agent.stop()
         plain = mb / statistics.median(copies)
-        rows.append(row(f"plain loopback copy of the {mb:.0f} MB archive (fsync/4 MiB)", plain,
-                        "MB/s"))  # fmt: skip
+        rows.append(
+            row(f"plain loopback copy of the {mb:.0f} MB archive (fsync/4 MiB)", plain, "MB/s")
+        )
         verified = statistics.median(m.verified or 0.0 for m in solo)
-        rows.append(row(f"1 agent: deploy -> fetched and verified (median of {SOLO_RUNS} agents)",
-                        mb / verified, "MB/s", plain, RATIO_TARGET))  # fmt: skip
+        rows.append(
+            row(
+                f"1 agent: deploy -> fetched and verified (median of {SOLO_RUNS} agents)",
+                mb / verified,
+                "MB/s",
+                plain,
+                RATIO_TARGET,
+            )
+        )
         paired = statistics.median(
             c / (m.verified or 1e9) for c, m in zip(copies, solo, strict=True)
         )
-        rows.append(row("1 agent: median of the per-run ratios (each run beside its own copy)",
-                        paired, "x"))  # fmt: skip
+        rows.append(
+            row("1 agent: median of the per-run ratios (each run beside its own copy)", paired, "x")
+        )
         rows.append(row("1 agent: deploy -> fetched and verified", verified, "s"))
-        rows.append(row("1 agent: deploy -> active (gate passed)",
-                        statistics.median(m.active or 0.0 for m in solo), "s"))  # fmt: skip
+        rows.append(
+            row(
+                "1 agent: deploy -> active (gate passed)",
+                statistics.median(m.active or 0.0 for m in solo),
+                "s",
+            )
+        )
         for what in STAGES:
-            rows.append(row(f"1 agent stage: {what}",
-                            statistics.median(m.stages()[what] for m in solo), "s"))  # fmt: skip
+            rows.append(
+                row(
+                    f"1 agent stage: {what}", statistics.median(m.stages()[what] for m in solo), "s"
+                )
+            )
         wire = statistics.median(m.stages()[STAGES[1]] for m in solo)
         rows.append(row("1 agent: rate while the bytes arrive", mb / wire, "MB/s", plain))
-        rows.append(row("1 agent: hub CPU, deploy -> verified",
-                        statistics.median(c[0] for c in solo_cpu), "s"))  # fmt: skip
-        rows.append(row("1 agent: agent CPU, deploy -> verified",
-                        statistics.median(c[1] for c in solo_cpu), "s"))  # fmt: skip
+        rows.append(
+            row(
+                "1 agent: hub CPU, deploy -> verified",
+                statistics.median(c[0] for c in solo_cpu),
+                "s",
+            )
+        )
+        rows.append(
+            row(
+                "1 agent: agent CPU, deploy -> verified",
+                statistics.median(c[1] for c in solo_cpu),
+                "s",
+            )
+        )
         for j, first in enumerate(solo_sys[0] if solo_sys else []):
             value = statistics.median(run[j]["value"] for run in solo_sys)
             rows.append(row(first["figure"], value, first["unit"]))
@@ -654,22 +690,32 @@ def main() -> list[dict]:
         }
         for key, what in labels.items():
             rows.append(row(what, mb / prof[key], "MB/s", plain))
-        rows.append(row(f"alone: {FAN_OUT} concurrent FetchTarget streams, discarded (aggregate)",
-                        FAN_OUT * mb / prof["concurrent_streams"], "MB/s", plain))  # fmt: skip
+        rows.append(
+            row(
+                f"alone: {FAN_OUT} concurrent FetchTarget streams, discarded (aggregate)",
+                FAN_OUT * mb / prof["concurrent_streams"],
+                "MB/s",
+                plain,
+            )
+        )
         rows.append(row("alone: FetchTarget, hub CPU per stream", prof["hub_cpu"], "s"))
         rows.append(row("alone: FetchTarget, client CPU per stream", prof["client_cpu"], "s"))
         rows.append(row("alone: fetch_bundle, hub CPU", prof["fetch_hub_cpu"], "s"))
         rows.append(row("alone: fetch_bundle, agent CPU", prof["fetch_client_cpu"], "s"))
         bare_s, bare_server, bare_client = bare_grpc_stream(hub, blob)
-        rows.append(row("reference: bare grpc.aio stream, same bytes/chunks/TLS", mb / bare_s,
-                        "MB/s", plain))  # fmt: skip
+        rows.append(
+            row(
+                "reference: bare grpc.aio stream, same bytes/chunks/TLS", mb / bare_s, "MB/s", plain
+            )
+        )
         rows.append(row("reference: bare grpc.aio, server CPU per stream", bare_server, "s"))
         rows.append(row("reference: bare grpc.aio, client CPU per stream", bare_client, "s"))
 
         # -- eight agents at once, after eight plain copies at once (nothing else running)
         many_plain = plain_copy(blob, work / "plain-copy.bin", FAN_OUT)
-        fan = start_agents(hub, work, {h: c for h, c in configs.items() if h.startswith("fan")},
-                           agents)  # fmt: skip
+        fan = start_agents(
+            hub, work, {h: c for h, c in configs.items() if h.startswith("fan")}, agents
+        )
         many = [Milestones(a, a.models / "cache" / "partial" / sha, size) for a in fan]
         pids = [a.proc.pid for a in fan if a.proc is not None]
         hub0, agents0 = cpu_seconds(hub.proc.pid), sum(cpu_seconds(p) for p in pids)
@@ -682,29 +728,56 @@ def main() -> list[dict]:
         last = max(m.verified or 0.0 for m in many)
         per_agent = [mb / (m.verified or last) for m in many]
         rows.append(row(f"{FAN_OUT} agents: deploy -> last fetched and verified", last, "s"))
-        rows.append(row(f"{FAN_OUT} agents: aggregate ({FAN_OUT} x size / time to last)",
-                        FAN_OUT * mb / last, "MB/s", plain))  # fmt: skip
-        rows.append(row(f"{FAN_OUT} agents: per-agent mean", statistics.mean(per_agent), "MB/s",
-                        plain))  # fmt: skip
+        rows.append(
+            row(
+                f"{FAN_OUT} agents: aggregate ({FAN_OUT} x size / time to last)",
+                FAN_OUT * mb / last,
+                "MB/s",
+                plain,
+            )
+        )
+        rows.append(
+            row(f"{FAN_OUT} agents: per-agent mean", statistics.mean(per_agent), "MB/s", plain)
+        )
         rows.append(row(f"{FAN_OUT} agents: per-agent slowest", min(per_agent), "MB/s", plain))
-        rows.append(row(f"reference: {FAN_OUT} plain loopback copies at once (aggregate)",
-                        FAN_OUT * mb / many_plain, "MB/s", plain))  # fmt: skip
+        rows.append(
+            row(
+                f"reference: {FAN_OUT} plain loopback copies at once (aggregate)",
+                FAN_OUT * mb / many_plain,
+                "MB/s",
+                plain,
+            )
+        )
         rows.append(row(f"{FAN_OUT} agents: hub CPU, deploy -> last verified", hub_cpu, "s"))
-        rows.append(row(f"{FAN_OUT} agents: agents' CPU, deploy -> last verified", agents_cpu,
-                        "s"))  # fmt: skip
+        rows.append(row(f"{FAN_OUT} agents: agents' CPU, deploy -> last verified", agents_cpu, "s"))
         cores = os.cpu_count() or 1
-        rows.append(row(f"{FAN_OUT} agents: CPU busy (hub + agents) / ({cores} cores x wall)",
-                        100 * (hub_cpu + agents_cpu) / (cores * last), "%"))  # fmt: skip
+        rows.append(
+            row(
+                f"{FAN_OUT} agents: CPU busy (hub + agents) / ({cores} cores x wall)",
+                100 * (hub_cpu + agents_cpu) / (cores * last),
+                "%",
+            )
+        )
         rows += fan_sys
         for what in STAGES[:4]:
-            rows.append(row(f"{FAN_OUT} agents stage (median): {what}",
-                            statistics.median(m.stages()[what] for m in many), "s"))  # fmt: skip
+            rows.append(
+                row(
+                    f"{FAN_OUT} agents stage (median): {what}",
+                    statistics.median(m.stages()[what] for m in many),
+                    "s",
+                )
+            )
         with contextlib.suppress(TimeoutError):
             # Eight 200 MB models loading on two cores: bounded, and reported only if reached.
             watch(many, t0, lambda m: m.active is not None, timeout=120)
         if all(m.active is not None for m in many):
-            rows.append(row(f"{FAN_OUT} agents: deploy -> last active (gate passed)",
-                            max(m.active or 0.0 for m in many), "s"))  # fmt: skip
+            rows.append(
+                row(
+                    f"{FAN_OUT} agents: deploy -> last active (gate passed)",
+                    max(m.active or 0.0 for m in many),
+                    "s",
+                )
+            )
         print(f"  distribution benchmark took {time.monotonic() - began:.0f}s", flush=True)
         return rows
     except BaseException:

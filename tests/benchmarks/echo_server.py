@@ -92,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", required=True)
     parser.add_argument("--spec", required=True, help="JSON: model name -> response layout")
-    parser.add_argument("--hop-threads", type=int, default=0,
-                        help="> 0: pass each request through a thread pool of this size, "
-                        "as the agent does for inference")  # fmt: skip
+    parser.add_argument(
+        "--hop-threads",
+        type=int,
+        default=0,
+        help="> 0: pass each request through a thread pool of this size, "
+        "as the agent does for inference",
+    )
     args = parser.parse_args(argv)
     asyncio.run(serve(args.listen, json.loads(args.spec), args.hop_threads))
     return 0

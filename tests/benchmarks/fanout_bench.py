@@ -140,8 +140,13 @@ class SimAgent:
     def connect(self) -> None:
         """MqttLink.start() without loop_start(): same session, keepalive, blocking handshake."""
         host, port = self.link.address.rsplit(":", 1)
-        self.link.client.connect(host, int(port), keepalive=KEEPALIVE_S, clean_start=False,
-                                 properties=session_properties())  # fmt: skip
+        self.link.client.connect(
+            host,
+            int(port),
+            keepalive=KEEPALIVE_S,
+            clean_start=False,
+            properties=session_properties(),
+        )
 
     def on_desired(self, payload: bytes) -> None:
         now = time.monotonic()
@@ -330,9 +335,13 @@ def issue_identities(hub_data: Path, work: Path, n: int) -> list[tuple[str, Path
             (ident / "agent.crt").write_bytes(cert)
             key_file = ident / "agent.key"
             key_file.touch(mode=0o600)
-            key_file.write_bytes(key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption()))  # fmt: skip
+            key_file.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
             registry.add_agent(agent_id, agent_id, {"fleet": "sim"}, cert_fingerprint(cert))
             out.append((agent_id, data))
     finally:
@@ -417,8 +426,10 @@ def run_size(n: int, work: Path, onnx: Path) -> list[dict]:
     publisher: mqtt.Client | None = None
     try:
         agents = issue_identities(hub_data, work, n)
-        print(f"  N={n}: {n} identities issued and registered "
-              f"({time.monotonic() - began:.1f}s)", flush=True)  # fmt: skip
+        print(
+            f"  N={n}: {n} identities issued and registered ({time.monotonic() - began:.1f}s)",
+            flush=True,
+        )
         broker.start()
         hub = HubProcess(hub_data, "--mqtt", broker.address, log_path=work / "hub.log").start()
         assert hub.proc is not None and broker.proc is not None
@@ -440,20 +451,27 @@ def run_size(n: int, work: Path, onnx: Path) -> list[dict]:
         # Every "online" presence recorded: the hub's backlog from the connections is done.
         online = "SELECT COUNT(*) FROM agents WHERE presence = 'online'"
         wait_count(db, online, (), n, time.monotonic(), timeout=120)
-        print(f"  N={n}: all connected and subscribed, presence recorded by the hub "
-              f"({time.monotonic() - connecting:.1f}s)", flush=True)  # fmt: skip
+        print(
+            f"  N={n}: all connected and subscribed, presence recorded by the hub "
+            f"({time.monotonic() - connecting:.1f}s)",
+            flush=True,
+        )
 
         mdir = hub_data / "mqtt"
-        publisher = make_client("bench-publisher", mdir / "ca.crt", mdir / "hub.crt",
-                                mdir / "hub.key")  # fmt: skip
+        publisher = make_client(
+            "bench-publisher", mdir / "ca.crt", mdir / "hub.crt", mdir / "hub.key"
+        )
         host, port = broker.address.rsplit(":", 1)
         publisher.connect(host, int(port), keepalive=KEEPALIVE_S)
         publisher.loop_start()
         topics = [t.topic(f"agent:{a}", t.DESIRED) for a, _ in agents]
         stub = hub_admin(hub)
         stub.ListAgents(pb.ListAgentsRequest(), timeout=30)  # TLS handshake outside the clock
-        (v1,) = [v for v in stub.ListVersions(pb.ListVersionsRequest(name=MODEL)).versions
-                 if v.version == 1]  # fmt: skip
+        (v1,) = [
+            v
+            for v in stub.ListVersions(pb.ListVersionsRequest(name=MODEL)).versions
+            if v.version == 1
+        ]
 
         baseline_s, deploy_s, first_s, reports_s = [], [], [], []
         hub_cpu = broker_cpu = me_cpu = me_cpu_base = 0.0
@@ -461,9 +479,18 @@ def run_size(n: int, work: Path, onnx: Path) -> list[dict]:
         for r in range(rounds):
             # Baseline: the same payload size as the hub's desired state, a sentinel version.
             sentinel = BASELINE_VERSION + r
-            payload = pb.DesiredState(revision=10**6 + r, models=[pb.DesiredModel(
-                name=MODEL, version=sentinel, target_path=v1.target_path, sha256=v1.sha256,
-                size=v1.size)]).SerializeToString()  # fmt: skip
+            payload = pb.DesiredState(
+                revision=10**6 + r,
+                models=[
+                    pb.DesiredModel(
+                        name=MODEL,
+                        version=sentinel,
+                        target_path=v1.target_path,
+                        sha256=v1.sha256,
+                        size=v1.size,
+                    )
+                ],
+            ).SerializeToString()
             board.arm(sentinel, report=False)
             me0 = time.process_time()
             t0 = time.monotonic()
@@ -493,9 +520,11 @@ def run_size(n: int, work: Path, onnx: Path) -> list[dict]:
             me_cpu += time.process_time() - cpu0[2]
             if sys0 is not None:
                 sys_rows.append(sys0.rows(SystemSample.take(work), f"N={n} deploy", BENCH))
-            print(f"  N={n} round {r + 1}: baseline {baseline_s[-1]:.3f}s, deploy -> all "
-                  f"desired {deploy_s[-1]:.3f}s, -> all reports {reports_s[-1]:.3f}s",
-                  flush=True)  # fmt: skip
+            print(
+                f"  N={n} round {r + 1}: baseline {baseline_s[-1]:.3f}s, deploy -> all "
+                f"desired {deploy_s[-1]:.3f}s, -> all reports {reports_s[-1]:.3f}s",
+                flush=True,
+            )
         fleet.check()
         # The admin API agrees with what was polled in the database.
         listed = stub.ListAgents(pb.ListAgentsRequest(), timeout=60).agents
@@ -532,18 +561,23 @@ def run_size(n: int, work: Path, onnx: Path) -> list[dict]:
             _row(f"N={n}: deploy -> first agent received desired", first, "s"),
             _row(f"N={n}: deploy -> hub has all reports", rep, "s", base),
             _row(f"N={n}: last arrival -> hub has all reports", tail, "s"),
-            _row(f"N={n}: deploy -> all desired, agents not reporting (diagnostic)",
-                 statistics.median(silent_s), "s", base),
-            _row(f"N={n}: hub CPU per deploy round (deploy -> all reports)", hub_cpu / rounds,
-                 "s"),
-            _row(f"N={n}: hub CPU per silent deploy round (diagnostic)",
-                 hub_cpu_silent / SILENT_ROUNDS, "s"),
+            _row(
+                f"N={n}: deploy -> all desired, agents not reporting (diagnostic)",
+                statistics.median(silent_s),
+                "s",
+                base,
+            ),
+            _row(f"N={n}: hub CPU per deploy round (deploy -> all reports)", hub_cpu / rounds, "s"),
+            _row(
+                f"N={n}: hub CPU per silent deploy round (diagnostic)",
+                hub_cpu_silent / SILENT_ROUNDS,
+                "s",
+            ),
             _row(f"N={n}: broker CPU per deploy round", broker_cpu / rounds, "s"),
             _row(f"N={n}: simulated agents' CPU per deploy round", me_cpu / rounds, "s"),
             _row(f"N={n}: simulated agents' CPU per baseline round", me_cpu_base / rounds, "s"),
-            _row(f"N={n}: hub's desired-state queries for all agents (in-process)", queries,
-                 "s"),
-        ]  # fmt: skip
+            _row(f"N={n}: hub's desired-state queries for all agents (in-process)", queries, "s"),
+        ]
         for j, sample in enumerate(sys_rows[0] if sys_rows else []):
             value = statistics.median(run[j]["value"] for run in sys_rows)
             rows.append(_row(sample["figure"], value, sample["unit"]))
@@ -553,8 +587,10 @@ def run_size(n: int, work: Path, onnx: Path) -> list[dict]:
         if hub is not None:
             tail = hub.logs().strip().splitlines()[-10:]
             print("--- hub log (last lines)\n" + "\n".join(tail), flush=True)
-        print("--- broker log (last lines)\n" + "\n".join(broker.logs().splitlines()[-10:]),
-              flush=True)  # fmt: skip
+        print(
+            "--- broker log (last lines)\n" + "\n".join(broker.logs().splitlines()[-10:]),
+            flush=True,
+        )
         raise
     finally:
         if publisher is not None:
@@ -570,8 +606,11 @@ def run_size(n: int, work: Path, onnx: Path) -> list[dict]:
 def main() -> list[dict]:
     began = time.monotonic()
     limit = raise_open_files(4 * max(SIZES) + 1024)
-    print(f"fan-out benchmark (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
-          f"cores, open-file limit {limit})", flush=True)  # fmt: skip
+    print(
+        f"fan-out benchmark (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+        f"cores, open-file limit {limit})",
+        flush=True,
+    )
     rows: list[dict] = []
     root = Path(tempfile.mkdtemp(prefix="modelfleet-fanout-bench-"))
     try:
@@ -579,8 +618,9 @@ def main() -> list[dict]:
         for n in SIZES:
             rows += run_size(n, root / f"n{n}", onnx)
         rate = sqlite_commit_rate(root / "commit-rate.db", 1000)
-        rows.append(_row("sqlite: single-row commits per second (WAL, synchronous=FULL)", rate,
-                         "1/s"))  # fmt: skip
+        rows.append(
+            _row("sqlite: single-row commits per second (WAL, synchronous=FULL)", rate, "1/s")
+        )
         print(f"  fan-out benchmark took {time.monotonic() - began:.0f}s", flush=True)
         return rows
     finally:

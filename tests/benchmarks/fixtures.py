@@ -79,8 +79,11 @@ def stage_versions(model: BenchModel, onnx_dir: Path, staging: Path, versions: r
     for v in versions:
         path = models.mlp(
             onnx_dir / f"{model.name}-v{v}.onnx",
-            inputs=SMALL_IN, hidden=SMALL_HIDDEN, outputs=SMALL_OUT, seed=v,
-        )  # fmt: skip
+            inputs=SMALL_IN,
+            hidden=SMALL_HIDDEN,
+            outputs=SMALL_OUT,
+            seed=v,
+        )
         out.append(make_bundle(model, staging, v, path))
     return out
 

@@ -328,8 +328,10 @@ class OpenLoad:
         timeout_s: float = CLIENT_TIMEOUT_S,
     ) -> None:
         if rate <= 0 or duration_s <= 0 or senders < 1:
-            raise ValueError(f"rate, duration and senders must be positive, got {rate}, "
-                             f"{duration_s} and {senders}")  # fmt: skip
+            raise ValueError(
+                f"rate, duration and senders must be positive, got {rate}, "
+                f"{duration_s} and {senders}"
+            )
         self.target = target
         self.x = x
         self.rate = rate
@@ -363,8 +365,7 @@ class OpenLoad:
         # A little head room so every sender is waiting for its first slot when it comes.
         self.t0 = time.perf_counter_ns() + 50_000_000
         for k, client in enumerate(self._clients):
-            t = threading.Thread(target=self._send, args=(k, client), name=f"open-{k}",
-                                 daemon=True)  # fmt: skip
+            t = threading.Thread(target=self._send, args=(k, client), name=f"open-{k}", daemon=True)
             self._threads.append(t)
             t.start()
         return self

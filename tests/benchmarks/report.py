@@ -34,10 +34,13 @@ class Report:
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
-        print(f"  {row.what}: {row.value}"
-              + (f"  (baseline {row.baseline}, {row.ratio_text()})" if row.baseline else "")
-              + (f"  target {row.target}: {row.verdict}" if row.target else "")
-              + (f"  [{row.note}]" if row.note else ""), flush=True)  # fmt: skip
+        print(
+            f"  {row.what}: {row.value}"
+            + (f"  (baseline {row.baseline}, {row.ratio_text()})" if row.baseline else "")
+            + (f"  target {row.target}: {row.verdict}" if row.target else "")
+            + (f"  [{row.note}]" if row.note else ""),
+            flush=True,
+        )
         return row
 
     def check(self, row: Row, passed: bool) -> Row:

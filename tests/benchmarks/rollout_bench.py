@@ -50,9 +50,12 @@ async def _ingest(store: TelemetryStore) -> dict[str, float]:
     now = time.time()
     start, cpu0 = time.perf_counter(), _cpu()
     for r in range(ROUNDS):
-        await asyncio.gather(*(
-            ingestor.ingest(f"agent-{i}", [_report(r + 1, now + r * 10)]) for i in range(N_AGENTS)
-        ))  # fmt: skip
+        await asyncio.gather(
+            *(
+                ingestor.ingest(f"agent-{i}", [_report(r + 1, now + r * 10)])
+                for i in range(N_AGENTS)
+            )
+        )
     wall, cpu = time.perf_counter() - start, _cpu() - cpu0
     reports = N_AGENTS * ROUNDS
     return {"reports_per_s": reports / wall, "cpu_per_report_ms": cpu / reports * 1e3}
@@ -61,18 +64,32 @@ async def _ingest(store: TelemetryStore) -> dict[str, float]:
 async def _decision(tmp: Path) -> dict[str, float]:
     reg = Registry(tmp / "registry.db")
     for v in (1, 2):
-        reg.add_version(name="mlp", version=v, sha256=f"{v:064x}", size=1, notes="",
-                        target_path=f"mlp/{v}/bundle.tar", signed=True,
-                        manifest={"model": {"sha256": str(v)}})  # fmt: skip
+        reg.add_version(
+            name="mlp",
+            version=v,
+            sha256=f"{v:064x}",
+            size=1,
+            notes="",
+            target_path=f"mlp/{v}/bundle.tar",
+            signed=True,
+            manifest={"model": {"sha256": str(v)}},
+        )
     for i in range(N_AGENTS):
         reg.add_agent(f"agent-{i}", f"host-{i}", {"site": "x"}, "fp")
     reg.deploy("mlp", 1, {})
     store = TelemetryStore(tmp / "t.duckdb")
     core = SimpleNamespace(registry=reg, telemetry=store, changed=asyncio.Condition())
     manager = RolloutManager(core)
-    spec = Spec(model="mlp", version=2, selector={}, waves=["1%", "10%", "50%", "100%"],
-                bake_s=0.05, gates=["error_rate<0.05", "p99_vs_baseline<2"], min_requests=10,
-                agent_timeout_s=600)  # fmt: skip
+    spec = Spec(
+        model="mlp",
+        version=2,
+        selector={},
+        waves=["1%", "10%", "50%", "100%"],
+        bake_s=0.05,
+        gates=["error_rate<0.05", "p99_vs_baseline<2"],
+        min_requests=10,
+        agent_timeout_s=600,
+    )
     r = await manager.start(spec)
     # The first wave's agents switch and report.
     for a in r.assigned:
@@ -102,22 +119,43 @@ def main() -> list[dict]:
         dec = asyncio.run(_decision(Path(tmp)))
     hub_cpu = ing["cpu_per_report_ms"] / 1e3 * (N_AGENTS / 10) * 100  # % of one core
     rows = [
-        {"benchmark": "telemetry", "figure": f"ingestion, {N_AGENTS} agents x {ROUNDS} rounds",
-         "value": ing["reports_per_s"], "unit": "reports/s", "baseline": 1000.0,
-         "ratio": ing["reports_per_s"] / 1000.0, "target": ">= 1000 reports/s",
-         "status": "PASS" if ing["reports_per_s"] >= 1000 else "MISS"},
-        {"benchmark": "telemetry", "figure": f"hub CPU, {N_AGENTS} agents every 10 s",
-         "value": hub_cpu, "unit": "% of one core", "baseline": "-", "ratio": "-",
-         "target": "-", "status": "-"},
-        {"benchmark": "rollout", "figure": f"end of bake -> next wave assigned ({N_AGENTS} agents)",
-         "value": dec["decision_s"], "unit": "s", "baseline": 5.0,
-         "ratio": dec["decision_s"] / 5.0, "target": "< 5 s",
-         "status": "PASS" if dec["decision_s"] < 5 and dec["wave_after"] == 2 else "MISS"},
-    ]  # fmt: skip
+        {
+            "benchmark": "telemetry",
+            "figure": f"ingestion, {N_AGENTS} agents x {ROUNDS} rounds",
+            "value": ing["reports_per_s"],
+            "unit": "reports/s",
+            "baseline": 1000.0,
+            "ratio": ing["reports_per_s"] / 1000.0,
+            "target": ">= 1000 reports/s",
+            "status": "PASS" if ing["reports_per_s"] >= 1000 else "MISS",
+        },
+        {
+            "benchmark": "telemetry",
+            "figure": f"hub CPU, {N_AGENTS} agents every 10 s",
+            "value": hub_cpu,
+            "unit": "% of one core",
+            "baseline": "-",
+            "ratio": "-",
+            "target": "-",
+            "status": "-",
+        },
+        {
+            "benchmark": "rollout",
+            "figure": f"end of bake -> next wave assigned ({N_AGENTS} agents)",
+            "value": dec["decision_s"],
+            "unit": "s",
+            "baseline": 5.0,
+            "ratio": dec["decision_s"] / 5.0,
+            "target": "< 5 s",
+            "status": "PASS" if dec["decision_s"] < 5 and dec["wave_after"] == 2 else "MISS",
+        },
+    ]
     for row in rows:
         value = row["value"]
-        print(f"{row['benchmark']:<10} {row['figure']:<50} {value:>10.3f} {row['unit']:<14} "
-              f"{row['target']:<20} {row['status']}")  # fmt: skip
+        print(
+            f"{row['benchmark']:<10} {row['figure']:<50} {value:>10.3f} {row['unit']:<14} "
+            f"{row['target']:<20} {row['status']}"
+        )
     return rows
 
 

@@ -92,9 +92,15 @@ class Plan:
 
 
 QUICK = Plan(
-    c1_small=300, c1_heavy=100, c16_rounds=1, c16_block_s=1.5, startups=1, steady_s=3.0, swaps=8,
+    c1_small=300,
+    c1_heavy=100,
+    c16_rounds=1,
+    c16_block_s=1.5,
+    startups=1,
+    steady_s=3.0,
+    swaps=8,
     delays_us=(500,),
-)  # fmt: skip
+)
 
 
 def ms(v: float) -> str:
@@ -219,16 +225,27 @@ class Bench:
     def in_process(self) -> None:
         for name, m in self.models.items():
             self.ort[name] = r = fixtures.ort_latency(m, runs=2000 if name == SMALL else 500)
-            self.report.add(Row("onnxruntime", f"{name}: 1 row, in-process p50", ms(r.p50_ms),
-                                note=f"p99 {ms(r.p99_ms)}"))  # fmt: skip
+            self.report.add(
+                Row(
+                    "onnxruntime",
+                    f"{name}: 1 row, in-process p50",
+                    ms(r.p50_ms),
+                    note=f"p99 {ms(r.p99_ms)}",
+                )
+            )
         heavy16 = fixtures.ort_latency(self.models[HEAVY], rows=16, runs=200)
         self.ort["heavy16"] = heavy16
         one = self.ort[HEAVY].p50_ms
         self.report.add(
-            Row("onnxruntime", "heavy: 16 rows, in-process p50", ms(heavy16.p50_ms),
-                baseline=f"16 x 1 row = {ms(16 * one)}", ratio=heavy16.p50_ms / (16 * one),
-                note=f"batch-16 ceiling {16e3 / heavy16.p50_ms:,.0f} rows/s")
-        )  # fmt: skip
+            Row(
+                "onnxruntime",
+                "heavy: 16 rows, in-process p50",
+                ms(heavy16.p50_ms),
+                baseline=f"16 x 1 row = {ms(16 * one)}",
+                ratio=heavy16.p50_ms / (16 * one),
+                note=f"batch-16 ceiling {16e3 / heavy16.p50_ms:,.0f} rows/s",
+            )
+        )
         if one < 0.5:
             print(f"  WARNING: heavy single-row compute is {one:.3f} ms, under the 0.5 ms asked")
 
@@ -257,9 +274,10 @@ class Bench:
                 log = self.work / f"agent-{label.replace(' ', '-')}.log"
                 # No swaps here: a slow poll keeps idle agents quiet.
                 agent, _ = stack.enter_context(
-                    agent_running(self.repo_all, list(self.models),
-                                  [*flags, "--poll-interval-s", "1"], log)
-                )  # fmt: skip
+                    agent_running(
+                        self.repo_all, list(self.models), [*flags, "--poll-interval-s", "1"], log
+                    )
+                )
                 agents[label] = agent
             print(f"  echo, echo+hop and {len(agents)} agents up", flush=True)
             self._c1(SMALL, self.plan.c1_small, echo_url, hop_url, agents)
@@ -279,8 +297,10 @@ class Bench:
         for label, agent in agents.items():
             got = response_bytes(Target(label, agent.url, name), x)
             if got != size:
-                print(f"  WARNING: {name} response is {got} bytes from agent {label}, "
-                      f"{size} from the echo server")  # fmt: skip
+                print(
+                    f"  WARNING: {name} response is {got} bytes from agent {label}, "
+                    f"{size} from the echo server"
+                )
         # In-process onnxruntime is interleaved too: it is the other half of the heavy
         # model's baseline and suffers from the same neighbours.
         targets: list[Target | LocalTarget] = [echo_t, LocalTarget("ort", fixtures.ort_call(m))]
@@ -294,21 +314,36 @@ class Bench:
         o50 = percentile_ms(lat["ort"], 50)
         note = f"{n} requests per target, {size} B response; p99 {ms(e99)}"
         self.report.add(Row(sec, "echo server: p50", ms(e50), note=note))
-        self.report.add(Row(sec, "in-process onnxruntime, 1 row: p50", ms(o50),
-                            note=f"p99 {ms(percentile_ms(lat['ort'], 99))}"))  # fmt: skip
+        self.report.add(
+            Row(
+                sec,
+                "in-process onnxruntime, 1 row: p50",
+                ms(o50),
+                note=f"p99 {ms(percentile_ms(lat['ort'], 99))}",
+            )
+        )
         if "hop" in lat:
             h50 = percentile_ms(lat["hop"], 50)
-            self.report.add(Row(sec, "echo + thread-pool hop (diagnostic): p50", ms(h50),
-                                f"echo {ms(e50)}", h50 / e50,
-                                note="the agent's run_in_executor round trip alone"))  # fmt: skip
+            self.report.add(
+                Row(
+                    sec,
+                    "echo + thread-pool hop (diagnostic): p50",
+                    ms(h50),
+                    f"echo {ms(e50)}",
+                    h50 / e50,
+                    note="the agent's run_in_executor round trip alone",
+                )
+            )
         # The small model's compute is noise next to the round trip, so its baseline is the
         # echo server alone (the target's definition); the heavy one's adds onnxruntime.
         o99 = percentile_ms(lat["ort"], 99)
-        base, base_text = (e50, f"echo {ms(e50)}") if name == SMALL else (
-            e50 + o50, f"echo+ORT {ms(e50 + o50)}")  # fmt: skip
+        base, base_text = (
+            (e50, f"echo {ms(e50)}") if name == SMALL else (e50 + o50, f"echo+ORT {ms(e50 + o50)}")
+        )
         # Tails do not add up exactly; the sum of the two p99s is a generous baseline.
-        base99, base99_text = (e99, f"echo {ms(e99)}") if name == SMALL else (
-            e99 + o99, f"echo+ORT {ms(e99 + o99)}")  # fmt: skip
+        base99, base99_text = (
+            (e99, f"echo {ms(e99)}") if name == SMALL else (e99 + o99, f"echo+ORT {ms(e99 + o99)}")
+        )
         for label, agent in agents.items():
             a50, a99 = percentile_ms(lat[label], 50), percentile_ms(lat[label], 99)
             served, computed = self._inside(before[label], self._server_times(agent, name))
@@ -335,15 +370,20 @@ class Bench:
             for label, agent in agents.items():
                 assert agent.proc is not None
                 r0, n0 = self._batches(agent, name)
-                blocks[label].append(self._block(Target(label, agent.url, name), x,
-                                                 agent.proc.pid))  # fmt: skip
+                blocks[label].append(self._block(Target(label, agent.url, name), x, agent.proc.pid))
                 r1, n1 = self._batches(agent, name)
                 rows[label] += r1 - r0
                 runs[label] += n1 - n0
         echo = Throughput.of(blocks["echo"])
         self.echo_c16[name] = echo
-        self.report.add(Row(sec, "echo server: throughput", rps(echo.rps),
-                            note=f"{echo.cpu_us_per_req:.0f} us server CPU/req"))  # fmt: skip
+        self.report.add(
+            Row(
+                sec,
+                "echo server: throughput",
+                rps(echo.rps),
+                note=f"{echo.cpu_us_per_req:.0f} us server CPU/req",
+            )
+        )
         self.report.add(
             Row(sec, "echo server: p99", ms(echo.p99_ms), note=f"p50 {ms(echo.p50_ms)}")
         )
@@ -356,11 +396,26 @@ class Bench:
                 note += f", {rows[label] / runs[label]:.1f} rows/run"
             if r.failed or echo.failed:
                 note += f", {r.failed} failed (echo {echo.failed})"
-            self.report.add(Row(sec, f"agent, {label}: throughput", rps(r.rps),
-                                f"echo {rps(echo.rps)}", r.rps / echo.rps, note=note))  # fmt: skip
-            self.report.add(Row(sec, f"agent, {label}: p99", ms(r.p99_ms),
-                                f"echo {ms(echo.p99_ms)}", r.p99_ms / echo.p99_ms,
-                                note=f"p50 {ms(r.p50_ms)}"))  # fmt: skip
+            self.report.add(
+                Row(
+                    sec,
+                    f"agent, {label}: throughput",
+                    rps(r.rps),
+                    f"echo {rps(echo.rps)}",
+                    r.rps / echo.rps,
+                    note=note,
+                )
+            )
+            self.report.add(
+                Row(
+                    sec,
+                    f"agent, {label}: p99",
+                    ms(r.p99_ms),
+                    f"echo {ms(echo.p99_ms)}",
+                    r.p99_ms / echo.p99_ms,
+                    note=f"p50 {ms(r.p50_ms)}",
+                )
+            )
 
     def _batching_gain(self) -> None:
         heavy = self.agent_c16.get(HEAVY, {})
@@ -370,19 +425,33 @@ class Bench:
             raise RuntimeError("no heavy-model throughput for batching off and on")
         best = max(ons, key=lambda k: ons[k].rps)
         gain = ons[best].rps / off.rps
-        others = ", ".join(f"{k.removeprefix('batching on ')}: {v.rps / off.rps:.2f}x"
-                           for k, v in ons.items())  # fmt: skip
+        others = ", ".join(
+            f"{k.removeprefix('batching on ')}: {v.rps / off.rps:.2f}x" for k, v in ons.items()
+        )
         self.report.check(
-            Row("batching", f"heavy c16 throughput, best on ({best})", rps(ons[best].rps),
-                f"off {rps(off.rps)}", gain, f">= {BATCHING_GAIN_MIN}x off", note=others),
+            Row(
+                "batching",
+                f"heavy c16 throughput, best on ({best})",
+                rps(ons[best].rps),
+                f"off {rps(off.rps)}",
+                gain,
+                f">= {BATCHING_GAIN_MIN}x off",
+                note=others,
+            ),
             gain >= BATCHING_GAIN_MIN,
-        )  # fmt: skip
+        )
         heavy16 = self.ort.get("heavy16")
         if heavy16:
             ceiling = 16e3 / heavy16.p50_ms
-            self.report.add(Row("batching", "heavy c16 throughput vs in-process batch-16 ceiling",
-                                rps(ons[best].rps), f"ORT {ceiling:,.0f} rows/s",
-                                ons[best].rps / ceiling))  # fmt: skip
+            self.report.add(
+                Row(
+                    "batching",
+                    "heavy c16 throughput vs in-process batch-16 ceiling",
+                    rps(ons[best].rps),
+                    f"ORT {ceiling:,.0f} rows/s",
+                    ons[best].rps / ceiling,
+                )
+            )
 
     def startup(self) -> None:
         ready, live, log_ready, rss = [], [], [], []
@@ -397,14 +466,17 @@ class Bench:
                 rss.append(servers.memory_mb(agent.proc.pid)[0])
         med = statistics.median(ready)
         self.report.check(
-            Row("start-up", "Popen -> small model ready (median)", f"{med:.3f} s",
+            Row(
+                "start-up",
+                "Popen -> small model ready (median)",
+                f"{med:.3f} s",
                 target=f"<= {READY_MAX_S} s",
                 note=f"{len(ready)} starts, max {max(ready):.3f} s; server live at "
-                     f"{statistics.median(live):.3f} s"
-                     + (f"; READY logged at {statistics.median(log_ready):.3f} s"
-                        if log_ready else "")),
+                f"{statistics.median(live):.3f} s"
+                + (f"; READY logged at {statistics.median(log_ready):.3f} s" if log_ready else ""),
+            ),
             med <= READY_MAX_S,
-        )  # fmt: skip
+        )
         idle = statistics.median(rss)
         self.report.add(
             Row("memory", "RSS with the small model, idle after ready", f"{idle:.1f} MB")
@@ -415,8 +487,9 @@ class Bench:
         small = self.models[SMALL]
         log = self.work / "agent-swaps.log"
         repo_model_dir = self.repo_small / SMALL
-        with agent_running(self.repo_small, [SMALL], ["--poll-interval-s", POLL_INTERVAL_S],
-                           log) as (agent, _):  # fmt: skip
+        with agent_running(
+            self.repo_small, [SMALL], ["--poll-interval-s", POLL_INTERVAL_S], log
+        ) as (agent, _):
             assert agent.proc is not None
             pid = agent.proc.pid
             swaps0 = servers.metric(agent, "modelfleet_swaps_total", model=SMALL)
@@ -478,43 +551,80 @@ class Bench:
 
         sec = "swaps"
         self.report.check(
-            Row(sec, f"failed requests during {len(renamed)} swaps at c16", str(len(errors)),
-                target="0", note=f"{during.size:,} requests"
-                + (f"; first: {errors[0][1][:100]}" if errors else "")),
+            Row(
+                sec,
+                f"failed requests during {len(renamed)} swaps at c16",
+                str(len(errors)),
+                target="0",
+                note=f"{during.size:,} requests"
+                + (f"; first: {errors[0][1][:100]}" if errors else ""),
+            ),
             not errors,
-        )  # fmt: skip
+        )
         self.report.check(
-            Row(sec, "p99 during swaps", ms(swap99), f"steady {ms(steady99)}", swap99 / steady99,
+            Row(
+                sec,
+                "p99 during swaps",
+                ms(swap99),
+                f"steady {ms(steady99)}",
+                swap99 / steady99,
                 f"<= {SWAP_P99_RATIO_MAX}x steady",
                 note=f"p50 {ms(percentile_ms(during, 50))} vs {ms(percentile_ms(steady, 50))}; "
-                     f"p99 within 0.5 s after a rename {ms(near99)}; "
-                     f"max {ms(float(during.max()) / 1e6) if during.size else '-'}"),
+                f"p99 within 0.5 s after a rename {ms(near99)}; "
+                f"max {ms(float(during.max()) / 1e6) if during.size else '-'}",
+            ),
             swap99 / steady99 <= SWAP_P99_RATIO_MAX,
-        )  # fmt: skip
-        active = next((int(m.get("active_version", 0)) for m in st.get("models", [])
-                       if m.get("name") == SMALL), 0)  # fmt: skip
+        )
+        active = next(
+            (
+                int(m.get("active_version", 0))
+                for m in st.get("models", [])
+                if m.get("name") == SMALL
+            ),
+            0,
+        )
         self.report.check(
-            Row(sec, "swaps counted by modelfleet_swaps_total", f"{swaps:.0f}",
-                f"{len(renamed)} renamed", swaps / len(renamed) if renamed else None,
+            Row(
+                sec,
+                "swaps counted by modelfleet_swaps_total",
+                f"{swaps:.0f}",
+                f"{len(renamed)} renamed",
+                swaps / len(renamed) if renamed else None,
                 f"= {len(renamed)}",
                 note=f"versions answering clients: {served}; active now v{active}; "
-                     f"loaded versions {loaded:.0f}; gate failures {gate_failures:.0f}"),
+                f"loaded versions {loaded:.0f}; gate failures {gate_failures:.0f}",
+            ),
             swaps == len(renamed),
-        )  # fmt: skip
+        )
         if lags:
-            self.report.add(Row(sec, "rename -> first answer from new version",
-                                f"median {statistics.median(lags):.0f} ms",
-                                note=f"max {max(lags):.0f} ms; poll interval "
-                                     f"{float(POLL_INTERVAL_S) * 1e3:.0f} ms"))  # fmt: skip
+            self.report.add(
+                Row(
+                    sec,
+                    "rename -> first answer from new version",
+                    f"median {statistics.median(lags):.0f} ms",
+                    note=f"max {max(lags):.0f} ms; poll interval "
+                    f"{float(POLL_INTERVAL_S) * 1e3:.0f} ms",
+                )
+            )
         self.report.check(
-            Row("memory", "RSS with the small model, after c16 load", f"{rss_loaded:.1f} MB",
-                target=f"<= {RSS_MAX_MB:.0f} MB"),
+            Row(
+                "memory",
+                "RSS with the small model, after c16 load",
+                f"{rss_loaded:.1f} MB",
+                target=f"<= {RSS_MAX_MB:.0f} MB",
+            ),
             rss_loaded <= RSS_MAX_MB,
-        )  # fmt: skip
-        self.report.add(Row("memory", f"RSS after {len(renamed)} swaps", f"{rss_after:.1f} MB",
-                            f"before {rss_loaded:.1f} MB", rss_after / rss_loaded,
-                            note=f"peak (VmHWM) {hwm:.1f} MB; /metrics samples {series0} -> "
-                                 f"{series1}"))  # fmt: skip
+        )
+        self.report.add(
+            Row(
+                "memory",
+                f"RSS after {len(renamed)} swaps",
+                f"{rss_after:.1f} MB",
+                f"before {rss_loaded:.1f} MB",
+                rss_after / rss_loaded,
+                note=f"peak (VmHWM) {hwm:.1f} MB; /metrics samples {series0} -> {series1}",
+            )
+        )
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -535,9 +645,13 @@ class Bench:
 
     def _block(self, target: Target, x: np.ndarray, pid: int) -> Block:
         return run_concurrent(
-            target, x, threads=CONCURRENCY, warmup_s=self.plan.c16_warmup_s,
-            duration_s=self.plan.c16_block_s, server_pid=pid,
-        )  # fmt: skip
+            target,
+            x,
+            threads=CONCURRENCY,
+            warmup_s=self.plan.c16_warmup_s,
+            duration_s=self.plan.c16_block_s,
+            server_pid=pid,
+        )
 
     @staticmethod
     def _inside(
@@ -558,8 +672,12 @@ def _samples(metrics_text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short smoke run (figures noisy)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench-run",
-                        help="working directory (results.md, results.json, logs)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench-run",
+        help="working directory (results.md, results.json, logs)",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     work = args.out / "work"
@@ -588,9 +706,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n" + bench.report.text_table())
     missed = [r.what for r in bench.report.rows if r.verdict == "MISS"]
-    print(f"\ntargets: {sum(r.verdict == 'PASS' for r in bench.report.rows)} PASS, "
-          f"{len(missed)} MISS; errors: {len(bench.report.errors)}; "
-          f"runtime {bench.report.machine['runtime_s']} s")  # fmt: skip
+    print(
+        f"\ntargets: {sum(r.verdict == 'PASS' for r in bench.report.rows)} PASS, "
+        f"{len(missed)} MISS; errors: {len(bench.report.errors)}; "
+        f"runtime {bench.report.machine['runtime_s']} s"
+    )
     bench.report.save(args.out)
     print(f"results: {args.out / 'results.md'}, {args.out / 'results.json'}")
     # A missed target is a finding, not a failure; only a broken benchmark fails the run.

@@ -27,10 +27,21 @@ def start_echo(listen: str, spec: dict, log_path: Path, hop_threads: int = 0) ->
     """
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "tests.benchmarks.echo_server", "--listen", listen,
-             "--spec", json.dumps(spec), "--hop-threads", str(hop_threads)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "tests.benchmarks.echo_server",
+                "--listen",
+                listen,
+                "--spec",
+                json.dumps(spec),
+                "--hop-threads",
+                str(hop_threads),
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 @dataclass(frozen=True)

@@ -176,21 +176,32 @@ class Run:
         ]
         self.hub = HubProcess(self.work / "hub", log_path=self.work / "hub-1.log").start()
         config = enroll_agent(self.hub, self.work / "agent", "role=soak", hostname="soak-1")
-        self.agent = AgentProcess(self.work / "agent", fleet_config=config,
-                                  log_path=self.work / "agent.log").start()  # fmt: skip
+        self.agent = AgentProcess(
+            self.work / "agent", fleet_config=config, log_path=self.work / "agent.log"
+        ).start()
         self.agent.wait_live(timeout=60)
         self.publish(1)
         self.deploy(1)
         self.wait_active(1, time.monotonic() + 120)
         assert self.hub.proc is not None and self.agent.proc is not None
-        print(f"  hub {self.hub.url} (pid {self.hub.proc.pid}), agent {self.agent.url} "
-              f"(pid {self.agent.proc.pid}): v1 active", flush=True)  # fmt: skip
+        print(
+            f"  hub {self.hub.url} (pid {self.hub.proc.pid}), agent {self.agent.url} "
+            f"(pid {self.agent.proc.pid}): v1 active",
+            flush=True,
+        )
 
     def publish(self, version: int) -> None:
         assert self.hub is not None
         # The operator's path: the hub CLI builds the bundle, uploads it and the hub signs it.
-        self.hub.cli("publish", MODEL, str(self.onnx[(version - 1) % 2]), "--version",
-                     str(version), "--latency-budget-ms", LATENCY_BUDGET_MS)  # fmt: skip
+        self.hub.cli(
+            "publish",
+            MODEL,
+            str(self.onnx[(version - 1) % 2]),
+            "--version",
+            str(version),
+            "--latency-budget-ms",
+            LATENCY_BUDGET_MS,
+        )
 
     def deploy(self, version: int) -> None:
         assert self.hub is not None
@@ -221,17 +232,33 @@ class Run:
         each = self.settings.probe_s / len(PROBE_CONCURRENCY)
         best = 0.0
         for c in PROBE_CONCURRENCY:
-            b = run_concurrent(target, x, threads=c, warmup_s=min(1.0, each / 3), duration_s=each,
-                               server_pid=self.agent.proc.pid)  # fmt: skip
+            b = run_concurrent(
+                target,
+                x,
+                threads=c,
+                warmup_s=min(1.0, each / 3),
+                duration_s=each,
+                server_pid=self.agent.proc.pid,
+            )
             rps = b.completed / b.seconds
             best = max(best, rps)
-            self.report.add(Row("probe", f"closed loop, concurrency {c}", f"{rps:,.0f} req/s",
-                                note=f"p99 {percentile_ms(b.latencies, 99):.2f} ms, "
-                                     f"{b.failed} failed"))  # fmt: skip
+            self.report.add(
+                Row(
+                    "probe",
+                    f"closed loop, concurrency {c}",
+                    f"{rps:,.0f} req/s",
+                    note=f"p99 {percentile_ms(b.latencies, 99):.2f} ms, {b.failed} failed",
+                )
+            )
         self.max_rps = best
-        self.report.add(Row("probe", "maximum throughput", f"{best:,.0f} req/s",
-                            note=f"best of {len(PROBE_CONCURRENCY)} concurrencies, "
-                                 f"{each:.1f} s each"))  # fmt: skip
+        self.report.add(
+            Row(
+                "probe",
+                "maximum throughput",
+                f"{best:,.0f} req/s",
+                note=f"best of {len(PROBE_CONCURRENCY)} concurrencies, {each:.1f} s each",
+            )
+        )
 
     # -- the soak -------------------------------------------------------------------------------
 
@@ -239,11 +266,15 @@ class Run:
         s = self.settings
         assert self.agent is not None
         rate = s.load * self.max_rps
-        print(f"  open loop at {rate:,.0f} req/s ({s.load:.0%} of {self.max_rps:,.0f}) for "
-              f"{s.seconds:.0f} s; swap every {s.swap_every_s:g} s, hub restart at "
-              f"{s.seconds / 2:.0f} s", flush=True)  # fmt: skip
-        load = OpenLoad(Target("agent", self.agent.url, MODEL), row(), rate=rate,
-                        duration_s=s.seconds)  # fmt: skip
+        print(
+            f"  open loop at {rate:,.0f} req/s ({s.load:.0%} of {self.max_rps:,.0f}) for "
+            f"{s.seconds:.0f} s; swap every {s.swap_every_s:g} s, hub restart at "
+            f"{s.seconds / 2:.0f} s",
+            flush=True,
+        )
+        load = OpenLoad(
+            Target("agent", self.agent.url, MODEL), row(), rate=rate, duration_s=s.seconds
+        )
         stop_sampling = threading.Event()
         sampler = threading.Thread(target=self._sample, args=(stop_sampling, load), daemon=True)
         assert self.agent.proc is not None
@@ -293,9 +324,15 @@ class Run:
                     swap.error = "not active before the next swap"
             except Exception as exc:
                 swap.error = f"{type(exc).__name__}: {exc}"[:300]
-            print(f"  {self._now():6.1f}s  v{swap.version}: "
-                  + (f"active {swap.lag_s:.2f} s after deploy" if not swap.error
-                     else f"NOT swapped: {swap.error}"), flush=True)  # fmt: skip
+            print(
+                f"  {self._now():6.1f}s  v{swap.version}: "
+                + (
+                    f"active {swap.lag_s:.2f} s after deploy"
+                    if not swap.error
+                    else f"NOT swapped: {swap.error}"
+                ),
+                flush=True,
+            )
         if not restarted:
             self._sleep_until(half)
             self._restart_hub()
@@ -314,9 +351,11 @@ class Run:
         self.hub = new.start()
         r.ready_s = time.monotonic() - t
         r.new_pid = new.proc.pid  # type: ignore[union-attr]
-        print(f"  {self._now():6.1f}s  hub restarted: SIGTERM -> exit {r.stop_s:.2f} s, "
-              f"start -> READY {r.ready_s:.2f} s (pid {r.old_pid} -> {r.new_pid})",
-              flush=True)  # fmt: skip
+        print(
+            f"  {self._now():6.1f}s  hub restarted: SIGTERM -> exit {r.stop_s:.2f} s, "
+            f"start -> READY {r.ready_s:.2f} s (pid {r.old_pid} -> {r.new_pid})",
+            flush=True,
+        )
         self.stopped_hubs.append(old)
 
     def _sample(self, stop: threading.Event, load: OpenLoad) -> None:
@@ -347,12 +386,15 @@ class Run:
         state = load.state[idx]
         lag = load.send_lag[idx][state != OpenLoad.UNSENT]
         agent = next((x for x in reversed(self.samples) if x.who == "agent"), None)
-        print(f"  {t:6.1f}s  last {span:.0f} s: {np.count_nonzero(state == OpenLoad.OK):,} ok, "
-              f"{np.count_nonzero(state == OpenLoad.FAILED)} failed, p99 "
-              f"{percentile_ms(load.ok_latencies(idx), 99):.1f} ms, sender lag p99 "
-              f"{float(np.percentile(lag, 99)) / 1e6 if lag.size else float('nan'):.1f} ms"
-              + (f"; agent RSS {agent.rss_mb:.1f} MB, {agent.fds} fds" if agent else "")
-              + f"; load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+        print(
+            f"  {t:6.1f}s  last {span:.0f} s: {np.count_nonzero(state == OpenLoad.OK):,} ok, "
+            f"{np.count_nonzero(state == OpenLoad.FAILED)} failed, p99 "
+            f"{percentile_ms(load.ok_latencies(idx), 99):.1f} ms, sender lag p99 "
+            f"{float(np.percentile(lag, 99)) / 1e6 if lag.size else float('nan'):.1f} ms"
+            + (f"; agent RSS {agent.rss_mb:.1f} MB, {agent.fds} fds" if agent else "")
+            + f"; load average {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
 
     def _now(self) -> float:
         return time.monotonic() - self.began
@@ -368,15 +410,22 @@ class Run:
         s, rep = self.settings, self.report
         c = load.counts()
         failed = c["failed"] + c["pending"]
-        kinds = "; ".join(f"{n} x {k}" for k, n in sorted(load.error_kinds.items(),
-                                                          key=lambda kv: -kv[1]))  # fmt: skip
+        kinds = "; ".join(
+            f"{n} x {k}" for k, n in sorted(load.error_kinds.items(), key=lambda kv: -kv[1])
+        )
         first = load.first_errors[0] if load.first_errors else None
-        rep.check(Row("soak", "failed requests", str(failed), target="0",
-                      note=f"{c['ok']:,} answered of {c['ok'] + failed:,} sent"
-                           + (f"; {kinds}" if kinds else "")
-                           + (f"; first at {first[0] / load.rate:.1f} s: {first[1][:120]}"
-                              if first else "")),
-                  failed == 0)  # fmt: skip
+        rep.check(
+            Row(
+                "soak",
+                "failed requests",
+                str(failed),
+                target="0",
+                note=f"{c['ok']:,} answered of {c['ok'] + failed:,} sent"
+                + (f"; {kinds}" if kinds else "")
+                + (f"; first at {first[0] / load.rate:.1f} s: {first[1][:120]}" if first else ""),
+            ),
+            failed == 0,
+        )
         sent = load.state != OpenLoad.UNSENT
         lag = load.send_lag[sent]
         lag99 = float(np.percentile(lag, 99)) / 1e6 if lag.size else float("nan")
@@ -384,17 +433,29 @@ class Run:
         # answers more slowly than the schedule, the rest wait in the generator and leave late.
         # Those still waiting when the run ends were never offered, so the run did not hold
         # its load: a miss of the run itself (usually a machine busier than during the probe).
-        rep.check(Row("soak", "offered load held", f"{load.rate:,.0f} req/s",
-                      f"max {self.max_rps:,.0f} req/s", load.rate / self.max_rps, "all sent",
-                      note=f"answered {c['ok'] / self.elapsed:,.0f} req/s over "
-                           f"{self.elapsed:.0f} s"
-                           + (f", {c['unsent']:,} of {c['scheduled']:,} never sent (the generator "
-                              f"was {float(lag.max()) / 1e9:.0f} s behind)" if c["unsent"] else "")
-                           + f"; sender lag p99 {lag99:.1f} ms; CPU per answered request: agent "
-                           f"{self.cpu[0] / max(c['ok'], 1) * 1e6:.0f} us, load generator "
-                           f"{self.cpu[1] / max(c['ok'], 1) * 1e6:.0f} us; agent "
-                           f"{self.cpu[0] / self.elapsed:.0%} of a core"),
-                  c["unsent"] == 0)  # fmt: skip
+        rep.check(
+            Row(
+                "soak",
+                "offered load held",
+                f"{load.rate:,.0f} req/s",
+                f"max {self.max_rps:,.0f} req/s",
+                load.rate / self.max_rps,
+                "all sent",
+                note=f"answered {c['ok'] / self.elapsed:,.0f} req/s over "
+                f"{self.elapsed:.0f} s"
+                + (
+                    f", {c['unsent']:,} of {c['scheduled']:,} never sent (the generator "
+                    f"was {float(lag.max()) / 1e9:.0f} s behind)"
+                    if c["unsent"]
+                    else ""
+                )
+                + f"; sender lag p99 {lag99:.1f} ms; CPU per answered request: agent "
+                f"{self.cpu[0] / max(c['ok'], 1) * 1e6:.0f} us, load generator "
+                f"{self.cpu[1] / max(c['ok'], 1) * 1e6:.0f} us; agent "
+                f"{self.cpu[0] / self.elapsed:.0%} of a core",
+            ),
+            c["unsent"] == 0,
+        )
 
         ns = 1_000_000_000
         w = s.window_s
@@ -403,41 +464,70 @@ class Run:
         p_first = percentile_ms(load.ok_latencies(first_idx), 99)
         p_last = percentile_ms(load.ok_latencies(last_idx), 99)
         all_ok = load.ok_latencies()
-        rep.add(Row("soak", f"p99, last {w:.3g} s", f"{p_last:.2f} ms", f"first {w:.3g} s "
-                    f"{p_first:.2f} ms", p_last / p_first if p_first else None,
-                    note=f"whole run p50 {percentile_ms(all_ok, 50):.2f} ms, p99 "
-                         f"{percentile_ms(all_ok, 99):.2f} ms, max "
-                         f"{float(all_ok.max()) / 1e6 if all_ok.size else float('nan'):.1f} ms; "
-                         "latency from each request's scheduled send time"))  # fmt: skip
+        rep.add(
+            Row(
+                "soak",
+                f"p99, last {w:.3g} s",
+                f"{p_last:.2f} ms",
+                f"first {w:.3g} s {p_first:.2f} ms",
+                p_last / p_first if p_first else None,
+                note=f"whole run p50 {percentile_ms(all_ok, 50):.2f} ms, p99 "
+                f"{percentile_ms(all_ok, 99):.2f} ms, max "
+                f"{float(all_ok.max()) / 1e6 if all_ok.size else float('nan'):.1f} ms; "
+                "latency from each request's scheduled send time",
+            )
+        )
         r = self.restart
         if not np.isnan(r.at_s):
             near = load.window(load.t0 + int(r.at_s * ns), load.t0 + int((r.at_s + 10) * ns))
-            rep.add(Row("soak", "p99 in the 10 s from the hub's SIGTERM",
-                        f"{percentile_ms(load.ok_latencies(near), 99):.2f} ms",
-                        note=f"{int(np.count_nonzero(load.state[near] == OpenLoad.FAILED))} "
-                             "failed in that window"))  # fmt: skip
+            rep.add(
+                Row(
+                    "soak",
+                    "p99 in the 10 s from the hub's SIGTERM",
+                    f"{percentile_ms(load.ok_latencies(near), 99):.2f} ms",
+                    note=f"{int(np.count_nonzero(load.state[near] == OpenLoad.FAILED))} "
+                    "failed in that window",
+                )
+            )
 
         done = [sw for sw in self.swaps if not sw.error]
         lags = [sw.lag_s for sw in done]
         served = np.unique(load.version[load.state == OpenLoad.OK])
-        rep.check(Row("swaps", "versions deployed and active on the agent",
-                      f"{len(done)} of {len(self.swaps)}", target="all",
-                      note=(f"deploy -> active median {statistics.median(lags):.2f} s, max "
-                            f"{max(lags):.2f} s; " if lags else "")
-                           + f"versions answering clients: {len(served)}"
-                           + "".join(f"; v{sw.version}: {sw.error}" for sw in self.swaps
-                                     if sw.error)),
-                  bool(self.swaps) and len(done) == len(self.swaps))  # fmt: skip
+        rep.check(
+            Row(
+                "swaps",
+                "versions deployed and active on the agent",
+                f"{len(done)} of {len(self.swaps)}",
+                target="all",
+                note=(
+                    f"deploy -> active median {statistics.median(lags):.2f} s, max "
+                    f"{max(lags):.2f} s; "
+                    if lags
+                    else ""
+                )
+                + f"versions answering clients: {len(served)}"
+                + "".join(f"; v{sw.version}: {sw.error}" for sw in self.swaps if sw.error),
+            ),
+            bool(self.swaps) and len(done) == len(self.swaps),
+        )
         # The swap due at the midpoint itself waits for the restart: it is the first after it.
         after = [sw for sw in self.swaps if sw.due_s >= s.seconds / 2]
         if not np.isnan(r.at_s):
-            rep.check(Row("hub restart", "SIGTERM -> exit, start -> READY",
-                          f"{r.stop_s:.2f} s, {r.ready_s:.2f} s", target="restarted",
-                          note="first swap after it: "
-                               + (f"v{after[0].version} active {after[0].lag_s:.2f} s after "
-                                  "deploy" if after and not after[0].error else
-                                  (after[0].error if after else "none"))),
-                      not np.isnan(r.ready_s))  # fmt: skip
+            rep.check(
+                Row(
+                    "hub restart",
+                    "SIGTERM -> exit, start -> READY",
+                    f"{r.stop_s:.2f} s, {r.ready_s:.2f} s",
+                    target="restarted",
+                    note="first swap after it: "
+                    + (
+                        f"v{after[0].version} active {after[0].lag_s:.2f} s after deploy"
+                        if after and not after[0].error
+                        else (after[0].error if after else "none")
+                    ),
+                ),
+                not np.isnan(r.ready_s),
+            )
 
         self._growth("agent", "agent", 0.0, s.seconds)
         if np.isnan(r.at_s):
@@ -448,9 +538,14 @@ class Run:
             self._growth("hub", "hub, after restart", r.at_s + r.ready_s + r.stop_s, s.seconds)
         loads = [v for _, v in self.loadavg]
         if loads:
-            rep.add(Row("machine", "load average (1 min) during the soak",
-                        f"mean {statistics.fmean(loads):.2f}, max {max(loads):.2f}",
-                        note=f"{self.report.machine.get('nproc', '?')} cores"))  # fmt: skip
+            rep.add(
+                Row(
+                    "machine",
+                    "load average (1 min) during the soak",
+                    f"mean {statistics.fmean(loads):.2f}, max {max(loads):.2f}",
+                    note=f"{self.report.machine.get('nproc', '?')} cores",
+                )
+            )
 
     def _growth(self, who: str, label: str, t0: float, t1: float) -> None:
         """RSS and descriptors: median of the first window of [t0, t1) against the last one."""
@@ -459,12 +554,15 @@ class Run:
         head = [x for x in mine if x.t < t0 + w]
         tail = [x for x in mine if x.t >= t1 - w]
         if not head or not tail:
-            self.report.add(Row("memory", f"{label}: RSS and descriptors", "no samples",
-                                verdict="ERROR"))  # fmt: skip
+            self.report.add(
+                Row("memory", f"{label}: RSS and descriptors", "no samples", verdict="ERROR")
+            )
             self.report.errors.append(f"{label}: no samples")
             return
-        for what, unit, get in (("RSS", "MB", lambda x: x.rss_mb),
-                                ("open file descriptors", "", lambda x: x.fds)):  # fmt: skip
+        for what, unit, get in (
+            ("RSS", "MB", lambda x: x.rss_mb),
+            ("open file descriptors", "", lambda x: x.fds),
+        ):
             a = statistics.median(get(x) for x in head)
             b = statistics.median(get(x) for x in tail)
             peak = max(get(x) for x in mine)
@@ -474,14 +572,22 @@ class Run:
 
             threads = ""
             if unit:  # once, on the RSS row
-                threads = (f"; threads {statistics.median(x.threads for x in head):g} -> "
-                           f"{statistics.median(x.threads for x in tail):g}")  # fmt: skip
+                threads = (
+                    f"; threads {statistics.median(x.threads for x in head):g} -> "
+                    f"{statistics.median(x.threads for x in tail):g}"
+                )
             self.report.check(
-                Row("memory", f"{label}: {what}, last {w:.3g} s", fmt(b),
-                    f"first {w:.3g} s {fmt(a)}", b / a if a else None, f"< +{GROWTH_MAX:.0%}",
-                    note=f"peak {fmt(peak)}, {len(mine)} samples{threads}"),
+                Row(
+                    "memory",
+                    f"{label}: {what}, last {w:.3g} s",
+                    fmt(b),
+                    f"first {w:.3g} s {fmt(a)}",
+                    b / a if a else None,
+                    f"< +{GROWTH_MAX:.0%}",
+                    note=f"peak {fmt(peak)}, {len(mine)} samples{threads}",
+                ),
                 b <= a * (1 + GROWTH_MAX),
-            )  # fmt: skip
+            )
 
     def save_samples(self) -> None:
         path = self.settings.out / "samples.csv"
@@ -553,9 +659,11 @@ def main() -> int:
     run.save_samples()
     status = exit_status(run.report)
     missed = [r.what for r in run.report.rows if r.verdict in ("MISS", "ERROR")]
-    print(f"\nsoak: {'PASS' if status == 0 else 'FAIL'}; goals missed: {missed or 'none'}; "
-          f"errors: {run.report.errors or 'none'}; runtime {run.report.machine['runtime_s']} s; "
-          f"load average at the end {run.report.machine.get('loadavg_end', '?')}")  # fmt: skip
+    print(
+        f"\nsoak: {'PASS' if status == 0 else 'FAIL'}; goals missed: {missed or 'none'}; "
+        f"errors: {run.report.errors or 'none'}; runtime {run.report.machine['runtime_s']} s; "
+        f"load average at the end {run.report.machine.get('loadavg_end', '?')}"
+    )
     print(f"results: {settings.out / 'results.md'}, {settings.out / 'samples.csv'}")
     return status
 

@@ -48,9 +48,13 @@ def exec_view(proc: subprocess.Popen) -> tuple[str, str]:
 
 def start_enroll(data: Path, *args: str, **popen: object) -> subprocess.Popen:
     return subprocess.Popen(
-        [*ENROLL, "--data", str(data), "--hostname", data.name, *args], cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
-    )  # fmt: skip
+        [*ENROLL, "--data", str(data), "--hostname", data.name, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def assert_nowhere(secret: str, token: str, *texts: str) -> None:
@@ -118,8 +122,13 @@ def test_enroll_with_token_on_stdin_and_the_agent_logs_no_secret(
     assert proc.returncode == 0, out + err
     assert_nowhere(secret, token, out, err)
     # The enrolled agent runs, reaches the hub, and logs nothing of the token either.
-    agent = AgentProcess(data, "--log-level", "DEBUG", fleet_config=data / "agent.toml",
-                         log_path=tmp_path / "agent.log")  # fmt: skip
+    agent = AgentProcess(
+        data,
+        "--log-level",
+        "DEBUG",
+        fleet_config=data / "agent.toml",
+        log_path=tmp_path / "agent.log",
+    )
     agent.start()
     try:
         agent.wait_live()
@@ -131,8 +140,9 @@ def test_enroll_with_token_on_stdin_and_the_agent_logs_no_secret(
 
 def test_enroll_with_token_in_the_environment(hub: HubProcess, tmp_path: Path) -> None:
     token, secret = new_token(hub)
-    proc = start_enroll(tmp_path / "node-env",
-                        env={**os.environ, "MODELFLEET_AGENT_ENROLL_TOKEN": token})  # fmt: skip
+    proc = start_enroll(
+        tmp_path / "node-env", env={**os.environ, "MODELFLEET_AGENT_ENROLL_TOKEN": token}
+    )
     try:
         assert_nowhere(secret, token, exec_view(proc)[0])
         out, err = proc.communicate(timeout=60)
@@ -148,8 +158,13 @@ def test_token_on_the_command_line_still_works_but_is_warned_about(
     hub: HubProcess, tmp_path: Path
 ) -> None:
     token, secret = new_token(hub)
-    r = subprocess.run([*ENROLL, "--token", token, "--data", str(tmp_path / "node-argv")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [*ENROLL, "--token", token, "--data", str(tmp_path / "node-argv")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "--token is visible" in r.stderr and "--token-file" in r.stderr
     assert_nowhere(secret, token, r.stdout, r.stderr, hub.logs())
@@ -157,8 +172,15 @@ def test_token_on_the_command_line_still_works_but_is_warned_about(
 
 def run_enroll(tmp_path: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MODELFLEET_AGENT_ENROLL_TOKEN"}
-    return subprocess.run([*ENROLL, "--data", str(tmp_path / "node"), *args], cwd=ROOT, env=env,
-                          input=stdin, capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [*ENROLL, "--data", str(tmp_path / "node"), *args],
+        cwd=ROOT,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_unusable_token_sources_are_refused_with_what_to_do(tmp_path: Path) -> None:

@@ -189,12 +189,25 @@ def test_deploy_version_out_of_range_refused(hub, bad) -> None:
 
 def serve(data: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "hub.cli", "--data", str(data), "serve",
-         "--listen", f"127.0.0.1:{free_port()}", "--enroll-listen", f"127.0.0.1:{free_port()}",
-         *flags],
-        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hub.cli",
+            "--data",
+            str(data),
+            "serve",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--enroll-listen",
+            f"127.0.0.1:{free_port()}",
+            *flags,
+        ],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def refused_at_start(proc: subprocess.Popen) -> str:
@@ -213,8 +226,9 @@ def refused_at_start(proc: subprocess.Popen) -> str:
 def test_refresh_interval_longer_than_timestamp_lifetime_refused(tmp_path: Path) -> None:
     """An interval of 2 h with a 1 h timestamp: the timestamp would expire between re-signings
     and every agent would freeze on it after the next publish."""
-    out = refused_at_start(serve(tmp_path / "hub", "--refresh-interval-s", "7200",
-                                 "--timestamp-expiry-s", "3600"))  # fmt: skip
+    out = refused_at_start(
+        serve(tmp_path / "hub", "--refresh-interval-s", "7200", "--timestamp-expiry-s", "3600")
+    )
     assert "refresh_interval_s (7200 s)" in out and "timestamp_expiry_s (3600 s)" in out, out
     assert "0 < refresh_interval_s <= 900" in out, out
 

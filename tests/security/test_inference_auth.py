@@ -48,9 +48,14 @@ class Pki:
         self.foreign_cert, self.foreign_key = self.pair("foreign", self.other, "app", server=False)
 
     def pair(
-        self, stem: str, ca: CertificateAuthority, cn: str, *, server: bool,
+        self,
+        stem: str,
+        ca: CertificateAuthority,
+        cn: str,
+        *,
+        server: bool,
         hostnames: tuple[str, ...] | list[str] = (),
-    ) -> tuple[Path, Path]:  # fmt: skip
+    ) -> tuple[Path, Path]:
         key = generate_key()
         cert = ca.issue_for_key(key.public_key(), cn, server=server, hostnames=hostnames)
         write_private_key(self.root / f"{stem}.key", key)
@@ -167,8 +172,14 @@ def test_plaintext_client_is_refused_on_a_tls_port(start, pki: Pki) -> None:
 def test_mutual_tls_refuses_clients_without_a_certificate_from_the_named_ca(
     start, pki: Pki
 ) -> None:
-    agent = start("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-                  "--tls-client-ca", str(pki.root / "ca1" / "ca.crt"))  # fmt: skip
+    agent = start(
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+        "--tls-client-ca",
+        str(pki.root / "ca1" / "ca.crt"),
+    )
     with client(agent, root=pki.ca_pem) as c:
         refused(c.is_server_live)
         refused(c.infer, "mlp", [])
@@ -185,15 +196,28 @@ def test_bearer_token_is_required_on_inference_and_metadata_but_not_health(
     token_file = tmp_path / "inference.token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    agent = start("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-                  "--auth-token-file", str(token_file))  # fmt: skip
+    agent = start(
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+        "--auth-token-file",
+        str(token_file),
+    )
     good = {"authorization": f"Bearer {TOKEN}"}
     with client(agent, root=pki.ca_pem) as c:
-        bad = (None, {"authorization": "Bearer wrong-token"}, {"authorization": TOKEN},
-               {"authorization": f"Bearer {TOKEN}x"})  # fmt: skip
+        bad = (
+            None,
+            {"authorization": "Bearer wrong-token"},
+            {"authorization": TOKEN},
+            {"authorization": f"Bearer {TOKEN}x"},
+        )
         for headers in bad:
-            for call, args in ((c.is_server_live, ()), (c.get_model_metadata, ("mlp",)),
-                               (c.get_model_repository_index, ())):  # fmt: skip
+            for call, args in (
+                (c.is_server_live, ()),
+                (c.get_model_metadata, ("mlp",)),
+                (c.get_model_repository_index, ()),
+            ):
                 err = refused(call, *args, headers=headers)
                 assert err.status() == "StatusCode.UNAUTHENTICATED", (headers, err)
                 assert "bearer token" in err.message(), err.message()
@@ -231,19 +255,26 @@ def test_fleet_agent_serves_with_its_enrolled_identity_and_trusts_the_hub_ca(
     try:
         config = enroll_agent(hub, tmp_path / "edge", "site=test", hostname="edge")
         agent_id = tomllib.loads(config.read_text())["agent"]["agent_id"]
-        agent = AgentProcess(tmp_path / "edge", "--tls-agent-identity", "--tls-client-ca-hub",
-                             fleet_config=config, log_path=tmp_path / "edge.log")  # fmt: skip
+        agent = AgentProcess(
+            tmp_path / "edge",
+            "--tls-agent-identity",
+            "--tls-client-ca-hub",
+            fleet_config=config,
+            log_path=tmp_path / "edge.log",
+        )
         agent.start()
         wait_ready(agent)
         hub_ca = (tmp_path / "edge" / "identity" / "ca.crt").read_bytes()
         admin = tmp_path / "hub" / "admin"
         # Clients verify the agent by the name its hub-issued certificate carries.
         name = [("grpc.ssl_target_name_override", f"{agent_id}.agent.modelfleet.internal")]
-        with client(agent, root=hub_ca, cert=admin / "admin.crt", key=admin / "admin.key",
-                    channel_args=name) as c:  # fmt: skip
+        with client(
+            agent, root=hub_ca, cert=admin / "admin.crt", key=admin / "admin.key", channel_args=name
+        ) as c:
             assert c.is_server_live(client_timeout=5)
-        with client(agent, root=hub_ca, cert=pki.client_cert, key=pki.client_key,
-                    channel_args=name) as c:  # fmt: skip
+        with client(
+            agent, root=hub_ca, cert=pki.client_cert, key=pki.client_key, channel_args=name
+        ) as c:
             refused(c.is_server_live)
         with client(agent, root=hub_ca, channel_args=name) as c:
             refused(c.is_server_live)
@@ -251,8 +282,13 @@ def test_fleet_agent_serves_with_its_enrolled_identity_and_trusts_the_hub_ca(
             refused(c.is_server_live)
         # Another agent's name is not this agent's: the hub CA vouches for who it is.
         other = [("grpc.ssl_target_name_override", "someone-else.agent.modelfleet.internal")]
-        with client(agent, root=hub_ca, cert=admin / "admin.crt", key=admin / "admin.key",
-                    channel_args=other) as c:  # fmt: skip
+        with client(
+            agent,
+            root=hub_ca,
+            cert=admin / "admin.crt",
+            key=admin / "admin.key",
+            channel_args=other,
+        ) as c:
             refused(c.is_server_live)
     finally:
         if agent is not None:
@@ -277,14 +313,26 @@ def load(env: dict[str, str]):
         ({"MODELFLEET_AGENT_TLS_CLIENT_CA": "ca.crt"}, "need TLS"),
         ({"MODELFLEET_AGENT_TLS_AGENT_IDENTITY": "true"}, "fleet mode"),
         ({"MODELFLEET_AGENT_TLS_CLIENT_CA_HUB": "true"}, "fleet mode"),
-        ({"MODELFLEET_AGENT_HUB": "h:1", "MODELFLEET_AGENT_TLS_AGENT_IDENTITY": "1",
-          "MODELFLEET_AGENT_TLS_CERT": "a.crt", "MODELFLEET_AGENT_TLS_KEY": "a.key"},
-         "either tls_agent_identity or tls_cert"),
-        ({"MODELFLEET_AGENT_HUB": "h:1", "MODELFLEET_AGENT_TLS_AGENT_IDENTITY": "1",
-          "MODELFLEET_AGENT_TLS_CLIENT_CA_HUB": "1", "MODELFLEET_AGENT_TLS_CLIENT_CA": "c"},
-         "either tls_client_ca_hub or tls_client_ca"),
+        (
+            {
+                "MODELFLEET_AGENT_HUB": "h:1",
+                "MODELFLEET_AGENT_TLS_AGENT_IDENTITY": "1",
+                "MODELFLEET_AGENT_TLS_CERT": "a.crt",
+                "MODELFLEET_AGENT_TLS_KEY": "a.key",
+            },
+            "either tls_agent_identity or tls_cert",
+        ),
+        (
+            {
+                "MODELFLEET_AGENT_HUB": "h:1",
+                "MODELFLEET_AGENT_TLS_AGENT_IDENTITY": "1",
+                "MODELFLEET_AGENT_TLS_CLIENT_CA_HUB": "1",
+                "MODELFLEET_AGENT_TLS_CLIENT_CA": "c",
+            },
+            "either tls_client_ca_hub or tls_client_ca",
+        ),
     ],
-)  # fmt: skip
+)
 def test_inconsistent_tls_settings_are_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         load(env)
@@ -292,10 +340,24 @@ def test_inconsistent_tls_settings_are_refused(env: dict[str, str], message: str
 
 def serve_fails(repo: Path, tmp_path: Path, *extra: str, code: int = 7) -> str:
     r = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "serve", "--models", str(repo), "--listen",
-         "127.0.0.1:0", "--admin-socket", str(tmp_path / "a.sock"), *extra],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "serve",
+            "--models",
+            str(repo),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-socket",
+            str(tmp_path / "a.sock"),
+            *extra,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == code, r.stdout + r.stderr
     return r.stderr
 
@@ -303,15 +365,23 @@ def serve_fails(repo: Path, tmp_path: Path, *extra: str, code: int = 7) -> str:
 def test_unusable_tls_files_stop_the_agent_with_a_clear_error(
     repo: Path, tmp_path: Path, pki: Pki
 ) -> None:
-    err = serve_fails(repo, tmp_path, "--tls-cert", str(pki.server_cert),
-                      "--tls-key", str(pki.client_key))  # fmt: skip
+    err = serve_fails(
+        repo, tmp_path, "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.client_key)
+    )
     assert "does not match" in err and str(pki.client_key) in err
-    err = serve_fails(repo, tmp_path, "--tls-cert", str(tmp_path / "missing.crt"),
-                      "--tls-key", str(pki.server_key))  # fmt: skip
+    err = serve_fails(
+        repo,
+        tmp_path,
+        "--tls-cert",
+        str(tmp_path / "missing.crt"),
+        "--tls-key",
+        str(pki.server_key),
+    )
     assert "missing.crt" in err and "tls_cert" in err
     # A client certificate is not a server certificate: clients would refuse it.
-    err = serve_fails(repo, tmp_path, "--tls-cert", str(pki.client_cert),
-                      "--tls-key", str(pki.client_key))  # fmt: skip
+    err = serve_fails(
+        repo, tmp_path, "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)
+    )
     assert "serverAuth" in err
     empty = tmp_path / "empty.token"
     empty.write_text("\n")
@@ -360,8 +430,9 @@ def test_rotated_certificate_is_served_without_a_restart_once_the_pair_matches(
     agent = start("--tls-cert", str(cert), "--tls-key", str(key))
     old = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(Encoding.DER)
     assert served_certificate(agent) == old
-    new_cert, new_key = pki.pair("rotated", pki.ca, "inference-server", server=True,
-                                  hostnames=["127.0.0.1"])  # fmt: skip
+    new_cert, new_key = pki.pair(
+        "rotated", pki.ca, "inference-server", server=True, hostnames=["127.0.0.1"]
+    )
     # Half-way through a rotation (new certificate, old key) the old pair keeps serving.
     os.replace(new_cert, cert)
     assert served_certificate(agent) == old

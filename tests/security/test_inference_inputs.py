@@ -79,17 +79,32 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("inputs")
     repo, src = root / "repo", root / "src"
     text = np.array([["a", "b", "c"]], dtype=object)
-    create_bundle(match_model(src / "match.onnx", PROBE), name="match", version=1, out_dir=repo,
-                  samples={"s": text})  # fmt: skip
+    create_bundle(
+        match_model(src / "match.onnx", PROBE),
+        name="match",
+        version=1,
+        out_dir=repo,
+        samples={"s": text},
+    )
     # Equal-length elements with NUL bytes: the other form onnxruntime can take unchanged.
-    create_bundle(match_model(src / "match_nul.onnx", [b"\x00\xff", b"\xfe\x00"]),
-                  name="match_nul", version=1, out_dir=repo,
-                  samples={"s": np.array([["a", "b"]], dtype=object)})  # fmt: skip
-    create_bundle(echo_model(src / "echo.onnx"), name="echo", version=1, out_dir=repo,
-                  samples={"s": text})  # fmt: skip
+    create_bundle(
+        match_model(src / "match_nul.onnx", [b"\x00\xff", b"\xfe\x00"]),
+        name="match_nul",
+        version=1,
+        out_dir=repo,
+        samples={"s": np.array([["a", "b"]], dtype=object)},
+    )
+    create_bundle(
+        echo_model(src / "echo.onnx"), name="echo", version=1, out_dir=repo, samples={"s": text}
+    )
     for dt in INT_DATATYPES:
-        create_bundle(models.identity(src / f"id-{dt}.onnx", dt), name=f"id_{dt.lower()}",
-                      version=1, out_dir=repo, samples={"x": models.sample_array(dt)})  # fmt: skip
+        create_bundle(
+            models.identity(src / f"id-{dt}.onnx", dt),
+            name=f"id_{dt.lower()}",
+            version=1,
+            out_dir=repo,
+            samples={"x": models.sample_array(dt)},
+        )
     proc = AgentProcess(repo, log_path=root / "agent.log")
     proc.start()
     try:
@@ -238,15 +253,29 @@ def test_bytes_tensor_forms_never_merged_into_one_run(tmp_path: Path) -> None:
     could merge them: bytes with NULs (equal lengths) and bytes without (unequal lengths)
     would, merged into one tensor, have no exact form left."""
     repo = tmp_path / "repo"
-    create_bundle(match_model(tmp_path / "m.onnx", [b"\x00\xff", b"\xfe\x00"]), name="match_nul",
-                  version=1, out_dir=repo, max_batch_size=8,
-                  samples={"s": np.array([["a", "b"]], dtype=object)})  # fmt: skip
+    create_bundle(
+        match_model(tmp_path / "m.onnx", [b"\x00\xff", b"\xfe\x00"]),
+        name="match_nul",
+        version=1,
+        out_dir=repo,
+        max_batch_size=8,
+        samples={"s": np.array([["a", "b"]], dtype=object)},
+    )
     # A long queue delay: concurrent requests wait for each other and would share a run.
-    with AgentProcess(repo, "--inline-max-us", "0", "--max-queue-delay-us", "300000",
-                      log_path=tmp_path / "agent.log") as agent:  # fmt: skip
+    with AgentProcess(
+        repo,
+        "--inline-max-us",
+        "0",
+        "--max-queue-delay-us",
+        "300000",
+        log_path=tmp_path / "agent.log",
+    ) as agent:
         agent.wait_model("match_nul", timeout=60)
-        rows = {"nul": [b"\x00\xff", b"\xfe\x00"], "no_nul": [b"\xff", b"\xfe\xfd\xfc"],
-                "text": [b"ab", b"c"]}  # fmt: skip
+        rows = {
+            "nul": [b"\x00\xff", b"\xfe\x00"],
+            "no_nul": [b"\xff", b"\xfe\xfd\xfc"],
+            "text": [b"ab", b"c"],
+        }
 
         def one(key: str) -> list[bool]:
             c = agent.client()
@@ -258,5 +287,7 @@ def test_bytes_tensor_forms_never_merged_into_one_run(tmp_path: Path) -> None:
         with ThreadPoolExecutor(len(rows)) as pool:
             got = dict(zip(rows, pool.map(one, rows), strict=True))
     assert {k: list(v) for k, v in got.items()} == {
-        "nul": [True, True], "no_nul": [False, False], "text": [False, False]
-    }  # fmt: skip
+        "nul": [True, True],
+        "no_nul": [False, False],
+        "text": [False, False],
+    }

@@ -66,14 +66,21 @@ def test_revoked_agent_cannot_connect_to_the_broker(
     agents: list[AgentProcess] = []
     try:
         broker.configure().start()
-        hub = HubProcess(tmp_path / "hub", "--mqtt", broker.address,
-                         log_path=tmp_path / "hub.log").start()  # fmt: skip
+        hub = HubProcess(
+            tmp_path / "hub", "--mqtt", broker.address, log_path=tmp_path / "hub.log"
+        ).start()
         wait_for(lambda: "connected to MQTT broker" in hub.logs(), 30, "hub on MQTT")
         for name in ("edge-a", "edge-b"):
             data = tmp_path / name
             enroll_agent(hub, data, "site=berlin", hostname=name, transport="mqtt")
-            agents.append(AgentProcess(data, fleet_config=data / "agent.toml", env=FAST,
-                                       log_path=tmp_path / f"{name}.log").start())  # fmt: skip
+            agents.append(
+                AgentProcess(
+                    data,
+                    fleet_config=data / "agent.toml",
+                    env=FAST,
+                    log_path=tmp_path / f"{name}.log",
+                ).start()
+            )
         a, b = agents
         ident_a, ident_b = a.models / "identity", b.models / "identity"
         hub.cli("publish", "mlp", str(models.mlp(tmp_path / "m0.onnx", seed=0)))
@@ -83,9 +90,10 @@ def test_revoked_agent_cannot_connect_to_the_broker(
 
         hub.cli("agents", "revoke", agent_id(hub, "edge-a"))
         wait_for(
-            lambda: handshake(broker, ident_a).startswith("refused"), 10,
+            lambda: handshake(broker, ident_a).startswith("refused"),
+            10,
             "agent A refused by the broker",
-        )  # fmt: skip
+        )
         # Refused for its revoked certificate (the client sees the broker's "certificate
         # revoked" alert, or only the closed connection when the broker closes first).
         assert revoked_serials(broker) == {serial(ident_a)}

@@ -146,8 +146,9 @@ def test_corrupted_previous_bundle_is_fetched_again_when_needed(fleet) -> None: 
     assert digest == manifest["model"]["sha256"]
 
 
-@pytest.mark.parametrize(("served_json", "hub_state"), [("corrupt", "hub_down"),
-                                                        ("missing", "hub_up")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("served_json", "hub_state"), [("corrupt", "hub_down"), ("missing", "hub_up")]
+)
 def test_restart_without_a_usable_served_json_still_serves(
     fleet,  # noqa: F811
     tmp_path: Path,

@@ -29,8 +29,18 @@ def test_an_agent_enrolled_after_completed_rollouts_gets_the_rolled_out_version(
     hub.cli("deploy", "mlp", "1")
     wait_for(lambda: all(active(a) == 1 for a in agents), 60, "v1 everywhere")
     for version in ("2", "3"):
-        hub.cli("rollout", "start", "mlp", version, "--waves", "50,100", "--bake", "1s",
-                "--agent-timeout", "60s")  # fmt: skip
+        hub.cli(
+            "rollout",
+            "start",
+            "mlp",
+            version,
+            "--waves",
+            "50,100",
+            "--bake",
+            "1s",
+            "--agent-timeout",
+            "60s",
+        )
         wait_for(lambda: _rollout_done(hub), 120, f"rollout of v{version} done")
     hub.cli("models", "stage", "mlp", "1", "retired")
     late = fleet.agent(hub, "edge-late", "site=berlin")

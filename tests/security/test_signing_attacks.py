@@ -27,8 +27,12 @@ from tests.test_fleet import active, fleet, model_error  # noqa: F401  (fixture)
 def _keys_init_offline(tmp_path: Path) -> Path:
     offline = tmp_path / "offline-keys"
     cmd = ["keys", "init", "--offline", str(offline)]
-    subprocess.run([sys.executable, "-m", "hub.cli", "--data", str(tmp_path / "hub"), *cmd],
-                   cwd=ROOT, check=True, timeout=60)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "hub.cli", "--data", str(tmp_path / "hub"), *cmd],
+        cwd=ROOT,
+        check=True,
+        timeout=60,
+    )
     return offline / "targets.pem"
 
 
@@ -71,8 +75,9 @@ def test_blind_signing_of_an_attackers_staged_version(fleet, tmp_path: Path) -> 
     wait_for(lambda: active(agent) == 3, 60, "v3")
     # `sign` needs the digest the key holder means: the attacker's v2 under another digest is
     # refused, nothing signed.
-    wrong = hub.cli("sign", "mlp", "2", "--targets-key", str(targets_key), "--sha256", "ab" * 32,
-                    check=False)  # fmt: skip
+    wrong = hub.cli(
+        "sign", "mlp", "2", "--targets-key", str(targets_key), "--sha256", "ab" * 32, check=False
+    )
     assert wrong.returncode == 9 and "refusing to sign" in wrong.stderr
     assert "you built sha256" in wrong.stderr
     assert "mlp/2/bundle.tar" not in _signed_targets(hub)
@@ -85,8 +90,9 @@ def test_signing_a_later_version_with_sign_and_its_digest(fleet, tmp_path: Path)
     unsigned = hub.cli("publish", "mlp", str(fleet.model(0)), check=False)
     digest = re.search(r"--sha256 ([0-9a-f]{64})", unsigned.stderr)
     assert unsigned.returncode == 7 and digest, unsigned.stderr
-    assert "signed mlp v1" in hub.cli("sign", "mlp", "1", "--targets-key", str(targets_key),
-                                      "--sha256", digest.group(1))  # fmt: skip
+    assert "signed mlp v1" in hub.cli(
+        "sign", "mlp", "1", "--targets-key", str(targets_key), "--sha256", digest.group(1)
+    )
     hub.cli("deploy", "mlp", "1")
     wait_for(lambda: active(agent) == 1, 60, "v1 signed later with `sign`")
 
@@ -103,8 +109,9 @@ def _forge_targets(hub: HubProcess, path: str, evil_sha256: str) -> None:
     tv = snap.signed.meta["targets.json"].version
     targets = Metadata.from_bytes((tuf / f"{tv}.targets.json").read_bytes())
     old = targets.signed.targets[path]
-    targets.signed.targets[path] = TargetFile(old.length, {"sha256": evil_sha256}, path,
-                                              old.unrecognized_fields)  # fmt: skip
+    targets.signed.targets[path] = TargetFile(
+        old.length, {"sha256": evil_sha256}, path, old.unrecognized_fields
+    )
     targets.signed.version += 1
     targets.sign(CryptoSigner.generate_ed25519(), append=False)
     tbytes = targets.to_bytes()
@@ -152,10 +159,23 @@ def test_hub_refuses_forged_metadata_on_its_disk(fleet, tmp_path: Path, layout: 
     # A restarted hub refuses to start on forged metadata, naming the file.
     hub.stop()
     r = subprocess.run(
-        [sys.executable, "-m", "hub.cli", "--data", str(hub.data), "serve", "--listen",
-         "127.0.0.1:0", "--enroll-listen", "127.0.0.1:0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hub.cli",
+            "--data",
+            str(hub.data),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--enroll-listen",
+            "127.0.0.1:0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0
     assert "targets.json is not signed by the targets key" in r.stdout + r.stderr
     assert published != "66" * 32
@@ -183,18 +203,33 @@ def test_a_rolled_back_targets_is_refused_after_a_hub_restart(fleet, tmp_path: P
     sbytes = snap.to_bytes()
     (tuf / f"{snap.signed.version}.snapshot.json").write_bytes(sbytes)
     ts.signed.version += 1
-    ts.signed.snapshot_meta = MetaFile(snap.signed.version, len(sbytes),
-                                       {"sha256": hashlib.sha256(sbytes).hexdigest()})  # fmt: skip
+    ts.signed.snapshot_meta = MetaFile(
+        snap.signed.version, len(sbytes), {"sha256": hashlib.sha256(sbytes).hexdigest()}
+    )
     ts.sign(load_signer(hub.data / "keys" / "timestamp.pem"), append=False)
     (tuf / "timestamp.json").write_bytes(ts.to_bytes())
-    refused = hub.cli("publish", "mlp", str(fleet.model(2)), "--targets-key", str(targets_key),
-                      check=False)  # fmt: skip
+    refused = hub.cli(
+        "publish", "mlp", str(fleet.model(2)), "--targets-key", str(targets_key), check=False
+    )
     assert refused.returncode == 7 and "rollback" in refused.stderr
     hub.stop()
     r = subprocess.run(
-        [sys.executable, "-m", "hub.cli", "--data", str(hub.data), "serve", "--listen",
-         "127.0.0.1:0", "--enroll-listen", "127.0.0.1:0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hub.cli",
+            "--data",
+            str(hub.data),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--enroll-listen",
+            "127.0.0.1:0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0
     assert f"this hub already served targets v{current}" in r.stdout + r.stderr

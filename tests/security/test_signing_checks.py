@@ -34,10 +34,11 @@ A, B, EVIL = "aa" * 32, "bb" * 32, "ee" * 32
 def repo(tmp_path: Path) -> TufRepository:
     init_keys(tmp_path / "keys", offline_dir=tmp_path / "offline")
     r = TufRepository.create(
-        tmp_path / "tuf", tmp_path / "keys",
+        tmp_path / "tuf",
+        tmp_path / "keys",
         root_signer=load_signer(tmp_path / "offline" / "root.pem"),
         targets_signer=load_signer(tmp_path / "offline" / "targets.pem"),
-    )  # fmt: skip
+    )
     key = load_signer(tmp_path / "offline" / "targets.pem")
     r.add_target("m/1/bundle.tar", 100, A, {"name": "m", "version": 1}, targets_signer=key)
     return r
@@ -54,15 +55,19 @@ def _expected(version: int = 2, sha: str = B) -> ExpectedTarget:
 def _payload(repo: TufRepository, **targets: TargetFile) -> bytes:
     """Targets as a malicious hub might stage them: published + whatever it likes."""
     base: Targets = Metadata.from_bytes(repo.published_targets_bytes()).signed
-    new = Targets(version=base.version + 1, expires=base.expires,
-                  targets={**base.targets, **{t.path: t for t in targets.values()}})  # fmt: skip
+    new = Targets(
+        version=base.version + 1,
+        expires=base.expires,
+        targets={**base.targets, **{t.path: t for t in targets.values()}},
+    )
     return Metadata(new).signed_bytes
 
 
 def _t(path: str, sha: str, length: int = 200) -> TargetFile:
     name, version = path.split("/")[:2]
-    return TargetFile(length, {"sha256": sha}, path,
-                      {"custom": {"name": name, "version": int(version)}})  # fmt: skip
+    return TargetFile(
+        length, {"sha256": sha}, path, {"custom": {"name": name, "version": int(version)}}
+    )
 
 
 def test_the_honest_request_is_signed(repo: TufRepository, tmp_path: Path) -> None:
@@ -78,24 +83,30 @@ def test_an_extra_staged_target_is_refused_unless_named(repo: TufRepository, tmp
     base, key = repo.published_targets_bytes(), _key(tmp_path).public_key
     with pytest.raises(VerificationError, match=r"also adds m/3/bundle\.tar"):
         check_signing_request(payload, base, key, _expected())
-    _, extras = check_signing_request(payload, base, key, _expected(),
-                                      allow_extra=["m/3/bundle.tar"])  # fmt: skip
+    _, extras = check_signing_request(
+        payload, base, key, _expected(), allow_extra=["m/3/bundle.tar"]
+    )
     assert extras and EVIL in extras[0]
 
 
 def test_a_changed_published_target_is_always_refused(repo: TufRepository, tmp_path) -> None:
     payload = _payload(repo, a=_t("m/2/bundle.tar", B), b=_t("m/1/bundle.tar", EVIL, 100))
     with pytest.raises(VerificationError, match=r"m/1/bundle\.tar changes"):
-        check_signing_request(payload, repo.published_targets_bytes(),
-                              _key(tmp_path).public_key, _expected(),
-                              allow_extra=["m/1/bundle.tar"])  # fmt: skip
+        check_signing_request(
+            payload,
+            repo.published_targets_bytes(),
+            _key(tmp_path).public_key,
+            _expected(),
+            allow_extra=["m/1/bundle.tar"],
+        )
 
 
 def test_another_digest_than_the_one_built_is_refused(repo: TufRepository, tmp_path) -> None:
     payload = _payload(repo, a=_t("m/2/bundle.tar", EVIL))
     with pytest.raises(VerificationError, match="you built sha256"):
-        check_signing_request(payload, repo.published_targets_bytes(),
-                              _key(tmp_path).public_key, _expected())  # fmt: skip
+        check_signing_request(
+            payload, repo.published_targets_bytes(), _key(tmp_path).public_key, _expected()
+        )
 
 
 def test_a_base_not_signed_by_this_key_is_refused(repo: TufRepository, tmp_path) -> None:
@@ -104,21 +115,30 @@ def test_a_base_not_signed_by_this_key_is_refused(repo: TufRepository, tmp_path)
     forged.signed.targets["m/1/bundle.tar"] = _t("m/1/bundle.tar", EVIL, 100)
     forged.sign(CryptoSigner.generate_ed25519(), append=False)
     with pytest.raises(VerificationError, match="not signed by this targets key"):
-        check_signing_request(_payload(repo, a=_t("m/2/bundle.tar", B)), forged.to_bytes(),
-                              _key(tmp_path).public_key, _expected())  # fmt: skip
+        check_signing_request(
+            _payload(repo, a=_t("m/2/bundle.tar", B)),
+            forged.to_bytes(),
+            _key(tmp_path).public_key,
+            _expected(),
+        )
     # The key's signature kept but the content changed: the signature no longer verifies.
     tampered = Metadata.from_bytes(repo.published_targets_bytes())
     tampered.signed.targets["m/1/bundle.tar"] = _t("m/1/bundle.tar", EVIL, 100)
     with pytest.raises(VerificationError, match="not signed by this targets key"):
-        check_signing_request(_payload(repo, a=_t("m/2/bundle.tar", B)), tampered.to_bytes(),
-                              _key(tmp_path).public_key, _expected())  # fmt: skip
+        check_signing_request(
+            _payload(repo, a=_t("m/2/bundle.tar", B)),
+            tampered.to_bytes(),
+            _key(tmp_path).public_key,
+            _expected(),
+        )
 
 
 def test_a_skipped_version_or_far_expiry_is_refused(repo: TufRepository, tmp_path) -> None:
     base: Targets = Metadata.from_bytes(repo.published_targets_bytes()).signed
     for version, expires in ((base.version + 5, base.expires), (base.version + 1, None)):
-        new = Targets(version=version, targets={**base.targets, "m/2/bundle.tar": _t(
-            "m/2/bundle.tar", B)})  # fmt: skip
+        new = Targets(
+            version=version, targets={**base.targets, "m/2/bundle.tar": _t("m/2/bundle.tar", B)}
+        )
         if expires is not None:
             new.expires = expires
         else:
@@ -126,8 +146,12 @@ def test_a_skipped_version_or_far_expiry_is_refused(repo: TufRepository, tmp_pat
                 time.time() + 10 * 366 * 86400, base.expires.tzinfo
             )
         with pytest.raises(VerificationError, match="refusing to sign"):
-            check_signing_request(Metadata(new).signed_bytes, repo.published_targets_bytes(),
-                                  _key(tmp_path).public_key, _expected())  # fmt: skip
+            check_signing_request(
+                Metadata(new).signed_bytes,
+                repo.published_targets_bytes(),
+                _key(tmp_path).public_key,
+                _expected(),
+            )
 
 
 def test_hub_commit_refuses_a_change_to_a_published_target(repo: TufRepository, tmp_path) -> None:
@@ -192,29 +216,45 @@ def test_a_base_older_than_what_this_key_signed_last_is_refused(
     last = (signed_now.signed.version, hashlib.sha256(signed_now.signed_bytes).hexdigest())
     # A hub whose snapshot was pointed back at the older targets offers it as the base: the
     # payload would be a fork that re-uses version numbers.
-    forked = Targets(version=Metadata.from_bytes(old_base).signed.version + 1,
-                     targets={**Metadata.from_bytes(old_base).signed.targets,
-                              "m/2/bundle.tar": _t("m/2/bundle.tar", EVIL)})  # fmt: skip
+    forked = Targets(
+        version=Metadata.from_bytes(old_base).signed.version + 1,
+        targets={
+            **Metadata.from_bytes(old_base).signed.targets,
+            "m/2/bundle.tar": _t("m/2/bundle.tar", EVIL),
+        },
+    )
     with pytest.raises(VerificationError, match="rolled back or forked"):
-        check_signing_request(Metadata(forked).signed_bytes, old_base, key.public_key,
-                              _expected(sha=EVIL), last_signed=last)  # fmt: skip
+        check_signing_request(
+            Metadata(forked).signed_bytes,
+            old_base,
+            key.public_key,
+            _expected(sha=EVIL),
+            last_signed=last,
+        )
     # The same version with other content (a second file for one version) too.
     other = Metadata.from_bytes(repo.published_targets_bytes())
     other.signed.targets["m/9/bundle.tar"] = _t("m/9/bundle.tar", EVIL)
     other.sign(key, append=False)
     with pytest.raises(VerificationError, match="rolled back or forked"):
-        check_signing_request(_payload(repo, a=_t("m/3/bundle.tar", B)), other.to_bytes(),
-                              key.public_key, _expected(3), last_signed=last)  # fmt: skip
+        check_signing_request(
+            _payload(repo, a=_t("m/3/bundle.tar", B)),
+            other.to_bytes(),
+            key.public_key,
+            _expected(3),
+            last_signed=last,
+        )
 
 
 def test_changed_custom_fields_of_a_published_target_are_refused(
     repo: TufRepository, tmp_path: Path
 ) -> None:
-    changed = TargetFile(100, {"sha256": A}, "m/1/bundle.tar",
-                         {"custom": {"name": "other", "version": 99}})  # fmt: skip
+    changed = TargetFile(
+        100, {"sha256": A}, "m/1/bundle.tar", {"custom": {"name": "other", "version": 99}}
+    )
     payload = _payload(repo, a=_t("m/2/bundle.tar", B), b=changed)
     with pytest.raises(VerificationError, match="changes its custom fields"):
-        check_signing_request(payload, repo.published_targets_bytes(),
-                              _key(tmp_path).public_key, _expected())  # fmt: skip
+        check_signing_request(
+            payload, repo.published_targets_bytes(), _key(tmp_path).public_key, _expected()
+        )
     with pytest.raises(VerificationError, match="changes its custom fields"):
         repo.commit_staged_targets(_key(tmp_path).sign(payload).to_dict(), payload)

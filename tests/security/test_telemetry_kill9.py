@@ -88,8 +88,9 @@ def test_kill_9_loses_no_answered_request(tmp_path: Path) -> None:
         config = enroll_agent(hub, data, "site=berlin", hostname="edge-1")
 
         def start_agent() -> AgentProcess:
-            a = AgentProcess(data, fleet_config=config, env=ENV,
-                             log_path=tmp_path / f"agent{len(agents)}.log")  # fmt: skip
+            a = AgentProcess(
+                data, fleet_config=config, env=ENV, log_path=tmp_path / f"agent{len(agents)}.log"
+            )
             agents.append(a)
             a.start()
             a.wait_model("mlp", timeout=60)
