@@ -18,10 +18,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from hub.ca import CertificateAuthority
+from hub.convert import desired_to_proto
 from hub.core import HubCore
 from hub.crl import CRL_FILE, PID_FILE, BrokerFiles, write_crl
 from hub.registry import Registry
-from hub.server import desired_to_proto
 from kernel import mqtt_topics as t
 from kernel.errors import ModelfleetError
 from kernel.identity import generate_key, parse_identity, write_pem, write_private_key

@@ -13,8 +13,9 @@ from typing import Any
 
 import grpc
 
+from hub.convert import desired_to_proto, rollout_to_proto, version_to_proto
 from hub.core import HubCore, PublishResult
-from hub.registry import AgentRow, Desired, PermissionDeniedError, VersionRow
+from hub.registry import AgentRow, PermissionDeniedError
 from kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError
 from kernel.grpc_status import GRPC_CODES
 from kernel.identity import IdentityError, parse_identity
@@ -70,42 +71,6 @@ def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncItera
             await _abort(context, exc)
 
     return wrapper
-
-
-def desired_to_proto(
-    revision: int, desired: list[Desired], jobs: list[dict[str, Any]] | None = None
-) -> pb.DesiredState:
-    return pb.DesiredState(
-        revision=revision,
-        models=[
-            pb.DesiredModel(
-                name=d.name,
-                version=d.version,
-                target_path=d.target_path,
-                sha256=d.sha256,
-                size=d.size,
-                prepare_version=d.prepare_version,
-                prepare_size=d.prepare_size,
-            )
-            for d in desired
-        ],
-        jobs=[pb.JobSpec(**spec) for spec in (jobs or [])],
-    )
-
-
-def version_to_proto(v: VersionRow) -> pb.ModelVersion:
-    return pb.ModelVersion(
-        name=v.name,
-        version=v.version,
-        stage=v.stage,
-        sha256=v.sha256,
-        size=v.size,
-        notes=v.notes,
-        created_at=v.created_at,
-        same_content_as=v.same_content_as,
-        signed=v.signed,
-        target_path=v.target_path,
-    )
 
 
 class FleetServicer(pb_grpc.FleetServicer):
@@ -292,45 +257,6 @@ class JobServicerMixin:
         self.core.registry.put_job(request.name, spec, job["selector"])
         await self._changed()
         return job_to_proto(self.core, self.core.registry.job(request.name))
-
-
-def rollout_to_proto(r: Any, now: float) -> pb.RolloutStatus:
-    d = r.summary(now)
-    status = pb.RolloutStatus(
-        id=d["id"],
-        model=d["model"],
-        version=d["version"],
-        state=d["state"],
-        wave=d["wave"],
-        waves=d["waves"],
-        agents=d["agents"],
-        assigned=d["assigned"],
-        switched=d["switched"],
-        prepared=d["prepared"],
-        strategy=d["strategy"],
-        failed=d["failed"],
-        bake_left_s=d["bake_left_s"],
-        reason=d["reason"],
-        gates=d["gates"],
-        events=[pb.RolloutEvent(at=e["at"], text=e["text"]) for e in d["events"]],
-    )
-    ev = d["last_evaluation"]
-    if ev:
-        status.last_evaluation.CopyFrom(
-            pb.GateEvaluation(
-                wave=ev["wave"],
-                at=ev["at"],
-                canary_requests=ev["canary_requests"],
-                baseline_requests=ev["baseline_requests"],
-                gates=[
-                    pb.GateValue(
-                        gate=g["gate"], value=g.get("value"), ok=g.get("ok"), note=g.get("note", "")
-                    )
-                    for g in ev["gates"]
-                ],
-            )
-        )
-    return status
 
 
 class RolloutServicerMixin:

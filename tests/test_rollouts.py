@@ -301,7 +301,7 @@ def test_rollout_status_is_typed_on_the_wire_and_round_trips() -> None:
     from types import SimpleNamespace
 
     from hub.cli import rollout_dict
-    from hub.server import rollout_to_proto
+    from hub.convert import rollout_to_proto
     from protos import fleet_pb2 as pb
 
     summary = {
