@@ -97,28 +97,23 @@ def test_signing_a_later_version_with_sign_and_its_digest(fleet, tmp_path: Path)
     wait_for(lambda: active(agent) == 1, 60, "v1 signed later with `sign`")
 
 
-def _forge_targets(hub: HubProcess, path: str, evil_sha256: str) -> None:
-    """What an attacker with the hub's disk and only the online keys can do: a new targets
-    file (signed by a key of their own) that re-points a published version, then snapshot and
-    timestamp re-signed with the real online keys so that the chain looks complete."""
+def _current(hub: HubProcess) -> tuple[Metadata, Metadata, int]:
+    """timestamp, snapshot and the targets version they name, as on the hub's disk."""
     tuf = hub.data / "tuf"
     ts = Metadata.from_bytes((tuf / "timestamp.json").read_bytes())
-    snap = Metadata.from_bytes(
-        (tuf / f"{ts.signed.snapshot_meta.version}.snapshot.json").read_bytes()
-    )
-    tv = snap.signed.meta["targets.json"].version
-    targets = Metadata.from_bytes((tuf / f"{tv}.targets.json").read_bytes())
-    old = targets.signed.targets[path]
-    targets.signed.targets[path] = TargetFile(
-        old.length, {"sha256": evil_sha256}, path, old.unrecognized_fields
-    )
-    targets.signed.version += 1
-    targets.sign(CryptoSigner.generate_ed25519(), append=False)
-    tbytes = targets.to_bytes()
-    (tuf / f"{targets.signed.version}.targets.json").write_bytes(tbytes)
+    snap_name = f"{ts.signed.snapshot_meta.version}.snapshot.json"
+    snap = Metadata.from_bytes((tuf / snap_name).read_bytes())
+    return ts, snap, snap.signed.meta["targets.json"].version
+
+
+def _point_snapshot_at(hub: HubProcess, targets_version: int, targets_bytes: bytes) -> None:
+    """What the online keys (on the hub's disk) allow: a new snapshot naming any targets file,
+    and a timestamp naming that snapshot, both signed with the real keys."""
+    tuf = hub.data / "tuf"
+    ts, snap, _ = _current(hub)
     snap.signed.version += 1
     snap.signed.meta["targets.json"] = MetaFile(
-        targets.signed.version, len(tbytes), {"sha256": hashlib.sha256(tbytes).hexdigest()}
+        targets_version, len(targets_bytes), {"sha256": hashlib.sha256(targets_bytes).hexdigest()}
     )
     snap.sign(load_signer(hub.data / "keys" / "snapshot.pem"), append=False)
     sbytes = snap.to_bytes()
@@ -129,6 +124,23 @@ def _forge_targets(hub: HubProcess, path: str, evil_sha256: str) -> None:
     )
     ts.sign(load_signer(hub.data / "keys" / "timestamp.pem"), append=False)
     (tuf / "timestamp.json").write_bytes(ts.to_bytes())
+
+
+def _forge_targets(hub: HubProcess, path: str, evil_sha256: str) -> None:
+    """A new targets file (signed by a key of the attacker's own) that re-points a published
+    version, made to look complete with snapshot and timestamp signed by the real online keys."""
+    tuf = hub.data / "tuf"
+    _, _, tv = _current(hub)
+    targets = Metadata.from_bytes((tuf / f"{tv}.targets.json").read_bytes())
+    old = targets.signed.targets[path]
+    targets.signed.targets[path] = TargetFile(
+        old.length, {"sha256": evil_sha256}, path, old.unrecognized_fields
+    )
+    targets.signed.version += 1
+    targets.sign(CryptoSigner.generate_ed25519(), append=False)
+    tbytes = targets.to_bytes()
+    (tuf / f"{targets.signed.version}.targets.json").write_bytes(tbytes)
+    _point_snapshot_at(hub, targets.signed.version, tbytes)
 
 
 @pytest.mark.parametrize("layout", ["offline", "online"])
@@ -189,25 +201,9 @@ def test_a_rolled_back_targets_is_refused_after_a_hub_restart(fleet, tmp_path: P
     hub = fleet.hub()
     hub.cli("publish", "mlp", str(fleet.model(0)), "--targets-key", str(targets_key))
     hub.cli("publish", "mlp", str(fleet.model(1)), "--targets-key", str(targets_key))
-    tuf = hub.data / "tuf"
-    ts = Metadata.from_bytes((tuf / "timestamp.json").read_bytes())
-    snap = Metadata.from_bytes(
-        (tuf / f"{ts.signed.snapshot_meta.version}.snapshot.json").read_bytes()
-    )
-    current = snap.signed.meta["targets.json"].version
-    old = (tuf / f"{current - 1}.targets.json").read_bytes()
-    snap.signed.version += 1
-    old_meta = MetaFile(current - 1, len(old), {"sha256": hashlib.sha256(old).hexdigest()})
-    snap.signed.meta["targets.json"] = old_meta
-    snap.sign(load_signer(hub.data / "keys" / "snapshot.pem"), append=False)
-    sbytes = snap.to_bytes()
-    (tuf / f"{snap.signed.version}.snapshot.json").write_bytes(sbytes)
-    ts.signed.version += 1
-    ts.signed.snapshot_meta = MetaFile(
-        snap.signed.version, len(sbytes), {"sha256": hashlib.sha256(sbytes).hexdigest()}
-    )
-    ts.sign(load_signer(hub.data / "keys" / "timestamp.pem"), append=False)
-    (tuf / "timestamp.json").write_bytes(ts.to_bytes())
+    _, _, current = _current(hub)
+    older = (hub.data / "tuf" / f"{current - 1}.targets.json").read_bytes()
+    _point_snapshot_at(hub, current - 1, older)
     refused = hub.cli(
         "publish", "mlp", str(fleet.model(2)), "--targets-key", str(targets_key), check=False
     )
