@@ -1,15 +1,22 @@
-"""Conversions from the hub's domain types to protobuf messages, shared by every edge.
+"""Conversions between the hub's domain types and protobuf messages, shared by every edge.
 
 The gRPC servicers (hub/server.py) and the MQTT bridge (hub/mqtt.py) both send desired states,
-versions and rollout states; they convert here, once, and neither edge imports the other.
+versions and rollout states and both receive agent reports; they convert here, once, and
+neither edge imports the other.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from hub.core import AgentStatus
+from hub.jobs import JOB_SPEC_FIELDS, Job
 from hub.registry import Desired, VersionRow
+from hub.reports import AgentReport, ModelReport
 from protos import fleet_pb2 as pb
+
+if TYPE_CHECKING:
+    from hub.telemetry import WindowStats
 
 
 def desired_to_proto(
@@ -85,3 +92,110 @@ def rollout_to_proto(r: Any, now: float) -> pb.RolloutStatus:
             )
         )
     return status
+
+
+def report_from_proto(m: pb.AgentReport) -> AgentReport:
+    return AgentReport(
+        models=tuple(
+            ModelReport(
+                name=r.name,
+                active_version=r.active_version,
+                previous_version=r.previous_version,
+                loading_version=r.loading_version,
+                desired_version=r.desired_version,
+                gate_version=r.gate_version,
+                gate_passed=r.gate_passed,
+                gate_kind=r.gate_kind,
+                gate_reason=r.gate_reason,
+                error=r.error,
+                error_reason=r.error_reason,
+            )
+            for r in m.models
+        ),
+        last_error=m.last_error,
+        desired_revision=m.desired_revision,
+        cache_bytes=m.cache_bytes,
+        disk_free_bytes=m.disk_free_bytes,
+        agent_version=m.agent_version,
+        inference_address=m.inference_address,
+        cert_expires_at=m.cert_expires_at,
+    )
+
+
+def report_to_proto(r: AgentReport) -> pb.AgentReport:
+    return pb.AgentReport(
+        models=[
+            pb.ModelReport(
+                name=m.name,
+                active_version=m.active_version,
+                previous_version=m.previous_version,
+                loading_version=m.loading_version,
+                desired_version=m.desired_version,
+                gate_version=m.gate_version,
+                gate_passed=m.gate_passed,
+                gate_kind=m.gate_kind,
+                gate_reason=m.gate_reason,
+                error=m.error,
+                error_reason=m.error_reason,
+            )
+            for m in r.models
+        ],
+        last_error=r.last_error,
+        desired_revision=r.desired_revision,
+        cache_bytes=r.cache_bytes,
+        disk_free_bytes=r.disk_free_bytes,
+        agent_version=r.agent_version,
+        inference_address=r.inference_address,
+        cert_expires_at=r.cert_expires_at,
+    )
+
+
+def agent_to_proto(s: AgentStatus) -> pb.AgentInfo:
+    a = s.agent
+    return pb.AgentInfo(
+        agent_id=a.agent_id,
+        hostname=a.hostname,
+        labels=a.labels,
+        enrolled_at=a.enrolled_at,
+        last_seen=a.last_seen,
+        status=a.status,
+        report=report_to_proto(a.report),
+        desired=desired_to_proto(0, s.desired).models,
+        presence=s.presence,
+        cert_expires_at=s.cert_expires_at,
+    )
+
+
+def job_spec_from_proto(spec: pb.JobSpec) -> dict[str, Any]:
+    return {f: getattr(spec, f) for f in JOB_SPEC_FIELDS}
+
+
+def job_to_proto(job: Job) -> pb.JobInfo:
+    return pb.JobInfo(
+        spec=pb.JobSpec(**job.spec),
+        selector=job.selector,
+        created_at=job.created_at,
+        agents=job.agents,
+    )
+
+
+def job_run_to_proto(run: dict[str, Any]) -> pb.JobRun:
+    from google.protobuf.json_format import ParseDict
+
+    return ParseDict(run, pb.JobRun(), ignore_unknown_fields=True)
+
+
+def window_stats_to_proto(s: WindowStats) -> pb.VersionMetrics:
+    return pb.VersionMetrics(
+        model=s.model,
+        version=s.version,
+        requests=s.requests,
+        failures=s.failures,
+        request_rate=s.request_rate,
+        error_rate=s.error_rate,
+        p50_ms=s.p50_ms,
+        p95_ms=s.p95_ms,
+        p99_ms=s.p99_ms,
+        failures_by_reason=s.failures_by_reason,
+        agents=s.agents,
+    )

@@ -1,7 +1,9 @@
-"""The hub's core: publishing, signing, enrollment, desired state. No gRPC in here.
+"""The hub's core: publishing, signing, enrollment, desired state, fleet queries. No gRPC in here.
 
-Transports (the gRPC servicers today, MQTT later) authenticate the caller, convert messages and
-call these methods; errors are :mod:`kernel.errors` types mapped once at each edge.
+The edges (the gRPC servicers in hub/server.py, the MQTT bridge in hub/mqtt.py) authenticate
+the caller, convert messages to domain types (hub/convert.py) and call these methods (and
+``jobs``, ``rollouts``); they do not reach into the registry. Errors are :mod:`kernel.errors`
+types mapped once at each edge.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hub.blobs import BlobStore
 from hub.ca import CertificateAuthority
 from hub.config import HubConfig
+from hub.jobs import Jobs
 from hub.registry import (
     AgentRow,
     Desired,
@@ -34,7 +37,9 @@ from hub.registry import (
     check_labels,
     check_notes,
     check_version,
+    selector_matches,
 )
+from hub.reports import AgentReport
 from hub.signing import (
     ExpiryPolicy,
     RepositoryIntegrityError,
@@ -61,6 +66,9 @@ from kernel.identity import (
 )
 from protos import fleet_pb2
 
+if TYPE_CHECKING:
+    from hub.telemetry import WindowStats  # DuckDB loads with the store, not with this module
+
 log = logging.getLogger(__name__)
 
 
@@ -70,6 +78,17 @@ class PublishResult:
     staged_payload: bytes = b""
     targets_keyid: str = ""
     base_targets: bytes = b""
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """One agent as the fleet listing shows it."""
+
+    agent: AgentRow
+    desired: list[Desired]
+    presence: str  # online or offline: from MQTT presence, else from when it was last seen
+    # What the agent reports it uses; before its first report, what enrollment issued.
+    cert_expires_at: float
 
 
 @dataclass(frozen=True)
@@ -202,6 +221,7 @@ class HubCore:
 
         # Durable: rollouts in flight when the hub stopped continue from their saved state.
         self.rollouts = RolloutManager(self, clock=clock)
+        self.jobs = Jobs(self.registry, self.notify_changed)
         # Set once the servers are bound: what tokens and enrollments hand out.
         self.advertise = cfg.listen
         self.advertise_enroll = cfg.enroll_address()
@@ -537,6 +557,70 @@ class HubCore:
     def desired(self, agent: AgentRow) -> tuple[int, list[Desired]]:
         return self.registry.revision(), self.registry.desired_for(agent.labels, agent.agent_id)
 
+    def desired_state(self, agent: AgentRow) -> tuple[int, list[Desired], list[dict[str, Any]]]:
+        """What an agent is sent: revision, models and the specs of the jobs it runs."""
+        revision, desired = self.desired(agent)
+        return revision, desired, self.registry.jobs_for(agent.labels)
+
+    def watch(self, agent_id: str) -> tuple[int, list[Desired], list[dict[str, Any]]]:
+        """One look of an agent's watch stream: refused once revoked, and counts as seen."""
+        agent = self.authorize_agent(agent_id)
+        self.registry.touch(agent_id)
+        return self.desired_state(agent)
+
+    def agents(self) -> list[AgentRow]:
+        return self.registry.agents()
+
+    def list_agents(self) -> list[AgentStatus]:
+        out = []
+        for a in self.registry.agents():
+            _, desired = self.desired(a)
+            online = time.time() - a.last_seen < self.cfg.offline_after_s
+            out.append(
+                AgentStatus(
+                    agent=a,
+                    desired=desired,
+                    presence=a.presence or ("online" if online else "offline"),
+                    cert_expires_at=a.report.cert_expires_at or a.cert_expires_at,
+                )
+            )
+        return out
+
+    def set_presence(self, agent_id: str, online: bool) -> None:
+        """MQTT presence (the agent's online message, or its last will)."""
+        self.registry.set_presence(agent_id, online)
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.registry.models()
+
+    def versions(self, name: str) -> list[VersionRow]:
+        return self.registry.versions(name)
+
+    async def metrics(
+        self, model: str, version: int, agent: str, since_s: float
+    ) -> tuple[list[WindowStats], float]:
+        """Per-version request statistics over the last ``since_s`` seconds (0: the last 600),
+        of one agent (an id, or a hostname, which may name several) or of all; with the window.
+        """
+        if not model:
+            raise InvalidRequestError("metrics needs a model name")
+        window = since_s or 600.0
+        if window <= 0:
+            raise InvalidRequestError("the window (since) must be positive")
+        agents = None
+        if agent:
+            rows = self.registry.agents()
+            agents = [a.agent_id for a in rows if a.agent_id == agent] or [
+                a.agent_id for a in rows if a.hostname == agent
+            ]
+            if not agents:
+                raise InvalidRequestError(f"no agent with id or hostname {agent!r}")
+        now = time.time()
+        stats = await self.telemetry_ingest.query(
+            self.telemetry.window, model, version or None, agents, now - window, now
+        )
+        return list(stats), window
+
     async def set_stage(
         self, name: str, version: int, stage: str, force: bool = False
     ) -> VersionRow:
@@ -565,14 +649,17 @@ class HubCore:
                 self.changed.notify_all()
         return row
 
+    async def notify_changed(self) -> None:
+        """Wake every watch stream and the MQTT bridge: desired state may have changed."""
+        async with self.changed:
+            self.changed.notify_all()
+
     async def deploy(
         self, name: str, version: int, selector: Mapping[str, str]
     ) -> tuple[list[str], int]:
         check_version(version, name)
         check_labels(selector, "selector")
         revision = self.registry.deploy(name, version, selector)
-        from hub.registry import selector_matches
-
         matched = [
             a.agent_id
             for a in self.registry.agents()
@@ -605,7 +692,8 @@ class HubCore:
         async with self.changed:
             self.changed.notify_all()
 
-    def report(self, agent_id: str, report: Mapping[str, Any]) -> None:
+    def report(self, agent_id: str, report: AgentReport) -> None:
+        """An (authorized) agent's report, from either transport; it counts as seen."""
         self.registry.touch(agent_id, report)
 
     # -- distribution ---------------------------------------------------------------------------
@@ -623,6 +711,11 @@ class HubCore:
         if offset < 0 or offset > size:
             raise InvalidRequestError(f"offset {offset} outside of {path} ({size} bytes)")
         return size, self.blobs.read(digest, offset)
+
+    def admit_upload(self, header: Mapping[str, Any]) -> None:
+        """Refuse nonsense, a duplicate or a stale version before an upload's bytes are taken."""
+        self.check_publish_header(header)
+        self.registry.check_new_version(header["name"], int(header["version"]))
 
     def check_upload_size(self, size: int) -> None:
         if size > self.cfg.max_bundle_bytes:

@@ -18,7 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from hub.ca import CertificateAuthority
-from hub.convert import desired_to_proto
+from hub.convert import desired_to_proto, report_from_proto
 from hub.core import HubCore
 from hub.crl import CRL_FILE, PID_FILE, BrokerFiles, write_crl
 from hub.registry import Registry
@@ -190,14 +190,12 @@ class MqttBridge:
 
     def _presence(self, agent_id: str, online: bool) -> None:
         try:
-            self.core.registry.set_presence(agent_id, online)
+            self.core.set_presence(agent_id, online)
         except ModelfleetError:
             return
         log.info("agent %s is %s", agent_id, "online" if online else "OFFLINE (last will)")
 
     def _report(self, agent_id: str, payload: bytes) -> None:
-        from google.protobuf.json_format import MessageToDict
-
         try:
             self.core.authorize_agent(agent_id)
             report = pb.AgentReport.FromString(payload)
@@ -207,7 +205,7 @@ class MqttBridge:
         except Exception:
             log.warning("undecodable report from %s", agent_id)
             return
-        self.core.report(agent_id, MessageToDict(report, preserving_proto_field_name=True))
+        self.core.report(agent_id, report_from_proto(report))
 
     async def _telemetry(self, identity: str, agent_id: str, payload: bytes) -> None:
         """Store a batch, then ack it on the agent's telemetry/ack (QoS 1). No ack on failure:
@@ -232,14 +230,12 @@ class MqttBridge:
         """Retained desired state per agent; revoked agents get an empty one."""
         if not self.connected.is_set():
             return
-        for agent in self.core.registry.agents():
+        for agent in self.core.agents():
             topic = t.topic(f"agent:{agent.agent_id}", t.DESIRED)
             if agent.status != "active":
                 payload = b""
             else:
-                revision, desired = self.core.desired(agent)
-                jobs = self.core.registry.jobs_for(agent.labels)
-                payload = desired_to_proto(revision, desired, jobs).SerializeToString()
+                payload = desired_to_proto(*self.core.desired_state(agent)).SerializeToString()
             before = self.published.get(topic)
             if before != payload:
                 self.client.publish(topic, payload, qos=1, retain=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hub.reports import AgentReport
 from kernel.bundle import MAX_VERSION, VERSION_RANGE
 from kernel.errors import (
     BundleExistsError,
@@ -152,7 +153,7 @@ class AgentRow:
     last_seen: float
     status: str
     cert_fingerprint: str
-    report: dict[str, Any]
+    report: AgentReport
     presence: str = ""
     cert_expires_at: float = 0.0  # at enrollment; 0: enrolled before the hub recorded it
     cert_pending: str = ""  # fingerprint issued by the last renewal, not yet used to renew
@@ -244,7 +245,7 @@ class Registry:
         # Bumped on every job change, so watchers know to resend desired state.
         self._jobs_version = 0
         # agent id -> (last seen, latest report or None): written by flush_seen(), see touch().
-        self._seen: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._seen: dict[str, tuple[float, AgentReport | None]] = {}
 
     def _migrate(self) -> None:
         """Columns added after a table first shipped; ALTER is a no-op-safe, one-time step."""
@@ -552,7 +553,7 @@ class Registry:
             last_seen,
             r["status"],
             r["cert_fingerprint"],
-            report if report is not None else json.loads(r["report"]),
+            report if report is not None else AgentReport.from_json(json.loads(r["report"])),
             r["presence"],
             r["cert_expires_at"],
             r["cert_pending"],
@@ -580,7 +581,7 @@ class Registry:
                 (self.clock(), agent_id),
             )
 
-    def touch(self, agent_id: str, report: Mapping[str, Any] | None = None) -> None:
+    def touch(self, agent_id: str, report: AgentReport | None = None) -> None:
         """Record that an agent was seen (with its latest report): in memory, at once.
 
         Agents report every few seconds. A transaction, and so an fsync, per report on the
@@ -592,7 +593,7 @@ class Registry:
         previous = self._seen.get(agent_id)
         if report is None and previous is not None:
             report = previous[1]
-        self._seen[agent_id] = (self.clock(), dict(report) if report is not None else None)
+        self._seen[agent_id] = (self.clock(), report)
 
     def flush_seen(self) -> int:
         """Write the buffered last-seen times and reports; return how many agents."""
@@ -609,7 +610,7 @@ class Registry:
                     else:
                         self.db.execute(
                             "UPDATE agents SET last_seen = ?, report = ? WHERE agent_id = ?",
-                            (seen, json.dumps(report), agent_id),
+                            (seen, json.dumps(report.to_json()), agent_id),
                         )
         except BaseException:
             for agent_id, entry in pending.items():

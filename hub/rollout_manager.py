@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from hub.registry import selector_matches
+from hub.reports import AgentReport, ModelReport
 from hub.rollouts import ACTIVE_STATES, Rollout, Spec, Stats
 from kernel.errors import (
     TRANSIENT_REASONS,
@@ -24,50 +25,38 @@ from kernel.errors import (
 log = logging.getLogger(__name__)
 
 
-def _int(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
 class FleetObserver:
     """What the fleet says right now, read once per tick."""
 
     def __init__(self, core: Any, model: str) -> None:
         self.core = core
         self.model = model
-        self.reports: dict[str, dict[str, Any]] = {}
+        self.reports: dict[str, ModelReport] = {}
         for agent in core.registry.agents():
-            for m in agent.report.get("models", []):
-                if m.get("name") == model:
+            report: AgentReport = agent.report
+            for m in report.models:
+                if m.name == model:
                     self.reports[agent.agent_id] = m
 
     def active_version(self, agent_id: str) -> int | None:
         m = self.reports.get(agent_id)
-        return _int(m.get("active_version")) or None if m else None
+        return m.active_version or None if m else None
 
     def refusal(self, agent_id: str, version: int) -> str | None:
         m = self.reports.get(agent_id)
         if not m:
             return None
-        if _int(m.get("gate_version")) == version and not m.get("gate_passed", False):
-            return f"health gate ({m.get('gate_kind', '?')}): {m.get('gate_reason', '')}"
-        error = str(m.get("error", ""))
+        if m.gate_version == version and not m.gate_passed:
+            return f"health gate ({m.gate_kind or '?'}): {m.gate_reason}"
         # Transport or local-disk trouble is not a verdict on the version; time will tell
         # (agent timeout). Classified by the reported reason, never by the words.
-        reason = str(m.get("error_reason", ""))
-        if (
-            error
-            and _int(m.get("desired_version")) == version
-            and (reason not in TRANSIENT_REASONS)
-        ):
-            return error
+        if m.error and m.desired_version == version and m.error_reason not in TRANSIENT_REASONS:
+            return m.error
         return None
 
     def prepared(self, agent_id: str, version: int) -> bool:
         m = self.reports.get(agent_id)
-        return m is not None and _int(m.get("previous_version")) == version
+        return m is not None and m.previous_version == version
 
     def stats(self, version: int, agents: Collection[str], since: float, until: float) -> Stats:
         store = getattr(self.core, "telemetry", None)

@@ -13,9 +13,19 @@ from typing import Any
 
 import grpc
 
-from hub.convert import desired_to_proto, rollout_to_proto, version_to_proto
+from hub.convert import (
+    agent_to_proto,
+    desired_to_proto,
+    job_run_to_proto,
+    job_spec_from_proto,
+    job_to_proto,
+    report_from_proto,
+    rollout_to_proto,
+    version_to_proto,
+    window_stats_to_proto,
+)
 from hub.core import HubCore, PublishResult
-from hub.registry import AgentRow, PermissionDeniedError
+from hub.registry import PermissionDeniedError
 from kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError
 from kernel.grpc_status import GRPC_CODES
 from kernel.identity import IdentityError, parse_identity
@@ -97,10 +107,7 @@ class FleetServicer(pb_grpc.FleetServicer):
         agent_id = caller(context, "agent")
         last: pb.DesiredState | None = None
         while not self.core.closing:
-            agent = self.core.authorize_agent(agent_id)
-            self.core.registry.touch(agent_id)
-            revision, desired = self.core.desired(agent)
-            state = desired_to_proto(revision, desired, self.core.registry.jobs_for(agent.labels))
+            state = desired_to_proto(*self.core.watch(agent_id))
             if (
                 last is None
                 or list(state.models) != list(last.models)
@@ -118,9 +125,7 @@ class FleetServicer(pb_grpc.FleetServicer):
     async def ReportState(self, request, context):
         agent_id = caller(context, "agent")
         self.core.authorize_agent(agent_id)
-        from google.protobuf.json_format import MessageToDict
-
-        self.core.report(agent_id, MessageToDict(request, preserving_proto_field_name=True))
+        self.core.report(agent_id, report_from_proto(request))
         return pb.ReportAck()
 
     @streaming
@@ -164,99 +169,32 @@ class FleetServicer(pb_grpc.FleetServicer):
         return pb.TelemetryAck(acked=acked)
 
 
-JOB_SPEC_FIELDS = (
-    "name",
-    "model",
-    "version",
-    "schedule",
-    "input",
-    "output",
-    "sql",
-    "paused",
-    "run_now",
-    "keys",
-)
-
-
-def job_to_proto(core: HubCore, job: dict[str, Any]) -> pb.JobInfo:
-    from hub.registry import selector_matches
-
-    agents = sum(
-        1
-        for a in core.registry.agents()
-        if a.status == "active" and selector_matches(job["selector"], a.labels)
-    )
-    return pb.JobInfo(
-        spec=pb.JobSpec(**job["spec"]),
-        selector=job["selector"],
-        created_at=job["created_at"],
-        agents=agents,
-    )
-
-
 class JobServicerMixin:
-    """HubAdmin's scheduled-job methods: jobs travel to agents inside their desired state."""
+    """HubAdmin's scheduled-job methods (the jobs core is hub.jobs)."""
 
     core: HubCore
 
-    async def _changed(self) -> None:
-        async with self.core.changed:
-            self.core.changed.notify_all()
-
     @unary
     async def CreateJob(self, request, context):
-        from kernel.schedule import trigger_for
-
         caller(context, "admin")
-        spec = {f: getattr(request.spec, f) for f in JOB_SPEC_FIELDS}
-        if not spec["name"] or not spec["model"] or not spec["input"] or not spec["output"]:
-            raise InvalidRequestError("a job needs a name, a model, an input and an output")
-        trigger_for(spec["schedule"])  # a bad schedule is refused here, not on every agent
-        if spec["version"]:
-            self.core.registry.get_version(spec["model"], spec["version"])
-        self.core.registry.put_job(spec["name"], spec, dict(request.selector), create=True)
-        await self._changed()
-        return job_to_proto(self.core, self.core.registry.job(spec["name"]))
+        job = await self.core.jobs.create(job_spec_from_proto(request.spec), dict(request.selector))
+        return job_to_proto(job)
 
     @unary
     async def ListJobs(self, request, context):
         caller(context, "admin")
-        return pb.ListJobsResponse(
-            jobs=[job_to_proto(self.core, j) for j in self.core.registry.jobs()]
-        )
+        return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in self.core.jobs.all_jobs()])
 
     @unary
     async def JobRuns(self, request, context):
-        from google.protobuf.json_format import ParseDict
-
         caller(context, "admin")
-        self.core.registry.job(request.name)
-        runs = [
-            ParseDict(r, pb.JobRun(), ignore_unknown_fields=True)
-            for r in self.core.registry.job_runs(request.name)
-        ]
+        runs = [job_run_to_proto(r) for r in self.core.jobs.runs(request.name)]
         return pb.JobRunsResponse(runs=runs)
 
     @unary
     async def ControlJob(self, request, context):
         caller(context, "admin")
-        job = self.core.registry.job(request.name)
-        spec = job["spec"]
-        if request.action == "delete":
-            self.core.registry.delete_job(request.name)
-            await self._changed()
-            return job_to_proto(self.core, job)
-        if request.action == "pause":
-            spec["paused"] = True
-        elif request.action == "resume":
-            spec["paused"] = False
-        elif request.action == "run-now":
-            spec["run_now"] = int(spec.get("run_now", 0)) + 1
-        else:
-            raise InvalidRequestError(f"unknown job action {request.action!r}")
-        self.core.registry.put_job(request.name, spec, job["selector"])
-        await self._changed()
-        return job_to_proto(self.core, self.core.registry.job(request.name))
+        return job_to_proto(await self.core.jobs.control(request.name, request.action))
 
 
 class RolloutServicerMixin:
@@ -331,8 +269,7 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
                         if header is not None:
                             raise InvalidRequestError("publish sent a second header")
                         header = chunk.header
-                        # Refuse nonsense, a duplicate or a stale version before taking bytes.
-                        self.core.check_publish_header(
+                        self.core.admit_upload(
                             {
                                 "name": header.name,
                                 "version": header.version,
@@ -340,7 +277,6 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
                                 "size": header.size,
                             }
                         )
-                        self.core.registry.check_new_version(header.name, header.version)
                         continue
                     if header is None:
                         raise InvalidRequestError("publish must start with a header")
@@ -388,14 +324,14 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
                     version_count=m["count"],
                     production_version=m["production"],
                 )
-                for m in self.core.registry.models()
+                for m in self.core.models()
             ]
         )
 
     @unary
     async def ListVersions(self, request, context):
         caller(context, "admin")
-        rows = self.core.registry.versions(request.name)
+        rows = self.core.versions(request.name)
         return pb.ListVersionsResponse(versions=[version_to_proto(v) for v in rows])
 
     @unary
@@ -423,31 +359,7 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
     @unary
     async def ListAgents(self, request, context):
         caller(context, "admin")
-        return pb.ListAgentsResponse(agents=[self._agent(a) for a in self.core.registry.agents()])
-
-    def _agent(self, a: AgentRow) -> pb.AgentInfo:
-        from google.protobuf.json_format import ParseDict
-
-        report = pb.AgentReport()
-        if a.report:
-            ParseDict(a.report, report, ignore_unknown_fields=True)
-        _, desired = self.core.desired(a)
-        return pb.AgentInfo(
-            agent_id=a.agent_id,
-            hostname=a.hostname,
-            labels=a.labels,
-            enrolled_at=a.enrolled_at,
-            last_seen=a.last_seen,
-            status=a.status,
-            report=report,
-            desired=desired_to_proto(0, desired).models,
-            presence=a.presence
-            or (
-                "online" if time.time() - a.last_seen < self.core.cfg.offline_after_s else "offline"
-            ),
-            # What the agent reports it uses; before its first report, what enrollment issued.
-            cert_expires_at=report.cert_expires_at or a.cert_expires_at,
-        )
+        return pb.ListAgentsResponse(agents=[agent_to_proto(a) for a in self.core.list_agents()])
 
     @unary
     async def RevokeAgent(self, request, context):
@@ -458,45 +370,9 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
     @unary
     async def Metrics(self, request, context):
         caller(context, "admin")
-        if not request.model:
-            raise InvalidRequestError("metrics needs a model name")
-        window = request.since_s or 600.0
-        if window <= 0:
-            raise InvalidRequestError("the window (since) must be positive")
-        agents = None
-        if request.agent_id:
-            # An agent id, or a hostname (which may name several agents).
-            rows = self.core.registry.agents()
-            agents = [a.agent_id for a in rows if a.agent_id == request.agent_id] or [
-                a.agent_id for a in rows if a.hostname == request.agent_id
-            ]
-            if not agents:
-                raise InvalidRequestError(f"no agent with id or hostname {request.agent_id!r}")
-        now = time.time()
-        stats = await self.core.telemetry_ingest.query(
-            self.core.telemetry.window,
-            request.model,
-            request.version or None,
-            agents,
-            now - window,
-            now,
+        stats, window = await self.core.metrics(
+            request.model, request.version, request.agent_id, request.since_s
         )
         return pb.MetricsResponse(
-            versions=[
-                pb.VersionMetrics(
-                    model=s.model,
-                    version=s.version,
-                    requests=s.requests,
-                    failures=s.failures,
-                    request_rate=s.request_rate,
-                    error_rate=s.error_rate,
-                    p50_ms=s.p50_ms,
-                    p95_ms=s.p95_ms,
-                    p99_ms=s.p99_ms,
-                    failures_by_reason=s.failures_by_reason,
-                    agents=s.agents,
-                )
-                for s in stats
-            ],
-            window_s=window,
+            versions=[window_stats_to_proto(s) for s in stats], window_s=window
         )

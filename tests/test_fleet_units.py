@@ -12,6 +12,7 @@ import pytest
 from agent.fleet.cache import BundleCache
 from agent.fleet.sync import Backoff
 from hub.registry import FailedPreconditionError, PermissionDeniedError, Registry
+from hub.reports import AgentReport, ModelReport
 from kernel.errors import BundleExistsError, InvalidRequestError
 
 
@@ -142,12 +143,12 @@ def test_agent_reports_are_buffered_and_written_together(
     for i in range(3):
         registry.add_agent(f"a{i}", f"h{i}", {"site": "x"}, "fp")
     registry.now[0] = 2000.0  # type: ignore[attr-defined]
-    registry.touch("a0", {"models": [{"name": "m", "active_version": "2"}]})
+    registry.touch("a0", AgentReport(models=(ModelReport("m", active_version=2),)))
     registry.touch("a1")
     registry.now[0] = 2001.0  # type: ignore[attr-defined]
     registry.touch("a0")  # a keepalive keeps the last report
     seen = {a.agent_id: a for a in registry.agents()}
-    assert (seen["a0"].last_seen, seen["a0"].report["models"][0]["active_version"]) == (2001, "2")
+    assert (seen["a0"].last_seen, seen["a0"].report.models[0].active_version) == (2001, 2)
     assert registry.agent("a1").last_seen == 2000 and registry.agent("a2").last_seen == 0
 
     def on_disk() -> dict[str, float]:
@@ -160,7 +161,7 @@ def test_agent_reports_are_buffered_and_written_together(
     assert on_disk() == {"a0": 0, "a1": 0, "a2": 0}
     assert registry.flush_seen() == 2
     assert on_disk() == {"a0": 2001, "a1": 2000, "a2": 0}
-    assert registry.agent("a0").report["models"][0]["active_version"] == "2"
+    assert registry.agent("a0").report.models[0].active_version == 2
     assert registry.flush_seen() == 0  # nothing new: no transaction at all
 
     # A failed write keeps what it could not store for the next flush; newer touches win.

@@ -275,15 +275,13 @@ def test_refusals_are_classified_by_reported_reason_not_by_text() -> None:
     unreachable, transfer broken, local cache damaged): the words are never read."""
     from types import SimpleNamespace
 
+    from hub.reports import AgentReport, ModelReport
     from hub.rollout_manager import FleetObserver
     from kernel.errors import TRANSIENT_REASONS
 
     def observer(error: str, reason: str) -> FleetObserver:
-        report = {
-            "models": [
-                {"name": "m", "desired_version": "2", "error": error, "error_reason": reason}
-            ]
-        }
+        m = ModelReport("m", desired_version=2, error=error, error_reason=reason)
+        report = AgentReport(models=(m,))
         agent = SimpleNamespace(agent_id="a1", report=report)
         core = SimpleNamespace(registry=SimpleNamespace(agents=lambda: [agent]))
         return FleetObserver(core, "m")

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from hub.registry import Registry
+from hub.reports import AgentReport, ModelReport
 from hub.rollout_manager import RolloutManager
 from hub.rollouts import Spec
 from hub.telemetry import TelemetryIngestor, TelemetryStore
@@ -93,7 +94,7 @@ async def _decision(tmp: Path) -> dict[str, float]:
     r = await manager.start(spec)
     # The first wave's agents switch and report.
     for a in r.assigned:
-        reg.touch(a, {"models": [{"name": "mlp", "active_version": "2"}]})
+        reg.touch(a, AgentReport(models=(ModelReport("mlp", active_version=2),)))
     await manager.tick()  # switching -> baking
     # Telemetry for the bake window, canary (v2) and baseline (v1) alike.
     time.sleep(0.01)

@@ -1,0 +1,145 @@
+"""The hub's edge conversions and its jobs core, without processes.
+
+An agent's report is converted once at each edge (gRPC, MQTT) into hub.reports types; the
+registry stores their JSON and reads it back. These tests hold that chain lossless, so
+`agents ls` shows what the agent sent and the rollout engine reads what it meant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from google.protobuf.json_format import MessageToDict
+
+from hub.convert import (
+    job_spec_from_proto,
+    job_to_proto,
+    report_from_proto,
+    report_to_proto,
+)
+from hub.jobs import JOB_SPEC_FIELDS, Jobs
+from hub.registry import Registry
+from hub.reports import AgentReport, ModelReport
+from kernel.errors import BundleExistsError, InvalidRequestError, ModelNotFoundError
+from protos import fleet_pb2 as pb
+
+
+def full_report() -> pb.AgentReport:
+    """Every field set, none to its default, so a field dropped anywhere shows."""
+    return pb.AgentReport(
+        models=[
+            pb.ModelReport(
+                name="fraud",
+                active_version=3,
+                previous_version=2,
+                loading_version=4,
+                desired_version=4,
+                gate_version=4,
+                gate_passed=True,
+                gate_kind="mismatch",
+                gate_reason="output 0 off by 0.3",
+                error="signature does not verify",
+                error_reason="verification",
+            ),
+            pb.ModelReport(name="churn", active_version=7, desired_version=7),
+        ],
+        last_error="hub unreachable",
+        desired_revision=12,
+        cache_bytes=1 << 40,
+        disk_free_bytes=(1 << 62) + 1,  # beyond a double's precision: kept exact
+        agent_version="1.4.0",
+        inference_address="10.0.0.7:8001",
+        cert_expires_at=1767225600.25,
+    )
+
+
+def test_the_report_types_carry_every_field_of_the_messages() -> None:
+    """A field added to or renamed in fleet.proto must be added here too, or this fails
+    (instead of the rollout engine silently reading a default)."""
+    for message, domain in ((pb.AgentReport, AgentReport), (pb.ModelReport, ModelReport)):
+        proto_fields = [f.name for f in message.DESCRIPTOR.fields]
+        assert proto_fields == [f.name for f in dataclasses.fields(domain)]
+
+
+def test_a_report_round_trips_proto_dataclass_json_dataclass_proto() -> None:
+    message = full_report()
+    report = report_from_proto(message)
+    assert report.models[0].error_reason == "verification"
+    assert report.models[1] == ModelReport("churn", active_version=7, desired_version=7)
+    stored = json.loads(json.dumps(report.to_json()))
+    again = AgentReport.from_json(stored)
+    assert again == report
+    assert report_to_proto(again) == message
+    assert report_from_proto(pb.AgentReport()) == AgentReport()
+
+
+def test_reports_stored_by_earlier_hubs_still_read() -> None:
+    """Hubs before typed reports stored MessageToDict output: 64-bit integers as strings,
+    defaults left out. An upgraded hub reads those rows as the same reports."""
+    message = full_report()
+    legacy = json.loads(json.dumps(MessageToDict(message, preserving_proto_field_name=True)))
+    assert legacy["desired_revision"] == "12" and "gate_passed" not in legacy["models"][1]
+    assert AgentReport.from_json(legacy) == report_from_proto(message)
+    assert AgentReport.from_json({}) == AgentReport()
+
+
+def test_the_registry_keeps_the_report_across_a_restart(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "r.db")
+    registry.add_agent("a0", "h0", {}, "fp")
+    assert registry.agent("a0").report == AgentReport()  # never reported
+    report = report_from_proto(full_report())
+    registry.touch("a0", report)
+    registry.flush_seen()
+    registry.close()
+    reopened = Registry(tmp_path / "r.db")
+    try:
+        assert reopened.agent("a0").report == report
+        assert report_to_proto(reopened.agent("a0").report) == full_report()
+    finally:
+        reopened.close()
+
+
+def test_jobs_core_validates_and_answers_typed_jobs(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "r.db")
+    registry.add_agent("a0", "h0", {"site": "x"}, "fp")
+    registry.add_agent("a1", "h1", {"site": "y"}, "fp")
+    wakes: list[int] = []
+
+    async def changed() -> None:
+        wakes.append(1)
+
+    jobs = Jobs(registry, changed)
+    spec = job_spec_from_proto(
+        pb.JobSpec(name="nightly", model="m", schedule="every 60s", input="/in", output="/out")
+    )
+    assert tuple(spec) == JOB_SPEC_FIELDS
+
+    async def scenario() -> None:
+        with pytest.raises(InvalidRequestError, match="a job needs a name, a model"):
+            await jobs.create({**spec, "input": ""}, {})
+        with pytest.raises(InvalidRequestError):
+            await jobs.create({**spec, "schedule": "whenever"}, {})
+        with pytest.raises(ModelNotFoundError, match="has no version 3"):
+            await jobs.create({**spec, "version": 3}, {})
+        job = await jobs.create(spec, {"site": "x"})
+        assert (job.agents, job.selector) == (1, {"site": "x"})
+        assert job_to_proto(job).spec == pb.JobSpec(**spec)
+        with pytest.raises(BundleExistsError):
+            await jobs.create(spec, {})
+        assert (await jobs.control("nightly", "run-now")).spec["run_now"] == 1
+        assert (await jobs.control("nightly", "pause")).spec["paused"] is True
+        with pytest.raises(InvalidRequestError, match="unknown job action 'stop'"):
+            await jobs.control("nightly", "stop")
+        assert jobs.runs("nightly") == []
+        await jobs.control("nightly", "delete")
+        with pytest.raises(ModelNotFoundError, match="no job named 'nightly'"):
+            jobs.runs("nightly")
+
+    asyncio.run(scenario())
+    assert len(wakes) == 4  # create, run-now, pause, delete: every change wakes the watchers
+    assert jobs.all_jobs() == []
+    registry.close()
