@@ -69,6 +69,9 @@ from protos import fleet_pb2
 if TYPE_CHECKING:
     from hub.telemetry import WindowStats  # DuckDB loads with the store, not with this module
 
+if TYPE_CHECKING:
+    from hub.ports import BlobStorePort, RegistryPort, TelemetryStorePort
+
 log = logging.getLogger(__name__)
 
 
@@ -191,8 +194,9 @@ class HubCore:
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.paths.root.chmod(0o700)
         self.paths.uploads.mkdir(exist_ok=True)
-        self.registry = Registry(self.paths.db, clock=clock)
-        self.blobs = BlobStore(self.paths.blobs)
+        # Typed as the ports (hub/ports.py): the core uses nothing adapter-specific.
+        self.registry: RegistryPort = Registry(self.paths.db, clock=clock)
+        self.blobs: BlobStorePort = BlobStore(self.paths.blobs)
         self.ca = CertificateAuthority.load_or_create(self.paths.ca)
         from hub.crl import CrlPublisher
 
@@ -213,7 +217,7 @@ class HubCore:
 
         # Fleet telemetry (DuckDB, docs/telemetry.md): ingested through telemetry_ingest by the
         # gRPC servicer and the MQTT bridge; window() queries serve rollouts and `metrics`.
-        self.telemetry = TelemetryStore(
+        self.telemetry: TelemetryStorePort = TelemetryStore(
             self.paths.root / TELEMETRY_FILE, retention_s=cfg.telemetry_retention_s, clock=clock
         )
         self.telemetry_ingest = TelemetryIngestor(self.telemetry)

@@ -61,13 +61,16 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
 
 from kernel.telemetry_bounds import BATCH_BOUNDS, LATENCY_BOUNDS
 from protos import fleet_pb2 as pb
+
+if TYPE_CHECKING:
+    from hub.ports import TelemetryStorePort
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +488,7 @@ class TelemetryIngestor:
     per-transaction cost is shared by every agent that reported meanwhile.
     """
 
-    def __init__(self, store: TelemetryStore) -> None:
+    def __init__(self, store: TelemetryStorePort) -> None:
         self.store = store
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="telemetry-db")
         self._queue: list[tuple[str, list[pb.TelemetryReport], asyncio.Future]] = []
@@ -549,7 +552,7 @@ class TelemetryIngestor:
 class FleetCollector:
     """prometheus_client collector: fleet aggregates from the store, read at scrape time."""
 
-    def __init__(self, store: TelemetryStore) -> None:
+    def __init__(self, store: TelemetryStorePort) -> None:
         self.store = store
 
     def collect(self) -> Iterable[Any]:
@@ -603,7 +606,7 @@ class FleetCollector:
         yield agents
 
 
-def serve_metrics(store: TelemetryStore, listen: str) -> Any:
+def serve_metrics(store: TelemetryStorePort, listen: str) -> Any:
     """The hub's Prometheus /metrics on ``listen`` (HOST:PORT); returns the HTTP server."""
     from prometheus_client import CollectorRegistry, start_http_server
 
