@@ -45,6 +45,30 @@ def _signed_targets(hub: HubProcess) -> dict:
     return json.loads((tuf / f"{targets_v}.targets.json").read_bytes())["signed"]["targets"]
 
 
+def _refused_start(hub: HubProcess) -> str:
+    """Start a hub on ``hub``'s data that must refuse to start; return what it printed."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hub.cli",
+            "--data",
+            str(hub.data),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--enroll-listen",
+            "127.0.0.1:0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0
+    return r.stdout + r.stderr
+
+
 def _versions(hub: HubProcess) -> dict[int, str]:
     """{version: 'yes'/'NO'} from `models versions`."""
     out = {}
@@ -170,26 +194,8 @@ def test_hub_refuses_forged_metadata_on_its_disk(fleet, tmp_path: Path, layout: 
     assert active(agent) == 1
     # A restarted hub refuses to start on forged metadata, naming the file.
     hub.stop()
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hub.cli",
-            "--data",
-            str(hub.data),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--enroll-listen",
-            "127.0.0.1:0",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode != 0
-    assert "targets.json is not signed by the targets key" in r.stdout + r.stderr
+    output = _refused_start(hub)
+    assert "targets.json is not signed by the targets key" in output
     assert published != "66" * 32
 
 
@@ -209,23 +215,5 @@ def test_a_rolled_back_targets_is_refused_after_a_hub_restart(fleet, tmp_path: P
     )
     assert refused.returncode == 7 and "rollback" in refused.stderr
     hub.stop()
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hub.cli",
-            "--data",
-            str(hub.data),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--enroll-listen",
-            "127.0.0.1:0",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode != 0
-    assert f"this hub already served targets v{current}" in r.stdout + r.stderr
+    output = _refused_start(hub)
+    assert f"this hub already served targets v{current}" in output
