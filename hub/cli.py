@@ -36,6 +36,15 @@ def _duration(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
+def _rollout_duration(text: str) -> float:
+    """A duration with its unit: a bare ``300`` could mean seconds or minutes, so it is refused."""
+    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", text):
+        raise argparse.ArgumentTypeError(
+            f"{text.strip()!r} has no unit: add one, e.g. {text.strip()}s, or 5m, 1h, 1d"
+        )
+    return _duration(text)
+
+
 def _labels(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -196,36 +205,139 @@ def build_parser() -> argparse.ArgumentParser:
 
     ro = sub.add_parser("rollout", help="canary waves with automatic rollback")
     rsub = ro.add_subparsers(dest="rollout_command", required=True)
-    rs = rsub.add_parser("start", help="start a rollout of NAME VERSION")
-    rs.add_argument("name")
-    rs.add_argument("version", type=int)
-    rs.add_argument("--selector", type=_labels, default={})
+    rs = rsub.add_parser(
+        "start",
+        help="start a rollout of NAME VERSION",
+        description="Roll VERSION of model NAME out to the selected agents in waves, judging "
+        "each wave by its gates; see docs/cli.md. Durations need a unit (90s, 5m, 1h, 1d).",
+        epilog=f"exit codes with --wait: {_ROLLOUT_EXITS_HELP}; errors as in docs/cli.md",
+    )
+    rs.add_argument("name", help="model name")
+    rs.add_argument("version", type=int, help="the version to roll out")
     rs.add_argument(
-        "--waves", default="10,50,100", help="percentages of the selected agents, e.g. 1,10,50,100"
+        "--selector",
+        type=_labels,
+        metavar="K=V[,K=V]",
+        default={},
+        help="k=v[,k=v]: the agents to roll out to (default: the whole fleet)",
+    )
+    rs.add_argument(
+        "--waves",
+        metavar="LIST",
+        default="10,50,100",
+        help="increasing cumulative percentages of the selected agents, one per wave; the "
+        "last wave always takes everyone (default: %(default)s)",
     )
     rs.add_argument(
         "--waves-are-counts",
         action="store_true",
-        help="read --waves as agent counts instead of percentages",
+        help="read --waves as agent counts instead of percentages (default: percentages)",
     )
-    rs.add_argument("--bake", type=_duration, default=300.0)
+    rs.add_argument(
+        "--bake",
+        metavar="DURATION",
+        type=_rollout_duration,
+        default="5m",
+        help="how long each wave serves before its gates are judged (default: %(default)s)",
+    )
     rs.add_argument(
         "--gate",
+        metavar="EXPR",
         action="append",
         default=[],
-        help="e.g. 'error_rate<0.01', 'p99_ms<100', 'p99_vs_baseline<1.2'",
+        help="a check of each wave's telemetry, repeatable: e.g. 'error_rate<0.01', "
+        "'p99_ms<100', 'p99_vs_baseline<1.2' (default: none: a wave passes once its agents "
+        "have switched and baked, and the rollout says so)",
     )
-    rs.add_argument("--min-requests", type=int, default=0)
-    rs.add_argument("--max-failed-agents", type=int, default=0)
-    rs.add_argument("--agent-timeout", type=_duration, default=600.0)
-    rs.add_argument("--strategy", default="canary", choices=["canary", "blue-green"])
     rs.add_argument(
-        "--auto-switch", action="store_true", help="blue-green: switch once all are ready"
+        "--min-requests",
+        metavar="N",
+        type=int,
+        default=0,
+        help="fewer canary requests in a bake pause the rollout as inconclusive "
+        "(default: %(default)s: a wave without traffic passes its gates)",
     )
-    st = rsub.add_parser("status", help="waves, agents, gate values, time left in bake")
-    st.add_argument("name")
-    st.add_argument("--watch", action="store_true", help="refresh until the rollout ends")
-    st.add_argument("--json", action="store_true")
+    rs.add_argument(
+        "--max-failed-agents",
+        metavar="N",
+        type=int,
+        default=0,
+        help="agents that may refuse the version or time out before the rollout rolls back "
+        "(default: %(default)s)",
+    )
+    rs.add_argument(
+        "--agent-timeout",
+        metavar="DURATION",
+        type=_rollout_duration,
+        default="10m",
+        help="how long an agent may take to switch (blue-green: to prepare) before it counts "
+        "as failed (default: %(default)s)",
+    )
+    rs.add_argument(
+        "--strategy",
+        default="canary",
+        choices=["canary", "blue-green"],
+        help="canary: wave by wave; blue-green: prepare on every agent, then switch all at "
+        "once (default: %(default)s)",
+    )
+    rs.add_argument(
+        "--auto-switch",
+        action="store_true",
+        help="blue-green: switch once all are ready (default: wait for `rollout promote`)",
+    )
+    rs.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="allow a VERSION older than one the selected agents run or are set to run "
+        "(default: refused)",
+    )
+    rs.add_argument(
+        "--wait",
+        action="store_true",
+        help="watch the rollout until it ends or needs an operator; the exit code says how "
+        "(default: return once started)",
+    )
+    rs.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        type=_rollout_duration,
+        default=None,
+        help=f"with --wait: stop waiting after this long (exit {EXIT_WAIT_TIMEOUT}); the "
+        "rollout goes on (default: no limit)",
+    )
+    st = rsub.add_parser(
+        "status",
+        help="waves, agents, gate values, time left in bake",
+        epilog=f"exit codes with --watch: {_ROLLOUT_EXITS_HELP}; without --watch 0 whatever "
+        "the state",
+    )
+    st.add_argument("name", help="model name")
+    st.add_argument(
+        "--id",
+        metavar="ID",
+        type=int,
+        default=0,
+        help="this rollout of NAME (default: the active one, else the latest)",
+    )
+    st.add_argument(
+        "--watch",
+        action="store_true",
+        help="follow the rollout until it ends or needs an operator, then exit with its "
+        "outcome's code (default: print once)",
+    )
+    st.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        type=_rollout_duration,
+        default=None,
+        help=f"with --watch: stop watching after this long (exit {EXIT_WAIT_TIMEOUT}) "
+        "(default: no limit)",
+    )
+    st.add_argument(
+        "--json",
+        action="store_true",
+        help="print the status as JSON (with --watch: one JSON line per change)",
+    )
     for action in ("pause", "resume", "abort", "promote", "rollback"):
         rsub.add_parser(action).add_argument("name")
     rsub.add_parser("history").add_argument("name")
@@ -890,22 +1002,54 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+# Exit codes of `rollout start --wait` and `rollout status --watch`: the rollout's outcome, for
+# scripts (docs/cli.md). Above kernel/errors.py's EXIT_CODES, so an outcome never reads as an
+# error of the command itself.
+EXIT_ROLLED_BACK = 20
+EXIT_NEEDS_OPERATOR = 21  # paused (by an operator, or inconclusive), or blue-green ready
+EXIT_WAIT_TIMEOUT = 22
+ROLLOUT_EXIT_CODES = {
+    "done": 0,
+    "rolled_back": EXIT_ROLLED_BACK,
+    "paused": EXIT_NEEDS_OPERATOR,
+    # Blue-green without --auto-switch: prepared everywhere, nothing happens until promote.
+    "ready": EXIT_NEEDS_OPERATOR,
+}
+_ROLLOUT_EXITS_HELP = (
+    f"0 done, {EXIT_ROLLED_BACK} rolled back, {EXIT_NEEDS_OPERATOR} paused or ready for "
+    f"`rollout promote`, {EXIT_WAIT_TIMEOUT} --timeout reached (the rollout goes on)"
+)
+WATCH_INTERVAL_S = 1.0
+
+
 def rollout_dict(status: Any) -> dict[str, Any]:
     """A RolloutStatus as the plain data `rollout status --json` prints (one conversion)."""
+
+    def opt(msg: Any, name: str) -> Any:
+        return getattr(msg, name) if msg.HasField(name) else None
+
     ev = None
     if status.HasField("last_evaluation"):
         e = status.last_evaluation
         ev = {
             "wave": e.wave,
             "at": e.at,
+            "since": e.since,
             "canary_requests": e.canary_requests,
             "baseline_requests": e.baseline_requests,
+            "canary_failures": e.canary_failures,
+            "baseline_failures": e.baseline_failures,
+            "canary_agents": e.canary_agents,
+            "baseline_agents": e.baseline_agents,
+            "baseline_version": e.baseline_version,
             "gates": [
                 {
                     "gate": g.gate,
-                    "value": g.value if g.HasField("value") else None,
-                    "ok": g.ok if g.HasField("ok") else None,
+                    "value": opt(g, "value"),
+                    "ok": opt(g, "ok"),
                     **({"note": g.note} if g.note else {}),
+                    "canary": opt(g, "canary"),
+                    "baseline": opt(g, "baseline"),
                 }
                 for g in e.gates
             ],
@@ -928,49 +1072,230 @@ def rollout_dict(status: Any) -> dict[str, Any]:
         "gates": list(status.gates),
         "last_evaluation": ev,
         "events": [{"at": x.at, "text": x.text} for x in status.events],
+        "per_agent": [
+            {
+                "agent_id": a.agent_id,
+                "hostname": a.hostname,
+                "role": a.role,
+                "wave": a.wave,
+                "previous_version": a.previous_version,
+                "active_version": a.active_version,
+                "state": a.state,
+                "last_error": a.last_error,
+            }
+            for a in status.per_agent
+        ],
+        "warnings": list(status.warnings),
+        "selector": dict(status.selector),
+        "bake_s": status.bake_s,
+        "min_requests": status.min_requests,
+        "max_failed_agents": status.max_failed_agents,
+        "agent_timeout_s": status.agent_timeout_s,
+        "auto_switch": status.auto_switch,
+        "allow_downgrade": status.allow_downgrade,
     }
+
+
+def _hms(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(ts))
+
+
+def _fig(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+# Rows of the per-agent table in the text view; --json lists every agent.
+AGENT_ROWS = 20
+
+
+def _render_agents(agents: list[dict[str, Any]]) -> list[str]:
+    # Failed agents first, then canaries in the order they were assigned, then the rest.
+    rank = {"failed": 0}
+    shown = sorted(
+        agents, key=lambda a: (rank.get(a["state"], 1), a["role"] != "canary", a["wave"] or 1e9)
+    )
+    lines = [
+        f"  {'AGENT':<24} {'HOSTNAME':<16} {'ROLE':<9} {'WAVE':>4} {'PREVIOUS':>8} "
+        f"{'ACTIVE':>6}  {'STATE':<13} LAST ERROR"
+    ]
+    for a in shown[:AGENT_ROWS]:
+        lines.append(
+            f"  {a['agent_id']:<24} {a['hostname'] or '-':<16} {a['role']:<9} "
+            f"{a['wave'] or '-'!s:>4} {_v(a['previous_version']):>8} "
+            f"{_v(a['active_version']):>6}  {a['state']:<13} {a['last_error'] or '-'}"
+        )
+    if len(shown) > AGENT_ROWS:
+        lines.append(f"  ... and {len(shown) - AGENT_ROWS} more agent(s) (--json lists all)")
+    return lines
+
+
+def _v(version: int) -> str:
+    return f"v{version}" if version else "-"
 
 
 def _render_rollout(status: Any) -> str:
     d = rollout_dict(status)
+    selector = ",".join(f"{k}={v}" for k, v in sorted(d["selector"].items())) or "whole fleet"
     lines = [
         f"rollout {d['id']}: {d['model']} v{d['version']}  state {d['state'].upper()}"
         + (f"  ({d['reason']})" if d["reason"] else ""),
-        f"  wave {d['wave']}/{len(d['waves'])} (cumulative agents {d['waves']}); "
-        f"assigned {d['assigned']}/{d['agents']}, switched {d['switched']}, "
-        f"failed {len(d['failed'])}",
+        f"  {d['strategy']}, wave {d['wave']}/{len(d['waves'])} (cumulative agents "
+        f"{d['waves']}); assigned {d['assigned']}/{d['agents']}, switched {d['switched']}, "
+        f"failed {len(d['failed'])}"
+        + (f", prepared {d['prepared']}/{d['agents']}" if d["strategy"] == "blue-green" else ""),
+        f"  selector {selector}; bake {d['bake_s']:g}s, min-requests {d['min_requests']}, "
+        f"max-failed-agents {d['max_failed_agents']}, agent-timeout {d['agent_timeout_s']:g}s"
+        + (", auto-switch" if d["auto_switch"] else "")
+        + (", downgrade allowed" if d["allow_downgrade"] else ""),
     ]
+    lines += [f"  warning: {w}" for w in d["warnings"]]
     if d["state"] == "baking":
         lines.append(f"  bake: {d['bake_left_s']:.0f}s left")
     ev = d.get("last_evaluation")
     if ev:
-        lines.append(
-            f"  last evaluation (wave {ev['wave']}): canary {ev['canary_requests']} "
-            f"request(s), baseline {ev['baseline_requests']}"
+        window = f", bake {_hms(ev['since'])}-{_hms(ev['at'])}" if ev["since"] else ""
+        baseline = (
+            f"baseline v{ev['baseline_version']} {ev['baseline_requests']} request(s), "
+            f"{ev['baseline_failures']} failed, on {ev['baseline_agents']} agent(s)"
+            if ev["baseline_version"]
+            else "no baseline (no agent left on one previous version)"
         )
+        lines.append(
+            f"  last evaluation (wave {ev['wave']}{window}): canary {ev['canary_requests']} "
+            f"request(s), {ev['canary_failures']} failed, on {ev['canary_agents']} agent(s); "
+            f"{baseline}"
+        )
+        if ev["gates"]:
+            lines.append(f"    {'GATE':<24} {'CANARY':>10} {'BASELINE':>10} {'VALUE':>10}  VERDICT")
         for g in ev["gates"]:
-            value = "n/a" if g["value"] is None else f"{g['value']:.4g}"
             verdict = {True: "ok", False: "FAILED", None: g.get("note", "-")}[g["ok"]]
-            lines.append(f"    {g['gate']:<24} value {value:<10} {verdict}")
-    elif d["gates"]:
-        lines.append(f"  gates: {', '.join(d['gates'])}")
-    for agent, why in d["failed"].items():
-        lines.append(f"  failed agent {agent}: {why}")
+            lines.append(
+                f"    {g['gate']:<24} {_fig(g['canary']):>10} {_fig(g['baseline']):>10} "
+                f"{_fig(g['value']):>10}  {verdict}"
+            )
+    if not ev or not ev["gates"]:
+        lines.append(f"  gates: {', '.join(d['gates']) or 'none'}")
+    if d["per_agent"]:
+        lines += _render_agents(d["per_agent"])
+    else:
+        for agent, why in d["failed"].items():
+            lines.append(f"  failed agent {agent}: {why}")
     for e in d["events"][-6:]:
-        lines.append(f"  {time.strftime('%H:%M:%S', time.gmtime(e['at']))}  {e['text']}")
+        lines.append(f"  {_hms(e['at'])}  {e['text']}")
     return "\n".join(lines)
 
 
-def cmd_rollout(args: argparse.Namespace) -> int:
+class _ChangeLines:
+    """Watching without a terminal: one line per change, never the whole block again.
+
+    A new event of the engine is a line; a change of the counts (an agent switched or
+    prepared) without one is a progress line. The bake countdown is not a change.
+    """
+
+    def __init__(self, status: Any) -> None:
+        self.seen = {(e.at, e.text) for e in status.events}
+        self.progress = self._progress(status)
+
+    @staticmethod
+    def _progress(s: Any) -> tuple[Any, ...]:
+        return (s.state, s.wave, s.assigned, s.switched, s.prepared, len(s.failed))
+
+    def lines(self, status: Any) -> list[str]:
+        new = [e for e in status.events if (e.at, e.text) not in self.seen]
+        self.seen.update((e.at, e.text) for e in new)
+        out = [f"{_hms(e.at)}  {e.text}" for e in new]
+        progress = self._progress(status)
+        if progress != self.progress and not new:
+            counts = f"{status.switched}/{status.assigned} assigned agent(s) switched"
+            if status.strategy == "blue-green" and status.state in ("preparing", "ready"):
+                counts = f"{status.prepared}/{status.agents} agent(s) prepared"
+            out.append(
+                f"{_hms(time.time())}  {status.state.upper()}  wave "
+                f"{status.wave}/{len(status.waves)}: {counts}, {len(status.failed)} failed"
+            )
+        self.progress = progress
+        return out
+
+
+def _watch_rollout(
+    stub: Any,
+    first: Any,
+    timeout: float | None,
+    as_json: bool,
+    shown: bool,
+) -> int:
+    """Follow one rollout until it ends, needs an operator, or ``timeout`` passes; return the
+    exit code of its outcome (ROLLOUT_EXIT_CODES, EXIT_WAIT_TIMEOUT).
+
+    ``shown``: ``first`` is already on screen (`rollout start` printed it).
+    """
     from protos import fleet_pb2 as pb
 
-    stub = admin_stub(args)
+    tty = sys.stdout.isatty() and not as_json
+    deadline = None if timeout is None else time.monotonic() + timeout
+    status, changes, last_json = first, _ChangeLines(first), None
+    if not shown and not tty and not as_json:
+        print(_render_rollout(first), flush=True)
+    while True:
+        code = ROLLOUT_EXIT_CODES.get(status.state)
+        if as_json:
+            d = rollout_dict(status)
+            d.pop("bake_left_s")  # a countdown is not a change
+            if d != last_json:
+                print(json.dumps(rollout_dict(status)), flush=True)
+                last_json = d
+        elif tty:
+            left = "" if deadline is None else f", {max(0, deadline - time.monotonic()):.0f}s left"
+            sys.stdout.write("\x1b[2J\x1b[H")
+            print(
+                f"{_render_rollout(status)}\n\nwatching rollout {status.id} every "
+                f"{WATCH_INTERVAL_S:g}s{left}; Ctrl-C stops watching, not the rollout",
+                flush=True,
+            )
+        else:
+            for line in changes.lines(status):
+                print(line, flush=True)
+        if code is not None:
+            end = (
+                f"rollout {status.id} of {status.model} v{status.version}: {status.state}"
+                + (f" ({status.reason})" if status.reason else "")
+                + f"; exit {code}"
+            )
+            print(end, file=sys.stderr if as_json else sys.stdout, flush=True)
+            return code
+        if deadline is not None and time.monotonic() >= deadline:
+            print(
+                f"modelfleet-hub: rollout {status.id} of {status.model} v{status.version} is "
+                f"still {status.state} after --timeout {timeout:g}s; it goes on (`modelfleet-hub "
+                f"rollout status {status.model} --watch` follows it); exit {EXIT_WAIT_TIMEOUT}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_WAIT_TIMEOUT
+        pause = WATCH_INTERVAL_S
+        if deadline is not None:
+            pause = max(0.0, min(pause, deadline - time.monotonic()))
+        time.sleep(pause)
+        status = call(stub.GetRollout, pb.GetRolloutRequest(model=status.model, id=status.id))
+
+
+def _usage_error(command: str, message: str) -> int:
+    print(f"modelfleet-hub rollout {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from hub.rollouts import Spec
+    from protos import fleet_pb2 as pb
+
     cmd = args.rollout_command
     if cmd == "start":
+        if args.timeout is not None and not args.wait:
+            return _usage_error(cmd, "--timeout needs --wait")
         waves = [w.strip() for w in args.waves.split(",") if w.strip()]
         if not args.waves_are_counts:
             waves = [w if w.endswith("%") else f"{w}%" for w in waves]
-        req = pb.StartRolloutRequest(
+        spec = Spec(
             model=args.name,
             version=args.version,
             selector=args.selector,
@@ -982,25 +1307,39 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             agent_timeout_s=args.agent_timeout,
             strategy=args.strategy,
             auto_switch=args.auto_switch,
+            allow_downgrade=args.allow_downgrade,
         )
-        print(_render_rollout(call(stub.StartRollout, req)))
-        return 0
+        # The hub checks the same (every client gets it); here it fails before any connection.
+        spec.validate()
+        req = pb.StartRolloutRequest(
+            model=spec.model,
+            version=spec.version,
+            selector=spec.selector,
+            waves=spec.waves,
+            bake_s=spec.bake_s,
+            gates=spec.gates,
+            min_requests=spec.min_requests,
+            max_failed_agents=spec.max_failed_agents,
+            agent_timeout_s=spec.agent_timeout_s,
+            strategy=spec.strategy,
+            auto_switch=spec.auto_switch,
+            allow_downgrade=spec.allow_downgrade,
+        )
+        stub = admin_stub(args)
+        status = call(stub.StartRollout, req)
+        print(_render_rollout(status), flush=True)
+        if not args.wait:
+            return 0
+        return _watch_rollout(stub, status, args.timeout, as_json=False, shown=True)
+    stub = admin_stub(args)
     if cmd == "status":
-        final = ("done", "rolled_back")
-        while True:
-            status = call(stub.GetRollout, pb.GetRolloutRequest(model=args.name))
-            if args.json:
-                print(json.dumps(rollout_dict(status)))
-                return 0
-            text = _render_rollout(status)
-            if args.watch and sys.stdout.isatty():
-                sys.stdout.write("\x1b[2J\x1b[H")
-            print(text, flush=True)
-            if not args.watch or status.state in final:
-                return 0
-            time.sleep(1)
-            if not sys.stdout.isatty():
-                print()
+        if args.timeout is not None and not args.watch:
+            return _usage_error(cmd, "--timeout needs --watch")
+        status = call(stub.GetRollout, pb.GetRolloutRequest(model=args.name, id=args.id))
+        if args.watch:
+            return _watch_rollout(stub, status, args.timeout, as_json=args.json, shown=False)
+        print(json.dumps(rollout_dict(status)) if args.json else _render_rollout(status))
+        return 0
     if cmd == "history":
         resp = call(stub.RolloutHistory, pb.RolloutHistoryRequest(model=args.name))
         for r in resp.rollouts:

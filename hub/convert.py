@@ -7,12 +7,14 @@ neither edge imports the other.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from hub.core import AgentStatus
 from hub.jobs import JOB_SPEC_FIELDS, Job
 from hub.registry import Desired, VersionRow
 from hub.reports import AgentReport, ModelReport
+from hub.rollouts import AgentFacts
 from protos import fleet_pb2 as pb
 
 if TYPE_CHECKING:
@@ -55,8 +57,11 @@ def version_to_proto(v: VersionRow) -> pb.ModelVersion:
     )
 
 
-def rollout_to_proto(r: Any, now: float) -> pb.RolloutStatus:
-    d = r.summary(now)
+def rollout_to_proto(
+    r: Any, now: float, facts: Mapping[str, AgentFacts] | None = None
+) -> pb.RolloutStatus:
+    """A rollout's status; ``facts`` (per agent, from the fleet) adds the per-agent view."""
+    d = r.summary(now, facts)
     status = pb.RolloutStatus(
         id=d["id"],
         model=d["model"],
@@ -74,6 +79,15 @@ def rollout_to_proto(r: Any, now: float) -> pb.RolloutStatus:
         reason=d["reason"],
         gates=d["gates"],
         events=[pb.RolloutEvent(at=e["at"], text=e["text"]) for e in d["events"]],
+        per_agent=[pb.RolloutAgent(**a) for a in d["per_agent"]],
+        warnings=d["warnings"],
+        selector=d["selector"],
+        bake_s=d["bake_s"],
+        min_requests=d["min_requests"],
+        max_failed_agents=d["max_failed_agents"],
+        agent_timeout_s=d["agent_timeout_s"],
+        auto_switch=d["auto_switch"],
+        allow_downgrade=d["allow_downgrade"],
     )
     ev = d["last_evaluation"]
     if ev:
@@ -83,9 +97,21 @@ def rollout_to_proto(r: Any, now: float) -> pb.RolloutStatus:
                 at=ev["at"],
                 canary_requests=ev["canary_requests"],
                 baseline_requests=ev["baseline_requests"],
+                # Evaluations saved before these were recorded read as 0.
+                canary_failures=ev.get("canary_failures", 0),
+                baseline_failures=ev.get("baseline_failures", 0),
+                canary_agents=ev.get("canary_agents", 0),
+                baseline_agents=ev.get("baseline_agents", 0),
+                baseline_version=ev.get("baseline_version", 0),
+                since=ev.get("since", 0.0),
                 gates=[
                     pb.GateValue(
-                        gate=g["gate"], value=g.get("value"), ok=g.get("ok"), note=g.get("note", "")
+                        gate=g["gate"],
+                        value=g.get("value"),
+                        ok=g.get("ok"),
+                        note=g.get("note", ""),
+                        canary=g.get("canary"),
+                        baseline=g.get("baseline"),
                     )
                     for g in ev["gates"]
                 ],

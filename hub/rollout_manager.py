@@ -14,7 +14,7 @@ from typing import Any
 
 from hub.registry import selector_matches
 from hub.reports import AgentReport, ModelReport
-from hub.rollouts import ACTIVE_STATES, Rollout, Spec, Stats
+from hub.rollouts import ACTIVE_STATES, AgentFacts, Rollout, Spec, Stats, check_target
 from kernel.errors import (
     TRANSIENT_REASONS,
     InvalidRequestError,
@@ -95,6 +95,26 @@ class RolloutManager:
     def history(self, model: str) -> list[Rollout]:
         return [self._load(r) for r in self.core.registry.rollouts(model)]
 
+    def facts(self, r: Rollout) -> dict[str, AgentFacts]:
+        """Per agent of ``r``: hostname, the version it reports serving, its last error for the
+        model (a refused health gate of the rolled-out version counts)."""
+        out = {}
+        for agent in self.core.registry.agents():
+            if agent.agent_id not in r.previous:
+                continue
+            m = next((m for m in agent.report.models if m.name == r.spec.model), None)
+            error = ""
+            if m is not None:
+                error = m.error
+                if not error and m.gate_version == r.spec.version and not m.gate_passed:
+                    error = f"health gate ({m.gate_kind or '?'}): {m.gate_reason}"
+            out[agent.agent_id] = AgentFacts(
+                hostname=agent.hostname,
+                active_version=m.active_version if m is not None else 0,
+                last_error=error,
+            )
+        return out
+
     async def start(self, spec: Spec) -> Rollout:
         async with self.lock:
             reg = self.core.registry
@@ -115,11 +135,17 @@ class RolloutManager:
                 for a in reg.agents()
                 if a.status == "active" and selector_matches(spec.selector, a.labels)
             ]
-            previous = {}
+            previous, current = {}, {}
             for a in agents:
                 desired = {d.name: d.version for d in reg.desired_for(a.labels, a.agent_id)}
                 previous[a.agent_id] = desired.get(spec.model, 0)
+                active = next(
+                    (m.active_version for m in a.report.models if m.name == spec.model), 0
+                )
+                current[a.agent_id] = (previous[a.agent_id], active)
             spec.validate()
+            # Before the rollout gets a row: a refused start leaves nothing in its history.
+            check_target(spec, current)
             rollout_id = reg.create_rollout(spec.model, spec.version)
             try:
                 r = Rollout.new(

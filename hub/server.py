@@ -219,20 +219,22 @@ class RolloutServicerMixin:
             agent_timeout_s=request.agent_timeout_s or 600.0,
             strategy=request.strategy or "canary",
             auto_switch=request.auto_switch,
+            allow_downgrade=request.allow_downgrade,
         )
         r = await self.core.rollouts.start(spec)
-        return rollout_to_proto(r, time.time())
+        return rollout_to_proto(r, time.time(), self.core.rollouts.facts(r))
 
     @unary
     async def GetRollout(self, request, context):
         caller(context, "admin")
-        return rollout_to_proto(self.core.rollouts.get(request.model, request.id), time.time())
+        r = self.core.rollouts.get(request.model, request.id)
+        return rollout_to_proto(r, time.time(), self.core.rollouts.facts(r))
 
     @unary
     async def ControlRollout(self, request, context):
         caller(context, "admin")
         r = await self.core.rollouts.control(request.model, request.action)
-        return rollout_to_proto(r, time.time())
+        return rollout_to_proto(r, time.time(), self.core.rollouts.facts(r))
 
     @unary
     async def RolloutHistory(self, request, context):

@@ -567,7 +567,7 @@ class MetricsResponse(_message.Message):
     def __init__(self, versions: _Optional[_Iterable[_Union[VersionMetrics, _Mapping]]] = ..., window_s: _Optional[float] = ...) -> None: ...
 
 class StartRolloutRequest(_message.Message):
-    __slots__ = ("model", "version", "selector", "waves", "bake_s", "gates", "min_requests", "max_failed_agents", "agent_timeout_s", "strategy", "auto_switch")
+    __slots__ = ("model", "version", "selector", "waves", "bake_s", "gates", "min_requests", "max_failed_agents", "agent_timeout_s", "strategy", "auto_switch", "allow_downgrade")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -586,6 +586,7 @@ class StartRolloutRequest(_message.Message):
     AGENT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     AUTO_SWITCH_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_DOWNGRADE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     selector: _containers.ScalarMap[str, str]
@@ -597,7 +598,8 @@ class StartRolloutRequest(_message.Message):
     agent_timeout_s: float
     strategy: str
     auto_switch: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[str]] = ..., bake_s: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., strategy: _Optional[str] = ..., auto_switch: _Optional[bool] = ...) -> None: ...
+    allow_downgrade: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[str]] = ..., bake_s: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., strategy: _Optional[str] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("model", "id")
@@ -624,34 +626,77 @@ class RolloutEvent(_message.Message):
     def __init__(self, at: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
 
 class GateValue(_message.Message):
-    __slots__ = ("gate", "value", "ok", "note")
+    __slots__ = ("gate", "value", "ok", "note", "canary", "baseline")
     GATE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
     gate: str
     value: float
     ok: bool
     note: str
-    def __init__(self, gate: _Optional[str] = ..., value: _Optional[float] = ..., ok: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
+    canary: float
+    baseline: float
+    def __init__(self, gate: _Optional[str] = ..., value: _Optional[float] = ..., ok: _Optional[bool] = ..., note: _Optional[str] = ..., canary: _Optional[float] = ..., baseline: _Optional[float] = ...) -> None: ...
 
 class GateEvaluation(_message.Message):
-    __slots__ = ("wave", "at", "canary_requests", "baseline_requests", "gates")
+    __slots__ = ("wave", "at", "canary_requests", "baseline_requests", "gates", "canary_failures", "baseline_failures", "canary_agents", "baseline_agents", "baseline_version", "since")
     WAVE_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     CANARY_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BASELINE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     GATES_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    CANARY_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
     wave: int
     at: float
     canary_requests: int
     baseline_requests: int
     gates: _containers.RepeatedCompositeFieldContainer[GateValue]
-    def __init__(self, wave: _Optional[int] = ..., at: _Optional[float] = ..., canary_requests: _Optional[int] = ..., baseline_requests: _Optional[int] = ..., gates: _Optional[_Iterable[_Union[GateValue, _Mapping]]] = ...) -> None: ...
+    canary_failures: int
+    baseline_failures: int
+    canary_agents: int
+    baseline_agents: int
+    baseline_version: int
+    since: float
+    def __init__(self, wave: _Optional[int] = ..., at: _Optional[float] = ..., canary_requests: _Optional[int] = ..., baseline_requests: _Optional[int] = ..., gates: _Optional[_Iterable[_Union[GateValue, _Mapping]]] = ..., canary_failures: _Optional[int] = ..., baseline_failures: _Optional[int] = ..., canary_agents: _Optional[int] = ..., baseline_agents: _Optional[int] = ..., baseline_version: _Optional[int] = ..., since: _Optional[float] = ...) -> None: ...
+
+class RolloutAgent(_message.Message):
+    __slots__ = ("agent_id", "hostname", "role", "wave", "previous_version", "active_version", "state", "last_error")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WAVE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    hostname: str
+    role: str
+    wave: int
+    previous_version: int
+    active_version: int
+    state: str
+    last_error: str
+    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., role: _Optional[str] = ..., wave: _Optional[int] = ..., previous_version: _Optional[int] = ..., active_version: _Optional[int] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("id", "model", "version", "state", "wave", "waves", "agents", "assigned", "switched", "prepared", "strategy", "failed", "bake_left_s", "reason", "gates", "last_evaluation", "events")
+    __slots__ = ("id", "model", "version", "state", "wave", "waves", "agents", "assigned", "switched", "prepared", "strategy", "failed", "bake_left_s", "reason", "gates", "last_evaluation", "events", "per_agent", "warnings", "selector", "bake_s", "min_requests", "max_failed_agents", "agent_timeout_s", "auto_switch", "allow_downgrade")
     class FailedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -675,6 +720,15 @@ class RolloutStatus(_message.Message):
     GATES_FIELD_NUMBER: _ClassVar[int]
     LAST_EVALUATION_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    PER_AGENT_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    BAKE_S_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FAILED_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    AUTO_SWITCH_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_DOWNGRADE_FIELD_NUMBER: _ClassVar[int]
     id: int
     model: str
     version: int
@@ -692,7 +746,16 @@ class RolloutStatus(_message.Message):
     gates: _containers.RepeatedScalarFieldContainer[str]
     last_evaluation: GateEvaluation
     events: _containers.RepeatedCompositeFieldContainer[RolloutEvent]
-    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., wave: _Optional[int] = ..., waves: _Optional[_Iterable[int]] = ..., agents: _Optional[int] = ..., assigned: _Optional[int] = ..., switched: _Optional[int] = ..., prepared: _Optional[int] = ..., strategy: _Optional[str] = ..., failed: _Optional[_Mapping[str, str]] = ..., bake_left_s: _Optional[float] = ..., reason: _Optional[str] = ..., gates: _Optional[_Iterable[str]] = ..., last_evaluation: _Optional[_Union[GateEvaluation, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ...) -> None: ...
+    per_agent: _containers.RepeatedCompositeFieldContainer[RolloutAgent]
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    selector: _containers.ScalarMap[str, str]
+    bake_s: float
+    min_requests: int
+    max_failed_agents: int
+    agent_timeout_s: float
+    auto_switch: bool
+    allow_downgrade: bool
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., wave: _Optional[int] = ..., waves: _Optional[_Iterable[int]] = ..., agents: _Optional[int] = ..., assigned: _Optional[int] = ..., switched: _Optional[int] = ..., prepared: _Optional[int] = ..., strategy: _Optional[str] = ..., failed: _Optional[_Mapping[str, str]] = ..., bake_left_s: _Optional[float] = ..., reason: _Optional[str] = ..., gates: _Optional[_Iterable[str]] = ..., last_evaluation: _Optional[_Union[GateEvaluation, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., per_agent: _Optional[_Iterable[_Union[RolloutAgent, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., selector: _Optional[_Mapping[str, str]] = ..., bake_s: _Optional[float] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ...) -> None: ...
 
 class RolloutHistoryRequest(_message.Message):
     __slots__ = ("model",)
