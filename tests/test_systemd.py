@@ -737,7 +737,8 @@ def test_venv_is_relocated_to_opt(built: Built) -> None:
     shebang = (venv / "bin/modelfleet-agent").read_text().splitlines()[0]
     assert shebang == "#!/opt/modelfleet/venv/bin/python"
     # Byte code carries the installed path and is hash-checked (flags 0b11), not mtime-based.
-    pyc = (venv / "lib/python3.11/site-packages/modelfleet/agent/__pycache__/app.cpython-311.pyc").read_bytes()
+    app = venv / "lib/python3.11/site-packages/modelfleet/agent"
+    pyc = (app / "__pycache__/app.cpython-311.pyc").read_bytes()
     assert int.from_bytes(pyc[4:8], "little") == 3
     assert b"/opt/modelfleet/venv/lib/python3.11/site-packages/modelfleet/agent/app.py" in pyc
 
