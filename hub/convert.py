@@ -10,15 +10,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from hub.core import AgentStatus
-from hub.jobs import JOB_SPEC_FIELDS, Job
-from hub.registry import Desired, VersionRow
-from hub.reports import AgentReport, ModelReport
-from hub.rollouts import AgentFacts
-from protos import fleet_pb2 as pb
+from modelfleet.hub.core import AgentStatus
+from modelfleet.hub.jobs import JOB_SPEC_FIELDS, Job
+from modelfleet.hub.registry import Desired, VersionRow
+from modelfleet.hub.reports import AgentReport, ModelReport
+from modelfleet.hub.rollouts import AgentFacts
+from modelfleet.protos import fleet_pb2 as pb
 
 if TYPE_CHECKING:
-    from hub.telemetry import WindowStats
+    from modelfleet.hub.telemetry import WindowStats
 
 
 def desired_to_proto(

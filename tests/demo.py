@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from hub.cli import EXIT_ROLLED_BACK
-from kernel.bundle import create_bundle
+from modelfleet.hub.cli import EXIT_ROLLED_BACK
+from modelfleet.kernel.bundle import create_bundle
 from tests import models
 from tests.procs import (
     AgentProcess,

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hub.cli import (
+from modelfleet.hub.cli import (
     EXIT_NEEDS_OPERATOR,
     EXIT_ROLLED_BACK,
     EXIT_WAIT_TIMEOUT,
@@ -19,11 +19,11 @@ from hub.cli import (
     build_parser,
     rollout_dict,
 )
-from hub.convert import rollout_to_proto
-from hub.registry import Registry
-from hub.reports import AgentReport, ModelReport
-from hub.rollout_manager import RolloutManager
-from hub.rollouts import (
+from modelfleet.hub.convert import rollout_to_proto
+from modelfleet.hub.registry import Registry
+from modelfleet.hub.reports import AgentReport, ModelReport
+from modelfleet.hub.rollout_manager import RolloutManager
+from modelfleet.hub.rollouts import (
     AgentFacts,
     Rollout,
     RolloutRefusedError,
@@ -31,7 +31,7 @@ from hub.rollouts import (
     check_target,
     stable_order,
 )
-from kernel.errors import EXIT_CODES, InvalidRequestError
+from modelfleet.kernel.errors import EXIT_CODES, InvalidRequestError
 from tests.test_rollouts import AGENTS, BASE, GOOD, FakeFleet, run, spec
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hub.cli import EXIT_NEEDS_OPERATOR, EXIT_ROLLED_BACK, EXIT_WAIT_TIMEOUT
+from modelfleet.hub.cli import EXIT_NEEDS_OPERATOR, EXIT_ROLLED_BACK, EXIT_WAIT_TIMEOUT
 from tests import models
 from tests.procs import ROOT, AgentProcess, HubProcess, agent_status, enroll_agent, wait_for
 
@@ -277,7 +277,7 @@ def run_in_terminal(hub: HubProcess, *args: str, timeout: float = 150) -> tuple[
 
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hub.cli", "--data", str(hub.data), *args],
+        [sys.executable, "-m", "modelfleet.hub.cli", "--data", str(hub.data), *args],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         stdout=slave,
