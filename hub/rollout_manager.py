@@ -83,8 +83,13 @@ class RolloutManager:
     def _load(self, row: dict[str, Any]) -> Rollout:
         return Rollout.from_json(row["data"])
 
+    def _rows(self, model: str) -> list[dict[str, Any]]:
+        # Hubs before check_target recorded a start refused for an empty selector as a row
+        # without data; it never ran, so it is not shown.
+        return [r for r in self.core.registry.rollouts(model) if r["data"]]
+
     def get(self, model: str, rollout_id: int = 0) -> Rollout:
-        rows = self.core.registry.rollouts(model)
+        rows = self._rows(model)
         if rollout_id:
             rows = [r for r in rows if r["id"] == rollout_id]
         if not rows:
@@ -93,7 +98,7 @@ class RolloutManager:
         return self._load((active or rows)[-1])
 
     def history(self, model: str) -> list[Rollout]:
-        return [self._load(r) for r in self.core.registry.rollouts(model)]
+        return [self._load(r) for r in self._rows(model)]
 
     def facts(self, r: Rollout) -> dict[str, AgentFacts]:
         """Per agent of ``r``: hostname, the version it reports serving, its last error for the

@@ -120,6 +120,11 @@ def test_the_manager_refuses_before_recording_anything(tmp_path: Path) -> None:
         assert reg.rollouts("m") == []
         r = start(version=1, allow_downgrade=True)
         assert r.state == "switching" and r.spec.allow_downgrade
+        # What older hubs recorded for a start refused for its empty selector: a row without
+        # data. It never ran; history and status pass over it instead of failing on it.
+        reg.save_rollout(reg.create_rollout("m", 3), "rolled_back", {})
+        assert [x.id for x in manager.history("m")] == [r.id]
+        assert manager.get("m").id == r.id
     finally:
         reg.close()
 
