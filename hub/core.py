@@ -70,6 +70,7 @@ from modelfleet.kernel.identity import (
     load_certificate,
     token_secret_hash,
 )
+from modelfleet.kernel.jobs import JobRun, JobSpec
 from modelfleet.protos import fleet_pb2
 
 if TYPE_CHECKING:
@@ -550,31 +551,30 @@ class HubCore:
         return agent
 
     async def ingest_telemetry(
-        self, agent_id: str, reports: Sequence[fleet_pb2.TelemetryReport]
+        self,
+        agent_id: str,
+        reports: Sequence[fleet_pb2.TelemetryReport],
+        job_runs: Sequence[JobRun] = (),
     ) -> list[int]:
         """Store an agent's telemetry batch (both transports); return the seqs to acknowledge.
 
-        Job runs riding in the reports go to the registry first: both stores are idempotent
-        (job runs by run id, reports by seq), so a batch that fails halfway is simply resent.
+        ``job_runs`` are the runs riding in those reports, converted by the edge. They go to the
+        registry first: both stores are idempotent (job runs by run id, reports by seq), so a
+        batch that fails halfway is simply resent.
         """
-        from google.protobuf.json_format import MessageToDict
-
-        runs = [run for report in reports for run in report.job_runs]
-        for run in runs:
-            data = MessageToDict(run, preserving_proto_field_name=True)
-            data["agent_id"] = agent_id
-            self.registry.add_job_run(agent_id, data)  # rare and small: on the loop, like the rest
+        # Rare and small: on the loop, like the rest of the registry.
+        self.jobs.record_runs(agent_id, list(job_runs))
         return await self.telemetry_ingest.ingest(agent_id, reports)
 
     def desired(self, agent: AgentRow) -> tuple[int, list[Desired]]:
         return self.registry.revision(), self.registry.desired_for(agent.labels, agent.agent_id)
 
-    def desired_state(self, agent: AgentRow) -> tuple[int, list[Desired], list[dict[str, Any]]]:
+    def desired_state(self, agent: AgentRow) -> tuple[int, list[Desired], list[JobSpec]]:
         """What an agent is sent: revision, models and the specs of the jobs it runs."""
         revision, desired = self.desired(agent)
         return revision, desired, self.registry.jobs_for(agent.labels)
 
-    def watch(self, agent_id: str) -> tuple[int, list[Desired], list[dict[str, Any]]]:
+    def watch(self, agent_id: str) -> tuple[int, list[Desired], list[JobSpec]]:
         """One look of an agent's watch stream: refused once revoked, and counts as seen."""
         agent = self.authorize_agent(agent_id)
         self.registry.touch(agent_id)

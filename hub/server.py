@@ -17,6 +17,7 @@ from modelfleet.hub.convert import (
     agent_to_proto,
     desired_to_proto,
     job_run_to_proto,
+    job_runs_from_reports,
     job_spec_from_proto,
     job_to_proto,
     report_from_proto,
@@ -165,7 +166,9 @@ class FleetServicer(pb_grpc.FleetServicer):
         agent_id = caller(context, "agent")
         self.core.authorize_agent(agent_id)
         # Acked only once stored (a replay is acked without being stored again).
-        acked = await self.core.ingest_telemetry(agent_id, request.reports)
+        acked = await self.core.ingest_telemetry(
+            agent_id, request.reports, job_runs_from_reports(request.reports)
+        )
         return pb.TelemetryAck(acked=acked)
 
 
