@@ -18,9 +18,9 @@ from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from agent.slots import SlotManager
-from kernel.errors import ModelfleetError, ModelNotFoundError
-from kernel.schedule import trigger_for
+from modelfleet.agent.slots import SlotManager
+from modelfleet.kernel.errors import ModelfleetError, ModelNotFoundError
+from modelfleet.kernel.schedule import trigger_for
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class JobRunner:
             log.warning("job %s: run report not delivered", name)
 
     def _score(self, spec: JobSpec, bundle: str, run_id: str) -> Any:
-        from batch.engine import ScoreConfig, score
+        from modelfleet.batch.engine import ScoreConfig, score
 
         return score(
             ScoreConfig(

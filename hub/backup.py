@@ -48,11 +48,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from kernel.atomic import atomic_write, fsync_dir, try_lock
-from kernel.errors import InvalidRequestError, ModelfleetError, Status, VerificationError
+from modelfleet.kernel.atomic import atomic_write, fsync_dir, try_lock
+from modelfleet.kernel.errors import InvalidRequestError, ModelfleetError, Status, VerificationError
 
 if TYPE_CHECKING:
-    from hub.core import HubCore
+    from modelfleet.hub.core import HubCore
 
 log = logging.getLogger(__name__)
 
@@ -630,7 +630,7 @@ def _check_restored(backup: Path, new: Path, manifest: Manifest) -> bool:
     """What the hub checks at start, before the folder takes NEW's place: the registry is a
     sound SQLite database whose every version has its blob, and the TUF metadata verifies
     against the anchor and the online keys. Returns whether the targets key is online."""
-    from hub.signing import RepositoryIntegrityError, TufRepository, TufSetupError
+    from modelfleet.hub.signing import RepositoryIntegrityError, TufRepository, TufSetupError
 
     have = {f.path for f in manifest.files}
     try:
@@ -658,7 +658,7 @@ def restore(
     backup: Path, data_dir: Path, *, force: bool = False, expect_sha256: str | None = None
 ) -> RestoreResult:
     """Make ``data_dir`` a copy of the hub in ``backup`` (see the module's docstring)."""
-    from hub.core import LOCK_FILE, HubRunningError
+    from modelfleet.hub.core import LOCK_FILE, HubRunningError
 
     backup = Path(backup).absolute()
     data_dir = Path(data_dir).absolute()

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hub.backup import BackupFile, BackupSummary
-from hub.core import AgentStatus
-from hub.jobs import JOB_SPEC_FIELDS, Job
-from hub.registry import Desired, VersionRow
-from hub.reports import AgentReport, ModelReport
-from protos import fleet_pb2 as pb
+from modelfleet.hub.backup import BackupFile, BackupSummary
+from modelfleet.hub.core import AgentStatus
+from modelfleet.hub.jobs import JOB_SPEC_FIELDS, Job
+from modelfleet.hub.registry import Desired, VersionRow
+from modelfleet.hub.reports import AgentReport, ModelReport
+from modelfleet.protos import fleet_pb2 as pb
 
 if TYPE_CHECKING:
-    from hub.telemetry import WindowStats
+    from modelfleet.hub.telemetry import WindowStats
 
 
 def desired_to_proto(

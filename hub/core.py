@@ -23,18 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hub.backup import (
+from modelfleet.hub.backup import (
     BackupFile,
     BackupSummary,
     backup_stream,
     finish_restore,
     remove_stale_staging,
 )
-from hub.blobs import BlobStore
-from hub.ca import CertificateAuthority
-from hub.config import HubConfig
-from hub.jobs import Jobs
-from hub.registry import (
+from modelfleet.hub.blobs import BlobStore
+from modelfleet.hub.ca import CertificateAuthority
+from modelfleet.hub.config import HubConfig
+from modelfleet.hub.jobs import Jobs
+from modelfleet.hub.registry import (
     AgentRow,
     Desired,
     FailedPreconditionError,
@@ -46,17 +46,23 @@ from hub.registry import (
     check_version,
     selector_matches,
 )
-from hub.reports import AgentReport
-from hub.signing import (
+from modelfleet.hub.reports import AgentReport
+from modelfleet.hub.signing import (
     ExpiryPolicy,
     RepositoryIntegrityError,
     TargetsKeyRequiredError,
     TufRepository,
     init_keys,
 )
-from kernel.atomic import try_lock
-from kernel.bundle import NAME_RE, NAME_RULE, TARGET_FILE_NAME, bundle_target_path, unpack_bundle
-from kernel.errors import (
+from modelfleet.kernel.atomic import try_lock
+from modelfleet.kernel.bundle import (
+    NAME_RE,
+    NAME_RULE,
+    TARGET_FILE_NAME,
+    bundle_target_path,
+    unpack_bundle,
+)
+from modelfleet.kernel.errors import (
     InvalidRequestError,
     ModelfleetError,
     ModelNotFoundError,
@@ -64,20 +70,22 @@ from kernel.errors import (
     Status,
     VerificationError,
 )
-from kernel.identity import (
+from modelfleet.kernel.identity import (
     EnrollToken,
     cert_fingerprint,
     certificate_common_name,
     load_certificate,
     token_secret_hash,
 )
-from protos import fleet_pb2
+from modelfleet.protos import fleet_pb2
 
 if TYPE_CHECKING:
-    from hub.telemetry import WindowStats  # DuckDB loads with the store, not with this module
+    from modelfleet.hub.telemetry import (
+        WindowStats,
+    )  # DuckDB loads with the store, not with this module
 
 if TYPE_CHECKING:
-    from hub.ports import BlobStorePort, RegistryPort, TelemetryStorePort
+    from modelfleet.hub.ports import BlobStorePort, RegistryPort, TelemetryStorePort
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +214,7 @@ class HubCore:
         self.registry: RegistryPort = Registry(self.paths.db, clock=clock)
         self.blobs: BlobStorePort = BlobStore(self.paths.blobs)
         self.ca = CertificateAuthority.load_or_create(self.paths.ca)
-        from hub.crl import CrlPublisher
+        from modelfleet.hub.crl import CrlPublisher
 
         # The broker's CRL, where `mqtt-config` put the broker (docs/mqtt.md); nothing without.
         self.crl = CrlPublisher(
@@ -223,7 +231,7 @@ class HubCore:
         # Set at shutdown: watch streams never end on their own, so they end here instead of
         # holding the drain for its whole timeout (agents reconnect to the next hub).
         self.closing = False
-        from hub.telemetry import TELEMETRY_FILE, TelemetryIngestor, TelemetryStore
+        from modelfleet.hub.telemetry import TELEMETRY_FILE, TelemetryIngestor, TelemetryStore
 
         # Fleet telemetry (DuckDB, docs/telemetry.md): ingested through telemetry_ingest by the
         # gRPC servicer and the MQTT bridge; window() queries serve rollouts and `metrics`.
@@ -231,7 +239,7 @@ class HubCore:
             self.paths.root / TELEMETRY_FILE, retention_s=cfg.telemetry_retention_s, clock=clock
         )
         self.telemetry_ingest = TelemetryIngestor(self.telemetry)
-        from hub.rollout_manager import RolloutManager
+        from modelfleet.hub.rollout_manager import RolloutManager
 
         # Durable: rollouts in flight when the hub stopped continue from their saved state.
         self.rollouts = RolloutManager(self, clock=clock)

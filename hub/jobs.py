@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hub.registry import Registry, selector_matches
-from kernel.errors import InvalidRequestError
+from modelfleet.hub.registry import Registry, selector_matches
+from modelfleet.kernel.errors import InvalidRequestError
 
 # The fields of a job's spec, as stored in the registry and sent in desired state.
 JOB_SPEC_FIELDS = (
@@ -44,7 +44,7 @@ class Jobs:
 
     async def create(self, spec: Mapping[str, Any], selector: Mapping[str, str]) -> Job:
         # APScheduler is loaded when a job is made, not by every hub start.
-        from kernel.schedule import trigger_for
+        from modelfleet.kernel.schedule import trigger_for
 
         if not spec["name"] or not spec["model"] or not spec["input"] or not spec["output"]:
             raise InvalidRequestError("a job needs a name, a model, an input and an output")

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # types only: importing a port must not load an adapter (DuckDB, SQLite)
-    from hub.registry import AgentRow, Desired, VersionRow
-    from hub.reports import AgentReport
-    from hub.telemetry import IngestCounters, WindowStats
-    from protos import fleet_pb2 as pb
+    from modelfleet.hub.registry import AgentRow, Desired, VersionRow
+    from modelfleet.hub.reports import AgentReport
+    from modelfleet.hub.telemetry import IngestCounters, WindowStats
+    from modelfleet.protos import fleet_pb2 as pb
 
 
 class RegistryPort(Protocol):

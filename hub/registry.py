@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hub.reports import AgentReport
-from kernel.bundle import MAX_VERSION, VERSION_RANGE
-from kernel.errors import (
+from modelfleet.hub.reports import AgentReport
+from modelfleet.kernel.bundle import MAX_VERSION, VERSION_RANGE
+from modelfleet.kernel.errors import (
     BundleExistsError,
     InvalidRequestError,
     ModelfleetError,

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from hub.convert import (
+from modelfleet.hub.convert import (
     agent_to_proto,
     backup_item_to_proto,
     desired_to_proto,
@@ -25,13 +25,13 @@ from hub.convert import (
     version_to_proto,
     window_stats_to_proto,
 )
-from hub.core import HubCore, PublishResult
-from hub.registry import PermissionDeniedError
-from kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError
-from kernel.grpc_status import GRPC_CODES
-from kernel.identity import IdentityError, parse_identity
-from protos import fleet_pb2 as pb
-from protos import fleet_pb2_grpc as pb_grpc
+from modelfleet.hub.core import HubCore, PublishResult
+from modelfleet.hub.registry import PermissionDeniedError
+from modelfleet.kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError
+from modelfleet.kernel.grpc_status import GRPC_CODES
+from modelfleet.kernel.identity import IdentityError, parse_identity
+from modelfleet.protos import fleet_pb2 as pb
+from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class RolloutServicerMixin:
 
     @unary
     async def StartRollout(self, request, context):
-        from hub.rollouts import Spec
+        from modelfleet.hub.rollouts import Spec
 
         caller(context, "admin")
         spec = Spec(

@@ -25,8 +25,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from agent.fleet.verify import BundleVerifier, InMemoryTransport
-from hub.backup import (
+from modelfleet.agent.fleet.verify import BundleVerifier, InMemoryTransport
+from modelfleet.hub.backup import (
     MANIFEST_FILE,
     RESTORED_FILE,
     VERSION_GAP,
@@ -37,14 +37,14 @@ from hub.backup import (
     check_path,
     restore,
 )
-from hub.config import HubConfig
-from hub.core import LOCK_FILE, HubCore, HubRunningError
-from hub.registry import FailedPreconditionError
-from hub.reports import AgentReport, ModelReport
-from hub.signing import TufRepository, init_keys
-from kernel.atomic import try_lock
-from kernel.bundle import bundle_target_path, create_bundle, pack_bundle
-from kernel.errors import InvalidRequestError, VerificationError
+from modelfleet.hub.config import HubConfig
+from modelfleet.hub.core import LOCK_FILE, HubCore, HubRunningError
+from modelfleet.hub.registry import FailedPreconditionError
+from modelfleet.hub.reports import AgentReport, ModelReport
+from modelfleet.hub.signing import TufRepository, init_keys
+from modelfleet.kernel.atomic import try_lock
+from modelfleet.kernel.bundle import bundle_target_path, create_bundle, pack_bundle
+from modelfleet.kernel.errors import InvalidRequestError, VerificationError
 from tests import models
 from tests.conftest import mlp_samples
 from tests.procs import ROOT, HubProcess, agent_status, wait_for
@@ -476,7 +476,7 @@ def test_restore_never_overwrites_without_force_nor_under_a_running_hub(
 
 def hub_cli(data: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "hub.cli", "--data", str(data), *args],
+        [sys.executable, "-m", "modelfleet.hub.cli", "--data", str(data), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -600,7 +600,7 @@ def test_a_backup_killed_half_way_is_refused(fleet, tmp_path: Path) -> None:  # 
     hub.cli("publish", "mlp", str(big))
     dest = tmp_path / "backup"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hub.cli", "--data", str(hub.data), "backup", str(dest)],
+        [sys.executable, "-m", "modelfleet.hub.cli", "--data", str(hub.data), "backup", str(dest)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -624,7 +624,7 @@ def test_a_backup_killed_half_way_is_refused(fleet, tmp_path: Path) -> None:  # 
 
 
 def test_the_telemetry_file_name_is_the_stores() -> None:
-    from hub.backup import TELEMETRY_FILE
-    from hub.telemetry import TELEMETRY_FILE as STORE_FILE
+    from modelfleet.hub.backup import TELEMETRY_FILE
+    from modelfleet.hub.telemetry import TELEMETRY_FILE as STORE_FILE
 
     assert TELEMETRY_FILE == STORE_FILE

@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 from google.protobuf.json_format import MessageToDict
 
-from hub.convert import (
+from modelfleet.hub.convert import (
     job_spec_from_proto,
     job_to_proto,
     report_from_proto,
     report_to_proto,
 )
-from hub.jobs import JOB_SPEC_FIELDS, Jobs
-from hub.registry import Registry
-from hub.reports import AgentReport, ModelReport
-from kernel.errors import BundleExistsError, InvalidRequestError, ModelNotFoundError
-from protos import fleet_pb2 as pb
+from modelfleet.hub.jobs import JOB_SPEC_FIELDS, Jobs
+from modelfleet.hub.registry import Registry
+from modelfleet.hub.reports import AgentReport, ModelReport
+from modelfleet.kernel.errors import BundleExistsError, InvalidRequestError, ModelNotFoundError
+from modelfleet.protos import fleet_pb2 as pb
 
 
 def full_report() -> pb.AgentReport:

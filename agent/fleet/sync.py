@@ -20,13 +20,13 @@ from typing import Any
 
 import grpc
 
-from agent import __version__
-from agent.config import ServeConfig
-from agent.fleet import renew as renewal
-from agent.fleet.cache import BundleCache
-from agent.fleet.enroll import TUF_DIR
-from agent.fleet.mqtt import MqttLink, MqttTransport
-from agent.fleet.outbox import (
+from modelfleet.agent import __version__
+from modelfleet.agent.config import ServeConfig
+from modelfleet.agent.fleet import renew as renewal
+from modelfleet.agent.fleet.cache import BundleCache
+from modelfleet.agent.fleet.enroll import TUF_DIR
+from modelfleet.agent.fleet.mqtt import MqttLink, MqttTransport
+from modelfleet.agent.fleet.outbox import (
     OUTBOX_FILE,
     MqttSender,
     Outbox,
@@ -35,7 +35,7 @@ from agent.fleet.outbox import (
     grpc_sender,
     open_journal,
 )
-from agent.fleet.transport import (
+from modelfleet.agent.fleet.transport import (
     IDENTITY_DIR,
     GrpcTransport,
     RetiredChannels,
@@ -43,15 +43,15 @@ from agent.fleet.transport import (
     credentials,
     rpc_error,
 )
-from agent.fleet.verify import BundleVerifier
-from agent.gate import GateResult
-from agent.jobs import JobRunner, JobSpec, RunResult
-from agent.slots import SlotManager
-from agent.telemetry import JOURNAL_FILE
-from kernel.atomic import atomic_write_json
-from kernel.errors import BundleError, ModelfleetError, ResourceExhaustedError, Status
-from protos import fleet_pb2 as pb
-from protos import fleet_pb2_grpc as pb_grpc
+from modelfleet.agent.fleet.verify import BundleVerifier
+from modelfleet.agent.gate import GateResult
+from modelfleet.agent.jobs import JobRunner, JobSpec, RunResult
+from modelfleet.agent.slots import SlotManager
+from modelfleet.agent.telemetry import JOURNAL_FILE
+from modelfleet.kernel.atomic import atomic_write_json
+from modelfleet.kernel.errors import BundleError, ModelfleetError, ResourceExhaustedError, Status
+from modelfleet.protos import fleet_pb2 as pb
+from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
