@@ -15,6 +15,7 @@ import grpc
 
 from modelfleet.hub.convert import (
     agent_to_proto,
+    backup_item_to_proto,
     desired_to_proto,
     job_run_to_proto,
     job_runs_from_reports,
@@ -246,6 +247,18 @@ class RolloutServicerMixin:
         )
 
 
+class BackupServicerMixin:
+    """HubAdmin.Backup: the hub's state as one consistent copy (hub/backup.py)."""
+
+    core: HubCore
+
+    @streaming
+    async def Backup(self, request, context):
+        caller(context, "admin")
+        async for item in self.core.backup():
+            yield backup_item_to_proto(item)
+
+
 def _publish_response(result: PublishResult) -> pb.PublishResponse:
     return pb.PublishResponse(
         version=version_to_proto(result.version),
@@ -255,7 +268,9 @@ def _publish_response(result: PublishResult) -> pb.PublishResponse:
     )
 
 
-class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServicer):
+class AdminServicer(
+    BackupServicerMixin, JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServicer
+):
     def __init__(self, core: HubCore) -> None:
         self.core = core
 
