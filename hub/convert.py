@@ -7,14 +7,16 @@ neither edge imports the other.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from modelfleet.hub.backup import BackupFile, BackupSummary
 from modelfleet.hub.core import AgentStatus
-from modelfleet.hub.jobs import JOB_SPEC_FIELDS, Job
+from modelfleet.hub.jobs import Job
 from modelfleet.hub.registry import Desired, VersionRow
 from modelfleet.hub.reports import AgentReport, ModelReport
 from modelfleet.hub.rollouts import AgentFacts
+from modelfleet.kernel.jobs import JobRun, JobSpec
 from modelfleet.protos import fleet_pb2 as pb
 
 if TYPE_CHECKING:
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def desired_to_proto(
-    revision: int, desired: list[Desired], jobs: list[dict[str, Any]] | None = None
+    revision: int, desired: list[Desired], jobs: list[JobSpec] | None = None
 ) -> pb.DesiredState:
     return pb.DesiredState(
         revision=revision,
@@ -38,7 +40,7 @@ def desired_to_proto(
             )
             for d in desired
         ],
-        jobs=[pb.JobSpec(**spec) for spec in (jobs or [])],
+        jobs=[job_spec_to_proto(spec) for spec in (jobs or [])],
     )
 
 
@@ -192,23 +194,83 @@ def agent_to_proto(s: AgentStatus) -> pb.AgentInfo:
     )
 
 
-def job_spec_from_proto(spec: pb.JobSpec) -> dict[str, Any]:
-    return {f: getattr(spec, f) for f in JOB_SPEC_FIELDS}
+def job_spec_from_proto(spec: pb.JobSpec) -> JobSpec:
+    return JobSpec(
+        name=spec.name,
+        model=spec.model,
+        version=spec.version,
+        schedule=spec.schedule,
+        input=spec.input,
+        output=spec.output,
+        sql=spec.sql,
+        paused=spec.paused,
+        run_now=spec.run_now,
+        keys=spec.keys,
+    )
+
+
+def job_spec_to_proto(spec: JobSpec) -> pb.JobSpec:
+    return pb.JobSpec(
+        name=spec.name,
+        model=spec.model,
+        version=spec.version,
+        schedule=spec.schedule,
+        input=spec.input,
+        output=spec.output,
+        sql=spec.sql,
+        paused=spec.paused,
+        run_now=spec.run_now,
+        keys=spec.keys,
+    )
 
 
 def job_to_proto(job: Job) -> pb.JobInfo:
     return pb.JobInfo(
-        spec=pb.JobSpec(**job.spec),
+        spec=job_spec_to_proto(job.spec),
         selector=job.selector,
         created_at=job.created_at,
         agents=job.agents,
     )
 
 
-def job_run_to_proto(run: dict[str, Any]) -> pb.JobRun:
-    from google.protobuf.json_format import ParseDict
+def job_runs_from_reports(reports: Iterable[pb.TelemetryReport]) -> list[JobRun]:
+    """The job runs riding in an agent's telemetry (the hub sets agent_id, not the agent)."""
+    return [
+        JobRun(
+            job=r.job,
+            run_id=r.run_id,
+            model=r.model,
+            version=r.version,
+            status=r.status,
+            rows_in=r.rows_in,
+            rows_out=r.rows_out,
+            rows_rejected=r.rows_rejected,
+            duration_s=r.duration_s,
+            error=r.error,
+            started_at=r.started_at,
+            finished_at=r.finished_at,
+        )
+        for report in reports
+        for r in report.job_runs
+    ]
 
-    return ParseDict(run, pb.JobRun(), ignore_unknown_fields=True)
+
+def job_run_to_proto(run: JobRun) -> pb.JobRun:
+    return pb.JobRun(
+        job=run.job,
+        run_id=run.run_id,
+        model=run.model,
+        version=run.version,
+        status=run.status,
+        rows_in=run.rows_in,
+        rows_out=run.rows_out,
+        rows_rejected=run.rows_rejected,
+        duration_s=run.duration_s,
+        error=run.error,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        agent_id=run.agent_id,
+    )
 
 
 def window_stats_to_proto(s: WindowStats) -> pb.VersionMetrics:
@@ -225,3 +287,47 @@ def window_stats_to_proto(s: WindowStats) -> pb.VersionMetrics:
         failures_by_reason=s.failures_by_reason,
         agents=s.agents,
     )
+
+
+def backup_item_to_proto(item: BackupFile | bytes | BackupSummary) -> pb.BackupChunk:
+    if isinstance(item, BackupFile):
+        return pb.BackupChunk(
+            file=pb.BackupFile(path=item.path, size=item.size, sha256=item.sha256)
+        )
+    if isinstance(item, BackupSummary):
+        return pb.BackupChunk(
+            summary=pb.BackupSummary(
+                created_at=item.created_at,
+                hub=item.hub,
+                tuf_versions=item.tuf_versions,
+                models=item.models,
+                versions=item.versions,
+                agents=item.agents,
+                blobs=item.blobs,
+                files=item.files,
+                bytes=item.bytes,
+                pause_ms=item.pause_ms,
+            )
+        )
+    return pb.BackupChunk(data=item)
+
+
+def backup_item_from_proto(chunk: pb.BackupChunk) -> BackupFile | bytes | BackupSummary:
+    kind = chunk.WhichOneof("kind")
+    if kind == "file":
+        return BackupFile(chunk.file.path, chunk.file.size, chunk.file.sha256)
+    if kind == "summary":
+        s = chunk.summary
+        return BackupSummary(
+            created_at=s.created_at,
+            hub=s.hub,
+            tuf_versions=dict(s.tuf_versions),
+            models=s.models,
+            versions=s.versions,
+            agents=s.agents,
+            blobs=s.blobs,
+            files=s.files,
+            bytes=s.bytes,
+            pause_ms=s.pause_ms,
+        )
+    return bytes(chunk.data)

@@ -18,11 +18,18 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelfleet.hub.backup import (
+    BackupFile,
+    BackupSummary,
+    backup_stream,
+    finish_restore,
+    remove_stale_staging,
+)
 from modelfleet.hub.blobs import BlobStore
 from modelfleet.hub.ca import CertificateAuthority
 from modelfleet.hub.config import HubConfig
@@ -70,6 +77,7 @@ from modelfleet.kernel.identity import (
     load_certificate,
     token_secret_hash,
 )
+from modelfleet.kernel.jobs import JobRun, JobSpec
 from modelfleet.protos import fleet_pb2
 
 if TYPE_CHECKING:
@@ -202,6 +210,7 @@ class HubCore:
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.paths.root.chmod(0o700)
         self.paths.uploads.mkdir(exist_ok=True)
+        remove_stale_staging(self.paths.uploads)
         # Typed as the ports (hub/ports.py): the core uses nothing adapter-specific.
         self.registry: RegistryPort = Registry(self.paths.db, clock=clock)
         self.blobs: BlobStorePort = BlobStore(self.paths.blobs)
@@ -217,6 +226,8 @@ class HubCore:
         # A crash between committing signed targets and marking the rows leaves rows unsigned.
         self.mark_signed_targets()
         self.check_registry_against_targets()
+        # A data directory `modelfleet-hub restore` just wrote: TUF versions move up once.
+        finish_restore(self)
         self.changed = asyncio.Condition()
         # Set at shutdown: watch streams never end on their own, so they end here instead of
         # holding the drain for its whole timeout (agents reconnect to the next hub).
@@ -550,31 +561,30 @@ class HubCore:
         return agent
 
     async def ingest_telemetry(
-        self, agent_id: str, reports: Sequence[fleet_pb2.TelemetryReport]
+        self,
+        agent_id: str,
+        reports: Sequence[fleet_pb2.TelemetryReport],
+        job_runs: Sequence[JobRun] = (),
     ) -> list[int]:
         """Store an agent's telemetry batch (both transports); return the seqs to acknowledge.
 
-        Job runs riding in the reports go to the registry first: both stores are idempotent
-        (job runs by run id, reports by seq), so a batch that fails halfway is simply resent.
+        ``job_runs`` are the runs riding in those reports, converted by the edge. They go to the
+        registry first: both stores are idempotent (job runs by run id, reports by seq), so a
+        batch that fails halfway is simply resent.
         """
-        from google.protobuf.json_format import MessageToDict
-
-        runs = [run for report in reports for run in report.job_runs]
-        for run in runs:
-            data = MessageToDict(run, preserving_proto_field_name=True)
-            data["agent_id"] = agent_id
-            self.registry.add_job_run(agent_id, data)  # rare and small: on the loop, like the rest
+        # Rare and small: on the loop, like the rest of the registry.
+        self.jobs.record_runs(agent_id, list(job_runs))
         return await self.telemetry_ingest.ingest(agent_id, reports)
 
     def desired(self, agent: AgentRow) -> tuple[int, list[Desired]]:
         return self.registry.revision(), self.registry.desired_for(agent.labels, agent.agent_id)
 
-    def desired_state(self, agent: AgentRow) -> tuple[int, list[Desired], list[dict[str, Any]]]:
+    def desired_state(self, agent: AgentRow) -> tuple[int, list[Desired], list[JobSpec]]:
         """What an agent is sent: revision, models and the specs of the jobs it runs."""
         revision, desired = self.desired(agent)
         return revision, desired, self.registry.jobs_for(agent.labels)
 
-    def watch(self, agent_id: str) -> tuple[int, list[Desired], list[dict[str, Any]]]:
+    def watch(self, agent_id: str) -> tuple[int, list[Desired], list[JobSpec]]:
         """One look of an agent's watch stream: refused once revoked, and counts as seen."""
         agent = self.authorize_agent(agent_id)
         self.registry.touch(agent_id)
@@ -728,6 +738,36 @@ class HubCore:
         """Refuse nonsense, a duplicate or a stale version before an upload's bytes are taken."""
         self.check_publish_header(header)
         self.registry.check_new_version(header["name"], int(header["version"]))
+        self.check_version_unknown_to_agents(header["name"], int(header["version"]))
+
+    def check_version_unknown_to_agents(self, name: str, version: int) -> None:
+        """Refuse a version number that agents report but the registry has no record of.
+
+        That happens after a restore from a backup: versions published after it are lost with
+        the hub, but agents still hold them. Agents cache bundles by name and version, so the
+        same number with other bytes would have them serve the lost bundle.
+        """
+        holders, highest = [], 0
+        for a in self.registry.agents():
+            for m in a.report.models:
+                if m.name != name:
+                    continue
+                seen = (m.active_version, m.previous_version, m.loading_version, m.desired_version)
+                highest = max(highest, *seen)
+                if version in seen:
+                    holders.append(a.hostname or a.agent_id)
+        if holders:
+            shown = ", ".join(sorted(holders)[:5]) + (" ..." if len(holders) > 5 else "")
+            raise FailedPreconditionError(
+                f"{name} v{version} is not in this hub's registry, but agent(s) {shown} report "
+                f"a {name} v{version} (published after the backup this hub was restored from?): "
+                f"agents keep bundles by version, so that number cannot carry other bytes; "
+                f"publish as v{highest + 1} or later (--version {highest + 1})"
+            )
+
+    def backup(self) -> AsyncIterator[BackupFile | bytes | BackupSummary]:
+        """A consistent copy of the hub's state, streamed (hub/backup.py)."""
+        return backup_stream(self)
 
     def check_upload_size(self, size: int) -> None:
         if size > self.cfg.max_bundle_bytes:

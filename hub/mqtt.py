@@ -18,7 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from modelfleet.hub.ca import CertificateAuthority
-from modelfleet.hub.convert import desired_to_proto, report_from_proto
+from modelfleet.hub.convert import desired_to_proto, job_runs_from_reports, report_from_proto
 from modelfleet.hub.core import HubCore
 from modelfleet.hub.crl import CRL_FILE, PID_FILE, BrokerFiles, write_crl
 from modelfleet.hub.registry import Registry
@@ -220,7 +220,9 @@ class MqttBridge:
             log.warning("undecodable telemetry from %s", agent_id)
             return
         try:
-            acked = await self.core.ingest_telemetry(agent_id, batch.reports)
+            acked = await self.core.ingest_telemetry(
+                agent_id, batch.reports, job_runs_from_reports(batch.reports)
+            )
         except Exception:
             return  # logged by the ingestor
         ack = pb.TelemetryAck(acked=acked).SerializeToString()

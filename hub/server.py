@@ -15,8 +15,10 @@ import grpc
 
 from modelfleet.hub.convert import (
     agent_to_proto,
+    backup_item_to_proto,
     desired_to_proto,
     job_run_to_proto,
+    job_runs_from_reports,
     job_spec_from_proto,
     job_to_proto,
     report_from_proto,
@@ -165,7 +167,9 @@ class FleetServicer(pb_grpc.FleetServicer):
         agent_id = caller(context, "agent")
         self.core.authorize_agent(agent_id)
         # Acked only once stored (a replay is acked without being stored again).
-        acked = await self.core.ingest_telemetry(agent_id, request.reports)
+        acked = await self.core.ingest_telemetry(
+            agent_id, request.reports, job_runs_from_reports(request.reports)
+        )
         return pb.TelemetryAck(acked=acked)
 
 
@@ -245,6 +249,18 @@ class RolloutServicerMixin:
         )
 
 
+class BackupServicerMixin:
+    """HubAdmin.Backup: the hub's state as one consistent copy (hub/backup.py)."""
+
+    core: HubCore
+
+    @streaming
+    async def Backup(self, request, context):
+        caller(context, "admin")
+        async for item in self.core.backup():
+            yield backup_item_to_proto(item)
+
+
 def _publish_response(result: PublishResult) -> pb.PublishResponse:
     return pb.PublishResponse(
         version=version_to_proto(result.version),
@@ -254,7 +270,9 @@ def _publish_response(result: PublishResult) -> pb.PublishResponse:
     )
 
 
-class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServicer):
+class AdminServicer(
+    BackupServicerMixin, JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServicer
+):
     def __init__(self, core: HubCore) -> None:
         self.core = core
 

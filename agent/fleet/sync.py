@@ -45,11 +45,12 @@ from modelfleet.agent.fleet.transport import (
 )
 from modelfleet.agent.fleet.verify import BundleVerifier
 from modelfleet.agent.gate import GateResult
-from modelfleet.agent.jobs import JobRunner, JobSpec, RunResult
+from modelfleet.agent.jobs import JobRunner
 from modelfleet.agent.slots import SlotManager
 from modelfleet.agent.telemetry import JOURNAL_FILE
 from modelfleet.kernel.atomic import atomic_write_json
 from modelfleet.kernel.errors import BundleError, ModelfleetError, ResourceExhaustedError, Status
+from modelfleet.kernel.jobs import JobRun, JobSpec
 from modelfleet.protos import fleet_pb2 as pb
 from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 
@@ -189,7 +190,7 @@ class FleetSync:
         self.job_specs: list[JobSpec] = []
         try:
             raw = json.loads(self.state_file.read_text())
-            self.job_specs = [JobSpec(**j) for j in raw.get("jobs", [])]
+            self.job_specs = [JobSpec.from_record(j) for j in raw.get("jobs", [])]
             return [DesiredModel(**d) for d in raw["models"]]
         except FileNotFoundError:
             return []
@@ -795,7 +796,7 @@ class FleetSync:
             log.debug("final telemetry send: %s", exc)
         self.telemetry.outbox.close()
 
-    async def _report_job_run(self, run: RunResult) -> None:
+    async def _report_job_run(self, run: JobRun) -> None:
         # Through the telemetry outbox: on disk at once, delivered over gRPC or MQTT, resent
         # until the hub acknowledges it (so a run that ends while the hub is down is not lost).
         await self.telemetry.cut(job_runs=[pb.JobRun(**asdict(run))])
