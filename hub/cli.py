@@ -14,17 +14,17 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kernel.errors import (
+from modelfleet.kernel.errors import (
     EXIT_CODES,
     InvalidRequestError,
     ModelfleetError,
     Status,
     VerificationError,
 )
-from kernel.malloc import tune_malloc
+from modelfleet.kernel.malloc import tune_malloc
 
 if TYPE_CHECKING:
-    from hub.signing import ExpectedTarget
+    from modelfleet.hub.signing import ExpectedTarget
 
 DEFAULT_DATA = os.environ.get("MODELFLEET_HUB_DATA", "hub-data")
 
@@ -47,7 +47,7 @@ def _labels(text: str) -> dict[str, str]:
 
 
 def _version(text: str) -> int:
-    from kernel.bundle import MAX_VERSION, VERSION_RANGE
+    from modelfleet.kernel.bundle import MAX_VERSION, VERSION_RANGE
 
     try:
         value = int(text)
@@ -61,7 +61,7 @@ def _version(text: str) -> int:
 
 
 def _notes(text: str) -> str:
-    from hub.registry import MAX_NOTES_BYTES
+    from modelfleet.hub.registry import MAX_NOTES_BYTES
 
     size = len(text.encode("utf-8", "surrogateescape"))
     if size > MAX_NOTES_BYTES:
@@ -326,8 +326,8 @@ def _add_deployment_commands(sub: Any, dep: argparse.ArgumentParser) -> None:
 def admin_stub(args: argparse.Namespace) -> Any:
     import grpc
 
-    from kernel.grpc_options import FLEET_MESSAGE_BYTES, message_size_options
-    from protos import fleet_pb2_grpc
+    from modelfleet.kernel.grpc_options import FLEET_MESSAGE_BYTES, message_size_options
+    from modelfleet.protos import fleet_pb2_grpc
 
     admin = args.admin_dir or args.data / "admin"
     address = args.hub
@@ -357,7 +357,7 @@ class _Unavailable(ModelfleetError):
 def call(fn: Any, request: Any, timeout: float = 60) -> Any:
     import grpc
 
-    from kernel.grpc_status import error_from_rpc
+    from modelfleet.kernel.grpc_status import error_from_rpc
 
     try:
         return fn(request, timeout=timeout)
@@ -371,9 +371,9 @@ def call(fn: Any, request: Any, timeout: float = 60) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from hub.app import serve
-    from hub.config import load_hub_config
-    from kernel.logs import setup_logging
+    from modelfleet.hub.app import serve
+    from modelfleet.hub.config import load_hub_config
+    from modelfleet.kernel.logs import setup_logging
 
     overrides = {
         k: getattr(args, k)
@@ -405,8 +405,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    from hub.core import HubPaths
-    from hub.signing import TufRepository, init_keys, load_signer
+    from modelfleet.hub.core import HubPaths
+    from modelfleet.hub.signing import TufRepository, init_keys, load_signer
 
     paths = HubPaths(args.data)
     keys_dir = paths.keys
@@ -445,10 +445,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from securesystemslib.signer import CryptoSigner
 
-    from hub.config import load_hub_config
-    from hub.core import HubPaths, expiry_policy, lock_data_dir
-    from hub.signing import TufRepository, load_signer, set_public_key
-    from kernel.atomic import atomic_write
+    from modelfleet.hub.config import load_hub_config
+    from modelfleet.hub.core import HubPaths, expiry_policy, lock_data_dir
+    from modelfleet.hub.signing import TufRepository, load_signer, set_public_key
+    from modelfleet.kernel.atomic import atomic_write
 
     paths = HubPaths(args.data)
     role = args.role
@@ -498,11 +498,11 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_mqtt_config(args: argparse.Namespace) -> int:
-    from hub.ca import CertificateAuthority
-    from hub.config import HubConfig
-    from hub.core import HubPaths
-    from hub.mqtt import write_broker_config
-    from hub.registry import Registry
+    from modelfleet.hub.ca import CertificateAuthority
+    from modelfleet.hub.config import HubConfig
+    from modelfleet.hub.core import HubPaths
+    from modelfleet.hub.mqtt import write_broker_config
+    from modelfleet.hub.registry import Registry
 
     paths = HubPaths(args.data)
     args.data.mkdir(parents=True, exist_ok=True)
@@ -548,8 +548,13 @@ def _progress(total: int) -> Generator[None, int, None]:
 def cmd_publish(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from kernel.bundle import TARGET_FILE_NAME, create_bundle, pack_bundle, synthetic_samples
-    from protos import fleet_pb2 as pb
+    from modelfleet.kernel.bundle import (
+        TARGET_FILE_NAME,
+        create_bundle,
+        pack_bundle,
+        synthetic_samples,
+    )
+    from modelfleet.protos import fleet_pb2 as pb
 
     if not args.model.is_file():
         raise InvalidRequestError(f"model file {args.model} does not exist")
@@ -615,8 +620,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_CODES[Status.FAILED_PRECONDITION]
-        from hub.signing import ExpectedTarget
-        from kernel.bundle import bundle_target_path
+        from modelfleet.hub.signing import ExpectedTarget
+        from modelfleet.kernel.bundle import bundle_target_path
 
         built = ExpectedTarget(
             bundle_target_path(args.name, version), digest, size, bundle.manifest.model_sha256
@@ -644,14 +649,14 @@ def _sign(
     ``check_signing_request`` verifies the hub's published targets with this key's own
     signature and refuses any difference beyond ``expected`` (and ``--allow-extra`` paths).
     """
-    from hub.signing import (
+    from modelfleet.hub.signing import (
         check_signing_request,
         last_signed_path,
         load_last_signed,
         load_signer,
         save_last_signed,
     )
-    from protos import fleet_pb2 as pb
+    from modelfleet.protos import fleet_pb2 as pb
 
     signer = load_signer(key)
     last = load_last_signed(key)
@@ -696,7 +701,7 @@ def _sign(
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    from protos import fleet_pb2 as pb
+    from modelfleet.protos import fleet_pb2 as pb
 
     stub = admin_stub(args)
     resp = call(stub.CommitTargets, pb.CommitTargetsRequest(name=args.name, version=args.version))
@@ -709,8 +714,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
             )
         print(f"{args.name} v{args.version} is already signed")
         return 0
-    from hub.signing import ExpectedTarget
-    from kernel.bundle import bundle_target_path
+    from modelfleet.hub.signing import ExpectedTarget
+    from modelfleet.kernel.bundle import bundle_target_path
 
     expected = ExpectedTarget(bundle_target_path(args.name, args.version), args.sha256.lower())
     v = _sign(stub, args.name, args.version, resp, args.targets_key, expected, args.allow_extra)
@@ -733,7 +738,7 @@ def _print_versions(versions: Any) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from protos import fleet_pb2 as pb
+    from modelfleet.protos import fleet_pb2 as pb
 
     stub = admin_stub(args)
     if args.models_command == "ls":
@@ -766,7 +771,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from protos import fleet_pb2 as pb
+    from modelfleet.protos import fleet_pb2 as pb
 
     resp = call(
         admin_stub(args).Deploy,
@@ -898,7 +903,7 @@ def _rollout_line(r: Any) -> str:
 
 
 def cmd_undeploy(args: argparse.Namespace) -> int:
-    from protos import fleet_pb2 as pb
+    from modelfleet.protos import fleet_pb2 as pb
 
     resp = call(
         admin_stub(args).Undeploy,
@@ -930,7 +935,7 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
 
 
 def cmd_deployments(args: argparse.Namespace) -> int:
-    from protos import fleet_pb2 as pb
+    from modelfleet.protos import fleet_pb2 as pb
 
     stub = admin_stub(args)
     if args.deployments_command == "ls":
@@ -1037,7 +1042,7 @@ def _ago(ts: float) -> str:
 def cmd_agents(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from protos import fleet_pb2 as pb
+    from modelfleet.protos import fleet_pb2 as pb
 
     stub = admin_stub(args)
     if args.agents_command == "token":
@@ -1132,7 +1137,7 @@ def _cert_warning(expires_at: float, now: float | None = None) -> str:
 def cmd_jobs(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from protos import fleet_pb2 as pb
+    from modelfleet.protos import fleet_pb2 as pb
 
     stub = admin_stub(args)
     cmd = args.jobs_command
@@ -1266,7 +1271,7 @@ def _render_rollout(status: Any) -> str:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from protos import fleet_pb2 as pb
+    from modelfleet.protos import fleet_pb2 as pb
 
     stub = admin_stub(args)
     cmd = args.rollout_command
@@ -1323,7 +1328,7 @@ def _ms(value: float) -> str:
 def cmd_metrics(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from protos import fleet_pb2 as pb
+    from modelfleet.protos import fleet_pb2 as pb
 
     request = pb.MetricsRequest(
         model=args.name, version=args.version, agent_id=args.agent, since_s=args.since

@@ -7,27 +7,29 @@ neither edge imports the other.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from hub.core import AgentStatus
-from hub.deployments import (
+from modelfleet.hub.core import AgentStatus
+from modelfleet.hub.deployments import (
     AgentDesired,
     DeploymentDetail,
     DeploymentView,
     DesiredChange,
     RolloutView,
 )
-from hub.jobs import JOB_SPEC_FIELDS, Job
-from hub.registry import DeploymentRow, Desired, VersionRow
-from hub.reports import AgentReport, ModelReport
-from protos import fleet_pb2 as pb
+from modelfleet.hub.jobs import Job
+from modelfleet.hub.registry import DeploymentRow, Desired, VersionRow
+from modelfleet.hub.reports import AgentReport, ModelReport
+from modelfleet.kernel.jobs import JobRun, JobSpec
+from modelfleet.protos import fleet_pb2 as pb
 
 if TYPE_CHECKING:
-    from hub.telemetry import WindowStats
+    from modelfleet.hub.telemetry import WindowStats
 
 
 def desired_to_proto(
-    revision: int, desired: list[Desired], jobs: list[dict[str, Any]] | None = None
+    revision: int, desired: list[Desired], jobs: list[JobSpec] | None = None
 ) -> pb.DesiredState:
     return pb.DesiredState(
         revision=revision,
@@ -43,7 +45,7 @@ def desired_to_proto(
             )
             for d in desired
         ],
-        jobs=[pb.JobSpec(**spec) for spec in (jobs or [])],
+        jobs=[job_spec_to_proto(spec) for spec in (jobs or [])],
     )
 
 
@@ -174,23 +176,83 @@ def agent_to_proto(s: AgentStatus) -> pb.AgentInfo:
     )
 
 
-def job_spec_from_proto(spec: pb.JobSpec) -> dict[str, Any]:
-    return {f: getattr(spec, f) for f in JOB_SPEC_FIELDS}
+def job_spec_from_proto(spec: pb.JobSpec) -> JobSpec:
+    return JobSpec(
+        name=spec.name,
+        model=spec.model,
+        version=spec.version,
+        schedule=spec.schedule,
+        input=spec.input,
+        output=spec.output,
+        sql=spec.sql,
+        paused=spec.paused,
+        run_now=spec.run_now,
+        keys=spec.keys,
+    )
+
+
+def job_spec_to_proto(spec: JobSpec) -> pb.JobSpec:
+    return pb.JobSpec(
+        name=spec.name,
+        model=spec.model,
+        version=spec.version,
+        schedule=spec.schedule,
+        input=spec.input,
+        output=spec.output,
+        sql=spec.sql,
+        paused=spec.paused,
+        run_now=spec.run_now,
+        keys=spec.keys,
+    )
 
 
 def job_to_proto(job: Job) -> pb.JobInfo:
     return pb.JobInfo(
-        spec=pb.JobSpec(**job.spec),
+        spec=job_spec_to_proto(job.spec),
         selector=job.selector,
         created_at=job.created_at,
         agents=job.agents,
     )
 
 
-def job_run_to_proto(run: dict[str, Any]) -> pb.JobRun:
-    from google.protobuf.json_format import ParseDict
+def job_runs_from_reports(reports: Iterable[pb.TelemetryReport]) -> list[JobRun]:
+    """The job runs riding in an agent's telemetry (the hub sets agent_id, not the agent)."""
+    return [
+        JobRun(
+            job=r.job,
+            run_id=r.run_id,
+            model=r.model,
+            version=r.version,
+            status=r.status,
+            rows_in=r.rows_in,
+            rows_out=r.rows_out,
+            rows_rejected=r.rows_rejected,
+            duration_s=r.duration_s,
+            error=r.error,
+            started_at=r.started_at,
+            finished_at=r.finished_at,
+        )
+        for report in reports
+        for r in report.job_runs
+    ]
 
-    return ParseDict(run, pb.JobRun(), ignore_unknown_fields=True)
+
+def job_run_to_proto(run: JobRun) -> pb.JobRun:
+    return pb.JobRun(
+        job=run.job,
+        run_id=run.run_id,
+        model=run.model,
+        version=run.version,
+        status=run.status,
+        rows_in=run.rows_in,
+        rows_out=run.rows_out,
+        rows_rejected=run.rows_rejected,
+        duration_s=run.duration_s,
+        error=run.error,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        agent_id=run.agent_id,
+    )
 
 
 def window_stats_to_proto(s: WindowStats) -> pb.VersionMetrics:

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hub.blobs import BlobStore
-from hub.ca import CertificateAuthority
-from hub.config import HubConfig
-from hub.deployments import Deployments
-from hub.jobs import Jobs
-from hub.registry import (
+from modelfleet.hub.blobs import BlobStore
+from modelfleet.hub.ca import CertificateAuthority
+from modelfleet.hub.config import HubConfig
+from modelfleet.hub.deployments import Deployments
+from modelfleet.hub.jobs import Jobs
+from modelfleet.hub.registry import (
     AgentRow,
     DeploymentRow,
     Desired,
@@ -40,17 +40,23 @@ from hub.registry import (
     check_notes,
     check_version,
 )
-from hub.reports import AgentReport
-from hub.signing import (
+from modelfleet.hub.reports import AgentReport
+from modelfleet.hub.signing import (
     ExpiryPolicy,
     RepositoryIntegrityError,
     TargetsKeyRequiredError,
     TufRepository,
     init_keys,
 )
-from kernel.atomic import try_lock
-from kernel.bundle import NAME_RE, NAME_RULE, TARGET_FILE_NAME, bundle_target_path, unpack_bundle
-from kernel.errors import (
+from modelfleet.kernel.atomic import try_lock
+from modelfleet.kernel.bundle import (
+    NAME_RE,
+    NAME_RULE,
+    TARGET_FILE_NAME,
+    bundle_target_path,
+    unpack_bundle,
+)
+from modelfleet.kernel.errors import (
     InvalidRequestError,
     ModelfleetError,
     ModelNotFoundError,
@@ -58,20 +64,23 @@ from kernel.errors import (
     Status,
     VerificationError,
 )
-from kernel.identity import (
+from modelfleet.kernel.identity import (
     EnrollToken,
     cert_fingerprint,
     certificate_common_name,
     load_certificate,
     token_secret_hash,
 )
-from protos import fleet_pb2
+from modelfleet.kernel.jobs import JobRun, JobSpec
+from modelfleet.protos import fleet_pb2
 
 if TYPE_CHECKING:
-    from hub.telemetry import WindowStats  # DuckDB loads with the store, not with this module
+    from modelfleet.hub.telemetry import (
+        WindowStats,
+    )  # DuckDB loads with the store, not with this module
 
 if TYPE_CHECKING:
-    from hub.ports import BlobStorePort, RegistryPort, TelemetryStorePort
+    from modelfleet.hub.ports import BlobStorePort, RegistryPort, TelemetryStorePort
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +210,7 @@ class HubCore:
         self.registry: RegistryPort = Registry(self.paths.db, clock=clock)
         self.blobs: BlobStorePort = BlobStore(self.paths.blobs)
         self.ca = CertificateAuthority.load_or_create(self.paths.ca)
-        from hub.crl import CrlPublisher
+        from modelfleet.hub.crl import CrlPublisher
 
         # The broker's CRL, where `mqtt-config` put the broker (docs/mqtt.md); nothing without.
         self.crl = CrlPublisher(
@@ -216,7 +225,7 @@ class HubCore:
         # Set at shutdown: watch streams never end on their own, so they end here instead of
         # holding the drain for its whole timeout (agents reconnect to the next hub).
         self.closing = False
-        from hub.telemetry import TELEMETRY_FILE, TelemetryIngestor, TelemetryStore
+        from modelfleet.hub.telemetry import TELEMETRY_FILE, TelemetryIngestor, TelemetryStore
 
         # Fleet telemetry (DuckDB, docs/telemetry.md): ingested through telemetry_ingest by the
         # gRPC servicer and the MQTT bridge; window() queries serve rollouts and `metrics`.
@@ -224,7 +233,7 @@ class HubCore:
             self.paths.root / TELEMETRY_FILE, retention_s=cfg.telemetry_retention_s, clock=clock
         )
         self.telemetry_ingest = TelemetryIngestor(self.telemetry)
-        from hub.rollout_manager import RolloutManager
+        from modelfleet.hub.rollout_manager import RolloutManager
 
         # Durable: rollouts in flight when the hub stopped continue from their saved state.
         self.rollouts = RolloutManager(self, clock=clock)
@@ -548,31 +557,30 @@ class HubCore:
         return agent
 
     async def ingest_telemetry(
-        self, agent_id: str, reports: Sequence[fleet_pb2.TelemetryReport]
+        self,
+        agent_id: str,
+        reports: Sequence[fleet_pb2.TelemetryReport],
+        job_runs: Sequence[JobRun] = (),
     ) -> list[int]:
         """Store an agent's telemetry batch (both transports); return the seqs to acknowledge.
 
-        Job runs riding in the reports go to the registry first: both stores are idempotent
-        (job runs by run id, reports by seq), so a batch that fails halfway is simply resent.
+        ``job_runs`` are the runs riding in those reports, converted by the edge. They go to the
+        registry first: both stores are idempotent (job runs by run id, reports by seq), so a
+        batch that fails halfway is simply resent.
         """
-        from google.protobuf.json_format import MessageToDict
-
-        runs = [run for report in reports for run in report.job_runs]
-        for run in runs:
-            data = MessageToDict(run, preserving_proto_field_name=True)
-            data["agent_id"] = agent_id
-            self.registry.add_job_run(agent_id, data)  # rare and small: on the loop, like the rest
+        # Rare and small: on the loop, like the rest of the registry.
+        self.jobs.record_runs(agent_id, list(job_runs))
         return await self.telemetry_ingest.ingest(agent_id, reports)
 
     def desired(self, agent: AgentRow) -> tuple[int, list[Desired]]:
         return self.registry.revision(), self.registry.desired_for(agent.labels, agent.agent_id)
 
-    def desired_state(self, agent: AgentRow) -> tuple[int, list[Desired], list[dict[str, Any]]]:
+    def desired_state(self, agent: AgentRow) -> tuple[int, list[Desired], list[JobSpec]]:
         """What an agent is sent: revision, models and the specs of the jobs it runs."""
         revision, desired = self.desired(agent)
         return revision, desired, self.registry.jobs_for(agent.labels)
 
-    def watch(self, agent_id: str) -> tuple[int, list[Desired], list[dict[str, Any]]]:
+    def watch(self, agent_id: str) -> tuple[int, list[Desired], list[JobSpec]]:
         """One look of an agent's watch stream: refused once revoked, and counts as seen."""
         agent = self.authorize_agent(agent_id)
         self.registry.touch(agent_id)

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hub.registry import (
+from modelfleet.hub.registry import (
     AGENT_KEY,
     AgentRow,
     DeploymentRow,
@@ -34,11 +34,11 @@ from hub.registry import (
     decide,
     selector_matches,
 )
-from kernel.errors import InvalidRequestError, ModelNotFoundError
+from modelfleet.kernel.errors import InvalidRequestError, ModelNotFoundError
 
 if TYPE_CHECKING:
-    from hub.ports import RegistryPort
-    from hub.rollouts import Rollout
+    from modelfleet.hub.ports import RegistryPort
+    from modelfleet.hub.rollouts import Rollout
 
 log = logging.getLogger(__name__)
 

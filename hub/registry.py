@@ -18,15 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hub.reports import AgentReport
-from kernel.bundle import MAX_VERSION, VERSION_RANGE
-from kernel.errors import (
+from modelfleet.hub.reports import AgentReport
+from modelfleet.kernel.bundle import MAX_VERSION, VERSION_RANGE
+from modelfleet.kernel.errors import (
     BundleExistsError,
     InvalidRequestError,
     ModelfleetError,
     ModelNotFoundError,
     Status,
 )
+from modelfleet.kernel.jobs import JobRun, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +288,13 @@ def check_labels(labels: Mapping[str, str], what: str = "label") -> None:
 
 # How often buffered last-seen times and reports are written (see Registry.touch).
 SEEN_FLUSH_S = 1.0
+
+
+@dataclass(frozen=True)
+class JobRow:
+    spec: JobSpec
+    selector: dict[str, str]
+    created_at: float
 
 
 class Registry:
@@ -806,22 +814,27 @@ class Registry:
 
     def put_job(
         self,
-        name: str,
-        spec: Mapping[str, Any],
+        spec: JobSpec,
         selector: Mapping[str, str],
         *,
         create: bool = False,
     ) -> None:
         with self.tx():
-            exists = self.db.execute("SELECT 1 FROM jobs WHERE name = ?", (name,)).fetchone()
+            exists = self.db.execute("SELECT 1 FROM jobs WHERE name = ?", (spec.name,)).fetchone()
             if create and exists:
-                raise BundleExistsError(f"job {name!r} already exists")
+                raise BundleExistsError(f"job {spec.name!r} already exists")
             if not create and not exists:
-                raise ModelNotFoundError(f"no job named {name!r}")
+                raise ModelNotFoundError(f"no job named {spec.name!r}")
             self.db.execute(
                 "INSERT OR REPLACE INTO jobs (name, spec, selector, created_at) VALUES (?, ?, ?, "
                 "COALESCE((SELECT created_at FROM jobs WHERE name = ?), ?))",
-                (name, json.dumps(dict(spec)), json.dumps(dict(selector)), name, self.clock()),
+                (
+                    spec.name,
+                    json.dumps(spec.to_record()),
+                    json.dumps(dict(selector)),
+                    spec.name,
+                    self.clock(),
+                ),
             )
         self._jobs_version += 1
 
@@ -831,47 +844,40 @@ class Registry:
                 raise ModelNotFoundError(f"no job named {name!r}")
         self._jobs_version += 1
 
-    def jobs(self) -> list[dict[str, Any]]:
+    def jobs(self) -> list[JobRow]:
         rows = self.db.execute("SELECT * FROM jobs ORDER BY name").fetchall()
         return [
-            {
-                "name": r["name"],
-                "spec": json.loads(r["spec"]),
-                "selector": json.loads(r["selector"]),
-                "created_at": r["created_at"],
-            }
+            JobRow(
+                JobSpec.from_record(json.loads(r["spec"])),
+                json.loads(r["selector"]),
+                r["created_at"],
+            )
             for r in rows
         ]
 
-    def job(self, name: str) -> dict[str, Any]:
+    def job(self, name: str) -> JobRow:
         for j in self.jobs():
-            if j["name"] == name:
+            if j.spec.name == name:
                 return j
         raise ModelNotFoundError(f"no job named {name!r}")
 
-    def jobs_for(self, labels: Mapping[str, str]) -> list[dict[str, Any]]:
-        return [j["spec"] for j in self.jobs() if selector_matches(j["selector"], labels)]
+    def jobs_for(self, labels: Mapping[str, str]) -> list[JobSpec]:
+        return [j.spec for j in self.jobs() if selector_matches(j.selector, labels)]
 
-    def add_job_run(self, agent_id: str, run: Mapping[str, Any]) -> None:
+    def add_job_run(self, run: JobRun) -> None:
         """Idempotent by (agent, run id): a report sent twice is stored once."""
         with self.tx():
             self.db.execute(
                 "INSERT OR IGNORE INTO job_runs (agent_id, run_id, job, data, finished_at) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (
-                    agent_id,
-                    run["run_id"],
-                    run["job"],
-                    json.dumps(dict(run)),
-                    float(run.get("finished_at", 0) or 0),
-                ),
+                (run.agent_id, run.run_id, run.job, json.dumps(run.to_record()), run.finished_at),
             )
 
-    def job_runs(self, job: str) -> list[dict[str, Any]]:
+    def job_runs(self, job: str) -> list[JobRun]:
         rows = self.db.execute(
             "SELECT data FROM job_runs WHERE job = ? ORDER BY finished_at", (job,)
         ).fetchall()
-        return [json.loads(r["data"]) for r in rows]
+        return [JobRun.from_record(json.loads(r["data"])) for r in rows]
 
     # -- rollouts ------------------------------------------------------------------------------
 

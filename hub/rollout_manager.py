@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-from hub.registry import selector_matches
-from hub.reports import AgentReport, ModelReport
-from hub.rollouts import ACTIVE_STATES, Rollout, Spec, Stats
-from kernel.errors import (
+from modelfleet.hub.registry import selector_matches
+from modelfleet.hub.reports import AgentReport, ModelReport
+from modelfleet.hub.rollouts import ACTIVE_STATES, Rollout, Spec, Stats
+from modelfleet.kernel.errors import (
     TRANSIENT_REASONS,
     InvalidRequestError,
     ModelfleetError,

@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from kernel.errors import InvalidRequestError
+from modelfleet.kernel.errors import InvalidRequestError
 
 ACTIVE_STATES = ("pending", "preparing", "ready", "switching", "baking", "paused", "rolling_back")
 FINAL_STATES = ("done", "rolled_back")

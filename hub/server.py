@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from hub.convert import (
+from modelfleet.hub.convert import (
     agent_to_proto,
     change_to_proto,
     deployment_detail_to_proto,
@@ -21,6 +21,7 @@ from hub.convert import (
     deployment_view_to_proto,
     desired_to_proto,
     job_run_to_proto,
+    job_runs_from_reports,
     job_spec_from_proto,
     job_to_proto,
     report_from_proto,
@@ -29,13 +30,13 @@ from hub.convert import (
     version_to_proto,
     window_stats_to_proto,
 )
-from hub.core import HubCore, PublishResult
-from hub.registry import PermissionDeniedError
-from kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError
-from kernel.grpc_status import GRPC_CODES
-from kernel.identity import IdentityError, parse_identity
-from protos import fleet_pb2 as pb
-from protos import fleet_pb2_grpc as pb_grpc
+from modelfleet.hub.core import HubCore, PublishResult
+from modelfleet.hub.registry import PermissionDeniedError
+from modelfleet.kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError
+from modelfleet.kernel.grpc_status import GRPC_CODES
+from modelfleet.kernel.identity import IdentityError, parse_identity
+from modelfleet.protos import fleet_pb2 as pb
+from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,9 @@ class FleetServicer(pb_grpc.FleetServicer):
         agent_id = caller(context, "agent")
         self.core.authorize_agent(agent_id)
         # Acked only once stored (a replay is acked without being stored again).
-        acked = await self.core.ingest_telemetry(agent_id, request.reports)
+        acked = await self.core.ingest_telemetry(
+            agent_id, request.reports, job_runs_from_reports(request.reports)
+        )
         return pb.TelemetryAck(acked=acked)
 
 
@@ -209,7 +212,7 @@ class RolloutServicerMixin:
 
     @unary
     async def StartRollout(self, request, context):
-        from hub.rollouts import Spec
+        from modelfleet.hub.rollouts import Spec
 
         caller(context, "admin")
         spec = Spec(

@@ -61,9 +61,9 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
-from kernel.atomic import atomic_write as _atomic_write
-from kernel.bundle import TARGET_FILE_NAME
-from kernel.errors import (
+from modelfleet.kernel.atomic import atomic_write as _atomic_write
+from modelfleet.kernel.bundle import TARGET_FILE_NAME
+from modelfleet.kernel.errors import (
     BundleExistsError,
     InvalidRequestError,
     ModelfleetError,

@@ -66,11 +66,11 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import pyarrow as pa
 
-from kernel.telemetry_bounds import BATCH_BOUNDS, LATENCY_BOUNDS
-from protos import fleet_pb2 as pb
+from modelfleet.kernel.telemetry_bounds import BATCH_BOUNDS, LATENCY_BOUNDS
+from modelfleet.protos import fleet_pb2 as pb
 
 if TYPE_CHECKING:
-    from hub.ports import TelemetryStorePort
+    from modelfleet.hub.ports import TelemetryStorePort
 
 log = logging.getLogger(__name__)
 
@@ -610,7 +610,7 @@ def serve_metrics(store: TelemetryStorePort, listen: str) -> Any:
     """The hub's Prometheus /metrics on ``listen`` (HOST:PORT); returns the HTTP server."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from kernel.settings import split_hostport
+    from modelfleet.kernel.settings import split_hostport
 
     host, port = split_hostport(listen, "metrics_listen")
     registry = CollectorRegistry()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from kernel.bundle import create_bundle
+from modelfleet.kernel.bundle import create_bundle
 from tests import models
 from tests.procs import (
     AgentProcess,

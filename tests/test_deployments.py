@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from hub.deployments import Deployments, current, views
-from hub.registry import AGENT_KEY, FailedPreconditionError, Registry
-from kernel.errors import InvalidRequestError, ModelNotFoundError
+from modelfleet.hub.deployments import Deployments, current, views
+from modelfleet.hub.registry import AGENT_KEY, FailedPreconditionError, Registry
+from modelfleet.kernel.errors import InvalidRequestError, ModelNotFoundError
 
 
 async def _noop() -> None:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from hub.rollouts import Gate, Rollout, Spec, Stats, stable_order, wave_sizes
-from kernel.errors import InvalidRequestError
+from modelfleet.hub.rollouts import Gate, Rollout, Spec, Stats, stable_order, wave_sizes
+from modelfleet.kernel.errors import InvalidRequestError
 
 
 @dataclass
@@ -275,9 +275,9 @@ def test_refusals_are_classified_by_reported_reason_not_by_text() -> None:
     unreachable, transfer broken, local cache damaged): the words are never read."""
     from types import SimpleNamespace
 
-    from hub.reports import AgentReport, ModelReport
-    from hub.rollout_manager import FleetObserver
-    from kernel.errors import TRANSIENT_REASONS
+    from modelfleet.hub.reports import AgentReport, ModelReport
+    from modelfleet.hub.rollout_manager import FleetObserver
+    from modelfleet.kernel.errors import TRANSIENT_REASONS
 
     def observer(error: str, reason: str) -> FleetObserver:
         m = ModelReport("m", desired_version=2, error=error, error_reason=reason)
@@ -298,9 +298,9 @@ def test_rollout_status_is_typed_on_the_wire_and_round_trips() -> None:
     CLI's one conversion gives back exactly what the engine summarised."""
     from types import SimpleNamespace
 
-    from hub.cli import rollout_dict
-    from hub.convert import rollout_to_proto
-    from protos import fleet_pb2 as pb
+    from modelfleet.hub.cli import rollout_dict
+    from modelfleet.hub.convert import rollout_to_proto
+    from modelfleet.protos import fleet_pb2 as pb
 
     summary = {
         "id": 3,

@@ -36,14 +36,14 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.telemetry import (
+from modelfleet.agent.telemetry import (
     CounterStore,
     JournalMark,
     TelemetryAggregator,
     recovered_report,
 )
-from kernel.errors import ModelfleetError
-from protos import fleet_pb2 as pb
+from modelfleet.kernel.errors import ModelfleetError
+from modelfleet.protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class TelemetryShipper:
         backoff_max_s: float = 30.0,
         batch_max: int = BATCH_MAX,
     ) -> None:
-        from agent.fleet.sync import Backoff  # sync imports this module
+        from modelfleet.agent.fleet.sync import Backoff  # sync imports this module
 
         self.aggregator = aggregator
         self.outbox = outbox
@@ -356,7 +356,7 @@ def grpc_sender(stub: Callable[[], Any], timeout_s: float = 10.0) -> Sender:
     """
     import grpc
 
-    from agent.fleet.transport import rpc_error
+    from modelfleet.agent.fleet.transport import rpc_error
 
     async def send(batch: pb.TelemetryBatch) -> Sequence[int]:
         try:

@@ -25,8 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kernel.atomic import fsync_dir
-from kernel.identity import (
+from modelfleet.kernel.atomic import fsync_dir
+from modelfleet.kernel.identity import (
     RENEW_BEFORE_S,
     CredentialsError,
     certificate_common_name,
@@ -38,7 +38,7 @@ from kernel.identity import (
     write_pem,
     write_private_key,
 )
-from protos import fleet_pb2 as pb
+from modelfleet.protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import grpc
 
-from agent import __version__
-from agent.config import ServeConfig
-from agent.fleet import renew as renewal
-from agent.fleet.cache import BundleCache
-from agent.fleet.enroll import TUF_DIR
-from agent.fleet.mqtt import MqttLink, MqttTransport
-from agent.fleet.outbox import (
+from modelfleet.agent import __version__
+from modelfleet.agent.config import ServeConfig
+from modelfleet.agent.fleet import renew as renewal
+from modelfleet.agent.fleet.cache import BundleCache
+from modelfleet.agent.fleet.enroll import TUF_DIR
+from modelfleet.agent.fleet.mqtt import MqttLink, MqttTransport
+from modelfleet.agent.fleet.outbox import (
     OUTBOX_FILE,
     MqttSender,
     Outbox,
@@ -35,7 +35,7 @@ from agent.fleet.outbox import (
     grpc_sender,
     open_journal,
 )
-from agent.fleet.transport import (
+from modelfleet.agent.fleet.transport import (
     IDENTITY_DIR,
     GrpcTransport,
     RetiredChannels,
@@ -43,15 +43,16 @@ from agent.fleet.transport import (
     credentials,
     rpc_error,
 )
-from agent.fleet.verify import BundleVerifier
-from agent.gate import GateResult
-from agent.jobs import JobRunner, JobSpec, RunResult
-from agent.slots import SlotManager
-from agent.telemetry import JOURNAL_FILE
-from kernel.atomic import atomic_write_json
-from kernel.errors import BundleError, ModelfleetError, ResourceExhaustedError, Status
-from protos import fleet_pb2 as pb
-from protos import fleet_pb2_grpc as pb_grpc
+from modelfleet.agent.fleet.verify import BundleVerifier
+from modelfleet.agent.gate import GateResult
+from modelfleet.agent.jobs import JobRunner
+from modelfleet.agent.slots import SlotManager
+from modelfleet.agent.telemetry import JOURNAL_FILE
+from modelfleet.kernel.atomic import atomic_write_json
+from modelfleet.kernel.errors import BundleError, ModelfleetError, ResourceExhaustedError, Status
+from modelfleet.kernel.jobs import JobRun, JobSpec
+from modelfleet.protos import fleet_pb2 as pb
+from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class FleetSync:
         self.job_specs: list[JobSpec] = []
         try:
             raw = json.loads(self.state_file.read_text())
-            self.job_specs = [JobSpec(**j) for j in raw.get("jobs", [])]
+            self.job_specs = [JobSpec.from_record(j) for j in raw.get("jobs", [])]
             return [DesiredModel(**d) for d in raw["models"]]
         except FileNotFoundError:
             return []
@@ -795,7 +796,7 @@ class FleetSync:
             log.debug("final telemetry send: %s", exc)
         self.telemetry.outbox.close()
 
-    async def _report_job_run(self, run: RunResult) -> None:
+    async def _report_job_run(self, run: JobRun) -> None:
         # Through the telemetry outbox: on disk at once, delivered over gRPC or MQTT, resent
         # until the hub acknowledges it (so a run that ends while the hub is down is not lost).
         await self.telemetry.cut(job_runs=[pb.JobRun(**asdict(run))])
