@@ -275,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--agent", default="", help="an agent id or hostname (default: the fleet)")
     met.add_argument("--since", type=_duration, default=600.0, help="window ending now (10m)")
     met.add_argument("--json", action="store_true")
+    _add_backup_commands(sub)
     return p
 
 
@@ -318,6 +319,43 @@ def _add_deployment_commands(sub: Any, dep: argparse.ArgumentParser) -> None:
         help="exactly the deployment's k=v[,k=v] (default: the whole-fleet deployment)",
     )
     dshow.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_backup_commands(sub: Any) -> None:
+    b = sub.add_parser(
+        "backup",
+        help="copy a running hub's state (registry, TUF metadata and keys, CA, blobs, telemetry)",
+        description="Ask the running hub for a consistent copy of its state and write it into "
+        "DIR, with manifest.json (every file's size and SHA-256) written last. See "
+        "docs/operations.md#backing-up-and-restoring-the-hub.",
+    )
+    b.add_argument("dir", type=Path, metavar="DIR", help="a new or empty folder")
+    b.add_argument(
+        "--timeout",
+        type=_duration,
+        default=3600.0,
+        help="give up after this long (default: 1h)",
+    )
+    r = sub.add_parser(
+        "restore",
+        help="make a new data directory from a backup (offline, hub stopped)",
+        description="Verify the backup in DIR against its manifest, then write it into NEW as "
+        "a hub data directory. Nothing is written if any file differs.",
+    )
+    r.add_argument("dir", type=Path, metavar="DIR", help="a folder written by `backup`")
+    r.add_argument(
+        "--data-dir", type=Path, required=True, metavar="NEW", help="the data directory to create"
+    )
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty NEW (its contents are moved to NEW.replaced-TIME)",
+    )
+    r.add_argument(
+        "--manifest-sha256",
+        metavar="HEX",
+        help="refuse the backup unless its manifest has this SHA-256 (what backup printed)",
+    )
 
 
 # -- admin client ------------------------------------------------------------------------------
@@ -1360,6 +1398,87 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    import grpc
+
+    from modelfleet.hub.backup import BackupFile, BackupSummary, BackupWriter
+    from modelfleet.hub.convert import backup_item_from_proto
+    from modelfleet.kernel.grpc_status import error_from_rpc
+    from modelfleet.protos import fleet_pb2 as pb
+
+    stub = admin_stub(args)
+    writer = BackupWriter(args.dir)
+    summary = None
+    try:
+        for chunk in stub.Backup(pb.BackupRequest(), timeout=args.timeout):
+            item = backup_item_from_proto(chunk)
+            if isinstance(item, BackupFile):
+                writer.begin(item)
+            elif isinstance(item, BackupSummary):
+                summary = item
+            else:
+                writer.write(item)
+        if summary is None:
+            raise ModelfleetError("the hub ended the backup without its summary: take it again")
+        digest = writer.finish(summary)
+    except grpc.RpcError as exc:
+        writer.abort()
+        raise error_from_rpc(exc) from None
+    except BaseException:
+        writer.abort()
+        raise
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(summary.created_at))
+    tuf = ", ".join(f"{r} v{v}" for r, v in sorted(summary.tuf_versions.items()))
+    print(
+        f"backed up hub {summary.hub} as of {when} into {args.dir}: {summary.files} files, "
+        f"{summary.bytes / 1e6:.1f} MB ({summary.models} model(s), {summary.versions} "
+        f"version(s), {summary.blobs} blob(s), {summary.agents} agent(s); TUF {tuf}); the hub "
+        f"paused {summary.pause_ms:.1f} ms for the copy"
+    )
+    print(
+        f"manifest sha256 {digest}: keep it apart from the backup, "
+        f"`restore --manifest-sha256 {digest}` checks it"
+    )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from modelfleet.hub.backup import VERSION_GAP, restore
+
+    if args.manifest_sha256 is not None and not re.fullmatch(
+        r"[0-9a-fA-F]{64}", args.manifest_sha256
+    ):
+        raise InvalidRequestError("--manifest-sha256 takes the 64 hex digits that backup printed")
+    result = restore(args.dir, args.data_dir, force=args.force, expect_sha256=args.manifest_sha256)
+    m = result.manifest
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created_at))
+    print(
+        f"restored the backup of hub {m.hub or '?'} as of {when} ({len(m.files)} files, "
+        f"{m.total_bytes / 1e6:.1f} MB, manifest verified) into {result.data_dir}"
+    )
+    if result.replaced is not None:
+        print(
+            f"the previous contents of {result.data_dir} are in {result.replaced}: delete it "
+            "once the restored hub runs"
+        )
+    print(
+        f"start it with: modelfleet-hub --data {result.data_dir} serve (with the usual --config "
+        f"and flags); its first start re-signs the TUF metadata with versions {VERSION_GAP} "
+        "higher, so agents accept it even if the lost hub signed newer metadata after the backup"
+    )
+    if not result.targets_key_online:
+        print(
+            "note: the targets key is offline: if versions were published after this backup, "
+            "agents refuse this hub's metadata until it signs newer targets "
+            "(docs/operations.md#backing-up-and-restoring-the-hub)"
+        )
+    print(
+        "agents enrolled after the backup must enroll again; with MQTT, run mqtt-config again "
+        "on this machine"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "serve" and args.data is None:
@@ -1378,6 +1497,8 @@ def main(argv: list[str] | None = None) -> int:
         "rollout": cmd_rollout,
         "jobs": cmd_jobs,
         "metrics": cmd_metrics,
+        "backup": cmd_backup,
+        "restore": cmd_restore,
     }
     try:
         return handlers[args.command](args)

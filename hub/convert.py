@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from modelfleet.hub.backup import BackupFile, BackupSummary
 from modelfleet.hub.core import AgentStatus
 from modelfleet.hub.deployments import (
     AgentDesired,
@@ -344,3 +345,47 @@ def deployment_detail_to_proto(d: DeploymentDetail) -> pb.DeploymentDetail:
         history=[deployment_to_proto(r) for r in d.history],
         rollouts=[rollout_view_to_proto(r) for r in d.rollouts],
     )
+
+
+def backup_item_to_proto(item: BackupFile | bytes | BackupSummary) -> pb.BackupChunk:
+    if isinstance(item, BackupFile):
+        return pb.BackupChunk(
+            file=pb.BackupFile(path=item.path, size=item.size, sha256=item.sha256)
+        )
+    if isinstance(item, BackupSummary):
+        return pb.BackupChunk(
+            summary=pb.BackupSummary(
+                created_at=item.created_at,
+                hub=item.hub,
+                tuf_versions=item.tuf_versions,
+                models=item.models,
+                versions=item.versions,
+                agents=item.agents,
+                blobs=item.blobs,
+                files=item.files,
+                bytes=item.bytes,
+                pause_ms=item.pause_ms,
+            )
+        )
+    return pb.BackupChunk(data=item)
+
+
+def backup_item_from_proto(chunk: pb.BackupChunk) -> BackupFile | bytes | BackupSummary:
+    kind = chunk.WhichOneof("kind")
+    if kind == "file":
+        return BackupFile(chunk.file.path, chunk.file.size, chunk.file.sha256)
+    if kind == "summary":
+        s = chunk.summary
+        return BackupSummary(
+            created_at=s.created_at,
+            hub=s.hub,
+            tuf_versions=dict(s.tuf_versions),
+            models=s.models,
+            versions=s.versions,
+            agents=s.agents,
+            blobs=s.blobs,
+            files=s.files,
+            bytes=s.bytes,
+            pause_ms=s.pause_ms,
+        )
+    return bytes(chunk.data)

@@ -18,11 +18,18 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelfleet.hub.backup import (
+    BackupFile,
+    BackupSummary,
+    backup_stream,
+    finish_restore,
+    remove_stale_staging,
+)
 from modelfleet.hub.blobs import BlobStore
 from modelfleet.hub.ca import CertificateAuthority
 from modelfleet.hub.config import HubConfig
@@ -206,6 +213,7 @@ class HubCore:
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.paths.root.chmod(0o700)
         self.paths.uploads.mkdir(exist_ok=True)
+        remove_stale_staging(self.paths.uploads)
         # Typed as the ports (hub/ports.py): the core uses nothing adapter-specific.
         self.registry: RegistryPort = Registry(self.paths.db, clock=clock)
         self.blobs: BlobStorePort = BlobStore(self.paths.blobs)
@@ -221,6 +229,8 @@ class HubCore:
         # A crash between committing signed targets and marking the rows leaves rows unsigned.
         self.mark_signed_targets()
         self.check_registry_against_targets()
+        # A data directory `modelfleet-hub restore` just wrote: TUF versions move up once.
+        finish_restore(self)
         self.changed = asyncio.Condition()
         # Set at shutdown: watch streams never end on their own, so they end here instead of
         # holding the drain for its whole timeout (agents reconnect to the next hub).
@@ -736,6 +746,36 @@ class HubCore:
         """Refuse nonsense, a duplicate or a stale version before an upload's bytes are taken."""
         self.check_publish_header(header)
         self.registry.check_new_version(header["name"], int(header["version"]))
+        self.check_version_unknown_to_agents(header["name"], int(header["version"]))
+
+    def check_version_unknown_to_agents(self, name: str, version: int) -> None:
+        """Refuse a version number that agents report but the registry has no record of.
+
+        That happens after a restore from a backup: versions published after it are lost with
+        the hub, but agents still hold them. Agents cache bundles by name and version, so the
+        same number with other bytes would have them serve the lost bundle.
+        """
+        holders, highest = [], 0
+        for a in self.registry.agents():
+            for m in a.report.models:
+                if m.name != name:
+                    continue
+                seen = (m.active_version, m.previous_version, m.loading_version, m.desired_version)
+                highest = max(highest, *seen)
+                if version in seen:
+                    holders.append(a.hostname or a.agent_id)
+        if holders:
+            shown = ", ".join(sorted(holders)[:5]) + (" ..." if len(holders) > 5 else "")
+            raise FailedPreconditionError(
+                f"{name} v{version} is not in this hub's registry, but agent(s) {shown} report "
+                f"a {name} v{version} (published after the backup this hub was restored from?): "
+                f"agents keep bundles by version, so that number cannot carry other bytes; "
+                f"publish as v{highest + 1} or later (--version {highest + 1})"
+            )
+
+    def backup(self) -> AsyncIterator[BackupFile | bytes | BackupSummary]:
+        """A consistent copy of the hub's state, streamed (hub/backup.py)."""
+        return backup_stream(self)
 
     def check_upload_size(self, size: int) -> None:
         if size > self.cfg.max_bundle_bytes:

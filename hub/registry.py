@@ -357,6 +357,22 @@ class Registry:
         self.flush_seen()
         self.db.close()
 
+    def backup_to(self, path: Path) -> None:
+        """Copy the whole database, as of now, into a new file ``path`` (SQLite's online
+        backup API, in one step: the copy is one consistent state, whatever the WAL holds).
+
+        Buffered last-seen times and reports are written first, so the copy has them too.
+        """
+        self.flush_seen()
+        dest = sqlite3.connect(path)
+        try:
+            # A staging copy: the caller makes it durable where it ends up, so no fsyncs here
+            # (the backup runs on the event loop).
+            dest.execute("PRAGMA synchronous=OFF")
+            self.db.backup(dest)
+        finally:
+            dest.close()
+
     # -- versions -------------------------------------------------------------------------------
 
     def latest_version(self, name: str) -> int:

@@ -15,6 +15,7 @@ import grpc
 
 from modelfleet.hub.convert import (
     agent_to_proto,
+    backup_item_to_proto,
     change_to_proto,
     deployment_detail_to_proto,
     deployment_to_proto,
@@ -286,6 +287,18 @@ class DeploymentServicerMixin:
         )
 
 
+class BackupServicerMixin:
+    """HubAdmin.Backup: the hub's state as one consistent copy (hub/backup.py)."""
+
+    core: HubCore
+
+    @streaming
+    async def Backup(self, request, context):
+        caller(context, "admin")
+        async for item in self.core.backup():
+            yield backup_item_to_proto(item)
+
+
 def _publish_response(result: PublishResult) -> pb.PublishResponse:
     return pb.PublishResponse(
         version=version_to_proto(result.version),
@@ -296,7 +309,11 @@ def _publish_response(result: PublishResult) -> pb.PublishResponse:
 
 
 class AdminServicer(
-    JobServicerMixin, RolloutServicerMixin, DeploymentServicerMixin, pb_grpc.HubAdminServicer
+    BackupServicerMixin,
+    JobServicerMixin,
+    RolloutServicerMixin,
+    DeploymentServicerMixin,
+    pb_grpc.HubAdminServicer,
 ):
     def __init__(self, core: HubCore) -> None:
         self.core = core

@@ -963,3 +963,58 @@ class ControlJobRequest(_message.Message):
     name: str
     action: str
     def __init__(self, name: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
+
+class BackupRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BackupFile(_message.Message):
+    __slots__ = ("path", "size", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class BackupSummary(_message.Message):
+    __slots__ = ("created_at", "hub", "tuf_versions", "models", "versions", "agents", "blobs", "files", "bytes", "pause_ms")
+    class TufVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    HUB_FIELD_NUMBER: _ClassVar[int]
+    TUF_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
+    created_at: float
+    hub: str
+    tuf_versions: _containers.ScalarMap[str, int]
+    models: int
+    versions: int
+    agents: int
+    blobs: int
+    files: int
+    bytes: int
+    pause_ms: float
+    def __init__(self, created_at: _Optional[float] = ..., hub: _Optional[str] = ..., tuf_versions: _Optional[_Mapping[str, int]] = ..., models: _Optional[int] = ..., versions: _Optional[int] = ..., agents: _Optional[int] = ..., blobs: _Optional[int] = ..., files: _Optional[int] = ..., bytes: _Optional[int] = ..., pause_ms: _Optional[float] = ...) -> None: ...
+
+class BackupChunk(_message.Message):
+    __slots__ = ("file", "data", "summary")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    file: BackupFile
+    data: bytes
+    summary: BackupSummary
+    def __init__(self, file: _Optional[_Union[BackupFile, _Mapping]] = ..., data: _Optional[bytes] = ..., summary: _Optional[_Union[BackupSummary, _Mapping]] = ...) -> None: ...

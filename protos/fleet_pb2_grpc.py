@@ -476,6 +476,11 @@ class HubAdminStub:
                 request_serializer=modelfleet_dot_protos_dot_fleet__pb2.UndeployRequest.SerializeToString,
                 response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.UndeployResponse.FromString,
                 _registered_method=True)
+        self.Backup = channel.unary_stream(
+                '/modelfleet.fleet.v1.HubAdmin/Backup',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.FromString,
+                _registered_method=True)
 
 
 class HubAdminServicer:
@@ -616,6 +621,14 @@ class HubAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backup(self, request, context):
+        """A consistent copy of the hub's state for `modelfleet-hub backup`: for every file a
+        BackupFile header, then its bytes in data chunks; the summary comes last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -723,6 +736,11 @@ def add_HubAdminServicer_to_server(servicer, server):
                     servicer.Undeploy,
                     request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.UndeployRequest.FromString,
                     response_serializer=modelfleet_dot_protos_dot_fleet__pb2.UndeployResponse.SerializeToString,
+            ),
+            'Backup': grpc.unary_stream_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1292,6 +1310,33 @@ class HubAdmin:
             '/modelfleet.fleet.v1.HubAdmin/Undeploy',
             modelfleet_dot_protos_dot_fleet__pb2.UndeployRequest.SerializeToString,
             modelfleet_dot_protos_dot_fleet__pb2.UndeployResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/Backup',
+            modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.FromString,
             options,
             channel_credentials,
             insecure,
