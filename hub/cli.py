@@ -195,13 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("version", type=_version)
     stage.add_argument("stage", choices=["staged", "production", "deprecated", "retired"])
     stage.add_argument(
-        "--force", action="store_true", help="retire a version agents still want (they fall back)"
+        "--force",
+        action="store_true",
+        help="retire a version agents still want (they fall back), or mark production a "
+        "version the fleet does not desire",
     )
 
     dep = sub.add_parser("deploy", help="set the desired version for matching agents")
     dep.add_argument("name")
     dep.add_argument("version", type=_version)
     dep.add_argument("--selector", type=_labels, default={}, help="k=v[,k=v] (default: all)")
+    _add_deployment_commands(sub, dep)
 
     ro = sub.add_parser("rollout", help="canary waves with automatic rollback")
     rsub = ro.add_subparsers(dest="rollout_command", required=True)
@@ -385,6 +389,48 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--json", action="store_true")
     _add_backup_commands(sub)
     return p
+
+
+def _add_deployment_commands(sub: Any, dep: argparse.ArgumentParser) -> None:
+    """`deploy`'s safety flags, `undeploy` and `deployments` (docs/cli.md#deployments)."""
+    dep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show which agents would change from what to what; write nothing",
+    )
+    dep.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="accept a --selector that matches no active agent (it applies to agents enrolled "
+        "later)",
+    )
+    und = sub.add_parser(
+        "undeploy", help="remove a deployment; its agents fall back to the others matching them"
+    )
+    und.add_argument("name")
+    und.add_argument(
+        "--selector",
+        type=_labels,
+        default={},
+        help="exactly the deployment's k=v[,k=v] (default: the whole-fleet deployment)",
+    )
+    und.add_argument(
+        "--dry-run", action="store_true", help="show what agents would fall back to; write nothing"
+    )
+    deps = sub.add_parser("deployments", help="the fleet's desired state: what decides what")
+    dsub = deps.add_subparsers(dest="deployments_command", required=True)
+    dls = dsub.add_parser("ls", help="deployments in force and rollouts in progress")
+    dls.add_argument("name", nargs="?", default="", help="one model (default: all)")
+    dls.add_argument("--json", action="store_true", help="print JSON")
+    dshow = dsub.add_parser("show", help="one deployment: matched agents, history")
+    dshow.add_argument("name")
+    dshow.add_argument(
+        "--selector",
+        type=_labels,
+        default={},
+        help="exactly the deployment's k=v[,k=v] (default: the whole-fleet deployment)",
+    )
+    dshow.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _add_backup_commands(sub: Any) -> None:
@@ -879,13 +925,258 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     resp = call(
         admin_stub(args).Deploy,
-        pb.DeployRequest(name=args.name, version=args.version, selector=args.selector),
+        pb.DeployRequest(
+            name=args.name,
+            version=args.version,
+            selector=args.selector,
+            dry_run=args.dry_run,
+            allow_empty=args.allow_empty,
+        ),
     )
-    sel = ",".join(f"{k}={v}" for k, v in args.selector.items()) or "(all agents)"
+    sel = _sel(args.selector)
+    if not args.selector:
+        print(
+            f"no --selector: {args.name} v{args.version} targets the whole fleet, every agent "
+            "enrolled now and later"
+        )
+    if args.dry_run:
+        changing = sum(c.from_version != c.to_version for c in resp.changes)
+        print(
+            f"dry run, nothing written: deploying {args.name} v{args.version} to {sel} would "
+            f"change the desired version of {changing} of {len(resp.agents)} matching agent(s)"
+            + (":" if resp.changes else "")
+        )
+    else:
+        print(
+            f"{args.name} v{args.version} desired on {len(resp.agents)} agent(s) matching {sel}: "
+            f"{', '.join(resp.agents) or '-'} (revision {resp.revision})"
+        )
+    if not resp.agents:
+        print("  no active agent matches now: agents enrolled later with these labels get it")
+    _print_changes(args.name, resp.changes, fallback=False)
+    for note in resp.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _sel(selector: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items())) or "(whole fleet)"
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else "-"
+
+
+def _set_by(d: Any) -> str:
+    """Who set a deployment: "rollout 5", or "deploy by admin"."""
+    if d.source == "rollout":
+        return f"rollout {d.rollout_id}" if d.rollout_id else "a rollout"
+    return f"deploy by {d.actor or '?'}"
+
+
+def _where(selector: Any) -> str:
+    return _sel(selector) if selector else "the whole fleet"
+
+
+def _describe(d: Any) -> str:
+    if d.agent_id:
+        return f"rollout {d.rollout_id}'s assignment to this agent"
+    return f"deployment {d.id} for {_where(d.selector)} ({_set_by(d)})"
+
+
+def _v(version: int) -> str:
+    return f"v{version}" if version else "none"
+
+
+def _print_changes(model: str, changes: Any, fallback: bool) -> None:
+    for c in changes:
+        who = f"{c.agent_id} ({c.hostname})" if c.hostname else c.agent_id
+        if c.from_version == c.to_version:
+            what = f"stays {_v(c.to_version)}"
+        else:
+            what = f"{_v(c.from_version)} -> {_v(c.to_version)}"
+        serving = f"; serving {_v(c.active_version)}" if c.active_version != c.to_version else ""
+        if fallback:
+            if c.HasField("decided_by") and c.to_version:
+                what += f", by {_describe(c.decided_by)}"
+            else:
+                what += f": nothing matches it any more, it drops {model}"
+        print(f"  {who}: {what}{serving}")
+
+
+def _deployment_dict(d: Any) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "model": d.model,
+        "version": d.version,
+        "selector": dict(d.selector),
+        "created_at": d.created_at,
+        "source": d.source,
+        "rollout_id": d.rollout_id,
+        "actor": d.actor,
+        "agent_id": d.agent_id,
+        "removed_at": d.removed_at,
+        "removed_by": d.removed_by,
+    }
+
+
+def _rollout_in_progress_dict(r: Any) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "model": r.model,
+        "version": r.version,
+        "state": r.state,
+        "selector": dict(r.selector),
+        "wave": r.wave,
+        "waves": r.waves,
+        "assigned": r.assigned,
+        "agents": r.agents,
+        "from_versions": list(r.from_versions),
+        "new_agents": _deployment_dict(r.new_agents) if r.HasField("new_agents") else None,
+    }
+
+
+def _rollout_line(r: Any) -> str:
+    """A rollout in progress, and what an agent enrolled meanwhile gets."""
+    before = "/".join(f"v{v}" for v in r.from_versions) or "none"
+    if r.HasField("new_agents"):
+        now = f"v{r.new_agents.version} from {_describe(r.new_agents)}"
+    else:
+        now = f"no version of {r.model}"
+    labels = f" with labels {_sel(r.selector)}" if r.selector else ""
+    return (
+        f"rollout {r.id} of {r.model} in progress ({r.state}, wave {r.wave}/{r.waves}, "
+        f"{r.assigned}/{r.agents} agent(s) assigned): {before} -> v{r.version} on "
+        f"{_where(r.selector)}; agents enrolled now{labels} get {now}, v{r.version} once it "
+        "completes"
+    )
+
+
+def cmd_undeploy(args: argparse.Namespace) -> int:
+    from modelfleet.protos import fleet_pb2 as pb
+
+    resp = call(
+        admin_stub(args).Undeploy,
+        pb.UndeployRequest(name=args.name, selector=args.selector, dry_run=args.dry_run),
+    )
+    fleet = [d for d in resp.removed if not d.agent_id]
+    assigned = [d for d in resp.removed if d.agent_id]
+    head = max(fleet, key=lambda d: d.id)
+    what = (
+        f"the deployment of {args.name} for {_sel(args.selector)} (deployment {head.id}: "
+        f"v{head.version}, {_set_by(head)} at {_when(head.created_at)})"
+    )
+    if len(fleet) > 1:
+        what += f" with the {len(fleet) - 1} earlier deployment(s) of it"
+    if assigned:
+        rollouts = ", ".join(str(i) for i in sorted({d.rollout_id for d in assigned}))
+        what += f", and {len(assigned)} per-agent assignment(s) of finished rollout(s) {rollouts}"
+    if args.dry_run:
+        print(f"dry run, nothing written: undeploy would remove {what}")
+    else:
+        print(f"removed {what} (revision {resp.revision})")
+    if not resp.changes:
+        print("no agent's desired version changes")
+        return 0
+    verb = "would fall back" if args.dry_run else "fall back"
+    print(f"the agents it decided for {verb}:")
+    _print_changes(args.name, resp.changes, fallback=True)
+    return 0
+
+
+def cmd_deployments(args: argparse.Namespace) -> int:
+    from modelfleet.protos import fleet_pb2 as pb
+
+    stub = admin_stub(args)
+    if args.deployments_command == "ls":
+        resp = call(stub.ListDeployments, pb.ListDeploymentsRequest(model=args.name))
+        if args.json:
+            out: dict[str, Any] = {
+                "deployments": [
+                    {
+                        **_deployment_dict(i.deployment),
+                        "per_agent": i.per_agent,
+                        "agents": list(i.agents),
+                        "deciding": list(i.deciding),
+                    }
+                    for i in resp.deployments
+                ],
+                "rollouts": [_rollout_in_progress_dict(r) for r in resp.rollouts],
+            }
+            print(json.dumps(out, indent=2))
+            return 0
+        print(
+            f"{'ID':>5}  {'MODEL':<14} {'SELECTOR':<26} {'VERSION':>7} {'AGENTS':>6} "
+            f"{'DECIDES':>7}  SET BY"
+        )
+        for i in resp.deployments:
+            d = i.deployment
+            sel = f"rollout {d.rollout_id}, per agent" if i.per_agent else _sel(d.selector)
+            print(
+                f"{d.id:>5}  {d.model:<14} {sel:<26} {_v(d.version):>7} {len(i.agents):>6} "
+                f"{len(i.deciding):>7}  {_set_by(d)} at {_when(d.created_at)}"
+            )
+        if not resp.deployments:
+            print("no deployments")
+        for r in resp.rollouts:
+            print(_rollout_line(r))
+        return 0
+    detail = call(
+        stub.GetDeployment, pb.GetDeploymentRequest(model=args.name, selector=args.selector)
+    )
+    info, d = detail.info, detail.info.deployment
+    if args.json:
+        out = {
+            "deployment": {
+                **_deployment_dict(d),
+                "agents": list(info.agents),
+                "deciding": list(info.deciding),
+            },
+            "agents": [
+                {
+                    "agent_id": a.agent_id,
+                    "hostname": a.hostname,
+                    "desired_version": a.desired_version,
+                    "active_version": a.active_version,
+                    "decided_by": _deployment_dict(a.decided_by)
+                    if a.HasField("decided_by")
+                    else None,
+                }
+                for a in detail.agents
+            ],
+            "history": [_deployment_dict(h) for h in detail.history],
+            "rollouts": [_rollout_in_progress_dict(r) for r in detail.rollouts],
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"deployment {d.id}: {d.model} v{d.version} for {_sel(d.selector)}")
+    print(f"  set by: {_set_by(d)} at {_when(d.created_at)}")
     print(
-        f"{args.name} v{args.version} desired on {len(resp.agents)} agent(s) matching {sel}: "
-        f"{', '.join(resp.agents) or '-'} (revision {resp.revision})"
+        f"  matches {len(info.agents)} active agent(s) now; decides the desired version of "
+        f"{len(info.deciding)}"
     )
+    if detail.agents:
+        print(f"  {'AGENT':<22} {'HOSTNAME':<16} {'DESIRED':>7} {'ACTIVE':>6}  DECIDED BY")
+        for a in detail.agents:
+            by = "-"
+            if a.HasField("decided_by"):
+                by = "this deployment" if a.decided_by.id == d.id else _describe(a.decided_by)
+            print(
+                f"  {a.agent_id:<22} {a.hostname:<16} {_v(a.desired_version):>7} "
+                f"{_v(a.active_version):>6}  {by}"
+            )
+    print("  history (newest first):")
+    for h in detail.history:
+        if h.removed_at:
+            state = f"removed by {h.removed_by or '?'} at {_when(h.removed_at)}"
+        else:
+            state = "in force" if h.id == d.id else "superseded"
+        print(
+            f"    deployment {h.id:<5} v{h.version:<6} {_when(h.created_at)}  "
+            f"{_set_by(h):<20} {state}"
+        )
+    for r in detail.rollouts:
+        print(_rollout_line(r))
     return 0
 
 
@@ -926,12 +1217,14 @@ def cmd_agents(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'AGENT':<22} {'STATUS':<8} {'ONLINE':<7} {'LAST SEEN':<10} {'LABELS':<24} "
-        f"{'MODEL':<12} {'DESIRED':>7} {'ACTIVE':>6}  GATE / ERROR"
+        f"{'MODEL':<12} {'DESIRED':>7} {'ACTIVE':>6}  {'SET BY':<27} GATE / ERROR"
     )
+    in_progress = {r.id for r in resp.rollouts}
     for a in resp.agents:
         labels = ",".join(f"{k}={v}" for k, v in sorted(a.labels.items())) or "-"
         reports = {m.name: m for m in a.report.models}
         desired = {d.name: d.version for d in a.desired}
+        set_by = {d.model: _agent_set_by(d, in_progress) for d in a.desired_by}
         names = sorted(set(reports) | set(desired)) or ["-"]
         for i, name in enumerate(names):
             m = reports.get(name)
@@ -952,13 +1245,24 @@ def cmd_agents(args: argparse.Namespace) -> int:
             )
             print(
                 f"{head} {name:<12} {desired.get(name, '-')!s:>7} "
-                f"{(m.active_version or '-') if m else '-'!s:>6}  {gate}"
+                f"{(m.active_version or '-') if m else '-'!s:>6}  "
+                f"{set_by.get(name, '-'):<27} {gate}"
             )
         if a.report.last_error:
             print(f"{'':<74} last error: {a.report.last_error}")
         if a.status == "active" and (warning := _cert_warning(a.cert_expires_at)):
             print(f"{'':<74} {warning}")
+    for r in resp.rollouts:
+        print(_rollout_line(r))
     return 0
+
+
+def _agent_set_by(d: Any, in_progress: set[int]) -> str:
+    """What `agents ls` says set a desired version: a rollout (in progress or not), or who
+    deployed it and when."""
+    if d.source == "rollout":
+        return _set_by(d) + (", in progress" if d.rollout_id in in_progress else "")
+    return f"{_set_by(d)} {_ago(d.created_at)}"
 
 
 # Agents renew 30 days ahead (agent cert_renew_before_s): a certificate this close to its end
@@ -1526,6 +1830,8 @@ def main(argv: list[str] | None = None) -> int:
         "publish": cmd_publish,
         "models": cmd_models,
         "deploy": cmd_deploy,
+        "undeploy": cmd_undeploy,
+        "deployments": cmd_deployments,
         "agents": cmd_agents,
         "rollout": cmd_rollout,
         "jobs": cmd_jobs,

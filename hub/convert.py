@@ -12,8 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 from modelfleet.hub.backup import BackupFile, BackupSummary
 from modelfleet.hub.core import AgentStatus
+from modelfleet.hub.deployments import (
+    AgentDesired,
+    DeploymentDetail,
+    DeploymentView,
+    DesiredChange,
+    RolloutView,
+)
 from modelfleet.hub.jobs import Job
-from modelfleet.hub.registry import Desired, VersionRow
+from modelfleet.hub.registry import DeploymentRow, Desired, VersionRow
 from modelfleet.hub.reports import AgentReport, ModelReport
 from modelfleet.hub.rollouts import AgentFacts
 from modelfleet.kernel.jobs import JobRun, JobSpec
@@ -191,6 +198,7 @@ def agent_to_proto(s: AgentStatus) -> pb.AgentInfo:
         desired=desired_to_proto(0, s.desired).models,
         presence=s.presence,
         cert_expires_at=s.cert_expires_at,
+        desired_by=[deployment_to_proto(row) for row in s.origins.values()],
     )
 
 
@@ -286,6 +294,81 @@ def window_stats_to_proto(s: WindowStats) -> pb.VersionMetrics:
         p99_ms=s.p99_ms,
         failures_by_reason=s.failures_by_reason,
         agents=s.agents,
+    )
+
+
+def deployment_to_proto(row: DeploymentRow) -> pb.Deployment:
+    return pb.Deployment(
+        id=row.id,
+        model=row.name,
+        version=row.version,
+        selector=row.labels,
+        created_at=row.created_at,
+        source=row.source,
+        rollout_id=row.rollout_id,
+        actor=row.actor,
+        agent_id=row.agent_id,
+        removed_at=row.removed_at,
+        removed_by=row.removed_by,
+    )
+
+
+def _deployment_or_none(row: DeploymentRow | None) -> pb.Deployment | None:
+    return deployment_to_proto(row) if row is not None else None
+
+
+def change_to_proto(c: DesiredChange) -> pb.DesiredChange:
+    return pb.DesiredChange(
+        agent_id=c.agent_id,
+        hostname=c.hostname,
+        from_version=c.before,
+        to_version=c.after,
+        active_version=c.active,
+        decided_by=_deployment_or_none(c.decided_by),
+    )
+
+
+def deployment_view_to_proto(v: DeploymentView) -> pb.DeploymentInfo:
+    return pb.DeploymentInfo(
+        deployment=deployment_to_proto(v.row),
+        agents=v.agents,
+        deciding=v.deciding,
+        per_agent=v.per_agent,
+    )
+
+
+def rollout_view_to_proto(r: RolloutView) -> pb.RolloutInProgress:
+    return pb.RolloutInProgress(
+        id=r.id,
+        model=r.model,
+        version=r.version,
+        state=r.state,
+        selector=r.selector,
+        wave=r.wave,
+        waves=r.waves,
+        assigned=r.assigned,
+        agents=r.agents,
+        from_versions=r.from_versions,
+        new_agents=_deployment_or_none(r.new_agents),
+    )
+
+
+def _agent_desired_to_proto(a: AgentDesired) -> pb.DeploymentAgent:
+    return pb.DeploymentAgent(
+        agent_id=a.agent_id,
+        hostname=a.hostname,
+        desired_version=a.desired,
+        active_version=a.active,
+        decided_by=_deployment_or_none(a.decided_by),
+    )
+
+
+def deployment_detail_to_proto(d: DeploymentDetail) -> pb.DeploymentDetail:
+    return pb.DeploymentDetail(
+        info=deployment_view_to_proto(d.view),
+        agents=[_agent_desired_to_proto(a) for a in d.agents],
+        history=[deployment_to_proto(r) for r in d.history],
+        rollouts=[rollout_view_to_proto(r) for r in d.rollouts],
     )
 
 

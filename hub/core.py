@@ -19,7 +19,7 @@ import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +33,11 @@ from modelfleet.hub.backup import (
 from modelfleet.hub.blobs import BlobStore
 from modelfleet.hub.ca import CertificateAuthority
 from modelfleet.hub.config import HubConfig
+from modelfleet.hub.deployments import Deployments
 from modelfleet.hub.jobs import Jobs
 from modelfleet.hub.registry import (
     AgentRow,
+    DeploymentRow,
     Desired,
     FailedPreconditionError,
     PermissionDeniedError,
@@ -44,7 +46,6 @@ from modelfleet.hub.registry import (
     check_labels,
     check_notes,
     check_version,
-    selector_matches,
 )
 from modelfleet.hub.reports import AgentReport
 from modelfleet.hub.signing import (
@@ -108,6 +109,8 @@ class AgentStatus:
     presence: str  # online or offline: from MQTT presence, else from when it was last seen
     # What the agent reports it uses; before its first report, what enrollment issued.
     cert_expires_at: float
+    # Per desired model, the deployment (or rollout assignment) that decides its version.
+    origins: dict[str, DeploymentRow] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,9 @@ class HubCore:
         # Durable: rollouts in flight when the hub stopped continue from their saved state.
         self.rollouts = RolloutManager(self, clock=clock)
         self.jobs = Jobs(self.registry, self.notify_changed)
+        self.deployments = Deployments(
+            self.registry, self.notify_changed, self.rollouts.active, clock=clock
+        )
         # Set once the servers are bound: what tokens and enrollments hand out.
         self.advertise = cfg.listen
         self.advertise_enroll = cfg.enroll_address()
@@ -598,12 +604,14 @@ class HubCore:
         for a in self.registry.agents():
             _, desired = self.desired(a)
             online = time.time() - a.last_seen < self.cfg.offline_after_s
+            decided = self.registry.decided_for(a.labels, a.agent_id)
             out.append(
                 AgentStatus(
                     agent=a,
                     desired=desired,
                     presence=a.presence or ("online" if online else "offline"),
                     cert_expires_at=a.report.cert_expires_at or a.cert_expires_at,
+                    origins={d.name: decided[d.name] for d in desired if d.name in decided},
                 )
             )
         return out
@@ -646,7 +654,13 @@ class HubCore:
     async def set_stage(
         self, name: str, version: int, stage: str, force: bool = False
     ) -> VersionRow:
-        """Set a version's stage; retiring one that agents still want needs ``force``."""
+        """Set a version's stage; retiring one that agents still want, or marking production
+        one that the fleet does not desire (hub.deployments: the production rule), needs
+        ``force``."""
+        if stage == "production" and not force:
+            row = self.registry.get_version(name, version)
+            if row is not None and row.stage != "production":
+                self.deployments.check_production(name, version)
         if stage == "retired" and not force:
             wanting = [
                 a.hostname or a.agent_id
@@ -677,20 +691,14 @@ class HubCore:
             self.changed.notify_all()
 
     async def deploy(
-        self, name: str, version: int, selector: Mapping[str, str]
+        self, name: str, version: int, selector: Mapping[str, str], actor: str = ""
     ) -> tuple[list[str], int]:
-        check_version(version, name)
-        check_labels(selector, "selector")
-        revision = self.registry.deploy(name, version, selector)
-        matched = [
-            a.agent_id
-            for a in self.registry.agents()
-            if a.status == "active" and selector_matches(selector, a.labels)
-        ]
-        log.info("deploy %s v%d to %s: %d agent(s)", name, version, dict(selector), len(matched))
-        async with self.changed:
-            self.changed.notify_all()
-        return matched, revision
+        """Deploy for callers inside the hub: no dry run, and a selector matching no agent is
+        accepted. The admin API's `deploy` goes through ``self.deployments`` (its checks)."""
+        outcome = await self.deployments.deploy(
+            name, version, selector, actor=actor, allow_empty=True
+        )
+        return outcome.matched, outcome.revision
 
     async def close_watches(self) -> None:
         """End every WatchDesired stream (the hub is stopping)."""

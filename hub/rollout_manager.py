@@ -120,6 +120,11 @@ class RolloutManager:
             )
         return out
 
+    def active(self) -> list[Rollout]:
+        """Every rollout in progress (a row whose start failed holds no state: skipped)."""
+        rows = self.core.registry.rollouts(states=ACTIVE_STATES)
+        return [self._load(r) for r in rows if r["data"]]
+
     async def start(self, spec: Spec) -> Rollout:
         async with self.lock:
             reg = self.core.registry
@@ -195,9 +200,9 @@ class RolloutManager:
     async def _apply(self, r: Rollout, assignments: list[tuple[str, int]]) -> None:
         prepare, r.prepare_out = r.prepare_out, []
         if prepare:
-            self.core.registry.deploy_many(r.spec.model, prepare, kind="prepare")
+            self.core.registry.deploy_many(r.spec.model, prepare, kind="prepare", rollout_id=r.id)
         if assignments:
-            self.core.registry.deploy_many(r.spec.model, assignments)
+            self.core.registry.deploy_many(r.spec.model, assignments, rollout_id=r.id)
         if prepare or assignments:
             async with self.core.changed:
                 self.core.changed.notify_all()
@@ -227,7 +232,9 @@ class RolloutManager:
         would still decide what an agent enrolled later gets (an older, maybe retired, one).
         """
         try:
-            self.core.registry.deploy(r.spec.model, r.spec.version, r.spec.selector)
+            self.core.registry.deploy(
+                r.spec.model, r.spec.version, r.spec.selector, source="rollout", rollout_id=r.id
+            )
         except ModelfleetError as exc:
             log.error(
                 "rollout %d of %s v%d is done but could not become the desired version "
@@ -249,6 +256,15 @@ class RolloutManager:
         )
         async with self.core.changed:
             self.core.changed.notify_all()
+        # Stages follow the fleet (hub.deployments: the production rule).
+        try:
+            stages = self.core.deployments.promote_completed(
+                r.spec.model, r.spec.version, set(r.previous.values())
+            )
+        except ModelfleetError as exc:
+            stages = f"stages unchanged: {exc}"
+        r.note(self.clock(), stages)
+        log.info("rollout %d of %s: %s", r.id, r.spec.model, stages)
 
     async def tick(self) -> None:
         async with self.lock:

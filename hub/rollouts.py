@@ -306,6 +306,10 @@ class Rollout:
         self.events.append({"at": now, "text": text})
         self.updated_at = now
 
+    def note(self, now: float, text: str) -> None:
+        """An event from the I/O around the machine (e.g. the stages a completion set)."""
+        self._event(now, text)
+
     # -- operator commands ------------------------------------------------------------------------
 
     def pause(self, now: float, why: str = "paused by operator") -> None:

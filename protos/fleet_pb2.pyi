@@ -332,7 +332,7 @@ class SetStageRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., stage: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
-    __slots__ = ("name", "version", "selector")
+    __slots__ = ("name", "version", "selector", "dry_run", "allow_empty")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -343,18 +343,208 @@ class DeployRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_EMPTY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     selector: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    dry_run: bool
+    allow_empty: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., dry_run: _Optional[bool] = ..., allow_empty: _Optional[bool] = ...) -> None: ...
 
 class DeployResponse(_message.Message):
-    __slots__ = ("agents", "revision")
+    __slots__ = ("agents", "revision", "changes", "dry_run", "notes")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedScalarFieldContainer[str]
     revision: int
-    def __init__(self, agents: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ...) -> None: ...
+    changes: _containers.RepeatedCompositeFieldContainer[DesiredChange]
+    dry_run: bool
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agents: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ..., changes: _Optional[_Iterable[_Union[DesiredChange, _Mapping]]] = ..., dry_run: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Deployment(_message.Message):
+    __slots__ = ("id", "model", "version", "selector", "created_at", "source", "rollout_id", "actor", "agent_id", "removed_at", "removed_by")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_AT_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_BY_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model: str
+    version: int
+    selector: _containers.ScalarMap[str, str]
+    created_at: float
+    source: str
+    rollout_id: int
+    actor: str
+    agent_id: str
+    removed_at: float
+    removed_by: str
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[float] = ..., source: _Optional[str] = ..., rollout_id: _Optional[int] = ..., actor: _Optional[str] = ..., agent_id: _Optional[str] = ..., removed_at: _Optional[float] = ..., removed_by: _Optional[str] = ...) -> None: ...
+
+class DesiredChange(_message.Message):
+    __slots__ = ("agent_id", "hostname", "from_version", "to_version", "active_version", "decided_by")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    hostname: str
+    from_version: int
+    to_version: int
+    active_version: int
+    decided_by: Deployment
+    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., active_version: _Optional[int] = ..., decided_by: _Optional[_Union[Deployment, _Mapping]] = ...) -> None: ...
+
+class DeploymentInfo(_message.Message):
+    __slots__ = ("deployment", "agents", "deciding", "per_agent")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    DECIDING_FIELD_NUMBER: _ClassVar[int]
+    PER_AGENT_FIELD_NUMBER: _ClassVar[int]
+    deployment: Deployment
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    deciding: _containers.RepeatedScalarFieldContainer[str]
+    per_agent: bool
+    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., agents: _Optional[_Iterable[str]] = ..., deciding: _Optional[_Iterable[str]] = ..., per_agent: _Optional[bool] = ...) -> None: ...
+
+class RolloutInProgress(_message.Message):
+    __slots__ = ("id", "model", "version", "state", "selector", "wave", "waves", "assigned", "agents", "from_versions", "new_agents")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    WAVE_FIELD_NUMBER: _ClassVar[int]
+    WAVES_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEW_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model: str
+    version: int
+    state: str
+    selector: _containers.ScalarMap[str, str]
+    wave: int
+    waves: int
+    assigned: int
+    agents: int
+    from_versions: _containers.RepeatedScalarFieldContainer[int]
+    new_agents: Deployment
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., wave: _Optional[int] = ..., waves: _Optional[int] = ..., assigned: _Optional[int] = ..., agents: _Optional[int] = ..., from_versions: _Optional[_Iterable[int]] = ..., new_agents: _Optional[_Union[Deployment, _Mapping]] = ...) -> None: ...
+
+class ListDeploymentsRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListDeploymentsResponse(_message.Message):
+    __slots__ = ("deployments", "rollouts")
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    deployments: _containers.RepeatedCompositeFieldContainer[DeploymentInfo]
+    rollouts: _containers.RepeatedCompositeFieldContainer[RolloutInProgress]
+    def __init__(self, deployments: _Optional[_Iterable[_Union[DeploymentInfo, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[RolloutInProgress, _Mapping]]] = ...) -> None: ...
+
+class GetDeploymentRequest(_message.Message):
+    __slots__ = ("model", "selector")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    selector: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class DeploymentAgent(_message.Message):
+    __slots__ = ("agent_id", "hostname", "desired_version", "active_version", "decided_by")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    hostname: str
+    desired_version: int
+    active_version: int
+    decided_by: Deployment
+    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., desired_version: _Optional[int] = ..., active_version: _Optional[int] = ..., decided_by: _Optional[_Union[Deployment, _Mapping]] = ...) -> None: ...
+
+class DeploymentDetail(_message.Message):
+    __slots__ = ("info", "agents", "history", "rollouts")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    info: DeploymentInfo
+    agents: _containers.RepeatedCompositeFieldContainer[DeploymentAgent]
+    history: _containers.RepeatedCompositeFieldContainer[Deployment]
+    rollouts: _containers.RepeatedCompositeFieldContainer[RolloutInProgress]
+    def __init__(self, info: _Optional[_Union[DeploymentInfo, _Mapping]] = ..., agents: _Optional[_Iterable[_Union[DeploymentAgent, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Deployment, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[RolloutInProgress, _Mapping]]] = ...) -> None: ...
+
+class UndeployRequest(_message.Message):
+    __slots__ = ("name", "selector", "dry_run")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    selector: _containers.ScalarMap[str, str]
+    dry_run: bool
+    def __init__(self, name: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class UndeployResponse(_message.Message):
+    __slots__ = ("removed", "changes", "revision", "dry_run", "agents")
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    removed: _containers.RepeatedCompositeFieldContainer[Deployment]
+    changes: _containers.RepeatedCompositeFieldContainer[DesiredChange]
+    revision: int
+    dry_run: bool
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, removed: _Optional[_Iterable[_Union[Deployment, _Mapping]]] = ..., changes: _Optional[_Iterable[_Union[DesiredChange, _Mapping]]] = ..., revision: _Optional[int] = ..., dry_run: _Optional[bool] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateTokenRequest(_message.Message):
     __slots__ = ("labels", "ttl_seconds")
@@ -386,7 +576,7 @@ class ListAgentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_id", "hostname", "labels", "enrolled_at", "last_seen", "status", "report", "desired", "presence", "cert_expires_at")
+    __slots__ = ("agent_id", "hostname", "labels", "enrolled_at", "last_seen", "status", "report", "desired", "presence", "cert_expires_at", "desired_by")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -404,6 +594,7 @@ class AgentInfo(_message.Message):
     DESIRED_FIELD_NUMBER: _ClassVar[int]
     PRESENCE_FIELD_NUMBER: _ClassVar[int]
     CERT_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_BY_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     hostname: str
     labels: _containers.ScalarMap[str, str]
@@ -414,13 +605,16 @@ class AgentInfo(_message.Message):
     desired: _containers.RepeatedCompositeFieldContainer[DesiredModel]
     presence: str
     cert_expires_at: float
-    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., enrolled_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., status: _Optional[str] = ..., report: _Optional[_Union[AgentReport, _Mapping]] = ..., desired: _Optional[_Iterable[_Union[DesiredModel, _Mapping]]] = ..., presence: _Optional[str] = ..., cert_expires_at: _Optional[float] = ...) -> None: ...
+    desired_by: _containers.RepeatedCompositeFieldContainer[Deployment]
+    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., enrolled_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., status: _Optional[str] = ..., report: _Optional[_Union[AgentReport, _Mapping]] = ..., desired: _Optional[_Iterable[_Union[DesiredModel, _Mapping]]] = ..., presence: _Optional[str] = ..., cert_expires_at: _Optional[float] = ..., desired_by: _Optional[_Iterable[_Union[Deployment, _Mapping]]] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
-    __slots__ = ("agents",)
+    __slots__ = ("agents", "rollouts")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[AgentInfo]
-    def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ...) -> None: ...
+    rollouts: _containers.RepeatedCompositeFieldContainer[RolloutInProgress]
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[RolloutInProgress, _Mapping]]] = ...) -> None: ...
 
 class RevokeAgentRequest(_message.Message):
     __slots__ = ("agent_id",)

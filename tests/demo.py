@@ -243,10 +243,12 @@ def fleet(work: Path) -> bool:
         run_hub(hub, "publish", "fraud", str(src / "v2.onnx"), "--notes", "retrained")
         run_hub(hub, "models", "show", "fraud")
 
-        step("11. Deploy v1 to every agent, then v2 to site=berlin only")
+        step("11. Deploy v1 to every agent, then v2 to site=berlin only (a dry run first)")
         run_hub(hub, "deploy", "fraud", "1")
         wait_for(lambda: all(_active(a) == 1 for a in agents), 60, "v1 everywhere")
+        run_hub(hub, "deploy", "fraud", "2", "--selector", "site=berlin", "--dry-run")
         run_hub(hub, "deploy", "fraud", "2", "--selector", "site=berlin")
+        run_hub(hub, "deployments", "ls")
         wait_for(lambda: [_active(a) for a in agents] == [2, 2, 1], 60, "v2 in berlin")
         time.sleep(1.5)  # one report interval, so the hub has heard back
 
@@ -284,6 +286,9 @@ def fleet(work: Path) -> bool:
             "60s",
         )
         watch_rollout(hub, "fraud")
+        # Completed: v3 is the fleet's desired version (set by the rollout) and production.
+        run_hub(hub, "deployments", "ls", "fraud")
+        run_hub(hub, "models", "show", "fraud")
 
         step(
             "14. Canary rollout of a broken v4 (NaN outputs): stopped in the first wave, "
