@@ -7,7 +7,9 @@ imports grpc.
 
 from __future__ import annotations
 
+import difflib
 import enum
+from collections.abc import Iterable
 
 
 class Status(enum.Enum):
@@ -32,6 +34,14 @@ EXIT_CODES: dict[Status, int] = {
     Status.PERMISSION_DENIED: 9,
     Status.INTERNAL: 10,
 }
+
+# Outcomes that are not errors get codes of their own, above EXIT_CODES (20-22 are rollout
+# outcomes, hub/cli.py), so a script can tell "the agent answered: not ready" from "no agent
+# there" (5).
+EXIT_NOT_READY = 23
+# stdout was closed early (`modelfleet-agent bundle inspect DIR | head`): what a shell reports
+# for a tool that SIGPIPE ended (128 + 13); the CLIs leave without a message, as such tools do.
+EXIT_BROKEN_PIPE = 141
 
 
 # Reasons (ModelfleetError.reason, reported as ModelReport.error_reason) that say nothing about
@@ -112,6 +122,13 @@ class VerificationError(ModelfleetError):
     reason = "verification"
 
 
+class ListenError(ModelfleetError):
+    """A server cannot listen where it is told to (port or socket in use, address not local)."""
+
+    status = Status.UNAVAILABLE
+    reason = "listen"
+
+
 class RemoteError(ModelfleetError):
     """The other side of a call (hub, agent) refused it; carries the status it answered with."""
 
@@ -130,3 +147,14 @@ def remote_error(message: str, status: Status) -> ModelfleetError:
     if status is Status.NOT_FOUND:
         return ModelNotFoundError(message)
     return RemoteError(message, status)
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'fraud'?)`` for the known names closest to a mistyped one, else ``""``.
+
+    For "no such name" messages: the name the user meant is usually one typo away.
+    """
+    close = difflib.get_close_matches(name, sorted(set(known)), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)"

@@ -62,6 +62,11 @@ def load_settings(
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise InvalidRequestError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise InvalidRequestError(_directory_given(Path(path))) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise InvalidRequestError(f"cannot read config file {path}: {why}") from None
         except tomllib.TOMLDecodeError as exc:
             raise InvalidRequestError(f"config file {path}: {exc}") from None
         section = data.get(table, data)
@@ -80,6 +85,16 @@ def load_settings(
     for name, value in values.items():
         setattr(cfg, name, _coerce(name, value, fields[name].type))
     return cfg
+
+
+def _directory_given(path: Path) -> str:
+    """A config path that is a folder (``run --config DATA_DIR``): name the TOML files in it."""
+    try:
+        inside = sorted(p for p in path.iterdir() if p.suffix == ".toml" and p.is_file())
+    except OSError:
+        inside = []
+    hint = f": pass the file, e.g. --config {inside[0]}" if inside else ": pass a TOML file"
+    return f"config file {path} is a directory{hint}"
 
 
 def split_hostport(value: str, what: str) -> tuple[str, int]:
