@@ -18,12 +18,14 @@ from modelfleet.agent.repository import RepositoryWatcher
 from modelfleet.agent.serving.dataplane import DataPlane
 from modelfleet.agent.serving.grpc_server import (
     HealthReporter,
-    ListenError,
     build_admin_server,
     build_server,
+    claim_admin_socket,
 )
 from modelfleet.agent.serving.security import BearerTokenInterceptor, TlsFiles, server_credentials
 from modelfleet.agent.slots import BatchingConfig, SlotManager
+from modelfleet.kernel.errors import InvalidRequestError, ListenError
+from modelfleet.kernel.listen import check_listen
 from modelfleet.kernel.logs import reload_logged
 from modelfleet.kernel.runtime import RuntimeOptions
 from modelfleet.kernel.sdnotify import Notifier
@@ -106,6 +108,38 @@ def build_slots(cfg: ServeConfig, metrics: AgentMetrics) -> SlotManager:
     )
 
 
+def check_repository(models: Path) -> None:
+    """Standalone mode serves what is in ``models``: a missing folder is a typo, not a default."""
+    if models.is_dir():
+        return
+    if models.exists():
+        raise InvalidRequestError(
+            f"model repository {models} is not a directory: pass the folder that holds "
+            "NAME/VERSION/ bundles with --models DIR (setting models)"
+        )
+    raise InvalidRequestError(
+        f"model repository {models} does not exist: create it (mkdir -p {models}) and put "
+        "bundles in it as NAME/VERSION/ (`modelfleet-agent bundle create ... --out DIR`), or "
+        "pass the right folder with --models DIR (setting models)"
+    )
+
+
+def readiness_line(slots: SlotManager, mode: str, fleet: bool) -> str:
+    """The log's READY / NOT READY line: the same verdict as `status` and ServerReady."""
+    models = slots.status()
+    serving = ", ".join(f"{s.name} v{s.active}" for s in models if s.active is not None)
+    if slots.all_ready():
+        return f"READY ({mode}): serving {serving}"
+    waiting = [s.name for s in models if s.active is None]
+    if waiting:
+        why = f"serving {serving or 'nothing'}; no version serves yet for {', '.join(waiting)}"
+    elif fleet:
+        why = "no model yet: waiting for the hub's desired state"
+    else:
+        why = "no model in the repository yet (add bundles as NAME/VERSION/)"
+    return f"NOT READY ({mode}): {why}"
+
+
 def status_line(slots: SlotManager) -> str:
     """What ``systemctl status`` shows: e.g. ``serving fraud v2, mlp v1; 1 loading``."""
     models = slots.status()
@@ -116,6 +150,14 @@ def status_line(slots: SlotManager) -> str:
     if waiting:
         text += f"; not ready: {', '.join(waiting)}"
     return text
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
@@ -135,7 +177,17 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     watchdog = loop.create_task(notifier.run_watchdog())
     notifier.status("starting")
 
-    # Before anything is loaded: unusable TLS or token files stop the agent at once.
+    # Before anything is bound or written: a second agent on the same repository or data, a
+    # missing repository, a busy port or unusable TLS or token files stop the agent at once.
+    admin_path = cfg.admin_socket_path()
+    if not cfg.hub:
+        check_repository(cfg.models)
+    claim_admin_socket(admin_path)
+    check_listen(cfg.listen, "inference (listen)", "set another port with --listen")
+    if cfg.metrics_listen:
+        check_listen(
+            cfg.metrics_listen, "metrics (metrics_listen)", "set another port with --metrics-listen"
+        )
     credentials, token_check, security = inference_security(cfg)
     metrics = AgentMetrics()
     slots = build_slots(cfg, metrics)
@@ -149,10 +201,22 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     background: set[asyncio.Task] = set()
 
     shown = ""
+    mode = ""
+    # What the log last said (READY or NOT READY): a line is logged each time that changes.
+    logged_ready = False
+
+    def log_readiness() -> None:
+        nonlocal logged_ready
+        now_ready = slots.all_ready()
+        if now_ready != logged_ready:
+            logged_ready = now_ready
+            log.info("%s", readiness_line(slots, mode, bool(cfg.hub)))
 
     def publish_status() -> None:
         nonlocal shown
         text = status_line(slots)
+        if ready and not stopping:
+            log_readiness()
         if ready and not stopping and text != shown:
             shown = text
             notifier.status(text)
@@ -205,11 +269,12 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         [token_check] if token_check else [],
     )
     await server.start()
-    admin_path = cfg.admin_socket_path()
     bound = f"{cfg.listen.rpartition(':')[0]}:{port}"
     admin = build_admin_server(slots, admin_path, bound, fleet_hub=cfg.hub)
     await admin.start()
     os.chmod(admin_path, 0o600)
+    # Removed at exit only if it is still this one (see claim_admin_socket).
+    admin_inode = _inode(admin_path)
     if cfg.metrics_listen:
         host, mport = split_hostport(cfg.metrics_listen, "metrics_listen")
         try:
@@ -239,14 +304,14 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         await source.sync_once()
         mode = f"standalone, repository {cfg.models}"
     await health.refresh()
-    serving = [f"{s.name} v{s.active}" for s in slots.status() if s.active is not None]
-    refused = [s.name for s in slots.status() if s.active is None]
-    log.info(
-        "READY (%s): serving %s%s",
-        mode,
-        ", ".join(serving) or "nothing",
-        f"; not ready: {', '.join(refused)}" if refused else "",
-    )
+    # Started (systemd READY=1 below): the line says whether it can serve, as `status` does.
+    logged_ready = slots.all_ready()
+    text = readiness_line(slots, mode, bool(cfg.hub))
+    if logged_ready or cfg.hub:
+        log.info("%s", text)
+    else:
+        # Standalone with nothing to serve: most likely the wrong --models.
+        log.warning("%s", text)
     ready = True
     shown = status_line(slots)
     notifier.ready(shown)
@@ -268,8 +333,11 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         await watch_task
         await admin.stop(grace=0)
         slots.close()
-        with contextlib.suppress(FileNotFoundError):
-            admin_path.unlink()
+        found = _inode(admin_path)
+        if found is not None and found == admin_inode:
+            admin_path.unlink(missing_ok=True)
+        elif found is not None:
+            log.warning("admin socket %s is another process's now: left in place", admin_path)
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog

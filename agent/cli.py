@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from modelfleet.kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError, Status
+from modelfleet.kernel.cli import run_command
+from modelfleet.kernel.errors import EXIT_NOT_READY, InvalidRequestError, ModelfleetError, Status
 from modelfleet.kernel.malloc import tune_malloc
 
 
@@ -296,6 +297,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def _admin_stub(args: argparse.Namespace) -> Any:
     import grpc
 
+    from modelfleet.agent.config import check_admin_socket_path
     from modelfleet.protos import agent_pb2_grpc
 
     if args.admin_socket:
@@ -304,6 +306,7 @@ def _admin_stub(args: argparse.Namespace) -> Any:
         path = str(args.data / "admin.sock")
     else:
         path = str(args.models / ".modelfleet-admin.sock")
+    check_admin_socket_path(Path(path))
     if not Path(path).exists():
         raise _Unavailable(f"no agent admin socket at {path} (is the agent running?)")
     channel = grpc.insecure_channel(f"unix:{path}")
@@ -331,10 +334,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     from modelfleet.protos import agent_pb2
 
     resp = _call(_admin_stub(args).Status, agent_pb2.StatusRequest())
+    # Scripts and probes branch on readiness alone: the same verdict as ServerReady.
+    code = 0 if resp.ready else EXIT_NOT_READY
     if args.json:
         print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
-        return 0
-    print(f"agent on {resp.listen}: {'READY' if resp.ready else 'NOT READY'}")
+        return code
+    verdict = "READY" if resp.ready else "NOT READY"
+    if not resp.ready:
+        waiting = [m.name for m in resp.models if not m.active_version]
+        verdict += (
+            f" (no version serves yet for {', '.join(waiting)})"
+            if waiting
+            else " (no model to serve yet)"
+        )
+    print(f"agent on {resp.listen}: {verdict}")
     header = f"{'MODEL':<20} {'ACTIVE':>6} {'PREVIOUS':>8} {'LOADING':>7}  LAST GATE"
     print(header)
     for m in resp.models:
@@ -356,7 +369,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"{'':<20} refused v{f.version} ({f.kind}): {f.reason}")
         if m.held_at_or_below:
             print(f"{'':<20} held after rollback: versions <= {m.held_at_or_below} not re-deployed")
-    return 0
+    return code
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -368,7 +381,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command("modelfleet-agent", lambda: _dispatch(build_parser().parse_args(argv)))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     handlers = {
         "serve": cmd_serve,
         "run": cmd_run,
@@ -380,13 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = cmd_bundle_create if args.bundle_command == "create" else cmd_bundle_inspect
     else:
         handler = handlers[args.command]
-    try:
-        return handler(args)
-    except ModelfleetError as exc:
-        print(f"modelfleet-agent: error: {exc}", file=sys.stderr)
-        return EXIT_CODES[exc.status]
-    except KeyboardInterrupt:
-        return 130
+    return handler(args)
 
 
 if __name__ == "__main__":

@@ -191,6 +191,21 @@ def reload_config(cfg: ServeConfig) -> tuple[list[str], list[str]]:
     return apply_reloadable(cfg, fresh, RELOADABLE)
 
 
+# sockaddr_un's sun_path holds 108 bytes with the terminating NUL; longer paths cannot be bound.
+ADMIN_SOCKET_MAX_BYTES = 107
+
+
+def check_admin_socket_path(path: Path) -> None:
+    """Refuse an admin socket path the kernel cannot bind or connect to (too long)."""
+    size = len(os.fsencode(path))
+    if size > ADMIN_SOCKET_MAX_BYTES:
+        raise InvalidRequestError(
+            f"admin socket path {path} is {size} bytes; Unix sockets allow at most "
+            f"{ADMIN_SOCKET_MAX_BYTES}: give a shorter one with --admin-socket PATH (setting "
+            "admin_socket), e.g. /run/modelfleet/admin.sock"
+        )
+
+
 def validate(cfg: ServeConfig) -> None:
     if cfg.device not in ("cpu", "cuda", "auto"):
         raise InvalidRequestError(f"config: device must be cpu, cuda or auto, not {cfg.device!r}")
@@ -218,6 +233,7 @@ def validate(cfg: ServeConfig) -> None:
             "config: telemetry_interval_s must be > 0 and telemetry_outbox_max_reports >= 1"
         )
     split_hostport(cfg.listen, "listen")
+    check_admin_socket_path(cfg.admin_socket_path())
     _validate_tls(cfg)
     if cfg.metrics_listen:
         split_hostport(cfg.metrics_listen, "metrics_listen")

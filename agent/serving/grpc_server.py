@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
+import stat
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +23,13 @@ from modelfleet.agent.serving.batcher import DynamicBatcher
 from modelfleet.agent.serving.converters import request_from_proto, response_to_proto
 from modelfleet.agent.serving.dataplane import DataPlane
 from modelfleet.agent.slots import LoadedVersion, SlotManager
-from modelfleet.kernel.errors import ModelfleetError, ModelNotFoundError, Status
+from modelfleet.kernel.errors import (
+    InvalidRequestError,
+    ListenError,
+    ModelfleetError,
+    ModelNotFoundError,
+    Status,
+)
 from modelfleet.kernel.grpc_options import server_options
 from modelfleet.kernel.grpc_status import GRPC_CODES
 from modelfleet.protos import agent_pb2, agent_pb2_grpc
@@ -329,11 +337,6 @@ class HealthReporter:
         self._known = names
 
 
-class ListenError(ModelfleetError):
-    status = Status.UNAVAILABLE
-    reason = "listen"
-
-
 def build_server(
     slots: SlotManager,
     dataplane: DataPlane,
@@ -362,6 +365,42 @@ def build_server(
 class _FleetOwned(ModelfleetError):
     status = Status.FAILED_PRECONDITION
     reason = "fleet_mode"
+
+
+def claim_admin_socket(path: Path) -> None:
+    """Refuse to start while another agent answers on ``path``; remove a stale socket.
+
+    Binding would silently take the socket over (gRPC unlinks what is there), and the first
+    agent would become unreachable for `status` and `rollback`, and lose its socket when the
+    second one exits. A connection tells a live socket from one a killed agent left behind.
+    """
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise InvalidRequestError(
+            f"admin socket path {path} exists and is not a socket: move that file away, or "
+            "give the agent another --admin-socket PATH (setting admin_socket)"
+        )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(5)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing the stale admin socket %s (no agent answers on it)", path)
+            path.unlink(missing_ok=True)
+            return
+        except OSError as exc:
+            raise ListenError(
+                f"cannot tell whether another agent uses the admin socket {path}: {exc.strerror}; "
+                "give this agent its own --admin-socket PATH (setting admin_socket)"
+            ) from None
+    raise ListenError(
+        f"another agent is running on the admin socket {path}: stop it first, or give this one "
+        "its own --admin-socket PATH (setting admin_socket; standalone, it defaults to "
+        "MODELS/.modelfleet-admin.sock, so one agent per --models)"
+    )
 
 
 def build_admin_server(
