@@ -18,6 +18,7 @@ from modelfleet.hub.core import HubCore, lock_data_dir
 from modelfleet.hub.server import AdminServicer, FleetServicer
 from modelfleet.hub.signing import RepositoryIntegrityError
 from modelfleet.kernel.atomic import atomic_write_json
+from modelfleet.kernel.errors import ListenError
 from modelfleet.kernel.grpc_options import server_options
 from modelfleet.kernel.identity import (
     generate_key,
@@ -26,6 +27,7 @@ from modelfleet.kernel.identity import (
     write_pem,
     write_private_key,
 )
+from modelfleet.kernel.listen import check_listen
 from modelfleet.kernel.logs import reload_logged
 from modelfleet.kernel.sdnotify import Notifier
 from modelfleet.protos import fleet_pb2_grpc as pb_grpc
@@ -72,6 +74,31 @@ def ensure_admin_identity(core: HubCore, now: float | None = None) -> None:
         )
 
 
+def check_ports(cfg: HubConfig) -> None:
+    """Every port the hub will listen on can be bound now (kernel/listen.py), or ListenError."""
+    check_listen(cfg.listen, "the hub's admin and agent port (listen)", "set another with --listen")
+    enroll_fix = (
+        "set another with --enroll-listen"
+        if cfg.enroll_listen
+        else "set one with --enroll-listen (without it the hub takes the port after listen's)"
+    )
+    check_listen(cfg.enroll_address(), "the enrollment port (enroll_listen)", enroll_fix)
+    if cfg.metrics_listen:
+        fix = "set another with --metrics-listen"
+        check_listen(cfg.metrics_listen, "fleet metrics (metrics_listen)", fix)
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials) -> int:
+    """Bind ``address``; a port taken since check_ports is a ListenError, not a traceback."""
+    try:
+        port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise ListenError(f"cannot listen on {address} (address in use or not local?)")
+    return port
+
+
 async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``); SIGHUP reloads the config.
 
@@ -112,6 +139,8 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, reload)
 
+    # Before the data directory, CA or keys are created: a busy port leaves nothing behind.
+    check_ports(cfg)
     data_lock = lock_data_dir(Path(cfg.data), "start the hub")
     core = HubCore(cfg)
     ensure_admin_identity(core)
@@ -125,16 +154,19 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     # Enrollment: the node has no certificate yet; the one-time token authorises it. Every
     # other method checks for a client identity and so refuses callers on this port.
     server_auth_only = grpc.ssl_server_credentials([(key_pem, chain_pem)])
-    port = server.add_secure_port(cfg.listen, mtls)
-    enroll_port = server.add_secure_port(cfg.enroll_address(), server_auth_only)
-    if not port or not enroll_port:
-        raise OSError(f"cannot listen on {cfg.listen} / {cfg.enroll_address()}")
+    port = _bind(server, cfg.listen, mtls)
+    enroll_port = _bind(server, cfg.enroll_address(), server_auth_only)
     core.advertise = cfg.advertised(port)
     core.advertise_enroll = cfg.advertised_enroll(enroll_port)
     if cfg.metrics_listen:
         from modelfleet.hub.telemetry import serve_metrics
 
-        serve_metrics(core.telemetry, cfg.metrics_listen)
+        try:
+            serve_metrics(core.telemetry, cfg.metrics_listen)
+        except OSError as exc:
+            raise ListenError(
+                f"cannot serve metrics on {cfg.metrics_listen}: {exc.strerror}"
+            ) from None
         log.info("fleet metrics on http://%s/metrics", cfg.metrics_listen)
     await server.start()
     atomic_write_json(

@@ -14,6 +14,7 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelfleet.kernel.cli import run_command
 from modelfleet.kernel.errors import (
     EXIT_CODES,
     InvalidRequestError,
@@ -1819,7 +1820,52 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command("modelfleet-hub", lambda: _run(argv))
+
+
+# Options of modelfleet-hub itself: argparse takes them before the command only.
+GLOBAL_OPTIONS = ("--data", "--hub", "--admin-dir")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse's parse, plus a pointer for a global option given after the command."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    misplaced = [a for a in extra if a.split("=", 1)[0] in GLOBAL_OPTIONS]
+    if not misplaced:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    option = misplaced[0].split("=", 1)[0]
+    print(
+        f"modelfleet-hub: error: {option} is an option of modelfleet-hub itself and goes before "
+        f"the command: {_globals_first(argv)}",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
+def _globals_first(argv: list[str]) -> str:
+    """``argv`` as a command line with the global options (and their values) moved first."""
+    import shlex
+
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word in GLOBAL_OPTIONS and i + 1 < len(argv):
+            front += argv[i : i + 2]
+            i += 2
+            continue
+        (front if word.split("=", 1)[0] in GLOBAL_OPTIONS else rest).append(word)
+        i += 1
+    return shlex.join(["modelfleet-hub", *front, *rest])
+
+
+def _run(argv: list[str] | None) -> int:
+    args = parse_args(argv)
     if args.command != "serve" and args.data is None:
         args.data = Path(DEFAULT_DATA)
     handlers = {
@@ -1839,13 +1885,7 @@ def main(argv: list[str] | None = None) -> int:
         "backup": cmd_backup,
         "restore": cmd_restore,
     }
-    try:
-        return handlers[args.command](args)
-    except ModelfleetError as exc:
-        print(f"modelfleet-hub: error: {exc}", file=sys.stderr)
-        return EXIT_CODES[exc.status]
-    except KeyboardInterrupt:
-        return 130
+    return handlers[args.command](args)
 
 
 def _sha256(path: Path) -> str:

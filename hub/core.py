@@ -700,6 +700,25 @@ class HubCore:
         )
         return outcome.matched, outcome.revision
 
+    async def wait_changed(self, timeout: float) -> None:
+        """Wait until desired state may have changed (``changed`` is notified), at most
+        ``timeout`` seconds; at once when the hub is stopping (close_watches ends every wait).
+
+        The wait runs in the caller's task under asyncio.timeout, so the condition's lock is
+        held again however it ends: wait_for() around Condition.wait() can return (cancelled
+        twice: an agent hanging up as the hub stops) before the inner task has the lock back,
+        and leaving ``async with`` then releases a lock the caller does not hold ("RuntimeError:
+        Lock is not acquired"), or one another task holds.
+        """
+        async with self.changed:
+            if self.closing:
+                return
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.changed.wait()
+            except TimeoutError:
+                pass  # nothing changed: the caller re-checks anyway
+
     async def close_watches(self) -> None:
         """End every WatchDesired stream (the hub is stopping)."""
         self.closing = True

@@ -273,15 +273,14 @@ class MqttBridge:
             client.loop_stop()
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            async with self.core.changed:
-                waiter = asyncio.ensure_future(self.core.changed.wait())
-                stopper = asyncio.ensure_future(stop.wait())
-                await asyncio.wait(
-                    {waiter, stopper}, timeout=30, return_when=asyncio.FIRST_COMPLETED
-                )
-                waiter.cancel()
-                stopper.cancel()
+        # A wait in a task of its own, cancelled and left behind, used to take the condition's
+        # lock back after this loop had released it: the next wait raised "Lock is not
+        # acquired" and every deploy and watch stream then hung on the lock. wait_changed()
+        # waits in this task, and ends when the hub stops (close_watches).
+        while not stop.is_set() and not self.core.closing:
+            await self.core.wait_changed(30)
+            if stop.is_set() or self.core.closing:
+                return
             await self.publish_desired()
 
     # -- fetches (worker threads) -----------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -124,9 +123,7 @@ class FleetServicer(pb_grpc.FleetServicer):
                 last = state
             # Wake up on any deployment; otherwise re-check now and then so a revoked agent's
             # stream ends and last_seen stays fresh.
-            async with self.core.changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.core.changed.wait(), 10)
+            await self.core.wait_changed(10)
 
     @unary
     async def ReportState(self, request, context):
