@@ -70,6 +70,7 @@ from modelfleet.kernel.errors import (
     ResourceExhaustedError,
     Status,
     VerificationError,
+    did_you_mean,
 )
 from modelfleet.kernel.identity import (
     EnrollToken,
@@ -203,6 +204,11 @@ def lock_data_dir(root: Path, doing: str) -> int:
             f"stop it first"
         )
     return fd
+
+
+class AgentNotFoundError(ModelfleetError):
+    status = Status.NOT_FOUND
+    reason = "agent_not_found"
 
 
 class HubCore:
@@ -637,6 +643,10 @@ class HubCore:
         window = since_s or 600.0
         if window <= 0:
             raise InvalidRequestError("the window (since) must be positive")
+        # An unknown model is an error (with the close names), not an empty window.
+        self.registry.versions(model)
+        if version:
+            self.registry.get_version(model, version)
         agents = None
         if agent:
             rows = self.registry.agents()
@@ -644,7 +654,10 @@ class HubCore:
                 a.agent_id for a in rows if a.hostname == agent
             ]
             if not agents:
-                raise InvalidRequestError(f"no agent with id or hostname {agent!r}")
+                names = [a.agent_id for a in rows] + [a.hostname for a in rows]
+                raise InvalidRequestError(
+                    f"no agent with id or hostname {agent!r}{did_you_mean(agent, names)}"
+                )
         now = time.time()
         stats = await self.telemetry_ingest.query(
             self.telemetry.window, model, version or None, agents, now - window, now
@@ -726,6 +739,7 @@ class HubCore:
             self.changed.notify_all()
 
     async def revoke(self, agent_id: str) -> None:
+        self.require_agent(agent_id)
         self.registry.revoke(agent_id)
         log.warning("agent %s revoked", agent_id)
         try:
@@ -740,6 +754,29 @@ class HubCore:
             self.crl.due = 0.0
         async with self.changed:
             self.changed.notify_all()
+
+    def require_agent(self, agent_id: str) -> None:
+        """Raise AgentNotFoundError for an unknown id; a hostname given instead names its ids."""
+        rows = self.registry.agents()
+        if any(a.agent_id == agent_id for a in rows):
+            return
+        named = [a for a in rows if a.hostname == agent_id]
+        if len(named) == 1:
+            raise AgentNotFoundError(
+                f"no agent with id {agent_id!r}; {agent_id!r} is the hostname of agent "
+                f"{named[0].agent_id}: use that id"
+            )
+        if named:
+            ids = ", ".join(f"{a.agent_id} ({a.status})" for a in named)
+            raise AgentNotFoundError(
+                f"no agent with id {agent_id!r}; {agent_id!r} is the hostname of {len(named)} "
+                f"agents: {ids}: use the id of the one you mean"
+            )
+        known = [a.agent_id for a in rows]
+        raise AgentNotFoundError(
+            f"no agent with id {agent_id!r}{did_you_mean(agent_id, known)}; "
+            "`modelfleet-hub agents ls` lists the agents"
+        )
 
     def report(self, agent_id: str, report: AgentReport) -> None:
         """An (authorized) agent's report, from either transport; it counts as seen."""

@@ -26,6 +26,7 @@ from modelfleet.kernel.errors import (
     ModelfleetError,
     ModelNotFoundError,
     Status,
+    did_you_mean,
 )
 from modelfleet.kernel.jobs import JobRun, JobSpec
 
@@ -459,15 +460,35 @@ class Registry:
         if r is None:
             if missing_ok:
                 return None
-            raise ModelNotFoundError(f"model {name!r} has no version {version}")
+            raise self._no_version(name, version)
         return self._row(r)
+
+    def _no_version(self, name: str, version: int) -> ModelNotFoundError:
+        """The error for a missing version: the model's versions, or the close model names."""
+        have = [
+            int(v)
+            for (v,) in self.db.execute(
+                "SELECT version FROM versions WHERE name = ? ORDER BY version", (name,)
+            )
+        ]
+        if not have:
+            return self._no_model(name)
+        shown = ", ".join(str(v) for v in have[-10:])
+        return ModelNotFoundError(
+            f"model {name!r} has no version {version} (its versions: "
+            f"{'..., ' if len(have) > 10 else ''}{shown})"
+        )
+
+    def _no_model(self, name: str) -> ModelNotFoundError:
+        known = [r[0] for r in self.db.execute("SELECT DISTINCT name FROM versions")]
+        return ModelNotFoundError(f"no model named {name!r}{did_you_mean(name, known)}")
 
     def versions(self, name: str) -> list[VersionRow]:
         rows = self.db.execute(
             "SELECT * FROM versions WHERE name = ? ORDER BY version", (name,)
         ).fetchall()
         if not rows:
-            raise ModelNotFoundError(f"no model named {name!r}")
+            raise self._no_model(name)
         return [self._row(r) for r in rows]
 
     def retired_versions(self) -> set[tuple[str, int]]:
@@ -492,7 +513,7 @@ class Registry:
             "SELECT model_sha256 FROM versions WHERE name = ? AND version = ?", (name, version)
         ).fetchone()
         if r is None:
-            raise ModelNotFoundError(f"model {name!r} has no version {version}")
+            raise self._no_version(name, version)
         return str(r[0])
 
     def models(self) -> list[dict[str, Any]]:

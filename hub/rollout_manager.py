@@ -93,12 +93,16 @@ class RolloutManager:
         if rollout_id:
             rows = [r for r in rows if r["id"] == rollout_id]
         if not rows:
+            self.core.registry.versions(model)  # an unknown model says so, with close names
             raise ModelNotFoundError(f"no rollout of {model!r}")
         active = [r for r in rows if r["state"] in ACTIVE_STATES]
         return self._load((active or rows)[-1])
 
     def history(self, model: str) -> list[Rollout]:
-        return [self._load(r) for r in self._rows(model)]
+        rows = self._rows(model)
+        if not rows:
+            self.core.registry.versions(model)  # an unknown model is an error, not "none yet"
+        return [self._load(r) for r in rows]
 
     def facts(self, r: Rollout) -> dict[str, AgentFacts]:
         """Per agent of ``r``: hostname, the version it reports serving, its last error for the

@@ -130,7 +130,7 @@ def test_jobs_core_validates_and_answers_typed_jobs(tmp_path: Path) -> None:
             await jobs.create(replace(spec, input=""), {})
         with pytest.raises(InvalidRequestError):
             await jobs.create(replace(spec, schedule="whenever"), {})
-        with pytest.raises(ModelNotFoundError, match="has no version 3"):
+        with pytest.raises(ModelNotFoundError, match="no model named 'm'"):
             await jobs.create(replace(spec, version=3), {})
         job = await jobs.create(spec, {"site": "x"})
         assert (job.agents, job.selector) == (1, {"site": "x"})
