@@ -1468,15 +1468,16 @@ def _render_agents(agents: list[dict[str, Any]]) -> list[str]:
     for a in shown[:AGENT_ROWS]:
         lines.append(
             f"  {a['agent_id']:<24} {a['hostname'] or '-':<16} {a['role']:<9} "
-            f"{a['wave'] or '-'!s:>4} {_v(a['previous_version']):>8} "
-            f"{_v(a['active_version']):>6}  {a['state']:<13} {a['last_error'] or '-'}"
+            f"{a['wave'] or '-'!s:>4} {_vcell(a['previous_version']):>8} "
+            f"{_vcell(a['active_version']):>6}  {a['state']:<13} {a['last_error'] or '-'}"
         )
     if len(shown) > AGENT_ROWS:
         lines.append(f"  ... and {len(shown) - AGENT_ROWS} more agent(s) (--json lists all)")
     return lines
 
 
-def _v(version: int) -> str:
+def _vcell(version: int) -> str:
+    """A version in a table cell: "-" for none."""
     return f"v{version}" if version else "-"
 
 
