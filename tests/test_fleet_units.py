@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.fleet.backoff import Backoff
 from agent.fleet.cache import BundleCache
-from agent.fleet.sync import Backoff
 from hub.registry import FailedPreconditionError, PermissionDeniedError, Registry
 from hub.reports import AgentReport, ModelReport
 from kernel.errors import BundleExistsError, InvalidRequestError

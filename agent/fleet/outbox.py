@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.fleet.backoff import Backoff
 from agent.telemetry import (
     CounterStore,
     JournalMark,
@@ -235,8 +236,6 @@ class TelemetryShipper:
         backoff_max_s: float = 30.0,
         batch_max: int = BATCH_MAX,
     ) -> None:
-        from agent.fleet.sync import Backoff  # sync imports this module
-
         self.aggregator = aggregator
         self.outbox = outbox
         self.send = send

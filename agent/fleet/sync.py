@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ import grpc
 from agent import __version__
 from agent.config import ServeConfig
 from agent.fleet import renew as renewal
+from agent.fleet.backoff import Backoff
 from agent.fleet.cache import BundleCache
 from agent.fleet.enroll import TUF_DIR
 from agent.fleet.mqtt import MqttLink, MqttTransport
@@ -90,22 +90,6 @@ class DesiredModel:
     # Blue/green: a version to load and gate beside the active one, without switching.
     prepare_version: int = 0
     prepare_size: int = 0
-
-
-class Backoff:
-    """Exponential backoff with full jitter, bounded: a restarted hub is not stampeded."""
-
-    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None):
-        self.base, self.cap, self.attempt = base, cap, 0
-        self.rng = rng or random.Random()
-
-    def next(self) -> float:
-        delay = self.rng.uniform(0, min(self.cap, self.base * 2**self.attempt))
-        self.attempt = min(self.attempt + 1, 30)
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class FleetSync:
