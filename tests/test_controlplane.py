@@ -243,6 +243,28 @@ def test_desired_state_through_the_port_is_fetched_verified_served_and_reported(
     assert last.last_error == "" and last.cert_expires_at > time.time()
 
 
+def test_a_desired_state_arriving_during_a_reconcile_gets_its_own_pass(
+    agent_data: Path, hub: FakeHub, ca: CertificateAuthority
+) -> None:
+    """Lost wakeup: v2 arrives while the pass for v1 is fetching. Nothing else will wake the
+    loop (no resync, no error to retry), so the pass that follows must come from v2's arrival.
+    """
+    plane = FakeControlPlane(hub, ca)
+    plane.held["mlp/1/"] = threading.Event()
+
+    async def scenario(sync: FleetSync, plane: FakeControlPlane) -> None:
+        plane.push(desired(hub, 1, revision=1))
+        await until(
+            "the pass for v1 is fetching",
+            lambda: "mlp/1/" in plane.fetching and plane.fetching["mlp/1/"].is_set(),
+        )
+        plane.push(desired(hub, 1, 2, revision=2))
+        plane.held["mlp/1/"].set()
+        await until("mlp v2 serves without another message", lambda: active(sync, "mlp") == 2)
+
+    drive(agent_data, plane, scenario)
+
+
 def test_hub_trouble_shows_until_the_next_desired_state(
     agent_data: Path, hub: FakeHub, ca: CertificateAuthority
 ) -> None:

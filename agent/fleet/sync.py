@@ -450,6 +450,9 @@ class FleetSync:
     async def reconcile_loop(self, stop: asyncio.Event) -> None:
         retry = Backoff(base=2.0, cap=self.cfg.backoff_max_s)
         while not stop.is_set():
+            # Cleared before the pass reads the desired state, not after it: a state that
+            # arrives while the pass fetches or gates sets it again and gets a pass of its own.
+            self.wakeup.clear()
             await self.reconcile()
             if self.errors:
                 # Failed fetches are retried on their own; new desired states wake us sooner.
@@ -457,7 +460,6 @@ class FleetSync:
             else:
                 retry.reset()
                 delay = None
-            self.wakeup.clear()
             waiter = asyncio.ensure_future(self.wakeup.wait())
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait(
