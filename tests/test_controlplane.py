@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 from google.protobuf.json_format import MessageToDict
 
-from agent.app import build_slots
 from agent.config import ServeConfig
 from agent.fleet import convert
 from agent.fleet.controlplane import (
@@ -39,6 +38,7 @@ from agent.fleet.controlplane import (
 from agent.fleet.sync import FleetSync
 from agent.jobs import JobSpec
 from agent.metrics import AgentMetrics
+from agent.slots import BatchingConfig, SlotManager
 from hub.ca import CertificateAuthority
 from hub.signing import TufRepository, init_keys
 from kernel.identity import (
@@ -49,6 +49,7 @@ from kernel.identity import (
     write_pem,
     write_private_key,
 )
+from kernel.runtime import RuntimeOptions
 from protos import fleet_pb2 as pb
 from tests.test_tuf import FakeHub
 
@@ -191,7 +192,13 @@ Scenario = Callable[[FleetSync, FakeControlPlane], Awaitable[None]]
 def drive(agent_data: Path, plane: FakeControlPlane, scenario: Scenario, **settings: float) -> None:
     """Run FleetSync (all its loops) over ``plane`` while ``scenario`` runs, then stop it."""
     cfg = ServeConfig(hub="fake-hub:1", agent_id=AGENT, data=agent_data, **settings)  # type: ignore[arg-type]
-    slots = build_slots(cfg, AgentMetrics())
+    # Not agent.app.build_slots: that imports the inference protos, which cannot share a
+    # process with tritonclient (other test modules in the same run import it).
+    slots = SlotManager(
+        runtime=RuntimeOptions(intra_op_threads=1),
+        batching=BatchingConfig(enabled=False),
+        metrics=AgentMetrics(),
+    )
 
     async def main() -> None:
         sync = FleetSync(cfg, slots, "127.0.0.1:8001", _conforms(plane))
