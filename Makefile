@@ -28,14 +28,20 @@ sysdeps:
 # libb64-0d: perf_analyzer's one missing shared library on Debian; mosquitto: the MQTT tests.
 DEB_PACKAGES ?= libb64-0d mosquitto
 
+# The .proto files are compiled as modelfleet/protos/*.proto so the generated code imports the
+# installed name (`from modelfleet.protos import fleet_pb2`); GEN_PROTOS leaves it in $$tmp/out.
+GEN_PROTOS = tmp=$$(mktemp -d); mkdir -p $$tmp/in/modelfleet $$tmp/out && \
+	ln -s $(CURDIR)/protos $$tmp/in/modelfleet/protos && \
+	$(PY) -m grpc_tools.protoc -I $$tmp/in --python_out=$$tmp/out --pyi_out=$$tmp/out \
+	  --grpc_python_out=$$tmp/out $(addprefix $$tmp/in/modelfleet/,$(PROTOS))
+
 protos: $(STAMP)
-	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	@$(GEN_PROTOS) && cp $$tmp/out/modelfleet/protos/* protos/; rc=$$?; rm -rf $$tmp; exit $$rc
 
 # Fails when the checked-in generated code differs from what the .proto files produce.
 protos-check: $(STAMP)
-	@tmp=$$(mktemp -d); \
-	$(PY) -m grpc_tools.protoc -I . --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTOS) && \
-	for f in $$tmp/protos/*; do \
+	@$(GEN_PROTOS) && \
+	for f in $$tmp/out/modelfleet/protos/*; do \
 	  if ! cmp -s $$f protos/$$(basename $$f); then \
 	    echo "protos/$$(basename $$f) is stale: run 'make protos' and commit"; rm -rf $$tmp; exit 1; fi; \
 	done; rm -rf $$tmp; echo "generated protobuf code is current"
@@ -61,6 +67,8 @@ perf-analyzer: sysdeps $(PERF_STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@mkdir -p build/typecheck/modelfleet && for p in agent hub batch kernel protos; do \
+	  ln -sfn ../../../$$p build/typecheck/modelfleet/$$p; done
 	$(VENV)/bin/mypy
 
 format: $(STAMP)

@@ -12,28 +12,28 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from agent.config import RELOADABLE, ServeConfig, reload_config
-from agent.metrics import AgentMetrics
-from agent.repository import RepositoryWatcher
-from agent.serving.dataplane import DataPlane
-from agent.serving.grpc_server import (
+from modelfleet.agent.config import RELOADABLE, ServeConfig, reload_config
+from modelfleet.agent.metrics import AgentMetrics
+from modelfleet.agent.repository import RepositoryWatcher
+from modelfleet.agent.serving.dataplane import DataPlane
+from modelfleet.agent.serving.grpc_server import (
     HealthReporter,
     ListenError,
     build_admin_server,
     build_server,
 )
-from agent.serving.security import BearerTokenInterceptor, TlsFiles, server_credentials
-from agent.slots import BatchingConfig, SlotManager
-from kernel.errors import InvalidRequestError
-from kernel.logs import reload_logged
-from kernel.runtime import RuntimeOptions
-from kernel.sdnotify import Notifier
-from kernel.settings import split_hostport
+from modelfleet.agent.serving.security import BearerTokenInterceptor, TlsFiles, server_credentials
+from modelfleet.agent.slots import BatchingConfig, SlotManager
+from modelfleet.kernel.errors import InvalidRequestError
+from modelfleet.kernel.logs import reload_logged
+from modelfleet.kernel.runtime import RuntimeOptions
+from modelfleet.kernel.sdnotify import Notifier
+from modelfleet.kernel.settings import split_hostport
 
 if TYPE_CHECKING:
-    from agent.fleet.controlplane import ControlPlane
+    from modelfleet.agent.fleet.controlplane import ControlPlane
 
-log = logging.getLogger("agent")
+log = logging.getLogger("modelfleet.agent")
 
 # Hubs before agent certificates carried serverAuth issued them for clients only.
 _RENEW_FOR_SERVER_AUTH = (
@@ -47,8 +47,8 @@ def inference_security(
     cfg: ServeConfig,
 ) -> tuple[grpc.ServerCredentials | None, BearerTokenInterceptor | None, str]:
     """(TLS credentials, token check, words for the log) for the inference port, from cfg."""
-    from agent.fleet.renew import CA, CERT, KEY, finish_pending
-    from agent.fleet.transport import IDENTITY_DIR
+    from modelfleet.agent.fleet.renew import CA, CERT, KEY, finish_pending
+    from modelfleet.agent.fleet.transport import IDENTITY_DIR
 
     files: TlsFiles | None = None
     ident = cfg.data / IDENTITY_DIR
@@ -100,11 +100,11 @@ def connect_control_plane(cfg: ServeConfig) -> ControlPlane:
     ``grpc``: everything over gRPC; ``mqtt``: everything through the broker; ``both``: desired
     states from the broker, everything else over gRPC (docs/mqtt.md). Needs a running loop.
     """
-    from agent.fleet.controlplane import SplitControlPlane
-    from agent.fleet.grpc_plane import GrpcControlPlane
-    from agent.fleet.mqtt_plane import MqttControlPlane
-    from agent.fleet.renew import finish_pending
-    from agent.fleet.transport import IDENTITY_DIR
+    from modelfleet.agent.fleet.controlplane import SplitControlPlane
+    from modelfleet.agent.fleet.grpc_plane import GrpcControlPlane
+    from modelfleet.agent.fleet.mqtt_plane import MqttControlPlane
+    from modelfleet.agent.fleet.renew import finish_pending
+    from modelfleet.agent.fleet.transport import IDENTITY_DIR
 
     # Before the identity is read: a renewal cut short by a crash is completed or undone.
     if done := finish_pending(cfg.data / IDENTITY_DIR):
@@ -269,7 +269,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     )
 
     if cfg.hub:
-        from agent.fleet.sync import FleetSync
+        from modelfleet.agent.fleet.sync import FleetSync
 
         source = FleetSync(cfg, slots, bound, connect_control_plane(cfg))
         notifier.status("starting: restoring cached models")

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError, Status
-from kernel.malloc import tune_malloc
+from modelfleet.kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError, Status
+from modelfleet.kernel.malloc import tune_malloc
 
 
 def _add_admin_args(p: argparse.ArgumentParser) -> None:
@@ -165,7 +165,7 @@ def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
 
 
 def cmd_bundle_create(args: argparse.Namespace) -> int:
-    from kernel import bundle as b
+    from modelfleet.kernel import bundle as b
 
     kwargs: dict[str, Any] = {}
     if args.tolerance is not None:
@@ -198,7 +198,7 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle_inspect(args: argparse.Namespace) -> int:
-    from kernel.bundle import load_bundle
+    from modelfleet.kernel.bundle import load_bundle
 
     bundle = load_bundle(args.bundle_dir)
     print(json.dumps(bundle.manifest.to_json(), indent=2))
@@ -206,9 +206,9 @@ def cmd_bundle_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from agent.app import serve
-    from agent.config import load_config
-    from kernel.logs import setup_logging
+    from modelfleet.agent.app import serve
+    from modelfleet.agent.config import load_config
+    from modelfleet.kernel.logs import setup_logging
 
     overrides = {
         "models": args.models,
@@ -239,9 +239,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.app import serve
-    from agent.config import load_config
-    from kernel.logs import setup_logging
+    from modelfleet.agent.app import serve
+    from modelfleet.agent.config import load_config
+    from modelfleet.kernel.logs import setup_logging
 
     overrides = {
         "listen": args.listen,
@@ -262,7 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from agent.fleet.enroll import TOKEN_ENV, enroll, read_token_file
+    from modelfleet.agent.fleet.enroll import TOKEN_ENV, enroll, read_token_file
 
     if args.token_file is not None:
         token = read_token_file(args.token_file)
@@ -296,7 +296,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def _admin_stub(args: argparse.Namespace) -> Any:
     import grpc
 
-    from protos import agent_pb2_grpc
+    from modelfleet.protos import agent_pb2_grpc
 
     if args.admin_socket:
         path = args.admin_socket
@@ -317,7 +317,7 @@ class _Unavailable(ModelfleetError):
 def _call(fn: Any, request: Any) -> Any:
     import grpc
 
-    from kernel.grpc_status import error_from_rpc
+    from modelfleet.kernel.grpc_status import error_from_rpc
 
     try:
         return fn(request, timeout=10)
@@ -328,7 +328,7 @@ def _call(fn: Any, request: Any) -> Any:
 def cmd_status(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from protos import agent_pb2
+    from modelfleet.protos import agent_pb2
 
     resp = _call(_admin_stub(args).Status, agent_pb2.StatusRequest())
     if args.json:
@@ -360,7 +360,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from protos import agent_pb2
+    from modelfleet.protos import agent_pb2
 
     resp = _call(_admin_stub(args).Rollback, agent_pb2.RollbackRequest(model=args.model))
     print(f"{args.model}: rolled back from version {resp.from_version} to {resp.to_version}")

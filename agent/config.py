@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernel.errors import InvalidRequestError
-from kernel.settings import ConfigOrigin, apply_reloadable, load_settings, split_hostport
+from modelfleet.kernel.errors import InvalidRequestError
+from modelfleet.kernel.settings import ConfigOrigin, apply_reloadable, load_settings, split_hostport
 
 ENV_PREFIX = "MODELFLEET_AGENT_"
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernel.bundle import Manifest
-from kernel.datatypes import NUMPY_BY_DATATYPE
+from modelfleet.kernel.bundle import Manifest
+from modelfleet.kernel.datatypes import NUMPY_BY_DATATYPE
 
 
 @dataclass(frozen=True)

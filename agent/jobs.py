@@ -13,53 +13,19 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from agent.slots import SlotManager
-from kernel.errors import ModelfleetError, ModelNotFoundError
-from kernel.schedule import trigger_for
+from modelfleet.agent.slots import SlotManager
+from modelfleet.kernel.errors import ModelfleetError, ModelNotFoundError
+from modelfleet.kernel.jobs import JobRun, JobSpec
+from modelfleet.kernel.schedule import trigger_for
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    name: str
-    model: str
-    # 0: whatever version is deployed (active) on this agent when the job fires.
-    version: int
-    # A crontab line, or "every <seconds>s" for short intervals.
-    schedule: str
-    input: str
-    output: str
-    sql: str = ""
-    paused: bool = False
-    # Bumped by `modelfleet-hub jobs run-now`: a new value means "run once now".
-    run_now: int = 0
-    # Input columns copied to the output, comma-separated.
-    keys: str = ""
-
-
-@dataclass
-class RunResult:
-    job: str
-    run_id: str
-    model: str
-    version: int
-    status: str  # succeeded | failed
-    rows_in: int = 0
-    rows_out: int = 0
-    rows_rejected: int = 0
-    duration_s: float = 0.0
-    error: str = ""
-    started_at: float = 0.0
-    finished_at: float = 0.0
-
-
-Reporter = Callable[[RunResult], Awaitable[None]]
+Reporter = Callable[[JobRun], Awaitable[None]]
 
 
 class JobRunner:
@@ -142,7 +108,7 @@ class JobRunner:
             return  # one instance at a time, also for run-now during a scheduled run
         self.running.add(name)
         started = time.time()
-        result = RunResult(
+        result = JobRun(
             name, uuid.uuid4().hex[:12], spec.model, spec.version, "failed", started_at=started
         )
         try:
@@ -178,7 +144,7 @@ class JobRunner:
             log.warning("job %s: run report not delivered", name)
 
     def _score(self, spec: JobSpec, bundle: str, run_id: str) -> Any:
-        from batch.engine import ScoreConfig, score
+        from modelfleet.batch.engine import ScoreConfig, score
 
         return score(
             ScoreConfig(

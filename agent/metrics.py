@@ -11,8 +11,8 @@ from prometheus_client import (
     start_http_server,
 )
 
-from agent.telemetry import TelemetryAggregator
-from kernel.telemetry_bounds import BATCH_BUCKETS, LATENCY_BUCKETS
+from modelfleet.agent.telemetry import TelemetryAggregator
+from modelfleet.kernel.telemetry_bounds import BATCH_BUCKETS, LATENCY_BUCKETS
 
 # The *_created series double the exposition size and nobody alerts on them.
 disable_created_metrics()

@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.slots import ModelStatus, SlotManager
-from kernel.bundle import BUNDLE_FILES, NAME_RE
-from kernel.errors import ModelfleetError
+from modelfleet.agent.slots import ModelStatus, SlotManager
+from modelfleet.kernel.bundle import BUNDLE_FILES, NAME_RE
+from modelfleet.kernel.errors import ModelfleetError
 
 log = logging.getLogger(__name__)
 

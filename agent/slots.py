@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.gate import GateResult, evaluate
-from agent.metrics import AgentMetrics
-from agent.serving.batcher import DirectRunner, DynamicBatcher, Timing
-from kernel.bundle import Bundle, Manifest, load_bundle
-from kernel.errors import (
+from modelfleet.agent.gate import GateResult, evaluate
+from modelfleet.agent.metrics import AgentMetrics
+from modelfleet.agent.serving.batcher import DirectRunner, DynamicBatcher, Timing
+from modelfleet.kernel.bundle import Bundle, Manifest, load_bundle
+from modelfleet.kernel.errors import (
     BundleError,
     GateFailedError,
     ModelfleetError,
@@ -31,7 +31,7 @@ from kernel.errors import (
     ModelNotReadyError,
     Status,
 )
-from kernel.runtime import OnnxModel, RuntimeOptions
+from modelfleet.kernel.runtime import OnnxModel, RuntimeOptions
 
 log = logging.getLogger(__name__)
 

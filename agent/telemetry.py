@@ -48,9 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kernel.atomic import atomic_write
-from kernel.telemetry_bounds import BATCH_BOUNDS, LATENCY_BOUNDS
-from protos import fleet_pb2 as pb
+from modelfleet.kernel.atomic import atomic_write
+from modelfleet.kernel.telemetry_bounds import BATCH_BOUNDS, LATENCY_BOUNDS
+from modelfleet.protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from kernel.atomic import atomic_write_json, try_lock
-from kernel.atomic import fsync_dir as _fsync_dir
-from kernel.errors import ModelfleetError, Status
+from modelfleet.kernel.atomic import atomic_write_json, try_lock
+from modelfleet.kernel.atomic import fsync_dir as _fsync_dir
+from modelfleet.kernel.errors import ModelfleetError, Status
 
 CHECKPOINT_FILE = "_checkpoint.jsonl"
 LOCK_FILE = "_lock"

@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
-from kernel.errors import EXIT_CODES, ModelfleetError
-from kernel.malloc import tune_malloc
+from modelfleet.kernel.errors import EXIT_CODES, ModelfleetError
+from modelfleet.kernel.malloc import tune_malloc
 
 PROG = "modelfleet-batch"
 
@@ -38,7 +38,7 @@ def _non_negative(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from batch.engine import DEFAULT_BATCH_ROWS, DEFAULT_UNIT_ROWS
+    from modelfleet.batch.engine import DEFAULT_BATCH_ROWS, DEFAULT_UNIT_ROWS
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Batch scoring of Parquet data with a modelfleet bundle."
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing so that --help stays fast.
     import pyarrow as pa
 
-    from batch.engine import ScoreConfig, new_run_id, score
+    from modelfleet.batch.engine import ScoreConfig, new_run_id, score
 
     run_id = args.run_id or new_run_id()
     print(

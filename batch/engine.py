@@ -41,9 +41,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch import source as src
-from batch.checkpoint import DUCKDB_TMP_DIR, RunConflictError, RunDir, UnitRecord, part_name
-from batch.mapping import (
+from modelfleet.batch import source as src
+from modelfleet.batch.checkpoint import (
+    DUCKDB_TMP_DIR,
+    RunConflictError,
+    RunDir,
+    UnitRecord,
+    part_name,
+)
+from modelfleet.batch.mapping import (
     META_COLUMNS,
     Extracted,
     InputBinding,
@@ -54,10 +60,10 @@ from batch.mapping import (
     output_schema,
     rejected_schema,
 )
-from batch.progress import Progress, wanted
-from kernel.bundle import Bundle, load_bundle
-from kernel.errors import InvalidRequestError, ModelfleetError
-from kernel.runtime import OnnxModel, RuntimeOptions
+from modelfleet.batch.progress import Progress, wanted
+from modelfleet.kernel.bundle import Bundle, load_bundle
+from modelfleet.kernel.errors import InvalidRequestError, ModelfleetError
+from modelfleet.kernel.runtime import OnnxModel, RuntimeOptions
 
 log = logging.getLogger(__name__)
 

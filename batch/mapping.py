@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from kernel.bundle import Manifest, TensorSpec
-from kernel.datatypes import NUMPY_BY_DATATYPE
-from kernel.errors import InferenceError, InvalidRequestError
+from modelfleet.kernel.bundle import Manifest, TensorSpec
+from modelfleet.kernel.datatypes import NUMPY_BY_DATATYPE
+from modelfleet.kernel.errors import InferenceError, InvalidRequestError
 
 # Columns the engine adds to every output row.
 META_COLUMNS = ("model_name", "model_version", "run_id")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kernel.errors import InvalidRequestError
+from modelfleet.kernel.errors import InvalidRequestError
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 SQL_SOURCE = "sql"

@@ -12,25 +12,25 @@ from pathlib import Path
 
 import grpc
 
-from hub.ca import DEFAULT_CLIENT_DAYS
-from hub.config import RELOADABLE, HubConfig, reload_hub_config
-from hub.core import HubCore, lock_data_dir
-from hub.server import AdminServicer, FleetServicer
-from hub.signing import RepositoryIntegrityError
-from kernel.atomic import atomic_write_json
-from kernel.grpc_options import server_options
-from kernel.identity import (
+from modelfleet.hub.ca import DEFAULT_CLIENT_DAYS
+from modelfleet.hub.config import RELOADABLE, HubConfig, reload_hub_config
+from modelfleet.hub.core import HubCore, lock_data_dir
+from modelfleet.hub.server import AdminServicer, FleetServicer
+from modelfleet.hub.signing import RepositoryIntegrityError
+from modelfleet.kernel.atomic import atomic_write_json
+from modelfleet.kernel.grpc_options import server_options
+from modelfleet.kernel.identity import (
     generate_key,
     load_certificate,
     renewal_time,
     write_pem,
     write_private_key,
 )
-from kernel.logs import reload_logged
-from kernel.sdnotify import Notifier
-from protos import fleet_pb2_grpc as pb_grpc
+from modelfleet.kernel.logs import reload_logged
+from modelfleet.kernel.sdnotify import Notifier
+from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 
-log = logging.getLogger("hub")
+log = logging.getLogger("modelfleet.hub")
 
 
 def tls_material(core: HubCore) -> tuple[bytes, bytes, bytes]:
@@ -132,7 +132,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     core.advertise = cfg.advertised(port)
     core.advertise_enroll = cfg.advertised_enroll(enroll_port)
     if cfg.metrics_listen:
-        from hub.telemetry import serve_metrics
+        from modelfleet.hub.telemetry import serve_metrics
 
         serve_metrics(core.telemetry, cfg.metrics_listen)
         log.info("fleet metrics on http://%s/metrics", cfg.metrics_listen)
@@ -187,7 +187,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
                 log.exception("re-issuing the broker's CRL failed; will retry")
 
     async def flush_seen() -> None:
-        from hub.registry import SEEN_FLUSH_S
+        from modelfleet.hub.registry import SEEN_FLUSH_S
 
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -203,7 +203,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     tasks.append(loop.create_task(core.telemetry_ingest.prune_loop(stop)))
     bridge = None
     if cfg.mqtt:
-        from hub.mqtt import MqttBridge
+        from modelfleet.hub.mqtt import MqttBridge
 
         bridge = MqttBridge(core, cfg.mqtt, loop)
         bridge.start()

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from kernel.errors import BundleError, ModelNotFoundError
+from modelfleet.kernel.errors import BundleError, ModelNotFoundError
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 

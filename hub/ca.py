@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kernel.errors import InvalidRequestError
-from kernel.identity import (
+from modelfleet.kernel.errors import InvalidRequestError
+from modelfleet.kernel.identity import (
     HUB_CN,
     CredentialsError,
     IdentityError,

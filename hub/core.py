@@ -18,17 +18,26 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hub.blobs import BlobStore
-from hub.ca import CertificateAuthority
-from hub.config import HubConfig
-from hub.jobs import Jobs
-from hub.registry import (
+from modelfleet.hub.backup import (
+    BackupFile,
+    BackupSummary,
+    backup_stream,
+    finish_restore,
+    remove_stale_staging,
+)
+from modelfleet.hub.blobs import BlobStore
+from modelfleet.hub.ca import CertificateAuthority
+from modelfleet.hub.config import HubConfig
+from modelfleet.hub.deployments import Deployments
+from modelfleet.hub.jobs import Jobs
+from modelfleet.hub.registry import (
     AgentRow,
+    DeploymentRow,
     Desired,
     FailedPreconditionError,
     PermissionDeniedError,
@@ -37,19 +46,24 @@ from hub.registry import (
     check_labels,
     check_notes,
     check_version,
-    selector_matches,
 )
-from hub.reports import AgentReport
-from hub.signing import (
+from modelfleet.hub.reports import AgentReport
+from modelfleet.hub.signing import (
     ExpiryPolicy,
     RepositoryIntegrityError,
     TargetsKeyRequiredError,
     TufRepository,
     init_keys,
 )
-from kernel.atomic import try_lock
-from kernel.bundle import NAME_RE, NAME_RULE, TARGET_FILE_NAME, bundle_target_path, unpack_bundle
-from kernel.errors import (
+from modelfleet.kernel.atomic import try_lock
+from modelfleet.kernel.bundle import (
+    NAME_RE,
+    NAME_RULE,
+    TARGET_FILE_NAME,
+    bundle_target_path,
+    unpack_bundle,
+)
+from modelfleet.kernel.errors import (
     InvalidRequestError,
     ModelfleetError,
     ModelNotFoundError,
@@ -57,20 +71,23 @@ from kernel.errors import (
     Status,
     VerificationError,
 )
-from kernel.identity import (
+from modelfleet.kernel.identity import (
     EnrollToken,
     cert_fingerprint,
     certificate_common_name,
     load_certificate,
     token_secret_hash,
 )
-from protos import fleet_pb2
+from modelfleet.kernel.jobs import JobRun, JobSpec
+from modelfleet.protos import fleet_pb2
 
 if TYPE_CHECKING:
-    from hub.telemetry import WindowStats  # DuckDB loads with the store, not with this module
+    from modelfleet.hub.telemetry import (
+        WindowStats,
+    )  # DuckDB loads with the store, not with this module
 
 if TYPE_CHECKING:
-    from hub.ports import BlobStorePort, RegistryPort, TelemetryStorePort
+    from modelfleet.hub.ports import BlobStorePort, RegistryPort, TelemetryStorePort
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +109,8 @@ class AgentStatus:
     presence: str  # online or offline: from MQTT presence, else from when it was last seen
     # What the agent reports it uses; before its first report, what enrollment issued.
     cert_expires_at: float
+    # Per desired model, the deployment (or rollout assignment) that decides its version.
+    origins: dict[str, DeploymentRow] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -194,11 +213,12 @@ class HubCore:
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.paths.root.chmod(0o700)
         self.paths.uploads.mkdir(exist_ok=True)
+        remove_stale_staging(self.paths.uploads)
         # Typed as the ports (hub/ports.py): the core uses nothing adapter-specific.
         self.registry: RegistryPort = Registry(self.paths.db, clock=clock)
         self.blobs: BlobStorePort = BlobStore(self.paths.blobs)
         self.ca = CertificateAuthority.load_or_create(self.paths.ca)
-        from hub.crl import CrlPublisher
+        from modelfleet.hub.crl import CrlPublisher
 
         # The broker's CRL, where `mqtt-config` put the broker (docs/mqtt.md); nothing without.
         self.crl = CrlPublisher(
@@ -209,11 +229,13 @@ class HubCore:
         # A crash between committing signed targets and marking the rows leaves rows unsigned.
         self.mark_signed_targets()
         self.check_registry_against_targets()
+        # A data directory `modelfleet-hub restore` just wrote: TUF versions move up once.
+        finish_restore(self)
         self.changed = asyncio.Condition()
         # Set at shutdown: watch streams never end on their own, so they end here instead of
         # holding the drain for its whole timeout (agents reconnect to the next hub).
         self.closing = False
-        from hub.telemetry import TELEMETRY_FILE, TelemetryIngestor, TelemetryStore
+        from modelfleet.hub.telemetry import TELEMETRY_FILE, TelemetryIngestor, TelemetryStore
 
         # Fleet telemetry (DuckDB, docs/telemetry.md): ingested through telemetry_ingest by the
         # gRPC servicer and the MQTT bridge; window() queries serve rollouts and `metrics`.
@@ -221,11 +243,14 @@ class HubCore:
             self.paths.root / TELEMETRY_FILE, retention_s=cfg.telemetry_retention_s, clock=clock
         )
         self.telemetry_ingest = TelemetryIngestor(self.telemetry)
-        from hub.rollout_manager import RolloutManager
+        from modelfleet.hub.rollout_manager import RolloutManager
 
         # Durable: rollouts in flight when the hub stopped continue from their saved state.
         self.rollouts = RolloutManager(self, clock=clock)
         self.jobs = Jobs(self.registry, self.notify_changed)
+        self.deployments = Deployments(
+            self.registry, self.notify_changed, self.rollouts.active, clock=clock
+        )
         # Set once the servers are bound: what tokens and enrollments hand out.
         self.advertise = cfg.listen
         self.advertise_enroll = cfg.enroll_address()
@@ -542,31 +567,30 @@ class HubCore:
         return agent
 
     async def ingest_telemetry(
-        self, agent_id: str, reports: Sequence[fleet_pb2.TelemetryReport]
+        self,
+        agent_id: str,
+        reports: Sequence[fleet_pb2.TelemetryReport],
+        job_runs: Sequence[JobRun] = (),
     ) -> list[int]:
         """Store an agent's telemetry batch (both transports); return the seqs to acknowledge.
 
-        Job runs riding in the reports go to the registry first: both stores are idempotent
-        (job runs by run id, reports by seq), so a batch that fails halfway is simply resent.
+        ``job_runs`` are the runs riding in those reports, converted by the edge. They go to the
+        registry first: both stores are idempotent (job runs by run id, reports by seq), so a
+        batch that fails halfway is simply resent.
         """
-        from google.protobuf.json_format import MessageToDict
-
-        runs = [run for report in reports for run in report.job_runs]
-        for run in runs:
-            data = MessageToDict(run, preserving_proto_field_name=True)
-            data["agent_id"] = agent_id
-            self.registry.add_job_run(agent_id, data)  # rare and small: on the loop, like the rest
+        # Rare and small: on the loop, like the rest of the registry.
+        self.jobs.record_runs(agent_id, list(job_runs))
         return await self.telemetry_ingest.ingest(agent_id, reports)
 
     def desired(self, agent: AgentRow) -> tuple[int, list[Desired]]:
         return self.registry.revision(), self.registry.desired_for(agent.labels, agent.agent_id)
 
-    def desired_state(self, agent: AgentRow) -> tuple[int, list[Desired], list[dict[str, Any]]]:
+    def desired_state(self, agent: AgentRow) -> tuple[int, list[Desired], list[JobSpec]]:
         """What an agent is sent: revision, models and the specs of the jobs it runs."""
         revision, desired = self.desired(agent)
         return revision, desired, self.registry.jobs_for(agent.labels)
 
-    def watch(self, agent_id: str) -> tuple[int, list[Desired], list[dict[str, Any]]]:
+    def watch(self, agent_id: str) -> tuple[int, list[Desired], list[JobSpec]]:
         """One look of an agent's watch stream: refused once revoked, and counts as seen."""
         agent = self.authorize_agent(agent_id)
         self.registry.touch(agent_id)
@@ -580,12 +604,14 @@ class HubCore:
         for a in self.registry.agents():
             _, desired = self.desired(a)
             online = time.time() - a.last_seen < self.cfg.offline_after_s
+            decided = self.registry.decided_for(a.labels, a.agent_id)
             out.append(
                 AgentStatus(
                     agent=a,
                     desired=desired,
                     presence=a.presence or ("online" if online else "offline"),
                     cert_expires_at=a.report.cert_expires_at or a.cert_expires_at,
+                    origins={d.name: decided[d.name] for d in desired if d.name in decided},
                 )
             )
         return out
@@ -628,7 +654,13 @@ class HubCore:
     async def set_stage(
         self, name: str, version: int, stage: str, force: bool = False
     ) -> VersionRow:
-        """Set a version's stage; retiring one that agents still want needs ``force``."""
+        """Set a version's stage; retiring one that agents still want, or marking production
+        one that the fleet does not desire (hub.deployments: the production rule), needs
+        ``force``."""
+        if stage == "production" and not force:
+            row = self.registry.get_version(name, version)
+            if row is not None and row.stage != "production":
+                self.deployments.check_production(name, version)
         if stage == "retired" and not force:
             wanting = [
                 a.hostname or a.agent_id
@@ -659,20 +691,14 @@ class HubCore:
             self.changed.notify_all()
 
     async def deploy(
-        self, name: str, version: int, selector: Mapping[str, str]
+        self, name: str, version: int, selector: Mapping[str, str], actor: str = ""
     ) -> tuple[list[str], int]:
-        check_version(version, name)
-        check_labels(selector, "selector")
-        revision = self.registry.deploy(name, version, selector)
-        matched = [
-            a.agent_id
-            for a in self.registry.agents()
-            if a.status == "active" and selector_matches(selector, a.labels)
-        ]
-        log.info("deploy %s v%d to %s: %d agent(s)", name, version, dict(selector), len(matched))
-        async with self.changed:
-            self.changed.notify_all()
-        return matched, revision
+        """Deploy for callers inside the hub: no dry run, and a selector matching no agent is
+        accepted. The admin API's `deploy` goes through ``self.deployments`` (its checks)."""
+        outcome = await self.deployments.deploy(
+            name, version, selector, actor=actor, allow_empty=True
+        )
+        return outcome.matched, outcome.revision
 
     async def close_watches(self) -> None:
         """End every WatchDesired stream (the hub is stopping)."""
@@ -720,6 +746,36 @@ class HubCore:
         """Refuse nonsense, a duplicate or a stale version before an upload's bytes are taken."""
         self.check_publish_header(header)
         self.registry.check_new_version(header["name"], int(header["version"]))
+        self.check_version_unknown_to_agents(header["name"], int(header["version"]))
+
+    def check_version_unknown_to_agents(self, name: str, version: int) -> None:
+        """Refuse a version number that agents report but the registry has no record of.
+
+        That happens after a restore from a backup: versions published after it are lost with
+        the hub, but agents still hold them. Agents cache bundles by name and version, so the
+        same number with other bytes would have them serve the lost bundle.
+        """
+        holders, highest = [], 0
+        for a in self.registry.agents():
+            for m in a.report.models:
+                if m.name != name:
+                    continue
+                seen = (m.active_version, m.previous_version, m.loading_version, m.desired_version)
+                highest = max(highest, *seen)
+                if version in seen:
+                    holders.append(a.hostname or a.agent_id)
+        if holders:
+            shown = ", ".join(sorted(holders)[:5]) + (" ..." if len(holders) > 5 else "")
+            raise FailedPreconditionError(
+                f"{name} v{version} is not in this hub's registry, but agent(s) {shown} report "
+                f"a {name} v{version} (published after the backup this hub was restored from?): "
+                f"agents keep bundles by version, so that number cannot carry other bytes; "
+                f"publish as v{highest + 1} or later (--version {highest + 1})"
+            )
+
+    def backup(self) -> AsyncIterator[BackupFile | bytes | BackupSummary]:
+        """A consistent copy of the hub's state, streamed (hub/backup.py)."""
+        return backup_stream(self)
 
     def check_upload_size(self, size: int) -> None:
         if size > self.cfg.max_bundle_bytes:

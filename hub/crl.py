@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.ca import CertificateAuthority
-from hub.registry import Registry
-from kernel.atomic import atomic_write
+from modelfleet.hub.ca import CertificateAuthority
+from modelfleet.hub.registry import Registry
+from modelfleet.kernel.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

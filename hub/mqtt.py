@@ -17,17 +17,17 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from hub.ca import CertificateAuthority
-from hub.convert import desired_to_proto, report_from_proto
-from hub.core import HubCore
-from hub.crl import CRL_FILE, PID_FILE, BrokerFiles, write_crl
-from hub.registry import Registry
-from kernel import mqtt_topics as t
-from kernel.errors import ModelfleetError
-from kernel.identity import generate_key, parse_identity, write_pem, write_private_key
-from kernel.mqtt_client import make_client, publish_properties, session_properties
-from kernel.settings import split_hostport
-from protos import fleet_pb2 as pb
+from modelfleet.hub.ca import CertificateAuthority
+from modelfleet.hub.convert import desired_to_proto, job_runs_from_reports, report_from_proto
+from modelfleet.hub.core import HubCore
+from modelfleet.hub.crl import CRL_FILE, PID_FILE, BrokerFiles, write_crl
+from modelfleet.hub.registry import Registry
+from modelfleet.kernel import mqtt_topics as t
+from modelfleet.kernel.errors import ModelfleetError
+from modelfleet.kernel.identity import generate_key, parse_identity, write_pem, write_private_key
+from modelfleet.kernel.mqtt_client import make_client, publish_properties, session_properties
+from modelfleet.kernel.settings import split_hostport
+from modelfleet.protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,9 @@ class MqttBridge:
             log.warning("undecodable telemetry from %s", agent_id)
             return
         try:
-            acked = await self.core.ingest_telemetry(agent_id, batch.reports)
+            acked = await self.core.ingest_telemetry(
+                agent_id, batch.reports, job_runs_from_reports(batch.reports)
+            )
         except Exception:
             return  # logged by the ingestor
         ack = pb.TelemetryAck(acked=acked).SerializeToString()

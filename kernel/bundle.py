@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from kernel.atomic import fsync_dir as _fsync_dir
-from kernel.datatypes import DATATYPE_BY_ONNX_ELEM, NUMPY_BY_DATATYPE
-from kernel.errors import BundleError, BundleExistsError
+from modelfleet.kernel.atomic import fsync_dir as _fsync_dir
+from modelfleet.kernel.datatypes import DATATYPE_BY_ONNX_ELEM, NUMPY_BY_DATATYPE
+from modelfleet.kernel.errors import BundleError, BundleExistsError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -629,7 +629,7 @@ def unpack_bundle(
     Only the three bundle files are accepted, as regular files at the top level: no links, no
     paths, no devices, nothing else. ``expect`` is the (name, version) the archive was fetched as.
     """
-    from kernel.bundle_stream import StreamUnpacker
+    from modelfleet.kernel.bundle_stream import StreamUnpacker
 
     archive, parent = Path(archive), Path(parent)
     parent.mkdir(parents=True, exist_ok=True)

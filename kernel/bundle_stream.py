@@ -30,9 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from kernel.atomic import fsync_dir
-from kernel.bundle import BUNDLE_FILES
-from kernel.errors import BundleError
+from modelfleet.kernel.atomic import fsync_dir
+from modelfleet.kernel.bundle import BUNDLE_FILES
+from modelfleet.kernel.errors import BundleError
 
 BLOCK = 512
 HEADERS_FILE = "headers"

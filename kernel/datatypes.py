@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernel.errors import InvalidRequestError
+from modelfleet.kernel.errors import InvalidRequestError
 
 # OIP datatype -> numpy dtype. BYTES is an object array of ``bytes`` (or ``str``).
 NUMPY_BY_DATATYPE: dict[str, np.dtype] = {

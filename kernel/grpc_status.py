@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from kernel.errors import ModelfleetError, Status, remote_error
+from modelfleet.kernel.errors import ModelfleetError, Status, remote_error
 
 GRPC_CODES: dict[Status, grpc.StatusCode] = {
     Status.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,

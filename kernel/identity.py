@@ -44,8 +44,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import NameOID
 
-from kernel.atomic import atomic_write as _atomic_write
-from kernel.errors import InvalidRequestError, ModelfleetError, Status
+from modelfleet.kernel.atomic import atomic_write as _atomic_write
+from modelfleet.kernel.errors import InvalidRequestError, ModelfleetError, Status
 
 
 class IdentityError(ModelfleetError):

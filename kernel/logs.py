@@ -10,13 +10,27 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+# Loggers are named after modules (``modelfleet.agent.slots``); lines show the name without the
+# namespace (``agent.slots``): shorter, and the same as before the packages moved under it.
+_NAMESPACE = "modelfleet."
+
+
+class _ShortName(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.short_name = record.name.removeprefix(_NAMESPACE)
+        return True
+
+
+def _short_name(record: logging.LogRecord) -> str:
+    return record.name.removeprefix(_NAMESPACE)
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         obj = {
             "ts": round(record.created, 6),
             "level": record.levelname.lower(),
-            "logger": record.name,
+            "logger": _short_name(record),
             "msg": record.getMessage(),
         }
         if record.exc_info:
@@ -32,7 +46,7 @@ class JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         prio = _SYSLOG_PRIORITY.get(record.levelname, 6)
-        text = f"<{prio}>{record.name}: {record.getMessage()}"
+        text = f"<{prio}>{_short_name(record)}: {record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
@@ -75,10 +89,12 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
         handler.setFormatter(JournalFormatter())
     else:
         fmt = logging.Formatter(
-            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
+            "%(asctime)s.%(msecs)03dZ %(levelname)s %(short_name)s: %(message)s",
+            "%Y-%m-%dT%H:%M:%S",
         )
         fmt.converter = time.gmtime
         handler.setFormatter(fmt)
+        handler.addFilter(_ShortName())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from kernel.bundle import Bundle
-from kernel.datatypes import DATATYPE_BY_ORT_TYPE
-from kernel.errors import BundleError, InferenceError, InvalidRequestError
+from modelfleet.kernel.bundle import Bundle
+from modelfleet.kernel.datatypes import DATATYPE_BY_ORT_TYPE
+from modelfleet.kernel.errors import BundleError, InferenceError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 

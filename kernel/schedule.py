@@ -7,7 +7,7 @@ from typing import Any
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from kernel.errors import InvalidRequestError
+from modelfleet.kernel.errors import InvalidRequestError
 
 
 def trigger_for(schedule: str) -> Any:

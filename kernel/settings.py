@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kernel.errors import InvalidRequestError
+from modelfleet.kernel.errors import InvalidRequestError
 
 T = TypeVar("T")
 

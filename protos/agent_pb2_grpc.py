@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import agent_pb2 as protos_dot_agent__pb2
+from modelfleet.protos import agent_pb2 as modelfleet_dot_protos_dot_agent__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/agent_pb2_grpc.py depends on'
+        + ' but the generated code in modelfleet/protos/agent_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class AgentAdminStub:
         """
         self.Status = channel.unary_unary(
                 '/modelfleet.agent.v1.AgentAdmin/Status',
-                request_serializer=protos_dot_agent__pb2.StatusRequest.SerializeToString,
-                response_deserializer=protos_dot_agent__pb2.StatusResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_agent__pb2.StatusRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_agent__pb2.StatusResponse.FromString,
                 _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/modelfleet.agent.v1.AgentAdmin/Rollback',
-                request_serializer=protos_dot_agent__pb2.RollbackRequest.SerializeToString,
-                response_deserializer=protos_dot_agent__pb2.RollbackResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_agent__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_agent__pb2.RollbackResponse.FromString,
                 _registered_method=True)
 
 
@@ -66,13 +66,13 @@ def add_AgentAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=protos_dot_agent__pb2.StatusRequest.FromString,
-                    response_serializer=protos_dot_agent__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_agent__pb2.StatusRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_agent__pb2.StatusResponse.SerializeToString,
             ),
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
-                    request_deserializer=protos_dot_agent__pb2.RollbackRequest.FromString,
-                    response_serializer=protos_dot_agent__pb2.RollbackResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_agent__pb2.RollbackRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_agent__pb2.RollbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -100,8 +100,8 @@ class AgentAdmin:
             request,
             target,
             '/modelfleet.agent.v1.AgentAdmin/Status',
-            protos_dot_agent__pb2.StatusRequest.SerializeToString,
-            protos_dot_agent__pb2.StatusResponse.FromString,
+            modelfleet_dot_protos_dot_agent__pb2.StatusRequest.SerializeToString,
+            modelfleet_dot_protos_dot_agent__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -127,8 +127,8 @@ class AgentAdmin:
             request,
             target,
             '/modelfleet.agent.v1.AgentAdmin/Rollback',
-            protos_dot_agent__pb2.RollbackRequest.SerializeToString,
-            protos_dot_agent__pb2.RollbackResponse.FromString,
+            modelfleet_dot_protos_dot_agent__pb2.RollbackRequest.SerializeToString,
+            modelfleet_dot_protos_dot_agent__pb2.RollbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import fleet_pb2 as protos_dot_fleet__pb2
+from modelfleet.protos import fleet_pb2 as modelfleet_dot_protos_dot_fleet__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/fleet_pb2_grpc.py depends on'
+        + ' but the generated code in modelfleet/protos/fleet_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,38 +36,38 @@ class FleetStub:
         """
         self.Enroll = channel.unary_unary(
                 '/modelfleet.fleet.v1.Fleet/Enroll',
-                request_serializer=protos_dot_fleet__pb2.EnrollRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.EnrollResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.EnrollResponse.FromString,
                 _registered_method=True)
         self.WatchDesired = channel.unary_stream(
                 '/modelfleet.fleet.v1.Fleet/WatchDesired',
-                request_serializer=protos_dot_fleet__pb2.WatchDesiredRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.DesiredState.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.WatchDesiredRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.DesiredState.FromString,
                 _registered_method=True)
         self.ReportState = channel.unary_unary(
                 '/modelfleet.fleet.v1.Fleet/ReportState',
-                request_serializer=protos_dot_fleet__pb2.AgentReport.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.ReportAck.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.AgentReport.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ReportAck.FromString,
                 _registered_method=True)
         self.FetchMetadata = channel.unary_stream(
                 '/modelfleet.fleet.v1.Fleet/FetchMetadata',
-                request_serializer=protos_dot_fleet__pb2.FetchRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.Chunk.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.FetchRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.Chunk.FromString,
                 _registered_method=True)
         self.FetchTarget = channel.unary_stream(
                 '/modelfleet.fleet.v1.Fleet/FetchTarget',
-                request_serializer=protos_dot_fleet__pb2.FetchRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.Chunk.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.FetchRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.Chunk.FromString,
                 _registered_method=True)
         self.ReportTelemetry = channel.unary_unary(
                 '/modelfleet.fleet.v1.Fleet/ReportTelemetry',
-                request_serializer=protos_dot_fleet__pb2.TelemetryBatch.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.TelemetryAck.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.TelemetryBatch.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.TelemetryAck.FromString,
                 _registered_method=True)
         self.RenewCertificate = channel.unary_unary(
                 '/modelfleet.fleet.v1.Fleet/RenewCertificate',
-                request_serializer=protos_dot_fleet__pb2.RenewCertificateRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.RenewCertificateResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RenewCertificateResponse.FromString,
                 _registered_method=True)
 
 
@@ -128,38 +128,38 @@ def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
-                    request_deserializer=protos_dot_fleet__pb2.EnrollRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.EnrollResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.EnrollRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.EnrollResponse.SerializeToString,
             ),
             'WatchDesired': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchDesired,
-                    request_deserializer=protos_dot_fleet__pb2.WatchDesiredRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.DesiredState.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.WatchDesiredRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.DesiredState.SerializeToString,
             ),
             'ReportState': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportState,
-                    request_deserializer=protos_dot_fleet__pb2.AgentReport.FromString,
-                    response_serializer=protos_dot_fleet__pb2.ReportAck.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.AgentReport.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ReportAck.SerializeToString,
             ),
             'FetchMetadata': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchMetadata,
-                    request_deserializer=protos_dot_fleet__pb2.FetchRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.Chunk.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.FetchRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.Chunk.SerializeToString,
             ),
             'FetchTarget': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchTarget,
-                    request_deserializer=protos_dot_fleet__pb2.FetchRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.Chunk.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.FetchRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.Chunk.SerializeToString,
             ),
             'ReportTelemetry': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportTelemetry,
-                    request_deserializer=protos_dot_fleet__pb2.TelemetryBatch.FromString,
-                    response_serializer=protos_dot_fleet__pb2.TelemetryAck.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.TelemetryBatch.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.TelemetryAck.SerializeToString,
             ),
             'RenewCertificate': grpc.unary_unary_rpc_method_handler(
                     servicer.RenewCertificate,
-                    request_deserializer=protos_dot_fleet__pb2.RenewCertificateRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.RenewCertificateResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.RenewCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,8 +187,8 @@ class Fleet:
             request,
             target,
             '/modelfleet.fleet.v1.Fleet/Enroll',
-            protos_dot_fleet__pb2.EnrollRequest.SerializeToString,
-            protos_dot_fleet__pb2.EnrollResponse.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.EnrollRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.EnrollResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -214,8 +214,8 @@ class Fleet:
             request,
             target,
             '/modelfleet.fleet.v1.Fleet/WatchDesired',
-            protos_dot_fleet__pb2.WatchDesiredRequest.SerializeToString,
-            protos_dot_fleet__pb2.DesiredState.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.WatchDesiredRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.DesiredState.FromString,
             options,
             channel_credentials,
             insecure,
@@ -241,8 +241,8 @@ class Fleet:
             request,
             target,
             '/modelfleet.fleet.v1.Fleet/ReportState',
-            protos_dot_fleet__pb2.AgentReport.SerializeToString,
-            protos_dot_fleet__pb2.ReportAck.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.AgentReport.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ReportAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -268,8 +268,8 @@ class Fleet:
             request,
             target,
             '/modelfleet.fleet.v1.Fleet/FetchMetadata',
-            protos_dot_fleet__pb2.FetchRequest.SerializeToString,
-            protos_dot_fleet__pb2.Chunk.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.FetchRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -295,8 +295,8 @@ class Fleet:
             request,
             target,
             '/modelfleet.fleet.v1.Fleet/FetchTarget',
-            protos_dot_fleet__pb2.FetchRequest.SerializeToString,
-            protos_dot_fleet__pb2.Chunk.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.FetchRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -322,8 +322,8 @@ class Fleet:
             request,
             target,
             '/modelfleet.fleet.v1.Fleet/ReportTelemetry',
-            protos_dot_fleet__pb2.TelemetryBatch.SerializeToString,
-            protos_dot_fleet__pb2.TelemetryAck.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.TelemetryBatch.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.TelemetryAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -349,8 +349,8 @@ class Fleet:
             request,
             target,
             '/modelfleet.fleet.v1.Fleet/RenewCertificate',
-            protos_dot_fleet__pb2.RenewCertificateRequest.SerializeToString,
-            protos_dot_fleet__pb2.RenewCertificateResponse.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.RenewCertificateRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.RenewCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -373,93 +373,113 @@ class HubAdminStub:
         """
         self.Publish = channel.stream_unary(
                 '/modelfleet.fleet.v1.HubAdmin/Publish',
-                request_serializer=protos_dot_fleet__pb2.PublishChunk.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.PublishResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.PublishChunk.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.PublishResponse.FromString,
                 _registered_method=True)
         self.CommitTargets = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/CommitTargets',
-                request_serializer=protos_dot_fleet__pb2.CommitTargetsRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.PublishResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.CommitTargetsRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.PublishResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/ListModels',
-                request_serializer=protos_dot_fleet__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.ListModelsResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.ListVersions = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/ListVersions',
-                request_serializer=protos_dot_fleet__pb2.ListVersionsRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.ListVersionsResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListVersionsResponse.FromString,
                 _registered_method=True)
         self.SetStage = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/SetStage',
-                request_serializer=protos_dot_fleet__pb2.SetStageRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.ModelVersion.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.SetStageRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ModelVersion.FromString,
                 _registered_method=True)
         self.Deploy = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/Deploy',
-                request_serializer=protos_dot_fleet__pb2.DeployRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.DeployResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.DeployRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.DeployResponse.FromString,
                 _registered_method=True)
         self.CreateToken = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/CreateToken',
-                request_serializer=protos_dot_fleet__pb2.CreateTokenRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.CreateTokenResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.CreateTokenResponse.FromString,
                 _registered_method=True)
         self.ListAgents = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/ListAgents',
-                request_serializer=protos_dot_fleet__pb2.ListAgentsRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.ListAgentsResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
         self.RevokeAgent = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/RevokeAgent',
-                request_serializer=protos_dot_fleet__pb2.RevokeAgentRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.RevokeAgentResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.RevokeAgentRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RevokeAgentResponse.FromString,
                 _registered_method=True)
         self.Metrics = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/Metrics',
-                request_serializer=protos_dot_fleet__pb2.MetricsRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.MetricsResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.MetricsResponse.FromString,
                 _registered_method=True)
         self.StartRollout = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/StartRollout',
-                request_serializer=protos_dot_fleet__pb2.StartRolloutRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.RolloutStatus.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutStatus.FromString,
                 _registered_method=True)
         self.GetRollout = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/GetRollout',
-                request_serializer=protos_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.RolloutStatus.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutStatus.FromString,
                 _registered_method=True)
         self.ControlRollout = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/ControlRollout',
-                request_serializer=protos_dot_fleet__pb2.ControlRolloutRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.RolloutStatus.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ControlRolloutRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutStatus.FromString,
                 _registered_method=True)
         self.RolloutHistory = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/RolloutHistory',
-                request_serializer=protos_dot_fleet__pb2.RolloutHistoryRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.RolloutHistoryResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryResponse.FromString,
                 _registered_method=True)
         self.CreateJob = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/CreateJob',
-                request_serializer=protos_dot_fleet__pb2.CreateJobRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.JobInfo.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.CreateJobRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.JobInfo.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/ListJobs',
-                request_serializer=protos_dot_fleet__pb2.ListJobsRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.ListJobsResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
         self.JobRuns = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/JobRuns',
-                request_serializer=protos_dot_fleet__pb2.JobRunsRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.JobRunsResponse.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.JobRunsRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.JobRunsResponse.FromString,
                 _registered_method=True)
         self.ControlJob = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/ControlJob',
-                request_serializer=protos_dot_fleet__pb2.ControlJobRequest.SerializeToString,
-                response_deserializer=protos_dot_fleet__pb2.JobInfo.FromString,
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ControlJobRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.ListDeployments = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ListDeployments',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListDeploymentsRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListDeploymentsResponse.FromString,
+                _registered_method=True)
+        self.GetDeployment = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/GetDeployment',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.GetDeploymentRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.DeploymentDetail.FromString,
+                _registered_method=True)
+        self.Undeploy = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/Undeploy',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.UndeployRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.UndeployResponse.FromString,
+                _registered_method=True)
+        self.Backup = channel.unary_stream(
+                '/modelfleet.fleet.v1.HubAdmin/Backup',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.FromString,
                 _registered_method=True)
 
 
@@ -579,98 +599,148 @@ class HubAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeployments(self, request, context):
+        """The deployments in force (what decides each agent's desired versions) and the rollouts in
+        progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeployment(self, request, context):
+        """One deployment (model and exact selector): the agents it matches, its history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Undeploy(self, request, context):
+        """Remove a deployment; its agents fall back to the other deployments that match them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Backup(self, request, context):
+        """A consistent copy of the hub's state for `modelfleet-hub backup`: for every file a
+        BackupFile header, then its bytes in data chunks; the summary comes last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Publish': grpc.stream_unary_rpc_method_handler(
                     servicer.Publish,
-                    request_deserializer=protos_dot_fleet__pb2.PublishChunk.FromString,
-                    response_serializer=protos_dot_fleet__pb2.PublishResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.PublishChunk.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.PublishResponse.SerializeToString,
             ),
             'CommitTargets': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitTargets,
-                    request_deserializer=protos_dot_fleet__pb2.CommitTargetsRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.PublishResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.CommitTargetsRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.PublishResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=protos_dot_fleet__pb2.ListModelsRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListModelsRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListModelsResponse.SerializeToString,
             ),
             'ListVersions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListVersions,
-                    request_deserializer=protos_dot_fleet__pb2.ListVersionsRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.ListVersionsResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListVersionsRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListVersionsResponse.SerializeToString,
             ),
             'SetStage': grpc.unary_unary_rpc_method_handler(
                     servicer.SetStage,
-                    request_deserializer=protos_dot_fleet__pb2.SetStageRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.ModelVersion.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.SetStageRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ModelVersion.SerializeToString,
             ),
             'Deploy': grpc.unary_unary_rpc_method_handler(
                     servicer.Deploy,
-                    request_deserializer=protos_dot_fleet__pb2.DeployRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.DeployResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.DeployRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.DeployResponse.SerializeToString,
             ),
             'CreateToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateToken,
-                    request_deserializer=protos_dot_fleet__pb2.CreateTokenRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.CreateTokenResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.CreateTokenRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.CreateTokenResponse.SerializeToString,
             ),
             'ListAgents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAgents,
-                    request_deserializer=protos_dot_fleet__pb2.ListAgentsRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.ListAgentsResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListAgentsRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListAgentsResponse.SerializeToString,
             ),
             'RevokeAgent': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeAgent,
-                    request_deserializer=protos_dot_fleet__pb2.RevokeAgentRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.RevokeAgentResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RevokeAgentRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.RevokeAgentResponse.SerializeToString,
             ),
             'Metrics': grpc.unary_unary_rpc_method_handler(
                     servicer.Metrics,
-                    request_deserializer=protos_dot_fleet__pb2.MetricsRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.MetricsResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.MetricsRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.MetricsResponse.SerializeToString,
             ),
             'StartRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.StartRollout,
-                    request_deserializer=protos_dot_fleet__pb2.StartRolloutRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.RolloutStatus.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.StartRolloutRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutStatus.SerializeToString,
             ),
             'GetRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRollout,
-                    request_deserializer=protos_dot_fleet__pb2.GetRolloutRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.RolloutStatus.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.GetRolloutRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutStatus.SerializeToString,
             ),
             'ControlRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.ControlRollout,
-                    request_deserializer=protos_dot_fleet__pb2.ControlRolloutRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.RolloutStatus.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ControlRolloutRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutStatus.SerializeToString,
             ),
             'RolloutHistory': grpc.unary_unary_rpc_method_handler(
                     servicer.RolloutHistory,
-                    request_deserializer=protos_dot_fleet__pb2.RolloutHistoryRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.RolloutHistoryResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryResponse.SerializeToString,
             ),
             'CreateJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateJob,
-                    request_deserializer=protos_dot_fleet__pb2.CreateJobRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.JobInfo.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.CreateJobRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.JobInfo.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
-                    request_deserializer=protos_dot_fleet__pb2.ListJobsRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.ListJobsResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListJobsRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListJobsResponse.SerializeToString,
             ),
             'JobRuns': grpc.unary_unary_rpc_method_handler(
                     servicer.JobRuns,
-                    request_deserializer=protos_dot_fleet__pb2.JobRunsRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.JobRunsResponse.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.JobRunsRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.JobRunsResponse.SerializeToString,
             ),
             'ControlJob': grpc.unary_unary_rpc_method_handler(
                     servicer.ControlJob,
-                    request_deserializer=protos_dot_fleet__pb2.ControlJobRequest.FromString,
-                    response_serializer=protos_dot_fleet__pb2.JobInfo.SerializeToString,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ControlJobRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.JobInfo.SerializeToString,
+            ),
+            'ListDeployments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeployments,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListDeploymentsRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListDeploymentsResponse.SerializeToString,
+            ),
+            'GetDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeployment,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.GetDeploymentRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.DeploymentDetail.SerializeToString,
+            ),
+            'Undeploy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undeploy,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.UndeployRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.UndeployResponse.SerializeToString,
+            ),
+            'Backup': grpc.unary_stream_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -698,8 +768,8 @@ class HubAdmin:
             request_iterator,
             target,
             '/modelfleet.fleet.v1.HubAdmin/Publish',
-            protos_dot_fleet__pb2.PublishChunk.SerializeToString,
-            protos_dot_fleet__pb2.PublishResponse.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.PublishChunk.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.PublishResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -725,8 +795,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/CommitTargets',
-            protos_dot_fleet__pb2.CommitTargetsRequest.SerializeToString,
-            protos_dot_fleet__pb2.PublishResponse.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.CommitTargetsRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.PublishResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -752,8 +822,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/ListModels',
-            protos_dot_fleet__pb2.ListModelsRequest.SerializeToString,
-            protos_dot_fleet__pb2.ListModelsResponse.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListModelsRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -779,8 +849,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/ListVersions',
-            protos_dot_fleet__pb2.ListVersionsRequest.SerializeToString,
-            protos_dot_fleet__pb2.ListVersionsResponse.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListVersionsRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -806,8 +876,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/SetStage',
-            protos_dot_fleet__pb2.SetStageRequest.SerializeToString,
-            protos_dot_fleet__pb2.ModelVersion.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.SetStageRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ModelVersion.FromString,
             options,
             channel_credentials,
             insecure,
@@ -833,8 +903,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/Deploy',
-            protos_dot_fleet__pb2.DeployRequest.SerializeToString,
-            protos_dot_fleet__pb2.DeployResponse.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.DeployRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.DeployResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -860,8 +930,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/CreateToken',
-            protos_dot_fleet__pb2.CreateTokenRequest.SerializeToString,
-            protos_dot_fleet__pb2.CreateTokenResponse.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.CreateTokenRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.CreateTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -887,8 +957,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/ListAgents',
-            protos_dot_fleet__pb2.ListAgentsRequest.SerializeToString,
-            protos_dot_fleet__pb2.ListAgentsResponse.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListAgentsRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -914,8 +984,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/RevokeAgent',
-            protos_dot_fleet__pb2.RevokeAgentRequest.SerializeToString,
-            protos_dot_fleet__pb2.RevokeAgentResponse.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.RevokeAgentRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.RevokeAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -941,8 +1011,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/Metrics',
-            protos_dot_fleet__pb2.MetricsRequest.SerializeToString,
-            protos_dot_fleet__pb2.MetricsResponse.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.MetricsRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.MetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -968,8 +1038,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/StartRollout',
-            protos_dot_fleet__pb2.StartRolloutRequest.SerializeToString,
-            protos_dot_fleet__pb2.RolloutStatus.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.StartRolloutRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.RolloutStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -995,8 +1065,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/GetRollout',
-            protos_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
-            protos_dot_fleet__pb2.RolloutStatus.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.RolloutStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1022,8 +1092,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/ControlRollout',
-            protos_dot_fleet__pb2.ControlRolloutRequest.SerializeToString,
-            protos_dot_fleet__pb2.RolloutStatus.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.ControlRolloutRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.RolloutStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1049,8 +1119,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/RolloutHistory',
-            protos_dot_fleet__pb2.RolloutHistoryRequest.SerializeToString,
-            protos_dot_fleet__pb2.RolloutHistoryResponse.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1076,8 +1146,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/CreateJob',
-            protos_dot_fleet__pb2.CreateJobRequest.SerializeToString,
-            protos_dot_fleet__pb2.JobInfo.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.CreateJobRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.JobInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1103,8 +1173,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/ListJobs',
-            protos_dot_fleet__pb2.ListJobsRequest.SerializeToString,
-            protos_dot_fleet__pb2.ListJobsResponse.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListJobsRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1130,8 +1200,8 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/JobRuns',
-            protos_dot_fleet__pb2.JobRunsRequest.SerializeToString,
-            protos_dot_fleet__pb2.JobRunsResponse.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.JobRunsRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.JobRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1157,8 +1227,116 @@ class HubAdmin:
             request,
             target,
             '/modelfleet.fleet.v1.HubAdmin/ControlJob',
-            protos_dot_fleet__pb2.ControlJobRequest.SerializeToString,
-            protos_dot_fleet__pb2.JobInfo.FromString,
+            modelfleet_dot_protos_dot_fleet__pb2.ControlJobRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeployments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ListDeployments',
+            modelfleet_dot_protos_dot_fleet__pb2.ListDeploymentsRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListDeploymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/GetDeployment',
+            modelfleet_dot_protos_dot_fleet__pb2.GetDeploymentRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.DeploymentDetail.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undeploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/Undeploy',
+            modelfleet_dot_protos_dot_fleet__pb2.UndeployRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.UndeployResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/Backup',
+            modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kernel.bundle import Bundle, create_bundle
+from modelfleet.kernel.bundle import Bundle, create_bundle
 from tests import models, process_guard
 from tests.procs import AgentProcess
 

@@ -148,7 +148,7 @@ def sample_array(datatype: str, rows: int = 2, width: int = 3, seed: int = 0) ->
         return rng.integers(0, 2, (rows, width)).astype(bool)
     if datatype == "BYTES":
         return np.array([[f"s{r}-{c}" for c in range(width)] for r in range(rows)], dtype=object)
-    from kernel.datatypes import NUMPY_BY_DATATYPE
+    from modelfleet.kernel.datatypes import NUMPY_BY_DATATYPE
 
     dtype = NUMPY_BY_DATATYPE[datatype]
     if dtype.kind == "f":

@@ -61,7 +61,7 @@ class AgentProcess:
             self.args = [
                 sys.executable,
                 "-m",
-                "agent.cli",
+                "modelfleet.agent.cli",
                 "run",
                 "--config",
                 str(fleet_config),
@@ -72,7 +72,7 @@ class AgentProcess:
             self.args = [
                 sys.executable,
                 "-m",
-                "agent.cli",
+                "modelfleet.agent.cli",
                 "serve",
                 "--models",
                 str(self.models),
@@ -135,7 +135,14 @@ class AgentProcess:
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "agent.cli", *args, "--admin-socket", str(self.admin_socket)],
+            [
+                sys.executable,
+                "-m",
+                "modelfleet.agent.cli",
+                *args,
+                "--admin-socket",
+                str(self.admin_socket),
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -197,7 +204,7 @@ class HubProcess:
             [
                 sys.executable,
                 "-m",
-                "hub.cli",
+                "modelfleet.hub.cli",
                 "--data",
                 str(self.data),
                 "serve",
@@ -228,7 +235,7 @@ class HubProcess:
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120) -> str:
         r = subprocess.run(
-            [sys.executable, "-m", "hub.cli", "--data", str(self.data), *args],
+            [sys.executable, "-m", "modelfleet.hub.cli", "--data", str(self.data), *args],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -270,7 +277,7 @@ def enroll_agent(
         [
             sys.executable,
             "-m",
-            "agent.cli",
+            "modelfleet.agent.cli",
             "enroll",
             "--token-file",
             "-",
@@ -297,7 +304,7 @@ def agent_status(admin_socket: Path) -> dict[str, dict]:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from protos import agent_pb2, agent_pb2_grpc
+    from modelfleet.protos import agent_pb2, agent_pb2_grpc
 
     with grpc.insecure_channel(f"unix:{admin_socket}") as channel:
         resp = agent_pb2_grpc.AgentAdminStub(channel).Status(agent_pb2.StatusRequest(), timeout=5)
@@ -312,7 +319,7 @@ def agent_status(admin_socket: Path) -> dict[str, dict]:
 def hub_admin(hub: HubProcess):
     import grpc
 
-    from protos import fleet_pb2_grpc
+    from modelfleet.protos import fleet_pb2_grpc
 
     admin = hub.data / "admin"
     creds = grpc.ssl_channel_credentials(
@@ -339,7 +346,7 @@ class BrokerProcess:
             [
                 sys.executable,
                 "-m",
-                "hub.cli",
+                "modelfleet.hub.cli",
                 "--data",
                 str(self.hub_data),
                 "mqtt-config",

@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 from onnx import helper, numpy_helper
 
-from batch import cli
-from batch.checkpoint import RunConflictError, RunDir
-from batch.engine import ScoreConfig, ScoreSummary, score
-from kernel.bundle import Bundle, create_bundle
-from kernel.errors import EXIT_CODES, InferenceError, InvalidRequestError, Status
+from modelfleet.batch import cli
+from modelfleet.batch.checkpoint import RunConflictError, RunDir
+from modelfleet.batch.engine import ScoreConfig, ScoreSummary, score
+from modelfleet.kernel.bundle import Bundle, create_bundle
+from modelfleet.kernel.errors import EXIT_CODES, InferenceError, InvalidRequestError, Status
 from tests import models
 from tests.procs import ROOT
 
@@ -559,7 +559,7 @@ def test_kill_9_then_resume_gives_the_clean_rows(
     cmd = [
         sys.executable,
         "-m",
-        "batch.cli",
+        "modelfleet.batch.cli",
         *_cli_args(
             bundle, tmp_path / "in.parquet", out, "--threads", "1", "--run-id", "k1", *extra
         ),

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from agent.serving import batcher
-from agent.serving.batcher import DirectRunner, DynamicBatcher
-from kernel.errors import InferenceError
+from modelfleet.agent.serving import batcher
+from modelfleet.agent.serving.batcher import DirectRunner, DynamicBatcher
+from modelfleet.kernel.errors import InferenceError
 
 
 class FakeModel:

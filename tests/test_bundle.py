@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from kernel.bundle import create_bundle, load_bundle
-from kernel.errors import BundleError, BundleExistsError
+from modelfleet.kernel.bundle import create_bundle, load_bundle
+from modelfleet.kernel.errors import BundleError, BundleExistsError
 from tests import models
 from tests.conftest import make_mlp_bundle, mlp_samples
 
@@ -105,7 +105,7 @@ def test_string_samples_round_trip(repo: Path, tmp_path: Path) -> None:
 
 
 def test_pack_is_deterministic_and_unpack_round_trips(repo: Path, tmp_path: Path) -> None:
-    from kernel.bundle import pack_bundle, unpack_bundle
+    from modelfleet.kernel.bundle import pack_bundle, unpack_bundle
 
     b = make_mlp_bundle(repo, 4)
     sha1, size1 = pack_bundle(b.path, tmp_path / "a.tar")
@@ -122,7 +122,7 @@ def test_unpack_refuses_hostile_archives(tmp_path: Path) -> None:
     import io
     import tarfile
 
-    from kernel.bundle import unpack_bundle
+    from modelfleet.kernel.bundle import unpack_bundle
 
     evil = tmp_path / "evil.tar"
     with tarfile.open(evil, "w") as tar:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kernel.bundle import BUNDLE_FILES, pack_bundle
-from kernel.bundle_stream import HEADERS_FILE, StreamUnpacker
-from kernel.errors import BundleError
+from modelfleet.kernel.bundle import BUNDLE_FILES, pack_bundle
+from modelfleet.kernel.bundle_stream import HEADERS_FILE, StreamUnpacker
+from modelfleet.kernel.errors import BundleError
 from tests.conftest import make_mlp_bundle
 
 
@@ -145,7 +145,7 @@ def test_bad_checksum_truncation_and_missing_members(tmp_path: Path, archive: by
 
 
 def test_chunk_data_refuses_truncated_messages() -> None:
-    from agent.fleet.transport import chunk_data
+    from modelfleet.agent.fleet.transport import chunk_data
 
     assert bytes(chunk_data(b"\x0a\x03abc\x10\x07")) == b"abc"
     for bad in (b"\x0a\x05abc", b"\x0a\x01A\x11\x00", b"\x0a\x01A\x15\x00\x00", b"\x0a\x80"):

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from google.protobuf.json_format import MessageToDict
 
-from agent.config import ServeConfig
-from agent.fleet import convert
-from agent.fleet.controlplane import (
+from modelfleet.agent.config import ServeConfig
+from modelfleet.agent.fleet import convert
+from modelfleet.agent.fleet.controlplane import (
     AgentReport,
     ControlPlane,
     DesiredModel,
@@ -35,13 +35,12 @@ from agent.fleet.controlplane import (
     OnTrouble,
     SplitControlPlane,
 )
-from agent.fleet.sync import FleetSync
-from agent.jobs import JobSpec
-from agent.metrics import AgentMetrics
-from agent.slots import BatchingConfig, SlotManager
-from hub.ca import CertificateAuthority
-from hub.signing import TufRepository, init_keys
-from kernel.identity import (
+from modelfleet.agent.fleet.sync import FleetSync
+from modelfleet.agent.metrics import AgentMetrics
+from modelfleet.agent.slots import BatchingConfig, SlotManager
+from modelfleet.hub.ca import CertificateAuthority
+from modelfleet.hub.signing import TufRepository, init_keys
+from modelfleet.kernel.identity import (
     agent_common_name,
     generate_key,
     load_certificate,
@@ -49,8 +48,9 @@ from kernel.identity import (
     write_pem,
     write_private_key,
 )
-from kernel.runtime import RuntimeOptions
-from protos import fleet_pb2 as pb
+from modelfleet.kernel.jobs import JobSpec
+from modelfleet.kernel.runtime import RuntimeOptions
+from modelfleet.protos import fleet_pb2 as pb
 from tests.test_tuf import FakeHub
 
 AGENT = "a1"
@@ -431,4 +431,6 @@ def test_reconciliation_has_no_transport_in_it() -> None:
             imported |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module)
-    assert not {m for m in imported if m.split(".")[0] in ("grpc", "paho", "protos")}
+    transports = ("grpc", "paho", "modelfleet.protos", "modelfleet.agent.fleet.grpc_plane")
+    transports += ("modelfleet.agent.fleet.mqtt_plane", "modelfleet.agent.fleet.mqtt")
+    assert [m for m in imported for t in transports if m == t or m.startswith(t + ".")] == []

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import build_parser as agent_parser
-from agent.config import ServeConfig
-from batch.cli import build_parser as batch_parser
-from hub.cli import build_parser as hub_parser
-from hub.config import HubConfig
+from modelfleet.agent.cli import build_parser as agent_parser
+from modelfleet.agent.config import ServeConfig
+from modelfleet.batch.cli import build_parser as batch_parser
+from modelfleet.hub.cli import build_parser as hub_parser
+from modelfleet.hub.config import HubConfig
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

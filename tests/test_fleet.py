@@ -17,9 +17,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from google.protobuf.json_format import MessageToDict
 
-from kernel.identity import generate_key, load_certificate, make_csr
-from protos import fleet_pb2 as pb
-from protos import fleet_pb2_grpc as pb_grpc
+from modelfleet.kernel.identity import generate_key, load_certificate, make_csr
+from modelfleet.protos import fleet_pb2 as pb
+from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 from tests import models
 from tests.procs import (
     ROOT,
@@ -182,7 +182,7 @@ def test_tokens_are_one_time_and_expire(fleet, tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "agent.cli",
+                "modelfleet.agent.cli",
                 "enroll",
                 "--token",
                 tok,
@@ -205,7 +205,7 @@ def test_tokens_are_one_time_and_expire(fleet, tmp_path: Path) -> None:
     garbage = enroll("d", "mft1.bm90LWpzb24")
     assert garbage.returncode == 3
     # A wrong CA fingerprint (a man in the middle's CA) is refused before any secret is sent.
-    from kernel.identity import EnrollToken
+    from modelfleet.kernel.identity import EnrollToken
 
     tok = EnrollToken.decode(hub.cli("agents", "token").strip())
     forged = EnrollToken(
@@ -369,7 +369,7 @@ def test_expired_metadata_is_refused(fleet) -> None:
 
     from tuf.api.metadata import Metadata
 
-    from hub.signing import load_signer
+    from modelfleet.hub.signing import load_signer
 
     path = hub.data / "tuf" / "timestamp.json"
     md = Metadata.from_bytes(path.read_bytes())
@@ -435,7 +435,7 @@ def test_offline_targets_key(fleet, tmp_path: Path) -> None:
     offline = tmp_path / "offline-keys"
     cmd = ["keys", "init", "--offline", str(offline)]
     subprocess.run(
-        [sys.executable, "-m", "hub.cli", "--data", str(tmp_path / "hub"), *cmd],
+        [sys.executable, "-m", "modelfleet.hub.cli", "--data", str(tmp_path / "hub"), *cmd],
         cwd=ROOT,
         check=True,
         timeout=60,
@@ -504,7 +504,7 @@ def test_key_rotation_with_the_hub_stopped_and_agents_following(fleet) -> None:
         [
             sys.executable,
             "-m",
-            "hub.cli",
+            "modelfleet.hub.cli",
             "--data",
             str(hub.data),
             "serve",

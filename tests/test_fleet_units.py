@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.fleet.backoff import Backoff
-from agent.fleet.cache import BundleCache
-from hub.registry import FailedPreconditionError, PermissionDeniedError, Registry
-from hub.reports import AgentReport, ModelReport
-from kernel.errors import BundleExistsError, InvalidRequestError
+from modelfleet.agent.fleet.backoff import Backoff
+from modelfleet.agent.fleet.cache import BundleCache
+from modelfleet.hub.registry import FailedPreconditionError, PermissionDeniedError, Registry
+from modelfleet.hub.reports import AgentReport, ModelReport
+from modelfleet.kernel.errors import BundleExistsError, InvalidRequestError
 
 
 def test_backoff_is_bounded_jittered_and_resets() -> None:
@@ -174,7 +174,7 @@ def test_agent_reports_are_buffered_and_written_together(
 
 
 def test_try_lock_is_exclusive_and_released_on_close(tmp_path: Path) -> None:
-    from kernel.atomic import try_lock
+    from modelfleet.kernel.atomic import try_lock
 
     first = try_lock(tmp_path / "x.lock")
     assert first is not None
@@ -186,7 +186,7 @@ def test_try_lock_is_exclusive_and_released_on_close(tmp_path: Path) -> None:
 
 
 def test_a_batch_run_being_written_is_not_opened_twice(tmp_path: Path) -> None:
-    from batch.checkpoint import RunConflictError, RunDir
+    from modelfleet.batch.checkpoint import RunConflictError, RunDir
 
     first = RunDir(tmp_path / "out", "r1")
     first.open({"fingerprint": "f"})

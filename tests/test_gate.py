@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.gate import evaluate
-from kernel.bundle import HealthSpec, Manifest, TensorSpec
+from modelfleet.agent.gate import evaluate
+from modelfleet.kernel.bundle import HealthSpec, Manifest, TensorSpec
 
 
 def manifest(budget_ms: float = 10.0, datatype: str = "FP32") -> Manifest:

@@ -10,22 +10,27 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from google.protobuf.json_format import MessageToDict
 
-from hub.convert import (
+from modelfleet.hub.convert import (
+    job_run_to_proto,
+    job_runs_from_reports,
     job_spec_from_proto,
+    job_spec_to_proto,
     job_to_proto,
     report_from_proto,
     report_to_proto,
 )
-from hub.jobs import JOB_SPEC_FIELDS, Jobs
-from hub.registry import Registry
-from hub.reports import AgentReport, ModelReport
-from kernel.errors import BundleExistsError, InvalidRequestError, ModelNotFoundError
-from protos import fleet_pb2 as pb
+from modelfleet.hub.jobs import Jobs
+from modelfleet.hub.registry import Registry
+from modelfleet.hub.reports import AgentReport, ModelReport
+from modelfleet.kernel.errors import BundleExistsError, InvalidRequestError, ModelNotFoundError
+from modelfleet.kernel.jobs import JobRun, JobSpec
+from modelfleet.protos import fleet_pb2 as pb
 
 
 def full_report() -> pb.AgentReport:
@@ -116,22 +121,24 @@ def test_jobs_core_validates_and_answers_typed_jobs(tmp_path: Path) -> None:
     spec = job_spec_from_proto(
         pb.JobSpec(name="nightly", model="m", schedule="every 60s", input="/in", output="/out")
     )
-    assert tuple(spec) == JOB_SPEC_FIELDS
+    assert job_spec_to_proto(spec) == pb.JobSpec(
+        name="nightly", model="m", schedule="every 60s", input="/in", output="/out"
+    )
 
     async def scenario() -> None:
         with pytest.raises(InvalidRequestError, match="a job needs a name, a model"):
-            await jobs.create({**spec, "input": ""}, {})
+            await jobs.create(replace(spec, input=""), {})
         with pytest.raises(InvalidRequestError):
-            await jobs.create({**spec, "schedule": "whenever"}, {})
+            await jobs.create(replace(spec, schedule="whenever"), {})
         with pytest.raises(ModelNotFoundError, match="has no version 3"):
-            await jobs.create({**spec, "version": 3}, {})
+            await jobs.create(replace(spec, version=3), {})
         job = await jobs.create(spec, {"site": "x"})
         assert (job.agents, job.selector) == (1, {"site": "x"})
-        assert job_to_proto(job).spec == pb.JobSpec(**spec)
+        assert job_to_proto(job).spec == job_spec_to_proto(spec)
         with pytest.raises(BundleExistsError):
             await jobs.create(spec, {})
-        assert (await jobs.control("nightly", "run-now")).spec["run_now"] == 1
-        assert (await jobs.control("nightly", "pause")).spec["paused"] is True
+        assert (await jobs.control("nightly", "run-now")).spec.run_now == 1
+        assert (await jobs.control("nightly", "pause")).spec.paused is True
         with pytest.raises(InvalidRequestError, match="unknown job action 'stop'"):
             await jobs.control("nightly", "stop")
         assert jobs.runs("nightly") == []
@@ -143,3 +150,47 @@ def test_jobs_core_validates_and_answers_typed_jobs(tmp_path: Path) -> None:
     assert len(wakes) == 4  # create, run-now, pause, delete: every change wakes the watchers
     assert jobs.all_jobs() == []
     registry.close()
+
+
+def test_job_runs_are_typed_and_attributed_to_the_reporting_agent(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "r.db")
+    jobs = Jobs(registry, _no_wake)
+    spec = JobSpec("nightly", "m", 0, "every 60s", "/in", "/out")
+    registry.put_job(spec, {}, create=True)
+    sent = pb.JobRun(
+        job="nightly",
+        run_id="r1",
+        model="m",
+        version=2,
+        status="succeeded",
+        rows_in=5,
+        rows_out=5,
+        duration_s=0.5,
+        finished_at=10.0,
+        agent_id="someone-else",
+    )
+    runs = job_runs_from_reports([pb.TelemetryReport(job_runs=[sent])])
+    jobs.record_runs("a0", runs)
+    jobs.record_runs("a0", runs)  # a resent batch is stored once
+    (stored,) = jobs.runs("nightly")
+    assert stored == replace(runs[0], agent_id="a0")  # the caller's identity, not the report's
+    assert job_run_to_proto(stored) == pb.JobRun(
+        job="nightly",
+        run_id="r1",
+        model="m",
+        version=2,
+        status="succeeded",
+        rows_in=5,
+        rows_out=5,
+        duration_s=0.5,
+        finished_at=10.0,
+        agent_id="a0",
+    )
+    # Older hubs stored protobuf's JSON mapping: int64 as strings, defaults left out.
+    legacy = {"job": "nightly", "run_id": "r0", "model": "m", "version": "1", "rows_in": "7"}
+    assert JobRun.from_record(legacy) == JobRun("nightly", "r0", "m", 1, "", rows_in=7)
+    registry.close()
+
+
+async def _no_wake() -> None:
+    pass

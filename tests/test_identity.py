@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from hub.ca import CertificateAuthority
-from kernel import identity
-from kernel.errors import InvalidRequestError, Status
-from kernel.identity import (
+from modelfleet.hub.ca import CertificateAuthority
+from modelfleet.kernel import identity
+from modelfleet.kernel.errors import InvalidRequestError, Status
+from modelfleet.kernel.identity import (
     CredentialsError,
     EnrollToken,
     HubUnreachableError,

@@ -19,11 +19,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.fleet.transport import channel_options, rpc_error
-from hub.signing import _validate_target as make_target_file
-from kernel.atomic import atomic_write_json
-from kernel.bundle import TARGET_FILE_NAME, bundle_target_path
-from kernel.errors import (
+from modelfleet.agent.fleet.transport import channel_options, rpc_error
+from modelfleet.hub.signing import _validate_target as make_target_file
+from modelfleet.kernel.atomic import atomic_write_json
+from modelfleet.kernel.bundle import TARGET_FILE_NAME, bundle_target_path
+from modelfleet.kernel.errors import (
     EXIT_CODES,
     InvalidRequestError,
     ModelfleetError,
@@ -32,14 +32,14 @@ from kernel.errors import (
     Status,
     remote_error,
 )
-from kernel.grpc_options import (
+from modelfleet.kernel.grpc_options import (
     FLEET_MESSAGE_BYTES,
     KEEPALIVE_TIME_MS,
     keepalive_options,
     message_size_options,
     server_options,
 )
-from kernel.grpc_status import GRPC_CODES, error_from_rpc
+from modelfleet.kernel.grpc_status import GRPC_CODES, error_from_rpc
 
 ROOT = Path(__file__).resolve().parent.parent
 SHA = "ab" * 32

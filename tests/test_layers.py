@@ -4,7 +4,9 @@
 
 Hub and agent never import each other, batch imports neither, the kernel imports none of the
 three, and protos/ holds only the .proto files' generated code. Every import counts, also those
-inside functions (a hidden dependency is still a dependency).
+inside functions (a hidden dependency is still a dependency). The packages are installed as
+``modelfleet.agent``, ``modelfleet.hub``, ...: a bare ``import agent`` works only from a checkout,
+so it is refused too.
 """
 
 from __future__ import annotations
@@ -26,14 +28,22 @@ FORBIDDEN = {
 }
 
 
-def imported_packages(source: str) -> list[tuple[int, str]]:
-    """(line, top-level package) of every absolute import in ``source``, at any depth."""
+def _package(module: str) -> str:
+    """Our package a module name is in ("modelfleet.hub.core" -> "hub"), or its top level."""
+    parts = module.split(".")
+    if parts[0] == "modelfleet" and len(parts) > 1:
+        return parts[1]
+    return parts[0]
+
+
+def imported_modules(source: str) -> list[tuple[int, str]]:
+    """(line, module) of every absolute import in ``source``, at any depth."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+            found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.append((node.lineno, node.module.split(".")[0]))
+            found.append((node.lineno, node.module))
     return found
 
 
@@ -42,7 +52,10 @@ def violations(root: Path) -> list[str]:
     for package, banned in FORBIDDEN.items():
         for path in sorted((root / package).rglob("*.py")):
             rel = path.relative_to(root)
-            for line, target in imported_packages(path.read_text()):
+            for line, module in imported_modules(path.read_text()):
+                target = _package(module)
+                if module.split(".")[0] in PACKAGES:
+                    out.append(f"{rel}:{line}: import modelfleet.{module}, not {module}")
                 if target in banned:
                     out.append(f"{rel}:{line}: {package} must not import {target}")
     for path in sorted((root / "protos").glob("*.py")):
@@ -58,10 +71,15 @@ def test_the_tree_keeps_its_layers() -> None:
 @pytest.mark.parametrize(
     ("package", "code", "expected"),
     [
-        ("hub", "def f():\n    from agent.slots import SlotManager\n", "hub must not import agent"),
-        ("kernel", "import hub.core\n", "kernel must not import hub"),
-        ("batch", "from agent import runtime\n", "batch must not import agent"),
-        ("agent", "if True:\n    import hub\n", "agent must not import hub"),
+        (
+            "hub",
+            "def f():\n    from modelfleet.agent.slots import SlotManager\n",
+            "hub must not import agent",
+        ),
+        ("kernel", "import modelfleet.hub.core\n", "kernel must not import hub"),
+        ("batch", "from modelfleet.agent import runtime\n", "batch must not import agent"),
+        ("agent", "if True:\n    import modelfleet.hub\n", "agent must not import hub"),
+        ("agent", "from kernel import atomic\n", "import modelfleet.kernel, not kernel"),
     ],
 )
 def test_a_forbidden_import_is_caught(tmp_path: Path, package: str, code: str, expected: str):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kernel.malloc import tune_malloc
+from modelfleet.kernel.malloc import tune_malloc
 from tests.procs import ROOT
 
 # A bundle's way through a process: per 1 MiB chunk a read buffer, a message and its serialized
@@ -16,7 +16,7 @@ from tests.procs import ROOT
 # touched, as a copy into it does; page faults count the pages the kernel had to hand over again.
 _CHURN = """
 import collections, resource, sys
-from kernel.malloc import tune_malloc
+from modelfleet.kernel.malloc import tune_malloc
 tuned = tune_malloc() if sys.argv[1] == "tuned" else False
 def touch(b):
     b[::4096] = b"x" * len(b[::4096])

@@ -13,10 +13,10 @@ import pytest
 from google.protobuf.json_format import MessageToDict
 from paho.mqtt.enums import CallbackAPIVersion
 
-from kernel import mqtt_topics as t
-from kernel.identity import load_certificate
-from kernel.mqtt_client import make_client
-from protos import fleet_pb2 as pb
+from modelfleet.kernel import mqtt_topics as t
+from modelfleet.kernel.identity import load_certificate
+from modelfleet.kernel.mqtt_client import make_client
+from modelfleet.protos import fleet_pb2 as pb
 from tests import models
 from tests.procs import (
     AgentProcess,

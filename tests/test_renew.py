@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from agent.fleet import renew
-from hub.app import ensure_admin_identity
-from hub.ca import CertificateAuthority
-from kernel.identity import (
+from modelfleet.agent.fleet import renew
+from modelfleet.hub.app import ensure_admin_identity
+from modelfleet.hub.ca import CertificateAuthority
+from modelfleet.kernel.identity import (
     CredentialsError,
     agent_common_name,
     generate_key,
@@ -184,7 +184,7 @@ def test_hub_renews_the_admin_certificate_when_due(tmp_path: Path, ca: Certifica
 
 
 def test_agents_ls_warns_only_when_renewal_is_overdue() -> None:
-    from hub.cli import _cert_warning
+    from modelfleet.hub.cli import _cert_warning
 
     now = 1_000_000_000.0
     assert _cert_warning(0.0, now) == ""  # not recorded (enrolled by an older hub)
@@ -233,8 +233,8 @@ def test_a_node_clock_behind_the_hub_still_accepts_its_new_certificate(
 def test_hub_checks_the_proof_of_a_renewal_sent_through_the_broker(
     ident: Path, ca: CertificateAuthority, tmp_path: Path
 ) -> None:
-    from hub.core import HubCore
-    from hub.registry import PermissionDeniedError
+    from modelfleet.hub.core import HubCore
+    from modelfleet.hub.registry import PermissionDeniedError
 
     core = types.SimpleNamespace(ca=ca)
     csr = make_csr(generate_key(), "x")

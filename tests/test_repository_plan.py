@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.repository import Deploy, Unload, VersionOnDisk, plan, scan
-from agent.slots import ModelStatus
+from modelfleet.agent.repository import Deploy, Unload, VersionOnDisk, plan, scan
+from modelfleet.agent.slots import ModelStatus
 
 
 def disk(*versions: int, fp: int = 0) -> dict[int, VersionOnDisk]:

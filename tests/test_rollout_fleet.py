@@ -143,7 +143,7 @@ def test_hub_killed_mid_bake_then_restarted_continues(fleet) -> None:
 
 def test_agent_killed_during_a_wave_times_out(fleet) -> None:
     hub, agents = fleet
-    from hub.rollouts import stable_order
+    from modelfleet.hub.rollouts import stable_order
 
     hub.cli("publish", "mlp", str(models.mlp(hub.data.parent / "onnx" / "v5.onnx", seed=5)))
     ids = agent_ids(hub)

@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from kernel.bundle import create_bundle
+from modelfleet.kernel.bundle import create_bundle
 from tests import models
 from tests.conftest import make_mlp_bundle, mlp_samples
 from tests.procs import AgentProcess
@@ -339,7 +339,7 @@ def test_unknown_config_key_is_refused(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text('[agent]\nlisten = "127.0.0.1:1"\nlisten_port = 3\n')
     r = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "serve", "--config", str(cfg)],
+        [sys.executable, "-m", "modelfleet.agent.cli", "serve", "--config", str(cfg)],
         capture_output=True,
         text=True,
         timeout=60,

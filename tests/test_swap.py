@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kernel.bundle import create_bundle, load_bundle
+from modelfleet.kernel.bundle import create_bundle, load_bundle
 from tests import models
 from tests.conftest import make_mlp_bundle, mlp_samples
 from tests.procs import wait_for

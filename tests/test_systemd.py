@@ -32,10 +32,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.config import ServeConfig, load_config, reload_config
-from hub.config import HubConfig, load_hub_config, reload_hub_config
-from kernel.errors import InvalidRequestError
-from kernel.sdnotify import Notifier
+from modelfleet.agent.config import ServeConfig, load_config, reload_config
+from modelfleet.hub.config import HubConfig, load_hub_config, reload_hub_config
+from modelfleet.kernel.errors import InvalidRequestError
+from modelfleet.kernel.sdnotify import Notifier
 from tests import models
 from tests.conftest import make_mlp_bundle, mlp_samples
 from tests.procs import ROOT, AgentProcess, HubProcess, enroll_agent, free_port, wait_for
@@ -201,7 +201,7 @@ def test_journal_format_only_when_stderr_is_the_journal_stream(
     import json
     import logging
 
-    from kernel.logs import setup_logging
+    from modelfleet.kernel.logs import setup_logging
 
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
@@ -211,18 +211,20 @@ def test_journal_format_only_when_stderr_is_the_journal_stream(
     try:
         monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
         setup_logging("INFO", json_lines=True)
-        logging.getLogger("agent").warning("disk nearly full")
+        logging.getLogger("modelfleet.agent").warning("disk nearly full")
         setup_logging("INFO")
-        logging.getLogger("hub").info("hello")
+        logging.getLogger("modelfleet.hub").info("hello")
         monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino + 1}")
         setup_logging("INFO")
-        logging.getLogger("agent").info("redirected")
+        logging.getLogger("modelfleet.agent").info("redirected")
     finally:
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
         err.close()
     first, second, third = (tmp_path / "stderr").read_text().splitlines()
+    # Lines name loggers without the package namespace: "agent", not "modelfleet.agent".
     assert first.startswith("<4>{") and json.loads(first[3:])["level"] == "warning"
+    assert json.loads(first[3:])["logger"] == "agent"
     assert second == "<6>hub: hello"
     assert re.match(r"\d{4}-\d\d-\d\dT\S+Z INFO agent: redirected$", third), third
 
@@ -471,7 +473,7 @@ def test_hub_notifies_reloads_and_stops(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "hub.cli",
+                "modelfleet.hub.cli",
                 "--data",
                 str(tmp_path / "hub"),
                 "serve",
@@ -603,7 +605,7 @@ def test_default_agent_config_runs_once_enrolled(tmp_path: Path) -> None:
     # Before enrollment: valid, but no hub, and `run` refuses (exit 3, "enroll first").
     assert load_config(etc, env={}).hub == ""
     r = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(etc)],
+        [sys.executable, "-m", "modelfleet.agent.cli", "run", "--config", str(etc)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -670,9 +672,9 @@ def test_deb_holds_the_venv_units_and_configs(built: Built) -> None:
         "/opt/modelfleet/venv/bin/modelfleet-batch",
         "/opt/modelfleet/venv/bin/python3",
         "/opt/modelfleet/venv/pyvenv.cfg",
-        f"{site}/agent/app.py",
-        f"{site}/agent/__pycache__/app.cpython-311.pyc",
-        f"{site}/kernel/sdnotify.py",
+        f"{site}/modelfleet/agent/app.py",
+        f"{site}/modelfleet/agent/__pycache__/app.cpython-311.pyc",
+        f"{site}/modelfleet/kernel/sdnotify.py",
         f"{site}/onnxruntime/__init__.py",
         "/usr/bin/modelfleet-agent",
         "/usr/lib/systemd/system/modelfleet-agent.service",
@@ -686,6 +688,9 @@ def test_deb_holds_the_venv_units_and_configs(built: Built) -> None:
     ):
         assert expected in paths, expected
     assert not any(p.startswith(f"{site}/tests/") for p in paths)
+    # Our packages live under one namespace: no generic top-level names in site-packages.
+    for generic in ("agent", "hub", "batch", "kernel", "protos"):
+        assert f"{site}/{generic}/" not in paths, generic
 
     def field(name: str) -> str:
         return subprocess.run(
@@ -732,9 +737,10 @@ def test_venv_is_relocated_to_opt(built: Built) -> None:
     shebang = (venv / "bin/modelfleet-agent").read_text().splitlines()[0]
     assert shebang == "#!/opt/modelfleet/venv/bin/python"
     # Byte code carries the installed path and is hash-checked (flags 0b11), not mtime-based.
-    pyc = (venv / "lib/python3.11/site-packages/agent/__pycache__/app.cpython-311.pyc").read_bytes()
+    app = venv / "lib/python3.11/site-packages/modelfleet/agent"
+    pyc = (app / "__pycache__/app.cpython-311.pyc").read_bytes()
     assert int.from_bytes(pyc[4:8], "little") == 3
-    assert b"/opt/modelfleet/venv/lib/python3.11/site-packages/agent/app.py" in pyc
+    assert b"/opt/modelfleet/venv/lib/python3.11/site-packages/modelfleet/agent/app.py" in pyc
 
 
 def _installed(root: Path, *cmd: str) -> list[str]:

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.fleet.outbox import Outbox, TelemetryShipper, open_journal
-from agent.telemetry import (
+from modelfleet.agent.fleet.outbox import Outbox, TelemetryShipper, open_journal
+from modelfleet.agent.telemetry import (
     BATCH_BOUNDS,
     LATENCY_BOUNDS,
     REASON_SLOTS,
@@ -27,8 +27,8 @@ from agent.telemetry import (
     TelemetryAggregator,
     recovered_report,
 )
-from hub.telemetry import TelemetryStore, percentile, rebucket
-from protos import fleet_pb2 as pb
+from modelfleet.hub.telemetry import TelemetryStore, percentile, rebucket
+from modelfleet.protos import fleet_pb2 as pb
 from tests import models
 from tests.procs import ROOT, AgentProcess, HubProcess, enroll_agent, free_port, wait_for
 
@@ -176,8 +176,8 @@ def test_open_journal_commits_recovered_counts_once_and_starts_afresh(tmp_path: 
 _KILLED_COUNTER = """
 import sys
 from pathlib import Path
-from agent.fleet.outbox import Outbox, open_journal
-from agent.telemetry import TelemetryAggregator
+from modelfleet.agent.fleet.outbox import Outbox, open_journal
+from modelfleet.agent.telemetry import TelemetryAggregator
 data = Path(sys.argv[1])
 box = Outbox(data / "outbox.db", max_reports=1_000_000)
 agg = TelemetryAggregator(store=open_journal(data / "journal", box))
@@ -279,8 +279,8 @@ def test_outbox_cap_drops_oldest_and_counts_them(tmp_path: Path) -> None:
 
 _CRASH_WRITER = """
 import sys, time
-from agent.fleet.outbox import Outbox
-from protos import fleet_pb2 as pb
+from modelfleet.agent.fleet.outbox import Outbox
+from modelfleet.protos import fleet_pb2 as pb
 box = Outbox(sys.argv[1], max_reports=1_000_000)
 print("open", flush=True)
 while True:

@@ -21,12 +21,12 @@ import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata
 
-from agent.fleet.verify import (
+from modelfleet.agent.fleet.verify import (
     BundleVerifier,
     InMemoryTransport,
     TransportUnavailableError,
 )
-from hub.signing import (
+from modelfleet.hub.signing import (
     AlreadyInitializedError,
     ExpiryPolicy,
     TargetsKeyRequiredError,
@@ -35,8 +35,8 @@ from hub.signing import (
     load_signer,
     sign_staged,
 )
-from kernel.bundle import bundle_target_path, create_bundle, load_bundle, pack_bundle
-from kernel.errors import (
+from modelfleet.kernel.bundle import bundle_target_path, create_bundle, load_bundle, pack_bundle
+from modelfleet.kernel.errors import (
     BundleError,
     BundleExistsError,
     InvalidRequestError,

@@ -2,12 +2,12 @@
 
 :class:`ControlPlane` is everything fleet mode asks of the hub: follow the desired state, send
 state reports and telemetry, renew the certificate, and fetch TUF metadata and bundle bytes.
-:class:`agent.fleet.sync.FleetSync` holds one and never asks which transport it is. The adapters
-are ``GrpcControlPlane`` (agent/fleet/grpc_plane.py), ``MqttControlPlane``
+``FleetSync`` (agent/fleet/sync.py) holds one and never asks which transport it is. The
+adapters are ``GrpcControlPlane`` (agent/fleet/grpc_plane.py), ``MqttControlPlane``
 (agent/fleet/mqtt_plane.py) and :class:`SplitControlPlane`, which takes the desired state from
 one plane and everything else from another (``transport = "both"``: desired state from the
-broker, bytes and reports over gRPC). ``agent.app.connect_control_plane`` is the one place that
-chooses.
+broker, bytes and reports over gRPC). ``connect_control_plane`` in agent/app.py is the one
+place that chooses.
 
 What crosses the port is domain types (:class:`DesiredState`, :class:`AgentReport`); each
 adapter converts to and from protobuf at its edge (agent/fleet/convert.py). One exception:
@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agent.jobs import JobSpec
-from protos import fleet_pb2 as pb
+from modelfleet.kernel.jobs import JobSpec
+from modelfleet.protos import fleet_pb2 as pb
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ One place, so the gRPC and MQTT adapters cannot drift apart: both carry the same
 
 from __future__ import annotations
 
-from agent.fleet.controlplane import AgentReport, DesiredModel, DesiredState
-from agent.jobs import JobSpec
-from protos import fleet_pb2 as pb
+from modelfleet.agent.fleet.controlplane import AgentReport, DesiredModel, DesiredState
+from modelfleet.kernel.jobs import JobSpec
+from modelfleet.protos import fleet_pb2 as pb
 
 
 def desired_state(message: pb.DesiredState) -> DesiredState:

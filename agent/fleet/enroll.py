@@ -12,10 +12,10 @@ from pathlib import Path
 
 import grpc
 
-from agent.fleet.renew import discard_pending
-from agent.fleet.transport import IDENTITY_DIR, channel_options, rpc_error
-from kernel.errors import BundleExistsError
-from kernel.identity import (
+from modelfleet.agent.fleet.renew import discard_pending
+from modelfleet.agent.fleet.transport import IDENTITY_DIR, channel_options, rpc_error
+from modelfleet.kernel.errors import BundleExistsError
+from modelfleet.kernel.identity import (
     EnrollToken,
     TokenError,
     fetch_ca_certificate,
@@ -25,8 +25,8 @@ from kernel.identity import (
     write_pem,
     write_private_key,
 )
-from protos import fleet_pb2 as pb
-from protos import fleet_pb2_grpc as pb_grpc
+from modelfleet.protos import fleet_pb2 as pb
+from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 
 TUF_DIR = "tuf"
 # The token in the environment: for containers and orchestrators that hand secrets over that

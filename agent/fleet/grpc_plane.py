@@ -17,10 +17,10 @@ from typing import Any
 
 import grpc
 
-from agent.fleet.backoff import Backoff
-from agent.fleet.controlplane import AgentReport, OnDesired, OnLateAcks, OnTrouble
-from agent.fleet.convert import agent_report, desired_state
-from agent.fleet.transport import (
+from modelfleet.agent.fleet.backoff import Backoff
+from modelfleet.agent.fleet.controlplane import AgentReport, OnDesired, OnLateAcks, OnTrouble
+from modelfleet.agent.fleet.convert import agent_report, desired_state
+from modelfleet.agent.fleet.transport import (
     GrpcTransport,
     RetiredChannels,
     channel_options,
@@ -28,7 +28,7 @@ from agent.fleet.transport import (
     fleet_stub,
     rpc_error,
 )
-from protos import fleet_pb2 as pb
+from modelfleet.protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 

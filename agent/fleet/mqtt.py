@@ -18,12 +18,17 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent.fleet.transport import IDENTITY_DIR
-from kernel import mqtt_topics as t
-from kernel.errors import Status, remote_error
-from kernel.mqtt_client import make_client, publish_properties, session_properties, tls_context
-from kernel.settings import split_hostport
-from protos import fleet_pb2 as pb
+from modelfleet.agent.fleet.transport import IDENTITY_DIR
+from modelfleet.kernel import mqtt_topics as t
+from modelfleet.kernel.errors import Status, remote_error
+from modelfleet.kernel.mqtt_client import (
+    make_client,
+    publish_properties,
+    session_properties,
+    tls_context,
+)
+from modelfleet.kernel.settings import split_hostport
+from modelfleet.protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from agent.fleet import renew as renewal
-from agent.fleet.controlplane import AgentReport, OnDesired, OnLateAcks, OnTrouble
-from agent.fleet.convert import agent_report, desired_state
-from agent.fleet.mqtt import MqttLink, MqttTransport
-from agent.fleet.transport import IDENTITY_DIR
-from protos import fleet_pb2 as pb
+from modelfleet.agent.fleet import renew as renewal
+from modelfleet.agent.fleet.controlplane import AgentReport, OnDesired, OnLateAcks, OnTrouble
+from modelfleet.agent.fleet.convert import agent_report, desired_state
+from modelfleet.agent.fleet.mqtt import MqttLink, MqttTransport
+from modelfleet.agent.fleet.transport import IDENTITY_DIR
+from modelfleet.protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 

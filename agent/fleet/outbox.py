@@ -36,16 +36,16 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from agent.fleet.backoff import Backoff
-from agent.jobs import RunResult
-from agent.telemetry import (
+from modelfleet.agent.fleet.backoff import Backoff
+from modelfleet.agent.telemetry import (
     CounterStore,
     JournalMark,
     TelemetryAggregator,
     recovered_report,
 )
-from kernel.errors import ModelfleetError
-from protos import fleet_pb2 as pb
+from modelfleet.kernel.errors import ModelfleetError
+from modelfleet.kernel.jobs import JobRun
+from modelfleet.protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class TelemetryShipper:
         self._late: set[asyncio.Task[int]] = set()
 
     async def cut(
-        self, *, only_if_active: bool = False, job_runs: Sequence[RunResult] = ()
+        self, *, only_if_active: bool = False, job_runs: Sequence[JobRun] = ()
     ) -> int | None:
         """The interval so far becomes a report in the outbox; returns its seq.
 

@@ -25,8 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kernel.atomic import fsync_dir
-from kernel.identity import (
+from modelfleet.kernel.atomic import fsync_dir
+from modelfleet.kernel.identity import (
     RENEW_BEFORE_S,
     CredentialsError,
     certificate_common_name,

@@ -17,28 +17,29 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
-from agent.config import ServeConfig
-from agent.fleet import renew as renewal
-from agent.fleet.backoff import Backoff
-from agent.fleet.cache import BundleCache
-from agent.fleet.controlplane import (
+from modelfleet.agent import __version__
+from modelfleet.agent.config import ServeConfig
+from modelfleet.agent.fleet import renew as renewal
+from modelfleet.agent.fleet.backoff import Backoff
+from modelfleet.agent.fleet.cache import BundleCache
+from modelfleet.agent.fleet.controlplane import (
     AgentReport,
     ControlPlane,
     DesiredModel,
     DesiredState,
     ModelReport,
 )
-from agent.fleet.enroll import TUF_DIR
-from agent.fleet.outbox import OUTBOX_FILE, Outbox, TelemetryShipper, open_journal
-from agent.fleet.transport import IDENTITY_DIR
-from agent.fleet.verify import BundleVerifier
-from agent.gate import GateResult
-from agent.jobs import JobRunner, JobSpec, RunResult
-from agent.slots import SlotManager
-from agent.telemetry import JOURNAL_FILE
-from kernel.atomic import atomic_write_json
-from kernel.errors import BundleError, ModelfleetError, ResourceExhaustedError, Status
+from modelfleet.agent.fleet.enroll import TUF_DIR
+from modelfleet.agent.fleet.outbox import OUTBOX_FILE, Outbox, TelemetryShipper, open_journal
+from modelfleet.agent.fleet.transport import IDENTITY_DIR
+from modelfleet.agent.fleet.verify import BundleVerifier
+from modelfleet.agent.gate import GateResult
+from modelfleet.agent.jobs import JobRunner
+from modelfleet.agent.slots import SlotManager
+from modelfleet.agent.telemetry import JOURNAL_FILE
+from modelfleet.kernel.atomic import atomic_write_json
+from modelfleet.kernel.errors import BundleError, ModelfleetError, ResourceExhaustedError, Status
+from modelfleet.kernel.jobs import JobRun, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class FleetSync:
     """Reconciles the hub's desired state with the slots, through one :class:`ControlPlane`.
 
     How the hub is reached is the control plane's business: nothing here asks
-    (``agent.app.connect_control_plane`` chooses the adapter).
+    (``connect_control_plane`` in agent/app.py chooses the adapter).
     """
 
     def __init__(
@@ -140,7 +141,7 @@ class FleetSync:
         self.job_specs: list[JobSpec] = []
         try:
             raw = json.loads(self.state_file.read_text())
-            self.job_specs = [JobSpec(**j) for j in raw.get("jobs", [])]
+            self.job_specs = [JobSpec.from_record(j) for j in raw.get("jobs", [])]
             return [DesiredModel(**d) for d in raw["models"]]
         except FileNotFoundError:
             return []
@@ -657,7 +658,7 @@ class FleetSync:
             log.debug("final telemetry send: %s", exc)
         self.telemetry.outbox.close()
 
-    async def _report_job_run(self, run: RunResult) -> None:
+    async def _report_job_run(self, run: JobRun) -> None:
         # Through the telemetry outbox: on disk at once, delivered over the control plane,
         # resent until the hub acknowledges it (so a run that ends while the hub is down is
         # not lost).

@@ -9,11 +9,15 @@ from typing import Any
 
 import grpc
 
-from kernel.grpc_options import FLEET_MESSAGE_BYTES, keepalive_options, message_size_options
-from kernel.grpc_status import error_from_rpc
-from kernel.identity import CredentialsError
-from protos import fleet_pb2 as pb
-from protos import fleet_pb2_grpc as pb_grpc
+from modelfleet.kernel.grpc_options import (
+    FLEET_MESSAGE_BYTES,
+    keepalive_options,
+    message_size_options,
+)
+from modelfleet.kernel.grpc_status import error_from_rpc
+from modelfleet.kernel.identity import CredentialsError
+from modelfleet.protos import fleet_pb2 as pb
+from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 
 IDENTITY_DIR = "identity"
 FETCH_TARGET_METHOD = "/modelfleet.fleet.v1.Fleet/FetchTarget"

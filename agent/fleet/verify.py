@@ -49,11 +49,11 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
-from agent.fleet.cache import tree_size
-from kernel.atomic import atomic_write as _atomic_write
-from kernel.bundle import MANIFEST_FILE, NAME_RE, bundle_target_path, publish_unpacked
-from kernel.bundle_stream import Buffer, StreamUnpacker
-from kernel.errors import (
+from modelfleet.agent.fleet.cache import tree_size
+from modelfleet.kernel.atomic import atomic_write as _atomic_write
+from modelfleet.kernel.bundle import MANIFEST_FILE, NAME_RE, bundle_target_path, publish_unpacked
+from modelfleet.kernel.bundle_stream import Buffer, StreamUnpacker
+from modelfleet.kernel.errors import (
     BundleError,
     BundleExistsError,
     InvalidRequestError,

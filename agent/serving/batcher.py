@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernel.errors import InferenceError
+from modelfleet.kernel.errors import InferenceError
 
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 # Called once per executed batch: (batch size in rows, compute seconds).

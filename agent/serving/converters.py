@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.serving.dataplane import InferInput, InferRequest, InferResponse
-from kernel.datatypes import numpy_dtype
-from kernel.errors import InvalidRequestError
-from protos import inference_pb2 as pb
+from modelfleet.agent.serving.dataplane import InferInput, InferRequest, InferResponse
+from modelfleet.kernel.datatypes import numpy_dtype
+from modelfleet.kernel.errors import InvalidRequestError
+from modelfleet.protos import inference_pb2 as pb
 
 # Which InferTensorContents field carries each datatype when inputs are typed.
 _CONTENTS_FIELD = {

@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from agent.metrics import AgentMetrics
-from agent.slots import LoadedVersion, SlotManager
-from kernel.bundle import TensorSpec
-from kernel.datatypes import datatype_of
-from kernel.errors import InvalidRequestError, ModelfleetError
+from modelfleet.agent.metrics import AgentMetrics
+from modelfleet.agent.slots import LoadedVersion, SlotManager
+from modelfleet.kernel.bundle import TensorSpec
+from modelfleet.kernel.datatypes import datatype_of
+from modelfleet.kernel.errors import InvalidRequestError, ModelfleetError
 
 
 @dataclass

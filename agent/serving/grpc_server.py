@@ -16,17 +16,17 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent import __version__
-from agent.serving.batcher import DynamicBatcher
-from agent.serving.converters import request_from_proto, response_to_proto
-from agent.serving.dataplane import DataPlane
-from agent.slots import LoadedVersion, SlotManager
-from kernel.errors import ModelfleetError, ModelNotFoundError, Status
-from kernel.grpc_options import server_options
-from kernel.grpc_status import GRPC_CODES
-from protos import agent_pb2, agent_pb2_grpc
-from protos import inference_pb2 as pb
-from protos import inference_pb2_grpc as pb_grpc
+from modelfleet.agent import __version__
+from modelfleet.agent.serving.batcher import DynamicBatcher
+from modelfleet.agent.serving.converters import request_from_proto, response_to_proto
+from modelfleet.agent.serving.dataplane import DataPlane
+from modelfleet.agent.slots import LoadedVersion, SlotManager
+from modelfleet.kernel.errors import ModelfleetError, ModelNotFoundError, Status
+from modelfleet.kernel.grpc_options import server_options
+from modelfleet.kernel.grpc_status import GRPC_CODES
+from modelfleet.protos import agent_pb2, agent_pb2_grpc
+from modelfleet.protos import inference_pb2 as pb
+from modelfleet.protos import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from kernel.errors import InvalidRequestError
-from kernel.identity import CredentialsError
+from modelfleet.kernel.errors import InvalidRequestError
+from modelfleet.kernel.identity import CredentialsError
 
 log = logging.getLogger(__name__)
 

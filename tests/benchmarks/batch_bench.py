@@ -49,9 +49,9 @@ import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.engine import available_cpus
-from kernel.bundle import create_bundle
-from kernel.malloc import tune_malloc
+from modelfleet.batch.engine import available_cpus
+from modelfleet.kernel.bundle import create_bundle
+from modelfleet.kernel.malloc import tune_malloc
 from tests import models
 from tests.procs import ROOT
 
@@ -169,7 +169,7 @@ def plain_loop(sess: ort.InferenceSession, path: Path, out: Path) -> float:
 # would also count the pages the child shared with this big parent between fork and exec.
 _CHILD = """
 import sys
-from batch.cli import main
+from modelfleet.batch.cli import main
 code = main(sys.argv[1:])
 with open("/proc/self/status") as fh:
     hwm = next(line.split()[1] for line in fh if line.startswith("VmHWM:"))

@@ -46,9 +46,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.fleet.cache import tree_size
-from protos import fleet_pb2 as pb
-from protos import fleet_pb2_grpc as pb_grpc
+from modelfleet.agent.fleet.cache import tree_size
+from modelfleet.protos import fleet_pb2 as pb
+from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 from tests import models
 from tests.procs import ROOT, AgentProcess, HubProcess, agent_status, enroll_agent, hub_admin
 
@@ -333,7 +333,7 @@ def bare_grpc_stream(hub: HubProcess, blob: Path) -> tuple[float, float, float]:
     """(median seconds, server CPU s, client CPU s per stream) of the bare gRPC server."""
     import grpc
 
-    from agent.fleet.transport import channel_options
+    from modelfleet.agent.fleet.transport import channel_options
 
     tls = hub.data / "tls"
     proc, port = _spawn(
@@ -471,10 +471,10 @@ def profile_stages(
     Files left by the previous repetition are removed outside the clock: deleting 200 MB is
     not part of any stage.
     """
-    from agent.fleet.enroll import TUF_DIR
-    from agent.fleet.transport import GrpcTransport, credentials
-    from agent.fleet.verify import BundleVerifier
-    from kernel.bundle import load_bundle
+    from modelfleet.agent.fleet.enroll import TUF_DIR
+    from modelfleet.agent.fleet.transport import GrpcTransport, credentials
+    from modelfleet.agent.fleet.verify import BundleVerifier
+    from modelfleet.kernel.bundle import load_bundle
 
     assert hub.proc is not None
     out: dict[str, float] = {}
@@ -521,7 +521,7 @@ def concurrent_streams(hub: HubProcess, agent_data: Path, target: str, n: int) -
     What the hub and gRPC can serve to n agents when no agent writes to disk: set against the
     n real agents, it tells the hub's share from the agents' (disk, hashing, unpacking).
     """
-    from agent.fleet.transport import GrpcTransport, credentials
+    from modelfleet.agent.fleet.transport import GrpcTransport, credentials
 
     transports = [GrpcTransport(hub.url, credentials(agent_data)) for _ in range(n)]
     try:

@@ -25,10 +25,10 @@ from typing import Any
 
 import grpc
 
-from kernel.datatypes import NUMPY_BY_DATATYPE
-from kernel.grpc_options import server_options
-from protos import inference_pb2 as pb
-from protos import inference_pb2_grpc as pb_grpc
+from modelfleet.kernel.datatypes import NUMPY_BY_DATATYPE
+from modelfleet.kernel.grpc_options import server_options
+from modelfleet.protos import inference_pb2 as pb
+from modelfleet.protos import inference_pb2_grpc as pb_grpc
 
 
 def build_response(name: str, spec: dict[str, Any]) -> pb.ModelInferResponse:

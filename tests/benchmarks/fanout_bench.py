@@ -57,10 +57,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives import serialization
 
-from agent.fleet.mqtt import MqttLink
-from kernel import mqtt_topics as t
-from kernel.mqtt_client import make_client, session_properties
-from protos import fleet_pb2 as pb
+from modelfleet.agent.fleet.mqtt import MqttLink
+from modelfleet.kernel import mqtt_topics as t
+from modelfleet.kernel.mqtt_client import make_client, session_properties
+from modelfleet.protos import fleet_pb2 as pb
 from tests import models
 from tests.benchmarks.distribution_bench import SystemSample, cpu_seconds, format_table, row
 from tests.procs import BrokerProcess, HubProcess, hub_admin
@@ -285,7 +285,7 @@ class Fleet:
 
     def close(self) -> None:
         # MqttLink warns on every disconnect; a thousand planned ones would bury the results.
-        link_log = logging.getLogger("agent.fleet.mqtt")
+        link_log = logging.getLogger("modelfleet.agent.fleet.mqtt")
         level = link_log.level
         link_log.setLevel(logging.ERROR)
         try:
@@ -313,9 +313,9 @@ class Fleet:
 
 def issue_identities(hub_data: Path, work: Path, n: int) -> list[tuple[str, Path]]:
     """n agents: key + CSR + certificate from the hub's CA, registered while the hub is down."""
-    from hub.ca import CertificateAuthority
-    from hub.registry import Registry
-    from kernel.identity import cert_fingerprint, generate_key, make_csr
+    from modelfleet.hub.ca import CertificateAuthority
+    from modelfleet.hub.registry import Registry
+    from modelfleet.kernel.identity import cert_fingerprint, generate_key, make_csr
 
     ca = CertificateAuthority.load_or_create(hub_data / "ca")
     registry = Registry(hub_data / "registry.db")
@@ -382,7 +382,7 @@ def desired_queries(db: Path) -> float:
     The same Registry methods (``agents``, then ``revision`` and ``desired_for`` per agent),
     on the hub's database, in this process: the hub's share of a deploy before any publish.
     """
-    from hub.registry import Registry
+    from modelfleet.hub.registry import Registry
 
     registry = Registry(db)
     try:

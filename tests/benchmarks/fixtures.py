@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from kernel.bundle import create_bundle
+from modelfleet.kernel.bundle import create_bundle
 from tests import models
 
 SMALL = "small"

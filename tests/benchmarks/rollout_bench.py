@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from hub.registry import Registry
-from hub.reports import AgentReport, ModelReport
-from hub.rollout_manager import RolloutManager
-from hub.rollouts import Spec
-from hub.telemetry import TelemetryIngestor, TelemetryStore
-from protos import fleet_pb2 as pb
+from modelfleet.hub.registry import Registry
+from modelfleet.hub.reports import AgentReport, ModelReport
+from modelfleet.hub.rollout_manager import RolloutManager
+from modelfleet.hub.rollouts import Spec
+from modelfleet.hub.telemetry import TelemetryIngestor, TelemetryStore
+from modelfleet.protos import fleet_pb2 as pb
 
 N_AGENTS = 1000
 ROUNDS = 5

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protos import fleet_pb2 as pb
+from modelfleet.protos import fleet_pb2 as pb
 from tests import models
 from tests.benchmarks.load import OpenLoad, Target, cpu_seconds, percentile_ms, run_concurrent
 from tests.benchmarks.report import Report, Row

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from kernel.identity import EnrollToken
+from modelfleet.kernel.identity import EnrollToken
 from tests.procs import ROOT, AgentProcess, HubProcess, wait_for
 
-ENROLL = [sys.executable, "-m", "agent.cli", "enroll"]
+ENROLL = [sys.executable, "-m", "modelfleet.agent.cli", "enroll"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,9 @@ def proc_text(pid: int, what: str) -> str:
 def exec_view(proc: subprocess.Popen) -> tuple[str, str]:
     """(argv, environment) as the process shows them once it runs `agent.cli` (right after the
     fork, /proc still shows the parent's or nothing)."""
-    wait_for(lambda: "agent.cli" in proc_text(proc.pid, "cmdline"), 10, "enroll to start")
+    wait_for(
+        lambda: "modelfleet.agent.cli" in proc_text(proc.pid, "cmdline"), 10, "enroll to start"
+    )
     return proc_text(proc.pid, "cmdline"), proc_text(proc.pid, "environ")
 
 

@@ -17,9 +17,9 @@ import grpc
 import pytest
 from google.protobuf.internal.encoder import _VarintBytes
 
-from hub.registry import MAX_NOTES_BYTES
-from protos import fleet_pb2 as pb
-from protos import fleet_pb2_grpc as pb_grpc
+from modelfleet.hub.registry import MAX_NOTES_BYTES
+from modelfleet.protos import fleet_pb2 as pb
+from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 from tests import models
 from tests.procs import ROOT, HubProcess, free_port, wait_for
 
@@ -192,7 +192,7 @@ def serve(data: Path, *flags: str, env: dict[str, str] | None = None) -> subproc
         [
             sys.executable,
             "-m",
-            "hub.cli",
+            "modelfleet.hub.cli",
             "--data",
             str(data),
             "serve",

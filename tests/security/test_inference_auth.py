@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from hub.ca import CertificateAuthority
-from kernel.errors import InvalidRequestError
-from kernel.identity import generate_key, write_pem, write_private_key
+from modelfleet.hub.ca import CertificateAuthority
+from modelfleet.kernel.errors import InvalidRequestError
+from modelfleet.kernel.identity import generate_key, write_pem, write_private_key
 from tests.conftest import make_mlp_bundle
 from tests.procs import ROOT, AgentProcess, HubProcess, enroll_agent, wait_for
 
@@ -300,7 +300,7 @@ def test_fleet_agent_serves_with_its_enrolled_identity_and_trusts_the_hub_ca(
 
 
 def load(env: dict[str, str]):
-    from agent.config import load_config
+    from modelfleet.agent.config import load_config
 
     return load_config(None, env=env)
 
@@ -343,7 +343,7 @@ def serve_fails(repo: Path, tmp_path: Path, *extra: str, code: int = 7) -> str:
         [
             sys.executable,
             "-m",
-            "agent.cli",
+            "modelfleet.agent.cli",
             "serve",
             "--models",
             str(repo),

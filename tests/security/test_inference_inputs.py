@@ -23,7 +23,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from kernel.bundle import create_bundle
+from modelfleet.kernel.bundle import create_bundle
 from tests import models
 from tests.procs import AgentProcess
 

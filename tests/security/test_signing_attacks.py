@@ -19,7 +19,7 @@ import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, MetaFile, TargetFile
 
-from hub.signing import load_signer
+from modelfleet.hub.signing import load_signer
 from tests.procs import ROOT, HubProcess, enroll_agent, wait_for
 from tests.test_fleet import active, fleet, model_error  # noqa: F401  (fixture)
 
@@ -28,7 +28,7 @@ def _keys_init_offline(tmp_path: Path) -> Path:
     offline = tmp_path / "offline-keys"
     cmd = ["keys", "init", "--offline", str(offline)]
     subprocess.run(
-        [sys.executable, "-m", "hub.cli", "--data", str(tmp_path / "hub"), *cmd],
+        [sys.executable, "-m", "modelfleet.hub.cli", "--data", str(tmp_path / "hub"), *cmd],
         cwd=ROOT,
         check=True,
         timeout=60,
@@ -51,7 +51,7 @@ def _refused_start(hub: HubProcess) -> str:
         [
             sys.executable,
             "-m",
-            "hub.cli",
+            "modelfleet.hub.cli",
             "--data",
             str(hub.data),
             "serve",

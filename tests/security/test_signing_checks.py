@@ -17,7 +17,7 @@ import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
-from hub.signing import (
+from modelfleet.hub.signing import (
     ExpectedTarget,
     RepositoryIntegrityError,
     TufRepository,
@@ -25,7 +25,7 @@ from hub.signing import (
     init_keys,
     load_signer,
 )
-from kernel.errors import VerificationError
+from modelfleet.kernel.errors import VerificationError
 
 A, B, EVIL = "aa" * 32, "bb" * 32, "ee" * 32
 
