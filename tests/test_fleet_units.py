@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from modelfleet.agent.fleet.backoff import Backoff
 from modelfleet.agent.fleet.cache import BundleCache
-from modelfleet.agent.fleet.sync import Backoff
 from modelfleet.hub.registry import FailedPreconditionError, PermissionDeniedError, Registry
 from modelfleet.hub.reports import AgentReport, ModelReport
 from modelfleet.kernel.errors import BundleExistsError, InvalidRequestError
