@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--agent-cert-lifetime-s",
         type=float,
-        help="lifetime of agent and admin certificates (default: 365 days)",
+        help="lifetime of agent certificates (default: 365 days)",
     )
     s.add_argument("--mqtt", help="MQTT broker HOST:PORT to bridge to")
     s.add_argument("--advertise-mqtt")
