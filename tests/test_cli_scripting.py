@@ -1,0 +1,285 @@
+"""The command lines as scripts and people use them: --version, help with defaults on every
+argument, --json on every read command, bash completion."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from modelfleet.agent.cli import build_parser as agent_parser
+from modelfleet.batch.cli import build_parser as batch_parser
+from modelfleet.hub.cli import build_parser as hub_parser
+from modelfleet.kernel.commandline import (
+    DefaultsHelpFormatter,
+    bash_completion,
+    finish,
+    missing_help,
+    walk,
+)
+from tests import models
+from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, wait_for
+
+PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "modelfleet-agent": agent_parser,
+    "modelfleet-hub": hub_parser,
+    "modelfleet-batch": batch_parser,
+}
+
+
+# -- help and --version ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prog", PARSERS)
+def test_every_argument_and_subcommand_has_help(prog: str) -> None:
+    assert missing_help(PARSERS[prog]()) == []
+
+
+def test_missing_help_names_what_lacks_it() -> None:
+    p = argparse.ArgumentParser(prog="tool")
+    p.add_argument("--quiet", action="store_true", help="say less")
+    p.add_argument("--level")
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser("run", help="run it").add_argument("target")
+    sub.add_parser("stop")
+    assert missing_help(finish(p)) == [
+        "tool --level",
+        "tool stop (sub-command)",
+        "tool run target",
+    ]
+
+
+def _required_groups(parser: argparse.ArgumentParser) -> set[argparse.Action]:
+    return {a for g in parser._mutually_exclusive_groups if g.required for a in g._group_actions}
+
+
+@pytest.mark.parametrize("prog", PARSERS)
+def test_every_option_that_takes_a_value_shows_its_default(prog: str) -> None:
+    """In --help: a default argparse knows is printed; one it does not (None: the config file,
+    another flag or the code decides) is said in words, so no option leaves it to guess."""
+    silent = []
+    for path, parser in walk(PARSERS[prog]()):
+        assert parser.formatter_class is DefaultsHelpFormatter, path
+        formatter = DefaultsHelpFormatter(parser.prog)
+        choose_one = _required_groups(parser)
+        for action in parser._actions:
+            if not action.option_strings or action.nargs == 0 or action.required:
+                continue  # positionals, on/off flags, required options: no default to show
+            if action in choose_one:
+                continue  # one of a required set (e.g. --cron | --every)
+            text = formatter._get_help_string(action) or ""
+            if "default" not in text.lower():
+                silent.append(f"{' '.join((prog, *path))} {action.option_strings[0]}")
+    assert silent == []
+
+
+def test_defaults_appear_once_in_the_rendered_help() -> None:
+    parsers = dict(walk(hub_parser()))
+    flat = " ".join(parsers[("rollout", "start")].format_help().split())
+    assert "(default: 10,50,100)" in flat  # from argparse's default
+    assert "(default: 5m)" in flat  # said in the help's own words, not "300.0"
+    assert "(default: canary)" in flat
+    assert "(default: None)" not in flat and "(default: False)" not in flat
+    assert "300.0" not in flat
+
+
+@pytest.mark.parametrize("prog", PARSERS)
+def test_version_is_the_installed_package_version(
+    prog: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        PARSERS[prog]().parse_args(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"{prog} {importlib.metadata.version('modelfleet')}\n"
+
+
+def test_agent_reports_the_same_version() -> None:
+    """What the agent tells the hub and ServerMetadata is what `--version` prints."""
+    from modelfleet.agent import __version__
+
+    assert __version__ == importlib.metadata.version("modelfleet")
+
+
+def test_subcommand_version_flags_are_not_shadowed() -> None:
+    """`--version` at the top prints the program's; after a sub-command it is that command's."""
+    args = hub_parser().parse_args(["publish", "fraud", "m.onnx", "--version", "3"])
+    assert args.version == 3
+    create = "bundle create m.onnx --name n --version 2 --samples s.npz --out o"
+    args = agent_parser().parse_args(create.split())
+    assert args.version == 2
+
+
+# -- bash completion ---------------------------------------------------------------------------
+
+
+def complete(script: Path, function: str, *words: str) -> list[str]:
+    """COMPREPLY for the command line ``words`` (the last one is being typed), in real bash."""
+    quoted = " ".join("'" + w.replace("'", "'\\''") + "'" for w in words)
+    r = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'source "$0"; COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}; '
+            f'{function}; printf "%s\\n" "${{COMPREPLY[@]}}"; complete -p {words[0]}',
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    *reply, registration = r.stdout.splitlines()
+    assert registration == f"complete -o bashdefault -o default -F {function} {words[0]}"
+    return sorted(w for w in reply if w)
+
+
+@pytest.fixture(scope="module")
+def scripts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("completion")
+    paths = {}
+    for prog, build in PARSERS.items():
+        paths[prog] = out / prog
+        paths[prog].write_text(bash_completion(build()))
+    return paths
+
+
+def test_bash_completion_follows_the_parsers(scripts: dict[str, Path]) -> None:
+    hub = scripts["modelfleet-hub"]
+    fn = "_modelfleet_hub"
+    commands = sorted({path[0] for path, _ in walk(hub_parser()) if path})
+    assert complete(hub, fn, "modelfleet-hub", "") == commands
+    assert complete(hub, fn, "modelfleet-hub", "mo") == ["models"]
+    # A global option's value is skipped, not taken for a command.
+    assert complete(hub, fn, "modelfleet-hub", "--data", "rollout", "ro") == ["rollout"]
+    assert complete(hub, fn, "modelfleet-hub", "--v") == ["--version"]
+    assert complete(hub, fn, "modelfleet-hub", "models", "") == ["ls", "show", "stage", "versions"]
+    assert complete(hub, fn, "modelfleet-hub", "models", "ls", "--j") == ["--json"]
+    assert complete(
+        hub, fn, "modelfleet-hub", "rollout", "start", "fraud", "2", "--strategy", ""
+    ) == ["blue-green", "canary"]
+    # Positional choices, by position.
+    assert complete(hub, fn, "modelfleet-hub", "models", "stage", "fraud", "2", "p") == [
+        "production"
+    ]
+    assert complete(hub, fn, "modelfleet-hub", "keys", "rotate", "") == [
+        "root",
+        "snapshot",
+        "targets",
+        "timestamp",
+    ]
+    # Free text (a selector) gets nothing; a file argument gets bash's file names (empty here,
+    # `-o default` fills them in).
+    assert complete(hub, fn, "modelfleet-hub", "deploy", "fraud", "1", "--selector", "") == []
+    assert complete(hub, fn, "modelfleet-hub", "publish", "fraud", "") == []
+
+    agent = scripts["modelfleet-agent"]
+    fn = "_modelfleet_agent"
+    assert complete(agent, fn, "modelfleet-agent", "bundle", "") == ["create", "inspect"]
+    assert complete(agent, fn, "modelfleet-agent", "serve", "--device", "c") == ["cpu", "cuda"]
+    batch = scripts["modelfleet-batch"]
+    assert complete(batch, "_modelfleet_batch", "modelfleet-batch", "score", "--on-error", "") == [
+        "fail",
+        "skip",
+    ]
+
+
+# -- --json on the hub's read commands ---------------------------------------------------------
+
+FAST = {"MODELFLEET_AGENT_REPORT_INTERVAL_S": "0.5", "MODELFLEET_AGENT_BACKOFF_MAX_S": "1"}
+
+
+def test_read_commands_print_json(tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path / "hub", log_path=tmp_path / "hub.log").start()
+    agent = None
+    try:
+        config = enroll_agent(hub, tmp_path / "agent", "site=berlin", hostname="edge-1")
+        agent = AgentProcess(
+            tmp_path / "agent", fleet_config=config, env=FAST, log_path=tmp_path / "agent.log"
+        ).start()
+        src = tmp_path / "onnx"
+        hub.cli("publish", "mlp", str(models.mlp(src / "v1.onnx", seed=0)), "--notes", "first")
+        hub.cli("publish", "mlp", str(models.mlp(src / "v2.onnx", seed=1)))
+        hub.cli("models", "stage", "mlp", "1", "production")
+
+        def read(*args: str) -> object:
+            return json.loads(hub.cli(*args, "--json"))
+
+        assert read("models", "ls") == [
+            {"name": "mlp", "latest_version": 2, "version_count": 2, "production_version": 1}
+        ]
+        versions = read("models", "versions", "mlp")
+        assert isinstance(versions, list)
+        assert [(v["version"], v["stage"], v["signed"], v["notes"]) for v in versions] == [
+            (1, "production", True, "first"),
+            (2, "staged", True, ""),
+        ]
+        assert set(versions[0]) == {
+            "name",
+            "version",
+            "stage",
+            "signed",
+            "sha256",
+            "size",
+            "created_at",
+            "notes",
+            "same_content_as",
+            "target_path",
+        }
+        assert len(versions[0]["sha256"]) == 64 and versions[0]["size"] > 0
+        assert read("models", "show", "mlp") == {
+            "name": "mlp",
+            "latest_version": 2,
+            "production_version": 1,
+            "versions": versions,
+        }
+
+        hub.cli("deploy", "mlp", "1")
+        wait_for(
+            lambda: agent_status(agent.admin_socket).get("mlp", {}).get("active_version") == "1",
+            60,
+            "v1 active",
+        )
+        hub.cli(
+            "jobs",
+            "create",
+            "nightly",
+            "--model",
+            "mlp",
+            "--deployed",
+            "--every",
+            "1h",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--selector",
+            "site=berlin",
+        )
+        (job,) = read("jobs", "ls")  # type: ignore[misc]
+        assert job["name"] == "nightly" and job["model"] == "mlp"
+        assert job["version"] is None  # --deployed: whatever each agent runs
+        assert job["selector"] == {"site": "berlin"} and job["agents"] == 1
+        assert job["paused"] is False and job["schedule"] == "every 3600s"
+
+        assert read("rollout", "history", "mlp") == []
+        hub.cli("rollout", "start", "mlp", "2", "--waves", "100", "--bake", "1s")
+        wait_for(
+            lambda: json.loads(hub.cli("rollout", "status", "mlp", "--json"))["state"] == "done",
+            90,
+            "rollout done",
+            interval=0.5,
+        )
+        (rollout,) = read("rollout", "history", "mlp")  # type: ignore[misc]
+        assert rollout["model"] == "mlp" and rollout["version"] == 2
+        assert rollout["state"] == "done" and rollout["agents"] == 1
+        # The same data `rollout status --json` prints, for the same rollout.
+        assert rollout.keys() == json.loads(hub.cli("rollout", "status", "mlp", "--json")).keys()
+    finally:
+        if agent is not None:
+            agent.stop()
+        hub.stop()
