@@ -104,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect = bsub.add_parser("inspect", help="verify a bundle and print its manifest")
     inspect.add_argument("bundle_dir", type=Path, help="a bundle: REPOSITORY/NAME/VERSION")
+    example = bsub.add_parser(
+        "example",
+        help="write two small example models and health-check samples to try modelfleet with",
+        description="Write OUT_DIR/model.onnx, OUT_DIR/model_v2.onnx (same signature, other "
+        "weights) and OUT_DIR/samples.npz: x[N, 4] float32 -> y[N, 3] float32.",
+    )
+    example.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write to")
+    example.add_argument(
+        "--force", action="store_true", help="overwrite files that exist (default: refuse)"
+    )
 
     serve = sub.add_parser("serve", help="serve every bundle under --models (standalone mode)")
     serve.add_argument("--config", type=Path, help="TOML config file (default: none)")
@@ -284,6 +294,14 @@ def cmd_bundle_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle_example(args: argparse.Namespace) -> int:
+    from modelfleet.agent.examples import write_examples
+
+    for path in write_examples(args.out_dir, force=args.force):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from modelfleet.agent.app import serve
     from modelfleet.agent.config import load_config
@@ -459,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = {
             "create": cmd_bundle_create,
             "inspect": cmd_bundle_inspect,
+            "example": cmd_bundle_example,
         }[args.bundle_command]
     else:
         handler = handlers[args.command]

@@ -1,5 +1,5 @@
 """The command lines as scripts and people use them: --version, help with defaults on every
-argument, --json on every read command, bash completion."""
+argument, --json on every read command, bash completion, `bundle example`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import argparse
 import importlib.metadata
 import json
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 
 from modelfleet.agent.cli import build_parser as agent_parser
@@ -23,7 +26,7 @@ from modelfleet.kernel.commandline import (
     walk,
 )
 from tests import models
-from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, wait_for
+from tests.procs import ROOT, AgentProcess, HubProcess, agent_status, enroll_agent, wait_for
 
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "modelfleet-agent": agent_parser,
@@ -179,13 +182,75 @@ def test_bash_completion_follows_the_parsers(scripts: dict[str, Path]) -> None:
 
     agent = scripts["modelfleet-agent"]
     fn = "_modelfleet_agent"
-    assert complete(agent, fn, "modelfleet-agent", "bundle", "") == ["create", "inspect"]
+    assert complete(agent, fn, "modelfleet-agent", "bundle", "") == [
+        "create",
+        "example",
+        "inspect",
+    ]
     assert complete(agent, fn, "modelfleet-agent", "serve", "--device", "c") == ["cpu", "cuda"]
     batch = scripts["modelfleet-batch"]
     assert complete(batch, "_modelfleet_batch", "modelfleet-batch", "score", "--on-error", "") == [
         "fail",
         "skip",
     ]
+
+
+# -- bundle example ----------------------------------------------------------------------------
+
+
+def _agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "modelfleet.agent.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_bundle_example_writes_two_different_real_models(tmp_path: Path) -> None:
+    out = tmp_path / "ex"
+    r = _agent_cli("bundle", "example", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        f"wrote {out / 'model.onnx'}",
+        f"wrote {out / 'model_v2.onnx'}",
+        f"wrote {out / 'samples.npz'}",
+    ]
+    with np.load(out / "samples.npz") as npz:
+        x = npz["x"]
+    assert x.shape == (4, 4) and x.dtype == np.float32
+    y1, y2 = (
+        ort.InferenceSession(str(out / m), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        for m in ("model.onnx", "model_v2.onnx")
+    )
+    assert y1[0].shape == y2[0].shape == (4, 3)
+    assert not np.allclose(y1[0], y2[0])
+    # Both become bundles with the same samples (the README's steps 1 and 4).
+    for model, version in (("model.onnx", "1"), ("model_v2.onnx", "2")):
+        r = _agent_cli(
+            "bundle",
+            "create",
+            str(out / model),
+            "--name",
+            "fraud",
+            "--version",
+            version,
+            "--samples",
+            str(out / "samples.npz"),
+            "--latency-budget-ms",
+            "20",
+            "--out",
+            str(tmp_path / "models"),
+        )
+        assert r.returncode == 0, r.stderr
+    # Never overwrites without --force.
+    before = (out / "model.onnx").read_bytes()
+    r = _agent_cli("bundle", "example", str(out))
+    assert r.returncode == 8
+    assert "refusing to overwrite" in r.stderr and "--force" in r.stderr
+    assert _agent_cli("bundle", "example", str(out), "--force").returncode == 0
+    assert (out / "model.onnx").read_bytes() == before  # same seed, same bytes
 
 
 # -- --json on the hub's read commands ---------------------------------------------------------
