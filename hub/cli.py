@@ -37,6 +37,15 @@ def _duration(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
+def _rollout_duration(text: str) -> float:
+    """A duration with its unit: a bare ``300`` could mean seconds or minutes, so it is refused."""
+    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", text):
+        raise argparse.ArgumentTypeError(
+            f"{text.strip()!r} has no unit: add one, e.g. {text.strip()}s, or 5m, 1h, 1d"
+        )
+    return _duration(text)
+
+
 def _labels(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -288,73 +297,153 @@ def build_parser() -> argparse.ArgumentParser:
         help="the new stage",
     )
     stage.add_argument(
-        "--force", action="store_true", help="retire a version agents still want (they fall back)"
+        "--force",
+        action="store_true",
+        help="retire a version agents still want (they fall back), or mark production a "
+        "version the fleet does not desire",
     )
 
     dep = sub.add_parser("deploy", help="set the desired version for matching agents")
     dep.add_argument("name", help="model name")
     dep.add_argument("version", type=_version, help="the version agents should run")
     dep.add_argument("--selector", type=_labels, default={}, help="k=v[,k=v] (default: all)")
+    _add_deployment_commands(sub, dep)
 
     ro = sub.add_parser("rollout", help="canary waves with automatic rollback")
     rsub = ro.add_subparsers(dest="rollout_command", required=True)
-    rs = rsub.add_parser("start", help="start a rollout of NAME VERSION")
+    rs = rsub.add_parser(
+        "start",
+        help="start a rollout of NAME VERSION",
+        description="Roll VERSION of model NAME out to the selected agents in waves, judging "
+        "each wave by its gates; see docs/cli.md. Durations need a unit (90s, 5m, 1h, 1d).",
+        epilog=f"exit codes with --wait: {_ROLLOUT_EXITS_HELP}; errors as in docs/cli.md",
+    )
     rs.add_argument("name", help="model name")
     rs.add_argument("version", type=int, help="the version to roll out")
     rs.add_argument(
-        "--selector", type=_labels, default={}, help="k=v[,k=v] (default: the whole fleet)"
+        "--selector",
+        type=_labels,
+        metavar="K=V[,K=V]",
+        default={},
+        help="k=v[,k=v]: the agents to roll out to (default: the whole fleet)",
     )
     rs.add_argument(
-        "--waves", default="10,50,100", help="percentages of the selected agents, e.g. 1,10,50,100"
+        "--waves",
+        metavar="LIST",
+        default="10,50,100",
+        help="increasing cumulative percentages of the selected agents, one per wave; the "
+        "last wave always takes everyone (default: %(default)s)",
     )
     rs.add_argument(
         "--waves-are-counts",
         action="store_true",
-        help="read --waves as agent counts instead of percentages",
+        help="read --waves as agent counts instead of percentages (default: percentages)",
     )
     rs.add_argument(
         "--bake",
-        type=_duration,
-        default=300.0,
-        help="how long each wave serves before its gates are judged (default: 5m)",
+        metavar="DURATION",
+        type=_rollout_duration,
+        default="5m",
+        help="how long each wave serves before its gates are judged (default: %(default)s)",
     )
     rs.add_argument(
         "--gate",
+        metavar="EXPR",
         action="append",
         default=[],
-        help="e.g. 'error_rate<0.01', 'p99_ms<100', 'p99_vs_baseline<1.2' (repeat; default: none)",
+        help="a check of each wave's telemetry, repeatable: e.g. 'error_rate<0.01', "
+        "'p99_ms<100', 'p99_vs_baseline<1.2' (default: none: a wave passes once its agents "
+        "have switched and baked, and the rollout says so)",
     )
     rs.add_argument(
         "--min-requests",
+        metavar="N",
         type=int,
         default=0,
-        help="fewer canary requests in a bake pause the rollout as inconclusive",
+        help="fewer canary requests in a bake pause the rollout as inconclusive "
+        "(default: %(default)s: a wave without traffic passes its gates)",
     )
     rs.add_argument(
         "--max-failed-agents",
+        metavar="N",
         type=int,
         default=0,
-        help="agents that may refuse the version or time out before the rollout rolls back",
+        help="agents that may refuse the version or time out before the rollout rolls back "
+        "(default: %(default)s)",
     )
     rs.add_argument(
         "--agent-timeout",
-        type=_duration,
-        default=600.0,
-        help="how long an agent may take to switch before it counts as failed (default: 10m)",
+        metavar="DURATION",
+        type=_rollout_duration,
+        default="10m",
+        help="how long an agent may take to switch (blue-green: to prepare) before it counts "
+        "as failed (default: %(default)s)",
     )
     rs.add_argument(
         "--strategy",
         default="canary",
         choices=["canary", "blue-green"],
-        help="canary: wave by wave; blue-green: prepare everywhere, then switch at once",
+        help="canary: wave by wave; blue-green: prepare on every agent, then switch all at "
+        "once (default: %(default)s)",
     )
     rs.add_argument(
-        "--auto-switch", action="store_true", help="blue-green: switch once all are ready"
+        "--auto-switch",
+        action="store_true",
+        help="blue-green: switch once all are ready (default: wait for `rollout promote`)",
     )
-    st = rsub.add_parser("status", help="waves, agents, gate values, time left in bake")
+    rs.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="allow a VERSION older than one the selected agents run or are set to run "
+        "(default: refused)",
+    )
+    rs.add_argument(
+        "--wait",
+        action="store_true",
+        help="watch the rollout until it ends or needs an operator; the exit code says how "
+        "(default: return once started)",
+    )
+    rs.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        type=_rollout_duration,
+        default=None,
+        help=f"with --wait: stop waiting after this long (exit {EXIT_WAIT_TIMEOUT}); the "
+        "rollout goes on (default: no limit)",
+    )
+    st = rsub.add_parser(
+        "status",
+        help="waves, agents, gate values, time left in bake",
+        epilog=f"exit codes with --watch: {_ROLLOUT_EXITS_HELP}; without --watch 0 whatever "
+        "the state",
+    )
     st.add_argument("name", help="model name")
-    st.add_argument("--watch", action="store_true", help="refresh until the rollout ends")
-    _add_json(st)
+    st.add_argument(
+        "--id",
+        metavar="ID",
+        type=int,
+        default=0,
+        help="this rollout of NAME (default: the active one, else the latest)",
+    )
+    st.add_argument(
+        "--watch",
+        action="store_true",
+        help="follow the rollout until it ends or needs an operator, then exit with its "
+        "outcome's code (default: print once)",
+    )
+    st.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        type=_rollout_duration,
+        default=None,
+        help=f"with --watch: stop watching after this long (exit {EXIT_WAIT_TIMEOUT}) "
+        "(default: no limit)",
+    )
+    st.add_argument(
+        "--json",
+        action="store_true",
+        help="print the status as JSON (with --watch: one JSON line per change)",
+    )
     for action, what in (
         ("pause", "hold the rollout where it is: no new wave, no verdict"),
         ("resume", "go on from a pause (a bake starts afresh)"),
@@ -432,12 +521,93 @@ def build_parser() -> argparse.ArgumentParser:
         "--since", type=_duration, default=600.0, help="window ending now (default: 10m)"
     )
     _add_json(met)
+    _add_backup_commands(sub)
     return finish(p)
 
 
 def _add_json(parser: argparse.ArgumentParser) -> None:
     """``--json``: the same data for scripts (docs/cli.md#json-output)."""
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_deployment_commands(sub: Any, dep: argparse.ArgumentParser) -> None:
+    """`deploy`'s safety flags, `undeploy` and `deployments` (docs/cli.md#deployments)."""
+    dep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show which agents would change from what to what; write nothing",
+    )
+    dep.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="accept a --selector that matches no active agent (it applies to agents enrolled "
+        "later)",
+    )
+    und = sub.add_parser(
+        "undeploy", help="remove a deployment; its agents fall back to the others matching them"
+    )
+    und.add_argument("name", help="model name")
+    und.add_argument(
+        "--selector",
+        type=_labels,
+        default={},
+        help="exactly the deployment's k=v[,k=v] (default: the whole-fleet deployment)",
+    )
+    und.add_argument(
+        "--dry-run", action="store_true", help="show what agents would fall back to; write nothing"
+    )
+    deps = sub.add_parser("deployments", help="the fleet's desired state: what decides what")
+    dsub = deps.add_subparsers(dest="deployments_command", required=True)
+    dls = dsub.add_parser("ls", help="deployments in force and rollouts in progress")
+    dls.add_argument("name", nargs="?", default="", help="one model (default: all)")
+    dls.add_argument("--json", action="store_true", help="print JSON")
+    dshow = dsub.add_parser("show", help="one deployment: matched agents, history")
+    dshow.add_argument("name", help="model name")
+    dshow.add_argument(
+        "--selector",
+        type=_labels,
+        default={},
+        help="exactly the deployment's k=v[,k=v] (default: the whole-fleet deployment)",
+    )
+    dshow.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_backup_commands(sub: Any) -> None:
+    b = sub.add_parser(
+        "backup",
+        help="copy a running hub's state (registry, TUF metadata and keys, CA, blobs, telemetry)",
+        description="Ask the running hub for a consistent copy of its state and write it into "
+        "DIR, with manifest.json (every file's size and SHA-256) written last. See "
+        "docs/operations.md#backing-up-and-restoring-the-hub.",
+    )
+    b.add_argument("dir", type=Path, metavar="DIR", help="a new or empty folder")
+    b.add_argument(
+        "--timeout",
+        type=_duration,
+        default=3600.0,
+        help="give up after this long (default: 1h)",
+    )
+    r = sub.add_parser(
+        "restore",
+        help="make a new data directory from a backup (offline, hub stopped)",
+        description="Verify the backup in DIR against its manifest, then write it into NEW as "
+        "a hub data directory. Nothing is written if any file differs.",
+    )
+    r.add_argument("dir", type=Path, metavar="DIR", help="a folder written by `backup`")
+    r.add_argument(
+        "--data-dir", type=Path, required=True, metavar="NEW", help="the data directory to create"
+    )
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty NEW (its contents are moved to NEW.replaced-TIME)",
+    )
+    r.add_argument(
+        "--manifest-sha256",
+        metavar="HEX",
+        help="refuse the backup unless its manifest has this SHA-256 (what backup printed) "
+        "(default: any manifest; the files are checked against it either way)",
+    )
 
 
 # -- admin client ------------------------------------------------------------------------------
@@ -942,13 +1112,258 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     resp = call(
         admin_stub(args).Deploy,
-        pb.DeployRequest(name=args.name, version=args.version, selector=args.selector),
+        pb.DeployRequest(
+            name=args.name,
+            version=args.version,
+            selector=args.selector,
+            dry_run=args.dry_run,
+            allow_empty=args.allow_empty,
+        ),
     )
-    sel = ",".join(f"{k}={v}" for k, v in args.selector.items()) or "(all agents)"
+    sel = _sel(args.selector)
+    if not args.selector:
+        print(
+            f"no --selector: {args.name} v{args.version} targets the whole fleet, every agent "
+            "enrolled now and later"
+        )
+    if args.dry_run:
+        changing = sum(c.from_version != c.to_version for c in resp.changes)
+        print(
+            f"dry run, nothing written: deploying {args.name} v{args.version} to {sel} would "
+            f"change the desired version of {changing} of {len(resp.agents)} matching agent(s)"
+            + (":" if resp.changes else "")
+        )
+    else:
+        print(
+            f"{args.name} v{args.version} desired on {len(resp.agents)} agent(s) matching {sel}: "
+            f"{', '.join(resp.agents) or '-'} (revision {resp.revision})"
+        )
+    if not resp.agents:
+        print("  no active agent matches now: agents enrolled later with these labels get it")
+    _print_changes(args.name, resp.changes, fallback=False)
+    for note in resp.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _sel(selector: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items())) or "(whole fleet)"
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else "-"
+
+
+def _set_by(d: Any) -> str:
+    """Who set a deployment: "rollout 5", or "deploy by admin"."""
+    if d.source == "rollout":
+        return f"rollout {d.rollout_id}" if d.rollout_id else "a rollout"
+    return f"deploy by {d.actor or '?'}"
+
+
+def _where(selector: Any) -> str:
+    return _sel(selector) if selector else "the whole fleet"
+
+
+def _describe(d: Any) -> str:
+    if d.agent_id:
+        return f"rollout {d.rollout_id}'s assignment to this agent"
+    return f"deployment {d.id} for {_where(d.selector)} ({_set_by(d)})"
+
+
+def _v(version: int) -> str:
+    return f"v{version}" if version else "none"
+
+
+def _print_changes(model: str, changes: Any, fallback: bool) -> None:
+    for c in changes:
+        who = f"{c.agent_id} ({c.hostname})" if c.hostname else c.agent_id
+        if c.from_version == c.to_version:
+            what = f"stays {_v(c.to_version)}"
+        else:
+            what = f"{_v(c.from_version)} -> {_v(c.to_version)}"
+        serving = f"; serving {_v(c.active_version)}" if c.active_version != c.to_version else ""
+        if fallback:
+            if c.HasField("decided_by") and c.to_version:
+                what += f", by {_describe(c.decided_by)}"
+            else:
+                what += f": nothing matches it any more, it drops {model}"
+        print(f"  {who}: {what}{serving}")
+
+
+def _deployment_dict(d: Any) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "model": d.model,
+        "version": d.version,
+        "selector": dict(d.selector),
+        "created_at": d.created_at,
+        "source": d.source,
+        "rollout_id": d.rollout_id,
+        "actor": d.actor,
+        "agent_id": d.agent_id,
+        "removed_at": d.removed_at,
+        "removed_by": d.removed_by,
+    }
+
+
+def _rollout_in_progress_dict(r: Any) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "model": r.model,
+        "version": r.version,
+        "state": r.state,
+        "selector": dict(r.selector),
+        "wave": r.wave,
+        "waves": r.waves,
+        "assigned": r.assigned,
+        "agents": r.agents,
+        "from_versions": list(r.from_versions),
+        "new_agents": _deployment_dict(r.new_agents) if r.HasField("new_agents") else None,
+    }
+
+
+def _rollout_line(r: Any) -> str:
+    """A rollout in progress, and what an agent enrolled meanwhile gets."""
+    before = "/".join(f"v{v}" for v in r.from_versions) or "none"
+    if r.HasField("new_agents"):
+        now = f"v{r.new_agents.version} from {_describe(r.new_agents)}"
+    else:
+        now = f"no version of {r.model}"
+    labels = f" with labels {_sel(r.selector)}" if r.selector else ""
+    return (
+        f"rollout {r.id} of {r.model} in progress ({r.state}, wave {r.wave}/{r.waves}, "
+        f"{r.assigned}/{r.agents} agent(s) assigned): {before} -> v{r.version} on "
+        f"{_where(r.selector)}; agents enrolled now{labels} get {now}, v{r.version} once it "
+        "completes"
+    )
+
+
+def cmd_undeploy(args: argparse.Namespace) -> int:
+    from modelfleet.protos import fleet_pb2 as pb
+
+    resp = call(
+        admin_stub(args).Undeploy,
+        pb.UndeployRequest(name=args.name, selector=args.selector, dry_run=args.dry_run),
+    )
+    fleet = [d for d in resp.removed if not d.agent_id]
+    assigned = [d for d in resp.removed if d.agent_id]
+    head = max(fleet, key=lambda d: d.id)
+    what = (
+        f"the deployment of {args.name} for {_sel(args.selector)} (deployment {head.id}: "
+        f"v{head.version}, {_set_by(head)} at {_when(head.created_at)})"
+    )
+    if len(fleet) > 1:
+        what += f" with the {len(fleet) - 1} earlier deployment(s) of it"
+    if assigned:
+        rollouts = ", ".join(str(i) for i in sorted({d.rollout_id for d in assigned}))
+        what += f", and {len(assigned)} per-agent assignment(s) of finished rollout(s) {rollouts}"
+    if args.dry_run:
+        print(f"dry run, nothing written: undeploy would remove {what}")
+    else:
+        print(f"removed {what} (revision {resp.revision})")
+    if not resp.changes:
+        print("no agent's desired version changes")
+        return 0
+    verb = "would fall back" if args.dry_run else "fall back"
+    print(f"the agents it decided for {verb}:")
+    _print_changes(args.name, resp.changes, fallback=True)
+    return 0
+
+
+def cmd_deployments(args: argparse.Namespace) -> int:
+    from modelfleet.protos import fleet_pb2 as pb
+
+    stub = admin_stub(args)
+    if args.deployments_command == "ls":
+        resp = call(stub.ListDeployments, pb.ListDeploymentsRequest(model=args.name))
+        if args.json:
+            out: dict[str, Any] = {
+                "deployments": [
+                    {
+                        **_deployment_dict(i.deployment),
+                        "per_agent": i.per_agent,
+                        "agents": list(i.agents),
+                        "deciding": list(i.deciding),
+                    }
+                    for i in resp.deployments
+                ],
+                "rollouts": [_rollout_in_progress_dict(r) for r in resp.rollouts],
+            }
+            print(json.dumps(out, indent=2))
+            return 0
+        print(
+            f"{'ID':>5}  {'MODEL':<14} {'SELECTOR':<26} {'VERSION':>7} {'AGENTS':>6} "
+            f"{'DECIDES':>7}  SET BY"
+        )
+        for i in resp.deployments:
+            d = i.deployment
+            sel = f"rollout {d.rollout_id}, per agent" if i.per_agent else _sel(d.selector)
+            print(
+                f"{d.id:>5}  {d.model:<14} {sel:<26} {_v(d.version):>7} {len(i.agents):>6} "
+                f"{len(i.deciding):>7}  {_set_by(d)} at {_when(d.created_at)}"
+            )
+        if not resp.deployments:
+            print("no deployments")
+        for r in resp.rollouts:
+            print(_rollout_line(r))
+        return 0
+    detail = call(
+        stub.GetDeployment, pb.GetDeploymentRequest(model=args.name, selector=args.selector)
+    )
+    info, d = detail.info, detail.info.deployment
+    if args.json:
+        out = {
+            "deployment": {
+                **_deployment_dict(d),
+                "agents": list(info.agents),
+                "deciding": list(info.deciding),
+            },
+            "agents": [
+                {
+                    "agent_id": a.agent_id,
+                    "hostname": a.hostname,
+                    "desired_version": a.desired_version,
+                    "active_version": a.active_version,
+                    "decided_by": _deployment_dict(a.decided_by)
+                    if a.HasField("decided_by")
+                    else None,
+                }
+                for a in detail.agents
+            ],
+            "history": [_deployment_dict(h) for h in detail.history],
+            "rollouts": [_rollout_in_progress_dict(r) for r in detail.rollouts],
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"deployment {d.id}: {d.model} v{d.version} for {_sel(d.selector)}")
+    print(f"  set by: {_set_by(d)} at {_when(d.created_at)}")
     print(
-        f"{args.name} v{args.version} desired on {len(resp.agents)} agent(s) matching {sel}: "
-        f"{', '.join(resp.agents) or '-'} (revision {resp.revision})"
+        f"  matches {len(info.agents)} active agent(s) now; decides the desired version of "
+        f"{len(info.deciding)}"
     )
+    if detail.agents:
+        print(f"  {'AGENT':<22} {'HOSTNAME':<16} {'DESIRED':>7} {'ACTIVE':>6}  DECIDED BY")
+        for a in detail.agents:
+            by = "-"
+            if a.HasField("decided_by"):
+                by = "this deployment" if a.decided_by.id == d.id else _describe(a.decided_by)
+            print(
+                f"  {a.agent_id:<22} {a.hostname:<16} {_v(a.desired_version):>7} "
+                f"{_v(a.active_version):>6}  {by}"
+            )
+    print("  history (newest first):")
+    for h in detail.history:
+        if h.removed_at:
+            state = f"removed by {h.removed_by or '?'} at {_when(h.removed_at)}"
+        else:
+            state = "in force" if h.id == d.id else "superseded"
+        print(
+            f"    deployment {h.id:<5} v{h.version:<6} {_when(h.created_at)}  "
+            f"{_set_by(h):<20} {state}"
+        )
+    for r in detail.rollouts:
+        print(_rollout_line(r))
     return 0
 
 
@@ -989,12 +1404,14 @@ def cmd_agents(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'AGENT':<22} {'STATUS':<8} {'ONLINE':<7} {'LAST SEEN':<10} {'LABELS':<24} "
-        f"{'MODEL':<12} {'DESIRED':>7} {'ACTIVE':>6}  GATE / ERROR"
+        f"{'MODEL':<12} {'DESIRED':>7} {'ACTIVE':>6}  {'SET BY':<27} GATE / ERROR"
     )
+    in_progress = {r.id for r in resp.rollouts}
     for a in resp.agents:
         labels = ",".join(f"{k}={v}" for k, v in sorted(a.labels.items())) or "-"
         reports = {m.name: m for m in a.report.models}
         desired = {d.name: d.version for d in a.desired}
+        set_by = {d.model: _agent_set_by(d, in_progress) for d in a.desired_by}
         names = sorted(set(reports) | set(desired)) or ["-"]
         for i, name in enumerate(names):
             m = reports.get(name)
@@ -1015,13 +1432,24 @@ def cmd_agents(args: argparse.Namespace) -> int:
             )
             print(
                 f"{head} {name:<12} {desired.get(name, '-')!s:>7} "
-                f"{(m.active_version or '-') if m else '-'!s:>6}  {gate}"
+                f"{(m.active_version or '-') if m else '-'!s:>6}  "
+                f"{set_by.get(name, '-'):<27} {gate}"
             )
         if a.report.last_error:
             print(f"{'':<74} last error: {a.report.last_error}")
         if a.status == "active" and (warning := _cert_warning(a.cert_expires_at)):
             print(f"{'':<74} {warning}")
+    for r in resp.rollouts:
+        print(_rollout_line(r))
     return 0
+
+
+def _agent_set_by(d: Any, in_progress: set[int]) -> str:
+    """What `agents ls` says set a desired version: a rollout (in progress or not), or who
+    deployed it and when."""
+    if d.source == "rollout":
+        return _set_by(d) + (", in progress" if d.rollout_id in in_progress else "")
+    return f"{_set_by(d)} {_ago(d.created_at)}"
 
 
 # Agents renew 30 days ahead (agent cert_renew_before_s): a certificate this close to its end
@@ -1130,22 +1558,54 @@ def job_dict(job: Any) -> dict[str, Any]:
     }
 
 
+# Exit codes of `rollout start --wait` and `rollout status --watch`: the rollout's outcome, for
+# scripts (docs/cli.md). Above kernel/errors.py's EXIT_CODES, so an outcome never reads as an
+# error of the command itself.
+EXIT_ROLLED_BACK = 20
+EXIT_NEEDS_OPERATOR = 21  # paused (by an operator, or inconclusive), or blue-green ready
+EXIT_WAIT_TIMEOUT = 22
+ROLLOUT_EXIT_CODES = {
+    "done": 0,
+    "rolled_back": EXIT_ROLLED_BACK,
+    "paused": EXIT_NEEDS_OPERATOR,
+    # Blue-green without --auto-switch: prepared everywhere, nothing happens until promote.
+    "ready": EXIT_NEEDS_OPERATOR,
+}
+_ROLLOUT_EXITS_HELP = (
+    f"0 done, {EXIT_ROLLED_BACK} rolled back, {EXIT_NEEDS_OPERATOR} paused or ready for "
+    f"`rollout promote`, {EXIT_WAIT_TIMEOUT} --timeout reached (the rollout goes on)"
+)
+WATCH_INTERVAL_S = 1.0
+
+
 def rollout_dict(status: Any) -> dict[str, Any]:
     """A RolloutStatus as the plain data `rollout status --json` prints (one conversion)."""
+
+    def opt(msg: Any, name: str) -> Any:
+        return getattr(msg, name) if msg.HasField(name) else None
+
     ev = None
     if status.HasField("last_evaluation"):
         e = status.last_evaluation
         ev = {
             "wave": e.wave,
             "at": e.at,
+            "since": e.since,
             "canary_requests": e.canary_requests,
             "baseline_requests": e.baseline_requests,
+            "canary_failures": e.canary_failures,
+            "baseline_failures": e.baseline_failures,
+            "canary_agents": e.canary_agents,
+            "baseline_agents": e.baseline_agents,
+            "baseline_version": e.baseline_version,
             "gates": [
                 {
                     "gate": g.gate,
-                    "value": g.value if g.HasField("value") else None,
-                    "ok": g.ok if g.HasField("ok") else None,
+                    "value": opt(g, "value"),
+                    "ok": opt(g, "ok"),
                     **({"note": g.note} if g.note else {}),
+                    "canary": opt(g, "canary"),
+                    "baseline": opt(g, "baseline"),
                 }
                 for g in e.gates
             ],
@@ -1168,49 +1628,231 @@ def rollout_dict(status: Any) -> dict[str, Any]:
         "gates": list(status.gates),
         "last_evaluation": ev,
         "events": [{"at": x.at, "text": x.text} for x in status.events],
+        "per_agent": [
+            {
+                "agent_id": a.agent_id,
+                "hostname": a.hostname,
+                "role": a.role,
+                "wave": a.wave,
+                "previous_version": a.previous_version,
+                "active_version": a.active_version,
+                "state": a.state,
+                "last_error": a.last_error,
+            }
+            for a in status.per_agent
+        ],
+        "warnings": list(status.warnings),
+        "selector": dict(status.selector),
+        "bake_s": status.bake_s,
+        "min_requests": status.min_requests,
+        "max_failed_agents": status.max_failed_agents,
+        "agent_timeout_s": status.agent_timeout_s,
+        "auto_switch": status.auto_switch,
+        "allow_downgrade": status.allow_downgrade,
     }
+
+
+def _hms(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(ts))
+
+
+def _fig(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+# Rows of the per-agent table in the text view; --json lists every agent.
+AGENT_ROWS = 20
+
+
+def _render_agents(agents: list[dict[str, Any]]) -> list[str]:
+    # Failed agents first, then canaries in the order they were assigned, then the rest.
+    rank = {"failed": 0}
+    shown = sorted(
+        agents, key=lambda a: (rank.get(a["state"], 1), a["role"] != "canary", a["wave"] or 1e9)
+    )
+    lines = [
+        f"  {'AGENT':<24} {'HOSTNAME':<16} {'ROLE':<9} {'WAVE':>4} {'PREVIOUS':>8} "
+        f"{'ACTIVE':>6}  {'STATE':<13} LAST ERROR"
+    ]
+    for a in shown[:AGENT_ROWS]:
+        lines.append(
+            f"  {a['agent_id']:<24} {a['hostname'] or '-':<16} {a['role']:<9} "
+            f"{a['wave'] or '-'!s:>4} {_vcell(a['previous_version']):>8} "
+            f"{_vcell(a['active_version']):>6}  {a['state']:<13} {a['last_error'] or '-'}"
+        )
+    if len(shown) > AGENT_ROWS:
+        lines.append(f"  ... and {len(shown) - AGENT_ROWS} more agent(s) (--json lists all)")
+    return lines
+
+
+def _vcell(version: int) -> str:
+    """A version in a table cell: "-" for none."""
+    return f"v{version}" if version else "-"
 
 
 def _render_rollout(status: Any) -> str:
     d = rollout_dict(status)
+    selector = ",".join(f"{k}={v}" for k, v in sorted(d["selector"].items())) or "whole fleet"
     lines = [
         f"rollout {d['id']}: {d['model']} v{d['version']}  state {d['state'].upper()}"
         + (f"  ({d['reason']})" if d["reason"] else ""),
-        f"  wave {d['wave']}/{len(d['waves'])} (cumulative agents {d['waves']}); "
-        f"assigned {d['assigned']}/{d['agents']}, switched {d['switched']}, "
-        f"failed {len(d['failed'])}",
+        f"  {d['strategy']}, wave {d['wave']}/{len(d['waves'])} (cumulative agents "
+        f"{d['waves']}); assigned {d['assigned']}/{d['agents']}, switched {d['switched']}, "
+        f"failed {len(d['failed'])}"
+        + (f", prepared {d['prepared']}/{d['agents']}" if d["strategy"] == "blue-green" else ""),
+        f"  selector {selector}; bake {d['bake_s']:g}s, min-requests {d['min_requests']}, "
+        f"max-failed-agents {d['max_failed_agents']}, agent-timeout {d['agent_timeout_s']:g}s"
+        + (", auto-switch" if d["auto_switch"] else "")
+        + (", downgrade allowed" if d["allow_downgrade"] else ""),
     ]
+    lines += [f"  warning: {w}" for w in d["warnings"]]
     if d["state"] == "baking":
         lines.append(f"  bake: {d['bake_left_s']:.0f}s left")
     ev = d.get("last_evaluation")
     if ev:
-        lines.append(
-            f"  last evaluation (wave {ev['wave']}): canary {ev['canary_requests']} "
-            f"request(s), baseline {ev['baseline_requests']}"
+        window = f", bake {_hms(ev['since'])}-{_hms(ev['at'])}" if ev["since"] else ""
+        baseline = (
+            f"baseline v{ev['baseline_version']} {ev['baseline_requests']} request(s), "
+            f"{ev['baseline_failures']} failed, on {ev['baseline_agents']} agent(s)"
+            if ev["baseline_version"]
+            else "no baseline (no agent left on one previous version)"
         )
+        lines.append(
+            f"  last evaluation (wave {ev['wave']}{window}): canary {ev['canary_requests']} "
+            f"request(s), {ev['canary_failures']} failed, on {ev['canary_agents']} agent(s); "
+            f"{baseline}"
+        )
+        if ev["gates"]:
+            lines.append(f"    {'GATE':<24} {'CANARY':>10} {'BASELINE':>10} {'VALUE':>10}  VERDICT")
         for g in ev["gates"]:
-            value = "n/a" if g["value"] is None else f"{g['value']:.4g}"
             verdict = {True: "ok", False: "FAILED", None: g.get("note", "-")}[g["ok"]]
-            lines.append(f"    {g['gate']:<24} value {value:<10} {verdict}")
-    elif d["gates"]:
-        lines.append(f"  gates: {', '.join(d['gates'])}")
-    for agent, why in d["failed"].items():
-        lines.append(f"  failed agent {agent}: {why}")
+            lines.append(
+                f"    {g['gate']:<24} {_fig(g['canary']):>10} {_fig(g['baseline']):>10} "
+                f"{_fig(g['value']):>10}  {verdict}"
+            )
+    if not ev or not ev["gates"]:
+        lines.append(f"  gates: {', '.join(d['gates']) or 'none'}")
+    if d["per_agent"]:
+        lines += _render_agents(d["per_agent"])
+    else:
+        for agent, why in d["failed"].items():
+            lines.append(f"  failed agent {agent}: {why}")
     for e in d["events"][-6:]:
-        lines.append(f"  {time.strftime('%H:%M:%S', time.gmtime(e['at']))}  {e['text']}")
+        lines.append(f"  {_hms(e['at'])}  {e['text']}")
     return "\n".join(lines)
 
 
-def cmd_rollout(args: argparse.Namespace) -> int:
+class _ChangeLines:
+    """Watching without a terminal: one line per change, never the whole block again.
+
+    A new event of the engine is a line; a change of the counts (an agent switched or
+    prepared) without one is a progress line. The bake countdown is not a change.
+    """
+
+    def __init__(self, status: Any) -> None:
+        self.seen = {(e.at, e.text) for e in status.events}
+        self.progress = self._progress(status)
+
+    @staticmethod
+    def _progress(s: Any) -> tuple[Any, ...]:
+        return (s.state, s.wave, s.assigned, s.switched, s.prepared, len(s.failed))
+
+    def lines(self, status: Any) -> list[str]:
+        new = [e for e in status.events if (e.at, e.text) not in self.seen]
+        self.seen.update((e.at, e.text) for e in new)
+        out = [f"{_hms(e.at)}  {e.text}" for e in new]
+        progress = self._progress(status)
+        if progress != self.progress and not new:
+            counts = f"{status.switched}/{status.assigned} assigned agent(s) switched"
+            if status.strategy == "blue-green" and status.state in ("preparing", "ready"):
+                counts = f"{status.prepared}/{status.agents} agent(s) prepared"
+            out.append(
+                f"{_hms(time.time())}  {status.state.upper()}  wave "
+                f"{status.wave}/{len(status.waves)}: {counts}, {len(status.failed)} failed"
+            )
+        self.progress = progress
+        return out
+
+
+def _watch_rollout(
+    stub: Any,
+    first: Any,
+    timeout: float | None,
+    as_json: bool,
+    shown: bool,
+) -> int:
+    """Follow one rollout until it ends, needs an operator, or ``timeout`` passes; return the
+    exit code of its outcome (ROLLOUT_EXIT_CODES, EXIT_WAIT_TIMEOUT).
+
+    ``shown``: ``first`` is already on screen (`rollout start` printed it).
+    """
     from modelfleet.protos import fleet_pb2 as pb
 
-    stub = admin_stub(args)
+    tty = sys.stdout.isatty() and not as_json
+    deadline = None if timeout is None else time.monotonic() + timeout
+    status, changes, last_json = first, _ChangeLines(first), None
+    if not shown and not tty and not as_json:
+        print(_render_rollout(first), flush=True)
+    while True:
+        code = ROLLOUT_EXIT_CODES.get(status.state)
+        if as_json:
+            d = rollout_dict(status)
+            d.pop("bake_left_s")  # a countdown is not a change
+            if d != last_json:
+                print(json.dumps(rollout_dict(status)), flush=True)
+                last_json = d
+        elif tty:
+            left = "" if deadline is None else f", {max(0, deadline - time.monotonic()):.0f}s left"
+            sys.stdout.write("\x1b[2J\x1b[H")
+            print(
+                f"{_render_rollout(status)}\n\nwatching rollout {status.id} every "
+                f"{WATCH_INTERVAL_S:g}s{left}; Ctrl-C stops watching, not the rollout",
+                flush=True,
+            )
+        else:
+            for line in changes.lines(status):
+                print(line, flush=True)
+        if code is not None:
+            end = (
+                f"rollout {status.id} of {status.model} v{status.version}: {status.state}"
+                + (f" ({status.reason})" if status.reason else "")
+                + f"; exit {code}"
+            )
+            print(end, file=sys.stderr if as_json else sys.stdout, flush=True)
+            return code
+        if deadline is not None and time.monotonic() >= deadline:
+            print(
+                f"modelfleet-hub: rollout {status.id} of {status.model} v{status.version} is "
+                f"still {status.state} after --timeout {timeout:g}s; it goes on (`modelfleet-hub "
+                f"rollout status {status.model} --watch` follows it); exit {EXIT_WAIT_TIMEOUT}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_WAIT_TIMEOUT
+        pause = WATCH_INTERVAL_S
+        if deadline is not None:
+            pause = max(0.0, min(pause, deadline - time.monotonic()))
+        time.sleep(pause)
+        status = call(stub.GetRollout, pb.GetRolloutRequest(model=status.model, id=status.id))
+
+
+def _usage_error(command: str, message: str) -> int:
+    print(f"modelfleet-hub rollout {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from modelfleet.hub.rollouts import Spec
+    from modelfleet.protos import fleet_pb2 as pb
+
     cmd = args.rollout_command
     if cmd == "start":
+        if args.timeout is not None and not args.wait:
+            return _usage_error(cmd, "--timeout needs --wait")
         waves = [w.strip() for w in args.waves.split(",") if w.strip()]
         if not args.waves_are_counts:
             waves = [w if w.endswith("%") else f"{w}%" for w in waves]
-        req = pb.StartRolloutRequest(
+        spec = Spec(
             model=args.name,
             version=args.version,
             selector=args.selector,
@@ -1222,25 +1864,39 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             agent_timeout_s=args.agent_timeout,
             strategy=args.strategy,
             auto_switch=args.auto_switch,
+            allow_downgrade=args.allow_downgrade,
         )
-        print(_render_rollout(call(stub.StartRollout, req)))
-        return 0
+        # The hub checks the same (every client gets it); here it fails before any connection.
+        spec.validate()
+        req = pb.StartRolloutRequest(
+            model=spec.model,
+            version=spec.version,
+            selector=spec.selector,
+            waves=spec.waves,
+            bake_s=spec.bake_s,
+            gates=spec.gates,
+            min_requests=spec.min_requests,
+            max_failed_agents=spec.max_failed_agents,
+            agent_timeout_s=spec.agent_timeout_s,
+            strategy=spec.strategy,
+            auto_switch=spec.auto_switch,
+            allow_downgrade=spec.allow_downgrade,
+        )
+        stub = admin_stub(args)
+        status = call(stub.StartRollout, req)
+        print(_render_rollout(status), flush=True)
+        if not args.wait:
+            return 0
+        return _watch_rollout(stub, status, args.timeout, as_json=False, shown=True)
+    stub = admin_stub(args)
     if cmd == "status":
-        final = ("done", "rolled_back")
-        while True:
-            status = call(stub.GetRollout, pb.GetRolloutRequest(model=args.name))
-            if args.json:
-                print(json.dumps(rollout_dict(status)))
-                return 0
-            text = _render_rollout(status)
-            if args.watch and sys.stdout.isatty():
-                sys.stdout.write("\x1b[2J\x1b[H")
-            print(text, flush=True)
-            if not args.watch or status.state in final:
-                return 0
-            time.sleep(1)
-            if not sys.stdout.isatty():
-                print()
+        if args.timeout is not None and not args.watch:
+            return _usage_error(cmd, "--timeout needs --watch")
+        status = call(stub.GetRollout, pb.GetRolloutRequest(model=args.name, id=args.id))
+        if args.watch:
+            return _watch_rollout(stub, status, args.timeout, as_json=args.json, shown=False)
+        print(json.dumps(rollout_dict(status)) if args.json else _render_rollout(status))
+        return 0
     if cmd == "history":
         resp = call(stub.RolloutHistory, pb.RolloutHistoryRequest(model=args.name))
         if args.json:
@@ -1294,6 +1950,87 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    import grpc
+
+    from modelfleet.hub.backup import BackupFile, BackupSummary, BackupWriter
+    from modelfleet.hub.convert import backup_item_from_proto
+    from modelfleet.kernel.grpc_status import error_from_rpc
+    from modelfleet.protos import fleet_pb2 as pb
+
+    stub = admin_stub(args)
+    writer = BackupWriter(args.dir)
+    summary = None
+    try:
+        for chunk in stub.Backup(pb.BackupRequest(), timeout=args.timeout):
+            item = backup_item_from_proto(chunk)
+            if isinstance(item, BackupFile):
+                writer.begin(item)
+            elif isinstance(item, BackupSummary):
+                summary = item
+            else:
+                writer.write(item)
+        if summary is None:
+            raise ModelfleetError("the hub ended the backup without its summary: take it again")
+        digest = writer.finish(summary)
+    except grpc.RpcError as exc:
+        writer.abort()
+        raise error_from_rpc(exc) from None
+    except BaseException:
+        writer.abort()
+        raise
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(summary.created_at))
+    tuf = ", ".join(f"{r} v{v}" for r, v in sorted(summary.tuf_versions.items()))
+    print(
+        f"backed up hub {summary.hub} as of {when} into {args.dir}: {summary.files} files, "
+        f"{summary.bytes / 1e6:.1f} MB ({summary.models} model(s), {summary.versions} "
+        f"version(s), {summary.blobs} blob(s), {summary.agents} agent(s); TUF {tuf}); the hub "
+        f"paused {summary.pause_ms:.1f} ms for the copy"
+    )
+    print(
+        f"manifest sha256 {digest}: keep it apart from the backup, "
+        f"`restore --manifest-sha256 {digest}` checks it"
+    )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from modelfleet.hub.backup import VERSION_GAP, restore
+
+    if args.manifest_sha256 is not None and not re.fullmatch(
+        r"[0-9a-fA-F]{64}", args.manifest_sha256
+    ):
+        raise InvalidRequestError("--manifest-sha256 takes the 64 hex digits that backup printed")
+    result = restore(args.dir, args.data_dir, force=args.force, expect_sha256=args.manifest_sha256)
+    m = result.manifest
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created_at))
+    print(
+        f"restored the backup of hub {m.hub or '?'} as of {when} ({len(m.files)} files, "
+        f"{m.total_bytes / 1e6:.1f} MB, manifest verified) into {result.data_dir}"
+    )
+    if result.replaced is not None:
+        print(
+            f"the previous contents of {result.data_dir} are in {result.replaced}: delete it "
+            "once the restored hub runs"
+        )
+    print(
+        f"start it with: modelfleet-hub --data {result.data_dir} serve (with the usual --config "
+        f"and flags); its first start re-signs the TUF metadata with versions {VERSION_GAP} "
+        "higher, so agents accept it even if the lost hub signed newer metadata after the backup"
+    )
+    if not result.targets_key_online:
+        print(
+            "note: the targets key is offline: if versions were published after this backup, "
+            "agents refuse this hub's metadata until it signs newer targets "
+            "(docs/operations.md#backing-up-and-restoring-the-hub)"
+        )
+    print(
+        "agents enrolled after the backup must enroll again; with MQTT, run mqtt-config again "
+        "on this machine"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "serve" and args.data is None:
@@ -1306,10 +2043,14 @@ def main(argv: list[str] | None = None) -> int:
         "publish": cmd_publish,
         "models": cmd_models,
         "deploy": cmd_deploy,
+        "undeploy": cmd_undeploy,
+        "deployments": cmd_deployments,
         "agents": cmd_agents,
         "rollout": cmd_rollout,
         "jobs": cmd_jobs,
         "metrics": cmd_metrics,
+        "backup": cmd_backup,
+        "restore": cmd_restore,
     }
     try:
         return handlers[args.command](args)

@@ -7,13 +7,22 @@ neither edge imports the other.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from modelfleet.hub.backup import BackupFile, BackupSummary
 from modelfleet.hub.core import AgentStatus
+from modelfleet.hub.deployments import (
+    AgentDesired,
+    DeploymentDetail,
+    DeploymentView,
+    DesiredChange,
+    RolloutView,
+)
 from modelfleet.hub.jobs import Job
-from modelfleet.hub.registry import Desired, VersionRow
+from modelfleet.hub.registry import DeploymentRow, Desired, VersionRow
 from modelfleet.hub.reports import AgentReport, ModelReport
+from modelfleet.hub.rollouts import AgentFacts
 from modelfleet.kernel.jobs import JobRun, JobSpec
 from modelfleet.protos import fleet_pb2 as pb
 
@@ -57,8 +66,11 @@ def version_to_proto(v: VersionRow) -> pb.ModelVersion:
     )
 
 
-def rollout_to_proto(r: Any, now: float) -> pb.RolloutStatus:
-    d = r.summary(now)
+def rollout_to_proto(
+    r: Any, now: float, facts: Mapping[str, AgentFacts] | None = None
+) -> pb.RolloutStatus:
+    """A rollout's status; ``facts`` (per agent, from the fleet) adds the per-agent view."""
+    d = r.summary(now, facts)
     status = pb.RolloutStatus(
         id=d["id"],
         model=d["model"],
@@ -76,6 +88,15 @@ def rollout_to_proto(r: Any, now: float) -> pb.RolloutStatus:
         reason=d["reason"],
         gates=d["gates"],
         events=[pb.RolloutEvent(at=e["at"], text=e["text"]) for e in d["events"]],
+        per_agent=[pb.RolloutAgent(**a) for a in d["per_agent"]],
+        warnings=d["warnings"],
+        selector=d["selector"],
+        bake_s=d["bake_s"],
+        min_requests=d["min_requests"],
+        max_failed_agents=d["max_failed_agents"],
+        agent_timeout_s=d["agent_timeout_s"],
+        auto_switch=d["auto_switch"],
+        allow_downgrade=d["allow_downgrade"],
     )
     ev = d["last_evaluation"]
     if ev:
@@ -85,9 +106,21 @@ def rollout_to_proto(r: Any, now: float) -> pb.RolloutStatus:
                 at=ev["at"],
                 canary_requests=ev["canary_requests"],
                 baseline_requests=ev["baseline_requests"],
+                # Evaluations saved before these were recorded read as 0.
+                canary_failures=ev.get("canary_failures", 0),
+                baseline_failures=ev.get("baseline_failures", 0),
+                canary_agents=ev.get("canary_agents", 0),
+                baseline_agents=ev.get("baseline_agents", 0),
+                baseline_version=ev.get("baseline_version", 0),
+                since=ev.get("since", 0.0),
                 gates=[
                     pb.GateValue(
-                        gate=g["gate"], value=g.get("value"), ok=g.get("ok"), note=g.get("note", "")
+                        gate=g["gate"],
+                        value=g.get("value"),
+                        ok=g.get("ok"),
+                        note=g.get("note", ""),
+                        canary=g.get("canary"),
+                        baseline=g.get("baseline"),
                     )
                     for g in ev["gates"]
                 ],
@@ -165,6 +198,7 @@ def agent_to_proto(s: AgentStatus) -> pb.AgentInfo:
         desired=desired_to_proto(0, s.desired).models,
         presence=s.presence,
         cert_expires_at=s.cert_expires_at,
+        desired_by=[deployment_to_proto(row) for row in s.origins.values()],
     )
 
 
@@ -261,3 +295,122 @@ def window_stats_to_proto(s: WindowStats) -> pb.VersionMetrics:
         failures_by_reason=s.failures_by_reason,
         agents=s.agents,
     )
+
+
+def deployment_to_proto(row: DeploymentRow) -> pb.Deployment:
+    return pb.Deployment(
+        id=row.id,
+        model=row.name,
+        version=row.version,
+        selector=row.labels,
+        created_at=row.created_at,
+        source=row.source,
+        rollout_id=row.rollout_id,
+        actor=row.actor,
+        agent_id=row.agent_id,
+        removed_at=row.removed_at,
+        removed_by=row.removed_by,
+    )
+
+
+def _deployment_or_none(row: DeploymentRow | None) -> pb.Deployment | None:
+    return deployment_to_proto(row) if row is not None else None
+
+
+def change_to_proto(c: DesiredChange) -> pb.DesiredChange:
+    return pb.DesiredChange(
+        agent_id=c.agent_id,
+        hostname=c.hostname,
+        from_version=c.before,
+        to_version=c.after,
+        active_version=c.active,
+        decided_by=_deployment_or_none(c.decided_by),
+    )
+
+
+def deployment_view_to_proto(v: DeploymentView) -> pb.DeploymentInfo:
+    return pb.DeploymentInfo(
+        deployment=deployment_to_proto(v.row),
+        agents=v.agents,
+        deciding=v.deciding,
+        per_agent=v.per_agent,
+    )
+
+
+def rollout_view_to_proto(r: RolloutView) -> pb.RolloutInProgress:
+    return pb.RolloutInProgress(
+        id=r.id,
+        model=r.model,
+        version=r.version,
+        state=r.state,
+        selector=r.selector,
+        wave=r.wave,
+        waves=r.waves,
+        assigned=r.assigned,
+        agents=r.agents,
+        from_versions=r.from_versions,
+        new_agents=_deployment_or_none(r.new_agents),
+    )
+
+
+def _agent_desired_to_proto(a: AgentDesired) -> pb.DeploymentAgent:
+    return pb.DeploymentAgent(
+        agent_id=a.agent_id,
+        hostname=a.hostname,
+        desired_version=a.desired,
+        active_version=a.active,
+        decided_by=_deployment_or_none(a.decided_by),
+    )
+
+
+def deployment_detail_to_proto(d: DeploymentDetail) -> pb.DeploymentDetail:
+    return pb.DeploymentDetail(
+        info=deployment_view_to_proto(d.view),
+        agents=[_agent_desired_to_proto(a) for a in d.agents],
+        history=[deployment_to_proto(r) for r in d.history],
+        rollouts=[rollout_view_to_proto(r) for r in d.rollouts],
+    )
+
+
+def backup_item_to_proto(item: BackupFile | bytes | BackupSummary) -> pb.BackupChunk:
+    if isinstance(item, BackupFile):
+        return pb.BackupChunk(
+            file=pb.BackupFile(path=item.path, size=item.size, sha256=item.sha256)
+        )
+    if isinstance(item, BackupSummary):
+        return pb.BackupChunk(
+            summary=pb.BackupSummary(
+                created_at=item.created_at,
+                hub=item.hub,
+                tuf_versions=item.tuf_versions,
+                models=item.models,
+                versions=item.versions,
+                agents=item.agents,
+                blobs=item.blobs,
+                files=item.files,
+                bytes=item.bytes,
+                pause_ms=item.pause_ms,
+            )
+        )
+    return pb.BackupChunk(data=item)
+
+
+def backup_item_from_proto(chunk: pb.BackupChunk) -> BackupFile | bytes | BackupSummary:
+    kind = chunk.WhichOneof("kind")
+    if kind == "file":
+        return BackupFile(chunk.file.path, chunk.file.size, chunk.file.sha256)
+    if kind == "summary":
+        s = chunk.summary
+        return BackupSummary(
+            created_at=s.created_at,
+            hub=s.hub,
+            tuf_versions=dict(s.tuf_versions),
+            models=s.models,
+            versions=s.versions,
+            agents=s.agents,
+            blobs=s.blobs,
+            files=s.files,
+            bytes=s.bytes,
+            pause_ms=s.pause_ms,
+        )
+    return bytes(chunk.data)

@@ -18,17 +18,26 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelfleet.hub.backup import (
+    BackupFile,
+    BackupSummary,
+    backup_stream,
+    finish_restore,
+    remove_stale_staging,
+)
 from modelfleet.hub.blobs import BlobStore
 from modelfleet.hub.ca import CertificateAuthority
 from modelfleet.hub.config import HubConfig
+from modelfleet.hub.deployments import Deployments
 from modelfleet.hub.jobs import Jobs
 from modelfleet.hub.registry import (
     AgentRow,
+    DeploymentRow,
     Desired,
     FailedPreconditionError,
     PermissionDeniedError,
@@ -37,7 +46,6 @@ from modelfleet.hub.registry import (
     check_labels,
     check_notes,
     check_version,
-    selector_matches,
 )
 from modelfleet.hub.reports import AgentReport
 from modelfleet.hub.signing import (
@@ -101,6 +109,8 @@ class AgentStatus:
     presence: str  # online or offline: from MQTT presence, else from when it was last seen
     # What the agent reports it uses; before its first report, what enrollment issued.
     cert_expires_at: float
+    # Per desired model, the deployment (or rollout assignment) that decides its version.
+    origins: dict[str, DeploymentRow] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -203,6 +213,7 @@ class HubCore:
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.paths.root.chmod(0o700)
         self.paths.uploads.mkdir(exist_ok=True)
+        remove_stale_staging(self.paths.uploads)
         # Typed as the ports (hub/ports.py): the core uses nothing adapter-specific.
         self.registry: RegistryPort = Registry(self.paths.db, clock=clock)
         self.blobs: BlobStorePort = BlobStore(self.paths.blobs)
@@ -218,6 +229,8 @@ class HubCore:
         # A crash between committing signed targets and marking the rows leaves rows unsigned.
         self.mark_signed_targets()
         self.check_registry_against_targets()
+        # A data directory `modelfleet-hub restore` just wrote: TUF versions move up once.
+        finish_restore(self)
         self.changed = asyncio.Condition()
         # Set at shutdown: watch streams never end on their own, so they end here instead of
         # holding the drain for its whole timeout (agents reconnect to the next hub).
@@ -235,6 +248,9 @@ class HubCore:
         # Durable: rollouts in flight when the hub stopped continue from their saved state.
         self.rollouts = RolloutManager(self, clock=clock)
         self.jobs = Jobs(self.registry, self.notify_changed)
+        self.deployments = Deployments(
+            self.registry, self.notify_changed, self.rollouts.active, clock=clock
+        )
         # Set once the servers are bound: what tokens and enrollments hand out.
         self.advertise = cfg.listen
         self.advertise_enroll = cfg.enroll_address()
@@ -588,12 +604,14 @@ class HubCore:
         for a in self.registry.agents():
             _, desired = self.desired(a)
             online = time.time() - a.last_seen < self.cfg.offline_after_s
+            decided = self.registry.decided_for(a.labels, a.agent_id)
             out.append(
                 AgentStatus(
                     agent=a,
                     desired=desired,
                     presence=a.presence or ("online" if online else "offline"),
                     cert_expires_at=a.report.cert_expires_at or a.cert_expires_at,
+                    origins={d.name: decided[d.name] for d in desired if d.name in decided},
                 )
             )
         return out
@@ -636,7 +654,13 @@ class HubCore:
     async def set_stage(
         self, name: str, version: int, stage: str, force: bool = False
     ) -> VersionRow:
-        """Set a version's stage; retiring one that agents still want needs ``force``."""
+        """Set a version's stage; retiring one that agents still want, or marking production
+        one that the fleet does not desire (hub.deployments: the production rule), needs
+        ``force``."""
+        if stage == "production" and not force:
+            row = self.registry.get_version(name, version)
+            if row is not None and row.stage != "production":
+                self.deployments.check_production(name, version)
         if stage == "retired" and not force:
             wanting = [
                 a.hostname or a.agent_id
@@ -667,20 +691,14 @@ class HubCore:
             self.changed.notify_all()
 
     async def deploy(
-        self, name: str, version: int, selector: Mapping[str, str]
+        self, name: str, version: int, selector: Mapping[str, str], actor: str = ""
     ) -> tuple[list[str], int]:
-        check_version(version, name)
-        check_labels(selector, "selector")
-        revision = self.registry.deploy(name, version, selector)
-        matched = [
-            a.agent_id
-            for a in self.registry.agents()
-            if a.status == "active" and selector_matches(selector, a.labels)
-        ]
-        log.info("deploy %s v%d to %s: %d agent(s)", name, version, dict(selector), len(matched))
-        async with self.changed:
-            self.changed.notify_all()
-        return matched, revision
+        """Deploy for callers inside the hub: no dry run, and a selector matching no agent is
+        accepted. The admin API's `deploy` goes through ``self.deployments`` (its checks)."""
+        outcome = await self.deployments.deploy(
+            name, version, selector, actor=actor, allow_empty=True
+        )
+        return outcome.matched, outcome.revision
 
     async def close_watches(self) -> None:
         """End every WatchDesired stream (the hub is stopping)."""
@@ -728,6 +746,36 @@ class HubCore:
         """Refuse nonsense, a duplicate or a stale version before an upload's bytes are taken."""
         self.check_publish_header(header)
         self.registry.check_new_version(header["name"], int(header["version"]))
+        self.check_version_unknown_to_agents(header["name"], int(header["version"]))
+
+    def check_version_unknown_to_agents(self, name: str, version: int) -> None:
+        """Refuse a version number that agents report but the registry has no record of.
+
+        That happens after a restore from a backup: versions published after it are lost with
+        the hub, but agents still hold them. Agents cache bundles by name and version, so the
+        same number with other bytes would have them serve the lost bundle.
+        """
+        holders, highest = [], 0
+        for a in self.registry.agents():
+            for m in a.report.models:
+                if m.name != name:
+                    continue
+                seen = (m.active_version, m.previous_version, m.loading_version, m.desired_version)
+                highest = max(highest, *seen)
+                if version in seen:
+                    holders.append(a.hostname or a.agent_id)
+        if holders:
+            shown = ", ".join(sorted(holders)[:5]) + (" ..." if len(holders) > 5 else "")
+            raise FailedPreconditionError(
+                f"{name} v{version} is not in this hub's registry, but agent(s) {shown} report "
+                f"a {name} v{version} (published after the backup this hub was restored from?): "
+                f"agents keep bundles by version, so that number cannot carry other bytes; "
+                f"publish as v{highest + 1} or later (--version {highest + 1})"
+            )
+
+    def backup(self) -> AsyncIterator[BackupFile | bytes | BackupSummary]:
+        """A consistent copy of the hub's state, streamed (hub/backup.py)."""
+        return backup_stream(self)
 
     def check_upload_size(self, size: int) -> None:
         if size > self.cfg.max_bundle_bytes:

@@ -12,7 +12,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +111,16 @@ CREATE TABLE IF NOT EXISTS deployments (
     selector TEXT NOT NULL,
     created_at REAL NOT NULL,
     -- serve: the version to run; prepare: load and gate it beside the running one (blue/green).
-    kind TEXT NOT NULL DEFAULT 'serve'
+    kind TEXT NOT NULL DEFAULT 'serve',
+    -- deploy (modelfleet-hub deploy) or rollout (a wave, a rollback, a completed rollout);
+    -- '' in rows written before the hub recorded it.
+    source TEXT NOT NULL DEFAULT '',
+    rollout_id INTEGER NOT NULL DEFAULT 0,
+    -- the admin identity that deployed (deploy only).
+    actor TEXT NOT NULL DEFAULT '',
+    -- undeploy: the row stays, as history, but decides nothing any more.
+    removed_at REAL NOT NULL DEFAULT 0,
+    removed_by TEXT NOT NULL DEFAULT ''
 );
 -- Small facts the hub must remember across restarts (e.g. the newest signed targets seen).
 CREATE TABLE IF NOT EXISTS meta (
@@ -177,6 +186,58 @@ AGENT_KEY = "_agent"
 
 def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+@dataclass(frozen=True)
+class DeploymentRow:
+    """One row of the deployments log: ``version`` of ``name`` for the agents ``selector``
+    matches. The newest matching row decides, per model and agent (see :func:`decide`)."""
+
+    id: int
+    name: str
+    version: int  # 0: "not desired" (a rollout's rollback for an agent that had none)
+    selector: dict[str, str]
+    created_at: float
+    kind: str = "serve"  # serve, or prepare (blue/green: load beside the serving version)
+    source: str = "deploy"  # deploy or rollout
+    rollout_id: int = 0
+    actor: str = ""
+    removed_at: float = 0.0
+    removed_by: str = ""
+
+    @property
+    def agent_id(self) -> str:
+        """The one agent a rollout's per-agent assignment names; "" for a fleet deployment."""
+        return self.selector.get(AGENT_KEY, "")
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The selector without the reserved per-agent key."""
+        return {k: v for k, v in self.selector.items() if k != AGENT_KEY}
+
+
+def decide(
+    rows: Sequence[DeploymentRow], match: Mapping[str, str], retired: Collection[tuple[str, int]]
+) -> tuple[dict[str, DeploymentRow], dict[str, DeploymentRow], list[DeploymentRow]]:
+    """Per model, the row that decides an agent's desired version, and its blue/green
+    preparation: the newest matching row of each kind (``rows`` in id order). ``match`` is the
+    agent's labels plus ``AGENT_KEY: agent id``. Rows naming a retired version decide nothing
+    (they are returned third): the row before them decides."""
+    chosen: dict[str, DeploymentRow] = {}
+    prepare: dict[str, DeploymentRow] = {}
+    skipped: list[DeploymentRow] = []
+    for row in rows:
+        if not selector_matches(row.selector, match):
+            continue
+        if (row.name, row.version) in retired:
+            skipped.append(row)
+        elif row.kind == "prepare":
+            prepare[row.name] = row
+        else:
+            chosen[row.name] = row
+            # A newer serve decision supersedes any earlier preparation.
+            prepare.pop(row.name, None)
+    return chosen, prepare, skipped
 
 
 # Release notes are printed by every `models show`; the cap keeps rows and answers small.
@@ -248,7 +309,7 @@ class Registry:
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(_SCHEMA)
         self._migrate()
-        self._deployments_cache: tuple[int, list[tuple[str, int, dict[str, str], str]]] = (-1, [])
+        self._deployments_cache: tuple[int, list[DeploymentRow]] = (-1, [])
         self._retired_warned: set[tuple[str, str, int]] = set()
         # Bumped on every job change, so watchers know to resend desired state.
         self._jobs_version = 0
@@ -266,7 +327,14 @@ class Registry:
                 ("cert_pending", "TEXT NOT NULL DEFAULT ''"),
                 ("revoked_at", "REAL NOT NULL DEFAULT 0"),
             ],
-            "deployments": [("kind", "TEXT NOT NULL DEFAULT 'serve'")],
+            "deployments": [
+                ("kind", "TEXT NOT NULL DEFAULT 'serve'"),
+                ("source", "TEXT NOT NULL DEFAULT ''"),
+                ("rollout_id", "INTEGER NOT NULL DEFAULT 0"),
+                ("actor", "TEXT NOT NULL DEFAULT ''"),
+                ("removed_at", "REAL NOT NULL DEFAULT 0"),
+                ("removed_by", "TEXT NOT NULL DEFAULT ''"),
+            ],
         }
         for table, columns in added.items():
             have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
@@ -288,6 +356,22 @@ class Registry:
     def close(self) -> None:
         self.flush_seen()
         self.db.close()
+
+    def backup_to(self, path: Path) -> None:
+        """Copy the whole database, as of now, into a new file ``path`` (SQLite's online
+        backup API, in one step: the copy is one consistent state, whatever the WAL holds).
+
+        Buffered last-seen times and reports are written first, so the copy has them too.
+        """
+        self.flush_seen()
+        dest = sqlite3.connect(path)
+        try:
+            # A staging copy: the caller makes it durable where it ends up, so no fsyncs here
+            # (the backup runs on the event loop).
+            dest.execute("PRAGMA synchronous=OFF")
+            self.db.backup(dest)
+        finally:
+            dest.close()
 
     # -- versions -------------------------------------------------------------------------------
 
@@ -449,6 +533,32 @@ class Registry:
         out = self.get_version(name, version)
         assert out is not None
         return out
+
+    def promote(self, name: str, version: int, replaced: Collection[int]) -> list[int]:
+        """A completed rollout's stages in one transaction: ``version`` becomes production;
+        the production version before it and the ``replaced`` versions (what the rollout's
+        agents ran before) that are staged or production become deprecated. Returns those."""
+        row = self.get_version(name, version)
+        assert row is not None
+        if row.stage == "retired":
+            raise FailedPreconditionError(f"{name} version {version} is retired for good")
+        with self.tx():
+            rows = self.db.execute(
+                "SELECT version FROM versions WHERE name = ? AND version != ? AND "
+                "(stage = 'production' OR (stage = 'staged' AND version IN "
+                f"({','.join('?' * len(replaced))})))",
+                (name, version, *replaced),
+            ).fetchall()
+            deprecated = sorted(int(r[0]) for r in rows)
+            self.db.executemany(
+                "UPDATE versions SET stage = 'deprecated' WHERE name = ? AND version = ?",
+                [(name, v) for v in deprecated],
+            )
+            self.db.execute(
+                "UPDATE versions SET stage = 'production' WHERE name = ? AND version = ?",
+                (name, version),
+            )
+        return deprecated
 
     # -- tokens and agents ----------------------------------------------------------------------
 
@@ -628,7 +738,7 @@ class Registry:
 
     # -- desired state --------------------------------------------------------------------------
 
-    def deploy(self, name: str, version: int, selector: Mapping[str, str]) -> int:
+    def check_deployable(self, name: str, version: int) -> VersionRow:
         row = self.get_version(name, version)
         assert row is not None
         if row.stage == "retired":
@@ -637,15 +747,42 @@ class Registry:
             raise FailedPreconditionError(
                 f"{name} version {version} is not signed yet: finish publishing with --targets-key"
             )
+        return row
+
+    def deploy(
+        self,
+        name: str,
+        version: int,
+        selector: Mapping[str, str],
+        *,
+        actor: str = "",
+        source: str = "deploy",
+        rollout_id: int = 0,
+    ) -> int:
+        self.check_deployable(name, version)
         with self.tx():
             cur = self.db.execute(
-                "INSERT INTO deployments (name, version, selector, created_at) VALUES (?, ?, ?, ?)",
-                (name, version, json.dumps(dict(selector), sort_keys=True), self.clock()),
+                "INSERT INTO deployments (name, version, selector, created_at, source, "
+                "rollout_id, actor) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    version,
+                    json.dumps(dict(selector), sort_keys=True),
+                    self.clock(),
+                    source,
+                    rollout_id,
+                    actor,
+                ),
             )
         return int(cur.lastrowid or 0)
 
     def deploy_many(
-        self, name: str, assignments: Sequence[tuple[str, int]], kind: str = "serve"
+        self,
+        name: str,
+        assignments: Sequence[tuple[str, int]],
+        kind: str = "serve",
+        *,
+        rollout_id: int = 0,
     ) -> int:
         """Per-agent desired versions (a rollout's wave, or its rollback) in one transaction.
 
@@ -658,11 +795,36 @@ class Registry:
         now = self.clock()
         with self.tx():
             self.db.executemany(
-                "INSERT INTO deployments (name, version, selector, created_at, kind) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [(name, v, json.dumps({AGENT_KEY: a}), now, kind) for a, v in assignments],
+                "INSERT INTO deployments (name, version, selector, created_at, kind, source, "
+                "rollout_id) VALUES (?, ?, ?, ?, ?, 'rollout', ?)",
+                [
+                    (name, v, json.dumps({AGENT_KEY: a}), now, kind, rollout_id)
+                    for a, v in assignments
+                ],
             )
         return self.revision()
+
+    def remove_deployments(self, ids: Collection[int], actor: str = "") -> int:
+        """Undeploy: the rows stay as history but decide nothing from now on. Returns the new
+        revision: removing is a change of desired state like any deployment."""
+        with self.tx():
+            self.db.executemany(
+                "UPDATE deployments SET removed_at = ?, removed_by = ? "
+                "WHERE id = ? AND removed_at = 0",
+                [(self.clock(), actor, i) for i in sorted(ids)],
+            )
+            # The revision is the deployments' AUTOINCREMENT counter (see revision()): one
+            # step up here, and the next deployment's id is the step after.
+            self.db.execute("UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'deployments'")
+        return self.revision()
+
+    def deployment_rows(self, include_removed: bool = False) -> list[DeploymentRow]:
+        """The deployments log in id order: what decides desired state, or (with
+        ``include_removed``) everything ever deployed, for history."""
+        if not include_removed:
+            return list(self._deployments())
+        rows = self.db.execute("SELECT * FROM deployments ORDER BY id").fetchall()
+        return [_deployment_row(r) for r in rows]
 
     # -- scheduled jobs ------------------------------------------------------------------------
 
@@ -775,19 +937,28 @@ class Registry:
         ]
 
     def revision(self) -> int:
-        row = self.db.execute("SELECT MAX(id) FROM deployments").fetchone()
-        return int(row[0] or 0)
+        """Increases with every change of the deployments: the AUTOINCREMENT counter of
+        their ids (the newest id ever given), which an undeploy also steps up."""
+        row = self.db.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'deployments'"
+        ).fetchone()
+        return int(row[0] or 0) if row else 0
 
-    def _deployments(self) -> list[tuple[str, int, dict[str, str], str]]:
+    def _deployments(self) -> list[DeploymentRow]:
         # Parsed once per revision: every agent's desired state is computed from the same list.
         revision = self.revision()
         if self._deployments_cache[0] != revision:
-            rows = self.db.execute(
-                "SELECT name, version, selector, kind FROM deployments ORDER BY id"
-            )
-            parsed = [(r["name"], r["version"], json.loads(r["selector"]), r["kind"]) for r in rows]
-            self._deployments_cache = (revision, parsed)
+            rows = self.db.execute("SELECT * FROM deployments WHERE removed_at = 0 ORDER BY id")
+            self._deployments_cache = (revision, [_deployment_row(r) for r in rows])
         return self._deployments_cache[1]
+
+    def decided_for(
+        self, labels: Mapping[str, str], agent_id: str = ""
+    ) -> dict[str, DeploymentRow]:
+        """Per model, the deployment (or rollout assignment) that decides this agent's desired
+        version; version 0 rows included (they decide "not desired")."""
+        match = {**labels, AGENT_KEY: agent_id} if agent_id else dict(labels)
+        return decide(self._deployments(), match, self.retired_versions())[0]
 
     def desired_for(self, labels: Mapping[str, str], agent_id: str = "") -> list[Desired]:
         """Per model, the newest deployment whose selector matches this agent.
@@ -795,29 +966,20 @@ class Registry:
         Fleet deployments select by labels; a rollout's per-agent assignments select by the
         reserved key ``_agent``. Version 0 means "not desired"."""
         match = {**labels, AGENT_KEY: agent_id} if agent_id else dict(labels)
-        chosen: dict[str, int] = {}
-        prepare: dict[str, int] = {}
-        retired = self.retired_versions()
-        for name, version, selector, kind in self._deployments():
-            if selector_matches(selector, match):
-                if (name, version) in retired:
-                    # Retired is for good: never installed again. The deployment before it
-                    # decides (or none: the model is not desired).
-                    if (agent_id, name, version) not in self._retired_warned:
-                        self._retired_warned.add((agent_id, name, version))
-                        log.warning(
-                            "agent %s: %s v%d is retired; dropped from its desired state",
-                            agent_id or dict(labels),
-                            name,
-                            version,
-                        )
-                    continue
-                if kind == "prepare":
-                    prepare[name] = version
-                else:
-                    chosen[name] = version
-                    # A newer serve decision supersedes any earlier preparation.
-                    prepare.pop(name, None)
+        decided, prepared, skipped = decide(self._deployments(), match, self.retired_versions())
+        for row in skipped:
+            # Retired is for good: never installed again. The deployment before it decides
+            # (or none: the model is not desired).
+            if (agent_id, row.name, row.version) not in self._retired_warned:
+                self._retired_warned.add((agent_id, row.name, row.version))
+                log.warning(
+                    "agent %s: %s v%d is retired; dropped from its desired state",
+                    agent_id or dict(labels),
+                    row.name,
+                    row.version,
+                )
+        chosen = {name: row.version for name, row in decided.items()}
+        prepare = {name: row.version for name, row in prepared.items()}
         out = []
         for name, version in sorted(chosen.items()):
             if version == 0:
@@ -828,3 +990,22 @@ class Registry:
             p_size = self.get_version(name, p_version).size if p_version else 0  # type: ignore[union-attr]
             out.append(Desired(name, version, v.target_path, v.sha256, v.size, p_version, p_size))
         return out
+
+
+def _deployment_row(r: sqlite3.Row) -> DeploymentRow:
+    selector: dict[str, str] = json.loads(r["selector"])
+    # Rows from before the hub recorded a source: rollouts alone wrote per-agent rows.
+    source = r["source"] or ("rollout" if AGENT_KEY in selector else "deploy")
+    return DeploymentRow(
+        id=int(r["id"]),
+        name=r["name"],
+        version=int(r["version"]),
+        selector=selector,
+        created_at=float(r["created_at"]),
+        kind=r["kind"],
+        source=source,
+        rollout_id=int(r["rollout_id"]),
+        actor=r["actor"],
+        removed_at=float(r["removed_at"]),
+        removed_by=r["removed_by"],
+    )

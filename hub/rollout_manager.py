@@ -14,7 +14,7 @@ from typing import Any
 
 from modelfleet.hub.registry import selector_matches
 from modelfleet.hub.reports import AgentReport, ModelReport
-from modelfleet.hub.rollouts import ACTIVE_STATES, Rollout, Spec, Stats
+from modelfleet.hub.rollouts import ACTIVE_STATES, AgentFacts, Rollout, Spec, Stats, check_target
 from modelfleet.kernel.errors import (
     TRANSIENT_REASONS,
     InvalidRequestError,
@@ -83,8 +83,13 @@ class RolloutManager:
     def _load(self, row: dict[str, Any]) -> Rollout:
         return Rollout.from_json(row["data"])
 
+    def _rows(self, model: str) -> list[dict[str, Any]]:
+        # Hubs before check_target recorded a start refused for an empty selector as a row
+        # without data; it never ran, so it is not shown.
+        return [r for r in self.core.registry.rollouts(model) if r["data"]]
+
     def get(self, model: str, rollout_id: int = 0) -> Rollout:
-        rows = self.core.registry.rollouts(model)
+        rows = self._rows(model)
         if rollout_id:
             rows = [r for r in rows if r["id"] == rollout_id]
         if not rows:
@@ -93,7 +98,32 @@ class RolloutManager:
         return self._load((active or rows)[-1])
 
     def history(self, model: str) -> list[Rollout]:
-        return [self._load(r) for r in self.core.registry.rollouts(model)]
+        return [self._load(r) for r in self._rows(model)]
+
+    def facts(self, r: Rollout) -> dict[str, AgentFacts]:
+        """Per agent of ``r``: hostname, the version it reports serving, its last error for the
+        model (a refused health gate of the rolled-out version counts)."""
+        out = {}
+        for agent in self.core.registry.agents():
+            if agent.agent_id not in r.previous:
+                continue
+            m = next((m for m in agent.report.models if m.name == r.spec.model), None)
+            error = ""
+            if m is not None:
+                error = m.error
+                if not error and m.gate_version == r.spec.version and not m.gate_passed:
+                    error = f"health gate ({m.gate_kind or '?'}): {m.gate_reason}"
+            out[agent.agent_id] = AgentFacts(
+                hostname=agent.hostname,
+                active_version=m.active_version if m is not None else 0,
+                last_error=error,
+            )
+        return out
+
+    def active(self) -> list[Rollout]:
+        """Every rollout in progress (a row whose start failed holds no state: skipped)."""
+        rows = self.core.registry.rollouts(states=ACTIVE_STATES)
+        return [self._load(r) for r in rows if r["data"]]
 
     async def start(self, spec: Spec) -> Rollout:
         async with self.lock:
@@ -115,11 +145,17 @@ class RolloutManager:
                 for a in reg.agents()
                 if a.status == "active" and selector_matches(spec.selector, a.labels)
             ]
-            previous = {}
+            previous, current = {}, {}
             for a in agents:
                 desired = {d.name: d.version for d in reg.desired_for(a.labels, a.agent_id)}
                 previous[a.agent_id] = desired.get(spec.model, 0)
+                active = next(
+                    (m.active_version for m in a.report.models if m.name == spec.model), 0
+                )
+                current[a.agent_id] = (previous[a.agent_id], active)
             spec.validate()
+            # Before the rollout gets a row: a refused start leaves nothing in its history.
+            check_target(spec, current)
             rollout_id = reg.create_rollout(spec.model, spec.version)
             try:
                 r = Rollout.new(
@@ -164,9 +200,9 @@ class RolloutManager:
     async def _apply(self, r: Rollout, assignments: list[tuple[str, int]]) -> None:
         prepare, r.prepare_out = r.prepare_out, []
         if prepare:
-            self.core.registry.deploy_many(r.spec.model, prepare, kind="prepare")
+            self.core.registry.deploy_many(r.spec.model, prepare, kind="prepare", rollout_id=r.id)
         if assignments:
-            self.core.registry.deploy_many(r.spec.model, assignments)
+            self.core.registry.deploy_many(r.spec.model, assignments, rollout_id=r.id)
         if prepare or assignments:
             async with self.core.changed:
                 self.core.changed.notify_all()
@@ -196,7 +232,9 @@ class RolloutManager:
         would still decide what an agent enrolled later gets (an older, maybe retired, one).
         """
         try:
-            self.core.registry.deploy(r.spec.model, r.spec.version, r.spec.selector)
+            self.core.registry.deploy(
+                r.spec.model, r.spec.version, r.spec.selector, source="rollout", rollout_id=r.id
+            )
         except ModelfleetError as exc:
             log.error(
                 "rollout %d of %s v%d is done but could not become the desired version "
@@ -218,6 +256,15 @@ class RolloutManager:
         )
         async with self.core.changed:
             self.core.changed.notify_all()
+        # Stages follow the fleet (hub.deployments: the production rule).
+        try:
+            stages = self.core.deployments.promote_completed(
+                r.spec.model, r.spec.version, set(r.previous.values())
+            )
+        except ModelfleetError as exc:
+            stages = f"stages unchanged: {exc}"
+        r.note(self.clock(), stages)
+        log.info("rollout %d of %s: %s", r.id, r.spec.model, stages)
 
     async def tick(self) -> None:
         async with self.lock:

@@ -17,13 +17,14 @@ returns the assignments to make. :class:`hub.rollout_manager.RolloutManager` doe
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from modelfleet.kernel.errors import InvalidRequestError
+from modelfleet.kernel.errors import InvalidRequestError, ModelfleetError, Status
 
 ACTIVE_STATES = ("pending", "preparing", "ready", "switching", "baking", "paused", "rolling_back")
 FINAL_STATES = ("done", "rolled_back")
@@ -36,6 +37,13 @@ RELATIVE_METRICS = (
     "p95_vs_baseline",
     "p99_vs_baseline",
 )
+
+
+class RolloutRefusedError(ModelfleetError):
+    """A rollout that would change nothing, or go back, without being asked to."""
+
+    status = Status.FAILED_PRECONDITION
+    reason = "rollout_refused"
 
 
 @dataclass(frozen=True)
@@ -110,19 +118,92 @@ class Spec:
     strategy: str = "canary"
     # blue-green: switch as soon as every agent is prepared, instead of waiting for promote.
     auto_switch: bool = False
+    # A version older than one the selected agents run or are set to run is refused without it.
+    allow_downgrade: bool = False
 
     def validate(self) -> None:
-        if not self.waves:
-            raise InvalidRequestError("a rollout needs at least one wave")
-        for w in self.waves:
-            if not re.fullmatch(r"\d+%?", w.strip()):
-                raise InvalidRequestError(f"invalid wave {w!r}: use a percentage or a count")
+        check_waves(self.waves)
         if self.bake_s < 0 or self.agent_timeout_s <= 0:
             raise InvalidRequestError("bake must be >= 0 and agent timeout > 0")
+        if self.min_requests < 0 or self.max_failed_agents < 0:
+            raise InvalidRequestError("--min-requests and --max-failed-agents must be >= 0")
         if self.strategy not in ("canary", "blue-green"):
             raise InvalidRequestError(f"unknown strategy {self.strategy!r} (canary or blue-green)")
         for g in self.gates:
             Gate.parse(g)
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but let a bad version through: said at start and in status."""
+        if not self.gates:
+            return [
+                "no gates: a wave passes once its agents have switched (each agent's health "
+                "gate) and baked; traffic is not judged (add --gate, e.g. 'error_rate<0.01')"
+            ]
+        if self.min_requests == 0:
+            return [
+                "--min-requests 0: a wave that sees no traffic passes every gate (set "
+                "--min-requests so a quiet bake pauses the rollout as inconclusive)"
+            ]
+        return []
+
+
+def check_waves(waves: Sequence[str]) -> None:
+    """Waves are all percentages (1..100) or all counts (>= 1), strictly increasing."""
+    if not waves:
+        raise InvalidRequestError("a rollout needs at least one wave")
+    for w in waves:
+        if not re.fullmatch(r"\d+%?", w.strip()):
+            raise InvalidRequestError(f"invalid wave {w!r}: use a percentage or a count")
+    percent = [w.strip().endswith("%") for w in waves]
+    if any(percent) and not all(percent):
+        raise InvalidRequestError(
+            f"waves {','.join(waves)} mix percentages and counts: use one kind"
+        )
+    numbers = [int(w.strip().rstrip("%")) for w in waves]
+    unit = "%" if percent[0] else " agent(s)"
+    for n in numbers:
+        if n < 1 or (percent[0] and n > 100):
+            what = "percentages from 1 to 100" if percent[0] else "counts of at least 1"
+            raise InvalidRequestError(f"invalid wave {n}{unit}: waves are {what}")
+    for before, after in itertools.pairwise(numbers):
+        if after <= before:
+            raise InvalidRequestError(
+                f"waves must increase (each is the cumulative share of the agents): "
+                f"{after}{unit} comes after {before}{unit} in {','.join(waves)}"
+            )
+
+
+def check_target(spec: Spec, current: Mapping[str, tuple[int, int]]) -> None:
+    """Refuse a rollout that changes nothing, or (unless allowed) goes back to an older version.
+
+    ``current``: per selected agent (a name people know), the version the hub wants it to run
+    and the version it reports running (0: none).
+    """
+    if not current:
+        raise InvalidRequestError(f"no enrolled agent matches the selector {spec.selector}")
+    v, where = spec.version, _where(spec.selector)
+    if all(desired == v for desired, _ in current.values()):
+        running = sum(1 for _, active in current.values() if active == v)
+        raise RolloutRefusedError(
+            f"{spec.model} v{v} is already the desired version of all {len(current)} agent(s) "
+            f"{where} ({running} run it): nothing to roll out"
+        )
+    newer = {a: max(d, act) for a, (d, act) in current.items() if max(d, act) > v}
+    if newer and not spec.allow_downgrade:
+        names = sorted(newer)
+        shown = ", ".join(f"{a} (v{newer[a]})" for a in names[:5])
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        raise RolloutRefusedError(
+            f"{spec.model} v{v} is a downgrade: {len(newer)} of the {len(current)} agent(s) "
+            f"{where} run or are set to run a newer version: {shown}{more}. Pass "
+            "--allow-downgrade to go back on purpose"
+        )
+
+
+def _where(selector: Mapping[str, str]) -> str:
+    if not selector:
+        return "of the fleet"
+    return "matching " + ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
 
 def stable_order(agents: Collection[str], model: str, version: int) -> list[str]:
@@ -147,6 +228,15 @@ def wave_sizes(waves: Sequence[str], total: int) -> list[int]:
     return sizes
 
 
+@dataclass(frozen=True)
+class AgentFacts:
+    """What the fleet says about one agent now: shown beside the rollout's own view of it."""
+
+    hostname: str = ""
+    active_version: int = 0
+    last_error: str = ""  # the error it last reported for the rollout's model
+
+
 @dataclass
 class Rollout:
     id: int
@@ -163,6 +253,8 @@ class Rollout:
     # Preparation requests for the manager (agent, version; 0 clears), taken after each call.
     prepare_out: list[tuple[str, int]] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    # agent -> the 1-based wave that assigned it (promote assigns the rest in the last wave).
+    assigned_in: dict[str, int] = field(default_factory=dict)
     wave_started: float = 0.0
     bake_started: float = 0.0
     paused_from: str = ""
@@ -191,6 +283,8 @@ class Rollout:
         waves = ["100%"] if spec.strategy == "blue-green" else spec.waves
         r.sizes = wave_sizes(waves, len(order))
         r._event(now, f"created for {len(order)} agent(s), waves {r.sizes}")
+        for warning in spec.warnings():
+            r._event(now, f"warning: {warning}")
         return r
 
     # -- persistence ------------------------------------------------------------------------------
@@ -211,6 +305,10 @@ class Rollout:
     def _event(self, now: float, text: str) -> None:
         self.events.append({"at": now, "text": text})
         self.updated_at = now
+
+    def note(self, now: float, text: str) -> None:
+        """An event from the I/O around the machine (e.g. the stages a completion set)."""
+        self._event(now, text)
 
     # -- operator commands ------------------------------------------------------------------------
 
@@ -294,6 +392,7 @@ class Rollout:
         target = self.sizes[self.wave]
         new = [a for a in self.agents[:target] if a not in self.assigned]
         self.assigned += new
+        self.assigned_in.update((a, self.wave + 1) for a in new)
         self.state, self.wave_started = "switching", now
         self._event(
             now,
@@ -384,14 +483,21 @@ class Rollout:
         canary = obs.stats(version, self.switched, since, now)
         baseline_agents = [a for a in self.agents if a not in self.assigned]
         baseline_versions = {self.previous.get(a, 0) for a in baseline_agents} - {0}
-        baseline = Stats()
+        baseline, baseline_version = Stats(), 0
         if baseline_agents and len(baseline_versions) == 1:
-            baseline = obs.stats(baseline_versions.pop(), baseline_agents, since, now)
+            baseline_version = baseline_versions.pop()
+            baseline = obs.stats(baseline_version, baseline_agents, since, now)
         values: dict[str, Any] = {
             "wave": self.wave + 1,
             "at": now,
+            "since": since,
             "canary_requests": canary.requests,
             "baseline_requests": baseline.requests,
+            "canary_failures": canary.failures,
+            "baseline_failures": baseline.failures,
+            "canary_agents": len(self.switched),
+            "baseline_agents": len(baseline_agents) if baseline_version else 0,
+            "baseline_version": baseline_version,
             "gates": [],
         }
         self.gate_values.append(values)
@@ -408,13 +514,20 @@ class Rollout:
         failures = []
         for text in self.spec.gates:
             gate = Gate.parse(text)
+            metric = gate.metric
+            if metric in RELATIVE_METRICS:
+                metric = metric.replace("_vs_baseline", "")
+                if metric.startswith("p"):
+                    metric += "_ms"  # p99_vs_baseline compares p99_ms
+            # The figures behind the verdict, shown by `rollout status` (None: no traffic).
+            seen = {
+                "canary": canary.value(metric) if canary.requests else None,
+                "baseline": baseline.value(metric) if baseline.requests else None,
+            }
             if gate.metric in ABSOLUTE_METRICS:
                 value = canary.value(gate.metric)
             else:
-                base_metric = gate.metric.replace("_vs_baseline", "")
-                if base_metric.startswith("p"):
-                    base_metric += "_ms"  # p99_vs_baseline compares p99_ms
-                base = baseline.value(base_metric)
+                base = baseline.value(metric)
                 if baseline.requests < max(1, self.spec.min_requests) or base <= 0:
                     values["gates"].append(
                         {
@@ -422,12 +535,13 @@ class Rollout:
                             "value": None,
                             "ok": None,
                             "note": "no baseline traffic",
+                            **seen,
                         }
                     )
                     continue
-                value = canary.value(base_metric) / base
+                value = canary.value(metric) / base
             ok = gate.holds(value)
-            values["gates"].append({"gate": str(gate), "value": value, "ok": ok})
+            values["gates"].append({"gate": str(gate), "value": value, "ok": ok, **seen})
             if not ok:
                 failures.append(f"{gate.metric}={value:.4g} (gate {gate})")
         if failures:
@@ -448,7 +562,44 @@ class Rollout:
 
     # -- views ------------------------------------------------------------------------------------
 
-    def summary(self, now: float) -> dict[str, Any]:
+    def per_agent(self, facts: Mapping[str, AgentFacts]) -> list[dict[str, Any]]:
+        """Every agent in canary order: its role, the wave that took it, where it stands."""
+        assigned = set(self.assigned)
+        out = []
+        for a in self.agents:
+            f = facts.get(a, AgentFacts())
+            if a in self.failed:
+                state = "failed"
+            elif a in assigned and self.state in ("rolling_back", "rolled_back"):
+                # The engine's own test: back once it no longer serves the rolled-out version.
+                on_new = f.active_version == self.spec.version
+                state = "rolling_back" if on_new else "rolled_back"
+            elif a in assigned:
+                state = "switched" if a in self.switched else "switching"
+            elif self.state in ("rolling_back", "rolled_back", "done"):
+                state = "unchanged"
+            elif a in self.prepared:
+                state = "prepared"
+            elif self.state == "preparing":
+                state = "preparing"
+            else:
+                state = "waiting"
+            out.append(
+                {
+                    "agent_id": a,
+                    "hostname": f.hostname,
+                    "role": "canary" if a in assigned else "baseline",
+                    "wave": self.assigned_in.get(a, 0) if a in assigned else 0,
+                    "previous_version": self.previous.get(a, 0),
+                    "active_version": f.active_version,
+                    "state": state,
+                    "last_error": self.failed.get(a) or f.last_error,
+                }
+            )
+        return out
+
+    def summary(self, now: float, facts: Mapping[str, AgentFacts] | None = None) -> dict[str, Any]:
+        """The status view; ``facts`` (per agent id) adds the per-agent view, else it is empty."""
         bake_left = 0.0
         if self.state == "baking":
             bake_left = max(0.0, self.bake_started + self.spec.bake_s - now)
@@ -470,4 +621,13 @@ class Rollout:
             "gates": self.spec.gates,
             "last_evaluation": self.gate_values[-1] if self.gate_values else None,
             "events": self.events[-20:],
+            "per_agent": self.per_agent(facts) if facts is not None else [],
+            "warnings": self.spec.warnings(),
+            "selector": dict(self.spec.selector),
+            "bake_s": self.spec.bake_s,
+            "min_requests": self.spec.min_requests,
+            "max_failed_agents": self.spec.max_failed_agents,
+            "agent_timeout_s": self.spec.agent_timeout_s,
+            "auto_switch": self.spec.auto_switch,
+            "allow_downgrade": self.spec.allow_downgrade,
         }

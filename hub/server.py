@@ -15,6 +15,11 @@ import grpc
 
 from modelfleet.hub.convert import (
     agent_to_proto,
+    backup_item_to_proto,
+    change_to_proto,
+    deployment_detail_to_proto,
+    deployment_to_proto,
+    deployment_view_to_proto,
     desired_to_proto,
     job_run_to_proto,
     job_runs_from_reports,
@@ -22,6 +27,7 @@ from modelfleet.hub.convert import (
     job_to_proto,
     report_from_proto,
     rollout_to_proto,
+    rollout_view_to_proto,
     version_to_proto,
     window_stats_to_proto,
 )
@@ -222,20 +228,22 @@ class RolloutServicerMixin:
             agent_timeout_s=request.agent_timeout_s or 600.0,
             strategy=request.strategy or "canary",
             auto_switch=request.auto_switch,
+            allow_downgrade=request.allow_downgrade,
         )
         r = await self.core.rollouts.start(spec)
-        return rollout_to_proto(r, time.time())
+        return rollout_to_proto(r, time.time(), self.core.rollouts.facts(r))
 
     @unary
     async def GetRollout(self, request, context):
         caller(context, "admin")
-        return rollout_to_proto(self.core.rollouts.get(request.model, request.id), time.time())
+        r = self.core.rollouts.get(request.model, request.id)
+        return rollout_to_proto(r, time.time(), self.core.rollouts.facts(r))
 
     @unary
     async def ControlRollout(self, request, context):
         caller(context, "admin")
         r = await self.core.rollouts.control(request.model, request.action)
-        return rollout_to_proto(r, time.time())
+        return rollout_to_proto(r, time.time(), self.core.rollouts.facts(r))
 
     @unary
     async def RolloutHistory(self, request, context):
@@ -244,6 +252,53 @@ class RolloutServicerMixin:
         return pb.RolloutHistoryResponse(
             rollouts=[rollout_to_proto(r, now) for r in self.core.rollouts.history(request.model)]
         )
+
+
+class DeploymentServicerMixin:
+    """HubAdmin's deployment methods; the core is hub.deployments (HubCore.deployments)."""
+
+    core: HubCore
+
+    @unary
+    async def ListDeployments(self, request, context):
+        caller(context, "admin")
+        deployments, rollouts = self.core.deployments.ls(request.model)
+        return pb.ListDeploymentsResponse(
+            deployments=[deployment_view_to_proto(v) for v in deployments],
+            rollouts=[rollout_view_to_proto(r) for r in rollouts],
+        )
+
+    @unary
+    async def GetDeployment(self, request, context):
+        caller(context, "admin")
+        detail = self.core.deployments.show(request.model, dict(request.selector))
+        return deployment_detail_to_proto(detail)
+
+    @unary
+    async def Undeploy(self, request, context):
+        actor = caller(context, "admin")
+        outcome = await self.core.deployments.undeploy(
+            request.name, dict(request.selector), actor=actor, dry_run=request.dry_run
+        )
+        return pb.UndeployResponse(
+            removed=[deployment_to_proto(r) for r in outcome.removed],
+            changes=[change_to_proto(c) for c in outcome.changes],
+            revision=outcome.revision,
+            dry_run=request.dry_run,
+            agents=outcome.matched,
+        )
+
+
+class BackupServicerMixin:
+    """HubAdmin.Backup: the hub's state as one consistent copy (hub/backup.py)."""
+
+    core: HubCore
+
+    @streaming
+    async def Backup(self, request, context):
+        caller(context, "admin")
+        async for item in self.core.backup():
+            yield backup_item_to_proto(item)
 
 
 def _publish_response(result: PublishResult) -> pb.PublishResponse:
@@ -255,7 +310,13 @@ def _publish_response(result: PublishResult) -> pb.PublishResponse:
     )
 
 
-class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServicer):
+class AdminServicer(
+    BackupServicerMixin,
+    JobServicerMixin,
+    RolloutServicerMixin,
+    DeploymentServicerMixin,
+    pb_grpc.HubAdminServicer,
+):
     def __init__(self, core: HubCore) -> None:
         self.core = core
 
@@ -345,11 +406,22 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
 
     @unary
     async def Deploy(self, request, context):
-        caller(context, "admin")
-        agents, revision = await self.core.deploy(
-            request.name, request.version, dict(request.selector)
+        actor = caller(context, "admin")
+        outcome = await self.core.deployments.deploy(
+            request.name,
+            request.version,
+            dict(request.selector),
+            actor=actor,
+            dry_run=request.dry_run,
+            allow_empty=request.allow_empty,
         )
-        return pb.DeployResponse(agents=agents, revision=revision)
+        return pb.DeployResponse(
+            agents=outcome.matched,
+            revision=outcome.revision,
+            changes=[change_to_proto(c) for c in outcome.changes],
+            dry_run=request.dry_run,
+            notes=outcome.notes,
+        )
 
     @unary
     async def CreateToken(self, request, context):
@@ -362,7 +434,10 @@ class AdminServicer(JobServicerMixin, RolloutServicerMixin, pb_grpc.HubAdminServ
     @unary
     async def ListAgents(self, request, context):
         caller(context, "admin")
-        return pb.ListAgentsResponse(agents=[agent_to_proto(a) for a in self.core.list_agents()])
+        return pb.ListAgentsResponse(
+            agents=[agent_to_proto(a) for a in self.core.list_agents()],
+            rollouts=[rollout_view_to_proto(r) for r in self.core.deployments.active_rollouts()],
+        )
 
     @unary
     async def RevokeAgent(self, request, context):

@@ -1005,6 +1005,57 @@ class TufRepository:
             with contextlib.suppress(FileNotFoundError):
                 (self.metadata_dir / STAGED_DIR / "targets.json").unlink()
 
+    def copy_metadata(self, dest: Path) -> list[str]:
+        """Copy every metadata file (all versions, ``staged/`` included) into the new folder
+        ``dest``, under the write lock, so the copy is one published state; return the names
+        copied. Not made durable: the caller (a backup) does that where the copy ends up."""
+        copied = []
+        with self._write_lock():
+            for src in sorted(self.metadata_dir.rglob("*")):
+                rel = src.relative_to(self.metadata_dir)
+                # The lock file and atomic_write's temporaries are no part of any state.
+                if src.name == _LOCK_FILE or src.name.startswith("."):
+                    continue
+                if src.is_symlink() or not src.is_file():
+                    continue
+                out = dest / rel
+                out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                # A plain write, no fsync: the copy is a staging area and the lock is held.
+                with open(out, "xb") as fh:
+                    fh.write(src.read_bytes())
+                copied.append(rel.as_posix())
+        return copied
+
+    def advance_versions(self, gap: int, now: float | None = None) -> dict[str, tuple[int, int]]:
+        """Re-sign the online roles with versions ``gap`` above the current ones.
+
+        For a hub restored from a backup: the lost hub may have signed newer versions after
+        the backup was taken, and agents that saw them refuse anything not newer as a rollback
+        (an equal version they keep as it is). Targets moves too when its key is online;
+        snapshot and timestamp always. Returns role -> (old version, new version).
+        """
+        if gap < 1:
+            raise InvalidRequestError(f"version gap must be positive, got {gap}")
+        with self._write_lock():
+            before = {
+                "targets": self._targets.signed.version,
+                "snapshot": self._snapshot.signed.version,
+                "timestamp": self._timestamp.signed.version,
+            }
+            if self._targets_signer is not None:
+                new = Metadata(self._next_targets(self._targets.signed, None, now))
+                new.signed.version = self._targets.signed.version + gap
+                new.sign(self._targets_signer)
+                self._publish_targets(new, now, step=gap)
+            else:
+                self._publish_snapshot(dict(self._snapshot.signed.meta), now, step=gap)
+            after = {
+                "targets": self._targets.signed.version,
+                "snapshot": self._snapshot.signed.version,
+                "timestamp": self._timestamp.signed.version,
+            }
+        return {role: (before[role], after[role]) for role in before}
+
     def refresh_online(self, now: float | None = None) -> bool:
         """Re-sign online roles that have less than half of their lifetime left.
 
@@ -1232,7 +1283,9 @@ class TufRepository:
             return None
         return Metadata.from_bytes(data)
 
-    def _publish_targets(self, targets_md: Metadata[Targets], now: float | None = None) -> None:
+    def _publish_targets(
+        self, targets_md: Metadata[Targets], now: float | None = None, step: int = 1
+    ) -> None:
         # Until the new timestamp is written, what is on disk is the truth: a failure half-way
         # must make the next operation reload instead of trusting half-updated memory.
         self._state_key = None
@@ -1243,13 +1296,15 @@ class TufRepository:
         self._remember(f"{version}.targets.json", data, ".targets.json")
         meta = dict(self._snapshot.signed.meta)
         meta["targets.json"] = _meta_for(version, data)
-        self._publish_snapshot(meta, now)
+        self._publish_snapshot(meta, now, step)
 
-    def _publish_snapshot(self, meta: dict[str, MetaFile], now: float | None = None) -> None:
+    def _publish_snapshot(
+        self, meta: dict[str, MetaFile], now: float | None = None, step: int = 1
+    ) -> None:
         self._state_key = None
         snapshot = Metadata(
             Snapshot(
-                version=self._snapshot.signed.version + 1,
+                version=self._snapshot.signed.version + step,
                 expires=self._expires_at("snapshot", now),
                 meta=meta,
             )
@@ -1259,14 +1314,14 @@ class TufRepository:
         _atomic_write(self.metadata_dir / f"{snapshot.signed.version}.snapshot.json", data)
         self._snapshot = snapshot
         self._remember(f"{snapshot.signed.version}.snapshot.json", data, ".snapshot.json")
-        self._publish_timestamp(snapshot.signed.version, data, now)
+        self._publish_timestamp(snapshot.signed.version, data, now, step)
 
     def _publish_timestamp(
-        self, snapshot_version: int, snapshot_bytes: bytes, now: float | None = None
+        self, snapshot_version: int, snapshot_bytes: bytes, now: float | None = None, step: int = 1
     ) -> None:
         timestamp = Metadata(
             Timestamp(
-                version=self._timestamp.signed.version + 1,
+                version=self._timestamp.signed.version + step,
                 expires=self._expires_at("timestamp", now),
                 snapshot_meta=_meta_for(snapshot_version, snapshot_bytes),
             )

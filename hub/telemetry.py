@@ -476,6 +476,21 @@ class TelemetryStore:
                 raise
         return int(n)
 
+    def backup_to(self, path: Path | str) -> None:
+        """Copy every table, as of now, into a new DuckDB file ``path`` (one consistent state:
+        ingestion waits on the lock meanwhile). A logical copy through the hub's own connection:
+        DuckDB lets no other process open the file while the hub has it."""
+        target = str(path).replace("'", "''")
+        with self._lock:
+            row = self._db.execute("SELECT current_database()").fetchone()
+            source = str(row[0]).replace('"', '""') if row else "main"
+            self._db.execute(f"ATTACH '{target}' AS modelfleet_backup")
+            try:
+                self._db.execute(f'COPY FROM DATABASE "{source}" TO modelfleet_backup')
+                self._db.execute("CHECKPOINT modelfleet_backup")
+            finally:
+                self._db.execute("DETACH modelfleet_backup")
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

@@ -332,7 +332,7 @@ class SetStageRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., stage: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
-    __slots__ = ("name", "version", "selector")
+    __slots__ = ("name", "version", "selector", "dry_run", "allow_empty")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -343,18 +343,208 @@ class DeployRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_EMPTY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     selector: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    dry_run: bool
+    allow_empty: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., dry_run: _Optional[bool] = ..., allow_empty: _Optional[bool] = ...) -> None: ...
 
 class DeployResponse(_message.Message):
-    __slots__ = ("agents", "revision")
+    __slots__ = ("agents", "revision", "changes", "dry_run", "notes")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedScalarFieldContainer[str]
     revision: int
-    def __init__(self, agents: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ...) -> None: ...
+    changes: _containers.RepeatedCompositeFieldContainer[DesiredChange]
+    dry_run: bool
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agents: _Optional[_Iterable[str]] = ..., revision: _Optional[int] = ..., changes: _Optional[_Iterable[_Union[DesiredChange, _Mapping]]] = ..., dry_run: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Deployment(_message.Message):
+    __slots__ = ("id", "model", "version", "selector", "created_at", "source", "rollout_id", "actor", "agent_id", "removed_at", "removed_by")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_AT_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_BY_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model: str
+    version: int
+    selector: _containers.ScalarMap[str, str]
+    created_at: float
+    source: str
+    rollout_id: int
+    actor: str
+    agent_id: str
+    removed_at: float
+    removed_by: str
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[float] = ..., source: _Optional[str] = ..., rollout_id: _Optional[int] = ..., actor: _Optional[str] = ..., agent_id: _Optional[str] = ..., removed_at: _Optional[float] = ..., removed_by: _Optional[str] = ...) -> None: ...
+
+class DesiredChange(_message.Message):
+    __slots__ = ("agent_id", "hostname", "from_version", "to_version", "active_version", "decided_by")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    hostname: str
+    from_version: int
+    to_version: int
+    active_version: int
+    decided_by: Deployment
+    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., active_version: _Optional[int] = ..., decided_by: _Optional[_Union[Deployment, _Mapping]] = ...) -> None: ...
+
+class DeploymentInfo(_message.Message):
+    __slots__ = ("deployment", "agents", "deciding", "per_agent")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    DECIDING_FIELD_NUMBER: _ClassVar[int]
+    PER_AGENT_FIELD_NUMBER: _ClassVar[int]
+    deployment: Deployment
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    deciding: _containers.RepeatedScalarFieldContainer[str]
+    per_agent: bool
+    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., agents: _Optional[_Iterable[str]] = ..., deciding: _Optional[_Iterable[str]] = ..., per_agent: _Optional[bool] = ...) -> None: ...
+
+class RolloutInProgress(_message.Message):
+    __slots__ = ("id", "model", "version", "state", "selector", "wave", "waves", "assigned", "agents", "from_versions", "new_agents")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    WAVE_FIELD_NUMBER: _ClassVar[int]
+    WAVES_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEW_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model: str
+    version: int
+    state: str
+    selector: _containers.ScalarMap[str, str]
+    wave: int
+    waves: int
+    assigned: int
+    agents: int
+    from_versions: _containers.RepeatedScalarFieldContainer[int]
+    new_agents: Deployment
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., wave: _Optional[int] = ..., waves: _Optional[int] = ..., assigned: _Optional[int] = ..., agents: _Optional[int] = ..., from_versions: _Optional[_Iterable[int]] = ..., new_agents: _Optional[_Union[Deployment, _Mapping]] = ...) -> None: ...
+
+class ListDeploymentsRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListDeploymentsResponse(_message.Message):
+    __slots__ = ("deployments", "rollouts")
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    deployments: _containers.RepeatedCompositeFieldContainer[DeploymentInfo]
+    rollouts: _containers.RepeatedCompositeFieldContainer[RolloutInProgress]
+    def __init__(self, deployments: _Optional[_Iterable[_Union[DeploymentInfo, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[RolloutInProgress, _Mapping]]] = ...) -> None: ...
+
+class GetDeploymentRequest(_message.Message):
+    __slots__ = ("model", "selector")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    selector: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class DeploymentAgent(_message.Message):
+    __slots__ = ("agent_id", "hostname", "desired_version", "active_version", "decided_by")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    hostname: str
+    desired_version: int
+    active_version: int
+    decided_by: Deployment
+    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., desired_version: _Optional[int] = ..., active_version: _Optional[int] = ..., decided_by: _Optional[_Union[Deployment, _Mapping]] = ...) -> None: ...
+
+class DeploymentDetail(_message.Message):
+    __slots__ = ("info", "agents", "history", "rollouts")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    info: DeploymentInfo
+    agents: _containers.RepeatedCompositeFieldContainer[DeploymentAgent]
+    history: _containers.RepeatedCompositeFieldContainer[Deployment]
+    rollouts: _containers.RepeatedCompositeFieldContainer[RolloutInProgress]
+    def __init__(self, info: _Optional[_Union[DeploymentInfo, _Mapping]] = ..., agents: _Optional[_Iterable[_Union[DeploymentAgent, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Deployment, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[RolloutInProgress, _Mapping]]] = ...) -> None: ...
+
+class UndeployRequest(_message.Message):
+    __slots__ = ("name", "selector", "dry_run")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    selector: _containers.ScalarMap[str, str]
+    dry_run: bool
+    def __init__(self, name: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class UndeployResponse(_message.Message):
+    __slots__ = ("removed", "changes", "revision", "dry_run", "agents")
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    removed: _containers.RepeatedCompositeFieldContainer[Deployment]
+    changes: _containers.RepeatedCompositeFieldContainer[DesiredChange]
+    revision: int
+    dry_run: bool
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, removed: _Optional[_Iterable[_Union[Deployment, _Mapping]]] = ..., changes: _Optional[_Iterable[_Union[DesiredChange, _Mapping]]] = ..., revision: _Optional[int] = ..., dry_run: _Optional[bool] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateTokenRequest(_message.Message):
     __slots__ = ("labels", "ttl_seconds")
@@ -386,7 +576,7 @@ class ListAgentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_id", "hostname", "labels", "enrolled_at", "last_seen", "status", "report", "desired", "presence", "cert_expires_at")
+    __slots__ = ("agent_id", "hostname", "labels", "enrolled_at", "last_seen", "status", "report", "desired", "presence", "cert_expires_at", "desired_by")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -404,6 +594,7 @@ class AgentInfo(_message.Message):
     DESIRED_FIELD_NUMBER: _ClassVar[int]
     PRESENCE_FIELD_NUMBER: _ClassVar[int]
     CERT_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_BY_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     hostname: str
     labels: _containers.ScalarMap[str, str]
@@ -414,13 +605,16 @@ class AgentInfo(_message.Message):
     desired: _containers.RepeatedCompositeFieldContainer[DesiredModel]
     presence: str
     cert_expires_at: float
-    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., enrolled_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., status: _Optional[str] = ..., report: _Optional[_Union[AgentReport, _Mapping]] = ..., desired: _Optional[_Iterable[_Union[DesiredModel, _Mapping]]] = ..., presence: _Optional[str] = ..., cert_expires_at: _Optional[float] = ...) -> None: ...
+    desired_by: _containers.RepeatedCompositeFieldContainer[Deployment]
+    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., enrolled_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., status: _Optional[str] = ..., report: _Optional[_Union[AgentReport, _Mapping]] = ..., desired: _Optional[_Iterable[_Union[DesiredModel, _Mapping]]] = ..., presence: _Optional[str] = ..., cert_expires_at: _Optional[float] = ..., desired_by: _Optional[_Iterable[_Union[Deployment, _Mapping]]] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
-    __slots__ = ("agents",)
+    __slots__ = ("agents", "rollouts")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[AgentInfo]
-    def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ...) -> None: ...
+    rollouts: _containers.RepeatedCompositeFieldContainer[RolloutInProgress]
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[RolloutInProgress, _Mapping]]] = ...) -> None: ...
 
 class RevokeAgentRequest(_message.Message):
     __slots__ = ("agent_id",)
@@ -567,7 +761,7 @@ class MetricsResponse(_message.Message):
     def __init__(self, versions: _Optional[_Iterable[_Union[VersionMetrics, _Mapping]]] = ..., window_s: _Optional[float] = ...) -> None: ...
 
 class StartRolloutRequest(_message.Message):
-    __slots__ = ("model", "version", "selector", "waves", "bake_s", "gates", "min_requests", "max_failed_agents", "agent_timeout_s", "strategy", "auto_switch")
+    __slots__ = ("model", "version", "selector", "waves", "bake_s", "gates", "min_requests", "max_failed_agents", "agent_timeout_s", "strategy", "auto_switch", "allow_downgrade")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -586,6 +780,7 @@ class StartRolloutRequest(_message.Message):
     AGENT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     AUTO_SWITCH_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_DOWNGRADE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     selector: _containers.ScalarMap[str, str]
@@ -597,7 +792,8 @@ class StartRolloutRequest(_message.Message):
     agent_timeout_s: float
     strategy: str
     auto_switch: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[str]] = ..., bake_s: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., strategy: _Optional[str] = ..., auto_switch: _Optional[bool] = ...) -> None: ...
+    allow_downgrade: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[str]] = ..., bake_s: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., strategy: _Optional[str] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("model", "id")
@@ -624,34 +820,77 @@ class RolloutEvent(_message.Message):
     def __init__(self, at: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
 
 class GateValue(_message.Message):
-    __slots__ = ("gate", "value", "ok", "note")
+    __slots__ = ("gate", "value", "ok", "note", "canary", "baseline")
     GATE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
     gate: str
     value: float
     ok: bool
     note: str
-    def __init__(self, gate: _Optional[str] = ..., value: _Optional[float] = ..., ok: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
+    canary: float
+    baseline: float
+    def __init__(self, gate: _Optional[str] = ..., value: _Optional[float] = ..., ok: _Optional[bool] = ..., note: _Optional[str] = ..., canary: _Optional[float] = ..., baseline: _Optional[float] = ...) -> None: ...
 
 class GateEvaluation(_message.Message):
-    __slots__ = ("wave", "at", "canary_requests", "baseline_requests", "gates")
+    __slots__ = ("wave", "at", "canary_requests", "baseline_requests", "gates", "canary_failures", "baseline_failures", "canary_agents", "baseline_agents", "baseline_version", "since")
     WAVE_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     CANARY_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BASELINE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     GATES_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    CANARY_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
     wave: int
     at: float
     canary_requests: int
     baseline_requests: int
     gates: _containers.RepeatedCompositeFieldContainer[GateValue]
-    def __init__(self, wave: _Optional[int] = ..., at: _Optional[float] = ..., canary_requests: _Optional[int] = ..., baseline_requests: _Optional[int] = ..., gates: _Optional[_Iterable[_Union[GateValue, _Mapping]]] = ...) -> None: ...
+    canary_failures: int
+    baseline_failures: int
+    canary_agents: int
+    baseline_agents: int
+    baseline_version: int
+    since: float
+    def __init__(self, wave: _Optional[int] = ..., at: _Optional[float] = ..., canary_requests: _Optional[int] = ..., baseline_requests: _Optional[int] = ..., gates: _Optional[_Iterable[_Union[GateValue, _Mapping]]] = ..., canary_failures: _Optional[int] = ..., baseline_failures: _Optional[int] = ..., canary_agents: _Optional[int] = ..., baseline_agents: _Optional[int] = ..., baseline_version: _Optional[int] = ..., since: _Optional[float] = ...) -> None: ...
+
+class RolloutAgent(_message.Message):
+    __slots__ = ("agent_id", "hostname", "role", "wave", "previous_version", "active_version", "state", "last_error")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WAVE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    hostname: str
+    role: str
+    wave: int
+    previous_version: int
+    active_version: int
+    state: str
+    last_error: str
+    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., role: _Optional[str] = ..., wave: _Optional[int] = ..., previous_version: _Optional[int] = ..., active_version: _Optional[int] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("id", "model", "version", "state", "wave", "waves", "agents", "assigned", "switched", "prepared", "strategy", "failed", "bake_left_s", "reason", "gates", "last_evaluation", "events")
+    __slots__ = ("id", "model", "version", "state", "wave", "waves", "agents", "assigned", "switched", "prepared", "strategy", "failed", "bake_left_s", "reason", "gates", "last_evaluation", "events", "per_agent", "warnings", "selector", "bake_s", "min_requests", "max_failed_agents", "agent_timeout_s", "auto_switch", "allow_downgrade")
     class FailedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -675,6 +914,15 @@ class RolloutStatus(_message.Message):
     GATES_FIELD_NUMBER: _ClassVar[int]
     LAST_EVALUATION_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    PER_AGENT_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    BAKE_S_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FAILED_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    AUTO_SWITCH_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_DOWNGRADE_FIELD_NUMBER: _ClassVar[int]
     id: int
     model: str
     version: int
@@ -692,7 +940,16 @@ class RolloutStatus(_message.Message):
     gates: _containers.RepeatedScalarFieldContainer[str]
     last_evaluation: GateEvaluation
     events: _containers.RepeatedCompositeFieldContainer[RolloutEvent]
-    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., wave: _Optional[int] = ..., waves: _Optional[_Iterable[int]] = ..., agents: _Optional[int] = ..., assigned: _Optional[int] = ..., switched: _Optional[int] = ..., prepared: _Optional[int] = ..., strategy: _Optional[str] = ..., failed: _Optional[_Mapping[str, str]] = ..., bake_left_s: _Optional[float] = ..., reason: _Optional[str] = ..., gates: _Optional[_Iterable[str]] = ..., last_evaluation: _Optional[_Union[GateEvaluation, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ...) -> None: ...
+    per_agent: _containers.RepeatedCompositeFieldContainer[RolloutAgent]
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    selector: _containers.ScalarMap[str, str]
+    bake_s: float
+    min_requests: int
+    max_failed_agents: int
+    agent_timeout_s: float
+    auto_switch: bool
+    allow_downgrade: bool
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., wave: _Optional[int] = ..., waves: _Optional[_Iterable[int]] = ..., agents: _Optional[int] = ..., assigned: _Optional[int] = ..., switched: _Optional[int] = ..., prepared: _Optional[int] = ..., strategy: _Optional[str] = ..., failed: _Optional[_Mapping[str, str]] = ..., bake_left_s: _Optional[float] = ..., reason: _Optional[str] = ..., gates: _Optional[_Iterable[str]] = ..., last_evaluation: _Optional[_Union[GateEvaluation, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., per_agent: _Optional[_Iterable[_Union[RolloutAgent, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., selector: _Optional[_Mapping[str, str]] = ..., bake_s: _Optional[float] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ...) -> None: ...
 
 class RolloutHistoryRequest(_message.Message):
     __slots__ = ("model",)
@@ -769,3 +1026,58 @@ class ControlJobRequest(_message.Message):
     name: str
     action: str
     def __init__(self, name: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
+
+class BackupRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BackupFile(_message.Message):
+    __slots__ = ("path", "size", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class BackupSummary(_message.Message):
+    __slots__ = ("created_at", "hub", "tuf_versions", "models", "versions", "agents", "blobs", "files", "bytes", "pause_ms")
+    class TufVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    HUB_FIELD_NUMBER: _ClassVar[int]
+    TUF_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
+    created_at: float
+    hub: str
+    tuf_versions: _containers.ScalarMap[str, int]
+    models: int
+    versions: int
+    agents: int
+    blobs: int
+    files: int
+    bytes: int
+    pause_ms: float
+    def __init__(self, created_at: _Optional[float] = ..., hub: _Optional[str] = ..., tuf_versions: _Optional[_Mapping[str, int]] = ..., models: _Optional[int] = ..., versions: _Optional[int] = ..., agents: _Optional[int] = ..., blobs: _Optional[int] = ..., files: _Optional[int] = ..., bytes: _Optional[int] = ..., pause_ms: _Optional[float] = ...) -> None: ...
+
+class BackupChunk(_message.Message):
+    __slots__ = ("file", "data", "summary")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    file: BackupFile
+    data: bytes
+    summary: BackupSummary
+    def __init__(self, file: _Optional[_Union[BackupFile, _Mapping]] = ..., data: _Optional[bytes] = ..., summary: _Optional[_Union[BackupSummary, _Mapping]] = ...) -> None: ...

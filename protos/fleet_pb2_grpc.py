@@ -461,6 +461,26 @@ class HubAdminStub:
                 request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ControlJobRequest.SerializeToString,
                 response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.JobInfo.FromString,
                 _registered_method=True)
+        self.ListDeployments = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ListDeployments',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListDeploymentsRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListDeploymentsResponse.FromString,
+                _registered_method=True)
+        self.GetDeployment = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/GetDeployment',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.GetDeploymentRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.DeploymentDetail.FromString,
+                _registered_method=True)
+        self.Undeploy = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/Undeploy',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.UndeployRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.UndeployResponse.FromString,
+                _registered_method=True)
+        self.Backup = channel.unary_stream(
+                '/modelfleet.fleet.v1.HubAdmin/Backup',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.FromString,
+                _registered_method=True)
 
 
 class HubAdminServicer:
@@ -579,6 +599,36 @@ class HubAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeployments(self, request, context):
+        """The deployments in force (what decides each agent's desired versions) and the rollouts in
+        progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeployment(self, request, context):
+        """One deployment (model and exact selector): the agents it matches, its history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Undeploy(self, request, context):
+        """Remove a deployment; its agents fall back to the other deployments that match them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Backup(self, request, context):
+        """A consistent copy of the hub's state for `modelfleet-hub backup`: for every file a
+        BackupFile header, then its bytes in data chunks; the summary comes last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -671,6 +721,26 @@ def add_HubAdminServicer_to_server(servicer, server):
                     servicer.ControlJob,
                     request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ControlJobRequest.FromString,
                     response_serializer=modelfleet_dot_protos_dot_fleet__pb2.JobInfo.SerializeToString,
+            ),
+            'ListDeployments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeployments,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListDeploymentsRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListDeploymentsResponse.SerializeToString,
+            ),
+            'GetDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeployment,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.GetDeploymentRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.DeploymentDetail.SerializeToString,
+            ),
+            'Undeploy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undeploy,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.UndeployRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.UndeployResponse.SerializeToString,
+            ),
+            'Backup': grpc.unary_stream_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1159,6 +1229,114 @@ class HubAdmin:
             '/modelfleet.fleet.v1.HubAdmin/ControlJob',
             modelfleet_dot_protos_dot_fleet__pb2.ControlJobRequest.SerializeToString,
             modelfleet_dot_protos_dot_fleet__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeployments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ListDeployments',
+            modelfleet_dot_protos_dot_fleet__pb2.ListDeploymentsRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListDeploymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/GetDeployment',
+            modelfleet_dot_protos_dot_fleet__pb2.GetDeploymentRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.DeploymentDetail.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undeploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/Undeploy',
+            modelfleet_dot_protos_dot_fleet__pb2.UndeployRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.UndeployResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/Backup',
+            modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from modelfleet.hub.cli import EXIT_ROLLED_BACK
 from modelfleet.kernel.bundle import create_bundle
 from tests import models
 from tests.procs import (
@@ -189,6 +190,15 @@ def run_hub(hub: HubProcess, *args: str) -> str:
     return out
 
 
+def run_hub_code(hub: HubProcess, *args: str) -> int:
+    """Like run_hub, for a command whose exit code is the point (a script would branch on it)."""
+    print(f"$ modelfleet-hub {' '.join(args)}")
+    r = hub.cli(*args, check=False, timeout=180)
+    out = (r.stdout + r.stderr).rstrip()  # type: ignore[attr-defined]
+    print("\n".join(f"  {line}" for line in out.splitlines()), flush=True)
+    return int(r.returncode)  # type: ignore[attr-defined]
+
+
 def fleet(work: Path) -> bool:
     src = work / "src"
     transport = os.environ.get("MODELFLEET_DEMO_TRANSPORT", "grpc")
@@ -233,10 +243,12 @@ def fleet(work: Path) -> bool:
         run_hub(hub, "publish", "fraud", str(src / "v2.onnx"), "--notes", "retrained")
         run_hub(hub, "models", "show", "fraud")
 
-        step("11. Deploy v1 to every agent, then v2 to site=berlin only")
+        step("11. Deploy v1 to every agent, then v2 to site=berlin only (a dry run first)")
         run_hub(hub, "deploy", "fraud", "1")
         wait_for(lambda: all(_active(a) == 1 for a in agents), 60, "v1 everywhere")
+        run_hub(hub, "deploy", "fraud", "2", "--selector", "site=berlin", "--dry-run")
         run_hub(hub, "deploy", "fraud", "2", "--selector", "site=berlin")
+        run_hub(hub, "deployments", "ls")
         wait_for(lambda: [_active(a) for a in agents] == [2, 2, 1], 60, "v2 in berlin")
         time.sleep(1.5)  # one report interval, so the hub has heard back
 
@@ -274,15 +286,18 @@ def fleet(work: Path) -> bool:
             "60s",
         )
         watch_rollout(hub, "fraud")
+        # Completed: v3 is the fleet's desired version (set by the rollout) and production.
+        run_hub(hub, "deployments", "ls", "fraud")
+        run_hub(hub, "models", "show", "fraud")
 
         step(
             "14. Canary rollout of a broken v4 (NaN outputs): stopped in the first wave, "
-            "rolled back without a command"
+            "rolled back without a command; --wait exits with the outcome's code"
         )
         run_hub(
             hub, "publish", "fraud", str(models.nan_model(src / "v4.onnx")), "--max-batch-size", "0"
         )
-        run_hub(
+        code = run_hub_code(
             hub,
             "rollout",
             "start",
@@ -294,8 +309,13 @@ def fleet(work: Path) -> bool:
             "2s",
             "--agent-timeout",
             "60s",
+            "--wait",
+            "--timeout",
+            "90s",
         )
-        watch_rollout(hub, "fraud")
+        print(f"  exit code {code} (docs/cli.md: {EXIT_ROLLED_BACK} means rolled back)")
+        if code != EXIT_ROLLED_BACK:
+            return False
         wait_for(lambda: all(_active(a) == 3 for a in agents), 60, "all back on v3")
         print(f"  active versions now: {[_active(a) for a in agents]}")
         run_hub(hub, "rollout", "history", "fraud")

@@ -98,7 +98,13 @@ def test_healthy_version_goes_through_every_wave() -> None:
     assert all(v == 2 for v in fleet.active.values())
     # The baseline is the agents still on the previous version.
     assert fleet.asked[1][0] == 1 and len(fleet.asked[1][1]) == 9
-    assert r.gate_values[0]["gates"][0] == {"gate": "error_rate<0.01", "value": 0.002, "ok": True}
+    assert r.gate_values[0]["gates"][0] == {
+        "gate": "error_rate<0.01",
+        "value": 0.002,
+        "ok": True,
+        "canary": 0.002,
+        "baseline": 0.002,
+    }
 
 
 def test_bad_error_rate_is_rolled_back_in_the_first_wave() -> None:
@@ -334,12 +340,46 @@ def test_rollout_status_is_typed_on_the_wire_and_round_trips() -> None:
             ],
         },
         "events": [{"at": 990.0, "text": "wave 1/3: 1 agent(s)"}],
+        "per_agent": [
+            {
+                "agent_id": "edge-9",
+                "hostname": "edge",
+                "role": "canary",
+                "wave": 1,
+                "previous_version": 1,
+                "active_version": 1,
+                "state": "failed",
+                "last_error": "did not switch within 600s",
+            }
+        ],
+        "warnings": [],
+        "selector": {"site": "berlin"},
+        "bake_s": 60.0,
+        "min_requests": 10,
+        "max_failed_agents": 1,
+        "agent_timeout_s": 600.0,
+        "auto_switch": False,
+        "allow_downgrade": True,
     }
-    status = rollout_to_proto(SimpleNamespace(summary=lambda now: summary), 0.0)
+    evaluation = summary["last_evaluation"]
+    assert isinstance(evaluation, dict)
+    evaluation.update(
+        since=940.0,
+        canary_failures=0,
+        baseline_failures=0,
+        canary_agents=4,
+        baseline_agents=5,
+        baseline_version=1,
+    )
+    evaluation["gates"][0].update(canary=0.0, baseline=None)
+    evaluation["gates"][1].update(canary=12.5, baseline=None)
+
+    def fake(d: dict) -> SimpleNamespace:
+        return SimpleNamespace(summary=lambda now, facts: d)
+
+    status = rollout_to_proto(fake(summary), 0.0)
     wire = pb.RolloutStatus.FromString(status.SerializeToString())
     assert rollout_dict(wire) == summary
-    fresh = dict(summary, last_evaluation=None, events=[], failed={})
-    wire = pb.RolloutStatus.FromString(
-        rollout_to_proto(SimpleNamespace(summary=lambda now: fresh), 0.0).SerializeToString()
-    )
+    fresh = dict(summary, last_evaluation=None, events=[], failed={}, per_agent=[])
+    wire = pb.RolloutStatus.FromString(rollout_to_proto(fake(fresh), 0.0).SerializeToString())
     assert rollout_dict(wire) == fresh
