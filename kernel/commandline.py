@@ -104,12 +104,12 @@ def missing_help(parser: argparse.ArgumentParser) -> list[str]:
 # -- bash completion ---------------------------------------------------------------------------
 
 
-def _path_like(action: argparse.Action) -> bool:
+def path_like(action: argparse.Action) -> bool:
     """An argument whose value is a file or folder (completed with file names)."""
     if action.type is Path:
         return True
     hint = f"{action.metavar or ''} {action.dest}".upper()
-    return bool(re.search(r"FILE|DIR|PATH|PEM|SOCKET|CONFIG|MODEL\b|BUNDLE", hint))
+    return bool(re.search(r"FILE|DIR|PATH|PEM|SOCKET|CERT\b|KEY\b|_CA\b", hint))
 
 
 def _words(items: Any) -> str:
@@ -149,7 +149,7 @@ def bash_completion(parser: argparse.ArgumentParser) -> str:
             if action.choices is not None:
                 arm = "|".join(action.option_strings)
                 values.append(f"            {arm}) words={shlex.quote(_words(action.choices))} ;;")
-            elif not _path_like(action):
+            elif not path_like(action):
                 # A free-text value (a name, a number, a selector): offer nothing rather than
                 # file names that would be wrong.
                 arm = "|".join(action.option_strings)

@@ -23,6 +23,7 @@ from modelfleet.kernel.commandline import (
     bash_completion,
     finish,
     missing_help,
+    path_like,
     walk,
 )
 from tests import models
@@ -193,6 +194,28 @@ def test_bash_completion_follows_the_parsers(scripts: dict[str, Path]) -> None:
         "fail",
         "skip",
     ]
+
+
+def test_completion_offers_file_names_only_for_files() -> None:
+    def option(prog: str, path: tuple[str, ...], flag: str) -> argparse.Action:
+        parser = dict(walk(PARSERS[prog]()))[path]
+        return next(a for a in parser._actions if flag in a.option_strings)
+
+    for prog, path, flag in (
+        ("modelfleet-agent", ("serve",), "--tls-cert"),
+        ("modelfleet-agent", ("serve",), "--tls-client-ca"),
+        ("modelfleet-agent", ("status",), "--admin-socket"),
+        ("modelfleet-hub", ("publish",), "--samples"),
+        ("modelfleet-batch", ("score",), "--model"),  # a bundle directory
+    ):
+        assert path_like(option(prog, path, flag)), (prog, path, flag)
+    for prog, path, flag in (
+        ("modelfleet-hub", ("serve",), "--agent-cert-lifetime-s"),
+        ("modelfleet-hub", ("jobs", "create"), "--model"),  # a model name
+        ("modelfleet-hub", ("jobs", "create"), "--keys"),
+        ("modelfleet-hub", ("deploy",), "--selector"),
+    ):
+        assert not path_like(option(prog, path, flag)), (prog, path, flag)
 
 
 # -- bundle example ----------------------------------------------------------------------------
