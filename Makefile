@@ -49,9 +49,11 @@ protos-check: $(STAMP)
 # Triton's perf_analyzer, to prove unmodified Triton tooling drives the agent. The newest build
 # that runs on glibc 2.36 ships inside the tritonclient 2.51.0 wheel; only the binary is taken
 # (that wheel's own pins would downgrade numpy/protobuf). It loads libcudart without a GPU.
+# $(PERF_ANALYZER) is a wrapper (PERF_WRAPPER below) that runs the binary, installed beside it
+# as perf_analyzer.real, with the venv's CUDA runtime on LD_LIBRARY_PATH: it runs as it is.
 PERF_ANALYZER := $(VENV)/bin/perf_analyzer
 # A stamp, not the binary: some tritonclient wheels drop an older perf_analyzer of their own there.
-PERF_STAMP := $(VENV)/.perf-analyzer-2.51
+PERF_STAMP := $(VENV)/.perf-analyzer-2.51-wrapped
 $(PERF_STAMP): $(STAMP)
 	$(PY) -m pip install -q nvidia-cuda-runtime-cu12
 	@tmp=$$(mktemp -d); \
@@ -59,10 +61,32 @@ $(PERF_STAMP): $(STAMP)
 	  -d $$tmp tritonclient==2.51.0 && \
 	$(PY) -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); \
 	open(sys.argv[2],'wb').write(z.read('tritonclient-2.51.0.data/data/bin/perf_analyzer'))" \
-	  $$tmp/tritonclient-2.51.0-py3-none-manylinux1_x86_64.whl $(PERF_ANALYZER).tmp && \
-	chmod +x $(PERF_ANALYZER).tmp && mv $(PERF_ANALYZER).tmp $(PERF_ANALYZER); \
+	  $$tmp/tritonclient-2.51.0-py3-none-manylinux1_x86_64.whl $(PERF_ANALYZER).real.tmp && \
+	chmod +x $(PERF_ANALYZER).real.tmp && mv $(PERF_ANALYZER).real.tmp $(PERF_ANALYZER).real && \
+	printf '%s\n' "$$PERF_WRAPPER" > $(PERF_ANALYZER).tmp && chmod +x $(PERF_ANALYZER).tmp && \
+	mv $(PERF_ANALYZER).tmp $(PERF_ANALYZER); \
 	rc=$$?; rm -rf $$tmp; [ $$rc = 0 ] && touch $@; exit $$rc
 perf-analyzer: sysdeps $(PERF_STAMP)
+
+# The binary links against libcudart.so.12, which the nvidia-cuda-runtime-cu12 wheel puts where
+# the loader does not look (inside site-packages); the wrapper finds it from its own location,
+# so the venv needs no activation and no LD_LIBRARY_PATH from the caller.
+define PERF_WRAPPER
+#!/bin/bash
+# Triton's perf_analyzer, installed by `make perf-analyzer` (the binary is perf_analyzer.real;
+# `exec -a` keeps this name in its usage and error messages).
+here=$$(dirname "$$(readlink -f "$$0")")
+for lib in "$$here"/../lib/python3*/site-packages/nvidia/cuda_runtime/lib; do
+    if [ -e "$$lib/libcudart.so.12" ]; then
+        export LD_LIBRARY_PATH="$$lib$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}"
+        exec -a "$$0" "$$here/perf_analyzer.real" "$$@"
+    fi
+done
+echo "perf_analyzer: libcudart.so.12 (the nvidia-cuda-runtime-cu12 wheel) is missing from" >&2
+echo "  $$here/../lib/python3*/site-packages/nvidia/cuda_runtime/lib: run make perf-analyzer" >&2
+exit 127
+endef
+export PERF_WRAPPER
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -6,4 +6,7 @@ Folders follow the two paths through the agent:
 - update path: ``repository`` (what is on disk) -> ``slots`` (blue/green) -> ``gate`` (health gate)
 """
 
-__version__ = "0.1.0"
+from modelfleet.kernel.commandline import package_version
+
+# The installed package's, as `--version` prints it; reported to the hub and in ServerMetadata.
+__version__ = package_version()

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -30,6 +30,9 @@ from modelfleet.kernel.logs import reload_logged
 from modelfleet.kernel.runtime import RuntimeOptions
 from modelfleet.kernel.sdnotify import Notifier
 from modelfleet.kernel.settings import split_hostport
+
+if TYPE_CHECKING:
+    from modelfleet.agent.fleet.controlplane import ControlPlane
 
 log = logging.getLogger("modelfleet.agent")
 
@@ -90,6 +93,46 @@ def inference_security(
                 cfg.listen,
             )
     return credentials, token, ", ".join(words) or "plaintext, no authentication"
+
+
+def connect_control_plane(cfg: ServeConfig) -> ControlPlane:
+    """The hub as ``cfg.transport`` reaches it: the one place that picks an adapter.
+
+    ``grpc``: everything over gRPC; ``mqtt``: everything through the broker; ``both``: desired
+    states from the broker, everything else over gRPC (docs/mqtt.md). Needs a running loop.
+    """
+    from modelfleet.agent.fleet.controlplane import SplitControlPlane
+    from modelfleet.agent.fleet.grpc_plane import GrpcControlPlane
+    from modelfleet.agent.fleet.mqtt_plane import MqttControlPlane
+    from modelfleet.agent.fleet.renew import finish_pending
+    from modelfleet.agent.fleet.transport import IDENTITY_DIR
+
+    # Before the identity is read: a renewal cut short by a crash is completed or undone.
+    if done := finish_pending(cfg.data / IDENTITY_DIR):
+        log.warning("certificate renewal interrupted by a restart: %s", done)
+
+    def grpc_plane() -> GrpcControlPlane:
+        return GrpcControlPlane(
+            cfg.hub,
+            cfg.data,
+            resync_interval_s=cfg.resync_interval_s,
+            backoff_max_s=cfg.backoff_max_s,
+        )
+
+    def mqtt_plane() -> MqttControlPlane:
+        return MqttControlPlane(
+            cfg.mqtt, cfg.data, cfg.agent_id, resync_interval_s=cfg.resync_interval_s
+        )
+
+    if cfg.transport == "grpc":
+        return grpc_plane()
+    if cfg.transport == "mqtt":
+        return mqtt_plane()
+    if cfg.transport == "both":
+        return SplitControlPlane(desired=mqtt_plane(), rest=grpc_plane())
+    raise InvalidRequestError(
+        f"config: transport must be grpc, mqtt or both, not {cfg.transport!r}"
+    )
 
 
 def build_slots(cfg: ServeConfig, metrics: AgentMetrics) -> SlotManager:
@@ -292,7 +335,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     if cfg.hub:
         from modelfleet.agent.fleet.sync import FleetSync
 
-        source = FleetSync(cfg, slots, bound)
+        source = FleetSync(cfg, slots, bound, connect_control_plane(cfg))
         notifier.status("starting: restoring cached models")
         # Serve what was cached and verified before, whether or not the hub answers.
         await source.restore()

@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 
 from modelfleet.kernel.cli import run_command
-from modelfleet.kernel.errors import EXIT_NOT_READY, InvalidRequestError, ModelfleetError, Status
+from modelfleet.kernel.commandline import finish
+from modelfleet.kernel.errors import (
+    EXIT_NOT_READY,
+    InvalidRequestError,
+    ModelfleetError,
+    Status,
+)
 from modelfleet.kernel.malloc import tune_malloc
 
 
@@ -24,16 +30,27 @@ def _add_admin_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--models", type=Path, default=Path("models"), help="the agent's model repository"
     )
-    p.add_argument("--data", type=Path, help="fleet mode: the agent's data directory")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="fleet mode: the agent's data directory (default: none, standalone)",
+    )
 
 
 def _add_security_args(p: argparse.ArgumentParser) -> None:
     """The inference port's TLS and token settings (docs/security.md#the-inference-port)."""
-    p.add_argument("--tls-cert", help="server certificate chain (PEM): serve TLS")
-    p.add_argument("--tls-key", help="the server certificate's private key (PEM, mode 0600)")
-    p.add_argument("--tls-client-ca", help="CA bundle (PEM): require client certificates")
     p.add_argument(
-        "--auth-token-file", help="file holding the bearer token inference calls must send"
+        "--tls-cert", help="server certificate chain (PEM): serve TLS (default: none, plaintext)"
+    )
+    p.add_argument(
+        "--tls-key", help="the server certificate's private key (PEM, mode 0600) (default: none)"
+    )
+    p.add_argument(
+        "--tls-client-ca", help="CA bundle (PEM): require client certificates (default: none)"
+    )
+    p.add_argument(
+        "--auth-token-file",
+        help="file holding the bearer token inference calls must send (default: none)",
     )
 
 
@@ -50,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = bundle.add_subparsers(dest="bundle_command", required=True)
     create = bsub.add_parser("create", help="build NAME/VERSION/ from an ONNX model")
     create.add_argument("model", type=Path, help="MODEL.onnx")
-    create.add_argument("--name", required=True)
-    create.add_argument("--version", type=int, required=True)
+    create.add_argument("--name", required=True, help="model name")
+    create.add_argument("--version", type=int, required=True, help="version: a positive integer")
     create.add_argument(
         "--samples", type=Path, required=True, help="SAMPLES.npz: one array per model input"
     )
@@ -61,50 +78,119 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="EXPECTED.npz: golden outputs keyed by output name (default: computed from the model)",
     )
-    create.add_argument("--latency-budget-ms", type=float, default=None)
-    create.add_argument("--tolerance", type=float, default=None, help="sets both --rtol and --atol")
-    create.add_argument("--rtol", type=float, default=None)
-    create.add_argument("--atol", type=float, default=None)
+    create.add_argument(
+        "--latency-budget-ms",
+        type=float,
+        default=None,
+        help="the gate refuses a p99 on the samples above this (default: 1000)",
+    )
+    create.add_argument(
+        "--tolerance", type=float, default=None, help="sets both --rtol and --atol (default: unset)"
+    )
+    create.add_argument(
+        "--rtol", type=float, default=None, help="relative tolerance of the gate (default: 1e-4)"
+    )
+    create.add_argument(
+        "--atol", type=float, default=None, help="absolute tolerance of the gate (default: 1e-5)"
+    )
     create.add_argument(
         "--max-batch-size",
         type=int,
         default=None,
         help="0: no batch dimension (default: 32 when dimension 0 is dynamic)",
     )
-    create.add_argument("--max-queue-delay-us", type=int, default=0)
-    create.add_argument("--warmup-runs", type=int, default=None)
-    create.add_argument("--feature-names", default="", help="comma-separated feature names")
+    create.add_argument(
+        "--max-queue-delay-us", type=int, default=0, help="batching hint stored in the bundle"
+    )
+    create.add_argument(
+        "--warmup-runs", type=int, default=None, help="timed gate runs, at least 1 (default: 20)"
+    )
+    create.add_argument(
+        "--feature-names", default="", help="comma-separated feature names (default: none)"
+    )
     inspect = bsub.add_parser("inspect", help="verify a bundle and print its manifest")
-    inspect.add_argument("bundle_dir", type=Path)
+    inspect.add_argument("bundle_dir", type=Path, help="a bundle: REPOSITORY/NAME/VERSION")
+    example = bsub.add_parser(
+        "example",
+        help="write two small example models and health-check samples to try modelfleet with",
+        description="Write OUT_DIR/model.onnx, OUT_DIR/model_v2.onnx (same signature, other "
+        "weights) and OUT_DIR/samples.npz: x[N, 4] float32 -> y[N, 3] float32.",
+    )
+    example.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write to")
+    example.add_argument(
+        "--force", action="store_true", help="overwrite files that exist (default: refuse)"
+    )
 
     serve = sub.add_parser("serve", help="serve every bundle under --models (standalone mode)")
-    serve.add_argument("--config", type=Path, help="TOML config file")
-    serve.add_argument("--models", type=Path)
-    serve.add_argument("--listen", help="HOST:PORT for the Open Inference Protocol (gRPC)")
-    serve.add_argument("--metrics-listen", help="HOST:PORT for Prometheus /metrics")
-    serve.add_argument("--admin-socket")
-    serve.add_argument("--poll-interval-s", type=float)
-    serve.add_argument("--serving-threads", type=int)
-    serve.add_argument("--intra-op-threads", type=int)
-    serve.add_argument("--inter-op-threads", type=int)
-    serve.add_argument("--device", choices=["cpu", "cuda", "auto"])
-    serve.add_argument("--batching", choices=["on", "off"])
-    serve.add_argument("--max-queue-delay-us", type=int)
-    serve.add_argument("--batch-inflight", type=int)
-    serve.add_argument("--ort-spinning", choices=["on", "off"])
+    serve.add_argument("--config", type=Path, help="TOML config file (default: none)")
+    serve.add_argument("--models", type=Path, help="model repository (default: models)")
     serve.add_argument(
-        "--inline-max-us", type=int, help="run models faster than this (gate p99) on the event loop"
+        "--listen",
+        help="HOST:PORT for the Open Inference Protocol (gRPC) (default: 127.0.0.1:8001)",
+    )
+    serve.add_argument("--metrics-listen", help="HOST:PORT for Prometheus /metrics (default: off)")
+    serve.add_argument(
+        "--admin-socket", help="admin socket path (default: MODELS/.modelfleet-admin.sock)"
+    )
+    serve.add_argument(
+        "--poll-interval-s", type=float, help="seconds between repository scans (default: 1.0)"
+    )
+    serve.add_argument("--serving-threads", type=int, help="threads running inference (default: 2)")
+    serve.add_argument(
+        "--intra-op-threads",
+        type=int,
+        help="onnxruntime threads inside one operator (default: 0, onnxruntime chooses)",
+    )
+    serve.add_argument(
+        "--inter-op-threads",
+        type=int,
+        help="onnxruntime threads across operators (default: 0, onnxruntime chooses)",
+    )
+    serve.add_argument(
+        "--device", choices=["cpu", "cuda", "auto"], help="execution provider (default: auto)"
+    )
+    serve.add_argument(
+        "--batching", choices=["on", "off"], help="the dynamic batcher (default: on)"
+    )
+    serve.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        help="how long a lone request waits for company (default: -1, each bundle's hint)",
+    )
+    serve.add_argument(
+        "--batch-inflight", type=int, help="batches computing at once per version (default: 1)"
+    )
+    serve.add_argument(
+        "--ort-spinning", choices=["on", "off"], help="onnxruntime thread spinning (default: on)"
+    )
+    serve.add_argument(
+        "--inline-max-us",
+        type=int,
+        help="run models faster than this (gate p99) on the event loop (default: 200)",
     )
     _add_security_args(serve)
-    serve.add_argument("--max-message-bytes", type=int)
-    serve.add_argument("--drain-timeout-s", type=float)
-    serve.add_argument("--log-level")
-    serve.add_argument("--log-json", action="store_true", default=None)
+    serve.add_argument(
+        "--max-message-bytes", type=int, help="gRPC message limit (default: 67108864, 64 MiB)"
+    )
+    serve.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        help="seconds in-flight requests get on SIGTERM (default: 10.0)",
+    )
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    serve.add_argument(
+        "--log-json",
+        action="store_true",
+        default=None,
+        help="log one JSON object per line (default: text)",
+    )
 
     run = sub.add_parser("run", help="fleet mode: follow the hub (config written by enroll)")
     run.add_argument("--config", type=Path, required=True, help="agent.toml from enroll")
-    run.add_argument("--listen")
-    run.add_argument("--metrics-listen")
+    run.add_argument("--listen", help="HOST:PORT for inference (default: from agent.toml)")
+    run.add_argument(
+        "--metrics-listen", help="HOST:PORT for Prometheus /metrics (default: from agent.toml)"
+    )
     _add_security_args(run)
     run.add_argument(
         "--tls-agent-identity",
@@ -118,26 +204,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="require client certificates issued by the hub's CA",
     )
-    run.add_argument("--log-level")
-    run.add_argument("--log-json", action="store_true", default=None)
+    run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    run.add_argument(
+        "--log-json",
+        action="store_true",
+        default=None,
+        help="log one JSON object per line (default: text)",
+    )
 
     enroll = sub.add_parser("enroll", help="join a hub's fleet with a one-time token")
     source = enroll.add_mutually_exclusive_group()
     source.add_argument(
         "--token-file",
         metavar="PATH",
-        help="file holding the token from `modelfleet-hub agents token`; '-' reads standard input",
+        help="file holding the token from `modelfleet-hub agents token`; '-' reads standard input "
+        "(default: $MODELFLEET_AGENT_ENROLL_TOKEN)",
     )
     source.add_argument(
         "--token",
         help="the token itself (discouraged: other local users "
-        "can read it in the process list and redeem it first)",
+        "can read it in the process list and redeem it first) (default: none)",
     )
     enroll.add_argument("--data", type=Path, required=True, help="agent state directory")
     enroll.add_argument(
         "--listen", default="127.0.0.1:8001", help="where this agent will serve inference"
     )
-    enroll.add_argument("--metrics-listen", default="")
+    enroll.add_argument(
+        "--metrics-listen", default="", help="HOST:PORT for Prometheus /metrics (default: off)"
+    )
     enroll.add_argument("--hostname", help="name reported to the hub (default: this host's)")
     enroll.add_argument("--force", action="store_true", help="enroll again, replacing identity")
     enroll.add_argument(
@@ -149,12 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="what a running agent serves, and gate results")
     _add_admin_args(status)
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     rollback = sub.add_parser("rollback", help="switch MODEL back to its previous version now")
-    rollback.add_argument("model")
+    rollback.add_argument("model", help="model name")
     _add_admin_args(rollback)
-    return parser
+    return finish(parser)
 
 
 def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
@@ -203,6 +297,14 @@ def cmd_bundle_inspect(args: argparse.Namespace) -> int:
 
     bundle = load_bundle(args.bundle_dir)
     print(json.dumps(bundle.manifest.to_json(), indent=2))
+    return 0
+
+
+def cmd_bundle_example(args: argparse.Namespace) -> int:
+    from modelfleet.agent.examples import write_examples
+
+    for path in write_examples(args.out_dir, force=args.force):
+        print(f"wrote {path}")
     return 0
 
 
@@ -393,7 +495,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         "rollback": cmd_rollback,
     }
     if args.command == "bundle":
-        handler = cmd_bundle_create if args.bundle_command == "create" else cmd_bundle_inspect
+        handler = {
+            "create": cmd_bundle_create,
+            "inspect": cmd_bundle_inspect,
+            "example": cmd_bundle_example,
+        }[args.bundle_command]
     else:
         handler = handlers[args.command]
     return handler(args)

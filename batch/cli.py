@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from modelfleet.kernel.commandline import finish
 from modelfleet.kernel.errors import EXIT_CODES, ModelfleetError
 from modelfleet.kernel.malloc import tune_malloc
 
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sql",
         metavar="SELECT",
-        help="DuckDB query over the view `input`; needs ORDER BY to be resumable",
+        help="DuckDB query over the view `input`; needs ORDER BY to be resumable (default: "
+        "every row of the input)",
     )
     p.add_argument(
         "--batch-rows",
@@ -90,14 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--features",
         type=_names,
         metavar="f0,f1,...",
-        help="scalar columns feeding the model's [batch, F] input, in order",
+        help="scalar columns feeding the model's [batch, F] input, in order (default: a list "
+        "column named like the input, or the bundle's feature_names)",
     )
     p.add_argument(
         "--keys",
         type=_names,
         default=(),
         metavar="id,...",
-        help="columns copied to the output unchanged",
+        help="columns copied to the output unchanged (default: none)",
     )
     p.add_argument(
         "--on-error",
@@ -105,9 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="fail",
         help="bad rows stop the run (fail) or go to DIR/rejected-<run_id>.parquet",
     )
-    p.add_argument("--run-id", metavar="ID", help="name the run; an unfinished run resumes")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    return parser
+    p.add_argument(
+        "--run-id", metavar="ID", help="name the run; an unfinished run resumes (default: a new id)"
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="execution provider; auto: CUDA when onnxruntime has it",
+    )
+    return finish(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelfleet.kernel.cli import run_command
+from modelfleet.kernel.commandline import finish
 from modelfleet.kernel.errors import (
     EXIT_CODES,
     InvalidRequestError,
@@ -94,38 +95,102 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the hub")
-    s.add_argument("--config", type=Path)
-    s.add_argument("--listen")
-    s.add_argument("--enroll-listen")
-    s.add_argument("--advertise")
-    s.add_argument("--advertise-enroll")
-    s.add_argument("--hostnames")
-    s.add_argument("--refresh-interval-s", type=float)
-    s.add_argument("--timestamp-expiry-s", type=float)
-    s.add_argument("--snapshot-expiry-s", type=float)
-    s.add_argument("--transfer-rate-limit-mbps", type=float)
+    s.add_argument(
+        "--config",
+        type=Path,
+        help="TOML file with a [hub] table; MODELFLEET_HUB_* variables override it, flags "
+        "override both (default: none)",
+    )
+    s.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="mTLS address for agents and the admin CLI (default: 127.0.0.1:7443)",
+    )
+    s.add_argument(
+        "--enroll-listen",
+        metavar="HOST:PORT",
+        help="TLS address for enrollment only (default: the --listen port + 1)",
+    )
+    s.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="address handed to agents (default: the --listen host with the bound port)",
+    )
+    s.add_argument(
+        "--advertise-enroll",
+        metavar="HOST:PORT",
+        help="enrollment address put in tokens (default: the --enroll-listen host with the "
+        "bound port)",
+    )
+    s.add_argument(
+        "--hostnames",
+        metavar="NAMES",
+        help="extra names for the hub's server certificate, comma-separated (default: none)",
+    )
+    s.add_argument(
+        "--refresh-interval-s",
+        type=float,
+        metavar="S",
+        help="seconds between checks that re-sign timestamp and snapshot (default: 60)",
+    )
+    s.add_argument(
+        "--timestamp-expiry-s",
+        type=float,
+        metavar="S",
+        help="lifetime of TUF timestamp metadata (default: 86400, 1 day)",
+    )
+    s.add_argument(
+        "--snapshot-expiry-s",
+        type=float,
+        metavar="S",
+        help="lifetime of TUF snapshot metadata (default: 604800, 7 days)",
+    )
+    s.add_argument(
+        "--transfer-rate-limit-mbps",
+        type=float,
+        metavar="R",
+        help="per-download rate limit in MB/s (default: 0, unlimited)",
+    )
     s.add_argument(
         "--agent-cert-lifetime-s",
         type=float,
-        help="lifetime of agent and admin certificates (default: 365 days)",
+        help="lifetime of agent certificates (default: 365 days)",
     )
-    s.add_argument("--mqtt", help="MQTT broker HOST:PORT to bridge to")
-    s.add_argument("--advertise-mqtt")
-    s.add_argument("--log-level")
-    s.add_argument("--log-json", action="store_true", default=None)
-    s.add_argument("--metrics-listen", help="HOST:PORT for the hub's Prometheus /metrics")
+    s.add_argument("--mqtt", help="MQTT broker HOST:PORT to bridge to (default: none, gRPC only)")
+    s.add_argument(
+        "--advertise-mqtt",
+        metavar="HOST:PORT",
+        help="broker address handed to agents at enrollment (default: the --mqtt value)",
+    )
+    s.add_argument(
+        "--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default: INFO)"
+    )
+    s.add_argument(
+        "--log-json",
+        action="store_true",
+        default=None,
+        help="log one JSON object per line (default: text)",
+    )
+    s.add_argument(
+        "--metrics-listen", help="HOST:PORT for the hub's Prometheus /metrics (default: off)"
+    )
 
     keys = sub.add_parser("keys", help="TUF signing keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     ki = ksub.add_parser("init", help="create the four role keys (before the first start)")
     ki.add_argument(
-        "--offline", type=Path, help="write the root and targets private keys here, not on the hub"
+        "--offline",
+        type=Path,
+        help="write the root and targets private keys here, not on the hub (default: all four "
+        "on the hub)",
     )
 
     kr = ksub.add_parser(
         "rotate", help="give a role a new key (root N+1), with the hub stopped; see security.md"
     )
-    kr.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
+    kr.add_argument(
+        "role", choices=("root", "targets", "snapshot", "timestamp"), help="the role to rotate"
+    )
     kr.add_argument(
         "--root-key", type=Path, help="the current root private key (default: DATA/keys/root.pem)"
     )
@@ -139,37 +204,67 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="root only: keep its key, re-sign root with a new expiry",
     )
-    kr.add_argument("--config", type=Path, help="the hub's TOML config, for its metadata lifetimes")
+    kr.add_argument(
+        "--config",
+        type=Path,
+        help="the hub's TOML config, for its metadata lifetimes (default: the built-in ones)",
+    )
 
     mq = sub.add_parser("mqtt-config", help="write mosquitto.conf, ACL and certificates")
-    mq.add_argument("--out", type=Path, required=True)
+    mq.add_argument("--out", type=Path, required=True, help="folder for the broker's files")
     mq.add_argument("--listen", default="127.0.0.1:8883", help="broker listener HOST:PORT")
-    mq.add_argument("--hostnames", default="", help="extra broker names, comma-separated")
+    mq.add_argument(
+        "--hostnames", default="", help="extra broker names, comma-separated (default: none)"
+    )
 
     pub = sub.add_parser("publish", help="build, upload and sign a new model version")
-    pub.add_argument("name")
-    pub.add_argument("model", type=Path)
+    pub.add_argument("name", help="model name")
+    pub.add_argument("model", type=Path, help="the MODEL.onnx file")
     pub.add_argument("--version", type=_version, help="1..2^63-1 (default: latest + 1)")
     pub.add_argument("--samples", type=Path, help="SAMPLES.npz (default: synthetic samples)")
-    pub.add_argument("--expected", type=Path, help="golden outputs EXPECTED.npz")
-    pub.add_argument("--notes", type=_notes, default="", help="at most 4096 bytes (UTF-8)")
-    pub.add_argument("--targets-key", type=Path, help="offline targets private key (PEM)")
+    pub.add_argument(
+        "--expected",
+        type=Path,
+        help="golden outputs EXPECTED.npz (default: computed from the model)",
+    )
+    pub.add_argument(
+        "--notes", type=_notes, default="", help="at most 4096 bytes (UTF-8) (default: none)"
+    )
+    pub.add_argument(
+        "--targets-key",
+        type=Path,
+        help="offline targets private key (PEM) (default: the hub signs with its own)",
+    )
     pub.add_argument(
         "--allow-extra",
         action="append",
         default=[],
         metavar="TARGET_PATH",
-        help="also sign this other staged target (repeat; docs/security.md)",
+        help="also sign this other staged target (repeat; docs/security.md) (default: none)",
     )
-    pub.add_argument("--latency-budget-ms", type=float)
-    pub.add_argument("--tolerance", type=float)
-    pub.add_argument("--max-batch-size", type=int)
-    pub.add_argument("--max-queue-delay-us", type=int, default=0)
+    pub.add_argument(
+        "--latency-budget-ms",
+        type=float,
+        help="the health gate's p99 limit on the samples (default: 1000)",
+    )
+    pub.add_argument(
+        "--tolerance",
+        type=float,
+        help="the health gate's rtol and atol (default: 1e-4 and 1e-5)",
+    )
+    pub.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="0: no batch dimension (default: 32 when dimension 0 is dynamic)",
+    )
+    pub.add_argument(
+        "--max-queue-delay-us", type=int, default=0, help="batching hint stored in the bundle"
+    )
 
     sign = sub.add_parser("sign", help="sign a published version with the offline targets key")
-    sign.add_argument("name")
-    sign.add_argument("version", type=int)
-    sign.add_argument("--targets-key", type=Path, required=True)
+    sign.add_argument("name", help="model name")
+    sign.add_argument("version", type=int, help="the uploaded, unsigned version")
+    sign.add_argument("--targets-key", type=Path, required=True, help="targets private key (PEM)")
     sign.add_argument(
         "--sha256",
         required=True,
@@ -181,20 +276,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TARGET_PATH",
-        help="also sign this other staged target (repeat; docs/security.md)",
+        help="also sign this other staged target (repeat; docs/security.md) (default: none)",
     )
 
     models = sub.add_parser("models", help="the registry")
     msub = models.add_subparsers(dest="models_command", required=True)
-    msub.add_parser("ls")
-    show = msub.add_parser("show")
-    show.add_argument("name")
-    vers = msub.add_parser("versions")
-    vers.add_argument("name")
+    mls = msub.add_parser("ls", help="every model: latest and production version")
+    _add_json(mls)
+    show = msub.add_parser("show", help="one model: summary and its versions")
+    show.add_argument("name", help="model name")
+    _add_json(show)
+    vers = msub.add_parser("versions", help="one model's versions: stage, signed, size, notes")
+    vers.add_argument("name", help="model name")
+    _add_json(vers)
     stage = msub.add_parser("stage", help="set a version's lifecycle stage")
-    stage.add_argument("name")
-    stage.add_argument("version", type=_version)
-    stage.add_argument("stage", choices=["staged", "production", "deprecated", "retired"])
+    stage.add_argument("name", help="model name")
+    stage.add_argument("version", type=_version, help="the version to move")
+    stage.add_argument(
+        "stage",
+        choices=["staged", "production", "deprecated", "retired"],
+        help="the new stage",
+    )
     stage.add_argument(
         "--force",
         action="store_true",
@@ -203,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     dep = sub.add_parser("deploy", help="set the desired version for matching agents")
-    dep.add_argument("name")
-    dep.add_argument("version", type=_version)
+    dep.add_argument("name", help="model name")
+    dep.add_argument("version", type=_version, help="the version agents should run")
     dep.add_argument("--selector", type=_labels, default={}, help="k=v[,k=v] (default: all)")
     _add_deployment_commands(sub, dep)
 
@@ -343,15 +445,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the status as JSON (with --watch: one JSON line per change)",
     )
-    for action in ("pause", "resume", "abort", "promote", "rollback"):
-        rsub.add_parser(action).add_argument("name")
-    rsub.add_parser("history").add_argument("name")
+    for action, what in (
+        ("pause", "hold the rollout where it is: no new wave, no verdict"),
+        ("resume", "go on from a pause (a bake starts afresh)"),
+        ("abort", "stop and return every agent to its previous version"),
+        ("promote", "assign all remaining agents at once (blue-green: switch)"),
+        ("rollback", "return every agent of the rollout to its previous version"),
+    ):
+        rsub.add_parser(action, help=what).add_argument("name", help="model name")
+    rh = rsub.add_parser("history", help="every rollout of a model, newest last")
+    rh.add_argument("name", help="model name")
+    _add_json(rh)
 
     jobs = sub.add_parser("jobs", help="scheduled batch scoring on agents")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
     jc = jsub.add_parser("create", help="score Parquet on matching agents on a schedule")
-    jc.add_argument("name")
-    jc.add_argument("--model", required=True)
+    jc.add_argument("name", help="job name")
+    jc.add_argument("--model", required=True, help="model name")
     pick = jc.add_mutually_exclusive_group(required=True)
     pick.add_argument("--version", type=int, help="always this version")
     pick.add_argument(
@@ -362,34 +472,63 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--every", type=_duration, help="an interval, e.g. 30s or 1h")
     jc.add_argument("--input", required=True, help="Parquet file, folder or glob on the agent")
     jc.add_argument("--output", required=True, help="output folder on the agent")
-    jc.add_argument("--sql", default="", help="DuckDB SELECT over the view `input`")
-    jc.add_argument("--keys", default="", help="input columns copied to the output, e.g. id")
-    jc.add_argument("--selector", type=_labels, default={})
-    jsub.add_parser("ls")
-    jr = jsub.add_parser("runs")
-    jr.add_argument("name")
-    jr.add_argument("--json", action="store_true")
-    for action in ("pause", "resume", "delete", "run-now"):
-        jsub.add_parser(action).add_argument("name")
+    jc.add_argument(
+        "--sql", default="", help="DuckDB SELECT over the view `input` (default: every row)"
+    )
+    jc.add_argument(
+        "--keys", default="", help="input columns copied to the output, e.g. id (default: none)"
+    )
+    jc.add_argument(
+        "--selector", type=_labels, default={}, help="k=v[,k=v] (default: the whole fleet)"
+    )
+    jls = jsub.add_parser("ls", help="every job: model, version, schedule, agents")
+    _add_json(jls)
+    jr = jsub.add_parser("runs", help="a job's runs as the agents reported them")
+    jr.add_argument("name", help="job name")
+    _add_json(jr)
+    for action, what in (
+        ("pause", "stop firing the job on its schedule"),
+        ("resume", "fire the job on its schedule again"),
+        ("delete", "remove the job from every agent"),
+        ("run-now", "fire the job once now on every matching agent"),
+    ):
+        jsub.add_parser(action, help=what).add_argument("name", help="job name")
 
     agents = sub.add_parser("agents", help="the fleet")
     asub = agents.add_subparsers(dest="agents_command", required=True)
     tok = asub.add_parser("token", help="print a one-time enrollment token")
-    tok.add_argument("--labels", type=_labels, default={})
-    tok.add_argument("--ttl", type=_duration, default=3600.0)
-    als = asub.add_parser("ls")
-    als.add_argument("--json", action="store_true")
-    rev = asub.add_parser("revoke")
-    rev.add_argument("agent_id")
+    tok.add_argument(
+        "--labels",
+        type=_labels,
+        default={},
+        help="k=v[,k=v]: the enrolled agent's labels (default: none)",
+    )
+    tok.add_argument(
+        "--ttl",
+        type=_duration,
+        default=3600.0,
+        help="how long the token stays valid, e.g. 90s, 10m, 1h, 7d (default: 1h)",
+    )
+    als = asub.add_parser("ls", help="every agent: status, labels, desired and active versions")
+    _add_json(als)
+    rev = asub.add_parser("revoke", help="refuse an agent from now on")
+    rev.add_argument("agent_id", help="the agent's id, as `agents ls` shows it")
 
     met = sub.add_parser("metrics", help="request rate, error rate, latency per version")
-    met.add_argument("name")
+    met.add_argument("name", help="model name")
     met.add_argument("--version", type=int, default=0, help="default: every version")
     met.add_argument("--agent", default="", help="an agent id or hostname (default: the fleet)")
-    met.add_argument("--since", type=_duration, default=600.0, help="window ending now (10m)")
-    met.add_argument("--json", action="store_true")
+    met.add_argument(
+        "--since", type=_duration, default=600.0, help="window ending now (default: 10m)"
+    )
+    _add_json(met)
     _add_backup_commands(sub)
-    return p
+    return finish(p)
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    """``--json``: the same data for scripts (docs/cli.md#json-output)."""
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _add_deployment_commands(sub: Any, dep: argparse.ArgumentParser) -> None:
@@ -408,7 +547,7 @@ def _add_deployment_commands(sub: Any, dep: argparse.ArgumentParser) -> None:
     und = sub.add_parser(
         "undeploy", help="remove a deployment; its agents fall back to the others matching them"
     )
-    und.add_argument("name")
+    und.add_argument("name", help="model name")
     und.add_argument(
         "--selector",
         type=_labels,
@@ -424,7 +563,7 @@ def _add_deployment_commands(sub: Any, dep: argparse.ArgumentParser) -> None:
     dls.add_argument("name", nargs="?", default="", help="one model (default: all)")
     dls.add_argument("--json", action="store_true", help="print JSON")
     dshow = dsub.add_parser("show", help="one deployment: matched agents, history")
-    dshow.add_argument("name")
+    dshow.add_argument("name", help="model name")
     dshow.add_argument(
         "--selector",
         type=_labels,
@@ -467,7 +606,8 @@ def _add_backup_commands(sub: Any) -> None:
     r.add_argument(
         "--manifest-sha256",
         metavar="HEX",
-        help="refuse the backup unless its manifest has this SHA-256 (what backup printed)",
+        help="refuse the backup unless its manifest has this SHA-256 (what backup printed) "
+        "(default: any manifest; the files are checked against it either way)",
     )
 
 
@@ -888,12 +1028,45 @@ def _print_versions(versions: Any) -> None:
         )
 
 
+def version_dict(v: Any) -> dict[str, Any]:
+    """A ModelVersion as `models versions --json` prints it: numbers stay numbers."""
+    return {
+        "name": v.name,
+        "version": v.version,
+        "stage": v.stage,
+        "signed": v.signed,
+        "sha256": v.sha256,
+        "size": v.size,
+        "created_at": v.created_at,
+        "notes": v.notes,
+        "same_content_as": v.same_content_as or None,
+        "target_path": v.target_path,
+    }
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from modelfleet.protos import fleet_pb2 as pb
 
     stub = admin_stub(args)
     if args.models_command == "ls":
         resp = call(stub.ListModels, pb.ListModelsRequest())
+        if args.json:
+            _print_json(
+                [
+                    {
+                        "name": m.name,
+                        "latest_version": m.latest_version,
+                        "version_count": m.version_count,
+                        "production_version": m.production_version or None,
+                    }
+                    for m in resp.models
+                ]
+            )
+            return 0
         print(f"{'MODEL':<24} {'LATEST':>6} {'VERSIONS':>8} {'PRODUCTION':>10}")
         for m in resp.models:
             print(
@@ -902,11 +1075,25 @@ def cmd_models(args: argparse.Namespace) -> int:
             )
     elif args.models_command in ("show", "versions"):
         resp = call(stub.ListVersions, pb.ListVersionsRequest(name=args.name))
+        latest = max((v.version for v in resp.versions), default=0)
+        prod = [v.version for v in resp.versions if v.stage == "production"]
+        if args.json:
+            versions = [version_dict(v) for v in resp.versions]
+            if args.models_command == "versions":
+                _print_json(versions)
+            else:
+                _print_json(
+                    {
+                        "name": args.name,
+                        "latest_version": latest,
+                        "production_version": prod[0] if prod else None,
+                        "versions": versions,
+                    }
+                )
+            return 0
         if args.models_command == "show":
-            latest = resp.versions[-1]
-            prod = [v.version for v in resp.versions if v.stage == "production"]
             print(
-                f"model {args.name}: {len(resp.versions)} version(s), latest v{latest.version},"
+                f"model {args.name}: {len(resp.versions)} version(s), latest v{latest},"
                 f" production {('v' + str(prod[0])) if prod else 'none'}"
             )
         _print_versions(resp.versions)
@@ -1313,6 +1500,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     if cmd == "ls":
         resp = call(stub.ListJobs, pb.ListJobsRequest())
+        if args.json:
+            _print_json([job_dict(j) for j in resp.jobs])
+            return 0
         print(f"{'JOB':<20} {'MODEL':<14} {'VERSION':<9} {'SCHEDULE':<16} {'AGENTS':>6}  STATE")
         for j in resp.jobs:
             s = j.spec
@@ -1348,6 +1538,25 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     print(f"job {args.name}: {cmd} done")
     del info
     return 0
+
+
+def job_dict(job: Any) -> dict[str, Any]:
+    """A JobInfo as `jobs ls --json` prints it; version null: the version deployed on each agent."""
+    s = job.spec
+    return {
+        "name": s.name,
+        "model": s.model,
+        "version": s.version or None,
+        "schedule": s.schedule,
+        "input": s.input,
+        "output": s.output,
+        "sql": s.sql,
+        "keys": s.keys,
+        "paused": s.paused,
+        "selector": dict(sorted(job.selector.items())),
+        "agents": job.agents,
+        "created_at": job.created_at,
+    }
 
 
 # Exit codes of `rollout start --wait` and `rollout status --watch`: the rollout's outcome, for
@@ -1469,15 +1678,16 @@ def _render_agents(agents: list[dict[str, Any]]) -> list[str]:
     for a in shown[:AGENT_ROWS]:
         lines.append(
             f"  {a['agent_id']:<24} {a['hostname'] or '-':<16} {a['role']:<9} "
-            f"{a['wave'] or '-'!s:>4} {_v(a['previous_version']):>8} "
-            f"{_v(a['active_version']):>6}  {a['state']:<13} {a['last_error'] or '-'}"
+            f"{a['wave'] or '-'!s:>4} {_vcell(a['previous_version']):>8} "
+            f"{_vcell(a['active_version']):>6}  {a['state']:<13} {a['last_error'] or '-'}"
         )
     if len(shown) > AGENT_ROWS:
         lines.append(f"  ... and {len(shown) - AGENT_ROWS} more agent(s) (--json lists all)")
     return lines
 
 
-def _v(version: int) -> str:
+def _vcell(version: int) -> str:
+    """A version in a table cell: "-" for none."""
     return f"v{version}" if version else "-"
 
 
@@ -1690,6 +1900,9 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         return 0
     if cmd == "history":
         resp = call(stub.RolloutHistory, pb.RolloutHistoryRequest(model=args.name))
+        if args.json:
+            _print_json([rollout_dict(r) for r in resp.rollouts])
+            return 0
         for r in resp.rollouts:
             d = rollout_dict(r)
             print(f"{r.id:>4}  v{r.version:<5} {r.state:<12} agents {d['agents']:<4} {d['reason']}")

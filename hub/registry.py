@@ -766,7 +766,9 @@ class Registry:
             raise FailedPreconditionError(f"{name} version {version} is retired: not deployable")
         if not row.signed:
             raise FailedPreconditionError(
-                f"{name} version {version} is not signed yet: finish publishing with --targets-key"
+                f"{name} version {version} is not signed yet: sign it with `modelfleet-hub sign "
+                f"{name} {version} --sha256 HEX --targets-key FILE` (HEX: the bundle sha256 that "
+                "publish printed)"
             )
         return row
 

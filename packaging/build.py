@@ -45,6 +45,14 @@ WORK = ROOT / "build" / "pkg"
 STAGE = WORK / "root"
 SNAPSHOT = WORK / "files"
 
+# bash completion, one script per command, where bash-completion looks them up by command name.
+COMPLETIONS = Path("usr/share/bash-completion/completions")
+PROGRAMS = {
+    "modelfleet-agent": "modelfleet.agent.cli",
+    "modelfleet-hub": "modelfleet.hub.cli",
+    "modelfleet-batch": "modelfleet.batch.cli",
+}
+
 # GOARCH names (what nfpm takes) for `uname -m`.
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 
@@ -167,6 +175,36 @@ def relocate(stage_venv: Path, target_python: str) -> None:
         raise SystemExit(f"staging path left in {', '.join(leftovers)}")
 
 
+def write_completions(dest: Path, site_packages: Path | None = None) -> list[Path]:
+    """Write the bash completion scripts, generated from the commands' own parsers.
+
+    With ``site_packages`` (the staged venv's), the parsers are those of the code the package
+    ships: imported from there by this interpreter (the same minor version, checked in main)
+    without its own site-packages (``-S``), where this checkout's editable install lives.
+    Without it, they are this environment's (``--completions`` from a checkout).
+    """
+    code = (
+        "import importlib, sys\n"
+        "if sys.argv[1]: sys.path.insert(0, sys.argv[1])\n"
+        "from modelfleet.kernel.commandline import bash_completion\n"
+        "print(bash_completion(importlib.import_module(sys.argv[2]).build_parser()), end='')\n"
+    )
+    isolate = ["-S"] if site_packages else []
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for prog, module in PROGRAMS.items():
+        r = subprocess.run(
+            [sys.executable, *isolate, "-c", code, str(site_packages or ""), module],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0 or not r.stdout.startswith("# bash completion"):
+            raise SystemExit(f"[package] cannot generate the completion of {prog}:\n{r.stderr}")
+        (dest / prog).write_text(r.stdout)
+        written.append(dest / prog)
+    return written
+
+
 def nfpm_binary() -> str:
     local = Path(sys.executable).parent / "nfpm"
     found = str(local) if local.exists() else shutil.which("nfpm")
@@ -225,7 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--reuse-venv", action="store_true", help="package the staged venv as it is (it must exist)"
     )
+    p.add_argument(
+        "--completions",
+        type=Path,
+        metavar="DIR",
+        help="only write the bash completion scripts of this environment's commands to DIR",
+    )
     args = p.parse_args(argv)
+    if args.completions:
+        for path in write_completions(args.completions):
+            log(f"wrote {path}")
+        return 0
     minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
     if not re.fullmatch(rf".*/{re.escape(minor)}", args.target_python):
         raise SystemExit(f"--target-python must be a {minor} (the wheels are for {minor})")
@@ -240,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"building the venv in {stage_venv}")
             wheel = build_wheel(Path(tmp) / "wheels")
             build_venv(stage_venv, wheel, args.target_python, Path(tmp))
+    site_packages = stage_venv / "lib" / minor / "site-packages"
+    log(f"generating bash completion into {STAGE / COMPLETIONS}")
+    write_completions(STAGE / COMPLETIONS, site_packages)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     for path in package(formats, args.out.resolve(), version, arch):
         log(f"built {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -165,3 +165,16 @@ def test_rows_from_before_the_hub_recorded_their_source_still_read(tmp_path: Pat
     rows = reg.deployment_rows()
     assert [(r.source, r.agent_id) for r in rows] == [("deploy", ""), ("rollout", "b1")]
     assert reg.revision() == 2 and [r.version for r in current(rows, set())] == [1]
+
+
+def test_deploy_output_says_none_where_no_version_is_desired_or_served(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """docs/cli.md's `deploy` sample (`none -> v1; serving none`): the rollout view's own
+    formatter, which prints `-`, once shadowed this one under the same name."""
+    from modelfleet.hub.cli import _print_changes
+    from modelfleet.protos import fleet_pb2 as pb
+
+    change = pb.DesiredChange(agent_id="edge-1-abc123", hostname="edge-1", to_version=1)
+    _print_changes("fraud", [change], fallback=False)
+    assert capsys.readouterr().out == "  edge-1-abc123 (edge-1): none -> v1; serving none\n"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from modelfleet.agent.fleet.backoff import Backoff
 from modelfleet.agent.fleet.cache import BundleCache
-from modelfleet.agent.fleet.sync import Backoff
 from modelfleet.hub.registry import FailedPreconditionError, PermissionDeniedError, Registry
 from modelfleet.hub.reports import AgentReport, ModelReport
 from modelfleet.kernel.errors import BundleExistsError, InvalidRequestError
@@ -116,7 +116,11 @@ def test_desired_is_the_latest_matching_deployment_per_model(registry: Registry)
     assert [(d.name, d.version) for d in registry.desired_for({"site": "paris"})] == [("m", 1)]
     registry.deploy("m", 3, {})  # a later fleet-wide deployment overrides the site one
     assert registry.desired_for(berlin_gpu)[0].version == 3
-    with pytest.raises(FailedPreconditionError, match="not signed yet"):
+    # The refusal names the command that signs it later (not "publish again").
+    with pytest.raises(
+        FailedPreconditionError,
+        match="not signed yet: sign it with `modelfleet-hub sign unsigned 1 ",
+    ):
         registry.deploy("unsigned", 1, {})
     assert registry.revision() == 4
 

@@ -28,7 +28,6 @@ from modelfleet.kernel.identity import (
     write_pem,
     write_private_key,
 )
-from modelfleet.protos import fleet_pb2 as pb
 
 AGENT = "edge-1-abc123"
 
@@ -53,9 +52,8 @@ def ident(tmp_path: Path, ca: CertificateAuthority) -> Path:
 def hub(ca: CertificateAuthority, name: str = AGENT, days: float = 365) -> renew.Ask:
     """What the hub does with a renewal request, without the network."""
 
-    async def ask(csr: bytes) -> pb.RenewCertificateResponse:
-        cert = ca.sign_csr(csr, agent_common_name(name), days)
-        return pb.RenewCertificateResponse(certificate_pem=cert, ca_pem=ca.cert_pem)
+    async def ask(csr: bytes) -> bytes:
+        return ca.sign_csr(csr, agent_common_name(name), days)
 
     return ask
 
@@ -93,15 +91,14 @@ def test_renew_installs_a_new_key_and_certificate(ident: Path, ca: CertificateAu
 
 
 def _wrong_key(ca: CertificateAuthority) -> renew.Ask:
-    async def ask(csr: bytes) -> pb.RenewCertificateResponse:
-        other = ca.sign_csr(make_csr(generate_key(), "x"), agent_common_name(AGENT))
-        return pb.RenewCertificateResponse(certificate_pem=other)
+    async def ask(csr: bytes) -> bytes:
+        return ca.sign_csr(make_csr(generate_key(), "x"), agent_common_name(AGENT))
 
     return ask
 
 
 def _refused(_ca: CertificateAuthority) -> renew.Ask:
-    async def ask(csr: bytes) -> pb.RenewCertificateResponse:
+    async def ask(csr: bytes) -> bytes:
         raise ConnectionError("hub: unavailable")
 
     return ask

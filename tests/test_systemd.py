@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,8 +33,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelfleet.agent.cli import build_parser as agent_parser
 from modelfleet.agent.config import ServeConfig, load_config, reload_config
+from modelfleet.batch.cli import build_parser as batch_parser
+from modelfleet.hub.cli import build_parser as hub_parser
 from modelfleet.hub.config import HubConfig, load_hub_config, reload_hub_config
+from modelfleet.kernel.commandline import bash_completion
 from modelfleet.kernel.errors import InvalidRequestError
 from modelfleet.kernel.sdnotify import Notifier
 from tests import models
@@ -41,6 +46,11 @@ from tests.conftest import make_mlp_bundle, mlp_samples
 from tests.procs import ROOT, AgentProcess, HubProcess, enroll_agent, free_port, wait_for
 
 PACKAGING = ROOT / "packaging"
+PROGRAMS = {
+    "modelfleet-agent": agent_parser,
+    "modelfleet-hub": hub_parser,
+    "modelfleet-batch": batch_parser,
+}
 X = np.ones((1, 4), np.float32)
 
 # Runs the rest of argv under the kernel's W^X lock (prctl PR_SET_MDWE, Linux 6.3+; inherited
@@ -685,6 +695,7 @@ def test_deb_holds_the_venv_units_and_configs(built: Built) -> None:
         "/etc/modelfleet/agent.toml",
         "/etc/modelfleet/hub.toml",
         "/usr/share/doc/modelfleet/install.md",
+        *(f"/usr/share/bash-completion/completions/{prog}" for prog in PROGRAMS),
     ):
         assert expected in paths, expected
     assert not any(p.startswith(f"{site}/tests/") for p in paths)
@@ -743,6 +754,33 @@ def test_venv_is_relocated_to_opt(built: Built) -> None:
     assert b"/opt/modelfleet/venv/lib/python3.11/site-packages/modelfleet/agent/app.py" in pyc
 
 
+def test_packages_install_bash_completion_generated_from_the_parsers(
+    built: Built, tmp_path: Path
+) -> None:
+    completions = built.root / "usr/share/bash-completion/completions"
+    for prog, build in PROGRAMS.items():
+        script = completions / prog
+        assert script.stat().st_mode & 0o777 == 0o644
+        # What this code's parser generates: the package's completion knows every flag it has.
+        assert script.read_text() == bash_completion(build()), prog
+    # Loaded as bash-completion does (by command name, on the first TAB), it completes.
+    fn = "_modelfleet_hub"
+    r = subprocess.run(
+        [
+            "bash",
+            "-c",
+            'source "$0"; COMP_WORDS=(modelfleet-hub models ls --j); COMP_CWORD=3; '
+            f'{fn}; echo "${{COMPREPLY[@]}}"; COMP_WORDS=(modelfleet-hub ro); COMP_CWORD=1; '
+            f'{fn}; echo "${{COMPREPLY[@]}}"',
+            str(completions / "modelfleet-hub"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0 and r.stdout.split("\n")[:2] == ["--json", "rollout"], r
+
+
 def _installed(root: Path, *cmd: str) -> list[str]:
     """cmd with the unpacked tree mounted read-only at /opt/modelfleet, in a private mount
     namespace (a tmpfs over /opt hides, and protects, whatever this machine has there)."""
@@ -792,6 +830,12 @@ def test_agent_runs_from_the_unpacked_deb(built: Built, tmp_path: Path) -> None:
     cmd = _installed(built.root, "/opt/modelfleet/venv/bin/modelfleet-hub", "--help")
     hub = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert hub.returncode == 0, hub.stderr
+    # --version is the packaged distribution's own (its metadata in the venv).
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    for prog in PROGRAMS:
+        cmd = _installed(built.root, f"/opt/modelfleet/venv/bin/{prog}", "--version")
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stdout) == (0, f"{prog} {version}\n"), r.stderr
 
     lst = NotifyListener(tmp_path / "notify.sock")
     port = free_port()

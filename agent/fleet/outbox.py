@@ -33,9 +33,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
+from modelfleet.agent.fleet.backoff import Backoff
 from modelfleet.agent.telemetry import (
     CounterStore,
     JournalMark,
@@ -43,6 +44,7 @@ from modelfleet.agent.telemetry import (
     recovered_report,
 )
 from modelfleet.kernel.errors import ModelfleetError
+from modelfleet.kernel.jobs import JobRun
 from modelfleet.protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -235,8 +237,6 @@ class TelemetryShipper:
         backoff_max_s: float = 30.0,
         batch_max: int = BATCH_MAX,
     ) -> None:
-        from modelfleet.agent.fleet.sync import Backoff  # sync imports this module
-
         self.aggregator = aggregator
         self.outbox = outbox
         self.send = send
@@ -249,9 +249,11 @@ class TelemetryShipper:
         self._cutting = asyncio.Lock()
         self.sent = 0
         self.last_error = ""
+        # Outbox deletions for acks that came late (strong references: the loop keeps weak ones).
+        self._late: set[asyncio.Task[int]] = set()
 
     async def cut(
-        self, *, only_if_active: bool = False, job_runs: Sequence[pb.JobRun] = ()
+        self, *, only_if_active: bool = False, job_runs: Sequence[JobRun] = ()
     ) -> int | None:
         """The interval so far becomes a report in the outbox; returns its seq.
 
@@ -261,7 +263,7 @@ class TelemetryShipper:
             if only_if_active and not job_runs and not self.aggregator.pending():
                 return None
             cut = self.aggregator.cut(self.serving())
-            cut.report.job_runs.extend(job_runs)
+            cut.report.job_runs.extend(pb.JobRun(**asdict(run)) for run in job_runs)
             seq = await asyncio.to_thread(self._commit, cut.report, cut.mark)
             cut.commit()
         self.new_report.set()
@@ -312,6 +314,15 @@ class TelemetryShipper:
         self.sent += gone
         return len(mine)
 
+    def ack_late(self, seqs: Sequence[int]) -> None:
+        """Acks that arrived after :meth:`send_once` stopped waiting (over MQTT): those reports
+        are stored at the hub, whichever copy got there, so they leave the outbox too."""
+        task = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(self.outbox.ack, list(seqs))
+        )
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
+
     async def send_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.new_report.clear()
@@ -348,89 +359,11 @@ class TelemetryShipper:
                 w.cancel()
 
 
-def grpc_sender(stub: Callable[[], Any], timeout_s: float = 10.0) -> Sender:
-    """Fleet.ReportTelemetry: the hub answers once the batch is stored.
-
-    ``stub`` returns the FleetStub to use for each send (it changes when the agent's
-    certificate is renewed).
-    """
-    import grpc
-
-    from modelfleet.agent.fleet.transport import rpc_error
-
-    async def send(batch: pb.TelemetryBatch) -> Sequence[int]:
-        try:
-            ack = await stub().ReportTelemetry(batch, timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise rpc_error(exc, "telemetry") from None
-        return list(ack.acked)
-
-    return send
-
-
-class MqttSender:
-    """Publish a batch on ``telemetry`` (QoS 1) and wait for the hub's ``telemetry/ack``.
-
-    An ack that arrives after its send timed out still lets those reports leave the outbox: they
-    are stored at the hub, whichever copy got there.
-    """
-
-    def __init__(
-        self,
-        link: Any,
-        outbox: Outbox,
-        loop: asyncio.AbstractEventLoop,
-        timeout_s: float = 15.0,
-    ) -> None:
-        self.link = link
-        self.outbox = outbox
-        self.loop = loop
-        self.timeout_s = timeout_s
-        self._waiting: tuple[set[int], asyncio.Future] | None = None
-        self._late: set[asyncio.Task] = set()
-        link.on_telemetry_ack = self._from_paho
-
-    async def __call__(self, batch: pb.TelemetryBatch) -> Sequence[int]:
-        if not self.link.connected.is_set():
-            # Publishing now would only pile copies up in paho's memory until it reconnects.
-            raise ConnectionError(f"MQTT broker {self.link.address} not connected")
-        fut: asyncio.Future = self.loop.create_future()
-        self._waiting = ({r.seq for r in batch.reports}, fut)
-        try:
-            self.link.publish_telemetry(batch)
-            return await asyncio.wait_for(fut, self.timeout_s)
-        except TimeoutError:
-            raise ConnectionError(
-                f"no telemetry ack from the hub over MQTT within {self.timeout_s:.0f}s"
-            ) from None
-        finally:
-            self._waiting = None
-
-    def _from_paho(self, payload: bytes) -> None:
-        try:
-            acked = list(pb.TelemetryAck.FromString(payload).acked)
-        except Exception:
-            log.warning("ignoring an undecodable telemetry ack from the broker")
-            return
-        self.loop.call_soon_threadsafe(self._on_ack, acked)
-
-    def _on_ack(self, acked: list[int]) -> None:
-        waiting = self._waiting
-        if waiting is not None and not waiting[1].done() and waiting[0] & set(acked):
-            waiting[1].set_result(acked)
-            return
-        task = self.loop.create_task(asyncio.to_thread(self.outbox.ack, acked))
-        self._late.add(task)
-        task.add_done_callback(self._late.discard)
-
-
 __all__ = [
     "BATCH_MAX",
     "OUTBOX_FILE",
-    "MqttSender",
     "Outbox",
     "Sender",
     "TelemetryShipper",
-    "grpc_sender",
     "open_journal",
 ]

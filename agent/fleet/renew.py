@@ -38,15 +38,14 @@ from modelfleet.kernel.identity import (
     write_pem,
     write_private_key,
 )
-from modelfleet.protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 KEY, CERT, CA = "agent.key", "agent.crt", "ca.crt"
 NEXT_KEY, NEXT_CERT = "agent.next.key", "agent.next.crt"
 
-# Asks the hub: CSR (PEM) in, the hub's answer out (gRPC or MQTT).
-Ask = Callable[[bytes], Awaitable[pb.RenewCertificateResponse]]
+# Asks the hub: CSR (PEM) in, the certificate the hub issued (PEM) out (ControlPlane).
+Ask = Callable[[bytes], Awaitable[bytes]]
 
 
 def current_certificate(ident: Path) -> x509.Certificate:
@@ -160,11 +159,11 @@ async def renew(ident: Path, ask: Ask) -> x509.Certificate:
     key = generate_key()
     write_private_key(ident / NEXT_KEY, key)
     try:
-        answer = await ask(make_csr(key, name))
-        cert = check_answer(ident, name, key, answer.certificate_pem)
+        cert_pem = await ask(make_csr(key, name))
+        cert = check_answer(ident, name, key, cert_pem)
     except BaseException:
         (ident / NEXT_KEY).unlink(missing_ok=True)
         raise
-    write_pem(ident / NEXT_CERT, answer.certificate_pem)
+    write_pem(ident / NEXT_CERT, cert_pem)
     finish_pending(ident)
     return cert

@@ -11,38 +11,27 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-import grpc
 
 from modelfleet.agent import __version__
 from modelfleet.agent.config import ServeConfig
 from modelfleet.agent.fleet import renew as renewal
+from modelfleet.agent.fleet.backoff import Backoff
 from modelfleet.agent.fleet.cache import BundleCache
+from modelfleet.agent.fleet.controlplane import (
+    AgentReport,
+    ControlPlane,
+    DesiredModel,
+    DesiredState,
+    ModelReport,
+)
 from modelfleet.agent.fleet.enroll import TUF_DIR
-from modelfleet.agent.fleet.mqtt import MqttLink, MqttTransport
-from modelfleet.agent.fleet.outbox import (
-    OUTBOX_FILE,
-    MqttSender,
-    Outbox,
-    Sender,
-    TelemetryShipper,
-    grpc_sender,
-    open_journal,
-)
-from modelfleet.agent.fleet.transport import (
-    IDENTITY_DIR,
-    GrpcTransport,
-    RetiredChannels,
-    channel_options,
-    credentials,
-    rpc_error,
-)
+from modelfleet.agent.fleet.outbox import OUTBOX_FILE, Outbox, TelemetryShipper, open_journal
+from modelfleet.agent.fleet.transport import IDENTITY_DIR
 from modelfleet.agent.fleet.verify import BundleVerifier
 from modelfleet.agent.gate import GateResult
 from modelfleet.agent.jobs import JobRunner
@@ -51,8 +40,6 @@ from modelfleet.agent.telemetry import JOURNAL_FILE
 from modelfleet.kernel.atomic import atomic_write_json
 from modelfleet.kernel.errors import BundleError, ModelfleetError, ResourceExhaustedError, Status
 from modelfleet.kernel.jobs import JobRun, JobSpec
-from modelfleet.protos import fleet_pb2 as pb
-from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -81,37 +68,22 @@ class CacheDamagedError(ModelfleetError):
 MIN_RENEW_GAP_S = 60.0
 
 
-@dataclass(frozen=True)
-class DesiredModel:
-    name: str
-    version: int
-    target_path: str = ""
-    sha256: str = ""
-    size: int = 0
-    # Blue/green: a version to load and gate beside the active one, without switching.
-    prepare_version: int = 0
-    prepare_size: int = 0
-
-
-class Backoff:
-    """Exponential backoff with full jitter, bounded: a restarted hub is not stampeded."""
-
-    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None):
-        self.base, self.cap, self.attempt = base, cap, 0
-        self.rng = rng or random.Random()
-
-    def next(self) -> float:
-        delay = self.rng.uniform(0, min(self.cap, self.base * 2**self.attempt))
-        self.attempt = min(self.attempt + 1, 30)
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 class FleetSync:
-    def __init__(self, cfg: ServeConfig, slots: SlotManager, inference_address: str) -> None:
+    """Reconciles the hub's desired state with the slots, through one :class:`ControlPlane`.
+
+    How the hub is reached is the control plane's business: nothing here asks
+    (``connect_control_plane`` in agent/app.py chooses the adapter).
+    """
+
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        slots: SlotManager,
+        inference_address: str,
+        control: ControlPlane,
+    ) -> None:
         self.cfg = cfg
+        self.control = control
         self.slots = slots
         self.inference_address = inference_address
         self.data = Path(cfg.data)
@@ -133,56 +105,35 @@ class FleetSync:
         self.last_error = ""
         self.wakeup = asyncio.Event()
         self.report_now = asyncio.Event()
-        self.loop = asyncio.get_running_loop()
-        self.mqtt: MqttLink | None = None
-        self.channel = None
         self.ident = self.data / IDENTITY_DIR
-        # Before the identity is read: a renewal cut short by a crash is completed or undone.
-        if done := renewal.finish_pending(self.ident):
-            log.warning("certificate renewal interrupted by a restart: %s", done)
-        # A watch stream on a replaced channel lasts up to resync_interval_s.
-        self._retired_channels = RetiredChannels(cfg.resync_interval_s + 60.0)
         self.cert_expires_at = renewal.current_certificate(
             self.ident
         ).not_valid_after_utc.timestamp()
         self.renew_error = ""
         # Set between a renewal written to disk and the connections that use it: retried.
         self._identity_stale = False
-        if cfg.transport in ("mqtt", "both"):
-            self.mqtt = MqttLink(cfg.mqtt, self.data, cfg.agent_id, self._desired_from_mqtt)
-        if cfg.transport in ("grpc", "both"):
-            creds = credentials(self.data)
-            self.channel = grpc.aio.secure_channel(cfg.hub, creds, options=channel_options())
-            self.stub = pb_grpc.FleetStub(self.channel)
-            self.transport: GrpcTransport | MqttTransport = GrpcTransport(cfg.hub, creds)
-        else:
-            assert self.mqtt is not None
-            self.transport = MqttTransport(self.mqtt)
         self.verifier = BundleVerifier(
             self.data / TUF_DIR,
             self.cache.bundles,
-            self.transport,
+            control,
             partial_dir=self.cache.partial,
             reserve_bytes=cfg.disk_reserve_bytes,
         )
         slots.listeners.append(lambda _name: self.report_now.set())
         slots.listeners.append(self._on_slot_change)
-        # Telemetry (docs/telemetry.md): through the outbox, over gRPC when there is a channel.
+        # Telemetry (docs/telemetry.md): through the outbox, over the control plane.
         outbox = Outbox(self.data / OUTBOX_FILE, cfg.telemetry_outbox_max_reports)
         # From here on every count is in the crash-safe journal (docs/telemetry.md).
         slots.metrics.telemetry.attach(open_journal(self.data / JOURNAL_FILE, outbox))
-        if self.channel is not None:
-            send: Sender = grpc_sender(lambda: self.stub)
-        else:
-            send = MqttSender(self.mqtt, outbox, self.loop)
         self.telemetry = TelemetryShipper(
             slots.metrics.telemetry,
             outbox,
-            send,
+            control.send_telemetry,
             interval_s=cfg.telemetry_interval_s,
             serving=self._serving_versions,
             backoff_max_s=cfg.backoff_max_s,
         )
+        control.set_late_ack_handler(self.telemetry.ack_late)
 
     # -- state on disk --------------------------------------------------------------------------
 
@@ -500,6 +451,9 @@ class FleetSync:
     async def reconcile_loop(self, stop: asyncio.Event) -> None:
         retry = Backoff(base=2.0, cap=self.cfg.backoff_max_s)
         while not stop.is_set():
+            # Cleared before the pass reads the desired state, not after it: a state that
+            # arrives while the pass fetches or gates sets it again and gets a pass of its own.
+            self.wakeup.clear()
             await self.reconcile()
             if self.errors:
                 # Failed fetches are retried on their own; new desired states wake us sooner.
@@ -507,7 +461,6 @@ class FleetSync:
             else:
                 retry.reset()
                 delay = None
-            self.wakeup.clear()
             waiter = asyncio.ensure_future(self.wakeup.wait())
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait(
@@ -519,28 +472,37 @@ class FleetSync:
     # -- talking to the hub ---------------------------------------------------------------------
 
     async def watch_loop(self, stop: asyncio.Event) -> None:
-        backoff = Backoff(cap=self.cfg.backoff_max_s)
-        while not stop.is_set():
-            try:
-                # The deadline ends the stream now and then: reconnecting gets the full state
-                # again, a resync that repairs anything a broken stream might have missed.
-                call = self.stub.WatchDesired(
-                    pb.WatchDesiredRequest(), timeout=self.cfg.resync_interval_s
-                )
-                async for state in call:
-                    backoff.reset()
-                    if self.last_error.startswith("hub:"):
-                        self.last_error = ""
-                    self._on_desired(state)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    continue
-                err = rpc_error(exc, "hub")
-                self.last_error = str(err)  # already reads "hub: ..."
-                delay = backoff.next()
-                log.warning("%s; retrying in %.1fs", err, delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+        await self.control.watch_desired(self._on_desired, self._on_hub_trouble, stop)
+
+    def _on_hub_trouble(self, error: str) -> None:
+        self.last_error = error  # reads "hub: ..." until the next desired state
+
+    def _on_desired(self, state: DesiredState) -> None:
+        if self.last_error.startswith("hub:"):
+            self.last_error = ""  # the hub answers again
+        desired, jobs = list(state.models), list(state.jobs)
+        self.revision = state.revision
+        if jobs != self.job_specs:
+            self.job_specs = jobs
+            self._save_desired()
+            self.jobs.apply(jobs)
+        if desired != self.desired:
+            before = {d.name: (d.version, d.prepare_version) for d in self.desired}
+            for d in desired:
+                if before.get(d.name, (d.version, d.prepare_version)) != (
+                    d.version,
+                    d.prepare_version,
+                ):
+                    # A new desired version is a new decision: earlier refusals may be retried.
+                    self.slots.forget_failures(d.name)
+            log.info(
+                "desired state (revision %d): %s",
+                state.revision,
+                ", ".join(f"{d.name} v{d.version}" for d in desired) or "nothing",
+            )
+            self.desired = desired
+            self._save_desired()
+        self.wakeup.set()
 
     # -- certificate renewal --------------------------------------------------------------------
 
@@ -594,24 +556,7 @@ class FleetSync:
 
     async def renew_certificate(self) -> None:
         """One renewal now, then every connection made from here on uses the new certificate."""
-
-        async def ask(csr: bytes) -> pb.RenewCertificateResponse:
-            if self.channel is not None:
-                try:
-                    return await self.stub.RenewCertificate(
-                        pb.RenewCertificateRequest(csr_pem=csr), timeout=30
-                    )
-                except grpc.aio.AioRpcError as exc:
-                    raise rpc_error(exc, "hub") from None
-            assert self.mqtt is not None
-            # The broker ends TLS: the request carries the certificate in use and a signature.
-            cert_pem, signature = renewal.proof(self.ident, csr)
-            request = pb.RenewCertificateRequest(
-                csr_pem=csr, certificate_pem=cert_pem, signature=signature
-            )
-            return await asyncio.to_thread(self.mqtt.renew_certificate, request)
-
-        cert = await renewal.renew(self.ident, ask)
+        cert = await renewal.renew(self.ident, self.control.renew_certificate)
         self._identity_stale = True
         self.cert_expires_at = cert.not_valid_after_utc.timestamp()
         self.renew_error = ""
@@ -623,116 +568,37 @@ class FleetSync:
         self.report_now.set()
 
     async def _use_identity(self) -> None:
-        """New channels with the identity on disk; calls in flight finish on the old ones."""
-        if self.mqtt is not None:
-            self.mqtt.reload_identity()
-        if self.channel is None:
-            self._identity_stale = False
-            return
-        creds = credentials(self.data)
-        for old in self._retired_channels.retire(self.channel):
-            await old.close()
-        self.channel = grpc.aio.secure_channel(self.cfg.hub, creds, options=channel_options())
-        self.stub = pb_grpc.FleetStub(self.channel)
-        if isinstance(self.transport, GrpcTransport):
-            self.transport.reconnect(creds)
+        """New connections with the identity on disk; calls in flight finish on the old ones."""
+        await self.control.use_identity()
         self._identity_stale = False
 
-    def _desired_from_mqtt(self, payload: bytes) -> None:
-        """paho's thread -> the event loop. An empty retained message means "revoked"."""
-        try:
-            state = pb.DesiredState.FromString(payload)
-        except Exception:
-            log.warning("ignoring an undecodable desired state from the broker")
-            return
-        if not payload:
-            log.warning("the hub cleared this agent's desired state (revoked?); keeping what runs")
-            return
-        self.loop.call_soon_threadsafe(self._on_desired, state)
-
-    async def mqtt_resync_loop(self, stop: asyncio.Event) -> None:
-        assert self.mqtt is not None
-        self.mqtt.start()
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.cfg.resync_interval_s)
-            self.mqtt.resync()
-
-    def _on_desired(self, state: pb.DesiredState) -> None:
-        desired = [
-            DesiredModel(
-                m.name,
-                m.version,
-                m.target_path,
-                m.sha256,
-                m.size,
-                m.prepare_version,
-                m.prepare_size,
-            )
-            for m in state.models
-        ]
-        jobs = [
-            JobSpec(
-                j.name,
-                j.model,
-                j.version,
-                j.schedule,
-                j.input,
-                j.output,
-                j.sql,
-                j.paused,
-                j.run_now,
-                j.keys,
-            )
-            for j in state.jobs
-        ]
-        self.revision = state.revision
-        if jobs != self.job_specs:
-            self.job_specs = jobs
-            self._save_desired()
-            self.jobs.apply(jobs)
-        if desired != self.desired:
-            before = {d.name: (d.version, d.prepare_version) for d in self.desired}
-            for d in desired:
-                if before.get(d.name, (d.version, d.prepare_version)) != (
-                    d.version,
-                    d.prepare_version,
-                ):
-                    # A new desired version is a new decision: earlier refusals may be retried.
-                    self.slots.forget_failures(d.name)
-            log.info(
-                "desired state (revision %d): %s",
-                state.revision,
-                ", ".join(f"{d.name} v{d.version}" for d in desired) or "nothing",
-            )
-            self.desired = desired
-            self._save_desired()
-        self.wakeup.set()
-
-    def build_report(self) -> pb.AgentReport:
+    def build_report(self) -> AgentReport:
         desired = {d.name: d.version for d in self.desired}
         models = []
         for st in self.slots.status():
-            m = pb.ModelReport(
-                name=st.name,
-                active_version=st.active or 0,
-                previous_version=st.previous or 0,
-                loading_version=st.loading or 0,
-                desired_version=desired.get(st.name, 0),
-                error=self.errors.get(st.name, ""),
-                error_reason=self.error_reasons.get(st.name, "") if st.name in self.errors else "",
+            gate = st.last_gate
+            models.append(
+                ModelReport(
+                    name=st.name,
+                    active_version=st.active or 0,
+                    previous_version=st.previous or 0,
+                    loading_version=st.loading or 0,
+                    desired_version=desired.get(st.name, 0),
+                    gate_version=gate.version if gate is not None else 0,
+                    gate_passed=gate.passed if gate is not None else False,
+                    gate_kind=gate.kind if gate is not None else "",
+                    gate_reason=gate.reason if gate is not None else "",
+                    error=self.errors.get(st.name, ""),
+                    error_reason=self.error_reasons.get(st.name, "")
+                    if st.name in self.errors
+                    else "",
+                )
             )
-            if st.last_gate is not None:
-                m.gate_version = st.last_gate.version
-                m.gate_passed = st.last_gate.passed
-                m.gate_kind = st.last_gate.kind
-                m.gate_reason = st.last_gate.reason
-            models.append(m)
         reported = {m.name for m in models}
         for name, version in desired.items():
             if name not in reported:
                 models.append(
-                    pb.ModelReport(
+                    ModelReport(
                         name=name,
                         desired_version=version,
                         error=self.errors.get(name, ""),
@@ -741,7 +607,7 @@ class FleetSync:
                         else "",
                     )
                 )
-        return pb.AgentReport(
+        return AgentReport(
             models=models,
             # A failing renewal stays visible until one succeeds, whatever else clears.
             last_error=self.last_error or self.renew_error,
@@ -757,13 +623,9 @@ class FleetSync:
         while not stop.is_set():
             self.report_now.clear()
             try:
-                if self.channel is not None:
-                    await self.stub.ReportState(self.build_report(), timeout=10)
-                elif self.mqtt is not None:
-                    # QoS 1: paho keeps it while the broker is away; the next one supersedes.
-                    self.mqtt.publish_report(self.build_report())
-            except grpc.aio.AioRpcError as exc:
-                log.debug("report failed: %s", exc.details())
+                await self.control.send_report(self.build_report())
+            except (OSError, ModelfleetError) as exc:
+                log.debug("report failed: %s", exc)
             except Exception:
                 # The heartbeat must outlive any one bad report: rollouts time agents out on it.
                 log.exception("building or sending the state report failed; will retry")
@@ -790,16 +652,17 @@ class FleetSync:
         except Exception as exc:
             log.error("cannot write the last telemetry interval: %s", exc)
         try:
-            if self.channel is not None:
-                await asyncio.wait_for(self.telemetry.send_once(), 2)
+            if timeout_s := self.control.final_telemetry_timeout_s:
+                await asyncio.wait_for(self.telemetry.send_once(), timeout_s)
         except Exception as exc:  # best effort: whatever is not acked waits in the outbox
             log.debug("final telemetry send: %s", exc)
         self.telemetry.outbox.close()
 
     async def _report_job_run(self, run: JobRun) -> None:
-        # Through the telemetry outbox: on disk at once, delivered over gRPC or MQTT, resent
-        # until the hub acknowledges it (so a run that ends while the hub is down is not lost).
-        await self.telemetry.cut(job_runs=[pb.JobRun(**asdict(run))])
+        # Through the telemetry outbox: on disk at once, delivered over the control plane,
+        # resent until the hub acknowledges it (so a run that ends while the hub is down is
+        # not lost).
+        await self.telemetry.cut(job_runs=[run])
 
     async def run(self, stop: asyncio.Event) -> None:
         # Jobs restored with the desired state keep their schedules across restarts.
@@ -810,12 +673,9 @@ class FleetSync:
             asyncio.ensure_future(self.report_loop(stop)),
             asyncio.ensure_future(self.telemetry.collect_loop(stop)),
             asyncio.ensure_future(self.telemetry.send_loop(stop)),
+            asyncio.ensure_future(self.renew_loop(stop)),
+            asyncio.ensure_future(self.watch_loop(stop)),
         ]
-        tasks.append(asyncio.ensure_future(self.renew_loop(stop)))
-        if self.mqtt is not None:
-            tasks.append(asyncio.ensure_future(self.mqtt_resync_loop(stop)))
-        else:
-            tasks.append(asyncio.ensure_future(self.watch_loop(stop)))
         try:
             await stop.wait()
         finally:
@@ -824,14 +684,6 @@ class FleetSync:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.jobs.shutdown()
             await self._final_telemetry()
-            if self.channel is not None:
-                with contextlib.suppress(Exception):
-                    await self.stub.ReportState(self.build_report(), timeout=2)
-                await self.channel.close()
-                for old in self._retired_channels.all():
-                    await old.close()
-            if self.mqtt is not None:
-                with contextlib.suppress(Exception):
-                    self.mqtt.publish_report(self.build_report())
-                self.mqtt.stop()
-            self.transport.close()
+            with contextlib.suppress(Exception):
+                await self.control.send_final_report(self.build_report())
+            await self.control.close()

@@ -50,6 +50,11 @@ def credentials(data_dir: Path) -> grpc.ChannelCredentials:
         ) from None
 
 
+def fleet_stub(channel: Any) -> Any:
+    """A ``Fleet`` stub on ``channel`` (sync or aio); typed ``Any``, as the generated stubs are."""
+    return pb_grpc.FleetStub(channel)
+
+
 def rpc_error(exc: grpc.RpcError, what: str) -> Exception:
     """Transport trouble becomes OSError (retry later); a refusal, the error family's member."""
     code = exc.code()

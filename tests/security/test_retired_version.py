@@ -55,7 +55,7 @@ def test_an_agent_enrolled_after_completed_rollouts_gets_the_rolled_out_version(
 def test_a_retired_version_is_dropped_from_desired_state(fleet, tmp_path: Path) -> None:  # noqa: F811
     hub = fleet.hub()
     hub.cli("publish", "mlp", str(fleet.model(0)))
-    hub.cli("deploy", "mlp", "1", "--selector", "site=paris")
+    hub.cli("deploy", "mlp", "1", "--selector", "site=paris", "--allow-empty")
     hub.cli("models", "stage", "mlp", "1", "retired")
     refused = hub.cli("deploy", "mlp", "1", check=False)
     assert refused.returncode == 7 and "retired" in refused.stderr

@@ -1,0 +1,165 @@
+"""The control plane through an MQTT v5 broker, for agents that can reach a broker only.
+
+Desired states arrive as a retained message (re-delivered by subscribing again: the periodic
+resync), reports and telemetry are published with QoS 1, and metadata, bundle bytes and
+certificate renewals are windowed request/response exchanges (agent/fleet/mqtt.py). paho runs
+its own network thread; everything handed to the event loop crosses with
+``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from modelfleet.agent.fleet import renew as renewal
+from modelfleet.agent.fleet.controlplane import AgentReport, OnDesired, OnLateAcks, OnTrouble
+from modelfleet.agent.fleet.convert import agent_report, desired_state
+from modelfleet.agent.fleet.mqtt import MqttLink, MqttTransport
+from modelfleet.agent.fleet.transport import IDENTITY_DIR
+from modelfleet.protos import fleet_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+TELEMETRY_ACK_TIMEOUT_S = 15.0
+
+
+class MqttSender:
+    """Publish a batch on ``telemetry`` (QoS 1) and wait for the hub's ``telemetry/ack``.
+
+    An ack that arrives after its send timed out still lets those reports leave the outbox: they
+    are stored at the hub, whichever copy got there. It goes to ``on_late``.
+    """
+
+    def __init__(
+        self,
+        link: MqttLink,
+        loop: asyncio.AbstractEventLoop,
+        timeout_s: float = TELEMETRY_ACK_TIMEOUT_S,
+    ) -> None:
+        self.link = link
+        self.loop = loop
+        self.timeout_s = timeout_s
+        self.on_late: OnLateAcks | None = None
+        self._waiting: tuple[set[int], asyncio.Future[list[int]]] | None = None
+        link.on_telemetry_ack = self._from_paho
+
+    async def __call__(self, batch: pb.TelemetryBatch) -> Sequence[int]:
+        if not self.link.connected.is_set():
+            # Publishing now would only pile copies up in paho's memory until it reconnects.
+            raise ConnectionError(f"MQTT broker {self.link.address} not connected")
+        fut: asyncio.Future[list[int]] = self.loop.create_future()
+        self._waiting = ({r.seq for r in batch.reports}, fut)
+        try:
+            self.link.publish_telemetry(batch)
+            return await asyncio.wait_for(fut, self.timeout_s)
+        except TimeoutError:
+            raise ConnectionError(
+                f"no telemetry ack from the hub over MQTT within {self.timeout_s:.0f}s"
+            ) from None
+        finally:
+            self._waiting = None
+
+    def _from_paho(self, payload: bytes) -> None:
+        try:
+            acked = list(pb.TelemetryAck.FromString(payload).acked)
+        except Exception:
+            log.warning("ignoring an undecodable telemetry ack from the broker")
+            return
+        self.loop.call_soon_threadsafe(self._on_ack, acked)
+
+    def _on_ack(self, acked: list[int]) -> None:
+        waiting = self._waiting
+        if waiting is not None and not waiting[1].done() and waiting[0] & set(acked):
+            waiting[1].set_result(acked)
+            return
+        if self.on_late is not None:
+            self.on_late(acked)
+
+
+class MqttControlPlane:
+    def __init__(
+        self,
+        address: str,
+        data_dir: Path,
+        agent_id: str,
+        *,
+        resync_interval_s: float,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.ident = Path(data_dir) / IDENTITY_DIR
+        self.resync_interval_s = resync_interval_s
+        self._loop = loop or asyncio.get_running_loop()
+        self._on_desired: OnDesired | None = None
+        self.link = MqttLink(address, Path(data_dir), agent_id, self._desired_from_broker)
+        self._bytes = MqttTransport(self.link)
+        self._telemetry = MqttSender(self.link, self._loop)
+
+    # No last try while stopping: the ack would come back on another topic just as the session
+    # ends. What is not acknowledged is sent at the next start.
+    final_telemetry_timeout_s = 0.0
+
+    async def watch_desired(
+        self, on_desired: OnDesired, on_trouble: OnTrouble, stop: asyncio.Event
+    ) -> None:
+        # on_trouble is never called: the broker does not tell whether the hub is up, and
+        # MqttLink logs its own connection trouble.
+        self._on_desired = on_desired
+        self.link.start()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.resync_interval_s)
+            self.link.resync()
+
+    def _desired_from_broker(self, payload: bytes) -> None:
+        """paho's thread -> the event loop. An empty retained message means "revoked"."""
+        try:
+            message = pb.DesiredState.FromString(payload)
+        except Exception:
+            log.warning("ignoring an undecodable desired state from the broker")
+            return
+        if not payload:
+            log.warning("the hub cleared this agent's desired state (revoked?); keeping what runs")
+            return
+        deliver = self._on_desired
+        if deliver is not None:  # always: the link starts in watch_desired
+            self._loop.call_soon_threadsafe(deliver, desired_state(message))
+
+    async def send_report(self, report: AgentReport) -> None:
+        # QoS 1: paho keeps it while the broker is away; the next one supersedes.
+        self.link.publish_report(agent_report(report))
+
+    async def send_final_report(self, report: AgentReport) -> None:
+        with contextlib.suppress(Exception):
+            self.link.publish_report(agent_report(report))
+
+    async def send_telemetry(self, batch: pb.TelemetryBatch) -> Sequence[int]:
+        return await self._telemetry(batch)
+
+    def set_late_ack_handler(self, handler: OnLateAcks) -> None:
+        self._telemetry.on_late = handler
+
+    async def renew_certificate(self, csr_pem: bytes) -> bytes:
+        # The broker ends TLS: the request carries the certificate in use and a signature.
+        cert_pem, signature = renewal.proof(self.ident, csr_pem)
+        request = pb.RenewCertificateRequest(
+            csr_pem=csr_pem, certificate_pem=cert_pem, signature=signature
+        )
+        answer = await asyncio.to_thread(self.link.renew_certificate, request)
+        return bytes(answer.certificate_pem)
+
+    async def use_identity(self) -> None:
+        self.link.reload_identity()
+
+    def fetch_metadata(self, filename: str) -> Iterator[bytes]:
+        return self._bytes.fetch_metadata(filename)
+
+    def fetch_target(self, path: str, offset: int) -> Iterator[bytes | memoryview]:
+        return self._bytes.fetch_target(path, offset)
+
+    async def close(self) -> None:
+        self.link.stop()
+        self._bytes.close()
