@@ -15,14 +15,14 @@ from typing import Any
 _NAMESPACE = "modelfleet."
 
 
-class _ShortName(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.short_name = record.name.removeprefix(_NAMESPACE)
-        return True
-
-
 def _short_name(record: logging.LogRecord) -> str:
     return record.name.removeprefix(_NAMESPACE)
+
+
+class _ShortName(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.short_name = _short_name(record)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
