@@ -44,6 +44,10 @@ def desired_to_proto(
                 size=d.size,
                 prepare_version=d.prepare_version,
                 prepare_size=d.prepare_size,
+                split_bp=d.split_bp,
+                sticky=d.sticky,
+                shadow_bp=d.shadow_bp,
+                comparison=d.comparison,
             )
             for d in desired
         ],

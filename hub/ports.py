@@ -91,6 +91,11 @@ class RegistryPort(Protocol):
         actor: str = "",
         source: str = "deploy",
         rollout_id: int = 0,
+        kind: str = "serve",
+        split_bp: int = 0,
+        sticky: bool = False,
+        shadow_bp: int = 0,
+        comparison: str = "",
     ) -> int: ...
     def deploy_many(
         self,
@@ -99,6 +104,10 @@ class RegistryPort(Protocol):
         kind: str = "serve",
         *,
         rollout_id: int = 0,
+        split_bp: int = 0,
+        sticky: bool = False,
+        shadow_bp: int = 0,
+        comparison: str = "",
     ) -> int: ...
     def remove_deployments(self, ids: Collection[int], actor: str = "") -> int: ...
     def deployment_rows(self, include_removed: bool = False) -> list[DeploymentRow]: ...

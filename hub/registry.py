@@ -111,7 +111,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     version INTEGER NOT NULL,
     selector TEXT NOT NULL,
     created_at REAL NOT NULL,
-    -- serve: the version to run; prepare: load and gate it beside the running one (blue/green).
+    -- serve: the version to run; prepare: load and gate it beside the running one (blue/green,
+    -- and, with split_bp/shadow_bp, a live comparison against the running one).
     kind TEXT NOT NULL DEFAULT 'serve',
     -- deploy (modelfleet-hub deploy) or rollout (a wave, a rollback, a completed rollout);
     -- '' in rows written before the hub recorded it.
@@ -179,6 +180,11 @@ class Desired:
     size: int
     prepare_version: int = 0
     prepare_size: int = 0
+    # Live comparison of prepare_version against version (fleet.proto DesiredModel).
+    split_bp: int = 0
+    sticky: bool = False
+    shadow_bp: int = 0
+    comparison: str = ""
 
 
 # Selector key that names one agent: used by rollouts for per-agent assignments.
@@ -205,6 +211,11 @@ class DeploymentRow:
     actor: str = ""
     removed_at: float = 0.0
     removed_by: str = ""
+    # prepare rows: the live comparison against the serving version (see Desired).
+    split_bp: int = 0
+    sticky: bool = False
+    shadow_bp: int = 0
+    comparison: str = ""
 
     @property
     def agent_id(self) -> str:
@@ -335,6 +346,11 @@ class Registry:
                 ("actor", "TEXT NOT NULL DEFAULT ''"),
                 ("removed_at", "REAL NOT NULL DEFAULT 0"),
                 ("removed_by", "TEXT NOT NULL DEFAULT ''"),
+                # prepare rows: the comparison (see Desired).
+                ("split_bp", "INTEGER NOT NULL DEFAULT 0"),
+                ("sticky", "INTEGER NOT NULL DEFAULT 0"),
+                ("shadow_bp", "INTEGER NOT NULL DEFAULT 0"),
+                ("comparison", "TEXT NOT NULL DEFAULT ''"),
             ],
         }
         for table, columns in added.items():
@@ -781,12 +797,25 @@ class Registry:
         actor: str = "",
         source: str = "deploy",
         rollout_id: int = 0,
+        kind: str = "serve",
+        split_bp: int = 0,
+        sticky: bool = False,
+        shadow_bp: int = 0,
+        comparison: str = "",
     ) -> int:
+        """One row of the deployments log; returns its id. ``kind="prepare"`` with
+        ``split_bp``/``shadow_bp`` is a live comparison against the serving version (see
+        :class:`Desired`)."""
         self.check_deployable(name, version)
+        if kind != "prepare" and (split_bp or shadow_bp):
+            raise ValueError("a split or shadow share needs kind='prepare'")
+        if not (0 <= split_bp <= 10000 and 0 <= shadow_bp <= 10000):
+            raise ValueError("shares are basis points, 0..10000")
         with self.tx():
             cur = self.db.execute(
                 "INSERT INTO deployments (name, version, selector, created_at, source, "
-                "rollout_id, actor) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "rollout_id, actor, kind, split_bp, sticky, shadow_bp, comparison) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     name,
                     version,
@@ -795,6 +824,11 @@ class Registry:
                     source,
                     rollout_id,
                     actor,
+                    kind,
+                    split_bp,
+                    int(sticky),
+                    shadow_bp,
+                    comparison,
                 ),
             )
         return int(cur.lastrowid or 0)
@@ -806,10 +840,20 @@ class Registry:
         kind: str = "serve",
         *,
         rollout_id: int = 0,
+        split_bp: int = 0,
+        sticky: bool = False,
+        shadow_bp: int = 0,
+        comparison: str = "",
     ) -> int:
         """Per-agent desired versions (a rollout's wave, or its rollback) in one transaction.
 
-        Version 0 means "this model is not desired on that agent"."""
+        Version 0 means "this model is not desired on that agent". ``split_bp``, ``sticky``,
+        ``shadow_bp`` and ``comparison`` are for ``kind="prepare"``: the live comparison of the
+        prepared version against the serving one (see :class:`Desired`)."""
+        if kind != "prepare" and (split_bp or shadow_bp):
+            raise ValueError("a split or shadow share needs kind='prepare'")
+        if not (0 <= split_bp <= 10000 and 0 <= shadow_bp <= 10000):
+            raise ValueError("shares are basis points, 0..10000")
         for version in {v for _, v in assignments if v}:
             row = self.get_version(name, version)
             assert row is not None
@@ -819,9 +863,21 @@ class Registry:
         with self.tx():
             self.db.executemany(
                 "INSERT INTO deployments (name, version, selector, created_at, kind, source, "
-                "rollout_id) VALUES (?, ?, ?, ?, ?, 'rollout', ?)",
+                "rollout_id, split_bp, sticky, shadow_bp, comparison) "
+                "VALUES (?, ?, ?, ?, ?, 'rollout', ?, ?, ?, ?, ?)",
                 [
-                    (name, v, json.dumps({AGENT_KEY: a}), now, kind, rollout_id)
+                    (
+                        name,
+                        v,
+                        json.dumps({AGENT_KEY: a}),
+                        now,
+                        kind,
+                        rollout_id,
+                        split_bp,
+                        int(sticky),
+                        shadow_bp,
+                        comparison,
+                    )
                     for a, v in assignments
                 ],
             )
@@ -1002,16 +1058,33 @@ class Registry:
                     row.version,
                 )
         chosen = {name: row.version for name, row in decided.items()}
-        prepare = {name: row.version for name, row in prepared.items()}
         out = []
         for name, version in sorted(chosen.items()):
             if version == 0:
                 continue
             v = self.get_version(name, version)
             assert v is not None
-            p_version = prepare.get(name, 0)
-            p_size = self.get_version(name, p_version).size if p_version else 0  # type: ignore[union-attr]
-            out.append(Desired(name, version, v.target_path, v.sha256, v.size, p_version, p_size))
+            p = prepared.get(name)
+            if p is None or p.version == 0:
+                out.append(Desired(name, version, v.target_path, v.sha256, v.size))
+                continue
+            p_row = self.get_version(name, p.version)
+            assert p_row is not None
+            out.append(
+                Desired(
+                    name,
+                    version,
+                    v.target_path,
+                    v.sha256,
+                    v.size,
+                    p.version,
+                    p_row.size,
+                    p.split_bp,
+                    p.sticky,
+                    p.shadow_bp,
+                    p.comparison,
+                )
+            )
         return out
 
 
@@ -1031,4 +1104,8 @@ def _deployment_row(r: sqlite3.Row) -> DeploymentRow:
         actor=r["actor"],
         removed_at=float(r["removed_at"]),
         removed_by=r["removed_by"],
+        split_bp=int(r["split_bp"]),
+        sticky=bool(r["sticky"]),
+        shadow_bp=int(r["shadow_bp"]),
+        comparison=r["comparison"],
     )

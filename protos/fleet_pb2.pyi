@@ -66,7 +66,7 @@ class WatchDesiredRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DesiredModel(_message.Message):
-    __slots__ = ("name", "version", "target_path", "sha256", "size", "prepare_version", "prepare_size")
+    __slots__ = ("name", "version", "target_path", "sha256", "size", "prepare_version", "prepare_size", "split_bp", "sticky", "shadow_bp", "comparison")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,10 @@ class DesiredModel(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     PREPARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREPARE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_BP_FIELD_NUMBER: _ClassVar[int]
+    STICKY_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_BP_FIELD_NUMBER: _ClassVar[int]
+    COMPARISON_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     target_path: str
@@ -81,7 +85,11 @@ class DesiredModel(_message.Message):
     size: int
     prepare_version: int
     prepare_size: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., target_path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., prepare_version: _Optional[int] = ..., prepare_size: _Optional[int] = ...) -> None: ...
+    split_bp: int
+    sticky: bool
+    shadow_bp: int
+    comparison: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., target_path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., prepare_version: _Optional[int] = ..., prepare_size: _Optional[int] = ..., split_bp: _Optional[int] = ..., sticky: _Optional[bool] = ..., shadow_bp: _Optional[int] = ..., comparison: _Optional[str] = ...) -> None: ...
 
 class DesiredState(_message.Message):
     __slots__ = ("revision", "models", "jobs")
@@ -639,7 +647,7 @@ class Histogram(_message.Message):
     def __init__(self, bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class VersionTelemetry(_message.Message):
-    __slots__ = ("model", "version", "requests", "failures", "failures_by_reason", "request_latency", "queue_latency", "compute_latency", "batch_size", "gate_passed", "gate_failed", "swaps", "rollbacks")
+    __slots__ = ("model", "version", "requests", "failures", "failures_by_reason", "request_latency", "queue_latency", "compute_latency", "batch_size", "gate_passed", "gate_failed", "swaps", "rollbacks", "arm", "shadow")
     class FailuresByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -660,6 +668,8 @@ class VersionTelemetry(_message.Message):
     GATE_FAILED_FIELD_NUMBER: _ClassVar[int]
     SWAPS_FIELD_NUMBER: _ClassVar[int]
     ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     requests: int
@@ -673,7 +683,35 @@ class VersionTelemetry(_message.Message):
     gate_failed: int
     swaps: int
     rollbacks: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., failures_by_reason: _Optional[_Mapping[str, int]] = ..., request_latency: _Optional[_Union[Histogram, _Mapping]] = ..., queue_latency: _Optional[_Union[Histogram, _Mapping]] = ..., compute_latency: _Optional[_Union[Histogram, _Mapping]] = ..., batch_size: _Optional[_Union[Histogram, _Mapping]] = ..., gate_passed: _Optional[int] = ..., gate_failed: _Optional[int] = ..., swaps: _Optional[int] = ..., rollbacks: _Optional[int] = ...) -> None: ...
+    arm: str
+    shadow: _containers.RepeatedCompositeFieldContainer[ShadowCompare]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., failures_by_reason: _Optional[_Mapping[str, int]] = ..., request_latency: _Optional[_Union[Histogram, _Mapping]] = ..., queue_latency: _Optional[_Union[Histogram, _Mapping]] = ..., compute_latency: _Optional[_Union[Histogram, _Mapping]] = ..., batch_size: _Optional[_Union[Histogram, _Mapping]] = ..., gate_passed: _Optional[int] = ..., gate_failed: _Optional[int] = ..., swaps: _Optional[int] = ..., rollbacks: _Optional[int] = ..., arm: _Optional[str] = ..., shadow: _Optional[_Iterable[_Union[ShadowCompare, _Mapping]]] = ...) -> None: ...
+
+class ShadowCompare(_message.Message):
+    __slots__ = ("shadow_version", "output", "compared", "dropped", "shadow_failures", "top1_agree", "top1_total", "abs_diff", "rel_diff", "js_divergence", "shadow_latency")
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    TOP1_AGREE_FIELD_NUMBER: _ClassVar[int]
+    TOP1_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    REL_DIFF_FIELD_NUMBER: _ClassVar[int]
+    JS_DIVERGENCE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    shadow_version: int
+    output: str
+    compared: int
+    dropped: int
+    shadow_failures: int
+    top1_agree: int
+    top1_total: int
+    abs_diff: Histogram
+    rel_diff: Histogram
+    js_divergence: Histogram
+    shadow_latency: Histogram
+    def __init__(self, shadow_version: _Optional[int] = ..., output: _Optional[str] = ..., compared: _Optional[int] = ..., dropped: _Optional[int] = ..., shadow_failures: _Optional[int] = ..., top1_agree: _Optional[int] = ..., top1_total: _Optional[int] = ..., abs_diff: _Optional[_Union[Histogram, _Mapping]] = ..., rel_diff: _Optional[_Union[Histogram, _Mapping]] = ..., js_divergence: _Optional[_Union[Histogram, _Mapping]] = ..., shadow_latency: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
 
 class TelemetryReport(_message.Message):
     __slots__ = ("seq", "start_unix", "end_unix", "versions", "rss_bytes", "cpu_seconds", "dropped_reports", "job_runs")

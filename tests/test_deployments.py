@@ -178,3 +178,48 @@ def test_deploy_output_says_none_where_no_version_is_desired_or_served(
     change = pb.DesiredChange(agent_id="edge-1-abc123", hostname="edge-1", to_version=1)
     _print_changes("fraud", [change], fallback=False)
     assert capsys.readouterr().out == "  edge-1-abc123 (edge-1): none -> v1; serving none\n"
+
+
+def test_a_comparison_travels_from_the_deployments_log_to_the_agent(registry: Registry) -> None:
+    """The contract of a live comparison (issue 15): a prepare row's split and shadow shares
+    reach the agent's DesiredModel unchanged, through the hub's and the agent's converters."""
+    from modelfleet.agent.fleet.convert import desired_state
+    from modelfleet.hub.convert import desired_to_proto
+
+    registry.deploy("m", 1, {})
+    registry.deploy(
+        "m",
+        2,
+        {"site": "berlin"},
+        kind="prepare",
+        split_bp=500,
+        sticky=True,
+        comparison="experiment 1",
+    )
+    registry.deploy_many("m", [("p1", 3)], "prepare", shadow_bp=10000, comparison="rollout 4")
+    by_agent = {a.agent_id: registry.desired_for(a.labels, a.agent_id) for a in registry.agents()}
+    wire = {a: desired_state(desired_to_proto(1, d)).models[0] for a, d in by_agent.items()}
+    b1 = wire["b1"]
+    assert (b1.version, b1.prepare_version, b1.split_bp, b1.sticky, b1.shadow_bp) == (
+        1,
+        2,
+        500,
+        True,
+        0,
+    )
+    assert b1.comparison == "experiment 1"
+    p1 = wire["p1"]
+    assert (p1.prepare_version, p1.split_bp, p1.shadow_bp, p1.comparison) == (
+        3,
+        0,
+        10000,
+        "rollout 4",
+    )
+    # A newer serve decision ends the comparison.
+    registry.deploy("m", 2, {"site": "berlin"})
+    after = registry.desired_for({"site": "berlin"}, "b1")[0]
+    assert (after.version, after.prepare_version, after.split_bp) == (2, 0, 0)
+    with pytest.raises(ValueError, match="basis points"):
+        registry.deploy("m", 2, {}, kind="prepare", split_bp=10001)
+    with pytest.raises(ValueError, match="kind='prepare'"):
+        registry.deploy("m", 2, {}, split_bp=10)

@@ -36,6 +36,12 @@ class DesiredModel:
     # Blue/green: a version to load and gate beside the active one, without switching.
     prepare_version: int = 0
     prepare_size: int = 0
+    # Live comparison of prepare_version against version (see fleet.proto DesiredModel):
+    # basis points of requests answered by it (split) or copied to it (shadow).
+    split_bp: int = 0
+    sticky: bool = False
+    shadow_bp: int = 0
+    comparison: str = ""
 
 
 @dataclass(frozen=True)

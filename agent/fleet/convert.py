@@ -22,6 +22,10 @@ def desired_state(message: pb.DesiredState) -> DesiredState:
                 m.size,
                 m.prepare_version,
                 m.prepare_size,
+                m.split_bp,
+                m.sticky,
+                m.shadow_bp,
+                m.comparison,
             )
             for m in message.models
         ],
