@@ -21,9 +21,9 @@ from modelfleet.hub.deployments import (
 )
 from modelfleet.hub.jobs import Job
 from modelfleet.hub.registry import DeploymentRow, Desired, VersionRow
-from modelfleet.hub.reports import AgentReport, ModelReport
 from modelfleet.hub.rollouts import AgentFacts
 from modelfleet.kernel.jobs import JobRun, JobSpec
+from modelfleet.kernel.reports import report_to_proto
 from modelfleet.protos import fleet_pb2 as pb
 
 if TYPE_CHECKING:
@@ -131,62 +131,6 @@ def rollout_to_proto(
             )
         )
     return status
-
-
-def report_from_proto(m: pb.AgentReport) -> AgentReport:
-    return AgentReport(
-        models=tuple(
-            ModelReport(
-                name=r.name,
-                active_version=r.active_version,
-                previous_version=r.previous_version,
-                loading_version=r.loading_version,
-                desired_version=r.desired_version,
-                gate_version=r.gate_version,
-                gate_passed=r.gate_passed,
-                gate_kind=r.gate_kind,
-                gate_reason=r.gate_reason,
-                error=r.error,
-                error_reason=r.error_reason,
-            )
-            for r in m.models
-        ),
-        last_error=m.last_error,
-        desired_revision=m.desired_revision,
-        cache_bytes=m.cache_bytes,
-        disk_free_bytes=m.disk_free_bytes,
-        agent_version=m.agent_version,
-        inference_address=m.inference_address,
-        cert_expires_at=m.cert_expires_at,
-    )
-
-
-def report_to_proto(r: AgentReport) -> pb.AgentReport:
-    return pb.AgentReport(
-        models=[
-            pb.ModelReport(
-                name=m.name,
-                active_version=m.active_version,
-                previous_version=m.previous_version,
-                loading_version=m.loading_version,
-                desired_version=m.desired_version,
-                gate_version=m.gate_version,
-                gate_passed=m.gate_passed,
-                gate_kind=m.gate_kind,
-                gate_reason=m.gate_reason,
-                error=m.error,
-                error_reason=m.error_reason,
-            )
-            for m in r.models
-        ],
-        last_error=r.last_error,
-        desired_revision=r.desired_revision,
-        cache_bytes=r.cache_bytes,
-        disk_free_bytes=r.disk_free_bytes,
-        agent_version=r.agent_version,
-        inference_address=r.inference_address,
-        cert_expires_at=r.cert_expires_at,
-    )
 
 
 def agent_to_proto(s: AgentStatus) -> pb.AgentInfo:

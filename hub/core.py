@@ -47,7 +47,6 @@ from modelfleet.hub.registry import (
     check_notes,
     check_version,
 )
-from modelfleet.hub.reports import AgentReport
 from modelfleet.hub.signing import (
     ExpiryPolicy,
     RepositoryIntegrityError,
@@ -80,6 +79,7 @@ from modelfleet.kernel.identity import (
     token_secret_hash,
 )
 from modelfleet.kernel.jobs import JobRun, JobSpec
+from modelfleet.kernel.reports import AgentReport
 from modelfleet.protos import fleet_pb2
 
 if TYPE_CHECKING:

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # types only: importing a port must not load an adapter (DuckDB, SQLite)
     from modelfleet.hub.registry import AgentRow, DeploymentRow, Desired, JobRow, VersionRow
-    from modelfleet.hub.reports import AgentReport
     from modelfleet.hub.telemetry import IngestCounters, WindowStats
     from modelfleet.kernel.jobs import JobRun, JobSpec
+    from modelfleet.kernel.reports import AgentReport
     from modelfleet.protos import fleet_pb2 as pb
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelfleet.hub.reports import AgentReport
 from modelfleet.kernel.bundle import MAX_VERSION, VERSION_RANGE
 from modelfleet.kernel.errors import (
     BundleExistsError,
@@ -29,6 +28,7 @@ from modelfleet.kernel.errors import (
     did_you_mean,
 )
 from modelfleet.kernel.jobs import JobRun, JobSpec
+from modelfleet.kernel.reports import AgentReport
 
 log = logging.getLogger(__name__)
 

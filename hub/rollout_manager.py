@@ -13,7 +13,6 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from modelfleet.hub.registry import selector_matches
-from modelfleet.hub.reports import AgentReport, ModelReport
 from modelfleet.hub.rollouts import ACTIVE_STATES, AgentFacts, Rollout, Spec, Stats, check_target
 from modelfleet.kernel.errors import (
     TRANSIENT_REASONS,
@@ -21,6 +20,7 @@ from modelfleet.kernel.errors import (
     ModelfleetError,
     ModelNotFoundError,
 )
+from modelfleet.kernel.reports import AgentReport, ModelReport
 
 log = logging.getLogger(__name__)
 

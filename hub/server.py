@@ -24,7 +24,6 @@ from modelfleet.hub.convert import (
     job_runs_from_reports,
     job_spec_from_proto,
     job_to_proto,
-    report_from_proto,
     rollout_to_proto,
     rollout_view_to_proto,
     version_to_proto,
@@ -35,6 +34,7 @@ from modelfleet.hub.registry import PermissionDeniedError
 from modelfleet.kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError
 from modelfleet.kernel.grpc_status import GRPC_CODES
 from modelfleet.kernel.identity import IdentityError, parse_identity
+from modelfleet.kernel.reports import report_from_proto
 from modelfleet.protos import fleet_pb2 as pb
 from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 

@@ -21,7 +21,6 @@ from modelfleet.hub.cli import (
 )
 from modelfleet.hub.convert import rollout_to_proto
 from modelfleet.hub.registry import Registry
-from modelfleet.hub.reports import AgentReport, ModelReport
 from modelfleet.hub.rollout_manager import RolloutManager
 from modelfleet.hub.rollouts import (
     AgentFacts,
@@ -32,6 +31,7 @@ from modelfleet.hub.rollouts import (
     stable_order,
 )
 from modelfleet.kernel.errors import EXIT_CODES, InvalidRequestError
+from modelfleet.kernel.reports import AgentReport, ModelReport
 from tests.test_rollouts import AGENTS, BASE, GOOD, FakeFleet, run, spec
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -281,9 +281,9 @@ def test_refusals_are_classified_by_reported_reason_not_by_text() -> None:
     unreachable, transfer broken, local cache damaged): the words are never read."""
     from types import SimpleNamespace
 
-    from modelfleet.hub.reports import AgentReport, ModelReport
     from modelfleet.hub.rollout_manager import FleetObserver
     from modelfleet.kernel.errors import TRANSIENT_REASONS
+    from modelfleet.kernel.reports import AgentReport, ModelReport
 
     def observer(error: str, reason: str) -> FleetObserver:
         m = ModelReport("m", desired_version=2, error=error, error_reason=reason)
