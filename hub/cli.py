@@ -32,19 +32,17 @@ DEFAULT_DATA = os.environ.get("MODELFLEET_HUB_DATA", "hub-data")
 
 
 def _duration(text: str) -> float:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    """A duration with its unit. A bare ``300`` could mean seconds or minutes, so every
+    duration flag of this CLI refuses it, the same way."""
+    bare = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", bare):
+        raise argparse.ArgumentTypeError(
+            f"{bare!r} has no unit: add one, e.g. {bare}s, or 5m, 1h, 1d"
+        )
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", bare)
     if not m:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 90s, 10m, 1h, 7d)")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-
-
-def _rollout_duration(text: str) -> float:
-    """A duration with its unit: a bare ``300`` could mean seconds or minutes, so it is refused."""
-    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", text):
-        raise argparse.ArgumentTypeError(
-            f"{text.strip()!r} has no unit: add one, e.g. {text.strip()}s, or 5m, 1h, 1d"
-        )
-    return _duration(text)
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -343,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument(
         "--bake",
         metavar="DURATION",
-        type=_rollout_duration,
+        type=_duration,
         default="5m",
         help="how long each wave serves before its gates are judged (default: %(default)s)",
     )
@@ -375,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument(
         "--agent-timeout",
         metavar="DURATION",
-        type=_rollout_duration,
+        type=_duration,
         default="10m",
         help="how long an agent may take to switch (blue-green: to prepare) before it counts "
         "as failed (default: %(default)s)",
@@ -407,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument(
         "--timeout",
         metavar="DURATION",
-        type=_rollout_duration,
+        type=_duration,
         default=None,
         help=f"with --wait: stop waiting after this long (exit {EXIT_WAIT_TIMEOUT}); the "
         "rollout goes on (default: no limit)",
@@ -435,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--timeout",
         metavar="DURATION",
-        type=_rollout_duration,
+        type=_duration,
         default=None,
         help=f"with --watch: stop watching after this long (exit {EXIT_WAIT_TIMEOUT}) "
         "(default: no limit)",

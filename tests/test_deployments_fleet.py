@@ -6,16 +6,13 @@ without deployments or with v1 everywhere, as the next one expects.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from tests import models
-from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, wait_for
+from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, traffic, wait_for
 
 pytestmark = pytest.mark.process
 
@@ -218,24 +215,8 @@ def test_rollouts_show_in_desired_state_and_set_the_production_stage(fleet: Flee
     wait_for(lambda: active(late) == 1, 120, "the late agent on v1")
     assert hub.cli("models", "stage", "mlp", "2", "production", check=False).returncode == 7
 
-    stop = threading.Event()
-
-    def load(agent: AgentProcess) -> None:
-        import numpy as np
-        import tritonclient.grpc as grpcclient
-
-        with grpcclient.InferenceServerClient(agent.url) as c:
-            inp = grpcclient.InferInput("x", [1, 4], "FP32")
-            inp.set_data_from_numpy(np.ones((1, 4), np.float32))
-            while not stop.is_set():
-                with contextlib.suppress(Exception):  # a version switching under it is fine
-                    c.infer("mlp", [inp])
-                time.sleep(0.05)
-
-    threads = [threading.Thread(target=load, args=(a,), daemon=True) for a in agents.values()]
-    for t in threads:
-        t.start()
-    try:
+    # A version switching under the load is fine.
+    with traffic(agents.values(), interval_s=0.05):
 
         def done() -> bool:
             state = rollout(hub)["state"]
@@ -245,10 +226,6 @@ def test_rollouts_show_in_desired_state_and_set_the_production_stage(fleet: Flee
             return state == "done"
 
         wait_for(done, 180, "rollout done", interval=1)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
 
     # Completed: the rollout's version is the desired version of its selector, for agents
     # enrolled during it too, and it says so.

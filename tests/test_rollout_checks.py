@@ -285,3 +285,35 @@ def test_json_status_is_plain_data() -> None:
     d = rollout_dict(rollout_to_proto(r, 0.0, {a: AgentFacts() for a in AGENTS}))
     assert json.loads(json.dumps(d)) == d
     assert d["bake_s"] == 60 and d["min_requests"] == 100 and len(d["per_agent"]) == 10
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["agents", "token", "--ttl"],
+        ["metrics", "m", "--since"],
+        [
+            "jobs",
+            "create",
+            "j",
+            "--model",
+            "m",
+            "--deployed",
+            "--input",
+            "i",
+            "--output",
+            "o",
+            "--every",
+        ],
+        ["backup", "d", "--timeout"],
+    ],
+)
+def test_every_duration_flag_refuses_a_bare_number(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One rule for the whole CLI (issue 14): a bare 300 could mean seconds or minutes."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*argv, "300"])
+    assert e.value.code == 2
+    assert "'300' has no unit: add one, e.g. 300s" in capsys.readouterr().err
+    build_parser().parse_args([*argv, "5m"])
