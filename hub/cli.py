@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelfleet.kernel.cli import run_command
-from modelfleet.kernel.commandline import finish
+from modelfleet.kernel.commandline import finish, message_dict
 from modelfleet.kernel.errors import (
     EXIT_CODES,
     InvalidRequestError,
@@ -1376,8 +1376,6 @@ def _ago(ts: float) -> str:
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from modelfleet.protos import fleet_pb2 as pb
 
     stub = admin_stub(args)
@@ -1395,11 +1393,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
         return 0
     resp = call(stub.ListAgents, pb.ListAgentsRequest())
     if args.json:
-        print(
-            json.dumps(
-                [MessageToDict(a, preserving_proto_field_name=True) for a in resp.agents], indent=2
-            )
-        )
+        print(json.dumps([message_dict(a) for a in resp.agents], indent=2))
         return 0
     print(
         f"{'AGENT':<22} {'STATUS':<8} {'ONLINE':<7} {'LAST SEEN':<10} {'LABELS':<24} "
@@ -1471,8 +1465,6 @@ def _cert_warning(expires_at: float, now: float | None = None) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from modelfleet.protos import fleet_pb2 as pb
 
     stub = admin_stub(args)
@@ -1515,7 +1507,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if args.json:
             print(
                 json.dumps(
-                    [MessageToDict(r, preserving_proto_field_name=True) for r in resp.runs],
+                    [message_dict(r) for r in resp.runs],
                     indent=2,
                 )
             )
@@ -1575,6 +1567,9 @@ _ROLLOUT_EXITS_HELP = (
     f"`rollout promote`, {EXIT_WAIT_TIMEOUT} --timeout reached (the rollout goes on)"
 )
 WATCH_INTERVAL_S = 1.0
+# A watch outlives a hub restart: it keeps asking through an outage this long (or until
+# --timeout, if that comes first) before it gives up with the unavailable exit code.
+WATCH_OUTAGE_S = 300.0
 
 
 def rollout_dict(status: Any) -> dict[str, Any]:
@@ -1785,7 +1780,6 @@ def _watch_rollout(
 
     ``shown``: ``first`` is already on screen (`rollout start` printed it).
     """
-    from modelfleet.protos import fleet_pb2 as pb
 
     tty = sys.stdout.isatty() and not as_json
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -1832,7 +1826,46 @@ def _watch_rollout(
         if deadline is not None:
             pause = max(0.0, min(pause, deadline - time.monotonic()))
         time.sleep(pause)
-        status = call(stub.GetRollout, pb.GetRolloutRequest(model=status.model, id=status.id))
+        status = _poll_through_outage(stub, status, deadline)
+
+
+def _poll_through_outage(stub: Any, status: Any, deadline: float | None) -> Any:
+    """The rollout's next status; while the hub is unreachable (restarting), the last one.
+
+    The rollout itself is durable and resumes with the hub, so a restart must not end a watch
+    (or a `rollout start --wait` in a pipeline) with "unavailable". An outage longer than
+    WATCH_OUTAGE_S, or one still going at the deadline, raises as before."""
+    from modelfleet.protos import fleet_pb2 as pb
+
+    request = pb.GetRolloutRequest(model=status.model, id=status.id)
+    outage_since: float | None = None
+    while True:
+        try:
+            fresh = call(stub.GetRollout, request, timeout=10)
+        except ModelfleetError as exc:
+            now = time.monotonic()
+            if exc.status is not Status.UNAVAILABLE:
+                raise
+            if outage_since is None:
+                outage_since = now
+                print(
+                    f"modelfleet-hub: the hub does not answer ({exc}); still watching rollout "
+                    f"{status.id}, for up to {WATCH_OUTAGE_S:g}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if now - outage_since >= WATCH_OUTAGE_S or (deadline is not None and now >= deadline):
+                raise
+            time.sleep(WATCH_INTERVAL_S)
+            continue
+        if outage_since is not None:
+            down = time.monotonic() - outage_since
+            print(
+                f"modelfleet-hub: the hub answers again after {down:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+        return fresh
 
 
 def _usage_error(command: str, message: str) -> int:
@@ -1915,8 +1948,6 @@ def _ms(value: float) -> str:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from modelfleet.protos import fleet_pb2 as pb
 
     request = pb.MetricsRequest(
@@ -1924,7 +1955,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     )
     resp = call(admin_stub(args).Metrics, request)
     if args.json:
-        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        print(json.dumps(message_dict(resp), indent=2))
         return 0
     who = f"agent {args.agent}" if args.agent else "the fleet"
     print(
