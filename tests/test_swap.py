@@ -269,8 +269,7 @@ def test_refused_candidate_keeps_the_rollback_target(
     )
     wait_for(
         lambda: (
-            status(agent)["mlp"].get("previous_version") == 1
-            and status(agent)["mlp"].get("failed")
+            status(agent)["mlp"].get("previous_version") == 1 and status(agent)["mlp"].get("failed")
         ),
         30,
         "v3 refused, v1 restored",
