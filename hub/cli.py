@@ -521,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_json(met)
     _add_backup_commands(sub)
+    _add_state_commands(sub)
     return finish(p)
 
 
@@ -606,6 +607,60 @@ def _add_backup_commands(sub: Any) -> None:
         metavar="HEX",
         help="refuse the backup unless its manifest has this SHA-256 (what backup printed) "
         "(default: any manifest; the files are checked against it either way)",
+    )
+
+
+def _add_state_commands(sub: Any) -> None:
+    """`apply`, `diff`, `export`: desired state as code (docs/operations.md)."""
+    for name, help_text, description in (
+        (
+            "apply",
+            "make the fleet's desired state what a state file declares",
+            "Check the whole state file FILE against the hub, then deploy, start rollouts and "
+            "create or update jobs so that the hub's desired state is what the file declares. "
+            f"A file with any problem changes nothing (exit {EXIT_STATE_REFUSED}); applying the "
+            "same file again changes nothing.",
+        ),
+        (
+            "diff",
+            "show what `apply` would change, on which agents; change nothing",
+            f"Exit 0 when applying FILE would change nothing, {EXIT_STATE_DIFFERS} when it "
+            f"would, {EXIT_STATE_REFUSED} when the hub refuses the file.",
+        ),
+    ):
+        c = sub.add_parser(name, help=help_text, description=description)
+        c.add_argument(
+            "-f",
+            "--file",
+            required=True,
+            metavar="FILE",
+            help="the state file (TOML; '-' reads standard input) (required, no default)",
+        )
+        c.add_argument(
+            "--prune",
+            action="store_true",
+            help="also undeploy the deployments and delete the jobs FILE does not name "
+            "(default: list them as kept)",
+        )
+        _add_json(c)
+    e = sub.add_parser(
+        "export",
+        help="write the fleet's desired state as a state file",
+        description="Print the deployments in force (per model and selector) and the jobs as "
+        "a state file; `modelfleet-hub export | modelfleet-hub apply -f -` changes nothing.",
+    )
+    e.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write to FILE instead of standard output (default: standard output)",
+    )
+    e.add_argument(
+        "--json",
+        action="store_true",
+        help="print the state file's content as JSON instead of TOML",
     )
 
 
@@ -2061,6 +2116,175 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+# Exit codes of `diff` and `apply` (docs/cli.md): a refused file is an invalid argument (3, as
+# kernel/errors.py maps it). `diff` says "something would change" with a code of its own, not
+# diff(1)'s 1, which Python gives a crash: a traceback must never read as "differs".
+EXIT_STATE_DIFFERS = 24
+EXIT_STATE_REFUSED = EXIT_CODES[Status.INVALID_ARGUMENT]
+
+
+def _read_state_file(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"cannot read the state file {path}: {exc}") from None
+
+
+def state_plan_dict(plan: Any) -> dict[str, Any]:
+    """A StatePlan as `diff --json` and `apply --json` print it."""
+
+    def change(c: Any) -> dict[str, Any]:
+        return {
+            "agent_id": c.agent_id,
+            "hostname": c.hostname,
+            "from_version": c.from_version,
+            "to_version": c.to_version,
+            "active_version": c.active_version,
+        }
+
+    return {
+        "applied": plan.applied,
+        "changes": plan.changes,
+        "problems": [
+            {"where": p.where, "line": p.line, "message": p.message} for p in plan.problems
+        ],
+        "deployments": [
+            {
+                "entry": a.entry,
+                "line": a.line,
+                "model": a.model,
+                "selector": dict(sorted(a.selector.items())),
+                "version": a.version,
+                "strategy": a.strategy,
+                "action": a.action,
+                "reason": a.reason,
+                "current_version": a.current_version,
+                "agents": [change(c) for c in a.changes],
+                "rollout_id": a.rollout_id,
+                "revision": a.revision,
+            }
+            for a in plan.deployments
+        ],
+        "jobs": [
+            {
+                "entry": j.entry,
+                "line": j.line,
+                "name": j.name,
+                "action": j.action,
+                "reason": j.reason,
+                "fields": list(j.fields),
+            }
+            for j in plan.jobs
+        ],
+    }
+
+
+_STATE_VERBS = {
+    "none": ("in force", "in force"),
+    "deploy": ("would deploy", "deployed"),
+    "rollout": ("would start a rollout", "rollout started"),
+    "in_progress": ("rollout in progress", "rollout in progress"),
+    "held": ("held", "held"),
+    "undeploy": ("would undeploy", "undeployed"),
+    "kept": ("kept (--prune removes it)", "kept (--prune removes it)"),
+    "create": ("would create", "created"),
+    "update": ("would update", "updated"),
+    "delete": ("would delete", "deleted"),
+}
+
+
+def _print_state_plan(plan: Any, applied: bool) -> None:
+    changing = 0
+    for a in plan.deployments:
+        verb = _STATE_VERBS.get(a.action, (a.action, a.action))[applied]
+        head = f"deployment[{a.entry}]" if a.entry else "not in file:"
+        how = f" ({a.strategy})" if a.entry and a.strategy != "direct" else ""
+        now = f", now {_v(a.current_version)}" if a.current_version != a.version else ""
+        extra = ""
+        if a.rollout_id and a.action in ("rollout", "in_progress", "held"):
+            extra = f" [rollout {a.rollout_id}]"
+        elif a.revision:
+            extra = f" [revision {a.revision}]"
+        print(
+            f"{head} {a.model} v{a.version} for {_where(a.selector)}{how}{now}: {verb}"
+            f"{extra}" + (f": {a.reason}" if a.action not in ("none", "kept") else "")
+        )
+        if a.action in ("deploy", "rollout", "undeploy"):
+            changing += 1
+            if not a.changes:
+                print("  no agent's desired version changes")
+            _print_changes(a.model, a.changes, fallback=a.action == "undeploy")
+    for j in plan.jobs:
+        verb = _STATE_VERBS.get(j.action, (j.action, j.action))[applied]
+        head = f"job[{j.entry}]" if j.entry else "not in file: job"
+        detail = f": {', '.join(j.fields)}" if j.fields else ""
+        print(f"{head} {j.name}: {verb}{detail}")
+        if j.action in ("create", "update", "delete"):
+            changing += 1
+    if not plan.changes:
+        print("nothing to change: the hub's desired state is what the file declares")
+    elif applied:
+        print(f"applied {changing} change(s)")
+        for a in plan.deployments:
+            if a.action == "rollout":
+                print(
+                    f"  follow rollout {a.rollout_id}: modelfleet-hub rollout status {a.model} "
+                    "--watch"
+                )
+    else:
+        print(f"{changing} change(s); `modelfleet-hub apply -f FILE` makes them")
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    """`diff` and `apply`: the hub plans (and applies); this reads the file and prints."""
+    from modelfleet.protos import fleet_pb2 as pb
+
+    text = _read_state_file(args.file)
+    stub = admin_stub(args)
+    req = pb.StateRequest(document=text, prune=args.prune)
+    plan = call(stub.ApplyState if args.command == "apply" else stub.PlanState, req)
+    if args.json:
+        _print_json(state_plan_dict(plan))
+    if plan.problems:
+        name = "<stdin>" if args.file == "-" else args.file
+        for p in plan.problems:
+            at = f"{name}:{p.line}" if p.line else name
+            print(f"{at}: {p.where}: {p.message}", file=sys.stderr)
+        print(
+            f"modelfleet-hub {args.command}: {name} refused: {len(plan.problems)} problem(s); "
+            "nothing changed",
+            file=sys.stderr,
+        )
+        return EXIT_STATE_REFUSED
+    if not args.json:
+        _print_state_plan(plan, applied=args.command == "apply")
+    if args.command == "diff" and plan.changes:
+        return EXIT_STATE_DIFFERS
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from modelfleet.protos import fleet_pb2 as pb
+
+    resp = call(admin_stub(args).ExportState, pb.ExportStateRequest())
+    text = json.dumps(tomllib.loads(resp.document), indent=2) + "\n" if args.json else resp.document
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    from modelfleet.kernel.atomic import atomic_write
+
+    atomic_write(args.output, text.encode("utf-8"))
+    print(
+        f"wrote {args.output}: {resp.deployments} deployment(s), {resp.jobs} job(s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_command("modelfleet-hub", lambda: _run(argv))
 
@@ -2126,6 +2350,9 @@ def _run(argv: list[str] | None) -> int:
         "metrics": cmd_metrics,
         "backup": cmd_backup,
         "restore": cmd_restore,
+        "apply": cmd_state,
+        "diff": cmd_state,
+        "export": cmd_export,
     }
     return handlers[args.command](args)
 
