@@ -682,6 +682,7 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
     actions: list[DeploymentAction] = []
     # The log as the entries before this one leave it: each entry's changes are its own.
     log = list(state.rows)
+    starting: dict[str, str] = {}  # model -> the entry that starts its rollout
     # Per model: (selector, id of the row that will decide for it) of the entries before.
     earlier: dict[str, list[tuple[dict[str, str], float]]] = {}
     for e in doc.deployments:
@@ -758,7 +759,7 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
             prior = latest.get(e.model)
             desired = {}
             for a in matched:
-                row = decide(state.rows, _match(a), retired)[0].get(e.model)
+                row = decide(log, _match(a), retired)[0].get(e.model)
                 serving = next((m.active_version for m in a.report.models if m.name == e.model), 0)
                 desired[a.hostname or a.agent_id] = (row.version if row else 0, serving)
             if all(d == e.version for d, _ in desired.values()):
@@ -785,6 +786,17 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
                     "(`modelfleet-hub rollout start`) or name another version",
                     rollout_id=prior.id,
                 )
+            elif e.model in starting:
+                problems.append(
+                    Problem(
+                        e.where,
+                        e.line,
+                        f"{starting[e.model]} already starts a rollout of {e.model}, and a model "
+                        "has one rollout at a time: make this entry direct, or add it once that "
+                        "rollout is done",
+                    )
+                )
+                continue
             else:
                 try:
                     check_target(e.spec, desired)
@@ -799,6 +811,7 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
                     changes=changes,
                     spec=e.spec,
                 )
+                starting[e.model] = e.where
                 effective = math.inf
         actions.append(act)
         if act.action in (DEPLOY, ROLLOUT):
