@@ -2209,7 +2209,7 @@ def _print_state_plan(plan: Any, applied: bool) -> None:
             extra = f" [revision {a.revision}]"
         print(
             f"{head} {a.model} v{a.version} for {_where(a.selector)}{how}{now}: {verb}"
-            f"{extra}" + (f": {a.reason}" if a.action not in ("none", "kept") else "")
+            f"{extra}" + (f": {a.reason}" if a.reason and a.action not in ("none", "kept") else "")
         )
         if a.action in ("deploy", "rollout", "undeploy"):
             changing += 1

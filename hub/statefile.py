@@ -752,7 +752,7 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
             )
             continue
         elif e.spec is None or not matched:
-            why = "deploy now" if e.spec is None else "no agent matches now: deployed directly"
+            why = "" if e.spec is None else "no agent matches now: deployed directly"
             act = DeploymentAction(**base, action=DEPLOY, reason=why, changes=changes, spec=None)
             effective = math.inf
         else:

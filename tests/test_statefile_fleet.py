@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from modelfleet.hub.cli import EXIT_STATE_DIFFERS
 from tests import models
 from tests.procs import ROOT, AgentProcess, HubProcess, agent_status, enroll_agent, wait_for
 
@@ -111,7 +112,7 @@ def test_diff_shows_the_change_per_agent_then_apply_makes_it_once(fleet) -> None
     path = root / "state.toml"
     path.write_text(STATE)
     diff = run(hub, "diff", "-f", str(path))
-    assert diff.returncode == 1, diff.stdout + diff.stderr
+    assert diff.returncode == EXIT_STATE_DIFFERS, diff.stdout + diff.stderr
     assert "deployment[1] mlp v1 for the whole fleet, now none: would deploy" in diff.stdout
     for host in SITES:
         assert f"({host}): none -> v1" in diff.stdout
@@ -124,9 +125,7 @@ def test_diff_shows_the_change_per_agent_then_apply_makes_it_once(fleet) -> None
 
     out = hub.cli("apply", "-f", str(path))
     assert "applied 3 change(s)" in out
-    wait_for(
-        lambda: [active(agents[h]) for h in ("b1", "b2", "p1")] == [2, 2, 1], 120, "versions"
-    )
+    wait_for(lambda: [active(agents[h]) for h in ("b1", "b2", "p1")] == [2, 2, 1], 120, "versions")
     [job] = json.loads(hub.cli("jobs", "ls", "--json"))
     assert job["name"] == "nightly" and job["selector"] == {"site": "paris"}
 
@@ -160,7 +159,7 @@ def test_prune_removes_what_the_file_no_longer_names(fleet) -> None:
     assert "not in file: mlp v2 for site=berlin: kept" in kept.stdout
     assert "not in file: job nightly: kept" in kept.stdout
     pruned = run(hub, "diff", "-f", str(path), "--prune")
-    assert pruned.returncode == 1 and "(b1): v2 -> v1" in pruned.stdout
+    assert pruned.returncode == EXIT_STATE_DIFFERS and "(b1): v2 -> v1" in pruned.stdout
     hub.cli("apply", "-f", str(path), "--prune")
     wait_for(lambda: all(active(a) == 1 for a in agents.values()), 120, "v1 everywhere")
     assert [d["selector"] for d in deployment_rows(hub)] == [{}]
