@@ -26,7 +26,7 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -213,7 +213,8 @@ class Plan:
 
     @property
     def changes(self) -> bool:
-        return any(a.action in CHANGING for a in [*self.deployments, *self.jobs])
+        actions = [a.action for a in self.deployments] + [j.action for j in self.jobs]
+        return any(a in CHANGING for a in actions)
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -374,14 +375,14 @@ def parse(text: str) -> tuple[Document, list[Problem]]:
             )
         )
     deployments = [
-        entry
+        d
         for i, raw in enumerate(_tables(data, "deployment", lines, problems), 1)
-        if (entry := _deployment(i, raw, lines, problems)) is not None
+        if (d := _deployment(i, raw, lines, problems)) is not None
     ]
     jobs = [
-        entry
+        j
         for i, raw in enumerate(_tables(data, "job", lines, problems), 1)
-        if (entry := _job(i, raw, lines, problems)) is not None
+        if (j := _job(i, raw, lines, problems)) is not None
     ]
     # Duplicates are looked for among the raw entries: an entry with another problem still
     # counts, so fixing that one does not reveal a new problem.
@@ -390,9 +391,9 @@ def parse(text: str) -> tuple[Document, list[Problem]]:
         sel = raw.get("selector") or {}
         if not isinstance(raw.get("model"), str) or not isinstance(sel, dict):
             continue
-        key = (raw["model"], json.dumps(sel, sort_keys=True, default=str))
-        if key in seen:
-            first = seen[key]
+        same = (raw["model"], json.dumps(sel, sort_keys=True, default=str))
+        if same in seen:
+            first = seen[same]
             problems.append(
                 Problem(
                     f"deployment[{i}]",
@@ -403,7 +404,7 @@ def parse(text: str) -> tuple[Document, list[Problem]]:
                 )
             )
         else:
-            seen[key] = i
+            seen[same] = i
     names: dict[str, JobEntry] = {}
     for j in jobs:
         if j.spec.name in names:
@@ -448,13 +449,14 @@ def _deployment(
         if key not in DEPLOYMENT_KEYS:
             bad(key, _unknown(key, DEPLOYMENT_KEYS))
     values: dict[str, Any] = {}
-    for key, conv in (
+    convert: tuple[tuple[str, Callable[[Any], Any]], ...] = (
         ("model", lambda v: _string(v, "model")),
         ("version", _version),
         ("selector", _selector),
         ("strategy", lambda v: _string(v, "strategy")),
         ("allow_empty", lambda v: _flag(v, "allow_empty")),
-    ):
+    )
+    for key, conv in convert:
         if key not in raw:
             continue
         try:
@@ -483,7 +485,7 @@ def _deployment(
     elif strategy in ("canary", "blue-green"):
         o = {**ROLLOUT_DEFAULTS, **{k: raw[k] for k in options}}
         parsed: dict[str, Any] = {}
-        for key, conv in (
+        options_convert: tuple[tuple[str, Callable[[Any], Any]], ...] = (
             ("waves", _checked_waves),
             ("bake", parse_duration),
             ("agent_timeout", parse_duration),
@@ -491,7 +493,8 @@ def _deployment(
             ("max_failed_agents", lambda v: _count(v, "max_failed_agents")),
             ("auto_switch", lambda v: _flag(v, "auto_switch")),
             ("allow_downgrade", lambda v: _flag(v, "allow_downgrade")),
-        ):
+        )
+        for key, conv in options_convert:
             try:
                 parsed[key] = conv(o[key])
             except (ValueError, InvalidRequestError) as exc:
@@ -696,15 +699,17 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
             default=0.0,
         )
         done = cur is not None and cur.version == e.version and cur.id > floor
-        base = {
-            "entry": e.index,
-            "line": e.line,
-            "model": e.model,
-            "selector": e.selector,
-            "version": e.version,
-            "strategy": e.strategy,
-            "current": cur.version if cur else 0,
-        }
+        base = DeploymentAction(
+            entry=e.index,
+            line=e.line,
+            model=e.model,
+            selector=e.selector,
+            version=e.version,
+            strategy=e.strategy,
+            action=NONE,
+            reason="",
+            current=cur.version if cur else 0,
+        )
         running = active.get(e.model)
         planned = DeploymentRow(
             id=max(state.revision, log[-1].id if log else 0) + 1,
@@ -719,15 +724,15 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
         matched = [a for a in agents if selector_matches(e.selector, a.labels)]
         effective = float(cur.id) if cur else 0.0
         if running and running.spec.version == e.version and running.spec.selector == e.selector:
-            act = DeploymentAction(
-                **base,
+            act = replace(
+                base,
                 action=IN_PROGRESS,
                 reason=f"rollout {running.id} to v{e.version} is in progress ({running.state}): "
                 "left alone",
                 rollout_id=running.id,
             )
         elif done:
-            act = DeploymentAction(**base, action=NONE, reason="in force")
+            act = replace(base, action=NONE, reason="in force")
         elif running:
             problems.append(
                 Problem(
@@ -753,7 +758,7 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
             continue
         elif e.spec is None or not matched:
             why = "" if e.spec is None else "no agent matches now: deployed directly"
-            act = DeploymentAction(**base, action=DEPLOY, reason=why, changes=changes, spec=None)
+            act = replace(base, action=DEPLOY, reason=why, changes=changes, spec=None)
             effective = math.inf
         else:
             prior = latest.get(e.model)
@@ -763,8 +768,8 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
                 serving = next((m.active_version for m in a.report.models if m.name == e.model), 0)
                 desired[a.hostname or a.agent_id] = (row.version if row else 0, serving)
             if all(d == e.version for d, _ in desired.values()):
-                act = DeploymentAction(
-                    **base,
+                act = replace(
+                    base,
                     action=DEPLOY,
                     reason=f"every matching agent already desires v{e.version}: recorded as "
                     "a deployment, no rollout needed",
@@ -777,8 +782,8 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
                 and prior.spec.version == e.version
                 and prior.spec.selector == e.selector
             ):
-                act = DeploymentAction(
-                    **base,
+                act = replace(
+                    base,
                     action=HELD,
                     reason=f"rollout {prior.id} of v{e.version} rolled back "
                     f"({prior.reason or 'no reason recorded'}): apply does not start it again; "
@@ -804,8 +809,8 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
                     msg = str(exc).replace("Pass --allow-downgrade", "Set allow_downgrade = true")
                     problems.append(Problem(e.where, e.line, msg))
                     continue
-                act = DeploymentAction(
-                    **base,
+                act = replace(
+                    base,
                     action=ROLLOUT,
                     reason=f"start a {e.strategy} rollout",
                     changes=changes,
