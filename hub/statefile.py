@@ -847,9 +847,7 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
                 version=row.version,
                 strategy="direct",
                 action=UNDEPLOY if prune else KEPT,
-                reason="not in the file: undeploy"
-                if prune
-                else "not in the file, kept (--prune removes it)",
+                reason="not in the file" if prune else "not in the file, kept (--prune removes it)",
                 current=row.version,
             )
         )

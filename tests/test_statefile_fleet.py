@@ -163,3 +163,41 @@ def test_prune_removes_what_the_file_no_longer_names(fleet) -> None:
     wait_for(lambda: all(active(a) == 1 for a in agents.values()), 120, "v1 everywhere")
     assert [d["selector"] for d in deployment_rows(hub)] == [{}]
     assert json.loads(hub.cli("jobs", "ls", "--json")) == []
+
+
+def test_a_file_naming_a_retired_version_is_refused_and_changes_nothing(fleet) -> None:
+    root, hub, _ = fleet
+    hub.cli("models", "stage", "mlp", "2", "retired")
+    rows = deployment_rows(hub)
+    path = root / "state.toml"
+    r = run(hub, "apply", "-f", str(path), "--prune")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"{path}:7: deployment[2]: mlp v2 is retired" in r.stderr
+    assert deployment_rows(hub) == rows
+    assert json.loads(hub.cli("jobs", "ls", "--json")) == []
+
+
+def test_a_canary_entry_rolls_out_once(fleet) -> None:
+    root, hub, agents = fleet
+    hub.cli("publish", "mlp", str(models.mlp(root / "onnx" / "v3.onnx", seed=3)))
+    path = root / "canary.toml"
+    path.write_text(
+        'version = 1\n\n[[deployment]]\nmodel = "mlp"\nversion = 3\nstrategy = "canary"\n'
+        'waves = ["34%", "100%"]\nbake = "1s"\nagent_timeout = "60s"\n'
+    )
+    diff = run(hub, "diff", "-f", str(path))
+    assert diff.returncode == EXIT_STATE_DIFFERS, diff.stdout + diff.stderr
+    assert "(canary), now v1: would start a rollout" in diff.stdout
+    out = hub.cli("apply", "-f", str(path))
+    assert "rollout started [rollout " in out
+    again = hub.cli("apply", "-f", str(path))  # while it runs, or once it is done
+    assert "rollout in progress" in again or "in force" in again
+    wait_for(lambda: all(active(a) == 3 for a in agents.values()), 120, "v3 everywhere")
+    wait_for(
+        lambda: json.loads(hub.cli("rollout", "status", "mlp", "--json"))["state"] == "done",
+        60,
+        "rollout done",
+    )
+    done = run(hub, "apply", "-f", str(path))
+    assert done.returncode == 0 and "nothing to change" in done.stdout
+    assert len(json.loads(hub.cli("rollout", "history", "mlp", "--json"))) == 1
