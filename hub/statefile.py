@@ -685,7 +685,10 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
     actions: list[DeploymentAction] = []
     # The log as the entries before this one leave it: each entry's changes are its own.
     log = list(state.rows)
+    # The log right after the apply: a rollout writes its deployment only once it completes.
+    at_once = list(state.rows)
     starting: dict[str, str] = {}  # model -> the entry that starts its rollout
+    starting_selector: dict[str, dict[str, str]] = {}
     # Per model: (selector, id of the row that will decide for it) of the entries before.
     earlier: dict[str, list[tuple[dict[str, str], float]]] = {}
     for e in doc.deployments:
@@ -756,6 +759,17 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
                 )
             )
             continue
+        elif e.model in starting and _overlap(starting_selector[e.model], e.selector):
+            problems.append(
+                Problem(
+                    e.where,
+                    e.line,
+                    f"this entry would change agents of the rollout {starting[e.model]} starts "
+                    f"(a later entry wins where selectors overlap): put it before "
+                    f"{starting[e.model]}, or apply it once that rollout is done",
+                )
+            )
+            continue
         elif e.spec is None or not matched:
             why = "" if e.spec is None else "no agent matches now: deployed directly"
             act = replace(base, action=DEPLOY, reason=why, changes=changes, spec=None)
@@ -764,7 +778,7 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
             prior = latest.get(e.model)
             desired = {}
             for a in matched:
-                row = decide(log, _match(a), retired)[0].get(e.model)
+                row = decide(at_once, _match(a), retired)[0].get(e.model)
                 serving = next((m.active_version for m in a.report.models if m.name == e.model), 0)
                 desired[a.hostname or a.agent_id] = (row.version if row else 0, serving)
             if all(d == e.version for d, _ in desired.values()):
@@ -817,10 +831,13 @@ def check_and_plan(doc: Document, state: FleetState, *, prune: bool = False) -> 
                     spec=e.spec,
                 )
                 starting[e.model] = e.where
+                starting_selector[e.model] = e.selector
                 effective = math.inf
         actions.append(act)
         if act.action in (DEPLOY, ROLLOUT):
             log.append(planned)
+        if act.action == DEPLOY:
+            at_once.append(planned)
         earlier.setdefault(e.model, []).append((e.selector, effective))
     named = {(e.model, _key(e.selector)) for e in doc.deployments}
     for (model, key), row in sorted(in_force.items(), key=lambda kv: kv[1].id):

@@ -427,3 +427,33 @@ def replace_spec(name: str, sql: str, every: int):
         sql=sql,
         keys="id",
     )
+
+
+def test_one_rollout_per_model_and_no_prune_while_one_runs(registry: Registry) -> None:
+    registry.deploy("m", 1, {})
+    registry.deploy("fraud", 2, {"site": "paris"})
+    entry = CANARY.split("\n", 2)[2]
+    two = "version = 1\n" + "".join(
+        entry.replace("version = 2", f'version = 2\nselector = {{ site = "{site}" }}')
+        for site in ("berlin", "paris")
+    )
+    got = "\n".join(problems(plan(registry, two)))
+    assert "deployment[2]: deployment[1] already starts a rollout of m" in got
+    got = "\n".join(problems(plan(registry, CANARY + entry.replace("version = 2", "version = 3"))))
+    assert "deployment[2]: this entry would change agents of the rollout deployment[1]" in got
+    direct_after = (
+        CANARY + '\n[[deployment]]\nmodel = "m"\nversion = 3\nselector = { site = "paris" }\n'
+    )
+    got = "\n".join(problems(plan(registry, direct_after)))
+    assert "would change agents of the rollout deployment[1] starts" in got
+    apply(registry, CANARY)
+    running = plan(registry, CANARY.replace('model = "m"', 'model = "fraud"'), prune=True)
+    assert "not in the file, but rollout 1 of m is in progress" in "\n".join(problems(running))
+
+
+def test_an_unreadable_file_exits_3_before_any_connection(tmp_path: Path, capsys) -> None:
+    from modelfleet.hub.cli import main
+
+    code = main(["--data", str(tmp_path), "diff", "-f", str(tmp_path / "missing.toml")])
+    assert code == 3
+    assert "cannot read the state file" in capsys.readouterr().err
