@@ -624,8 +624,10 @@ def _add_state_commands(sub: Any) -> None:
         (
             "diff",
             "show what `apply` would change, on which agents; change nothing",
-            f"Exit 0 when applying FILE would change nothing, {EXIT_STATE_DIFFERS} when it "
-            f"would, {EXIT_STATE_REFUSED} when the hub refuses the file.",
+            "Show what `apply -f FILE` would do, per entry and per agent (from which version "
+            "to which), with the same checks; change nothing. Exit 0 when applying FILE would "
+            f"change nothing, {EXIT_STATE_DIFFERS} when it would, {EXIT_STATE_REFUSED} when the "
+            "hub refuses the file.",
         ),
     ):
         c = sub.add_parser(name, help=help_text, description=description)
