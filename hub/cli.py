@@ -14,6 +14,7 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelfleet.hub.cli_alerts import add_alert_commands, cmd_alerts, cmd_webhooks
 from modelfleet.kernel.cli import run_command
 from modelfleet.kernel.commandline import finish, message_dict
 from modelfleet.kernel.errors import (
@@ -522,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(met)
     _add_backup_commands(sub)
     _add_state_commands(sub)
+    add_alert_commands(sub, _duration, _add_json, _labels)
     return finish(p)
 
 
@@ -670,10 +672,16 @@ def _add_state_commands(sub: Any) -> None:
 
 
 def admin_stub(args: argparse.Namespace) -> Any:
+    from modelfleet.protos import fleet_pb2_grpc
+
+    return fleet_pb2_grpc.HubAdminStub(admin_channel(args))
+
+
+def admin_channel(args: argparse.Namespace) -> Any:
+    """An mTLS channel to the hub with the admin identity (any admin service's stub)."""
     import grpc
 
     from modelfleet.kernel.grpc_options import FLEET_MESSAGE_BYTES, message_size_options
-    from modelfleet.protos import fleet_pb2_grpc
 
     admin = args.admin_dir or args.data / "admin"
     address = args.hub
@@ -692,8 +700,7 @@ def admin_stub(args: argparse.Namespace) -> Any:
         )
     except OSError as exc:
         raise _Unavailable(f"cannot read the admin identity in {admin}: {exc}") from None
-    channel = grpc.secure_channel(address, creds, options=message_size_options(FLEET_MESSAGE_BYTES))
-    return fleet_pb2_grpc.HubAdminStub(channel)
+    return grpc.secure_channel(address, creds, options=message_size_options(FLEET_MESSAGE_BYTES))
 
 
 class _Unavailable(ModelfleetError):
@@ -2355,6 +2362,8 @@ def _run(argv: list[str] | None) -> int:
         "apply": cmd_state,
         "diff": cmd_state,
         "export": cmd_export,
+        "alerts": cmd_alerts,
+        "webhooks": cmd_webhooks,
     }
     return handlers[args.command](args)
 
