@@ -39,6 +39,7 @@ from modelfleet.hub.webhooks import (
     verify,
 )
 from modelfleet.kernel.errors import InvalidRequestError, ModelNotFoundError
+from tests.webhook_receiver import Receiver
 
 SECRET = b"0123456789abcdef-test-secret"
 
@@ -88,39 +89,6 @@ class FakeTelemetry:
                 )
             )
         return out
-
-
-class Receiver:
-    """A real HTTP server on 127.0.0.1: records every request, answers with ``status``."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        self.status = 200
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.requests.append((dict(self.headers.items()), body))
-                self.send_response(outer.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> Receiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 @pytest.fixture
@@ -347,7 +315,7 @@ def test_too_few_requests_is_no_data_and_no_data_clears() -> None:
     states, _ = run(RULE, [(0, 1.0)], requests=3)  # 3 failures of 3 are not an error rate
     assert states == [(0, "inactive")]
     rule = Rule("r", "error_rate", ">", 0.01, for_s=0, clear_for_s=10)
-    states, ts = run(rule, [(0, 0.5), (5, None), (15, None)])
+    states, _ = run(rule, [(0, 0.5), (5, None), (15, None)])
     assert [s for _, s in states] == ["firing", "firing", "resolved"]
 
 
