@@ -12,14 +12,18 @@ class Receiver:
 
     def __init__(self) -> None:
         self.requests: list[tuple[dict[str, str], bytes]] = []
+        # The status answered to each request, in the same order.
+        self.answered: list[int] = []
         self.status = 200
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status = outer.status
                 outer.requests.append((dict(self.headers.items()), body))
-                self.send_response(outer.status)
+                outer.answered.append(status)
+                self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
