@@ -55,7 +55,9 @@ CREATE TABLE IF NOT EXISTS alert_rules (
     name TEXT PRIMARY KEY,
     data TEXT NOT NULL,
     updated_at REAL NOT NULL,
-    actor TEXT NOT NULL DEFAULT ''
+    actor TEXT NOT NULL DEFAULT '',
+    -- Removed rules stay until their firing alerts are resolved (and notified) with them.
+    removed_at REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS webhooks (
     name TEXT PRIMARY KEY,
@@ -183,8 +185,24 @@ class AlertStore:
     def stored_rules(self) -> list[Rule]:
         return [
             Rule.from_dict(json.loads(r["data"]))
-            for r in self._query("SELECT data FROM alert_rules ORDER BY name")
+            for r in self._query("SELECT data FROM alert_rules WHERE removed_at = 0 ORDER BY name")
         ]
+
+    def removed_rules(self) -> list[Rule]:
+        return [
+            Rule.from_dict(json.loads(r["data"]))
+            for r in self._query("SELECT data FROM alert_rules WHERE removed_at > 0")
+        ]
+
+    def purge_removed_rules(self) -> None:
+        """Forget removed rules none of whose alerts is pending or firing any more."""
+        with self._tx() as db:
+            done = (
+                "SELECT name FROM alert_rules WHERE removed_at > 0 AND name NOT IN "
+                "(SELECT rule FROM alert_states WHERE state IN ('pending', 'firing'))"
+            )
+            db.execute(f"DELETE FROM alert_states WHERE rule IN ({done})")
+            db.execute(f"DELETE FROM alert_rules WHERE name IN ({done})")
 
     def rules(self) -> list[Rule]:
         return rules_in_force(self.stored_rules())
@@ -192,29 +210,40 @@ class AlertStore:
     def set_rule(self, rule: Rule, actor: str = "") -> Rule:
         rule = Rule.from_dict({**rule.to_dict(), "builtin": False}).validate()
         with self._tx() as db:
+            # Its alerts carry on under the new definition: a firing one resolves by the new
+            # threshold (or, if it no longer matches, at the next evaluation), and is notified.
             db.execute(
-                "INSERT INTO alert_rules (name, data, updated_at, actor) VALUES (?, ?, ?, ?) "
+                "INSERT INTO alert_rules (name, data, updated_at, actor, removed_at) "
+                "VALUES (?, ?, ?, ?, 0) "
                 "ON CONFLICT (name) DO UPDATE SET data = excluded.data, "
-                "updated_at = excluded.updated_at, actor = excluded.actor",
+                "updated_at = excluded.updated_at, actor = excluded.actor, removed_at = 0",
                 (rule.name, json.dumps(rule.to_dict()), self.clock(), actor),
             )
-            # Old states were judged by the old definition: start over (history keeps them).
-            db.execute("DELETE FROM alert_states WHERE rule = ?", (rule.name,))
         return rule
 
     def remove_rule(self, name: str) -> bool:
         """Delete a stored rule; True if it was a built-in's override (the default is back)."""
         with self._tx() as db:
-            n = db.execute("DELETE FROM alert_rules WHERE name = ?", (name,)).rowcount
+            n = db.execute(
+                "UPDATE alert_rules SET removed_at = ? WHERE name = ? AND removed_at = 0",
+                (self.clock(), name),
+            ).rowcount
             if not n:
                 if name in BUILTIN_NAMES:
                     raise InvalidRequestError(
                         f"rule {name!r} is built in and not overridden: nothing to remove "
                         f"(to silence it, `alerts rule set {name} --disabled`)"
                     )
-                known = [r["name"] for r in db.execute("SELECT name FROM alert_rules")]
+                known = [
+                    r["name"]
+                    for r in db.execute("SELECT name FROM alert_rules WHERE removed_at = 0")
+                ]
                 raise ModelNotFoundError(f"no alert rule {name!r}{did_you_mean(name, known)}")
-            db.execute("DELETE FROM alert_states WHERE rule = ?", (name,))
+            # Pending alerts of the rule end now; firing ones resolve at the next evaluation.
+            db.execute(
+                "DELETE FROM alert_states WHERE rule = ? AND state != 'firing'",
+                (name,),
+            )
         return name in BUILTIN_NAMES
 
     # -- webhooks --------------------------------------------------------------------------------
@@ -553,24 +582,29 @@ class AlertManager:
                     new_states.append(after)
                     if t is not None:
                         transitions.append(self._event(rule, t))
-        # A pending/firing alert whose rule no longer applies (removed, disabled, model gone)
-        # ends quietly; its history shows it.
+        # An alert whose rule no longer applies to it (rule removed or disabled, model gone): a
+        # pending one ends quietly, a firing one resolves now (notified: someone was paged).
         dropped = [k for k, s in prior.items() if k not in visited and s.state == "pending"]
+        definitions = {r.name: r for r in self.store.removed_rules()}
+        definitions.update({r.name: r for r in rules})
         for k, s in prior.items():
             if k in visited or s.state != "firing":
                 continue
-            rule = next((r for r in rules if r.name == k[0]), None)
-            if rule is None:
+            gone = definitions.get(k[0])
+            if gone is None:
                 dropped.append(k)
                 continue
-            after, t = advance(Rule.from_dict({**rule.to_dict(), "clear_for_s": 0.0}), s, None, now)
+            now_clear = Rule.from_dict({**gone.to_dict(), "clear_for_s": 0.0})
+            after, t = advance(now_clear, s, None, now)
             new_states.append(after)
             if t is not None:
-                transitions.append(self._event(rule, t))
+                transitions.append(self._event(gone, t))
         if new_states or transitions or dropped:
             queued = self.store.apply(new_states, transitions, dropped)
             if queued:
                 self._wake()
+        if len(definitions) > len({r.name for r in rules}):
+            self.store.purge_removed_rules()
         for rule, t, _key, _body in transitions:
             s = t.state
             if t.notify:
@@ -599,7 +633,7 @@ class AlertManager:
     async def run(
         self,
         stop: asyncio.Event,
-        fleet: Callable[[], tuple[list[str], list[tuple[str, Mapping[str, str]]]]],
+        fleet: Callable[[], tuple[list[str], list[tuple[str, dict[str, str]]]]],
     ) -> None:
         """Evaluate every ``interval_s`` until ``stop``. ``fleet`` reads model names and
         agents on the event loop (the registry belongs to it); measuring and writing happen on

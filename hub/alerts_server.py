@@ -10,6 +10,9 @@ from modelfleet.hub.server import caller, unary
 from modelfleet.protos import fleet_pb2 as pb
 from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 
+# `alerts ls` shows resolved alerts this long after they resolved (`alerts history` keeps all).
+RESOLVED_SHOWN_S = 3600.0
+
 
 def rule_to_proto(status: RuleStatus) -> pb.AlertRule:
     r = status.rule
@@ -114,8 +117,13 @@ class AlertsServicer(pb_grpc.HubAlertsServicer):
         caller(context, "admin")
         statuses = self.alerts.rule_statuses()
         rules = {s.rule.name: s.rule for s in statuses}
+        recent = time.time() - RESOLVED_SHOWN_S
         states = sorted(
-            (s for s in self.alerts.store.states().values() if s.state != "inactive"),
+            (
+                s
+                for s in self.alerts.store.states().values()
+                if s.state in ("pending", "firing") or (s.state == "resolved" and s.since > recent)
+            ),
             key=lambda s: s.key,
         )
         return pb.ListAlertsResponse(

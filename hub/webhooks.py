@@ -87,8 +87,9 @@ def verify(
 def backoff(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
     """Delay before retry ``attempt`` + 1: exponential, capped, with jitter (half to all of
     it) so receivers that come back are not hit by every queued event at once."""
-    delay = min(max_s, base_s * 2 ** max(0, attempt - 1))
-    return delay * (0.5 + 0.5 * (rng or random).random())
+    delay = min(max_s, base_s * 2.0 ** max(0, attempt - 1))
+    jitter: float = (rng or random).random()
+    return delay * (0.5 + 0.5 * jitter)
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):

@@ -454,19 +454,58 @@ def test_a_registered_source_makes_drift_rules_evaluate(tmp_path: Path) -> None:
     m.close()
 
 
-def test_removing_a_firing_rule_ends_its_alert_and_a_builtin_comes_back(tmp_path: Path) -> None:
+def test_removing_a_firing_rule_resolves_its_alert_and_a_builtin_comes_back(
+    tmp_path: Path, receiver: Receiver
+) -> None:
     clock, tel = Clock(), FakeTelemetry()
     m = manager(tmp_path, clock, tel)
+    m.store.add_webhook("ops", receiver.url, SECRET)
     m.store.set_rule(Rule("fraud-errors", "error_rate", ">", 0.01, for_s=0, model="fraud"))
     tel.stats[("fraud", 1)] = (100, 50, 5.0)
     m.evaluate(["fraud"], [])
     assert m.store.remove_rule("fraud-errors") is False
-    m.evaluate(["fraud"], [])
+    assert "fraud-errors" not in {r.name for r in m.store.rules()}
+    clock.now += 5
+    ts = m.evaluate(["fraud"], [])
+    # The built-in error-rate rule applies to fraud again: pending.
+    assert ("error-rate", "pending") in [(t.state.rule, t.state.state) for t in ts]
+    [t] = [t for t in ts if t.state.rule == "fraud-errors"]
+    # Someone was paged for it: the end is notified too, with the removed rule's definition.
+    assert (t.state.rule, t.previous, t.state.state, t.notify) == (
+        "fraud-errors",
+        "firing",
+        "resolved",
+        True,
+    )
     assert not [s for s in m.store.states().values() if s.rule == "fraud-errors"]
+    assert m.store.removed_rules() == []
+    m.deliver_due()
+    assert [json.loads(b)["state"] for _, b in receiver.requests] == ["firing", "resolved"]
     m.store.set_rule(Rule("error-rate", "error_rate", ">", 0.5))
     assert m.store.remove_rule("error-rate") is True
     with pytest.raises(InvalidRequestError, match="built in"):
         m.store.remove_rule("error-rate")
     with pytest.raises(ModelNotFoundError, match="no alert rule"):
         m.store.remove_rule("nope")
+    # A removed name can be used again.
+    m.store.set_rule(Rule("fraud-errors", "error_rate", ">", 0.02, model="fraud"))
+    assert "fraud-errors" in {r.name for r in m.store.rules()}
+    m.close()
+
+
+def test_changing_a_rule_keeps_its_alert_and_judges_it_by_the_new_definition(
+    tmp_path: Path,
+) -> None:
+    clock, tel = Clock(), FakeTelemetry()
+    m = manager(tmp_path, clock, tel)
+    m.store.set_rule(Rule("error-rate", "error_rate", ">", 0.01, for_s=0, clear_for_s=0))
+    tel.stats[("fraud", 1)] = (100, 5, 5.0)
+    [t] = m.evaluate(["fraud"], [])
+    assert t.state.state == "firing"
+    clock.now += 5
+    assert m.evaluate(["fraud"], []) == []  # unchanged: no second firing
+    m.store.set_rule(Rule("error-rate", "error_rate", ">", 0.1, for_s=0, clear_for_s=0))
+    clock.now += 5
+    [t] = m.evaluate(["fraud"], [])
+    assert (t.previous, t.state.state) == ("firing", "resolved")
     m.close()
