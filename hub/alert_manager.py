@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelfleet.hub.alerts import (
     BUILTIN_NAMES,
@@ -44,6 +44,9 @@ from modelfleet.hub.alerts import (
     selector_text,
 )
 from modelfleet.hub.webhooks import Outcome, backoff, check_webhook, post
+
+if TYPE_CHECKING:
+    from modelfleet.hub.ports import AlertStorePort
 from modelfleet.kernel.errors import InvalidRequestError, ModelNotFoundError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -492,7 +495,7 @@ class AlertManager:
 
     def __init__(
         self,
-        store: AlertStore,
+        store: AlertStorePort,
         telemetry: WindowReader,
         settings: AlertSettings | Callable[[], AlertSettings] = AlertSettings(),
         clock: Callable[[], float] = time.time,
@@ -500,7 +503,7 @@ class AlertManager:
         hub: str = "",
         capture_locator: Callable[[str, int], str | None] | None = None,
     ) -> None:
-        self.store = store
+        self.store: AlertStorePort = store
         self.clock = clock
         self._settings = settings
         self.sources: dict[str, MetricSource] = dict(default_sources(telemetry))
