@@ -657,12 +657,17 @@ class AlertManager:
         if self._loop is not None and self._wakeup is not None:
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
-    def deliver_due(self, now: float | None = None) -> list[tuple[str, str, str]]:
-        """Send every notification due now (blocking); returns (key, webhook, status)."""
+    def deliver_due(
+        self, now: float | None = None, stopping: Callable[[], bool] = lambda: False
+    ) -> list[tuple[str, str, str]]:
+        """Send every notification due now (blocking); returns (key, webhook, status).
+        ``stopping`` is checked between sends, so a shutdown waits for one attempt at most."""
         now = self.clock() if now is None else now
         cfg = self.settings
         out = []
         for n in self.store.due(now):
+            if stopping():
+                break
             attempt = n.attempts + 1
             retry_at = now + backoff(attempt, cfg.backoff_s, cfg.backoff_max_s)
             attempt = self.store.begin_attempt(n, retry_at)
@@ -697,7 +702,7 @@ class AlertManager:
         while not stop.is_set():
             self._wakeup.clear()
             try:
-                await loop.run_in_executor(self.sender, self.deliver_due)
+                await loop.run_in_executor(self.sender, self.deliver_due, None, stop.is_set)
                 nxt = self.store.next_due()
             except Exception:
                 log.exception("delivering webhook notifications failed; will retry")
