@@ -144,6 +144,11 @@ def test_failing_requests_fire_the_error_rate_alert_once_with_a_signed_payload(f
     listed = json.loads(hub.cli("alerts", "ls", "--json"))
     [alert] = [a for a in listed["alerts"] if a["rule"] == "error-rate"]
     assert (alert["state"], alert["model"], alert["version"]) == ("firing", "scorer", 1)
+    table = hub.cli("alerts", "ls")
+    assert "no data yet: agents do not report drift scores" in table
+    assert any(
+        line.split()[:3] == ["firing", "error-rate", "scorer"] for line in table.splitlines()
+    )
     # The secret is stored on the hub, never shown or logged.
     assert SECRET.decode() not in hub.cli("webhooks", "ls")
     assert SECRET.decode() not in hub.cli("webhooks", "ls", "--json")
