@@ -636,15 +636,17 @@ class AlertManager:
     async def run(
         self,
         stop: asyncio.Event,
-        fleet: Callable[[], tuple[list[str], list[tuple[str, dict[str, str]]]]],
+        fleet: Callable[[bool], tuple[list[str], list[tuple[str, dict[str, str]]]]],
     ) -> None:
-        """Evaluate every ``interval_s`` until ``stop``. ``fleet`` reads model names and
-        agents on the event loop (the registry belongs to it); measuring and writing happen on
-        the alert thread so DuckDB queries never block the loop."""
+        """Evaluate every ``interval_s`` until ``stop``. ``fleet(with_agents)`` reads model
+        names, and agents only when a rule has a selector, on the event loop (the registry
+        belongs to it); measuring and writing happen on the alert thread so DuckDB queries
+        never block the loop."""
         loop = asyncio.get_running_loop()
         while not stop.is_set():
             try:
-                models, agents = fleet()
+                with_agents = any(r.selector for r in self.store.rules())
+                models, agents = fleet(with_agents)
                 await loop.run_in_executor(self.executor, self.evaluate, models, agents)
             except Exception:
                 log.exception("evaluating alert rules failed; will retry")

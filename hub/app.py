@@ -93,11 +93,14 @@ def start_alerts(core: HubCore, cfg: HubConfig) -> AlertManager:
     return AlertManager(store, core.telemetry, settings)
 
 
-def fleet_for_alerts(core: HubCore) -> tuple[list[str], list[tuple[str, dict[str, str]]]]:
-    """Model names and (agent id, labels) for one evaluation round, read on the event loop."""
+def fleet_for_alerts(
+    core: HubCore, with_agents: bool
+) -> tuple[list[str], list[tuple[str, dict[str, str]]]]:
+    """Model names, and (agent id, labels) if a rule selects agents, for one evaluation round."""
     models = [m["name"] for m in core.registry.models()]
-    agents = [(a.agent_id, dict(a.labels)) for a in core.registry.agents()]
-    return models, agents
+    if not with_agents:
+        return models, []
+    return models, [(a.agent_id, dict(a.labels)) for a in core.registry.agents()]
 
 
 def check_ports(cfg: HubConfig) -> None:
@@ -262,7 +265,9 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     tasks.append(loop.create_task(core.rollouts.run(stop)))
     tasks.append(loop.create_task(core.telemetry_ingest.prune_loop(stop)))
     alerts.hub = core.advertise
-    tasks.append(loop.create_task(alerts.run(stop, lambda: fleet_for_alerts(core))))
+    tasks.append(
+        loop.create_task(alerts.run(stop, lambda with_agents: fleet_for_alerts(core, with_agents)))
+    )
     tasks.append(loop.create_task(alerts.deliver(stop)))
     bridge = None
     if cfg.mqtt:
