@@ -1,0 +1,232 @@
+"""Shadow runs: a copy of a request answered by the active version, run again on the candidate.
+
+The data plane offers the copy once the primary response is built (:meth:`ShadowRunner.offer`
+is a ``put_nowait``); the response goes to the client whatever happens here. A bounded queue
+holds copies for ``workers`` tasks, each running the shadow version on a thread of its own
+(not a serving thread, not the candidate's batcher: a shadow copy is not a served request of
+the candidate and must not take capacity from real ones). A full queue drops the copy and
+counts it. The comparison of the outputs (:func:`compare_outputs`) runs on the shadow thread
+too; only the counting comes back to the event loop, where the telemetry cells live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from modelfleet.agent.metrics import AgentMetrics
+    from modelfleet.agent.slots import LoadedVersion
+
+log = logging.getLogger(__name__)
+
+# |primary| + REL_EPS is the denominator of the relative difference: outputs near zero would
+# otherwise turn any rounding into an enormous relative error.
+REL_EPS = 1e-6
+# A row is a probability vector when it is non-negative and sums to 1 within this.
+PROB_SUM_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class OutputCompare:
+    """One output tensor of one request, primary against shadow."""
+
+    output: str
+    ok: bool  # False: the shadow lacks the output or returns another shape or kind
+    abs_diff: float = 0.0
+    rel_diff: float = 0.0
+    # Class scores (last dimension > 1): did every row's arg-max agree? None: not class scores.
+    top1_agree: bool | None = None
+    # Jensen-Shannon divergence in bits, one per row, when both sides are probability vectors.
+    js: tuple[float, ...] = ()
+
+
+def js_divergence_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Row-wise Jensen-Shannon divergence (base 2, so 0..1) of probability rows ``p`` and ``q``."""
+    p = p / p.sum(axis=-1, keepdims=True)
+    q = q / q.sum(axis=-1, keepdims=True)
+    m = 0.5 * (p + q)
+
+    def kl(a: np.ndarray) -> np.ndarray:
+        # 0 * log(0 / m) is 0 by convention; where a > 0, m >= a / 2 > 0.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(
+                a > 0, a * np.log2(np.where(a > 0, a, 1.0) / np.where(m > 0, m, 1.0)), 0
+            )
+        return terms.sum(axis=-1)
+
+    return np.clip(0.5 * kl(p) + 0.5 * kl(q), 0.0, 1.0)
+
+
+def _is_probability(a: np.ndarray) -> bool:
+    return bool(
+        a.size and (a >= 0).all() and np.allclose(a.sum(axis=-1), 1.0, rtol=0, atol=PROB_SUM_TOL)
+    )
+
+
+def compare_output(name: str, primary: np.ndarray, shadow: np.ndarray | None) -> OutputCompare:
+    if shadow is None or primary.shape != shadow.shape:
+        return OutputCompare(name, False)
+    numeric = "biuf"
+    if primary.dtype.kind not in numeric or shadow.dtype.kind not in numeric:
+        # Strings and the like: equal or not, as a diff of 0 or 1.
+        same = bool(np.array_equal(primary, shadow))
+        return OutputCompare(name, True, 0.0 if same else 1.0, 0.0 if same else 1.0)
+    if primary.dtype.kind == "b" or shadow.dtype.kind == "b":
+        primary, shadow = primary.astype(np.int8), shadow.astype(np.int8)
+    p = primary.astype(np.float64, copy=False)
+    s = shadow.astype(np.float64, copy=False)
+    if p.size == 0:
+        return OutputCompare(name, True)
+    diff = np.abs(p - s)
+    # A NaN on one side only is as different as it gets; NaN on both is agreement.
+    both_nan = np.isnan(p) & np.isnan(s)
+    diff = np.where(both_nan, 0.0, np.where(np.isnan(diff), np.inf, diff))
+    abs_diff = float(diff.max())
+    rel_diff = float((diff / (np.abs(np.nan_to_num(p)) + REL_EPS)).max())
+    top1 = None
+    js: tuple[float, ...] = ()
+    if p.ndim >= 1 and p.shape[-1] > 1 and np.isfinite(p).all() and np.isfinite(s).all():
+        top1 = bool((p.argmax(axis=-1) == s.argmax(axis=-1)).all())
+        if _is_probability(p) and _is_probability(s):
+            js = tuple(js_divergence_bits(p, s).reshape(-1).tolist())
+    return OutputCompare(name, True, abs_diff, rel_diff, top1, js)
+
+
+def compare_outputs(
+    primary: dict[str, np.ndarray], shadow: dict[str, np.ndarray]
+) -> list[OutputCompare]:
+    return [compare_output(name, arr, shadow.get(name)) for name, arr in primary.items()]
+
+
+@dataclass
+class _Copy:
+    primary: LoadedVersion
+    shadow: LoadedVersion
+    feed: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+class ShadowRunner:
+    """The bounded queue and its workers; counts into the primary version's telemetry."""
+
+    def __init__(self, metrics: AgentMetrics, queue_max: int = 64, workers: int = 1) -> None:
+        self.metrics = metrics
+        self.queue_max = queue_max
+        self.workers = max(1, workers)
+        self._queue: asyncio.Queue[_Copy] | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self.closed = False
+
+    def _start(self) -> asyncio.Queue[_Copy]:
+        # Lazily, on the loop that serves: the runner is built before the loop runs in tests.
+        self._queue = asyncio.Queue(self.queue_max if self.queue_max > 0 else 1)
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="shadow")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._work()) for _ in range(self.workers)]
+        return self._queue
+
+    def offer(
+        self,
+        primary: LoadedVersion,
+        shadow: LoadedVersion,
+        feed: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+    ) -> bool:
+        """Queue a copy (never waits); False when it was dropped."""
+        if self.closed:
+            return False
+        queue = self._queue or self._start()
+        if self.queue_max <= 0:
+            self._record_drop(primary, shadow, outputs)
+            return False
+        try:
+            queue.put_nowait(_Copy(primary, shadow, feed, outputs))
+        except asyncio.QueueFull:
+            self._record_drop(primary, shadow, outputs)
+            return False
+        return True
+
+    def _record_drop(
+        self, primary: LoadedVersion, shadow: LoadedVersion, outputs: dict[str, np.ndarray]
+    ) -> None:
+        primary.telemetry_shadow(shadow.version, list(outputs)).dropped()
+        self.metrics.shadow_requests.labels(
+            primary.name, str(primary.version), str(shadow.version), "dropped"
+        ).inc()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    async def _work(self) -> None:
+        assert self._queue is not None and self._executor is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            copy = await self._queue.get()
+            try:
+                elapsed, compared = await loop.run_in_executor(self._executor, _run, copy)
+            except Exception as exc:  # the shadow failing is a finding, never a crash
+                self._record(copy, None, 0.0)
+                log.debug(
+                    "shadow run of %s v%d failed: %s", copy.shadow.name, copy.shadow.version, exc
+                )
+            else:
+                self._record(copy, compared, elapsed)
+
+    def _record(self, copy: _Copy, compared: list[OutputCompare] | None, elapsed: float) -> None:
+        p, s = copy.primary, copy.shadow
+        cells = p.telemetry_shadow(s.version, list(copy.outputs))
+        labels = (p.name, str(p.version), str(s.version))
+        m = self.metrics
+        if compared is None or not all(c.ok for c in compared):
+            cells.failed()
+            m.shadow_requests.labels(*labels, "failed").inc()
+            return
+        cells.compared(compared, elapsed)
+        m.shadow_requests.labels(*labels, "compared").inc()
+        m.shadow_seconds.labels(*labels).observe(elapsed)
+        for c in compared:
+            out = (p.name, str(p.version), c.output)
+            m.shadow_abs_diff.labels(*out).observe(c.abs_diff)
+            m.shadow_rel_diff.labels(*out).observe(c.rel_diff)
+            for js in c.js:
+                m.shadow_js_divergence.labels(*out).observe(js)
+            if c.top1_agree is not None:
+                m.shadow_top1.labels(*out, "agree" if c.top1_agree else "disagree").inc()
+
+    async def close(self) -> None:
+        self.closed = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _run(copy: _Copy) -> tuple[float, list[OutputCompare]]:
+    """On a shadow thread: run the shadow version, then compare (neither touches the loop)."""
+    model = copy.shadow.model
+    start = time.perf_counter()
+    results = model.run_prepared(model.prepare(copy.feed))
+    elapsed = time.perf_counter() - start
+    return elapsed, compare_outputs(copy.outputs, results)
+
+
+__all__ = [
+    "OutputCompare",
+    "ShadowRunner",
+    "compare_output",
+    "compare_outputs",
+    "js_divergence_bits",
+]
