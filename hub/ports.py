@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # types only: importing a port must not load an adapter (DuckDB, SQLite)
     from modelfleet.hub.registry import AgentRow, DeploymentRow, Desired, JobRow, VersionRow
     from modelfleet.hub.reports import AgentReport
-    from modelfleet.hub.telemetry import IngestCounters, WindowStats
+    from modelfleet.hub.telemetry import IngestCounters, ShadowStats, WindowStats
     from modelfleet.kernel.jobs import JobRun, JobSpec
     from modelfleet.protos import fleet_pb2 as pb
 
@@ -164,6 +164,16 @@ class TelemetryStorePort(Protocol):
         since: float,
         until: float,
     ) -> list[WindowStats]: ...
+    def shadow_window(
+        self,
+        model: str,
+        version: int,
+        agents: Collection[str] | None = None,
+        since: float = ...,
+        until: float = ...,
+        *,
+        shadow_version: int | None = None,
+    ) -> ShadowStats: ...
     def reporting_agents(self, within_s: float = ...) -> dict[tuple[str, int], int]: ...
     def stored_reports(self, agent_id: str | None = None) -> int: ...
     def prune(self) -> int: ...

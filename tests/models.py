@@ -155,3 +155,39 @@ def sample_array(datatype: str, rows: int = 2, width: int = 3, seed: int = 0) ->
         return rng.standard_normal((rows, width)).astype(dtype)
     info = np.iinfo(dtype)
     return rng.integers(max(info.min, -100), min(info.max, 100), (rows, width)).astype(dtype)
+
+
+def classifier(
+    path: Path,
+    *,
+    inputs: int = 4,
+    classes: int = 5,
+    seed: int = 0,
+    hidden: int = 16,
+    layers: int = 1,
+) -> Path:
+    """x[N, inputs] -> MLP -> Softmax -> probs[N, classes] and logits[N, classes]: class
+    scores and probability vectors, for comparing versions output by output."""
+    base = onnx.load(
+        str(
+            mlp(
+                path.with_suffix(".mlp.onnx"),
+                inputs=inputs,
+                hidden=hidden,
+                outputs=classes,
+                seed=seed,
+                layers=layers,
+            )
+        )
+    )
+    graph = base.graph
+    graph.node.append(helper.make_node("Identity", ["y"], ["logits"]))
+    graph.node.append(helper.make_node("Softmax", ["y"], ["probs"], axis=-1))
+    del graph.output[:]
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", classes]),
+        ]
+    )
+    return _save(graph, path)
