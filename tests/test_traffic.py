@@ -87,7 +87,9 @@ def run_plane(
         metrics = AgentMetrics()
         slots = SlotManager(
             runtime=RuntimeOptions(1, 1, "cpu"),
-            batching=BatchingConfig(enabled=False),
+            # Not inline: requests hop to the serving threads, as a real model's do, so the
+            # event loop (and the shadow workers) run between them.
+            batching=BatchingConfig(enabled=False, inline_max_us=0),
             metrics=metrics,
             serving_threads=2,
         )
@@ -298,7 +300,7 @@ def test_a_version_with_other_outputs_shows_its_divergence(tmp_path: Path) -> No
         )
         assert text == len(xs)
 
-    run_plane(tmp_path, scenario, v2=lambda p: models.classifier(p, seed=5))
+    run_plane(tmp_path, scenario, v2=lambda p: models.classifier(p, seed=5), queue_max=1000)
 
 
 def test_a_slow_shadow_drops_copies_and_never_holds_up_the_primary(tmp_path: Path) -> None:
