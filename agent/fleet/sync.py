@@ -370,6 +370,10 @@ class FleetSync:
                     continue
                 await self._deploy(d.name, d.version, d.sha256, offline=offline, size=d.size)
                 self.errors.pop(d.name, None)
+                if d.prepare_version and d.prepare_version != d.version and not offline:
+                    # In the same pass: a state that brings both (a new agent joining a
+                    # comparison) must not wait for the next resync to load the candidate.
+                    await self._prepare(d)
             except (ModelfleetError, OSError) as exc:
                 self.errors[d.name] = str(exc)
                 self.error_reasons[d.name] = error_reason(exc)
