@@ -28,7 +28,9 @@ keeps its :class:`VersionCounters`); a request adds to five cells and does two `
 Every hook runs on the event loop (the data plane, the batcher's completion callback and the slot
 switches all do), and so does :meth:`TelemetryAggregator.cut`, so the cells need no lock. The
 only call from another thread is :meth:`TelemetryAggregator.version` (a candidate version is
-built on the loader thread), which takes a small lock shared with the cut.
+built on the loader thread), which takes a small lock shared with the cut. Shadow comparisons
+(:class:`ShadowCells`) are the exception: the shadow threads write them, under a lock of their
+own.
 """
 
 from __future__ import annotations
@@ -352,11 +354,12 @@ def _observe(row: list[float], at: int, bounds: tuple[float, ...], value: float)
 class ShadowCells:
     """What one primary version's outputs looked like next to one shadow version's.
 
-    Every hook runs on the event loop (the shadow runner hands its results back there).
-    ``dropped`` and ``failures`` count requests, so every output's row counts them alike.
+    Unlike the other cells, these are written from the shadow threads (and drops from the event
+    loop), so writers and :meth:`snapshot` share a lock. ``dropped`` and ``failures`` count
+    requests, so every output's row counts them alike.
     """
 
-    __slots__ = ("max_abs", "model", "reported", "rows", "shadow_version", "version")
+    __slots__ = ("lock", "max_abs", "model", "reported", "rows", "shadow_version", "version")
 
     def __init__(self, model: str, version: int, shadow_version: int, outputs: list[str]) -> None:
         self.model, self.version, self.shadow_version = model, version, shadow_version
@@ -364,6 +367,7 @@ class ShadowCells:
         self.reported: dict[str, list[float]] = {}
         # The largest per-request absolute difference seen (for `status`; not reported).
         self.max_abs = 0.0
+        self.lock = threading.Lock()
 
     def _row(self, output: str) -> list[float]:
         row = self.rows.get(output)
@@ -372,15 +376,25 @@ class ShadowCells:
         return row
 
     def dropped(self) -> None:
-        for row in self.rows.values():
-            row[_SH_DROPPED] += 1
+        with self.lock:
+            for row in self.rows.values():
+                row[_SH_DROPPED] += 1
 
     def failed(self) -> None:
-        for row in self.rows.values():
-            row[_SH_FAILURES] += 1
+        with self.lock:
+            for row in self.rows.values():
+                row[_SH_FAILURES] += 1
 
     def compared(self, outputs: Iterable[Any], shadow_s: float) -> None:
         """``outputs``: :class:`agent.serving.shadow.OutputCompare` of one request."""
+        with self.lock:
+            self._compared(outputs, shadow_s)
+
+    def snapshot(self) -> dict[str, list[float]]:
+        with self.lock:
+            return {o: list(r) for o, r in self.rows.items()}
+
+    def _compared(self, outputs: Iterable[Any], shadow_s: float) -> None:
         for c in outputs:
             row = self._row(c.output)
             row[_SH_COMPARED] += 1
@@ -409,9 +423,10 @@ class ShadowCells:
             sum(int(r[_SH_TOTAL]) for r in rows),
         )
 
-    def deltas(self) -> dict[str, list[float]]:
+    def deltas(self, rows: dict[str, list[float]]) -> dict[str, list[float]]:
+        """What ``rows`` (a :meth:`snapshot`) holds beyond the last committed report."""
         out = {}
-        for output, row in self.rows.items():
+        for output, row in rows.items():
             done = self.reported.get(output)
             delta = row if done is None else [a - b for a, b in zip(row, done, strict=True)]
             if any(delta):
@@ -554,11 +569,17 @@ class TelemetryAggregator:
         key = (model, version, shadow_version)
         cells = self._shadow.get(key)
         if cells is None:
-            cells = self._shadow[key] = ShadowCells(model, version, shadow_version, outputs)
+            # Shadow threads and the event loop both come here.
+            with self._lock:
+                cells = self._shadow.get(key)
+                if cells is None:
+                    cells = ShadowCells(model, version, shadow_version, outputs)
+                    self._shadow[key] = cells
         return cells
 
     def shadow_cells(self, model: str) -> list[ShadowCells]:
-        return [c for (m, _, _), c in sorted(self._shadow.items()) if m == model]
+        with self._lock:
+            return [c for (m, _, _), c in sorted(self._shadow.items()) if m == model]
 
     def version(self, model: str, version: int) -> VersionCounters:
         key = (model, version)
@@ -665,8 +686,10 @@ class TelemetryAggregator:
             stores = self._stores()
             current = [s.counters() for s in stores]
         deltas = {id(s): s.unreported(cur) for s, cur in zip(stores, current, strict=True)}
-        shadow_now = {k: c.deltas() for k, c in sorted(self._shadow.items())}
-        shadow_rows = {k: {o: list(r) for o, r in c.rows.items()} for k, c in self._shadow.items()}
+        with self._lock:
+            shadows = sorted(self._shadow.items())
+        shadow_rows = {k: c.snapshot() for k, c in shadows}
+        shadow_now = {k: c.deltas(shadow_rows[k]) for k, c in shadows}
         by_version: dict[tuple[str, int], list[pb.ShadowCompare]] = {}
         for (model, version, shadow_version), rows in shadow_now.items():
             for output, row in sorted(rows.items()):

@@ -2,11 +2,11 @@
 
 The data plane offers the copy once the primary response is built (:meth:`ShadowRunner.offer`
 is a ``put_nowait``); the response goes to the client whatever happens here. A bounded queue
-holds copies for ``workers`` tasks, each running the shadow version on a thread of its own
-(not a serving thread, not the candidate's batcher: a shadow copy is not a served request of
-the candidate and must not take capacity from real ones). A full queue drops the copy and
-counts it. The comparison of the outputs (:func:`compare_outputs`) runs on the shadow thread
-too; only the counting comes back to the event loop, where the telemetry cells live.
+holds copies for ``workers`` threads of their own, each running the shadow version's session
+directly (not a serving thread, not the candidate's batcher: a shadow copy is not a served
+request of the candidate and must not take capacity from real ones). A full queue drops the
+copy and counts it. Comparing the outputs (:func:`compare_outputs`) and counting happen on the
+shadow thread too, so the event loop does nothing for a copy after offering it.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -66,12 +68,12 @@ def js_divergence_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def _is_probability(a: np.ndarray) -> bool:
-    return bool(
-        a.size and (a >= 0).all() and np.allclose(a.sum(axis=-1), 1.0, rtol=0, atol=PROB_SUM_TOL)
-    )
+    return bool((a >= 0).all() and np.abs(a.sum(axis=-1) - 1.0).max() <= PROB_SUM_TOL)
 
 
 def compare_output(name: str, primary: np.ndarray, shadow: np.ndarray | None) -> OutputCompare:
+    """One output of one request. Few numpy calls: outputs are small, so each call's overhead,
+    paid on a shadow thread while holding the GIL, is what the serving loop would feel."""
     if shadow is None or primary.shape != shadow.shape:
         return OutputCompare(name, False)
     numeric = "biuf"
@@ -79,21 +81,23 @@ def compare_output(name: str, primary: np.ndarray, shadow: np.ndarray | None) ->
         # Strings and the like: equal or not, as a diff of 0 or 1.
         same = bool(np.array_equal(primary, shadow))
         return OutputCompare(name, True, 0.0 if same else 1.0, 0.0 if same else 1.0)
-    if primary.dtype.kind == "b" or shadow.dtype.kind == "b":
-        primary, shadow = primary.astype(np.int8), shadow.astype(np.int8)
-    p = primary.astype(np.float64, copy=False)
-    s = shadow.astype(np.float64, copy=False)
-    if p.size == 0:
+    if primary.size == 0:
         return OutputCompare(name, True)
+    p = primary.astype(np.float64)
+    s = shadow.astype(np.float64)
     diff = np.abs(p - s)
-    # A NaN on one side only is as different as it gets; NaN on both is agreement.
-    both_nan = np.isnan(p) & np.isnan(s)
-    diff = np.where(both_nan, 0.0, np.where(np.isnan(diff), np.inf, diff))
     abs_diff = float(diff.max())
-    rel_diff = float((diff / (np.abs(np.nan_to_num(p)) + REL_EPS)).max())
+    finite = math.isfinite(abs_diff)
+    if not finite:
+        # A NaN on one side only is as different as it gets; NaN on both is agreement.
+        both_nan = np.isnan(p) & np.isnan(s)
+        diff = np.where(both_nan, 0.0, np.where(np.isnan(diff), np.inf, diff))
+        abs_diff = float(diff.max())
+        p = np.nan_to_num(p)
+    rel_diff = float((diff / (np.abs(p) + REL_EPS)).max())
     top1 = None
     js: tuple[float, ...] = ()
-    if p.ndim >= 1 and p.shape[-1] > 1 and np.isfinite(p).all() and np.isfinite(s).all():
+    if finite and p.ndim >= 1 and p.shape[-1] > 1:
         top1 = bool((p.argmax(axis=-1) == s.argmax(axis=-1)).all())
         if _is_probability(p) and _is_probability(s):
             js = tuple(js_divergence_bits(p, s).reshape(-1).tolist())
@@ -115,24 +119,35 @@ class _Copy:
 
 
 class ShadowRunner:
-    """The bounded queue and its workers; counts into the primary version's telemetry."""
+    """The bounded queue and its worker threads; counts into the primary version's telemetry.
+
+    The event loop only ever does :meth:`offer` (a ``put_nowait``, or counting a drop). The
+    workers are plain threads, not tasks: running the shadow, comparing and counting happen
+    there, so a copy costs the loop no callback at all. Their counts go into
+    :class:`agent.telemetry.ShadowCells` under its lock and into Prometheus (thread-safe).
+    """
 
     def __init__(self, metrics: AgentMetrics, queue_max: int = 64, workers: int = 1) -> None:
         self.metrics = metrics
         self.queue_max = queue_max
         self.workers = max(1, workers)
-        self._queue: asyncio.Queue[_Copy] | None = None
-        self._tasks: list[asyncio.Task] = []
-        self._executor: ThreadPoolExecutor | None = None
+        self._queue: queue.Queue[_Copy | None] | None = None
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
         self.closed = False
 
-    def _start(self) -> asyncio.Queue[_Copy]:
-        # Lazily, on the loop that serves: the runner is built before the loop runs in tests.
-        self._queue = asyncio.Queue(self.queue_max if self.queue_max > 0 else 1)
-        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="shadow")
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._work()) for _ in range(self.workers)]
-        return self._queue
+    def _start(self) -> queue.Queue[_Copy | None]:
+        with self._lock:
+            if self._queue is None:
+                q: queue.Queue[_Copy | None] = queue.Queue(max(self.queue_max, 1))
+                self._threads = [
+                    threading.Thread(target=self._work, args=(q,), name=f"shadow-{i}", daemon=True)
+                    for i in range(self.workers)
+                ]
+                for t in self._threads:
+                    t.start()
+                self._queue = q
+            return self._queue
 
     def offer(
         self,
@@ -144,13 +159,13 @@ class ShadowRunner:
         """Queue a copy (never waits); False when it was dropped."""
         if self.closed:
             return False
-        queue = self._queue or self._start()
         if self.queue_max <= 0:
             self._record_drop(primary, shadow, outputs)
             return False
+        q = self._queue or self._start()
         try:
-            queue.put_nowait(_Copy(primary, shadow, feed, outputs))
-        except asyncio.QueueFull:
+            q.put_nowait(_Copy(primary, shadow, feed, outputs))
+        except queue.Full:
             self._record_drop(primary, shadow, outputs)
             return False
         return True
@@ -167,13 +182,13 @@ class ShadowRunner:
     def queued(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
 
-    async def _work(self) -> None:
-        assert self._queue is not None and self._executor is not None
-        loop = asyncio.get_running_loop()
+    def _work(self, q: queue.Queue[_Copy | None]) -> None:
         while True:
-            copy = await self._queue.get()
+            copy = q.get()
+            if copy is None:
+                return
             try:
-                elapsed, compared = await loop.run_in_executor(self._executor, _run, copy)
+                elapsed, compared = _run(copy)
             except Exception as exc:  # the shadow failing is a finding, never a crash
                 self._record(copy, None, 0.0)
                 log.debug(
@@ -203,15 +218,21 @@ class ShadowRunner:
             if c.top1_agree is not None:
                 m.shadow_top1.labels(*out, "agree" if c.top1_agree else "disagree").inc()
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Stop taking copies; queued ones are let go, a running one finishes (bounded)."""
         self.closed = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        q = self._queue
+        if q is None:
+            return
+        with contextlib.suppress(queue.Empty):
+            while True:
+                q.get_nowait()
+        for _ in self._threads:
+            q.put(None)
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            # Off the loop: a shadow run in progress may take a while to finish.
+            await asyncio.to_thread(t.join, max(0.0, deadline - time.monotonic()))
 
 
 def _run(copy: _Copy) -> tuple[float, list[OutputCompare]]:

@@ -68,7 +68,7 @@ def build_repo(root: Path, slow_candidate: bool) -> Path:
     src = repo.parent / "src"
     # v1 is the candidate (compared against the active v2, the highest version).
     if slow_candidate:
-        v1 = models.mlp(src / "v1.onnx", inputs=WIDTH, hidden=1024, layers=6, outputs=8, seed=1)
+        v1 = models.mlp(src / "v1.onnx", inputs=WIDTH, hidden=2048, layers=5, outputs=8, seed=1)
     else:
         v1 = models.mlp(src / "v1.onnx", inputs=WIDTH, hidden=64, layers=2, outputs=8, seed=1)
     v2 = models.mlp(src / "v2.onnx", inputs=WIDTH, hidden=64, layers=2, outputs=8, seed=2)
