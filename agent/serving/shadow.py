@@ -15,9 +15,11 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 # |primary| + REL_EPS is the denominator of the relative difference: outputs near zero would
 # otherwise turn any rounding into an enormous relative error.
 REL_EPS = 1e-6
+# Nice value of the shadow threads (Linux): below the serving threads' when cores are short.
+SHADOW_NICE = 10
 # A row is a probability vector when it is non-negative and sums to 1 within this.
 PROB_SUM_TOL = 1e-3
 
@@ -118,6 +122,39 @@ class _Copy:
     outputs: dict[str, np.ndarray]
 
 
+class _OutputSeries:
+    def __init__(self, m: AgentMetrics, labels: tuple[str, str, str]) -> None:
+        self.abs_diff = m.shadow_abs_diff.labels(*labels)
+        self.rel_diff = m.shadow_rel_diff.labels(*labels)
+        self.js = m.shadow_js_divergence.labels(*labels)
+        self.agree = m.shadow_top1.labels(*labels, "agree")
+        self.disagree = m.shadow_top1.labels(*labels, "disagree")
+
+
+class _Series:
+    """Prometheus children of one (primary, shadow) pair."""
+
+    def __init__(self, m: AgentMetrics, primary: LoadedVersion, shadow: LoadedVersion) -> None:
+        self.m = m
+        # Weak: the cache must not keep an unloaded version's session alive, and an id is
+        # reused once its object is gone.
+        self._refs = (weakref.ref(primary), weakref.ref(shadow))
+        self.primary = (primary.name, str(primary.version))
+        labels = (*self.primary, str(shadow.version))
+        self.compared = m.shadow_requests.labels(*labels, "compared")
+        self.seconds = m.shadow_seconds.labels(*labels)
+        self.outputs: dict[str, _OutputSeries] = {}
+
+    def of(self, primary: LoadedVersion, shadow: LoadedVersion) -> bool:
+        return self._refs[0]() is primary and self._refs[1]() is shadow
+
+    def output(self, name: str) -> _OutputSeries:
+        out = self.outputs.get(name)
+        if out is None:
+            out = self.outputs[name] = _OutputSeries(self.m, (*self.primary, name))
+        return out
+
+
 class ShadowRunner:
     """The bounded queue and its worker threads; counts into the primary version's telemetry.
 
@@ -134,6 +171,7 @@ class ShadowRunner:
         self._queue: queue.Queue[_Copy | None] | None = None
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._series: dict[tuple[int, int], _Series] = {}
         self.closed = False
 
     def _start(self) -> queue.Queue[_Copy | None]:
@@ -183,6 +221,10 @@ class ShadowRunner:
         return self._queue.qsize() if self._queue is not None else 0
 
     def _work(self, q: queue.Queue[_Copy | None]) -> None:
+        # Linux applies a thread id's nice value to that thread alone: where cores are short,
+        # the scheduler then gives the serving threads and the event loop the CPU first.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICE)
         while True:
             copy = q.get()
             if copy is None:
@@ -200,23 +242,29 @@ class ShadowRunner:
     def _record(self, copy: _Copy, compared: list[OutputCompare] | None, elapsed: float) -> None:
         p, s = copy.primary, copy.shadow
         cells = p.telemetry_shadow(s.version, list(copy.outputs))
-        labels = (p.name, str(p.version), str(s.version))
         m = self.metrics
+        labels = (p.name, str(p.version), str(s.version))
         if compared is None or not all(c.ok for c in compared):
             cells.failed()
             m.shadow_requests.labels(*labels, "failed").inc()
             return
         cells.compared(compared, elapsed)
-        m.shadow_requests.labels(*labels, "compared").inc()
-        m.shadow_seconds.labels(*labels).observe(elapsed)
+        # The label children are looked up once per (primary, shadow): the lookup costs more
+        # than the observation, and this thread holds the GIL the serving loop wants.
+        key = (id(p), id(s))
+        series = self._series.get(key)
+        if series is None or not series.of(p, s):
+            series = self._series[key] = _Series(m, p, s)
+        series.compared.inc()
+        series.seconds.observe(elapsed)
         for c in compared:
-            out = (p.name, str(p.version), c.output)
-            m.shadow_abs_diff.labels(*out).observe(c.abs_diff)
-            m.shadow_rel_diff.labels(*out).observe(c.rel_diff)
+            out = series.output(c.output)
+            out.abs_diff.observe(c.abs_diff)
+            out.rel_diff.observe(c.rel_diff)
             for js in c.js:
-                m.shadow_js_divergence.labels(*out).observe(js)
+                out.js.observe(js)
             if c.top1_agree is not None:
-                m.shadow_top1.labels(*out, "agree" if c.top1_agree else "disagree").inc()
+                (out.agree if c.top1_agree else out.disagree).inc()
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop taking copies; queued ones are let go, a running one finishes (bounded)."""
