@@ -11,7 +11,8 @@ Figures, each beside the baseline measured in the same run:
    shadow on <= 1.1x shadow off at concurrency 1. On two shared cores the shadow's work takes
    CPU the primary would otherwise have at concurrency 16; that ratio is printed, not targeted.
 2. **A shadow 10x slower than the primary.** One agent, its candidate a much heavier model with
-   the same signature; concurrency 16 with the shadow off, then on (alternating rounds). Target:
+   the same signature (``tests.models.slow_mlp``: 96 layers of 1024 x 1024 sharing one
+   weight); concurrency 16 with the shadow off, then on (alternating rounds). Target:
    no failed primary request; the copies the shadow cannot keep up with are dropped (counted in
    ``status``) instead.
 3. **Split accuracy and stickiness**, over 100,000 requests each through the data plane in
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
@@ -68,7 +70,7 @@ def build_repo(root: Path, slow_candidate: bool) -> Path:
     src = repo.parent / "src"
     # v1 is the candidate (compared against the active v2, the highest version).
     if slow_candidate:
-        v1 = models.mlp(src / "v1.onnx", inputs=WIDTH, hidden=2048, layers=5, outputs=8, seed=1)
+        v1 = models.slow_mlp(src / "v1.onnx", inputs=WIDTH, outputs=8, width=1024, repeats=96)
     else:
         v1 = models.mlp(src / "v1.onnx", inputs=WIDTH, hidden=64, layers=2, outputs=8, seed=1)
     v2 = models.mlp(src / "v2.onnx", inputs=WIDTH, hidden=64, layers=2, outputs=8, seed=2)
@@ -306,6 +308,7 @@ def split_accuracy(report: Report, root: Path) -> None:
 
 def main() -> int:
     report = Report()
+    print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)", flush=True)
     with tempfile.TemporaryDirectory(prefix="mf-traffic-bench-") as tmp:
         root = Path(tmp)
         for name, fn in (
@@ -319,6 +322,7 @@ def main() -> int:
             except Exception as exc:
                 report.errors.append(f"{name}: {exc}")
                 print(f"  ERROR: {exc}", flush=True)
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
     print()
     print(report.text_table())
     for e in report.errors:
