@@ -158,6 +158,11 @@ class RolloutManager:
                 )
                 current[a.agent_id] = (previous[a.agent_id], active)
             spec.validate()
+            experiments = getattr(self.core, "experiments", None)
+            if experiments is not None:
+                experiments.check_overlap(
+                    spec.model, [a.agent_id for a in agents], f"a rollout of v{spec.version}"
+                )
             # Before the rollout gets a row: a refused start leaves nothing in its history.
             check_target(spec, current)
             rollout_id = reg.create_rollout(spec.model, spec.version)

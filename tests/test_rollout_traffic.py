@@ -106,7 +106,7 @@ def test_invalid_traffic_steps_are_refused(text: str, message: str) -> None:
 def test_traffic_with_blue_green_and_bad_pacing_are_refused() -> None:
     with pytest.raises(InvalidRequestError, match="blue-green"):
         spec(strategy="blue-green").validate()
-    with pytest.raises(InvalidRequestError, match="--rate-factor 0.5 must be >= 1"):
+    with pytest.raises(InvalidRequestError, match=r"--rate-factor 0\.5 must be >= 1"):
         spec(rate_base=1, rate_factor=0.5).validate()
     with pytest.raises(InvalidRequestError, match="--rate-base and --rate-max must be >= 0"):
         spec(rate_base=-1).validate()
