@@ -169,7 +169,7 @@ class ExperimentStatus:
     agents_out: list[str]
 
 
-def _num(value: float) -> float | None:
+def _num(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
@@ -465,7 +465,7 @@ class Experiments:
     def _arm(
         self, model: str, arm: str, version: int, agents: list[str], since: float, until: float
     ) -> Arm:
-        rows = []
+        rows: list[Any] = []
         if self.telemetry is not None and agents:
             rows = self.telemetry.window(model, version, agents, since, until)
         if not rows:
@@ -512,7 +512,19 @@ class Experiments:
                 v, old = _num(value), worst.get(name)
                 worst[name] = v if old is None else (old if v is None else pick(old, v))
         note = "" if compared else "no shadow comparison reported yet"
-        return ShadowView(True, note, compared, dropped, failures, **worst)
+        return ShadowView(
+            True,
+            note,
+            compared,
+            dropped,
+            failures,
+            top1_agreement=worst.get("top1_agreement"),
+            abs_diff_p50=worst.get("abs_diff_p50"),
+            abs_diff_p99=worst.get("abs_diff_p99"),
+            rel_diff_p99=worst.get("rel_diff_p99"),
+            js_p99=worst.get("js_p99"),
+            shadow_latency_p99_ms=worst.get("shadow_latency_p99_ms"),
+        )
 
 
 def _names(names: Sequence[str], limit: int = 5) -> str:
