@@ -254,3 +254,30 @@ def test_a_newer_deployment_takes_agents_out_of_the_experiment(hub: Any) -> None
     hub.reg.deploy("m", 3, {"site": "berlin"}, actor="ops")
     st = hub.x.status(e)
     assert st.agents_in == [] and st.agents_out == ["b1", "b2"]
+
+
+# -- the edges: conversion and the CLI's rendering --------------------------------------------
+
+
+def test_status_round_trips_through_the_message_and_renders(hub: Any) -> None:
+    from modelfleet.hub.cli import _render_experiment, build_parser, experiment_dict
+    from modelfleet.hub.convert import experiment_to_proto
+
+    e = start(hub.x, split_percent=12.5, sticky=True, duration_s=3600.0)
+    msg = experiment_to_proto(hub.x.status(e))
+    d = experiment_dict(msg)
+    assert d["share_percent"] == 12.5 and d["sticky"] and d["mode"] == "split"
+    assert d["shadow"] is None and d["arms"][0]["p99_ms"] is None
+    assert d["ends_at"] == 1000.0 + 3600
+    text = _render_experiment(msg)
+    assert "experiment 1: m v2 (split 12.5%, sticky)  state RUNNING" in text
+    assert "2 agent(s) in the experiment" in text and "verdict: pending" in text
+    shadow = start(hub.x, split_percent=0.0, shadow_percent=50.0, selector={"site": "paris"})
+    text = _render_experiment(experiment_to_proto(hub.x.status(shadow)))
+    assert "shadow" in text
+    args = build_parser().parse_args(
+        ["experiment", "start", "m", "--candidate", "2", "--shadow", "5%", "--duration", "2h"]
+    )
+    assert (args.shadow, args.split, args.duration) == (5.0, None, 7200.0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["experiment", "start", "m", "--candidate", "2"])

@@ -328,3 +328,22 @@ def test_old_rollout_json_without_the_new_fields_loads() -> None:
     data["spec"].pop("abort_min_agents")
     old = Rollout.from_json(data)
     assert old.share() == 100 and old.summary(0)["traffic_percent"] == 0
+
+
+def test_status_message_and_text_show_the_traffic_step() -> None:
+    from modelfleet.hub.cli import _render_rollout, rollout_dict
+    from modelfleet.hub.convert import rollout_to_proto
+
+    fleet = SplitFleet({a: 1 for a in AGENTS}, per_version={2: GOOD, 1: BASE})
+    s = spec(waves=["20%", "100%"], rate_base=5, rate_max=50, abort_failed_pct=10)
+    r = Rollout.new(1, s, AGENTS, {a: 1 for a in AGENTS}, now=0)
+    run(r, fleet, 0)
+    run(r, fleet, 1)
+    msg = rollout_to_proto(r, 1, {})
+    d = rollout_dict(msg)
+    assert d["traffic"] == [5, 25, 50, 100] and d["traffic_percent"] == 5
+    assert d["rate_base"] == 5 and d["abort_failed_pct"] == 10
+    text = _render_rollout(msg)
+    assert "traffic canary 5,25,50,100: wave 1 at 5% of its requests on v2" in text
+    assert "pacing 5 agent(s) in the first minute, x2 each minute, at most 50/min" in text
+    assert "abort when more than 10% of the agents failed, after 1 resolved" in text
