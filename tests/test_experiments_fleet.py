@@ -327,4 +327,7 @@ def test_rollback_now_ends_a_traffic_canary_at_once(fleet) -> None:
     out = hub.cli("rollout", "rollback", "mlp", "--now")
     assert "ROLLED_BACK" in out and "rolled back at once (--now)" in out
     assert rollout(hub)["state"] == "rolled_back"
-    wait_for(lambda: all(loaded_beside(a) != 5 or active(a) != 5 for a in agents), 30, "0%")
+    for a in json.loads(hub.cli("agents", "ls", "--json")):
+        for d in a.get("desired", []):
+            assert d.get("prepare_version", "0") in ("0", 0) and d["version"] == "3"
+    assert all(active(a) == 3 for a in agents)
