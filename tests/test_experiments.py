@@ -123,7 +123,7 @@ def test_agents_without_the_model_are_refused(hub: Any) -> None:
 
 def test_overlapping_experiment_and_active_rollout_are_refused(hub: Any) -> None:
     start(hub.x)
-    with pytest.raises(FailedPreconditionError, match=r"experiment 1 of m .* already runs on 1"):
+    with pytest.raises(FailedPreconditionError, match=r"experiment 1 of m .* already runs on 2"):
         start(hub.x, selector={}, candidate=3)
     with pytest.raises(FailedPreconditionError, match="already runs"):
         start(hub.x, candidate=3)  # same selector
