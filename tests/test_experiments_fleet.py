@@ -4,7 +4,8 @@ and 4).
 The traffic-canary rollback test needs agents that route a split's share to the candidate
 (issue 15 item 1, the agent side): with agents that only load the candidate beside the active
 version, the candidate answers nothing, the step sees no canary requests and pauses as
-inconclusive instead of rolling back. Every other test here holds with either agent.
+inconclusive instead of rolling back. The shadow-divergence test likewise needs the agent's
+shadow runs and the hub's shadow query. Every other test here holds with either agent.
 """
 
 from __future__ import annotations
@@ -214,6 +215,40 @@ def test_experiment_start_status_stop_promote_survive_a_hub_restart(fleet) -> No
     # Back to v1 everywhere for the next tests.
     hub.cli("deploy", "mlp", "1", "--selector", "site=berlin")
     wait_for(lambda: all(active(a) == 1 for a in agents), 90, "v1 everywhere again")
+
+
+def test_shadow_experiment_reports_divergence_for_a_version_whose_outputs_differ(fleet) -> None:
+    """Needs the agent's shadow runs (see the module's docstring)."""
+    state, agents, _ = fleet
+    hub = state["hub"]
+    berlin = agents[:2]
+    before = [active(a) for a in agents]
+    candidate = next(v for v in (2, 1) if v not in before)  # seeds 0 and 1: outputs differ
+    hub.cli(
+        "experiment",
+        "start",
+        "mlp",
+        "--candidate",
+        str(candidate),
+        "--shadow",
+        "100",
+        "--selector",
+        "site=berlin",
+    )
+    wait_for(lambda: all(loaded_beside(a) == candidate for a in berlin), 60, "candidate loaded")
+
+    def compared() -> bool:
+        shadow = exp_status(hub)["shadow"]
+        return bool(shadow and shadow["available"] and shadow["compared"] > 0)
+
+    with load(berlin):
+        wait_for(compared, 60, "shadow comparisons in the experiment's status")
+    s = exp_status(hub)
+    assert s["shadow"]["abs_diff_p99"] and s["shadow"]["abs_diff_p99"] > 0
+    assert [a["arm"] for a in s["arms"]] == ["active"] and s["arms"][0]["requests"] > 0
+    text = hub.cli("experiment", "status", "mlp")
+    assert f"shadow v{candidate}: " in text and "compared" in text
+    hub.cli("experiment", "stop", "mlp")
 
 
 def rollout(hub: HubProcess) -> dict:
