@@ -263,6 +263,16 @@ def check_target(spec: Spec, current: Mapping[str, tuple[int, int]]) -> None:
             f"{spec.model} v{v} is already the desired version of all {len(current)} agent(s) "
             f"{where} ({running} run it): nothing to roll out"
         )
+    if spec.traffic:
+        bare = sorted(a for a, (desired, _) in current.items() if not desired)
+        if bare:
+            shown = ", ".join(bare[:5]) + (f" and {len(bare) - 5} more" if len(bare) > 5 else "")
+            raise RolloutRefusedError(
+                f"a traffic canary splits requests between the version an agent runs and "
+                f"v{v}: {len(bare)} of the {len(current)} agent(s) {where} run no version of "
+                f"{spec.model} ({shown}). Deploy it first, narrow --selector, or roll out "
+                "without --traffic"
+            )
     newer = {a: max(d, act) for a, (d, act) in current.items() if max(d, act) > v}
     if newer and not spec.allow_downgrade:
         names = sorted(newer)

@@ -347,3 +347,11 @@ def test_status_message_and_text_show_the_traffic_step() -> None:
     assert "traffic canary 5,25,50,100: wave 1 at 5% of its requests on v2" in text
     assert "pacing 5 agent(s) in the first minute, x2 each minute, at most 50/min" in text
     assert "abort when more than 10% of the agents failed, after 1 resolved" in text
+
+
+def test_traffic_canary_on_agents_without_the_model_is_refused() -> None:
+    from modelfleet.hub.rollouts import RolloutRefusedError, check_target
+
+    with pytest.raises(RolloutRefusedError, match=r"1 of the 2 agent\(s\) of the fleet run no"):
+        check_target(spec(), {"a1": (1, 1), "a2": (0, 0)})
+    check_target(spec(traffic=[]), {"a1": (1, 1), "a2": (0, 0)})  # a plain rollout installs it
