@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelfleet.kernel.cli import run_command
-from modelfleet.kernel.commandline import finish
+from modelfleet.kernel.commandline import finish, message_dict
 from modelfleet.kernel.errors import (
     EXIT_CODES,
     InvalidRequestError,
@@ -32,19 +32,17 @@ DEFAULT_DATA = os.environ.get("MODELFLEET_HUB_DATA", "hub-data")
 
 
 def _duration(text: str) -> float:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    """A duration with its unit. A bare ``300`` could mean seconds or minutes, so every
+    duration flag of this CLI refuses it, the same way."""
+    bare = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", bare):
+        raise argparse.ArgumentTypeError(
+            f"{bare!r} has no unit: add one, e.g. {bare}s, or 5m, 1h, 1d"
+        )
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", bare)
     if not m:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 90s, 10m, 1h, 7d)")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-
-
-def _rollout_duration(text: str) -> float:
-    """A duration with its unit: a bare ``300`` could mean seconds or minutes, so it is refused."""
-    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", text):
-        raise argparse.ArgumentTypeError(
-            f"{text.strip()!r} has no unit: add one, e.g. {text.strip()}s, or 5m, 1h, 1d"
-        )
-    return _duration(text)
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -343,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument(
         "--bake",
         metavar="DURATION",
-        type=_rollout_duration,
+        type=_duration,
         default="5m",
         help="how long each wave serves before its gates are judged (default: %(default)s)",
     )
@@ -375,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument(
         "--agent-timeout",
         metavar="DURATION",
-        type=_rollout_duration,
+        type=_duration,
         default="10m",
         help="how long an agent may take to switch (blue-green: to prepare) before it counts "
         "as failed (default: %(default)s)",
@@ -454,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument(
         "--timeout",
         metavar="DURATION",
-        type=_rollout_duration,
+        type=_duration,
         default=None,
         help=f"with --wait: stop waiting after this long (exit {EXIT_WAIT_TIMEOUT}); the "
         "rollout goes on (default: no limit)",
@@ -482,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--timeout",
         metavar="DURATION",
-        type=_rollout_duration,
+        type=_duration,
         default=None,
         help=f"with --watch: stop watching after this long (exit {EXIT_WAIT_TIMEOUT}) "
         "(default: no limit)",
@@ -580,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_json(met)
     _add_backup_commands(sub)
+    _add_state_commands(sub)
     return finish(p)
 
 
@@ -756,6 +755,62 @@ def _add_backup_commands(sub: Any) -> None:
         metavar="HEX",
         help="refuse the backup unless its manifest has this SHA-256 (what backup printed) "
         "(default: any manifest; the files are checked against it either way)",
+    )
+
+
+def _add_state_commands(sub: Any) -> None:
+    """`apply`, `diff`, `export`: desired state as code (docs/operations.md)."""
+    for name, help_text, description in (
+        (
+            "apply",
+            "make the fleet's desired state what a state file declares",
+            "Check the whole state file FILE against the hub, then deploy, start rollouts and "
+            "create or update jobs so that the hub's desired state is what the file declares. "
+            f"A file with any problem changes nothing (exit {EXIT_STATE_REFUSED}); applying the "
+            "same file again changes nothing.",
+        ),
+        (
+            "diff",
+            "show what `apply` would change, on which agents; change nothing",
+            "Show what `apply -f FILE` would do, per entry and per agent (from which version "
+            "to which), with the same checks; change nothing. Exit 0 when applying FILE would "
+            f"change nothing, {EXIT_STATE_DIFFERS} when it would, {EXIT_STATE_REFUSED} when the "
+            "hub refuses the file.",
+        ),
+    ):
+        c = sub.add_parser(name, help=help_text, description=description)
+        c.add_argument(
+            "-f",
+            "--file",
+            required=True,
+            metavar="FILE",
+            help="the state file (TOML; '-' reads standard input) (required, no default)",
+        )
+        c.add_argument(
+            "--prune",
+            action="store_true",
+            help="also undeploy the deployments and delete the jobs FILE does not name "
+            "(default: list them as kept)",
+        )
+        _add_json(c)
+    e = sub.add_parser(
+        "export",
+        help="write the fleet's desired state as a state file",
+        description="Print the deployments in force (per model and selector) and the jobs as "
+        "a state file; `modelfleet-hub export | modelfleet-hub apply -f -` changes nothing.",
+    )
+    e.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write to FILE instead of standard output (default: standard output)",
+    )
+    e.add_argument(
+        "--json",
+        action="store_true",
+        help="print the state file's content as JSON instead of TOML",
     )
 
 
@@ -1526,8 +1581,6 @@ def _ago(ts: float) -> str:
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from modelfleet.protos import fleet_pb2 as pb
 
     stub = admin_stub(args)
@@ -1545,11 +1598,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
         return 0
     resp = call(stub.ListAgents, pb.ListAgentsRequest())
     if args.json:
-        print(
-            json.dumps(
-                [MessageToDict(a, preserving_proto_field_name=True) for a in resp.agents], indent=2
-            )
-        )
+        print(json.dumps([message_dict(a) for a in resp.agents], indent=2))
         return 0
     print(
         f"{'AGENT':<22} {'STATUS':<8} {'ONLINE':<7} {'LAST SEEN':<10} {'LABELS':<24} "
@@ -1637,8 +1686,6 @@ def _cert_warning(expires_at: float, now: float | None = None) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from modelfleet.protos import fleet_pb2 as pb
 
     stub = admin_stub(args)
@@ -1681,7 +1728,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if args.json:
             print(
                 json.dumps(
-                    [MessageToDict(r, preserving_proto_field_name=True) for r in resp.runs],
+                    [message_dict(r) for r in resp.runs],
                     indent=2,
                 )
             )
@@ -1741,6 +1788,9 @@ _ROLLOUT_EXITS_HELP = (
     f"`rollout promote`, {EXIT_WAIT_TIMEOUT} --timeout reached (the rollout goes on)"
 )
 WATCH_INTERVAL_S = 1.0
+# A watch outlives a hub restart: it keeps asking through an outage this long (or until
+# --timeout, if that comes first) before it gives up with the unavailable exit code.
+WATCH_OUTAGE_S = 300.0
 
 
 def rollout_dict(status: Any) -> dict[str, Any]:
@@ -1976,7 +2026,6 @@ def _watch_rollout(
 
     ``shown``: ``first`` is already on screen (`rollout start` printed it).
     """
-    from modelfleet.protos import fleet_pb2 as pb
 
     tty = sys.stdout.isatty() and not as_json
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -2023,7 +2072,46 @@ def _watch_rollout(
         if deadline is not None:
             pause = max(0.0, min(pause, deadline - time.monotonic()))
         time.sleep(pause)
-        status = call(stub.GetRollout, pb.GetRolloutRequest(model=status.model, id=status.id))
+        status = _poll_through_outage(stub, status, deadline)
+
+
+def _poll_through_outage(stub: Any, status: Any, deadline: float | None) -> Any:
+    """The rollout's next status; while the hub is unreachable (restarting), the last one.
+
+    The rollout itself is durable and resumes with the hub, so a restart must not end a watch
+    (or a `rollout start --wait` in a pipeline) with "unavailable". An outage longer than
+    WATCH_OUTAGE_S, or one still going at the deadline, raises as before."""
+    from modelfleet.protos import fleet_pb2 as pb
+
+    request = pb.GetRolloutRequest(model=status.model, id=status.id)
+    outage_since: float | None = None
+    while True:
+        try:
+            fresh = call(stub.GetRollout, request, timeout=10)
+        except ModelfleetError as exc:
+            now = time.monotonic()
+            if exc.status is not Status.UNAVAILABLE:
+                raise
+            if outage_since is None:
+                outage_since = now
+                print(
+                    f"modelfleet-hub: the hub does not answer ({exc}); still watching rollout "
+                    f"{status.id}, for up to {WATCH_OUTAGE_S:g}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if now - outage_since >= WATCH_OUTAGE_S or (deadline is not None and now >= deadline):
+                raise
+            time.sleep(WATCH_INTERVAL_S)
+            continue
+        if outage_since is not None:
+            down = time.monotonic() - outage_since
+            print(
+                f"modelfleet-hub: the hub answers again after {down:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+        return fresh
 
 
 def _usage_error(command: str, message: str) -> int:
@@ -2280,8 +2368,6 @@ def _ms(value: float) -> str:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from modelfleet.protos import fleet_pb2 as pb
 
     request = pb.MetricsRequest(
@@ -2289,7 +2375,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     )
     resp = call(admin_stub(args).Metrics, request)
     if args.json:
-        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        print(json.dumps(message_dict(resp), indent=2))
         return 0
     who = f"agent {args.agent}" if args.agent else "the fleet"
     print(
@@ -2395,6 +2481,175 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+# Exit codes of `diff` and `apply` (docs/cli.md): a refused file is an invalid argument (3, as
+# kernel/errors.py maps it). `diff` says "something would change" with a code of its own, not
+# diff(1)'s 1, which Python gives a crash: a traceback must never read as "differs".
+EXIT_STATE_DIFFERS = 24
+EXIT_STATE_REFUSED = EXIT_CODES[Status.INVALID_ARGUMENT]
+
+
+def _read_state_file(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"cannot read the state file {path}: {exc}") from None
+
+
+def state_plan_dict(plan: Any) -> dict[str, Any]:
+    """A StatePlan as `diff --json` and `apply --json` print it."""
+
+    def change(c: Any) -> dict[str, Any]:
+        return {
+            "agent_id": c.agent_id,
+            "hostname": c.hostname,
+            "from_version": c.from_version,
+            "to_version": c.to_version,
+            "active_version": c.active_version,
+        }
+
+    return {
+        "applied": plan.applied,
+        "changes": plan.changes,
+        "problems": [
+            {"where": p.where, "line": p.line, "message": p.message} for p in plan.problems
+        ],
+        "deployments": [
+            {
+                "entry": a.entry,
+                "line": a.line,
+                "model": a.model,
+                "selector": dict(sorted(a.selector.items())),
+                "version": a.version,
+                "strategy": a.strategy,
+                "action": a.action,
+                "reason": a.reason,
+                "current_version": a.current_version,
+                "agents": [change(c) for c in a.changes],
+                "rollout_id": a.rollout_id,
+                "revision": a.revision,
+            }
+            for a in plan.deployments
+        ],
+        "jobs": [
+            {
+                "entry": j.entry,
+                "line": j.line,
+                "name": j.name,
+                "action": j.action,
+                "reason": j.reason,
+                "fields": list(j.fields),
+            }
+            for j in plan.jobs
+        ],
+    }
+
+
+_STATE_VERBS = {
+    "none": ("in force", "in force"),
+    "deploy": ("would deploy", "deployed"),
+    "rollout": ("would start a rollout", "rollout started"),
+    "in_progress": ("rollout in progress", "rollout in progress"),
+    "held": ("held", "held"),
+    "undeploy": ("would undeploy", "undeployed"),
+    "kept": ("kept (--prune removes it)", "kept (--prune removes it)"),
+    "create": ("would create", "created"),
+    "update": ("would update", "updated"),
+    "delete": ("would delete", "deleted"),
+}
+
+
+def _print_state_plan(plan: Any, applied: bool) -> None:
+    changing = 0
+    for a in plan.deployments:
+        verb = _STATE_VERBS.get(a.action, (a.action, a.action))[applied]
+        head = f"deployment[{a.entry}]" if a.entry else "not in file:"
+        how = f" ({a.strategy})" if a.entry and a.strategy != "direct" else ""
+        now = f", now {_v(a.current_version)}" if a.current_version != a.version else ""
+        extra = ""
+        if a.rollout_id and a.action in ("rollout", "in_progress", "held"):
+            extra = f" [rollout {a.rollout_id}]"
+        elif a.revision:
+            extra = f" [revision {a.revision}]"
+        print(
+            f"{head} {a.model} v{a.version} for {_where(a.selector)}{how}{now}: {verb}"
+            f"{extra}" + (f": {a.reason}" if a.reason and a.action not in ("none", "kept") else "")
+        )
+        if a.action in ("deploy", "rollout", "undeploy"):
+            changing += 1
+            if not a.changes:
+                print("  no agent's desired version changes")
+            _print_changes(a.model, a.changes, fallback=a.action == "undeploy")
+    for j in plan.jobs:
+        verb = _STATE_VERBS.get(j.action, (j.action, j.action))[applied]
+        head = f"job[{j.entry}]" if j.entry else "not in file: job"
+        detail = f": {', '.join(j.fields)}" if j.fields else ""
+        print(f"{head} {j.name}: {verb}{detail}")
+        if j.action in ("create", "update", "delete"):
+            changing += 1
+    if not plan.changes:
+        print("nothing to change: the hub's desired state is what the file declares")
+    elif applied:
+        print(f"applied {changing} change(s)")
+        for a in plan.deployments:
+            if a.action == "rollout":
+                print(
+                    f"  follow rollout {a.rollout_id}: modelfleet-hub rollout status {a.model} "
+                    "--watch"
+                )
+    else:
+        print(f"{changing} change(s); `modelfleet-hub apply -f FILE` makes them")
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    """`diff` and `apply`: the hub plans (and applies); this reads the file and prints."""
+    from modelfleet.protos import fleet_pb2 as pb
+
+    text = _read_state_file(args.file)
+    stub = admin_stub(args)
+    req = pb.StateRequest(document=text, prune=args.prune)
+    plan = call(stub.ApplyState if args.command == "apply" else stub.PlanState, req)
+    if args.json:
+        _print_json(state_plan_dict(plan))
+    if plan.problems:
+        name = "<stdin>" if args.file == "-" else args.file
+        for p in plan.problems:
+            at = f"{name}:{p.line}" if p.line else name
+            print(f"{at}: {p.where}: {p.message}", file=sys.stderr)
+        print(
+            f"modelfleet-hub {args.command}: {name} refused: {len(plan.problems)} problem(s); "
+            "nothing changed",
+            file=sys.stderr,
+        )
+        return EXIT_STATE_REFUSED
+    if not args.json:
+        _print_state_plan(plan, applied=args.command == "apply")
+    if args.command == "diff" and plan.changes:
+        return EXIT_STATE_DIFFERS
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from modelfleet.protos import fleet_pb2 as pb
+
+    resp = call(admin_stub(args).ExportState, pb.ExportStateRequest())
+    text = json.dumps(tomllib.loads(resp.document), indent=2) + "\n" if args.json else resp.document
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    from modelfleet.kernel.atomic import atomic_write
+
+    atomic_write(args.output, text.encode("utf-8"))
+    print(
+        f"wrote {args.output}: {resp.deployments} deployment(s), {resp.jobs} job(s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_command("modelfleet-hub", lambda: _run(argv))
 
@@ -2461,6 +2716,9 @@ def _run(argv: list[str] | None) -> int:
         "metrics": cmd_metrics,
         "backup": cmd_backup,
         "restore": cmd_restore,
+        "apply": cmd_state,
+        "diff": cmd_state,
+        "export": cmd_export,
     }
     return handlers[args.command](args)
 

@@ -28,6 +28,7 @@ from modelfleet.kernel.reports import report_to_proto
 from modelfleet.protos import fleet_pb2 as pb
 
 if TYPE_CHECKING:
+    from modelfleet.hub.statefile import Plan as StatePlanType
     from modelfleet.hub.telemetry import WindowStats
 
 
@@ -430,3 +431,44 @@ def backup_item_from_proto(chunk: pb.BackupChunk) -> BackupFile | bytes | Backup
             pause_ms=s.pause_ms,
         )
     return bytes(chunk.data)
+
+
+# -- desired state as code (hub/statefile.py) ----------------------------------------------------
+
+
+def state_plan_to_proto(plan: StatePlanType) -> pb.StatePlan:
+    return pb.StatePlan(
+        problems=[
+            pb.StateProblem(where=p.where, line=p.line, message=p.message) for p in plan.problems
+        ],
+        deployments=[
+            pb.StateDeploymentAction(
+                entry=a.entry,
+                line=a.line,
+                model=a.model,
+                selector=a.selector,
+                version=a.version,
+                strategy=a.strategy,
+                action=a.action,
+                reason=a.reason,
+                current_version=a.current,
+                changes=[change_to_proto(c) for c in a.changes],
+                rollout_id=a.rollout_id,
+                revision=a.revision,
+            )
+            for a in plan.deployments
+        ],
+        jobs=[
+            pb.StateJobAction(
+                entry=j.entry,
+                line=j.line,
+                name=j.name,
+                action=j.action,
+                reason=j.reason,
+                fields=j.fields,
+            )
+            for j in plan.jobs
+        ],
+        applied=plan.applied,
+        changes=plan.changes,
+    )

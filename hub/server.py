@@ -27,6 +27,7 @@ from modelfleet.hub.convert import (
     job_to_proto,
     rollout_to_proto,
     rollout_view_to_proto,
+    state_plan_to_proto,
     version_to_proto,
     window_stats_to_proto,
 )
@@ -355,6 +356,43 @@ class BackupServicerMixin:
             yield backup_item_to_proto(item)
 
 
+class StateServicerMixin:
+    """HubAdmin's desired-state-as-code methods; the core is hub.statefile."""
+
+    core: HubCore
+
+    def _statefiles(self) -> Any:
+        from modelfleet.hub.statefile import StateFiles
+
+        c = self.core
+        return StateFiles(c.registry, c.deployments, c.rollouts, c.jobs)
+
+    @unary
+    async def PlanState(self, request, context):
+        caller(context, "admin")
+        plan = await self._statefiles().plan(request.document, prune=request.prune)
+        return state_plan_to_proto(plan)
+
+    @unary
+    async def ApplyState(self, request, context):
+        actor = caller(context, "admin")
+        plan = await self._statefiles().apply(request.document, prune=request.prune, actor=actor)
+        return state_plan_to_proto(plan)
+
+    @unary
+    async def ExportState(self, request, context):
+        caller(context, "admin")
+        from modelfleet.hub.deployments import current
+        from modelfleet.hub.statefile import export
+
+        state = self._statefiles().state()
+        return pb.ExportStateResponse(
+            document=export(state, self.core.advertise),
+            deployments=len(current(state.rows, state.retired)),
+            jobs=len(state.jobs),
+        )
+
+
 def _publish_response(result: PublishResult) -> pb.PublishResponse:
     return pb.PublishResponse(
         version=version_to_proto(result.version),
@@ -365,6 +403,7 @@ def _publish_response(result: PublishResult) -> pb.PublishResponse:
 
 
 class AdminServicer(
+    StateServicerMixin,
     BackupServicerMixin,
     JobServicerMixin,
     RolloutServicerMixin,

@@ -1305,3 +1305,100 @@ class BackupChunk(_message.Message):
     data: bytes
     summary: BackupSummary
     def __init__(self, file: _Optional[_Union[BackupFile, _Mapping]] = ..., data: _Optional[bytes] = ..., summary: _Optional[_Union[BackupSummary, _Mapping]] = ...) -> None: ...
+
+class StateRequest(_message.Message):
+    __slots__ = ("document", "prune")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_FIELD_NUMBER: _ClassVar[int]
+    document: str
+    prune: bool
+    def __init__(self, document: _Optional[str] = ..., prune: _Optional[bool] = ...) -> None: ...
+
+class StateProblem(_message.Message):
+    __slots__ = ("where", "line", "message")
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    where: str
+    line: int
+    message: str
+    def __init__(self, where: _Optional[str] = ..., line: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StateDeploymentAction(_message.Message):
+    __slots__ = ("entry", "line", "model", "selector", "version", "strategy", "action", "reason", "current_version", "changes", "rollout_id", "revision")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    entry: int
+    line: int
+    model: str
+    selector: _containers.ScalarMap[str, str]
+    version: int
+    strategy: str
+    action: str
+    reason: str
+    current_version: int
+    changes: _containers.RepeatedCompositeFieldContainer[DesiredChange]
+    rollout_id: int
+    revision: int
+    def __init__(self, entry: _Optional[int] = ..., line: _Optional[int] = ..., model: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., version: _Optional[int] = ..., strategy: _Optional[str] = ..., action: _Optional[str] = ..., reason: _Optional[str] = ..., current_version: _Optional[int] = ..., changes: _Optional[_Iterable[_Union[DesiredChange, _Mapping]]] = ..., rollout_id: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class StateJobAction(_message.Message):
+    __slots__ = ("entry", "line", "name", "action", "reason", "fields")
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    entry: int
+    line: int
+    name: str
+    action: str
+    reason: str
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, entry: _Optional[int] = ..., line: _Optional[int] = ..., name: _Optional[str] = ..., action: _Optional[str] = ..., reason: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StatePlan(_message.Message):
+    __slots__ = ("problems", "deployments", "jobs", "applied", "changes")
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    problems: _containers.RepeatedCompositeFieldContainer[StateProblem]
+    deployments: _containers.RepeatedCompositeFieldContainer[StateDeploymentAction]
+    jobs: _containers.RepeatedCompositeFieldContainer[StateJobAction]
+    applied: bool
+    changes: bool
+    def __init__(self, problems: _Optional[_Iterable[_Union[StateProblem, _Mapping]]] = ..., deployments: _Optional[_Iterable[_Union[StateDeploymentAction, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[StateJobAction, _Mapping]]] = ..., applied: _Optional[bool] = ..., changes: _Optional[bool] = ...) -> None: ...
+
+class ExportStateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExportStateResponse(_message.Message):
+    __slots__ = ("document", "deployments", "jobs")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    document: str
+    deployments: int
+    jobs: int
+    def __init__(self, document: _Optional[str] = ..., deployments: _Optional[int] = ..., jobs: _Optional[int] = ...) -> None: ...

@@ -501,6 +501,21 @@ class HubAdminStub:
                 request_serializer=modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.SerializeToString,
                 response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.FromString,
                 _registered_method=True)
+        self.PlanState = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/PlanState',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.StateRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.StatePlan.FromString,
+                _registered_method=True)
+        self.ApplyState = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ApplyState',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.StateRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.StatePlan.FromString,
+                _registered_method=True)
+        self.ExportState = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ExportState',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ExportStateRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ExportStateResponse.FromString,
+                _registered_method=True)
 
 
 class HubAdminServicer:
@@ -675,6 +690,28 @@ class HubAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanState(self, request, context):
+        """Desired state as code (`modelfleet-hub diff|apply|export`, hub/statefile.py): what a state
+        file would change, or every problem that makes the hub refuse it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyState(self, request, context):
+        """Apply a state file: nothing at all when it has a problem (the answer lists them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportState(self, request, context):
+        """The hub's desired state written as a state file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -807,6 +844,21 @@ def add_HubAdminServicer_to_server(servicer, server):
                     servicer.Backup,
                     request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.FromString,
                     response_serializer=modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.SerializeToString,
+            ),
+            'PlanState': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanState,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.StateRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.StatePlan.SerializeToString,
+            ),
+            'ApplyState': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyState,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.StateRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.StatePlan.SerializeToString,
+            ),
+            'ExportState': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportState,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ExportStateRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ExportStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1511,6 +1563,87 @@ class HubAdmin:
             '/modelfleet.fleet.v1.HubAdmin/Backup',
             modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.SerializeToString,
             modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/PlanState',
+            modelfleet_dot_protos_dot_fleet__pb2.StateRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.StatePlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ApplyState',
+            modelfleet_dot_protos_dot_fleet__pb2.StateRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.StatePlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ExportState',
+            modelfleet_dot_protos_dot_fleet__pb2.ExportStateRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ExportStateResponse.FromString,
             options,
             channel_credentials,
             insecure,
