@@ -641,7 +641,7 @@ def _add_experiment_commands(sub: Any) -> None:
     xs.add_argument(
         "--duration",
         metavar="DURATION",
-        type=_rollout_duration,
+        type=_duration,
         default=None,
         help="end the experiment after this long, e.g. 1h (default: until stop or promote)",
     )

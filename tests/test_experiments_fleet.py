@@ -259,12 +259,13 @@ def test_traffic_canary_5_to_100_completes_for_a_good_version(fleet) -> None:
     state, agents, root = fleet
     hub = state["hub"]
     hub.cli("publish", "mlp", str(models.mlp(root / "onnx" / "v3.onnx", seed=3)))
+    version = json.loads(hub.cli("models", "show", "mlp", "--json"))["latest_version"]
     with load(agents):
         out = hub.cli(
             "rollout",
             "start",
             "mlp",
-            "3",
+            str(version),
             "--waves",
             "34,100",
             "--traffic",
@@ -291,7 +292,7 @@ def test_traffic_canary_5_to_100_completes_for_a_good_version(fleet) -> None:
     assert (1, 5) in seen and (2, 5) in seen
     texts = [e["text"] for e in s["events"]]
     assert any("answers 50% of requests" in t for t in texts)
-    wait_for(lambda: all(active(a) == 3 for a in agents), 60, "everyone on v3")
+    wait_for(lambda: all(active(a) == version for a in agents), 60, "everyone on v3")
 
 
 def test_traffic_canary_rolls_back_at_5_percent_for_a_higher_error_rate(fleet) -> None:
