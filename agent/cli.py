@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from modelfleet.kernel.cli import run_command
-from modelfleet.kernel.commandline import finish
+from modelfleet.kernel.commandline import finish, message_dict
 from modelfleet.kernel.errors import (
     EXIT_NOT_READY,
     InvalidRequestError,
@@ -462,15 +462,13 @@ def _call(fn: Any, request: Any) -> Any:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from modelfleet.protos import agent_pb2
 
     resp = _call(_admin_stub(args).Status, agent_pb2.StatusRequest())
     # Scripts and probes branch on readiness alone: the same verdict as ServerReady.
     code = 0 if resp.ready else EXIT_NOT_READY
     if args.json:
-        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        print(json.dumps(message_dict(resp), indent=2))
         return code
     verdict = "READY" if resp.ready else "NOT READY"
     if not resp.ready:

@@ -50,6 +50,7 @@ from modelfleet.kernel.identity import (
     write_private_key,
 )
 from modelfleet.kernel.jobs import JobSpec
+from modelfleet.kernel.reports import report_to_proto
 from modelfleet.kernel.runtime import RuntimeOptions
 from modelfleet.protos import fleet_pb2 as pb
 from tests.test_tuf import FakeHub
@@ -447,8 +448,8 @@ def test_every_message_field_has_a_domain_counterpart(message: type, domain: typ
 
 def test_conversion_carries_every_field() -> None:
     model = ModelReport("m", 2, 1, 3, 4, 2, True, "outputs", "nan in y", "slow", "gate")
-    report = AgentReport([model], "e", 9, 10, 11, "1.2", "10.0.0.1:8001", 12.5)
-    wire = MessageToDict(convert.agent_report(report), preserving_proto_field_name=True)
+    report = AgentReport((model,), "e", 9, 10, 11, "1.2", "10.0.0.1:8001", 12.5)
+    wire = MessageToDict(report_to_proto(report), preserving_proto_field_name=True)
     assert wire["models"] == [
         {k: v for k, v in dataclasses.asdict(model).items()}
         | {"active_version": "2", "previous_version": "1", "loading_version": "3"}

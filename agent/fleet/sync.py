@@ -636,7 +636,7 @@ class FleetSync:
                     )
                 )
         return AgentReport(
-            models=models,
+            models=tuple(models),
             # A failing renewal stays visible until one succeeds, whatever else clears.
             last_error=self.last_error or self.renew_error,
             desired_revision=self.revision,
