@@ -108,7 +108,7 @@ def compare(agent: AgentProcess, *args: str) -> None:
 def shadow_counts(agent: AgentProcess) -> dict:
     r = agent.cli("status", "--json")
     (m,) = [m for m in json.loads(r.stdout)["models"] if m["name"] == "m"]
-    return m.get("comparison", {})
+    return m.get("comparison") or {}
 
 
 def shadow_cost(report: Report, root: Path) -> None:
