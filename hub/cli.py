@@ -398,6 +398,53 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: refused)",
     )
     rs.add_argument(
+        "--traffic",
+        metavar="STEPS",
+        default=None,
+        help="traffic canary: in each wave, the percent of requests the new version answers, "
+        "step by step, baking and judging between steps; increasing, ending at 100, e.g. "
+        "5,25,50,100 (default: none: a wave switches its agents at once)",
+    )
+    rs.add_argument(
+        "--rate-base",
+        metavar="N",
+        type=float,
+        default=0.0,
+        help="pacing: agents assigned in the first minute; batch k (one a minute) takes "
+        "N * F^k agents (default: %(default)g: no pacing, a wave assigns all at once)",
+    )
+    rs.add_argument(
+        "--rate-factor",
+        metavar="F",
+        type=float,
+        default=2.0,
+        help="pacing: how much the rate grows each minute, >= 1 (default: %(default)g)",
+    )
+    rs.add_argument(
+        "--rate-max",
+        metavar="M",
+        type=float,
+        default=0.0,
+        help="pacing: at most M agents a minute (default: %(default)g: no maximum)",
+    )
+    rs.add_argument(
+        "--abort-failed-pct",
+        metavar="P",
+        type=float,
+        default=0.0,
+        help="roll back when more than P percent of the agents resolved so far failed "
+        "(refused the version or timed out); replaces --max-failed-agents (default: "
+        "%(default)g: off)",
+    )
+    rs.add_argument(
+        "--abort-min-agents",
+        metavar="K",
+        type=int,
+        default=1,
+        help="with --abort-failed-pct: judge the share once at least K agents are resolved "
+        "(default: %(default)s)",
+    )
+    rs.add_argument(
         "--wait",
         action="store_true",
         help="watch the rollout until it ends or needs an operator; the exit code says how "
@@ -451,10 +498,20 @@ def build_parser() -> argparse.ArgumentParser:
         ("promote", "assign all remaining agents at once (blue-green: switch)"),
         ("rollback", "return every agent of the rollout to its previous version"),
     ):
-        rsub.add_parser(action, help=what).add_argument("name", help="model name")
+        ctl = rsub.add_parser(action, help=what)
+        ctl.add_argument("name", help="model name")
+        if action == "rollback":
+            ctl.add_argument(
+                "--now",
+                action="store_true",
+                help="end the rollout at once, rolled back, without waiting for the agents to "
+                "confirm (traffic canary: every split to 0%%) (default: wait for them)",
+            )
     rh = rsub.add_parser("history", help="every rollout of a model, newest last")
     rh.add_argument("name", help="model name")
     _add_json(rh)
+
+    _add_experiment_commands(sub)
 
     jobs = sub.add_parser("jobs", help="scheduled batch scoring on agents")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
@@ -525,6 +582,97 @@ def build_parser() -> argparse.ArgumentParser:
     _add_state_commands(sub)
     add_alert_commands(sub, _duration, _add_json, _labels)
     return finish(p)
+
+
+def _percent(text: str) -> float:
+    try:
+        return float(text.strip().rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid percent {text!r}: use a number, e.g. 10 or 0.5"
+        ) from None
+
+
+def _add_experiment_commands(sub: Any) -> None:
+    ex = sub.add_parser(
+        "experiment", help="compare a candidate with the running version on live traffic"
+    )
+    xsub = ex.add_subparsers(dest="experiment_command", required=True)
+    xs = xsub.add_parser(
+        "start",
+        help="load a candidate beside the running version and split or shadow traffic to it",
+        description="Start an experiment: the selected agents load --candidate beside the "
+        "version they run and answer --split PCT of the requests with it, or run --shadow PCT "
+        "of them again on it after the response. See docs/operations.md.",
+        epilog="exit codes: 0 started, 2 usage, 3 invalid (share out of range, no agent "
+        "matches), 4 unknown model or version, 7 refused (retired or unsigned version, "
+        "candidate already running, overlapping experiment or rollout)",
+    )
+    xs.add_argument("name", help="model name")
+    xs.add_argument(
+        "--candidate", metavar="V", type=_version, required=True, help="the version to try"
+    )
+    arm = xs.add_mutually_exclusive_group(required=True)
+    arm.add_argument(
+        "--split",
+        metavar="PCT",
+        type=_percent,
+        help="percent of requests the candidate answers, more than 0 and less than 100 "
+        "(default: none; give --split or --shadow)",
+    )
+    arm.add_argument(
+        "--shadow",
+        metavar="PCT",
+        type=_percent,
+        help="percent of requests run again on the candidate after the response, more than 0 "
+        "and at most 100; clients never see its output (default: none)",
+    )
+    xs.add_argument(
+        "--sticky",
+        action="store_true",
+        help="with --split: a request's routing key always reaches the same version "
+        "(default: each request drawn)",
+    )
+    xs.add_argument(
+        "--selector",
+        type=_labels,
+        metavar="K=V[,K=V]",
+        default={},
+        help="k=v[,k=v]: the agents that run the experiment (default: the whole fleet)",
+    )
+    xs.add_argument(
+        "--duration",
+        metavar="DURATION",
+        type=_duration,
+        default=None,
+        help="end the experiment after this long, e.g. 1h (default: until stop or promote)",
+    )
+    _add_json(xs)
+    xl = xsub.add_parser("ls", help="every experiment, running or ended")
+    xl.add_argument("name", nargs="?", default="", help="model name (default: every model)")
+    _add_json(xl)
+    xst = xsub.add_parser("status", help="per arm: requests, errors, latency, divergence")
+    xst.add_argument("name", help="model name")
+    _add_experiment_id(xst)
+    _add_json(xst)
+    for action, what in (
+        ("stop", "end the experiment: agents drop the candidate"),
+        ("promote", "deploy the candidate for the experiment's selector and end it"),
+    ):
+        xc = xsub.add_parser(action, help=what)
+        xc.add_argument("name", help="model name")
+        _add_experiment_id(xc)
+        _add_json(xc)
+
+
+def _add_experiment_id(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--id",
+        metavar="ID",
+        type=int,
+        default=0,
+        help="this experiment of NAME (default: the running one, else the latest)",
+    )
 
 
 def _add_json(parser: argparse.ArgumentParser) -> None:
@@ -1468,6 +1616,9 @@ def cmd_agents(args: argparse.Namespace) -> int:
         labels = ",".join(f"{k}={v}" for k, v in sorted(a.labels.items())) or "-"
         reports = {m.name: m for m in a.report.models}
         desired = {d.name: d.version for d in a.desired}
+        compared = {
+            d.name: d for d in a.desired if d.prepare_version and (d.split_bp or d.shadow_bp)
+        }
         set_by = {d.model: _agent_set_by(d, in_progress) for d in a.desired_by}
         names = sorted(set(reports) | set(desired)) or ["-"]
         for i, name in enumerate(names):
@@ -1492,6 +1643,8 @@ def cmd_agents(args: argparse.Namespace) -> int:
                 f"{(m.active_version or '-') if m else '-'!s:>6}  "
                 f"{set_by.get(name, '-'):<27} {gate}"
             )
+            if name in compared:
+                print(f"{'':<74} {name}: {_comparison(compared[name])}")
         if a.report.last_error:
             print(f"{'':<74} last error: {a.report.last_error}")
         if a.status == "active" and (warning := _cert_warning(a.cert_expires_at)):
@@ -1499,6 +1652,17 @@ def cmd_agents(args: argparse.Namespace) -> int:
     for r in resp.rollouts:
         print(_rollout_line(r))
     return 0
+
+
+def _comparison(d: Any) -> str:
+    """An agent's live comparison of a model: "experiment 3: v2 on 10% of requests"."""
+    if d.split_bp:
+        share = f"v{d.prepare_version} answers {d.split_bp / 100:g}% of requests" + (
+            " (sticky)" if d.sticky else ""
+        )
+    else:
+        share = f"v{d.prepare_version} shadows {d.shadow_bp / 100:g}% of requests"
+    return f"{d.comparison or 'comparison'}: {share}"
 
 
 def _agent_set_by(d: Any, in_progress: set[int]) -> str:
@@ -1707,6 +1871,14 @@ def rollout_dict(status: Any) -> dict[str, Any]:
         "agent_timeout_s": status.agent_timeout_s,
         "auto_switch": status.auto_switch,
         "allow_downgrade": status.allow_downgrade,
+        "traffic": list(status.traffic),
+        "traffic_percent": status.traffic_percent,
+        "queued": status.queued,
+        "rate_base": status.rate_base,
+        "rate_factor": status.rate_factor,
+        "rate_max": status.rate_max,
+        "abort_failed_pct": status.abort_failed_pct,
+        "abort_min_agents": status.abort_min_agents,
     }
 
 
@@ -1763,6 +1935,23 @@ def _render_rollout(status: Any) -> str:
         + (", auto-switch" if d["auto_switch"] else "")
         + (", downgrade allowed" if d["allow_downgrade"] else ""),
     ]
+    if d["traffic"]:
+        steps = ",".join(str(s) for s in d["traffic"])
+        lines.append(
+            f"  traffic canary {steps}: wave {d['wave']} at {d['traffic_percent']}% of its "
+            f"requests on v{d['version']}"
+        )
+    if d["rate_base"] or d["queued"]:
+        cap = f", at most {d['rate_max']:g}/min" if d["rate_max"] else ""
+        lines.append(
+            f"  pacing {d['rate_base']:g} agent(s) in the first minute, x{d['rate_factor']:g} "
+            f"each minute{cap}; {d['queued']} agent(s) queued"
+        )
+    if d["abort_failed_pct"]:
+        lines.append(
+            f"  abort when more than {d['abort_failed_pct']:g}% of the agents failed, after "
+            f"{d['abort_min_agents']} resolved"
+        )
     lines += [f"  warning: {w}" for w in d["warnings"]]
     if d["state"] == "baking":
         lines.append(f"  bake: {d['bake_left_s']:.0f}s left")
@@ -1938,7 +2127,7 @@ def _usage_error(command: str, message: str) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from modelfleet.hub.rollouts import Spec
+    from modelfleet.hub.rollouts import Spec, parse_traffic
     from modelfleet.protos import fleet_pb2 as pb
 
     cmd = args.rollout_command
@@ -1961,6 +2150,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             strategy=args.strategy,
             auto_switch=args.auto_switch,
             allow_downgrade=args.allow_downgrade,
+            traffic=parse_traffic(args.traffic) if args.traffic is not None else [],
+            rate_base=args.rate_base,
+            rate_factor=args.rate_factor,
+            rate_max=args.rate_max,
+            abort_failed_pct=args.abort_failed_pct,
+            abort_min_agents=args.abort_min_agents,
         )
         # The hub checks the same (every client gets it); here it fails before any connection.
         spec.validate()
@@ -1977,6 +2172,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             strategy=spec.strategy,
             auto_switch=spec.auto_switch,
             allow_downgrade=spec.allow_downgrade,
+            traffic=spec.traffic,
+            rate_base=spec.rate_base,
+            rate_factor=spec.rate_factor,
+            rate_max=spec.rate_max,
+            abort_failed_pct=spec.abort_failed_pct,
+            abort_min_agents=spec.abort_min_agents,
         )
         stub = admin_stub(args)
         status = call(stub.StartRollout, req)
@@ -2002,8 +2203,170 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             d = rollout_dict(r)
             print(f"{r.id:>4}  v{r.version:<5} {r.state:<12} agents {d['agents']:<4} {d['reason']}")
         return 0
-    status = call(stub.ControlRollout, pb.ControlRolloutRequest(model=args.name, action=cmd))
+    action = "rollback_now" if cmd == "rollback" and args.now else cmd
+    status = call(stub.ControlRollout, pb.ControlRolloutRequest(model=args.name, action=action))
     print(_render_rollout(status))
+    return 0
+
+
+def experiment_dict(x: Any) -> dict[str, Any]:
+    """An ExperimentStatus as the plain data `experiment status --json` prints."""
+
+    def opt(msg: Any, name: str) -> Any:
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    shadow = None
+    if x.HasField("shadow"):
+        s = x.shadow
+        shadow = {
+            "available": s.available,
+            "note": s.note,
+            "compared": s.compared,
+            "dropped": s.dropped,
+            "shadow_failures": s.shadow_failures,
+            **{
+                k: opt(s, k)
+                for k in (
+                    "top1_agreement",
+                    "abs_diff_p50",
+                    "abs_diff_p99",
+                    "rel_diff_p99",
+                    "js_p99",
+                    "shadow_latency_p99_ms",
+                )
+            },
+        }
+    return {
+        "id": x.id,
+        "model": x.model,
+        "candidate": x.candidate,
+        "selector": dict(x.selector),
+        "mode": x.mode,
+        "share_percent": x.share_percent,
+        "sticky": x.sticky,
+        "duration_s": x.duration_s,
+        "state": x.state,
+        "created_at": x.created_at,
+        "ends_at": x.ends_at,
+        "finished_at": x.finished_at,
+        "reason": x.reason,
+        "actor": x.actor,
+        "arms": [
+            {
+                "arm": a.arm,
+                "version": a.version,
+                "requests": a.requests,
+                "failures": a.failures,
+                "error_rate": a.error_rate,
+                "p50_ms": opt(a, "p50_ms"),
+                "p95_ms": opt(a, "p95_ms"),
+                "p99_ms": opt(a, "p99_ms"),
+                "agents": a.agents,
+            }
+            for a in x.arms
+        ],
+        "shadow": shadow,
+        "verdict": x.verdict,
+        "agents_in": list(x.agents_in),
+        "agents_out": list(x.agents_out),
+        "since": x.since,
+        "until": x.until,
+        "events": [{"at": e.at, "text": e.text} for e in x.events],
+    }
+
+
+def _experiment_line(d: dict[str, Any]) -> str:
+    where = ",".join(f"{k}={v}" for k, v in sorted(d["selector"].items())) or "whole fleet"
+    share = f"{d['mode']} {d['share_percent']:g}%" + (", sticky" if d["sticky"] else "")
+    return (
+        f"{d['id']:>4}  {d['model']:<12} v{d['candidate']:<5} {share:<20} {d['state']:<9} {where}"
+    )
+
+
+def _render_experiment(x: Any) -> str:
+    d = experiment_dict(x)
+    share = f"{d['mode']} {d['share_percent']:g}%" + (", sticky" if d["sticky"] else "")
+    where = ",".join(f"{k}={v}" for k, v in sorted(d["selector"].items())) or "whole fleet"
+    lines = [
+        f"experiment {d['id']}: {d['model']} v{d['candidate']} ({share})  state "
+        f"{d['state'].upper()}" + (f"  ({d['reason']})" if d["reason"] else ""),
+        f"  selector {where}; {len(d['agents_in'])} agent(s) in the experiment"
+        + (f", {len(d['agents_out'])} out (a newer deployment decides)" if d["agents_out"] else ""),
+        f"  window {_hms(d['since'])}-{_hms(d['until'])} ({d['until'] - d['since']:.0f}s)"
+        + (f"; ends {_hms(d['ends_at'])}" if d["ends_at"] and d["state"] == "running" else ""),
+        f"    {'ARM':<10} {'VERSION':>7} {'REQUESTS':>9} {'ERRORS':>7} {'ERROR RATE':>10} "
+        f"{'P50 MS':>8} {'P95 MS':>8} {'P99 MS':>8} {'AGENTS':>6}",
+    ]
+    for a in d["arms"]:
+        lines.append(
+            f"    {a['arm']:<10} {_vcell(a['version']):>7} {a['requests']:>9} "
+            f"{a['failures']:>7} {a['error_rate']:>10.4f} {_fig(a['p50_ms']):>8} "
+            f"{_fig(a['p95_ms']):>8} {_fig(a['p99_ms']):>8} {a['agents']:>6}"
+        )
+    s = d["shadow"]
+    if s is not None:
+        if not s["available"]:
+            lines.append(f"  shadow: {s['note']}")
+        else:
+            lines.append(
+                f"  shadow v{d['candidate']}: {s['compared']} compared, {s['dropped']} dropped, "
+                f"{s['shadow_failures']} failed; top-1 agreement {_fig(s['top1_agreement'])}, "
+                f"|diff| p50 {_fig(s['abs_diff_p50'])} p99 {_fig(s['abs_diff_p99'])}, "
+                f"rel diff p99 {_fig(s['rel_diff_p99'])}, JS p99 {_fig(s['js_p99'])}, "
+                f"shadow latency p99 {_fig(s['shadow_latency_p99_ms'])} ms"
+                + (f" ({s['note']})" if s["note"] else "")
+            )
+    lines.append(f"  verdict: {d['verdict']}")
+    for e in d["events"][-6:]:
+        lines.append(f"  {_hms(e['at'])}  {e['text']}")
+    return "\n".join(lines)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from modelfleet.protos import fleet_pb2 as pb
+
+    cmd = args.experiment_command
+    stub = admin_stub(args)
+    if cmd == "ls":
+        resp = call(stub.ListExperiments, pb.ListExperimentsRequest(model=args.name))
+        if args.json:
+            _print_json([experiment_dict(x) for x in resp.experiments])
+            return 0
+        print(f"{'ID':>4}  {'MODEL':<12} {'CAND.':<6} {'SHARE':<20} {'STATE':<9} SELECTOR")
+        for x in resp.experiments:
+            print(_experiment_line(experiment_dict(x)))
+        return 0
+    if cmd == "start":
+        if args.sticky and args.split is None:
+            print(
+                "modelfleet-hub experiment start: error: --sticky needs --split",
+                file=sys.stderr,
+            )
+            return 2
+        req = pb.StartExperimentRequest(
+            model=args.name,
+            candidate=args.candidate,
+            selector=args.selector,
+            split_percent=args.split or 0.0,
+            sticky=args.sticky,
+            shadow_percent=args.shadow or 0.0,
+            duration_s=args.duration or 0.0,
+        )
+        # A share of 0 reads as "not given" on the wire: refuse it here, by its flag.
+        for flag, value in (("split", args.split), ("shadow", args.shadow)):
+            if value is not None and value <= 0:
+                raise InvalidRequestError(
+                    f"--{flag} {value:g} is out of range: more than 0 percent is needed"
+                )
+        x = call(stub.StartExperiment, req)
+    elif cmd == "status":
+        x = call(stub.GetExperiment, pb.GetExperimentRequest(model=args.name, id=args.id))
+    else:
+        x = call(
+            stub.ControlExperiment,
+            pb.ControlExperimentRequest(model=args.name, id=args.id, action=cmd),
+        )
+    print(json.dumps(experiment_dict(x)) if args.json else _render_experiment(x))
     return 0
 
 
@@ -2355,6 +2718,7 @@ def _run(argv: list[str] | None) -> int:
         "deployments": cmd_deployments,
         "agents": cmd_agents,
         "rollout": cmd_rollout,
+        "experiment": cmd_experiment,
         "jobs": cmd_jobs,
         "metrics": cmd_metrics,
         "backup": cmd_backup,

@@ -19,6 +19,7 @@ from modelfleet.hub.deployments import (
     DesiredChange,
     RolloutView,
 )
+from modelfleet.hub.experiments import ExperimentStatus
 from modelfleet.hub.jobs import Job
 from modelfleet.hub.registry import DeploymentRow, Desired, VersionRow
 from modelfleet.hub.rollouts import AgentFacts
@@ -102,6 +103,14 @@ def rollout_to_proto(
         agent_timeout_s=d["agent_timeout_s"],
         auto_switch=d["auto_switch"],
         allow_downgrade=d["allow_downgrade"],
+        traffic=d["traffic"],
+        traffic_percent=d["traffic_percent"],
+        queued=d["queued"],
+        rate_base=d["rate_base"],
+        rate_factor=d["rate_factor"],
+        rate_max=d["rate_max"],
+        abort_failed_pct=d["abort_failed_pct"],
+        abort_min_agents=d["abort_min_agents"],
     )
     ev = d["last_evaluation"]
     if ev:
@@ -284,6 +293,65 @@ def deployment_view_to_proto(v: DeploymentView) -> pb.DeploymentInfo:
         deciding=v.deciding,
         per_agent=v.per_agent,
     )
+
+
+def experiment_to_proto(st: ExperimentStatus) -> pb.ExperimentStatus:
+    """An experiment with its arms (``status`` from :meth:`Experiments.status`)."""
+    e = st.experiment
+    out = pb.ExperimentStatus(
+        id=e.id,
+        model=e.model,
+        candidate=e.candidate,
+        selector=e.selector,
+        mode=e.mode,
+        share_percent=e.share_bp / 100,
+        sticky=e.sticky,
+        duration_s=e.duration_s,
+        state=e.state,
+        created_at=e.created_at,
+        ends_at=e.ends_at,
+        finished_at=e.finished_at,
+        reason=e.reason,
+        actor=e.actor,
+        arms=[
+            pb.ExperimentArm(
+                arm=a.arm,
+                version=a.version,
+                requests=a.requests,
+                failures=a.failures,
+                error_rate=a.error_rate,
+                p50_ms=a.p50_ms,
+                p95_ms=a.p95_ms,
+                p99_ms=a.p99_ms,
+                agents=a.agents,
+            )
+            for a in st.arms
+        ],
+        verdict=st.verdict,
+        agents_in=st.agents_in,
+        agents_out=st.agents_out,
+        since=st.since,
+        until=st.until,
+        events=[pb.RolloutEvent(at=x["at"], text=x["text"]) for x in e.events[-20:]],
+    )
+    if st.shadow is not None:
+        s = st.shadow
+        out.shadow.CopyFrom(
+            pb.ShadowDivergence(
+                available=s.available,
+                note=s.note,
+                compared=s.compared,
+                dropped=s.dropped,
+                shadow_failures=s.shadow_failures,
+                top1_agreement=s.top1_agreement,
+                abs_diff_p50=s.abs_diff_p50,
+                abs_diff_p99=s.abs_diff_p99,
+                rel_diff_p99=s.rel_diff_p99,
+                js_p99=s.js_p99,
+                shadow_latency_p99_ms=s.shadow_latency_p99_ms,
+            )
+        )
+    return out
 
 
 def rollout_view_to_proto(r: RolloutView) -> pb.RolloutInProgress:

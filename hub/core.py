@@ -257,6 +257,12 @@ class HubCore:
         self.deployments = Deployments(
             self.registry, self.notify_changed, self.rollouts.active, clock=clock
         )
+        from modelfleet.hub.experiments import Experiments
+
+        # Durable: running experiments are rows; their duration timer is a saved end time.
+        self.experiments = Experiments(
+            self.registry, self.notify_changed, self.rollouts.active, self.telemetry, clock=clock
+        )
         # Set once the servers are bound: what tokens and enrollments hand out.
         self.advertise = cfg.listen
         self.advertise_enroll = cfg.enroll_address()

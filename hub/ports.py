@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # types only: importing a port must not load an adapter (Duck
     from modelfleet.hub.alert_manager import Event, QueuedNotification, WebhookRow
     from modelfleet.hub.alerts import AlertState, Rule, Transition
     from modelfleet.hub.registry import AgentRow, DeploymentRow, Desired, JobRow, VersionRow
-    from modelfleet.hub.telemetry import IngestCounters, WindowStats
+    from modelfleet.hub.telemetry import IngestCounters, ShadowStats, WindowStats
     from modelfleet.hub.webhooks import Outcome
     from modelfleet.kernel.jobs import JobRun, JobSpec
     from modelfleet.kernel.reports import AgentReport
@@ -132,6 +132,11 @@ class RegistryPort(Protocol):
     def rollouts(
         self, model: str | None = None, states: Sequence[str] = ()
     ) -> list[dict[str, Any]]: ...
+    def create_experiment(self, model: str, data: Mapping[str, Any]) -> int: ...
+    def save_experiment(self, experiment_id: int, state: str, data: Mapping[str, Any]) -> None: ...
+    def experiments(
+        self, model: str | None = None, states: Sequence[str] = ()
+    ) -> list[dict[str, Any]]: ...
     def revision(self) -> int: ...
     def desired_for(self, labels: Mapping[str, str], agent_id: str = "") -> list[Desired]: ...
     def decided_for(
@@ -167,6 +172,16 @@ class TelemetryStorePort(Protocol):
         since: float,
         until: float,
     ) -> list[WindowStats]: ...
+    def shadow_window(
+        self,
+        model: str,
+        version: int,
+        agents: Collection[str] | None = None,
+        since: float = ...,
+        until: float = ...,
+        *,
+        shadow_version: int | None = None,
+    ) -> ShadowStats: ...
     def reporting_agents(self, within_s: float = ...) -> dict[tuple[str, int], int]: ...
     def stored_reports(self, agent_id: str | None = None) -> int: ...
     def prune(self) -> int: ...

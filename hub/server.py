@@ -20,6 +20,7 @@ from modelfleet.hub.convert import (
     deployment_to_proto,
     deployment_view_to_proto,
     desired_to_proto,
+    experiment_to_proto,
     job_run_to_proto,
     job_runs_from_reports,
     job_spec_from_proto,
@@ -227,6 +228,12 @@ class RolloutServicerMixin:
             strategy=request.strategy or "canary",
             auto_switch=request.auto_switch,
             allow_downgrade=request.allow_downgrade,
+            traffic=list(request.traffic),
+            rate_base=request.rate_base,
+            rate_factor=request.rate_factor or 2.0,
+            rate_max=request.rate_max,
+            abort_failed_pct=request.abort_failed_pct,
+            abort_min_agents=request.abort_min_agents or 1,
         )
         r = await self.core.rollouts.start(spec)
         return rollout_to_proto(r, time.time(), self.core.rollouts.facts(r))
@@ -250,6 +257,56 @@ class RolloutServicerMixin:
         return pb.RolloutHistoryResponse(
             rollouts=[rollout_to_proto(r, now) for r in self.core.rollouts.history(request.model)]
         )
+
+
+class ExperimentServicerMixin:
+    """HubAdmin's experiment methods; the core is hub.experiments (HubCore.experiments)."""
+
+    core: HubCore
+
+    @unary
+    async def StartExperiment(self, request, context):
+        actor = caller(context, "admin")
+        x = self.core.experiments
+        e = await x.start(
+            request.model,
+            request.candidate,
+            dict(request.selector),
+            split_percent=request.split_percent,
+            shadow_percent=request.shadow_percent,
+            sticky=request.sticky,
+            duration_s=request.duration_s,
+            actor=actor,
+        )
+        return experiment_to_proto(x.status(e))
+
+    @unary
+    async def GetExperiment(self, request, context):
+        caller(context, "admin")
+        x = self.core.experiments
+        return experiment_to_proto(x.status(x.get(request.model, request.id)))
+
+    @unary
+    async def ListExperiments(self, request, context):
+        caller(context, "admin")
+        x = self.core.experiments
+        return pb.ListExperimentsResponse(
+            experiments=[experiment_to_proto(x.status(e)) for e in x.ls(request.model)]
+        )
+
+    @unary
+    async def ControlExperiment(self, request, context):
+        actor = caller(context, "admin")
+        x = self.core.experiments
+        if request.action == "stop":
+            e = await x.stop(request.model, request.id, actor)
+        elif request.action == "promote":
+            e = await x.promote(request.model, request.id, actor)
+        else:
+            raise InvalidRequestError(
+                f"unknown experiment action {request.action!r} (stop or promote)"
+            )
+        return experiment_to_proto(x.status(e))
 
 
 class DeploymentServicerMixin:
@@ -350,6 +407,7 @@ class AdminServicer(
     BackupServicerMixin,
     JobServicerMixin,
     RolloutServicerMixin,
+    ExperimentServicerMixin,
     DeploymentServicerMixin,
     pb_grpc.HubAdminServicer,
 ):

@@ -441,6 +441,26 @@ class HubAdminStub:
                 request_serializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryRequest.SerializeToString,
                 response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryResponse.FromString,
                 _registered_method=True)
+        self.StartExperiment = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/StartExperiment',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.StartExperimentRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.FromString,
+                _registered_method=True)
+        self.GetExperiment = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/GetExperiment',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.GetExperimentRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.FromString,
+                _registered_method=True)
+        self.ListExperiments = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ListExperiments',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListExperimentsRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListExperimentsResponse.FromString,
+                _registered_method=True)
+        self.ControlExperiment = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ControlExperiment',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ControlExperimentRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.FromString,
+                _registered_method=True)
         self.CreateJob = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/CreateJob',
                 request_serializer=modelfleet_dot_protos_dot_fleet__pb2.CreateJobRequest.SerializeToString,
@@ -585,6 +605,32 @@ class HubAdminServicer:
 
     def RolloutHistory(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartExperiment(self, request, context):
+        """Experiments: a candidate against the running version on live traffic (split or shadow).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExperiment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExperiments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControlExperiment(self, request, context):
+        """stop or promote.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -738,6 +784,26 @@ def add_HubAdminServicer_to_server(servicer, server):
                     servicer.RolloutHistory,
                     request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryRequest.FromString,
                     response_serializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryResponse.SerializeToString,
+            ),
+            'StartExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartExperiment,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.StartExperimentRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.SerializeToString,
+            ),
+            'GetExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperiment,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.GetExperimentRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.SerializeToString,
+            ),
+            'ListExperiments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExperiments,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListExperimentsRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListExperimentsResponse.SerializeToString,
+            ),
+            'ControlExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControlExperiment,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ControlExperimentRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.SerializeToString,
             ),
             'CreateJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateJob,
@@ -1173,6 +1239,114 @@ class HubAdmin:
             '/modelfleet.fleet.v1.HubAdmin/RolloutHistory',
             modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryRequest.SerializeToString,
             modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/StartExperiment',
+            modelfleet_dot_protos_dot_fleet__pb2.StartExperimentRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/GetExperiment',
+            modelfleet_dot_protos_dot_fleet__pb2.GetExperimentRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExperiments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ListExperiments',
+            modelfleet_dot_protos_dot_fleet__pb2.ListExperimentsRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListExperimentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControlExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ControlExperiment',
+            modelfleet_dot_protos_dot_fleet__pb2.ControlExperimentRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.FromString,
             options,
             channel_credentials,
             insecure,

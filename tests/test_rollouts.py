@@ -360,6 +360,14 @@ def test_rollout_status_is_typed_on_the_wire_and_round_trips() -> None:
         "agent_timeout_s": 600.0,
         "auto_switch": False,
         "allow_downgrade": True,
+        "traffic": [5, 50, 100],
+        "traffic_percent": 50,
+        "queued": 2,
+        "rate_base": 2.0,
+        "rate_factor": 1.5,
+        "rate_max": 8.0,
+        "abort_failed_pct": 10.0,
+        "abort_min_agents": 3,
     }
     evaluation = summary["last_evaluation"]
     assert isinstance(evaluation, dict)
