@@ -185,7 +185,7 @@ def top_categories(values: np.ndarray, top_k: int) -> tuple[Category, ...]:
         keep = np.array([v for v in values if v is not None and v == v], dtype=object)
         uniq, counts = np.unique(keep.astype(str), return_counts=True)
     else:
-        keep = values[~np.isnan(values)] if values.dtype.kind == "f" else values
+        keep = values[np.isfinite(values)] if values.dtype.kind == "f" else values
         uniq, counts = np.unique(keep, return_counts=True)
     order = np.lexsort((np.arange(len(uniq)), -counts))[:top_k]
     return tuple(_category(uniq[i]) for i in order)
@@ -203,7 +203,12 @@ def _is_categorical(values: np.ndarray, top_k: int) -> bool:
         return True
     if kind in "iub":
         return len(np.unique(values)) <= top_k
-    return False
+    # Codes stored as floats (a model input is often FP32 throughout): categories too, so a code
+    # never seen in the reference counts as "other" instead of landing in an outer bin.
+    finite = values[np.isfinite(values)]
+    if finite.size == 0 or not np.all(finite == np.round(finite)):
+        return False
+    return len(np.unique(finite)) <= top_k
 
 
 def build_tensor_ref(
