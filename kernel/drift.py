@@ -419,10 +419,11 @@ def parse_reference(data: Any) -> Reference:
 class TensorBinner:
     """Bins rows of one tensor against its reference; vectorised over rows and features.
 
-    Numeric features are compared with all their edges at once (a [rows, features, edges]
-    broadcast, edge lists padded with NaN, which compares false): for the ten-odd edges a
-    feature has this is one numpy pass instead of a ``searchsorted`` per feature, which matters
-    at a handful of rows per call. Wider edge lists fall back to ``np.searchsorted`` per feature.
+    Numeric features are binned all at once: the bin index is the number of edges a value is
+    at or above, summed edge by edge over the whole [rows, features] block (edge lists padded
+    with NaN, which compares false). For the ten-odd edges a feature has, that is ten numpy
+    passes instead of one ``searchsorted`` call per feature, which dominates at a few hundred
+    rows; longer edge lists use ``np.searchsorted`` per feature.
     """
 
     def __init__(self, ref: TensorRef) -> None:
@@ -442,6 +443,7 @@ class TensorBinner:
         self.num_base = self.offsets[self.numeric]
         self.num_missing = self.offsets[self.numeric + 1] - 1
         self.broadcast = m <= 32
+        self._edge_cols = [np.ascontiguousarray(self.edges[:, j]) for j in range(m)]
         self.cat_maps = [
             {c: k for k, c in enumerate(feats[i].categories)} for i in self.categorical
         ]
@@ -481,8 +483,9 @@ class TensorBinner:
             if x.dtype.kind not in "fiub":
                 x = x.astype(np.float64)
             if self.broadcast:
-                with np.errstate(invalid="ignore"):
-                    idx = (x[:, :, None] >= self.edges[None, :, :]).sum(axis=2)
+                idx = np.zeros(x.shape, dtype=np.int64)
+                for col in self._edge_cols:
+                    idx += x >= col
             else:
                 idx = np.column_stack(
                     [
@@ -631,8 +634,10 @@ class WindowCounts:
 @dataclass
 class _Buffer:
     binner: TensorBinner
-    data: np.ndarray
-    used: int = 0
+    summary: bool
+    width: int  # values per row a columns tensor must have
+    pending: list[np.ndarray] = field(default_factory=list)
+    pending_rows: int = 0
     rows: int = 0
     counts: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
@@ -640,10 +645,10 @@ class _Buffer:
 class DriftWindow:
     """Accumulates live rows of a model version's inputs and outputs for one window at a time.
 
-    ``add`` copies the rows' features into a per-tensor buffer (a few hundred rows) and bins a
-    full buffer at once, so the per-request cost is one small copy; ``snapshot`` bins what is
-    buffered, returns the window's counts and starts the next window. Thread-safe. Sampling is
-    the caller's: add only the requests it picked.
+    ``add`` keeps a copy of the request's rows (a wide tensor's summary instead of its values)
+    and bins them a few hundred rows at a time, so the per-request cost is a small copy and a
+    list append; ``snapshot`` bins what is pending, returns the window's counts and starts the
+    next window. Thread-safe. Sampling is the caller's: add only the requests it picked.
     """
 
     def __init__(self, reference: Reference, *, buffer_rows: int = 256) -> None:
@@ -653,39 +658,49 @@ class DriftWindow:
         self._bufs: dict[str, _Buffer] = {}
         for t in reference.tensors:
             binner = TensorBinner(t)
-            is_strings = any(isinstance(c, str) for f in t.features for c in f.categories)
-            dtype: Any = object if is_strings else np.float64
             self._bufs[t.tensor] = _Buffer(
                 binner,
-                np.empty((buffer_rows, binner.width), dtype=dtype),
+                t.reduction == "summary",
+                binner.width,
                 counts=np.zeros(binner.total, dtype=np.int64),
             )
         self._offered = 0
 
     def add(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Count the rows of one request or batch; tensors the reference lacks are ignored."""
+        """Count the rows of one request or batch; tensors the reference lacks are ignored.
+
+        A columns tensor whose values per row differ from the reference's raises BundleError
+        here, not later in another request's flush.
+        """
+        bufs = self._bufs
         with self._lock:
             self._offered += 1
             for name, arr in arrays.items():
-                buf = self._bufs.get(name)
+                buf = bufs.get(name)
                 if buf is None:
                     continue
-                feats = buf.binner.features(arr)
-                n = feats.shape[0]
+                n = arr.shape[0] if arr.ndim else 1
+                if buf.summary:
+                    # A summary row is a dozen values: keep those, never a wide tensor.
+                    buf.pending.append(buf.binner.features(arr))
+                else:
+                    if arr.size != n * buf.width:
+                        buf.binner.features(arr)  # raises, naming the tensor and both widths
+                    # A copy: the caller's buffers may be reused once the request is answered.
+                    buf.pending.append(arr.reshape(n, buf.width).copy())
                 buf.rows += n
-                if n > self.buffer_rows:
-                    buf.counts += buf.binner.count_flat(feats)
-                    continue
-                if buf.used + n > self.buffer_rows:
+                buf.pending_rows += n
+                if buf.pending_rows >= self.buffer_rows:
                     self._flush(buf)
-                buf.data[buf.used : buf.used + n] = feats
-                buf.used += n
 
     @staticmethod
     def _flush(buf: _Buffer) -> None:
-        if buf.used:
-            buf.counts += buf.binner.count_flat(buf.data[: buf.used])
-            buf.used = 0
+        if not buf.pending:
+            return
+        parts = buf.pending
+        block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        buf.counts += buf.binner.count_flat(block)
+        buf.pending, buf.pending_rows = [], 0
 
     def snapshot(self) -> WindowCounts:
         """The window so far, and a fresh one from now on."""
