@@ -216,3 +216,17 @@ def test_parse_reference_refuses_what_it_cannot_trust(change, message) -> None:
     with pytest.raises(BundleError, match=message) as info:
         parse_reference(data)
     assert str(info.value).startswith("reference.json: ")
+
+
+def test_float32_rows_bin_exactly_as_float64_at_the_edges() -> None:
+    # Edges are float64 quantiles; float32 rows are compared with edges rounded up to float32,
+    # which must not move a value that sits on or next to an edge into another bin.
+    data = np.random.default_rng(4).standard_normal((1000, 3)).astype(np.float32)
+    binner = TensorBinner(build_tensor_ref("x", "input", data, width=3))
+    edges = np.array(binner.ref.features[0].edges)
+    near = edges.astype(np.float32)
+    values = np.concatenate(
+        [near, np.nextafter(near, np.float32(-np.inf)), np.nextafter(near, np.float32(np.inf))]
+    )
+    rows = np.tile(values[:, None], (1, 3))
+    assert binner.count_flat(rows).tolist() == binner.count_flat(rows.astype(np.float64)).tolist()
