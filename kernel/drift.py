@@ -406,9 +406,7 @@ def parse_reference(data: Any) -> Reference:
             if f.name in seen:
                 raise _err(where, f"feature name {f.name!r} is used twice")
             seen.add(f.name)
-        tensors.append(
-            TensorRef(name, role, reduction, width, feats, seed, dims)  # type: ignore[arg-type]  # role/reduction checked against the Literal values above
-        )
+        tensors.append(TensorRef(name, role, reduction, width, feats, seed, dims))
     return Reference(rows, tuple(tensors), bins, top_k, source)
 
 

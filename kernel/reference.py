@@ -93,8 +93,8 @@ def _column_array(table: Any, column: str, rows: int, width: int, where: str) ->
         per_row = len(values) // rows if rows else 0
         if per_row * rows != len(values):
             raise BundleError(f"{where}: list column {column!r} has rows of different lengths")
-        return arr.reshape(rows, per_row)
-    return col.to_numpy(zero_copy_only=False).reshape(rows, 1)
+        return np.asarray(arr).reshape(rows, per_row)
+    return np.asarray(col.to_numpy(zero_copy_only=False)).reshape(rows, 1)
 
 
 def _cast(arr: np.ndarray, spec: Any, where: str, what: str) -> np.ndarray:
