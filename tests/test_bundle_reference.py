@@ -265,3 +265,26 @@ def test_bundle_create_and_inspect_with_a_reference_through_the_cli(tmp_path: Pa
     )
     assert r.returncode == 3 and "strictly increasing" in r.stderr and str(bad) in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_hub_verifies_the_reference_of_an_upload(tmp_path: Path) -> None:
+    from tests.test_backup import close, make_core
+
+    bundle = with_reference(tmp_path)
+    good = tmp_path / "good.tar"
+    pack_bundle(bundle.path, good)
+    blob = bytearray(good.read_bytes())
+    at = blob.index(b'"counts"', blob.index(b'"tensors"'))
+    digit = blob.index(b"1", at)
+    blob[digit : digit + 1] = b"2"
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(blob))
+    core = make_core(tmp_path / "hub")
+    try:
+        header = {"name": "mlp", "version": 1}
+        with pytest.raises(BundleError, match=r"reference\.json sha256"):
+            core.verify_upload(header, bad)
+        verified = core.verify_upload(header, good)
+        assert verified["manifest"]["reference"]["sha256"] == bundle.manifest.reference.sha256
+    finally:
+        close(core)
