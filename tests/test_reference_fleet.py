@@ -1,0 +1,35 @@
+"""A bundle with reference statistics through the whole fleet path, as real processes:
+`modelfleet-hub publish --reference`, TUF signing, the agent's streamed download and unpack of a
+four-member archive, verification, serving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from modelfleet.kernel.bundle import REFERENCE_FILE, load_bundle
+from tests.procs import wait_for
+from tests.test_fleet import active, fleet, infer_version  # noqa: F401  (fleet: the fixture)
+
+
+def test_published_reference_reaches_the_agent_signed(fleet, tmp_path: Path) -> None:  # noqa: F811
+    hub = fleet.hub()
+    agent = fleet.agent(hub, "edge-1", "site=berlin")
+    rows = np.random.default_rng(0).standard_normal((800, 4)).astype(np.float32)
+    ref = tmp_path / "ref.parquet"
+    pq.write_table(pa.table({f"x[{i}]": rows[:, i] for i in range(4)}), ref)
+    out = hub.cli(
+        "publish", "mlp", str(fleet.model(0)), "--reference", str(ref), "--reference-bins", "8"
+    )
+    assert "published mlp v1" in out
+    hub.cli("deploy", "mlp", "1")
+    wait_for(lambda: active(agent) == 1, 60, "v1 with its reference")
+    assert infer_version(agent) == "1"
+    cached = load_bundle(agent.models / "cache" / "bundles" / "mlp" / "1")
+    assert (cached.path / REFERENCE_FILE).is_file()
+    reference = cached.reference()
+    assert reference is not None and reference.rows == 800 and reference.bins == 8
+    assert [t.tensor for t in reference.tensors] == ["x", "y"]
