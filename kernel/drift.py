@@ -452,6 +452,19 @@ class TensorBinner:
         self.cat_maps = [
             {c: k for k, c in enumerate(feats[i].categories)} for i in self.categorical
         ]
+        # Integer categories of numeric rows are matched all at once too: a [rows, features,
+        # categories] equality (padding NaN never matches); strings go through the dicts above.
+        self.code_feats = np.array(
+            [i for i in self.categorical if all(isinstance(c, int) for c in feats[i].categories)],
+            dtype=np.int64,
+        )
+        kmax = max((len(feats[i].categories) for i in self.code_feats), default=0)
+        self.codes = np.full((len(self.code_feats), max(kmax, 1)), np.nan)
+        for row, i in enumerate(self.code_feats):
+            self.codes[row, : len(feats[i].categories)] = feats[i].categories
+        self.code_base = self.offsets[self.code_feats]
+        self.code_other = self.offsets[self.code_feats + 1] - 2
+        self.code_missing = self.offsets[self.code_feats + 1] - 1
         self.projection: npt.NDArray[np.float32] | None = None
         if ref.reduction == "summary" and ref.projection_dims:
             self.projection = projection_matrix(ref.projection_seed, ref.width, ref.projection_dims)
@@ -505,7 +518,19 @@ class TensorBinner:
             if missing.any():
                 pos = np.where(missing, self.num_missing, pos)
             out += np.bincount(pos.ravel(), minlength=self.total)
+        vectorised = len(self.code_feats) > 0 and feats.dtype.kind in "fiub"
+        if vectorised:
+            xc = feats[:, self.code_feats].astype(np.float64)
+            eq = xc[:, :, None] == self.codes[None, :, :]
+            pos = np.where(eq.any(axis=2), eq.argmax(axis=2) + self.code_base, self.code_other)
+            missing = np.isnan(xc)
+            if missing.any():
+                pos = np.where(missing, self.code_missing, pos)
+            out += np.bincount(pos.ravel(), minlength=self.total)
+        done = set(self.code_feats.tolist()) if vectorised else set()
         for ci, k in enumerate(self.categorical):
+            if k in done:
+                continue
             feat = self.ref.features[k]
             base, other = int(self.offsets[k]), int(self.offsets[k]) + len(feat.categories)
             mapping = self.cat_maps[ci]

@@ -288,3 +288,21 @@ def test_the_hub_verifies_the_reference_of_an_upload(tmp_path: Path) -> None:
         assert verified["manifest"]["reference"]["sha256"] == bundle.manifest.reference.sha256
     finally:
         close(core)
+
+
+def test_missing_values_in_the_reference_are_counted_and_an_empty_feature_is_refused(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(6)
+    cols = {f"x[{i}]": rng.standard_normal(600).astype(np.float32) for i in range(WIDTH)}
+    cols["x[1]"][:60] = np.nan
+    pq.write_table(pa.table(cols), tmp_path / "gaps.parquet")
+    bundle = make_mlp_bundle(tmp_path / "repo", 1, reference=tmp_path / "gaps.parquet")
+    reference = bundle.reference()
+    assert reference is not None
+    x1 = reference.tensors[0].features[1]
+    assert x1.counts[-1] == 60 and sum(x1.counts) == 600  # the missing slot
+    cols["x[2]"][:] = np.nan
+    pq.write_table(pa.table(cols), tmp_path / "empty.parquet")
+    with pytest.raises(BundleError, match=r"feature 'x\[2\]' of tensor 'x' has no finite value"):
+        make_mlp_bundle(tmp_path / "repo", 2, reference=tmp_path / "empty.parquet")

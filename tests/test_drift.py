@@ -230,3 +230,20 @@ def test_float32_rows_bin_exactly_as_float64_at_the_edges() -> None:
     )
     rows = np.tile(values[:, None], (1, 3))
     assert binner.count_flat(rows).tolist() == binner.count_flat(rows.astype(np.float64)).tolist()
+
+
+def test_integer_categories_count_the_same_vectorised_and_value_by_value() -> None:
+    rng = np.random.default_rng(8)
+    data = np.column_stack(
+        [rng.integers(0, 6, 700), rng.standard_normal(700), rng.integers(-2, 2, 700)]
+    ).astype(np.float32)
+    binner = TensorBinner(build_tensor_ref("x", "input", data, width=3, top_k=6))
+    assert [f.kind for f in binner.ref.features] == ["categorical", "numeric", "categorical"]
+    live = np.array([[0, 0.1, -2], [5, 1.0, 1], [2.5, np.nan, np.inf], [np.nan, 3.0, 7]])
+    vectorised = binner.count_flat(live)
+    one_by_one = binner.count_flat(live.astype(object))  # object rows take the dict path
+    assert vectorised.tolist() == one_by_one.tolist()
+    (first, _, third) = binner.count(live)
+    # 0 and 5 are categories, 2.5 is other, NaN is missing.
+    assert first[-1] == 1 and first[-2] == 1 and sum(first) == 4
+    assert third[-2] == 2 and sum(third) == 4  # inf and 7 are other
