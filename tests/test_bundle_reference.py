@@ -306,3 +306,19 @@ def test_missing_values_in_the_reference_are_counted_and_an_empty_feature_is_ref
     pq.write_table(pa.table(cols), tmp_path / "empty.parquet")
     with pytest.raises(BundleError, match=r"feature 'x\[2\]' of tensor 'x' has no finite value"):
         make_mlp_bundle(tmp_path / "repo", 2, reference=tmp_path / "empty.parquet")
+
+
+def test_both_command_lines_default_to_the_kernels_bins_and_top_k() -> None:
+    from modelfleet.agent.cli import build_parser as agent_parser
+    from modelfleet.hub.cli import build_parser as hub_parser
+    from modelfleet.kernel.drift import DEFAULT_BINS, DEFAULT_TOP_K
+
+    # The hub's CLI spells the numbers out so that parsing its arguments does not import numpy.
+    hub = hub_parser().parse_args(["publish", "m", "m.onnx"])
+    agent = agent_parser().parse_args(
+        ["bundle", "create", "m.onnx", "--name", "m", "--version", "1", "--samples", "s.npz"]
+        + ["--out", "o"]
+    )
+    for args in (hub, agent):
+        assert (args.reference_bins, args.reference_top_k) == (DEFAULT_BINS, DEFAULT_TOP_K)
+        assert args.reference is None
