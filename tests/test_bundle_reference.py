@@ -315,10 +315,8 @@ def test_both_command_lines_default_to_the_kernels_bins_and_top_k() -> None:
 
     # The hub's CLI spells the numbers out so that parsing its arguments does not import numpy.
     hub = hub_parser().parse_args(["publish", "m", "m.onnx"])
-    agent = agent_parser().parse_args(
-        ["bundle", "create", "m.onnx", "--name", "m", "--version", "1", "--samples", "s.npz"]
-        + ["--out", "o"]
-    )
+    create = ["bundle", "create", "m.onnx", "--name", "m", "--version", "1"]
+    agent = agent_parser().parse_args([*create, "--samples", "s.npz", "--out", "o"])
     for args in (hub, agent):
         assert (args.reference_bins, args.reference_top_k) == (DEFAULT_BINS, DEFAULT_TOP_K)
         assert args.reference is None
