@@ -1,9 +1,12 @@
 """A bundle with reference statistics through the whole fleet path, as real processes:
 `modelfleet-hub publish --reference`, TUF signing, the agent's streamed download and unpack of a
-four-member archive, verification, serving."""
+four-member archive, verification, serving; and a standalone agent that retries a version whose
+reference.json arrived after the rest of it."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,3 +36,31 @@ def test_published_reference_reaches_the_agent_signed(fleet, tmp_path: Path) -> 
     reference = cached.reference()
     assert reference is not None and reference.rows == 800 and reference.bins == 8
     assert [t.tensor for t in reference.tensors] == ["x", "y"]
+
+
+def test_a_version_refused_while_its_reference_was_copied_is_tried_again(
+    tmp_path: Path, agent_factory
+) -> None:
+    from tests.conftest import make_mlp_bundle
+    from tests.test_swap import active_version, status
+
+    repo, staging = tmp_path / "repo", tmp_path / "staging"
+    make_mlp_bundle(repo, 1)
+    agent = agent_factory(repo)
+    agent.wait_model("mlp", "1")
+    rows = np.random.default_rng(1).standard_normal((600, 4)).astype(np.float32)
+    pq.write_table(pa.table({f"x[{i}]": rows[:, i] for i in range(4)}), tmp_path / "r.parquet")
+    v2 = make_mlp_bundle(staging, 2, seed=3, reference=tmp_path / "r.parquet")
+    # A copy by hand that put reference.json last: the version shows up without it first.
+    held = tmp_path / REFERENCE_FILE
+    os.rename(v2.path / REFERENCE_FILE, held)
+    os.rename(v2.path, repo / "mlp" / "2")
+    wait_for(lambda: status(agent)["mlp"].get("failed"), 30, "v2 refused")
+    (failed,) = status(agent)["mlp"]["failed"]
+    assert failed["kind"] == "bundle" and "reference.json is missing" in failed["reason"]
+    shutil.copyfile(held, repo / "mlp" / "2" / REFERENCE_FILE)
+    client = agent.client()
+    try:
+        wait_for(lambda: active_version(client) == "2", 30, "v2 once its reference arrived")
+    finally:
+        client.close()
