@@ -398,6 +398,8 @@ def parse_reference(data: Any) -> Reference:
             for fi, f in enumerate(feats_raw)
         )
         if reduction == "columns":
+            if width > WIDE_FEATURES:
+                raise _err(where, f"a columns tensor has at most {WIDE_FEATURES} features")
             if width != len(feats):
                 raise _err(where, f"width is {width} but it lists {len(feats)} features")
         elif len(feats) != 2 + dims or any(f.kind != "numeric" for f in feats):

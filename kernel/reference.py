@@ -65,10 +65,12 @@ def check_reference(
                 f"(its {t.role}s: {sorted(by_role[t.role])})"
             )
         width = _width(spec.shape)
-        if width and t.width and width != t.width:
+        # A dynamic width must stay 0 in the reference: the agent sizes the projection matrix
+        # by it, so a number the signature does not vouch for is refused.
+        if width != t.width:
             raise BundleError(
                 f"{where}: reference has {t.width} values per row for {t.role} {t.tensor!r}, "
-                f"the model has {width} (shape {list(spec.shape)})"
+                f"the model has {width or 'a dynamic number'} (shape {list(spec.shape)})"
             )
 
 

@@ -247,3 +247,20 @@ def test_integer_categories_count_the_same_vectorised_and_value_by_value() -> No
     # 0 and 5 are categories, 2.5 is other, NaN is missing.
     assert first[-1] == 1 and first[-2] == 1 and sum(first) == 4
     assert third[-2] == 2 and sum(third) == 4  # inf and 7 are other
+
+
+def test_a_dynamic_width_is_summarised_without_projection_and_must_stay_dynamic() -> None:
+    from modelfleet.kernel.bundle import TensorSpec
+    from modelfleet.kernel.reference import check_reference
+
+    rows = np.random.default_rng(2).standard_normal((600, 7)).astype(np.float32)
+    t = build_tensor_ref("seq", "input", rows, width=0)
+    assert t.reduction == "summary" and t.projection_dims == 0 and len(t.features) == 2
+    window = DriftWindow(Reference(600, (t,)))
+    window.add({"seq": rows[:3, :5]})  # another length per request is fine for a summary
+    assert window.snapshot().rows == {"seq": 3}
+    dynamic = (TensorSpec("seq", "FP32", (-1, -1)),)
+    check_reference(Reference(600, (t,)), dynamic, (), "ref")
+    claimed = TensorRef("seq", "input", "summary", 10**9, t.features, 1, 8)
+    with pytest.raises(BundleError, match=r"1000000000 values per row .* a dynamic number"):
+        check_reference(Reference(600, (claimed,)), dynamic, (), "ref")
