@@ -195,6 +195,9 @@ class DataPlane:
         s.queue_ns += int(timing.queue_s * 1e9)
         s.last_inference_ms = int(time.time() * 1000)
         version.telemetry.ok(elapsed, timing.queue_s)
+        if version.drift is not None:
+            # Decides at once, counts after the response is sent (agent/serving/drift.py).
+            version.drift.offer(feed, results)
         if route is not None:
             self.metrics.routed.labels(*labels, route.arm).inc()
             if route.shadow is not None:
