@@ -145,7 +145,7 @@ def test_failing_requests_fire_the_error_rate_alert_once_with_a_signed_payload(f
     [alert] = [a for a in listed["alerts"] if a["rule"] == "error-rate"]
     assert (alert["state"], alert["model"], alert["version"]) == ("firing", "scorer", 1)
     table = hub.cli("alerts", "ls")
-    assert "no data yet: agents do not report drift scores" in table
+    assert "no data yet: no late labels" in table
     assert any(
         line.split()[:3] == ["firing", "error-rate", "scorer"] for line in table.splitlines()
     )
