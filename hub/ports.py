@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # types only: importing a port must not load an adapter (DuckDB, SQLite)
+    from modelfleet.hub.judge import AgentWindow
     from modelfleet.hub.registry import AgentRow, DeploymentRow, Desired, JobRow, VersionRow
     from modelfleet.hub.reports import AgentReport
     from modelfleet.hub.telemetry import IngestCounters, WindowStats
@@ -164,6 +165,16 @@ class TelemetryStorePort(Protocol):
         since: float,
         until: float,
     ) -> list[WindowStats]: ...
+    # One sample per agent-window for the statistical judge (hub.judge).
+    def samples(
+        self,
+        model: str,
+        version: int,
+        agents: Collection[str] | None,
+        since: float,
+        until: float,
+        min_requests: int = ...,
+    ) -> list[AgentWindow]: ...
     def reporting_agents(self, within_s: float = ...) -> dict[tuple[str, int], int]: ...
     def stored_reports(self, agent_id: str | None = None) -> int: ...
     def prune(self) -> int: ...

@@ -210,6 +210,7 @@ class RolloutServicerMixin:
 
     @unary
     async def StartRollout(self, request, context):
+        from modelfleet.hub.judge import DEFAULT_JUDGE
         from modelfleet.hub.rollouts import Spec
 
         caller(context, "admin")
@@ -226,6 +227,9 @@ class RolloutServicerMixin:
             strategy=request.strategy or "canary",
             auto_switch=request.auto_switch,
             allow_downgrade=request.allow_downgrade,
+            # The judge is the default comparison: a client that names no metric gets it.
+            judge=[] if request.no_judge else list(request.judge) or list(DEFAULT_JUDGE),
+            max_bake_s=request.max_bake_s,
         )
         r = await self.core.rollouts.start(spec)
         return rollout_to_proto(r, time.time(), self.core.rollouts.facts(r))
