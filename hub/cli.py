@@ -362,9 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="latency,errors",
         help="metrics the statistical judge compares, canary agents against the agents still on "
         "the previous version, each NAME[:ABS_TOLERANCE[:REL_TOLERANCE]] with NAME one of "
-        "latency (= latency_p99), latency_p50, latency_p95, latency_p99, errors; a failing "
-        "metric rolls back at once, all passing moves on early; 'none': gates only; see "
-        "docs/rollouts.md (default: %(default)s)",
+        "latency (latency_p50 and latency_p99), latency_p50, latency_p95, latency_p99, errors; "
+        "a failing metric rolls back at once, all passing moves on early; 'none': gates only; "
+        "see docs/rollouts.md (default: %(default)s)",
     )
     rs.add_argument(
         "--max-bake",

@@ -34,11 +34,14 @@ arrive; a wave needs no count of looks to stay honest, so a restarted hub loses 
 - **Continuous metrics** (latency p50/p95/p99 per agent-window): Mann-Whitney U, effect as the
   Hodges-Lehmann shift (the median of all canary-minus-baseline differences), interval by
   inverting the rank test (Moses) at the always-valid ``z``. Ranks ignore how heavy the tail is;
-  the shift is in milliseconds, so it meets an absolute tolerance directly. Windows of one agent
-  resemble each other (the device's own speed): the rank variance is inflated by the design
-  effect ``1 + (w - 1) * icc`` (``w`` windows per agent, ``icc`` the share of rank variance
-  between agents, one-way ANOVA on the ranks), so twenty windows of four agents count as what
-  they are worth, not as eighty independent devices.
+  the shift is in milliseconds, so it meets an absolute tolerance directly. Devices differ in
+  speed: given samples from before the rollout (``before``), each agent-window is taken relative
+  to its own agent's earlier level (log ratio: a difference in differences), so the device's
+  speed cancels; the shift is then read back in milliseconds at the baseline's level. Windows
+  of one agent still resemble each other: the rank variance is inflated by the design effect
+  ``1 + (w - 1) * icc`` (``w`` windows per agent, ``icc`` the share of rank variance between
+  agents, one-way ANOVA on the ranks), so twenty windows of four agents count as what they are
+  worth, not as eighty independent devices.
 - **Proportions** (errors): pooled counts, ``failures / requests`` per arm, the difference
   judged by the mSPRT. Pooled, not per-window rates: errors are rare, most windows have none,
   and a rank test over mostly-zero rates has almost no power, while pooled counts use every
@@ -99,7 +102,9 @@ METRICS: dict[str, MetricSpec] = {
     "latency_p99": MetricSpec("latency_p99", "continuous", "lower", 1.0, 0.10, unit="ms"),
     "errors": MetricSpec("errors", "proportion", "lower", 0.005, 0.25, unit="fraction"),
 }
-ALIASES = {"latency": "latency_p99", "error_rate": "errors"}
+# Names that stand for several metrics: "latency" judges the median (most sensitive to a version
+# that is slower throughout) and the p99 (the tail).
+ALIASES = {"latency": ("latency_p50", "latency_p99"), "error_rate": ("errors",)}
 DEFAULT_JUDGE = ("latency", "errors")
 
 
@@ -107,21 +112,24 @@ class JudgeSpecError(ValueError):
     """A `--judge` entry that does not parse; the message says what to write instead."""
 
 
-def parse_metric(text: str) -> MetricSpec:
-    """``NAME[:ABS[:REL]]``: a metric of :data:`METRICS` (or an alias), optionally with its
-    absolute tolerance (ms for latency, a fraction for errors) and relative one (a fraction of
-    the baseline), e.g. ``latency_p99:2:0.2`` or ``errors:0.01``."""
+def parse_metric(text: str) -> list[MetricSpec]:
+    """``NAME[:ABS[:REL]]``: a metric of :data:`METRICS` (or an alias, several), optionally with
+    its absolute tolerance (ms for latency, a fraction for errors) and relative one (a fraction
+    of the baseline), e.g. ``latency_p99:2:0.2`` or ``errors:0.01``."""
     parts = [p.strip() for p in text.strip().split(":")]
-    name = ALIASES.get(parts[0], parts[0])
+    names = ALIASES.get(parts[0], (parts[0],))
     known = ", ".join(sorted([*METRICS, *ALIASES]))
-    if name not in METRICS or len(parts) > 3:
+    if any(n not in METRICS for n in names) or len(parts) > 3:
         raise JudgeSpecError(
             f"invalid judged metric {text!r}: use NAME[:ABS_TOLERANCE[:REL_TOLERANCE]] with "
             f"NAME one of {known}"
         )
-    spec = METRICS[name]
+    return [_with_tolerances(METRICS[n], text, parts[1:]) for n in names]
+
+
+def _with_tolerances(spec: MetricSpec, text: str, parts: Sequence[str]) -> MetricSpec:
     try:
-        tolerances = [float(p) for p in parts[1:]]
+        tolerances = [float(p) for p in parts]
     except ValueError:
         raise JudgeSpecError(
             f"invalid tolerance in {text!r}: numbers, e.g. latency_p99:2:0.1 (2 ms or 10%)"
@@ -141,7 +149,7 @@ def parse_metrics(texts: Sequence[str]) -> list[MetricSpec]:
     for text in texts:
         for item in text.split(","):
             if item.strip():
-                out.append(parse_metric(item))
+                out += parse_metric(item)
     names = [s.name for s in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -267,11 +275,23 @@ class _Arms:
         )
 
 
+def _levels(spec: MetricSpec, before: Sequence[AgentWindow]) -> dict[str, float]:
+    """Each agent's own level of the metric before the comparison: the median of its windows
+    (agents with fewer than ``min_samples`` windows have none)."""
+    per: dict[str, list[float]] = {}
+    for w in before:
+        v = w.value(spec.name)
+        if math.isfinite(v) and v > 0:
+            per.setdefault(w.agent_id, []).append(v)
+    return {a: float(np.median(v)) for a, v in per.items() if len(v) >= spec.min_samples}
+
+
 def _rank_test(
     spec: MetricSpec,
     canary: Sequence[AgentWindow],
     baseline: Sequence[AgentWindow],
     looks: int,
+    before: Sequence[AgentWindow] | None,
 ) -> MetricVerdict:
     cw = [w for w in canary if math.isfinite(w.value(spec.name))]
     bw = [w for w in baseline if math.isfinite(w.value(spec.name))]
@@ -279,8 +299,19 @@ def _rank_test(
     b = np.array([w.value(spec.name) for w in bw], dtype=float)
     m, n = len(c), len(b)
     b_med = float(np.median(b)) if n else math.nan
+    c_med = float(np.median(c)) if m else math.nan
+    # Devices differ in speed far more than versions do. With every agent's own level from
+    # before, each sample becomes log(value / that level) (difference in differences): the
+    # device's speed cancels, what is left is the change. Without it, samples stay as they are
+    # and the design effect below pays for the device spread.
+    levels = _levels(spec, before or ())
+    agents = {w.agent_id for w in cw} | {w.agent_id for w in bw}
+    paired = bool(levels) and agents <= levels.keys() and bool((c > 0).all() and (b > 0).all())
+    if paired:
+        c = np.log(c / np.array([levels[w.agent_id] for w in cw]))
+        b = np.log(b / np.array([levels[w.agent_id] for w in bw]))
     arms = _Arms(
-        canary=float(np.median(c)) if m else math.nan,
+        canary=c_med,
         baseline=b_med,
         tolerance=spec.tolerance(b_med) if n else spec.abs_tolerance,
         canary_samples=m,
@@ -321,8 +352,12 @@ def _rank_test(
     # Moses: the interval's ends are the differences where the U-test at z stops rejecting.
     lo_i = math.floor(k / 2 - z * math.sqrt(var) * k)
     low, high = (-math.inf, math.inf) if lo_i < 0 else (float(diffs[lo_i]), float(diffs[-1 - lo_i]))
+    shift = float(np.median(diffs))
+    if paired and n:
+        # Back to the metric's unit at the baseline's level: a relative change of the baseline.
+        shift, low, high = (b_med * math.expm1(x) for x in (shift, low, high))
     sign = 1.0 if spec.direction == "lower" else -1.0
-    effect = sign * float(np.median(diffs))
+    effect = sign * shift
     low, high = sorted((sign * low, sign * high))
     verdict, why = _decide(spec, effect, low, high, arms.tolerance, "shift")
     clusters = (
@@ -330,7 +365,8 @@ def _rank_test(
         if icc_c is None
         else f"{m_eff:.0f} and {n_eff:.0f} effective samples after device clustering"
     )
-    why += f"; {c_agents} canary and {b_agents} baseline agent(s), {clusters}"
+    how = "each agent against its own level before" if paired else "unpaired"
+    why += f"; {c_agents} canary and {b_agents} baseline agent(s) ({how}), {clusters}"
     return arms.verdict(spec, looks, verdict, why, effect, low, high)
 
 
@@ -418,16 +454,22 @@ def judge(
     baseline: Sequence[AgentWindow],
     metrics: Sequence[MetricSpec],
     looks: int = 1,
+    before: Sequence[AgentWindow] | None = None,
 ) -> list[MetricVerdict]:
     """One verdict per metric, canary against baseline.
 
     ``looks``: how many times this comparison has been judged so far, this one included; said in
     the explanation. The intervals are valid over any number of looks, so it changes no verdict.
+    ``before``: samples of every agent of both groups from before the comparison began, all on
+    the same (baseline) version. When every agent has its own level there, latency is compared
+    as each agent's change against that level, which takes device-to-device speed out of the
+    noise (a rollout's canary and baseline agents are different devices; an experiment that
+    splits traffic on the same agents needs no ``before``).
     """
     out = []
     for spec in metrics:
         if spec.kind == "continuous":
-            out.append(_rank_test(spec, canary, baseline, looks))
+            out.append(_rank_test(spec, canary, baseline, looks, before))
         else:
             out.append(_proportion_test(spec, canary, baseline, looks))
     return out

@@ -52,6 +52,9 @@ JUDGE_EVERY_S = 5.0
 # An inconclusive judge at the end of the bake keeps the wave baking up to this many bakes
 # (unless --max-bake says otherwise), then pauses the rollout for an operator.
 MAX_BAKE_FACTOR = 3.0
+# The judge compares each agent's latency with its own level over this long before the rollout
+# started (all agents then served the previous version): device speed cancels out.
+BEFORE_S = 600.0
 
 
 class RolloutRefusedError(ModelfleetError):
@@ -664,6 +667,12 @@ class Rollout:
             self.paused_from = "baking"
             return []
         self.gate_values.append(values)
+        if verdicts:
+            self._event(
+                now,
+                f"wave {self.wave + 1} passed after {now - since:.0f}s of bake: "
+                + ", ".join(f"{v.metric} {v.verdict}" for v in verdicts),
+            )
         return self._next_wave(now)
 
     def _next_wave(self, now: float) -> list[tuple[str, int]]:
@@ -694,7 +703,9 @@ class Rollout:
         since = self.bake_started
         c = obs.samples(self.spec.version, self.switched, since, now)
         b = obs.samples(baseline_version, baseline_agents, since, now)
-        verdicts = judge(c, b, parse_metrics(self.spec.judge), self.looks)
+        agents = [*self.switched, *baseline_agents]
+        before = obs.samples(baseline_version, agents, self.created_at - BEFORE_S, self.created_at)
+        verdicts = judge(c, b, parse_metrics(self.spec.judge), self.looks, before)
         return combined(verdicts), verdicts, ""
 
     def _rollback(self, now: float, why: str) -> list[tuple[str, int]]:

@@ -82,8 +82,8 @@ TELEMETRY_FILE = "telemetry.duckdb"
 # "Agents reporting" on /metrics: distinct agents with a report that ended this recently.
 REPORTING_WINDOW_S = 60.0
 QUANTILES = (0.5, 0.95, 0.99)
-# The judge's latency samples: an agent's intervals are pooled until they hold this many
-# successful requests (a quantile of fewer is mostly the slowest request).
+# The judge's samples: an agent's intervals are pooled until they hold this many requests (a
+# quantile of fewer is mostly the slowest request); latency needs half as many successes.
 MIN_SAMPLE_REQUESTS = 50
 SAMPLE_QUANTILES = (("latency_p50", 0.5), ("latency_p95", 0.95), ("latency_p99", 0.99))
 
@@ -454,10 +454,13 @@ class TelemetryStore:
         """The judge's samples: one per agent-window of ``version`` (see :mod:`hub.judge`).
 
         Each stored report is one agent's interval. An agent's consecutive intervals are pooled
-        (histograms summed) until they hold ``min_requests`` successful requests: a p99 of five
-        requests is their maximum, not a p99. A remainder below that keeps its counts (errors
-        are judged on every request) and has no latency (NaN). Intervals without requests are
-        skipped. Same window semantics as :meth:`window`; agents None: the whole fleet.
+        (counts and histograms summed) until they hold ``min_requests`` requests: a p99 of five
+        requests is their maximum, not a p99. A sample's latency quantiles need half that many
+        successful requests (else NaN: a version failing most requests has no latency to
+        compare, its errors speak); a remainder below ``min_requests`` at the end keeps its
+        counts (errors are judged on every request) and has no latency. Intervals without
+        requests are skipped. Same window semantics as :meth:`window`; agents None: the whole
+        fleet.
         """
         where = ["model = $model", "version = $version", "end_unix > $since", "end_unix <= $until"]
         params: dict[str, Any] = {
@@ -484,7 +487,7 @@ class TelemetryStore:
         def flush(with_latency: bool) -> None:
             counts = [sum(int(r[5][i]) for r in acc) for i in range(len(LATENCY_BOUNDS) + 1)]
             latency = {}
-            if with_latency:
+            if with_latency and sum(counts) >= max(1, min_requests // 2):
                 for name, q in SAMPLE_QUANTILES:
                     latency[name] = percentile(counts, LATENCY_BOUNDS, q) * 1000
             out.append(
@@ -503,7 +506,7 @@ class TelemetryStore:
             if acc and acc[0][0] != row[0]:
                 flush(False)
             acc.append(row)
-            if sum(sum(r[5]) for r in acc) >= max(1, min_requests):
+            if sum(int(r[3]) for r in acc) >= max(1, min_requests):
                 flush(True)
         if acc:
             flush(False)

@@ -41,11 +41,13 @@ def fleet_windows(
     requests: int = 400,
     device_sd: float = 0.05,
     prefix: str = "a",
+    speed: float | None = None,
 ) -> list[AgentWindow]:
-    """Heavy-tailed latencies (lognormal body, Pareto tail), a speed of its own per device."""
+    """Heavy-tailed latencies (lognormal body, Pareto tail), a speed of its own per device
+    (``speed``: this one, for every agent)."""
     out = []
     for a in range(agents):
-        device = math.exp(rng.normal(0, device_sd))
+        device = math.exp(rng.normal(0, device_sd)) if speed is None else speed
         for w in range(windows):
             body = rng.lognormal(math.log(median_ms), 0.35, requests)
             tail = rng.random(requests) < 0.03
@@ -231,9 +233,10 @@ def test_higher_is_better_flips_the_sign() -> None:
 
 
 def test_parse_metrics_and_combined() -> None:
-    specs = parse_metrics(["latency,errors:0.01", "latency_p50:2:0.2"])
-    assert [s.name for s in specs] == ["latency_p99", "errors", "latency_p50"]
-    assert specs[1].abs_tolerance == 0.01 and specs[2].rel_tolerance == 0.2
+    specs = parse_metrics(["latency:2,errors:0.01", "latency_p95:3:0.2"])
+    assert [s.name for s in specs] == ["latency_p50", "latency_p99", "errors", "latency_p95"]
+    assert specs[0].abs_tolerance == specs[1].abs_tolerance == 2
+    assert specs[2].abs_tolerance == 0.01 and specs[3].rel_tolerance == 0.2
     for bad in ("latency_p42", "errors:x", "errors:-1", "latency,latency_p99"):
         with pytest.raises(JudgeSpecError):
             parse_metrics([bad])
@@ -313,14 +316,23 @@ class JudgedFleet:
 AGENTS = [f"a{i}" for i in range(20)]
 
 
+SPEEDS = dict(zip(AGENTS, np.exp(np.random.default_rng(0).normal(0, 0.1, 20)), strict=True))
+
+
 def traffic(
     rng: np.random.Generator, scale: float, error_rate: float
 ) -> dict[str, list[AgentWindow]]:
-    """Every agent's windows on one version, every 5 s from t=0 to t=600."""
+    """Every agent's windows on one version, every 5 s from t=-120 (before the rollout: each
+    agent's own level) to t=600."""
     out: dict[str, list[AgentWindow]] = {}
     for a in AGENTS:
-        ws = fleet_windows(rng, 1, 120, scale=scale, error_rate=error_rate, prefix=a)
-        out[a] = [AgentWindow(a, w.start, w.end, w.requests, w.failures, w.latency_ms) for w in ws]
+        ws = fleet_windows(
+            rng, 1, 144, scale=scale, error_rate=error_rate, prefix=a, speed=SPEEDS[a]
+        )
+        out[a] = [
+            AgentWindow(a, w.start - 120, w.end - 120, w.requests, w.failures, w.latency_ms)
+            for w in ws
+        ]
     return out
 
 
@@ -378,9 +390,9 @@ def test_a_a_rollout_passes_early_and_completes() -> None:
 
 def test_inconclusive_bakes_on_to_the_limit_then_pauses_for_an_operator() -> None:
     rng = np.random.default_rng(12)
-    # 12% slower: above the 10% tolerance, too close for the judge to tell either way soon.
+    # 10% slower: right at the tolerance, the judge cannot tell either way.
     fleet = JudgedFleet(
-        {a: 1 for a in AGENTS}, {1: traffic(rng, 1, 0.005), 2: traffic(rng, 1.12, 0.005)}
+        {a: 1 for a in AGENTS}, {1: traffic(rng, 1, 0.005), 2: traffic(rng, 1.10, 0.005)}
     )
     r = judged_rollout(fleet, bake_s=20, max_bake_s=40, judge=["latency"])
     drive(r, fleet, 600)

@@ -35,23 +35,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelfleet.hub.judge import AgentWindow, combined, judge, parse_metrics
+from modelfleet.hub.judge import DEFAULT_JUDGE, AgentWindow, combined, judge, parse_metrics
 from modelfleet.hub.telemetry import percentile
 from modelfleet.kernel.telemetry_bounds import LATENCY_BOUNDS
 
-AGENTS = 30
-CANARY = 6  # a first wave of 20%
+AGENTS = 100
+CANARY = 10  # the first wave
 WINDOW_S = 10.0
 REQUESTS = 300  # per agent-window: 30 requests/s per device
 BAKE = 12  # windows: a 2-minute bake
 MAX_BAKE = 36  # 3 bakes, the engine's default limit
+BEFORE = 12  # windows of every agent on the old version before the rollout started
 DEVICE_SD = 0.10  # devices differ by about 10% in speed
 MEDIAN_MS = 20.0
 BASE_ERRORS = 0.005
 MIN_REQUESTS = 1000
 RUNS = int(os.environ.get("JUDGE_BENCH_RUNS", "200"))
 BOUNDS = np.array(LATENCY_BOUNDS)
-SPECS = parse_metrics(["latency", "errors"])
+SPECS = parse_metrics(list(DEFAULT_JUDGE))
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,14 @@ def _window(
     return counts, failures
 
 
+def _sample(agent: int, w: int, counts: np.ndarray, failures: int) -> AgentWindow:
+    q = {
+        name: percentile(list(counts), LATENCY_BOUNDS, p) * 1000
+        for name, p in (("latency_p50", 0.5), ("latency_p99", 0.99))
+    }
+    return AgentWindow(f"agent-{agent}", w * WINDOW_S, (w + 1) * WINDOW_S, REQUESTS, failures, q)
+
+
 @dataclass
 class Outcome:
     judge: str  # fail, pass, paused
@@ -102,6 +111,11 @@ def _run(rng: np.random.Generator, sc: Scenario) -> Outcome:
     windows: list[list[AgentWindow]] = []  # per window index: every agent's sample
     hists: list[list[np.ndarray]] = []
     fails: list[list[int]] = []
+    before = []
+    for w in range(-BEFORE, 0):
+        for a in range(AGENTS):
+            counts, failures = _window(rng, sc.median_ms, speeds[a], BASE_ERRORS)
+            before.append(_sample(a, w, counts, failures))
     for w in range(MAX_BAKE):
         row, hrow, frow = [], [], []
         for a in range(AGENTS):
@@ -112,13 +126,7 @@ def _run(rng: np.random.Generator, sc: Scenario) -> Outcome:
                 speeds[a] * (sc.latency_scale if canary else 1.0),
                 sc.canary_errors if canary else BASE_ERRORS,
             )
-            q = {
-                name: percentile(list(counts), LATENCY_BOUNDS, p) * 1000
-                for name, p in (("latency_p50", 0.5), ("latency_p99", 0.99))
-            }
-            row.append(
-                AgentWindow(f"agent-{a}", w * WINDOW_S, (w + 1) * WINDOW_S, REQUESTS, failures, q)
-            )
+            row.append(_sample(a, w, counts, failures))
             hrow.append(counts)
             frow.append(failures)
         windows.append(row)
@@ -128,7 +136,7 @@ def _run(rng: np.random.Generator, sc: Scenario) -> Outcome:
     for k in range(1, MAX_BAKE + 1):
         c = [s for row in windows[:k] for s in row[:CANARY]]
         b = [s for row in windows[:k] for s in row[CANARY:]]
-        v = combined(judge(c, b, SPECS, looks=k))
+        v = combined(judge(c, b, SPECS, looks=k, before=before))
         enough = sum(s.requests for s in c) >= MIN_REQUESTS
         if v == "fail" or (v == "pass" and enough):
             verdict, looks = v, k
