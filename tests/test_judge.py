@@ -160,6 +160,30 @@ def test_too_few_samples_is_inconclusive_whatever_they_say() -> None:
     assert math.isnan(v[0].effect)
 
 
+def test_each_agent_against_its_own_level_cancels_device_speed() -> None:
+    """Devices 30% apart, six canaries: unpaired, the judge cannot tell a 20% regression from
+    the luck of which devices were picked; against each agent's own level before, it can."""
+    rng = np.random.default_rng(13)
+    speeds = np.exp(rng.normal(0, 0.3, 30))
+    before, canary, baseline = [], [], []
+    for a, speed in enumerate(speeds):
+        ws = fleet_windows(rng, 1, 10, speed=float(speed))
+        before += [
+            AgentWindow(f"d{a}", w.start, w.end, w.requests, w.failures, w.latency_ms) for w in ws
+        ]
+        after = fleet_windows(rng, 1, 20, speed=float(speed) * (1.2 if a < 6 else 1.0))
+        (canary if a < 6 else baseline).extend(
+            AgentWindow(f"d{a}", 100 + w.start, 100 + w.end, w.requests, w.failures, w.latency_ms)
+            for w in after
+        )
+    p50 = METRICS["latency_p50"]
+    (unpaired,) = judge(canary, baseline, [p50])
+    (paired,) = judge(canary, baseline, [p50], before=before)
+    assert unpaired.verdict == "inconclusive" and "unpaired" in unpaired.why
+    assert paired.verdict == "fail" and "its own level before" in paired.why
+    assert paired.effect == pytest.approx(0.2 * paired.baseline, rel=0.3)
+
+
 # -- A/A: no difference mostly passes, and never fails more than alpha allows ------------------
 
 

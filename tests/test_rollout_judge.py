@@ -122,6 +122,8 @@ def test_a_a_canary_passes_under_the_default_judge(fleet) -> None:
     v3 = hub.cli("publish", "mlp", str(hub.data.parent / "onnx" / "v1.onnx"))
     assert "same content as v1" in v3 or "v3" in v3
     with traffic(agents):
+        # Some traffic before the rollout: the judge compares each agent with its own level.
+        time.sleep(8)
         hub.cli(*START, "3", "--bake", "20s", "--max-bake", "120s", "--min-requests", "200")
         wait_for(
             lambda: status(hub)["state"] in ("done", "rolled_back", "paused"), 240, "a verdict"
