@@ -325,6 +325,12 @@ def _rank_test(
             f"{spec.min_samples} each)"
         )
         return arms.verdict(spec, looks, "inconclusive", why)
+    # Differences under a tenth of the tolerance cannot change a verdict; below that scale the
+    # histogram buckets and timers make structure of nothing (identical versions whose p50 sits
+    # in one bucket, each device a hair apart, would look clustered). They count as ties.
+    resolution = (math.log1p(arms.tolerance / b_med) if paired else arms.tolerance) / 10
+    if resolution > 0 and math.isfinite(resolution):
+        c, b = np.round(c / resolution) * resolution, np.round(b / resolution) * resolution
     both = np.concatenate([c, b])
     # Mid-ranks: ties share their mean rank.
     _, inverse, counts = np.unique(both, return_inverse=True, return_counts=True)
@@ -332,7 +338,9 @@ def _rank_test(
     raw = np.empty(len(both))
     raw[order] = np.arange(1, len(both) + 1, dtype=float)
     ranks = (np.bincount(inverse, weights=raw) / counts)[inverse]
-    tie = float((counts**3 - counts).sum()) / ((m + n) * (m + n - 1))
+    big_n = float(m + n)
+    # The share of rank variance ties leave (1: no ties, 0: every sample equal).
+    untied = 1.0 - float((counts**3 - counts).sum()) / (big_n**3 - big_n)
     c_agents, b_agents = len({w.agent_id for w in cw}), len({w.agent_id for w in bw})
     icc_c = _icc(ranks[:m], [w.agent_id for w in cw])
     icc_b = _icc(ranks[m:], [w.agent_id for w in bw])
@@ -345,17 +353,20 @@ def _rank_test(
     m_eff, n_eff = max(1.0, m / deff_c), max(1.0, n / deff_b)
     # Variance of U / (m n), the chance a canary sample exceeds a baseline one: ties and
     # clustering accounted for.
-    var = (m_eff + n_eff + 1 - tie) / (12 * m_eff * n_eff)
+    var = untied * (m_eff + n_eff + 1) / (12 * m_eff * n_eff)
     z = always_valid_z(var, RANK_TAU, spec.alpha)
     diffs = _pairs(c, b)
     k = len(diffs)
     # Moses: the interval's ends are the differences where the U-test at z stops rejecting.
-    lo_i = math.floor(k / 2 - z * math.sqrt(var) * k)
+    # No rank variance left (all samples tied): every difference is the same, nothing to doubt.
+    lo_i = math.floor(k / 2 - z * math.sqrt(var) * k) if var > 0 else 0
     low, high = (-math.inf, math.inf) if lo_i < 0 else (float(diffs[lo_i]), float(diffs[-1 - lo_i]))
     shift = float(np.median(diffs))
     if paired and n:
         # Back to the metric's unit at the baseline's level: a relative change of the baseline.
-        shift, low, high = (b_med * math.expm1(x) for x in (shift, low, high))
+        shift, low, high = (
+            b_med * math.expm1(x) if math.isfinite(x) else x for x in (shift, low, high)
+        )
     sign = 1.0 if spec.direction == "lower" else -1.0
     effect = sign * shift
     low, high = sorted((sign * low, sign * high))

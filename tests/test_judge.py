@@ -108,6 +108,21 @@ def test_sub_millisecond_differences_never_fail_on_latency() -> None:
     assert v.tolerance == pytest.approx(1.0)
 
 
+def test_identical_versions_in_one_histogram_bucket_pass() -> None:
+    """Sub-millisecond p50s that the hub's buckets read as one value, each device a hair apart:
+    differences far under the tolerance are ties, not structure."""
+    before, canary, baseline = [], [], []
+    for a in range(8):
+        level = 0.0867 + a * 1e-4
+        before += [AgentWindow(f"d{a}", t, t + 1, 100, 0, {"latency_p50": level}) for t in range(5)]
+        arm = canary if a < 2 else baseline
+        arm += [
+            AgentWindow(f"d{a}", t, t + 1, 100, 0, {"latency_p50": 0.0867}) for t in range(10, 40)
+        ]
+    (v,) = judge(canary, baseline, [METRICS["latency_p50"]], before=before)
+    assert v.verdict == "pass" and abs(v.effect) < 0.01 and v.high < v.tolerance
+
+
 def test_one_device_with_awful_windows_does_not_decide_a_wave() -> None:
     rng = np.random.default_rng(4)
     canary = fleet_windows(rng, 8, 12, prefix="c")
