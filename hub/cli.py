@@ -1794,6 +1794,7 @@ def _judged(value: float | None, unit: str) -> str:
     """A judged figure in its unit: milliseconds, or a rate in percent (percentage points)."""
     if value is None:
         return "n/a"
+    value += 0.0  # no "-0"
     return f"{value * 100:.3g}%" if unit == "fraction" else f"{value:.3g}{unit}"
 
 

@@ -434,6 +434,7 @@ def _rate_variance(windows: Sequence[AgentWindow], failures: int, requests: int)
 
 
 def _fmt(value: float, unit: str) -> str:
+    value += 0.0  # no "-0"
     if unit == "ms":
         return f"{value:.3g} ms"
     return f"{value * 100:.3g} pp" if unit == "fraction" else f"{value:.3g}"

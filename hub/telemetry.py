@@ -28,7 +28,7 @@ Query API (used by the rollout engine and ``modelfleet-hub metrics``)::
         # one per version with data, ordered by version; version None: every version;
         # agents None: the whole fleet (an empty collection matches nobody).
     store.samples(model: str, version: int, agents: Collection[str] | None,
-                  since: float, until: float, min_requests: int = 50) -> list[AgentWindow]
+                  since: float, until: float, min_requests: int = 200) -> list[AgentWindow]
         # the statistical judge's samples: one per agent-window, quiet intervals pooled
     store.close()
 
@@ -84,7 +84,7 @@ REPORTING_WINDOW_S = 60.0
 QUANTILES = (0.5, 0.95, 0.99)
 # The judge's samples: an agent's intervals are pooled until they hold this many requests (a
 # quantile of fewer is mostly the slowest request); latency needs half as many successes.
-MIN_SAMPLE_REQUESTS = 50
+MIN_SAMPLE_REQUESTS = 200
 SAMPLE_QUANTILES = (("latency_p50", 0.5), ("latency_p95", 0.95), ("latency_p99", 0.99))
 
 _SCHEMA = """

@@ -126,8 +126,8 @@ def test_a_a_canary_passes_under_the_default_judge(fleet) -> None:
     assert published
     version = published.group(1)
     with traffic(agents):
-        # Some traffic before the rollout: the judge compares each agent with its own level.
-        time.sleep(8)
+        # Traffic before the rollout: the judge compares each agent with its own level then.
+        time.sleep(30)
         hub.cli(*START, version, "--bake", "20s", "--max-bake", "120s", "--min-requests", "200")
         wait_for(
             lambda: status(hub)["state"] in ("done", "rolled_back", "paused"), 240, "a verdict"
