@@ -66,9 +66,9 @@ Direction = Literal["lower", "higher"]
 Kind = Literal["continuous", "proportion"]
 
 # Mixing standard deviation of the rank test, on the scale P(canary > baseline) - 1/2: the
-# mSPRT is most sensitive to effects of about this size (0.1: a canary slower than a baseline
-# sample 60% of the time).
-RANK_TAU = 0.1
+# mSPRT is most sensitive to effects of about this size (0.2: a canary slower than a baseline
+# sample 70% of the time: the separations a wave of a few agents can show at all).
+RANK_TAU = 0.2
 # Pairwise differences beyond this many are computed on an evenly thinned subset (the shift
 # estimate and its interval barely move; memory and time stay bounded on a large fleet).
 MAX_PAIRS = 2_000_000
@@ -86,7 +86,7 @@ class MetricSpec:
     abs_tolerance: float = 0.0
     rel_tolerance: float = 0.0
     # Chance, over every look, that the interval ever excludes the true effect.
-    alpha: float = 0.02
+    alpha: float = 0.05
     # Fewer samples (agent-windows) than this in either arm: inconclusive, whatever they say.
     min_samples: int = 3
     unit: str = ""

@@ -313,7 +313,7 @@ def test_store_samples_are_agent_windows_with_quiet_ones_pooled(tmp_path: Path) 
     assert 2.5 <= busy[0].value("latency_p99") <= 5.0
     assert [(s.requests, s.failures) for s in q] == [(63, 3), (21, 1)]
     assert not math.isnan(q[0].value("latency_p50")) and math.isnan(q[1].value("latency_p99"))
-    assert store.samples("mlp", 1, ["busy"], now - 100, now) == busy
+    assert store.samples("mlp", 1, ["busy"], now - 100, now, min_requests=50) == busy
     assert store.samples("mlp", 1, [], now - 100, now) == []
     store.close()
 

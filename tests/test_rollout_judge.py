@@ -128,9 +128,9 @@ def test_a_a_canary_passes_under_the_default_judge(fleet) -> None:
     with traffic(agents):
         # Traffic before the rollout: the judge compares each agent with its own level then.
         time.sleep(30)
-        hub.cli(*START, version, "--bake", "20s", "--max-bake", "120s", "--min-requests", "200")
+        hub.cli(*START, version, "--bake", "20s", "--max-bake", "180s", "--min-requests", "200")
         wait_for(
-            lambda: status(hub)["state"] in ("done", "rolled_back", "paused"), 240, "a verdict"
+            lambda: status(hub)["state"] in ("done", "rolled_back", "paused"), 300, "a verdict"
         )
     s = status(hub)
     assert s["state"] == "done", hub.cli("rollout", "status", "mlp")
