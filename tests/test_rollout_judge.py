@@ -18,8 +18,8 @@ from tests import models
 from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, wait_for
 
 N_AGENTS = 4
-# Wave 1: one canary beside three baseline agents.
-START = ("rollout", "start", "mlp", "--waves", "25,100", "--agent-timeout", "60s")
+# Wave 1: two canaries beside two baseline agents.
+START = ("rollout", "start", "mlp", "--waves", "50,100", "--agent-timeout", "60s")
 FAST = {
     "MODELFLEET_AGENT_REPORT_INTERVAL_S": "0.5",
     "MODELFLEET_AGENT_BACKOFF_MAX_S": "1",
@@ -77,7 +77,7 @@ def traffic(agents: list[AgentProcess]) -> Iterator[None]:
                 # A failing canary is the point of one test: its errors feed telemetry.
                 with contextlib.suppress(Exception):
                     c.infer("mlp", [inp])
-                time.sleep(0.004)
+                time.sleep(0.01)
 
     threads = [threading.Thread(target=load, args=(a,), daemon=True) for a in agents]
     for t in threads:
@@ -105,7 +105,7 @@ def test_version_failing_its_requests_is_rolled_back_by_the_judge_with_why(fleet
         wait_for(lambda: status(hub)["state"] in ("rolling_back", "rolled_back"), 120, "rollback")
     s = status(hub)
     assert s["judge"] == ["latency", "errors"] and s["gates"] == []
-    assert "failed the judge: errors FAIL" in s["reason"] and s["assigned"] == 1
+    assert "failed the judge: errors FAIL" in s["reason"] and s["assigned"] == 2
     ev = s["last_evaluation"]
     assert ev["final"] is False and ev["at"] - ev["since"] < 120
     errors = next(v for v in ev["verdicts"] if v["metric"] == "errors")
