@@ -64,11 +64,14 @@ class Scenario:
     # True: any rollback is false; False: a rollback is the detection.
     null: bool = True
     runs: int = RUNS
+    canary: int = CANARY
 
 
 SCENARIOS = (
     Scenario("A/A, p50 20 ms"),
     Scenario("A/A, sub-ms (p50 0.15 ms)", median_ms=0.15),
+    # The case behind issue 15: a first wave of one agent, sub-millisecond latencies.
+    Scenario("A/A, sub-ms, 1 canary agent", median_ms=0.15, canary=1),
     Scenario("latency +20%", latency_scale=1.2, null=False, runs=max(20, RUNS // 2)),
     Scenario(
         "errors +1 pp (0.5% -> 1.5%)", canary_errors=0.015, null=False, runs=max(20, RUNS // 2)
@@ -119,7 +122,7 @@ def _run(rng: np.random.Generator, sc: Scenario) -> Outcome:
     for w in range(MAX_BAKE):
         row, hrow, frow = [], [], []
         for a in range(AGENTS):
-            canary = a < CANARY
+            canary = a < sc.canary
             counts, failures = _window(
                 rng,
                 sc.median_ms,
@@ -134,21 +137,21 @@ def _run(rng: np.random.Generator, sc: Scenario) -> Outcome:
         fails.append(frow)
     verdict, looks = "paused", MAX_BAKE
     for k in range(1, MAX_BAKE + 1):
-        c = [s for row in windows[:k] for s in row[:CANARY]]
-        b = [s for row in windows[:k] for s in row[CANARY:]]
+        c = [s for row in windows[:k] for s in row[: sc.canary]]
+        b = [s for row in windows[:k] for s in row[sc.canary :]]
         v = combined(judge(c, b, SPECS, looks=k, before=before))
         enough = sum(s.requests for s in c) >= MIN_REQUESTS
         if v == "fail" or (v == "pass" and enough):
             verdict, looks = v, k
             break
     # Ratio gates: pooled figures over the bake, judged once at its end.
-    c_hist = sum(h for row in hists[:BAKE] for h in row[:CANARY])
-    b_hist = sum(h for row in hists[:BAKE] for h in row[CANARY:])
+    c_hist = sum(h for row in hists[:BAKE] for h in row[: sc.canary])
+    b_hist = sum(h for row in hists[:BAKE] for h in row[sc.canary :])
     c_p99 = percentile(list(c_hist), LATENCY_BOUNDS, 0.99)
     b_p99 = percentile(list(b_hist), LATENCY_BOUNDS, 0.99)
-    c_err = sum(f for row in fails[:BAKE] for f in row[:CANARY]) / (BAKE * CANARY * REQUESTS)
-    b_err = sum(f for row in fails[:BAKE] for f in row[CANARY:]) / (
-        BAKE * (AGENTS - CANARY) * REQUESTS
+    c_err = sum(f for row in fails[:BAKE] for f in row[: sc.canary]) / (BAKE * sc.canary * REQUESTS)
+    b_err = sum(f for row in fails[:BAKE] for f in row[sc.canary :]) / (
+        BAKE * (AGENTS - sc.canary) * REQUESTS
     )
     err_ratio = c_err / b_err if b_err else (math.inf if c_err else 1.0)
     return Outcome(
