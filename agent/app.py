@@ -23,6 +23,7 @@ from modelfleet.agent.serving.grpc_server import (
     claim_admin_socket,
 )
 from modelfleet.agent.serving.security import BearerTokenInterceptor, TlsFiles, server_credentials
+from modelfleet.agent.serving.shadow import ShadowRunner
 from modelfleet.agent.slots import BatchingConfig, SlotManager
 from modelfleet.kernel.errors import InvalidRequestError, ListenError
 from modelfleet.kernel.listen import check_listen
@@ -234,7 +235,9 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     credentials, token_check, security = inference_security(cfg)
     metrics = AgentMetrics()
     slots = build_slots(cfg, metrics)
-    dataplane = DataPlane(slots, metrics)
+    dataplane = DataPlane(
+        slots, metrics, ShadowRunner(metrics, cfg.shadow_queue_max, cfg.shadow_workers)
+    )
     health = HealthReporter(slots)
     refresh_pending = False
     ready = False
@@ -313,7 +316,9 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     )
     await server.start()
     bound = f"{cfg.listen.rpartition(':')[0]}:{port}"
-    admin = build_admin_server(slots, admin_path, bound, fleet_hub=cfg.hub)
+    admin = build_admin_server(
+        slots, admin_path, bound, fleet_hub=cfg.hub, models=None if cfg.hub else cfg.models
+    )
     await admin.start()
     os.chmod(admin_path, 0o600)
     # Removed at exit only if it is still this one (see claim_admin_socket).
@@ -375,6 +380,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         source_stop.set()
         await watch_task
         await admin.stop(grace=0)
+        await dataplane.close()
         slots.close()
         found = _inode(admin_path)
         if found is not None and found == admin_inode:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from modelfleet.kernel.cli import run_command
-from modelfleet.kernel.commandline import finish
+from modelfleet.kernel.commandline import finish, message_dict
 from modelfleet.kernel.errors import (
     EXIT_NOT_READY,
     InvalidRequestError,
@@ -248,6 +248,37 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = sub.add_parser("rollback", help="switch MODEL back to its previous version now")
     rollback.add_argument("model", help="model name")
     _add_admin_args(rollback)
+
+    compare = sub.add_parser(
+        "compare",
+        help="standalone: split or shadow MODEL's traffic to a candidate version",
+    )
+    compare.add_argument("model", help="model name")
+    compare.add_argument(
+        "--candidate",
+        type=int,
+        help="version from the repository to compare with the active one (default: none)",
+    )
+    share = compare.add_mutually_exclusive_group(required=True)
+    share.add_argument(
+        "--split",
+        type=float,
+        metavar="PCT",
+        help="percent of requests the candidate answers (default: none)",
+    )
+    share.add_argument(
+        "--shadow",
+        type=float,
+        metavar="PCT",
+        help="percent of the active version's requests copied to the candidate (default: none)",
+    )
+    share.add_argument("--off", action="store_true", help="stop comparing")
+    compare.add_argument(
+        "--sticky",
+        action="store_true",
+        help="with --split: requests with a routing key always reach the same version",
+    )
+    _add_admin_args(compare)
     return finish(parser)
 
 
@@ -431,15 +462,13 @@ def _call(fn: Any, request: Any) -> Any:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from modelfleet.protos import agent_pb2
 
     resp = _call(_admin_stub(args).Status, agent_pb2.StatusRequest())
     # Scripts and probes branch on readiness alone: the same verdict as ServerReady.
     code = 0 if resp.ready else EXIT_NOT_READY
     if args.json:
-        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        print(json.dumps(message_dict(resp), indent=2))
         return code
     verdict = "READY" if resp.ready else "NOT READY"
     if not resp.ready:
@@ -471,6 +500,18 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"{'':<20} refused v{f.version} ({f.kind}): {f.reason}")
         if m.held_at_or_below:
             print(f"{'':<20} held after rollback: versions <= {m.held_at_or_below} not re-deployed")
+        if m.HasField("comparison"):
+            c = m.comparison
+            label = f" [{c.label}]" if c.label else ""
+            print(f"{'':<20} comparing{label}: {_comparison_words(m)}")
+            if c.shadow_bp or c.shadow_compared or c.shadow_dropped:
+                agree = (
+                    f", top-1 agreement {c.top1_agree / c.top1_total:.4f}" if c.top1_total else ""
+                )
+                print(
+                    f"{'':<20} shadow: {c.shadow_compared} compared, {c.shadow_dropped} dropped, "
+                    f"{c.shadow_failures} failed{agree}, max abs diff {c.max_abs_diff:.3g}"
+                )
     return code
 
 
@@ -480,6 +521,57 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     resp = _call(_admin_stub(args).Rollback, agent_pb2.RollbackRequest(model=args.model))
     print(f"{args.model}: rolled back from version {resp.from_version} to {resp.to_version}")
     return 0
+
+
+def _basis_points(pct: float, flag: str) -> int:
+    if not 0 <= pct <= 100:
+        raise InvalidRequestError(f"{flag} takes a percentage from 0 to 100, not {pct:g}")
+    return round(pct * 100)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from modelfleet.protos import agent_pb2
+
+    req = agent_pb2.CompareRequest(model=args.model, off=args.off)
+    if not args.off:
+        if args.candidate is None:
+            raise InvalidRequestError(
+                "compare needs --candidate VERSION (a version in the repository), or --off"
+            )
+        if args.sticky and args.split is None:
+            raise InvalidRequestError("--sticky applies to --split only")
+        req.candidate_version = args.candidate
+        req.sticky = args.sticky
+        if args.split is not None:
+            req.split_bp = _basis_points(args.split, "--split")
+        else:
+            req.shadow_bp = _basis_points(args.shadow, "--shadow")
+    resp = _call(_admin_stub(args).Compare, req)
+    m = resp.model
+    if args.off:
+        print(f"{args.model}: comparison off; v{m.active_version} answers every request")
+        return 0
+    print(f"{args.model}: {_comparison_words(m)}")
+    return 0
+
+
+def _comparison_words(m: Any) -> str:
+    c = m.comparison
+    parts = []
+    if c.split_bp:
+        parts.append(
+            f"{c.split_bp / 100:g}% of requests to v{c.candidate_version}"
+            + (" (sticky by routing key)" if c.sticky else "")
+        )
+    if c.shadow_bp:
+        parts.append(
+            f"{c.shadow_bp / 100:g}% of v{m.active_version}'s copied to "
+            f"v{c.candidate_version} (shadow)"
+        )
+    words = ", ".join(parts)
+    if not c.comparing:
+        words += f"; waiting for v{c.candidate_version} to load and pass its gate"
+    return f"{words}; v{m.active_version} active"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,6 +585,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "enroll": cmd_enroll,
         "status": cmd_status,
         "rollback": cmd_rollback,
+        "compare": cmd_compare,
     }
     if args.command == "bundle":
         handler = {

@@ -67,6 +67,11 @@ class ServeConfig:
     # Models whose health-gate p99 is under this many microseconds run on the event loop,
     # unbatched: for them the thread hop costs more than the model. 0 disables.
     inline_max_us: int = 200
+    # Shadow runs (docs/operations.md#comparing-versions-on-live-traffic): copies waiting for the
+    # shadow version beyond this many are dropped and counted, never waited for.
+    shadow_queue_max: int = 64
+    # Threads that run shadow copies, apart from the serving threads.
+    shadow_workers: int = 1
     # -- inference port security (docs/security.md#the-inference-port); default: plaintext, open
     # Server certificate chain and its private key (PEM files): both set, `listen` speaks TLS.
     tls_cert: str = ""
@@ -209,9 +214,11 @@ def check_admin_socket_path(path: Path) -> None:
 def validate(cfg: ServeConfig) -> None:
     if cfg.device not in ("cpu", "cuda", "auto"):
         raise InvalidRequestError(f"config: device must be cpu, cuda or auto, not {cfg.device!r}")
-    for name in ("serving_threads", "batch_inflight", "batch_threads"):
+    for name in ("serving_threads", "batch_inflight", "batch_threads", "shadow_workers"):
         if getattr(cfg, name) < 1:
             raise InvalidRequestError(f"config: {name} must be >= 1")
+    if cfg.shadow_queue_max < 0:
+        raise InvalidRequestError("config: shadow_queue_max must be >= 0 (0 drops every copy)")
     if cfg.max_message_bytes < 1024:
         raise InvalidRequestError("config: max_message_bytes must be at least 1024")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -12,7 +12,12 @@ from prometheus_client import (
 )
 
 from modelfleet.agent.telemetry import TelemetryAggregator
-from modelfleet.kernel.telemetry_bounds import BATCH_BUCKETS, LATENCY_BUCKETS
+from modelfleet.kernel.telemetry_bounds import (
+    BATCH_BUCKETS,
+    DIFF_BOUNDS,
+    JS_BOUNDS,
+    LATENCY_BUCKETS,
+)
 
 # The *_created series double the exposition size and nobody alerts on them.
 disable_created_metrics()
@@ -64,7 +69,7 @@ class AgentMetrics:
         )
         self.loaded = Gauge(
             "modelfleet_loaded_versions",
-            "1 for each loaded version, by role (active or previous).",
+            "1 for each loaded version, by role (active, previous, candidate or shadow).",
             ["model", "version", "role"],
             registry=r,
         )
@@ -90,6 +95,56 @@ class AgentMetrics:
             registry=r,
         )
 
+        # Live comparison of two versions (docs/operations.md#comparing-versions-on-live-traffic).
+        self.routed = Counter(
+            "modelfleet_routed_requests_total",
+            "Requests by the arm that answered them while a comparison is on: active, "
+            "candidate, or pinned (the request named its version).",
+            ["model", "version", "arm"],
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            "modelfleet_shadow_requests_total",
+            "Copies of requests answered by version for shadow_version: compared, dropped "
+            "(queue full) or failed (the shadow errs or returns other outputs).",
+            ["model", "version", "shadow_version", "outcome"],
+            registry=r,
+        )
+        self.shadow_seconds = Histogram(
+            "modelfleet_shadow_duration_seconds",
+            "Time the shadow version took per copy (queueing excluded).",
+            ["model", "version", "shadow_version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shadow_abs_diff = Histogram(
+            "modelfleet_shadow_abs_diff",
+            "Per compared request and output: the largest |primary - shadow|.",
+            ["model", "version", "output"],
+            buckets=DIFF_BOUNDS,
+            registry=r,
+        )
+        self.shadow_rel_diff = Histogram(
+            "modelfleet_shadow_rel_diff",
+            "Per compared request and output: the largest |primary - shadow| / (|primary| + 1e-6).",
+            ["model", "version", "output"],
+            buckets=DIFF_BOUNDS,
+            registry=r,
+        )
+        self.shadow_js_divergence = Histogram(
+            "modelfleet_shadow_js_divergence_bits",
+            "Per compared row of a probability output: Jensen-Shannon divergence in bits.",
+            ["model", "version", "output"],
+            buckets=JS_BOUNDS,
+            registry=r,
+        )
+        self.shadow_top1 = Counter(
+            "modelfleet_shadow_top1_total",
+            "Compared requests of a class-score output whose arg-max agreed or not.",
+            ["model", "version", "output", "outcome"],
+            registry=r,
+        )
+
     def forget_version(self, model: str, version: str) -> None:
         """Drop every series of an unloaded version, so a fleet that swaps often does not
         grow its exposition (and the agent's memory) without bound."""
@@ -100,6 +155,13 @@ class AgentMetrics:
             self.compute_seconds,
             self.batch_size,
             self.gate_results,
+            self.routed,
+            self.shadow_requests,
+            self.shadow_seconds,
+            self.shadow_abs_diff,
+            self.shadow_rel_diff,
+            self.shadow_js_divergence,
+            self.shadow_top1,
         ):
             names = metric._labelnames  # prometheus_client keeps children by label values
             m_i, v_i = names.index("model"), names.index("version")

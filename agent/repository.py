@@ -14,9 +14,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelfleet.agent.serving.routing import Comparison
 from modelfleet.agent.slots import ModelStatus, SlotManager
 from modelfleet.kernel.bundle import BUNDLE_FILES, NAME_RE
-from modelfleet.kernel.errors import ModelfleetError
+from modelfleet.kernel.errors import InvalidRequestError, ModelfleetError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ def plan(
         eligible = [v for v in good if hold is None or v > hold] if active is not None else good
         if status is not None and status.loading is not None:
             continue
+        if status is not None and status.comparison is not None and active is not None:
+            continue  # a live comparison holds the active version (and its candidate) in place
         if eligible:
             target = max(eligible)
             if target != active:
@@ -154,3 +157,54 @@ class RepositoryWatcher:
                 log.exception("repository sync failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval_s)
+
+
+async def compare_local(
+    slots: SlotManager, root: Path, name: str, comparison: Comparison | None
+) -> ModelStatus:
+    """Standalone: compare a version from the repository with the active one (None: stop).
+
+    The candidate is loaded and gated beside the active version (a refused one is an error
+    here, and nothing changes); while the comparison is on, the repository watcher switches
+    nothing for this model. Stopping leaves the candidate loaded as the previous version, and
+    the watcher's usual policy (serve the highest version not held back) applies again.
+    """
+    slot = slots.slots.get(name)
+    if slot is None or slot.active is None:
+        raise ModelNotFoundError(
+            f"model {name!r} is not serving on this agent: `modelfleet-agent status` lists what is"
+        )
+    if comparison is None:
+        slots.set_comparison(name, None)
+        return _status(slots, name)
+    candidate = comparison.candidate
+    if candidate == slot.active.version:
+        raise InvalidRequestError(
+            f"v{candidate} is the active version of {name!r}; compare another version from "
+            f"{root / name} (to try the newest one, `modelfleet-agent rollback {name}` first, "
+            "which keeps it from being switched to again)"
+        )
+    if slot.previous is None or slot.previous.version != candidate:
+        on_disk = (await asyncio.to_thread(scan, root)).get(name, {}).get(candidate)
+        if on_disk is None:
+            raise ModelNotFoundError(
+                f"{name!r} version {candidate} is not in the repository {root}: put its bundle "
+                f"at {root / name / str(candidate)}/ first"
+            )
+        # Set before loading, so the watcher does not switch this model meanwhile; the shares
+        # apply only once the candidate has passed its gate.
+        previous = slot.comparison
+        slots.set_comparison(name, comparison)
+        try:
+            await slots.deploy(
+                on_disk.path, on_disk.fingerprint, expect=(name, candidate), switch=False
+            )
+        except ModelfleetError:
+            slots.set_comparison(name, previous)
+            raise
+    slots.set_comparison(name, comparison)
+    return _status(slots, name)
+
+
+def _status(slots: SlotManager, name: str) -> ModelStatus:
+    return next(s for s in slots.status() if s.name == name)

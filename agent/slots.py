@@ -22,6 +22,14 @@ import numpy as np
 from modelfleet.agent.gate import GateResult, evaluate
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.serving.batcher import DirectRunner, DynamicBatcher, Timing
+from modelfleet.agent.serving.routing import (
+    ARM_ACTIVE,
+    ARM_CANDIDATE,
+    ARM_SHADOW,
+    Comparison,
+    ready_candidate,
+)
+from modelfleet.agent.telemetry import ShadowCells
 from modelfleet.kernel.bundle import Bundle, Manifest, load_bundle
 from modelfleet.kernel.errors import (
     BundleError,
@@ -84,6 +92,7 @@ class LoadedVersion:
         self._batch_hist = metrics.batch_size.labels(*self._metrics_labels)
         self._compute_hist = metrics.compute_seconds.labels(*self._metrics_labels)
         self.telemetry = metrics.telemetry.version(self.name, self.version)
+        self._aggregator = metrics.telemetry
         max_batch = bundle.manifest.max_batch_size
         delay = batching.max_queue_delay_us
         if delay is None:
@@ -123,6 +132,10 @@ class LoadedVersion:
     ) -> tuple[dict[str, np.ndarray], Timing]:
         return await self.runner.infer(self.model.prepare(inputs), rows)
 
+    def telemetry_shadow(self, shadow_version: int, outputs: list[str]) -> ShadowCells:
+        """Where this version's outputs are compared with ``shadow_version``'s."""
+        return self._aggregator.shadow(self.name, self.version, shadow_version, outputs)
+
     @property
     def manifest(self) -> Manifest:
         return self.bundle.manifest
@@ -139,6 +152,9 @@ class ModelSlot:
     failed: dict[int, tuple[object, GateResult]] = field(default_factory=dict)
     # After a rollback, versions up to this one are not re-deployed automatically.
     hold_at_or_below: int | None = None
+    # Live comparison of a candidate (loaded beside the active version as ``previous``) with
+    # the active version: split and shadow shares (agent/serving/routing.py).
+    comparison: Comparison | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def loaded(self) -> list[LoadedVersion]:
@@ -155,6 +171,9 @@ class ModelStatus:
     last_gate: GateResult | None
     failed: dict[int, GateResult]
     held_at_or_below: int | None
+    comparison: Comparison | None = None
+    # The comparison's candidate is loaded and gated, so the shares apply now.
+    comparing: bool = False
 
 
 ChangeListener = Callable[[str], None]
@@ -182,6 +201,7 @@ class SlotManager:
         self.loader_executor = ThreadPoolExecutor(1, thread_name_prefix="load")
         self.slots: dict[str, ModelSlot] = {}
         self.listeners: list[ChangeListener] = []
+        metrics.telemetry.arms = self.arms
 
     # -- lookups on the request path ------------------------------------------------------------
 
@@ -443,7 +463,45 @@ class SlotManager:
         if slot.active is not None:
             self.metrics.loaded.labels(slot.name, str(slot.active.version), "active").set(1)
         if slot.previous is not None:
-            self.metrics.loaded.labels(slot.name, str(slot.previous.version), "previous").set(1)
+            role = _candidate_arm(slot) or "previous"
+            self.metrics.loaded.labels(slot.name, str(slot.previous.version), role).set(1)
+
+    # -- live comparison ------------------------------------------------------------------------
+
+    def set_comparison(self, name: str, comparison: Comparison | None) -> bool:
+        """Compare ``comparison.candidate`` with the active version (None: stop comparing).
+
+        Takes effect with the next request; nothing is loaded or unloaded here (the candidate is
+        prepared like any blue/green version). Returns whether anything changed.
+        """
+        if comparison is not None and not comparison.active:
+            comparison = None
+        slot = self.slots.get(name)
+        if slot is None:
+            # Nothing of the model is known yet: the caller sets it again once it is (an empty
+            # slot made here would read as a model that is not ready).
+            return False
+        if slot.comparison == comparison:
+            return False
+        slot.comparison = comparison
+        if comparison is None:
+            log.info("model %s: comparison off", name)
+        else:
+            log.info("model %s: comparing %s", name, comparison.describe())
+        self._publish_roles(slot)
+        self._notify(name)
+        return True
+
+    def arms(self) -> dict[tuple[str, int], str]:
+        """(model, version) -> arm, for telemetry: every active version, and candidates."""
+        out: dict[tuple[str, int], str] = {}
+        for slot in self.slots.values():
+            if slot.active is not None:
+                out[(slot.name, slot.active.version)] = ARM_ACTIVE
+            arm = _candidate_arm(slot)
+            if arm and slot.previous is not None:
+                out[(slot.name, slot.previous.version)] = arm
+        return out
 
     def rollback(self, name: str) -> tuple[int, int]:
         """Switch back to the previous version at once. Returns (from, to)."""
@@ -494,6 +552,8 @@ class SlotManager:
                     last_gate=slot.last_gate,
                     failed={v: r for v, (_, r) in slot.failed.items()},
                     held_at_or_below=slot.hold_at_or_below,
+                    comparison=slot.comparison,
+                    comparing=ready_candidate(slot) is not None,
                 )
             )
         return out
@@ -513,6 +573,14 @@ class SlotManager:
 class _NoPrevious(ModelfleetError):
     status = Status.FAILED_PRECONDITION
     reason = "no_previous"
+
+
+def _candidate_arm(slot: ModelSlot) -> str:
+    """``candidate`` (answers a split's share), ``shadow`` (copies only) or "" (no role)."""
+    c = slot.comparison
+    if c is None or ready_candidate(slot) is None:
+        return ""
+    return ARM_CANDIDATE if c.split_bp else ARM_SHADOW
 
 
 def _label_sets(metrics: AgentMetrics) -> set[tuple[str, ...]]:

@@ -28,7 +28,9 @@ keeps its :class:`VersionCounters`); a request adds to five cells and does two `
 Every hook runs on the event loop (the data plane, the batcher's completion callback and the slot
 switches all do), and so does :meth:`TelemetryAggregator.cut`, so the cells need no lock. The
 only call from another thread is :meth:`TelemetryAggregator.version` (a candidate version is
-built on the loader thread), which takes a small lock shared with the cut.
+built on the loader thread), which takes a small lock shared with the cut. Shadow comparisons
+(:class:`ShadowCells`) are the exception: the shadow threads write them, under a lock of their
+own.
 """
 
 from __future__ import annotations
@@ -45,11 +47,12 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from modelfleet.kernel.atomic import atomic_write
-from modelfleet.kernel.telemetry_bounds import BATCH_BOUNDS, LATENCY_BOUNDS
+from modelfleet.kernel.telemetry_bounds import BATCH_BOUNDS, DIFF_BOUNDS, JS_BOUNDS, LATENCY_BOUNDS
 from modelfleet.protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -332,6 +335,128 @@ class VersionCounters:
         return names
 
 
+# -- shadow comparisons: per (model, primary version, shadow version), one row per output -------
+# Kept in memory, not in the journal: they are samples of the traffic, and a kill -9 loses at
+# most the open interval of them (the served counts above are what must never be lost).
+_SH_COMPARED, _SH_DROPPED, _SH_FAILURES, _SH_AGREE, _SH_TOTAL = range(5)
+_SH_ABS = 5
+_SH_REL = _SH_ABS + len(DIFF_BOUNDS) + 2
+_SH_JS = _SH_REL + len(DIFF_BOUNDS) + 2
+_SH_LAT = _SH_JS + len(JS_BOUNDS) + 2
+_SH_CELLS = _SH_LAT + len(LATENCY_BOUNDS) + 2
+
+
+def _observe(row: list[float], at: int, bounds: tuple[float, ...], value: float) -> None:
+    row[at + bisect_left(bounds, value)] += 1
+    row[at + len(bounds) + 1] += value
+
+
+class ShadowCells:
+    """What one primary version's outputs looked like next to one shadow version's.
+
+    Unlike the other cells, these are written from the shadow threads (and drops from the event
+    loop), so writers and :meth:`snapshot` share a lock. ``dropped`` and ``failures`` count
+    requests, so every output's row counts them alike.
+    """
+
+    __slots__ = ("lock", "max_abs", "model", "reported", "rows", "shadow_version", "version")
+
+    def __init__(self, model: str, version: int, shadow_version: int, outputs: list[str]) -> None:
+        self.model, self.version, self.shadow_version = model, version, shadow_version
+        self.rows: dict[str, list[float]] = {o: [0.0] * _SH_CELLS for o in outputs}
+        self.reported: dict[str, list[float]] = {}
+        # The largest per-request absolute difference seen (for `status`; not reported).
+        self.max_abs = 0.0
+        self.lock = threading.Lock()
+
+    def _row(self, output: str) -> list[float]:
+        row = self.rows.get(output)
+        if row is None:
+            row = self.rows[output] = [0.0] * _SH_CELLS
+        return row
+
+    def dropped(self) -> None:
+        with self.lock:
+            for row in self.rows.values():
+                row[_SH_DROPPED] += 1
+
+    def failed(self) -> None:
+        with self.lock:
+            for row in self.rows.values():
+                row[_SH_FAILURES] += 1
+
+    def compared(self, outputs: Iterable[Any], shadow_s: float) -> None:
+        """``outputs``: :class:`agent.serving.shadow.OutputCompare` of one request."""
+        with self.lock:
+            self._compared(outputs, shadow_s)
+
+    def snapshot(self) -> dict[str, list[float]]:
+        with self.lock:
+            return {o: list(r) for o, r in self.rows.items()}
+
+    def _compared(self, outputs: Iterable[Any], shadow_s: float) -> None:
+        for c in outputs:
+            row = self._row(c.output)
+            row[_SH_COMPARED] += 1
+            _observe(row, _SH_ABS, DIFF_BOUNDS, c.abs_diff)
+            self.max_abs = max(self.max_abs, c.abs_diff)
+            _observe(row, _SH_REL, DIFF_BOUNDS, c.rel_diff)
+            for js in c.js:
+                _observe(row, _SH_JS, JS_BOUNDS, js)
+            if c.top1_agree is not None:
+                row[_SH_TOTAL] += 1
+                row[_SH_AGREE] += c.top1_agree
+            _observe(row, _SH_LAT, LATENCY_BOUNDS, shadow_s)
+
+    def totals(self) -> tuple[int, int, int, int, int]:
+        """(compared, dropped, failures, top-1 agreed, top-1 total) since the agent started,
+        in requests; top-1 summed over the class-score outputs."""
+        if not self.rows:
+            return 0, 0, 0, 0, 0
+        row = next(iter(self.rows.values()))
+        rows = self.rows.values()
+        return (
+            max(int(r[_SH_COMPARED]) for r in rows),
+            int(row[_SH_DROPPED]),
+            int(row[_SH_FAILURES]),
+            sum(int(r[_SH_AGREE]) for r in rows),
+            sum(int(r[_SH_TOTAL]) for r in rows),
+        )
+
+    def deltas(self, rows: dict[str, list[float]]) -> dict[str, list[float]]:
+        """What ``rows`` (a :meth:`snapshot`) holds beyond the last committed report."""
+        out = {}
+        for output, row in rows.items():
+            done = self.reported.get(output)
+            delta = row if done is None else [a - b for a, b in zip(row, done, strict=True)]
+            if any(delta):
+                out[output] = list(delta)
+        return out
+
+
+def _hist(row: list[float], at: int, bounds: tuple[float, ...]) -> pb.Histogram:
+    counts = [int(c) for c in row[at : at + len(bounds) + 1]]
+    return pb.Histogram(
+        bounds=bounds, counts=counts, sum=row[at + len(bounds) + 1], count=sum(counts)
+    )
+
+
+def shadow_compare(shadow_version: int, output: str, row: list[float]) -> pb.ShadowCompare:
+    return pb.ShadowCompare(
+        shadow_version=shadow_version,
+        output=output,
+        compared=int(row[_SH_COMPARED]),
+        dropped=int(row[_SH_DROPPED]),
+        shadow_failures=int(row[_SH_FAILURES]),
+        top1_agree=int(row[_SH_AGREE]),
+        top1_total=int(row[_SH_TOTAL]),
+        abs_diff=_hist(row, _SH_ABS, DIFF_BOUNDS),
+        rel_diff=_hist(row, _SH_REL, DIFF_BOUNDS),
+        js_divergence=_hist(row, _SH_JS, JS_BOUNDS),
+        shadow_latency=_hist(row, _SH_LAT, LATENCY_BOUNDS),
+    )
+
+
 class ProcessSampler:
     """Resident memory now, and CPU seconds (user + system) since the previous sample."""
 
@@ -433,6 +558,28 @@ class TelemetryAggregator:
         self._lock = threading.Lock()
         self.started = clock()
         self.process = ProcessSampler()
+        self._shadow: dict[tuple[str, int, int], ShadowCells] = {}
+        # (model, version) -> arm ("active", "candidate", "shadow") at the time of a cut; the
+        # slot manager installs it (agent/slots.py).
+        self.arms: Callable[[], dict[tuple[str, int], str]] = dict
+
+    def shadow(
+        self, model: str, version: int, shadow_version: int, outputs: list[str]
+    ) -> ShadowCells:
+        key = (model, version, shadow_version)
+        cells = self._shadow.get(key)
+        if cells is None:
+            # Shadow threads and the event loop both come here.
+            with self._lock:
+                cells = self._shadow.get(key)
+                if cells is None:
+                    cells = ShadowCells(model, version, shadow_version, outputs)
+                    self._shadow[key] = cells
+        return cells
+
+    def shadow_cells(self, model: str) -> list[ShadowCells]:
+        with self._lock:
+            return [c for (m, _, _), c in sorted(self._shadow.items()) if m == model]
 
     def version(self, model: str, version: int) -> VersionCounters:
         key = (model, version)
@@ -530,6 +677,8 @@ class TelemetryAggregator:
         """
         now = self.clock()
         serving = set(serving)
+        arms = self.arms()
+        serving |= set(arms)
         for model, version in serving:
             self.version(model, version)
         with self._lock:
@@ -537,11 +686,24 @@ class TelemetryAggregator:
             stores = self._stores()
             current = [s.counters() for s in stores]
         deltas = {id(s): s.unreported(cur) for s, cur in zip(stores, current, strict=True)}
+        with self._lock:
+            shadows = sorted(self._shadow.items())
+        shadow_rows = {k: c.snapshot() for k, c in shadows}
+        shadow_now = {k: c.deltas(shadow_rows[k]) for k, c in shadows}
+        by_version: dict[tuple[str, int], list[pb.ShadowCompare]] = {}
+        for (model, version, shadow_version), rows in shadow_now.items():
+            for output, row in sorted(rows.items()):
+                by_version.setdefault((model, version), []).append(
+                    shadow_compare(shadow_version, output, row)
+                )
         versions = []
         for key, c in entries:
             row = deltas[id(c.store)][c.base // SLOT_CELLS - 1]
-            if key in serving or row.any():
-                versions.append(version_telemetry(c.model, c.version, c.reason_names(), row))
+            if key in serving or row.any() or key in by_version:
+                msg = version_telemetry(c.model, c.version, c.reason_names(), row)
+                msg.arm = arms.get(key, "")
+                msg.shadow.extend(by_version.get(key, ()))
+                versions.append(msg)
         report = pb.TelemetryReport(
             start_unix=self.started,
             end_unix=now,
@@ -560,6 +722,8 @@ class TelemetryAggregator:
         def commit() -> None:
             for s, cur in zip(stores, current, strict=True):
                 s.reported = cur
+            for k, rows in shadow_rows.items():
+                self._shadow[k].reported = rows
             self.started = now
 
         return Cut(report, mark, commit)
@@ -596,6 +760,7 @@ __all__ = [
     "Cut",
     "JournalMark",
     "ProcessSampler",
+    "ShadowCells",
     "TelemetryAggregator",
     "VersionCounters",
     "recovered_report",

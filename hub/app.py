@@ -232,6 +232,8 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     tasks = [loop.create_task(refresher()), loop.create_task(flush_seen())]
     # Rollouts in flight when the hub last stopped continue from their saved state.
     tasks.append(loop.create_task(core.rollouts.run(stop)))
+    # Experiments whose --duration passed while the hub was down end on the first tick.
+    tasks.append(loop.create_task(core.experiments.run(stop)))
     tasks.append(loop.create_task(core.telemetry_ingest.prune_loop(stop)))
     bridge = None
     if cfg.mqtt:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelfleet.kernel.cli import run_command
-from modelfleet.kernel.commandline import finish
+from modelfleet.kernel.commandline import finish, message_dict
 from modelfleet.kernel.errors import (
     EXIT_CODES,
     InvalidRequestError,
@@ -32,19 +32,17 @@ DEFAULT_DATA = os.environ.get("MODELFLEET_HUB_DATA", "hub-data")
 
 
 def _duration(text: str) -> float:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    """A duration with its unit. A bare ``300`` could mean seconds or minutes, so every
+    duration flag of this CLI refuses it, the same way."""
+    bare = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", bare):
+        raise argparse.ArgumentTypeError(
+            f"{bare!r} has no unit: add one, e.g. {bare}s, or 5m, 1h, 1d"
+        )
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", bare)
     if not m:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 90s, 10m, 1h, 7d)")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-
-
-def _rollout_duration(text: str) -> float:
-    """A duration with its unit: a bare ``300`` could mean seconds or minutes, so it is refused."""
-    if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", text):
-        raise argparse.ArgumentTypeError(
-            f"{text.strip()!r} has no unit: add one, e.g. {text.strip()}s, or 5m, 1h, 1d"
-        )
-    return _duration(text)
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -343,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument(
         "--bake",
         metavar="DURATION",
-        type=_rollout_duration,
+        type=_duration,
         default="5m",
         help="how long each wave serves before its gates are judged (default: %(default)s)",
     )
@@ -369,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument(
         "--max-bake",
         metavar="DURATION",
-        type=_rollout_duration,
+        type=_duration,
         default=None,
         help="a wave the judge finds inconclusive at the end of its bake bakes on up to this "
         "long, then the rollout pauses for an operator (default: 3 x --bake)",
@@ -393,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument(
         "--agent-timeout",
         metavar="DURATION",
-        type=_rollout_duration,
+        type=_duration,
         default="10m",
         help="how long an agent may take to switch (blue-green: to prepare) before it counts "
         "as failed (default: %(default)s)",
@@ -417,6 +415,53 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: refused)",
     )
     rs.add_argument(
+        "--traffic",
+        metavar="STEPS",
+        default=None,
+        help="traffic canary: in each wave, the percent of requests the new version answers, "
+        "step by step, baking and judging between steps; increasing, ending at 100, e.g. "
+        "5,25,50,100 (default: none: a wave switches its agents at once)",
+    )
+    rs.add_argument(
+        "--rate-base",
+        metavar="N",
+        type=float,
+        default=0.0,
+        help="pacing: agents assigned in the first minute; batch k (one a minute) takes "
+        "N * F^k agents (default: %(default)g: no pacing, a wave assigns all at once)",
+    )
+    rs.add_argument(
+        "--rate-factor",
+        metavar="F",
+        type=float,
+        default=2.0,
+        help="pacing: how much the rate grows each minute, >= 1 (default: %(default)g)",
+    )
+    rs.add_argument(
+        "--rate-max",
+        metavar="M",
+        type=float,
+        default=0.0,
+        help="pacing: at most M agents a minute (default: %(default)g: no maximum)",
+    )
+    rs.add_argument(
+        "--abort-failed-pct",
+        metavar="P",
+        type=float,
+        default=0.0,
+        help="roll back when more than P percent of the agents resolved so far failed "
+        "(refused the version or timed out); replaces --max-failed-agents (default: "
+        "%(default)g: off)",
+    )
+    rs.add_argument(
+        "--abort-min-agents",
+        metavar="K",
+        type=int,
+        default=1,
+        help="with --abort-failed-pct: judge the share once at least K agents are resolved "
+        "(default: %(default)s)",
+    )
+    rs.add_argument(
         "--wait",
         action="store_true",
         help="watch the rollout until it ends or needs an operator; the exit code says how "
@@ -425,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument(
         "--timeout",
         metavar="DURATION",
-        type=_rollout_duration,
+        type=_duration,
         default=None,
         help=f"with --wait: stop waiting after this long (exit {EXIT_WAIT_TIMEOUT}); the "
         "rollout goes on (default: no limit)",
@@ -453,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--timeout",
         metavar="DURATION",
-        type=_rollout_duration,
+        type=_duration,
         default=None,
         help=f"with --watch: stop watching after this long (exit {EXIT_WAIT_TIMEOUT}) "
         "(default: no limit)",
@@ -470,10 +515,20 @@ def build_parser() -> argparse.ArgumentParser:
         ("promote", "assign all remaining agents at once (blue-green: switch)"),
         ("rollback", "return every agent of the rollout to its previous version"),
     ):
-        rsub.add_parser(action, help=what).add_argument("name", help="model name")
+        ctl = rsub.add_parser(action, help=what)
+        ctl.add_argument("name", help="model name")
+        if action == "rollback":
+            ctl.add_argument(
+                "--now",
+                action="store_true",
+                help="end the rollout at once, rolled back, without waiting for the agents to "
+                "confirm (traffic canary: every split to 0%%) (default: wait for them)",
+            )
     rh = rsub.add_parser("history", help="every rollout of a model, newest last")
     rh.add_argument("name", help="model name")
     _add_json(rh)
+
+    _add_experiment_commands(sub)
 
     jobs = sub.add_parser("jobs", help="scheduled batch scoring on agents")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
@@ -541,7 +596,99 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_json(met)
     _add_backup_commands(sub)
+    _add_state_commands(sub)
     return finish(p)
+
+
+def _percent(text: str) -> float:
+    try:
+        return float(text.strip().rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid percent {text!r}: use a number, e.g. 10 or 0.5"
+        ) from None
+
+
+def _add_experiment_commands(sub: Any) -> None:
+    ex = sub.add_parser(
+        "experiment", help="compare a candidate with the running version on live traffic"
+    )
+    xsub = ex.add_subparsers(dest="experiment_command", required=True)
+    xs = xsub.add_parser(
+        "start",
+        help="load a candidate beside the running version and split or shadow traffic to it",
+        description="Start an experiment: the selected agents load --candidate beside the "
+        "version they run and answer --split PCT of the requests with it, or run --shadow PCT "
+        "of them again on it after the response. See docs/operations.md.",
+        epilog="exit codes: 0 started, 2 usage, 3 invalid (share out of range, no agent "
+        "matches), 4 unknown model or version, 7 refused (retired or unsigned version, "
+        "candidate already running, overlapping experiment or rollout)",
+    )
+    xs.add_argument("name", help="model name")
+    xs.add_argument(
+        "--candidate", metavar="V", type=_version, required=True, help="the version to try"
+    )
+    arm = xs.add_mutually_exclusive_group(required=True)
+    arm.add_argument(
+        "--split",
+        metavar="PCT",
+        type=_percent,
+        help="percent of requests the candidate answers, more than 0 and less than 100 "
+        "(default: none; give --split or --shadow)",
+    )
+    arm.add_argument(
+        "--shadow",
+        metavar="PCT",
+        type=_percent,
+        help="percent of requests run again on the candidate after the response, more than 0 "
+        "and at most 100; clients never see its output (default: none)",
+    )
+    xs.add_argument(
+        "--sticky",
+        action="store_true",
+        help="with --split: a request's routing key always reaches the same version "
+        "(default: each request drawn)",
+    )
+    xs.add_argument(
+        "--selector",
+        type=_labels,
+        metavar="K=V[,K=V]",
+        default={},
+        help="k=v[,k=v]: the agents that run the experiment (default: the whole fleet)",
+    )
+    xs.add_argument(
+        "--duration",
+        metavar="DURATION",
+        type=_duration,
+        default=None,
+        help="end the experiment after this long, e.g. 1h (default: until stop or promote)",
+    )
+    _add_json(xs)
+    xl = xsub.add_parser("ls", help="every experiment, running or ended")
+    xl.add_argument("name", nargs="?", default="", help="model name (default: every model)")
+    _add_json(xl)
+    xst = xsub.add_parser("status", help="per arm: requests, errors, latency, divergence")
+    xst.add_argument("name", help="model name")
+    _add_experiment_id(xst)
+    _add_json(xst)
+    for action, what in (
+        ("stop", "end the experiment: agents drop the candidate"),
+        ("promote", "deploy the candidate for the experiment's selector and end it"),
+    ):
+        xc = xsub.add_parser(action, help=what)
+        xc.add_argument("name", help="model name")
+        _add_experiment_id(xc)
+        _add_json(xc)
+
+
+def _add_experiment_id(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--id",
+        metavar="ID",
+        type=int,
+        default=0,
+        help="this experiment of NAME (default: the running one, else the latest)",
+    )
 
 
 def _add_json(parser: argparse.ArgumentParser) -> None:
@@ -626,6 +773,62 @@ def _add_backup_commands(sub: Any) -> None:
         metavar="HEX",
         help="refuse the backup unless its manifest has this SHA-256 (what backup printed) "
         "(default: any manifest; the files are checked against it either way)",
+    )
+
+
+def _add_state_commands(sub: Any) -> None:
+    """`apply`, `diff`, `export`: desired state as code (docs/operations.md)."""
+    for name, help_text, description in (
+        (
+            "apply",
+            "make the fleet's desired state what a state file declares",
+            "Check the whole state file FILE against the hub, then deploy, start rollouts and "
+            "create or update jobs so that the hub's desired state is what the file declares. "
+            f"A file with any problem changes nothing (exit {EXIT_STATE_REFUSED}); applying the "
+            "same file again changes nothing.",
+        ),
+        (
+            "diff",
+            "show what `apply` would change, on which agents; change nothing",
+            "Show what `apply -f FILE` would do, per entry and per agent (from which version "
+            "to which), with the same checks; change nothing. Exit 0 when applying FILE would "
+            f"change nothing, {EXIT_STATE_DIFFERS} when it would, {EXIT_STATE_REFUSED} when the "
+            "hub refuses the file.",
+        ),
+    ):
+        c = sub.add_parser(name, help=help_text, description=description)
+        c.add_argument(
+            "-f",
+            "--file",
+            required=True,
+            metavar="FILE",
+            help="the state file (TOML; '-' reads standard input) (required, no default)",
+        )
+        c.add_argument(
+            "--prune",
+            action="store_true",
+            help="also undeploy the deployments and delete the jobs FILE does not name "
+            "(default: list them as kept)",
+        )
+        _add_json(c)
+    e = sub.add_parser(
+        "export",
+        help="write the fleet's desired state as a state file",
+        description="Print the deployments in force (per model and selector) and the jobs as "
+        "a state file; `modelfleet-hub export | modelfleet-hub apply -f -` changes nothing.",
+    )
+    e.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write to FILE instead of standard output (default: standard output)",
+    )
+    e.add_argument(
+        "--json",
+        action="store_true",
+        help="print the state file's content as JSON instead of TOML",
     )
 
 
@@ -1396,8 +1599,6 @@ def _ago(ts: float) -> str:
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from modelfleet.protos import fleet_pb2 as pb
 
     stub = admin_stub(args)
@@ -1415,11 +1616,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
         return 0
     resp = call(stub.ListAgents, pb.ListAgentsRequest())
     if args.json:
-        print(
-            json.dumps(
-                [MessageToDict(a, preserving_proto_field_name=True) for a in resp.agents], indent=2
-            )
-        )
+        print(json.dumps([message_dict(a) for a in resp.agents], indent=2))
         return 0
     print(
         f"{'AGENT':<22} {'STATUS':<8} {'ONLINE':<7} {'LAST SEEN':<10} {'LABELS':<24} "
@@ -1430,6 +1627,9 @@ def cmd_agents(args: argparse.Namespace) -> int:
         labels = ",".join(f"{k}={v}" for k, v in sorted(a.labels.items())) or "-"
         reports = {m.name: m for m in a.report.models}
         desired = {d.name: d.version for d in a.desired}
+        compared = {
+            d.name: d for d in a.desired if d.prepare_version and (d.split_bp or d.shadow_bp)
+        }
         set_by = {d.model: _agent_set_by(d, in_progress) for d in a.desired_by}
         names = sorted(set(reports) | set(desired)) or ["-"]
         for i, name in enumerate(names):
@@ -1454,6 +1654,8 @@ def cmd_agents(args: argparse.Namespace) -> int:
                 f"{(m.active_version or '-') if m else '-'!s:>6}  "
                 f"{set_by.get(name, '-'):<27} {gate}"
             )
+            if name in compared:
+                print(f"{'':<74} {name}: {_comparison(compared[name])}")
         if a.report.last_error:
             print(f"{'':<74} last error: {a.report.last_error}")
         if a.status == "active" and (warning := _cert_warning(a.cert_expires_at)):
@@ -1461,6 +1663,17 @@ def cmd_agents(args: argparse.Namespace) -> int:
     for r in resp.rollouts:
         print(_rollout_line(r))
     return 0
+
+
+def _comparison(d: Any) -> str:
+    """An agent's live comparison of a model: "experiment 3: v2 on 10% of requests"."""
+    if d.split_bp:
+        share = f"v{d.prepare_version} answers {d.split_bp / 100:g}% of requests" + (
+            " (sticky)" if d.sticky else ""
+        )
+    else:
+        share = f"v{d.prepare_version} shadows {d.shadow_bp / 100:g}% of requests"
+    return f"{d.comparison or 'comparison'}: {share}"
 
 
 def _agent_set_by(d: Any, in_progress: set[int]) -> str:
@@ -1491,8 +1704,6 @@ def _cert_warning(expires_at: float, now: float | None = None) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from modelfleet.protos import fleet_pb2 as pb
 
     stub = admin_stub(args)
@@ -1535,7 +1746,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if args.json:
             print(
                 json.dumps(
-                    [MessageToDict(r, preserving_proto_field_name=True) for r in resp.runs],
+                    [message_dict(r) for r in resp.runs],
                     indent=2,
                 )
             )
@@ -1595,6 +1806,9 @@ _ROLLOUT_EXITS_HELP = (
     f"`rollout promote`, {EXIT_WAIT_TIMEOUT} --timeout reached (the rollout goes on)"
 )
 WATCH_INTERVAL_S = 1.0
+# A watch outlives a hub restart: it keeps asking through an outage this long (or until
+# --timeout, if that comes first) before it gives up with the unavailable exit code.
+WATCH_OUTAGE_S = 300.0
 
 
 def rollout_dict(status: Any) -> dict[str, Any]:
@@ -1693,6 +1907,14 @@ def rollout_dict(status: Any) -> dict[str, Any]:
         "allow_downgrade": status.allow_downgrade,
         "judge": list(status.judge),
         "max_bake_s": status.max_bake_s,
+        "traffic": list(status.traffic),
+        "traffic_percent": status.traffic_percent,
+        "queued": status.queued,
+        "rate_base": status.rate_base,
+        "rate_factor": status.rate_factor,
+        "rate_max": status.rate_max,
+        "abort_failed_pct": status.abort_failed_pct,
+        "abort_min_agents": status.abort_min_agents,
     }
 
 
@@ -1751,6 +1973,23 @@ def _render_rollout(status: Any) -> str:
         f"  judge {', '.join(d['judge']) or 'none'}"
         + (f", max-bake {d['max_bake_s']:g}s" if d["judge"] else ""),
     ]
+    if d["traffic"]:
+        steps = ",".join(str(s) for s in d["traffic"])
+        lines.append(
+            f"  traffic canary {steps}: wave {d['wave']} at {d['traffic_percent']}% of its "
+            f"requests on v{d['version']}"
+        )
+    if d["rate_base"] or d["queued"]:
+        cap = f", at most {d['rate_max']:g}/min" if d["rate_max"] else ""
+        lines.append(
+            f"  pacing {d['rate_base']:g} agent(s) in the first minute, x{d['rate_factor']:g} "
+            f"each minute{cap}; {d['queued']} agent(s) queued"
+        )
+    if d["abort_failed_pct"]:
+        lines.append(
+            f"  abort when more than {d['abort_failed_pct']:g}% of the agents failed, after "
+            f"{d['abort_min_agents']} resolved"
+        )
     lines += [f"  warning: {w}" for w in d["warnings"]]
     if d["state"] == "baking":
         lines.append(f"  bake: {d['bake_left_s']:.0f}s left")
@@ -1872,7 +2111,6 @@ def _watch_rollout(
 
     ``shown``: ``first`` is already on screen (`rollout start` printed it).
     """
-    from modelfleet.protos import fleet_pb2 as pb
 
     tty = sys.stdout.isatty() and not as_json
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -1919,7 +2157,46 @@ def _watch_rollout(
         if deadline is not None:
             pause = max(0.0, min(pause, deadline - time.monotonic()))
         time.sleep(pause)
-        status = call(stub.GetRollout, pb.GetRolloutRequest(model=status.model, id=status.id))
+        status = _poll_through_outage(stub, status, deadline)
+
+
+def _poll_through_outage(stub: Any, status: Any, deadline: float | None) -> Any:
+    """The rollout's next status; while the hub is unreachable (restarting), the last one.
+
+    The rollout itself is durable and resumes with the hub, so a restart must not end a watch
+    (or a `rollout start --wait` in a pipeline) with "unavailable". An outage longer than
+    WATCH_OUTAGE_S, or one still going at the deadline, raises as before."""
+    from modelfleet.protos import fleet_pb2 as pb
+
+    request = pb.GetRolloutRequest(model=status.model, id=status.id)
+    outage_since: float | None = None
+    while True:
+        try:
+            fresh = call(stub.GetRollout, request, timeout=10)
+        except ModelfleetError as exc:
+            now = time.monotonic()
+            if exc.status is not Status.UNAVAILABLE:
+                raise
+            if outage_since is None:
+                outage_since = now
+                print(
+                    f"modelfleet-hub: the hub does not answer ({exc}); still watching rollout "
+                    f"{status.id}, for up to {WATCH_OUTAGE_S:g}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if now - outage_since >= WATCH_OUTAGE_S or (deadline is not None and now >= deadline):
+                raise
+            time.sleep(WATCH_INTERVAL_S)
+            continue
+        if outage_since is not None:
+            down = time.monotonic() - outage_since
+            print(
+                f"modelfleet-hub: the hub answers again after {down:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+        return fresh
 
 
 def _usage_error(command: str, message: str) -> int:
@@ -1928,7 +2205,7 @@ def _usage_error(command: str, message: str) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from modelfleet.hub.rollouts import Spec
+    from modelfleet.hub.rollouts import Spec, parse_traffic
     from modelfleet.protos import fleet_pb2 as pb
 
     cmd = args.rollout_command
@@ -1957,6 +2234,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             allow_downgrade=args.allow_downgrade,
             judge=judged,
             max_bake_s=args.max_bake or 0.0,
+            traffic=parse_traffic(args.traffic) if args.traffic is not None else [],
+            rate_base=args.rate_base,
+            rate_factor=args.rate_factor,
+            rate_max=args.rate_max,
+            abort_failed_pct=args.abort_failed_pct,
+            abort_min_agents=args.abort_min_agents,
         )
         # The hub checks the same (every client gets it); here it fails before any connection.
         spec.validate()
@@ -1976,6 +2259,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             judge=spec.judge,
             no_judge=no_judge,
             max_bake_s=spec.max_bake_s,
+            traffic=spec.traffic,
+            rate_base=spec.rate_base,
+            rate_factor=spec.rate_factor,
+            rate_max=spec.rate_max,
+            abort_failed_pct=spec.abort_failed_pct,
+            abort_min_agents=spec.abort_min_agents,
         )
         stub = admin_stub(args)
         status = call(stub.StartRollout, req)
@@ -2001,8 +2290,170 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             d = rollout_dict(r)
             print(f"{r.id:>4}  v{r.version:<5} {r.state:<12} agents {d['agents']:<4} {d['reason']}")
         return 0
-    status = call(stub.ControlRollout, pb.ControlRolloutRequest(model=args.name, action=cmd))
+    action = "rollback_now" if cmd == "rollback" and args.now else cmd
+    status = call(stub.ControlRollout, pb.ControlRolloutRequest(model=args.name, action=action))
     print(_render_rollout(status))
+    return 0
+
+
+def experiment_dict(x: Any) -> dict[str, Any]:
+    """An ExperimentStatus as the plain data `experiment status --json` prints."""
+
+    def opt(msg: Any, name: str) -> Any:
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    shadow = None
+    if x.HasField("shadow"):
+        s = x.shadow
+        shadow = {
+            "available": s.available,
+            "note": s.note,
+            "compared": s.compared,
+            "dropped": s.dropped,
+            "shadow_failures": s.shadow_failures,
+            **{
+                k: opt(s, k)
+                for k in (
+                    "top1_agreement",
+                    "abs_diff_p50",
+                    "abs_diff_p99",
+                    "rel_diff_p99",
+                    "js_p99",
+                    "shadow_latency_p99_ms",
+                )
+            },
+        }
+    return {
+        "id": x.id,
+        "model": x.model,
+        "candidate": x.candidate,
+        "selector": dict(x.selector),
+        "mode": x.mode,
+        "share_percent": x.share_percent,
+        "sticky": x.sticky,
+        "duration_s": x.duration_s,
+        "state": x.state,
+        "created_at": x.created_at,
+        "ends_at": x.ends_at,
+        "finished_at": x.finished_at,
+        "reason": x.reason,
+        "actor": x.actor,
+        "arms": [
+            {
+                "arm": a.arm,
+                "version": a.version,
+                "requests": a.requests,
+                "failures": a.failures,
+                "error_rate": a.error_rate,
+                "p50_ms": opt(a, "p50_ms"),
+                "p95_ms": opt(a, "p95_ms"),
+                "p99_ms": opt(a, "p99_ms"),
+                "agents": a.agents,
+            }
+            for a in x.arms
+        ],
+        "shadow": shadow,
+        "verdict": x.verdict,
+        "agents_in": list(x.agents_in),
+        "agents_out": list(x.agents_out),
+        "since": x.since,
+        "until": x.until,
+        "events": [{"at": e.at, "text": e.text} for e in x.events],
+    }
+
+
+def _experiment_line(d: dict[str, Any]) -> str:
+    where = ",".join(f"{k}={v}" for k, v in sorted(d["selector"].items())) or "whole fleet"
+    share = f"{d['mode']} {d['share_percent']:g}%" + (", sticky" if d["sticky"] else "")
+    return (
+        f"{d['id']:>4}  {d['model']:<12} v{d['candidate']:<5} {share:<20} {d['state']:<9} {where}"
+    )
+
+
+def _render_experiment(x: Any) -> str:
+    d = experiment_dict(x)
+    share = f"{d['mode']} {d['share_percent']:g}%" + (", sticky" if d["sticky"] else "")
+    where = ",".join(f"{k}={v}" for k, v in sorted(d["selector"].items())) or "whole fleet"
+    lines = [
+        f"experiment {d['id']}: {d['model']} v{d['candidate']} ({share})  state "
+        f"{d['state'].upper()}" + (f"  ({d['reason']})" if d["reason"] else ""),
+        f"  selector {where}; {len(d['agents_in'])} agent(s) in the experiment"
+        + (f", {len(d['agents_out'])} out (a newer deployment decides)" if d["agents_out"] else ""),
+        f"  window {_hms(d['since'])}-{_hms(d['until'])} ({d['until'] - d['since']:.0f}s)"
+        + (f"; ends {_hms(d['ends_at'])}" if d["ends_at"] and d["state"] == "running" else ""),
+        f"    {'ARM':<10} {'VERSION':>7} {'REQUESTS':>9} {'ERRORS':>7} {'ERROR RATE':>10} "
+        f"{'P50 MS':>8} {'P95 MS':>8} {'P99 MS':>8} {'AGENTS':>6}",
+    ]
+    for a in d["arms"]:
+        lines.append(
+            f"    {a['arm']:<10} {_vcell(a['version']):>7} {a['requests']:>9} "
+            f"{a['failures']:>7} {a['error_rate']:>10.4f} {_fig(a['p50_ms']):>8} "
+            f"{_fig(a['p95_ms']):>8} {_fig(a['p99_ms']):>8} {a['agents']:>6}"
+        )
+    s = d["shadow"]
+    if s is not None:
+        if not s["available"]:
+            lines.append(f"  shadow: {s['note']}")
+        else:
+            lines.append(
+                f"  shadow v{d['candidate']}: {s['compared']} compared, {s['dropped']} dropped, "
+                f"{s['shadow_failures']} failed; top-1 agreement {_fig(s['top1_agreement'])}, "
+                f"|diff| p50 {_fig(s['abs_diff_p50'])} p99 {_fig(s['abs_diff_p99'])}, "
+                f"rel diff p99 {_fig(s['rel_diff_p99'])}, JS p99 {_fig(s['js_p99'])}, "
+                f"shadow latency p99 {_fig(s['shadow_latency_p99_ms'])} ms"
+                + (f" ({s['note']})" if s["note"] else "")
+            )
+    lines.append(f"  verdict: {d['verdict']}")
+    for e in d["events"][-6:]:
+        lines.append(f"  {_hms(e['at'])}  {e['text']}")
+    return "\n".join(lines)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from modelfleet.protos import fleet_pb2 as pb
+
+    cmd = args.experiment_command
+    stub = admin_stub(args)
+    if cmd == "ls":
+        resp = call(stub.ListExperiments, pb.ListExperimentsRequest(model=args.name))
+        if args.json:
+            _print_json([experiment_dict(x) for x in resp.experiments])
+            return 0
+        print(f"{'ID':>4}  {'MODEL':<12} {'CAND.':<6} {'SHARE':<20} {'STATE':<9} SELECTOR")
+        for x in resp.experiments:
+            print(_experiment_line(experiment_dict(x)))
+        return 0
+    if cmd == "start":
+        if args.sticky and args.split is None:
+            print(
+                "modelfleet-hub experiment start: error: --sticky needs --split",
+                file=sys.stderr,
+            )
+            return 2
+        req = pb.StartExperimentRequest(
+            model=args.name,
+            candidate=args.candidate,
+            selector=args.selector,
+            split_percent=args.split or 0.0,
+            sticky=args.sticky,
+            shadow_percent=args.shadow or 0.0,
+            duration_s=args.duration or 0.0,
+        )
+        # A share of 0 reads as "not given" on the wire: refuse it here, by its flag.
+        for flag, value in (("split", args.split), ("shadow", args.shadow)):
+            if value is not None and value <= 0:
+                raise InvalidRequestError(
+                    f"--{flag} {value:g} is out of range: more than 0 percent is needed"
+                )
+        x = call(stub.StartExperiment, req)
+    elif cmd == "status":
+        x = call(stub.GetExperiment, pb.GetExperimentRequest(model=args.name, id=args.id))
+    else:
+        x = call(
+            stub.ControlExperiment,
+            pb.ControlExperimentRequest(model=args.name, id=args.id, action=cmd),
+        )
+    print(json.dumps(experiment_dict(x)) if args.json else _render_experiment(x))
     return 0
 
 
@@ -2011,8 +2462,6 @@ def _ms(value: float) -> str:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from modelfleet.protos import fleet_pb2 as pb
 
     request = pb.MetricsRequest(
@@ -2020,7 +2469,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     )
     resp = call(admin_stub(args).Metrics, request)
     if args.json:
-        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        print(json.dumps(message_dict(resp), indent=2))
         return 0
     who = f"agent {args.agent}" if args.agent else "the fleet"
     print(
@@ -2126,6 +2575,175 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+# Exit codes of `diff` and `apply` (docs/cli.md): a refused file is an invalid argument (3, as
+# kernel/errors.py maps it). `diff` says "something would change" with a code of its own, not
+# diff(1)'s 1, which Python gives a crash: a traceback must never read as "differs".
+EXIT_STATE_DIFFERS = 24
+EXIT_STATE_REFUSED = EXIT_CODES[Status.INVALID_ARGUMENT]
+
+
+def _read_state_file(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"cannot read the state file {path}: {exc}") from None
+
+
+def state_plan_dict(plan: Any) -> dict[str, Any]:
+    """A StatePlan as `diff --json` and `apply --json` print it."""
+
+    def change(c: Any) -> dict[str, Any]:
+        return {
+            "agent_id": c.agent_id,
+            "hostname": c.hostname,
+            "from_version": c.from_version,
+            "to_version": c.to_version,
+            "active_version": c.active_version,
+        }
+
+    return {
+        "applied": plan.applied,
+        "changes": plan.changes,
+        "problems": [
+            {"where": p.where, "line": p.line, "message": p.message} for p in plan.problems
+        ],
+        "deployments": [
+            {
+                "entry": a.entry,
+                "line": a.line,
+                "model": a.model,
+                "selector": dict(sorted(a.selector.items())),
+                "version": a.version,
+                "strategy": a.strategy,
+                "action": a.action,
+                "reason": a.reason,
+                "current_version": a.current_version,
+                "agents": [change(c) for c in a.changes],
+                "rollout_id": a.rollout_id,
+                "revision": a.revision,
+            }
+            for a in plan.deployments
+        ],
+        "jobs": [
+            {
+                "entry": j.entry,
+                "line": j.line,
+                "name": j.name,
+                "action": j.action,
+                "reason": j.reason,
+                "fields": list(j.fields),
+            }
+            for j in plan.jobs
+        ],
+    }
+
+
+_STATE_VERBS = {
+    "none": ("in force", "in force"),
+    "deploy": ("would deploy", "deployed"),
+    "rollout": ("would start a rollout", "rollout started"),
+    "in_progress": ("rollout in progress", "rollout in progress"),
+    "held": ("held", "held"),
+    "undeploy": ("would undeploy", "undeployed"),
+    "kept": ("kept (--prune removes it)", "kept (--prune removes it)"),
+    "create": ("would create", "created"),
+    "update": ("would update", "updated"),
+    "delete": ("would delete", "deleted"),
+}
+
+
+def _print_state_plan(plan: Any, applied: bool) -> None:
+    changing = 0
+    for a in plan.deployments:
+        verb = _STATE_VERBS.get(a.action, (a.action, a.action))[applied]
+        head = f"deployment[{a.entry}]" if a.entry else "not in file:"
+        how = f" ({a.strategy})" if a.entry and a.strategy != "direct" else ""
+        now = f", now {_v(a.current_version)}" if a.current_version != a.version else ""
+        extra = ""
+        if a.rollout_id and a.action in ("rollout", "in_progress", "held"):
+            extra = f" [rollout {a.rollout_id}]"
+        elif a.revision:
+            extra = f" [revision {a.revision}]"
+        print(
+            f"{head} {a.model} v{a.version} for {_where(a.selector)}{how}{now}: {verb}"
+            f"{extra}" + (f": {a.reason}" if a.reason and a.action not in ("none", "kept") else "")
+        )
+        if a.action in ("deploy", "rollout", "undeploy"):
+            changing += 1
+            if not a.changes:
+                print("  no agent's desired version changes")
+            _print_changes(a.model, a.changes, fallback=a.action == "undeploy")
+    for j in plan.jobs:
+        verb = _STATE_VERBS.get(j.action, (j.action, j.action))[applied]
+        head = f"job[{j.entry}]" if j.entry else "not in file: job"
+        detail = f": {', '.join(j.fields)}" if j.fields else ""
+        print(f"{head} {j.name}: {verb}{detail}")
+        if j.action in ("create", "update", "delete"):
+            changing += 1
+    if not plan.changes:
+        print("nothing to change: the hub's desired state is what the file declares")
+    elif applied:
+        print(f"applied {changing} change(s)")
+        for a in plan.deployments:
+            if a.action == "rollout":
+                print(
+                    f"  follow rollout {a.rollout_id}: modelfleet-hub rollout status {a.model} "
+                    "--watch"
+                )
+    else:
+        print(f"{changing} change(s); `modelfleet-hub apply -f FILE` makes them")
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    """`diff` and `apply`: the hub plans (and applies); this reads the file and prints."""
+    from modelfleet.protos import fleet_pb2 as pb
+
+    text = _read_state_file(args.file)
+    stub = admin_stub(args)
+    req = pb.StateRequest(document=text, prune=args.prune)
+    plan = call(stub.ApplyState if args.command == "apply" else stub.PlanState, req)
+    if args.json:
+        _print_json(state_plan_dict(plan))
+    if plan.problems:
+        name = "<stdin>" if args.file == "-" else args.file
+        for p in plan.problems:
+            at = f"{name}:{p.line}" if p.line else name
+            print(f"{at}: {p.where}: {p.message}", file=sys.stderr)
+        print(
+            f"modelfleet-hub {args.command}: {name} refused: {len(plan.problems)} problem(s); "
+            "nothing changed",
+            file=sys.stderr,
+        )
+        return EXIT_STATE_REFUSED
+    if not args.json:
+        _print_state_plan(plan, applied=args.command == "apply")
+    if args.command == "diff" and plan.changes:
+        return EXIT_STATE_DIFFERS
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from modelfleet.protos import fleet_pb2 as pb
+
+    resp = call(admin_stub(args).ExportState, pb.ExportStateRequest())
+    text = json.dumps(tomllib.loads(resp.document), indent=2) + "\n" if args.json else resp.document
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    from modelfleet.kernel.atomic import atomic_write
+
+    atomic_write(args.output, text.encode("utf-8"))
+    print(
+        f"wrote {args.output}: {resp.deployments} deployment(s), {resp.jobs} job(s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_command("modelfleet-hub", lambda: _run(argv))
 
@@ -2187,10 +2805,14 @@ def _run(argv: list[str] | None) -> int:
         "deployments": cmd_deployments,
         "agents": cmd_agents,
         "rollout": cmd_rollout,
+        "experiment": cmd_experiment,
         "jobs": cmd_jobs,
         "metrics": cmd_metrics,
         "backup": cmd_backup,
         "restore": cmd_restore,
+        "apply": cmd_state,
+        "diff": cmd_state,
+        "export": cmd_export,
     }
     return handlers[args.command](args)
 

@@ -19,14 +19,16 @@ from modelfleet.hub.deployments import (
     DesiredChange,
     RolloutView,
 )
+from modelfleet.hub.experiments import ExperimentStatus
 from modelfleet.hub.jobs import Job
 from modelfleet.hub.registry import DeploymentRow, Desired, VersionRow
-from modelfleet.hub.reports import AgentReport, ModelReport
 from modelfleet.hub.rollouts import AgentFacts
 from modelfleet.kernel.jobs import JobRun, JobSpec
+from modelfleet.kernel.reports import report_to_proto
 from modelfleet.protos import fleet_pb2 as pb
 
 if TYPE_CHECKING:
+    from modelfleet.hub.statefile import Plan as StatePlanType
     from modelfleet.hub.telemetry import WindowStats
 
 
@@ -103,6 +105,14 @@ def rollout_to_proto(
         allow_downgrade=d["allow_downgrade"],
         judge=d.get("judge", []),
         max_bake_s=d.get("max_bake_s", 0.0),
+        traffic=d["traffic"],
+        traffic_percent=d["traffic_percent"],
+        queued=d["queued"],
+        rate_base=d["rate_base"],
+        rate_factor=d["rate_factor"],
+        rate_max=d["rate_max"],
+        abort_failed_pct=d["abort_failed_pct"],
+        abort_min_agents=d["abort_min_agents"],
     )
     ev = d["last_evaluation"]
     if ev:
@@ -158,62 +168,6 @@ def verdict_to_proto(v: Mapping[str, Any]) -> pb.MetricVerdict:
         looks=v.get("looks", 0),
         unit=v.get("unit", ""),
         why=v.get("why", ""),
-    )
-
-
-def report_from_proto(m: pb.AgentReport) -> AgentReport:
-    return AgentReport(
-        models=tuple(
-            ModelReport(
-                name=r.name,
-                active_version=r.active_version,
-                previous_version=r.previous_version,
-                loading_version=r.loading_version,
-                desired_version=r.desired_version,
-                gate_version=r.gate_version,
-                gate_passed=r.gate_passed,
-                gate_kind=r.gate_kind,
-                gate_reason=r.gate_reason,
-                error=r.error,
-                error_reason=r.error_reason,
-            )
-            for r in m.models
-        ),
-        last_error=m.last_error,
-        desired_revision=m.desired_revision,
-        cache_bytes=m.cache_bytes,
-        disk_free_bytes=m.disk_free_bytes,
-        agent_version=m.agent_version,
-        inference_address=m.inference_address,
-        cert_expires_at=m.cert_expires_at,
-    )
-
-
-def report_to_proto(r: AgentReport) -> pb.AgentReport:
-    return pb.AgentReport(
-        models=[
-            pb.ModelReport(
-                name=m.name,
-                active_version=m.active_version,
-                previous_version=m.previous_version,
-                loading_version=m.loading_version,
-                desired_version=m.desired_version,
-                gate_version=m.gate_version,
-                gate_passed=m.gate_passed,
-                gate_kind=m.gate_kind,
-                gate_reason=m.gate_reason,
-                error=m.error,
-                error_reason=m.error_reason,
-            )
-            for m in r.models
-        ],
-        last_error=r.last_error,
-        desired_revision=r.desired_revision,
-        cache_bytes=r.cache_bytes,
-        disk_free_bytes=r.disk_free_bytes,
-        agent_version=r.agent_version,
-        inference_address=r.inference_address,
-        cert_expires_at=r.cert_expires_at,
     )
 
 
@@ -369,6 +323,65 @@ def deployment_view_to_proto(v: DeploymentView) -> pb.DeploymentInfo:
     )
 
 
+def experiment_to_proto(st: ExperimentStatus) -> pb.ExperimentStatus:
+    """An experiment with its arms (``status`` from :meth:`Experiments.status`)."""
+    e = st.experiment
+    out = pb.ExperimentStatus(
+        id=e.id,
+        model=e.model,
+        candidate=e.candidate,
+        selector=e.selector,
+        mode=e.mode,
+        share_percent=e.share_bp / 100,
+        sticky=e.sticky,
+        duration_s=e.duration_s,
+        state=e.state,
+        created_at=e.created_at,
+        ends_at=e.ends_at,
+        finished_at=e.finished_at,
+        reason=e.reason,
+        actor=e.actor,
+        arms=[
+            pb.ExperimentArm(
+                arm=a.arm,
+                version=a.version,
+                requests=a.requests,
+                failures=a.failures,
+                error_rate=a.error_rate,
+                p50_ms=a.p50_ms,
+                p95_ms=a.p95_ms,
+                p99_ms=a.p99_ms,
+                agents=a.agents,
+            )
+            for a in st.arms
+        ],
+        verdict=st.verdict,
+        agents_in=st.agents_in,
+        agents_out=st.agents_out,
+        since=st.since,
+        until=st.until,
+        events=[pb.RolloutEvent(at=x["at"], text=x["text"]) for x in e.events[-20:]],
+    )
+    if st.shadow is not None:
+        s = st.shadow
+        out.shadow.CopyFrom(
+            pb.ShadowDivergence(
+                available=s.available,
+                note=s.note,
+                compared=s.compared,
+                dropped=s.dropped,
+                shadow_failures=s.shadow_failures,
+                top1_agreement=s.top1_agreement,
+                abs_diff_p50=s.abs_diff_p50,
+                abs_diff_p99=s.abs_diff_p99,
+                rel_diff_p99=s.rel_diff_p99,
+                js_p99=s.js_p99,
+                shadow_latency_p99_ms=s.shadow_latency_p99_ms,
+            )
+        )
+    return out
+
+
 def rollout_view_to_proto(r: RolloutView) -> pb.RolloutInProgress:
     return pb.RolloutInProgress(
         id=r.id,
@@ -446,3 +459,44 @@ def backup_item_from_proto(chunk: pb.BackupChunk) -> BackupFile | bytes | Backup
             pause_ms=s.pause_ms,
         )
     return bytes(chunk.data)
+
+
+# -- desired state as code (hub/statefile.py) ----------------------------------------------------
+
+
+def state_plan_to_proto(plan: StatePlanType) -> pb.StatePlan:
+    return pb.StatePlan(
+        problems=[
+            pb.StateProblem(where=p.where, line=p.line, message=p.message) for p in plan.problems
+        ],
+        deployments=[
+            pb.StateDeploymentAction(
+                entry=a.entry,
+                line=a.line,
+                model=a.model,
+                selector=a.selector,
+                version=a.version,
+                strategy=a.strategy,
+                action=a.action,
+                reason=a.reason,
+                current_version=a.current,
+                changes=[change_to_proto(c) for c in a.changes],
+                rollout_id=a.rollout_id,
+                revision=a.revision,
+            )
+            for a in plan.deployments
+        ],
+        jobs=[
+            pb.StateJobAction(
+                entry=j.entry,
+                line=j.line,
+                name=j.name,
+                action=j.action,
+                reason=j.reason,
+                fields=j.fields,
+            )
+            for j in plan.jobs
+        ],
+        applied=plan.applied,
+        changes=plan.changes,
+    )

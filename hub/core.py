@@ -47,7 +47,6 @@ from modelfleet.hub.registry import (
     check_notes,
     check_version,
 )
-from modelfleet.hub.reports import AgentReport
 from modelfleet.hub.signing import (
     ExpiryPolicy,
     RepositoryIntegrityError,
@@ -80,6 +79,7 @@ from modelfleet.kernel.identity import (
     token_secret_hash,
 )
 from modelfleet.kernel.jobs import JobRun, JobSpec
+from modelfleet.kernel.reports import AgentReport
 from modelfleet.protos import fleet_pb2
 
 if TYPE_CHECKING:
@@ -256,6 +256,12 @@ class HubCore:
         self.jobs = Jobs(self.registry, self.notify_changed)
         self.deployments = Deployments(
             self.registry, self.notify_changed, self.rollouts.active, clock=clock
+        )
+        from modelfleet.hub.experiments import Experiments
+
+        # Durable: running experiments are rows; their duration timer is a saved end time.
+        self.experiments = Experiments(
+            self.registry, self.notify_changed, self.rollouts.active, self.telemetry, clock=clock
         )
         # Set once the servers are bound: what tokens and enrollments hand out.
         self.advertise = cfg.listen

@@ -141,7 +141,9 @@ def current(rows: Sequence[DeploymentRow], retired: Retired) -> list[DeploymentR
     name a retired version (older rows are its history)."""
     out: dict[tuple[str, str], DeploymentRow] = {}
     for row in rows:
-        if row.agent_id or (row.name, row.version) in retired:
+        # Preparations (blue/green, experiments) load a version beside the deployed one: they
+        # are not what a selector is deployed to.
+        if row.agent_id or row.kind == "prepare" or (row.name, row.version) in retired:
             continue
         out[(row.name, _key(row.selector))] = row
     return sorted(out.values(), key=lambda r: (r.name, r.id))
@@ -406,7 +408,12 @@ class Deployments:
         self._check_model(name)
         rows, agents, retired = self._state()
         key = _key(selector)
-        fleet = [r for r in rows if r.name == name and not r.agent_id and _key(r.selector) == key]
+        # An experiment's preparation ends with `experiment stop|promote`, not here.
+        fleet = [
+            r
+            for r in rows
+            if r.name == name and not r.agent_id and r.kind != "prepare" and _key(r.selector) == key
+        ]
         if not fleet:
             raise self._not_found(name, selector, rows)
         for r in self.rollouts():

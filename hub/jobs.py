@@ -42,6 +42,20 @@ class Jobs:
         await self.changed()
         return self._job(self.registry.job(spec.name))
 
+    async def put(self, spec: JobSpec, selector: Mapping[str, str]) -> Job:
+        """Replace an existing job's spec and selector (``apply`` of a state file), checked as
+        :meth:`create` checks a new one."""
+        from modelfleet.kernel.schedule import trigger_for
+
+        if not spec.name or not spec.model or not spec.input or not spec.output:
+            raise InvalidRequestError("a job needs a name, a model, an input and an output")
+        trigger_for(spec.schedule)
+        if spec.version:
+            self.registry.get_version(spec.model, spec.version)
+        self.registry.put_job(spec, dict(selector))
+        await self.changed()
+        return self._job(self.registry.job(spec.name))
+
     def all_jobs(self) -> list[Job]:
         return [self._job(j) for j in self.registry.jobs()]
 

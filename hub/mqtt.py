@@ -18,7 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from modelfleet.hub.ca import CertificateAuthority
-from modelfleet.hub.convert import desired_to_proto, job_runs_from_reports, report_from_proto
+from modelfleet.hub.convert import desired_to_proto, job_runs_from_reports
 from modelfleet.hub.core import HubCore
 from modelfleet.hub.crl import CRL_FILE, PID_FILE, BrokerFiles, write_crl
 from modelfleet.hub.registry import Registry
@@ -26,6 +26,7 @@ from modelfleet.kernel import mqtt_topics as t
 from modelfleet.kernel.errors import ModelfleetError
 from modelfleet.kernel.identity import generate_key, parse_identity, write_pem, write_private_key
 from modelfleet.kernel.mqtt_client import make_client, publish_properties, session_properties
+from modelfleet.kernel.reports import report_from_proto
 from modelfleet.kernel.settings import split_hostport
 from modelfleet.protos import fleet_pb2 as pb
 

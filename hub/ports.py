@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # types only: importing a port must not load an adapter (DuckDB, SQLite)
     from modelfleet.hub.judge import AgentWindow
     from modelfleet.hub.registry import AgentRow, DeploymentRow, Desired, JobRow, VersionRow
-    from modelfleet.hub.reports import AgentReport
-    from modelfleet.hub.telemetry import IngestCounters, WindowStats
+    from modelfleet.hub.telemetry import IngestCounters, ShadowStats, WindowStats
     from modelfleet.kernel.jobs import JobRun, JobSpec
+    from modelfleet.kernel.reports import AgentReport
     from modelfleet.protos import fleet_pb2 as pb
 
 
@@ -130,6 +130,11 @@ class RegistryPort(Protocol):
     def rollouts(
         self, model: str | None = None, states: Sequence[str] = ()
     ) -> list[dict[str, Any]]: ...
+    def create_experiment(self, model: str, data: Mapping[str, Any]) -> int: ...
+    def save_experiment(self, experiment_id: int, state: str, data: Mapping[str, Any]) -> None: ...
+    def experiments(
+        self, model: str | None = None, states: Sequence[str] = ()
+    ) -> list[dict[str, Any]]: ...
     def revision(self) -> int: ...
     def desired_for(self, labels: Mapping[str, str], agent_id: str = "") -> list[Desired]: ...
     def decided_for(
@@ -175,6 +180,16 @@ class TelemetryStorePort(Protocol):
         until: float,
         min_requests: int = ...,
     ) -> list[AgentWindow]: ...
+    def shadow_window(
+        self,
+        model: str,
+        version: int,
+        agents: Collection[str] | None = None,
+        since: float = ...,
+        until: float = ...,
+        *,
+        shadow_version: int | None = None,
+    ) -> ShadowStats: ...
     def reporting_agents(self, within_s: float = ...) -> dict[tuple[str, int], int]: ...
     def stored_reports(self, agent_id: str | None = None) -> int: ...
     def prune(self) -> int: ...

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelfleet.hub.reports import AgentReport
 from modelfleet.kernel.bundle import MAX_VERSION, VERSION_RANGE
 from modelfleet.kernel.errors import (
     BundleExistsError,
@@ -29,6 +28,7 @@ from modelfleet.kernel.errors import (
     did_you_mean,
 )
 from modelfleet.kernel.jobs import JobRun, JobSpec
+from modelfleet.kernel.reports import AgentReport
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,16 @@ CREATE TABLE IF NOT EXISTS deployments (
     -- undeploy: the row stays, as history, but decides nothing any more.
     removed_at REAL NOT NULL DEFAULT 0,
     removed_by TEXT NOT NULL DEFAULT ''
+);
+-- Experiments (hub/experiments.py): a candidate compared with the running version on live
+-- traffic; the whole state is JSON in data, state is its summary for queries.
+CREATE TABLE IF NOT EXISTS experiments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    state TEXT NOT NULL,
+    data TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
 );
 -- Small facts the hub must remember across restarts (e.g. the newest signed targets seen).
 CREATE TABLE IF NOT EXISTS meta (
@@ -1012,6 +1022,42 @@ class Registry:
                 "state": r["state"],
                 "data": json.loads(r["data"]),
             }
+            for r in rows
+        ]
+
+    # -- experiments ---------------------------------------------------------------------------
+
+    def create_experiment(self, model: str, data: Mapping[str, Any]) -> int:
+        now = self.clock()
+        with self.tx():
+            cur = self.db.execute(
+                "INSERT INTO experiments (model, state, data, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (model, data.get("state", "running"), json.dumps(data), now, now),
+            )
+        return int(cur.lastrowid or 0)
+
+    def save_experiment(self, experiment_id: int, state: str, data: Mapping[str, Any]) -> None:
+        with self.tx():
+            self.db.execute(
+                "UPDATE experiments SET state = ?, data = ?, updated_at = ? WHERE id = ?",
+                (state, json.dumps(data), self.clock(), experiment_id),
+            )
+
+    def experiments(
+        self, model: str | None = None, states: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
+        """Experiments in id order, as {"id", "model", "state", "data"}."""
+        sql, args = "SELECT * FROM experiments WHERE 1=1", []
+        if model is not None:
+            sql += " AND model = ?"
+            args.append(model)
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args += list(states)
+        rows = self.db.execute(sql + " ORDER BY id", args).fetchall()
+        return [
+            {"id": r["id"], "model": r["model"], "state": r["state"], "data": json.loads(r["data"])}
             for r in rows
         ]
 

@@ -14,7 +14,6 @@ from typing import Any
 
 from modelfleet.hub.judge import AgentWindow
 from modelfleet.hub.registry import selector_matches
-from modelfleet.hub.reports import AgentReport, ModelReport
 from modelfleet.hub.rollouts import ACTIVE_STATES, AgentFacts, Rollout, Spec, Stats, check_target
 from modelfleet.kernel.errors import (
     TRANSIENT_REASONS,
@@ -22,6 +21,7 @@ from modelfleet.kernel.errors import (
     ModelfleetError,
     ModelNotFoundError,
 )
+from modelfleet.kernel.reports import AgentReport, ModelReport
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,11 @@ class RolloutManager:
                 )
                 current[a.agent_id] = (previous[a.agent_id], active)
             spec.validate()
+            experiments = getattr(self.core, "experiments", None)
+            if experiments is not None:
+                experiments.check_overlap(
+                    spec.model, [a.agent_id for a in agents], f"a rollout of v{spec.version}"
+                )
             # Before the rollout gets a row: a refused start leaves nothing in its history.
             check_target(spec, current)
             rollout_id = reg.create_rollout(spec.model, spec.version)
@@ -201,6 +206,8 @@ class RolloutManager:
                 assignments = []
             elif action in ("abort", "rollback"):
                 assignments = r.abort(now, f"{action} by operator")
+            elif action == "rollback_now":
+                assignments = r.rollback_now(now)
             elif action == "promote":
                 assignments = r.promote(now)
             else:
@@ -213,11 +220,27 @@ class RolloutManager:
 
     async def _apply(self, r: Rollout, assignments: list[tuple[str, int]]) -> None:
         prepare, r.prepare_out = r.prepare_out, []
+        splits, r.split_out = r.split_out, []
         if prepare:
             self.core.registry.deploy_many(r.spec.model, prepare, kind="prepare", rollout_id=r.id)
+        # Traffic canary: one prepare row per agent carrying the share (grouped by share, as
+        # deploy_many writes one share for all its rows). Before the serve rows: a rollback's
+        # serve row of the previous version then supersedes the split.
+        by_share: dict[int, list[tuple[str, int]]] = {}
+        for agent, version, bp in splits:
+            by_share.setdefault(bp, []).append((agent, version))
+        for bp, rows in sorted(by_share.items()):
+            self.core.registry.deploy_many(
+                r.spec.model,
+                rows,
+                kind="prepare",
+                rollout_id=r.id,
+                split_bp=bp,
+                comparison=f"rollout {r.id}" if bp else "",
+            )
         if assignments:
             self.core.registry.deploy_many(r.spec.model, assignments, rollout_id=r.id)
-        if prepare or assignments:
+        if prepare or splits or assignments:
             async with self.core.changed:
                 self.core.changed.notify_all()
 
@@ -227,7 +250,7 @@ class RolloutManager:
         before = json.dumps(r.to_json(), sort_keys=True)
         state_before = state_before or r.state
         assignments = r.step(self.clock(), FleetObserver(self.core, r.spec.model))
-        changed = bool(r.prepare_out)
+        changed = bool(r.prepare_out or r.split_out)
         await self._apply(r, assignments)
         if r.state == "done" and state_before != "done":
             # Before the state is saved: a crash in between deploys again on restart (harmless)

@@ -9,6 +9,17 @@ A rollout moves one model version through waves of the selected agents:
                                                                            failed, timeout)
     any active state -> paused (operator) -> resume; abort / rollback -> rolled_back; promote
 
+A traffic canary (``Spec.traffic``, e.g. 5,25,50,100) runs each wave in steps: the wave's
+agents load the new version beside the active one and answer the step's share of requests
+with it (a prepare row with a split), bake, are judged, and move to the next share; at 100 the
+wave's agents switch (a serve row), bake and are judged as in a plain wave. A failed judgement
+returns every agent to 0% at once (serve rows of the previous version supersede the splits).
+
+Pacing (``Spec.rate_base``): the agents a wave assigns go out in batches, one a minute, batch k
+taking up to min(rate_max, rate_base * rate_factor**k) agents (AWS IoT Jobs' exponential rate).
+Abort criteria: more than ``abort_failed_pct`` percent of the agents resolved so far failed
+(refused, or silent past the per-agent timeout), once ``abort_min_agents`` are resolved.
+
 :class:`Rollout` holds the whole state as plain data (JSON round-trip), and :meth:`Rollout.step`
 takes the current time and an :class:`Observer` (what agents report, what telemetry says) and
 returns the assignments to make. :class:`hub.rollout_manager.RolloutManager` does the I/O.
@@ -148,6 +159,16 @@ class Spec:
     judge: list[str] = field(default_factory=list)
     # Longest bake of a wave the judge finds inconclusive; 0: MAX_BAKE_FACTOR bakes.
     max_bake_s: float = 0.0
+    # Traffic canary: per wave, the percent of requests the new version answers, step by step
+    # (strictly increasing, ending at 100). Empty: each wave switches its agents at once.
+    traffic: list[int] = field(default_factory=list)
+    # Pacing (see the module's docstring); rate_base 0: every agent of a wave at once.
+    rate_base: float = 0.0
+    rate_factor: float = 2.0
+    rate_max: float = 0.0  # 0: no maximum
+    # Abort criteria; abort_failed_pct 0: off (max_failed_agents decides instead).
+    abort_failed_pct: float = 0.0
+    abort_min_agents: int = 1
 
     def validate(self) -> None:
         check_waves(self.waves)
@@ -167,6 +188,25 @@ class Spec:
             raise InvalidRequestError(
                 f"--max-bake {self.max_bake_s:g}s must be at least --bake {self.bake_s:g}s"
             )
+        if self.traffic:
+            check_traffic(self.traffic)
+            if self.strategy != "canary":
+                raise InvalidRequestError(
+                    "--traffic steps a canary's share of requests; blue-green switches whole "
+                    "agents: use one or the other"
+                )
+        if self.rate_base < 0 or self.rate_max < 0:
+            raise InvalidRequestError("--rate-base and --rate-max must be >= 0 (0: no limit)")
+        if self.rate_factor < 1:
+            raise InvalidRequestError(
+                f"--rate-factor {self.rate_factor:g} must be >= 1 (the rate grows or stays)"
+            )
+        if not 0 <= self.abort_failed_pct <= 100:
+            raise InvalidRequestError(
+                f"--abort-failed-pct {self.abort_failed_pct:g} is out of range: 0 (off) to 100"
+            )
+        if self.abort_min_agents < 1:
+            raise InvalidRequestError("--abort-min-agents must be >= 1")
 
     @property
     def bake_limit_s(self) -> float:
@@ -218,6 +258,41 @@ def check_waves(waves: Sequence[str]) -> None:
             )
 
 
+def check_traffic(steps: Sequence[int]) -> None:
+    """Traffic steps are percentages from 1 to 100, strictly increasing, ending at 100."""
+    shown = ",".join(str(s) for s in steps)
+    for s in steps:
+        if not 1 <= s <= 100:
+            raise InvalidRequestError(
+                f"invalid traffic step {s} in {shown}: steps are percentages from 1 to 100"
+            )
+    for before, after in itertools.pairwise(steps):
+        if after <= before:
+            raise InvalidRequestError(
+                f"traffic steps must increase: {after} comes after {before} in {shown}"
+            )
+    if steps[-1] != 100:
+        raise InvalidRequestError(
+            f"traffic steps {shown} must end at 100 (the wave's agents then switch to the "
+            "new version)"
+        )
+
+
+def parse_traffic(text: str) -> list[int]:
+    """``5,25,50,100`` (a trailing % allowed) as checked steps."""
+    steps = []
+    for part in filter(None, (p.strip().rstrip("%") for p in text.split(","))):
+        if not part.isdigit():
+            raise InvalidRequestError(
+                f"invalid traffic step {part!r} in {text!r}: use percentages, e.g. 5,25,50,100"
+            )
+        steps.append(int(part))
+    if not steps:
+        raise InvalidRequestError("--traffic needs at least one step, e.g. 5,25,50,100")
+    check_traffic(steps)
+    return steps
+
+
 def check_target(spec: Spec, current: Mapping[str, tuple[int, int]]) -> None:
     """Refuse a rollout that changes nothing, or (unless allowed) goes back to an older version.
 
@@ -233,6 +308,16 @@ def check_target(spec: Spec, current: Mapping[str, tuple[int, int]]) -> None:
             f"{spec.model} v{v} is already the desired version of all {len(current)} agent(s) "
             f"{where} ({running} run it): nothing to roll out"
         )
+    if spec.traffic:
+        bare = sorted(a for a, (desired, _) in current.items() if not desired)
+        if bare:
+            shown = ", ".join(bare[:5]) + (f" and {len(bare) - 5} more" if len(bare) > 5 else "")
+            raise RolloutRefusedError(
+                f"a traffic canary splits requests between the version an agent runs and "
+                f"v{v}: {len(bare)} of the {len(current)} agent(s) {where} run no version of "
+                f"{spec.model} ({shown}). Deploy it first, narrow --selector, or roll out "
+                "without --traffic"
+            )
     newer = {a: max(d, act) for a, (d, act) in current.items() if max(d, act) > v}
     if newer and not spec.allow_downgrade:
         names = sorted(newer)
@@ -313,6 +398,17 @@ class Rollout:
     created_at: float = 0.0
     updated_at: float = 0.0
     finished_at: float = 0.0
+    # Traffic canary: the index in spec.traffic of the current wave's share.
+    traffic_step: int = 0
+    # Split requests for the manager (agent, version, split_bp), taken after each call like
+    # prepare_out. Version 0 clears the agent's preparation.
+    split_out: list[tuple[str, int, int]] = field(default_factory=list)
+    # Pacing: agents of the current wave not assigned yet, batches sent, the last one's time.
+    queued: list[str] = field(default_factory=list)
+    batches: int = 0
+    batch_at: float = 0.0
+    # agent -> when it was assigned: the agent timeout runs from here (pacing spreads a wave).
+    assigned_at: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def new(
@@ -345,6 +441,7 @@ class Rollout:
     def from_json(cls, data: Mapping[str, Any]) -> Rollout:
         d = dict(data)
         d["spec"] = Spec(**d["spec"])
+        d["split_out"] = [tuple(x) for x in d.get("split_out", [])]
         return cls(**d)
 
     @property
@@ -387,13 +484,115 @@ class Rollout:
             raise InvalidRequestError(f"rollout {self.id} is already {self.state}")
         return self._rollback(now, why)
 
+    def rollback_now(
+        self, now: float, why: str = "rollback --now by operator"
+    ) -> list[tuple[str, int]]:
+        """Every agent back to its previous version (0% of traffic) at once, and the rollout
+        ends rolled back without waiting for the agents to confirm."""
+        out = self.abort(now, why)
+        self.state, self.finished_at = "rolled_back", now
+        self._event(now, "rolled back at once (--now): the agents follow on their own")
+        return out
+
     def promote(self, now: float) -> list[tuple[str, int]]:
         """Skip the remaining waves: everyone gets the new version now (blue/green: switch)."""
         if not self.active or self.state in ("rolling_back", "preparing"):
             raise InvalidRequestError(f"rollout {self.id} is {self.state}")
+        # A wave on a traffic split switches too: promote means the whole share, everywhere.
+        splitting = (
+            [a for a in self._wave_agents() if a not in self.failed] if self._splitting() else []
+        )
+        self.switched = [a for a in self.switched if a not in splitting]
         self.wave = len(self.sizes) - 1
         self._event(now, "promoted by operator: all remaining agents now")
-        return self._start_wave(now)
+        return [(a, self.spec.version) for a in splitting] + self._start_wave(now, paced=False)
+
+    # -- traffic canary and pacing --------------------------------------------------------------
+
+    def share(self) -> int:
+        """The percent of the current wave's requests the new version answers."""
+        if not self.spec.traffic:
+            return 100
+        return self.spec.traffic[min(self.traffic_step, len(self.spec.traffic) - 1)]
+
+    def _splitting(self) -> bool:
+        return self.share() < 100
+
+    def _wave_agents(self) -> list[str]:
+        return [a for a in self.assigned if self.assigned_in.get(a) == self.wave + 1]
+
+    def _release(self, now: float) -> list[tuple[str, int]]:
+        """Assign the next batch of queued agents when pacing lets it go (all without pacing):
+        serve rows, or split rows while the wave's share is under 100%."""
+        if not self.queued:
+            return []
+        if self.spec.rate_base > 0:
+            if self.batches and now < self.batch_at + 60:
+                return []
+            n = self.spec.rate_base * self.spec.rate_factor**self.batches
+            if self.spec.rate_max > 0:
+                n = min(n, self.spec.rate_max)
+            count = max(1, int(n))
+            self.batches, self.batch_at = self.batches + 1, now
+        else:
+            count = len(self.queued)
+        batch, self.queued = self.queued[:count], self.queued[count:]
+        self.assigned += batch
+        self.assigned_in.update((a, self.wave + 1) for a in batch)
+        self.assigned_at.update((a, now) for a in batch)
+        if self.spec.rate_base > 0:
+            self._event(
+                now,
+                f"wave {self.wave + 1}: batch {self.batches} assigned {len(batch)} agent(s)"
+                + (f", {len(self.queued)} queued" if self.queued else ""),
+            )
+        if self._splitting():
+            bp = self.share() * 100
+            self.split_out += [(a, self.spec.version, bp) for a in batch]
+            return []
+        return [(a, self.spec.version) for a in batch]
+
+    def _next_step(self, now: float) -> list[tuple[str, int]]:
+        """The judgement passed on a split: the next share (at 100: the wave's agents switch)."""
+        self.traffic_step += 1
+        agents = [a for a in self._wave_agents() if a not in self.failed]
+        version = self.spec.version
+        if self._splitting():
+            bp = self.share() * 100
+            self.split_out += [(a, version, bp) for a in agents]
+            self.state, self.bake_started = "baking", now
+            self.look, self.looks = {}, 0
+            self._event(
+                now,
+                f"wave {self.wave + 1}: v{version} answers {self.share()}% of requests on "
+                f"{len(agents)} agent(s); baking {self.spec.bake_s:g}s",
+            )
+            return []
+        # 100%: a serve row; the wave waits for the agents to switch, then bakes as usual.
+        self.switched = [a for a in self.switched if a not in agents]
+        self.state, self.wave_started = "switching", now
+        self._event(
+            now, f"wave {self.wave + 1}: 100% of requests: switching {len(agents)} agent(s)"
+        )
+        return [(a, version) for a in agents]
+
+    def _too_many_failed(self, resolved: int) -> str | None:
+        """Why the failures so far stop the rollout (None: they do not)."""
+        n = len(self.failed)
+        if self.spec.abort_failed_pct > 0:
+            if resolved < self.spec.abort_min_agents or n == 0:
+                return None
+            pct = 100.0 * n / resolved
+            if pct <= self.spec.abort_failed_pct:
+                return None
+            return (
+                f"{n} of {resolved} agent(s) failed ({pct:.0f}% > --abort-failed-pct "
+                f"{self.spec.abort_failed_pct:g}, after --abort-min-agents "
+                f"{self.spec.abort_min_agents})"
+            )
+        if n <= self.spec.max_failed_agents:
+            return None
+        return f"{n} agent(s) failed (budget {self.spec.max_failed_agents})"
 
     # -- the machine ------------------------------------------------------------------------------
 
@@ -424,7 +623,7 @@ class Rollout:
         if self.state == "pending":
             return self._start_wave(now)
         if self.state == "switching":
-            return self._check_switching(now, obs)
+            return self._release(now) + self._check_switching(now, obs)
         if self.state == "baking":
             if now >= self.bake_started + self.spec.bake_s:
                 if self.look.get("final") and now - self.look["at"] < JUDGE_EVERY_S:
@@ -442,18 +641,30 @@ class Rollout:
             return []
         return []
 
-    def _start_wave(self, now: float) -> list[tuple[str, int]]:
+    def _start_wave(self, now: float, paced: bool = True) -> list[tuple[str, int]]:
         target = self.sizes[self.wave]
-        new = [a for a in self.agents[:target] if a not in self.assigned]
-        self.assigned += new
-        self.assigned_in.update((a, self.wave + 1) for a in new)
+        new = [a for a in self.agents[:target] if a not in self.assigned and a not in self.queued]
+        # promote: no pacing and no traffic steps, everyone at once on a serve row.
+        self.traffic_step = 0 if paced else len(self.spec.traffic)
+        self.queued += new
         self.state, self.wave_started = "switching", now
+        share = (
+            f", v{self.spec.version} answering {self.share()}% of their requests"
+            if self._splitting()
+            else ""
+        )
         self._event(
             now,
             f"wave {self.wave + 1}/{len(self.sizes)}: assigned {len(new)} "
-            f"agent(s), {len(self.assigned)}/{len(self.agents)} in total",
+            f"agent(s), {len(self.assigned) + len(self.queued)}/{len(self.agents)} in total{share}",
         )
-        return [(a, self.spec.version) for a in new]
+        if not paced:
+            base, self.spec.rate_base = self.spec.rate_base, 0.0
+            try:
+                return self._release(now)
+            finally:
+                self.spec.rate_base = base
+        return self._release(now)
 
     def _resolve(
         self,
@@ -477,7 +688,10 @@ class Rollout:
             if why:
                 self.failed[a] = why
                 self._event(now, f"agent {a} refused v{version}: {why}")
-            elif now - self.wave_started > self.spec.agent_timeout_s:
+            elif (
+                now - max(self.wave_started, self.assigned_at.get(a, 0.0))
+                > self.spec.agent_timeout_s
+            ):
                 self.failed[a] = f"{lateness} within {self.spec.agent_timeout_s:g}s"
                 self._event(now, f"agent {a} timed out ({lateness})")
 
@@ -488,7 +702,7 @@ class Rollout:
             return obs.prepared(a, version) or obs.active_version(a) == version
 
         self._resolve(now, obs, self.agents, self.prepared, "not prepared", ready)
-        if len(self.failed) > self.spec.max_failed_agents:
+        if self._too_many_failed(len(self.prepared) + len(self.failed)):
             detail = "; ".join(f"{a}: {w}" for a, w in self.failed.items())
             return self._rollback(now, f"{len(self.failed)} agent(s) failed to prepare: {detail}")
         if all(a in self.prepared or a in self.failed for a in self.agents):
@@ -508,28 +722,34 @@ class Rollout:
 
     def _check_switching(self, now: float, obs: Observer) -> list[tuple[str, int]]:
         version = self.spec.version
+        splitting = self._splitting()
+
+        def reached(a: str) -> bool:
+            # A split needs the version loaded and gated beside the active one.
+            if splitting and obs.prepared(a, version):
+                return True
+            return obs.active_version(a) == version
+
         self._resolve(
             now,
             obs,
             self.assigned,
             self.switched,
-            "no switch",
-            lambda a: obs.active_version(a) == version,
+            "not loaded" if splitting else "no switch",
+            reached,
         )
-        if len(self.failed) > self.spec.max_failed_agents:
+        why = self._too_many_failed(len(self.switched) + len(self.failed))
+        if why:
             detail = "; ".join(f"{a}: {w}" for a, w in self.failed.items())
-            return self._rollback(
-                now,
-                f"{len(self.failed)} agent(s) failed (budget "
-                f"{self.spec.max_failed_agents}): {detail}",
-            )
-        if all(a in self.switched or a in self.failed for a in self.assigned):
+            return self._rollback(now, f"{why}: {detail}")
+        if not self.queued and all(a in self.switched or a in self.failed for a in self.assigned):
             self.state, self.bake_started = "baking", now
             self.look, self.looks = {}, 0
+            share = f" answering {self.share()}% of the wave's requests" if splitting else ""
             self._event(
                 now,
                 f"wave {self.wave + 1}: {len(self.switched)} agent(s) on "
-                f"v{version}; baking {self.spec.bake_s:g}s",
+                f"v{version}{share}; baking {self.spec.bake_s:g}s",
             )
         return []
 
@@ -548,7 +768,7 @@ class Rollout:
         """
         since, version = self.bake_started, self.spec.version
         canary = obs.stats(version, self.switched, since, now)
-        baseline_agents = [a for a in self.agents if a not in self.assigned]
+        baseline_agents = self._baseline_agents()
         baseline_versions = {self.previous.get(a, 0) for a in baseline_agents} - {0}
         baseline, baseline_version = Stats(), 0
         if baseline_agents and len(baseline_versions) == 1:
@@ -676,6 +896,8 @@ class Rollout:
         return self._next_wave(now)
 
     def _next_wave(self, now: float) -> list[tuple[str, int]]:
+        if self._splitting():
+            return self._next_step(now)
         if self.wave + 1 >= len(self.sizes):
             self.state, self.finished_at = "done", now
             self._event(now, f"done: v{self.spec.version} on {len(self.switched)} agent(s)")
@@ -708,11 +930,22 @@ class Rollout:
         verdicts = judge(c, b, parse_metrics(self.spec.judge), self.looks, before)
         return combined(verdicts), verdicts, ""
 
+    def _baseline_agents(self) -> list[str]:
+        """Agents whose previous version's requests are the baseline: those not assigned yet,
+        and, on a traffic split, the wave's agents (the share the old version still answers)."""
+        split = set(self._wave_agents()) if self._splitting() else set()
+        return [a for a in self.agents if a not in self.assigned or a in split]
+
     def _rollback(self, now: float, why: str) -> list[tuple[str, int]]:
         self.state, self.reason, self.wave_started = "rolling_back", why, now
         self._event(now, f"rolling back: {why}")
+        self.queued = []
         if self.spec.strategy == "blue-green":
             self.prepare_out += [(a, 0) for a in self.agents]  # drop the prepared version
+        if self.spec.traffic:
+            # Every split to 0% now; the serve rows below (written after) supersede these
+            # where the agent had a previous version.
+            self.split_out += [(a, 0, 0) for a in self.assigned]
         return [(a, self.previous.get(a, 0)) for a in self.assigned if self.previous.get(a, 0)]
 
     # -- views ------------------------------------------------------------------------------------
@@ -729,12 +962,16 @@ class Rollout:
                 # The engine's own test: back once it no longer serves the rolled-out version.
                 on_new = f.active_version == self.spec.version
                 state = "rolling_back" if on_new else "rolled_back"
+            elif a in assigned and self._splitting() and self.assigned_in.get(a) == self.wave + 1:
+                state = f"split {self.share()}%" if a in self.switched else "loading"
             elif a in assigned:
                 state = "switched" if a in self.switched else "switching"
             elif self.state in ("rolling_back", "rolled_back", "done"):
                 state = "unchanged"
             elif a in self.prepared:
                 state = "prepared"
+            elif a in self.queued:
+                state = "queued"
             elif self.state == "preparing":
                 state = "preparing"
             else:
@@ -787,6 +1024,15 @@ class Rollout:
             "allow_downgrade": self.spec.allow_downgrade,
             "judge": list(self.spec.judge),
             "max_bake_s": self.spec.bake_limit_s,
+            "traffic": list(self.spec.traffic),
+            # The current wave's share of requests on the new version (0: not a traffic canary).
+            "traffic_percent": self.share() if self.spec.traffic else 0,
+            "queued": len(self.queued),
+            "rate_base": self.spec.rate_base,
+            "rate_factor": self.spec.rate_factor,
+            "rate_max": self.spec.rate_max,
+            "abort_failed_pct": self.spec.abort_failed_pct,
+            "abort_min_agents": self.spec.abort_min_agents,
         }
 
     def _last_evaluation(self) -> dict[str, Any] | None:

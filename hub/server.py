@@ -20,13 +20,14 @@ from modelfleet.hub.convert import (
     deployment_to_proto,
     deployment_view_to_proto,
     desired_to_proto,
+    experiment_to_proto,
     job_run_to_proto,
     job_runs_from_reports,
     job_spec_from_proto,
     job_to_proto,
-    report_from_proto,
     rollout_to_proto,
     rollout_view_to_proto,
+    state_plan_to_proto,
     version_to_proto,
     window_stats_to_proto,
 )
@@ -35,6 +36,7 @@ from modelfleet.hub.registry import PermissionDeniedError
 from modelfleet.kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError
 from modelfleet.kernel.grpc_status import GRPC_CODES
 from modelfleet.kernel.identity import IdentityError, parse_identity
+from modelfleet.kernel.reports import report_from_proto
 from modelfleet.protos import fleet_pb2 as pb
 from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 
@@ -230,6 +232,12 @@ class RolloutServicerMixin:
             # The judge is the default comparison: a client that names no metric gets it.
             judge=[] if request.no_judge else list(request.judge) or list(DEFAULT_JUDGE),
             max_bake_s=request.max_bake_s,
+            traffic=list(request.traffic),
+            rate_base=request.rate_base,
+            rate_factor=request.rate_factor or 2.0,
+            rate_max=request.rate_max,
+            abort_failed_pct=request.abort_failed_pct,
+            abort_min_agents=request.abort_min_agents or 1,
         )
         r = await self.core.rollouts.start(spec)
         return rollout_to_proto(r, time.time(), self.core.rollouts.facts(r))
@@ -253,6 +261,56 @@ class RolloutServicerMixin:
         return pb.RolloutHistoryResponse(
             rollouts=[rollout_to_proto(r, now) for r in self.core.rollouts.history(request.model)]
         )
+
+
+class ExperimentServicerMixin:
+    """HubAdmin's experiment methods; the core is hub.experiments (HubCore.experiments)."""
+
+    core: HubCore
+
+    @unary
+    async def StartExperiment(self, request, context):
+        actor = caller(context, "admin")
+        x = self.core.experiments
+        e = await x.start(
+            request.model,
+            request.candidate,
+            dict(request.selector),
+            split_percent=request.split_percent,
+            shadow_percent=request.shadow_percent,
+            sticky=request.sticky,
+            duration_s=request.duration_s,
+            actor=actor,
+        )
+        return experiment_to_proto(x.status(e))
+
+    @unary
+    async def GetExperiment(self, request, context):
+        caller(context, "admin")
+        x = self.core.experiments
+        return experiment_to_proto(x.status(x.get(request.model, request.id)))
+
+    @unary
+    async def ListExperiments(self, request, context):
+        caller(context, "admin")
+        x = self.core.experiments
+        return pb.ListExperimentsResponse(
+            experiments=[experiment_to_proto(x.status(e)) for e in x.ls(request.model)]
+        )
+
+    @unary
+    async def ControlExperiment(self, request, context):
+        actor = caller(context, "admin")
+        x = self.core.experiments
+        if request.action == "stop":
+            e = await x.stop(request.model, request.id, actor)
+        elif request.action == "promote":
+            e = await x.promote(request.model, request.id, actor)
+        else:
+            raise InvalidRequestError(
+                f"unknown experiment action {request.action!r} (stop or promote)"
+            )
+        return experiment_to_proto(x.status(e))
 
 
 class DeploymentServicerMixin:
@@ -302,6 +360,43 @@ class BackupServicerMixin:
             yield backup_item_to_proto(item)
 
 
+class StateServicerMixin:
+    """HubAdmin's desired-state-as-code methods; the core is hub.statefile."""
+
+    core: HubCore
+
+    def _statefiles(self) -> Any:
+        from modelfleet.hub.statefile import StateFiles
+
+        c = self.core
+        return StateFiles(c.registry, c.deployments, c.rollouts, c.jobs)
+
+    @unary
+    async def PlanState(self, request, context):
+        caller(context, "admin")
+        plan = await self._statefiles().plan(request.document, prune=request.prune)
+        return state_plan_to_proto(plan)
+
+    @unary
+    async def ApplyState(self, request, context):
+        actor = caller(context, "admin")
+        plan = await self._statefiles().apply(request.document, prune=request.prune, actor=actor)
+        return state_plan_to_proto(plan)
+
+    @unary
+    async def ExportState(self, request, context):
+        caller(context, "admin")
+        from modelfleet.hub.deployments import current
+        from modelfleet.hub.statefile import export
+
+        state = self._statefiles().state()
+        return pb.ExportStateResponse(
+            document=export(state, self.core.advertise),
+            deployments=len(current(state.rows, state.retired)),
+            jobs=len(state.jobs),
+        )
+
+
 def _publish_response(result: PublishResult) -> pb.PublishResponse:
     return pb.PublishResponse(
         version=version_to_proto(result.version),
@@ -312,9 +407,11 @@ def _publish_response(result: PublishResult) -> pb.PublishResponse:
 
 
 class AdminServicer(
+    StateServicerMixin,
     BackupServicerMixin,
     JobServicerMixin,
     RolloutServicerMixin,
+    ExperimentServicerMixin,
     DeploymentServicerMixin,
     pb_grpc.HubAdminServicer,
 ):

@@ -4,6 +4,10 @@ Storage: ``DATA/telemetry.duckdb``, two tables (docs/telemetry.md has the full s
 
 - ``reports``: one row per stored report, ``(agent_id, seq)`` unique, with its interval
   (``start_unix``, ``end_unix``), the agent's RSS and CPU seconds, and ``dropped_reports``.
+- ``shadow_stats``: one row per (agent_id, seq, model, version, shadow_version, output): a
+  primary version's output compared with a shadow version's (counts, histograms of absolute and
+  relative difference and Jensen-Shannon divergence in :data:`DIFF_BOUNDS` / :data:`JS_BOUNDS`,
+  shadow latency).
 - ``version_stats``: one row per (agent_id, seq, model, version): counters, failures by reason
   (two parallel lists), and the request / queue / compute latency and batch size histograms as
   lists of bucket counts in the bounds of :data:`agent.telemetry.LATENCY_BOUNDS` /
@@ -30,6 +34,9 @@ Query API (used by the rollout engine and ``modelfleet-hub metrics``)::
     store.samples(model: str, version: int, agents: Collection[str] | None,
                   since: float, until: float, min_requests: int = 200) -> list[AgentWindow]
         # the statistical judge's samples: one per agent-window, quiet intervals pooled
+    store.shadow_window(model: str, version: int, agents=None, since=-inf, until=inf,
+                        *, shadow_version: int | None = None) -> ShadowStats
+        # the version's shadow comparisons (agent/serving/shadow.py), one summary
     store.close()
 
 Window semantics: a report interval counts when its ``end_unix`` lies in ``(since, until]``
@@ -70,7 +77,7 @@ import duckdb
 import pyarrow as pa
 
 from modelfleet.hub.judge import AgentWindow
-from modelfleet.kernel.telemetry_bounds import BATCH_BOUNDS, LATENCY_BOUNDS
+from modelfleet.kernel.telemetry_bounds import BATCH_BOUNDS, DIFF_BOUNDS, JS_BOUNDS, LATENCY_BOUNDS
 from modelfleet.protos import fleet_pb2 as pb
 
 if TYPE_CHECKING:
@@ -120,7 +127,33 @@ CREATE TABLE IF NOT EXISTS version_stats (
     gate_passed UBIGINT NOT NULL,
     gate_failed UBIGINT NOT NULL,
     swaps UBIGINT NOT NULL,
-    rollbacks UBIGINT NOT NULL
+    rollbacks UBIGINT NOT NULL,
+    arm VARCHAR NOT NULL DEFAULT ''
+);
+-- Stores made before arms existed gain the column (as the last one, as above).
+ALTER TABLE version_stats ADD COLUMN IF NOT EXISTS arm VARCHAR DEFAULT '';
+CREATE TABLE IF NOT EXISTS shadow_stats (
+    agent_id VARCHAR NOT NULL,
+    seq UBIGINT NOT NULL,
+    model VARCHAR NOT NULL,
+    version BIGINT NOT NULL,
+    shadow_version BIGINT NOT NULL,
+    output VARCHAR NOT NULL,
+    start_unix DOUBLE NOT NULL,
+    end_unix DOUBLE NOT NULL,
+    compared UBIGINT NOT NULL,
+    dropped UBIGINT NOT NULL,
+    shadow_failures UBIGINT NOT NULL,
+    top1_agree UBIGINT NOT NULL,
+    top1_total UBIGINT NOT NULL,
+    abs_counts UBIGINT[] NOT NULL,
+    abs_sum DOUBLE NOT NULL,
+    rel_counts UBIGINT[] NOT NULL,
+    rel_sum DOUBLE NOT NULL,
+    js_counts UBIGINT[] NOT NULL,
+    js_sum DOUBLE NOT NULL,
+    latency_counts UBIGINT[] NOT NULL,
+    latency_sum DOUBLE NOT NULL
 );
 """
 
@@ -161,6 +194,32 @@ _VERSION_SCHEMA = pa.schema(
         ("gate_failed", pa.uint64()),
         ("swaps", pa.uint64()),
         ("rollbacks", pa.uint64()),
+        ("arm", pa.string()),
+    ]
+)
+_SHADOW_SCHEMA = pa.schema(
+    [
+        ("agent_id", pa.string()),
+        ("seq", pa.uint64()),
+        ("model", pa.string()),
+        ("version", pa.int64()),
+        ("shadow_version", pa.int64()),
+        ("output", pa.string()),
+        ("start_unix", pa.float64()),
+        ("end_unix", pa.float64()),
+        ("compared", pa.uint64()),
+        ("dropped", pa.uint64()),
+        ("shadow_failures", pa.uint64()),
+        ("top1_agree", pa.uint64()),
+        ("top1_total", pa.uint64()),
+        ("abs_counts", _U64_LIST),
+        ("abs_sum", pa.float64()),
+        ("rel_counts", _U64_LIST),
+        ("rel_sum", pa.float64()),
+        ("js_counts", _U64_LIST),
+        ("js_sum", pa.float64()),
+        ("latency_counts", _U64_LIST),
+        ("latency_sum", pa.float64()),
     ]
 )
 
@@ -180,6 +239,64 @@ class WindowStats:
     p99_ms: float
     # Distinct agents with telemetry for this version in the window.
     agents: int
+    # The arms agents reported the version in ("active", "candidate", "shadow"; "" for a version
+    # loaded without a role), sorted: a split's candidate reads ("candidate",).
+    arms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShadowOutputStats:
+    """One output tensor of the primary against the shadow, over a window."""
+
+    output: str
+    compared: int
+    # Class-score outputs only; NaN when the output is not one.
+    top1_agreement: float
+    abs_diff_p50: float
+    abs_diff_p99: float
+    rel_diff_p50: float
+    rel_diff_p99: float
+    # Probability outputs only (bits, 0..1); NaN otherwise.
+    js_p50: float
+    js_p99: float
+
+
+@dataclass(frozen=True)
+class ShadowStats:
+    """A primary version's shadow comparisons over a window (:meth:`TelemetryStore.shadow_window`).
+
+    Counts are requests. The summary values take the worst output: the lowest top-1 agreement
+    and the highest difference quantiles, so a gate on them holds for every output. Quantiles
+    come from the summed histograms as in :func:`percentile`; NaN without data.
+    """
+
+    model: str
+    version: int
+    # The shadow versions seen in the window (normally one).
+    shadow_versions: tuple[int, ...]
+    compared: int
+    dropped: int
+    shadow_failures: int
+    top1_agree: int
+    top1_total: int
+    # top1_agree / top1_total summed over class-score outputs; NaN when there are none.
+    top1_agreement: float
+    abs_diff_p50: float
+    abs_diff_p99: float
+    rel_diff_p50: float
+    rel_diff_p99: float
+    js_p50: float
+    js_p99: float
+    shadow_latency_p50_ms: float
+    shadow_latency_p99_ms: float
+    agents: int
+    outputs: dict[str, ShadowOutputStats] = field(default_factory=dict)
+
+    @property
+    def drop_rate(self) -> float:
+        """Share of sampled copies dropped (0 with none sampled)."""
+        sampled = self.compared + self.dropped + self.shadow_failures
+        return self.dropped / sampled if sampled else 0.0
 
 
 @dataclass
@@ -275,11 +392,13 @@ class TelemetryStore:
                 stored = self._already_stored(candidates)
                 new = [(k, r) for k, r in candidates.items() if k not in stored]
                 if new:
-                    rep_tbl, ver_tbl, per_version = self._tables(new, now)
+                    rep_tbl, ver_tbl, sh_tbl, per_version = self._tables(new, now)
                     # Arrow in one call per table: per-statement overhead dominates small batches.
                     db.from_arrow(rep_tbl).insert_into("reports")
                     if ver_tbl.num_rows:
                         db.from_arrow(ver_tbl).insert_into("version_stats")
+                    if sh_tbl.num_rows:
+                        db.from_arrow(sh_tbl).insert_into("shadow_stats")
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -321,9 +440,10 @@ class TelemetryStore:
     @staticmethod
     def _tables(
         new: list[tuple[tuple[str, int], pb.TelemetryReport]], now: float
-    ) -> tuple[pa.Table, pa.Table, dict[tuple[str, int], tuple[int, int]]]:
+    ) -> tuple[pa.Table, pa.Table, pa.Table, dict[tuple[str, int], tuple[int, int]]]:
         rep: dict[str, list[Any]] = {name: [] for name in _REPORT_SCHEMA.names}
         ver: dict[str, list[Any]] = {name: [] for name in _VERSION_SCHEMA.names}
+        sh: dict[str, list[Any]] = {name: [] for name in _SHADOW_SCHEMA.names}
         per_version: dict[tuple[str, int], tuple[int, int]] = {}
         for (agent_id, seq), r in new:
             for name, value in (
@@ -362,14 +482,41 @@ class TelemetryStore:
                     ("gate_failed", v.gate_failed),
                     ("swaps", v.swaps),
                     ("rollbacks", v.rollbacks),
+                    ("arm", v.arm),
                 ):
                     ver[name].append(cell)
+                for c in v.shadow:
+                    for name, cell in (
+                        ("agent_id", agent_id),
+                        ("seq", seq),
+                        ("model", v.model),
+                        ("version", v.version),
+                        ("shadow_version", c.shadow_version),
+                        ("output", c.output),
+                        ("start_unix", r.start_unix),
+                        ("end_unix", r.end_unix),
+                        ("compared", c.compared),
+                        ("dropped", c.dropped),
+                        ("shadow_failures", c.shadow_failures),
+                        ("top1_agree", c.top1_agree),
+                        ("top1_total", c.top1_total),
+                        ("abs_counts", rebucket(c.abs_diff, DIFF_BOUNDS)),
+                        ("abs_sum", c.abs_diff.sum),
+                        ("rel_counts", rebucket(c.rel_diff, DIFF_BOUNDS)),
+                        ("rel_sum", c.rel_diff.sum),
+                        ("js_counts", rebucket(c.js_divergence, JS_BOUNDS)),
+                        ("js_sum", c.js_divergence.sum),
+                        ("latency_counts", rebucket(c.shadow_latency, LATENCY_BOUNDS)),
+                        ("latency_sum", c.shadow_latency.sum),
+                    ):
+                        sh[name].append(cell)
                 key = (v.model, v.version)
                 req, fail = per_version.get(key, (0, 0))
                 per_version[key] = (req + v.requests, fail + v.failures)
         return (
             pa.table(rep, schema=_REPORT_SCHEMA),
             pa.table(ver, schema=_VERSION_SCHEMA),
+            pa.table(sh, schema=_SHADOW_SCHEMA),
             per_version,
         )
 
@@ -397,8 +544,8 @@ class TelemetryStore:
         with self._lock:
             db = self._db
             totals = db.execute(
-                f"SELECT version, sum(requests), sum(failures), count(DISTINCT agent_id) "
-                f"FROM ({rows}) GROUP BY version ORDER BY version",
+                f"SELECT version, sum(requests), sum(failures), count(DISTINCT agent_id), "
+                f"list(DISTINCT arm) FROM ({rows}) GROUP BY version ORDER BY version",
                 params,
             ).fetchall()
             if not totals:
@@ -421,7 +568,7 @@ class TelemetryStore:
             by_reason.setdefault(ver, {})[r] = int(c)
         span = max(until - since, 1e-9)
         out = []
-        for ver, requests, failures, n_agents in totals:
+        for ver, requests, failures, n_agents, arms in totals:
             requests, failures = int(requests or 0), int(failures or 0)
             counts = hists.get(ver, [])
             p50, p95, p99 = (percentile(counts, LATENCY_BOUNDS, q) * 1000 for q in QUANTILES)
@@ -438,6 +585,7 @@ class TelemetryStore:
                     p95_ms=p95,
                     p99_ms=p99,
                     agents=int(n_agents),
+                    arms=tuple(sorted(a for a in arms or () if a is not None)),
                 )
             )
         return out
@@ -512,6 +660,42 @@ class TelemetryStore:
             flush(False)
         return out
 
+    def shadow_window(
+        self,
+        model: str,
+        version: int,
+        agents: Collection[str] | None = None,
+        since: float = -math.inf,
+        until: float = math.inf,
+        *,
+        shadow_version: int | None = None,
+    ) -> ShadowStats:
+        """``version``'s outputs against its shadow version(s), over reports that ended in
+        ``(since, until]`` (the same window rule as :meth:`window`); agents None: the fleet."""
+        where = ["model = $model", "version = $version", "end_unix > $since", "end_unix <= $until"]
+        params: dict[str, Any] = {
+            "model": model,
+            "version": int(version),
+            "since": since,
+            "until": until,
+        }
+        if shadow_version is not None:
+            where.append("shadow_version = $shadow_version")
+            params["shadow_version"] = int(shadow_version)
+        if agents is not None:
+            where.append("agent_id IN (SELECT unnest($agents::VARCHAR[]))")
+            params["agents"] = list(agents)
+        rows: list[tuple[Any, ...]] = []
+        if agents is None or agents:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT agent_id, seq, shadow_version, output, compared, dropped, "
+                    "shadow_failures, top1_agree, top1_total, abs_counts, rel_counts, js_counts, "
+                    f"latency_counts FROM shadow_stats WHERE {' AND '.join(where)}",
+                    params,
+                ).fetchall()
+        return _shadow_stats(model, int(version), rows)
+
     def reporting_agents(self, within_s: float = REPORTING_WINDOW_S) -> dict[tuple[str, int], int]:
         """(model, version) -> distinct agents with a report that ended in the last ``within_s``."""
         since = self.clock() - within_s
@@ -547,6 +731,7 @@ class TelemetryStore:
                     ).fetchone()
                 )
                 self._db.execute("DELETE FROM version_stats WHERE end_unix < ?", [horizon])
+                self._db.execute("DELETE FROM shadow_stats WHERE end_unix < ?", [horizon])
                 self._db.execute("DELETE FROM reports WHERE end_unix < ?", [horizon])
                 self._db.execute("COMMIT")
             except BaseException:
@@ -715,6 +900,8 @@ def serve_metrics(store: TelemetryStorePort, listen: str) -> Any:
 __all__ = [
     "TELEMETRY_FILE",
     "FleetCollector",
+    "ShadowOutputStats",
+    "ShadowStats",
     "TelemetryIngestor",
     "TelemetryStore",
     "WindowStats",
@@ -722,6 +909,85 @@ __all__ = [
     "rebucket",
     "serve_metrics",
 ]
+
+
+def _sum_lists(acc: list[int] | None, counts: Sequence[int]) -> list[int]:
+    if acc is None:
+        return [int(c) for c in counts]
+    return [a + int(c) for a, c in zip(acc, counts, strict=True)]
+
+
+def _shadow_stats(model: str, version: int, rows: Sequence[tuple[Any, ...]]) -> ShadowStats:
+    # Per report and shadow version, request counts are the same on every output's row:
+    # counted once (the largest, should a row be missing an output).
+    per_report: dict[tuple[str, int, int], tuple[int, int, int]] = {}
+    per_output: dict[str, dict[str, Any]] = {}
+    agents: set[str] = set()
+    for agent, seq, shadow_v, output, compared, dropped, failures, agree, total, *hists in rows:
+        agents.add(agent)
+        key = (agent, int(seq), int(shadow_v))
+        prev = per_report.get(key, (0, 0, 0))
+        per_report[key] = (
+            max(prev[0], int(compared)),
+            max(prev[1], int(dropped)),
+            max(prev[2], int(failures)),
+        )
+        o = per_output.setdefault(output, {"compared": 0, "agree": 0, "total": 0})
+        o["compared"] += int(compared)
+        o["agree"] += int(agree)
+        o["total"] += int(total)
+        for name, counts in zip(("abs", "rel", "js", "lat"), hists, strict=True):
+            o[name] = _sum_lists(o.get(name), counts)
+    nan = math.nan
+    outputs = {}
+    for name, o in sorted(per_output.items()):
+        abs_c, rel_c, js_c = o.get("abs", []), o.get("rel", []), o.get("js", [])
+        outputs[name] = ShadowOutputStats(
+            output=name,
+            compared=o["compared"],
+            top1_agreement=o["agree"] / o["total"] if o["total"] else nan,
+            abs_diff_p50=percentile(abs_c, DIFF_BOUNDS, 0.5),
+            abs_diff_p99=percentile(abs_c, DIFF_BOUNDS, 0.99),
+            rel_diff_p50=percentile(rel_c, DIFF_BOUNDS, 0.5),
+            rel_diff_p99=percentile(rel_c, DIFF_BOUNDS, 0.99),
+            js_p50=percentile(js_c, JS_BOUNDS, 0.5),
+            js_p99=percentile(js_c, JS_BOUNDS, 0.99),
+        )
+
+    def worst(values: Iterable[float], pick: Callable[[Iterable[float]], float]) -> float:
+        known = [v for v in values if not math.isnan(v)]
+        return pick(known) if known else nan
+
+    latency: list[int] | None = None
+    for o in per_output.values():
+        if "lat" in o:
+            # Every output's row holds the same shadow latencies: take one output's.
+            latency = o["lat"]
+            break
+    agree = sum(o["agree"] for o in per_output.values())
+    total = sum(o["total"] for o in per_output.values())
+    out = list(outputs.values())
+    return ShadowStats(
+        model=model,
+        version=version,
+        shadow_versions=tuple(sorted({k[2] for k in per_report})),
+        compared=sum(v[0] for v in per_report.values()),
+        dropped=sum(v[1] for v in per_report.values()),
+        shadow_failures=sum(v[2] for v in per_report.values()),
+        top1_agree=agree,
+        top1_total=total,
+        top1_agreement=agree / total if total else nan,
+        abs_diff_p50=worst((o.abs_diff_p50 for o in out), max),
+        abs_diff_p99=worst((o.abs_diff_p99 for o in out), max),
+        rel_diff_p50=worst((o.rel_diff_p50 for o in out), max),
+        rel_diff_p99=worst((o.rel_diff_p99 for o in out), max),
+        js_p50=worst((o.js_p50 for o in out), max),
+        js_p99=worst((o.js_p99 for o in out), max),
+        shadow_latency_p50_ms=percentile(latency or [], LATENCY_BOUNDS, 0.5) * 1000,
+        shadow_latency_p99_ms=percentile(latency or [], LATENCY_BOUNDS, 0.99) * 1000,
+        agents=len(agents),
+        outputs=outputs,
+    )
 
 
 def _count(row: tuple[Any, ...] | None) -> int:

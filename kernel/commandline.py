@@ -227,3 +227,39 @@ def bash_completion(parser: argparse.ArgumentParser) -> str:
 
 complete -o bashdefault -o default -F {fn} {prog}
 """
+
+
+def message_dict(message: Any) -> dict[str, Any]:
+    """A protobuf message as ``--json`` prints it: every field present, numbers as numbers.
+
+    ``json_format.MessageToDict`` writes 64-bit integers as strings (JSON numbers lose
+    precision past 2**53 in JavaScript) and leaves default values out, so a script reading
+    ``"active_version"`` gets ``"2"`` or nothing at all. Our integers are versions, counts,
+    sizes and times, all far below 2**53, so a script is better served by numbers and by a
+    shape that does not change with the values. Enums print as their names, bytes as hex.
+    """
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        entry = field.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            value_field = entry.fields_by_name["value"]
+            out[field.name] = {k: _field_value(value_field, v) for k, v in value.items()}
+        elif field.is_repeated:
+            out[field.name] = [_field_value(field, v) for v in value]
+        elif entry is not None and not message.HasField(field.name):
+            out[field.name] = None
+        else:
+            out[field.name] = _field_value(field, value)
+    return out
+
+
+def _field_value(field: Any, value: Any) -> Any:
+    if field.message_type is not None:
+        return message_dict(value)
+    if field.enum_type is not None:
+        named = field.enum_type.values_by_number.get(value)
+        return named.name if named is not None else value
+    if isinstance(value, bytes):
+        return value.hex()
+    return value

@@ -27,7 +27,7 @@ class GateResult(_message.Message):
     def __init__(self, version: _Optional[int] = ..., passed: _Optional[bool] = ..., reason: _Optional[str] = ..., kind: _Optional[str] = ..., p99_ms: _Optional[float] = ..., at_unix: _Optional[float] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "active_version", "previous_version", "loading_version", "ready", "last_gate", "failed", "held_at_or_below")
+    __slots__ = ("name", "active_version", "previous_version", "loading_version", "ready", "last_gate", "failed", "held_at_or_below", "comparison")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class ModelStatus(_message.Message):
     LAST_GATE_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     HELD_AT_OR_BELOW_FIELD_NUMBER: _ClassVar[int]
+    COMPARISON_FIELD_NUMBER: _ClassVar[int]
     name: str
     active_version: int
     previous_version: int
@@ -44,7 +45,36 @@ class ModelStatus(_message.Message):
     last_gate: GateResult
     failed: _containers.RepeatedCompositeFieldContainer[GateResult]
     held_at_or_below: int
-    def __init__(self, name: _Optional[str] = ..., active_version: _Optional[int] = ..., previous_version: _Optional[int] = ..., loading_version: _Optional[int] = ..., ready: _Optional[bool] = ..., last_gate: _Optional[_Union[GateResult, _Mapping]] = ..., failed: _Optional[_Iterable[_Union[GateResult, _Mapping]]] = ..., held_at_or_below: _Optional[int] = ...) -> None: ...
+    comparison: Comparison
+    def __init__(self, name: _Optional[str] = ..., active_version: _Optional[int] = ..., previous_version: _Optional[int] = ..., loading_version: _Optional[int] = ..., ready: _Optional[bool] = ..., last_gate: _Optional[_Union[GateResult, _Mapping]] = ..., failed: _Optional[_Iterable[_Union[GateResult, _Mapping]]] = ..., held_at_or_below: _Optional[int] = ..., comparison: _Optional[_Union[Comparison, _Mapping]] = ...) -> None: ...
+
+class Comparison(_message.Message):
+    __slots__ = ("candidate_version", "split_bp", "sticky", "shadow_bp", "label", "comparing", "shadow_compared", "shadow_dropped", "shadow_failures", "top1_agree", "top1_total", "max_abs_diff")
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_BP_FIELD_NUMBER: _ClassVar[int]
+    STICKY_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_BP_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    COMPARING_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_COMPARED_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    TOP1_AGREE_FIELD_NUMBER: _ClassVar[int]
+    TOP1_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    candidate_version: int
+    split_bp: int
+    sticky: bool
+    shadow_bp: int
+    label: str
+    comparing: bool
+    shadow_compared: int
+    shadow_dropped: int
+    shadow_failures: int
+    top1_agree: int
+    top1_total: int
+    max_abs_diff: float
+    def __init__(self, candidate_version: _Optional[int] = ..., split_bp: _Optional[int] = ..., sticky: _Optional[bool] = ..., shadow_bp: _Optional[int] = ..., label: _Optional[str] = ..., comparing: _Optional[bool] = ..., shadow_compared: _Optional[int] = ..., shadow_dropped: _Optional[int] = ..., shadow_failures: _Optional[int] = ..., top1_agree: _Optional[int] = ..., top1_total: _Optional[int] = ..., max_abs_diff: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("models", "ready", "listen")
@@ -69,3 +99,25 @@ class RollbackResponse(_message.Message):
     from_version: int
     to_version: int
     def __init__(self, from_version: _Optional[int] = ..., to_version: _Optional[int] = ...) -> None: ...
+
+class CompareRequest(_message.Message):
+    __slots__ = ("model", "candidate_version", "split_bp", "sticky", "shadow_bp", "off")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_BP_FIELD_NUMBER: _ClassVar[int]
+    STICKY_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_BP_FIELD_NUMBER: _ClassVar[int]
+    OFF_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    candidate_version: int
+    split_bp: int
+    sticky: bool
+    shadow_bp: int
+    off: bool
+    def __init__(self, model: _Optional[str] = ..., candidate_version: _Optional[int] = ..., split_bp: _Optional[int] = ..., sticky: _Optional[bool] = ..., shadow_bp: _Optional[int] = ..., off: _Optional[bool] = ...) -> None: ...
+
+class CompareResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelStatus
+    def __init__(self, model: _Optional[_Union[ModelStatus, _Mapping]] = ...) -> None: ...

@@ -44,6 +44,11 @@ class AgentAdminStub:
                 request_serializer=modelfleet_dot_protos_dot_agent__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=modelfleet_dot_protos_dot_agent__pb2.RollbackResponse.FromString,
                 _registered_method=True)
+        self.Compare = channel.unary_unary(
+                '/modelfleet.agent.v1.AgentAdmin/Compare',
+                request_serializer=modelfleet_dot_protos_dot_agent__pb2.CompareRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_agent__pb2.CompareResponse.FromString,
+                _registered_method=True)
 
 
 class AgentAdminServicer:
@@ -61,6 +66,13 @@ class AgentAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Compare(self, request, context):
+        """Standalone only (in fleet mode the hub decides): compare a candidate with the active version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +85,11 @@ def add_AgentAdminServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=modelfleet_dot_protos_dot_agent__pb2.RollbackRequest.FromString,
                     response_serializer=modelfleet_dot_protos_dot_agent__pb2.RollbackResponse.SerializeToString,
+            ),
+            'Compare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compare,
+                    request_deserializer=modelfleet_dot_protos_dot_agent__pb2.CompareRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_agent__pb2.CompareResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +146,33 @@ class AgentAdmin:
             '/modelfleet.agent.v1.AgentAdmin/Rollback',
             modelfleet_dot_protos_dot_agent__pb2.RollbackRequest.SerializeToString,
             modelfleet_dot_protos_dot_agent__pb2.RollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.agent.v1.AgentAdmin/Compare',
+            modelfleet_dot_protos_dot_agent__pb2.CompareRequest.SerializeToString,
+            modelfleet_dot_protos_dot_agent__pb2.CompareResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -799,7 +799,7 @@ class MetricsResponse(_message.Message):
     def __init__(self, versions: _Optional[_Iterable[_Union[VersionMetrics, _Mapping]]] = ..., window_s: _Optional[float] = ...) -> None: ...
 
 class StartRolloutRequest(_message.Message):
-    __slots__ = ("model", "version", "selector", "waves", "bake_s", "gates", "min_requests", "max_failed_agents", "agent_timeout_s", "strategy", "auto_switch", "allow_downgrade", "judge", "no_judge", "max_bake_s")
+    __slots__ = ("model", "version", "selector", "waves", "bake_s", "gates", "min_requests", "max_failed_agents", "agent_timeout_s", "strategy", "auto_switch", "allow_downgrade", "traffic", "rate_base", "rate_factor", "rate_max", "abort_failed_pct", "abort_min_agents", "judge", "no_judge", "max_bake_s")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -819,6 +819,12 @@ class StartRolloutRequest(_message.Message):
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     AUTO_SWITCH_FIELD_NUMBER: _ClassVar[int]
     ALLOW_DOWNGRADE_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    RATE_BASE_FIELD_NUMBER: _ClassVar[int]
+    RATE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    RATE_MAX_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FAILED_PCT_FIELD_NUMBER: _ClassVar[int]
+    ABORT_MIN_AGENTS_FIELD_NUMBER: _ClassVar[int]
     JUDGE_FIELD_NUMBER: _ClassVar[int]
     NO_JUDGE_FIELD_NUMBER: _ClassVar[int]
     MAX_BAKE_S_FIELD_NUMBER: _ClassVar[int]
@@ -834,10 +840,16 @@ class StartRolloutRequest(_message.Message):
     strategy: str
     auto_switch: bool
     allow_downgrade: bool
+    traffic: _containers.RepeatedScalarFieldContainer[int]
+    rate_base: float
+    rate_factor: float
+    rate_max: float
+    abort_failed_pct: float
+    abort_min_agents: int
     judge: _containers.RepeatedScalarFieldContainer[str]
     no_judge: bool
     max_bake_s: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[str]] = ..., bake_s: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., strategy: _Optional[str] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., judge: _Optional[_Iterable[str]] = ..., no_judge: _Optional[bool] = ..., max_bake_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[str]] = ..., bake_s: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., strategy: _Optional[str] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., traffic: _Optional[_Iterable[int]] = ..., rate_base: _Optional[float] = ..., rate_factor: _Optional[float] = ..., rate_max: _Optional[float] = ..., abort_failed_pct: _Optional[float] = ..., abort_min_agents: _Optional[int] = ..., judge: _Optional[_Iterable[str]] = ..., no_judge: _Optional[bool] = ..., max_bake_s: _Optional[float] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("model", "id")
@@ -968,7 +980,7 @@ class RolloutAgent(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., role: _Optional[str] = ..., wave: _Optional[int] = ..., previous_version: _Optional[int] = ..., active_version: _Optional[int] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("id", "model", "version", "state", "wave", "waves", "agents", "assigned", "switched", "prepared", "strategy", "failed", "bake_left_s", "reason", "gates", "last_evaluation", "events", "per_agent", "warnings", "selector", "bake_s", "min_requests", "max_failed_agents", "agent_timeout_s", "auto_switch", "allow_downgrade", "judge", "max_bake_s")
+    __slots__ = ("id", "model", "version", "state", "wave", "waves", "agents", "assigned", "switched", "prepared", "strategy", "failed", "bake_left_s", "reason", "gates", "last_evaluation", "events", "per_agent", "warnings", "selector", "bake_s", "min_requests", "max_failed_agents", "agent_timeout_s", "auto_switch", "allow_downgrade", "traffic", "traffic_percent", "queued", "rate_base", "rate_factor", "rate_max", "abort_failed_pct", "abort_min_agents", "judge", "max_bake_s")
     class FailedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -1009,6 +1021,14 @@ class RolloutStatus(_message.Message):
     AGENT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     AUTO_SWITCH_FIELD_NUMBER: _ClassVar[int]
     ALLOW_DOWNGRADE_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    RATE_BASE_FIELD_NUMBER: _ClassVar[int]
+    RATE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    RATE_MAX_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FAILED_PCT_FIELD_NUMBER: _ClassVar[int]
+    ABORT_MIN_AGENTS_FIELD_NUMBER: _ClassVar[int]
     JUDGE_FIELD_NUMBER: _ClassVar[int]
     MAX_BAKE_S_FIELD_NUMBER: _ClassVar[int]
     id: int
@@ -1037,9 +1057,175 @@ class RolloutStatus(_message.Message):
     agent_timeout_s: float
     auto_switch: bool
     allow_downgrade: bool
+    traffic: _containers.RepeatedScalarFieldContainer[int]
+    traffic_percent: int
+    queued: int
+    rate_base: float
+    rate_factor: float
+    rate_max: float
+    abort_failed_pct: float
+    abort_min_agents: int
     judge: _containers.RepeatedScalarFieldContainer[str]
     max_bake_s: float
-    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., wave: _Optional[int] = ..., waves: _Optional[_Iterable[int]] = ..., agents: _Optional[int] = ..., assigned: _Optional[int] = ..., switched: _Optional[int] = ..., prepared: _Optional[int] = ..., strategy: _Optional[str] = ..., failed: _Optional[_Mapping[str, str]] = ..., bake_left_s: _Optional[float] = ..., reason: _Optional[str] = ..., gates: _Optional[_Iterable[str]] = ..., last_evaluation: _Optional[_Union[GateEvaluation, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., per_agent: _Optional[_Iterable[_Union[RolloutAgent, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., selector: _Optional[_Mapping[str, str]] = ..., bake_s: _Optional[float] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., judge: _Optional[_Iterable[str]] = ..., max_bake_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., wave: _Optional[int] = ..., waves: _Optional[_Iterable[int]] = ..., agents: _Optional[int] = ..., assigned: _Optional[int] = ..., switched: _Optional[int] = ..., prepared: _Optional[int] = ..., strategy: _Optional[str] = ..., failed: _Optional[_Mapping[str, str]] = ..., bake_left_s: _Optional[float] = ..., reason: _Optional[str] = ..., gates: _Optional[_Iterable[str]] = ..., last_evaluation: _Optional[_Union[GateEvaluation, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., per_agent: _Optional[_Iterable[_Union[RolloutAgent, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., selector: _Optional[_Mapping[str, str]] = ..., bake_s: _Optional[float] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., traffic: _Optional[_Iterable[int]] = ..., traffic_percent: _Optional[int] = ..., queued: _Optional[int] = ..., rate_base: _Optional[float] = ..., rate_factor: _Optional[float] = ..., rate_max: _Optional[float] = ..., abort_failed_pct: _Optional[float] = ..., abort_min_agents: _Optional[int] = ..., judge: _Optional[_Iterable[str]] = ..., max_bake_s: _Optional[float] = ...) -> None: ...
+
+class StartExperimentRequest(_message.Message):
+    __slots__ = ("model", "candidate", "selector", "split_percent", "sticky", "shadow_percent", "duration_s")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    STICKY_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    candidate: int
+    selector: _containers.ScalarMap[str, str]
+    split_percent: float
+    sticky: bool
+    shadow_percent: float
+    duration_s: float
+    def __init__(self, model: _Optional[str] = ..., candidate: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., split_percent: _Optional[float] = ..., sticky: _Optional[bool] = ..., shadow_percent: _Optional[float] = ..., duration_s: _Optional[float] = ...) -> None: ...
+
+class GetExperimentRequest(_message.Message):
+    __slots__ = ("model", "id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    id: int
+    def __init__(self, model: _Optional[str] = ..., id: _Optional[int] = ...) -> None: ...
+
+class ListExperimentsRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListExperimentsResponse(_message.Message):
+    __slots__ = ("experiments",)
+    EXPERIMENTS_FIELD_NUMBER: _ClassVar[int]
+    experiments: _containers.RepeatedCompositeFieldContainer[ExperimentStatus]
+    def __init__(self, experiments: _Optional[_Iterable[_Union[ExperimentStatus, _Mapping]]] = ...) -> None: ...
+
+class ControlExperimentRequest(_message.Message):
+    __slots__ = ("model", "id", "action")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    id: int
+    action: str
+    def __init__(self, model: _Optional[str] = ..., id: _Optional[int] = ..., action: _Optional[str] = ...) -> None: ...
+
+class ExperimentArm(_message.Message):
+    __slots__ = ("arm", "version", "requests", "failures", "error_rate", "p50_ms", "p95_ms", "p99_ms", "agents")
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    arm: str
+    version: int
+    requests: int
+    failures: int
+    error_rate: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    agents: int
+    def __init__(self, arm: _Optional[str] = ..., version: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., error_rate: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., agents: _Optional[int] = ...) -> None: ...
+
+class ShadowDivergence(_message.Message):
+    __slots__ = ("available", "note", "compared", "dropped", "shadow_failures", "top1_agreement", "abs_diff_p50", "abs_diff_p99", "rel_diff_p99", "js_p99", "shadow_latency_p99_ms")
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    TOP1_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    ABS_DIFF_P50_FIELD_NUMBER: _ClassVar[int]
+    ABS_DIFF_P99_FIELD_NUMBER: _ClassVar[int]
+    REL_DIFF_P99_FIELD_NUMBER: _ClassVar[int]
+    JS_P99_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    available: bool
+    note: str
+    compared: int
+    dropped: int
+    shadow_failures: int
+    top1_agreement: float
+    abs_diff_p50: float
+    abs_diff_p99: float
+    rel_diff_p99: float
+    js_p99: float
+    shadow_latency_p99_ms: float
+    def __init__(self, available: _Optional[bool] = ..., note: _Optional[str] = ..., compared: _Optional[int] = ..., dropped: _Optional[int] = ..., shadow_failures: _Optional[int] = ..., top1_agreement: _Optional[float] = ..., abs_diff_p50: _Optional[float] = ..., abs_diff_p99: _Optional[float] = ..., rel_diff_p99: _Optional[float] = ..., js_p99: _Optional[float] = ..., shadow_latency_p99_ms: _Optional[float] = ...) -> None: ...
+
+class ExperimentStatus(_message.Message):
+    __slots__ = ("id", "model", "candidate", "selector", "mode", "share_percent", "sticky", "duration_s", "state", "created_at", "ends_at", "finished_at", "reason", "actor", "arms", "shadow", "verdict", "agents_in", "agents_out", "since", "until", "events")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    STICKY_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDS_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_IN_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_OUT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model: str
+    candidate: int
+    selector: _containers.ScalarMap[str, str]
+    mode: str
+    share_percent: float
+    sticky: bool
+    duration_s: float
+    state: str
+    created_at: float
+    ends_at: float
+    finished_at: float
+    reason: str
+    actor: str
+    arms: _containers.RepeatedCompositeFieldContainer[ExperimentArm]
+    shadow: ShadowDivergence
+    verdict: str
+    agents_in: _containers.RepeatedScalarFieldContainer[str]
+    agents_out: _containers.RepeatedScalarFieldContainer[str]
+    since: float
+    until: float
+    events: _containers.RepeatedCompositeFieldContainer[RolloutEvent]
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., candidate: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., mode: _Optional[str] = ..., share_percent: _Optional[float] = ..., sticky: _Optional[bool] = ..., duration_s: _Optional[float] = ..., state: _Optional[str] = ..., created_at: _Optional[float] = ..., ends_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ExperimentArm, _Mapping]]] = ..., shadow: _Optional[_Union[ShadowDivergence, _Mapping]] = ..., verdict: _Optional[str] = ..., agents_in: _Optional[_Iterable[str]] = ..., agents_out: _Optional[_Iterable[str]] = ..., since: _Optional[float] = ..., until: _Optional[float] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ...) -> None: ...
 
 class RolloutHistoryRequest(_message.Message):
     __slots__ = ("model",)
@@ -1171,3 +1357,100 @@ class BackupChunk(_message.Message):
     data: bytes
     summary: BackupSummary
     def __init__(self, file: _Optional[_Union[BackupFile, _Mapping]] = ..., data: _Optional[bytes] = ..., summary: _Optional[_Union[BackupSummary, _Mapping]] = ...) -> None: ...
+
+class StateRequest(_message.Message):
+    __slots__ = ("document", "prune")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_FIELD_NUMBER: _ClassVar[int]
+    document: str
+    prune: bool
+    def __init__(self, document: _Optional[str] = ..., prune: _Optional[bool] = ...) -> None: ...
+
+class StateProblem(_message.Message):
+    __slots__ = ("where", "line", "message")
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    where: str
+    line: int
+    message: str
+    def __init__(self, where: _Optional[str] = ..., line: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StateDeploymentAction(_message.Message):
+    __slots__ = ("entry", "line", "model", "selector", "version", "strategy", "action", "reason", "current_version", "changes", "rollout_id", "revision")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    entry: int
+    line: int
+    model: str
+    selector: _containers.ScalarMap[str, str]
+    version: int
+    strategy: str
+    action: str
+    reason: str
+    current_version: int
+    changes: _containers.RepeatedCompositeFieldContainer[DesiredChange]
+    rollout_id: int
+    revision: int
+    def __init__(self, entry: _Optional[int] = ..., line: _Optional[int] = ..., model: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., version: _Optional[int] = ..., strategy: _Optional[str] = ..., action: _Optional[str] = ..., reason: _Optional[str] = ..., current_version: _Optional[int] = ..., changes: _Optional[_Iterable[_Union[DesiredChange, _Mapping]]] = ..., rollout_id: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class StateJobAction(_message.Message):
+    __slots__ = ("entry", "line", "name", "action", "reason", "fields")
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    entry: int
+    line: int
+    name: str
+    action: str
+    reason: str
+    fields: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, entry: _Optional[int] = ..., line: _Optional[int] = ..., name: _Optional[str] = ..., action: _Optional[str] = ..., reason: _Optional[str] = ..., fields: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StatePlan(_message.Message):
+    __slots__ = ("problems", "deployments", "jobs", "applied", "changes")
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    problems: _containers.RepeatedCompositeFieldContainer[StateProblem]
+    deployments: _containers.RepeatedCompositeFieldContainer[StateDeploymentAction]
+    jobs: _containers.RepeatedCompositeFieldContainer[StateJobAction]
+    applied: bool
+    changes: bool
+    def __init__(self, problems: _Optional[_Iterable[_Union[StateProblem, _Mapping]]] = ..., deployments: _Optional[_Iterable[_Union[StateDeploymentAction, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[StateJobAction, _Mapping]]] = ..., applied: _Optional[bool] = ..., changes: _Optional[bool] = ...) -> None: ...
+
+class ExportStateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExportStateResponse(_message.Message):
+    __slots__ = ("document", "deployments", "jobs")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    document: str
+    deployments: int
+    jobs: int
+    def __init__(self, document: _Optional[str] = ..., deployments: _Optional[int] = ..., jobs: _Optional[int] = ...) -> None: ...

@@ -441,6 +441,26 @@ class HubAdminStub:
                 request_serializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryRequest.SerializeToString,
                 response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryResponse.FromString,
                 _registered_method=True)
+        self.StartExperiment = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/StartExperiment',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.StartExperimentRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.FromString,
+                _registered_method=True)
+        self.GetExperiment = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/GetExperiment',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.GetExperimentRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.FromString,
+                _registered_method=True)
+        self.ListExperiments = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ListExperiments',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListExperimentsRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListExperimentsResponse.FromString,
+                _registered_method=True)
+        self.ControlExperiment = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ControlExperiment',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ControlExperimentRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.FromString,
+                _registered_method=True)
         self.CreateJob = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/CreateJob',
                 request_serializer=modelfleet_dot_protos_dot_fleet__pb2.CreateJobRequest.SerializeToString,
@@ -480,6 +500,21 @@ class HubAdminStub:
                 '/modelfleet.fleet.v1.HubAdmin/Backup',
                 request_serializer=modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.SerializeToString,
                 response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.FromString,
+                _registered_method=True)
+        self.PlanState = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/PlanState',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.StateRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.StatePlan.FromString,
+                _registered_method=True)
+        self.ApplyState = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ApplyState',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.StateRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.StatePlan.FromString,
+                _registered_method=True)
+        self.ExportState = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ExportState',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ExportStateRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ExportStateResponse.FromString,
                 _registered_method=True)
 
 
@@ -574,6 +609,32 @@ class HubAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartExperiment(self, request, context):
+        """Experiments: a candidate against the running version on live traffic (split or shadow).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExperiment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExperiments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControlExperiment(self, request, context):
+        """stop or promote.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -624,6 +685,28 @@ class HubAdminServicer:
     def Backup(self, request, context):
         """A consistent copy of the hub's state for `modelfleet-hub backup`: for every file a
         BackupFile header, then its bytes in data chunks; the summary comes last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanState(self, request, context):
+        """Desired state as code (`modelfleet-hub diff|apply|export`, hub/statefile.py): what a state
+        file would change, or every problem that makes the hub refuse it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyState(self, request, context):
+        """Apply a state file: nothing at all when it has a problem (the answer lists them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportState(self, request, context):
+        """The hub's desired state written as a state file.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -702,6 +785,26 @@ def add_HubAdminServicer_to_server(servicer, server):
                     request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryRequest.FromString,
                     response_serializer=modelfleet_dot_protos_dot_fleet__pb2.RolloutHistoryResponse.SerializeToString,
             ),
+            'StartExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartExperiment,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.StartExperimentRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.SerializeToString,
+            ),
+            'GetExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperiment,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.GetExperimentRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.SerializeToString,
+            ),
+            'ListExperiments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExperiments,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListExperimentsRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListExperimentsResponse.SerializeToString,
+            ),
+            'ControlExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControlExperiment,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ControlExperimentRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.SerializeToString,
+            ),
             'CreateJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateJob,
                     request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.CreateJobRequest.FromString,
@@ -741,6 +844,21 @@ def add_HubAdminServicer_to_server(servicer, server):
                     servicer.Backup,
                     request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.FromString,
                     response_serializer=modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.SerializeToString,
+            ),
+            'PlanState': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanState,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.StateRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.StatePlan.SerializeToString,
+            ),
+            'ApplyState': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyState,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.StateRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.StatePlan.SerializeToString,
+            ),
+            'ExportState': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportState,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ExportStateRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ExportStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1132,6 +1250,114 @@ class HubAdmin:
             _registered_method=True)
 
     @staticmethod
+    def StartExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/StartExperiment',
+            modelfleet_dot_protos_dot_fleet__pb2.StartExperimentRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/GetExperiment',
+            modelfleet_dot_protos_dot_fleet__pb2.GetExperimentRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExperiments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ListExperiments',
+            modelfleet_dot_protos_dot_fleet__pb2.ListExperimentsRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListExperimentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControlExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ControlExperiment',
+            modelfleet_dot_protos_dot_fleet__pb2.ControlExperimentRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ExperimentStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateJob(request,
             target,
             options=(),
@@ -1337,6 +1563,87 @@ class HubAdmin:
             '/modelfleet.fleet.v1.HubAdmin/Backup',
             modelfleet_dot_protos_dot_fleet__pb2.BackupRequest.SerializeToString,
             modelfleet_dot_protos_dot_fleet__pb2.BackupChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/PlanState',
+            modelfleet_dot_protos_dot_fleet__pb2.StateRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.StatePlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ApplyState',
+            modelfleet_dot_protos_dot_fleet__pb2.StateRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.StatePlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ExportState',
+            modelfleet_dot_protos_dot_fleet__pb2.ExportStateRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ExportStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from modelfleet.hub.cli import EXIT_ROLLED_BACK
+from modelfleet.hub.cli import EXIT_ROLLED_BACK, EXIT_STATE_DIFFERS
 from modelfleet.kernel.bundle import create_bundle
 from tests import models
 from tests.procs import (
@@ -356,6 +356,26 @@ def fleet(work: Path) -> bool:
         wait_for(lambda: "succeeded" in hub.cli("jobs", "runs", "nightly-scores"), 60, "a job run")
         run_hub(hub, "jobs", "pause", "nightly-scores")
         run_hub(hub, "jobs", "runs", "nightly-scores")
+
+        step("16. Desired state as code: export to a file, diff it, then apply a smaller one")
+        exported = work / "fleet.toml"
+        print(f"$ modelfleet-hub export -o {exported}")
+        hub.cli("export", "-o", str(exported))
+        print("\n".join(f"  {line}" for line in exported.read_text().splitlines()))
+        code = run_hub_code(hub, "diff", "-f", str(exported))
+        print(f"  exit code {code} (0: the hub's desired state is what the file declares)")
+        smaller = work / "fleet-v3.toml"
+        smaller.write_text('version = 1\n\n[[deployment]]\nmodel = "fraud"\nversion = 3\n')
+        print(f"$ cat {smaller}")
+        print("\n".join(f"  {line}" for line in smaller.read_text().splitlines()))
+        code = run_hub_code(hub, "diff", "-f", str(smaller), "--prune")
+        print(
+            f"  exit code {code} (docs/cli.md: {EXIT_STATE_DIFFERS} means something would change)"
+        )
+        if code != EXIT_STATE_DIFFERS:
+            return False
+        run_hub(hub, "apply", "-f", str(smaller), "--prune")
+        run_hub(hub, "apply", "-f", str(smaller), "--prune")  # again: nothing to change
         return True
     finally:
         for a in agents:

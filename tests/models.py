@@ -155,3 +155,70 @@ def sample_array(datatype: str, rows: int = 2, width: int = 3, seed: int = 0) ->
         return rng.standard_normal((rows, width)).astype(dtype)
     info = np.iinfo(dtype)
     return rng.integers(max(info.min, -100), min(info.max, 100), (rows, width)).astype(dtype)
+
+
+def classifier(
+    path: Path,
+    *,
+    inputs: int = 4,
+    classes: int = 5,
+    seed: int = 0,
+    hidden: int = 16,
+    layers: int = 1,
+) -> Path:
+    """x[N, inputs] -> MLP -> Softmax -> probs[N, classes] and logits[N, classes]: class
+    scores and probability vectors, for comparing versions output by output."""
+    base = onnx.load(
+        str(
+            mlp(
+                path.with_suffix(".mlp.onnx"),
+                inputs=inputs,
+                hidden=hidden,
+                outputs=classes,
+                seed=seed,
+                layers=layers,
+            )
+        )
+    )
+    graph = base.graph
+    graph.node.append(helper.make_node("Identity", ["y"], ["logits"]))
+    graph.node.append(helper.make_node("Softmax", ["y"], ["probs"], axis=-1))
+    del graph.output[:]
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", classes]),
+        ]
+    )
+    return _save(graph, path)
+
+
+def slow_mlp(
+    path: Path, *, inputs: int = 4, outputs: int = 3, width: int = 1024, repeats: int = 16
+) -> Path:
+    """x[N, inputs] -> ``repeats`` x (MatMul by one shared [width, width] weight + Relu) ->
+    y[N, outputs]: the compute of a deep MLP with the file size of a shallow one, for a model
+    many times slower than :func:`mlp` with the same signature."""
+    rng = np.random.default_rng(3)
+    w_in = (rng.standard_normal((inputs, width)) / np.sqrt(inputs)).astype(np.float32)
+    w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    w_out = (rng.standard_normal((width, outputs)) / np.sqrt(width)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["h0"])]
+    for i in range(repeats):
+        nodes += [
+            helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]),
+            helper.make_node("Relu", [f"m{i}"], [f"h{i + 1}"]),
+        ]
+    nodes.append(helper.make_node("MatMul", [f"h{repeats}", "w_out"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "slow_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", outputs])],
+        initializer=[
+            numpy_helper.from_array(w_in, "w_in"),
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(w_out, "w_out"),
+        ],
+    )
+    return _save(graph, path)

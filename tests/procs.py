@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,6 +185,38 @@ class AgentProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def traffic(
+    agents: Iterable[AgentProcess], model: str = "mlp", interval_s: float = 0.02
+) -> Iterator[None]:
+    """Requests to ``model`` (input ``x``, one row of 4 floats) on every agent, one thread each,
+    until the block ends. Failures are swallowed: a version switching under the load, or a
+    version that fails on purpose, is what the calling test judges through telemetry."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    stop = threading.Event()
+
+    def load(agent: AgentProcess) -> None:
+        with grpcclient.InferenceServerClient(agent.url) as c:
+            inp = grpcclient.InferInput("x", [1, 4], "FP32")
+            inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+            while not stop.is_set():
+                with contextlib.suppress(Exception):
+                    c.infer(model, [inp])
+                time.sleep(interval_s)
+
+    threads = [threading.Thread(target=load, args=(a,), daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
 
 
 class HubProcess:

@@ -40,11 +40,11 @@ from modelfleet.hub.backup import (
 from modelfleet.hub.config import HubConfig
 from modelfleet.hub.core import LOCK_FILE, HubCore, HubRunningError
 from modelfleet.hub.registry import FailedPreconditionError
-from modelfleet.hub.reports import AgentReport, ModelReport
 from modelfleet.hub.signing import TufRepository, init_keys
 from modelfleet.kernel.atomic import try_lock
 from modelfleet.kernel.bundle import bundle_target_path, create_bundle, pack_bundle
 from modelfleet.kernel.errors import InvalidRequestError, VerificationError
+from modelfleet.kernel.reports import AgentReport, ModelReport
 from tests import models
 from tests.conftest import mlp_samples
 from tests.procs import ROOT, HubProcess, agent_status, wait_for

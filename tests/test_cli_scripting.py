@@ -371,3 +371,23 @@ def test_read_commands_print_json(tmp_path: Path) -> None:
         if agent is not None:
             agent.stop()
         hub.stop()
+
+
+def test_message_json_keeps_every_field_and_numbers_as_numbers() -> None:
+    """--json on agents ls / jobs runs / metrics / agent status (issue 14 leftover): the
+    standard protobuf mapping printed versions as "2" and dropped zero values."""
+    from modelfleet.kernel.commandline import message_dict
+    from modelfleet.protos import agent_pb2
+    from modelfleet.protos import fleet_pb2 as pb
+
+    info = pb.AgentInfo(agent_id="a", labels={"site": "x"}, last_seen=2.5)
+    info.report.models.add(name="m", active_version=2**40, previous_version=0)
+    out = message_dict(info)
+    assert out["labels"] == {"site": "x"} and out["last_seen"] == 2.5
+    [model] = out["report"]["models"]
+    assert model["active_version"] == 2**40 and model["previous_version"] == 0
+    assert model["gate_passed"] is False and model["error"] == ""
+    assert message_dict(pb.AgentInfo())["report"] is None
+    status = message_dict(agent_pb2.StatusResponse())
+    assert status == {"models": [], "ready": False, "listen": ""}
+    json.dumps(out)  # plain data all the way down

@@ -37,6 +37,7 @@ from modelfleet.agent.fleet.controlplane import (
 )
 from modelfleet.agent.fleet.sync import FleetSync
 from modelfleet.agent.metrics import AgentMetrics
+from modelfleet.agent.serving.routing import Comparison
 from modelfleet.agent.slots import BatchingConfig, SlotManager
 from modelfleet.hub.ca import CertificateAuthority
 from modelfleet.hub.signing import TufRepository, init_keys
@@ -49,6 +50,7 @@ from modelfleet.kernel.identity import (
     write_private_key,
 )
 from modelfleet.kernel.jobs import JobSpec
+from modelfleet.kernel.reports import report_to_proto
 from modelfleet.kernel.runtime import RuntimeOptions
 from modelfleet.protos import fleet_pb2 as pb
 from tests.test_tuf import FakeHub
@@ -272,6 +274,51 @@ def test_a_desired_state_arriving_during_a_reconcile_gets_its_own_pass(
     drive(agent_data, plane, scenario)
 
 
+def test_split_and_shadow_shares_from_the_desired_state_apply_without_reloading(
+    agent_data: Path, hub: FakeHub, ca: CertificateAuthority
+) -> None:
+    """Issue 15: a prepared version with shares becomes the candidate of a comparison; a new
+    share is applied from the next desired state, with the same loaded sessions."""
+    plane = FakeControlPlane(hub, ca)
+    blobs = {v: hub.publish("mlp", v) for v in (1, 2)}
+
+    def state(revision: int, **shares: object) -> DesiredState:
+        d = DesiredModel(
+            "mlp",
+            1,
+            "mlp/1/bundle.tar",
+            hashlib.sha256(blobs[1]).hexdigest(),
+            len(blobs[1]),
+            prepare_version=2,
+            prepare_size=len(blobs[2]),
+            **shares,  # type: ignore[arg-type]  # the comparison fields, by name
+        )
+        return DesiredState(revision=revision, models=[d])
+
+    async def scenario(sync: FleetSync, plane: FakeControlPlane) -> None:
+        plane.push(state(1, split_bp=2500, sticky=True, comparison="rollout 7"))
+
+        def candidate() -> object:
+            slot = sync.slots.slots.get("mlp")
+            return slot.previous if slot is not None and slot.previous is not None else None
+
+        await until("v2 is gated beside v1", lambda: candidate() is not None)
+        await until("the split applies", lambda: sync.slots.arms().get(("mlp", 2)) == "candidate")
+        slot = sync.slots.slots["mlp"]
+        assert slot.comparison == Comparison(2, 2500, True, 0, "rollout 7")
+        loaded = (slot.active, slot.previous)
+        plane.push(state(2, shadow_bp=10000, comparison="experiment 3"))
+        await until("the shadow applies", lambda: sync.slots.arms().get(("mlp", 2)) == "shadow")
+        assert slot.comparison == Comparison(2, 0, False, 10000, "experiment 3")
+        assert (slot.active, slot.previous) == loaded  # nothing reloaded
+        plane.push(state(3))
+        await until("the comparison ends", lambda: slot.comparison is None)
+        assert sync.slots.arms() == {("mlp", 1): "active"}
+        assert (slot.active, slot.previous) == loaded
+
+    drive(agent_data, plane, scenario)
+
+
 def test_hub_trouble_shows_until_the_next_desired_state(
     agent_data: Path, hub: FakeHub, ca: CertificateAuthority
 ) -> None:
@@ -401,8 +448,8 @@ def test_every_message_field_has_a_domain_counterpart(message: type, domain: typ
 
 def test_conversion_carries_every_field() -> None:
     model = ModelReport("m", 2, 1, 3, 4, 2, True, "outputs", "nan in y", "slow", "gate")
-    report = AgentReport([model], "e", 9, 10, 11, "1.2", "10.0.0.1:8001", 12.5)
-    wire = MessageToDict(convert.agent_report(report), preserving_proto_field_name=True)
+    report = AgentReport((model,), "e", 9, 10, 11, "1.2", "10.0.0.1:8001", 12.5)
+    wire = MessageToDict(report_to_proto(report), preserving_proto_field_name=True)
     assert wire["models"] == [
         {k: v for k, v in dataclasses.asdict(model).items()}
         | {"active_version": "2", "previous_version": "1", "loading_version": "3"}

@@ -12,8 +12,8 @@ import pytest
 from modelfleet.agent.fleet.backoff import Backoff
 from modelfleet.agent.fleet.cache import BundleCache
 from modelfleet.hub.registry import FailedPreconditionError, PermissionDeniedError, Registry
-from modelfleet.hub.reports import AgentReport, ModelReport
 from modelfleet.kernel.errors import BundleExistsError, InvalidRequestError
+from modelfleet.kernel.reports import AgentReport, ModelReport
 
 
 def test_backoff_is_bounded_jittered_and_resets() -> None:

@@ -1,6 +1,6 @@
 """The hub's edge conversions and its jobs core, without processes.
 
-An agent's report is converted once at each edge (gRPC, MQTT) into hub.reports types; the
+An agent's report is converted once at each edge (gRPC, MQTT) into kernel.reports types; the
 registry stores their JSON and reads it back. These tests hold that chain lossless, so
 `agents ls` shows what the agent sent and the rollout engine reads what it meant.
 """
@@ -22,14 +22,12 @@ from modelfleet.hub.convert import (
     job_spec_from_proto,
     job_spec_to_proto,
     job_to_proto,
-    report_from_proto,
-    report_to_proto,
 )
 from modelfleet.hub.jobs import Jobs
 from modelfleet.hub.registry import Registry
-from modelfleet.hub.reports import AgentReport, ModelReport
 from modelfleet.kernel.errors import BundleExistsError, InvalidRequestError, ModelNotFoundError
 from modelfleet.kernel.jobs import JobRun, JobSpec
+from modelfleet.kernel.reports import AgentReport, ModelReport, report_from_proto, report_to_proto
 from modelfleet.protos import fleet_pb2 as pb
 
 

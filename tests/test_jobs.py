@@ -95,8 +95,8 @@ def test_scheduled_job_fires_on_an_agent_and_reports_its_run(tmp_path: Path) -> 
             "a succeeded run at the hub",
         )
         run = next(r for r in runs(hub, "nightly") if r["status"] == "succeeded")
-        assert run["rows_in"] == str(rows) and run["rows_out"] == str(rows)
-        assert run["version"] == "1" and run["agent_id"].startswith("edge-1")
+        assert run["rows_in"] == rows and run["rows_out"] == rows
+        assert run["version"] == 1 and run["agent_id"].startswith("edge-1")
         # The output is the model's, exactly.
         table = pq.read_table(out / f"run-{run['run_id']}").sort_by("id")
         want = ort.InferenceSession(str(onnx)).run(None, {"x": x})[0]

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import pytest
 
 from modelfleet.hub.cli import (
@@ -21,7 +22,6 @@ from modelfleet.hub.cli import (
 )
 from modelfleet.hub.convert import rollout_to_proto
 from modelfleet.hub.registry import Registry
-from modelfleet.hub.reports import AgentReport, ModelReport
 from modelfleet.hub.rollout_manager import RolloutManager
 from modelfleet.hub.rollouts import (
     AgentFacts,
@@ -31,7 +31,9 @@ from modelfleet.hub.rollouts import (
     check_target,
     stable_order,
 )
-from modelfleet.kernel.errors import EXIT_CODES, InvalidRequestError
+from modelfleet.kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError, Status
+from modelfleet.kernel.reports import AgentReport, ModelReport
+from modelfleet.protos import fleet_pb2 as pb
 from tests.test_rollouts import AGENTS, BASE, GOOD, FakeFleet, run, spec
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -287,3 +289,77 @@ def test_json_status_is_plain_data() -> None:
     d = rollout_dict(rollout_to_proto(r, 0.0, {a: AgentFacts() for a in AGENTS}))
     assert json.loads(json.dumps(d)) == d
     assert d["bake_s"] == 60 and d["min_requests"] == 100 and len(d["per_agent"]) == 10
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["agents", "token", "--ttl"],
+        ["metrics", "m", "--since"],
+        [
+            "jobs",
+            "create",
+            "j",
+            "--model",
+            "m",
+            "--deployed",
+            "--input",
+            "i",
+            "--output",
+            "o",
+            "--every",
+        ],
+        ["backup", "d", "--timeout"],
+    ],
+)
+def test_every_duration_flag_refuses_a_bare_number(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One rule for the whole CLI (issue 14): a bare 300 could mean seconds or minutes."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*argv, "300"])
+    assert e.value.code == 2
+    assert "'300' has no unit: add one, e.g. 300s" in capsys.readouterr().err
+    build_parser().parse_args([*argv, "5m"])
+
+
+class _Unreachable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "failed to connect to all addresses"
+
+
+class _RestartingHub:
+    """GetRollout as a hub that goes away for ``down`` calls and comes back with ``after``."""
+
+    def __init__(self, down: int, after: pb.RolloutStatus) -> None:
+        self.down, self.after, self.calls = down, after, 0
+
+    def GetRollout(self, request: pb.GetRolloutRequest, timeout: float) -> pb.RolloutStatus:
+        self.calls += 1
+        if self.calls <= self.down:
+            raise _Unreachable()
+        return self.after
+
+
+def test_a_watch_outlives_a_hub_restart(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 14 leftover: `rollout status --watch` exited 5 when the hub restarted under it,
+    though the rollout is durable and resumes with the hub."""
+    import modelfleet.hub.cli as hub_cli
+
+    monkeypatch.setattr(hub_cli, "WATCH_INTERVAL_S", 0.0)
+    running = pb.RolloutStatus(id=3, model="m", version=2, state="baking")
+    done = pb.RolloutStatus(id=3, model="m", version=2, state="done")
+    hub = _RestartingHub(down=3, after=done)
+    assert hub_cli._watch_rollout(hub, running, None, as_json=False, shown=True) == 0
+    err = capsys.readouterr().err
+    assert "the hub does not answer" in err and "the hub answers again" in err
+    # An outage that outlasts the watch's own deadline still ends it, with "unavailable".
+    monkeypatch.setattr(hub_cli, "WATCH_OUTAGE_S", 0.0)
+    with pytest.raises(ModelfleetError) as e:
+        hub_cli._watch_rollout(_RestartingHub(10, done), running, None, as_json=False, shown=True)
+    assert e.value.status is Status.UNAVAILABLE

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from tests import models
-from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, wait_for
+from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, traffic, wait_for
 
 N_AGENTS = 10
 FAST = {
@@ -178,11 +176,6 @@ def test_agent_killed_during_a_wave_times_out(fleet) -> None:
 
 
 def test_worse_error_rate_is_stopped_in_the_first_wave_without_a_command(fleet) -> None:
-    import threading
-
-    import numpy as np
-    import tritonclient.grpc as grpcclient
-
     hub, agents = fleet
     # v6 passes its health gate (3-row samples) but fails every single-row request at run time.
     v6 = models.reshape_model(hub.data.parent / "onnx" / "v6.onnx")
@@ -195,22 +188,8 @@ def test_worse_error_rate_is_stopped_in_the_first_wave_without_a_command(fleet) 
         "--samples",
         str(_reshape_samples(hub.data.parent)),
     )
-    stop = threading.Event()
-
-    def load(agent: AgentProcess) -> None:
-        with grpcclient.InferenceServerClient(agent.url) as c:
-            inp = grpcclient.InferInput("x", [1, 4], "FP32")
-            inp.set_data_from_numpy(np.ones((1, 4), np.float32))
-            while not stop.is_set():
-                # Failures are the point: the canary's runtime errors feed its telemetry.
-                with contextlib.suppress(Exception):
-                    c.infer("mlp", [inp])
-                time.sleep(0.02)
-
-    threads = [threading.Thread(target=load, args=(a,), daemon=True) for a in agents]
-    for t in threads:
-        t.start()
-    try:
+    # Failures are the point: the canary's runtime errors feed its telemetry.
+    with traffic(agents):
         hub.cli(
             "rollout",
             "start",
@@ -230,10 +209,6 @@ def test_worse_error_rate_is_stopped_in_the_first_wave_without_a_command(fleet) 
             "60s",
         )
         wait_for(lambda: status(hub)["state"] == "rolled_back", 120, "automatic rollback")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
     s = status(hub)
     assert "error_rate=1" in s["reason"] and s["assigned"] == 1
     gates = {g["gate"]: g for g in s["last_evaluation"]["gates"]}

@@ -8,14 +8,12 @@ The tests share one fleet and run in order: each starts from where the one befor
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import select
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
@@ -23,7 +21,15 @@ import pytest
 
 from modelfleet.hub.cli import EXIT_NEEDS_OPERATOR, EXIT_ROLLED_BACK, EXIT_WAIT_TIMEOUT
 from tests import models
-from tests.procs import ROOT, AgentProcess, HubProcess, agent_status, enroll_agent, wait_for
+from tests.procs import (
+    ROOT,
+    AgentProcess,
+    HubProcess,
+    agent_status,
+    enroll_agent,
+    traffic,
+    wait_for,
+)
 
 FAST = {
     "MODELFLEET_AGENT_REPORT_INTERVAL_S": "0.5",
@@ -129,38 +135,10 @@ def test_wait_exits_0_when_done_and_prints_one_line_per_change(fleet) -> None:
     assert len(hub.cli("rollout", "history", "mlp").splitlines()) == 1
 
 
-@contextlib.contextmanager
-def traffic(agents: list[AgentProcess]) -> Iterator[None]:
-    import numpy as np
-    import tritonclient.grpc as grpcclient
-
-    stop = threading.Event()
-
-    def load(agent: AgentProcess) -> None:
-        with grpcclient.InferenceServerClient(agent.url) as c:
-            inp = grpcclient.InferInput("x", [1, 4], "FP32")
-            inp.set_data_from_numpy(np.ones((1, 4), np.float32))
-            while not stop.is_set():
-                # A request lost during a switch is not what this test looks at.
-                with contextlib.suppress(Exception):
-                    c.infer("mlp", [inp])
-                time.sleep(0.01)
-
-    threads = [threading.Thread(target=load, args=(a,), daemon=True) for a in agents]
-    for t in threads:
-        t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
-
-
 def test_wait_exits_20_when_rolled_back_and_status_shows_what_was_judged(fleet) -> None:
     hub, agents = fleet
     hub.cli("publish", "mlp", str(models.mlp(hub.data.parent / "onnx" / "v3.onnx", seed=3)))
-    with traffic(agents):
+    with traffic(agents, interval_s=0.01):
         # The canary is as fast as the baseline, so a ratio gate of 0.01 fails for certain:
         # what matters here is that both figures behind it are shown.
         r = cli(

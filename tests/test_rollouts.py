@@ -281,9 +281,9 @@ def test_refusals_are_classified_by_reported_reason_not_by_text() -> None:
     unreachable, transfer broken, local cache damaged): the words are never read."""
     from types import SimpleNamespace
 
-    from modelfleet.hub.reports import AgentReport, ModelReport
     from modelfleet.hub.rollout_manager import FleetObserver
     from modelfleet.kernel.errors import TRANSIENT_REASONS
+    from modelfleet.kernel.reports import AgentReport, ModelReport
 
     def observer(error: str, reason: str) -> FleetObserver:
         m = ModelReport("m", desired_version=2, error=error, error_reason=reason)
@@ -362,6 +362,14 @@ def test_rollout_status_is_typed_on_the_wire_and_round_trips() -> None:
         "allow_downgrade": True,
         "judge": ["latency", "errors"],
         "max_bake_s": 180.0,
+        "traffic": [5, 50, 100],
+        "traffic_percent": 50,
+        "queued": 2,
+        "rate_base": 2.0,
+        "rate_factor": 1.5,
+        "rate_max": 8.0,
+        "abort_failed_pct": 10.0,
+        "abort_min_agents": 3,
     }
     evaluation = summary["last_evaluation"]
     assert isinstance(evaluation, dict)

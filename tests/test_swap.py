@@ -115,7 +115,7 @@ def test_hot_swap_under_load_fails_no_request(repo: Path, staging: Path, agent_f
     assert load.wrong == []
     assert load.versions == {"1", "2"}
     s = status(agent)["mlp"]
-    assert (s["active_version"], s["previous_version"]) == ("2", "1")
+    assert (s["active_version"], s["previous_version"]) == (2, 1)
     assert 'modelfleet_swaps_total{model="mlp"} 2.0' in agent.metrics()  # none -> 1 -> 2
 
 
@@ -167,9 +167,9 @@ def test_gate_refuses_bad_versions_and_old_keeps_serving(
     publish(staging, repo, 2, build)
     wait_for(lambda: status(agent)["mlp"].get("failed"), 30, "gate verdict on v2")
     s = status(agent)["mlp"]
-    assert s["active_version"] == "1" and "previous_version" not in s
+    assert s["active_version"] == 1 and s["previous_version"] == 0
     failure = s["failed"][0]
-    assert failure["version"] == "2" and failure["kind"] == kind and words in failure["reason"]
+    assert failure["version"] == 2 and failure["kind"] == kind and words in failure["reason"]
     # The refused version never served, not even when asked for by number.
     assert not client.is_model_ready("mlp", "2")
     np.testing.assert_array_equal(call(client).as_numpy("y"), before)
@@ -207,8 +207,8 @@ def test_corrupt_and_mislabelled_bundles_are_refused(
     os.rename(other.path, repo / "mlp" / "3")
     wait_for(lambda: len(status(agent)["mlp"].get("failed", [])) == 2, 30, "both refused")
     failed = {f["version"]: f for f in status(agent)["mlp"]["failed"]}
-    assert failed["2"]["kind"] == "bundle" and "sha256" in failed["2"]["reason"]
-    assert "manifest says 'other' version 3" in failed["3"]["reason"]
+    assert failed[2]["kind"] == "bundle" and "sha256" in failed[2]["reason"]
+    assert "manifest says 'other' version 3" in failed[3]["reason"]
     client = agent.client()
     assert active_version(client) == "1"
     # Fixing the bytes under the same number is picked up: the fingerprint changed.
@@ -269,8 +269,7 @@ def test_refused_candidate_keeps_the_rollback_target(
     )
     wait_for(
         lambda: (
-            status(agent)["mlp"].get("previous_version") == "1"
-            and status(agent)["mlp"].get("failed")
+            status(agent)["mlp"].get("previous_version") == 1 and status(agent)["mlp"].get("failed")
         ),
         30,
         "v3 refused, v1 restored",

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from modelfleet.kernel.jobs import JobSpec
+from modelfleet.kernel.reports import AgentReport, ModelReport
 from modelfleet.protos import fleet_pb2 as pb
 
 
@@ -51,39 +52,6 @@ class DesiredState:
     revision: int
     models: list[DesiredModel] = field(default_factory=list)
     jobs: list[JobSpec] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ModelReport:
-    """One model as this agent sees it; 0 and "" mean "none"."""
-
-    name: str
-    active_version: int = 0
-    previous_version: int = 0
-    loading_version: int = 0
-    desired_version: int = 0
-    # The last health-gate verdict on this model (gate_version 0: none yet).
-    gate_version: int = 0
-    gate_passed: bool = False
-    gate_kind: str = ""
-    gate_reason: str = ""
-    # Why the desired version is not active, in words and as the error family's reason.
-    error: str = ""
-    error_reason: str = ""
-
-
-@dataclass(frozen=True)
-class AgentReport:
-    """The state report: sent at least every ``report_interval_s`` and after every change."""
-
-    models: list[ModelReport]
-    last_error: str
-    desired_revision: int
-    cache_bytes: int
-    disk_free_bytes: int
-    agent_version: str
-    inference_address: str
-    cert_expires_at: float
 
 
 # Called on the event loop with each desired state received (the full state every time).

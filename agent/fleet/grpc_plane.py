@@ -19,7 +19,7 @@ import grpc
 
 from modelfleet.agent.fleet.backoff import Backoff
 from modelfleet.agent.fleet.controlplane import AgentReport, OnDesired, OnLateAcks, OnTrouble
-from modelfleet.agent.fleet.convert import agent_report, desired_state
+from modelfleet.agent.fleet.convert import desired_state
 from modelfleet.agent.fleet.transport import (
     GrpcTransport,
     RetiredChannels,
@@ -28,6 +28,7 @@ from modelfleet.agent.fleet.transport import (
     fleet_stub,
     rpc_error,
 )
+from modelfleet.kernel.reports import report_to_proto
 from modelfleet.protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class GrpcControlPlane:
 
     async def _report(self, report: AgentReport, timeout_s: float) -> None:
         try:
-            await self._stub.ReportState(agent_report(report), timeout=timeout_s)
+            await self._stub.ReportState(report_to_proto(report), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc, "report") from None
 

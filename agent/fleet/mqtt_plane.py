@@ -17,9 +17,10 @@ from pathlib import Path
 
 from modelfleet.agent.fleet import renew as renewal
 from modelfleet.agent.fleet.controlplane import AgentReport, OnDesired, OnLateAcks, OnTrouble
-from modelfleet.agent.fleet.convert import agent_report, desired_state
+from modelfleet.agent.fleet.convert import desired_state
 from modelfleet.agent.fleet.mqtt import MqttLink, MqttTransport
 from modelfleet.agent.fleet.transport import IDENTITY_DIR
+from modelfleet.kernel.reports import report_to_proto
 from modelfleet.protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -130,11 +131,11 @@ class MqttControlPlane:
 
     async def send_report(self, report: AgentReport) -> None:
         # QoS 1: paho keeps it while the broker is away; the next one supersedes.
-        self.link.publish_report(agent_report(report))
+        self.link.publish_report(report_to_proto(report))
 
     async def send_final_report(self, report: AgentReport) -> None:
         with contextlib.suppress(Exception):
-            self.link.publish_report(agent_report(report))
+            self.link.publish_report(report_to_proto(report))
 
     async def send_telemetry(self, batch: pb.TelemetryBatch) -> Sequence[int]:
         return await self._telemetry(batch)

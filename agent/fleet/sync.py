@@ -35,6 +35,7 @@ from modelfleet.agent.fleet.transport import IDENTITY_DIR
 from modelfleet.agent.fleet.verify import BundleVerifier
 from modelfleet.agent.gate import GateResult
 from modelfleet.agent.jobs import JobRunner
+from modelfleet.agent.serving.routing import BASIS_POINTS, Comparison
 from modelfleet.agent.slots import SlotManager
 from modelfleet.agent.telemetry import JOURNAL_FILE
 from modelfleet.kernel.atomic import atomic_write_json
@@ -369,6 +370,10 @@ class FleetSync:
                     continue
                 await self._deploy(d.name, d.version, d.sha256, offline=offline, size=d.size)
                 self.errors.pop(d.name, None)
+                if d.prepare_version and d.prepare_version != d.version and not offline:
+                    # In the same pass: a state that brings both (a new agent joining a
+                    # comparison) must not wait for the next resync to load the candidate.
+                    await self._prepare(d)
             except (ModelfleetError, OSError) as exc:
                 self.errors[d.name] = str(exc)
                 self.error_reasons[d.name] = error_reason(exc)
@@ -379,6 +384,8 @@ class FleetSync:
                     # Nothing serves this model (a first start, a lost served.json): the newest
                     # cached version that passes its gate serves until the desired one can.
                     await self._serve_best_cached(d)
+        # Slots made by this pass (a first deploy) get their comparison now.
+        self._apply_comparisons()
         if not self.errors and self.last_error and not self.last_error.startswith("hub:"):
             self.last_error = ""  # recovered: an old error must not linger in `agents ls`
         if offline:
@@ -502,7 +509,28 @@ class FleetSync:
             )
             self.desired = desired
             self._save_desired()
+        self._apply_comparisons()
         self.wakeup.set()
+
+    def _apply_comparisons(self) -> None:
+        """The desired state's split and shadow shares, at once: nothing loads or unloads for
+        them (the candidate is the prepared version; until it has passed its gate, everything
+        goes to the active one)."""
+        wanted = {}
+        for d in self.desired:
+            if d.prepare_version and d.prepare_version != d.version and (d.split_bp or d.shadow_bp):
+                try:
+                    wanted[d.name] = Comparison(
+                        d.prepare_version,
+                        min(d.split_bp, BASIS_POINTS),
+                        d.sticky,
+                        min(d.shadow_bp, BASIS_POINTS),
+                        d.comparison,
+                    )
+                except ValueError as exc:  # pragma: no cover - clamped above
+                    log.warning("%s: comparison ignored: %s", d.name, exc)
+        for name in set(self.slots.slots) | set(wanted):
+            self.slots.set_comparison(name, wanted.get(name))
 
     # -- certificate renewal --------------------------------------------------------------------
 
@@ -608,7 +636,7 @@ class FleetSync:
                     )
                 )
         return AgentReport(
-            models=models,
+            models=tuple(models),
             # A failing renewal stays visible until one succeeds, whatever else clears.
             last_error=self.last_error or self.renew_error,
             desired_revision=self.revision,

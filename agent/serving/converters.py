@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from modelfleet.agent.serving.dataplane import InferInput, InferRequest, InferResponse
+from modelfleet.agent.serving.routing import ROUTING_KEY_PARAMETER
 from modelfleet.kernel.datatypes import numpy_dtype
 from modelfleet.kernel.errors import InvalidRequestError
 from modelfleet.protos import inference_pb2 as pb
@@ -185,6 +186,23 @@ def request_from_proto(msg: pb.ModelInferRequest) -> InferRequest:
         id=msg.id,
         inputs=inputs,
         outputs=[o.name for o in msg.outputs],
+        routing_key=_routing_key(msg),
+    )
+
+
+def _routing_key(msg: pb.ModelInferRequest) -> str:
+    if ROUTING_KEY_PARAMETER not in msg.parameters:
+        return ""
+    param = msg.parameters[ROUTING_KEY_PARAMETER]
+    kind = param.WhichOneof("parameter_choice")
+    if kind == "string_param":
+        return param.string_param
+    if kind in ("int64_param", "uint64_param"):
+        # Numeric ids are common keys; their decimal form hashes like the string would.
+        return str(getattr(param, kind))
+    raise InvalidRequestError(
+        f"request parameter {ROUTING_KEY_PARAMETER!r} must be a string (or an integer), not {kind}",
+        reason="routing_key",
     )
 
 

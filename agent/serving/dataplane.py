@@ -6,6 +6,7 @@ call :meth:`DataPlane.infer`; errors are :mod:`kernel.errors` types that each ed
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,15 @@ from typing import Any
 import numpy as np
 
 from modelfleet.agent.metrics import AgentMetrics
+from modelfleet.agent.serving.routing import (
+    ARM_PINNED,
+    ROUTING_KEY_HEADER,
+    ROUTING_KEY_MAX_BYTES,
+    ROUTING_KEY_PARAMETER,
+    Route,
+    choose,
+)
+from modelfleet.agent.serving.shadow import ShadowRunner
 from modelfleet.agent.slots import LoadedVersion, SlotManager
 from modelfleet.kernel.bundle import TensorSpec
 from modelfleet.kernel.datatypes import datatype_of
@@ -36,6 +46,9 @@ class InferRequest:
     # Requested output names; empty means all of them.
     outputs: list[str] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
+    # Sticky split (agent/serving/routing.py): the request parameter `routing_key`, or the
+    # gRPC metadata header `x-routing-key`; empty: none.
+    routing_key: str = ""
 
 
 @dataclass
@@ -114,16 +127,45 @@ def validate_inputs(
     return seen, rows
 
 
+def check_routing_key(key: str) -> str:
+    if len(key.encode()) > ROUTING_KEY_MAX_BYTES:
+        raise InvalidRequestError(
+            f"routing key ({ROUTING_KEY_PARAMETER} parameter or {ROUTING_KEY_HEADER} header) is "
+            f"{len(key.encode())} bytes; at most {ROUTING_KEY_MAX_BYTES} are accepted: send a "
+            "shorter identifier (a user or session id, or a hash of one)",
+            reason="routing_key",
+        )
+    return key
+
+
 class DataPlane:
-    def __init__(self, slots: SlotManager, metrics: AgentMetrics) -> None:
+    def __init__(
+        self, slots: SlotManager, metrics: AgentMetrics, shadow: ShadowRunner | None = None
+    ) -> None:
         self.slots = slots
         self.metrics = metrics
+        self.shadow = shadow or ShadowRunner(metrics)
+        # Draws for unkeyed requests: not security relevant, only a fair share.
+        self.rng = random.Random()
+
+    def _route(self, request: InferRequest) -> tuple[LoadedVersion, Route | None]:
+        slot = self.slots.slots.get(request.model_name)
+        if slot is None or slot.comparison is None:
+            return self.slots.resolve(request.model_name, request.model_version), None
+        if request.model_version:
+            # An explicit version is outside the comparison, whichever version it names.
+            version = self.slots.resolve(request.model_name, request.model_version)
+            return version, Route(version, ARM_PINNED)
+        route = choose(slot, check_routing_key(request.routing_key), self.rng)
+        if route is None:
+            return self.slots.resolve(request.model_name, ""), None
+        return route.version, route
 
     async def infer(self, request: InferRequest) -> InferResponse:
         start = time.perf_counter()
         version = None
         try:
-            version = self.slots.resolve(request.model_name, request.model_version)
+            version, route = self._route(request)
             feed, rows = validate_inputs(version, request.inputs)
             wanted = request.outputs or version.model.output_names
             unknown = [o for o in wanted if o not in version.model.output_names]
@@ -153,7 +195,15 @@ class DataPlane:
         s.queue_ns += int(timing.queue_s * 1e9)
         s.last_inference_ms = int(time.time() * 1000)
         version.telemetry.ok(elapsed, timing.queue_s)
+        if route is not None:
+            self.metrics.routed.labels(*labels, route.arm).inc()
+            if route.shadow is not None:
+                # The response is complete; the copy waits in the shadow queue, or is dropped.
+                self.shadow.offer(version, route.shadow, feed, results)
         return InferResponse(version.name, str(version.version), request.id, outputs)
+
+    async def close(self) -> None:
+        await self.shadow.close()
 
     def _account_failure(
         self,

@@ -19,9 +19,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from modelfleet.agent import __version__
+from modelfleet.agent.repository import compare_local
 from modelfleet.agent.serving.batcher import DynamicBatcher
 from modelfleet.agent.serving.converters import request_from_proto, response_to_proto
 from modelfleet.agent.serving.dataplane import DataPlane
+from modelfleet.agent.serving.routing import ROUTING_KEY_HEADER, Comparison
 from modelfleet.agent.slots import LoadedVersion, SlotManager
 from modelfleet.kernel.errors import (
     InvalidRequestError,
@@ -191,7 +193,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_grpc_errors
     async def ModelInfer(self, request, context):
-        return response_to_proto(await self.dataplane.infer(request_from_proto(request)))
+        req = request_from_proto(request)
+        if not req.routing_key:
+            for key, value in context.invocation_metadata() or ():
+                if key == ROUTING_KEY_HEADER:
+                    req.routing_key = value if isinstance(value, str) else value.decode()
+                    break
+        return response_to_proto(await self.dataplane.infer(req))
 
 
 def model_config(v: LoadedVersion) -> pb.ModelConfig:
@@ -262,18 +270,51 @@ def model_statistics(v: LoadedVersion) -> pb.ModelStatistics:
 
 
 class AdminServicer(agent_pb2_grpc.AgentAdminServicer):
-    def __init__(self, slots: SlotManager, listen: str, fleet_hub: str = "") -> None:
+    def __init__(
+        self,
+        slots: SlotManager,
+        listen: str,
+        fleet_hub: str = "",
+        models: Path | None = None,
+    ) -> None:
         self.slots = slots
         self.listen = listen
         self.fleet_hub = fleet_hub
+        self.models = models
 
     @_grpc_errors
     async def Status(self, request, context):
         return agent_pb2.StatusResponse(
-            models=[_status_to_proto(s) for s in self.slots.status()],
+            models=[_status_to_proto(s, self.slots) for s in self.slots.status()],
             ready=self.slots.all_ready(),
             listen=self.listen,
         )
+
+    @_grpc_errors
+    async def Compare(self, request, context):
+        if self.fleet_hub or self.models is None:
+            raise _FleetOwned(
+                f"this agent follows the hub at {self.fleet_hub}: the hub decides what is "
+                "compared (`modelfleet-hub experiment start MODEL --candidate V ...`)"
+            )
+        comparison = None
+        if not request.off:
+            try:
+                comparison = Comparison(
+                    request.candidate_version,
+                    request.split_bp,
+                    request.sticky,
+                    request.shadow_bp,
+                    "local",
+                )
+            except ValueError as exc:
+                raise InvalidRequestError(f"compare: {exc}") from None
+            if not comparison.active:
+                raise InvalidRequestError(
+                    "compare: give a share (--split PCT or --shadow PCT above 0), or --off"
+                )
+        status = await compare_local(self.slots, self.models, request.model, comparison)
+        return agent_pb2.CompareResponse(model=_status_to_proto(status, self.slots))
 
     @_grpc_errors
     async def Rollback(self, request, context):
@@ -299,7 +340,30 @@ def _gate_to_proto(g: Any) -> agent_pb2.GateResult:
     )
 
 
-def _status_to_proto(s: Any) -> agent_pb2.ModelStatus:
+def _comparison_to_proto(s: Any, slots: SlotManager) -> agent_pb2.Comparison:
+    c = s.comparison
+    msg = agent_pb2.Comparison(
+        candidate_version=c.candidate,
+        split_bp=c.split_bp,
+        sticky=c.sticky,
+        shadow_bp=c.shadow_bp,
+        label=c.label,
+        comparing=s.comparing,
+    )
+    if s.active is not None:
+        for cells in slots.metrics.telemetry.shadow_cells(s.name):
+            if (cells.version, cells.shadow_version) == (s.active, c.candidate):
+                compared, dropped, failures, agree, total = cells.totals()
+                msg.shadow_compared = compared
+                msg.shadow_dropped = dropped
+                msg.shadow_failures = failures
+                msg.top1_agree = agree
+                msg.top1_total = total
+                msg.max_abs_diff = cells.max_abs
+    return msg
+
+
+def _status_to_proto(s: Any, slots: SlotManager | None = None) -> agent_pb2.ModelStatus:
     msg = agent_pb2.ModelStatus(
         name=s.name,
         active_version=s.active or 0,
@@ -311,6 +375,8 @@ def _status_to_proto(s: Any) -> agent_pb2.ModelStatus:
     )
     if s.last_gate is not None:
         msg.last_gate.CopyFrom(_gate_to_proto(s.last_gate))
+    if s.comparison is not None and slots is not None:
+        msg.comparison.CopyFrom(_comparison_to_proto(s, slots))
     return msg
 
 
@@ -404,10 +470,16 @@ def claim_admin_socket(path: Path) -> None:
 
 
 def build_admin_server(
-    slots: SlotManager, socket_path: Path, listen: str, fleet_hub: str = ""
+    slots: SlotManager,
+    socket_path: Path,
+    listen: str,
+    fleet_hub: str = "",
+    models: Path | None = None,
 ) -> grpc.aio.Server:
     server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentAdminServicer_to_server(AdminServicer(slots, listen, fleet_hub), server)
+    agent_pb2_grpc.add_AgentAdminServicer_to_server(
+        AdminServicer(slots, listen, fleet_hub, models), server
+    )
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     if socket_path.exists():
         socket_path.unlink()

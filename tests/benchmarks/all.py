@@ -20,6 +20,7 @@ SUITES = {
     "fanout": "tests.benchmarks.fanout_bench",  # MQTT fan-out to 100 and 1,000 agents
     "rollout": "tests.benchmarks.rollout_bench",  # telemetry ingestion, rollout decision time
     "batch": "tests.benchmarks.batch_bench",  # Parquet scoring vs raw onnxruntime / plain loop
+    "traffic": "tests.benchmarks.traffic_bench",  # shadow cost, split accuracy and stickiness
     "judge": "tests.benchmarks.judge_bench",  # rollout judge vs ratio gates on a simulated fleet
 }
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from modelfleet.hub.registry import Registry
-from modelfleet.hub.reports import AgentReport, ModelReport
 from modelfleet.hub.rollout_manager import RolloutManager
 from modelfleet.hub.rollouts import Spec
 from modelfleet.hub.telemetry import TelemetryIngestor, TelemetryStore
+from modelfleet.kernel.reports import AgentReport, ModelReport
 from modelfleet.protos import fleet_pb2 as pb
 
 N_AGENTS = 1000

@@ -1,9 +1,12 @@
-"""What an agent reports about itself, as the hub's domain types.
+"""What an agent reports about itself: one typed report for both ends, and its wire form.
 
-Each edge (the gRPC ReportState, the MQTT bridge) converts the AgentReport message into these
-once (hub/convert.py); the registry, the rollout engine and ListAgents read fields, never
-protobuf names. The registry stores the JSON of :meth:`AgentReport.to_json` and reads it back
-with :meth:`AgentReport.from_json`, the one place that knows that layout.
+The agent builds an :class:`AgentReport` (agent/fleet/sync.py) and each control-plane adapter
+sends it with :func:`report_to_proto`; each hub edge (the gRPC ReportState, the MQTT bridge)
+reads it back with :func:`report_from_proto`, so the registry, the rollout engine and
+ListAgents read fields, never protobuf names. One definition keeps the two ends from drifting:
+a field added here reaches both, and the round-trip test in tests/test_hub_edges.py covers it.
+The hub's registry stores the JSON of :meth:`AgentReport.to_json` and reads it back with
+:meth:`AgentReport.from_json`, the one place that knows that layout.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from modelfleet.protos import fleet_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,62 @@ class AgentReport:
             inference_address=str(data.get("inference_address", "")),
             cert_expires_at=float(data.get("cert_expires_at", 0.0) or 0.0),
         )
+
+
+def report_from_proto(m: pb.AgentReport) -> AgentReport:
+    return AgentReport(
+        models=tuple(
+            ModelReport(
+                name=r.name,
+                active_version=r.active_version,
+                previous_version=r.previous_version,
+                loading_version=r.loading_version,
+                desired_version=r.desired_version,
+                gate_version=r.gate_version,
+                gate_passed=r.gate_passed,
+                gate_kind=r.gate_kind,
+                gate_reason=r.gate_reason,
+                error=r.error,
+                error_reason=r.error_reason,
+            )
+            for r in m.models
+        ),
+        last_error=m.last_error,
+        desired_revision=m.desired_revision,
+        cache_bytes=m.cache_bytes,
+        disk_free_bytes=m.disk_free_bytes,
+        agent_version=m.agent_version,
+        inference_address=m.inference_address,
+        cert_expires_at=m.cert_expires_at,
+    )
+
+
+def report_to_proto(r: AgentReport) -> pb.AgentReport:
+    return pb.AgentReport(
+        models=[
+            pb.ModelReport(
+                name=m.name,
+                active_version=m.active_version,
+                previous_version=m.previous_version,
+                loading_version=m.loading_version,
+                desired_version=m.desired_version,
+                gate_version=m.gate_version,
+                gate_passed=m.gate_passed,
+                gate_kind=m.gate_kind,
+                gate_reason=m.gate_reason,
+                error=m.error,
+                error_reason=m.error_reason,
+            )
+            for m in r.models
+        ],
+        last_error=r.last_error,
+        desired_revision=r.desired_revision,
+        cache_bytes=r.cache_bytes,
+        disk_free_bytes=r.disk_free_bytes,
+        agent_version=r.agent_version,
+        inference_address=r.inference_address,
+        cert_expires_at=r.cert_expires_at,
+    )
 
 
 # An agent that has not reported yet.

@@ -1,0 +1,334 @@
+"""Traffic split and shadow benchmark: ``.venv/bin/python -m tests.benchmarks.traffic_bench``
+(about 2 minutes; ``BENCH=traffic make bench``).
+
+Figures, each beside the baseline measured in the same run:
+
+1. **Shadow cost.** Two standalone agents serve the same model (an MLP, v2 with other weights
+   but the same cost as v1): one with no comparison, one copying 100% of v2's requests to v1
+   (``modelfleet-agent compare --shadow 100``). Primary latency p50 and p99 through tritonclient
+   at concurrency 1 (blocks of requests alternating between the two agents, so noise from a
+   neighbour hits both alike) and at concurrency 16 (closed loop, rounds alternating). Target:
+   shadow on <= 1.1x shadow off at concurrency 1. On two shared cores the shadow's work takes
+   CPU the primary would otherwise have at concurrency 16; that ratio is printed, not targeted.
+2. **A shadow 10x slower than the primary.** One agent, its candidate a much heavier model with
+   the same signature (``tests.models.slow_mlp``: 96 layers of 1024 x 1024 sharing one
+   weight); concurrency 16 with the shadow off, then on (alternating rounds). Target:
+   no failed primary request; the copies the shadow cannot keep up with are dropped (counted in
+   ``status``) instead.
+3. **Split accuracy and stickiness**, over 100,000 requests each through the data plane in
+   process (real slots, real onnxruntime sessions; the gRPC edge only parses the key): the
+   observed share of unkeyed requests at 5% and 25%, and of keyed requests (20,000 keys, five
+   requests each) at 50% sticky. Target: within 1 percentage point of the configured share,
+   and every key always reaches one version.
+
+Missed targets print MISS; the exit status is 0 unless something fails to run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from modelfleet.agent.metrics import AgentMetrics
+from modelfleet.agent.serving.dataplane import DataPlane, InferInput, InferRequest
+from modelfleet.agent.serving.routing import Comparison
+from modelfleet.agent.slots import BatchingConfig, SlotManager
+from modelfleet.kernel.bundle import create_bundle
+from modelfleet.kernel.runtime import RuntimeOptions
+from tests import models
+from tests.benchmarks.load import (
+    Target,
+    interleaved_sequential,
+    percentile_ms,
+    run_concurrent,
+)
+from tests.benchmarks.report import Report, Row
+from tests.procs import AgentProcess
+
+WIDTH = 64
+C1_REQUESTS = 3000
+C16_ROUNDS = 3
+C16_SECONDS = 4.0
+SHADOW_C1_MAX = 1.1
+SPLIT_REQUESTS = 100_000
+SPLIT_KEYS = 20_000
+SPLIT_TOLERANCE_PP = 1.0
+
+
+def build_repo(root: Path, slow_candidate: bool) -> Path:
+    repo = root / ("slow" if slow_candidate else "same") / "repo"
+    samples = {"x": np.random.default_rng(7).standard_normal((4, WIDTH)).astype(np.float32)}
+    src = repo.parent / "src"
+    # v1 is the candidate (compared against the active v2, the highest version).
+    if slow_candidate:
+        v1 = models.slow_mlp(src / "v1.onnx", inputs=WIDTH, outputs=8, width=1024, repeats=96)
+    else:
+        v1 = models.mlp(src / "v1.onnx", inputs=WIDTH, hidden=64, layers=2, outputs=8, seed=1)
+    v2 = models.mlp(src / "v2.onnx", inputs=WIDTH, hidden=64, layers=2, outputs=8, seed=2)
+    for version, path in ((1, v1), (2, v2)):
+        create_bundle(
+            path,
+            name="m",
+            version=version,
+            samples=samples,
+            out_dir=repo,
+            latency_budget_ms=10_000,
+        )
+    return repo
+
+
+def start(repo: Path, log: Path) -> AgentProcess:
+    # Two serving threads, one shadow worker, single-threaded sessions: what a small edge box
+    # with two cores would run.
+    agent = AgentProcess(repo, "--intra-op-threads", "1", "--serving-threads", "2", log_path=log)
+    agent.start()
+    try:
+        agent.wait_model("m", "2", timeout=60)
+    except BaseException:
+        agent.stop()
+        raise
+    return agent
+
+
+def compare(agent: AgentProcess, *args: str) -> None:
+    r = agent.cli("compare", "m", *args)
+    if r.returncode != 0:
+        raise RuntimeError(f"compare {args} failed: {r.stderr}")
+
+
+def shadow_counts(agent: AgentProcess) -> dict:
+    r = agent.cli("status", "--json")
+    (m,) = [m for m in json.loads(r.stdout)["models"] if m["name"] == "m"]
+    return m.get("comparison") or {}
+
+
+def shadow_cost(report: Report, root: Path) -> None:
+    repo = build_repo(root, slow_candidate=False)
+    x = np.random.default_rng(0).standard_normal((1, WIDTH)).astype(np.float32)
+    off = start(repo, root / "off.log")
+    on = start(repo, root / "on.log")
+    try:
+        compare(on, "--candidate", "1", "--shadow", "100")
+        t_off, t_on = Target("off", off.url, "m"), Target("on", on.url, "m")
+        lat = interleaved_sequential([t_off, t_on], x, requests=C1_REQUESTS)
+        for q, name in ((50, "p50"), (99, "p99")):
+            a, b = percentile_ms(lat["off"], q), percentile_ms(lat["on"], q)
+            row = Row(
+                "shadow cost",
+                f"primary {name}, concurrency 1, 100% shadow",
+                f"{b:.3f} ms",
+                f"{a:.3f} ms (shadow off)",
+                b / a,
+                f"<= {SHADOW_C1_MAX}x" if name == "p50" else "",
+            )
+            if name == "p50":
+                report.check(row, b / a <= SHADOW_C1_MAX)
+            else:
+                report.add(row)
+        blocks: dict[str, list] = {"off": [], "on": []}
+        for _ in range(C16_ROUNDS):
+            for label, agent in (("off", off), ("on", on)):
+                t = Target(label, agent.url, "m")
+                blocks[label].append(
+                    run_concurrent(
+                        t, x, threads=16, duration_s=C16_SECONDS, server_pid=agent.proc.pid
+                    )
+                )
+        lats = {k: np.concatenate([b.latencies for b in v]) for k, v in blocks.items()}
+        failed = sum(b.failed for b in blocks["on"])
+        for q, name in ((50, "p50"), (99, "p99")):
+            a, b = percentile_ms(lats["off"], q), percentile_ms(lats["on"], q)
+            report.add(
+                Row(
+                    "shadow cost",
+                    f"primary {name}, concurrency 16, 100% shadow",
+                    f"{b:.3f} ms",
+                    f"{a:.3f} ms (shadow off)",
+                    b / a,
+                    note="two shared cores: the shadow's compute competes with the primary's",
+                )
+            )
+        counts = shadow_counts(on)
+        report.check(
+            Row(
+                "shadow cost",
+                "failed primary requests with 100% shadow",
+                str(failed),
+                target="0",
+                note=f"shadow compared {counts.get('shadow_compared', 0)}, "
+                f"dropped {counts.get('shadow_dropped', 0)}",
+            ),
+            failed == 0,
+        )
+    finally:
+        off.stop()
+        on.stop()
+
+
+def slow_shadow(report: Report, root: Path) -> None:
+    repo = build_repo(root, slow_candidate=True)
+    x = np.random.default_rng(0).standard_normal((1, WIDTH)).astype(np.float32)
+    agent = start(repo, root / "slow.log")
+    try:
+        # How much slower the candidate is, measured on the agent (explicit version requests).
+        t = Target("m", agent.url, "m")
+        lat_v2 = interleaved_sequential([t], x, requests=300, warmup=50)["m"]
+        compare(agent, "--candidate", "1", "--split", "100")
+        lat_v1 = interleaved_sequential([t], x, requests=100, warmup=20)["m"]
+        slower = percentile_ms(lat_v1, 50) / percentile_ms(lat_v2, 50)
+        blocks: dict[str, list] = {"off": [], "on": []}
+        for _ in range(C16_ROUNDS):
+            for label in ("off", "on"):
+                if label == "on":
+                    compare(agent, "--candidate", "1", "--shadow", "100")
+                else:
+                    compare(agent, "--off")
+                blocks[label].append(
+                    run_concurrent(
+                        t, x, threads=16, duration_s=C16_SECONDS, server_pid=agent.proc.pid
+                    )
+                )
+        compare(agent, "--candidate", "1", "--shadow", "100")
+        counts = shadow_counts(agent)
+        failed = sum(b.failed for b in blocks["on"])
+        served = sum(b.completed for b in blocks["on"])
+        lats = {k: np.concatenate([b.latencies for b in v]) for k, v in blocks.items()}
+        dropped = int(counts.get("shadow_dropped", 0))
+        for q, name in ((50, "p50"), (99, "p99")):
+            a, b = percentile_ms(lats["off"], q), percentile_ms(lats["on"], q)
+            report.add(
+                Row(
+                    "slow shadow",
+                    f"primary {name}, concurrency 16, shadow {slower:.0f}x slower",
+                    f"{b:.3f} ms",
+                    f"{a:.3f} ms (shadow off)",
+                    b / a,
+                )
+            )
+        report.check(
+            Row(
+                "slow shadow",
+                f"failed primary requests (of {served}), shadow {slower:.0f}x slower",
+                str(failed),
+                target="0, drops instead",
+                note=f"shadow compared {counts.get('shadow_compared', 0)}, dropped {dropped}",
+            ),
+            failed == 0 and dropped > 0 and slower >= 10,
+        )
+    finally:
+        agent.stop()
+
+
+def split_accuracy(report: Report, root: Path) -> None:
+    repo = build_repo(root / "split", slow_candidate=False)
+    x = np.random.default_rng(0).standard_normal((1, WIDTH)).astype(np.float32)
+
+    async def main() -> None:
+        metrics = AgentMetrics()
+        slots = SlotManager(
+            runtime=RuntimeOptions(1, 1, "cpu"),
+            batching=BatchingConfig(enabled=False),
+            metrics=metrics,
+        )
+        plane = DataPlane(slots, metrics)
+        try:
+            await slots.deploy(repo / "m" / "2")
+            await slots.deploy(repo / "m" / "1", switch=False)
+
+            async def run(keys: list[str]) -> list[str]:
+                out = []
+                for k in keys:
+                    req = InferRequest("m", "", "", [InferInput("x", "FP32", (1, WIDTH), x)])
+                    req.routing_key = k
+                    out.append((await plane.infer(req)).model_version)
+                return out
+
+            for bp in (500, 2500):
+                slots.set_comparison("m", Comparison(1, split_bp=bp))
+                start = time.perf_counter()
+                got = Counter(await run([""] * SPLIT_REQUESTS))
+                rate = SPLIT_REQUESTS / (time.perf_counter() - start)
+                share = got["1"] / SPLIT_REQUESTS * 100
+                report.check(
+                    Row(
+                        "split",
+                        f"candidate share of {SPLIT_REQUESTS:,} unkeyed requests",
+                        f"{share:.2f}%",
+                        f"{bp / 100:g}% configured",
+                        share / (bp / 100),
+                        f"within {SPLIT_TOLERANCE_PP:g} pp",
+                        note=f"{rate:,.0f} req/s in process",
+                    ),
+                    abs(share - bp / 100) <= SPLIT_TOLERANCE_PP,
+                )
+            slots.set_comparison("m", Comparison(1, split_bp=5000, sticky=True))
+            keys = [f"user-{i}" for i in range(SPLIT_KEYS)] * (SPLIT_REQUESTS // SPLIT_KEYS)
+            random.Random(3).shuffle(keys)
+            versions = await run(keys)
+            per_key: dict[str, set[str]] = {}
+            for k, v in zip(keys, versions, strict=True):
+                per_key.setdefault(k, set()).add(v)
+            moved = sum(1 for vs in per_key.values() if len(vs) > 1)
+            share = versions.count("1") / len(versions) * 100
+            report.check(
+                Row(
+                    "split",
+                    f"sticky: candidate share of {len(keys):,} requests, {SPLIT_KEYS:,} keys",
+                    f"{share:.2f}%",
+                    "50% configured",
+                    share / 50,
+                    f"within {SPLIT_TOLERANCE_PP:g} pp",
+                ),
+                abs(share - 50) <= SPLIT_TOLERANCE_PP,
+            )
+            report.check(
+                Row(
+                    "split",
+                    "sticky: keys that reached more than one version",
+                    str(moved),
+                    target="0",
+                ),
+                moved == 0,
+            )
+        finally:
+            await plane.close()
+            slots.close()
+
+    asyncio.run(main())
+
+
+def main() -> int:
+    report = Report()
+    print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="mf-traffic-bench-") as tmp:
+        root = Path(tmp)
+        for name, fn in (
+            ("split accuracy and stickiness", split_accuracy),
+            ("shadow cost", shadow_cost),
+            ("slow shadow", slow_shadow),
+        ):
+            print(f"== {name}", flush=True)
+            try:
+                fn(report, root)
+            except Exception as exc:
+                report.errors.append(f"{name}: {exc}")
+                print(f"  ERROR: {exc}", flush=True)
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    print()
+    print(report.text_table())
+    for e in report.errors:
+        print(f"ERROR {e}")
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
