@@ -25,8 +25,9 @@ sysdeps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
-# libb64-0d: perf_analyzer's one missing shared library on Debian; mosquitto: the MQTT tests.
-DEB_PACKAGES ?= libb64-0d mosquitto
+# libb64-0d: perf_analyzer's one missing shared library on Debian; mosquitto: the MQTT tests;
+# prometheus: promtool, which checks and unit-tests packaging/prometheus/ in the tests.
+DEB_PACKAGES ?= libb64-0d mosquitto prometheus
 
 # The .proto files are compiled as modelfleet/protos/*.proto so the generated code imports the
 # installed name (`from modelfleet.protos import fleet_pb2`); GEN_PROTOS leaves it in $$tmp/out.

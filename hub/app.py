@@ -12,6 +12,8 @@ from pathlib import Path
 
 import grpc
 
+from modelfleet.hub.alert_manager import ALERTS_FILE, AlertManager, AlertSettings, AlertStore
+from modelfleet.hub.alerts_server import AlertsServicer
 from modelfleet.hub.ca import DEFAULT_CLIENT_DAYS
 from modelfleet.hub.config import RELOADABLE, HubConfig, reload_hub_config
 from modelfleet.hub.core import HubCore, lock_data_dir
@@ -72,6 +74,33 @@ def ensure_admin_identity(core: HubCore, now: float | None = None) -> None:
         log.info(
             "renewed the admin certificate in %s (it was valid until %s)", core.paths.admin, until
         )
+
+
+def start_alerts(core: HubCore, cfg: HubConfig) -> AlertManager:
+    """The alert evaluator and webhook sender over ``DATA/alerts.sqlite``; its settings are
+    read from ``cfg`` every round, so a SIGHUP changes them."""
+
+    def settings() -> AlertSettings:
+        return AlertSettings(
+            interval_s=cfg.alert_interval_s,
+            max_attempts=cfg.webhook_max_attempts,
+            backoff_s=cfg.webhook_backoff_s,
+            backoff_max_s=cfg.webhook_backoff_max_s,
+            timeout_s=cfg.webhook_timeout_s,
+        )
+
+    store = AlertStore(core.paths.root / ALERTS_FILE)
+    return AlertManager(store, core.telemetry, settings)
+
+
+def fleet_for_alerts(
+    core: HubCore, with_agents: bool
+) -> tuple[list[str], list[tuple[str, dict[str, str]]]]:
+    """Model names, and (agent id, labels) if a rule selects agents, for one evaluation round."""
+    models = [m["name"] for m in core.registry.models()]
+    if not with_agents:
+        return models, []
+    return models, [(a.agent_id, dict(a.labels)) for a in core.registry.agents()]
 
 
 def check_ports(cfg: HubConfig) -> None:
@@ -148,6 +177,8 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     server = grpc.aio.server(options=server_options(cfg.max_message_bytes, keepalive=True))
     pb_grpc.add_FleetServicer_to_server(FleetServicer(core), server)
     pb_grpc.add_HubAdminServicer_to_server(AdminServicer(core), server)
+    alerts = start_alerts(core, cfg)
+    pb_grpc.add_HubAlertsServicer_to_server(AlertsServicer(alerts), server)
     mtls = grpc.ssl_server_credentials(
         [(key_pem, chain_pem)], root_certificates=ca_pem, require_client_auth=True
     )
@@ -235,6 +266,11 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     # Experiments whose --duration passed while the hub was down end on the first tick.
     tasks.append(loop.create_task(core.experiments.run(stop)))
     tasks.append(loop.create_task(core.telemetry_ingest.prune_loop(stop)))
+    alerts.hub = core.advertise
+    tasks.append(
+        loop.create_task(alerts.run(stop, lambda with_agents: fleet_for_alerts(core, with_agents)))
+    )
+    tasks.append(loop.create_task(alerts.deliver(stop)))
     bridge = None
     if cfg.mqtt:
         from modelfleet.hub.mqtt import MqttBridge
@@ -257,6 +293,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
         await asyncio.gather(*tasks)
         if bridge is not None:
             bridge.stop()
+        alerts.close()
         core.telemetry_ingest.close()
         core.registry.close()
         os.close(data_lock)

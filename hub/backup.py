@@ -69,9 +69,13 @@ STAGING_PREFIX = "backup-"
 CHUNK = 1 << 20
 REGISTRY_FILE = "registry.db"
 TELEMETRY_FILE = "telemetry.duckdb"  # hub.telemetry.TELEMETRY_FILE, without loading DuckDB
+# hub.alert_manager.ALERTS_FILE: alert rules, webhooks (secrets) and queued notifications. Not
+# REQUIRED: backups taken before alerting existed restore without it.
+ALERTS_FILE = "alerts.sqlite"
+SINGLE_FILES = (REGISTRY_FILE, TELEMETRY_FILE, ALERTS_FILE)
 # Folders copied whole, besides tuf/ (copied under its lock) and blobs/ (the registry's).
 STATE_DIRS = ("keys", "ca", "admin", "mqtt")
-TOP_LEVEL = frozenset({REGISTRY_FILE, TELEMETRY_FILE, "tuf", "blobs", *STATE_DIRS})
+TOP_LEVEL = frozenset({*SINGLE_FILES, "tuf", "blobs", *STATE_DIRS})
 # Without these the hub cannot start as the same hub (same CA, same TUF keys and metadata).
 REQUIRED = (
     REGISTRY_FILE,
@@ -132,16 +136,16 @@ def check_path(path: str) -> PurePosixPath:
         or p.is_absolute()
         or any(part in ("", ".", "..") for part in path.split("/"))
         or p.parts[0] not in TOP_LEVEL
-        or (p.parts[0] in (REGISTRY_FILE, TELEMETRY_FILE) and len(p.parts) != 1)
-        or (p.parts[0] not in (REGISTRY_FILE, TELEMETRY_FILE) and len(p.parts) < 2)
+        or (p.parts[0] in SINGLE_FILES and len(p.parts) != 1)
+        or (p.parts[0] not in SINGLE_FILES and len(p.parts) < 2)
     )
     if not bad and p.parts[0] == "blobs":
         m = _BLOB_PATH.fullmatch(path)
         bad = m is None or m.group(2)[:2] != m.group(1)
     if bad:
         raise InvalidRequestError(
-            f"{path!r} is not a path a hub backup holds (registry.db, telemetry.duckdb, or a "
-            f"file under {', '.join(sorted(TOP_LEVEL - {REGISTRY_FILE, TELEMETRY_FILE}))})"
+            f"{path!r} is not a path a hub backup holds ({', '.join(SINGLE_FILES)}, or a "
+            f"file under {', '.join(sorted(TOP_LEVEL - set(SINGLE_FILES)))})"
         )
     return p
 
@@ -200,6 +204,24 @@ def _copy_tree(src: Path, dest: Path) -> None:
             os.close(fd)
 
 
+def _backup_sqlite(src: Path, dest: Path) -> None:
+    """A consistent copy of a SQLite file another connection of this process writes (SQLite's
+    online backup API); nothing when it does not exist."""
+    if not src.exists():
+        return
+    source = sqlite3.connect(src)
+    try:
+        target = sqlite3.connect(dest)
+        try:
+            target.execute("PRAGMA synchronous=OFF")  # a staging copy, made durable where it lands
+            source.backup(target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    os.chmod(dest, 0o600)
+
+
 def take_snapshot(core: HubCore) -> _Snapshot:
     """Copy the registry and the small state files as of one instant (call on the event loop).
 
@@ -210,6 +232,7 @@ def take_snapshot(core: HubCore) -> _Snapshot:
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=core.paths.uploads))
     try:
         core.registry.backup_to(staging / REGISTRY_FILE)
+        _backup_sqlite(core.paths.root / ALERTS_FILE, staging / ALERTS_FILE)
         core.tuf.copy_metadata(staging / "tuf")
         for name in STATE_DIRS:
             if (core.paths.root / name).is_dir():

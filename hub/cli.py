@@ -14,6 +14,7 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelfleet.hub.cli_alerts import add_alert_commands, cmd_alerts, cmd_webhooks
 from modelfleet.kernel.cli import run_command
 from modelfleet.kernel.commandline import finish, message_dict
 from modelfleet.kernel.errors import (
@@ -257,6 +258,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pub.add_argument(
         "--max-queue-delay-us", type=int, default=0, help="batching hint stored in the bundle"
+    )
+    pub.add_argument(
+        "--reference",
+        type=Path,
+        help="FILE.parquet of reference rows (or a reference.json) for drift statistics, stored "
+        "signed in the bundle (default: none)",
+    )
+    pub.add_argument(
+        "--reference-bins",
+        type=int,
+        default=10,
+        help="quantile bins per numeric feature (default: 10)",
+    )
+    pub.add_argument(
+        "--reference-top-k",
+        type=int,
+        default=20,
+        help="categories kept per categorical feature, the rest count as other (default: 20)",
     )
 
     sign = sub.add_parser("sign", help="sign a published version with the offline targets key")
@@ -597,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(met)
     _add_backup_commands(sub)
     _add_state_commands(sub)
+    add_alert_commands(sub, _duration, _add_json, _labels)
     return finish(p)
 
 
@@ -836,10 +856,16 @@ def _add_state_commands(sub: Any) -> None:
 
 
 def admin_stub(args: argparse.Namespace) -> Any:
+    from modelfleet.protos import fleet_pb2_grpc
+
+    return fleet_pb2_grpc.HubAdminStub(admin_channel(args))
+
+
+def admin_channel(args: argparse.Namespace) -> Any:
+    """An mTLS channel to the hub with the admin identity (any admin service's stub)."""
     import grpc
 
     from modelfleet.kernel.grpc_options import FLEET_MESSAGE_BYTES, message_size_options
-    from modelfleet.protos import fleet_pb2_grpc
 
     admin = args.admin_dir or args.data / "admin"
     address = args.hub
@@ -858,8 +884,7 @@ def admin_stub(args: argparse.Namespace) -> Any:
         )
     except OSError as exc:
         raise _Unavailable(f"cannot read the admin identity in {admin}: {exc}") from None
-    channel = grpc.secure_channel(address, creds, options=message_size_options(FLEET_MESSAGE_BYTES))
-    return fleet_pb2_grpc.HubAdminStub(channel)
+    return grpc.secure_channel(address, creds, options=message_size_options(FLEET_MESSAGE_BYTES))
 
 
 class _Unavailable(ModelfleetError):
@@ -1104,6 +1129,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
             out_dir=Path(tmp) / "b",
             max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us,
+            reference=args.reference,
+            reference_bins=args.reference_bins,
+            reference_top_k=args.reference_top_k,
             **kwargs,
         )
         archive = Path(tmp) / TARGET_FILE_NAME
@@ -2813,6 +2841,8 @@ def _run(argv: list[str] | None) -> int:
         "apply": cmd_state,
         "diff": cmd_state,
         "export": cmd_export,
+        "alerts": cmd_alerts,
+        "webhooks": cmd_webhooks,
     }
     return handlers[args.command](args)
 

@@ -26,6 +26,12 @@ RELOADABLE = frozenset(
         "transfer_rate_limit_mbps",
         "max_bundle_bytes",
         "drain_timeout_s",
+        # Read by the alert evaluator and the webhook sender every round.
+        "alert_interval_s",
+        "webhook_max_attempts",
+        "webhook_backoff_s",
+        "webhook_backoff_max_s",
+        "webhook_timeout_s",
     }
 )
 
@@ -76,6 +82,14 @@ class HubConfig:
     telemetry_retention_s: float = 7 * 86400
     # Seconds that in-flight calls (uploads, downloads, watch streams) get on SIGTERM.
     drain_timeout_s: float = 5.0
+    # Seconds between evaluations of the alert rules (docs/monitoring.md).
+    alert_interval_s: float = 5.0
+    # Webhook notifications: attempts before one is given up (kept as failed), the first retry
+    # delay (doubling per attempt, with jitter) and its cap, and the per-attempt HTTP timeout.
+    webhook_max_attempts: int = 12
+    webhook_backoff_s: float = 1.0
+    webhook_backoff_max_s: float = 300.0
+    webhook_timeout_s: float = 10.0
     log_level: str = "INFO"
     log_json: bool = False
     # Not a setting (refused in the file and the environment): set by load_hub_config.
@@ -127,6 +141,7 @@ def load_hub_config(
     _check_refresh_interval(cfg)
     if cfg.drain_timeout_s < 0:
         raise InvalidRequestError("config: drain_timeout_s must be >= 0")
+    _check_alerting(cfg)
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise InvalidRequestError(f"config: unknown log_level {cfg.log_level!r}")
     return cfg
@@ -148,6 +163,25 @@ def _check_refresh_interval(cfg: HubConfig) -> None:
             f"of {key} ({lifetimes[key]:g} s), or that metadata can expire between two "
             f"refreshes and freeze every agent: allowed 0 < refresh_interval_s <= {limit:g}; "
             f"lower refresh_interval_s or raise {key}"
+        )
+
+
+def _check_alerting(cfg: HubConfig) -> None:
+    if cfg.alert_interval_s <= 0:
+        raise InvalidRequestError(
+            f"config: alert_interval_s must be > 0 (got {cfg.alert_interval_s:g}); e.g. 5"
+        )
+    if cfg.webhook_max_attempts < 1:
+        raise InvalidRequestError(
+            f"config: webhook_max_attempts must be >= 1 (got {cfg.webhook_max_attempts})"
+        )
+    for key in ("webhook_backoff_s", "webhook_backoff_max_s", "webhook_timeout_s"):
+        if getattr(cfg, key) <= 0:
+            raise InvalidRequestError(f"config: {key} must be > 0 (got {getattr(cfg, key):g})")
+    if cfg.webhook_backoff_max_s < cfg.webhook_backoff_s:
+        raise InvalidRequestError(
+            "config: webhook_backoff_max_s must be >= webhook_backoff_s "
+            f"({cfg.webhook_backoff_max_s:g} < {cfg.webhook_backoff_s:g})"
         )
 
 

@@ -223,7 +223,7 @@ def snapshot() -> None:
         ignore=shutil.ignore_patterns("__pycache__", "*.py"),
     )
     (SNAPSHOT / "docs").mkdir()
-    for doc in ("install.md", "configuration.md"):
+    for doc in ("install.md", "configuration.md", "monitoring.md"):
         shutil.copy2(ROOT / "docs" / doc, SNAPSHOT / "docs" / doc)
 
 

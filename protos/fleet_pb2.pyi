@@ -1454,3 +1454,190 @@ class ExportStateResponse(_message.Message):
     deployments: int
     jobs: int
     def __init__(self, document: _Optional[str] = ..., deployments: _Optional[int] = ..., jobs: _Optional[int] = ...) -> None: ...
+
+class AlertRule(_message.Message):
+    __slots__ = ("name", "metric", "comparison", "threshold", "for_s", "window_s", "clear_for_s", "clear_threshold", "model", "selector", "severity", "webhooks", "retrain", "min_requests", "enabled", "builtin", "no_data")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    COMPARISON_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FOR_S_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FOR_S_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOKS_FIELD_NUMBER: _ClassVar[int]
+    RETRAIN_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    BUILTIN_FIELD_NUMBER: _ClassVar[int]
+    NO_DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    metric: str
+    comparison: str
+    threshold: float
+    for_s: float
+    window_s: float
+    clear_for_s: float
+    clear_threshold: float
+    model: str
+    selector: _containers.ScalarMap[str, str]
+    severity: str
+    webhooks: _containers.RepeatedScalarFieldContainer[str]
+    retrain: bool
+    min_requests: int
+    enabled: bool
+    builtin: bool
+    no_data: str
+    def __init__(self, name: _Optional[str] = ..., metric: _Optional[str] = ..., comparison: _Optional[str] = ..., threshold: _Optional[float] = ..., for_s: _Optional[float] = ..., window_s: _Optional[float] = ..., clear_for_s: _Optional[float] = ..., clear_threshold: _Optional[float] = ..., model: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., severity: _Optional[str] = ..., webhooks: _Optional[_Iterable[str]] = ..., retrain: _Optional[bool] = ..., min_requests: _Optional[int] = ..., enabled: _Optional[bool] = ..., builtin: _Optional[bool] = ..., no_data: _Optional[str] = ...) -> None: ...
+
+class AlertInstance(_message.Message):
+    __slots__ = ("rule", "model", "version", "selector", "state", "since", "value", "threshold", "updated_at", "severity", "metric", "comparison")
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    COMPARISON_FIELD_NUMBER: _ClassVar[int]
+    rule: str
+    model: str
+    version: int
+    selector: str
+    state: str
+    since: float
+    value: float
+    threshold: float
+    updated_at: float
+    severity: str
+    metric: str
+    comparison: str
+    def __init__(self, rule: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[str] = ..., state: _Optional[str] = ..., since: _Optional[float] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., updated_at: _Optional[float] = ..., severity: _Optional[str] = ..., metric: _Optional[str] = ..., comparison: _Optional[str] = ...) -> None: ...
+
+class ListAlertsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAlertsResponse(_message.Message):
+    __slots__ = ("rules", "alerts")
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    rules: _containers.RepeatedCompositeFieldContainer[AlertRule]
+    alerts: _containers.RepeatedCompositeFieldContainer[AlertInstance]
+    def __init__(self, rules: _Optional[_Iterable[_Union[AlertRule, _Mapping]]] = ..., alerts: _Optional[_Iterable[_Union[AlertInstance, _Mapping]]] = ...) -> None: ...
+
+class AlertHistoryRequest(_message.Message):
+    __slots__ = ("since_s", "model")
+    SINCE_S_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    since_s: float
+    model: str
+    def __init__(self, since_s: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
+
+class AlertEvent(_message.Message):
+    __slots__ = ("at", "rule", "model", "version", "selector", "state", "previous", "value", "threshold", "idempotency_key")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    at: float
+    rule: str
+    model: str
+    version: int
+    selector: str
+    state: str
+    previous: str
+    value: float
+    threshold: float
+    idempotency_key: str
+    def __init__(self, at: _Optional[float] = ..., rule: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[str] = ..., state: _Optional[str] = ..., previous: _Optional[str] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class AlertHistoryResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[AlertEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[AlertEvent, _Mapping]]] = ...) -> None: ...
+
+class RemoveAlertRuleRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveAlertRuleResponse(_message.Message):
+    __slots__ = ("builtin_restored",)
+    BUILTIN_RESTORED_FIELD_NUMBER: _ClassVar[int]
+    builtin_restored: bool
+    def __init__(self, builtin_restored: _Optional[bool] = ...) -> None: ...
+
+class AddWebhookRequest(_message.Message):
+    __slots__ = ("name", "url", "secret", "replace")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    url: str
+    secret: bytes
+    replace: bool
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., secret: _Optional[bytes] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class WebhookInfo(_message.Message):
+    __slots__ = ("name", "url", "created_at", "pending", "delivered", "failed", "last_error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    url: str
+    created_at: float
+    pending: int
+    delivered: int
+    failed: int
+    last_error: str
+    def __init__(self, name: _Optional[str] = ..., url: _Optional[str] = ..., created_at: _Optional[float] = ..., pending: _Optional[int] = ..., delivered: _Optional[int] = ..., failed: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class ListWebhooksRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListWebhooksResponse(_message.Message):
+    __slots__ = ("webhooks",)
+    WEBHOOKS_FIELD_NUMBER: _ClassVar[int]
+    webhooks: _containers.RepeatedCompositeFieldContainer[WebhookInfo]
+    def __init__(self, webhooks: _Optional[_Iterable[_Union[WebhookInfo, _Mapping]]] = ...) -> None: ...
+
+class RemoveWebhookRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveWebhookResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: int
+    def __init__(self, dropped: _Optional[int] = ...) -> None: ...

@@ -1653,3 +1653,342 @@ class HubAdmin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class HubAlertsStub:
+    """-- Alerts and webhooks (docs/monitoring.md): admin identity only -----------------------------
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListAlerts = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAlerts/ListAlerts',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.AlertHistory = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAlerts/AlertHistory',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.AlertHistoryRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.AlertHistoryResponse.FromString,
+                _registered_method=True)
+        self.SetAlertRule = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAlerts/SetAlertRule',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.AlertRule.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.AlertRule.FromString,
+                _registered_method=True)
+        self.RemoveAlertRule = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAlerts/RemoveAlertRule',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.RemoveAlertRuleRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RemoveAlertRuleResponse.FromString,
+                _registered_method=True)
+        self.AddWebhook = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAlerts/AddWebhook',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.AddWebhookRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.WebhookInfo.FromString,
+                _registered_method=True)
+        self.ListWebhooks = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAlerts/ListWebhooks',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListWebhooksRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListWebhooksResponse.FromString,
+                _registered_method=True)
+        self.RemoveWebhook = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAlerts/RemoveWebhook',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.RemoveWebhookRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RemoveWebhookResponse.FromString,
+                _registered_method=True)
+
+
+class HubAlertsServicer:
+    """-- Alerts and webhooks (docs/monitoring.md): admin identity only -----------------------------
+
+    """
+
+    def ListAlerts(self, request, context):
+        """Rules in force (built-ins and stored ones) and the alerts that are pending, firing or
+        recently resolved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AlertHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAlertRule(self, request, context):
+        """Create or replace a rule by name (a built-in's name overrides that built-in).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveAlertRule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddWebhook(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhooks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveWebhook(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_HubAlertsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListAlertsRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'AlertHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.AlertHistory,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.AlertHistoryRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.AlertHistoryResponse.SerializeToString,
+            ),
+            'SetAlertRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlertRule,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.AlertRule.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.AlertRule.SerializeToString,
+            ),
+            'RemoveAlertRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAlertRule,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RemoveAlertRuleRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.RemoveAlertRuleResponse.SerializeToString,
+            ),
+            'AddWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddWebhook,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.AddWebhookRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.WebhookInfo.SerializeToString,
+            ),
+            'ListWebhooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhooks,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListWebhooksRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListWebhooksResponse.SerializeToString,
+            ),
+            'RemoveWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveWebhook,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RemoveWebhookRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.RemoveWebhookResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'modelfleet.fleet.v1.HubAlerts', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('modelfleet.fleet.v1.HubAlerts', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class HubAlerts:
+    """-- Alerts and webhooks (docs/monitoring.md): admin identity only -----------------------------
+
+    """
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAlerts/ListAlerts',
+            modelfleet_dot_protos_dot_fleet__pb2.ListAlertsRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AlertHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAlerts/AlertHistory',
+            modelfleet_dot_protos_dot_fleet__pb2.AlertHistoryRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.AlertHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAlertRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAlerts/SetAlertRule',
+            modelfleet_dot_protos_dot_fleet__pb2.AlertRule.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.AlertRule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAlertRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAlerts/RemoveAlertRule',
+            modelfleet_dot_protos_dot_fleet__pb2.RemoveAlertRuleRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.RemoveAlertRuleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAlerts/AddWebhook',
+            modelfleet_dot_protos_dot_fleet__pb2.AddWebhookRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.WebhookInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAlerts/ListWebhooks',
+            modelfleet_dot_protos_dot_fleet__pb2.ListWebhooksRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListWebhooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAlerts/RemoveWebhook',
+            modelfleet_dot_protos_dot_fleet__pb2.RemoveWebhookRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.RemoveWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -628,3 +628,36 @@ def test_the_telemetry_file_name_is_the_stores() -> None:
     from modelfleet.hub.telemetry import TELEMETRY_FILE as STORE_FILE
 
     assert TELEMETRY_FILE == STORE_FILE
+
+
+def test_alert_rules_webhooks_and_queued_notifications_are_backed_up(
+    tmp_path: Path, hub_core: HubCore
+) -> None:
+    from modelfleet.hub.alert_manager import ALERTS_FILE, AlertStore
+    from modelfleet.hub.alerts import Rule
+
+    live = AlertStore(hub_core.paths.root / ALERTS_FILE)
+    try:
+        live.add_webhook("ops", "https://hooks.example/x", b"s" * 32)
+        live.set_rule(Rule("fraud-errors", "error_rate", ">", 0.02, model="fraud"))
+        # Taken while the store is open and written, as in a running hub.
+        take_backup(hub_core, tmp_path / "backup")
+    finally:
+        live.close()
+    assert ALERTS_FILE in {f["path"] for f in manifest_of(tmp_path / "backup")["files"]}
+    restore(tmp_path / "backup", tmp_path / "new")
+    assert stat.S_IMODE((tmp_path / "new" / ALERTS_FILE).stat().st_mode) == 0o600
+    restored = AlertStore(tmp_path / "new" / ALERTS_FILE)
+    try:
+        assert [w.name for w in restored.webhooks()] == ["ops"]
+        assert [r.name for r in restored.stored_rules()] == ["fraud-errors"]
+    finally:
+        restored.close()
+
+
+def test_a_backup_from_before_alerting_restores_without_alerts(
+    tmp_path: Path, hub_core: HubCore, backup: Path
+) -> None:
+    assert "alerts.sqlite" not in {f["path"] for f in manifest_of(backup)["files"]}
+    restore(backup, tmp_path / "new")
+    assert not (tmp_path / "new" / "alerts.sqlite").exists()

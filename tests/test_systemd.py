@@ -695,6 +695,9 @@ def test_deb_holds_the_venv_units_and_configs(built: Built) -> None:
         "/etc/modelfleet/agent.toml",
         "/etc/modelfleet/hub.toml",
         "/usr/share/doc/modelfleet/install.md",
+        "/usr/share/doc/modelfleet/monitoring.md",
+        "/usr/share/modelfleet/prometheus/modelfleet-rules.yml",
+        "/usr/share/modelfleet/grafana/modelfleet.json",
         *(f"/usr/share/bash-completion/completions/{prog}" for prog in PROGRAMS),
     ):
         assert expected in paths, expected
