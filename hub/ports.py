@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # types only: importing a port must not load an adapter (DuckDB, SQLite)
     from modelfleet.hub.alert_manager import Event, QueuedNotification, WebhookRow
     from modelfleet.hub.alerts import AlertState, Rule, Transition
+    from modelfleet.hub.judge import AgentWindow
     from modelfleet.hub.registry import AgentRow, DeploymentRow, Desired, JobRow, VersionRow
     from modelfleet.hub.telemetry import FeatureDrift, IngestCounters, ShadowStats, WindowStats
     from modelfleet.hub.webhooks import Outcome
@@ -172,6 +173,16 @@ class TelemetryStorePort(Protocol):
         since: float,
         until: float,
     ) -> list[WindowStats]: ...
+    # One sample per agent-window for the statistical judge (hub.judge).
+    def samples(
+        self,
+        model: str,
+        version: int,
+        agents: Collection[str] | None,
+        since: float,
+        until: float,
+        min_requests: int = ...,
+    ) -> list[AgentWindow]: ...
     def shadow_window(
         self,
         model: str,
