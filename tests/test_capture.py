@@ -28,9 +28,7 @@ from modelfleet.kernel.errors import InvalidRequestError
 
 
 def _capture(tmp_path: Path, **limits) -> Capture:
-    cap = Capture(
-        CaptureLimits(tmp_path / "capture", **limits), AgentMetrics(), load_key(tmp_path)
-    )
+    cap = Capture(CaptureLimits(tmp_path / "capture", **limits), AgentMetrics(), load_key(tmp_path))
     cap.recover()
     return cap
 

@@ -68,8 +68,7 @@ class CaptureRule:
     def __post_init__(self) -> None:
         if not 0 <= self.rate_bp <= BASIS_POINTS:
             raise InvalidRequestError(
-                f"capture rate must be 0..{BASIS_POINTS} basis points (0..100%), "
-                f"not {self.rate_bp}"
+                f"capture rate must be 0..{BASIS_POINTS} basis points (0..100%), not {self.rate_bp}"
             )
         both = set(self.exclude) & set(self.hash)
         if both:
@@ -543,7 +542,8 @@ def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
     for name in names:
         values = [r.get(name) for r in rows]
         if name == "time":
-            cols.append(pa.array([int(v * 1000) for v in values], pa.timestamp("ms", tz="UTC")))
+            stamps = [int(r["time"] * 1000) for r in rows]
+            cols.append(pa.array(stamps, pa.timestamp("ms", tz="UTC")))
         elif name in fixed:
             cols.append(pa.array(values, fixed[name]))
         else:
