@@ -179,6 +179,7 @@ while True:
 
 def test_kill_9_while_writing_leaves_readable_files(tmp_path):
     """A kill -9 mid-write: every .parquet left reads; start-up clears the temp file."""
+    temps = seen = 0
     for attempt in range(3):
         root = tmp_path / f"a{attempt}"
         proc = subprocess.Popen(
@@ -198,8 +199,12 @@ def test_kill_9_while_writing_leaves_readable_files(tmp_path):
         assert len(files) >= 3
         for f in files:
             assert pq.read_table(f).num_rows > 0
+        temps += len(list((root / "capture").rglob("*" + TEMP_SUFFIX)))
         cap = Capture(CaptureLimits(root / "capture"), AgentMetrics(), load_key(root))
-        cap.recover()
+        salvaged, deleted = cap.recover()
+        assert salvaged + deleted == temps - seen
+        seen = temps
         assert not list((root / "capture").rglob("*" + TEMP_SUFFIX))
         for f in complete_files(root / "capture"):
             assert pq.read_table(f).num_rows > 0
+    assert temps >= 1, "no kill landed while a file was being written"

@@ -157,15 +157,19 @@ def test_kill_9_while_capturing_leaves_readable_files_shipped_once(fleet) -> Non
                 return  # the agent is gone
             i += 10
 
+    cap_dir = root / "a0" / "capture" / "pair"
     t = threading.Thread(target=load, daemon=True)
     t.start()
     try:
         wait_for(lambda: _captured(agent) > 300, 60, "the agent capturing under load")
+        # Killed while a file is being written (a temp file exists).
+        wait_for(
+            lambda: bool(list(cap_dir.glob("*" + TEMP_SUFFIX))), 30, "a capture file in progress"
+        )
         agent.kill()
     finally:
         stop.set()
         t.join(30)
-    cap_dir = root / "a0" / "capture" / "pair"
     # Left behind: complete files (each readable) and at most one temp file.
     for f in cap_dir.glob("*.parquet"):
         assert pq.read_table(f).num_rows > 0
@@ -176,6 +180,7 @@ def test_kill_9_while_capturing_leaves_readable_files_shipped_once(fleet) -> Non
     try:
         wait_for(lambda: _active(again) == 1, 60, "pair v1 after the restart")
         assert not list(cap_dir.glob("*" + TEMP_SUFFIX)), "start-up clears temp files"
+        assert "unfinished file(s) from a crash salvaged" in again.logs()
         wait_for(lambda: not list(cap_dir.glob("*.parquet")), 60, "every file shipped")
         rows = _query(hub, "SELECT count(*) AS n, count(DISTINCT request_id) AS d FROM capture")[0]
         assert rows["n"] == rows["d"], "a captured row reached the hub twice"
