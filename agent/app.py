@@ -15,7 +15,7 @@ import grpc
 from modelfleet.agent.config import RELOADABLE, ServeConfig, reload_config
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.repository import RepositoryWatcher
-from modelfleet.agent.serving.capture import Capture, CaptureLimits, LocalRules, load_key
+from modelfleet.agent.serving.capture import Capture, CaptureLimits, LocalRules
 from modelfleet.agent.serving.dataplane import DataPlane
 from modelfleet.agent.serving.grpc_server import (
     HealthReporter,
@@ -164,7 +164,7 @@ def build_capture(cfg: ServeConfig, metrics: AgentMetrics) -> Capture:
             quota_bytes=cfg.capture_quota_bytes,
         ),
         metrics,
-        load_key(Path(cfg.data)),
+        Path(cfg.data),
     )
 
 

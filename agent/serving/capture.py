@@ -176,10 +176,12 @@ def complete_files(root: Path) -> list[Path]:
 class Capture:
     """Per-model rules, the bounded queue and the writer thread."""
 
-    def __init__(self, limits: CaptureLimits, metrics: AgentMetrics, key: bytes) -> None:
+    def __init__(self, limits: CaptureLimits, metrics: AgentMetrics, key: bytes | Path) -> None:
         self.limits = limits
         self.metrics = metrics
-        self.key = key
+        # The HMAC key, or the folder it is kept in: read (or made) at the first hashed input,
+        # so an agent that never hashes never writes one.
+        self._key = key
         self.rules: dict[str, CaptureRule] = {}
         self._rng = random.Random()
         self._queue: queue.Queue[_Record | None] = queue.Queue(max(limits.queue_max, 1))
@@ -191,6 +193,12 @@ class Capture:
         # Totals since start, for `modelfleet-agent capture` (Prometheus has the same).
         self.captured: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
+
+    @property
+    def key(self) -> bytes:
+        if isinstance(self._key, Path):
+            self._key = load_key(self._key)
+        return self._key
 
     # -- rules ----------------------------------------------------------------------------------
 
