@@ -184,7 +184,12 @@ class CaptureStore:
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
             try:
-                return con.execute(sql).to_arrow_table()
+                rel = con.sql(sql)
+                if rel is None:  # a statement without a result (e.g. SET)
+                    import pyarrow as pa
+
+                    return pa.table({})
+                return rel.to_arrow_table()
             except duckdb.Error as exc:
                 raise InvalidRequestError(f"capture query: {exc}") from None
         finally:

@@ -191,3 +191,45 @@ def test_kill_9_while_capturing_leaves_readable_files_shipped_once(fleet) -> Non
         assert not list((hub.data / "capture" / ".partial").rglob("*.part"))
     finally:
         again.stop()
+
+
+def test_standalone_agent_captures_with_the_cli(tmp_path: Path) -> None:
+    from modelfleet.kernel.bundle import create_bundle
+
+    repo = tmp_path / "repo"
+    samples = {"a": np.ones((2, 2), np.float32), "b": np.ones((2, 2), np.float32)}
+    create_bundle(
+        models.two_inputs(tmp_path / "pair.onnx"),
+        name="pair",
+        version=1,
+        samples=samples,
+        out_dir=repo,
+    )
+    data = tmp_path / "data"
+    env = {"MODELFLEET_AGENT_DATA": str(data), "MODELFLEET_AGENT_CAPTURE_ROTATE_S": "0.3"}
+    with AgentProcess(repo, env=env, log_path=tmp_path / "agent.log") as agent:
+        agent.wait_model("pair", "1", timeout=60)
+        r = agent.cli("capture", "pair", "--rate", "100", "--exclude", "b", "--hash", "b")
+        assert r.returncode == 3 and "both excluded and hashed" in r.stderr, r
+        r = agent.cli("capture", "nope", "--rate", "10")
+        assert r.returncode == 4 and "no model 'nope'" in r.stderr, r
+        r = agent.cli("capture", "pair", "--rate", "100", "--exclude", "b")
+        assert r.returncode == 0, r.stderr
+        assert "pair: capturing 100% of requests; excluded b" in r.stdout
+        _send(agent, 50)
+        folder = data / "capture" / "pair"
+        wait_for(
+            lambda: sum(pq.read_table(f).num_rows for f in folder.glob("*.parquet")) == 50,
+            30,
+            "50 captured rows in finished files",
+        )
+        rows = [r for f in folder.glob("*.parquet") for r in pq.read_table(f).to_pylist()]
+        assert {r["request_id"] for r in rows} == {f"req-{i}" for i in range(50)}
+        assert all("in_b" not in r for r in rows)
+        assert oct((data / "capture" / "rules.json").stat().st_mode & 0o777) == "0o600"
+        r = agent.cli("capture", "pair", "--off")
+        assert r.returncode == 0 and "pair: capture off" in r.stdout, r
+        _send(agent, 10, 50)
+    # Stopped cleanly: no temp file, and nothing captured after --off.
+    assert not list(folder.glob("*" + TEMP_SUFFIX))
+    assert sum(pq.read_table(f).num_rows for f in folder.glob("*.parquet")) == 50
