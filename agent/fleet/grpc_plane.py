@@ -29,6 +29,7 @@ from modelfleet.agent.fleet.convert import desired_state
 from modelfleet.agent.fleet.transport import (
     GrpcTransport,
     RetiredChannels,
+    capture_stub,
     channel_options,
     credentials,
     fleet_stub,
@@ -36,7 +37,6 @@ from modelfleet.agent.fleet.transport import (
 )
 from modelfleet.kernel.reports import report_to_proto
 from modelfleet.protos import fleet_pb2 as pb
-from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class GrpcControlPlane:
         creds = credentials(self.data_dir)
         self._channel: Any = grpc.aio.secure_channel(address, creds, options=channel_options())
         self._stub: Any = fleet_stub(self._channel)
-        self._capture: Any = pb_grpc.HubCaptureStub(self._channel)
+        self._capture: Any = capture_stub(self._channel)
         # A watch stream on a replaced channel lasts up to resync_interval_s.
         self._retired = RetiredChannels(resync_interval_s + 60.0)
         self._bytes = GrpcTransport(address, creds)
@@ -132,7 +132,7 @@ class GrpcControlPlane:
             await old.close()
         self._channel = grpc.aio.secure_channel(self.address, creds, options=channel_options())
         self._stub = fleet_stub(self._channel)
-        self._capture = pb_grpc.HubCaptureStub(self._channel)
+        self._capture = capture_stub(self._channel)
         self._bytes.reconnect(creds)
 
     def fetch_metadata(self, filename: str) -> Iterator[bytes]:
