@@ -131,3 +131,64 @@ def test_settings_reach_the_desired_state(tmp_path):
             svc.set("m", {}, 0, (), (), "admin")
     finally:
         reg.close()
+
+
+class _HubPlane:
+    """The capture half of the control plane, straight into a real hub store (what the gRPC
+    edge does, without sockets); ``cut`` ends an upload after that many bytes, like a broken
+    connection."""
+
+    def __init__(self, store: CaptureStore, agent_id: str) -> None:
+        self.store, self.agent_id = store, agent_id
+        self.cut: int | None = None
+        self.uploads = 0
+
+    def _header(self, file, offset: int) -> UploadHeader:
+        return UploadHeader(file.model, file.file_id, file.size, file.sha256, offset)
+
+    async def capture_offset(self, file):
+        return self.store.state(self.agent_id, self._header(file, 0))
+
+    async def upload_capture(self, file, path: Path, offset: int):
+        self.uploads += 1
+        sink = self.store.open_upload(self.agent_id, self._header(file, offset))
+        if sink is None:
+            return self.store.state(self.agent_id, self._header(file, 0))
+        data = path.read_bytes()[offset:]
+        if self.cut is not None:
+            sink.write(data[: self.cut])
+            sink.finish()
+            self.cut = None
+            raise OSError("connection cut")
+        sink.write(data)
+        return sink.finish()
+
+
+def test_shipper_resumes_and_never_ships_twice(tmp_path):
+    import asyncio
+    import shutil
+
+    from modelfleet.agent.fleet.capture_ship import CaptureShipper
+
+    f = _file(tmp_path)
+    cap = Capture(CaptureLimits(tmp_path / "agent"), AgentMetrics(), tmp_path)
+    store = CaptureStore(tmp_path / "hub")
+    plane = _HubPlane(store, "edge-1")
+    shipper = CaptureShipper(cap, plane, interval_s=0.01)  # type: ignore[arg-type]  # a fake
+    keep = tmp_path / "copy.parquet"
+    shutil.copy(f, keep)
+    plane.cut = 200
+    with pytest.raises(OSError, match="connection cut"):
+        asyncio.run(shipper.ship_once())
+    assert f.exists() and store.state("edge-1", _header(f)) == (200, False)
+    # The next look resumes from the 200 bytes the hub holds and deletes the local file.
+    assert asyncio.run(shipper.ship_once()) == 1
+    assert not f.exists()
+    # A crash between the hub's answer and the delete: the file is there again. The hub says
+    # it has it; nothing is uploaded, and the hub still holds one copy.
+    shutil.copy(keep, f)
+    uploads = plane.uploads
+    assert asyncio.run(shipper.ship_once()) == 1
+    assert plane.uploads == uploads and not f.exists()
+    assert len(store.files("m")) == 1
+    assert store.query("m", "SELECT count(*) AS n FROM capture").to_pylist() == [{"n": 30}]
