@@ -103,14 +103,15 @@ def test_captured_rows_reach_the_hub_and_answer_sql(fleet) -> None:
     assert _captured(agent) > 0, "capture never started on the agent"
     _send(agent, 2000, sent)
     sent += 2000
+
+    # Every captured row arrives, once: the hub's count reaches the agent's (read each time:
+    # the last sampled requests may still be on their way to the writer thread).
+    def settled() -> bool:
+        n = _captured(agent)
+        return _query(hub, "SELECT count(*) AS n FROM capture")[0]["n"] == n
+
+    wait_for(settled, 60, "every captured row on the hub", interval=0.5)
     captured = _captured(agent)
-    # Every captured row arrives, once: the hub's count reaches the agent's and stays there.
-    wait_for(
-        lambda: _query(hub, "SELECT count(*) AS n FROM capture")[0]["n"] == captured,
-        60,
-        f"{captured} captured rows on the hub",
-        interval=0.5,
-    )
     # 10% of what was sent, within chance (and the requests before the rule arrived).
     assert sent * 0.1 / 3 < captured < sent * 0.1 * 3, (captured, sent)
     rows = _query(hub, "SELECT * FROM capture ORDER BY time")
@@ -173,14 +174,16 @@ def test_kill_9_while_capturing_leaves_readable_files_shipped_once(fleet) -> Non
     # Left behind: complete files (each readable) and at most one temp file.
     for f in cap_dir.glob("*.parquet"):
         assert pq.read_table(f).num_rows > 0
-    assert len(list(cap_dir.glob("*" + TEMP_SUFFIX))) <= 1
+    left = list(cap_dir.glob("*" + TEMP_SUFFIX))
+    assert len(left) <= 1
     hub.cli("capture", "off", "pair")
     again = AgentProcess(root / "a0", fleet_config=config, env=FAST, log_path=root / "a0.log")
     again.start()
     try:
         wait_for(lambda: _active(again) == 1, 60, "pair v1 after the restart")
         assert not list(cap_dir.glob("*" + TEMP_SUFFIX)), "start-up clears temp files"
-        assert "unfinished file(s) from a crash salvaged" in again.logs()
+        if left:  # the kill landed before the file in progress was finished (almost always)
+            assert "unfinished file(s) from a crash salvaged" in again.logs()
         wait_for(lambda: not list(cap_dir.glob("*.parquet")), 60, "every file shipped")
         rows = _query(hub, "SELECT count(*) AS n, count(DISTINCT request_id) AS d FROM capture")[0]
         assert rows["n"] == rows["d"], "a captured row reached the hub twice"
