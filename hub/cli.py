@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelfleet.hub.cli_alerts import add_alert_commands, cmd_alerts, cmd_webhooks
+from modelfleet.hub.cli_capture import add_capture_commands, cmd_capture
 from modelfleet.kernel.cli import run_command
 from modelfleet.kernel.commandline import finish, message_dict
 from modelfleet.kernel.errors import (
@@ -645,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backup_commands(sub)
     _add_state_commands(sub)
     add_alert_commands(sub, _duration, _add_json, _labels)
+    add_capture_commands(sub, _add_json, _labels)
     return finish(p)
 
 
@@ -2917,6 +2919,7 @@ def _run(argv: list[str] | None) -> int:
         "export": cmd_export,
         "alerts": cmd_alerts,
         "webhooks": cmd_webhooks,
+        "capture": cmd_capture,
     }
     return handlers[args.command](args)
 

@@ -50,6 +50,9 @@ def desired_to_proto(
                 sticky=d.sticky,
                 shadow_bp=d.shadow_bp,
                 comparison=d.comparison,
+                capture_rate_bp=d.capture_rate_bp,
+                capture_exclude=list(d.capture_exclude),
+                capture_hash=list(d.capture_hash),
             )
             for d in desired
         ],

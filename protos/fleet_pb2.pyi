@@ -66,7 +66,7 @@ class WatchDesiredRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DesiredModel(_message.Message):
-    __slots__ = ("name", "version", "target_path", "sha256", "size", "prepare_version", "prepare_size", "split_bp", "sticky", "shadow_bp", "comparison")
+    __slots__ = ("name", "version", "target_path", "sha256", "size", "prepare_version", "prepare_size", "split_bp", "sticky", "shadow_bp", "comparison", "capture_rate_bp", "capture_exclude", "capture_hash")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,9 @@ class DesiredModel(_message.Message):
     STICKY_FIELD_NUMBER: _ClassVar[int]
     SHADOW_BP_FIELD_NUMBER: _ClassVar[int]
     COMPARISON_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_RATE_BP_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_HASH_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     target_path: str
@@ -89,7 +92,10 @@ class DesiredModel(_message.Message):
     sticky: bool
     shadow_bp: int
     comparison: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., target_path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., prepare_version: _Optional[int] = ..., prepare_size: _Optional[int] = ..., split_bp: _Optional[int] = ..., sticky: _Optional[bool] = ..., shadow_bp: _Optional[int] = ..., comparison: _Optional[str] = ...) -> None: ...
+    capture_rate_bp: int
+    capture_exclude: _containers.RepeatedScalarFieldContainer[str]
+    capture_hash: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., target_path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., prepare_version: _Optional[int] = ..., prepare_size: _Optional[int] = ..., split_bp: _Optional[int] = ..., sticky: _Optional[bool] = ..., shadow_bp: _Optional[int] = ..., comparison: _Optional[str] = ..., capture_rate_bp: _Optional[int] = ..., capture_exclude: _Optional[_Iterable[str]] = ..., capture_hash: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DesiredState(_message.Message):
     __slots__ = ("revision", "models", "jobs")
@@ -1740,3 +1746,115 @@ class RemoveWebhookResponse(_message.Message):
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     dropped: int
     def __init__(self, dropped: _Optional[int] = ...) -> None: ...
+
+class CaptureFile(_message.Message):
+    __slots__ = ("model", "file_id", "size", "sha256", "offset")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    file_id: str
+    size: int
+    sha256: str
+    offset: int
+    def __init__(self, model: _Optional[str] = ..., file_id: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class CaptureChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: CaptureFile
+    data: bytes
+    def __init__(self, header: _Optional[_Union[CaptureFile, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class CaptureFileState(_message.Message):
+    __slots__ = ("have", "stored")
+    HAVE_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    have: int
+    stored: bool
+    def __init__(self, have: _Optional[int] = ..., stored: _Optional[bool] = ...) -> None: ...
+
+class CaptureSetting(_message.Message):
+    __slots__ = ("model", "selector", "rate_bp", "exclude", "hash", "created_at", "actor")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    RATE_BP_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    selector: _containers.ScalarMap[str, str]
+    rate_bp: int
+    exclude: _containers.RepeatedScalarFieldContainer[str]
+    hash: _containers.RepeatedScalarFieldContainer[str]
+    created_at: float
+    actor: str
+    def __init__(self, model: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., rate_bp: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., hash: _Optional[_Iterable[str]] = ..., created_at: _Optional[float] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class RemoveCaptureRequest(_message.Message):
+    __slots__ = ("model", "selector")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    selector: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RemoveCaptureResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: int
+    def __init__(self, removed: _Optional[int] = ...) -> None: ...
+
+class ListCaptureRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CaptureModelFiles(_message.Message):
+    __slots__ = ("model", "files", "bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    files: int
+    bytes: int
+    def __init__(self, model: _Optional[str] = ..., files: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class ListCaptureResponse(_message.Message):
+    __slots__ = ("settings", "stored")
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    settings: _containers.RepeatedCompositeFieldContainer[CaptureSetting]
+    stored: _containers.RepeatedCompositeFieldContainer[CaptureModelFiles]
+    def __init__(self, settings: _Optional[_Iterable[_Union[CaptureSetting, _Mapping]]] = ..., stored: _Optional[_Iterable[_Union[CaptureModelFiles, _Mapping]]] = ...) -> None: ...
+
+class QueryCaptureRequest(_message.Message):
+    __slots__ = ("model", "sql")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SQL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    sql: str
+    def __init__(self, model: _Optional[str] = ..., sql: _Optional[str] = ...) -> None: ...
+
+class QueryCaptureChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
