@@ -713,6 +713,23 @@ def _add_experiment_commands(sub: Any) -> None:
         default=None,
         help="end the experiment after this long, e.g. 1h (default: until stop or promote)",
     )
+    xs.add_argument(
+        "--judge",
+        metavar="LIST",
+        default="",
+        help="with --split: the metrics the statistical judge compares, candidate arm against "
+        "active arm, as `rollout start --judge` takes them (default: latency,errors)",
+    )
+    xs.add_argument(
+        "--gate",
+        metavar="GATE",
+        action="append",
+        default=[],
+        help="with --shadow, repeatable: a threshold on the output comparison, METRIC<VALUE or "
+        "METRIC>VALUE with METRIC one of shadow_agreement, shadow_abs_diff_p50, "
+        "shadow_abs_diff_p99, shadow_rel_diff_p99, shadow_js_p99, shadow_failure_rate, "
+        "shadow_latency_p99_ms (default: shadow_agreement>0.98 and shadow_abs_diff_p99<0.05)",
+    )
     _add_json(xs)
     xl = xsub.add_parser("ls", help="every experiment, running or ended")
     xl.add_argument("name", nargs="?", default="", help="model name (default: every model)")
@@ -1900,26 +1917,7 @@ def rollout_dict(status: Any) -> dict[str, Any]:
                 }
                 for g in e.gates
             ],
-            "verdicts": [
-                {
-                    "metric": v.metric,
-                    "verdict": v.verdict,
-                    "canary": opt(v, "canary"),
-                    "baseline": opt(v, "baseline"),
-                    "effect": opt(v, "effect"),
-                    "low": opt(v, "low"),
-                    "high": opt(v, "high"),
-                    "tolerance": v.tolerance,
-                    "canary_samples": v.canary_samples,
-                    "baseline_samples": v.baseline_samples,
-                    "canary_requests": v.canary_requests,
-                    "baseline_requests": v.baseline_requests,
-                    "looks": v.looks,
-                    "unit": v.unit,
-                    "why": v.why,
-                }
-                for v in e.verdicts
-            ],
+            "verdicts": [_verdict_dict(v) for v in e.verdicts],
             "looks": e.looks,
             "final": e.final,
             "judge_note": e.judge_note,
@@ -2354,6 +2352,31 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verdict_dict(v: Any) -> dict[str, Any]:
+    """A judged metric (MetricVerdict) as plain data, for rollouts and experiments alike."""
+
+    def opt(name: str) -> Any:
+        return getattr(v, name) if v.HasField(name) else None
+
+    return {
+        "metric": v.metric,
+        "verdict": v.verdict,
+        "canary": opt("canary"),
+        "baseline": opt("baseline"),
+        "effect": opt("effect"),
+        "low": opt("low"),
+        "high": opt("high"),
+        "tolerance": v.tolerance,
+        "canary_samples": v.canary_samples,
+        "baseline_samples": v.baseline_samples,
+        "canary_requests": v.canary_requests,
+        "baseline_requests": v.baseline_requests,
+        "looks": v.looks,
+        "unit": v.unit,
+        "why": v.why,
+    }
+
+
 def experiment_dict(x: Any) -> dict[str, Any]:
     """An ExperimentStatus as the plain data `experiment status --json` prints."""
 
@@ -2412,6 +2435,13 @@ def experiment_dict(x: Any) -> dict[str, Any]:
         ],
         "shadow": shadow,
         "verdict": x.verdict,
+        "judge": list(x.judge),
+        "gates": list(x.gates),
+        "verdicts": [_verdict_dict(v) for v in x.verdicts],
+        "shadow_gates": [
+            {"gate": g.gate, "value": opt(g, "value"), "ok": opt(g, "ok"), "why": g.why}
+            for g in x.shadow_gates
+        ],
         "agents_in": list(x.agents_in),
         "agents_out": list(x.agents_out),
         "since": x.since,
@@ -2462,6 +2492,11 @@ def _render_experiment(x: Any) -> str:
                 + (f" ({s['note']})" if s["note"] else "")
             )
     lines.append(f"  verdict: {d['verdict']}")
+    if d["verdicts"]:
+        lines += _render_verdicts({"verdicts": d["verdicts"], "looks": 1, "final": False})
+    for g in d["shadow_gates"]:
+        state = {True: "ok", False: "FAILED", None: "not judged"}[g["ok"]]
+        lines.append(f"    gate {g['gate']:<28} {_fig(g['value']):>10}  {state}: {g['why']}")
     for e in d["events"][-6:]:
         lines.append(f"  {_hms(e['at'])}  {e['text']}")
     return "\n".join(lines)
@@ -2496,6 +2531,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             sticky=args.sticky,
             shadow_percent=args.shadow or 0.0,
             duration_s=args.duration or 0.0,
+            judge=[m.strip() for m in args.judge.split(",") if m.strip()],
+            gates=args.gate,
         )
         # A share of 0 reads as "not given" on the wire: refuse it here, by its flag.
         for flag, value in (("split", args.split), ("shadow", args.shadow)):

@@ -21,6 +21,7 @@ from modelfleet.hub.deployments import (
 )
 from modelfleet.hub.experiments import ExperimentStatus
 from modelfleet.hub.jobs import Job
+from modelfleet.hub.judge import verdict_to_json
 from modelfleet.hub.registry import DeploymentRow, Desired, VersionRow
 from modelfleet.hub.rollouts import AgentFacts
 from modelfleet.kernel.jobs import JobRun, JobSpec
@@ -384,6 +385,13 @@ def experiment_to_proto(st: ExperimentStatus) -> pb.ExperimentStatus:
         since=st.since,
         until=st.until,
         events=[pb.RolloutEvent(at=x["at"], text=x["text"]) for x in e.events[-20:]],
+        judge=e.judge,
+        gates=e.gates,
+        verdicts=[verdict_to_proto(verdict_to_json(v)) for v in st.verdicts],
+        shadow_gates=[
+            pb.ShadowGateResult(gate=g.gate, value=g.value, ok=g.ok, why=g.why)
+            for g in st.shadow_gates
+        ],
     )
     if st.shadow is not None:
         s = st.shadow

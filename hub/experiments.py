@@ -22,11 +22,20 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from modelfleet.hub.judge import (
+    DEFAULT_JUDGE,
+    JudgeSpecError,
+    MetricVerdict,
+    combined,
+    judge,
+    parse_metrics,
+)
 from modelfleet.hub.registry import FailedPreconditionError, check_labels, selector_matches
 from modelfleet.kernel.errors import InvalidRequestError, ModelNotFoundError
 
@@ -40,9 +49,64 @@ RUNNING = "running"
 FINAL_STATES = ("stopped", "promoted", "ended")
 MODES = ("split", "shadow")
 
-VERDICT_PENDING = (
-    "pending: the statistical judge is not wired to experiments yet; compare the arms' figures"
-)
+# A shadow's candidate answers nobody, so there is no traffic to judge it on: its verdict comes
+# from thresholds on how far its outputs are from the active version's (issue 15 item 3).
+DEFAULT_SHADOW_GATES = ("shadow_agreement>0.98", "shadow_abs_diff_p99<0.05")
+# Shadow metric -> the ShadowView field it reads.
+SHADOW_METRICS = {
+    "shadow_agreement": "top1_agreement",
+    "shadow_abs_diff_p50": "abs_diff_p50",
+    "shadow_abs_diff_p99": "abs_diff_p99",
+    "shadow_rel_diff_p99": "rel_diff_p99",
+    "shadow_js_p99": "js_p99",
+    "shadow_failure_rate": "failure_rate",
+    "shadow_latency_p99_ms": "shadow_latency_p99_ms",
+}
+# Comparisons a shadow verdict needs before it says pass or fail.
+MIN_SHADOW_COMPARED = 100
+_SHADOW_GATE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
+
+
+@dataclass(frozen=True)
+class ShadowGate:
+    metric: str
+    op: str
+    threshold: float
+
+    @classmethod
+    def parse(cls, text: str) -> ShadowGate:
+        m = _SHADOW_GATE.match(text)
+        if not m or m.group(1) not in SHADOW_METRICS:
+            raise InvalidRequestError(
+                f"invalid shadow gate {text!r}: use METRIC<VALUE or METRIC>VALUE with METRIC one "
+                f"of {', '.join(SHADOW_METRICS)}"
+            )
+        try:
+            threshold = float(m.group(3))
+        except ValueError:
+            raise InvalidRequestError(
+                f"invalid shadow gate {text!r}: {m.group(3)!r} is not a number"
+            ) from None
+        return cls(m.group(1), m.group(2), threshold)
+
+    def holds(self, value: float) -> bool:
+        return {
+            "<": value < self.threshold,
+            "<=": value <= self.threshold,
+            ">": value > self.threshold,
+            ">=": value >= self.threshold,
+        }[self.op]
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.threshold:g}"
+
+
+@dataclass(frozen=True)
+class ShadowGateResult:
+    gate: str
+    value: float | None
+    ok: bool | None  # None: not judged (too few comparisons, or no such figure for this model)
+    why: str
 
 
 def selector_text(selector: Mapping[str, str]) -> str:
@@ -93,6 +157,11 @@ class Experiment:
     # agent id -> the version it was desired to run at start: the active arm.
     baseline: dict[str, int] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
+    # What decides the verdict: judged metrics for a split (hub.judge), thresholds on the
+    # output comparison for a shadow (ShadowGate). Experiments saved before either existed
+    # read back with the defaults.
+    judge: list[str] = field(default_factory=lambda: list(DEFAULT_JUDGE))
+    gates: list[str] = field(default_factory=lambda: list(DEFAULT_SHADOW_GATES))
 
     @property
     def label(self) -> str:
@@ -167,6 +236,9 @@ class ExperimentStatus:
     # decides instead (or that enrolled later and run another version).
     agents_in: list[str]
     agents_out: list[str]
+    # The judge's per-metric verdicts (split) or each shadow gate's result (shadow).
+    verdicts: list[MetricVerdict] = field(default_factory=list)
+    shadow_gates: list[ShadowGateResult] = field(default_factory=list)
 
 
 def _num(value: float | None) -> float | None:
@@ -265,6 +337,8 @@ class Experiments:
         sticky: bool = False,
         duration_s: float = 0.0,
         actor: str = "",
+        judge_metrics: Sequence[str] = (),
+        gates: Sequence[str] = (),
     ) -> Experiment:
         if bool(split_percent) == bool(shadow_percent):
             raise InvalidRequestError(
@@ -276,6 +350,23 @@ class Experiments:
             raise InvalidRequestError(
                 "--sticky keeps a routing key on one arm of a split; a shadow has one arm answering"
             )
+        if mode == "split" and gates:
+            raise InvalidRequestError(
+                "--gate sets a shadow's thresholds; a split is judged on its traffic (--judge)"
+            )
+        if mode == "shadow" and judge_metrics:
+            raise InvalidRequestError(
+                "--judge compares the arms' traffic; a shadow's candidate answers no request, "
+                "so it is judged by --gate thresholds on its outputs"
+            )
+        judged = list(judge_metrics) or list(DEFAULT_JUDGE)
+        try:
+            parse_metrics(judged)
+        except JudgeSpecError as exc:
+            raise InvalidRequestError(f"--judge: {exc}") from None
+        shadow_gates = list(gates) or list(DEFAULT_SHADOW_GATES)
+        for g in shadow_gates:
+            ShadowGate.parse(g)
         if not math.isfinite(duration_s) or duration_s < 0:
             raise InvalidRequestError(f"--duration {duration_s:g}s must be positive (or none)")
         check_labels(selector, "selector")
@@ -346,6 +437,8 @@ class Experiments:
                 ends_at=now + duration_s if duration_s else 0.0,
                 actor=actor,
                 baseline=baseline,
+                judge=judged if mode == "split" else [],
+                gates=shadow_gates if mode == "shadow" else [],
             )
             exp.id = self.registry.create_experiment(model, exp.to_json())
             exp.deployment_id = self.registry.deploy(
@@ -458,9 +551,47 @@ class Experiments:
         if exp.mode == "split":
             arms.append(self._arm(exp.model, "candidate", exp.candidate, agents, since, until))
         shadow = self._shadow(exp, agents, since, until) if exp.mode == "shadow" else None
+        if shadow is not None:
+            results = shadow_verdict(exp.gates or list(DEFAULT_SHADOW_GATES), shadow)
+            return ExperimentStatus(
+                exp,
+                since,
+                until,
+                arms,
+                shadow,
+                _shadow_summary(results),
+                agents_in,
+                agents_out,
+                shadow_gates=results,
+            )
+        verdicts = self._judge(exp, agents, since, until)
         return ExperimentStatus(
-            exp, since, until, arms, shadow, VERDICT_PENDING, agents_in, agents_out
+            exp,
+            since,
+            until,
+            arms,
+            None,
+            _judge_summary(verdicts),
+            agents_in,
+            agents_out,
+            verdicts=verdicts,
         )
+
+    def _judge(
+        self, exp: Experiment, agents: list[str], since: float, until: float
+    ) -> list[MetricVerdict]:
+        """The statistical judge on the split's two arms: the candidate's agent-windows
+        against the active version's, on the same agents (each agent serves both arms, so
+        device speed is the same on both sides and needs no earlier level)."""
+        if self.telemetry is None or not agents:
+            return []
+        canary = self.telemetry.samples(exp.model, exp.candidate, agents, since, until)
+        baseline = [
+            w
+            for version in sorted(set(exp.baseline.values()))
+            for w in self.telemetry.samples(exp.model, version, agents, since, until)
+        ]
+        return judge(canary, baseline, parse_metrics(exp.judge or list(DEFAULT_JUDGE)))
 
     def _arm(
         self, model: str, arm: str, version: int, agents: list[str], since: float, until: float
@@ -519,6 +650,59 @@ class Experiments:
             js_p99=worst.get("js_p99"),
             shadow_latency_p99_ms=worst.get("shadow_latency_p99_ms"),
         )
+
+
+def shadow_verdict(gates: Sequence[str], view: ShadowView) -> list[ShadowGateResult]:
+    """Each shadow gate against the comparison so far. Not judged until MIN_SHADOW_COMPARED
+    requests were compared, nor where the model has no such figure (top-1 agreement needs
+    class scores)."""
+    out = []
+    failure_rate = (
+        view.shadow_failures / (view.compared + view.shadow_failures)
+        if view.compared + view.shadow_failures
+        else None
+    )
+    for text in gates:
+        gate = ShadowGate.parse(text)
+        field_name = SHADOW_METRICS[gate.metric]
+        value = failure_rate if field_name == "failure_rate" else getattr(view, field_name)
+        if not view.available or view.compared < MIN_SHADOW_COMPARED:
+            why = f"{view.compared} of the {MIN_SHADOW_COMPARED} comparisons needed so far"
+            out.append(ShadowGateResult(str(gate), value, None, why))
+        elif value is None:
+            why = (
+                "no such figure for this model's outputs (top-1 agreement needs class scores)"
+                if gate.metric == "shadow_agreement"
+                else "no figure reported"
+            )
+            out.append(ShadowGateResult(str(gate), None, None, why))
+        elif gate.holds(value):
+            out.append(ShadowGateResult(str(gate), value, True, f"{value:.4g} holds"))
+        else:
+            out.append(ShadowGateResult(str(gate), value, False, f"{value:.4g} breaks it"))
+    return out
+
+
+def _shadow_summary(results: Sequence[ShadowGateResult]) -> str:
+    failed = [r for r in results if r.ok is False]
+    if failed:
+        return "fail: " + "; ".join(f"{r.gate} ({r.why})" for r in failed)
+    if not results:
+        return "inconclusive: no gate to judge the shadow by"
+    open_ = [r for r in results if r.ok is None]
+    if len(open_) == len(results):
+        return "inconclusive: " + "; ".join(f"{r.gate}: {r.why}" for r in open_)
+    held = ", ".join(r.gate for r in results if r.ok)
+    skipped = "".join(f"; {r.gate} not judged ({r.why})" for r in open_)
+    return f"pass: {held}{skipped}"
+
+
+def _judge_summary(verdicts: Sequence[MetricVerdict]) -> str:
+    if not verdicts:
+        return "inconclusive: no telemetry from the selected agents yet"
+    verdict = combined(verdicts)
+    deciding = [v for v in verdicts if v.verdict == verdict] or list(verdicts)
+    return f"{verdict}: " + "; ".join(f"{v.metric}: {v.why}" for v in deciding)
 
 
 def _names(names: Sequence[str], limit: int = 5) -> str:

@@ -282,6 +282,8 @@ class ExperimentServicerMixin:
             sticky=request.sticky,
             duration_s=request.duration_s,
             actor=actor,
+            judge_metrics=list(request.judge),
+            gates=list(request.gates),
         )
         return experiment_to_proto(x.status(e))
 

@@ -1175,7 +1175,7 @@ class RolloutStatus(_message.Message):
     def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., wave: _Optional[int] = ..., waves: _Optional[_Iterable[int]] = ..., agents: _Optional[int] = ..., assigned: _Optional[int] = ..., switched: _Optional[int] = ..., prepared: _Optional[int] = ..., strategy: _Optional[str] = ..., failed: _Optional[_Mapping[str, str]] = ..., bake_left_s: _Optional[float] = ..., reason: _Optional[str] = ..., gates: _Optional[_Iterable[str]] = ..., last_evaluation: _Optional[_Union[GateEvaluation, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., per_agent: _Optional[_Iterable[_Union[RolloutAgent, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., selector: _Optional[_Mapping[str, str]] = ..., bake_s: _Optional[float] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., traffic: _Optional[_Iterable[int]] = ..., traffic_percent: _Optional[int] = ..., queued: _Optional[int] = ..., rate_base: _Optional[float] = ..., rate_factor: _Optional[float] = ..., rate_max: _Optional[float] = ..., abort_failed_pct: _Optional[float] = ..., abort_min_agents: _Optional[int] = ..., judge: _Optional[_Iterable[str]] = ..., max_bake_s: _Optional[float] = ...) -> None: ...
 
 class StartExperimentRequest(_message.Message):
-    __slots__ = ("model", "candidate", "selector", "split_percent", "sticky", "shadow_percent", "duration_s")
+    __slots__ = ("model", "candidate", "selector", "split_percent", "sticky", "shadow_percent", "duration_s", "judge", "gates")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -1190,6 +1190,8 @@ class StartExperimentRequest(_message.Message):
     STICKY_FIELD_NUMBER: _ClassVar[int]
     SHADOW_PERCENT_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
     model: str
     candidate: int
     selector: _containers.ScalarMap[str, str]
@@ -1197,7 +1199,9 @@ class StartExperimentRequest(_message.Message):
     sticky: bool
     shadow_percent: float
     duration_s: float
-    def __init__(self, model: _Optional[str] = ..., candidate: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., split_percent: _Optional[float] = ..., sticky: _Optional[bool] = ..., shadow_percent: _Optional[float] = ..., duration_s: _Optional[float] = ...) -> None: ...
+    judge: _containers.RepeatedScalarFieldContainer[str]
+    gates: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., candidate: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., split_percent: _Optional[float] = ..., sticky: _Optional[bool] = ..., shadow_percent: _Optional[float] = ..., duration_s: _Optional[float] = ..., judge: _Optional[_Iterable[str]] = ..., gates: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetExperimentRequest(_message.Message):
     __slots__ = ("model", "id")
@@ -1278,7 +1282,7 @@ class ShadowDivergence(_message.Message):
     def __init__(self, available: _Optional[bool] = ..., note: _Optional[str] = ..., compared: _Optional[int] = ..., dropped: _Optional[int] = ..., shadow_failures: _Optional[int] = ..., top1_agreement: _Optional[float] = ..., abs_diff_p50: _Optional[float] = ..., abs_diff_p99: _Optional[float] = ..., rel_diff_p99: _Optional[float] = ..., js_p99: _Optional[float] = ..., shadow_latency_p99_ms: _Optional[float] = ...) -> None: ...
 
 class ExperimentStatus(_message.Message):
-    __slots__ = ("id", "model", "candidate", "selector", "mode", "share_percent", "sticky", "duration_s", "state", "created_at", "ends_at", "finished_at", "reason", "actor", "arms", "shadow", "verdict", "agents_in", "agents_out", "since", "until", "events")
+    __slots__ = ("id", "model", "candidate", "selector", "mode", "share_percent", "sticky", "duration_s", "state", "created_at", "ends_at", "finished_at", "reason", "actor", "arms", "shadow", "verdict", "agents_in", "agents_out", "since", "until", "events", "judge", "gates", "verdicts", "shadow_gates")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -1308,6 +1312,10 @@ class ExperimentStatus(_message.Message):
     SINCE_FIELD_NUMBER: _ClassVar[int]
     UNTIL_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_GATES_FIELD_NUMBER: _ClassVar[int]
     id: int
     model: str
     candidate: int
@@ -1330,7 +1338,23 @@ class ExperimentStatus(_message.Message):
     since: float
     until: float
     events: _containers.RepeatedCompositeFieldContainer[RolloutEvent]
-    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., candidate: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., mode: _Optional[str] = ..., share_percent: _Optional[float] = ..., sticky: _Optional[bool] = ..., duration_s: _Optional[float] = ..., state: _Optional[str] = ..., created_at: _Optional[float] = ..., ends_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ExperimentArm, _Mapping]]] = ..., shadow: _Optional[_Union[ShadowDivergence, _Mapping]] = ..., verdict: _Optional[str] = ..., agents_in: _Optional[_Iterable[str]] = ..., agents_out: _Optional[_Iterable[str]] = ..., since: _Optional[float] = ..., until: _Optional[float] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ...) -> None: ...
+    judge: _containers.RepeatedScalarFieldContainer[str]
+    gates: _containers.RepeatedScalarFieldContainer[str]
+    verdicts: _containers.RepeatedCompositeFieldContainer[MetricVerdict]
+    shadow_gates: _containers.RepeatedCompositeFieldContainer[ShadowGateResult]
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., candidate: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., mode: _Optional[str] = ..., share_percent: _Optional[float] = ..., sticky: _Optional[bool] = ..., duration_s: _Optional[float] = ..., state: _Optional[str] = ..., created_at: _Optional[float] = ..., ends_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ExperimentArm, _Mapping]]] = ..., shadow: _Optional[_Union[ShadowDivergence, _Mapping]] = ..., verdict: _Optional[str] = ..., agents_in: _Optional[_Iterable[str]] = ..., agents_out: _Optional[_Iterable[str]] = ..., since: _Optional[float] = ..., until: _Optional[float] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., judge: _Optional[_Iterable[str]] = ..., gates: _Optional[_Iterable[str]] = ..., verdicts: _Optional[_Iterable[_Union[MetricVerdict, _Mapping]]] = ..., shadow_gates: _Optional[_Iterable[_Union[ShadowGateResult, _Mapping]]] = ...) -> None: ...
+
+class ShadowGateResult(_message.Message):
+    __slots__ = ("gate", "value", "ok", "why")
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    gate: str
+    value: float
+    ok: bool
+    why: str
+    def __init__(self, gate: _Optional[str] = ..., value: _Optional[float] = ..., ok: _Optional[bool] = ..., why: _Optional[str] = ...) -> None: ...
 
 class RolloutHistoryRequest(_message.Message):
     __slots__ = ("model",)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from modelfleet.hub.experiments import MIN_SHADOW_COMPARED
 from tests import models
 from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, wait_for
 
@@ -161,7 +162,8 @@ def test_experiment_start_status_stop_promote_survive_a_hub_restart(fleet) -> No
     s = exp_status(hub)
     assert s["state"] == "running" and s["mode"] == "split" and s["share_percent"] == 20
     assert len(s["agents_in"]) == 2 and [a["arm"] for a in s["arms"]] == ["active", "candidate"]
-    assert s["verdict"].startswith("pending")
+    # No traffic yet since the restart: the judge has nothing to compare.
+    assert s["verdict"].startswith("inconclusive")
     with load(berlin):
         time.sleep(3)
     wait_for(lambda: exp_status(hub)["arms"][0]["requests"] > 0, 30, "the active arm's traffic")
@@ -239,15 +241,20 @@ def test_shadow_experiment_reports_divergence_for_a_version_whose_outputs_differ
 
     def compared() -> bool:
         shadow = exp_status(hub)["shadow"]
-        return bool(shadow and shadow["available"] and shadow["compared"] > 0)
+        return bool(shadow and shadow["available"] and shadow["compared"] >= MIN_SHADOW_COMPARED)
 
     with load(berlin):
         wait_for(compared, 60, "shadow comparisons in the experiment's status")
     s = exp_status(hub)
     assert s["shadow"]["abs_diff_p99"] and s["shadow"]["abs_diff_p99"] > 0
     assert [a["arm"] for a in s["arms"]] == ["active"] and s["arms"][0]["requests"] > 0
+    # Other weights, other outputs: the default gate on the absolute difference fails.
+    gates = {g["gate"]: g for g in s["shadow_gates"]}
+    assert gates["shadow_abs_diff_p99<0.05"]["ok"] is False, s
+    assert s["verdict"].startswith("fail: ") and "shadow_abs_diff_p99<0.05 (" in s["verdict"]
     text = hub.cli("experiment", "status", "mlp")
     assert f"shadow v{candidate}: " in text and "compared" in text
+    assert "gate shadow_abs_diff_p99<0.05" in text and "FAILED" in text
     hub.cli("experiment", "stop", "mlp")
 
 
