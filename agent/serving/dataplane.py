@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from modelfleet.agent.metrics import AgentMetrics
+from modelfleet.agent.serving import tracing as spans
 from modelfleet.agent.serving.routing import (
     ARM_PINNED,
     ROUTING_KEY_HEADER,
@@ -49,6 +50,8 @@ class InferRequest:
     # Sticky split (agent/serving/routing.py): the request parameter `routing_key`, or the
     # gRPC metadata header `x-routing-key`; empty: none.
     routing_key: str = ""
+    # The request's span when tracing is on (agent/serving/tracing.py); None: not traced.
+    trace: Any = None
 
 
 @dataclass
@@ -183,6 +186,8 @@ class DataPlane:
         except ModelfleetError as exc:
             elapsed = time.perf_counter() - start
             self._account_failure(request, version, exc, elapsed)
+            if request.trace is not None:
+                spans.failed(request.trace, version)
             raise
         elapsed = time.perf_counter() - start
         labels = (version.name, str(version.version))
@@ -195,11 +200,13 @@ class DataPlane:
         s.queue_ns += int(timing.queue_s * 1e9)
         s.last_inference_ms = int(time.time() * 1000)
         version.telemetry.ok(elapsed, timing.queue_s)
+        if request.trace is not None:
+            spans.served(request.trace, version, route, timing, rows)
         if route is not None:
             self.metrics.routed.labels(*labels, route.arm).inc()
             if route.shadow is not None:
                 # The response is complete; the copy waits in the shadow queue, or is dropped.
-                self.shadow.offer(version, route.shadow, feed, results)
+                self.shadow.offer(version, route.shadow, feed, results, request.trace)
         return InferResponse(version.name, str(version.version), request.id, outputs)
 
     async def close(self) -> None:
