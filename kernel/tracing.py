@@ -193,14 +193,17 @@ def current() -> Tracing | None:
     return _current
 
 
-def start(settings: TracingSettings) -> Tracing | None:
-    """Turn tracing on for this process when ``settings.endpoint`` is set; else do nothing."""
+def start(settings: TracingSettings, exporter: Any = None) -> Tracing | None:
+    """Turn tracing on for this process when ``settings.endpoint`` is set; else do nothing.
+
+    ``exporter``: another SpanExporter than OTLP to the endpoint (the unit tests keep spans in
+    memory with the SDK's own InMemorySpanExporter)."""
     global _current
     if not settings.endpoint:
         return None
     check_settings(settings.endpoint, settings.sample_ratio)
     if _current is None:
-        _current = Tracing(settings)
+        _current = Tracing(settings, exporter)
     return _current
 
 
