@@ -213,3 +213,22 @@ def test_hub_publish_span_continues_the_admin_clis_trace(
         finally:
             assert hub.stop() == 0
         assert "tracing: OTLP to" in hub.logs()
+
+
+def test_hub_with_tracing_off_imports_no_opentelemetry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Collector() as collector:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
+        monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+        hub = HubProcess(tmp_path / "hub-data", log_path=tmp_path / "hub.log").start()
+        try:
+            monkeypatch.delenv("PYTHONPROFILEIMPORTTIME")  # the CLI's imports are not the hub's
+            monkeypatch.setenv("TRACEPARENT", traceparent()[0])
+            hub.cli("publish", "mlp", str(models.mlp(tmp_path / "v1.onnx", seed=0)))
+        finally:
+            assert hub.stop() == 0
+        modules = imported(hub.logs())
+        assert "modelfleet.hub.server" in modules and "modelfleet.kernel.tracing" in modules
+        assert not {m for m in modules if m.startswith("opentelemetry")}
+        assert collector.spans() == []
