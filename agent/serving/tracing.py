@@ -32,7 +32,8 @@ def served(
 ) -> None:
     """Attributes of a served request's span, and its queue and inference children."""
     t = tracing.current()
-    if t is None:
+    if t is None or not span.is_recording():
+        # Not sampled: no attributes or children would be kept.
         return
     attrs = {
         MODEL: version.name,
@@ -81,7 +82,8 @@ def shadow_ran(
 ) -> None:
     """The shadow run of a request, a child of its request span, recorded after the response."""
     t = tracing.current()
-    if t is None:
+    # The request span has ended by now (is_recording is False): ask its sampling decision.
+    if t is None or not parent.get_span_context().trace_flags.sampled:
         return
     t.record(
         "modelfleet.shadow",

@@ -1,10 +1,11 @@
 """What tracing costs the request path (issue 16, item 7).
 
-1. Concurrency 1, the bench's small model, three agents up at once and requests alternating
+1. Concurrency 1, the bench's small model, four agents up at once and requests alternating
    between them in blocks (tests/benchmarks/load.py): a baseline agent run by another
    checkout's interpreter (``--baseline-python``, e.g. main's .venv/bin/python, whose editable
    install is that checkout's code), this code with tracing off, and this code with tracing on
-   (every request sampled, spans exported to an in-process OTLP collector).
+   (every request sampled, spans exported to an in-process OTLP collector), and on with a
+   sample ratio of 0 (what an unsampled request costs).
 2. A micro-benchmark of what a disabled agent adds per request: the servicer's and the data
    plane's ``is None`` checks, and the extra dataclass fields (InferRequest.trace,
    Timing.started) against the same classes without them.
@@ -98,6 +99,14 @@ def main() -> None:
         configs: dict[str, tuple[str, dict[str, str]]] = {
             "tracing off": ("", {}),
             "tracing on": ("", {"MODELFLEET_AGENT_TRACING_ENDPOINT": collector.endpoint}),
+            # On, but sampling none of these requests (they carry no trace context).
+            "tracing 0%": (
+                "",
+                {
+                    "MODELFLEET_AGENT_TRACING_ENDPOINT": collector.endpoint,
+                    "MODELFLEET_AGENT_TRACING_SAMPLE_RATIO": "0",
+                },
+            ),
         }
         if args.baseline_python:
             configs = {"baseline": (args.baseline_python, {}), **configs}
