@@ -78,6 +78,11 @@ def main() -> None:
         "--baseline-python", default="", help="interpreter of the baseline (default: none)"
     )
     parser.add_argument("--requests", type=int, default=3000, help="per agent (default: 3000)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated agents to run, of baseline, off, on, 0%% (default: all)",
+    )
     args = parser.parse_args()
 
     print("== micro-benchmark (ns per operation, best of 5)")
@@ -110,6 +115,9 @@ def main() -> None:
         }
         if args.baseline_python:
             configs = {"baseline": (args.baseline_python, {}), **configs}
+        if args.only:
+            wanted = {f"tracing {w}" if w != "baseline" else w for w in args.only.split(",")}
+            configs = {k: v for k, v in configs.items() if k in wanted}
         try:
             for label, (python, env) in configs.items():
                 repo = work / label.replace(" ", "-") / "repo"
