@@ -14,6 +14,7 @@ import numpy as np
 
 from modelfleet.kernel.cli import run_command
 from modelfleet.kernel.commandline import finish, message_dict
+from modelfleet.kernel.drift import DEFAULT_BINS, DEFAULT_TOP_K
 from modelfleet.kernel.errors import (
     EXIT_NOT_READY,
     InvalidRequestError,
@@ -108,8 +109,32 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--feature-names", default="", help="comma-separated feature names (default: none)"
     )
+    create.add_argument(
+        "--reference",
+        type=Path,
+        help="FILE.parquet of reference rows (or a reference.json) for drift statistics, stored "
+        "signed in the bundle (default: none)",
+    )
+    create.add_argument(
+        "--reference-bins",
+        type=int,
+        default=DEFAULT_BINS,
+        help=f"quantile bins per numeric feature (default: {DEFAULT_BINS})",
+    )
+    create.add_argument(
+        "--reference-top-k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        help=f"categories kept per categorical feature, the rest count as other "
+        f"(default: {DEFAULT_TOP_K})",
+    )
     inspect = bsub.add_parser("inspect", help="verify a bundle and print its manifest")
     inspect.add_argument("bundle_dir", type=Path, help="a bundle: REPOSITORY/NAME/VERSION")
+    inspect.add_argument(
+        "--reference",
+        action="store_true",
+        help="print the verified reference statistics instead of the manifest (default: off)",
+    )
     example = bsub.add_parser(
         "example",
         help="write two small example models and health-check samples to try modelfleet with",
@@ -314,12 +339,19 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
         feature_names=tuple(f for f in args.feature_names.split(",") if f),
+        reference=args.reference,
+        reference_bins=args.reference_bins,
+        reference_top_k=args.reference_top_k,
         **kwargs,
     )
     print(
         f"created {created.path} ({created.manifest.model_size} bytes, "
         f"sha256 {created.manifest.model_sha256[:12]})"
     )
+    reference = created.reference()
+    if reference is not None:
+        features = sum(len(t.features) for t in reference.tensors)
+        print(f"reference: {reference.rows} rows, {features} features in reference.json")
     return 0
 
 
@@ -327,6 +359,15 @@ def cmd_bundle_inspect(args: argparse.Namespace) -> int:
     from modelfleet.kernel.bundle import load_bundle
 
     bundle = load_bundle(args.bundle_dir)
+    if args.reference:
+        reference = bundle.reference()
+        if reference is None:
+            raise InvalidRequestError(
+                f"{args.bundle_dir} has no reference statistics; build it with "
+                "`bundle create --reference FILE.parquet`"
+            )
+        print(json.dumps(reference.to_json(), indent=1))
+        return 0
     print(json.dumps(bundle.manifest.to_json(), indent=2))
     return 0
 

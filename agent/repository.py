@@ -16,7 +16,7 @@ from pathlib import Path
 
 from modelfleet.agent.serving.routing import Comparison
 from modelfleet.agent.slots import ModelStatus, SlotManager
-from modelfleet.kernel.bundle import BUNDLE_FILES, NAME_RE
+from modelfleet.kernel.bundle import BUNDLE_FILES, NAME_RE, OPTIONAL_BUNDLE_FILES
 from modelfleet.kernel.errors import InvalidRequestError, ModelfleetError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,11 @@ def scan(root: Path) -> dict[str, dict[int, VersionOnDisk]]:
             except OSError:
                 # Not complete (yet): a failing load would only be noise.
                 continue
+            for optional in OPTIONAL_BUNDLE_FILES:
+                # Part of the fingerprint too: a version refused because its reference.json was
+                # still being copied is tried again once the copy has finished.
+                with contextlib.suppress(OSError):
+                    stats.append(os.stat(os.path.join(vdir.path, optional)))
             version = int(vdir.name)
             # Covers every file, so a bundle copied in place non-atomically is tried again
             # once the copy has finished.

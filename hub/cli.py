@@ -259,6 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument(
         "--max-queue-delay-us", type=int, default=0, help="batching hint stored in the bundle"
     )
+    pub.add_argument(
+        "--reference",
+        type=Path,
+        help="FILE.parquet of reference rows (or a reference.json) for drift statistics, stored "
+        "signed in the bundle (default: none)",
+    )
+    pub.add_argument(
+        "--reference-bins",
+        type=int,
+        default=10,
+        help="quantile bins per numeric feature (default: 10)",
+    )
+    pub.add_argument(
+        "--reference-top-k",
+        type=int,
+        default=20,
+        help="categories kept per categorical feature, the rest count as other (default: 20)",
+    )
 
     sign = sub.add_parser("sign", help="sign a published version with the offline targets key")
     sign.add_argument("name", help="model name")
@@ -1099,6 +1117,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
             out_dir=Path(tmp) / "b",
             max_batch_size=args.max_batch_size,
             max_queue_delay_us=args.max_queue_delay_us,
+            reference=args.reference,
+            reference_bins=args.reference_bins,
+            reference_top_k=args.reference_top_k,
             **kwargs,
         )
         archive = Path(tmp) / TARGET_FILE_NAME

@@ -484,15 +484,9 @@ class Experiments:
         )
 
     def _shadow(self, exp: Experiment, agents: list[str], since: float, until: float) -> ShadowView:
-        # The telemetry store's shadow query arrives with the agents' shadow runs (issue 15
-        # item 3); until then the status says so instead of showing zeros.
-        query = getattr(self.telemetry, "shadow_window", None)
-        if query is None:
-            return ShadowView(
-                available=False,
-                note="shadow divergence not available: this hub's telemetry store has no "
-                "shadow comparisons yet",
-            )
+        if self.telemetry is None:
+            return ShadowView(available=False, note="this hub keeps no telemetry")
+        query = self.telemetry.shadow_window
         compared = dropped = failures = 0
         worst: dict[str, float | None] = {}
         for version in sorted(set(exp.baseline.values())):

@@ -4,8 +4,10 @@ A bundle is a directory ``<name>/<version>/`` holding
 
 - ``model.onnx``: the model,
 - ``health.npz``: health-check samples (``input:<name>``) and expected outputs (``output:<name>``),
+- ``reference.json`` (optional): reference statistics of the inputs and outputs, for drift
+  (``kernel.drift``),
 - ``manifest.json``: name, version, signature, execution hints, health-check settings, the
-  SHA-256 and size of the two files above, and provenance.
+  SHA-256 and size of the files above, and provenance.
 
 The format is documented in docs/bundle-format.md. This module is shared by hub, agent and batch,
 so it depends only on numpy, onnx (when creating) and the standard library.
@@ -32,12 +34,14 @@ import numpy as np
 
 from modelfleet.kernel.atomic import fsync_dir as _fsync_dir
 from modelfleet.kernel.datatypes import DATATYPE_BY_ONNX_ELEM, NUMPY_BY_DATATYPE
+from modelfleet.kernel.drift import DEFAULT_BINS, DEFAULT_TOP_K, Reference, parse_reference
 from modelfleet.kernel.errors import BundleError, BundleExistsError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 HEALTH_FILE = "health.npz"
+REFERENCE_FILE = "reference.json"
 # The packed bundle's leaf name in the TUF repository (see bundle_target_path).
 TARGET_FILE_NAME = "bundle.tar"
 
@@ -87,6 +91,14 @@ class HealthSpec:
 
 
 @dataclass(frozen=True)
+class FileSpec:
+    """An optional bundle file the manifest lists with its hash (today: reference.json)."""
+
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: int
@@ -102,9 +114,11 @@ class Manifest:
     feature_names: tuple[str, ...] = ()
     provenance: Mapping[str, Any] = field(default_factory=dict)
     format: int = FORMAT_VERSION
+    # reference.json, when the bundle carries reference statistics.
+    reference: FileSpec | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "format": self.format,
             "name": self.name,
             "version": self.version,
@@ -121,6 +135,18 @@ class Manifest:
             "feature_names": list(self.feature_names),
             "provenance": dict(self.provenance),
         }
+        # Only when present, so a bundle without one keeps the manifest (and hash) it always had.
+        if self.reference is not None:
+            out["reference"] = {
+                "path": REFERENCE_FILE,
+                "sha256": self.reference.sha256,
+                "size": self.reference.size,
+            }
+        return out
+
+    def files(self) -> tuple[str, ...]:
+        """The bundle's files, in archive order."""
+        return BUNDLE_FILES + ((REFERENCE_FILE,) if self.reference is not None else ())
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -154,6 +180,13 @@ class Bundle:
 
     def health_samples(self) -> HealthSamples:
         return _read_health(self.path / HEALTH_FILE)
+
+    def reference(self) -> Reference | None:
+        """The reference statistics, or None when the bundle has none (checked by load_bundle;
+        read again here, so a file changed since is caught by its hash)."""
+        if self.manifest.reference is None:
+            return None
+        return _read_reference(self.path, self.manifest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +279,13 @@ def parse_manifest(data: Mapping[str, Any]) -> Manifest:
     provenance = data.get("provenance", {})
     if not isinstance(provenance, dict):
         raise BundleError("manifest: provenance must be an object")
+    reference = None
+    if "reference" in data:
+        ref = _require(data, "reference", dict, "")
+        reference = FileSpec(
+            sha256=_require(ref, "sha256", str, "reference."),
+            size=_require(ref, "size", int, "reference."),
+        )
     return Manifest(
         name=name,
         version=version,
@@ -258,6 +298,7 @@ def parse_manifest(data: Mapping[str, Any]) -> Manifest:
         max_queue_delay_us=delay,
         feature_names=tuple(feature_names),
         provenance=provenance,
+        reference=reference,
     )
 
 
@@ -282,6 +323,14 @@ def load_bundle(bundle_dir: Path | str, *, verify_hashes: bool = True) -> Bundle
         (MODEL_FILE, manifest.model_sha256, manifest.model_size),
         (HEALTH_FILE, manifest.health.sha256, manifest.health.size),
     ]
+    if manifest.reference is not None:
+        checks.append((REFERENCE_FILE, manifest.reference.sha256, manifest.reference.size))
+    elif (bundle_dir / REFERENCE_FILE).exists():
+        # Unsigned statistics would be trusted by whoever reads them: refuse rather than ignore.
+        raise BundleError(
+            f"{bundle_dir}: {REFERENCE_FILE} is there but the manifest does not list it; "
+            "rebuild the bundle with --reference"
+        )
     for filename, want_sha, want_size in checks:
         path = bundle_dir / filename
         try:
@@ -299,7 +348,35 @@ def load_bundle(bundle_dir: Path | str, *, verify_hashes: bool = True) -> Bundle
                     f"{bundle_dir}: {filename} sha256 {got_sha[:16]}... does not match the "
                     f"manifest's {want_sha[:16]}..."
                 )
+    if manifest.reference is not None:
+        _read_reference(bundle_dir, manifest)
     return Bundle(bundle_dir, manifest)
+
+
+def _read_reference(bundle_dir: Path, manifest: Manifest) -> Reference:
+    from modelfleet.kernel.reference import check_reference
+
+    path = bundle_dir / REFERENCE_FILE
+    assert manifest.reference is not None
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise BundleError(f"{bundle_dir}: {REFERENCE_FILE} is missing") from None
+    if hashlib.sha256(raw).hexdigest() != manifest.reference.sha256:
+        raise BundleError(
+            f"{bundle_dir}: {REFERENCE_FILE} sha256 does not match the manifest's "
+            f"{manifest.reference.sha256[:16]}..."
+        )
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{bundle_dir}: {REFERENCE_FILE} is not valid JSON: {exc}") from None
+    try:
+        reference = parse_reference(data)
+    except BundleError as exc:
+        raise BundleError(f"{bundle_dir}: {exc}") from None
+    check_reference(reference, manifest.inputs, manifest.outputs, f"{bundle_dir}")
+    return reference
 
 
 def _read_health(path: Path) -> HealthSamples:
@@ -451,11 +528,16 @@ def create_bundle(
     max_queue_delay_us: int = 0,
     feature_names: tuple[str, ...] = (),
     provenance: Mapping[str, Any] | None = None,
+    reference: Reference | Path | str | None = None,
+    reference_bins: int = DEFAULT_BINS,
+    reference_top_k: int = DEFAULT_TOP_K,
 ) -> Bundle:
     """Build ``out_dir/name/version/`` atomically and return it.
 
     Expected outputs are computed with onnxruntime on the CPU unless given (for example golden
-    outputs from a reference implementation).
+    outputs from a reference implementation). ``reference`` is a Parquet dataset or a
+    reference.json file (``kernel.reference``), or statistics already computed; it is stored
+    as reference.json, listed in the manifest with its hash.
     """
     if not NAME_RE.match(name):
         raise BundleError(f"invalid model name {name!r}: use {NAME_RULE}")
@@ -502,6 +584,26 @@ def create_bundle(
         missing = [o.name for o in outputs if o.name not in expected]
         if missing:
             raise BundleError(f"expected outputs: no array for model output(s) {missing}")
+    reference_bytes = None
+    if reference is not None:
+        from modelfleet.kernel.reference import check_reference, reference_from_file
+
+        if isinstance(reference, Reference):
+            check_reference(reference, inputs, outputs, "reference")
+        else:
+            reference = reference_from_file(
+                reference,
+                model_bytes=model_bytes,
+                inputs=inputs,
+                outputs=outputs,
+                feature_names=feature_names,
+                bins=reference_bins,
+                top_k=reference_top_k,
+            )
+        text = json.dumps(reference.to_json(), indent=1, allow_nan=False) + "\n"
+        # What is written is what a reader will accept: parse it back before signing it.
+        parse_reference(json.loads(text))
+        reference_bytes = text.encode()
     health_arrays = {f"input:{k}": v for k, v in checked.items()}
     health_arrays.update({f"output:{k}": np.asarray(v) for k, v in expected.items()})
     health_bytes = _write_npz(health_arrays)
@@ -532,12 +634,19 @@ def create_bundle(
         max_queue_delay_us=max_queue_delay_us,
         feature_names=tuple(feature_names),
         provenance=prov,
+        reference=(
+            FileSpec(hashlib.sha256(reference_bytes).hexdigest(), len(reference_bytes))
+            if reference_bytes is not None
+            else None
+        ),
     )
     files = {
         MODEL_FILE: model_bytes,
         HEALTH_FILE: health_bytes,
         MANIFEST_FILE: (json.dumps(manifest.to_json(), indent=2) + "\n").encode(),
     }
+    if reference_bytes is not None:
+        files[REFERENCE_FILE] = reference_bytes
     final = write_bundle_dir(Path(out_dir) / name, str(version), files)
     return Bundle(final, manifest)
 
@@ -592,6 +701,8 @@ def write_bundle_dir(parent: Path, leaf: str, files: Mapping[str, bytes]) -> Pat
 # an uncompressed archive can be streamed, resumed at any byte offset and hashed as it arrives.
 
 BUNDLE_FILES = (MANIFEST_FILE, MODEL_FILE, HEALTH_FILE)
+# Files a bundle may carry besides those, packed after them when the manifest lists them.
+OPTIONAL_BUNDLE_FILES = (REFERENCE_FILE,)
 
 
 def pack_bundle(bundle_dir: Path | str, out_path: Path | str) -> tuple[str, int]:
@@ -602,10 +713,10 @@ def pack_bundle(bundle_dir: Path | str, out_path: Path | str) -> tuple[str, int]
     import tarfile
 
     bundle_dir, out_path = Path(bundle_dir), Path(out_path)
-    load_bundle(bundle_dir)  # never ship something the agent would refuse
+    bundle = load_bundle(bundle_dir)  # never ship something the agent would refuse
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for filename in BUNDLE_FILES:
+        for filename in bundle.manifest.files():
             info = tar.gettarinfo(str(bundle_dir / filename), arcname=filename)
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             info.mode = 0o644

@@ -14,7 +14,8 @@ replays the pieces through the same parser (and through the caller's hash, which
 every byte), truncates whatever a crash left torn, and reports the offset to continue from.
 
 The bytes are not trusted while they arrive. The parser only accepts what ``pack_bundle``
-produces: regular files named like the bundle files, each once, with valid header checksums;
+produces: regular files named like the bundle files (the optional reference.json included),
+each once, with valid header checksums;
 anything else raises ``BundleError`` at once. Nothing here is loaded or moved into place: the
 caller verifies the archive's hash first, then checks the manifest and renames ``files/``.
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from modelfleet.kernel.atomic import fsync_dir
-from modelfleet.kernel.bundle import BUNDLE_FILES
+from modelfleet.kernel.bundle import BUNDLE_FILES, OPTIONAL_BUNDLE_FILES
 from modelfleet.kernel.errors import BundleError
 
 BLOCK = 512
@@ -40,6 +41,9 @@ FILES_DIR = "files"
 FSYNC_EVERY_BYTES = 4 << 20
 _READ_CHUNK = 1 << 20
 _REGULAR = (b"0", b"\0")
+# Whether an optional member belongs is the manifest's call (load_bundle refuses one it does not
+# list), checked once the archive is complete.
+_MEMBERS = BUNDLE_FILES + OPTIONAL_BUNDLE_FILES
 _USTAR_MAGIC = (b"ustar\x0000", b"ustar  \0")
 
 Buffer = bytes | bytearray | memoryview
@@ -77,11 +81,12 @@ def _parse_header(block: bytes, where: str) -> tuple[str, int]:
             f"{where}: the archive has a pax extended header; the bundle format uses plain ustar "
             f"headers only (pack_bundle writes them for files under 8 GiB)"
         )
-    if text not in BUNDLE_FILES or kind not in _REGULAR:
+    if text not in _MEMBERS or kind not in _REGULAR:
         what = "a regular file" if kind in _REGULAR else f"tar type {kind.decode('latin-1')!r}"
         raise BundleError(
             f"{where}: unexpected archive member {text!r} ({what}; a bundle holds only the "
-            f"regular files {', '.join(BUNDLE_FILES)})"
+            f"regular files {', '.join(BUNDLE_FILES)} and optionally "
+            f"{', '.join(OPTIONAL_BUNDLE_FILES)})"
         )
     if block[124] & 0x80:
         raise BundleError(f"{where}: member {text!r} has a base-256 size (larger than 8 GiB)")

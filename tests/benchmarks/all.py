@@ -21,6 +21,7 @@ SUITES = {
     "rollout": "tests.benchmarks.rollout_bench",  # telemetry ingestion, rollout decision time
     "batch": "tests.benchmarks.batch_bench",  # Parquet scoring vs raw onnxruntime / plain loop
     "traffic": "tests.benchmarks.traffic_bench",  # shadow cost, split accuracy and stickiness
+    "drift": "tests.benchmarks.drift_bench",  # drift cost per request, detection, false alarms
 }
 
 
