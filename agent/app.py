@@ -16,6 +16,7 @@ from modelfleet.agent.config import RELOADABLE, ServeConfig, reload_config
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.repository import RepositoryWatcher
 from modelfleet.agent.serving.dataplane import DataPlane
+from modelfleet.agent.serving.drift import DriftMonitor
 from modelfleet.agent.serving.grpc_server import (
     HealthReporter,
     build_admin_server,
@@ -154,6 +155,28 @@ def build_slots(cfg: ServeConfig, metrics: AgentMetrics) -> SlotManager:
     )
 
 
+def build_drift(cfg: ServeConfig, slots: SlotManager) -> DriftMonitor | None:
+    """Drift accounting for versions with a reference (None when the setting is off); in
+    fleet mode closed windows go into the telemetry reports, standalone to /metrics only."""
+    if not cfg.drift:
+        return None
+    metrics = slots.metrics
+    monitor = DriftMonitor(
+        metrics,
+        window_s=cfg.drift_window_s,
+        sample_rate=cfg.drift_sample_rate,
+        max_rows_per_s=cfg.drift_max_rows_per_s,
+        metrics_features=cfg.drift_metrics_features,
+        report=metrics.telemetry.drift if cfg.hub else None,
+    )
+    slots.drift_attach = monitor.attach
+    return monitor
+
+
+def loaded_versions(slots: SlotManager) -> set[tuple[str, int]]:
+    return {(s.name, v.version) for s in slots.slots.values() for v in s.loaded()}
+
+
 def check_repository(models: Path) -> None:
     """Standalone mode serves what is in ``models``: a missing folder is a typo, not a default."""
     if models.is_dir():
@@ -256,6 +279,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     start_tracing(cfg)
     metrics = AgentMetrics()
     slots = build_slots(cfg, metrics)
+    drift = build_drift(cfg, slots)
     dataplane = DataPlane(
         slots, metrics, ShadowRunner(metrics, cfg.shadow_queue_max, cfg.shadow_workers)
     )
@@ -388,6 +412,12 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     # only after the drain, so what it sends last includes the drained requests.
     source_stop = asyncio.Event()
     watch_task = loop.create_task(source.run(source_stop))
+    drift_stop = asyncio.Event()
+    drift_task = (
+        loop.create_task(drift.run(drift_stop, lambda: loaded_versions(slots)))
+        if drift is not None
+        else None
+    )
     try:
         await stop.wait()
     finally:
@@ -398,6 +428,10 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         await health.refresh()
         notifier.stopping(f"stopping: draining in-flight requests (up to {cfg.drain_timeout_s:g}s)")
         await server.stop(grace=cfg.drain_timeout_s)
+        if drift_task is not None:
+            # The drained requests' window is closed now, so the final report carries it.
+            drift_stop.set()
+            await drift_task
         source_stop.set()
         await watch_task
         await admin.stop(grace=0)

@@ -73,6 +73,15 @@ class ServeConfig:
     shadow_queue_max: int = 64
     # Threads that run shadow copies, apart from the serving threads.
     shadow_workers: int = 1
+    # Drift (docs/monitoring.md#drift-on-the-agent), for versions whose bundle has a reference:
+    # seconds per window; the share of requests whose rows are counted; at most this many rows
+    # per second and version (the rest of that second is skipped and counted; 0: no cap); the
+    # features per version with a /metrics series (the most drifted of the latest window).
+    drift: bool = True
+    drift_window_s: float = 300.0
+    drift_sample_rate: float = 1.0
+    drift_max_rows_per_s: int = 1000
+    drift_metrics_features: int = 32
     # -- inference port security (docs/security.md#the-inference-port); default: plaintext, open
     # Server certificate chain and its private key (PEM files): both set, `listen` speaks TLS.
     tls_cert: str = ""
@@ -227,6 +236,14 @@ def validate(cfg: ServeConfig) -> None:
             raise InvalidRequestError(f"config: {name} must be >= 1")
     if cfg.shadow_queue_max < 0:
         raise InvalidRequestError("config: shadow_queue_max must be >= 0 (0 drops every copy)")
+    if cfg.drift_window_s <= 0 or not 0.0 <= cfg.drift_sample_rate <= 1.0:
+        raise InvalidRequestError(
+            "config: drift_window_s must be > 0 and drift_sample_rate between 0 and 1"
+        )
+    if cfg.drift_max_rows_per_s < 0 or cfg.drift_metrics_features < 0:
+        raise InvalidRequestError(
+            "config: drift_max_rows_per_s and drift_metrics_features must be >= 0"
+        )
     if cfg.max_message_bytes < 1024:
         raise InvalidRequestError("config: max_message_bytes must be at least 1024")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

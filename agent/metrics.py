@@ -145,6 +145,35 @@ class AgentMetrics:
             registry=r,
         )
 
+        # Drift of the latest closed window (agent/serving/drift.py). Series: per version, the
+        # drift_metrics_features features with the largest PSI in that window (all of them when
+        # the reference has no more), replaced at every window: bounded by that setting.
+        self.drift_psi = Gauge(
+            "modelfleet_drift_psi",
+            "Population stability index of a feature in the latest drift window.",
+            ["model", "version", "feature"],
+            registry=r,
+        )
+        self.drift_js = Gauge(
+            "modelfleet_drift_js_distance",
+            "Jensen-Shannon distance (log2) of a feature in the latest drift window.",
+            ["model", "version", "feature"],
+            registry=r,
+        )
+        self.drift_ks = Gauge(
+            "modelfleet_drift_ks",
+            "Binned Kolmogorov-Smirnov statistic of a numeric feature in the latest drift window.",
+            ["model", "version", "feature"],
+            registry=r,
+        )
+        self.drift_rows = Counter(
+            "modelfleet_drift_requests_total",
+            "Requests offered to drift accounting: sampled (rows counted), skipped (sampling "
+            "rate) or capped (drift_max_rows_per_s reached).",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
+
     def forget_version(self, model: str, version: str) -> None:
         """Drop every series of an unloaded version, so a fleet that swaps often does not
         grow its exposition (and the agent's memory) without bound."""
@@ -162,6 +191,10 @@ class AgentMetrics:
             self.shadow_rel_diff,
             self.shadow_js_divergence,
             self.shadow_top1,
+            self.drift_psi,
+            self.drift_js,
+            self.drift_ks,
+            self.drift_rows,
         ):
             names = metric._labelnames  # prometheus_client keeps children by label values
             m_i, v_i = names.index("model"), names.index("version")

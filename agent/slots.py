@@ -22,6 +22,7 @@ import numpy as np
 from modelfleet.agent.gate import GateResult, evaluate
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.serving.batcher import DirectRunner, DynamicBatcher, Timing
+from modelfleet.agent.serving.drift import DriftSampler
 from modelfleet.agent.serving.routing import (
     ARM_ACTIVE,
     ARM_CANDIDATE,
@@ -93,6 +94,8 @@ class LoadedVersion:
         self._compute_hist = metrics.compute_seconds.labels(*self._metrics_labels)
         self.telemetry = metrics.telemetry.version(self.name, self.version)
         self._aggregator = metrics.telemetry
+        # Set by SlotManager.drift_attach when the bundle has a reference (agent/serving/drift.py).
+        self.drift: DriftSampler | None = None
         max_batch = bundle.manifest.max_batch_size
         delay = batching.max_queue_delay_us
         if delay is None:
@@ -202,6 +205,9 @@ class SlotManager:
         self.slots: dict[str, ModelSlot] = {}
         self.listeners: list[ChangeListener] = []
         metrics.telemetry.arms = self.arms
+        # Called on the loader thread for every version that passed its gate, before it can
+        # serve: the drift monitor gives it a sampler (agent/serving/drift.py).
+        self.drift_attach: Callable[[LoadedVersion], None] | None = None
 
     # -- lookups on the request path ------------------------------------------------------------
 
@@ -388,6 +394,8 @@ class SlotManager:
             self.metrics,
             gate_p99_ms=result.p99_ms,
         )
+        if self.drift_attach is not None:
+            self.drift_attach(loaded)
         return loaded, result
 
     def _record_failure(self, slot: ModelSlot, result: GateResult, fingerprint: object) -> None:

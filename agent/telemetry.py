@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 # Client-supplied model names are unbounded; only models the agent knows get their own entry.
 UNKNOWN_MODEL = "_unknown"
 JOURNAL_FILE = "telemetry-journal"
+# Closed drift windows kept for the next report: a day of 5-minute windows of a few versions.
+DRIFT_PENDING_MAX = 1024
 
 # -- the layout of a store: slots of 128 int64 cells (1 KiB); slot 0 is the header -------------
 SLOT_CELLS = 128
@@ -562,6 +564,9 @@ class TelemetryAggregator:
         # (model, version) -> arm ("active", "candidate", "shadow") at the time of a cut; the
         # slot manager installs it (agent/slots.py).
         self.arms: Callable[[], dict[tuple[str, int], str]] = dict
+        # Closed drift windows waiting for the next cut (agent/serving/drift.py), oldest first;
+        # a commit removes those its report carried. Bounded: a standalone agent never cuts.
+        self._drift: list[tuple[str, int, pb.DriftReport]] = []
 
     def shadow(
         self, model: str, version: int, shadow_version: int, outputs: list[str]
@@ -658,11 +663,21 @@ class TelemetryAggregator:
     def switched(self, model: str, version: int, *, rollback: bool) -> None:
         self.version(model, version).count(_ROLLBACKS if rollback else _SWAPS)
 
+    def drift(self, model: str, version: int, report: pb.DriftReport) -> None:
+        """A closed drift window, for the next report."""
+        with self._lock:
+            self._drift.append((model, version, report))
+            if len(self._drift) > DRIFT_PENDING_MAX:
+                # The hub has not taken a report for that long: keep the newest windows.
+                del self._drift[: len(self._drift) - DRIFT_PENDING_MAX]
+
     # -- reporting (event loop) -----------------------------------------------------------------
 
     def pending(self) -> bool:
         """Anything counted since the last committed cut?"""
         with self._lock:
+            if self._drift:
+                return True
             return any(s.unreported(s.counters()).any() for s in self._stores())
 
     def stamp(self) -> None:
@@ -682,6 +697,12 @@ class TelemetryAggregator:
         for model, version in serving:
             self.version(model, version)
         with self._lock:
+            drift = list(self._drift)
+        drift_by_version: dict[tuple[str, int], list[pb.DriftReport]] = {}
+        for model, version, d in drift:
+            drift_by_version.setdefault((model, version), []).append(d)
+            self.version(model, version)
+        with self._lock:
             entries = sorted(self._versions.items())
             stores = self._stores()
             current = [s.counters() for s in stores]
@@ -699,10 +720,11 @@ class TelemetryAggregator:
         versions = []
         for key, c in entries:
             row = deltas[id(c.store)][c.base // SLOT_CELLS - 1]
-            if key in serving or row.any() or key in by_version:
+            if key in serving or row.any() or key in by_version or key in drift_by_version:
                 msg = version_telemetry(c.model, c.version, c.reason_names(), row)
                 msg.arm = arms.get(key, "")
                 msg.shadow.extend(by_version.get(key, ()))
+                msg.drift.extend(drift_by_version.get(key, ()))
                 versions.append(msg)
         report = pb.TelemetryReport(
             start_unix=self.started,
@@ -724,6 +746,9 @@ class TelemetryAggregator:
                 s.reported = cur
             for k, rows in shadow_rows.items():
                 self._shadow[k].reported = rows
+            with self._lock:
+                sent = {id(d) for _, _, d in drift}
+                self._drift = [e for e in self._drift if id(e[2]) not in sent]
             self.started = now
 
         return Cut(report, mark, commit)

@@ -11,9 +11,9 @@ around the threshold does not flap. "No data" (no telemetry, or too few requests
 an alert pending and counts as clear for a firing one: a version no longer serving resolves.
 
 Metrics come from :class:`MetricSource` objects, one per metric name. Latency and error rate
-read the hub's telemetry windows; drift (PSI) and accuracy are in the rule schema already and
-report "no data yet" until the agent sends drift scores and late labels arrive: those features
-register a source for their metric and every rule naming it starts to evaluate.
+read the hub's telemetry windows; drift (PSI, :class:`DriftSource`) reads the drift windows
+agents report, registered by the hub's wiring (hub/app.py); accuracy reports "no data yet"
+until late labels arrive and it registers a source for its metric.
 
 The I/O shell (storage, the timer, webhook delivery) is :mod:`hub.alert_manager`.
 """
@@ -274,6 +274,62 @@ class NoDataSource:
         return []
 
 
+class DriftReader(Protocol):
+    """The part of the telemetry store port the drift source needs."""
+
+    def drift_window(
+        self,
+        model: str,
+        version: int | None,
+        agents: Collection[str] | None,
+        since: float,
+        until: float,
+    ) -> list[Any]: ...
+
+
+class DriftSource:
+    """``drift_psi``: per version, the largest PSI of any input feature in any agent's drift
+    window that ended in the alert window (hub.telemetry.FeatureDrift, fleet-wide rows).
+
+    ``requests`` is the rows scored (a feature's, summed over agents and windows), so a rule's
+    ``min_requests`` keeps a handful of rows from raising a drift alert.
+    """
+
+    no_data_reason = ""
+
+    def __init__(self, store: DriftReader, top: int = 5) -> None:
+        self.store = store
+        self.top = top
+
+    def measure(
+        self, model: str, agents: Collection[str] | None, since: float, until: float
+    ) -> list[Measurement]:
+        by_version: dict[int, list[Any]] = {}
+        for f in self.store.drift_window(model, None, agents, since, until):
+            if not f.agent_id and f.role == "input":
+                by_version.setdefault(f.version, []).append(f)
+        out = []
+        for version, feats in sorted(by_version.items()):
+            feats.sort(key=lambda f: f.psi_max, reverse=True)
+            worst = feats[0]
+            evidence = {
+                "feature": worst.feature,
+                "tensor": worst.tensor,
+                "psi": worst.psi_max,
+                "rows": worst.rows,
+                "windows": worst.windows,
+                "agents": worst.agents,
+                "top_features": [
+                    {"feature": f.feature, "psi_max": f.psi_max, "psi_mean": f.psi_mean}
+                    for f in feats[: self.top]
+                ],
+                "window_start": since,
+                "window_end": until,
+            }
+            out.append(Measurement(version, worst.psi_max, worst.rows, evidence))
+        return out
+
+
 def default_sources(store: WindowReader) -> dict[str, MetricSource]:
     return {
         "latency_p99_ms": TelemetrySource(store, "latency_p99_ms"),
@@ -425,6 +481,7 @@ __all__ = [
     "BUILTIN_RULES",
     "METRICS",
     "AlertState",
+    "DriftSource",
     "Measurement",
     "MetricSource",
     "NoDataSource",

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from modelfleet.hub.alert_manager import ALERTS_FILE, AlertManager, AlertSettings, AlertStore
+from modelfleet.hub.alerts import DriftSource
 from modelfleet.hub.alerts_server import AlertsServicer
 from modelfleet.hub.ca import DEFAULT_CLIENT_DAYS
 from modelfleet.hub.config import RELOADABLE, HubConfig, reload_hub_config
@@ -93,7 +94,10 @@ def start_alerts(core: HubCore, cfg: HubConfig) -> AlertManager:
         )
 
     store = AlertStore(core.paths.root / ALERTS_FILE)
-    return AlertManager(store, core.telemetry, settings)
+    manager = AlertManager(store, core.telemetry, settings)
+    # Agents report drift windows in their telemetry: the drift rules evaluate for real.
+    manager.register_source("drift_psi", DriftSource(core.telemetry))
+    return manager
 
 
 def fleet_for_alerts(

@@ -596,6 +596,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--since", type=_duration, default=600.0, help="window ending now (default: 10m)"
     )
     _add_json(met)
+    dr = sub.add_parser(
+        "drift",
+        help="the most drifted features of a model, per agent and fleet-wide",
+        description="Drift scores agents computed against the bundle's reference statistics "
+        "(PSI, Jensen-Shannon distance, binned KS), over the drift windows that ended in the "
+        "window. See docs/monitoring.md#drift-on-the-agent.",
+        epilog="exit codes: 0 shown (also when no window was reported), 2 usage, 3 invalid "
+        "(unknown agent, no agent matches the selector, --agent with --selector), 4 unknown "
+        "model or version",
+    )
+    dr.add_argument("name", help="model name")
+    dr.add_argument("--version", type=int, default=0, help="default: every version")
+    who = dr.add_mutually_exclusive_group()
+    who.add_argument("--agent", default="", help="an agent id or hostname (default: the fleet)")
+    who.add_argument(
+        "--selector",
+        type=_labels,
+        metavar="K=V[,K=V]",
+        default={},
+        help="the agents whose labels match (default: the whole fleet)",
+    )
+    dr.add_argument(
+        "--since", type=_duration, default=3600.0, help="window ending now (default: 1h)"
+    )
+    dr.add_argument(
+        "--top", type=int, default=5, help="features shown per agent and version (default: 5)"
+    )
+    _add_json(dr)
     _add_backup_commands(sub)
     _add_state_commands(sub)
     add_alert_commands(sub, _duration, _add_json, _labels)
@@ -2434,6 +2462,51 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    from modelfleet.kernel.drift import PSI_ALERT
+    from modelfleet.protos import fleet_pb2 as pb
+
+    request = pb.DriftRequest(
+        model=args.name,
+        version=args.version,
+        agent_id=args.agent,
+        selector=args.selector,
+        since_s=args.since,
+    )
+    resp = call(admin_stub(args).Drift, request)
+    if args.json:
+        print(json.dumps(message_dict(resp), indent=2))
+        return 0
+    if args.agent:
+        who = f"agent {args.agent}"
+    elif args.selector:
+        who = "agents " + ",".join(f"{k}={v}" for k, v in sorted(args.selector.items()))
+    else:
+        who = "the fleet"
+    print(f"{args.name} drift over the last {resp.window_s:g}s, {who} (windows ending in it)")
+    if not resp.fleet:
+        print("no drift window reported in this window (does the bundle have a reference?)")
+        return 0
+    groups: dict[tuple[str, int], list[Any]] = {}
+    for f in [*resp.fleet, *resp.agents]:
+        groups.setdefault((f.agent_id, f.version), []).append(f)
+    print(
+        f"{'AGENT':<24} {'VERSION':>7} {'FEATURE':<24} {'ROLE':<6} {'PSI MAX':>8} "
+        f"{'PSI MEAN':>8} {'PSI LAST':>8} {'JS MAX':>7} {'KS MAX':>7} {'WINDOWS':>7} {'ROWS':>9}"
+    )
+    for (agent, version), feats in groups.items():
+        label = agent or "(fleet)"
+        for f in feats[: max(args.top, 0)]:
+            ks = f"{f.ks_max:.3f}" if f.HasField("ks_max") else "-"
+            flag = "  drifted" if f.psi_max > PSI_ALERT else ""
+            print(
+                f"{label:<24} {version:>7} {f.feature:<24} {f.role:<6} {f.psi_max:>8.3f} "
+                f"{f.psi_mean:>8.3f} {f.psi_last:>8.3f} {f.js_max:>7.3f} {ks:>7} "
+                f"{f.windows:>7} {f.rows:>9}{flag}"
+            )
+    return 0
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     import grpc
 
@@ -2748,6 +2821,7 @@ def _run(argv: list[str] | None) -> int:
         "experiment": cmd_experiment,
         "jobs": cmd_jobs,
         "metrics": cmd_metrics,
+        "drift": cmd_drift,
         "backup": cmd_backup,
         "restore": cmd_restore,
         "apply": cmd_state,

@@ -29,7 +29,7 @@ from modelfleet.protos import fleet_pb2 as pb
 
 if TYPE_CHECKING:
     from modelfleet.hub.statefile import Plan as StatePlanType
-    from modelfleet.hub.telemetry import WindowStats
+    from modelfleet.hub.telemetry import FeatureDrift, WindowStats
 
 
 def desired_to_proto(
@@ -253,6 +253,26 @@ def window_stats_to_proto(s: WindowStats) -> pb.VersionMetrics:
         failures_by_reason=s.failures_by_reason,
         agents=s.agents,
     )
+
+
+def feature_drift_to_proto(f: FeatureDrift) -> pb.FeatureDriftStats:
+    msg = pb.FeatureDriftStats(
+        version=f.version,
+        agent_id=f.agent_id,
+        tensor=f.tensor,
+        feature=f.feature,
+        role=f.role,
+        windows=f.windows,
+        rows=f.rows,
+        psi_max=f.psi_max,
+        psi_mean=f.psi_mean,
+        psi_last=f.psi_last,
+        js_max=f.js_max,
+        agents=f.agents,
+    )
+    if f.ks_max is not None:
+        msg.ks_max = f.ks_max
+    return msg
 
 
 def deployment_to_proto(row: DeploymentRow) -> pb.Deployment:

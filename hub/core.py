@@ -46,6 +46,7 @@ from modelfleet.hub.registry import (
     check_labels,
     check_notes,
     check_version,
+    selector_matches,
 )
 from modelfleet.hub.signing import (
     ExpiryPolicy,
@@ -84,6 +85,7 @@ from modelfleet.protos import fleet_pb2
 
 if TYPE_CHECKING:
     from modelfleet.hub.telemetry import (
+        FeatureDrift,
         WindowStats,
     )  # DuckDB loads with the store, not with this module
 
@@ -667,6 +669,58 @@ class HubCore:
         now = time.time()
         stats = await self.telemetry_ingest.query(
             self.telemetry.window, model, version or None, agents, now - window, now
+        )
+        return list(stats), window
+
+    def _agents_named(self, agent: str) -> list[str]:
+        rows = self.registry.agents()
+        agents = [a.agent_id for a in rows if a.agent_id == agent] or [
+            a.agent_id for a in rows if a.hostname == agent
+        ]
+        if not agents:
+            names = [a.agent_id for a in rows] + [a.hostname for a in rows]
+            raise InvalidRequestError(
+                f"no agent with id or hostname {agent!r}{did_you_mean(agent, names)}"
+            )
+        return agents
+
+    async def drift(
+        self,
+        model: str,
+        version: int,
+        agent: str,
+        selector: Mapping[str, str],
+        since_s: float,
+    ) -> tuple[list[FeatureDrift], float]:
+        """Drift per feature over the drift windows reported in the last ``since_s`` seconds
+        (0: one hour): fleet-wide, then per agent (hub.telemetry.TelemetryStore.drift_window).
+        ``agent`` (an id or hostname) or ``selector`` narrow the agents; not both."""
+        if not model:
+            raise InvalidRequestError("drift needs a model name")
+        if agent and selector:
+            raise InvalidRequestError("give --agent or --selector, not both")
+        window = since_s or 3600.0
+        if window <= 0:
+            raise InvalidRequestError("the window (since) must be positive")
+        self.registry.versions(model)
+        if version:
+            self.registry.get_version(model, version)
+        agents: list[str] | None = None
+        if agent:
+            agents = self._agents_named(agent)
+        elif selector:
+            check_labels(dict(selector))
+            agents = [
+                a.agent_id for a in self.registry.agents() if selector_matches(selector, a.labels)
+            ]
+            if not agents:
+                raise InvalidRequestError(
+                    f"no agent matches the selector "
+                    f"{','.join(f'{k}={v}' for k, v in sorted(selector.items()))}"
+                )
+        now = time.time()
+        stats = await self.telemetry_ingest.query(
+            self.telemetry.drift_window, model, version or None, agents, now - window, now
         )
         return list(stats), window
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # types only: importing a port must not load an adapter (Duck
     from modelfleet.hub.alert_manager import Event, QueuedNotification, WebhookRow
     from modelfleet.hub.alerts import AlertState, Rule, Transition
     from modelfleet.hub.registry import AgentRow, DeploymentRow, Desired, JobRow, VersionRow
-    from modelfleet.hub.telemetry import IngestCounters, ShadowStats, WindowStats
+    from modelfleet.hub.telemetry import FeatureDrift, IngestCounters, ShadowStats, WindowStats
     from modelfleet.hub.webhooks import Outcome
     from modelfleet.kernel.jobs import JobRun, JobSpec
     from modelfleet.kernel.reports import AgentReport
@@ -182,6 +182,14 @@ class TelemetryStorePort(Protocol):
         *,
         shadow_version: int | None = None,
     ) -> ShadowStats: ...
+    def drift_window(
+        self,
+        model: str,
+        version: int | None,
+        agents: Collection[str] | None,
+        since: float,
+        until: float,
+    ) -> list[FeatureDrift]: ...
     def reporting_agents(self, within_s: float = ...) -> dict[tuple[str, int], int]: ...
     def stored_reports(self, agent_id: str | None = None) -> int: ...
     def prune(self) -> int: ...

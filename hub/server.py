@@ -21,6 +21,7 @@ from modelfleet.hub.convert import (
     deployment_view_to_proto,
     desired_to_proto,
     experiment_to_proto,
+    feature_drift_to_proto,
     job_run_to_proto,
     job_runs_from_reports,
     job_spec_from_proto,
@@ -601,6 +602,22 @@ class AdminServicer(
         caller(context, "admin")
         await self.core.revoke(request.agent_id)
         return pb.RevokeAgentResponse()
+
+    @unary
+    async def Drift(self, request, context):
+        caller(context, "admin")
+        stats, window = await self.core.drift(
+            request.model,
+            request.version,
+            request.agent_id,
+            dict(request.selector),
+            request.since_s,
+        )
+        return pb.DriftResponse(
+            fleet=[feature_drift_to_proto(f) for f in stats if not f.agent_id],
+            agents=[feature_drift_to_proto(f) for f in stats if f.agent_id],
+            window_s=window,
+        )
 
     @unary
     async def Metrics(self, request, context):

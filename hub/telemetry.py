@@ -147,6 +147,25 @@ CREATE TABLE IF NOT EXISTS shadow_stats (
     latency_counts UBIGINT[] NOT NULL,
     latency_sum DOUBLE NOT NULL
 );
+CREATE TABLE IF NOT EXISTS drift_stats (
+    agent_id VARCHAR NOT NULL,
+    seq UBIGINT NOT NULL,
+    model VARCHAR NOT NULL,
+    version BIGINT NOT NULL,
+    end_unix DOUBLE NOT NULL,
+    window_start_unix DOUBLE NOT NULL,
+    window_end_unix DOUBLE NOT NULL,
+    offered UBIGINT NOT NULL,
+    sampled UBIGINT NOT NULL,
+    tensor VARCHAR NOT NULL,
+    feature VARCHAR NOT NULL,
+    role VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,
+    psi DOUBLE NOT NULL,
+    js DOUBLE NOT NULL,
+    ks DOUBLE,
+    rows UBIGINT NOT NULL
+);
 """
 
 _U64_LIST = pa.list_(pa.uint64())
@@ -214,6 +233,48 @@ _SHADOW_SCHEMA = pa.schema(
         ("latency_sum", pa.float64()),
     ]
 )
+_DRIFT_SCHEMA = pa.schema(
+    [
+        ("agent_id", pa.string()),
+        ("seq", pa.uint64()),
+        ("model", pa.string()),
+        ("version", pa.int64()),
+        ("end_unix", pa.float64()),
+        ("window_start_unix", pa.float64()),
+        ("window_end_unix", pa.float64()),
+        ("offered", pa.uint64()),
+        ("sampled", pa.uint64()),
+        ("tensor", pa.string()),
+        ("feature", pa.string()),
+        ("role", pa.string()),
+        ("kind", pa.string()),
+        ("psi", pa.float64()),
+        ("js", pa.float64()),
+        ("ks", pa.float64()),
+        ("rows", pa.uint64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class FeatureDrift:
+    """One feature of one version over the drift windows of a query; ``agent_id`` empty:
+    fleet-wide (every selected agent's windows together)."""
+
+    version: int
+    agent_id: str
+    tensor: str
+    feature: str
+    role: str
+    windows: int
+    rows: int
+    psi_max: float
+    psi_mean: float
+    # PSI of the newest window (fleet-wide: the largest among the agents' newest windows).
+    psi_last: float
+    js_max: float
+    ks_max: float | None
+    agents: int
 
 
 @dataclass(frozen=True)
@@ -385,12 +446,15 @@ class TelemetryStore:
                 new = [(k, r) for k, r in candidates.items() if k not in stored]
                 if new:
                     rep_tbl, ver_tbl, sh_tbl, per_version = self._tables(new, now)
+                    dr_tbl = _drift_table(new)
                     # Arrow in one call per table: per-statement overhead dominates small batches.
                     db.from_arrow(rep_tbl).insert_into("reports")
                     if ver_tbl.num_rows:
                         db.from_arrow(ver_tbl).insert_into("version_stats")
                     if sh_tbl.num_rows:
                         db.from_arrow(sh_tbl).insert_into("shadow_stats")
+                    if dr_tbl.num_rows:
+                        db.from_arrow(dr_tbl).insert_into("drift_stats")
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -618,6 +682,88 @@ class TelemetryStore:
                 ).fetchall()
         return _shadow_stats(model, int(version), rows)
 
+    def drift_window(
+        self,
+        model: str,
+        version: int | None,
+        agents: Collection[str] | None,
+        since: float,
+        until: float,
+    ) -> list[FeatureDrift]:
+        """Drift per feature over the drift windows whose report ended in ``(since, until]``:
+        fleet-wide rows (``agent_id`` ""), then one per agent; each group ordered by version,
+        then ``psi_max`` descending. ``agents`` None: the whole fleet (empty: nobody)."""
+        where = ["model = $model", "end_unix > $since", "end_unix <= $until"]
+        params: dict[str, Any] = {"model": model, "since": since, "until": until}
+        if version is not None:
+            where.append("version = $version")
+            params["version"] = int(version)
+        if agents is not None:
+            if not agents:
+                return []
+            where.append("agent_id IN (SELECT unnest($agents::VARCHAR[]))")
+            params["agents"] = list(agents)
+        rows = f"SELECT * FROM drift_stats WHERE {' AND '.join(where)}"
+        # psi_last: per agent, the newest window's PSI; fleet-wide the largest of those.
+        query = f"""
+            WITH d AS ({rows}),
+            per_agent AS (
+                SELECT version, agent_id, tensor, feature, any_value(role) AS role,
+                       count(*) AS windows, sum(rows) AS rows, max(psi) AS psi_max,
+                       avg(psi) AS psi_mean, arg_max(psi, window_end_unix) AS psi_last,
+                       max(js) AS js_max, max(ks) AS ks_max
+                FROM d GROUP BY version, agent_id, tensor, feature
+            ),
+            fleet AS (
+                SELECT version, '' AS agent_id, tensor, feature, any_value(role) AS role,
+                       sum(windows) AS windows, sum(rows) AS rows, max(psi_max) AS psi_max,
+                       sum(psi_mean * windows) / sum(windows) AS psi_mean,
+                       max(psi_last) AS psi_last, max(js_max) AS js_max, max(ks_max) AS ks_max,
+                       count(*) AS agents
+                FROM per_agent GROUP BY version, tensor, feature
+            )
+            SELECT * FROM (
+                SELECT *, 0 AS grp FROM fleet
+                UNION ALL
+                SELECT *, 1 AS agents, 1 AS grp FROM per_agent
+            ) ORDER BY grp, agent_id, version, psi_max DESC, tensor, feature
+        """
+        with self._lock:
+            found = self._db.execute(query, params).fetchall()
+        return [
+            FeatureDrift(
+                version=int(ver),
+                agent_id=agent,
+                tensor=tensor,
+                feature=feature,
+                role=role,
+                windows=int(windows),
+                rows=int(n_rows or 0),
+                psi_max=float(psi_max),
+                psi_mean=float(psi_mean),
+                psi_last=float(psi_last),
+                js_max=float(js_max),
+                ks_max=None if ks_max is None else float(ks_max),
+                agents=int(n_agents),
+            )
+            for (
+                ver,
+                agent,
+                tensor,
+                feature,
+                role,
+                windows,
+                n_rows,
+                psi_max,
+                psi_mean,
+                psi_last,
+                js_max,
+                ks_max,
+                n_agents,
+                _grp,
+            ) in found
+        ]
+
     def reporting_agents(self, within_s: float = REPORTING_WINDOW_S) -> dict[tuple[str, int], int]:
         """(model, version) -> distinct agents with a report that ended in the last ``within_s``."""
         since = self.clock() - within_s
@@ -654,6 +800,7 @@ class TelemetryStore:
                 )
                 self._db.execute("DELETE FROM version_stats WHERE end_unix < ?", [horizon])
                 self._db.execute("DELETE FROM shadow_stats WHERE end_unix < ?", [horizon])
+                self._db.execute("DELETE FROM drift_stats WHERE end_unix < ?", [horizon])
                 self._db.execute("DELETE FROM reports WHERE end_unix < ?", [horizon])
                 self._db.execute("COMMIT")
             except BaseException:
@@ -831,6 +978,35 @@ __all__ = [
     "rebucket",
     "serve_metrics",
 ]
+
+
+def _drift_table(new: list[tuple[tuple[str, int], pb.TelemetryReport]]) -> pa.Table:
+    cols: dict[str, list[Any]] = {name: [] for name in _DRIFT_SCHEMA.names}
+    for (agent_id, seq), r in new:
+        for v in r.versions:
+            for d in v.drift:
+                for f in d.features:
+                    for name, cell in (
+                        ("agent_id", agent_id),
+                        ("seq", seq),
+                        ("model", v.model),
+                        ("version", v.version),
+                        ("end_unix", r.end_unix),
+                        ("window_start_unix", d.window_start_unix),
+                        ("window_end_unix", d.window_end_unix),
+                        ("offered", d.offered),
+                        ("sampled", d.sampled),
+                        ("tensor", f.tensor),
+                        ("feature", f.name),
+                        ("role", f.role),
+                        ("kind", f.kind),
+                        ("psi", f.psi),
+                        ("js", f.js),
+                        ("ks", f.ks if f.HasField("ks") else None),
+                        ("rows", f.rows),
+                    ):
+                        cols[name].append(cell)
+    return pa.table(cols, schema=_DRIFT_SCHEMA)
 
 
 def _sum_lists(acc: list[int] | None, counts: Sequence[int]) -> list[int]:

@@ -647,7 +647,7 @@ class Histogram(_message.Message):
     def __init__(self, bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class VersionTelemetry(_message.Message):
-    __slots__ = ("model", "version", "requests", "failures", "failures_by_reason", "request_latency", "queue_latency", "compute_latency", "batch_size", "gate_passed", "gate_failed", "swaps", "rollbacks", "arm", "shadow")
+    __slots__ = ("model", "version", "requests", "failures", "failures_by_reason", "request_latency", "queue_latency", "compute_latency", "batch_size", "gate_passed", "gate_failed", "swaps", "rollbacks", "arm", "shadow", "drift")
     class FailuresByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -670,6 +670,7 @@ class VersionTelemetry(_message.Message):
     ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
     ARM_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     requests: int
@@ -685,7 +686,44 @@ class VersionTelemetry(_message.Message):
     rollbacks: int
     arm: str
     shadow: _containers.RepeatedCompositeFieldContainer[ShadowCompare]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., failures_by_reason: _Optional[_Mapping[str, int]] = ..., request_latency: _Optional[_Union[Histogram, _Mapping]] = ..., queue_latency: _Optional[_Union[Histogram, _Mapping]] = ..., compute_latency: _Optional[_Union[Histogram, _Mapping]] = ..., batch_size: _Optional[_Union[Histogram, _Mapping]] = ..., gate_passed: _Optional[int] = ..., gate_failed: _Optional[int] = ..., swaps: _Optional[int] = ..., rollbacks: _Optional[int] = ..., arm: _Optional[str] = ..., shadow: _Optional[_Iterable[_Union[ShadowCompare, _Mapping]]] = ...) -> None: ...
+    drift: _containers.RepeatedCompositeFieldContainer[DriftReport]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., failures_by_reason: _Optional[_Mapping[str, int]] = ..., request_latency: _Optional[_Union[Histogram, _Mapping]] = ..., queue_latency: _Optional[_Union[Histogram, _Mapping]] = ..., compute_latency: _Optional[_Union[Histogram, _Mapping]] = ..., batch_size: _Optional[_Union[Histogram, _Mapping]] = ..., gate_passed: _Optional[int] = ..., gate_failed: _Optional[int] = ..., swaps: _Optional[int] = ..., rollbacks: _Optional[int] = ..., arm: _Optional[str] = ..., shadow: _Optional[_Iterable[_Union[ShadowCompare, _Mapping]]] = ..., drift: _Optional[_Iterable[_Union[DriftReport, _Mapping]]] = ...) -> None: ...
+
+class DriftReport(_message.Message):
+    __slots__ = ("window_start_unix", "window_end_unix", "offered", "sampled", "features")
+    WINDOW_START_UNIX_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_UNIX_FIELD_NUMBER: _ClassVar[int]
+    OFFERED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    window_start_unix: float
+    window_end_unix: float
+    offered: int
+    sampled: int
+    features: _containers.RepeatedCompositeFieldContainer[DriftFeature]
+    def __init__(self, window_start_unix: _Optional[float] = ..., window_end_unix: _Optional[float] = ..., offered: _Optional[int] = ..., sampled: _Optional[int] = ..., features: _Optional[_Iterable[_Union[DriftFeature, _Mapping]]] = ...) -> None: ...
+
+class DriftFeature(_message.Message):
+    __slots__ = ("tensor", "name", "role", "kind", "psi", "js", "ks", "rows", "counts")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PSI_FIELD_NUMBER: _ClassVar[int]
+    JS_FIELD_NUMBER: _ClassVar[int]
+    KS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    name: str
+    role: str
+    kind: str
+    psi: float
+    js: float
+    ks: float
+    rows: int
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tensor: _Optional[str] = ..., name: _Optional[str] = ..., role: _Optional[str] = ..., kind: _Optional[str] = ..., psi: _Optional[float] = ..., js: _Optional[float] = ..., ks: _Optional[float] = ..., rows: _Optional[int] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShadowCompare(_message.Message):
     __slots__ = ("shadow_version", "output", "compared", "dropped", "shadow_failures", "top1_agree", "top1_total", "abs_diff", "rel_diff", "js_divergence", "shadow_latency")
@@ -797,6 +835,67 @@ class MetricsResponse(_message.Message):
     versions: _containers.RepeatedCompositeFieldContainer[VersionMetrics]
     window_s: float
     def __init__(self, versions: _Optional[_Iterable[_Union[VersionMetrics, _Mapping]]] = ..., window_s: _Optional[float] = ...) -> None: ...
+
+class DriftRequest(_message.Message):
+    __slots__ = ("model", "version", "agent_id", "selector", "since_s")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    SINCE_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    agent_id: str
+    selector: _containers.ScalarMap[str, str]
+    since_s: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., agent_id: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., since_s: _Optional[float] = ...) -> None: ...
+
+class FeatureDriftStats(_message.Message):
+    __slots__ = ("version", "agent_id", "tensor", "feature", "role", "windows", "rows", "psi_max", "psi_mean", "psi_last", "js_max", "ks_max", "agents")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    PSI_MAX_FIELD_NUMBER: _ClassVar[int]
+    PSI_MEAN_FIELD_NUMBER: _ClassVar[int]
+    PSI_LAST_FIELD_NUMBER: _ClassVar[int]
+    JS_MAX_FIELD_NUMBER: _ClassVar[int]
+    KS_MAX_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    agent_id: str
+    tensor: str
+    feature: str
+    role: str
+    windows: int
+    rows: int
+    psi_max: float
+    psi_mean: float
+    psi_last: float
+    js_max: float
+    ks_max: float
+    agents: int
+    def __init__(self, version: _Optional[int] = ..., agent_id: _Optional[str] = ..., tensor: _Optional[str] = ..., feature: _Optional[str] = ..., role: _Optional[str] = ..., windows: _Optional[int] = ..., rows: _Optional[int] = ..., psi_max: _Optional[float] = ..., psi_mean: _Optional[float] = ..., psi_last: _Optional[float] = ..., js_max: _Optional[float] = ..., ks_max: _Optional[float] = ..., agents: _Optional[int] = ...) -> None: ...
+
+class DriftResponse(_message.Message):
+    __slots__ = ("fleet", "agents", "window_s")
+    FLEET_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    fleet: _containers.RepeatedCompositeFieldContainer[FeatureDriftStats]
+    agents: _containers.RepeatedCompositeFieldContainer[FeatureDriftStats]
+    window_s: float
+    def __init__(self, fleet: _Optional[_Iterable[_Union[FeatureDriftStats, _Mapping]]] = ..., agents: _Optional[_Iterable[_Union[FeatureDriftStats, _Mapping]]] = ..., window_s: _Optional[float] = ...) -> None: ...
 
 class StartRolloutRequest(_message.Message):
     __slots__ = ("model", "version", "selector", "waves", "bake_s", "gates", "min_requests", "max_failed_agents", "agent_timeout_s", "strategy", "auto_switch", "allow_downgrade", "traffic", "rate_base", "rate_factor", "rate_max", "abort_failed_pct", "abort_min_agents")

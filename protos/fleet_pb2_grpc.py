@@ -421,6 +421,11 @@ class HubAdminStub:
                 request_serializer=modelfleet_dot_protos_dot_fleet__pb2.MetricsRequest.SerializeToString,
                 response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.MetricsResponse.FromString,
                 _registered_method=True)
+        self.Drift = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/Drift',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.DriftRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.DriftResponse.FromString,
+                _registered_method=True)
         self.StartRollout = channel.unary_unary(
                 '/modelfleet.fleet.v1.HubAdmin/StartRollout',
                 request_serializer=modelfleet_dot_protos_dot_fleet__pb2.StartRolloutRequest.SerializeToString,
@@ -580,6 +585,13 @@ class HubAdminServicer:
 
     def Metrics(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drift(self, request, context):
+        """Drift scores agents reported (docs/monitoring.md#drift-on-the-agent), per feature.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -764,6 +776,11 @@ def add_HubAdminServicer_to_server(servicer, server):
                     servicer.Metrics,
                     request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.MetricsRequest.FromString,
                     response_serializer=modelfleet_dot_protos_dot_fleet__pb2.MetricsResponse.SerializeToString,
+            ),
+            'Drift': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drift,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.DriftRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.DriftResponse.SerializeToString,
             ),
             'StartRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.StartRollout,
@@ -1131,6 +1148,33 @@ class HubAdmin:
             '/modelfleet.fleet.v1.HubAdmin/Metrics',
             modelfleet_dot_protos_dot_fleet__pb2.MetricsRequest.SerializeToString,
             modelfleet_dot_protos_dot_fleet__pb2.MetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/Drift',
+            modelfleet_dot_protos_dot_fleet__pb2.DriftRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.DriftResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -202,6 +202,9 @@ class DataPlane:
         version.telemetry.ok(elapsed, timing.queue_s)
         if request.trace is not None:
             spans.served(request.trace, version, route, timing, rows)
+        if version.drift is not None:
+            # Decides at once, counts after the response is sent (agent/serving/drift.py).
+            version.drift.offer(feed, results)
         if route is not None:
             self.metrics.routed.labels(*labels, route.arm).inc()
             if route.shadow is not None:
