@@ -15,6 +15,7 @@ import grpc
 from modelfleet.agent.config import RELOADABLE, ServeConfig, reload_config
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.repository import RepositoryWatcher
+from modelfleet.agent.serving.capture import Capture, CaptureLimits, LocalRules
 from modelfleet.agent.serving.dataplane import DataPlane
 from modelfleet.agent.serving.drift import DriftMonitor
 from modelfleet.agent.serving.grpc_server import (
@@ -177,6 +178,21 @@ def loaded_versions(slots: SlotManager) -> set[tuple[str, int]]:
     return {(s.name, v.version) for s in slots.slots.values() for v in s.loaded()}
 
 
+def build_capture(cfg: ServeConfig, metrics: AgentMetrics) -> Capture:
+    """Inference capture (agent/serving/capture.py); nothing is written until a rule asks."""
+    return Capture(
+        CaptureLimits(
+            cfg.capture_path(),
+            queue_max=cfg.capture_queue_max,
+            rotate_bytes=cfg.capture_rotate_bytes,
+            rotate_s=cfg.capture_rotate_s,
+            quota_bytes=cfg.capture_quota_bytes,
+        ),
+        metrics,
+        Path(cfg.data),
+    )
+
+
 def check_repository(models: Path) -> None:
     """Standalone mode serves what is in ``models``: a missing folder is a typo, not a default."""
     if models.is_dir():
@@ -280,8 +296,15 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     metrics = AgentMetrics()
     slots = build_slots(cfg, metrics)
     drift = build_drift(cfg, slots)
+    capture = build_capture(cfg, metrics)
+    await asyncio.to_thread(capture.recover)
+    if not cfg.hub:
+        capture.set_rules(LocalRules(capture.limits.dir).load())
     dataplane = DataPlane(
-        slots, metrics, ShadowRunner(metrics, cfg.shadow_queue_max, cfg.shadow_workers)
+        slots,
+        metrics,
+        ShadowRunner(metrics, cfg.shadow_queue_max, cfg.shadow_workers),
+        capture,
     )
     health = HealthReporter(slots)
     refresh_pending = False
@@ -362,7 +385,12 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     await server.start()
     bound = f"{cfg.listen.rpartition(':')[0]}:{port}"
     admin = build_admin_server(
-        slots, admin_path, bound, fleet_hub=cfg.hub, models=None if cfg.hub else cfg.models
+        slots,
+        admin_path,
+        bound,
+        fleet_hub=cfg.hub,
+        models=None if cfg.hub else cfg.models,
+        capture=capture,
     )
     await admin.start()
     os.chmod(admin_path, 0o600)
@@ -385,7 +413,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     if cfg.hub:
         from modelfleet.agent.fleet.sync import FleetSync
 
-        source = FleetSync(cfg, slots, bound, connect_control_plane(cfg))
+        source = FleetSync(cfg, slots, bound, connect_control_plane(cfg), capture)
         notifier.status("starting: restoring cached models")
         # Serve what was cached and verified before, whether or not the hub answers.
         await source.restore()

@@ -304,6 +304,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --split: requests with a routing key always reach the same version",
     )
     _add_admin_args(compare)
+
+    capture = sub.add_parser(
+        "capture",
+        help="standalone: write a sample of MODEL's requests and outputs to Parquet files",
+    )
+    capture.add_argument("model", help="model name")
+    rate = capture.add_mutually_exclusive_group(required=True)
+    rate.add_argument(
+        "--rate",
+        type=float,
+        metavar="PCT",
+        help="percent of the model's requests captured (default: none)",
+    )
+    rate.add_argument("--off", action="store_true", help="stop capturing this model")
+    capture.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="input never written (personal data); repeat for more (default: none)",
+    )
+    capture.add_argument(
+        "--hash",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="input written only as a keyed HMAC-SHA256 of its bytes; repeat for more "
+        "(default: none)",
+    )
+    _add_admin_args(capture)
     return finish(parser)
 
 
@@ -596,6 +626,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capture(args: argparse.Namespace) -> int:
+    from modelfleet.protos import agent_pb2
+
+    req = agent_pb2.CaptureRequest(model=args.model, off=args.off)
+    if not args.off:
+        req.rate_bp = _basis_points(args.rate, "--rate")
+        req.exclude.extend(args.exclude)
+        req.hash.extend(args.hash)
+    elif args.exclude or args.hash:
+        raise InvalidRequestError("--exclude and --hash go with --rate, not --off")
+    resp = _call(_admin_stub(args).Capture, req)
+    if not resp.rate_bp:
+        print(f"{args.model}: capture off; {resp.files} complete file(s) on disk")
+        return 0
+    extra = "".join(
+        f"; {what} {', '.join(names)}"
+        for what, names in (("excluded", resp.exclude), ("hashed", resp.hash))
+        if names
+    )
+    print(
+        f"{args.model}: capturing {resp.rate_bp / 100:g}% of requests{extra} "
+        f"({resp.captured} captured, {resp.dropped} dropped, {resp.files} file(s))"
+    )
+    return 0
+
+
 def _comparison_words(m: Any) -> str:
     c = m.comparison
     parts = []
@@ -627,6 +683,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "status": cmd_status,
         "rollback": cmd_rollback,
         "compare": cmd_compare,
+        "capture": cmd_capture,
     }
     if args.command == "bundle":
         handler = {

@@ -141,6 +141,21 @@ class ServeConfig:
     tracing_sample_ratio: float = 1.0
     # service.name of the spans.
     tracing_service_name: str = "modelfleet-agent"
+    # Inference capture (docs/monitoring.md#inference-capture): which models and how much comes
+    # from the hub (fleet) or `modelfleet-agent capture` (standalone). Files go to this folder
+    # (empty: <data>/capture); sampled requests beyond capture_queue_max waiting for the writer
+    # are dropped and counted; a file is finished at capture_rotate_bytes or after
+    # capture_rotate_s; complete files beyond capture_quota_bytes are deleted oldest first.
+    capture_dir: str = ""
+    capture_queue_max: int = 1024
+    capture_rotate_bytes: int = 16 * 1024 * 1024
+    capture_rotate_s: float = 300.0
+    capture_quota_bytes: int = 1024**3
+    # Fleet mode over gRPC: seconds between looks for complete files to ship to the hub.
+    capture_ship_interval_s: float = 10.0
+
+    def capture_path(self) -> Path:
+        return Path(self.capture_dir) if self.capture_dir else self.data / "capture"
 
     def admin_socket_path(self) -> Path:
         if self.admin_socket:
@@ -265,6 +280,15 @@ def validate(cfg: ServeConfig) -> None:
             "config: telemetry_interval_s must be > 0 and telemetry_outbox_max_reports >= 1"
         )
     check_tracing(cfg.tracing_endpoint, cfg.tracing_sample_ratio)
+    if cfg.capture_queue_max < 0 or cfg.capture_rotate_bytes < 1 or cfg.capture_quota_bytes < 1:
+        raise InvalidRequestError(
+            "config: capture_queue_max must be >= 0, capture_rotate_bytes and "
+            "capture_quota_bytes >= 1"
+        )
+    if cfg.capture_rotate_s <= 0 or cfg.capture_ship_interval_s <= 0:
+        raise InvalidRequestError(
+            "config: capture_rotate_s and capture_ship_interval_s must be > 0"
+        )
     split_hostport(cfg.listen, "listen")
     check_admin_socket_path(cfg.admin_socket_path())
     _validate_tls(cfg)

@@ -103,6 +103,27 @@ class AgentMetrics:
             ["model", "version", "arm"],
             registry=r,
         )
+        # Inference capture (agent/serving/capture.py): per model, not per version, so the
+        # series stay few whatever the version churn.
+        self.capture_requests = Counter(
+            "modelfleet_capture_requests_total",
+            "Sampled requests by outcome: captured (written) or dropped (capture queue full).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.capture_bytes = Counter(
+            "modelfleet_capture_bytes_total",
+            "Bytes of Parquet written to capture files.",
+            ["model"],
+            registry=r,
+        )
+        self.capture_files = Counter(
+            "modelfleet_capture_files_total",
+            "Capture files by event: written (complete), deleted_quota (oldest deleted to stay "
+            "within capture_quota_bytes), shipped (acknowledged by the hub, deleted locally).",
+            ["model", "event"],
+            registry=r,
+        )
         self.shadow_requests = Counter(
             "modelfleet_shadow_requests_total",
             "Copies of requests answered by version for shadow_version: compared, dropped "

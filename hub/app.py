@@ -16,6 +16,8 @@ from modelfleet.hub.alert_manager import ALERTS_FILE, AlertManager, AlertSetting
 from modelfleet.hub.alerts import DriftSource
 from modelfleet.hub.alerts_server import AlertsServicer
 from modelfleet.hub.ca import DEFAULT_CLIENT_DAYS
+from modelfleet.hub.capture import CAPTURE_DIR, CaptureService, CaptureStore
+from modelfleet.hub.capture_server import CaptureServicer
 from modelfleet.hub.config import RELOADABLE, HubConfig, reload_hub_config
 from modelfleet.hub.core import HubCore, lock_data_dir
 from modelfleet.hub.server import AdminServicer, FleetServicer
@@ -80,7 +82,14 @@ def ensure_admin_identity(core: HubCore, now: float | None = None) -> None:
         )
 
 
-def start_alerts(core: HubCore, cfg: HubConfig) -> AlertManager:
+def start_capture(core: HubCore) -> CaptureService:
+    """Inference capture: settings in the registry, shipped files under DATA/capture."""
+    return CaptureService(core.registry, CaptureStore(core.paths.root / CAPTURE_DIR))
+
+
+def start_alerts(
+    core: HubCore, cfg: HubConfig, capture: CaptureService | None = None
+) -> AlertManager:
     """The alert evaluator and webhook sender over ``DATA/alerts.sqlite``; its settings are
     read from ``cfg`` every round, so a SIGHUP changes them."""
 
@@ -94,7 +103,12 @@ def start_alerts(core: HubCore, cfg: HubConfig) -> AlertManager:
         )
 
     store = AlertStore(core.paths.root / ALERTS_FILE)
-    manager = AlertManager(store, core.telemetry, settings)
+    manager = AlertManager(
+        store,
+        core.telemetry,
+        settings,
+        capture_locator=capture.store.locate if capture is not None else None,
+    )
     # Agents report drift windows in their telemetry: the drift rules evaluate for real.
     manager.register_source("drift_psi", DriftSource(core.telemetry))
     return manager
@@ -204,7 +218,9 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     server = grpc.aio.server(options=server_options(cfg.max_message_bytes, keepalive=True))
     pb_grpc.add_FleetServicer_to_server(FleetServicer(core), server)
     pb_grpc.add_HubAdminServicer_to_server(AdminServicer(core), server)
-    alerts = start_alerts(core, cfg)
+    capture = start_capture(core)
+    pb_grpc.add_HubCaptureServicer_to_server(CaptureServicer(core, capture), server)
+    alerts = start_alerts(core, cfg, capture)
     pb_grpc.add_HubAlertsServicer_to_server(AlertsServicer(alerts), server)
     mtls = grpc.ssl_server_credentials(
         [(key_pem, chain_pem)], root_certificates=ca_pem, require_client_auth=True

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelfleet.hub.cli_alerts import add_alert_commands, cmd_alerts, cmd_webhooks
+from modelfleet.hub.cli_capture import add_capture_commands, cmd_capture
 from modelfleet.kernel.cli import run_command
 from modelfleet.kernel.commandline import finish, message_dict
 from modelfleet.kernel.errors import (
@@ -370,8 +371,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="a check of each wave's telemetry, repeatable: e.g. 'error_rate<0.01', "
-        "'p99_ms<100', 'p99_vs_baseline<1.2' (default: none: a wave passes once its agents "
-        "have switched and baked, and the rollout says so)",
+        "'p99_ms<100', 'p99_vs_baseline<1.2' (default: none: the judge (--judge) compares "
+        "canary and baseline)",
+    )
+    rs.add_argument(
+        "--judge",
+        metavar="LIST",
+        default="latency,errors",
+        help="metrics the statistical judge compares, canary agents against the agents still on "
+        "the previous version, each NAME[:ABS_TOLERANCE[:REL_TOLERANCE]] with NAME one of "
+        "latency (latency_p50 and latency_p99), latency_p50, latency_p95, latency_p99, errors; "
+        "a failing metric rolls back at once, all passing moves on early; 'none': gates only; "
+        "see docs/rollouts.md (default: %(default)s)",
+    )
+    rs.add_argument(
+        "--max-bake",
+        metavar="DURATION",
+        type=_duration,
+        default=None,
+        help="a wave the judge finds inconclusive at the end of its bake bakes on up to this "
+        "long, then the rollout pauses for an operator (default: 3 x --bake)",
     )
     rs.add_argument(
         "--min-requests",
@@ -627,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backup_commands(sub)
     _add_state_commands(sub)
     add_alert_commands(sub, _duration, _add_json, _labels)
+    add_capture_commands(sub, _add_json, _labels)
     return finish(p)
 
 
@@ -1886,6 +1906,29 @@ def rollout_dict(status: Any) -> dict[str, Any]:
                 }
                 for g in e.gates
             ],
+            "verdicts": [
+                {
+                    "metric": v.metric,
+                    "verdict": v.verdict,
+                    "canary": opt(v, "canary"),
+                    "baseline": opt(v, "baseline"),
+                    "effect": opt(v, "effect"),
+                    "low": opt(v, "low"),
+                    "high": opt(v, "high"),
+                    "tolerance": v.tolerance,
+                    "canary_samples": v.canary_samples,
+                    "baseline_samples": v.baseline_samples,
+                    "canary_requests": v.canary_requests,
+                    "baseline_requests": v.baseline_requests,
+                    "looks": v.looks,
+                    "unit": v.unit,
+                    "why": v.why,
+                }
+                for v in e.verdicts
+            ],
+            "looks": e.looks,
+            "final": e.final,
+            "judge_note": e.judge_note,
         }
     return {
         "id": status.id,
@@ -1926,6 +1969,8 @@ def rollout_dict(status: Any) -> dict[str, Any]:
         "agent_timeout_s": status.agent_timeout_s,
         "auto_switch": status.auto_switch,
         "allow_downgrade": status.allow_downgrade,
+        "judge": list(status.judge),
+        "max_bake_s": status.max_bake_s,
         "traffic": list(status.traffic),
         "traffic_percent": status.traffic_percent,
         "queued": status.queued,
@@ -1989,6 +2034,8 @@ def _render_rollout(status: Any) -> str:
         f"max-failed-agents {d['max_failed_agents']}, agent-timeout {d['agent_timeout_s']:g}s"
         + (", auto-switch" if d["auto_switch"] else "")
         + (", downgrade allowed" if d["allow_downgrade"] else ""),
+        f"  judge {', '.join(d['judge']) or 'none'}"
+        + (f", max-bake {d['max_bake_s']:g}s" if d["judge"] else ""),
     ]
     if d["traffic"]:
         steps = ",".join(str(s) for s in d["traffic"])
@@ -2032,6 +2079,8 @@ def _render_rollout(status: Any) -> str:
                 f"    {g['gate']:<24} {_fig(g['canary']):>10} {_fig(g['baseline']):>10} "
                 f"{_fig(g['value']):>10}  {verdict}"
             )
+    if ev:
+        lines += _render_verdicts(ev)
     if not ev or not ev["gates"]:
         lines.append(f"  gates: {', '.join(d['gates']) or 'none'}")
     if d["per_agent"]:
@@ -2042,6 +2091,44 @@ def _render_rollout(status: Any) -> str:
     for e in d["events"][-6:]:
         lines.append(f"  {_hms(e['at'])}  {e['text']}")
     return "\n".join(lines)
+
+
+def _judged(value: float | None, unit: str) -> str:
+    """A judged figure in its unit: milliseconds, or a rate in percent (percentage points)."""
+    if value is None:
+        return "n/a"
+    value += 0.0  # no "-0"
+    return f"{value * 100:.3g}%" if unit == "fraction" else f"{value:.3g}{unit}"
+
+
+def _render_verdicts(ev: dict[str, Any]) -> list[str]:
+    """The statistical judge's table: per metric, both arms, the effect, its interval, the
+    samples, the verdict and why."""
+    if not ev.get("verdicts"):
+        return [f"    judge: {ev['judge_note']}"] if ev.get("judge_note") else []
+    when = "end of bake" if ev.get("final", True) else "during bake"
+    lines = [
+        f"    judge (look {ev.get('looks', 0)}, {when}): {'METRIC':<12} {'CANARY':>9} "
+        f"{'BASELINE':>9} {'EFFECT':>9} {'INTERVAL':>21} {'TOLERANCE':>9} {'N':>9}  VERDICT"
+    ]
+    pad = " " * len(lines[0].split("METRIC")[0])
+    for v in ev["verdicts"]:
+        u = v["unit"]
+        interval = (
+            f"[{_judged(v['low'], u)}, {_judged(v['high'], u)}]"
+            if v["low"] is not None and v["high"] is not None
+            else "unbounded"
+        )
+        diff = _judged(v["effect"], u).replace("%", " pp")
+        tol = _judged(v["tolerance"], u).replace("%", " pp")
+        interval = interval.replace("%", " pp")
+        lines.append(
+            f"{pad}{v['metric']:<12} {_judged(v['canary'], u):>9} {_judged(v['baseline'], u):>9} "
+            f"{diff:>9} {interval:>21} {tol:>9} "
+            f"{v['canary_samples']:>4}/{v['baseline_samples']:<4}  {v['verdict'].upper()}"
+        )
+        lines.append(f"{pad}  why: {v['why']}")
+    return lines
 
 
 class _ChangeLines:
@@ -2190,6 +2277,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         if args.timeout is not None and not args.wait:
             return _usage_error(cmd, "--timeout needs --wait")
         waves = [w.strip() for w in args.waves.split(",") if w.strip()]
+        judged = [m.strip() for m in args.judge.split(",") if m.strip()]
+        no_judge = judged == ["none"]
+        if no_judge:
+            judged = []
         if not args.waves_are_counts:
             waves = [w if w.endswith("%") else f"{w}%" for w in waves]
         spec = Spec(
@@ -2205,6 +2296,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             strategy=args.strategy,
             auto_switch=args.auto_switch,
             allow_downgrade=args.allow_downgrade,
+            judge=judged,
+            max_bake_s=args.max_bake or 0.0,
             traffic=parse_traffic(args.traffic) if args.traffic is not None else [],
             rate_base=args.rate_base,
             rate_factor=args.rate_factor,
@@ -2227,6 +2320,9 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             strategy=spec.strategy,
             auto_switch=spec.auto_switch,
             allow_downgrade=spec.allow_downgrade,
+            judge=spec.judge,
+            no_judge=no_judge,
+            max_bake_s=spec.max_bake_s,
             traffic=spec.traffic,
             rate_base=spec.rate_base,
             rate_factor=spec.rate_factor,
@@ -2829,6 +2925,7 @@ def _run(argv: list[str] | None) -> int:
         "export": cmd_export,
         "alerts": cmd_alerts,
         "webhooks": cmd_webhooks,
+        "capture": cmd_capture,
     }
     return handlers[args.command](args)
 

@@ -50,6 +50,9 @@ def desired_to_proto(
                 sticky=d.sticky,
                 shadow_bp=d.shadow_bp,
                 comparison=d.comparison,
+                capture_rate_bp=d.capture_rate_bp,
+                capture_exclude=list(d.capture_exclude),
+                capture_hash=list(d.capture_hash),
             )
             for d in desired
         ],
@@ -103,6 +106,8 @@ def rollout_to_proto(
         agent_timeout_s=d["agent_timeout_s"],
         auto_switch=d["auto_switch"],
         allow_downgrade=d["allow_downgrade"],
+        judge=d.get("judge", []),
+        max_bake_s=d.get("max_bake_s", 0.0),
         traffic=d["traffic"],
         traffic_percent=d["traffic_percent"],
         queued=d["queued"],
@@ -138,9 +143,35 @@ def rollout_to_proto(
                     )
                     for g in ev["gates"]
                 ],
+                # Evaluations saved before the judge existed carry none of these.
+                verdicts=[verdict_to_proto(v) for v in ev.get("verdicts", [])],
+                looks=ev.get("looks", 0),
+                final=ev.get("final", True),
+                judge_note=ev.get("judge_note", ""),
             )
         )
     return status
+
+
+def verdict_to_proto(v: Mapping[str, Any]) -> pb.MetricVerdict:
+    """A judged metric as saved (hub.judge.verdict_to_json: None where not a number)."""
+    return pb.MetricVerdict(
+        metric=v["metric"],
+        verdict=v["verdict"],
+        canary=v.get("canary"),
+        baseline=v.get("baseline"),
+        effect=v.get("effect"),
+        low=v.get("low"),
+        high=v.get("high"),
+        tolerance=v.get("tolerance", 0.0),
+        canary_samples=v.get("canary_samples", 0),
+        baseline_samples=v.get("baseline_samples", 0),
+        canary_requests=v.get("canary_requests", 0),
+        baseline_requests=v.get("baseline_requests", 0),
+        looks=v.get("looks", 0),
+        unit=v.get("unit", ""),
+        why=v.get("why", ""),
+    )
 
 
 def agent_to_proto(s: AgentStatus) -> pb.AgentInfo:

@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # types only: importing a port must not load an adapter (DuckDB, SQLite)
     from modelfleet.hub.alert_manager import Event, QueuedNotification, WebhookRow
     from modelfleet.hub.alerts import AlertState, Rule, Transition
-    from modelfleet.hub.registry import AgentRow, DeploymentRow, Desired, JobRow, VersionRow
+    from modelfleet.hub.judge import AgentWindow
+    from modelfleet.hub.registry import (
+        AgentRow,
+        CaptureSetting,
+        DeploymentRow,
+        Desired,
+        JobRow,
+        VersionRow,
+    )
     from modelfleet.hub.telemetry import FeatureDrift, IngestCounters, ShadowStats, WindowStats
     from modelfleet.hub.webhooks import Outcome
     from modelfleet.kernel.jobs import JobRun, JobSpec
@@ -125,6 +133,9 @@ class RegistryPort(Protocol):
     def jobs(self) -> list[JobRow]: ...
     def job(self, name: str) -> JobRow: ...
     def jobs_for(self, labels: Mapping[str, str]) -> list[JobSpec]: ...
+    def set_capture(self, setting: CaptureSetting) -> CaptureSetting: ...
+    def remove_capture(self, model: str, selector: Mapping[str, str] | None = None) -> int: ...
+    def capture_settings(self) -> list[CaptureSetting]: ...
     def add_job_run(self, run: JobRun) -> None: ...
     def job_runs(self, job: str) -> list[JobRun]: ...
     def create_rollout(self, model: str, version: int) -> int: ...
@@ -172,6 +183,16 @@ class TelemetryStorePort(Protocol):
         since: float,
         until: float,
     ) -> list[WindowStats]: ...
+    # One sample per agent-window for the statistical judge (hub.judge).
+    def samples(
+        self,
+        model: str,
+        version: int,
+        agents: Collection[str] | None,
+        since: float,
+        until: float,
+        min_requests: int = ...,
+    ) -> list[AgentWindow]: ...
     def shadow_window(
         self,
         model: str,

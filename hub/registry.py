@@ -7,6 +7,7 @@ methods.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -134,6 +135,19 @@ CREATE TABLE IF NOT EXISTS experiments (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+-- Inference capture (hub/capture.py): per model and selector, the share of requests agents
+-- capture and the inputs they drop or hash. The newest row matching an agent decides.
+CREATE TABLE IF NOT EXISTS capture_settings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    selector TEXT NOT NULL,
+    rate_bp INTEGER NOT NULL,
+    exclude TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    actor TEXT NOT NULL DEFAULT '',
+    UNIQUE (model, selector)
+);
 -- Small facts the hub must remember across restarts (e.g. the newest signed targets seen).
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -195,6 +209,24 @@ class Desired:
     sticky: bool = False
     shadow_bp: int = 0
     comparison: str = ""
+    # Inference capture (fleet.proto DesiredModel; set with `modelfleet-hub capture set`).
+    capture_rate_bp: int = 0
+    capture_exclude: tuple[str, ...] = ()
+    capture_hash: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CaptureSetting:
+    """What agents matching ``selector`` capture of ``model`` (the newest match decides)."""
+
+    model: str
+    selector: dict[str, str]
+    rate_bp: int
+    exclude: tuple[str, ...] = ()
+    hash: tuple[str, ...] = ()
+    created_at: float = 0.0
+    actor: str = ""
+    id: int = 0
 
 
 # Selector key that names one agent: used by rollouts for per-agent assignments.
@@ -966,6 +998,57 @@ class Registry:
                 return j
         raise ModelNotFoundError(f"no job named {name!r}")
 
+    # -- inference capture ------------------------------------------------------------------------
+
+    def set_capture(self, setting: CaptureSetting) -> CaptureSetting:
+        """Insert or replace the setting for (model, selector); it becomes the newest."""
+        selector = json.dumps(dict(sorted(setting.selector.items())))
+        with self.tx():
+            self.db.execute(
+                "DELETE FROM capture_settings WHERE model = ? AND selector = ?",
+                (setting.model, selector),
+            )
+            cur = self.db.execute(
+                "INSERT INTO capture_settings (model, selector, rate_bp, exclude, hash, "
+                "created_at, actor) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    setting.model,
+                    selector,
+                    setting.rate_bp,
+                    json.dumps(list(setting.exclude)),
+                    json.dumps(list(setting.hash)),
+                    self.clock(),
+                    setting.actor,
+                ),
+            )
+        row = self.db.execute(
+            "SELECT * FROM capture_settings WHERE id = ?", (cur.lastrowid,)
+        ).fetchone()
+        return _capture_row(row)
+
+    def remove_capture(self, model: str, selector: Mapping[str, str] | None = None) -> int:
+        """Remove the model's setting for ``selector`` (None: all of the model's settings)."""
+        with self.tx():
+            if selector is None:
+                cur = self.db.execute("DELETE FROM capture_settings WHERE model = ?", (model,))
+            else:
+                cur = self.db.execute(
+                    "DELETE FROM capture_settings WHERE model = ? AND selector = ?",
+                    (model, json.dumps(dict(sorted(selector.items())))),
+                )
+            return int(cur.rowcount)
+
+    def capture_settings(self) -> list[CaptureSetting]:
+        rows = self.db.execute("SELECT * FROM capture_settings ORDER BY model, id").fetchall()
+        return [_capture_row(r) for r in rows]
+
+    def _capture_for(self, labels: Mapping[str, str]) -> dict[str, CaptureSetting]:
+        chosen: dict[str, CaptureSetting] = {}
+        for c in self.capture_settings():  # by id: the newest match wins
+            if selector_matches(c.selector, labels):
+                chosen[c.model] = c
+        return chosen
+
     def jobs_for(self, labels: Mapping[str, str]) -> list[JobSpec]:
         return [j.spec for j in self.jobs() if selector_matches(j.selector, labels)]
 
@@ -1131,7 +1214,33 @@ class Registry:
                     p.comparison,
                 )
             )
+        capture = self._capture_for(labels)
+        if capture:
+            out = [
+                dataclasses.replace(
+                    d,
+                    capture_rate_bp=c.rate_bp,
+                    capture_exclude=c.exclude,
+                    capture_hash=c.hash,
+                )
+                if (c := capture.get(d.name)) is not None
+                else d
+                for d in out
+            ]
         return out
+
+
+def _capture_row(r: sqlite3.Row) -> CaptureSetting:
+    return CaptureSetting(
+        model=r["model"],
+        selector=json.loads(r["selector"]),
+        rate_bp=int(r["rate_bp"]),
+        exclude=tuple(json.loads(r["exclude"])),
+        hash=tuple(json.loads(r["hash"])),
+        created_at=float(r["created_at"]),
+        actor=r["actor"],
+        id=int(r["id"]),
+    )
 
 
 def _deployment_row(r: sqlite3.Row) -> DeploymentRow:

@@ -9,9 +9,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+from modelfleet.hub.judge import AgentWindow
 from modelfleet.hub.registry import selector_matches
 from modelfleet.hub.rollouts import ACTIVE_STATES, AgentFacts, Rollout, Spec, Stats, check_target
 from modelfleet.kernel import tracing
@@ -73,6 +74,15 @@ class FleetObserver:
             return 0.0 if math.isnan(v) else v
 
         return Stats(s.requests, s.failures, ms(s.p50_ms), ms(s.p95_ms), ms(s.p99_ms))
+
+    def samples(
+        self, version: int, agents: Collection[str], since: float, until: float
+    ) -> Sequence[AgentWindow]:
+        store = getattr(self.core, "telemetry", None)
+        if store is None or not agents:
+            return []
+        result: list[AgentWindow] = store.samples(self.model, version, list(agents), since, until)
+        return result
 
 
 class _StepTrace:

@@ -35,6 +35,15 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from modelfleet.hub.judge import (
+    AgentWindow,
+    JudgeSpecError,
+    MetricVerdict,
+    combined,
+    judge,
+    parse_metrics,
+    verdict_to_json,
+)
 from modelfleet.kernel.errors import InvalidRequestError, ModelfleetError, Status
 
 ACTIVE_STATES = ("pending", "preparing", "ready", "switching", "baking", "paused", "rolling_back")
@@ -48,6 +57,15 @@ RELATIVE_METRICS = (
     "p95_vs_baseline",
     "p99_vs_baseline",
 )
+# While a wave bakes under the judge, it looks at the telemetry this often (the judge's intervals
+# stay valid however often it looks; this bounds the queries).
+JUDGE_EVERY_S = 5.0
+# An inconclusive judge at the end of the bake keeps the wave baking up to this many bakes
+# (unless --max-bake says otherwise), then pauses the rollout for an operator.
+MAX_BAKE_FACTOR = 3.0
+# The judge compares each agent's latency with its own level over this long before the rollout
+# started (all agents then served the previous version): device speed cancels out.
+BEFORE_S = 600.0
 
 
 class RolloutRefusedError(ModelfleetError):
@@ -114,6 +132,11 @@ class Observer(Protocol):
     def prepared(self, agent_id: str, version: int) -> bool:
         """Blue/green: the agent holds ``version`` loaded and gated beside the active one."""
 
+    def samples(
+        self, version: int, agents: Collection[str], since: float, until: float
+    ) -> Sequence[AgentWindow]:
+        """The judge's samples: one per agent-window (only asked when the rollout judges)."""
+
 
 @dataclass
 class Spec:
@@ -131,6 +154,11 @@ class Spec:
     auto_switch: bool = False
     # A version older than one the selected agents run or are set to run is refused without it.
     allow_downgrade: bool = False
+    # Metrics the statistical judge compares, canary against baseline agents (hub.judge), e.g.
+    # ["latency", "errors"]; empty: not judged. Clients send the default (DEFAULT_JUDGE).
+    judge: list[str] = field(default_factory=list)
+    # Longest bake of a wave the judge finds inconclusive; 0: MAX_BAKE_FACTOR bakes.
+    max_bake_s: float = 0.0
     # Traffic canary: per wave, the percent of requests the new version answers, step by step
     # (strictly increasing, ending at 100). Empty: each wave switches its agents at once.
     traffic: list[int] = field(default_factory=list)
@@ -152,6 +180,14 @@ class Spec:
             raise InvalidRequestError(f"unknown strategy {self.strategy!r} (canary or blue-green)")
         for g in self.gates:
             Gate.parse(g)
+        try:
+            parse_metrics(self.judge)
+        except JudgeSpecError as exc:
+            raise InvalidRequestError(f"--judge: {exc}") from None
+        if self.max_bake_s < 0 or (self.max_bake_s and self.max_bake_s < self.bake_s):
+            raise InvalidRequestError(
+                f"--max-bake {self.max_bake_s:g}s must be at least --bake {self.bake_s:g}s"
+            )
         if self.traffic:
             check_traffic(self.traffic)
             if self.strategy != "canary":
@@ -172,9 +208,13 @@ class Spec:
         if self.abort_min_agents < 1:
             raise InvalidRequestError("--abort-min-agents must be >= 1")
 
+    @property
+    def bake_limit_s(self) -> float:
+        return self.max_bake_s or self.bake_s * MAX_BAKE_FACTOR
+
     def warnings(self) -> list[str]:
         """Settings that are valid but let a bad version through: said at start and in status."""
-        if not self.gates:
+        if not self.gates and not self.judge:
             return [
                 "no gates: a wave passes once its agents have switched (each agent's health "
                 "gate) and baked; traffic is not judged (add --gate, e.g. 'error_rate<0.01')"
@@ -185,6 +225,11 @@ class Spec:
                 "--min-requests so a quiet bake pauses the rollout as inconclusive)"
             ]
         return []
+
+
+def _verdict_line(v: MetricVerdict) -> str:
+    """One judged metric in a reason: its verdict and why, in plain words."""
+    return f"{v.metric} {v.verdict.upper()} ({v.why})"
 
 
 def check_waves(waves: Sequence[str]) -> None:
@@ -345,6 +390,10 @@ class Rollout:
     paused_from: str = ""
     reason: str = ""
     gate_values: list[dict[str, Any]] = field(default_factory=list)
+    # The judge's latest look at the wave baking now (an evaluation, not yet a decision), and
+    # how many looks this wave has had.
+    look: dict[str, Any] = field(default_factory=dict)
+    looks: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)
     created_at: float = 0.0
     updated_at: float = 0.0
@@ -423,6 +472,7 @@ class Rollout:
         if self.state == "baking":
             # Bake afresh: the pause may have been for lack of traffic.
             self.bake_started = now
+            self.look, self.looks = {}, 0
         elif self.state == "switching":
             # Time spent paused does not count against the agents.
             self.wave_started = now
@@ -511,6 +561,7 @@ class Rollout:
             bp = self.share() * 100
             self.split_out += [(a, version, bp) for a in agents]
             self.state, self.bake_started = "baking", now
+            self.look, self.looks = {}, 0
             self._event(
                 now,
                 f"wave {self.wave + 1}: v{version} answers {self.share()}% of requests on "
@@ -575,7 +626,11 @@ class Rollout:
             return self._release(now) + self._check_switching(now, obs)
         if self.state == "baking":
             if now >= self.bake_started + self.spec.bake_s:
+                if self.look.get("final") and now - self.look["at"] < JUDGE_EVERY_S:
+                    return []  # baking on past the bake: the judge looks at its pace
                 return self._evaluate(now, obs)
+            if self.spec.judge and now - self.look.get("at", 0.0) >= JUDGE_EVERY_S:
+                return self._evaluate(now, obs, early=True)
             return []
         if self.state == "rolling_back":
             back = [a for a in self.assigned if obs.active_version(a) == self.spec.version]
@@ -689,6 +744,7 @@ class Rollout:
             return self._rollback(now, f"{why}: {detail}")
         if not self.queued and all(a in self.switched or a in self.failed for a in self.assigned):
             self.state, self.bake_started = "baking", now
+            self.look, self.looks = {}, 0
             share = f" answering {self.share()}% of the wave's requests" if splitting else ""
             self._event(
                 now,
@@ -697,7 +753,19 @@ class Rollout:
             )
         return []
 
-    def _evaluate(self, now: float, obs: Observer) -> list[tuple[str, int]]:
+    def _evaluate(self, now: float, obs: Observer, early: bool = False) -> list[tuple[str, int]]:
+        """Judge the wave baking now: at the end of its bake, or (``early``) at a look of the
+        statistical judge during it.
+
+        The rule: a failing gate (at the end of the bake) or a failing judged metric (at any
+        look: the judge's intervals are valid however often it looks) rolls back. A wave passes
+        at the end of its bake when its gates hold and the judge passes or has nothing to judge
+        (no baseline agents, or no canary traffic with --min-requests 0); it passes early, at a
+        look, when every judged metric passes, every gate holds on the traffic so far and the
+        canary has served --min-requests (at least one). A judge still inconclusive at the end
+        of the bake keeps the wave baking, looking every JUDGE_EVERY_S, up to the bake limit
+        (--max-bake); then the rollout pauses for an operator.
+        """
         since, version = self.bake_started, self.spec.version
         canary = obs.stats(version, self.switched, since, now)
         baseline_agents = self._baseline_agents()
@@ -718,18 +786,12 @@ class Rollout:
             "baseline_agents": len(baseline_agents) if baseline_version else 0,
             "baseline_version": baseline_version,
             "gates": [],
+            "final": not early,
         }
-        self.gate_values.append(values)
-        if canary.requests < self.spec.min_requests:
-            self.pause(
-                now,
-                f"inconclusive: wave {self.wave + 1} saw {canary.requests} "
-                f"request(s) in {now - since:.0f}s of bake, fewer than "
-                f"--min-requests {self.spec.min_requests}; resume to bake again "
-                "or promote",
-            )
-            self.paused_from = "baking"
-            return []
+        verdict, verdicts, note = self._judge(now, obs, canary, baseline_agents, baseline_version)
+        values.update(
+            verdicts=[verdict_to_json(v) for v in verdicts], looks=self.looks, judge_note=note
+        )
         failures = []
         for text in self.spec.gates:
             gate = Gate.parse(text)
@@ -763,16 +825,110 @@ class Rollout:
             values["gates"].append({"gate": str(gate), "value": value, "ok": ok, **seen})
             if not ok:
                 failures.append(f"{gate.metric}={value:.4g} (gate {gate})")
-        if failures:
-            return self._rollback(now, f"wave {self.wave + 1} failed: {', '.join(failures)}")
+        judged = [_verdict_line(v) for v in verdicts if v.verdict == "fail"]
+        if early:
+            self.look = values
+            if verdict == "fail":
+                self.gate_values.append(values)
+                return self._rollback(
+                    now, f"wave {self.wave + 1} failed the judge: {'; '.join(judged)}"
+                )
+            if (
+                verdict == "pass"
+                and not failures
+                and canary.requests >= max(1, self.spec.min_requests)
+            ):
+                self.gate_values.append(values)
+                self._event(
+                    now,
+                    f"wave {self.wave + 1} passed early, after {now - since:.0f}s of "
+                    f"{self.spec.bake_s:g}s bake: "
+                    + ", ".join(f"{v.metric} {v.verdict}" for v in verdicts),
+                )
+                return self._next_wave(now)
+            return []
+        if canary.requests < self.spec.min_requests:
+            self.gate_values.append(values)
+            self.pause(
+                now,
+                f"inconclusive: wave {self.wave + 1} saw {canary.requests} "
+                f"request(s) in {now - since:.0f}s of bake, fewer than "
+                f"--min-requests {self.spec.min_requests}; resume to bake again "
+                "or promote",
+            )
+            self.paused_from = "baking"
+            return []
+        if failures or judged:
+            self.gate_values.append(values)
+            return self._rollback(
+                now, f"wave {self.wave + 1} failed: {', '.join(failures + judged)}"
+            )
+        if verdict == "inconclusive":
+            limit = self.spec.bake_limit_s
+            if now - since < limit:
+                if not self.look.get("final"):
+                    self._event(
+                        now,
+                        f"wave {self.wave + 1}: the judge is inconclusive after "
+                        f"{now - since:.0f}s ("
+                        + ", ".join(f"{v.metric} {v.verdict}" for v in verdicts)
+                        + f"); baking on, up to {limit:g}s",
+                    )
+                self.look = values
+                return []
+            self.gate_values.append(values)
+            undecided = [_verdict_line(v) for v in verdicts if v.verdict == "inconclusive"]
+            self.pause(
+                now,
+                f"inconclusive: wave {self.wave + 1} baked {now - since:.0f}s (--max-bake "
+                f"{limit:g}s) and the judge cannot tell: {'; '.join(undecided)}; resume to "
+                "bake again, promote, or roll back",
+            )
+            self.paused_from = "baking"
+            return []
+        self.gate_values.append(values)
+        if verdicts:
+            self._event(
+                now,
+                f"wave {self.wave + 1} passed after {now - since:.0f}s of bake: "
+                + ", ".join(f"{v.metric} {v.verdict}" for v in verdicts),
+            )
+        return self._next_wave(now)
+
+    def _next_wave(self, now: float) -> list[tuple[str, int]]:
         if self._splitting():
             return self._next_step(now)
         if self.wave + 1 >= len(self.sizes):
             self.state, self.finished_at = "done", now
-            self._event(now, f"done: v{version} on {len(self.switched)} agent(s)")
+            self._event(now, f"done: v{self.spec.version} on {len(self.switched)} agent(s)")
             return []
         self.wave += 1
         return self._start_wave(now)
+
+    def _judge(
+        self,
+        now: float,
+        obs: Observer,
+        canary: Stats,
+        baseline_agents: list[str],
+        baseline_version: int,
+    ) -> tuple[str | None, list[MetricVerdict], str]:
+        """The judge's combined verdict (None: not applied, the note says why) and per-metric
+        verdicts for the bake so far."""
+        if not self.spec.judge:
+            return None, [], ""
+        if not baseline_version:
+            return None, [], "not judged: no baseline (no agent left on one previous version)"
+        if canary.requests == 0 and self.spec.min_requests == 0:
+            return None, [], "not judged: no canary traffic (--min-requests 0)"
+        self.looks += 1
+        since = self.bake_started
+        c = obs.samples(self.spec.version, self.switched, since, now)
+        b = obs.samples(baseline_version, baseline_agents, since, now)
+        agents = [*self.switched, *baseline_agents]
+        before = obs.samples(baseline_version, agents, self.created_at - BEFORE_S, self.created_at)
+        verdicts = judge(c, b, parse_metrics(self.spec.judge), self.looks, before)
+        return combined(verdicts), verdicts, ""
 
     def _baseline_agents(self) -> list[str]:
         """Agents whose previous version's requests are the baseline: those not assigned yet,
@@ -855,7 +1011,7 @@ class Rollout:
             "bake_left_s": bake_left,
             "reason": self.reason,
             "gates": self.spec.gates,
-            "last_evaluation": self.gate_values[-1] if self.gate_values else None,
+            "last_evaluation": self._last_evaluation(),
             "events": self.events[-20:],
             "per_agent": self.per_agent(facts) if facts is not None else [],
             "warnings": self.spec.warnings(),
@@ -866,6 +1022,8 @@ class Rollout:
             "agent_timeout_s": self.spec.agent_timeout_s,
             "auto_switch": self.spec.auto_switch,
             "allow_downgrade": self.spec.allow_downgrade,
+            "judge": list(self.spec.judge),
+            "max_bake_s": self.spec.bake_limit_s,
             "traffic": list(self.spec.traffic),
             # The current wave's share of requests on the new version (0: not a traffic canary).
             "traffic_percent": self.share() if self.spec.traffic else 0,
@@ -876,3 +1034,10 @@ class Rollout:
             "abort_failed_pct": self.spec.abort_failed_pct,
             "abort_min_agents": self.spec.abort_min_agents,
         }
+
+    def _last_evaluation(self) -> dict[str, Any] | None:
+        """The newest of the last decision and the judge's latest look at the wave baking."""
+        last = self.gate_values[-1] if self.gate_values else None
+        if self.look and self.state == "baking" and (not last or self.look["at"] > last["at"]):
+            return self.look
+        return last

@@ -223,6 +223,7 @@ class RolloutServicerMixin:
 
     @unary
     async def StartRollout(self, request, context):
+        from modelfleet.hub.judge import DEFAULT_JUDGE
         from modelfleet.hub.rollouts import Spec
 
         caller(context, "admin")
@@ -239,6 +240,9 @@ class RolloutServicerMixin:
             strategy=request.strategy or "canary",
             auto_switch=request.auto_switch,
             allow_downgrade=request.allow_downgrade,
+            # The judge is the default comparison: a client that names no metric gets it.
+            judge=[] if request.no_judge else list(request.judge) or list(DEFAULT_JUDGE),
+            max_bake_s=request.max_bake_s,
             traffic=list(request.traffic),
             rate_base=request.rate_base,
             rate_factor=request.rate_factor or 2.0,

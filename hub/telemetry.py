@@ -31,6 +31,9 @@ Query API (used by the rollout engine and ``modelfleet-hub metrics``)::
                  since: float, until: float) -> list[WindowStats]
         # one per version with data, ordered by version; version None: every version;
         # agents None: the whole fleet (an empty collection matches nobody).
+    store.samples(model: str, version: int, agents: Collection[str] | None,
+                  since: float, until: float, min_requests: int = 200) -> list[AgentWindow]
+        # the statistical judge's samples: one per agent-window, quiet intervals pooled
     store.shadow_window(model: str, version: int, agents=None, since=-inf, until=inf,
                         *, shadow_version: int | None = None) -> ShadowStats
         # the version's shadow comparisons (agent/serving/shadow.py), one summary
@@ -73,6 +76,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import pyarrow as pa
 
+from modelfleet.hub.judge import AgentWindow
 from modelfleet.kernel.telemetry_bounds import BATCH_BOUNDS, DIFF_BOUNDS, JS_BOUNDS, LATENCY_BOUNDS
 from modelfleet.protos import fleet_pb2 as pb
 
@@ -85,6 +89,10 @@ TELEMETRY_FILE = "telemetry.duckdb"
 # "Agents reporting" on /metrics: distinct agents with a report that ended this recently.
 REPORTING_WINDOW_S = 60.0
 QUANTILES = (0.5, 0.95, 0.99)
+# The judge's samples: an agent's intervals are pooled until they hold this many requests (a
+# quantile of fewer is mostly the slowest request); latency needs half as many successes.
+MIN_SAMPLE_REQUESTS = 200
+SAMPLE_QUANTILES = (("latency_p50", 0.5), ("latency_p95", 0.95), ("latency_p99", 0.99))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -644,6 +652,76 @@ class TelemetryStore:
                     arms=tuple(sorted(a for a in arms or () if a is not None)),
                 )
             )
+        return out
+
+    def samples(
+        self,
+        model: str,
+        version: int,
+        agents: Collection[str] | None,
+        since: float,
+        until: float,
+        min_requests: int = MIN_SAMPLE_REQUESTS,
+    ) -> list[AgentWindow]:
+        """The judge's samples: one per agent-window of ``version`` (see :mod:`hub.judge`).
+
+        Each stored report is one agent's interval. An agent's consecutive intervals are pooled
+        (counts and histograms summed) until they hold ``min_requests`` requests: a p99 of five
+        requests is their maximum, not a p99. A sample's latency quantiles need half that many
+        successful requests (else NaN: a version failing most requests has no latency to
+        compare, its errors speak); a remainder below ``min_requests`` at the end keeps its
+        counts (errors are judged on every request) and has no latency. Intervals without
+        requests are skipped. Same window semantics as :meth:`window`; agents None: the whole
+        fleet.
+        """
+        where = ["model = $model", "version = $version", "end_unix > $since", "end_unix <= $until"]
+        params: dict[str, Any] = {
+            "model": model,
+            "version": int(version),
+            "since": since,
+            "until": until,
+        }
+        if agents is not None:
+            if not agents:
+                return []
+            where.append("agent_id IN (SELECT unnest($agents::VARCHAR[]))")
+            params["agents"] = list(agents)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT agent_id, start_unix, end_unix, requests, failures, request_counts "
+                f"FROM version_stats WHERE {' AND '.join(where)} AND requests > 0 "
+                "ORDER BY agent_id, end_unix",
+                params,
+            ).fetchall()
+        out: list[AgentWindow] = []
+        acc: list[tuple[Any, ...]] = []
+
+        def flush(with_latency: bool) -> None:
+            counts = [sum(int(r[5][i]) for r in acc) for i in range(len(LATENCY_BOUNDS) + 1)]
+            latency = {}
+            if with_latency and sum(counts) >= max(1, min_requests // 2):
+                for name, q in SAMPLE_QUANTILES:
+                    latency[name] = percentile(counts, LATENCY_BOUNDS, q) * 1000
+            out.append(
+                AgentWindow(
+                    agent_id=acc[0][0],
+                    start=float(acc[0][1]),
+                    end=float(acc[-1][2]),
+                    requests=sum(int(r[3]) for r in acc),
+                    failures=sum(int(r[4]) for r in acc),
+                    latency_ms=latency,
+                )
+            )
+            acc.clear()
+
+        for row in rows:
+            if acc and acc[0][0] != row[0]:
+                flush(False)
+            acc.append(row)
+            if sum(int(r[3]) for r in acc) >= max(1, min_requests):
+                flush(True)
+        if acc:
+            flush(False)
         return out
 
     def shadow_window(

@@ -121,3 +121,35 @@ class CompareResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: ModelStatus
     def __init__(self, model: _Optional[_Union[ModelStatus, _Mapping]] = ...) -> None: ...
+
+class CaptureRequest(_message.Message):
+    __slots__ = ("model", "rate_bp", "exclude", "hash", "off")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RATE_BP_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    OFF_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    rate_bp: int
+    exclude: _containers.RepeatedScalarFieldContainer[str]
+    hash: _containers.RepeatedScalarFieldContainer[str]
+    off: bool
+    def __init__(self, model: _Optional[str] = ..., rate_bp: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., hash: _Optional[_Iterable[str]] = ..., off: _Optional[bool] = ...) -> None: ...
+
+class CaptureResponse(_message.Message):
+    __slots__ = ("model", "rate_bp", "exclude", "hash", "captured", "dropped", "files")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RATE_BP_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    CAPTURED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    rate_bp: int
+    exclude: _containers.RepeatedScalarFieldContainer[str]
+    hash: _containers.RepeatedScalarFieldContainer[str]
+    captured: int
+    dropped: int
+    files: int
+    def __init__(self, model: _Optional[str] = ..., rate_bp: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., hash: _Optional[_Iterable[str]] = ..., captured: _Optional[int] = ..., dropped: _Optional[int] = ..., files: _Optional[int] = ...) -> None: ...

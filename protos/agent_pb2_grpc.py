@@ -49,6 +49,11 @@ class AgentAdminStub:
                 request_serializer=modelfleet_dot_protos_dot_agent__pb2.CompareRequest.SerializeToString,
                 response_deserializer=modelfleet_dot_protos_dot_agent__pb2.CompareResponse.FromString,
                 _registered_method=True)
+        self.Capture = channel.unary_unary(
+                '/modelfleet.agent.v1.AgentAdmin/Capture',
+                request_serializer=modelfleet_dot_protos_dot_agent__pb2.CaptureRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_agent__pb2.CaptureResponse.FromString,
+                _registered_method=True)
 
 
 class AgentAdminServicer:
@@ -73,6 +78,13 @@ class AgentAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Capture(self, request, context):
+        """Standalone only (in fleet mode the hub decides): inference capture of one model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +102,11 @@ def add_AgentAdminServicer_to_server(servicer, server):
                     servicer.Compare,
                     request_deserializer=modelfleet_dot_protos_dot_agent__pb2.CompareRequest.FromString,
                     response_serializer=modelfleet_dot_protos_dot_agent__pb2.CompareResponse.SerializeToString,
+            ),
+            'Capture': grpc.unary_unary_rpc_method_handler(
+                    servicer.Capture,
+                    request_deserializer=modelfleet_dot_protos_dot_agent__pb2.CaptureRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_agent__pb2.CaptureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +190,33 @@ class AgentAdmin:
             '/modelfleet.agent.v1.AgentAdmin/Compare',
             modelfleet_dot_protos_dot_agent__pb2.CompareRequest.SerializeToString,
             modelfleet_dot_protos_dot_agent__pb2.CompareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Capture(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.agent.v1.AgentAdmin/Capture',
+            modelfleet_dot_protos_dot_agent__pb2.CaptureRequest.SerializeToString,
+            modelfleet_dot_protos_dot_agent__pb2.CaptureResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,7 +66,7 @@ class WatchDesiredRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DesiredModel(_message.Message):
-    __slots__ = ("name", "version", "target_path", "sha256", "size", "prepare_version", "prepare_size", "split_bp", "sticky", "shadow_bp", "comparison")
+    __slots__ = ("name", "version", "target_path", "sha256", "size", "prepare_version", "prepare_size", "split_bp", "sticky", "shadow_bp", "comparison", "capture_rate_bp", "capture_exclude", "capture_hash")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,9 @@ class DesiredModel(_message.Message):
     STICKY_FIELD_NUMBER: _ClassVar[int]
     SHADOW_BP_FIELD_NUMBER: _ClassVar[int]
     COMPARISON_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_RATE_BP_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_HASH_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     target_path: str
@@ -89,7 +92,10 @@ class DesiredModel(_message.Message):
     sticky: bool
     shadow_bp: int
     comparison: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., target_path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., prepare_version: _Optional[int] = ..., prepare_size: _Optional[int] = ..., split_bp: _Optional[int] = ..., sticky: _Optional[bool] = ..., shadow_bp: _Optional[int] = ..., comparison: _Optional[str] = ...) -> None: ...
+    capture_rate_bp: int
+    capture_exclude: _containers.RepeatedScalarFieldContainer[str]
+    capture_hash: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., target_path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., prepare_version: _Optional[int] = ..., prepare_size: _Optional[int] = ..., split_bp: _Optional[int] = ..., sticky: _Optional[bool] = ..., shadow_bp: _Optional[int] = ..., comparison: _Optional[str] = ..., capture_rate_bp: _Optional[int] = ..., capture_exclude: _Optional[_Iterable[str]] = ..., capture_hash: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DesiredState(_message.Message):
     __slots__ = ("revision", "models", "jobs")
@@ -898,7 +904,7 @@ class DriftResponse(_message.Message):
     def __init__(self, fleet: _Optional[_Iterable[_Union[FeatureDriftStats, _Mapping]]] = ..., agents: _Optional[_Iterable[_Union[FeatureDriftStats, _Mapping]]] = ..., window_s: _Optional[float] = ...) -> None: ...
 
 class StartRolloutRequest(_message.Message):
-    __slots__ = ("model", "version", "selector", "waves", "bake_s", "gates", "min_requests", "max_failed_agents", "agent_timeout_s", "strategy", "auto_switch", "allow_downgrade", "traffic", "rate_base", "rate_factor", "rate_max", "abort_failed_pct", "abort_min_agents")
+    __slots__ = ("model", "version", "selector", "waves", "bake_s", "gates", "min_requests", "max_failed_agents", "agent_timeout_s", "strategy", "auto_switch", "allow_downgrade", "traffic", "rate_base", "rate_factor", "rate_max", "abort_failed_pct", "abort_min_agents", "judge", "no_judge", "max_bake_s")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -924,6 +930,9 @@ class StartRolloutRequest(_message.Message):
     RATE_MAX_FIELD_NUMBER: _ClassVar[int]
     ABORT_FAILED_PCT_FIELD_NUMBER: _ClassVar[int]
     ABORT_MIN_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
+    NO_JUDGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BAKE_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     selector: _containers.ScalarMap[str, str]
@@ -942,7 +951,10 @@ class StartRolloutRequest(_message.Message):
     rate_max: float
     abort_failed_pct: float
     abort_min_agents: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[str]] = ..., bake_s: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., strategy: _Optional[str] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., traffic: _Optional[_Iterable[int]] = ..., rate_base: _Optional[float] = ..., rate_factor: _Optional[float] = ..., rate_max: _Optional[float] = ..., abort_failed_pct: _Optional[float] = ..., abort_min_agents: _Optional[int] = ...) -> None: ...
+    judge: _containers.RepeatedScalarFieldContainer[str]
+    no_judge: bool
+    max_bake_s: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[str]] = ..., bake_s: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., strategy: _Optional[str] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., traffic: _Optional[_Iterable[int]] = ..., rate_base: _Optional[float] = ..., rate_factor: _Optional[float] = ..., rate_max: _Optional[float] = ..., abort_failed_pct: _Optional[float] = ..., abort_min_agents: _Optional[int] = ..., judge: _Optional[_Iterable[str]] = ..., no_judge: _Optional[bool] = ..., max_bake_s: _Optional[float] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("model", "id")
@@ -984,8 +996,42 @@ class GateValue(_message.Message):
     baseline: float
     def __init__(self, gate: _Optional[str] = ..., value: _Optional[float] = ..., ok: _Optional[bool] = ..., note: _Optional[str] = ..., canary: _Optional[float] = ..., baseline: _Optional[float] = ...) -> None: ...
 
+class MetricVerdict(_message.Message):
+    __slots__ = ("metric", "verdict", "canary", "baseline", "effect", "low", "high", "tolerance", "canary_samples", "baseline_samples", "canary_requests", "baseline_requests", "looks", "unit", "why")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_FIELD_NUMBER: _ClassVar[int]
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    CANARY_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CANARY_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    LOOKS_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    verdict: str
+    canary: float
+    baseline: float
+    effect: float
+    low: float
+    high: float
+    tolerance: float
+    canary_samples: int
+    baseline_samples: int
+    canary_requests: int
+    baseline_requests: int
+    looks: int
+    unit: str
+    why: str
+    def __init__(self, metric: _Optional[str] = ..., verdict: _Optional[str] = ..., canary: _Optional[float] = ..., baseline: _Optional[float] = ..., effect: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., tolerance: _Optional[float] = ..., canary_samples: _Optional[int] = ..., baseline_samples: _Optional[int] = ..., canary_requests: _Optional[int] = ..., baseline_requests: _Optional[int] = ..., looks: _Optional[int] = ..., unit: _Optional[str] = ..., why: _Optional[str] = ...) -> None: ...
+
 class GateEvaluation(_message.Message):
-    __slots__ = ("wave", "at", "canary_requests", "baseline_requests", "gates", "canary_failures", "baseline_failures", "canary_agents", "baseline_agents", "baseline_version", "since")
+    __slots__ = ("wave", "at", "canary_requests", "baseline_requests", "gates", "canary_failures", "baseline_failures", "canary_agents", "baseline_agents", "baseline_version", "since", "verdicts", "looks", "final", "judge_note")
     WAVE_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     CANARY_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -997,6 +1043,10 @@ class GateEvaluation(_message.Message):
     BASELINE_AGENTS_FIELD_NUMBER: _ClassVar[int]
     BASELINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    LOOKS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_NOTE_FIELD_NUMBER: _ClassVar[int]
     wave: int
     at: float
     canary_requests: int
@@ -1008,7 +1058,11 @@ class GateEvaluation(_message.Message):
     baseline_agents: int
     baseline_version: int
     since: float
-    def __init__(self, wave: _Optional[int] = ..., at: _Optional[float] = ..., canary_requests: _Optional[int] = ..., baseline_requests: _Optional[int] = ..., gates: _Optional[_Iterable[_Union[GateValue, _Mapping]]] = ..., canary_failures: _Optional[int] = ..., baseline_failures: _Optional[int] = ..., canary_agents: _Optional[int] = ..., baseline_agents: _Optional[int] = ..., baseline_version: _Optional[int] = ..., since: _Optional[float] = ...) -> None: ...
+    verdicts: _containers.RepeatedCompositeFieldContainer[MetricVerdict]
+    looks: int
+    final: bool
+    judge_note: str
+    def __init__(self, wave: _Optional[int] = ..., at: _Optional[float] = ..., canary_requests: _Optional[int] = ..., baseline_requests: _Optional[int] = ..., gates: _Optional[_Iterable[_Union[GateValue, _Mapping]]] = ..., canary_failures: _Optional[int] = ..., baseline_failures: _Optional[int] = ..., canary_agents: _Optional[int] = ..., baseline_agents: _Optional[int] = ..., baseline_version: _Optional[int] = ..., since: _Optional[float] = ..., verdicts: _Optional[_Iterable[_Union[MetricVerdict, _Mapping]]] = ..., looks: _Optional[int] = ..., final: _Optional[bool] = ..., judge_note: _Optional[str] = ...) -> None: ...
 
 class RolloutAgent(_message.Message):
     __slots__ = ("agent_id", "hostname", "role", "wave", "previous_version", "active_version", "state", "last_error")
@@ -1031,7 +1085,7 @@ class RolloutAgent(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., role: _Optional[str] = ..., wave: _Optional[int] = ..., previous_version: _Optional[int] = ..., active_version: _Optional[int] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("id", "model", "version", "state", "wave", "waves", "agents", "assigned", "switched", "prepared", "strategy", "failed", "bake_left_s", "reason", "gates", "last_evaluation", "events", "per_agent", "warnings", "selector", "bake_s", "min_requests", "max_failed_agents", "agent_timeout_s", "auto_switch", "allow_downgrade", "traffic", "traffic_percent", "queued", "rate_base", "rate_factor", "rate_max", "abort_failed_pct", "abort_min_agents")
+    __slots__ = ("id", "model", "version", "state", "wave", "waves", "agents", "assigned", "switched", "prepared", "strategy", "failed", "bake_left_s", "reason", "gates", "last_evaluation", "events", "per_agent", "warnings", "selector", "bake_s", "min_requests", "max_failed_agents", "agent_timeout_s", "auto_switch", "allow_downgrade", "traffic", "traffic_percent", "queued", "rate_base", "rate_factor", "rate_max", "abort_failed_pct", "abort_min_agents", "judge", "max_bake_s")
     class FailedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -1080,6 +1134,8 @@ class RolloutStatus(_message.Message):
     RATE_MAX_FIELD_NUMBER: _ClassVar[int]
     ABORT_FAILED_PCT_FIELD_NUMBER: _ClassVar[int]
     ABORT_MIN_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BAKE_S_FIELD_NUMBER: _ClassVar[int]
     id: int
     model: str
     version: int
@@ -1114,7 +1170,9 @@ class RolloutStatus(_message.Message):
     rate_max: float
     abort_failed_pct: float
     abort_min_agents: int
-    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., wave: _Optional[int] = ..., waves: _Optional[_Iterable[int]] = ..., agents: _Optional[int] = ..., assigned: _Optional[int] = ..., switched: _Optional[int] = ..., prepared: _Optional[int] = ..., strategy: _Optional[str] = ..., failed: _Optional[_Mapping[str, str]] = ..., bake_left_s: _Optional[float] = ..., reason: _Optional[str] = ..., gates: _Optional[_Iterable[str]] = ..., last_evaluation: _Optional[_Union[GateEvaluation, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., per_agent: _Optional[_Iterable[_Union[RolloutAgent, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., selector: _Optional[_Mapping[str, str]] = ..., bake_s: _Optional[float] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., traffic: _Optional[_Iterable[int]] = ..., traffic_percent: _Optional[int] = ..., queued: _Optional[int] = ..., rate_base: _Optional[float] = ..., rate_factor: _Optional[float] = ..., rate_max: _Optional[float] = ..., abort_failed_pct: _Optional[float] = ..., abort_min_agents: _Optional[int] = ...) -> None: ...
+    judge: _containers.RepeatedScalarFieldContainer[str]
+    max_bake_s: float
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., wave: _Optional[int] = ..., waves: _Optional[_Iterable[int]] = ..., agents: _Optional[int] = ..., assigned: _Optional[int] = ..., switched: _Optional[int] = ..., prepared: _Optional[int] = ..., strategy: _Optional[str] = ..., failed: _Optional[_Mapping[str, str]] = ..., bake_left_s: _Optional[float] = ..., reason: _Optional[str] = ..., gates: _Optional[_Iterable[str]] = ..., last_evaluation: _Optional[_Union[GateEvaluation, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., per_agent: _Optional[_Iterable[_Union[RolloutAgent, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., selector: _Optional[_Mapping[str, str]] = ..., bake_s: _Optional[float] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., traffic: _Optional[_Iterable[int]] = ..., traffic_percent: _Optional[int] = ..., queued: _Optional[int] = ..., rate_base: _Optional[float] = ..., rate_factor: _Optional[float] = ..., rate_max: _Optional[float] = ..., abort_failed_pct: _Optional[float] = ..., abort_min_agents: _Optional[int] = ..., judge: _Optional[_Iterable[str]] = ..., max_bake_s: _Optional[float] = ...) -> None: ...
 
 class StartExperimentRequest(_message.Message):
     __slots__ = ("model", "candidate", "selector", "split_percent", "sticky", "shadow_percent", "duration_s")
@@ -1688,3 +1746,115 @@ class RemoveWebhookResponse(_message.Message):
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     dropped: int
     def __init__(self, dropped: _Optional[int] = ...) -> None: ...
+
+class CaptureFile(_message.Message):
+    __slots__ = ("model", "file_id", "size", "sha256", "offset")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    file_id: str
+    size: int
+    sha256: str
+    offset: int
+    def __init__(self, model: _Optional[str] = ..., file_id: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class CaptureChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: CaptureFile
+    data: bytes
+    def __init__(self, header: _Optional[_Union[CaptureFile, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class CaptureFileState(_message.Message):
+    __slots__ = ("have", "stored")
+    HAVE_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    have: int
+    stored: bool
+    def __init__(self, have: _Optional[int] = ..., stored: _Optional[bool] = ...) -> None: ...
+
+class CaptureSetting(_message.Message):
+    __slots__ = ("model", "selector", "rate_bp", "exclude", "hash", "created_at", "actor")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    RATE_BP_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    selector: _containers.ScalarMap[str, str]
+    rate_bp: int
+    exclude: _containers.RepeatedScalarFieldContainer[str]
+    hash: _containers.RepeatedScalarFieldContainer[str]
+    created_at: float
+    actor: str
+    def __init__(self, model: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., rate_bp: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., hash: _Optional[_Iterable[str]] = ..., created_at: _Optional[float] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class RemoveCaptureRequest(_message.Message):
+    __slots__ = ("model", "selector")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    selector: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RemoveCaptureResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: int
+    def __init__(self, removed: _Optional[int] = ...) -> None: ...
+
+class ListCaptureRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CaptureModelFiles(_message.Message):
+    __slots__ = ("model", "files", "bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    files: int
+    bytes: int
+    def __init__(self, model: _Optional[str] = ..., files: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class ListCaptureResponse(_message.Message):
+    __slots__ = ("settings", "stored")
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    settings: _containers.RepeatedCompositeFieldContainer[CaptureSetting]
+    stored: _containers.RepeatedCompositeFieldContainer[CaptureModelFiles]
+    def __init__(self, settings: _Optional[_Iterable[_Union[CaptureSetting, _Mapping]]] = ..., stored: _Optional[_Iterable[_Union[CaptureModelFiles, _Mapping]]] = ...) -> None: ...
+
+class QueryCaptureRequest(_message.Message):
+    __slots__ = ("model", "sql")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SQL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    sql: str
+    def __init__(self, model: _Optional[str] = ..., sql: _Optional[str] = ...) -> None: ...
+
+class QueryCaptureChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...

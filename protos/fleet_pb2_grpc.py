@@ -2036,3 +2036,300 @@ class HubAlerts:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class HubCaptureStub:
+    """Inference capture: agents upload the Parquet files they captured (agent identities); admins
+    choose what is captured and query what arrived (admin identities).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CaptureOffset = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubCapture/CaptureOffset',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.CaptureFile.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.CaptureFileState.FromString,
+                _registered_method=True)
+        self.UploadCapture = channel.stream_unary(
+                '/modelfleet.fleet.v1.HubCapture/UploadCapture',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.CaptureChunk.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.CaptureFileState.FromString,
+                _registered_method=True)
+        self.SetCapture = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubCapture/SetCapture',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.CaptureSetting.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.CaptureSetting.FromString,
+                _registered_method=True)
+        self.RemoveCapture = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubCapture/RemoveCapture',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.RemoveCaptureRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RemoveCaptureResponse.FromString,
+                _registered_method=True)
+        self.ListCapture = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubCapture/ListCapture',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListCaptureRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListCaptureResponse.FromString,
+                _registered_method=True)
+        self.QueryCapture = channel.unary_stream(
+                '/modelfleet.fleet.v1.HubCapture/QueryCapture',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.QueryCaptureRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.QueryCaptureChunk.FromString,
+                _registered_method=True)
+
+
+class HubCaptureServicer:
+    """Inference capture: agents upload the Parquet files they captured (agent identities); admins
+    choose what is captured and query what arrived (admin identities).
+    """
+
+    def CaptureOffset(self, request, context):
+        """How much of a captured file the hub holds (resume an upload from there), or that it has it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadCapture(self, request_iterator, context):
+        """First message: the file's header (offset = what CaptureOffset said); then its bytes from
+        there in data chunks. Idempotent by (agent, file id): a file stored once is never stored again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCapture(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveCapture(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCapture(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryCapture(self, request, context):
+        """SQL over a model's captured files (view `capture`); the answer is an Arrow IPC stream in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_HubCaptureServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CaptureOffset': grpc.unary_unary_rpc_method_handler(
+                    servicer.CaptureOffset,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.CaptureFile.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.CaptureFileState.SerializeToString,
+            ),
+            'UploadCapture': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadCapture,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.CaptureChunk.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.CaptureFileState.SerializeToString,
+            ),
+            'SetCapture': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCapture,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.CaptureSetting.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.CaptureSetting.SerializeToString,
+            ),
+            'RemoveCapture': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveCapture,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RemoveCaptureRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.RemoveCaptureResponse.SerializeToString,
+            ),
+            'ListCapture': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCapture,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListCaptureRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListCaptureResponse.SerializeToString,
+            ),
+            'QueryCapture': grpc.unary_stream_rpc_method_handler(
+                    servicer.QueryCapture,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.QueryCaptureRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.QueryCaptureChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'modelfleet.fleet.v1.HubCapture', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('modelfleet.fleet.v1.HubCapture', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class HubCapture:
+    """Inference capture: agents upload the Parquet files they captured (agent identities); admins
+    choose what is captured and query what arrived (admin identities).
+    """
+
+    @staticmethod
+    def CaptureOffset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubCapture/CaptureOffset',
+            modelfleet_dot_protos_dot_fleet__pb2.CaptureFile.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.CaptureFileState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadCapture(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/modelfleet.fleet.v1.HubCapture/UploadCapture',
+            modelfleet_dot_protos_dot_fleet__pb2.CaptureChunk.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.CaptureFileState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCapture(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubCapture/SetCapture',
+            modelfleet_dot_protos_dot_fleet__pb2.CaptureSetting.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.CaptureSetting.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveCapture(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubCapture/RemoveCapture',
+            modelfleet_dot_protos_dot_fleet__pb2.RemoveCaptureRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.RemoveCaptureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCapture(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubCapture/ListCapture',
+            modelfleet_dot_protos_dot_fleet__pb2.ListCaptureRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListCaptureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryCapture(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubCapture/QueryCapture',
+            modelfleet_dot_protos_dot_fleet__pb2.QueryCaptureRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.QueryCaptureChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

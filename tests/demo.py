@@ -231,7 +231,11 @@ def fleet(work: Path) -> bool:
                 work / host,
                 fleet_config=config,
                 log_path=work / f"{host}.log",
-                env={"MODELFLEET_AGENT_REPORT_INTERVAL_S": "1"},
+                env={
+                    "MODELFLEET_AGENT_REPORT_INTERVAL_S": "1",
+                    "MODELFLEET_AGENT_TELEMETRY_INTERVAL_S": "1",
+                    "MODELFLEET_AGENT_DRIFT_WINDOW_S": "2",
+                },
             )
             agents.append(a.start())
             print(f"  {host:<14} labels {labels:<22} inference on {a.url}")
@@ -376,13 +380,100 @@ def fleet(work: Path) -> bool:
             return False
         run_hub(hub, "apply", "-f", str(smaller), "--prune")
         run_hub(hub, "apply", "-f", str(smaller), "--prune")  # again: nothing to change
-        return True
+
+        return drift_alert(hub, agents[2], work)
     finally:
         for a in agents:
             a.stop()
         hub.stop()
         if broker is not None:
             broker.stop()
+
+
+def drift_alert(hub: HubProcess, agent: AgentProcess, work: Path) -> bool:
+    """Monitoring: a model published with reference statistics drifts on live traffic, the
+    built-in drift rule fires and a webhook receives one signed notification."""
+    from modelfleet.hub.webhooks import verify
+    from tests.test_bundle_reference import reference_parquet
+    from tests.webhook_receiver import Receiver
+
+    step(
+        "19. Drift: 'risk' is published with reference statistics; one input drifts on the "
+        "paris agent, the built-in drift rule fires and a webhook gets a signed notification"
+    )
+    ref = reference_parquet(work / "risk-reference.parquet", rows=2000)
+    print(f"  reference dataset: {ref} (2,000 rows; statistics go into the signed bundle)")
+    run_hub(
+        hub, "publish", "risk", str(models.mlp(work / "src" / "risk.onnx")), "--reference", str(ref)
+    )
+    run_hub(hub, "deploy", "risk", "1", "--selector", "site=paris")
+    wait_for(lambda: _active(agent, "risk") == 1, 60, "risk v1 on paris")
+    secret = work / "webhook.secret"
+    secret.write_bytes(b"demo-webhook-secret\n")
+    secret.chmod(0o600)
+    with Receiver() as receiver:
+        run_hub(hub, "webhooks", "add", "ops", receiver.url, "--secret-file", str(secret))
+        # The built-in rule (PSI > 0.2) on a demo's time scale: minutes become seconds.
+        run_hub(
+            hub,
+            "alerts",
+            "rule",
+            "set",
+            "drift-psi",
+            "--for",
+            "1s",
+            "--window",
+            "10s",
+            "--clear-for",
+            "2s",
+            "--min-requests",
+            "20",
+        )
+        stop, shift = threading.Event(), {"x[1]": 0.0}
+
+        def traffic() -> None:
+            rng = np.random.default_rng(12)
+            with grpcclient.InferenceServerClient(agent.url) as c:
+                while not stop.is_set():
+                    x = rng.standard_normal((4, 4)).astype(np.float32)
+                    x[:, 3] = rng.integers(0, 4, 4)
+                    x[:, 1] += shift["x[1]"]
+                    inp = grpcclient.InferInput("x", [4, 4], "FP32")
+                    inp.set_data_from_numpy(x)
+                    c.infer("risk", [inp])
+                    time.sleep(0.01)
+
+        thread = threading.Thread(target=traffic, daemon=True)
+        thread.start()
+        try:
+            print("  traffic like the reference for a few seconds, then x[1] shifts by 4 sd")
+            time.sleep(4)
+            shift["x[1]"] = 4.0
+
+            def firing() -> list[tuple[dict[str, str], bytes]]:
+                return [
+                    (h, raw)
+                    for h, raw in receiver.requests
+                    if json.loads(raw)["rule"] == "drift-psi"
+                    and json.loads(raw)["state"] == "firing"
+                ]
+
+            wait_for(firing, 60, "a firing drift notification", interval=0.2)
+        finally:
+            stop.set()
+            thread.join(10)
+        run_hub(hub, "drift", "risk", "--since", "10s", "--top", "3")
+        run_hub(hub, "alerts", "ls")
+        headers, raw = firing()[0]
+        body = json.loads(raw)
+        ok = verify(b"demo-webhook-secret", raw, headers, time.time())
+        print(
+            f"  webhook received: rule {body['rule']} {body['state']} on {body['model']} "
+            f"v{body['version']}, {body['evidence']['feature']} PSI {body['value']:.2f}; "
+            f"signature {'verified' if ok else 'INVALID'}; retraining trigger: "
+            f"{'yes' if body.get('retrain') else 'no'}"
+        )
+        return ok
 
 
 def watch_rollout(hub: HubProcess, model: str, timeout: float = 90) -> None:
@@ -411,9 +502,9 @@ def _day(epoch: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(epoch))
 
 
-def _active(agent: AgentProcess) -> int:
+def _active(agent: AgentProcess, model: str = "fraud") -> int:
     try:
-        return int(agent_status(agent.admin_socket).get("fraud", {}).get("active_version", 0))
+        return int(agent_status(agent.admin_socket).get(model, {}).get("active_version", 0))
     except Exception:
         return -1
 

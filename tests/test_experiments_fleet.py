@@ -274,6 +274,9 @@ def test_traffic_canary_5_to_100_completes_for_a_good_version(fleet) -> None:
             "2s",
             "--gate",
             "error_rate<0.05",
+            # The steps are the point here: 2 s of a 5% share is too little for the judge.
+            "--judge",
+            "none",
             "--agent-timeout",
             "60s",
         )
@@ -334,7 +337,9 @@ def test_traffic_canary_rolls_back_at_5_percent_for_a_higher_error_rate(fleet) -
         )
     s = rollout(hub)
     assert s["state"] == "rolled_back", (s["reason"], s["events"])
-    assert "error_rate=" in s["reason"] and s["traffic_percent"] == 5
+    # The default judge (errors FAIL) usually decides before the bake's error_rate gate does.
+    assert "error_rate=" in s["reason"] or "errors FAIL" in s["reason"], s["reason"]
+    assert s["traffic_percent"] == 5
     # Every agent back to 0%: nothing desired beside the active version, all on what they ran.
     for a in json.loads(hub.cli("agents", "ls", "--json")):
         for d in a.get("desired", []):

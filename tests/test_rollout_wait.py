@@ -102,7 +102,9 @@ def test_nonsense_is_refused_before_anything_changes(fleet) -> None:
 
 def test_wait_exits_0_when_done_and_prints_one_line_per_change(fleet) -> None:
     hub, agents = fleet
-    r = cli(hub, "rollout", "start", "mlp", "2", *ONE_BY_ONE, "--bake", "1s", "--wait")
+    # --judge none: gates only, and there are none (the warning below).
+    no_judge = ("--judge", "none")
+    r = cli(hub, "rollout", "start", "mlp", "2", *ONE_BY_ONE, "--bake", "1s", *no_judge, "--wait")
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     # Said at start: no gate judges the waves.

@@ -360,6 +360,8 @@ def test_rollout_status_is_typed_on_the_wire_and_round_trips() -> None:
         "agent_timeout_s": 600.0,
         "auto_switch": False,
         "allow_downgrade": True,
+        "judge": ["latency", "errors"],
+        "max_bake_s": 180.0,
         "traffic": [5, 50, 100],
         "traffic_percent": 50,
         "queued": 2,
@@ -378,6 +380,29 @@ def test_rollout_status_is_typed_on_the_wire_and_round_trips() -> None:
         canary_agents=4,
         baseline_agents=5,
         baseline_version=1,
+        # The statistical judge's verdicts, typed too (None: not a number, e.g. unbounded).
+        verdicts=[
+            {
+                "metric": "latency_p99",
+                "verdict": "inconclusive",
+                "canary": 12.5,
+                "baseline": 11.0,
+                "effect": 1.5,
+                "low": None,
+                "high": None,
+                "tolerance": 1.1,
+                "canary_samples": 4,
+                "baseline_samples": 0,
+                "canary_requests": 40,
+                "baseline_requests": 0,
+                "looks": 3,
+                "unit": "ms",
+                "why": "interval unbounded straddles the tolerance 1.1 ms: more samples needed",
+            }
+        ],
+        looks=3,
+        final=False,
+        judge_note="",
     )
     evaluation["gates"][0].update(canary=0.0, baseline=None)
     evaluation["gates"][1].update(canary=12.5, baseline=None)

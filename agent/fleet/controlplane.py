@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from modelfleet.kernel.jobs import JobSpec
@@ -43,6 +44,30 @@ class DesiredModel:
     sticky: bool = False
     shadow_bp: int = 0
     comparison: str = ""
+    # Inference capture (fleet.proto DesiredModel): basis points of requests, and inputs
+    # dropped or hashed.
+    capture_rate_bp: int = 0
+    capture_exclude: tuple[str, ...] = ()
+    capture_hash: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # desired.json holds lists: equal states must compare equal after a restart.
+        object.__setattr__(self, "capture_exclude", tuple(self.capture_exclude))
+        object.__setattr__(self, "capture_hash", tuple(self.capture_hash))
+
+
+@dataclass(frozen=True)
+class CaptureFileInfo:
+    """One complete capture file, as the hub names it (agent/fleet/capture_ship.py)."""
+
+    model: str
+    file_id: str
+    size: int
+    sha256: str
+
+
+class CaptureUnsupportedError(Exception):
+    """This control plane cannot ship capture files (MQTT only): they stay on the agent."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +148,17 @@ class ControlPlane(Protocol):
         :meth:`fetch_metadata`."""
         ...
 
+    async def capture_offset(self, file: CaptureFileInfo) -> tuple[int, bool]:
+        """(bytes of ``file`` the hub holds, whether it stored the whole file). Raises
+        :class:`CaptureUnsupportedError` where captures cannot be shipped."""
+        ...
+
+    async def upload_capture(
+        self, file: CaptureFileInfo, path: Path, offset: int
+    ) -> tuple[int, bool]:
+        """Send ``path`` from ``offset`` on; the hub's answer as for :meth:`capture_offset`."""
+        ...
+
     async def close(self) -> None:
         """Release every connection (after :meth:`send_final_report`)."""
         ...
@@ -175,6 +211,14 @@ class SplitControlPlane:
     def fetch_target(self, path: str, offset: int) -> Iterator[bytes | memoryview]:
         return self.rest.fetch_target(path, offset)
 
+    async def capture_offset(self, file: CaptureFileInfo) -> tuple[int, bool]:
+        return await self.rest.capture_offset(file)
+
+    async def upload_capture(
+        self, file: CaptureFileInfo, path: Path, offset: int
+    ) -> tuple[int, bool]:
+        return await self.rest.upload_capture(file, path, offset)
+
     async def close(self) -> None:
         await self.rest.close()
         await self.desired.close()
@@ -182,6 +226,8 @@ class SplitControlPlane:
 
 __all__ = [
     "AgentReport",
+    "CaptureFileInfo",
+    "CaptureUnsupportedError",
     "ControlPlane",
     "DesiredModel",
     "DesiredState",

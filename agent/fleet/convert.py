@@ -26,6 +26,9 @@ def desired_state(message: pb.DesiredState) -> DesiredState:
                 m.sticky,
                 m.shadow_bp,
                 m.comparison,
+                m.capture_rate_bp,
+                tuple(m.capture_exclude),
+                tuple(m.capture_hash),
             )
             for m in message.models
         ],

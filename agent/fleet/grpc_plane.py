@@ -18,11 +18,18 @@ from typing import Any
 import grpc
 
 from modelfleet.agent.fleet.backoff import Backoff
-from modelfleet.agent.fleet.controlplane import AgentReport, OnDesired, OnLateAcks, OnTrouble
+from modelfleet.agent.fleet.controlplane import (
+    AgentReport,
+    CaptureFileInfo,
+    OnDesired,
+    OnLateAcks,
+    OnTrouble,
+)
 from modelfleet.agent.fleet.convert import desired_state
 from modelfleet.agent.fleet.transport import (
     GrpcTransport,
     RetiredChannels,
+    capture_stub,
     channel_options,
     credentials,
     fleet_stub,
@@ -37,6 +44,11 @@ REPORT_TIMEOUT_S = 10.0
 FINAL_REPORT_TIMEOUT_S = 2.0
 TELEMETRY_TIMEOUT_S = 10.0
 RENEW_TIMEOUT_S = 30.0
+CAPTURE_OFFSET_TIMEOUT_S = 10.0
+# A whole capture file (capture_rotate_bytes, 16 MiB by default) on a slow link; a cut upload
+# resumes from what the hub holds.
+CAPTURE_UPLOAD_TIMEOUT_S = 600.0
+CAPTURE_CHUNK = 512 * 1024
 
 
 class GrpcControlPlane:
@@ -50,6 +62,7 @@ class GrpcControlPlane:
         creds = credentials(self.data_dir)
         self._channel: Any = grpc.aio.secure_channel(address, creds, options=channel_options())
         self._stub: Any = fleet_stub(self._channel)
+        self._capture: Any = capture_stub(self._channel)
         # A watch stream on a replaced channel lasts up to resync_interval_s.
         self._retired = RetiredChannels(resync_interval_s + 60.0)
         self._bytes = GrpcTransport(address, creds)
@@ -119,6 +132,7 @@ class GrpcControlPlane:
             await old.close()
         self._channel = grpc.aio.secure_channel(self.address, creds, options=channel_options())
         self._stub = fleet_stub(self._channel)
+        self._capture = capture_stub(self._channel)
         self._bytes.reconnect(creds)
 
     def fetch_metadata(self, filename: str) -> Iterator[bytes]:
@@ -127,8 +141,43 @@ class GrpcControlPlane:
     def fetch_target(self, path: str, offset: int) -> Iterator[bytes | memoryview]:
         return self._bytes.fetch_target(path, offset)
 
+    async def capture_offset(self, file: CaptureFileInfo) -> tuple[int, bool]:
+        try:
+            state = await self._capture.CaptureOffset(
+                _capture_file(file, 0), timeout=CAPTURE_OFFSET_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, "capture upload") from None
+        return int(state.have), bool(state.stored)
+
+    async def upload_capture(
+        self, file: CaptureFileInfo, path: Path, offset: int
+    ) -> tuple[int, bool]:
+        async def chunks() -> Any:
+            yield pb.CaptureChunk(header=_capture_file(file, offset))
+            with path.open("rb") as f:
+                f.seek(offset)
+                while True:
+                    # Small reads of a local file: cheap enough for the loop between sends.
+                    data = f.read(CAPTURE_CHUNK)
+                    if not data:
+                        return
+                    yield pb.CaptureChunk(data=data)
+
+        try:
+            state = await self._capture.UploadCapture(chunks(), timeout=CAPTURE_UPLOAD_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, "capture upload") from None
+        return int(state.have), bool(state.stored)
+
     async def close(self) -> None:
         await self._channel.close()
         for old in self._retired.all():
             await old.close()
         self._bytes.close()
+
+
+def _capture_file(file: CaptureFileInfo, offset: int) -> pb.CaptureFile:
+    return pb.CaptureFile(
+        model=file.model, file_id=file.file_id, size=file.size, sha256=file.sha256, offset=offset
+    )

@@ -16,7 +16,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from modelfleet.agent.fleet import renew as renewal
-from modelfleet.agent.fleet.controlplane import AgentReport, OnDesired, OnLateAcks, OnTrouble
+from modelfleet.agent.fleet.controlplane import (
+    AgentReport,
+    CaptureFileInfo,
+    CaptureUnsupportedError,
+    OnDesired,
+    OnLateAcks,
+    OnTrouble,
+)
 from modelfleet.agent.fleet.convert import desired_state
 from modelfleet.agent.fleet.mqtt import MqttLink, MqttTransport
 from modelfleet.agent.fleet.transport import IDENTITY_DIR
@@ -160,6 +167,17 @@ class MqttControlPlane:
 
     def fetch_target(self, path: str, offset: int) -> Iterator[bytes | memoryview]:
         return self._bytes.fetch_target(path, offset)
+
+    async def capture_offset(self, file: CaptureFileInfo) -> tuple[int, bool]:
+        raise CaptureUnsupportedError(
+            "capture files are not shipped over MQTT: they stay on the agent (set transport = "
+            "both or grpc to ship them to the hub)"
+        )
+
+    async def upload_capture(
+        self, file: CaptureFileInfo, path: Path, offset: int
+    ) -> tuple[int, bool]:
+        return await self.capture_offset(file)
 
     async def close(self) -> None:
         self.link.stop()

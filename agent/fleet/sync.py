@@ -22,6 +22,7 @@ from modelfleet.agent.config import ServeConfig
 from modelfleet.agent.fleet import renew as renewal
 from modelfleet.agent.fleet.backoff import Backoff
 from modelfleet.agent.fleet.cache import BundleCache
+from modelfleet.agent.fleet.capture_ship import CaptureShipper
 from modelfleet.agent.fleet.controlplane import (
     AgentReport,
     ControlPlane,
@@ -35,11 +36,18 @@ from modelfleet.agent.fleet.transport import IDENTITY_DIR
 from modelfleet.agent.fleet.verify import BundleVerifier
 from modelfleet.agent.gate import GateResult
 from modelfleet.agent.jobs import JobRunner
+from modelfleet.agent.serving.capture import Capture, CaptureRule
 from modelfleet.agent.serving.routing import BASIS_POINTS, Comparison
 from modelfleet.agent.slots import SlotManager
 from modelfleet.agent.telemetry import JOURNAL_FILE
 from modelfleet.kernel.atomic import atomic_write_json
-from modelfleet.kernel.errors import BundleError, ModelfleetError, ResourceExhaustedError, Status
+from modelfleet.kernel.errors import (
+    BundleError,
+    InvalidRequestError,
+    ModelfleetError,
+    ResourceExhaustedError,
+    Status,
+)
 from modelfleet.kernel.jobs import JobRun, JobSpec
 
 log = logging.getLogger(__name__)
@@ -82,6 +90,7 @@ class FleetSync:
         slots: SlotManager,
         inference_address: str,
         control: ControlPlane,
+        capture: Capture | None = None,
     ) -> None:
         self.cfg = cfg
         self.control = control
@@ -135,6 +144,15 @@ class FleetSync:
             backoff_max_s=cfg.backoff_max_s,
         )
         control.set_late_ack_handler(self.telemetry.ack_late)
+        # Inference capture: the rules come with the desired state (the saved one first, so a
+        # restart without the hub keeps capturing); files go back over the control plane.
+        self.capture = capture
+        self.capture_shipper = (
+            CaptureShipper(capture, control, cfg.capture_ship_interval_s, cfg.backoff_max_s)
+            if capture is not None
+            else None
+        )
+        self._apply_capture()
 
     # -- state on disk --------------------------------------------------------------------------
 
@@ -510,7 +528,22 @@ class FleetSync:
             self.desired = desired
             self._save_desired()
         self._apply_comparisons()
+        self._apply_capture()
         self.wakeup.set()
+
+    def _apply_capture(self) -> None:
+        if self.capture is None:
+            return
+        rules = {}
+        for d in self.desired:
+            if d.capture_rate_bp:
+                try:
+                    rules[d.name] = CaptureRule(
+                        min(d.capture_rate_bp, BASIS_POINTS), d.capture_exclude, d.capture_hash
+                    )
+                except InvalidRequestError as exc:
+                    log.warning("%s: capture ignored: %s", d.name, exc)
+        self.capture.set_rules(rules)
 
     def _apply_comparisons(self) -> None:
         """The desired state's split and shadow shares, at once: nothing loads or unloads for
@@ -704,6 +737,8 @@ class FleetSync:
             asyncio.ensure_future(self.renew_loop(stop)),
             asyncio.ensure_future(self.watch_loop(stop)),
         ]
+        if self.capture_shipper is not None:
+            tasks.append(asyncio.ensure_future(self.capture_shipper.run(stop)))
         try:
             await stop.wait()
         finally:

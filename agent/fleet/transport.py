@@ -55,6 +55,11 @@ def fleet_stub(channel: Any) -> Any:
     return pb_grpc.FleetStub(channel)
 
 
+def capture_stub(channel: Any) -> Any:
+    """A ``HubCapture`` stub on ``channel``, typed ``Any`` like :func:`fleet_stub`."""
+    return pb_grpc.HubCaptureStub(channel)
+
+
 def rpc_error(exc: grpc.RpcError, what: str) -> Exception:
     """Transport trouble becomes OSError (retry later); a refusal, the error family's member."""
     code = exc.code()

@@ -6,6 +6,7 @@ call :meth:`DataPlane.infer`; errors are :mod:`kernel.errors` types that each ed
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ import numpy as np
 
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.serving import tracing as spans
+from modelfleet.agent.serving.capture import Capture
 from modelfleet.agent.serving.routing import (
+    ARM_ACTIVE,
     ARM_PINNED,
     ROUTING_KEY_HEADER,
     ROUTING_KEY_MAX_BYTES,
@@ -143,11 +146,16 @@ def check_routing_key(key: str) -> str:
 
 class DataPlane:
     def __init__(
-        self, slots: SlotManager, metrics: AgentMetrics, shadow: ShadowRunner | None = None
+        self,
+        slots: SlotManager,
+        metrics: AgentMetrics,
+        shadow: ShadowRunner | None = None,
+        capture: Capture | None = None,
     ) -> None:
         self.slots = slots
         self.metrics = metrics
         self.shadow = shadow or ShadowRunner(metrics)
+        self.capture = capture
         # Draws for unkeyed requests: not security relevant, only a fair share.
         self.rng = random.Random()
 
@@ -210,10 +218,22 @@ class DataPlane:
             if route.shadow is not None:
                 # The response is complete; the copy waits in the shadow queue, or is dropped.
                 self.shadow.offer(version, route.shadow, feed, results, request.trace)
+        if self.capture is not None and self.capture.rules:
+            # Like the shadow copy: after the response is built, a draw and a put_nowait.
+            self.capture.offer(
+                request.id,
+                version.name,
+                version.version,
+                route.arm if route is not None else ARM_ACTIVE,
+                feed,
+                results,
+            )
         return InferResponse(version.name, str(version.version), request.id, outputs)
 
     async def close(self) -> None:
         await self.shadow.close()
+        if self.capture is not None:
+            await asyncio.to_thread(self.capture.close)
 
     def _account_failure(
         self,

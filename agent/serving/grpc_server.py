@@ -6,6 +6,7 @@ mapped to gRPC status codes in one place (:func:`_grpc_errors`).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -21,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from modelfleet.agent import __version__
 from modelfleet.agent.repository import compare_local
 from modelfleet.agent.serving.batcher import DynamicBatcher
+from modelfleet.agent.serving.capture import Capture, CaptureRule, LocalRules
 from modelfleet.agent.serving.converters import request_from_proto, response_to_proto
 from modelfleet.agent.serving.dataplane import DataPlane
 from modelfleet.agent.serving.routing import ROUTING_KEY_HEADER, Comparison
@@ -299,11 +301,13 @@ class AdminServicer(agent_pb2_grpc.AgentAdminServicer):
         listen: str,
         fleet_hub: str = "",
         models: Path | None = None,
+        capture: Capture | None = None,
     ) -> None:
         self.slots = slots
         self.listen = listen
         self.fleet_hub = fleet_hub
         self.models = models
+        self.capture = capture
 
     @_grpc_errors
     async def Status(self, request, context):
@@ -338,6 +342,41 @@ class AdminServicer(agent_pb2_grpc.AgentAdminServicer):
                 )
         status = await compare_local(self.slots, self.models, request.model, comparison)
         return agent_pb2.CompareResponse(model=_status_to_proto(status, self.slots))
+
+    @_grpc_errors
+    async def Capture(self, request, context):
+        if self.fleet_hub or self.capture is None:
+            raise _FleetOwned(
+                f"this agent follows the hub at {self.fleet_hub}: the hub decides what is "
+                "captured (`modelfleet-hub capture set MODEL --rate PCT`)"
+            )
+        cap = self.capture
+        if request.model not in self.slots.slots:
+            raise ModelNotFoundError(
+                f"capture: no model {request.model!r} here (models: "
+                f"{', '.join(sorted(self.slots.slots)) or 'none'})"
+            )
+        if request.off:
+            cap.set_rule(request.model, None)
+        else:
+            if request.rate_bp == 0:
+                raise InvalidRequestError("capture: give --rate PCT above 0, or --off")
+            cap.set_rule(
+                request.model,
+                CaptureRule(request.rate_bp, tuple(request.exclude), tuple(request.hash)),
+            )
+        await asyncio.to_thread(LocalRules(cap.limits.dir).save, dict(cap.rules))
+        rule = cap.rules.get(request.model)
+        files = [f for f in cap.files() if f.parent.name == request.model]
+        return agent_pb2.CaptureResponse(
+            model=request.model,
+            rate_bp=rule.rate_bp if rule else 0,
+            exclude=list(rule.exclude) if rule else [],
+            hash=list(rule.hash) if rule else [],
+            captured=cap.captured.get(request.model, 0),
+            dropped=cap.dropped.get(request.model, 0),
+            files=len(files),
+        )
 
     @_grpc_errors
     async def Rollback(self, request, context):
@@ -498,10 +537,11 @@ def build_admin_server(
     listen: str,
     fleet_hub: str = "",
     models: Path | None = None,
+    capture: Capture | None = None,
 ) -> grpc.aio.Server:
     server = grpc.aio.server()
     agent_pb2_grpc.add_AgentAdminServicer_to_server(
-        AdminServicer(slots, listen, fleet_hub, models), server
+        AdminServicer(slots, listen, fleet_hub, models, capture), server
     )
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     if socket_path.exists():

@@ -22,6 +22,8 @@ SUITES = {
     "batch": "tests.benchmarks.batch_bench",  # Parquet scoring vs raw onnxruntime / plain loop
     "traffic": "tests.benchmarks.traffic_bench",  # shadow cost, split accuracy and stickiness
     "drift": "tests.benchmarks.drift_bench",  # drift cost per request, detection, false alarms
+    "judge": "tests.benchmarks.judge_bench",  # rollout judge vs ratio gates on a simulated fleet
+    "capture": "tests.benchmarks.capture_bench",  # serving cost of 10% inference capture
 }
 
 
