@@ -83,6 +83,11 @@ def main() -> None:
         default="",
         help="comma-separated agents to run, of baseline, off, on, 0%% (default: all)",
     )
+    parser.add_argument(
+        "--baseline-last",
+        action="store_true",
+        help="start and alternate the baseline agent last (default: first)",
+    )
     args = parser.parse_args()
 
     print("== micro-benchmark (ns per operation, best of 5)")
@@ -115,6 +120,11 @@ def main() -> None:
         }
         if args.baseline_python:
             configs = {"baseline": (args.baseline_python, {}), **configs}
+        if args.baseline_last and "baseline" in configs:
+            # The order the blocks alternate in, reversed: a position effect shows as a flip.
+            configs = {k: v for k, v in configs.items() if k != "baseline"} | {
+                "baseline": configs["baseline"]
+            }
         if args.only:
             wanted = {f"tracing {w}" if w != "baseline" else w for w in args.only.split(",")}
             configs = {k: v for k, v in configs.items() if k in wanted}
