@@ -27,12 +27,14 @@ from modelfleet.agent.serving.grpc_server import (
 from modelfleet.agent.serving.security import BearerTokenInterceptor, TlsFiles, server_credentials
 from modelfleet.agent.serving.shadow import ShadowRunner
 from modelfleet.agent.slots import BatchingConfig, SlotManager
+from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import InvalidRequestError, ListenError
 from modelfleet.kernel.listen import check_listen
 from modelfleet.kernel.logs import reload_logged
 from modelfleet.kernel.runtime import RuntimeOptions
 from modelfleet.kernel.sdnotify import Notifier
 from modelfleet.kernel.settings import split_hostport
+from modelfleet.kernel.tracing import TracingSettings
 
 if TYPE_CHECKING:
     from modelfleet.agent.fleet.controlplane import ControlPlane
@@ -235,6 +237,24 @@ def status_line(slots: SlotManager) -> str:
     return text
 
 
+def start_tracing(cfg: ServeConfig) -> None:
+    """OpenTelemetry on when tracing_endpoint is set (the SDK is imported only then)."""
+    if not cfg.tracing_endpoint:
+        return
+    from modelfleet.agent import __version__
+
+    tracing.start(
+        TracingSettings(
+            cfg.tracing_endpoint, cfg.tracing_sample_ratio, cfg.tracing_service_name, __version__
+        )
+    )
+    log.info(
+        "tracing: OTLP to %s, sampling %g of requests without a sampled parent",
+        cfg.tracing_endpoint,
+        cfg.tracing_sample_ratio,
+    )
+
+
 def _inode(path: Path) -> tuple[int, int] | None:
     try:
         st = path.stat()
@@ -272,6 +292,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
             cfg.metrics_listen, "metrics (metrics_listen)", "set another port with --metrics-listen"
         )
     credentials, token_check, security = inference_security(cfg)
+    start_tracing(cfg)
     metrics = AgentMetrics()
     slots = build_slots(cfg, metrics)
     drift = build_drift(cfg, slots)
@@ -444,6 +465,8 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         await admin.stop(grace=0)
         await dataplane.close()
         slots.close()
+        # After the drain and the shadow runs: their spans are in the last export.
+        tracing.stop()
         found = _inode(admin_path)
         if found is not None and found == admin_inode:
             admin_path.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 from modelfleet.kernel.errors import InvalidRequestError
 from modelfleet.kernel.settings import ConfigOrigin, apply_reloadable, load_settings, split_hostport
+from modelfleet.kernel.tracing import check_settings as check_tracing
 
 ENV_PREFIX = "MODELFLEET_AGENT_"
 
@@ -133,6 +134,13 @@ class ServeConfig:
     # reports the on-disk outbox keeps (the oldest are dropped and counted beyond that).
     telemetry_interval_s: float = 5.0
     telemetry_outbox_max_reports: int = 10_000
+    # OpenTelemetry tracing (docs/monitoring.md#tracing): the OTLP/gRPC collector, e.g.
+    # http://127.0.0.1:4317; empty (the default) turns tracing off and loads no tracing code.
+    tracing_endpoint: str = ""
+    # Share of requests without a sampled caller's context that are traced, 0..1.
+    tracing_sample_ratio: float = 1.0
+    # service.name of the spans.
+    tracing_service_name: str = "modelfleet-agent"
     # Inference capture (docs/monitoring.md#inference-capture): which models and how much comes
     # from the hub (fleet) or `modelfleet-agent capture` (standalone). Files go to this folder
     # (empty: <data>/capture); sampled requests beyond capture_queue_max waiting for the writer
@@ -271,6 +279,7 @@ def validate(cfg: ServeConfig) -> None:
         raise InvalidRequestError(
             "config: telemetry_interval_s must be > 0 and telemetry_outbox_max_reports >= 1"
         )
+    check_tracing(cfg.tracing_endpoint, cfg.tracing_sample_ratio)
     if cfg.capture_queue_max < 0 or cfg.capture_rotate_bytes < 1 or cfg.capture_quota_bytes < 1:
         raise InvalidRequestError(
             "config: capture_queue_max must be >= 0, capture_rotate_bytes and "

@@ -22,7 +22,9 @@ from modelfleet.hub.config import RELOADABLE, HubConfig, reload_hub_config
 from modelfleet.hub.core import HubCore, lock_data_dir
 from modelfleet.hub.server import AdminServicer, FleetServicer
 from modelfleet.hub.signing import RepositoryIntegrityError
+from modelfleet.kernel import tracing
 from modelfleet.kernel.atomic import atomic_write_json
+from modelfleet.kernel.commandline import package_version
 from modelfleet.kernel.errors import ListenError
 from modelfleet.kernel.grpc_options import server_options
 from modelfleet.kernel.identity import (
@@ -35,6 +37,7 @@ from modelfleet.kernel.identity import (
 from modelfleet.kernel.listen import check_listen
 from modelfleet.kernel.logs import reload_logged
 from modelfleet.kernel.sdnotify import Notifier
+from modelfleet.kernel.tracing import TracingSettings
 from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger("modelfleet.hub")
@@ -146,6 +149,25 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
     return port
 
 
+def start_tracing(cfg: HubConfig) -> None:
+    """OpenTelemetry on when tracing_endpoint is set (the SDK is imported only then)."""
+    if not cfg.tracing_endpoint:
+        return
+    tracing.start(
+        TracingSettings(
+            cfg.tracing_endpoint,
+            cfg.tracing_sample_ratio,
+            cfg.tracing_service_name,
+            package_version(),
+        )
+    )
+    log.info(
+        "tracing: OTLP to %s, sampling %g of operations without a sampled parent",
+        cfg.tracing_endpoint,
+        cfg.tracing_sample_ratio,
+    )
+
+
 async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``); SIGHUP reloads the config.
 
@@ -191,6 +213,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     data_lock = lock_data_dir(Path(cfg.data), "start the hub")
     core = HubCore(cfg)
     ensure_admin_identity(core)
+    start_tracing(cfg)
     key_pem, chain_pem, ca_pem = tls_material(core)
     server = grpc.aio.server(options=server_options(cfg.max_message_bytes, keepalive=True))
     pb_grpc.add_FleetServicer_to_server(FleetServicer(core), server)
@@ -316,6 +339,8 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
         alerts.close()
         core.telemetry_ingest.close()
         core.registry.close()
+        # Last: the drained calls' and final rollout steps' spans go out with the flush.
+        tracing.stop()
         os.close(data_lock)
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -913,6 +913,7 @@ def admin_channel(args: argparse.Namespace) -> Any:
     import grpc
 
     from modelfleet.kernel.grpc_options import FLEET_MESSAGE_BYTES, message_size_options
+    from modelfleet.kernel.tracing import MetadataInterceptor, env_carrier
 
     admin = args.admin_dir or args.data / "admin"
     address = args.hub
@@ -931,7 +932,12 @@ def admin_channel(args: argparse.Namespace) -> Any:
         )
     except OSError as exc:
         raise _Unavailable(f"cannot read the admin identity in {admin}: {exc}") from None
-    return grpc.secure_channel(address, creds, options=message_size_options(FLEET_MESSAGE_BYTES))
+    channel = grpc.secure_channel(address, creds, options=message_size_options(FLEET_MESSAGE_BYTES))
+    # Started inside a trace (TRACEPARENT set, e.g. by a CI job): the hub's spans join it.
+    carried = env_carrier()
+    if carried:
+        channel = grpc.intercept_channel(channel, MetadataInterceptor(carried))
+    return channel
 
 
 class _Unavailable(ModelfleetError):

@@ -12,6 +12,7 @@ from typing import Any
 
 from modelfleet.kernel.errors import InvalidRequestError
 from modelfleet.kernel.settings import ConfigOrigin, apply_reloadable, load_settings, split_hostport
+from modelfleet.kernel.tracing import check_settings as check_tracing
 
 ENV_PREFIX = "MODELFLEET_HUB_"
 
@@ -90,6 +91,13 @@ class HubConfig:
     webhook_backoff_s: float = 1.0
     webhook_backoff_max_s: float = 300.0
     webhook_timeout_s: float = 10.0
+    # OpenTelemetry tracing (docs/monitoring.md#tracing): the OTLP/gRPC collector, e.g.
+    # http://127.0.0.1:4317; empty (the default) turns tracing off and loads no tracing code.
+    tracing_endpoint: str = ""
+    # Share of operations without a sampled caller's context that are traced, 0..1.
+    tracing_sample_ratio: float = 1.0
+    # service.name of the spans.
+    tracing_service_name: str = "modelfleet-hub"
     log_level: str = "INFO"
     log_json: bool = False
     # Not a setting (refused in the file and the environment): set by load_hub_config.
@@ -142,6 +150,7 @@ def load_hub_config(
     if cfg.drain_timeout_s < 0:
         raise InvalidRequestError("config: drain_timeout_s must be >= 0")
     _check_alerting(cfg)
+    check_tracing(cfg.tracing_endpoint, cfg.tracing_sample_ratio)
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise InvalidRequestError(f"config: unknown log_level {cfg.log_level!r}")
     return cfg

@@ -15,6 +15,7 @@ from typing import Any
 from modelfleet.hub.judge import AgentWindow
 from modelfleet.hub.registry import selector_matches
 from modelfleet.hub.rollouts import ACTIVE_STATES, AgentFacts, Rollout, Spec, Stats, check_target
+from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import (
     TRANSIENT_REASONS,
     InvalidRequestError,
@@ -82,6 +83,61 @@ class FleetObserver:
             return []
         result: list[AgentWindow] = store.samples(self.model, version, list(agents), since, until)
         return result
+
+
+class _StepTrace:
+    """Spans for what one step of a rollout did (tracing on only): a wave started, an
+    evaluation and its verdict, a rollback, completion. Under the operator's span when a
+    command took the step; the timer's steps are traces of their own."""
+
+    def __init__(self, r: Rollout, state_before: str) -> None:
+        self.state, self.wave = state_before, r.wave
+        self.evaluations = len(r.gate_values)
+        self.start_ns = time.time_ns()
+
+    def record(self, r: Rollout) -> None:
+        attrs: dict[str, Any] = {
+            tracing.MODEL: r.spec.model,
+            tracing.VERSION: r.spec.version,
+            "modelfleet.rollout_id": r.id,
+        }
+        ended = ("rolling_back", "rolled_back")
+        for values in r.gate_values[self.evaluations :]:
+            if r.state in ended and self.state not in ended:
+                verdict = "fail"
+            elif r.state == "paused":
+                verdict = "inconclusive"
+            else:
+                verdict = "pass"
+            tracing.event(
+                "hub.rollout.evaluate",
+                self.start_ns,
+                {
+                    **attrs,
+                    "modelfleet.wave": values.get("wave", r.wave + 1),
+                    "modelfleet.verdict": verdict,
+                    "modelfleet.canary_requests": values.get("canary_requests", 0),
+                    "modelfleet.baseline_requests": values.get("baseline_requests", 0),
+                },
+            )
+        if r.state == "switching" and (
+            r.wave != self.wave or self.state not in ("switching", "paused")
+        ):
+            tracing.event(
+                "hub.rollout.wave",
+                self.start_ns,
+                {
+                    **attrs,
+                    "modelfleet.wave": r.wave + 1,
+                    "modelfleet.agents": r.sizes[min(r.wave, len(r.sizes) - 1)],
+                },
+            )
+        if r.state in ended and self.state not in ended:
+            tracing.event(
+                "hub.rollout.rollback", self.start_ns, {**attrs, "modelfleet.reason": r.reason}
+            )
+        if r.state == "done" and self.state != "done":
+            tracing.event("hub.rollout.done", self.start_ns, attrs)
 
 
 class RolloutManager:
@@ -249,6 +305,7 @@ class RolloutManager:
     ) -> None:
         before = json.dumps(r.to_json(), sort_keys=True)
         state_before = state_before or r.state
+        step = _StepTrace(r, state_before) if tracing.current() is not None else None
         assignments = r.step(self.clock(), FleetObserver(self.core, r.spec.model))
         changed = bool(r.prepare_out or r.split_out)
         await self._apply(r, assignments)
@@ -261,6 +318,8 @@ class RolloutManager:
             self.core.registry.save_rollout(r.id, r.state, r.to_json())
             if r.events:
                 log.info("rollout %d of %s: %s", r.id, r.spec.model, r.events[-1]["text"])
+        if step is not None:
+            step.record(r)
 
     async def _make_fleet_default(self, r: Rollout) -> None:
         """A completed rollout's version becomes the desired version of its selector.

@@ -34,6 +34,7 @@ from modelfleet.hub.convert import (
 )
 from modelfleet.hub.core import HubCore, PublishResult
 from modelfleet.hub.registry import PermissionDeniedError
+from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError
 from modelfleet.kernel.grpc_status import GRPC_CODES
 from modelfleet.kernel.identity import IdentityError, parse_identity
@@ -60,6 +61,15 @@ def caller(context: grpc.aio.ServicerContext, kind: str) -> str:
     if got_kind != kind:
         raise PermissionDeniedError(f"{got_kind} identities may not call this method")
     return name
+
+
+def _carrier(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The admin CLI's W3C trace context (TRACEPARENT in its environment), if it sent one."""
+    return tracing.carrier_of(context.invocation_metadata())
+
+
+def _selector(selector: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(dict(selector).items()))
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -240,7 +250,18 @@ class RolloutServicerMixin:
             abort_failed_pct=request.abort_failed_pct,
             abort_min_agents=request.abort_min_agents or 1,
         )
-        r = await self.core.rollouts.start(spec)
+        with tracing.span(
+            "hub.rollout.start",
+            _carrier(context),
+            {
+                tracing.MODEL: spec.model,
+                tracing.VERSION: spec.version,
+                "modelfleet.selector": _selector(spec.selector),
+                "modelfleet.strategy": spec.strategy,
+            },
+        ) as span:
+            r = await self.core.rollouts.start(spec)
+            span.set_attribute("modelfleet.rollout_id", r.id)
         return rollout_to_proto(r, time.time(), self.core.rollouts.facts(r))
 
     @unary
@@ -252,7 +273,14 @@ class RolloutServicerMixin:
     @unary
     async def ControlRollout(self, request, context):
         caller(context, "admin")
-        r = await self.core.rollouts.control(request.model, request.action)
+        with tracing.span(
+            f"hub.rollout.{request.action or 'control'}",
+            _carrier(context),
+            {tracing.MODEL: request.model, "modelfleet.action": request.action},
+        ) as span:
+            r = await self.core.rollouts.control(request.model, request.action)
+            span.set_attribute("modelfleet.rollout_id", r.id)
+            span.set_attribute("modelfleet.state", r.state)
         return rollout_to_proto(r, time.time(), self.core.rollouts.facts(r))
 
     @unary
@@ -273,18 +301,29 @@ class ExperimentServicerMixin:
     async def StartExperiment(self, request, context):
         actor = caller(context, "admin")
         x = self.core.experiments
-        e = await x.start(
-            request.model,
-            request.candidate,
-            dict(request.selector),
-            split_percent=request.split_percent,
-            shadow_percent=request.shadow_percent,
-            sticky=request.sticky,
-            duration_s=request.duration_s,
-            actor=actor,
-            judge_metrics=list(request.judge),
-            gates=list(request.gates),
-        )
+        with tracing.span(
+            "hub.experiment.start",
+            _carrier(context),
+            {
+                tracing.MODEL: request.model,
+                tracing.VERSION: request.candidate,
+                "modelfleet.selector": _selector(request.selector),
+                "modelfleet.split_percent": request.split_percent,
+                "modelfleet.shadow_percent": request.shadow_percent,
+            },
+        ):
+            e = await x.start(
+                request.model,
+                request.candidate,
+                dict(request.selector),
+                split_percent=request.split_percent,
+                shadow_percent=request.shadow_percent,
+                sticky=request.sticky,
+                duration_s=request.duration_s,
+                actor=actor,
+                judge_metrics=list(request.judge),
+                gates=list(request.gates),
+            )
         return experiment_to_proto(x.status(e))
 
     @unary
@@ -305,14 +344,19 @@ class ExperimentServicerMixin:
     async def ControlExperiment(self, request, context):
         actor = caller(context, "admin")
         x = self.core.experiments
-        if request.action == "stop":
-            e = await x.stop(request.model, request.id, actor)
-        elif request.action == "promote":
-            e = await x.promote(request.model, request.id, actor)
-        else:
+        if request.action not in ("stop", "promote"):
             raise InvalidRequestError(
                 f"unknown experiment action {request.action!r} (stop or promote)"
             )
+        with tracing.span(
+            f"hub.experiment.{request.action}",
+            _carrier(context),
+            {tracing.MODEL: request.model, "modelfleet.experiment_id": request.id},
+        ):
+            if request.action == "stop":
+                e = await x.stop(request.model, request.id, actor)
+            else:
+                e = await x.promote(request.model, request.id, actor)
         return experiment_to_proto(x.status(e))
 
 
@@ -424,6 +468,11 @@ class AdminServicer(
     @unary
     async def Publish(self, request_iterator, context):
         caller(context, "admin")
+        with tracing.span("hub.publish", _carrier(context)) as span:
+            result = await self._publish(request_iterator, span)
+        return _publish_response(result)
+
+    async def _publish(self, request_iterator: Any, span: Any) -> PublishResult:
         header = None
         path = self.core.new_upload()
         received = 0
@@ -434,6 +483,7 @@ class AdminServicer(
                         if header is not None:
                             raise InvalidRequestError("publish sent a second header")
                         header = chunk.header
+                        span.set_attribute(tracing.MODEL, header.name)
                         self.core.admit_upload(
                             {
                                 "name": header.name,
@@ -465,7 +515,9 @@ class AdminServicer(
             result = self.core.register_upload(hdr, verified)
         finally:
             Path(path).unlink(missing_ok=True)
-        return _publish_response(result)
+        span.set_attribute(tracing.VERSION, result.version.version)
+        span.set_attribute("modelfleet.bytes", received)
+        return result
 
     @unary
     async def CommitTargets(self, request, context):
@@ -508,14 +560,25 @@ class AdminServicer(
     @unary
     async def Deploy(self, request, context):
         actor = caller(context, "admin")
-        outcome = await self.core.deployments.deploy(
-            request.name,
-            request.version,
-            dict(request.selector),
-            actor=actor,
-            dry_run=request.dry_run,
-            allow_empty=request.allow_empty,
-        )
+        with tracing.span(
+            "hub.deploy",
+            _carrier(context),
+            {
+                tracing.MODEL: request.name,
+                tracing.VERSION: request.version,
+                "modelfleet.selector": _selector(request.selector),
+                "modelfleet.dry_run": request.dry_run,
+            },
+        ) as span:
+            outcome = await self.core.deployments.deploy(
+                request.name,
+                request.version,
+                dict(request.selector),
+                actor=actor,
+                dry_run=request.dry_run,
+                allow_empty=request.allow_empty,
+            )
+            span.set_attribute("modelfleet.agents", outcome.matched)
         return pb.DeployResponse(
             agents=outcome.matched,
             revision=outcome.revision,

@@ -31,6 +31,8 @@ class Timing:
     queue_s: float = 0.0
     compute_s: float = 0.0
     batch_rows: int = 0
+    # perf_counter() when the run began (0: unknown); the trace's queue and inference spans.
+    started: float = 0.0
 
 
 @dataclass
@@ -63,16 +65,18 @@ class DirectRunner:
 
     async def infer(self, inputs: dict[str, np.ndarray], rows: int) -> tuple[dict, Timing]:
         if self.inline:
-            out, _, compute = _timed(self._run, inputs)
+            out, started, compute = _timed(self._run, inputs)
             self._observer(rows, compute)
-            return out, Timing(queue_s=0.0, compute_s=compute, batch_rows=rows)
+            return out, Timing(queue_s=0.0, compute_s=compute, batch_rows=rows, started=started)
         loop = asyncio.get_running_loop()
         submitted = time.perf_counter()
         out, started, compute = await loop.run_in_executor(
             self._executor, _timed, self._run, inputs
         )
         self._observer(rows, compute)
-        return out, Timing(queue_s=started - submitted, compute_s=compute, batch_rows=rows)
+        return out, Timing(
+            queue_s=started - submitted, compute_s=compute, batch_rows=rows, started=started
+        )
 
 
 # Queue delays end within this of their deadline on a thread instead of the event loop.
@@ -224,7 +228,10 @@ class DynamicBatcher:
                         (
                             part,
                             Timing(
-                                queue_s=started - it.enqueued, compute_s=compute, batch_rows=total
+                                queue_s=started - it.enqueued,
+                                compute_s=compute,
+                                batch_rows=total,
+                                started=started,
                             ),
                         )
                     )

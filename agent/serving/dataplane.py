@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from modelfleet.agent.metrics import AgentMetrics
+from modelfleet.agent.serving import tracing as spans
 from modelfleet.agent.serving.capture import Capture
 from modelfleet.agent.serving.routing import (
     ARM_ACTIVE,
@@ -52,6 +53,8 @@ class InferRequest:
     # Sticky split (agent/serving/routing.py): the request parameter `routing_key`, or the
     # gRPC metadata header `x-routing-key`; empty: none.
     routing_key: str = ""
+    # The request's span when tracing is on (agent/serving/tracing.py); None: not traced.
+    trace: Any = None
 
 
 @dataclass
@@ -191,6 +194,8 @@ class DataPlane:
         except ModelfleetError as exc:
             elapsed = time.perf_counter() - start
             self._account_failure(request, version, exc, elapsed)
+            if request.trace is not None:
+                spans.failed(request.trace, version)
             raise
         elapsed = time.perf_counter() - start
         labels = (version.name, str(version.version))
@@ -203,6 +208,8 @@ class DataPlane:
         s.queue_ns += int(timing.queue_s * 1e9)
         s.last_inference_ms = int(time.time() * 1000)
         version.telemetry.ok(elapsed, timing.queue_s)
+        if request.trace is not None:
+            spans.served(request.trace, version, route, timing, rows)
         if version.drift is not None:
             # Decides at once, counts after the response is sent (agent/serving/drift.py).
             version.drift.offer(feed, results)
@@ -210,7 +217,7 @@ class DataPlane:
             self.metrics.routed.labels(*labels, route.arm).inc()
             if route.shadow is not None:
                 # The response is complete; the copy waits in the shadow queue, or is dropped.
-                self.shadow.offer(version, route.shadow, feed, results)
+                self.shadow.offer(version, route.shadow, feed, results, request.trace)
         if self.capture is not None and self.capture.rules:
             # Like the shadow copy: after the response is built, a draw and a put_nowait.
             self.capture.offer(

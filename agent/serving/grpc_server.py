@@ -27,6 +27,7 @@ from modelfleet.agent.serving.converters import request_from_proto, response_to_
 from modelfleet.agent.serving.dataplane import DataPlane
 from modelfleet.agent.serving.routing import ROUTING_KEY_HEADER, Comparison
 from modelfleet.agent.slots import LoadedVersion, SlotManager
+from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import (
     InvalidRequestError,
     ListenError,
@@ -89,6 +90,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, slots: SlotManager, dataplane: DataPlane) -> None:
         self.slots = slots
         self.dataplane = dataplane
+        # Set once at start (kernel/tracing.py); None: every request skips tracing with one check.
+        self.tracing = tracing.current()
 
     @_grpc_errors
     async def ServerLive(self, request, context):
@@ -201,7 +204,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if key == ROUTING_KEY_HEADER:
                     req.routing_key = value if isinstance(value, str) else value.decode()
                     break
-        return response_to_proto(await self.dataplane.infer(req))
+        if self.tracing is None:
+            return response_to_proto(await self.dataplane.infer(req))
+        return await self._traced_infer(req, context)
+
+    async def _traced_infer(self, req: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The request span, continuing the caller's W3C trace context from the metadata; the
+        data plane adds the queue, inference and shadow spans under it (req.trace)."""
+        assert self.tracing is not None
+        with self.tracing.span(
+            "inference.GRPCInferenceService/ModelInfer",
+            carrier=tracing.carrier_of(context.invocation_metadata()),
+            kind="server",
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": "inference.GRPCInferenceService",
+                "rpc.method": "ModelInfer",
+                tracing.MODEL: req.model_name,
+            },
+        ) as span:
+            req.trace = span
+            return response_to_proto(await self.dataplane.infer(req))
 
 
 def model_config(v: LoadedVersion) -> pb.ModelConfig:

@@ -21,9 +21,11 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from modelfleet.agent.serving import tracing as spans
 
 if TYPE_CHECKING:
     from modelfleet.agent.metrics import AgentMetrics
@@ -120,6 +122,8 @@ class _Copy:
     shadow: LoadedVersion
     feed: dict[str, np.ndarray]
     outputs: dict[str, np.ndarray]
+    # The request's span when tracing is on: the shadow run's span goes under it.
+    trace: Any = None
 
 
 class _OutputSeries:
@@ -193,6 +197,7 @@ class ShadowRunner:
         shadow: LoadedVersion,
         feed: dict[str, np.ndarray],
         outputs: dict[str, np.ndarray],
+        trace: Any = None,
     ) -> bool:
         """Queue a copy (never waits); False when it was dropped."""
         if self.closed:
@@ -202,7 +207,7 @@ class ShadowRunner:
             return False
         q = self._queue or self._start()
         try:
-            q.put_nowait(_Copy(primary, shadow, feed, outputs))
+            q.put_nowait(_Copy(primary, shadow, feed, outputs, trace))
         except queue.Full:
             self._record_drop(primary, shadow, outputs)
             return False
@@ -229,6 +234,7 @@ class ShadowRunner:
             copy = q.get()
             if copy is None:
                 return
+            start_ns = time.time_ns() if copy.trace is not None else 0
             try:
                 elapsed, compared = _run(copy)
             except Exception as exc:  # the shadow failing is a finding, never a crash
@@ -236,8 +242,27 @@ class ShadowRunner:
                 log.debug(
                     "shadow run of %s v%d failed: %s", copy.shadow.name, copy.shadow.version, exc
                 )
+                if copy.trace is not None:
+                    spans.shadow_ran(
+                        copy.trace,
+                        copy.primary,
+                        copy.shadow,
+                        start_ns,
+                        "failed",
+                        type(exc).__name__,
+                    )
             else:
                 self._record(copy, compared, elapsed)
+                if copy.trace is not None:
+                    agreed = all(c.ok for c in compared)
+                    spans.shadow_ran(
+                        copy.trace,
+                        copy.primary,
+                        copy.shadow,
+                        start_ns,
+                        "compared" if agreed else "failed",
+                        "" if agreed else "comparison_failed",
+                    )
 
     def _record(self, copy: _Copy, compared: list[OutputCompare] | None, elapsed: float) -> None:
         p, s = copy.primary, copy.shadow
