@@ -1,4 +1,4 @@
-"""`make demo`: the whole story so far, on embedded defaults, in under a minute.
+"""`make demo`: the whole story so far, on embedded defaults, in about a minute.
 
 Part 1 (standalone agent): builds model versions, serves v1 with a real agent process, keeps
 clients busy, drops v2 into the repository (gated hot swap, no failed request), drops a broken
@@ -6,7 +6,11 @@ v3 (refused by the gate, v2 keeps serving), rolls back.
 
 Part 2 (fleet): starts a hub (SQLite, local blob store, TUF signing, its own CA), enrolls three
 agents with different labels, publishes and signs v1 and v2, deploys v1 everywhere and v2 to
-one site, and shows what the fleet reports.
+one site, and shows what the fleet reports; canary rollouts (one completes, one is rolled back
+by its health gate), a scheduled batch job, desired state as code (export, diff, apply); a
+traffic canary the statistical judge fails at 5% of the requests, a shadow experiment with its
+output comparison and verdict (issue 15); and drift on live traffic firing the built-in alert,
+whose webhook receives one signed notification (issue 16).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from modelfleet.hub.cli import EXIT_ROLLED_BACK, EXIT_STATE_DIFFERS
+from modelfleet.hub.experiments import MIN_SHADOW_COMPARED
 from modelfleet.kernel.bundle import create_bundle
 from tests import models
 from tests.procs import (
@@ -32,6 +37,7 @@ from tests.procs import (
     HubProcess,
     agent_status,
     enroll_agent,
+    traffic,
     wait_for,
 )
 
@@ -381,6 +387,8 @@ def fleet(work: Path) -> bool:
         run_hub(hub, "apply", "-f", str(smaller), "--prune")
         run_hub(hub, "apply", "-f", str(smaller), "--prune")  # again: nothing to change
 
+        if not live_comparisons(hub, agents, work):
+            return False
         return drift_alert(hub, agents[2], work)
     finally:
         for a in agents:
@@ -388,6 +396,71 @@ def fleet(work: Path) -> bool:
         hub.stop()
         if broker is not None:
             broker.stop()
+
+
+def live_comparisons(hub: HubProcess, agents: list[AgentProcess], work: Path) -> bool:
+    """Issue 15: a traffic canary judged on live requests, and a shadow experiment."""
+    step(
+        "17. Traffic canary of v5, which passes its health gate but fails single-row requests "
+        "at run time: 5% of the requests first; the statistical judge fails it and every agent "
+        "goes back to 0% at once"
+    )
+    samples = work / "reshape-samples.npz"
+    np.savez(samples, x=np.ones((3, 4), np.float32))
+    bad = models.reshape_model(work / "src" / "v5.onnx")
+    run_hub(hub, "publish", "fraud", str(bad), "--max-batch-size", "0", "--samples", str(samples))
+    with traffic(agents, model="fraud", interval_s=0.005):
+        code = run_hub_code(
+            hub,
+            "rollout",
+            "start",
+            "fraud",
+            "5",
+            "--traffic",
+            "5,50,100",
+            "--waves",
+            "100",
+            "--bake",
+            "60s",
+            "--min-requests",
+            "20",
+            "--wait",
+            "--timeout",
+            "90s",
+        )
+    print(f"  exit code {code} (docs/cli.md: {EXIT_ROLLED_BACK} means rolled back)")
+    if code != EXIT_ROLLED_BACK:
+        return False
+    run_hub(hub, "rollout", "status", "fraud")
+    wait_for(lambda: all(_active(a) == 3 for a in agents), 60, "all on v3")
+
+    step(
+        "18. Shadow experiment: v6 (other weights) runs on copies of the berlin agents' "
+        "requests after each response; clients only ever see v3"
+    )
+    run_hub(hub, "publish", "fraud", str(models.mlp(work / "src" / "v6.onnx", seed=6)))
+    run_hub(
+        hub,
+        "experiment",
+        "start",
+        "fraud",
+        "--candidate",
+        "6",
+        "--shadow",
+        "100",
+        "--selector",
+        "site=berlin",
+    )
+
+    def compared() -> bool:
+        shadow = json.loads(hub.cli("experiment", "status", "fraud", "--json"))["shadow"]
+        return bool(shadow and shadow["compared"] >= MIN_SHADOW_COMPARED)
+
+    with traffic(agents[:2], model="fraud", interval_s=0.005):
+        wait_for(compared, 60, "shadow comparisons", interval=0.5)
+    run_hub(hub, "experiment", "status", "fraud")
+    run_hub(hub, "experiment", "stop", "fraud")
+    return True
 
 
 def drift_alert(hub: HubProcess, agent: AgentProcess, work: Path) -> bool:
