@@ -37,8 +37,14 @@ SHIFTED = 1  # x[1] moves by SHIFT_SD standard deviations
 SHIFT_SD = 4.0
 
 
+# Rows per request: enough that a 2-second window holds a few thousand rows even when a busy
+# machine slows the client down (PSI over a few hundred rows is noisy on unshifted data).
+ROWS = 16
+
+
 class Traffic:
-    """Requests of 4 rows drawn like the reference, with x[1] shifted once ``shift`` is set."""
+    """Requests of ROWS rows drawn like the reference, with x[1] shifted once ``shift`` is
+    set."""
 
     def __init__(self, agent: AgentProcess) -> None:
         self.agent = agent
@@ -53,10 +59,10 @@ class Traffic:
         rng = np.random.default_rng(12)
         with grpcclient.InferenceServerClient(self.agent.url) as c:
             while not self.stop.is_set():
-                x = rng.standard_normal((4, 4)).astype(np.float32)
-                x[:, 3] = rng.integers(0, 4, 4)
+                x = rng.standard_normal((ROWS, 4)).astype(np.float32)
+                x[:, 3] = rng.integers(0, 4, ROWS)
                 x[:, SHIFTED] += self.shift
-                inp = grpcclient.InferInput("x", [4, 4], "FP32")
+                inp = grpcclient.InferInput("x", [ROWS, 4], "FP32")
                 inp.set_data_from_numpy(x)
                 with contextlib.suppress(Exception):
                     c.infer("mlp", [inp])

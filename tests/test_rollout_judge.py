@@ -127,25 +127,41 @@ def test_a_a_canary_passes_under_the_default_judge(fleet) -> None:
     version = published.group(1)
     with traffic(agents):
         # Traffic before the rollout: the judge compares each agent with its own level then.
-        time.sleep(30)
-        hub.cli(*START, version, "--bake", "20s", "--max-bake", "180s", "--min-requests", "200")
+        time.sleep(20)
+        # A traffic canary: every agent answers half of its requests with the candidate, so
+        # both arms run on the same devices at the same moments.
+        hub.cli(
+            "rollout",
+            "start",
+            "mlp",
+            version,
+            "--traffic",
+            "50,100",
+            "--waves",
+            "100",
+            "--agent-timeout",
+            "60s",
+            "--bake",
+            "20s",
+            "--max-bake",
+            "60s",
+            "--min-requests",
+            "200",
+        )
         wait_for(
-            lambda: status(hub)["state"] in ("done", "rolled_back", "paused"), 300, "a verdict"
+            lambda: status(hub)["state"] in ("done", "rolled_back", "paused"), 180, "a verdict"
         )
     s = status(hub)
     text = hub.cli("rollout", "status", "mlp")
-    # Never a false rollback. On two shared cores the p99 of a sub-millisecond model follows the
-    # scheduler more than the version: with two canaries it may stay inconclusive for the whole
-    # --max-bake, and then the rollout waits for an operator instead of guessing.
+    # Never a false rollback, and never a failed metric. On two shared cores the p99 of a
+    # sub-millisecond model follows the scheduler more than the version, and the judge
+    # compares the arms' agent-windows unpaired: p99 (and on a busy machine p50) may stay
+    # inconclusive for the whole --max-bake, and then the rollout waits for an operator
+    # instead of guessing. On a quiet machine it passes.
     assert s["state"] in ("done", "paused"), text
+    verdicts = {v["metric"]: v["verdict"] for v in s["last_evaluation"]["verdicts"]}
+    assert verdicts["errors"] == "pass" and "fail" not in verdicts.values(), text
     if s["state"] == "paused":
-        verdicts = {v["metric"]: v["verdict"] for v in s["last_evaluation"]["verdicts"]}
-        assert verdicts == {
-            "latency_p50": "pass",
-            "latency_p99": "inconclusive",
-            "errors": "pass",
-        }, text
+        assert "the judge cannot tell" in s["reason"], text
         return
-    passed = [e["text"] for e in s["events"] if e["text"].startswith("wave 1 passed")]
-    assert passed and "latency_p99 pass" in passed[0] and "errors pass" in passed[0], s["events"]
     wait_for(lambda: all(active(a) == int(version) for a in agents), 60, "A/A everywhere")
