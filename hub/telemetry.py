@@ -409,6 +409,29 @@ def percentile(counts: Sequence[int], bounds: Sequence[float], q: float) -> floa
     return float(bounds[-1])
 
 
+def _report_filter(
+    model: str,
+    version: int | None,
+    agents: Collection[str] | None,
+    since: float,
+    until: float,
+) -> tuple[str, dict[str, Any]] | None:
+    """The WHERE clause (and its parameters) every window query shares: one model, one version
+    or all (None), reports that ended in ``(since, until]``, some agents or the whole fleet
+    (None). None when ``agents`` is empty: nobody's reports, nothing to query."""
+    where = ["model = $model", "end_unix > $since", "end_unix <= $until"]
+    params: dict[str, Any] = {"model": model, "since": since, "until": until}
+    if version is not None:
+        where.append("version = $version")
+        params["version"] = int(version)
+    if agents is not None:
+        if not agents:
+            return None
+        where.append("agent_id IN (SELECT unnest($agents::VARCHAR[]))")
+        params["agents"] = list(agents)
+    return " AND ".join(where), params
+
+
 class TelemetryStore:
     def __init__(
         self,
@@ -594,17 +617,11 @@ class TelemetryStore:
         since: float,
         until: float,
     ) -> list[WindowStats]:
-        where = ["model = $model", "end_unix > $since", "end_unix <= $until"]
-        params: dict[str, Any] = {"model": model, "since": since, "until": until}
-        if version is not None:
-            where.append("version = $version")
-            params["version"] = int(version)
-        if agents is not None:
-            if not agents:
-                return []
-            where.append("agent_id IN (SELECT unnest($agents::VARCHAR[]))")
-            params["agents"] = list(agents)
-        rows = f"SELECT * FROM version_stats WHERE {' AND '.join(where)}"
+        found = _report_filter(model, version, agents, since, until)
+        if found is None:
+            return []
+        where, params = found
+        rows = f"SELECT * FROM version_stats WHERE {where}"
         with self._lock:
             db = self._db
             totals = db.execute(
@@ -674,22 +691,14 @@ class TelemetryStore:
         requests are skipped. Same window semantics as :meth:`window`; agents None: the whole
         fleet.
         """
-        where = ["model = $model", "version = $version", "end_unix > $since", "end_unix <= $until"]
-        params: dict[str, Any] = {
-            "model": model,
-            "version": int(version),
-            "since": since,
-            "until": until,
-        }
-        if agents is not None:
-            if not agents:
-                return []
-            where.append("agent_id IN (SELECT unnest($agents::VARCHAR[]))")
-            params["agents"] = list(agents)
+        found = _report_filter(model, version, agents, since, until)
+        if found is None:
+            return []
+        where, params = found
         with self._lock:
             rows = self._db.execute(
                 "SELECT agent_id, start_unix, end_unix, requests, failures, request_counts "
-                f"FROM version_stats WHERE {' AND '.join(where)} AND requests > 0 "
+                f"FROM version_stats WHERE {where} AND requests > 0 "
                 "ORDER BY agent_id, end_unix",
                 params,
             ).fetchall()
@@ -736,26 +745,18 @@ class TelemetryStore:
     ) -> ShadowStats:
         """``version``'s outputs against its shadow version(s), over reports that ended in
         ``(since, until]`` (the same window rule as :meth:`window`); agents None: the fleet."""
-        where = ["model = $model", "version = $version", "end_unix > $since", "end_unix <= $until"]
-        params: dict[str, Any] = {
-            "model": model,
-            "version": int(version),
-            "since": since,
-            "until": until,
-        }
-        if shadow_version is not None:
-            where.append("shadow_version = $shadow_version")
-            params["shadow_version"] = int(shadow_version)
-        if agents is not None:
-            where.append("agent_id IN (SELECT unnest($agents::VARCHAR[]))")
-            params["agents"] = list(agents)
+        found = _report_filter(model, version, agents, since, until)
         rows: list[tuple[Any, ...]] = []
-        if agents is None or agents:
+        if found is not None:
+            where, params = found
+            if shadow_version is not None:
+                where += " AND shadow_version = $shadow_version"
+                params["shadow_version"] = int(shadow_version)
             with self._lock:
                 rows = self._db.execute(
                     "SELECT agent_id, seq, shadow_version, output, compared, dropped, "
                     "shadow_failures, top1_agree, top1_total, abs_counts, rel_counts, js_counts, "
-                    f"latency_counts FROM shadow_stats WHERE {' AND '.join(where)}",
+                    f"latency_counts FROM shadow_stats WHERE {where}",
                     params,
                 ).fetchall()
         return _shadow_stats(model, int(version), rows)
@@ -771,17 +772,11 @@ class TelemetryStore:
         """Drift per feature over the drift windows whose report ended in ``(since, until]``:
         fleet-wide rows (``agent_id`` ""), then one per agent; each group ordered by version,
         then ``psi_max`` descending. ``agents`` None: the whole fleet (empty: nobody)."""
-        where = ["model = $model", "end_unix > $since", "end_unix <= $until"]
-        params: dict[str, Any] = {"model": model, "since": since, "until": until}
-        if version is not None:
-            where.append("version = $version")
-            params["version"] = int(version)
-        if agents is not None:
-            if not agents:
-                return []
-            where.append("agent_id IN (SELECT unnest($agents::VARCHAR[]))")
-            params["agents"] = list(agents)
-        rows = f"SELECT * FROM drift_stats WHERE {' AND '.join(where)}"
+        found = _report_filter(model, version, agents, since, until)
+        if found is None:
+            return []
+        where, params = found
+        rows = f"SELECT * FROM drift_stats WHERE {where}"
         # psi_last: per agent, the newest window's PSI; fleet-wide the largest of those.
         query = f"""
             WITH d AS ({rows}),
@@ -807,7 +802,7 @@ class TelemetryStore:
             ) ORDER BY grp, agent_id, version, psi_max DESC, tensor, feature
         """
         with self._lock:
-            found = self._db.execute(query, params).fetchall()
+            result = self._db.execute(query, params).fetchall()
         return [
             FeatureDrift(
                 version=int(ver),
@@ -839,7 +834,7 @@ class TelemetryStore:
                 ks_max,
                 n_agents,
                 _grp,
-            ) in found
+            ) in result
         ]
 
     def reporting_agents(self, within_s: float = REPORTING_WINDOW_S) -> dict[tuple[str, int], int]:
