@@ -1089,23 +1089,9 @@ class Registry:
     def rollouts(
         self, model: str | None = None, states: Sequence[str] = ()
     ) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM rollouts WHERE 1=1", []
-        if model is not None:
-            sql += " AND model = ?"
-            args.append(model)
-        if states:
-            sql += f" AND state IN ({','.join('?' * len(states))})"
-            args += list(states)
-        rows = self.db.execute(sql + " ORDER BY id", args).fetchall()
         return [
-            {
-                "id": r["id"],
-                "model": r["model"],
-                "version": r["version"],
-                "state": r["state"],
-                "data": json.loads(r["data"]),
-            }
-            for r in rows
+            {**r, "version": row["version"]}
+            for r, row in self._state_rows("rollouts", model, states)
         ]
 
     # -- experiments ---------------------------------------------------------------------------
@@ -1131,7 +1117,14 @@ class Registry:
         self, model: str | None = None, states: Sequence[str] = ()
     ) -> list[dict[str, Any]]:
         """Experiments in id order, as {"id", "model", "state", "data"}."""
-        sql, args = "SELECT * FROM experiments WHERE 1=1", []
+        return [r for r, _ in self._state_rows("experiments", model, states)]
+
+    def _state_rows(
+        self, table: str, model: str | None, states: Sequence[str]
+    ) -> list[tuple[dict[str, Any], sqlite3.Row]]:
+        """Rows of a table of durable state machines (rollouts, experiments) in id order, as
+        {"id", "model", "state", "data"} with the row itself for table-specific columns."""
+        sql, args = f"SELECT * FROM {table} WHERE 1=1", []
         if model is not None:
             sql += " AND model = ?"
             args.append(model)
@@ -1140,7 +1133,15 @@ class Registry:
             args += list(states)
         rows = self.db.execute(sql + " ORDER BY id", args).fetchall()
         return [
-            {"id": r["id"], "model": r["model"], "state": r["state"], "data": json.loads(r["data"])}
+            (
+                {
+                    "id": r["id"],
+                    "model": r["model"],
+                    "state": r["state"],
+                    "data": json.loads(r["data"]),
+                },
+                r,
+            )
             for r in rows
         ]
 
