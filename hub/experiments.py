@@ -581,8 +581,8 @@ class Experiments:
         self, exp: Experiment, agents: list[str], since: float, until: float
     ) -> list[MetricVerdict]:
         """The statistical judge on the split's two arms: the candidate's agent-windows
-        against the active version's, on the same agents (each agent serves both arms, so
-        device speed is the same on both sides and needs no earlier level)."""
+        against the active version's, on the same agents, each taken against its agent's
+        active-arm level."""
         if self.telemetry is None or not agents:
             return []
         canary = self.telemetry.samples(exp.model, exp.candidate, agents, since, until)
@@ -591,7 +591,11 @@ class Experiments:
             for version in sorted(set(exp.baseline.values()))
             for w in self.telemetry.samples(exp.model, version, agents, since, until)
         ]
-        return judge(canary, baseline, parse_metrics(exp.judge or list(DEFAULT_JUDGE)))
+        # Each agent's level is its own active-arm windows over the same period: device speed
+        # and the moment's load cancel (judge(before=...): the difference in differences).
+        return judge(
+            canary, baseline, parse_metrics(exp.judge or list(DEFAULT_JUDGE)), before=baseline
+        )
 
     def _arm(
         self, model: str, arm: str, version: int, agents: list[str], since: float, until: float

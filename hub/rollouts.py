@@ -925,8 +925,16 @@ class Rollout:
         since = self.bake_started
         c = obs.samples(self.spec.version, self.switched, since, now)
         b = obs.samples(baseline_version, baseline_agents, since, now)
-        agents = [*self.switched, *baseline_agents]
-        before = obs.samples(baseline_version, agents, self.created_at - BEFORE_S, self.created_at)
+        if self.spec.traffic and self._splitting():
+            # Both arms run on the wave's agents at the same moments: each agent's level is its
+            # own active-version windows of this bake, which takes out the device's speed and
+            # the moment's load alike (the level from before the rollout only the first).
+            before = b
+        else:
+            agents = [*self.switched, *baseline_agents]
+            before = obs.samples(
+                baseline_version, agents, self.created_at - BEFORE_S, self.created_at
+            )
         verdicts = judge(c, b, parse_metrics(self.spec.judge), self.looks, before)
         return combined(verdicts), verdicts, ""
 

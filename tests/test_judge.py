@@ -449,3 +449,31 @@ def test_a_quiet_wave_without_min_requests_is_not_judged() -> None:
     drive(r, fleet, 100)
     assert r.state == "done"
     assert r.gate_values[0]["judge_note"] == "not judged: no canary traffic (--min-requests 0)"
+
+
+def test_a_split_is_judged_against_each_agents_own_active_arm() -> None:
+    """A traffic split (or an A/B experiment) runs both arms on the same agents: with the
+    active arm's windows as each agent's level, devices 30% apart cannot hide a 20% regression,
+    nor keep an A/A split from passing. (A load that moves over time is not taken out: the
+    level is the agent's, not the moment's.)"""
+    rng = np.random.default_rng(21)
+    speeds = np.exp(rng.normal(0, 0.3, 6))
+    p50 = METRICS["latency_p50"]
+
+    def arms(slowdown: float) -> tuple[list[AgentWindow], list[AgentWindow]]:
+        canary, baseline = [], []
+        for a, speed in enumerate(speeds):
+            for t in range(15):
+                for factor, out in ((slowdown, canary), (1.0, baseline)):
+                    [w] = fleet_windows(rng, 1, 1, speed=float(speed) * factor)
+                    out.append(AgentWindow(f"d{a}", t, t + 1, w.requests, w.failures, w.latency_ms))
+        return canary, baseline
+
+    same_c, same_b = arms(1.0)
+    (unpaired,) = judge(same_c, same_b, [p50])
+    (a_a,) = judge(same_c, same_b, [p50], before=same_b)
+    assert a_a.verdict == "pass", a_a.why
+    assert a_a.high - a_a.low < unpaired.high - unpaired.low
+    slow_c, slow_b = arms(1.2)
+    (worse,) = judge(slow_c, slow_b, [p50], before=slow_b)
+    assert worse.verdict == "fail" and "its own level" in worse.why
