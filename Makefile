@@ -101,7 +101,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 test: $(STAMP) sysdeps protos-check lint perf-analyzer package-tools
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests
 
 # The inner loop, under a minute: lint (ruff, mypy) and every test not marked `process`. No hub,
 # agent, Mosquitto, perf_analyzer or package build; tests/process_guard.py fails any test here
