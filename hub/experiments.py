@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from modelfleet.hub.judge import (
     parse_metrics,
 )
 from modelfleet.hub.registry import FailedPreconditionError, check_labels, selector_matches
+from modelfleet.hub.rollouts import Gate
 from modelfleet.kernel.errors import InvalidRequestError, ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -64,41 +64,11 @@ SHADOW_METRICS = {
 }
 # Comparisons a shadow verdict needs before it says pass or fail.
 MIN_SHADOW_COMPARED = 100
-_SHADOW_GATE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
 
 
-@dataclass(frozen=True)
-class ShadowGate:
-    metric: str
-    op: str
-    threshold: float
-
-    @classmethod
-    def parse(cls, text: str) -> ShadowGate:
-        m = _SHADOW_GATE.match(text)
-        if not m or m.group(1) not in SHADOW_METRICS:
-            raise InvalidRequestError(
-                f"invalid shadow gate {text!r}: use METRIC<VALUE or METRIC>VALUE with METRIC one "
-                f"of {', '.join(SHADOW_METRICS)}"
-            )
-        try:
-            threshold = float(m.group(3))
-        except ValueError:
-            raise InvalidRequestError(
-                f"invalid shadow gate {text!r}: {m.group(3)!r} is not a number"
-            ) from None
-        return cls(m.group(1), m.group(2), threshold)
-
-    def holds(self, value: float) -> bool:
-        return {
-            "<": value < self.threshold,
-            "<=": value <= self.threshold,
-            ">": value > self.threshold,
-            ">=": value >= self.threshold,
-        }[self.op]
-
-    def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.threshold:g}"
+def parse_shadow_gate(text: str) -> Gate:
+    """A shadow gate is a rollout gate over the shadow metrics (same syntax, same checks)."""
+    return Gate.parse(text, tuple(SHADOW_METRICS), "shadow gate")
 
 
 @dataclass(frozen=True)
@@ -158,7 +128,7 @@ class Experiment:
     baseline: dict[str, int] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     # What decides the verdict: judged metrics for a split (hub.judge), thresholds on the
-    # output comparison for a shadow (ShadowGate). Experiments saved before either existed
+    # output comparison for a shadow (parse_shadow_gate). Experiments saved before either existed
     # read back with the defaults.
     judge: list[str] = field(default_factory=lambda: list(DEFAULT_JUDGE))
     gates: list[str] = field(default_factory=lambda: list(DEFAULT_SHADOW_GATES))
@@ -366,7 +336,7 @@ class Experiments:
             raise InvalidRequestError(f"--judge: {exc}") from None
         shadow_gates = list(gates) or list(DEFAULT_SHADOW_GATES)
         for g in shadow_gates:
-            ShadowGate.parse(g)
+            parse_shadow_gate(g)
         if not math.isfinite(duration_s) or duration_s < 0:
             raise InvalidRequestError(f"--duration {duration_s:g}s must be positive (or none)")
         check_labels(selector, "selector")
@@ -667,7 +637,7 @@ def shadow_verdict(gates: Sequence[str], view: ShadowView) -> list[ShadowGateRes
         else None
     )
     for text in gates:
-        gate = ShadowGate.parse(text)
+        gate = parse_shadow_gate(text)
         field_name = SHADOW_METRICS[gate.metric]
         value = failure_rate if field_name == "failure_rate" else getattr(view, field_name)
         if not view.available or view.compared < MIN_SHADOW_COMPARED:

@@ -82,14 +82,27 @@ class Gate:
     threshold: float
 
     @classmethod
-    def parse(cls, text: str) -> Gate:
+    def parse(
+        cls,
+        text: str,
+        metrics: Sequence[str] = ABSOLUTE_METRICS + RELATIVE_METRICS,
+        what: str = "gate",
+    ) -> Gate:
+        """``METRIC<VALUE`` (or ``<=``, ``>``, ``>=``) with METRIC one of ``metrics``: a
+        rollout's gates by default, an experiment's shadow gates with theirs."""
         m = _GATE_RE.match(text)
-        if not m or m.group(1) not in ABSOLUTE_METRICS + RELATIVE_METRICS:
+        if not m or m.group(1) not in metrics:
             raise InvalidRequestError(
-                f"invalid gate {text!r}: use METRIC<VALUE with METRIC one of "
-                f"{', '.join(ABSOLUTE_METRICS + RELATIVE_METRICS)}"
+                f"invalid {what} {text!r}: use METRIC<VALUE or METRIC>VALUE with METRIC one of "
+                f"{', '.join(metrics)}"
             )
-        return cls(m.group(1), m.group(2), float(m.group(3)))
+        try:
+            threshold = float(m.group(3))
+        except ValueError:
+            raise InvalidRequestError(
+                f"invalid {what} {text!r}: {m.group(3)!r} is not a number"
+            ) from None
+        return cls(m.group(1), m.group(2), threshold)
 
     def holds(self, value: float) -> bool:
         return {

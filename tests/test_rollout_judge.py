@@ -4,10 +4,8 @@ judge's explanation in `rollout status`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import threading
 import time
 from collections.abc import Iterator
 
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests import models
-from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, wait_for
+from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, traffic, wait_for
 
 N_AGENTS = 4
 # Wave 1: two canaries beside two baseline agents.
@@ -62,34 +60,6 @@ def status(hub: HubProcess) -> dict:
     return json.loads(hub.cli("rollout", "status", "mlp", "--json"))
 
 
-@contextlib.contextmanager
-def traffic(agents: list[AgentProcess]) -> Iterator[None]:
-    """One client per agent, single-row requests in a loop (failures are data here)."""
-    import tritonclient.grpc as grpcclient
-
-    stop = threading.Event()
-
-    def load(agent: AgentProcess) -> None:
-        with grpcclient.InferenceServerClient(agent.url) as c:
-            inp = grpcclient.InferInput("x", [1, 4], "FP32")
-            inp.set_data_from_numpy(np.ones((1, 4), np.float32))
-            while not stop.is_set():
-                # A failing canary is the point of one test: its errors feed telemetry.
-                with contextlib.suppress(Exception):
-                    c.infer("mlp", [inp])
-                time.sleep(0.01)
-
-    threads = [threading.Thread(target=load, args=(a,), daemon=True) for a in agents]
-    for t in threads:
-        t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
-
-
 def test_version_failing_its_requests_is_rolled_back_by_the_judge_with_why(fleet) -> None:
     hub, agents = fleet
     root = hub.data.parent
@@ -98,7 +68,7 @@ def test_version_failing_its_requests_is_rolled_back_by_the_judge_with_why(fleet
     np.savez(samples, x=np.ones((3, 4), np.float32))
     bad = models.reshape_model(root / "onnx" / "v2.onnx")
     hub.cli("publish", "mlp", str(bad), "--max-batch-size", "0", "--samples", str(samples))
-    with traffic(agents):
+    with traffic(agents, interval_s=0.01):
         # No --gate, no --judge: the default judge compares the canary with the baseline. The
         # bake is long: the judge's early look decides, the end of the bake is never reached.
         hub.cli(*START, "2", "--bake", "120s", "--min-requests", "20")
@@ -125,7 +95,7 @@ def test_a_a_canary_passes_under_the_default_judge(fleet) -> None:
     published = re.search(r"published mlp v(\d+):", out)
     assert published
     version = published.group(1)
-    with traffic(agents):
+    with traffic(agents, interval_s=0.01):
         # Traffic before the rollout: the judge compares each agent with its own level then.
         time.sleep(20)
         # A traffic canary: every agent answers half of its requests with the candidate, so
