@@ -1882,3 +1882,109 @@ class QueryCaptureChunk(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class Outcome(_message.Message):
+    __slots__ = ("request_id", "label", "value", "time")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    label: int
+    value: float
+    time: float
+    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[int] = ..., value: _Optional[float] = ..., time: _Optional[float] = ...) -> None: ...
+
+class ReportOutcomesRequest(_message.Message):
+    __slots__ = ("model", "outcomes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    outcomes: _containers.RepeatedCompositeFieldContainer[Outcome]
+    def __init__(self, model: _Optional[str] = ..., outcomes: _Optional[_Iterable[_Union[Outcome, _Mapping]]] = ...) -> None: ...
+
+class ReportOutcomesResponse(_message.Message):
+    __slots__ = ("added", "replaced")
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
+    added: int
+    replaced: int
+    def __init__(self, added: _Optional[int] = ..., replaced: _Optional[int] = ...) -> None: ...
+
+class AccuracyRequest(_message.Message):
+    __slots__ = ("model", "version", "since", "output")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    since: float
+    output: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., since: _Optional[float] = ..., output: _Optional[str] = ...) -> None: ...
+
+class Interval(_message.Message):
+    __slots__ = ("value", "low", "high", "present")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    value: float
+    low: float
+    high: float
+    present: bool
+    def __init__(self, value: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., present: _Optional[bool] = ...) -> None: ...
+
+class AccuracyGroup(_message.Message):
+    __slots__ = ("version", "arm", "task", "labelled", "accuracy", "precision", "recall", "auc", "mae", "rmse")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    AUC_FIELD_NUMBER: _ClassVar[int]
+    MAE_FIELD_NUMBER: _ClassVar[int]
+    RMSE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    arm: str
+    task: str
+    labelled: int
+    accuracy: Interval
+    precision: Interval
+    recall: Interval
+    auc: Interval
+    mae: Interval
+    rmse: Interval
+    def __init__(self, version: _Optional[int] = ..., arm: _Optional[str] = ..., task: _Optional[str] = ..., labelled: _Optional[int] = ..., accuracy: _Optional[_Union[Interval, _Mapping]] = ..., precision: _Optional[_Union[Interval, _Mapping]] = ..., recall: _Optional[_Union[Interval, _Mapping]] = ..., auc: _Optional[_Union[Interval, _Mapping]] = ..., mae: _Optional[_Union[Interval, _Mapping]] = ..., rmse: _Optional[_Union[Interval, _Mapping]] = ...) -> None: ...
+
+class AccuracyResponse(_message.Message):
+    __slots__ = ("groups", "outcomes", "unmatched", "baseline", "note")
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    UNMATCHED_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[AccuracyGroup]
+    outcomes: int
+    unmatched: int
+    baseline: Interval
+    note: str
+    def __init__(self, groups: _Optional[_Iterable[_Union[AccuracyGroup, _Mapping]]] = ..., outcomes: _Optional[int] = ..., unmatched: _Optional[int] = ..., baseline: _Optional[_Union[Interval, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
+
+class SetAccuracyBaselineRequest(_message.Message):
+    __slots__ = ("model", "accuracy", "clear")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    accuracy: float
+    clear: bool
+    def __init__(self, model: _Optional[str] = ..., accuracy: _Optional[float] = ..., clear: _Optional[bool] = ...) -> None: ...
+
+class SetAccuracyBaselineResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: bool
+    def __init__(self, removed: _Optional[bool] = ...) -> None: ...

@@ -2333,3 +2333,171 @@ class HubCapture:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class HubOutcomesStub:
+    """Late labels (ground truth) by request id, joined on the hub with the captured predictions
+    (HubCapture) into accuracy per version and experiment arm. Admin identities only.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ReportOutcomes = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubOutcomes/ReportOutcomes',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ReportOutcomesRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ReportOutcomesResponse.FromString,
+                _registered_method=True)
+        self.Accuracy = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubOutcomes/Accuracy',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.AccuracyRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.AccuracyResponse.FromString,
+                _registered_method=True)
+        self.SetAccuracyBaseline = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubOutcomes/SetAccuracyBaseline',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.SetAccuracyBaselineRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.SetAccuracyBaselineResponse.FromString,
+                _registered_method=True)
+
+
+class HubOutcomesServicer:
+    """Late labels (ground truth) by request id, joined on the hub with the captured predictions
+    (HubCapture) into accuracy per version and experiment arm. Admin identities only.
+    """
+
+    def ReportOutcomes(self, request, context):
+        """Store outcomes (all of the batch or none of it); a request id reported again replaces its
+        earlier outcome (last wins), so re-sending a batch changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Accuracy(self, request, context):
+        """Accuracy (classifiers) or errors (regressions) per version and arm, with intervals.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAccuracyBaseline(self, request, context):
+        """The reference accuracy accuracy_drop is measured from (instead of the previous version).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_HubOutcomesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ReportOutcomes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportOutcomes,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ReportOutcomesRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ReportOutcomesResponse.SerializeToString,
+            ),
+            'Accuracy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Accuracy,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.AccuracyRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.AccuracyResponse.SerializeToString,
+            ),
+            'SetAccuracyBaseline': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAccuracyBaseline,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.SetAccuracyBaselineRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.SetAccuracyBaselineResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'modelfleet.fleet.v1.HubOutcomes', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('modelfleet.fleet.v1.HubOutcomes', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class HubOutcomes:
+    """Late labels (ground truth) by request id, joined on the hub with the captured predictions
+    (HubCapture) into accuracy per version and experiment arm. Admin identities only.
+    """
+
+    @staticmethod
+    def ReportOutcomes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubOutcomes/ReportOutcomes',
+            modelfleet_dot_protos_dot_fleet__pb2.ReportOutcomesRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ReportOutcomesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Accuracy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubOutcomes/Accuracy',
+            modelfleet_dot_protos_dot_fleet__pb2.AccuracyRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.AccuracyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAccuracyBaseline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubOutcomes/SetAccuracyBaseline',
+            modelfleet_dot_protos_dot_fleet__pb2.SetAccuracyBaselineRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.SetAccuracyBaselineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
