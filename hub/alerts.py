@@ -12,8 +12,8 @@ an alert pending and counts as clear for a firing one: a version no longer servi
 
 Metrics come from :class:`MetricSource` objects, one per metric name. Latency and error rate
 read the hub's telemetry windows; drift (PSI, :class:`DriftSource`) reads the drift windows
-agents report, registered by the hub's wiring (hub/app.py); accuracy reports "no data yet"
-until late labels arrive and it registers a source for its metric.
+agents report, and accuracy (:class:`AccuracySource`) late labels joined with captured
+predictions, both registered by the hub's wiring (hub/app.py).
 
 The I/O shell (storage, the timer, webhook delivery) is :mod:`hub.alert_manager`.
 """
@@ -330,6 +330,66 @@ class DriftSource:
         return out
 
 
+# A reference version needs this many labelled predictions before accuracy_drop trusts it.
+MIN_REFERENCE_LABELS = 30
+
+
+class OutcomesReader(Protocol):
+    """The part of hub.outcomes.OutcomeService the accuracy source needs."""
+
+    def accuracy(
+        self,
+        model: str,
+        version: int = 0,
+        since: float = 0.0,
+        output: str = "",
+        agents: Collection[str] | None = None,
+    ) -> Any: ...
+
+    def reference(self, model: str, version: int, min_labels: int) -> tuple[float, str] | None: ...
+
+
+class AccuracySource:
+    """``accuracy_drop``: per version, the reference accuracy minus the version's, from late
+    labels joined with captured predictions (hub.outcomes).
+
+    The reference is the operator's baseline (`outcomes baseline`) or else the newest older
+    version with MIN_REFERENCE_LABELS labelled predictions; a version without one has no data.
+    Labels arrive late, so every labelled prediction of the version counts, not only those of
+    the rule's window; ``requests`` is the labelled count, so the rule's ``min_requests`` is the
+    number of labels needed before the alert can fire.
+    """
+
+    no_data_reason = ""
+
+    def __init__(self, outcomes: OutcomesReader) -> None:
+        self.outcomes = outcomes
+
+    def measure(
+        self, model: str, agents: Collection[str] | None, since: float, until: float
+    ) -> list[Measurement]:
+        report = self.outcomes.accuracy(model, agents=agents)
+        out = []
+        for g in report.groups:
+            q = g.quality
+            if g.arm != "*" or q.accuracy is None:
+                continue
+            ref = self.outcomes.reference(model, g.version, MIN_REFERENCE_LABELS)
+            evidence = {
+                "labelled": q.labelled,
+                "accuracy": q.accuracy.value,
+                "accuracy_low": q.accuracy.low,
+                "accuracy_high": q.accuracy.high,
+                "reference": ref[0] if ref else None,
+                "reference_from": ref[1] if ref else None,
+                "outcomes": report.outcomes,
+                "unmatched": report.unmatched,
+            }
+            value = ref[0] - q.accuracy.value if ref else None
+            out.append(Measurement(g.version, value, q.labelled, evidence))
+        return out
+
+
 def default_sources(store: WindowReader) -> dict[str, MetricSource]:
     return {
         "latency_p99_ms": TelemetrySource(store, "latency_p99_ms"),
@@ -480,6 +540,7 @@ __all__ = [
     "BUILTIN_NAMES",
     "BUILTIN_RULES",
     "METRICS",
+    "AccuracySource",
     "AlertState",
     "DriftSource",
     "Measurement",

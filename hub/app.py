@@ -13,13 +13,14 @@ from pathlib import Path
 import grpc
 
 from modelfleet.hub.alert_manager import ALERTS_FILE, AlertManager, AlertSettings, AlertStore
-from modelfleet.hub.alerts import DriftSource
+from modelfleet.hub.alerts import AccuracySource, DriftSource
 from modelfleet.hub.alerts_server import AlertsServicer
 from modelfleet.hub.ca import DEFAULT_CLIENT_DAYS
 from modelfleet.hub.capture import CAPTURE_DIR, CaptureService, CaptureStore
 from modelfleet.hub.capture_server import CaptureServicer
 from modelfleet.hub.config import RELOADABLE, HubConfig, reload_hub_config
 from modelfleet.hub.core import HubCore, lock_data_dir
+from modelfleet.hub.outcomes_server import OutcomesServicer
 from modelfleet.hub.server import AdminServicer, FleetServicer
 from modelfleet.hub.signing import RepositoryIntegrityError
 from modelfleet.kernel import tracing
@@ -111,6 +112,8 @@ def start_alerts(
     )
     # Agents report drift windows in their telemetry: the drift rules evaluate for real.
     manager.register_source("drift_psi", DriftSource(core.telemetry))
+    # Late labels joined with captured predictions (hub.outcomes).
+    manager.register_source("accuracy_drop", AccuracySource(core.outcomes))
     return manager
 
 
@@ -222,6 +225,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     pb_grpc.add_HubCaptureServicer_to_server(CaptureServicer(core, capture), server)
     alerts = start_alerts(core, cfg, capture)
     pb_grpc.add_HubAlertsServicer_to_server(AlertsServicer(alerts), server)
+    pb_grpc.add_HubOutcomesServicer_to_server(OutcomesServicer(core.outcomes), server)
     mtls = grpc.ssl_server_credentials(
         [(key_pem, chain_pem)], root_certificates=ca_pem, require_client_auth=True
     )
@@ -337,6 +341,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
         if bridge is not None:
             bridge.stop()
         alerts.close()
+        core.outcomes.close()
         core.telemetry_ingest.close()
         core.registry.close()
         # Last: the drained calls' and final rollout steps' spans go out with the flush.

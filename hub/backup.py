@@ -72,7 +72,9 @@ TELEMETRY_FILE = "telemetry.duckdb"  # hub.telemetry.TELEMETRY_FILE, without loa
 # hub.alert_manager.ALERTS_FILE: alert rules, webhooks (secrets) and queued notifications. Not
 # REQUIRED: backups taken before alerting existed restore without it.
 ALERTS_FILE = "alerts.sqlite"
-SINGLE_FILES = (REGISTRY_FILE, TELEMETRY_FILE, ALERTS_FILE)
+# hub.outcomes.OUTCOMES_FILE: late labels, which cannot be fetched again. Not REQUIRED either.
+OUTCOMES_FILE = "outcomes.sqlite"
+SINGLE_FILES = (REGISTRY_FILE, TELEMETRY_FILE, ALERTS_FILE, OUTCOMES_FILE)
 # Folders copied whole, besides tuf/ (copied under its lock) and blobs/ (the registry's).
 STATE_DIRS = ("keys", "ca", "admin", "mqtt")
 TOP_LEVEL = frozenset({*SINGLE_FILES, "tuf", "blobs", *STATE_DIRS})
@@ -233,6 +235,7 @@ def take_snapshot(core: HubCore) -> _Snapshot:
     try:
         core.registry.backup_to(staging / REGISTRY_FILE)
         _backup_sqlite(core.paths.root / ALERTS_FILE, staging / ALERTS_FILE)
+        _backup_sqlite(core.paths.root / OUTCOMES_FILE, staging / OUTCOMES_FILE)
         core.tuf.copy_metadata(staging / "tuf")
         for name in STATE_DIRS:
             if (core.paths.root / name).is_dir():

@@ -371,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="a check of each wave's telemetry, repeatable: e.g. 'error_rate<0.01', "
-        "'p99_ms<100', 'p99_vs_baseline<1.2' (default: none: the judge (--judge) compares "
-        "canary and baseline)",
+        "'p99_ms<100', 'p99_vs_baseline<1.2', or of late labels: 'accuracy>=0.9', "
+        "'accuracy_drop<0.02' (default: none: the judge (--judge) compares canary and "
+        "baseline)",
     )
     rs.add_argument(
         "--judge",
@@ -391,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a wave the judge finds inconclusive at the end of its bake bakes on up to this "
         "long, then the rollout pauses for an operator (default: 3 x --bake)",
+    )
+    rs.add_argument(
+        "--min-labels",
+        metavar="N",
+        type=int,
+        default=30,
+        help="an accuracy gate (accuracy>=X, accuracy_drop<X: late labels, `outcomes import`) "
+        "judges once the new version and its reference have N labelled predictions; until "
+        "then the wave bakes on, up to --max-bake (default: 30)",
     )
     rs.add_argument(
         "--min-requests",
@@ -1969,6 +1979,7 @@ def rollout_dict(status: Any) -> dict[str, Any]:
         "allow_downgrade": status.allow_downgrade,
         "judge": list(status.judge),
         "max_bake_s": status.max_bake_s,
+        "min_labels": status.min_labels,
         "traffic": list(status.traffic),
         "traffic_percent": status.traffic_percent,
         "queued": status.queued,
@@ -2021,6 +2032,7 @@ def _vcell(version: int) -> str:
 def _render_rollout(status: Any) -> str:
     d = rollout_dict(status)
     selector = ",".join(f"{k}={v}" for k, v in sorted(d["selector"].items())) or "whole fleet"
+    labelled = any(g.startswith("accuracy") for g in d["gates"])
     lines = [
         f"rollout {d['id']}: {d['model']} v{d['version']}  state {d['state'].upper()}"
         + (f"  ({d['reason']})" if d["reason"] else ""),
@@ -2033,7 +2045,8 @@ def _render_rollout(status: Any) -> str:
         + (", auto-switch" if d["auto_switch"] else "")
         + (", downgrade allowed" if d["allow_downgrade"] else ""),
         f"  judge {', '.join(d['judge']) or 'none'}"
-        + (f", max-bake {d['max_bake_s']:g}s" if d["judge"] else ""),
+        + (f", max-bake {d['max_bake_s']:g}s" if d["judge"] or labelled else "")
+        + (f", min-labels {d['min_labels']}" if labelled else ""),
     ]
     if d["traffic"]:
         steps = ",".join(str(s) for s in d["traffic"])
@@ -2302,6 +2315,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             rate_max=args.rate_max,
             abort_failed_pct=args.abort_failed_pct,
             abort_min_agents=args.abort_min_agents,
+            min_labels=args.min_labels,
         )
         # The hub checks the same (every client gets it); here it fails before any connection.
         spec.validate()
@@ -2327,6 +2341,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             rate_max=spec.rate_max,
             abort_failed_pct=spec.abort_failed_pct,
             abort_min_agents=spec.abort_min_agents,
+            min_labels=spec.min_labels,
         )
         stub = admin_stub(args)
         status = call(stub.StartRollout, req)

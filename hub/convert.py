@@ -117,6 +117,7 @@ def rollout_to_proto(
         rate_max=d["rate_max"],
         abort_failed_pct=d["abort_failed_pct"],
         abort_min_agents=d["abort_min_agents"],
+        min_labels=d.get("min_labels", 0),
     )
     ev = d["last_evaluation"]
     if ev:

@@ -265,6 +265,15 @@ class HubCore:
         self.experiments = Experiments(
             self.registry, self.notify_changed, self.rollouts.active, self.telemetry, clock=clock
         )
+        from modelfleet.hub.capture import CAPTURE_DIR, CaptureStore
+        from modelfleet.hub.outcomes import OUTCOMES_FILE, OutcomeService, OutcomeStore
+
+        # Late labels joined with captured predictions: accuracy for `outcomes show`, the
+        # accuracy_drop alert and rollouts' accuracy gates.
+        self.outcomes = OutcomeService(
+            OutcomeStore(self.paths.root / OUTCOMES_FILE, clock=clock),
+            CaptureStore(self.paths.root / CAPTURE_DIR),
+        )
         # Set once the servers are bound: what tokens and enrollments hand out.
         self.advertise = cfg.listen
         self.advertise_enroll = cfg.enroll_address()

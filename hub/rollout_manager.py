@@ -84,6 +84,19 @@ class FleetObserver:
         result: list[AgentWindow] = store.samples(self.model, version, list(agents), since, until)
         return result
 
+    def accuracy(self, version: int, since: float) -> tuple[int, float | None]:
+        outcomes = getattr(self.core, "outcomes", None)
+        if outcomes is None:
+            return 0, None
+        q = outcomes.accuracy(self.model, since=since).version(version)
+        if q is None or q.accuracy is None:
+            return (q.labelled if q is not None else 0), None
+        return q.labelled, q.accuracy.value
+
+    def accuracy_baseline(self) -> float | None:
+        outcomes = getattr(self.core, "outcomes", None)
+        return outcomes.store.baseline(self.model) if outcomes is not None else None
+
 
 class _StepTrace:
     """Spans for what one step of a rollout did (tracing on only): a wave started, an

@@ -57,6 +57,11 @@ RELATIVE_METRICS = (
     "p95_vs_baseline",
     "p99_vs_baseline",
 )
+# From late labels (hub.outcomes): the new version's accuracy, and the reference's minus it.
+ACCURACY_METRICS = ("accuracy", "accuracy_drop")
+# Labelled predictions an accuracy gate needs (of the new version, and of the reference
+# version) before it judges; until then the wave bakes on, up to the bake limit.
+DEFAULT_MIN_LABELS = 30
 # While a wave bakes under the judge, it looks at the telemetry this often (the judge's intervals
 # stay valid however often it looks; this bounds the queries).
 JUDGE_EVERY_S = 5.0
@@ -85,7 +90,7 @@ class Gate:
     def parse(
         cls,
         text: str,
-        metrics: Sequence[str] = ABSOLUTE_METRICS + RELATIVE_METRICS,
+        metrics: Sequence[str] = ABSOLUTE_METRICS + RELATIVE_METRICS + ACCURACY_METRICS,
         what: str = "gate",
     ) -> Gate:
         """``METRIC<VALUE`` (or ``<=``, ``>``, ``>=``) with METRIC one of ``metrics``: a
@@ -151,6 +156,16 @@ class Observer(Protocol):
         """The judge's samples: one per agent-window (only asked when the rollout judges)."""
 
 
+class AccuracyObserver(Protocol):
+    """What an observer that reads late labels adds (only asked for accuracy gates)."""
+
+    def accuracy(self, version: int, since: float) -> tuple[int, float | None]:
+        """(labelled predictions, accuracy or None) of ``version``'s predictions since then."""
+
+    def accuracy_baseline(self) -> float | None:
+        """The operator's reference accuracy for the model (`outcomes baseline`), if set."""
+
+
 @dataclass
 class Spec:
     model: str
@@ -182,6 +197,8 @@ class Spec:
     # Abort criteria; abort_failed_pct 0: off (max_failed_agents decides instead).
     abort_failed_pct: float = 0.0
     abort_min_agents: int = 1
+    # Accuracy gates judge once this many labelled predictions exist (docs/rollouts.md).
+    min_labels: int = DEFAULT_MIN_LABELS
 
     def validate(self) -> None:
         check_waves(self.waves)
@@ -220,6 +237,8 @@ class Spec:
             )
         if self.abort_min_agents < 1:
             raise InvalidRequestError("--abort-min-agents must be >= 1")
+        if self.min_labels < 1:
+            raise InvalidRequestError("--min-labels must be >= 1")
 
     @property
     def bake_limit_s(self) -> float:
@@ -805,10 +824,20 @@ class Rollout:
         values.update(
             verdicts=[verdict_to_json(v) for v in verdicts], looks=self.looks, judge_note=note
         )
-        failures = []
+        failures: list[str] = []
+        # Accuracy gates still waiting for labels: the wave bakes on (up to the bake limit).
+        waiting: list[str] = []
         for text in self.spec.gates:
             gate = Gate.parse(text)
             metric = gate.metric
+            if metric in ACCURACY_METRICS:
+                entry = self._accuracy_gate(gate, obs)
+                values["gates"].append(entry)
+                if entry["ok"] is None:
+                    waiting.append(f"{gate}: {entry['note']}")
+                elif not entry["ok"]:
+                    failures.append(f"{gate.metric}={entry['value']:.4g} (gate {gate})")
+                continue
             if metric in RELATIVE_METRICS:
                 metric = metric.replace("_vs_baseline", "")
                 if metric.startswith("p"):
@@ -849,6 +878,7 @@ class Rollout:
             if (
                 verdict == "pass"
                 and not failures
+                and not waiting
                 and canary.requests >= max(1, self.spec.min_requests)
             ):
                 self.gate_values.append(values)
@@ -876,25 +906,32 @@ class Rollout:
             return self._rollback(
                 now, f"wave {self.wave + 1} failed: {', '.join(failures + judged)}"
             )
-        if verdict == "inconclusive":
+        if verdict == "inconclusive" or waiting:
             limit = self.spec.bake_limit_s
+            open_ = []
+            if verdict == "inconclusive":
+                open_.append(
+                    "the judge is inconclusive ("
+                    + ", ".join(f"{v.metric} {v.verdict}" for v in verdicts)
+                    + ")"
+                )
+            open_ += [f"waiting for labels ({w})" for w in waiting]
             if now - since < limit:
                 if not self.look.get("final"):
                     self._event(
                         now,
-                        f"wave {self.wave + 1}: the judge is inconclusive after "
-                        f"{now - since:.0f}s ("
-                        + ", ".join(f"{v.metric} {v.verdict}" for v in verdicts)
-                        + f"); baking on, up to {limit:g}s",
+                        f"wave {self.wave + 1} after {now - since:.0f}s: {'; '.join(open_)}; "
+                        f"baking on, up to {limit:g}s",
                     )
                 self.look = values
                 return []
             self.gate_values.append(values)
             undecided = [_verdict_line(v) for v in verdicts if v.verdict == "inconclusive"]
+            undecided += [f"too few labels for {w}" for w in waiting]
             self.pause(
                 now,
                 f"inconclusive: wave {self.wave + 1} baked {now - since:.0f}s (--max-bake "
-                f"{limit:g}s) and the judge cannot tell: {'; '.join(undecided)}; resume to "
+                f"{limit:g}s) and cannot tell: {'; '.join(undecided)}; resume to "
                 "bake again, promote, or roll back",
             )
             self.paused_from = "baking"
@@ -917,6 +954,39 @@ class Rollout:
             return []
         self.wave += 1
         return self._start_wave(now)
+
+    def _accuracy_gate(self, gate: Gate, obs: Observer) -> dict[str, Any]:
+        """An accuracy gate on the labels so far: ok None (with a note) until the new version,
+        and for accuracy_drop the reference, have --min-labels labelled predictions."""
+        need = self.spec.min_labels
+        entry: dict[str, Any] = {"gate": str(gate), "value": None, "ok": None}
+        if not hasattr(obs, "accuracy"):
+            return {**entry, "note": "this hub reads no outcomes"}
+        acc_obs: AccuracyObserver = obs  # type: ignore[assignment]
+        # The new version's predictions since the rollout began.
+        n, acc = acc_obs.accuracy(self.spec.version, self.created_at)
+        entry.update(canary=acc, labels=n)
+        if acc is None or n < need:
+            return {**entry, "note": f"{n} of {need} labelled predictions (--min-labels)"}
+        entry["note"] = f"{n} labelled"
+        if gate.metric == "accuracy":
+            return {**entry, "value": acc, "ok": gate.holds(acc)}
+        reference = acc_obs.accuracy_baseline()
+        if reference is None:
+            versions = [v for v in self.previous.values() if v]
+            if not versions:
+                return {**entry, "note": "no reference: no previous version and no baseline"}
+            ref_version = max(set(versions), key=versions.count)
+            ref_n, ref_acc = acc_obs.accuracy(ref_version, 0.0)
+            if ref_acc is None or ref_n < need:
+                return {
+                    **entry,
+                    "note": f"reference v{ref_version} has {ref_n} of {need} labelled "
+                    "predictions (or set one: `modelfleet-hub outcomes baseline`)",
+                }
+            reference = ref_acc
+        drop = reference - acc
+        return {**entry, "baseline": reference, "value": drop, "ok": gate.holds(drop)}
 
     def _judge(
         self,
@@ -1054,6 +1124,7 @@ class Rollout:
             "rate_max": self.spec.rate_max,
             "abort_failed_pct": self.spec.abort_failed_pct,
             "abort_min_agents": self.spec.abort_min_agents,
+            "min_labels": self.spec.min_labels,
         }
 
     def _last_evaluation(self) -> dict[str, Any] | None:

@@ -224,7 +224,7 @@ class RolloutServicerMixin:
     @unary
     async def StartRollout(self, request, context):
         from modelfleet.hub.judge import DEFAULT_JUDGE
-        from modelfleet.hub.rollouts import Spec
+        from modelfleet.hub.rollouts import DEFAULT_MIN_LABELS, Spec
 
         caller(context, "admin")
         spec = Spec(
@@ -249,6 +249,7 @@ class RolloutServicerMixin:
             rate_max=request.rate_max,
             abort_failed_pct=request.abort_failed_pct,
             abort_min_agents=request.abort_min_agents or 1,
+            min_labels=request.min_labels or DEFAULT_MIN_LABELS,
         )
         with tracing.span(
             "hub.rollout.start",

@@ -904,7 +904,7 @@ class DriftResponse(_message.Message):
     def __init__(self, fleet: _Optional[_Iterable[_Union[FeatureDriftStats, _Mapping]]] = ..., agents: _Optional[_Iterable[_Union[FeatureDriftStats, _Mapping]]] = ..., window_s: _Optional[float] = ...) -> None: ...
 
 class StartRolloutRequest(_message.Message):
-    __slots__ = ("model", "version", "selector", "waves", "bake_s", "gates", "min_requests", "max_failed_agents", "agent_timeout_s", "strategy", "auto_switch", "allow_downgrade", "traffic", "rate_base", "rate_factor", "rate_max", "abort_failed_pct", "abort_min_agents", "judge", "no_judge", "max_bake_s")
+    __slots__ = ("model", "version", "selector", "waves", "bake_s", "gates", "min_requests", "max_failed_agents", "agent_timeout_s", "strategy", "auto_switch", "allow_downgrade", "traffic", "rate_base", "rate_factor", "rate_max", "abort_failed_pct", "abort_min_agents", "judge", "no_judge", "max_bake_s", "min_labels")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -933,6 +933,7 @@ class StartRolloutRequest(_message.Message):
     JUDGE_FIELD_NUMBER: _ClassVar[int]
     NO_JUDGE_FIELD_NUMBER: _ClassVar[int]
     MAX_BAKE_S_FIELD_NUMBER: _ClassVar[int]
+    MIN_LABELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     selector: _containers.ScalarMap[str, str]
@@ -954,7 +955,8 @@ class StartRolloutRequest(_message.Message):
     judge: _containers.RepeatedScalarFieldContainer[str]
     no_judge: bool
     max_bake_s: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[str]] = ..., bake_s: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., strategy: _Optional[str] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., traffic: _Optional[_Iterable[int]] = ..., rate_base: _Optional[float] = ..., rate_factor: _Optional[float] = ..., rate_max: _Optional[float] = ..., abort_failed_pct: _Optional[float] = ..., abort_min_agents: _Optional[int] = ..., judge: _Optional[_Iterable[str]] = ..., no_judge: _Optional[bool] = ..., max_bake_s: _Optional[float] = ...) -> None: ...
+    min_labels: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., waves: _Optional[_Iterable[str]] = ..., bake_s: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., strategy: _Optional[str] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., traffic: _Optional[_Iterable[int]] = ..., rate_base: _Optional[float] = ..., rate_factor: _Optional[float] = ..., rate_max: _Optional[float] = ..., abort_failed_pct: _Optional[float] = ..., abort_min_agents: _Optional[int] = ..., judge: _Optional[_Iterable[str]] = ..., no_judge: _Optional[bool] = ..., max_bake_s: _Optional[float] = ..., min_labels: _Optional[int] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("model", "id")
@@ -1085,7 +1087,7 @@ class RolloutAgent(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., role: _Optional[str] = ..., wave: _Optional[int] = ..., previous_version: _Optional[int] = ..., active_version: _Optional[int] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("id", "model", "version", "state", "wave", "waves", "agents", "assigned", "switched", "prepared", "strategy", "failed", "bake_left_s", "reason", "gates", "last_evaluation", "events", "per_agent", "warnings", "selector", "bake_s", "min_requests", "max_failed_agents", "agent_timeout_s", "auto_switch", "allow_downgrade", "traffic", "traffic_percent", "queued", "rate_base", "rate_factor", "rate_max", "abort_failed_pct", "abort_min_agents", "judge", "max_bake_s")
+    __slots__ = ("id", "model", "version", "state", "wave", "waves", "agents", "assigned", "switched", "prepared", "strategy", "failed", "bake_left_s", "reason", "gates", "last_evaluation", "events", "per_agent", "warnings", "selector", "bake_s", "min_requests", "max_failed_agents", "agent_timeout_s", "auto_switch", "allow_downgrade", "traffic", "traffic_percent", "queued", "rate_base", "rate_factor", "rate_max", "abort_failed_pct", "abort_min_agents", "judge", "max_bake_s", "min_labels")
     class FailedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -1136,6 +1138,7 @@ class RolloutStatus(_message.Message):
     ABORT_MIN_AGENTS_FIELD_NUMBER: _ClassVar[int]
     JUDGE_FIELD_NUMBER: _ClassVar[int]
     MAX_BAKE_S_FIELD_NUMBER: _ClassVar[int]
+    MIN_LABELS_FIELD_NUMBER: _ClassVar[int]
     id: int
     model: str
     version: int
@@ -1172,7 +1175,8 @@ class RolloutStatus(_message.Message):
     abort_min_agents: int
     judge: _containers.RepeatedScalarFieldContainer[str]
     max_bake_s: float
-    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., wave: _Optional[int] = ..., waves: _Optional[_Iterable[int]] = ..., agents: _Optional[int] = ..., assigned: _Optional[int] = ..., switched: _Optional[int] = ..., prepared: _Optional[int] = ..., strategy: _Optional[str] = ..., failed: _Optional[_Mapping[str, str]] = ..., bake_left_s: _Optional[float] = ..., reason: _Optional[str] = ..., gates: _Optional[_Iterable[str]] = ..., last_evaluation: _Optional[_Union[GateEvaluation, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., per_agent: _Optional[_Iterable[_Union[RolloutAgent, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., selector: _Optional[_Mapping[str, str]] = ..., bake_s: _Optional[float] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., traffic: _Optional[_Iterable[int]] = ..., traffic_percent: _Optional[int] = ..., queued: _Optional[int] = ..., rate_base: _Optional[float] = ..., rate_factor: _Optional[float] = ..., rate_max: _Optional[float] = ..., abort_failed_pct: _Optional[float] = ..., abort_min_agents: _Optional[int] = ..., judge: _Optional[_Iterable[str]] = ..., max_bake_s: _Optional[float] = ...) -> None: ...
+    min_labels: int
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., wave: _Optional[int] = ..., waves: _Optional[_Iterable[int]] = ..., agents: _Optional[int] = ..., assigned: _Optional[int] = ..., switched: _Optional[int] = ..., prepared: _Optional[int] = ..., strategy: _Optional[str] = ..., failed: _Optional[_Mapping[str, str]] = ..., bake_left_s: _Optional[float] = ..., reason: _Optional[str] = ..., gates: _Optional[_Iterable[str]] = ..., last_evaluation: _Optional[_Union[GateEvaluation, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RolloutEvent, _Mapping]]] = ..., per_agent: _Optional[_Iterable[_Union[RolloutAgent, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., selector: _Optional[_Mapping[str, str]] = ..., bake_s: _Optional[float] = ..., min_requests: _Optional[int] = ..., max_failed_agents: _Optional[int] = ..., agent_timeout_s: _Optional[float] = ..., auto_switch: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., traffic: _Optional[_Iterable[int]] = ..., traffic_percent: _Optional[int] = ..., queued: _Optional[int] = ..., rate_base: _Optional[float] = ..., rate_factor: _Optional[float] = ..., rate_max: _Optional[float] = ..., abort_failed_pct: _Optional[float] = ..., abort_min_agents: _Optional[int] = ..., judge: _Optional[_Iterable[str]] = ..., max_bake_s: _Optional[float] = ..., min_labels: _Optional[int] = ...) -> None: ...
 
 class StartExperimentRequest(_message.Message):
     __slots__ = ("model", "candidate", "selector", "split_percent", "sticky", "shadow_percent", "duration_s", "judge", "gates")

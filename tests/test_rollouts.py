@@ -228,7 +228,7 @@ def test_state_round_trips_through_json() -> None:
 
 def test_invalid_specs() -> None:
     with pytest.raises(InvalidRequestError, match="invalid gate"):
-        Gate.parse("accuracy>0.9")
+        Gate.parse("recall>0.9")
     with pytest.raises(InvalidRequestError, match="invalid wave"):
         Rollout.new(1, spec(waves=["ten"]), AGENTS, {}, now=0)
     with pytest.raises(InvalidRequestError, match="no enrolled agent"):
@@ -370,6 +370,7 @@ def test_rollout_status_is_typed_on_the_wire_and_round_trips() -> None:
         "rate_max": 8.0,
         "abort_failed_pct": 10.0,
         "abort_min_agents": 3,
+        "min_labels": 50,
     }
     evaluation = summary["last_evaluation"]
     assert isinstance(evaluation, dict)
