@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelfleet.hub.cli_alerts import add_alert_commands, cmd_alerts, cmd_webhooks
 from modelfleet.hub.cli_capture import add_capture_commands, cmd_capture
+from modelfleet.hub.cli_outcomes import add_outcome_commands, cmd_outcomes
 from modelfleet.kernel.cli import run_command
 from modelfleet.kernel.commandline import finish, message_dict
 from modelfleet.kernel.errors import (
@@ -657,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_state_commands(sub)
     add_alert_commands(sub, _duration, _add_json, _labels)
     add_capture_commands(sub, _add_json, _labels)
+    add_outcome_commands(sub, _duration, _add_json)
     return finish(p)
 
 
@@ -2978,6 +2980,7 @@ def _run(argv: list[str] | None) -> int:
         "alerts": cmd_alerts,
         "webhooks": cmd_webhooks,
         "capture": cmd_capture,
+        "outcomes": cmd_outcomes,
     }
     return handlers[args.command](args)
 

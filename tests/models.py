@@ -193,6 +193,20 @@ def classifier(
     return _save(graph, path)
 
 
+def linear_classifier(path: Path, weights: np.ndarray) -> Path:
+    """x[N, k] -> scores[N, classes] = x @ weights: a classifier whose accuracy a test knows
+    (the class is the argmax, so the weights decide exactly which inputs it gets right)."""
+    w = np.asarray(weights, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["scores"])],
+        "linear_classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[0]])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", w.shape[1]])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    return _save(graph, path)
+
+
 def slow_mlp(
     path: Path, *, inputs: int = 4, outputs: int = 3, width: int = 1024, repeats: int = 16
 ) -> Path:
