@@ -397,8 +397,11 @@ def _join(
         else:
             raise InvalidRequestError("outcomes: the captured rows hold no output to score")
         note = f"scored output {out[4:]!r} (of {len(outs)})" if len(outs) > 1 else ""
+        # The name comes from the model's outputs: quoted as an identifier, never spliced raw.
+        quoted = '"' + out.replace('"', '""') + '"'
         con.register("o", pa.table({"request_id": ids, "target": targets}))
-        where, params = ["epoch_ms(c.time) >= ?"], [int(since * 1000)]
+        where: list[str] = ["epoch_ms(c.time) >= ?"]
+        params: list[Any] = [int(since * 1000)]
         if version:
             where.append("c.version = ?")
             params.append(version)
@@ -407,7 +410,7 @@ def _join(
             params.append(list(agents))
         # A request id captured twice on one arm (a client that reuses ids) counts once.
         rows = con.execute(
-            f'SELECT c.version, c.arm, c."{out}", o.target FROM c JOIN o USING (request_id) '
+            f"SELECT c.version, c.arm, c.{quoted}, o.target FROM c JOIN o USING (request_id) "
             f"WHERE {' AND '.join(where)} "
             "QUALIFY row_number() OVER (PARTITION BY c.request_id, c.version, c.arm "
             "ORDER BY c.time DESC) = 1",
