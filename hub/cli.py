@@ -740,7 +740,8 @@ def _add_experiment_commands(sub: Any) -> None:
         help="with --shadow, repeatable: a threshold on the output comparison, METRIC<VALUE or "
         "METRIC>VALUE with METRIC one of shadow_agreement, shadow_abs_diff_p50, "
         "shadow_abs_diff_p99, shadow_rel_diff_p99, shadow_js_p99, shadow_failure_rate, "
-        "shadow_latency_p99_ms (default: shadow_agreement>0.98 and shadow_abs_diff_p99<0.05)",
+        "shadow_latency_p99_ms (default: shadow_agreement>0.98 and shadow_abs_diff_p99<0.05); "
+        "with --split: accuracy>=X or accuracy_drop<X on late labels (default: none)",
     )
     _add_json(xs)
     xl = xsub.add_parser("ls", help="every experiment, running or ended")

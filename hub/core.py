@@ -274,6 +274,7 @@ class HubCore:
             OutcomeStore(self.paths.root / OUTCOMES_FILE, clock=clock),
             CaptureStore(self.paths.root / CAPTURE_DIR),
         )
+        self.experiments.outcomes = self.outcomes
         # Set once the servers are bound: what tokens and enrollments hand out.
         self.advertise = cfg.listen
         self.advertise_enroll = cfg.enroll_address()

@@ -36,7 +36,7 @@ from modelfleet.hub.judge import (
     parse_metrics,
 )
 from modelfleet.hub.registry import FailedPreconditionError, check_labels, selector_matches
-from modelfleet.hub.rollouts import Gate
+from modelfleet.hub.rollouts import ACCURACY_METRICS, DEFAULT_MIN_LABELS, Gate
 from modelfleet.kernel.errors import InvalidRequestError, ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -69,6 +69,11 @@ MIN_SHADOW_COMPARED = 100
 def parse_shadow_gate(text: str) -> Gate:
     """A shadow gate is a rollout gate over the shadow metrics (same syntax, same checks)."""
     return Gate.parse(text, tuple(SHADOW_METRICS), "shadow gate")
+
+
+def parse_accuracy_gate(text: str) -> Gate:
+    """A split's gate on late labels: a rollout's accuracy gate (same syntax, same checks)."""
+    return Gate.parse(text, ACCURACY_METRICS, "split gate")
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,8 @@ class Experiments:
         self.telemetry = telemetry
         self.clock = clock
         self.lock = asyncio.Lock()
+        # Late labels (hub.outcomes.OutcomeService), set by the hub: a split's accuracy gates.
+        self.outcomes: Any = None
 
     # -- reads ------------------------------------------------------------------------------------
 
@@ -320,9 +327,15 @@ class Experiments:
             raise InvalidRequestError(
                 "--sticky keeps a routing key on one arm of a split; a shadow has one arm answering"
             )
-        if mode == "split" and gates:
+        if mode == "split" and any(not g.strip().startswith("accuracy") for g in gates):
             raise InvalidRequestError(
-                "--gate sets a shadow's thresholds; a split is judged on its traffic (--judge)"
+                "--gate sets a shadow's thresholds; a split is judged on its traffic (--judge) "
+                "and on late labels (--gate 'accuracy>=X' or 'accuracy_drop<X')"
+            )
+        if mode == "shadow" and any(g.strip().startswith("accuracy") for g in gates):
+            raise InvalidRequestError(
+                "accuracy gates need a split: a shadow's candidate answers nobody and its "
+                "outputs are not captured, so late labels cannot score it"
             )
         if mode == "shadow" and judge_metrics:
             raise InvalidRequestError(
@@ -335,8 +348,13 @@ class Experiments:
         except JudgeSpecError as exc:
             raise InvalidRequestError(f"--judge: {exc}") from None
         shadow_gates = list(gates) or list(DEFAULT_SHADOW_GATES)
-        for g in shadow_gates:
-            parse_shadow_gate(g)
+        if mode == "split":
+            shadow_gates = list(gates)
+            for g in shadow_gates:
+                parse_accuracy_gate(g)
+        else:
+            for g in shadow_gates:
+                parse_shadow_gate(g)
         if not math.isfinite(duration_s) or duration_s < 0:
             raise InvalidRequestError(f"--duration {duration_s:g}s must be positive (or none)")
         check_labels(selector, "selector")
@@ -408,7 +426,7 @@ class Experiments:
                 actor=actor,
                 baseline=baseline,
                 judge=judged if mode == "split" else [],
-                gates=shadow_gates if mode == "shadow" else [],
+                gates=shadow_gates,
             )
             exp.id = self.registry.create_experiment(model, exp.to_json())
             exp.deployment_id = self.registry.deploy(
@@ -535,17 +553,68 @@ class Experiments:
                 shadow_gates=results,
             )
         verdicts = self._judge(exp, agents, since, until)
+        # Split experiments saved before accuracy gates carry the shadow defaults: not theirs.
+        labelled = self._accuracy_gates(exp, since) if exp.mode == "split" else []
         return ExperimentStatus(
             exp,
             since,
             until,
             arms,
             None,
-            _judge_summary(verdicts),
+            _with_accuracy(_judge_summary(verdicts), labelled),
             agents_in,
             agents_out,
             verdicts=verdicts,
+            shadow_gates=labelled,
         )
+
+    def _accuracy_gates(self, exp: Experiment, since: float) -> list[ShadowGateResult]:
+        """A split's accuracy gates on late labels: the candidate's labelled predictions since
+        the experiment began against the active version's (or the operator's baseline). Not
+        judged until both have DEFAULT_MIN_LABELS of them."""
+        gates = [g for g in exp.gates if g.strip().startswith("accuracy")]
+        if not gates:
+            return []
+        if self.outcomes is None:
+            return [ShadowGateResult(g, None, None, "this hub reads no outcomes") for g in gates]
+        need = DEFAULT_MIN_LABELS
+        now_report = self.outcomes.accuracy(exp.model, since=since)
+        cand = now_report.version(exp.candidate)
+        n = cand.labelled if cand is not None else 0
+        acc = cand.accuracy.value if cand is not None and cand.accuracy is not None else None
+        reference: float | None = self.outcomes.store.baseline(exp.model)
+        ref_why = "baseline"
+        if reference is None:
+            versions = sorted(set(exp.baseline.values()))
+            everything = self.outcomes.accuracy(exp.model)
+            qs = [everything.version(v) for v in versions]
+            ok = [q for q in qs if q is not None and q.accuracy is not None and q.labelled >= need]
+            if len(ok) == len(versions) and ok:
+                # The worst active version: the candidate must beat every one it replaces.
+                reference = min(q.accuracy.value for q in ok)
+                ref_why = "active arm"
+        out = []
+        for text in gates:
+            gate = parse_accuracy_gate(text)
+            if acc is None or n < need:
+                why = f"{n} of {need} labelled predictions of v{exp.candidate}"
+                out.append(ShadowGateResult(str(gate), acc, None, why))
+                continue
+            if gate.metric == "accuracy":
+                value = acc
+            elif reference is None:
+                why = f"no reference: the active arm has fewer than {need} labelled predictions"
+                out.append(ShadowGateResult(str(gate), None, None, why))
+                continue
+            else:
+                value = reference - acc
+            held = gate.holds(value)
+            why = f"{value:.4g} {'holds' if held else 'breaks it'} ({n} labelled"
+            why += (
+                f", reference {reference:.4g} from the {ref_why})" if reference is not None else ")"
+            )
+            out.append(ShadowGateResult(str(gate), value, held, why))
+        return out
 
     def _judge(
         self, exp: Experiment, agents: list[str], since: float, until: float
@@ -669,6 +738,17 @@ def _shadow_summary(results: Sequence[ShadowGateResult]) -> str:
     held = ", ".join(r.gate for r in results if r.ok)
     skipped = "".join(f"; {r.gate} not judged ({r.why})" for r in open_)
     return f"pass: {held}{skipped}"
+
+
+def _with_accuracy(summary: str, results: Sequence[ShadowGateResult]) -> str:
+    """The judge's summary, overruled by a failed accuracy gate and held open by a waiting one."""
+    failed = [r for r in results if r.ok is False]
+    if failed:
+        return "fail: " + "; ".join(f"{r.gate} ({r.why})" for r in failed)
+    waiting = [r for r in results if r.ok is None]
+    if waiting and summary.startswith("pass"):
+        return "inconclusive: " + "; ".join(f"{r.gate}: {r.why}" for r in waiting)
+    return summary
 
 
 def _judge_summary(verdicts: Sequence[MetricVerdict]) -> str:

@@ -372,3 +372,39 @@ def test_accuracy_gate_passes_a_good_version_and_pauses_without_labels() -> None
     assert str(Gate.parse("accuracy>=0.9")) == "accuracy>=0.9"
     with pytest.raises(InvalidRequestError, match="--min-labels"):
         Spec("m", 2, {}, ["100%"], 1, [], min_labels=0).validate()
+
+
+# -- the experiment gate -------------------------------------------------------------------------
+
+
+def test_a_split_experiment_is_judged_on_late_labels(tmp_path: Path) -> None:
+    from tests.test_experiments import Clock, Experiments, TelemetryStore, _noop, make_registry
+    from tests.test_experiments import start as start_experiment
+
+    clock = Clock()
+    reg = make_registry(tmp_path / "r.db", clock)
+    store = TelemetryStore(tmp_path / "t.duckdb", retention_s=86400, clock=clock)
+    x = Experiments(reg, _noop, lambda: [], store, clock=clock)
+    svc = _service(tmp_path)
+    x.outcomes = svc
+    try:
+        with pytest.raises(InvalidRequestError, match="accuracy gates need a split"):
+            start_experiment(x, split_percent=0.0, shadow_percent=10.0, gates=["accuracy>=0.9"])
+        e = start_experiment(x, split_percent=50.0, gates=["accuracy_drop<0.05"])
+        st = x.status(e)
+        (g,) = st.shadow_gates
+        assert g.ok is None and "0 of 30 labelled predictions of v2" in g.why
+        right, wrong = [0.0, 1.0], [1.0, 0.0]
+        rows = [(f"a{i}", 1, "active", right) for i in range(40)]
+        rows += [(f"c{i}", 2, "candidate", right if i % 2 else wrong) for i in range(40)]
+        _captured(tmp_path, tmp_path / "capture", "b1", rows)
+        svc.report("m", [OutcomeRow(r[0], label=1) for r in rows])
+        st = x.status(e)
+        (g,) = st.shadow_gates
+        assert g.ok is False and g.value == pytest.approx(0.5)
+        assert "reference 1 from the active arm" in g.why
+        assert st.verdict.startswith("fail: accuracy_drop<0.05")
+    finally:
+        svc.close()
+        store.close()
+        reg.close()
