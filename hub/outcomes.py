@@ -137,6 +137,8 @@ def check_outcomes(model: str, rows: Sequence[OutcomeRow]) -> str:
                 "give each request id once per batch"
             )
         seen[r.request_id] = i
+        if r.label is None and r.value is None:
+            raise InvalidRequestError(f"outcomes: {where} has neither a label nor a value")
         if r.label is not None and r.label < 0:
             raise InvalidRequestError(
                 f"outcomes: {where} has label {r.label}; labels are class indices 0, 1, ..."
@@ -148,6 +150,14 @@ def check_outcomes(model: str, rows: Sequence[OutcomeRow]) -> str:
                 f"outcomes: {where} has time {r.time}; give unix seconds (or 0: now)"
             )
     return kinds.pop()
+
+
+def _target(r: OutcomeRow) -> float:
+    if r.label is not None:
+        return float(r.label)
+    if r.value is None:
+        raise InvalidRequestError(f"outcomes: {r.request_id!r} has neither a label nor a value")
+    return float(r.value)
 
 
 class OutcomeStore:
@@ -208,7 +218,7 @@ class OutcomeStore:
                             model,
                             r.request_id,
                             kind,
-                            float(r.label if r.label is not None else r.value),  # type: ignore[arg-type]
+                            _target(r),
                             r.time or now,
                             now,
                         )

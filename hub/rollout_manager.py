@@ -319,6 +319,12 @@ class RolloutManager:
         before = json.dumps(r.to_json(), sort_keys=True)
         state_before = state_before or r.state
         step = _StepTrace(r, state_before) if tracing.current() is not None else None
+        outcomes = getattr(self.core, "outcomes", None)
+        if outcomes is not None and r.state == "baking" and r.has_accuracy_gates:
+            # The join reads captured files: done off the event loop, so the step's own
+            # questions are answered from the cache (hub.outcomes).
+            await asyncio.to_thread(outcomes.accuracy, r.spec.model, since=r.created_at)
+            await asyncio.to_thread(outcomes.accuracy, r.spec.model)
         assignments = r.step(self.clock(), FleetObserver(self.core, r.spec.model))
         changed = bool(r.prepare_out or r.split_out)
         await self._apply(r, assignments)

@@ -480,6 +480,10 @@ class Rollout:
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
 
+    @property
+    def has_accuracy_gates(self) -> bool:
+        return any(Gate.parse(g).metric in ACCURACY_METRICS for g in self.spec.gates)
+
     def _event(self, now: float, text: str) -> None:
         self.events.append({"at": now, "text": text})
         self.updated_at = now

@@ -135,6 +135,8 @@ def test_a_bad_batch_stores_nothing(tmp_path: Path) -> None:
         check_outcomes("../etc", [OutcomeRow("a", label=1)])
     with pytest.raises(InvalidRequestError, match="empty or over-long request id"):
         check_outcomes("m", [OutcomeRow("", label=1)])
+    with pytest.raises(InvalidRequestError, match="neither a label nor a value"):
+        check_outcomes("m", [OutcomeRow("a")])
     with pytest.raises(InvalidRequestError, match="value nan"):
         check_outcomes("m", [OutcomeRow("a", value=float("nan"))])
     with pytest.raises(InvalidRequestError, match="not an accuracy"):
