@@ -410,3 +410,76 @@ def test_a_split_experiment_is_judged_on_late_labels(tmp_path: Path) -> None:
         svc.close()
         store.close()
         reg.close()
+
+
+# -- the gRPC edge -------------------------------------------------------------------------------
+
+
+def test_outcomes_service_takes_admin_identities_only(tmp_path: Path) -> None:
+    """A real mTLS gRPC server with the hub's servicer: an agent's certificate is refused, an
+    admin's is served, and a malformed batch comes back as INVALID_ARGUMENT naming the outcome."""
+    import asyncio
+    import threading
+
+    import grpc
+
+    from modelfleet.hub.ca import CertificateAuthority
+    from modelfleet.hub.outcomes_server import OutcomesServicer
+    from modelfleet.kernel.identity import generate_key
+    from modelfleet.protos import fleet_pb2 as pb
+    from modelfleet.protos import fleet_pb2_grpc as pb_grpc
+    from tests.test_identity import Node, key_pem
+
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    key = generate_key()
+    chain = ca.issue_server_cert(key.public_key(), ["127.0.0.1"]) + ca.cert_pem
+    svc = _service(tmp_path)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def serve() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        pb_grpc.add_HubOutcomesServicer_to_server(OutcomesServicer(svc), server)
+        creds = grpc.ssl_server_credentials(
+            [(key_pem(key), chain)], root_certificates=ca.cert_pem, require_client_auth=True
+        )
+        port = server.add_secure_port("127.0.0.1:0", creds)
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(serve(), loop).result(10)
+    one = pb.ReportOutcomesRequest(model="m", outcomes=[pb.Outcome(request_id="r1", label=1)])
+    try:
+        agent = Node(ca, "agent:edge-1").credentials(ca.cert_pem)
+        with grpc.secure_channel(f"127.0.0.1:{port}", agent) as channel:
+            stub = pb_grpc.HubOutcomesStub(channel)
+            for fn, request in (
+                (stub.ReportOutcomes, one),
+                (stub.Accuracy, pb.AccuracyRequest(model="m")),
+                (stub.SetAccuracyBaseline, pb.SetAccuracyBaselineRequest(model="m", clear=True)),
+            ):
+                with pytest.raises(grpc.RpcError) as refused:
+                    fn(request, timeout=10)
+                assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert svc.store.targets("m")[0] == []
+        admin = Node(ca, "admin:ops").credentials(ca.cert_pem)
+        with grpc.secure_channel(f"127.0.0.1:{port}", admin) as channel:
+            stub = pb_grpc.HubOutcomesStub(channel)
+            assert stub.ReportOutcomes(one, timeout=10).added == 1
+            assert stub.ReportOutcomes(one, timeout=10).replaced == 1
+            bad = pb.ReportOutcomesRequest(model="m", outcomes=[pb.Outcome(request_id="r2")])
+            with pytest.raises(grpc.RpcError) as invalid:
+                stub.ReportOutcomes(bad, timeout=10)
+            assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "outcome 1 ('r2') has neither a label nor a value" in (
+                invalid.value.details() or ""
+            )
+            shown = stub.Accuracy(pb.AccuracyRequest(model="m"), timeout=10)
+            assert shown.outcomes == 1 and "no captured predictions" in shown.note
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        svc.close()
