@@ -915,7 +915,7 @@ class Rollout:
             open_ = []
             if verdict == "inconclusive":
                 open_.append(
-                    "the judge is inconclusive ("
+                    f"the judge is inconclusive after {now - since:.0f}s ("
                     + ", ".join(f"{v.metric} {v.verdict}" for v in verdicts)
                     + ")"
                 )
@@ -924,18 +924,18 @@ class Rollout:
                 if not self.look.get("final"):
                     self._event(
                         now,
-                        f"wave {self.wave + 1} after {now - since:.0f}s: {'; '.join(open_)}; "
-                        f"baking on, up to {limit:g}s",
+                        f"wave {self.wave + 1}: {'; '.join(open_)}; baking on, up to {limit:g}s",
                     )
                 self.look = values
                 return []
             self.gate_values.append(values)
             undecided = [_verdict_line(v) for v in verdicts if v.verdict == "inconclusive"]
             undecided += [f"too few labels for {w}" for w in waiting]
+            who = "the judge cannot tell" if verdict == "inconclusive" else "cannot tell"
             self.pause(
                 now,
                 f"inconclusive: wave {self.wave + 1} baked {now - since:.0f}s (--max-bake "
-                f"{limit:g}s) and cannot tell: {'; '.join(undecided)}; resume to "
+                f"{limit:g}s) and {who}: {'; '.join(undecided)}; resume to "
                 "bake again, promote, or roll back",
             )
             self.paused_from = "baking"
