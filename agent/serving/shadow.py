@@ -183,25 +183,25 @@ def compare_batch(
     js_parts: list[np.ndarray] = []
     copy_parts: list[np.ndarray] = []
     groups: dict[tuple[Any, ...], list[int]] = {}
+    # The shadow's array of each copy whose output can be compared at all.
+    present: dict[int, np.ndarray] = {}
     for i, (p, s) in enumerate(zip(primaries, shadows, strict=True)):
         if s is not None and p.shape == s.shape:
             groups.setdefault((p.shape, p.dtype, s.dtype), []).append(i)
+            present[i] = s
     numeric = "biuf"
     for (_, p_dtype, s_dtype), idx in groups.items():
         ok[idx] = True
         if p_dtype.kind not in numeric or s_dtype.kind not in numeric:
             # Strings and the like: equal or not, as a diff of 0 or 1.
             for i in idx:
-                differs = 0.0 if np.array_equal(primaries[i], shadows[i]) else 1.0
+                differs = 0.0 if np.array_equal(primaries[i], present[i]) else 1.0
                 abs_diff[i] = rel_diff[i] = differs
             continue
-        if len(idx) == n:
-            stacked_p = np.stack(primaries)
-            stacked_s = np.stack(shadows)  # type: ignore[arg-type]  # none is None here
-        else:
-            stacked_p = np.stack([primaries[i] for i in idx])
-            stacked_s = np.stack([shadows[i] for i in idx])  # type: ignore[misc]
-        a, r, t, js, js_copy = _compare_stacked(stacked_p, stacked_s)
+        a, r, t, js, js_copy = _compare_stacked(
+            np.stack(primaries if len(idx) == n else [primaries[i] for i in idx]),
+            np.stack([present[i] for i in idx]),
+        )
         at = np.asarray(idx)
         abs_diff[at], rel_diff[at], top1[at] = a, r, t
         if js.size:
