@@ -49,6 +49,7 @@ import numpy as np
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.serving.dataplane import DataPlane, InferInput, InferRequest
 from modelfleet.agent.serving.routing import Comparison
+from modelfleet.agent.serving.shadow import SHADOW_NICE
 from modelfleet.agent.slots import BatchingConfig, SlotManager
 from modelfleet.kernel.bundle import create_bundle
 from modelfleet.kernel.runtime import RuntimeOptions
@@ -122,17 +123,19 @@ def shadow_counts(agent: AgentProcess) -> dict:
 
 
 def shadow_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of the agent's shadow threads (named shadow-N), from /proc."""
+    """CPU seconds (user + system) of the agent's shadow threads, from /proc. CPython 3.11 does
+    not name OS threads; the shadow threads are the ones at nice SHADOW_NICE (capture's writer,
+    the only other niced thread, is off here)."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            if not (task / "comm").read_text().startswith("shadow"):
-                continue
-            # Fields after the parenthesised name: utime and stime are the 12th and 13th.
+            # Fields after the parenthesised name, from state (field 3): utime 14, stime 15,
+            # nice 19.
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # the thread ended
             continue
-        total += int(fields[11]) + int(fields[12])
+        if int(fields[16]) == SHADOW_NICE:
+            total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
 
 
@@ -224,7 +227,7 @@ def shadow_cost(report: Report, root: Path, baseline_python: str = "") -> None:
                 "shadow threads' CPU per compared copy (run, compare, count)",
                 f"{per_copy['on']:.1f} us",
                 f"{per_copy['baseline on']:.1f} us (baseline code)" if baseline_python else "",
-                per_copy["on"] / per_copy["baseline on"] if baseline_python else None,
+                per_copy["on"] / per_copy["baseline on"] if per_copy.get("baseline on") else None,
                 note="from /proc, over both concurrencies",
             )
         )
