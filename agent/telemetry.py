@@ -348,9 +348,21 @@ _SH_LAT = _SH_JS + len(JS_BOUNDS) + 2
 _SH_CELLS = _SH_LAT + len(LATENCY_BOUNDS) + 2
 
 
-def _observe(row: list[float], at: int, bounds: tuple[float, ...], value: float) -> None:
-    row[at + bisect_left(bounds, value)] += 1
-    row[at + len(bounds) + 1] += value
+_DIFF_EDGES = np.array(DIFF_BOUNDS)
+_JS_EDGES = np.array(JS_BOUNDS)
+_LATENCY_EDGES = np.array(LATENCY_BOUNDS)
+
+
+def _observe_many(row: list[float], at: int, edges: np.ndarray, values: np.ndarray) -> None:
+    """Count each of ``values`` into the histogram at ``at`` (buckets, then the sum): a value
+    equal to an edge belongs to that edge's bucket (le semantics, as bisect_left above)."""
+    if not values.size:
+        return
+    counts = np.bincount(np.searchsorted(edges, values, side="left"), minlength=len(edges) + 1)
+    for i, n in enumerate(counts.tolist(), at):
+        if n:
+            row[i] += n
+    row[at + len(edges) + 1] += float(values.sum())
 
 
 class ShadowCells:
@@ -382,33 +394,53 @@ class ShadowCells:
             for row in self.rows.values():
                 row[_SH_DROPPED] += 1
 
-    def failed(self) -> None:
+    def failed(self, requests: int = 1) -> None:
         with self.lock:
             for row in self.rows.values():
-                row[_SH_FAILURES] += 1
+                row[_SH_FAILURES] += requests
 
     def compared(self, outputs: Iterable[Any], shadow_s: float) -> None:
         """``outputs``: :class:`agent.serving.shadow.OutputCompare` of one request."""
+        rows = []
+        for c in outputs:
+            top1 = c.top1_agree
+            rows.append(
+                (
+                    c.output,
+                    np.array([c.abs_diff]),
+                    np.array([c.rel_diff]),
+                    np.array(c.js, np.float64),
+                    int(bool(top1)),
+                    int(top1 is not None),
+                )
+            )
+        self.compared_batch(rows, np.array([shadow_s]))
+
+    def compared_batch(
+        self,
+        outputs: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, int, int]],
+        shadow_s: np.ndarray,
+    ) -> None:
+        """Several requests at once: per output (name, absolute and relative difference per
+        request, Jensen-Shannon divergence per row, top-1 agreed, top-1 total), and the shadow
+        run's seconds per request. Counts as :meth:`compared` once per request would."""
+        n = len(shadow_s)
         with self.lock:
-            self._compared(outputs, shadow_s)
+            for output, abs_diff, rel_diff, js, agreed, total in outputs:
+                row = self._row(output)
+                row[_SH_COMPARED] += n
+                _observe_many(row, _SH_ABS, _DIFF_EDGES, abs_diff)
+                if abs_diff.size:
+                    self.max_abs = max(self.max_abs, float(abs_diff.max()))
+                _observe_many(row, _SH_REL, _DIFF_EDGES, rel_diff)
+                _observe_many(row, _SH_JS, _JS_EDGES, js)
+                row[_SH_TOTAL] += total
+                row[_SH_AGREE] += agreed
+                _observe_many(row, _SH_LAT, _LATENCY_EDGES, shadow_s)
 
     def snapshot(self) -> dict[str, list[float]]:
         with self.lock:
             return {o: list(r) for o, r in self.rows.items()}
-
-    def _compared(self, outputs: Iterable[Any], shadow_s: float) -> None:
-        for c in outputs:
-            row = self._row(c.output)
-            row[_SH_COMPARED] += 1
-            _observe(row, _SH_ABS, DIFF_BOUNDS, c.abs_diff)
-            self.max_abs = max(self.max_abs, c.abs_diff)
-            _observe(row, _SH_REL, DIFF_BOUNDS, c.rel_diff)
-            for js in c.js:
-                _observe(row, _SH_JS, JS_BOUNDS, js)
-            if c.top1_agree is not None:
-                row[_SH_TOTAL] += 1
-                row[_SH_AGREE] += c.top1_agree
-            _observe(row, _SH_LAT, LATENCY_BOUNDS, shadow_s)
 
     def totals(self) -> tuple[int, int, int, int, int]:
         """(compared, dropped, failures, top-1 agreed, top-1 total) since the agent started,

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 
 from modelfleet.agent.serving.shadow import OutputCompare
@@ -108,3 +109,34 @@ def test_a_store_from_before_arms_gains_the_column(tmp_path: Path) -> None:
         assert store.shadow_window("clf", 1, None, 0.0, 20.0).compared == 1
     finally:
         store.close()
+
+
+def test_cells_count_a_batch_as_its_requests_one_by_one() -> None:
+    """The shadow threads count a batch of requests at once (compared_batch); the cells must
+    hold what counting each request alone (compared) leaves."""
+    requests = [request(d, d < 0.1, d / 3) for d in (0.0, 1e-6, 1e-5, 0.02, 0.05, 0.3, 2.0, 0.0)]
+    seconds = [0.0005, 0.001, 0.004, 0.004, 0.02, 0.2, 1.5, 30.0]
+    one = TelemetryAggregator().shadow("clf", 1, 2, ["logits", "probs"])
+    for outputs, s in zip(requests, seconds, strict=True):
+        one.compared(outputs, s)
+    batch = TelemetryAggregator().shadow("clf", 1, 2, ["logits", "probs"])
+    rows = []
+    for k, name in enumerate(["logits", "probs"]):
+        of = [r[k] for r in requests]
+        rows.append(
+            (
+                name,
+                np.array([c.abs_diff for c in of]),
+                np.array([c.rel_diff for c in of]),
+                np.array([js for c in of for js in c.js]),
+                sum(bool(c.top1_agree) for c in of),
+                sum(c.top1_agree is not None for c in of),
+            )
+        )
+    batch.compared_batch(rows, np.array(seconds))
+    got, want = batch.snapshot(), one.snapshot()
+    assert got.keys() == want.keys()
+    for output in want:
+        assert got[output] == pytest.approx(want[output], rel=1e-12)
+    assert batch.max_abs == one.max_abs == 20.0
+    assert batch.totals() == one.totals() == (8, 0, 0, 12, 16)

@@ -15,11 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.serving.dataplane import DataPlane, InferInput, InferRequest
 from modelfleet.agent.serving.routing import BASIS_POINTS, Comparison, bucket
-from modelfleet.agent.serving.shadow import ShadowRunner, compare_output, js_divergence_bits
+from modelfleet.agent.serving.shadow import (
+    ShadowRunner,
+    _observe_all,
+    compare_batch,
+    compare_output,
+    js_divergence_bits,
+)
 from modelfleet.agent.slots import BatchingConfig, SlotManager
 from modelfleet.kernel.bundle import create_bundle
 from modelfleet.kernel.errors import InvalidRequestError
@@ -155,6 +162,80 @@ def test_compare_output_kinds() -> None:
     assert reg.top1_agree is None and reg.js == () and reg.rel_diff == pytest.approx(0.25)
     assert not compare_output("y", np.zeros((1, 2)), np.zeros((1, 3))).ok
     assert not compare_output("y", np.zeros((1, 2)), None).ok
+
+
+def test_a_batch_compares_each_copy_as_it_would_alone() -> None:
+    """The shadow threads compare copies stacked per shape and dtype; each copy's result is
+    what comparing it alone gives, whatever shares its batch (NaN, other shapes, strings)."""
+    rng = np.random.default_rng(5)
+    probs = rng.dirichlet(np.ones(4), size=2).astype(np.float32)
+    pairs: list[tuple[np.ndarray, np.ndarray | None]] = [
+        (probs, probs.copy()),
+        (probs, rng.dirichlet(np.ones(4), size=2).astype(np.float32)),
+        (np.array([[0.2, 0.8]]), np.array([[0.8, 0.2]])),
+        (np.array([[1.0, np.nan]]), np.array([[1.0, np.nan]])),
+        (np.array([[np.nan, 2.0]]), np.array([[1.0, 2.0]])),
+        (np.array([[0.5, np.inf]]), np.array([[0.5, 1.0]])),
+        (np.zeros((1, 2)), np.zeros((1, 3))),
+        (np.zeros((1, 2)), None),
+        (np.array(["a", "b"]), np.array(["a", "c"])),
+        (np.zeros((0, 4)), np.zeros((0, 4))),
+        (probs.astype(np.float64), probs),
+        (np.array([[3.0]]), np.array([[3.5]])),
+        (np.array(7, np.int64), np.array(9, np.int64)),
+    ]
+    batch = compare_batch("y", [p for p, _ in pairs], [s for _, s in pairs])
+    alone = [compare_output("y", p, s) for p, s in pairs]
+    assert [batch.one(i) for i in range(len(pairs))] == alone
+    assert alone[0].abs_diff == 0 and alone[0].top1_agree is True and alone[0].js == (0.0, 0.0)
+    assert alone[1].ok and len(alone[1].js) == 2 and max(alone[1].js) > 0
+    assert alone[2].top1_agree is False and alone[2].js[0] > 0.1
+    # NaN on both sides agrees; on one side only, the difference is infinite and the copy's
+    # top-1 and divergence are left out, not its batch's.
+    assert alone[3].abs_diff == 0 and alone[3].top1_agree is None
+    assert alone[4].abs_diff == np.inf and alone[4].top1_agree is None and alone[4].js == ()
+    assert alone[5].abs_diff == np.inf
+    assert not alone[6].ok and not alone[7].ok
+    assert alone[8] == alone[8].__class__("y", True, 1.0, 1.0)
+    assert alone[9].ok and alone[9].abs_diff == 0
+    assert alone[10].abs_diff < 1e-6 and alone[10].top1_agree is True
+    assert alone[11].rel_diff == pytest.approx(0.5 / 3) and alone[11].top1_agree is None
+    assert alone[12].abs_diff == 2 and alone[12].top1_agree is None
+
+
+def test_bulk_observation_exposes_what_observe_does() -> None:
+    """The shadow threads count a batch into a Prometheus histogram bucket by bucket
+    (prometheus_client's child layout); the exposition must be observe()'s, value by value."""
+    values = np.array([0.0, 5e-7, 1e-6, 0.02, 0.02, 0.05, 0.0500001, 3.0, 10.0, 11.0, np.inf])
+    exposed = []
+    for bulk in (True, False):
+        registry = CollectorRegistry()
+        child = Histogram("d", "d", ["o"], buckets=DIFF_BOUNDS, registry=registry).labels("a")
+        if bulk:
+
+            def refuse(_: float) -> None:
+                raise AssertionError("the bulk path fell back to observe()")
+
+            child.observe = refuse  # type: ignore[method-assign]
+            _observe_all(child, values)
+            _observe_all(child, values[:0])
+        else:
+            for v in values.tolist():
+                child.observe(v)
+        exposed.append(generate_latest(registry).decode())
+    assert exposed[0] == exposed[1]
+    assert 'd_bucket{le="0.05",o="a"} 6.0' in exposed[0]
+
+    class Other:  # another layout: observe() per value
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def observe(self, v: float) -> None:
+            self.seen.append(v)
+
+    other = Other()
+    _observe_all(other, values[:3])
+    assert other.seen == [0.0, 5e-7, 1e-6]
 
 
 # -- the split -------------------------------------------------------------------------------
@@ -345,3 +426,43 @@ def test_a_shadow_that_fails_is_counted_not_raised(tmp_path: Path) -> None:
         assert await drained(p, 10) == (0, 0, 10)
 
     run_plane(tmp_path, scenario, v2=lambda p: models.classifier(p, seed=0, classes=6))
+
+
+def test_a_batch_with_failed_copies_counts_only_the_compared_ones(tmp_path: Path) -> None:
+    """Copies offered back to back share a batch; the ones whose outputs the shadow cannot
+    match are failures, and the rest are counted as if they had come alone."""
+
+    async def scenario(p: Plane) -> None:
+        slot = p.slots.slots["clf"]
+        primary, shadow = slot.active, slot.previous
+        assert primary is not None and shadow is not None
+        good = primary.model.run({"x": X})
+        two = np.concatenate([X, X])
+        good_two = primary.model.run({"x": two})
+        bad = {"logits": np.zeros((1, 6), np.float32), "probs": good["probs"]}
+        runner = p.plane.shadow
+        offered = [
+            runner.offer(primary, shadow, {"x": X}, good),
+            runner.offer(primary, shadow, {"x": X}, bad),
+            runner.offer(primary, shadow, {"x": two}, good_two),
+            runner.offer(primary, shadow, {"x": X}, good),
+        ]
+        assert offered == [True] * 4
+        assert await drained(p, 4) == (3, 0, 1)
+        rows = p.report()[1].shadow
+        assert {s.output for s in rows} == {"logits", "probs"}
+        for s in rows:
+            assert (s.compared, s.shadow_failures) == (3, 1)
+            # Identical models: every compared copy agrees, with no difference at all.
+            assert s.top1_agree == s.top1_total == 3
+            assert s.abs_diff.counts[0] == 3 and s.shadow_latency.count == 3
+        probs = next(s for s in rows if s.output == "probs")
+        # Two rows in the third copy: four divergences.
+        assert probs.js_divergence.count == 4 and probs.js_divergence.counts[0] == 4
+        failed = p.metrics.registry.get_sample_value(
+            "modelfleet_shadow_requests_total",
+            {"model": "clf", "version": "1", "shadow_version": "2", "outcome": "failed"},
+        )
+        assert failed == 1
+
+    run_plane(tmp_path, scenario)

@@ -21,11 +21,18 @@ Figures, each beside the baseline measured in the same run:
    requests each) at 50% sticky. Target: within 1 percentage point of the configured share,
    and every key always reaches one version.
 
+With ``--baseline-python PY`` (another checkout's ``.venv/bin/python``, e.g. main's), the shadow
+cost section starts a third agent running that checkout's code, also shadowing 100%, in the same
+alternation: its primary latency and its shadow threads' CPU per compared copy print beside this
+code's, so a change to the shadow path is measured before and after under the same neighbours.
+``--only shadow,slow,split`` runs a subset of the sections.
+
 Missed targets print MISS; the exit status is 0 unless something fails to run.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -34,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +49,7 @@ import numpy as np
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.serving.dataplane import DataPlane, InferInput, InferRequest
 from modelfleet.agent.serving.routing import Comparison
+from modelfleet.agent.serving.shadow import SHADOW_NICE
 from modelfleet.agent.slots import BatchingConfig, SlotManager
 from modelfleet.kernel.bundle import create_bundle
 from modelfleet.kernel.runtime import RuntimeOptions
@@ -86,10 +95,12 @@ def build_repo(root: Path, slow_candidate: bool) -> Path:
     return repo
 
 
-def start(repo: Path, log: Path) -> AgentProcess:
+def start(repo: Path, log: Path, python: str = "") -> AgentProcess:
     # Two serving threads, one shadow worker, single-threaded sessions: what a small edge box
     # with two cores would run.
     agent = AgentProcess(repo, "--intra-op-threads", "1", "--serving-threads", "2", log_path=log)
+    if python:
+        agent.args[0] = python
     agent.start()
     try:
         agent.wait_model("m", "2", timeout=60)
@@ -111,15 +122,38 @@ def shadow_counts(agent: AgentProcess) -> dict:
     return m.get("comparison") or {}
 
 
-def shadow_cost(report: Report, root: Path) -> None:
+def shadow_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of the agent's shadow threads, from /proc. CPython 3.11 does
+    not name OS threads; the shadow threads are the ones at nice SHADOW_NICE (capture's writer,
+    the only other niced thread, is off here)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            # Fields after the parenthesised name, from state (field 3): utime 14, stime 15,
+            # nice 19.
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        if int(fields[16]) == SHADOW_NICE:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def shadow_cost(report: Report, root: Path, baseline_python: str = "") -> None:
     repo = build_repo(root, slow_candidate=False)
     x = np.random.default_rng(0).standard_normal((1, WIDTH)).astype(np.float32)
-    off = start(repo, root / "off.log")
-    on = start(repo, root / "on.log")
+    agents: dict[str, AgentProcess] = {}
     try:
-        compare(on, "--candidate", "1", "--shadow", "100")
-        t_off, t_on = Target("off", off.url, "m"), Target("on", on.url, "m")
-        lat = interleaved_sequential([t_off, t_on], x, requests=C1_REQUESTS)
+        agents["off"] = start(repo, root / "off.log")
+        agents["on"] = on = start(repo, root / "on.log")
+        if baseline_python:
+            agents["baseline on"] = start(repo, root / "baseline.log", baseline_python)
+        for label, agent in agents.items():
+            if label != "off":
+                compare(agent, "--candidate", "1", "--shadow", "100")
+        lat = interleaved_sequential(
+            [Target(label, a.url, "m") for label, a in agents.items()], x, requests=C1_REQUESTS
+        )
         for q, name in ((50, "p50"), (99, "p99")):
             a, b = percentile_ms(lat["off"], q), percentile_ms(lat["on"], q)
             row = Row(
@@ -134,9 +168,21 @@ def shadow_cost(report: Report, root: Path) -> None:
                 report.check(row, b / a <= SHADOW_C1_MAX)
             else:
                 report.add(row)
-        blocks: dict[str, list] = {"off": [], "on": []}
+            if baseline_python:
+                c = percentile_ms(lat["baseline on"], q)
+                report.add(
+                    Row(
+                        "shadow cost",
+                        f"primary {name}, concurrency 1, 100% shadow, baseline code",
+                        f"{c:.3f} ms",
+                        f"{a:.3f} ms (shadow off)",
+                        c / a,
+                        note=f"this code: {b / a:.2f}x in the same alternation",
+                    )
+                )
+        blocks: dict[str, list] = {label: [] for label in agents}
         for _ in range(C16_ROUNDS):
-            for label, agent in (("off", off), ("on", on)):
+            for label, agent in agents.items():
                 t = Target(label, agent.url, "m")
                 blocks[label].append(
                     run_concurrent(
@@ -157,6 +203,34 @@ def shadow_cost(report: Report, root: Path) -> None:
                     note="two shared cores: the shadow's compute competes with the primary's",
                 )
             )
+            if baseline_python:
+                c = percentile_ms(lats["baseline on"], q)
+                report.add(
+                    Row(
+                        "shadow cost",
+                        f"primary {name}, concurrency 16, 100% shadow, baseline code",
+                        f"{c:.3f} ms",
+                        f"{a:.3f} ms (shadow off)",
+                        c / a,
+                        note=f"this code: {b / a:.2f}x in the same rounds",
+                    )
+                )
+        per_copy = {}
+        for label, agent in agents.items():
+            if label != "off":
+                done = int(shadow_counts(agent).get("shadow_compared", 0))
+                assert agent.proc is not None
+                per_copy[label] = shadow_cpu_s(agent.proc.pid) / max(done, 1) * 1e6
+        report.add(
+            Row(
+                "shadow cost",
+                "shadow threads' CPU per compared copy (run, compare, count)",
+                f"{per_copy['on']:.1f} us",
+                f"{per_copy['baseline on']:.1f} us (baseline code)" if baseline_python else "",
+                per_copy["on"] / per_copy["baseline on"] if per_copy.get("baseline on") else None,
+                note="from /proc, over both concurrencies",
+            )
+        )
         counts = shadow_counts(on)
         report.check(
             Row(
@@ -170,8 +244,8 @@ def shadow_cost(report: Report, root: Path) -> None:
             failed == 0,
         )
     finally:
-        off.stop()
-        on.stop()
+        for agent in agents.values():
+            agent.stop()
 
 
 def slow_shadow(report: Report, root: Path) -> None:
@@ -307,15 +381,30 @@ def split_accuracy(report: Report, root: Path) -> None:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--baseline-python",
+        default="",
+        help="interpreter of a baseline checkout: its agent shadows beside this code's",
+    )
+    parser.add_argument("--only", default="", help="sections to run: split,shadow,slow")
+    args = parser.parse_args()
     report = Report()
     print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)", flush=True)
+    sections: list[tuple[str, str, Callable[[Report, Path], None]]] = [
+        ("split", "split accuracy and stickiness", split_accuracy),
+        ("shadow", "shadow cost", lambda r, p: shadow_cost(r, p, args.baseline_python)),
+        ("slow", "slow shadow", slow_shadow),
+    ]
+    wanted = set(args.only.split(",")) if args.only else {key for key, _, _ in sections}
+    unknown = wanted - {key for key, _, _ in sections}
+    if unknown:
+        parser.error(f"--only: no section(s) {sorted(unknown)}; the sections are split,shadow,slow")
     with tempfile.TemporaryDirectory(prefix="mf-traffic-bench-") as tmp:
         root = Path(tmp)
-        for name, fn in (
-            ("split accuracy and stickiness", split_accuracy),
-            ("shadow cost", shadow_cost),
-            ("slow shadow", slow_shadow),
-        ):
+        for key, name, fn in sections:
+            if key not in wanted:
+                continue
             print(f"== {name}", flush=True)
             try:
                 fn(report, root)
