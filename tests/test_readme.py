@@ -49,10 +49,13 @@ def test_readme_quickstarts_run_as_written(tmp_path: Path) -> None:
     # A wait loop that runs out falls through and the script goes on: a condition that can
     # never hold (a stale grep pattern) made the quickstart sit out every loop and still pass.
     # Here the condition is checked once more after each loop, and a miss ends the script.
+    # Without pipefail, as in the reader's shell: `grep -q` leaves at its match, and a CLI still
+    # writing then exits 141 (EPIPE), which pipefail would count as a miss.
     n = itertools.count(1)
     script, waits = WAIT_LOOP.subn(
         lambda m: (
-            f"{m.group(0)}\n{m.group(1)} || {{ echo 'TIMED OUT: wait loop {next(n)}'; exit 1; }}"
+            f"{m.group(0)}\n(set +o pipefail; {m.group(1)}) "
+            f"|| {{ echo 'TIMED OUT: wait loop {next(n)}'; exit 1; }}"
         ),
         script,
     )
