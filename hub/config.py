@@ -56,6 +56,9 @@ class HubConfig:
     # Validity (nextUpdate) of the CRL the hub writes for the broker (docs/mqtt.md); it is
     # issued again when half of it has passed. The broker refuses every client once it lapses.
     crl_lifetime_s: float = 7 * 86400
+    # Seconds between the MQTT bridge's re-checks of every agent's desired state when no change
+    # was signalled (changes are published at once; this is the safety net).
+    mqtt_resync_interval_s: float = 30.0
     # Extra names for the hub's server certificate, comma-separated (localhost and the
     # listen host are always included).
     hostnames: str = ""
@@ -139,6 +142,10 @@ def load_hub_config(
         raise InvalidRequestError("config: metadata expiries must be positive")
     if cfg.agent_cert_lifetime_s < 10:
         raise InvalidRequestError("config: agent_cert_lifetime_s must be at least 10 seconds")
+    if cfg.mqtt_resync_interval_s <= 0:
+        raise InvalidRequestError(
+            f"config: mqtt_resync_interval_s must be > 0, got {cfg.mqtt_resync_interval_s:g}"
+        )
     if cfg.crl_lifetime_s < 2:
         raise InvalidRequestError(
             f"config: crl_lifetime_s must be at least 2 seconds, got {cfg.crl_lifetime_s:g} "

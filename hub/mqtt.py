@@ -121,8 +121,16 @@ def _user() -> str:
 
 
 class MqttBridge:
-    def __init__(self, core: HubCore, address: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        core: HubCore,
+        address: str,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        resync_interval_s: float = 30.0,
+    ) -> None:
         self.core = core
+        self.resync_interval_s = resync_interval_s
         self.loop = loop
         self.address = address
         mdir = core.paths.root / "mqtt"
@@ -279,7 +287,7 @@ class MqttBridge:
         # acquired" and every deploy and watch stream then hung on the lock. wait_changed()
         # waits in this task, and ends when the hub stops (close_watches).
         while not stop.is_set() and not self.core.closing:
-            await self.core.wait_changed(30)
+            await self.core.wait_changed(self.resync_interval_s)
             if stop.is_set() or self.core.closing:
                 return
             await self.publish_desired()

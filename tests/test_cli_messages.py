@@ -148,12 +148,25 @@ def test_global_options_after_the_command_say_where_they_go(tmp_path: Path) -> N
     assert r.returncode == 2 and "unrecognized arguments: --frobnicate" in r.stderr
 
 
+RESYNC_S = 2.0
+
+
 def test_mqtt_hub_idle_past_its_resync_deploys_and_stops_without_error(tmp_path: Path) -> None:
-    """The MQTT bridge's 30 s wait used to leak the hub's desired-state lock: deploys hung from
-    then on and SIGTERM ended in `RuntimeError: Lock is not acquired` (WatchDesired) or a hang."""
+    """The MQTT bridge's resync wait (mqtt_resync_interval_s) used to leak the hub's
+    desired-state lock once it timed out: deploys hung from then on and SIGTERM ended in
+    `RuntimeError: Lock is not acquired` (WatchDesired) or a hang."""
     (tmp_path / "hub").mkdir()
+    # A short interval, so that the idle wait below times out several times, as 30 s would.
+    (tmp_path / "hub.toml").write_text(f"[hub]\nmqtt_resync_interval_s = {RESYNC_S}\n")
     broker = BrokerProcess(tmp_path / "hub", tmp_path / "broker").configure().start()
-    hub = HubProcess(tmp_path / "hub", "--mqtt", broker.address, log_path=tmp_path / "hub.log")
+    hub = HubProcess(
+        tmp_path / "hub",
+        "--config",
+        str(tmp_path / "hub.toml"),
+        "--mqtt",
+        broker.address,
+        log_path=tmp_path / "hub.log",
+    )
     agent = None
     try:
         hub.start()
@@ -167,7 +180,7 @@ def test_mqtt_hub_idle_past_its_resync_deploys_and_stops_without_error(tmp_path:
             log_path=tmp_path / "edge.log",
         ).start()
         agent.wait_live()
-        time.sleep(32)  # past the bridge's 30 s wait with nothing to publish
+        time.sleep(2.5 * RESYNC_S)  # past two of the bridge's waits with nothing to publish
         hub.cli("deploy", "mlp", "1", timeout=20)
         wait_for(
             lambda: agent_status(agent.admin_socket).get("mlp", {}).get("active_version") == "1",

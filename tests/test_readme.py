@@ -8,6 +8,7 @@ is already installed), the scratch folder (a temporary one) and the ports (free 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from tests.procs import ROOT, free_port
 README = ROOT / "README.md"
 INSTALL = "make .venv/.installed && source .venv/bin/activate"
 SCRATCH = "/tmp/modelfleet-quickstart"
+WAIT_LOOP = re.compile(r"^for i in \$\(seq \d+\); do (.+?) && break; sleep [\d.]+; done$", re.M)
 
 
 def sh_block(text: str, heading: str) -> str:
@@ -44,6 +46,20 @@ def test_readme_quickstarts_run_as_written(tmp_path: Path) -> None:
             fleet,
         )
     ).replace(SCRATCH, str(tmp_path / "quickstart"))
+    # A wait loop that runs out falls through and the script goes on: a condition that can
+    # never hold (a stale grep pattern) made the quickstart sit out every loop and still pass.
+    # Here the condition is checked once more after each loop, and a miss ends the script.
+    # Without pipefail, as in the reader's shell: `grep -q` leaves at its match, and a CLI still
+    # writing then exits 141 (EPIPE), which pipefail would count as a miss.
+    n = itertools.count(1)
+    script, waits = WAIT_LOOP.subn(
+        lambda m: (
+            f"{m.group(0)}\n(set +o pipefail; {m.group(1)}) "
+            f"|| {{ echo 'TIMED OUT: wait loop {next(n)}'; exit 1; }}"
+        ),
+        script,
+    )
+    assert waits == 4, script  # hub and agent ready, v2 swapped in, v1 on the fleet agent
     ports = {p: free_port() for p in sorted(set(re.findall(r"127\.0\.0\.1:(\d+)", script)))}
     assert len(ports) >= 5, ports  # agent, its metrics, hub, enrollment, fleet agent
     script = re.sub(r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{ports[m.group(1)]}", script)
