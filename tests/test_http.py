@@ -517,3 +517,34 @@ def test_bearer_token_over_http(tmp_path: Path, pki: Pki) -> None:
     finally:
         agent.stop()
     assert TOKEN not in agent.logs()
+
+
+def test_http_infer_continues_the_callers_trace(tmp_path: Path) -> None:
+    from tests.otlp_collector import Collector
+    from tests.test_tracing import FAST_EXPORT, by_name, traceparent
+
+    repo = tmp_path / "repo"
+    make_mlp_bundle(repo, 1)
+    port = free_port()
+    with Collector() as collector:
+        env = {"MODELFLEET_AGENT_TRACING_ENDPOINT": collector.endpoint, **FAST_EXPORT}
+        agent = AgentProcess(repo, "--http-listen", f"127.0.0.1:{port}", env=env)
+        with agent:
+            agent.wait_model("mlp", timeout=60)
+            c = httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=10)
+            try:
+                header, trace_id, caller_span = traceparent()
+                inp = httpclient.InferInput("x", [1, 4], "FP32")
+                inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+                c.infer("mlp", [inp], headers={"traceparent": header})
+            finally:
+                c.close()
+            name = "POST /v2/models/{model}/infer"
+            wait_for(
+                lambda: {name, "modelfleet.inference"} <= set(by_name(collector.spans(trace_id))),
+                20,
+                "the HTTP request's spans",
+            )
+            spans = by_name(collector.spans(trace_id))
+            assert spans[name].parent_span_id.hex() == caller_span
+            assert spans["modelfleet.inference"].parent_span_id == spans[name].span_id

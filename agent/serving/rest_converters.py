@@ -76,19 +76,17 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     return bytes(view[:n]), view[n:]
 
 
-def _parse_json(raw: bytes) -> dict[str, Any]:
+def _parse_json(raw: bytes, has_header: bool) -> dict[str, Any]:
+    # Binary bytes after JSON without the header look like trailing data or bad UTF-8.
+    hint = "" if has_header else f" (binary tensors after the JSON need the {HEADER_LENGTH} header)"
     try:
         doc = json.loads(raw)
     except UnicodeDecodeError:
-        raise _bad("request body is not UTF-8 JSON") from None
+        raise _bad(f"request body is not UTF-8 JSON{hint}") from None
     except json.JSONDecodeError as exc:
         raise _bad(
             f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            + (
-                f" (binary tensors after the JSON need the {HEADER_LENGTH} header)"
-                if exc.msg == "Extra data"
-                else ""
-            )
+            + (hint if exc.msg == "Extra data" else "")
         ) from None
     if not isinstance(doc, dict):
         raise _bad(f"request body must be a JSON object, not {type(doc).__name__}")
@@ -206,7 +204,7 @@ def request_from_http(
     body: bytes, header_length: str | None, model_name: str, model_version: str
 ) -> tuple[InferRequest, OutputForm]:
     raw_json, binary = split_body(body, header_length)
-    doc = _parse_json(raw_json)
+    doc = _parse_json(raw_json, header_length is not None)
     params = dict(_parameters(doc, "request"))
     inputs_doc = doc.get("inputs")
     if not isinstance(inputs_doc, list) or not inputs_doc:
