@@ -1,4 +1,6 @@
-"""The HTTP/REST converters and error mapping without sockets: every form fault is a clear
+"""The HTTP/REST converters and error mapping without sockets (and without the agent's protobuf
+module, which cannot share a process with tritonclient's: proto_json is covered by the
+statistics and config checks of tests/test_http.py): every form fault is a clear
 InvalidRequestError, every error family has an HTTP status, and the metrics app answers 404
 to everything but /metrics."""
 
@@ -11,15 +13,14 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from modelfleet.agent.serving.dataplane import InferOutput, InferResponse
-from modelfleet.agent.serving.http_server import HTTP_STATUS, proto_json
 from modelfleet.agent.serving.rest_converters import (
     OutputForm,
     request_from_http,
     response_to_http,
 )
 from modelfleet.kernel.errors import InvalidRequestError, Status
+from modelfleet.kernel.http_status import HTTP_STATUS
 from modelfleet.kernel.metrics_http import metrics_app
-from modelfleet.protos import inference_pb2 as pb
 
 
 def test_every_error_family_has_an_http_status() -> None:
@@ -95,15 +96,6 @@ def test_responses_json_and_binary() -> None:
     # Non-UTF-8 bytes cannot travel in JSON: the client is told to ask for binary.
     with pytest.raises(InvalidRequestError, match="not UTF-8"):
         response_to_http(resp, OutputForm())
-
-
-def test_proto_json_keeps_64_bit_numbers_as_numbers() -> None:
-    stats = pb.ModelStatistics(name="m", version="1", inference_count=2**40)
-    out = proto_json(stats)
-    assert out["inference_count"] == 2**40 and out["name"] == "m"
-    assert out["last_inference"] == 0  # defaults are there, as Triton prints them
-    cfg = proto_json(pb.ModelConfig(input=[pb.ModelInput(name="x", data_type=pb.TYPE_FP32)]))
-    assert cfg["input"][0]["data_type"] == "TYPE_FP32"
 
 
 def _call(app, path: str) -> tuple[str, bytes]:

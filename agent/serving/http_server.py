@@ -35,23 +35,11 @@ from modelfleet.kernel.errors import (
     ListenError,
     ModelfleetError,
     ModelNotFoundError,
-    Status,
 )
+from modelfleet.kernel.http_status import HTTP_STATUS
 from modelfleet.kernel.settings import split_hostport
 
 log = logging.getLogger(__name__)
-
-# The one mapping from the error family to HTTP statuses.
-HTTP_STATUS: dict[Status, int] = {
-    Status.INVALID_ARGUMENT: 400,
-    Status.NOT_FOUND: 404,
-    Status.UNAVAILABLE: 503,
-    Status.RESOURCE_EXHAUSTED: 429,
-    Status.FAILED_PRECONDITION: 409,
-    Status.ALREADY_EXISTS: 409,
-    Status.PERMISSION_DENIED: 403,
-    Status.INTERNAL: 500,
-}
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 # Extensions that work over this port (model load/unload does not: see docs/protocol.md).

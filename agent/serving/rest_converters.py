@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from modelfleet.agent.serving.converters import decode_bytes_tensor, encode_bytes_tensor
 from modelfleet.agent.serving.dataplane import InferInput, InferRequest, InferResponse
 from modelfleet.agent.serving.routing import ROUTING_KEY_PARAMETER
-from modelfleet.kernel.datatypes import numpy_dtype
+from modelfleet.kernel.datatypes import decode_bytes_tensor, encode_bytes_tensor, numpy_dtype
 from modelfleet.kernel.errors import InvalidRequestError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
