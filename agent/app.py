@@ -24,7 +24,13 @@ from modelfleet.agent.serving.grpc_server import (
     build_server,
     claim_admin_socket,
 )
-from modelfleet.agent.serving.security import BearerTokenInterceptor, TlsFiles, server_credentials
+from modelfleet.agent.serving.http_server import HttpServer, OipHttp
+from modelfleet.agent.serving.security import (
+    BearerTokenInterceptor,
+    TlsFiles,
+    server_credentials,
+    server_ssl_context,
+)
 from modelfleet.agent.serving.shadow import ShadowRunner
 from modelfleet.agent.slots import BatchingConfig, SlotManager
 from modelfleet.kernel import tracing
@@ -51,8 +57,9 @@ _RENEW_FOR_SERVER_AUTH = (
 
 def inference_security(
     cfg: ServeConfig,
-) -> tuple[grpc.ServerCredentials | None, BearerTokenInterceptor | None, str]:
-    """(TLS credentials, token check, words for the log) for the inference port, from cfg."""
+) -> tuple[grpc.ServerCredentials | None, BearerTokenInterceptor | None, str, TlsFiles | None]:
+    """(TLS credentials, token check, words for the log, TLS files) for the inference ports,
+    from cfg: gRPC and HTTP get the same."""
     from modelfleet.agent.fleet.renew import CA, CERT, KEY, finish_pending
     from modelfleet.agent.fleet.transport import IDENTITY_DIR
 
@@ -97,7 +104,7 @@ def inference_security(
                 "loopback only",
                 cfg.listen,
             )
-    return credentials, token, ", ".join(words) or "plaintext, no authentication"
+    return credentials, token, ", ".join(words) or "plaintext, no authentication", files
 
 
 def connect_control_plane(cfg: ServeConfig) -> ControlPlane:
@@ -291,7 +298,12 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         check_listen(
             cfg.metrics_listen, "metrics (metrics_listen)", "set another port with --metrics-listen"
         )
-    credentials, token_check, security = inference_security(cfg)
+    if cfg.http_listen:
+        check_listen(
+            cfg.http_listen, "HTTP inference (http_listen)", "set another port with --http-listen"
+        )
+    credentials, token_check, security, tls_files = inference_security(cfg)
+    ssl_context = server_ssl_context(tls_files) if cfg.http_listen and tls_files else None
     start_tracing(cfg)
     metrics = AgentMetrics()
     slots = build_slots(cfg, metrics)
@@ -394,6 +406,24 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     )
     await admin.start()
     os.chmod(admin_path, 0o600)
+    http: HttpServer | None = None
+    if cfg.http_listen:
+        http = HttpServer(
+            OipHttp(slots, dataplane, health, cfg.http_max_request_bytes, token_check),
+            cfg.http_listen,
+            ssl_context,
+            cfg.drain_timeout_s,
+        )
+        try:
+            http_port = await http.start()
+        except ListenError:
+            await server.stop(0)
+            await admin.stop(0)
+            admin_path.unlink(missing_ok=True)
+            raise
+        scheme = "https" if ssl_context else "http"
+        host = cfg.http_listen.rpartition(":")[0]
+        log.info("HTTP/REST inference on %s://%s:%d/v2 (%s)", scheme, host, http_port, security)
     # Removed at exit only if it is still this one (see claim_admin_socket).
     admin_inode = _inode(admin_path)
     if cfg.metrics_listen:
@@ -403,6 +433,8 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         except OSError as exc:
             await server.stop(0)
             await admin.stop(0)
+            if http is not None:
+                await http.stop()
             admin_path.unlink(missing_ok=True)
             raise ListenError(f"cannot serve metrics on {cfg.metrics_listen}: {exc}") from None
         log.info("metrics on http://%s/metrics", cfg.metrics_listen)
@@ -455,7 +487,11 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         health.draining = True
         await health.refresh()
         notifier.stopping(f"stopping: draining in-flight requests (up to {cfg.drain_timeout_s:g}s)")
-        await server.stop(grace=cfg.drain_timeout_s)
+        # Both inference ports drain at once; HTTP's grace is drain_timeout_s too.
+        await asyncio.gather(
+            server.stop(grace=cfg.drain_timeout_s),
+            http.stop() if http is not None else asyncio.sleep(0),
+        )
         if drift_task is not None:
             # The drained requests' window is closed now, so the final report carries it.
             drift_stop.set()

@@ -155,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--metrics-listen", help="HOST:PORT for Prometheus /metrics (default: off)")
     serve.add_argument(
+        "--http-listen",
+        help="HOST:PORT for the Open Inference Protocol over HTTP/REST (default: off)",
+    )
+    serve.add_argument(
+        "--http-max-request-bytes",
+        type=int,
+        help="HTTP request body limit, larger ones get 413 (default: 67108864, 64 MiB)",
+    )
+    serve.add_argument(
         "--admin-socket", help="admin socket path (default: MODELS/.modelfleet-admin.sock)"
     )
     serve.add_argument(
@@ -215,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", help="HOST:PORT for inference (default: from agent.toml)")
     run.add_argument(
         "--metrics-listen", help="HOST:PORT for Prometheus /metrics (default: from agent.toml)"
+    )
+    run.add_argument(
+        "--http-listen",
+        help="HOST:PORT for the Open Inference Protocol over HTTP/REST (default: from agent.toml)",
     )
     _add_security_args(run)
     run.add_argument(
@@ -419,6 +432,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "models": args.models,
         "listen": args.listen,
         "metrics_listen": args.metrics_listen,
+        "http_listen": args.http_listen,
+        "http_max_request_bytes": args.http_max_request_bytes,
         "admin_socket": args.admin_socket,
         "poll_interval_s": args.poll_interval_s,
         "serving_threads": args.serving_threads,
@@ -451,6 +466,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = {
         "listen": args.listen,
         "metrics_listen": args.metrics_listen,
+        "http_listen": args.http_listen,
         "log_level": args.log_level,
         "log_json": args.log_json,
         "tls_agent_identity": args.tls_agent_identity,

@@ -43,6 +43,11 @@ class ServeConfig:
     listen: str = "127.0.0.1:8001"
     # Prometheus /metrics over HTTP; empty disables it.
     metrics_listen: str = ""
+    # Open Inference Protocol over HTTP/REST (docs/protocol.md); empty disables it. Same TLS and
+    # bearer token settings as `listen`.
+    http_listen: str = ""
+    # HTTP request bodies above this many bytes are refused with 413.
+    http_max_request_bytes: int = 64 * 1024 * 1024
     # Local admin API (status, rollback); empty means <models>/.modelfleet-admin.sock.
     admin_socket: str = ""
     # Seconds between repository scans.
@@ -294,6 +299,10 @@ def validate(cfg: ServeConfig) -> None:
     _validate_tls(cfg)
     if cfg.metrics_listen:
         split_hostport(cfg.metrics_listen, "metrics_listen")
+    if cfg.http_listen:
+        split_hostport(cfg.http_listen, "http_listen")
+    if cfg.http_max_request_bytes < 1024:
+        raise InvalidRequestError("config: http_max_request_bytes must be at least 1024")
 
 
 def _validate_tls(cfg: ServeConfig) -> None:

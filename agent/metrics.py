@@ -8,10 +8,10 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    start_http_server,
 )
 
 from modelfleet.agent.telemetry import TelemetryAggregator
+from modelfleet.kernel.metrics_http import serve_metrics_http
 from modelfleet.kernel.telemetry_bounds import (
     BATCH_BUCKETS,
     DIFF_BOUNDS,
@@ -224,4 +224,4 @@ class AgentMetrics:
                     metric.remove(*values)
 
     def serve_http(self, host: str, port: int) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+        serve_metrics_http(self.registry, host, port)

@@ -1028,15 +1028,15 @@ class FleetCollector:
 
 def serve_metrics(store: TelemetryStorePort, listen: str) -> Any:
     """The hub's Prometheus /metrics on ``listen`` (HOST:PORT); returns the HTTP server."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
+    from modelfleet.kernel.metrics_http import serve_metrics_http
     from modelfleet.kernel.settings import split_hostport
 
     host, port = split_hostport(listen, "metrics_listen")
     registry = CollectorRegistry()
     registry.register(FleetCollector(store))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server
+    return serve_metrics_http(registry, host, port)
 
 
 __all__ = [

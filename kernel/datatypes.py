@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 from modelfleet.kernel.errors import InvalidRequestError
@@ -87,3 +89,47 @@ def element_size(datatype: str) -> int:
     if datatype == "BYTES":
         return 0
     return numpy_dtype(datatype).itemsize
+
+
+# BYTES tensors on the wire (gRPC raw contents and HTTP binary data alike): each element is a
+# 4-byte little-endian length, then that many bytes.
+_LEN = struct.Struct("<I")
+
+
+def decode_bytes_tensor(raw: bytes, name: str, count: int) -> np.ndarray:
+    """BYTES raw layout: each element is a 4-byte little-endian length, then that many bytes."""
+    items: list[bytes] = []
+    offset, end = 0, len(raw)
+    view = memoryview(raw)
+    while offset < end:
+        if offset + 4 > end:
+            raise InvalidRequestError(
+                f"input {name!r}: BYTES raw content ends inside a length prefix", reason="raw"
+            )
+        (length,) = _LEN.unpack_from(raw, offset)
+        offset += 4
+        if offset + length > end:
+            raise InvalidRequestError(
+                f"input {name!r}: BYTES element {len(items)} claims {length} bytes but only "
+                f"{end - offset} remain",
+                reason="raw",
+            )
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    if len(items) != count:
+        raise InvalidRequestError(
+            f"input {name!r}: shape needs {count} BYTES elements, raw content holds {len(items)}",
+            reason="raw",
+        )
+    arr = np.empty(count, dtype=object)
+    arr[:] = items
+    return arr
+
+
+def encode_bytes_tensor(arr: np.ndarray) -> bytes:
+    parts = []
+    for item in arr.reshape(-1):
+        b = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(_LEN.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)

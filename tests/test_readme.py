@@ -61,7 +61,7 @@ def test_readme_quickstarts_run_as_written(tmp_path: Path) -> None:
     )
     assert waits == 4, script  # hub and agent ready, v2 swapped in, v1 on the fleet agent
     ports = {p: free_port() for p in sorted(set(re.findall(r"127\.0\.0\.1:(\d+)", script)))}
-    assert len(ports) >= 5, ports  # agent, its metrics, hub, enrollment, fleet agent
+    assert len(ports) >= 6, ports  # agent, its metrics and HTTP, hub, enrollment, fleet agent
     script = re.sub(r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{ports[m.group(1)]}", script)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELFLEET_")}
     log = tmp_path / "quickstart.log"
@@ -93,6 +93,10 @@ def test_readme_quickstarts_run_as_written(tmp_path: Path) -> None:
     assert answers[0] == answers[2] != answers[1], answers
     assert re.search(r"^fraud +2 +1 ", first, re.M), first[-3000:]  # status: active 2, previous 1
     assert "fraud: rolled back from version 2 to 1" in first
+    # The curl lines: readiness, then one answer as JSON from the HTTP port.
+    assert "\nready\n" in first, first[-4000:]
+    http = [line for line in first.splitlines() if line.startswith('{"model_name":"fraud"')]
+    assert len(http) == 1 and '"shape":[1,3]' in http[0], first[-4000:]
 
     assert re.search(r"enrolled as berlin-1-[0-9a-f]{6}", second), second[-3000:]
     assert "published fraud v1" in second

@@ -6,14 +6,13 @@ Inputs are accepted as ``raw_input_contents`` or typed ``contents``; outputs alw
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import numpy as np
 
 from modelfleet.agent.serving.dataplane import InferInput, InferRequest, InferResponse
 from modelfleet.agent.serving.routing import ROUTING_KEY_PARAMETER
-from modelfleet.kernel.datatypes import numpy_dtype
+from modelfleet.kernel.datatypes import decode_bytes_tensor, encode_bytes_tensor, numpy_dtype
 from modelfleet.kernel.errors import InvalidRequestError
 from modelfleet.protos import inference_pb2 as pb
 
@@ -33,53 +32,12 @@ _CONTENTS_FIELD = {
     "BYTES": "bytes_contents",
 }
 
-_LEN = struct.Struct("<I")
-
 
 def _count(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
         n *= d
     return n
-
-
-def decode_bytes_tensor(raw: bytes, name: str, count: int) -> np.ndarray:
-    """BYTES raw layout: each element is a 4-byte little-endian length, then that many bytes."""
-    items: list[bytes] = []
-    offset, end = 0, len(raw)
-    view = memoryview(raw)
-    while offset < end:
-        if offset + 4 > end:
-            raise InvalidRequestError(
-                f"input {name!r}: BYTES raw content ends inside a length prefix", reason="raw"
-            )
-        (length,) = _LEN.unpack_from(raw, offset)
-        offset += 4
-        if offset + length > end:
-            raise InvalidRequestError(
-                f"input {name!r}: BYTES element {len(items)} claims {length} bytes but only "
-                f"{end - offset} remain",
-                reason="raw",
-            )
-        items.append(bytes(view[offset : offset + length]))
-        offset += length
-    if len(items) != count:
-        raise InvalidRequestError(
-            f"input {name!r}: shape needs {count} BYTES elements, raw content holds {len(items)}",
-            reason="raw",
-        )
-    arr = np.empty(count, dtype=object)
-    arr[:] = items
-    return arr
-
-
-def encode_bytes_tensor(arr: np.ndarray) -> bytes:
-    parts = []
-    for item in arr.reshape(-1):
-        b = item.encode("utf-8") if isinstance(item, str) else bytes(item)
-        parts.append(_LEN.pack(len(b)))
-        parts.append(b)
-    return b"".join(parts)
 
 
 # Typed integer fields are wider than the datatypes they carry (int_contents is int32 for INT8

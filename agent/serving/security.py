@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -174,6 +175,39 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     )
 
 
+def _ssl_context(files: TlsFiles) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(files.cert, files.key)
+    if files.client_ca is not None:
+        ctx.load_verify_locations(cafile=files.client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def server_ssl_context(files: TlsFiles) -> ssl.SSLContext:
+    """The same TLS for the HTTP port (ssl module) as :func:`server_credentials` gives gRPC:
+    the same checks, mutual TLS when ``files.client_ca`` is set, and the files' changes
+    followed at each new connection (a changed, matching set is used from then on)."""
+    fetcher = _ReloadingTls(files)
+    load_tls(files)
+    base = _ssl_context(files)
+    current = [base]
+
+    def pick(conn: ssl.SSLObject, _server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        # Called for every handshake (with or without SNI), on the event loop.
+        if fetcher() is not None:
+            try:
+                current[0] = _ssl_context(files)
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("inference TLS (HTTP): keeping the certificate in use: %s", exc)
+        if current[0] is not base:
+            conn.context = current[0]
+
+    base.sni_callback = pick
+    return base
+
+
 def read_token(path: Path) -> str:
     """The bearer token in ``path`` (surrounding whitespace ignored); checked, never logged."""
     try:
@@ -274,6 +308,24 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return INVALID
         return ""
 
+    def refusal(self, metadata: Any, what: str) -> str:
+        """'' when ``metadata`` carries the token, else why not (refusals are counted and
+        logged at most every REFUSAL_LOG_INTERVAL_S)."""
+        why = self._check(metadata)
+        if not why:
+            return ""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._logged_at >= REFUSAL_LOG_INTERVAL_S:
+            log.warning(
+                "refused %d inference call(s) without a valid bearer token (last: %s, %s)",
+                self._refused,
+                what,
+                why.split(":")[0],
+            )
+            self._refused, self._logged_at = 0, now
+        return why
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -282,17 +334,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(HEALTH_PREFIX):
             return handler
-        why = self._check(details.invocation_metadata)
+        why = self.refusal(details.invocation_metadata, details.method)
         if not why:
             return handler
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._logged_at >= REFUSAL_LOG_INTERVAL_S:
-            log.warning(
-                "refused %d inference call(s) without a valid bearer token (last: %s, %s)",
-                self._refused,
-                details.method,
-                why.split(":")[0],
-            )
-            self._refused, self._logged_at = 0, now
         return _abort_handler(handler, why)

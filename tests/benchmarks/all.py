@@ -24,6 +24,7 @@ SUITES = {
     "drift": "tests.benchmarks.drift_bench",  # drift cost per request, detection, false alarms
     "judge": "tests.benchmarks.judge_bench",  # rollout judge vs ratio gates on a simulated fleet
     "capture": "tests.benchmarks.capture_bench",  # serving cost of 10% inference capture
+    "http": "tests.benchmarks.http_bench",  # HTTP/REST p50 and throughput vs gRPC and an echo
 }
 
 

@@ -1,0 +1,368 @@
+"""HTTP/REST edge of the agent: the Open Inference Protocol (KServe v2) with Triton's binary
+tensor, statistics and repository index extensions, on aiohttp in the agent's event loop.
+
+Each handler converts (rest_converters.py), calls the same core as gRPC (DataPlane, SlotManager)
+and converts back; errors from :mod:`kernel.errors` become an HTTP status and
+``{"error": "..."}`` in one place (:meth:`OipHttp._guard`, by ``HTTP_STATUS``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from modelfleet.agent import __version__
+from modelfleet.agent.serving.dataplane import DataPlane
+from modelfleet.agent.serving.grpc_server import HealthReporter, model_config, model_statistics
+from modelfleet.agent.serving.rest_converters import (
+    HEADER_LENGTH,
+    request_from_http,
+    response_to_http,
+)
+from modelfleet.agent.serving.routing import ROUTING_KEY_HEADER
+from modelfleet.agent.serving.security import BearerTokenInterceptor
+from modelfleet.agent.slots import LoadedVersion, SlotManager
+from modelfleet.kernel import tracing
+from modelfleet.kernel.errors import (
+    InvalidRequestError,
+    ListenError,
+    ModelfleetError,
+    ModelNotFoundError,
+)
+from modelfleet.kernel.http_status import HTTP_STATUS
+from modelfleet.kernel.settings import split_hostport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+# Extensions that work over this port (model load/unload does not: see docs/protocol.md).
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+_JSON = "application/json"
+_HEALTH_PREFIX = "/v2/health/"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps({"error": message}).encode(), content_type=_JSON
+    )
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=json.dumps(doc).encode(), content_type=_JSON)
+
+
+def proto_json(msg: Message) -> dict[str, Any]:
+    """A protobuf message as Triton's HTTP API spells it: field names as in the .proto, enums
+    by name, and 64-bit integers as JSON numbers (protobuf's own JSON mapping makes them
+    strings, which clients of Triton's statistics do not expect)."""
+    out: dict[str, Any] = {}
+    for fd in msg.DESCRIPTOR.fields:
+        value = getattr(msg, fd.name)
+        if fd.is_repeated:
+            if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+                vfd = fd.message_type.fields_by_name["value"]
+                out[fd.name] = {k: _field_value(vfd, v) for k, v in value.items()}
+            else:
+                out[fd.name] = [_field_value(fd, v) for v in value]
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE or fd.containing_oneof is not None:
+            if msg.HasField(fd.name):
+                out[fd.name] = _field_value(fd, value)
+        else:
+            out[fd.name] = _field_value(fd, value)
+    return out
+
+
+def _field_value(fd: FieldDescriptor, value: Any) -> Any:
+    if fd.type == FieldDescriptor.TYPE_MESSAGE:
+        return proto_json(value)
+    if fd.type == FieldDescriptor.TYPE_ENUM:
+        return fd.enum_type.values_by_number[value].name
+    if fd.type == FieldDescriptor.TYPE_BYTES:
+        return value.hex()
+    return value
+
+
+class OipHttp:
+    """The routes; ``slots``, ``dataplane`` and ``health`` are the ones gRPC serves from."""
+
+    def __init__(
+        self,
+        slots: SlotManager,
+        dataplane: DataPlane,
+        health: HealthReporter,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        token: BearerTokenInterceptor | None = None,
+    ) -> None:
+        self.slots = slots
+        self.dataplane = dataplane
+        self.health = health
+        self.max_request_bytes = max_request_bytes
+        self.token = token
+        self.tracing = tracing.current()
+
+    def app(self) -> web.Application:
+        # client_max_size also bounds bodies without a Content-Length (chunked uploads).
+        app = web.Application(client_max_size=self.max_request_bytes, middlewares=[self._guard])
+        get, post = web.get, web.post
+        model = "/v2/models/{model}"
+        versioned = "/v2/models/{model}/versions/{version}"
+        routes = [
+            get("/v2", self.server_metadata),
+            get("/v2/health/live", self.live),
+            get("/v2/health/ready", self.ready),
+            get("/v2/models/stats", self.statistics),
+            post("/v2/repository/index", self.repository_index),
+        ]
+        for base in (model, versioned):
+            routes += [
+                get(base, self.model_metadata),
+                get(base + "/ready", self.model_ready),
+                get(base + "/config", self.model_config),
+                get(base + "/stats", self.statistics),
+                post(base + "/infer", self.infer),
+            ]
+        app.add_routes(routes)
+        return app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Size and token before a handler reads anything; then every error becomes a status
+        and ``{"error": ...}`` here, the one place this edge maps them."""
+        size = request.content_length
+        if size is not None and size > self.max_request_bytes:
+            return error_response(
+                413,
+                f"request body is {size} bytes; this agent accepts at most "
+                f"{self.max_request_bytes} (setting http_max_request_bytes)",
+            )
+        if self.token is not None and not request.path.startswith(_HEALTH_PREFIX):
+            why = self.token.refusal(
+                [("authorization", v) for v in request.headers.getall("Authorization", [])],
+                f"HTTP {request.path}",
+            )
+            if why:
+                resp = error_response(
+                    401,
+                    why.replace("gRPC metadata", "the HTTP header").replace("metadata", "header"),
+                )
+                resp.headers["WWW-Authenticate"] = "Bearer"
+                return resp
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(
+                413,
+                f"request body is larger than the {self.max_request_bytes} bytes this agent "
+                "accepts (setting http_max_request_bytes)",
+            )
+        except web.HTTPNotFound:
+            return error_response(
+                404,
+                f"no such endpoint: {request.method} {request.path} (the Open Inference Protocol "
+                "endpoints are under /v2; see docs/protocol.md)",
+            )
+        except web.HTTPMethodNotAllowed as exc:
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            return error_response(
+                405, f"{request.method} is not allowed on {request.path}; use {allowed}"
+            )
+        except ModelfleetError as exc:
+            return error_response(HTTP_STATUS[exc.status], str(exc))
+        except Exception as exc:
+            log.exception("unexpected error in HTTP %s %s", request.method, request.path)
+            return error_response(500, f"internal error: {exc}")
+
+    def _resolve(self, request: web.Request) -> LoadedVersion:
+        info = request.match_info
+        return self.slots.resolve(info["model"], info.get("version", "").strip())
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return _json({"name": "modelfleet", "version": __version__, "extensions": EXTENSIONS})
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self.health.draining:
+            return error_response(503, "shutting down: finishing in-flight requests")
+        if not self.slots.all_ready():
+            names = [s.name for s in self.slots.status() if s.active is None]
+            why = (
+                f"no version serves yet for {', '.join(names)}" if names else "no model loaded yet"
+            )
+            return error_response(503, f"not ready: {why}")
+        return web.Response(status=200)
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        self._resolve(request)
+        if self.health.draining:
+            return error_response(503, "shutting down: finishing in-flight requests")
+        return web.Response(status=200)
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        v = self._resolve(request)
+        m = v.manifest
+        return _json(
+            {
+                "name": m.name,
+                "versions": [str(x.version) for x in self.slots.slots[v.name].loaded()],
+                "platform": "onnxruntime_onnx",
+                "inputs": [
+                    {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+                    for t in m.inputs
+                ],
+                "outputs": [
+                    {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+                    for t in m.outputs
+                ],
+            }
+        )
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        return _json(proto_json(model_config(self._resolve(request))))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        name = request.match_info.get("model", "")
+        version = request.match_info.get("version", "").strip()
+        versions: list[LoadedVersion] = []
+        if name:
+            slot = self.slots.slots.get(name)
+            if slot is None:
+                raise ModelNotFoundError(f"model {name!r} is not loaded")
+            versions = [self.slots.resolve(name, version)] if version else slot.loaded()
+        else:
+            for slot in self.slots.slots.values():
+                versions.extend(slot.loaded())
+        return _json({"model_stats": [proto_json(model_statistics(v)) for v in versions]})
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        ready_only = False
+        body = await request.read()
+        if body.strip():
+            try:
+                doc = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise InvalidRequestError(
+                    'repository index: body must be empty or a JSON object like {"ready": true}'
+                ) from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
+                raise InvalidRequestError(
+                    'repository index: body must be a JSON object like {"ready": true}'
+                )
+            ready_only = doc.get("ready", False)
+        models: list[dict[str, str]] = []
+        for st in self.slots.status():
+            if st.active is not None:
+                models.append({"name": st.name, "version": str(st.active), "state": "READY"})
+            if st.previous is not None:
+                models.append(
+                    {
+                        "name": st.name,
+                        "version": str(st.previous),
+                        "state": "READY",
+                        "reason": "previous version, kept for rollback",
+                    }
+                )
+            if st.loading is not None and not ready_only:
+                models.append({"name": st.name, "version": str(st.loading), "state": "LOADING"})
+            if not ready_only:
+                for version, result in sorted(st.failed.items()):
+                    models.append(
+                        {
+                            "name": st.name,
+                            "version": str(version),
+                            "state": "UNAVAILABLE",
+                            "reason": result.reason,
+                        }
+                    )
+        return _json(models)
+
+    async def infer(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        info = request.match_info
+        req, form = request_from_http(
+            body,
+            request.headers.get(HEADER_LENGTH),
+            info["model"],
+            info.get("version", "").strip(),
+        )
+        if not req.routing_key:
+            req.routing_key = request.headers.get(ROUTING_KEY_HEADER, "")
+        if self.tracing is None:
+            resp = await self.dataplane.infer(req)
+        else:
+            with self.tracing.span(
+                "POST /v2/models/{model}/infer",
+                carrier=tracing.carrier_of((k.lower(), v) for k, v in request.headers.items()),
+                kind="server",
+                attributes={
+                    "http.request.method": "POST",
+                    "url.path": request.path,
+                    tracing.MODEL: req.model_name,
+                },
+            ) as span:
+                req.trace = span
+                resp = await self.dataplane.infer(req)
+        payload, json_length = response_to_http(resp, form)
+        if json_length is None:
+            return web.Response(body=payload, content_type=_JSON)
+        out = web.Response(body=payload, content_type="application/octet-stream")
+        out.headers[HEADER_LENGTH] = str(json_length)
+        return out
+
+
+class HttpServer:
+    """Runs :class:`OipHttp` on ``listen`` until :meth:`stop`."""
+
+    def __init__(
+        self,
+        routes: OipHttp,
+        listen: str,
+        ssl_context: ssl.SSLContext | None = None,
+        drain_timeout_s: float = 10.0,
+    ) -> None:
+        self.routes = routes
+        self.listen = listen
+        self.ssl_context = ssl_context
+        self.drain_timeout_s = drain_timeout_s
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        host, port = split_hostport(self.listen, "http_listen")
+        # No access log: one line per request would cost more than the request on small models.
+        runner = web.AppRunner(
+            self.routes.app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.drain_timeout_s,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=self.ssl_context)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ListenError(
+                f"cannot serve HTTP on {self.listen}: {exc.strerror or exc}; set another port "
+                "with --http-listen"
+            ) from None
+        self.runner = runner
+        self.port = runner.addresses[0][1] if runner.addresses else port
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop accepting; in-flight requests get up to drain_timeout_s, then all is closed."""
+        if self.runner is None:
+            return
+        await self.runner.cleanup()
+        self.runner = None

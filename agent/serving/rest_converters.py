@@ -1,0 +1,359 @@
+"""Open Inference Protocol over HTTP/REST (JSON, and Triton's binary tensor extension) <->
+domain types. JSON stops here, as protobuf stops in converters.py.
+
+Only the message's form is checked here (is it JSON, is a shape a list of sizes, do the values
+and bytes add up to the shape); whether the model takes these inputs is the data plane's
+question (dataplane.validate_inputs), asked once for every transport.
+
+The binary extension: when the ``Inference-Header-Content-Length`` header is present, the body
+is that many bytes of JSON followed by the binary tensors, in input order, each input that has
+a ``binary_data_size`` parameter taking that many bytes. Responses do the same for outputs asked
+for in binary (``binary_data`` on an output, or ``binary_data_output`` on the request).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from modelfleet.agent.serving.dataplane import InferInput, InferRequest, InferResponse
+from modelfleet.agent.serving.routing import ROUTING_KEY_PARAMETER
+from modelfleet.kernel.datatypes import decode_bytes_tensor, encode_bytes_tensor, numpy_dtype
+from modelfleet.kernel.errors import InvalidRequestError
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+BINARY_SIZE = "binary_data_size"
+BINARY_OUTPUT = "binary_data_output"
+BINARY = "binary_data"
+# Parameters this edge consumes; the rest travel on in InferRequest.parameters.
+_EDGE_PARAMETERS = frozenset({BINARY_OUTPUT, ROUTING_KEY_PARAMETER})
+
+
+@dataclass
+class OutputForm:
+    """How the client wants outputs back: per named output, else the request's default."""
+
+    binary_default: bool = False
+    binary: dict[str, bool] = field(default_factory=dict)
+
+    def is_binary(self, name: str) -> bool:
+        return self.binary.get(name, self.binary_default)
+
+
+def _bad(message: str, reason: str = "json") -> InvalidRequestError:
+    return InvalidRequestError(message, reason=reason)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """(JSON part, binary part) of a request body."""
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        n = int(header_length.strip())
+    except ValueError:
+        raise _bad(
+            f"{HEADER_LENGTH} header must be a whole number of bytes, got {header_length!r}",
+            "binary",
+        ) from None
+    if n < 0 or n > len(body):
+        raise _bad(
+            f"{HEADER_LENGTH} header says the JSON part is {n} bytes, but the body has "
+            f"{len(body)}: it must be between 0 and the body's length",
+            "binary",
+        )
+    view = memoryview(body)
+    return bytes(view[:n]), view[n:]
+
+
+def _parse_json(raw: bytes, has_header: bool) -> dict[str, Any]:
+    # Binary bytes after JSON without the header look like trailing data or bad UTF-8.
+    hint = "" if has_header else f" (binary tensors after the JSON need the {HEADER_LENGTH} header)"
+    try:
+        doc = json.loads(raw)
+    except UnicodeDecodeError:
+        raise _bad(f"request body is not UTF-8 JSON{hint}") from None
+    except json.JSONDecodeError as exc:
+        raise _bad(
+            f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            + (hint if exc.msg == "Extra data" else "")
+        ) from None
+    if not isinstance(doc, dict):
+        raise _bad(f"request body must be a JSON object, not {type(doc).__name__}")
+    return doc
+
+
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    params = obj.get("parameters", {})
+    if not isinstance(params, dict):
+        raise _bad(f"{where}: 'parameters' must be a JSON object")
+    return params
+
+
+def _shape(tensor: dict[str, Any], name: str) -> tuple[int, ...]:
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in shape
+    ):
+        raise _bad(
+            f"input {name!r}: 'shape' must be a list of whole numbers, got {shape!r}", "shape"
+        )
+    if any(d < 0 for d in shape):
+        raise _bad(f"input {name!r}: shape {shape} has a negative dimension", "shape")
+    return tuple(shape)
+
+
+def _flatten(data: Any, out: list[Any]) -> None:
+    if isinstance(data, list):
+        for item in data:
+            _flatten(item, out)
+    else:
+        out.append(data)
+
+
+def _json_bytes(name: str, data: Any, count: int) -> np.ndarray:
+    flat: list[Any] = []
+    _flatten(data, flat)
+    if len(flat) != count:
+        raise _bad(f"input {name!r}: shape needs {count} values, 'data' holds {len(flat)}", "data")
+    arr = np.empty(count, dtype=object)
+    for i, item in enumerate(flat):
+        if not isinstance(item, str):
+            raise _bad(
+                f"input {name!r}: BYTES values in JSON are strings; value {i} is "
+                f"{type(item).__name__} (send other bytes with the binary extension)",
+                "data",
+            )
+        arr[i] = item.encode("utf-8")
+    return arr
+
+
+# Which JSON number kinds (numpy's dtype.kind of the parsed list) each datatype accepts: a float
+# for an integer input would be truncated, a bool for a number is almost surely a mistake.
+_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+
+
+def _json_values(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+    dtype = numpy_dtype(datatype)
+    count = _count(shape)
+    if datatype == "BYTES":
+        return _json_bytes(name, data, count)
+    try:
+        parsed = np.array(data)
+    except (ValueError, OverflowError):
+        raise _bad(
+            f"input {name!r}: 'data' is not a list of numbers in a regular (non-ragged) layout",
+            "data",
+        ) from None
+    if parsed.size != count:
+        raise _bad(
+            f"input {name!r}: shape {list(shape)} needs {count} values, 'data' holds {parsed.size}",
+            "data",
+        )
+    if count == 0:
+        return np.empty(0, dtype=dtype)
+    if parsed.dtype.kind not in _KINDS[dtype.kind]:
+        what = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers"}[dtype.kind]
+        got = {"b": "booleans", "f": "fractional numbers", "U": "strings", "O": "mixed values"}
+        raise _bad(
+            f"input {name!r}: {datatype} values must be {what}, 'data' holds "
+            f"{got.get(parsed.dtype.kind, 'other values')}",
+            "datatype",
+        )
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        bad = np.flatnonzero((parsed < info.min) | (parsed > info.max))
+        if bad.size:
+            i = int(bad[0])
+            raise _bad(
+                f"input {name!r}: {datatype} value {int(parsed.reshape(-1)[i])} at index {i} is "
+                f"out of range ({info.min}..{info.max})",
+                "data",
+            )
+    return parsed.astype(dtype, copy=False).reshape(-1)
+
+
+def _binary_values(
+    name: str, datatype: str, shape: tuple[int, ...], chunk: memoryview
+) -> np.ndarray:
+    count = _count(shape)
+    if datatype == "BYTES":
+        return decode_bytes_tensor(bytes(chunk), name, count)
+    dtype = numpy_dtype(datatype)
+    need = count * dtype.itemsize
+    if len(chunk) != need:
+        raise _bad(
+            f"input {name!r}: {BINARY_SIZE} is {len(chunk)} bytes, but shape {list(shape)} x "
+            f"{datatype} needs {need} bytes",
+            "binary",
+        )
+    return np.frombuffer(chunk, dtype=dtype)
+
+
+def request_from_http(
+    body: bytes, header_length: str | None, model_name: str, model_version: str
+) -> tuple[InferRequest, OutputForm]:
+    raw_json, binary = split_body(body, header_length)
+    doc = _parse_json(raw_json, header_length is not None)
+    params = dict(_parameters(doc, "request"))
+    inputs_doc = doc.get("inputs")
+    if not isinstance(inputs_doc, list) or not inputs_doc:
+        raise _bad("request: 'inputs' must be a non-empty list of tensors")
+    offset = 0
+    inputs: list[InferInput] = []
+    for i, tensor in enumerate(inputs_doc):
+        if not isinstance(tensor, dict):
+            raise _bad(f"request: inputs[{i}] must be a JSON object")
+        name = tensor.get("name")
+        datatype = tensor.get("datatype")
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise _bad(f"request: inputs[{i}] needs a string 'name' and 'datatype'")
+        shape = _shape(tensor, name)
+        size = _parameters(tensor, f"input {name!r}").get(BINARY_SIZE)
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise _bad(f"input {name!r}: {BINARY_SIZE} must be a whole number >= 0", "binary")
+            if "data" in tensor:
+                raise _bad(
+                    f"input {name!r}: has both 'data' and {BINARY_SIZE}; send one or the other",
+                    "binary",
+                )
+            if offset + size > len(binary):
+                raise _bad(
+                    f"input {name!r}: {BINARY_SIZE} {size} goes past the end of the body "
+                    f"({len(binary) - offset} binary bytes left after the inputs before it"
+                    + ("" if header_length is not None else f"; no {HEADER_LENGTH} header")
+                    + ")",
+                    "binary",
+                )
+            data = _binary_values(name, datatype, shape, binary[offset : offset + size])
+            offset += size
+        elif "data" in tensor:
+            data = _json_values(name, datatype, shape, tensor["data"])
+        else:
+            raise _bad(f"input {name!r}: has neither 'data' nor a {BINARY_SIZE} parameter", "data")
+        inputs.append(InferInput(name, datatype, shape, data.reshape(shape)))
+    if offset != len(binary):
+        raise _bad(
+            f"the body has {len(binary) - offset} binary bytes that no input's {BINARY_SIZE} "
+            "accounts for",
+            "binary",
+        )
+    form = OutputForm(binary_default=_flag(params, BINARY_OUTPUT, "request"))
+    outputs: list[str] = []
+    outputs_doc = doc.get("outputs", [])
+    if not isinstance(outputs_doc, list):
+        raise _bad("request: 'outputs' must be a list")
+    for i, out in enumerate(outputs_doc):
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise _bad(f"request: outputs[{i}] must be an object with a string 'name'")
+        oparams = _parameters(out, f"output {out['name']!r}")
+        if "classification" in oparams:
+            raise _bad(
+                f"output {out['name']!r}: the classification extension is not supported over "
+                "HTTP; ask for the raw output",
+                "classification",
+            )
+        if BINARY in oparams:
+            form.binary[out["name"]] = _flag(oparams, BINARY, f"output {out['name']!r}")
+        outputs.append(out["name"])
+    request_id = doc.get("id", "")
+    if not isinstance(request_id, str):
+        raise _bad("request: 'id' must be a string")
+    return (
+        InferRequest(
+            model_name=model_name,
+            model_version=model_version,
+            id=request_id,
+            inputs=inputs,
+            outputs=outputs,
+            parameters={k: v for k, v in params.items() if k not in _EDGE_PARAMETERS},
+            routing_key=_routing_key(params),
+        ),
+        form,
+    )
+
+
+def _flag(params: dict[str, Any], key: str, where: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise _bad(f"{where}: parameter {key!r} must be true or false")
+    return value
+
+
+def _routing_key(params: dict[str, Any]) -> str:
+    value = params.get(ROUTING_KEY_PARAMETER)
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        # As on gRPC: numeric ids hash like their decimal form.
+        return str(value)
+    raise _bad(
+        f"request parameter {ROUTING_KEY_PARAMETER!r} must be a string (or an integer)",
+        "routing_key",
+    )
+
+
+def _json_data(name: str, arr: np.ndarray) -> list[Any]:
+    flat = arr.reshape(-1)
+    if arr.dtype.kind not in ("O", "S", "U"):
+        return flat.tolist()
+    out = []
+    for item in flat:
+        if isinstance(item, str):
+            out.append(item)
+            continue
+        try:
+            out.append(bytes(item).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise _bad(
+                f"output {name!r} holds bytes that are not UTF-8 text, which JSON cannot carry: "
+                f"ask for it in binary (parameter {BINARY}: true on the output)",
+                "data",
+            ) from None
+    return out
+
+
+def response_to_http(resp: InferResponse, form: OutputForm) -> tuple[bytes, int | None]:
+    """(body, length of its JSON part when binary outputs follow it, else None)."""
+    outputs = []
+    chunks: list[bytes] = []
+    for out in resp.outputs:
+        tensor: dict[str, Any] = {
+            "name": out.name,
+            "datatype": out.datatype,
+            "shape": list(out.shape),
+        }
+        if form.is_binary(out.name):
+            if out.datatype == "BYTES":
+                raw = encode_bytes_tensor(out.data)
+            else:
+                # The protocol is little-endian; tobytes() of a native array is on x86 and ARM.
+                raw = np.ascontiguousarray(out.data).tobytes()
+            tensor["parameters"] = {BINARY_SIZE: len(raw)}
+            chunks.append(raw)
+        else:
+            tensor["data"] = _json_data(out.name, out.data)
+        outputs.append(tensor)
+    doc: dict[str, Any] = {
+        "model_name": resp.model_name,
+        "model_version": resp.model_version,
+        "outputs": outputs,
+    }
+    if resp.id:
+        doc["id"] = resp.id
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not chunks:
+        return head, None
+    return b"".join([head, *chunks]), len(head)

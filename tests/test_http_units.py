@@ -1,0 +1,116 @@
+"""The HTTP/REST converters and error mapping without sockets (and without the agent's protobuf
+module, which cannot share a process with tritonclient's: proto_json is covered by the
+statistics and config checks of tests/test_http.py): every form fault is a clear
+InvalidRequestError, every error family has an HTTP status, and the metrics app answers 404
+to everything but /metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from modelfleet.agent.serving.dataplane import InferOutput, InferResponse
+from modelfleet.agent.serving.rest_converters import (
+    OutputForm,
+    request_from_http,
+    response_to_http,
+)
+from modelfleet.kernel.errors import InvalidRequestError, Status
+from modelfleet.kernel.http_status import HTTP_STATUS
+from modelfleet.kernel.metrics_http import metrics_app
+
+
+def test_every_error_family_has_an_http_status() -> None:
+    assert set(HTTP_STATUS) == set(Status)
+
+
+def test_json_and_binary_inputs_decode_alike() -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    doc = {"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": x.tolist()}]}
+    req, form = request_from_http(json.dumps(doc).encode(), None, "m", "")
+    np.testing.assert_array_equal(req.inputs[0].data, x)
+    assert not form.is_binary("y")
+    head = json.dumps(
+        {
+            "id": "7",
+            "parameters": {"binary_data_output": True, "routing_key": 42, "other": 1},
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [2, 3],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 24},
+                },
+            ],
+            "outputs": [{"name": "z", "parameters": {"binary_data": False}}],
+        }
+    ).encode()
+    req, form = request_from_http(head + x.tobytes(), str(len(head)), "m", "2")
+    np.testing.assert_array_equal(req.inputs[0].data, x)
+    assert (req.id, req.model_version, req.routing_key) == ("7", "2", "42")
+    assert req.parameters == {"other": 1}
+    assert form.is_binary("y") and not form.is_binary("z")
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "words"),
+    [
+        ("INT8", [1, 2, 300], "out of range"),
+        ("INT32", [1.5, 2, 3], "must be integers"),
+        ("BOOL", [1, 0, 1], "must be true/false"),
+        ("FP32", [True, False, True], "must be numbers"),
+        ("BYTES", ["a", 1, "c"], "BYTES values in JSON are strings"),
+    ],
+)
+def test_json_values_that_do_not_fit_the_datatype_are_refused(
+    datatype: str, data: list, words: str
+) -> None:
+    doc = {"inputs": [{"name": "x", "shape": [3], "datatype": datatype, "data": data}]}
+    with pytest.raises(InvalidRequestError, match=words):
+        request_from_http(json.dumps(doc).encode(), None, "m", "")
+
+
+def test_classification_is_refused_not_ignored() -> None:
+    doc = {
+        "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
+        "outputs": [{"name": "y", "parameters": {"classification": 2}}],
+    }
+    with pytest.raises(InvalidRequestError, match="classification extension is not supported"):
+        request_from_http(json.dumps(doc).encode(), None, "m", "")
+
+
+def test_responses_json_and_binary() -> None:
+    y = np.array([[1.5, -2.0]], np.float32)
+    s = np.array([b"ok", b"\xff"], dtype=object)
+    resp = InferResponse(
+        "m", "1", "r", [InferOutput("y", "FP32", (1, 2), y), InferOutput("s", "BYTES", (2,), s)]
+    )
+    body, head = response_to_http(resp, OutputForm(binary={"s": True}))
+    assert head is not None
+    doc = json.loads(body[:head])
+    assert doc["outputs"][0]["data"] == [1.5, -2.0]
+    assert doc["outputs"][1]["parameters"] == {"binary_data_size": len(body) - head}
+    # Non-UTF-8 bytes cannot travel in JSON: the client is told to ask for binary.
+    with pytest.raises(InvalidRequestError, match="not UTF-8"):
+        response_to_http(resp, OutputForm())
+
+
+def _call(app, path: str) -> tuple[str, bytes]:
+    seen: list[str] = []
+    environ = {"PATH_INFO": path, "REQUEST_METHOD": "GET", "QUERY_STRING": ""}
+    body = b"".join(app(environ, lambda status, headers: seen.append(status)))
+    return seen[0], body
+
+
+def test_metrics_app_serves_metrics_only() -> None:
+    registry = CollectorRegistry()
+    Counter("probe_total", "a counter", registry=registry).inc()
+    app = metrics_app(registry)
+    status, body = _call(app, "/metrics")
+    assert status.startswith("200") and b"probe_total 1.0" in body
+    for path in ("/", "/v2/health/ready", "/metricsx"):
+        status, body = _call(app, path)
+        assert status.startswith("404") and b"/metrics only" in body
