@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -244,7 +244,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self.control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    async def ModelStreamInfer(self, request_iterator, context):
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """One response per request, in request order; a failed request gets its error in
         ``error_message`` and the stream goes on. At most STREAM_MAX_INFLIGHT are answered at
         once (they batch together like unary requests)."""
