@@ -155,3 +155,68 @@ def test_sequence_parameters_are_refused(params) -> None:
 
 def test_other_parameters_pass() -> None:
     check_stateless(_version(), {"routing_key": "u1", "priority": 1})
+
+
+# -- streaming: the in-flight bound -------------------------------------------------------------
+
+
+def test_stream_holds_at_most_the_bound_in_flight_and_answers_in_order() -> None:
+    """The servicer with a data plane that blocks until released: the stream reads no more
+    than STREAM_MAX_INFLIGHT requests ahead, and answers in request order whatever order the
+    answers complete in."""
+    import asyncio
+
+    from modelfleet.agent.serving import grpc_server
+    from modelfleet.agent.serving.dataplane import InferResponse
+    from modelfleet.protos import inference_pb2 as ipb
+
+    bound = grpc_server.STREAM_MAX_INFLIGHT
+    total = bound * 3
+
+    class Plane:
+        def __init__(self) -> None:
+            self.running = 0
+            self.peak = 0
+            self.release = asyncio.Event()
+
+        async def infer(self, req: Any) -> InferResponse:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            await self.release.wait()
+            # Later requests finish first: the order must come from the stream, not from them.
+            await asyncio.sleep(0.001 * (total - int(req.id)) / total)
+            self.running -= 1
+            return InferResponse(req.model_name, "1", req.id, [])
+
+    class Context:
+        def invocation_metadata(self) -> tuple:
+            return ()
+
+    async def scenario() -> tuple[int, int, list[str]]:
+        plane = Plane()
+        servicer = grpc_server.InferenceServicer(None, plane)  # type: ignore[arg-type]
+        sent = 0
+
+        async def requests():
+            nonlocal sent
+            for i in range(total):
+                sent += 1
+                yield ipb.ModelInferRequest(model_name="m", id=str(i))
+
+        stream = servicer.ModelStreamInfer(requests(), Context())  # type: ignore[arg-type]
+        first = asyncio.ensure_future(stream.__anext__())
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if plane.running == bound:
+                break
+        read_ahead = sent
+        plane.release.set()
+        ids = [(await first).infer_response.id]
+        ids += [r.infer_response.id async for r in stream]
+        return plane.peak, read_ahead, ids
+
+    peak, read_ahead, ids = asyncio.run(scenario())
+    assert peak == bound
+    # One more may have been taken from the iterator while waiting for room.
+    assert read_ahead <= bound + 1
+    assert ids == [str(i) for i in range(total)]
