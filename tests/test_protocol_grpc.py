@@ -247,6 +247,24 @@ def test_stream_answers_in_order_with_one_bad_request(client, agent: AgentProces
         )
 
 
+def test_stream_flags_the_final_response_when_asked(client) -> None:
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), answers))
+    try:
+        client.async_stream_infer(
+            "mlp", _inputs(_x()), request_id="f", enable_empty_final_response=True
+        )
+        client.async_stream_infer(
+            "nope", _inputs(_x()), request_id="g", enable_empty_final_response=True
+        )
+        (ok, err1), (bad, err2) = answers.get(timeout=30), answers.get(timeout=30)
+    finally:
+        client.stop_stream()
+    assert err1 is None and ok.get_response().parameters["triton_final_response"].bool_param
+    assert ok.as_numpy("y").shape == (3, 3)
+    assert bad is None and "model 'nope' is not loaded" in err2.message()
+
+
 def test_raw_stream_keeps_order_across_many_requests_and_models(stub) -> None:
     def requests():
         for i in range(200):
