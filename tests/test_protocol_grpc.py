@@ -5,10 +5,12 @@ agent process."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import queue
 import shutil
 import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -433,3 +435,21 @@ def test_fleet_mode_refuses_model_control_naming_the_hub(tmp_path: Path) -> None
         if agent is not None:
             agent.stop()
         hub.stop()
+
+
+def test_stream_holds_at_most_the_bound_in_flight_and_answers_in_order() -> None:
+    """The servicer reads no more than STREAM_MAX_INFLIGHT requests of a stream ahead, and
+    answers in request order whatever order the answers complete in (tests/stream_bound.py)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.stream_bound"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["peak"] == got["bound"]
+    # One more may have been taken from the iterator while it waited for room.
+    assert got["read_ahead"] <= got["bound"] + 1
+    assert got["ids"] == [str(i) for i in range(got["total"])]
