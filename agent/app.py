@@ -14,7 +14,7 @@ import grpc
 
 from modelfleet.agent.config import RELOADABLE, ServeConfig, reload_config
 from modelfleet.agent.metrics import AgentMetrics
-from modelfleet.agent.repository import RepositoryWatcher
+from modelfleet.agent.repository import ModelControl, RepositoryWatcher
 from modelfleet.agent.serving.capture import Capture, CaptureLimits, LocalRules
 from modelfleet.agent.serving.dataplane import DataPlane
 from modelfleet.agent.serving.drift import DriftMonitor
@@ -385,6 +385,9 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     slots.listeners.append(on_change)
     await health.refresh()
 
+    # Standalone, the watcher is made here so that model control (load/unload over the
+    # protocol) can go through it; it starts polling only once the server is up.
+    watcher = None if cfg.hub else RepositoryWatcher(cfg.models, slots, cfg.poll_interval_s)
     server, port = build_server(
         slots,
         dataplane,
@@ -393,6 +396,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         cfg.max_message_bytes,
         credentials,
         [token_check] if token_check else [],
+        ModelControl(watcher, cfg.hub),
     )
     await server.start()
     bound = f"{cfg.listen.rpartition(':')[0]}:{port}"
@@ -451,7 +455,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         await source.restore()
         mode = f"fleet mode, hub {cfg.hub}"
     else:
-        source = RepositoryWatcher(cfg.models, slots, cfg.poll_interval_s)
+        source = watcher
         notifier.status(f"starting: loading models from {cfg.models}")
         # Load what is on disk before declaring readiness; readiness means "can serve now".
         await source.sync_once()

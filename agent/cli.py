@@ -128,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"categories kept per categorical feature, the rest count as other "
         f"(default: {DEFAULT_TOP_K})",
     )
+    create.add_argument(
+        "--labels",
+        action="append",
+        default=[],
+        metavar="[OUTPUT=]FILE",
+        help="class labels for an output, one per line (line N names class N), stored signed in "
+        "the manifest for the classification extension; OUTPUT= may be left out when the model "
+        "has one output; repeat for several outputs (default: none)",
+    )
     inspect = bsub.add_parser("inspect", help="verify a bundle and print its manifest")
     inspect.add_argument("bundle_dir", type=Path, help="a bundle: REPOSITORY/NAME/VERSION")
     inspect.add_argument(
@@ -358,6 +367,33 @@ def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
         raise InvalidRequestError(f"{what} {path}: cannot read: {exc}") from None
 
 
+def _labels_args(model: Path, specs: list[str]) -> dict[str, tuple[str, ...]]:
+    """``--labels [OUTPUT=]FILE`` values -> output name -> labels."""
+    from modelfleet.kernel import bundle as b
+
+    out: dict[str, tuple[str, ...]] = {}
+    for spec in specs:
+        output, sep, file = spec.partition("=")
+        if not sep:
+            output, file = "", spec
+        if not output:
+            try:
+                outputs = b.signature_from_onnx(model.read_bytes())[1]
+            except OSError as exc:
+                raise InvalidRequestError(f"cannot read model {model}: {exc}") from None
+            if len(outputs) != 1:
+                names = ", ".join(o.name for o in outputs)
+                raise InvalidRequestError(
+                    f"--labels {spec}: the model has {len(outputs)} outputs ({names}); "
+                    "say which one: --labels OUTPUT=FILE"
+                )
+            output = outputs[0].name
+        if output in out:
+            raise InvalidRequestError(f"--labels: output {output!r} is given labels twice")
+        out[output] = b.read_labels_file(file)
+    return out
+
+
 def cmd_bundle_create(args: argparse.Namespace) -> int:
     from modelfleet.kernel import bundle as b
 
@@ -385,6 +421,7 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
         reference=args.reference,
         reference_bins=args.reference_bins,
         reference_top_k=args.reference_top_k,
+        labels=_labels_args(args.model, args.labels),
         **kwargs,
     )
     print(

@@ -17,7 +17,13 @@ from pathlib import Path
 from modelfleet.agent.serving.routing import Comparison
 from modelfleet.agent.slots import ModelStatus, SlotManager
 from modelfleet.kernel.bundle import BUNDLE_FILES, NAME_RE, OPTIONAL_BUNDLE_FILES
-from modelfleet.kernel.errors import InvalidRequestError, ModelfleetError, ModelNotFoundError
+from modelfleet.kernel.errors import (
+    InvalidRequestError,
+    ModelfleetError,
+    ModelNotFoundError,
+    Status,
+    did_you_mean,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +138,21 @@ class RepositoryWatcher:
         self.root = Path(root)
         self.slots = slots
         self.interval_s = interval_s
+        # A sync and an explicit load or unload never interleave: a sync planned before an
+        # unload would load the model straight back.
+        self.lock = asyncio.Lock()
 
     async def sync_once(self) -> None:
-        on_disk = await asyncio.to_thread(scan, self.root)
-        loaded = {s.name: s for s in self.slots.status()}
+        async with self.lock:
+            on_disk = await asyncio.to_thread(scan, self.root)
+            for name in self.slots.unloaded:
+                on_disk.pop(name, None)
+            await self._apply(on_disk, raise_errors=False)
+
+    async def _apply(
+        self, on_disk: dict[str, dict[int, VersionOnDisk]], *, raise_errors: bool
+    ) -> None:
+        loaded = {s.name: s for s in self.slots.status() if s.name in on_disk or not raise_errors}
         failed = {
             (name, v): fp
             for name, slot in self.slots.slots.items()
@@ -145,14 +162,56 @@ class RepositoryWatcher:
             if isinstance(action, Unload):
                 await self.slots.unload(action.name, action.version)
                 continue
-            # A refusal is already logged, counted and recorded by the slot manager; the active
-            # version keeps serving and this version is not retried until its bytes change.
-            with contextlib.suppress(ModelfleetError):
+            try:
                 await self.slots.deploy(
                     action.version.path,
                     action.version.fingerprint,
                     expect=(action.name, action.version.version),
                 )
+            except ModelfleetError:
+                # A refusal is already logged, counted and recorded by the slot manager; the
+                # active version keeps serving and this version is not retried until its bytes
+                # change. An explicit load reports it to its caller.
+                if raise_errors:
+                    raise
+
+    async def load(self, name: str) -> None:
+        """Explicit load (model control): serve ``name`` from the repository again.
+
+        The version is chosen as the watcher chooses it, and goes through the health gate;
+        a refused version is tried again even if its bytes have not changed.
+        """
+        if not NAME_RE.match(name):
+            raise InvalidRequestError(f"model name {name!r} is not valid", reason="model_name")
+        async with self.lock:
+            on_disk = await asyncio.to_thread(scan, self.root)
+            if name not in on_disk:
+                raise ModelNotFoundError(
+                    f"no model {name!r} in the repository {self.root} (put a bundle at "
+                    f"{self.root / name}/VERSION/ first){did_you_mean(name, on_disk)}"
+                )
+            self.slots.unloaded.pop(name, None)
+            self.slots.forget_failures(name)
+            await self._apply({name: on_disk[name]}, raise_errors=True)
+            slot = self.slots.slots.get(name)
+            if slot is None or slot.active is None:
+                raise ModelNotFoundError(f"model {name!r} did not load (no usable version)")
+            log.info("model %s loaded on request (version %d)", name, slot.active.version)
+
+    async def unload(self, name: str) -> None:
+        """Explicit unload: stop serving ``name`` until it is loaded again (not a restart:
+        after one, the repository is served whole again)."""
+        async with self.lock:
+            if name not in self.slots.slots and name not in self.slots.unloaded:
+                raise ModelNotFoundError(
+                    f"model {name!r} is not loaded here{did_you_mean(name, self.slots.slots)}"
+                )
+            self.slots.unloaded[name] = (
+                "it was unloaded through the model repository API; load it again with "
+                "RepositoryModelLoad (POST /v2/repository/models/NAME/load)"
+            )
+            await self.slots.unload(name)
+            log.info("model %s unloaded on request", name)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -162,6 +221,51 @@ class RepositoryWatcher:
                 log.exception("repository sync failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval_s)
+
+
+class FleetOwnedError(ModelfleetError):
+    status = Status.FAILED_PRECONDITION
+    reason = "fleet_mode"
+
+
+class ModelControl:
+    """The protocol's explicit load and unload, for every transport.
+
+    Standalone, through the repository watcher (and so the health gate); in fleet mode the hub
+    decides what this agent serves, so both are refused and the hub is named.
+    """
+
+    def __init__(self, watcher: RepositoryWatcher | None = None, fleet_hub: str = "") -> None:
+        self.watcher = watcher
+        self.fleet_hub = fleet_hub
+
+    @property
+    def available(self) -> bool:
+        return self.watcher is not None and not self.fleet_hub
+
+    def _watcher(self, verb: str, name: str) -> RepositoryWatcher:
+        if self.watcher is None and not self.fleet_hub:
+            raise FleetOwnedError(f"cannot {verb} {name!r}: this server has no model repository")
+        if self.watcher is None or self.fleet_hub:
+            raise FleetOwnedError(
+                f"cannot {verb} {name!r}: this agent follows the hub at {self.fleet_hub}, which "
+                "owns what it serves; deploy or remove models on the hub "
+                "(`modelfleet-hub deploy MODEL VERSION`)"
+            )
+        return self.watcher
+
+    async def load(self, name: str, parameters: dict[str, object]) -> None:
+        watcher = self._watcher("load", name)
+        if parameters:
+            raise InvalidRequestError(
+                f"load {name!r}: parameters {sorted(parameters)} are not supported; models load "
+                f"only from signed bundles in {watcher.root}, as they are",
+                reason="load_parameters",
+            )
+        await watcher.load(name)
+
+    async def unload(self, name: str) -> None:
+        await self._watcher("unload", name).unload(name)
 
 
 async def compare_local(

@@ -203,6 +203,9 @@ class SlotManager:
         # serving threads.
         self.loader_executor = ThreadPoolExecutor(1, thread_name_prefix="load")
         self.slots: dict[str, ModelSlot] = {}
+        # Models unloaded on request (the protocol's model control), name -> why: the
+        # repository watcher leaves them alone, and requests for them say so.
+        self.unloaded: dict[str, str] = {}
         self.listeners: list[ChangeListener] = []
         metrics.telemetry.arms = self.arms
         # Called on the loader thread for every version that passed its gate, before it can
@@ -216,6 +219,8 @@ class SlotManager:
         if slot is None or (slot.active is None and slot.previous is None):
             if slot is not None and slot.loading is not None:
                 raise ModelNotReadyError(f"model {name!r} is still loading")
+            if slot is None and name in self.unloaded:
+                raise ModelNotFoundError(f"model {name!r} is not loaded: {self.unloaded[name]}")
             raise ModelNotFoundError(f"model {name!r} is not loaded")
         if not version:
             if slot.active is None:

@@ -116,6 +116,9 @@ class Manifest:
     format: int = FORMAT_VERSION
     # reference.json, when the bundle carries reference statistics.
     reference: FileSpec | None = None
+    # Class labels per output (index -> label), for the classification extension. In the
+    # manifest itself, so they are signed with it and need no file of their own.
+    labels: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -142,6 +145,8 @@ class Manifest:
                 "sha256": self.reference.sha256,
                 "size": self.reference.size,
             }
+        if self.labels:
+            out["labels"] = {k: list(v) for k, v in self.labels.items()}
         return out
 
     def files(self) -> tuple[str, ...]:
@@ -286,11 +291,13 @@ def parse_manifest(data: Mapping[str, Any]) -> Manifest:
             sha256=_require(ref, "sha256", str, "reference."),
             size=_require(ref, "size", int, "reference."),
         )
+    outputs = _parse_tensors(sig.get("outputs"), "signature.outputs")
+    labels = _parse_labels(data.get("labels", {}), outputs)
     return Manifest(
         name=name,
         version=version,
         inputs=_parse_tensors(sig.get("inputs"), "signature.inputs"),
-        outputs=_parse_tensors(sig.get("outputs"), "signature.outputs"),
+        outputs=outputs,
         model_sha256=_require(model, "sha256", str, "model."),
         model_size=_require(model, "size", int, "model."),
         health=health_spec,
@@ -299,7 +306,38 @@ def parse_manifest(data: Mapping[str, Any]) -> Manifest:
         feature_names=tuple(feature_names),
         provenance=provenance,
         reference=reference,
+        labels=labels,
     )
+
+
+def _parse_labels(raw: Any, outputs: tuple[TensorSpec, ...]) -> dict[str, tuple[str, ...]]:
+    if not isinstance(raw, dict):
+        raise BundleError("manifest: labels must be an object (output name -> list of labels)")
+    names = {t.name for t in outputs}
+    out: dict[str, tuple[str, ...]] = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise BundleError(
+                f"manifest: labels.{key}: the model has no output {key!r} "
+                f"(outputs: {', '.join(sorted(names))})"
+            )
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise BundleError(f"manifest: labels.{key} must be a list of strings")
+        out[key] = tuple(value)
+    return out
+
+
+def read_labels_file(path: Path | str) -> tuple[str, ...]:
+    """One label per line, line N (from 0) naming class index N, as Triton's label files do."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"cannot read labels file {path}: {exc}") from None
+    labels = text.splitlines()
+    if not labels:
+        raise BundleError(f"labels file {path} is empty: write one label per line")
+    return tuple(labels)
 
 
 def read_manifest(bundle_dir: Path) -> Manifest:
@@ -531,13 +569,15 @@ def create_bundle(
     reference: Reference | Path | str | None = None,
     reference_bins: int = DEFAULT_BINS,
     reference_top_k: int = DEFAULT_TOP_K,
+    labels: Mapping[str, tuple[str, ...]] | None = None,
 ) -> Bundle:
     """Build ``out_dir/name/version/`` atomically and return it.
 
     Expected outputs are computed with onnxruntime on the CPU unless given (for example golden
     outputs from a reference implementation). ``reference`` is a Parquet dataset or a
     reference.json file (``kernel.reference``), or statistics already computed; it is stored
-    as reference.json, listed in the manifest with its hash.
+    as reference.json, listed in the manifest with its hash. ``labels`` maps output names to
+    class labels (index -> label) for the classification extension; they go in the manifest.
     """
     if not NAME_RE.match(name):
         raise BundleError(f"invalid model name {name!r}: use {NAME_RULE}")
@@ -570,6 +610,13 @@ def create_bundle(
                     f"but {t.name!r} has shape {list(t.shape)}"
                 )
     checked = _check_samples(samples, inputs)
+    out_names = {o.name for o in outputs}
+    for key in labels or {}:
+        if key not in out_names:
+            raise BundleError(
+                f"labels given for {key!r}, but the model has no such output "
+                f"(outputs: {', '.join(sorted(out_names))})"
+            )
 
     if expected is None:
         import onnxruntime as ort
@@ -639,6 +686,7 @@ def create_bundle(
             if reference_bytes is not None
             else None
         ),
+        labels={k: tuple(v) for k, v in (labels or {}).items()},
     )
     files = {
         MODEL_FILE: model_bytes,

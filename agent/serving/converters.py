@@ -138,7 +138,7 @@ def request_from_proto(msg: pb.ModelInferRequest) -> InferRequest:
     inputs = [
         _decode_input(tensor, raws[i] if raws else None) for i, tensor in enumerate(msg.inputs)
     ]
-    return InferRequest(
+    req = InferRequest(
         model_name=msg.model_name,
         model_version=msg.model_version,
         id=msg.id,
@@ -146,6 +146,21 @@ def request_from_proto(msg: pb.ModelInferRequest) -> InferRequest:
         outputs=[o.name for o in msg.outputs],
         routing_key=_routing_key(msg),
     )
+    if msg.parameters:
+        req.parameters = parameters_from_proto(msg.parameters)
+    for o in msg.outputs:
+        if o.parameters:
+            req.output_parameters[o.name] = parameters_from_proto(o.parameters)
+    return req
+
+
+def parameters_from_proto(params: Any) -> dict[str, Any]:
+    """InferParameter map -> plain values, so the data plane judges them for every transport."""
+    out: dict[str, Any] = {}
+    for key, param in params.items():
+        kind = param.WhichOneof("parameter_choice")
+        out[key] = getattr(param, kind) if kind is not None else None
+    return out
 
 
 def _routing_key(msg: pb.ModelInferRequest) -> str:

@@ -55,6 +55,8 @@ class InferRequest:
     routing_key: str = ""
     # The request's span when tracing is on (agent/serving/tracing.py); None: not traced.
     trace: Any = None
+    # Per requested output, its parameters (e.g. ``classification``: N for the top N classes).
+    output_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -144,6 +146,70 @@ def check_routing_key(key: str) -> str:
     return key
 
 
+# The protocol's sequence-batcher parameters. No bundle declares state today, so every model
+# is stateless and these are refused: running each request alone would give a stateful client
+# wrong numbers without a word.
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+CLASSIFICATION_PARAMETER = "classification"
+
+
+def check_stateless(version: LoadedVersion, parameters: dict[str, Any]) -> None:
+    given = [p for p in SEQUENCE_PARAMETERS if p in parameters]
+    if given:
+        raise InvalidRequestError(
+            f"request parameter {given[0]!r} is for stateful (sequence) models, but model "
+            f"{version.name!r} version {version.version} is stateless: it declares no sequence "
+            "state, so each request is answered on its own; send the request without "
+            f"{', '.join(given)}",
+            reason="sequence",
+        )
+
+
+def class_count(output: str, parameters: dict[str, Any]) -> int:
+    """N from an output's ``classification`` parameter (0: not requested)."""
+    if CLASSIFICATION_PARAMETER not in parameters:
+        return 0
+    value = parameters[CLASSIFICATION_PARAMETER]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequestError(
+            f"output {output!r}: parameter {CLASSIFICATION_PARAMETER!r} must be a positive "
+            f"integer (the number of top classes to return), got {value!r}",
+            reason="classification",
+        )
+    return value
+
+
+def classify(version: LoadedVersion, output: str, arr: np.ndarray, count: int) -> InferOutput:
+    """Top ``count`` classes per row as BYTES ``value:index[:label]``, as Triton's extension.
+
+    With a batch dimension each row is ranked on its own ([rows, k]); without one the whole
+    tensor is ([k]). ``count`` above the number of classes returns them all (Triton does too).
+    """
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise InvalidRequestError(
+            f"output {output!r} is {datatype_of(arr)}: classification needs a numeric output",
+            reason="classification",
+        )
+    labels = version.manifest.labels.get(output, ())
+    batched = version.manifest.max_batch_size > 0
+    rows = arr.reshape(arr.shape[0], -1) if batched and arr.ndim > 0 else arr.reshape(1, -1)
+    k = min(count, rows.shape[1])
+    # A stable sort on the negated values keeps the lower index first among equal scores.
+    order = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :k]
+    out: np.ndarray = np.empty((rows.shape[0], k), dtype=object)
+    for r in range(rows.shape[0]):
+        for j, idx in enumerate(order[r]):
+            value = rows[r, idx]
+            text = f"{value:f}" if rows.dtype.kind == "f" else str(int(value))
+            text = f"{text}:{idx}"
+            if idx < len(labels):
+                text = f"{text}:{labels[idx]}"
+            out[r, j] = text.encode()
+    if not batched:
+        out = out.reshape(k)
+    return InferOutput(output, "BYTES", tuple(out.shape), out)
+
+
 class DataPlane:
     def __init__(
         self,
@@ -177,6 +243,8 @@ class DataPlane:
         version = None
         try:
             version, route = self._route(request)
+            if request.parameters:
+                check_stateless(version, request.parameters)
             feed, rows = validate_inputs(version, request.inputs)
             wanted = request.outputs or version.model.output_names
             unknown = [o for o in wanted if o not in version.model.output_names]
@@ -186,10 +254,14 @@ class DataPlane:
                     f"(outputs: {', '.join(version.model.output_names)})",
                     reason="unknown_output",
                 )
+            counts = {o: class_count(o, p) for o, p in request.output_parameters.items()}
             results, timing = await version.infer(feed, rows)
             outputs = []
             for name in wanted:
                 arr = results[name]
+                if counts.get(name):
+                    outputs.append(classify(version, name, arr, counts[name]))
+                    continue
                 outputs.append(InferOutput(name, datatype_of(arr), tuple(arr.shape), arr))
         except ModelfleetError as exc:
             elapsed = time.perf_counter() - start

@@ -12,15 +12,16 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from modelfleet.agent import __version__
-from modelfleet.agent.repository import compare_local
+from modelfleet.agent.repository import ModelControl, compare_local
 from modelfleet.agent.serving.batcher import DynamicBatcher
 from modelfleet.agent.serving.capture import Capture, CaptureRule, LocalRules
 from modelfleet.agent.serving.converters import request_from_proto, response_to_proto
@@ -63,6 +64,11 @@ _CONFIG_TYPE = {
 
 T = TypeVar("T")
 
+# Requests of one ModelStreamInfer stream being answered at once. The reader stops taking
+# messages beyond this, so a client that sends faster than the model answers is held back by
+# gRPC flow control instead of growing a queue here.
+STREAM_MAX_INFLIGHT = 32
+
 
 def _grpc_errors(
     fn: Callable[..., Awaitable[T]],
@@ -86,10 +92,26 @@ def _version_arg(version: str) -> str:
     return version.strip()
 
 
+def _header_routing_key(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == ROUTING_KEY_HEADER:
+            return value if isinstance(value, str) else value.decode()
+    return ""
+
+
+# Set by a client that waits for a flagged last response per request (tritonclient's
+# enable_empty_final_response); each request here has exactly one response, so it is that one.
+_WANTS_FINAL_FLAG = "triton_enable_empty_final_response"
+_FINAL_FLAG = "triton_final_response"
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, slots: SlotManager, dataplane: DataPlane) -> None:
+    def __init__(
+        self, slots: SlotManager, dataplane: DataPlane, control: ModelControl | None = None
+    ) -> None:
         self.slots = slots
         self.dataplane = dataplane
+        self.control = control or ModelControl()
         # Set once at start (kernel/tracing.py); None: every request skips tracing with one check.
         self.tracing = tracing.current()
 
@@ -112,8 +134,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(
             name="modelfleet",
             version=__version__,
-            extensions=["model_configuration", "statistics", "model_repository"],
+            extensions=self.extensions(),
         )
+
+    def extensions(self) -> list[str]:
+        """Only what answers: sequences, shared memory and the like are not listed."""
+        out = ["classification", "model_configuration", "statistics"]
+        if self.control.available:
+            out.append("model_repository")
+        return out
 
     @_grpc_errors
     async def ModelMetadata(self, request, context):
@@ -194,16 +223,91 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                             reason=result.reason,
                         )
                     )
+        if not request.ready:
+            for name in sorted(set(self.slots.unloaded) - set(self.slots.slots)):
+                models.append(
+                    pb.RepositoryIndexResponse.ModelIndex(
+                        name=name, state="UNAVAILABLE", reason="unloaded"
+                    )
+                )
         return pb.RepositoryIndexResponse(models=models)
+
+    @_grpc_errors
+    async def RepositoryModelLoad(self, request, context):
+        params = {k: v.WhichOneof("parameter_choice") for k, v in request.parameters.items()}
+        await self.control.load(request.model_name, params)
+        return pb.RepositoryModelLoadResponse()
+
+    @_grpc_errors
+    async def RepositoryModelUnload(self, request, context):
+        # unload_dependents: no model here has dependents, so there is nothing more to unload.
+        await self.control.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One response per request, in request order; a failed request gets its error in
+        ``error_message`` and the stream goes on. At most STREAM_MAX_INFLIGHT are answered at
+        once (they batch together like unary requests)."""
+        header_key = _header_routing_key(context)
+        room = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
+        # Answers in request order; bounded by `room`, and None marks the end of the requests.
+        pending: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for msg in request_iterator:
+                    await room.acquire()
+                    pending.put_nowait(asyncio.ensure_future(self._stream_one(msg, header_key)))
+            finally:
+                pending.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (answer := await pending.get()) is not None:
+                try:
+                    yield await answer
+                finally:
+                    room.release()
+            await reader  # a broken request stream ends the call with its error
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                left = pending.get_nowait()
+                if left is not None:
+                    left.cancel()
+
+    async def _stream_one(self, msg: Any, header_key: str) -> pb.ModelStreamInferResponse:
+        try:
+            req = request_from_proto(msg)
+            if not req.routing_key:
+                req.routing_key = header_key
+            resp = response_to_proto(await self.dataplane.infer(req))
+            out = pb.ModelStreamInferResponse(infer_response=resp)
+        except ModelfleetError as exc:
+            out = pb.ModelStreamInferResponse(
+                error_message=str(exc),
+                infer_response=pb.ModelInferResponse(
+                    model_name=msg.model_name, model_version=msg.model_version, id=msg.id
+                ),
+            )
+        except Exception as exc:
+            log.exception("unexpected error in a ModelStreamInfer request")
+            out = pb.ModelStreamInferResponse(
+                error_message=f"internal error: {exc}",
+                infer_response=pb.ModelInferResponse(model_name=msg.model_name, id=msg.id),
+            )
+        wants = msg.parameters.get(_WANTS_FINAL_FLAG) if msg.parameters else None
+        if wants is not None and wants.bool_param:
+            out.infer_response.parameters[_FINAL_FLAG].bool_param = True
+        return out
 
     @_grpc_errors
     async def ModelInfer(self, request, context):
         req = request_from_proto(request)
         if not req.routing_key:
-            for key, value in context.invocation_metadata() or ():
-                if key == ROUTING_KEY_HEADER:
-                    req.routing_key = value if isinstance(value, str) else value.decode()
-                    break
+            req.routing_key = _header_routing_key(context)
         if self.tracing is None:
             return response_to_proto(await self.dataplane.infer(req))
         return await self._traced_infer(req, context)
@@ -473,11 +577,24 @@ def build_server(
     max_message_bytes: int,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    control: ModelControl | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """The inference server; plaintext unless ``credentials`` (see agent.serving.security)."""
     server = grpc.aio.server(options=server_options(max_message_bytes), interceptors=interceptors)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(slots, dataplane), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(slots, dataplane, control), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_reporter.servicer, server)
+    # Reflection, so grpcurl and similar tools can list and call the services without the
+    # .proto files; it describes only the public protocol (the admin API is on its own socket).
+    reflection.enable_server_reflection(
+        (
+            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
     try:
         if credentials is None:
             port = server.add_insecure_port(listen)
