@@ -22,6 +22,12 @@ FAST = {
     "MODELFLEET_AGENT_REPORT_INTERVAL_S": "0.5",
     "MODELFLEET_AGENT_BACKOFF_MAX_S": "1",
     "MODELFLEET_AGENT_TELEMETRY_INTERVAL_S": "1",
+    # Four agents, two sessions each during a split, on a small shared machine: with spinning
+    # worker threads (one per core per session) one session can starve beside the others, and
+    # then the candidate is really slower on that device (seen: p99 5-8x on one agent of an
+    # A/A split, its gate p99 4 ms against 0.02 ms). docs/configuration.md advises this setup.
+    "MODELFLEET_AGENT_ORT_SPINNING": "off",
+    "MODELFLEET_AGENT_INTRA_OP_THREADS": "1",
 }
 
 
@@ -96,8 +102,9 @@ def test_a_a_canary_passes_under_the_default_judge(fleet) -> None:
     assert published
     version = published.group(1)
     with traffic(agents, interval_s=0.01):
-        # Traffic before the rollout: the judge compares each agent with its own level then.
-        time.sleep(20)
+        # Warm-up: every agent serving steadily before the split starts (a split is judged
+        # pair by pair within the bake; it needs no level from before).
+        time.sleep(5)
         # A traffic canary: every agent answers half of its requests with the candidate, so
         # both arms run on the same devices at the same moments.
         hub.cli(
@@ -123,21 +130,15 @@ def test_a_a_canary_passes_under_the_default_judge(fleet) -> None:
         )
     s = status(hub)
     text = hub.cli("rollout", "status", "mlp")
-    # Never a false rollback, and never a failed metric. On two shared cores the p99 of a
-    # sub-millisecond model follows the scheduler more than the version, and the judge
-    # compares the arms' agent-windows unpaired: p99 (and on a busy machine p50) may stay
-    # inconclusive for the whole --max-bake, and then the rollout waits for an operator
-    # instead of guessing. On a quiet machine it passes.
-    assert s["state"] in ("done", "paused"), text
-    if s["state"] == "paused":
-        verdicts = {v["metric"]: v["verdict"] for v in s["last_evaluation"]["verdicts"]}
-        assert verdicts["errors"] == "pass" and "fail" not in verdicts.values(), text
-        assert "the judge cannot tell" in s["reason"], text
-        return
+    # Both arms run on the same agents at the same moments: the judge pairs them agent-window by
+    # agent-window, so the device, its load and the scheduler's minute cancel, and an A/A split
+    # passes within the bake instead of waiting for an operator.
+    assert s["state"] == "done", text
     # Done: the 50% step passed the judge (the 100% step has no old version left to judge
     # against: its gates decide).
     judged = [
         e["text"] for e in s["events"] if "passed" in e["text"] and "errors pass" in e["text"]
     ]
     assert judged and "fail" not in judged[0], s["events"]
+    assert "latency_p50 pass" in judged[0] and "latency_p99 pass" in judged[0], judged[0]
     wait_for(lambda: all(active(a) == int(version) for a in agents), 60, "A/A everywhere")
