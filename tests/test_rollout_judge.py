@@ -22,12 +22,13 @@ FAST = {
     "MODELFLEET_AGENT_REPORT_INTERVAL_S": "0.5",
     "MODELFLEET_AGENT_BACKOFF_MAX_S": "1",
     "MODELFLEET_AGENT_TELEMETRY_INTERVAL_S": "1",
-    # Four agents, two sessions each during a split, on a small shared machine: with spinning
-    # worker threads (one per core per session) one session can starve beside the others, and
-    # then the candidate is really slower on that device (seen: p99 5-8x on one agent of an
-    # A/A split, its gate p99 4 ms against 0.02 ms). docs/configuration.md advises this setup.
-    "MODELFLEET_AGENT_ORT_SPINNING": "off",
-    "MODELFLEET_AGENT_INTRA_OP_THREADS": "1",
+    # An agent runs a model inline on its event loop when its health-gate p99 is under
+    # inline_max_us, else through the executor (batched). A split's candidate is gated beside a
+    # busy active version, so on this shared machine its gate p99 often reads milliseconds and it
+    # alone goes through the executor: the same model then answers 5x slower at p50 on that
+    # agent (seen in 2 of 3 runs), and the judge rightly refuses to call that nothing. Every
+    # version inline here: the arms differ in nothing but the version.
+    "MODELFLEET_AGENT_INLINE_MAX_US": "1000000",
 }
 
 
@@ -120,13 +121,16 @@ def test_a_a_canary_passes_under_the_default_judge(fleet) -> None:
             "60s",
             "--bake",
             "20s",
+            # p50 passes within the bake; the p99 of a sub-millisecond model on a busy shared
+            # machine is the scheduler's stalls, and bounding its change within 1 ms takes about
+            # 40 to 60 pairs of 100 requests (one every ~3 s per agent): room to bake on.
             "--max-bake",
-            "60s",
+            "120s",
             "--min-requests",
             "200",
         )
         wait_for(
-            lambda: status(hub)["state"] in ("done", "rolled_back", "paused"), 180, "a verdict"
+            lambda: status(hub)["state"] in ("done", "rolled_back", "paused"), 240, "a verdict"
         )
     s = status(hub)
     text = hub.cli("rollout", "status", "mlp")
