@@ -94,6 +94,7 @@ def test_version_failing_its_requests_is_rolled_back_by_the_judge_with_why(fleet
     wait_for(lambda: all(active(a) == 1 for a in agents), 60, "everyone back on v1")
 
 
+@pytest.mark.timeout(420)  # up to 180 s of bake, the 100% step, the fixture
 def test_a_a_canary_passes_under_the_default_judge(fleet) -> None:
     hub, agents = fleet
     # The same model content as v1, published as a new version: nothing to find.
@@ -121,16 +122,17 @@ def test_a_a_canary_passes_under_the_default_judge(fleet) -> None:
             "60s",
             "--bake",
             "20s",
-            # p50 passes within the bake; the p99 of a sub-millisecond model on a busy shared
-            # machine is the scheduler's stalls, and bounding its change within 1 ms takes about
-            # 40 to 60 pairs of 100 requests (one every ~3 s per agent): room to bake on.
+            # p50 and errors pass within the bake; the p99 of a sub-millisecond model on a busy
+            # shared machine is the scheduler's stalls, and bounding its change within 1 ms took
+            # 30 to 90 s of pairs (100 requests a side, one pair every ~3 s per agent) in the
+            # runs measured: room to bake on.
             "--max-bake",
-            "120s",
+            "180s",
             "--min-requests",
             "200",
         )
         wait_for(
-            lambda: status(hub)["state"] in ("done", "rolled_back", "paused"), 240, "a verdict"
+            lambda: status(hub)["state"] in ("done", "rolled_back", "paused"), 270, "a verdict"
         )
     s = status(hub)
     text = hub.cli("rollout", "status", "mlp")
