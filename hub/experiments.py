@@ -620,21 +620,16 @@ class Experiments:
         self, exp: Experiment, agents: list[str], since: float, until: float
     ) -> list[MetricVerdict]:
         """The statistical judge on the split's two arms: the candidate's agent-windows
-        against the active version's, on the same agents, each taken against its agent's
-        active-arm level."""
+        against the active version's, paired by agent and window."""
         if self.telemetry is None or not agents:
             return []
-        canary = self.telemetry.samples(exp.model, exp.candidate, agents, since, until)
-        baseline = [
-            w
-            for version in sorted(set(exp.baseline.values()))
-            for w in self.telemetry.samples(exp.model, version, agents, since, until)
-        ]
-        # Each agent's level is its own active-arm windows over the same period: device speed
-        # and the moment's load cancel (judge(before=...): the difference in differences).
-        return judge(
-            canary, baseline, parse_metrics(exp.judge or list(DEFAULT_JUDGE)), before=baseline
+        # Both arms on the same agents at the same time: each agent-window's candidate arm
+        # against its own active arm (device speed and the moment's load cancel in the pair).
+        canary, baseline = self.telemetry.paired_samples(
+            exp.model, exp.candidate, set(exp.baseline.values()), agents, since, until
         )
+        metrics = parse_metrics(exp.judge or list(DEFAULT_JUDGE))
+        return judge(canary, baseline, metrics, paired=True)
 
     def _arm(
         self, model: str, arm: str, version: int, agents: list[str], since: float, until: float

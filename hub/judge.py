@@ -50,6 +50,29 @@ arrive; a wave needs no count of looks to stay honest, so a restarted hub loses 
   disagree with the rest widens the interval instead of narrowing it), and the binomial part
   adds one failure and one success per arm (Agresti-Caffo) so zero failures still leave an
   honest width.
+
+**On a split** (``paired=True``: a traffic canary's step, an A/B experiment) both arms run on the
+same agents at the same moments, and the samples come in pairs: the candidate's and the active
+arm's window of one agent over the same span
+(:meth:`hub.telemetry.TelemetryStore.paired_samples`). Each pair is compared within itself, so
+the device, its load and the moment cancel, and no clustering needs paying for:
+
+- **Latency**: per pair ``d = log(candidate / active)`` (latencies floored at a tenth of the
+  absolute tolerance: zero divides nothing, changes far below what matters read as none;
+  ``d`` clipped at a tenfold change). The change is bounded twice, each at ``alpha / 2``, and the
+  two intervals intersected: the mean of ``d`` by the normal-mixture boundary above (plug-in
+  variance, inflated for small counts, mixing scale the tolerance on the log scale), and the
+  median of ``d`` by an always-valid sign test (:func:`sign_test_bound`), which holds for any
+  spread and tail. The two bound the same number because the pairs' log ratios are symmetric
+  about the change: the arms are exchangeable when nothing changed, and a version that scales
+  latency shifts them. The mean is sharper when the pairs spread widely (a p99 of a few hundred
+  requests on a busy machine); the sign test when most pairs agree and a few lie far out. Fewer
+  than :data:`MIN_PAIRS` pairs: inconclusive. The interval is read back in milliseconds at the
+  active arm's level.
+- **Errors**: the difference of the arms' pooled rates over the pairs, judged by the mSPRT; the
+  variance is the larger of the binomial one (Agresti-Caffo) and the cluster-robust one over
+  the pairs' contributions to the difference, in which a burst that hits both arms of an agent
+  cancels.
 """
 
 from __future__ import annotations
@@ -69,6 +92,12 @@ Kind = Literal["continuous", "proportion"]
 # mSPRT is most sensitive to effects of about this size (0.2: a canary slower than a baseline
 # sample 70% of the time: the separations a wave of a few agents can show at all).
 RANK_TAU = 0.2
+# On a split, latency needs this many pairs before an interval: the variance comes from the
+# pairs themselves, and fewer say too little about it.
+MIN_PAIRS = 8
+# A pair's log ratio counts at most this far (10x either way): one window caught by a stall
+# cannot drag the mean, and a tenfold change is decisive anyway.
+PAIR_CLIP = math.log(10)
 # Pairwise differences beyond this many are computed on an evenly thinned subset (the shift
 # estimate and its interval barely move; memory and time stay bounded on a large fleet).
 MAX_PAIRS = 2_000_000
@@ -418,6 +447,169 @@ def _proportion_test(
     return arms.verdict(spec, looks, verdict, why, effect, effect - half, effect + half)
 
 
+def _paired(
+    canary: Sequence[AgentWindow], baseline: Sequence[AgentWindow]
+) -> list[tuple[AgentWindow, AgentWindow]]:
+    """The split's pairs: the candidate's and the active arm's window of the same agent over
+    the same span (:meth:`hub.telemetry.TelemetryStore.paired_samples` cuts them so). A window
+    without its partner pairs with an empty one: it still counts for errors."""
+    by_key: dict[tuple[str, float, float], list[AgentWindow | None]] = {}
+    for i, side in enumerate((canary, baseline)):
+        for w in side:
+            slot = by_key.setdefault((w.agent_id, w.start, w.end), [None, None])
+            held = slot[i]
+            slot[i] = w if held is None else _merge([held, w], keep_latency=False)
+    out = []
+    for (agent, start, end), (c, b) in sorted(by_key.items()):
+        empty = AgentWindow(agent, start, end, 0, 0, {})
+        out.append((c or empty, b or empty))
+    return out
+
+
+def sign_test_bound(n: int, alpha: float) -> int:
+    """The always-valid sign test's bound: an interval for the median of ``n`` paired values
+    runs from the ``j``-th smallest to the ``j``-th largest (0: unbounded, too few pairs).
+
+    If the median were some value, each pair would fall above it with probability one half,
+    independently. The mixture over a uniform share ``p`` of Bernoulli(p) likelihoods against
+    Bernoulli(1/2) is ``2**n / ((n + 1) * C(n, k))`` after ``k`` of ``n`` above: a nonnegative
+    martingale under the hypothesis, so by Ville's inequality it ever reaches ``1/alpha`` with
+    probability at most ``alpha``, however often it is looked at. ``j`` is the smallest count on
+    one side that leaves the value standing.
+    """
+    limit = math.log(1 / alpha)
+    for j in range(n // 2 + 1):
+        log_m = n * math.log(2) + math.lgamma(j + 1) + math.lgamma(n - j + 1) - math.lgamma(n + 2)
+        if log_m < limit:
+            return j
+    return n // 2
+
+
+def _paired_latency_test(
+    spec: MetricSpec,
+    canary: Sequence[AgentWindow],
+    baseline: Sequence[AgentWindow],
+    looks: int,
+) -> MetricVerdict:
+    pairs = [
+        (c.value(spec.name), b.value(spec.name))
+        for c, b in _paired(canary, baseline)
+        if math.isfinite(c.value(spec.name)) and math.isfinite(b.value(spec.name))
+    ]
+    c = np.array([max(p[0], 0.0) for p in pairs], dtype=float)
+    b = np.array([max(p[1], 0.0) for p in pairs], dtype=float)
+    n = len(pairs)
+    m = sum(1 for w in canary if math.isfinite(w.value(spec.name)))
+    k = sum(1 for w in baseline if math.isfinite(w.value(spec.name)))
+    b_med = float(np.median(b)) if n else math.nan
+    arms = _Arms(
+        canary=float(np.median(c)) if n else math.nan,
+        baseline=b_med,
+        tolerance=spec.tolerance(b_med) if n else spec.abs_tolerance,
+        canary_samples=m,
+        baseline_samples=k,
+        canary_requests=sum(w.requests for w in canary),
+        baseline_requests=sum(w.requests for w in baseline),
+    )
+    need = max(spec.min_samples, MIN_PAIRS)
+    if n < need:
+        why = f"too few paired agent-windows with latency on both arms ({n}; at least {need})"
+        return arms.verdict(spec, looks, "inconclusive", why)
+    # Each pair is one agent over one span on both arms: the device, its load and the moment
+    # cancel in the ratio. A floor of a tenth of the absolute tolerance keeps zero latencies
+    # finite and makes changes far below what matters count as none.
+    floor = max(spec.abs_tolerance / 10, 1e-6)
+    level = b_med + floor
+    d = np.clip(np.log((c + floor) / (b + floor)), -PAIR_CLIP, PAIR_CLIP)
+    # The tolerance on the log scale, at the active arm's level: the mixing scale, so the test
+    # is most sensitive to changes of the size that matters.
+    delta = max(math.log1p(arms.tolerance / level), 0.01)
+    # The mean log ratio, its variance from the pairs (inflated for small counts: with n - 1
+    # degrees of freedom the plug-in variance runs low), never below the rounding that a tenth
+    # of the tolerance leaves (identical pairs still have a width).
+    var = max(float(d.var(ddof=1)) / n * (n - 1) / (n - 3), (delta / 10) ** 2 / 12 / n)
+    half = always_valid_z(var, delta, spec.alpha / 2) * math.sqrt(var)
+    mean = float(d.mean())
+    # The same centre bounded a second way, robust where the mean is not: the always-valid sign
+    # test for the median (pairs whose log ratios mostly agree, with a few far out, as when a
+    # p99 lands on one stall). Both at alpha / 2 and intersected: the pairs' log ratios are
+    # symmetric about the change (the arms are exchangeable when nothing changed; a version
+    # that scales latency shifts them), so the mean and the median are the same number.
+    s_d = np.sort(d)
+    j = sign_test_bound(n, spec.alpha / 2)
+    lo, hi = (-math.inf, math.inf) if j == 0 else (float(s_d[j - 1]), float(s_d[n - j]))
+    lo, hi = max(lo, mean - half), min(hi, mean + half)
+    if lo > hi:  # the two disagree: asymmetric pairs, take what either allows
+        lo, hi = min(lo, mean - half), max(hi, mean + half)
+    # Back to milliseconds at the active arm's level.
+    shift, low, high = (level * math.expm1(x) for x in (mean, lo, hi))
+    sign = 1.0 if spec.direction == "lower" else -1.0
+    effect = sign * shift
+    low, high = sorted((sign * low, sign * high))
+    verdict, why = _decide(spec, effect, low, high, arms.tolerance, "mean paired change")
+    slower = int((sign * d > 0).sum())
+    worse = "slower" if spec.unit == "ms" else "worse"
+    why += (
+        f"; paired on the split: candidate {worse} than the active arm in {slower} of {n} "
+        f"agent-window(s) of {len({w.agent_id for w in canary})} agent(s)"
+    )
+    return arms.verdict(spec, looks, verdict, why, effect, low, high)
+
+
+def _paired_proportion_test(
+    spec: MetricSpec,
+    canary: Sequence[AgentWindow],
+    baseline: Sequence[AgentWindow],
+    looks: int,
+) -> MetricVerdict:
+    pairs = [(c, b) for c, b in _paired(canary, baseline) if c.requests or b.requests]
+    cn = sum(c.requests for c, _ in pairs)
+    bn = sum(b.requests for _, b in pairs)
+    cf = sum(c.failures for c, _ in pairs)
+    bf = sum(b.failures for _, b in pairs)
+    pb = bf / bn if bn else math.nan
+    arms = _Arms(
+        canary=cf / cn if cn else math.nan,
+        baseline=pb,
+        tolerance=spec.tolerance(pb) if bn else spec.abs_tolerance,
+        canary_samples=sum(1 for c, _ in pairs if c.requests),
+        baseline_samples=sum(1 for _, b in pairs if b.requests),
+        canary_requests=cn,
+        baseline_requests=bn,
+    )
+    both = sum(1 for c, b in pairs if c.requests and b.requests)
+    if both < spec.min_samples:
+        why = (
+            f"too few agent-windows with requests on both arms ({both}; at least "
+            f"{spec.min_samples})"
+        )
+        return arms.verdict(spec, looks, "inconclusive", why)
+    pc = cf / cn
+    # The difference of pooled rates; its variance the larger of the binomial one (one failure
+    # and one success added per arm, Agresti-Caffo, so zero failures keep an honest width) and
+    # the cluster-robust one over the pairs: each pair's contribution to the difference, so a
+    # burst that hits both arms of an agent at once cancels instead of widening.
+    binomial = _rate_variance((), cf, cn) + _rate_variance((), bf, bn)
+    resid = np.array(
+        [
+            (c.failures - pc * c.requests) / cn - (b.failures - pb * b.requests) / bn
+            for c, b in pairs
+        ]
+    )
+    paired = float((resid**2).sum()) * len(pairs) / (len(pairs) - 1)
+    var = max(binomial, paired)
+    z = always_valid_z(var, max(spec.abs_tolerance, 1e-4), spec.alpha)
+    sign = 1.0 if spec.direction == "lower" else -1.0
+    effect = sign * (pc - pb)
+    half = z * math.sqrt(var)
+    verdict, why = _decide(spec, effect, effect - half, effect + half, arms.tolerance, "difference")
+    why += (
+        f"; {cf} of {cn} candidate and {bf} of {bn} active-arm request(s) failed, paired over "
+        f"{len(pairs)} agent-window(s)"
+    )
+    return arms.verdict(spec, looks, verdict, why, effect, effect - half, effect + half)
+
+
 def _rate_variance(windows: Sequence[AgentWindow], failures: int, requests: int) -> float:
     """Variance of one arm's pooled rate: the larger of binomial (Agresti-Caffo) and
     cluster-robust over agent-windows."""
@@ -467,6 +659,7 @@ def judge(
     metrics: Sequence[MetricSpec],
     looks: int = 1,
     before: Sequence[AgentWindow] | None = None,
+    paired: bool = False,
 ) -> list[MetricVerdict]:
     """One verdict per metric, canary against baseline.
 
@@ -477,10 +670,16 @@ def judge(
     as each agent's change against that level, which takes device-to-device speed out of the
     noise (a rollout's canary and baseline agents are different devices; an experiment that
     splits traffic on the same agents needs no ``before``).
+    ``paired``: a split, both arms served by the same agents at the same time, windows cut in
+    pairs (equal agent, start and end: :meth:`hub.telemetry.TelemetryStore.paired_samples`).
+    Each pair is compared within itself (see the module's notes); ``before`` is not used.
     """
     out = []
     for spec in metrics:
-        if spec.kind == "continuous":
+        if paired:
+            test = _paired_latency_test if spec.kind == "continuous" else _paired_proportion_test
+            out.append(test(spec, canary, baseline, looks))
+        elif spec.kind == "continuous":
             out.append(_rank_test(spec, canary, baseline, looks, before))
         else:
             out.append(_proportion_test(spec, canary, baseline, looks))
@@ -578,5 +777,6 @@ __all__ = [
     "parse_metric",
     "parse_metrics",
     "pool_windows",
+    "sign_test_bound",
     "verdict_to_json",
 ]

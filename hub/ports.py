@@ -193,6 +193,17 @@ class TelemetryStorePort(Protocol):
         until: float,
         min_requests: int = ...,
     ) -> list[AgentWindow]: ...
+    # A split's samples: both arms of each agent-window, aligned (hub.judge, paired=True).
+    def paired_samples(
+        self,
+        model: str,
+        candidate: int,
+        baseline: Collection[int],
+        agents: Collection[str] | None,
+        since: float,
+        until: float,
+        min_requests: int = ...,
+    ) -> tuple[list[AgentWindow], list[AgentWindow]]: ...
     def shadow_window(
         self,
         model: str,

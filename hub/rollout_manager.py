@@ -97,6 +97,22 @@ class FleetObserver:
         outcomes = getattr(self.core, "outcomes", None)
         return outcomes.store.baseline(self.model) if outcomes is not None else None
 
+    def paired_samples(
+        self,
+        version: int,
+        baseline_version: int,
+        agents: Collection[str],
+        since: float,
+        until: float,
+    ) -> tuple[Sequence[AgentWindow], Sequence[AgentWindow]]:
+        store = getattr(self.core, "telemetry", None)
+        if store is None or not agents:
+            return [], []
+        pairs: tuple[list[AgentWindow], list[AgentWindow]] = store.paired_samples(
+            self.model, version, [baseline_version], list(agents), since, until
+        )
+        return pairs
+
 
 class _StepTrace:
     """Spans for what one step of a rollout did (tracing on only): a wave started, an

@@ -155,6 +155,17 @@ class Observer(Protocol):
     ) -> Sequence[AgentWindow]:
         """The judge's samples: one per agent-window (only asked when the rollout judges)."""
 
+    def paired_samples(
+        self,
+        version: int,
+        baseline_version: int,
+        agents: Collection[str],
+        since: float,
+        until: float,
+    ) -> tuple[Sequence[AgentWindow], Sequence[AgentWindow]]:
+        """A traffic split's samples (only asked when a split is judged): both arms of each
+        agent-window, cut alike so the judge pairs them (``judge(paired=True)``)."""
+
 
 class AccuracyObserver(Protocol):
     """What an observer that reads late labels adds (only asked for accuracy gates)."""
@@ -1010,19 +1021,21 @@ class Rollout:
             return None, [], "not judged: no canary traffic (--min-requests 0)"
         self.looks += 1
         since = self.bake_started
+        metrics = parse_metrics(self.spec.judge)
+        if self.spec.traffic and self._splitting():
+            # Both arms run on the wave's agents at the same moments: each agent-window's
+            # candidate arm is judged against its own active arm (the device, its load and the
+            # moment cancel), pair by pair.
+            c, b = obs.paired_samples(
+                self.spec.version, baseline_version, self._wave_agents(), since, now
+            )
+            verdicts = judge(c, b, metrics, self.looks, paired=True)
+            return combined(verdicts), verdicts, ""
         c = obs.samples(self.spec.version, self.switched, since, now)
         b = obs.samples(baseline_version, baseline_agents, since, now)
-        if self.spec.traffic and self._splitting():
-            # Both arms run on the wave's agents at the same moments: each agent's level is its
-            # own active-version windows of this bake, which takes out the device's speed and
-            # the moment's load alike (the level from before the rollout only the first).
-            before = b
-        else:
-            agents = [*self.switched, *baseline_agents]
-            before = obs.samples(
-                baseline_version, agents, self.created_at - BEFORE_S, self.created_at
-            )
-        verdicts = judge(c, b, parse_metrics(self.spec.judge), self.looks, before)
+        agents = [*self.switched, *baseline_agents]
+        before = obs.samples(baseline_version, agents, self.created_at - BEFORE_S, self.created_at)
+        verdicts = judge(c, b, metrics, self.looks, before)
         return combined(verdicts), verdicts, ""
 
     def _baseline_agents(self) -> list[str]:

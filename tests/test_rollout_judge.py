@@ -22,6 +22,13 @@ FAST = {
     "MODELFLEET_AGENT_REPORT_INTERVAL_S": "0.5",
     "MODELFLEET_AGENT_BACKOFF_MAX_S": "1",
     "MODELFLEET_AGENT_TELEMETRY_INTERVAL_S": "1",
+    # An agent runs a model inline on its event loop when its health-gate p99 is under
+    # inline_max_us, else through the executor (batched). A split's candidate is gated beside a
+    # busy active version, so on this shared machine its gate p99 often reads milliseconds and it
+    # alone goes through the executor: the same model then answers 5x slower at p50 on that
+    # agent (seen in 2 of 3 runs), and the judge rightly refuses to call that nothing. Every
+    # version inline here: the arms differ in nothing but the version.
+    "MODELFLEET_AGENT_INLINE_MAX_US": "1000000",
 }
 
 
@@ -87,6 +94,7 @@ def test_version_failing_its_requests_is_rolled_back_by_the_judge_with_why(fleet
     wait_for(lambda: all(active(a) == 1 for a in agents), 60, "everyone back on v1")
 
 
+@pytest.mark.timeout(420)  # up to 180 s of bake, the 100% step, the fixture
 def test_a_a_canary_passes_under_the_default_judge(fleet) -> None:
     hub, agents = fleet
     # The same model content as v1, published as a new version: nothing to find.
@@ -96,8 +104,9 @@ def test_a_a_canary_passes_under_the_default_judge(fleet) -> None:
     assert published
     version = published.group(1)
     with traffic(agents, interval_s=0.01):
-        # Traffic before the rollout: the judge compares each agent with its own level then.
-        time.sleep(20)
+        # Warm-up: every agent serving steadily before the split starts (a split is judged
+        # pair by pair within the bake; it needs no level from before).
+        time.sleep(5)
         # A traffic canary: every agent answers half of its requests with the candidate, so
         # both arms run on the same devices at the same moments.
         hub.cli(
@@ -113,31 +122,29 @@ def test_a_a_canary_passes_under_the_default_judge(fleet) -> None:
             "60s",
             "--bake",
             "20s",
+            # p50 and errors pass within the bake; the p99 of a sub-millisecond model on a busy
+            # shared machine is the scheduler's stalls, and bounding its change within 1 ms took
+            # 30 to 90 s of pairs (100 requests a side, one pair every ~3 s per agent) in the
+            # runs measured: room to bake on.
             "--max-bake",
-            "60s",
+            "180s",
             "--min-requests",
             "200",
         )
         wait_for(
-            lambda: status(hub)["state"] in ("done", "rolled_back", "paused"), 180, "a verdict"
+            lambda: status(hub)["state"] in ("done", "rolled_back", "paused"), 270, "a verdict"
         )
     s = status(hub)
     text = hub.cli("rollout", "status", "mlp")
-    # Never a false rollback, and never a failed metric. On two shared cores the p99 of a
-    # sub-millisecond model follows the scheduler more than the version, and the judge
-    # compares the arms' agent-windows unpaired: p99 (and on a busy machine p50) may stay
-    # inconclusive for the whole --max-bake, and then the rollout waits for an operator
-    # instead of guessing. On a quiet machine it passes.
-    assert s["state"] in ("done", "paused"), text
-    if s["state"] == "paused":
-        verdicts = {v["metric"]: v["verdict"] for v in s["last_evaluation"]["verdicts"]}
-        assert verdicts["errors"] == "pass" and "fail" not in verdicts.values(), text
-        assert "the judge cannot tell" in s["reason"], text
-        return
+    # Both arms run on the same agents at the same moments: the judge pairs them agent-window by
+    # agent-window, so the device, its load and the scheduler's minute cancel, and an A/A split
+    # passes within the bake instead of waiting for an operator.
+    assert s["state"] == "done", text
     # Done: the 50% step passed the judge (the 100% step has no old version left to judge
     # against: its gates decide).
     judged = [
         e["text"] for e in s["events"] if "passed" in e["text"] and "errors pass" in e["text"]
     ]
     assert judged and "fail" not in judged[0], s["events"]
+    assert "latency_p50 pass" in judged[0] and "latency_p99 pass" in judged[0], judged[0]
     wait_for(lambda: all(active(a) == int(version) for a in agents), 60, "A/A everywhere")

@@ -18,8 +18,12 @@ would compute from the agent's report.
 
 Scenarios: A/A (no difference; any rollback is false), the same with sub-millisecond latencies
 (the case behind issue 15), a 20% latency regression, and +1 percentage point of errors
-(0.5% -> 1.5%). Figures: the share of runs rolled back (false rollbacks for A/A, detection
-otherwise), passed, and paused, and the median looks (and seconds) to the judge's verdict.
+(0.5% -> 1.5%); then the same on a traffic split (``split 50%``): the CANARY agents answer half
+of their requests with each version, under a load that moves from window to window (LOAD_SD)
+and slows both arms of an agent-window alike, judged pair by pair (``judge(paired=True)``); its
+ratio gates compare the arms' pooled figures. Figures: the share of runs rolled back (false
+rollbacks for A/A, detection otherwise), passed, and paused, and the median looks (and seconds)
+to the judge's verdict.
 
 Run: .venv/bin/python -m tests.benchmarks.judge_bench   (JUDGE_BENCH_RUNS scales the runs)
 """
@@ -65,6 +69,9 @@ class Scenario:
     null: bool = True
     runs: int = RUNS
     canary: int = CANARY
+    # A traffic split: the canary agents answer half of their requests with each version,
+    # judged pair by pair (judge(paired=True)); the other agents take no part.
+    split: bool = False
 
 
 SCENARIOS = (
@@ -76,29 +83,98 @@ SCENARIOS = (
     Scenario(
         "errors +1 pp (0.5% -> 1.5%)", canary_errors=0.015, null=False, runs=max(20, RUNS // 2)
     ),
+    Scenario("split 50%, A/A, p50 20 ms", split=True),
+    Scenario("split 50%, A/A, sub-ms", median_ms=0.15, split=True),
+    Scenario(
+        "split 50%, latency +20%",
+        latency_scale=1.2,
+        null=False,
+        runs=max(20, RUNS // 2),
+        split=True,
+    ),
+    Scenario(
+        "split 50%, errors +1 pp",
+        canary_errors=0.015,
+        null=False,
+        runs=max(20, RUNS // 2),
+        split=True,
+    ),
 )
+# On a split, each agent-window's load (the device's, and the moment's: a busy neighbour, a
+# scheduler's bad second) slows both arms alike; the pairing must take it out.
+LOAD_SD = 0.3
 
 
 def _window(
-    rng: np.random.Generator, median_ms: float, speed: float, error_rate: float
+    rng: np.random.Generator,
+    median_ms: float,
+    speed: float,
+    error_rate: float,
+    requests: int = REQUESTS,
 ) -> tuple[np.ndarray, int]:
-    lat = rng.lognormal(math.log(median_ms / 1000), 0.35, REQUESTS)
-    tail = rng.random(REQUESTS) < 0.03
+    lat = rng.lognormal(math.log(median_ms / 1000), 0.35, requests)
+    tail = rng.random(requests) < 0.03
     lat[tail] *= 1 + rng.pareto(2.5, int(tail.sum()))
     lat *= speed
-    failures = int(rng.binomial(REQUESTS, error_rate))
+    failures = int(rng.binomial(requests, error_rate))
     counts = np.bincount(
-        np.searchsorted(BOUNDS, lat[: REQUESTS - failures]), minlength=len(BOUNDS) + 1
+        np.searchsorted(BOUNDS, lat[: requests - failures]), minlength=len(BOUNDS) + 1
     )
     return counts, failures
 
 
-def _sample(agent: int, w: int, counts: np.ndarray, failures: int) -> AgentWindow:
+def _sample(
+    agent: int, w: int, counts: np.ndarray, failures: int, requests: int = REQUESTS
+) -> AgentWindow:
     q = {
         name: percentile(list(counts), LATENCY_BOUNDS, p) * 1000
         for name, p in (("latency_p50", 0.5), ("latency_p99", 0.99))
     }
-    return AgentWindow(f"agent-{agent}", w * WINDOW_S, (w + 1) * WINDOW_S, REQUESTS, failures, q)
+    return AgentWindow(f"agent-{agent}", w * WINDOW_S, (w + 1) * WINDOW_S, requests, failures, q)
+
+
+def _run_split(rng: np.random.Generator, sc: Scenario) -> Outcome:
+    """A traffic canary's 50% step: the canary agents serve both arms, REQUESTS / 2 each per
+    window, under a load shared by the arms of the agent-window."""
+    half = REQUESTS // 2
+    speeds = np.exp(rng.normal(0, DEVICE_SD, sc.canary))
+    pairs: list[list[tuple[AgentWindow, AgentWindow]]] = []
+    hists: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    fails: list[list[tuple[int, int]]] = []
+    for w in range(MAX_BAKE):
+        row, hrow, frow = [], [], []
+        for a in range(sc.canary):
+            load = float(speeds[a]) * math.exp(rng.normal(0, LOAD_SD))
+            cc, cf = _window(rng, sc.median_ms, load * sc.latency_scale, sc.canary_errors, half)
+            bc, bf = _window(rng, sc.median_ms, load, BASE_ERRORS, half)
+            row.append((_sample(a, w, cc, cf, half), _sample(a, w, bc, bf, half)))
+            hrow.append((cc, bc))
+            frow.append((cf, bf))
+        pairs.append(row)
+        hists.append(hrow)
+        fails.append(frow)
+    verdict, looks = "paused", MAX_BAKE
+    for k in range(1, MAX_BAKE + 1):
+        c = [p[0] for row in pairs[:k] for p in row]
+        b = [p[1] for row in pairs[:k] for p in row]
+        v = combined(judge(c, b, SPECS, looks=k, paired=True))
+        enough = sum(s.requests for s in c) >= MIN_REQUESTS
+        if v == "fail" or (v == "pass" and enough):
+            verdict, looks = v, k
+            break
+    c_hist = sum(h[0] for row in hists[:BAKE] for h in row)
+    b_hist = sum(h[1] for row in hists[:BAKE] for h in row)
+    c_p99 = percentile(list(c_hist), LATENCY_BOUNDS, 0.99)
+    b_p99 = percentile(list(b_hist), LATENCY_BOUNDS, 0.99)
+    c_err = sum(f[0] for row in fails[:BAKE] for f in row)
+    b_err = sum(f[1] for row in fails[:BAKE] for f in row)
+    err_ratio = c_err / b_err if b_err else (math.inf if c_err else 1.0)
+    return Outcome(
+        judge=verdict,
+        judge_looks=looks,
+        gates_tight=c_p99 / b_p99 >= 1.2 or err_ratio >= 2,
+        gates_loose=c_p99 / b_p99 >= 2,
+    )
 
 
 @dataclass
@@ -110,6 +186,8 @@ class Outcome:
 
 
 def _run(rng: np.random.Generator, sc: Scenario) -> Outcome:
+    if sc.split:
+        return _run_split(rng, sc)
     speeds = np.exp(rng.normal(0, DEVICE_SD, AGENTS))
     windows: list[list[AgentWindow]] = []  # per window index: every agent's sample
     hists: list[list[np.ndarray]] = []
