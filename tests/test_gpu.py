@@ -210,7 +210,7 @@ def test_agent_settings_are_checked(tmp_path: Path) -> None:
         load_config(overrides={"model_device_ids": "big:1"})
     with pytest.raises(InvalidRequestError, match="device_id must be >= 0"):
         load_config(overrides={"device_id": -1})
-    with pytest.raises(InvalidRequestError, match="valid names: .*CUDAExecutionProvider"):
+    with pytest.raises(InvalidRequestError, match=r"valid names: .*CUDAExecutionProvider"):
         load_config(overrides={"allowed_providers": "CUDAExecutionProvider,GPU"})
 
 
