@@ -1751,6 +1751,8 @@ def cmd_agents(args: argparse.Namespace) -> int:
                     if m.gate_passed
                     else f"v{m.gate_version} {m.gate_kind}: {m.gate_reason}"
                 )
+                if m.gate_passed and m.active_provider and m.active_version == m.gate_version:
+                    gate += f" on {m.active_provider.removesuffix('ExecutionProvider')}"
             if m is not None and m.error:
                 gate = m.error
             online = a.presence or "-"
