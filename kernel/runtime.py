@@ -84,8 +84,13 @@ def plan_providers(
     ]
     if options.allowed_providers:
         prefs = [p for p in prefs if p[0] in options.allowed_providers or p[0] == CPU_PROVIDER]
-    if options.device == "cuda" and not any(n in GPU_PROVIDERS for n, _ in prefs):
-        prefs.insert(0, ("CUDAExecutionProvider", {}))
+    if options.device == "cuda":
+        # The operator demands a GPU: GPU providers first, whatever the bundle's order.
+        prefs = [p for p in prefs if p[0] in GPU_PROVIDERS] + [
+            p for p in prefs if p[0] not in GPU_PROVIDERS
+        ]
+        if not prefs or prefs[0][0] not in GPU_PROVIDERS:
+            prefs.insert(0, ("CUDAExecutionProvider", {}))
     if not prefs:
         prefs = [(CPU_PROVIDER, {})]
     wanted = prefs[0][0]
@@ -107,6 +112,20 @@ def plan_providers(
         chain.append((CPU_PROVIDER, {}))
     requested = requested or wanted in available
     return ProviderPlan(tuple(chain), wanted, requested, missing)
+
+
+def _why(plan: ProviderPlan, failure: str) -> str:
+    """Why ``plan.wanted`` does not serve, in words that say what to do about it."""
+    if plan.missing is not None and plan.missing[0] == plan.wanted:
+        return plan.missing[1]
+    if failure:
+        return failure
+    # onnxruntime drops a provider whose libraries do not load and carries on without it,
+    # logging only an error of its own.
+    return (
+        "onnxruntime dropped it while creating the session (its libraries did not load: CUDA, "
+        "cuDNN or TensorRT missing or of the wrong version, or no usable GPU)"
+    )
 
 
 class ProviderUnavailableError(BundleError):
@@ -137,17 +156,17 @@ class OnnxModel:
         # require_provider binds what a bundle or the operator asked for, not the default
         # preference of a node that has no GPU provider at all.
         strict = (options.require_provider and plan.requested) or options.device == "cuda"
-        fallback = plan.missing
         chain = list(plan.chain)
+        failure = ""
         try:
             self.session = self._session(so, chain)
         except Exception as exc:
             if chain == [(CPU_PROVIDER, {})]:
                 raise BundleError(f"onnxruntime cannot load {bundle.model_path}: {exc}") from None
-            first = _first_line(exc)
-            fallback = fallback or (chain[0][0], f"onnxruntime could not create it: {first}")
+            failure = f"onnxruntime could not create a session with {chain[0][0]}: "
+            failure += _first_line(exc)
             if strict:
-                self._refuse(options, plan.wanted, fallback[1])
+                self._refuse(options, plan.wanted, _why(plan, failure))
             chain = [(CPU_PROVIDER, {})]
             try:
                 self.session = self._session(so, chain)
@@ -155,29 +174,20 @@ class OnnxModel:
                 raise BundleError(f"onnxruntime cannot load {bundle.model_path}: {exc2}") from None
         self.providers = self.session.get_providers()
         self.provider = self.providers[0]
-        if fallback is None and plan.requested and self.provider != plan.wanted:
-            # onnxruntime drops a provider whose libraries do not load and carries on without
-            # it, logging only an error of its own.
-            fallback = (
-                plan.wanted,
-                "onnxruntime dropped it while creating the session (its libraries did not load: "
-                "CUDA, cuDNN or TensorRT missing or of the wrong version, or no usable GPU)",
-            )
         if strict and (
             (options.require_provider and plan.requested and self.provider != plan.wanted)
             or (options.device == "cuda" and self.provider not in GPU_PROVIDERS)
         ):
-            why = fallback[1] if fallback else f"it serves on {self.provider}"
-            self._refuse(options, plan.wanted, why)
-        if fallback is not None and plan.requested:
-            self.fallback = fallback
+            self._refuse(options, plan.wanted, _why(plan, failure))
+        if plan.requested and self.provider != plan.wanted:
+            self.fallback = (plan.wanted, _why(plan, failure))
             log.warning(
                 "model %s version %d: execution provider %s cannot load, serving on %s instead: %s",
                 m.name,
                 m.version,
-                fallback[0],
+                plan.wanted,
                 self.provider,
-                fallback[1],
+                self.fallback[1],
             )
         self._check_signature()
         self.output_names = [o.name for o in bundle.manifest.outputs]

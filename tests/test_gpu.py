@@ -107,6 +107,8 @@ def test_device_cpu_and_allowed_providers_pin_the_node() -> None:
     # device = "cuda" wants a GPU provider even for a bundle that names none.
     cuda = plan_providers(specs(CPU), RuntimeOptions(device="cuda"), "m", GPU_NODE)
     assert [n for n, _ in cuda.chain] == [CUDA, CPU] and cuda.wanted == CUDA
+    cpu_first = plan_providers(specs(CPU, CUDA), RuntimeOptions(device="cuda"), "m", GPU_NODE)
+    assert [n for n, _ in cpu_first.chain] == [CUDA, CPU] and cpu_first.wanted == CUDA
 
 
 # -- the manifest and `bundle create` ----------------------------------------------------------
