@@ -26,8 +26,8 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 # asks for it: it builds an engine per model and input shape at load, which can take minutes.
 DEFAULT_PREFERENCE = ("CUDAExecutionProvider", CPU_PROVIDER)
 INSTALL_HINT = (
-    "install onnxruntime-gpu in place of onnxruntime (pip install 'modelfleet[gpu]', see "
-    "docs/gpu.md) with the CUDA and cuDNN libraries it needs, and the GPU systemd drop-in"
+    "replace onnxruntime with onnxruntime-gpu (docs/gpu.md), with the CUDA and cuDNN libraries "
+    "it needs, and install the GPU systemd drop-in"
 )
 
 
