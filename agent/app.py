@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from modelfleet.agent.config import RELOADABLE, ServeConfig, reload_config
+from modelfleet.agent.config import (
+    RELOADABLE,
+    ServeConfig,
+    allowed_providers,
+    model_device_ids,
+    reload_config,
+)
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.repository import ModelControl, RepositoryWatcher
 from modelfleet.agent.serving.capture import Capture, CaptureLimits, LocalRules
@@ -150,7 +156,14 @@ def connect_control_plane(cfg: ServeConfig) -> ControlPlane:
 def build_slots(cfg: ServeConfig, metrics: AgentMetrics) -> SlotManager:
     return SlotManager(
         runtime=RuntimeOptions(
-            cfg.intra_op_threads, cfg.inter_op_threads, cfg.device, spinning=cfg.ort_spinning
+            cfg.intra_op_threads,
+            cfg.inter_op_threads,
+            cfg.device,
+            spinning=cfg.ort_spinning,
+            allowed_providers=allowed_providers(cfg),
+            require_provider=cfg.require_provider,
+            device_id=cfg.device_id,
+            model_device_ids=model_device_ids(cfg),
         ),
         batching=BatchingConfig(
             enabled=cfg.batching,

@@ -104,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue-delay-us", type=int, default=0, help="batching hint stored in the bundle"
     )
     create.add_argument(
+        "--providers",
+        default="",
+        help="execution providers the bundle prefers, best first, comma-separated, e.g. "
+        "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider or cuda,cpu "
+        "(default: none, the agent's choice)",
+    )
+    create.add_argument(
+        "--provider-option",
+        action="append",
+        default=[],
+        metavar="PROVIDER:KEY=VALUE",
+        help="an onnxruntime option of one of --providers (repeat) (default: none)",
+    )
+    create.add_argument(
         "--warmup-runs", type=int, default=None, help="timed gate runs, at least 1 (default: 20)"
     )
     create.add_argument(
@@ -192,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--device", choices=["cpu", "cuda", "auto"], help="execution provider (default: auto)"
     )
+    serve.add_argument(
+        "--allowed-providers",
+        help="comma-separated execution providers this node may use (default: any)",
+    )
+    serve.add_argument(
+        "--require-provider",
+        choices=["on", "off"],
+        help="refuse a version that cannot serve on its first provider (default: off)",
+    )
+    serve.add_argument("--device-id", type=int, help="GPU for CUDA/TensorRT (default: 0)")
     serve.add_argument(
         "--batching", choices=["on", "off"], help="the dynamic batcher (default: on)"
     )
@@ -422,6 +446,7 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
         reference_bins=args.reference_bins,
         reference_top_k=args.reference_top_k,
         labels=_labels_args(args.model, args.labels),
+        providers=b.providers_from_args(args.providers, args.provider_option),
         **kwargs,
     )
     print(
@@ -477,6 +502,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "intra_op_threads": args.intra_op_threads,
         "inter_op_threads": args.inter_op_threads,
         "device": args.device,
+        "allowed_providers": args.allowed_providers,
+        "require_provider": args.require_provider,
+        "device_id": args.device_id,
         "batching": args.batching,
         "max_queue_delay_us": args.max_queue_delay_us,
         "batch_inflight": args.batch_inflight,
@@ -622,6 +650,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         for f in m.failed:
             if not (m.HasField("last_gate") and f.version == m.last_gate.version):
                 print(f"{'':<20} refused v{f.version} ({f.kind}): {f.reason}")
+        if m.active_provider:
+            served = f"v{m.active_version} on {m.active_provider}"
+            if m.previous_provider:
+                served += f", v{m.previous_version} on {m.previous_provider}"
+            print(f"{'':<20} provider: {served}")
         if m.held_at_or_below:
             print(f"{'':<20} held after rollback: versions <= {m.held_at_or_below} not re-deployed")
         if m.HasField("comparison"):

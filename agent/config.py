@@ -57,8 +57,16 @@ class ServeConfig:
     # onnxruntime threads per session; 0 lets onnxruntime choose.
     intra_op_threads: int = 0
     inter_op_threads: int = 0
-    # cpu, cuda or auto.
+    # cpu, cuda or auto (docs/gpu.md).
     device: str = "auto"
+    # Execution providers this node may use, comma-separated (empty: any onnxruntime has); CPU
+    # is always the last resort.
+    allowed_providers: str = ""
+    # A version must serve on its first preferred provider, or it fails its gate.
+    require_provider: bool = False
+    # GPU for CUDA/TensorRT sessions, and per-model exceptions as "model=id,model=id".
+    device_id: int = 0
+    model_device_ids: str = ""
     # Dynamic batching for models whose bundle allows a batch dimension.
     batching: bool = True
     # Overrides the bundles' max_queue_delay_us when >= 0.
@@ -248,9 +256,50 @@ def check_admin_socket_path(path: Path) -> None:
         )
 
 
+def allowed_providers(cfg: ServeConfig) -> tuple[str, ...]:
+    return tuple(p.strip() for p in cfg.allowed_providers.split(",") if p.strip())
+
+
+def model_device_ids(cfg: ServeConfig) -> tuple[tuple[str, int], ...]:
+    out: list[tuple[str, int]] = []
+    for item in cfg.model_device_ids.split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            device = int(value)
+        except ValueError:
+            device = -1
+        if not sep or not name.strip() or device < 0:
+            raise InvalidRequestError(
+                f"config: model_device_ids takes MODEL=DEVICE_ID pairs separated by commas "
+                f'(e.g. "resnet=1,bert=0"), not {item.strip()!r}'
+            )
+        out.append((name.strip(), device))
+    return tuple(out)
+
+
+def _validate_providers(cfg: ServeConfig) -> None:
+    if cfg.device_id < 0:
+        raise InvalidRequestError("config: device_id must be >= 0")
+    model_device_ids(cfg)
+    if not allowed_providers(cfg):
+        return
+    import onnxruntime as ort  # only here: most commands that read the config never need it
+
+    known = ort.get_all_providers()
+    unknown = [p for p in allowed_providers(cfg) if p not in known]
+    if unknown:
+        raise InvalidRequestError(
+            f"config: allowed_providers names unknown provider(s) {', '.join(unknown)}; valid "
+            f"names: {', '.join(known)}"
+        )
+
+
 def validate(cfg: ServeConfig) -> None:
     if cfg.device not in ("cpu", "cuda", "auto"):
         raise InvalidRequestError(f"config: device must be cpu, cuda or auto, not {cfg.device!r}")
+    _validate_providers(cfg)
     for name in ("serving_threads", "batch_inflight", "batch_threads", "shadow_workers"):
         if getattr(cfg, name) < 1:
             raise InvalidRequestError(f"config: {name} must be >= 1")

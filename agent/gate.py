@@ -22,7 +22,7 @@ class GateResult:
     # Empty when passed; otherwise the first rule that failed, in words an operator can act on.
     reason: str
     # Short label for metrics: ok, missing_output, dtype, shape, non_finite, mismatch, latency,
-    # load, bundle, runtime.
+    # load, bundle, runtime, provider.
     kind: str
     p99_ms: float | None = None
     at: float = 0.0

@@ -95,6 +95,20 @@ class AgentMetrics:
             registry=r,
         )
 
+        self.provider_fallbacks = Counter(
+            "modelfleet_provider_fallbacks_total",
+            "Versions loaded on a lesser execution provider because the one asked for (label "
+            "provider) could not load.",
+            ["model", "version", "provider"],
+            registry=r,
+        )
+        self.execution_provider = Gauge(
+            "modelfleet_execution_provider",
+            "1 for the execution provider each loaded version serves on.",
+            ["model", "version", "provider"],
+            registry=r,
+        )
+
         # Live comparison of two versions (docs/operations.md#comparing-versions-on-live-traffic).
         self.routed = Counter(
             "modelfleet_routed_requests_total",
@@ -205,6 +219,8 @@ class AgentMetrics:
             self.compute_seconds,
             self.batch_size,
             self.gate_results,
+            self.provider_fallbacks,
+            self.execution_provider,
             self.routed,
             self.shadow_requests,
             self.shadow_seconds,

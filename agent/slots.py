@@ -40,7 +40,7 @@ from modelfleet.kernel.errors import (
     ModelNotReadyError,
     Status,
 )
-from modelfleet.kernel.runtime import OnnxModel, RuntimeOptions
+from modelfleet.kernel.runtime import OnnxModel, ProviderUnavailableError, RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,9 @@ class ModelStatus:
     comparison: Comparison | None = None
     # The comparison's candidate is loaded and gated, so the shares apply now.
     comparing: bool = False
+    # Execution providers the active and previous versions serve on ("" when not loaded).
+    active_provider: str = ""
+    previous_provider: str = ""
 
 
 ChangeListener = Callable[[str], None]
@@ -305,6 +308,8 @@ class SlotManager:
                 )
             except ModelfleetError as exc:
                 kind = "load" if isinstance(exc, BundleError) else "runtime"
+                if isinstance(exc, ProviderUnavailableError):
+                    kind = "provider"
                 result = GateResult(bundle.version, False, str(exc), kind, None, self.clock())
                 candidate = None
             finally:
@@ -328,9 +333,11 @@ class SlotManager:
                 slot.previous = candidate
                 self._publish_roles(slot)
                 log.info(
-                    "model %s version %d passed the gate (p99 %.3f ms) and is ready beside v%d",
+                    "model %s version %d passed the gate on %s (p99 %.3f ms) and is ready "
+                    "beside v%d",
                     slot.name,
                     bundle.version,
+                    candidate.model.provider,
                     result.p99_ms or 0.0,
                     slot.active.version,
                 )
@@ -338,9 +345,10 @@ class SlotManager:
                 return result
             self._switch(slot, candidate, rollback=False)
             log.info(
-                "model %s version %d passed the gate (p99 %.3f ms) and is active",
+                "model %s version %d passed the gate on %s (p99 %.3f ms) and is active",
                 slot.name,
                 bundle.version,
+                candidate.model.provider,
                 result.p99_ms or 0.0,
             )
             return result
@@ -375,7 +383,11 @@ class SlotManager:
 
     def _load_and_gate(self, bundle: Bundle) -> tuple[LoadedVersion | None, GateResult]:
         """Runs on the loader thread."""
+        # The gate runs on this very session, so it measures the provider that will serve.
         model = OnnxModel(bundle, self.runtime)
+        labels = (bundle.name, str(bundle.version))
+        if model.fallback is not None:
+            self.metrics.provider_fallbacks.labels(*labels, model.fallback[0]).inc()
         samples = bundle.health_samples()
         missing = [t.name for t in bundle.manifest.inputs if t.name not in samples.inputs]
         if missing:
@@ -401,6 +413,7 @@ class SlotManager:
         )
         if self.drift_attach is not None:
             self.drift_attach(loaded)
+        self.metrics.execution_provider.labels(*labels, model.provider).set(1)
         return loaded, result
 
     def _record_failure(self, slot: ModelSlot, result: GateResult, fingerprint: object) -> None:
@@ -567,6 +580,8 @@ class SlotManager:
                     held_at_or_below=slot.hold_at_or_below,
                     comparison=slot.comparison,
                     comparing=ready_candidate(slot) is not None,
+                    active_provider=slot.active.model.provider if slot.active else "",
+                    previous_provider=slot.previous.model.provider if slot.previous else "",
                 )
             )
         return out

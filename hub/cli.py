@@ -262,6 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue-delay-us", type=int, default=0, help="batching hint stored in the bundle"
     )
     pub.add_argument(
+        "--providers",
+        default="",
+        help="execution providers the bundle prefers, best first, comma-separated, e.g. "
+        "CUDAExecutionProvider,CPUExecutionProvider or cuda,cpu (default: none, each agent's "
+        "choice)",
+    )
+    pub.add_argument(
+        "--provider-option",
+        action="append",
+        default=[],
+        metavar="PROVIDER:KEY=VALUE",
+        help="an onnxruntime option of one of --providers (repeat) (default: none)",
+    )
+    pub.add_argument(
         "--reference",
         type=Path,
         help="FILE.parquet of reference rows (or a reference.json) for drift statistics, stored "
@@ -1155,6 +1169,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         TARGET_FILE_NAME,
         create_bundle,
         pack_bundle,
+        providers_from_args,
         synthetic_samples,
     )
     from modelfleet.protos import fleet_pb2 as pb
@@ -1198,6 +1213,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             reference=args.reference,
             reference_bins=args.reference_bins,
             reference_top_k=args.reference_top_k,
+            providers=providers_from_args(args.providers, args.provider_option),
             **kwargs,
         )
         archive = Path(tmp) / TARGET_FILE_NAME
@@ -1735,6 +1751,8 @@ def cmd_agents(args: argparse.Namespace) -> int:
                     if m.gate_passed
                     else f"v{m.gate_version} {m.gate_kind}: {m.gate_reason}"
                 )
+                if m.gate_passed and m.active_provider and m.active_version == m.gate_version:
+                    gate += f" on {m.active_provider.removesuffix('ExecutionProvider')}"
             if m is not None and m.error:
                 gate = m.error
             online = a.presence or "-"

@@ -98,6 +98,23 @@ class FileSpec:
     size: int
 
 
+# An execution provider onnxruntime names, e.g. CUDAExecutionProvider. A manifest may name one this
+# build of onnxruntime does not know (a newer one): the agent then treats it as unavailable.
+PROVIDER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,63}ExecutionProvider$")
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """One preferred execution provider and its onnxruntime provider options."""
+
+    name: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "options": dict(self.options)}
+
+
 @dataclass(frozen=True)
 class Manifest:
     name: str
@@ -119,6 +136,8 @@ class Manifest:
     # Class labels per output (index -> label), for the classification extension. In the
     # manifest itself, so they are signed with it and need no file of their own.
     labels: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Execution providers in order of preference (empty: the agent's default choice).
+    providers: tuple[ProviderSpec, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -138,7 +157,9 @@ class Manifest:
             "feature_names": list(self.feature_names),
             "provenance": dict(self.provenance),
         }
-        # Only when present, so a bundle without one keeps the manifest (and hash) it always had.
+        # Only when present, so a bundle without them keeps the manifest (and hash) it always had.
+        if self.providers:
+            out["execution"]["providers"] = [p.to_json() for p in self.providers]
         if self.reference is not None:
             out["reference"] = {
                 "path": REFERENCE_FILE,
@@ -268,6 +289,7 @@ def parse_manifest(data: Mapping[str, Any]) -> Manifest:
     delay = _require(execution, "max_queue_delay_us", int, "execution.")
     if max_batch < 0 or delay < 0:
         raise BundleError("manifest: execution.max_batch_size and max_queue_delay_us must be >= 0")
+    providers = _parse_providers(execution.get("providers", []))
     health_spec = HealthSpec(
         rtol=float(_require(health, "rtol", (int, float), "health.")),
         atol=float(_require(health, "atol", (int, float), "health.")),
@@ -307,6 +329,7 @@ def parse_manifest(data: Mapping[str, Any]) -> Manifest:
         provenance=provenance,
         reference=reference,
         labels=labels,
+        providers=providers,
     )
 
 
@@ -338,6 +361,84 @@ def read_labels_file(path: Path | str) -> tuple[str, ...]:
     if not labels:
         raise BundleError(f"labels file {path} is empty: write one label per line")
     return tuple(labels)
+
+
+def _parse_providers(raw: Any) -> tuple[ProviderSpec, ...]:
+    where = "manifest: execution.providers"
+    if not isinstance(raw, list):
+        raise BundleError(f"{where} must be a list")
+    out: list[ProviderSpec] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise BundleError(f"{where}[{i}] must be an object with name and options")
+        name = _require(item, "name", str, f"execution.providers[{i}].")
+        if not PROVIDER_NAME_RE.match(name):
+            raise BundleError(f"{where}[{i}]: {name!r} is not an execution provider name")
+        options = item.get("options", {})
+        if not isinstance(options, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in options.items()
+        ):
+            raise BundleError(f"{where}[{i}].options must map strings to strings")
+        out.append(ProviderSpec(name, tuple(sorted(options.items()))))
+    names = [p.name for p in out]
+    if len(set(names)) != len(names):
+        raise BundleError(f"{where} lists a provider twice: {names}")
+    return tuple(out)
+
+
+def provider_specs(
+    names: list[str] | tuple[str, ...],
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[ProviderSpec, ...]:
+    """Provider preferences from names (full, or short: cuda, tensorrt, cpu) and options.
+
+    Every name must be one onnxruntime knows (any build: ``get_all_providers``), so a typo is
+    refused here, where the bundle is made, instead of falling back to CPU on every node.
+    """
+    import onnxruntime as ort
+
+    known = list(ort.get_all_providers())
+    short = {p.removesuffix("ExecutionProvider").lower(): p for p in known}
+    out: list[str] = []
+    for raw in names:
+        name = raw.strip()
+        full = name if name in known else short.get(name.lower())
+        if full is None:
+            raise BundleError(
+                f"unknown execution provider {name!r}; valid names (or their short forms "
+                f"cuda, tensorrt, cpu, ...): {', '.join(known)}"
+            )
+        if full in out:
+            raise BundleError(f"execution provider {full} is listed twice")
+        out.append(full)
+    opts: dict[str, dict[str, str]] = {}
+    for raw_name, values in (options or {}).items():
+        full = short.get(raw_name.lower(), raw_name)
+        if full not in out:
+            raise BundleError(
+                f"options given for {raw_name!r}, which is not among the providers "
+                f"({', '.join(out) or 'none'})"
+            )
+        opts[full] = {str(k): str(v) for k, v in values.items()}
+    return tuple(ProviderSpec(n, tuple(sorted(opts.get(n, {}).items()))) for n in out)
+
+
+def providers_from_args(providers: str, options: list[str]) -> tuple[ProviderSpec, ...]:
+    """``--providers A,B,C`` and ``--provider-option PROVIDER:KEY=VALUE`` (repeated)."""
+    names = [n for n in (p.strip() for p in providers.split(",")) if n]
+    opts: dict[str, dict[str, str]] = {}
+    for item in options:
+        provider, sep, pair = item.partition(":")
+        key, eq, value = pair.partition("=")
+        if not sep or not eq or not provider.strip() or not key.strip():
+            raise BundleError(
+                f"--provider-option takes PROVIDER:KEY=VALUE (e.g. "
+                f"CUDAExecutionProvider:cudnn_conv_algo_search=HEURISTIC), not {item!r}"
+            )
+        opts.setdefault(provider.strip(), {})[key.strip()] = value
+    if opts and not names:
+        raise BundleError("--provider-option needs --providers naming that provider")
+    return provider_specs(names, opts) if names else ()
 
 
 def read_manifest(bundle_dir: Path) -> Manifest:
@@ -570,6 +671,7 @@ def create_bundle(
     reference_bins: int = DEFAULT_BINS,
     reference_top_k: int = DEFAULT_TOP_K,
     labels: Mapping[str, tuple[str, ...]] | None = None,
+    providers: tuple[ProviderSpec, ...] = (),
 ) -> Bundle:
     """Build ``out_dir/name/version/`` atomically and return it.
 
@@ -578,6 +680,8 @@ def create_bundle(
     reference.json file (``kernel.reference``), or statistics already computed; it is stored
     as reference.json, listed in the manifest with its hash. ``labels`` maps output names to
     class labels (index -> label) for the classification extension; they go in the manifest.
+    ``providers`` (see :func:`provider_specs`) are the execution providers the bundle prefers,
+    best first.
     """
     if not NAME_RE.match(name):
         raise BundleError(f"invalid model name {name!r}: use {NAME_RULE}")
@@ -687,6 +791,7 @@ def create_bundle(
             else None
         ),
         labels={k: tuple(v) for k, v in (labels or {}).items()},
+        providers=tuple(providers),
     )
     files = {
         MODEL_FILE: model_bytes,

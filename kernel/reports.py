@@ -34,6 +34,8 @@ class ModelReport:
     # classifying it ("verification", "unreachable", ...): the hub reads only the reason.
     error: str = ""
     error_reason: str = ""
+    # The onnxruntime execution provider the active version serves on (docs/gpu.md).
+    active_provider: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class AgentReport:
                     gate_reason=str(m.get("gate_reason", "")),
                     error=str(m.get("error", "")),
                     error_reason=str(m.get("error_reason", "")),
+                    active_provider=str(m.get("active_provider", "")),
                 )
                 for m in data.get("models", [])
             ),
@@ -96,6 +99,7 @@ def report_from_proto(m: pb.AgentReport) -> AgentReport:
                 gate_reason=r.gate_reason,
                 error=r.error,
                 error_reason=r.error_reason,
+                active_provider=r.active_provider,
             )
             for r in m.models
         ),
@@ -124,6 +128,7 @@ def report_to_proto(r: AgentReport) -> pb.AgentReport:
                 gate_reason=m.gate_reason,
                 error=m.error,
                 error_reason=m.error_reason,
+                active_provider=m.active_provider,
             )
             for m in r.models
         ],

@@ -8,11 +8,27 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from modelfleet.kernel.bundle import Bundle
+from modelfleet.kernel.bundle import CPU_PROVIDER, Bundle, ProviderSpec
 from modelfleet.kernel.datatypes import DATATYPE_BY_ORT_TYPE
 from modelfleet.kernel.errors import BundleError, InferenceError, InvalidRequestError
 
 log = logging.getLogger(__name__)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# Providers that run on a GPU and take a ``device_id`` option.
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+# What ``device = auto`` prefers for a bundle that names no providers. TensorRT only when a bundle
+# asks for it: it builds an engine per model and input shape at load, which can take minutes.
+DEFAULT_PREFERENCE = ("CUDAExecutionProvider", CPU_PROVIDER)
+INSTALL_HINT = (
+    "replace onnxruntime with onnxruntime-gpu (docs/gpu.md), with the CUDA and cuDNN libraries "
+    "it needs, and install the GPU systemd drop-in"
+)
 
 
 @dataclass(frozen=True)
@@ -20,31 +36,114 @@ class RuntimeOptions:
     # 0 lets onnxruntime pick (one per physical core).
     intra_op_threads: int = 0
     inter_op_threads: int = 0
-    # "cpu", "cuda" (fail if unavailable) or "auto" (CUDA when onnxruntime has it, else CPU).
+    # "cpu" (never a GPU), "auto" (the bundle's providers, else CUDA, as far as onnxruntime has
+    # them; CPU otherwise) or "cuda" (as auto, but a version that would serve on CPU is refused).
     device: str = "auto"
     # onnxruntime's worker threads spin between operators: lower latency on an idle machine,
     # burnt cores when several sessions (or batch jobs) share few cores.
     spinning: bool = True
+    # Providers this node may use (empty: any); CPU stays the last resort either way.
+    allowed_providers: tuple[str, ...] = ()
+    # A version must serve on its first preferred provider, or it fails its gate.
+    require_provider: bool = False
+    # GPU for GPU providers, overriding a bundle's device_id option; per model before global.
+    device_id: int = 0
+    model_device_ids: tuple[tuple[str, int], ...] = ()
 
-    def providers(self) -> list[str]:
-        available = ort.get_available_providers()
-        if self.device == "cpu":
-            return ["CPUExecutionProvider"]
-        if "CUDAExecutionProvider" in available:
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        if self.device == "cuda":
-            raise BundleError(
-                "device 'cuda' was requested but onnxruntime has no CUDAExecutionProvider "
-                f"(available: {', '.join(available)})"
-            )
-        return ["CPUExecutionProvider"]
+    def device_for(self, model: str) -> int:
+        return dict(self.model_device_ids).get(model, self.device_id)
+
+
+@dataclass(frozen=True)
+class ProviderPlan:
+    """Which providers a session is created with, and what was wanted but is not there."""
+
+    # (name, options) in onnxruntime's order; always ends with the CPU provider.
+    chain: tuple[tuple[str, dict[str, str]], ...]
+    # The provider the version should serve on.
+    wanted: str
+    # A bundle or the operator asked for ``wanted`` (a fallback from it is worth reporting);
+    # false for the default preference on a node that has no GPU provider at all.
+    requested: bool
+    # The first requested provider onnxruntime lacks here, and why (None: nothing missing).
+    missing: tuple[str, str] | None = None
+
+
+def plan_providers(
+    bundle_providers: tuple[ProviderSpec, ...],
+    options: RuntimeOptions,
+    model: str,
+    available: list[str],
+) -> ProviderPlan:
+    """Choose the session's providers: pure, so every rule is unit-tested without a GPU."""
+    if options.device == "cpu":
+        return ProviderPlan(((CPU_PROVIDER, {}),), CPU_PROVIDER, False)
+    requested = bool(bundle_providers) or options.device == "cuda"
+    prefs = [(p.name, dict(p.options)) for p in bundle_providers] or [
+        (name, {}) for name in DEFAULT_PREFERENCE
+    ]
+    if options.allowed_providers:
+        prefs = [p for p in prefs if p[0] in options.allowed_providers or p[0] == CPU_PROVIDER]
+    if options.device == "cuda":
+        # The operator demands a GPU: GPU providers first, whatever the bundle's order.
+        prefs = [p for p in prefs if p[0] in GPU_PROVIDERS] + [
+            p for p in prefs if p[0] not in GPU_PROVIDERS
+        ]
+        if not prefs or prefs[0][0] not in GPU_PROVIDERS:
+            prefs.insert(0, ("CUDAExecutionProvider", {}))
+    if not prefs:
+        prefs = [(CPU_PROVIDER, {})]
+    wanted = prefs[0][0]
+    missing = None
+    chain: list[tuple[str, dict[str, str]]] = []
+    for name, opts in prefs:
+        if name not in available:
+            if missing is None and name != CPU_PROVIDER:
+                missing = (
+                    name,
+                    f"this onnxruntime has no {name} (it offers {', '.join(available)}); "
+                    + INSTALL_HINT,
+                )
+            continue
+        if name in GPU_PROVIDERS:
+            opts = {**opts, "device_id": str(options.device_for(model))}
+        chain.append((name, opts))
+    if all(name != CPU_PROVIDER for name, _ in chain):
+        chain.append((CPU_PROVIDER, {}))
+    requested = requested or wanted in available
+    return ProviderPlan(tuple(chain), wanted, requested, missing)
+
+
+def _why(plan: ProviderPlan, failure: str) -> str:
+    """Why ``plan.wanted`` does not serve, in words that say what to do about it."""
+    if plan.missing is not None and plan.missing[0] == plan.wanted:
+        return plan.missing[1]
+    if failure:
+        return failure
+    # onnxruntime drops a provider whose libraries do not load and carries on without it,
+    # logging only an error of its own.
+    return (
+        "onnxruntime dropped it while creating the session (its libraries did not load: CUDA, "
+        "cuDNN or TensorRT missing or of the wrong version, or no usable GPU)"
+    )
+
+
+class ProviderUnavailableError(BundleError):
+    """The version must serve on a provider that cannot load here (require_provider, cuda)."""
+
+    reason = "provider"
 
 
 class OnnxModel:
-    """One loaded model version. ``run`` is thread-safe and releases the GIL while it computes."""
+    """One loaded model version. ``run`` is thread-safe and releases the GIL while it computes.
+
+    ``provider`` is the execution provider it serves on; ``fallback`` is (provider, why) when a
+    provider the bundle or operator asked for could not load and a lesser one serves instead.
+    """
 
     def __init__(self, bundle: Bundle, options: RuntimeOptions) -> None:
         self.bundle = bundle
+        self.fallback: tuple[str, str] | None = None
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
@@ -52,16 +151,70 @@ class OnnxModel:
         if not options.spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        m = bundle.manifest
+        plan = plan_providers(m.providers, options, m.name, ort.get_available_providers())
+        # require_provider binds what a bundle or the operator asked for, not the default
+        # preference of a node that has no GPU provider at all.
+        strict = (options.require_provider and plan.requested) or options.device == "cuda"
+        chain = list(plan.chain)
+        failure = ""
         try:
-            self.session = ort.InferenceSession(
-                str(bundle.model_path), sess_options=so, providers=options.providers()
-            )
+            self.session = self._session(so, chain)
         except Exception as exc:
-            raise BundleError(f"onnxruntime cannot load {bundle.model_path}: {exc}") from None
+            if chain == [(CPU_PROVIDER, {})]:
+                raise BundleError(f"onnxruntime cannot load {bundle.model_path}: {exc}") from None
+            failure = f"onnxruntime could not create a session with {chain[0][0]}: "
+            failure += _first_line(exc)
+            if strict:
+                self._refuse(options, plan.wanted, _why(plan, failure))
+            chain = [(CPU_PROVIDER, {})]
+            try:
+                self.session = self._session(so, chain)
+            except Exception as exc2:
+                raise BundleError(f"onnxruntime cannot load {bundle.model_path}: {exc2}") from None
         self.providers = self.session.get_providers()
+        self.provider = self.providers[0]
+        if strict and (
+            (options.require_provider and plan.requested and self.provider != plan.wanted)
+            or (options.device == "cuda" and self.provider not in GPU_PROVIDERS)
+        ):
+            self._refuse(options, plan.wanted, _why(plan, failure))
+        if plan.requested and self.provider != plan.wanted:
+            self.fallback = (plan.wanted, _why(plan, failure))
+            log.warning(
+                "model %s version %d: execution provider %s cannot load, serving on %s instead: %s",
+                m.name,
+                m.version,
+                plan.wanted,
+                self.provider,
+                self.fallback[1],
+            )
         self._check_signature()
         self.output_names = [o.name for o in bundle.manifest.outputs]
         self._string_inputs = {t.name for t in bundle.manifest.inputs if t.datatype == "BYTES"}
+
+    def _session(
+        self, so: ort.SessionOptions, chain: list[tuple[str, dict[str, str]]]
+    ) -> ort.InferenceSession:
+        return ort.InferenceSession(
+            str(self.bundle.model_path),
+            sess_options=so,
+            providers=[name for name, _ in chain],
+            provider_options=[opts for _, opts in chain],
+        )
+
+    def _refuse(self, options: RuntimeOptions, wanted: str, why: str) -> None:
+        m = self.bundle.manifest
+        if options.require_provider:
+            rule = f"must serve on {wanted} (require_provider = true)"
+            undo = "set require_provider = false"
+        else:
+            rule = 'must serve on a GPU provider (device = "cuda")'
+            undo = 'set device = "auto"'
+        raise ProviderUnavailableError(
+            f"model {m.name} version {m.version} {rule}, and {wanted} cannot load here: {why}. "
+            f"To serve on CPU instead, {undo}"
+        )
 
     def _check_signature(self) -> None:
         """The manifest is what clients see; it must describe the model that actually runs."""

@@ -27,7 +27,7 @@ class GateResult(_message.Message):
     def __init__(self, version: _Optional[int] = ..., passed: _Optional[bool] = ..., reason: _Optional[str] = ..., kind: _Optional[str] = ..., p99_ms: _Optional[float] = ..., at_unix: _Optional[float] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "active_version", "previous_version", "loading_version", "ready", "last_gate", "failed", "held_at_or_below", "comparison")
+    __slots__ = ("name", "active_version", "previous_version", "loading_version", "ready", "last_gate", "failed", "held_at_or_below", "comparison", "active_provider", "previous_provider")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,8 @@ class ModelStatus(_message.Message):
     FAILED_FIELD_NUMBER: _ClassVar[int]
     HELD_AT_OR_BELOW_FIELD_NUMBER: _ClassVar[int]
     COMPARISON_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     name: str
     active_version: int
     previous_version: int
@@ -46,7 +48,9 @@ class ModelStatus(_message.Message):
     failed: _containers.RepeatedCompositeFieldContainer[GateResult]
     held_at_or_below: int
     comparison: Comparison
-    def __init__(self, name: _Optional[str] = ..., active_version: _Optional[int] = ..., previous_version: _Optional[int] = ..., loading_version: _Optional[int] = ..., ready: _Optional[bool] = ..., last_gate: _Optional[_Union[GateResult, _Mapping]] = ..., failed: _Optional[_Iterable[_Union[GateResult, _Mapping]]] = ..., held_at_or_below: _Optional[int] = ..., comparison: _Optional[_Union[Comparison, _Mapping]] = ...) -> None: ...
+    active_provider: str
+    previous_provider: str
+    def __init__(self, name: _Optional[str] = ..., active_version: _Optional[int] = ..., previous_version: _Optional[int] = ..., loading_version: _Optional[int] = ..., ready: _Optional[bool] = ..., last_gate: _Optional[_Union[GateResult, _Mapping]] = ..., failed: _Optional[_Iterable[_Union[GateResult, _Mapping]]] = ..., held_at_or_below: _Optional[int] = ..., comparison: _Optional[_Union[Comparison, _Mapping]] = ..., active_provider: _Optional[str] = ..., previous_provider: _Optional[str] = ...) -> None: ...
 
 class Comparison(_message.Message):
     __slots__ = ("candidate_version", "split_bp", "sticky", "shadow_bp", "label", "comparing", "shadow_compared", "shadow_dropped", "shadow_failures", "top1_agree", "top1_total", "max_abs_diff")

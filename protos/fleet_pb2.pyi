@@ -162,7 +162,7 @@ class JobRun(_message.Message):
     def __init__(self, job: _Optional[str] = ..., run_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., status: _Optional[str] = ..., rows_in: _Optional[int] = ..., rows_out: _Optional[int] = ..., rows_rejected: _Optional[int] = ..., duration_s: _Optional[float] = ..., error: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., agent_id: _Optional[str] = ...) -> None: ...
 
 class ModelReport(_message.Message):
-    __slots__ = ("name", "active_version", "previous_version", "loading_version", "desired_version", "gate_version", "gate_passed", "gate_kind", "gate_reason", "error", "error_reason")
+    __slots__ = ("name", "active_version", "previous_version", "loading_version", "desired_version", "gate_version", "gate_passed", "gate_kind", "gate_reason", "error", "error_reason", "active_provider")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,7 @@ class ModelReport(_message.Message):
     GATE_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     name: str
     active_version: int
     previous_version: int
@@ -185,7 +186,8 @@ class ModelReport(_message.Message):
     gate_reason: str
     error: str
     error_reason: str
-    def __init__(self, name: _Optional[str] = ..., active_version: _Optional[int] = ..., previous_version: _Optional[int] = ..., loading_version: _Optional[int] = ..., desired_version: _Optional[int] = ..., gate_version: _Optional[int] = ..., gate_passed: _Optional[bool] = ..., gate_kind: _Optional[str] = ..., gate_reason: _Optional[str] = ..., error: _Optional[str] = ..., error_reason: _Optional[str] = ...) -> None: ...
+    active_provider: str
+    def __init__(self, name: _Optional[str] = ..., active_version: _Optional[int] = ..., previous_version: _Optional[int] = ..., loading_version: _Optional[int] = ..., desired_version: _Optional[int] = ..., gate_version: _Optional[int] = ..., gate_passed: _Optional[bool] = ..., gate_kind: _Optional[str] = ..., gate_reason: _Optional[str] = ..., error: _Optional[str] = ..., error_reason: _Optional[str] = ..., active_provider: _Optional[str] = ...) -> None: ...
 
 class AgentReport(_message.Message):
     __slots__ = ("models", "last_error", "desired_revision", "cache_bytes", "disk_free_bytes", "agent_version", "inference_address", "cert_expires_at")

@@ -447,7 +447,9 @@ def test_every_message_field_has_a_domain_counterpart(message: type, domain: typ
 
 
 def test_conversion_carries_every_field() -> None:
-    model = ModelReport("m", 2, 1, 3, 4, 2, True, "outputs", "nan in y", "slow", "gate")
+    model = ModelReport(
+        "m", 2, 1, 3, 4, 2, True, "outputs", "nan in y", "slow", "gate", "CPUExecutionProvider"
+    )
     report = AgentReport((model,), "e", 9, 10, 11, "1.2", "10.0.0.1:8001", 12.5)
     wire = MessageToDict(report_to_proto(report), preserving_proto_field_name=True)
     assert wire["models"] == [

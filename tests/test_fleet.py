@@ -142,9 +142,10 @@ def test_enroll_deploy_by_selector_verify_swap_and_report(fleet) -> None:
     assert b["labels"] == {"site": "berlin", "hw": "cpu"} and b["status"] == "active"
     assert b["desired"][0]["version"] == "2"
     assert b["report"]["models"][0]["gate_passed"] is True
+    assert b["report"]["models"][0]["active_provider"] == "CPUExecutionProvider"
     assert time.time() - b["last_seen"] < 60
     table = hub.cli("agents", "ls")
-    assert "berlin-1" in table and "v2 passed" in table
+    assert "berlin-1" in table and "v2 passed on CPU" in table
     # Keys never leave the node; the agent's private key is 0600.
     key = fleet.agents[0].models / "identity" / "agent.key"
     assert oct(key.stat().st_mode & 0o777) == "0o600"

@@ -47,6 +47,7 @@ def full_report() -> pb.AgentReport:
                 gate_reason="output 0 off by 0.3",
                 error="signature does not verify",
                 error_reason="verification",
+                active_provider="CUDAExecutionProvider",
             ),
             pb.ModelReport(name="churn", active_version=7, desired_version=7),
         ],

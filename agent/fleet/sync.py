@@ -653,6 +653,7 @@ class FleetSync:
                     error_reason=self.error_reasons.get(st.name, "")
                     if st.name in self.errors
                     else "",
+                    active_provider=st.active_provider,
                 )
             )
         reported = {m.name for m in models}

@@ -538,6 +538,8 @@ def _status_to_proto(s: Any, slots: SlotManager | None = None) -> agent_pb2.Mode
         ready=s.ready,
         failed=[_gate_to_proto(r) for _, r in sorted(s.failed.items())],
         held_at_or_below=s.held_at_or_below or 0,
+        active_provider=s.active_provider,
+        previous_provider=s.previous_provider,
     )
     if s.last_gate is not None:
         msg.last_gate.CopyFrom(_gate_to_proto(s.last_gate))

@@ -1,0 +1,319 @@
+"""Execution providers (docs/gpu.md): the bundle's preferences, the agent's pins, CPU fallback.
+
+This machine has no GPU, so the process tests drive the fallback a CPU node takes for a bundle
+that asks for CUDA; the choice of providers itself is a pure function, tested here with the
+provider lists a GPU node's onnxruntime reports. tests/benchmarks/gpu_bench.py runs the CUDA
+path for real on a GPU node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+
+from modelfleet.agent.config import load_config, model_device_ids
+from modelfleet.kernel.bundle import (
+    ProviderSpec,
+    load_bundle,
+    parse_manifest,
+    provider_specs,
+    providers_from_args,
+)
+from modelfleet.kernel.errors import BundleError, InvalidRequestError
+from modelfleet.kernel.runtime import (
+    OnnxModel,
+    ProviderUnavailableError,
+    RuntimeOptions,
+    plan_providers,
+)
+from tests import models
+from tests.conftest import make_mlp_bundle, mlp_samples
+from tests.procs import ROOT, agent_status, wait_for
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TRT = "TensorrtExecutionProvider"
+GPU_NODE = [TRT, CUDA, CPU]
+CPU_NODE = [CPU]
+X = np.random.default_rng(5).standard_normal((2, 4)).astype(np.float32)
+
+pytestmark = pytest.mark.skipif(
+    CUDA in ort.get_available_providers(),
+    reason="these tests pin the CPU fallback; on a CUDA node run tests/benchmarks/gpu_bench.py",
+)
+
+
+def specs(*names: str) -> tuple[ProviderSpec, ...]:
+    return tuple(ProviderSpec(n) for n in names)
+
+
+# -- the choice of providers ----------------------------------------------------------------------
+
+
+def test_a_gpu_node_serves_the_bundles_order_with_the_pinned_device() -> None:
+    opts = RuntimeOptions(device_id=1, model_device_ids=(("big", 3),))
+    plan = plan_providers(
+        (
+            ProviderSpec(TRT),
+            ProviderSpec(CUDA, (("device_id", "0"), ("x", "y"))),
+            ProviderSpec(CPU),
+        ),
+        opts,
+        "mlp",
+        GPU_NODE,
+    )
+    # The operator's device id wins over the bundle's: the operator knows the node's GPUs.
+    assert plan.chain == (
+        (TRT, {"device_id": "1"}),
+        (CUDA, {"device_id": "1", "x": "y"}),
+        (CPU, {}),
+    )
+    assert (plan.wanted, plan.requested, plan.missing) == (TRT, True, None)
+    big = plan_providers(specs(CUDA), opts, "big", GPU_NODE)
+    assert big.chain == ((CUDA, {"device_id": "3"}), (CPU, {}))
+
+
+def test_a_cpu_node_falls_back_and_says_what_to_install() -> None:
+    plan = plan_providers(specs(CUDA, CPU), RuntimeOptions(), "mlp", CPU_NODE)
+    assert plan.chain == ((CPU, {}),)
+    assert plan.requested and plan.wanted == CUDA
+    assert plan.missing is not None and plan.missing[0] == CUDA
+    assert "onnxruntime-gpu" in plan.missing[1] and "CPUExecutionProvider" in plan.missing[1]
+
+
+def test_the_default_preference_is_cuda_but_its_absence_is_no_fallback() -> None:
+    on_gpu = plan_providers((), RuntimeOptions(), "mlp", GPU_NODE)
+    assert [n for n, _ in on_gpu.chain] == [CUDA, CPU]  # TensorRT only when a bundle asks
+    on_cpu = plan_providers((), RuntimeOptions(), "mlp", CPU_NODE)
+    assert [n for n, _ in on_cpu.chain] == [CPU]
+    assert not on_cpu.requested  # a plain CPU node does not count a fallback per model
+
+
+def test_device_cpu_and_allowed_providers_pin_the_node() -> None:
+    cpu = plan_providers(specs(TRT, CUDA), RuntimeOptions(device="cpu"), "m", GPU_NODE)
+    assert cpu.chain == ((CPU, {}),) and not cpu.requested
+    no_trt = plan_providers(
+        specs(TRT, CUDA, CPU), RuntimeOptions(allowed_providers=(CUDA,)), "m", GPU_NODE
+    )
+    assert [n for n, _ in no_trt.chain] == [CUDA, CPU] and no_trt.wanted == CUDA
+    # device = "cuda" wants a GPU provider even for a bundle that names none.
+    cuda = plan_providers(specs(CPU), RuntimeOptions(device="cuda"), "m", GPU_NODE)
+    assert [n for n, _ in cuda.chain] == [CUDA, CPU] and cuda.wanted == CUDA
+    cpu_first = plan_providers(specs(CPU, CUDA), RuntimeOptions(device="cuda"), "m", GPU_NODE)
+    assert [n for n, _ in cpu_first.chain] == [CUDA, CPU] and cpu_first.wanted == CUDA
+
+
+# -- the manifest and `bundle create` ----------------------------------------------------------
+
+
+def test_providers_are_signed_in_the_manifest_and_absent_when_unset(tmp_path: Path) -> None:
+    wanted = providers_from_args("tensorrt,CUDA,cpu", ["cuda:cudnn_conv_algo_search=DEFAULT"])
+    b = make_mlp_bundle(tmp_path / "repo", 1, providers=wanted)
+    loaded = load_bundle(b.path)
+    assert [p.name for p in loaded.manifest.providers] == [TRT, CUDA, CPU]
+    assert dict(loaded.manifest.providers[1].options) == {"cudnn_conv_algo_search": "DEFAULT"}
+    plain = make_mlp_bundle(tmp_path / "repo", 2)
+    raw = json.loads((plain.path / "manifest.json").read_text())
+    # A bundle without preferences keeps the manifest (and so the hash) it always had.
+    assert "providers" not in raw["execution"]
+
+
+@pytest.mark.parametrize(
+    ("providers", "needle"),
+    [
+        ("nope", "not an execution provider name"),
+        ([{"name": CUDA, "options": {"device_id": 0}}], "must map strings to strings"),
+        ([{"name": CUDA}, {"name": CUDA}], "lists a provider twice"),
+        ({"name": CUDA}, "must be a list"),
+    ],
+)
+def test_a_malformed_providers_list_is_refused(tmp_path: Path, providers, needle: str) -> None:
+    b = make_mlp_bundle(tmp_path / "repo", 1)
+    raw = json.loads((b.path / "manifest.json").read_text())
+    if isinstance(providers, str):
+        providers = [{"name": providers}]
+    raw["execution"]["providers"] = providers
+    with pytest.raises(BundleError, match=needle):
+        parse_manifest(raw)
+
+
+def test_a_provider_newer_than_this_onnxruntime_parses_and_counts_as_unavailable(
+    tmp_path: Path,
+) -> None:
+    b = make_mlp_bundle(tmp_path / "repo", 1)
+    raw = json.loads((b.path / "manifest.json").read_text())
+    raw["execution"]["providers"] = [{"name": "FutureExecutionProvider", "options": {}}]
+    m = parse_manifest(raw)
+    plan = plan_providers(m.providers, RuntimeOptions(), "mlp", GPU_NODE)
+    assert plan.chain == ((CPU, {}),) and plan.missing is not None
+
+
+def test_bogus_names_and_options_are_refused_naming_the_valid_ones() -> None:
+    with pytest.raises(BundleError) as err:
+        provider_specs(["cuda", "GpuExecutionProvider"])
+    assert "GpuExecutionProvider" in str(err.value)
+    assert CUDA in str(err.value) and TRT in str(err.value)
+    with pytest.raises(BundleError, match="not among the providers"):
+        providers_from_args("cpu", ["cuda:device_id=0"])
+    with pytest.raises(BundleError, match="PROVIDER:KEY=VALUE"):
+        providers_from_args("cuda", ["cuda-device_id"])
+    with pytest.raises(BundleError, match="listed twice"):
+        providers_from_args("cuda,CUDAExecutionProvider", [])
+
+
+# -- sessions on a real onnxruntime --------------------------------------------------------------
+
+
+def cuda_bundle(tmp_path: Path, version: int = 1) -> Path:
+    return make_mlp_bundle(tmp_path / "repo", version, providers=specs(CUDA, CPU)).path
+
+
+def test_a_session_asked_for_cuda_serves_on_cpu_and_records_why(tmp_path: Path) -> None:
+    model = OnnxModel(load_bundle(cuda_bundle(tmp_path)), RuntimeOptions(intra_op_threads=1))
+    assert model.provider == CPU
+    assert model.fallback is not None and model.fallback[0] == CUDA
+    out = model.run({"x": X})["y"]
+    assert out.shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (RuntimeOptions(require_provider=True), "require_provider = false"),
+        (RuntimeOptions(device="cuda"), 'set device = "auto"'),
+    ],
+)
+def test_strict_settings_refuse_instead_of_falling_back(
+    tmp_path: Path, options: RuntimeOptions, needle: str
+) -> None:
+    with pytest.raises(ProviderUnavailableError) as err:
+        OnnxModel(load_bundle(cuda_bundle(tmp_path)), options)
+    text = str(err.value)
+    assert CUDA in text and needle in text and "onnxruntime-gpu" in text
+
+
+def test_require_provider_accepts_a_bundle_that_prefers_cpu(tmp_path: Path) -> None:
+    plain = make_mlp_bundle(tmp_path / "repo", 1)
+    assert OnnxModel(load_bundle(plain.path), RuntimeOptions(require_provider=True)).provider == CPU
+
+
+def test_agent_settings_are_checked(tmp_path: Path) -> None:
+    cfg = load_config(overrides={"model_device_ids": "big=1, small=0", "device_id": 2})
+    assert model_device_ids(cfg) == (("big", 1), ("small", 0))
+    with pytest.raises(InvalidRequestError, match="MODEL=DEVICE_ID"):
+        load_config(overrides={"model_device_ids": "big:1"})
+    with pytest.raises(InvalidRequestError, match="device_id must be >= 0"):
+        load_config(overrides={"device_id": -1})
+    with pytest.raises(InvalidRequestError, match=r"valid names: .*CUDAExecutionProvider"):
+        load_config(overrides={"allowed_providers": "CUDAExecutionProvider,GPU"})
+
+
+# -- real agent processes ------------------------------------------------------------------------
+
+
+def infer(agent, version: str = "") -> str:
+    client = agent.client()
+    try:
+        inp = grpcclient.InferInput("x", list(X.shape), "FP32")
+        inp.set_data_from_numpy(X)
+        return client.infer("mlp", [inp], model_version=version).get_response().model_version
+    finally:
+        client.close()
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@pytest.mark.process
+def test_agent_serves_a_cuda_bundle_on_cpu_and_counts_the_fallback(
+    tmp_path: Path, agent_factory
+) -> None:
+    repo = tmp_path / "models"
+    make_mlp_bundle(repo, 1, providers=specs(CUDA, CPU))
+    agent = agent_factory(repo, "--intra-op-threads", "1")
+    agent.wait_model("mlp", timeout=60)
+    assert infer(agent) == "1"
+    text = agent.metrics()
+    labels = {"model": "mlp", "version": "1"}
+    assert metric(text, "modelfleet_provider_fallbacks_total", **labels, provider=CUDA) == 1
+    assert metric(text, "modelfleet_execution_provider", **labels, provider=CPU) == 1
+    assert agent_status(agent.admin_socket)["mlp"]["active_provider"] == CPU
+    shown = agent.cli("status")
+    assert "provider: v1 on CPUExecutionProvider" in shown.stdout, shown.stdout
+    fallback_lines = [
+        line for line in agent.logs().splitlines() if "cannot load, serving on" in line
+    ]
+    assert len(fallback_lines) == 1, fallback_lines
+    assert CUDA in fallback_lines[0] and "onnxruntime-gpu" in fallback_lines[0]
+
+
+@pytest.mark.process
+def test_require_provider_fails_the_gate_and_the_previous_version_serves(
+    tmp_path: Path, agent_factory
+) -> None:
+    repo = tmp_path / "models"
+    staging = tmp_path / "staging"
+    make_mlp_bundle(repo, 1)
+    agent = agent_factory(repo, "--intra-op-threads", "1", "--require-provider", "on")
+    agent.wait_model("mlp", timeout=60)
+    v2 = make_mlp_bundle(staging, 2, seed=1, providers=specs(CUDA, CPU))
+    os.rename(v2.path, repo / "mlp" / "2")
+
+    def refused() -> bool:
+        failed = agent_status(agent.admin_socket)["mlp"].get("failed", [])
+        return any(f["version"] == "2" for f in failed)
+
+    wait_for(refused, 60, "v2 refused")
+    st = agent_status(agent.admin_socket)["mlp"]
+    gate = next(f for f in st["failed"] if f["version"] == "2")
+    assert gate["kind"] == "provider"
+    assert CUDA in gate["reason"] and "require_provider" in gate["reason"]
+    assert st["active_version"] == "1" and st["active_provider"] == CPU
+    assert infer(agent) == "1"
+    text = agent.metrics()
+    assert metric(text, "modelfleet_gate_failures_total", model="mlp", version="2") == 1
+
+
+@pytest.mark.process
+def test_bundle_create_refuses_a_bogus_provider(tmp_path: Path) -> None:
+    model = models.mlp(tmp_path / "m.onnx")
+    np.savez(tmp_path / "s.npz", **mlp_samples())
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelfleet.agent.cli",
+            "bundle",
+            "create",
+            str(model),
+            "--name",
+            "mlp",
+            "--version",
+            "1",
+            "--samples",
+            str(tmp_path / "s.npz"),
+            "--out",
+            str(tmp_path / "repo"),
+            "--providers",
+            "cuda,CudaGpuExecutionProvider",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode != 0
+    assert "CudaGpuExecutionProvider" in run.stderr and "CUDAExecutionProvider" in run.stderr
+    assert not (tmp_path / "repo" / "mlp" / "1").exists()
