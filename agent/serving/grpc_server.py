@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from modelfleet.agent import __version__
 from modelfleet.agent.repository import compare_local
+from modelfleet.agent.serving.admission import client_key
 from modelfleet.agent.serving.batcher import DynamicBatcher
 from modelfleet.agent.serving.capture import Capture, CaptureRule, LocalRules
 from modelfleet.agent.serving.converters import request_from_proto, response_to_proto
@@ -204,6 +205,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if key == ROUTING_KEY_HEADER:
                     req.routing_key = value if isinstance(value, str) else value.decode()
                     break
+        if self.dataplane.admission.clients is not None:
+            req.client = grpc_client_key(context)
         if self.tracing is None:
             return response_to_proto(await self.dataplane.infer(req))
         return await self._traced_infer(req, context)
@@ -225,6 +228,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ) as span:
             req.trace = span
             return response_to_proto(await self.dataplane.infer(req))
+
+
+def grpc_client_key(context: grpc.aio.ServicerContext) -> str:
+    """Whom the per-client rate limit counts this call against (admission.client_key)."""
+    identities = context.peer_identities()
+    identity = identities[0].decode(errors="replace") if identities else ""
+    return client_key(context.peer(), identity)
 
 
 def model_config(v: LoadedVersion) -> pb.ModelConfig:
