@@ -347,4 +347,3 @@ def _validate_tls(cfg: ServeConfig) -> None:
             "config: client certificates (tls_client_ca, tls_client_ca_hub) need TLS: set "
             "tls_cert and tls_key, or tls_agent_identity in fleet mode"
         )
-
