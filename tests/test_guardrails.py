@@ -85,7 +85,7 @@ def shed_counts(agent: AgentProcess) -> dict[str, float]:
 
 def overload(agent: AgentProcess, n: int, per_request_rows: int) -> tuple[int, list[str], float]:
     """``n`` requests sent at once; returns (successes, messages of the refusals, the slowest
-    ServerReady answer seen meanwhile)."""
+    ServerReady/ModelReady answer seen while some of them were still unanswered)."""
     c = agent.client()
     done = threading.Semaphore(0)
     results: list[object] = []
@@ -107,6 +107,10 @@ def overload(agent: AgentProcess, n: int, per_request_rows: int) -> tuple[int, l
                 assert probe.is_server_ready(client_timeout=5)
                 assert probe.is_model_ready("slow", client_timeout=5)
                 slowest = max(slowest, time.perf_counter() - start)
+            with lock:
+                unanswered = n - len(results)
+            # The probes ran during the overload, not after it.
+            assert unanswered > 0, "every request was answered before the probes ended"
         finally:
             probe.close()
         for _ in range(n):
@@ -183,23 +187,25 @@ def test_request_size_limits(agent: AgentProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pki, Path, Path]:
+    """The CA and its first client ("app"), and a second client certificate ("app-two")."""
     p = Pki(tmp_path_factory.mktemp("pki"))
-    p.second_cert, p.second_key = p.pair("client2", p.ca, "app-two", server=False)  # type: ignore[attr-defined]
-    return p
+    cert, key = p.pair("client2", p.ca, "app-two", server=False)
+    return p, cert, key
 
 
-def test_rate_limit_is_per_client_certificate(pki: Pki, tmp_path: Path) -> None:
+def test_rate_limit_is_per_client_certificate(pki: tuple[Pki, Path, Path], tmp_path: Path) -> None:
+    ca, second_cert, second_key = pki
     repo = tmp_path / "repo"
     make_mlp_bundle(repo, 1)
     agent = AgentProcess(
         repo,
         "--tls-cert",
-        str(pki.server_cert),
+        str(ca.server_cert),
         "--tls-key",
-        str(pki.server_key),
+        str(ca.server_key),
         "--tls-client-ca",
-        str(pki.root / "ca1" / "ca.crt"),
+        str(ca.root / "ca1" / "ca.crt"),
         "--rate-limit-per-s",
         "2",
         "--rate-limit-burst",
@@ -209,13 +215,8 @@ def test_rate_limit_is_per_client_certificate(pki: Pki, tmp_path: Path) -> None:
     agent.start()
     try:
         wait_ready(agent)
-        greedy = client(agent, root=pki.ca_pem, cert=pki.client_cert, key=pki.client_key)
-        polite = client(
-            agent,
-            root=pki.ca_pem,
-            cert=pki.second_cert,  # type: ignore[attr-defined]
-            key=pki.second_key,  # type: ignore[attr-defined]
-        )
+        greedy = client(agent, root=ca.ca_pem, cert=ca.client_cert, key=ca.client_key)
+        polite = client(agent, root=ca.ca_pem, cert=second_cert, key=second_key)
         with greedy, polite:
             start = time.monotonic()
             ok, refused = 0, []
@@ -242,5 +243,35 @@ def test_rate_limit_is_per_client_certificate(pki: Pki, tmp_path: Path) -> None:
             r'modelfleet_requests_shed_total\{model="mlp",reason="rate_limit"\} (\S+)', text
         )
         assert seen is not None and float(seen.group(1)) == len(refused)
+    finally:
+        agent.stop()
+
+
+def test_rate_limit_by_address_is_not_escaped_by_new_connections(tmp_path: Path) -> None:
+    """Without client certificates the address is the key: a client opening a new connection
+    (a new source port) per request still draws from one bucket."""
+    repo = tmp_path / "repo"
+    make_mlp_bundle(repo, 1)
+    agent = AgentProcess(
+        repo, "--rate-limit-per-s", "1", "--rate-limit-burst", "2", log_path=tmp_path / "a.log"
+    )
+    agent.start()
+    try:
+        agent.wait_model("mlp", timeout=60)
+        start = time.monotonic()
+        ok, refused = 0, []
+        for _ in range(8):
+            with agent.client() as fresh:
+                try:
+                    infer_ok(fresh)
+                    ok += 1
+                except InferenceServerException as exc:
+                    assert exc.status() == "StatusCode.RESOURCE_EXHAUSTED", exc
+                    refused.append(exc.message())
+        elapsed = time.monotonic() - start
+        assert 2 <= ok <= 2 + int(elapsed) + 1, (ok, elapsed)
+        assert refused and all("client ipv4:127.0.0.1 is over" in m for m in refused), refused
+        with agent.client() as probe:
+            assert probe.is_server_ready() and probe.is_model_ready("mlp")
     finally:
         agent.stop()
