@@ -21,6 +21,7 @@ from modelfleet.agent.config import (
 )
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.repository import ModelControl, RepositoryWatcher
+from modelfleet.agent.serving.admission import Admission, Limits
 from modelfleet.agent.serving.capture import Capture, CaptureLimits, LocalRules
 from modelfleet.agent.serving.dataplane import DataPlane
 from modelfleet.agent.serving.drift import DriftMonitor
@@ -283,6 +284,20 @@ def _inode(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def admission_limits(cfg: ServeConfig) -> Limits:
+    """The guardrails' settings (agent/serving/admission.py)."""
+    return Limits(
+        max_concurrent_requests=cfg.max_concurrent_requests,
+        max_queued_rows=cfg.max_queued_rows,
+        max_request_bytes=cfg.max_request_bytes,
+        rate_limit_per_s=cfg.rate_limit_per_s,
+        rate_limit_burst=cfg.rate_limit_burst,
+        rate_limit_clients=cfg.rate_limit_clients,
+        serving_threads=cfg.serving_threads,
+        max_message_bytes=cfg.max_message_bytes,
+    )
+
+
 async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then drain; SIGHUP reloads the config.
 
@@ -330,6 +345,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         metrics,
         ShadowRunner(metrics, cfg.shadow_queue_max, cfg.shadow_workers),
         capture,
+        Admission(admission_limits(cfg)),
     )
     health = HealthReporter(slots)
     refresh_pending = False

@@ -240,6 +240,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-message-bytes", type=int, help="gRPC message limit (default: 67108864, 64 MiB)"
     )
     serve.add_argument(
+        "--max-request-bytes",
+        type=int,
+        help="largest total input size of one request (default: 0, max_message_bytes)",
+    )
+    serve.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        help="per model, requests in flight before shedding (default: 0, 64 per serving thread)",
+    )
+    serve.add_argument(
+        "--max-queued-rows",
+        type=int,
+        help="per model, rows in flight before shedding (default: 0, from the batch size)",
+    )
+    serve.add_argument(
+        "--rate-limit-per-s",
+        type=float,
+        help="requests per second per client (default: 0, no rate limit)",
+    )
+    serve.add_argument(
+        "--rate-limit-burst",
+        type=int,
+        help="requests a client may send at once (default: 0, the rate rounded up)",
+    )
+    serve.add_argument(
+        "--rate-limit-clients",
+        type=int,
+        help="clients the rate limit tracks at most (default: 10000)",
+    )
+    serve.add_argument(
         "--drain-timeout-s",
         type=float,
         help="seconds in-flight requests get on SIGTERM (default: 10.0)",
@@ -511,6 +541,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "inline_max_us": args.inline_max_us,
         "ort_spinning": args.ort_spinning,
         "max_message_bytes": args.max_message_bytes,
+        "max_request_bytes": args.max_request_bytes,
+        "max_concurrent_requests": args.max_concurrent_requests,
+        "max_queued_rows": args.max_queued_rows,
+        "rate_limit_per_s": args.rate_limit_per_s,
+        "rate_limit_burst": args.rate_limit_burst,
+        "rate_limit_clients": args.rate_limit_clients,
         "drain_timeout_s": args.drain_timeout_s,
         "log_level": args.log_level,
         "log_json": args.log_json,

@@ -109,6 +109,19 @@ class ServeConfig:
     auth_token_file: str = ""
     # gRPC message size limit, both directions.
     max_message_bytes: int = 64 * 1024 * 1024
+    # -- guardrails (docs/operations.md#guardrails); 0 means the auto value
+    # Per model: requests admitted and not yet answered (auto: 64 per serving thread), and their
+    # rows (auto: 8 full batches per serving thread, at least max_concurrent_requests). Beyond
+    # either a request is shed with RESOURCE_EXHAUSTED instead of queued.
+    max_concurrent_requests: int = 0
+    max_queued_rows: int = 0
+    # Total input bytes of one request (auto: max_message_bytes); beyond: RESOURCE_EXHAUSTED.
+    max_request_bytes: int = 0
+    # Per-client token bucket (certificate identity under mutual TLS, else address): requests
+    # per second, 0 turns it off; burst (auto: the rate rounded up); clients tracked at most.
+    rate_limit_per_s: float = 0.0
+    rate_limit_burst: int = 0
+    rate_limit_clients: int = 10_000
     # Seconds to let in-flight requests finish on shutdown.
     drain_timeout_s: float = 10.0
     log_level: str = "INFO"
@@ -315,6 +328,14 @@ def validate(cfg: ServeConfig) -> None:
         )
     if cfg.max_message_bytes < 1024:
         raise InvalidRequestError("config: max_message_bytes must be at least 1024")
+    for name in ("max_concurrent_requests", "max_queued_rows", "max_request_bytes"):
+        if getattr(cfg, name) < 0:
+            raise InvalidRequestError(f"config: {name} must be >= 0 (0: the automatic limit)")
+    if cfg.rate_limit_per_s < 0 or cfg.rate_limit_burst < 0 or cfg.rate_limit_clients < 1:
+        raise InvalidRequestError(
+            "config: rate_limit_per_s and rate_limit_burst must be >= 0 (0: off, 0: auto) and "
+            "rate_limit_clients >= 1"
+        )
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise InvalidRequestError(f"config: unknown log_level {cfg.log_level!r}")
     if cfg.drain_timeout_s < 0 or cfg.intra_op_threads < 0 or cfg.inter_op_threads < 0:

@@ -109,6 +109,15 @@ class AgentMetrics:
             registry=r,
         )
 
+        # Guardrails (agent/serving/admission.py): requests refused before any work because the
+        # model was at a limit or the client over its rate. Per model, not per version.
+        self.shed = Counter(
+            "modelfleet_requests_shed_total",
+            "Inference requests refused with RESOURCE_EXHAUSTED by a guardrail, by reason: "
+            "concurrency, queued_rows or rate_limit.",
+            ["model", "reason"],
+            registry=r,
+        )
         # Live comparison of two versions (docs/operations.md#comparing-versions-on-live-traffic).
         self.routed = Counter(
             "modelfleet_routed_requests_total",

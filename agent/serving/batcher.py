@@ -4,6 +4,9 @@ Requests queue while the previous batch computes (at most ``max_inflight`` batch
 under load batches form even with a zero queue delay; a positive ``max_queue_delay_us`` lets a
 lone request wait that long for company. Requests whose non-batch dimensions or dtypes differ are
 never merged with each other.
+
+The queue has no bound of its own: the data plane admits a request only within the model's
+limits on requests and rows in flight (agent/serving/admission.py), so it is bounded there.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import numpy as np
 
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.serving import tracing as spans
+from modelfleet.agent.serving.admission import Admission, ShedError
 from modelfleet.agent.serving.capture import Capture
 from modelfleet.agent.serving.routing import (
     ARM_ACTIVE,
@@ -57,6 +58,9 @@ class InferRequest:
     trace: Any = None
     # Per requested output, its parameters (e.g. ``classification``: N for the top N classes).
     output_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Who sent it, the per-client rate limit's key (admission.client_key): the certificate
+    # identity under mutual TLS, else the address; empty: the edge did not say.
+    client: str = ""
 
 
 @dataclass
@@ -217,8 +221,10 @@ class DataPlane:
         metrics: AgentMetrics,
         shadow: ShadowRunner | None = None,
         capture: Capture | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.slots = slots
+        self.admission = admission or Admission()
         self.metrics = metrics
         self.shadow = shadow or ShadowRunner(metrics)
         self.capture = capture
@@ -241,11 +247,15 @@ class DataPlane:
     async def infer(self, request: InferRequest) -> InferResponse:
         start = time.perf_counter()
         version = None
+        admission = self.admission
         try:
+            if admission.clients is not None:
+                admission.check_rate(request.client)
             version, route = self._route(request)
             if request.parameters:
                 check_stateless(version, request.parameters)
             feed, rows = validate_inputs(version, request.inputs)
+            admission.check_size(version.name, feed)
             wanted = request.outputs or version.model.output_names
             unknown = [o for o in wanted if o not in version.model.output_names]
             if unknown:
@@ -255,7 +265,11 @@ class DataPlane:
                     reason="unknown_output",
                 )
             counts = {o: class_count(o, p) for o, p in request.output_parameters.items()}
-            results, timing = await version.infer(feed, rows)
+            load = admission.enter(version.name, rows, version.manifest.max_batch_size)
+            try:
+                results, timing = await version.infer(feed, rows)
+            finally:
+                admission.leave(load, rows)
             outputs = []
             for name in wanted:
                 arr = results[name]
@@ -314,6 +328,9 @@ class DataPlane:
         exc: ModelfleetError,
         elapsed: float,
     ) -> None:
+        if isinstance(exc, ShedError):
+            self._account_shed(request, version, exc)
+            return
         if version is not None:
             model, ver = version.name, str(version.version)
         else:
@@ -327,3 +344,17 @@ class DataPlane:
             version.telemetry.failed(exc.reason)
         else:
             self.metrics.telemetry.failed(model, 0, exc.reason)
+
+    def _account_shed(
+        self, request: InferRequest, version: LoadedVersion | None, exc: ShedError
+    ) -> None:
+        """A shed request is counted apart from failures: it says the node is busy, nothing
+        about the version, so it stays out of the version's statistics and fleet telemetry
+        (a rollout must not judge a canary on the load it happened to get)."""
+        if version is not None:
+            model, ver = version.name, str(version.version)
+        else:
+            model = request.model_name if request.model_name in self.slots.slots else "_unknown"
+            ver = ""
+        self.metrics.shed.labels(model, exc.reason).inc()
+        self.metrics.requests.labels(model, ver, "shed", exc.reason).inc()

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from modelfleet.agent import __version__
 from modelfleet.agent.repository import ModelControl, compare_local
+from modelfleet.agent.serving.admission import client_key
 from modelfleet.agent.serving.batcher import DynamicBatcher
 from modelfleet.agent.serving.capture import Capture, CaptureRule, LocalRules
 from modelfleet.agent.serving.converters import request_from_proto, response_to_proto
@@ -251,6 +252,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ``error_message`` and the stream goes on. At most STREAM_MAX_INFLIGHT are answered at
         once (they batch together like unary requests)."""
         header_key = _header_routing_key(context)
+        # One client for the whole stream: its requests share that client's rate-limit bucket.
+        client = grpc_client_key(context) if self.dataplane.admission.clients is not None else ""
         room = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
         # Answers in request order; bounded by `room`, and None marks the end of the requests.
         pending: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
@@ -259,7 +262,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 async for msg in request_iterator:
                     await room.acquire()
-                    pending.put_nowait(asyncio.ensure_future(self._stream_one(msg, header_key)))
+                    pending.put_nowait(
+                        asyncio.ensure_future(self._stream_one(msg, header_key, client))
+                    )
             finally:
                 pending.put_nowait(None)
 
@@ -278,11 +283,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if left is not None:
                     left.cancel()
 
-    async def _stream_one(self, msg: Any, header_key: str) -> pb.ModelStreamInferResponse:
+    async def _stream_one(
+        self, msg: Any, header_key: str, client: str
+    ) -> pb.ModelStreamInferResponse:
         try:
             req = request_from_proto(msg)
             if not req.routing_key:
                 req.routing_key = header_key
+            req.client = client
             resp = response_to_proto(await self.dataplane.infer(req))
             out = pb.ModelStreamInferResponse(infer_response=resp)
         except ModelfleetError as exc:
@@ -308,6 +316,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         req = request_from_proto(request)
         if not req.routing_key:
             req.routing_key = _header_routing_key(context)
+        if self.dataplane.admission.clients is not None:
+            req.client = grpc_client_key(context)
         if self.tracing is None:
             return response_to_proto(await self.dataplane.infer(req))
         return await self._traced_infer(req, context)
@@ -329,6 +339,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ) as span:
             req.trace = span
             return response_to_proto(await self.dataplane.infer(req))
+
+
+def grpc_client_key(context: grpc.aio.ServicerContext) -> str:
+    """Whom the per-client rate limit counts this call against (admission.client_key)."""
+    identities = context.peer_identities()
+    identity = identities[0].decode(errors="replace") if identities else ""
+    return client_key(context.peer(), identity)
 
 
 def model_config(v: LoadedVersion) -> pb.ModelConfig:
