@@ -318,7 +318,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     if cfg.mqtt:
         from modelfleet.hub.mqtt import MqttBridge
 
-        bridge = MqttBridge(core, cfg.mqtt, loop)
+        bridge = MqttBridge(core, cfg.mqtt, loop, capture.store)
         bridge.start()
         tasks.append(loop.create_task(bridge.run(stop)))
     try:

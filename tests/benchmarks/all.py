@@ -24,6 +24,7 @@ SUITES = {
     "drift": "tests.benchmarks.drift_bench",  # drift cost per request, detection, false alarms
     "judge": "tests.benchmarks.judge_bench",  # rollout judge vs ratio gates on a simulated fleet
     "capture": "tests.benchmarks.capture_bench",  # serving cost of 10% inference capture
+    "monitoring": "tests.benchmarks.monitoring_bench",  # drift + 10% capture vs both off
 }
 
 
