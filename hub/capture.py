@@ -147,11 +147,12 @@ class CaptureStore:
         part.parent.mkdir(parents=True, exist_ok=True)
         return UploadSink(part, self._final(agent_id, h), h)
 
-    def append(self, agent_id: str, h: UploadHeader, data: bytes) -> tuple[int, bool]:
+    def append(self, agent_id: str, h: UploadHeader, data: bytes) -> tuple[int, bool, bool]:
         """One chunk of an upload sent as separate messages: ``data`` is the file's bytes from
         ``h.offset`` on. Written only where ``h.offset`` is what the hub holds; anything else
-        (a duplicate, a late resend, a chunk ahead of a gap) writes nothing and the answer,
-        (bytes held, stored), tells the agent where to go on. Blocking: call from a thread."""
+        (a duplicate, a late resend, a chunk ahead of a gap) writes nothing, and the answer,
+        (bytes held, stored, whether this chunk was taken), tells the agent where to go on.
+        Blocking: call from a thread."""
         if len(data) > MAX_PART_BYTES:
             raise InvalidRequestError(
                 f"capture upload of {h.file_id}: a chunk of {len(data)} bytes is over the "
@@ -161,18 +162,18 @@ class CaptureStore:
         with lock:
             have, stored = self.state(agent_id, h)
             if stored:
-                return have, True
+                return have, True, False
             # A partial copy longer than the file (another file under this id) starts over.
             restart = h.offset == 0 and have > h.size
             if h.offset != have and not restart:
-                return have, False
+                return have, False, False
             sink = self.open_upload(agent_id, h)
             if sink is None:  # stored meanwhile by a gRPC upload of the same file
-                return self.state(agent_id, h)
+                return (*self.state(agent_id, h), False)
             try:
                 if data:
                     sink.write(data)
-                return sink.finish()
+                return (*sink.finish(), True)
             finally:
                 sink.close()
 

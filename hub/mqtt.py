@@ -388,20 +388,20 @@ class MqttBridge:
             have, stored = self.capture.state(agent_id, header)
             self._uploading.discard(key)
         else:
-            have, stored = self.capture.append(agent_id, header, bytes(part.data))
+            have, stored, taken = self.capture.append(agent_id, header, bytes(part.data))
+            if taken and header.offset and key not in self._uploading:
+                log.info(
+                    "capture file %s/%s of agent %s: resumed at byte %d of %d",
+                    header.model,
+                    header.file_id,
+                    agent_id,
+                    header.offset,
+                    header.size,
+                )
             if stored:
                 self._uploading.discard(key)
-            elif have > header.offset and key not in self._uploading:
+            elif taken:
                 self._uploading.add(key)
-                if header.offset:
-                    log.info(
-                        "capture file %s/%s of agent %s: resumed at byte %d of %d",
-                        header.model,
-                        header.file_id,
-                        agent_id,
-                        header.offset,
-                        header.size,
-                    )
         return pb.CaptureFileState(have=have, stored=stored).SerializeToString()
 
     async def _authorize(self, agent_id: str) -> None:

@@ -204,24 +204,25 @@ def test_chunk_messages_are_stored_once_whatever_the_broker_delivers(tmp_path):
     parts = [(o, data[o : o + size]) for o in range(0, len(data), size)]
     assert len(parts) > 4
     # A chunk ahead of what the hub holds (a gap) is not written.
-    assert store.append("agent-1", _header(f, parts[2][0]), parts[2][1]) == (0, False)
-    assert store.append("agent-1", _header(f, 0), parts[0][1]) == (size, False)
+    assert store.append("agent-1", _header(f, parts[2][0]), parts[2][1]) == (0, False, False)
+    assert store.append("agent-1", _header(f, 0), parts[0][1]) == (size, False, True)
     # The same chunk again (the broker's redelivery), and a late copy of it after the next one.
-    assert store.append("agent-1", _header(f, 0), parts[0][1]) == (size, False)
-    assert store.append("agent-1", _header(f, size), parts[1][1]) == (2 * size, False)
+    assert store.append("agent-1", _header(f, 0), parts[0][1]) == (size, False, False)
+    assert store.append("agent-1", _header(f, size), parts[1][1]) == (2 * size, False, True)
     # A late copy whose bytes were altered cannot overwrite what is held either.
-    assert store.append("agent-1", _header(f, 0), b"\0" * size) == (2 * size, False)
+    assert store.append("agent-1", _header(f, 0), b"\0" * size) == (2 * size, False, False)
     for o, chunk in parts[2:]:
-        have, stored = store.append("agent-1", _header(f, o), chunk)
+        have, stored, taken = store.append("agent-1", _header(f, o), chunk)
+        assert taken
     assert (have, stored) == (len(data), True)
     # Everything replayed once more after the store: nothing is written, every answer "stored".
     for o, chunk in parts:
-        assert store.append("agent-1", _header(f, o), chunk) == (len(data), True)
+        assert store.append("agent-1", _header(f, o), chunk) == (len(data), True, False)
     (final,) = store.files("m")
     assert final.read_bytes() == data
     assert not list((tmp_path / "hub" / ".partial").rglob("*.part"))
     # Another agent's upload of the same file id is its own, and starts from nothing.
-    assert store.append("agent-2", _header(f, size), parts[1][1]) == (0, False)
+    assert store.append("agent-2", _header(f, size), parts[1][1]) == (0, False, False)
 
 
 def test_chunk_messages_bounded_and_checked(tmp_path):
@@ -240,7 +241,7 @@ def test_chunk_messages_bounded_and_checked(tmp_path):
     with pytest.raises(InvalidRequestError, match="sha256 mismatch"):
         store.append("agent-1", _header(f, 0), bad)
     assert store.state("agent-1", _header(f)) == (0, False)
-    assert store.append("agent-1", _header(f, 0), data) == (len(data), True)
+    assert store.append("agent-1", _header(f, 0), data) == (len(data), True, True)
     # The agent id and names are checked as for gRPC uploads.
     with pytest.raises(InvalidRequestError):
         store.append("../agent", _header(f, 0), data)

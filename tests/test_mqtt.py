@@ -398,7 +398,7 @@ def test_job_runs_from_an_mqtt_agent_reach_the_hub_also_after_its_outage(
 # with -9 mid-upload and the broker dropped mid-upload, each upload resumes from the hub's
 # partial copy, and no row is stored twice.
 
-CAPTURE_WIDTH = 1024  # a row of about 4 KiB: files of many 4 KiB chunks
+CAPTURE_WIDTH = 256  # random floats: a row of about 1 KiB, files of many 4 KiB chunks
 
 
 def _part(model: str, file_id: str, data: bytes, offset: int = 0) -> bytes:
@@ -517,6 +517,7 @@ def test_mqtt_agent_ships_captures_resuming_after_hub_kill_and_broker_drop(
     hub.cli("capture", "set", "m", "--rate", "100")
     stop = threading.Event()
     sent = [0]
+    rng = np.random.default_rng(0)
 
     def load() -> None:
         import tritonclient.grpc as grpcclient
@@ -524,7 +525,7 @@ def test_mqtt_agent_ships_captures_resuming_after_hub_kill_and_broker_drop(
         with grpcclient.InferenceServerClient(agent.url) as c:
             while not stop.is_set():
                 x = grpcclient.InferInput("x", [1, CAPTURE_WIDTH], "FP32")
-                x.set_data_from_numpy(np.full((1, CAPTURE_WIDTH), sent[0], np.float32))
+                x.set_data_from_numpy(rng.random((1, CAPTURE_WIDTH), dtype=np.float32))
                 c.infer("m", [x], request_id=f"req-{sent[0]}")
                 sent[0] += 1
                 time.sleep(0.005)  # about 100 requests/s: uploads keep up, files span chunks
@@ -549,19 +550,15 @@ def test_mqtt_agent_ships_captures_resuming_after_hub_kill_and_broker_drop(
         mqtt_fleet.hub = hub = again.start()
         wait_for(lambda: "resumed at byte" in hub.logs(), 90, "an upload resumed after the kill")
         wait_for(lambda: cut <= _stored_ids(hub), 90, "the files cut by the kill stored")
-        # The broker goes away mid-upload of another file and comes back.
+        # The broker goes away mid-upload of another file and comes back. paho sends the chunk
+        # in flight again on reconnecting, or the agent asks the hub where it is: either way
+        # the upload goes on from the hub's partial copy (a chunk from 0 would not be taken).
         wait_for(lambda: bool(_partials(hub) - cut), 60, "another upload in progress")
-        resumed = hub.logs().count("resumed at byte")
         cut = _partials(hub)
         mqtt_fleet.broker.kill()
         time.sleep(1)
         mqtt_fleet.broker.start()
-        wait_for(
-            lambda: hub.logs().count("resumed at byte") > resumed,
-            120,
-            "an upload resumed after the broker came back",
-        )
-        wait_for(lambda: cut <= _stored_ids(hub), 90, "the files cut by the broker stored")
+        wait_for(lambda: cut <= _stored_ids(hub), 120, "the files cut by the broker stored")
     finally:
         stop.set()
         loader.join(30)
