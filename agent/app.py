@@ -140,7 +140,11 @@ def connect_control_plane(cfg: ServeConfig) -> ControlPlane:
 
     def mqtt_plane() -> MqttControlPlane:
         return MqttControlPlane(
-            cfg.mqtt, cfg.data, cfg.agent_id, resync_interval_s=cfg.resync_interval_s
+            cfg.mqtt,
+            cfg.data,
+            cfg.agent_id,
+            resync_interval_s=cfg.resync_interval_s,
+            capture_chunk_bytes=cfg.capture_mqtt_chunk_bytes,
         )
 
     if cfg.transport == "grpc":

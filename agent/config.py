@@ -177,8 +177,11 @@ class ServeConfig:
     capture_rotate_bytes: int = 16 * 1024 * 1024
     capture_rotate_s: float = 300.0
     capture_quota_bytes: int = 1024**3
-    # Fleet mode over gRPC: seconds between looks for complete files to ship to the hub.
+    # Fleet mode: seconds between looks for complete files to ship to the hub.
     capture_ship_interval_s: float = 10.0
+    # Fleet mode over MQTT (transport = "mqtt"): file bytes per capture chunk message, 4 KiB to
+    # 1 MiB (the hub refuses larger ones).
+    capture_mqtt_chunk_bytes: int = 256 * 1024
 
     def capture_path(self) -> Path:
         return Path(self.capture_dir) if self.capture_dir else self.data / "capture"
@@ -359,6 +362,11 @@ def validate(cfg: ServeConfig) -> None:
         raise InvalidRequestError(
             "config: capture_queue_max must be >= 0, capture_rotate_bytes and "
             "capture_quota_bytes >= 1"
+        )
+    if not 4096 <= cfg.capture_mqtt_chunk_bytes <= 1024 * 1024:
+        raise InvalidRequestError(
+            f"config: capture_mqtt_chunk_bytes must be 4096 to 1048576 (1 MiB), not "
+            f"{cfg.capture_mqtt_chunk_bytes}"
         )
     if cfg.capture_rotate_s <= 0 or cfg.capture_ship_interval_s <= 0:
         raise InvalidRequestError(

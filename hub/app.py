@@ -322,7 +322,9 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     if cfg.mqtt:
         from modelfleet.hub.mqtt import MqttBridge
 
-        bridge = MqttBridge(core, cfg.mqtt, loop, resync_interval_s=cfg.mqtt_resync_interval_s)
+        bridge = MqttBridge(
+            core, cfg.mqtt, loop, capture.store, resync_interval_s=cfg.mqtt_resync_interval_s
+        )
         bridge.start()
         tasks.append(loop.create_task(bridge.run(stop)))
     try:

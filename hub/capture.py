@@ -9,8 +9,13 @@ in their desired state (``Desired.capture_*``). Files live under ``DATA/capture`
 A file is stored when all of its bytes arrived and match the sha256 the agent sent; from then
 on every upload of the same (agent, file id) is answered "stored" without writing anything, so
 an agent that crashed between the hub's acknowledgement and its local delete ships nothing
-twice. Queries load a model's files into an in-memory DuckDB table ``capture`` (plus an
-``agent_id`` column) and run the caller's SQL with DuckDB's file and network access turned off.
+twice. Over gRPC an upload is one stream (:meth:`CaptureStore.open_upload`); through the MQTT
+broker it is a series of separate chunk messages (:meth:`CaptureStore.append`), each stored only
+where it continues exactly what the hub holds, so a chunk the broker delivers twice, or late,
+after a restart, changes nothing.
+
+Queries load a model's files into an in-memory DuckDB table ``capture`` (plus an ``agent_id``
+column) and run the caller's SQL with DuckDB's file and network access turned off.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +51,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # One captured file at most (agents rotate at capture_rotate_bytes, 16 MiB by default).
 MAX_FILE_BYTES = 1024**3
+# Data bytes in one MQTT chunk message at most (the agent's capture_mqtt_chunk_bytes is below).
+MAX_PART_BYTES = 1024 * 1024
 
 
 class UploadConflictError(ModelfleetError):
@@ -105,6 +113,9 @@ class CaptureStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Chunk messages are handled on several threads: two copies of one chunk must not
+        # write the same partial file at once. Striped, so files of other agents go on.
+        self._locks = [threading.Lock() for _ in range(16)]
 
     def _final(self, agent_id: str, h: UploadHeader) -> Path:
         return self.root / h.model / agent_id / (h.file_id + SUFFIX)
@@ -135,6 +146,36 @@ class CaptureStore:
         part = self._partial(agent_id, h)
         part.parent.mkdir(parents=True, exist_ok=True)
         return UploadSink(part, self._final(agent_id, h), h)
+
+    def append(self, agent_id: str, h: UploadHeader, data: bytes) -> tuple[int, bool, bool]:
+        """One chunk of an upload sent as separate messages: ``data`` is the file's bytes from
+        ``h.offset`` on. Written only where ``h.offset`` is what the hub holds; anything else
+        (a duplicate, a late resend, a chunk ahead of a gap) writes nothing, and the answer,
+        (bytes held, stored, whether this chunk was taken), tells the agent where to go on.
+        Blocking: call from a thread."""
+        if len(data) > MAX_PART_BYTES:
+            raise InvalidRequestError(
+                f"capture upload of {h.file_id}: a chunk of {len(data)} bytes is over the "
+                f"{MAX_PART_BYTES} the hub takes in one message"
+            )
+        lock = self._locks[hash((agent_id, h.model, h.file_id)) % len(self._locks)]
+        with lock:
+            have, stored = self.state(agent_id, h)
+            if stored:
+                return have, True, False
+            # A partial copy longer than the file (another file under this id) starts over.
+            restart = h.offset == 0 and have > h.size
+            if h.offset != have and not restart:
+                return have, False, False
+            sink = self.open_upload(agent_id, h)
+            if sink is None:  # stored meanwhile by a gRPC upload of the same file
+                return (*self.state(agent_id, h), False)
+            try:
+                if data:
+                    sink.write(data)
+                return (*sink.finish(), True)
+            finally:
+                sink.close()
 
     def files(self, model: str) -> list[Path]:
         folder = self.root / model
@@ -285,6 +326,7 @@ def _check_agent(agent_id: str) -> None:
 
 __all__ = [
     "CAPTURE_DIR",
+    "MAX_PART_BYTES",
     "CaptureService",
     "CaptureStore",
     "StoredFiles",

@@ -18,12 +18,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from modelfleet.hub.ca import CertificateAuthority
+from modelfleet.hub.capture import MAX_PART_BYTES, CaptureStore, UploadHeader
 from modelfleet.hub.convert import desired_to_proto, job_runs_from_reports
 from modelfleet.hub.core import HubCore
 from modelfleet.hub.crl import CRL_FILE, PID_FILE, BrokerFiles, write_crl
 from modelfleet.hub.registry import Registry
 from modelfleet.kernel import mqtt_topics as t
-from modelfleet.kernel.errors import ModelfleetError
+from modelfleet.kernel.errors import InvalidRequestError, ModelfleetError
 from modelfleet.kernel.identity import generate_key, parse_identity, write_pem, write_private_key
 from modelfleet.kernel.mqtt_client import make_client, publish_properties, session_properties
 from modelfleet.kernel.reports import report_from_proto
@@ -126,10 +127,12 @@ class MqttBridge:
         core: HubCore,
         address: str,
         loop: asyncio.AbstractEventLoop,
+        capture: CaptureStore,
         *,
         resync_interval_s: float = 30.0,
     ) -> None:
         self.core = core
+        self.capture = capture
         self.resync_interval_s = resync_interval_s
         self.loop = loop
         self.address = address
@@ -143,6 +146,9 @@ class MqttBridge:
         self.published: dict[str, bytes] = {}
         self.connected = threading.Event()
         self.fetchers = ThreadPoolExecutor(4, thread_name_prefix="mqtt-fetch")
+        # Capture uploads going on since their last offset query, for the log: the first chunk
+        # taken after one, or after a hub restart, at an offset above 0 is a resumed upload.
+        self._uploading: set[tuple[str, str, str]] = set()
 
     def start(self) -> None:
         host, port = split_hostport(self.address, "mqtt")
@@ -323,6 +329,10 @@ class MqttBridge:
                 data = answer.SerializeToString()
                 send(pb.Chunk(data=data, total_size=len(data)), eof="1")
                 return
+            if kind in (t.KIND_CAPTURE_OFFSET, t.KIND_CAPTURE):
+                data = self._capture_part(agent_id, kind, bytes(msg.payload))
+                send(pb.Chunk(data=data, total_size=len(data)), eof="1")
+                return
             req = pb.FetchRequest.FromString(msg.payload)
             authorized = asyncio.run_coroutine_threadsafe(self._authorize(agent_id), self.loop)
             authorized.result(timeout=10)
@@ -355,6 +365,47 @@ class MqttBridge:
         except Exception as exc:
             log.exception("MQTT fetch for %s failed", agent_id)
             send(pb.Chunk(), error=f"internal:{exc}")
+
+    def _capture_part(self, agent_id: str, kind: str, payload: bytes) -> bytes:
+        """A capture offset query or chunk (worker thread); the answer, a CaptureFileState.
+
+        Who uploads is the topic's identity: the broker's ACL lets each certificate write its
+        own subtree only, and the hub takes enrolled, unrevoked agents only. The message's size
+        is checked before it is parsed; the store writes a chunk only where it continues what
+        the hub holds (hub/capture.py), so the broker's redeliveries change nothing."""
+        if len(payload) > MAX_PART_BYTES + 4096:
+            raise InvalidRequestError(
+                f"capture upload: a message of {len(payload)} bytes is over the hub's limit of "
+                f"{MAX_PART_BYTES} data bytes per chunk (lower capture_mqtt_chunk_bytes)"
+            )
+        try:
+            part = pb.CapturePart.FromString(payload)
+        except Exception:
+            raise InvalidRequestError("capture upload: undecodable CapturePart") from None
+        f = part.file
+        header = UploadHeader(f.model, f.file_id, f.size, f.sha256, f.offset).check()
+        authorized = asyncio.run_coroutine_threadsafe(self._authorize(agent_id), self.loop)
+        authorized.result(timeout=10)
+        key = (agent_id, header.model, header.file_id)
+        if kind == t.KIND_CAPTURE_OFFSET:
+            have, stored = self.capture.state(agent_id, header)
+            self._uploading.discard(key)
+        else:
+            have, stored, taken = self.capture.append(agent_id, header, bytes(part.data))
+            if taken and header.offset and key not in self._uploading:
+                log.info(
+                    "capture file %s/%s of agent %s: resumed at byte %d of %d",
+                    header.model,
+                    header.file_id,
+                    agent_id,
+                    header.offset,
+                    header.size,
+                )
+            if stored:
+                self._uploading.discard(key)
+            elif taken:
+                self._uploading.add(key)
+        return pb.CaptureFileState(have=have, stored=stored).SerializeToString()
 
     async def _authorize(self, agent_id: str) -> None:
         self.core.authorize_agent(agent_id)

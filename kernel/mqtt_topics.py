@@ -11,6 +11,10 @@ ACL can confine each agent to its own subtree with a single ``%u`` pattern per t
     mf/v1/<identity>/presence         agent -> hub   retained "online"; last will "offline"
     mf/v1/<identity>/fetch/request    agent -> hub   QoS 1 (fleet_pb2.FetchRequest + properties)
     mf/v1/<identity>/fetch/response   hub -> agent   QoS 1 (fleet_pb2.Chunk + properties)
+
+Besides fetches, the request/response pair carries the exchanges an agent without a gRPC route
+starts: certificate renewal (kind ``certificate``) and capture shipping (``capture-offset``,
+``capture``: a ``fleet_pb2.CapturePart`` in, one Chunk holding a ``CaptureFileState`` out).
 """
 
 from __future__ import annotations
@@ -33,11 +37,15 @@ ONLINE = b"online"
 OFFLINE = b"offline"
 
 # MQTT v5 user properties on fetch messages.
-PROP_KIND = "kind"  # "metadata" or "target"
+PROP_KIND = "kind"  # "metadata", "target", "certificate", "capture-offset" or "capture"
 PROP_LENGTH = "length"  # bytes wanted in this window
 PROP_OFFSET = "offset"
 PROP_EOF = "eof"
 PROP_ERROR = "error"  # "<status>:<message>"
+
+# Kinds of capture shipping requests (agent/fleet/mqtt_plane.py, hub/mqtt.py).
+KIND_CAPTURE_OFFSET = "capture-offset"
+KIND_CAPTURE = "capture"
 
 
 def topic(identity: str, leaf: str) -> str:

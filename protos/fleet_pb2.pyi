@@ -1799,6 +1799,14 @@ class CaptureChunk(_message.Message):
     data: bytes
     def __init__(self, header: _Optional[_Union[CaptureFile, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class CapturePart(_message.Message):
+    __slots__ = ("file", "data")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    file: CaptureFile
+    data: bytes
+    def __init__(self, file: _Optional[_Union[CaptureFile, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class CaptureFileState(_message.Message):
     __slots__ = ("have", "stored")
     HAVE_FIELD_NUMBER: _ClassVar[int]

@@ -192,3 +192,80 @@ def test_shipper_resumes_and_never_ships_twice(tmp_path):
     assert plane.uploads == uploads and not f.exists()
     assert len(store.files("m")) == 1
     assert store.query("m", "SELECT count(*) AS n FROM capture").to_pylist() == [{"n": 30}]
+
+
+def test_chunk_messages_are_stored_once_whatever_the_broker_delivers(tmp_path):
+    """MQTT uploads (CaptureStore.append): chunks replayed, duplicated, out of order or past a
+    gap write nothing; the answer says where to go on; the file is stored once, intact."""
+    f = _file(tmp_path, rows=300)
+    data = f.read_bytes()
+    store = CaptureStore(tmp_path / "hub")
+    size = 64
+    parts = [(o, data[o : o + size]) for o in range(0, len(data), size)]
+    assert len(parts) > 4
+    # A chunk ahead of what the hub holds (a gap) is not written.
+    assert store.append("agent-1", _header(f, parts[2][0]), parts[2][1]) == (0, False, False)
+    assert store.append("agent-1", _header(f, 0), parts[0][1]) == (size, False, True)
+    # The same chunk again (the broker's redelivery), and a late copy of it after the next one.
+    assert store.append("agent-1", _header(f, 0), parts[0][1]) == (size, False, False)
+    assert store.append("agent-1", _header(f, size), parts[1][1]) == (2 * size, False, True)
+    # A late copy whose bytes were altered cannot overwrite what is held either.
+    assert store.append("agent-1", _header(f, 0), b"\0" * size) == (2 * size, False, False)
+    for o, chunk in parts[2:]:
+        have, stored, taken = store.append("agent-1", _header(f, o), chunk)
+        assert taken
+    assert (have, stored) == (len(data), True)
+    # Everything replayed once more after the store: nothing is written, every answer "stored".
+    for o, chunk in parts:
+        assert store.append("agent-1", _header(f, o), chunk) == (len(data), True, False)
+    (final,) = store.files("m")
+    assert final.read_bytes() == data
+    assert not list((tmp_path / "hub" / ".partial").rglob("*.part"))
+    # Another agent's upload of the same file id is its own, and starts from nothing.
+    assert store.append("agent-2", _header(f, size), parts[1][1]) == (0, False, False)
+
+
+def test_chunk_messages_bounded_and_checked(tmp_path):
+    from modelfleet.hub.capture import MAX_PART_BYTES
+
+    f = _file(tmp_path)
+    data = f.read_bytes()
+    store = CaptureStore(tmp_path / "hub")
+    with pytest.raises(InvalidRequestError, match="over the"):
+        store.append("agent-1", _header(f, 0), b"x" * (MAX_PART_BYTES + 1))
+    # More bytes than the file's size: refused, nothing kept beyond the size.
+    with pytest.raises(InvalidRequestError, match="more bytes than its size"):
+        store.append("agent-1", _header(f, 0), data + b"extra")
+    # Bytes that do not match the SHA-256: the partial copy is dropped; the next starts over.
+    bad = bytes(len(data))
+    with pytest.raises(InvalidRequestError, match="sha256 mismatch"):
+        store.append("agent-1", _header(f, 0), bad)
+    assert store.state("agent-1", _header(f)) == (0, False)
+    assert store.append("agent-1", _header(f, 0), data) == (len(data), True, True)
+    # The agent id and names are checked as for gRPC uploads.
+    with pytest.raises(InvalidRequestError):
+        store.append("../agent", _header(f, 0), data)
+
+
+def test_duplicate_chunks_on_several_threads_write_the_file_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    f = _file(tmp_path, rows=300)
+    data = f.read_bytes()
+    store = CaptureStore(tmp_path / "hub")
+    size = 128
+    parts = [(o, data[o : o + size]) for o in range(0, len(data), size)]
+    # Every chunk four times, all at once, in rounds: whatever wins, the result is the file.
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(len(parts) + 1):
+            have, _ = store.state("agent-1", _header(f))
+            todo = [(o, c) for o, c in parts if o >= have][:2] or [(len(data), b"")]
+            list(
+                pool.map(
+                    lambda oc: store.append("agent-1", _header(f, oc[0]), oc[1]),
+                    [oc for oc in todo for _ in range(4)],
+                )
+            )
+    assert store.state("agent-1", _header(f)) == (len(data), True)
+    (final,) = store.files("m")
+    assert final.read_bytes() == data

@@ -4,7 +4,9 @@ Each look lists the complete files (oldest first), asks the hub how much of each
 (``capture_offset``), sends the rest (``upload_capture``) and deletes the local file once the hub
 says it stored the whole of it. The hub keys files by (agent, file id) and stores each once, so a
 crash between its acknowledgement and the local delete costs one extra offset call, never a
-duplicate. MQTT-only agents keep their files (docs/monitoring.md#inference-capture).
+duplicate. Over MQTT the upload is a series of bounded chunk messages (agent/fleet/mqtt_plane.py)
+that the hub stores only where each continues what it holds; the shipper cannot tell the two
+apart (docs/monitoring.md#inference-capture).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from pathlib import Path
 from modelfleet.agent.fleet.backoff import Backoff
 from modelfleet.agent.fleet.controlplane import (
     CaptureFileInfo,
-    CaptureUnsupportedError,
     ControlPlane,
 )
 from modelfleet.agent.serving.capture import SUFFIX, Capture
@@ -63,6 +64,14 @@ class CaptureShipper:
             if not stored:
                 # More than the file: the hub holds another file under this id; start over.
                 start = have if 0 <= have <= info.size else 0
+                if start:
+                    log.info(
+                        "resuming the upload of capture file %s/%s at byte %d of %d",
+                        info.model,
+                        path.name,
+                        start,
+                        info.size,
+                    )
                 have, stored = await self.control.upload_capture(info, path, start)
             if not stored:
                 raise OSError(
@@ -82,9 +91,6 @@ class CaptureShipper:
             try:
                 await self.ship_once()
                 backoff.reset()
-            except CaptureUnsupportedError as exc:
-                log.info("%s", exc)
-                return
             except (OSError, ModelfleetError) as exc:
                 delay = backoff.next()
                 log.warning("capture shipping: %s; retrying in %.1fs", exc, delay)

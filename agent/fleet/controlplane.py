@@ -66,10 +66,6 @@ class CaptureFileInfo:
     sha256: str
 
 
-class CaptureUnsupportedError(Exception):
-    """This control plane cannot ship capture files (MQTT only): they stay on the agent."""
-
-
 @dataclass(frozen=True)
 class DesiredState:
     """What the hub wants this agent to run, as of ``revision``."""
@@ -149,8 +145,7 @@ class ControlPlane(Protocol):
         ...
 
     async def capture_offset(self, file: CaptureFileInfo) -> tuple[int, bool]:
-        """(bytes of ``file`` the hub holds, whether it stored the whole file). Raises
-        :class:`CaptureUnsupportedError` where captures cannot be shipped."""
+        """(bytes of ``file`` the hub holds, whether it stored the whole file)."""
         ...
 
     async def upload_capture(
@@ -227,7 +222,6 @@ class SplitControlPlane:
 __all__ = [
     "AgentReport",
     "CaptureFileInfo",
-    "CaptureUnsupportedError",
     "ControlPlane",
     "DesiredModel",
     "DesiredState",

@@ -1,9 +1,9 @@
 """The control plane through an MQTT v5 broker, for agents that can reach a broker only.
 
 Desired states arrive as a retained message (re-delivered by subscribing again: the periodic
-resync), reports and telemetry are published with QoS 1, and metadata, bundle bytes and
-certificate renewals are windowed request/response exchanges (agent/fleet/mqtt.py). paho runs
-its own network thread; everything handed to the event loop crosses with
+resync), reports and telemetry are published with QoS 1, and metadata, bundle bytes,
+certificate renewals and capture files are request/response exchanges (agent/fleet/mqtt.py).
+paho runs its own network thread; everything handed to the event loop crosses with
 ``call_soon_threadsafe``.
 """
 
@@ -19,7 +19,6 @@ from modelfleet.agent.fleet import renew as renewal
 from modelfleet.agent.fleet.controlplane import (
     AgentReport,
     CaptureFileInfo,
-    CaptureUnsupportedError,
     OnDesired,
     OnLateAcks,
     OnTrouble,
@@ -27,12 +26,18 @@ from modelfleet.agent.fleet.controlplane import (
 from modelfleet.agent.fleet.convert import desired_state
 from modelfleet.agent.fleet.mqtt import MqttLink, MqttTransport
 from modelfleet.agent.fleet.transport import IDENTITY_DIR
+from modelfleet.kernel import mqtt_topics as t
 from modelfleet.kernel.reports import report_to_proto
 from modelfleet.protos import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 TELEMETRY_ACK_TIMEOUT_S = 15.0
+# Data bytes per capture chunk message (capture_mqtt_chunk_bytes): small next to what a broker
+# takes in one message, and the most an interrupted upload sends again.
+CAPTURE_CHUNK_BYTES = 256 * 1024
+# Answers in a row that move an upload no further before it is left to the shipper's backoff.
+CAPTURE_MAX_STALLS = 3
 
 
 class MqttSender:
@@ -96,10 +101,12 @@ class MqttControlPlane:
         agent_id: str,
         *,
         resync_interval_s: float,
+        capture_chunk_bytes: int = CAPTURE_CHUNK_BYTES,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.ident = Path(data_dir) / IDENTITY_DIR
         self.resync_interval_s = resync_interval_s
+        self.capture_chunk_bytes = capture_chunk_bytes
         self._loop = loop or asyncio.get_running_loop()
         self._on_desired: OnDesired | None = None
         self.link = MqttLink(address, Path(data_dir), agent_id, self._desired_from_broker)
@@ -169,15 +176,41 @@ class MqttControlPlane:
         return self._bytes.fetch_target(path, offset)
 
     async def capture_offset(self, file: CaptureFileInfo) -> tuple[int, bool]:
-        raise CaptureUnsupportedError(
-            "capture files are not shipped over MQTT: they stay on the agent (set transport = "
-            "both or grpc to ship them to the hub)"
-        )
+        return await asyncio.to_thread(self._capture, t.KIND_CAPTURE_OFFSET, file, 0, b"")
 
     async def upload_capture(
         self, file: CaptureFileInfo, path: Path, offset: int
     ) -> tuple[int, bool]:
-        return await self.capture_offset(file)
+        # A worker thread: each chunk waits for the hub's answer, never on the event loop.
+        return await asyncio.to_thread(self._upload, file, path, offset)
+
+    def _upload(self, file: CaptureFileInfo, path: Path, offset: int) -> tuple[int, bool]:
+        """One chunk message at a time, each sent from where the hub's last answer says it
+        is (which is also how a duplicate or a restarted hub is caught up with)."""
+        have, stored, stalls = offset, False, 0
+        with path.open("rb") as f:
+            while not stored and stalls < CAPTURE_MAX_STALLS and 0 <= have <= file.size:
+                f.seek(have)
+                data = f.read(self.capture_chunk_bytes)
+                before = have
+                have, stored = self._capture(t.KIND_CAPTURE, file, have, data)
+                stalls = 0 if have > before else stalls + 1
+        return have, stored
+
+    def _capture(
+        self, kind: str, file: CaptureFileInfo, offset: int, data: bytes
+    ) -> tuple[int, bool]:
+        header = pb.CaptureFile(
+            model=file.model,
+            file_id=file.file_id,
+            size=file.size,
+            sha256=file.sha256,
+            offset=offset,
+        )
+        payload = pb.CapturePart(file=header, data=data).SerializeToString()
+        answer = b"".join(self.link.request(kind, f"capture file {file.file_id}", payload=payload))
+        state = pb.CaptureFileState.FromString(answer)
+        return int(state.have), bool(state.stored)
 
     async def close(self) -> None:
         self.link.stop()

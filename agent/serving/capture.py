@@ -55,6 +55,11 @@ RULES_FILE = "rules.json"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Nice value of the writer thread (Linux): below the serving threads' when cores are short.
 WRITER_NICE = 10
+# After the first sampled request of a quiet spell, the writer waits this long and then takes
+# everything queued at once: one wake-up (and one GIL hand-over from the event loop) per batch
+# rather than per captured request, which under load cost the serving path more than the
+# writing itself (docs/benchmarks.md#drift--capture-benchmonitoring).
+WRITER_BATCH_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -296,17 +301,23 @@ class Capture:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
         tick = min(self.limits.flush_s, 1.0)
         while True:
-            rec: _Record | None
+            records: list[_Record | None] = []
             try:
-                rec = self._queue.get(timeout=tick)
+                records.append(self._queue.get(timeout=tick))
             except queue.Empty:
-                rec = None  # a tick: time-based flushes and rotation only
+                pass  # a tick: time-based flushes and rotation only
             else:
-                if rec is None:
-                    self._close_all()
-                    return
+                if records[0] is not None:
+                    # While this thread sleeps, offers queue without waking it.
+                    time.sleep(WRITER_BATCH_S)
+                    with contextlib.suppress(queue.Empty):
+                        while len(records) <= self.limits.queue_max:
+                            records.append(self._queue.get_nowait())
             try:
-                if rec is not None:
+                for rec in records:
+                    if rec is None:
+                        self._close_all()
+                        return
                     self._add(rec)
                 self._housekeep()
             except Exception:  # a disk problem must never take the agent down

@@ -26,6 +26,7 @@ SUITES = {
     "capture": "tests.benchmarks.capture_bench",  # serving cost of 10% inference capture
     "http": "tests.benchmarks.http_bench",  # HTTP/REST p50 and throughput vs gRPC and an echo
     "gpu": "tests.benchmarks.gpu_bench",  # CUDA vs CPU serving (CPU part only without a GPU)
+    "monitoring": "tests.benchmarks.monitoring_bench",  # drift + 10% capture vs both off
 }
 
 
