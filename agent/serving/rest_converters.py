@@ -250,6 +250,7 @@ def request_from_http(
         )
     form = OutputForm(binary_default=_flag(params, BINARY_OUTPUT, "request"))
     outputs: list[str] = []
+    output_parameters: dict[str, dict[str, Any]] = {}
     outputs_doc = doc.get("outputs", [])
     if not isinstance(outputs_doc, list):
         raise _bad("request: 'outputs' must be a list")
@@ -257,14 +258,12 @@ def request_from_http(
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise _bad(f"request: outputs[{i}] must be an object with a string 'name'")
         oparams = _parameters(out, f"output {out['name']!r}")
-        if "classification" in oparams:
-            raise _bad(
-                f"output {out['name']!r}: the classification extension is not supported over "
-                "HTTP; ask for the raw output",
-                "classification",
-            )
         if BINARY in oparams:
             form.binary[out["name"]] = _flag(oparams, BINARY, f"output {out['name']!r}")
+        # The rest (classification) is the data plane's to judge, as for gRPC.
+        rest = {k: v for k, v in oparams.items() if k != BINARY}
+        if rest:
+            output_parameters[out["name"]] = rest
         outputs.append(out["name"])
     request_id = doc.get("id", "")
     if not isinstance(request_id, str):
@@ -278,6 +277,7 @@ def request_from_http(
             outputs=outputs,
             parameters={k: v for k, v in params.items() if k not in _EDGE_PARAMETERS},
             routing_key=_routing_key(params),
+            output_parameters=output_parameters,
         ),
         form,
     )
