@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 from typing import Any
 
 from modelfleet.agent.serving import grpc_server
@@ -24,6 +25,8 @@ class Plane:
         self.running = 0
         self.peak = 0
         self.release = asyncio.Event()
+        # No per-client rate limit: the servicer then asks nothing of the gRPC context.
+        self.admission = SimpleNamespace(clients=None)
 
     async def infer(self, req: Any) -> InferResponse:
         self.running += 1
