@@ -33,6 +33,8 @@ from modelfleet.agent.serving.introspection import (
 )
 from modelfleet.agent.serving.rest_converters import (
     HEADER_LENGTH,
+    object_body,
+    parameters_of,
     request_from_http,
     response_to_http,
 )
@@ -243,7 +245,7 @@ class OipHttp:
         return _json(proto_json(stats))
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        doc = await _json_body(request, "repository index", '{"ready": true}')
+        doc = object_body(await request.read(), "repository index", '{"ready": true}')
         ready_only = doc.get("ready", False)
         if not isinstance(ready_only, bool):
             raise InvalidRequestError(
@@ -256,14 +258,16 @@ class OipHttp:
         return _json(models)
 
     async def load(self, request: web.Request) -> web.Response:
-        doc = await _json_body(request, "load", '{"parameters": {}}')
-        await self.control.load(request.match_info["model"], _parameters(doc, "load"))
+        doc = object_body(await request.read(), "load", '{"parameters": {}}')
+        await self.control.load(request.match_info["model"], parameters_of(doc, "load"))
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
-        doc = await _json_body(request, "unload", '{"parameters": {"unload_dependents": false}}')
+        doc = object_body(
+            await request.read(), "unload", '{"parameters": {"unload_dependents": false}}'
+        )
         # unload_dependents: no model here has dependents, so there is nothing more to unload.
-        _parameters(doc, "unload")
+        parameters_of(doc, "unload")
         await self.control.unload(request.match_info["model"])
         return web.Response(status=200)
 
@@ -301,27 +305,6 @@ class OipHttp:
         out = web.Response(body=payload, content_type="application/octet-stream")
         out.headers[HEADER_LENGTH] = str(json_length)
         return out
-
-
-async def _json_body(request: web.Request, what: str, example: str) -> dict[str, Any]:
-    """An optional JSON object body (empty counts as ``{}``)."""
-    body = await request.read()
-    if not body.strip():
-        return {}
-    try:
-        doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        doc = None
-    if not isinstance(doc, dict):
-        raise InvalidRequestError(f"{what}: body must be empty or a JSON object like {example}")
-    return doc
-
-
-def _parameters(doc: dict[str, Any], what: str) -> dict[str, Any]:
-    params = doc.get("parameters", {})
-    if not isinstance(params, dict):
-        raise InvalidRequestError(f"{what}: 'parameters' must be a JSON object")
-    return params
 
 
 def http_client_key(request: web.Request) -> str:

@@ -92,7 +92,20 @@ def _parse_json(raw: bytes, has_header: bool) -> dict[str, Any]:
     return doc
 
 
-def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+def object_body(body: bytes, what: str, example: str) -> dict[str, Any]:
+    """The optional JSON object body of a control request (empty counts as ``{}``)."""
+    if not body.strip():
+        return {}
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        doc = None
+    if not isinstance(doc, dict):
+        raise _bad(f"{what}: body must be empty or a JSON object like {example}")
+    return doc
+
+
+def parameters_of(obj: dict[str, Any], where: str) -> dict[str, Any]:
     params = obj.get("parameters", {})
     if not isinstance(params, dict):
         raise _bad(f"{where}: 'parameters' must be a JSON object")
@@ -204,7 +217,7 @@ def request_from_http(
 ) -> tuple[InferRequest, OutputForm]:
     raw_json, binary = split_body(body, header_length)
     doc = _parse_json(raw_json, header_length is not None)
-    params = dict(_parameters(doc, "request"))
+    params = dict(parameters_of(doc, "request"))
     inputs_doc = doc.get("inputs")
     if not isinstance(inputs_doc, list) or not inputs_doc:
         raise _bad("request: 'inputs' must be a non-empty list of tensors")
@@ -218,7 +231,7 @@ def request_from_http(
         if not isinstance(name, str) or not isinstance(datatype, str):
             raise _bad(f"request: inputs[{i}] needs a string 'name' and 'datatype'")
         shape = _shape(tensor, name)
-        size = _parameters(tensor, f"input {name!r}").get(BINARY_SIZE)
+        size = parameters_of(tensor, f"input {name!r}").get(BINARY_SIZE)
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise _bad(f"input {name!r}: {BINARY_SIZE} must be a whole number >= 0", "binary")
@@ -257,7 +270,7 @@ def request_from_http(
     for i, out in enumerate(outputs_doc):
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise _bad(f"request: outputs[{i}] must be an object with a string 'name'")
-        oparams = _parameters(out, f"output {out['name']!r}")
+        oparams = parameters_of(out, f"output {out['name']!r}")
         if BINARY in oparams:
             form.binary[out["name"]] = _flag(oparams, BINARY, f"output {out['name']!r}")
         # The rest (classification) is the data plane's to judge, as for gRPC.
