@@ -21,7 +21,12 @@ import numpy as np
 
 from modelfleet.agent.serving.dataplane import InferInput, InferRequest, InferResponse
 from modelfleet.agent.serving.routing import ROUTING_KEY_PARAMETER
-from modelfleet.kernel.datatypes import decode_bytes_tensor, encode_bytes_tensor, numpy_dtype
+from modelfleet.kernel.datatypes import (
+    check_int_range,
+    decode_bytes_tensor,
+    encode_bytes_tensor,
+    numpy_dtype,
+)
 from modelfleet.kernel.errors import InvalidRequestError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -183,15 +188,7 @@ def _json_values(name: str, datatype: str, shape: tuple[int, ...], data: Any) ->
             "datatype",
         )
     if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        bad = np.flatnonzero((parsed < info.min) | (parsed > info.max))
-        if bad.size:
-            i = int(bad[0])
-            raise _bad(
-                f"input {name!r}: {datatype} value {int(parsed.reshape(-1)[i])} at index {i} is "
-                f"out of range ({info.min}..{info.max})",
-                "data",
-            )
+        check_int_range(name, datatype, parsed, "data")
     return parsed.astype(dtype, copy=False).reshape(-1)
 
 
