@@ -85,21 +85,17 @@ def model_config(v: LoadedVersion) -> pb.ModelConfig:
         backend="onnxruntime",
         max_batch_size=m.max_batch_size,
         input=[
-            pb.ModelInput(name=t.name, data_type=_config_type(t.datatype), dims=dims(t.shape))
+            pb.ModelInput(name=t.name, data_type=_CONFIG_TYPE[t.datatype], dims=dims(t.shape))
             for t in m.inputs
         ],
         output=[
-            pb.ModelOutput(name=t.name, data_type=_config_type(t.datatype), dims=dims(t.shape))
+            pb.ModelOutput(name=t.name, data_type=_CONFIG_TYPE[t.datatype], dims=dims(t.shape))
             for t in m.outputs
         ],
     )
     if isinstance(v.runner, DynamicBatcher):
         cfg.dynamic_batching.max_queue_delay_microseconds = v.runner.max_queue_delay_us
     return cfg
-
-
-def _config_type(datatype: str) -> int:
-    return pb.DataType.Value(_CONFIG_TYPE[datatype])
 
 
 def statistics(slots: SlotManager, name: str, version: str) -> pb.ModelStatisticsResponse:
