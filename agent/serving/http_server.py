@@ -1,5 +1,6 @@
 """HTTP/REST edge of the agent: the Open Inference Protocol (KServe v2) with Triton's binary
-tensor, statistics and repository index extensions, on aiohttp in the agent's event loop.
+tensor, classification, statistics and model repository extensions, on aiohttp in the agent's
+event loop. What it says about the server and its models comes from introspection.py, as gRPC's.
 
 Each handler converts (rest_converters.py), calls the same core as gRPC (DataPlane, SlotManager)
 and converts back; errors from :mod:`kernel.errors` become an HTTP status and
