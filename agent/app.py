@@ -421,6 +421,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     # Standalone, the watcher is made here so that model control (load/unload over the
     # protocol) can go through it; it starts polling only once the server is up.
     watcher = None if cfg.hub else RepositoryWatcher(cfg.models, slots, cfg.poll_interval_s)
+    control = ModelControl(watcher, cfg.hub)
     server, port = build_server(
         slots,
         dataplane,
@@ -429,7 +430,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         cfg.max_message_bytes,
         credentials,
         [token_check] if token_check else [],
-        ModelControl(watcher, cfg.hub),
+        control,
     )
     await server.start()
     bound = f"{cfg.listen.rpartition(':')[0]}:{port}"
@@ -446,7 +447,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     http: HttpServer | None = None
     if cfg.http_listen:
         http = HttpServer(
-            OipHttp(slots, dataplane, health, cfg.http_max_request_bytes, token_check),
+            OipHttp(slots, dataplane, health, cfg.http_max_request_bytes, token_check, control),
             cfg.http_listen,
             ssl_context,
             cfg.drain_timeout_s,

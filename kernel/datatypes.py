@@ -72,6 +72,21 @@ def numpy_dtype(datatype: str) -> np.dtype:
         ) from None
 
 
+def check_int_range(name: str, datatype: str, values: np.ndarray, reason: str) -> None:
+    """Refuse integers that ``datatype`` cannot hold, instead of letting numpy wrap them (an INT8
+    300 would become 44 without a word). ``values`` holds them in a wider integer type."""
+    info = np.iinfo(numpy_dtype(datatype))
+    flat = values.reshape(-1)
+    bad = np.flatnonzero((flat < info.min) | (flat > info.max))
+    if bad.size:
+        i = int(bad[0])
+        raise InvalidRequestError(
+            f"input {name!r}: {datatype} value {int(flat[i])} at index {i} is out of range "
+            f"({info.min}..{info.max})",
+            reason=reason,
+        )
+
+
 def datatype_of(array: np.ndarray) -> str:
     """OIP datatype of a numpy array; unicode and bytes arrays are BYTES."""
     if array.dtype.kind in ("U", "S", "O"):

@@ -25,7 +25,7 @@ class Plane:
         self.running = 0
         self.peak = 0
         self.release = asyncio.Event()
-        # No per-client rate limit: the stream then asks for no client key.
+        # No per-client rate limit: the servicer then asks nothing of the gRPC context.
         self.admission = SimpleNamespace(clients=None)
 
     async def infer(self, req: Any) -> InferResponse:

@@ -3,6 +3,8 @@ driven by tritonclient against a deliberately slow ONNX model (docs/operations.m
 
 from __future__ import annotations
 
+import http.client
+import json
 import re
 import threading
 import time
@@ -11,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from modelfleet.kernel.bundle import create_bundle
 from tests import models
 from tests.conftest import make_mlp_bundle
-from tests.procs import AgentProcess
+from tests.procs import AgentProcess, free_port
 from tests.security.test_inference_auth import Pki, client, infer_ok, wait_ready
 
 pytestmark = pytest.mark.process
@@ -44,8 +47,11 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
         latency_budget_ms=10_000,
         warmup_runs=1,
     )
+    http_port = free_port()
     proc = AgentProcess(
         repo,
+        "--http-listen",
+        f"127.0.0.1:{http_port}",
         "--serving-threads",
         "1",
         "--intra-op-threads",
@@ -62,6 +68,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
         str(MESSAGE_BYTES),
         log_path=root / "agent.log",
     )
+    proc.http_url = f"127.0.0.1:{http_port}"  # type: ignore[attr-defined]
     proc.start()
     try:
         proc.wait_model("slow", timeout=90)
@@ -186,6 +193,68 @@ def test_request_size_limits(agent: AgentProcess) -> None:
     assert "request_too_large" not in "".join(shed_counts(agent))
 
 
+def http_infer(url: str, model: str, n: int, width: int) -> tuple[int, dict[str, str], str]:
+    """(status, headers, error message or "") of one raw OIP HTTP inference of ``n`` rows."""
+    doc = {
+        "inputs": [
+            {"name": "x", "shape": [n, width], "datatype": "FP32", "data": [1.0] * n * width}
+        ]
+    }
+    conn = http.client.HTTPConnection(url, timeout=60)
+    try:
+        conn.request("POST", f"/v2/models/{model}/infer", body=json.dumps(doc).encode())
+        resp = conn.getresponse()
+        body = resp.read()
+        error = json.loads(body).get("error", "") if resp.status != 200 else ""
+        return resp.status, dict(resp.getheaders()), error
+    finally:
+        conn.close()
+
+
+def assert_retry_after(headers: dict[str, str]) -> int:
+    value = headers.get("Retry-After", "")
+    assert value.isdigit() and int(value) >= 1, headers
+    return int(value)
+
+
+def test_overload_over_http_is_429_with_retry_after(agent: AgentProcess) -> None:
+    before = sum(shed_counts(agent).values())
+    answers: list[tuple[int, dict[str, str], str]] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        answer = http_infer(agent.http_url, "slow", 8, WIDTH)  # type: ignore[attr-defined]
+        with lock:
+            answers.append(answer)
+
+    threads = [threading.Thread(target=one) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert len(answers) == 24, "a request got no answer within 90 s"
+    statuses = sorted(status for status, _, _ in answers)
+    assert set(statuses) <= {200, 429}, statuses
+    refused = [(h, e) for status, h, e in answers if status == 429]
+    assert statuses.count(200) >= CONCURRENT and refused, statuses
+    for headers, error in refused:
+        assert_retry_after(headers)
+        assert f"limit of {CONCURRENT} concurrent requests" in error, error
+    assert sum(shed_counts(agent).values()) - before == len(refused)
+    status, _, error = http_infer(agent.http_url, "slow", 1, WIDTH)  # type: ignore[attr-defined]
+    assert status == 200, error
+
+
+def test_request_too_large_over_http_is_413(agent: AgentProcess) -> None:
+    # Under http_max_request_bytes (the body limit of the HTTP edge), over max_request_bytes.
+    status, headers, error = http_infer(agent.http_url, "slow", 32, WIDTH)  # type: ignore[attr-defined]
+    assert status == 413, (status, error)
+    assert f"at most {REQUEST_BYTES} (max_request_bytes)" in error, error
+    assert "Retry-After" not in headers
+    status, _, error = http_infer(agent.http_url, "slow", 16, WIDTH)  # type: ignore[attr-defined]
+    assert status == 200, error
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pki, Path, Path]:
     """The CA and its first client ("app"), and a second client certificate ("app-two")."""
@@ -210,6 +279,8 @@ def test_rate_limit_is_per_client_certificate(pki: tuple[Pki, Path, Path], tmp_p
         "2",
         "--rate-limit-burst",
         "3",
+        "--http-listen",
+        f"127.0.0.1:{(http_port := free_port())}",
         log_path=tmp_path / "agent.log",
     )
     agent.start()
@@ -238,6 +309,26 @@ def test_rate_limit_is_per_client_certificate(pki: tuple[Pki, Path, Path], tmp_p
             assert greedy.is_server_ready(client_timeout=5)
             for _ in range(3):
                 infer_ok(polite)
+            # Over HTTP the same certificate draws from the same bucket (cert:app), now empty.
+            ssl_options = {
+                "ca_certs": str(ca.root / "ca1" / "ca.crt"),
+                "certfile": str(ca.client_cert),
+                "keyfile": str(ca.client_key),
+            }
+            greedy_http = httpclient.InferenceServerClient(
+                f"127.0.0.1:{http_port}", ssl=True, ssl_options=ssl_options, network_timeout=10
+            )
+            try:
+                inp = httpclient.InferInput("x", [1, 4], "FP32")
+                inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+                with pytest.raises(InferenceServerException) as info:
+                    for _ in range(4):
+                        greedy_http.infer("mlp", [inp])
+                assert info.value.status() == "429", info.value
+                assert "cert:app is over its rate limit" in info.value.message()
+                refused.append(info.value.message())
+            finally:
+                greedy_http.close()
         text = agent.metrics()
         seen = re.search(
             r'modelfleet_requests_shed_total\{model="mlp",reason="rate_limit"\} (\S+)', text
@@ -252,8 +343,16 @@ def test_rate_limit_by_address_is_not_escaped_by_new_connections(tmp_path: Path)
     (a new source port) per request still draws from one bucket."""
     repo = tmp_path / "repo"
     make_mlp_bundle(repo, 1)
+    http_url = f"127.0.0.1:{free_port()}"
     agent = AgentProcess(
-        repo, "--rate-limit-per-s", "1", "--rate-limit-burst", "2", log_path=tmp_path / "a.log"
+        repo,
+        "--rate-limit-per-s",
+        "1",
+        "--rate-limit-burst",
+        "2",
+        "--http-listen",
+        http_url,
+        log_path=tmp_path / "a.log",
     )
     agent.start()
     try:
@@ -271,6 +370,13 @@ def test_rate_limit_by_address_is_not_escaped_by_new_connections(tmp_path: Path)
         elapsed = time.monotonic() - start
         assert 2 <= ok <= 2 + int(elapsed) + 1, (ok, elapsed)
         assert refused and all("client ipv4:127.0.0.1 is over" in m for m in refused), refused
+        # HTTP counts the same address against the same bucket, which gRPC has just emptied.
+        answers = [http_infer(http_url, "mlp", 1, 4) for _ in range(4)]
+        limited = [(h, e) for status, h, e in answers if status == 429]
+        assert limited, answers
+        for headers, error in limited:
+            assert_retry_after(headers)
+            assert "client ipv4:127.0.0.1 is over its rate limit" in error, error
         with agent.client() as probe:
             assert probe.is_server_ready() and probe.is_model_ready("mlp")
     finally:

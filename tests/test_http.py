@@ -19,11 +19,12 @@ from tritonclient.utils import InferenceServerException
 
 from modelfleet.kernel.bundle import create_bundle
 from tests import models
-from tests.conftest import make_mlp_bundle
+from tests.conftest import make_mlp_bundle, mlp_samples
 from tests.procs import AgentProcess, free_port, wait_for
 from tests.security.test_inference_auth import TOKEN, Pki, wait_ready
 
 MAX_BODY = 64 * 1024
+LABELS = ("cat", "dog", "fox", "owl", "yak")
 DATATYPES = ["BOOL", "INT8", "INT64", "UINT16", "FP16", "FP32", "FP64", "BYTES"]
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 
@@ -41,6 +42,14 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
             out_dir=repo,
             samples={"x": models.sample_array(dt)},
         )
+    create_bundle(
+        models.classifier(root / "src" / "cls.onnx", classes=len(LABELS)),
+        name="cls",
+        version=1,
+        out_dir=repo,
+        samples=mlp_samples(),
+        labels={"probs": LABELS},
+    )
     http_port = free_port()
     proc = AgentProcess(
         repo,
@@ -54,6 +63,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
     proc.start()
     try:
         proc.wait_model("mlp", timeout=60)
+        proc.wait_model("cls")
         for dt in DATATYPES:
             proc.wait_model(f"id_{dt.lower()}")
         yield proc
@@ -120,7 +130,14 @@ def test_tritonclient_http_health_metadata_config(client) -> None:
     assert not client.is_model_ready("mlp", "9")
     meta = client.get_server_metadata()
     assert meta["name"] == "modelfleet"
-    assert "binary_tensor_data" in meta["extensions"]
+    # The same list as gRPC's (one helper), plus what HTTP alone serves.
+    assert set(meta["extensions"]) == {
+        "binary_tensor_data",
+        "classification",
+        "model_configuration",
+        "model_repository",
+        "statistics",
+    }
     model = client.get_model_metadata("mlp")
     assert model["versions"] == ["1"]
     assert model["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
@@ -548,3 +565,82 @@ def test_http_infer_continues_the_callers_trace(tmp_path: Path) -> None:
             spans = by_name(collector.spans(trace_id))
             assert spans[name].parent_span_id.hex() == caller_span
             assert spans["modelfleet.inference"].parent_span_id == spans[name].span_id
+
+
+# -- classification and model control, as on gRPC (tests/test_protocol_grpc.py) ----------------
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_classification_over_http(agent: AgentProcess, client, binary: bool) -> None:
+    import onnxruntime as ort
+
+    x = np.random.default_rng(5).standard_normal((3, 4)).astype(np.float32)
+    inp = httpclient.InferInput("x", [3, 4], "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    outs = [
+        httpclient.InferRequestedOutput("probs", binary_data=binary, class_count=2),
+        httpclient.InferRequestedOutput("logits", binary_data=binary, class_count=3),
+    ]
+    result = client.infer("cls", [inp], outputs=outs)
+    sess = ort.InferenceSession(str(agent.models / "cls" / "1" / "model.onnx"))
+    names = [o.name for o in sess.get_outputs()]
+    ref = dict(zip(names, sess.run(None, {"x": x}), strict=True))
+    probs = result.as_numpy("probs")
+    assert probs.shape == (3, 2)
+    assert result.get_output("probs")["datatype"] == "BYTES"
+    for row, got in zip(ref["probs"], probs, strict=True):
+        order = np.argsort(-row, kind="stable")[:2]
+        # JSON carries BYTES as strings, the binary extension as bytes.
+        parsed = [(e.decode() if isinstance(e, bytes) else e).split(":") for e in got]
+        assert [int(p[1]) for p in parsed] == list(order)
+        assert [p[2] for p in parsed] == [LABELS[i] for i in order]
+        np.testing.assert_allclose([float(p[0]) for p in parsed], row[order], atol=1e-5)
+    logits = result.as_numpy("logits")
+    assert logits.shape == (3, 3)
+    assert all(
+        len((e.decode() if isinstance(e, bytes) else e).split(":")) == 2 for e in logits.ravel()
+    )
+
+
+def test_bad_class_count_over_http_is_400(agent: AgentProcess, client) -> None:
+    body = json.dumps(
+        {
+            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 1, 2, 3]}],
+            "outputs": [{"name": "probs", "parameters": {"classification": 0}}],
+        }
+    ).encode()
+    status, _, raw = post(agent, "/v2/models/cls/infer", body)
+    assert status == 400, raw
+    assert "'classification' must be a positive integer" in json.loads(raw)["error"]
+    assert_still_serves(client)
+
+
+def test_unload_and_load_over_http(agent: AgentProcess, client) -> None:
+    name = "id_int8"
+    client.unload_model(name)
+    assert not client.is_model_ready(name)
+    inp = httpclient.InferInput("x", [1, 3], "INT8")
+    inp.set_data_from_numpy(np.array([[1, 2, 3]], np.int8))
+    with pytest.raises(InferenceServerException, match="unloaded") as info:
+        client.infer(name, [inp])
+    assert info.value.status() == "404"
+    index = client.get_model_repository_index()
+    assert {"name": name, "state": "UNAVAILABLE", "reason": "unloaded"} in index
+    assert all(e.get("version") for e in index if e["name"] != name)
+    client.load_model(name)
+    assert client.is_model_ready(name)
+    np.testing.assert_array_equal(client.infer(name, [inp]).as_numpy("y"), [[1, 2, 3]])
+
+
+def test_model_control_errors_over_http(agent: AgentProcess, client) -> None:
+    with pytest.raises(InferenceServerException, match="no model 'nope' in the repository") as e:
+        client.load_model("nope")
+    assert e.value.status() == "404"
+    with pytest.raises(InferenceServerException, match="'nope' is not loaded"):
+        client.unload_model("nope")
+    with pytest.raises(InferenceServerException, match="not supported") as e:
+        client.load_model("mlp", config='{"max_batch_size": 1}')
+    assert e.value.status() == "400"
+    status, _, raw = post(agent, "/v2/repository/models/mlp/load", b"[1, 2]")
+    assert status == 400 and "JSON object" in json.loads(raw)["error"], raw
+    assert_still_serves(client)

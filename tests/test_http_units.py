@@ -73,13 +73,18 @@ def test_json_values_that_do_not_fit_the_datatype_are_refused(
         request_from_http(json.dumps(doc).encode(), None, "m", "")
 
 
-def test_classification_is_refused_not_ignored() -> None:
+def test_classification_travels_to_the_data_plane_without_binary_data() -> None:
     doc = {
         "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
-        "outputs": [{"name": "y", "parameters": {"classification": 2}}],
+        "outputs": [
+            {"name": "y", "parameters": {"classification": 2, "binary_data": True}},
+            {"name": "z", "parameters": {"binary_data": False}},
+        ],
     }
-    with pytest.raises(InvalidRequestError, match="classification extension is not supported"):
-        request_from_http(json.dumps(doc).encode(), None, "m", "")
+    req, form = request_from_http(json.dumps(doc).encode(), None, "m", "")
+    # The data plane judges the value (class_count), the same for gRPC and HTTP.
+    assert req.output_parameters == {"y": {"classification": 2}}
+    assert form.is_binary("y") and not form.is_binary("z")
 
 
 def test_responses_json_and_binary() -> None:

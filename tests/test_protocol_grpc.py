@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from google.protobuf import descriptor_pool, message_factory
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -33,7 +34,7 @@ from tritonclient.utils import InferenceServerException
 from modelfleet.kernel.bundle import create_bundle
 from tests import models
 from tests.conftest import make_mlp_bundle, mlp_samples
-from tests.procs import ROOT, AgentProcess, HubProcess, enroll_agent, wait_for
+from tests.procs import ROOT, AgentProcess, HubProcess, enroll_agent, free_port, wait_for
 
 pytestmark = pytest.mark.process
 
@@ -418,7 +419,14 @@ def test_fleet_mode_refuses_model_control_naming_the_hub(tmp_path: Path) -> None
     agent = None
     try:
         config = enroll_agent(hub, tmp_path / "a0", "site=x", hostname="edge-0")
-        agent = AgentProcess(tmp_path / "a0", fleet_config=config, log_path=tmp_path / "a0.log")
+        http_url = f"127.0.0.1:{free_port()}"
+        agent = AgentProcess(
+            tmp_path / "a0",
+            "--http-listen",
+            http_url,
+            fleet_config=config,
+            log_path=tmp_path / "a0.log",
+        )
         agent.start()
         agent.wait_live()
         c = agent.client()
@@ -431,6 +439,24 @@ def test_fleet_mode_refuses_model_control_naming_the_hub(tmp_path: Path) -> None
             assert "model_repository" not in c.get_server_metadata().extensions
         finally:
             c.close()
+        # HTTP: 409 (FAILED_PRECONDITION's status) with the same words, and the same list.
+        h = httpclient.InferenceServerClient(http_url, network_timeout=10)
+        try:
+            for fn in (h.load_model, h.unload_model):
+                with pytest.raises(InferenceServerException) as info:
+                    fn("mlp")
+                assert info.value.status() == "409", info.value
+                assert "follows the hub at" in info.value.message()
+                assert hub.url in info.value.message()
+            ext = set(h.get_server_metadata()["extensions"])
+            assert ext == {
+                "binary_tensor_data",
+                "classification",
+                "model_configuration",
+                "statistics",
+            }
+        finally:
+            h.close()
     finally:
         if agent is not None:
             agent.stop()

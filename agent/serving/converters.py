@@ -12,7 +12,12 @@ import numpy as np
 
 from modelfleet.agent.serving.dataplane import InferInput, InferRequest, InferResponse
 from modelfleet.agent.serving.routing import ROUTING_KEY_PARAMETER
-from modelfleet.kernel.datatypes import decode_bytes_tensor, encode_bytes_tensor, numpy_dtype
+from modelfleet.kernel.datatypes import (
+    check_int_range,
+    decode_bytes_tensor,
+    encode_bytes_tensor,
+    numpy_dtype,
+)
 from modelfleet.kernel.errors import InvalidRequestError
 from modelfleet.protos import inference_pb2 as pb
 
@@ -55,15 +60,7 @@ def _typed_values(name: str, datatype: str, field: str, values: Any, dtype: np.d
     if wide is None or np.dtype(wide) == dtype:
         return np.array(values, dtype=dtype)
     arr = np.array(values, dtype=wide)
-    info = np.iinfo(dtype)
-    bad = np.flatnonzero((arr < info.min) | (arr > info.max))
-    if bad.size:
-        i = int(bad[0])
-        raise InvalidRequestError(
-            f"input {name!r}: {datatype} value {int(arr[i])} at index {i} is out of range "
-            f"({info.min}..{info.max})",
-            reason="contents",
-        )
+    check_int_range(name, datatype, arr, "contents")
     return arr.astype(dtype)
 
 

@@ -23,12 +23,18 @@ from grpc_reflection.v1alpha import reflection
 from modelfleet.agent import __version__
 from modelfleet.agent.repository import ModelControl, compare_local
 from modelfleet.agent.serving.admission import client_key
-from modelfleet.agent.serving.batcher import DynamicBatcher
 from modelfleet.agent.serving.capture import Capture, CaptureRule, LocalRules
 from modelfleet.agent.serving.converters import request_from_proto, response_to_proto
 from modelfleet.agent.serving.dataplane import DataPlane
+from modelfleet.agent.serving.introspection import (
+    extensions,
+    model_config,
+    model_metadata,
+    repository_index,
+    statistics,
+)
 from modelfleet.agent.serving.routing import ROUTING_KEY_HEADER, Comparison
-from modelfleet.agent.slots import LoadedVersion, SlotManager
+from modelfleet.agent.slots import SlotManager
 from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import (
     InvalidRequestError,
@@ -45,23 +51,6 @@ from modelfleet.protos import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-
-# Triton's model-config enum names for our datatypes (BYTES is TYPE_STRING there).
-_CONFIG_TYPE = {
-    "BOOL": "TYPE_BOOL",
-    "UINT8": "TYPE_UINT8",
-    "UINT16": "TYPE_UINT16",
-    "UINT32": "TYPE_UINT32",
-    "UINT64": "TYPE_UINT64",
-    "INT8": "TYPE_INT8",
-    "INT16": "TYPE_INT16",
-    "INT32": "TYPE_INT32",
-    "INT64": "TYPE_INT64",
-    "FP16": "TYPE_FP16",
-    "FP32": "TYPE_FP32",
-    "FP64": "TYPE_FP64",
-    "BYTES": "TYPE_STRING",
-}
 
 T = TypeVar("T")
 
@@ -133,40 +122,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_grpc_errors
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(
-            name="modelfleet",
-            version=__version__,
-            extensions=self.extensions(),
+            name="modelfleet", version=__version__, extensions=extensions(self.control)
         )
-
-    def extensions(self) -> list[str]:
-        """Only what answers: sequences, shared memory and the like are not listed."""
-        out = ["classification", "model_configuration", "statistics"]
-        if self.control.available:
-            out.append("model_repository")
-        return out
 
     @_grpc_errors
     async def ModelMetadata(self, request, context):
         v = self.slots.resolve(request.name, _version_arg(request.version))
-        slot = self.slots.slots[v.name]
-        m = v.manifest
-        return pb.ModelMetadataResponse(
-            name=m.name,
-            versions=[str(x.version) for x in slot.loaded()],
-            platform="onnxruntime_onnx",
-            inputs=[
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name=t.name, datatype=t.datatype, shape=list(t.shape)
-                )
-                for t in m.inputs
-            ],
-            outputs=[
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name=t.name, datatype=t.datatype, shape=list(t.shape)
-                )
-                for t in m.outputs
-            ],
-        )
+        return model_metadata(self.slots, v)
 
     @_grpc_errors
     async def ModelConfig(self, request, context):
@@ -175,63 +137,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_grpc_errors
     async def ModelStatistics(self, request, context):
-        versions: list[LoadedVersion] = []
-        if request.name:
-            slot = self.slots.slots.get(request.name)
-            if slot is None:
-                raise ModelNotFoundError(f"model {request.name!r} is not loaded")
-            if request.version:
-                versions = [self.slots.resolve(request.name, request.version)]
-            else:
-                versions = slot.loaded()
-        else:
-            for slot in self.slots.slots.values():
-                versions.extend(slot.loaded())
-        return pb.ModelStatisticsResponse(model_stats=[model_statistics(v) for v in versions])
+        return statistics(self.slots, request.name, _version_arg(request.version))
 
     @_grpc_errors
     async def RepositoryIndex(self, request, context):
-        models = []
-        for st in self.slots.status():
-            if st.active is not None:
-                models.append(
-                    pb.RepositoryIndexResponse.ModelIndex(
-                        name=st.name, version=str(st.active), state="READY"
-                    )
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=e.name, version=e.version, state=e.state, reason=e.reason
                 )
-            if st.previous is not None:
-                models.append(
-                    pb.RepositoryIndexResponse.ModelIndex(
-                        name=st.name,
-                        version=str(st.previous),
-                        state="READY",
-                        reason="previous version, kept for rollback",
-                    )
-                )
-            if st.loading is not None:
-                models.append(
-                    pb.RepositoryIndexResponse.ModelIndex(
-                        name=st.name, version=str(st.loading), state="LOADING"
-                    )
-                )
-            if not request.ready:
-                for version, result in sorted(st.failed.items()):
-                    models.append(
-                        pb.RepositoryIndexResponse.ModelIndex(
-                            name=st.name,
-                            version=str(version),
-                            state="UNAVAILABLE",
-                            reason=result.reason,
-                        )
-                    )
-        if not request.ready:
-            for name in sorted(set(self.slots.unloaded) - set(self.slots.slots)):
-                models.append(
-                    pb.RepositoryIndexResponse.ModelIndex(
-                        name=name, state="UNAVAILABLE", reason="unloaded"
-                    )
-                )
-        return pb.RepositoryIndexResponse(models=models)
+                for e in repository_index(self.slots, request.ready)
+            ]
+        )
 
     @_grpc_errors
     async def RepositoryModelLoad(self, request, context):
@@ -346,73 +263,6 @@ def grpc_client_key(context: grpc.aio.ServicerContext) -> str:
     identities = context.peer_identities()
     identity = identities[0].decode(errors="replace") if identities else ""
     return client_key(context.peer(), identity)
-
-
-def model_config(v: LoadedVersion) -> pb.ModelConfig:
-    m = v.manifest
-    batched = m.max_batch_size > 0
-
-    def dims(shape: tuple[int, ...]) -> list[int]:
-        # Triton's config leaves the batch dimension out when max_batch_size > 0.
-        return list(shape[1:] if batched else shape)
-
-    cfg = pb.ModelConfig(
-        name=m.name,
-        platform="onnxruntime_onnx",
-        backend="onnxruntime",
-        max_batch_size=m.max_batch_size,
-        input=[
-            pb.ModelInput(
-                name=t.name,
-                data_type=pb.DataType.Value(_CONFIG_TYPE[t.datatype]),
-                dims=dims(t.shape),
-            )
-            for t in m.inputs
-        ],
-        output=[
-            pb.ModelOutput(
-                name=t.name,
-                data_type=pb.DataType.Value(_CONFIG_TYPE[t.datatype]),
-                dims=dims(t.shape),
-            )
-            for t in m.outputs
-        ],
-    )
-    if isinstance(v.runner, DynamicBatcher):
-        cfg.dynamic_batching.max_queue_delay_microseconds = v.runner.max_queue_delay_us
-    return cfg
-
-
-def model_statistics(v: LoadedVersion) -> pb.ModelStatistics:
-    s = v.stats
-
-    def dur(count: int, ns: int) -> pb.StatisticDuration:
-        return pb.StatisticDuration(count=count, ns=ns)
-
-    return pb.ModelStatistics(
-        name=v.name,
-        version=str(v.version),
-        last_inference=s.last_inference_ms,
-        inference_count=s.inference_count,
-        execution_count=s.execution_count,
-        inference_stats=pb.InferStatistics(
-            success=dur(s.success_count, s.success_ns),
-            fail=dur(s.fail_count, s.fail_ns),
-            queue=dur(s.success_count, s.queue_ns),
-            compute_input=dur(s.execution_count, 0),
-            compute_infer=dur(s.execution_count, s.compute_ns),
-            compute_output=dur(s.execution_count, 0),
-        ),
-        batch_stats=[
-            pb.InferBatchStatistics(
-                batch_size=rows,
-                compute_input=dur(n, 0),
-                compute_infer=dur(n, ns),
-                compute_output=dur(n, 0),
-            )
-            for rows, (n, ns) in sorted(s.batches.items())
-        ],
-    )
 
 
 class AdminServicer(agent_pb2_grpc.AgentAdminServicer):

@@ -1,5 +1,6 @@
 """HTTP/REST edge of the agent: the Open Inference Protocol (KServe v2) with Triton's binary
-tensor, statistics and repository index extensions, on aiohttp in the agent's event loop.
+tensor, classification, statistics and model repository extensions, on aiohttp in the agent's
+event loop. What it says about the server and its models comes from introspection.py, as gRPC's.
 
 Each handler converts (rest_converters.py), calls the same core as gRPC (DataPlane, SlotManager)
 and converts back; errors from :mod:`kernel.errors` become an HTTP status and
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,10 +21,21 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from modelfleet.agent import __version__
+from modelfleet.agent.repository import ModelControl
+from modelfleet.agent.serving.admission import RequestTooLargeError, ShedError, client_key
 from modelfleet.agent.serving.dataplane import DataPlane
-from modelfleet.agent.serving.grpc_server import HealthReporter, model_config, model_statistics
+from modelfleet.agent.serving.introspection import (
+    Draining,
+    extensions,
+    model_config,
+    model_metadata,
+    repository_index,
+    statistics,
+)
 from modelfleet.agent.serving.rest_converters import (
     HEADER_LENGTH,
+    object_body,
+    parameters_of,
     request_from_http,
     response_to_http,
 )
@@ -30,20 +43,15 @@ from modelfleet.agent.serving.routing import ROUTING_KEY_HEADER
 from modelfleet.agent.serving.security import BearerTokenInterceptor
 from modelfleet.agent.slots import LoadedVersion, SlotManager
 from modelfleet.kernel import tracing
-from modelfleet.kernel.errors import (
-    InvalidRequestError,
-    ListenError,
-    ModelfleetError,
-    ModelNotFoundError,
-)
+from modelfleet.kernel.errors import InvalidRequestError, ListenError, ModelfleetError
 from modelfleet.kernel.http_status import HTTP_STATUS
 from modelfleet.kernel.settings import split_hostport
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
-# Extensions that work over this port (model load/unload does not: see docs/protocol.md).
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+# What this edge serves beyond the extensions both edges share (introspection.extensions).
+HTTP_EXTENSIONS = ("binary_tensor_data",)
 _JSON = "application/json"
 _HEALTH_PREFIX = "/v2/health/"
 
@@ -92,19 +100,22 @@ def _field_value(fd: FieldDescriptor, value: Any) -> Any:
 
 
 class OipHttp:
-    """The routes; ``slots``, ``dataplane`` and ``health`` are the ones gRPC serves from."""
+    """The routes; ``slots``, ``dataplane``, ``health`` and ``control`` are the ones gRPC serves
+    from."""
 
     def __init__(
         self,
         slots: SlotManager,
         dataplane: DataPlane,
-        health: HealthReporter,
+        health: Draining,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         token: BearerTokenInterceptor | None = None,
+        control: ModelControl | None = None,
     ) -> None:
         self.slots = slots
         self.dataplane = dataplane
         self.health = health
+        self.control = control or ModelControl()
         self.max_request_bytes = max_request_bytes
         self.token = token
         self.tracing = tracing.current()
@@ -121,6 +132,8 @@ class OipHttp:
             get("/v2/health/ready", self.ready),
             get("/v2/models/stats", self.statistics),
             post("/v2/repository/index", self.repository_index),
+            post("/v2/repository/models/{model}/load", self.load),
+            post("/v2/repository/models/{model}/unload", self.unload),
         ]
         for base in (model, versioned):
             routes += [
@@ -175,6 +188,13 @@ class OipHttp:
             return error_response(
                 405, f"{request.method} is not allowed on {request.path}; use {allowed}"
             )
+        except RequestTooLargeError as exc:
+            # RESOURCE_EXHAUSTED on gRPC, but a retry of the same request cannot succeed.
+            return error_response(413, str(exc))
+        except ShedError as exc:
+            resp = error_response(429, str(exc))
+            resp.headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
+            return resp
         except ModelfleetError as exc:
             return error_response(HTTP_STATUS[exc.status], str(exc))
         except Exception as exc:
@@ -186,7 +206,13 @@ class OipHttp:
         return self.slots.resolve(info["model"], info.get("version", "").strip())
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return _json({"name": "modelfleet", "version": __version__, "extensions": EXTENSIONS})
+        return _json(
+            {
+                "name": "modelfleet",
+                "version": __version__,
+                "extensions": extensions(self.control, HTTP_EXTENSIONS),
+            }
+        )
 
     async def live(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -209,82 +235,42 @@ class OipHttp:
         return web.Response(status=200)
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        v = self._resolve(request)
-        m = v.manifest
-        return _json(
-            {
-                "name": m.name,
-                "versions": [str(x.version) for x in self.slots.slots[v.name].loaded()],
-                "platform": "onnxruntime_onnx",
-                "inputs": [
-                    {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
-                    for t in m.inputs
-                ],
-                "outputs": [
-                    {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
-                    for t in m.outputs
-                ],
-            }
-        )
+        return _json(proto_json(model_metadata(self.slots, self._resolve(request))))
 
     async def model_config(self, request: web.Request) -> web.Response:
         return _json(proto_json(model_config(self._resolve(request))))
 
     async def statistics(self, request: web.Request) -> web.Response:
-        name = request.match_info.get("model", "")
-        version = request.match_info.get("version", "").strip()
-        versions: list[LoadedVersion] = []
-        if name:
-            slot = self.slots.slots.get(name)
-            if slot is None:
-                raise ModelNotFoundError(f"model {name!r} is not loaded")
-            versions = [self.slots.resolve(name, version)] if version else slot.loaded()
-        else:
-            for slot in self.slots.slots.values():
-                versions.extend(slot.loaded())
-        return _json({"model_stats": [proto_json(model_statistics(v)) for v in versions]})
+        info = request.match_info
+        stats = statistics(self.slots, info.get("model", ""), info.get("version", "").strip())
+        return _json(proto_json(stats))
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        ready_only = False
-        body = await request.read()
-        if body.strip():
-            try:
-                doc = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise InvalidRequestError(
-                    'repository index: body must be empty or a JSON object like {"ready": true}'
-                ) from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
-                raise InvalidRequestError(
-                    'repository index: body must be a JSON object like {"ready": true}'
-                )
-            ready_only = doc.get("ready", False)
+        doc = object_body(await request.read(), "repository index", '{"ready": true}')
+        ready_only = doc.get("ready", False)
+        if not isinstance(ready_only, bool):
+            raise InvalidRequestError(
+                'repository index: "ready" must be true or false, as in {"ready": true}'
+            )
         models: list[dict[str, str]] = []
-        for st in self.slots.status():
-            if st.active is not None:
-                models.append({"name": st.name, "version": str(st.active), "state": "READY"})
-            if st.previous is not None:
-                models.append(
-                    {
-                        "name": st.name,
-                        "version": str(st.previous),
-                        "state": "READY",
-                        "reason": "previous version, kept for rollback",
-                    }
-                )
-            if st.loading is not None and not ready_only:
-                models.append({"name": st.name, "version": str(st.loading), "state": "LOADING"})
-            if not ready_only:
-                for version, result in sorted(st.failed.items()):
-                    models.append(
-                        {
-                            "name": st.name,
-                            "version": str(version),
-                            "state": "UNAVAILABLE",
-                            "reason": result.reason,
-                        }
-                    )
+        for e in repository_index(self.slots, ready_only):
+            entry = {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+            models.append({k: v for k, v in entry.items() if v})
         return _json(models)
+
+    async def load(self, request: web.Request) -> web.Response:
+        doc = object_body(await request.read(), "load", '{"parameters": {}}')
+        await self.control.load(request.match_info["model"], parameters_of(doc, "load"))
+        return web.Response(status=200)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        doc = object_body(
+            await request.read(), "unload", '{"parameters": {"unload_dependents": false}}'
+        )
+        # unload_dependents: no model here has dependents, so there is nothing more to unload.
+        parameters_of(doc, "unload")
+        await self.control.unload(request.match_info["model"])
+        return web.Response(status=200)
 
     async def infer(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -297,6 +283,8 @@ class OipHttp:
         )
         if not req.routing_key:
             req.routing_key = request.headers.get(ROUTING_KEY_HEADER, "")
+        if self.dataplane.admission.clients is not None:
+            req.client = http_client_key(request)
         if self.tracing is None:
             resp = await self.dataplane.infer(req)
         else:
@@ -318,6 +306,32 @@ class OipHttp:
         out = web.Response(body=payload, content_type="application/octet-stream")
         out.headers[HEADER_LENGTH] = str(json_length)
         return out
+
+
+def http_client_key(request: web.Request) -> str:
+    """Whom the per-client rate limit counts this request against: the same key gRPC would give
+    the same client (admission.client_key; the peer written as gRPC writes it)."""
+    transport = request.transport
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = peername[0], peername[1]
+        peer = f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+    else:
+        peer = f"unix:{peername}" if peername else ""
+    cert = transport.get_extra_info("peercert") if transport is not None else None
+    return client_key(peer, cert_identity(cert) if cert else "")
+
+
+def cert_identity(cert: dict[str, Any]) -> str:
+    """A verified client certificate's identity as gRPC reports it (peer_identities): its first
+    subject alternative name, else its common name."""
+    for _kind, value in cert.get("subjectAltName", ()):
+        return str(value)
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return ""
 
 
 class HttpServer:

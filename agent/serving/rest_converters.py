@@ -21,7 +21,12 @@ import numpy as np
 
 from modelfleet.agent.serving.dataplane import InferInput, InferRequest, InferResponse
 from modelfleet.agent.serving.routing import ROUTING_KEY_PARAMETER
-from modelfleet.kernel.datatypes import decode_bytes_tensor, encode_bytes_tensor, numpy_dtype
+from modelfleet.kernel.datatypes import (
+    check_int_range,
+    decode_bytes_tensor,
+    encode_bytes_tensor,
+    numpy_dtype,
+)
 from modelfleet.kernel.errors import InvalidRequestError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -92,7 +97,20 @@ def _parse_json(raw: bytes, has_header: bool) -> dict[str, Any]:
     return doc
 
 
-def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+def object_body(body: bytes, what: str, example: str) -> dict[str, Any]:
+    """The optional JSON object body of a control request (empty counts as ``{}``)."""
+    if not body.strip():
+        return {}
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        doc = None
+    if not isinstance(doc, dict):
+        raise _bad(f"{what}: body must be empty or a JSON object like {example}")
+    return doc
+
+
+def parameters_of(obj: dict[str, Any], where: str) -> dict[str, Any]:
     params = obj.get("parameters", {})
     if not isinstance(params, dict):
         raise _bad(f"{where}: 'parameters' must be a JSON object")
@@ -170,15 +188,7 @@ def _json_values(name: str, datatype: str, shape: tuple[int, ...], data: Any) ->
             "datatype",
         )
     if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        bad = np.flatnonzero((parsed < info.min) | (parsed > info.max))
-        if bad.size:
-            i = int(bad[0])
-            raise _bad(
-                f"input {name!r}: {datatype} value {int(parsed.reshape(-1)[i])} at index {i} is "
-                f"out of range ({info.min}..{info.max})",
-                "data",
-            )
+        check_int_range(name, datatype, parsed, "data")
     return parsed.astype(dtype, copy=False).reshape(-1)
 
 
@@ -204,7 +214,7 @@ def request_from_http(
 ) -> tuple[InferRequest, OutputForm]:
     raw_json, binary = split_body(body, header_length)
     doc = _parse_json(raw_json, header_length is not None)
-    params = dict(_parameters(doc, "request"))
+    params = dict(parameters_of(doc, "request"))
     inputs_doc = doc.get("inputs")
     if not isinstance(inputs_doc, list) or not inputs_doc:
         raise _bad("request: 'inputs' must be a non-empty list of tensors")
@@ -218,7 +228,7 @@ def request_from_http(
         if not isinstance(name, str) or not isinstance(datatype, str):
             raise _bad(f"request: inputs[{i}] needs a string 'name' and 'datatype'")
         shape = _shape(tensor, name)
-        size = _parameters(tensor, f"input {name!r}").get(BINARY_SIZE)
+        size = parameters_of(tensor, f"input {name!r}").get(BINARY_SIZE)
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise _bad(f"input {name!r}: {BINARY_SIZE} must be a whole number >= 0", "binary")
@@ -250,21 +260,20 @@ def request_from_http(
         )
     form = OutputForm(binary_default=_flag(params, BINARY_OUTPUT, "request"))
     outputs: list[str] = []
+    output_parameters: dict[str, dict[str, Any]] = {}
     outputs_doc = doc.get("outputs", [])
     if not isinstance(outputs_doc, list):
         raise _bad("request: 'outputs' must be a list")
     for i, out in enumerate(outputs_doc):
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise _bad(f"request: outputs[{i}] must be an object with a string 'name'")
-        oparams = _parameters(out, f"output {out['name']!r}")
-        if "classification" in oparams:
-            raise _bad(
-                f"output {out['name']!r}: the classification extension is not supported over "
-                "HTTP; ask for the raw output",
-                "classification",
-            )
+        oparams = parameters_of(out, f"output {out['name']!r}")
         if BINARY in oparams:
             form.binary[out["name"]] = _flag(oparams, BINARY, f"output {out['name']!r}")
+        # The rest (classification) is the data plane's to judge, as for gRPC.
+        rest = {k: v for k, v in oparams.items() if k != BINARY}
+        if rest:
+            output_parameters[out["name"]] = rest
         outputs.append(out["name"])
     request_id = doc.get("id", "")
     if not isinstance(request_id, str):
@@ -278,6 +287,7 @@ def request_from_http(
             outputs=outputs,
             parameters={k: v for k, v in params.items() if k not in _EDGE_PARAMETERS},
             routing_key=_routing_key(params),
+            output_parameters=output_parameters,
         ),
         form,
     )
