@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--inline-max-us",
         type=int,
-        help="run models faster than this (gate p99) on the event loop (default: 200)",
+        help="run models faster than this (fastest gate run) on the event loop (default: 200)",
     )
     _add_security_args(serve)
     serve.add_argument(
@@ -674,6 +674,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if m.HasField("last_gate"):
             g = m.last_gate
             p99 = f"p99 {g.p99_ms:.2f} ms" if g.p99_ms >= 0 else ""
+            if g.min_ms > 0:
+                p99 += f", fastest {g.min_ms:.3f} ms"
             gate = (
                 f"v{g.version} passed {p99}"
                 if g.passed
@@ -688,8 +690,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"{'':<20} refused v{f.version} ({f.kind}): {f.reason}")
         if m.active_provider:
             served = f"v{m.active_version} on {m.active_provider}"
+            if m.active_path:
+                served += f" ({m.active_path})"
             if m.previous_provider:
                 served += f", v{m.previous_version} on {m.previous_provider}"
+                if m.previous_path:
+                    served += f" ({m.previous_path})"
             print(f"{'':<20} provider: {served}")
         if m.held_at_or_below:
             print(f"{'':<20} held after rollback: versions <= {m.held_at_or_below} not re-deployed")

@@ -78,8 +78,8 @@ class ServeConfig:
     ort_spinning: bool = True
     # Cores a scheduled batch job may use (onnxruntime and DuckDB), so serving keeps the rest.
     batch_threads: int = 1
-    # Models whose health-gate p99 is under this many microseconds run on the event loop,
-    # unbatched: for them the thread hop costs more than the model. 0 disables.
+    # Models whose fastest health-gate run is under this many microseconds run on the event
+    # loop, unbatched: for them the thread hop costs more than the model. 0 disables.
     inline_max_us: int = 200
     # Shadow runs (docs/operations.md#comparing-versions-on-live-traffic): copies waiting for the
     # shadow version beyond this many are dropped and counted, never waited for.

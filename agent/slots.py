@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelfleet.agent.gate import GateResult, evaluate
+from modelfleet.agent.gate import GateResult, evaluate, runs_inline
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.serving.batcher import DirectRunner, DynamicBatcher, Timing
 from modelfleet.agent.serving.drift import DriftSampler
@@ -52,7 +52,8 @@ class BatchingConfig:
     max_queue_delay_us: int | None = None
     # Batches computing at once per model version; more overlaps splitting with computing.
     max_inflight: int = 1
-    # Models whose health-gate p99 is below this run on the event loop, unbatched (0: never).
+    # Models whose fastest health-gate run is below this run on the event loop, unbatched
+    # (0: never).
     inline_max_us: int = 200
 
 
@@ -81,7 +82,7 @@ class LoadedVersion:
         executor: ThreadPoolExecutor,
         batching: BatchingConfig,
         metrics: AgentMetrics,
-        gate_p99_ms: float | None = None,
+        gate: GateResult | None = None,
     ) -> None:
         self.bundle = bundle
         self.model = model
@@ -100,7 +101,7 @@ class LoadedVersion:
         delay = batching.max_queue_delay_us
         if delay is None:
             delay = bundle.manifest.max_queue_delay_us
-        inline = gate_p99_ms is not None and gate_p99_ms * 1000 < batching.inline_max_us
+        inline = gate is not None and runs_inline(gate, batching.inline_max_us)
         self.batching = batching.enabled and max_batch > 1 and not inline
         if self.batching:
             self.runner: DirectRunner | DynamicBatcher = DynamicBatcher(
@@ -115,6 +116,8 @@ class LoadedVersion:
             self.runner = DirectRunner(
                 model.run_prepared, executor, self._observe_batch, inline=inline
             )
+        # How requests run, for status: inline (on the event loop), batched or executor.
+        self.path = "batched" if self.batching else ("inline" if inline else "executor")
 
     def _observe_batch(self, rows: int, compute_s: float) -> None:
         # Runs on the event loop (after the executor future resolves), so no lock is needed.
@@ -180,6 +183,9 @@ class ModelStatus:
     # Execution providers the active and previous versions serve on ("" when not loaded).
     active_provider: str = ""
     previous_provider: str = ""
+    # How the active / previous version runs requests: inline, batched or executor ("": none).
+    active_path: str = ""
+    previous_path: str = ""
 
 
 ChangeListener = Callable[[str], None]
@@ -333,23 +339,28 @@ class SlotManager:
                 slot.previous = candidate
                 self._publish_roles(slot)
                 log.info(
-                    "model %s version %d passed the gate on %s (p99 %.3f ms) and is ready "
-                    "beside v%d",
+                    "model %s version %d passed the gate on %s (p99 %.3f ms, fastest %.3f ms; "
+                    "serves %s) and is ready beside v%d",
                     slot.name,
                     bundle.version,
                     candidate.model.provider,
                     result.p99_ms or 0.0,
+                    result.min_ms or 0.0,
+                    candidate.path,
                     slot.active.version,
                 )
                 self._notify(slot.name)
                 return result
             self._switch(slot, candidate, rollback=False)
             log.info(
-                "model %s version %d passed the gate on %s (p99 %.3f ms) and is active",
+                "model %s version %d passed the gate on %s (p99 %.3f ms, fastest %.3f ms; "
+                "serves %s) and is active",
                 slot.name,
                 bundle.version,
                 candidate.model.provider,
                 result.p99_ms or 0.0,
+                result.min_ms or 0.0,
+                candidate.path,
             )
             return result
 
@@ -409,7 +420,7 @@ class SlotManager:
             self.serving_executor,
             self.batching,
             self.metrics,
-            gate_p99_ms=result.p99_ms,
+            gate=result,
         )
         if self.drift_attach is not None:
             self.drift_attach(loaded)
@@ -582,6 +593,8 @@ class SlotManager:
                     comparing=ready_candidate(slot) is not None,
                     active_provider=slot.active.model.provider if slot.active else "",
                     previous_provider=slot.previous.model.provider if slot.previous else "",
+                    active_path=slot.active.path if slot.active else "",
+                    previous_path=slot.previous.path if slot.previous else "",
                 )
             )
         return out

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmodelfleet/protos/agent.proto\x12\x13modelfleet.agent.v1\"\x0f\n\rStatusRequest\"l\n\nGateResult\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0e\n\x06p99_ms\x18\x05 \x01(\x01\x12\x0f\n\x07\x61t_unix\x18\x06 \x01(\x01\"\xdd\x02\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12\x18\n\x10previous_version\x18\x03 \x01(\x03\x12\x17\n\x0floading_version\x18\x04 \x01(\x03\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x32\n\tlast_gate\x18\x06 \x01(\x0b\x32\x1f.modelfleet.agent.v1.GateResult\x12/\n\x06\x66\x61iled\x18\x07 \x03(\x0b\x32\x1f.modelfleet.agent.v1.GateResult\x12\x18\n\x10held_at_or_below\x18\x08 \x01(\x03\x12\x33\n\ncomparison\x18\t \x01(\x0b\x32\x1f.modelfleet.agent.v1.Comparison\x12\x17\n\x0f\x61\x63tive_provider\x18\n \x01(\t\x12\x19\n\x11previous_provider\x18\x0b \x01(\t\"\x86\x02\n\nComparison\x12\x19\n\x11\x63\x61ndidate_version\x18\x01 \x01(\x03\x12\x10\n\x08split_bp\x18\x02 \x01(\r\x12\x0e\n\x06sticky\x18\x03 \x01(\x08\x12\x11\n\tshadow_bp\x18\x04 \x01(\r\x12\r\n\x05label\x18\x05 \x01(\t\x12\x11\n\tcomparing\x18\x06 \x01(\x08\x12\x17\n\x0fshadow_compared\x18\x07 \x01(\x04\x12\x16\n\x0eshadow_dropped\x18\x08 \x01(\x04\x12\x17\n\x0fshadow_failures\x18\t \x01(\x04\x12\x12\n\ntop1_agree\x18\n \x01(\x04\x12\x12\n\ntop1_total\x18\x0b \x01(\x04\x12\x14\n\x0cmax_abs_diff\x18\x0c \x01(\x01\"a\n\x0eStatusResponse\x12\x30\n\x06models\x18\x01 \x03(\x0b\x32 .modelfleet.agent.v1.ModelStatus\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06listen\x18\x03 \x01(\t\" \n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\x10RollbackResponse\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x03\x12\x12\n\nto_version\x18\x02 \x01(\x03\"|\n\x0e\x43ompareRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11\x63\x61ndidate_version\x18\x02 \x01(\x03\x12\x10\n\x08split_bp\x18\x03 \x01(\r\x12\x0e\n\x06sticky\x18\x04 \x01(\x08\x12\x11\n\tshadow_bp\x18\x05 \x01(\r\x12\x0b\n\x03off\x18\x06 \x01(\x08\"B\n\x0f\x43ompareResponse\x12/\n\x05model\x18\x01 \x01(\x0b\x32 .modelfleet.agent.v1.ModelStatus\"\\\n\x0e\x43\x61ptureRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07rate_bp\x18\x02 \x01(\r\x12\x0f\n\x07\x65xclude\x18\x03 \x03(\t\x12\x0c\n\x04hash\x18\x04 \x03(\t\x12\x0b\n\x03off\x18\x05 \x01(\x08\"\x82\x01\n\x0f\x43\x61ptureResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07rate_bp\x18\x02 \x01(\r\x12\x0f\n\x07\x65xclude\x18\x03 \x03(\t\x12\x0c\n\x04hash\x18\x04 \x03(\t\x12\x10\n\x08\x63\x61ptured\x18\x05 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x06 \x01(\x04\x12\r\n\x05\x66iles\x18\x07 \x01(\x04\x32\xe4\x02\n\nAgentAdmin\x12Q\n\x06Status\x12\".modelfleet.agent.v1.StatusRequest\x1a#.modelfleet.agent.v1.StatusResponse\x12W\n\x08Rollback\x12$.modelfleet.agent.v1.RollbackRequest\x1a%.modelfleet.agent.v1.RollbackResponse\x12T\n\x07\x43ompare\x12#.modelfleet.agent.v1.CompareRequest\x1a$.modelfleet.agent.v1.CompareResponse\x12T\n\x07\x43\x61pture\x12#.modelfleet.agent.v1.CaptureRequest\x1a$.modelfleet.agent.v1.CaptureResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmodelfleet/protos/agent.proto\x12\x13modelfleet.agent.v1\"\x0f\n\rStatusRequest\"|\n\nGateResult\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0e\n\x06p99_ms\x18\x05 \x01(\x01\x12\x0f\n\x07\x61t_unix\x18\x06 \x01(\x01\x12\x0e\n\x06min_ms\x18\x07 \x01(\x01\"\x89\x03\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12\x18\n\x10previous_version\x18\x03 \x01(\x03\x12\x17\n\x0floading_version\x18\x04 \x01(\x03\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x32\n\tlast_gate\x18\x06 \x01(\x0b\x32\x1f.modelfleet.agent.v1.GateResult\x12/\n\x06\x66\x61iled\x18\x07 \x03(\x0b\x32\x1f.modelfleet.agent.v1.GateResult\x12\x18\n\x10held_at_or_below\x18\x08 \x01(\x03\x12\x33\n\ncomparison\x18\t \x01(\x0b\x32\x1f.modelfleet.agent.v1.Comparison\x12\x17\n\x0f\x61\x63tive_provider\x18\n \x01(\t\x12\x19\n\x11previous_provider\x18\x0b \x01(\t\x12\x13\n\x0b\x61\x63tive_path\x18\x0c \x01(\t\x12\x15\n\rprevious_path\x18\r \x01(\t\"\x86\x02\n\nComparison\x12\x19\n\x11\x63\x61ndidate_version\x18\x01 \x01(\x03\x12\x10\n\x08split_bp\x18\x02 \x01(\r\x12\x0e\n\x06sticky\x18\x03 \x01(\x08\x12\x11\n\tshadow_bp\x18\x04 \x01(\r\x12\r\n\x05label\x18\x05 \x01(\t\x12\x11\n\tcomparing\x18\x06 \x01(\x08\x12\x17\n\x0fshadow_compared\x18\x07 \x01(\x04\x12\x16\n\x0eshadow_dropped\x18\x08 \x01(\x04\x12\x17\n\x0fshadow_failures\x18\t \x01(\x04\x12\x12\n\ntop1_agree\x18\n \x01(\x04\x12\x12\n\ntop1_total\x18\x0b \x01(\x04\x12\x14\n\x0cmax_abs_diff\x18\x0c \x01(\x01\"a\n\x0eStatusResponse\x12\x30\n\x06models\x18\x01 \x03(\x0b\x32 .modelfleet.agent.v1.ModelStatus\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06listen\x18\x03 \x01(\t\" \n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\x10RollbackResponse\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x03\x12\x12\n\nto_version\x18\x02 \x01(\x03\"|\n\x0e\x43ompareRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11\x63\x61ndidate_version\x18\x02 \x01(\x03\x12\x10\n\x08split_bp\x18\x03 \x01(\r\x12\x0e\n\x06sticky\x18\x04 \x01(\x08\x12\x11\n\tshadow_bp\x18\x05 \x01(\r\x12\x0b\n\x03off\x18\x06 \x01(\x08\"B\n\x0f\x43ompareResponse\x12/\n\x05model\x18\x01 \x01(\x0b\x32 .modelfleet.agent.v1.ModelStatus\"\\\n\x0e\x43\x61ptureRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07rate_bp\x18\x02 \x01(\r\x12\x0f\n\x07\x65xclude\x18\x03 \x03(\t\x12\x0c\n\x04hash\x18\x04 \x03(\t\x12\x0b\n\x03off\x18\x05 \x01(\x08\"\x82\x01\n\x0f\x43\x61ptureResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07rate_bp\x18\x02 \x01(\r\x12\x0f\n\x07\x65xclude\x18\x03 \x03(\t\x12\x0c\n\x04hash\x18\x04 \x03(\t\x12\x10\n\x08\x63\x61ptured\x18\x05 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x06 \x01(\x04\x12\r\n\x05\x66iles\x18\x07 \x01(\x04\x32\xe4\x02\n\nAgentAdmin\x12Q\n\x06Status\x12\".modelfleet.agent.v1.StatusRequest\x1a#.modelfleet.agent.v1.StatusResponse\x12W\n\x08Rollback\x12$.modelfleet.agent.v1.RollbackRequest\x1a%.modelfleet.agent.v1.RollbackResponse\x12T\n\x07\x43ompare\x12#.modelfleet.agent.v1.CompareRequest\x1a$.modelfleet.agent.v1.CompareResponse\x12T\n\x07\x43\x61pture\x12#.modelfleet.agent.v1.CaptureRequest\x1a$.modelfleet.agent.v1.CaptureResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=54
   _globals['_STATUSREQUEST']._serialized_end=69
   _globals['_GATERESULT']._serialized_start=71
-  _globals['_GATERESULT']._serialized_end=179
-  _globals['_MODELSTATUS']._serialized_start=182
-  _globals['_MODELSTATUS']._serialized_end=531
-  _globals['_COMPARISON']._serialized_start=534
-  _globals['_COMPARISON']._serialized_end=796
-  _globals['_STATUSRESPONSE']._serialized_start=798
-  _globals['_STATUSRESPONSE']._serialized_end=895
-  _globals['_ROLLBACKREQUEST']._serialized_start=897
-  _globals['_ROLLBACKREQUEST']._serialized_end=929
-  _globals['_ROLLBACKRESPONSE']._serialized_start=931
-  _globals['_ROLLBACKRESPONSE']._serialized_end=991
-  _globals['_COMPAREREQUEST']._serialized_start=993
-  _globals['_COMPAREREQUEST']._serialized_end=1117
-  _globals['_COMPARERESPONSE']._serialized_start=1119
-  _globals['_COMPARERESPONSE']._serialized_end=1185
-  _globals['_CAPTUREREQUEST']._serialized_start=1187
-  _globals['_CAPTUREREQUEST']._serialized_end=1279
-  _globals['_CAPTURERESPONSE']._serialized_start=1282
-  _globals['_CAPTURERESPONSE']._serialized_end=1412
-  _globals['_AGENTADMIN']._serialized_start=1415
-  _globals['_AGENTADMIN']._serialized_end=1771
+  _globals['_GATERESULT']._serialized_end=195
+  _globals['_MODELSTATUS']._serialized_start=198
+  _globals['_MODELSTATUS']._serialized_end=591
+  _globals['_COMPARISON']._serialized_start=594
+  _globals['_COMPARISON']._serialized_end=856
+  _globals['_STATUSRESPONSE']._serialized_start=858
+  _globals['_STATUSRESPONSE']._serialized_end=955
+  _globals['_ROLLBACKREQUEST']._serialized_start=957
+  _globals['_ROLLBACKREQUEST']._serialized_end=989
+  _globals['_ROLLBACKRESPONSE']._serialized_start=991
+  _globals['_ROLLBACKRESPONSE']._serialized_end=1051
+  _globals['_COMPAREREQUEST']._serialized_start=1053
+  _globals['_COMPAREREQUEST']._serialized_end=1177
+  _globals['_COMPARERESPONSE']._serialized_start=1179
+  _globals['_COMPARERESPONSE']._serialized_end=1245
+  _globals['_CAPTUREREQUEST']._serialized_start=1247
+  _globals['_CAPTUREREQUEST']._serialized_end=1339
+  _globals['_CAPTURERESPONSE']._serialized_start=1342
+  _globals['_CAPTURERESPONSE']._serialized_end=1472
+  _globals['_AGENTADMIN']._serialized_start=1475
+  _globals['_AGENTADMIN']._serialized_end=1831
 # @@protoc_insertion_point(module_scope)

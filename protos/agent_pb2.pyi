@@ -11,23 +11,25 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GateResult(_message.Message):
-    __slots__ = ("version", "passed", "reason", "kind", "p99_ms", "at_unix")
+    __slots__ = ("version", "passed", "reason", "kind", "p99_ms", "at_unix", "min_ms")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     P99_MS_FIELD_NUMBER: _ClassVar[int]
     AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    MIN_MS_FIELD_NUMBER: _ClassVar[int]
     version: int
     passed: bool
     reason: str
     kind: str
     p99_ms: float
     at_unix: float
-    def __init__(self, version: _Optional[int] = ..., passed: _Optional[bool] = ..., reason: _Optional[str] = ..., kind: _Optional[str] = ..., p99_ms: _Optional[float] = ..., at_unix: _Optional[float] = ...) -> None: ...
+    min_ms: float
+    def __init__(self, version: _Optional[int] = ..., passed: _Optional[bool] = ..., reason: _Optional[str] = ..., kind: _Optional[str] = ..., p99_ms: _Optional[float] = ..., at_unix: _Optional[float] = ..., min_ms: _Optional[float] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "active_version", "previous_version", "loading_version", "ready", "last_gate", "failed", "held_at_or_below", "comparison", "active_provider", "previous_provider")
+    __slots__ = ("name", "active_version", "previous_version", "loading_version", "ready", "last_gate", "failed", "held_at_or_below", "comparison", "active_provider", "previous_provider", "active_path", "previous_path")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +41,8 @@ class ModelStatus(_message.Message):
     COMPARISON_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_PATH_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_PATH_FIELD_NUMBER: _ClassVar[int]
     name: str
     active_version: int
     previous_version: int
@@ -50,7 +54,9 @@ class ModelStatus(_message.Message):
     comparison: Comparison
     active_provider: str
     previous_provider: str
-    def __init__(self, name: _Optional[str] = ..., active_version: _Optional[int] = ..., previous_version: _Optional[int] = ..., loading_version: _Optional[int] = ..., ready: _Optional[bool] = ..., last_gate: _Optional[_Union[GateResult, _Mapping]] = ..., failed: _Optional[_Iterable[_Union[GateResult, _Mapping]]] = ..., held_at_or_below: _Optional[int] = ..., comparison: _Optional[_Union[Comparison, _Mapping]] = ..., active_provider: _Optional[str] = ..., previous_provider: _Optional[str] = ...) -> None: ...
+    active_path: str
+    previous_path: str
+    def __init__(self, name: _Optional[str] = ..., active_version: _Optional[int] = ..., previous_version: _Optional[int] = ..., loading_version: _Optional[int] = ..., ready: _Optional[bool] = ..., last_gate: _Optional[_Union[GateResult, _Mapping]] = ..., failed: _Optional[_Iterable[_Union[GateResult, _Mapping]]] = ..., held_at_or_below: _Optional[int] = ..., comparison: _Optional[_Union[Comparison, _Mapping]] = ..., active_provider: _Optional[str] = ..., previous_provider: _Optional[str] = ..., active_path: _Optional[str] = ..., previous_path: _Optional[str] = ...) -> None: ...
 
 class Comparison(_message.Message):
     __slots__ = ("candidate_version", "split_bp", "sticky", "shadow_bp", "label", "comparing", "shadow_compared", "shadow_dropped", "shadow_failures", "top1_agree", "top1_total", "max_abs_diff")

@@ -370,6 +370,7 @@ def _gate_to_proto(g: Any) -> agent_pb2.GateResult:
         kind=g.kind,
         p99_ms=g.p99_ms if g.p99_ms is not None else -1.0,
         at_unix=g.at,
+        min_ms=g.min_ms if g.min_ms is not None else -1.0,
     )
 
 
@@ -407,6 +408,8 @@ def _status_to_proto(s: Any, slots: SlotManager | None = None) -> agent_pb2.Mode
         held_at_or_below=s.held_at_or_below or 0,
         active_provider=s.active_provider,
         previous_provider=s.previous_provider,
+        active_path=s.active_path,
+        previous_path=s.previous_path,
     )
     if s.last_gate is not None:
         msg.last_gate.CopyFrom(_gate_to_proto(s.last_gate))
