@@ -39,6 +39,7 @@ from modelfleet.agent.serving.security import (
     server_ssl_context,
 )
 from modelfleet.agent.serving.shadow import ShadowRunner
+from modelfleet.agent.serving.shm import SharedMemoryRegistry
 from modelfleet.agent.slots import BatchingConfig, SlotManager
 from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import InvalidRequestError, ListenError
@@ -417,6 +418,8 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     # Standalone, the watcher is made here so that model control (load/unload over the
     # protocol) can go through it; it starts polling only once the server is up.
     watcher = None if cfg.hub else RepositoryWatcher(cfg.models, slots, cfg.poll_interval_s)
+    # One registry for both transports: a region registered over gRPC serves HTTP too.
+    shm = SharedMemoryRegistry()
     server, port = build_server(
         slots,
         dataplane,
@@ -426,6 +429,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         credentials,
         [token_check] if token_check else [],
         ModelControl(watcher, cfg.hub),
+        shm,
     )
     await server.start()
     bound = f"{cfg.listen.rpartition(':')[0]}:{port}"

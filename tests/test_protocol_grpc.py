@@ -121,7 +121,13 @@ def _x(rows: int = 3, seed: int = 0) -> np.ndarray:
 
 def test_server_metadata_lists_only_working_extensions(client) -> None:
     ext = set(client.get_server_metadata().extensions)
-    assert ext == {"classification", "model_configuration", "model_repository", "statistics"}
+    assert ext == {
+        "classification",
+        "model_configuration",
+        "model_repository",
+        "statistics",
+        "system_shared_memory",
+    }
 
 
 # -- sequences ----------------------------------------------------------------------------------
