@@ -446,7 +446,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     http: HttpServer | None = None
     if cfg.http_listen:
         http = HttpServer(
-            OipHttp(slots, dataplane, health, cfg.http_max_request_bytes, token_check),
+            OipHttp(slots, dataplane, health, cfg.http_max_request_bytes, token_check, shm),
             cfg.http_listen,
             ssl_context,
             cfg.drain_timeout_s,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import http.client
 import os
 import subprocess
 import warnings
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from modelfleet.kernel.bundle import create_bundle
@@ -76,6 +78,14 @@ def gc(agent):
 
 
 @pytest.fixture
+def hc(agent):
+    c = httpclient.InferenceServerClient(agent.http_url, connection_timeout=10, network_timeout=10)
+    yield c
+    c.unregister_system_shared_memory()
+    c.close()
+
+
+@pytest.fixture
 def regions():
     """Creates regions as a client does; destroys whatever is left at the end."""
     made: list = []
@@ -89,6 +99,16 @@ def regions():
     for h in made:
         with contextlib.suppress(Exception):  # already destroyed by the test
             shm.destroy_shared_memory_region(h)
+
+
+def post(url: str, path: str, body: bytes) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(url, timeout=10)
+    try:
+        conn.request("POST", path, body=body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
 
 
 def grpc_infer(c, in_region="in", out_region="out", in_size=NBYTES, out_size=NBYTES, offset=0):
@@ -177,6 +197,50 @@ def test_grpc_shrunk_file_is_an_error_not_a_crash(gc, regions) -> None:
     gc.unregister_system_shared_memory("shrink")
     gc.unregister_system_shared_memory("shrout")
     grpc_serves(gc)
+
+
+def test_http_inputs_and_outputs_in_shared_memory(agent, hc, regions) -> None:
+    hin, kin = regions("hin", NBYTES)
+    hout, kout = regions("hout", NBYTES)
+    shm.set_shared_memory_region(hin, [X])
+    hc.register_system_shared_memory("hin", kin, NBYTES)
+    hc.register_system_shared_memory("hout", kout, NBYTES)
+    status = {r["name"]: r for r in hc.get_system_shared_memory_status()}
+    assert status["hin"]["key"] == kin and set(status) == {"hin", "hout"}
+    inp = httpclient.InferInput("x", list(X.shape), "FP32")
+    inp.set_shared_memory("hin", NBYTES)
+    out = httpclient.InferRequestedOutput("y")
+    out.set_shared_memory("hout", NBYTES)
+    result = hc.infer("ident", [inp], outputs=[out])
+    assert result.get_output("y")["shape"] == list(X.shape)
+    assert "data" not in result.get_output("y")
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(hout, np.float32, list(X.shape)), X)
+    with pytest.raises(InferenceServerException, match="already registered"):
+        hc.register_system_shared_memory("hin", kin, NBYTES)
+    bad = httpclient.InferInput("x", list(X.shape), "FP32")
+    bad.set_shared_memory("hin", NBYTES, 8)
+    with pytest.raises(InferenceServerException, match="goes past the end of region 'hin'"):
+        hc.infer("ident", [bad])
+    gone = httpclient.InferInput("x", list(X.shape), "FP32")
+    gone.set_shared_memory("gone", NBYTES)
+    with pytest.raises(InferenceServerException, match="'gone' is not registered"):
+        hc.infer("ident", [gone])
+    with pytest.raises(InferenceServerException, match="CUDA shared memory is not supported"):
+        hc.get_cuda_shared_memory_status()
+    shm.destroy_shared_memory_region(hin)
+    with pytest.raises(InferenceServerException, match="was removed after it was registered"):
+        hc.infer("ident", [inp])
+    hc.unregister_system_shared_memory("hin")
+    assert [r["name"] for r in hc.get_system_shared_memory_status()] == ["hout"]
+    assert post(agent.http_url, "/v2/systemsharedmemory/region/b/register", b"[1]")[0] == 400
+    assert (
+        post(agent.http_url, "/v2/systemsharedmemory/region/b/register", b'{"key": "/x"}')[0] == 400
+    )
+    assert post(agent.http_url, "/v2/cudasharedmemory/region/c/register", b"{}")[0] == 400
+    assert post(agent.http_url, "/v2/cudasharedmemory/unregister", b"")[0] == 200
+    plain = httpclient.InferInput("x", list(X.shape), "FP32")
+    plain.set_data_from_numpy(X)
+    np.testing.assert_array_equal(hc.infer("ident", [plain]).as_numpy("y"), X)
 
 
 def test_perf_analyzer_with_system_shared_memory(agent, tmp_path: Path) -> None:

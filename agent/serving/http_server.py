@@ -28,6 +28,8 @@ from modelfleet.agent.serving.rest_converters import (
 )
 from modelfleet.agent.serving.routing import ROUTING_KEY_HEADER
 from modelfleet.agent.serving.security import BearerTokenInterceptor
+from modelfleet.agent.serving.shm import SharedMemoryRegistry, output_placements
+from modelfleet.agent.serving.shm_http import routes as shm_routes
 from modelfleet.agent.slots import LoadedVersion, SlotManager
 from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import (
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 # Extensions that work over this port (model load/unload does not: see docs/protocol.md).
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "system_shared_memory"]
 _JSON = "application/json"
 _HEALTH_PREFIX = "/v2/health/"
 
@@ -101,7 +103,10 @@ class OipHttp:
         health: HealthReporter,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         token: BearerTokenInterceptor | None = None,
+        shm: SharedMemoryRegistry | None = None,
     ) -> None:
+        # The registry gRPC serves from, so a region registered on either edge serves both.
+        self.shm = shm if shm is not None else SharedMemoryRegistry()
         self.slots = slots
         self.dataplane = dataplane
         self.health = health
@@ -130,6 +135,7 @@ class OipHttp:
                 get(base + "/stats", self.statistics),
                 post(base + "/infer", self.infer),
             ]
+        routes += shm_routes(self.shm)
         app.add_routes(routes)
         return app
 
@@ -294,7 +300,9 @@ class OipHttp:
             request.headers.get(HEADER_LENGTH),
             info["model"],
             info.get("version", "").strip(),
+            self.shm,
         )
+        placed = output_placements(self.shm, req.output_parameters)
         if not req.routing_key:
             req.routing_key = request.headers.get(ROUTING_KEY_HEADER, "")
         if self.tracing is None:
@@ -312,7 +320,7 @@ class OipHttp:
             ) as span:
                 req.trace = span
                 resp = await self.dataplane.infer(req)
-        payload, json_length = response_to_http(resp, form)
+        payload, json_length = response_to_http(resp, form, self.shm, placed)
         if json_length is None:
             return web.Response(body=payload, content_type=_JSON)
         out = web.Response(body=payload, content_type="application/octet-stream")

@@ -21,6 +21,14 @@ import numpy as np
 
 from modelfleet.agent.serving.dataplane import InferInput, InferRequest, InferResponse
 from modelfleet.agent.serving.routing import ROUTING_KEY_PARAMETER
+from modelfleet.agent.serving.shm import PARAMETERS as SHM_PARAMETERS
+from modelfleet.agent.serving.shm import (
+    Placement,
+    SharedMemoryRegistry,
+    placement,
+    read_input,
+    write_output,
+)
 from modelfleet.kernel.datatypes import decode_bytes_tensor, encode_bytes_tensor, numpy_dtype
 from modelfleet.kernel.errors import InvalidRequestError
 
@@ -200,8 +208,14 @@ def _binary_values(
 
 
 def request_from_http(
-    body: bytes, header_length: str | None, model_name: str, model_version: str
+    body: bytes,
+    header_length: str | None,
+    model_name: str,
+    model_version: str,
+    shm: SharedMemoryRegistry | None = None,
 ) -> tuple[InferRequest, OutputForm]:
+    """``shm``: where inputs placed in system shared memory are read from; outputs placed there
+    keep their shared_memory_* parameters in ``output_parameters`` (shm.output_placements)."""
     raw_json, binary = split_body(body, header_length)
     doc = _parse_json(raw_json, header_length is not None)
     params = dict(_parameters(doc, "request"))
@@ -218,8 +232,15 @@ def request_from_http(
         if not isinstance(name, str) or not isinstance(datatype, str):
             raise _bad(f"request: inputs[{i}] needs a string 'name' and 'datatype'")
         shape = _shape(tensor, name)
-        size = _parameters(tensor, f"input {name!r}").get(BINARY_SIZE)
-        if size is not None:
+        iparams = _parameters(tensor, f"input {name!r}")
+        size = iparams.get(BINARY_SIZE)
+        placed = placement(iparams, f"input {name!r}")
+        if placed is not None:
+            if size is not None or "data" in tensor:
+                raise _bad(f"input {name!r}: is in shared memory and also carries data", "data")
+            raw = read_input(shm, placed, name)
+            data = _binary_values(name, datatype, shape, memoryview(raw))
+        elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise _bad(f"input {name!r}: {BINARY_SIZE} must be a whole number >= 0", "binary")
             if "data" in tensor:
@@ -250,6 +271,7 @@ def request_from_http(
         )
     form = OutputForm(binary_default=_flag(params, BINARY_OUTPUT, "request"))
     outputs: list[str] = []
+    output_parameters: dict[str, dict[str, Any]] = {}
     outputs_doc = doc.get("outputs", [])
     if not isinstance(outputs_doc, list):
         raise _bad("request: 'outputs' must be a list")
@@ -265,6 +287,10 @@ def request_from_http(
             )
         if BINARY in oparams:
             form.binary[out["name"]] = _flag(oparams, BINARY, f"output {out['name']!r}")
+        if SHM_PARAMETERS & oparams.keys():
+            output_parameters[out["name"]] = {
+                k: v for k, v in oparams.items() if k in SHM_PARAMETERS
+            }
         outputs.append(out["name"])
     request_id = doc.get("id", "")
     if not isinstance(request_id, str):
@@ -278,6 +304,7 @@ def request_from_http(
             outputs=outputs,
             parameters={k: v for k, v in params.items() if k not in _EDGE_PARAMETERS},
             routing_key=_routing_key(params),
+            output_parameters=output_parameters,
         ),
         form,
     )
@@ -325,8 +352,14 @@ def _json_data(name: str, arr: np.ndarray) -> list[Any]:
     return out
 
 
-def response_to_http(resp: InferResponse, form: OutputForm) -> tuple[bytes, int | None]:
-    """(body, length of its JSON part when binary outputs follow it, else None)."""
+def response_to_http(
+    resp: InferResponse,
+    form: OutputForm,
+    shm: SharedMemoryRegistry | None = None,
+    placements: dict[str, Placement] | None = None,
+) -> tuple[bytes, int | None]:
+    """(body, length of its JSON part when binary outputs follow it, else None). Outputs in
+    ``placements`` are written to shared memory and listed without data."""
     outputs = []
     chunks: list[bytes] = []
     for out in resp.outputs:
@@ -335,7 +368,10 @@ def response_to_http(resp: InferResponse, form: OutputForm) -> tuple[bytes, int 
             "datatype": out.datatype,
             "shape": list(out.shape),
         }
-        if form.is_binary(out.name):
+        if placements and out.name in placements:
+            assert shm is not None
+            write_output(shm, out, placements[out.name])
+        elif form.is_binary(out.name):
             if out.datatype == "BYTES":
                 raw = encode_bytes_tensor(out.data)
             else:

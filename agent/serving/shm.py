@@ -205,6 +205,11 @@ class SharedMemoryRegistry:
             )
         return region, start
 
+    def check(self, placement: Placement, what: str) -> None:
+        """Raise now, before the model runs, if ``placement`` could not be written."""
+        with self._lock:
+            self._span(placement, what)
+
     def read(self, placement: Placement, what: str) -> bytes:
         with self._lock:
             region, start = self._span(placement, what)
@@ -274,8 +279,7 @@ def output_placements(
             continue
         if registry is None:
             raise ShmError(f"{where}: shared memory is not served on this endpoint")
-        with registry._lock:
-            registry._span(p, where)
+        registry.check(p, where)
         out[name] = p
         for key in PARAMETERS:
             params.pop(key, None)
@@ -293,5 +297,5 @@ def write_output(registry: SharedMemoryRegistry, out: InferOutput, p: Placement)
         raw: bytes | memoryview = encode_bytes_tensor(out.data)
     else:
         # The protocol is little-endian; a native array is on x86 and ARM.
-        raw = memoryview(np.ascontiguousarray(out.data)).cast("B")
+        raw = np.ascontiguousarray(out.data).data.cast("B")
     registry.write(p, raw, f"output {out.name!r}")
