@@ -11,6 +11,8 @@ import contextlib
 import csv
 import http.client
 import os
+import queue
+import socket
 import subprocess
 import warnings
 from pathlib import Path
@@ -145,7 +147,6 @@ def test_grpc_inputs_and_outputs_in_shared_memory(gc, regions) -> None:
     inp = grpcclient.InferInput("x", list(X.shape), "FP32")
     inp.set_shared_memory("in", NBYTES, 64)
     np.testing.assert_array_equal(gc.infer("ident", [inp]).as_numpy("y"), X)
-    # Streaming goes through the same path.
     gc.unregister_system_shared_memory("out")
     assert set(gc.get_system_shared_memory_status(as_json=True)["regions"]) == {"in"}
 
@@ -290,3 +291,68 @@ def test_perf_analyzer_with_system_shared_memory(agent, tmp_path: Path) -> None:
         assert c.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
     finally:
         c.close()
+
+
+def host_address() -> str:
+    """This machine's own non-loopback address (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))
+        addr = s.getsockname()[0]
+    assert not addr.startswith("127."), "this test needs a non-loopback IPv4 address"
+    return addr
+
+
+def test_clients_on_other_hosts_get_no_shared_memory(agent, tmp_path: Path, regions) -> None:
+    """Seen from a non-loopback address a client is treated as remote: it may not name files in
+    this machine's /dev/shm (the agent is bound to that one address only for this test)."""
+    addr = host_address()
+    remote = AgentProcess(agent.models, log_path=tmp_path / "agent.log")
+    http_port = free_port()
+    i = remote.args.index("--listen")
+    remote.args[i + 1] = f"{addr}:{remote.port}"
+    remote.args += ["--http-listen", f"{addr}:{http_port}"]
+    remote.url = f"{addr}:{remote.port}"
+    remote.start()
+    try:
+        remote.wait_model("ident", timeout=60)
+        _, key = regions("rem", NBYTES)
+        c = grpcclient.InferenceServerClient(remote.url)
+        try:
+            with pytest.raises(InferenceServerException, match="only to clients on this host"):
+                c.register_system_shared_memory("rem", key, NBYTES)
+            with pytest.raises(InferenceServerException, match="only to clients on this host"):
+                grpc_infer(c, in_region="rem")
+            grpc_serves(c)
+        finally:
+            c.close()
+        status, body = post(
+            f"{addr}:{http_port}", "/v2/systemsharedmemory/region/r/register", b"{}"
+        )
+        assert status == 403 and b"only to clients on this host" in body
+    finally:
+        remote.stop()
+
+
+def test_grpc_stream_uses_shared_memory_too(gc, regions) -> None:
+    hin, kin = regions("sin", NBYTES)
+    hout, kout = regions("sout", NBYTES)
+    shm.set_shared_memory_region(hin, [X])
+    gc.register_system_shared_memory("in", kin, NBYTES)
+    gc.register_system_shared_memory("out", kout, NBYTES)
+    results: queue.Queue = queue.Queue()
+    gc.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        inp = grpcclient.InferInput("x", list(X.shape), "FP32")
+        inp.set_shared_memory("in", NBYTES)
+        out = grpcclient.InferRequestedOutput("y")
+        out.set_shared_memory("out", NBYTES)
+        gc.async_stream_infer("ident", [inp], outputs=[out])
+        bad = grpcclient.InferInput("x", list(X.shape), "FP32")
+        bad.set_shared_memory("nope", NBYTES)
+        gc.async_stream_infer("ident", [bad])
+        first, second = results.get(timeout=10), results.get(timeout=10)
+    finally:
+        gc.stop_stream()
+    assert first[1] is None
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(hout, np.float32, list(X.shape)), X)
+    assert second[0] is None and "'nope' is not registered" in str(second[1])

@@ -117,3 +117,28 @@ def test_parameters_are_checked() -> None:
         shm.placement({shm.REGION: "r"}, "o")
     with pytest.raises(shm.ShmError, match="whole number"):
         shm.placement({shm.REGION: "r", shm.BYTE_SIZE: -1}, "o")
+
+
+@pytest.mark.parametrize(
+    ("peer", "local"),
+    [
+        ("ipv4:127.0.0.1:5000", True),
+        ("ipv6:[::1]:5000", True),
+        ("unix:/run/agent.sock", True),
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("ipv4:192.0.2.2:5000", False),
+        ("ipv6:[fd00::2]:5000", False),
+        ("192.0.2.2", False),
+        ("", False),
+        (None, False),
+        ("garbage", False),
+    ],
+)
+def test_only_clients_on_this_host_get_shared_memory(peer, local) -> None:
+    assert shm.is_local_peer(peer) is local
+    if not local:
+        with pytest.raises(shm.NotLocalError, match="only to clients on this host"):
+            shm.require_local(peer)
+        with pytest.raises(shm.NotLocalError, match="only to clients on this host"):
+            shm.read_input(None, shm.Placement("r", 4, 0), "x")

@@ -28,7 +28,12 @@ from modelfleet.agent.serving.capture import Capture, CaptureRule, LocalRules
 from modelfleet.agent.serving.converters import request_from_proto, response_to_proto
 from modelfleet.agent.serving.dataplane import DataPlane
 from modelfleet.agent.serving.routing import ROUTING_KEY_HEADER, Comparison
-from modelfleet.agent.serving.shm import SharedMemoryRegistry, output_placements
+from modelfleet.agent.serving.shm import (
+    SharedMemoryRegistry,
+    is_local_peer,
+    output_placements,
+    require_local,
+)
 from modelfleet.agent.slots import LoadedVersion, SlotManager
 from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import (
@@ -260,6 +265,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         header_key = _header_routing_key(context)
         # One client for the whole stream: its requests share that client's rate-limit bucket.
         client = grpc_client_key(context) if self.dataplane.admission.clients is not None else ""
+        shm = self._shm_for(context)
         room = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
         # Answers in request order; bounded by `room`, and None marks the end of the requests.
         pending: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
@@ -269,7 +275,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 async for msg in request_iterator:
                     await room.acquire()
                     pending.put_nowait(
-                        asyncio.ensure_future(self._stream_one(msg, header_key, client))
+                        asyncio.ensure_future(self._stream_one(msg, header_key, client, shm))
                     )
             finally:
                 pending.put_nowait(None)
@@ -290,15 +296,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     left.cancel()
 
     async def _stream_one(
-        self, msg: Any, header_key: str, client: str
+        self, msg: Any, header_key: str, client: str, shm: SharedMemoryRegistry | None
     ) -> pb.ModelStreamInferResponse:
         try:
-            req = request_from_proto(msg, self.shm)
-            placed = output_placements(self.shm, req.output_parameters)
+            req = request_from_proto(msg, shm)
+            placed = output_placements(shm, req.output_parameters)
             if not req.routing_key:
                 req.routing_key = header_key
             req.client = client
-            resp = response_to_proto(await self.dataplane.infer(req), self.shm, placed)
+            resp = response_to_proto(await self.dataplane.infer(req), shm, placed)
             out = pb.ModelStreamInferResponse(infer_response=resp)
         except ModelfleetError as exc:
             out = pb.ModelStreamInferResponse(
@@ -320,28 +326,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_grpc_errors
     async def ModelInfer(self, request, context):
-        req = request_from_proto(request, self.shm)
-        placed = output_placements(self.shm, req.output_parameters)
+        shm = self._shm_for(context)
+        req = request_from_proto(request, shm)
+        placed = output_placements(shm, req.output_parameters)
         if not req.routing_key:
             req.routing_key = _header_routing_key(context)
         if self.dataplane.admission.clients is not None:
             req.client = grpc_client_key(context)
         if self.tracing is None:
-            return response_to_proto(await self.dataplane.infer(req), self.shm, placed)
+            return response_to_proto(await self.dataplane.infer(req), shm, placed)
         return await self._traced_infer(req, context, placed)
+
+    def _shm_for(self, context: grpc.aio.ServicerContext) -> SharedMemoryRegistry | None:
+        """The registry for a client on this host; None (shared memory refused) for others."""
+        return self.shm if is_local_peer(context.peer()) else None
 
     @_grpc_errors
     async def SystemSharedMemoryRegister(self, request, context):
+        require_local(context.peer())
         self.shm.register(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     @_grpc_errors
     async def SystemSharedMemoryUnregister(self, request, context):
+        require_local(context.peer())
         self.shm.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @_grpc_errors
     async def SystemSharedMemoryStatus(self, request, context):
+        require_local(context.peer())
         out = pb.SystemSharedMemoryStatusResponse()
         for r in self.shm.status(request.name):
             out.regions[r.name].CopyFrom(

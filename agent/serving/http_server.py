@@ -28,7 +28,7 @@ from modelfleet.agent.serving.rest_converters import (
 )
 from modelfleet.agent.serving.routing import ROUTING_KEY_HEADER
 from modelfleet.agent.serving.security import BearerTokenInterceptor
-from modelfleet.agent.serving.shm import SharedMemoryRegistry, output_placements
+from modelfleet.agent.serving.shm import SharedMemoryRegistry, is_local_peer, output_placements
 from modelfleet.agent.serving.shm_http import routes as shm_routes
 from modelfleet.agent.slots import LoadedVersion, SlotManager
 from modelfleet.kernel import tracing
@@ -295,14 +295,16 @@ class OipHttp:
     async def infer(self, request: web.Request) -> web.Response:
         body = await request.read()
         info = request.match_info
+        # Shared memory only for clients on this host (agent/serving/shm.py).
+        shm = self.shm if is_local_peer(request.remote) else None
         req, form = request_from_http(
             body,
             request.headers.get(HEADER_LENGTH),
             info["model"],
             info.get("version", "").strip(),
-            self.shm,
+            shm,
         )
-        placed = output_placements(self.shm, req.output_parameters)
+        placed = output_placements(shm, req.output_parameters)
         if not req.routing_key:
             req.routing_key = request.headers.get(ROUTING_KEY_HEADER, "")
         if self.tracing is None:
@@ -320,7 +322,7 @@ class OipHttp:
             ) as span:
                 req.trace = span
                 resp = await self.dataplane.infer(req)
-        payload, json_length = response_to_http(resp, form, self.shm, placed)
+        payload, json_length = response_to_http(resp, form, shm, placed)
         if json_length is None:
             return web.Response(body=payload, content_type=_JSON)
         out = web.Response(body=payload, content_type="application/octet-stream")

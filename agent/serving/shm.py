@@ -20,6 +20,7 @@ and on a requested output where its result goes (the response then carries no da
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import stat
 import threading
@@ -55,6 +56,38 @@ class RegionNotFoundError(ModelfleetError):
 class RegionExistsError(ModelfleetError):
     status = Status.ALREADY_EXISTS
     reason = "shm_region"
+
+
+class NotLocalError(ModelfleetError):
+    status = Status.PERMISSION_DENIED
+    reason = "shm_not_local"
+
+
+NOT_LOCAL = (
+    "shared memory is served only to clients on this host (over loopback): a region is a file "
+    "on this machine; send the tensors in the request instead"
+)
+
+
+def is_local_peer(peer: str | None) -> bool:
+    """Whether a gRPC peer (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:...``) or an
+    HTTP remote address (``127.0.0.1``, ``::1``) is this host. Shared memory is only for those:
+    a remote client has no business naming files in this machine's /dev/shm."""
+    if not peer:
+        return False
+    kind, _, rest = peer.partition(":")
+    if kind == "unix":
+        return True
+    host = rest.rpartition(":")[0] if kind in ("ipv4", "ipv6") else peer
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def require_local(peer: str | None) -> None:
+    if not is_local_peer(peer):
+        raise NotLocalError(NOT_LOCAL)
 
 
 class ShmError(ModelfleetError):
@@ -278,7 +311,7 @@ def output_placements(
         if p is None:
             continue
         if registry is None:
-            raise ShmError(f"{where}: shared memory is not served on this endpoint")
+            raise NotLocalError(f"{where}: {NOT_LOCAL}")
         registry.check(p, where)
         out[name] = p
         for key in PARAMETERS:
@@ -288,7 +321,7 @@ def output_placements(
 
 def read_input(registry: SharedMemoryRegistry | None, p: Placement, name: str) -> bytes:
     if registry is None:
-        raise ShmError(f"input {name!r}: shared memory is not served on this endpoint")
+        raise NotLocalError(f"input {name!r}: {NOT_LOCAL}")
     return registry.read(p, f"input {name!r}")
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from modelfleet.agent.serving.shm import SharedMemoryRegistry, ShmError
+from modelfleet.agent.serving.shm import SharedMemoryRegistry, ShmError, require_local
 from modelfleet.kernel.errors import InvalidRequestError
 
 SYSTEM = "/v2/systemsharedmemory"
@@ -29,6 +29,7 @@ def _whole(doc: dict[str, Any], key: str, default: int | None = None) -> int:
 
 def routes(registry: SharedMemoryRegistry) -> list[web.RouteDef]:
     async def status(request: web.Request) -> web.Response:
+        require_local(request.remote)
         regions = registry.status(request.match_info.get("region", ""))
         doc = [
             {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
@@ -37,6 +38,7 @@ def routes(registry: SharedMemoryRegistry) -> list[web.RouteDef]:
         return web.json_response(doc)
 
     async def register(request: web.Request) -> web.Response:
+        require_local(request.remote)
         name = request.match_info["region"]
         try:
             doc = json.loads(await request.read())
@@ -51,6 +53,7 @@ def routes(registry: SharedMemoryRegistry) -> list[web.RouteDef]:
         return web.Response()
 
     async def unregister(request: web.Request) -> web.Response:
+        require_local(request.remote)
         registry.unregister(request.match_info.get("region", ""))
         return web.Response()
 
