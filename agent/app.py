@@ -39,6 +39,7 @@ from modelfleet.agent.serving.security import (
     server_ssl_context,
 )
 from modelfleet.agent.serving.shadow import ShadowRunner
+from modelfleet.agent.serving.shm import SharedMemoryRegistry
 from modelfleet.agent.slots import BatchingConfig, SlotManager
 from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import InvalidRequestError, ListenError
@@ -422,6 +423,8 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     # protocol) can go through it; it starts polling only once the server is up.
     watcher = None if cfg.hub else RepositoryWatcher(cfg.models, slots, cfg.poll_interval_s)
     control = ModelControl(watcher, cfg.hub)
+    # One registry for both transports: a region registered over gRPC serves HTTP too.
+    shm = SharedMemoryRegistry()
     server, port = build_server(
         slots,
         dataplane,
@@ -431,6 +434,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         credentials,
         [token_check] if token_check else [],
         control,
+        shm,
     )
     await server.start()
     bound = f"{cfg.listen.rpartition(':')[0]}:{port}"
@@ -447,7 +451,15 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     http: HttpServer | None = None
     if cfg.http_listen:
         http = HttpServer(
-            OipHttp(slots, dataplane, health, cfg.http_max_request_bytes, token_check, control),
+            OipHttp(
+                slots,
+                dataplane,
+                health,
+                cfg.http_max_request_bytes,
+                token_check,
+                control,
+                shm,
+            ),
             cfg.http_listen,
             ssl_context,
             cfg.drain_timeout_s,

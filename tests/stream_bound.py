@@ -42,6 +42,9 @@ class Context:
     def invocation_metadata(self) -> tuple:
         return ()
 
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:40000"
+
 
 async def scenario() -> dict[str, Any]:
     plane = Plane()

@@ -137,6 +137,7 @@ def test_tritonclient_http_health_metadata_config(client) -> None:
         "model_configuration",
         "model_repository",
         "statistics",
+        "system_shared_memory",
     }
     model = client.get_model_metadata("mlp")
     assert model["versions"] == ["1"]

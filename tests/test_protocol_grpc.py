@@ -122,7 +122,13 @@ def _x(rows: int = 3, seed: int = 0) -> np.ndarray:
 
 def test_server_metadata_lists_only_working_extensions(client) -> None:
     ext = set(client.get_server_metadata().extensions)
-    assert ext == {"classification", "model_configuration", "model_repository", "statistics"}
+    assert ext == {
+        "classification",
+        "model_configuration",
+        "model_repository",
+        "statistics",
+        "system_shared_memory",
+    }
 
 
 # -- sequences ----------------------------------------------------------------------------------
@@ -454,6 +460,7 @@ def test_fleet_mode_refuses_model_control_naming_the_hub(tmp_path: Path) -> None
                 "classification",
                 "model_configuration",
                 "statistics",
+                "system_shared_memory",
             }
         finally:
             h.close()

@@ -12,6 +12,13 @@ import numpy as np
 
 from modelfleet.agent.serving.dataplane import InferInput, InferRequest, InferResponse
 from modelfleet.agent.serving.routing import ROUTING_KEY_PARAMETER
+from modelfleet.agent.serving.shm import (
+    Placement,
+    SharedMemoryRegistry,
+    placement,
+    read_input,
+    write_output,
+)
 from modelfleet.kernel.datatypes import (
     check_int_range,
     decode_bytes_tensor,
@@ -124,17 +131,36 @@ def _decode_input(tensor: Any, raw: bytes | None) -> InferInput:
     return InferInput(name, datatype, shape, data.reshape(shape))
 
 
-def request_from_proto(msg: pb.ModelInferRequest) -> InferRequest:
+def request_from_proto(
+    msg: pb.ModelInferRequest, shm: SharedMemoryRegistry | None = None
+) -> InferRequest:
+    """``shm``: where inputs placed in system shared memory are read from (agent/serving/shm.py);
+    such inputs have no entry in raw_input_contents, which holds the others in order (Triton)."""
     raws = msg.raw_input_contents
-    if raws and len(raws) != len(msg.inputs):
+    placed: dict[int, Placement] = {}
+    for i, tensor in enumerate(msg.inputs):
+        if tensor.parameters:
+            p = placement(parameters_from_proto(tensor.parameters), f"input {tensor.name!r}")
+            if p is not None:
+                placed[i] = p
+    in_band = len(msg.inputs) - len(placed)
+    if raws and len(raws) != in_band:
         raise InvalidRequestError(
-            f"raw_input_contents has {len(raws)} entries for {len(msg.inputs)} inputs; "
-            "send all inputs raw or none",
+            f"raw_input_contents has {len(raws)} entries for {in_band} inputs not in shared "
+            "memory; send all of those raw or none",
             reason="raw",
         )
-    inputs = [
-        _decode_input(tensor, raws[i] if raws else None) for i, tensor in enumerate(msg.inputs)
-    ]
+    inputs = []
+    next_raw = 0
+    for i, tensor in enumerate(msg.inputs):
+        if i in placed:
+            raw: bytes | None = read_input(shm, placed[i], tensor.name)
+        elif raws:
+            raw = raws[next_raw]
+            next_raw += 1
+        else:
+            raw = None
+        inputs.append(_decode_input(tensor, raw))
     req = InferRequest(
         model_name=msg.model_name,
         model_version=msg.model_version,
@@ -176,7 +202,14 @@ def _routing_key(msg: pb.ModelInferRequest) -> str:
     )
 
 
-def response_to_proto(resp: InferResponse) -> pb.ModelInferResponse:
+def response_to_proto(
+    resp: InferResponse,
+    shm: SharedMemoryRegistry | None = None,
+    placements: dict[str, Placement] | None = None,
+) -> pb.ModelInferResponse:
+    """Outputs in ``placements`` are written to shared memory; their raw_output_contents entry
+    is empty, kept (as Triton does) so that entries pair with ``outputs`` by position, which
+    clients rely on (perf_analyzer crashes on a shorter list)."""
     msg = pb.ModelInferResponse(
         model_name=resp.model_name, model_version=resp.model_version, id=resp.id
     )
@@ -186,7 +219,11 @@ def response_to_proto(resp: InferResponse) -> pb.ModelInferResponse:
         tensor.name = out.name
         tensor.datatype = out.datatype
         tensor.shape.extend(out.shape)
-        if out.datatype == "BYTES":
+        if placements and out.name in placements:
+            assert shm is not None
+            write_output(shm, out, placements[out.name])
+            raws.append(b"")
+        elif out.datatype == "BYTES":
             raws.append(encode_bytes_tensor(out.data))
         else:
             # The protocol is little-endian; tobytes() of a native array is on x86 and ARM.

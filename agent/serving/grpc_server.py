@@ -34,6 +34,12 @@ from modelfleet.agent.serving.introspection import (
     statistics,
 )
 from modelfleet.agent.serving.routing import ROUTING_KEY_HEADER, Comparison
+from modelfleet.agent.serving.shm import (
+    SharedMemoryRegistry,
+    is_local_peer,
+    output_placements,
+    require_local,
+)
 from modelfleet.agent.slots import SlotManager
 from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import (
@@ -97,11 +103,16 @@ _FINAL_FLAG = "triton_final_response"
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, slots: SlotManager, dataplane: DataPlane, control: ModelControl | None = None
+        self,
+        slots: SlotManager,
+        dataplane: DataPlane,
+        control: ModelControl | None = None,
+        shm: SharedMemoryRegistry | None = None,
     ) -> None:
         self.slots = slots
         self.dataplane = dataplane
         self.control = control or ModelControl()
+        self.shm = shm if shm is not None else SharedMemoryRegistry()
         # Set once at start (kernel/tracing.py); None: every request skips tracing with one check.
         self.tracing = tracing.current()
 
@@ -171,6 +182,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         header_key = _header_routing_key(context)
         # One client for the whole stream: its requests share that client's rate-limit bucket.
         client = grpc_client_key(context) if self.dataplane.admission.clients is not None else ""
+        shm = self._shm_for(context)
         room = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
         # Answers in request order; bounded by `room`, and None marks the end of the requests.
         pending: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
@@ -180,7 +192,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 async for msg in request_iterator:
                     await room.acquire()
                     pending.put_nowait(
-                        asyncio.ensure_future(self._stream_one(msg, header_key, client))
+                        asyncio.ensure_future(self._stream_one(msg, header_key, client, shm))
                     )
             finally:
                 pending.put_nowait(None)
@@ -201,14 +213,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     left.cancel()
 
     async def _stream_one(
-        self, msg: Any, header_key: str, client: str
+        self, msg: Any, header_key: str, client: str, shm: SharedMemoryRegistry | None
     ) -> pb.ModelStreamInferResponse:
         try:
-            req = request_from_proto(msg)
+            req = request_from_proto(msg, shm)
+            placed = output_placements(shm, req.output_parameters)
             if not req.routing_key:
                 req.routing_key = header_key
             req.client = client
-            resp = response_to_proto(await self.dataplane.infer(req))
+            resp = response_to_proto(await self.dataplane.infer(req), shm, placed)
             out = pb.ModelStreamInferResponse(infer_response=resp)
         except ModelfleetError as exc:
             out = pb.ModelStreamInferResponse(
@@ -230,16 +243,66 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_grpc_errors
     async def ModelInfer(self, request, context):
-        req = request_from_proto(request)
+        shm = self._shm_for(context)
+        req = request_from_proto(request, shm)
+        placed = output_placements(shm, req.output_parameters)
         if not req.routing_key:
             req.routing_key = _header_routing_key(context)
         if self.dataplane.admission.clients is not None:
             req.client = grpc_client_key(context)
         if self.tracing is None:
-            return response_to_proto(await self.dataplane.infer(req))
-        return await self._traced_infer(req, context)
+            return response_to_proto(await self.dataplane.infer(req), shm, placed)
+        return await self._traced_infer(req, context, placed)
 
-    async def _traced_infer(self, req: Any, context: grpc.aio.ServicerContext) -> Any:
+    def _shm_for(self, context: grpc.aio.ServicerContext) -> SharedMemoryRegistry | None:
+        """The registry for a client on this host; None (shared memory refused) for others."""
+        return self.shm if is_local_peer(context.peer()) else None
+
+    @_grpc_errors
+    async def SystemSharedMemoryRegister(self, request, context):
+        require_local(context.peer())
+        self.shm.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_grpc_errors
+    async def SystemSharedMemoryUnregister(self, request, context):
+        require_local(context.peer())
+        self.shm.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_grpc_errors
+    async def SystemSharedMemoryStatus(self, request, context):
+        require_local(context.peer())
+        out = pb.SystemSharedMemoryStatusResponse()
+        for r in self.shm.status(request.name):
+            out.regions[r.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
+                )
+            )
+        return out
+
+    async def _no_cuda(self, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "CUDA shared memory is not supported: this agent runs models on the CPU; use "
+            "system shared memory (register_system_shared_memory) or send tensors in the request",
+        )
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        return await self._no_cuda(context)
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        # No CUDA region can exist here, so there is nothing to unregister; clients clean up
+        # with this after every run (perf_analyzer reports a failure otherwise).
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        return await self._no_cuda(context)
+
+    async def _traced_infer(
+        self, req: Any, context: grpc.aio.ServicerContext, placed: Any = None
+    ) -> Any:
         """The request span, continuing the caller's W3C trace context from the metadata; the
         data plane adds the queue, inference and shadow spans under it (req.trace)."""
         assert self.tracing is not None
@@ -255,7 +318,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             },
         ) as span:
             req.trace = span
-            return response_to_proto(await self.dataplane.infer(req))
+            return response_to_proto(await self.dataplane.infer(req), self.shm, placed)
 
 
 def grpc_client_key(context: grpc.aio.ServicerContext) -> str:
@@ -450,11 +513,12 @@ def build_server(
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     control: ModelControl | None = None,
+    shm: SharedMemoryRegistry | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """The inference server; plaintext unless ``credentials`` (see agent.serving.security)."""
     server = grpc.aio.server(options=server_options(max_message_bytes), interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(slots, dataplane, control), server
+        InferenceServicer(slots, dataplane, control, shm), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_reporter.servicer, server)
     # Reflection, so grpcurl and similar tools can list and call the services without the

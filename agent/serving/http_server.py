@@ -41,6 +41,8 @@ from modelfleet.agent.serving.rest_converters import (
 )
 from modelfleet.agent.serving.routing import ROUTING_KEY_HEADER
 from modelfleet.agent.serving.security import BearerTokenInterceptor
+from modelfleet.agent.serving.shm import SharedMemoryRegistry, is_local_peer, output_placements
+from modelfleet.agent.serving.shm_http import routes as shm_routes
 from modelfleet.agent.slots import LoadedVersion, SlotManager
 from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import InvalidRequestError, ListenError, ModelfleetError
@@ -111,7 +113,10 @@ class OipHttp:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         token: BearerTokenInterceptor | None = None,
         control: ModelControl | None = None,
+        shm: SharedMemoryRegistry | None = None,
     ) -> None:
+        # The registry gRPC serves from, so a region registered on either edge serves both.
+        self.shm = shm if shm is not None else SharedMemoryRegistry()
         self.slots = slots
         self.dataplane = dataplane
         self.health = health
@@ -143,6 +148,7 @@ class OipHttp:
                 get(base + "/stats", self.statistics),
                 post(base + "/infer", self.infer),
             ]
+        routes += shm_routes(self.shm)
         app.add_routes(routes)
         return app
 
@@ -275,12 +281,16 @@ class OipHttp:
     async def infer(self, request: web.Request) -> web.Response:
         body = await request.read()
         info = request.match_info
+        # Shared memory only for clients on this host (agent/serving/shm.py).
+        shm = self.shm if is_local_peer(request.remote) else None
         req, form = request_from_http(
             body,
             request.headers.get(HEADER_LENGTH),
             info["model"],
             info.get("version", "").strip(),
+            shm,
         )
+        placed = output_placements(shm, req.output_parameters)
         if not req.routing_key:
             req.routing_key = request.headers.get(ROUTING_KEY_HEADER, "")
         if self.dataplane.admission.clients is not None:
@@ -300,7 +310,7 @@ class OipHttp:
             ) as span:
                 req.trace = span
                 resp = await self.dataplane.infer(req)
-        payload, json_length = response_to_http(resp, form)
+        payload, json_length = response_to_http(resp, form, shm, placed)
         if json_length is None:
             return web.Response(body=payload, content_type=_JSON)
         out = web.Response(body=payload, content_type="application/octet-stream")

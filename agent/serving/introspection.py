@@ -43,9 +43,15 @@ class Draining(Protocol):
 
 
 def extensions(control: ModelControl, transport: Iterable[str] = ()) -> list[str]:
-    """Only what answers (sequences, shared memory and the like are not listed); ``transport``
-    adds what one edge alone serves (HTTP's ``binary_tensor_data``)."""
-    out = {"classification", "model_configuration", "statistics", *transport}
+    """Only what answers (sequences and CUDA shared memory are not listed); ``transport`` adds
+    what one edge alone serves (HTTP's ``binary_tensor_data``)."""
+    out = {
+        "classification",
+        "model_configuration",
+        "statistics",
+        "system_shared_memory",
+        *transport,
+    }
     if control.available:
         out.add("model_repository")
     return sorted(out)

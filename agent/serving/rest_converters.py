@@ -21,6 +21,13 @@ import numpy as np
 
 from modelfleet.agent.serving.dataplane import InferInput, InferRequest, InferResponse
 from modelfleet.agent.serving.routing import ROUTING_KEY_PARAMETER
+from modelfleet.agent.serving.shm import (
+    Placement,
+    SharedMemoryRegistry,
+    placement,
+    read_input,
+    write_output,
+)
 from modelfleet.kernel.datatypes import (
     check_int_range,
     decode_bytes_tensor,
@@ -210,8 +217,14 @@ def _binary_values(
 
 
 def request_from_http(
-    body: bytes, header_length: str | None, model_name: str, model_version: str
+    body: bytes,
+    header_length: str | None,
+    model_name: str,
+    model_version: str,
+    shm: SharedMemoryRegistry | None = None,
 ) -> tuple[InferRequest, OutputForm]:
+    """``shm``: where inputs placed in system shared memory are read from; outputs placed there
+    keep their shared_memory_* parameters in ``output_parameters`` (shm.output_placements)."""
     raw_json, binary = split_body(body, header_length)
     doc = _parse_json(raw_json, header_length is not None)
     params = dict(parameters_of(doc, "request"))
@@ -228,8 +241,15 @@ def request_from_http(
         if not isinstance(name, str) or not isinstance(datatype, str):
             raise _bad(f"request: inputs[{i}] needs a string 'name' and 'datatype'")
         shape = _shape(tensor, name)
-        size = parameters_of(tensor, f"input {name!r}").get(BINARY_SIZE)
-        if size is not None:
+        iparams = parameters_of(tensor, f"input {name!r}")
+        size = iparams.get(BINARY_SIZE)
+        placed = placement(iparams, f"input {name!r}")
+        if placed is not None:
+            if size is not None or "data" in tensor:
+                raise _bad(f"input {name!r}: is in shared memory and also carries data", "data")
+            raw = read_input(shm, placed, name)
+            data = _binary_values(name, datatype, shape, memoryview(raw))
+        elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise _bad(f"input {name!r}: {BINARY_SIZE} must be a whole number >= 0", "binary")
             if "data" in tensor:
@@ -335,8 +355,14 @@ def _json_data(name: str, arr: np.ndarray) -> list[Any]:
     return out
 
 
-def response_to_http(resp: InferResponse, form: OutputForm) -> tuple[bytes, int | None]:
-    """(body, length of its JSON part when binary outputs follow it, else None)."""
+def response_to_http(
+    resp: InferResponse,
+    form: OutputForm,
+    shm: SharedMemoryRegistry | None = None,
+    placements: dict[str, Placement] | None = None,
+) -> tuple[bytes, int | None]:
+    """(body, length of its JSON part when binary outputs follow it, else None). Outputs in
+    ``placements`` are written to shared memory and listed without data."""
     outputs = []
     chunks: list[bytes] = []
     for out in resp.outputs:
@@ -345,7 +371,10 @@ def response_to_http(resp: InferResponse, form: OutputForm) -> tuple[bytes, int 
             "datatype": out.datatype,
             "shape": list(out.shape),
         }
-        if form.is_binary(out.name):
+        if placements and out.name in placements:
+            assert shm is not None
+            write_output(shm, out, placements[out.name])
+        elif form.is_binary(out.name):
             if out.datatype == "BYTES":
                 raw = encode_bytes_tensor(out.data)
             else:

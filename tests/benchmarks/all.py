@@ -25,6 +25,7 @@ SUITES = {
     "judge": "tests.benchmarks.judge_bench",  # rollout judge vs ratio gates on a simulated fleet
     "capture": "tests.benchmarks.capture_bench",  # serving cost of 10% inference capture
     "http": "tests.benchmarks.http_bench",  # HTTP/REST p50 and throughput vs gRPC and an echo
+    "shm": "tests.benchmarks.shm_bench",  # 1 MB / 16 MB tensors: gRPC raw, HTTP, system shm
     "gpu": "tests.benchmarks.gpu_bench",  # CUDA vs CPU serving (CPU part only without a GPU)
     "monitoring": "tests.benchmarks.monitoring_bench",  # drift + 10% capture vs both off
 }
