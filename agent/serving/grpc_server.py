@@ -231,13 +231,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_grpc_errors
     async def ModelInfer(self, request, context):
         req = request_from_proto(request)
-        if not req.routing_key:
+        if not req.routing_key and self._compared(req.model_name):
             req.routing_key = _header_routing_key(context)
         if self.dataplane.admission.clients is not None:
             req.client = grpc_client_key(context)
         if self.tracing is None:
             return response_to_proto(await self.dataplane.infer(req))
         return await self._traced_infer(req, context)
+
+    def _compared(self, model: str) -> bool:
+        """Whether the routing key matters: only a live comparison reads it (DataPlane._route,
+        reached before the first await, so the answer still holds there). Reading the metadata
+        on every request costs a few microseconds for nothing otherwise."""
+        slot = self.slots.slots.get(model)
+        return slot is not None and slot.comparison is not None
 
     async def _traced_infer(self, req: Any, context: grpc.aio.ServicerContext) -> Any:
         """The request span, continuing the caller's W3C trace context from the metadata; the

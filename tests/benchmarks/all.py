@@ -27,6 +27,7 @@ SUITES = {
     "http": "tests.benchmarks.http_bench",  # HTTP/REST p50 and throughput vs gRPC and an echo
     "gpu": "tests.benchmarks.gpu_bench",  # CUDA vs CPU serving (CPU part only without a GPU)
     "monitoring": "tests.benchmarks.monitoring_bench",  # drift + 10% capture vs both off
+    "cpu": "tests.benchmarks.cpu_bench",  # agent CPU per request at c16 (perf_analyzer) vs echo
 }
 
 
