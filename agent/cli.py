@@ -560,8 +560,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # Benchmark aid, off unless set: a path to write a cProfile of the event loop thread to when the
-# agent stops (docs/benchmarks.md, "Where the CPU per request goes").
-PROFILE_ENV = "MODELFLEET_AGENT_PROFILE"
+# agent stops (docs/benchmarks.md, "Where the CPU per request goes"). Outside the
+# MODELFLEET_AGENT_ prefix on purpose: it is not a setting and never in a config file.
+PROFILE_ENV = "MODELFLEET_PROFILE_LOOP"
 
 
 def _run_profiled(main: Any) -> None:

@@ -7,7 +7,7 @@ Targets take turns round by round. ``--baseline-ref REF`` adds a second agent se
 of git commit REF (its package folders extracted with ``git archive`` and put first on
 PYTHONPATH, same interpreter and packages): before and after in the same run.
 
-``MODELFLEET_AGENT_PROFILE=PATH`` (agent/cli.py) writes a cProfile of the agent's event loop
+``MODELFLEET_PROFILE_LOOP=PATH`` (agent/cli.py) writes a cProfile of the agent's event loop
 thread when it stops; ``--profile`` sets it for the agent under test, prints the top entries and
 leaves the profile in ``bench-run/cpu-agent.prof``.
 
@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-ref", help="git commit whose agent to compare against")
     parser.add_argument("--profile", action="store_true", help="cProfile the agent under test")
     parser.add_argument("--flags", default="", help="extra agent flags, space separated")
+    parser.add_argument(
+        "--baseline-flags", help="the baseline agent's extra flags (default: --flags)"
+    )
     args = parser.parse_args(argv)
     if not PERF_ANALYZER.exists():
         print("perf_analyzer is missing: run `make perf-analyzer`", file=sys.stderr)
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         prof.unlink(missing_ok=True)
         agents: dict[str, AgentProcess] = {}
         flags = args.flags.split()
-        env = {"MODELFLEET_AGENT_PROFILE": str(prof)} if args.profile else None
+        env = {"MODELFLEET_PROFILE_LOOP": str(prof)} if args.profile else None
         agents["agent"] = AgentProcess(repo, *flags, log_path=work / "agent.log", env=env)
         if args.baseline_ref:
             code = work / "base-code" / "modelfleet"
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             ).stdout
             subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
             base_env = {"PYTHONPATH": str(code.parent)}
-            base = AgentProcess(repo, *flags, log_path=work / "base.log", env=base_env)
+            base_flags = flags if args.baseline_flags is None else args.baseline_flags.split()
+            base = AgentProcess(repo, *base_flags, log_path=work / "base.log", env=base_env)
             # Its own admin socket: two agents on one repository is refused by design, so
             # the baseline reads a copy.
             base_repo = work / "repo-base"
