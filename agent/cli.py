@@ -555,8 +555,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     setup_logging(cfg.log_level, cfg.log_json)
     tune_malloc()
-    asyncio.run(serve(cfg))
+    _run_profiled(serve(cfg))
     return 0
+
+
+# Benchmark aid, off unless set: a path to write a cProfile of the event loop thread to when the
+# agent stops (docs/benchmarks.md, "Where the CPU per request goes"). Outside the
+# MODELFLEET_AGENT_ prefix on purpose: it is not a setting and never in a config file.
+PROFILE_ENV = "MODELFLEET_PROFILE_LOOP"
+
+
+def _run_profiled(main: Any) -> None:
+    path = os.environ.get(PROFILE_ENV)
+    if not path:
+        asyncio.run(main)
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        asyncio.run(main)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(path)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -93,7 +93,14 @@ class LoadedVersion:
         self._metrics_labels = (self.name, str(self.version))
         self._batch_hist = metrics.batch_size.labels(*self._metrics_labels)
         self._compute_hist = metrics.compute_seconds.labels(*self._metrics_labels)
+        # Every request of this version touches these; labels() per request hashes the label
+        # tuple under a lock each time (docs/benchmarks.md, "Where the CPU per request goes").
+        self.success_counter = metrics.requests.labels(*self._metrics_labels, "success", "")
+        self.request_hist = metrics.request_seconds.labels(*self._metrics_labels)
+        self.queue_hist = metrics.queue_seconds.labels(*self._metrics_labels)
         self.telemetry = metrics.telemetry.version(self.name, self.version)
+        # The signature by input name, looked up by every request's validation.
+        self.input_specs = {t.name: t for t in bundle.manifest.inputs}
         self._aggregator = metrics.telemetry
         # Set by SlotManager.drift_attach when the bundle has a reference (agent/serving/drift.py).
         self.drift: DriftSampler | None = None
@@ -126,7 +133,9 @@ class LoadedVersion:
         s.inference_count += rows
         ns = int(compute_s * 1e9)
         s.compute_ns += ns
-        entry = s.batches.setdefault(rows, [0, 0])
+        entry = s.batches.get(rows)
+        if entry is None:
+            entry = s.batches[rows] = [0, 0]
         entry[0] += 1
         entry[1] += ns
         self._batch_hist.observe(rows)

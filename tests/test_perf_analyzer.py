@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import csv
 import os
+import pstats
 import subprocess
 from pathlib import Path
 
+import numpy as np
+import tritonclient.grpc as grpcclient
+
 from tests.conftest import make_mlp_bundle
-from tests.procs import ROOT
+from tests.procs import ROOT, AgentProcess
 
 PERF_ANALYZER = ROOT / ".venv" / "bin" / "perf_analyzer"
 
@@ -74,3 +78,27 @@ def test_perf_analyzer_drives_the_agent(repo: Path, agent_factory, tmp_path: Pat
     assert int(rows[0]["p99 latency"]) > 0
     # perf_analyzer read server-side statistics (our ModelStatistics) between windows.
     assert "Server:" in r.stdout
+
+
+def test_loop_profile_is_written_only_when_asked(repo: Path, tmp_path: Path) -> None:
+    """MODELFLEET_PROFILE_LOOP (cpu_bench --profile): the event loop's cProfile holds the
+    requests it served; without it the agent writes none."""
+    make_mlp_bundle(repo, 1)
+    prof = tmp_path / "loop.prof"
+    for env in ({}, {"MODELFLEET_PROFILE_LOOP": str(prof)}):
+        with AgentProcess(repo, log_path=tmp_path / "agent.log", env=env) as agent:
+            agent.wait_model("mlp")
+            client = agent.client()
+            x = grpcclient.InferInput("x", [1, 4], "FP32")
+            x.set_data_from_numpy(np.ones((1, 4), np.float32))
+            for _ in range(5):
+                client.infer("mlp", [x])
+            client.close()
+        assert agent.proc is not None and agent.proc.returncode == 0
+        if not env:
+            assert not prof.exists()
+    calls = {
+        func[2]: stat[1]
+        for func, stat in pstats.Stats(str(prof)).stats.items()  # type: ignore[attr-defined]
+    }
+    assert calls.get("ModelInfer", 0) >= 5

@@ -83,19 +83,22 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
+def _where(version: LoadedVersion) -> str:
+    return f"model {version.manifest.name!r} version {version.manifest.version}"
+
+
 def validate_inputs(
     version: LoadedVersion, inputs: list[InferInput]
 ) -> tuple[dict[str, np.ndarray], int]:
     """Check inputs against the signature; return the feed and the batch size in rows."""
     manifest = version.manifest
-    specs: dict[str, TensorSpec] = {t.name: t for t in manifest.inputs}
-    where = f"model {manifest.name!r} version {manifest.version}"
+    specs: dict[str, TensorSpec] = version.input_specs
     seen: dict[str, np.ndarray] = {}
     for inp in inputs:
         spec = specs.get(inp.name)
         if spec is None:
             raise InvalidRequestError(
-                f"{where} has no input {inp.name!r} (inputs: {', '.join(specs)})",
+                f"{_where(version)} has no input {inp.name!r} (inputs: {', '.join(specs)})",
                 reason="unknown_input",
             )
         if inp.name in seen:
@@ -106,8 +109,9 @@ def validate_inputs(
                 reason="datatype",
             )
         shape = inp.shape
-        if len(shape) != len(spec.shape) or any(
-            d != -1 and d != s for d, s in zip(spec.shape, shape, strict=False)
+        if shape != spec.shape and (
+            len(shape) != len(spec.shape)
+            or any(d != -1 and d != s for d, s in zip(spec.shape, shape, strict=False))
         ):
             raise InvalidRequestError(
                 f"input {inp.name!r}: expected shape {_fmt_shape(spec.shape)}, "
@@ -115,10 +119,10 @@ def validate_inputs(
                 reason="shape",
             )
         seen[inp.name] = inp.data
-    missing = [name for name in specs if name not in seen]
+    missing = [name for name in specs if name not in seen] if len(seen) != len(specs) else []
     if missing:
         raise InvalidRequestError(
-            f"{where}: missing input(s) {', '.join(repr(m) for m in missing)}",
+            f"{_where(version)}: missing input(s) {', '.join(repr(m) for m in missing)}",
             reason="missing_input",
         )
     rows = 1
@@ -131,7 +135,8 @@ def validate_inputs(
         rows = batch_dims.pop()
         if rows > manifest.max_batch_size:
             raise InvalidRequestError(
-                f"batch of {rows} exceeds the max batch size {manifest.max_batch_size} of {where}",
+                f"batch of {rows} exceeds the max batch size {manifest.max_batch_size} of "
+                f"{_where(version)}",
                 reason="batch_size",
             )
         if rows < 1:
@@ -284,10 +289,9 @@ class DataPlane:
                 spans.failed(request.trace, version)
             raise
         elapsed = time.perf_counter() - start
-        labels = (version.name, str(version.version))
-        self.metrics.requests.labels(*labels, "success", "").inc()
-        self.metrics.request_seconds.labels(*labels).observe(elapsed)
-        self.metrics.queue_seconds.labels(*labels).observe(timing.queue_s)
+        version.success_counter.inc()
+        version.request_hist.observe(elapsed)
+        version.queue_hist.observe(timing.queue_s)
         s = version.stats
         s.success_count += 1
         s.success_ns += int(elapsed * 1e9)
@@ -300,7 +304,7 @@ class DataPlane:
             # Decides at once, counts after the response is sent (agent/serving/drift.py).
             version.drift.offer(feed, results)
         if route is not None:
-            self.metrics.routed.labels(*labels, route.arm).inc()
+            self.metrics.routed.labels(version.name, str(version.version), route.arm).inc()
             if route.shadow is not None:
                 # The response is complete; the copy waits in the shadow queue, or is dropped.
                 self.shadow.offer(version, route.shadow, feed, results, request.trace)

@@ -246,7 +246,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         shm = self._shm_for(context)
         req = request_from_proto(request, shm)
         placed = output_placements(shm, req.output_parameters)
-        if not req.routing_key:
+        if not req.routing_key and self._compared(req.model_name):
             req.routing_key = _header_routing_key(context)
         if self.dataplane.admission.clients is not None:
             req.client = grpc_client_key(context)
@@ -299,6 +299,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def CudaSharedMemoryStatus(self, request, context):
         return await self._no_cuda(context)
+
+    def _compared(self, model: str) -> bool:
+        """Whether the routing key matters: only a live comparison reads it (DataPlane._route,
+        reached before the first await, so the answer still holds there). Reading the metadata
+        on every request costs a few microseconds for nothing otherwise."""
+        slot = self.slots.slots.get(model)
+        return slot is not None and slot.comparison is not None
 
     async def _traced_infer(
         self, req: Any, context: grpc.aio.ServicerContext, placed: Any = None

@@ -28,6 +28,7 @@ SUITES = {
     "shm": "tests.benchmarks.shm_bench",  # 1 MB / 16 MB tensors: gRPC raw, HTTP, system shm
     "gpu": "tests.benchmarks.gpu_bench",  # CUDA vs CPU serving (CPU part only without a GPU)
     "monitoring": "tests.benchmarks.monitoring_bench",  # drift + 10% capture vs both off
+    "cpu": "tests.benchmarks.cpu_bench",  # agent CPU per request at c16 (perf_analyzer) vs echo
 }
 
 

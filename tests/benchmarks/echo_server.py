@@ -48,6 +48,27 @@ def build_response(name: str, spec: dict[str, Any]) -> pb.ModelInferResponse:
     return msg
 
 
+def build_metadata(name: str, spec: dict[str, Any]) -> pb.ModelMetadataResponse:
+    """The signature, so a client that asks first (perf_analyzer) can drive the echo too."""
+    msg = pb.ModelMetadataResponse(name=name, versions=[spec["model_version"]], platform="echo")
+    for kind, items in (("inputs", spec.get("inputs", [])), ("outputs", spec["outputs"])):
+        for t in items:
+            getattr(msg, kind).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+    return msg
+
+
+def build_config(name: str, spec: dict[str, Any]) -> pb.ModelConfigResponse:
+    batch = spec.get("max_batch_size", 0)
+    config = pb.ModelConfig(name=name, max_batch_size=batch)
+    for kind, items in (("input", spec.get("inputs", [])), ("output", spec["outputs"])):
+        for t in items:
+            dims = t["shape"][1:] if batch > 0 else t["shape"]
+            getattr(config, kind).add(
+                name=t["name"], data_type=pb.DataType.Value("TYPE_" + t["datatype"]), dims=dims
+            )
+    return pb.ModelConfigResponse(config=config)
+
+
 def _nothing() -> None:
     return None
 
@@ -58,9 +79,33 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self.responses = responses
         self.hop = hop
+        self.specs: dict[str, dict[str, Any]] = {}
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="echo", version="0")
+
+    async def ModelStatistics(self, request, context):
+        # Nothing is counted here; perf_analyzer reads it between windows and copes with none.
+        return pb.ModelStatisticsResponse()
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=True)
+
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=request.name in self.specs)
+
+    async def ModelMetadata(self, request, context):
+        if request.name not in self.specs:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.name!r}")
+        return build_metadata(request.name, self.specs[request.name])
+
+    async def ModelConfig(self, request, context):
+        if request.name not in self.specs:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.name!r}")
+        return build_config(request.name, self.specs[request.name])
 
     async def ModelInfer(self, request, context):
         # The request is still parsed and the response still serialised by grpc: only the
@@ -76,7 +121,9 @@ async def serve(listen: str, spec: dict[str, dict[str, Any]], hop_threads: int =
     # Same options as the agent's server, at its default max_message_bytes.
     server = grpc.aio.server(options=server_options(64 * 1024 * 1024))
     hop = ThreadPoolExecutor(hop_threads) if hop_threads else None
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoServicer(responses, hop), server)
+    servicer = EchoServicer(responses, hop)
+    servicer.specs = spec
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     if server.add_insecure_port(listen) == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()

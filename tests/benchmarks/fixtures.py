@@ -42,6 +42,9 @@ class BenchModel:
         return {
             "model_version": str(version),
             "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, self.width_out]}],
+            # For clients that read the signature first (perf_analyzer); batch dimension first.
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, self.width_in]}],
+            "max_batch_size": 32,
         }
 
 
