@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +39,7 @@ from tests.procs import (
     HubProcess,
     agent_status,
     enroll_agent,
+    free_port,
     traffic,
     wait_for,
 )
@@ -122,7 +125,8 @@ def main() -> int:
     for b in (v1, v2, v3):
         print(f"  {b.path.relative_to(work)}  sha256 {b.manifest.model_sha256[:12]}")
 
-    agent = AgentProcess(repo, log_path=work / "agent.log")
+    http_url = f"127.0.0.1:{free_port()}"
+    agent = AgentProcess(repo, "--http-listen", http_url, log_path=work / "agent.log")
     traffic = None
     try:
         step("2. Start the agent on the repository (standalone mode) and wait for READY")
@@ -159,6 +163,26 @@ def main() -> int:
         time.sleep(1)
         print(f"  {traffic.report()}")
 
+        step("6b. The same data plane over HTTP/REST (Open Inference Protocol), with curl")
+        curl(
+            f"http://{http_url}/v2/health/ready",
+            "-o",
+            "/dev/null",
+            "-w",
+            "ready: HTTP %{http_code}",
+        )
+        body = (
+            '{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}'
+        )
+        curl(
+            f"http://{http_url}/v2/models/fraud/infer",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+        )
+        curl(f"http://{http_url}/v2/models/nosuch/infer", "-d", body, "-w", " (HTTP %{http_code})")
+
         traffic.stop.set()
         for t in traffic.threads:
             t.join(10)
@@ -187,6 +211,14 @@ def main() -> int:
     finally:
         if os.environ.get("MODELFLEET_DEMO_KEEP") != "1":
             shutil.rmtree(work, ignore_errors=True)
+
+
+def curl(url: str, *args: str) -> None:
+    """What a plain HTTP client sees (the command, then its output)."""
+    cmd = ["curl", "-sS", "--max-time", "10", *args, url]
+    print(f"  $ {shlex.join(['curl', *args, url])}")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    print(f"  {(out.stdout or out.stderr).strip()}")
 
 
 def run_hub(hub: HubProcess, *args: str) -> str:
