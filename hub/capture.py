@@ -47,8 +47,8 @@ BASIS_POINTS = 10_000
 CAPTURE_DIR = "capture"
 SUFFIX = ".parquet"
 PARTIAL = ".partial"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 # One captured file at most (agents rotate at capture_rotate_bytes, 16 MiB by default).
 MAX_FILE_BYTES = 1024**3
 # Data bytes in one MQTT chunk message at most (the agent's capture_mqtt_chunk_bytes is below).

@@ -45,7 +45,7 @@ MAX_BATCH = 20_000
 MAX_REQUEST_ID = 256
 ALL_ARMS = "*"
 LABEL, VALUE = "label", "value"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _CACHE_SIZE = 64
 
 _SCHEMA = """
