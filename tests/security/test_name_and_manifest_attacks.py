@@ -106,3 +106,31 @@ def test_tuning_options_stay_allowed() -> None:
         ],
     )
     assert [len(s.options) for s in specs] == [3, 3, 0]
+
+
+def test_an_agent_cannot_fill_the_hub_disk_with_abandoned_partial_uploads(tmp_path: Path) -> None:
+    # Each first chunk of a new file id opened a partial file that nothing ever removed: an
+    # agent (or a replay of its chunks under new ids) could leave any number of them, each up to
+    # MAX_FILE_BYTES. Uploads in progress are now bounded per agent; stale ones expire.
+    import os
+    import time
+
+    from modelfleet.hub import capture as cap
+    from modelfleet.kernel.errors import ResourceExhaustedError
+
+    store = CaptureStore(tmp_path / "capture")
+    for i in range(cap.MAX_PARTIALS_PER_AGENT):
+        have, stored, taken = store.append("a1", UploadHeader("m", f"f{i}", 10, SHA, 0), b"x")
+        assert (have, stored, taken) == (1, False, True)
+    with pytest.raises(ResourceExhaustedError, match="uploads in progress") as err:
+        store.append("a1", UploadHeader("m", "one-more", 10, SHA, 0), b"x")
+    assert "a1" in str(err.value)
+    # A chunk continuing an upload in progress still goes on, and other agents are not held up.
+    assert store.append("a1", UploadHeader("m", "f0", 10, SHA, 1), b"y")[0] == 2
+    assert store.append("a2", UploadHeader("m", "f0", 10, SHA, 0), b"x")[2]
+    # An upload untouched for longer than PARTIAL_TTL_S is dropped to make room.
+    old = time.time() - cap.PARTIAL_TTL_S - 60
+    stale = tmp_path / "capture" / ".partial" / "a1" / "m" / "f1.part"
+    os.utime(stale, (old, old))
+    assert store.append("a1", UploadHeader("m", "one-more", 10, SHA, 0), b"x")[2]
+    assert not stale.exists()
