@@ -92,7 +92,7 @@ def _loads(raw: bytes, what: str) -> Any:
     except RecursionError:
         raise _bad(f"{what} nests arrays or objects too deeply to parse") from None
     except ValueError as exc:
-        if isinstance(exc, json.JSONDecodeError):
+        if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
             raise
         raise _bad(f"{what} holds a number with too many digits: {exc}") from None
 
