@@ -67,7 +67,7 @@ from modelfleet.kernel.runtime import OnnxModel, RuntimeOptions
 
 log = logging.getLogger(__name__)
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 ON_ERROR = ("fail", "skip")
 DEFAULT_BATCH_ROWS = 16_384
 DEFAULT_UNIT_ROWS = 1_048_576

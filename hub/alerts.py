@@ -33,7 +33,7 @@ from modelfleet.kernel.errors import InvalidRequestError
 COMPARISONS = (">", ">=", "<", "<=")
 SEVERITIES = ("info", "warning", "critical")
 STATES = ("inactive", "pending", "firing", "resolved")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}\Z")
 
 
 @dataclass(frozen=True)

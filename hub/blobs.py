@@ -15,7 +15,7 @@ from pathlib import Path
 
 from modelfleet.kernel.errors import BundleError, ModelNotFoundError
 
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class BlobStore:

@@ -24,6 +24,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from modelfleet.kernel.errors import (
     InvalidRequestError,
     ModelfleetError,
     ModelNotFoundError,
+    ResourceExhaustedError,
     Status,
 )
 
@@ -47,12 +49,17 @@ BASIS_POINTS = 10_000
 CAPTURE_DIR = "capture"
 SUFFIX = ".parquet"
 PARTIAL = ".partial"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 # One captured file at most (agents rotate at capture_rotate_bytes, 16 MiB by default).
 MAX_FILE_BYTES = 1024**3
 # Data bytes in one MQTT chunk message at most (the agent's capture_mqtt_chunk_bytes is below).
 MAX_PART_BYTES = 1024 * 1024
+# Uploads one agent may have in progress (an agent ships its files one at a time), and how long
+# an untouched one is kept: without them, first chunks under ever new file ids would leave
+# partial files, each up to MAX_FILE_BYTES, that nothing removes.
+MAX_PARTIALS_PER_AGENT = 16
+PARTIAL_TTL_S = 24 * 3600
 
 
 class UploadConflictError(ModelfleetError):
@@ -144,8 +151,29 @@ class CaptureStore:
                 f"at {h.offset}; resume from {have}"
             )
         part = self._partial(agent_id, h)
+        if not part.exists():
+            self._make_room(agent_id, h)
         part.parent.mkdir(parents=True, exist_ok=True)
         return UploadSink(part, self._final(agent_id, h), h)
+
+    def _make_room(self, agent_id: str, h: UploadHeader) -> None:
+        """Drop this agent's stale partial uploads; refuse a new one past the limit."""
+        now = time.time()
+        live = 0
+        for part in (self.root / PARTIAL / agent_id).glob("*/*.part"):
+            try:
+                if now - part.stat().st_mtime > PARTIAL_TTL_S:
+                    part.unlink()
+                else:
+                    live += 1
+            except FileNotFoundError:
+                continue
+        if live >= MAX_PARTIALS_PER_AGENT:
+            raise ResourceExhaustedError(
+                f"capture upload of {h.file_id}: agent {agent_id} has {live} uploads in progress "
+                f"on the hub, the most it may have; finish those first (an upload untouched for "
+                f"{PARTIAL_TTL_S // 3600} h is dropped)"
+            )
 
     def append(self, agent_id: str, h: UploadHeader, data: bytes) -> tuple[int, bool, bool]:
         """One chunk of an upload sent as separate messages: ``data`` is the file's bytes from

@@ -37,7 +37,7 @@ from modelfleet.hub.accuracy import (
     regression,
 )
 from modelfleet.hub.capture import CaptureStore
-from modelfleet.kernel.errors import InvalidRequestError
+from modelfleet.kernel.errors import InvalidRequestError, ModelfleetError, Status
 
 OUTCOMES_FILE = "outcomes.sqlite"
 # Outcomes in one ReportOutcomes call (the CLI sends files in batches of this many).
@@ -45,7 +45,7 @@ MAX_BATCH = 20_000
 MAX_REQUEST_ID = 256
 ALL_ARMS = "*"
 LABEL, VALUE = "label", "value"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _CACHE_SIZE = 64
 
 _SCHEMA = """
@@ -160,6 +160,11 @@ def _target(r: OutcomeRow) -> float:
     return float(r.value)
 
 
+class OutcomesFileError(ModelfleetError):
+    status = Status.FAILED_PRECONDITION
+    reason = "outcomes_file"
+
+
 class OutcomeStore:
     """The outcomes table and operator baselines in SQLite (one connection, serialised)."""
 
@@ -168,9 +173,18 @@ class OutcomeStore:
         self.clock = clock
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            # Late labels cannot be fetched again: starting over on our own would lose them.
+            raise OutcomesFileError(
+                f"{path} is damaged ({exc}); it holds the hub's late labels (outcomes). "
+                "Stop the hub and restore it from a backup (`modelfleet-hub restore`), or move "
+                "it aside to start with no outcomes"
+            ) from None
         # Bumped by every write: part of the accuracy cache's key.
         self.generation = 0
 
@@ -488,5 +502,6 @@ __all__ = [
     "OutcomeRow",
     "OutcomeService",
     "OutcomeStore",
+    "OutcomesFileError",
     "check_outcomes",
 ]

@@ -33,7 +33,7 @@ EVENT_HEADER = "X-Modelfleet-Event"
 DEFAULT_TOLERANCE_S = 300.0
 MIN_SECRET_BYTES = 16
 MAX_SECRET_BYTES = 4096
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}\Z")
 
 
 def check_webhook(name: str, url: str, secret: bytes) -> None:

@@ -46,7 +46,7 @@ REFERENCE_FILE = "reference.json"
 TARGET_FILE_NAME = "bundle.tar"
 
 # Model names become directory names, topic segments and metric labels: keep them boring.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 NAME_RULE = "1-128 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit"
 # Versions travel as protobuf int64 and are stored as SQLite INTEGER (signed 64 bits).
 MAX_VERSION = 2**63 - 1
@@ -100,8 +100,41 @@ class FileSpec:
 
 # An execution provider onnxruntime names, e.g. CUDAExecutionProvider. A manifest may name one this
 # build of onnxruntime does not know (a newer one): the agent then treats it as unavailable.
-PROVIDER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,63}ExecutionProvider$")
+PROVIDER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,63}ExecutionProvider\Z")
 CPU_PROVIDER = "CPUExecutionProvider"
+# Provider options whose values are files, folders, libraries or raw addresses (TensorRT's
+# trt_extra_plugin_lib_paths and trt_engine_cache_path, CUDA's gpu_external_alloc and
+# user_compute_stream, OpenVINO's cache_dir, ...): through them a bundle would pick which code
+# an agent loads, where it writes, or which address it calls. A bundle's signer decides what the
+# model computes, not that; such settings belong to the node's operator, so a manifest naming
+# one is refused, whichever provider it is for.
+UNSAFE_OPTION_WORDS = (
+    "path",
+    "dir",
+    "folder",
+    "file",
+    "lib",
+    "plugin",
+    "external",
+    "alloc",
+    "user_compute_stream",
+    "bytestream",
+    "dump",
+    "table_name",
+    "config",
+    "context",
+)
+
+
+def check_provider_option(provider: str, key: str, where: str) -> None:
+    lowered = key.lower()
+    word = next((w for w in UNSAFE_OPTION_WORDS if w in lowered), None)
+    if word is not None:
+        raise BundleError(
+            f"{where}: {provider} option {key!r} names a file, folder, library or address "
+            f"(it contains {word!r}); a bundle may not set such options, since they would let it "
+            "choose what the agent loads or writes. Leave it out of the bundle"
+        )
 
 
 @dataclass(frozen=True)
@@ -379,6 +412,8 @@ def _parse_providers(raw: Any) -> tuple[ProviderSpec, ...]:
             isinstance(k, str) and isinstance(v, str) for k, v in options.items()
         ):
             raise BundleError(f"{where}[{i}].options must map strings to strings")
+        for key in options:
+            check_provider_option(name, key, f"{where}[{i}].options")
         out.append(ProviderSpec(name, tuple(sorted(options.items()))))
     names = [p.name for p in out]
     if len(set(names)) != len(names):
@@ -419,6 +454,8 @@ def provider_specs(
                 f"options given for {raw_name!r}, which is not among the providers "
                 f"({', '.join(out) or 'none'})"
             )
+        for key in values:
+            check_provider_option(full, str(key), "provider options")
         opts[full] = {str(k): str(v) for k, v in values.items()}
     return tuple(ProviderSpec(n, tuple(sorted(opts.get(n, {}).items()))) for n in out)
 

@@ -111,6 +111,27 @@ def element_size(datatype: str) -> int:
 _LEN = struct.Struct("<I")
 
 
+# numpy holds at most 32 dimensions before 2.0 (64 after); one limit for both edges.
+MAX_DIMS = 32
+
+
+def shaped(name: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``data`` (already counted against ``shape``) in its shape, or a refusal: numpy cannot
+    hold more than MAX_DIMS dimensions, nor an empty tensor whose dimensions multiply past
+    2**63, and says so with a ValueError that would otherwise be an internal error."""
+    if len(shape) > MAX_DIMS:
+        raise InvalidRequestError(
+            f"input {name!r}: shape has {len(shape)} dimensions; at most {MAX_DIMS}",
+            reason="shape",
+        )
+    try:
+        return data.reshape(shape)
+    except ValueError as exc:
+        raise InvalidRequestError(
+            f"input {name!r}: shape {list(shape)} cannot be held ({exc})", reason="shape"
+        ) from None
+
+
 def decode_bytes_tensor(raw: bytes, name: str, count: int) -> np.ndarray:
     """BYTES raw layout: each element is a 4-byte little-endian length, then that many bytes."""
     items: list[bytes] = []

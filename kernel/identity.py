@@ -86,7 +86,7 @@ AGENT_PREFIX = "agent:"
 ADMIN_PREFIX = "admin:"
 # Names end up in certificate subjects, log lines, metric labels and MQTT topic segments, so they
 # are kept to the same boring alphabet as model names (no '/', '+', '#', whitespace or ':').
-IDENTITY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+IDENTITY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 # gRPC's auth context key for the verified peer certificate's subject CN.
 AUTH_CONTEXT_CN_KEY = "x509_common_name"
 
@@ -246,7 +246,7 @@ def make_csr(key: CertificateIssuerPrivateKeyTypes, common_name: str) -> bytes:
     return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)
 
 
-FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 
 
 def cert_fingerprint(cert: bytes | str | x509.Certificate) -> str:

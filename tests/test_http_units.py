@@ -119,3 +119,22 @@ def test_metrics_app_serves_metrics_only() -> None:
     for path in ("/", "/v2/health/ready", "/metricsx"):
         status, body = _call(app, path)
         assert status.startswith("404") and b"/metrics only" in body
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"inputs":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "too deeply"),
+        (
+            b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":['
+            + b"9" * 5000
+            + b"]}]}",
+            "too many digits",
+        ),
+        (b'{"inputs":[]}\x80\x81', "Inference-Header-Content-Length"),
+    ],
+    ids=["nesting", "long integer", "binary without the header"],
+)
+def test_hostile_json_is_an_invalid_request(body: bytes, words: str) -> None:
+    with pytest.raises(InvalidRequestError, match=words):
+        request_from_http(body, None, "m", "")

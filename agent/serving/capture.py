@@ -52,7 +52,7 @@ TEMP_SUFFIX = ".parquet.tmp"
 KEY_FILE = "capture.key"
 RULES_FILE = "rules.json"
 # Model names become folder names: the bundle format's names, never a path.
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 # Nice value of the writer thread (Linux): below the serving threads' when cores are short.
 WRITER_NICE = 10
 # After the first sampled request of a quiet spell, the writer waits this long and then takes

@@ -24,6 +24,7 @@ from modelfleet.kernel.datatypes import (
     decode_bytes_tensor,
     encode_bytes_tensor,
     numpy_dtype,
+    shaped,
 )
 from modelfleet.kernel.errors import InvalidRequestError
 from modelfleet.protos import inference_pb2 as pb
@@ -128,7 +129,7 @@ def _decode_input(tensor: Any, raw: bytes | None) -> InferInput:
                 reason="contents",
             )
         data = _typed_values(name, datatype, field, values, dtype)
-    return InferInput(name, datatype, shape, data.reshape(shape))
+    return InferInput(name, datatype, shape, shaped(name, data, shape))
 
 
 def request_from_proto(

@@ -183,6 +183,12 @@ class OipHttp:
                 f"request body is larger than the {self.max_request_bytes} bytes this agent "
                 "accepts (setting http_max_request_bytes)",
             )
+        except web.RequestPayloadError as exc:
+            # A body that is not in the Content-Encoding it names (aiohttp decodes gzip/deflate).
+            why = " ".join(str(exc).split())
+            return error_response(
+                400, f"cannot read the request body (check its Content-Encoding): {why}"
+            )
         except web.HTTPNotFound:
             return error_response(
                 404,

@@ -33,6 +33,7 @@ from modelfleet.kernel.datatypes import (
     decode_bytes_tensor,
     encode_bytes_tensor,
     numpy_dtype,
+    shaped,
 )
 from modelfleet.kernel.errors import InvalidRequestError
 
@@ -40,6 +41,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_SIZE = "binary_data_size"
 BINARY_OUTPUT = "binary_data_output"
 BINARY = "binary_data"
+# gRPC's dims are int64; JSON integers have no bound of their own.
+MAX_DIM = 2**63 - 1
 # Parameters this edge consumes; the rest travel on in InferRequest.parameters.
 _EDGE_PARAMETERS = frozenset({BINARY_OUTPUT, ROUTING_KEY_PARAMETER})
 
@@ -87,11 +90,25 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     return bytes(view[:n]), view[n:]
 
 
+def _loads(raw: bytes, what: str) -> Any:
+    """json.loads, with the two ways a hostile body gets past JSONDecodeError turned into a
+    refusal: nesting deeper than the parser's recursion limit, and an integer literal longer
+    than Python converts (4300 digits)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise _bad(f"{what} nests arrays or objects too deeply to parse") from None
+    except ValueError as exc:
+        if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
+            raise
+        raise _bad(f"{what} holds a number with too many digits: {exc}") from None
+
+
 def _parse_json(raw: bytes, has_header: bool) -> dict[str, Any]:
     # Binary bytes after JSON without the header look like trailing data or bad UTF-8.
     hint = "" if has_header else f" (binary tensors after the JSON need the {HEADER_LENGTH} header)"
     try:
-        doc = json.loads(raw)
+        doc = _loads(raw, "request body")
     except UnicodeDecodeError:
         raise _bad(f"request body is not UTF-8 JSON{hint}") from None
     except json.JSONDecodeError as exc:
@@ -109,7 +126,7 @@ def object_body(body: bytes, what: str, example: str) -> dict[str, Any]:
     if not body.strip():
         return {}
     try:
-        doc = json.loads(body)
+        doc = _loads(body, what)
     except (json.JSONDecodeError, UnicodeDecodeError):
         doc = None
     if not isinstance(doc, dict):
@@ -134,6 +151,8 @@ def _shape(tensor: dict[str, Any], name: str) -> tuple[int, ...]:
         )
     if any(d < 0 for d in shape):
         raise _bad(f"input {name!r}: shape {shape} has a negative dimension", "shape")
+    if any(d > MAX_DIM for d in shape):
+        raise _bad(f"input {name!r}: a dimension of shape {shape} is past {MAX_DIM}", "shape")
     return tuple(shape)
 
 
@@ -271,7 +290,7 @@ def request_from_http(
             data = _json_values(name, datatype, shape, tensor["data"])
         else:
             raise _bad(f"input {name!r}: has neither 'data' nor a {BINARY_SIZE} parameter", "data")
-        inputs.append(InferInput(name, datatype, shape, data.reshape(shape)))
+        inputs.append(InferInput(name, datatype, shape, shaped(name, data, shape)))
     if offset != len(binary):
         raise _bad(
             f"the body has {len(binary) - offset} binary bytes that no input's {BINARY_SIZE} "
