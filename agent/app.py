@@ -422,7 +422,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     # Standalone, the watcher is made here so that model control (load/unload over the
     # protocol) can go through it; it starts polling only once the server is up.
     watcher = None if cfg.hub else RepositoryWatcher(cfg.models, slots, cfg.poll_interval_s)
-    control = ModelControl(watcher, cfg.hub)
+    control = ModelControl(watcher, cfg.hub, enabled=cfg.model_control)
     # One registry for both transports: a region registered over gRPC serves HTTP too.
     shm = SharedMemoryRegistry()
     server, port = build_server(

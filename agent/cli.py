@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP request body limit, larger ones get 413 (default: 67108864, 64 MiB)",
     )
     serve.add_argument(
+        "--model-control",
+        action="store_true",
+        default=None,
+        help="let inference clients load and unload models of MODELS (default: off)",
+    )
+    serve.add_argument(
         "--admin-socket", help="admin socket path (default: MODELS/.modelfleet-admin.sock)"
     )
     serve.add_argument(
@@ -526,6 +532,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "metrics_listen": args.metrics_listen,
         "http_listen": args.http_listen,
         "http_max_request_bytes": args.http_max_request_bytes,
+        "model_control": args.model_control,
         "admin_socket": args.admin_socket,
         "poll_interval_s": args.poll_interval_s,
         "serving_threads": args.serving_threads,

@@ -48,6 +48,9 @@ class ServeConfig:
     http_listen: str = ""
     # HTTP request bodies above this many bytes are refused with 413.
     http_max_request_bytes: int = 64 * 1024 * 1024
+    # The protocol's model load/unload on the inference ports (standalone only). Off by default,
+    # as in Triton: with it on, any client allowed to infer can unload every model.
+    model_control: bool = False
     # Local admin API (status, rollback); empty means <models>/.modelfleet-admin.sock.
     admin_socket: str = ""
     # Seconds between repository scans.

@@ -228,6 +228,11 @@ class FleetOwnedError(ModelfleetError):
     reason = "fleet_mode"
 
 
+class ModelControlOffError(ModelfleetError):
+    status = Status.FAILED_PRECONDITION
+    reason = "model_control_off"
+
+
 class ModelControl:
     """The protocol's explicit load and unload, for every transport.
 
@@ -235,15 +240,29 @@ class ModelControl:
     decides what this agent serves, so both are refused and the hub is named.
     """
 
-    def __init__(self, watcher: RepositoryWatcher | None = None, fleet_hub: str = "") -> None:
+    def __init__(
+        self,
+        watcher: RepositoryWatcher | None = None,
+        fleet_hub: str = "",
+        *,
+        enabled: bool = True,
+    ) -> None:
         self.watcher = watcher
         self.fleet_hub = fleet_hub
+        # The operator's opt-in (`model_control`); the fleet refusal below wins over it.
+        self.enabled = enabled
 
     @property
     def available(self) -> bool:
-        return self.watcher is not None and not self.fleet_hub
+        return self.enabled and self.watcher is not None and not self.fleet_hub
 
     def _watcher(self, verb: str, name: str) -> RepositoryWatcher:
+        if not self.enabled and self.watcher is not None and not self.fleet_hub:
+            raise ModelControlOffError(
+                f"cannot {verb} {name!r}: model control is off on this agent; start it with "
+                "`serve --model-control` (agent.toml: model_control = true) to let inference "
+                "clients load and unload models, or manage the repository directory"
+            )
         if self.watcher is None and not self.fleet_hub:
             raise FleetOwnedError(f"cannot {verb} {name!r}: this server has no model repository")
         if self.watcher is None or self.fleet_hub:

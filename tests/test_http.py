@@ -53,6 +53,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
     http_port = free_port()
     proc = AgentProcess(
         repo,
+        "--model-control",
         "--http-listen",
         f"127.0.0.1:{http_port}",
         "--http-max-request-bytes",

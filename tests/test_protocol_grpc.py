@@ -74,7 +74,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
         samples=mlp_samples(),
         expected={"y": np.full((4, 3), 1e6, np.float32)},
     )
-    proc = AgentProcess(repo, log_path=root / "agent.log")
+    proc = AgentProcess(repo, "--model-control", log_path=root / "agent.log")
     proc.start()
     try:
         for name in ("mlp", "cls", "spare"):
@@ -415,6 +415,38 @@ def test_reflection_lists_describes_and_calls(agent: AgentProcess) -> None:
         assert [o.name for o in resp.outputs] == ["logits", "probs"]
     finally:
         channel.close()
+
+
+def test_model_control_is_off_unless_the_operator_turns_it_on(tmp_path: Path) -> None:
+    # As Triton's default: otherwise any client allowed to infer could unload every model.
+    make_mlp_bundle(tmp_path / "repo", 1)
+    http_url = f"127.0.0.1:{free_port()}"
+    agent = AgentProcess(tmp_path / "repo", "--http-listen", http_url)
+    agent.start()
+    try:
+        agent.wait_model("mlp", timeout=60)
+        c = agent.client()
+        try:
+            for fn in (c.load_model, c.unload_model):
+                _expect(
+                    "FAILED_PRECONDITION", ["model control is off", "--model-control"], fn, "mlp"
+                )
+            assert "model_repository" not in c.get_server_metadata().extensions
+            assert c.is_model_ready("mlp")
+        finally:
+            c.close()
+        h = httpclient.InferenceServerClient(http_url, network_timeout=10)
+        try:
+            with pytest.raises(InferenceServerException) as info:
+                h.unload_model("mlp")
+            assert info.value.status() == "409", info.value
+            assert "--model-control" in info.value.message()
+            assert "model_repository" not in h.get_server_metadata()["extensions"]
+            assert h.is_model_ready("mlp")
+        finally:
+            h.close()
+    finally:
+        agent.stop()
 
 
 # -- fleet mode ---------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     port = free_port()
     proc = AgentProcess(
         root / "repo",
+        "--model-control",
         "--http-listen",
         f"127.0.0.1:{port}",
         "--auth-token-file",
