@@ -143,7 +143,8 @@ class AgentMetrics:
         self.capture_files = Counter(
             "modelfleet_capture_files_total",
             "Capture files by event: written (complete), deleted_quota (oldest deleted to stay "
-            "within capture_quota_bytes), shipped (acknowledged by the hub, deleted locally).",
+            "within capture_quota_bytes), shipped (acknowledged by the hub, deleted locally), "
+            "refused (the hub takes no files of this model from this agent; deleted unshipped).",
             ["model", "event"],
             registry=r,
         )

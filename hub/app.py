@@ -83,9 +83,14 @@ def ensure_admin_identity(core: HubCore, now: float | None = None) -> None:
         )
 
 
-def start_capture(core: HubCore) -> CaptureService:
+def start_capture(core: HubCore, loop: asyncio.AbstractEventLoop | None = None) -> CaptureService:
     """Inference capture: settings in the registry, shipped files under DATA/capture."""
-    return CaptureService(core.registry, CaptureStore(core.paths.root / CAPTURE_DIR))
+    store = CaptureStore(
+        core.paths.root / CAPTURE_DIR, agent_quota_bytes=core.cfg.capture_agent_quota_bytes
+    )
+    service = CaptureService(core.registry, store)
+    service.loop = loop
+    return service
 
 
 def start_alerts(
@@ -221,7 +226,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     server = grpc.aio.server(options=server_options(cfg.max_message_bytes, keepalive=True))
     pb_grpc.add_FleetServicer_to_server(FleetServicer(core), server)
     pb_grpc.add_HubAdminServicer_to_server(AdminServicer(core), server)
-    capture = start_capture(core)
+    capture = start_capture(core, loop)
     pb_grpc.add_HubCaptureServicer_to_server(CaptureServicer(core, capture), server)
     alerts = start_alerts(core, cfg, capture)
     pb_grpc.add_HubAlertsServicer_to_server(AlertsServicer(alerts), server)

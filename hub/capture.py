@@ -14,24 +14,39 @@ broker it is a series of separate chunk messages (:meth:`CaptureStore.append`), 
 where it continues exactly what the hub holds, so a chunk the broker delivers twice, or late,
 after a restart, changes nothing.
 
+Who may upload what: an agent ships files only for models it was ever assigned (a deployment,
+current or since removed, whose selector matches the agent: the registry's deployments log keeps
+removed rows, so that is the durable record), so an enrolled agent cannot feed another model's
+accuracy join (hub/outcomes.py). Files an agent still holds from a model since undeployed are
+accepted. Stored files count against a per-agent quota (``capture_agent_quota_bytes``), checked
+when an upload starts; past it new uploads are refused (RESOURCE_EXHAUSTED) until an operator
+deletes files (docs/monitoring.md#inference-capture).
+
 Queries load a model's files into an in-memory DuckDB table ``capture`` (plus an ``agent_id``
 column) and run the caller's SQL with DuckDB's file and network access turned off.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modelfleet.hub.registry import CaptureSetting
+from modelfleet.hub.registry import (
+    AGENT_KEY,
+    CaptureSetting,
+    PermissionDeniedError,
+    selector_matches,
+)
 from modelfleet.kernel.errors import (
+    CAPTURE_REFUSED,
     InvalidRequestError,
     ModelfleetError,
     ModelNotFoundError,
@@ -60,6 +75,8 @@ MAX_PART_BYTES = 1024 * 1024
 # partial files, each up to MAX_FILE_BYTES, that nothing removes.
 MAX_PARTIALS_PER_AGENT = 16
 PARTIAL_TTL_S = 24 * 3600
+# Stored capture files of one agent at most (capture_agent_quota_bytes), all models together.
+AGENT_QUOTA_BYTES = 8 * 1024**3
 
 
 class UploadConflictError(ModelfleetError):
@@ -118,8 +135,17 @@ def check_rule(model: str, rate_bp: int, exclude: tuple[str, ...], hashed: tuple
 class CaptureStore:
     """The captured files of every agent, on the hub's disk."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        agent_quota_bytes: int = AGENT_QUOTA_BYTES,
+        admit: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.root = root
+        self.agent_quota_bytes = agent_quota_bytes
+        # Whether an agent may ship a model's files (CaptureService.admit): called before any
+        # state is read or written, so a refused upload leaves nothing on disk.
+        self.admit = admit
         # Chunk messages are handled on several threads: two copies of one chunk must not
         # write the same partial file at once. Striped, so files of other agents go on.
         self._locks = [threading.Lock() for _ in range(16)]
@@ -134,6 +160,8 @@ class CaptureStore:
         """(bytes held, stored) for one file of one agent."""
         _check_agent(agent_id)
         h.check()
+        if self.admit is not None:
+            self.admit(agent_id, h.model)
         final = self._final(agent_id, h)
         if final.exists():
             return final.stat().st_size, True
@@ -168,6 +196,14 @@ class CaptureStore:
                     live += 1
             except FileNotFoundError:
                 continue
+        stored = self.agent_bytes(agent_id)
+        if stored + h.size > self.agent_quota_bytes:
+            raise ResourceExhaustedError(
+                f"capture upload of {h.file_id} ({h.model}): agent {agent_id} has {stored} bytes "
+                f"of capture files stored on the hub; {h.size} more would pass "
+                f"capture_agent_quota_bytes ({self.agent_quota_bytes}). Delete files under "
+                f"{self.root}/*/{agent_id}/ or raise the quota; the agent retries"
+            )
         if live >= MAX_PARTIALS_PER_AGENT:
             raise ResourceExhaustedError(
                 f"capture upload of {h.file_id}: agent {agent_id} has {live} uploads in progress "
@@ -204,6 +240,18 @@ class CaptureStore:
                 return (*sink.finish(), True)
             finally:
                 sink.close()
+
+    def agent_bytes(self, agent_id: str) -> int:
+        """Bytes of the complete files one agent has stored, all models together."""
+        total = 0
+        for f in self.root.glob(f"*/{agent_id}/*{SUFFIX}"):
+            if f.parts[-3].startswith("."):
+                continue
+            try:
+                total += f.stat().st_size
+            except FileNotFoundError:
+                continue
+        return total
 
     def files(self, model: str) -> list[Path]:
         folder = self.root / model
@@ -321,6 +369,41 @@ class CaptureService:
     def __init__(self, registry: RegistryPort, store: CaptureStore) -> None:
         self.registry = registry
         self.store = store
+        # The registry is used on the event loop only; MQTT chunks are handled on worker
+        # threads, which hop to this loop for the check (set where the hub starts).
+        self.loop: asyncio.AbstractEventLoop | None = None
+        store.admit = self._admit_any_thread
+
+    def _admit_any_thread(self, agent_id: str, model: str) -> None:
+        loop = self.loop
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if loop is None or here is loop:
+            self.admit(agent_id, model)
+            return
+        asyncio.run_coroutine_threadsafe(self._admit(agent_id, model), loop).result(timeout=10)
+
+    async def _admit(self, agent_id: str, model: str) -> None:
+        self.admit(agent_id, model)
+
+    def admit(self, agent_id: str, model: str) -> None:
+        """Refuse ``agent_id``'s files of a model no deployment ever gave it (PERMISSION_DENIED).
+
+        Any deployment row counts, removed ones too, as long as it is not a "not desired" row:
+        an agent may still hold finished files from a model undeployed since, and those are
+        its own predictions. Matched against the agent's labels now (the registry keeps no
+        label history), so an agent relabeled out of a selector loses that model's backlog."""
+        agent = self.registry.agent(agent_id)
+        match = {**agent.labels, AGENT_KEY: agent_id}
+        for row in self.registry.deployment_rows(include_removed=True):
+            if row.name == model and row.version and selector_matches(row.selector, match):
+                return
+        raise PermissionDeniedError(
+            f"{CAPTURE_REFUSED}: model {model!r} was never deployed to agent {agent_id}, so "
+            "the hub takes no capture files of it from this agent (the agent sets the file aside)"
+        )
 
     def set(
         self,
@@ -353,6 +436,7 @@ def _check_agent(agent_id: str) -> None:
 
 
 __all__ = [
+    "AGENT_QUOTA_BYTES",
     "CAPTURE_DIR",
     "MAX_PART_BYTES",
     "CaptureService",

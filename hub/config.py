@@ -78,6 +78,8 @@ class HubConfig:
     transfer_rate_limit_mbps: float = 0.0
     # gRPC message limit, both directions.
     max_message_bytes: int = 64 * 1024 * 1024
+    # Stored capture files of one agent at most (all models); uploads past it are refused.
+    capture_agent_quota_bytes: int = 8 * 1024**3
     # An agent not heard from for this long is shown as offline.
     offline_after_s: float = 60.0
     # The hub's own Prometheus /metrics (fleet aggregates) on HOST:PORT; empty: off.
@@ -142,6 +144,11 @@ def load_hub_config(
         raise InvalidRequestError("config: metadata expiries must be positive")
     if cfg.agent_cert_lifetime_s < 10:
         raise InvalidRequestError("config: agent_cert_lifetime_s must be at least 10 seconds")
+    if cfg.capture_agent_quota_bytes <= 0:
+        raise InvalidRequestError(
+            "config: capture_agent_quota_bytes must be > 0 "
+            f"(got {cfg.capture_agent_quota_bytes}); e.g. 8589934592 (8 GiB)"
+        )
     if cfg.mqtt_resync_interval_s <= 0:
         raise InvalidRequestError(
             f"config: mqtt_resync_interval_s must be > 0, got {cfg.mqtt_resync_interval_s:g}"

@@ -50,6 +50,11 @@ EXIT_BROKEN_PIPE = 141
 TRANSIENT_REASONS = frozenset({"unreachable", "transport", "cache_damaged"})
 
 
+# Starts the message of a hub refusing one capture file for good (not the agent as a whole):
+# the agent's shipper sets such a file aside and goes on with the next.
+CAPTURE_REFUSED = "capture upload refused"
+
+
 class ModelfleetError(Exception):
     """Base of every error the project raises on purpose."""
 

@@ -4,6 +4,7 @@ uploads resume, are stored once and checked; queries see the captured rows and n
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,13 @@ import pytest
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.serving.capture import Capture, CaptureLimits, CaptureRule, complete_files
 from modelfleet.hub.capture import CaptureService, CaptureStore, UploadHeader
-from modelfleet.hub.registry import Registry
-from modelfleet.kernel.errors import InvalidRequestError, ModelNotFoundError
+from modelfleet.hub.registry import PermissionDeniedError, Registry
+from modelfleet.kernel.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    ResourceExhaustedError,
+    Status,
+)
 
 
 def _file(tmp_path: Path, rows: int = 30) -> Path:
@@ -269,3 +275,161 @@ def test_duplicate_chunks_on_several_threads_write_the_file_once(tmp_path):
     assert store.state("agent-1", _header(f)) == (len(data), True)
     (final,) = store.files("m")
     assert final.read_bytes() == data
+
+
+# -- attackers: who may upload what, and how much -------------------------------------------------
+
+
+def _fleet(tmp_path: Path) -> tuple[Registry, CaptureService]:
+    """Model m deployed to site a (agent edge-a), model victim to site b (agent edge-b)."""
+    reg = Registry(tmp_path / "registry.db")
+    for name in ("m", "victim"):
+        reg.add_version(
+            name=name,
+            version=1,
+            sha256="0" * 64,
+            size=1,
+            notes="",
+            target_path=f"{name}/1/bundle.tar",
+            signed=True,
+            manifest={"model": {"sha256": "1"}},
+        )
+    reg.add_agent("edge-a", "edge-a", {"site": "a"}, "fp-a")
+    reg.add_agent("edge-b", "edge-b", {"site": "b"}, "fp-b")
+    reg.deploy("m", 1, {"site": "a"})
+    reg.deploy("victim", 1, {"site": "b"})
+    return reg, CaptureService(reg, CaptureStore(tmp_path / "capture"))
+
+
+def _as(h: UploadHeader, model: str, file_id: str | None = None) -> UploadHeader:
+    return UploadHeader(model, file_id or h.file_id, h.size, h.sha256, h.offset)
+
+
+def test_an_agent_cannot_upload_capture_of_a_model_it_never_served(tmp_path):
+    import asyncio
+
+    from modelfleet.hub.outcomes import OutcomeRow, OutcomeService, OutcomeStore
+
+    f = _file(tmp_path)
+    data = f.read_bytes()
+    reg, svc = _fleet(tmp_path)
+    store = svc.store
+    outcomes = OutcomeService(OutcomeStore(tmp_path / "o.sqlite"), store)
+    try:
+        forged = _as(_header(f), "victim")
+        refused = "capture upload refused: model 'victim' was never deployed to agent edge-a"
+        # gRPC edge (offset query, then the stream) and MQTT edge (chunk messages).
+        with pytest.raises(PermissionDeniedError, match=refused) as err:
+            store.state("edge-a", forged)
+        assert err.value.status is Status.PERMISSION_DENIED
+        with pytest.raises(PermissionDeniedError, match=refused):
+            store.open_upload("edge-a", forged)
+        with pytest.raises(PermissionDeniedError, match=refused):
+            store.append("edge-a", forged, data)
+
+        # MQTT chunks are handled on worker threads: the check hops to the hub's loop.
+        async def from_a_worker_thread() -> None:
+            svc.loop = asyncio.get_running_loop()
+            with pytest.raises(PermissionDeniedError, match=refused):
+                await asyncio.to_thread(store.append, "edge-a", forged, data)
+            assert await asyncio.to_thread(store.append, "edge-a", _header(f), data) == (
+                len(data),
+                True,
+                True,
+            )
+
+        asyncio.run(from_a_worker_thread())
+        svc.loop = None  # that loop is closed; from here on, calls come on this thread
+        # Nothing of the forged upload is on the hub's disk, partial or complete.
+        assert store.files("victim") == []
+        assert not list((tmp_path / "capture").glob(".partial/edge-a/victim/*"))
+        # ... so victim's accuracy has no predictions to join the labels with.
+        outcomes.report("victim", [OutcomeRow(f"r{i}", label=1) for i in range(30)])
+        assert outcomes.accuracy("victim").groups == []
+        # The agent serving it uploads the same bytes fine; an unknown agent is refused.
+        assert store.append("edge-b", forged, data) == (len(data), True, True)
+        with pytest.raises(PermissionDeniedError, match="unknown agent"):
+            store.state("edge-x", _header(f))
+    finally:
+        reg.close()
+
+
+def test_files_of_a_model_undeployed_since_are_still_accepted(tmp_path):
+    f = _file(tmp_path)
+    data = f.read_bytes()
+    reg, svc = _fleet(tmp_path)
+    try:
+        (row,) = [r for r in reg.deployment_rows() if r.name == "m"]
+        reg.remove_deployments([row.id])
+        assert [d.name for d in reg.desired_for({"site": "a"}, "edge-a")] == []
+        # edge-a served m until now: the files it finished meanwhile are its own predictions.
+        assert svc.store.append("edge-a", _header(f), data) == (len(data), True, True)
+        # A rollout's per-agent assignment counts like a fleet deployment.
+        reg.deploy("victim", 1, {"_agent": "edge-a"})
+        assert svc.store.append("edge-a", _as(_header(f), "victim"), data)[1]
+    finally:
+        reg.close()
+
+
+def test_an_agent_over_its_quota_is_refused_with_the_setting_named(tmp_path):
+    f = _file(tmp_path)
+    data = f.read_bytes()
+    reg, svc = _fleet(tmp_path)
+    store = svc.store
+    store.agent_quota_bytes = len(data) * 2
+    try:
+        h = _header(f)
+        for n in range(2):
+            assert store.append("edge-a", _as(h, "m", f"f{n}"), data)[1]
+        with pytest.raises(ResourceExhaustedError, match="capture_agent_quota_bytes") as err:
+            store.append("edge-a", _as(h, "m", "f2"), data)
+        assert err.value.status is Status.RESOURCE_EXHAUSTED
+        assert f"edge-a has {2 * len(data)} bytes" in str(err.value)
+        assert not list((tmp_path / "capture").glob(".partial/edge-a/*/*"))
+        # Another agent's quota is its own; stored files still answer "stored".
+        assert store.append("edge-b", _as(h, "victim", "f2"), data)[1]
+        assert store.state("edge-a", _as(h, "m", "f0")) == (len(data), True)
+        # Room made by the operator: uploads go on.
+        (tmp_path / "capture" / "m" / "edge-a" / "f0.parquet").unlink()
+        assert store.append("edge-a", _as(h, "m", "f2"), data)[1]
+    finally:
+        reg.close()
+
+
+def test_a_file_the_hub_refuses_does_not_block_the_next(tmp_path):
+    import asyncio
+
+    from modelfleet.agent.fleet.capture_ship import CaptureShipper
+
+    reg, svc = _fleet(tmp_path)
+    try:
+        cap = Capture(CaptureLimits(tmp_path / "agent"), AgentMetrics(), tmp_path)
+        # Oldest first: a file of victim (never deployed to edge-a), then one of m.
+        for model in ("victim", "m"):
+            cap.set_rule(model, CaptureRule(10_000))
+            for i in range(5):
+                x = {"x": np.full((1, 3), i, np.float32)}
+                cap.offer(f"{model}{i}", model, 1, "active", x, {"y": np.array([[i]], np.int64)})
+        cap.close()
+        (old,) = [p for p in cap.files() if p.parent.name == "victim"]
+        os.utime(old, (1, 1))
+        assert [p.parent.name for p in cap.files()] == ["victim", "m"]
+        plane = _HubPlane(svc.store, "edge-a")
+        shipper = CaptureShipper(cap, plane, interval_s=0.01)  # type: ignore[arg-type]  # a fake
+        assert asyncio.run(shipper.ship_once()) == 1
+        assert shipper.refused == 1 and cap.files() == []
+        assert len(svc.store.files("m")) == 1 and svc.store.files("victim") == []
+        metric = cap.metrics.capture_files.labels("victim", "refused")._value.get()
+        assert metric == 1
+        # A transient refusal (quota) keeps the file for the next look.
+        svc.store.agent_quota_bytes = 1
+        cap2 = Capture(CaptureLimits(tmp_path / "agent2"), AgentMetrics(), tmp_path)
+        cap2.set_rule("m", CaptureRule(10_000))
+        cap2.offer("z", "m", 1, "active", {"x": np.zeros((1, 3), np.float32)}, {})
+        cap2.close()
+        shipper2 = CaptureShipper(cap2, plane, interval_s=0.01)  # type: ignore[arg-type]
+        with pytest.raises(ResourceExhaustedError):
+            asyncio.run(shipper2.ship_once())
+        assert len(cap2.files()) == 1 and shipper2.refused == 0
+    finally:
+        reg.close()
