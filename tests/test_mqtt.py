@@ -415,7 +415,11 @@ def _part(model: str, file_id: str, data: bytes, offset: int = 0) -> bytes:
 def test_an_agent_cannot_upload_capture_files_as_another(mqtt_fleet, tmp_path: Path) -> None:
     hub = mqtt_fleet.hub
     for name in ("agent-a", "agent-b"):
-        enroll_agent(hub, tmp_path / name, "site=berlin", hostname=name, transport="mqtt")
+        labels = f"site=berlin,cap={name}"
+        enroll_agent(hub, tmp_path / name, labels, hostname=name, transport="mqtt")
+    # The hub takes capture files only of a model deployed to the uploading agent.
+    hub.cli("publish", "capm", str(models.mlp(tmp_path / "capm.onnx")))
+    hub.cli("deploy", "capm", "1", "--selector", "cap=agent-a")
     a_ident = f"agent:{agent_id(hub, 'agent-a')}"
     b_ident = f"agent:{agent_id(hub, 'agent-b')}"
     ident = tmp_path / "agent-a" / "identity"
@@ -423,8 +427,10 @@ def test_an_agent_cannot_upload_capture_files_as_another(mqtt_fleet, tmp_path: P
         "intruder-test", ident / "ca.crt", ident / "agent.crt", ident / "agent.key"
     )
     data = b"PAR1" + secrets.token_bytes(3000) + b"PAR1"
-    forged = _part("m", "1-forged", data)
-    own = _part("m", "2-own", data)
+    forged = _part("capm", "1-forged", data)
+    own = _part("capm", "2-own", data)
+    # A's own topic, but a model never deployed to A: the hub refuses it, writing nothing.
+    not_its_own = _part("m", "3-not-its-own", data)
     pubacks: dict[int, object] = {}
     answers: list[tuple[bytes, dict]] = []
     subscribed = threading.Event()
@@ -464,6 +470,9 @@ def test_an_agent_cannot_upload_capture_files_as_another(mqtt_fleet, tmp_path: P
         assert answered.wait(20), "no answer from the hub to A's own chunk"
         wait_for(lambda: own_mid in pubacks, 20, "the broker's answer to A's own chunk")
         assert pubacks[own_mid].value == 0
+        answered.clear()
+        send(a_ident, not_its_own)
+        assert answered.wait(20), "no answer from the hub to A's chunk of a model it lacks"
     finally:
         client.disconnect()
         client.loop_stop()
@@ -473,7 +482,10 @@ def test_an_agent_cannot_upload_capture_files_as_another(mqtt_fleet, tmp_path: P
     assert (state.have, state.stored) == (len(data), True)
     root = hub.data / "capture"
     stored = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    assert stored == [f"m/{a_ident.split(':', 1)[1]}/2-own.parquet"], stored
+    assert stored == [f"capm/{a_ident.split(':', 1)[1]}/2-own.parquet"], stored
+    _, user = answers[1]
+    error = user.get(t.PROP_ERROR, "")
+    assert error.startswith("permission_denied:capture upload refused: model 'm'"), user
     assert (root / stored[0]).read_bytes() == data
 
 
