@@ -96,7 +96,7 @@ class ServeConfig:
     drift: bool = True
     drift_window_s: float = 300.0
     drift_sample_rate: float = 1.0
-    drift_max_rows_per_s: int = 1000
+    drift_max_rows_per_s: int = 250
     drift_metrics_features: int = 32
     # -- inference port security (docs/security.md#the-inference-port); default: plaintext, open
     # Server certificate chain and its private key (PEM files): both set, `listen` speaks TLS.

@@ -25,7 +25,7 @@ Pure: no agent, no hub, no processes; kernel/drift.py and onnxruntime in this pr
 3. **Serving cost in the agent** (issue 16: within 5% at concurrency 1 and 16, p50 and
    throughput). Three standalone agents serve one bundle with a reference (the 32-feature MLP,
    batch 1): drift off (``drift = false``), on with the defaults (sampling 1.0, at most
-   ``drift_max_rows_per_s`` = 1000 rows per second, 5-second windows so scoring runs too), and
+   ``drift_max_rows_per_s`` = 250 rows per second, 5-second windows so scoring runs too), and
    on for every request (no row cap). tritonclient at concurrency 1 (blocks alternating between
    the agents) and 16 (closed loop, rounds alternating); on vs off from the same run.
 """
