@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +25,7 @@ from modelfleet.agent import __version__
 from modelfleet.agent.repository import ModelControl
 from modelfleet.agent.serving.admission import RequestTooLargeError, ShedError, client_key
 from modelfleet.agent.serving.dataplane import DataPlane
+from modelfleet.agent.serving.http_body import read_body
 from modelfleet.agent.serving.introspection import (
     Draining,
     extensions,
@@ -148,7 +150,7 @@ class OipHttp:
                 get(base + "/stats", self.statistics),
                 post(base + "/infer", self.infer),
             ]
-        routes += shm_routes(self.shm)
+        routes += shm_routes(self.shm, self.max_request_bytes)
         app.add_routes(routes)
         return app
 
@@ -258,7 +260,9 @@ class OipHttp:
         return _json(proto_json(stats))
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        doc = object_body(await request.read(), "repository index", '{"ready": true}')
+        doc = object_body(
+            await read_body(request, self.max_request_bytes), "repository index", '{"ready": true}'
+        )
         ready_only = doc.get("ready", False)
         if not isinstance(ready_only, bool):
             raise InvalidRequestError(
@@ -271,13 +275,17 @@ class OipHttp:
         return _json(models)
 
     async def load(self, request: web.Request) -> web.Response:
-        doc = object_body(await request.read(), "load", '{"parameters": {}}')
+        doc = object_body(
+            await read_body(request, self.max_request_bytes), "load", '{"parameters": {}}'
+        )
         await self.control.load(request.match_info["model"], parameters_of(doc, "load"))
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
         doc = object_body(
-            await request.read(), "unload", '{"parameters": {"unload_dependents": false}}'
+            await read_body(request, self.max_request_bytes),
+            "unload",
+            '{"parameters": {"unload_dependents": false}}',
         )
         # unload_dependents: no model here has dependents, so there is nothing more to unload.
         parameters_of(doc, "unload")
@@ -285,7 +293,7 @@ class OipHttp:
         return web.Response(status=200)
 
     async def infer(self, request: web.Request) -> web.Response:
-        body = await request.read()
+        body = await read_body(request, self.max_request_bytes)
         info = request.match_info
         # Shared memory only for clients on this host (agent/serving/shm.py).
         shm = self.shm if is_local_peer(request.remote) else None
@@ -377,8 +385,12 @@ class HttpServer:
             shutdown_timeout=self.drain_timeout_s,
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=self.ssl_context)
         try:
+            site: web.BaseSite
+            if host == "::":
+                site = web.SockSite(runner, dual_stack_socket(port), ssl_context=self.ssl_context)
+            else:
+                site = web.TCPSite(runner, host, port, ssl_context=self.ssl_context)
             await site.start()
         except OSError as exc:
             await runner.cleanup()
@@ -396,3 +408,19 @@ class HttpServer:
             return
         await self.runner.cleanup()
         self.runner = None
+
+
+def dual_stack_socket(port: int) -> socket.socket:
+    """A listening socket on ``[::]:port`` that takes IPv4 clients too (as mapped addresses),
+    as gRPC's ``[::]`` does. asyncio would set IPV6_V6ONLY and leave IPv4 clients refused."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -14,6 +14,7 @@ for in binary (``binary_data`` on an output, or ``binary_data_output`` on the re
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,18 +91,68 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     return bytes(view[:n]), view[n:]
 
 
+class _NotJsonNumber(float):
+    """``NaN``, ``Infinity`` or ``-Infinity``, which RFC 8259 JSON does not have, kept with its
+    text so the refusal can quote it. Python's json takes them; Triton's parser (rapidjson)
+    refuses them, and so does this edge. (A literal past float64 such as ``1e999`` parses as
+    infinity; _json_values refuses it by value, without a per-number parse hook that would
+    slow every large tensor down.)"""
+
+    literal: str
+
+    def __new__(cls, literal: str) -> _NotJsonNumber:
+        made = super().__new__(cls, float(literal.replace("Infinity", "inf")))
+        made.literal = literal
+        return made
+
+
+def _first_not_json(data: Any) -> str | None:
+    if isinstance(data, _NotJsonNumber):
+        return data.literal
+    items = data.values() if isinstance(data, dict) else data if isinstance(data, list) else ()
+    for item in items:
+        found = _first_not_json(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _refuse_not_json(doc: Any, what: str) -> None:
+    """Called only when the parser met such a number: says in which input, else where."""
+    tail = (
+        "which JSON (RFC 8259) cannot carry; send finite numbers, or send the tensor in "
+        f"binary (the {HEADER_LENGTH} header) if it must hold non-finite values"
+    )
+    inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    for tensor in inputs if isinstance(inputs, list) else ():
+        literal = _first_not_json(tensor.get("data")) if isinstance(tensor, dict) else None
+        if literal is not None:
+            raise _bad(f"input {tensor.get('name')!r}: 'data' holds {literal}, {tail}", "data")
+    raise _bad(f"{what} holds {_first_not_json(doc)}, {tail}")
+
+
 def _loads(raw: bytes, what: str) -> Any:
-    """json.loads, with the two ways a hostile body gets past JSONDecodeError turned into a
-    refusal: nesting deeper than the parser's recursion limit, and an integer literal longer
-    than Python converts (4300 digits)."""
+    """json.loads, with the ways a hostile body gets past JSONDecodeError turned into a
+    refusal: nesting deeper than the parser's recursion limit, an integer literal longer
+    than Python converts (4300 digits), and the constants JSON does not have (NaN, Infinity).
+    """
+    met: list[str] = []
+
+    def constant(text: str) -> float:
+        met.append(text)
+        return _NotJsonNumber(text)
+
     try:
-        return json.loads(raw)
+        doc = json.loads(raw, parse_constant=constant)
     except RecursionError:
         raise _bad(f"{what} nests arrays or objects too deeply to parse") from None
     except ValueError as exc:
         if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
             raise
         raise _bad(f"{what} holds a number with too many digits: {exc}") from None
+    if met:
+        _refuse_not_json(doc, what)
+    return doc
 
 
 def _parse_json(raw: bytes, has_header: bool) -> dict[str, Any]:
@@ -215,7 +266,22 @@ def _json_values(name: str, datatype: str, shape: tuple[int, ...], data: Any) ->
         )
     if dtype.kind in "iu":
         check_int_range(name, datatype, parsed, "data")
-    return parsed.astype(dtype, copy=False).reshape(-1)
+    with np.errstate(over="ignore"):
+        values = parsed.astype(dtype, copy=False).reshape(-1)
+    if dtype.kind == "f" and not np.isfinite(values).all():
+        _refuse_out_of_range(name, datatype, parsed.reshape(-1), values)
+    return values
+
+
+def _refuse_out_of_range(name: str, datatype: str, parsed: np.ndarray, values: np.ndarray) -> None:
+    """NaN and Infinity were refused at parsing, so what is left here is a literal past
+    float64 (``1e999`` parses as infinity) or a finite number past a narrower float type."""
+    i = int(np.flatnonzero(~np.isfinite(values))[0])
+    if math.isfinite(float(parsed[i])):
+        why = f", {float(parsed[i])!r}, is past the range of {datatype}"
+    else:
+        why = " is a literal past the range of JSON numbers (float64), like 1e999"
+    raise _bad(f"input {name!r}: value {i} of 'data'{why}; send finite numbers in range", "data")
 
 
 def _binary_values(

@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from modelfleet.agent.serving.http_body import read_body
 from modelfleet.agent.serving.shm import SharedMemoryRegistry, ShmError, require_local
 from modelfleet.kernel.errors import InvalidRequestError
 
@@ -27,7 +28,7 @@ def _whole(doc: dict[str, Any], key: str, default: int | None = None) -> int:
     return value
 
 
-def routes(registry: SharedMemoryRegistry) -> list[web.RouteDef]:
+def routes(registry: SharedMemoryRegistry, max_bytes: int) -> list[web.RouteDef]:
     async def status(request: web.Request) -> web.Response:
         require_local(request.remote)
         regions = registry.status(request.match_info.get("region", ""))
@@ -41,7 +42,7 @@ def routes(registry: SharedMemoryRegistry) -> list[web.RouteDef]:
         require_local(request.remote)
         name = request.match_info["region"]
         try:
-            doc = json.loads(await request.read())
+            doc = json.loads(await read_body(request, max_bytes))
         except ValueError:
             doc = None
         if not isinstance(doc, dict) or not isinstance(doc.get("key"), str):

@@ -7,6 +7,7 @@ agent's log, which an attacker could repeat to flood the log), and the agent kee
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import socket
@@ -124,7 +125,27 @@ def _gzip_bomb(decompressed_mib: int) -> bytes:
     return out + co.compress(b'"}') + co.flush()
 
 
+def _fp32(data: str) -> bytes:
+    return (
+        b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[' + data.encode() + b"]}]}"
+    )
+
+
 HOSTILE = [
+    # Numbers RFC 8259 JSON does not have; Python's json would take them.
+    ("NaN", _fp32("1, NaN, 3, 4"), {}, 400, "input 'x': 'data' holds NaN, which JSON"),
+    ("Infinity", _fp32("1, 2, Infinity, 4"), {}, 400, "input 'x': 'data' holds Infinity"),
+    ("-Infinity", _fp32("[-Infinity], 2, 3, 4"), {}, 400, "'data' holds -Infinity"),
+    ("NaN in parameters", GOOD[:-1] + b', "parameters": {"p": NaN}}', {}, 400, "holds NaN"),
+    ("1e999", _fp32("1, 2, 3, 1e999"), {}, 400, "input 'x': value 3 of 'data' is a literal past"),
+    ("-1e999", _fp32("-1e999, 2, 3, 4"), {}, 400, "input 'x': value 0 of 'data' is a literal"),
+    (
+        "past FP32",
+        _fp32("1, 1e39, 3, 4"),
+        {},
+        400,
+        "value 1 of 'data', 1e+39, is past the range of FP32",
+    ),
     ("nesting", b'{"inputs":' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, "nest"),
     (
         "huge integer literal",
@@ -209,3 +230,71 @@ def test_grpc_shapes_numpy_cannot_hold_are_refused(agent: AgentProcess, shape: l
 
 def test_log_has_no_token(agent: AgentProcess) -> None:
     assert TOKEN not in Path(agent.log_path).read_text()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_http_on_any_ipv6_address_takes_ipv4_clients_too(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """``--http-listen [::]:PORT`` is dual-stack, as the gRPC port on ``[::]`` is."""
+    root = tmp_path_factory.mktemp("http-dual-stack")
+    make_mlp_bundle(root / "repo", 1)
+    port = free_port()
+    hosts = ["127.0.0.1"] + (["::1"] if _ipv6_loopback() else [])
+    with AgentProcess(
+        root / "repo", "--http-listen", f"[::]:{port}", log_path=root / "agent.log"
+    ) as proc:
+        proc.wait_model("mlp")
+        for host in hosts:
+            c = http.client.HTTPConnection(host, port, timeout=30)
+            try:
+                c.request("POST", "/v2/models/mlp/infer", body=GOOD)
+                r = c.getresponse()
+                doc = json.loads(r.read())
+            finally:
+                c.close()
+            assert r.status == 200 and doc["outputs"][0]["shape"] == [1, 3], (host, doc)
+
+
+def _peak_rss_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def test_a_gzip_bomb_costs_memory_near_the_cap_not_several_times_it(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A ~0.5 MB gzip body inflating to 512 MiB is refused with the agent's peak RSS growing by
+    about http_max_request_bytes (64 MiB), not the ~250 MiB aiohttp's request.read() let it grow.
+    """
+    root = tmp_path_factory.mktemp("http-bomb-rss")
+    make_mlp_bundle(root / "repo", 1)
+    port = free_port()
+    with AgentProcess(
+        root / "repo", "--http-listen", f"127.0.0.1:{port}", log_path=root / "agent.log"
+    ) as proc:
+        proc.wait_model("mlp")
+        proc.http_port = port  # type: ignore[attr-defined]
+        assert post(proc, GOOD)[0] == 200
+        assert proc.proc is not None
+        before = _peak_rss_mib(proc.proc.pid)
+        # Gzip members concatenate; repeating one keeps the 512 MiB bomb quick to build.
+        body = gzip.compress(GOOD[:-1] + b', "pad": "') + b"".join(
+            [gzip.compress(b"0" * (64 << 20))] * 8
+        )
+        got, doc = post(proc, body, {"Content-Encoding": "gzip"})
+        assert got == 413 and "http_max_request_bytes" in doc["error"], doc
+        grew = _peak_rss_mib(proc.proc.pid) - before
+        assert grew < 160, f"peak RSS grew {grew} MiB on a refused gzip bomb"
+        ok, doc = post(proc, GOOD)
+        assert ok == 200, doc
