@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PERF_ANALYZER = ROOT / ".venv" / "bin" / "perf_analyzer"
 
 
 def free_port() -> int:
@@ -436,3 +438,23 @@ class BrokerProcess:
                 self.proc.wait(5)
         if self._log:
             self._log.close()
+
+
+def perf_analyzer(
+    url: str, model: str, out: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, str]]]:
+    """A short fixed perf_analyzer measurement over gRPC, run as a user runs it (the installed
+    wrapper finds the venv's CUDA runtime itself: no LD_LIBRARY_PATH); its output and CSV rows."""
+    assert PERF_ANALYZER.exists(), "perf_analyzer is missing: run `make perf-analyzer`"
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    # A fixed, short measurement: 1 s windows, at most 5 of them, stable within 50%.
+    window = ["-p", "1000", "--max-trials", "5", "-s", "50", "-f", str(out)]
+    r = subprocess.run(
+        [str(PERF_ANALYZER), "-i", "grpc", "-u", url, "-m", model, *args, *window],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r, list(csv.DictReader(out.open()))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import pstats
 import subprocess
@@ -12,9 +11,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from tests.conftest import make_mlp_bundle
-from tests.procs import ROOT, AgentProcess
-
-PERF_ANALYZER = ROOT / ".venv" / "bin" / "perf_analyzer"
+from tests.procs import PERF_ANALYZER, AgentProcess, perf_analyzer
 
 
 def test_perf_analyzer_runs_as_installed_without_ld_library_path(tmp_path: Path) -> None:
@@ -35,44 +32,14 @@ def test_perf_analyzer_runs_as_installed_without_ld_library_path(tmp_path: Path)
 
 
 def test_perf_analyzer_drives_the_agent(repo: Path, agent_factory, tmp_path: Path) -> None:
-    assert PERF_ANALYZER.exists(), "perf_analyzer is missing: run `make perf-analyzer`"
     make_mlp_bundle(repo, 1)
     agent = agent_factory(repo)
     agent.wait_model("mlp")
     # As a user runs it: the installed wrapper finds the venv's CUDA runtime by itself.
-    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
     out = tmp_path / "pa.csv"
-    r = subprocess.run(
-        [
-            str(PERF_ANALYZER),
-            "-i",
-            "grpc",
-            "-u",
-            agent.url,
-            "-m",
-            "mlp",
-            "--shape",
-            "x:4",
-            "-b",
-            "2",
-            "--concurrency-range",
-            "2",
-            "-p",
-            "1000",
-            "--max-trials",
-            "5",
-            "-s",
-            "50",
-            "-f",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
+    r, rows = perf_analyzer(
+        agent.url, "mlp", out, "--shape", "x:4", "-b", "2", "--concurrency-range", "2"
     )
-    assert r.returncode == 0, r.stdout + r.stderr
-    rows = list(csv.DictReader(out.open()))
     assert len(rows) == 1
     assert float(rows[0]["Inferences/Second"]) > 50
     assert int(rows[0]["p99 latency"]) > 0

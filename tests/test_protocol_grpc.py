@@ -4,9 +4,7 @@ agent process."""
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import queue
 import shutil
 import subprocess
@@ -34,13 +32,20 @@ from tritonclient.utils import InferenceServerException
 from modelfleet.kernel.bundle import create_bundle
 from tests import models
 from tests.conftest import make_mlp_bundle, mlp_samples
-from tests.procs import ROOT, AgentProcess, HubProcess, enroll_agent, free_port, wait_for
+from tests.procs import (
+    ROOT,
+    AgentProcess,
+    HubProcess,
+    enroll_agent,
+    free_port,
+    perf_analyzer,
+    wait_for,
+)
 
 pytestmark = pytest.mark.process
 
 LABELS = ("cat", "dog", "fox", "owl", "yak")
 CLASSES = len(LABELS)
-PERF_ANALYZER = ROOT / ".venv" / "bin" / "perf_analyzer"
 
 
 @pytest.fixture(scope="module")
@@ -292,39 +297,10 @@ def test_raw_stream_keeps_order_across_many_requests_and_models(stub) -> None:
 
 
 def test_perf_analyzer_streaming(agent: AgentProcess, tmp_path: Path) -> None:
-    assert PERF_ANALYZER.exists(), "perf_analyzer is missing: run `make perf-analyzer`"
-    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
     out = tmp_path / "pa.csv"
-    r = subprocess.run(
-        [
-            str(PERF_ANALYZER),
-            "-i",
-            "grpc",
-            "--streaming",
-            "-u",
-            agent.url,
-            "-m",
-            "mlp",
-            "--shape",
-            "x:4",
-            "--concurrency-range",
-            "4",
-            "-p",
-            "1000",
-            "--max-trials",
-            "5",
-            "-s",
-            "50",
-            "-f",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
+    r, rows = perf_analyzer(
+        agent.url, "mlp", out, "--streaming", "--shape", "x:4", "--concurrency-range", "4"
     )
-    assert r.returncode == 0, r.stdout + r.stderr
-    rows = list(csv.DictReader(out.open()))
     assert len(rows) == 1 and float(rows[0]["Inferences/Second"]) > 50, r.stdout
 
 

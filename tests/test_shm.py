@@ -8,12 +8,10 @@ each answered with an error while the agent goes on serving.
 from __future__ import annotations
 
 import contextlib
-import csv
 import http.client
 import os
 import queue
 import socket
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from modelfleet.kernel.bundle import create_bundle
 from tests import models
-from tests.procs import ROOT, AgentProcess, free_port
+from tests.procs import AgentProcess, free_port, perf_analyzer
 
 with warnings.catch_warnings():
     # It imports pkg_resources, which warns that it is deprecated.
@@ -245,44 +243,21 @@ def test_http_inputs_and_outputs_in_shared_memory(agent, hc, regions) -> None:
 
 
 def test_perf_analyzer_with_system_shared_memory(agent, tmp_path: Path) -> None:
-    pa = ROOT / ".venv" / "bin" / "perf_analyzer"
-    assert pa.exists(), "perf_analyzer is missing: run `make perf-analyzer`"
-    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
     out = tmp_path / "pa.csv"
     before = dev_shm()
-    r = subprocess.run(
-        [
-            str(pa),
-            "-i",
-            "grpc",
-            "-u",
-            agent.url,
-            "-m",
-            "ident",
-            "--shape",
-            f"x:{WIDTH}",
-            "-b",
-            "2",
-            "--shared-memory",
-            "system",
-            "--concurrency-range",
-            "1",
-            "-p",
-            "1000",
-            "--max-trials",
-            "5",
-            "-s",
-            "50",
-            "-f",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
+    _, rows = perf_analyzer(
+        agent.url,
+        "ident",
+        out,
+        "--shape",
+        f"x:{WIDTH}",
+        "-b",
+        "2",
+        "--shared-memory",
+        "system",
+        "--concurrency-range",
+        "1",
     )
-    assert r.returncode == 0, r.stdout + r.stderr
-    rows = list(csv.DictReader(out.open()))
     assert len(rows) == 1 and float(rows[0]["Inferences/Second"]) > 10
     assert dev_shm() - before == set()
     # perf_analyzer unregisters its regions when it is done.
