@@ -20,6 +20,7 @@ and on a requested output where its result goes (the response then carries no da
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import stat
@@ -69,6 +70,9 @@ NOT_LOCAL = (
 )
 
 
+# Every inference call asks (grpc_server._shm_for); a connection keeps its peer string, so the
+# address is parsed once per connection instead of on each request.
+@functools.lru_cache(maxsize=4096)
 def is_local_peer(peer: str | None) -> bool:
     """Whether a gRPC peer (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:...``) or an
     HTTP remote address (``127.0.0.1``, ``::1``) is this host. Shared memory is only for those:
