@@ -9,10 +9,12 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from modelfleet.hub.outcomes import MAX_BATCH, OutcomeRow
 from modelfleet.kernel.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from modelfleet.hub.outcomes import OutcomeRow
 
 _FIX = (
     "write the outcomes as Parquet with a request_id column and a label column (classifiers: "
@@ -92,8 +94,12 @@ def _row_error(path: Path, row: int, text: str) -> InvalidRequestError:
 
 def read_outcomes(path: Path, model: str = "") -> dict[str, list[OutcomeRow]]:
     """The file's outcomes per model, or an error naming the column or row and the fix."""
+    # Imported here, not at the top: the hub's store (numpy, the registry) is a good part of
+    # the CLI's start-up, which every other command would pay for nothing.
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from modelfleet.hub.outcomes import OutcomeRow
 
     if not path.is_file():
         raise InvalidRequestError(f"{path}: no such file")
@@ -316,6 +322,7 @@ def _render(model: str, resp: Any) -> str:
 
 
 def cmd_outcomes(args: argparse.Namespace) -> int:
+    from modelfleet.hub.outcomes import MAX_BATCH
     from modelfleet.protos import fleet_pb2 as pb
 
     c = args.outcomes_command
