@@ -31,7 +31,6 @@ from modelfleet.agent.serving.grpc_server import (
     build_server,
     claim_admin_socket,
 )
-from modelfleet.agent.serving.http_server import HttpServer, OipHttp
 from modelfleet.agent.serving.security import (
     BearerTokenInterceptor,
     TlsFiles,
@@ -52,6 +51,7 @@ from modelfleet.kernel.tracing import TracingSettings
 
 if TYPE_CHECKING:
     from modelfleet.agent.fleet.controlplane import ControlPlane
+    from modelfleet.agent.serving.http_server import HttpServer
 
 log = logging.getLogger("modelfleet.agent")
 
@@ -450,6 +450,9 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     os.chmod(admin_path, 0o600)
     http: HttpServer | None = None
     if cfg.http_listen:
+        # Imported only for an HTTP port: aiohttp is a fifth of the agent's start-up CPU.
+        from modelfleet.agent.serving.http_server import HttpServer, OipHttp
+
         http = HttpServer(
             OipHttp(
                 slots,
