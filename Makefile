@@ -100,8 +100,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Two workers by default (TEST_WORKERS=0 runs in one process). Whole modules go to one worker
+# (--dist loadfile: module fixtures such as a shared hub stay in one process) in the order
+# tests/conftest.py gives them, slowest first, so a long module never starts last.
+TEST_WORKERS ?= 2
 test: $(STAMP) sysdeps protos-check lint perf-analyzer package-tools
-	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20 \
+	  $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) tests
 
 # The inner loop, under a minute: lint (ruff, mypy) and every test not marked `process`. No hub,
 # agent, Mosquitto, perf_analyzer or package build; tests/process_guard.py fails any test here

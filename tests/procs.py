@@ -447,8 +447,10 @@ def perf_analyzer(
     wrapper finds the venv's CUDA runtime itself: no LD_LIBRARY_PATH); its output and CSV rows."""
     assert PERF_ANALYZER.exists(), "perf_analyzer is missing: run `make perf-analyzer`"
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
-    # A fixed, short measurement: 1 s windows, at most 5 of them, stable within 50%.
-    window = ["-p", "1000", "--max-trials", "5", "-s", "50", "-f", str(out)]
+    # A fixed, short measurement: 1 s windows, at most 5 of them. The tests check that real
+    # inferences succeed, not how fast: a stability bound of 1000% (max/min of the last three
+    # windows within 10x) only stops perf_analyzer failing on a machine busy with other tests.
+    window = ["-p", "1000", "--max-trials", "5", "-s", "1000", "-f", str(out)]
     r = subprocess.run(
         [str(PERF_ANALYZER), "-i", "grpc", "-u", url, "-m", model, *args, *window],
         capture_output=True,
