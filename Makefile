@@ -135,7 +135,10 @@ TRANSPORT ?= grpc
 demo: $(STAMP) sysdeps
 	MODELFLEET_DEMO_TRANSPORT=$(TRANSPORT) $(PY) -m tests.demo
 
+# valgrind: BENCH=instr counts instructions per request with callgrind.
+BENCH_DEB_PACKAGES ?= valgrind
 bench: $(STAMP) sysdeps
+	@$(MAKE) --no-print-directory sysdeps DEB_PACKAGES="$(BENCH_DEB_PACKAGES)"
 	$(PY) -m tests.benchmarks.all
 
 # Ten minutes at 80% of the agent's measured maximum, a hot swap every 30 s and a hub restart

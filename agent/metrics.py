@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from itertools import accumulate
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -9,8 +12,11 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from modelfleet.agent.telemetry import TelemetryAggregator
+from modelfleet.agent.telemetry import TelemetryAggregator, VersionCounters, totals
 from modelfleet.kernel.metrics_http import serve_metrics_http
 from modelfleet.kernel.telemetry_bounds import (
     BATCH_BUCKETS,
@@ -33,40 +39,15 @@ class AgentMetrics:
         # Per version counters for the hub (fleet mode reports them; standalone just counts).
         self.telemetry = TelemetryAggregator()
         r = self.registry
-        self.requests = Counter(
-            "modelfleet_requests_total",
-            "Inference requests by outcome; failures carry their reason.",
-            ["model", "version", "outcome", "reason"],
-            registry=r,
-        )
-        self.request_seconds = Histogram(
-            "modelfleet_request_duration_seconds",
-            "Time from request decoded to response ready.",
-            ["model", "version"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue_seconds = Histogram(
-            "modelfleet_queue_duration_seconds",
-            "Time a request waited for its batch to start computing.",
-            ["model", "version"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.compute_seconds = Histogram(
-            "modelfleet_compute_duration_seconds",
-            "onnxruntime run time per executed batch.",
-            ["model", "version"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "modelfleet_batch_size",
-            "Rows per executed batch.",
-            ["model", "version"],
-            buckets=_BATCH_BUCKETS,
-            registry=r,
-        )
+        # Requests and their latency histograms are counted once, in the telemetry cells the
+        # fleet reports come from; /metrics reads them at scrape time (ServingCollector). A
+        # prometheus_client observe per histogram per request was the largest share of the
+        # agent's own CPU per request after onnxruntime (docs/benchmarks.md).
+        self._forgotten: set[tuple[str, int]] = set()
+        # (model, version label, reason) -> requests shed by a guardrail; not in the telemetry
+        # cells because a shed request says nothing about the version (dataplane._account_shed).
+        self.shed_requests: dict[tuple[str, str, str], int] = {}
+        r.register(ServingCollector(self))
         self.loaded = Gauge(
             "modelfleet_loaded_versions",
             "1 for each loaded version, by role (active, previous, candidate or shadow).",
@@ -222,12 +203,10 @@ class AgentMetrics:
     def forget_version(self, model: str, version: str) -> None:
         """Drop every series of an unloaded version, so a fleet that swaps often does not
         grow its exposition (and the agent's memory) without bound."""
+        self._forgotten.add((model, int(version)))
+        for key in [k for k in self.shed_requests if k[0] == model and k[1] == version]:
+            del self.shed_requests[key]
         for metric in (
-            self.requests,
-            self.request_seconds,
-            self.queue_seconds,
-            self.compute_seconds,
-            self.batch_size,
             self.gate_results,
             self.provider_fallbacks,
             self.execution_provider,
@@ -249,5 +228,79 @@ class AgentMetrics:
                 if values[m_i] == model and values[v_i] == version:
                     metric.remove(*values)
 
+    def serving(self, model: str, version: int) -> VersionCounters:
+        """The cells a loaded version counts its requests in; back on /metrics if forgotten."""
+        self._forgotten.discard((model, version))
+        return self.telemetry.version(model, version)
+
+    def exposed(self) -> list[VersionCounters]:
+        """Versions whose serving series /metrics shows: all but unloaded ones. Version 0 holds
+        requests that resolved no version (shown with an empty version label)."""
+        forgotten = self._forgotten.copy()
+        return [c for c in self.telemetry.entries() if (c.model, c.version) not in forgotten]
+
     def serve_http(self, host: str, port: int) -> None:
         serve_metrics_http(self.registry, host, port)
+
+
+_LATENCY_LE = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+_BATCH_LE = [floatToGoString(float(b)) for b in BATCH_BUCKETS] + ["+Inf"]
+
+
+def _cumulative(le: list[str], counts: list[int]) -> list[tuple[str, float]]:
+    return list(zip(le, accumulate(counts), strict=True))
+
+
+class ServingCollector(Collector):
+    """modelfleet_requests_total and the request, queue, compute and batch-size histograms,
+    built at scrape time from the telemetry cells (agent/telemetry.py ``totals``)."""
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        requests = CounterMetricFamily(
+            "modelfleet_requests",
+            "Inference requests by outcome; failures carry their reason.",
+            labels=[*labels, "outcome", "reason"],
+        )
+        hists = {
+            name: HistogramMetricFamily(name, text, labels=labels)
+            for name, text in (
+                (
+                    "modelfleet_request_duration_seconds",
+                    "Time from request decoded to response ready.",
+                ),
+                (
+                    "modelfleet_queue_duration_seconds",
+                    "Time a request waited for its batch to start computing.",
+                ),
+                ("modelfleet_compute_duration_seconds", "onnxruntime run time per executed batch."),
+                ("modelfleet_batch_size", "Rows per executed batch."),
+            )
+        }
+        for c in self.metrics.exposed():
+            t = totals(c)
+            ver = str(c.version) if c.version else ""
+            if c.version:
+                requests.add_metric([c.model, ver, "success", ""], t.successes)
+            for reason, n in sorted(t.failures.items()):
+                requests.add_metric([c.model, ver, "failure", reason], n)
+            if not c.version:
+                continue
+            for name, (le, (counts, total)) in zip(
+                hists,
+                (
+                    (_LATENCY_LE, t.request),
+                    (_LATENCY_LE, t.queue),
+                    (_LATENCY_LE, t.compute),
+                    (_BATCH_LE, t.batch),
+                ),
+                strict=True,
+            ):
+                hists[name].add_metric([c.model, ver], _cumulative(le, counts), total)
+        for (model, ver, reason), n in list(self.metrics.shed_requests.items()):
+            requests.add_metric([model, ver, "shed", reason], n)
+        yield requests
+        yield from hists.values()

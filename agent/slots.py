@@ -57,6 +57,12 @@ class BatchingConfig:
     inline_max_us: int = 200
 
 
+def batch_tail(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    if shape and shape[0] == -1 and -1 not in shape[1:]:
+        return tuple(shape[1:])
+    return None
+
+
 @dataclass
 class VersionStats:
     """Counters behind Triton's ModelStatistics, kept per loaded version."""
@@ -90,17 +96,13 @@ class LoadedVersion:
         self.version = bundle.version
         self.loaded_at = time.time()
         self.stats = VersionStats()
-        self._metrics_labels = (self.name, str(self.version))
-        self._batch_hist = metrics.batch_size.labels(*self._metrics_labels)
-        self._compute_hist = metrics.compute_seconds.labels(*self._metrics_labels)
-        # Every request of this version touches these; labels() per request hashes the label
-        # tuple under a lock each time (docs/benchmarks.md, "Where the CPU per request goes").
-        self.success_counter = metrics.requests.labels(*self._metrics_labels, "success", "")
-        self.request_hist = metrics.request_seconds.labels(*self._metrics_labels)
-        self.queue_hist = metrics.queue_seconds.labels(*self._metrics_labels)
-        self.telemetry = metrics.telemetry.version(self.name, self.version)
+        # Every request of this version counts here, and /metrics reads it (agent/metrics.py).
+        self.telemetry = metrics.serving(self.name, self.version)
         # The signature by input name, looked up by every request's validation.
         self.input_specs = {t.name: t for t in bundle.manifest.inputs}
+        # Per input, its shape after the batch dimension when that is its only -1 (else None).
+        self.input_tails = {t.name: batch_tail(t.shape) for t in bundle.manifest.inputs}
+        self.max_batch_size = bundle.manifest.max_batch_size
         self._aggregator = metrics.telemetry
         # Set by SlotManager.drift_attach when the bundle has a reference (agent/serving/drift.py).
         self.drift: DriftSampler | None = None
@@ -138,8 +140,6 @@ class LoadedVersion:
             entry = s.batches[rows] = [0, 0]
         entry[0] += 1
         entry[1] += ns
-        self._batch_hist.observe(rows)
-        self._compute_hist.observe(compute_s)
         self.telemetry.batch_done(rows, compute_s)
 
     async def infer(

@@ -337,6 +337,47 @@ class VersionCounters:
         return names
 
 
+@dataclass(frozen=True)
+class Totals:
+    """A version's counts since the process started: the agent's /metrics reads these at scrape
+    time (agent/metrics.py), so a request is counted once, here, not again in prometheus_client.
+
+    Histograms are (per-bucket counts, the last one above every bound; sum).
+    """
+
+    successes: int
+    failures: dict[str, int]
+    request: tuple[list[int], float]
+    queue: tuple[list[int], float]
+    compute: tuple[list[int], float]
+    batch: tuple[list[int], float]
+
+
+def totals(c: VersionCounters) -> Totals:
+    """Read from any thread: each cell is read whole; cells only grow, so a scrape that races
+    a request sees it in some series and not yet in others, as with any Prometheus client."""
+    row = c.cells[c.base + COUNTERS : c.base + SLOT_CELLS].tolist()
+
+    def hist(at: int, bounds: tuple[float, ...], scale: float) -> tuple[list[int], float]:
+        i = at - COUNTERS
+        return row[i : i + len(bounds) + 1], row[i + len(bounds) + 1] * scale
+
+    failures: dict[str, int] = {}
+    for name, index in c.reasons.items():
+        n = row[_REASONS - COUNTERS + index]
+        if n:
+            label = OTHER_REASON if index == REASON_SLOTS - 1 else name
+            failures[label] = n
+    return Totals(
+        successes=row[_REQUESTS - COUNTERS] - row[_FAILURES - COUNTERS],
+        failures=failures,
+        request=hist(_REQUEST_H, LATENCY_BOUNDS, 1e-9),
+        queue=hist(_QUEUE_H, LATENCY_BOUNDS, 1e-9),
+        compute=hist(_COMPUTE_H, LATENCY_BOUNDS, 1e-9),
+        batch=hist(_BATCH_H, BATCH_BOUNDS, 1.0),
+    )
+
+
 # -- shadow comparisons: per (model, primary version, shadow version), one row per output -------
 # Kept in memory, not in the journal: they are samples of the traffic, and a kill -9 loses at
 # most the open interval of them (the served counts above are what must never be lost).
@@ -683,6 +724,11 @@ class TelemetryAggregator:
 
     def _stores(self) -> list[CounterStore]:
         return [s for s in (self.store, self._overflow) if s is not None]
+
+    def entries(self) -> list[VersionCounters]:
+        """Every version's counters (any thread)."""
+        with self._lock:
+            return list(self._versions.values())
 
     # -- hooks that have no LoadedVersion at hand (event loop) ----------------------------------
 

@@ -174,6 +174,17 @@ class OnnxModel:
                 raise BundleError(f"onnxruntime cannot load {bundle.model_path}: {exc2}") from None
         self.providers = self.session.get_providers()
         self.provider = self.providers[0]
+        # onnxruntime's Python run() checks input names, graph capture and OrtValue ownership
+        # on every call: about a tenth of the agent's own CPU per request on a small model.
+        # Feeds here are numpy arrays already checked against the signature, and on the CPU
+        # provider nothing else in that wrapper applies (its run-time fallback is for GPU
+        # providers), so CPU sessions call the C++ session's run directly.
+        direct = getattr(self.session, "_sess", None)
+        self._run = (
+            direct.run
+            if direct is not None and self.providers == [CPU_PROVIDER]
+            else self.session.run
+        )
         if strict and (
             (options.require_provider and plan.requested and self.provider != plan.wanted)
             or (options.device == "cuda" and self.provider not in GPU_PROVIDERS)
@@ -247,7 +258,7 @@ class OnnxModel:
 
     def run_prepared(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            results = self.session.run(self.output_names, feed)
+            results = self._run(self.output_names, feed, None)
         except UnicodeDecodeError:
             # onnxruntime hands string outputs back as Python str, decoded strictly: bytes that
             # are not UTF-8 in a string output cannot be returned at all, only refused.

@@ -186,7 +186,7 @@ class _Load:
 def input_bytes(feed: dict[str, np.ndarray]) -> int:
     total = 0
     for arr in feed.values():
-        if arr.dtype == object:
+        if arr.dtype.hasobject:
             # BYTES tensors: the payloads, not the pointers.
             total += sum(len(x) if isinstance(x, (bytes, str)) else 8 for x in arr.flat)
         else:

@@ -20,6 +20,7 @@ from modelfleet.agent.serving.shm import (
     write_output,
 )
 from modelfleet.kernel.datatypes import (
+    MAX_DIMS,
     check_int_range,
     decode_bytes_tensor,
     encode_bytes_tensor,
@@ -92,15 +93,18 @@ def _check_typed_fields(name: str, datatype: str, contents: Any) -> str:
 
 def _decode_input(tensor: Any, raw: bytes | None) -> InferInput:
     name, datatype = tensor.name, tensor.datatype
-    shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
+    # A slice copies the repeated field in one call; iterating it builds each int in turn
+    # (0.3 against 1.1 us, and this runs for every input of every request).
+    shape = tuple(tensor.shape[:])
+    if shape and min(shape) < 0:
         raise InvalidRequestError(
             f"input {name!r}: shape {list(shape)} has a negative dimension", reason="shape"
         )
     dtype = numpy_dtype(datatype)
     count = _count(shape)
     if raw is not None:
-        if tensor.contents.ByteSize():
+        # HasField first: building the contents view to size it is most of this check's cost.
+        if tensor.HasField("contents") and tensor.contents.ByteSize():
             # The protocol gives a request one form or the other; taking either one silently
             # would run the model on data the client may not have meant.
             raise InvalidRequestError(
@@ -118,6 +122,14 @@ def _decode_input(tensor: Any, raw: bytes | None) -> InferInput:
                     f"x {datatype} needs {need} bytes",
                     reason="raw",
                 )
+            if len(shape) <= MAX_DIMS:
+                try:
+                    # One call where frombuffer + reshape are two (0.4 against 1.2 us).
+                    array = np.ndarray(shape, dtype, raw)
+                except ValueError:
+                    pass  # shaped() below words the refusal
+                else:
+                    return InferInput(name, datatype, shape, array)
             data = np.frombuffer(raw, dtype=dtype)
     else:
         field = _check_typed_fields(name, datatype, tensor.contents)
@@ -136,15 +148,19 @@ def request_from_proto(
     msg: pb.ModelInferRequest, shm: SharedMemoryRegistry | None = None
 ) -> InferRequest:
     """``shm``: where inputs placed in system shared memory are read from (agent/serving/shm.py);
-    such inputs have no entry in raw_input_contents, which holds the others in order (Triton)."""
+    such inputs have no entry in raw_input_contents, which holds the others in order (Triton).
+
+    Every field access on a protobuf message builds a wrapper object, so each field is read
+    once here: this runs for every request."""
     raws = msg.raw_input_contents
+    tensors = list(msg.inputs)
     placed: dict[int, Placement] = {}
-    for i, tensor in enumerate(msg.inputs):
+    for i, tensor in enumerate(tensors):
         if tensor.parameters:
             p = placement(parameters_from_proto(tensor.parameters), f"input {tensor.name!r}")
             if p is not None:
                 placed[i] = p
-    in_band = len(msg.inputs) - len(placed)
+    in_band = len(tensors) - len(placed)
     if raws and len(raws) != in_band:
         raise InvalidRequestError(
             f"raw_input_contents has {len(raws)} entries for {in_band} inputs not in shared "
@@ -152,27 +168,36 @@ def request_from_proto(
             reason="raw",
         )
     inputs = []
-    next_raw = 0
-    for i, tensor in enumerate(msg.inputs):
-        if i in placed:
-            raw: bytes | None = read_input(shm, placed[i], tensor.name)
-        elif raws:
-            raw = raws[next_raw]
-            next_raw += 1
-        else:
-            raw = None
-        inputs.append(_decode_input(tensor, raw))
+    if placed:
+        next_raw = 0
+        for i, tensor in enumerate(tensors):
+            if i in placed:
+                raw: bytes | None = read_input(shm, placed[i], tensor.name)
+            elif raws:
+                raw = raws[next_raw]
+                next_raw += 1
+            else:
+                raw = None
+            inputs.append(_decode_input(tensor, raw))
+    elif raws:
+        for tensor, raw in zip(tensors, raws, strict=True):
+            inputs.append(_decode_input(tensor, raw))
+    else:
+        for tensor in tensors:
+            inputs.append(_decode_input(tensor, None))
+    outputs = list(msg.outputs)
     req = InferRequest(
         model_name=msg.model_name,
         model_version=msg.model_version,
         id=msg.id,
         inputs=inputs,
-        outputs=[o.name for o in msg.outputs],
-        routing_key=_routing_key(msg),
+        outputs=[o.name for o in outputs],
     )
-    if msg.parameters:
-        req.parameters = parameters_from_proto(msg.parameters)
-    for o in msg.outputs:
+    params = msg.parameters
+    if params:
+        req.routing_key = _routing_key(params)
+        req.parameters = parameters_from_proto(params)
+    for o in outputs:
         if o.parameters:
             req.output_parameters[o.name] = parameters_from_proto(o.parameters)
     return req
@@ -187,10 +212,11 @@ def parameters_from_proto(params: Any) -> dict[str, Any]:
     return out
 
 
-def _routing_key(msg: pb.ModelInferRequest) -> str:
-    if ROUTING_KEY_PARAMETER not in msg.parameters:
+def _routing_key(params: Any) -> str:
+    """From the request's parameter map."""
+    if ROUTING_KEY_PARAMETER not in params:
         return ""
-    param = msg.parameters[ROUTING_KEY_PARAMETER]
+    param = params[ROUTING_KEY_PARAMETER]
     kind = param.WhichOneof("parameter_choice")
     if kind == "string_param":
         return param.string_param

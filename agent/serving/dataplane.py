@@ -29,6 +29,7 @@ from modelfleet.agent.serving.routing import (
 )
 from modelfleet.agent.serving.shadow import ShadowRunner
 from modelfleet.agent.slots import LoadedVersion, SlotManager
+from modelfleet.agent.telemetry import UNKNOWN_MODEL
 from modelfleet.kernel.bundle import TensorSpec
 from modelfleet.kernel.datatypes import datatype_of
 from modelfleet.kernel.errors import InvalidRequestError, ModelfleetError
@@ -91,7 +92,6 @@ def validate_inputs(
     version: LoadedVersion, inputs: list[InferInput]
 ) -> tuple[dict[str, np.ndarray], int]:
     """Check inputs against the signature; return the feed and the batch size in rows."""
-    manifest = version.manifest
     specs: dict[str, TensorSpec] = version.input_specs
     seen: dict[str, np.ndarray] = {}
     for inp in inputs:
@@ -109,39 +109,50 @@ def validate_inputs(
                 reason="datatype",
             )
         shape = inp.shape
-        if shape != spec.shape and (
-            len(shape) != len(spec.shape)
-            or any(d != -1 and d != s for d, s in zip(spec.shape, shape, strict=False))
-        ):
+        if shape != spec.shape and not _fits(shape, spec.shape, version.input_tails[inp.name]):
             raise InvalidRequestError(
                 f"input {inp.name!r}: expected shape {_fmt_shape(spec.shape)}, "
                 f"got {_fmt_shape(shape)}",
                 reason="shape",
             )
         seen[inp.name] = inp.data
-    missing = [name for name in specs if name not in seen] if len(seen) != len(specs) else []
-    if missing:
+    if len(seen) != len(specs):
+        missing = [name for name in specs if name not in seen]
         raise InvalidRequestError(
             f"{_where(version)}: missing input(s) {', '.join(repr(m) for m in missing)}",
             reason="missing_input",
         )
-    rows = 1
-    if manifest.max_batch_size > 0:
-        batch_dims = {arr.shape[0] for arr in seen.values()}
-        if len(batch_dims) != 1:
-            raise InvalidRequestError(
-                f"inputs disagree on the batch dimension: {sorted(batch_dims)}", reason="shape"
-            )
-        rows = batch_dims.pop()
-        if rows > manifest.max_batch_size:
-            raise InvalidRequestError(
-                f"batch of {rows} exceeds the max batch size {manifest.max_batch_size} of "
-                f"{_where(version)}",
-                reason="batch_size",
-            )
-        if rows < 1:
-            raise InvalidRequestError("batch dimension must be at least 1", reason="shape")
+    max_batch = version.max_batch_size
+    if max_batch <= 0:
+        return seen, 1
+    arrays = iter(seen.values())
+    first = next(arrays, None)
+    rows = first.shape[0] if first is not None else -1
+    if first is None or any(arr.shape[0] != rows for arr in arrays):
+        raise InvalidRequestError(
+            "inputs disagree on the batch dimension: "
+            f"{sorted({arr.shape[0] for arr in seen.values()})}",
+            reason="shape",
+        )
+    if rows > max_batch:
+        raise InvalidRequestError(
+            f"batch of {rows} exceeds the max batch size {max_batch} of {_where(version)}",
+            reason="batch_size",
+        )
+    if rows < 1:
+        raise InvalidRequestError("batch dimension must be at least 1", reason="shape")
     return seen, rows
+
+
+def _fits(shape: tuple[int, ...], spec: tuple[int, ...], tail: tuple[int, ...] | None) -> bool:
+    """Whether ``shape`` matches ``spec``, where -1 in the spec takes any size. ``tail``: the
+    spec after its first dimension when that is its only -1 (a batch dimension, the usual
+    case), compared in one step."""
+    if len(shape) != len(spec):
+        return False
+    if tail is not None:
+        return shape[1:] == tail
+    return all(d == -1 or d == s for d, s in zip(spec, shape, strict=True))
 
 
 def check_routing_key(key: str) -> str:
@@ -219,6 +230,9 @@ def classify(version: LoadedVersion, output: str, arr: np.ndarray, count: int) -
     return InferOutput(output, "BYTES", tuple(out.shape), out)
 
 
+_NO_COUNTS: dict[str, int] = {}
+
+
 class DataPlane:
     def __init__(
         self,
@@ -261,16 +275,22 @@ class DataPlane:
                 check_stateless(version, request.parameters)
             feed, rows = validate_inputs(version, request.inputs)
             admission.check_size(version.name, feed)
-            wanted = request.outputs or version.model.output_names
-            unknown = [o for o in wanted if o not in version.model.output_names]
-            if unknown:
-                raise InvalidRequestError(
-                    f"model {request.model_name!r} has no output(s) {unknown} "
-                    f"(outputs: {', '.join(version.model.output_names)})",
-                    reason="unknown_output",
-                )
-            counts = {o: class_count(o, p) for o, p in request.output_parameters.items()}
-            load = admission.enter(version.name, rows, version.manifest.max_batch_size)
+            names = version.model.output_names
+            wanted = request.outputs or names
+            if request.outputs:
+                unknown = [o for o in wanted if o not in names]
+                if unknown:
+                    raise InvalidRequestError(
+                        f"model {request.model_name!r} has no output(s) {unknown} "
+                        f"(outputs: {', '.join(names)})",
+                        reason="unknown_output",
+                    )
+            counts = (
+                {o: class_count(o, p) for o, p in request.output_parameters.items()}
+                if request.output_parameters
+                else _NO_COUNTS
+            )
+            load = admission.enter(version.name, rows, version.max_batch_size)
             try:
                 results, timing = await version.infer(feed, rows)
             finally:
@@ -289,9 +309,6 @@ class DataPlane:
                 spans.failed(request.trace, version)
             raise
         elapsed = time.perf_counter() - start
-        version.success_counter.inc()
-        version.request_hist.observe(elapsed)
-        version.queue_hist.observe(timing.queue_s)
         s = version.stats
         s.success_count += 1
         s.success_ns += int(elapsed * 1e9)
@@ -336,18 +353,15 @@ class DataPlane:
             self._account_shed(request, version, exc)
             return
         if version is not None:
-            model, ver = version.name, str(version.version)
-        else:
-            # Names from clients are unbounded; only known models get their own series.
-            known = request.model_name in self.slots.slots
-            model, ver = (request.model_name if known else "_unknown"), ""
-        self.metrics.requests.labels(model, ver, "failure", exc.reason).inc()
-        if version is not None:
             version.stats.fail_count += 1
             version.stats.fail_ns += int(elapsed * 1e9)
             version.telemetry.failed(exc.reason)
         else:
-            self.metrics.telemetry.failed(model, 0, exc.reason)
+            # Names from clients are unbounded; only known models get their own series.
+            known = request.model_name in self.slots.slots
+            self.metrics.telemetry.failed(
+                request.model_name if known else UNKNOWN_MODEL, 0, exc.reason
+            )
 
     def _account_shed(
         self, request: InferRequest, version: LoadedVersion | None, exc: ShedError
@@ -361,4 +375,6 @@ class DataPlane:
             model = request.model_name if request.model_name in self.slots.slots else "_unknown"
             ver = ""
         self.metrics.shed.labels(model, exc.reason).inc()
-        self.metrics.requests.labels(model, ver, "shed", exc.reason).inc()
+        key = (model, ver, exc.reason)
+        shed = self.metrics.shed_requests
+        shed[key] = shed.get(key, 0) + 1

@@ -29,6 +29,7 @@ SUITES = {
     "gpu": "tests.benchmarks.gpu_bench",  # CUDA vs CPU serving (CPU part only without a GPU)
     "monitoring": "tests.benchmarks.monitoring_bench",  # drift + 10% capture vs both off
     "cpu": "tests.benchmarks.cpu_bench",  # agent CPU per request at c16 (perf_analyzer) vs echo
+    "instr": "tests.benchmarks.instr_bench",  # instructions per request (callgrind) vs echo
 }
 
 
