@@ -30,6 +30,7 @@ SUITES = {
     "monitoring": "tests.benchmarks.monitoring_bench",  # drift + 10% capture vs both off
     "cpu": "tests.benchmarks.cpu_bench",  # agent CPU per request at c16 (perf_analyzer) vs echo
     "instr": "tests.benchmarks.instr_bench",  # instructions per request (callgrind) vs echo
+    "threads": "tests.benchmarks.threads_bench",  # threading settings on a compute-bound model
 }
 
 
