@@ -170,6 +170,7 @@ def build_slots(cfg: ServeConfig, metrics: AgentMetrics) -> SlotManager:
             require_provider=cfg.require_provider,
             device_id=cfg.device_id,
             model_device_ids=model_device_ids(cfg),
+            cache_dir=str(cfg.provider_cache_path()),
         ),
         batching=BatchingConfig(
             enabled=cfg.batching,
