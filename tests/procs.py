@@ -16,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PERF_ANALYZER = ROOT / ".venv" / "bin" / "perf_analyzer"
+ENV_DATA = "MODELFLEET_AGENT_DATA"
 
 
 def free_port() -> int:
@@ -87,7 +88,12 @@ class AgentProcess:
                 *common,
                 *extra,
             ]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # A standalone agent's data directory (model control's record, capture) beside its
+        # repository, never the working directory's agent-data; a test's env or --data wins.
+        data = (
+            {} if fleet_config is not None else {ENV_DATA: str(self.models.parent / "agent-data")}
+        )
+        self.env = {**os.environ, **data, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
         self._log = None
 
