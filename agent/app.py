@@ -311,20 +311,6 @@ def _inode(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def admission_limits(cfg: ServeConfig) -> Limits:
-    """The guardrails' settings (agent/serving/admission.py)."""
-    return Limits(
-        max_concurrent_requests=cfg.max_concurrent_requests,
-        max_queued_rows=cfg.max_queued_rows,
-        max_request_bytes=cfg.max_request_bytes,
-        rate_limit_per_s=cfg.rate_limit_per_s,
-        rate_limit_burst=cfg.rate_limit_burst,
-        rate_limit_clients=cfg.rate_limit_clients,
-        serving_threads=cfg.serving_threads,
-        max_message_bytes=cfg.max_message_bytes,
-    )
-
-
 async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then drain; SIGHUP reloads the config.
 
@@ -373,7 +359,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         metrics,
         ShadowRunner(metrics, cfg.shadow_queue_max, cfg.shadow_workers),
         capture,
-        Admission(admission_limits(cfg)),
+        Admission(Limits.from_settings(cfg)),
     )
     health = HealthReporter(slots)
     refresh_pending = False
