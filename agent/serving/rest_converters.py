@@ -99,10 +99,11 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
 
 class _NotJsonNumber(float):
     """``NaN``, ``Infinity`` or ``-Infinity``, which RFC 8259 JSON does not have, kept with its
-    text so the refusal can quote it. Python's json takes them; Triton's parser (rapidjson)
-    refuses them, and so does this edge. (A literal past float64 such as ``1e999`` parses as
-    infinity; _json_values refuses it by value, without a per-number parse hook that would
-    slow every large tensor down.)"""
+    text so the refusal can quote it. Python's json takes them, and so has Triton's rapidjson
+    parser since its PR 3870; this edge refuses them, as JSON parsers in most other languages
+    do, so that what it takes is what any client can write. (A literal past float64 such as
+    ``1e999`` parses as infinity; _json_values refuses it by value, without a per-number parse
+    hook that would slow every large tensor down.)"""
 
     literal: str
 
