@@ -147,3 +147,25 @@ def test_without_model_control_the_record_is_not_applied(tmp_path: Path) -> None
         agent.wait_model("spare", timeout=60)
         assert "model control is off" in agent.logs()
     assert os.listdir(data) == ["unloaded.json"]
+
+
+def test_an_unload_that_cannot_be_recorded_changes_nothing(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    data = tmp_path / "data"
+    agent = start(repo, data, tmp_path / "agent.log")
+    try:
+        agent.wait_model("spare", timeout=60)
+        # The data directory is gone and a file stands in its place (root ignores modes).
+        if data.exists():
+            data.rename(tmp_path / "data.old")
+        data.write_text("not a folder")
+        with agent.client() as c:
+            with pytest.raises(InferenceServerException) as err:
+                c.unload_model("spare")
+            assert err.value.status() == "StatusCode.FAILED_PRECONDITION"
+            assert "unloaded.json" in err.value.message()
+            assert "nothing was changed" in err.value.message()
+            assert c.is_model_ready("spare")
+            infer_ok(c, "spare")
+    finally:
+        agent.stop()
