@@ -447,15 +447,22 @@ class BrokerProcess:
 
 
 def perf_analyzer(
-    url: str, model: str, out: Path, *args: str, protocol: str = "grpc"
+    url: str,
+    model: str,
+    out: Path,
+    *args: str,
+    protocol: str = "grpc",
+    stability: int = 50,
+    max_trials: int = 5,
 ) -> tuple[subprocess.CompletedProcess[str], list[dict[str, str]]]:
     """A short fixed perf_analyzer measurement over ``protocol`` (``grpc`` or ``http``; ``url``
     is the matching port), run as a user runs it (the installed wrapper finds the venv's CUDA
     runtime itself: no LD_LIBRARY_PATH); its output and CSV rows."""
     assert PERF_ANALYZER.exists(), "perf_analyzer is missing: run `make perf-analyzer`"
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
-    # A fixed, short measurement: 1 s windows, at most 5 of them, stable within 50%.
-    window = ["-p", "1000", "--max-trials", "5", "-s", "50", "-f", str(out)]
+    # A fixed, short measurement: 1 s windows, by default at most 5 of them, the last three
+    # within 50% of each other (perf_analyzer fails the run otherwise).
+    window = ["-p", "1000", "--max-trials", str(max_trials), "-s", str(stability), "-f", str(out)]
     r = subprocess.run(
         [str(PERF_ANALYZER), "-i", protocol, "-u", url, "-m", model, *args, *window],
         capture_output=True,
