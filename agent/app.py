@@ -20,7 +20,12 @@ from modelfleet.agent.config import (
     reload_config,
 )
 from modelfleet.agent.metrics import AgentMetrics
-from modelfleet.agent.repository import ModelControl, RepositoryWatcher
+from modelfleet.agent.repository import (
+    UNLOADED_FILE,
+    ModelControl,
+    RepositoryWatcher,
+    UnloadedRecord,
+)
 from modelfleet.agent.serving.admission import Admission, Limits
 from modelfleet.agent.serving.capture import Capture, CaptureLimits, LocalRules
 from modelfleet.agent.serving.dataplane import DataPlane
@@ -170,6 +175,7 @@ def build_slots(cfg: ServeConfig, metrics: AgentMetrics) -> SlotManager:
             require_provider=cfg.require_provider,
             device_id=cfg.device_id,
             model_device_ids=model_device_ids(cfg),
+            cache_dir=str(cfg.provider_cache_path()),
         ),
         batching=BatchingConfig(
             enabled=cfg.batching,
@@ -235,6 +241,22 @@ def check_repository(models: Path) -> None:
     )
 
 
+def standalone_unloads(cfg: ServeConfig) -> tuple[UnloadedRecord | None, list[str]]:
+    """Model control's record of unloaded models (standalone, model control on) and what it
+    holds; a damaged record stops the agent here, before anything is bound or loaded."""
+    path = cfg.data / UNLOADED_FILE
+    if cfg.hub:
+        return None, []
+    if not cfg.model_control:
+        if path.exists():
+            log.info(
+                "model control is off: %s is not applied (the repository is served whole)", path
+            )
+        return None, []
+    record = UnloadedRecord(path)
+    return record, record.read()
+
+
 def readiness_line(slots: SlotManager, mode: str, fleet: bool) -> str:
     """The log's READY / NOT READY line: the same verdict as `status` and ServerReady."""
     models = slots.status()
@@ -289,20 +311,6 @@ def _inode(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def admission_limits(cfg: ServeConfig) -> Limits:
-    """The guardrails' settings (agent/serving/admission.py)."""
-    return Limits(
-        max_concurrent_requests=cfg.max_concurrent_requests,
-        max_queued_rows=cfg.max_queued_rows,
-        max_request_bytes=cfg.max_request_bytes,
-        rate_limit_per_s=cfg.rate_limit_per_s,
-        rate_limit_burst=cfg.rate_limit_burst,
-        rate_limit_clients=cfg.rate_limit_clients,
-        serving_threads=cfg.serving_threads,
-        max_message_bytes=cfg.max_message_bytes,
-    )
-
-
 async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then drain; SIGHUP reloads the config.
 
@@ -325,6 +333,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     admin_path = cfg.admin_socket_path()
     if not cfg.hub:
         check_repository(cfg.models)
+    record, unloaded = standalone_unloads(cfg)
     claim_admin_socket(admin_path)
     check_listen(cfg.listen, "inference (listen)", "set another port with --listen")
     if cfg.metrics_listen:
@@ -350,7 +359,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         metrics,
         ShadowRunner(metrics, cfg.shadow_queue_max, cfg.shadow_workers),
         capture,
-        Admission(admission_limits(cfg)),
+        Admission(Limits.from_settings(cfg)),
     )
     health = HealthReporter(slots)
     refresh_pending = False
@@ -421,7 +430,9 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
 
     # Standalone, the watcher is made here so that model control (load/unload over the
     # protocol) can go through it; it starts polling only once the server is up.
-    watcher = None if cfg.hub else RepositoryWatcher(cfg.models, slots, cfg.poll_interval_s)
+    watcher = None if cfg.hub else RepositoryWatcher(cfg.models, slots, cfg.poll_interval_s, record)
+    if watcher is not None:
+        watcher.restore(unloaded)
     control = ModelControl(watcher, cfg.hub, enabled=cfg.model_control)
     # One registry for both transports: a region registered over gRPC serves HTTP too.
     shm = SharedMemoryRegistry()

@@ -193,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="let inference clients load and unload models of MODELS (default: off)",
     )
     serve.add_argument(
+        "--data",
+        type=Path,
+        help="the agent's own files: model control's unloads, capture, TensorRT caches "
+        "(default: agent-data)",
+    )
+    serve.add_argument(
         "--admin-socket", help="admin socket path (default: MODELS/.modelfleet-admin.sock)"
     )
     serve.add_argument(
@@ -533,6 +539,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "http_listen": args.http_listen,
         "http_max_request_bytes": args.http_max_request_bytes,
         "model_control": args.model_control,
+        "data": args.data,
         "admin_socket": args.admin_socket,
         "poll_interval_s": args.poll_interval_s,
         "serving_threads": args.serving_threads,

@@ -189,6 +189,10 @@ class ServeConfig:
     def capture_path(self) -> Path:
         return Path(self.capture_dir) if self.capture_dir else self.data / "capture"
 
+    def provider_cache_path(self) -> Path:
+        """Execution providers' caches (TensorRT engines), one private folder per version."""
+        return self.data / "provider-cache"
+
     def admin_socket_path(self) -> Path:
         if self.admin_socket:
             return Path(self.admin_socket)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from modelfleet.agent.serving.routing import Comparison
 from modelfleet.agent.slots import ModelStatus, SlotManager
+from modelfleet.kernel.atomic import atomic_write_json
 from modelfleet.kernel.bundle import BUNDLE_FILES, NAME_RE, OPTIONAL_BUNDLE_FILES
 from modelfleet.kernel.errors import (
     InvalidRequestError,
@@ -133,11 +135,76 @@ def plan(
     return actions
 
 
+UNLOADED_FILE = "unloaded.json"
+UNLOADED_WHY = (
+    "it was unloaded through the model repository API; load it again with "
+    "RepositoryModelLoad (POST /v2/repository/models/NAME/load)"
+)
+
+
+class UnloadedRecordError(ModelfleetError):
+    status = Status.FAILED_PRECONDITION
+    reason = "state_file"
+
+
+class UnloadedRecord:
+    """The models unloaded through model control, kept in ``DATA/unloaded.json`` so that they
+    stay unloaded across restarts: ``{"unloaded": ["NAME", ...]}``, replaced atomically (a
+    kill -9 leaves the old list or the new one) before an unload or load is answered."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def read(self) -> list[str]:
+        """The recorded names; none when there is no file. A file that cannot be read as such
+        a list stops the agent (UnloadedRecordError naming it): serving the models it held
+        would undo unloads someone asked for, without anyone noticing."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise self._damaged(f"cannot be read: {exc}") from None
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise self._damaged(f"is not JSON ({exc})") from None
+        names = doc.get("unloaded") if isinstance(doc, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise self._damaged('is not {"unloaded": ["NAME", ...]}')
+        bad = [n for n in names if not NAME_RE.match(n)]
+        if bad:
+            raise self._damaged(f"holds names that are not model names: {bad[:3]}")
+        return sorted(set(names))
+
+    def write(self, names: list[str]) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write_json(self.path, {"unloaded": sorted(set(names))}, mode=0o600)
+
+    def _damaged(self, what: str) -> UnloadedRecordError:
+        return UnloadedRecordError(
+            f"{self.path} {what}. It lists the models unloaded through model control, which "
+            "stay unloaded across restarts, so the agent does not start without it: fix it "
+            '(a JSON object {"unloaded": ["NAME", ...]}), or delete it to serve every model '
+            "of the repository again (then unload again the ones that must not serve), or "
+            "start without --model-control (model_control = false), which serves the "
+            "repository whole"
+        )
+
+
 class RepositoryWatcher:
-    def __init__(self, root: Path, slots: SlotManager, interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        slots: SlotManager,
+        interval_s: float = 1.0,
+        record: UnloadedRecord | None = None,
+    ) -> None:
         self.root = Path(root)
         self.slots = slots
         self.interval_s = interval_s
+        # Where unloads are kept across restarts (model control on); None: not kept.
+        self.record = record
         # A sync and an explicit load or unload never interleave: a sync planned before an
         # unload would load the model straight back.
         self.lock = asyncio.Lock()
@@ -190,6 +257,10 @@ class RepositoryWatcher:
                     f"no model {name!r} in the repository {self.root} (put a bundle at "
                     f"{self.root / name}/VERSION/ first){did_you_mean(name, on_disk)}"
                 )
+            if name in self.slots.unloaded:
+                # Recorded first: should the load fail, the watcher may load it later anyway
+                # (as before the unload), so the record must not keep it out after a restart.
+                self._record(sorted(set(self.slots.unloaded) - {name}), "load", name)
             self.slots.unloaded.pop(name, None)
             self.slots.forget_failures(name)
             await self._apply({name: on_disk[name]}, raise_errors=True)
@@ -199,19 +270,40 @@ class RepositoryWatcher:
             log.info("model %s loaded on request (version %d)", name, slot.active.version)
 
     async def unload(self, name: str) -> None:
-        """Explicit unload: stop serving ``name`` until it is loaded again (not a restart:
-        after one, the repository is served whole again)."""
+        """Explicit unload: stop serving ``name`` until it is loaded again, also across
+        restarts (kept in the record, written before the answer)."""
         async with self.lock:
             if name not in self.slots.slots and name not in self.slots.unloaded:
                 raise ModelNotFoundError(
                     f"model {name!r} is not loaded here{did_you_mean(name, self.slots.slots)}"
                 )
-            self.slots.unloaded[name] = (
-                "it was unloaded through the model repository API; load it again with "
-                "RepositoryModelLoad (POST /v2/repository/models/NAME/load)"
-            )
+            self._record(sorted({*self.slots.unloaded, name}), "unload", name)
+            self.slots.unloaded[name] = UNLOADED_WHY
             await self.slots.unload(name)
             log.info("model %s unloaded on request", name)
+
+    def restore(self, names: list[str]) -> None:
+        """At start, before the first scan: the models a previous run unloaded stay so."""
+        for name in names:
+            self.slots.unloaded[name] = UNLOADED_WHY
+            log.info(
+                "model %s stays unloaded: it was unloaded through model control (recorded in "
+                "%s); load it again with RepositoryModelLoad",
+                name,
+                self.record.path if self.record else "?",
+            )
+
+    def _record(self, names: list[str], verb: str, name: str) -> None:
+        if self.record is None:
+            return
+        try:
+            self.record.write(names)
+        except OSError as exc:
+            raise UnloadedRecordError(
+                f"cannot {verb} {name!r}: recording it in {self.record.path} failed ({exc}), "
+                "so it would not last past a restart; nothing was changed. Check that the "
+                "data directory (setting data) is writable and has space"
+            ) from None
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -104,10 +104,12 @@ PROVIDER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,63}ExecutionProvider\Z")
 CPU_PROVIDER = "CPUExecutionProvider"
 # Provider options whose values are files, folders, libraries or raw addresses (TensorRT's
 # trt_extra_plugin_lib_paths and trt_engine_cache_path, CUDA's gpu_external_alloc and
-# user_compute_stream, OpenVINO's cache_dir, ...): through them a bundle would pick which code
-# an agent loads, where it writes, or which address it calls. A bundle's signer decides what the
+# user_compute_stream, OpenVINO's cache_dir, TensorRT's trt_engine_cache_prefix, a file name
+# that "../" would take out of its folder, ...): through them a bundle would pick which code an
+# agent loads, where it writes, or which address it calls. A bundle's signer decides what the
 # model computes, not that; such settings belong to the node's operator, so a manifest naming
-# one is refused, whichever provider it is for.
+# one is refused, whichever provider it is for. Where TensorRT writes its caches is set by the
+# agent itself (kernel/runtime.py, confine_caches).
 UNSAFE_OPTION_WORDS = (
     "path",
     "dir",
@@ -123,6 +125,7 @@ UNSAFE_OPTION_WORDS = (
     "table_name",
     "config",
     "context",
+    "prefix",
 )
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -49,9 +53,61 @@ class RuntimeOptions:
     # GPU for GPU providers, overriding a bundle's device_id option; per model before global.
     device_id: int = 0
     model_device_ids: tuple[tuple[str, int], ...] = ()
+    # Where providers may write caches (TensorRT engines and timing caches): one private folder
+    # per model and version below it. Empty: nowhere, so those caches are switched off.
+    cache_dir: str = ""
 
     def device_for(self, model: str) -> int:
         return dict(self.model_device_ids).get(model, self.device_id)
+
+    def cache_for(self, model: str, version: int) -> Path | None:
+        if not self.cache_dir:
+            return None
+        return Path(self.cache_dir) / TRT_PROVIDER / model / str(version)
+
+
+TRT_PROVIDER = "TensorrtExecutionProvider"
+# TensorRT's options that name where it writes; without them it writes into the working
+# directory. Always set by the agent (confine_caches), never taken from a bundle.
+TRT_CACHE_PATHS = ("trt_engine_cache_path", "trt_timing_cache_path")
+TRT_CACHE_SWITCHES = ("trt_engine_cache_enable", "trt_timing_cache_enable")
+
+
+def confine_caches(opts: dict[str, str], cache: Path | None) -> dict[str, str]:
+    """TensorRT's options with its cache folders set to ``cache`` (the agent's own), whatever
+    ``opts`` held; with no folder, its caches are switched off rather than left to write into
+    the working directory. A cached engine is loaded as it is, so the folder must be one that
+    nobody but the agent writes: a file planted there would be what the GPU runs."""
+    out = {k: v for k, v in opts.items() if k not in TRT_CACHE_PATHS}
+    if cache is None:
+        for key in TRT_CACHE_SWITCHES:
+            out[key] = "False"
+        return out
+    for key in TRT_CACHE_PATHS:
+        out[key] = str(cache)
+    return out
+
+
+def private_dir(root: Path, path: Path) -> Path:
+    """Create ``path`` (below ``root``, which must exist or be creatable) with every folder from
+    ``root`` down owned by this user, mode 0700, and none of them a symlink; raises OSError
+    naming the folder otherwise."""
+    rel = path.relative_to(root)
+    os.makedirs(root.parent, mode=0o700, exist_ok=True)
+    current = root
+    for part in (None, *rel.parts):
+        if part is not None:
+            current = current / part
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(current, 0o700)
+        st = os.lstat(current)
+        if not stat.S_ISDIR(st.st_mode):
+            raise OSError(f"{current} is not a folder (a symlink or a file)")
+        if st.st_uid != os.geteuid():
+            raise OSError(f"{current} belongs to uid {st.st_uid}, not to this agent")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(current, 0o700)
+    return path
 
 
 @dataclass(frozen=True)
@@ -74,6 +130,7 @@ def plan_providers(
     options: RuntimeOptions,
     model: str,
     available: list[str],
+    version: int = 0,
 ) -> ProviderPlan:
     """Choose the session's providers: pure, so every rule is unit-tested without a GPU."""
     if options.device == "cpu":
@@ -107,6 +164,8 @@ def plan_providers(
             continue
         if name in GPU_PROVIDERS:
             opts = {**opts, "device_id": str(options.device_for(model))}
+        if name == TRT_PROVIDER:
+            opts = confine_caches(opts, options.cache_for(model, version))
         chain.append((name, opts))
     if all(name != CPU_PROVIDER for name, _ in chain):
         chain.append((CPU_PROVIDER, {}))
@@ -152,11 +211,13 @@ class OnnxModel:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         m = bundle.manifest
-        plan = plan_providers(m.providers, options, m.name, ort.get_available_providers())
+        plan = plan_providers(
+            m.providers, options, m.name, ort.get_available_providers(), m.version
+        )
         # require_provider binds what a bundle or the operator asked for, not the default
         # preference of a node that has no GPU provider at all.
         strict = (options.require_provider and plan.requested) or options.device == "cuda"
-        chain = list(plan.chain)
+        chain = self._with_cache_dir(list(plan.chain), options)
         failure = ""
         try:
             self.session = self._session(so, chain)
@@ -203,6 +264,31 @@ class OnnxModel:
         self._check_signature()
         self.output_names = [o.name for o in bundle.manifest.outputs]
         self._string_inputs = {t.name for t in bundle.manifest.inputs if t.datatype == "BYTES"}
+
+    def _with_cache_dir(
+        self, chain: list[tuple[str, dict[str, str]]], options: RuntimeOptions
+    ) -> list[tuple[str, dict[str, str]]]:
+        """The chain, with TensorRT's cache folder created (private), or its caches off when
+        that folder cannot be made safe: a version serves without a cache rather than not."""
+        m = self.bundle.manifest
+        cache = options.cache_for(m.name, m.version)
+        if cache is None or all(name != TRT_PROVIDER for name, _ in chain):
+            return chain
+        try:
+            private_dir(Path(options.cache_dir), cache)
+        except OSError as exc:
+            log.warning(
+                "model %s version %d: TensorRT caches are off for this version: cannot make "
+                "its cache folder private: %s",
+                m.name,
+                m.version,
+                exc,
+            )
+            return [
+                (name, confine_caches(opts, None) if name == TRT_PROVIDER else opts)
+                for name, opts in chain
+            ]
+        return chain
 
     def _session(
         self, so: ort.SessionOptions, chain: list[tuple[str, dict[str, str]]]

@@ -110,6 +110,21 @@ def nan_model(path: Path, width: int = 4) -> Path:
     return _save(graph, path)
 
 
+def log_model(path: Path, width: int = 4) -> Path:
+    """x[N, width] -> log = Log(x), same = Identity(x): finite for positive inputs (the bundle's
+    samples), NaN for negative ones, -Infinity for 0, Infinity for Infinity."""
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["x"], ["log"]), helper.make_node("Identity", ["x"], ["same"])],
+        "log",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [
+            helper.make_tensor_value_info("log", TensorProto.FLOAT, ["N", width]),
+            helper.make_tensor_value_info("same", TensorProto.FLOAT, ["N", width]),
+        ],
+    )
+    return _save(graph, path)
+
+
 def reshape_model(path: Path) -> Path:
     """x[N, 4] -> Reshape to [-1, 3]: fails at run time unless 4N is a multiple of 3."""
     graph = helper.make_graph(

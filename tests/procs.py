@@ -16,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PERF_ANALYZER = ROOT / ".venv" / "bin" / "perf_analyzer"
+ENV_DATA = "MODELFLEET_AGENT_DATA"
 
 
 def free_port() -> int:
@@ -87,7 +88,12 @@ class AgentProcess:
                 *common,
                 *extra,
             ]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # A standalone agent's data directory (model control's record, capture) beside its
+        # repository, never the working directory's agent-data; a test's env or --data wins.
+        data = (
+            {} if fleet_config is not None else {ENV_DATA: str(self.models.parent / "agent-data")}
+        )
+        self.env = {**os.environ, **data, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -441,18 +447,26 @@ class BrokerProcess:
 
 
 def perf_analyzer(
-    url: str, model: str, out: Path, *args: str
+    url: str,
+    model: str,
+    out: Path,
+    *args: str,
+    protocol: str = "grpc",
+    stability: int = 1000,
+    max_trials: int = 5,
 ) -> tuple[subprocess.CompletedProcess[str], list[dict[str, str]]]:
-    """A short fixed perf_analyzer measurement over gRPC, run as a user runs it (the installed
-    wrapper finds the venv's CUDA runtime itself: no LD_LIBRARY_PATH); its output and CSV rows."""
+    """A short fixed perf_analyzer measurement over ``protocol`` (``grpc`` or ``http``; ``url``
+    is the matching port), run as a user runs it (the installed wrapper finds the venv's CUDA
+    runtime itself: no LD_LIBRARY_PATH); its output and CSV rows."""
     assert PERF_ANALYZER.exists(), "perf_analyzer is missing: run `make perf-analyzer`"
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
-    # A fixed, short measurement: 1 s windows, at most 5 of them. The tests check that real
-    # inferences succeed, not how fast: a stability bound of 1000% (max/min of the last three
-    # windows within 10x) only stops perf_analyzer failing on a machine busy with other tests.
-    window = ["-p", "1000", "--max-trials", "5", "-s", "1000", "-f", str(out)]
+    # A fixed, short measurement: 1 s windows, at most ``max_trials`` of them. The tests check
+    # that real inferences succeed, not how fast: the default stability bound of 1000% (max/min
+    # of the last three windows within 10x) only stops perf_analyzer failing on a machine busy
+    # with other tests.
+    window = ["-p", "1000", "--max-trials", str(max_trials), "-s", str(stability), "-f", str(out)]
     r = subprocess.run(
-        [str(PERF_ANALYZER), "-i", "grpc", "-u", url, "-m", model, *args, *window],
+        [str(PERF_ANALYZER), "-i", protocol, "-u", url, "-m", model, *args, *window],
         capture_output=True,
         text=True,
         timeout=180,

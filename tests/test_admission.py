@@ -157,3 +157,21 @@ def test_request_size_counts_payload_bytes() -> None:
     assert info.value.status is Status.RESOURCE_EXHAUSTED
     words = np.array([b"a" * 60, b"b" * 50], dtype=object)
     assert input_bytes({"w": words}) == 110
+
+
+def test_the_limits_are_the_agents_settings_of_the_same_names() -> None:
+    """One list of guardrail settings: Limits' fields, read from ServeConfig by name, with the
+    same defaults (so Limits() in a test is what an agent without settings runs with)."""
+    import dataclasses
+
+    from modelfleet.agent.config import ServeConfig, load_config
+
+    defaults = ServeConfig()
+    for f in dataclasses.fields(Limits):
+        assert getattr(defaults, f.name) == f.default, f.name
+    cfg = load_config(
+        overrides={"max_concurrent_requests": 5, "rate_limit_per_s": 2.0, "serving_threads": 3}
+    )
+    lim = Limits.from_settings(cfg)
+    assert (lim.max_concurrent_requests, lim.rate_limit_per_s, lim.serving_threads) == (5, 2.0, 3)
+    assert Limits.from_settings(defaults) == Limits()

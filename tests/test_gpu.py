@@ -71,8 +71,10 @@ def test_a_gpu_node_serves_the_bundles_order_with_the_pinned_device() -> None:
         GPU_NODE,
     )
     # The operator's device id wins over the bundle's: the operator knows the node's GPUs.
+    # No cache folder was given, so TensorRT's caches are off (not in the working directory).
+    off = {"trt_engine_cache_enable": "False", "trt_timing_cache_enable": "False"}
     assert plan.chain == (
-        (TRT, {"device_id": "1"}),
+        (TRT, {"device_id": "1", **off}),
         (CUDA, {"device_id": "1", "x": "y"}),
         (CPU, {}),
     )
@@ -109,6 +111,145 @@ def test_device_cpu_and_allowed_providers_pin_the_node() -> None:
     assert [n for n, _ in cuda.chain] == [CUDA, CPU] and cuda.wanted == CUDA
     cpu_first = plan_providers(specs(CPU, CUDA), RuntimeOptions(device="cuda"), "m", GPU_NODE)
     assert [n for n, _ in cpu_first.chain] == [CUDA, CPU] and cpu_first.wanted == CUDA
+
+
+# -- where TensorRT writes ------------------------------------------------------------------------
+
+
+def test_tensorrt_caches_go_to_the_agents_folder_for_the_model_and_version(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "state" / "provider-cache"
+    bundle = (
+        ProviderSpec(TRT, (("trt_engine_cache_enable", "True"), ("trt_fp16_enable", "True"))),
+        ProviderSpec(CUDA),
+    )
+    plan = plan_providers(bundle, RuntimeOptions(cache_dir=str(cache)), "resnet", GPU_NODE, 4)
+    folder = str(cache / TRT / "resnet" / "4")
+    assert plan.chain[0] == (
+        TRT,
+        {
+            "trt_engine_cache_enable": "True",
+            "trt_fp16_enable": "True",
+            "device_id": "0",
+            "trt_engine_cache_path": folder,
+            "trt_timing_cache_path": folder,
+        },
+    )
+    # Other providers get no cache keys; versions never share a folder (an engine is built
+    # for one model's bytes).
+    assert plan.chain[1] == (CUDA, {"device_id": "0"})
+    other = plan_providers(bundle, RuntimeOptions(cache_dir=str(cache)), "resnet", GPU_NODE, 5)
+    assert other.chain[0][1]["trt_engine_cache_path"] == str(cache / TRT / "resnet" / "5")
+
+
+def test_a_cache_path_that_reaches_the_plan_anyway_is_replaced(tmp_path: Path) -> None:
+    """Manifests naming paths are refused at parse time (tests/security); should a spec carry
+    one by another way, the agent's folder still wins, or caches are off."""
+    planted = (
+        ProviderSpec(
+            TRT,
+            (
+                ("trt_engine_cache_enable", "True"),
+                ("trt_engine_cache_path", "/etc/cron.d"),
+                ("trt_timing_cache_path", "/tmp/evil"),
+            ),
+        ),
+    )
+    mine = plan_providers(planted, RuntimeOptions(cache_dir=str(tmp_path)), "m", GPU_NODE, 1)
+    opts = mine.chain[0][1]
+    assert (
+        opts["trt_engine_cache_path"]
+        == opts["trt_timing_cache_path"]
+        == str(tmp_path / TRT / "m" / "1")
+    )
+    nowhere = plan_providers(planted, RuntimeOptions(), "m", GPU_NODE, 1).chain[0][1]
+    assert "trt_engine_cache_path" not in nowhere and "trt_timing_cache_path" not in nowhere
+    assert nowhere["trt_engine_cache_enable"] == nowhere["trt_timing_cache_enable"] == "False"
+
+
+def _record_sessions(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, dict]]]:
+    """onnxruntime here is the CPU build: pretend it lists TensorRT (as onnxruntime-gpu does),
+    and record the providers each session is created with. onnxruntime itself skips a
+    provider it does not have and serves on CPU: the fallback a node without TensorRT's
+    libraries takes."""
+    seen: list[list[tuple[str, dict]]] = []
+    real = OnnxModel._session
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CPU])
+
+    def session(self, so, chain):
+        seen.append([(n, dict(o)) for n, o in chain])
+        return real(self, so, chain)
+
+    monkeypatch.setattr(OnnxModel, "_session", session)
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")
+def test_a_tensorrt_session_gets_a_private_cache_folder_and_serves_on_cpu_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _record_sessions(monkeypatch)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    state = tmp_path / "state"
+    b = make_mlp_bundle(
+        tmp_path / "repo", 3, providers=(ProviderSpec(TRT, (("trt_engine_cache_enable", "1"),)),)
+    )
+    model = OnnxModel(load_bundle(b.path), RuntimeOptions(cache_dir=str(state / "cache")))
+    folder = state / "cache" / TRT / "mlp" / "3"
+    assert seen[0][0] == (
+        TRT,
+        {
+            "trt_engine_cache_enable": "1",
+            "device_id": "0",
+            "trt_engine_cache_path": str(folder),
+            "trt_timing_cache_path": str(folder),
+        },
+    )
+    for d in (state / "cache", state / "cache" / TRT, state / "cache" / TRT / "mlp", folder):
+        assert d.is_dir() and (d.stat().st_mode & 0o777) == 0o700, d
+    # The CPU fallback serves, and nothing was written into the working directory.
+    assert model.provider == CPU and model.fallback is not None and model.fallback[0] == TRT
+    assert model.run({"x": X})["y"].shape == (2, 3)
+    assert list(work.iterdir()) == []
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")
+def test_an_unsafe_cache_folder_turns_the_caches_off_and_the_version_still_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone put a symlink where the model's cache folder goes (to make TensorRT load an
+    engine they wrote, or write one where they choose): it is not followed."""
+    seen = _record_sessions(monkeypatch)
+    cache = tmp_path / "cache"
+    (cache / TRT).mkdir(parents=True, mode=0o755)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (cache / TRT / "mlp").symlink_to(elsewhere)
+    b = make_mlp_bundle(
+        tmp_path / "repo", 1, providers=(ProviderSpec(TRT, (("trt_engine_cache_enable", "1"),)),)
+    )
+    model = OnnxModel(load_bundle(b.path), RuntimeOptions(cache_dir=str(cache)))
+    trt = seen[0][0][1]
+    assert "trt_engine_cache_path" not in trt and trt["trt_engine_cache_enable"] == "False"
+    assert "TensorRT caches are off" in caplog.text and "symlink" in caplog.text
+    assert list(elsewhere.iterdir()) == []
+    # The folder above it existed with 0755: tightened on the way down.
+    assert (cache / TRT).stat().st_mode & 0o777 == 0o700
+    assert model.run({"x": X})["y"].shape == (2, 3)
+
+
+def test_without_tensorrt_in_the_chain_no_cache_folder_is_made(tmp_path: Path) -> None:
+    b = make_mlp_bundle(tmp_path / "repo", 1, providers=specs(TRT, CUDA, CPU))
+    OnnxModel(load_bundle(b.path), RuntimeOptions(cache_dir=str(tmp_path / "cache")))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_agent_puts_provider_caches_in_its_data_folder(tmp_path: Path) -> None:
+    cfg = load_config(overrides={"data": str(tmp_path / "data")})
+    assert cfg.provider_cache_path() == tmp_path / "data" / "provider-cache"
 
 
 # -- the manifest and `bundle create` ----------------------------------------------------------

@@ -50,6 +50,14 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
         samples=mlp_samples(),
         labels={"probs": LABELS},
     )
+    create_bundle(
+        models.log_model(root / "src" / "log.onnx"),
+        name="logm",
+        version=1,
+        out_dir=repo,
+        # Positive samples: the health gate sees finite outputs; clients can get NaN.
+        samples={"x": np.arange(1, 9, dtype=np.float32).reshape(2, 4)},
+    )
     http_port = free_port()
     proc = AgentProcess(
         repo,
@@ -65,6 +73,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
     try:
         proc.wait_model("mlp", timeout=60)
         proc.wait_model("cls")
+        proc.wait_model("logm")
         for dt in DATATYPES:
             proc.wait_model(f"id_{dt.lower()}")
         yield proc
@@ -646,3 +655,85 @@ def test_model_control_errors_over_http(agent: AgentProcess, client) -> None:
     status, _, raw = post(agent, "/v2/repository/models/mlp/load", b"[1, 2]")
     assert status == 400 and "JSON object" in json.loads(raw)["error"], raw
     assert_still_serves(client)
+
+
+# Log of these: NaN, -Infinity, then finite values.
+NON_FINITE_X = np.array([[-1, 0, 1, 2], [3, 4, 5, 6]], dtype=np.float32)
+
+
+def strict_json(raw: bytes) -> object:
+    """RFC 8259 only: NaN, Infinity and -Infinity are refused, as JavaScript's JSON.parse and
+    Go's encoding/json refuse them."""
+
+    def refuse(literal: str) -> None:
+        raise AssertionError(f"not JSON: {literal} in {raw[:200]!r}")
+
+    return json.loads(raw, parse_constant=refuse)
+
+
+def test_non_finite_output_as_json_is_a_clear_error(agent: AgentProcess, client) -> None:
+    inp = httpclient.InferInput("x", [2, 4], "FP32")
+    inp.set_data_from_numpy(NON_FINITE_X, binary_data=True)
+    with pytest.raises(InferenceServerException, match=r"'log'.*binary_data") as e:
+        client.infer("logm", [inp], outputs=[httpclient.InferRequestedOutput("log", False)])
+    assert e.value.status() == "400"
+    # Raw JSON, outputs not named (all of them as JSON): the error itself is strict JSON.
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [2, 4],
+                    "datatype": "FP32",
+                    "data": NON_FINITE_X.ravel().tolist(),
+                }
+            ]
+        }
+    ).encode()
+    status, headers, raw = post(agent, "/v2/models/logm/infer", body)
+    assert status == 400, raw
+    assert headers["Content-Type"].startswith("application/json")
+    error = strict_json(raw)["error"]  # type: ignore[index]
+    assert "'log'" in error and "NaN" in error and '"binary_data": true' in error, error
+    assert "'same'" not in error
+    # The model ran: its statistics count both requests as successes.
+    stats = client.get_inference_statistics("logm")["model_stats"][0]["inference_stats"]
+    assert int(stats["success"]["count"]) >= 2 and int(stats["fail"]["count"]) == 0
+    assert_still_serves(client)
+
+
+def test_non_finite_output_in_binary_works(agent: AgentProcess, client) -> None:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = np.log(NON_FINITE_X)
+    inp = httpclient.InferInput("x", [2, 4], "FP32")
+    inp.set_data_from_numpy(NON_FINITE_X, binary_data=False)
+    result = client.infer(
+        "logm",
+        [inp],
+        outputs=[
+            httpclient.InferRequestedOutput("log", binary_data=True),
+            httpclient.InferRequestedOutput("same", binary_data=False),
+        ],
+    )
+    np.testing.assert_array_equal(result.as_numpy("log"), want)
+    np.testing.assert_array_equal(result.as_numpy("same"), NON_FINITE_X)
+    # Raw: the JSON part before the binary data is strict JSON.
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [2, 4],
+                    "datatype": "FP32",
+                    "data": NON_FINITE_X.ravel().tolist(),
+                }
+            ],
+            "outputs": [{"name": "log", "parameters": {"binary_data": True}}, {"name": "same"}],
+        }
+    ).encode()
+    status, headers, raw = post(agent, "/v2/models/logm/infer", body)
+    assert status == 200, raw
+    head = int(headers["Inference-Header-Content-Length"])
+    doc = strict_json(raw[:head])
+    assert [o["name"] for o in doc["outputs"]] == ["log", "same"]  # type: ignore[index]
+    np.testing.assert_array_equal(np.frombuffer(raw[head:], np.float32).reshape(2, 4), want)

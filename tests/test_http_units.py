@@ -17,6 +17,7 @@ from modelfleet.agent.serving.rest_converters import (
     OutputForm,
     request_from_http,
     response_to_http,
+    strict_dumps,
 )
 from modelfleet.kernel.errors import InvalidRequestError, Status
 from modelfleet.kernel.http_status import HTTP_STATUS
@@ -101,6 +102,35 @@ def test_responses_json_and_binary() -> None:
     # Non-UTF-8 bytes cannot travel in JSON: the client is told to ask for binary.
     with pytest.raises(InvalidRequestError, match="not UTF-8"):
         response_to_http(resp, OutputForm())
+
+
+@pytest.mark.parametrize(
+    ("datatype", "value", "spelled"),
+    [("FP32", np.nan, "NaN"), ("FP64", np.inf, "Infinity"), ("FP16", -np.inf, "-Infinity")],
+)
+def test_non_finite_outputs_travel_in_binary_only(
+    datatype: str, value: float, spelled: str
+) -> None:
+    dtype = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}[datatype]
+    y = np.array([[1.0, value, value]], dtype)
+    resp = InferResponse("m", "1", "", [InferOutput("y", datatype, (1, 3), y)])
+    with pytest.raises(InvalidRequestError) as e:
+        response_to_http(resp, OutputForm())
+    assert e.value.status is Status.INVALID_ARGUMENT and e.value.reason == "non_finite_output"
+    assert f"'y' holds {spelled} (at flat index 1, 2 of 3" in str(e.value)
+    assert '"binary_data": true' in str(e.value)
+    body, head = response_to_http(resp, OutputForm(binary_default=True))
+    assert head is not None
+    json.loads(body[:head], parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON"))
+    np.testing.assert_array_equal(np.frombuffer(body[head:], dtype).reshape(1, 3), y)
+
+
+def test_the_json_writer_refuses_non_finite_numbers() -> None:
+    """A non-finite number that reaches the writer by another way fails loudly (a 500), never
+    as a bare NaN in the body."""
+    assert strict_dumps({"a": [1, 2.5]}) == '{"a":[1,2.5]}'
+    with pytest.raises(ValueError):
+        strict_dumps({"a": float("nan")})
 
 
 def _call(app, path: str) -> tuple[str, bytes]:

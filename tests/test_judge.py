@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +16,13 @@ from modelfleet.hub.judge import (
     METRICS,
     AgentWindow,
     JudgeSpecError,
+    MetricVerdict,
     always_valid_z,
     combined,
     judge,
     parse_metrics,
     pool_windows,
+    verdict_to_json,
 )
 from modelfleet.hub.rollouts import Rollout, Spec, Stats
 from modelfleet.hub.telemetry import TelemetryStore
@@ -477,3 +479,21 @@ def test_a_split_is_judged_against_each_agents_own_active_arm() -> None:
     slow_c, slow_b = arms(1.2)
     (worse,) = judge(slow_c, slow_b, [p50], before=slow_b)
     assert worse.verdict == "fail" and "its own level" in worse.why
+
+
+def test_a_verdict_reads_the_same_saved_over_the_wire_and_in_the_cli() -> None:
+    """One set of keys: the rollout's saved state (verdict_to_json), the message the hub sends
+    (hub.convert) and what `rollout status --json` prints (hub.cli) agree, unset numbers
+    included."""
+    from modelfleet.hub.cli import _verdict_dict
+    from modelfleet.hub.convert import verdict_to_proto
+
+    full = MetricVerdict(
+        "latency_p99", "fail", 4.0, 2.0, 2.0, 1.5, 2.5, 1.0, 12, 11, 900, 880, 3, "ms", "worse"
+    )
+    empty = replace(full, verdict="inconclusive", canary=math.nan, effect=math.nan, high=math.inf)
+    for v in (full, empty):
+        saved = verdict_to_json(v)
+        assert _verdict_dict(verdict_to_proto(saved)) == saved
+        assert list(_verdict_dict(verdict_to_proto(saved))) == list(saved)
+    assert verdict_to_json(empty)["canary"] is None and verdict_to_json(empty)["high"] is None

@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import pstats
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 
 from tests.conftest import make_mlp_bundle
-from tests.procs import PERF_ANALYZER, AgentProcess, perf_analyzer
+from tests.procs import PERF_ANALYZER, AgentProcess, free_port, perf_analyzer
 
 
 def test_perf_analyzer_runs_as_installed_without_ld_library_path(tmp_path: Path) -> None:
@@ -69,3 +73,61 @@ def test_loop_profile_is_written_only_when_asked(repo: Path, tmp_path: Path) -> 
         for func, stat in pstats.Stats(str(prof)).stats.items()  # type: ignore[attr-defined]
     }
     assert calls.get("ModelInfer", 0) >= 5
+
+
+@pytest.mark.parametrize("shared_memory", ["none", "system"])
+def test_perf_analyzer_over_http(
+    repo: Path, agent_factory, tmp_path: Path, shared_memory: str
+) -> None:
+    """`perf_analyzer -i http` against the agent's HTTP port, with tensors in the body and in
+    system shared memory: real inferences, counted by the agent as successes, none failed."""
+    make_mlp_bundle(repo, 1)
+    http_url = f"127.0.0.1:{free_port()}"
+    agent = agent_factory(repo, "--http-listen", http_url)
+    agent.wait_model("mlp")
+    before = set(os.listdir("/dev/shm"))
+    # Regions the agent saw registered while perf_analyzer ran: proof the tensors went through
+    # shared memory rather than the body.
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        with httpclient.InferenceServerClient(http_url) as c:
+            while not done.is_set():
+                seen.update(r["name"] for r in c.get_system_shared_memory_status())
+                time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    out = tmp_path / "pa.csv"
+    r, rows = perf_analyzer(
+        http_url,
+        "mlp",
+        out,
+        "--shape",
+        "x:4",
+        "-b",
+        "2",
+        "--concurrency-range",
+        "2",
+        "--shared-memory",
+        shared_memory,
+        protocol="http",
+    )
+    done.set()
+    watcher.join(10)
+    assert len(rows) == 1, r.stdout
+    assert float(rows[0]["Inferences/Second"]) > 20
+    assert int(rows[0]["p50 latency"]) > 0
+    # Statistics came through the HTTP statistics extension between windows.
+    assert "Server:" in r.stdout
+    assert "error" not in (r.stdout + r.stderr).lower()
+    with httpclient.InferenceServerClient(http_url) as c:
+        stats = c.get_inference_statistics("mlp")["model_stats"][0]
+        if shared_memory == "system":
+            # perf_analyzer unregistered its regions when it was done.
+            assert c.get_system_shared_memory_status() == []
+    assert bool(seen) == (shared_memory == "system"), seen
+    assert int(stats["inference_stats"]["success"]["count"]) > 50
+    assert int(stats["inference_stats"]["fail"]["count"]) == 0
+    assert set(os.listdir("/dev/shm")) - before == set()

@@ -8,6 +8,7 @@ into its log; the traced agent's log, read the same way, shows the SDK, so the c
 
 from __future__ import annotations
 
+import queue
 import secrets
 from pathlib import Path
 
@@ -157,6 +158,66 @@ def test_agent_continues_the_callers_trace_with_queue_inference_and_shadow_spans
         assert collector.spans(unsampled_id) == []
         # The import log can see the SDK when it is loaded (the check below relies on that).
         assert "opentelemetry.sdk.trace" in imported(agent.logs())
+
+
+STREAM = "inference.GRPCInferenceService/ModelStreamInfer"
+
+
+def test_streamed_requests_get_the_spans_of_unary_ones(tmp_path: Path) -> None:
+    """ModelStreamInfer: one server span per request message (a stream may carry thousands,
+    one span for the whole call would say nothing about any of them), each continuing the
+    trace of the stream's metadata and with the same queue and inference children as
+    ModelInfer's; a failed message's span says why, and the stream goes on."""
+    repo = make_repo(tmp_path)
+    with Collector() as collector:
+        env = {"MODELFLEET_AGENT_TRACING_ENDPOINT": collector.endpoint, **FAST_EXPORT}
+        with AgentProcess(repo, log_path=tmp_path / "agent.log", env=env) as agent:
+            agent.wait_model("clf", "2", timeout=60)
+            header, trace_id, caller_span = traceparent()
+            answers: queue.Queue = queue.Queue()
+            client = agent.client()
+            try:
+                client.start_stream(
+                    callback=lambda result, error: answers.put((result, error)),
+                    headers={"traceparent": header},
+                )
+                inp = grpcclient.InferInput("x", [1, WIDTH], "FP32")
+                inp.set_data_from_numpy(np.ones((1, WIDTH), np.float32))
+                for i, model in enumerate(("clf", "nope", "clf")):
+                    client.async_stream_infer(model, [inp], request_id=f"r{i}")
+                got = [answers.get(timeout=20) for _ in range(3)]
+                client.stop_stream()
+            finally:
+                client.close()
+            assert [e is None for _, e in got] == [True, False, True], got
+
+            def streamed() -> list[trace_pb2.Span]:
+                return [sp for _, sp in collector.spans(trace_id) if sp.name == STREAM]
+
+            wait_for(lambda: len(streamed()) == 3, 20, "three ModelStreamInfer spans")
+            spans = [sp for _, sp in collector.spans(trace_id)]
+            requests = sorted(streamed(), key=lambda sp: sp.start_time_unix_nano)
+            for request in requests:
+                assert request.parent_span_id.hex() == caller_span
+                assert request.kind == trace_pb2.Span.SPAN_KIND_SERVER
+                attrs = attributes(request.attributes)
+                assert attrs["rpc.method"] == "ModelStreamInfer"
+                assert attrs["rpc.service"] == "inference.GRPCInferenceService"
+            ok = [
+                r for r in requests if attributes(r.attributes)["modelfleet.outcome"] == "success"
+            ]
+            assert len(ok) == 2
+            for request in ok:
+                attrs = attributes(request.attributes)
+                assert (attrs["modelfleet.model"], attrs["modelfleet.version"]) == ("clf", 2)
+                children = {sp.name for sp in spans if sp.parent_span_id == request.span_id}
+                assert children == {"modelfleet.queue", "modelfleet.inference"}
+            (bad,) = [r for r in requests if r not in ok]
+            assert bad.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+            battrs = attributes(bad.attributes)
+            assert battrs["modelfleet.outcome"] == "failure"
+            assert battrs["modelfleet.error_reason"] == "model_not_found"
+            assert battrs["modelfleet.model"] == "nope"
 
 
 def test_tracing_off_exports_nothing_and_imports_no_opentelemetry(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ admitted requests.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import time
@@ -158,6 +159,13 @@ class Limits:
     # For the auto values.
     serving_threads: int = 2
     max_message_bytes: int = 64 << 20
+
+    @classmethod
+    def from_settings(cls, settings: object) -> Limits:
+        """The limits from the agent's settings (ServeConfig), whose keys have these names: one
+        list of guardrail settings, this class's fields (tests/test_admission.py pins that
+        the names and defaults agree)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
     def concurrency(self) -> int:
         return self.max_concurrent_requests or AUTO_REQUESTS_PER_THREAD * self.serving_threads

@@ -183,6 +183,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # One client for the whole stream: its requests share that client's rate-limit bucket.
         client = grpc_client_key(context) if self.dataplane.admission.clients is not None else ""
         shm = self._shm_for(context)
+        # Trace context comes with the call's metadata: every message's span continues it.
+        carrier = (
+            tracing.carrier_of(context.invocation_metadata()) if self.tracing is not None else None
+        )
         room = asyncio.Semaphore(STREAM_MAX_INFLIGHT)
         # Answers in request order; bounded by `room`, and None marks the end of the requests.
         pending: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
@@ -192,7 +196,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 async for msg in request_iterator:
                     await room.acquire()
                     pending.put_nowait(
-                        asyncio.ensure_future(self._stream_one(msg, header_key, client, shm))
+                        asyncio.ensure_future(
+                            self._stream_one(msg, header_key, client, shm, carrier)
+                        )
                     )
             finally:
                 pending.put_nowait(None)
@@ -213,7 +219,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     left.cancel()
 
     async def _stream_one(
-        self, msg: Any, header_key: str, client: str, shm: SharedMemoryRegistry | None
+        self,
+        msg: Any,
+        header_key: str,
+        client: str,
+        shm: SharedMemoryRegistry | None,
+        carrier: dict[str, str] | None = None,
     ) -> pb.ModelStreamInferResponse:
         try:
             req = request_from_proto(msg, shm)
@@ -221,7 +232,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if not req.routing_key:
                 req.routing_key = header_key
             req.client = client
-            resp = response_to_proto(await self.dataplane.infer(req), shm, placed)
+            if self.tracing is None:
+                resp = response_to_proto(await self.dataplane.infer(req), shm, placed)
+            else:
+                resp = await self._traced(req, carrier, "ModelStreamInfer", shm, placed)
             out = pb.ModelStreamInferResponse(infer_response=resp)
         except ModelfleetError as exc:
             out = pb.ModelStreamInferResponse(
@@ -252,7 +266,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             req.client = grpc_client_key(context)
         if self.tracing is None:
             return response_to_proto(await self.dataplane.infer(req), shm, placed)
-        return await self._traced_infer(req, context, placed)
+        carrier = tracing.carrier_of(context.invocation_metadata())
+        return await self._traced(req, carrier, "ModelInfer", shm, placed)
 
     def _shm_for(self, context: grpc.aio.ServicerContext) -> SharedMemoryRegistry | None:
         """The registry for a client on this host; None (shared memory refused) for others."""
@@ -307,25 +322,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         slot = self.slots.slots.get(model)
         return slot is not None and slot.comparison is not None
 
-    async def _traced_infer(
-        self, req: Any, context: grpc.aio.ServicerContext, placed: Any = None
+    async def _traced(
+        self,
+        req: Any,
+        carrier: dict[str, str] | None,
+        method: str,
+        shm: SharedMemoryRegistry | None,
+        placed: Any = None,
     ) -> Any:
-        """The request span, continuing the caller's W3C trace context from the metadata; the
-        data plane adds the queue, inference and shadow spans under it (req.trace)."""
+        """One request's server span (a unary call, or one message of a stream), continuing
+        the caller's W3C trace context from the call's metadata; the data plane adds the
+        queue, inference and shadow spans under it (req.trace)."""
         assert self.tracing is not None
         with self.tracing.span(
-            "inference.GRPCInferenceService/ModelInfer",
-            carrier=tracing.carrier_of(context.invocation_metadata()),
+            f"inference.GRPCInferenceService/{method}",
+            carrier=carrier,
             kind="server",
             attributes={
                 "rpc.system": "grpc",
                 "rpc.service": "inference.GRPCInferenceService",
-                "rpc.method": "ModelInfer",
+                "rpc.method": method,
                 tracing.MODEL: req.model_name,
             },
         ) as span:
             req.trace = span
-            return response_to_proto(await self.dataplane.infer(req), self.shm, placed)
+            return response_to_proto(await self.dataplane.infer(req), shm, placed)
 
 
 def grpc_client_key(context: grpc.aio.ServicerContext) -> str:

@@ -9,7 +9,6 @@ and converts back; errors from :mod:`kernel.errors` become an HTTP status and
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import socket
@@ -40,6 +39,7 @@ from modelfleet.agent.serving.rest_converters import (
     parameters_of,
     request_from_http,
     response_to_http,
+    strict_dumps,
 )
 from modelfleet.agent.serving.routing import ROUTING_KEY_HEADER
 from modelfleet.agent.serving.security import BearerTokenInterceptor
@@ -64,12 +64,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def error_response(status: int, message: str) -> web.Response:
     return web.Response(
-        status=status, body=json.dumps({"error": message}).encode(), content_type=_JSON
+        status=status, body=strict_dumps({"error": message}).encode(), content_type=_JSON
     )
 
 
 def _json(doc: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=json.dumps(doc).encode(), content_type=_JSON)
+    return web.Response(status=status, body=strict_dumps(doc).encode(), content_type=_JSON)
 
 
 def proto_json(msg: Message) -> dict[str, Any]:

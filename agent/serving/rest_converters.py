@@ -48,6 +48,12 @@ MAX_DIM = 2**63 - 1
 _EDGE_PARAMETERS = frozenset({BINARY_OUTPUT, ROUTING_KEY_PARAMETER})
 
 
+def strict_dumps(doc: Any) -> str:
+    """Every JSON document this edge writes: RFC 8259 only (a non-finite number raises rather
+    than becoming a bare ``NaN`` that most parsers refuse), no spaces."""
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+
+
 @dataclass
 class OutputForm:
     """How the client wants outputs back: per named output, else the request's default."""
@@ -93,10 +99,11 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
 
 class _NotJsonNumber(float):
     """``NaN``, ``Infinity`` or ``-Infinity``, which RFC 8259 JSON does not have, kept with its
-    text so the refusal can quote it. Python's json takes them; Triton's parser (rapidjson)
-    refuses them, and so does this edge. (A literal past float64 such as ``1e999`` parses as
-    infinity; _json_values refuses it by value, without a per-number parse hook that would
-    slow every large tensor down.)"""
+    text so the refusal can quote it. Python's json takes them, and so has Triton's rapidjson
+    parser since its PR 3870; this edge refuses them, as JSON parsers in most other languages
+    do, so that what it takes is what any client can write. (A literal past float64 such as
+    ``1e999`` parses as infinity; _json_values refuses it by value, without a per-number parse
+    hook that would slow every large tensor down.)"""
 
     literal: str
 
@@ -420,9 +427,32 @@ def _routing_key(params: dict[str, Any]) -> str:
     )
 
 
+def _refuse_non_finite(name: str, flat: np.ndarray) -> None:
+    """JSON (RFC 8259) has no NaN or Infinity. Triton writes them as bare ``NaN`` /
+    ``Infinity`` literals, which Python's and rapidjson's parsers take but JavaScript's
+    JSON.parse, Go's encoding/json and most others refuse for the whole response; writing
+    null or a string instead would hand the client a value the model did not produce."""
+    if flat.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(flat)
+    if not bad.any():
+        return
+    i = int(np.flatnonzero(bad)[0])
+    value = float(flat[i])
+    spelled = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    raise _bad(
+        f"output {name!r} holds {spelled} (at flat index {i}, {int(bad.sum())} of "
+        f"{flat.size} values not finite), which JSON cannot carry: ask for this output as "
+        f'binary data ("parameters": {{"binary_data": true}} on the output, or '
+        f"binary_data=True in tritonclient's InferRequestedOutput)",
+        "non_finite_output",
+    )
+
+
 def _json_data(name: str, arr: np.ndarray) -> list[Any]:
     flat = arr.reshape(-1)
     if arr.dtype.kind not in ("O", "S", "U"):
+        _refuse_non_finite(name, flat)
         return flat.tolist()
     out = []
     for item in flat:
@@ -477,7 +507,8 @@ def response_to_http(
     }
     if resp.id:
         doc["id"] = resp.id
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    # Strict: a non-finite number that got past _json_data is a 500, never bad JSON.
+    head = strict_dumps(doc).encode()
     if not chunks:
         return head, None
     return b"".join([head, *chunks]), len(head)

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from modelfleet.agent.serving.http_body import read_body
+from modelfleet.agent.serving.rest_converters import strict_dumps
 from modelfleet.agent.serving.shm import SharedMemoryRegistry, ShmError, require_local
 from modelfleet.kernel.errors import InvalidRequestError
 
@@ -36,7 +37,7 @@ def routes(registry: SharedMemoryRegistry, max_bytes: int) -> list[web.RouteDef]
             {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
             for r in regions
         ]
-        return web.json_response(doc)
+        return web.json_response(doc, dumps=strict_dumps)
 
     async def register(request: web.Request) -> web.Response:
         require_local(request.remote)

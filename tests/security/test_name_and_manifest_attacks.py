@@ -66,6 +66,11 @@ UNSAFE = [
     ("TensorrtExecutionProvider", "trt_extra_plugin_lib_paths", "/tmp/evil.so"),
     ("TensorrtExecutionProvider", "trt_engine_decryption_lib_path", "/tmp/evil.so"),
     ("TensorrtExecutionProvider", "trt_engine_cache_path", "/etc/modelfleet"),
+    ("TensorrtExecutionProvider", "trt_timing_cache_path", "/etc/modelfleet"),
+    # A file name prefix inside the cache folder: "../" in it would leave the folder.
+    ("TensorrtExecutionProvider", "trt_engine_cache_prefix", "../../../etc/cron.d/x"),
+    ("TensorrtExecutionProvider", "trt_ep_context_file_path", "/tmp/ctx.onnx"),
+    ("TensorrtExecutionProvider", "trt_onnx_model_folder_path", "/tmp"),
     ("TensorrtExecutionProvider", "trt_dump_subgraphs", "True"),
     ("TensorrtExecutionProvider", "trt_int8_calibration_table_name", "../../x"),
     ("CUDAExecutionProvider", "gpu_external_alloc", "140737488355328"),
