@@ -454,17 +454,19 @@ def perf_analyzer(
     protocol: str = "grpc",
     stability: int = 1000,
     max_trials: int = 5,
+    window_ms: int = 1000,
 ) -> tuple[subprocess.CompletedProcess[str], list[dict[str, str]]]:
     """A short fixed perf_analyzer measurement over ``protocol`` (``grpc`` or ``http``; ``url``
     is the matching port), run as a user runs it (the installed wrapper finds the venv's CUDA
     runtime itself: no LD_LIBRARY_PATH); its output and CSV rows."""
     assert PERF_ANALYZER.exists(), "perf_analyzer is missing: run `make perf-analyzer`"
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
-    # A fixed, short measurement: 1 s windows, at most ``max_trials`` of them. The tests check
-    # that real inferences succeed, not how fast: the default stability bound of 1000% (max/min
-    # of the last three windows within 10x) only stops perf_analyzer failing on a machine busy
-    # with other tests.
-    window = ["-p", "1000", "--max-trials", str(max_trials), "-s", str(stability), "-f", str(out)]
+    # A fixed, short measurement: windows of ``window_ms`` (1 s), at most ``max_trials`` of them.
+    # The tests check that real inferences succeed, not how fast: the default stability bound of
+    # 1000% (max/min of the last three windows within 10x) only stops perf_analyzer failing on a
+    # machine busy with other tests.
+    window = ["-p", str(window_ms), "--max-trials", str(max_trials), "-s", str(stability)]
+    window += ["-f", str(out)]
     r = subprocess.run(
         [str(PERF_ANALYZER), "-i", protocol, "-u", url, "-m", model, *args, *window],
         capture_output=True,

@@ -31,6 +31,7 @@ SUITES = {
     "cpu": "tests.benchmarks.cpu_bench",  # agent CPU per request at c16 (perf_analyzer) vs echo
     "instr": "tests.benchmarks.instr_bench",  # instructions per request (callgrind) vs echo
     "threads": "tests.benchmarks.threads_bench",  # threading settings on a compute-bound model
+    "mlserver": "tests.benchmarks.mlserver_bench",  # hot path vs MLServer 1.7.1 and the echo
 }
 
 

@@ -7,6 +7,7 @@ the echo baseline carries too.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -273,17 +274,24 @@ def run_concurrent(
     warmup_s: float = 1.0,
     duration_s: float = 6.0,
     server_pid: int | None = None,
+    server_cpu: Callable[[], float] | None = None,
 ) -> Block:
-    """Closed-loop load for ``warmup_s`` + ``duration_s``; figures cover the second part only."""
+    """Closed-loop load for ``warmup_s`` + ``duration_s``; figures cover the second part only.
+
+    Server CPU comes from ``server_cpu`` (seconds so far, e.g. summed over a process tree) when
+    given, else from ``server_pid``.
+    """
+    if server_cpu is None and server_pid:
+        server_cpu = functools.partial(cpu_seconds, server_pid)
     with ConcurrentLoad(
         target, x, threads=threads, max_duration_s=warmup_s + duration_s + 30
     ) as load:
         time.sleep(warmup_s)
         t0 = time.perf_counter_ns()
-        cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
+        cpu0 = server_cpu() if server_cpu else 0.0
         time.sleep(duration_s)
         t1 = time.perf_counter_ns()
-        cpu1 = cpu_seconds(server_pid) if server_pid else 0.0
+        cpu1 = server_cpu() if server_cpu else 0.0
     rec = load.record()
     _, lats = rec.window(t0, t1)
     return Block(
@@ -291,7 +299,7 @@ def run_concurrent(
         seconds=(t1 - t0) / 1e9,
         latencies=lats,
         failed=len(rec.errors_in(t0, t1)),
-        cpu_s=cpu1 - cpu0 if server_pid else None,
+        cpu_s=cpu1 - cpu0 if server_cpu else None,
     )
 
 
