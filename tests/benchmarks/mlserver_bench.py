@@ -8,10 +8,12 @@ MLServer runs from its own virtual environment, ``build/mlserver-venv``, created
 clash with MLServer's). It has no ONNX runtime: ``tests/benchmarks/mlserver_runtime.py`` is ours
 and loads the same .onnx with onnxruntime (the project's version) and the agent's default
 session options. Its settings are generated per run into a temporary folder: loopback only,
-ephemeral HTTP, gRPC and metrics ports, access logs off (``debug: false``), everything else at
-MLServer's defaults (``parallel_workers`` 1 unless ``--mlserver-workers``).
+ephemeral HTTP, gRPC and metrics ports, access logs off (``debug: false`` unless
+``--mlserver-debug``), everything else at MLServer's defaults (``parallel_workers`` 1 unless
+``--mlserver-workers``).
 
     python -m tests.benchmarks.mlserver_bench [--rounds 4] [--quick] [--mlserver-workers N]
+        [--mlserver-debug]
 """
 
 from __future__ import annotations
@@ -171,12 +173,14 @@ class MLServerProcess:
         model: BenchModel,
         model_config: bytes,
         workers: int | None,
+        debug: bool = False,
     ) -> None:
         self.python = python
         self.work = work
         self.model = model
         self.model_config = model_config
         self.workers = workers
+        self.debug = debug
         self.grpc_port = free_port()
         self.url = f"127.0.0.1:{self.grpc_port}"
         self.log_path = work / "mlserver.log"
@@ -185,7 +189,7 @@ class MLServerProcess:
 
     def settings(self) -> dict[str, object]:
         s: dict[str, object] = {
-            "debug": False,
+            "debug": self.debug,
             "host": "127.0.0.1",
             "http_port": free_port(),
             "grpc_port": self.grpc_port,
@@ -332,9 +336,9 @@ def ratio_range(a: list[float], b: list[float]) -> str:
 
 @contextlib.contextmanager
 def mlserver_running(
-    python: Path, work: Path, model: BenchModel, config: bytes, workers: int | None
+    python: Path, work: Path, model: BenchModel, config: bytes, workers: int | None, debug: bool
 ) -> Iterator[MLServerProcess]:
-    server = MLServerProcess(python, work, model, config, workers)
+    server = MLServerProcess(python, work, model, config, workers, debug)
     try:
         server.start()
         server.wait_ready()
@@ -432,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         help="MLServer's parallel_workers (default: MLServer's own default, 1)",
     )
     parser.add_argument(
+        "--mlserver-debug",
+        action="store_true",
+        help="MLServer's debug setting on (its own default: a log line per gRPC request)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "bench-run" / "mlserver.json", help="results as JSON"
     )
     args = parser.parse_args(argv)
@@ -462,7 +471,14 @@ def main(argv: list[str] | None = None) -> int:
             echo_url, echo_pid = stack.enter_context(echo_running(work, {SMALL: model}))
             (work / "mlserver").mkdir()
             ml = stack.enter_context(
-                mlserver_running(python, work / "mlserver", model, config, args.mlserver_workers)
+                mlserver_running(
+                    python,
+                    work / "mlserver",
+                    model,
+                    config,
+                    args.mlserver_workers,
+                    args.mlserver_debug,
+                )
             )
             assert ml.proc is not None
             urls = {"agent": agent.url, "mlserver": ml.url, "echo": echo_url}
@@ -490,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.mlserver_workers if args.mlserver_workers is not None else "1 (default)"
     print(
         f"\nsmall model, {plan.rounds} rounds, medians per system (range of per-round ratios); "
-        f"MLServer {MLSERVER_VERSION}, parallel_workers {workers}, debug false, metrics on"
+        f"MLServer {MLSERVER_VERSION}, parallel_workers {workers}, "
+        f"debug {str(args.mlserver_debug).lower()}, metrics on"
     )
     lines = report(res, rss)
     print("\n".join(lines))
@@ -506,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                 "loadavg_end": loadavg_end,
                 "mlserver_venv": versions,
                 "mlserver_parallel_workers": workers,
+                "mlserver_debug": args.mlserver_debug,
                 "plan": dataclasses.asdict(plan),
                 "rounds": {
                     "tritonclient_c1_p50_ms": res.tc_p50_ms,
