@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from modelfleet.agent.telemetry import TelemetryAggregator, VersionCounters, totals
+from modelfleet.agent.telemetry import TelemetryAggregator, Totals, VersionCounters
 from modelfleet.kernel.metrics_http import serve_metrics_http
 from modelfleet.kernel.telemetry_bounds import (
     BATCH_BUCKETS,
@@ -43,7 +43,9 @@ class AgentMetrics:
         # fleet reports come from; /metrics reads them at scrape time (ServingCollector). A
         # prometheus_client observe per histogram per request was the largest share of the
         # agent's own CPU per request after onnxruntime (docs/benchmarks.md).
-        self._forgotten: set[tuple[str, int]] = set()
+        # Loaded versions, whose request series /metrics shows (a version that never loaded,
+        # e.g. a candidate refused by its gate, has telemetry cells but no series).
+        self._served: set[tuple[str, int]] = set()
         # (model, version label, reason) -> requests shed by a guardrail; not in the telemetry
         # cells because a shed request says nothing about the version (dataplane._account_shed).
         self.shed_requests: dict[tuple[str, str, str], int] = {}
@@ -203,7 +205,7 @@ class AgentMetrics:
     def forget_version(self, model: str, version: str) -> None:
         """Drop every series of an unloaded version, so a fleet that swaps often does not
         grow its exposition (and the agent's memory) without bound."""
-        self._forgotten.add((model, int(version)))
+        self._served.discard((model, int(version)))
         for key in [k for k in self.shed_requests if k[0] == model and k[1] == version]:
             del self.shed_requests[key]
         for metric in (
@@ -229,15 +231,15 @@ class AgentMetrics:
                     metric.remove(*values)
 
     def serving(self, model: str, version: int) -> VersionCounters:
-        """The cells a loaded version counts its requests in; back on /metrics if forgotten."""
-        self._forgotten.discard((model, version))
+        """The cells a loaded version counts its requests in; on /metrics until it unloads."""
+        self._served.add((model, version))
         return self.telemetry.version(model, version)
 
-    def exposed(self) -> list[VersionCounters]:
-        """Versions whose serving series /metrics shows: all but unloaded ones. Version 0 holds
-        requests that resolved no version (shown with an empty version label)."""
-        forgotten = self._forgotten.copy()
-        return [c for c in self.telemetry.entries() if (c.model, c.version) not in forgotten]
+    def exposed(self) -> list[tuple[VersionCounters, Totals]]:
+        """Versions whose serving series /metrics shows, with their counts: loaded ones, and
+        version 0, which holds requests that resolved no version (an empty version label)."""
+        served = self._served.copy()
+        return self.telemetry.totals(lambda m, v: v == 0 or (m, v) in served)
 
     def serve_http(self, host: str, port: int) -> None:
         serve_metrics_http(self.registry, host, port)
@@ -257,6 +259,10 @@ class ServingCollector(Collector):
 
     def __init__(self, metrics: AgentMetrics) -> None:
         self.metrics = metrics
+        # Successes are requests minus failures, two cells a failure bumps one after the other;
+        # a scrape between the two must not read a counter that went down (Prometheus would
+        # see a reset), so each series reports at least what it reported last.
+        self._successes: dict[tuple[str, int], int] = {}
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "version"]
@@ -280,11 +286,13 @@ class ServingCollector(Collector):
                 ("modelfleet_batch_size", "Rows per executed batch."),
             )
         }
-        for c in self.metrics.exposed():
-            t = totals(c)
+        successes: dict[tuple[str, int], int] = {}
+        for c, t in self.metrics.exposed():
             ver = str(c.version) if c.version else ""
             if c.version:
-                requests.add_metric([c.model, ver, "success", ""], t.successes)
+                key = (c.model, c.version)
+                successes[key] = max(t.successes, self._successes.get(key, 0))
+                requests.add_metric([c.model, ver, "success", ""], successes[key])
             for reason, n in sorted(t.failures.items()):
                 requests.add_metric([c.model, ver, "failure", reason], n)
             if not c.version:
@@ -300,6 +308,7 @@ class ServingCollector(Collector):
                 strict=True,
             ):
                 hists[name].add_metric([c.model, ver], _cumulative(le, counts), total)
+        self._successes = successes
         for (model, ver, reason), n in list(self.metrics.shed_requests.items()):
             requests.add_metric([model, ver, "shed", reason], n)
         yield requests

@@ -26,11 +26,13 @@ as the report, so at start-up ``journal - mark`` is exactly what no report holds
 Cost on the request path: a dict lookup is done once per loaded version (the :class:`LoadedVersion`
 keeps its :class:`VersionCounters`); a request adds to five cells and does two ``bisect`` calls.
 Every hook runs on the event loop (the data plane, the batcher's completion callback and the slot
-switches all do), and so does :meth:`TelemetryAggregator.cut`, so the cells need no lock. The
-only call from another thread is :meth:`TelemetryAggregator.version` (a candidate version is
-built on the loader thread), which takes a small lock shared with the cut. Shadow comparisons
-(:class:`ShadowCells`) are the exception: the shadow threads write them, under a lock of their
-own.
+switches all do), and so does :meth:`TelemetryAggregator.cut`, so the cells need no lock. Two
+calls come from other threads and take a small lock shared with the cut and :meth:`attach`:
+:meth:`TelemetryAggregator.version` (a candidate version is built on the loader thread) and
+:meth:`TelemetryAggregator.totals` (the agent's /metrics, read when scraped; cells only grow and
+each is read whole, so a scrape racing a request sees it in some series and not yet in others).
+Shadow comparisons (:class:`ShadowCells`) are the exception: the shadow threads write them,
+under a lock of their own.
 """
 
 from __future__ import annotations
@@ -363,7 +365,7 @@ def totals(c: VersionCounters) -> Totals:
         return row[i : i + len(bounds) + 1], row[i + len(bounds) + 1] * scale
 
     failures: dict[str, int] = {}
-    for name, index in c.reasons.items():
+    for name, index in c.reasons.copy().items():  # the event loop may add one meanwhile
         n = row[_REASONS - COUNTERS + index]
         if n:
             label = OTHER_REASON if index == REASON_SLOTS - 1 else name
@@ -725,10 +727,12 @@ class TelemetryAggregator:
     def _stores(self) -> list[CounterStore]:
         return [s for s in (self.store, self._overflow) if s is not None]
 
-    def entries(self) -> list[VersionCounters]:
-        """Every version's counters (any thread)."""
+    def totals(self, keep: Callable[[str, int], bool]) -> list[tuple[VersionCounters, Totals]]:
+        """The counts of the versions ``keep`` accepts, for /metrics (the scrape thread). Read
+        under the lock :meth:`attach` holds while it moves counters and closes the store they
+        were in, so a scrape never reads a half-moved count or a closed store."""
         with self._lock:
-            return list(self._versions.values())
+            return [(c, totals(c)) for c in self._versions.values() if keep(c.model, c.version)]
 
     # -- hooks that have no LoadedVersion at hand (event loop) ----------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from modelfleet.agent.metrics import AgentMetrics
+from modelfleet.agent.telemetry import _FAILURES
 from modelfleet.kernel.telemetry_bounds import BATCH_BUCKETS, LATENCY_BUCKETS
 
 LATENCIES = [0.00004, 0.00005, 0.0003, 0.0012, 0.0012, 0.07, 3.0, 12.0]
@@ -112,7 +113,7 @@ def test_an_unloaded_version_leaves_metrics_and_comes_back_with_its_counts() -> 
     )
 
 
-def test_a_ninth_failure_reason_is_counted_as_other() -> None:
+def test_failure_reasons_past_the_seventh_are_counted_as_other() -> None:
     m = AgentMetrics()
     cells = m.serving("mlp", 1)
     for i in range(10):
@@ -121,3 +122,24 @@ def test_a_ninth_failure_reason_is_counted_as_other() -> None:
     failures = [line for line in text.splitlines() if 'outcome="failure"' in line]
     assert len(failures) == 8
     assert 'reason="other",version="1"} 3.0' in text
+
+
+def test_a_version_that_never_loaded_has_no_series() -> None:
+    """A candidate refused by its gate gets telemetry cells (the gate verdict) but never served:
+    /metrics must not grow by a version per refused candidate."""
+    m, _ = _agent()
+    m.telemetry.gate("mlp", 7, False)
+    text = generate_latest(m.registry).decode()
+    assert 'version="7"' not in text and 'version="3"' in text
+
+
+def test_the_success_counter_never_goes_down_between_scrapes() -> None:
+    """Successes are requests minus failures: a scrape that read a failure's first cell but not
+    yet its second would see one success fewer; the collector reports at least its last value."""
+    m, _ = _agent()
+    text = generate_latest(m.registry).decode()
+    line = 'modelfleet_requests_total{model="mlp",outcome="success",reason="",version="3"} 8.0'
+    assert line in text
+    cells = m.serving("mlp", 3)
+    cells.cells[cells.base + _FAILURES] += 1  # alone, as mid-way through failed()
+    assert line in generate_latest(m.registry).decode()
