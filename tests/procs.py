@@ -19,6 +19,37 @@ PERF_ANALYZER = ROOT / ".venv" / "bin" / "perf_analyzer"
 ENV_DATA = "MODELFLEET_AGENT_DATA"
 
 
+def dev_shm() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def _shm_held_by_others(pid: int | None) -> set[str]:
+    """/dev/shm names another live process has open or mapped (a client's regions)."""
+    held: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in (pid, os.getpid()):
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("/dev/shm/"):
+                        held.add(target[len("/dev/shm/") :].removesuffix(" (deleted)"))
+            for line in (proc / "maps").read_text().splitlines():
+                if "/dev/shm/" in line:
+                    held.add(line.split("/dev/shm/", 1)[1].removesuffix(" (deleted)"))
+    return held
+
+
+def shm_leftovers(before: set[str], server_pid: int | None = None) -> set[str]:
+    """/dev/shm entries that appeared since ``before`` and that no client made: the tests'
+    own regions are named mf_shm_*, and another process that holds a file open or mapped
+    (perf_analyzer in a test on the other pytest worker) is its client. What is left, the
+    server (``server_pid``, excluded from the holders) made and did not remove."""
+    new = {n for n in dev_shm() - before if not n.startswith("mf_shm_")}
+    return new - _shm_held_by_others(server_pid) if new else new
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -15,7 +15,14 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from tests.conftest import make_mlp_bundle
-from tests.procs import PERF_ANALYZER, AgentProcess, free_port, perf_analyzer
+from tests.procs import (
+    PERF_ANALYZER,
+    AgentProcess,
+    dev_shm,
+    free_port,
+    perf_analyzer,
+    shm_leftovers,
+)
 
 
 def test_perf_analyzer_runs_as_installed_without_ld_library_path(tmp_path: Path) -> None:
@@ -85,7 +92,7 @@ def test_perf_analyzer_over_http(
     http_url = f"127.0.0.1:{free_port()}"
     agent = agent_factory(repo, "--http-listen", http_url)
     agent.wait_model("mlp")
-    before = set(os.listdir("/dev/shm"))
+    before = dev_shm()
     # Regions the agent saw registered while perf_analyzer ran: proof the tensors went through
     # shared memory rather than the body.
     seen: set[str] = set()
@@ -130,4 +137,4 @@ def test_perf_analyzer_over_http(
     assert bool(seen) == (shared_memory == "system"), seen
     assert int(stats["inference_stats"]["success"]["count"]) > 50
     assert int(stats["inference_stats"]["fail"]["count"]) == 0
-    assert set(os.listdir("/dev/shm")) - before == set()
+    assert shm_leftovers(before, agent.proc.pid) == set()

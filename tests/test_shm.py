@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from modelfleet.kernel.bundle import create_bundle
 from tests import models
-from tests.procs import AgentProcess, free_port, perf_analyzer
+from tests.procs import AgentProcess, dev_shm, free_port, perf_analyzer, shm_leftovers
 
 with warnings.catch_warnings():
     # It imports pkg_resources, which warns that it is deprecated.
@@ -36,10 +36,6 @@ WIDTH = 4
 X = np.arange(2 * WIDTH, dtype=np.float32).reshape(2, WIDTH)
 NBYTES = X.nbytes
 PREFIX = f"mf_shm_test_{os.getpid()}"
-
-
-def dev_shm() -> set[str]:
-    return set(os.listdir("/dev/shm"))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +62,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
     finally:
         proc.stop()
     # The server creates nothing under /dev/shm (and every test destroys what it made).
-    assert {n for n in dev_shm() - before if not n.startswith("mf_shm_bench")} == set()
+    assert shm_leftovers(before) == set()
 
 
 @pytest.fixture
@@ -259,7 +255,7 @@ def test_perf_analyzer_with_system_shared_memory(agent, tmp_path: Path) -> None:
         "1",
     )
     assert len(rows) == 1 and float(rows[0]["Inferences/Second"]) > 10
-    assert dev_shm() - before == set()
+    assert shm_leftovers(before, agent.proc.pid) == set()
     # perf_analyzer unregisters its regions when it is done.
     c = grpcclient.InferenceServerClient(agent.url)
     try:

@@ -37,16 +37,17 @@ PACKAGES = ("agent", "kernel", "hub", "batch", "protos")
 PERF_ANALYZER = Path(os.environ.get("PERF_ANALYZER", ROOT / ".venv" / "bin" / "perf_analyzer"))
 
 
-def drive(url: str, requests: int, concurrency: int, out: Path) -> float:
-    """perf_analyzer sends ``requests`` one-row requests; their p50 in ms. (Its throughput is
-    left out: with a request count it divides by whole seconds.)"""
+def perf_analyzer_row(
+    url: str, model: str, shape: str, concurrency: int, out: Path, *mode: str
+) -> dict[str, str]:
+    """One perf_analyzer run (gRPC, one row per request, ``--shape`` ``shape``) at
+    ``concurrency``; ``mode`` picks how it measures. Its CSV row."""
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
     r = subprocess.run(
         [
             str(PERF_ANALYZER),
-            *("-i", "grpc", "-u", url, "-m", SMALL, "--shape", "x:4", "-b", "1"),
-            *("--concurrency-range", str(concurrency), "--request-count", str(requests)),
-            *("-f", str(out)),
+            *("-i", "grpc", "-u", url, "-m", model, "--shape", shape, "-b", "1"),
+            *("--concurrency-range", str(concurrency), *mode, "-f", str(out)),
         ],
         capture_output=True,
         text=True,
@@ -55,8 +56,26 @@ def drive(url: str, requests: int, concurrency: int, out: Path) -> float:
     )
     if r.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed against {url}:\n{r.stdout}\n{r.stderr}")
-    row = next(csv.DictReader(out.open()))
+    return next(csv.DictReader(out.open()))
+
+
+def drive(url: str, requests: int, concurrency: int, out: Path) -> float:
+    """perf_analyzer sends ``requests`` one-row requests; their p50 in ms. (Its throughput is
+    left out: with a request count it divides by whole seconds.)"""
+    row = perf_analyzer_row(url, SMALL, "x:4", concurrency, out, "--request-count", str(requests))
     return int(row["p50 latency"]) / 1000.0
+
+
+def extract_packages(ref: str, dest: Path) -> Path:
+    """The agent's package folders at git commit ``ref`` under ``dest/modelfleet``; returns the
+    folder to put first on PYTHONPATH (same interpreter and packages, that commit's code)."""
+    code = dest / "modelfleet"
+    code.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", ref, *PACKAGES], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
+    return dest
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -105,16 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {"MODELFLEET_PROFILE_LOOP": str(prof)} if args.profile else None
         agents["agent"] = AgentProcess(repo, *flags, log_path=work / "agent.log", env=env)
         if args.baseline_ref:
-            code = work / "base-code" / "modelfleet"
-            code.mkdir(parents=True)
-            archive = subprocess.run(
-                ["git", "archive", args.baseline_ref, *PACKAGES],
-                cwd=ROOT,
-                capture_output=True,
-                check=True,
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
-            base_env = {"PYTHONPATH": str(code.parent)}
+            base_env = {"PYTHONPATH": str(extract_packages(args.baseline_ref, work / "base-code"))}
             base_flags = flags if args.baseline_flags is None else args.baseline_flags.split()
             base = AgentProcess(repo, *base_flags, log_path=work / "base.log", env=base_env)
             # Its own admin socket: two agents on one repository is refused by design, so

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from tests.benchmarks.cpu_bench import PACKAGES
+from tests.benchmarks.cpu_bench import extract_packages
 from tests.benchmarks.fixtures import SMALL, BenchModel, build_models, make_bundle
 from tests.procs import ROOT, free_port
 
@@ -145,22 +145,14 @@ def main(argv: list[str] | None = None) -> int:
             ("agent", env, repo),
         ]
         if args.baseline_ref:
-            code = work / "base-code" / "modelfleet"
-            code.mkdir(parents=True)
-            archive = subprocess.run(
-                ["git", "archive", args.baseline_ref, *PACKAGES],
-                cwd=ROOT,
-                capture_output=True,
-                check=True,
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
+            code = extract_packages(args.baseline_ref, work / "base-code")
             pythonpath = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
             base_repo = work / "repo-base"
             shutil.copytree(repo, base_repo)
             targets.append(
                 (
                     f"agent at {args.baseline_ref}",
-                    {**env, "PYTHONPATH": os.pathsep.join([str(code.parent), *pythonpath])},
+                    {**env, "PYTHONPATH": os.pathsep.join([str(code), *pythonpath])},
                     base_repo,
                 )
             )

@@ -17,17 +17,15 @@ defaults and the winner, off, which gives the batching gain.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from statistics import median
 
 from tests import models
-from tests.benchmarks.cpu_bench import PERF_ANALYZER
+from tests.benchmarks.cpu_bench import PERF_ANALYZER, perf_analyzer_row
 from tests.benchmarks.fixtures import BenchModel, make_bundle
 from tests.procs import AgentProcess
 
@@ -52,24 +50,10 @@ def settings(cores: int) -> dict[str, list[str]]:
 
 def measure(url: str, concurrency: int, window_ms: int, out: Path) -> tuple[float, float]:
     """(inferences per second, p50 ms) from three perf_analyzer windows."""
-    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
-    r = subprocess.run(
-        [
-            str(PERF_ANALYZER),
-            *("-i", "grpc", "-u", url, "-m", NAME, "--shape", f"x:{WIDTH_IN}", "-b", "1"),
-            *("--concurrency-range", str(concurrency)),
-            # Three windows, whatever their spread: the rounds, not perf_analyzer's stability
-            # check, absorb a shared machine's noise.
-            *("-p", str(window_ms), "--max-trials", "3", "-s", "1000", "-f", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    if r.returncode != 0:
-        raise RuntimeError(f"perf_analyzer failed against {url}:\n{r.stdout}\n{r.stderr}")
-    row = next(csv.DictReader(out.open()))
+    # Three windows, whatever their spread: the rounds, not perf_analyzer's stability check,
+    # absorb a shared machine's noise.
+    window = ("-p", str(window_ms), "--max-trials", "3", "-s", "1000")
+    row = perf_analyzer_row(url, NAME, f"x:{WIDTH_IN}", concurrency, out, *window)
     return float(row["Inferences/Second"]), int(row["p50 latency"]) / 1000.0
 
 
