@@ -60,10 +60,14 @@ class RuntimeOptions:
     def device_for(self, model: str) -> int:
         return dict(self.model_device_ids).get(model, self.device_id)
 
-    def cache_for(self, model: str, version: int) -> Path | None:
+    def cache_for(self, model: str, version: int, digest: str = "") -> Path | None:
+        """TensorRT's folder for one model's bytes: onnxruntime names a cached engine by the
+        model file's name and its tensors, not its weights, so a version rebuilt with other
+        weights must not find the old engine (``digest``: the bundle's model sha256)."""
         if not self.cache_dir:
             return None
-        return Path(self.cache_dir) / TRT_PROVIDER / model / str(version)
+        folder = f"{version}-{digest[:16]}" if digest else str(version)
+        return Path(self.cache_dir) / TRT_PROVIDER / model / folder
 
 
 TRT_PROVIDER = "TensorrtExecutionProvider"
@@ -131,6 +135,7 @@ def plan_providers(
     model: str,
     available: list[str],
     version: int = 0,
+    digest: str = "",
 ) -> ProviderPlan:
     """Choose the session's providers: pure, so every rule is unit-tested without a GPU."""
     if options.device == "cpu":
@@ -165,7 +170,7 @@ def plan_providers(
         if name in GPU_PROVIDERS:
             opts = {**opts, "device_id": str(options.device_for(model))}
         if name == TRT_PROVIDER:
-            opts = confine_caches(opts, options.cache_for(model, version))
+            opts = confine_caches(opts, options.cache_for(model, version, digest))
         chain.append((name, opts))
     if all(name != CPU_PROVIDER for name, _ in chain):
         chain.append((CPU_PROVIDER, {}))
@@ -212,7 +217,7 @@ class OnnxModel:
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         m = bundle.manifest
         plan = plan_providers(
-            m.providers, options, m.name, ort.get_available_providers(), m.version
+            m.providers, options, m.name, ort.get_available_providers(), m.version, m.model_sha256
         )
         # require_provider binds what a bundle or the operator asked for, not the default
         # preference of a node that has no GPU provider at all.
@@ -271,7 +276,7 @@ class OnnxModel:
         """The chain, with TensorRT's cache folder created (private), or its caches off when
         that folder cannot be made safe: a version serves without a cache rather than not."""
         m = self.bundle.manifest
-        cache = options.cache_for(m.name, m.version)
+        cache = options.cache_for(m.name, m.version, m.model_sha256)
         if cache is None or all(name != TRT_PROVIDER for name, _ in chain):
             return chain
         try:

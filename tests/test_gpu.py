@@ -116,6 +116,18 @@ def test_device_cpu_and_allowed_providers_pin_the_node() -> None:
 # -- where TensorRT writes ------------------------------------------------------------------------
 
 
+def test_a_version_rebuilt_with_other_weights_gets_another_tensorrt_folder(tmp_path: Path) -> None:
+    """onnxruntime names a cached engine by the model file and its tensors, not its weights:
+    the folder carries the model's digest, so retrained bytes never load the old engine."""
+    opts = RuntimeOptions(cache_dir=str(tmp_path))
+    bundle = (ProviderSpec(TRT, (("trt_engine_cache_enable", "True"),)),)
+    first = plan_providers(bundle, opts, "resnet", GPU_NODE, 4, "ab" * 32)
+    again = plan_providers(bundle, opts, "resnet", GPU_NODE, 4, "cd" * 32)
+    folder = first.chain[0][1]["trt_engine_cache_path"]
+    assert folder == str(tmp_path / TRT / "resnet" / ("4-" + "ab" * 8))
+    assert again.chain[0][1]["trt_engine_cache_path"] != folder
+
+
 def test_tensorrt_caches_go_to_the_agents_folder_for_the_model_and_version(
     tmp_path: Path,
 ) -> None:
@@ -198,7 +210,7 @@ def test_a_tensorrt_session_gets_a_private_cache_folder_and_serves_on_cpu_here(
         tmp_path / "repo", 3, providers=(ProviderSpec(TRT, (("trt_engine_cache_enable", "1"),)),)
     )
     model = OnnxModel(load_bundle(b.path), RuntimeOptions(cache_dir=str(state / "cache")))
-    folder = state / "cache" / TRT / "mlp" / "3"
+    folder = state / "cache" / TRT / "mlp" / f"3-{b.manifest.model_sha256[:16]}"
     assert seen[0][0] == (
         TRT,
         {
