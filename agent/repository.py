@@ -260,7 +260,7 @@ class RepositoryWatcher:
             if name in self.slots.unloaded:
                 # Recorded first: should the load fail, the watcher may load it later anyway
                 # (as before the unload), so the record must not keep it out after a restart.
-                self._record(sorted(set(self.slots.unloaded) - {name}), "load", name)
+                await self._record(sorted(set(self.slots.unloaded) - {name}), "load", name)
             self.slots.unloaded.pop(name, None)
             self.slots.forget_failures(name)
             await self._apply({name: on_disk[name]}, raise_errors=True)
@@ -277,7 +277,7 @@ class RepositoryWatcher:
                 raise ModelNotFoundError(
                     f"model {name!r} is not loaded here{did_you_mean(name, self.slots.slots)}"
                 )
-            self._record(sorted({*self.slots.unloaded, name}), "unload", name)
+            await self._record(sorted({*self.slots.unloaded, name}), "unload", name)
             self.slots.unloaded[name] = UNLOADED_WHY
             await self.slots.unload(name)
             log.info("model %s unloaded on request", name)
@@ -293,11 +293,12 @@ class RepositoryWatcher:
                 self.record.path if self.record else "?",
             )
 
-    def _record(self, names: list[str], verb: str, name: str) -> None:
+    async def _record(self, names: list[str], verb: str, name: str) -> None:
         if self.record is None:
             return
         try:
-            self.record.write(names)
+            # On a thread: the write ends in fsync, which must not stall inference on the loop.
+            await asyncio.to_thread(self.record.write, names)
         except OSError as exc:
             raise UnloadedRecordError(
                 f"cannot {verb} {name!r}: recording it in {self.record.path} failed ({exc}), "
