@@ -49,6 +49,13 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
         out_dir=repo,
         samples={"x": X},
     )
+    create_bundle(
+        models.log_model(root / "src" / "log.onnx", WIDTH),
+        name="logm",
+        version=1,
+        out_dir=repo,
+        samples={"x": X + 1},
+    )
     http_port = free_port()
     before = dev_shm()
     proc = AgentProcess(
@@ -58,6 +65,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory):
     proc.start()
     try:
         proc.wait_model("ident", timeout=60)
+        proc.wait_model("logm", timeout=60)
         yield proc
     finally:
         proc.stop()
@@ -327,3 +335,27 @@ def test_grpc_stream_uses_shared_memory_too(gc, regions) -> None:
     assert first[1] is None
     np.testing.assert_array_equal(shm.get_contents_as_numpy(hout, np.float32, list(X.shape)), X)
     assert second[0] is None and "'nope' is not registered" in str(second[1])
+
+
+def test_http_refusal_leaves_output_regions_untouched(hc, regions) -> None:
+    """An output that cannot travel as JSON (NaN) refuses the request with a 400, and the
+    outputs bound for shared memory in the same request are not written either: a refused
+    request changes nothing the client sees, as every other refusal."""
+    hout, kout = regions("refused", NBYTES)
+    sentinel = np.full(X.shape, 7.0, np.float32)
+    shm.set_shared_memory_region(hout, [sentinel])
+    hc.register_system_shared_memory("refused", kout, NBYTES)
+    inp = httpclient.InferInput("x", list(X.shape), "FP32")
+    inp.set_data_from_numpy(-X - 1, binary_data=False)  # Log of negatives: NaN
+    same = httpclient.InferRequestedOutput("same")
+    same.set_shared_memory("refused", NBYTES)
+    log = httpclient.InferRequestedOutput("log", binary_data=False)
+    with pytest.raises(InferenceServerException, match=r"'log'.*binary_data"):
+        hc.infer("logm", [inp], outputs=[same, log])
+    got = shm.get_contents_as_numpy(hout, np.float32, list(X.shape))
+    np.testing.assert_array_equal(got, sentinel)
+    # The same request with the NaN output in binary writes the region.
+    binary = httpclient.InferRequestedOutput("log", binary_data=True)
+    hc.infer("logm", [inp], outputs=[same, binary])
+    got = shm.get_contents_as_numpy(hout, np.float32, list(X.shape))
+    np.testing.assert_array_equal(got, -X - 1)

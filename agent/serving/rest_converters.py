@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from modelfleet.agent.serving.dataplane import InferInput, InferRequest, InferResponse
+from modelfleet.agent.serving.dataplane import InferInput, InferOutput, InferRequest, InferResponse
 from modelfleet.agent.serving.routing import ROUTING_KEY_PARAMETER
 from modelfleet.agent.serving.shm import (
     Placement,
@@ -480,6 +480,9 @@ def response_to_http(
     ``placements`` are written to shared memory and listed without data."""
     outputs = []
     chunks: list[bytes] = []
+    # Shared-memory outputs are written last: an output refused below (not finite as JSON)
+    # must leave the client's regions as they were, as every other refusal does.
+    writes: list[tuple[InferOutput, Placement]] = []
     for out in resp.outputs:
         tensor: dict[str, Any] = {
             "name": out.name,
@@ -487,8 +490,7 @@ def response_to_http(
             "shape": list(out.shape),
         }
         if placements and out.name in placements:
-            assert shm is not None
-            write_output(shm, out, placements[out.name])
+            writes.append((out, placements[out.name]))
         elif form.is_binary(out.name):
             if out.datatype == "BYTES":
                 raw = encode_bytes_tensor(out.data)
@@ -509,6 +511,9 @@ def response_to_http(
         doc["id"] = resp.id
     # Strict: a non-finite number that got past _json_data is a 500, never bad JSON.
     head = strict_dumps(doc).encode()
+    for out, place in writes:
+        assert shm is not None
+        write_output(shm, out, place)
     if not chunks:
         return head, None
     return b"".join([head, *chunks]), len(head)
