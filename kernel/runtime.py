@@ -98,6 +98,15 @@ def private_dir(root: Path, path: Path) -> Path:
     naming the folder otherwise."""
     rel = path.relative_to(root)
     os.makedirs(root.parent, mode=0o700, exist_ok=True)
+    # The folder above (the data folder) may be a symlink, but whoever else can write it could
+    # swap root for a folder of their own between these checks and TensorRT's use of it.
+    above = os.stat(root.parent)
+    if above.st_uid != os.geteuid() or above.st_mode & 0o022:
+        raise OSError(
+            f"{root.parent} is not this agent's alone (owner uid {above.st_uid}, mode "
+            f"{stat.S_IMODE(above.st_mode):o}): it must belong to the agent's user and not be "
+            "writable by group or others"
+        )
     current = root
     for part in (None, *rel.parts):
         if part is not None:

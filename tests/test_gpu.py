@@ -253,6 +253,25 @@ def test_an_unsafe_cache_folder_turns_the_caches_off_and_the_version_still_serve
     assert model.run({"x": X})["y"].shape == (2, 3)
 
 
+def test_a_data_folder_others_can_write_turns_the_caches_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whoever can write the folder above the cache could swap the cache folder for their own
+    after the checks: with a group-writable data folder the caches stay off."""
+    seen = _record_sessions(monkeypatch)
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o775)
+    b = make_mlp_bundle(
+        tmp_path / "repo", 1, providers=(ProviderSpec(TRT, (("trt_engine_cache_enable", "1"),)),)
+    )
+    OnnxModel(load_bundle(b.path), RuntimeOptions(cache_dir=str(data / "provider-cache")))
+    trt = seen[0][0][1]
+    assert "trt_engine_cache_path" not in trt and trt["trt_engine_cache_enable"] == "False"
+    assert "not this agent's alone" in caplog.text
+    assert not (data / "provider-cache").exists()
+
+
 def test_without_tensorrt_in_the_chain_no_cache_folder_is_made(tmp_path: Path) -> None:
     b = make_mlp_bundle(tmp_path / "repo", 1, providers=specs(TRT, CUDA, CPU))
     OnnxModel(load_bundle(b.path), RuntimeOptions(cache_dir=str(tmp_path / "cache")))
