@@ -101,6 +101,16 @@ class AgentMetrics:
             ["model", "reason"],
             registry=r,
         )
+        # Answers computed but refused at the HTTP edge (agent/serving/http_server.py).
+        self.refused_responses = Counter(
+            "modelfleet_refused_responses_total",
+            "Responses the model computed but the HTTP edge refused with 400 because they "
+            "cannot be sent as asked, by reason: non_finite_output (NaN or Infinity asked for "
+            "as JSON) or data (bytes that are not UTF-8 asked for as JSON). The request counts "
+            "as a success in the version's statistics.",
+            ["model", "version", "reason"],
+            registry=r,
+        )
         # Live comparison of two versions (docs/operations.md#comparing-versions-on-live-traffic).
         self.routed = Counter(
             "modelfleet_routed_requests_total",
@@ -209,6 +219,7 @@ class AgentMetrics:
         for key in [k for k in self.shed_requests if k[0] == model and k[1] == version]:
             del self.shed_requests[key]
         for metric in (
+            self.refused_responses,
             self.gate_results,
             self.provider_fallbacks,
             self.execution_provider,

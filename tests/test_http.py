@@ -699,6 +699,13 @@ def test_non_finite_output_as_json_is_a_clear_error(agent: AgentProcess, client)
     # The model ran: its statistics count both requests as successes.
     stats = client.get_inference_statistics("logm")["model_stats"][0]["inference_stats"]
     assert int(stats["success"]["count"]) >= 2 and int(stats["fail"]["count"]) == 0
+    # The refusals show on the server: counted by reason.
+    _, text = get(f"http://127.0.0.1:{agent.metrics_port}/metrics")
+    series = (
+        'modelfleet_refused_responses_total{model="logm",reason="non_finite_output",version="1"}'
+    )
+    counted = [ln for ln in text.decode().splitlines() if ln.startswith(series)]
+    assert counted and float(counted[0].split()[-1]) >= 2, counted
     assert_still_serves(client)
 
 

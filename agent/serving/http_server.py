@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from modelfleet.agent import __version__
 from modelfleet.agent.repository import ModelControl
 from modelfleet.agent.serving.admission import RequestTooLargeError, ShedError, client_key
-from modelfleet.agent.serving.dataplane import DataPlane
+from modelfleet.agent.serving.dataplane import DataPlane, InferResponse
 from modelfleet.agent.serving.http_body import read_body
 from modelfleet.agent.serving.introspection import (
     Draining,
@@ -35,6 +35,7 @@ from modelfleet.agent.serving.introspection import (
 )
 from modelfleet.agent.serving.rest_converters import (
     HEADER_LENGTH,
+    OutputForm,
     object_body,
     parameters_of,
     request_from_http,
@@ -43,7 +44,12 @@ from modelfleet.agent.serving.rest_converters import (
 )
 from modelfleet.agent.serving.routing import ROUTING_KEY_HEADER
 from modelfleet.agent.serving.security import BearerTokenInterceptor
-from modelfleet.agent.serving.shm import SharedMemoryRegistry, is_local_peer, output_placements
+from modelfleet.agent.serving.shm import (
+    Placement,
+    SharedMemoryRegistry,
+    is_local_peer,
+    output_placements,
+)
 from modelfleet.agent.serving.shm_http import routes as shm_routes
 from modelfleet.agent.slots import LoadedVersion, SlotManager
 from modelfleet.kernel import tracing
@@ -311,6 +317,7 @@ class OipHttp:
             req.client = http_client_key(request)
         if self.tracing is None:
             resp = await self.dataplane.infer(req)
+            payload, json_length = self._encode(resp, form, shm, placed)
         else:
             with self.tracing.span(
                 "POST /v2/models/{model}/infer",
@@ -324,12 +331,30 @@ class OipHttp:
             ) as span:
                 req.trace = span
                 resp = await self.dataplane.infer(req)
-        payload, json_length = response_to_http(resp, form, shm, placed)
+                payload, json_length = self._encode(resp, form, shm, placed)
         if json_length is None:
             return web.Response(body=payload, content_type=_JSON)
         out = web.Response(body=payload, content_type="application/octet-stream")
         out.headers[HEADER_LENGTH] = str(json_length)
         return out
+
+    def _encode(
+        self,
+        resp: InferResponse,
+        form: OutputForm,
+        shm: SharedMemoryRegistry | None,
+        placed: dict[str, Placement] | None,
+    ) -> tuple[bytes, int | None]:
+        try:
+            return response_to_http(resp, form, shm, placed)
+        except InvalidRequestError as exc:
+            # The model ran (a success in its statistics), but the answer cannot travel as the
+            # client asked (NaN as JSON, bytes that are not UTF-8): counted here, or the 400
+            # would show nowhere on the server.
+            self.dataplane.metrics.refused_responses.labels(
+                resp.model_name, resp.model_version, exc.reason
+            ).inc()
+            raise
 
 
 def http_client_key(request: web.Request) -> str:
