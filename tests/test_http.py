@@ -661,6 +661,23 @@ def test_model_control_errors_over_http(agent: AgentProcess, client) -> None:
 NON_FINITE_X = np.array([[-1, 0, 1, 2], [3, 4, 5, 6]], dtype=np.float32)
 
 
+def non_finite_body(outputs: list[dict] | None = None) -> bytes:
+    """A raw JSON request for logm with NON_FINITE_X; ``outputs``: none named (all, as JSON)."""
+    doc: dict = {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": [2, 4],
+                "datatype": "FP32",
+                "data": NON_FINITE_X.ravel().tolist(),
+            }
+        ]
+    }
+    if outputs is not None:
+        doc["outputs"] = outputs
+    return json.dumps(doc).encode()
+
+
 def strict_json(raw: bytes) -> object:
     """RFC 8259 only: NaN, Infinity and -Infinity are refused, as JavaScript's JSON.parse and
     Go's encoding/json refuse them."""
@@ -678,18 +695,7 @@ def test_non_finite_output_as_json_is_a_clear_error(agent: AgentProcess, client)
         client.infer("logm", [inp], outputs=[httpclient.InferRequestedOutput("log", False)])
     assert e.value.status() == "400"
     # Raw JSON, outputs not named (all of them as JSON): the error itself is strict JSON.
-    body = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "x",
-                    "shape": [2, 4],
-                    "datatype": "FP32",
-                    "data": NON_FINITE_X.ravel().tolist(),
-                }
-            ]
-        }
-    ).encode()
+    body = non_finite_body()
     status, headers, raw = post(agent, "/v2/models/logm/infer", body)
     assert status == 400, raw
     assert headers["Content-Type"].startswith("application/json")
@@ -725,19 +731,7 @@ def test_non_finite_output_in_binary_works(agent: AgentProcess, client) -> None:
     np.testing.assert_array_equal(result.as_numpy("log"), want)
     np.testing.assert_array_equal(result.as_numpy("same"), NON_FINITE_X)
     # Raw: the JSON part before the binary data is strict JSON.
-    body = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "x",
-                    "shape": [2, 4],
-                    "datatype": "FP32",
-                    "data": NON_FINITE_X.ravel().tolist(),
-                }
-            ],
-            "outputs": [{"name": "log", "parameters": {"binary_data": True}}, {"name": "same"}],
-        }
-    ).encode()
+    body = non_finite_body([{"name": "log", "parameters": {"binary_data": True}}, {"name": "same"}])
     status, headers, raw = post(agent, "/v2/models/logm/infer", body)
     assert status == 200, raw
     head = int(headers["Inference-Header-Content-Length"])
