@@ -50,7 +50,43 @@ def shm_leftovers(before: set[str], server_pid: int | None = None) -> set[str]:
     return new - _shm_held_by_others(server_pid) if new else new
 
 
+# Ports handed to the processes the tests start, below the kernel's ephemeral range (32768 and
+# up on Linux): a port from bind(0) is an ephemeral one, which any outgoing connection of the
+# other pytest worker (a gRPC client, perf_analyzer) may take between this check and the
+# server's bind ("address already in use", seen with two workers). Each worker draws from its
+# own slice, in turn, so two calls never hand out the same port before the first is bound.
+_PORT_WINDOW = (20000, 32768)
+
+
+def _port_slice() -> range:
+    low, high = _PORT_WINDOW
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        high = min(high, ephemeral_low)
+    except (OSError, ValueError, IndexError):
+        pass
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker) if worker.isdigit() else 0
+    size = (high - low) // max(count, 1)
+    return range(low + index * size, low + (index + 1) * size)
+
+
+_ports = _port_slice()
+_next_port = [_ports.start + (os.getpid() * 7919) % max(len(_ports), 1)]
+
+
 def free_port() -> int:
+    """A loopback port nothing is bound to now, for a server a test starts."""
+    for _ in range(len(_ports)):
+        port = _next_port[0]
+        _next_port[0] = port + 1 if port + 1 < _ports.stop else _ports.start
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # a service's, or a server of ours still in TIME_WAIT
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
