@@ -113,14 +113,18 @@ class Sample:
 
 
 def proc_sample(pid: int) -> tuple[float, int, int]:
-    """(VmRSS in MiB, open file descriptors, threads) of a live process, from /proc."""
-    rss, threads = 0.0, 0
+    """(VmRSS in MiB, open file descriptors, threads) of a live process, from /proc. A process
+    that has exited but is not reaped yet (the hub being restarted) still has /proc/PID/status,
+    with no VmRSS line and no descriptors: ValueError, as for one that is gone."""
+    rss, threads = None, 0
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) / 1024
             elif line.startswith("Threads:"):
                 threads = int(line.split()[1])
+    if rss is None:
+        raise ValueError(f"process {pid} has exited")
     return rss, len(os.listdir(f"/proc/{pid}/fd")), threads
 
 
