@@ -44,6 +44,15 @@ from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 log = logging.getLogger("modelfleet.hub")
 
 
+class PeerGoneAtShutdown(logging.Filter):
+    """While the hub drains, a watch stream whose agent hung up at the same moment cannot send
+    its final status; gRPC logs that as an error with a traceback although nothing is lost
+    (the agent reconnects to the hub that comes next). Installed only once shutdown begins."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "ExecuteBatchError" not in record.getMessage()
+
+
 def tls_material(core: HubCore) -> tuple[bytes, bytes, bytes]:
     """(server key, server chain [leaf + CA], CA) for this start's hostnames."""
     from cryptography.hazmat.primitives import serialization
@@ -336,6 +345,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
         await stop.wait()
     finally:
         stopping = True
+        logging.getLogger("grpc._cython.cygrpc").addFilter(PeerGoneAtShutdown())
         log.info("shutting down: draining in-flight calls (up to %gs)", cfg.drain_timeout_s)
         notifier.stopping(f"stopping: draining in-flight calls (up to {cfg.drain_timeout_s:g}s)")
         # New calls are refused first, then the watch streams end: they would otherwise hold

@@ -193,3 +193,18 @@ def test_job_runs_are_typed_and_attributed_to_the_reporting_agent(tmp_path: Path
 
 async def _no_wake() -> None:
     pass
+
+
+def test_grpc_noise_of_a_peer_gone_at_shutdown_is_dropped_and_nothing_else() -> None:
+    """A watch stream whose agent hung up while the hub drained logged a gRPC traceback."""
+    import logging
+
+    from modelfleet.hub.app import PeerGoneAtShutdown
+
+    f = PeerGoneAtShutdown()
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, "x", 1, msg, (), None)
+
+    assert not f.filter(record("ExecuteBatchError raised in core by servicer method [/a/B]"))
+    assert f.filter(record("Unexpected [ValueError] raised by servicer method [/a/B]"))
