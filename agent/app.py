@@ -45,6 +45,8 @@ from modelfleet.agent.serving.security import (
 from modelfleet.agent.serving.shadow import ShadowRunner
 from modelfleet.agent.serving.shm import SharedMemoryRegistry
 from modelfleet.agent.slots import BatchingConfig, SlotManager
+from modelfleet.agent.telemetry import CounterStore
+from modelfleet.agent.workers import SERVING_CELLS_FILE, ServingWorkers
 from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import InvalidRequestError, ListenError
 from modelfleet.kernel.listen import check_listen
@@ -348,6 +350,10 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     ssl_context = server_ssl_context(tls_files) if cfg.http_listen and tls_files else None
     start_tracing(cfg)
     metrics = AgentMetrics()
+    if cfg.serving_workers > 1 and not cfg.hub:
+        # Workers count in slots of a shared file (fleet mode: the journal, attached later).
+        cfg.data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        metrics.telemetry.attach(CounterStore.create(cfg.data / SERVING_CELLS_FILE))
     slots = build_slots(cfg, metrics)
     drift = build_drift(cfg, slots)
     capture = build_capture(cfg, metrics)
@@ -366,6 +372,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     ready = False
     stopping = False
     source: Any = None
+    workers: ServingWorkers | None = None
     # Strong references: the event loop keeps only weak ones to tasks.
     background: set[asyncio.Task] = set()
 
@@ -421,6 +428,8 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         reload_logged(cfg, reload_config, RELOADABLE, log, applied)
         if token_check is not None:
             token_check.reload()
+        if workers is not None:
+            workers.sighup()
         if ready:
             notifier.ready(shown)
 
@@ -446,6 +455,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         [token_check] if token_check else [],
         control,
         shm,
+        reuse_port=cfg.serving_workers > 1,
     )
     await server.start()
     bound = f"{cfg.listen.rpartition(':')[0]}:{port}"
@@ -520,6 +530,20 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         # Load what is on disk before declaring readiness; readiness means "can serve now".
         await source.sync_once()
         mode = f"standalone, repository {cfg.models}"
+    if cfg.serving_workers > 1:
+        workers = ServingWorkers(cfg, bound, slots, control, cfg.serving_workers)
+        slots.replicas = workers
+        slots.listeners.append(workers.publish)
+        metrics.processes = workers.shares
+        notifier.status(f"starting: {cfg.serving_workers - 1} serving worker(s)")
+        await workers.start()
+        log.info(
+            "%d processes answer inference on %s (this one and %d worker(s), pids %s)",
+            cfg.serving_workers,
+            bound,
+            cfg.serving_workers - 1,
+            ", ".join(str(p) for p in workers.pids()) or "none yet",
+        )
     await health.refresh()
     # Started (systemd READY=1 below): the line says whether it can serve, as `status` does.
     logged_ready = slots.all_ready()
@@ -551,10 +575,12 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         health.draining = True
         await health.refresh()
         notifier.stopping(f"stopping: draining in-flight requests (up to {cfg.drain_timeout_s:g}s)")
-        # Both inference ports drain at once; HTTP's grace is drain_timeout_s too.
+        # Both inference ports drain at once, and the serving workers with them; HTTP's grace
+        # is drain_timeout_s too.
         await asyncio.gather(
             server.stop(grace=cfg.drain_timeout_s),
             http.stop() if http is not None else asyncio.sleep(0),
+            workers.stop(cfg.drain_timeout_s) if workers is not None else asyncio.sleep(0),
         )
         if drift_task is not None:
             # The drained requests' window is closed now, so the final report carries it.

@@ -206,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--serving-threads", type=int, help="threads running inference (default: 2)")
     serve.add_argument(
+        "--serving-workers",
+        type=int,
+        help="processes answering gRPC inference on the port, this one included (default: 1)",
+    )
+    serve.add_argument(
         "--intra-op-threads",
         type=int,
         help="onnxruntime threads inside one operator (default: 0, onnxruntime chooses)",
@@ -543,6 +548,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "admin_socket": args.admin_socket,
         "poll_interval_s": args.poll_interval_s,
         "serving_threads": args.serving_threads,
+        "serving_workers": args.serving_workers,
         "intra_op_threads": args.intra_op_threads,
         "inter_op_threads": args.inter_op_threads,
         "device": args.device,

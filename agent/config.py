@@ -57,6 +57,9 @@ class ServeConfig:
     poll_interval_s: float = 1.0
     # Threads that run inference (onnxruntime releases the GIL while computing).
     serving_threads: int = 2
+    # Processes that answer gRPC inference on `listen` (agent/workers.py): this one and N-1
+    # workers sharing the port (SO_REUSEPORT).
+    serving_workers: int = 1
     # onnxruntime threads per session; 0 lets onnxruntime choose.
     intra_op_threads: int = 0
     inter_op_threads: int = 0
@@ -323,6 +326,8 @@ def validate(cfg: ServeConfig) -> None:
     if cfg.device not in ("cpu", "cuda", "auto"):
         raise InvalidRequestError(f"config: device must be cpu, cuda or auto, not {cfg.device!r}")
     _validate_providers(cfg)
+    if not 1 <= cfg.serving_workers <= 64:
+        raise InvalidRequestError("config: serving_workers must be between 1 and 64")
     for name in ("serving_threads", "batch_inflight", "batch_threads", "shadow_workers"):
         if getattr(cfg, name) < 1:
             raise InvalidRequestError(f"config: {name} must be >= 1")

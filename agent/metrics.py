@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import accumulate
 
 from prometheus_client import (
@@ -12,7 +12,12 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -34,11 +39,24 @@ _LATENCY_BUCKETS, _BATCH_BUCKETS = LATENCY_BUCKETS, BATCH_BUCKETS
 
 
 class AgentMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        telemetry: TelemetryAggregator | None = None,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         # Per version counters for the hub (fleet mode reports them; standalone just counts).
-        self.telemetry = TelemetryAggregator()
+        self.telemetry = telemetry or TelemetryAggregator()
         r = self.registry
+        # With serving workers (agent/workers.py): (process, pid, requests) for each serving
+        # process, the leader first; set by the agent, read at scrape time.
+        self.processes: Callable[[], list[tuple[int, int | None, int]]] | None = None
+        r.register(ProcessesCollector(self))
+        self.worker_restarts = Counter(
+            "modelfleet_serving_worker_restarts_total",
+            "Serving worker processes started again after they exited.",
+            registry=r,
+        )
         # Requests and their latency histograms are counted once, in the telemetry cells the
         # fleet reports come from; /metrics reads them at scrape time (ServingCollector). A
         # prometheus_client observe per histogram per request was the largest share of the
@@ -262,6 +280,47 @@ _BATCH_LE = [floatToGoString(float(b)) for b in BATCH_BUCKETS] + ["+Inf"]
 
 def _cumulative(le: list[str], counts: list[int]) -> list[tuple[str, float]]:
     return list(zip(le, accumulate(counts), strict=True))
+
+
+def resident_bytes(pid: int) -> int | None:
+    """A process's resident memory from /proc (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class ProcessesCollector(Collector):
+    """Each serving process's share of the requests and its memory (serving_workers > 1)."""
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        processes = self.metrics.processes
+        if processes is None:
+            return
+        requests = CounterMetricFamily(
+            "modelfleet_serving_process_requests",
+            "Inference requests each serving process answered (0 is the agent's main process).",
+            labels=["process"],
+        )
+        memory = GaugeMetricFamily(
+            "modelfleet_serving_process_resident_bytes",
+            "Resident memory of each serving process (0 is the agent's main process).",
+            labels=["process"],
+        )
+        for index, pid, count in processes():
+            requests.add_metric([str(index)], count)
+            rss = resident_bytes(pid) if pid is not None else None
+            if rss is not None:
+                memory.add_metric([str(index)], rss)
+        yield requests
+        yield memory
 
 
 class ServingCollector(Collector):

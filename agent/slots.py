@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -95,6 +96,8 @@ class LoadedVersion:
         self.name = bundle.name
         self.version = bundle.version
         self.loaded_at = time.time()
+        # The health gate's verdict; serving workers take the same serving path from it.
+        self.gate = gate
         self.stats = VersionStats()
         # Every request of this version counts here, and /metrics reads it (agent/metrics.py).
         self.telemetry = metrics.serving(self.name, self.version)
@@ -200,6 +203,16 @@ class ModelStatus:
 ChangeListener = Callable[[str], None]
 
 
+class Replicas(Protocol):
+    """Other processes that serve what this one serves (agent/workers.py)."""
+
+    async def prepare(self, candidate: LoadedVersion) -> None:
+        """Load and check ``candidate`` everywhere before it may serve; raises on refusal."""
+
+    async def commit(self, name: str, version: int) -> None:
+        """After a switch here: the same switch everywhere."""
+
+
 class SlotManager:
     """All models the agent knows, and the only place that changes what serves."""
 
@@ -229,6 +242,8 @@ class SlotManager:
         # Called on the loader thread for every version that passed its gate, before it can
         # serve: the drift monitor gives it a sampler (agent/serving/drift.py).
         self.drift_attach: Callable[[LoadedVersion], None] | None = None
+        # Serving workers: a version serves only once every process has it (two phases).
+        self.replicas: Replicas | None = None
 
     # -- lookups on the request path ------------------------------------------------------------
 
@@ -307,6 +322,8 @@ class SlotManager:
             if slot.previous is not None and slot.previous.version == bundle.version:
                 if switch:
                     self._switch(slot, slot.previous, rollback=False)
+                    if self.replicas is not None:
+                        await self.replicas.commit(slot.name, bundle.version)
                 return GateResult(bundle.version, True, "", "ok", None, self.clock())
             # At most two versions loaded: the rollback target makes room for the candidate,
             # and is loaded back (from its bundle, through the gate) if the candidate fails.
@@ -327,6 +344,20 @@ class SlotManager:
                     kind = "provider"
                 result = GateResult(bundle.version, False, str(exc), kind, None, self.clock())
                 candidate = None
+                if candidate is not None and result.passed and self.replicas is not None:
+                    try:
+                        await self.replicas.prepare(candidate)
+                    except ModelfleetError as exc:
+                        result = GateResult(
+                            bundle.version,
+                            False,
+                            str(exc),
+                            "worker",
+                            result.p99_ms,
+                            self.clock(),
+                            result.min_ms,
+                        )
+                        candidate = None
             finally:
                 slot.loading = None
             slot.last_gate = result
@@ -359,8 +390,12 @@ class SlotManager:
                     slot.active.version,
                 )
                 self._notify(slot.name)
+                if self.replicas is not None:
+                    await self.replicas.commit(slot.name, bundle.version)
                 return result
             self._switch(slot, candidate, rollback=False)
+            if self.replicas is not None:
+                await self.replicas.commit(slot.name, bundle.version)
             log.info(
                 "model %s version %d passed the gate on %s (p99 %.3f ms, fastest %.3f ms; "
                 "serves %s) and is active",
@@ -396,6 +431,12 @@ class SlotManager:
                 result.reason,
             )
             return
+        if self.replicas is not None:
+            try:
+                await self.replicas.prepare(restored)
+            except ModelfleetError as exc:
+                log.warning("model %s: no rollback target: %s", slot.name, exc)
+                return
         if slot.active is None or slot.active.version != bundle.version:
             slot.previous = restored
             self._publish_roles(slot)

@@ -128,6 +128,20 @@ class CounterStore:
         return store
 
     @classmethod
+    def map(cls, path: Path) -> CounterStore:
+        """Another process's store, to count in the slots it gives out (a serving worker's view
+        of the journal). Never set aside or extended: the owner does that."""
+        with open(path, "r+b") as f:
+            head = f.read(48)
+            magic, _ident, _created, _alive, _used, capacity = (
+                struct.unpack("<6q", head) if len(head) == 48 else (0,) * 6
+            )
+            if magic != _MAGIC:
+                raise OSError(f"{path} is not a telemetry store")
+            mm = mmap.mmap(f.fileno(), capacity * SLOT_CELLS * 8, mmap.MAP_SHARED)
+        return cls(mm, path)
+
+    @classmethod
     def open(cls, path: Path) -> CounterStore | None:
         """The journal at ``path``, or None if there is none or it is not one (set aside)."""
         try:
@@ -358,14 +372,18 @@ class Totals:
 def totals(c: VersionCounters) -> Totals:
     """Read from any thread: each cell is read whole; cells only grow, so a scrape that races
     a request sees it in some series and not yet in others, as with any Prometheus client."""
-    row = c.cells[c.base + COUNTERS : c.base + SLOT_CELLS].tolist()
+    return _totals_at(c.cells, c.base, c.reasons.copy())  # the event loop may add a reason
+
+
+def _totals_at(cells: memoryview, base: int, reasons: dict[str, int]) -> Totals:
+    row = cells[base + COUNTERS : base + SLOT_CELLS].tolist()
 
     def hist(at: int, bounds: tuple[float, ...], scale: float) -> tuple[list[int], float]:
         i = at - COUNTERS
         return row[i : i + len(bounds) + 1], row[i + len(bounds) + 1] * scale
 
     failures: dict[str, int] = {}
-    for name, index in c.reasons.copy().items():  # the event loop may add one meanwhile
+    for name, index in reasons.items():
         n = row[_REASONS - COUNTERS + index]
         if n:
             label = OTHER_REASON if index == REASON_SLOTS - 1 else name
@@ -378,6 +396,46 @@ def totals(c: VersionCounters) -> Totals:
         compute=hist(_COMPUTE_H, LATENCY_BOUNDS, 1e-9),
         batch=hist(_BATCH_H, BATCH_BOUNDS, 1.0),
     )
+
+
+def _sum_totals(a: Totals, b: Totals) -> Totals:
+    def hist(x: tuple[list[int], float], y: tuple[list[int], float]) -> tuple[list[int], float]:
+        return [i + j for i, j in zip(x[0], y[0], strict=True)], x[1] + y[1]
+
+    failures = dict(a.failures)
+    for name, n in b.failures.items():
+        failures[name] = failures.get(name, 0) + n
+    return Totals(
+        successes=a.successes + b.successes,
+        failures=failures,
+        request=hist(a.request, b.request),
+        queue=hist(a.queue, b.queue),
+        compute=hist(a.compute, b.compute),
+        batch=hist(a.batch, b.batch),
+    )
+
+
+def _reason_indexes(names: list[str]) -> dict[str, int]:
+    return {name: i for i, name in enumerate(names) if name}
+
+
+def merge_version_telemetry(into: pb.VersionTelemetry, other: pb.VersionTelemetry) -> None:
+    """Add ``other`` (the same version counted by another serving process) to ``into``."""
+    into.requests += other.requests
+    into.failures += other.failures
+    for name, n in other.failures_by_reason.items():
+        into.failures_by_reason[name] = into.failures_by_reason.get(name, 0) + n
+    for field_name in ("request_latency", "queue_latency", "compute_latency", "batch_size"):
+        mine, theirs = getattr(into, field_name), getattr(other, field_name)
+        counts = [i + j for i, j in zip(mine.counts, theirs.counts, strict=True)]
+        del mine.counts[:]
+        mine.counts.extend(counts)
+        mine.sum += theirs.sum
+        mine.count += theirs.count
+    into.gate_passed += other.gate_passed
+    into.gate_failed += other.gate_failed
+    into.swaps += other.swaps
+    into.rollbacks += other.rollbacks
 
 
 # -- shadow comparisons: per (model, primary version, shadow version), one row per output -------
@@ -603,11 +661,18 @@ def recovered_report(store: CounterStore, mark: JournalMark | None) -> pb.Teleme
             "since its last flush to disk are lost"
         )
         delta = np.maximum(delta, 0)
-    versions = [
-        version_telemetry(*store.describe(slot + 1), delta[slot])
-        for slot in range(len(delta))
-        if delta[slot].any()
-    ]
+    # Serving processes count one version in slots of their own: one entry per version.
+    merged: dict[tuple[str, int], pb.VersionTelemetry] = {}
+    for slot in range(len(delta)):
+        if not delta[slot].any():
+            continue
+        entry = version_telemetry(*store.describe(slot + 1), delta[slot])
+        key = (entry.model, entry.version)
+        if key in merged:
+            merge_version_telemetry(merged[key], entry)
+        else:
+            merged[key] = entry
+    versions = list(merged.values())
     if not versions:
         return None
     start = mark.end_unix if same and mark is not None else store.created_unix
@@ -642,6 +707,27 @@ class TelemetryAggregator:
         # Closed drift windows waiting for the next cut (agent/serving/drift.py), oldest first;
         # a commit removes those its report carried. Bounded: a standalone agent never cuts.
         self._drift: list[tuple[str, int, pb.DriftReport]] = []
+        # (model, version) -> first cells of the slots other serving processes count that
+        # version in (agent/workers.py); cut, totals and recovery add them to this entry.
+        self._siblings: dict[tuple[str, int], list[int]] = {}
+
+    def sibling(self, model: str, version: int) -> int | None:
+        """A slot of the store for another serving process to count (model, version) in, its
+        first cell; None when the store is full or not shared (that process counts in memory
+        only, and a warning says so)."""
+        self.version(model, version)  # the entry the slot is summed into
+        with self._lock:
+            base = self.store.allocate(model, version) if self.store.path is not None else None
+            if base is None:
+                log.warning(
+                    "no shared telemetry slot for %s v%d in a serving worker: its requests of "
+                    "that version are not in reports or /metrics until the agent restarts",
+                    model,
+                    version,
+                )
+                return None
+            self._siblings.setdefault((model, version), []).append(base)
+            return base
 
     def shadow(
         self, model: str, version: int, shadow_version: int, outputs: list[str]
@@ -699,11 +785,19 @@ class TelemetryAggregator:
         with self._lock:
             old = {id(s): (s, s.unreported(s.counters())) for s in self._stores()}
             adopted: dict[tuple[str, int], VersionCounters] = {}
+            siblings: dict[tuple[str, int], list[int]] = {}
             for slot in range(1, store.used):
                 model, version, names = store.describe(slot)
                 c = VersionCounters(model, version, store, slot * SLOT_CELLS)
-                c.reasons = {n: i for i, n in enumerate(names) if n}
-                adopted.setdefault((model, version), c)
+                c.reasons = _reason_indexes(names)
+                if (model, version) in adopted:
+                    # A serving worker's slot (this process always allocates its own first).
+                    siblings.setdefault((model, version), []).append(c.base)
+                else:
+                    adopted[(model, version)] = c
+            if self._siblings:
+                raise RuntimeError("attach() after serving workers got slots: start them after")
+            self._siblings = siblings
             moving = list(self._versions.items())
             self.store, self._overflow = store, None
             self._versions = adopted
@@ -732,7 +826,29 @@ class TelemetryAggregator:
         under the lock :meth:`attach` holds while it moves counters and closes the store they
         were in, so a scrape never reads a half-moved count or a closed store."""
         with self._lock:
-            return [(c, totals(c)) for c in self._versions.values() if keep(c.model, c.version)]
+            out = []
+            for c in self._versions.values():
+                if not keep(c.model, c.version):
+                    continue
+                sums = totals(c)
+                for base in self._siblings.get((c.model, c.version), ()):
+                    sums = _sum_totals(sums, self._sibling_totals(base))
+                out.append((c, sums))
+            return out
+
+    def _sibling_totals(self, base: int) -> Totals:
+        names = self.store.describe(base // SLOT_CELLS)[2]
+        return _totals_at(self.store.cells, base, _reason_indexes(names))
+
+    def own_requests(self) -> int:
+        """Requests this process counted (its share of the serving processes' traffic)."""
+        with self._lock:
+            return sum(c.cells[c.base + _REQUESTS] for c in self._versions.values())
+
+    def requests_in(self, bases: Iterable[int]) -> int:
+        """Requests counted in these sibling slots (one worker's share)."""
+        with self._lock:
+            return sum(self.store.cells[b + _REQUESTS] for b in bases)
 
     # -- hooks that have no LoadedVersion at hand (event loop) ----------------------------------
 
@@ -788,7 +904,9 @@ class TelemetryAggregator:
             entries = sorted(self._versions.items())
             stores = self._stores()
             current = [s.counters() for s in stores]
+            siblings = {k: list(v) for k, v in self._siblings.items()}
         deltas = {id(s): s.unreported(cur) for s, cur in zip(stores, current, strict=True)}
+        shared = deltas[id(self.store)]
         with self._lock:
             shadows = sorted(self._shadow.items())
         shadow_rows = {k: c.snapshot() for k, c in shadows}
@@ -802,8 +920,15 @@ class TelemetryAggregator:
         versions = []
         for key, c in entries:
             row = deltas[id(c.store)][c.base // SLOT_CELLS - 1]
-            if key in serving or row.any() or key in by_version or key in drift_by_version:
+            others = [(b, shared[b // SLOT_CELLS - 1]) for b in siblings.get(key, ())]
+            counted = row.any() or any(r.any() for _, r in others)
+            if key in serving or counted or key in by_version or key in drift_by_version:
                 msg = version_telemetry(c.model, c.version, c.reason_names(), row)
+                for b, r in others:
+                    if r.any():
+                        names = self.store.describe(b // SLOT_CELLS)[2]
+                        theirs = version_telemetry(c.model, c.version, names, r)
+                        merge_version_telemetry(msg, theirs)
                 msg.arm = arms.get(key, "")
                 msg.shadow.extend(by_version.get(key, ()))
                 msg.drift.extend(drift_by_version.get(key, ()))
@@ -870,5 +995,6 @@ __all__ = [
     "ShadowCells",
     "TelemetryAggregator",
     "VersionCounters",
+    "merge_version_telemetry",
     "recovered_report",
 ]

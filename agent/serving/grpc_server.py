@@ -542,9 +542,18 @@ def build_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     control: ModelControl | None = None,
     shm: SharedMemoryRegistry | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
-    """The inference server; plaintext unless ``credentials`` (see agent.serving.security)."""
-    server = grpc.aio.server(options=server_options(max_message_bytes), interceptors=interceptors)
+    """The inference server; plaintext unless ``credentials`` (see agent.serving.security).
+
+    ``reuse_port``: the port is shared with the agent's serving workers (agent/workers.py);
+    otherwise a second server on a busy port fails to bind.
+    """
+    options = server_options(max_message_bytes)
+    if reuse_port:
+        options = [o for o in options if o[0] != "grpc.so_reuseport"] + [("grpc.so_reuseport", 1)]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(slots, dataplane, control, shm), server
     )

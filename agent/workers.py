@@ -1,0 +1,722 @@
+"""Serving workers: more processes answering inference on the agent's gRPC port.
+
+Why: the interpreter work per request (decode, validate, account, encode) runs under one GIL,
+so at high concurrency one process's core is the limit, however many cores the node has. With
+``serving_workers = N`` the agent runs N-1 worker processes beside itself; all of them bind the
+gRPC inference port with ``SO_REUSEPORT`` and the kernel spreads *connections* over them (one
+connection stays with one process: a client needs several connections to use several workers).
+
+The process systemd started (the *leader*) keeps everything else: the hub link or the repository
+watcher, the admin socket, HTTP, /metrics, shadow runs, capture and drift (those sample the
+leader's share of the connections). Workers mirror what it serves:
+
+- **State.** After every change of what serves, the leader sends each worker the whole serving
+  state: per model the active and previous versions (bundle folder, model digest, the leader's
+  gate verdict) and the comparison. A worker loads what it lacks, switches, drops the rest, and
+  answers. States are full snapshots applied in order, so a lost or late one is repaired by the
+  next.
+- **Two phases.** A version that is about to serve is first *prepared* everywhere: each worker
+  loads it from the same bundle folder, checks that the files still match the digests the
+  leader verified, and runs the health samples through its own session. Only when every live
+  worker has it does the leader switch, and the switch it then sends is a pointer change in each
+  worker. One worker's refusal refuses the version on every process; the old one keeps serving.
+- **Telemetry.** Every worker counts into slots of the leader's journal (one writer per slot,
+  given out by the leader), so hub reports, the canary judge, /metrics and the crash recovery of
+  counts include every process's requests.
+- **Liveness.** A worker dies with the leader (``PR_SET_PDEATHSIG`` and the end of its pipe). A
+  worker that dies is started again after a pause, and loads the current state before it binds,
+  so it never answers with a version the others no longer serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelfleet.agent.gate import GateResult, check_outputs
+from modelfleet.agent.repository import ModelControl
+from modelfleet.agent.serving.routing import Comparison
+from modelfleet.agent.telemetry import UNKNOWN_MODEL, CounterStore, TelemetryAggregator
+from modelfleet.kernel.errors import BundleError, GateFailedError, ModelfleetError, Status
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+    from modelfleet.agent.config import ServeConfig
+    from modelfleet.agent.slots import LoadedVersion, SlotManager
+
+log = logging.getLogger("modelfleet.agent.workers")
+
+# The file serving processes count in when the agent is standalone (fleet mode: the journal).
+SERVING_CELLS_FILE = "serving-cells"
+# A worker's start: an interpreter, the imports, then every served version loaded and checked.
+START_TIMEOUT_S = 600.0
+# Preparing a version (load and health samples) in every worker; a big model on a busy node.
+PREPARE_TIMEOUT_S = 600.0
+# A state that only moves pointers.
+SWITCH_TIMEOUT_S = 30.0
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    name: str
+    version: int
+    path: str
+    model_sha256: str
+    # The leader's gate verdict: workers take the same serving path (inline, batched) from it.
+    gate: GateResult | None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    active: int | None
+    previous: int | None
+    comparison: Comparison | None
+
+
+@dataclass
+class WorkerState:
+    """What one worker is to serve, and where it counts."""
+
+    seq: int
+    versions: list[VersionSpec]
+    models: list[ModelSpec]
+    unloaded: dict[str, str]
+    # (model, version) -> first cell of this worker's slot in the shared store.
+    counters: dict[tuple[str, int], int]
+
+
+class WorkerRefusedError(GateFailedError):
+    reason = "worker"
+
+
+# -- the leader's side ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: BaseProcess | None = None
+    conn: Connection | None = None
+    ready: bool = False
+    restarts: int = 0
+    started_at: float = 0.0
+    counters: dict[tuple[str, int], int] = field(default_factory=dict)
+    acks: dict[int, asyncio.Future[str]] = field(default_factory=dict)
+    # Resolved when the worker first answers (or first fails to start): start() waits on it.
+    first_start: asyncio.Future[None] | None = None
+
+
+class ServingWorkers:
+    """The leader's handle on its worker processes (``count`` - 1 of them)."""
+
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        listen: str,
+        slots: SlotManager,
+        control: ModelControl,
+        count: int,
+    ) -> None:
+        self.cfg = cfg
+        self.listen = listen
+        self.slots = slots
+        self.control = control
+        self.telemetry: TelemetryAggregator = slots.metrics.telemetry
+        self.workers = [_Worker(k) for k in range(1, count)]
+        self._seq = 0
+        # Versions being prepared: part of every state sent until switched to or given up.
+        self._staged: dict[tuple[str, int], VersionSpec] = {}
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._publish_pending = False
+        self._ctx = multiprocessing.get_context("spawn")
+        # Blocking pipe reads, one thread per worker, apart from the loop's default executor.
+        self._readers = ThreadPoolExecutor(max(1, len(self.workers)), "worker-pipe")
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _spec(self, v: LoadedVersion) -> VersionSpec:
+        return VersionSpec(v.name, v.version, str(v.bundle.path), v.manifest.model_sha256, v.gate)
+
+    def _counters(self, w: _Worker, keys: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        for key in keys:
+            if key not in w.counters:
+                base = self.telemetry.sibling(*key)
+                if base is not None:
+                    w.counters[key] = base
+        return dict(w.counters)
+
+    def _state(self, w: _Worker) -> WorkerState:
+        versions: dict[tuple[str, int], VersionSpec] = {}
+        models = []
+        for slot in self.slots.slots.values():
+            for v in slot.loaded():
+                versions[(v.name, v.version)] = self._spec(v)
+            models.append(
+                ModelSpec(
+                    slot.name,
+                    slot.active.version if slot.active else None,
+                    slot.previous.version if slot.previous else None,
+                    slot.comparison,
+                )
+            )
+        for key, spec in self._staged.items():
+            versions.setdefault(key, spec)
+        keys = [(UNKNOWN_MODEL, 0), *((m.name, 0) for m in models), *versions]
+        self._seq += 1
+        return WorkerState(
+            self._seq,
+            list(versions.values()),
+            models,
+            dict(self.slots.unloaded),
+            self._counters(w, keys),
+        )
+
+    async def _send(self, timeout_s: float) -> list[tuple[_Worker, str]]:
+        """The current state to every live worker; (worker, refusal) for each that refused."""
+        loop = asyncio.get_running_loop()
+        waits = []
+        for w in self.workers:
+            if not w.ready or w.conn is None:
+                continue  # a worker starting loads the state it is sent when it is ready
+            state = self._state(w)
+            fut: asyncio.Future[str] = loop.create_future()
+            w.acks[state.seq] = fut
+            try:
+                w.conn.send(("state", state))
+            except OSError:
+                w.acks.pop(state.seq, None)
+                continue  # it died: its monitor starts it again
+            waits.append((w, fut))
+        refused = []
+        for w, fut in waits:
+            try:
+                error = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+            except TimeoutError:
+                error = f"no answer within {timeout_s:g}s"
+            except EOFError:
+                continue  # died meanwhile; it will load the state when it is back
+            if error:
+                refused.append((w, error))
+        return refused
+
+    async def prepare(self, candidate: LoadedVersion) -> None:
+        """Load and check ``candidate`` in every live worker; raises if any refuses it."""
+        if not self.workers:
+            return
+        key = (candidate.name, candidate.version)
+        self._staged[key] = self._spec(candidate)
+        try:
+            refused = await self._send(PREPARE_TIMEOUT_S)
+        except BaseException:
+            self._staged.pop(key, None)
+            raise
+        if refused:
+            self._staged.pop(key, None)
+            self.publish()  # the workers that did load it drop it
+            words = "; ".join(f"worker {w.index}: {error}" for w, error in refused)
+            raise WorkerRefusedError(
+                f"model {candidate.name!r} version {candidate.version} refused by serving "
+                f"worker(s): {words}; the version in use keeps serving on every process"
+            )
+
+    async def commit(self, name: str, version: int) -> None:
+        """After the leader switched: every live worker switches too; waits for them."""
+        self._staged.pop((name, version), None)
+        refused = await self._send(SWITCH_TIMEOUT_S)
+        for w, error in refused:
+            log.error("serving worker %d did not take the new state: %s", w.index, error)
+
+    def publish(self, _name: str = "") -> None:
+        """Send the state after a change made without waiting (rollback, unload, comparison);
+        a slot listener, so several changes in one loop turn send one state."""
+        if self._publish_pending or self._stopping:
+            return
+        self._publish_pending = True
+
+        async def send() -> None:
+            self._publish_pending = False
+            for w, error in await self._send(PREPARE_TIMEOUT_S):
+                log.error("serving worker %d did not take the new state: %s", w.index, error)
+
+        self._spawn_task(send())
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- processes -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every worker; returns once each is serving (or has failed to start)."""
+        loop = asyncio.get_running_loop()
+        for w in self.workers:
+            w.first_start = loop.create_future()
+            self._spawn_task(self._run(w))
+        await asyncio.gather(*(w.first_start for w in self.workers if w.first_start))
+
+    def _spawn(self, w: _Worker) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        w.process = self._ctx.Process(
+            target=worker_main,
+            args=(
+                self.cfg,
+                w.index,
+                self.listen,
+                self._state_path(),
+                self.control.available,
+                child,
+            ),
+            name=f"modelfleet-serving-worker-{w.index}",
+        )
+        w.process.start()
+        child.close()
+        w.conn, w.ready, w.started_at = parent, False, time.monotonic()
+
+    def _state_path(self) -> str:
+        path = self.telemetry.store.path
+        if path is None:  # pragma: no cover - app.py gives workers a shared store
+            raise RuntimeError("serving workers need a file-backed telemetry store")
+        return str(path)
+
+    async def _run(self, w: _Worker) -> None:
+        """One worker's life: start, send it the state, relay its messages; start it again
+        when it dies, until the agent stops."""
+        attempt = 0
+        while not self._stopping:
+            self._spawn(w)
+            assert w.conn is not None and w.process is not None
+            w.conn.send(("state", self._state(w)))
+            reason = await self._relay(w)
+            w.ready = False
+            for fut in w.acks.values():
+                if not fut.done():
+                    fut.set_exception(EOFError())
+            w.acks.clear()
+            proc = w.process
+            await asyncio.to_thread(proc.join, 5.0)
+            if w.first_start is not None and not w.first_start.done():
+                w.first_start.set_result(None)
+            if self._stopping:
+                return
+            code = proc.exitcode
+            attempt = 0 if time.monotonic() - w.started_at > 60 else attempt + 1
+            pause = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+            w.restarts += 1
+            self.slots.metrics.worker_restarts.inc()
+            log.error(
+                "serving worker %d (pid %s) exited (%s, exit code %s); starting it again in %gs",
+                w.index,
+                proc.pid,
+                reason,
+                code,
+                pause,
+            )
+            await asyncio.sleep(pause)
+
+    async def _relay(self, w: _Worker) -> str:
+        """Messages from one worker until its pipe ends; returns why it ended."""
+        assert w.conn is not None
+        conn = w.conn
+        while True:
+            try:
+                msg = await asyncio.get_running_loop().run_in_executor(self._readers, _recv, conn)
+            except (EOFError, OSError):
+                return "its pipe closed"
+            kind = msg[0]
+            if kind == "ready":
+                w.ready = True
+                log.info("serving worker %d (pid %d) answers on %s", w.index, msg[1], self.listen)
+                if w.first_start is not None and not w.first_start.done():
+                    w.first_start.set_result(None)
+                # What changed while it started (it had the state of its start).
+                self.publish()
+            elif kind == "ack":
+                fut = w.acks.pop(msg[1], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg[2])
+                elif msg[2]:
+                    log.error("serving worker %d: %s", w.index, msg[2])
+            elif kind == "control":
+                self._spawn_task(self._control(w, *msg[1:]))
+            elif kind == "fatal":
+                return msg[1]
+
+    async def _control(self, w: _Worker, ident: int, verb: str, name: str, params: Any) -> None:
+        """Model control asked of a worker: done here, where the repository watcher is."""
+        try:
+            if verb == "load":
+                await self.control.load(name, params)
+            else:
+                await self.control.unload(name)
+            answer: tuple[str, str, str] | None = None
+        except ModelfleetError as exc:
+            answer = (exc.status.value, exc.reason, exc.message)
+        if w.conn is not None:
+            with contextlib.suppress(OSError):
+                w.conn.send(("control", ident, answer))
+
+    def sighup(self) -> None:
+        for w in self.workers:
+            if w.process is not None and w.process.pid is not None and w.process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.process.pid, signal.SIGHUP)
+
+    def pids(self) -> list[int]:
+        return [
+            w.process.pid
+            for w in self.workers
+            if w.process is not None and w.process.pid is not None and w.process.is_alive()
+        ]
+
+    def shares(self) -> list[tuple[int, int | None, int]]:
+        """(process index, pid, requests counted) for the leader (0) and every worker."""
+        out: list[tuple[int, int | None, int]] = [(0, os.getpid(), self.telemetry.own_requests())]
+        for w in self.workers:
+            pid = w.process.pid if w.process is not None and w.process.is_alive() else None
+            out.append((w.index, pid, self.telemetry.requests_in(w.counters.values())))
+        return out
+
+    async def stop(self, grace: float) -> None:
+        """Drain every worker (as the leader drains), then make sure each is gone."""
+        self._stopping = True
+        for w in self.workers:
+            if w.conn is not None:
+                with contextlib.suppress(OSError):
+                    w.conn.send(("stop", grace))
+
+        def reap(proc: BaseProcess) -> None:
+            proc.join(grace + 10.0)
+            if proc.is_alive():
+                log.error("serving worker pid %s did not stop: killed", proc.pid)
+                proc.kill()
+                proc.join(5.0)
+
+        await asyncio.gather(
+            *(asyncio.to_thread(reap, w.process) for w in self.workers if w.process is not None)
+        )
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for w in self.workers:
+            if w.conn is not None:
+                w.conn.close()
+        self._readers.shutdown(wait=False, cancel_futures=True)
+
+
+def _recv(conn: Connection) -> Any:
+    return conn.recv()
+
+
+# -- the worker's side ----------------------------------------------------------------------------
+
+
+class _WorkerTelemetry(TelemetryAggregator):
+    """Counts in the slots the leader gave this worker; anything else in memory only."""
+
+    def __init__(self, store: CounterStore) -> None:
+        super().__init__(store=store)
+        self.assigned: dict[tuple[str, int], int] = {}
+
+    def _allocate(self, model: str, version: int) -> tuple[CounterStore, int]:
+        base = self.assigned.get((model, version))
+        if base is not None:
+            return self.store, base
+        if self._overflow is None:
+            self._overflow = CounterStore.memory()
+        base = self._overflow.allocate(model, version)
+        if base is None:
+            raise RuntimeError("more than 4096 unshared model versions in one serving worker")
+        return self._overflow, base
+
+    def gate(self, model: str, version: int, passed: bool) -> None:
+        """The leader counts gate verdicts and switches once for all processes."""
+
+    def switched(self, model: str, version: int, *, rollback: bool) -> None:
+        pass
+
+
+class _ForwardedError(ModelfleetError):
+    def __init__(self, status: str, reason: str, message: str) -> None:
+        super().__init__(message, reason=reason)
+        self.status = Status(status)
+
+
+class _ForwardedControl(ModelControl):
+    """Model control on a worker: the leader does it (it owns the repository watcher)."""
+
+    def __init__(self, available: bool, conn: Connection) -> None:
+        super().__init__(None, "", enabled=False)
+        self._available = available
+        self._conn = conn
+        self._ids = 0
+        self.answers: dict[int, asyncio.Future[tuple[str, str, str] | None]] = {}
+
+    @property
+    def available(self) -> bool:
+        return self._available
+
+    async def _ask(self, verb: str, name: str, params: Any) -> None:
+        self._ids += 1
+        fut: asyncio.Future[tuple[str, str, str] | None]
+        fut = asyncio.get_running_loop().create_future()
+        self.answers[self._ids] = fut
+        self._conn.send(("control", self._ids, verb, name, params))
+        answer = await fut
+        if answer is not None:
+            raise _ForwardedError(*answer)
+
+    async def load(self, name: str, parameters: dict[str, object]) -> None:
+        await self._ask("load", name, parameters)
+
+    async def unload(self, name: str) -> None:
+        await self._ask("unload", name, None)
+
+
+def _worker_comparison(c: Comparison | None) -> Comparison | None:
+    """Shadow copies are the leader's: its shadow cells are the ones reported."""
+    if c is None or not c.shadow_bp:
+        return c
+    c = dataclasses.replace(c, shadow_bp=0)
+    return c if c.active else None
+
+
+class _Mirror:
+    """Applies the leader's states to this worker's slots."""
+
+    def __init__(self, slots: SlotManager, telemetry: _WorkerTelemetry) -> None:
+        self.slots = slots
+        self.telemetry = telemetry
+        self.loaded: dict[tuple[str, int], LoadedVersion] = {}
+
+    def _load(self, spec: VersionSpec) -> LoadedVersion:
+        """Runs on the loader thread: the bundle the leader verified, checked again here."""
+        from modelfleet.agent.slots import LoadedVersion
+        from modelfleet.kernel.bundle import load_bundle
+        from modelfleet.kernel.runtime import OnnxModel
+
+        bundle = load_bundle(spec.path)
+        if (bundle.name, bundle.version) != (spec.name, spec.version) or (
+            bundle.manifest.model_sha256 != spec.model_sha256
+        ):
+            raise BundleError(
+                f"{spec.path} changed after the leader loaded it (it verified {spec.name!r} "
+                f"version {spec.version}, model sha256 {spec.model_sha256[:16]}...); "
+                "bundles are immutable: put a new version in a new folder"
+            )
+        model = OnnxModel(bundle, self.slots.runtime)
+        samples = bundle.health_samples()
+        failure = check_outputs(bundle.manifest, samples.expected, model.run(samples.inputs))
+        if failure is not None:
+            raise WorkerRefusedError(f"health samples ({failure[0]}): {failure[1]}")
+        return LoadedVersion(
+            bundle,
+            model,
+            self.slots.serving_executor,
+            self.slots.batching,
+            self.slots.metrics,
+            gate=spec.gate,
+        )
+
+    async def apply(self, state: WorkerState) -> tuple[str, bool]:
+        """Load what is missing, then switch. Returns the refusals ("" when none), and whether
+        a version the leader serves is among them (then this worker must not serve at all)."""
+        loop = asyncio.get_running_loop()
+        self.telemetry.assigned.update(state.counters)
+        errors = []
+        wanted = {(v.name, v.version): v for v in state.versions}
+        for key, spec in wanted.items():
+            if key in self.loaded:
+                continue
+            try:
+                self.loaded[key] = await loop.run_in_executor(
+                    self.slots.loader_executor, self._load, spec
+                )
+            except ModelfleetError as exc:
+                errors.append(f"{spec.name} v{spec.version}: {exc}")
+            except Exception as exc:  # onnxruntime's own errors
+                errors.append(f"{spec.name} v{spec.version}: {type(exc).__name__}: {exc}")
+        names = set()
+        missing = False
+        for m in state.models:
+            names.add(m.name)
+            missing |= any(v and (m.name, v) not in self.loaded for v in (m.active, m.previous))
+            slot = self.slots.slot(m.name)
+            slot.active = self.loaded.get((m.name, m.active)) if m.active else None
+            slot.previous = self.loaded.get((m.name, m.previous)) if m.previous else None
+            slot.comparison = _worker_comparison(m.comparison)
+        for name in list(self.slots.slots):
+            if name not in names:
+                del self.slots.slots[name]
+        for key in list(self.loaded):
+            if key not in wanted:
+                # In-flight requests hold their own reference; the session goes with them.
+                del self.loaded[key]
+        self.slots.unloaded = dict(state.unloaded)
+        return "; ".join(errors), missing
+
+
+def _die_with_parent() -> None:
+    """SIGKILL when the leader dies, however it dies (Linux); the pipe's end covers the rest."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def worker_main(
+    cfg: ServeConfig,
+    index: int,
+    listen: str,
+    store_path: str,
+    control_available: bool,
+    conn: Any,
+) -> None:
+    """A serving worker's process (multiprocessing spawn target)."""
+    _die_with_parent()
+    parent = os.getppid()
+    # The leader handles Ctrl-C and tells its workers; SIGTERM (systemd stopping the whole
+    # unit) drains this process like the leader.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from modelfleet.kernel.logs import setup_logging
+
+    setup_logging(cfg.log_level, cfg.log_json)
+    if os.getppid() != parent or parent == 1:
+        return  # the leader died before PDEATHSIG was set
+    try:
+        asyncio.run(_serve_worker(cfg, index, listen, Path(store_path), control_available, conn))
+    except ModelfleetError as exc:
+        log.error("serving worker %d: %s", index, exc)
+        with contextlib.suppress(OSError):
+            conn.send(("fatal", str(exc)))
+        raise SystemExit(1) from None
+
+
+async def _serve_worker(
+    cfg: ServeConfig,
+    index: int,
+    listen: str,
+    store_path: Path,
+    control_available: bool,
+    conn: Connection,
+) -> None:
+    from modelfleet.agent.app import build_slots, inference_security
+    from modelfleet.agent.metrics import AgentMetrics
+    from modelfleet.agent.serving.admission import Admission, Limits
+    from modelfleet.agent.serving.dataplane import DataPlane
+    from modelfleet.agent.serving.grpc_server import HealthReporter, build_server
+    from modelfleet.agent.serving.shm import SharedMemoryRegistry
+
+    loop = asyncio.get_running_loop()
+    store = CounterStore.map(store_path)
+    telemetry = _WorkerTelemetry(store)
+    metrics = AgentMetrics(telemetry=telemetry)
+    slots = build_slots(cfg, metrics)
+    mirror = _Mirror(slots, telemetry)
+    credentials, token_check, _, _ = inference_security(cfg)
+    control = _ForwardedControl(control_available, conn)
+    pipe = ThreadPoolExecutor(1, "leader-pipe")
+    dataplane = DataPlane(slots, metrics, None, None, Admission(Limits.from_settings(cfg)))
+    health = HealthReporter(slots)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if token_check is not None:
+        loop.add_signal_handler(signal.SIGHUP, token_check.reload)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+
+    # The first state is loaded before the port is bound: a worker never answers with less
+    # than what the others serve.
+    _kind, state = await loop.run_in_executor(pipe, _recv, conn)
+    error, missing = await mirror.apply(state)
+    if missing:
+        raise WorkerRefusedError(f"cannot serve what the leader serves: {error}")
+    await health.refresh()
+    server, _port = build_server(
+        slots,
+        dataplane,
+        health,
+        listen,
+        cfg.max_message_bytes,
+        credentials,
+        [token_check] if token_check else [],
+        control,
+        SharedMemoryRegistry(),
+        reuse_port=True,
+    )
+    await server.start()
+    conn.send(("ack", state.seq, error))
+    conn.send(("ready", os.getpid()))
+    grace = cfg.drain_timeout_s
+
+    async def listen_to_leader() -> None:
+        nonlocal grace
+        while True:
+            try:
+                msg = await loop.run_in_executor(pipe, _recv, conn)
+            except (EOFError, OSError):
+                log.error("serving worker %d: the leader is gone; stopping", index)
+                grace = 0.0
+                stop.set()
+                return
+            if msg[0] == "state":
+                answer, missing = await mirror.apply(msg[1])
+                if missing:
+                    # Serving less than the others would answer "not loaded" for part of the
+                    # connections: leave; the leader starts this worker again.
+                    conn.send(("fatal", f"cannot serve what the leader serves: {answer}"))
+                    grace = 0.0
+                    stop.set()
+                    return
+                await health.refresh()
+                conn.send(("ack", msg[1].seq, answer))
+            elif msg[0] == "control":
+                fut = control.answers.pop(msg[1], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg[2])
+            elif msg[0] == "stop":
+                grace = msg[1]
+                stop.set()
+                return
+
+    listener = loop.create_task(listen_to_leader())
+    await stop.wait()
+    health.draining = True
+    await health.refresh()
+    await server.stop(grace=grace)
+    listener.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await listener
+    await dataplane.close()
+    slots.close()
+    pipe.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = [
+    "SERVING_CELLS_FILE",
+    "ServingWorkers",
+    "VersionSpec",
+    "WorkerRefusedError",
+    "WorkerState",
+    "worker_main",
+]

@@ -1,0 +1,158 @@
+"""Serving workers (agent/workers.py): several processes answer inference on one port.
+
+Real agents with ``--serving-workers``, real clients on many connections (SO_REUSEPORT spreads
+connections, not requests), real kill -9. What is checked: every process serves, the counts of
+all of them reach /metrics, a swap leaves no process on the old version, a worker that refuses
+a version refuses it for all, a dead worker comes back with the current version, and nothing
+outlives the agent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from tests.conftest import make_mlp_bundle
+from tests.procs import wait_for
+
+X = np.ones((1, 4), np.float32)
+CHANNELS = 16
+
+
+def infer(client: grpcclient.InferenceServerClient) -> str:
+    inp = grpcclient.InferInput("x", [1, 4], "FP32")
+    inp.set_data_from_numpy(X)
+    return client.infer("mlp", [inp]).get_response().model_version
+
+
+def clients(agent, n: int = CHANNELS) -> list[grpcclient.InferenceServerClient]:
+    # A connection each (gRPC shares one connection between equal channels of a process unless
+    # told otherwise): the kernel hands each new connection to one of the processes.
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    return [grpcclient.InferenceServerClient(agent.url, channel_args=own) for _ in range(n)]
+
+
+def process_requests(agent) -> dict[str, float]:
+    found = re.findall(
+        r'^modelfleet_serving_process_requests_total\{process="(\d+)"\} (\S+)$',
+        agent.metrics(),
+        re.M,
+    )
+    return {p: float(v) for p, v in found}
+
+
+def served_total(agent) -> float:
+    found = re.findall(
+        r'^modelfleet_requests_total\{model="mlp",[^}]*outcome="success"[^}]*\} (\S+)$',
+        agent.metrics(),
+        re.M,
+    )
+    return sum(float(v) for v in found)
+
+
+def worker_pids(agent) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent.proc.pid:
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in cmd:
+                out.append(int(entry))
+    return out
+
+
+def test_every_process_serves_and_is_counted(repo: Path, staging: Path, agent_factory) -> None:
+    make_mlp_bundle(repo, 1)
+    agent = agent_factory(repo, "--serving-workers", "2")
+    agent.wait_log("agent: READY", timeout=90)
+    assert "2 processes answer inference" in agent.logs()
+    cs = clients(agent)
+    try:
+        for _ in range(5):
+            for c in cs:
+                assert infer(c) == "1"
+    finally:
+        for c in cs:
+            c.close()
+    shares = process_requests(agent)
+    assert set(shares) == {"0", "1"}, shares
+    # Sixteen connections all on one process: 2^-15 if the kernel spreads them evenly.
+    assert shares["0"] > 0 and shares["1"] > 0, shares
+    assert sum(shares.values()) == 5 * CHANNELS
+    assert served_total(agent) == 5 * CHANNELS
+    assert re.search(
+        r'^modelfleet_serving_process_resident_bytes\{process="1"\} [1-9]', agent.metrics(), re.M
+    )
+    pids = worker_pids(agent)
+    assert len(pids) == 1, pids
+    assert agent.stop() == 0
+    wait_for(lambda: not Path(f"/proc/{pids[0]}").exists(), 10, "worker gone")
+
+
+def test_swap_reaches_every_process(repo: Path, staging: Path, agent_factory) -> None:
+    make_mlp_bundle(repo, 1)
+    agent = agent_factory(repo, "--serving-workers", "3")
+    agent.wait_log("agent: READY", timeout=120)
+    cs = clients(agent)
+    try:
+        assert {infer(c) for c in cs} == {"1"}
+        bundle = make_mlp_bundle(staging, 2, seed=5)
+        os.rename(bundle.path, repo / "mlp" / "2")
+        agent.wait_log("version 1 -> 2", timeout=60)
+        # The leader switched only after every worker had v2 loaded, and sent the switch
+        # before logging; one round later no connection answers v1.
+        wait_for(lambda: {infer(c) for c in cs} == {"2"}, 10, "every connection on v2")
+        assert agent.logs().count("answers on") >= 2
+    finally:
+        for c in cs:
+            c.close()
+
+
+def test_killed_worker_comes_back_with_the_current_version(
+    repo: Path, staging: Path, agent_factory
+) -> None:
+    make_mlp_bundle(repo, 1)
+    agent = agent_factory(repo, "--serving-workers", "2")
+    agent.wait_log("agent: READY", timeout=90)
+    (pid,) = worker_pids(agent)
+    bundle = make_mlp_bundle(staging, 2, seed=5)
+    os.kill(pid, signal.SIGKILL)
+    os.rename(bundle.path, repo / "mlp" / "2")
+    agent.wait_log("starting it again", timeout=30)
+    agent.wait_log("version 1 -> 2", timeout=60)
+    wait_for(lambda: agent.logs().count("answers on") >= 2, 60, "worker back")
+    (again,) = worker_pids(agent)
+    assert again != pid
+    cs = clients(agent)
+    try:
+        assert {infer(c) for c in cs} == {"2"}
+    finally:
+        for c in cs:
+            c.close()
+    assert "modelfleet_serving_worker_restarts_total 1.0" in agent.metrics()
+
+
+def test_worker_dies_with_a_killed_leader(repo: Path, agent_factory) -> None:
+    make_mlp_bundle(repo, 1)
+    agent = agent_factory(repo, "--serving-workers", "2")
+    agent.wait_log("agent: READY", timeout=90)
+    (pid,) = worker_pids(agent)
+    agent.kill()
+    # Nothing may keep answering on the port once the agent is gone.
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "worker gone with its leader")
+    time.sleep(0.2)
