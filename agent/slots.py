@@ -344,6 +344,8 @@ class SlotManager:
                     kind = "provider"
                 result = GateResult(bundle.version, False, str(exc), kind, None, self.clock())
                 candidate = None
+            else:
+                # Two phases (agent/workers.py): every serving process has it before it serves.
                 if candidate is not None and result.passed and self.replicas is not None:
                     try:
                         await self.replicas.prepare(candidate)

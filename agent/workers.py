@@ -301,9 +301,17 @@ class ServingWorkers:
         when it dies, until the agent stops."""
         attempt = 0
         while not self._stopping:
-            self._spawn(w)
-            assert w.conn is not None and w.process is not None
-            w.conn.send(("state", self._state(w)))
+            try:
+                self._spawn(w)
+                assert w.conn is not None and w.process is not None
+                w.conn.send(("state", self._state(w)))
+            except Exception as exc:  # no process (fork refused, no memory): try again later
+                log.error("cannot start serving worker %d: %s", w.index, exc)
+                if w.first_start is not None and not w.first_start.done():
+                    w.first_start.set_result(None)
+                attempt += 1
+                await asyncio.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
+                continue
             reason = await self._relay(w)
             w.ready = False
             for fut in w.acks.values():

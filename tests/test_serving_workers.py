@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from tests.conftest import make_mlp_bundle
-from tests.procs import wait_for
+from tests.procs import ROOT, wait_for
 
 X = np.ones((1, 4), np.float32)
 CHANNELS = 16
@@ -156,3 +158,18 @@ def test_worker_dies_with_a_killed_leader(repo: Path, agent_factory) -> None:
     # Nothing may keep answering on the port once the agent is gone.
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "worker gone with its leader")
     time.sleep(0.2)
+
+
+def test_one_workers_refusal_refuses_the_version_everywhere(tmp_path: Path) -> None:
+    """Two phases (tests/workers_phases.py, a child process): a version copied over between
+    the leader's load and the worker's is refused on every process, v1 keeps serving; a clean
+    version has reached the worker by the time the swap returns."""
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.workers_phases", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    assert "refused (worker)" in r.stderr and "changed after the leader loaded it" in r.stderr

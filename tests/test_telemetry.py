@@ -606,3 +606,93 @@ def test_exact_counts_through_hub_outage_and_agent_kill(tmp_path: Path) -> None:
             a.stop()
         for h in hubs:
             h.stop()
+
+
+# -- serving workers' slots (agent/workers.py) ----------------------------------------------------
+
+_SIBLING_COUNTER = """
+import sys
+from pathlib import Path
+from modelfleet.agent.telemetry import CounterStore
+from modelfleet.agent.workers import _WorkerTelemetry
+agg = _WorkerTelemetry(CounterStore.map(Path(sys.argv[1])))
+agg.assigned[("mlp", 1)] = int(sys.argv[2])
+v = agg.version("mlp", 1)
+for _ in range(int(sys.argv[3])):
+    v.ok(0.0004, 0.0001)
+for reason in ["shape", "datatype", "shape"]:
+    v.failed(reason)
+agg.gate("mlp", 1, True)  # the leader counts gates and switches once for every process
+agg.switched("mlp", 1, rollback=False)
+"""
+
+
+def _count_in_sibling(journal: Path, base: int, n: int) -> None:
+    subprocess.run(
+        [sys.executable, "-c", _SIBLING_COUNTER, str(journal), str(base), str(n)],
+        cwd=ROOT,
+        check=True,
+        timeout=60,
+    )
+
+
+def test_a_worker_process_counts_in_its_slot_and_every_view_sums_it(tmp_path: Path) -> None:
+    journal = CounterStore.create(tmp_path / "journal")
+    agg = TelemetryAggregator(store=journal)
+    mine = agg.version("mlp", 1)
+    for _ in range(4):
+        mine.ok(0.001, 0.0)
+    mine.failed("shape")
+    agg.gate("mlp", 1, True)
+    base = agg.sibling("mlp", 1)
+    assert base is not None
+    _count_in_sibling(tmp_path / "journal", base, 6)
+
+    # The report: one entry for the version, every process's counts in it.
+    cut = agg.cut()
+    (entry,) = [v for v in cut.report.versions if (v.model, v.version) == ("mlp", 1)]
+    assert entry.requests == 4 + 1 + 6 + 3
+    assert entry.failures == 1 + 3
+    assert dict(entry.failures_by_reason) == {"shape": 3, "datatype": 1}
+    assert entry.request_latency.count == 10
+    assert entry.gate_passed == 1 and entry.swaps == 0
+    cut.commit()
+    assert agg.snapshot().versions == []  # all of it was in the committed cut
+
+    # /metrics: the same sums, from the scrape thread's view.
+    ((_, sums),) = agg.totals(lambda m, v: (m, v) == ("mlp", 1))
+    assert sums.successes == 10
+    assert sums.failures == {"shape": 3, "datatype": 1}
+    assert sum(sums.request[0]) == 10
+    assert agg.own_requests() == 5 and agg.requests_in([base]) == 9
+
+    # A crash now: recovery finds the worker's later counts under the same version, once.
+    _count_in_sibling(tmp_path / "journal", base, 2)
+    got = recovered_report(journal, cut.mark)
+    assert got is not None
+    assert [(v.model, v.version, v.requests) for v in got.versions] == [("mlp", 1, 5)]
+
+
+def test_reattached_journal_sums_a_workers_slot_it_finds(tmp_path: Path) -> None:
+    """A journal kept in use after a restart (its recovered report could not be written)
+    holds a worker's slot of the last run: adopted as that version's sibling, not lost."""
+    path = tmp_path / "journal"
+    first = TelemetryAggregator(store=CounterStore.create(path))
+    first.version("mlp", 1).ok(0.001, 0.0)
+    base = first.sibling("mlp", 1)
+    assert base is not None
+    _count_in_sibling(path, base, 2)
+    again = CounterStore.open(path)
+    assert again is not None
+    agg = TelemetryAggregator()
+    agg.attach(again)
+    (entry,) = agg.cut().report.versions
+    assert entry.requests == 1 + 2 + 3
+
+
+def test_a_worker_never_sets_aside_or_grows_a_store(tmp_path: Path) -> None:
+    path = tmp_path / "journal"
+    path.write_bytes(b"not a journal" * 10)
+    with pytest.raises(OSError, match="not a telemetry store"):
+        CounterStore.map(path)
+    assert path.read_bytes() == b"not a journal" * 10

@@ -32,6 +32,7 @@ SUITES = {
     "instr": "tests.benchmarks.instr_bench",  # instructions per request (callgrind) vs echo
     "threads": "tests.benchmarks.threads_bench",  # threading settings on a compute-bound model
     "mlserver": "tests.benchmarks.mlserver_bench",  # hot path vs MLServer 1.7.1 and the echo
+    "workers": "tests.benchmarks.workers_bench",  # hot path with 1 and 2 serving processes
 }
 
 
