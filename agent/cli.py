@@ -309,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-listen",
         help="HOST:PORT for the Open Inference Protocol over HTTP/REST (default: from agent.toml)",
     )
+    run.add_argument(
+        "--serving-workers",
+        type=int,
+        help="processes answering gRPC inference on the port, this one included "
+        "(default: from agent.toml, else 1)",
+    )
     _add_security_args(run)
     run.add_argument(
         "--tls-agent-identity",
@@ -610,6 +616,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "listen": args.listen,
         "metrics_listen": args.metrics_listen,
         "http_listen": args.http_listen,
+        "serving_workers": args.serving_workers,
         "log_level": args.log_level,
         "log_json": args.log_json,
         "tls_agent_identity": args.tls_agent_identity,

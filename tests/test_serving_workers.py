@@ -18,10 +18,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 
+from tests import models
 from tests.conftest import make_mlp_bundle
-from tests.procs import ROOT, wait_for
+from tests.procs import ROOT, AgentProcess, HubProcess, enroll_agent, wait_for
+from tests.test_telemetry import TELEMETRY_ENV, fleet_metrics, restart_hub
+
+# Every test here starts agents (and their workers), a hub or a child process.
+pytestmark = pytest.mark.process
 
 X = np.ones((1, 4), np.float32)
 CHANNELS = 16
@@ -173,3 +179,66 @@ def test_one_workers_refusal_refuses_the_version_everywhere(tmp_path: Path) -> N
     )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
     assert "refused (worker)" in r.stderr and "changed after the leader loaded it" in r.stderr
+
+
+def test_fleet_counts_every_process_exactly_through_a_kill_9(tmp_path: Path) -> None:
+    """Fleet mode, two serving processes: the hub's counts are exact, including what both
+    processes counted before the whole agent was killed (-9) with the hub away."""
+    hubs = [HubProcess(tmp_path / "hub", log_path=tmp_path / "hub0.log").start()]
+    agents: list[AgentProcess] = []
+    try:
+        hub = hubs[0]
+        data = tmp_path / "edge-1"
+        config = enroll_agent(hub, data, "site=berlin", hostname="edge-1")
+
+        def start() -> AgentProcess:
+            a = AgentProcess(
+                data,
+                "--serving-workers",
+                "2",
+                fleet_config=config,
+                env=TELEMETRY_ENV,
+                log_path=tmp_path / f"agent{len(agents)}.log",
+            )
+            agents.append(a)
+            return a.start()
+
+        agent = start()
+        hub.cli("publish", "mlp", str(models.mlp(tmp_path / "m.onnx", seed=0)))
+        hub.cli("deploy", "mlp", "1")
+        agent.wait_model("mlp", timeout=60)
+        wait_for(lambda: "answers on" in agent.logs(), 60, "the worker serving")
+
+        def load(rounds: int) -> dict[str, float]:
+            before = process_requests(agent)
+            cs = clients(agent)
+            try:
+                for _ in range(rounds):
+                    for c in cs:
+                        assert infer(c) == "1"
+            finally:
+                for c in cs:
+                    c.close()
+            after = process_requests(agent)
+            return {p: after[p] - before.get(p, 0.0) for p in after}
+
+        shares = load(10)
+        assert shares["0"] > 0 and shares["1"] > 0, shares
+        wait_for(lambda: fleet_metrics(hub)[:2] == (160, 0), 60, "160 requests at the hub")
+
+        # The hub away, both processes count, then the agent dies without a word.
+        hub.stop()
+        shares = load(5)
+        assert shares["0"] > 0 and shares["1"] > 0, shares
+        agent.kill()
+        hub = restart_hub(hub, tmp_path / "hub1.log")
+        hubs.append(hub)
+        agent = start()
+        wait_for(lambda: fleet_metrics(hub)[:2] == (240, 0), 90, "240 after the kill -9")
+        time.sleep(1.5)  # replays would show now
+        assert fleet_metrics(hub)[:2] == (240, 0)
+    finally:
+        for a in agents:
+            a.stop()
+        for h in hubs:
+            h.stop()
