@@ -242,3 +242,74 @@ def test_fleet_counts_every_process_exactly_through_a_kill_9(tmp_path: Path) -> 
             a.stop()
         for h in hubs:
             h.stop()
+
+
+TOKEN_A = "a" * 40
+TOKEN_B = "b" * 40
+
+
+def test_a_token_rotated_by_sighup_is_refused_by_every_process(
+    repo: Path, tmp_path: Path, agent_factory
+) -> None:
+    """No worker keeps accepting a revoked inference token: SIGHUP reaches every process."""
+    token_file = tmp_path / "inference.token"
+    token_file.write_text(TOKEN_A)
+    token_file.chmod(0o600)
+    make_mlp_bundle(repo, 1)
+    agent = agent_factory(repo, "--serving-workers", "2", "--auth-token-file", str(token_file))
+    agent.wait_log("agent: READY", timeout=90)
+    inp = grpcclient.InferInput("x", [1, 4], "FP32")
+    inp.set_data_from_numpy(X)
+
+    def call(c: grpcclient.InferenceServerClient, token: str) -> bool:
+        try:
+            c.infer("mlp", [inp], headers={"authorization": f"Bearer {token}"}, client_timeout=10)
+        except grpcclient.InferenceServerException as exc:
+            assert "UNAUTHENTICATED" in str(exc.status()), exc
+            return False
+        return True
+
+    cs = clients(agent)
+    try:
+        assert all(call(c, TOKEN_A) for c in cs)
+        shares = process_requests(agent)
+        assert shares["0"] > 0 and shares["1"] > 0, shares
+        token_file.write_text(TOKEN_B)
+        agent.proc.send_signal(signal.SIGHUP)
+        # The same connections, so each stays with the process it reached before.
+        wait_for(lambda: not any(call(c, TOKEN_A) for c in cs), 10, "the old token refused")
+        assert all(call(c, TOKEN_B) for c in cs)
+    finally:
+        for c in cs:
+            c.close()
+    assert TOKEN_A not in agent.logs() and TOKEN_B not in agent.logs()
+
+
+def test_model_control_asked_of_a_worker_is_done_by_the_agent(repo: Path, agent_factory) -> None:
+    """Load and unload on a connection the kernel gave to a worker: the main process (which
+    owns the repository) does it, and every process follows."""
+    make_mlp_bundle(repo, 1)
+    agent = agent_factory(repo, "--serving-workers", "2", "--model-control")
+    agent.wait_log("agent: READY", timeout=90)
+    cs = clients(agent)
+    try:
+        on_worker = None
+        for c in cs:
+            before = process_requests(agent)["1"]
+            infer(c)
+            if process_requests(agent)["1"] > before:
+                on_worker = c
+                break
+        assert on_worker is not None, "no connection reached the worker"
+        assert "model_repository" in on_worker.get_server_metadata().extensions
+        on_worker.unload_model("mlp")
+        for c in cs:
+            with pytest.raises(grpcclient.InferenceServerException, match="not loaded"):
+                infer(c)
+        with pytest.raises(grpcclient.InferenceServerException, match="nothing"):
+            on_worker.load_model("nothing")
+        on_worker.load_model("mlp")
+        assert {infer(c) for c in cs} == {"1"}
+    finally:
+        for c in cs:
+            c.close()
