@@ -174,6 +174,9 @@ class ModelSlot:
     # the active version: split and shadow shares (agent/serving/routing.py).
     comparison: Comparison | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Serving workers only: (version, switch epoch) to become active once the leader's epoch
+    # reaches it (agent/workers.py); checked by the request path.
+    pending: tuple[LoadedVersion, int] | None = None
 
     def loaded(self) -> list[LoadedVersion]:
         return [v for v in (self.active, self.previous) if v is not None]
@@ -208,6 +211,13 @@ class Replicas(Protocol):
 
     async def prepare(self, candidate: LoadedVersion) -> None:
         """Load and check ``candidate`` everywhere before it may serve; raises on refusal."""
+
+    async def arm(self, name: str, version: int) -> None:
+        """Every process holds ``version`` ready to switch to at the next epoch (after prepare)."""
+
+    def flip(self) -> None:
+        """The epoch every armed process switches at: one store, seen by the next request of
+        every process."""
 
     async def commit(self, name: str, version: int) -> None:
         """After a switch here: the same switch everywhere."""
@@ -244,11 +254,23 @@ class SlotManager:
         self.drift_attach: Callable[[LoadedVersion], None] | None = None
         # Serving workers: a version serves only once every process has it (two phases).
         self.replicas: Replicas | None = None
+        # In a serving worker: the leader's switch epoch (agent/workers.py).
+        self.switch_epoch: Callable[[], int] | None = None
 
     # -- lookups on the request path ------------------------------------------------------------
 
+    def settle(self, slot: ModelSlot) -> None:
+        """A worker's armed switch, made once the leader's epoch reached it."""
+        pending, epoch = slot.pending, self.switch_epoch
+        if pending is not None and epoch is not None and epoch() >= pending[1]:
+            slot.pending = None
+            if slot.active is not pending[0]:
+                slot.previous, slot.active = slot.active, pending[0]
+
     def resolve(self, name: str, version: str = "") -> LoadedVersion:
         slot = self.slots.get(name)
+        if slot is not None and slot.pending is not None:
+            self.settle(slot)
         if slot is None or (slot.active is None and slot.previous is None):
             if slot is not None and slot.loading is not None:
                 raise ModelNotReadyError(f"model {name!r} is still loading")
@@ -321,6 +343,9 @@ class SlotManager:
                 return slot.last_gate or GateResult(bundle.version, True, "", "ok")
             if slot.previous is not None and slot.previous.version == bundle.version:
                 if switch:
+                    if self.replicas is not None:
+                        await self.replicas.arm(slot.name, bundle.version)
+                        self.replicas.flip()
                     self._switch(slot, slot.previous, rollback=False)
                     if self.replicas is not None:
                         await self.replicas.commit(slot.name, bundle.version)
@@ -395,6 +420,11 @@ class SlotManager:
                 if self.replicas is not None:
                     await self.replicas.commit(slot.name, bundle.version)
                 return result
+            if self.replicas is not None:
+                await self.replicas.arm(slot.name, bundle.version)
+                # The epoch and the switch here in one turn of the loop: no request of any
+                # process is answered by v-old after one was answered by v-new.
+                self.replicas.flip()
             self._switch(slot, candidate, rollback=False)
             if self.replicas is not None:
                 await self.replicas.commit(slot.name, bundle.version)

@@ -89,6 +89,8 @@ OTHER_REASON = "other"
 # Header cells (slot 0).
 _MAGIC = int.from_bytes(b"MFTJRNL1", "little", signed=True)
 _H_MAGIC, _H_IDENT, _H_CREATED_MS, _H_ALIVE_MS, _H_USED, _H_CAPACITY = range(6)
+# Serving workers' switch epoch (agent/workers.py): the leader stores it, every process reads it.
+_H_SWITCH = 6
 # 4096 versions per process lifetime (a fresh journal at every start); 4 MiB, sparse on disk.
 JOURNAL_SLOTS = 4096
 
@@ -194,6 +196,16 @@ class CounterStore:
 
     def stamp(self, now: float) -> None:
         self.cells[_H_ALIVE_MS] = int(now * 1000)
+
+    @property
+    def switch_epoch(self) -> int:
+        """The last swap the leader let every serving process make (one aligned 8-byte cell:
+        a reader sees the old value or the new, never a mix)."""
+        return self.cells[_H_SWITCH]
+
+    def advance_switch(self) -> int:
+        self.cells[_H_SWITCH] += 1
+        return self.cells[_H_SWITCH]
 
     @property
     def used(self) -> int:

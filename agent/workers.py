@@ -87,6 +87,8 @@ class ModelSpec:
     active: int | None
     previous: int | None
     comparison: Comparison | None
+    # (version, epoch): switch to it once the shared switch epoch reaches epoch.
+    armed: tuple[int, int] | None = None
 
 
 @dataclass
@@ -142,6 +144,11 @@ class ServingWorkers:
         self._seq = 0
         # Versions being prepared: part of every state sent until switched to or given up.
         self._staged: dict[tuple[str, int], VersionSpec] = {}
+        # model -> (version, epoch) armed in every worker, until the flip.
+        self._armed: dict[str, tuple[int, int]] = {}
+        # Held from arm() to flip(): epochs are flipped in the order they were armed.
+        self._switching = asyncio.Lock()
+        self._epoch = 0
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._publish_pending = False
@@ -174,6 +181,7 @@ class ServingWorkers:
                     slot.active.version if slot.active else None,
                     slot.previous.version if slot.previous else None,
                     slot.comparison,
+                    self._armed.get(slot.name),
                 )
             )
         for key, spec in self._staged.items():
@@ -236,8 +244,33 @@ class ServingWorkers:
                 f"worker(s): {words}; the version in use keeps serving on every process"
             )
 
+    async def arm(self, name: str, version: int) -> None:
+        """Every live worker gets ready to switch ``name`` to ``version`` at the next epoch."""
+        if not self.workers:
+            return
+        await self._switching.acquire()
+        try:
+            self._epoch = self.telemetry.store.switch_epoch + 1
+            self._armed[name] = (version, self._epoch)
+            for w, error in await self._send(SWITCH_TIMEOUT_S):
+                # It has the version (prepare said so); one that cannot arm is dying, and a
+                # worker that starts again loads the state as it is then.
+                log.error("serving worker %d did not arm the switch: %s", w.index, error)
+        except BaseException:
+            self._armed.pop(name, None)
+            self._switching.release()
+            raise
+
+    def flip(self) -> None:
+        """One store: every armed worker switches at its next request, as the leader does now."""
+        if not self.workers:
+            return
+        self.telemetry.store.advance_switch()
+        self._armed.clear()
+        self._switching.release()
+
     async def commit(self, name: str, version: int) -> None:
-        """After the leader switched: every live worker switches too; waits for them."""
+        """After the leader switched: every live worker's pointers as the leader's; waits."""
         self._staged.pop((name, version), None)
         refused = await self._send(SWITCH_TIMEOUT_S)
         for w, error in refused:
@@ -565,6 +598,7 @@ class _Mirror:
                 errors.append(f"{spec.name} v{spec.version}: {type(exc).__name__}: {exc}")
         names = set()
         missing = False
+        epoch = self.telemetry.store.switch_epoch
         for m in state.models:
             names.add(m.name)
             missing |= any(v and (m.name, v) not in self.loaded for v in (m.active, m.previous))
@@ -572,6 +606,15 @@ class _Mirror:
             slot.active = self.loaded.get((m.name, m.active)) if m.active else None
             slot.previous = self.loaded.get((m.name, m.previous)) if m.previous else None
             slot.comparison = _worker_comparison(m.comparison)
+            slot.pending = None
+            if m.armed is not None:
+                target = self.loaded.get((m.name, m.armed[0]))
+                if target is None:
+                    missing = True
+                else:
+                    slot.pending = (target, m.armed[1])
+                    if epoch >= m.armed[1]:  # flipped already: as settle() would
+                        self.slots.settle(slot)
         for name in list(self.slots.slots):
             if name not in names:
                 del self.slots.slots[name]
@@ -640,6 +683,7 @@ async def _serve_worker(
     telemetry = _WorkerTelemetry(store)
     metrics = AgentMetrics(telemetry=telemetry)
     slots = build_slots(cfg, metrics)
+    slots.switch_epoch = lambda: store.switch_epoch
     mirror = _Mirror(slots, telemetry)
     credentials, token_check, _, _ = inference_security(cfg)
     control = _ForwardedControl(control_available, conn)

@@ -53,7 +53,7 @@ def _tamper(folder: Path, other: Path) -> None:
 
 def one_workers_refusal_refuses_the_version_everywhere(tmp_path: Path) -> None:
     """A version serves only once the worker has it; the worker's refusal leaves v1 serving
-    everywhere; a clean version has reached the worker when deploy returns."""
+    everywhere; a clean version switches in the worker at the leader's epoch flip."""
     repo = tmp_path / "repo"
     repo.mkdir()
     listen = f"127.0.0.1:{free_port()}"
@@ -92,8 +92,20 @@ def one_workers_refusal_refuses_the_version_everywhere(tmp_path: Path) -> None:
             await asyncio.sleep(0.2)  # the state without v2 reaches the worker
             assert await asyncio.to_thread(version_via_worker) == "1"
 
-            # A clean version: when deploy returns, the worker has switched already.
+            # A clean version. Armed, the worker still answers v1; the flip is one store in
+            # shared memory, and the worker's very next request answers v3, before any message
+            # (the loop is held here, so none can be sent).
+            flip = workers.flip
+            seen: dict[str, str] = {}
+
+            def checked_flip() -> None:
+                seen["armed"] = version_via_worker()
+                flip()
+                seen["flipped"] = version_via_worker()
+
+            workers.flip = checked_flip  # type: ignore[method-assign]
             await slots.deploy(make_mlp_bundle(repo, 3, seed=7).path)
+            assert seen == {"armed": "1", "flipped": "3"}, seen
             assert await asyncio.to_thread(version_via_worker) == "3"
             # And its counts are in the leader's view.
             shares = dict((i, n) for i, _, n in workers.shares())

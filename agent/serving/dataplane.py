@@ -253,7 +253,10 @@ class DataPlane:
     def _route(self, request: InferRequest) -> tuple[LoadedVersion, Route | None]:
         slot = self.slots.slots.get(request.model_name)
         if slot is None or slot.comparison is None:
+            # resolve() makes a serving worker's armed switch (agent/workers.py).
             return self.slots.resolve(request.model_name, request.model_version), None
+        if slot.pending is not None:
+            self.slots.settle(slot)
         if request.model_version:
             # An explicit version is outside the comparison, whichever version it names.
             version = self.slots.resolve(request.model_name, request.model_version)

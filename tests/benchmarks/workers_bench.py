@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--window-ms", type=int, default=2000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--intra-one",
+        action="store_true",
+        help="also each worker count with one onnxruntime intra-op thread per session",
+    )
     args = parser.parse_args(argv)
     if not PERF_ANALYZER.exists():
         print("perf_analyzer is missing: run `make perf-analyzer`", file=sys.stderr)
@@ -68,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list[float]]] = {}
     with ExitStack() as stack:
         echo_url, _ = stack.enter_context(echo_running(work, {SMALL: models[SMALL]}))
-        agents: dict[int, AgentProcess] = {}
-        for n in args.workers:
+        agents: dict[str, AgentProcess] = {}
+        configs = [(f"agent w{n}", n, []) for n in args.workers]
+        if args.intra_one:
+            configs += [(f"w{n} intra1", n, ["--intra-op-threads", "1"]) for n in args.workers]
+        for label, n, extra in configs:
             agent, _ = start_agent(
                 repo,
                 [SMALL],
@@ -77,12 +85,13 @@ def main(argv: list[str] | None = None) -> int:
                 str(n),
                 "--poll-interval-s",
                 "3600",
-                log_path=work / f"agent-w{n}.log",
+                *extra,
+                log_path=work / f"{label.replace(' ', '-')}.log",
                 timeout_s=180,
             )
             stack.callback(agent.stop)
-            agents[n] = agent
-        targets = {"echo": echo_url, **{f"agent w{n}": a.url for n, a in agents.items()}}
+            agents[label] = agent
+        targets = {"echo": echo_url, **{label: a.url for label, a in agents.items()}}
         for name in targets:
             results[name] = {"c1 p50 ms": [], "c16 inf/s": []}
         for r in range(args.rounds):
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 thr, _ = measure(url, 16, args.window_ms, out)
                 results[name]["c1 p50 ms"].append(p50)
                 results[name]["c16 inf/s"].append(thr)
-                print(f"round {r + 1} {name:10s} c1 p50 {p50:.3f} ms  c16 {thr:8.0f} inf/s")
+                print(f"round {r + 1} {name:12s} c1 p50 {p50:.3f} ms  c16 {thr:8.0f} inf/s")
         print()
         echo = {k: median(v) for k, v in results["echo"].items()}
         print(f"{'target':12s} {'c1 p50 ms':>10s} {'x echo':>7s} {'c16 inf/s':>10s} {'x echo':>7s}")
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{thr / echo['c16 inf/s']:7.2f}"
             )
         print("\nper-ratio medians are of the medians; targets: c1 p50 <= 1.25x, c16 >= 0.8x")
-        for n, agent in agents.items():
+        for label, agent in agents.items():
             requests, rss = shares(agent)
             if requests:
                 total = sum(requests.values()) or 1.0
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"process {p}: {100 * v / total:.0f}% of requests, {rss.get(p, 0):.0f} MiB"
                     for p, v in sorted(requests.items())
                 )
-                print(f"agent w{n}: {parts}")
+                print(f"{label}: {parts}")
     return 0
 
 
