@@ -302,8 +302,6 @@ class ProcessesCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         processes = self.metrics.processes
-        if processes is None:
-            return
         requests = CounterMetricFamily(
             "modelfleet_serving_process_requests",
             "Inference requests each serving process answered (0 is the agent's main process).",
@@ -314,7 +312,7 @@ class ProcessesCollector(Collector):
             "Resident memory of each serving process (0 is the agent's main process).",
             labels=["process"],
         )
-        for index, pid, count in processes():
+        for index, pid, count in processes() if processes is not None else ():
             requests.add_metric([str(index)], count)
             rss = resident_bytes(pid) if pid is not None else None
             if rss is not None:
