@@ -487,6 +487,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
             cfg.http_listen,
             ssl_context,
             cfg.drain_timeout_s,
+            reuse_port=cfg.serving_workers > 1,
         )
         try:
             http_port = await http.start()
@@ -531,7 +532,8 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         await source.sync_once()
         mode = f"standalone, repository {cfg.models}"
     if cfg.serving_workers > 1:
-        workers = ServingWorkers(cfg, bound, slots, control, cfg.serving_workers)
+        http_bound = f"{cfg.http_listen.rpartition(':')[0]}:{http.port}" if http else ""
+        workers = ServingWorkers(cfg, bound, slots, control, cfg.serving_workers, http_bound)
         slots.replicas = workers
         slots.listeners.append(workers.publish)
         metrics.processes = workers.shares

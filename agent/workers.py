@@ -7,8 +7,9 @@ gRPC inference port with ``SO_REUSEPORT`` and the kernel spreads *connections* o
 connection stays with one process: a client needs several connections to use several workers).
 
 The process systemd started (the *leader*) keeps everything else: the hub link or the repository
-watcher, the admin socket, HTTP, /metrics, shadow runs, capture and drift (those sample the
-leader's share of the connections). Workers mirror what it serves:
+watcher, the admin socket, /metrics, shadow runs, capture and drift (those sample the leader's
+share of the connections). Workers serve the HTTP/REST port too when there is one, and mirror
+what the leader serves:
 
 - **State.** After every change of what serves, the leader sends each worker the whole serving
   state: per model the active and previous versions (bundle folder, model digest, the leader's
@@ -134,9 +135,12 @@ class ServingWorkers:
         slots: SlotManager,
         control: ModelControl,
         count: int,
+        http_listen: str = "",
     ) -> None:
         self.cfg = cfg
         self.listen = listen
+        # The HTTP port as the leader bound it ("" without one): workers serve it too.
+        self.http_listen = http_listen
         self.slots = slots
         self.control = control
         self.telemetry: TelemetryAggregator = slots.metrics.telemetry
@@ -312,7 +316,7 @@ class ServingWorkers:
             args=(
                 self.cfg,
                 w.index,
-                self.listen,
+                (self.listen, self.http_listen),
                 self._state_path(),
                 self.control.available,
                 child,
@@ -384,7 +388,13 @@ class ServingWorkers:
             kind = msg[0]
             if kind == "ready":
                 w.ready = True
-                log.info("serving worker %d (pid %d) answers on %s", w.index, msg[1], self.listen)
+                log.info(
+                    "serving worker %d (pid %d) answers on %s%s",
+                    w.index,
+                    msg[1],
+                    self.listen,
+                    f" and HTTP {self.http_listen}" if self.http_listen else "",
+                )
                 if w.first_start is not None and not w.first_start.done():
                     w.first_start.set_result(None)
                 # What changed while it started (it had the state of its start).
@@ -638,7 +648,7 @@ def _die_with_parent() -> None:
 def worker_main(
     cfg: ServeConfig,
     index: int,
-    listen: str,
+    listen: tuple[str, str],
     store_path: str,
     control_available: bool,
     conn: Any,
@@ -666,7 +676,7 @@ def worker_main(
 async def _serve_worker(
     cfg: ServeConfig,
     index: int,
-    listen: str,
+    listen: tuple[str, str],
     store_path: Path,
     control_available: bool,
     conn: Connection,
@@ -685,7 +695,7 @@ async def _serve_worker(
     slots = build_slots(cfg, metrics)
     slots.switch_epoch = lambda: store.switch_epoch
     mirror = _Mirror(slots, telemetry)
-    credentials, token_check, _, _ = inference_security(cfg)
+    credentials, token_check, _, tls_files = inference_security(cfg)
     control = _ForwardedControl(control_available, conn)
     pipe = ThreadPoolExecutor(1, "leader-pipe")
     dataplane = DataPlane(slots, metrics, None, None, Admission(Limits.from_settings(cfg)))
@@ -704,19 +714,46 @@ async def _serve_worker(
     if missing:
         raise WorkerRefusedError(f"cannot serve what the leader serves: {error}")
     await health.refresh()
+    shm = SharedMemoryRegistry()  # one for both edges, as in the leader
     server, _port = build_server(
         slots,
         dataplane,
         health,
-        listen,
+        listen[0],
         cfg.max_message_bytes,
         credentials,
         [token_check] if token_check else [],
         control,
-        SharedMemoryRegistry(),
+        shm,
         reuse_port=True,
     )
     await server.start()
+    http = None
+    if listen[1]:
+        # Imported only for an HTTP port, as in the leader (aiohttp's import is not free).
+        from modelfleet.agent.serving.http_server import HttpServer, OipHttp
+        from modelfleet.agent.serving.security import server_ssl_context
+
+        http = HttpServer(
+            OipHttp(
+                slots,
+                dataplane,
+                health,
+                cfg.http_max_request_bytes,
+                token_check,
+                control,
+                shm,
+            ),
+            listen[1],
+            server_ssl_context(tls_files) if tls_files else None,
+            cfg.drain_timeout_s,
+            reuse_port=True,
+        )
+        try:
+            await http.start()
+        except ModelfleetError:
+            await server.stop(0)
+            raise
     conn.send(("ack", state.seq, error))
     conn.send(("ready", os.getpid()))
     grace = cfg.drain_timeout_s
@@ -755,7 +792,9 @@ async def _serve_worker(
     await stop.wait()
     health.draining = True
     await health.refresh()
-    await server.stop(grace=grace)
+    await asyncio.gather(
+        server.stop(grace=grace), http.stop() if http is not None else asyncio.sleep(0)
+    )
     listener.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await listener

@@ -313,3 +313,35 @@ def test_model_control_asked_of_a_worker_is_done_by_the_agent(repo: Path, agent_
     finally:
         for c in cs:
             c.close()
+
+
+def test_http_is_served_by_every_process(repo: Path, tmp_path: Path, agent_factory) -> None:
+    """The HTTP/REST port is shared like the gRPC one: curl-like clients (a connection per
+    request) reach both processes and get the same answers."""
+    import json
+    import urllib.request
+
+    from tests.procs import free_port
+
+    make_mlp_bundle(repo, 1)
+    http_port = free_port()
+    agent = agent_factory(repo, "--serving-workers", "2", "--http-listen", f"127.0.0.1:{http_port}")
+    agent.wait_log("agent: READY", timeout=90)
+    assert f"and HTTP 127.0.0.1:{http_port}" in agent.logs()
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 1, 1, 1]}]}
+    ).encode()
+    answers = set()
+    for _ in range(24):
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/v2/models/mlp/infer",
+            data=body,
+            headers={"Content-Type": "application/json", "Connection": "close"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            doc = json.loads(r.read())
+        answers.add((doc["model_version"], tuple(doc["outputs"][0]["data"])))
+    assert len(answers) == 1 and next(iter(answers))[0] == "1", answers
+    shares = process_requests(agent)
+    assert shares["0"] > 0 and shares["1"] > 0, shares
+    assert agent.stop() == 0

@@ -392,10 +392,14 @@ class HttpServer:
         listen: str,
         ssl_context: ssl.SSLContext | None = None,
         drain_timeout_s: float = 10.0,
+        *,
+        reuse_port: bool = False,
     ) -> None:
         self.routes = routes
         self.listen = listen
         self.ssl_context = ssl_context
+        # Shared with the agent's serving workers (agent/workers.py).
+        self.reuse_port = reuse_port
         self.drain_timeout_s = drain_timeout_s
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -413,9 +417,16 @@ class HttpServer:
         try:
             site: web.BaseSite
             if host == "::":
-                site = web.SockSite(runner, dual_stack_socket(port), ssl_context=self.ssl_context)
+                sock = dual_stack_socket(port, reuse_port=self.reuse_port)
+                site = web.SockSite(runner, sock, ssl_context=self.ssl_context)
             else:
-                site = web.TCPSite(runner, host, port, ssl_context=self.ssl_context)
+                site = web.TCPSite(
+                    runner,
+                    host,
+                    port,
+                    ssl_context=self.ssl_context,
+                    reuse_port=self.reuse_port or None,
+                )
             await site.start()
         except OSError as exc:
             await runner.cleanup()
@@ -435,12 +446,14 @@ class HttpServer:
         self.runner = None
 
 
-def dual_stack_socket(port: int) -> socket.socket:
+def dual_stack_socket(port: int, *, reuse_port: bool = False) -> socket.socket:
     """A listening socket on ``[::]:port`` that takes IPv4 clients too (as mapped addresses),
     as gRPC's ``[::]`` does. asyncio would set IPV6_V6ONLY and leave IPv4 clients refused."""
     sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(("::", port))
         sock.listen(128)
