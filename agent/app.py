@@ -539,6 +539,13 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         metrics.processes = workers.shares
         notifier.status(f"starting: {cfg.serving_workers - 1} serving worker(s)")
         await workers.start()
+        if cfg.drift or cfg.hub:
+            # Sampled features see one process's share: say so once, where operators look.
+            log.info(
+                "shadow copies, inference capture and drift sample this process's share of the "
+                "connections (about 1/%d of the traffic); served counts include every process",
+                cfg.serving_workers,
+            )
         log.info(
             "%d processes answer inference on %s (this one and %d worker(s), pids %s)",
             cfg.serving_workers,
