@@ -352,8 +352,18 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     metrics = AgentMetrics()
     if cfg.serving_workers > 1 and not cfg.hub:
         # Workers count in slots of a shared file (fleet mode: the journal, attached later).
-        cfg.data.mkdir(mode=0o700, parents=True, exist_ok=True)
-        metrics.telemetry.attach(CounterStore.create(cfg.data / SERVING_CELLS_FILE))
+        cells = cfg.data / SERVING_CELLS_FILE
+        try:
+            cfg.data.mkdir(mode=0o700, parents=True, exist_ok=True)
+            store = CounterStore.create(cells)
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"serving_workers = {cfg.serving_workers} needs a writable data folder for the "
+                f"processes' shared counters, and {cells} cannot be created ({exc.strerror or exc})"
+                ": give the agent a folder of its own with --data DIR (setting data), or set "
+                "serving_workers = 1"
+            ) from None
+        metrics.telemetry.attach(store)
     slots = build_slots(cfg, metrics)
     drift = build_drift(cfg, slots)
     capture = build_capture(cfg, metrics)

@@ -345,3 +345,47 @@ def test_http_is_served_by_every_process(repo: Path, tmp_path: Path, agent_facto
     shares = process_requests(agent)
     assert shares["0"] > 0 and shares["1"] > 0, shares
     assert agent.stop() == 0
+
+
+def test_an_unwritable_data_folder_stops_the_agent_with_a_clear_error(
+    repo: Path, tmp_path: Path
+) -> None:
+    make_mlp_bundle(repo, 1)
+    blocked = tmp_path / "data-is-a-file"
+    blocked.write_text("")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelfleet.agent.cli",
+            "serve",
+            *("--models", str(repo), "--listen", "127.0.0.1:0"),
+            *("--admin-socket", str(tmp_path / "a.sock"), "--data", str(blocked)),
+            *("--serving-workers", "2"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "needs a writable data folder" in r.stderr and "--data DIR" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_serving_workers_out_of_range_is_refused(repo: Path, tmp_path: Path) -> None:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelfleet.agent.cli",
+            "serve",
+            *("--models", str(repo), "--serving-workers", "0"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "serving_workers must be between 1 and 64" in r.stderr
