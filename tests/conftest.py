@@ -32,6 +32,7 @@ SLOWEST_MODULES: dict[str, float] = {
     "test_rollout_judge.py": 87,
     "test_signing_attacks.py": 55,
     "test_soak_smoke.py": 54,
+    "test_serving_workers.py": 52,
     "test_rollout_wait.py": 53,
     "test_retired_version.py": 50,
     "test_experiments_fleet.py": 49,
