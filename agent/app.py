@@ -543,17 +543,20 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         mode = f"standalone, repository {cfg.models}"
     if cfg.serving_workers > 1:
         http_bound = f"{cfg.http_listen.rpartition(':')[0]}:{http.port}" if http else ""
-        workers = ServingWorkers(cfg, bound, slots, control, cfg.serving_workers, http_bound)
+        workers = ServingWorkers(
+            cfg, bound, slots, control, cfg.serving_workers, http_bound, capture
+        )
         slots.replicas = workers
         slots.listeners.append(workers.publish)
+        capture.listeners.append(workers.publish)
         metrics.processes = workers.shares
         notifier.status(f"starting: {cfg.serving_workers - 1} serving worker(s)")
         await workers.start()
         if cfg.drift or cfg.hub:
             # Sampled features see one process's share: say so once, where operators look.
             log.info(
-                "shadow copies, inference capture and drift sample this process's share of the "
-                "connections (about 1/%d of the traffic); served counts include every process",
+                "shadow copies and drift sample this process's share of the connections "
+                "(about 1/%d of the traffic); served counts and capture include every process",
                 cfg.serving_workers,
             )
         log.info(

@@ -7,9 +7,9 @@ gRPC inference port with ``SO_REUSEPORT`` and the kernel spreads *connections* o
 connection stays with one process: a client needs several connections to use several workers).
 
 The process systemd started (the *leader*) keeps everything else: the hub link or the repository
-watcher, the admin socket, /metrics, shadow runs, capture and drift (those sample the leader's
-share of the connections). Workers serve the HTTP/REST port too when there is one, and mirror
-what the leader serves:
+watcher, the admin socket, /metrics, shadow runs and drift (those sample the leader's share of
+the connections). Workers serve the HTTP/REST port too when there is one, capture by the
+leader's rules, and mirror what the leader serves:
 
 - **State.** After every change of what serves, the leader sends each worker the whole serving
   state: per model the active and previous versions (bundle folder, model digest, the leader's
@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelfleet.agent.gate import GateResult, check_outputs
 from modelfleet.agent.repository import ModelControl
+from modelfleet.agent.serving.capture import Capture, CaptureRule
 from modelfleet.agent.serving.routing import Comparison
 from modelfleet.agent.telemetry import UNKNOWN_MODEL, CounterStore, TelemetryAggregator
 from modelfleet.kernel.errors import BundleError, GateFailedError, ModelfleetError, Status
@@ -102,6 +103,10 @@ class WorkerState:
     unloaded: dict[str, str]
     # (model, version) -> first cell of this worker's slot in the shared store.
     counters: dict[tuple[str, int], int]
+    # Inference capture: the leader's rules, and its HMAC key when a rule hashes an input (a
+    # worker never makes a key of its own: hashes must join across processes).
+    capture_rules: dict[str, CaptureRule] = field(default_factory=dict)
+    capture_key: bytes | None = None
 
 
 class WorkerRefusedError(GateFailedError):
@@ -136,11 +141,13 @@ class ServingWorkers:
         control: ModelControl,
         count: int,
         http_listen: str = "",
+        capture: Capture | None = None,
     ) -> None:
         self.cfg = cfg
         self.listen = listen
         # The HTTP port as the leader bound it ("" without one): workers serve it too.
         self.http_listen = http_listen
+        self.capture = capture
         self.slots = slots
         self.control = control
         self.telemetry: TelemetryAggregator = slots.metrics.telemetry
@@ -191,6 +198,10 @@ class ServingWorkers:
         for key, spec in self._staged.items():
             versions.setdefault(key, spec)
         keys = [(UNKNOWN_MODEL, 0), *((m.name, 0) for m in models), *versions]
+        rules = dict(self.capture.rules) if self.capture is not None else {}
+        hmac_key = None
+        if self.capture is not None and any(r.hash for r in rules.values()):
+            hmac_key = self.capture.key  # read, or made once, here in the leader
         self._seq += 1
         return WorkerState(
             self._seq,
@@ -198,6 +209,8 @@ class ServingWorkers:
             models,
             dict(self.slots.unloaded),
             self._counters(w, keys),
+            rules,
+            hmac_key,
         )
 
     async def _send(self, timeout_s: float) -> list[tuple[_Worker, str]]:
@@ -552,12 +565,23 @@ def _worker_comparison(c: Comparison | None) -> Comparison | None:
 
 
 class _Mirror:
-    """Applies the leader's states to this worker's slots."""
+    """Applies the leader's states to this worker's slots (and capture rules)."""
 
-    def __init__(self, slots: SlotManager, telemetry: _WorkerTelemetry) -> None:
+    def __init__(self, slots: SlotManager, telemetry: _WorkerTelemetry, capture: Capture) -> None:
         self.slots = slots
         self.telemetry = telemetry
+        self.capture = capture
         self.loaded: dict[tuple[str, int], LoadedVersion] = {}
+
+    def _apply_capture(self, state: WorkerState) -> None:
+        if state.capture_key is not None:
+            self.capture._key = state.capture_key
+        rules = dict(state.capture_rules)
+        if state.capture_key is None:
+            # Hashing needs the leader's key; without it the input would not join (never
+            # happens: the leader sends the key with any rule that hashes).
+            rules = {m: r for m, r in rules.items() if not r.hash}
+        self.capture.set_rules(rules)
 
     def _load(self, spec: VersionSpec) -> LoadedVersion:
         """Runs on the loader thread: the bundle the leader verified, checked again here."""
@@ -633,6 +657,7 @@ class _Mirror:
                 # In-flight requests hold their own reference; the session goes with them.
                 del self.loaded[key]
         self.slots.unloaded = dict(state.unloaded)
+        self._apply_capture(state)
         return "; ".join(errors), missing
 
 
@@ -681,7 +706,7 @@ async def _serve_worker(
     control_available: bool,
     conn: Connection,
 ) -> None:
-    from modelfleet.agent.app import build_slots, inference_security
+    from modelfleet.agent.app import build_capture, build_slots, inference_security
     from modelfleet.agent.metrics import AgentMetrics
     from modelfleet.agent.serving.admission import Admission, Limits
     from modelfleet.agent.serving.dataplane import DataPlane
@@ -694,11 +719,15 @@ async def _serve_worker(
     metrics = AgentMetrics(telemetry=telemetry)
     slots = build_slots(cfg, metrics)
     slots.switch_epoch = lambda: store.switch_epoch
-    mirror = _Mirror(slots, telemetry)
+    # Captured files go into the same folder, under names of their own (the leader ships them
+    # and keeps the quota; a worker never salvages files, which may be the leader's open ones).
+    capture = build_capture(cfg, metrics)
+    capture._key = b""  # replaced by the leader's key before any rule that hashes applies
+    mirror = _Mirror(slots, telemetry, capture)
     credentials, token_check, _, tls_files = inference_security(cfg)
     control = _ForwardedControl(control_available, conn)
     pipe = ThreadPoolExecutor(1, "leader-pipe")
-    dataplane = DataPlane(slots, metrics, None, None, Admission(Limits.from_settings(cfg)))
+    dataplane = DataPlane(slots, metrics, None, capture, Admission(Limits.from_settings(cfg)))
     health = HealthReporter(slots)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -799,6 +828,7 @@ async def _serve_worker(
     with contextlib.suppress(asyncio.CancelledError):
         await listener
     await dataplane.close()
+    await asyncio.to_thread(capture.close)
     slots.close()
     pipe.shutdown(wait=False, cancel_futures=True)
 

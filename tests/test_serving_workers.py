@@ -389,3 +389,33 @@ def test_serving_workers_out_of_range_is_refused(repo: Path, tmp_path: Path) -> 
     )
     assert r.returncode == 3, r.stdout + r.stderr
     assert "serving_workers must be between 1 and 64" in r.stderr
+
+
+def test_capture_takes_every_processs_share_with_one_key(repo: Path, agent_factory) -> None:
+    """A 100% capture rule with a hashed input: every request of every process is written,
+    and equal inputs hash equal across processes (the workers use the main process's key)."""
+    import pyarrow.parquet as pq
+
+    make_mlp_bundle(repo, 1)
+    agent = agent_factory(repo, "--serving-workers", "2")
+    agent.wait_log("agent: READY", timeout=90)
+    out = agent.cli("capture", "mlp", "--rate", "100", "--hash", "x")
+    assert out.returncode == 0, out.stdout + out.stderr
+    time.sleep(0.3)  # the rule reaches the worker as a state
+    cs = clients(agent)
+    try:
+        for _ in range(4):
+            for c in cs:
+                infer(c)
+    finally:
+        for c in cs:
+            c.close()
+    shares = process_requests(agent)
+    assert shares["0"] > 0 and shares["1"] > 0, shares
+    assert agent.stop() == 0  # every process finishes its open file
+    files = sorted((repo.parent / "agent-data" / "capture" / "mlp").glob("*.parquet"))
+    assert len(files) >= 2, files  # one per process at least
+    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    assert len(rows) == 4 * CHANNELS
+    assert len({r["in_x"] for r in rows}) == 1 and len(rows[0]["in_x"]) == 64
+    assert not list((repo.parent / "agent-data" / "capture").rglob("*.tmp"))

@@ -31,6 +31,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -198,6 +199,8 @@ class Capture:
         # Totals since start, for `modelfleet-agent capture` (Prometheus has the same).
         self.captured: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
+        # Called after the rules change (serving workers capture by the same rules).
+        self.listeners: list[Callable[[], None]] = []
 
     @property
     def key(self) -> bytes:
@@ -214,10 +217,22 @@ class Capture:
             if not _SAFE_NAME.match(model):
                 raise InvalidRequestError(f"capture: {model!r} is not a model name")
             self.rules[model] = rule
+        self._changed()
 
     def set_rules(self, rules: dict[str, CaptureRule]) -> None:
         """Replace every rule (the hub's desired state, each time it arrives)."""
-        self.rules = {m: r for m, r in rules.items() if r.rate_bp > 0 and _SAFE_NAME.match(m)}
+        new = {m: r for m, r in rules.items() if r.rate_bp > 0 and _SAFE_NAME.match(m)}
+        changed = new != self.rules
+        self.rules = new
+        if changed:
+            self._changed()
+
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            try:
+                listener()
+            except Exception:  # a broken listener must not break a rule change
+                log.exception("capture rule listener failed")
 
     # -- the serving path -----------------------------------------------------------------------
 
