@@ -45,7 +45,7 @@ from modelfleet.agent.serving.security import (
 from modelfleet.agent.serving.shadow import ShadowRunner
 from modelfleet.agent.serving.shm import SharedMemoryRegistry
 from modelfleet.agent.slots import BatchingConfig, SlotManager
-from modelfleet.agent.telemetry import CounterStore
+from modelfleet.agent.telemetry import JOURNAL_SLOTS, CounterStore
 from modelfleet.agent.workers import SERVING_CELLS_FILE, ServingWorkers
 from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import InvalidRequestError, ListenError
@@ -355,7 +355,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         cells = cfg.data / SERVING_CELLS_FILE
         try:
             cfg.data.mkdir(mode=0o700, parents=True, exist_ok=True)
-            store = CounterStore.create(cells)
+            store = CounterStore.create(cells, JOURNAL_SLOTS * cfg.serving_workers)
         except OSError as exc:
             raise InvalidRequestError(
                 f"serving_workers = {cfg.serving_workers} needs a writable data folder for the "
@@ -439,7 +439,7 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
         if token_check is not None:
             token_check.reload()
         if workers is not None:
-            workers.sighup()
+            workers.reload()
         if ready:
             notifier.ready(shown)
 

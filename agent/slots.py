@@ -222,6 +222,9 @@ class Replicas(Protocol):
     async def commit(self, name: str, version: int) -> None:
         """After a switch here: the same switch everywhere."""
 
+    def release(self, name: str, version: int) -> None:
+        """Done with a prepared version (switched to, kept as previous, or given up)."""
+
 
 class SlotManager:
     """All models the agent knows, and the only place that changes what serves."""
@@ -360,85 +363,102 @@ class SlotManager:
             slot.loading = bundle.version
             self._notify(slot.name)
             try:
-                candidate, result = await loop.run_in_executor(
-                    self.loader_executor, self._load_and_gate, bundle
-                )
-            except ModelfleetError as exc:
-                kind = "load" if isinstance(exc, BundleError) else "runtime"
-                if isinstance(exc, ProviderUnavailableError):
-                    kind = "provider"
-                result = GateResult(bundle.version, False, str(exc), kind, None, self.clock())
-                candidate = None
-            else:
-                # Two phases (agent/workers.py): every serving process has it before it serves.
-                if candidate is not None and result.passed and self.replicas is not None:
-                    try:
-                        await self.replicas.prepare(candidate)
-                    except ModelfleetError as exc:
-                        result = GateResult(
-                            bundle.version,
-                            False,
-                            str(exc),
-                            "worker",
-                            result.p99_ms,
-                            self.clock(),
-                            result.min_ms,
-                        )
-                        candidate = None
+                return await self._load_gate_switch(slot, bundle, dropped, fingerprint, switch)
             finally:
-                slot.loading = None
-            slot.last_gate = result
-            labels = (slot.name, str(bundle.version))
-            self.metrics.gate_results.labels(*labels, result.kind).inc()
-            self.metrics.telemetry.gate(
-                slot.name, bundle.version, candidate is not None and result.passed
-            )
-            if candidate is None or not result.passed:
-                self._record_failure(slot, result, fingerprint)
-                if dropped is not None:
-                    await self._restore_previous(slot, dropped.bundle)
-                raise GateFailedError(
-                    f"model {slot.name!r} version {bundle.version} refused by the health gate: "
-                    f"{result.reason}"
-                )
-            slot.failed.pop(bundle.version, None)
-            if not switch and slot.active is not None:
-                slot.previous = candidate
-                self._publish_roles(slot)
-                log.info(
-                    "model %s version %d passed the gate on %s (p99 %.3f ms, fastest %.3f ms; "
-                    "serves %s) and is ready beside v%d",
-                    slot.name,
-                    bundle.version,
-                    candidate.model.provider,
-                    result.p99_ms or 0.0,
-                    result.min_ms or 0.0,
-                    candidate.path,
-                    slot.active.version,
-                )
-                self._notify(slot.name)
                 if self.replicas is not None:
-                    await self.replicas.commit(slot.name, bundle.version)
-                return result
-            if self.replicas is not None:
-                await self.replicas.arm(slot.name, bundle.version)
-                # The epoch and the switch here in one turn of the loop: no request of any
-                # process is answered by v-old after one was answered by v-new.
-                self.replicas.flip()
-            self._switch(slot, candidate, rollback=False)
-            if self.replicas is not None:
-                await self.replicas.commit(slot.name, bundle.version)
+                    self.replicas.release(slot.name, bundle.version)
+
+    async def _load_gate_switch(
+        self,
+        slot: ModelSlot,
+        bundle: Bundle,
+        dropped: LoadedVersion | None,
+        fingerprint: object,
+        switch: bool,
+    ) -> GateResult:
+        """deploy()'s part under the slot's lock: load, gate (here and in serving workers),
+        then switch or keep beside the active version."""
+        loop = asyncio.get_running_loop()
+        try:
+            candidate, result = await loop.run_in_executor(
+                self.loader_executor, self._load_and_gate, bundle
+            )
+        except ModelfleetError as exc:
+            kind = "load" if isinstance(exc, BundleError) else "runtime"
+            if isinstance(exc, ProviderUnavailableError):
+                kind = "provider"
+            result = GateResult(bundle.version, False, str(exc), kind, None, self.clock())
+            candidate = None
+        else:
+            # Two phases (agent/workers.py): every serving process has it before it serves.
+            if candidate is not None and result.passed and self.replicas is not None:
+                try:
+                    await self.replicas.prepare(candidate)
+                except ModelfleetError as exc:
+                    result = GateResult(
+                        bundle.version,
+                        False,
+                        str(exc),
+                        "worker",
+                        result.p99_ms,
+                        self.clock(),
+                        result.min_ms,
+                    )
+                    candidate = None
+        finally:
+            slot.loading = None
+        slot.last_gate = result
+        labels = (slot.name, str(bundle.version))
+        self.metrics.gate_results.labels(*labels, result.kind).inc()
+        self.metrics.telemetry.gate(
+            slot.name, bundle.version, candidate is not None and result.passed
+        )
+        if candidate is None or not result.passed:
+            self._record_failure(slot, result, fingerprint)
+            if dropped is not None:
+                await self._restore_previous(slot, dropped.bundle)
+            raise GateFailedError(
+                f"model {slot.name!r} version {bundle.version} refused by the health gate: "
+                f"{result.reason}"
+            )
+        slot.failed.pop(bundle.version, None)
+        if not switch and slot.active is not None:
+            slot.previous = candidate
+            self._publish_roles(slot)
             log.info(
                 "model %s version %d passed the gate on %s (p99 %.3f ms, fastest %.3f ms; "
-                "serves %s) and is active",
+                "serves %s) and is ready beside v%d",
                 slot.name,
                 bundle.version,
                 candidate.model.provider,
                 result.p99_ms or 0.0,
                 result.min_ms or 0.0,
                 candidate.path,
+                slot.active.version,
             )
+            self._notify(slot.name)
+            if self.replicas is not None:
+                await self.replicas.commit(slot.name, bundle.version)
             return result
+        if self.replicas is not None:
+            await self.replicas.arm(slot.name, bundle.version)
+            # The epoch and the switch here in one turn of the loop: no request of any
+            # process is answered by v-old after one was answered by v-new.
+            self.replicas.flip()
+        self._switch(slot, candidate, rollback=False)
+        if self.replicas is not None:
+            await self.replicas.commit(slot.name, bundle.version)
+        log.info(
+            "model %s version %d passed the gate on %s (p99 %.3f ms, fastest %.3f ms; "
+            "serves %s) and is active",
+            slot.name,
+            bundle.version,
+            candidate.model.provider,
+            result.p99_ms or 0.0,
+            result.min_ms or 0.0,
+            candidate.path,
+        )
+        return result
 
     async def _restore_previous(self, slot: ModelSlot, bundle: Bundle) -> None:
         loop = asyncio.get_running_loop()
@@ -473,6 +493,8 @@ class SlotManager:
             slot.previous = restored
             self._publish_roles(slot)
             log.info("model %s: version %d reloaded as rollback target", slot.name, bundle.version)
+        if self.replicas is not None:
+            await self.replicas.commit(slot.name, bundle.version)
 
     def _load_and_gate(self, bundle: Bundle) -> tuple[LoadedVersion | None, GateResult]:
         """Runs on the loader thread."""

@@ -427,7 +427,7 @@ def _sum_totals(a: Totals, b: Totals) -> Totals:
     )
 
 
-def _reason_indexes(names: list[str]) -> dict[str, int]:
+def reason_indexes(names: list[str]) -> dict[str, int]:
     return {name: i for i, name in enumerate(names) if name}
 
 
@@ -801,7 +801,7 @@ class TelemetryAggregator:
             for slot in range(1, store.used):
                 model, version, names = store.describe(slot)
                 c = VersionCounters(model, version, store, slot * SLOT_CELLS)
-                c.reasons = _reason_indexes(names)
+                c.reasons = reason_indexes(names)
                 if (model, version) in adopted:
                     # A serving worker's slot (this process always allocates its own first).
                     siblings.setdefault((model, version), []).append(c.base)
@@ -850,7 +850,7 @@ class TelemetryAggregator:
 
     def _sibling_totals(self, base: int) -> Totals:
         names = self.store.describe(base // SLOT_CELLS)[2]
-        return _totals_at(self.store.cells, base, _reason_indexes(names))
+        return _totals_at(self.store.cells, base, reason_indexes(names))
 
     def own_requests(self) -> int:
         """Requests this process counted (its share of the serving processes' traffic)."""

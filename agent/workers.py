@@ -35,12 +35,15 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import logging
 import multiprocessing
 import os
+import queue
 import signal
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -50,7 +53,14 @@ from modelfleet.agent.gate import GateResult, check_outputs
 from modelfleet.agent.repository import ModelControl
 from modelfleet.agent.serving.capture import Capture, CaptureRule
 from modelfleet.agent.serving.routing import Comparison
-from modelfleet.agent.telemetry import UNKNOWN_MODEL, CounterStore, TelemetryAggregator
+from modelfleet.agent.telemetry import (
+    SLOT_CELLS,
+    UNKNOWN_MODEL,
+    CounterStore,
+    TelemetryAggregator,
+    VersionCounters,
+    reason_indexes,
+)
 from modelfleet.kernel.errors import BundleError, GateFailedError, ModelfleetError, Status
 
 if TYPE_CHECKING:
@@ -113,6 +123,72 @@ class WorkerRefusedError(GateFailedError):
     reason = "worker"
 
 
+Key = tuple[str, int]
+# What a worker answers to a state: per version it could not load, why; and, when it cannot
+# serve what the leader serves, why it is leaving.
+Answer = tuple[dict[Key, str], str]
+
+
+class _Pipe:
+    """One end of a worker's pipe, never blocking the event loop.
+
+    A daemon thread reads (and forwards each message to ``on_message`` on the loop); another
+    writes what :meth:`send` queues, so a worker busy loading a big model, or stopped, cannot
+    freeze the process at the other end. Daemon threads: a blocked read never holds up exit.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        loop: asyncio.AbstractEventLoop,
+        on_message: Callable[[Any], None],
+        name: str,
+    ) -> None:
+        self.conn = conn
+        self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.closed = loop.create_future()
+
+        def read() -> None:
+            while True:
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    break
+                except (
+                    Exception
+                ) as exc:  # a message that does not unpickle: the other end is broken
+                    log.error("%s: unreadable message (%s); closing the pipe", name, exc)
+                    break
+                loop.call_soon_threadsafe(on_message, msg)
+            loop.call_soon_threadsafe(_set, self.closed)
+
+        def write() -> None:
+            while True:
+                msg = self._out.get()
+                if msg is None:
+                    return
+                try:
+                    conn.send(msg)
+                except (OSError, ValueError):
+                    return  # closed: the reader sees the end and reports it
+
+        threading.Thread(target=read, name=f"{name}-read", daemon=True).start()
+        threading.Thread(target=write, name=f"{name}-write", daemon=True).start()
+
+    def send(self, msg: Any) -> None:
+        self._out.put(msg)
+
+    def close(self) -> None:
+        self._out.put(None)
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+
+def _set(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 # -- the leader's side ----------------------------------------------------------------------------
 
 
@@ -120,12 +196,18 @@ class WorkerRefusedError(GateFailedError):
 class _Worker:
     index: int
     process: BaseProcess | None = None
-    conn: Connection | None = None
+    pipe: _Pipe | None = None
+    # The pid while the process runs (read by /metrics; reaping is _run's alone).
+    pid: int | None = None
+    # States go to it (and it must answer) once it was told to bind: from then on every state
+    # reaches it in order after the one it bound with.
     ready: bool = False
+    # While starting: the state it is applying (it binds once that is still the current one).
+    starting: WorkerState | None = None
     restarts: int = 0
     started_at: float = 0.0
-    counters: dict[tuple[str, int], int] = field(default_factory=dict)
-    acks: dict[int, asyncio.Future[str]] = field(default_factory=dict)
+    counters: dict[Key, int] = field(default_factory=dict)
+    acks: dict[int, asyncio.Future[Answer]] = field(default_factory=dict)
     # Resolved when the worker first answers (or first fails to start): start() waits on it.
     first_start: asyncio.Future[None] | None = None
 
@@ -153,26 +235,24 @@ class ServingWorkers:
         self.telemetry: TelemetryAggregator = slots.metrics.telemetry
         self.workers = [_Worker(k) for k in range(1, count)]
         self._seq = 0
-        # Versions being prepared: part of every state sent until switched to or given up.
-        self._staged: dict[tuple[str, int], VersionSpec] = {}
+        # Versions being prepared or restored: part of every state until switched to (then
+        # the slot holds them) or given up.
+        self._staged: dict[Key, VersionSpec] = {}
         # model -> (version, epoch) armed in every worker, until the flip.
         self._armed: dict[str, tuple[int, int]] = {}
         # Held from arm() to flip(): epochs are flipped in the order they were armed.
         self._switching = asyncio.Lock()
-        self._epoch = 0
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._publish_pending = False
         self._ctx = multiprocessing.get_context("spawn")
-        # Blocking pipe reads, one thread per worker, apart from the loop's default executor.
-        self._readers = ThreadPoolExecutor(max(1, len(self.workers)), "worker-pipe")
 
     # -- state ---------------------------------------------------------------------------------
 
     def _spec(self, v: LoadedVersion) -> VersionSpec:
         return VersionSpec(v.name, v.version, str(v.bundle.path), v.manifest.model_sha256, v.gate)
 
-    def _counters(self, w: _Worker, keys: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    def _counters(self, w: _Worker, keys: list[Key]) -> dict[Key, int]:
         for key in keys:
             if key not in w.counters:
                 base = self.telemetry.sibling(*key)
@@ -181,7 +261,7 @@ class ServingWorkers:
         return dict(w.counters)
 
     def _state(self, w: _Worker) -> WorkerState:
-        versions: dict[tuple[str, int], VersionSpec] = {}
+        versions: dict[Key, VersionSpec] = {}
         models = []
         for slot in self.slots.slots.values():
             for v in slot.loaded():
@@ -213,66 +293,80 @@ class ServingWorkers:
             hmac_key,
         )
 
-    async def _send(self, timeout_s: float) -> list[tuple[_Worker, str]]:
-        """The current state to every live worker; (worker, refusal) for each that refused."""
+    async def _send(self, timeout_s: float) -> list[tuple[_Worker, Answer | None]]:
+        """The current state to every worker taking states; each one's answer, None when it
+        died before answering. One deadline for all of them."""
         loop = asyncio.get_running_loop()
         waits = []
         for w in self.workers:
-            if not w.ready or w.conn is None:
-                continue  # a worker starting loads the state it is sent when it is ready
+            if not w.ready or w.pipe is None:
+                continue  # a starting worker binds only with the state that is current then
             state = self._state(w)
-            fut: asyncio.Future[str] = loop.create_future()
+            fut: asyncio.Future[Answer] = loop.create_future()
             w.acks[state.seq] = fut
-            try:
-                w.conn.send(("state", state))
-            except OSError:
-                w.acks.pop(state.seq, None)
-                continue  # it died: its monitor starts it again
+            w.pipe.send(("state", state))
             waits.append((w, fut))
-        refused = []
+        if not waits:
+            return []
+        await asyncio.wait([f for _, f in waits], timeout=timeout_s)
+        out: list[tuple[_Worker, Answer | None]] = []
         for w, fut in waits:
-            try:
-                error = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
-            except TimeoutError:
-                error = f"no answer within {timeout_s:g}s"
-            except EOFError:
-                continue  # died meanwhile; it will load the state when it is back
-            if error:
-                refused.append((w, error))
-        return refused
+            if not fut.done():
+                fut.cancel()
+                out.append((w, ({}, f"no answer within {timeout_s:g}s")))
+            elif fut.exception() is not None:
+                out.append((w, None))
+            else:
+                out.append((w, fut.result()))
+        return out
 
     async def prepare(self, candidate: LoadedVersion) -> None:
-        """Load and check ``candidate`` in every live worker; raises if any refuses it."""
+        """Load and check ``candidate`` in every worker; raises if any refuses it (or dies
+        while loading it: a version that kills workers must not serve)."""
         if not self.workers:
             return
         key = (candidate.name, candidate.version)
         self._staged[key] = self._spec(candidate)
         try:
-            refused = await self._send(PREPARE_TIMEOUT_S)
+            answers = await self._send(PREPARE_TIMEOUT_S)
         except BaseException:
             self._staged.pop(key, None)
             raise
+        refused = []
+        for w, answer in answers:
+            if answer is None:
+                refused.append(f"worker {w.index}: exited while loading it")
+            elif key in answer[0]:
+                refused.append(f"worker {w.index}: {answer[0][key]}")
+            elif answer[1]:
+                refused.append(f"worker {w.index}: {answer[1]}")
         if refused:
             self._staged.pop(key, None)
             self.publish()  # the workers that did load it drop it
-            words = "; ".join(f"worker {w.index}: {error}" for w, error in refused)
             raise WorkerRefusedError(
                 f"model {candidate.name!r} version {candidate.version} refused by serving "
-                f"worker(s): {words}; the version in use keeps serving on every process"
+                f"worker(s): {'; '.join(refused)}; the version in use keeps serving on every "
+                "process"
             )
 
+    def release(self, name: str, version: int) -> None:
+        """The leader is done with a prepared version: its slot holds it now, or nothing
+        will (the next state says which)."""
+        if self._staged.pop((name, version), None) is not None:
+            self.publish()
+
     async def arm(self, name: str, version: int) -> None:
-        """Every live worker gets ready to switch ``name`` to ``version`` at the next epoch."""
+        """Every worker gets ready to switch ``name`` to ``version`` at the next epoch."""
         if not self.workers:
             return
         await self._switching.acquire()
         try:
-            self._epoch = self.telemetry.store.switch_epoch + 1
-            self._armed[name] = (version, self._epoch)
-            for w, error in await self._send(SWITCH_TIMEOUT_S):
-                # It has the version (prepare said so); one that cannot arm is dying, and a
-                # worker that starts again loads the state as it is then.
-                log.error("serving worker %d did not arm the switch: %s", w.index, error)
+            self._armed[name] = (version, self.telemetry.store.switch_epoch + 1)
+            for w, answer in await self._send(SWITCH_TIMEOUT_S):
+                if answer is not None and (answer[1] or answer[0]):
+                    # It loaded the version when prepared (else the prepare was refused); one
+                    # that cannot arm now is leaving, and starts again with the state as it is.
+                    log.error("serving worker %d did not arm the switch: %s", w.index, answer)
         except BaseException:
             self._armed.pop(name, None)
             self._switching.release()
@@ -282,16 +376,18 @@ class ServingWorkers:
         """One store: every armed worker switches at its next request, as the leader does now."""
         if not self.workers:
             return
-        self.telemetry.store.advance_switch()
-        self._armed.clear()
-        self._switching.release()
+        try:
+            self.telemetry.store.advance_switch()
+        finally:
+            self._armed.clear()
+            self._switching.release()
 
     async def commit(self, name: str, version: int) -> None:
-        """After the leader switched: every live worker's pointers as the leader's; waits."""
+        """After the leader switched: every worker's pointers as the leader's; waits."""
         self._staged.pop((name, version), None)
-        refused = await self._send(SWITCH_TIMEOUT_S)
-        for w, error in refused:
-            log.error("serving worker %d did not take the new state: %s", w.index, error)
+        for w, answer in await self._send(SWITCH_TIMEOUT_S):
+            if answer is not None and (answer[0] or answer[1]):
+                log.error("serving worker %d did not take the new state: %s", w.index, answer)
 
     def publish(self, _name: str = "") -> None:
         """Send the state after a change made without waiting (rollback, unload, comparison);
@@ -302,8 +398,9 @@ class ServingWorkers:
 
         async def send() -> None:
             self._publish_pending = False
-            for w, error in await self._send(PREPARE_TIMEOUT_S):
-                log.error("serving worker %d did not take the new state: %s", w.index, error)
+            for w, answer in await self._send(PREPARE_TIMEOUT_S):
+                if answer is not None and answer[1]:
+                    log.error("serving worker %d cannot serve the new state: %s", w.index, answer)
 
         self._spawn_task(send())
 
@@ -315,12 +412,21 @@ class ServingWorkers:
     # -- processes -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start every worker; returns once each is serving (or has failed to start)."""
+        """Start every worker; returns once each serves (or failed to start, or after
+        START_TIMEOUT_S: a slow one joins later)."""
         loop = asyncio.get_running_loop()
         for w in self.workers:
             w.first_start = loop.create_future()
             self._spawn_task(self._run(w))
-        await asyncio.gather(*(w.first_start for w in self.workers if w.first_start))
+        pending = [w.first_start for w in self.workers if w.first_start is not None]
+        _, late = await asyncio.wait(pending, timeout=START_TIMEOUT_S)
+        if late:
+            log.error(
+                "%d serving worker(s) not serving after %gs; the agent goes on, they join when "
+                "they are ready",
+                len(late),
+                START_TIMEOUT_S,
+            )
 
     def _spawn(self, w: _Worker) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
@@ -330,98 +436,107 @@ class ServingWorkers:
                 self.cfg,
                 w.index,
                 (self.listen, self.http_listen),
-                self._state_path(),
+                self._store_path(),
                 self.control.available,
                 child,
             ),
             name=f"modelfleet-serving-worker-{w.index}",
         )
-        w.process.start()
-        child.close()
-        w.conn, w.ready, w.started_at = parent, False, time.monotonic()
+        try:
+            w.process.start()
+        finally:
+            child.close()
+        w.pid, w.ready, w.started_at = w.process.pid, False, time.monotonic()
+        loop = asyncio.get_running_loop()
+        w.pipe = _Pipe(parent, loop, lambda msg: self._on_message(w, msg), f"worker-{w.index}")
 
-    def _state_path(self) -> str:
+    def _store_path(self) -> str:
         path = self.telemetry.store.path
         if path is None:  # pragma: no cover - app.py gives workers a shared store
             raise RuntimeError("serving workers need a file-backed telemetry store")
         return str(path)
 
     async def _run(self, w: _Worker) -> None:
-        """One worker's life: start, send it the state, relay its messages; start it again
-        when it dies, until the agent stops."""
+        """One worker's life: start it, bring it to the current state, relay its messages;
+        start it again when it dies, until the agent stops."""
         attempt = 0
         while not self._stopping:
             try:
                 self._spawn(w)
-                assert w.conn is not None and w.process is not None
-                w.conn.send(("state", self._state(w)))
+                assert w.pipe is not None
+                w.starting = self._state(w)
+                w.pipe.send(("state", w.starting))
             except Exception as exc:  # no process (fork refused, no memory): try again later
                 log.error("cannot start serving worker %d: %s", w.index, exc)
-                if w.first_start is not None and not w.first_start.done():
-                    w.first_start.set_result(None)
+                if w.first_start is not None:
+                    _set(w.first_start)
                 attempt += 1
                 await asyncio.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
                 continue
-            reason = await self._relay(w)
+            await w.pipe.closed
             w.ready = False
             for fut in w.acks.values():
                 if not fut.done():
                     fut.set_exception(EOFError())
             w.acks.clear()
+            w.pipe.close()
             proc = w.process
-            await asyncio.to_thread(proc.join, 5.0)
-            if w.first_start is not None and not w.first_start.done():
-                w.first_start.set_result(None)
+            assert proc is not None
+            # Reaped before another starts: two processes must never count in the same slots.
+            await asyncio.to_thread(_reap, proc, 5.0)
+            w.pid = None
+            if w.first_start is not None:
+                _set(w.first_start)
             if self._stopping:
                 return
-            code = proc.exitcode
             attempt = 0 if time.monotonic() - w.started_at > 60 else attempt + 1
             pause = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
             w.restarts += 1
             self.slots.metrics.worker_restarts.inc()
             log.error(
-                "serving worker %d (pid %s) exited (%s, exit code %s); starting it again in %gs",
+                "serving worker %d (pid %s) exited (exit code %s); starting it again in %gs",
                 w.index,
                 proc.pid,
-                reason,
-                code,
+                proc.exitcode,
                 pause,
             )
             await asyncio.sleep(pause)
 
-    async def _relay(self, w: _Worker) -> str:
-        """Messages from one worker until its pipe ends; returns why it ended."""
-        assert w.conn is not None
-        conn = w.conn
-        while True:
-            try:
-                msg = await asyncio.get_running_loop().run_in_executor(self._readers, _recv, conn)
-            except (EOFError, OSError):
-                return "its pipe closed"
-            kind = msg[0]
-            if kind == "ready":
-                w.ready = True
-                log.info(
-                    "serving worker %d (pid %d) answers on %s%s",
-                    w.index,
-                    msg[1],
-                    self.listen,
-                    f" and HTTP {self.http_listen}" if self.http_listen else "",
-                )
-                if w.first_start is not None and not w.first_start.done():
-                    w.first_start.set_result(None)
-                # What changed while it started (it had the state of its start).
-                self.publish()
-            elif kind == "ack":
-                fut = w.acks.pop(msg[1], None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg[2])
-                elif msg[2]:
-                    log.error("serving worker %d: %s", w.index, msg[2])
-            elif kind == "control":
-                self._spawn_task(self._control(w, *msg[1:]))
-            elif kind == "fatal":
-                return msg[1]
+    def _on_message(self, w: _Worker, msg: Any) -> None:
+        kind = msg[0]
+        if kind == "ack":
+            _, seq, errors, fatal = msg
+            if fatal:
+                log.error("serving worker %d: %s", w.index, fatal)
+            fut = w.acks.pop(seq, None)
+            if fut is not None and not fut.done():
+                fut.set_result((errors, fatal))
+            elif not w.ready and w.starting is not None and seq == w.starting.seq and not fatal:
+                self._bind_if_current(w)
+        elif kind == "ready":
+            log.info(
+                "serving worker %d (pid %d) answers on %s%s",
+                w.index,
+                msg[1],
+                self.listen,
+                f" and HTTP {self.http_listen}" if self.http_listen else "",
+            )
+            if w.first_start is not None:
+                _set(w.first_start)
+        elif kind == "control":
+            self._spawn_task(self._control(w, *msg[1:]))
+
+    def _bind_if_current(self, w: _Worker) -> None:
+        """A starting worker applied ``w.starting``: it binds if nothing changed meanwhile,
+        else it gets the state as it is now, and is asked again."""
+        assert w.pipe is not None and w.starting is not None
+        current = self._state(w)
+        if dataclasses.replace(current, seq=0) == dataclasses.replace(w.starting, seq=0):
+            w.starting, w.ready = None, True
+            w.pipe.send(("bind",))
+        else:
+            w.starting = current
+            w.pipe.send(("state", current))
 
     async def _control(self, w: _Worker, ident: int, verb: str, name: str, params: Any) -> None:
         """Model control asked of a worker: done here, where the repository watcher is."""
@@ -433,45 +548,35 @@ class ServingWorkers:
             answer: tuple[str, str, str] | None = None
         except ModelfleetError as exc:
             answer = (exc.status.value, exc.reason, exc.message)
-        if w.conn is not None:
-            with contextlib.suppress(OSError):
-                w.conn.send(("control", ident, answer))
+        if w.pipe is not None:
+            w.pipe.send(("control", ident, answer))
 
-    def sighup(self) -> None:
+    def reload(self) -> None:
+        """SIGHUP in the leader: workers re-read the token file and take the log settings."""
         for w in self.workers:
-            if w.process is not None and w.process.pid is not None and w.process.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(w.process.pid, signal.SIGHUP)
+            if w.pipe is not None:
+                w.pipe.send(("reload", self.cfg.log_level, self.cfg.log_json))
 
     def pids(self) -> list[int]:
-        return [
-            w.process.pid
-            for w in self.workers
-            if w.process is not None and w.process.pid is not None and w.process.is_alive()
-        ]
+        return [w.pid for w in self.workers if w.pid is not None]
 
     def shares(self) -> list[tuple[int, int | None, int]]:
         """(process index, pid, requests counted) for the leader (0) and every worker."""
         out: list[tuple[int, int | None, int]] = [(0, os.getpid(), self.telemetry.own_requests())]
         for w in self.workers:
-            pid = w.process.pid if w.process is not None and w.process.is_alive() else None
-            out.append((w.index, pid, self.telemetry.requests_in(w.counters.values())))
+            out.append((w.index, w.pid, self.telemetry.requests_in(w.counters.values())))
         return out
 
     async def stop(self, grace: float) -> None:
         """Drain every worker (as the leader drains), then make sure each is gone."""
         self._stopping = True
         for w in self.workers:
-            if w.conn is not None:
-                with contextlib.suppress(OSError):
-                    w.conn.send(("stop", grace))
+            if w.pipe is not None:
+                w.pipe.send(("stop", grace))
 
         def reap(proc: BaseProcess) -> None:
-            proc.join(grace + 10.0)
-            if proc.is_alive():
-                log.error("serving worker pid %s did not stop: killed", proc.pid)
-                proc.kill()
-                proc.join(5.0)
+            if not _reap(proc, grace + 10.0, quiet=False):
+                log.error("serving worker pid %s did not stop in time: killed", proc.pid)
 
         await asyncio.gather(
             *(asyncio.to_thread(reap, w.process) for w in self.workers if w.process is not None)
@@ -482,13 +587,18 @@ class ServingWorkers:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for w in self.workers:
-            if w.conn is not None:
-                w.conn.close()
-        self._readers.shutdown(wait=False, cancel_futures=True)
+            if w.pipe is not None:
+                w.pipe.close()
 
 
-def _recv(conn: Connection) -> Any:
-    return conn.recv()
+def _reap(proc: BaseProcess, timeout_s: float, quiet: bool = True) -> bool:
+    """Wait for ``proc`` to exit, killing it after ``timeout_s``; True when it left by itself."""
+    proc.join(timeout_s)
+    if proc.exitcode is not None:
+        return True
+    proc.kill()
+    proc.join(5.0)
+    return False
 
 
 # -- the worker's side ----------------------------------------------------------------------------
@@ -499,7 +609,15 @@ class _WorkerTelemetry(TelemetryAggregator):
 
     def __init__(self, store: CounterStore) -> None:
         super().__init__(store=store)
-        self.assigned: dict[tuple[str, int], int] = {}
+        self.assigned: dict[Key, int] = {}
+
+    def version(self, model: str, version: int) -> VersionCounters:
+        fresh = (model, version) not in self._versions
+        c = super().version(model, version)
+        if fresh and c.store is self.store:
+            # A slot this worker's predecessor counted in: its reasons keep their cells.
+            c.reasons = reason_indexes(self.store.describe(c.base // SLOT_CELLS)[2])
+        return c
 
     def _allocate(self, model: str, version: int) -> tuple[CounterStore, int]:
         base = self.assigned.get((model, version))
@@ -528,10 +646,10 @@ class _ForwardedError(ModelfleetError):
 class _ForwardedControl(ModelControl):
     """Model control on a worker: the leader does it (it owns the repository watcher)."""
 
-    def __init__(self, available: bool, conn: Connection) -> None:
+    def __init__(self, available: bool, send: Callable[[Any], None]) -> None:
         super().__init__(None, "", enabled=False)
         self._available = available
-        self._conn = conn
+        self._send = send
         self._ids = 0
         self.answers: dict[int, asyncio.Future[tuple[str, str, str] | None]] = {}
 
@@ -544,7 +662,7 @@ class _ForwardedControl(ModelControl):
         fut: asyncio.Future[tuple[str, str, str] | None]
         fut = asyncio.get_running_loop().create_future()
         self.answers[self._ids] = fut
-        self._conn.send(("control", self._ids, verb, name, params))
+        self._send(("control", self._ids, verb, name, params))
         answer = await fut
         if answer is not None:
             raise _ForwardedError(*answer)
@@ -565,13 +683,20 @@ def _worker_comparison(c: Comparison | None) -> Comparison | None:
 
 
 class _Mirror:
-    """Applies the leader's states to this worker's slots (and capture rules)."""
+    """Applies the leader's states to this worker's slots (and capture rules).
+
+    Pointers move at once for versions already loaded (a rollback never waits behind a load);
+    loads run in the background, and each finished load applies the newest state again.
+    """
 
     def __init__(self, slots: SlotManager, telemetry: _WorkerTelemetry, capture: Capture) -> None:
         self.slots = slots
         self.telemetry = telemetry
         self.capture = capture
-        self.loaded: dict[tuple[str, int], LoadedVersion] = {}
+        self.latest: WorkerState | None = None
+        self.loaded: dict[Key, LoadedVersion] = {}
+        self.loading: dict[Key, asyncio.Task[None]] = {}
+        self.failed: dict[Key, str] = {}
 
     def _apply_capture(self, state: WorkerState) -> None:
         if state.capture_key is not None:
@@ -612,53 +737,87 @@ class _Mirror:
             gate=spec.gate,
         )
 
-    async def apply(self, state: WorkerState) -> tuple[str, bool]:
-        """Load what is missing, then switch. Returns the refusals ("" when none), and whether
-        a version the leader serves is among them (then this worker must not serve at all)."""
+    async def _load_task(self, key: Key, spec: VersionSpec) -> None:
         loop = asyncio.get_running_loop()
+        try:
+            self.loaded[key] = await loop.run_in_executor(
+                self.slots.loader_executor, self._load, spec
+            )
+            self.failed.pop(key, None)
+        except ModelfleetError as exc:
+            self.failed[key] = str(exc)
+        except Exception as exc:  # onnxruntime's own errors
+            self.failed[key] = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.loading.pop(key, None)
+        self._set_pointers()
+
+    def receive(self, state: WorkerState) -> asyncio.Task[Answer]:
+        """Take ``state`` as the newest; the task answers once its versions are loaded."""
+        self.latest = state
         self.telemetry.assigned.update(state.counters)
-        errors = []
-        wanted = {(v.name, v.version): v for v in state.versions}
-        for key, spec in wanted.items():
-            if key in self.loaded:
-                continue
-            try:
-                self.loaded[key] = await loop.run_in_executor(
-                    self.slots.loader_executor, self._load, spec
+        self.slots.unloaded = dict(state.unloaded)
+        self._apply_capture(state)
+        keys = []
+        for spec in state.versions:
+            key = (spec.name, spec.version)
+            keys.append(key)
+            if key not in self.loaded and key not in self.loading:
+                self.failed.pop(key, None)
+                self.loading[key] = asyncio.get_running_loop().create_task(
+                    self._load_task(key, spec)
                 )
-            except ModelfleetError as exc:
-                errors.append(f"{spec.name} v{spec.version}: {exc}")
-            except Exception as exc:  # onnxruntime's own errors
-                errors.append(f"{spec.name} v{spec.version}: {type(exc).__name__}: {exc}")
-        names = set()
-        missing = False
+        self._set_pointers()
+        return asyncio.get_running_loop().create_task(self._answer(keys))
+
+    async def _answer(self, keys: list[Key]) -> Answer:
+        waits = [self.loading[k] for k in keys if k in self.loading]
+        if waits:
+            await asyncio.gather(*waits, return_exceptions=True)
+        errors = {k: self.failed[k] for k in keys if k in self.failed}
+        return errors, self.cannot_serve()
+
+    def cannot_serve(self) -> str:
+        """Why this worker cannot serve what the newest state says it serves ("" if it can)."""
+        state = self.latest
+        if state is None:
+            return ""
+        for m in state.models:
+            for v in (m.active, m.previous):
+                if v and (m.name, v) in self.failed:
+                    return f"cannot serve {m.name} v{v}: {self.failed[(m.name, v)]}"
+        return ""
+
+    def _set_pointers(self) -> None:
+        """The newest state's pointers, for every model whose versions are all loaded (the
+        others keep theirs until their loads finish); then unneeded versions go."""
+        state = self.latest
+        if state is None:
+            return
         epoch = self.telemetry.store.switch_epoch
+        names = set()
         for m in state.models:
             names.add(m.name)
-            missing |= any(v and (m.name, v) not in self.loaded for v in (m.active, m.previous))
+            needed = [v for v in (m.active, m.previous, m.armed and m.armed[0]) if v]
+            if any((m.name, v) not in self.loaded for v in needed):
+                continue
             slot = self.slots.slot(m.name)
-            slot.active = self.loaded.get((m.name, m.active)) if m.active else None
-            slot.previous = self.loaded.get((m.name, m.previous)) if m.previous else None
+            slot.active = self.loaded[(m.name, m.active)] if m.active else None
+            slot.previous = self.loaded[(m.name, m.previous)] if m.previous else None
             slot.comparison = _worker_comparison(m.comparison)
             slot.pending = None
             if m.armed is not None:
-                target = self.loaded.get((m.name, m.armed[0]))
-                if target is None:
-                    missing = True
-                else:
-                    slot.pending = (target, m.armed[1])
-                    if epoch >= m.armed[1]:  # flipped already: as settle() would
-                        self.slots.settle(slot)
+                slot.pending = (self.loaded[(m.name, m.armed[0])], m.armed[1])
+                if epoch >= m.armed[1]:  # flipped already: as settle() would
+                    self.slots.settle(slot)
         for name in list(self.slots.slots):
             if name not in names:
                 del self.slots.slots[name]
+        wanted = {(v.name, v.version) for v in state.versions}
         for key in list(self.loaded):
             if key not in wanted:
                 # In-flight requests hold their own reference; the session goes with them.
                 del self.loaded[key]
-        self.slots.unloaded = dict(state.unloaded)
-        self._apply_capture(state)
-        return "; ".join(errors), missing
 
 
 def _die_with_parent() -> None:
@@ -681,9 +840,10 @@ def worker_main(
     """A serving worker's process (multiprocessing spawn target)."""
     _die_with_parent()
     parent = os.getppid()
-    # The leader handles Ctrl-C and tells its workers; SIGTERM (systemd stopping the whole
-    # unit) drains this process like the leader.
+    # The leader handles Ctrl-C and reloads (it tells its workers); SIGTERM (systemd stopping
+    # the whole unit) drains this process like the leader.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from modelfleet.kernel.logs import setup_logging
 
     setup_logging(cfg.log_level, cfg.log_json)
@@ -693,8 +853,6 @@ def worker_main(
         asyncio.run(_serve_worker(cfg, index, listen, Path(store_path), control_available, conn))
     except ModelfleetError as exc:
         log.error("serving worker %d: %s", index, exc)
-        with contextlib.suppress(OSError):
-            conn.send(("fatal", str(exc)))
         raise SystemExit(1) from None
 
 
@@ -712,6 +870,7 @@ async def _serve_worker(
     from modelfleet.agent.serving.dataplane import DataPlane
     from modelfleet.agent.serving.grpc_server import HealthReporter, build_server
     from modelfleet.agent.serving.shm import SharedMemoryRegistry
+    from modelfleet.kernel.logs import setup_logging
 
     loop = asyncio.get_running_loop()
     store = CounterStore.map(store_path)
@@ -725,104 +884,111 @@ async def _serve_worker(
     capture._key = b""  # replaced by the leader's key before any rule that hashes applies
     mirror = _Mirror(slots, telemetry, capture)
     credentials, token_check, _, tls_files = inference_security(cfg)
-    control = _ForwardedControl(control_available, conn)
-    pipe = ThreadPoolExecutor(1, "leader-pipe")
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
+    pipe = _Pipe(conn, loop, inbox.put_nowait, f"worker-{index}-leader")
+    control = _ForwardedControl(control_available, pipe.send)
     dataplane = DataPlane(slots, metrics, None, capture, Admission(Limits.from_settings(cfg)))
     health = HealthReporter(slots)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    if token_check is not None:
-        loop.add_signal_handler(signal.SIGHUP, token_check.reload)
-    else:
-        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    grace = cfg.drain_timeout_s
+    servers: list[Any] = []
+    leaving = ""
 
-    # The first state is loaded before the port is bound: a worker never answers with less
-    # than what the others serve.
-    _kind, state = await loop.run_in_executor(pipe, _recv, conn)
-    error, missing = await mirror.apply(state)
-    if missing:
-        raise WorkerRefusedError(f"cannot serve what the leader serves: {error}")
-    await health.refresh()
-    shm = SharedMemoryRegistry()  # one for both edges, as in the leader
-    server, _port = build_server(
-        slots,
-        dataplane,
-        health,
-        listen[0],
-        cfg.max_message_bytes,
-        credentials,
-        [token_check] if token_check else [],
-        control,
-        shm,
-        reuse_port=True,
-    )
-    await server.start()
-    http = None
-    if listen[1]:
-        # Imported only for an HTTP port, as in the leader (aiohttp's import is not free).
-        from modelfleet.agent.serving.http_server import HttpServer, OipHttp
-        from modelfleet.agent.serving.security import server_ssl_context
+    def answered(seq: int, task: asyncio.Task[Answer]) -> None:
+        nonlocal leaving
+        errors, fatal = task.result()
+        pipe.send(("ack", seq, errors, fatal))
+        if fatal and not leaving:
+            # Serving less than the others would answer "not loaded" on part of the
+            # connections: leave; the leader starts this worker again.
+            leaving = fatal
+            stop.set()
 
-        http = HttpServer(
-            OipHttp(
-                slots,
-                dataplane,
-                health,
-                cfg.http_max_request_bytes,
-                token_check,
-                control,
-                shm,
-            ),
-            listen[1],
-            server_ssl_context(tls_files) if tls_files else None,
-            cfg.drain_timeout_s,
+    async def bind() -> None:
+        await health.refresh()
+        shm = SharedMemoryRegistry()  # one for both edges, as in the leader
+        server, _port = build_server(
+            slots,
+            dataplane,
+            health,
+            listen[0],
+            cfg.max_message_bytes,
+            credentials,
+            [token_check] if token_check else [],
+            control,
+            shm,
             reuse_port=True,
         )
-        try:
+        await server.start()
+        servers.append(server)
+        if listen[1]:
+            # Imported only for an HTTP port, as in the leader (aiohttp's import is not free).
+            from modelfleet.agent.serving.http_server import HttpServer, OipHttp
+            from modelfleet.agent.serving.security import server_ssl_context
+
+            http = HttpServer(
+                OipHttp(
+                    slots,
+                    dataplane,
+                    health,
+                    cfg.http_max_request_bytes,
+                    token_check,
+                    control,
+                    shm,
+                ),
+                listen[1],
+                server_ssl_context(tls_files) if tls_files else None,
+                cfg.drain_timeout_s,
+                reuse_port=True,
+            )
             await http.start()
-        except ModelfleetError:
-            await server.stop(0)
-            raise
-    conn.send(("ack", state.seq, error))
-    conn.send(("ready", os.getpid()))
-    grace = cfg.drain_timeout_s
+            servers.append(http)
+        pipe.send(("ready", os.getpid()))
 
     async def listen_to_leader() -> None:
         nonlocal grace
+        gone = loop.create_task(_closed(pipe))
         while True:
-            try:
-                msg = await loop.run_in_executor(pipe, _recv, conn)
-            except (EOFError, OSError):
+            got = loop.create_task(inbox.get())
+            done, _ = await asyncio.wait([got, gone], return_when=asyncio.FIRST_COMPLETED)
+            if got not in done:
+                got.cancel()
                 log.error("serving worker %d: the leader is gone; stopping", index)
                 grace = 0.0
                 stop.set()
                 return
-            if msg[0] == "state":
-                answer, missing = await mirror.apply(msg[1])
-                if missing:
-                    # Serving less than the others would answer "not loaded" for part of the
-                    # connections: leave; the leader starts this worker again.
-                    conn.send(("fatal", f"cannot serve what the leader serves: {answer}"))
-                    grace = 0.0
-                    stop.set()
-                    return
-                await health.refresh()
-                conn.send(("ack", msg[1].seq, answer))
-            elif msg[0] == "control":
+            msg = got.result()
+            kind = msg[0]
+            if kind == "state":
+                state = msg[1]
+                task = mirror.receive(state)
+                task.add_done_callback(functools.partial(answered, state.seq))
+                if servers:
+                    await health.refresh()
+            elif kind == "bind":
+                await bind()
+            elif kind == "control":
                 fut = control.answers.pop(msg[1], None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg[2])
-            elif msg[0] == "stop":
+            elif kind == "reload":
+                setup_logging(msg[1], msg[2])
+                if token_check is not None:
+                    token_check.reload()
+            elif kind == "stop":
                 grace = msg[1]
                 stop.set()
                 return
 
     listener = loop.create_task(listen_to_leader())
     await stop.wait()
+    if leaving:
+        log.error("serving worker %d: %s; leaving", index, leaving)
     health.draining = True
     await health.refresh()
     await asyncio.gather(
-        server.stop(grace=grace), http.stop() if http is not None else asyncio.sleep(0)
+        *(s.stop(grace=grace) if hasattr(s, "add_insecure_port") else s.stop() for s in servers)
     )
     listener.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -830,7 +996,13 @@ async def _serve_worker(
     await dataplane.close()
     await asyncio.to_thread(capture.close)
     slots.close()
-    pipe.shutdown(wait=False, cancel_futures=True)
+    pipe.close()
+    if leaving:
+        raise WorkerRefusedError(leaving)
+
+
+async def _closed(pipe: _Pipe) -> None:
+    await pipe.closed
 
 
 __all__ = [

@@ -419,3 +419,24 @@ def test_capture_takes_every_processs_share_with_one_key(repo: Path, agent_facto
     assert len(rows) == 4 * CHANNELS
     assert len({r["in_x"] for r in rows}) == 1 and len(rows[0]["in_x"]) == 64
     assert not list((repo.parent / "agent-data" / "capture").rglob("*.tmp"))
+
+
+def test_a_worker_told_to_stop_by_sigterm_leaves_and_is_started_again(
+    repo: Path, agent_factory
+) -> None:
+    make_mlp_bundle(repo, 1)
+    agent = agent_factory(repo, "--serving-workers", "2")
+    agent.wait_log("agent: READY", timeout=90)
+    (pid,) = worker_pids(agent)
+    os.kill(pid, signal.SIGTERM)
+    # Drained and gone promptly: no thread of it waits on the pipe at exit.
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, "the worker gone after SIGTERM")
+    agent.wait_log("starting it again", timeout=15)
+    wait_for(lambda: agent.logs().count("answers on") >= 2, 60, "a new worker serving")
+    cs = clients(agent)
+    try:
+        assert {infer(c) for c in cs} == {"1"}
+    finally:
+        for c in cs:
+            c.close()
+    assert agent.stop() == 0

@@ -620,16 +620,18 @@ agg.assigned[("mlp", 1)] = int(sys.argv[2])
 v = agg.version("mlp", 1)
 for _ in range(int(sys.argv[3])):
     v.ok(0.0004, 0.0001)
-for reason in ["shape", "datatype", "shape"]:
+for reason in (sys.argv[4] if len(sys.argv) > 4 else "shape,datatype,shape").split(","):
     v.failed(reason)
 agg.gate("mlp", 1, True)  # the leader counts gates and switches once for every process
 agg.switched("mlp", 1, rollback=False)
 """
 
 
-def _count_in_sibling(journal: Path, base: int, n: int) -> None:
+def _count_in_sibling(
+    journal: Path, base: int, n: int, reasons: str = "shape,datatype,shape"
+) -> None:
     subprocess.run(
-        [sys.executable, "-c", _SIBLING_COUNTER, str(journal), str(base), str(n)],
+        [sys.executable, "-c", _SIBLING_COUNTER, str(journal), str(base), str(n), reasons],
         cwd=ROOT,
         check=True,
         timeout=60,
@@ -696,3 +698,15 @@ def test_a_worker_never_sets_aside_or_grows_a_store(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="not a telemetry store"):
         CounterStore.map(path)
     assert path.read_bytes() == b"not a journal" * 10
+
+
+def test_a_restarted_worker_keeps_its_slots_reasons_in_their_cells(tmp_path: Path) -> None:
+    """A worker started again counts in the slots its predecessor used: a reason keeps the cell
+    it was named in, so old counts are never reported under another reason's name."""
+    agg = TelemetryAggregator(store=CounterStore.create(tmp_path / "journal"))
+    base = agg.sibling("mlp", 1)
+    assert base is not None
+    _count_in_sibling(tmp_path / "journal", base, 0, "shape,shape")
+    _count_in_sibling(tmp_path / "journal", base, 0, "datatype,shape")
+    ((_, sums),) = agg.totals(lambda m, v: True)
+    assert sums.failures == {"shape": 3, "datatype": 1}

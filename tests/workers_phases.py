@@ -10,7 +10,9 @@ tests/test_serving_workers.py runs it.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import pytest
 
 from modelfleet.agent.app import build_slots
 from modelfleet.agent.config import ServeConfig
+from modelfleet.agent.gate import GateResult
 from modelfleet.agent.metrics import AgentMetrics
 from modelfleet.agent.repository import ModelControl
 from modelfleet.agent.telemetry import CounterStore
@@ -110,6 +113,40 @@ def one_workers_refusal_refuses_the_version_everywhere(tmp_path: Path) -> None:
             # And its counts are in the leader's view.
             shares = dict((i, n) for i, _, n in workers.shares())
             assert shares[1] >= 3
+
+            # A candidate refused by the leader's own gate: the rollback target (v1, dropped to
+            # make room) is loaded back, in the worker too, and nothing stays staged.
+            await slots.deploy(make_mlp_bundle(repo, 4, seed=11).path)  # v4 active, v3 previous
+            real = slots._load_and_gate
+
+            def refuse_v5(bundle):
+                if bundle.version == 5:
+                    return None, GateResult(5, False, "forced", "mismatch", None, 0.0)
+                return real(bundle)
+
+            slots._load_and_gate = refuse_v5  # type: ignore[method-assign]
+            with pytest.raises(GateFailedError, match="forced"):
+                await slots.deploy(make_mlp_bundle(repo, 5, seed=12).path)
+            slots._load_and_gate = real  # type: ignore[method-assign]
+            assert (slots.slots["mlp"].active.version, slots.slots["mlp"].previous.version) == (
+                4,
+                3,
+            )
+            assert workers._staged == {}, workers._staged
+            # So an old folder may go, and a worker that restarts loads only what serves.
+            await slots.deploy(make_mlp_bundle(repo, 6, seed=13).path)  # v3 dropped for good
+            shutil.rmtree(repo / "mlp" / "3")
+            (pid,) = workers.pids()
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(200):
+                await asyncio.sleep(0.1)
+                w = workers.workers[0]
+                if w.ready and w.pid not in (None, pid):
+                    break
+            else:
+                raise AssertionError("the worker did not come back")
+            await slots.deploy(make_mlp_bundle(repo, 7, seed=14).path)
+            assert await asyncio.to_thread(version_via_worker) == "7"
         finally:
             await workers.stop(1.0)
             slots.close()

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from modelfleet.agent.fleet.backoff import Backoff
 from modelfleet.agent.telemetry import (
+    JOURNAL_SLOTS,
     CounterStore,
     JournalMark,
     TelemetryAggregator,
@@ -183,7 +184,7 @@ class Outbox:
             self._db.close()
 
 
-def open_journal(path: Path, outbox: Outbox) -> CounterStore:
+def open_journal(path: Path, outbox: Outbox, slots: int = JOURNAL_SLOTS) -> CounterStore:
     """The journal to count into from now on, after what a crash left in it is in the outbox.
 
     What the journal at ``path`` holds beyond the outbox's mark (counts of a process killed
@@ -215,7 +216,7 @@ def open_journal(path: Path, outbox: Outbox) -> CounterStore:
                 path,
             )
         old.close()
-    return CounterStore.create(path)
+    return CounterStore.create(path, slots)
 
 
 # Sends a batch and returns the seqs the hub acknowledged; raises OSError (ConnectionError) or a

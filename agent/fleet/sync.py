@@ -39,7 +39,7 @@ from modelfleet.agent.jobs import JobRunner
 from modelfleet.agent.serving.capture import Capture, CaptureRule
 from modelfleet.agent.serving.routing import BASIS_POINTS, Comparison
 from modelfleet.agent.slots import SlotManager
-from modelfleet.agent.telemetry import JOURNAL_FILE
+from modelfleet.agent.telemetry import JOURNAL_FILE, JOURNAL_SLOTS
 from modelfleet.kernel.atomic import atomic_write_json
 from modelfleet.kernel.errors import (
     BundleError,
@@ -134,7 +134,11 @@ class FleetSync:
         # Telemetry (docs/telemetry.md): through the outbox, over the control plane.
         outbox = Outbox(self.data / OUTBOX_FILE, cfg.telemetry_outbox_max_reports)
         # From here on every count is in the crash-safe journal (docs/telemetry.md).
-        slots.metrics.telemetry.attach(open_journal(self.data / JOURNAL_FILE, outbox))
+        # Serving workers count in slots of their own: room for each process's versions.
+        journal = open_journal(
+            self.data / JOURNAL_FILE, outbox, JOURNAL_SLOTS * max(1, cfg.serving_workers)
+        )
+        slots.metrics.telemetry.attach(journal)
         self.telemetry = TelemetryShipper(
             slots.metrics.telemetry,
             outbox,
