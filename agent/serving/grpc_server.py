@@ -40,6 +40,7 @@ from modelfleet.agent.serving.shm import (
     output_placements,
     require_local,
 )
+from modelfleet.agent.serving.wire import encode_infer_response
 from modelfleet.agent.slots import SlotManager
 from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import (
@@ -264,10 +265,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             req.routing_key = _header_routing_key(context)
         if self.dataplane.admission.clients is not None:
             req.client = grpc_client_key(context)
+        # The serialized response: the method is registered without a response serializer
+        # (add_inference_service).
         if self.tracing is None:
-            return response_to_proto(await self.dataplane.infer(req), shm, placed)
+            return encode_infer_response(await self.dataplane.infer(req), shm, placed)
         carrier = tracing.carrier_of(context.invocation_metadata())
-        return await self._traced(req, carrier, "ModelInfer", shm, placed)
+        return await self._traced(req, carrier, "ModelInfer", shm, placed, encode_infer_response)
 
     def _shm_for(self, context: grpc.aio.ServicerContext) -> SharedMemoryRegistry | None:
         """The registry for a client on this host; None (shared memory refused) for others."""
@@ -329,6 +332,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         method: str,
         shm: SharedMemoryRegistry | None,
         placed: Any = None,
+        encode: Callable[..., Any] = response_to_proto,
     ) -> Any:
         """One request's server span (a unary call, or one message of a stream), continuing
         the caller's W3C trace context from the call's metadata; the data plane adds the
@@ -346,7 +350,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             },
         ) as span:
             req.trace = span
-            return response_to_proto(await self.dataplane.infer(req), shm, placed)
+            return encode(await self.dataplane.infer(req), shm, placed)
 
 
 def grpc_client_key(context: grpc.aio.ServicerContext) -> str:
@@ -532,6 +536,42 @@ class HealthReporter:
         self._known = names
 
 
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+
+
+class _HandlerTable:
+    """Stands in for the server while the generated code registers the service, to keep the
+    table of method handlers it builds."""
+
+    handlers: dict[str, grpc.RpcMethodHandler] | None = None
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """The generated registration of the Open Inference Protocol service, except that
+    ModelInfer has no response serializer: its handler returns the response already
+    serialized (wire.encode_infer_response), which costs a fraction of building the
+    protobuf message. gRPC sends a handler's bytes as they are when there is no serializer."""
+    table = _HandlerTable()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, table)
+    handlers = table.handlers
+    if handlers is None or "ModelInfer" not in handlers:
+        raise RuntimeError(
+            "the generated inference_pb2_grpc registers no ModelInfer handler table; "
+            "regenerate it with the grpcio-tools in pyproject.toml (make protos)"
+        )
+    handlers["ModelInfer"] = handlers["ModelInfer"]._replace(response_serializer=None)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(INFERENCE_SERVICE, handlers),)
+    )
+    server.add_registered_method_handlers(INFERENCE_SERVICE, handlers)
+
+
 def build_server(
     slots: SlotManager,
     dataplane: DataPlane,
@@ -545,9 +585,7 @@ def build_server(
 ) -> tuple[grpc.aio.Server, int]:
     """The inference server; plaintext unless ``credentials`` (see agent.serving.security)."""
     server = grpc.aio.server(options=server_options(max_message_bytes), interceptors=interceptors)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(slots, dataplane, control, shm), server
-    )
+    add_inference_service(InferenceServicer(slots, dataplane, control, shm), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_reporter.servicer, server)
     # Reflection, so grpcurl and similar tools can list and call the services without the
     # .proto files; it describes only the public protocol (the admin API is on its own socket).
