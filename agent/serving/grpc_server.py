@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -40,7 +41,7 @@ from modelfleet.agent.serving.shm import (
     output_placements,
     require_local,
 )
-from modelfleet.agent.serving.wire import encode_infer_response
+from modelfleet.agent.serving.wire import decode_infer_request, encode_infer_response
 from modelfleet.agent.slots import SlotManager
 from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import (
@@ -74,6 +75,10 @@ def _grpc_errors(
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
             return await fn(self, request, context)
+        except DecodeError:
+            # A request that does not parse (ModelInfer parses its own): gRPC answers it as it
+            # answers one its deserializer refuses (UNKNOWN, naming the error).
+            raise
         except ModelfleetError as exc:
             await context.abort(GRPC_CODES[exc.status], str(exc))
             raise  # unreachable: abort raises
@@ -258,9 +263,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_grpc_errors
     async def ModelInfer(self, request, context):
-        shm = self._shm_for(context)
-        req = request_from_proto(request, shm)
-        placed = output_placements(shm, req.output_parameters)
+        # Registered without a request deserializer (add_inference_service): ``request`` is
+        # the message's bytes, most often decoded here without protobuf.
+        req = decode_infer_request(request)
+        if req is not None:
+            # The plain form places nothing in shared memory: no peer check needed.
+            shm, placed = None, None
+        else:
+            # DecodeError passes through _grpc_errors: gRPC answers it as it answered its own
+            # deserializer's.
+            msg = pb.ModelInferRequest.FromString(request)
+            shm = self._shm_for(context)
+            req = request_from_proto(msg, shm)
+            placed = output_placements(shm, req.output_parameters)
         if not req.routing_key and self._compared(req.model_name):
             req.routing_key = _header_routing_key(context)
         if self.dataplane.admission.clients is not None:
@@ -554,9 +569,10 @@ class _HandlerTable:
 
 def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     """The generated registration of the Open Inference Protocol service, except that
-    ModelInfer has no response serializer: its handler returns the response already
-    serialized (wire.encode_infer_response), which costs a fraction of building the
-    protobuf message. gRPC sends a handler's bytes as they are when there is no serializer."""
+    ModelInfer has neither request deserializer nor response serializer: its handler takes the
+    request's bytes and returns the response's (wire.decode_infer_request and
+    encode_infer_response), which costs a fraction of going through protobuf messages. gRPC
+    passes bytes as they are where a method has no (de)serializer."""
     table = _HandlerTable()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, table)
     handlers = table.handlers
@@ -565,7 +581,9 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
             "the generated inference_pb2_grpc registers no ModelInfer handler table; "
             "regenerate it with the grpcio-tools in pyproject.toml (make protos)"
         )
-    handlers["ModelInfer"] = handlers["ModelInfer"]._replace(response_serializer=None)
+    handlers["ModelInfer"] = handlers["ModelInfer"]._replace(
+        request_deserializer=None, response_serializer=None
+    )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(INFERENCE_SERVICE, handlers),)
     )
