@@ -127,6 +127,7 @@ class LoadedVersion:
             )
         # How requests run, for status: inline (on the event loop), batched or executor.
         self.path = "batched" if self.batching else ("inline" if inline else "executor")
+        self.inline = not self.batching and inline
 
     def _observe_batch(self, rows: int, compute_s: float) -> None:
         # Runs on the event loop (after the executor future resolves), so no lock is needed.
@@ -146,6 +147,15 @@ class LoadedVersion:
         self, inputs: dict[str, np.ndarray], rows: int
     ) -> tuple[dict[str, np.ndarray], Timing]:
         return await self.runner.infer(self.model.prepare(inputs), rows)
+
+    def run_inline(
+        self, inputs: dict[str, np.ndarray], rows: int
+    ) -> tuple[dict[str, np.ndarray], Timing]:
+        """What :meth:`infer` does for an ``inline`` version, without its coroutines (the data
+        plane calls this for every request to such a version)."""
+        runner = self.runner
+        assert isinstance(runner, DirectRunner)
+        return runner.run_inline(self.model.prepare(inputs), rows)
 
     def telemetry_shadow(self, shadow_version: int, outputs: list[str]) -> ShadowCells:
         """Where this version's outputs are compared with ``shadow_version``'s."""

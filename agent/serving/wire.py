@@ -248,6 +248,8 @@ def _fields(data: bytes) -> list[tuple[int, bytes]]:
 _Header = tuple[str, str, str, list[tuple[str, str, tuple[int, ...], Any, int]], list[str]]
 _HEADERS: dict[bytes, _Header] = {}
 _HEADER_MAX_BYTES = 512
+# The last cached header and its parse.
+_last: tuple[bytes, _Header] = (b"", ("", "", "", [], []))
 
 
 def _header(head: bytes) -> _Header:
@@ -305,23 +307,32 @@ def decode_infer_request(data: bytes) -> InferRequest | None:
     protobuf, which accepts or refuses it as before.
 
     Parsing the message with protobuf and reading its fields cost three times this."""
+    global _last
     try:
-        # Up to the first raw_input_contents entry.
-        i, end = 0, len(data)
-        while i < end:
-            key = data[i]
-            if key == _R_RAW:
-                break
-            if key & 0x87 != 0x02:
-                return None
-            n = data[i + 1]
-            if n < 0x80:
-                i += 2
-            else:
-                n, i = _length(data, i + 1)
-            i += n
-        head = data[:i]
-        header = _HEADERS.get(head) or _header(head)
+        end = len(data)
+        head, header = _last
+        i = len(head)
+        # The header of the last request again (one client, most often): it is made of whole
+        # fields, so what follows it starts a field, and must be raw_input_contents below.
+        if not (i and data.startswith(head)):
+            # Up to the first raw_input_contents entry.
+            i = 0
+            while i < end:
+                key = data[i]
+                if key == _R_RAW:
+                    break
+                if key & 0x87 != 0x02:
+                    return None
+                n = data[i + 1]
+                if n < 0x80:
+                    i += 2
+                else:
+                    n, i = _length(data, i + 1)
+                i += n
+            head = data[:i]
+            header = _HEADERS.get(head) or _header(head)
+            if head in _HEADERS:
+                _last = (head, header)
         raws = []
         while i < end:
             if data[i] != _R_RAW:
