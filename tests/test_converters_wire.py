@@ -133,6 +133,34 @@ def test_decoded_requests_say_what_protobuf_reads() -> None:
     assert decoded > 300
 
 
+def test_requests_that_share_a_header_prefix_decode_each_as_sent() -> None:
+    """The decoder tries the last request's header first: a request that starts the same way
+    but goes on otherwise (an output asked for, another shape) is still read as sent."""
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+
+    def request(outputs: list[str], rows: int = 1) -> bytes:
+        msg = tpb.ModelInferRequest(model_name="small")
+        msg.inputs.add(name="x", datatype="FP32", shape=[rows, 4])
+        for o in outputs:
+            msg.outputs.add(name=o)
+        msg.raw_input_contents.append(np.repeat(x, rows, axis=0).tobytes())
+        return msg.SerializeToString()
+
+    plain, asks, two_rows = request([]), request(["y"]), request([], rows=2)
+    for data, outputs, shape in [
+        (plain, [], (1, 4)),
+        (plain, [], (1, 4)),
+        (asks, ["y"], (1, 4)),
+        (plain, [], (1, 4)),
+        (two_rows, [], (2, 4)),
+        (asks, ["y"], (1, 4)),
+    ]:
+        req = decode_infer_request(data)
+        assert req is not None
+        assert req.outputs == outputs
+        assert req.inputs[0].shape == shape == req.inputs[0].data.shape
+
+
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16_383, 16_384, 2**31, 2**63 - 1, -1, -(2**63)])
 def test_shape_dimensions_are_protobufs_int64(n: int) -> None:
     # Outputs never have negative dimensions, but the encoding of one must still be protobuf's.

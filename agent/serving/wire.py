@@ -312,9 +312,9 @@ def decode_infer_request(data: bytes) -> InferRequest | None:
         end = len(data)
         head, header = _last
         i = len(head)
-        # The header of the last request again (one client, most often): it is made of whole
-        # fields, so what follows it starts a field, and must be raw_input_contents below.
-        if not (i and data.startswith(head)):
+        # The header of the last request again (one client, most often), then its raw inputs:
+        # the header is made of whole fields, so the key after it starts the next field.
+        if not (i and data.startswith(head) and data[i] == _R_RAW):
             # Up to the first raw_input_contents entry.
             i = 0
             while i < end:
