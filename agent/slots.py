@@ -102,6 +102,8 @@ class LoadedVersion:
         self.input_specs = {t.name: t for t in bundle.manifest.inputs}
         # Per input, its shape after the batch dimension when that is its only -1 (else None).
         self.input_tails = {t.name: batch_tail(t.shape) for t in bundle.manifest.inputs}
+        # One-input signatures validate_inputs accepted, and their rows (serving/dataplane.py).
+        self.accepted: dict[tuple[str, str, tuple[int, ...], tuple[int, ...]], int] = {}
         self.max_batch_size = bundle.manifest.max_batch_size
         self._aggregator = metrics.telemetry
         # Set by SlotManager.drift_attach when the bundle has a reference (agent/serving/drift.py).
