@@ -105,6 +105,8 @@ class LoadedVersion:
         self.input_specs = {t.name: t for t in bundle.manifest.inputs}
         # Per input, its shape after the batch dimension when that is its only -1 (else None).
         self.input_tails = {t.name: batch_tail(t.shape) for t in bundle.manifest.inputs}
+        # One-input signatures validate_inputs accepted, and their rows (serving/dataplane.py).
+        self.accepted: dict[tuple[str, str, tuple[int, ...], tuple[int, ...]], int] = {}
         self.max_batch_size = bundle.manifest.max_batch_size
         self._aggregator = metrics.telemetry
         # Set by SlotManager.drift_attach when the bundle has a reference (agent/serving/drift.py).
@@ -130,6 +132,7 @@ class LoadedVersion:
             )
         # How requests run, for status: inline (on the event loop), batched or executor.
         self.path = "batched" if self.batching else ("inline" if inline else "executor")
+        self.inline = not self.batching and inline
 
     def _observe_batch(self, rows: int, compute_s: float) -> None:
         # Runs on the event loop (after the executor future resolves), so no lock is needed.
@@ -149,6 +152,15 @@ class LoadedVersion:
         self, inputs: dict[str, np.ndarray], rows: int
     ) -> tuple[dict[str, np.ndarray], Timing]:
         return await self.runner.infer(self.model.prepare(inputs), rows)
+
+    def run_inline(
+        self, inputs: dict[str, np.ndarray], rows: int
+    ) -> tuple[dict[str, np.ndarray], Timing]:
+        """What :meth:`infer` does for an ``inline`` version, without its coroutines (the data
+        plane calls this for every request to such a version)."""
+        runner = self.runner
+        assert isinstance(runner, DirectRunner)
+        return runner.run_inline(self.model.prepare(inputs), rows)
 
     def telemetry_shadow(self, shadow_version: int, outputs: list[str]) -> ShadowCells:
         """Where this version's outputs are compared with ``shadow_version``'s."""

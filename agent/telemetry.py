@@ -323,8 +323,12 @@ class VersionCounters:
         # bisect_left: a value equal to a bound belongs to that bound's bucket (le semantics).
         c[b + _REQUEST_H + bisect_left(LATENCY_BOUNDS, request_s)] += 1
         c[b + _REQUEST_SUM] += int(request_s * 1e9)
-        c[b + _QUEUE_H + bisect_left(LATENCY_BOUNDS, queue_s)] += 1
-        c[b + _QUEUE_SUM] += int(queue_s * 1e9)
+        if queue_s:
+            c[b + _QUEUE_H + bisect_left(LATENCY_BOUNDS, queue_s)] += 1
+            c[b + _QUEUE_SUM] += int(queue_s * 1e9)
+        else:
+            # No wait at all (a model run inline): the first bucket, nothing to add to the sum.
+            c[b + _QUEUE_H] += 1
 
     def failed(self, reason: str) -> None:
         c, b = self.cells, self.base

@@ -147,7 +147,7 @@ def client_key(peer: str, identity: str = "") -> str:
     return peer
 
 
-@dataclass
+@dataclass(frozen=True)
 class Limits:
     # 0 in a field means auto (see resolve()).
     max_concurrent_requests: int = 0
@@ -207,6 +207,10 @@ class Admission:
         self.limits = limits or Limits()
         self._load: dict[str, _Load] = {}
         lim = self.limits
+        # Worked out once (Limits is frozen): every request checks against them.
+        self._request_bytes = lim.request_bytes()
+        self._concurrency = lim.concurrency()
+        self._rows: dict[int, int] = {}  # by max batch size
         self.clients: ClientTable | None = None
         if lim.rate_limit_per_s > 0:
             self.clients = ClientTable(lim.rate_limit_per_s, lim.burst(), lim.rate_limit_clients)
@@ -226,7 +230,7 @@ class Admission:
             )
 
     def check_size(self, model: str, feed: dict[str, np.ndarray]) -> None:
-        limit = self.limits.request_bytes()
+        limit = self._request_bytes
         size = input_bytes(feed)
         if size > limit:
             raise RequestTooLargeError(
@@ -240,8 +244,7 @@ class Admission:
         load = self._load.get(model)
         if load is None:
             load = self._load[model] = _Load()
-        lim = self.limits
-        concurrency = lim.concurrency()
+        concurrency = self._concurrency
         if load.requests >= concurrency:
             raise OverloadedError(
                 f"model {model!r} is at its limit of {concurrency} concurrent requests "
@@ -249,7 +252,9 @@ class Admission:
                 "raise max_concurrent_requests (--max-concurrent-requests) or add capacity",
                 reason=SHED_CONCURRENCY,
             )
-        max_rows = lim.rows(max_batch_size)
+        max_rows = self._rows.get(max_batch_size)
+        if max_rows is None:
+            max_rows = self._rows[max_batch_size] = self.limits.rows(max_batch_size)
         if load.rows + rows > max_rows and load.requests > 0:
             raise OverloadedError(
                 f"model {model!r} has {load.rows} rows queued or computing; {rows} more would "

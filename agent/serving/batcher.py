@@ -66,20 +66,24 @@ class DirectRunner:
         # costs more than the model: run them on the event loop instead.
         self.inline = inline
 
+    def run_inline(self, inputs: dict[str, np.ndarray], rows: int) -> tuple[dict, Timing]:
+        """The run on the calling thread (the event loop): for ``inline`` runners, whose callers
+        may skip the coroutine of :meth:`infer`."""
+        out, started, compute = _timed(self._run, inputs)
+        self._observer(rows, compute)
+        # Positional: keywords cost twice as much here, and this runs for every request.
+        return out, Timing(0.0, compute, rows, started)
+
     async def infer(self, inputs: dict[str, np.ndarray], rows: int) -> tuple[dict, Timing]:
         if self.inline:
-            out, started, compute = _timed(self._run, inputs)
-            self._observer(rows, compute)
-            return out, Timing(queue_s=0.0, compute_s=compute, batch_rows=rows, started=started)
+            return self.run_inline(inputs, rows)
         loop = asyncio.get_running_loop()
         submitted = time.perf_counter()
         out, started, compute = await loop.run_in_executor(
             self._executor, _timed, self._run, inputs
         )
         self._observer(rows, compute)
-        return out, Timing(
-            queue_s=started - submitted, compute_s=compute, batch_rows=rows, started=started
-        )
+        return out, Timing(started - submitted, compute, rows, started)
 
 
 # Queue delays end within this of their deadline on a thread instead of the event loop.
@@ -228,15 +232,7 @@ class DynamicBatcher:
                 offset += it.rows
                 if not it.future.done():
                     it.future.set_result(
-                        (
-                            part,
-                            Timing(
-                                queue_s=started - it.enqueued,
-                                compute_s=compute,
-                                batch_rows=total,
-                                started=started,
-                            ),
-                        )
+                        (part, Timing(started - it.enqueued, compute, total, started))
                     )
         finally:
             self._slots.release()

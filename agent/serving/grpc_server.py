@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -40,6 +41,7 @@ from modelfleet.agent.serving.shm import (
     output_placements,
     require_local,
 )
+from modelfleet.agent.serving.wire import decode_infer_request, encode_infer_response
 from modelfleet.agent.slots import SlotManager
 from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import (
@@ -73,6 +75,10 @@ def _grpc_errors(
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
             return await fn(self, request, context)
+        except DecodeError:
+            # A request that does not parse (ModelInfer parses its own): gRPC answers it as it
+            # answers one its deserializer refuses (UNKNOWN, naming the error).
+            raise
         except ModelfleetError as exc:
             await context.abort(GRPC_CODES[exc.status], str(exc))
             raise  # unreachable: abort raises
@@ -257,17 +263,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_grpc_errors
     async def ModelInfer(self, request, context):
-        shm = self._shm_for(context)
-        req = request_from_proto(request, shm)
-        placed = output_placements(shm, req.output_parameters)
+        # Registered without a request deserializer (add_inference_service): ``request`` is
+        # the message's bytes, most often decoded here without protobuf.
+        req = decode_infer_request(request)
+        if req is not None:
+            # The plain form places nothing in shared memory: no peer check needed.
+            shm, placed = None, None
+        else:
+            # DecodeError passes through _grpc_errors: gRPC answers it as it answered its own
+            # deserializer's.
+            msg = pb.ModelInferRequest.FromString(request)
+            shm = self._shm_for(context)
+            req = request_from_proto(msg, shm)
+            placed = output_placements(shm, req.output_parameters)
         if not req.routing_key and self._compared(req.model_name):
             req.routing_key = _header_routing_key(context)
         if self.dataplane.admission.clients is not None:
             req.client = grpc_client_key(context)
+        # The serialized response: the method is registered without a response serializer
+        # (add_inference_service).
         if self.tracing is None:
-            return response_to_proto(await self.dataplane.infer(req), shm, placed)
+            return encode_infer_response(await self.dataplane.infer(req), shm, placed)
         carrier = tracing.carrier_of(context.invocation_metadata())
-        return await self._traced(req, carrier, "ModelInfer", shm, placed)
+        return await self._traced(req, carrier, "ModelInfer", shm, placed, encode_infer_response)
 
     def _shm_for(self, context: grpc.aio.ServicerContext) -> SharedMemoryRegistry | None:
         """The registry for a client on this host; None (shared memory refused) for others."""
@@ -329,6 +347,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         method: str,
         shm: SharedMemoryRegistry | None,
         placed: Any = None,
+        encode: Callable[..., Any] = response_to_proto,
     ) -> Any:
         """One request's server span (a unary call, or one message of a stream), continuing
         the caller's W3C trace context from the call's metadata; the data plane adds the
@@ -346,7 +365,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             },
         ) as span:
             req.trace = span
-            return response_to_proto(await self.dataplane.infer(req), shm, placed)
+            return encode(await self.dataplane.infer(req), shm, placed)
 
 
 def grpc_client_key(context: grpc.aio.ServicerContext) -> str:
@@ -532,6 +551,45 @@ class HealthReporter:
         self._known = names
 
 
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+
+
+class _HandlerTable:
+    """Stands in for the server while the generated code registers the service, to keep the
+    table of method handlers it builds."""
+
+    handlers: dict[str, grpc.RpcMethodHandler] | None = None
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """The generated registration of the Open Inference Protocol service, except that
+    ModelInfer has neither request deserializer nor response serializer: its handler takes the
+    request's bytes and returns the response's (wire.decode_infer_request and
+    encode_infer_response), which costs a fraction of going through protobuf messages. gRPC
+    passes bytes as they are where a method has no (de)serializer."""
+    table = _HandlerTable()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, table)
+    handlers = table.handlers
+    if handlers is None or "ModelInfer" not in handlers:
+        raise RuntimeError(
+            "the generated inference_pb2_grpc registers no ModelInfer handler table; "
+            "regenerate it with the grpcio-tools in pyproject.toml (make protos)"
+        )
+    handlers["ModelInfer"] = handlers["ModelInfer"]._replace(
+        request_deserializer=None, response_serializer=None
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(INFERENCE_SERVICE, handlers),)
+    )
+    server.add_registered_method_handlers(INFERENCE_SERVICE, handlers)
+
+
 def build_server(
     slots: SlotManager,
     dataplane: DataPlane,
@@ -554,9 +612,7 @@ def build_server(
     if reuse_port:
         options = [o for o in options if o[0] != "grpc.so_reuseport"] + [("grpc.so_reuseport", 1)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(slots, dataplane, control, shm), server
-    )
+    add_inference_service(InferenceServicer(slots, dataplane, control, shm), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_reporter.servicer, server)
     # Reflection, so grpcurl and similar tools can list and call the services without the
     # .proto files; it describes only the public protocol (the admin API is on its own socket).
