@@ -65,7 +65,10 @@ class Traffic:
         self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(threads)]
 
     def run(self) -> None:
-        client = grpcclient.InferenceServerClient(self.url)
+        # A connection of its own per client (gRPC shares one between equal channels of a
+        # process otherwise), so the agent's serving processes each get some.
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        client = grpcclient.InferenceServerClient(self.url, channel_args=own)
         x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
         while not self.stop.is_set():
             inp = grpcclient.InferInput("x", [1, 4], "FP32")
@@ -126,14 +129,22 @@ def main() -> int:
         print(f"  {b.path.relative_to(work)}  sha256 {b.manifest.model_sha256[:12]}")
 
     http_url = f"127.0.0.1:{free_port()}"
-    agent = AgentProcess(repo, "--http-listen", http_url, log_path=work / "agent.log")
+    agent = AgentProcess(
+        repo, "--http-listen", http_url, "--serving-workers", "2", log_path=work / "agent.log"
+    )
     traffic = None
     try:
-        step("2. Start the agent on the repository (standalone mode) and wait for READY")
+        step(
+            "2. Start the agent on the repository (standalone mode, two serving processes on one"
+            " port) and wait for READY"
+        )
         t0 = time.monotonic()
         agent.start()
-        agent.wait_model("fraud", timeout=60)
+        agent.wait_log("agent: READY", timeout=60)
         print(f"  ready in {time.monotonic() - t0:.2f}s on {agent.url}")
+        for line in agent.logs().splitlines():
+            if "processes answer inference" in line:
+                print(f"  {line.split(': ', 1)[1]}")
         show(["status"], agent)
 
         step("3. Four clients send requests continuously (tritonclient over gRPC)")
@@ -194,6 +205,7 @@ def main() -> int:
                     "modelfleet_rollbacks",
                     "modelfleet_gate_f",
                     "modelfleet_loaded",
+                    "modelfleet_serving_process_requests_total",
                 )
             ) or (line.startswith("modelfleet_requests_total") and "success" in line):
                 print(f"  {line}")
