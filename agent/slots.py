@@ -237,6 +237,9 @@ class Replicas(Protocol):
     def release(self, name: str, version: int) -> None:
         """Done with a prepared version (switched to, kept as previous, or given up)."""
 
+    async def sync(self) -> None:
+        """Every process serves what this one serves now (after an unload, a rollback)."""
+
 
 class SlotManager:
     """All models the agent knows, and the only place that changes what serves."""
@@ -669,7 +672,18 @@ class SlotManager:
         return frm.version, to.version
 
     async def unload(self, name: str, version: int | None = None) -> None:
-        """Unload one version, or the whole model when ``version`` is None."""
+        """Unload one version, or the whole model when ``version`` is None; returns once no
+        serving process serves it any more."""
+        await self._unload(name, version)
+        await self.sync_replicas()
+
+    async def sync_replicas(self) -> None:
+        """Wait until every serving worker serves what this process serves (a no-op without
+        workers): for changes whose caller answers someone, such as an unload or a rollback."""
+        if self.replicas is not None:
+            await self.replicas.sync()
+
+    async def _unload(self, name: str, version: int | None) -> None:
         slot = self.slots.get(name)
         if slot is None:
             return

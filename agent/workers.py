@@ -389,6 +389,12 @@ class ServingWorkers:
             if answer is not None and (answer[0] or answer[1]):
                 log.error("serving worker %d did not take the new state: %s", w.index, answer)
 
+    async def sync(self) -> None:
+        """The current state to every worker; returns once each has applied it."""
+        for w, answer in await self._send(SWITCH_TIMEOUT_S):
+            if answer is not None and answer[1]:
+                log.error("serving worker %d cannot serve the new state: %s", w.index, answer)
+
     def publish(self, _name: str = "") -> None:
         """Send the state after a change made without waiting (rollback, unload, comparison);
         a slot listener, so several changes in one loop turn send one state."""

@@ -422,6 +422,7 @@ class AdminServicer(agent_pb2_grpc.AgentAdminServicer):
                     "compare: give a share (--split PCT or --shadow PCT above 0), or --off"
                 )
         status = await compare_local(self.slots, self.models, request.model, comparison)
+        await self.slots.sync_replicas()  # every serving process splits the same way first
         return agent_pb2.CompareResponse(model=_status_to_proto(status, self.slots))
 
     @_grpc_errors
@@ -447,6 +448,8 @@ class AdminServicer(agent_pb2_grpc.AgentAdminServicer):
                 CaptureRule(request.rate_bp, tuple(request.exclude), tuple(request.hash)),
             )
         await asyncio.to_thread(LocalRules(cap.limits.dir).save, dict(cap.rules))
+        # Answered once every serving process captures by the new rule.
+        await self.slots.sync_replicas()
         rule = cap.rules.get(request.model)
         files = [f for f in cap.files() if f.parent.name == request.model]
         return agent_pb2.CaptureResponse(
@@ -469,6 +472,8 @@ class AdminServicer(agent_pb2_grpc.AgentAdminServicer):
                 "`modelfleet-hub rollout rollback MODEL` or `modelfleet-hub deploy MODEL VERSION`"
             )
         frm, to = self.slots.rollback(request.model)
+        # Answered once every serving process has rolled back too.
+        await self.slots.sync_replicas()
         return agent_pb2.RollbackResponse(from_version=frm, to_version=to)
 
 
