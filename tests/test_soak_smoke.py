@@ -28,6 +28,10 @@ def test_short_soak_swaps_restarts_the_hub_and_reports_every_goal(tmp_path: Path
         "SOAK_SECONDS": "20",
         "SOAK_SWAP_EVERY_S": "5",
         "SOAK_PROBE_S": "3",
+        # Half the measured maximum, not the soak's 80%: under `make test` the other worker's
+        # tests take the cores the probe measured, and a saturated agent (seconds of sender
+        # lag) gated a version later than the next swap. This test checks the tool, not speed.
+        "SOAK_LOAD": "0.5",
         "SOAK_OUT": str(tmp_path),
     }
     proc = subprocess.run(
