@@ -57,6 +57,8 @@ from modelfleet.kernel.settings import split_hostport
 from modelfleet.kernel.tracing import TracingSettings
 
 if TYPE_CHECKING:
+    import ssl
+
     from modelfleet.agent.fleet.controlplane import ControlPlane
     from modelfleet.agent.serving.http_server import HttpServer
 
@@ -305,6 +307,31 @@ def start_tracing(cfg: ServeConfig) -> None:
     )
 
 
+def http_inference_server(
+    cfg: ServeConfig,
+    slots: SlotManager,
+    dataplane: DataPlane,
+    health: HealthReporter,
+    token_check: BearerTokenInterceptor | None,
+    control: ModelControl,
+    shm: SharedMemoryRegistry,
+    listen: str,
+    ssl_context: ssl.SSLContext | None,
+) -> HttpServer:
+    """The HTTP/REST edge over the same data plane (the agent's, and each serving worker's:
+    with serving workers the port is shared)."""
+    # Imported only for an HTTP port: aiohttp is a fifth of the agent's start-up CPU.
+    from modelfleet.agent.serving.http_server import HttpServer, OipHttp
+
+    return HttpServer(
+        OipHttp(slots, dataplane, health, cfg.http_max_request_bytes, token_check, control, shm),
+        listen,
+        ssl_context,
+        cfg.drain_timeout_s,
+        reuse_port=cfg.serving_workers > 1,
+    )
+
+
 def _inode(path: Path) -> tuple[int, int] | None:
     try:
         st = path.stat()
@@ -481,23 +508,8 @@ async def serve(cfg: ServeConfig, stop: asyncio.Event | None = None) -> None:
     os.chmod(admin_path, 0o600)
     http: HttpServer | None = None
     if cfg.http_listen:
-        # Imported only for an HTTP port: aiohttp is a fifth of the agent's start-up CPU.
-        from modelfleet.agent.serving.http_server import HttpServer, OipHttp
-
-        http = HttpServer(
-            OipHttp(
-                slots,
-                dataplane,
-                health,
-                cfg.http_max_request_bytes,
-                token_check,
-                control,
-                shm,
-            ),
-            cfg.http_listen,
-            ssl_context,
-            cfg.drain_timeout_s,
-            reuse_port=cfg.serving_workers > 1,
+        http = http_inference_server(
+            cfg, slots, dataplane, health, token_check, control, shm, cfg.http_listen, ssl_context
         )
         try:
             http_port = await http.start()

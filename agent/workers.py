@@ -870,7 +870,12 @@ async def _serve_worker(
     control_available: bool,
     conn: Connection,
 ) -> None:
-    from modelfleet.agent.app import build_capture, build_slots, inference_security
+    from modelfleet.agent.app import (
+        build_capture,
+        build_slots,
+        http_inference_server,
+        inference_security,
+    )
     from modelfleet.agent.metrics import AgentMetrics
     from modelfleet.agent.serving.admission import Admission, Limits
     from modelfleet.agent.serving.dataplane import DataPlane
@@ -929,24 +934,18 @@ async def _serve_worker(
         await server.start()
         servers.append(server)
         if listen[1]:
-            # Imported only for an HTTP port, as in the leader (aiohttp's import is not free).
-            from modelfleet.agent.serving.http_server import HttpServer, OipHttp
             from modelfleet.agent.serving.security import server_ssl_context
 
-            http = HttpServer(
-                OipHttp(
-                    slots,
-                    dataplane,
-                    health,
-                    cfg.http_max_request_bytes,
-                    token_check,
-                    control,
-                    shm,
-                ),
+            http = http_inference_server(
+                cfg,
+                slots,
+                dataplane,
+                health,
+                token_check,
+                control,
+                shm,
                 listen[1],
                 server_ssl_context(tls_files) if tls_files else None,
-                cfg.drain_timeout_s,
-                reuse_port=True,
             )
             await http.start()
             servers.append(http)
@@ -954,7 +953,7 @@ async def _serve_worker(
 
     async def listen_to_leader() -> None:
         nonlocal grace
-        gone = loop.create_task(_closed(pipe))
+        gone = pipe.closed
         while True:
             got = loop.create_task(inbox.get())
             done, _ = await asyncio.wait([got, gone], return_when=asyncio.FIRST_COMPLETED)
@@ -1005,10 +1004,6 @@ async def _serve_worker(
     pipe.close()
     if leaving:
         raise WorkerRefusedError(leaving)
-
-
-async def _closed(pipe: _Pipe) -> None:
-    await pipe.closed
 
 
 __all__ = [
