@@ -52,6 +52,7 @@ def test_short_soak_swaps_restarts_the_hub_and_reports_every_goal(tmp_path: Path
     swaps = rows["versions deployed and active on the agent"]
     assert (swaps["value"], swaps["verdict"]) == ("3 of 3", "PASS"), out
     assert rows["SIGTERM -> exit, start -> READY"]["verdict"] == "PASS", out
+    assert rows["READY -> agent back on the hub"]["verdict"] == "PASS", out
     memory = [r for r in results["rows"] if r["section"] == "memory"]
     labels = {r["what"].split(":")[0] for r in memory}
     assert labels == {"agent", "hub, before restart", "hub, after restart"}, out
