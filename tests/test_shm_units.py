@@ -142,3 +142,25 @@ def test_only_clients_on_this_host_get_shared_memory(peer, local) -> None:
             shm.require_local(peer)
         with pytest.raises(shm.NotLocalError, match="only to clients on this host"):
             shm.read_input(None, shm.Placement("r", 4, 0), "x")
+
+
+@pytest.mark.parametrize(
+    "data", [np.zeros((0, 3), np.float32), np.zeros((2, 0), np.int64), np.array([], object)]
+)
+def test_an_empty_output_is_written_as_zero_bytes(shm_file, data) -> None:
+    # A model may answer an empty tensor (a filter that kept no rows): that is zero bytes in
+    # the region, not an INTERNAL error from casting a view with a zero in its shape.
+    from modelfleet.agent.serving.dataplane import InferOutput
+
+    key = shm_file(16)
+    reg = shm.SharedMemoryRegistry()
+    reg.register("r", key, 0, 16)
+    with open(f"/dev/shm/{key[1:]}", "r+b") as f:
+        f.write(b"\xaa" * 16)
+    datatype = "BYTES" if data.dtype == object else "FP32"
+    out = InferOutput("y", datatype, data.shape, data)
+    shm.write_output(reg, out, shm.Placement("r", 0, 16))
+    with open(f"/dev/shm/{key[1:]}", "rb") as f:
+        # BYTES: an empty tensor encodes to nothing too; the region keeps what it held.
+        assert f.read() == b"\xaa" * 16
+    reg.close()

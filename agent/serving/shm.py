@@ -333,6 +333,7 @@ def write_output(registry: SharedMemoryRegistry, out: InferOutput, p: Placement)
     if out.datatype == "BYTES":
         raw: bytes | memoryview = encode_bytes_tensor(out.data)
     else:
-        # The protocol is little-endian; a native array is on x86 and ARM.
-        raw = np.ascontiguousarray(out.data).data.cast("B")
+        # The protocol is little-endian; a native array is on x86 and ARM. Flat bytes through
+        # numpy rather than memoryview.cast, which refuses a shape with a zero (an empty result).
+        raw = np.ascontiguousarray(out.data).reshape(-1).view(np.uint8).data
     registry.write(p, raw, f"output {out.name!r}")
