@@ -6,6 +6,7 @@ to everything but /metrics."""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -168,3 +169,41 @@ def test_metrics_app_serves_metrics_only() -> None:
 def test_hostile_json_is_an_invalid_request(body: bytes, words: str) -> None:
     with pytest.raises(InvalidRequestError, match=words):
         request_from_http(body, None, "m", "")
+
+
+def test_deep_nesting_runs_no_other_finalizer_without_stack() -> None:
+    # The C parser recurses to the recursion limit on a deeply nested body. A garbage
+    # collection started down there runs whatever finalizers are due with no stack left: they
+    # failed with RecursionError (a `make test` run saw four unraisable ones), and on the agent
+    # those are other requests' objects. There is always a cycle with a finalizer waiting here
+    # (each one leaves the next), and the collector runs at every allocation.
+    no_stack: list[str] = []
+    chain = [True]
+
+    def depth(n: int) -> int:
+        return 0 if n == 0 else 1 + depth(n - 1)
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            try:
+                depth(40)
+            except RecursionError:
+                no_stack.append("finalizer without stack")
+            if chain[0]:
+                Cycle()
+
+    deep = b'{"inputs":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    threshold = gc.get_threshold()
+    Cycle()
+    gc.set_threshold(1)
+    try:
+        with pytest.raises(InvalidRequestError, match="too deeply"):
+            request_from_http(deep, None, "m", "")
+    finally:
+        chain[0] = False
+        gc.set_threshold(*threshold)
+        gc.collect()
+    assert no_stack == []

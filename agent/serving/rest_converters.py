@@ -13,6 +13,7 @@ for in binary (``binary_data`` on an output, or ``binary_data_output`` on the re
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from dataclasses import dataclass, field
@@ -149,6 +150,13 @@ def _loads(raw: bytes, what: str) -> Any:
         met.append(text)
         return _NotJsonNumber(text)
 
+    # A deeply nested body takes the C parser down to the recursion limit, and a garbage
+    # collection that starts down there runs every finalizer then due with no stack left (other
+    # requests' objects: they fail with RecursionError). Collections wait for the parse; only
+    # a caller that found the collector on turns it back on, so concurrent parses cannot leave
+    # it off.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         doc = json.loads(raw, parse_constant=constant)
     except RecursionError:
@@ -157,6 +165,9 @@ def _loads(raw: bytes, what: str) -> Any:
         if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
             raise
         raise _bad(f"{what} holds a number with too many digits: {exc}") from None
+    finally:
+        if collecting:
+            gc.enable()
     if met:
         _refuse_not_json(doc, what)
     return doc
