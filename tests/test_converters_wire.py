@@ -110,7 +110,13 @@ def test_decoded_requests_say_what_protobuf_reads() -> None:
             continue
         decoded += 1
         msg = tpb.ModelInferRequest.FromString(data)
-        assert not msg.parameters
+        params = {}
+        for key, param in msg.parameters.items():
+            kind = param.WhichOneof("parameter_choice")
+            params[key] = getattr(param, kind) if kind else None
+        assert req.parameters == params
+        key = params.get("routing_key", "")
+        assert req.routing_key == (key if isinstance(key, str) else str(key))
         assert (req.model_name, req.model_version, req.id) == (
             msg.model_name,
             msg.model_version,
@@ -189,3 +195,20 @@ def test_hand_encoded_responses_are_the_protobuf_messages_bytes() -> None:
     )
     assert got["garbage"][1][1].endswith("String field had bad UTF-8")
     assert got["stream_serializer_is_generated"]
+
+
+def test_what_perf_analyzer_sends_is_decoded_without_protobuf() -> None:
+    # The bytes perf_analyzer 2.41 sent for `-m small --shape x:4 -b 1` (captured): with a
+    # request parameter, triton_enable_empty_final_response, on every request. Before the
+    # decoder read request parameters, all of its requests went through protobuf.
+    data = (
+        b'\n\x05small"(\n"triton_enable_empty_final_response\x12\x02\x08\x01*\r\n\x01x\x12\x04'
+        b"FP32\x1a\x02\x01\x042\x03\n\x01y:\x10g\xc6isQ\xffJ\xec)\xcd\xba\xab\xf2\xfb\xe3F"
+    )
+    req = decode_infer_request(data)
+    assert req is not None
+    assert (req.model_name, req.outputs, req.routing_key) == ("small", ["y"], "")
+    assert req.parameters == {"triton_enable_empty_final_response": True}
+    assert [(i.name, i.datatype, i.shape) for i in req.inputs] == [("x", "FP32", (1, 4))]
+    msg = tpb.ModelInferRequest.FromString(data)
+    assert req.inputs[0].data.tobytes() == msg.raw_input_contents[0]

@@ -128,6 +128,35 @@ def _request_input(rng: random.Random, np_rng: np.random.Generator, msg: Any) ->
     msg.raw_input_contents.append(raw)
 
 
+# Request parameters as clients send them: perf_analyzer's flag on every request, sequence
+# controls, a routing key of each kind (a bool one is refused), and values of every kind.
+PARAMETER_KEYS = [
+    "triton_enable_empty_final_response",
+    "sequence_id",
+    "sequence_start",
+    "routing_key",
+    "priority",
+    "ü",
+    "",
+]
+
+
+def _request_parameters(rng: random.Random, msg: Any) -> None:
+    for _ in range(rng.choice([1, 1, 2, 3])):
+        param = msg.parameters[rng.choice(PARAMETER_KEYS)]
+        kind = rng.choice(["bool", "int64", "string", "double", "uint64", "none"])
+        if kind == "bool":
+            param.bool_param = rng.random() < 0.5
+        elif kind == "int64":
+            param.int64_param = rng.choice([0, 1, -1, 127, 128, 2**40, -(2**63), 2**63 - 1])
+        elif kind == "string":
+            param.string_param = rng.choice(TEXTS[:6])
+        elif kind == "double":
+            param.double_param = rng.choice([0.0, -1.5, 1e300, float("inf")])
+        elif kind == "uint64":
+            param.uint64_param = rng.choice([0, 5, 2**64 - 1])
+
+
 def requests(pb: Any, n: int, seed: int = 23) -> Iterator[bytes]:
     """``n`` serialized ModelInferRequests, built with ``pb`` (modelfleet's or tritonclient's
     compiled protocol): most in the plain form, some not, some malformed."""
@@ -154,6 +183,8 @@ def requests(pb: Any, n: int, seed: int = 23) -> Iterator[bytes]:
                 out.parameters["classification"].int64_param = 2
         if rng.random() < 0.05:
             msg.parameters["routing_key"].string_param = "k"
+        if rng.random() < 0.3:
+            _request_parameters(rng, msg)
         data = msg.SerializeToString()
         kind = rng.random()
         if kind < 0.05:

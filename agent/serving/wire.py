@@ -10,11 +10,13 @@ the same process.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import numpy as np
 
 from modelfleet.agent.serving.dataplane import InferInput, InferRequest, InferResponse
+from modelfleet.agent.serving.routing import ROUTING_KEY_PARAMETER
 from modelfleet.agent.serving.shm import Placement, SharedMemoryRegistry, write_output
 from modelfleet.kernel.datatypes import (
     MAX_DIMS,
@@ -174,8 +176,12 @@ def raw_input(
 
 # Field keys of ModelInferRequest, InferInputTensor and InferRequestedOutputTensor that the
 # plain form uses: every one length-delimited, each key one byte.
-_R_MODEL_NAME, _R_MODEL_VERSION, _R_ID = 0x0A, 0x12, 0x1A
+_R_MODEL_NAME, _R_MODEL_VERSION, _R_ID, _R_PARAMETERS = 0x0A, 0x12, 0x1A, 0x22
 _R_INPUTS, _R_OUTPUTS, _R_RAW = 0x2A, 0x32, 0x3A
+# A parameters map entry (key, value), and the InferParameter oneof of its value: bool, int64,
+# string, double, uint64 (varint, varint, length-delimited, fixed64, varint).
+_P_KEY, _P_VALUE = 0x0A, 0x12
+_V_BOOL, _V_INT64, _V_STRING, _V_DOUBLE, _V_UINT64 = 0x08, 0x10, 0x1A, 0x21, 0x28
 _I_NAME, _I_DATATYPE, _I_SHAPE = 0x0A, 0x12, 0x1A
 _O_NAME = 0x0A
 
@@ -220,6 +226,82 @@ def _dims(packed: bytes) -> tuple[int, ...]:
     return tuple(dims)
 
 
+def _varint_at(data: bytes, i: int) -> tuple[int, int]:
+    """A varint of up to ten bytes at ``i``, its low 64 bits as protobuf keeps them: (value,
+    index after it)."""
+    n = shift = 0
+    while True:
+        b = data[i]
+        i += 1
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n & ((1 << 64) - 1), i
+        shift += 7
+        if shift > 63:
+            raise _NotPlain
+
+
+def _parameter(value: bytes) -> tuple[int, Any]:
+    """An InferParameter: (the key byte of the choice it holds, its value); (0, None) when it
+    holds none. Last one wins, as protobuf reads a oneof set twice."""
+    kind = 0
+    out: Any = None
+    i, end = 0, len(value)
+    while i < end:
+        key = value[i]
+        if key == _V_STRING:
+            n, i = _varint_at(value, i + 1)
+            if i + n > end:
+                raise _NotPlain
+            kind, out = key, value[i : i + n].decode()
+            i += n
+        elif key == _V_DOUBLE:
+            if i + 9 > end:
+                raise _NotPlain
+            kind, out = key, struct.unpack_from("<d", value, i + 1)[0]
+            i += 9
+        elif key in (_V_BOOL, _V_INT64, _V_UINT64):
+            n, i = _varint_at(value, i + 1)
+            if key == _V_BOOL:
+                out = n != 0
+            elif key == _V_INT64:
+                out = n - (1 << 64) if n >> 63 else n
+            else:
+                out = n
+            kind = key
+        else:
+            raise _NotPlain  # a field InferParameter does not have
+    return kind, out
+
+
+def _parameters(entries: list[bytes]) -> tuple[dict[str, Any], str]:
+    """The request's parameter map as converters.parameters_from_proto gives it, and the
+    routing key it carries (converters._routing_key). A routing key of another kind than a
+    string or an integer is left to protobuf, which words the refusal."""
+    params: dict[str, Any] = {}
+    kinds: dict[str, int] = {}
+    for entry in entries:
+        name, value = "", b""
+        for k, v in _fields(entry):
+            if k == _P_KEY:
+                name = v.decode()
+            elif k == _P_VALUE:
+                value = v
+            else:
+                raise _NotPlain
+        kinds[name], params[name] = _parameter(value)  # a key given twice: the last one
+    routing_key = ""
+    if ROUTING_KEY_PARAMETER in params:
+        kind, key = kinds[ROUTING_KEY_PARAMETER], params[ROUTING_KEY_PARAMETER]
+        if kind == _V_STRING:
+            routing_key = key
+        elif kind in (_V_INT64, _V_UINT64):
+            routing_key = str(key)
+        else:
+            raise _NotPlain
+    return params, routing_key
+
+
 def _fields(data: bytes) -> list[tuple[int, bytes]]:
     """(key byte, contents) of every field of a message whose fields are all length-delimited
     with one-byte keys; anything else is not the plain form."""
@@ -245,11 +327,13 @@ def _fields(data: bytes) -> list[tuple[int, bytes]]:
 # same names, shapes and outputs request after request, so most requests are parsed only from
 # their raw_input_contents on. Bounded like the response caches, and only for headers of a
 # usual size: clients choose these bytes.
-_Header = tuple[str, str, str, list[tuple[str, str, tuple[int, ...], Any, int]], list[str]]
+_Header = tuple[
+    str, str, str, list[tuple[str, str, tuple[int, ...], Any, int]], list[str], dict[str, Any], str
+]
 _HEADERS: dict[bytes, _Header] = {}
 _HEADER_MAX_BYTES = 512
 # The last cached header and its parse.
-_last: tuple[bytes, _Header] = (b"", ("", "", "", [], []))
+_last: tuple[bytes, _Header] = (b"", ("", "", "", [], [], {}, ""))
 
 
 def _header(head: bytes) -> _Header:
@@ -257,6 +341,7 @@ def _header(head: bytes) -> _Header:
     model_name = model_version = request_id = ""
     tensors = []
     outputs: list[str] = []
+    entries: list[bytes] = []
     for key, value in _fields(head):
         if key == _R_INPUTS:
             name = datatype = ""
@@ -288,9 +373,13 @@ def _header(head: bytes) -> _Header:
             model_version = value.decode()
         elif key == _R_ID:
             request_id = value.decode()
+        elif key == _R_PARAMETERS:
+            # perf_analyzer sends triton_enable_empty_final_response with every request.
+            entries.append(value)
         else:
             raise _NotPlain
-    header = (model_name, model_version, request_id, tensors, outputs)
+    params, routing_key = _parameters(entries) if entries else ({}, "")
+    header = (model_name, model_version, request_id, tensors, outputs, params, routing_key)
     if len(head) <= _HEADER_MAX_BYTES:
         if len(_HEADERS) >= _CACHE_MAX:
             _HEADERS.clear()
@@ -300,11 +389,11 @@ def _header(head: bytes) -> _Header:
 
 def decode_infer_request(data: bytes) -> InferRequest | None:
     """The ModelInferRequest in ``data`` as converters.request_from_proto would give it, when
-    it is in the plain form most clients send: names, inputs with only a name, datatype and
-    shape, each in raw_input_contents (which come last, as every protobuf library writes
-    them), and outputs with only a name. None for anything else (parameters, typed contents,
-    shared memory, fields this does not know, malformed bytes): the caller then parses it with
-    protobuf, which accepts or refuses it as before.
+    it is in the plain form most clients send: names, request parameters, inputs with only a
+    name, datatype and shape, each in raw_input_contents (which come last, as every protobuf
+    library writes them), and outputs with only a name. None for anything else (tensor
+    parameters, typed contents, shared memory, fields this does not know, malformed bytes):
+    the caller then parses it with protobuf, which accepts or refuses it as before.
 
     Parsing the message with protobuf and reading its fields cost three times this."""
     global _last
@@ -348,7 +437,7 @@ def decode_infer_request(data: bytes) -> InferRequest | None:
             return None  # the last field runs past the end
     except (_NotPlain, IndexError, UnicodeDecodeError):
         return None
-    model_name, model_version, request_id, tensors, outputs = header
+    model_name, model_version, request_id, tensors, outputs, params, routing_key = header
     if not raws or len(raws) != len(tensors):
         return None  # typed contents, or a count request_from_proto refuses in its words
     inputs = []
@@ -357,5 +446,10 @@ def decode_infer_request(data: bytes) -> InferRequest | None:
             check_dims(name, shape)
             dtype = numpy_dtype(datatype)
         inputs.append(raw_input(name, datatype, shape, dtype, count, raw))
-    # A list of its own: the data plane may not change the cached one, but nothing shares it.
-    return InferRequest(model_name, model_version, request_id, inputs, list(outputs))
+    # Lists and maps of their own: the data plane may not change the cached ones, but nothing
+    # shares these.
+    req = InferRequest(model_name, model_version, request_id, inputs, list(outputs))
+    if params:
+        req.parameters = dict(params)
+        req.routing_key = routing_key
+    return req
