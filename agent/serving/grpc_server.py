@@ -14,7 +14,7 @@ import socket
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -75,19 +75,25 @@ def _grpc_errors(
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
             return await fn(self, request, context)
-        except DecodeError:
-            # A request that does not parse (ModelInfer parses its own): gRPC answers it as it
-            # answers one its deserializer refuses (UNKNOWN, naming the error).
-            raise
-        except ModelfleetError as exc:
-            await context.abort(GRPC_CODES[exc.status], str(exc))
-            raise  # unreachable: abort raises
         except Exception as exc:
-            log.exception("unexpected error in %s", fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-            raise
+            await _abort(exc, context, fn.__name__)
+            raise  # unreachable: _abort raises
 
     return wrapper
+
+
+async def _abort(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> NoReturn:
+    """End the call with the status an error maps to (raises)."""
+    if isinstance(exc, DecodeError):
+        # A request that does not parse (ModelInfer parses its own): gRPC answers it as it
+        # answers one its deserializer refuses (UNKNOWN, naming the error).
+        raise exc
+    if isinstance(exc, ModelfleetError):
+        await context.abort(GRPC_CODES[exc.status], str(exc))
+    else:
+        log.exception("unexpected error in %s", method, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+    raise exc  # unreachable: abort raises
 
 
 def _version_arg(version: str) -> str:
@@ -261,31 +267,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             out.infer_response.parameters[_FINAL_FLAG].bool_param = True
         return out
 
-    @_grpc_errors
     async def ModelInfer(self, request, context):
         # Registered without a request deserializer (add_inference_service): ``request`` is
-        # the message's bytes, most often decoded here without protobuf.
-        req = decode_infer_request(request)
-        if req is not None:
-            # The plain form places nothing in shared memory: no peer check needed.
-            shm, placed = None, None
-        else:
-            # DecodeError passes through _grpc_errors: gRPC answers it as it answered its own
-            # deserializer's.
-            msg = pb.ModelInferRequest.FromString(request)
-            shm = self._shm_for(context)
-            req = request_from_proto(msg, shm)
-            placed = output_placements(shm, req.output_parameters)
-        if not req.routing_key and self._compared(req.model_name):
-            req.routing_key = _header_routing_key(context)
-        if self.dataplane.admission.clients is not None:
-            req.client = grpc_client_key(context)
-        # The serialized response: the method is registered without a response serializer
-        # (add_inference_service).
-        if self.tracing is None:
-            return encode_infer_response(await self.dataplane.infer(req), shm, placed)
-        carrier = tracing.carrier_of(context.invocation_metadata())
-        return await self._traced(req, carrier, "ModelInfer", shm, placed, encode_infer_response)
+        # the message's bytes, most often decoded here without protobuf. Errors are handled
+        # here as _grpc_errors would, without its extra coroutine on every request.
+        try:
+            req = decode_infer_request(request)
+            if req is not None:
+                # The plain form places nothing in shared memory: no peer check needed.
+                shm, placed = None, None
+            else:
+                # A DecodeError passes through _abort: gRPC answers it as it answered its own
+                # deserializer's.
+                msg = pb.ModelInferRequest.FromString(request)
+                shm = self._shm_for(context)
+                req = request_from_proto(msg, shm)
+                placed = output_placements(shm, req.output_parameters)
+            if not req.routing_key and self._compared(req.model_name):
+                req.routing_key = _header_routing_key(context)
+            if self.dataplane.admission.clients is not None:
+                req.client = grpc_client_key(context)
+            # The serialized response: the method is registered without a response serializer
+            # (add_inference_service).
+            if self.tracing is None:
+                return encode_infer_response(await self.dataplane.infer(req), shm, placed)
+            carrier = tracing.carrier_of(context.invocation_metadata())
+            return await self._traced(
+                req, carrier, "ModelInfer", shm, placed, encode_infer_response
+            )
+        except Exception as exc:
+            await _abort(exc, context, "ModelInfer")
 
     def _shm_for(self, context: grpc.aio.ServicerContext) -> SharedMemoryRegistry | None:
         """The registry for a client on this host; None (shared memory refused) for others."""
