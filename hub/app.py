@@ -15,6 +15,7 @@ import grpc
 from modelfleet.hub.alert_manager import ALERTS_FILE, AlertManager, AlertSettings, AlertStore
 from modelfleet.hub.alerts import AccuracySource, DriftSource
 from modelfleet.hub.alerts_server import AlertsServicer
+from modelfleet.hub.audit_edge import AuditInterceptor
 from modelfleet.hub.ca import DEFAULT_CLIENT_DAYS
 from modelfleet.hub.capture import CAPTURE_DIR, CaptureService, CaptureStore
 from modelfleet.hub.capture_server import CaptureServicer
@@ -232,7 +233,10 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     ensure_admin_identity(core)
     start_tracing(cfg)
     key_pem, chain_pem, ca_pem = tls_material(core)
-    server = grpc.aio.server(options=server_options(cfg.max_message_bytes, keepalive=True))
+    server = grpc.aio.server(
+        options=server_options(cfg.max_message_bytes, keepalive=True),
+        interceptors=[AuditInterceptor(core.audit, cfg)],
+    )
     pb_grpc.add_FleetServicer_to_server(FleetServicer(core), server)
     pb_grpc.add_HubAdminServicer_to_server(AdminServicer(core), server)
     capture = start_capture(core, loop)
@@ -359,6 +363,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
             bridge.stop()
         alerts.close()
         core.outcomes.close()
+        core.audit.close()
         core.telemetry_ingest.close()
         core.registry.close()
         # Last: the drained calls' and final rollout steps' spans go out with the flush.

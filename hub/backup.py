@@ -74,7 +74,9 @@ TELEMETRY_FILE = "telemetry.duckdb"  # hub.telemetry.TELEMETRY_FILE, without loa
 ALERTS_FILE = "alerts.sqlite"
 # hub.outcomes.OUTCOMES_FILE: late labels, which cannot be fetched again. Not REQUIRED either.
 OUTCOMES_FILE = "outcomes.sqlite"
-SINGLE_FILES = (REGISTRY_FILE, TELEMETRY_FILE, ALERTS_FILE, OUTCOMES_FILE)
+# hub.audit.AUDIT_FILE: the audit trail. Not REQUIRED either.
+AUDIT_FILE = "audit.sqlite"
+SINGLE_FILES = (REGISTRY_FILE, TELEMETRY_FILE, ALERTS_FILE, OUTCOMES_FILE, AUDIT_FILE)
 # Folders copied whole, besides tuf/ (copied under its lock) and blobs/ (the registry's).
 STATE_DIRS = ("keys", "ca", "admin", "mqtt")
 TOP_LEVEL = frozenset({*SINGLE_FILES, "tuf", "blobs", *STATE_DIRS})
@@ -236,6 +238,7 @@ def take_snapshot(core: HubCore) -> _Snapshot:
         core.registry.backup_to(staging / REGISTRY_FILE)
         _backup_sqlite(core.paths.root / ALERTS_FILE, staging / ALERTS_FILE)
         _backup_sqlite(core.paths.root / OUTCOMES_FILE, staging / OUTCOMES_FILE)
+        core.audit.backup_to(staging / AUDIT_FILE)
         core.tuf.copy_metadata(staging / "tuf")
         for name in STATE_DIRS:
             if (core.paths.root / name).is_dir():

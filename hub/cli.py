@@ -833,6 +833,37 @@ def _add_deployment_commands(sub: Any, dep: argparse.ArgumentParser) -> None:
 
 
 def _add_backup_commands(sub: Any) -> None:
+    au = sub.add_parser(
+        "audit",
+        help="who called the hub's admin services, what they asked and how it ended",
+        description="The audit trail (docs/security.md#audit-trail), oldest first: every change "
+        "(publish, deploy, rollouts, tokens, revocations, alert rules, ...), every export "
+        "(backup, capture queries, the state file) and every refused or failed call, with the "
+        "caller's certificate identity. Successful reads only with the hub's audit_reads.",
+    )
+    au.add_argument(
+        "--since",
+        type=_duration,
+        default=0.0,
+        help="only calls in this window ending now, e.g. 1h, 7d (default: every entry kept)",
+    )
+    au.add_argument(
+        "--identity",
+        default="",
+        help="only calls by this identity, e.g. admin:admin (default: anyone)",
+    )
+    au.add_argument(
+        "--method", default="", help="only calls of this method, e.g. Deploy (default: every one)"
+    )
+    au.add_argument(
+        "--failed",
+        action="store_true",
+        help="only calls that did not end OK (refused, failed, or UNFINISHED: the hub stopped)",
+    )
+    au.add_argument(
+        "--limit", type=int, default=100, help="the newest N that match (1-10000, default 100)"
+    )
+    _add_json(au)
     b = sub.add_parser(
         "backup",
         help="copy a running hub's state (registry, TUF metadata and keys, CA, blobs, telemetry)",
@@ -1706,6 +1737,35 @@ def _ago(ts: float) -> str:
     return (
         f"{d:.0f}s ago" if d < 120 else f"{d / 60:.0f}m ago" if d < 7200 else f"{d / 3600:.0f}h ago"
     )
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from modelfleet.protos import fleet_pb2 as pb
+
+    if not 1 <= args.limit <= 10_000:
+        raise InvalidRequestError(f"--limit must be 1-10000, got {args.limit}")
+    resp = call(
+        admin_stub(args).ListAudit,
+        pb.ListAuditRequest(
+            since=time.time() - args.since if args.since else 0.0,
+            identity=args.identity,
+            method=args.method,
+            failed_only=args.failed,
+            limit=args.limit,
+        ),
+    )
+    if args.json:
+        print(json.dumps([message_dict(e) for e in resp.entries], indent=2))
+        return 0
+    print(f"{'WHEN':<23} {'IDENTITY':<22} {'METHOD':<20} {'RESULT':<19} {'MS':>8}  REQUEST")
+    for e in resp.entries:
+        print(
+            f"{_when(e.started_at):<23} {e.identity or '(none)':<22} {e.method:<20} "
+            f"{e.code:<19} {e.duration_ms:>8.1f}  {e.request or '-'}"
+        )
+        if e.detail:
+            print(f"{'':<23} {e.detail}")
+    return 0
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
@@ -2972,6 +3032,7 @@ def _run(argv: list[str] | None) -> int:
         "undeploy": cmd_undeploy,
         "deployments": cmd_deployments,
         "agents": cmd_agents,
+        "audit": cmd_audit,
         "rollout": cmd_rollout,
         "experiment": cmd_experiment,
         "jobs": cmd_jobs,

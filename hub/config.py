@@ -33,6 +33,8 @@ RELOADABLE = frozenset(
         "webhook_backoff_s",
         "webhook_backoff_max_s",
         "webhook_timeout_s",
+        # Read by the audit interceptor on every call.
+        "audit_reads",
     }
 )
 
@@ -86,6 +88,12 @@ class HubConfig:
     metrics_listen: str = ""
     # Telemetry older than this (seconds) is deleted, and not stored when it arrives; 0 keeps all.
     telemetry_retention_s: float = 7 * 86400
+    # Audit trail (docs/security.md#audit-trail): entries older than this many days are
+    # deleted; 0 keeps every entry.
+    audit_retention_days: float = 365.0
+    # Also record admin reads that succeed (list, status, metrics calls); off, changes,
+    # exports and every refused or failed call are recorded.
+    audit_reads: bool = False
     # Seconds that in-flight calls (uploads, downloads, watch streams) get on SIGTERM.
     drain_timeout_s: float = 5.0
     # Seconds between evaluations of the alert rules (docs/monitoring.md).
@@ -163,6 +171,11 @@ def load_hub_config(
     _check_refresh_interval(cfg)
     if cfg.drain_timeout_s < 0:
         raise InvalidRequestError("config: drain_timeout_s must be >= 0")
+    if cfg.audit_retention_days < 0:
+        raise InvalidRequestError(
+            f"config: audit_retention_days must be >= 0 (0 keeps every entry), got "
+            f"{cfg.audit_retention_days:g}"
+        )
     _check_alerting(cfg)
     check_tracing(cfg.tracing_endpoint, cfg.tracing_sample_ratio)
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -275,6 +275,12 @@ class HubCore:
             CaptureStore(self.paths.root / CAPTURE_DIR),
         )
         self.experiments.outcomes = self.outcomes
+        from modelfleet.hub.audit import AUDIT_FILE, AuditStore
+
+        # Who called the admin services, and how it ended (hub/audit_edge.py writes it).
+        self.audit = AuditStore(
+            self.paths.root / AUDIT_FILE, retention_days=cfg.audit_retention_days, clock=clock
+        )
         # Set once the servers are bound: what tokens and enrollments hand out.
         self.advertise = cfg.listen
         self.advertise_enroll = cfg.enroll_address()

@@ -627,6 +627,34 @@ class AdminServicer(
         )
 
     @unary
+    async def ListAudit(self, request, context):
+        caller(context, "admin")
+        entries = self.core.audit.query(
+            since=request.since,
+            identity=request.identity,
+            method=request.method,
+            failed_only=request.failed_only,
+            limit=request.limit,
+        )
+        return pb.ListAuditResponse(
+            entries=[
+                pb.AuditEntry(
+                    id=e.id,
+                    started_at=e.started_at,
+                    duration_ms=e.duration_ms,
+                    identity=e.identity,
+                    peer=e.peer,
+                    service=e.service,
+                    method=e.method,
+                    request=e.request,
+                    code=e.code,
+                    detail=e.detail,
+                )
+                for e in entries
+            ]
+        )
+
+    @unary
     async def Metrics(self, request, context):
         caller(context, "admin")
         stats, window = await self.core.metrics(

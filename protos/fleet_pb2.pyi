@@ -6,6 +6,50 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ListAuditRequest(_message.Message):
+    __slots__ = ("since", "identity", "method", "failed_only", "limit")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    FAILED_ONLY_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    since: float
+    identity: str
+    method: str
+    failed_only: bool
+    limit: int
+    def __init__(self, since: _Optional[float] = ..., identity: _Optional[str] = ..., method: _Optional[str] = ..., failed_only: _Optional[bool] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("id", "started_at", "duration_ms", "identity", "peer", "service", "method", "request", "code", "detail")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    started_at: float
+    duration_ms: float
+    identity: str
+    peer: str
+    service: str
+    method: str
+    request: str
+    code: str
+    detail: str
+    def __init__(self, id: _Optional[int] = ..., started_at: _Optional[float] = ..., duration_ms: _Optional[float] = ..., identity: _Optional[str] = ..., peer: _Optional[str] = ..., service: _Optional[str] = ..., method: _Optional[str] = ..., request: _Optional[str] = ..., code: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ListAuditResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
 class EnrollRequest(_message.Message):
     __slots__ = ("token_id", "secret", "csr_pem", "hostname")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]

@@ -521,6 +521,11 @@ class HubAdminStub:
                 request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ExportStateRequest.SerializeToString,
                 response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ExportStateResponse.FromString,
                 _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ListAudit',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class HubAdminServicer:
@@ -724,6 +729,14 @@ class HubAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAudit(self, request, context):
+        """The audit trail (docs/security.md#audit-trail): every call to the admin services, refused
+        ones included, with who made it, what it asked (secrets left out) and how it ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -876,6 +889,11 @@ def add_HubAdminServicer_to_server(servicer, server):
                     servicer.ExportState,
                     request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ExportStateRequest.FromString,
                     response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ExportStateResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListAuditRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1688,6 +1706,33 @@ class HubAdmin:
             '/modelfleet.fleet.v1.HubAdmin/ExportState',
             modelfleet_dot_protos_dot_fleet__pb2.ExportStateRequest.SerializeToString,
             modelfleet_dot_protos_dot_fleet__pb2.ExportStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ListAudit',
+            modelfleet_dot_protos_dot_fleet__pb2.ListAuditRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,121 @@
+"""The audit trail's store and request wording (hub/audit.py, hub/audit_edge.py), in-process.
+The interceptor on a real hub, with a wrong identity and a kill -9: tests/test_audit.py."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from modelfleet.hub.audit import MAX_LIMIT, UNFINISHED, AuditFileError, AuditStore
+from modelfleet.hub.audit_edge import AUDITED_SERVICES, METHOD_KINDS, PACKAGE, describe
+from modelfleet.kernel.errors import InvalidRequestError
+from modelfleet.protos import fleet_pb2 as pb
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_every_admin_method_is_classified() -> None:
+    # An unclassified method would be audited as a change: safe, but a new read would flood
+    # the trail. Naming each one here makes adding a method a decision.
+    for service in AUDITED_SERVICES:
+        desc = pb.DESCRIPTOR.services_by_name[service]
+        assert desc.full_name == f"{PACKAGE}.{service}"
+        missing = [m.name for m in desc.methods if m.name not in METHOD_KINDS]
+        assert missing == [], f"{service}: classify {missing} in hub/audit_edge.METHOD_KINDS"
+
+
+def test_entries_begin_unfinished_end_with_their_status_and_are_private(tmp_path: Path) -> None:
+    store = AuditStore(tmp_path / "audit.sqlite")
+    assert stat.S_IMODE(os.stat(tmp_path / "audit.sqlite").st_mode) == 0o600
+    entry = store.begin("admin:admin", "ipv4:127.0.0.1:1", "S", "Deploy", 'name: "m"')
+    [e] = store.query()
+    assert (e.code, e.identity, e.method, e.request) == (
+        UNFINISHED,
+        "admin:admin",
+        "Deploy",
+        'name: "m"',
+    )
+    store.end(entry, "NOT_FOUND", "no model 'm'", 1.5, 'name: "m"')
+    [e] = store.query()
+    assert (e.code, e.detail, e.duration_ms) == ("NOT_FOUND", "no model 'm'", 1.5)
+    store.close()
+    # Reopened (as after a restart): the entries are where they were.
+    again = AuditStore(tmp_path / "audit.sqlite")
+    assert [x.id for x in again.query()] == [entry]
+
+
+def test_queries_filter_and_keep_the_newest(tmp_path: Path) -> None:
+    clock = Clock()
+    store = AuditStore(tmp_path / "a.sqlite", clock=clock)
+    for i in range(30):
+        clock.now += 1
+        who = "admin:admin" if i % 2 else "agent:x"
+        code = "OK" if i % 3 else "PERMISSION_DENIED"
+        store.record(who, "p", "S", f"M{i % 5}", "", code, "", 0.1, clock.now)
+    assert len(store.query(limit=MAX_LIMIT)) == 30
+    newest = store.query(limit=5)
+    assert [e.started_at for e in newest] == sorted(e.started_at for e in newest)
+    assert newest[-1].started_at == clock.now
+    assert all(e.identity == "agent:x" for e in store.query(identity="agent:x", limit=100))
+    assert all(e.method == "M2" for e in store.query(method="M2"))
+    assert {e.code for e in store.query(failed_only=True)} == {"PERMISSION_DENIED"}
+    assert len(store.query(since=clock.now - 4.5)) == 5
+    for bad in (-1, MAX_LIMIT + 1):
+        with pytest.raises(InvalidRequestError, match="limit must be"):
+            store.query(limit=bad)
+
+
+def test_old_entries_are_pruned_at_start(tmp_path: Path) -> None:
+    clock = Clock()
+    store = AuditStore(tmp_path / "a.sqlite", retention_days=1, clock=clock)
+    store.record("admin:admin", "p", "S", "Deploy", "", "OK", "", 0.1, clock.now)
+    store.close()
+    clock.now += 2 * 86400
+    kept = AuditStore(tmp_path / "a.sqlite", retention_days=0, clock=clock)
+    assert len(kept.query()) == 1  # 0 keeps everything
+    kept.close()
+    assert AuditStore(tmp_path / "a.sqlite", retention_days=1, clock=clock).query() == []
+
+
+def test_requests_are_worded_without_secrets_or_bytes() -> None:
+    text = describe(
+        pb.AddWebhookRequest(name="ops", url="https://h/x", secret=b"s3cr3t-value", replace=True)
+    )
+    assert 'name: "ops"' in text and 'url: "https://h/x"' in text and "replace: True" in text
+    assert "s3cr3t" not in text and "secret: <redacted, 12 bytes>" in text
+    token = describe(pb.CreateTokenRequest(labels={"site": "lab"}, ttl_seconds=600))
+    assert 'labels: {"site": "lab"}' in token and "ttl_seconds: 600" in token
+    header = describe(pb.PublishChunk(header=pb.PublishHeader(name="m", version=3, size=10)))
+    assert header == 'header: {name: "m" version: 3 size: 10}'
+    assert describe(pb.PublishChunk(data=b"x" * 1000)) == "data: <1000 bytes>"
+    many = describe(
+        pb.DeployRequest(name="m", version=2, selector={f"k{i}": "v" for i in range(25)})
+    )
+    assert "... 5 more" in many
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_trail_is_refused_with_the_ways_out(tmp_path: Path, damage: str) -> None:
+    # Starting a new trail on our own would hide the history an auditor asks for.
+    path = tmp_path / "audit.sqlite"
+    store = AuditStore(path)
+    store.record("admin:admin", "p", "S", "Deploy", "", "OK", "", 0.1, 1.0)
+    store.close()
+    for side in tmp_path.glob("audit.sqlite-*"):
+        side.unlink()
+    path.write_bytes(b"not a database " * 500 if damage == "garbage" else path.read_bytes()[:50])
+    with pytest.raises(AuditFileError) as refused:
+        AuditStore(path)
+    words = str(refused.value)
+    assert str(path) in words and "restore" in words and "move it aside" in words
+    path.rename(tmp_path / "audit.sqlite.damaged")
+    assert AuditStore(path).query() == []  # the way out works: a new, empty trail
