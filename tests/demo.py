@@ -433,7 +433,11 @@ def fleet(work: Path) -> bool:
 
         if not live_comparisons(hub, agents, work):
             return False
-        return drift_alert(hub, agents[2], work)
+        if not drift_alert(hub, agents[2], work):
+            return False
+        step("20. The audit trail: every change above, by whom, and any refused or failed call")
+        out = run_hub(hub, "audit", "--limit", "12")
+        return "admin:admin" in out
     finally:
         for a in agents:
             a.stop()
