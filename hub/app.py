@@ -235,7 +235,7 @@ async def serve(cfg: HubConfig, stop: asyncio.Event | None = None) -> None:
     key_pem, chain_pem, ca_pem = tls_material(core)
     server = grpc.aio.server(
         options=server_options(cfg.max_message_bytes, keepalive=True),
-        interceptors=[AuditInterceptor(core.audit, cfg)],
+        interceptors=[AuditInterceptor(core.audit, cfg, core.admins)],
     )
     pb_grpc.add_FleetServicer_to_server(FleetServicer(core), server)
     pb_grpc.add_HubAdminServicer_to_server(AdminServicer(core), server)

@@ -1,8 +1,10 @@
-"""The audit trail's edge: a gRPC server interceptor around the admin services.
+"""The admin services' gate: a gRPC server interceptor that checks the caller's role and
+writes the audit trail.
 
-One place rather than a line in each of fifty handlers, so a method added later is audited
-without anyone remembering to: its kind must be named in ``METHOD_KINDS`` (a test checks that
-every method of the admin services is), and an unnamed one counts as a change.
+One place rather than a line in each of fifty handlers, so a method added later is checked and
+audited without anyone remembering to: its kind must be named in ``METHOD_KINDS`` and the role
+it needs in ``METHOD_ROLES`` (a test checks that every method of the admin services is); an
+unnamed one counts as a change that needs the admin role.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 
 from modelfleet.hub.audit import AuditStore
+from modelfleet.hub.governance import ADMIN, OPERATOR, VIEWER, Admins, allows
+from modelfleet.kernel.errors import ModelfleetError
+from modelfleet.kernel.identity import IdentityError, parse_identity
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,10 @@ METHOD_KINDS: dict[str, str] = {
     "ApplyState": CHANGE,
     "ExportState": EXPORT,
     "ListAudit": READ,
+    "AddAdmin": CHANGE,
+    "ListAdmins": READ,
+    "SetAdminRole": CHANGE,
+    "RevokeAdmin": CHANGE,
     # HubAlerts
     "ListAlerts": READ,
     "AlertHistory": READ,
@@ -83,6 +92,77 @@ METHOD_KINDS: dict[str, str] = {
     "ReportOutcomes": ROUTINE,
     "Accuracy": READ,
     "SetAccuracyBaseline": CHANGE,
+}
+
+# The least role (hub/governance.py) each method needs from an admin identity. Agents' own
+# methods (capture shipping) name ADMIN: their handlers refuse admin identities anyway.
+METHOD_ROLES: dict[str, str] = {
+    **{
+        m: VIEWER
+        for m in (
+            "ListModels",
+            "ListVersions",
+            "ListAgents",
+            "Metrics",
+            "Drift",
+            "GetRollout",
+            "RolloutHistory",
+            "GetExperiment",
+            "ListExperiments",
+            "ListJobs",
+            "JobRuns",
+            "ListDeployments",
+            "GetDeployment",
+            "PlanState",
+            "ListAlerts",
+            "AlertHistory",
+            "ListCapture",
+            "Accuracy",
+        )
+    },
+    **{
+        m: OPERATOR
+        for m in (
+            "Publish",
+            "CommitTargets",
+            "SetStage",
+            "Deploy",
+            "Undeploy",
+            "StartRollout",
+            "ControlRollout",
+            "StartExperiment",
+            "ControlExperiment",
+            "CreateJob",
+            "ControlJob",
+            "ApplyState",
+            "ExportState",
+            "SetAlertRule",
+            "RemoveAlertRule",
+            "SetAccuracyBaseline",
+            "ReportOutcomes",
+        )
+    },
+    **{
+        m: ADMIN
+        for m in (
+            "CreateToken",
+            "RevokeAgent",
+            "Backup",
+            "ListAudit",
+            "AddAdmin",
+            "ListAdmins",
+            "SetAdminRole",
+            "RevokeAdmin",
+            "AddWebhook",
+            "ListWebhooks",
+            "RemoveWebhook",
+            "SetCapture",
+            "RemoveCapture",
+            "QueryCapture",
+            "CaptureOffset",
+            "UploadCapture",
+        )
+    },
 }
 
 # Fields whose values are never recorded, only their size: their names say they may hold a
@@ -220,11 +300,37 @@ class _Call:
             )
 
 
+def refusal(admins: Admins | None, context: grpc.aio.ServicerContext, method: str) -> str:
+    """Why an admin identity may not make this call; empty when it may (or when the caller is
+    not an admin: the handler decides for agents and for callers without a certificate)."""
+    if admins is None:
+        return ""
+    try:
+        kind, name = parse_identity(_identity(context))
+    except IdentityError:
+        return ""
+    if kind != "admin":
+        return ""
+    (cert_pem,) = context.auth_context().get("x509_pem_cert") or [b""]
+    try:
+        role = admins.role_of(name, cert_pem)
+    except ModelfleetError as exc:
+        return str(exc)
+    needed = METHOD_ROLES.get(method, ADMIN)
+    if allows(role, needed):
+        return ""
+    return (
+        f"admin:{name} has the {role} role; {method} needs {needed} or higher (an admin "
+        f"changes it: modelfleet-hub admins set-role {name} {needed})"
+    )
+
+
 class AuditInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, store: AuditStore, settings: Any) -> None:
+    def __init__(self, store: AuditStore, settings: Any, admins: Admins | None = None) -> None:
         # ``settings.audit_reads`` is read at every call: a reload (SIGHUP) changes it.
         self.store = store
         self.settings = settings
+        self.admins = admins
 
     async def intercept_service(
         self,
@@ -242,10 +348,15 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
         return self._wrap(handler, service, method, kind)
 
     def _wrap(self, handler: Any, service: str, method: str, kind: str) -> Any:
-        store, settings = self.store, self.settings
+        store, settings, admins = self.store, self.settings, self.admins
 
         def start(context: Any, request: str) -> _Call:
             return _Call(store, service, method, kind, context, request, settings.audit_reads)
+
+        async def check(context: Any) -> None:
+            why = refusal(admins, context, method)
+            if why:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
@@ -253,6 +364,7 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
             async def unary_unary(request: Any, context: Any) -> Any:
                 call = start(context, describe(request))
                 try:
+                    await check(context)
                     answer = await inner_uu(request, context)
                 except BaseException as exc:
                     call.done(exc)
@@ -271,6 +383,7 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
                 call = start(context, describe(request))
                 try:
+                    await check(context)
                     async for item in inner_us(request, context):
                         yield item
                 except BaseException as exc:
@@ -300,6 +413,7 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
                         yield message
 
                 try:
+                    await check(context)
                     answer = await inner_su(first_described(), context)
                 except BaseException as exc:
                     call.done(exc)

@@ -833,6 +833,46 @@ def _add_deployment_commands(sub: Any, dep: argparse.ArgumentParser) -> None:
 
 
 def _add_backup_commands(sub: Any) -> None:
+    adm = sub.add_parser(
+        "admins",
+        help="named admin identities and their roles (viewer, operator, admin)",
+        description="Admins other than the hub's own (HUB_DATA/admin), each with a role: viewer "
+        "reads, operator also changes what runs, admin also manages trust and data. See "
+        "docs/security.md#admin-roles.",
+    )
+    admsub = adm.add_subparsers(dest="admins_command", required=True)
+    aadd = admsub.add_parser(
+        "add",
+        help="create a key here, have the hub certify it, write an admin folder",
+        description="Makes a new key in DIR (it never leaves this machine), sends a signing "
+        "request and writes admin.key (0600), admin.crt, ca.crt and hub.json into DIR: pass "
+        "`--admin-dir DIR` to every command run as that admin.",
+    )
+    aadd.add_argument(
+        "name", help="1-128 characters from A-Z a-z 0-9 _ . -; the identity is admin:NAME"
+    )
+    aadd.add_argument(
+        "--role", required=True, choices=("viewer", "operator", "admin"), help="what it may do"
+    )
+    aadd.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="a new or empty folder for the identity",
+    )
+    aadd.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace an admin of that name: a new key and certificate; the old one is refused",
+    )
+    als_ = admsub.add_parser("ls", help="every admin: role, status, who added it")
+    _add_json(als_)
+    arole = admsub.add_parser("set-role", help="change an admin's role (applies to its next call)")
+    arole.add_argument("name", help="the admin's name (without admin:)")
+    arole.add_argument("role", choices=("viewer", "operator", "admin"), help="the new role")
+    arev = admsub.add_parser("revoke", help="refuse an admin from its next call on")
+    arev.add_argument("name", help="the admin's name (without admin:)")
     au = sub.add_parser(
         "audit",
         help="who called the hub's admin services, what they asked and how it ended",
@@ -1737,6 +1777,70 @@ def _ago(ts: float) -> str:
     return (
         f"{d:.0f}s ago" if d < 120 else f"{d / 60:.0f}m ago" if d < 7200 else f"{d / 3600:.0f}h ago"
     )
+
+
+def cmd_admins(args: argparse.Namespace) -> int:
+    from modelfleet.kernel.atomic import atomic_write_json
+    from modelfleet.kernel.identity import (
+        admin_common_name,
+        generate_key,
+        make_csr,
+        write_pem,
+        write_private_key,
+    )
+    from modelfleet.protos import fleet_pb2 as pb
+
+    stub = admin_stub(args)
+    if args.admins_command == "add":
+        out: Path = args.out
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise InvalidRequestError(
+                f"{out} is not a new or empty folder: an admin identity is written into a "
+                "folder of its own"
+            )
+        key = generate_key()
+        resp = call(
+            stub.AddAdmin,
+            pb.AddAdminRequest(
+                name=args.name,
+                role=args.role,
+                csr_pem=make_csr(key, admin_common_name(args.name)),
+                replace=args.replace,
+            ),
+        )
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private_key(out / "admin.key", key)
+        write_pem(out / "admin.crt", resp.certificate_pem)
+        write_pem(out / "ca.crt", resp.ca_pem)
+        atomic_write_json(out / "hub.json", {"address": resp.hub_address}, indent=2, mode=0o600)
+        print(
+            f"admin:{args.name} added with the {resp.admin.role} role; identity in {out} "
+            f"(pass --admin-dir {out}; certificate valid until {_when(resp.admin.cert_expires_at)})"
+        )
+        return 0
+    if args.admins_command == "set-role":
+        info = call(stub.SetAdminRole, pb.SetAdminRoleRequest(name=args.name, role=args.role))
+        print(f"admin:{info.name} now has the {info.role} role (from its next call)")
+        return 0
+    if args.admins_command == "revoke":
+        info = call(stub.RevokeAdmin, pb.RevokeAdminRequest(name=args.name))
+        print(f"admin:{info.name} revoked: the hub refuses its certificate from now on")
+        return 0
+    resp = call(stub.ListAdmins, pb.ListAdminsRequest())
+    if args.json:
+        print(json.dumps([message_dict(a) for a in resp.admins], indent=2))
+        return 0
+    print(
+        f"{'ADMIN':<24} {'ROLE':<9} {'STATUS':<8} {'ADDED BY':<20} "
+        f"{'CERTIFICATE UNTIL':<23} CHANGED"
+    )
+    for a in resp.admins:
+        changed = f"{_when(a.updated_at)} by {a.updated_by}" if a.updated_by else "-"
+        print(
+            f"{'admin:' + a.name:<24} {a.role:<9} {a.status:<8} {a.created_by:<20} "
+            f"{_when(a.cert_expires_at):<23} {changed}"
+        )
+    return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -3033,6 +3137,7 @@ def _run(argv: list[str] | None) -> int:
         "deployments": cmd_deployments,
         "agents": cmd_agents,
         "audit": cmd_audit,
+        "admins": cmd_admins,
         "rollout": cmd_rollout,
         "experiment": cmd_experiment,
         "jobs": cmd_jobs,

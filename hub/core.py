@@ -276,6 +276,10 @@ class HubCore:
         )
         self.experiments.outcomes = self.outcomes
         from modelfleet.hub.audit import AUDIT_FILE, AuditStore
+        from modelfleet.hub.governance import Admins
+
+        # Named admin identities and their roles (the interceptor checks them on every call).
+        self.admins = Admins(self.registry, clock=clock)
 
         # Who called the admin services, and how it ended (hub/audit_edge.py writes it).
         self.audit = AuditStore(

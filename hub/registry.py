@@ -74,6 +74,20 @@ CREATE TABLE IF NOT EXISTS certificates (
     agent_id TEXT NOT NULL,
     not_after REAL NOT NULL
 );
+-- named admin identities (admin:<name>) and their roles; the hub's own admin:admin is not
+-- here (always the admin role). key_sha256: SHA-256 of the certificate's public key
+-- (SubjectPublicKeyInfo, DER): a certificate for another key with the same name is refused.
+CREATE TABLE IF NOT EXISTS admins (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'active',
+    key_sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL,
+    cert_expires_at REAL NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL DEFAULT 0,
+    updated_by TEXT NOT NULL DEFAULT ''
+);
 CREATE TABLE IF NOT EXISTS tokens (
     token_id TEXT PRIMARY KEY,
     secret_hash TEXT NOT NULL,
@@ -193,6 +207,19 @@ class AgentRow:
     presence: str = ""
     cert_expires_at: float = 0.0  # at enrollment; 0: enrolled before the hub recorded it
     cert_pending: str = ""  # fingerprint issued by the last renewal, not yet used to renew
+
+
+@dataclass(frozen=True)
+class AdminRow:
+    name: str
+    role: str
+    status: str
+    key_sha256: str
+    created_at: float
+    created_by: str
+    cert_expires_at: float = 0.0
+    updated_at: float = 0.0
+    updated_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -400,6 +427,46 @@ class Registry:
             for name, decl in columns:
                 if name not in have:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+
+    # -- admins ------------------------------------------------------------------------------
+
+    def put_admin(self, row: AdminRow) -> None:
+        """Add an admin, or replace one of that name (a new key, role and certificate)."""
+        with self.tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO admins (name, role, status, key_sha256, created_at, "
+                "created_by, cert_expires_at, updated_at, updated_by) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.name,
+                    row.role,
+                    row.status,
+                    row.key_sha256,
+                    row.created_at,
+                    row.created_by,
+                    row.cert_expires_at,
+                    row.updated_at,
+                    row.updated_by,
+                ),
+            )
+
+    def get_admin(self, name: str) -> AdminRow | None:
+        r = self.db.execute("SELECT * FROM admins WHERE name = ?", (name,)).fetchone()
+        return AdminRow(**dict(r)) if r is not None else None
+
+    def admins(self) -> list[AdminRow]:
+        return [AdminRow(**dict(r)) for r in self.db.execute("SELECT * FROM admins ORDER BY name")]
+
+    def update_admin(self, name: str, *, role: str = "", status: str = "", by: str) -> None:
+        with self.tx() as db:
+            if role:
+                db.execute("UPDATE admins SET role = ? WHERE name = ?", (role, name))
+            if status:
+                db.execute("UPDATE admins SET status = ? WHERE name = ?", (status, name))
+            db.execute(
+                "UPDATE admins SET updated_at = ?, updated_by = ? WHERE name = ?",
+                (self.clock(), by, name),
+            )
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:

@@ -33,11 +33,17 @@ from modelfleet.hub.convert import (
     window_stats_to_proto,
 )
 from modelfleet.hub.core import HubCore, PublishResult
-from modelfleet.hub.registry import PermissionDeniedError
+from modelfleet.hub.governance import ADMIN, BUILT_IN
+from modelfleet.hub.registry import AdminRow, PermissionDeniedError
 from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError
 from modelfleet.kernel.grpc_status import GRPC_CODES
-from modelfleet.kernel.identity import IdentityError, parse_identity
+from modelfleet.kernel.identity import (
+    IdentityError,
+    admin_common_name,
+    load_certificate,
+    parse_identity,
+)
 from modelfleet.kernel.reports import report_from_proto
 from modelfleet.protos import fleet_pb2 as pb
 from modelfleet.protos import fleet_pb2_grpc as pb_grpc
@@ -61,6 +67,19 @@ def caller(context: grpc.aio.ServicerContext, kind: str) -> str:
     if got_kind != kind:
         raise PermissionDeniedError(f"{got_kind} identities may not call this method")
     return name
+
+
+def _admin_info(row: AdminRow) -> pb.AdminInfo:
+    return pb.AdminInfo(
+        name=row.name,
+        role=row.role,
+        status=row.status,
+        created_at=row.created_at,
+        created_by=row.created_by,
+        cert_expires_at=row.cert_expires_at,
+        updated_at=row.updated_at,
+        updated_by=row.updated_by,
+    )
 
 
 def _carrier(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -625,6 +644,51 @@ class AdminServicer(
             agents=[feature_drift_to_proto(f) for f in stats if f.agent_id],
             window_s=window,
         )
+
+    @unary
+    async def AddAdmin(self, request, context):
+        actor = caller(context, "admin")
+        admins = self.core.admins
+        admins.check_new(request.name, request.role, request.replace)
+        cert_pem = self.core.ca.sign_csr(bytes(request.csr_pem), admin_common_name(request.name))
+        cert = load_certificate(cert_pem)
+        row = admins.add(
+            request.name,
+            request.role,
+            cert.public_key(),
+            cert.not_valid_after_utc.timestamp(),
+            f"admin:{actor}",
+            request.replace,
+        )
+        log.info("admin:%s added with the %s role by admin:%s", row.name, row.role, actor)
+        return pb.AddAdminResponse(
+            certificate_pem=cert_pem,
+            ca_pem=self.core.ca.cert_pem,
+            hub_address=self.core.advertise,
+            admin=_admin_info(row),
+        )
+
+    @unary
+    async def ListAdmins(self, request, context):
+        caller(context, "admin")
+        own = pb.AdminInfo(name=BUILT_IN, role=ADMIN, status="active", created_by="hub")
+        return pb.ListAdminsResponse(
+            admins=[own, *(_admin_info(r) for r in self.core.admins.all())]
+        )
+
+    @unary
+    async def SetAdminRole(self, request, context):
+        actor = caller(context, "admin")
+        row = self.core.admins.set_role(request.name, request.role, f"admin:{actor}")
+        log.info("admin:%s now has the %s role (by admin:%s)", row.name, row.role, actor)
+        return _admin_info(row)
+
+    @unary
+    async def RevokeAdmin(self, request, context):
+        actor = caller(context, "admin")
+        row = self.core.admins.revoke(request.name, f"admin:{actor}")
+        log.info("admin:%s revoked by admin:%s", row.name, actor)
+        return _admin_info(row)
 
     @unary
     async def ListAudit(self, request, context):

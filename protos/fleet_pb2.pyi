@@ -6,6 +6,74 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AdminInfo(_message.Message):
+    __slots__ = ("name", "role", "status", "created_at", "created_by", "cert_expires_at", "updated_at", "updated_by")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    CERT_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_BY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    status: str
+    created_at: float
+    created_by: str
+    cert_expires_at: float
+    updated_at: float
+    updated_by: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., status: _Optional[str] = ..., created_at: _Optional[float] = ..., created_by: _Optional[str] = ..., cert_expires_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., updated_by: _Optional[str] = ...) -> None: ...
+
+class AddAdminRequest(_message.Message):
+    __slots__ = ("name", "role", "csr_pem", "replace")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    csr_pem: bytes
+    replace: bool
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class AddAdminResponse(_message.Message):
+    __slots__ = ("certificate_pem", "ca_pem", "hub_address", "admin")
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    HUB_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: bytes
+    ca_pem: bytes
+    hub_address: str
+    admin: AdminInfo
+    def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., hub_address: _Optional[str] = ..., admin: _Optional[_Union[AdminInfo, _Mapping]] = ...) -> None: ...
+
+class ListAdminsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdminsResponse(_message.Message):
+    __slots__ = ("admins",)
+    ADMINS_FIELD_NUMBER: _ClassVar[int]
+    admins: _containers.RepeatedCompositeFieldContainer[AdminInfo]
+    def __init__(self, admins: _Optional[_Iterable[_Union[AdminInfo, _Mapping]]] = ...) -> None: ...
+
+class SetAdminRoleRequest(_message.Message):
+    __slots__ = ("name", "role")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class RevokeAdminRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
 class ListAuditRequest(_message.Message):
     __slots__ = ("since", "identity", "method", "failed_only", "limit")
     SINCE_FIELD_NUMBER: _ClassVar[int]

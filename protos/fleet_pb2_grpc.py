@@ -526,6 +526,26 @@ class HubAdminStub:
                 request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListAuditResponse.FromString,
                 _registered_method=True)
+        self.AddAdmin = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/AddAdmin',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.AddAdminRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.AddAdminResponse.FromString,
+                _registered_method=True)
+        self.ListAdmins = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/ListAdmins',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListAdminsRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListAdminsResponse.FromString,
+                _registered_method=True)
+        self.SetAdminRole = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/SetAdminRole',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.SetAdminRoleRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.AdminInfo.FromString,
+                _registered_method=True)
+        self.RevokeAdmin = channel.unary_unary(
+                '/modelfleet.fleet.v1.HubAdmin/RevokeAdmin',
+                request_serializer=modelfleet_dot_protos_dot_fleet__pb2.RevokeAdminRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_protos_dot_fleet__pb2.AdminInfo.FromString,
+                _registered_method=True)
 
 
 class HubAdminServicer:
@@ -737,6 +757,32 @@ class HubAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddAdmin(self, request, context):
+        """Named admin identities with roles (docs/security.md#admin-roles): viewer, operator, admin.
+        The hub signs a CSR made where the new admin's key stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdmins(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAdminRole(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAdmin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -894,6 +940,26 @@ def add_HubAdminServicer_to_server(servicer, server):
                     servicer.ListAudit,
                     request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListAuditRequest.FromString,
                     response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'AddAdmin': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddAdmin,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.AddAdminRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.AddAdminResponse.SerializeToString,
+            ),
+            'ListAdmins': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdmins,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.ListAdminsRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.ListAdminsResponse.SerializeToString,
+            ),
+            'SetAdminRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAdminRole,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.SetAdminRoleRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.AdminInfo.SerializeToString,
+            ),
+            'RevokeAdmin': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAdmin,
+                    request_deserializer=modelfleet_dot_protos_dot_fleet__pb2.RevokeAdminRequest.FromString,
+                    response_serializer=modelfleet_dot_protos_dot_fleet__pb2.AdminInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1733,6 +1799,114 @@ class HubAdmin:
             '/modelfleet.fleet.v1.HubAdmin/ListAudit',
             modelfleet_dot_protos_dot_fleet__pb2.ListAuditRequest.SerializeToString,
             modelfleet_dot_protos_dot_fleet__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddAdmin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/AddAdmin',
+            modelfleet_dot_protos_dot_fleet__pb2.AddAdminRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.AddAdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdmins(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/ListAdmins',
+            modelfleet_dot_protos_dot_fleet__pb2.ListAdminsRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.ListAdminsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAdminRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/SetAdminRole',
+            modelfleet_dot_protos_dot_fleet__pb2.SetAdminRoleRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.AdminInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAdmin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.fleet.v1.HubAdmin/RevokeAdmin',
+            modelfleet_dot_protos_dot_fleet__pb2.RevokeAdminRequest.SerializeToString,
+            modelfleet_dot_protos_dot_fleet__pb2.AdminInfo.FromString,
             options,
             channel_credentials,
             insecure,

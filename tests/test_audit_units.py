@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from modelfleet.hub.audit import MAX_LIMIT, UNFINISHED, AuditFileError, AuditStore
-from modelfleet.hub.audit_edge import AUDITED_SERVICES, METHOD_KINDS, PACKAGE, describe
+from modelfleet.hub.audit_edge import (
+    AUDITED_SERVICES,
+    METHOD_KINDS,
+    METHOD_ROLES,
+    PACKAGE,
+    describe,
+)
+from modelfleet.hub.governance import ADMIN, OPERATOR, ROLES
 from modelfleet.kernel.errors import InvalidRequestError
 from modelfleet.protos import fleet_pb2 as pb
 
@@ -31,6 +38,16 @@ def test_every_admin_method_is_classified() -> None:
         assert desc.full_name == f"{PACKAGE}.{service}"
         missing = [m.name for m in desc.methods if m.name not in METHOD_KINDS]
         assert missing == [], f"{service}: classify {missing} in hub/audit_edge.METHOD_KINDS"
+        unroled = [m.name for m in desc.methods if m.name not in METHOD_ROLES]
+        assert unroled == [], f"{service}: give {unroled} a role in hub/audit_edge.METHOD_ROLES"
+    assert set(METHOD_ROLES.values()) <= set(ROLES)
+    # What changes something needs at least an operator; an export at least an operator too.
+    for method, kind in METHOD_KINDS.items():
+        if kind in ("change", "export"):
+            assert METHOD_ROLES[method] in (OPERATOR, ADMIN), method
+    # Trust and personal data: admin only.
+    for method in ("CreateToken", "RevokeAgent", "AddAdmin", "SetAdminRole", "QueryCapture"):
+        assert METHOD_ROLES[method] == ADMIN, method
 
 
 def test_entries_begin_unfinished_end_with_their_status_and_are_private(tmp_path: Path) -> None:
