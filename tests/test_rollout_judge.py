@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests import models
-from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, traffic, wait_for
+from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agents, traffic, wait_for
 
 N_AGENTS = 4
 # Wave 1: two canaries beside two baseline agents.
@@ -31,8 +31,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubProcess
     hub = HubProcess(root / "hub", log_path=root / "hub.log").start()
     agents: list[AgentProcess] = []
     try:
-        for i in range(N_AGENTS):
-            config = enroll_agent(hub, root / f"a{i}", "site=lab", hostname=f"edge-{i}")
+        configs = enroll_agents(
+            hub, [(root / f"a{i}", "site=lab", f"edge-{i}") for i in range(N_AGENTS)]
+        )
+        for i, config in enumerate(configs):
             agents.append(
                 AgentProcess(
                     root / f"a{i}", fleet_config=config, env=FAST, log_path=root / f"a{i}.log"
