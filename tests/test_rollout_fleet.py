@@ -126,8 +126,10 @@ def test_hub_killed_mid_bake_then_restarted_continues(fleet) -> None:
         "4",
         "--waves",
         "10,100",
+        # Long enough to be killed in (the kill follows the first look at "baking"); a restart
+        # that outlasts it resumes at the bake's end, still once.
         "--bake",
-        "6s",
+        "4s",
         "--agent-timeout",
         "60s",
     )
