@@ -17,39 +17,46 @@ def pytest_configure(config: pytest.Config) -> None:
     process_guard.register(config)
 
 
-# Seconds each slow module took in one `make test` run (pytest --durations=0, summed per module;
-# 2026-12-07, two workers, 1,440 tests, 13.6 min on a busy two-core machine).
-# Under `make test`'s two workers (--dist loadfile --no-loadscope-reorder) modules are handed
-# out in collection order, so the longest go first and the short ones fill in at the end;
-# otherwise a two-minute module drawn last leaves one core idle while it runs. Rough figures
+# Seconds each slow module took in one `make test` run (junit times, setup to teardown, summed per
+# module; 2026-12-07, two workers, 1,532 tests, 17.2 min on a two-core machine that another test
+# run shared). Under `make test`'s two workers (--dist loadfile --no-loadscope-reorder) modules
+# are handed out in collection order, so the longest go first and the short ones fill in at the
+# end; otherwise a two-minute module drawn last leaves one core idle while it runs. Rough figures
 # are enough: only the order matters, and a module missing here just runs after these.
 SLOWEST_MODULES: dict[str, float] = {
-    "test_mqtt.py": 218,
-    "test_fleet.py": 133,
-    "test_restart_faults.py": 125,
-    "test_systemd.py": 120,
-    "test_rollout_fleet.py": 90,
-    "test_rollout_judge.py": 87,
-    "test_signing_attacks.py": 55,
-    "test_soak_smoke.py": 54,
-    "test_serving_workers.py": 52,
-    "test_rollout_wait.py": 53,
-    "test_retired_version.py": 50,
-    "test_experiments_fleet.py": 49,
-    "test_telemetry.py": 40,
+    "test_fleet.py": 214,
+    "test_mqtt.py": 177,
+    "test_restart_faults.py": 138,
+    "test_rollout_fleet.py": 104,
+    "test_rollout_judge.py": 98,
+    "test_systemd.py": 82,
+    "test_experiments_fleet.py": 82,
+    "test_signing_attacks.py": 72,
+    "test_rollout_wait.py": 68,
+    "test_serving_workers.py": 61,
+    "test_retired_version.py": 61,
+    "test_deployments_fleet.py": 56,
+    "test_soak_smoke.py": 52,
+    "test_statefile_fleet.py": 43,
+    "test_backup.py": 43,
     "test_swap.py": 35,
-    "test_backup.py": 33,
-    "test_alerts_fleet.py": 31,
-    "test_deployments_fleet.py": 28,
-    "test_statefile_fleet.py": 26,
-    "test_traffic_process.py": 22,
-    "test_telemetry_kill9.py": 21,
-    "test_capture_fleet.py": 21,
-    "test_outcomes_fleet.py": 17,
-    "test_jobs.py": 16,
-    "test_judge_split.py": 15,
-    "test_cli_messages.py": 15,
-    "test_unknown_names.py": 15,
+    "test_alerts_fleet.py": 34,
+    "test_capture_fleet.py": 34,
+    "test_telemetry.py": 32,
+    "test_outcomes_fleet.py": 30,
+    "test_readme.py": 24,
+    "test_telemetry_kill9.py": 23,
+    "test_judge_split.py": 23,
+    "test_hub_input_limits.py": 23,
+    "test_jobs.py": 22,
+    "test_inference_auth.py": 22,
+    "test_cli_scripting.py": 22,
+    "test_drift_fleet.py": 21,
+    "test_perf_analyzer.py": 21,
+    "test_cli_messages.py": 19,
+    "test_protocol_grpc.py": 18,
+    "test_guardrails.py": 17,
+    "test_tracing.py": 15,
 }
 
 

@@ -233,11 +233,13 @@ def test_revoked_agent_is_refused_and_keeps_serving(fleet) -> None:
 
 
 def test_agent_renews_its_certificate_and_outlives_the_first_one(fleet) -> None:
-    # Agent certificates live 20 s here (and, like all of them, from 5 minutes before issue for
-    # clock skew); the agent renews 12 s before expiry, so every ~8 s.
-    hub = fleet.hub("--agent-cert-lifetime-s", "20")
+    # Agent certificates live 16 s here (and, like all of them, from 5 minutes before issue for
+    # clock skew); the agent renews 10 s before expiry, so every ~6 s. The second renewal then
+    # leaves the enrollment certificate 4 s of life for the refusal checked below, and every
+    # renewed certificate 10 s for the hub restart.
+    hub = fleet.hub("--agent-cert-lifetime-s", "16")
     agent = fleet.agent(
-        hub, "edge-1", "site=berlin", env={"MODELFLEET_AGENT_CERT_RENEW_BEFORE_S": "12"}
+        hub, "edge-1", "site=berlin", env={"MODELFLEET_AGENT_CERT_RENEW_BEFORE_S": "10"}
     )
     ident = agent.models / "identity"
     first_key, first_cert = (ident / "agent.key").read_bytes(), (ident / "agent.crt").read_bytes()
@@ -288,7 +290,7 @@ def test_agent_renews_its_certificate_and_outlives_the_first_one(fleet) -> None:
     # connection, so the agent must handshake again, with the renewed certificate.
     wait_for(lambda: time.time() > first_expiry + 1, 30, "the first certificate to expire")
     assert not hub_accepts(old_creds)
-    hub = fleet.restart_hub(hub, "--agent-cert-lifetime-s", "20")
+    hub = fleet.restart_hub(hub, "--agent-cert-lifetime-s", "16")
     hub.cli("publish", "mlp", str(fleet.model(1)))
     hub.cli("deploy", "mlp", "2")
     wait_for(lambda: active(agent) == 2, 60, "v2 after the restart, on a renewed certificate")

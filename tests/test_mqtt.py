@@ -259,9 +259,9 @@ def test_broker_restart_mid_deploy_converges(mqtt_fleet) -> None:
 
 
 def test_mqtt_agent_renews_its_certificate_through_the_broker(mqtt_fleet) -> None:
-    # Agent certificates live 20 s; renewal 12 s ahead (see test_fleet.py for the gRPC path).
-    hub = mqtt_fleet.restart_hub("--agent-cert-lifetime-s", "20")
-    agent = mqtt_fleet.agent("edge-1", env={"MODELFLEET_AGENT_CERT_RENEW_BEFORE_S": "12"})
+    # Agent certificates live 16 s; renewal 10 s ahead (see test_fleet.py for the gRPC path).
+    hub = mqtt_fleet.restart_hub("--agent-cert-lifetime-s", "16")
+    agent = mqtt_fleet.agent("edge-1", env={"MODELFLEET_AGENT_CERT_RENEW_BEFORE_S": "10"})
     ident = agent.models / "identity"
     first = load_certificate((ident / "agent.crt").read_bytes())
     hub.cli("publish", "mlp", str(mqtt_fleet.model(0)))

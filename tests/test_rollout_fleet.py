@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests import models
-from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agent, traffic, wait_for
+from tests.procs import AgentProcess, HubProcess, agent_status, enroll_agents, traffic, wait_for
 
 N_AGENTS = 10
 FAST = {
@@ -24,10 +24,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
     hub = HubProcess(root / "hub", log_path=root / "hub.log").start()
     agents: list[AgentProcess] = []
     try:
-        for i in range(N_AGENTS):
-            config = enroll_agent(
-                hub, root / f"a{i}", f"site={'berlin' if i < 5 else 'paris'}", hostname=f"edge-{i}"
-            )
+        configs = enroll_agents(
+            hub,
+            [
+                (root / f"a{i}", f"site={'berlin' if i < 5 else 'paris'}", f"edge-{i}")
+                for i in range(N_AGENTS)
+            ],
+        )
+        for i, config in enumerate(configs):
             agents.append(
                 AgentProcess(
                     root / f"a{i}", fleet_config=config, env=FAST, log_path=root / f"a{i}.log"
@@ -122,8 +126,10 @@ def test_hub_killed_mid_bake_then_restarted_continues(fleet) -> None:
         "4",
         "--waves",
         "10,100",
+        # Long enough to be killed in (the kill follows the first look at "baking"); a restart
+        # that outlasts it resumes at the bake's end, still once.
         "--bake",
-        "6s",
+        "4s",
         "--agent-timeout",
         "60s",
     )

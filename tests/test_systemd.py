@@ -2,8 +2,9 @@
 
 Real processes and real sockets: the sd_notify datagrams arrive on a unix socket this test
 binds (a path for the agent, the abstract namespace for the hub); SIGTERM meets real concurrent
-load; SIGHUP re-reads real files. The .deb/.rpm are built once for the module with nfpm, and
-the agent runs from the .deb's contents, unpacked into a temporary root and mounted at
+load; SIGHUP re-reads real files. The .deb/.rpm are built once for the module with nfpm (in the
+background, from the module's first process test on, while the tests that need no package run),
+and the agent runs from the .deb's contents, unpacked into a temporary root and mounted at
 /opt/modelfleet in a private mount namespace (nothing on this machine changes). The units pass
 ``systemd-analyze verify`` against that same unpacked root.
 """
@@ -242,6 +243,7 @@ def test_journal_format_only_when_stderr_is_the_journal_stream(
 # -- the agent ------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("package_build")
 def test_agent_notifies_ready_status_and_watchdog(
     repo: Path, staging: Path, tmp_path: Path, listener: NotifyListener
 ) -> None:
@@ -320,6 +322,7 @@ def _watch_health(url: str, seen: list[tuple[float, int]], done: threading.Event
             done.set()
 
 
+@pytest.mark.usefixtures("package_build")
 def test_sigterm_under_load_drains_in_flight_requests_under_wx_lock(
     repo: Path, tmp_path: Path, listener: NotifyListener
 ) -> None:
@@ -402,6 +405,7 @@ def test_sigterm_under_load_drains_in_flight_requests_under_wx_lock(
     assert "stopped" in agent.logs()
 
 
+@pytest.mark.usefixtures("package_build")
 def test_sighup_reloads_agent_config(
     repo: Path, staging: Path, tmp_path: Path, listener: NotifyListener
 ) -> None:
@@ -472,6 +476,7 @@ def test_reload_applies_runtime_keys_and_keeps_flags(tmp_path: Path) -> None:
 # -- the hub --------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("package_build")
 def test_hub_notifies_reloads_and_stops(tmp_path: Path) -> None:
     lst = NotifyListener()  # abstract namespace this time: NOTIFY_SOCKET=@...
     config = tmp_path / "hub.toml"
@@ -537,6 +542,7 @@ def test_hub_notifies_reloads_and_stops(tmp_path: Path) -> None:
         lst.close()
 
 
+@pytest.mark.usefixtures("package_build")
 def test_fleet_agent_from_packaged_config_is_ready_from_cache(tmp_path: Path) -> None:
     """The installed layout end to end: enroll writes DATA/agent.toml, the service runs
     `run --config` on a copy of packaging/etc/agent.toml whose `enrollment` points at it. READY=1
@@ -605,6 +611,7 @@ def test_default_configs_document_every_key(cls: type, name: str) -> None:
     assert not missing, f"packaging/etc/{name} does not document {sorted(missing)}"
 
 
+@pytest.mark.usefixtures("package_build")
 def test_default_agent_config_runs_once_enrolled(tmp_path: Path) -> None:
     """/etc/modelfleet/agent.toml + what `enroll` wrote = a fleet-mode config; keys set in
     /etc, the environment and flags override enrollment."""
@@ -651,23 +658,57 @@ class Built:
     seconds: float
 
 
+@dataclasses.dataclass
+class PackageBuild:
+    proc: subprocess.Popen
+    out: Path
+    log: Path
+    started: float
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+def package_build(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PackageBuild | None]:
+    """The .deb/.rpm build (about a minute, most of it pip, compileall and compression),
+    started by the module's first process test and left running in the background, at a lower
+    priority, while the tests that need no package run; `built` waits for it. None when no
+    selected test of this module needs the packages."""
+    if not any(
+        "built" in item.fixturenames
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module
+    ):
+        yield None
+        return
     out = tmp_path_factory.mktemp("dist")
-    started = time.monotonic()
-    r = subprocess.run(
-        [sys.executable, str(PACKAGING / "build.py"), "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = out.parent / f"{out.name}-build.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            ["nice", "-n", "5", sys.executable, str(PACKAGING / "build.py"), "--out", str(out)],
+            cwd=ROOT,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            # Its own process group: an unfinished build (pip, nfpm) goes down whole below.
+            start_new_session=True,
+        )
+    yield PackageBuild(proc, out, log, time.monotonic())
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def built(package_build: PackageBuild | None, tmp_path_factory: pytest.TempPathFactory) -> Built:
+    assert package_build is not None
+    returncode = package_build.proc.wait(900)
+    assert returncode == 0, package_build.log.read_text(errors="replace")[-6000:]
+    out = package_build.out
     (deb,) = out.glob("modelfleet_*_amd64.deb")
     (rpm,) = out.glob("modelfleet-*.x86_64.rpm")
     root = tmp_path_factory.mktemp("root")
     subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, timeout=300)
-    return Built(deb, rpm, root, time.monotonic() - started)
+    return Built(deb, rpm, root, time.monotonic() - package_build.started)
 
 
 def test_deb_holds_the_venv_units_and_configs(built: Built) -> None:
