@@ -44,6 +44,7 @@ SLOWEST_MODULES: dict[str, float] = {
     "test_capture_fleet.py": 34,
     "test_telemetry.py": 32,
     "test_outcomes_fleet.py": 30,
+    "test_admin_roles.py": 26,
     "test_readme.py": 24,
     "test_telemetry_kill9.py": 23,
     "test_judge_split.py": 23,
