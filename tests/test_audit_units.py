@@ -3,6 +3,7 @@ The interceptor on a real hub, with a wrong identity and a kill -9: tests/test_a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -15,7 +16,10 @@ from modelfleet.hub.audit_edge import (
     METHOD_KINDS,
     METHOD_ROLES,
     PACKAGE,
+    STRING_CHARS,
+    RefusalBudget,
     describe,
+    redact,
 )
 from modelfleet.hub.governance import ADMIN, OPERATOR, ROLES
 from modelfleet.kernel.errors import InvalidRequestError
@@ -118,6 +122,54 @@ def test_requests_are_worded_without_secrets_or_bytes() -> None:
         pb.DeployRequest(name="m", version=2, selector={f"k{i}": "v" for i in range(25)})
     )
     assert "... 5 more" in many
+
+
+def test_credentials_inside_strings_are_redacted_whatever_the_field() -> None:
+    assert redact("https://ops:pw@h.example/x") == "https://<redacted>@h.example/x"
+    assert redact("s3://AKIA:sk@bucket/a.parquet") == "s3://<redacted>@bucket/a.parquet"
+    assert (
+        redact("https://h/x?team=ml&access_token=abc&api_key=k#f")
+        == "https://h/x?team=ml&access_token=<redacted>&api_key=<redacted>#f"
+    )
+    # Addresses without credentials, and text that is not a URL, are left alone.
+    for plain in ("https://h.example:8443/x?team=ml", "user@example.com", "a = 1 AND b = 2"):
+        assert redact(plain) == plain
+    job = describe(
+        pb.CreateJobRequest(
+            spec=pb.JobSpec(name="j", input="s3://AKIA:sk-123@b/in.parquet", keys="id,ts")
+        )
+    )
+    assert "sk-123" not in job and "s3://<redacted>@b/in.parquet" in job
+    # Public values whose field names contain "key": the signing key id, a job's id columns.
+    assert 'keys: "id,ts"' in job
+    commit = describe(pb.CommitTargetsRequest(name="m", version=1, keyid="ab12", signature="s"))
+    assert 'keyid: "ab12"' in commit
+
+
+def test_a_long_string_is_cut_with_its_length_and_digest_so_the_rest_is_kept() -> None:
+    notes = "n" * 5000
+    text = describe(pb.PublishHeader(name="m", version=2, notes=notes, size=10, sha256="f" * 64))
+    assert f"<5000 chars, sha256 {hashlib.sha256(notes.encode()).hexdigest()}>" in text
+    assert text.endswith(f'size: 10 sha256: "{"f" * 64}"') and len(text) < STRING_CHARS + 250
+    # Something redacted from a long string: the digest is of what is kept, never of the
+    # secret, and says so.
+    doc = "x" * 300 + " postgres://u:pw-77@db/x"
+    text = describe(pb.StateRequest(document=doc))
+    assert "pw-77" not in text and "sha256 of the redacted text" in text
+    assert hashlib.sha256(doc.encode()).hexdigest() not in text
+
+
+def test_the_refusal_budget_counts_what_it_does_not_record() -> None:
+    clock = Clock()
+    budget = RefusalBudget(burst=3, per_s=0.5, clock=clock)
+    assert [budget.take("") for _ in range(3)] == [0, 0, 0]
+    assert [budget.take("") for _ in range(4)] == [None] * 4
+    assert budget.take("agent:a") == 0  # each identity has its own
+    clock.now += 2.0  # one refusal's worth
+    assert budget.take("") == 4  # recorded, saying how many were not
+    assert budget.take("") is None
+    clock.now += 100.0
+    assert [budget.take("") for _ in range(3)] == [1, 0, 0]  # refilled to the burst, no more
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
