@@ -273,7 +273,8 @@ def _identity(context: grpc.aio.ServicerContext) -> str:
 
 def _status(context: grpc.aio.ServicerContext, exc: BaseException | None) -> tuple[str, str]:
     """(status name, detail) of a call that has ended."""
-    if isinstance(exc, asyncio.CancelledError):
+    # A stream the client cancels is closed at its yield (GeneratorExit), not cancelled.
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return "CANCELLED", "the client went away or the hub is stopping"
     code = context.code()
     detail = context.details() or ""

@@ -162,3 +162,17 @@ def test_a_long_field_does_not_push_the_rest_out_of_the_entry(
     [applied] = [e for e in trail(hub) if e["method"] == "ApplyState"]
     assert hashlib.sha256(state.read_bytes()).hexdigest() in applied["request"], applied
     assert f"{len(doc)} chars" in applied["request"]
+
+
+def test_an_export_the_client_cuts_short_is_recorded_as_cancelled(hub: HubProcess) -> None:
+    # Part of the backup (CA and TUF keys among it) has left the hub: the entry must say the
+    # caller went away, not that the hub failed in some unknown way.
+    with admin_channel(hub) as channel:
+        stream = pb_grpc.HubAdminStub(channel).Backup(pb.BackupRequest(), timeout=30)
+        next(stream)
+        stream.cancel()
+    deadline = time.monotonic() + 10
+    while not (backups := [e for e in trail(hub) if e["method"] == "Backup" and e["identity"]]):
+        assert time.monotonic() < deadline, "no Backup entry"
+        time.sleep(0.2)
+    assert backups[-1]["code"] == "CANCELLED", backups[-1]
