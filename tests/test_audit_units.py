@@ -188,3 +188,33 @@ def test_a_damaged_trail_is_refused_with_the_ways_out(tmp_path: Path, damage: st
     assert str(path) in words and "restore" in words and "move it aside" in words
     path.rename(tmp_path / "audit.sqlite.damaged")
     assert AuditStore(path).query() == []  # the way out works: a new, empty trail
+
+
+def test_the_audit_table_cannot_be_given_forged_lines(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An error's message may quote what a caller sent (a query's line, a name): its newlines
+    # and terminal escapes must not print as entries of their own or rewrite the screen.
+    from modelfleet.hub import cli
+
+    forged = "2026-12-07 23:59:59 UTC admin:admin            Deploy               OK"
+    entry = pb.AuditEntry(
+        started_at=1.0,
+        identity="admin:vera",
+        method="QueryCapture",
+        request='model: "m"',
+        code="INVALID_ARGUMENT",
+        detail=f"syntax error\n{forged}\x1b[2K\x9b1A",
+    )
+
+    class Stub:
+        def ListAudit(self, request: object, timeout: float = 0) -> pb.ListAuditResponse:
+            return pb.ListAuditResponse(entries=[entry])
+
+    monkeypatch.setattr(cli, "admin_stub", lambda args: Stub())
+    assert cli.main(["audit"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("2026")] == []
+    assert any(line.strip().startswith(forged) for line in lines)  # shown, under its entry
+    assert "\x1b" not in "".join(lines) and "\x9b" not in "".join(lines)
+    assert any("\\x1b[2K\\x9b1A" in line for line in lines)
