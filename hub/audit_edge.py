@@ -422,9 +422,9 @@ NO_CERTIFICATE = "a client certificate issued by the hub's CA is required"
 def refusal(admins: Admins | None, context: grpc.aio.ServicerContext, method: str) -> str:
     """Why this caller may not make this call; empty when it may. Checked before anything is
     recorded as begun or runs: callers without a certificate (the enrollment port), identities
-    that are neither admins nor agents, agents outside their own methods, and admins whose role
-    is too low, whose name is unknown or revoked, or whose key is not the one bound to the name.
-    The handlers check the identity's kind again."""
+    that are neither admins nor agents, agents outside their own methods or not active (revoked),
+    and admins whose role is too low, whose name is unknown or revoked, or whose key is not the
+    one bound to the name. The handlers check again."""
     identity = _identity(context)
     if not identity:
         return NO_CERTIFICATE
@@ -433,9 +433,16 @@ def refusal(admins: Admins | None, context: grpc.aio.ServicerContext, method: st
     except IdentityError as exc:
         return str(exc)
     if kind != "admin":
-        if kind == "agent" and method in AGENT_METHODS:
+        if kind != "agent" or method not in AGENT_METHODS:
+            return f"{kind} identities may not call this method"
+        if admins is None:
             return ""
-        return f"{kind} identities may not call this method"
+        # mTLS still accepts a revoked agent's certificate; the registry does not.
+        try:
+            status = admins.registry.agent(name).status
+        except ModelfleetError as exc:
+            return str(exc)
+        return "" if status == "active" else f"agent {name} is {status}"
     if admins is None:
         return ""
     (cert_pem,) = context.auth_context().get("x509_pem_cert") or [b""]

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from modelfleet.hub.audit_edge import REFUSALS_BURST
 from modelfleet.protos import fleet_pb2 as pb
 from modelfleet.protos import fleet_pb2_grpc as pb_grpc
 from tests import models
-from tests.procs import HubProcess
+from tests.procs import HubProcess, enroll_agent
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +178,30 @@ def test_an_export_the_client_cuts_short_is_recorded_as_cancelled(hub: HubProces
         assert time.monotonic() < deadline, "no Backup entry"
         time.sleep(0.2)
     assert backups[-1]["code"] == "CANCELLED", backups[-1]
+
+
+def test_a_revoked_agent_cannot_fill_the_trail(hub: HubProcess, tmp_path: Path) -> None:
+    # mTLS still accepts a revoked agent's certificate (the registry refuses it), so a stolen
+    # node can call its capture methods without end: each refusal is budgeted like any other.
+    enroll_agent(hub, tmp_path / "agent", "role=edge", hostname="stolen-1")
+    folder = tmp_path / "agent" / "identity"
+    cert = x509.load_pem_x509_certificate((folder / "agent.crt").read_bytes())
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    agent_id = str(cn).removeprefix("agent:")
+    hub.cli("agents", "revoke", agent_id)
+    creds = grpc.ssl_channel_credentials(
+        (folder / "ca.crt").read_bytes(),
+        (folder / "agent.key").read_bytes(),
+        (folder / "agent.crt").read_bytes(),
+    )
+    request = pb.CaptureFile(model="mlp", file_id="1-ab", size=1, sha256="0" * 64)
+    with grpc.secure_channel(hub.url, creds) as channel:
+        stub = pb_grpc.HubCaptureStub(channel)
+        for _ in range(REFUSALS_BURST + 100):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.CaptureOffset(request, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "revoked" in (refused.value.details() or "")
+    mine = [e for e in trail(hub) if e["identity"] == f"agent:{agent_id}"]
+    assert 0 < len(mine) <= REFUSALS_BURST, len(mine)
+    assert all(e["code"] == "PERMISSION_DENIED" for e in mine)
