@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,13 @@ def test_the_audit_table_cannot_be_given_forged_lines(
     assert any(line.strip().startswith(forged) for line in lines)  # shown, under its entry
     assert "\x1b" not in "".join(lines) and "\x9b" not in "".join(lines)
     assert any("\\x1b[2K\\x9b1A" in line for line in lines)
+
+
+@pytest.mark.parametrize("text", ["a." * 500_000, "?a" * 500_000, "://" + "a" * 1_000_000])
+def test_redaction_takes_linear_time_on_hostile_strings(text: str) -> None:
+    # Every request of every identity is described on the event loop: a regular expression
+    # that backtracks on a 1 MB string would stop the hub.
+    started = time.perf_counter()
+    redact(text)
+    describe(pb.DeployRequest(name=text))
+    assert time.perf_counter() - started < 2.0
