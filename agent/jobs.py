@@ -12,13 +12,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from modelfleet.agent.slots import SlotManager
-from modelfleet.kernel.errors import ModelfleetError, ModelNotFoundError
+from modelfleet.kernel.errors import InvalidRequestError, ModelfleetError, ModelNotFoundError
 from modelfleet.kernel.jobs import JobRun, JobSpec
 from modelfleet.kernel.schedule import trigger_for
 
@@ -28,11 +29,28 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[JobRun], Awaitable[None]]
 
 
+def _under(path: Path, roots: Sequence[Path]) -> Path | None:
+    for root in roots:
+        if path.is_relative_to(root):
+            return root
+    return None
+
+
 class JobRunner:
     def __init__(
-        self, slots: SlotManager, report: Reporter, *, threads: int = 1, misfire_s: int = 300
+        self,
+        slots: SlotManager,
+        report: Reporter,
+        *,
+        threads: int = 1,
+        misfire_s: int = 300,
+        private: Sequence[Path] = (),
     ) -> None:
         self.slots = slots
+        # The agent's own folders (its key, capture files and capture.key): a job comes from
+        # the hub, written by an operator, who may not read them (only admins see captured
+        # data) and whose run errors any viewer reads.
+        self.private = [Path(p).resolve() for p in private]
         self.report = report
         self.threads = threads
         self.misfire_s = misfire_s
@@ -85,6 +103,21 @@ class JobRunner:
         if self.scheduler.get_job(name) is not None:
             self.scheduler.remove_job(name)
 
+    def _check_paths(self, spec: JobSpec) -> None:
+        """Refuse a job whose input files (a folder is searched recursively, a glob expanded:
+        each file is checked) or output folder lie in the agent's own folders."""
+        from modelfleet.batch.source import find_files
+
+        found = [(f"input file {f}", f) for f in find_files(spec.input)]
+        for what, path in [*found, ("output", Path(spec.output).resolve())]:
+            root = _under(path, self.private)
+            if root is not None:
+                raise InvalidRequestError(
+                    f"job {spec.name}: its {what} is in this agent's own folder {root} (its "
+                    "keys and captured data), which jobs may not use: point the job at data "
+                    "elsewhere"
+                )
+
     def _bundle_for(self, spec: JobSpec) -> tuple[str, int]:
         slot = self.slots.slots.get(spec.model)
         if slot is None or not slot.loaded():
@@ -112,6 +145,7 @@ class JobRunner:
             name, uuid.uuid4().hex[:12], spec.model, spec.version, "failed", started_at=started
         )
         try:
+            await asyncio.to_thread(self._check_paths, spec)
             bundle, version = self._bundle_for(spec)
             result.version = version
             summary = await asyncio.to_thread(self._score, spec, bundle, result.run_id)

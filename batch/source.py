@@ -220,6 +220,14 @@ def open_sql(
         config["threads"] = threads
     try:
         con = duckdb.connect(":memory:", config=config)
+        # The SQL reads the view and nothing else on this machine's disk or network: on an
+        # agent it comes from the hub (a job), written by whoever has the operator role, and an
+        # error quoting a file (a failed cast) comes back in the run's report. Only the input
+        # files and the spill folder stay reachable.
+        con.execute("SET allowed_paths = ?", [[str(p) for p in files]])
+        con.execute("SET allowed_directories = ?", [[str(temp_dir)]])
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
         listing = ", ".join(_sql_literal(str(p)) for p in files)
         con.execute(f"CREATE VIEW input AS SELECT * FROM read_parquet([{listing}])")
         reader = con.sql(sql).to_arrow_reader(batch_size=batch_rows)

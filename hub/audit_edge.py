@@ -10,8 +10,10 @@ unnamed one counts as a change that needs the admin role.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -165,11 +167,36 @@ METHOD_ROLES: dict[str, str] = {
     },
 }
 
+# Agents' own methods among the admin services (capture shipping): the only ones an agent
+# identity gets past the gate with.
+AGENT_METHODS = ("CaptureOffset", "UploadCapture")
+
 # Fields whose values are never recorded, only their size: their names say they may hold a
 # secret (a webhook's signing secret, a token, a key, a password).
 SECRET_WORDS = ("secret", "token", "password", "key")
+# Names with those words that hold public values an auditor needs: the key id that signed a
+# targets commit, a job's id columns.
+PUBLIC_FIELDS = ("keyid", "keys")
 # Items of a repeated field or map written out before the rest is only counted.
 SHOWN_ITEMS = 20
+# A longer string is written as its start, its length and its SHA-256, so that one long field
+# (publish notes, a padded state file) cannot push the rest of the request out of the entry,
+# and the digest still ties the entry to the file that was sent.
+STRING_CHARS = 200
+# Credentials inside strings whatever the field's name: the user:password@ of a URL (a webhook,
+# a job's input) and query parameters named like secrets (?token=...). Every request is
+# described on the event loop, so both patterns take linear time on any string: each starts at
+# a literal ("://", or one of ? & ;) and scans a class that excludes what starts the next match.
+_URL_USERINFO = re.compile(r"://[^/@\s\"']{1,256}@")
+_PARAM = re.compile(r"([?&;][^=&#\s\"'?;]{1,64}=)[^&#\s\"'?;]*")
+SECRET_PARAM_WORDS = ("secret", "token", "password", "passwd", "key", "sig", "auth")
+
+# Refusals at the gate are recorded within a budget per identity (every caller without a
+# certificate shares one): the enrollment port answers anyone who reaches it, and each entry is
+# a synced write on the event loop. Over the budget they are counted, and the next entry that is
+# written says how many were left out.
+REFUSALS_BURST = 100
+REFUSALS_PER_S = 0.2
 
 
 def describe(message: Any) -> str:
@@ -177,7 +204,8 @@ def describe(message: Any) -> str:
     hold secrets given by their size only."""
     parts = []
     for field, value in message.ListFields():
-        secret = any(word in field.name.lower() for word in SECRET_WORDS)
+        name = field.name.lower()
+        secret = name not in PUBLIC_FIELDS and any(word in name for word in SECRET_WORDS)
         parts.append(f"{field.name}: {_field_text(field, value, secret)}")
     return " ".join(parts)
 
@@ -210,11 +238,37 @@ def _one(field: FieldDescriptor, value: Any, secret: bool) -> str:
     if secret:
         return "<redacted>"
     if field.type == FieldDescriptor.TYPE_STRING:
-        return json.dumps(value, ensure_ascii=False)
+        return _string(value)
     if field.enum_type is not None:
         named = field.enum_type.values_by_number.get(value)
         return named.name if named is not None else str(value)
     return str(value)
+
+
+def redact(text: str) -> str:
+    """``text`` without the credentials a URL in it may carry."""
+    text = _URL_USERINFO.sub("://<redacted>@", text)
+    return _PARAM.sub(_param, text)
+
+
+def _param(match: re.Match[str]) -> str:
+    name = match.group(1).lower()
+    secret = any(word in name for word in SECRET_PARAM_WORDS)
+    return match.group(1) + "<redacted>" if secret else match.group(0)
+
+
+def _string(value: str) -> str:
+    clean = redact(value)
+    if len(clean) <= STRING_CHARS:
+        return json.dumps(clean, ensure_ascii=False)
+    # The digest of what was sent, unless something was redacted from it: a digest of the
+    # original would let a guess at the removed secret be checked.
+    of = "" if clean == value else " of the redacted text"
+    digest = hashlib.sha256(clean.encode()).hexdigest()
+    return (
+        json.dumps(clean[:STRING_CHARS], ensure_ascii=False)
+        + f"... <{len(value)} chars, sha256{of} {digest}>"
+    )
 
 
 def _identity(context: grpc.aio.ServicerContext) -> str:
@@ -224,7 +278,8 @@ def _identity(context: grpc.aio.ServicerContext) -> str:
 
 def _status(context: grpc.aio.ServicerContext, exc: BaseException | None) -> tuple[str, str]:
     """(status name, detail) of a call that has ended."""
-    if isinstance(exc, asyncio.CancelledError):
+    # A stream the client cancels is closed at its yield (GeneratorExit), not cancelled.
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return "CANCELLED", "the client went away or the hub is stopping"
     code = context.code()
     detail = context.details() or ""
@@ -236,6 +291,40 @@ def _status(context: grpc.aio.ServicerContext, exc: BaseException | None) -> tup
         return "UNKNOWN", f"{type(exc).__name__}: {exc}"
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
     return name, detail
+
+
+class RefusalBudget:
+    """How many refusals per identity are recorded: ``burst`` at once, then ``per_s``."""
+
+    def __init__(
+        self,
+        burst: int = REFUSALS_BURST,
+        per_s: float = REFUSALS_PER_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst, self.per_s, self.clock = burst, per_s, clock
+        # identity -> (tokens, when counted, refusals not recorded since the last entry)
+        self._left: dict[str, tuple[float, float, int]] = {}
+
+    def take(self, identity: str) -> int | None:
+        """None when this refusal is over the budget (it is counted instead); otherwise how
+        many refusals of ``identity`` were not recorded before it."""
+        now = self.clock()
+        tokens, then, skipped = self._left.get(identity, (float(self.burst), now, 0))
+        tokens = min(float(self.burst), tokens + (now - then) * self.per_s)
+        if tokens < 1.0:
+            if not skipped:
+                log.warning(
+                    "audit: refused calls by %s over %d at once or %g a second are not "
+                    "recorded, only counted in the next entry",
+                    identity or "callers without a certificate",
+                    self.burst,
+                    self.per_s,
+                )
+            self._left[identity] = (tokens, now, skipped + 1)
+            return None
+        self._left[identity] = (tokens - 1.0, now, 0)
+        return skipped
 
 
 class _Call:
@@ -258,9 +347,16 @@ class _Call:
         self.started_at = time.time()
         self.t0 = time.perf_counter()
         self.entry = 0
-        if kind == CHANGE:
+
+    def begin(self) -> None:
+        if self.kind == CHANGE:
             self.entry = self._safely(
-                store.begin, self.identity, self.peer, service, method, request
+                self.store.begin,
+                self.identity,
+                self.peer,
+                self.service,
+                self.method,
+                self.request,
             )
 
     def _safely(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -279,6 +375,30 @@ class _Call:
         self.request = request
         if self.entry:
             self._safely(self.store.set_request, self.entry, request)
+
+    def refused(self, why: str, budget: RefusalBudget) -> None:
+        """The entry of a call the gate refused before anything ran, within the budget."""
+        skipped = budget.take(self.identity)
+        if skipped is None:
+            return
+        if skipped:
+            why += (
+                f" ({skipped} more refused calls by this identity were not recorded before "
+                f"this one: over {budget.burst} at once or {budget.per_s:g} a second)"
+            )
+        ms = (time.perf_counter() - self.t0) * 1000.0
+        self._safely(
+            self.store.record,
+            self.identity,
+            self.peer,
+            self.service,
+            self.method,
+            self.request,
+            "PERMISSION_DENIED",
+            why,
+            ms,
+            self.started_at,
+        )
 
     def done(self, exc: BaseException | None) -> None:
         code, detail = _status(self.context, exc)
@@ -300,16 +420,35 @@ class _Call:
             )
 
 
+# Worded as the handlers' own check (hub/server.py caller()) words them.
+NO_CERTIFICATE = "a client certificate issued by the hub's CA is required"
+
+
 def refusal(admins: Admins | None, context: grpc.aio.ServicerContext, method: str) -> str:
-    """Why an admin identity may not make this call; empty when it may (or when the caller is
-    not an admin: the handler decides for agents and for callers without a certificate)."""
-    if admins is None:
-        return ""
+    """Why this caller may not make this call; empty when it may. Checked before anything is
+    recorded as begun or runs: callers without a certificate (the enrollment port), identities
+    that are neither admins nor agents, agents outside their own methods or not active (revoked),
+    and admins whose role is too low, whose name is unknown or revoked, or whose key is not the
+    one bound to the name. The handlers check again."""
+    identity = _identity(context)
+    if not identity:
+        return NO_CERTIFICATE
     try:
-        kind, name = parse_identity(_identity(context))
-    except IdentityError:
-        return ""
+        kind, name = parse_identity(identity)
+    except IdentityError as exc:
+        return str(exc)
     if kind != "admin":
+        if kind != "agent" or method not in AGENT_METHODS:
+            return f"{kind} identities may not call this method"
+        if admins is None:
+            return ""
+        # mTLS still accepts a revoked agent's certificate; the registry does not.
+        try:
+            status = admins.registry.agent(name).status
+        except ModelfleetError as exc:
+            return str(exc)
+        return "" if status == "active" else f"agent {name} is {status}"
+    if admins is None:
         return ""
     (cert_pem,) = context.auth_context().get("x509_pem_cert") or [b""]
     try:
@@ -325,12 +464,22 @@ def refusal(admins: Admins | None, context: grpc.aio.ServicerContext, method: st
     )
 
 
+def _refused_request(context: grpc.aio.ServicerContext, message: Any) -> str:
+    # A caller without a certificate can be anyone: what it sent is counted, not written out.
+    if message is None:
+        return "(stream)"
+    if not _identity(context):
+        return f"<{message.ByteSize()} bytes, not described: no client certificate>"
+    return describe(message)
+
+
 class AuditInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, store: AuditStore, settings: Any, admins: Admins | None = None) -> None:
         # ``settings.audit_reads`` is read at every call: a reload (SIGHUP) changes it.
         self.store = store
         self.settings = settings
         self.admins = admins
+        self.budget = RefusalBudget()
 
     async def intercept_service(
         self,
@@ -348,23 +497,26 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
         return self._wrap(handler, service, method, kind)
 
     def _wrap(self, handler: Any, service: str, method: str, kind: str) -> Any:
-        store, settings, admins = self.store, self.settings, self.admins
+        store, settings, admins, budget = self.store, self.settings, self.admins, self.budget
 
         def start(context: Any, request: str) -> _Call:
             return _Call(store, service, method, kind, context, request, settings.audit_reads)
 
-        async def check(context: Any) -> None:
+        async def gate(context: Any, message: Any) -> None:
+            # Before a change's entry is begun and before the handler sees anything.
             why = refusal(admins, context, method)
             if why:
+                start(context, _refused_request(context, message)).refused(why, budget)
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: Any) -> Any:
+                await gate(context, request)
                 call = start(context, describe(request))
+                call.begin()
                 try:
-                    await check(context)
                     answer = await inner_uu(request, context)
                 except BaseException as exc:
                     call.done(exc)
@@ -381,9 +533,10 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                await gate(context, request)
                 call = start(context, describe(request))
+                call.begin()
                 try:
-                    await check(context)
                     async for item in inner_us(request, context):
                         yield item
                 except BaseException as exc:
@@ -400,9 +553,12 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
             inner_su = handler.stream_unary
 
             async def stream_unary(requests: Any, context: Any) -> Any:
+                # Refused before the first message is read: nothing of the stream is taken in.
+                await gate(context, None)
                 # The first message of a stream says what it is (publish: the header), the rest
                 # is data: only that one is described, once it has come.
                 call = start(context, "(stream)")
+                call.begin()
 
                 async def first_described() -> AsyncIterator[Any]:
                     first = True
@@ -413,7 +569,6 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
                         yield message
 
                 try:
-                    await check(context)
                     answer = await inner_su(first_described(), context)
                 except BaseException as exc:
                     call.done(exc)

@@ -1865,11 +1865,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for e in resp.entries:
         print(
             f"{_when(e.started_at):<23} {e.identity or '(none)':<22} {e.method:<20} "
-            f"{e.code:<19} {e.duration_ms:>8.1f}  {e.request or '-'}"
+            f"{e.code:<19} {e.duration_ms:>8.1f}  {_printable(e.request) or '-'}"
         )
-        if e.detail:
-            print(f"{'':<23} {e.detail}")
+        # Every line of an error's message under its entry: it may quote what a caller sent.
+        for line in e.detail.splitlines():
+            print(f"{'':<23} {_printable(line)}")
     return 0
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (terminal escapes, line breaks) written as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def cmd_agents(args: argparse.Namespace) -> int:

@@ -3,8 +3,10 @@ The interceptor on a real hub, with a wrong identity and a kill -9: tests/test_a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,10 @@ from modelfleet.hub.audit_edge import (
     METHOD_KINDS,
     METHOD_ROLES,
     PACKAGE,
+    STRING_CHARS,
+    RefusalBudget,
     describe,
+    redact,
 )
 from modelfleet.hub.governance import ADMIN, OPERATOR, ROLES
 from modelfleet.kernel.errors import InvalidRequestError
@@ -120,6 +125,54 @@ def test_requests_are_worded_without_secrets_or_bytes() -> None:
     assert "... 5 more" in many
 
 
+def test_credentials_inside_strings_are_redacted_whatever_the_field() -> None:
+    assert redact("https://ops:pw@h.example/x") == "https://<redacted>@h.example/x"
+    assert redact("s3://AKIA:sk@bucket/a.parquet") == "s3://<redacted>@bucket/a.parquet"
+    assert (
+        redact("https://h/x?team=ml&access_token=abc&api_key=k#f")
+        == "https://h/x?team=ml&access_token=<redacted>&api_key=<redacted>#f"
+    )
+    # Addresses without credentials, and text that is not a URL, are left alone.
+    for plain in ("https://h.example:8443/x?team=ml", "user@example.com", "a = 1 AND b = 2"):
+        assert redact(plain) == plain
+    job = describe(
+        pb.CreateJobRequest(
+            spec=pb.JobSpec(name="j", input="s3://AKIA:sk-123@b/in.parquet", keys="id,ts")
+        )
+    )
+    assert "sk-123" not in job and "s3://<redacted>@b/in.parquet" in job
+    # Public values whose field names contain "key": the signing key id, a job's id columns.
+    assert 'keys: "id,ts"' in job
+    commit = describe(pb.CommitTargetsRequest(name="m", version=1, keyid="ab12", signature="s"))
+    assert 'keyid: "ab12"' in commit
+
+
+def test_a_long_string_is_cut_with_its_length_and_digest_so_the_rest_is_kept() -> None:
+    notes = "n" * 5000
+    text = describe(pb.PublishHeader(name="m", version=2, notes=notes, size=10, sha256="f" * 64))
+    assert f"<5000 chars, sha256 {hashlib.sha256(notes.encode()).hexdigest()}>" in text
+    assert text.endswith(f'size: 10 sha256: "{"f" * 64}"') and len(text) < STRING_CHARS + 250
+    # Something redacted from a long string: the digest is of what is kept, never of the
+    # secret, and says so.
+    doc = "x" * 300 + " postgres://u:pw-77@db/x"
+    text = describe(pb.StateRequest(document=doc))
+    assert "pw-77" not in text and "sha256 of the redacted text" in text
+    assert hashlib.sha256(doc.encode()).hexdigest() not in text
+
+
+def test_the_refusal_budget_counts_what_it_does_not_record() -> None:
+    clock = Clock()
+    budget = RefusalBudget(burst=3, per_s=0.5, clock=clock)
+    assert [budget.take("") for _ in range(3)] == [0, 0, 0]
+    assert [budget.take("") for _ in range(4)] == [None] * 4
+    assert budget.take("agent:a") == 0  # each identity has its own
+    clock.now += 2.0  # one refusal's worth
+    assert budget.take("") == 4  # recorded, saying how many were not
+    assert budget.take("") is None
+    clock.now += 100.0
+    assert [budget.take("") for _ in range(3)] == [1, 0, 0]  # refilled to the burst, no more
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_damaged_trail_is_refused_with_the_ways_out(tmp_path: Path, damage: str) -> None:
     # Starting a new trail on our own would hide the history an auditor asks for.
@@ -136,3 +189,43 @@ def test_a_damaged_trail_is_refused_with_the_ways_out(tmp_path: Path, damage: st
     assert str(path) in words and "restore" in words and "move it aside" in words
     path.rename(tmp_path / "audit.sqlite.damaged")
     assert AuditStore(path).query() == []  # the way out works: a new, empty trail
+
+
+def test_the_audit_table_cannot_be_given_forged_lines(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An error's message may quote what a caller sent (a query's line, a name): its newlines
+    # and terminal escapes must not print as entries of their own or rewrite the screen.
+    from modelfleet.hub import cli
+
+    forged = "2026-12-07 23:59:59 UTC admin:admin            Deploy               OK"
+    entry = pb.AuditEntry(
+        started_at=1.0,
+        identity="admin:vera",
+        method="QueryCapture",
+        request='model: "m"',
+        code="INVALID_ARGUMENT",
+        detail=f"syntax error\n{forged}\x1b[2K\x9b1A",
+    )
+
+    class Stub:
+        def ListAudit(self, request: object, timeout: float = 0) -> pb.ListAuditResponse:
+            return pb.ListAuditResponse(entries=[entry])
+
+    monkeypatch.setattr(cli, "admin_stub", lambda args: Stub())
+    assert cli.main(["audit"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("2026")] == []
+    assert any(line.strip().startswith(forged) for line in lines)  # shown, under its entry
+    assert "\x1b" not in "".join(lines) and "\x9b" not in "".join(lines)
+    assert any("\\x1b[2K\\x9b1A" in line for line in lines)
+
+
+@pytest.mark.parametrize("text", ["a." * 500_000, "?a" * 500_000, "://" + "a" * 1_000_000])
+def test_redaction_takes_linear_time_on_hostile_strings(text: str) -> None:
+    # Every request of every identity is described on the event loop: a regular expression
+    # that backtracks on a 1 MB string would stop the hub.
+    started = time.perf_counter()
+    redact(text)
+    describe(pb.DeployRequest(name=text))
+    assert time.perf_counter() - started < 2.0

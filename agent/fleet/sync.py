@@ -99,7 +99,12 @@ class FleetSync:
         self.data = Path(cfg.data)
         self.cache = BundleCache(self.data / "cache", cfg.cache_max_bytes)
         # Batch threads are capped so a job never starves online serving.
-        self.jobs = JobRunner(slots, self._report_job_run, threads=cfg.batch_threads)
+        self.jobs = JobRunner(
+            slots,
+            self._report_job_run,
+            threads=cfg.batch_threads,
+            private=(self.data, cfg.capture_path()),
+        )
         self.state_file = self.data / "desired.json"
         self.desired: list[DesiredModel] = self._load_desired()
         # What each model last served (it passed its gate) and what the gate refused, so that
