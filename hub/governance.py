@@ -70,9 +70,11 @@ def _check_name(name: str) -> str:
         admin_common_name(name)
     except IdentityError as exc:
         raise InvalidRequestError(str(exc)) from None
-    if name == BUILT_IN:
+    # Case variants too: admin:Admin would read like the hub's own in `audit` and `admins ls`.
+    if name.lower() == BUILT_IN:
         raise InvalidRequestError(
-            f"{name!r} is the hub's own admin identity (HUB_DATA/admin); choose another name"
+            f"{name!r} is the hub's own admin identity (HUB_DATA/admin), or reads like it; "
+            "choose another name"
         )
     return name
 

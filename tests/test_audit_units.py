@@ -229,3 +229,14 @@ def test_redaction_takes_linear_time_on_hostile_strings(text: str) -> None:
     redact(text)
     describe(pb.DeployRequest(name=text))
     assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize("name", ["admin", "Admin", "ADMIN", "aDmIn"])
+def test_no_admin_may_pass_for_the_hubs_own_in_the_trail(tmp_path: Path, name: str) -> None:
+    # admin:Admin would read like the hub's own admin:admin in `audit` and `admins ls`.
+    from modelfleet.hub.governance import Admins
+    from modelfleet.hub.registry import Registry
+
+    admins = Admins(Registry(tmp_path / "registry.db"))
+    with pytest.raises(InvalidRequestError, match="the hub's own admin identity"):
+        admins.check_new(name, "viewer")
