@@ -7,9 +7,11 @@ neither edge imports the other.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from modelfleet.hub.audit import AuditEntry
 from modelfleet.hub.backup import BackupFile, BackupSummary
 from modelfleet.hub.core import AgentStatus
 from modelfleet.hub.deployments import (
@@ -22,7 +24,7 @@ from modelfleet.hub.deployments import (
 from modelfleet.hub.experiments import ExperimentStatus
 from modelfleet.hub.jobs import Job
 from modelfleet.hub.judge import verdict_to_json
-from modelfleet.hub.registry import DeploymentRow, Desired, VersionRow
+from modelfleet.hub.registry import AdminRow, DeploymentRow, Desired, VersionRow
 from modelfleet.hub.rollouts import AgentFacts
 from modelfleet.kernel.jobs import JobRun, JobSpec
 from modelfleet.kernel.reports import report_to_proto
@@ -59,6 +61,17 @@ def desired_to_proto(
         ],
         jobs=[job_spec_to_proto(spec) for spec in (jobs or [])],
     )
+
+
+def admin_to_proto(row: AdminRow) -> pb.AdminInfo:
+    # Every field but the key binding, which stays on the hub.
+    fields = dataclasses.asdict(row)
+    del fields["key_sha256"]
+    return pb.AdminInfo(**fields)
+
+
+def audit_entry_to_proto(e: AuditEntry) -> pb.AuditEntry:
+    return pb.AuditEntry(**dataclasses.asdict(e))  # the same fields, one to one
 
 
 def version_to_proto(v: VersionRow) -> pb.ModelVersion:

@@ -13,7 +13,9 @@ from typing import Any
 import grpc
 
 from modelfleet.hub.convert import (
+    admin_to_proto,
     agent_to_proto,
+    audit_entry_to_proto,
     backup_item_to_proto,
     change_to_proto,
     deployment_detail_to_proto,
@@ -34,7 +36,7 @@ from modelfleet.hub.convert import (
 )
 from modelfleet.hub.core import HubCore, PublishResult
 from modelfleet.hub.governance import ADMIN, BUILT_IN
-from modelfleet.hub.registry import AdminRow, PermissionDeniedError
+from modelfleet.hub.registry import PermissionDeniedError
 from modelfleet.kernel import tracing
 from modelfleet.kernel.errors import EXIT_CODES, InvalidRequestError, ModelfleetError
 from modelfleet.kernel.grpc_status import GRPC_CODES
@@ -67,19 +69,6 @@ def caller(context: grpc.aio.ServicerContext, kind: str) -> str:
     if got_kind != kind:
         raise PermissionDeniedError(f"{got_kind} identities may not call this method")
     return name
-
-
-def _admin_info(row: AdminRow) -> pb.AdminInfo:
-    return pb.AdminInfo(
-        name=row.name,
-        role=row.role,
-        status=row.status,
-        created_at=row.created_at,
-        created_by=row.created_by,
-        cert_expires_at=row.cert_expires_at,
-        updated_at=row.updated_at,
-        updated_by=row.updated_by,
-    )
 
 
 def _carrier(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -665,7 +654,7 @@ class AdminServicer(
             certificate_pem=cert_pem,
             ca_pem=self.core.ca.cert_pem,
             hub_address=self.core.advertise,
-            admin=_admin_info(row),
+            admin=admin_to_proto(row),
         )
 
     @unary
@@ -673,7 +662,7 @@ class AdminServicer(
         caller(context, "admin")
         own = pb.AdminInfo(name=BUILT_IN, role=ADMIN, status="active", created_by="hub")
         return pb.ListAdminsResponse(
-            admins=[own, *(_admin_info(r) for r in self.core.admins.all())]
+            admins=[own, *(admin_to_proto(r) for r in self.core.admins.all())]
         )
 
     @unary
@@ -681,14 +670,14 @@ class AdminServicer(
         actor = caller(context, "admin")
         row = self.core.admins.set_role(request.name, request.role, f"admin:{actor}")
         log.info("admin:%s now has the %s role (by admin:%s)", row.name, row.role, actor)
-        return _admin_info(row)
+        return admin_to_proto(row)
 
     @unary
     async def RevokeAdmin(self, request, context):
         actor = caller(context, "admin")
         row = self.core.admins.revoke(request.name, f"admin:{actor}")
         log.info("admin:%s revoked by admin:%s", row.name, actor)
-        return _admin_info(row)
+        return admin_to_proto(row)
 
     @unary
     async def ListAudit(self, request, context):
@@ -700,23 +689,7 @@ class AdminServicer(
             failed_only=request.failed_only,
             limit=request.limit,
         )
-        return pb.ListAuditResponse(
-            entries=[
-                pb.AuditEntry(
-                    id=e.id,
-                    started_at=e.started_at,
-                    duration_ms=e.duration_ms,
-                    identity=e.identity,
-                    peer=e.peer,
-                    service=e.service,
-                    method=e.method,
-                    request=e.request,
-                    code=e.code,
-                    detail=e.detail,
-                )
-                for e in entries
-            ]
-        )
+        return pb.ListAuditResponse(entries=[audit_entry_to_proto(e) for e in entries])
 
     @unary
     async def Metrics(self, request, context):

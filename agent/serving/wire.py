@@ -190,20 +190,6 @@ class _NotPlain(Exception):
     """The request is not in the plain form: protobuf parses it (and words any refusal)."""
 
 
-def _length(data: bytes, i: int) -> tuple[int, int]:
-    """A length prefix at ``i`` of more than one byte: (length, index after it)."""
-    n = shift = 0
-    while True:
-        b = data[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        if b < 0x80:
-            return n, i
-        shift += 7
-        if shift > 28:
-            raise _NotPlain
-
-
 def _dims(packed: bytes) -> tuple[int, ...]:
     """A packed int64 shape."""
     if packed.isascii():  # every dimension under 128, one byte each
@@ -226,9 +212,9 @@ def _dims(packed: bytes) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def _varint_at(data: bytes, i: int) -> tuple[int, int]:
-    """A varint of up to ten bytes at ``i``, its low 64 bits as protobuf keeps them: (value,
-    index after it)."""
+def _varint_at(data: bytes, i: int, max_shift: int = 63) -> tuple[int, int]:
+    """A varint at ``i``, its low 64 bits as protobuf keeps them: (value, index after it).
+    Up to ten bytes for a number; a length prefix passes ``max_shift=_LENGTH_SHIFT``."""
     n = shift = 0
     while True:
         b = data[i]
@@ -237,8 +223,12 @@ def _varint_at(data: bytes, i: int) -> tuple[int, int]:
         if b < 0x80:
             return n & ((1 << 64) - 1), i
         shift += 7
-        if shift > 63:
+        if shift > max_shift:
             raise _NotPlain
+
+
+# A length prefix of more than five bytes is no request this decoder takes.
+_LENGTH_SHIFT = 28
 
 
 def _parameter(value: bytes) -> tuple[int, Any]:
@@ -250,7 +240,7 @@ def _parameter(value: bytes) -> tuple[int, Any]:
     while i < end:
         key = value[i]
         if key == _V_STRING:
-            n, i = _varint_at(value, i + 1)
+            n, i = _varint_at(value, i + 1, _LENGTH_SHIFT)
             if i + n > end:
                 raise _NotPlain
             kind, out = key, value[i : i + n].decode()
@@ -315,7 +305,7 @@ def _fields(data: bytes) -> list[tuple[int, bytes]]:
         if n < 0x80:
             i += 2
         else:
-            n, i = _length(data, i + 1)
+            n, i = _varint_at(data, i + 1, _LENGTH_SHIFT)
         if i + n > end:
             raise _NotPlain
         out.append((key, data[i : i + n]))
@@ -416,7 +406,7 @@ def decode_infer_request(data: bytes) -> InferRequest | None:
                 if n < 0x80:
                     i += 2
                 else:
-                    n, i = _length(data, i + 1)
+                    n, i = _varint_at(data, i + 1, _LENGTH_SHIFT)
                 i += n
             head = data[:i]
             header = _HEADERS.get(head) or _header(head)
@@ -430,7 +420,7 @@ def decode_infer_request(data: bytes) -> InferRequest | None:
             if n < 0x80:
                 i += 2
             else:
-                n, i = _length(data, i + 1)
+                n, i = _varint_at(data, i + 1, _LENGTH_SHIFT)
             raws.append(data[i : i + n])
             i += n
         if i != end:

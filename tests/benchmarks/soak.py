@@ -379,9 +379,10 @@ class Run:
         r = self.restart
         ready_wall, t = time.time(), time.monotonic()
         deadline = t + self.agent_back_within_s
+        stub = hub_admin(self.hub)  # one channel: it reconnects on its own while the hub starts
         while time.monotonic() < deadline:
             try:
-                agents = hub_admin(self.hub).ListAgents(pb.ListAgentsRequest(), timeout=5).agents
+                agents = stub.ListAgents(pb.ListAgentsRequest(), timeout=5).agents
                 if any(a.last_seen >= ready_wall for a in agents):
                     r.back_s = time.monotonic() - t
                     break
